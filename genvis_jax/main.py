@@ -12,6 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from genvis_jax import cpu_malloc
 from genvis_jax import modes
 
 FLAGS = flags.FLAGS
@@ -71,4 +72,5 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  cpu_malloc.tune()   # before any thread allocates; see cpu_malloc.py
   app.run(main, flags_parser=parse_flags)
