@@ -7,7 +7,7 @@ writing to ``workdir/NAME``; ``{workdir}`` in string fields is replaced by the
 demo's workdir. Data: the procedurally generated 32x32 shapes set (10 classes,
 no download). Run one stage alone with ``--config.only=NAME``.
 
-  tokenizer        MaskGIT VQGAN (32px -> 8x8 tokens, 256 codes), GAN on late
+  tokenizer        MaskGIT VQGAN (32px -> 8x8 tokens, 256 codes), no GAN this short
   reconstructions  held-out originals next to reconstructions, PSNR, usage
   classifier       small CNN on the same data (the sample judge)
   pretokenize      train split -> ArrayRecord token files
@@ -52,7 +52,10 @@ def tokenizer_config():
   c.disc.ndf = 16
   c.disc.n_layers = 2
   c.loss.reconstruction = "l2"
-  c.loss.disc_start = 400
+  # GAN off: at 32 px and a few hundred steps the adversarial term costs more
+  # than it gives (600 steps with it from step 400: 14.0 dB PSNR and the judge
+  # recognises 38% of reconstructions; without it: 15.9 dB, 54%).
+  c.loss.disc_start = 10**9
   c.loss.gan_weight = 0.1
   c.loss.adaptive_gan_weight = False   # one backward pass instead of two
   c.optimizer.lr = 1e-3
@@ -62,10 +65,10 @@ def tokenizer_config():
   c.disc.optimizer.lr = 1e-4
   t = c.train
   t.global_batch_size = 32
-  t.num_steps = 600
+  t.num_steps = 500
   t.log_every = 100
-  t.checkpoint_every = 300
-  t.image_every = 300
+  t.checkpoint_every = 250
+  t.image_every = 250
   t.ema_decay = 0.99
   return c
 
@@ -119,6 +122,7 @@ def rar_config():
   m.dropout = 0.0
   m.attn_dropout = 0.0
   m.dtype = "float32"
+  m.adaln_table = True    # 10 classes, batch 64: modulate 11 x 66 rows, not 64 x 66
   d = c.data
   d.source = "tokens"
   d.path = "{workdir}/pretokenize/tokens/train-*.array_record"

@@ -56,6 +56,8 @@ def get_config(size: str = "b"):
   m.dtype = "bfloat16"          # official trains in bf16 mixed precision
   m.param_dtype = "float32"
   m.remat = "none"
+  m.adaln_table = False         # True: modulate per (class, position) once; pays
+                                # off only when per-device batch > classes + 1
 
   c.data.source = "tokens"      # pre-tokenized (class, 256 MaskGIT-VQ codes)
   c.data.path = ""              # token files glob; set on the command line

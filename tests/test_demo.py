@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from configs import demo
@@ -36,6 +37,10 @@ def test_demo_smoke_runs_every_stage(tmp_path):
   modes.run(cfg, wd)
   np.testing.assert_array_equal(
       np.load(os.path.join(wd, "samples", "samples.npz"))["arr_0"], first)
+  # Resuming with other sampler settings is refused, naming the change.
+  cfg.stages.samples.sample.guidance_scale = 5.0
+  with pytest.raises(ValueError, match=r"sample.guidance_scale: 3.0 -> 5.0"):
+    modes.run(cfg, wd)
 
 
 def test_ten_crop_order_and_content():

@@ -7,12 +7,15 @@ global batches sharded over every device. Each finished batch is saved as a part
 file named by its first index, so an interrupted run resumes where it stopped
 with no duplicated or missing indices; the parts are assembled into
 ``samples.npz`` (``arr_0`` uint8 (N, H, W, 3), ``labels``) at the end.
+``sample_parts/settings.json`` records what the parts were drawn with; a re-run
+with other settings (weights, model, sampler) is refused instead of mixing.
 """
 
 from __future__ import annotations
 
 import glob
 import importlib
+import json
 import os
 import time
 
@@ -88,6 +91,49 @@ def make_sample_fn(config, mesh):
   return sample_fn, sharding
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def sample_settings(config) -> dict:
+  """What decides the images of a part file (flat, JSON-normalised)."""
+  keep = {"init_from": config.init_from, "model": config.model.to_dict(),
+          "tokenizer": config.tokenizer.to_dict(),
+          "sample": config.sample.to_dict()}
+  return json.loads(json.dumps(_flat(keep)))
+
+
+def check_settings(parts_dir: str, settings: dict) -> None:
+  """Writes ``settings.json`` on a fresh start; refuses a resume that differs."""
+  path = os.path.join(parts_dir, "settings.json")
+  parts = glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz"))
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = sorted(k for k in set(old) | set(settings)
+                  if old.get(k) != settings.get(k))
+    if diff and parts:
+      shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
+                        for k in diff[:5])
+      raise ValueError(
+          f"{parts_dir} holds {len(parts)} sample parts drawn with other "
+          f"settings ({shown}{', ...' if len(diff) > 5 else ''}). Use a new "
+          "workdir, or delete that folder to start over.")
+  elif parts:
+    raise ValueError(f"{parts_dir} holds {len(parts)} sample parts but no "
+                     "settings.json, so they cannot be checked against this "
+                     "run. Use a new workdir, or delete that folder.")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(settings, f, indent=1, sort_keys=True)
+
+
 def sample_and_save(config, workdir: str) -> dict:
   s = config.sample
   mesh = _mesh()
@@ -99,6 +145,7 @@ def sample_and_save(config, workdir: str) -> dict:
                             s.get("classes", ()))
   parts_dir = os.path.join(workdir, "sample_parts")
   os.makedirs(parts_dir, exist_ok=True)
+  check_settings(parts_dir, sample_settings(config))
   key = jax.random.key(s.get("seed", 0))
   starts = range(0, s.num_samples, s.batch_size)
   done = {int(os.path.basename(p)[:9]) for p in glob.glob(os.path.join(parts_dir, "*.npz"))}
