@@ -135,7 +135,7 @@ def rar_config():
   t.randomness_anneal_end = 700
   t.log_every = 100
   t.checkpoint_every = 500
-  t.image_every = 0
+  t.image_every = 500   # sample grids (TensorBoard + rar/images)
   o = c.optimizer
   o.lr = 1e-3
   o.warmup_steps = 100
@@ -207,7 +207,7 @@ def get_config(arg=None):
     for name in ("tokenizer", "classifier", "rar"):
       t = c.stages[name].train
       t.num_steps, t.log_every, t.checkpoint_every = 4, 2, 4
-      t.image_every = 4 if name == "tokenizer" else 0
+      t.image_every = 4 if name in ("tokenizer", "rar") else 0
     c.stages.tokenizer.loss.disc_start = 2
     c.stages.reconstructions.evaluate.num_images = 16
     c.stages.samples.sample.num_samples = 16

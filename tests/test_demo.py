@@ -22,6 +22,7 @@ def test_demo_smoke_runs_every_stage(tmp_path):
   metrics = json.load(open(os.path.join(wd, "reconstructions", "metrics.json")))
   assert metrics["psnr"] > 0 and 0 < metrics["codebook_usage"] <= 1
   assert os.listdir(os.path.join(wd, "tokenizer", "images"))
+  assert any("samples" in f for f in os.listdir(os.path.join(wd, "rar", "images")))
   # Tokens -> generator -> ADM-format samples -> score.
   assert results["pretokenize"]["records"] == 10000
   with np.load(os.path.join(wd, "samples", "samples.npz")) as d:

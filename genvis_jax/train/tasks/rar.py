@@ -5,6 +5,10 @@ Each sample uses a random permutation with probability ``r(step)`` (1 until
 ``randomness_anneal_start``, linear to 0 at ``randomness_anneal_end``), else the
 raster order; class labels are replaced by the null class with probability
 ``config.train.label_dropout`` (for classifier-free guidance).
+
+Image grids (every ``config.train.image_every`` steps): samples of the current
+weights with the compiled KV-cache sampler and ``config.sample`` settings,
+decoded by ``config.tokenizer`` (off, with a warning, without its checkpoint).
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from genvis_jax import models
 from genvis_jax.models.rar import permute
+from genvis_jax.train.metrics import to_uint8
 from genvis_jax.train.tasks import Task, register
 
 
@@ -63,6 +69,7 @@ class RARTask(Task):
     self.anneal = (int(t.get("randomness_anneal_start", 0)),
                    int(t.get("randomness_anneal_end", 0)))
     self.label_dropout = float(t.get("label_dropout", 0.1))
+    self._tokenizer_params = None
 
   def init_params(self, rng):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
@@ -92,3 +99,42 @@ class RARTask(Task):
 
     (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(params["model"])
     return {"model": g}, {"loss": loss, "accuracy": acc, "r": r}
+
+  # --- sample grids -----------------------------------------------------------
+  def frozen_params(self):
+    """The tokenizer that decodes the sample grids (only when grids are on)."""
+    tok = self.config.get("tokenizer")
+    if not self.config.train.get("image_every"):
+      return {}
+    if tok is None or not tok.get("checkpoint"):
+      logging.warning(
+          "RAR sample grids are OFF: config.tokenizer.checkpoint is empty. Set "
+          "it to the tokenizer the tokens came from to see samples while "
+          "training (or config.train.image_every=0 to silence this).")
+      return {}
+    if self._tokenizer_params is None:
+      from genvis_jax.train import checkpoint as ckpt_lib
+      self._tokenizer_params = ckpt_lib.load_model_params(tok.model,
+                                                          tok.checkpoint)
+    return {"tokenizer": self._tokenizer_params}
+
+  def visualize(self, params, batch, rng):
+    """16 samples of evenly spread classes, decoded: {"samples": uint8}."""
+    if "tokenizer" not in params:
+      return {}
+    from genvis_jax.sample import rar as rar_sample
+    del batch   # host-local; fixed classes keep every process identical
+    n, c = 16, self.model.num_classes
+    labels = (jnp.arange(n) * max(1, c // n)) % c
+    s = self.config.sample
+    codes = rar_sample.sample(self.model, params["model"], labels, rng,
+                              guidance_scale=s.guidance_scale,
+                              guidance_pow=s.guidance_pow,
+                              temperature=s.temperature)
+    side = int(round(self.model.seq_len ** 0.5))
+    tok = self.config.tokenizer
+    images = models.build(tok.model).apply(
+        {"params": params["tokenizer"]}, codes.reshape(n, side, side),
+        method="decode")
+    return {"samples": to_uint8(jax.device_get(images),
+                                tuple(tok.get("value_range", (0.0, 1.0))))}
