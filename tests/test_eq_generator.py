@@ -12,6 +12,7 @@ import pytest
 from configs import eq_common
 from configs import eq_demo
 from genvis_jax import models
+from genvis_jax.models import eq_flow_head
 from genvis_jax.models import eq_generator as eqg
 from genvis_jax.sample import eq as eq_sample
 from genvis_jax.train.optimizers import decay_mask
@@ -120,7 +121,7 @@ def test_cfg_ramp_values():
 
 
 def test_timestep_embedding_is_cos_then_sin():
-  e = np.asarray(eqg.timestep_embedding(jnp.array([0.0, 0.5]), 8))
+  e = np.asarray(eq_flow_head.timestep_embedding(jnp.array([0.0, 0.5]), 8))
   np.testing.assert_allclose(e[0], [1, 1, 1, 1, 0, 0, 0, 0])
   f = np.exp(-np.log(10000.0) * np.arange(4) / 4)
   np.testing.assert_allclose(e[1], np.r_[np.cos(0.5 * f), np.sin(0.5 * f)],

@@ -11,9 +11,9 @@ them. Each block, in order:
      queries only);
   3. image AND condition tokens: GELU MLP (condition tokens change only here).
 The last condition token predicts column 0 and image position i predicts
-column i + 1. The head (``diffloss/net``) is a MAR-style MLP with adaLN
-conditioned on ``cond_embed(z) + time_embed(t)`` that predicts the rectified-
-flow velocity ``eps - x`` of ``x_t = t * eps + (1 - t) * x``.
+column i + 1. The head (``diffloss/net``, in ``eq_flow_head.py``) is a
+MAR-style MLP with adaLN conditioned on ``cond_embed(z) + time_embed(t)`` that
+predicts the rectified-flow velocity ``eps - x`` of ``x_t = t * eps + (1 - t) * x``.
 
 Column-by-column synthesis (``prefill`` / ``decode_step``) keeps, per layer, a
 rolling key/value cache of ``window`` positions plus the cross-attention
@@ -31,7 +31,6 @@ adaLN_modulation_1}, final_layer/{linear, adaLN_modulation_1}}``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -41,11 +40,10 @@ import jax.numpy as jnp
 from genvis_jax.kernels.windowed_attention import (
     windowed_causal_attention, window_mask)
 from genvis_jax.models import layers, register
+from genvis_jax.models.eq_flow_head import DiffLoss, dense as _dense, normal02
 
 Dtype = Any
 _NEG = -1e30  # additive mask; exp underflows to exactly 0 in fp32
-xavier = nn.initializers.xavier_uniform()
-normal02 = nn.initializers.normal(0.02)
 
 
 # --- rotary position embedding (interleaved pairs) -------------------------------
@@ -79,11 +77,6 @@ def _attend(q, k, v, bias, dropout):
                       preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
   probs = dropout(jax.nn.softmax(logits + bias, axis=-1)).astype(v.dtype)
   return jnp.einsum("bhnm,bmhd->bnhd", probs, v)
-
-
-def _dense(features, names, name, dtype, param_dtype, kernel_init=xavier):
-  return layers.dense(features, names, kernel_init=kernel_init, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
 
 
 # --- transformer ------------------------------------------------------------------
@@ -245,109 +238,6 @@ class Block(nn.Module):
     img = img + self.attn2(self.cross_norm(img), cache["ck"], cache["cv"],
                            cos, sin, False)
     return self._mlp(img, False), {**cache, "k": k, "v": v}
-
-
-# --- rectified-flow head (MAR SimpleMLPAdaLN) ----------------------------------
-
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """t (...) raw times -> (..., dim) ``[cos, sin]`` sinusoidal features."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
-                  / half)
-  args = jnp.asarray(t, jnp.float32)[..., None] * freqs
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.concatenate([emb, jnp.zeros_like(emb[..., :1])], axis=-1)
-  return emb
-
-
-def _modulate(x, shift, scale):
-  return x * (1 + scale) + shift
-
-
-class TimestepEmbedder(nn.Module):
-  width: int
-  frequency_dim: int = 256
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, t):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=normal02)
-    h = timestep_embedding(t, self.frequency_dim)
-    h = _dense(self.width, (None, "embed"), "mlp_0", **kw)(h)
-    return _dense(self.width, ("mlp", "embed"), "mlp_2", **kw)(nn.silu(h))
-
-
-class ResBlock(nn.Module):
-  """x + gate * MLP(modulate(LN(x), shift, scale)), (shift, scale, gate) from y."""
-  width: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, y):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mod = _dense(3 * self.width, ("embed", "mlp"), "adaLN_modulation_1",
-                 kernel_init=layers.zeros, **kw)(nn.silu(y))
-    shift, scale, gate = jnp.split(mod, 3, axis=-1)
-    h = _modulate(layers.layer_norm(1e-6, name="in_ln", **kw)(x), shift, scale)
-    h = _dense(self.width, ("embed", "mlp"), "mlp_0", **kw)(h)
-    h = _dense(self.width, ("mlp", "embed"), "mlp_2", **kw)(nn.silu(h))
-    return x + gate * h
-
-
-class FinalLayer(nn.Module):
-  width: int
-  out_channels: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, y):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mod = _dense(2 * self.width, ("embed", "mlp"), "adaLN_modulation_1",
-                 kernel_init=layers.zeros, **kw)(nn.silu(y))
-    shift, scale = jnp.split(mod, 2, axis=-1)
-    x = layers.layer_norm(1e-6, use_scale=False, use_bias=False,
-                          name="norm_final", **kw)(x)
-    return _dense(self.out_channels, ("embed", None), "linear",
-                  kernel_init=layers.zeros, **kw)(_modulate(x, shift, scale))
-
-
-class FlowNet(nn.Module):
-  """(x_t (..., C), t (...), z (..., d)) -> velocity (..., C)."""
-  channels: int
-  width: int
-  depth: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, t, z):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    # The head's residual stream is named "embed", its inner axes "mlp".
-    x = _dense(self.width, (None, "embed"), "input_proj", **kw)(x)
-    y = TimestepEmbedder(self.width, name="time_embed", **kw)(t)
-    y = y + _dense(self.width, (None, "embed"), "cond_embed", **kw)(z)
-    for i in range(self.depth):
-      x = ResBlock(self.width, name=f"res_blocks_{i}", **kw)(x, y)
-    return FinalLayer(self.width, self.channels, name="final_layer", **kw)(x, y)
-
-
-class DiffLoss(nn.Module):
-  """Holds the head as ``net`` (official ``diffloss.net``)."""
-  channels: int
-  width: int
-  depth: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, t, z):
-    return FlowNet(self.channels, self.width, self.depth, self.dtype,
-                   self.param_dtype, name="net")(x, t, z)
 
 
 # --- the model --------------------------------------------------------------------
