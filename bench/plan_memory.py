@@ -105,6 +105,9 @@ def apply_overrides(config, *, mesh: dict, batch: int | None,
       config.model.remat = remat
     if dtype:
       config.model.dtype = dtype
+    # Sample grids are not part of the planned step (and would load the
+    # tokenizer they decode with).
+    config.train.image_every = 0
   return config
 
 

@@ -92,7 +92,6 @@ def _uncached_impl(model, use_cfg, seq_len, params, labels, rng, g, pw, temp):
 
 
 @functools.lru_cache(maxsize=32)
-@functools.lru_cache(maxsize=32)
 def _compiled(impl, model, use_cfg: bool, seq_len: int):
   # Cached: training-time sample grids call this repeatedly (one compile).
   return jax.jit(functools.partial(impl, model, use_cfg, seq_len))
