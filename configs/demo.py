@@ -5,7 +5,7 @@
 Stages run in order, each a complete config of its own (``config.stages.NAME``)
 writing to ``workdir/NAME``; ``{workdir}`` in string fields is replaced by the
 demo's workdir. Data: the procedurally generated 32x32 shapes set (10 classes,
-no download). Run one stage alone with ``--config.only=NAME``.
+no download). Run some stages alone with ``--config.only=NAME[,NAME...]``.
 
   tokenizer        MaskGIT VQGAN (32px -> 8x8 tokens, 256 codes), no GAN this short
   reconstructions  held-out originals next to reconstructions, PSNR, usage
@@ -107,13 +107,15 @@ def pretokenize_config():
 
 
 def rar_config():
-  """Tiny RAR: 4 blocks of width 128 over the 8x8 = 64 tokens."""
+  """Tiny RAR: 4 blocks of width 128 (MLP ratio 2) over the 8x8 = 64 tokens."""
   c = tokenizer_ref(rar_common.get_config("b"))
   m = c.model
   m.hidden_size = 128
   m.depth = 4
   m.num_heads = 4
-  m.mlp_dim = 512
+  # Ratio 2, not 4: the step is 17% faster and the judge still recognised 48%
+  # of the samples' classes (51% with 512; 100 samples, so within noise).
+  m.mlp_dim = 256
   m.codebook_size = 256
   m.num_classes = NUM_CLASSES
   m.seq_len = 64
@@ -191,7 +193,7 @@ def reconstructions_config():
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.mode = "demo"
-  c.only = ""          # run a single stage
+  c.only = ""          # comma-separated stages to run (default: all)
   c.stages = ml_collections.ConfigDict()
   c.stages.tokenizer = tokenizer_config()
   c.stages.reconstructions = reconstructions_config()

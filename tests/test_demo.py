@@ -34,11 +34,15 @@ def test_demo_smoke_runs_every_stage(tmp_path):
   first = np.load(os.path.join(wd, "samples", "samples.npz"))["arr_0"]
   os.remove(os.path.join(wd, "samples", "sample_parts", "000000008.npz"))
   cfg = demo.get_config("smoke")
-  cfg.only = "samples"
-  modes.run(cfg, wd)
+  cfg.only = "score, samples"          # a subset, run in the demo's order
+  assert list(modes.run(cfg, wd)) == ["samples", "score"]
   np.testing.assert_array_equal(
       np.load(os.path.join(wd, "samples", "samples.npz"))["arr_0"], first)
+  cfg.only = "samples,sampels"
+  with pytest.raises(ValueError, match="sampels"):
+    modes.run(cfg, wd)
   # Resuming with other sampler settings is refused, naming the change.
+  cfg.only = "samples"
   cfg.stages.samples.sample.guidance_scale = 5.0
   with pytest.raises(ValueError, match=r"sample.guidance_scale: 3.0 -> 5.0"):
     modes.run(cfg, wd)

@@ -63,3 +63,32 @@ def test_reconstruction_loss_kinds():
   x, y = jnp.zeros((2, 4)), jnp.full((2, 4), 0.5)
   assert float(tok.reconstruction_loss("l1", x, y)) == 0.5
   assert float(tok.reconstruction_loss("l2", x, y)) == 0.25
+
+
+def test_gan_never_on_skips_discriminator_with_same_update():
+  """disc_start >= num_steps: no discriminator in the step, same model update
+  as the GAN path at weight 0 (disc_start beyond the first step)."""
+  ref_cfg = _config(disc_start=5)                 # GAN path, off at step 0
+  off_cfg = _config(disc_start=10**9)             # static GAN-off path
+  ref_cfg.train.num_steps = off_cfg.train.num_steps = 10
+  ref = trainer_lib.Trainer(ref_cfg, mesh=shd.create_mesh(ref_cfg.mesh))
+  off = trainer_lib.Trainer(off_cfg, mesh=shd.create_mesh(off_cfg.mesh))
+  assert ref.task.use_gan and not off.task.use_gan
+  s_ref, m_ref = ref.step(ref.init_state(), _batch(0))
+  s_off, m_off = off.step(off.init_state(), _batch(0))
+  np.testing.assert_allclose(float(m_off["loss"]), float(m_ref["loss"]),
+                             rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(s_ref.params),
+                  jax.tree_util.tree_leaves(s_off.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-7)
+  # The compiled step of the GAN-off run has no discriminator convolutions.
+  hlo = off._step.lower(off.abstract_state(), {  # pylint: disable=protected-access
+      "image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+      "label": jax.ShapeDtypeStruct((8,), jnp.int32)},
+      off.train_rng, off.frozen).as_text()
+  ref_hlo = ref._step.lower(ref.abstract_state(), {  # pylint: disable=protected-access
+      "image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+      "label": jax.ShapeDtypeStruct((8,), jnp.int32)},
+      ref.train_rng, ref.frozen).as_text()
+  assert hlo.count("convolution") < ref_hlo.count("convolution")

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 from genvis_jax.kernels.windowed_attention import (
     windowed_causal_attention, window_mask)
 from genvis_jax.models import layers, register
+from genvis_jax.models.attention import dot_product_attention
 from genvis_jax.models.eq_flow_head import DiffLoss, dense as _dense, normal02
 
 Dtype = Any
-_NEG = -1e30  # additive mask; exp underflows to exactly 0 in fp32
 
 
 # --- rotary position embedding (interleaved pairs) -------------------------------
@@ -69,14 +69,6 @@ def apply_rope(x, cos, sin):
   x0, x1 = xs[..., 0], xs[..., 1]
   out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
   return out.reshape(x.shape).astype(x.dtype)
-
-
-def _attend(q, k, v, bias, dropout):
-  """q (B,N,H,D), k/v (B,M,H,D), bias broadcastable to (B,H,N,M) -> (B,N,H,D)."""
-  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k,
-                      preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  probs = dropout(jax.nn.softmax(logits + bias, axis=-1)).astype(v.dtype)
-  return jnp.einsum("bhnm,bmhd->bnhd", probs, v)
 
 
 # --- transformer ------------------------------------------------------------------
@@ -116,14 +108,14 @@ class SelfAttention(nn.Module):
                                                slot, axis=1)
       # Slot s holds position index - ((index - s) mod window); < 0: never written.
       slot_pos = index - jnp.mod(index - jnp.arange(self.window), self.window)
-      bias = jnp.where(slot_pos >= 0, 0.0, _NEG)[None, None, None]
-      out = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), bias, drop)
+      out = dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype),
+                                  slot_pos >= 0, scale=hd ** -0.5, dropout=drop)
       new_cache = (ck, cv)
     elif train and self.attn_dropout > 0:
       # The kernels have no dropout on the probabilities: masked dense path
       # (training sequences are short, e.g. 16 columns).
       mask = window_mask(n, window=self.window)
-      out = _attend(q, k, v, jnp.where(mask, 0.0, _NEG), drop)
+      out = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, dropout=drop)
     else:
       out = windowed_causal_attention(q, k, v, window=self.window,
                                       impl=self.attn_impl)
@@ -162,7 +154,9 @@ class CrossAttention(nn.Module):
   def __call__(self, x, k, v, cos, sin, train=False):
     """x (B, N, d) normalised image tokens -> (B, N, d)."""
     q = apply_rope(self._heads(self.qkv(x)), cos, sin)
-    out = _attend(q, k, v, 0.0, lambda p: self.attn_drop(p, deterministic=not train))
+    out = dot_product_attention(
+        q, k, v, scale=q.shape[-1] ** -0.5,
+        dropout=lambda p: self.attn_drop(p, deterministic=not train))
     out = self.proj(out.reshape(*x.shape[:2], self.dim))
     return self.proj_drop(out, deterministic=not train)
 

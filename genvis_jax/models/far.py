@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax.models import layers, register
+from genvis_jax.models.attention import (causal_mask, dot_product_attention,
+                                         update_kv_cache)
 
-_NEG = -1e30  # additive mask; exp underflows to exactly 0 in fp32
 _init = nn.initializers.normal(0.02)  # official: normal(0, 0.02) for Linear/Embedding
 
 
@@ -129,21 +130,12 @@ class Attention(nn.Module):
     q, k, v = (t.reshape(b, n, self.n_head, hd) for t in jnp.split(qkv, 3, -1))
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if cache_pos is None:
-      visible = jnp.tril(jnp.ones((n, n), bool))
+      mask = causal_mask(n)
     else:
-      shape = (b, self.cache_len, self.n_head, hd)
-      ck = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
-      cv = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
-      start = (0, cache_pos, 0, 0)
-      ck.value = jax.lax.dynamic_update_slice(ck.value, k, start)
-      cv.value = jax.lax.dynamic_update_slice(cv.value, v, start)
-      k, v = ck.value, cv.value
-      visible = jnp.arange(self.cache_len)[None, :] <= (cache_pos + jnp.arange(n))[:, None]
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k,
-                        preferred_element_type=jnp.float32) * hd ** -0.5
-    probs = jax.nn.softmax(jnp.where(visible, logits, _NEG), axis=-1)
-    probs = nn.Dropout(self.attn_dropout, deterministic=not train)(probs)
-    out = jnp.einsum("bhnm,bmhd->bnhd", probs.astype(v.dtype), v)
+      k, v, mask = update_kv_cache(self, k, v, cache_pos, self.cache_len)
+    out = dot_product_attention(
+        q, k, v, mask, scale=hd ** -0.5,
+        dropout=nn.Dropout(self.attn_dropout, deterministic=not train))
     out = layers.dense(self.dim, ("heads", "embed"), name="wo", **kw)(
         out.reshape(b, n, self.dim))
     return nn.Dropout(self.resid_dropout, deterministic=not train)(out)

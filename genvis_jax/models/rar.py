@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.models import layers, register
+from genvis_jax.models.attention import (causal_mask, dot_product_attention,
+                                         update_kv_cache)
 
 PREFIX = 2  # cls token + class token
-_NEG = -1e30  # additive mask; exp underflows to exactly 0 in fp32
 
 
 def permute(x, orders):
@@ -52,14 +53,6 @@ def position_embeddings(pos_embed, ta_embed, orders):
   ta = ta_embed[PREFIX:PREFIX + n][orders]                       # (B, L, d)
   zero = jnp.zeros((b, 1, d), ta.dtype)
   return pos + jnp.concatenate([zero, ta, zero], axis=1)
-
-
-def _attend(q, k, v, bias, dropout: nn.Module):
-  """q (B,N,H,hd), k/v (B,M,H,hd), bias (N,M) or (B,1,N,M) -> (B,N,H,hd)."""
-  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k,
-                      preferred_element_type=jnp.float32) + bias
-  probs = dropout(jax.nn.softmax(logits, axis=-1)).astype(v.dtype)
-  return jnp.einsum("bhnm,bmhd->bnhd", probs, v)
 
 
 class Attention(nn.Module):
@@ -91,18 +84,11 @@ class Attention(nn.Module):
     q, k, v = (t.astype(self.dtype) for t in (q, k, v))
     drop = nn.Dropout(self.attn_dropout, deterministic=not train)
     if cache_pos is None:
-      causal = jnp.tril(jnp.ones((n, n), bool))
-      out = _attend(q, k, v, jnp.where(causal, 0.0, _NEG), drop)
+      mask = causal_mask(n)
     else:
-      shape = (b, self.cache_len, self.num_heads, hd)
-      ck = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
-      cv = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
-      start = (0, cache_pos, 0, 0)
-      ck.value = jax.lax.dynamic_update_slice(ck.value, k, start)
-      cv.value = jax.lax.dynamic_update_slice(cv.value, v, start)
-      q_pos = cache_pos + jnp.arange(n)
-      visible = jnp.arange(self.cache_len)[None, :] <= q_pos[:, None]
-      out = _attend(q, ck.value, cv.value, jnp.where(visible, 0.0, _NEG), drop)
+      k, v, mask = update_kv_cache(self, k, v, cache_pos, self.cache_len,
+                                   self.dtype)
+    out = dot_product_attention(q, k, v, mask, dropout=drop)
     out = layers.dense(self.dim, ("heads", "embed"), name="proj", **kw)(
         out.reshape(b, n, self.dim))
     return nn.Dropout(self.dropout, deterministic=not train)(out)

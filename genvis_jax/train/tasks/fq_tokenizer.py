@@ -178,7 +178,7 @@ class FQTokenizerTask(TokenizerTask):
           value_range=self.value_range))
       total = total + lo.perceptual_weight * perc
       metrics["lpips"] = perc
-    adv = self.g_loss_fn(self.disc.apply({"params": params["disc"]}, recon))
+    adv = self._adversarial(params, recon)
     scalars = {k: v for k, v in aux.items()
                if isinstance(v, jax.Array) and v.ndim == 0}
     return (total, adv), (recon, {**metrics, **scalars})

@@ -5,6 +5,9 @@ its own optimizer from ``config.disc.optimizer``). One step computes both groups
 gradients from the same forward pass: the generator sees the discriminator
 before its update, the discriminator sees the reconstructions with
 ``stop_gradient``. The adversarial terms switch on at ``config.loss.disc_start``.
+A run that never reaches ``disc_start`` (or has ``gan_weight=0``) leaves the
+discriminator out of the compiled step (its gradients are zeros): the same
+updates at a lower cost.
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ class TokenizerTask(Task):
           "LPIPS perceptual loss is OFF: config.loss.lpips_path is empty. Convert "
           "the LPIPS VGG weights with `python -m genvis_jax.convert --kind=lpips` "
           "and set --config.loss.lpips_path=FILE.npz to enable it.")
+    # Static switch: with the GAN off for the whole run, a weight-0 adversarial
+    # term would still cost a discriminator forward + backward every step.
+    self.use_gan = (bool(lo.gan_weight)
+                    and int(lo.disc_start) < int(config.train.num_steps))
+    if not self.use_gan:
+      logging.info("GAN off for this run (gan_weight=%s, disc_start=%s >= "
+                   "num_steps=%s): the discriminator is not trained.",
+                   lo.gan_weight, lo.disc_start, config.train.num_steps)
     self._lpips_params = None
     self._reconstruct = jax.jit(self.reconstruct)
 
@@ -80,6 +91,12 @@ class TokenizerTask(Task):
     return {"lpips": self._lpips_params}
 
   # --- losses -------------------------------------------------------------
+  def _adversarial(self, params, recon):
+    """Generator GAN loss on ``recon``; 0 without a discriminator pass when off."""
+    if not self.use_gan:
+      return jnp.zeros((), jnp.float32)
+    return self.g_loss_fn(self.disc.apply({"params": params["disc"]}, recon))
+
   def _generator_terms(self, p_model, params, images, rng, step):
     """(rec_total, adversarial) and aux for the tokenizer parameters."""
     lo = self.config.loss
@@ -94,8 +111,7 @@ class TokenizerTask(Task):
           value_range=self.value_range))
       total = total + lo.perceptual_weight * perc
       metrics["lpips"] = perc
-    logits_fake = self.disc.apply({"params": params["disc"]}, recon)
-    adv = self.g_loss_fn(logits_fake)
+    adv = self._adversarial(params, recon)
     aux = {k: v for k, v in aux.items() if k != "codes"}
     return (total, adv), (recon, {**metrics, **aux})
 
@@ -107,6 +123,11 @@ class TokenizerTask(Task):
     f = lambda p: self._generator_terms(p, params, images, rng, step)
     (rec_total, adv), vjp, (recon, metrics) = jax.vjp(f, params["model"],
                                                       has_aux=True)
+    if not self.use_gan:
+      (g_model,) = vjp((jnp.ones_like(rec_total), jnp.zeros_like(adv)))
+      g_disc = jax.tree_util.tree_map(jnp.zeros_like, params["disc"])
+      metrics.update(loss=rec_total, gen_loss=rec_total)
+      return {"model": g_model, "disc": g_disc}, metrics
     if lo.adaptive_gan_weight:
       # Two backward passes: the weight needs both gradients at the last layer.
       (g_rec,) = vjp((jnp.ones_like(rec_total), jnp.zeros_like(adv)))
