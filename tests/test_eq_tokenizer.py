@@ -216,6 +216,31 @@ def test_tokenizer_task_grads(disc, stage2):
     assert gn(upd["encoder"]) == 0 and gn(upd["decoder"]) > 0
 
 
+def test_gan_never_on_compiles_no_discriminator():
+  """disc_start >= num_steps: the same model gradients as the GAN path before
+  disc_start (weight 0), zero disc gradients, fewer convolutions."""
+  on, off = _task_config(), _task_config()
+  on.loss.disc_start, off.loss.disc_start = 5, 10**9
+  on.train.num_steps = off.train.num_steps = 10
+  t_on, t_off = get_task(on), get_task(off)
+  assert t_on.use_gan and not t_off.use_gan
+  params = np_init(jax.eval_shape(lambda k: nn.unbox(t_on.init_params(k)),
+                                  jax.random.key(0)))
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 32, 32, 3),
+                                       minval=-1, maxval=1)}
+  args = (params, batch, jax.random.key(2), jnp.int32(0))
+  g_on, m_on = jax.jit(t_on.grads)(*args)
+  g_off, m_off = jax.jit(t_off.grads)(*args)
+  np.testing.assert_allclose(float(m_off["loss"]), float(m_on["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g_on["model"]),
+                  jax.tree_util.tree_leaves(g_off["model"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  assert not any(np.any(np.asarray(g))
+                 for g in jax.tree_util.tree_leaves(g_off["disc"]))
+  count = lambda t: jax.jit(t.grads).lower(*args).as_text().count("convolution")
+  assert count(t_off) < count(t_on)
+
+
 def test_dino_disc_and_diffaug():
   cfg = eq_tok_config.dino_disc(img_size=32, patch_size=8, dim=32, depth=3,
                                  num_heads=2, key_depths=(1, 2), image_size=48)

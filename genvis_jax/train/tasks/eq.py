@@ -143,6 +143,14 @@ class EqTokenizerTask(Task):
     self.is_dino = config.disc.name == "dino_disc"
     self.param_groups = ("model", "disc") + (("logvar",) if lo.learn_logvar else ())
     self.d_loss_fn, self.g_loss_fn = gan_lib.gan_losses(lo.gan)
+    # Static switch (as in the MaskGIT tokenizer task): a run that never
+    # reaches disc_start compiles no discriminator or adaptive-weight pass.
+    self.use_gan = (bool(lo.disc_weight)
+                    and int(lo.disc_start) < int(config.train.num_steps))
+    if not self.use_gan:
+      logging.info("GAN off for this run (disc_weight=%s, disc_start=%s >= "
+                   "num_steps=%s): the discriminator is not trained.",
+                   lo.disc_weight, lo.disc_start, config.train.num_steps)
     self.use_lpips = bool(lo.perceptual_weight) and bool(lo.lpips_path)
     if lo.perceptual_weight and not lo.lpips_path:
       logging.warning("LPIPS is OFF: config.loss.lpips_path is empty (convert the "
@@ -268,7 +276,9 @@ class EqTokenizerTask(Task):
       factor = jnp.where(step >= lo.semantic_start, lo.semantic_weight, 0.0)
       other = other + factor * sem_loss
       metrics.update(semantic_loss=sem_loss, semantic_factor=factor)
-    adv = self.g_loss_fn(self._disc_logits(params["disc"], params, recon, k_disc))
+    adv = (self.g_loss_fn(self._disc_logits(params["disc"], params, recon,
+                                            k_disc))
+           if self.use_gan else jnp.zeros((), jnp.float32))
     metrics.update(nll_loss=nll, kl_loss=kl, rec_loss=jnp.mean(rec),
                    l1=jnp.mean(jnp.abs(images - recon)), logvar=logvar)
     return (nll, other, adv), (recon, metrics)
@@ -300,6 +310,17 @@ class EqTokenizerTask(Task):
     p_lv = params.get("logvar") if "logvar" in self.param_groups else None
 
     f = lambda pm, pl: self._generator_terms(pm, pl, params, images, k_gen, step)
+    if not self.use_gan:
+      (nll, other, _), vjp, (_, metrics) = jax.vjp(f, params["model"], p_lv,
+                                                   has_aux=True)
+      g_model, g_lv = vjp((jnp.ones_like(nll), jnp.ones_like(nll),
+                           jnp.zeros_like(nll)))
+      metrics.update(loss=nll + other)
+      grads = {"model": g_model,
+               "disc": jax.tree_util.tree_map(jnp.zeros_like, params["disc"])}
+      if p_lv is not None:
+        grads["logvar"] = g_lv
+      return grads, metrics
     d_weight = self._adaptive_weight(f, params["model"], p_lv) * lo.disc_weight
     w = d_weight * gan_on.astype(jnp.float32)
     (nll, other, adv), vjp, (recon, metrics) = jax.vjp(f, params["model"], p_lv,
@@ -352,6 +373,7 @@ class EqGeneratorTask(Task):
     self.tokenizer = models.build(config.tokenizer.model)
     self.label_dropout = float(config.train.get("label_dropout", 0.1))
     self._frozen = None
+    self._decode = None
 
   def init_params(self, rng):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
@@ -421,8 +443,10 @@ class EqGeneratorTask(Task):
     labels = batch["label"][:n]
     width = (batch["latents"].shape[1] if "latents" in batch
              else batch["image"].shape[2] // self.tokenizer.token_width)
-    decode = jax.jit(lambda p, lat: eq_sample.latents_to_images(
-        self.tokenizer, p, lat, self.config.latents.scale))
+    if self._decode is None:   # one jit per task: compiled once per width
+      self._decode = jax.jit(lambda p, lat: eq_sample.latents_to_images(
+          self.tokenizer, p, lat, self.config.latents.scale))
+    decode = self._decode
     out = {}
     for name, cols in (("samples", width),
                        ("samples_wide", int(sp.get("wide_columns", 0)))):

@@ -70,6 +70,7 @@ class RARTask(Task):
                    int(t.get("randomness_anneal_end", 0)))
     self.label_dropout = float(t.get("label_dropout", 0.1))
     self._tokenizer_params = None
+    self._decode = None
 
   def init_params(self, rng):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
@@ -133,8 +134,10 @@ class RARTask(Task):
                               temperature=s.temperature)
     side = int(round(self.model.seq_len ** 0.5))
     tok = self.config.tokenizer
-    images = models.build(tok.model).apply(
-        {"params": params["tokenizer"]}, codes.reshape(n, side, side),
-        method="decode")
+    if self._decode is None:   # one jit per task, compiled on the first grid
+      tokenizer = models.build(tok.model)
+      self._decode = jax.jit(lambda p, c: tokenizer.apply(
+          {"params": p}, c, method="decode"))
+    images = self._decode(params["tokenizer"], codes.reshape(n, side, side))
     return {"samples": to_uint8(jax.device_get(images),
                                 tuple(tok.get("value_range", (0.0, 1.0))))}
