@@ -94,3 +94,25 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
   with pytest.raises(trainer_lib.NonFiniteLossError, match="NaN/Inf"):
     trainer_lib.train_and_evaluate(c, wd)
   assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
+def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):
+  """Replica-parallel saving is kept for big arrays only: a state of small
+  replicated arrays on 8 devices is written without compiling per-device
+  slices (one compile per shape and device otherwise), and restores."""
+  import logging  # pylint: disable=import-outside-toplevel
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {f"w{i}": jax.device_put(np.full((8, 40 + i), i, np.float32), rep)
+           for i in range(4)}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    ck.save(1, state)
+  ck.wait()
+  assert not [r for r in caplog.records if "jit(slice)" in r.getMessage()]
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+  restored = ck.restore(1, abstract)
+  for k in state:
+    np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]))
+  ck.close()

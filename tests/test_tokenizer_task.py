@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 
 from configs import demo
+from genvis_jax.train import losses as gan_lib
 from genvis_jax.train import sharding as shd
 from genvis_jax.train import trainer as trainer_lib
 from genvis_jax.train.tasks import tokenizer as tok
@@ -64,6 +65,12 @@ def test_reconstruction_loss_kinds():
   x, y = jnp.zeros((2, 4)), jnp.full((2, 4), 0.5)
   assert float(tok.reconstruction_loss("l1", x, y)) == 0.5
   assert float(tok.reconstruction_loss("l2", x, y)) == 0.25
+
+
+def test_gan_active():
+  assert gan_lib.gan_active(0.1, 5, 10)
+  assert not gan_lib.gan_active(0.1, 10, 10)    # never reaches disc_start
+  assert not gan_lib.gan_active(0.0, 0, 10)     # zero weight
 
 
 def test_gan_never_on_skips_discriminator_with_same_update():

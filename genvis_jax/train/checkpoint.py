@@ -67,6 +67,32 @@ class _IteratorSnapshot:
     return self._state
 
 
+# Orbax's replica-parallel save splits every replicated array over its
+# replicas, which compiles one slice per (shape, device) on a run's first save:
+# 216 compiles and 9 s for the tiny Equivariant tokenizer on 8 CPU devices.
+# Arrays whose per-replica slice would be smaller than this are written whole
+# by one replica; big ones (where parallel writes pay off) are still split.
+MIN_REPLICA_SLICE_BYTES = 4 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  th = ocp.type_handlers
+  registry = th.create_type_handler_registry(
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()),
+      (bytes, th.ScalarHandler()), (np.number, th.ScalarHandler()),
+      (np.ndarray, th.NumpyHandler()), (str, th.StringHandler()),
+      (jax.Array, th.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _restore_args(abstract_state):
+  """PyTree restore into ``abstract_state`` (shapes, dtypes, shardings)."""
+  return ocp.args.PyTreeRestore(
+      item=abstract_state,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for training runs."""
 
@@ -78,7 +104,7 @@ class Checkpointer:
             max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save),
         item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
+            "state": _state_handler(),
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         })
@@ -87,7 +113,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter=None, config=None, force=False):
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.PyTreeSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
     if config is not None:
@@ -109,7 +135,7 @@ class Checkpointer:
     if state_meta is not None:
       compare_trees(abstract_state, state_meta,
                     f"Checkpoint {self.directory / str(step)}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": _restore_args(abstract_state)}
     if data_iter is not None and (self.directory / str(step) / "data").exists():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -166,8 +192,12 @@ def load_params(directory: str, abstract_params) -> Any:
     step = ckpt.latest_step()
     if step is None:
       raise FileNotFoundError(f"No checkpoint under {path / 'checkpoints'}.")
-    restored = ckpt.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Host numpy arrays: the run may have been sharded over another topology.
+    meta = ckpt.manager.item_metadata(step)["state"]
+    as_numpy = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
     state = restored["state"]
     params = state.get("ema") or state["params"]["model"]
     compare_trees(abstract_params, params, f"Checkpoint {path}")

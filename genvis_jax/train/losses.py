@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 
 def _f32(x):
@@ -49,3 +50,17 @@ def gan_losses(kind: str):
     raise ValueError(f"Unknown GAN loss {kind!r}; choose one of "
                      f"{sorted(D_LOSSES)}.")
   return D_LOSSES[kind], G_LOSSES[kind]
+
+
+def gan_active(weight: float, disc_start: int, num_steps: int) -> bool:
+  """Whether a run ever trains with its GAN term; logs when it does not.
+
+  False when ``weight`` is 0 or ``disc_start >= num_steps``: such a run can
+  leave the discriminator out of its compiled step (same updates, less work).
+  """
+  active = bool(weight) and int(disc_start) < int(num_steps)
+  if not active:
+    logging.info("GAN off for this run (weight=%s, disc_start=%s, num_steps=%s):"
+                 " the discriminator is not trained.", weight, disc_start,
+                 num_steps)
+  return active

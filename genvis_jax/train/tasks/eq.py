@@ -145,12 +145,8 @@ class EqTokenizerTask(Task):
     self.d_loss_fn, self.g_loss_fn = gan_lib.gan_losses(lo.gan)
     # Static switch (as in the MaskGIT tokenizer task): a run that never
     # reaches disc_start compiles no discriminator or adaptive-weight pass.
-    self.use_gan = (bool(lo.disc_weight)
-                    and int(lo.disc_start) < int(config.train.num_steps))
-    if not self.use_gan:
-      logging.info("GAN off for this run (disc_weight=%s, disc_start=%s >= "
-                   "num_steps=%s): the discriminator is not trained.",
-                   lo.disc_weight, lo.disc_start, config.train.num_steps)
+    self.use_gan = gan_lib.gan_active(lo.disc_weight, lo.disc_start,
+                                      config.train.num_steps)
     self.use_lpips = bool(lo.perceptual_weight) and bool(lo.lpips_path)
     if lo.perceptual_weight and not lo.lpips_path:
       logging.warning("LPIPS is OFF: config.loss.lpips_path is empty (convert the "

@@ -63,12 +63,8 @@ class TokenizerTask(Task):
           "and set --config.loss.lpips_path=FILE.npz to enable it.")
     # Static switch: with the GAN off for the whole run, a weight-0 adversarial
     # term would still cost a discriminator forward + backward every step.
-    self.use_gan = (bool(lo.gan_weight)
-                    and int(lo.disc_start) < int(config.train.num_steps))
-    if not self.use_gan:
-      logging.info("GAN off for this run (gan_weight=%s, disc_start=%s >= "
-                   "num_steps=%s): the discriminator is not trained.",
-                   lo.gan_weight, lo.disc_start, config.train.num_steps)
+    self.use_gan = gan_lib.gan_active(lo.gan_weight, lo.disc_start,
+                                      config.train.num_steps)
     self._lpips_params = None
     self._reconstruct = jax.jit(self.reconstruct)
 
