@@ -306,22 +306,21 @@ class EqTokenizerTask(Task):
     p_lv = params.get("logvar") if "logvar" in self.param_groups else None
 
     f = lambda pm, pl: self._generator_terms(pm, pl, params, images, k_gen, step)
-    if not self.use_gan:
-      (nll, other, _), vjp, (_, metrics) = jax.vjp(f, params["model"], p_lv,
-                                                   has_aux=True)
-      g_model, g_lv = vjp((jnp.ones_like(nll), jnp.ones_like(nll),
-                           jnp.zeros_like(nll)))
-      metrics.update(loss=nll + other)
-      grads = {"model": g_model,
-               "disc": jax.tree_util.tree_map(jnp.zeros_like, params["disc"])}
-      if p_lv is not None:
-        grads["logvar"] = g_lv
-      return grads, metrics
-    d_weight = self._adaptive_weight(f, params["model"], p_lv) * lo.disc_weight
-    w = d_weight * gan_on.astype(jnp.float32)
+    if self.use_gan:
+      d_weight = self._adaptive_weight(f, params["model"], p_lv) * lo.disc_weight
+      w = d_weight * gan_on.astype(jnp.float32)
+    else:
+      w = jnp.zeros((), jnp.float32)
     (nll, other, adv), vjp, (recon, metrics) = jax.vjp(f, params["model"], p_lv,
                                                        has_aux=True)
     g_model, g_lv = vjp((jnp.ones_like(nll), jnp.ones_like(nll), w))
+    grads = {"model": g_model}
+    if p_lv is not None:
+      grads["logvar"] = g_lv
+    if not self.use_gan:
+      grads["disc"] = jax.tree_util.tree_map(jnp.zeros_like, params["disc"])
+      metrics.update(loss=nll + other)
+      return grads, metrics
 
     fake = jax.lax.stop_gradient(recon)
 
@@ -331,15 +330,11 @@ class EqTokenizerTask(Task):
       return gan_on * self.d_loss_fn(real, fake_l), (jnp.mean(real),
                                                       jnp.mean(fake_l))
 
-    (d_val, (lr_, lf_)), g_disc = jax.value_and_grad(d_loss, has_aux=True)(
-        params["disc"])
-    loss = nll + other + w * adv
-    metrics.update(loss=loss, g_loss=adv, d_weight=d_weight,
+    (d_val, (lr_, lf_)), grads["disc"] = jax.value_and_grad(
+        d_loss, has_aux=True)(params["disc"])
+    metrics.update(loss=nll + other + w * adv, g_loss=adv, d_weight=d_weight,
                    disc_factor=gan_on.astype(jnp.float32), disc_loss=d_val,
                    logits_real=lr_, logits_fake=lf_)
-    grads = {"model": g_model, "disc": g_disc}
-    if p_lv is not None:
-      grads["logvar"] = g_lv
     return grads, metrics
 
   # --- outputs ----------------------------------------------------------------
@@ -369,7 +364,8 @@ class EqGeneratorTask(Task):
     self.tokenizer = models.build(config.tokenizer.model)
     self.label_dropout = float(config.train.get("label_dropout", 0.1))
     self._frozen = None
-    self._decode = None
+    # One jit for the sample grids' decode: compiled once per width.
+    self._decode = jax.jit(self._latents_to_images)
 
   def init_params(self, rng):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
@@ -429,6 +425,11 @@ class EqGeneratorTask(Task):
     return {"model": g}, {"loss": loss, "shift": shift.astype(jnp.float32),
                           "latent_std": jnp.std(x)}
 
+  def _latents_to_images(self, tokenizer_params, latents):
+    from genvis_jax.sample import eq as eq_sample
+    return eq_sample.latents_to_images(self.tokenizer, tokenizer_params, latents,
+                                       self.config.latents.scale)
+
   def visualize(self, params, batch, rng):
     """Samples at the training width and ``sample.wide_columns`` (if set)."""
     if "tokenizer" not in params:
@@ -439,10 +440,6 @@ class EqGeneratorTask(Task):
     labels = batch["label"][:n]
     width = (batch["latents"].shape[1] if "latents" in batch
              else batch["image"].shape[2] // self.tokenizer.token_width)
-    if self._decode is None:   # one jit per task: compiled once per width
-      self._decode = jax.jit(lambda p, lat: eq_sample.latents_to_images(
-          self.tokenizer, p, lat, self.config.latents.scale))
-    decode = self._decode
     out = {}
     for name, cols in (("samples", width),
                        ("samples_wide", int(sp.get("wide_columns", 0)))):
@@ -450,6 +447,6 @@ class EqGeneratorTask(Task):
         lat = eq_sample.sample(self.model, params["model"], labels, rng,
                                num_columns=cols, cfg=sp.cfg,
                                num_steps=sp.num_steps)
-        img = decode(params["tokenizer"], lat)
+        img = self._decode(params["tokenizer"], lat)
         out[name] = to_uint8(jax.device_get(img), self.value_range)
     return out

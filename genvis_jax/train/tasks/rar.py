@@ -13,6 +13,8 @@ decoded by ``config.tokenizer`` (off, with a warning, without its checkpoint).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -70,7 +72,6 @@ class RARTask(Task):
                    int(t.get("randomness_anneal_end", 0)))
     self.label_dropout = float(t.get("label_dropout", 0.1))
     self._tokenizer_params = None
-    self._decode = None
 
   def init_params(self, rng):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
@@ -119,6 +120,13 @@ class RARTask(Task):
                                                           tok.checkpoint)
     return {"tokenizer": self._tokenizer_params}
 
+  @functools.cached_property
+  def _decode(self):
+    """Jitted ``decode(tokenizer_params, codes)``: one compile per run."""
+    tokenizer = models.build(self.config.tokenizer.model)
+    return jax.jit(lambda p, c: tokenizer.apply({"params": p}, c,
+                                                method="decode"))
+
   def visualize(self, params, batch, rng):
     """16 samples of evenly spread classes, decoded: {"samples": uint8}."""
     if "tokenizer" not in params:
@@ -134,10 +142,6 @@ class RARTask(Task):
                               temperature=s.temperature)
     side = int(round(self.model.seq_len ** 0.5))
     tok = self.config.tokenizer
-    if self._decode is None:   # one jit per task, compiled on the first grid
-      tokenizer = models.build(tok.model)
-      self._decode = jax.jit(lambda p, c: tokenizer.apply(
-          {"params": p}, c, method="decode"))
     images = self._decode(params["tokenizer"], codes.reshape(n, side, side))
     return {"samples": to_uint8(jax.device_get(images),
                                 tuple(tok.get("value_range", (0.0, 1.0))))}

@@ -119,12 +119,7 @@ class TokenizerTask(Task):
     f = lambda p: self._generator_terms(p, params, images, rng, step)
     (rec_total, adv), vjp, (recon, metrics) = jax.vjp(f, params["model"],
                                                       has_aux=True)
-    if not self.use_gan:
-      (g_model,) = vjp((jnp.ones_like(rec_total), jnp.zeros_like(adv)))
-      g_disc = jax.tree_util.tree_map(jnp.zeros_like, params["disc"])
-      metrics.update(loss=rec_total, gen_loss=rec_total)
-      return {"model": g_model, "disc": g_disc}, metrics
-    if lo.adaptive_gan_weight:
+    if self.use_gan and lo.adaptive_gan_weight:
       # Two backward passes: the weight needs both gradients at the last layer.
       (g_rec,) = vjp((jnp.ones_like(rec_total), jnp.zeros_like(adv)))
       (g_adv,) = vjp((jnp.zeros_like(rec_total), jnp.ones_like(adv)))
@@ -132,8 +127,12 @@ class TokenizerTask(Task):
       w = w * lo.gan_weight * gan_on
       g_model = jax.tree_util.tree_map(lambda a, b: a + w * b, g_rec, g_adv)
     else:
-      w = lo.gan_weight * gan_on
+      w = lo.gan_weight * gan_on if self.use_gan else jnp.zeros_like(adv)
       (g_model,) = vjp((jnp.ones_like(rec_total), w * jnp.ones_like(adv)))
+    if not self.use_gan:
+      g_disc = jax.tree_util.tree_map(jnp.zeros_like, params["disc"])
+      metrics.update(loss=rec_total, gen_loss=rec_total)
+      return {"model": g_model, "disc": g_disc}, metrics
 
     fake = jax.lax.stop_gradient(recon)
 
