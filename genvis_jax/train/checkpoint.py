@@ -14,7 +14,6 @@ import json
 import os
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -97,6 +96,9 @@ class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for training runs."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    # grain lazily: sampling / evaluation / benchmarks import this module on
+    # machines without grain.
+    import grain  # pylint: disable=import-outside-toplevel
     self.directory = epath.Path(workdir) / "checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -115,6 +117,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iter=None, config=None, force=False):
     items = {"state": ocp.args.PyTreeSave(state)}
     if data_iter is not None:
+      import grain  # pylint: disable=import-outside-toplevel
       items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
@@ -137,6 +140,7 @@ class Checkpointer:
                     f"Checkpoint {self.directory / str(step)}")
     items = {"state": _restore_args(abstract_state)}
     if data_iter is not None and (self.directory / str(step) / "data").exists():
+      import grain  # pylint: disable=import-outside-toplevel
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]

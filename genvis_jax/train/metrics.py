@@ -8,12 +8,14 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from PIL import Image
 
 
 def create_writer(workdir: str):
   """TensorBoard + console on process 0; console-only elsewhere."""
+  # clu (and the TensorFlow it imports) only where a writer is made, so the
+  # grid / uint8 helpers import on machines without TensorFlow.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   return metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
