@@ -35,7 +35,8 @@ def make_source(data_config, split: str):
   kind, path = data_config.source, data_config.path
   if kind in ("demo", "demo_landscapes"):
     src = demo.DemoSource(split, kind="shapes" if kind == "demo" else
-                          "landscapes")
+                          "landscapes",
+                          num_examples=data_config.get("num_examples") or None)
     return src, len(src.class_names), src.class_names
   if kind == "image_folder":
     # Labels come from the training split's folders so all splits agree.
