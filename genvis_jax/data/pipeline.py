@@ -22,7 +22,6 @@ import numpy as np
 from genvis_jax.data import demo, sources, tokens, transforms
 
 SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
-SKIP_KEY = "skipped_records"
 
 
 # --- sources ---------------------------------------------------------------------
@@ -51,40 +50,152 @@ def make_source(data_config, split: str):
   if kind == "tokens":
     # A "{split}" in the pattern selects per-split files.
     return tokens.TokenSource(path.replace("{split}", split)), None, None
-  raise ValueError(f"Unknown config.data.source {kind!r}; choose one of "
-                   f"{SOURCES}.")
+  raise sources.DataConfigError(
+      f"Unknown config.data.source {kind!r}; choose one of {SOURCES}.")
 
 
 # --- skip counting ---------------------------------------------------------------
 
-class _SkipNonesIterator(grain.DatasetIterator):
-  """Drops None records (unreadable files) and keeps their count in its state."""
+SKIPPED = "skipped_path"          # the record an unreadable file decodes to
+FILES_KEY = "skipped_files"       # iterator state: distinct unreadable paths
+READ_KEY = "records_read"         # iterator state: records read, skips included
+
+
+class _DecodeOrMark(grain.transforms.Map):
+  """``{"path", "label"}`` -> ``{"image", "label"}``; an unreadable file ->
+  ``{SKIPPED: path, "error": str}`` so the skip counter can name it."""
+
+  def map(self, record):
+    try:
+      image = transforms.decode_image(record["path"])
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      return {SKIPPED: record["path"], "error": f"{type(e).__name__}: {e}"}
+    return {"image": image, "label": np.int32(record["label"])}
+
+
+class _PassSkipped(grain.transforms.Map):
+  """Applies ``inner`` (a Map) to decoded records; passes skip markers on."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def map(self, record):
+    return record if SKIPPED in record else self.inner.map(record)
+
+
+class _PassSkippedRandom(grain.transforms.RandomMap):
+  """Applies ``inner`` (a RandomMap) to decoded records; passes skip markers on."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def random_map(self, record, rng: np.random.Generator):
+    return record if SKIPPED in record else self.inner.random_map(record, rng)
+
+
+class _SkipIterator(grain.DatasetIterator):
+  """Drops skip markers (and None records) and keeps, in its state, the
+  sorted distinct paths skipped and the number of records read."""
 
   def __init__(self, parent):
     super().__init__(parent)
-    self._skipped = 0
+    self._files: set[str] = set()
+    self._read = 0
 
   def __next__(self):
     while True:
       record = next(self._parent)
-      if record is not None:
+      self._read += 1
+      if record is not None and SKIPPED not in record:
         return record
-      self._skipped += 1
-      logging.warning("Input pipeline: %d unreadable record(s) skipped so far.",
-                      self._skipped)
+      if record is not None and record[SKIPPED] not in self._files:
+        self._files.add(record[SKIPPED])
+        logging.warning("Skipping unreadable image %s (%s); %d distinct "
+                        "file(s) skipped so far.", record[SKIPPED],
+                        record["error"], len(self._files))
 
   def get_state(self):
-    return {"parent": self._parent.get_state(), SKIP_KEY: self._skipped}
+    return {"parent": self._parent.get_state(), FILES_KEY: sorted(self._files),
+            READ_KEY: self._read}
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
-    self._skipped = state[SKIP_KEY]
+    # Older states kept only a count of skip events: start the set afresh.
+    self._files = set(state.get(FILES_KEY, ()))
+    self._read = int(state.get(READ_KEY, 0))
 
 
-class _SkipNonesIterDataset(grain.IterDataset):
+class _SkipIterDataset(grain.IterDataset):
 
   def __iter__(self):
-    return _SkipNonesIterator(self._parent.__iter__())
+    return _SkipIterator(self._parent.__iter__())
+
+
+def _collect(tree, key, out: list) -> list:
+  """Every value stored under ``key`` anywhere in a nested state tree."""
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      out.append(v) if k == key else _collect(v, key, out)
+  elif isinstance(tree, (list, tuple)):
+    for v in tree:
+      _collect(v, key, out)
+  return out
+
+
+def skipped_files(state) -> set[str]:
+  """Distinct unreadable paths in an iterator state (all workers together)."""
+  return set().union(*map(set, _collect(state, FILES_KEY, [])))
+
+
+def records_read(state) -> int:
+  """Records (skips included) read for the batches consumed so far."""
+  return sum(_collect(state, READ_KEY, []))
+
+
+class _EpochLogIterator(grain.DatasetIterator):
+  """Logs ``num_skipped_files`` each time the consumed batches complete a pass
+  over this process's shard (state as of the consumed batch, not the reads
+  running ahead in prefetch buffers or worker processes)."""
+
+  def __init__(self, parent, shard: int, split: str):
+    super().__init__(parent)
+    self._shard, self._split = max(shard, 1), split
+    self._epoch = 0
+
+  def __next__(self):
+    try:
+      batch = next(self._parent)
+    except StopIteration:
+      self._log_epochs(final=True)
+      raise
+    self._log_epochs()
+    return batch
+
+  def _log_epochs(self, final=False):
+    state = self._parent.get_state()
+    read = records_read(state)
+    epoch = read // self._shard + (1 if final and read % self._shard else 0)
+    if epoch > self._epoch:
+      self._epoch = epoch
+      logging.info("Input pipeline %r: epoch %d done, num_skipped_files=%d",
+                   self._split, epoch, len(skipped_files(state)))
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+    self._epoch = records_read(state) // self._shard
+
+
+class _EpochLogIterDataset(grain.IterDataset):
+
+  def __init__(self, parent, shard: int, split: str):
+    super().__init__(parent)
+    self._shard, self._split = shard, split
+
+  def __iter__(self):
+    return _EpochLogIterator(self._parent.__iter__(), self._shard, self._split)
 
 
 class _FinalizeBatch(grain.transforms.Map):
@@ -96,14 +207,6 @@ class _FinalizeBatch(grain.transforms.Map):
   def map(self, batch):
     batch = {k: np.asarray(v) for k, v in batch.items()}
     return self.to_float.map(batch) if self.to_float else batch
-
-
-def _sum_key(tree, key) -> int:
-  if isinstance(tree, dict):
-    return sum(v if k == key else _sum_key(v, key) for k, v in tree.items())
-  if isinstance(tree, (list, tuple)):
-    return sum(_sum_key(v, key) for v in tree)
-  return 0
 
 
 # --- pipeline --------------------------------------------------------------------
@@ -124,11 +227,14 @@ class PipelineInfo:
 
   @property
   def num_skipped(self) -> int:
-    """Unreadable records dropped so far by this process (all workers).
+    """Distinct unreadable files skipped by this process (all workers) in the
+    batches consumed so far; a file skipped again in a later epoch counts once.
 
     Kept in the iterator state, so it survives checkpoint restores.
     """
-    return _sum_key(self.iterator.get_state(), SKIP_KEY) if self.iterator else 0
+    if self.iterator is None:
+      return 0
+    return len(skipped_files(self.iterator.get_state()))
 
   def __getitem__(self, key):
     return getattr(self, key)
@@ -145,15 +251,17 @@ def _process_index_count(process_index, process_count):
 
 
 def _image_transforms(ds, data_config, train, aug_seeds):
+  """Crop / flip; skip markers of unreadable files pass through untouched."""
   size = data_config.image_size
   width = data_config.get("image_width", 0) or size
   if train and data_config.random_crop:
     crop = transforms.RandomCrop(size, width, data_config.get("crop_min_frac", 1.0))
-    ds = ds.random_map(crop, seed=aug_seeds[0])
+    ds = ds.random_map(_PassSkippedRandom(crop), seed=aug_seeds[0])
   else:
-    ds = ds.map(transforms.CenterCrop(size, width))
+    ds = ds.map(_PassSkipped(transforms.CenterCrop(size, width)))
   if train and data_config.random_flip:
-    ds = ds.random_map(transforms.RandomFlip(), seed=aug_seeds[1])
+    ds = ds.random_map(_PassSkippedRandom(transforms.RandomFlip()),
+                       seed=aug_seeds[1])
   return ds
 
 
@@ -182,7 +290,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   """
   pi, pc = _process_index_count(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % pc:
-    raise ValueError(
+    raise sources.DataConfigError(
         f"Global batch size {global_batch_size} must be a positive multiple of "
         f"the process count {pc}; change config.train.global_batch_size.")
   if len(value_range) != 2:
@@ -197,7 +305,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   ds = grain.MapDataset.source(source)[pi:n_even:pc]
   shard = len(ds)
   if shard < local_batch and not train and drop_remainder:
-    raise ValueError(
+    raise sources.DataConfigError(
         f"Split {split!r} of {data_config.source!r} has {n} examples, "
         f"{shard} per process: fewer than one local batch of {local_batch}. "
         "Lower the batch size or use a bigger split.")
@@ -206,7 +314,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   is_tokens = data_config.source == "tokens"
   if not is_tokens:
     if data_config.source == "image_folder":
-      ds = ds.map(transforms.DecodeImage())
+      ds = ds.map(_DecodeOrMark())
     aug_seeds = np.random.SeedSequence([seed, pi]).generate_state(2)
     ds = _image_transforms(ds, data_config, train, [int(s) for s in aug_seeds])
 
@@ -216,7 +324,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       grain.ReadOptions(num_threads=threads,
                         prefetch_buffer_size=max(2 * local_batch, threads)),
       allow_nones=True)
-  it_ds = _SkipNonesIterDataset(it_ds)
+  it_ds = _SkipIterDataset(it_ds)
   it_ds = it_ds.batch(local_batch, drop_remainder=drop_remainder)
   if data_config.num_workers > 0:
     # grain's workers read absl flags; outside absl.app (tests, colabs) use
@@ -231,6 +339,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   if prefetch > 0:
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
         it_ds, prefetch_buffer_size=prefetch)
+  it_ds = _EpochLogIterDataset(it_ds, shard, split)
   iterator = iter(it_ds)
   info = PipelineInfo(
       source=data_config.source, split=split, num_examples=n,
@@ -247,7 +356,7 @@ def _check_classes(num_classes, data_config) -> int:
   if num_classes is None:
     return configured
   if num_classes > configured:
-    raise ValueError(
+    raise sources.DataConfigError(
         f"The {data_config.source!r} data has {num_classes} classes but "
         f"config.data.num_classes is {configured}: labels would overflow the "
         f"class embedding. Set --config.data.num_classes={num_classes}.")

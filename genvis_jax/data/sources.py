@@ -17,11 +17,35 @@ import os
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+from genvis_jax.errors import UserError
+
+# PIL formats that are not images we can decode on their own: identify-only
+# stubs (BUFR, GRIB, HDF5, MPEG, IPTC), EPS (needs Ghostscript), WMF (Windows).
+_NOT_DECODABLE = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "IPTC", "EPS", "WMF"})
 
 
-class DataNotFoundError(FileNotFoundError):
+def image_extensions() -> tuple[str, ...]:
+  """Lower-case suffixes of every format this PIL build can decode.
+
+  Includes .jpg/.jpeg/.png, .gif (first frame), .bmp, .webp, .tif/.tiff, ...
+  (``PIL.Image.registered_extensions`` restricted to formats with an opener).
+  """
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  Image.init()
+  return tuple(sorted(ext.lower() for ext, fmt in
+                      Image.registered_extensions().items()
+                      if fmt in Image.OPEN and fmt not in _NOT_DECODABLE))
+
+
+IMAGE_EXTENSIONS = image_extensions()
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
   """A data set is missing, empty or not prepared; the message says how to fix it."""
+
+
+class DataConfigError(UserError, ValueError):
+  """``config.data`` does not fit the data (split, classes, batch, source kind)."""
 
 
 # --- image folder --------------------------------------------------------------
@@ -50,7 +74,8 @@ def list_classes(root: str) -> tuple[str, ...]:
   if not classes:
     raise DataNotFoundError(
         f"Image folder {root!r} has no class sub-folders. Put the images of "
-        f"each class in {root}/<class_name>/ (extensions {IMAGE_EXTENSIONS}).")
+        f"each class in {root}/<class_name>/ (any image format PIL reads: "
+        ".jpg, .png, .gif, .bmp, .webp, .tif, ...).")
   return classes
 
 
@@ -72,12 +97,13 @@ def list_images(root: str, classes: tuple[str, ...]) -> tuple[list[str], np.ndar
   if not paths:
     raise DataNotFoundError(
         f"Image folder {root!r} has class folders {list(classes)[:5]}... but "
-        f"no images with extensions {IMAGE_EXTENSIONS} in them.")
+        "no images in them (looked for the suffixes PIL decodes: "
+        f"{', '.join(IMAGE_EXTENSIONS)}).")
   return paths, np.asarray(labels, np.int32)
 
 
 class ImageFolderSource:
-  """``root/<class_name>/**/*.{jpg,jpeg,png,webp}`` (any case) as records.
+  """``root/<class_name>/**/*.<IMAGE_EXTENSIONS>`` (any case) as records.
 
   ``class_names`` fixes the label order (pass the training split's classes to
   the evaluation split so the labels agree); default: sorted sub-folders.
@@ -89,7 +115,7 @@ class ImageFolderSource:
     self.class_names = tuple(class_names or list_classes(root))
     unknown = set(list_classes(root)) - set(self.class_names)
     if unknown:
-      raise ValueError(
+      raise DataConfigError(
           f"Image folder {root!r} has classes {sorted(unknown)[:5]} that the "
           "training split does not have; labels would disagree. Make both "
           "splits use the same class folders.")
@@ -130,7 +156,7 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if not name:
-      raise ValueError("config.data.name is empty: set the TFDS data set "
+      raise DataConfigError("config.data.name is empty: set the TFDS data set "
                        "name, e.g. imagenet2012.")
     self.name, self.split, self.data_dir = name, split, data_dir or None
     try:
@@ -152,11 +178,11 @@ class TfdsSource:
           f"{file_format}, but random access needs ArrayRecord. "
           f"{_tfds_howto(name, self.data_dir)}")
     if split not in builder.info.splits:
-      raise ValueError(f"TFDS data set {name!r} has no split {split!r}; it has "
+      raise DataConfigError(f"TFDS data set {name!r} has no split {split!r}; it has "
                        f"{list(builder.info.splits)}. Set config.data.split / "
                        "eval_split.")
     if "image" not in builder.info.features or "label" not in builder.info.features:
-      raise ValueError(f"TFDS data set {name!r} has features "
+      raise DataConfigError(f"TFDS data set {name!r} has features "
                        f"{list(builder.info.features)}; an image data set with "
                        "'image' and 'label' features is needed.")
     self.num_classes = _num_classes(builder.info.features)

@@ -22,7 +22,7 @@ import math
 from absl import logging
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 # --- pure functions ------------------------------------------------------------
@@ -79,10 +79,45 @@ def to_float(image: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
   return image.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
 
 
-def decode_image(path: str) -> np.ndarray:
-  """Reads an image file with PIL -> uint8 (H, W, 3) (grey/CMYK/alpha -> RGB)."""
-  with open(path, "rb") as f, Image.open(f) as pil:
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit_rgb(pil: Image.Image) -> np.ndarray:
+  """Any PIL mode -> uint8 (H, W, 3).
+
+  16-bit grey (``I;16*``, and ``I`` holding 16-bit values) keeps its high byte
+  (``v >> 8``), as PIL itself does when it decodes 16-bit RGB(A) PNGs; a plain
+  ``convert("RGB")`` would clip every value above 255 to white. Float (``F``)
+  images in [0, 1] are scaled by 255, other float ranges clipped to [0, 255].
+  Alpha is dropped (``convert("RGB")``, as the official ADM / LlamaGen / RAR
+  loaders do); palette images with transparency go through RGBA first.
+  """
+  if pil.mode in _WIDE_GREY_MODES:
+    wide = np.clip(np.asarray(pil, dtype=np.int64), 0, 65535) >> 8
+    grey = wide.astype(np.uint8)
+  elif pil.mode == "F":
+    x = np.asarray(pil, dtype=np.float64)
+    x = x * 255.0 if x.size and np.nanmax(x) <= 1.0 else x
+    grey = np.clip(np.rint(np.nan_to_num(x)), 0, 255).astype(np.uint8)
+  else:
+    if pil.mode == "P" and "transparency" in pil.info:
+      pil = pil.convert("RGBA")
     return np.asarray(pil.convert("RGB"))
+  return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def decode_image(path: str) -> np.ndarray:
+  """Reads an image file with PIL -> uint8 (H, W, 3).
+
+  The EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``), so a
+  phone photo stored sideways comes out upright. Animated files (GIF, APNG,
+  WebP) give their first frame. Grey, palette, CMYK, alpha and 16-bit images
+  become 8-bit RGB (see ``_to_8bit_rgb``). Raises whatever PIL raises for an
+  unreadable file (``DecodeImage`` skips those).
+  """
+  with open(path, "rb") as f, Image.open(f) as pil:
+    pil.seek(0)
+    return _to_8bit_rgb(ImageOps.exif_transpose(pil))
 
 
 # --- grain transforms ----------------------------------------------------------
