@@ -11,18 +11,29 @@ import numpy as np
 from absl import logging
 
 from genvis_jax import models
+from genvis_jax.evaluate import batching
 from genvis_jax.train import checkpoint as ckpt_lib
 
 
 def conditioning_accuracy(classifier, params, images_uint8, labels,
                           batch_size: int = 256) -> float:
-  """Fraction of ``images_uint8`` (N, H, W, 3) classified as ``labels`` (N,)."""
-  predict = jax.jit(lambda x: classifier.apply({"params": params}, x).argmax(-1))
+  """Fraction of ``images_uint8`` (N, H, W, 3) classified as ``labels`` (N,).
+
+  Batches of ``batch_size``; the last one is zero-padded (one compiled shape)
+  and its padding is masked out, so every one of the N images counts once."""
+  labels = np.asarray(labels)
+  if len(labels) != len(images_uint8) or not len(labels):
+    raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels: "
+                     "the samples file must hold one label per image.")
+  predict = jax.jit(lambda p, x: classifier.apply({"params": p}, x).argmax(-1))
+  size = min(batch_size, len(labels))
   hits = 0
-  for i in range(0, len(images_uint8), batch_size):
-    x = np.asarray(images_uint8[i:i + batch_size], np.float32) / 255.0
-    hits += int(np.sum(np.asarray(predict(x)) == labels[i:i + batch_size]))
-  return hits / len(images_uint8)
+  for i in range(0, len(labels), size):
+    x, mask = batching.pad_batch(
+        np.asarray(images_uint8[i:i + size], np.float32) / 255.0, size)
+    pred = np.asarray(predict(params, x))[mask]
+    hits += int(np.sum(pred == labels[i:i + size]))
+  return hits / len(labels)
 
 
 def evaluate_class_score(config, workdir: str) -> dict:

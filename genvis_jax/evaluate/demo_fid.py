@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from genvis_jax import models
+from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 
 
@@ -32,12 +33,18 @@ def _as_float01(images) -> np.ndarray:
 
 def classifier_features(images, classifier_params, classifier_config,
                         batch_size: int = 256) -> np.ndarray:
-  """uint8 (or [0, 1] float) (N, H, W, 3) -> (N, widths[-1]) float32."""
+  """uint8 (or [0, 1] float) (N, H, W, 3) -> (N, widths[-1]) float32.
+
+  Batches of ``batch_size`` (the last one zero-padded: one compiled shape, the
+  padding's rows dropped), so exactly N rows come back for any batch size."""
   model = models.build(classifier_config)
   fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="features"))
   x = _as_float01(images)
-  feats = [np.asarray(fn(classifier_params, x[i:i + batch_size]))
-           for i in range(0, len(x), batch_size)]
+  size = min(batch_size, len(x))
+  feats = []
+  for i in range(0, len(x), size):
+    part, mask = batching.pad_batch(x[i:i + size], size)
+    feats.append(np.asarray(fn(classifier_params, part))[mask])
   return np.concatenate(feats)
 
 
@@ -65,9 +72,9 @@ def demo_fid(samples_uint8, reference_images, classifier_params,
 
 def evaluate_demo_fid(config, workdir: str) -> dict:
   """``config.evaluate.kind == "demo_fid"``: samples (npz ``arr_0``),
-  classifier_checkpoint; the reference is ``num_reference`` images (default:
-  as many as samples) of ``config.data.eval_split``; ``config.model`` is the
-  classifier's."""
+  classifier_checkpoint; the reference is exactly ``num_reference`` images
+  (default: as many as samples; more than the split holds is an error) of
+  ``config.data.eval_split``; ``config.model`` is the classifier's."""
   from genvis_jax.evaluate import reference as ref_lib  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
@@ -75,10 +82,12 @@ def evaluate_demo_fid(config, workdir: str) -> dict:
     samples = d["arr_0"]
   params = ckpt_lib.load_model_params(config.model, ev.classifier_checkpoint)
   num_ref = ev.get("num_reference", 0) or len(samples)
+  batch_size = ev.get("batch_size", 256)
   _, batches = ref_lib.dataset_images(config.data, config.data.eval_split,
-                                      ev.get("batch_size", 256), num_ref)
+                                      batch_size, num_ref,
+                                      "config.evaluate.num_reference")
   reference = np.concatenate(list(batches))
-  value = demo_fid(samples, reference, params, config.model)
+  value = demo_fid(samples, reference, params, config.model, batch_size)
   result = {"demo_fid": value, "num_samples": int(len(samples)),
             "num_reference": int(len(reference))}
   os.makedirs(workdir, exist_ok=True)

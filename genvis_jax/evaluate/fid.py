@@ -30,7 +30,12 @@ from scipy import linalg
 # --- Fréchet distance --------------------------------------------------------------
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-  """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64."""
+  """max(0, ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))) in float64.
+
+  The formula is ADM's / pytorch-fid's; rounding in ``sqrtm`` can make it
+  slightly negative (-2e-13) for (near-)identical statistics, and a distance
+  is never negative, so it is clamped at 0 (FID and sFID alike).
+  """
   mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
   s1, s2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
   if mu1.shape != mu2.shape or s1.shape != s2.shape:
@@ -50,8 +55,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
                        f"{np.max(np.abs(covmean.imag))}; the statistics are "
                        "ill-conditioned (too few samples for the dimension?).")
     covmean = covmean.real
-  return float(diff.dot(diff) + np.trace(s1) + np.trace(s2)
-               - 2.0 * np.trace(covmean))
+  return max(0.0, float(diff.dot(diff) + np.trace(s1) + np.trace(s2)
+                        - 2.0 * np.trace(covmean)))
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,10 +78,19 @@ class StreamingStats:
     self.count = 0
     self._shift = self._sum = self._outer = None
 
-  def update(self, features) -> None:
+  def update(self, features, mask=None) -> None:
+    """Adds (B, D) ``features``; ``mask`` (B,) bool keeps only its True rows
+    (the padding of a fixed-size last batch stays out of the statistics)."""
     f = np.asarray(features, np.float64)
     if f.ndim != 2:
       raise ValueError(f"features must be (B, D), got {f.shape}.")
+    if mask is not None:
+      mask = np.asarray(mask, bool)
+      if mask.shape != f.shape[:1]:
+        raise ValueError(f"mask must be ({len(f)},), got {mask.shape}.")
+      f = f[mask]
+    if not len(f):
+      return
     if self._shift is None:
       self._shift = f.mean(0)
       self._sum = np.zeros_like(self._shift)

@@ -20,6 +20,7 @@ import os
 import numpy as np
 from absl import logging
 
+from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.evaluate import reference as ref_lib
@@ -29,13 +30,19 @@ METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 def run_features(extractor, images: ref_lib.NpzArray, what: str, *,
                  limit: int | None = None, keep_logits: bool = True,
-                 log_every: int = 20) -> dict:
-  """Streams ``images`` through ``extractor``.
+                 log_every: int = 20,
+                 setting: str = "config.evaluate.num_samples") -> dict:
+  """Streams exactly ``limit`` images (None / 0 = all) through ``extractor``.
+
+  Every batch but the last is full; the extractor pads the last one and only
+  its real rows reach the statistics. ``limit`` above the file's count raises
+  ``batching.NotEnoughImages`` naming both counts and ``setting``.
 
   Returns {"pool": (N, 2048) float32, "logits": (N, 1008) float32 or None,
   "pool_stats", "spatial_stats": StreamingStats, "count": N}.
   """
-  n = len(images) if limit is None else min(limit, len(images))
+  n = batching.check_count(limit, len(images), f"{images.path}:{images.key}",
+                           setting)
   pool_stats, spatial_stats = fid_lib.StreamingStats(), fid_lib.StreamingStats()
   pools, logits = [], []
   progress = ref_lib.ProgressLog(what, n, log_every)
@@ -47,19 +54,23 @@ def run_features(extractor, images: ref_lib.NpzArray, what: str, *,
     if keep_logits:
       logits.append(out["logits"])
     progress(len(batch))
+  if pool_stats.count != n:   # the extractor must return one row per image
+    raise RuntimeError(f"{what}: features of {pool_stats.count} images, "
+                       f"expected {n}.")
   return {"pool": np.concatenate(pools),
           "logits": np.concatenate(logits) if keep_logits else None,
           "pool_stats": pool_stats, "spatial_stats": spatial_stats, "count": n}
 
 
-def _reference_features(extractor, ref: ref_lib.Reference, preprocess: str,
-                        log_every: int):
-  """Pool features of the reference images (stored ones if they fit) and the
-  reference statistics ((mu, sigma), (mu_s, sigma_s))."""
+def _reference_features(extractor, ref: ref_lib.Reference, log_every: int):
+  """Pool features of the reference images (stored ones if they were made the
+  way the samples are measured) and the reference statistics
+  ((mu, sigma), (mu_s, sigma_s)). Call after ``resolve_preprocess`` /
+  ``check_inception_weights`` accepted the pair."""
   stored = ref.pool_features
   usable = (stored is not None and ref.images is not None
             and len(stored) == len(ref.images) and ref.has_stats
-            and ref.preprocess in (None, preprocess))
+            and ref.origin == "recorded")
   if usable:
     logging.info("reference: using %d stored pool features", len(stored))
     feats = stored
@@ -80,7 +91,7 @@ def _reference_features(extractor, ref: ref_lib.Reference, preprocess: str,
 def evaluate_samples(samples_npz: str, reference_npz: str,
                      inception_params=None, *, extractor=None,
                      batch_size: int = 200, num_samples: int | None = None,
-                     preprocess: str = "pytorch_fid", mesh=None,
+                     preprocess: str = ref_lib.AUTO, mesh=None,
                      is_split_size: int = 5000, nearest_k: int = 3,
                      distance_dtype: str = "float16",
                      log_every: int = 20) -> dict:
@@ -90,30 +101,48 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
     samples_npz: ``arr_0`` uint8 (N, H, W, 3).
     reference_npz: ADM reference batch (see ``reference.py``).
     inception_params: FID Inception params (``load_inception_params``).
-    batch_size: images per step over all local devices.
-    num_samples: evaluate the first ``num_samples`` (None = all).
-    preprocess: "pytorch_fid" or "adm_tf" (see ``inception.py``).
+    batch_size: images per step over all local devices (any value: the last
+      batch is padded and masked).
+    num_samples: evaluate exactly the first ``num_samples`` (None / 0 = all;
+      more than the file holds is an error).
+    preprocess: "auto" (follow the reference, see
+      ``reference.resolve_preprocess``), "pytorch_fid" or "adm_tf"; a value
+      contradicting the reference's record raises ``ProtocolMismatch``.
     mesh: 1-D ``("data",)`` mesh; default all local devices.
     extractor: replaces the Inception (then ``inception_params`` is unused):
       any object with ``batch_size``, ``mesh`` and ``__call__(uint8 images)
-      -> {"pool", "spatial", "logits"}`` like ``InceptionExtractor``.
+      -> {"pool", "spatial", "logits"}`` like ``InceptionExtractor``;
+      optional ``preprocess`` / ``weights_id`` attributes are checked against
+      the reference.
   Returns:
-    {"fid", "sfid", "inception_score", "precision", "recall" (floats),
-     "num_samples", "num_reference" (ints)}.
+    {"fid", "sfid" (clamped at 0), "inception_score", "precision", "recall"
+     (floats), "num_samples", "num_reference" (ints), "preprocess" (str)}.
   """
   samples = ref_lib.open_images(samples_npz)
   ref = ref_lib.load_reference(reference_npz)
+  logging.info("reference %s", ref_lib.describe(ref))
+  setting = "config.evaluate.preprocess"
+  if preprocess in (None, "", ref_lib.AUTO) and hasattr(extractor,
+                                                        "preprocess"):
+    preprocess, setting = extractor.preprocess, "the extractor's preprocess"
+  chosen = ref_lib.resolve_preprocess(ref, preprocess, setting)
   if extractor is None:
     if inception_params is None:
       raise ValueError("evaluate_samples needs inception_params (see "
                        "inception.load_inception_params) or an extractor.")
     extractor = inception_lib.InceptionExtractor(
-        inception_params, batch_size=batch_size, mesh=mesh,
-        preprocess=preprocess)
+        inception_params, batch_size=batch_size, mesh=mesh, preprocess=chosen)
+  elif getattr(extractor, "preprocess", chosen) != chosen:
+    raise ref_lib.ProtocolMismatch(
+        f"The extractor preprocesses with {extractor.preprocess!r} but the "
+        f"reference {reference_npz} needs {chosen!r}; build the extractor with "
+        f"preprocess={chosen!r}.")
+  ref_lib.check_inception_weights(ref, getattr(extractor, "weights_id", None))
+  logging.info("Inception preprocess %s", chosen)
   sam = run_features(extractor, samples, "samples", limit=num_samples,
                      log_every=log_every)
-  ref_feats, ref_pool, ref_spatial = _reference_features(
-      extractor, ref, preprocess, log_every)
+  ref_feats, ref_pool, ref_spatial = _reference_features(extractor, ref,
+                                                         log_every)
   logging.info("computing FID / sFID / IS / precision / recall")
   precision, recall = fid_lib.precision_recall(
       ref_feats, sam["pool"], nearest_k, distance_dtype=distance_dtype,
@@ -127,6 +156,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       "recall": recall,
       "num_samples": int(sam["count"]),
       "num_reference": int(len(ref_feats)),
+      "preprocess": chosen,
   }
 
 
@@ -141,8 +171,9 @@ def evaluate_generation(config, workdir: str) -> dict:
   """``config.evaluate.kind == "generation"``.
 
   Reads ``config.evaluate``: samples (npz), reference (npz), inception (params
-  dir or npz), batch_size, and optionally num_samples, preprocess,
-  distance_dtype. Writes ``workdir/metrics.json`` and TensorBoard scalars.
+  dir or npz), batch_size, and optionally num_samples, preprocess ("auto":
+  follow the reference), distance_dtype. Writes ``workdir/metrics.json`` and
+  TensorBoard scalars.
   """
   from genvis_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
@@ -155,7 +186,7 @@ def evaluate_generation(config, workdir: str) -> dict:
   results = evaluate_samples(
       ev.samples, ev.reference, params, batch_size=ev.get("batch_size", 200),
       num_samples=ev.get("num_samples", None) or None,
-      preprocess=ev.get("preprocess", "pytorch_fid"),
+      preprocess=ev.get("preprocess", ref_lib.AUTO),
       distance_dtype=ev.get("distance_dtype", "float16"))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "metrics.json"), "w") as f:

@@ -362,6 +362,19 @@ def load_inception_params(path: str) -> dict:
   return jax.tree_util.tree_map(jnp.asarray, params)
 
 
+def weights_fingerprint(params) -> str:
+  """A short hex id of Inception parameters (sha256 of names, shapes and
+  float32 bytes in sorted order): equal for the same weights however they were
+  loaded (.pth, .npz, converted directory); references record it."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  h = hashlib.sha256()
+  for name, value in sorted(flatten_params(params).items()):
+    value = np.ascontiguousarray(value, np.float32)
+    h.update(f"{name}:{value.shape};".encode())
+    h.update(value.tobytes())
+  return h.hexdigest()[:16]
+
+
 # --- batched, sharded feature extraction -------------------------------------------
 
 class InceptionExtractor:
@@ -381,6 +394,8 @@ class InceptionExtractor:
     if preprocess not in PREPROCESS:
       raise ValueError(f"Unknown Inception preprocess {preprocess!r}; choose "
                        f"one of {PREPROCESS}.")
+    self.preprocess = preprocess
+    self._weights_id = None
     self.mesh = mesh or data_mesh()
     shards = self.mesh.size
     self.batch_size = -(-batch_size // shards) * shards
@@ -395,6 +410,13 @@ class InceptionExtractor:
 
     self._fn = jax.jit(apply, in_shardings=(repl, self.data),
                        out_shardings=self.data)
+
+  @property
+  def weights_id(self) -> str:
+    """``weights_fingerprint`` of the parameters (computed on first use)."""
+    if self._weights_id is None:
+      self._weights_id = weights_fingerprint(self.params)
+    return self._weights_id
 
   def __call__(self, images) -> dict[str, np.ndarray]:
     images = np.asarray(images)

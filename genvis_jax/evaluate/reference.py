@@ -1,4 +1,5 @@
-"""ADM reference batches: read and write the ``.npz`` format, compute our own.
+"""ADM reference batches: read and write the ``.npz`` format, compute our own,
+and decide which Inception preprocessing a reference needs.
 
 Format of openai/guided-diffusion's reference batches (e.g.
 ``VIRTUAL_imagenet256_labeled.npz``):
@@ -6,9 +7,23 @@ Format of openai/guided-diffusion's reference batches (e.g.
                                       their Inception pool features
   mu, sigma      float64 (2048,), (2048, 2048)   pool statistics (FID)
   mu_s, sigma_s  float64 (2023,), (2023, 2023)   spatial statistics (sFID)
-Files written here may add ``pool_features`` float32 (N, 2048), the features of
-``arr_0`` (skips recomputing them; only valid for the same Inception weights and
-preprocessing, recorded in ``preprocess``). ADM's evaluator ignores extra keys.
+ADM computed these statistics with TensorFlow's Inception graph, whose resize is
+TF1's legacy bilinear one: our ``adm_tf`` preprocessing (``inception.py``).
+
+Files written here record how they were made (ADM's evaluator ignores extra
+keys):
+  preprocess         str  "pytorch_fid" | "adm_tf"
+  inception_weights  str  fingerprint of the Inception parameters
+                          (``inception.weights_fingerprint``)
+  num_images         int  images the statistics cover
+  pool_features      float32 (N, 2048), the features of ``arr_0`` (skips
+                     recomputing them)
+
+``resolve_preprocess`` picks the samples' preprocessing from that record:
+"auto" takes the recorded one, ``adm_tf`` for an ADM-format file, and
+``pytorch_fid`` with a logged warning for a file of unknown origin; an explicit
+choice that contradicts the record is refused (``ProtocolMismatch``), since
+samples and reference through two different resizes bias FID silently.
 
 Sample files use the same layout (``arr_0`` uint8), read in a streaming way so
 50,000 images never sit in memory at once.
@@ -25,9 +40,20 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
+from genvis_jax.errors import UserError
+from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+AUTO = "auto"
+PREPROCESS = ("pytorch_fid", "adm_tf")   # inception.PREPROCESS (no jax import)
+ADM_PREPROCESS = "adm_tf"
+DEFAULT_PREPROCESS = "pytorch_fid"
+ADM_DIMS = (2048, 2023)   # pool, spatial feature sizes of ADM's statistics
+
+
+class ProtocolMismatch(UserError, ValueError):
+  """Samples would be measured differently from the reference's statistics."""
 
 
 # --- streaming .npz arrays ------------------------------------------------------
@@ -112,11 +138,32 @@ class Reference:
   sigma_s: np.ndarray | None = None
   images: NpzArray | None = None           # arr_0, streamed on demand
   pool_features: np.ndarray | None = None  # features of arr_0, if stored
-  preprocess: str | None = None
+  preprocess: str | None = None            # recorded preprocessing
+  inception_weights: str | None = None     # recorded weights fingerprint
+  num_images: int | None = None            # recorded statistics count
 
   @property
   def has_stats(self) -> bool:
     return self.mu is not None and self.mu_s is not None
+
+  @property
+  def origin(self) -> str:
+    """How the statistics were made, as far as the file tells:
+      "recorded"  written here: ``preprocess`` (and weights, count) recorded;
+      "adm"       ADM's layout (arr_0 + 2048-d mu/sigma + 2023-d mu_s/sigma_s)
+                  without our record: made by ADM's TF graph (adm_tf);
+      "images"    images only: statistics are computed here from them, with
+                  the samples' own preprocessing (consistent by construction);
+      "unknown"   statistics of no known making.
+    """
+    if self.preprocess is not None:
+      return "recorded"
+    if not self.has_stats:
+      return "images"
+    if (self.images is not None
+        and (self.mu.shape[0], self.mu_s.shape[0]) == ADM_DIMS):
+      return "adm"
+    return "unknown"
 
 
 def load_reference(path: str) -> Reference:
@@ -138,6 +185,10 @@ def load_reference(path: str) -> Reference:
       ref.pool_features = np.asarray(data["pool_features"], np.float32)
     if "preprocess" in keys:
       ref.preprocess = str(data["preprocess"])
+    if "inception_weights" in keys:
+      ref.inception_weights = str(data["inception_weights"])
+    if "num_images" in keys:
+      ref.num_images = int(data["num_images"])
   if "arr_0" in keys:
     ref.images = open_images(path)
   if not ref.has_stats and ref.images is None:
@@ -147,8 +198,15 @@ def load_reference(path: str) -> Reference:
 
 
 def save_reference(path: str, *, mu, sigma, mu_s, sigma_s, images=None,
-                   pool_features=None, preprocess: str | None = None) -> str:
-  """Writes an ADM-format reference ``.npz`` (uncompressed, streamable)."""
+                   pool_features=None, preprocess: str | None = None,
+                   inception_weights: str | None = None,
+                   num_images: int | None = None) -> str:
+  """Writes an ADM-format reference ``.npz`` (uncompressed, streamable) with
+  the record of how it was made (``preprocess``, ``inception_weights``,
+  ``num_images``; see the module docstring)."""
+  if preprocess is not None and preprocess not in PREPROCESS:
+    raise ValueError(f"Unknown preprocess {preprocess!r}; choose one of "
+                     f"{PREPROCESS}.")
   arrays = {"mu": np.float64(mu), "sigma": np.float64(sigma),
             "mu_s": np.float64(mu_s), "sigma_s": np.float64(sigma_s)}
   if images is not None:
@@ -161,6 +219,10 @@ def save_reference(path: str, *, mu, sigma, mu_s, sigma_s, images=None,
     arrays["pool_features"] = np.float32(pool_features)
   if preprocess is not None:
     arrays["preprocess"] = np.array(preprocess)
+  if inception_weights is not None:
+    arrays["inception_weights"] = np.array(inception_weights)
+  if num_images is not None:
+    arrays["num_images"] = np.int64(num_images)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays)
@@ -168,31 +230,99 @@ def save_reference(path: str, *, mu, sigma, mu_s, sigma_s, images=None,
   return path
 
 
+# --- the measurement protocol ---------------------------------------------------------
+
+def resolve_preprocess(ref: Reference, requested: str | None = AUTO,
+                       setting: str = "config.evaluate.preprocess") -> str:
+  """The Inception preprocessing that measures samples like ``ref``.
+
+  ``requested`` "auto" (or None / "") follows the reference: its recorded
+  preprocessing, ``adm_tf`` for an ADM-format file (ADM's TF graph), and
+  ``pytorch_fid`` for images-only files or, with a logged warning, files of
+  unknown origin. An explicit value is used as given unless it contradicts a
+  recorded or ADM preprocessing: then ``ProtocolMismatch`` names both and the
+  fix (``setting`` is the knob named in the message).
+  """
+  requested = requested or AUTO
+  if requested not in (AUTO,) + PREPROCESS:
+    raise ProtocolMismatch(f"Unknown {setting} {requested!r}; choose one of "
+                           f"{(AUTO,) + PREPROCESS}.")
+  origin = ref.origin
+  if origin in ("recorded", "adm"):
+    expected = ref.preprocess if origin == "recorded" else ADM_PREPROCESS
+    if requested not in (AUTO, expected):
+      made = (f"records preprocess {expected!r}" if origin == "recorded" else
+              "is an ADM reference batch (statistics from TensorFlow's "
+              f"Inception graph: preprocess {expected!r})")
+      raise ProtocolMismatch(
+          f"{ref.path} {made}, but "
+          f"{setting}={requested!r}: samples and reference would go through "
+          f"two different resizes and FID would be biased. Set {setting}=auto "
+          f"(or {expected!r}), or compute a reference with "
+          f"preprocess={requested!r} (reference.compute_reference).")
+    return expected
+  if origin == "unknown":
+    chosen = DEFAULT_PREPROCESS if requested == AUTO else requested
+    logging.warning(
+        "%s: statistics of unknown origin (no recorded preprocess, not ADM's "
+        "layout); measuring samples with preprocess %r. If the reference was "
+        "made otherwise, FID is biased: set %s or recompute the reference.",
+        ref.path, chosen, setting)
+    return chosen
+  return DEFAULT_PREPROCESS if requested == AUTO else requested
+
+
+def check_inception_weights(ref: Reference, weights_id: str | None) -> None:
+  """Refuses a reference recorded with other Inception weights than the ones
+  measuring the samples (when both fingerprints are known)."""
+  if ref.inception_weights is None or weights_id is None:
+    return
+  if ref.inception_weights != weights_id:
+    raise ProtocolMismatch(
+        f"{ref.path} was made with Inception weights {ref.inception_weights} "
+        f"but the samples are measured with weights {weights_id}: features of "
+        "two networks are not comparable. Use the weights the reference was "
+        "made with (config.evaluate.inception) or recompute the reference "
+        "with these (reference.compute_reference).")
+
+
+def describe(ref: Reference) -> str:
+  """One line on where a reference's statistics come from (for logs)."""
+  count = (ref.num_images if ref.num_images is not None else
+           len(ref.images) if ref.images is not None and not ref.has_stats
+           else "?")
+  return (f"{ref.path}: origin {ref.origin}, statistics of {count} images, "
+          f"{len(ref.images) if ref.images is not None else 0} stored images, "
+          f"preprocess {ref.preprocess or '-'}, Inception weights "
+          f"{ref.inception_weights or '-'}")
+
+
 # --- computing our own reference ----------------------------------------------------
 
 def dataset_images(data_config, split: str, batch_size: int,
-                   num_images: int | None = None
+                   num_images: int | None = None,
+                   setting: str = "num_images"
                    ) -> tuple[int, Iterator[np.ndarray]]:
-  """(count, iterator of uint8 (b, S, S, 3) batches) of ``split`` in order, ADM
-  centre crop to ``data_config.image_size``; ``num_images`` None = all."""
+  """(count, iterator of uint8 (b <= batch_size, S, S, 3) batches) of exactly
+  the first ``num_images`` images of ``split`` in order (None / 0 = all), ADM
+  centre crop to ``data_config.image_size``.
+
+  Raises ``batching.NotEnoughImages`` (naming both counts and ``setting``) when
+  the split has fewer images than requested.
+  """
   from genvis_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   it, info = data_lib.create_dataset(
       data_config, split=split, global_batch_size=batch_size, seed=0,
       train=False, process_index=0, process_count=1, value_range=(0.0, 1.0),
       drop_remainder=False)
-  total = info.num_examples if num_images is None else min(num_images,
-                                                            info.num_examples)
+  what = f"split {split!r} of the {data_config.source!r} data"
+  total = batching.check_count(num_images, info.num_examples, what, setting)
 
   def gen():
-    seen = 0
-    for batch in it:
+    for images, _, n in batching.exact_batches(it, total, batch_size, what,
+                                               setting, key="image"):
       # The pipeline's float conversion is x / 255: rounding back is exact.
-      images = np.round(np.asarray(batch["image"]) * 255.0).astype(np.uint8)
-      images = images[:total - seen]
-      seen += len(images)
-      yield images
-      if seen >= total:
-        return
+      yield np.round(images[:n] * 255.0).astype(np.uint8)
   return total, gen()
 
 
@@ -222,16 +352,19 @@ def compute_reference(data_config, inception_params, out_path: str, *,
                       extractor=None) -> str:
   """Writes an ADM-format reference of a data set split.
 
-  Statistics (mu, sigma, mu_s, sigma_s) cover ``num_images`` images (None =
-  the whole split); the first ``num_stored_images`` are kept as ``arr_0`` with
-  their pool features (ADM's ImageNet batch keeps 10,000). ``extractor``
-  replaces the Inception (see ``gen_metrics.evaluate_samples``).
+  Statistics (mu, sigma, mu_s, sigma_s) cover exactly ``num_images`` images
+  (None / 0 = the whole split; more than the split has is an error), at any
+  ``batch_size``; the first ``num_stored_images`` are kept as ``arr_0`` with
+  their pool features (ADM's ImageNet batch keeps 10,000). The file records
+  ``preprocess``, the Inception weights' fingerprint and the image count.
+  ``extractor`` replaces the Inception (see ``gen_metrics.evaluate_samples``).
   """
   from genvis_jax.evaluate.inception import InceptionExtractor  # pylint: disable=import-outside-toplevel
   split = split or data_config.eval_split
   if extractor is None:
     extractor = InceptionExtractor(inception_params, batch_size=batch_size,
                                    mesh=mesh, preprocess=preprocess)
+  preprocess = getattr(extractor, "preprocess", preprocess)
   pool, spatial = fid_lib.StreamingStats(), fid_lib.StreamingStats()
   kept_images, kept_feats = [], []
   kept = 0
@@ -256,4 +389,6 @@ def compute_reference(data_config, inception_params, out_path: str, *,
       out_path, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
       images=np.concatenate(kept_images) if kept_images else None,
       pool_features=np.concatenate(kept_feats) if kept_feats else None,
-      preprocess=preprocess)
+      preprocess=preprocess,
+      inception_weights=getattr(extractor, "weights_id", None),
+      num_images=pool.count)

@@ -1,6 +1,8 @@
 """Tokenizer evaluation: reconstructions next to originals, PSNR, SSIM, codebook
 usage (per sub-codebook for factorized tokenizers), and optionally LPIPS
-(``config.evaluate.lpips_path``) and rFID (``config.evaluate.inception``)."""
+(``config.evaluate.lpips_path``) and rFID (``config.evaluate.inception``), over
+exactly ``config.evaluate.num_images`` images at any batch size, with the
+tokenizer in ``config.evaluate.dtype`` (float32 by default)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
 from genvis_jax import models
+from genvis_jax.evaluate import batching
+from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.train import checkpoint as ckpt_lib
 from genvis_jax.train import metrics as metrics_lib
 
@@ -95,40 +100,61 @@ def codebook_usage(codes, num_codes) -> dict:
   return out
 
 
-def _is_discrete(codes) -> bool:
-  maps = codes if isinstance(codes, (tuple, list)) else [codes]
-  return all(np.issubdtype(np.asarray(m).dtype, np.integer) for m in maps)
+def eval_model_config(model_config, dtype: str | None):
+  """``model_config`` with every ``dtype`` field (compute dtype, at any nesting
+  level) set to ``dtype``; a copy, the given config is untouched. ``dtype``
+  ""/None returns the config as it is. ``param_dtype`` is kept (the stored
+  weights' type); only the computation changes."""
+  if not dtype:
+    return model_config
+  cfg = model_config.copy_and_resolve_references()
+
+  def replace(node):
+    with node.unlocked():
+      for key in list(node.keys()):
+        if key == "dtype":
+          node[key] = dtype
+        elif isinstance(node[key], ml_collections.ConfigDict):
+          replace(node[key])
+  replace(cfg)
+  return cfg
 
 
-def _concat_codes(chunks, n):
-  """List of per-batch code arrays (or tuples of them) -> one, first n rows."""
-  if isinstance(chunks[0], (tuple, list)):
-    return tuple(np.concatenate([c[i] for c in chunks])[:n]
-                 for i in range(len(chunks[0])))
-  return np.concatenate(chunks)[:n]
+def _lpips_fn(lpips_path: str, value_range):
+  """jitted (B, H, W, 3) pair -> (B,) LPIPS (VGG, local weights)."""
+  from genvis_jax.models import lpips as lpips_lib  # pylint: disable=import-outside-toplevel
+  params = lpips_lib.load_lpips_params(lpips_path)
+  fn = jax.jit(lambda p, a, b: lpips_lib.lpips_distance(
+      p, a, b, value_range=value_range))
+  return lambda a, b: np.asarray(fn(params, jnp.asarray(a), jnp.asarray(b)))
+
+
+def _rfid_extractor(inception_path: str, batch_size: int, preprocess: str):
+  from genvis_jax.evaluate import inception as inception_lib  # pylint: disable=import-outside-toplevel
+  params = inception_lib.load_inception_params(inception_path)
+  return inception_lib.InceptionExtractor(params, batch_size=batch_size,
+                                          preprocess=preprocess)
 
 
 def lpips_mean(lpips_path: str, x, y, value_range, batch_size: int = 64) -> float:
-  """Mean LPIPS (VGG, local weights) of image pairs in ``value_range``."""
-  from genvis_jax.models import lpips as lpips_lib  # pylint: disable=import-outside-toplevel
-  params = lpips_lib.load_lpips_params(lpips_path)
-  fn = jax.jit(lambda a, b: lpips_lib.lpips_distance(params, a, b,
-                                                     value_range=value_range))
-  dists = [np.asarray(fn(jnp.asarray(x[i:i + batch_size]),
-                         jnp.asarray(y[i:i + batch_size])))
-           for i in range(0, len(x), batch_size)]
-  return float(np.mean(np.concatenate(dists)))
+  """Mean LPIPS (VGG, local weights) of image pairs in ``value_range`` over
+  exactly ``len(x)`` pairs (last batch padded, padding masked out)."""
+  fn = _lpips_fn(lpips_path, value_range)
+  total = 0.0
+  for i in range(0, len(x), batch_size):
+    a, mask = batching.pad_batch(x[i:i + batch_size], batch_size)
+    b, _ = batching.pad_batch(y[i:i + batch_size], batch_size)
+    total += float(np.sum(fn(a, b)[mask], dtype=np.float64))
+  return total / len(x)
 
 
-def rfid(inception_path: str, x, y, value_range, batch_size: int = 64) -> float:
+def rfid(inception_path: str, x, y, value_range, batch_size: int = 64,
+         preprocess: str = "pytorch_fid") -> float:
   """FID between originals and reconstructions (FID Inception pool features).
 
   Few images give a biased (large) value: compare runs at equal counts.
   """
-  from genvis_jax.evaluate import fid as fid_lib  # pylint: disable=import-outside-toplevel
-  from genvis_jax.evaluate import inception as inception_lib  # pylint: disable=import-outside-toplevel
-  params = inception_lib.load_inception_params(inception_path)
-  extractor = inception_lib.InceptionExtractor(params, batch_size=batch_size)
+  extractor = _rfid_extractor(inception_path, batch_size, preprocess)
   stats = []
   for images in (x, y):
     acc = fid_lib.StreamingStats()
@@ -139,59 +165,100 @@ def rfid(inception_path: str, x, y, value_range, batch_size: int = 64) -> float:
   return fid_lib.frechet_distance(*stats[0], *stats[1])
 
 
+def _rfid_preprocess(ev) -> str:
+  # Both sides of rFID go through our network: "auto" has no reference to
+  # follow and takes pytorch-fid's resize.
+  p = ev.get("preprocess", "auto") or "auto"
+  return "pytorch_fid" if p == "auto" else p
+
+
 def evaluate_tokenizer(config, workdir: str) -> dict:
-  """Encodes/decodes ``config.evaluate.num_images`` eval images; writes
+  """Encodes/decodes exactly ``config.evaluate.num_images`` eval images (0 =
+  the whole split) in batches of ``config.evaluate.batch_size`` (any size: the
+  last batch is padded and masked out of every metric); writes
   ``reconstructions.png`` (original | reconstruction pairs) and metrics JSON.
 
+  The tokenizer computes in ``config.evaluate.dtype`` (default "float32"; ""
+  keeps ``config.model.dtype``), so bf16-trained models report fp32 numbers.
   Optional ``config.evaluate`` fields: ``lpips_path`` (LPIPS .npz) adds
-  "lpips"; ``inception`` (FID Inception weights) adds "rfid".
+  "lpips"; ``inception`` (FID Inception weights) adds "rfid". Metrics are
+  streamed (nothing of size num_images x image is kept).
+
+  Raises ``batching.NotEnoughImages`` when the split has fewer images than
+  ``num_images``.
   """
   from genvis_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
   value_range = tuple(config.data.get("value_range", (0.0, 1.0)))
-  model = models.build(config.model)
-  params = ckpt_lib.load_model_params(config.model, ev.checkpoint)
-  it, _ = data_lib.create_dataset(
-      config.data, split=config.data.eval_split, global_batch_size=ev.batch_size,
-      seed=0, train=False, value_range=value_range)
+  model_config = eval_model_config(config.model, ev.get("dtype", "float32"))
+  model = models.build(model_config)
+  params = ckpt_lib.load_model_params(model_config, ev.checkpoint)
+  batch_size = int(ev.batch_size)
+  split = config.data.eval_split
+  # Every process evaluates the same first N images (process 0 of 1).
+  it, info = data_lib.create_dataset(
+      config.data, split=split, global_batch_size=batch_size, seed=0,
+      train=False, process_index=0, process_count=1, value_range=value_range,
+      drop_remainder=False)
+  what = f"split {split!r} of the {config.data.source!r} data"
+  setting = "config.evaluate.num_images"
+  n = batching.check_count(ev.get("num_images", 0), info.num_examples, what,
+                           setting)
 
   @jax.jit
-  def roundtrip(images):
-    codes = model.apply({"params": params}, images, method="encode")
-    rec = model.apply({"params": params}, codes, method="decode")
+  def roundtrip(p, images):
+    codes = model.apply({"params": p}, images, method="encode")
+    rec = model.apply({"params": p}, codes, method="decode")
+    rec = rec.astype(jnp.float32)
     return rec, codes, ssim(images, rec, value_range)
 
-  originals, recons, codes_all, ssims = [], [], [], []
-  seen = 0
-  while seen < ev.num_images:
-    batch = next(it)
-    rec, codes, s = roundtrip(jnp.asarray(batch["image"]))
-    originals.append(np.asarray(batch["image"]))
-    recons.append(np.asarray(rec))
-    codes_all.append(jax.tree_util.tree_map(np.asarray, codes))
-    ssims.append(np.asarray(s))
-    seen += len(batch["image"])
-  n = ev.num_images
-  x = np.concatenate(originals)[:n]
-  y = np.concatenate(recons)[:n]
-  codes = _concat_codes(codes_all, n)
+  lpips_fn = _lpips_fn(ev.lpips_path, value_range) if ev.get("lpips_path") else None
+  extractor = (_rfid_extractor(ev.inception, batch_size, _rfid_preprocess(ev))
+               if ev.get("inception") else None)
+  rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
+  sums = dict(psnr=0.0, ssim=0.0, sq=0.0, lpips=0.0)
+  uniques, grid_x, grid_y = None, [], []
+  for images, mask, k in batching.exact_batches(it, n, batch_size, what,
+                                                setting, key="image"):
+    rec, codes, s = roundtrip(params, jnp.asarray(images))
+    rec = np.asarray(rec)
+    x, y = images[:k], rec[:k]
+    sums["psnr"] += float(np.sum(psnr(x, y, value_range), dtype=np.float64))
+    sums["ssim"] += float(np.sum(np.asarray(s)[mask], dtype=np.float64))
+    sums["sq"] += float(np.sum(np.square(x.astype(np.float64) - y)))
+    maps = codes if isinstance(codes, (tuple, list)) else (codes,)
+    u = [np.unique(np.asarray(m)[:k]) for m in maps]
+    uniques = u if uniques is None else [np.union1d(a, b)
+                                         for a, b in zip(uniques, u)]
+    if lpips_fn is not None:
+      sums["lpips"] += float(np.sum(lpips_fn(images, rec)[mask],
+                                    dtype=np.float64))
+    if extractor is not None:
+      for acc, v in zip(rstats, (x, y)):
+        acc.update(extractor(metrics_lib.to_uint8(v, value_range))["pool"])
+    if sum(len(g) for g in grid_x) < 32:
+      grid_x.append(x)
+      grid_y.append(y)
   results = {
-      "psnr": float(np.mean(psnr(x, y, value_range))),
-      "ssim": float(np.mean(np.concatenate(ssims)[:n])),
-      "mse": float(np.mean(np.square(x - y))),
-      "num_images": int(len(x)),
+      "psnr": sums["psnr"] / n,
+      "ssim": sums["ssim"] / n,
+      "mse": sums["sq"] / (n * int(np.prod(images.shape[1:]))),
+      "num_images": int(n),
+      "dtype": str(model_config.get("dtype", "")),
   }
   num_codes = config.model.get("num_codes", None)
-  if num_codes and _is_discrete(codes):
-    results.update(codebook_usage(codes, num_codes))
-  if ev.get("lpips_path"):
-    results["lpips"] = lpips_mean(ev.lpips_path, x, y, value_range,
-                                  ev.batch_size)
-  if ev.get("inception"):
-    results["rfid"] = rfid(ev.inception, x, y, value_range, ev.batch_size)
+  if num_codes and all(np.issubdtype(u.dtype, np.integer) for u in uniques):
+    single = not isinstance(codes, (tuple, list))
+    results.update(codebook_usage(uniques[0] if single else tuple(uniques),
+                                  num_codes))
+  if lpips_fn is not None:
+    results["lpips"] = sums["lpips"] / n
+  if extractor is not None:
+    results["rfid"] = fid_lib.frechet_distance(*rstats[0].result(),
+                                               *rstats[1].result())
   os.makedirs(workdir, exist_ok=True)
-  k = min(32, len(x))
-  pairs = np.stack([x[:k], y[:k]], 1).reshape(-1, *x.shape[1:])
+  gx, gy = np.concatenate(grid_x)[:32], np.concatenate(grid_y)[:32]
+  pairs = np.stack([gx, gy], 1).reshape(-1, *gx.shape[1:])
   grid = metrics_lib.make_grid(metrics_lib.to_uint8(pairs, value_range), ncols=8)
   metrics_lib.save_png(os.path.join(workdir, "reconstructions.png"), grid)
   with open(os.path.join(workdir, "metrics.json"), "w") as f:

@@ -1,0 +1,95 @@
+"""Exact image counts for every evaluator: fixed-size padded batches + masks.
+
+An evaluation covers exactly the requested number of images whatever the batch
+size: the last batch is zero-padded to the full batch size (one compiled shape)
+and a boolean mask keeps the padding out of every statistic. A source with
+fewer images than requested is an error naming both counts, never a silent
+smaller evaluation or a bare ``StopIteration``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from genvis_jax.errors import UserError
+
+
+class NotEnoughImages(UserError, ValueError):
+  """The data holds fewer images than the evaluation asks for."""
+
+
+def check_count(requested: int | None, available: int, what: str,
+                setting: str) -> int:
+  """The number of images to evaluate: ``requested`` (None / 0 = all).
+
+  Raises ``NotEnoughImages`` naming both counts and ``setting`` (the config
+  key or argument that lowers the request) when ``requested > available``.
+  """
+  if requested is None or requested == 0:
+    n = available
+  elif requested < 0:
+    raise NotEnoughImages(f"{setting}={requested}: the image count must be >= 0 "
+                          "(0 = all).")
+  elif requested > available:
+    raise NotEnoughImages(
+        f"{what} has {available} images but {requested} were requested: lower "
+        f"{setting} to at most {available} (0 = all) or point it at a larger "
+        "set.")
+  else:
+    n = int(requested)
+  if n == 0:
+    raise NotEnoughImages(f"{what} has no images to evaluate.")
+  return n
+
+
+def pad_batch(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(n <= size, ...) -> (zero-padded (size, ...), valid mask bool (size,))."""
+  x = np.asarray(x)
+  n = len(x)
+  if not 0 < n <= size:
+    raise ValueError(f"Batch of {n} rows; expected 1..{size}.")
+  mask = np.arange(size) < n
+  if n < size:
+    x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+  return x, mask
+
+
+def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,
+                  setting: str, key: str | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+  """Re-blocks ``batches`` into exactly ``total`` rows in padded batches.
+
+  Args:
+    batches: iterable of arrays (or dicts; ``key`` picks the array) of any
+      leading sizes, e.g. a data pipeline that keeps its last partial batch.
+    total: rows to yield in all; later rows of the source are not read.
+    batch_size: rows per yielded batch (the last one is zero-padded).
+    what, setting: name the source and the config key in the error raised when
+      the source ends before ``total`` rows.
+  Yields:
+    (padded (batch_size, ...) batch, valid mask (batch_size,) bool, n_valid).
+  """
+  pending, have, done = [], 0, 0
+  it = iter(batches)
+  while done < total:
+    want = min(batch_size, total - done)
+    while have < want:
+      try:
+        item = next(it)
+      except StopIteration:
+        raise NotEnoughImages(
+            f"{what} ended after {done + have} images but {total} were "
+            f"requested: lower {setting} to at most {done + have} or use a "
+            "larger set.") from None
+      arr = np.asarray(item[key] if key is not None else item)
+      if len(arr):
+        pending.append(arr)
+        have += len(arr)
+    cat = np.concatenate(pending) if len(pending) > 1 else pending[0]
+    rows, rest = cat[:want], cat[want:]
+    pending, have = ([rest] if len(rest) else []), len(rest)
+    padded, mask = pad_batch(rows, batch_size)
+    done += want
+    yield padded, mask, want
