@@ -31,9 +31,36 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from genvis_jax.errors import UserError
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
   """A pickle asked for a global outside the allow-list (it could run code)."""
+
+
+class CheckpointFileError(UserError, ValueError):
+  """A weight file is truncated, damaged or of an unknown format.
+
+  The message names the path, the format seen and the size (``looks
+  truncated: SEEN of EXPECTED bytes`` where the file states its full size).
+  """
+
+
+class WeightKeyError(UserError, KeyError):
+  """``--key`` names an entry the checkpoint does not have."""
+
+
+def _truncated(path: str, fmt: str, seen: int, expected: int | None = None,
+               at_least: bool = False, detail: str = "") -> CheckpointFileError:
+  """The error for a file that ends early; ``expected`` None: size unknown."""
+  if expected is None:
+    size = f"{seen} bytes"
+  else:
+    size = f"{seen} of {'at least ' if at_least else ''}{expected} bytes"
+  return CheckpointFileError(
+      f"{path}: {fmt} file looks truncated: {size}{detail}. The download or "
+      "copy was probably interrupted; fetch the file again (compare its size "
+      "or checksum with the source).")
 
 
 _STORAGE_DTYPES = {
@@ -75,8 +102,9 @@ class _LazyTensor:
       return np.zeros(size, buf.dtype.newbyteorder("="))
     last = self.offset + sum((n - 1) * s for n, s in zip(size, stride))
     if self.offset < 0 or last >= buf.shape[0]:
-      raise ValueError(f"Corrupt checkpoint: a tensor of shape {size} reaches "
-                       f"element {last} of a storage of {buf.shape[0]}.")
+      raise CheckpointFileError(
+          f"Corrupt checkpoint: a tensor of shape {size} reaches "
+          f"element {last} of a storage of {buf.shape[0]}.")
     numel = int(np.prod(size))
     if buf.dtype.isnative and _contiguous(size, stride):
       # A read-only view of the (memory-mapped) storage: no copy, so a
@@ -189,8 +217,9 @@ def _read_torch_zip(path: str) -> Any:
   with zipfile.ZipFile(path) as zf:
     pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
     if len(pkl) != 1:
-      raise ValueError(f"{path} is a zip file but not a torch.save archive "
-                       "(no unique */data.pkl).")
+      raise CheckpointFileError(
+          f"{path} is a zip file but not a torch.save archive "
+          "(no unique */data.pkl).")
     prefix = pkl[0][:-len("data.pkl")]
     big = (prefix + "byteorder" in zf.namelist()
            and zf.read(prefix + "byteorder").strip() == b"big")
@@ -215,18 +244,16 @@ def _read_torch_legacy(path: str) -> Any:
   """torch < 1.6 stream: magic, protocol, sys_info, object, keys, raw storages."""
   with open(path, "rb") as f:
     plain = lambda: _RestrictedUnpickler(f, path, None).load()
-    try:
-      magic = plain()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-      raise ValueError(f"{path} is neither a zip/legacy torch file, .safetensors "
-                       f"nor .npz ({e}).") from None
+    magic = plain()    # a failure here is reported by read_file
     if magic != _LEGACY_MAGIC:
-      raise ValueError(f"{path}: not a torch.save file (bad magic number); very old "
-                       "tar-format files are not supported, re-save with torch.")
+      raise CheckpointFileError(
+          f"{path}: not a torch.save file (bad magic number); very old "
+          "tar-format files are not supported, re-save with torch.")
     plain()  # protocol version
     sys_info = plain()
     if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-      raise ValueError(f"{path}: big-endian legacy torch files are not supported.")
+      raise CheckpointFileError(
+          f"{path}: big-endian legacy torch files are not supported.")
     roots: dict[str, _Storage] = {}
 
     def load_storage(pid):
@@ -238,12 +265,20 @@ def _read_torch_legacy(path: str) -> Any:
       return roots[key], 0
 
     obj = _RestrictedUnpickler(f, path, load_storage).load()
-    for key in plain():
+    keys = plain()
+    # Each storage follows as an int64 element count and its raw bytes.
+    expected = f.tell() + sum(8 + roots[k].numel * roots[k].dtype.itemsize
+                              for k in keys)
+    size = os.fstat(f.fileno()).st_size
+    if size < expected:
+      raise _truncated(path, _LEGACY, size, expected)
+    for key in keys:
       st = roots[key]
       (numel,) = struct.unpack("<q", f.read(8))
       data = f.read(numel * st.dtype.itemsize)
       if len(data) != numel * st.dtype.itemsize:
-        raise ValueError(f"{path}: truncated storage {key}.")
+        raise _truncated(path, _LEGACY, size,
+                         detail=f" (storage {key} ends early)")
       st.array = np.frombuffer(data, st.dtype)
   return _materialize(obj)
 
@@ -266,16 +301,28 @@ _SAFETENSORS_DTYPES = {
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
+    head = f.read(8)
+    if len(head) < 8:
+      raise _truncated(path, _SAFETENSORS, size, 8, at_least=True)
+    (n,) = struct.unpack("<Q", head)
+    if 8 + n > size:
+      raise _truncated(path, _SAFETENSORS, size, 8 + n, at_least=True,
+                       detail=" (its JSON header alone ends later)")
     header = json.loads(f.read(n))
+  # The header states every tensor's byte range: the file ends at the last.
+  ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+  if 8 + n + max(ends, default=0) > size:
+    raise _truncated(path, _SAFETENSORS, size, 8 + n + max(ends))
   raw = np.memmap(path, dtype=np.uint8, mode="r")
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
     if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
+      raise CheckpointFileError(
+          f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
     dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
     start, end = (8 + n + o for o in info["data_offsets"])
     out[name] = np.array(raw[start:end].view(dtype).reshape(info["shape"]),
@@ -283,25 +330,116 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+_ZIP, _NPZ, _LEGACY, _SAFETENSORS = (
+    "torch.save zip", ".npz", "legacy torch.save (pickle)", ".safetensors")
+
+
+def _zip_entries_end(path: str, size: int) -> tuple[str, int | None]:
+  """Walks the local headers of a zip without a central directory.
+
+  Returns ``(format, bytes the entries seen need or None)``: the format is
+  ``.npz`` if the first member is a ``.npy``. torch.save writes sizes only in
+  data descriptors (flag bit 3), so its length is unknown from the front.
+  """
+  fmt, pos, end = _ZIP, 0, None
+  with open(path, "rb") as f:
+    while pos + 30 <= size:
+      f.seek(pos)
+      head = f.read(30)
+      if head[:4] != b"PK\x03\x04":
+        break
+      flags, = struct.unpack("<H", head[6:8])
+      comp_size, = struct.unpack("<I", head[18:22])
+      name_len, extra_len = struct.unpack("<HH", head[26:30])
+      name = f.read(name_len)
+      if pos == 0 and name.endswith(b".npy"):
+        fmt = _NPZ
+      if flags & 0x8:      # sizes follow the data: cannot skip ahead
+        break
+      if comp_size == 0xFFFFFFFF:     # zip64 (np.savez): sizes in the extra
+        comp_size = _zip64_compressed_size(f.read(extra_len))
+        if comp_size is None:
+          break
+      pos = end = pos + 30 + name_len + extra_len + comp_size
+  return fmt, end
+
+
+def _zip64_compressed_size(extra: bytes) -> int | None:
+  """Compressed size from a local header's zip64 extra field (id 1: original
+  then compressed size, 8 bytes each; APPNOTE 4.5.3)."""
+  pos = 0
+  while pos + 4 <= len(extra):
+    tag, n = struct.unpack("<HH", extra[pos:pos + 4])
+    if tag == 1 and n >= 16:
+      return struct.unpack("<Q", extra[pos + 12:pos + 20])[0]
+    pos += 4 + n
+  return None
+
+
+def _sniff(path: str, head: bytes) -> str | None:
+  if path.endswith(".safetensors"):
+    return _SAFETENSORS
+  if head[:4] == b"PK\x03\x04":
+    return _ZIP
+  if head[:1] == b"\x80":
+    return _LEGACY
+  return None
+
+
+def _read_zip(path: str) -> Any:
+  with zipfile.ZipFile(path) as zf:
+    if any(n.endswith(".npy") for n in zf.namelist()):
+      with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+  return _read_torch_zip(path)
+
+
 def read_file(path: str) -> Any:
-  """The whole object stored in ``path`` (nested dicts; tensors as numpy)."""
+  """The whole object stored in ``path`` (nested dicts; tensors as numpy).
+
+  Raises ``FileNotFoundError``, ``UnsafeCheckpointError`` (a pickle that could
+  run code) or ``CheckpointFileError`` naming the path, the format seen and
+  the size for an unknown, truncated or damaged file.
+  """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Checkpoint file {path} does not exist.")
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)
-  if path.endswith(".safetensors"):
-    return _read_safetensors(path)
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as zf:
-      if any(n.endswith(".npy") for n in zf.namelist()):
-        with np.load(path, allow_pickle=False) as data:
-          return {k: data[k] for k in data.files}
-    return _read_torch_zip(path)
-  if head[:1] == b"\x80":
-    return _read_torch_legacy(path)
-  raise ValueError(f"{path}: unknown checkpoint format (expected a torch.save "
-                   "file, .safetensors or .npz).")
+  fmt = _sniff(path, head)
+  if fmt is None:
+    raise CheckpointFileError(
+        f"{path}: unknown checkpoint format ({size} bytes, starts with "
+        f"{head!r}); expected a torch.save file (.bin/.pt/.pth/.ckpt), "
+        ".safetensors or .npz.")
+  if fmt == _ZIP and not zipfile.is_zipfile(path):
+    # The central directory is written last: without it the end is missing.
+    fmt, end = _zip_entries_end(path, size)
+    fmt = fmt if fmt == _ZIP else f"{fmt} (zip)"
+    if end is not None and end > size:
+      raise _truncated(path, fmt, size, end, at_least=True)
+    raise _truncated(path, fmt, size, detail=(
+        "; its central directory, written last, is missing"))
+  reader = {_ZIP: _read_zip, _LEGACY: _read_torch_legacy,
+            _SAFETENSORS: _read_safetensors}[fmt]
+  try:
+    return reader(path)
+  except (UserError, pickle.UnpicklingError) as e:
+    if isinstance(e, UserError):
+      raise
+    error = e
+  except (EOFError, OSError, ValueError, KeyError, struct.error,
+          zipfile.BadZipFile, json.JSONDecodeError) as e:
+    error = e
+  what = f"{path}: damaged {fmt} file ({size} bytes): {type(error).__name__}: "
+  if isinstance(error, EOFError) or "truncated" in str(error).lower():
+    raise _truncated(path, fmt, size, detail=f" ({error or 'ends early'})"
+                     ) from error
+  raise CheckpointFileError(
+      f"{what}{error}. Fetch the file again; if it is intact, re-save the "
+      "weights with torch.save(model.state_dict(), ...) or safetensors."
+  ) from error
 
 
 def _is_state_dict(obj) -> bool:
@@ -326,21 +464,24 @@ def select_state_dict(obj, key: str | None = None, source: str = "checkpoint"):
     for part in key.split("/"):
       if not isinstance(obj, dict) or part not in obj:
         have = _describe(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise KeyError(f"{source}: no entry {part!r} (from key={key!r}); it holds "
+        raise WeightKeyError(f"{source}: no entry {part!r} (from key={key!r}); it holds "
                        f"{have}.")
       obj = obj[part]
   elif not _is_state_dict(obj):
     if not isinstance(obj, dict):
-      raise ValueError(f"{source} holds a {type(obj).__name__}, not a dict of tensors.")
+      raise CheckpointFileError(
+          f"{source} holds a {type(obj).__name__}, not a dict of tensors.")
     found = [k for k in WEIGHT_KEYS if _is_state_dict(obj.get(k))]
     if len(found) != 1:
       why = "several weight dicts" if found else "no flat dict of tensors"
-      raise ValueError(f"{source} holds {why} ({_describe(obj)}); choose one with "
-                       "--key=NAME (e.g. --key=model or --key=ema).")
+      raise CheckpointFileError(
+          f"{source} holds {why} ({_describe(obj)}); choose one with "
+          "--key=NAME (e.g. --key=model or --key=ema).")
     obj = obj[found[0]]
   if not _is_state_dict(obj):
-    raise ValueError(f"{source}: the selected entry is not a flat dict of tensors "
-                     f"({_describe(obj) if isinstance(obj, dict) else type(obj).__name__}).")
+    raise CheckpointFileError(
+        f"{source}: the selected entry is not a flat dict of tensors "
+        f"({_describe(obj) if isinstance(obj, dict) else type(obj).__name__}).")
   if all(k.startswith("module.") for k in obj):
     obj = {k[len("module."):]: v for k, v in obj.items()}
   return dict(obj)

@@ -1,0 +1,93 @@
+"""Truncated or damaged weight files: one clear UserError naming path, format, size.
+
+The intact files are the torch-written fixtures in tests/fixtures/io (see
+test_convert.py) and an ``np.savez`` archive; each test cuts a copy short.
+"""
+
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from genvis_jax.convert import io as cio
+from genvis_jax.errors import UserError
+
+IO = os.path.join(os.path.dirname(__file__), "fixtures", "io")
+
+
+def _cut(src, dst, n):
+  dst.write_bytes(open(src, "rb").read()[:n])
+  return str(dst)
+
+
+def _error(path) -> str:
+  with pytest.raises(UserError) as err:
+    cio.load_state_dict(path)
+  msg = str(err.value)
+  assert path in msg and "truncated" in msg, msg
+  return msg
+
+
+@pytest.mark.parametrize("name,cut", [("weights.bin", 3000), ("weights.pt", 1000)])
+def test_truncated_torch_zip(tmp_path, name, cut):
+  path = _cut(os.path.join(IO, "nested.pt"), tmp_path / name, cut)
+  msg = _error(path)
+  # torch.save puts sizes only in data descriptors and the central directory
+  # (at the end): the full size is unknown, so the size seen is reported.
+  assert "torch.save zip" in msg and f"{cut} bytes" in msg
+
+
+def test_truncated_npz_states_the_size_its_entries_need(tmp_path):
+  full = tmp_path / "full.npz"
+  np.savez(full, a=np.arange(1000, dtype=np.float32), b=np.ones((30, 40)))
+  path = _cut(full, tmp_path / "cut.npz", 3000)
+  msg = _error(path)
+  # The cut falls inside member a.npy: it ends at its local header (30 bytes
+  # + name + extra) + data, per the zip format (APPNOTE 4.3.7).
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(full) as zf:
+    info = zf.getinfo("a.npy")
+  with open(full, "rb") as f:
+    f.seek(info.header_offset + 26)
+    name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+  end = info.header_offset + 30 + int(name_len) + int(extra_len) + info.compress_size
+  assert end > 3000
+  assert ".npz" in msg and f"3000 of at least {end} bytes" in msg, msg
+
+
+def test_truncated_legacy_pth(tmp_path):
+  src = os.path.join(IO, "legacy.pth")
+  full = os.path.getsize(src)
+  # Cut inside the raw storages, after the pickles that state their sizes.
+  msg = _error(_cut(src, tmp_path / "vgg.pth", full - 10))
+  assert "legacy torch.save" in msg and f"{full - 10} of {full} bytes" in msg
+  # Cut inside the pickle: the full size is unknown.
+  msg = _error(_cut(src, tmp_path / "early.pth", 200))
+  assert "legacy torch.save" in msg and "200 bytes" in msg
+
+
+def test_truncated_safetensors(tmp_path):
+  src = os.path.join(IO, "weights.safetensors")
+  full = os.path.getsize(src)
+  msg = _error(_cut(src, tmp_path / "w.safetensors", full - 58))
+  assert ".safetensors" in msg and f"{full - 58} of {full} bytes" in msg
+  msg = _error(_cut(src, tmp_path / "h.safetensors", 20))   # inside the header
+  assert re.search(r"20 of at least \d+ bytes", msg), msg
+
+
+def test_damaged_and_unknown_files_are_user_errors(tmp_path):
+  bad = tmp_path / "x.bin"
+  bad.write_bytes(b"hello world, not weights")
+  with pytest.raises(UserError, match="unknown checkpoint format.*24 bytes"):
+    cio.load_state_dict(str(bad))
+  # An intact zip member table but a storage overwritten by garbage pickle.
+  dst = tmp_path / "d.pt"
+  shutil.copy(os.path.join(IO, "nested.pt"), dst)
+  raw = bytearray(dst.read_bytes())
+  raw[100:140] = b"\xff" * 40            # inside data.pkl
+  dst.write_bytes(bytes(raw))
+  with pytest.raises(UserError) as err:
+    cio.load_state_dict(str(dst))
+  assert str(dst) in str(err.value) and "torch.save zip" in str(err.value)
