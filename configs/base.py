@@ -94,11 +94,15 @@ def get_config(arg=None):
   c.evaluate.inception = ""      # converted FID Inception (python -m genvis_jax.convert --kind=inception)
   c.evaluate.checkpoint = ""     # tokenizer checkpoint (kind=tokenizer)
   c.evaluate.lpips_path = ""     # LPIPS .npz for tokenizer LPIPS
-  c.evaluate.num_images = 50_000 # tokenizer eval images
+  c.evaluate.num_images = 50_000 # tokenizer eval images, exactly (0 = whole split)
   c.evaluate.num_samples = 0     # 0 = all samples in the npz
-  c.evaluate.batch_size = 200
-  c.evaluate.preprocess = "pytorch_fid"   # or adm_tf
+  c.evaluate.batch_size = 200    # any size: the last batch is padded and masked
+  # Inception resize: auto = the reference's recorded one (adm_tf for ADM's
+  # reference batches, pytorch_fid with a warning for unknown files); an
+  # explicit pytorch_fid | adm_tf that contradicts the reference is refused.
+  c.evaluate.preprocess = "auto"
   c.evaluate.distance_dtype = "float16"   # precision/recall distances, as ADM
+  c.evaluate.dtype = "float32"   # tokenizer compute dtype in kind=tokenizer ("" = config.model.dtype)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"
