@@ -9,3 +9,8 @@ the builtin type callers already catch, e.g. ``class X(UserError, ValueError)``)
 
 class UserError(Exception):
   """An error the user can fix; its message names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work as given (e.g. a batch that does not
+  split across the devices); the message names the field and a working value."""

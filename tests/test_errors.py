@@ -1,9 +1,12 @@
 """Bad input fails early with a message that names the problem and the fix."""
 
+import os
+import re
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from configs import demo
@@ -37,10 +40,79 @@ def test_indivisible_batch(tmp_path):
     trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
 
 
-def test_unknown_config_key_on_the_command_line(tmp_path):
-  out = subprocess.run(
-      [sys.executable, "-m", "genvis_jax.main", "--config=configs/demo.py",
-       f"--workdir={tmp_path}", "--config.stages.rar.train.num_step=3"],
-      capture_output=True, text=True, timeout=120)
+# --- the command line: one message, no traceback, non-zero exit -----------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = ["--config=configs/demo.py"]
+CLASSIFIER = DEMO + ["--config.only=classifier"]
+
+
+def _cli(args, verbose_env=False, timeout=120):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env.pop("GENVIS_VERBOSE", None)
+  if verbose_env:
+    env["GENVIS_VERBOSE"] = "1"
+  return subprocess.run([sys.executable, "-m", "genvis_jax.main", *args],
+                        capture_output=True, text=True, timeout=timeout,
+                        cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def bad_params_dir(tmp_path_factory):
+  from genvis_jax.train.checkpoint import save_params  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path_factory.mktemp("ck") / "bad")
+  save_params(path, {"dense": {"kernel": np.zeros((2, 3), np.float32)}})
+  return path
+
+
+CASES = {
+    "no_workdir": (["--config=configs/rar_xl.py"],
+                   "Missing required flag --workdir"),
+    "no_config": ([], "Missing required flag --config"),
+    "config_key": (DEMO + ["--config.stages.rar.train.num_step=3"],
+                   "Unknown config key.*num_steps"),
+    "config_value": (DEMO + ["--config.stages.rar.train.num_steps=abc"],
+                     "num_steps=abc: invalid literal for int"),
+    "config_arg": (["--config=configs/rar_b.py:bogus"],
+                   "Unknown config argument 'bogus'"),
+    "no_config_file": (["--config=configs/nothere.py"],
+                       "configs/nothere.py.*does not exist"),
+    "no_data": (CLASSIFIER + [
+        "--config.stages.classifier.data.source=image_folder",
+        "--config.stages.classifier.data.path=/nowhere/images"],
+                "Image folder '/nowhere/images' does not exist"),
+    "indivisible_batch": (CLASSIFIER + [
+        "--config.stages.classifier.train.global_batch_size=30"],
+                          "does not divide across 8.*Use a multiple of 8"),
+    "checkpoint_mismatch": (DEMO + [
+        "--config.only=samples", "--config.stages.samples.sample.batch_size=8",
+        "--config.stages.samples.init_from={bad}"],
+                            "does not match the configured model"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir):
+  args, pattern = CASES[name]
+  args = [a.replace("{bad}", bad_params_dir) for a in args]
+  if name != "no_workdir":
+    args.append(f"--workdir={tmp_path / 'wd'}")
+  out = _cli(args)
+  assert out.returncode not in (0, None), out.stderr
+  assert "Traceback" not in out.stdout + out.stderr, out.stderr
+  err = out.stderr
+  assert "Error: " in err and re.search(pattern, err, re.S), err
+  # The error is the last thing printed: no log line or config dump after it.
+  tail = err[err.rindex("Error: "):]
+  assert not re.search(r"^[IWEF]\d{4} ", tail, re.M), err
+  assert "global_batch_size:" not in err     # the config is not dumped
+
+
+def test_cli_verbose_keeps_the_traceback(tmp_path):
+  args, pattern = CASES["no_data"]
+  out = _cli(args + [f"--workdir={tmp_path}", "--verbose"])
   assert out.returncode != 0
-  assert "Unknown config key" in out.stderr and "num_steps" in out.stderr
+  assert "Traceback" in out.stderr and "DataNotFoundError" in out.stderr
+  out = _cli(["--config=configs/rar_xl.py"], verbose_env=True)
+  assert out.returncode != 0 and "Traceback" in out.stderr

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from genvis_jax import errors
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -126,12 +128,12 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, micro_batches: int = 1)
   """Raises before compiling when the batch cannot be split as configured."""
   shards = num_batch_shards(mesh)
   if global_batch % (shards * micro_batches):
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.train.global_batch_size={global_batch} does not divide across "
         f"{shards} data-parallel devices x {micro_batches} micro-batches "
         f"(mesh {dict(mesh.shape)}). Use a multiple of {shards * micro_batches}.")
   if global_batch % jax.process_count():
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.train.global_batch_size={global_batch} does not divide across "
         f"{jax.process_count()} processes.")
 
