@@ -121,11 +121,20 @@ def get_config(arg=None):
 
 def add_tokenizer(c, model_config, value_range=(0.0, 1.0), checkpoint=""):
   """The tokenizer a generator pre-tokenizes and decodes with:
-  ``config.tokenizer.{model, checkpoint, value_range}``."""
+  ``config.tokenizer.{model, checkpoint, value_range, dtype, uint8}``.
+
+  ``dtype``: compute dtype of the tokenizer when it produces data (pretokenize,
+  sample decode), replacing ``model.dtype`` there; "float32" (default) matches
+  the official models, "" keeps ``model.dtype``. ``uint8``: how sampled images
+  become bytes, "" = the tokenizer's official sampler (maskgit_vqgan:
+  "truncate", llamagen_vq / fqgan: "llamagen", eq_tokenizer: "round"; see
+  ``genvis_jax.sample.images.to_uint8``)."""
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.model = model_config
   c.tokenizer.checkpoint = checkpoint   # converted or training checkpoint dir
   c.tokenizer.value_range = tuple(value_range)
+  c.tokenizer.dtype = "float32"         # pretokenize / decode compute dtype
+  c.tokenizer.uint8 = ""                # "" = official: truncate|llamagen|round
   return c
 
 

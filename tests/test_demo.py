@@ -55,5 +55,8 @@ def test_ten_crop_order_and_content():
   np.testing.assert_array_equal(crops[:, 0], x[:, :4, :4])        # top-left
   np.testing.assert_array_equal(crops[:, 3], x[:, 2:, 2:])        # bottom-right
   np.testing.assert_array_equal(crops[:, 4], x[:, 1:5, 1:5])      # centre
-  np.testing.assert_array_equal(crops[:, 5], x[:, :4, :4][:, :, ::-1])
+  # torchvision TenCrop: the last five are cut from the flipped image, so the
+  # first of them is the mirrored top-right corner.
+  np.testing.assert_array_equal(crops[:, 5], x[:, :4, 2:][:, :, ::-1])
+  np.testing.assert_array_equal(crops[:, 9], x[:, 1:5, 1:5][:, :, ::-1])
 

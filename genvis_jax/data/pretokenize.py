@@ -5,11 +5,18 @@ that generator configs read with ``config.data.source = "tokens"``. Each process
 encodes its own shard of the split on its local devices and writes
 ``<output>-<process:05d>-of-<count:05d>.array_record``; nothing crosses hosts.
 
-With ``ten_crop`` (the official RAR / LlamaGen recipe) every image is centre-
-cropped at 1.1x the size, then the 4 corner + centre crops and their mirror
-images are encoded: 10 records per image.
+With ``ten_crop`` (the official RAR / LlamaGen recipe) every image goes
+through ADM's ``center_crop_arr`` at ``int(1.1 * size)`` (281 for 256, 563 for
+512), then torchvision ``TenCrop(size)``: the 4 corner + centre crops, then the
+same five cut from the mirrored image: 10 records per image. The official
+scripts (RAR ``scripts/pretokenization.py``, LlamaGen / FQGAN
+``extract_codes_c2i.py``) write exactly these crops.
 
-Config: ``config.tokenizer.{model, checkpoint, value_range}`` and
+The tokenizer runs in ``config.tokenizer.dtype`` (default float32, the official
+models' precision) whatever compute dtype its model config trains with, so the
+token files hold the codes the official fp32 model would write.
+
+Config: ``config.tokenizer.{model, checkpoint, value_range, dtype}`` and
 ``config.pretokenize.{data, split, output, ten_crop, batch_size}``.
 """
 
@@ -26,21 +33,79 @@ from absl import logging
 
 from genvis_jax import models
 from genvis_jax.data import pipeline
+from genvis_jax.models import inference
 from genvis_jax.data import tokens as tokens_lib
 from genvis_jax.train import checkpoint as ckpt_lib
 
 
+def ten_crop_cover(size: int) -> int:
+  """Side of the centre crop the ten crops are cut from: ``int(size * 1.1)``
+  (truncated, as the official scripts' ``int(args.image_size * crop_range)``)."""
+  return int(size * 1.1)
+
+
+def _five_crop(images: np.ndarray, size: int) -> list[np.ndarray]:
+  """torchvision ``five_crop`` on (B, H, W, C): tl, tr, bl, br, centre.
+
+  The centre offset is torchvision ``center_crop``'s
+  ``int(round((H - size) / 2.0))`` (Python rounds halves to even: 563 -> 512
+  starts at 26, not ADM's floor 25)."""
+  _, h, w, _ = images.shape
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  boxes = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
+           (top, left)]
+  return [images[:, y:y + size, x:x + size] for y, x in boxes]
+
+
 def ten_crop(images: np.ndarray, size: int) -> np.ndarray:
-  """(B, S, S, C) -> (B, 10, size, size, C): corners tl, tr, bl, br, centre,
-  then the same five flipped left-right (torchvision ``TenCrop`` order)."""
+  """torchvision ``TenCrop(size)`` on a batch.
+
+  Args:
+    images: (B, H, W, C), any dtype, H and W >= size.
+    size: crop side.
+  Returns:
+    (B, 10, size, size, C): ``five_crop`` (tl, tr, bl, br, centre) of the
+    images, then ``five_crop`` of the horizontally flipped images (so crop 5
+    is the mirrored top-right corner, not the mirrored top-left).
+  Raises:
+    ValueError if the images are smaller than ``size``.
+  """
   _, h, w, _ = images.shape
   if h < size or w < size:
     raise ValueError(f"ten_crop needs images of at least {size}px, got {h}x{w}.")
-  top, left = (h - size) // 2, (w - size) // 2
-  boxes = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
-  crops = [images[:, y:y + size, x:x + size] for y, x in boxes]
-  crops += [c[:, :, ::-1] for c in crops]
+  crops = _five_crop(images, size) + _five_crop(images[:, :, ::-1], size)
   return np.stack(crops, axis=1)
+
+
+def crop_data_config(p) -> ml_collections.ConfigDict:
+  """``config.pretokenize.data`` with the centre-crop size the pipeline cuts:
+  ``ten_crop_cover(size)`` with ten-crop, else ``size``."""
+  data_cfg = ml_collections.ConfigDict(p.data.to_dict())
+  if p.ten_crop:
+    data_cfg.image_size = ten_crop_cover(p.data.image_size)
+  return data_cfg
+
+
+def image_batches(p, value_range, process_index=None, process_count=None):
+  """The centre-cropped image batches of ``p.split`` (one pass, in order):
+  ``(iterator, info)`` of ``pipeline.create_dataset``."""
+  return pipeline.create_dataset(
+      crop_data_config(p), split=p.split,
+      global_batch_size=p.batch_size * (process_count or jax.process_count()),
+      seed=0, train=False, value_range=value_range, drop_remainder=False,
+      process_index=process_index, process_count=process_count)
+
+
+def model_inputs(images: np.ndarray, labels: np.ndarray, size: int,
+                 ten_crop_: bool):
+  """A pipeline batch -> what the tokenizer encodes.
+
+  (B, S, S, C) images and (B,) labels -> with ``ten_crop_`` (B*10, size, size,
+  C) and (B*10,) (an image's 10 crops are consecutive), else unchanged."""
+  if not ten_crop_:
+    return images, labels
+  crops = ten_crop(images, size)
+  return crops.reshape(-1, size, size, images.shape[-1]), np.repeat(labels, 10)
 
 
 def flatten_codes(codes) -> jax.Array:
@@ -71,29 +136,23 @@ def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
   p, tok = config.pretokenize, config.tokenizer
   size = p.data.image_size
-  data_cfg = ml_collections.ConfigDict(p.data.to_dict())
-  if p.ten_crop:
-    data_cfg.image_size = int(round(size * 1.1))
   value_range = tuple(tok.get("value_range", (0.0, 1.0)))
   mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.local_devices())
-  model = models.build(tok.model)
-  params = ckpt_lib.load_model_params(tok.model, tok.checkpoint, mesh)
+  model_cfg = inference.data_model_config(tok)
+  model = models.build(model_cfg)
+  params = ckpt_lib.load_model_params(model_cfg, tok.checkpoint, mesh)
   encode = make_encoder(model, params, mesh)
-  it, info = pipeline.create_dataset(
-      data_cfg, split=p.split, global_batch_size=p.batch_size * jax.process_count(),
-      seed=0, train=False, value_range=value_range, drop_remainder=False)
+  it, info = image_batches(p, value_range)
   output = p.output or os.path.join(workdir, "tokens", p.split)
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   n_dev = jax.local_device_count()
   t0, n_images = time.perf_counter(), 0
   with tokens_lib.TokenWriter(path) as writer:
     for batch in it:
-      images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
-      if p.ten_crop:
-        images = ten_crop(images, size).reshape(-1, size, size, images.shape[-1])
-        labels = np.repeat(labels, 10)
+      images, labels = model_inputs(np.asarray(batch["image"]),
+                                    np.asarray(batch["label"]), size, p.ten_crop)
       n = len(images)
       codes = np.asarray(encode(_pad_to(images, n_dev)))[:n]
       writer.write_batch(labels, codes)

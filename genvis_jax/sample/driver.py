@@ -2,7 +2,11 @@
 
 Generator weights come from ``config.init_from`` (converted checkpoint or a
 training workdir; falls back to ``workdir/../train``-style paths only when given),
-the tokenizer from ``config.tokenizer.{model, checkpoint}``. Images are drawn in
+the tokenizer from ``config.tokenizer.{model, checkpoint}``. The tokenizer
+decodes in ``config.tokenizer.dtype`` (default float32, whatever dtype its
+model config trains in) and the images become uint8 with the tokenizer's
+official sampler conversion (``config.tokenizer.uint8``, default per model:
+``images.DEFAULT_UINT8``), on the host. Images are drawn in
 global batches sharded over every device. Each finished batch is saved as a part
 file named by its first index, so an interrupted run resumes where it stopped
 with no duplicated or missing indices; the parts are assembled into
@@ -26,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from genvis_jax import models
+from genvis_jax.models import inference
 from genvis_jax.train import checkpoint as ckpt_lib
 from genvis_jax.sample import images as images_lib
 
@@ -65,23 +70,44 @@ def _mesh():
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def host_uint8(images: jax.Array, value_range, method: str) -> jax.Array:
+  """Float images (sharded over the batch) -> uint8 with the same sharding.
+
+  Each addressable shard is converted in numpy (``images_lib.to_uint8``, the
+  official bytes) and put back on its device, so multi-host callers gather a
+  global uint8 array as before."""
+  shards = [jax.device_put(images_lib.to_uint8(np.asarray(s.data), value_range,
+                                               method), s.device)
+            for s in images.addressable_shards]
+  return jax.make_array_from_single_device_arrays(images.shape, images.sharding,
+                                                  shards)
+
+
+def make_decode_fn(tok, mesh):
+  """``config.tokenizer`` -> ``f(codes) -> uint8 (B, H, W, 3)`` (a jax array
+  sharded like the decoded images): decode in ``inference.data_model_config``
+  (fp32 by default), then the official uint8 conversion (``uint8_method``)."""
+  model_cfg = inference.data_model_config(tok)
+  method = images_lib.uint8_method(tok)
+  tok_model = models.build(model_cfg)
+  tok_params = ckpt_lib.load_model_params(model_cfg, tok.checkpoint, mesh)
+  value_range = tuple(tok.get("value_range", (0.0, 1.0)))
+
+  @jax.jit
+  def decode_float(codes):
+    images = tok_model.apply({"params": tok_params}, codes, method="decode")
+    return images.astype(jnp.float32)
+
+  return lambda codes: host_uint8(decode_float(codes), value_range, method)
+
+
 def make_sample_fn(config, mesh):
   """Returns ``f(labels (B,), rng) -> uint8 (B, H, W, 3)`` and the batch sharding."""
   gen_model = models.build(config.model)
   gen_params = ckpt_lib.load_model_params(config.model, config.init_from, mesh)
-  tok = config.tokenizer
-  tok_model = models.build(tok.model)
-  tok_params = ckpt_lib.load_model_params(tok.model, tok.checkpoint, mesh)
-  lo, hi = tuple(tok.get("value_range", (0.0, 1.0)))
+  decode = make_decode_fn(config.tokenizer, mesh)
   generate = _generator(config.model.name)
   s = config.sample
-
-  def decode(codes):
-    images = tok_model.apply({"params": tok_params}, codes, method="decode")
-    x = (jnp.clip(images, lo, hi) - lo) / (hi - lo)
-    return jnp.round(x * 255.0).astype(jnp.uint8)
-
-  decode = jax.jit(decode)
 
   def sample_fn(labels, rng):
     codes = generate(gen_model, gen_params, labels, rng, s)
@@ -103,9 +129,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def sample_settings(config) -> dict:
   """What decides the images of a part file (flat, JSON-normalised)."""
+  tok = config.tokenizer
+  # Resolved, so a config without the keys still records what decoded.
+  tokenizer = {**tok.to_dict(), "uint8": images_lib.uint8_method(tok),
+               "dtype": inference.data_model_config(tok).get("dtype", "")}
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
-          "tokenizer": config.tokenizer.to_dict(),
-          "sample": config.sample.to_dict()}
+          "tokenizer": tokenizer, "sample": config.sample.to_dict()}
   return json.loads(json.dumps(_flat(keep)))
 
 

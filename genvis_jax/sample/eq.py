@@ -169,7 +169,12 @@ def sample_uncached(model, params, labels, rng, *, num_columns: int,
 
 def latents_to_images(tokenizer, tokenizer_params, latents,
                       latent_scale: float = 0.05493):
-  """Generator latents (B, W', C) -> images (B, H, 16 W', 3) in [-1, 1]."""
+  """Generator latents (B, W', C) -> images (B, H, 16 W', 3) in [-1, 1].
+
+  Runs ``tokenizer`` in its own dtype (training grids). Sampling for data
+  (``mode=sample``) decodes through ``driver.make_decode_fn`` instead: fp32
+  tokenizer (``config.tokenizer.dtype``) and the official "round" uint8
+  conversion (``images.to_uint8``)."""
   return tokenizer.apply({"params": tokenizer_params}, latents / latent_scale,
                          method="decode")
 

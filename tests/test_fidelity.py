@@ -1,0 +1,284 @@
+"""Official-recipe fidelity of the data our pipelines produce.
+
+* Ten-crop pre-tokenization = ADM ``center_crop_arr(img, int(1.1 * size))``
+  followed by torchvision ``TenCrop(size)``, from a decoded file to the crops
+  the tokenizer encodes.
+* Sample bytes = each system's official float -> uint8 conversion.
+* Tokenizers produce data in fp32 even when their config trains in bf16.
+
+The official formulas are re-stated here from their definitions (PIL + numpy),
+independently of the code under test.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import base, eq_tokenizer, fqgan_demo
+from genvis_jax import models
+from genvis_jax.data import pretokenize, tokens
+from genvis_jax.errors import UserError
+from genvis_jax.models import inference
+from genvis_jax.sample import driver
+from genvis_jax.sample import images as images_lib
+from genvis_jax.train import checkpoint as ckpt_lib
+
+
+# --- official formulas, re-stated ---------------------------------------------
+
+def adm_center_crop_arr(pil, image_size):
+  """guided-diffusion ``center_crop_arr``: BOX-halve while the short side is
+  >= 2x, BICUBIC so the short side == image_size, crop at floor offsets."""
+  while min(pil.size) >= 2 * image_size:
+    pil = pil.resize((pil.size[0] // 2, pil.size[1] // 2), resample=Image.BOX)
+  scale = image_size / min(pil.size)
+  pil = pil.resize((round(pil.size[0] * scale), round(pil.size[1] * scale)),
+                   resample=Image.BICUBIC)
+  arr = np.array(pil)
+  y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+  return arr[y:y + image_size, x:x + image_size]
+
+
+def torchvision_ten_crop(arr, s):
+  """torchvision ``TenCrop(s)``: five_crop(img) + five_crop(hflip(img)),
+  five_crop = tl, tr, bl, br, centre at int(round((H - s) / 2.0))."""
+  def five(a):
+    h, w = a.shape[:2]
+    t, l = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+    return [a[:s, :s], a[:s, w - s:], a[h - s:, :s], a[h - s:, w - s:],
+            a[t:t + s, l:l + s]]
+  return five(arr) + five(np.ascontiguousarray(arr[:, ::-1]))
+
+
+# (width, height): non-square, and one big enough to be BOX-halved at 256.
+IMAGE_SIZES = ((400, 333), (700, 530), (1300, 1100))
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+  """An image folder (class "a") of noisy gradients at IMAGE_SIZES."""
+  root = tmp_path_factory.mktemp("photos")
+  (root / "a").mkdir()
+  rng = np.random.default_rng(0)
+  for i, (w, h) in enumerate(IMAGE_SIZES):
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1)
+    noise = rng.integers(-40, 41, (h, w, 3))
+    img = np.clip(smooth + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(root / "a" / f"{i}.png")
+  return root
+
+
+def _pretokenize_config(data_path, size, *, ten_crop=True, batch_size=3,
+                        source="image_folder"):
+  c = base.get_config()
+  d = c.data
+  d.source, d.path, d.image_size, d.num_classes = source, str(data_path), size, 1
+  d.read_threads = 2
+  base.add_pretokenize(c, d, ten_crop=ten_crop, batch_size=batch_size)
+  return c
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_ten_crop_geometry_matches_official_recipe(photo_folder, size):
+  assert pretokenize.ten_crop_cover(size) == int(1.1 * size)   # 281 / 563
+  p = _pretokenize_config(photo_folder, size).pretokenize
+  it, _ = pretokenize.image_batches(p, (0.0, 1.0), 0, 1)
+  batch = next(it)
+  crops, labels = pretokenize.model_inputs(
+      np.asarray(batch["image"]), np.asarray(batch["label"]), size, True)
+  assert crops.shape == (10 * len(IMAGE_SIZES), size, size, 3)
+  assert labels.shape == (10 * len(IMAGE_SIZES),)
+  got = np.round(crops * 255.0).astype(np.uint8)   # (0, 1) floats are k / 255
+  files = sorted(os.listdir(photo_folder / "a"))
+  for i, name in enumerate(files):
+    with Image.open(photo_folder / "a" / name) as pil:
+      cover = adm_center_crop_arr(pil.convert("RGB"), int(size * 1.1))
+    want = torchvision_ten_crop(cover, size)
+    for j in range(10):
+      np.testing.assert_array_equal(got[10 * i + j], want[j],
+                                    err_msg=f"{name} crop {j} at {size}")
+
+
+# --- uint8 conversion ------------------------------------------------------------
+
+def _edge_values(lo, hi):
+  """Values on and next to every byte boundary of both the truncating and the
+  rounding formulas, plus out-of-range ones, in ``(lo, hi)``."""
+  k = np.arange(256, dtype=np.float64)
+  u = np.concatenate([k / 255, (k + 0.5) / 255, [-0.3, 1.2]])
+  u = np.concatenate([u, np.nextafter(u, 2), np.nextafter(u, -2)])
+  rng = np.random.default_rng(3)
+  u = np.concatenate([u, rng.uniform(-0.05, 1.05, 4002)])
+  return (lo + u * (hi - lo)).astype(np.float32).reshape(-1, 1, 1, 3)
+
+
+def official_rar(x):        # 1d-tokenizer: clamp(0, 1) * 255 -> uint8
+  x = np.asarray(x, np.float32)
+  return np.trunc(np.minimum(np.maximum(x, 0), 1) * np.float32(255)).astype(np.uint8)
+
+
+def official_llamagen(x):   # LlamaGen / FQGAN: clamp(127.5 x + 128, 0, 255)
+  x = np.asarray(x, np.float32)
+  y = x * np.float32(127.5) + np.float32(128)
+  return np.trunc(np.minimum(np.maximum(y, 0), 255)).astype(np.uint8)
+
+
+def official_equivariant(x):  # (x + 1) / 2; round(clip(x * 255, 0, 255))
+  x = (np.asarray(x, np.float32) + np.float32(1)) / np.float32(2)
+  return np.round(np.minimum(np.maximum(x * np.float32(255), 0), 255)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("model_name,value_range,official", [
+    ("maskgit_vqgan", (0.0, 1.0), official_rar),
+    ("llamagen_vq", (-1.0, 1.0), official_llamagen),
+    ("fqgan", (-1.0, 1.0), official_llamagen),
+    ("eq_tokenizer", (-1.0, 1.0), official_equivariant),
+])
+def test_uint8_default_is_each_systems_official_conversion(model_name,
+                                                           value_range,
+                                                           official):
+  c = base.add_tokenizer(base.get_config(),
+                         ml_collections.ConfigDict({"name": model_name}),
+                         value_range)
+  method = images_lib.uint8_method(c.tokenizer)
+  x = _edge_values(*value_range)
+  got = images_lib.to_uint8(x, value_range, method)
+  assert got.dtype == np.uint8 and got.shape == x.shape
+  np.testing.assert_array_equal(got, official(x))
+  # bf16 decoder outputs are widened, not rejected.
+  xb = jnp.asarray(x[:300], jnp.bfloat16)
+  np.testing.assert_array_equal(
+      images_lib.to_uint8(xb, value_range, method),
+      official(np.asarray(xb, np.float32)))
+
+
+def test_uint8_methods_differ_override_and_errors():
+  x = _edge_values(-1.0, 1.0)
+  outs = {m: images_lib.to_uint8(x, (-1.0, 1.0), m)
+          for m in images_lib.UINT8_METHODS}
+  assert not np.array_equal(outs["truncate"], outs["llamagen"])
+  assert not np.array_equal(outs["llamagen"], outs["round"])
+  # A (0, 1) tokenizer converted the Equivariant way, and vice versa.
+  u = (x + 1) / 2
+  np.testing.assert_array_equal(images_lib.to_uint8(u, (0.0, 1.0), "round"),
+                                official_equivariant(u * 2 - 1))
+  np.testing.assert_array_equal(images_lib.to_uint8(x, (-1.0, 1.0), "truncate"),
+                                official_rar((x + np.float32(1)) / np.float32(2)))
+  c = base.add_tokenizer(base.get_config(),
+                         ml_collections.ConfigDict({"name": "maskgit_vqgan"}))
+  c.tokenizer.uint8 = "round"
+  assert images_lib.uint8_method(c.tokenizer) == "round"
+  c.tokenizer.uint8 = "floor"
+  with pytest.raises(UserError, match="config.tokenizer.uint8='floor'"):
+    images_lib.uint8_method(c.tokenizer)
+  with pytest.raises(ValueError, match="truncate"):
+    images_lib.to_uint8(x, (-1.0, 1.0), "floor")
+  c.tokenizer.uint8 = ""
+  c.tokenizer.model.name = "my_tokenizer"
+  with pytest.raises(UserError, match="--config.tokenizer.uint8"):
+    images_lib.uint8_method(c.tokenizer)
+
+
+# --- fp32 tokenizers in data-producing modes -----------------------------------
+
+def test_data_model_config_dtype():
+  m = ml_collections.ConfigDict({"name": "fqgan", "dtype": "bfloat16",
+                                 "param_dtype": "float32"})
+  c = base.add_tokenizer(base.get_config(), m)
+  assert inference.data_model_config(c.tokenizer).dtype == "float32"
+  assert m.dtype == "bfloat16"                      # a copy, not an edit
+  legacy = ml_collections.ConfigDict({"model": m})  # config without the key
+  assert inference.data_model_config(legacy).dtype == "float32"
+  c.tokenizer.dtype = ""
+  assert inference.data_model_config(c.tokenizer).dtype == "bfloat16"
+  c.tokenizer.dtype = "fp32"
+  with pytest.raises(UserError, match="config.tokenizer.dtype='fp32'"):
+    inference.data_model_config(c.tokenizer)
+
+
+def _tiny_fqgan_bf16():
+  m = fqgan_demo.fq_tokenizer_demo_config().model
+  m.update(dict(image_size=16, hidden_channels=32, channel_mult=(1, 1),
+                z_channels=32, adapter_layers=1, adapter_heads=2, feat_heads=(),
+                feat_layers=0, dtype="bfloat16"))
+  return m
+
+
+def _encode(model_cfg, params, images):
+  fn = jax.jit(lambda p, x: pretokenize.flatten_codes(
+      models.build(model_cfg).apply({"params": p}, x, method="encode")))
+  return np.asarray(fn(params, images))
+
+
+def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
+  m = _tiny_fqgan_bf16()
+  params = jax.jit(lambda k: models.init_params(m, k))(jax.random.key(0))
+  ckpt_lib.save_params(str(tmp_path / "tok"), params)
+  root = tmp_path / "imgs"
+  (root / "a").mkdir(parents=True)
+  rng = np.random.default_rng(1)
+  for i in range(4):   # non-square: the 17 px ten-crop cover is cut from them
+    img = rng.integers(0, 256, (19, 23, 3), dtype=np.uint8)
+    Image.fromarray(img).save(root / "a" / f"{i}.png")
+  c = _pretokenize_config(root, 16, batch_size=2)
+  base.add_tokenizer(c, m, (-1.0, 1.0), checkpoint=str(tmp_path / "tok"))
+  c.pretokenize.output = str(tmp_path / "tokens" / "train")
+  out = pretokenize.pretokenize(c, str(tmp_path))
+  assert out["records"] == 40
+  written = tokens.TokenSource(out["pattern"])
+  got = np.stack([written[i]["tokens"] for i in range(len(written))])
+
+  it, _ = pretokenize.image_batches(c.pretokenize, (-1.0, 1.0), 0, 1)
+  crops = np.concatenate([
+      pretokenize.model_inputs(b["image"], b["label"], 16, True)[0] for b in it])
+  fp32 = ml_collections.ConfigDict(m.to_dict())
+  fp32.dtype = "float32"
+  want = _encode(fp32, params, crops)
+  bf16 = _encode(m, params, crops)
+  assert got.shape == want.shape == (40, 2, 64)
+  np.testing.assert_array_equal(got, want)
+  # The configured bf16 model would have written other codes.
+  assert (bf16 != want).mean() > 0.002
+
+
+def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):
+  """The Equivariant sampler's decode (driver): a bf16 tokenizer config decodes
+  in fp32, then the official round((x + 1) / 2 * 255)."""
+  m = eq_tokenizer.tokenizer_model(
+      ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+      resolution=16, image_width=16, z_channels=8, embed_dim=8,
+      len_down_scale=4, semantic=False, dtype="bfloat16")
+  params = jax.jit(lambda k: models.init_params(m, k))(jax.random.key(0))
+  ckpt_lib.save_params(str(tmp_path / "tok"), params)
+  c = base.add_tokenizer(base.get_config(), m, (-1.0, 1.0),
+                         checkpoint=str(tmp_path / "tok"))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  decode = driver.make_decode_fn(c.tokenizer, mesh)
+  latents = jax.random.normal(jax.random.key(2), (8, 1, 8))
+  sharded = jax.device_put(latents, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  got = np.asarray(decode(sharded))
+
+  fp32 = ml_collections.ConfigDict(m.to_dict())
+  fp32.dtype = "float32"
+  ref = jax.jit(lambda p, z: models.build(fp32).apply(
+      {"params": p}, z, method="decode"))(params, latents)
+  want = official_equivariant(np.asarray(ref))
+  assert got.dtype == np.uint8 and got.shape == (8, 16, 16, 3)
+  np.testing.assert_array_equal(got, want)
+  settings = driver.sample_settings(_sample_config(c))
+  assert settings["tokenizer.uint8"] == "round"
+  assert settings["tokenizer.dtype"] == "float32"
+
+
+def _sample_config(c):
+  c.model = ml_collections.ConfigDict({"name": "eq_generator"})
+  c.sample = ml_collections.ConfigDict({"num_samples": 8})
+  return c
