@@ -12,5 +12,10 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-  """A config value that cannot work as given (e.g. a batch that does not
-  split across the devices); the message names the field and a working value."""
+  """A config value or command-line argument that cannot work as given (e.g. a
+  batch that does not split across the devices, a missing ``--src``); the
+  message names the field and a working value."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+  """An output path already holds data that would be replaced."""

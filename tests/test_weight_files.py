@@ -91,3 +91,22 @@ def test_damaged_and_unknown_files_are_user_errors(tmp_path):
   with pytest.raises(UserError) as err:
     cio.load_state_dict(str(dst))
   assert str(dst) in str(err.value) and "torch.save zip" in str(err.value)
+
+
+def test_convert_cli_reports_a_truncated_file_without_traceback(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  full = os.path.getsize(os.path.join(IO, "legacy.pth"))
+  path = _cut(os.path.join(IO, "legacy.pth"), tmp_path / "vgg.pth", full - 10)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("GENVIS_VERBOSE", None)
+  cmd = [sys.executable, "-m", "genvis_jax.convert", "--kind=lpips",
+         f"--src={path}", f"--dst={tmp_path / 'out.npz'}"]
+  run = subprocess.run(cmd, cwd=repo, capture_output=True, text=True,
+                       timeout=120, env=env)
+  assert run.returncode != 0
+  assert "Traceback" not in run.stderr, run.stderr
+  assert f"Error: {path}: legacy torch.save" in run.stderr, run.stderr
+  assert f"{full - 10} of {full} bytes" in run.stderr
+  assert not (tmp_path / "out.npz").exists()

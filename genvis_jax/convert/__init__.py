@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from genvis_jax import errors
 from genvis_jax.convert import io
 from genvis_jax.train.checkpoint import CheckpointMismatchError, compare_trees
 
@@ -74,7 +75,8 @@ def _resolve(spec: str):
 
 def _kind(kind: str) -> Kind:
   if kind not in KINDS:
-    raise ValueError(f"Unknown conversion kind {kind!r}; choose one of {sorted(KINDS)}.")
+    raise errors.ConfigError(
+        f"Unknown conversion kind {kind!r}; choose one of {sorted(KINDS)}.")
   return KINDS[kind]
 
 
@@ -102,8 +104,8 @@ def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
   """
   spec = _kind(kind)
   if spec.needs_config and model_config is None:
-    raise ValueError(f"Kind {kind!r} needs the model config the checkpoint must "
-                     "fit (--config=configs/X.py).")
+    raise errors.ConfigError(f"Kind {kind!r} needs the model config the "
+                             "checkpoint must fit (--config=configs/X.py).")
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
   params = _resolve(spec.convert)(state_dict, model_config)
   expected = _resolve(spec.expected)(model_config)
@@ -114,25 +116,27 @@ def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
 
 def _check_dst(dst: str, overwrite: bool) -> None:
   if not dst:
-    raise ValueError("--dst is required (where to write the converted weights).")
+    raise errors.ConfigError("--dst is required (where to write the converted weights).")
   full = os.fspath(dst)
   non_empty = os.path.isfile(full) or (os.path.isdir(full) and os.listdir(full))
   if non_empty and not overwrite:
-    raise FileExistsError(f"{full} exists and is not empty; pass --overwrite to "
-                          "replace it, or choose another --dst.")
+    raise errors.OutputExistsError(f"{full} exists and is not empty; pass "
+                                   "--overwrite to replace it, or choose "
+                                   "another --dst.")
 
 
 def load_sources(src: str | Sequence[str], key: str | None = None) -> dict:
   """Reads and merges one or more files (a comma-separated string or a list)."""
   paths = [p for p in (src.split(",") if isinstance(src, str) else src) if p]
   if not paths:
-    raise ValueError("--src is required (the official checkpoint file).")
+    raise errors.ConfigError("--src is required (the official checkpoint file).")
   state: dict = {}
   for path in paths:
     part = io.load_state_dict(path, key)
     clash = sorted(set(part) & set(state))
     if clash:
-      raise ValueError(f"{path} repeats keys of an earlier --src file: {clash[:10]}.")
+      raise errors.ConfigError(
+          f"{path} repeats keys of an earlier --src file: {clash[:10]}.")
     state.update(part)
   return state
 

@@ -14,6 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from genvis_jax import cli
 from genvis_jax import convert
 
 _KIND = flags.DEFINE_enum("kind", None, sorted(convert.KINDS), "Checkpoint kind.")
@@ -42,4 +43,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["kind", "src", "dst"])
-  app.run(main)
+  app.run(cli.user_errors_exit(main), flags_parser=cli.flags_parser(
+      "usage: python -m genvis_jax.convert --kind=K --src=FILE[,FILE] "
+      "--dst=DIR [--config=configs/X.py] [--key=NAME] [--overwrite]"))

@@ -46,6 +46,10 @@ class CheckpointFileError(UserError, ValueError):
   """
 
 
+class CheckpointFileNotFoundError(UserError, FileNotFoundError):
+  """The weight file named on the command line does not exist."""
+
+
 class WeightKeyError(UserError, KeyError):
   """``--key`` names an entry the checkpoint does not have."""
 
@@ -403,7 +407,8 @@ def read_file(path: str) -> Any:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"Checkpoint file {path} does not exist.")
+    raise CheckpointFileNotFoundError(
+        f"Checkpoint file {path} does not exist; check the path (--src).")
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)

@@ -1,0 +1,123 @@
+"""Command-line error handling shared by the entry points (``genvis_jax.main``,
+``genvis_jax.convert``): a user error prints one ``Error: ...`` message on
+stderr, no traceback, and exits non-zero (2 for flags, 1 otherwise).
+
+User errors are absl flag errors (missing, unknown or ill-typed flags), a
+config file that fails to load or an unknown ``--config.KEY``, and any
+``genvis_jax.errors.UserError``. ``--verbose`` (defined here) or
+``GENVIS_VERBOSE=1`` re-raises them with their traceback for debugging.
+Importing this module defines the ``--verbose`` flag; only entry points do.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from absl import flags
+
+from genvis_jax.errors import UserError
+
+VERBOSE_ENV = "GENVIS_VERBOSE"
+flags.DEFINE_bool("verbose", False, "Show Python tracebacks for user errors "
+                  f"(also {VERBOSE_ENV}=1) and log the whole config.")
+
+
+def verbose(argv=()) -> bool:
+  """``--verbose`` (parsed, or still in ``argv`` if parsing failed) or the env."""
+  if os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes"):
+    return True
+  if flags.FLAGS.is_parsed():
+    return flags.FLAGS.verbose
+  return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv)
+
+
+def fail(message: str, exit_code: int = 1):
+  """Prints ``Error: message`` on stderr (after flushing stdout) and exits."""
+  sys.stdout.flush()
+  print(f"Error: {message}", file=sys.stderr, flush=True)
+  sys.exit(exit_code)
+
+
+def root_cause(e: BaseException) -> BaseException:
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def flag_error_message(e: BaseException) -> str:
+  """One line for a flag error. absl wraps a config file's own exception with
+  its traceback as text; that part is reduced to ``Type: message``."""
+  text = str(e).strip()
+  first = text.splitlines()[0] if text else type(e).__name__
+  suffix = " must have a value other than None"
+  if first.startswith("flag --") and first.endswith(suffix + "."):
+    return f"Missing required flag {first[len('flag '):].split('=')[0]}."
+  root = root_cause(e)
+  if root is e or str(root) in first:
+    return first
+  return f"{first} {type(root).__name__}: {root}"
+
+
+def _config_paths(argv):
+  return [a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
+          if a.startswith("--config=")]
+
+
+def _config_root_on_path(argv):
+  """Config files import their siblings (``from configs import base``): put the
+  folder holding ``configs/`` on sys.path so any working directory works."""
+  for path in _config_paths(argv):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
+def flags_parser(usage: str):
+  """An ``app.run(flags_parser=...)`` that turns flag and config-file errors
+  into one message (plus ``usage``) and exit code 2."""
+
+  def parse(argv):
+    _config_root_on_path(argv)
+    for path in _config_paths(argv):
+      if not os.path.isfile(path):
+        fail(f"Config file {path!r} (from --config) does not exist; pass a "
+             f"file such as configs/demo.py.\n{usage}", 2)
+    try:
+      return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:   # ml_collections: unknown key
+      if verbose(argv):
+        raise
+      overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+      detail = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+      detail = detail.replace("\\'", "").strip()
+      fail(f"Unknown config key among {overrides}: {detail}. Overrides must "
+           "name an existing field of the config file; add new fields in "
+           "configs/ first.", 2)
+    except flags.Error as e:
+      if verbose(argv):
+        raise
+      fail(f"{flag_error_message(e)}\n{usage}", 2)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # A config file that raises while it loads (bad config argument, ...).
+      if verbose(argv):
+        raise
+      fail(f"Loading the config failed: {flag_error_message(e)}\n{usage}", 2)
+
+  return parse
+
+
+def user_errors_exit(main):
+  """Wraps an absl ``main(argv)``: a ``UserError`` -> ``fail(message)``."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      if verbose():
+        raise
+      fail(str(e))
+
+  return wrapped
