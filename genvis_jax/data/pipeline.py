@@ -56,21 +56,9 @@ def make_source(data_config, split: str):
 
 # --- skip counting ---------------------------------------------------------------
 
-SKIPPED = "skipped_path"          # the record an unreadable file decodes to
+SKIPPED = transforms.SKIPPED      # marker key of an unreadable file's record
 FILES_KEY = "skipped_files"       # iterator state: distinct unreadable paths
 READ_KEY = "records_read"         # iterator state: records read, skips included
-
-
-class _DecodeOrMark(grain.transforms.Map):
-  """``{"path", "label"}`` -> ``{"image", "label"}``; an unreadable file ->
-  ``{SKIPPED: path, "error": str}`` so the skip counter can name it."""
-
-  def map(self, record):
-    try:
-      image = transforms.decode_image(record["path"])
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      return {SKIPPED: record["path"], "error": f"{type(e).__name__}: {e}"}
-    return {"image": image, "label": np.int32(record["label"])}
 
 
 class _PassSkipped(grain.transforms.Map):
@@ -314,7 +302,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   is_tokens = data_config.source == "tokens"
   if not is_tokens:
     if data_config.source == "image_folder":
-      ds = ds.map(_DecodeOrMark())
+      ds = ds.map(transforms.DecodeImage())
     aug_seeds = np.random.SeedSequence([seed, pi]).generate_state(2)
     ds = _image_transforms(ds, data_config, train, [int(s) for s in aug_seeds])
 

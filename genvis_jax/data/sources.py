@@ -5,7 +5,8 @@ Every source is a grain ``RandomAccessDataSource`` (``__len__``,
 before any compile, with a message that says how to fix it. Records:
 
 * ``ImageFolderSource``: ``{"path": str, "label": int32}`` (decoded lazily by
-  ``transforms.DecodeImage``, which drops unreadable files);
+  ``transforms.DecodeImage``; the pipeline skips unreadable files and counts
+  them);
 * ``TfdsSource``: ``{"image": uint8 (H, W, 3), "label": int32}``.
 
 The demo source lives in ``demo.py``, the token files source in ``tokens.py``.

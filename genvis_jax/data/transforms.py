@@ -122,18 +122,22 @@ def decode_image(path: str) -> np.ndarray:
 
 # --- grain transforms ----------------------------------------------------------
 
-class DecodeImage(grain.transforms.Map):
-  """``{"path", "label"}`` -> ``{"image", "label"}``, or None if unreadable.
+SKIPPED = "skipped_path"   # the key of the record an unreadable file becomes
 
-  The pipeline drops None records and counts them (``PipelineInfo``).
+
+class DecodeImage(grain.transforms.Map):
+  """``{"path", "label"}`` -> ``{"image", "label"}``; an unreadable file ->
+  ``{SKIPPED: path, "error": "Type: message"}``.
+
+  The pipeline passes these markers through the crops, drops them and counts
+  the distinct paths (``PipelineInfo.num_skipped``).
   """
 
   def map(self, record):
     try:
       image = decode_image(record["path"])
     except Exception as e:  # pylint: disable=broad-exception-caught
-      logging.warning("Skipping unreadable image %s: %s", record["path"], e)
-      return None
+      return {SKIPPED: record["path"], "error": f"{type(e).__name__}: {e}"}
     return {"image": image, "label": np.int32(record["label"])}
 
 
