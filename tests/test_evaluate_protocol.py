@@ -1,0 +1,389 @@
+"""The FID protocol (references record how they were made; preprocess "auto";
+mismatches refused; distances >= 0) and evaluation over exact image counts at
+batch sizes that do and do not divide the count (padding masked out)."""
+
+import json
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from scipy import linalg
+
+from genvis_jax.errors import UserError
+from genvis_jax.evaluate import batching, fid, gen_metrics, reference, tokenizer
+from tests.test_fid import (FakeExtractor, _images, _numpy_is,
+                            _numpy_precision_recall, _ssim_reference)
+
+
+def _frechet_formula(mu1, s1, mu2, s2):
+  """The textbook formula, unclamped (scipy sqrtm, float64)."""
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+               - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
+
+
+def _np_stats(f):
+  f = np.asarray(f, np.float64)
+  return f.mean(0), np.cov(f, rowvar=False)
+
+
+# --- distances and streaming statistics ---------------------------------------------------
+
+def test_frechet_distance_is_clamped_at_zero():
+  f = np.random.default_rng(0).normal(size=(50, 8))
+  mu, s = _np_stats(f)
+  raw = _frechet_formula(mu, s, mu, s)
+  assert raw < 0          # rounding makes the formula negative for this set
+  assert fid.frechet_distance(mu, s, mu, s) == 0.0
+  mu2, s2 = _np_stats(f[:40] + 0.3)
+  assert fid.frechet_distance(mu, s, mu2, s2) == pytest.approx(
+      _frechet_formula(mu, s, mu2, s2), rel=1e-10)
+
+
+def test_streaming_stats_mask_keeps_padding_out():
+  rng = np.random.default_rng(1)
+  feats = rng.normal(size=(13, 5)) * 2 + 7
+  acc = fid.StreamingStats()
+  for i in range(0, 13, 4):   # 4 + 4 + 4 + 1, each padded with junk to 4
+    part, mask = batching.pad_batch(feats[i:i + 4], 4)
+    part[~mask] = 1e6
+    acc.update(part, mask)
+  mu, sigma = acc.result()
+  assert acc.count == 13
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-9)
+  with pytest.raises(ValueError, match="mask"):
+    acc.update(feats[:4], np.ones(3, bool))
+
+
+def test_exact_batches_counts_and_errors():
+  src = [np.arange(5), np.arange(5, 7), np.arange(7, 20)]   # ragged source
+  for size in (4, 13):
+    got = list(batching.exact_batches(src, 13, size, "src", "num"))
+    assert all(len(b) == size and len(m) == size for b, m, _ in got)
+    assert sum(k for _, _, k in got) == 13
+    vals = np.concatenate([b[m] for b, m, _ in got])
+    np.testing.assert_array_equal(vals, np.arange(13))
+  with pytest.raises(batching.NotEnoughImages, match=r"ended after 20 .*21"):
+    list(batching.exact_batches(src, 21, 4, "src", "cfg.num"))
+  with pytest.raises(batching.NotEnoughImages, match=r"has 20 .* 21 .*cfg\.n"):
+    batching.check_count(21, 20, "data", "cfg.n")
+  assert batching.check_count(0, 20, "data", "cfg.n") == 20
+  assert issubclass(batching.NotEnoughImages, UserError)
+
+
+# --- generation metrics over exact counts -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gen_files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("gen")
+  rng = np.random.default_rng(5)
+  samples, other = _images(rng, 13), _images(rng, 11, shift=50)
+  np.savez(d / "samples.npz", samples)
+  np.savez(d / "ref.npz", other)      # images only: stats computed here
+  return d, samples, other
+
+
+@pytest.mark.parametrize("batch", [4, 13])
+def test_generation_metrics_cover_exact_count(gen_files, batch):
+  d, samples, other = gen_files
+  ex = FakeExtractor(batch_size=batch)
+  res = gen_metrics.evaluate_samples(str(d / "samples.npz"),
+                                     str(d / "ref.npz"), extractor=ex,
+                                     distance_dtype="float32")
+  # The official formulas over exactly the 13 / 11 images' features.
+  fs, fr = FakeExtractor(13)(samples), FakeExtractor(13)(other)
+  assert res["num_samples"] == 13 and res["num_reference"] == 11
+  assert res["fid"] == pytest.approx(
+      _frechet_formula(*_np_stats(fs["pool"]), *_np_stats(fr["pool"])), rel=1e-6)
+  assert res["sfid"] == pytest.approx(
+      _frechet_formula(*_np_stats(fs["spatial"]), *_np_stats(fr["spatial"])),
+      rel=1e-6)
+  assert res["inception_score"] == pytest.approx(
+      _numpy_is(fs["logits"].astype(np.float64), 5000), rel=1e-6)
+  p, r, _ = _numpy_precision_recall(fr["pool"], fs["pool"])
+  assert (res["precision"], res["recall"]) == pytest.approx((p, r))
+  assert res["preprocess"] == "pytorch_fid"
+  with pytest.raises(batching.NotEnoughImages,
+                     match=r"13 images but 14 .*num_samples"):
+    gen_metrics.evaluate_samples(str(d / "samples.npz"), str(d / "ref.npz"),
+                                 extractor=ex, num_samples=14)
+
+
+@pytest.mark.parametrize("batch", [4, 13])
+def test_compute_reference_exact_count_and_record(tmp_path, batch):
+  from configs import base
+  from genvis_jax.data import DemoSource
+  config = base.get_config()
+  config.data.image_size = 32
+  config.data.num_classes = 10
+  config.data.num_examples = 20
+  ex = FakeExtractor(batch_size=batch)
+  ex.preprocess, ex.weights_id = "adm_tf", "0123abcd"
+  path = reference.compute_reference(config.data, None, str(tmp_path / "r.npz"),
+                                     split="validation", num_images=13,
+                                     num_stored_images=5, extractor=ex)
+  ref = reference.load_reference(path)
+  src = DemoSource("validation", num_examples=20)
+  want = FakeExtractor(13)(np.stack([src[i]["image"] for i in range(13)]))
+  mu, sigma = _np_stats(want["pool"])
+  np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
+  np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-6, atol=1e-9)
+  assert (ref.preprocess, ref.inception_weights, ref.num_images) == (
+      "adm_tf", "0123abcd", 13)
+  assert ref.origin == "recorded" and len(ref.images) == 5
+  with pytest.raises(batching.NotEnoughImages, match=r"has 20 .* 21"):
+    reference.compute_reference(config.data, None, str(tmp_path / "x.npz"),
+                                split="validation", num_images=21, extractor=ex)
+
+
+# --- the preprocessing protocol -------------------------------------------------------------
+
+def _save_stats(path, d_pool, d_spatial, images=True, **record):
+  rng = np.random.default_rng(0)
+  kw = dict(mu=np.zeros(d_pool), sigma=np.eye(d_pool), mu_s=np.zeros(d_spatial),
+            sigma_s=np.eye(d_spatial))
+  if images:
+    kw["images"] = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  return reference.load_reference(reference.save_reference(str(path), **kw,
+                                                           **record))
+
+
+def test_adm_format_reference_selects_adm_tf(tmp_path):
+  # ADM's layout: arr_0 + 2048-d mu/sigma + 2023-d mu_s/sigma_s, no record.
+  ref = _save_stats(tmp_path / "VIRTUAL_imagenet256_labeled.npz", 2048, 2023)
+  assert ref.origin == "adm"
+  assert reference.resolve_preprocess(ref, "auto") == "adm_tf"
+  assert reference.resolve_preprocess(ref, "adm_tf") == "adm_tf"
+  with pytest.raises(reference.ProtocolMismatch) as e:
+    reference.resolve_preprocess(ref, "pytorch_fid")
+  msg = str(e.value)
+  for word in ("adm_tf", "pytorch_fid", "ADM", "config.evaluate.preprocess=auto"):
+    assert word in msg
+  assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+
+
+def test_recorded_unknown_and_images_only_references(tmp_path, caplog):
+  rec = _save_stats(tmp_path / "rec.npz", 6, 3, preprocess="pytorch_fid",
+                    inception_weights="aa11", num_images=50)
+  assert rec.origin == "recorded" and rec.num_images == 50
+  assert reference.resolve_preprocess(rec, "auto") == "pytorch_fid"
+  with pytest.raises(reference.ProtocolMismatch, match=r"'pytorch_fid'.*'adm_tf'"):
+    reference.resolve_preprocess(rec, "adm_tf")
+  reference.check_inception_weights(rec, "aa11")
+  reference.check_inception_weights(rec, None)     # weights not known: no check
+  with pytest.raises(reference.ProtocolMismatch, match=r"aa11.*bb22"):
+    reference.check_inception_weights(rec, "bb22")
+  with pytest.raises(reference.ProtocolMismatch, match="Unknown"):
+    reference.resolve_preprocess(rec, "bicubic")
+
+  unknown = _save_stats(tmp_path / "unknown.npz", 6, 3)   # no record, not ADM
+  assert unknown.origin == "unknown"
+  caplog.set_level(logging.WARNING)
+  assert reference.resolve_preprocess(unknown, "auto") == "pytorch_fid"
+  assert "unknown origin" in caplog.text
+  caplog.clear()
+  assert reference.resolve_preprocess(unknown, "adm_tf") == "adm_tf"
+  assert "unknown origin" in caplog.text
+
+  caplog.clear()
+  np.savez(tmp_path / "imgs.npz", np.zeros((3, 8, 8, 3), np.uint8))
+  imgs = reference.load_reference(str(tmp_path / "imgs.npz"))
+  assert imgs.origin == "images"
+  assert reference.resolve_preprocess(imgs, "auto") == "pytorch_fid"
+  assert reference.resolve_preprocess(imgs, "adm_tf") == "adm_tf"
+  assert "unknown origin" not in caplog.text
+
+
+def test_evaluate_samples_follows_and_enforces_the_record(tmp_path):
+  rng = np.random.default_rng(2)
+  samples, other = _images(rng, 12), _images(rng, 12, shift=40)
+  np.savez(tmp_path / "s.npz", samples)
+  feats = FakeExtractor(12)(other)
+  reference.save_reference(
+      str(tmp_path / "r.npz"), images=other, preprocess="adm_tf",
+      inception_weights="w1", num_images=12,
+      **dict(zip(("mu", "sigma"), _np_stats(feats["pool"]))),
+      **dict(zip(("mu_s", "sigma_s"), _np_stats(feats["spatial"]))))
+  ex = FakeExtractor()
+  ex.preprocess, ex.weights_id = "adm_tf", "w1"
+  res = gen_metrics.evaluate_samples(str(tmp_path / "s.npz"),
+                                     str(tmp_path / "r.npz"), extractor=ex)
+  assert res["preprocess"] == "adm_tf" and res["fid"] > 0
+  with pytest.raises(reference.ProtocolMismatch, match="pytorch_fid"):
+    gen_metrics.evaluate_samples(str(tmp_path / "s.npz"),
+                                 str(tmp_path / "r.npz"), extractor=ex,
+                                 preprocess="pytorch_fid")
+  ex.weights_id = "w2"
+  with pytest.raises(reference.ProtocolMismatch, match="w1"):
+    gen_metrics.evaluate_samples(str(tmp_path / "s.npz"),
+                                 str(tmp_path / "r.npz"), extractor=ex)
+  # A set against itself: exactly 0, never negative.
+  np.savez(tmp_path / "same.npz", samples)
+  same = gen_metrics.evaluate_samples(str(tmp_path / "s.npz"),
+                                      str(tmp_path / "same.npz"),
+                                      extractor=FakeExtractor())
+  assert same["fid"] >= 0.0 and same["sfid"] >= 0.0
+
+
+def test_weights_fingerprint_identifies_the_values():
+  from genvis_jax.evaluate import inception
+  rng = np.random.default_rng(3)
+  tree = {"a": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)},
+          "b": {"scale": np.ones(4, np.float32)}}
+  fp = inception.weights_fingerprint(tree)
+  assert fp == inception.weights_fingerprint(
+      jax.tree_util.tree_map(jnp.asarray, tree))
+  tree["b"]["scale"][1] += 1e-6
+  assert inception.weights_fingerprint(tree) != fp
+
+
+# --- tokenizer evaluation ----------------------------------------------------------------------
+
+class FakeTokenizer(nn.Module):
+  """4x4-patch grey-level codes 1..16 (an all-zero image -> code 0, so padding
+  that leaks into a metric shows), and a second map (factorized usage)."""
+  dtype: str = "float32"
+
+  def encode(self, x):
+    b, h, w, _ = x.shape
+    g = x.reshape(b, h // 4, 4, w // 4, 4, 3).mean((2, 4, 5))
+    codes = jnp.clip(jnp.floor(g * 16), 0, 15).astype(jnp.int32) + 1
+    codes = jnp.where(jnp.all(x == 0, axis=(1, 2, 3))[:, None, None], 0, codes)
+    return codes, codes % 3
+
+  def decode(self, codes):
+    v = jnp.where(codes[0] == 0, 0.0, (codes[0] - 0.5) / 16)
+    v = jnp.repeat(jnp.repeat(v, 4, 1), 4, 2)[..., None]
+    return jnp.repeat(v, 3, -1).astype(self.dtype)
+
+
+def _numpy_tokenizer(x):
+  b, h, w, _ = x.shape
+  g = x.astype(np.float64).reshape(b, h // 4, 4, w // 4, 4, 3).mean((2, 4, 5))
+  c = np.clip(np.floor(g * 16), 0, 15).astype(int) + 1
+  y = np.repeat(np.repeat((c - 0.5) / 16, 4, 1), 4, 2)[..., None].repeat(3, -1)
+  return c, y
+
+
+@pytest.fixture
+def tok_config(monkeypatch):
+  from configs import base
+  from genvis_jax.evaluate import inception
+  from genvis_jax.models import lpips
+  built = []
+
+  def build(cfg):
+    built.append(cfg)
+    return FakeTokenizer(dtype=cfg.dtype)
+  monkeypatch.setattr(tokenizer.models, "build", build)
+  monkeypatch.setattr(tokenizer.ckpt_lib, "load_model_params",
+                      lambda cfg, path: {})
+  monkeypatch.setattr(lpips, "load_lpips_params", lambda path: {})
+  monkeypatch.setattr(lpips, "lpips_distance", lambda p, a, b, value_range: (
+      jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))))
+  monkeypatch.setattr(inception, "load_inception_params", lambda path: {})
+  monkeypatch.setattr(inception, "InceptionExtractor",
+                      lambda params, batch_size, preprocess: FakeExtractor(
+                          batch_size))
+  c = base.get_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name="fake", dtype="bfloat16", param_dtype="float32", num_codes=(32, 3)))
+  c.data.image_size = 32
+  c.data.num_classes = 10
+  c.data.num_examples = 20
+  c.data.random_flip = False
+  c.evaluate.update(dict(kind="tokenizer", checkpoint="/ckpt", num_images=13,
+                         lpips_path="/lpips.npz", inception="/inception"))
+  return c, built
+
+
+@pytest.mark.parametrize("batch", [4, 13])
+def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
+  from genvis_jax.data import DemoSource
+  from genvis_jax.train import metrics as metrics_lib
+  config, built = tok_config
+  config.evaluate.batch_size = batch
+  res = tokenizer.evaluate_tokenizer(config, str(tmp_path))
+  # The tokenizer computed in float32 although config.model says bfloat16.
+  assert built[-1].dtype == "float32" and config.model.dtype == "bfloat16"
+  assert res["dtype"] == "float32"
+  src = DemoSource("validation", num_examples=20)
+  x = np.stack([src[i]["image"] for i in range(13)]).astype(np.float32) / 255
+  codes, y = _numpy_tokenizer(x)
+  mse = np.mean(np.square(x - y), axis=(1, 2, 3))
+  assert res["num_images"] == 13
+  assert res["psnr"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
+  assert res["mse"] == pytest.approx(np.mean(mse), rel=1e-5)
+  assert res["ssim"] == pytest.approx(np.mean(_ssim_reference(x, y)), abs=2e-5)
+  assert res["lpips"] == pytest.approx(np.mean(np.abs(x - y)), rel=1e-5)
+  assert res["codes_used_0"] == np.unique(codes).size
+  assert res["codebook_usage_0"] == pytest.approx(np.unique(codes).size / 32)
+  assert res["codes_used_1"] == np.unique(codes % 3).size
+  fx = FakeExtractor(13)(metrics_lib.to_uint8(x))["pool"]
+  fy = FakeExtractor(13)(metrics_lib.to_uint8(y))["pool"]
+  assert res["rfid"] == pytest.approx(
+      _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
+  assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 13
+  assert (tmp_path / "reconstructions.png").exists()
+
+
+def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path):
+  config, _ = tok_config
+  config.evaluate.update(dict(num_images=21, batch_size=4))
+  with pytest.raises(batching.NotEnoughImages,
+                     match=r"has 20 images but 21 .*config\.evaluate\.num_images"):
+    tokenizer.evaluate_tokenizer(config, str(tmp_path))
+  config.evaluate.update(dict(num_images=5, dtype=""))   # keep the model's dtype
+  tokenizer.evaluate_tokenizer(config, str(tmp_path))
+
+
+def _random_params(model_config):
+  """Random weights from the abstract tree (compiling the model's init takes
+  15 s on a 2-core CPU): fan-in scaled kernels, unit scales, zero biases."""
+  from genvis_jax import models
+  abstract = jax.eval_shape(lambda r: models.init_params(model_config, r),
+                            jax.random.key(0))
+  rng = np.random.default_rng(0)
+
+  def leaf(path, a):
+    if len(a.shape) >= 2:
+      fan_in = int(np.prod(a.shape[:-1]))
+      return rng.normal(size=a.shape).astype(a.dtype) / np.sqrt(fan_in)
+    scale = str(path[-1].key) == "scale"
+    return (np.ones if scale else np.zeros)(a.shape, a.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def test_bf16_tokenizer_evaluates_with_fp32_codes():
+  from configs import demo
+  from genvis_jax import models
+  cfg = demo.tokenizer_config().model
+  cfg.update(dict(image_size=16, hidden_channels=32, channel_mult=(1, 2),
+                  z_channels=32, code_dim=32, num_codes=64, dtype="bfloat16"))
+  ev_cfg = tokenizer.eval_model_config(cfg, "float32")
+  assert cfg.dtype == "bfloat16" and ev_cfg.dtype == "float32"
+  assert tokenizer.eval_model_config(cfg, "") is cfg
+  fp32_cfg = cfg.copy_and_resolve_references()
+  fp32_cfg.dtype = "float32"
+  params = _random_params(fp32_cfg)
+  x = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+
+  def roundtrip(c):
+    m = models.build(c)
+
+    @jax.jit
+    def fn(p, x):
+      codes = m.apply({"params": p}, x, method="encode")
+      return codes, m.apply({"params": p}, codes, method="decode")
+    codes, rec = fn(params, x)
+    return np.asarray(codes), np.asarray(rec, np.float32)
+  codes_ev, rec_ev = roundtrip(ev_cfg)
+  codes_32, rec_32 = roundtrip(fp32_cfg)
+  _, rec_16 = roundtrip(cfg)
+  np.testing.assert_array_equal(codes_ev, codes_32)
+  np.testing.assert_array_equal(rec_ev, rec_32)
+  assert np.max(np.abs(rec_16 - rec_32)) > 1e-4   # bf16 really differs
