@@ -4,6 +4,7 @@
   followed by torchvision ``TenCrop(size)``, from a decoded file to the crops
   the tokenizer encodes.
 * Sample bytes = each system's official float -> uint8 conversion.
+* Pipeline floats = torchvision ``ToTensor`` (+ ``Normalize(0.5, 0.5)``).
 * Tokenizers produce data in fp32 even when their config trains in bf16.
 
 The official formulas are re-stated here from their definitions (PIL + numpy),
@@ -21,7 +22,7 @@ from PIL import Image
 
 from configs import base, eq_tokenizer, fqgan_demo
 from genvis_jax import models
-from genvis_jax.data import pretokenize, tokens
+from genvis_jax.data import pretokenize, tokens, transforms
 from genvis_jax.errors import UserError
 from genvis_jax.models import inference
 from genvis_jax.sample import driver
@@ -103,6 +104,16 @@ def test_ten_crop_geometry_matches_official_recipe(photo_folder, size):
     for j in range(10):
       np.testing.assert_array_equal(got[10 * i + j], want[j],
                                     err_msg=f"{name} crop {j} at {size}")
+
+
+def test_pipeline_floats_are_torchvision_totensor_normalize():
+  """RAR feeds ToTensor (x / 255), LlamaGen / FQGAN then Normalize(0.5, 0.5):
+  the exact float32 inputs, for every byte value."""
+  k = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  to_tensor = k.astype(np.float32) / np.float32(255)
+  normalized = (to_tensor - np.float32(0.5)) / np.float32(0.5)
+  np.testing.assert_array_equal(transforms.to_float(k, (0.0, 1.0)), to_tensor)
+  np.testing.assert_array_equal(transforms.to_float(k, (-1, 1)), normalized)
 
 
 # --- uint8 conversion ------------------------------------------------------------
@@ -202,6 +213,23 @@ def test_data_model_config_dtype():
     inference.data_model_config(c.tokenizer)
 
 
+def _random_params(model_cfg, seed):
+  """Random parameters of ``model_cfg`` without compiling its init (slow on
+  CPU): N(0, 1/fan_in) kernels / tables, scales near 1, small biases."""
+  abstract = jax.eval_shape(lambda k: models.init_params(model_cfg, k),
+                            jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name = jax.tree_util.keystr(path)
+    z = rng.standard_normal(a.shape).astype(np.float32)
+    if a.ndim >= 2:
+      return z / np.sqrt(np.prod(a.shape[:-1]))
+    return 1 + 0.1 * z if "scale" in name else 0.1 * z
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def _tiny_fqgan_bf16():
   m = fqgan_demo.fq_tokenizer_demo_config().model
   m.update(dict(image_size=16, hidden_channels=32, channel_mult=(1, 1),
@@ -218,7 +246,7 @@ def _encode(model_cfg, params, images):
 
 def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
   m = _tiny_fqgan_bf16()
-  params = jax.jit(lambda k: models.init_params(m, k))(jax.random.key(0))
+  params = _random_params(m, 0)
   ckpt_lib.save_params(str(tmp_path / "tok"), params)
   root = tmp_path / "imgs"
   (root / "a").mkdir(parents=True)
@@ -254,7 +282,7 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):
       ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
       resolution=16, image_width=16, z_channels=8, embed_dim=8,
       len_down_scale=4, semantic=False, dtype="bfloat16")
-  params = jax.jit(lambda k: models.init_params(m, k))(jax.random.key(0))
+  params = _random_params(m, 0)
   ckpt_lib.save_params(str(tmp_path / "tok"), params)
   c = base.add_tokenizer(base.get_config(), m, (-1.0, 1.0),
                          checkpoint=str(tmp_path / "tok"))

@@ -74,9 +74,19 @@ def random_crop(image: np.ndarray, height: int, width: int | None,
 
 
 def to_float(image: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
-  """uint8 [0, 255] (any shape) -> float32 in ``value_range`` (e.g. (-1, 1))."""
-  lo, hi = value_range
-  return image.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+  """uint8 [0, 255] (any shape) -> float32 in ``value_range`` (e.g. (-1, 1)).
+
+  Bit-identical to the official loaders: torchvision ``ToTensor`` (``x / 255``
+  in float32) for (0, 1), then ``Normalize(0.5, 0.5)`` (``(u - 0.5) / 0.5``)
+  for (-1, 1); multiplying by a rounded ``2 / 255`` differs in the last bit
+  for about half the byte values, which can flip a tokenizer's code."""
+  lo, hi = (float(v) for v in value_range)
+  u = image.astype(np.float32) / np.float32(255.0)
+  if (lo, hi) == (0.0, 1.0):
+    return u
+  if (lo, hi) == (-1.0, 1.0):
+    return (u - np.float32(0.5)) / np.float32(0.5)
+  return u * np.float32(hi - lo) + np.float32(lo)
 
 
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
