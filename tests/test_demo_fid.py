@@ -1,5 +1,6 @@
 """Demo-scale FID on the demo classifier's features: identical sets score ~0,
-two draws of the real demo data score low, shifted / random images high."""
+two draws of the real demo data score low, shifted / random images high; the
+demo evaluators cover exactly the requested image counts at any batch size."""
 
 import jax
 import ml_collections
@@ -39,3 +40,44 @@ def test_demo_fid_orders_distributions(classifier):
   assert d_noise > 3 * real_vs_real
   with pytest.raises(ValueError, match="at least 2"):
     demo_fid(real[:1], real, params, cfg)
+
+
+@pytest.mark.parametrize("batch", [4, 13])
+def test_demo_evaluators_cover_exact_count(classifier, tmp_path, monkeypatch,
+                                          batch):
+  from configs import base
+  from genvis_jax.evaluate import batching
+  from genvis_jax.evaluate.class_score import conditioning_accuracy
+  from genvis_jax.evaluate.demo_fid import evaluate_demo_fid
+  params, cfg = classifier
+  images, labels = demo_shapes(13, seed=3)
+  whole = classifier_features(images, params, cfg, batch_size=13)
+  feats = classifier_features(images, params, cfg, batch_size=batch)
+  assert feats.shape == (13, 32)
+  np.testing.assert_allclose(feats, whole, rtol=1e-5, atol=1e-6)
+  model = models.build(cfg)
+  pred = np.asarray(model.apply({"params": params},
+                                images.astype(np.float32) / 255)).argmax(-1)
+  labels = np.asarray(labels)
+  labels[:5] = pred[:5]                   # some hits, some misses
+  want = float(np.mean(pred == labels))
+  assert conditioning_accuracy(model, params, images, labels,
+                               batch_size=batch) == pytest.approx(want)
+  with pytest.raises(ValueError, match="13 images but 12 labels"):
+    conditioning_accuracy(model, params, images, labels[:12])
+  # The reference must hold the requested number of real images.
+  np.savez(tmp_path / "s.npz", images)
+  from genvis_jax.train import checkpoint as ckpt_lib
+  monkeypatch.setattr(ckpt_lib, "load_model_params", lambda c, d: params)
+  config = base.get_config()
+  config.model = cfg
+  config.data.update(dict(image_size=32, num_classes=10, num_examples=20))
+  config.evaluate = ml_collections.ConfigDict(dict(
+      kind="demo_fid", samples=str(tmp_path / "s.npz"),
+      classifier_checkpoint="/c", num_reference=21, batch_size=batch))
+  with pytest.raises(batching.NotEnoughImages,
+                     match=r"20 images but 21 .*num_reference"):
+    evaluate_demo_fid(config, str(tmp_path / "out"))
+  config.evaluate.num_reference = 13
+  res = evaluate_demo_fid(config, str(tmp_path / "out"))
+  assert res["num_reference"] == 13 and res["demo_fid"] >= 0.0
