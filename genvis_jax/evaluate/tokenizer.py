@@ -192,7 +192,8 @@ def evaluate_tokenizer(config, workdir: str) -> dict:
   value_range = tuple(config.data.get("value_range", (0.0, 1.0)))
   model_config = eval_model_config(config.model, ev.get("dtype", "float32"))
   model = models.build(model_config)
-  params = ckpt_lib.load_model_params(model_config, ev.checkpoint)
+  params = jax.device_put(ckpt_lib.load_model_params(model_config,
+                                                     ev.checkpoint))
   batch_size = int(ev.batch_size)
   split = config.data.eval_split
   # Every process evaluates the same first N images (process 0 of 1).
@@ -217,7 +218,7 @@ def evaluate_tokenizer(config, workdir: str) -> dict:
                if ev.get("inception") else None)
   rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
   sums = dict(psnr=0.0, ssim=0.0, sq=0.0, lpips=0.0)
-  uniques, grid_x, grid_y = None, [], []
+  uniques, discrete, grid_x, grid_y = None, True, [], []
   for images, mask, k in batching.exact_batches(it, n, batch_size, what,
                                                 setting, key="image"):
     rec, codes, s = roundtrip(params, jnp.asarray(images))
@@ -227,9 +228,13 @@ def evaluate_tokenizer(config, workdir: str) -> dict:
     sums["ssim"] += float(np.sum(np.asarray(s)[mask], dtype=np.float64))
     sums["sq"] += float(np.sum(np.square(x.astype(np.float64) - y)))
     maps = codes if isinstance(codes, (tuple, list)) else (codes,)
-    u = [np.unique(np.asarray(m)[:k]) for m in maps]
-    uniques = u if uniques is None else [np.union1d(a, b)
-                                         for a, b in zip(uniques, u)]
+    # Usage of discrete codes only (continuous latents have no codebook).
+    discrete = discrete and all(jnp.issubdtype(m.dtype, jnp.integer)
+                                for m in maps)
+    if discrete:
+      u = [np.unique(np.asarray(m)[:k]) for m in maps]
+      uniques = u if uniques is None else [np.union1d(a, b)
+                                           for a, b in zip(uniques, u)]
     if lpips_fn is not None:
       sums["lpips"] += float(np.sum(lpips_fn(images, rec)[mask],
                                     dtype=np.float64))
@@ -247,7 +252,7 @@ def evaluate_tokenizer(config, workdir: str) -> dict:
       "dtype": str(model_config.get("dtype", "")),
   }
   num_codes = config.model.get("num_codes", None)
-  if num_codes and all(np.issubdtype(u.dtype, np.integer) for u in uniques):
+  if num_codes and discrete:
     single = not isinstance(codes, (tuple, list))
     results.update(codebook_usage(uniques[0] if single else tuple(uniques),
                                   num_codes))
