@@ -4,12 +4,19 @@ Layout of ``workdir/checkpoints/<step>/``: ``state`` (TrainState: params,
 optimizer state, EMA, step), ``data`` (per-process Grain iterator state),
 ``config`` (the run's config as JSON, checked on restore).
 
+Reliability: :meth:`Checkpointer.restore_latest` validates a step's files
+before reading them and falls back to the newest step that loads, moving
+damaged ones aside to ``checkpoints/corrupt-<step>``; a failed (async) save
+raises :class:`CheckpointSaveError` at the next :meth:`Checkpointer.check`
+and leaves no ``.orbax-checkpoint-tmp`` folder behind.
+
 Parameter-only checkpoints (``genvis_jax.convert`` output, ``--config.init_from``)
 are a plain Orbax ``StandardCheckpointer`` directory holding ``{"params": ...}``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
@@ -17,12 +24,23 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from absl import logging
 from etils import epath
 
+from genvis_jax.errors import UserError
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint does not fit the model/config it is restored into."""
+
+
+class CheckpointRestoreError(UserError, RuntimeError):
+  """No checkpoint step of a workdir can be restored (all damaged)."""
+
+
+class CheckpointSaveError(UserError, OSError):
+  """Writing a checkpoint failed (e.g. no space left); training stops."""
 
 
 def _shape_table(tree) -> dict[str, tuple]:
@@ -110,18 +128,65 @@ class Checkpointer:
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         })
+    self._pending = None  # step of a save whose outcome is not checked yet
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter=None, config=None, force=False):
+    """Starts an (async) save of ``step``; raises :class:`CheckpointSaveError`
+    for this save's synchronous part or an earlier save that failed."""
+    self.check(block=True)  # Orbax waits for the previous save anyway
     items = {"state": ocp.args.PyTreeSave(state)}
     if data_iter is not None:
       import grain  # pylint: disable=import-outside-toplevel
       items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items),
+                                force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from e
+    if saved:
+      self._pending = step
+    return saved
+
+  def check(self, block: bool = False, at_step: int | None = None) -> None:
+    """Raises :class:`CheckpointSaveError` if the last started save failed.
+
+    Non-blocking by default (cheap enough for every training step): a save
+    still writing in the background is checked on a later call. ``at_step``
+    (the training step just run) goes into the message.
+    """
+    if self._pending is None:
+      return
+    if not block and self.manager.is_saving_in_progress():
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()  # re-raises the background error
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e, at_step) from e
+    if not (self.directory / str(step)).exists():
+      raise self._save_failed(step, RuntimeError(
+          "the checkpoint was not finalized (Orbax logged why above)"), at_step)
+
+  def _save_failed(self, step: int, error: BaseException,
+                   at_step: int | None = None) -> CheckpointSaveError:
+    """Removes the half-written step and builds the one error message."""
+    if jax.process_index() == 0:
+      for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        tmp.rmtree(missing_ok=True)
+    previous = [s for s in self.manager.all_steps() if s < step]
+    kept = (f"the newest complete checkpoint is step {max(previous)}, which a "
+            "restart resumes from" if previous else "no earlier checkpoint exists")
+    return CheckpointSaveError(
+        f"Saving checkpoint step {step} under {self.directory} failed: "
+        f"{save_error_cause(error)}. Training stopped at step "
+        f"{step if at_step is None else at_step}; {kept}. Free space "
+        "there (or lower config.train.keep_checkpoints), or use another "
+        "--workdir.")
 
   def saved_config(self, step: int) -> dict | None:
     path = self.directory / str(step) / "config"
@@ -145,12 +210,143 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
+  def restore_latest(self, abstract_state, data_iter=None, config=None):
+    """Restores the newest step that loads: ``(step, state)``, or
+    ``(None, None)`` for a workdir without checkpoints.
+
+    Each step's files are validated before Orbax reads them (a truncated
+    TensorStore file can otherwise abort the process). A step that fails is
+    logged with its reason; once an older step loads, the failed ones are
+    moved to ``checkpoints/corrupt-<step>`` (never deleted). A checkpoint of
+    a different model config (:class:`CheckpointMismatchError`) is not damage
+    and is raised as is.
+
+    Raises:
+      CheckpointRestoreError: no step loads; lists each step and its reason
+        (nothing is moved).
+    """
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        validate_step(self.directory / str(step), with_data=data_iter is not None)
+        if config is not None:
+          check_config_matches(self.saved_config(step), config)
+        state = self.restore(step, abstract_state, data_iter)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        reason = _first_line(e)
+        logging.warning("Checkpoint step %d in %s cannot be restored (%s); "
+                        "trying the previous step.", step, self.directory, reason)
+        failed.append((step, reason))
+        continue
+      for bad, _ in failed:
+        self._move_aside(bad)
+      return step, state
+    if failed:
+      raise CheckpointRestoreError(
+          f"No checkpoint under {self.directory} can be restored; tried:\n  " +
+          "\n  ".join(f"step {s}: {r}" for s, r in failed) +
+          "\nNothing was moved or deleted. Restore the files from a backup, "
+          "or start from a fresh --workdir (--config.init_from=DIR loads "
+          "parameters only).")
+    return None, None
+
+  def _move_aside(self, step: int) -> None:
+    """``checkpoints/<step>`` -> ``checkpoints/corrupt-<step>[.n]`` (kept for
+    inspection; Orbax ignores non-numeric names)."""
+    src = self.directory / str(step)
+    if jax.process_index() == 0:
+      dst = self.directory / f"corrupt-{step}"
+      n = 0
+      while dst.exists():
+        n += 1
+        dst = self.directory / f"corrupt-{step}.{n}"
+      src.rename(dst)
+      logging.warning("Moved damaged checkpoint %s to %s.", src, dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"genvis_move_aside_{step}")
+    self.manager.reload()
+
   def wait(self):
-    self.manager.wait_until_finished()
+    self.check(block=True)
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.check(block=True)
     self.manager.close()
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()
+  text = text[0] if text else ""
+  return f"{type(e).__name__}: {text[:limit]}"
+
+
+def save_error_cause(error: BaseException) -> str:
+  """A short cause for a failed save; names a full disk plainly (Orbax /
+  TensorStore report it as ``RESOURCE_EXHAUSTED ... [os_error_code='28']``)."""
+  chain, e = [], error
+  while e is not None and len(chain) < 10:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in chain:
+    if (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        or "os_error_code='28'" in str(e)):
+      return f"no space left on device ({_first_line(e)})"
+  return _first_line(error)
+
+
+def _kvstore_url(path: epath.Path) -> str:
+  text = str(path).rstrip("/") + "/"
+  return text if "://" in text else "file://" + os.path.abspath(text) + "/"
+
+
+def _check_ocdbt(state_dir: epath.Path) -> None:
+  """Reads the last byte of every value of the OCDBT database: a truncated
+  data file or a damaged manifest / b-tree node raises here, cheaply, instead
+  of inside Orbax's parallel restore."""
+  if not (state_dir / "manifest.ocdbt").exists():
+    if list(state_dir.glob("ocdbt.process_*")):
+      raise ValueError("state/manifest.ocdbt is missing")
+    return  # not an OCDBT checkpoint
+  kv = ts.KvStore.open({"driver": "ocdbt",
+                        "base": _kvstore_url(state_dir)}).result()
+  keys = kv.list().result()
+  if not keys:
+    raise ValueError("state/ holds no arrays")
+  reads = [(k, kv.read(k, byte_range=slice(-1, None))) for k in keys]
+  for key, read in reads:
+    try:
+      result = read.result()
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"state/{key.decode()} is unreadable ({str(e).strip()[:300]})") from e
+    if result.state != "value":
+      raise ValueError(f"state/{key.decode()} is missing")
+
+
+def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
+  """Cheap checks that ``checkpoints/<step>`` can be read, before reading it.
+
+  Raises ValueError (or the underlying JSON / TensorStore error) naming the
+  first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
+  JSON metadata or data-iterator state, truncated OCDBT files.
+  """
+  state = step_dir / "state"
+  if not state.exists():
+    raise ValueError("state/ is missing")
+  if not (state / "_METADATA").exists():
+    raise ValueError("state/_METADATA is missing")
+  json.loads((state / "_METADATA").read_text())
+  for item in ("config", "data"):
+    if item == "data" and not with_data:
+      continue
+    for f in sorted((step_dir / item).glob("*.json")) + sorted(
+        (step_dir / item).glob("metadata")):
+      try:
+        json.loads(f.read_text())
+      except ValueError as e:
+        raise ValueError(f"{item}/{f.name} is not valid JSON ({e})") from e
+  _check_ocdbt(state)
 
 
 def check_config_matches(saved: dict | None, config) -> None:

@@ -14,9 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from genvis_jax.train import checkpoint as ckpt_lib
+from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import metrics as metrics_lib
 from genvis_jax.train import sharding as shd
 from genvis_jax.train import state as state_lib
@@ -24,8 +26,10 @@ from genvis_jax.train import step as step_lib
 from genvis_jax.train import tasks as tasks_lib
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Loss or gradients became NaN/Inf."""
+# Raised by the loop's health checks (see train/guard.py); UserErrors.
+NonFiniteLossError = guard_lib.NonFiniteLossError
+DivergenceError = guard_lib.DivergenceError
+TrainingDivergedError = guard_lib.TrainingDivergedError
 
 
 def setup(config, *, mesh=None, devices=None):
@@ -83,6 +87,17 @@ class Trainer:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         self.abstract, self.shardings)
 
+  @functools.cached_property
+  def _param_norms(self):
+    return jax.jit(lambda params: {g: optax.tree.norm(p)
+                                   for g, p in params.items()})
+
+  def param_norms(self, state) -> dict[str, float]:
+    """Global L2 norm of each parameter group, on the host (one small jit)."""
+    with self.context():
+      return {g: float(v) for g, v in
+              jax.device_get(self._param_norms(state.params)).items()}
+
   def step(self, state, local_batch):
     batch = shd.host_to_global(local_batch, self.mesh)
     with self.context():
@@ -121,11 +136,10 @@ def train_loop(config, workdir: str, on_log=None):
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir, mesh=mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  latest = ckpt.latest_step()
+  # The newest step that loads; damaged newer ones are moved aside.
+  latest, state = ckpt.restore_latest(trainer.abstract_state(), data_iter, config)
   if latest is not None:
-    ckpt_lib.check_config_matches(ckpt.saved_config(latest), config)
-    logging.info("Resuming from %s step %d", ckpt.directory, latest)
-    state = ckpt.restore(latest, trainer.abstract_state(), data_iter)
+    logging.info("Resumed from %s step %d", ckpt.directory, latest)
   else:
     state = trainer.init_state()
     if config.init_from:
@@ -150,6 +164,11 @@ def train_loop(config, workdir: str, on_log=None):
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
   progress = metrics_lib.Progress(start, num_steps)
+  guard = guard_lib.DivergenceGuard(
+      config.train.get("divergence_factor", guard_lib.DEFAULT_DIVERGENCE_FACTOR),
+      config.train.get("check_finite", True))
+  guard.record(None, trainer.param_norms(state))
+  checked = start   # last step whose state passed the health checks
   acc, acc_n = None, 0
   vis_batch = None
   for step in range(start, num_steps):
@@ -157,19 +176,28 @@ def train_loop(config, workdir: str, on_log=None):
     if vis_batch is None:
       vis_batch = jax.tree_util.tree_map(np.asarray, local)
     state, metrics = trainer.step(state, local)
+    done = step + 1
+    ckpt.check(at_step=done)  # a failed background save stops here (non-blocking)
     acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
     acc_n += 1
-    done = step + 1
-    if done % config.train.log_every == 0 or done == num_steps:
-      scalars = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
-      if scalars.pop("nonfinite") > 0:
-        ckpt.wait()
-        raise NonFiniteLossError(
-            f"Loss or gradients became NaN/Inf between steps {done - acc_n} and "
-            f"{done}. The update was skipped, no checkpoint was written with it "
-            f"(latest intact checkpoint: step {ckpt.latest_step()}). Lower "
-            "config.optimizer.lr, enable config.train.grad_clip, or use float32 "
-            "(config.model.dtype).")
+    log_now = done % config.train.log_every == 0 or done == num_steps
+    save_now = done % config.train.checkpoint_every == 0 or done == num_steps
+    if log_now or save_now:
+      # Health checks on what logging fetches anyway, and always right before
+      # a save, so a diverged state is never written as a checkpoint.
+      means = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
+      norms = trainer.param_norms(state)
+      _check_health(config, guard, means, norms, acc_n, checked, done, ckpt)
+      checked = done
+    if log_now:
+      scalars = dict(means)
+      nonfinite_steps = round(scalars.pop("nonfinite") * acc_n)
+      guard.record(scalars["loss"], norms)
+      if nonfinite_steps:   # only reached with check_finite off
+        logging.warning("%d update(s) with NaN/Inf loss or gradients skipped "
+                        "in steps %d-%d.", nonfinite_steps, done - acc_n + 1, done)
+      scalars["nonfinite_steps"] = float(nonfinite_steps)
+      scalars.update({f"param_norm/{g}": v for g, v in norms.items()})
       scalars.update(progress(done))
       scalars["skipped_records"] = float(info.num_skipped)
       writer.write_scalars(done, scalars)
@@ -182,11 +210,38 @@ def train_loop(config, workdir: str, on_log=None):
     if config.train.image_every and (done % config.train.image_every == 0
                                      or done == num_steps):
       _write_visuals(trainer, state, vis_batch, writer, workdir, done)
-    if done % config.train.checkpoint_every == 0 or done == num_steps:
+    if save_now:
       ckpt.save(done, state, data_iter, config)
   ckpt.close()
   writer.flush()
   return state
+
+
+def _check_health(config, guard, means, norms, acc_n, checked, done, ckpt):
+  """Raises a TrainingDivergedError (NaN/Inf or runaway) for steps
+  ``checked+1..done``, naming the checkpoint to restart from and the knobs."""
+  nonfinite = round(means.get("nonfinite", 0.0) * acc_n)
+  what, cls = None, guard_lib.NonFiniteLossError
+  if nonfinite and guard.check_finite:
+    what = (f"the loss or gradients became NaN/Inf in {nonfinite} of the last "
+            f"{acc_n} updates (each such update was skipped)")
+  else:
+    what = guard.nonfinite_params(norms)
+  if what is None:
+    what, cls = guard.runaway(means["loss"], norms), guard_lib.DivergenceError
+  if what is None:
+    return
+  ckpt.wait()
+  latest = ckpt.latest_step()
+  if latest is None:
+    where = "no checkpoint was written before; start again from a fresh --workdir"
+  else:
+    where = (f"the newest checkpoint, step {latest} ({ckpt.directory / str(latest)}), "
+             "passed these checks before it was written (finite, sane "
+             "parameters) and a restart with the same --workdir resumes from it")
+  raise cls(guard_lib.diverged_message(what, checked, done, where) +
+            " To fix: " + guard_lib.advice(config, nonfinite=cls is
+                                           guard_lib.NonFiniteLossError))
 
 
 def _write_visuals(trainer, state, vis_batch, writer, workdir, step):

@@ -1,0 +1,111 @@
+"""Run-health checks of the training loop: NaN/Inf and finite divergence.
+
+Checked on values the loop fetches anyway (the interval's mean metrics at log
+steps and right before each checkpoint) plus one parameter-norm reduction at
+those steps, so no step adds a device sync and no diverged state is saved.
+
+- ``config.train.check_finite`` (bool): stop on a NaN/Inf loss, gradient or
+  parameter norm. Off: the step already skips such updates; they are counted
+  in the ``nonfinite_steps`` scalar and training goes on.
+- ``config.train.divergence_factor`` (float, 0 = off): stop when the mean loss
+  of an interval exceeds this multiple of the running median of earlier
+  intervals (once ``MIN_HISTORY`` intervals are known and the median is
+  positive), or a parameter group's norm exceeds this multiple of its running
+  median (seeded with the norm of the state the run starts from).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+
+from genvis_jax.errors import UserError
+
+DEFAULT_DIVERGENCE_FACTOR = 100.0
+MIN_HISTORY = 5   # loss intervals needed before the loss bound applies
+WINDOW = 50       # intervals in the running medians
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+  """Training stopped because its numbers blew up (NaN/Inf or a runaway)."""
+
+
+class NonFiniteLossError(TrainingDivergedError):
+  """Loss, gradients or parameters became NaN/Inf (``train.check_finite``)."""
+
+
+class DivergenceError(TrainingDivergedError):
+  """A finite runaway: loss or parameter norm far above its running median."""
+
+
+class DivergenceGuard:
+  """Running medians of the interval loss and of each group's parameter norm.
+
+  ``check`` returns a reason (str) when the new values are out of bounds,
+  else None; ``record`` adds one log interval to the history.
+  """
+
+  def __init__(self, factor: float, check_finite: bool = True):
+    self.factor = float(factor)
+    self.check_finite = bool(check_finite)
+    self._loss = collections.deque(maxlen=WINDOW)
+    self._norms = collections.defaultdict(
+        lambda: collections.deque(maxlen=WINDOW))
+
+  def record(self, loss: float | None, param_norms: dict[str, float]) -> None:
+    if loss is not None and math.isfinite(loss):
+      self._loss.append(float(loss))
+    for g, v in param_norms.items():
+      if math.isfinite(v):
+        self._norms[g].append(float(v))
+
+  def nonfinite_params(self, param_norms: dict[str, float]) -> str | None:
+    bad = [g for g, v in param_norms.items() if not math.isfinite(v)]
+    if bad and self.check_finite:
+      return f"the parameter norm of group(s) {', '.join(bad)} is NaN/Inf"
+    return None
+
+  def runaway(self, loss: float, param_norms: dict[str, float]) -> str | None:
+    """Why the finite values count as divergence, or None."""
+    if self.factor <= 0:
+      return None
+    if len(self._loss) >= MIN_HISTORY and math.isfinite(loss):
+      med = float(np.median(self._loss))
+      if med > 0 and loss > self.factor * med:
+        return (f"the loss {loss:.4g} is {loss / med:.3g}x its running median "
+                f"{med:.4g} (config.train.divergence_factor={self.factor:g})")
+    for g, v in param_norms.items():
+      if math.isfinite(v) and self._norms[g]:
+        med = float(np.median(self._norms[g]))
+        if med > 0 and v > self.factor * med:
+          return (f"the parameter norm of group {g!r} is {v:.4g}, {v / med:.3g}x "
+                  f"its running median {med:.4g} "
+                  f"(config.train.divergence_factor={self.factor:g})")
+    return None
+
+
+def advice(config, *, nonfinite: bool) -> str:
+  """The knobs worth turning for this config (never one already turned)."""
+  tips = [f"lower config.optimizer.lr (now {config.optimizer.lr:g})"]
+  if not float(config.train.get("grad_clip", 0.0)) > 0:
+    tips.append("enable gradient clipping (config.train.grad_clip=1.0)")
+  if not int(config.optimizer.get("warmup_steps", 0) or 0):
+    tips.append("add a warm-up (config.optimizer.warmup_steps)")
+  dtype = str(config.get("model", {}).get("dtype", "float32"))
+  if dtype in ("bfloat16", "float16"):
+    tips.append(f"compute in float32 (config.model.dtype=float32; now {dtype})")
+  if nonfinite:
+    tips.append("or set config.train.check_finite=False to skip such updates "
+                "and keep training")
+  else:
+    tips.append("or, if this rise is expected, raise "
+                "config.train.divergence_factor (0 turns the check off)")
+  return "; ".join(tips) + "."
+
+
+def diverged_message(what: str, first: int, last: int, checkpoint: str) -> str:
+  """One message: what happened, in which steps, where to restart from."""
+  return (f"Training diverged between steps {first} and {last}: {what}. "
+          f"No checkpoint was written after step {first}; {checkpoint}.")

@@ -1,0 +1,232 @@
+"""Reliability of the real training loop: damaged checkpoints fall back to the
+previous step (then match an uninterrupted run bit for bit), failed saves stop
+the run with one message, and NaN / runaway training stops before a diverged
+state is saved."""
+
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+from genvis_jax.errors import UserError
+from genvis_jax.train import checkpoint as ckpt_lib
+from genvis_jax.train import guard as guard_lib
+from genvis_jax.train import trainer as trainer_lib
+from tests.test_checkpoint_resume import _config  # the smallest resumable run
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """An uninterrupted 9-step run, and a 6-step workdir with checkpoints 3, 6."""
+  root = tmp_path_factory.mktemp("reliability")
+  full = trainer_lib.train_and_evaluate(_config(9), str(root / "full"))
+  base = str(root / "base")
+  trainer_lib.train_and_evaluate(_config(6), base)
+  assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["3", "6"]
+  return _leaves(full), base
+
+
+def _copy(base, tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(base, wd)
+  return wd
+
+
+def _truncate_largest_data_file(step_dir):
+  d = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+  f = max((os.path.join(d, n) for n in os.listdir(d)), key=os.path.getsize)
+  with open(f, "r+b") as fh:
+    fh.truncate(os.path.getsize(f) // 2)
+
+
+DAMAGES = {
+    "truncated_ocdbt_file": _truncate_largest_data_file,
+    "no_state_metadata": lambda s: os.remove(os.path.join(s, "state", "_METADATA")),
+    "empty_iterator_json": lambda s: open(
+        os.path.join(s, "data", "process_0-of-1.json"), "w").close(),
+    "no_state_dir": lambda s: shutil.rmtree(os.path.join(s, "state")),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_latest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
+  full, base = runs
+  wd = _copy(base, tmp_path)
+  DAMAGES[damage](os.path.join(wd, "checkpoints", "6"))
+  with caplog.at_level(logging.WARNING):
+    resumed = trainer_lib.train_and_evaluate(_config(9), wd)
+  warnings = [r.getMessage() for r in caplog.records
+              if "cannot be restored" in r.getMessage()]
+  assert len(warnings) == 1 and "step 6" in warnings[0], warnings
+  # Moved aside, not deleted; training redid steps 4..9 from step 3.
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "corrupt-6"))
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 9
+  for a, b in zip(full, _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_truncation_is_caught_before_orbax_reads(runs, tmp_path):
+  wd = _copy(runs[1], tmp_path)
+  step_dir = epath.Path(wd) / "checkpoints" / "6"
+  ckpt_lib.validate_step(step_dir)  # intact: passes
+  _truncate_largest_data_file(str(step_dir))
+  with pytest.raises(ValueError, match="is unreadable.*OUT_OF_RANGE"):
+    ckpt_lib.validate_step(step_dir)
+
+
+def test_no_loadable_checkpoint_lists_what_was_tried(runs, tmp_path):
+  wd = _copy(runs[1], tmp_path)
+  for step in ("3", "6"):
+    os.remove(os.path.join(wd, "checkpoints", step, "state", "_METADATA"))
+  with pytest.raises(ckpt_lib.CheckpointRestoreError) as e:
+    trainer_lib.train_and_evaluate(_config(9), wd)
+  assert isinstance(e.value, UserError)
+  msg = str(e.value)
+  assert "step 6: ValueError: state/_METADATA is missing" in msg
+  assert "step 3: ValueError: state/_METADATA is missing" in msg
+  # Nothing is moved when nothing loads (it may be a config or code problem).
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+
+
+class _NoSpaceFuture:
+  """A background write that fails the way TensorStore reports a full disk."""
+
+  def result(self, timeout=None):
+    del timeout
+    raise ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed '
+        "to write 14723 bytes to file 5: No space left on device "
+        "[os_error_code='28']")
+
+
+@pytest.mark.parametrize("where", ["background", "foreground"])
+def test_failed_save_stops_training_with_one_message(tmp_path, monkeypatch,
+                                                      where):
+  orig = ocp.PyTreeCheckpointHandler.async_save
+  calls = []
+
+  async def failing_second_save(self, *args, **kwargs):
+    calls.append(1)
+    futures = await orig(self, *args, **kwargs)
+    if len(calls) < 2:
+      return futures
+    if where == "foreground":
+      raise OSError(28, "No space left on device")
+    return list(futures or []) + [_NoSpaceFuture()]
+
+  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save",
+                      failing_second_save)
+  seen = []
+  wd = str(tmp_path / "wd")
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
+    trainer_lib.train_loop(_config(9), wd,
+                           on_log=lambda s, _: seen.append(s))
+  msg = str(e.value)
+  assert isinstance(e.value, UserError)
+  assert "step 6" in msg and "no space left on device" in msg, msg
+  assert str(tmp_path / "wd" / "checkpoints") in msg
+  assert "newest complete checkpoint is step 3" in msg
+  # Stopped at the save or the step after it, long before the next save (9).
+  assert max(seen) <= 8, seen
+  names = os.listdir(os.path.join(wd, "checkpoints"))
+  assert not [n for n in names if "tmp" in n], names
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
+class _NaNAtStep:
+  """Wraps the training iterator: step ``bad`` (0-based) gets NaN images."""
+
+  def __init__(self, it, bad):
+    self._it, self._bad, self._i = it, bad, 0
+
+  def __next__(self):
+    batch = next(self._it)
+    if self._i == self._bad:
+      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    self._i += 1
+    return batch
+
+  def __iter__(self):
+    return self
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+@pytest.fixture
+def nan_at_step_4(monkeypatch):
+  orig = trainer_lib.create_train_iterator
+
+  def create(config, task, **kw):
+    it, info = orig(config, task, **kw)
+    return _NaNAtStep(it, 3), info
+
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", create)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_nan_loss_honours_check_finite(tmp_path, nan_at_step_4, check_finite):
+  c = _config(6)
+  c.train.check_finite = check_finite
+  wd = str(tmp_path / "wd")
+  logs = {}
+  if check_finite:
+    with pytest.raises(trainer_lib.NonFiniteLossError) as e:
+      trainer_lib.train_loop(c, wd, on_log=logs.__setitem__)
+    msg = str(e.value)
+    assert "between steps 3 and 4" in msg and "NaN/Inf in 1 of" in msg, msg
+    assert "newest checkpoint, step 3" in msg
+    assert "grad_clip" not in msg   # already on in this config
+    assert "check_finite=False" in msg
+    assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+  else:
+    state = trainer_lib.train_loop(c, wd, on_log=logs.__setitem__)
+    assert int(state.step) == 6
+    assert logs[4]["nonfinite_steps"] == 1.0 and logs[6]["nonfinite_steps"] == 0.0
+    assert all(np.isfinite(x).all() for x in _leaves(state.params))
+
+
+def test_finite_runaway_stops_before_a_diverged_checkpoint(runs, tmp_path):
+  """lr=1e8 with clipping on: the loss stays finite (the issue ran to the end
+  with loss 1e17); the guard stops at the first check after step 3."""
+  wd = _copy(runs[1], tmp_path)
+  shutil.rmtree(os.path.join(wd, "checkpoints", "6"))
+  c = _config(9, lr=1e8)
+  with pytest.raises(trainer_lib.DivergenceError) as e:
+    trainer_lib.train_and_evaluate(c, wd)
+  msg = str(e.value)
+  assert isinstance(e.value, UserError)
+  assert "between steps 3 and 4" in msg and "parameter norm" in msg, msg
+  assert "newest checkpoint, step 3" in msg
+  assert "optimizer.lr (now 1e+08)" in msg
+  assert "grad_clip" not in msg and "divergence_factor" in msg
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
+def test_guard_loss_bound_uses_running_median():
+  g = guard_lib.DivergenceGuard(10.0)
+  g.record(None, {"model": 5.0})
+  for loss in (2.0, 1.9, 2.1, 1.8, 2.0):
+    assert g.runaway(loss, {"model": 5.0}) is None
+    g.record(loss, {"model": 5.0})
+  assert g.runaway(19.0, {"model": 5.0}) is None        # 9.5x the median 2.0
+  assert "loss 21 is 10.5x" in g.runaway(21.0, {"model": 5.0})
+  assert "parameter norm of group 'model'" in g.runaway(2.0, {"model": 51.0})
+  assert g.nonfinite_params({"model": float("inf")})
+  assert guard_lib.DivergenceGuard(0.0).runaway(1e30, {"model": 1e30}) is None
+  # Fewer than MIN_HISTORY intervals: the loss bound does not apply yet.
+  fresh = guard_lib.DivergenceGuard(10.0)
+  fresh.record(1.0, {})
+  assert fresh.runaway(1e6, {}) is None
