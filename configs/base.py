@@ -37,6 +37,65 @@ DEFAULT_RULES = (
 )
 
 
+def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
+  """The config argument (``--config=configs/X.py:ARG``) as fields.
+
+  big_vision's convention: comma-separated tokens, ``key=value`` or a bare
+  name. A bare name of a boolean default sets it (``runlocal``); any other
+  bare token fills the next ``positional`` field (``dual``). Values take the
+  default's type. E.g. ``parse_arg("dual,runlocal", positional=("variant",),
+  variant="dual", runlocal=False)`` -> ``variant="dual", runlocal=True``.
+
+  Raises ValueError naming the token and the accepted ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  free = list(positional)
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    key, eq, value = token.partition("=")
+    if not eq and isinstance(defaults.get(key), bool):
+      out[key] = True
+      continue
+    if not eq and free:
+      key, value = free.pop(0), token
+    if key not in defaults or (not eq and key == token):
+      accepted = ", ".join(f"{k}={v!r}" for k, v in sorted(defaults.items()))
+      raise ValueError(
+          f"Unknown config argument {token!r}; this config takes "
+          f"comma-separated {accepted} (a bare name sets a flag, e.g. "
+          "--config=configs/X.py:runlocal).")
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(default)(value) if default is not None else value
+  return out
+
+
+def runlocal_data(d, *, source="demo", image_size=32, num_classes=10,
+                  num_examples=512):
+  """``runlocal``: the embedded demo data set (no download), small images."""
+  d.source = source
+  d.name = "shapes" if source == "demo" else "landscapes"
+  d.path = ""
+  d.image_size = image_size
+  d.num_classes = num_classes
+  d.num_examples = num_examples   # per split, demo sources only
+  d.read_threads = 2
+  return d
+
+
+def runlocal_train(t, *, steps=20, batch=8):
+  """``runlocal``: a few steps at a small batch; logs, checkpoints and
+  sample grids still happen (twice each)."""
+  t.global_batch_size = batch
+  t.num_steps = steps
+  t.log_every = max(1, steps // 4)
+  t.checkpoint_every = max(1, steps // 2)
+  t.image_every = max(1, steps // 2)
+  t.keep_checkpoints = 2
+  return t
+
+
 def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()

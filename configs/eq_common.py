@@ -6,6 +6,12 @@ head, rectified flow with 4 noise draws per token, latents = tokenizer
 posterior sample x 0.05493, AdamW (0.9, 0.95) wd 0.02 (none on 1-D params and
 the head), lr 1e-4 x batch / 256, 100 warm-up epochs then constant, clip 3.0,
 EMA 0.9999, 1200 epochs, fp32.
+
+``--config=configs/eq_s.py:runlocal`` keeps the recipe (windowed causal
+generator, flow head, shift augmentation, label dropout, EMA, CFG sampling)
+and shrinks the model, tokenizer (``eq_tokenizer.py:runlocal``), steps, batch
+and data (the embedded 32x64 demo landscapes, 4 columns); sampling at
+``--config.sample.num_columns=32`` gives images 8x the training width.
 """
 
 import ml_collections
@@ -40,7 +46,8 @@ def generator_model(size: str = "l", **overrides) -> ml_collections.ConfigDict:
   return m
 
 
-def get_config(size: str = "l"):
+def get_config(size: str = "l", arg=None):
+  arg = base.parse_arg(arg, runlocal=False)
   size = (size or "l").lower()
   if size not in SIZES:
     raise ValueError(f"Unknown equivariant generator size {size!r}; choose one "
@@ -101,4 +108,27 @@ def get_config(size: str = "l"):
   sp.latent_scale = lt.get_ref("scale")   # samples / scale -> tokenizer.decode
   sp.num_samples = 50_000
   sp.batch_size = 64
+  if arg.runlocal:
+    runlocal(c)
+  return c
+
+
+def runlocal(c):
+  """Shrinks sizes, steps, batch and data only (see the module docstring)."""
+  c.model.update(dict(hidden_size=64, depth=2, num_heads=4, head_width=64,
+                      head_depth=2, token_dim=16, num_classes=5,
+                      num_cond_tokens=4, window=2, seq_len=4))
+  c.tokenizer.model = c.latents.tokenizer = eq_tokenizer.runlocal_model()
+  base.runlocal_data(c.data, source="demo_landscapes", num_classes=5)
+  c.data.image_width = 64
+  c.latents.scale = 0.2         # ~ 1 / std of a briefly trained tiny tokenizer
+  c.flow.shift_num = 4
+  t = base.runlocal_train(c.train, steps=20, batch=16)
+  c.optimizer.warmup_steps = t.num_steps // 4
+  c.sample.num_steps = 4
+  c.sample.num_columns = 4      # the training width; 32 = 8x wider
+  c.sample.wide_columns = 32
+  c.sample.num_samples = 16
+  c.sample.batch_size = 8
+  c.evaluate.batch_size = 8
   return c

@@ -4,5 +4,4 @@ from configs import eq_common
 
 
 def get_config(arg=None):
-  del arg
-  return eq_common.get_config("s")
+  return eq_common.get_config("s", arg)

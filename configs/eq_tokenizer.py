@@ -18,6 +18,11 @@ Weights files are local, nothing downloads: the DINO ViT-S/16 state dict as
 and DINOv2-B/14 converted with ``python -m genvis_jax.convert --kind=dinov2``. An empty ``disc.vit_path`` falls back to a randomly
 initialised frozen ViT (logged); an empty ``teacher_path`` turns the semantic
 loss off.
+
+``--config=configs/eq_tokenizer.py:runlocal`` keeps this recipe (L1 + KL, the
+frozen-ViT DINO discriminator with its adaptive weight, step-decay schedule,
+EMA) and shrinks the model (32 px high -> one 16-d token per 16-px column), the
+discriminator ViT, steps, batch and data (the embedded 32x64 demo landscapes).
 """
 
 import ml_collections
@@ -49,8 +54,33 @@ def dino_disc(**overrides) -> ml_collections.ConfigDict:
   return d
 
 
+def runlocal_model(**overrides) -> ml_collections.ConfigDict:
+  """The paper tokenizer shrunk for a laptop: 32 x 64 images -> 4 columns."""
+  return tokenizer_model(
+      ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(2,),
+      resolution=32, image_width=64, z_channels=16, embed_dim=16,
+      semantic=False, **overrides)
+
+
+def runlocal(c):
+  """Shrinks sizes, steps, batch and data only (see the module docstring)."""
+  c.model = runlocal_model()
+  base.runlocal_data(c.data, source="demo_landscapes", num_classes=5)
+  c.data.image_width = 64
+  c.disc.update(dict(img_size=32, patch_size=8, dim=32, depth=4, num_heads=2,
+                     key_depths=(0, 1, 2, 3), head_kernel=3, image_size=32))
+  c.loss.disc_start = 10
+  c.loss.semantic_start = 10
+  c.optimizer.warmup_steps = 5
+  c.optimizer.decay_every = 15
+  base.runlocal_train(c.train, steps=20, batch=8)
+  c.evaluate.num_images = 32
+  c.evaluate.batch_size = 8
+  return c
+
+
 def get_config(arg=None):
-  del arg
+  arg = base.parse_arg(arg, runlocal=False)
   c = base.get_config()
   c.task = "eq_tokenizer"
   c.model = tokenizer_model()
@@ -101,4 +131,7 @@ def get_config(arg=None):
   t.ema_decay = 0.99               # official code default (paper: 0.9999)
   t.grad_clip = 0.0
   t.image_every = 5000
+  c.evaluate.kind = "tokenizer"   # mode=evaluate: PSNR, SSIM, rFID
+  if arg.runlocal:
+    runlocal(c)
   return c

@@ -1,12 +1,21 @@
 """Shared FAR settings (official ``far_dual.py`` / ``train_far_dual.sh``).
 
 ``configs/far_{b,l}.py`` pick a size; the config argument picks the tokenizer
-variant: ``--config=configs/far_b.py:dual`` (default) or ``:triple``.
+variant: ``--config=configs/far_b.py:dual`` (default) or ``:triple``, and
+``runlocal`` (``far_b.py:dual,runlocal``) keeps the recipe (task, dropouts,
+CFG sampling, ten-crop pre-tokenization with the FQGAN tokenizer, ADM
+evaluation) while shrinking the model, tokenizer
+(``fqgan_{dual,triple}_ds16.py:runlocal``), steps, batch and data (the embedded
+demo shapes) for a laptop CPU.
+
+``config.tokenizer`` is the FQGAN tokenizer that pre-tokenizes (``mode=
+pretokenize``) and decodes samples: ``--config.tokenizer.checkpoint=DIR``.
 """
 
 import ml_collections
 
 from configs import base
+from configs import fqgan_common
 
 # backbone layers, head layers, width, heads.
 SIZES = {
@@ -25,8 +34,10 @@ VARIANTS = {
 NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$")
 
 
-def get_config(size: str = "b", variant: str | None = "dual"):
-  size, variant = (size or "b").lower(), (variant or "dual").lower()
+def get_config(size: str = "b", arg: str | None = "dual"):
+  arg = base.parse_arg(arg, positional=("variant",), variant="dual",
+                       runlocal=False)
+  size, variant = (size or "b").lower(), arg.variant.lower()
   if size not in SIZES:
     raise ValueError(f"Unknown FAR size {size!r}; choose one of {sorted(SIZES)}.")
   if variant not in VARIANTS:
@@ -87,5 +98,26 @@ def get_config(size: str = "b", variant: str | None = "dual"):
   c.sample.top_p = 1.0
   c.sample.num_samples = 50_000
   c.sample.batch_size = 256
-  c.sample.tokenizer = v["tokenizer"]
+
+  # The FQGAN tokenizer (official fqgan_{dual,triple}_ds16.pt, converted): codes
+  # from ten-crop + flip of a 1.1x centre crop, as LlamaGen extract_codes_c2i.py.
+  tok = fqgan_common.fqgan_config(variant, 16, "runlocal" if arg.runlocal else None)
+  base.add_tokenizer(c, tok.model, (-1.0, 1.0))
+  c.pretokenize = tok.pretokenize
+  if arg.runlocal:
+    runlocal(c)
+  return c
+
+
+def runlocal(c):
+  """Shrinks sizes, steps, batch and data only (see the module docstring)."""
+  c.model.update(dict(codebook_size=c.tokenizer.model.num_codes, num_classes=10,
+                      grid=8, dim=64, n_layer=2, n_head=4, n_head_layer=1,
+                      multiple_of=64))
+  c.data.num_classes = 10
+  t = base.runlocal_train(c.train, steps=20, batch=16)
+  c.optimizer.warmup_steps = t.num_steps // 4
+  c.sample.num_samples = 16
+  c.sample.batch_size = 8
+  c.evaluate.batch_size = 8
   return c

@@ -43,7 +43,6 @@ def far_demo_config():
   s.guidance_scale = 2.0
   s.num_samples = 64
   s.batch_size = 32
-  s.tokenizer = "{workdir}/fq_tokenizer"
   return c
 
 

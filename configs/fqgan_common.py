@@ -6,10 +6,15 @@ batch 256; Adam lr 2e-4 constant, betas (0.9, 0.95), no weight decay; clip 1.0
 step 20k, no adaptive weight (the official D loss is scaled by 0.5 as well:
 ``loss.disc_loss_weight``); 40 epochs = 40 * 5004 steps; no EMA; bf16.
 
-``get_config`` argument (``--config=configs/X.py:ARG``): "bf16" (default,
-the official mixed precision) or "fp32" (e.g. to compare with the official
-checkpoints). The tokenizer configs pick the model in vq_ds{16,8}.py and
-fqgan_{dual,triple}_ds{16,8}.py.
+``get_config`` argument (``--config=configs/X.py:ARG``, comma-separated):
+"bf16" (default, the official mixed precision) or "fp32" (e.g. to compare with
+the official checkpoints), and "runlocal": the same recipe (losses, GAN from a
+few steps in, optimizers) with the model, steps, batch and data (the embedded
+demo shapes, 32 px -> 8x8 codes) shrunk for a laptop. The tokenizer configs
+pick the model in vq_ds{16,8}.py and fqgan_{dual,triple}_ds{16,8}.py.
+
+Every tokenizer config also pre-tokenizes with itself (``mode=pretokenize``,
+``--config.tokenizer.checkpoint=DIR``): ten-crop codes for FAR.
 """
 
 import ml_collections
@@ -21,12 +26,15 @@ STEPS_PER_EPOCH = 5004  # 1,281,167 ImageNet images // 256, drop_last
 PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-def _precision(arg):
-  arg = (arg or "bf16").lower()
-  if arg not in PRECISIONS:
-    raise ValueError(f"Unknown config argument {arg!r}; use one of "
+def parse_arg(arg):
+  """"bf16" | "fp32", optionally with "runlocal" (e.g. ``fp32,runlocal``)."""
+  a = base.parse_arg(arg, positional=("precision",), precision="bf16",
+                     runlocal=False)
+  a.precision = a.precision.lower()
+  if a.precision not in PRECISIONS:
+    raise ValueError(f"Unknown config argument {a.precision!r}; use one of "
                      f"{sorted(PRECISIONS)} (e.g. --config=configs/fqgan_dual_ds16.py:fp32).")
-  return PRECISIONS[arg]
+  return a
 
 
 def _adam(lr):
@@ -49,12 +57,26 @@ def cnn_model(name: str, ds: int) -> ml_collections.ConfigDict:
       dtype="float32", param_dtype="float32", remat="none"))
 
 
+def runlocal_model(m):
+  """The paper model shrunk for a laptop: 32 px -> 8x8 grid (/4), 256 x 8
+  codebooks, one-layer adapters and feature heads of width 32."""
+  m.update(dict(image_size=32, hidden_channels=32, channel_mult=(1, 1, 1),
+                num_res_blocks=1, decoder_res_blocks=1, z_channels=32,
+                num_codes=256))
+  if "branches" in m:
+    m.update(dict(adapter_layers=1, adapter_heads=4, feat_layers=1,
+                  feat_num_heads=4,
+                  feat_heads=tuple((name, 32) for name, _ in m.feat_heads)))
+  return m
+
+
 def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
   """Training config around ``model`` (task fq_tokenizer, any k)."""
+  arg = parse_arg(arg)
   c = base.get_config()
   c.task = "fq_tokenizer"
   c.model = model
-  c.model.dtype = _precision(arg)
+  c.model.dtype = PRECISIONS[arg.precision]
 
   d = c.data
   d.source = "tfds"
@@ -99,6 +121,24 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
   t.ema_decay = 0.0
   t.grad_clip = 1.0
   t.checkpoint_every = 5000
+
+  c.evaluate.kind = "tokenizer"   # mode=evaluate: PSNR, SSIM, usage, rFID
+  # mode=pretokenize with this tokenizer (run in float32, see base.add_tokenizer).
+  base.add_tokenizer(c, c.model, d.value_range)
+  images = ml_collections.ConfigDict(d.to_dict())
+  images.random_crop = images.random_flip = False
+  base.add_pretokenize(c, images, ten_crop=True)
+  if arg.runlocal:
+    runlocal_model(c.model)
+    base.runlocal_data(d)
+    base.runlocal_data(c.pretokenize.data, num_examples=32)
+    c.pretokenize.batch_size = 16
+    dc.image_size, dc.ndf, dc.n_layers = 32, 16, 2
+    lo.disc_start = 10
+    lo.rep_group_size = 0         # whole (tiny) batch as negatives
+    base.runlocal_train(t, steps=20, batch=8)
+    c.evaluate.num_images = 64
+    c.evaluate.batch_size = 16
   return c
 
 

@@ -5,6 +5,10 @@ or trains from scratch with taming-style losses: L1 + LPIPS + VQ + PatchGAN hing
 
   python -m genvis_jax.main --config=configs/maskgit_vqgan.py --workdir=DIR \
       --config.data.path=TFDS_DIR --config.loss.lpips_path=vgg_lpips.npz
+
+``:runlocal`` keeps this recipe (losses, adaptive GAN weight, EMA, optimizers)
+and shrinks the model (32 px -> 8x8 codes of 256), steps and batch, on the
+embedded demo data: ``--config=configs/maskgit_vqgan.py:runlocal``.
 """
 
 import ml_collections
@@ -12,8 +16,16 @@ import ml_collections
 from configs import base
 
 
+def runlocal_model(m):
+  """The paper model shrunk for a laptop: 32 px -> 8x8 codes, 256 codes."""
+  m.update(dict(image_size=32, hidden_channels=32, channel_mult=(1, 2, 2),
+                num_res_blocks=1, z_channels=32, code_dim=32, num_codes=256))
+  return m
+
+
 def get_config(arg=None):
-  config = base.get_config(arg)
+  arg = base.parse_arg(arg, runlocal=False)
+  config = base.get_config()
   config.task = "tokenizer"
 
   m = config.model
@@ -33,6 +45,7 @@ def get_config(arg=None):
   d.name = "imagenet2012"
   d.image_size = 256
   d.value_range = (0.0, 1.0)  # MaskGIT VQGAN pixels are in [0, 1]
+  config.evaluate.kind = "tokenizer"   # mode=evaluate: PSNR, SSIM, usage, rFID
 
   # Generator-side loss weights (read by the tokenizer task).
   lo = config.loss = ml_collections.ConfigDict()
@@ -75,4 +88,13 @@ def get_config(arg=None):
   t.num_steps = 500_000
   t.ema_decay = 0.999
   t.grad_clip = 1.0
+  if arg.runlocal:
+    runlocal_model(m)
+    base.runlocal_data(d)
+    dc.image_size, dc.ndf, dc.n_layers = 32, 16, 2
+    lo.disc_start = 10             # the GAN (adaptive weight) runs from step 10
+    o.warmup_steps = 5
+    base.runlocal_train(t, steps=20, batch=8)
+    config.evaluate.num_images = 64
+    config.evaluate.batch_size = 16
   return config

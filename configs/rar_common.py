@@ -1,4 +1,11 @@
-"""Shared RAR settings (paper / official ``rar.yaml``); rar_{b,l,xl,xxl}.py pick a size."""
+"""Shared RAR settings (paper / official ``rar.yaml``); rar_{b,l,xl,xxl}.py pick a size.
+
+``--config=configs/rar_b.py:runlocal`` keeps the recipe (task, bf16 compute,
+schedules scaled to the step count, label dropout, order annealing, ten-crop
+pre-tokenization, per-size CFG sampling, ADM evaluation) and shrinks the
+model, tokenizer (``configs/maskgit_vqgan.py:runlocal``), steps, batch and data
+(the embedded demo shapes) so every mode runs on a laptop CPU in about a minute.
+"""
 
 import ml_collections
 
@@ -32,7 +39,8 @@ NO_DECAY = (
 )
 
 
-def get_config(size: str = "b"):
+def get_config(size: str = "b", arg=None):
+  arg = base.parse_arg(arg, runlocal=False)
   size = (size or "b").lower()
   if size not in SIZES:
     raise ValueError(f"Unknown RAR size {size!r}; choose one of {sorted(SIZES)}.")
@@ -99,4 +107,29 @@ def get_config(size: str = "b"):
   images.source, images.name, images.image_size = "tfds", "imagenet2012", 256
   images.random_crop = images.random_flip = False
   base.add_pretokenize(c, images, ten_crop=True)
+  if arg.runlocal:
+    runlocal(c)
+  return c
+
+
+def runlocal(c):
+  """Shrinks sizes, steps, batch and data only (see the module docstring)."""
+  m = c.model
+  m.update(dict(hidden_size=64, depth=2, num_heads=4, mlp_dim=256,
+                codebook_size=256, num_classes=10, seq_len=64, max_pos=64 + 2,
+                num_timesteps=64 + 2))
+  c.tokenizer.model = maskgit_vqgan.get_config("runlocal").model
+  c.data.num_classes = 10
+  c.data.seq_len = 64
+  t = base.runlocal_train(c.train, steps=20, batch=16)
+  # The paper's schedule points as fractions of its 250k steps.
+  t.randomness_anneal_start = t.num_steps // 2
+  t.randomness_anneal_end = t.num_steps * 3 // 4
+  c.optimizer.warmup_steps = t.num_steps // 4
+  base.runlocal_data(c.pretokenize.data, num_examples=32)
+  c.pretokenize.data.random_crop = c.pretokenize.data.random_flip = False
+  c.pretokenize.batch_size = 16
+  c.sample.num_samples = 16
+  c.sample.batch_size = 8
+  c.evaluate.batch_size = 8
   return c

@@ -4,5 +4,4 @@ from configs import rar_common
 
 
 def get_config(arg=None):
-  del arg
-  return rar_common.get_config("xxl")
+  return rar_common.get_config("xxl", arg)

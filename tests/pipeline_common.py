@@ -1,0 +1,117 @@
+"""Shared pieces of the paper-pipeline tests (``tests/test_pipeline_*.py``).
+
+Each mode runs as ``python -m genvis_jax.main`` does: the config file is read
+by ``ml_collections.config_flags`` from ``configs/X.py:ARG`` with the same
+``--config.a.b=value`` overrides, then ``modes.run`` (in-process, so the
+chain shares one interpreter) or a real subprocess where a kill is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from genvis_jax import modes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _args(spec: str, workdir: str, overrides: dict) -> list[str]:
+  return [f"--config={os.path.join(ROOT, 'configs', spec)}",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}"
+                                     for k, v in overrides.items()]
+
+
+def load_config(spec: str, **overrides):
+  """``--config=configs/<spec> --config.k=v ...`` parsed as the CLI does."""
+  argv = ["main"] + _args(spec, "unused", overrides)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  fv(argv)
+  return fv.config
+
+
+def run_mode(spec: str, workdir: str, **overrides):
+  """One ``python -m genvis_jax.main`` call, in this process."""
+  return modes.run(load_config(spec, **overrides), str(workdir))
+
+
+def main_command(spec: str, workdir: str, **overrides) -> list[str]:
+  return [sys.executable, "-m", "genvis_jax.main"] + _args(spec, str(workdir),
+                                                           overrides)
+
+
+def latest_step(ckpt_dir: str) -> int | None:
+  steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(ckpt_dir, "*"))
+           if os.path.basename(p).isdigit()]
+  return max(steps) if steps else None
+
+
+def train_killed_after_checkpoint(spec: str, workdir: str, timeout: float = 300,
+                                  **overrides) -> int:
+  """Starts training in a subprocess and SIGKILLs it once its first checkpoint
+  is committed; returns that step."""
+  ckpt_dir = os.path.join(str(workdir), "checkpoints")
+  proc = subprocess.Popen(main_command(spec, workdir, **overrides),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, cwd=ROOT)
+  deadline = time.monotonic() + timeout
+  try:
+    while time.monotonic() < deadline:
+      step = latest_step(ckpt_dir)
+      if step is not None:
+        proc.kill()
+        proc.wait()
+        return step
+      if proc.poll() is not None:
+        raise AssertionError(f"training exited ({proc.returncode}) before its "
+                             f"first checkpoint:\n{proc.stderr.read()[-3000:]}")
+      time.sleep(0.2)
+    raise AssertionError("no checkpoint before the timeout")
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def write_random_inception(path: str, seed: int = 0) -> str:
+  """FID Inception with random weights as ``.npz`` (no download in tests).
+
+  Drawn in NumPy from the abstract tree (no init compile): kernels
+  N(0, 1 / fan_in) and identity batch norms keep activations O(1).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from genvis_jax.evaluate import inception  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  fill = {"mean": np.zeros, "bias": np.zeros, "var": np.ones, "scale": np.ones}
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name in fill:
+      return fill[name](leaf.shape, np.float32)
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return rng.normal(0, fan_in ** -0.5, leaf.shape).astype(np.float32)
+
+  params = jax.tree_util.tree_map_with_path(
+      draw, inception.abstract_inception_params())
+  np.savez(path, **inception.flatten_params(params))
+  return path
+
+
+def write_reference_images(path: str, data_spec: str, n: int = 32) -> str:
+  """An images-only reference batch (``arr_0``) from a config's eval split."""
+  from genvis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  cfg = load_config(data_spec)
+  src, _, _ = pipeline.make_source(cfg.data, cfg.data.eval_split)
+  images = np.stack([np.asarray(src[i]["image"]) for i in range(n)])
+  np.savez(path, arr_0=images.astype(np.uint8))
+  return path
