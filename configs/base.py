@@ -144,6 +144,7 @@ def get_config(arg=None):
   c.train.ema_decay = 0.0        # 0 = no EMA
   c.train.grad_clip = 1.0        # 0 = off
   c.train.check_finite = True    # stop with a clear error on NaN/Inf loss
+  c.train.divergence_factor = 100.0  # stop when loss / param norm > this x running median; 0 = off
 
   # mode=evaluate; kind: generation | tokenizer | demo_fid | class_score.
   c.evaluate = ml_collections.ConfigDict()
