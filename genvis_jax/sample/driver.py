@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import inference
 from genvis_jax.train import checkpoint as ckpt_lib
@@ -167,8 +168,9 @@ def sample_and_save(config, workdir: str) -> dict:
   s = config.sample
   mesh = _mesh()
   if s.batch_size % jax.device_count():
-    raise ValueError(f"config.sample.batch_size={s.batch_size} must be a multiple "
-                     f"of the {jax.device_count()} devices.")
+    raise errors.ConfigError(
+        f"config.sample.batch_size={s.batch_size} must be a multiple of the "
+        f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
   sample_fn, sharding = make_sample_fn(config, mesh)
   labels_all = class_labels(s.num_samples, config.model.num_classes,
                             s.get("classes", ()))
