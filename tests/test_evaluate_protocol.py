@@ -164,6 +164,12 @@ def test_adm_format_reference_selects_adm_tf(tmp_path):
   for word in ("adm_tf", "pytorch_fid", "ADM", "config.evaluate.preprocess=auto"):
     assert word in msg
   assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+  # The same statistics without the images: still ADM's layers (2023-d sFID).
+  stats_only = reference.Reference(
+      "adm_stats.npz", mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s,
+      sigma_s=ref.sigma_s)
+  assert stats_only.origin == "adm"
+  assert reference.resolve_preprocess(stats_only) == "adm_tf"
 
 
 def test_recorded_unknown_and_images_only_references(tmp_path, caplog):

@@ -166,7 +166,8 @@ def format_metrics(m: dict) -> str:
   return (f"FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS "
           f"{m['inception_score']:.2f}  precision {m['precision']:.4f}  recall "
           f"{m['recall']:.4f}  ({m['num_samples']} samples vs "
-          f"{m['num_reference']} reference images)")
+          f"{m['num_reference']} reference images"
+          f"{', preprocess ' + m['preprocess'] if 'preprocess' in m else ''})")
 
 
 def evaluate_generation(config, workdir: str) -> dict:

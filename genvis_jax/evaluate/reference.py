@@ -150,8 +150,9 @@ class Reference:
   def origin(self) -> str:
     """How the statistics were made, as far as the file tells:
       "recorded"  written here: ``preprocess`` (and weights, count) recorded;
-      "adm"       ADM's layout (arr_0 + 2048-d mu/sigma + 2023-d mu_s/sigma_s)
-                  without our record: made by ADM's TF graph (adm_tf);
+      "adm"       ADM's layout (2048-d mu/sigma + 2023-d mu_s/sigma_s, the
+                  sFID layer only ADM's evaluator reads) without our record:
+                  made by ADM's TF graph (adm_tf);
       "images"    images only: statistics are computed here from them, with
                   the samples' own preprocessing (consistent by construction);
       "unknown"   statistics of no known making.
@@ -160,8 +161,7 @@ class Reference:
       return "recorded"
     if not self.has_stats:
       return "images"
-    if (self.images is not None
-        and (self.mu.shape[0], self.mu_s.shape[0]) == ADM_DIMS):
+    if (self.mu.shape[0], self.mu_s.shape[0]) == ADM_DIMS:
       return "adm"
     return "unknown"
 
