@@ -1,0 +1,175 @@
+"""bench/accelerator.py: the smoke run of every section, as the GPU machine sees
+the repository (tensorflow / clu / grain / array_record unimportable,
+ml_collections only from a carried wheel), plus its pure helpers."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+from bench import accelerator as acc
+from tests.test_imports_no_tf import BLOCKER
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SECTIONS = [s[0] for s in acc.SECTIONS]
+
+# ml_collections may only come from a *.whl on sys.path (as on the GPU
+# machine, where it is not installed).
+WHEEL_ONLY = textwrap.dedent("""
+    import importlib.machinery
+    class _WheelOnly(importlib.abc.MetaPathFinder):
+      def find_spec(self, name, path=None, target=None):
+        if name != "ml_collections":
+          return None
+        wheels = [p for p in sys.path if p.endswith(".whl")]
+        spec = importlib.machinery.PathFinder.find_spec(name, wheels)
+        if spec is None:
+          raise ImportError("ml_collections is not installed here")
+        return spec
+    sys.meta_path.insert(0, _WheelOnly())
+""")
+
+
+def _make_wheel(directory: pathlib.Path) -> pathlib.Path:
+  """A zip of the installed ml_collections package (what `pip download`
+  gives: a pure-Python wheel importable from sys.path)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  pkg = pathlib.Path(ml_collections.__file__).parent
+  whl = directory / "ml_collections-0-py3-none-any.whl"
+  with zipfile.ZipFile(whl, "w") as z:
+    for f in pkg.rglob("*.py"):
+      z.write(f, f.relative_to(pkg.parent))
+  return whl
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("acc")
+  wheels = tmp / "wheels"
+  wheels.mkdir()
+  _make_wheel(wheels)
+  out = tmp / "out"
+  code = BLOCKER + WHEEL_ONLY + textwrap.dedent(f"""
+      import runpy
+      sys.argv = ["accelerator.py", "--smoke", "--out={out}",
+                  "--wheels={wheels}"]
+      try:
+        runpy.run_path({str(ROOT / 'bench' / 'accelerator.py')!r},
+                       run_name="__main__")
+        rc = 0
+      except SystemExit as e:
+        rc = e.code
+      leaked = sorted(k for k in sys.modules if k.split(".")[0] in _BLOCKED)
+      print("LEAKED", leaked)
+      sys.exit(rc or (1 if leaked else 0))
+  """)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH="")
+  # Run from outside the repository: the script must find its own root.
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env,
+                        capture_output=True, text=True, timeout=600)
+  return proc, out
+
+
+def test_smoke_every_section_ok(smoke):
+  proc, out = smoke
+  log = proc.stdout[-4000:] + proc.stderr[-4000:]
+  assert proc.returncode == 0, log
+  assert "LEAKED []" in proc.stdout, log
+  data = json.loads((out / "results.json").read_text())
+  status = {k: v["status"] for k, v in data["sections"].items()}
+  assert status == {name: "ok" for name in SECTIONS}, (status, log)
+  for name in SECTIONS:
+    assert data["sections"][name]["rows"], name
+  assert data["header"]["ml_collections"].endswith(".whl")
+  for key in ("device", "jax", "jaxlib", "flax", "commit"):
+    assert data["header"][key], key
+  md = (out / "results.md").read_text()
+  for name in SECTIONS:
+    assert f"### {name}: ok" in md
+
+
+def test_smoke_numbers(smoke):
+  _, out = smoke
+  sec = json.loads((out / "results.json").read_text())["sections"]
+  # The interpreted GPU kernel matches the XLA reference, forward and backward.
+  check = {r["output"]: r for r in sec["attention_check"]["rows"]}
+  assert set(check) == {"out", "dq", "dk", "dv"}
+  assert all(r["ok"] and r["rel_err"] < 1e-4 for r in check.values()), check
+  timed = sec["attention"]["rows"]
+  assert {r["impl"] for r in timed} == {"dense", "reference", "pallas_gpu"}
+  assert any("skipped" in (r.get("note") or "") for r in timed)  # dense, big N
+  for name, key in (("rar_sampling", "images_per_s_decoded"),
+                    ("rar_train", "tokens_per_s"),
+                    ("far_sampling", "images_per_s"),
+                    ("eq_sampling", "columns_per_s"),
+                    ("inception", "images_per_s")):
+    assert all(r[key] > 0 for r in sec[name]["rows"]), name
+  train = sec["rar_train"]["rows"][0]
+  assert np.isfinite(train["loss"]) and train["peak_gib_compiled"] > 0
+
+
+def test_band_pairs_counts_the_mask():
+  from genvis_jax.kernels.windowed_attention import window_mask
+  for n, w in ((1, 1), (7, 3), (64, 16), (100, 200)):
+    assert acc.band_pairs(n, w) == int(window_mask(n, window=w).sum())
+
+
+def test_fit_batch_is_largest_power_of_two_under_the_limit():
+  cap, b0, b1 = 100 * 2**30, 32, 128
+  intercept, slope = 20 * 2**30, 0.11 * 2**30      # bytes, bytes per example
+  got = acc._fit_batch(cap, b0, intercept + slope * b0, b1,
+                       intercept + slope * b1, 4096)
+  fits = [2**i for i in range(13) if intercept + slope * 2**i <= 0.92 * cap]
+  assert got == max(fits)
+  assert acc._fit_batch(cap, b0, intercept + slope * b0, b1,
+                        intercept + slope * b1, 256) == 256
+
+
+def test_peak_table():
+  assert acc.peak_flops("NVIDIA H200") == 990e12
+  assert acc.peak_flops("NVIDIA H100 80GB HBM3") == 990e12
+  assert acc.peak_flops("NVIDIA H100 PCIe") == 756e12
+  assert acc.peak_flops("cpu") is None
+
+
+def test_failing_and_slow_sections_do_not_stop_the_run(tmp_path, monkeypatch):
+  def boom(sec, dl, sz, smoke):
+    raise RuntimeError("no such kernel")
+
+  def slow(sec, dl, sz, smoke):
+    sec.add(x=1)
+    dl.end = 0.0   # the time box ends between two measurements
+    dl.check("the second one")
+    sec.add(x=2)
+
+  def fine(sec, dl, sz, smoke):
+    sec.add(y=3)
+  monkeypatch.setattr(acc, "SECTIONS", (("a", boom, 1, ()), ("b", slow, 1, ()),
+                                        ("c", fine, 1, ("y",))))
+  assert acc.main([f"--out={tmp_path}", "--smoke"]) == 1
+  sec = json.loads((tmp_path / "results.json").read_text())["sections"]
+  assert sec["a"]["status"] == "failed"
+  assert "RuntimeError: no such kernel" in sec["a"]["notes"][-1]
+  assert sec["b"]["status"] == "timeout" and sec["b"]["rows"] == [{"x": 1}]
+  assert sec["c"]["status"] == "ok" and sec["c"]["rows"] == [{"y": 3}]
+
+
+def test_missing_ml_collections_says_how_to_carry_it(tmp_path):
+  code = WHEEL_ONLY.replace("import importlib.machinery",
+                            "import importlib.abc, importlib.machinery, sys")
+  code += textwrap.dedent(f"""
+      sys.path.insert(0, {str(ROOT)!r})
+      from bench import accelerator
+      accelerator.ensure_ml_collections([{str(tmp_path)!r}])
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode != 0
+  assert "pip download ml_collections --no-deps -d wheels/" in proc.stderr
