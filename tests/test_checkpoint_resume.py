@@ -1,5 +1,6 @@
 """Checkpoint/resume through the real loop: train k, stop, resume to n == n
-uninterrupted, bit for bit; mismatching checkpoints and NaN losses fail clearly."""
+uninterrupted, bit for bit; mismatching checkpoints and exploding runs fail
+clearly (more failure cases in test_reliability.py)."""
 
 import os
 
@@ -86,14 +87,28 @@ def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):
   assert not os.path.exists(tmp_path / "wd" / "checkpoints" / "1")
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+def test_exploding_run_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
   wd = str(tmp_path / "wd")
   trainer_lib.train_and_evaluate(_config(3), wd)
   c = _config(6, lr=1e30)   # explodes on the first resumed steps
   c.train.grad_clip = 0.0   # the optimizer state layout does not depend on it
-  with pytest.raises(trainer_lib.NonFiniteLossError, match="NaN/Inf"):
+  with pytest.raises(trainer_lib.TrainingDivergedError) as e:
     trainer_lib.train_and_evaluate(c, wd)
+  msg = str(e.value)
+  assert "between steps 3 and 4" in msg and "newest checkpoint, step 3" in msg
+  assert "config.train.grad_clip=1.0" in msg   # off here, so suggested
   assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
+def test_exploding_fresh_run_writes_no_checkpoint(tmp_path):
+  """lr=1e30 from step 0: the parameters reach ~1e30 after one update; the
+  run used to save them at step 3 and later call that checkpoint intact."""
+  wd = str(tmp_path / "wd")
+  with pytest.raises(trainer_lib.TrainingDivergedError) as e:
+    trainer_lib.train_and_evaluate(_config(6, lr=1e30), wd)
+  assert "between steps 0 and 2" in str(e.value)
+  assert "no checkpoint was written" in str(e.value)
+  assert ckpt_lib.Checkpointer(wd).latest_step() is None
 
 
 def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):

@@ -47,7 +47,8 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
 
   The per-step key is ``fold_in(rng, state.step)`` so a resumed run draws the
   same numbers. A non-finite loss leaves the state untouched and is reported as
-  ``metrics["nonfinite"] = 1`` (the loop stops with a clear error).
+  ``metrics["nonfinite"] = 1`` (the loop stops with a clear error when
+  ``train.check_finite``, else counts it; see train/guard.py).
   """
   k = int(train_config.micro_batches)
   ema_decay = float(train_config.ema_decay)
