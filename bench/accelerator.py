@@ -61,7 +61,7 @@ PEAK_BF16 = (
     ("h200", 990e12), ("h100", 990e12), ("gh200", 990e12),
     ("a100", 312e12),
     ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12),
-    ("tpu v5e", 197e12), ("tpu v4", 275e12),
+    ("tpu v5e", 197e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
 )
 
 
@@ -829,10 +829,26 @@ def parse_args(argv=None):
   return args
 
 
+def _version(dist: str) -> str:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version(dist)
+  except metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def _plugins() -> list:
+  """Installed jax PJRT plugins (e.g. the CUDA one) with their versions."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  names = {d.metadata["Name"] for d in metadata.distributions()
+           if (d.metadata["Name"] or "").lower().startswith(("jax-cuda",
+                                                             "jax_cuda",
+                                                             "libtpu"))}
+  return sorted(f"{n} {metadata.version(n)}" for n in names)
+
+
 def header(smoke: bool) -> dict:
-  import flax  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  import jaxlib  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]
   mem = device_memory(dev).get("bytes_limit")
   return {
@@ -840,8 +856,10 @@ def header(smoke: bool) -> dict:
       "device": f"{dev.platform}:{dev.device_kind} x{jax.device_count()}",
       "device_memory_gib": round(gib(mem), 1) if mem else None,
       "bf16_peak_tflops": (peak_flops(dev.device_kind) or 0) / 1e12 or None,
-      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "flax": flax.__version__, "python": platform.python_version(),
+      **{name: _version(name) for name in
+         ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")},
+      "jax_plugins": ", ".join(_plugins()) or None,
+      "python": platform.python_version(),
       "commit": commit_id(),
       "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
   }
