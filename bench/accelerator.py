@@ -583,6 +583,11 @@ def _fit_batch(capacity, b0, peak0, b1, peak1, cap) -> int:
   return _pow2_floor((0.92 * capacity - (peak1 - slope * b1)) / slope, cap)
 
 
+# --device_memory_gib: plan the train batch for another memory size (also how
+# the probe / fit path is exercised on CPU, which reports no memory limit).
+CAPACITY_OVERRIDE = None
+
+
 def section_rar_train(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   """RAR-XL train step per remat policy at the largest batch that fits.
 
@@ -595,7 +600,9 @@ def section_rar_train(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]
   peak = peak_flops(dev.device_kind)
-  capacity = device_memory(dev).get("bytes_limit")
+  capacity = CAPACITY_OVERRIDE or device_memory(dev).get("bytes_limit")
+  sec.note(f"device memory for the batch fit: {gib(capacity):.3g} GiB"
+           if capacity else "device memory unknown: batch = the largest tried")
   sec.note(f"device bf16 peak: {peak / 1e12:.0f} TFLOP/s" if peak else
            f"no bf16 peak known for {dev.device_kind!r}: MFU omitted")
   best = None
@@ -817,6 +824,9 @@ def parse_args(argv=None):
                       + ",".join(s[0] for s in SECTIONS))
   p.add_argument("--budget_s", type=float, default=480.0,
                  help="whole-run budget; section boxes are scaled to it")
+  p.add_argument("--device_memory_gib", type=float, default=None,
+                 help="memory the train batch is fitted to (default: the "
+                      "device's bytes_limit)")
   p.add_argument("--wheels", default=os.path.join(ROOT, "wheels"),
                  help="where to find a carried ml_collections wheel")
   args = p.parse_args(argv)
@@ -869,6 +879,12 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+  global CAPACITY_OVERRIDE
+  if args.device_memory_gib:
+    CAPACITY_OVERRIDE = int(args.device_memory_gib * 2**30)
+  # GPU: let the allocator take 92% of the memory (jax's default is 75%) so
+  # the train step's batch can grow; set before jax initialises the backend.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   src = ensure_ml_collections(
       [args.wheels, os.environ.get("GENVIS_WHEELS", "")])
   # A hung compile still leaves a stack trace (and the JSON written so far).

@@ -173,3 +173,32 @@ def test_missing_ml_collections_says_how_to_carry_it(tmp_path):
                         text=True, timeout=60)
   assert proc.returncode != 0
   assert "pip download ml_collections --no-deps -d wheels/" in proc.stderr
+
+
+@pytest.mark.parametrize("fails_above, want", [(None, [64, 128]), (16, [16])])
+def test_train_batch_search(monkeypatch, fails_above, want):
+  """The real-run path (device memory known), on a linear memory model with a
+  batch-independent part the one-point probe wrongly counts per example."""
+  gb = 2**30
+  fixed, temp0, per = 12 * gb, 30 * gb, 0.3 * gb
+  peak = lambda b: fixed + temp0 + per * b
+
+  def measure(remat, batch, *a):
+    if peak(batch) > 100 * gb or (fails_above and batch > fails_above):
+      raise MemoryError("RESOURCE_EXHAUSTED")
+    return dict(remat=remat, batch=batch, tokens_per_s=float(batch),
+                _peak=peak(batch))
+  monkeypatch.setattr(acc, "CAPACITY_OVERRIDE", 100 * gb)
+  monkeypatch.setattr(acc, "_rar_trainer",
+                      lambda remat, batch, *a: (None, batch))
+  monkeypatch.setattr(acc, "_compile_step", lambda cfg, b: (0.0, b, None))
+  monkeypatch.setattr(acc, "memory_bytes", lambda b: dict(
+      argument=fixed, generated_code=0, peak=peak(b)))
+  monkeypatch.setattr(acc, "_measure_step", measure)
+  sec = acc.Section("rar_train", ())
+  sizes = acc.dataclasses.replace(acc.REAL, train_remats=("none",))
+  acc.section_rar_train(sec, acc.Deadline(float("inf")), sizes, False)
+  assert [r["batch"] for r in sec.rows] == want
+  # Largest power of two within 92% of memory (42 GiB + 0.3 GiB x b).
+  if fails_above is None:
+    assert max(2**i for i in range(11) if peak(2**i) <= 92 * gb) == want[-1]
