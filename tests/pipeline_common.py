@@ -115,3 +115,34 @@ def write_reference_images(path: str, data_spec: str, n: int = 32) -> str:
   images = np.stack([np.asarray(src[i]["image"]) for i in range(n)])
   np.savez(path, arr_0=images.astype(np.uint8))
   return path
+
+
+def check_samples(out: dict, shape: tuple[int, ...]) -> np.ndarray:
+  """``mode=sample`` wrote ``samples.npz`` (ADM layout) and its PNG grid."""
+  assert os.path.exists(out["png"])
+  with np.load(out["npz"]) as d:
+    images, labels = d["arr_0"], d["labels"]
+  assert images.dtype == np.uint8 and images.shape == shape, images.shape
+  assert labels.shape == (shape[0],)
+  return images
+
+
+def evaluate_generation(spec: str, workdir: str, samples_npz: str,
+                        data_spec: str) -> dict:
+  """``mode=evaluate`` (ADM metrics) of ``samples_npz`` against reference
+  images of ``data_spec``'s eval split, through a random-weight Inception."""
+  workdir = str(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  inception = write_random_inception(os.path.join(workdir, "inception.npz"))
+  reference = write_reference_images(os.path.join(workdir, "reference.npz"),
+                                     data_spec)
+  m = run_mode(spec, os.path.join(workdir, "eval"), **{
+      "mode": "evaluate", "evaluate.kind": "generation",
+      "evaluate.samples": samples_npz, "evaluate.reference": reference,
+      "evaluate.inception": inception})
+  for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+    assert np.isfinite(m[key]), (key, m[key])
+  assert m["fid"] >= 0 and m["sfid"] >= 0 and 0 <= m["precision"] <= 1
+  with np.load(samples_npz) as d:
+    assert m["num_samples"] == len(d["arr_0"])
+  return m
