@@ -169,6 +169,7 @@ def train_loop(config, workdir: str, on_log=None):
       config.train.get("check_finite", True))
   guard.record(None, trainer.param_norms(state))
   checked = start   # last step whose state passed the health checks
+  saved_at = -1
   acc, acc_n = None, 0
   vis_batch = None
   for step in range(start, num_steps):
@@ -177,7 +178,9 @@ def train_loop(config, workdir: str, on_log=None):
       vis_batch = jax.tree_util.tree_map(np.asarray, local)
     state, metrics = trainer.step(state, local)
     done = step + 1
-    ckpt.check(at_step=done)  # a failed background save stops here (non-blocking)
+    # A failed save stops the run by the step after it: that step is already
+    # dispatched, so waiting for the save overlaps its compute.
+    ckpt.check(block=done == saved_at + 1, at_step=done)
     acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
     acc_n += 1
     log_now = done % config.train.log_every == 0 or done == num_steps
@@ -212,6 +215,7 @@ def train_loop(config, workdir: str, on_log=None):
       _write_visuals(trainer, state, vis_batch, writer, workdir, done)
     if save_now:
       ckpt.save(done, state, data_iter, config)
+      saved_at = done
   ckpt.close()
   writer.flush()
   return state
