@@ -23,6 +23,7 @@ stdout as markdown tables and, after every section, to ``OUT/results.json`` and
   eq_sampling   Equivariant-L column sampler (CFG, 100 flow steps): columns/s
                 at 16 and 128 columns.
   inception     FID Inception extractor images/s at batch 500 (256 px uint8).
+  attention_blocks  Pallas tile sizes (block_q x block_k) at N = 16k: ms.
 
 All weights are random: these are speed and memory numbers, not quality ones.
 
@@ -328,6 +329,7 @@ class Sizes:
   attn_shape: tuple      # (B, H, D)
   attn_window: int       # tokens (tokens_per_column = 1)
   attn_iters: int
+  attn_blocks: tuple     # (block_q, block_k) tried by attention_blocks
   dense_max_n: int       # dense masked attention above this N is skipped
   rar_sizes: tuple
   rar_batches: tuple
@@ -347,6 +349,7 @@ class Sizes:
 REAL = Sizes(
     attn_check=(1, 512, 4, 64, 128), attn_seqs=(4096, 16384, 65536),
     attn_shape=(1, 16, 64), attn_window=512, attn_iters=10, dense_max_n=16384,
+    attn_blocks=((32, 64), (64, 64), (64, 128), (128, 64), (128, 128)),
     rar_sizes=("b", "xl"), rar_batches=(64, 256), train_probe=32,
     train_max=1024, train_remats=("none", "dots", "full"), train_steps=5,
     far_batch=64, eq_batch=64, eq_columns=(16, 128), eq_flow_steps=100,
@@ -354,7 +357,8 @@ REAL = Sizes(
 
 SMOKE = Sizes(
     attn_check=(1, 64, 2, 16, 16), attn_seqs=(64, 128), attn_shape=(1, 2, 16),
-    attn_window=16, attn_iters=2, dense_max_n=64, rar_sizes=("b",),
+    attn_window=16, attn_iters=2, dense_max_n=64,
+    attn_blocks=((16, 32),), rar_sizes=("b",),
     rar_batches=(2,), train_probe=2, train_max=8, train_remats=("full",),
     train_steps=2, far_batch=2, eq_batch=2, eq_columns=(2, 4), eq_flow_steps=2,
     incep_batch=2, incep_image=32, iters=1)
@@ -702,6 +706,36 @@ def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
       loss=loss, steps_timed=len(times))
 
 
+def section_attention_blocks(sec: Section, dl: Deadline, sz: Sizes,
+                             smoke: bool):
+  """Pallas tile sizes at one length (defaults are a guess until measured)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from bench import bench_windowed_attention as bwa  # pylint: disable=import-outside-toplevel
+  kernel = _kernel_impl()
+  b, h, d = sz.attn_shape
+  n = sz.attn_seqs[min(1, len(sz.attn_seqs) - 1)]
+  keys = jax.random.split(jax.random.key(n), 4)
+  inputs = [jax.random.normal(key, (b, n, h, d), jnp.bfloat16) for key in keys]
+  for bq, bk in sz.attn_blocks:
+    for mode in ("fwd", "fwd+bwd"):
+      dl.check(f"blocks {bq}x{bk} {mode}")
+      ns = argparse.Namespace(window=sz.attn_window, tokens_per_column=1,
+                              block_q=bq, block_k=bk)
+      try:
+        ms = repeat_ms(bwa.make_fn(kernel, mode, ns), inputs, dl,
+                       sz.attn_iters, f"blocks {bq}x{bk}")
+        sec.add(impl=kernel, N=n, block_q=bq, block_k=bk, mode=mode, ms=ms)
+      except SectionTimeout:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        sec.add(impl=kernel, N=n, block_q=bq, block_k=bk, mode=mode,
+                note=f"failed: {_err(e)}")
+  from genvis_jax.kernels.windowed_attention import DEFAULT_BLOCKS  # pylint: disable=import-outside-toplevel
+  sec.note(f"{kernel} default (block_q, block_k) = {DEFAULT_BLOCKS[kernel]}; "
+           f"window {sz.attn_window} tokens, bf16")
+
+
 def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -813,6 +847,8 @@ SECTIONS = (
      ("model", "batch", "columns", "sample_s", "columns_per_s")),
     ("inception", section_inception, 30,
      ("batch", "batch_s", "images_per_s")),
+    ("attention_blocks", section_attention_blocks, 25,
+     ("impl", "N", "block_q", "block_k", "mode", "ms", "note")),
 )
 
 
@@ -923,11 +959,13 @@ def main(argv=None) -> int:
       sec.note(f"failed: {_err(e)}")
       traceback.print_exc()
     sec.seconds = time.perf_counter() - t0
-    print(sec.markdown(), flush=True)
+    print(f"{name}: {sec.status} ({sec.seconds:.0f} s)", flush=True)
     write_results(args.out, hdr, sections)
   faulthandler.cancel_dump_traceback_later()
   total = time.perf_counter() - t_start
-  print(f"\ntotal {total:.0f} s; results in {args.out}/results.json and "
+  # All tables once more at the end: what a log tail shows.
+  print("\n" + "\n".join(s.markdown() for s in sections), flush=True)
+  print(f"total {total:.0f} s; results in {args.out}/results.json and "
         "results.md", flush=True)
   print("STATUS " + " ".join(f"{s.name}={s.status}" for s in sections))
   return 0 if all(s.status == "ok" for s in sections) else 1
