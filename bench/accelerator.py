@@ -9,10 +9,11 @@ fails or runs out of time records why and the next one runs. Results go to
 stdout as markdown tables and, after every section, to ``OUT/results.json`` and
 ``OUT/results.md`` (so a run killed at the command limit keeps what it measured).
 
-  attention     Pallas windowed causal attention (the backend's kernel; on CPU
-                the GPU kernel in interpret mode): fwd / bwd max error vs the XLA
-                reference, then ms, TFLOP/s and speed-up vs dense masked and
-                banded XLA attention at N = 4k, 16k, 64k, W = 512 tokens, bf16.
+  attention_check  Pallas windowed causal attention (the backend's kernel; on
+                CPU the GPU kernel in interpret mode): forward / backward error
+                vs the XLA reference, fp32.
+  attention     The kernel's ms, TFLOP/s and speed-up vs dense masked and banded
+                XLA attention at N = 4k, 16k, 64k, W = 512 tokens, bf16.
   rar_sampling  RAR-B / RAR-XL KV-cache sampling, bf16, CFG, 256 tokens, batch
                 64 / 256: images/s without and with the MaskGIT VQGAN decode
                 (fp32), compile seconds apart.
@@ -54,12 +55,17 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # run from a copy of the repository, not installed
+  sys.path.insert(0, ROOT)
+
+# pylint: disable=wrong-import-position
+from genvis_jax.errors import UserError  # noqa: E402  (no dependencies)
 
 # Dense bf16 peak FLOP/s per chip by ``device_kind`` substring (lower case),
 # first match wins. Vendor data sheets (dense, no sparsity).
 PEAK_BF16 = (
     ("h100 pcie", 756e12),
-    ("h200", 990e12), ("h100", 990e12), ("gh200", 990e12),
+    ("h200", 990e12), ("h100", 990e12),    # also GH200
     ("a100", 312e12),
     ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12),
     ("tpu v5e", 197e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
@@ -79,10 +85,16 @@ def peak_flops(device_kind: str) -> float | None:
 # Bootstrap: repository root and ml_collections without installing anything.
 
 
+class MissingMlCollectionsError(UserError, ImportError):
+  """ml_collections is neither installed nor carried (message: how to carry
+  it)."""
+
+
 def ensure_ml_collections(wheel_dirs) -> str:
   """Imports ml_collections, adding a carried wheel / directory if needed.
 
-  Returns where it came from. Raises SystemExit with the fix when absent.
+  Returns where it came from (a site-packages dir, a .whl or a directory).
+  Raises MissingMlCollectionsError (a UserError) with the fix when absent.
   """
   try:
     import ml_collections  # pylint: disable=import-outside-toplevel
@@ -104,7 +116,7 @@ def ensure_ml_collections(wheel_dirs) -> str:
         return c
       except ImportError:
         sys.path.remove(c)
-  raise SystemExit(
+  raise MissingMlCollectionsError(
       "ml_collections is not importable and no wheel was found in "
       f"{tried}. Carry one: `pip download ml_collections --no-deps -d wheels/` "
       "in the repository (or pass --wheels=DIR).")
@@ -289,7 +301,6 @@ def gib(n) -> float | None:
 
 
 def load_config(spec: str):
-  sys.path.insert(0, ROOT) if ROOT not in sys.path else None
   from bench import plan_memory  # pylint: disable=import-outside-toplevel
   return plan_memory.load_config(spec)
 
@@ -917,8 +928,6 @@ def header(smoke: bool) -> dict:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
   global CAPACITY_OVERRIDE
   if args.device_memory_gib:
     CAPACITY_OVERRIDE = int(args.device_memory_gib * 2**30)
@@ -972,4 +981,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except UserError as e:   # one message, no traceback
+    sys.exit(f"accelerator.py: {e}")
