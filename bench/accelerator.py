@@ -265,8 +265,8 @@ def aot(fn, *args):
 
 
 def cost_flops(compiled) -> float | None:
-  """FLOPs XLA counts for one call (``cost_analysis`` is a dict on new jax,
-  a one-element list on older)."""
+  """FLOPs XLA counts for one call of a compiled (or lowered) function
+  (``cost_analysis`` is a dict on new jax, a one-element list on older)."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -577,8 +577,10 @@ def _compile_step(config, tr):
                              sharding=shd.replicated(tr.mesh))
   with tr.context():
     t0 = time.perf_counter()
-    compiled = tr._step.lower(  # pylint: disable=protected-access
-        tr.abstract_state(), spec, rng, tr.frozen).compile()
+    lowered = tr._step.lower(  # pylint: disable=protected-access
+        tr.abstract_state(), spec, rng, tr.frozen)
+    compiled = lowered.compile()
+  compiled.lowered_flops = cost_flops(lowered)
   return time.perf_counter() - t0, compiled, spec
 
 
@@ -671,7 +673,9 @@ def section_rar_train(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
              f"{best['tokens_per_s']:.0f} tokens/s")
   sec.note("One device, AdamW, bf16 compute with fp32 parameters and optimizer "
            "state, 256 tokens per image. mfu = the compiled step's XLA FLOPs "
-           "(cost_analysis; includes remat recomputation) / step time / chip "
+           "(cost_analysis; includes remat recomputation; flops_from=lowered: the "
+           "unoptimized HLO's count, used when the compiled one is under half "
+           "of it) / step time / chip "
            "bf16 peak; mfu_6n uses 6 x params x tokens (model FLOPs without "
            "attention). peak_gib_compiled: memory_analysis arguments + outputs "
            "- aliases + temporaries; peak_gib_device: memory_stats "
@@ -686,7 +690,12 @@ def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
   if capacity and mem and mem["peak"] > capacity:
     raise MemoryError(f"compiled peak {gib(mem['peak']):.1f} GiB > "
                       f"{gib(capacity):.1f} GiB")
-  flops = cost_flops(compiled)
+  # The optimized HLO's count; if the backend's cost model misses fused
+  # library calls (much less than the unoptimized HLO's), use the latter.
+  flops, lowered = cost_flops(compiled), getattr(compiled, "lowered_flops", None)
+  flops_from = "compiled"
+  if lowered and (not flops or flops < 0.5 * lowered):
+    flops, flops_from = lowered, "lowered"
   data = _random_batch(spec, config)
   state = tr.init_state()
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
@@ -709,6 +718,7 @@ def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
       remat=remat, batch=batch, params_m=n_params / 1e6, compile_s=comp_s,
       step_s=step_s, tokens_per_s=tokens / step_s, images_per_s=batch / step_s,
       tflops_xla=(flops / step_s / 1e12) if flops else None,
+      flops_from=flops_from if flops else None,
       mfu=(flops / step_s / peak) if flops and peak else None,
       mfu_6n=(6 * n_params * tokens / step_s / peak) if peak else None,
       peak_gib_compiled=gib(mem.get("peak")), _peak=mem.get("peak"),
