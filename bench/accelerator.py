@@ -91,35 +91,40 @@ class MissingMlCollectionsError(UserError, ImportError):
 
 
 def ensure_ml_collections(wheel_dirs) -> str:
-  """Imports ml_collections, adding a carried wheel / directory if needed.
+  """Imports ml_collections, adding carried pure-Python wheels if needed.
 
-  Returns where it came from (a site-packages dir, a .whl or a directory).
-  Raises MissingMlCollectionsError (a UserError) with the fix when absent.
+  Every ``*.whl`` in ``wheel_dirs`` goes on ``sys.path`` (ml_collections and,
+  where the machine lacks them, absl-py; PyYAML has compiled parts and must be
+  installed). Returns where ml_collections came from. Raises
+  MissingMlCollectionsError (a UserError) naming the missing module and the fix.
   """
   try:
     import ml_collections  # pylint: disable=import-outside-toplevel
     return os.path.dirname(os.path.dirname(ml_collections.__file__))
   except ImportError:
     pass
-  tried = []
-  for d in wheel_dirs:
-    if not d:
-      continue
-    tried.append(d)
-    cands = sorted(glob.glob(os.path.join(d, "ml_collections*.whl")))
-    if os.path.isdir(os.path.join(d, "ml_collections")):
-      cands.append(d)
-    for c in cands:
-      sys.path.insert(0, c)
-      try:
-        import ml_collections  # pylint: disable=import-outside-toplevel,unused-import
-        return c
-      except ImportError:
-        sys.path.remove(c)
-  raise MissingMlCollectionsError(
-      "ml_collections is not importable and no wheel was found in "
-      f"{tried}. Carry one: `pip download ml_collections --no-deps -d wheels/` "
-      "in the repository (or pass --wheels=DIR).")
+  dirs = [d for d in wheel_dirs if d]
+  for d in dirs:
+    for whl in sorted(glob.glob(os.path.join(d, "*.whl"))):
+      if whl not in sys.path:
+        sys.path.insert(0, whl)
+    if os.path.isdir(os.path.join(d, "ml_collections")) and d not in sys.path:
+      sys.path.insert(0, d)
+  try:
+    import ml_collections  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    missing = getattr(e, "name", None) or "ml_collections"
+    if missing.split(".")[0] != "ml_collections":
+      raise MissingMlCollectionsError(
+          f"ml_collections was found but needs {missing!r}, which is not "
+          f"installed here ({e}). Carry it next to ml_collections: `pip "
+          f"download absl-py --no-deps -d wheels/` (PyYAML must be installed)."
+      ) from e
+    raise MissingMlCollectionsError(
+        "ml_collections is not importable and no wheel was found in "
+        f"{dirs}. Carry one: `pip download ml_collections --no-deps -d "
+        "wheels/` in the repository (or pass --wheels=DIR).") from e
+  return os.path.dirname(os.path.dirname(ml_collections.__file__))
 
 
 def commit_id() -> str:
