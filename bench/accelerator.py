@@ -167,6 +167,14 @@ class Deadline:
       raise SectionTimeout(f"time box over before {what}" if what else
                            "time box over")
 
+  def require(self, seconds: float, what: str):
+    """Stops before work expected to take ``seconds`` (e.g. as long as the
+    last such step) that would overrun the box: compiles cannot be cut short,
+    and an overrun is taken from the sections after this one."""
+    if self.left() < seconds:
+      raise SectionTimeout(f"{what} skipped: expected to take ~{seconds:.0f} s"
+                           f", {max(0.0, self.left()):.0f} s left")
+
 
 @dataclasses.dataclass
 class Section:
@@ -631,51 +639,7 @@ def section_rar_train(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
            if capacity else "device memory unknown: batch = the largest tried")
   sec.note(f"device bf16 peak: {peak / 1e12:.0f} TFLOP/s" if peak else
            f"no bf16 peak known for {dev.device_kind!r}: MFU omitted")
-  best = None
-  for remat in sz.train_remats:
-    dl.check(f"remat={remat}")
-    batch, probe = sz.train_max, None
-    if capacity:
-      config, tr = _rar_trainer(remat, sz.train_probe, smoke, [dev])
-      probe = memory_bytes(_compile_step(config, tr)[1])
-      del tr
-      if probe:
-        # State (arguments) is fixed; count all temporaries as per-example.
-        fixed = probe["argument"] + probe["generated_code"]
-        per_example = max(1.0, (probe["peak"] - fixed) / sz.train_probe)
-        batch = _pow2_floor((0.92 * capacity - fixed) / per_example,
-                            sz.train_max)
-    tried, row = set(), None
-    while batch >= 1 and batch not in tried:
-      tried.add(batch)
-      dl.check(f"remat={remat} batch={batch}")
-      try:
-        new = _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity)
-      except SectionTimeout:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        sec.note(f"remat={remat} batch={batch}: {_err(e)}")
-        gc.collect()
-        if row:       # a larger try failed: keep the measured one
-          break
-        batch //= 2   # out of memory at compile or run time
-        continue
-      peak_b = new.pop("_peak")
-      sec.add(**new)
-      row = new
-      if not (capacity and probe and peak_b and batch > sz.train_probe):
-        break
-      grown = _fit_batch(capacity, sz.train_probe, probe["peak"], batch,
-                         peak_b, sz.train_max)
-      if grown <= batch:
-        break
-      batch = grown
-    if row and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
-      best = row
-    gc.collect()
-  if best:
-    sec.note(f"best: remat={best['remat']} batch={best['batch']} "
-             f"{best['tokens_per_s']:.0f} tokens/s")
+  best, last_cost = None, 0.0
   sec.note("One device, AdamW, bf16 compute with fp32 parameters and optimizer "
            "state, 256 tokens per image. mfu = the compiled step's XLA FLOPs "
            "(cost_analysis; includes remat recomputation; flops_from=lowered: the "
@@ -685,6 +649,59 @@ def section_rar_train(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
            "attention). peak_gib_compiled: memory_analysis arguments + outputs "
            "- aliases + temporaries; peak_gib_device: memory_stats "
            "peak_bytes_in_use since the start of the run.")
+  try:
+    for remat in sz.train_remats:
+      dl.require(last_cost, f"remat={remat}")
+      t_remat = time.perf_counter()
+      batch, probe = sz.train_max, None
+      if capacity:
+        config, tr = _rar_trainer(remat, sz.train_probe, smoke, [dev])
+        probe = memory_bytes(_compile_step(config, tr)[1])
+        del tr
+        if probe:
+          # State (arguments) is fixed; count all temporaries as per-example.
+          fixed = probe["argument"] + probe["generated_code"]
+          per_example = max(1.0, (probe["peak"] - fixed) / sz.train_probe)
+          batch = _pow2_floor((0.92 * capacity - fixed) / per_example,
+                              sz.train_max)
+      tried, row = set(), None
+      while batch >= 1 and batch not in tried:
+        tried.add(batch)
+        dl.check(f"remat={remat} batch={batch}")
+        t_measure = time.perf_counter()
+        try:
+          new = _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity)
+        except SectionTimeout:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          sec.note(f"remat={remat} batch={batch}: {_err(e)}")
+          gc.collect()
+          if row:       # a larger try failed: keep the measured one
+            break
+          batch //= 2   # out of memory at compile or run time
+          continue
+        peak_b = new.pop("_peak")
+        sec.add(**new)
+        row = new
+        if not (capacity and probe and peak_b and batch > sz.train_probe):
+          break
+        grown = _fit_batch(capacity, sz.train_probe, probe["peak"], batch,
+                           peak_b, sz.train_max)
+        if grown <= batch:
+          break
+        if dl.left() < time.perf_counter() - t_measure:
+          sec.note(f"remat={remat}: batch {grown} would fit; no time to try")
+          break
+        batch = grown
+      if row and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
+        best = row
+      gc.collect()
+      # The next policy compiles as often, and its steps take no less time.
+      last_cost = 0.8 * (time.perf_counter() - t_remat)
+  finally:   # also when the time box ends
+    if best:
+      sec.note(f"best: remat={best['remat']} batch={best['batch']} "
+               f"{best['tokens_per_s']:.0f} tokens/s")
 
 
 def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):

@@ -139,6 +139,13 @@ def test_peak_table():
   assert acc.peak_flops("cpu") is None
 
 
+def test_deadline_require():
+  dl = acc.Deadline(acc.time.perf_counter() + 100)
+  dl.require(10, "a short step")
+  with pytest.raises(acc.SectionTimeout, match="a long step skipped"):
+    dl.require(1000, "a long step")
+
+
 def test_failing_and_slow_sections_do_not_stop_the_run(tmp_path, monkeypatch):
   def boom(sec, dl, sz, smoke):
     raise RuntimeError("no such kernel")
