@@ -106,6 +106,8 @@ def get_config(size: str = "l", arg=None):
   sp.num_steps = 100            # Euler steps of the flow head per column
   sp.num_columns = 16           # 16 = 256 px; e.g. 128 for 8x width
   sp.latent_scale = lt.get_ref("scale")   # samples / scale -> tokenizer.decode
+  sp.dtype = "float32"          # generator decode dtype; "bfloat16" casts the
+                                # params once (latents / Euler state stay fp32)
   sp.num_samples = 50_000
   sp.batch_size = 64
   if arg.runlocal:

@@ -7,6 +7,10 @@ with adaLN conditioned on ``cond_embed(z) + time_embed(t)`` that maps
 ``time_embed/mlp_{0,2}``, ``cond_embed``, ``input_proj``,
 ``res_blocks_{i}/{in_ln, mlp_0, mlp_2, adaLN_modulation_1}``,
 ``final_layer/{linear, adaLN_modulation_1}``.
+
+The adaLN modulations depend on (t, z) only: ``modulations`` / ``modulated``
+split the head there, so a sampler can compute them for all Euler steps of a
+column in one matmul (``genvis_jax.sample.eq.euler_flow_hoisted``).
 """
 
 from __future__ import annotations
@@ -62,59 +66,102 @@ class TimestepEmbedder(nn.Module):
 
 
 class ResBlock(nn.Module):
-  """x + gate * MLP(modulate(LN(x), shift, scale)), (shift, scale, gate) from y."""
+  """x + gate * MLP(modulate(LN(x), shift, scale)), (shift, scale, gate) from y.
+
+  ``modulation(y)`` and ``modulated(x, mod)`` split the block so a sampler can
+  compute the adaLN modulations of many flow steps in one matmul (they depend
+  on t and z only, not on x); ``__call__`` is their composition.
+  """
   width: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, y):
+  def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mod = dense(3 * self.width, ("embed", "mlp"), "adaLN_modulation_1",
-                 kernel_init=layers.zeros, **kw)(nn.silu(y))
+    self.adaLN_modulation_1 = dense(3 * self.width, ("embed", "mlp"), None,
+                                    kernel_init=layers.zeros, **kw)
+    self.in_ln = layers.layer_norm(1e-6, **kw)
+    self.mlp_0 = dense(self.width, ("embed", "mlp"), None, **kw)
+    self.mlp_2 = dense(self.width, ("mlp", "embed"), None, **kw)
+
+  def modulation(self, y):
+    """y (..., width) -> (..., 3 width) ``[shift, scale, gate]``."""
+    return self.adaLN_modulation_1(nn.silu(y))
+
+  def modulated(self, x, mod):
     shift, scale, gate = jnp.split(mod, 3, axis=-1)
-    h = _modulate(layers.layer_norm(1e-6, name="in_ln", **kw)(x), shift, scale)
-    h = dense(self.width, ("embed", "mlp"), "mlp_0", **kw)(h)
-    h = dense(self.width, ("mlp", "embed"), "mlp_2", **kw)(nn.silu(h))
+    h = _modulate(self.in_ln(x), shift, scale)
+    h = self.mlp_2(nn.silu(self.mlp_0(h)))
     return x + gate * h
+
+  def __call__(self, x, y):
+    return self.modulated(x, self.modulation(y))
 
 
 class FinalLayer(nn.Module):
+  """adaLN (shift, scale) from y, parameter-free LayerNorm, linear to C."""
   width: int
   out_channels: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, y):
+  def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mod = dense(2 * self.width, ("embed", "mlp"), "adaLN_modulation_1",
-                 kernel_init=layers.zeros, **kw)(nn.silu(y))
+    self.adaLN_modulation_1 = dense(2 * self.width, ("embed", "mlp"), None,
+                                    kernel_init=layers.zeros, **kw)
+    self.norm_final = layers.layer_norm(1e-6, use_scale=False, use_bias=False,
+                                        **kw)
+    self.linear = dense(self.out_channels, ("embed", None), None,
+                        kernel_init=layers.zeros, **kw)
+
+  def modulation(self, y):
+    """y (..., width) -> (..., 2 width) ``[shift, scale]``."""
+    return self.adaLN_modulation_1(nn.silu(y))
+
+  def modulated(self, x, mod):
     shift, scale = jnp.split(mod, 2, axis=-1)
-    x = layers.layer_norm(1e-6, use_scale=False, use_bias=False,
-                          name="norm_final", **kw)(x)
-    return dense(self.out_channels, ("embed", None), "linear",
-                  kernel_init=layers.zeros, **kw)(_modulate(x, shift, scale))
+    return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+  def __call__(self, x, y):
+    return self.modulated(x, self.modulation(y))
 
 
 class FlowNet(nn.Module):
-  """(x_t (..., C), t (...), z (..., d)) -> velocity (..., C)."""
+  """(x_t (..., C), t (...), z (..., d)) -> velocity (..., C).
+
+  Split for sampling: ``modulations(t, z)`` -> a tuple of ``depth + 1`` arrays
+  (..., 3 width) per res block and (..., 2 width) for the final layer; t and z
+  broadcast against each other (e.g. t (S, 1) with z (R, d) gives S x R rows);
+  ``modulated(x, mods)`` runs the x path with them. ``__call__`` = both.
+  """
   channels: int
   width: int
   depth: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, t, z):
+  def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # The head's residual stream is named "embed", its inner axes "mlp".
-    x = dense(self.width, (None, "embed"), "input_proj", **kw)(x)
-    y = TimestepEmbedder(self.width, name="time_embed", **kw)(t)
-    y = y + dense(self.width, (None, "embed"), "cond_embed", **kw)(z)
-    for i in range(self.depth):
-      x = ResBlock(self.width, name=f"res_blocks_{i}", **kw)(x, y)
-    return FinalLayer(self.width, self.channels, name="final_layer", **kw)(x, y)
+    self.input_proj = dense(self.width, (None, "embed"), None, **kw)
+    self.time_embed = TimestepEmbedder(self.width, **kw)
+    self.cond_embed = dense(self.width, (None, "embed"), None, **kw)
+    self.res_blocks = [ResBlock(self.width, **kw) for _ in range(self.depth)]
+    self.final_layer = FinalLayer(self.width, self.channels, **kw)
+
+  def modulations(self, t, z):
+    y = self.time_embed(t) + self.cond_embed(z)
+    return tuple(b.modulation(y) for b in self.res_blocks) + (
+        self.final_layer.modulation(y),)
+
+  def modulated(self, x, mods):
+    x = self.input_proj(x)
+    for blk, mod in zip(self.res_blocks, mods):
+      x = blk.modulated(x, mod)
+    return self.final_layer.modulated(x, mods[-1])
+
+  def __call__(self, x, t, z):
+    return self.modulated(x, self.modulations(t, z))
 
 
 class DiffLoss(nn.Module):
@@ -125,7 +172,15 @@ class DiffLoss(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.net = FlowNet(self.channels, self.width, self.depth, self.dtype,
+                       self.param_dtype)
+
+  def modulations(self, t, z):
+    return self.net.modulations(t, z)
+
+  def modulated(self, x, mods):
+    return self.net.modulated(x, mods)
+
   def __call__(self, x, t, z):
-    return FlowNet(self.channels, self.width, self.depth, self.dtype,
-                   self.param_dtype, name="net")(x, t, z)
+    return self.net(x, t, z)

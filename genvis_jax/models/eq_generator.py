@@ -252,7 +252,8 @@ class EqGenerator(nn.Module):
   z (B, L, d) the per-column conditioning vectors (``condition``).
 
   Other methods: ``condition(latents, labels, train, shift)`` -> z (B, L, d);
-  ``velocity(x_t, t, z)`` -> head output; ``prefill(labels)`` ->
+  ``velocity(x_t, t, z)`` -> head output (= ``head_velocity(x_t,
+  head_modulations(t, z))``); ``prefill(labels)`` ->
   (z for column 0 (B, d), cache); ``decode_step(latent, index, cache)`` feeds
   column ``index`` (B, C) and returns (z for column index + 1, cache).
   """
@@ -336,6 +337,16 @@ class EqGenerator(nn.Module):
   def velocity(self, x_t, t, z):
     """Head: x_t (..., C), t (...), z (..., d) -> velocity (..., C) float32."""
     return self.diffloss(x_t, t, z).astype(jnp.float32)
+
+  def head_modulations(self, t, z):
+    """The head's adaLN modulations, which depend on (t, z) only: t (...) and
+    z (..., d) broadcast together -> tuple of ``head_depth + 1`` arrays
+    (..., 3 head_width) and last (..., 2 head_width) for ``head_velocity``."""
+    return self.diffloss.modulations(t, z)
+
+  def head_velocity(self, x_t, mods):
+    """``velocity`` given ``head_modulations``: x_t (..., C) -> (..., C) f32."""
+    return self.diffloss.modulated(x_t, mods).astype(jnp.float32)
 
   def __call__(self, latents, labels, noise, t, train=False, shift=0):
     z = self.condition(latents, labels, train, shift)

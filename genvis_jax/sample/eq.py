@@ -15,7 +15,19 @@ column, so the width (``num_columns``) may be many times the training width.
 ``sample_uncached`` is the official algorithm (re-run the full windowed
 forward over the whole sequence for every column); with the same key both give
 the same latents. Each is one jitted function. Column ``c`` draws its noise
-from ``fold_in(rng, c)``.
+from ``fold_in(rng, c)``. ``sample_stepwise`` runs the same column loop in
+jitted chunks of columns (to time columns far into a wide image).
+
+Hoisted head modulations: the head's adaLN modulations (about 60% of its
+weights) depend on (t, z) only, and the Euler times are fixed, so each column
+computes them for all its steps in one matmul (``euler_flow_hoisted``; chunks
+of steps when batch x steps is large) and each Euler step reads only the x-path
+weights (input_proj, mlp_0/mlp_2 per block, final linear). Same arithmetic as
+the per-step head (``euler_flow``) up to float rounding of the larger matmul.
+
+Decoding dtype (``dtype="bfloat16"``): the parameters are cast once per call
+and the model computes in bf16, while velocities, the Euler state x, the CFG
+combination and the returned latents stay float32.
 """
 
 from __future__ import annotations
@@ -24,6 +36,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from genvis_jax.errors import ConfigError
+
+# Rows (Euler steps x head batch rows) of one batched adaLN matmul: bounds the
+# modulation buffer (rows x (3 depth + 2) x head_width floats; S: 2048 rows =
+# 300 MB fp32) while batch 1 with CFG still hoists all 100 steps at once.
+HOIST_ROWS = 2048
+
+DTYPES = ("float32", "bfloat16")
 
 
 def cfg_scale(column, num_columns: int, cfg):
@@ -55,48 +76,144 @@ def euler_flow(velocity_fn, z, noise, scale, num_steps: int, use_cfg: bool):
   return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
 
 
+def step_times(num_steps: int):
+  """(num_steps,) float32 Euler times t_i = (num_steps - i) / num_steps,
+  i = 0..num_steps-1 (the values ``euler_flow`` computes in its loop)."""
+  return (num_steps - jnp.arange(num_steps, dtype=jnp.int32)).astype(
+      jnp.float32) / num_steps
+
+
+def steps_per_chunk(num_steps: int, rows: int, max_rows: int = HOIST_ROWS):
+  """Largest divisor k of ``num_steps`` with ``k * rows <= max_rows`` (>= 1):
+  how many steps' modulations one batched matmul computes."""
+  return max([k for k in range(1, num_steps + 1)
+              if num_steps % k == 0 and k * rows <= max_rows] or [1])
+
+
+def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
+                       use_cfg: bool, max_rows: int = HOIST_ROWS):
+  """``euler_flow`` with the head's modulations hoisted out of the steps.
+
+  model / params: an ``EqGenerator`` (its ``head_modulations`` /
+  ``head_velocity``); z (R, d) with R = B, or 2B ``[cond; uncond]`` with CFG;
+  noise (B, C). Per chunk of k steps (``steps_per_chunk``) one matmul gives
+  the modulations of k x R rows; then k Euler steps run the x path only.
+  Returns (B, C) float32.
+  """
+  rows = z.shape[0]
+  k = steps_per_chunk(num_steps, rows, max_rows)
+  times = step_times(num_steps).reshape(num_steps // k, k)
+  apply = functools.partial(model.apply, {"params": params})
+
+  def chunk(c, x):
+    t = jax.lax.dynamic_index_in_dim(times, c, keepdims=False)
+    mods = apply(t[:, None], z, method="head_modulations")   # each (k, R, .)
+
+    def step(j, x):
+      m = tuple(jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in mods)
+      if use_cfg:
+        cond, uncond = jnp.split(
+            apply(jnp.concatenate([x, x]), m, method="head_velocity"), 2)
+        v = uncond + scale * (cond - uncond)
+      else:
+        v = apply(x, m, method="head_velocity")
+      return x - v / num_steps
+
+    return jax.lax.fori_loop(0, k, step, x)
+
+  return jax.lax.fori_loop(0, num_steps // k, chunk, noise.astype(jnp.float32))
+
+
+def for_decoding(model, params, dtype=None):
+  """(model, params) computing in ``dtype``: None / "float32" returns them
+  unchanged; "bfloat16" clones the model with ``dtype=bfloat16`` and casts
+  every floating parameter once (half the bytes each step reads). Velocities
+  and the sampling state stay float32 (``velocity`` / ``head_velocity`` cast).
+  Raises ``ConfigError`` for another dtype."""
+  try:
+    name = "float32" if dtype is None else jnp.dtype(dtype).name
+  except TypeError:
+    name = str(dtype)
+  if name not in DTYPES:
+    raise ConfigError(f"Equivariant sampling dtype must be one of {DTYPES}, got "
+                      f"{dtype!r}; set config.sample.dtype to one of them.")
+  if name == "float32":
+    return model, params
+  dt = jnp.dtype(name)
+  return model.clone(dtype=dt), _cast(params, dt)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(params, dt):
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+      params)
+
+
 def _labels2(model, labels, use_cfg):
   if not use_cfg:
     return labels
   return jnp.concatenate([labels, jnp.full_like(labels, model.null_label)])
 
 
-def _column(model, params, z, rng, col, num_columns, num_steps, cfg, use_cfg):
+def _column(model, params, z, rng, col, num_columns, num_steps, cfg, use_cfg,
+            hoist):
   b = z.shape[0] // (2 if use_cfg else 1)
   noise = jax.random.normal(jax.random.fold_in(rng, col), (b, model.token_dim))
+  scale = cfg_scale(col, num_columns, cfg)
+  if hoist:
+    return euler_flow_hoisted(model, params, z, noise, scale, num_steps, use_cfg)
   vel = lambda x, t, zz: model.apply({"params": params}, x, t, zz,
                                      method="velocity")
-  return euler_flow(vel, z, noise, cfg_scale(col, num_columns, cfg), num_steps,
-                    use_cfg)
+  return euler_flow(vel, z, noise, scale, num_steps, use_cfg)
 
 
-def _cached_impl(model, use_cfg, num_columns, num_steps, params, labels, rng,
-                 cfg):
-  labels2 = _labels2(model, labels, use_cfg)
-  twice = (lambda x: jnp.concatenate([x, x])) if use_cfg else (lambda x: x)
-  z, cache = model.apply({"params": params}, labels2, method="prefill")
-  b = labels.shape[0]
-  latents = jnp.zeros((b, num_columns, model.token_dim), jnp.float32)
+def _twice(use_cfg):
+  return (lambda x: jnp.concatenate([x, x])) if use_cfg else (lambda x: x)
+
+
+def _cached_init(model, use_cfg, num_columns, params, labels):
+  """Prefill -> state (z of the next column, cache, latents, conds)."""
+  z, cache = model.apply({"params": params}, _labels2(model, labels, use_cfg),
+                         method="prefill")
+  latents = jnp.zeros((labels.shape[0], num_columns, model.token_dim),
+                      jnp.float32)
   conds = jnp.zeros((z.shape[0], num_columns, z.shape[-1]), z.dtype)
+  return z, cache, latents, conds
 
-  def body(col, carry):
+
+def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, count,
+                    params, state, start, rng, cfg):
+  """Columns start .. start + count - 1 (start may be traced) -> new state."""
+  twice = _twice(use_cfg)
+
+  def body(i, carry):
+    col = start + i
     z, cache, latents, conds = carry
-    x = _column(model, params, z, rng, col, num_columns, num_steps, cfg, use_cfg)
+    x = _column(model, params, z, rng, col, num_columns, num_steps, cfg,
+                use_cfg, hoist)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
     conds = jax.lax.dynamic_update_index_in_dim(conds, z, col, axis=1)
     z, cache = model.apply({"params": params}, twice(x), col, cache,
                            method="decode_step")
     return z, cache, latents, conds
 
-  _, _, latents, conds = jax.lax.fori_loop(0, num_columns, body,
-                                           (z, cache, latents, conds))
+  return jax.lax.fori_loop(0, count, body, state)
+
+
+def _cached_impl(model, use_cfg, num_columns, num_steps, hoist, params, labels,
+                 rng, cfg):
+  state = _cached_init(model, use_cfg, num_columns, params, labels)
+  _, _, latents, conds = _cached_columns(
+      model, use_cfg, num_columns, num_steps, hoist, num_columns, params, state,
+      0, rng, cfg)
   return latents, conds
 
 
-def _uncached_impl(model, use_cfg, num_columns, num_steps, params, labels, rng,
-                   cfg):
+def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, params,
+                   labels, rng, cfg):
   labels2 = _labels2(model, labels, use_cfg)
-  twice = (lambda x: jnp.concatenate([x, x])) if use_cfg else (lambda x: x)
+  twice = _twice(use_cfg)
   b = labels.shape[0]
   latents = jnp.zeros((b, num_columns, model.token_dim), jnp.float32)
   conds = jnp.zeros((labels2.shape[0], num_columns, model.hidden_size),
@@ -108,7 +225,8 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, params, labels, rng,
     z_all = model.apply({"params": params}, twice(latents), labels2,
                         method="condition")
     z = jax.lax.dynamic_index_in_dim(z_all, col, axis=1, keepdims=False)
-    x = _column(model, params, z, rng, col, num_columns, num_steps, cfg, use_cfg)
+    x = _column(model, params, z, rng, col, num_columns, num_steps, cfg,
+                use_cfg, hoist)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
     conds = jax.lax.dynamic_update_index_in_dim(conds, z.astype(conds.dtype),
                                                 col, axis=1)
@@ -118,27 +236,46 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, params, labels, rng,
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(impl, model, use_cfg: bool, num_columns: int, num_steps: int):
-  return jax.jit(functools.partial(impl, model, use_cfg, num_columns, num_steps))
+def _compiled(impl, model, use_cfg: bool, num_columns: int, num_steps: int,
+              hoist: bool):
+  return jax.jit(functools.partial(impl, model, use_cfg, num_columns,
+                                   num_steps, hoist))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_steps(model, use_cfg: bool, num_columns: int, num_steps: int,
+                    hoist: bool, chunk: int):
+  init = jax.jit(functools.partial(_cached_init, model, use_cfg, num_columns))
+  cols = jax.jit(functools.partial(_cached_columns, model, use_cfg, num_columns,
+                                   num_steps, hoist, chunk))
+  return init, cols
+
+
+def _check(labels, num_columns, num_steps, cfg):
+  if int(num_columns) < 1:
+    raise ConfigError(f"num_columns must be >= 1, got {num_columns}.")
+  if int(num_steps) < 1:
+    raise ConfigError(f"num_steps must be >= 1, got {num_steps}.")
+  labels = jnp.asarray(labels, jnp.int32)
+  if labels.ndim != 1:
+    raise ConfigError(f"labels must be a 1-D class array, got shape "
+                      f"{labels.shape}.")
+  return labels, float(cfg) != 1.0
 
 
 def _run(impl, model, params, labels, rng, num_columns, cfg, num_steps,
-         return_conditions):
-  if int(num_columns) < 1:
-    raise ValueError(f"num_columns must be >= 1, got {num_columns}.")
-  if int(num_steps) < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
-  labels = jnp.asarray(labels, jnp.int32)
-  if labels.ndim != 1:
-    raise ValueError(f"labels must be a 1-D class array, got shape {labels.shape}.")
-  use_cfg = float(cfg) != 1.0
-  fn = _compiled(impl, model, use_cfg, int(num_columns), int(num_steps))
+         return_conditions, dtype, hoist):
+  labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
+  model, params = for_decoding(model, params, dtype)
+  fn = _compiled(impl, model, use_cfg, int(num_columns), int(num_steps),
+                 bool(hoist))
   latents, conds = fn(params, labels, rng, jnp.asarray(cfg, jnp.float32))
   return (latents, conds) if return_conditions else latents
 
 
 def sample(model, params, labels, rng, *, num_columns: int, cfg: float = 1.0,
-           num_steps: int = 100, return_conditions: bool = False):
+           num_steps: int = 100, return_conditions: bool = False,
+           dtype=None, hoist_modulations: bool = True):
   """Class-conditional column-by-column sampling with the rolling KV cache.
 
   Args:
@@ -149,22 +286,53 @@ def sample(model, params, labels, rng, *, num_columns: int, cfg: float = 1.0,
     cfg: guidance scale (1 = none), ramped linearly over the columns.
     num_steps: Euler steps of the flow head per column.
     return_conditions: also return the conditioning vectors fed to the head.
+    dtype: None / "float32", or "bfloat16" (``for_decoding``).
+    hoist_modulations: False runs the whole head every step (``euler_flow``,
+      the official loop; for comparison only).
   Returns:
     latents (B, num_columns, token_dim) float32 in the generator's (scaled)
     latent space; with ``return_conditions`` also z (B or 2B, num_columns, d)
-    (``[cond; uncond]`` rows with CFG).
+    (``[cond; uncond]`` rows with CFG) in the decoding dtype.
+  Raises ``ConfigError`` for num_columns or num_steps < 1, labels not 1-D, or
+  an unsupported dtype.
   """
   return _run(_cached_impl, model, params, labels, rng, num_columns, cfg,
-              num_steps, return_conditions)
+              num_steps, return_conditions, dtype, hoist_modulations)
 
 
 def sample_uncached(model, params, labels, rng, *, num_columns: int,
                     cfg: float = 1.0, num_steps: int = 100,
-                    return_conditions: bool = False):
+                    return_conditions: bool = False, dtype=None,
+                    hoist_modulations: bool = True):
   """``sample`` without a cache: re-runs the full forward every column
   (official algorithm; quadratic in the width). Same contract and numbers."""
   return _run(_uncached_impl, model, params, labels, rng, num_columns, cfg,
-              num_steps, return_conditions)
+              num_steps, return_conditions, dtype, hoist_modulations)
+
+
+def sample_stepwise(model, params, labels, rng, *, num_columns: int,
+                    cfg: float = 1.0, num_steps: int = 100, chunk: int = 1,
+                    dtype=None, hoist_modulations: bool = True):
+  """``sample`` as a generator of jitted chunks of ``chunk`` columns.
+
+  Yields ``(next_column, latents)`` after each chunk (latents as in ``sample``,
+  columns >= next_column still zero; not blocked, so a caller can time each
+  chunk with ``jax.block_until_ready``). The last yield equals
+  ``sample(...)`` with the same arguments (same column function and keys).
+  Raises ``ConfigError`` if ``chunk`` does not divide ``num_columns``.
+  """
+  labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
+  if int(chunk) < 1 or int(num_columns) % int(chunk):
+    raise ConfigError(f"chunk must be >= 1 and divide num_columns "
+                      f"({num_columns}); got {chunk}.")
+  model, params = for_decoding(model, params, dtype)
+  init, cols = _compiled_steps(model, use_cfg, int(num_columns), int(num_steps),
+                               bool(hoist_modulations), int(chunk))
+  state = init(params, labels)
+  cfg = jnp.asarray(cfg, jnp.float32)
+  for start in range(0, int(num_columns), int(chunk)):
+    state = cols(params, state, jnp.int32(start), rng, cfg)
+    yield start + int(chunk), state[2]
 
 
 def latents_to_images(tokenizer, tokenizer_params, latents,
@@ -181,8 +349,9 @@ def latents_to_images(tokenizer, tokenizer_params, latents,
 
 def generate(model, params, labels, rng, s):
   """Sampling-driver adapter (``genvis_jax.sample.driver``): ``config.sample``
-  fields (cfg, num_steps, num_columns, latent_scale) -> tokenizer latents for
-  ``decode`` (generator latents / latent_scale)."""
+  fields (cfg, num_steps, num_columns, latent_scale, dtype) -> tokenizer
+  latents for ``decode`` (generator latents / latent_scale)."""
   lat = sample(model, params, labels, rng, num_columns=int(s.num_columns),
-               cfg=float(s.cfg), num_steps=int(s.num_steps))
+               cfg=float(s.cfg), num_steps=int(s.num_steps),
+               dtype=s.get("dtype", "float32"))
   return lat / float(s.latent_scale)

@@ -1,0 +1,348 @@
+"""Equivariant sampler at paper size vs its memory-bandwidth floor, per column.
+
+One long run of the cached sampler (``sample_stepwise``: the same jitted column
+loop as ``sample``, in chunks of ``--window`` columns) times the columns in a
+window ending at each reported width (default 16, 32, 64, 128: columns 13-16,
+29-32, 61-64, 125-128 of a 128-column run). Right after each window, in the
+same process, it times two floors over the same number of columns, written
+here from the same model's weights:
+
+* ``floor``: the issue's floor. Per Euler step the flow head's weights are read
+  once (every head matmul, CFG's cond/uncond rows as one matmul; LayerNorms
+  and biases left out), plus per column the transformer's per-column matmuls
+  (z_proj; per block qkv, proj, cross-attention query and proj, fc1, fc2).
+* ``hoisted floor``: the same chain for the algorithm the sampler runs: the
+  adaLN / time / condition path of all steps of a column as one matmul, then
+  per step the x path only (input_proj, mlp_0, mlp_2, final linear).
+
+With ``--old`` it also times the per-step head (``hoist_modulations=False``,
+the official loop) over the first window, for a speed-up ratio in the same
+run. Times per column exclude compilation (every function is warmed up on its
+own first call). Ratios, not absolute times, are the result on a shared host.
+
+  python bench/bench_eq_sampling.py                   # eq_s, batch 1, CFG 7, 100 steps
+  python bench/bench_eq_sampling.py --size=tiny --columns=16 --widths=8,16 --num_steps=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import eq_common
+from genvis_jax import models
+from genvis_jax.sample import eq as eq_sample
+
+TINY = dict(hidden_size=64, depth=2, num_heads=4, head_width=64, head_depth=2,
+            token_dim=16, num_classes=10, num_cond_tokens=4, window=4,
+            seq_len=16, attn_dropout=0.0, proj_dropout=0.0)
+# Parameters of the head's (t, z) path: hoisted out of the Euler steps.
+MOD_PATH = ("adaLN_modulation_1", "time_embed", "cond_embed")
+# Transformer parameters only the prefill reads (condition tokens).
+PREFILL_ONLY = ("class_emb", "fake_latent", "encoder_pos_embed_learned",
+                "cross_cond_norm", "attn2/k/", "attn2/v/")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", default="s", choices=["tiny", *eq_common.SIZES])
+  p.add_argument("--columns", type=int, default=128, help="columns of the run")
+  p.add_argument("--widths", default="16,32,64,128",
+                 help="report the window of columns ending at each width")
+  p.add_argument("--window", type=int, default=4, help="columns per window")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--cfg", type=float, default=7.0)
+  p.add_argument("--num_steps", type=int, default=100)
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--old", action="store_true",
+                 help="also time the per-step head over the first window")
+  return p.parse_args(argv)
+
+
+def model_config(size):
+  if size == "tiny":
+    return eq_common.generator_model("s", **TINY)
+  return eq_common.generator_model(size)
+
+
+def random_params(cfg, seed=0):
+  """Random weights (std 0.02) without running init, signal in every layer."""
+  abstract = jax.eval_shape(lambda k: models.init_params(cfg, k),
+                            jax.random.key(0))
+  leaves, tdef = jax.tree_util.tree_flatten(abstract)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = [jax.random.normal(k, a.shape, a.dtype) * 0.02
+         for k, a in zip(keys, leaves)]
+  return jax.tree_util.tree_unflatten(tdef, out)
+
+
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path) + "/": leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _nbytes(leaves):
+  return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in leaves)
+
+
+def byte_counts(params):
+  """Bytes of the parameter groups the sampler reads (params or shapes).
+
+  Returns dict: ``head`` (all of diffloss), ``head_mod`` (its (t, z) path:
+  time/cond embedding and every adaLN), ``head_x`` (the rest), ``column``
+  (transformer parameters read per column: z_proj, z_proj_ln, encoder_norm,
+  per block norm1, attn, cross_norm, attn2 qkv/proj, norm2, mlp)."""
+  flat = _flat(params)
+  head = {k: v for k, v in flat.items() if k.startswith("diffloss/")}
+  mod = [v for k, v in head.items() if any(m in k for m in MOD_PATH)]
+  col = [v for k, v in flat.items() if not k.startswith("diffloss/")
+         and not any(m in k for m in PREFILL_ONLY)]
+  return dict(head=_nbytes(head.values()), head_mod=_nbytes(mod),
+              head_x=_nbytes(head.values()) - _nbytes(mod), column=_nbytes(col))
+
+
+def floor_bytes_per_column(params, num_steps, rows, hoisted):
+  """Bytes read per column by the floor (``hoisted``: mod path once per chunk
+  of ``eq_sample.steps_per_chunk`` steps)."""
+  b = byte_counts(params)
+  if not hoisted:
+    return b["head"] * num_steps + b["column"]
+  chunks = num_steps // eq_sample.steps_per_chunk(num_steps, rows)
+  return b["head_x"] * num_steps + b["head_mod"] * chunks + b["column"]
+
+
+# --- the floors: bare matmul chains over the model's own weights ---------------------
+
+def _mm(h, p):
+  """h @ kernel of Dense params ``p``, in the kernel's dtype (as nn.Dense)."""
+  w = p["kernel"]
+  return jnp.dot(h.astype(w.dtype), w)
+
+
+def _fit(v, n):
+  """(..., m) -> (..., n): slice or tile (never of a matmul output)."""
+  reps = -(-n // v.shape[-1])
+  return jnp.concatenate([v] * reps, axis=-1)[..., :n] if reps > 1 else v[..., :n]
+
+
+def _fold(h, d):
+  """(R, n * d) -> (R, d): sum of the n slices (keeps every output used)."""
+  return h.reshape(h.shape[0], -1, d).sum(1)
+
+
+def _silu_y(net, t, z):
+  """silu(y) of the head from t (broadcastable) and z: time and condition
+  matmuls (the time features stand in for the sinusoidal embedding)."""
+  te = net["time_embed"]
+  f = _fit(z, te["mlp_0"]["kernel"].shape[0]) * t
+  y = _mm(jax.nn.silu(_mm(f, te["mlp_0"])), te["mlp_2"])
+  return jax.nn.silu(y + _mm(z * t, net["cond_embed"]))
+
+
+def _mods(net, sy, depth):
+  return [_mm(sy, net[f"res_blocks_{i}"]["adaLN_modulation_1"])
+          for i in range(depth)] + [
+              _mm(sy, net["final_layer"]["adaLN_modulation_1"])]
+
+
+def _x_path(net, x2, mods, depth):
+  h = _mm(x2, net["input_proj"])
+  for i in range(depth):
+    blk = net[f"res_blocks_{i}"]
+    shift, scale, gate = jnp.split(mods[i], 3, axis=-1)
+    g = h * (1 + scale) + shift
+    h = h + gate * _mm(jax.nn.silu(_mm(g, blk["mlp_0"])), blk["mlp_2"])
+  shift, scale = jnp.split(mods[-1], 2, axis=-1)
+  return _mm(h * (1 + scale) + shift, net["final_layer"]["linear"])
+
+
+def _transformer_chain(params, x2, depth):
+  """One column through the transformer's per-column matmuls: (R, C) -> (R, d)."""
+  h = _mm(x2, params["z_proj"])
+  d = h.shape[-1]
+  for i in range(depth):
+    blk = params[f"encoder_blocks_{i}"]
+    h = h + _mm(_fold(_mm(h, blk["attn"]["qkv"]), d), blk["attn"]["proj"])
+    h = h + _mm(_mm(h, blk["attn2"]["qkv"]), blk["attn2"]["proj"])
+    h = h + _mm(jax.nn.gelu(_mm(h, blk["mlp"]["fc1"])), blk["mlp"]["fc2"])
+  return h
+
+
+def make_floor(model, num_steps, use_cfg, hoisted, scale=7.0):
+  """jitted (params, x (B, C) f32, z (R, d), n) -> x after n floor columns.
+
+  Per column: ``num_steps`` Euler steps of the head chain (``hoisted``: the
+  (t, z) path of k steps as one matmul per chunk, ``steps_per_chunk``), then
+  the transformer chain gives the next column's z."""
+  depth, hdepth = model.depth, model.head_depth
+  times = eq_sample.step_times(num_steps)
+
+  def euler(x, v):
+    if use_cfg:
+      cond, uncond = jnp.split(v.astype(jnp.float32), 2)
+      v = uncond + scale * (cond - uncond)
+    return x - v.astype(jnp.float32) / num_steps
+
+  def twice(x):
+    return jnp.concatenate([x, x]) if use_cfg else x
+
+  def column(params, x, z):
+    net = params["diffloss"]["net"]
+    if hoisted:
+      k = eq_sample.steps_per_chunk(num_steps, z.shape[0])
+      tt = times.reshape(num_steps // k, k)
+
+      def chunk(c, x):
+        t = jax.lax.dynamic_index_in_dim(tt, c, keepdims=False)[:, None, None]
+        mods = _mods(net, _silu_y(net, t.astype(z.dtype), z[None]), hdepth)
+        def step(j, x):
+          m = [jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in mods]
+          return euler(x, _x_path(net, twice(x), m, hdepth))
+        return jax.lax.fori_loop(0, k, step, x)
+
+      x = jax.lax.fori_loop(0, num_steps // k, chunk, x)
+    else:   # t changes every step: the whole head is read every step
+      def step(i, x):
+        t = times[i].astype(z.dtype)
+        m = _mods(net, _silu_y(net, t, z), hdepth)
+        return euler(x, _x_path(net, twice(x), m, hdepth))
+      x = jax.lax.fori_loop(0, num_steps, step, x)
+    return x, _transformer_chain(params, twice(x), depth)
+
+  @jax.jit
+  def run(params, x, z, n):
+    def body(_, carry):
+      x, z = carry
+      x, zn = column(params, x, z)
+      return x, zn.astype(z.dtype)
+    return jax.lax.fori_loop(0, n, body, (x, z))[0]
+
+  return run
+
+
+# --- measurement ------------------------------------------------------------------
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
+def commit():
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except Exception:  # pylint: disable=broad-except
+    return "unknown"
+
+
+def run_dtype(model, params32, labels, args, dtype, widths):
+  """One long stepped run with the floors interleaved; returns table rows."""
+  rng = jax.random.key(1)
+  use_cfg = args.cfg != 1.0
+  rows = args.batch * (2 if use_cfg else 1)
+  mdl, params = eq_sample.for_decoding(model, params32, dtype)
+  kw = dict(num_columns=args.columns, cfg=args.cfg, num_steps=args.num_steps,
+            chunk=args.window, dtype=None)
+  floors = {h: make_floor(mdl, args.num_steps, use_cfg, h) for h in (False, True)}
+  x0 = jnp.zeros((args.batch, model.token_dim), jnp.float32)
+  z0 = jnp.full((rows, model.hidden_size), 0.1, mdl.dtype)
+  n = jnp.int32(args.window)
+  for f in floors.values():            # compile + warm up
+    jax.block_until_ready(f(params, x0, z0, n))
+
+  def floor_time(hoisted):
+    return _timed(lambda: floors[hoisted](params, x0, z0, n)) / args.window
+
+  old = None
+  if args.old:
+    old = eq_sample.sample_stepwise(mdl, params, labels, rng,
+                                    hoist_modulations=False, **kw)
+  ours = eq_sample.sample_stepwise(mdl, params, labels, rng, **kw)
+  jax.block_until_ready(next(ours))    # compile + columns 1..window
+  if old is not None:
+    jax.block_until_ready(next(old))
+  out, done = [], args.window
+  while done < args.columns:
+    t = _timed(lambda: next(ours)[1]) / args.window
+    done += args.window
+    if done in widths:
+      row = dict(dtype=dtype, width=done, ours=t, floor=floor_time(False),
+                 hoisted=floor_time(True), old=float("nan"))
+      out.append(row)
+      print(_fmt(row, args), flush=True)
+    if old is not None and done <= widths[0]:
+      to = _timed(lambda: next(old)[1]) / args.window
+      if done == widths[0]:
+        out[0]["old"] = to
+        print(f"  per-step head (official loop) at width {done}: {to:.3f} s/col "
+              f"= {to / out[0]['ours']:.2f}x ours", flush=True)
+  b = dict(floor=floor_bytes_per_column(params, args.num_steps, rows, False),
+           hoisted=floor_bytes_per_column(params, args.num_steps, rows, True))
+  return out, b
+
+
+def _fmt(r, args):
+  del args
+  return (f"| {r['dtype']} | {r['width']} | {r['ours']:.4f} | {r['floor']:.4f} | "
+          f"{r['ours'] / r['floor']:.2f} | {r['hoisted']:.4f} | "
+          f"{r['ours'] / r['hoisted']:.2f} |")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  widths = [int(w) for w in args.widths.split(",")]
+  if args.columns % args.window or any(w % args.window or w > args.columns
+                                       or w <= args.window for w in widths):
+    raise SystemExit("--widths must be multiples of --window, above it and "
+                     "at most --columns")
+  cfg = model_config(args.size)
+  model = models.build(cfg)
+  params = random_params(cfg)
+  labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.num_classes
+  b32 = byte_counts(params)
+  print(f"# commit {commit()}  jax {jax.__version__}  "
+        f"device {jax.devices()[0].device_kind} ({os.cpu_count()} cpus)")
+  print(f"# eq_{args.size}: params {models.count_params(params) / 1e6:.1f}M, "
+        f"head {b32['head'] / 4e6:.1f}M (mod path {b32['head_mod'] / 4e6:.1f}M, "
+        f"x path {b32['head_x'] / 4e6:.1f}M), transformer per column "
+        f"{b32['column'] / 4e6:.1f}M; batch {args.batch}, cfg {args.cfg}, "
+        f"{args.num_steps} Euler steps, {args.columns}-column run, "
+        f"windows of {args.window} columns")
+  print("| dtype | width (window end) | ours s/col | floor s/col | ours/floor "
+        "| hoisted floor s/col | ours/hoisted floor |")
+  print("|---|---|---|---|---|---|---|")
+  results = {}
+  for dtype in args.dtypes.split(","):
+    rows, b = run_dtype(model, params, labels, args, dtype, widths)
+    results[dtype] = (rows, b)
+  print()
+  for dtype, (rows, b) in results.items():
+    flat = rows[-1]["ours"] / rows[0]["ours"]
+    print(f"# {dtype}: bytes read per column: floor {b['floor'] / 1e9:.2f} GB, "
+          f"hoisted {b['hoisted'] / 1e9:.2f} GB; {rows[-1]['width']}-col / "
+          f"{rows[0]['width']}-col time per column {flat:.3f}; worst ours/floor "
+          f"{max(r['ours'] / r['floor'] for r in rows):.2f}")
+  if len(results) > 1 and "float32" in results:
+    for dtype, (rows, b) in results.items():
+      if dtype == "float32":
+        continue
+      r32, b32_ = results["float32"]
+      print(f"# {dtype} / float32: bytes {b['floor'] / b32_['floor']:.2f}, "
+            f"time per column at width {rows[0]['width']} "
+            f"{rows[0]['ours'] / r32[0]['ours']:.2f} (separate runs, same "
+            "process)")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,142 @@
+"""Equivariant sampler speed paths (tiny, CPU): hoisted head modulations equal
+the per-step head, stepwise chunks equal one jitted run, bf16 decoding stays
+close to fp32, and the benchmark's byte accounting of the paper-size head."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import eq_common
+from genvis_jax import models
+from genvis_jax.errors import UserError
+from genvis_jax.sample import eq as eq_sample
+from tests.test_eq_generator import C, np_init, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = tiny_config(attn_dropout=0.0, proj_dropout=0.0)
+  abstract = jax.eval_shape(lambda k: models.init_params(cfg.model, k),
+                            jax.random.key(0))
+  return models.build(cfg.model), np_init(abstract, std=0.2)
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location(
+      "bench_eq_sampling", ROOT / "bench" / "bench_eq_sampling.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+LABELS, KW = jnp.array([1, 3]), dict(num_columns=6, cfg=3.0, num_steps=3)
+
+
+@pytest.fixture(scope="module")
+def fp32_latents(tiny):
+  model, params = tiny
+  return eq_sample.sample(model, params, LABELS, jax.random.key(5), **KW)
+
+
+def test_steps_per_chunk_divides_and_bounds_rows():
+  assert eq_sample.steps_per_chunk(100, 2) == 100          # batch 1 with CFG
+  assert eq_sample.steps_per_chunk(100, 128, 2048) == 10   # 16 would not divide
+  assert eq_sample.steps_per_chunk(7, 4096, 2048) == 1
+  np.testing.assert_array_equal(eq_sample.step_times(4), [1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize("use_cfg,max_rows", [(True, 2 * 4), (False, 10_000)])
+def test_hoisted_modulations_equal_the_per_step_head(tiny, use_cfg, max_rows):
+  """Chunks of 2 of 6 steps (CFG) and all 6 at once (no CFG) vs the official
+  per-step loop over ``velocity``."""
+  model, params = tiny
+  b, steps = 2, 6
+  rows = 2 * b if use_cfg else b
+  z = jax.random.normal(jax.random.key(0), (rows, 32))
+  noise = jax.random.normal(jax.random.key(1), (b, C))
+  vel = lambda x, t, zz: model.apply({"params": params}, x, t, zz,
+                                     method="velocity")
+
+  @jax.jit
+  def both(z, noise):
+    ref = eq_sample.euler_flow(vel, z, noise, 2.5, steps, use_cfg)
+    got = eq_sample.euler_flow_hoisted(model, params, z, noise, 2.5, steps,
+                                       use_cfg, max_rows=max_rows)
+    return ref, got
+
+  ref, got = both(z, noise)
+  assert eq_sample.steps_per_chunk(steps, rows, max_rows) == (2 if use_cfg else 6)
+  assert float(jnp.abs(ref - noise).max()) > 0.1            # the head moved x
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(
+      jnp.abs(ref).max()))
+
+
+def test_stepwise_equals_one_jitted_run_and_per_step_head(tiny, fp32_latents):
+  model, params = tiny
+  labels, key, kw, whole = LABELS, jax.random.key(5), KW, fp32_latents
+  per_step = eq_sample.sample(model, params, labels, key,
+                              hoist_modulations=False, **kw)
+  chunks = list(eq_sample.sample_stepwise(model, params, labels, key, chunk=2,
+                                          **kw))
+  assert [c for c, _ in chunks] == [2, 4, 6]
+  np.testing.assert_array_equal(chunks[0][1][:, 2:], 0)       # not yet sampled
+  np.testing.assert_allclose(chunks[-1][1], whole, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(per_step, whole, rtol=0, atol=1e-5)
+  with pytest.raises(UserError, match="chunk"):
+    next(eq_sample.sample_stepwise(model, params, labels, key, chunk=4, **kw))
+
+
+def test_bf16_decoding_close_to_fp32(tiny, fp32_latents):
+  """Parameters cast once to bf16, latents stay float32 and close to fp32."""
+  model, params = tiny
+  m16, p16 = eq_sample.for_decoding(model, params, "bfloat16")
+  assert m16.dtype == jnp.bfloat16
+  assert {a.dtype for a in jax.tree_util.tree_leaves(p16)} == {
+      jnp.dtype(jnp.bfloat16)}
+  nbytes = lambda t: sum(a.nbytes for a in jax.tree_util.tree_leaves(t))
+  assert 2 * nbytes(p16) == nbytes(params)
+  assert eq_sample.for_decoding(model, params, "float32") == (model, params)
+  labels, key, kw, lat32 = LABELS, jax.random.key(5), KW, fp32_latents
+  lat16 = eq_sample.sample(model, params, labels, key, dtype="bfloat16", **kw)
+  assert lat16.dtype == jnp.float32
+  rel = float(jnp.abs(lat16 - lat32).max() / jnp.abs(lat32).max())
+  # bf16 has an 8-bit mantissa (2^-9 = 0.2% per rounding): the samples move
+  # by a few tenths of a percent up to a few percent, not by their scale.
+  print(f"bf16 vs fp32 latents: max |diff| / max |fp32| = {rel:.2e}")
+  assert 1e-5 < rel < 5e-2, rel
+  with pytest.raises(UserError, match="dtype"):
+    eq_sample.sample(model, params, labels, key, dtype="float16", **kw)
+
+
+def test_bench_byte_accounting_of_eq_s(bench):
+  """eq_s: the head is 59.4M parameters (238 MB fp32 read per Euler step),
+  60% of it on the (t, z) path that the sampler hoists."""
+  cfg = eq_common.get_config("s").model
+  shapes = jax.eval_shape(lambda k: models.init_params(cfg, k),
+                          jax.random.key(0))
+  b = bench.byte_counts(shapes)
+  w, d, depth, hid = cfg.head_width, cfg.token_dim, cfg.head_depth, cfg.hidden_size
+  # Head re-stated from its layer list (weights + biases, LayerNorm scale/bias).
+  block = (w * 3 * w + 3 * w) + 2 * (w * w + w) + 2 * w
+  mod = depth * (w * 3 * w + 3 * w) + (w * 2 * w + 2 * w) + (
+      256 * w + w + w * w + w) + (hid * w + w)
+  head = depth * block + (w * 2 * w + 2 * w) + (w * d + d) + (
+      256 * w + w + w * w + w) + (hid * w + w) + (d * w + w)
+  assert b["head"] == 4 * head and round(head / 1e5) == 594
+  assert b["head_mod"] == 4 * mod and b["head_x"] == 4 * (head - mod)
+  # Transformer per column: z_proj, z_proj_ln, encoder_norm and per block
+  # norm1, attn (qkv, proj), cross_norm, attn2 (qkv, proj), norm2, mlp.
+  col = (d * hid + hid) + 2 * hid + 2 * hid + cfg.depth * (
+      2 * hid + (hid * 3 * hid + 3 * hid) + (hid * hid + hid) + 2 * hid
+      + 2 * (hid * hid + hid) + 2 * hid + (hid * 4 * hid + 4 * hid)
+      + (4 * hid * hid + hid))
+  assert b["column"] == 4 * col
+  assert bench.floor_bytes_per_column(shapes, 100, 2, False) == (
+      100 * b["head"] + b["column"])
