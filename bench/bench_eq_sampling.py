@@ -65,6 +65,9 @@ def parse_args(argv=None):
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--old", action="store_true",
                  help="also time the per-step head over the first window")
+  p.add_argument("--whole", type=int, default=16,
+                 help="also time one jitted sample() of this many columns "
+                      "(compile excluded) against the windows; 0 = off")
   return p.parse_args(argv)
 
 
@@ -271,9 +274,14 @@ def run_dtype(model, params32, labels, args, dtype, widths):
   jax.block_until_ready(next(ours))    # compile + columns 1..window
   if old is not None:
     jax.block_until_ready(next(old))
-  out, done = [], args.window
+  out, done, last = [], args.window, [None]
+
+  def advance():
+    last[0] = next(ours)[1]
+    return last[0]
+
   while done < args.columns:
-    t = _timed(lambda: next(ours)[1]) / args.window
+    t = _timed(advance) / args.window
     done += args.window
     if done in widths:
       row = dict(dtype=dtype, width=done, ours=t, floor=floor_time(False),
@@ -286,9 +294,19 @@ def run_dtype(model, params32, labels, args, dtype, widths):
         out[0]["old"] = to
         print(f"  per-step head (official loop) at width {done}: {to:.3f} s/col "
               f"= {to / out[0]['ours']:.2f}x ours", flush=True)
+  if args.whole:
+    run = lambda: eq_sample.sample(mdl, params, labels, rng, cfg=args.cfg,
+                                   num_columns=args.whole,
+                                   num_steps=args.num_steps)
+    jax.block_until_ready(run())       # compile + warm up
+    tw = _timed(run) / args.whole
+    out[0]["whole"] = tw
+    print(f"  one jitted sample() of {args.whole} columns: {tw:.4f} s/col "
+          f"(prefill included) = {tw / out[0]['ours']:.3f}x the window at "
+          f"width {out[0]['width']}", flush=True)
   b = dict(floor=floor_bytes_per_column(params, args.num_steps, rows, False),
            hoisted=floor_bytes_per_column(params, args.num_steps, rows, True))
-  return out, b
+  return out, b, np.asarray(last[0])
 
 
 def _fmt(r, args):
@@ -321,10 +339,11 @@ def main(argv=None):
   print("| dtype | width (window end) | ours s/col | floor s/col | ours/floor "
         "| hoisted floor s/col | ours/hoisted floor |")
   print("|---|---|---|---|---|---|---|")
-  results = {}
+  results, latents = {}, {}
   for dtype in args.dtypes.split(","):
-    rows, b = run_dtype(model, params, labels, args, dtype, widths)
+    rows, b, lat = run_dtype(model, params, labels, args, dtype, widths)
     results[dtype] = (rows, b)
+    latents[dtype] = lat
   print()
   for dtype, (rows, b) in results.items():
     flat = rows[-1]["ours"] / rows[0]["ours"]
@@ -341,6 +360,11 @@ def main(argv=None):
             f"time per column at width {rows[0]['width']} "
             f"{rows[0]['ours'] / r32[0]['ours']:.2f} (separate runs, same "
             "process)")
+      d = latents[dtype] - latents["float32"]
+      ref = latents["float32"]
+      print(f"# {dtype} vs float32 latents ({args.columns} columns, same key): "
+            f"max |diff| / max |fp32| {np.abs(d).max() / np.abs(ref).max():.2e}, "
+            f"rms diff / rms fp32 {np.sqrt((d ** 2).mean() / (ref ** 2).mean()):.2e}")
   return results
 
 
