@@ -313,13 +313,14 @@ def sample_uncached(model, params, labels, rng, *, num_columns: int,
 def sample_stepwise(model, params, labels, rng, *, num_columns: int,
                     cfg: float = 1.0, num_steps: int = 100, chunk: int = 1,
                     dtype=None, hoist_modulations: bool = True):
-  """``sample`` as a generator of jitted chunks of ``chunk`` columns.
+  """``sample`` as jitted chunks of ``chunk`` columns.
 
-  Yields ``(next_column, latents)`` after each chunk (latents as in ``sample``,
-  columns >= next_column still zero; not blocked, so a caller can time each
-  chunk with ``jax.block_until_ready``). The last yield equals
+  Returns an iterator yielding ``(next_column, latents)`` after each chunk
+  (latents as in ``sample``, columns >= next_column still zero; not blocked,
+  so a caller can time each chunk with ``jax.block_until_ready``). The last yield equals
   ``sample(...)`` with the same arguments (same column function and keys).
-  Raises ``ConfigError`` if ``chunk`` does not divide ``num_columns``.
+  Raises ``ConfigError`` (at the call) if ``chunk`` does not divide
+  ``num_columns``, or for the arguments ``sample`` rejects.
   """
   labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
   if int(chunk) < 1 or int(num_columns) % int(chunk):
@@ -328,11 +329,15 @@ def sample_stepwise(model, params, labels, rng, *, num_columns: int,
   model, params = for_decoding(model, params, dtype)
   init, cols = _compiled_steps(model, use_cfg, int(num_columns), int(num_steps),
                                bool(hoist_modulations), int(chunk))
+  return _chunks(init, cols, params, labels, rng, jnp.asarray(cfg, jnp.float32),
+                 int(num_columns), int(chunk))
+
+
+def _chunks(init, cols, params, labels, rng, cfg, num_columns, chunk):
   state = init(params, labels)
-  cfg = jnp.asarray(cfg, jnp.float32)
-  for start in range(0, int(num_columns), int(chunk)):
+  for start in range(0, num_columns, chunk):
     state = cols(params, state, jnp.int32(start), rng, cfg)
-    yield start + int(chunk), state[2]
+    yield start + chunk, state[2]
 
 
 def latents_to_images(tokenizer, tokenizer_params, latents,
