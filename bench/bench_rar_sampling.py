@@ -1,64 +1,124 @@
-"""RAR sampling throughput: KV cache vs recomputing the sequence every step.
+"""RAR sampling throughput against the floor its weights impose.
 
-Modes (all with CFG as a doubled batch, random weights, compile time excluded):
-  cached  ``genvis_jax.sample.rar.sample``: prefill + one-token steps, one jit.
-  full    ``sample_uncached``: every step runs the whole fixed-length sequence
-          (L + 2 positions), one jit.
-  prefix  the official no-cache loop: every step re-runs the growing prefix
-          (a Python loop; prefix padded up to a multiple of --bucket so only
-          L / bucket shapes compile).
+At small batch a KV-cached decode step is bound by reading the weights, so
+the sampler is held to a *floor* measured in the same process: a bare chain of
+matmuls over the same model's parameter arrays, one chain per step, nothing
+else (no attention, norms, sampling). Modes (CFG = a doubled batch, random
+weights, compile time excluded, modes interleaved ``--repeats`` times so the
+ratios compare like with like on a shared machine):
 
-  python bench/bench_rar_sampling.py --size=small --batch=4
-  python bench/bench_rar_sampling.py --size=b --batch=1 --tokens=64
+  floor       per step and block: qkv, proj, fc1, fc2 and the adaLN matmul at
+              2B rows, then lm_head (what a straightforward step must read).
+  floor_noada the same without the adaLN matmul (what ``cached`` reads per
+              step: its modulation comes from a per-chunk table).
+  cached      ``genvis_jax.sample.rar.sample`` (``--dtype``, ``--bucket``).
+  reference   the plain KV-cache loop over ``prefill`` / ``decode_step`` (full
+              cache, modulation recomputed every step), jitted as one loop.
+  full        ``sample_uncached``: every step runs all L + 2 positions.
+  prefix      the official no-cache loop: every step re-runs the growing
+              prefix (Python loop, prefix padded to a multiple of --prefix_bucket).
+
+``--check`` asserts that ``cached`` equals ``reference`` token for token (same
+key), and that on a copy of the model cut to ``--check_tokens`` tokens (same
+weights) ``cached`` equals ``sample_uncached``.
+
+  python bench/bench_rar_sampling.py --size=b --batch=8 --modes=floor,cached --check
+  python bench/bench_rar_sampling.py --size=small --batch=4 --modes=cached,full,prefix
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
+import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from genvis_jax import models
+from genvis_jax.sample import ar
 from genvis_jax.sample import rar as rar_sample
 
 SMALL = dict(depth=6, hidden_size=256, num_heads=8, mlp_dim=1024)
 
 
-def model_config(size: str, tokens: int, dtype: str):
+def model_config(size: str, tokens: int, dtype: str = "float32"):
   if size == "small":
     c = ml_collections.ConfigDict(dict(name="rar", codebook_size=1024,
                                        num_classes=1000, **SMALL))
   else:
-    from configs import rar_common
+    from configs import rar_common  # pylint: disable=import-outside-toplevel
     c = rar_common.get_config(size).model
   c.seq_len = tokens
   c.dtype = dtype
+  c.param_dtype = "float32"
   return c
 
 
-def _timed(fn, *args):
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
+def commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "?"
 
 
-def bench_jitted(model, params, labels, key, cached: bool, g, pw, temp):
-  """Returns (compile seconds, run seconds) of one whole-sequence sampler."""
-  fn = rar_sample.sampler_fn(model, cached=cached, use_cfg=True)
-  args = (params, labels, key, jnp.float32(g), jnp.float32(pw), jnp.float32(temp))
-  t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return time.perf_counter() - t0, _timed(compiled, *args)
+def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None):
+  """Jitted ``f(params) -> x``: ``steps`` dependent matmul chains over the
+  block weights (and lm_head) at ``rows`` rows; the weights are cast to
+  ``dtype`` once before the loop, as the sampler does."""
+  d = model.hidden_size
+
+  def run(params):
+    params = ar.cast_params(params, dtype)
+    blocks = [params[f"blocks_{i}"] for i in range(model.depth)]
+    head = params["lm_head"]["kernel"]
+    x0 = jnp.ones((rows, d), head.dtype) * 1e-3
+
+    def step(_, x):
+      for blk in blocks:
+        h = x @ blk["attn"]["qkv"]["kernel"]
+        x = x + h[:, :d] @ blk["attn"]["proj"]["kernel"]
+        h = x @ blk["mlp"]["fc1"]["kernel"]
+        x = x + h @ blk["mlp"]["fc2"]["kernel"]
+        if adaln:
+          x = x + (x @ blk["adaLN_modulation"]["kernel"])[:, :d]
+      return x + (x @ head)[:, :d]
+    return jax.lax.fori_loop(0, steps, step, x0)
+  return jax.jit(run)
+
+
+def reference_fn(model, seq_len: int, use_cfg: bool):
+  """The plain KV-cache loop over ``prefill`` / ``decode_step`` as one jit."""
+  def run(params, labels, rng, g, pw, temp):
+    b = labels.shape[0]
+    labels2 = ar.cfg_labels(labels, model.num_classes) if use_cfg else labels
+    draw = lambda lg, t: rar_sample.pick(lg, t, rng, seq_len, g, pw, temp,
+                                         use_cfg)
+    logits, state = model.apply({"params": params}, labels2, method="prefill",
+                                mutable=["cache"])
+    tokens = jnp.zeros((b, seq_len), jnp.int32).at[:, 0].set(draw(logits, 0))
+
+    def body(t, carry):
+      cache, tokens = carry
+      prev = ar.twice(tokens[:, t - 1], use_cfg)
+      logits, state = model.apply({"params": params, "cache": cache}, prev,
+                                  labels2, t - 1, method="decode_step",
+                                  mutable=["cache"])
+      return state["cache"], tokens.at[:, t].set(draw(logits, t))
+    return jax.lax.fori_loop(1, seq_len, body, (state["cache"], tokens))[1]
+  return jax.jit(run)
 
 
 def bench_prefix(model, params, labels, key, bucket: int, g, pw, temp):
-  """Official-style no-cache sampling: step t re-runs [cls, class, img_<t]."""
+  """Official-style no-cache sampling: step t re-runs [cls, class, img_<t].
+  Returns (compile seconds, run callable)."""
   n, b = model.seq_len, labels.shape[0]
-  labels2 = rar_sample.cfg_labels(labels, model.num_classes)
+  labels2 = ar.cfg_labels(labels, model.num_classes)
   steps = {}
 
   def step_fn(k):
@@ -74,11 +134,11 @@ def bench_prefix(model, params, labels, key, bucket: int, g, pw, temp):
       return rar_sample.pick(logits, t, rng, n, g, pw, temp, True)
     return f
 
-  def run(tokens):
+  def run():
+    tokens = jnp.zeros((b, n), jnp.int32)
     for t in range(n):
       k = min(n, -(-(t + 1) // bucket) * bucket)
-      tok = steps[k](params, tokens, t, key)
-      tokens = tokens.at[:, t].set(tok)
+      tokens = tokens.at[:, t].set(steps[k](params, tokens, t, key))
     return tokens
 
   tokens = jnp.zeros((b, n), jnp.int32)
@@ -86,8 +146,24 @@ def bench_prefix(model, params, labels, key, bucket: int, g, pw, temp):
   for k in sorted({min(n, -(-(t + 1) // bucket) * bucket) for t in range(n)}):
     steps[k] = step_fn(k)
     steps[k](params, tokens, 0, key)  # warm the jit cache for this shape
-  compile_s = time.perf_counter() - t0
-  return compile_s, _timed(run, tokens)
+  return time.perf_counter() - t0, run
+
+
+def _aot(fn, *args):
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return time.perf_counter() - t0, lambda: compiled(*args)
+
+
+def check_tokens(model, params, labels, key, sargs, n: int, dtype, bucket):
+  """``cached`` == ``sample_uncached`` on the model cut to n tokens."""
+  sub = model.clone(seq_len=n)
+  kw = dict(guidance_scale=sargs[0], guidance_pow=sargs[1],
+            temperature=sargs[2])
+  ours = rar_sample.sample(sub, params, labels, key, dtype=dtype,
+                           bucket=bucket, **kw)
+  ref = rar_sample.sample_uncached(sub, params, labels, key, **kw)
+  return float(np.mean(np.asarray(ours) == np.asarray(ref)))
 
 
 def main():
@@ -95,40 +171,102 @@ def main():
   p.add_argument("--size", default="small", choices=["small", "b", "l", "xl", "xxl"])
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--tokens", type=int, default=256, help="sequence length L")
-  p.add_argument("--modes", default="cached,full,prefix")
-  p.add_argument("--bucket", type=int, default=32)
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--modes", default="floor,floor_noada,cached")
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--dtype", default="float32", help="cached/floor decode dtype")
+  p.add_argument("--bucket", type=int, default=None,
+                 help="cached: kv_len chunk granularity (default the sampler's)")
+  p.add_argument("--table_bytes", type=int, default=None,
+                 help="cached: modulation-table cap (0 = per-step modulation)")
+  p.add_argument("--prefix_bucket", type=int, default=32)
+  p.add_argument("--check", action="store_true")
+  p.add_argument("--check_tokens", type=int, default=16)
   args = p.parse_args()
+  if args.table_bytes is not None:
+    rar_sample.TABLE_BYTES = args.table_bytes
 
-  cfg = model_config(args.size, args.tokens, args.dtype)
+  cfg = model_config(args.size, args.tokens)
   model = models.build(cfg)
   params = jax.jit(lambda k: models.init_params(cfg, k))(jax.random.key(0))
+  # adaLN kernels start at zero; random values keep the chain honest.
+  params = jax.tree_util.tree_map(lambda x: x + 0.02 * jnp.sin(
+      jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), params)
   n_params = models.count_params(params) / 1e6
   labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.num_classes
   key = jax.random.key(1)
   g, pw, temp = 4.0, 1.0, 1.0
+  sargs = tuple(jnp.float32(v) for v in (g, pw, temp))
+  dtype = None if args.dtype == "float32" else args.dtype
+  rows, steps = 2 * args.batch, args.tokens
   dev = jax.devices()[0]
   print(f"# RAR sampling | size={args.size} ({n_params:.1f}M params) "
-        f"batch={args.batch} (x2 CFG) tokens={args.tokens} dtype={args.dtype} | "
-        f"{dev.platform}:{getattr(dev, 'device_kind', '')} "
-        f"{platform.processor() or platform.machine()} jax {jax.__version__}")
-  rows = []
+        f"batch={args.batch} (x2 CFG = {rows} rows) tokens={args.tokens} "
+        f"dtype={args.dtype} bucket={args.bucket} | {dev.platform}:"
+        f"{getattr(dev, 'device_kind', '')} "
+        f"{platform.processor() or platform.machine()} jax {jax.__version__} "
+        f"| commit {commit()}", flush=True)
+
+  runs, compile_s = {}, {}
   for mode in args.modes.split(","):
-    if mode == "prefix":
-      comp, sec = bench_prefix(model, params, labels, key, args.bucket, g, pw, temp)
-    elif mode in ("cached", "full"):
-      comp, sec = bench_jitted(model, params, labels, key, mode == "cached",
-                               g, pw, temp)
+    if mode in ("floor", "floor_noada"):
+      c, f = _aot(floor_fn(model, steps, rows, mode == "floor", dtype), params)
+    elif mode == "cached":
+      fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True, dtype=dtype,
+                                 bucket=args.bucket)
+      c, f = _aot(fn, params, labels, key, *sargs)
+    elif mode == "reference":
+      c, f = _aot(reference_fn(model, steps, True), params, labels, key, *sargs)
+    elif mode == "full":
+      fn = rar_sample.sampler_fn(model, cached=False, use_cfg=True)
+      c, f = _aot(fn, params, labels, key, *sargs)
+    elif mode == "prefix":
+      c, f = bench_prefix(model, params, labels, key, args.prefix_bucket,
+                          g, pw, temp)
     else:
-      raise ValueError(f"Unknown mode {mode!r}; use cached, full, prefix.")
-    rows.append((mode, comp, sec))
-  base = dict((m, s) for m, _, s in rows).get("cached")
-  print("| mode | compile s | sample s | images/s | tokens/s | cache speed-up |")
-  print("|---|---|---|---|---|---|")
-  for mode, comp, sec in rows:
-    speed = f"{sec / base:.1f}x" if base else "-"
-    print(f"| {mode} | {comp:.1f} | {sec:.2f} | {args.batch / sec:.3f} | "
-          f"{args.batch * args.tokens / sec:.1f} | {speed} |")
+      raise ValueError(f"Unknown mode {mode!r}; use floor, floor_noada, cached, "
+                       "reference, full, prefix.")
+    runs[mode], compile_s[mode] = f, c
+    print(f"compiled {mode} in {c:.1f} s", flush=True)
+
+  times = {m: [] for m in runs}
+  outs = {}
+  for r in range(args.repeats):
+    for mode, f in runs.items():
+      t0 = time.perf_counter()
+      outs[mode] = jax.block_until_ready(f())
+      times[mode].append(time.perf_counter() - t0)
+      print(f"repeat {r}: {mode} {times[mode][-1]:.2f} s", flush=True)
+
+  sec = {m: statistics.median(t) for m, t in times.items()}
+  base = sec.get("floor")
+  print("| mode | compile s | sample s (median) | runs | ms/step | images/s | "
+        "x floor |")
+  print("|---|---|---|---|---|---|---|")
+  for mode in runs:
+    ratio = f"{sec[mode] / base:.2f}" if base else "-"
+    each = " / ".join(f"{t:.1f}" for t in times[mode])
+    print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.2f} | {each} | "
+          f"{1e3 * sec[mode] / steps:.0f} | {args.batch / sec[mode]:.3f} | "
+          f"{ratio} |")
+  if "floor" in runs and "cached" in runs:
+    pairs = [c / f for c, f in zip(times["cached"], times["floor"])]
+    print(f"cached / floor per repeat: {', '.join(f'{x:.2f}' for x in pairs)}")
+
+  if args.check:
+    if "cached" in outs and "reference" in outs:
+      same = float(np.mean(np.asarray(outs["cached"]) ==
+                           np.asarray(outs["reference"])))
+      print(f"check: cached == reference KV loop in {same:.4f} of tokens")
+    if dtype is not None and "cached" in outs:
+      fp32 = rar_sample.sampler_fn(model, cached=True, use_cfg=True,
+                                   bucket=args.bucket)(params, labels, key, *sargs)
+      same = float(np.mean(np.asarray(outs["cached"]) == np.asarray(fp32)))
+      print(f"check: {args.dtype} cached == float32 cached in {same:.4f} of "
+            "tokens")
+    frac = check_tokens(model, params, labels, key, sargs, args.check_tokens,
+                        dtype, args.bucket if args.bucket is not None else 4)
+    print(f"check: cached == sample_uncached ({args.check_tokens}-token cut, "
+          f"bucket 4) in {frac:.4f} of tokens")
 
 
 if __name__ == "__main__":

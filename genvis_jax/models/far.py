@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax.models import layers, register
-from genvis_jax.models.attention import (causal_mask, dot_product_attention,
-                                         update_kv_cache)
+from genvis_jax.models.attention import (cached_attention, causal_mask,
+                                         dot_product_attention, update_kv_cache)
 
 _init = nn.initializers.normal(0.02)  # official: normal(0, 0.02) for Linear/Embedding
 
@@ -130,12 +130,12 @@ class Attention(nn.Module):
     q, k, v = (t.reshape(b, n, self.n_head, hd) for t in jnp.split(qkv, 3, -1))
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if cache_pos is None:
-      mask = causal_mask(n)
+      out = dot_product_attention(
+          q, k, v, causal_mask(n), scale=hd ** -0.5,
+          dropout=nn.Dropout(self.attn_dropout, deterministic=not train))
     else:
       k, v, mask = update_kv_cache(self, k, v, cache_pos, self.cache_len)
-    out = dot_product_attention(
-        q, k, v, mask, scale=hd ** -0.5,
-        dropout=nn.Dropout(self.attn_dropout, deterministic=not train))
+      out = cached_attention(q, k, v, mask, scale=hd ** -0.5)
     out = layers.dense(self.dim, ("heads", "embed"), name="wo", **kw)(
         out.reshape(b, n, self.dim))
     return nn.Dropout(self.resid_dropout, deterministic=not train)(out)

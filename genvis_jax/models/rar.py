@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.models import layers, register
-from genvis_jax.models.attention import (causal_mask, dot_product_attention,
-                                         update_kv_cache)
+from genvis_jax.models.attention import (cached_attention, causal_mask,
+                                         dot_product_attention, update_kv_cache)
 
 PREFIX = 2  # cls token + class token
 
@@ -84,11 +84,11 @@ class Attention(nn.Module):
     q, k, v = (t.astype(self.dtype) for t in (q, k, v))
     drop = nn.Dropout(self.attn_dropout, deterministic=not train)
     if cache_pos is None:
-      mask = causal_mask(n)
+      out = dot_product_attention(q, k, v, causal_mask(n), dropout=drop)
     else:
       k, v, mask = update_kv_cache(self, k, v, cache_pos, self.cache_len,
                                    self.dtype)
-    out = dot_product_attention(q, k, v, mask, dropout=drop)
+      out = cached_attention(q, k, v, mask)
     out = layers.dense(self.dim, ("heads", "embed"), name="proj", **kw)(
         out.reshape(b, n, self.dim))
     return nn.Dropout(self.dropout, deterministic=not train)(out)
@@ -119,7 +119,10 @@ class Block(nn.Module):
   """adaLN-Zero pre-norm block; x (B, N, d), c (B, N, d) per-position condition.
 
   With ``rows`` (B,) int, ``c`` is a (U, N, d) table of distinct conditions and
-  sample b uses row ``rows[b]`` (see ``RAR.adaln_table``).
+  sample b uses row ``rows[b]`` (see ``RAR.adaln_table``). Decoding may pass
+  the modulation itself, ``mod`` (B, N, 6d) (``c`` then unused), and with
+  ``x=None`` the block returns its modulation of ``c`` instead (so a sampler
+  computes it once per condition, not once per step).
   """
   dim: int
   num_heads: int
@@ -131,12 +134,15 @@ class Block(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, train=False, cache_pos=None, rows=None):
+  def __call__(self, x, c, train=False, cache_pos=None, rows=None, mod=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mod = layers.dense(6 * self.dim, ("embed", "mlp"), kernel_init=layers.zeros,
-                       name="adaLN_modulation", **kw)(nn.silu(c))
-    if rows is not None:
-      mod = jnp.take(mod, rows, axis=0)
+    if mod is None:
+      mod = layers.dense(6 * self.dim, ("embed", "mlp"), kernel_init=layers.zeros,
+                         name="adaLN_modulation", **kw)(nn.silu(c))
+      if rows is not None:
+        mod = jnp.take(mod, rows, axis=0)
+    if x is None:
+      return mod
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         jnp.split(mod, 6, axis=-1))
     h = layers.layer_norm(1e-6, name="norm1", **kw)(x)
@@ -157,12 +163,17 @@ class FinalLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, rows=None):
-    mod = layers.dense(2 * self.dim, ("embed", "mlp"), kernel_init=layers.zeros,
-                       param_dtype=self.param_dtype, dtype=jnp.float32,
-                       name="adaLN_modulation")(nn.silu(c))
-    if rows is not None:
-      mod = jnp.take(mod, rows, axis=0)
+  def __call__(self, x, c, rows=None, mod=None):
+    """As ``Block``: ``mod`` (B, ..., 2d) replaces the modulation of ``c``;
+    ``x=None`` returns the modulation."""
+    if mod is None:
+      mod = layers.dense(2 * self.dim, ("embed", "mlp"), kernel_init=layers.zeros,
+                         param_dtype=self.param_dtype, dtype=jnp.float32,
+                         name="adaLN_modulation")(nn.silu(c))
+      if rows is not None:
+        mod = jnp.take(mod, rows, axis=0)
+    if x is None:
+      return mod
     scale, shift = jnp.split(mod, 2, axis=-1)
     x = layers.layer_norm(1e-6, use_scale=False, use_bias=False,
                           dtype=jnp.float32, name="norm_final")(x)
@@ -322,6 +333,61 @@ class RAR(nn.Module):
     ts = jax.lax.dynamic_index_in_dim(self.timesteps_embeddings[0], pos)
     c = cond[:, None] + ts[None]
     return self._decode(x, c, pos)
+
+  # --- decoding with the modulation computed once per (condition, position) ---
+  # The adaLN input depends only on (class, position), so a sampler computes
+  # the modulation of every block for the U distinct conditions (with CFG: the
+  # B classes and the null class once) over a range of positions in one batched
+  # matmul, and each decode step only gathers its rows: the step no longer
+  # reads the 6d x d adaLN weights (a third of a block's weights).
+  def decode_modulation(self, labels, start, length: int):
+    """Modulation tables of cache positions ``start .. start + length - 1``.
+
+    labels int (U,) distinct conditions (classes, or num_classes = null);
+    start int scalar (may be traced), length static. Returns
+    ``(blocks, head)``: a tuple of ``depth`` arrays (U, length, 6d) in
+    ``dtype`` and one fp32 (U, length, 2d) for the final layer.
+    """
+    cond = self._class_embedding(labels)
+    ts = jax.lax.dynamic_slice_in_dim(self.timesteps_embeddings[0], start, length)
+    c = cond[:, None] + ts[None]
+    blocks = tuple(blk(None, c) for blk in self.blocks)
+    return blocks, self.adaln_before_head(None, c.astype(jnp.float32))
+
+  def _decode_rows(self, x, mods, rows, pos):
+    """x (R, N, d) at cache positions pos..; mods as ``decode_modulation``
+    for those N positions; rows (R,) int picks each row's condition."""
+    blocks, head = mods
+    for blk, m in zip(self.blocks, blocks):
+      x = blk(x, None, False, pos, mod=jnp.take(m, rows, axis=0))
+    h = x[:, -1].astype(jnp.float32)
+    h = self.adaln_before_head(h, None, mod=jnp.take(head[:, -1], rows, axis=0))
+    return self.lm_head(h)
+
+  def prefill_rows(self, labels, mods, rows):
+    """``prefill`` with precomputed modulation: labels (U,), mods of cache
+    positions 0..1, rows (R,) -> fp32 logits (R, codebook_size) for token 0
+    of the R sequences (sequence r has class ``labels[rows[r]]``)."""
+    cond = self._class_embedding(jnp.take(labels, rows))
+    b = cond.shape[0]
+    cls = jnp.broadcast_to(self.cls_token, (b, 1, self.hidden_size))
+    x = jnp.concatenate([cls.astype(cond.dtype), cond[:, None]], axis=1)
+    pe = self.pos_embed[0, :PREFIX]
+    pe = pe.at[1].add(self.target_aware_pos_embed[0, PREFIX])  # next: img_0
+    return self._decode_rows(x + pe, mods, rows, 0)
+
+  def decode_step_rows(self, token, mods, rows, index):
+    """``decode_step`` with precomputed modulation: token (R,), mods of cache
+    position ``PREFIX + index`` (length-1 tables), rows (R,) -> fp32 logits
+    (R, codebook_size) for token ``index + 1``."""
+    pos = PREFIX + index
+    nxt = jnp.where(index + 1 < self.seq_len, 1.0, 0.0)  # last token: no target
+    pe = (jax.lax.dynamic_index_in_dim(self.pos_embed[0], pos, keepdims=False)
+          + nxt * jax.lax.dynamic_index_in_dim(
+              self.target_aware_pos_embed[0], jnp.minimum(pos + 1, self.max_pos - 1),
+              keepdims=False))
+    x = (self.embeddings(token) + pe)[:, None]
+    return self._decode_rows(x, mods, rows, pos)
 
 
 def _dtype(name):

@@ -1,13 +1,15 @@
 """FAR sampling: raster positions, and within each the k sub-tokens in turn.
 
-``sample`` is one jitted function: prefill (class token) then a ``fori_loop``
-over the grid positions; per position one KV-cached backbone step and the k
-KV-cached head steps, each sub-token sampled before the next is fed to the head
-(official ``generate_fq``). ``sample_uncached`` is the reference that reruns
-the full teacher-forced forward for every sub-token; with the same key both
-draw the same codes. Sub-token i of position t uses the key
-``fold_in(fold_in(rng, t), i)``. The batch may be sharded along a mesh axis:
-everything is per-example except the (replicated) parameters.
+``sample`` is one jitted function: the shared KV-cache loop of
+``genvis_jax.sample.ar`` (prefill with the class token, then chunks of raster
+positions whose backbone cache holds only the filled prefix); per position one
+KV-cached backbone step and the k KV-cached head steps, each sub-token sampled
+before the next is fed to the head (official ``generate_fq``).
+``sample_uncached`` is the reference that reruns the full teacher-forced
+forward for every sub-token; with the same key both draw the same codes.
+Sub-token i of position t uses the key ``fold_in(fold_in(rng, t), i)``. The
+batch may be sharded along a mesh axis: everything is per-example except the
+(replicated) parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from genvis_jax.models.attention import resize_kv_cache
+from genvis_jax.sample import ar
+from genvis_jax.sample.ar import cfg_labels  # noqa: F401  (public here too)
+
+# kv_len granularity of the backbone decode chunks (0 = one chunk, full cache).
+DEFAULT_BUCKET = 64
 
 
 def top_k_top_p(logits, top_k: int = 0, top_p: float = 1.0):
@@ -38,21 +47,10 @@ def top_k_top_p(logits, top_k: int = 0, top_p: float = 1.0):
   return logits
 
 
-def cfg_labels(labels, null_label: int):
-  """(B,) -> (2B,) ``[l0, null, l1, null, ...]``: each example's cond/uncond
-  rows sit next to each other, so a batch-sharded array needs no resharding."""
-  return jnp.stack([labels, jnp.full_like(labels, null_label)], 1).reshape(-1)
-
-
 def _pick(logits, rng, t, i, g, temp, use_cfg, top_k, top_p):
   """(B, V) logits, or (2B, V) in ``cfg_labels`` order -> (B,) int32 sub-token
   i of position t."""
-  logits = logits.astype(jnp.float32)
-  if use_cfg:
-    pairs = logits.reshape(-1, 2, logits.shape[-1])
-    cond, uncond = pairs[:, 0], pairs[:, 1]
-    logits = uncond + (cond - uncond) * g
-  logits = top_k_top_p(logits / temp, top_k, top_p)
+  logits = top_k_top_p(ar.guide(logits, g, use_cfg) / temp, top_k, top_p)
   key = jax.random.fold_in(jax.random.fold_in(rng, t), i)
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
@@ -61,10 +59,18 @@ def _twice(use_cfg):
   return (lambda a: jnp.repeat(a, 2, axis=0)) if use_cfg else (lambda a: a)
 
 
+def _resize_backbone(cache, kv_len):
+  """Fits the backbone caches (``layers_*``) to a chunk; the head cache
+  (length k, rewritten at every position) stays."""
+  return {name: resize_kv_cache(c, kv_len) if name.startswith("layers_") else c
+          for name, c in cache.items()}
+
+
 def _cached_impl(model, opts, params, labels, rng, g, temp):
-  use_cfg, top_k, top_p = opts
+  use_cfg, top_k, top_p, dtype, bucket = opts
   b, k, n = labels.shape[0], model.num_codebooks, model.seq_len
-  twice = _twice(use_cfg)
+  params = ar.cast_params(params, dtype)
+  twice = functools.partial(ar.twice, use_cfg=use_cfg)
   labels2 = cfg_labels(labels, model.null_label) if use_cfg else labels
   pick = functools.partial(_pick, rng=rng, g=g, temp=temp, use_cfg=use_cfg,
                            top_k=top_k, top_p=top_p)
@@ -81,20 +87,20 @@ def _cached_impl(model, opts, params, labels, rng, g, temp):
       out.append(z)
     return cache, jnp.stack(out, axis=1)
 
-  h, state = model.apply({"params": params}, labels2, method="prefill",
-                         mutable=["cache"])
-  cache, z0 = head(state["cache"], h, 0)   # also creates the head cache
-  codes = jnp.zeros((b, k, n), jnp.int32).at[:, :, 0].set(z0)
+  def prefill():
+    h, state = model.apply({"params": params}, labels2, method="prefill",
+                           mutable=["cache"])
+    cache, z0 = head(state["cache"], h, 0)   # also creates the head cache
+    return cache, jnp.zeros((b, k, n), jnp.int32).at[:, :, 0].set(z0)
 
-  def body(t, carry):
-    cache, codes = carry
-    prev = jax.lax.dynamic_index_in_dim(codes, t - 1, axis=2, keepdims=False)
+  def step(cache, ctx, prev, t):
+    del ctx
     h, state = model.apply({"params": params, "cache": cache}, twice(prev),
                            t - 1, method="backbone_step", mutable=["cache"])
-    cache, z = head(state["cache"], h, t)
-    return cache, jax.lax.dynamic_update_index_in_dim(codes, z, t, axis=2)
+    return head(state["cache"], h, t)
 
-  return jax.lax.fori_loop(1, n, body, (cache, codes))[1]
+  return ar.decode(prefill, step, num_steps=n, pos_offset=1, bucket=bucket,
+                   resize=_resize_backbone)
 
 
 def _uncached_impl(model, opts, params, labels, rng, g, temp):
@@ -119,11 +125,27 @@ def _uncached_impl(model, opts, params, labels, rng, g, temp):
 
 @functools.lru_cache(maxsize=32)
 def _compiled(impl, model, opts):
+  if impl is _cached_impl:
+    dtype = opts[3]
+    model = model.clone(remat="none", **({"dtype": dtype} if dtype else {}))
   return jax.jit(functools.partial(impl, model, opts))
 
 
-def _run(impl, model, params, labels, rng, guidance_scale, temperature, top_k,
-         top_p):
+def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
+               top_k: int = 0, top_p: float = 1.0, dtype=None,
+               bucket: int | None = None):
+  """The jitted ``f(params, labels, rng, g, temperature) -> codes`` that
+  ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``)."""
+  opts = (bool(use_cfg), int(top_k), float(top_p))
+  if not cached:
+    return _compiled(_uncached_impl, model, opts)
+  bucket = DEFAULT_BUCKET if bucket is None else int(bucket)
+  return _compiled(_cached_impl, model,
+                   opts + (ar.check_dtype(dtype), bucket))
+
+
+def _run(cached, model, params, labels, rng, guidance_scale, temperature, top_k,
+         top_p, dtype=None, bucket=None):
   if labels.ndim != 1:
     raise ValueError(f"labels must be a 1-D class array, got shape {labels.shape}.")
   if temperature <= 0:
@@ -132,14 +154,16 @@ def _run(impl, model, params, labels, rng, guidance_scale, temperature, top_k,
     raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, "
                      f"top_p={top_p} (0 / 1.0 disable them).")
   use_cfg = float(guidance_scale) > 1.0  # official: CFG only when scale > 1
-  fn = _compiled(impl, model, (use_cfg, int(top_k), float(top_p)))
+  fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, top_k=top_k,
+                  top_p=top_p, dtype=dtype, bucket=bucket)
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   return fn(params, jnp.asarray(labels, jnp.int32), rng, f32(guidance_scale),
             f32(temperature))
 
 
 def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           dtype=None, bucket: int | None = None):
   """Class-conditional FAR sampling with KV caches (backbone and head).
 
   Args:
@@ -151,19 +175,24 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
       with the null class) only when > 1, as in the official sampler.
     temperature: divides the guided logits before filtering.
     top_k, top_p: optional filters (0 / 1.0 = off).
+    dtype: None / 'float32' as configured (fp32: the reference codes);
+      'bfloat16' casts the parameters once and runs matmuls and the KV caches
+      in bf16, logits and sampling in fp32 (for accelerators).
+    bucket: kv_len granularity of the backbone decode chunks (default
+      ``DEFAULT_BUCKET``; 0 = one chunk over the full cache).
   Returns:
     int32 (B, k, grid**2) codes, sub-token maps in the tokenizer's order,
     each raster order (reshape to (B, k, grid, grid) for ``decode``).
   """
-  return _run(_cached_impl, model, params, labels, rng, guidance_scale,
-              temperature, top_k, top_p)
+  return _run(True, model, params, labels, rng, guidance_scale,
+              temperature, top_k, top_p, dtype, bucket)
 
 
 def sample_uncached(model, params, labels, rng, *, guidance_scale: float = 2.0,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
   """Same contract as ``sample``, recomputing the whole forward for every
   sub-token (reference for tests and the KV-cache benchmark)."""
-  return _run(_uncached_impl, model, params, labels, rng, guidance_scale,
+  return _run(False, model, params, labels, rng, guidance_scale,
               temperature, top_k, top_p)
 
 
@@ -178,5 +207,5 @@ def generate(model, params, labels, rng, s):
   """Sampling-driver adapter: ``config.sample`` fields -> tokenizer code maps."""
   codes = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,
                  temperature=s.temperature, top_k=s.get("top_k", 0),
-                 top_p=s.get("top_p", 1.0))
+                 top_p=s.get("top_p", 1.0), dtype=s.get("dtype", None))
   return to_code_maps(codes, model.grid)

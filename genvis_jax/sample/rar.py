@@ -1,10 +1,15 @@
 """RAR sampling: raster-order decoding with classifier-free guidance.
 
-``sample`` runs the whole decode loop as one jitted function (prefill + a
-``fori_loop`` of KV-cached single-token steps). ``sample_uncached`` is the
-reference that recomputes the full sequence every step; with the same key both
-draw the same tokens. The batch may be sharded along a mesh axis: everything is
-per-example except the (replicated) parameters.
+``sample`` runs the whole decode loop as one jitted function: the shared
+KV-cache loop of ``genvis_jax.sample.ar`` (prefill, then chunks of one-token
+steps whose cache holds only the filled prefix). The adaLN modulation, which
+depends only on (class, position), is computed once per chunk for the B
+classes and the null class and gathered per step, so a step reads the
+attention/MLP weights, the filled cache prefix and a few table rows.
+``sample_uncached`` is the reference that recomputes the full sequence every
+step; with the same key both draw the same tokens. The batch may be sharded
+along a mesh axis: everything is per-example except the (replicated)
+parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +18,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from genvis_jax.models.rar import PREFIX
+from genvis_jax.sample import ar
+from genvis_jax.sample.ar import cfg_labels  # noqa: F401  (public here too)
+
+# kv_len granularity of the decode chunks (0 = one chunk over the full cache).
+DEFAULT_BUCKET = 64
+# Largest per-chunk modulation table (bytes); above it each step computes the
+# modulation of its own position (still once per distinct condition).
+TABLE_BYTES = 1 << 30
 
 
 def cfg_scale(step, seq_len: int, guidance_scale, guidance_pow):
@@ -31,51 +46,67 @@ def pick(logits, step, rng, seq_len, g, pw, temperature, use_cfg):
   logits (B, V), or (2B, V) in ``cfg_labels`` order when ``use_cfg``.
   Returns int32 (B,).
   """
-  logits = logits.astype(jnp.float32)
-  if use_cfg:
-    pairs = logits.reshape(-1, 2, logits.shape[-1])
-    cond, uncond = pairs[:, 0], pairs[:, 1]
-    logits = uncond + (cond - uncond) * cfg_scale(step, seq_len, g, pw)
+  logits = ar.guide(logits, cfg_scale(step, seq_len, g, pw), use_cfg)
   key = jax.random.fold_in(rng, step)
   return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
-
-
-def cfg_labels(labels, null_label: int):
-  """(B,) -> (2B,) ``[l0, null, l1, null, ...]``: each example's cond/uncond
-  rows sit next to each other, so a batch-sharded array needs no resharding."""
-  null = jnp.full_like(labels, null_label)
-  return jnp.stack([labels, null], axis=1).reshape(-1)
 
 
 def _twice(x):
   return jnp.repeat(x, 2, axis=0)
 
 
-def _cached_impl(model, use_cfg, seq_len, params, labels, rng, g, pw, temp):
+def table_bytes(model, conditions: int, length: int, dtype=None) -> int:
+  """Bytes of the modulation tables of ``conditions`` rows x ``length``
+  positions (every block's 6d in ``dtype`` + the head's fp32 2d)."""
+  item = jnp.dtype(dtype or model.dtype).itemsize
+  d = model.hidden_size
+  return conditions * length * (model.depth * 6 * d * item + 2 * d * 4)
+
+
+def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
+  use_cfg, seq_len, dtype, bucket = opts
   b = labels.shape[0]
-  labels2 = cfg_labels(labels, model.num_classes) if use_cfg else labels
-  twice = _twice if use_cfg else (lambda t: t)
-  logits, state = model.apply({"params": params}, labels2, method="prefill",
-                              mutable=["cache"])
-  tokens = jnp.zeros((b, seq_len), jnp.int32)
-  tokens = tokens.at[:, 0].set(
-      pick(logits, 0, rng, seq_len, g, pw, temp, use_cfg))
+  params = ar.cast_params(params, dtype)
+  # Distinct conditions: the B classes (+ the null class once under CFG).
+  conds = (jnp.concatenate([labels, jnp.full((1,), model.null_label,
+                                              labels.dtype)])
+           if use_cfg else labels)
+  rows = ar.cfg_rows(b, use_cfg)
+  draw = functools.partial(pick, rng=rng, seq_len=seq_len, g=g, pw=pw,
+                           temperature=temp, use_cfg=use_cfg)
+  modulation = lambda start, n: model.apply(
+      {"params": params}, conds, start, n, method="decode_modulation")
 
-  def body(t, carry):
-    cache, tokens = carry
-    prev = jax.lax.dynamic_index_in_dim(tokens, t - 1, axis=1, keepdims=False)
-    logits, state = model.apply({"params": params, "cache": cache}, twice(prev),
-                                labels2, t - 1, method="decode_step",
-                                mutable=["cache"])
-    tok = pick(logits, t, rng, seq_len, g, pw, temp, use_cfg)
-    tokens = jax.lax.dynamic_update_index_in_dim(tokens, tok, t, axis=1)
-    return state["cache"], tokens
+  def prefill():
+    logits, state = model.apply({"params": params}, conds, modulation(0, PREFIX),
+                                rows, method="prefill_rows", mutable=["cache"])
+    codes = jnp.zeros((b, 1, seq_len), jnp.int32)
+    return state["cache"], codes.at[:, 0, 0].set(draw(logits, 0))
 
-  _, tokens = jax.lax.fori_loop(1, seq_len, body, (state["cache"], tokens))
-  return tokens
+  def chunk_setup(start, stop):
+    if table_bytes(model, conds.shape[0], stop - start) > TABLE_BYTES:
+      return None
+    return start, modulation(start - 1 + PREFIX, stop - start)
+
+  def step(cache, ctx, prev, t):
+    if ctx is None:                       # modulation of this position only
+      mods = modulation(t - 1 + PREFIX, 1)
+    else:                                 # one row of the chunk's table
+      start, table = ctx
+      mods = jax.tree_util.tree_map(
+          lambda m: jax.lax.dynamic_slice_in_dim(m, t - start, 1, axis=1), table)
+    logits, state = model.apply(
+        {"params": params, "cache": cache}, ar.twice(prev[:, 0], use_cfg), mods,
+        rows, t - 1, method="decode_step_rows", mutable=["cache"])
+    return state["cache"], draw(logits, t)[:, None]
+
+  codes = ar.decode(prefill, step, num_steps=seq_len, pos_offset=PREFIX,
+                    bucket=bucket, chunk_setup=chunk_setup)
+  return codes[:, 0]
 
 
-def _uncached_impl(model, use_cfg, seq_len, params, labels, rng, g, pw, temp):
+def _uncached_impl(model, opts, params, labels, rng, g, pw, temp):
+  use_cfg, seq_len = opts[:2]
   b = labels.shape[0]
   labels2 = cfg_labels(labels, model.num_classes) if use_cfg else labels
   twice = _twice if use_cfg else (lambda t: t)
@@ -92,9 +123,12 @@ def _uncached_impl(model, use_cfg, seq_len, params, labels, rng, g, pw, temp):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(impl, model, use_cfg: bool, seq_len: int):
+def _compiled(impl, model, opts):
   # Cached: training-time sample grids call this repeatedly (one compile).
-  return jax.jit(functools.partial(impl, model, use_cfg, seq_len))
+  if impl is _cached_impl:
+    dtype = opts[2]
+    model = model.clone(remat="none", **({"dtype": dtype} if dtype else {}))
+  return jax.jit(functools.partial(impl, model, opts))
 
 
 def _check_len(model, seq_len):
@@ -105,30 +139,42 @@ def _check_len(model, seq_len):
   return seq_len
 
 
-def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
-               seq_len: int | None = None):
-  """The jitted ``f(params, labels, rng, g, pow, temperature) -> tokens`` that
-  ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``)."""
-  impl = _cached_impl if cached else _uncached_impl
-  return _compiled(impl, model, bool(use_cfg), _check_len(model, seq_len))
-
-
-def _run(impl, model, params, labels, rng, guidance_scale, guidance_pow,
-         temperature, seq_len):
+def _opts(model, cached, use_cfg, seq_len, dtype, bucket):
   seq_len = _check_len(model, seq_len)
+  if not cached:
+    return (bool(use_cfg), seq_len)
+  bucket = DEFAULT_BUCKET if bucket is None else int(bucket)
+  return (bool(use_cfg), seq_len, ar.check_dtype(dtype), bucket)
+
+
+def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
+               seq_len: int | None = None, dtype=None,
+               bucket: int | None = None):
+  """The jitted ``f(params, labels, rng, g, pow, temperature) -> tokens`` that
+  ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``);
+  ``dtype`` and ``bucket`` as in ``sample`` (cached only)."""
+  impl = _cached_impl if cached else _uncached_impl
+  return _compiled(impl, model, _opts(model, cached, use_cfg, seq_len, dtype,
+                                      bucket))
+
+
+def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
+         temperature, seq_len, dtype=None, bucket=None):
   if labels.ndim != 1:
     raise ValueError(f"labels must be a 1-D class array, got shape {labels.shape}.")
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}.")
   use_cfg = float(guidance_scale) != 0.0  # official: g == 0 disables CFG
-  fn = _compiled(impl, model, use_cfg, seq_len)
+  fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
+                  dtype=dtype, bucket=bucket)
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   return fn(params, jnp.asarray(labels, jnp.int32), rng, f32(guidance_scale),
             f32(guidance_pow), f32(temperature))
 
 
 def sample(model, params, labels, rng, *, guidance_scale: float,
-           guidance_pow: float, temperature: float, seq_len: int | None = None):
+           guidance_pow: float, temperature: float, seq_len: int | None = None,
+           dtype=None, bucket: int | None = None):
   """Class-conditional raster-order sampling with a KV cache.
 
   Args:
@@ -140,11 +186,17 @@ def sample(model, params, labels, rng, *, guidance_scale: float,
     guidance_pow: power of the cosine schedule (0 = constant g).
     temperature: divides the (guided) logits before full softmax sampling.
     seq_len: tokens to generate (default ``model.seq_len``).
+    dtype: None / 'float32' decodes as the model is configured (fp32 gives
+      the reference tokens); 'bfloat16' casts the parameters once to bf16 and
+      runs matmuls and the KV cache in bf16, logits and sampling in fp32 (for
+      accelerators; tokens then differ from fp32 in a few positions).
+    bucket: kv_len granularity of the decode chunks (default
+      ``DEFAULT_BUCKET``; 0 = one chunk over the full cache, fastest compile).
   Returns:
     int32 (B, seq_len) image codes in raster order.
   """
-  return _run(_cached_impl, model, params, labels, rng, guidance_scale,
-              guidance_pow, temperature, seq_len)
+  return _run(True, model, params, labels, rng, guidance_scale, guidance_pow,
+              temperature, seq_len, dtype, bucket)
 
 
 def sample_uncached(model, params, labels, rng, *, guidance_scale: float,
@@ -152,5 +204,5 @@ def sample_uncached(model, params, labels, rng, *, guidance_scale: float,
                     seq_len: int | None = None):
   """Same contract as ``sample`` but recomputes the whole sequence every step
   (reference for tests and the KV-cache benchmark)."""
-  return _run(_uncached_impl, model, params, labels, rng, guidance_scale,
-              guidance_pow, temperature, seq_len)
+  return _run(False, model, params, labels, rng, guidance_scale, guidance_pow,
+              temperature, seq_len)

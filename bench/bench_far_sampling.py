@@ -1,0 +1,177 @@
+"""FAR sampling throughput against the floor its weights impose.
+
+Same method as ``bench_rar_sampling.py``: a *floor* measured in the same
+process (a bare chain of matmuls over the same model's parameter arrays,
+nothing else) and the sampler, interleaved ``--repeats`` times, compile time
+excluded, CFG as a doubled batch, random weights. Per raster position the
+floor reads what a step must: ``aggregation_layer``, every backbone layer
+(wqkv, wo, w1, w3, w2), then for each of the k sub-tokens every head layer
+and its ``output_i`` head.
+
+Modes: ``floor``; ``cached`` = ``genvis_jax.sample.far.sample`` (``--dtype``,
+``--bucket``); ``cached_full`` = the same with one chunk over the full cache
+(``bucket=0``). ``--check`` asserts cached == ``sample_uncached`` on a copy
+of the model with a ``--check_grid`` grid (same weights).
+
+  python bench/bench_far_sampling.py --size=b --variant=dual --batch=8 --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.bench_rar_sampling import commit
+from genvis_jax import models
+from genvis_jax.sample import ar
+from genvis_jax.sample import far as far_sample
+
+SMALL = dict(n_layer=4, n_head_layer=2, dim=256, n_head=8, codebook_size=1024)
+
+
+def model_config(size: str, variant: str, grid: int | None):
+  from configs import far_common  # pylint: disable=import-outside-toplevel
+  c = far_common.get_config("b" if size == "small" else size, variant).model
+  if size == "small":
+    c.update(SMALL)
+  if grid:
+    c.grid = grid
+  c.dtype = c.param_dtype = "float32"
+  return c
+
+
+def floor_fn(model, positions: int, rows: int, dtype=None):
+  """Jitted ``f(params) -> x``: per position one dependent matmul chain over
+  the aggregation, backbone, head and output weights at ``rows`` rows."""
+  d, k = model.dim, model.num_codebooks
+
+  def layer(x, p):
+    a, f = p["attention"], p["feed_forward"]
+    x = x + (x @ a["wqkv"]["kernel"])[:, :d] @ a["wo"]["kernel"]
+    h = (x @ f["w1"]["kernel"]) * (x @ f["w3"]["kernel"])
+    return x + h @ f["w2"]["kernel"]
+
+  def run(params):
+    params = ar.cast_params(params, dtype)
+    back = [params[f"layers_{i}"] for i in range(model.n_layer)]
+    head = [params[f"ar_head_{i}"] for i in range(model.n_head_layer)]
+    agg = params["aggregation_layer"]["kernel"]
+    x0 = jnp.ones((rows, d), agg.dtype) * 1e-3
+
+    def step(_, x):
+      x = jnp.tile(x, (1, k)) @ agg
+      for p in back:
+        x = layer(x, p)
+      for i in range(k):
+        for p in head:
+          x = layer(x, p)
+        x = x + (x @ params[f"output_{i + 1}"]["kernel"])[:, :d]
+      return x
+    return jax.lax.fori_loop(0, positions, step, x0)
+  return jax.jit(run)
+
+
+def _aot(fn, *args):
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return time.perf_counter() - t0, lambda: compiled(*args)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", default="small", choices=["small", "b", "l"])
+  p.add_argument("--variant", default="dual", choices=["dual", "triple"])
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--grid", type=int, default=None, help="default: the config's")
+  p.add_argument("--modes", default="floor,cached")
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--bucket", type=int, default=None)
+  p.add_argument("--check", action="store_true")
+  p.add_argument("--check_grid", type=int, default=4)
+  args = p.parse_args()
+
+  cfg = model_config(args.size, args.variant, args.grid)
+  model = models.build(cfg)
+  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+  # Random leaves without compiling init; the zero-initialised output heads
+  # get values so sampling is not uniform.
+  params = jax.jit(lambda: jax.tree_util.tree_map(
+      lambda s: 0.02 * jnp.sin(jnp.arange(s.size, dtype=s.dtype).reshape(s.shape)
+                               * 0.37) + (1.0 if s.ndim == 1 else 0.0),
+      shapes))()
+  n_params = models.count_params(params) / 1e6
+  labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.num_classes
+  key = jax.random.key(1)
+  g, temp = 2.0, 1.0
+  dtype = None if args.dtype == "float32" else args.dtype
+  rows, positions = 2 * args.batch, model.seq_len
+  dev = jax.devices()[0]
+  print(f"# FAR sampling | size={args.size}:{args.variant} ({n_params:.1f}M "
+        f"params) batch={args.batch} (x2 CFG = {rows} rows) positions="
+        f"{positions} x k={model.num_codebooks} dtype={args.dtype} "
+        f"bucket={args.bucket} | {dev.platform}:{getattr(dev, 'device_kind', '')} "
+        f"{platform.processor() or platform.machine()} jax {jax.__version__} "
+        f"| commit {commit()}", flush=True)
+
+  runs, compile_s = {}, {}
+  for mode in args.modes.split(","):
+    if mode == "floor":
+      c, f = _aot(floor_fn(model, positions, rows, dtype), params)
+    elif mode in ("cached", "cached_full"):
+      fn = far_sample.sampler_fn(model, cached=True, use_cfg=True, dtype=dtype,
+                                 bucket=0 if mode == "cached_full" else args.bucket)
+      c, f = _aot(fn, params, labels, key, jnp.float32(g), jnp.float32(temp))
+    else:
+      raise ValueError(f"Unknown mode {mode!r}; use floor, cached, cached_full.")
+    runs[mode], compile_s[mode] = f, c
+    print(f"compiled {mode} in {c:.1f} s", flush=True)
+
+  times, outs = {m: [] for m in runs}, {}
+  for r in range(args.repeats):
+    for mode, f in runs.items():
+      t0 = time.perf_counter()
+      outs[mode] = jax.block_until_ready(f())
+      times[mode].append(time.perf_counter() - t0)
+      print(f"repeat {r}: {mode} {times[mode][-1]:.2f} s", flush=True)
+
+  sec = {m: statistics.median(t) for m, t in times.items()}
+  base = sec.get("floor")
+  print("| mode | compile s | sample s (median) | runs | ms/position | "
+        "images/s | x floor |")
+  print("|---|---|---|---|---|---|---|")
+  for mode in runs:
+    ratio = f"{sec[mode] / base:.2f}" if base else "-"
+    each = " / ".join(f"{t:.1f}" for t in times[mode])
+    print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.2f} | {each} | "
+          f"{1e3 * sec[mode] / positions:.0f} | {args.batch / sec[mode]:.3f} | "
+          f"{ratio} |")
+  if "floor" in runs and "cached" in runs:
+    pairs = [c / f for c, f in zip(times["cached"], times["floor"])]
+    print(f"cached / floor per repeat: {', '.join(f'{x:.2f}' for x in pairs)}")
+
+  if args.check:
+    kw = dict(guidance_scale=g, temperature=temp)
+    if dtype is not None and "cached" in outs:
+      fp32 = far_sample.sample(model, params, labels, key, bucket=args.bucket,
+                               **kw)
+      same = float(np.mean(np.asarray(outs["cached"]) == np.asarray(fp32)))
+      print(f"check: {args.dtype} cached == float32 cached in {same:.4f} of "
+            "codes")
+    sub = model.clone(grid=args.check_grid)
+    ours = far_sample.sample(sub, params, labels, key, dtype=dtype, bucket=4,
+                             **kw)
+    ref = far_sample.sample_uncached(sub, params, labels, key, **kw)
+    frac = float(np.mean(np.asarray(ours) == np.asarray(ref)))
+    print(f"check: cached == sample_uncached (grid {args.check_grid}, bucket 4)"
+          f" in {frac:.4f} of codes")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,141 @@
+"""The KV-cache decode loop shared by the autoregressive samplers (RAR, FAR).
+
+A sampler supplies the model-specific parts: ``prefill`` (fills the cache with
+the condition and draws the codes of step 0), ``step`` (feeds the codes of step
+t - 1, runs the cached model and turns logits into the k codes of step t) and
+optionally ``chunk_setup`` (constants computed once per chunk of steps, e.g.
+RAR's adaLN modulation tables). This module owns what both share:
+
+* classifier-free guidance as a doubled batch: ``cfg_labels`` interleaves each
+  example's cond/null rows (a batch-sharded array needs no resharding),
+  ``twice`` feeds both rows the same codes, ``guide`` mixes them;
+* the loop itself, one jitted program: a ``fori_loop`` per *chunk* of steps.
+  Inside a chunk the cache is only as long as the chunk's last step needs
+  (``kv_len``, a static multiple of ``bucket``), so attention reads the filled
+  prefix instead of the whole sequence; between chunks the cache is padded
+  once (``resize``). ``bucket=0`` runs one chunk over the full cache. Each
+  chunk compiles its own loop body, so fewer, longer chunks compile faster.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from genvis_jax import errors
+from genvis_jax.models.attention import resize_kv_cache
+
+
+def cfg_labels(labels, null_label: int):
+  """(B,) -> (2B,) ``[l0, null, l1, null, ...]``: each example's cond/uncond
+  rows sit next to each other, so a batch-sharded array needs no resharding."""
+  return jnp.stack([labels, jnp.full_like(labels, null_label)], 1).reshape(-1)
+
+
+def cfg_rows(batch: int, use_cfg: bool):
+  """Row -> condition index for the distinct conditions ``[l_0..l_{B-1},
+  null]``: int32 (2B,) ``[0, B, 1, B, ...]`` with CFG (the order of
+  ``cfg_labels``), else ``arange(B)``."""
+  own = jnp.arange(batch, dtype=jnp.int32)
+  if not use_cfg:
+    return own
+  return jnp.stack([own, jnp.full_like(own, batch)], 1).reshape(-1)
+
+
+def twice(x, use_cfg: bool):
+  """(B, ...) -> (2B, ...) with each row repeated (cond, null) under CFG."""
+  return jnp.repeat(x, 2, axis=0) if use_cfg else x
+
+
+def guide(logits, scale, use_cfg: bool):
+  """fp32 (B, V) guided logits ``u + (c - u) * scale`` from (2B, V) rows in
+  ``cfg_labels`` order; without CFG just the fp32 logits."""
+  logits = logits.astype(jnp.float32)
+  if not use_cfg:
+    return logits
+  pairs = logits.reshape(-1, 2, logits.shape[-1])
+  cond, uncond = pairs[:, 0], pairs[:, 1]
+  return uncond + (cond - uncond) * scale
+
+
+def kv_chunks(num_steps: int, pos_offset: int, bucket: int):
+  """Static chunks ``[(start, stop, kv_len)]`` covering steps 1..num_steps-1.
+
+  Step t writes cache position ``t - 1 + pos_offset`` and attends to every
+  position up to it, so a chunk ending at ``stop`` needs ``kv_len = stop - 1 +
+  pos_offset``; chunk boundaries put kv_len at multiples of ``bucket``
+  (``bucket <= 0``: one chunk).
+  """
+  need = num_steps - 1 + pos_offset
+  if num_steps <= 1:
+    return []
+  if bucket <= 0:
+    return [(1, num_steps, need)]
+  out, start = [], 1
+  kv = bucket
+  while start < num_steps:
+    kv = max(kv, start + pos_offset)           # at least this chunk's first step
+    stop = min(num_steps, kv + 1 - pos_offset)
+    out.append((start, stop, min(kv, need)))
+    start, kv = stop, kv + bucket
+  return out
+
+
+def decode(prefill: Callable[[], tuple[Any, jax.Array]],
+           step: Callable[..., tuple[Any, jax.Array]], *, num_steps: int,
+           pos_offset: int, bucket: int = 0,
+           chunk_setup: Callable[[int, int], Any] | None = None,
+           resize: Callable[[Any, int], Any] = resize_kv_cache):
+  """Runs the cached decode loop (call inside ``jit``).
+
+  Args:
+    prefill: ``() -> (cache, codes)``, codes int32 (B, k, num_steps) with
+      step 0 filled.
+    step: ``(cache, ctx, prev, t) -> (cache, z)``: prev int32 (B, k) codes of
+      step t - 1 (the caller doubles them for CFG), t traced; z int32 (B, k).
+    num_steps: steps (positions) to generate.
+    pos_offset: cache position written by step 1 (RAR 2, FAR 1).
+    bucket: kv_len granularity of the chunks (0 = one chunk, full cache).
+    chunk_setup: ``(start, stop) -> ctx`` computed once per chunk (static
+      ints); None passes ``ctx=None``.
+    resize: ``(cache, kv_len) -> cache`` fitting the cache to a chunk.
+  Returns:
+    int32 (B, k, num_steps) codes.
+  """
+  cache, codes = prefill()
+  for start, stop, kv_len in kv_chunks(num_steps, pos_offset, bucket):
+    ctx = None if chunk_setup is None else chunk_setup(start, stop)
+    cache = resize(cache, kv_len)
+
+    def body(t, carry, ctx=ctx):
+      cache, codes = carry
+      prev = jax.lax.dynamic_index_in_dim(codes, t - 1, axis=2, keepdims=False)
+      cache, z = step(cache, ctx, prev, t)
+      return cache, jax.lax.dynamic_update_index_in_dim(codes, z, t, axis=2)
+
+    cache, codes = jax.lax.fori_loop(start, stop, body, (cache, codes))
+  return codes
+
+
+def cast_params(params, dtype):
+  """Floating leaves cast to ``dtype`` (once, before the loop reads them
+  every step); None / float32 returns params unchanged."""
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return params
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      params)
+
+
+def check_dtype(dtype):
+  """``None``/'float32'/'bfloat16' (or jnp dtypes) -> a jnp dtype or None."""
+  if dtype is None:
+    return None
+  name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+  if name not in ("float32", "bfloat16"):
+    raise errors.ConfigError(
+        f"sample dtype {dtype!r} is not supported; use 'float32' (parity) or "
+        "'bfloat16' (parameters and KV cache in bf16, logits and sampling fp32).")
+  return jnp.dtype(name)

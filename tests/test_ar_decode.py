@@ -1,0 +1,121 @@
+"""The shared KV-cache decode loop (chunked cache, modulation tables, bf16)
+used by the RAR and FAR samplers, on tiny models (CPU, about 1 min)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from genvis_jax import errors
+from genvis_jax import models
+from genvis_jax.sample import ar
+from genvis_jax.sample import far as far_sample
+from genvis_jax.sample import rar as rar_sample
+from tests import test_far
+from tests import test_rar
+
+RAR_KW = dict(guidance_scale=3.0, guidance_pow=1.0, temperature=1.0)
+FAR_KW = dict(guidance_scale=2.0, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def rar():
+  cfg = test_rar.tiny_config()
+  model = models.build(cfg.model)
+  params = jax.jit(lambda k: test_rar.jitter(
+      models.init_params(cfg.model, k), jax.random.fold_in(k, 1)))(
+          jax.random.key(0))
+  labels = jnp.arange(8) % test_rar.C
+  ref = rar_sample.sample_uncached(model, params, labels, jax.random.key(7),
+                                   **RAR_KW)
+  return model, params, labels, ref
+
+
+@pytest.mark.parametrize("num_steps,offset,bucket", [
+    (256, 2, 64), (256, 1, 64), (16, 2, 4), (16, 1, 5), (16, 2, 0), (3, 2, 64),
+    (1, 2, 4)])
+def test_kv_chunks_cover_every_step_with_enough_cache(num_steps, offset, bucket):
+  chunks = ar.kv_chunks(num_steps, offset, bucket)
+  steps = [t for s, e, _ in chunks for t in range(s, e)]
+  assert steps == list(range(1, num_steps))          # each step once, in order
+  for s, e, kv in chunks:
+    assert s < e and kv >= e - 1 + offset            # last step's position fits
+    assert kv <= num_steps - 1 + offset              # never beyond the sequence
+    if bucket > 0 and e < num_steps:
+      assert kv % bucket == 0
+  if bucket > 0 and num_steps > 2 * bucket:
+    assert chunks[0][2] == bucket                    # early steps read a short cache
+
+
+def test_rar_chunked_and_per_step_modulation_equal_uncached(rar, monkeypatch):
+  """Several cache chunks (bucket 4 over 16 tokens) with per-chunk modulation
+  tables, and with the per-step fallback, draw the reference tokens."""
+  model, params, labels, ref = rar
+  key = jax.random.key(7)
+  out = rar_sample.sample(model, params, labels, key, bucket=4, **RAR_KW)
+  np.testing.assert_array_equal(out, ref)
+  monkeypatch.setattr(rar_sample, "TABLE_BYTES", 0)
+  rar_sample._compiled.cache_clear()  # pylint: disable=protected-access
+  out = rar_sample.sample(model, params, labels, key, bucket=8, **RAR_KW)
+  rar_sample._compiled.cache_clear()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(out, ref)
+
+
+def _big_copies(hlo: str, min_elements: int):
+  """copy / transpose ops inside loop bodies with >= min_elements elements."""
+  found = []
+  for line in hlo.splitlines():
+    m = re.search(r"= [a-z0-9]+\[([\d,]+)\][^ ]* (copy|transpose)\(", line)
+    if m and "while/body" in line:
+      if np.prod([int(v) for v in m.group(1).split(",")]) >= min_elements:
+        found.append(line.strip()[:160])
+  return found
+
+
+def test_rar_decode_loop_does_not_copy_the_cache(rar):
+  """The cache layout (B, H, M, D) feeds both attention matmuls in place: no
+  per-step transpose or copy of anything cache-sized in the loop bodies."""
+  model, params, labels, _ = rar
+  fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True, bucket=8)
+  f32 = jnp.float32(1.0)
+  hlo = fn.lower(params, labels, jax.random.key(0), f32, f32, f32).compile(
+      ).as_text()
+  rows, hd = 2 * labels.shape[0], test_rar.D
+  assert "while/body" in hlo
+  assert not _big_copies(hlo, rows * hd * 8)        # one head-set x 8 positions
+
+
+def test_rar_bf16_decoding_matches_fp32_mostly(rar):
+  model, params, labels, ref = rar
+  out = rar_sample.sample(model, params, labels, jax.random.key(7),
+                          dtype="bfloat16", **RAR_KW)
+  assert out.dtype == jnp.int32 and out.shape == ref.shape
+  same = float(np.mean(np.asarray(out) == np.asarray(ref)))
+  print(f"RAR bf16 == fp32 tokens: {same:.3f}")
+  assert same >= 0.5
+  with pytest.raises(errors.ConfigError, match="bfloat16"):
+    rar_sample.sample(model, params, labels, jax.random.key(7), dtype="int8",
+                      **RAR_KW)
+
+
+@pytest.fixture(scope="module")
+def far():
+  cfg = test_far.tiny_config()
+  model, params = test_far.build(cfg)
+  labels = jnp.arange(4) % test_far.C
+  ref = far_sample.sample_uncached(model, params, labels, jax.random.key(3),
+                                   **FAR_KW)
+  return model, params, labels, ref
+
+
+def test_far_chunked_cache_and_bf16(far):
+  model, params, labels, ref = far
+  key = jax.random.key(3)
+  out = far_sample.sample(model, params, labels, key, bucket=5, **FAR_KW)
+  np.testing.assert_array_equal(out, ref)
+  bf16 = far_sample.sample(model, params, labels, key, dtype="bfloat16", **FAR_KW)
+  same = float(np.mean(np.asarray(bf16) == np.asarray(ref)))
+  print(f"FAR bf16 == fp32 codes: {same:.3f}")
+  assert bf16.shape == ref.shape and same >= 0.5
