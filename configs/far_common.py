@@ -96,6 +96,9 @@ def get_config(size: str = "b", arg: str | None = "dual"):
   c.sample.temperature = 1.0
   c.sample.top_k = 0
   c.sample.top_p = 1.0
+  # Generator decode dtype: "" = config.model.dtype with fp32 parameters,
+  # "float32" = parity, "bfloat16" = parameters cast once, logits/sampling fp32.
+  c.sample.dtype = ""
   c.sample.num_samples = 50_000
   c.sample.batch_size = 256
 

@@ -97,6 +97,9 @@ def get_config(size: str = "b", arg=None):
   c.sample.guidance_scale = s["guidance_scale"]
   c.sample.guidance_pow = s["guidance_pow"]
   c.sample.temperature = s["temperature"]
+  # Generator decode dtype: "" = config.model.dtype with fp32 parameters,
+  # "float32" = parity, "bfloat16" = parameters cast once, logits/sampling fp32.
+  c.sample.dtype = ""
   c.sample.num_samples = 50_000
   c.sample.batch_size = 250
 

@@ -130,8 +130,9 @@ def cast_params(params, dtype):
 
 
 def check_dtype(dtype):
-  """``None``/'float32'/'bfloat16' (or jnp dtypes) -> a jnp dtype or None."""
-  if dtype is None:
+  """None or '' (the model's configured compute dtype, parameters as given),
+  'float32' or 'bfloat16' (or jnp dtypes) -> a jnp dtype or None."""
+  if dtype is None or (isinstance(dtype, str) and not dtype):
     return None
   name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
   if name not in ("float32", "bfloat16"):

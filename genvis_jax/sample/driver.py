@@ -48,7 +48,7 @@ def rar_generate(model, params, labels, rng, s):
   from genvis_jax.sample import rar  # pylint: disable=import-outside-toplevel
   tokens = rar.sample(model, params, labels, rng,
                       guidance_scale=s.guidance_scale, guidance_pow=s.guidance_pow,
-                      temperature=s.temperature)
+                      temperature=s.temperature, dtype=s.get("dtype"))
   side = int(round(tokens.shape[1] ** 0.5))
   return tokens.reshape(tokens.shape[0], side, side)
 

@@ -127,7 +127,8 @@ def _uncached_impl(model, opts, params, labels, rng, g, temp):
 def _compiled(impl, model, opts):
   if impl is _cached_impl:
     dtype = opts[3]
-    model = model.clone(remat="none", **({"dtype": dtype} if dtype else {}))
+    model = model.clone(remat="none",
+                        **({} if dtype is None else {"dtype": dtype}))
   return jax.jit(functools.partial(impl, model, opts))
 
 
@@ -175,9 +176,10 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
       with the null class) only when > 1, as in the official sampler.
     temperature: divides the guided logits before filtering.
     top_k, top_p: optional filters (0 / 1.0 = off).
-    dtype: None / 'float32' as configured (fp32: the reference codes);
-      'bfloat16' casts the parameters once and runs matmuls and the KV caches
-      in bf16, logits and sampling in fp32 (for accelerators).
+    dtype: None or '' computes in ``model.dtype`` with the parameters as
+      given; 'float32' in fp32 (the reference codes); 'bfloat16' casts the
+      parameters once and runs matmuls and the KV caches in bf16, logits and
+      sampling in fp32 (for accelerators).
     bucket: kv_len granularity of the backbone decode chunks (default
       ``DEFAULT_BUCKET``; 0 = one chunk over the full cache).
   Returns:

@@ -127,7 +127,8 @@ def _compiled(impl, model, opts):
   # Cached: training-time sample grids call this repeatedly (one compile).
   if impl is _cached_impl:
     dtype = opts[2]
-    model = model.clone(remat="none", **({"dtype": dtype} if dtype else {}))
+    model = model.clone(remat="none",
+                        **({} if dtype is None else {"dtype": dtype}))
   return jax.jit(functools.partial(impl, model, opts))
 
 
@@ -186,10 +187,11 @@ def sample(model, params, labels, rng, *, guidance_scale: float,
     guidance_pow: power of the cosine schedule (0 = constant g).
     temperature: divides the (guided) logits before full softmax sampling.
     seq_len: tokens to generate (default ``model.seq_len``).
-    dtype: None / 'float32' decodes as the model is configured (fp32 gives
-      the reference tokens); 'bfloat16' casts the parameters once to bf16 and
-      runs matmuls and the KV cache in bf16, logits and sampling in fp32 (for
-      accelerators; tokens then differ from fp32 in a few positions).
+    dtype: None or '' computes in ``model.dtype`` with the parameters as
+      given; 'float32' computes in fp32 (the reference tokens); 'bfloat16'
+      casts the parameters once to bf16 and runs matmuls and the KV cache in
+      bf16, logits and sampling in fp32 (for accelerators; tokens then differ
+      from fp32 in a few positions).
     bucket: kv_len granularity of the decode chunks (default
       ``DEFAULT_BUCKET``; 0 = one chunk over the full cache, fastest compile).
   Returns:
