@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.bench_rar_sampling import commit
+from bench.bench_rar_sampling import _opts, commit
 from genvis_jax import models
 from genvis_jax.sample import ar
 from genvis_jax.sample import far as far_sample
@@ -125,8 +125,12 @@ def main():
     if mode == "floor":
       c, f = _aot(floor_fn(model, positions, rows, dtype), params)
     elif mode in ("cached", "cached_full"):
-      fn = far_sample.sampler_fn(model, cached=True, use_cfg=True, dtype=dtype,
-                                 bucket=0 if mode == "cached_full" else args.bucket)
+      if hasattr(far_sample, "sampler_fn"):
+        fn = far_sample.sampler_fn(model, cached=True, use_cfg=True, **_opts(
+            dtype, 0 if mode == "cached_full" else args.bucket))
+      else:   # the sampler before sampler_fn existed (for before/after runs)
+        fn = far_sample._compiled(  # pylint: disable=protected-access
+            far_sample._cached_impl, model, (True, 0, 1.0))  # pylint: disable=protected-access
       c, f = _aot(fn, params, labels, key, jnp.float32(g), jnp.float32(temp))
     else:
       raise ValueError(f"Unknown mode {mode!r}; use floor, cached, cached_full.")

@@ -149,6 +149,12 @@ def bench_prefix(model, params, labels, key, bucket: int, g, pw, temp):
   return time.perf_counter() - t0, run
 
 
+def _opts(dtype, bucket):
+  """Sampler keywords, only those set (so an older sampler runs too)."""
+  kw = {} if dtype is None else {"dtype": dtype}
+  return kw if bucket is None else dict(kw, bucket=bucket)
+
+
 def _aot(fn, *args):
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
@@ -211,8 +217,8 @@ def main():
     if mode in ("floor", "floor_noada"):
       c, f = _aot(floor_fn(model, steps, rows, mode == "floor", dtype), params)
     elif mode == "cached":
-      fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True, dtype=dtype,
-                                 bucket=args.bucket)
+      fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True,
+                                 **_opts(dtype, args.bucket))
       c, f = _aot(fn, params, labels, key, *sargs)
     elif mode == "reference":
       c, f = _aot(reference_fn(model, steps, True), params, labels, key, *sargs)

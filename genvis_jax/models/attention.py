@@ -1,8 +1,10 @@
 """Dense attention and the KV cache shared by the autoregressive generators.
 
-RAR and FAR decode with a full-length cache in the ``"cache"`` collection
-(:func:`update_kv_cache`); the Equivariant generator keeps its own rolling
-window cache but attends through the same :func:`dot_product_attention`.
+RAR and FAR decode with a cache in the ``"cache"`` collection
+(:func:`update_kv_cache`, read by :func:`cached_attention`; a sampler may
+keep it only as long as the filled prefix, :func:`resize_kv_cache`); the
+Equivariant generator keeps its own rolling window cache but attends through
+the same :func:`dot_product_attention`.
 The windowed causal attention of long sequences lives in
 ``genvis_jax.kernels.windowed_attention``.
 """

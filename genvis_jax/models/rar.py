@@ -13,6 +13,9 @@ Entry points (``model.apply(..., method=...)``):
   ``__call__(tokens, labels, orders=None, train=False)`` full (training) forward.
   ``prefill(labels)`` / ``decode_step(token, labels, index)``: raster-order
   decoding with a KV cache held in the mutable ``"cache"`` collection.
+  ``decode_modulation`` / ``prefill_rows`` / ``decode_step_rows``: the same
+  decoding with the adaLN modulation precomputed per (condition, position)
+  (what ``genvis_jax.sample.rar`` runs).
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def kv_chunks(num_steps: int, pos_offset: int, bucket: int):
   Step t writes cache position ``t - 1 + pos_offset`` and attends to every
   position up to it, so a chunk ending at ``stop`` needs ``kv_len = stop - 1 +
   pos_offset``; chunk boundaries put kv_len at multiples of ``bucket``
-  (``bucket <= 0``: one chunk).
+  (``bucket <= 0``: one chunk); a tail shorter than half a bucket joins the
+  last chunk (each chunk compiles its own loop body).
   """
   need = num_steps - 1 + pos_offset
   if num_steps <= 1:
@@ -77,6 +78,8 @@ def kv_chunks(num_steps: int, pos_offset: int, bucket: int):
   kv = bucket
   while start < num_steps:
     kv = max(kv, start + pos_offset)           # at least this chunk's first step
+    if need - kv < bucket // 2:                # no extra body for a short tail
+      kv = need
     stop = min(num_steps, kv + 1 - pos_offset)
     out.append((start, stop, min(kv, need)))
     start, kv = stop, kv + bucket
