@@ -169,11 +169,11 @@ def main():
       print(f"check: {args.dtype} cached == float32 cached in {same:.4f} of "
             "codes")
     sub = model.clone(grid=args.check_grid)
-    ours = far_sample.sample(sub, params, labels, key, dtype=dtype, bucket=4,
+    ours = far_sample.sample(sub, params, labels, key, dtype=dtype, bucket=8,
                              **kw)
     ref = far_sample.sample_uncached(sub, params, labels, key, **kw)
     frac = float(np.mean(np.asarray(ours) == np.asarray(ref)))
-    print(f"check: cached == sample_uncached (grid {args.check_grid}, bucket 4)"
+    print(f"check: cached == sample_uncached (grid {args.check_grid}, bucket 8)"
           f" in {frac:.4f} of codes")
 
 

@@ -270,9 +270,9 @@ def main():
       print(f"check: {args.dtype} cached == float32 cached in {same:.4f} of "
             "tokens")
     frac = check_tokens(model, params, labels, key, sargs, args.check_tokens,
-                        dtype, args.bucket if args.bucket is not None else 4)
+                        dtype, 8)
     print(f"check: cached == sample_uncached ({args.check_tokens}-token cut, "
-          f"bucket 4) in {frac:.4f} of tokens")
+          f"bucket 8) in {frac:.4f} of tokens")
 
 
 if __name__ == "__main__":
