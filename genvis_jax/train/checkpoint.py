@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -29,6 +30,24 @@ from absl import logging
 from etils import epath
 
 from genvis_jax.errors import UserError
+
+
+def _remove_tree(path: epath.Path, settle_s: float = 0.2,
+                 attempts: int = 50) -> None:
+  """Removes a half-written step folder, outlasting writers that are still
+  finishing in it (a save that fails in its synchronous part may have started
+  the background writes of its other items): retries until the folder is gone
+  and stays gone for ``settle_s``."""
+  for _ in range(attempts):
+    try:
+      path.rmtree(missing_ok=True)
+    except OSError:   # a writer added a file while the tree was being removed
+      pass
+    time.sleep(settle_s)
+    if not path.exists():
+      return
+  raise OSError(f"Could not remove the half-written checkpoint {path}; "
+                "delete it by hand before restarting.")
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -177,7 +196,7 @@ class Checkpointer:
     """Removes the half-written step and builds the one error message."""
     if jax.process_index() == 0:
       for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-        tmp.rmtree(missing_ok=True)
+        _remove_tree(tmp)
     previous = [s for s in self.manager.all_steps() if s < step]
     kept = (f"the newest complete checkpoint is step {max(previous)}, which a "
             "restart resumes from" if previous else "no earlier checkpoint exists")
