@@ -139,7 +139,6 @@ def get_config(arg=None):
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
-  c.train.eval_every = 5000
   c.train.image_every = 5000     # sample / reconstruction grids
   c.train.ema_decay = 0.0        # 0 = no EMA
   c.train.grad_clip = 1.0        # 0 = off

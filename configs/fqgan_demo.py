@@ -42,7 +42,6 @@ def fq_tokenizer_demo_config():
   t.log_every = 100
   t.checkpoint_every = 1000
   t.image_every = 1000
-  t.eval_every = 1000
   return c
 
 

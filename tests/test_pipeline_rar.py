@@ -4,7 +4,6 @@ MaskGIT VQGAN train -> rar_b ten-crop pretokenize -> train, killed and resumed
 
 import os
 
-import numpy as np
 import pytest
 
 from genvis_jax.data import tokens as tokens_lib

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-from absl import logging
 import grain
 import numpy as np
 from PIL import Image, ImageOps

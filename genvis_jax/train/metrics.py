@@ -7,7 +7,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from PIL import Image
 
 

@@ -9,7 +9,7 @@ norm stays replicated while the large matrices are split.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -45,7 +45,7 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mes
   """Builds the mesh; axes are ``Auto`` (GSPMD propagation + logical constraints).
 
   Auto is chosen on purpose: parameters get explicit shardings from the rules
-  table and activations get ``with_logical_constraint`` hints; newer jax's
+  table and activations get ``nn.with_logical_constraint`` hints; newer jax's
   Explicit default would make every op's sharding part of its type.
   """
   devices = list(devices if devices is not None else jax.devices())
@@ -144,18 +144,3 @@ def host_to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict:
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local_batch)
-
-
-def with_logical_constraint(x, names):
-  """Activation sharding hint (no-op outside a mesh / rules context)."""
-  return nn.with_logical_constraint(x, names)
-
-
-def describe(shardings: Any, abstract: Any) -> str:
-  """Human-readable table: parameter path, shape, partition spec."""
-  rows = []
-  flat_s = jax.tree_util.tree_leaves_with_path(shardings)
-  flat_a = jax.tree_util.tree_leaves(abstract)
-  for (path, s), a in zip(flat_s, flat_a):
-    rows.append(f"{jax.tree_util.keystr(path):80s} {str(a.shape):20s} {s.spec}")
-  return "\n".join(rows)

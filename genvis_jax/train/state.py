@@ -77,12 +77,3 @@ def _map_param_like(tree, p_struct, p_shardings, mesh):
       return p_shardings
     return jax.tree_util.tree_map(lambda _: shd.replicated(mesh), x)
   return jax.tree_util.tree_map(f, tree, is_leaf=is_param_like)
-
-
-def create_sharded_state(task, optimizers, mesh, rules, rng):
-  """Initialises the state directly into its shardings (no host copy)."""
-  abstract, shardings = state_shardings(task, optimizers, mesh, rules, rng)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.rules_tuple(rules)):
-    state = jax.jit(lambda r: init_state(task, optimizers, r),
-                    out_shardings=shardings)(rng)
-  return state, shardings

@@ -53,10 +53,15 @@ def create_train_iterator(config, task, *, seed=None):
 class Trainer:
   """Holds the compiled step and the sharded state of one run."""
 
-  def __init__(self, config, workdir: str | None = None, *, mesh=None):
+  def __init__(self, config, workdir: str | None = None, *, mesh=None,
+               task=None):
+    """``mesh`` and ``task`` from :func:`setup` when the caller built them
+    already (the task is built once per run); built here otherwise."""
     self.config = config
     self.workdir = workdir
-    self.mesh, self.task = setup(config, mesh=mesh)
+    if task is None:
+      mesh, task = setup(config, mesh=mesh)
+    self.mesh, self.task = mesh, task
     self.rules = shd.rules_tuple(config.sharding.rules)
     self.optimizers = self.task.optimizers()
     rng = jax.random.key(config.seed)
@@ -134,7 +139,7 @@ def train_loop(config, workdir: str, on_log=None):
   mesh, task = setup(config)
   data_iter, info = create_train_iterator(config, task)
   os.makedirs(workdir, exist_ok=True)
-  trainer = Trainer(config, workdir, mesh=mesh)
+  trainer = Trainer(config, workdir, mesh=mesh, task=task)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state = ckpt.restore_latest(trainer.abstract_state(), data_iter, config)
@@ -143,7 +148,7 @@ def train_loop(config, workdir: str, on_log=None):
   else:
     state = trainer.init_state()
     if config.init_from:
-      group = getattr(task, "init_group", "model")
+      group = "model"   # init_from holds the model's parameters only
       abstract = trainer.abstract_state().params[group]
       loaded = ckpt_lib.load_params(config.init_from, abstract)
       params = dict(state.params)
