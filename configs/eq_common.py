@@ -105,6 +105,7 @@ def get_config(size: str = "l", arg=None):
   sp.cfg = 7.0                  # official demo value (Places); 1.0 = no CFG
   sp.num_steps = 100            # Euler steps of the flow head per column
   sp.num_columns = 16           # 16 = 256 px; e.g. 128 for 8x width
+  sp.wide_columns = 0           # training grids also this wide (0 = off)
   sp.latent_scale = lt.get_ref("scale")   # samples / scale -> tokenizer.decode
   sp.dtype = "float32"          # generator decode dtype; "bfloat16" casts the
                                 # params once (latents / Euler state stay fp32)

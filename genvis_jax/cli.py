@@ -65,21 +65,11 @@ def _config_paths(argv):
           if a.startswith("--config=")]
 
 
-def _config_root_on_path(argv):
-  """Config files import their siblings (``from configs import base``): put the
-  folder holding ``configs/`` on sys.path so any working directory works."""
-  for path in _config_paths(argv):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-      sys.path.insert(0, root)
-
-
 def flags_parser(usage: str):
   """An ``app.run(flags_parser=...)`` that turns flag and config-file errors
   into one message (plus ``usage``) and exit code 2."""
 
   def parse(argv):
-    _config_root_on_path(argv)
     for path in _config_paths(argv):
       if not os.path.isfile(path):
         fail(f"Config file {path!r} (from --config) does not exist; pass a "

@@ -1,0 +1,90 @@
+"""Config files: the ``runlocal`` argument convention, every paper config with
+and without it, and loading from anywhere (``configs`` is an installed package)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from configs import base
+from genvis_jax import models
+from tests import pipeline_common as pc
+
+# Every paper config and the argument it is run with (see README).
+PAPER = ("maskgit_vqgan.py", "rar_b.py", "rar_l.py", "rar_xl.py", "rar_xxl.py",
+         "vq_ds16.py", "vq_ds8.py", "fqgan_dual_ds16.py", "fqgan_dual_ds8.py",
+         "fqgan_triple_ds16.py", "fqgan_triple_ds8.py", "far_b.py:dual",
+         "far_b.py:triple", "far_l.py:dual", "far_l.py:triple",
+         "eq_tokenizer.py", "eq_s.py", "eq_b.py", "eq_l.py", "eq_h.py")
+
+
+def test_parse_arg():
+  a = base.parse_arg("triple,runlocal", positional=("variant",),
+                     variant="dual", runlocal=False)
+  assert (a.variant, a.runlocal) == ("triple", True)
+  a = base.parse_arg("", positional=("variant",), variant="dual", runlocal=False)
+  assert (a.variant, a.runlocal) == ("dual", False)
+  assert base.parse_arg("runlocal=false,n=3", runlocal=True, n=1).n == 3
+  with pytest.raises(ValueError, match="runlcal"):
+    base.parse_arg("runlcal", runlocal=False)
+  with pytest.raises(ValueError, match="'quad'"):   # no positional left
+    base.parse_arg("dual,quad", positional=("variant",), variant="dual",
+                   runlocal=False)
+
+
+def _param_count(model_config) -> int:
+  shapes = jax.eval_shape(lambda: models.init_params(model_config,
+                                                     jax.random.key(0)))
+  return sum(x.size for x in jax.tree_util.tree_leaves(shapes))
+
+
+@pytest.mark.parametrize("spec", PAPER)
+def test_runlocal_shrinks_only_sizes(spec):
+  """runlocal keeps the task, losses, schedules and samplers of the paper
+  config; only sizes, steps, batch and data change."""
+  sep = "," if ":" in spec else ":"
+  paper, local = pc.load_config(spec), pc.load_config(spec + sep + "runlocal")
+  assert local.task == paper.task and local.mode == paper.mode
+  assert local.model.name == paper.model.name
+  assert local.optimizer.name == paper.optimizer.name
+  assert local.optimizer.schedule == paper.optimizer.schedule
+  for block in ("loss", "sample", "flow", "pretokenize", "disc"):
+    if block in paper:
+      assert set(local[block].keys()) == set(paper[block].keys()), block
+  for key in ("gan", "adaptive_gan_weight", "reconstruction"):
+    if "loss" in paper and key in paper.loss:
+      assert local.loss[key] == paper.loss[key], key
+  if "pretokenize" in paper:
+    assert local.pretokenize.ten_crop == paper.pretokenize.ten_crop
+  if "tokenizer" in paper:
+    assert local.tokenizer.model.name == paper.tokenizer.model.name
+  images = local.pretokenize.data if paper.data.source == "tokens" else local.data
+  assert local.data.source == paper.data.source or images is local.data
+  assert images.source.startswith("demo") and images.image_size <= 32
+  assert local.train.num_steps <= 100 and local.train.global_batch_size <= 16
+  assert local.train.num_steps < paper.train.num_steps
+  assert _param_count(local.model) < 2_000_000 < _param_count(paper.model)
+
+
+def test_configs_load_from_any_directory(tmp_path):
+  """A user's script in another folder loads a config file with ml_collections
+  (no sys.path edits: ``configs`` is installed with the package)."""
+  script = tmp_path / "load.py"
+  script.write_text(textwrap.dedent(f"""
+      from absl import flags
+      from ml_collections import config_flags
+      argv = ["x", "--config={pc.ROOT}/configs/far_b.py:triple,runlocal"]
+      fv = flags.FlagValues()
+      config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                      sys_argv=argv)
+      fv(argv)
+      print(fv.config.model.num_codebooks, fv.config.tokenizer.model.name)
+  """))
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["3", "fqgan"]
