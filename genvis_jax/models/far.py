@@ -84,12 +84,6 @@ def _constrain(x):
   return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
 
-def drop_labels(rng, labels, prob: float, null_label: int):
-  """Replaces each label by ``null_label`` with probability ``prob``."""
-  drop = jax.random.uniform(rng, labels.shape) < prob
-  return jnp.where(drop, null_label, labels)
-
-
 class RMSNorm(nn.Module):
   """``x * rsqrt(mean(x^2) + eps) * scale`` computed in fp32, output in x.dtype."""
   eps: float = 1e-5
@@ -273,8 +267,8 @@ class FAR(nn.Module):
     when ``train`` (rng stream ``"dropout"``)."""
     if not train or self.class_dropout <= 0:
       return labels
-    return drop_labels(self.make_rng("dropout"), labels, self.class_dropout,
-                       self.null_label)
+    return layers.drop_labels(self.make_rng("dropout"), labels,
+                              self.class_dropout, self.null_label)
 
   def _head_out(self, x, i: int):
     """Shared final norm + ``output_{i+1}``; x (..., d) -> fp32 (..., V)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -108,3 +109,10 @@ def maybe_remat(module_cls, policy: str = "none", static_argnums=()):
     return module_cls
   return nn.remat(module_cls, policy=remat_policy(policy),
                   static_argnums=static_argnums)
+
+
+def drop_labels(rng, labels, prob: float, null_label: int):
+  """Classifier-free guidance training: replaces each label by ``null_label``
+  with probability ``prob`` (int labels of any shape)."""
+  drop = jax.random.uniform(rng, labels.shape) < prob
+  return jnp.where(drop, null_label, labels)

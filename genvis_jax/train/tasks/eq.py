@@ -32,6 +32,7 @@ from genvis_jax.models import dino_disc as dino_lib
 from genvis_jax.models import dinov2 as dinov2_lib
 from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.models.eq_tokenizer import sample_posterior
+from genvis_jax.models.layers import drop_labels
 from genvis_jax.train import losses as gan_lib
 from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks import Task, register
@@ -107,11 +108,6 @@ def flow_loss(velocity, noise, latents):
   """mean((velocity - (noise - latents))^2) over every token draw and channel."""
   target = noise - latents[:, None].astype(jnp.float32)
   return jnp.mean(jnp.square(velocity - target))
-
-
-def drop_labels(rng, labels, prob: float, null_label: int):
-  drop = jax.random.uniform(rng, labels.shape) < prob
-  return jnp.where(drop, null_label, labels)
 
 
 def teacher_inputs(images, size: int):

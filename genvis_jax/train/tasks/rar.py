@@ -21,6 +21,7 @@ import optax
 from absl import logging
 
 from genvis_jax import models
+from genvis_jax.models.layers import drop_labels
 from genvis_jax.models.rar import permute
 from genvis_jax.train.metrics import to_uint8
 from genvis_jax.train.tasks import Task, register
@@ -41,12 +42,6 @@ def sample_orders(rng, batch_size: int, seq_len: int, r):
   use = jax.random.uniform(k_use, (batch_size,)) < r
   raster = jnp.broadcast_to(jnp.arange(seq_len), (batch_size, seq_len))
   return jnp.where(use[:, None], perms, raster).astype(jnp.int32)
-
-
-def drop_labels(rng, labels, prob: float, null_label: int):
-  """Replaces each label by ``null_label`` with probability ``prob``."""
-  drop = jax.random.uniform(rng, labels.shape) < prob
-  return jnp.where(drop, null_label, labels)
 
 
 def ar_loss(logits, targets):
