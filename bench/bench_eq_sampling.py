@@ -1,11 +1,12 @@
 """Equivariant sampler at paper size vs its memory-bandwidth floor, per column.
 
-One long run of the cached sampler (``sample_stepwise``: the same jitted column
-loop as ``sample``, in chunks of ``--window`` columns) times the columns in a
-window ending at each reported width (default 16, 32, 64, 128: columns 13-16,
-29-32, 61-64, 125-128 of a 128-column run). Right after each window, in the
-same process, it times two floors over the same number of columns, written
-here from the same model's weights:
+One long run of the cached sampler (``column_stepper``: the same jitted column
+loop as ``sample``, in chunks of ``--window`` columns) times the chunk of
+columns ending at each reported width (default 16, 32, 64, 128 with windows of
+2: columns 15-16, 31-32, 63-64, 127-128 of a 128-column run). At each such
+window the chunk and two floors over the same number of columns are timed
+``--repeats`` times, interleaved, from the same state (minimum kept: the host
+is shared). The floors are written here from the same model's weights:
 
 * ``floor``: the issue's floor. Per Euler step the flow head's weights are read
   once (every head matmul, CFG's cond/uncond rows as one matmul; LayerNorms
@@ -17,8 +18,9 @@ here from the same model's weights:
 
 With ``--old`` it also times the per-step head (``hoist_modulations=False``,
 the official loop) over the first window, for a speed-up ratio in the same
-run. Times per column exclude compilation (every function is warmed up on its
-own first call). Ratios, not absolute times, are the result on a shared host.
+run; ``--whole=16`` times one jitted ``sample()`` of 16 columns (prefill
+included) as a check on the windows. Times per column exclude compilation
+(every function is warmed up on its own first call). Ratios, not absolute times, are the result on a shared host.
 
   python bench/bench_eq_sampling.py                   # eq_s, batch 1, CFG 7, 100 steps
   python bench/bench_eq_sampling.py --size=tiny --columns=16 --widths=8,16 --num_steps=10
@@ -58,11 +60,13 @@ def parse_args(argv=None):
   p.add_argument("--columns", type=int, default=128, help="columns of the run")
   p.add_argument("--widths", default="16,32,64,128",
                  help="report the window of columns ending at each width")
-  p.add_argument("--window", type=int, default=4, help="columns per window")
+  p.add_argument("--window", type=int, default=2, help="columns per window")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--cfg", type=float, default=7.0)
   p.add_argument("--num_steps", type=int, default=100)
   p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--repeats", type=int, default=3,
+                 help="interleaved timings per window (minimum kept)")
   p.add_argument("--old", action="store_true",
                  help="also time the per-step head over the first window")
   p.add_argument("--whole", type=int, default=16,
@@ -249,51 +253,53 @@ def commit():
 
 
 def run_dtype(model, params32, labels, args, dtype, widths):
-  """One long stepped run with the floors interleaved; returns table rows."""
+  """One long stepped run; at each reported width the window's chunk, both
+  floors (and the per-step head at the first width) are timed ``--repeats``
+  times, interleaved, from the same state; the minimum of each is kept."""
   rng = jax.random.key(1)
   use_cfg = args.cfg != 1.0
   rows = args.batch * (2 if use_cfg else 1)
   mdl, params = eq_sample.for_decoding(model, params32, dtype)
   kw = dict(num_columns=args.columns, cfg=args.cfg, num_steps=args.num_steps,
-            chunk=args.window, dtype=None)
+            chunk=args.window)
   floors = {h: make_floor(mdl, args.num_steps, use_cfg, h) for h in (False, True)}
   x0 = jnp.zeros((args.batch, model.token_dim), jnp.float32)
   z0 = jnp.full((rows, model.hidden_size), 0.1, mdl.dtype)
   n = jnp.int32(args.window)
-  for f in floors.values():            # compile + warm up
-    jax.block_until_ready(f(params, x0, z0, n))
-
-  def floor_time(hoisted):
-    return _timed(lambda: floors[hoisted](params, x0, z0, n)) / args.window
-
+  fns = {name: (lambda f=f: f(params, x0, z0, n))
+         for name, f in (("floor", floors[False]), ("hoisted", floors[True]))}
+  state, advance = eq_sample.column_stepper(mdl, params, labels, rng, **kw)
   old = None
   if args.old:
-    old = eq_sample.sample_stepwise(mdl, params, labels, rng,
-                                    hoist_modulations=False, **kw)
-  ours = eq_sample.sample_stepwise(mdl, params, labels, rng, **kw)
-  jax.block_until_ready(next(ours))    # compile + columns 1..window
+    old = eq_sample.column_stepper(mdl, params, labels, rng,
+                                   hoist_modulations=False, **kw)[1]
+  for f in fns.values():               # compile + warm up
+    jax.block_until_ready(f())
+  state = jax.block_until_ready(advance(state, 0))
   if old is not None:
-    jax.block_until_ready(next(old))
-  out, done, last = [], args.window, [None]
-
-  def advance():
-    last[0] = next(ours)[1]
-    return last[0]
-
-  while done < args.columns:
-    t = _timed(advance) / args.window
-    done += args.window
-    if done in widths:
-      row = dict(dtype=dtype, width=done, ours=t, floor=floor_time(False),
-                 hoisted=floor_time(True), old=float("nan"))
-      out.append(row)
-      print(_fmt(row, args), flush=True)
-    if old is not None and done <= widths[0]:
-      to = _timed(lambda: next(old)[1]) / args.window
-      if done == widths[0]:
-        out[0]["old"] = to
-        print(f"  per-step head (official loop) at width {done}: {to:.3f} s/col "
-              f"= {to / out[0]['ours']:.2f}x ours", flush=True)
+    jax.block_until_ready(old(state, args.window))
+  out = []
+  for start in range(args.window, args.columns, args.window):
+    end = start + args.window
+    if end not in widths:
+      state = advance(state, start)
+      continue
+    runs = dict(fns, ours=lambda s=state, c=start: advance(s, c))
+    if old is not None and end == widths[0]:
+      runs["old"] = lambda s=state, c=start: old(s, c)
+    best = {k: float("inf") for k in runs}
+    for _ in range(args.repeats):
+      for k, f in runs.items():
+        best[k] = min(best[k], _timed(f) / args.window)
+    state = advance(state, start)
+    row = dict(dtype=dtype, width=end, ours=best["ours"], floor=best["floor"],
+               hoisted=best["hoisted"], old=best.get("old", float("nan")))
+    out.append(row)
+    print(_fmt(row, args), flush=True)
+    if "old" in best:
+      print(f"  per-step head (official loop) at width {end}: "
+            f"{best['old']:.4f} s/col = {best['old'] / best['ours']:.2f}x ours",
+            flush=True)
   if args.whole:
     run = lambda: eq_sample.sample(mdl, params, labels, rng, cfg=args.cfg,
                                    num_columns=args.whole,
@@ -306,7 +312,7 @@ def run_dtype(model, params32, labels, args, dtype, widths):
           f"width {out[0]['width']}", flush=True)
   b = dict(floor=floor_bytes_per_column(params, args.num_steps, rows, False),
            hoisted=floor_bytes_per_column(params, args.num_steps, rows, True))
-  return out, b, np.asarray(last[0])
+  return out, b, np.asarray(state[2])
 
 
 def _fmt(r, args):

@@ -15,8 +15,9 @@ column, so the width (``num_columns``) may be many times the training width.
 ``sample_uncached`` is the official algorithm (re-run the full windowed
 forward over the whole sequence for every column); with the same key both give
 the same latents. Each is one jitted function. Column ``c`` draws its noise
-from ``fold_in(rng, c)``. ``sample_stepwise`` runs the same column loop in
-jitted chunks of columns (to time columns far into a wide image).
+from ``fold_in(rng, c)``. ``column_stepper`` / ``sample_stepwise`` run the
+same column loop in jitted chunks of columns (to time columns far into a wide
+image).
 
 Hoisted head modulations: the head's adaLN modulations (about 60% of its
 weights) depend on (t, z) only, and the Euler times are fixed, so each column
@@ -310,16 +311,16 @@ def sample_uncached(model, params, labels, rng, *, num_columns: int,
               num_steps, return_conditions, dtype, hoist_modulations)
 
 
-def sample_stepwise(model, params, labels, rng, *, num_columns: int,
-                    cfg: float = 1.0, num_steps: int = 100, chunk: int = 1,
-                    dtype=None, hoist_modulations: bool = True):
-  """``sample`` as jitted chunks of ``chunk`` columns.
+def column_stepper(model, params, labels, rng, *, num_columns: int,
+                   cfg: float = 1.0, num_steps: int = 100, chunk: int = 1,
+                   dtype=None, hoist_modulations: bool = True):
+  """The column loop of ``sample`` in jitted chunks of ``chunk`` columns.
 
-  Returns an iterator yielding ``(next_column, latents)`` after each chunk
-  (latents as in ``sample``, columns >= next_column still zero; not blocked,
-  so a caller can time each chunk with ``jax.block_until_ready``). The last yield equals
-  ``sample(...)`` with the same arguments (same column function and keys).
-  Raises ``ConfigError`` (at the call) if ``chunk`` does not divide
+  Returns ``(state, advance)``: the state after the prefill and
+  ``advance(state, start)`` -> the state after columns start .. start +
+  chunk - 1 (pure: a chunk can be re-run from the same state, e.g. to time
+  it). ``state[2]`` holds the latents as ``sample`` returns them (columns not
+  yet run are zero). Raises ``ConfigError`` if ``chunk`` does not divide
   ``num_columns``, or for the arguments ``sample`` rejects.
   """
   labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
@@ -329,14 +330,32 @@ def sample_stepwise(model, params, labels, rng, *, num_columns: int,
   model, params = for_decoding(model, params, dtype)
   init, cols = _compiled_steps(model, use_cfg, int(num_columns), int(num_steps),
                                bool(hoist_modulations), int(chunk))
-  return _chunks(init, cols, params, labels, rng, jnp.asarray(cfg, jnp.float32),
-                 int(num_columns), int(chunk))
+  cfg = jnp.asarray(cfg, jnp.float32)
+  advance = lambda state, start: cols(params, state, jnp.int32(start), rng, cfg)
+  return init(params, labels), advance
 
 
-def _chunks(init, cols, params, labels, rng, cfg, num_columns, chunk):
-  state = init(params, labels)
+def sample_stepwise(model, params, labels, rng, *, num_columns: int,
+                    cfg: float = 1.0, num_steps: int = 100, chunk: int = 1,
+                    dtype=None, hoist_modulations: bool = True):
+  """``sample`` as jitted chunks of ``chunk`` columns (``column_stepper``).
+
+  Returns an iterator yielding ``(next_column, latents)`` after each chunk
+  (latents as in ``sample``, columns >= next_column still zero; not blocked,
+  so a caller can time each chunk with ``jax.block_until_ready``). The last
+  yield equals ``sample(...)`` with the same arguments (same column function
+  and keys). Raises at the call what ``column_stepper`` raises.
+  """
+  state, advance = column_stepper(
+      model, params, labels, rng, num_columns=num_columns, cfg=cfg,
+      num_steps=num_steps, chunk=chunk, dtype=dtype,
+      hoist_modulations=hoist_modulations)
+  return _chunks(state, advance, int(num_columns), int(chunk))
+
+
+def _chunks(state, advance, num_columns, chunk):
   for start in range(0, num_columns, chunk):
-    state = cols(params, state, jnp.int32(start), rng, cfg)
+    state = advance(state, start)
     yield start + chunk, state[2]
 
 
