@@ -231,3 +231,62 @@ def test_guard_loss_bound_uses_running_median():
   fresh = guard_lib.DivergenceGuard(10.0)
   fresh.record(1.0, {})
   assert fresh.runaway(1e6, {}) is None
+
+
+def _ema_of_step(wd, step):
+  """The EMA parameters Orbax holds for ``step`` (restored directly)."""
+  ckpt = ckpt_lib.Checkpointer(wd, async_save=False)
+  meta = ckpt.manager.item_metadata(step)["state"]
+  as_numpy = jax.tree_util.tree_map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+  return restored["state"]["ema"]
+
+
+def test_inference_loading_skips_a_damaged_latest_step(runs, tmp_path, caplog):
+  """Sampling / pretokenize / evaluate read a training workdir like a resume:
+  the newest step that loads (here 3, step 6 truncated), files left in place."""
+  wd = _copy(runs[1], tmp_path)
+  want = _ema_of_step(wd, 3)
+  _truncate_largest_data_file(os.path.join(wd, "checkpoints", "6"))
+  model = _config(1).model
+  with caplog.at_level(logging.WARNING):
+    got = ckpt_lib.load_model_params(model, wd, setting="--config.init_from")
+  assert any("step 6" in r.getMessage() and "cannot be read" in r.getMessage()
+             for r in caplog.records)
+  for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+
+
+def test_inference_loading_errors_name_the_setting(runs, tmp_path):
+  model = _config(1).model
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match="--config.tokenizer.checkpoint=DIR"):
+    ckpt_lib.load_model_params(model, "", setting="--config.tokenizer.checkpoint")
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"nowhere \(--config.init_from\)"):
+    ckpt_lib.load_model_params(model, str(tmp_path / "nowhere"),
+                               setting="--config.init_from")
+  other = ml_collections_copy(model, name="rar")
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match="training run of model 'classifier'; a 'rar' checkpoint"):
+    ckpt_lib.load_params(runs[1], None, setting="--config.init_from",
+                         model_name=other.name)
+  for damage in ("3", "6"):
+    _truncate_largest_data_file(os.path.join(_copy_once(runs[1], tmp_path),
+                                             "checkpoints", damage))
+  with pytest.raises(ckpt_lib.CheckpointRestoreError, match="step 6.*\n.*step 3"):
+    ckpt_lib.load_model_params(model, _copy_once(runs[1], tmp_path))
+
+
+def _copy_once(base, tmp_path):
+  wd = tmp_path / "wd"
+  return str(wd) if wd.exists() else _copy(base, tmp_path)
+
+
+def ml_collections_copy(cfg, **changes):
+  c = cfg.copy_and_resolve_references()
+  c.update(changes)
+  return c

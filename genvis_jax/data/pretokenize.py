@@ -142,7 +142,8 @@ def pretokenize(config, workdir: str) -> dict:
                        devices=jax.local_devices())
   model_cfg = inference.data_model_config(tok)
   model = models.build(model_cfg)
-  params = ckpt_lib.load_model_params(model_cfg, tok.checkpoint, mesh)
+  params = ckpt_lib.load_model_params(
+      model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
   encode = make_encoder(model, params, mesh)
   it, info = image_batches(p, value_range)
   output = p.output or os.path.join(workdir, "tokens", p.split)

@@ -42,7 +42,9 @@ def evaluate_class_score(config, workdir: str) -> dict:
   with np.load(ev.samples) as d:
     images, labels = d["arr_0"], d["labels"]
   classifier = models.build(config.model)
-  params = ckpt_lib.load_model_params(config.model, ev.classifier_checkpoint)
+  params = ckpt_lib.load_model_params(
+      config.model, ev.classifier_checkpoint,
+      setting="--config.evaluate.classifier_checkpoint")
   acc = conditioning_accuracy(classifier, params, images, labels)
   chance = 1.0 / config.model.num_classes
   result = {"conditioning_accuracy": acc, "chance": chance,

@@ -80,7 +80,9 @@ def evaluate_demo_fid(config, workdir: str) -> dict:
   ev = config.evaluate
   with np.load(ev.samples) as d:
     samples = d["arr_0"]
-  params = ckpt_lib.load_model_params(config.model, ev.classifier_checkpoint)
+  params = ckpt_lib.load_model_params(
+      config.model, ev.classifier_checkpoint,
+      setting="--config.evaluate.classifier_checkpoint")
   num_ref = ev.get("num_reference", 0) or len(samples)
   batch_size = ev.get("batch_size", 256)
   _, batches = ref_lib.dataset_images(config.data, config.data.eval_split,

@@ -192,8 +192,8 @@ def evaluate_tokenizer(config, workdir: str) -> dict:
   value_range = tuple(config.data.get("value_range", (0.0, 1.0)))
   model_config = eval_model_config(config.model, ev.get("dtype", "float32"))
   model = models.build(model_config)
-  params = jax.device_put(ckpt_lib.load_model_params(model_config,
-                                                     ev.checkpoint))
+  params = jax.device_put(ckpt_lib.load_model_params(
+      model_config, ev.checkpoint, setting="--config.evaluate.checkpoint"))
   batch_size = int(ev.batch_size)
   split = config.data.eval_split
   # Every process evaluates the same first N images (process 0 of 1).

@@ -91,7 +91,8 @@ def make_decode_fn(tok, mesh):
   model_cfg = inference.data_model_config(tok)
   method = images_lib.uint8_method(tok)
   tok_model = models.build(model_cfg)
-  tok_params = ckpt_lib.load_model_params(model_cfg, tok.checkpoint, mesh)
+  tok_params = ckpt_lib.load_model_params(
+      model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
   value_range = tuple(tok.get("value_range", (0.0, 1.0)))
 
   @jax.jit
@@ -105,7 +106,8 @@ def make_decode_fn(tok, mesh):
 def make_sample_fn(config, mesh):
   """Returns ``f(labels (B,), rng) -> uint8 (B, H, W, 3)`` and the batch sharding."""
   gen_model = models.build(config.model)
-  gen_params = ckpt_lib.load_model_params(config.model, config.init_from, mesh)
+  gen_params = ckpt_lib.load_model_params(
+      config.model, config.init_from, mesh, setting="--config.init_from")
   decode = make_decode_fn(config.tokenizer, mesh)
   generate = _generator(config.model.name)
   s = config.sample

@@ -54,6 +54,10 @@ class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint does not fit the model/config it is restored into."""
 
 
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """No checkpoint where the config points."""
+
+
 class CheckpointRestoreError(UserError, RuntimeError):
   """No checkpoint step of a workdir can be restored (all damaged)."""
 
@@ -391,53 +395,101 @@ def save_params(directory: str, params) -> None:
   ckptr.wait_until_finished()
 
 
-def load_params(directory: str, abstract_params) -> Any:
+def load_params(directory: str, abstract_params, *, setting: str = "",
+                model_name: str = "") -> Any:
   """Loads ``{"params": ...}`` written by :func:`save_params` into the given
   abstract tree (shapes, dtypes, shardings); clear error on any mismatch.
 
-  ``directory`` may also be a training workdir: the latest checkpoint's EMA
-  (if any) or model parameters are taken.
+  ``directory`` may also be a training workdir: the newest checkpoint step
+  that loads (damaged newer ones are skipped with a warning and left in
+  place) gives its EMA (if any) or model parameters. ``setting`` (e.g.
+  ``config.tokenizer.checkpoint``) and ``model_name`` go into the messages.
+
+  Raises:
+    CheckpointNotFoundError: nothing at ``directory``.
+    CheckpointMismatchError: the checkpoint is of another model or size.
+    CheckpointRestoreError: every step of a training workdir is damaged.
   """
   path = epath.Path(directory).absolute()
+  where = f" ({setting})" if setting else ""
   if (path / "params").exists():
     ckptr = ocp.StandardCheckpointer()
     meta = ckptr.metadata(path / "params")
     meta_tree = getattr(meta, "item_metadata", meta)
     found = meta_tree["params"] if "params" in meta_tree else meta_tree
-    compare_trees(abstract_params, found, f"Parameter checkpoint {path}")
+    compare_trees(abstract_params, found, f"Parameter checkpoint {path}{where}")
     return ckptr.restore(path / "params", {"params": abstract_params})["params"]
   if (path / "checkpoints").exists():
-    ckpt = Checkpointer(str(path), async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint under {path / 'checkpoints'}.")
-    # Host numpy arrays: the run may have been sharded over another topology.
-    meta = ckpt.manager.item_metadata(step)["state"]
-    as_numpy = jax.tree_util.tree_map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+    return _load_workdir_params(path, abstract_params, where, model_name)
+  raise CheckpointNotFoundError(
+      f"No checkpoint at {path}{where}: expected {path}/params (written by "
+      "`python -m genvis_jax.convert` or save_params) or a training workdir "
+      f"with {path}/checkpoints. Check the path.")
+
+
+def _load_workdir_params(path, abstract_params, where: str, model_name: str):
+  """The newest loadable step's EMA or model parameters, as host arrays put
+  on ``abstract_params``' shardings (the run may have used another topology)."""
+  ckpt = Checkpointer(str(path), async_save=False)
+  steps = sorted(ckpt.manager.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointNotFoundError(
+        f"No checkpoint under {path / 'checkpoints'}{where}: the run has not "
+        "saved one yet.")
+  failed = []
+  for step in steps:
+    saved = None
+    try:
+      validate_step(ckpt.directory / str(step), with_data=False)
+      saved = ckpt.saved_config(step)
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append((step, _first_line(e)))
+      logging.warning("Checkpoint step %d in %s cannot be read (%s); trying the "
+                      "previous step.", step, ckpt.directory, failed[-1][1])
+      continue
+    saved_name = ((saved or {}).get("model") or {}).get("name")
+    if model_name and saved_name and saved_name != model_name:
+      raise CheckpointMismatchError(
+          f"{path}{where} is a training run of model {saved_name!r}; a "
+          f"{model_name!r} checkpoint is expected here. Point the setting at "
+          f"a {model_name!r} run or converted checkpoint.")
+    try:
+      meta = ckpt.manager.item_metadata(step)["state"]
+      as_numpy = jax.tree_util.tree_map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append((step, _first_line(e)))
+      logging.warning("Checkpoint step %d in %s cannot be read (%s); trying the "
+                      "previous step.", step, ckpt.directory, failed[-1][1])
+      continue
     state = restored["state"]
     params = state.get("ema") or state["params"]["model"]
-    compare_trees(abstract_params, params, f"Checkpoint {path}")
+    compare_trees(abstract_params, params, f"Checkpoint {path} step {step}{where}")
+    if failed:
+      logging.warning("Loaded step %d of %s; newer steps %s are damaged.", step,
+                      path, [s for s, _ in failed])
     return jax.tree_util.tree_map(
         lambda a, x: jax.device_put(np.asarray(x), a.sharding)
         if hasattr(a, "sharding") and a.sharding is not None else x,
         abstract_params, params)
-  raise FileNotFoundError(
-      f"No checkpoint at {path}: expected {path}/params (written by "
-      "`python -m genvis_jax.convert` or save_params) or a training workdir "
-      f"with {path}/checkpoints.")
+  raise CheckpointRestoreError(
+      f"No checkpoint step under {path / 'checkpoints'}{where} can be read; "
+      "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))
 
 
-def load_model_params(model_config, directory: str, mesh=None):
+def load_model_params(model_config, directory: str, mesh=None, *,
+                      setting: str = "the checkpoint path"):
   """Parameters of ``models.build(model_config)`` from a converted or training
-  checkpoint; replicated over ``mesh`` when given."""
+  checkpoint; replicated over ``mesh`` when given. ``setting`` names the
+  config key the path came from (for the messages)."""
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
   if not directory:
-    raise ValueError(f"No checkpoint given for model {model_config.name!r}: set "
-                     "the checkpoint path in the config (e.g. "
-                     "--config.tokenizer.checkpoint=DIR or --config.init_from=DIR).")
+    raise CheckpointNotFoundError(
+        f"No checkpoint given for the {model_config.name!r} model: set "
+        f"{setting}=DIR (a converted checkpoint from `python -m "
+        "genvis_jax.convert` or a training workdir).")
   abstract = jax.eval_shape(
       lambda r: models.init_params(model_config, r), jax.random.key(0))
   if mesh is not None:
@@ -445,4 +497,5 @@ def load_model_params(model_config, directory: str, mesh=None):
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         abstract)
-  return load_params(directory, abstract)
+  return load_params(directory, abstract, setting=setting,
+                     model_name=model_config.name)
