@@ -164,7 +164,7 @@ def test_training_loss_finite_and_decreasing():
   @jax.jit
   def step(p, s, i):
     # Fixed noise (same key) so the loss is a deterministic function of p.
-    g, m = task.grads({"model": p}, batch, jax.random.key(7), i)
+    g, m = task.grads({"model": p}, {}, batch, jax.random.key(7), i)
     u, s = opt.update(g["model"], s, p)
     return optax.apply_updates(p, u), s, m
 

@@ -275,7 +275,7 @@ def test_task_loss_decreases():
 
   @jax.jit
   def step(params, opt_state, i):
-    g, m = task.grads(params, batch, jax.random.fold_in(jax.random.key(2), i), i)
+    g, m = task.grads(params, {}, batch, jax.random.fold_in(jax.random.key(2), i), i)
     upd, opt_state = tx.update(g["model"], opt_state, params["model"])
     return {"model": optax.apply_updates(params["model"], upd)}, opt_state, m
 

@@ -187,8 +187,8 @@ def test_trains_through_fq_tokenizer_task():
   params = jax.eval_shape(lambda r: nn.unbox(task.init_params(r)),
                           jax.random.key(0))
   batch = {"image": jax.ShapeDtypeStruct((2, HW, HW, 3), jnp.float32)}
-  grads, metrics = jax.eval_shape(task.grads, params, batch, jax.random.key(1),
-                                  jnp.zeros((), jnp.int32))
+  grads, metrics = jax.eval_shape(task.grads, params, {}, batch,
+                                  jax.random.key(1), jnp.zeros((), jnp.int32))
   assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
   for k in ("loss", "rec_loss", "quantizer_loss", "usage", "perplexity",
             "disc_loss"):

@@ -316,7 +316,7 @@ def test_task_loss_decreases():
 
   @jax.jit
   def step(params, opt_state, i):
-    g, m = task.grads(params, batch, jax.random.fold_in(jax.random.key(1), i), i)
+    g, m = task.grads(params, {}, batch, jax.random.fold_in(jax.random.key(1), i), i)
     updates, opt_state = opt.update(g, opt_state)
     return optax.apply_updates(params, updates), opt_state, m
 

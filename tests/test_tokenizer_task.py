@@ -82,7 +82,7 @@ def test_gan_never_on_skips_discriminator_with_same_update():
   assert ref.use_gan and not off.use_gan
   params = nn.unbox(ref.init_params(jax.random.key(0)))
   batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}
-  args = (params, batch, jax.random.key(1), jnp.asarray(0))
+  args = (params, {}, batch, jax.random.key(1), jnp.asarray(0))
   g_ref, m_ref = jax.jit(ref.grads)(*args)
   g_off, m_off = jax.jit(off.grads)(*args)
   np.testing.assert_allclose(float(m_off["loss"]), float(m_ref["loss"]),

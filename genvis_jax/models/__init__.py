@@ -72,5 +72,21 @@ def init_params(model_config, rng, *, boxed: bool = False):
   return params if boxed else nn.unbox(params)
 
 
+def value_range(model_config) -> tuple[float, float]:
+  """Pixel range (lo, hi) of a tokenizer's ``encode`` inputs and ``decode``
+  outputs: the ``value_range`` class attribute of its module (MaskGIT VQGAN
+  (0, 1); LlamaGen, FQGAN, Equivariant (-1, 1), as the official models).
+
+  Raises ``ConfigError`` for a model that is not an image tokenizer.
+  """
+  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  rng = getattr(build(model_config), "value_range", None)
+  if rng is None:
+    raise ConfigError(f"Model {model_config.name!r} is not an image tokenizer "
+                      f"(its module has no value_range); set the tokenizer's "
+                      f"model config here, e.g. config.tokenizer.model.")
+  return tuple(float(v) for v in rng)
+
+
 def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

@@ -384,6 +384,7 @@ class EqTokenizer(nn.Module):
   ``encode(images)`` -> posterior mean (B, W / token_width, embed_dim) float32.
   ``decode(latents)`` -> images (B, H, W' * token_width, 3) clipped to [-1, 1].
   """
+  value_range = (-1.0, 1.0)  # pixels of encode inputs / decode outputs
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 4, 4)
   num_res_blocks: int = 2

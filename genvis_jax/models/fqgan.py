@@ -268,6 +268,7 @@ class FQGAN(nn.Module):
     (the decoder's concatenation order).
   ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [-1, 1].
   """
+  value_range = (-1.0, 1.0)  # pixels of encode inputs / decode outputs
   branches: Sequence[str] = ("vis", "sem")
   image_size: int = 256
   hidden_channels: int = 128

@@ -270,6 +270,7 @@ class LlamaGenVQ(nn.Module):
   ``encode_latents(images)`` -> quant_conv output (B, h, w, code_dim).
   ``decode_latents(z_q)`` -> unclipped images from (quantized) latents.
   """
+  value_range = (-1.0, 1.0)  # pixels of encode inputs / decode outputs
   hidden_channels: int = 128
   channel_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2

@@ -188,6 +188,7 @@ class MaskGITVQGAN(nn.Module):
   ``encode_latents(images)`` -> pre-quantization latents (B, h, w, z_channels).
   ``decode_latents(z_q)`` -> unclipped images from (quantized) latents.
   """
+  value_range = (0.0, 1.0)  # pixels of encode inputs / decode outputs
   hidden_channels: int = 128
   channel_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2

@@ -54,9 +54,9 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
 
   def step_fn(state: TrainState, batch, rng, frozen):
     step_rng = jax.random.fold_in(rng, state.step)
-    # Frozen groups (e.g. LPIPS weights) are visible to the loss, never updated.
+    # Frozen groups (e.g. LPIPS weights) are read by the loss, never updated.
     grads, metrics = accumulate_grads(
-        lambda p, *a: task.grads({**p, **frozen}, *a), state.params, batch,
+        lambda p, *a: task.grads(p, frozen, *a), state.params, batch,
         step_rng, state.step, k, num_shards)
     new_params, new_opt = {}, {}
     for g in task.param_groups:

@@ -150,7 +150,9 @@ def train_loop(config, workdir: str, on_log=None):
     if config.init_from:
       group = "model"   # init_from holds the model's parameters only
       abstract = trainer.abstract_state().params[group]
-      loaded = ckpt_lib.load_params(config.init_from, abstract)
+      loaded = ckpt_lib.load_params(
+          config.init_from, abstract, setting="--config.init_from",
+          model_name=config.model.name)
       params = dict(state.params)
       params[group] = loaded
       state = state.replace(params=params)
@@ -261,7 +263,7 @@ def _write_visuals(trainer, state, vis_batch, writer, workdir, step):
   if state.ema is not None:
     params[task.ema_group] = state.ema
   with trainer.context():
-    images = task.visualize({**params, **trainer.frozen}, batch,
+    images = task.visualize(params, trainer.frozen, batch,
                             jax.random.fold_in(trainer.train_rng, step))
   if images:
     images = {k: np.asarray(jax.device_get(v)) for k, v in images.items()}

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import jax
 import optax
 
+from genvis_jax.errors import ConfigError, UserError
+
 PyTree = Any
 
 _TASK_MODULES = {
@@ -52,7 +54,8 @@ class Task:
   """
   param_groups: tuple[str, ...] = ("model",)
   ema_group: str | None = "model"
-  # Pixel range the data pipeline should produce for this task's models.
+  # Pixel range the data pipeline should produce for this task's models; a
+  # task with a tokenizer takes it from the model (``tokenizer_value_range``).
   value_range: tuple[float, float] = (0.0, 1.0)
 
   def __init__(self, config):
@@ -70,24 +73,68 @@ class Task:
   def frozen_params(self) -> Mapping[str, PyTree]:
     """Non-trainable groups the losses read (e.g. ``{"lpips": ...}``).
 
-    Passed to ``grads``/``visualize`` merged into ``params``; never updated or
-    checkpointed (they are loaded from local files).
+    Passed to ``grads``/``visualize`` as their own ``frozen`` argument (never
+    merged into ``params``, so a frozen name cannot shadow a trained group);
+    never updated or checkpointed (they are loaded from local files).
     """
     return {}
 
   # --- training -----------------------------------------------------------
-  def grads(self, params: Mapping[str, PyTree], batch: Mapping[str, jax.Array],
-            rng: jax.Array, step: jax.Array):
+  def grads(self, params: Mapping[str, PyTree], frozen: Mapping[str, PyTree],
+            batch: Mapping[str, jax.Array], rng: jax.Array, step: jax.Array):
     """Gradients for one (micro-)batch.
 
-    Returns ``(grads, metrics)``: ``grads`` has the structure of ``params``,
-    ``metrics`` is a flat dict of scalars; each is a mean over the batch so that
-    averaging over equal micro-batches equals the full-batch value. ``metrics``
-    must contain ``"loss"`` (checked for NaN/Inf by the trainer).
+    ``params``: the trainable groups (``param_groups``); ``frozen``: the
+    output of ``frozen_params()``. Returns ``(grads, metrics)``: ``grads`` has
+    the structure of ``params``, ``metrics`` is a flat dict of scalars; each is
+    a mean over the batch so that averaging over equal micro-batches equals
+    the full-batch value. ``metrics`` must contain ``"loss"`` (checked for
+    NaN/Inf by the trainer).
     """
     raise NotImplementedError
 
   # --- outputs ------------------------------------------------------------
-  def visualize(self, params: Mapping[str, PyTree], batch, rng) -> dict:
+  def visualize(self, params: Mapping[str, PyTree],
+                frozen: Mapping[str, PyTree], batch, rng) -> dict:
     """Images to log, ``{name: uint8 (N, H, W, 3)}``. Optional."""
     return {}
+
+
+def tokenizer_value_range(config, tokenizer_config,
+                          stated_in=("data",)) -> tuple[float, float]:
+  """Pixel range of the tokenizer ``tokenizer_config`` (``models.value_range``:
+  a property of the model class), checked against ``config.<k>.value_range``
+  for every section ``k`` in ``stated_in`` that sets it (the data pipeline,
+  pre-tokenization and sampling read those keys); a mismatch raises
+  ``ConfigError`` naming both.
+  """
+  from genvis_jax import models  # pylint: disable=import-outside-toplevel
+  want = models.value_range(tokenizer_config)
+  for k in stated_in:
+    section = config.get(k, None)
+    stated = section.get("value_range", None) if section is not None else None
+    if stated is not None and tuple(float(v) for v in stated) != want:
+      raise ConfigError(
+          f"config.{k}.value_range={tuple(stated)} but tokenizer "
+          f"{tokenizer_config.name!r} works on pixels in {want}: set "
+          f"--config.{k}.value_range='{want}' (or drop the key).")
+  return want
+
+
+class GroupClashError(UserError, ValueError):
+  """Two parameter trees joined into one module's parameters share a name."""
+
+
+def join_groups(trained: Mapping[str, PyTree],
+                frozen: Mapping[str, PyTree]) -> dict:
+  """``{**trained, **frozen}`` for a module whose parameters are partly frozen
+  (e.g. the DINO discriminator's ViT); a shared top-level name raises
+  ``GroupClashError`` instead of silently taking the frozen value."""
+  clash = sorted(set(trained) & set(frozen))
+  if clash:
+    raise GroupClashError(
+        f"Trained and frozen parameters both hold {clash}: the frozen copy "
+        f"would silently replace the trained one. Remove {clash} from the "
+        f"trained group (e.g. a checkpoint saved with the frozen weights "
+        f"inside it) or rename the frozen entry.")
+  return {**trained, **frozen}

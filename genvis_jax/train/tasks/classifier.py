@@ -33,8 +33,8 @@ class ClassifierTask(Task):
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, {"accuracy": acc}
 
-  def grads(self, params, batch, rng, step):
-    del rng, step
+  def grads(self, params, frozen, batch, rng, step):
+    del frozen, rng, step
     (loss, aux), g = jax.value_and_grad(self.loss, has_aux=True)(
         params["model"], batch)
     return {"model": g}, {"loss": loss, **aux}

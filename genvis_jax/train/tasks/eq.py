@@ -30,12 +30,12 @@ from absl import logging
 from genvis_jax import models
 from genvis_jax.models import dino_disc as dino_lib
 from genvis_jax.models import dinov2 as dinov2_lib
-from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
-from genvis_jax.train import losses as gan_lib
 from genvis_jax.train import optimizers as opt_lib
-from genvis_jax.train.tasks import Task, register
+from genvis_jax.train.tasks import (Task, join_groups, register,
+                                    tokenizer_value_range)
+from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
 FROZEN_IN_STAGE2 = ("encoder", "quant_layer")
 
@@ -76,12 +76,6 @@ def freeze_top_level(opt, frozen: tuple[str, ...]):
   label = lambda params: {k: "frozen" if k in frozen else "train" for k in params}
   return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()},
                                label)
-
-
-def adaptive_weight(g_nll_last, g_gan_last):
-  """|grad nll| / (|grad g| + 1e-4), clipped to [0, 1e4], no gradient."""
-  w = jnp.linalg.norm(g_nll_last) / (jnp.linalg.norm(g_gan_last) + 1e-4)
-  return jax.lax.stop_gradient(jnp.clip(w, 0.0, 1e4))
 
 
 def nll_loss(x, recon, logvar, perceptual=None, perceptual_weight=1.0):
@@ -125,29 +119,22 @@ def teacher_inputs(images, size: int):
 # --- tokenizer ----------------------------------------------------------------------
 
 @register("eq_tokenizer")
-class EqTokenizerTask(Task):
+class EqTokenizerTask(GANTokenizerTask):
   """Batch: {"image": (B, H, W, 3) in [-1, 1]}. Groups "model", "disc"
-  (+ "logvar" when ``loss.learn_logvar``)."""
-  value_range = (-1.0, 1.0)
-  ema_group = "model"
+  (+ "logvar" when ``loss.learn_logvar``). The GAN part (adaptive weight,
+  always on, the discriminator step, the GAN-off path, the visuals) is
+  ``GANTokenizerTask``'s; here: the NLL / KL / semantic terms and the DINO
+  discriminator."""
+  gan_weight_key = "disc_weight"
 
   def __init__(self, config):
     super().__init__(config)
     lo = config.loss
-    self.model = models.build(config.model)
-    self.disc = models.build(config.disc)
+    self.adaptive = True   # official LPIPSWithDiscriminator: always adaptive
     self.is_dino = config.disc.name == "dino_disc"
-    self.param_groups = ("model", "disc") + (("logvar",) if lo.learn_logvar else ())
-    self.d_loss_fn, self.g_loss_fn = gan_lib.gan_losses(lo.gan)
-    # Static switch (as in the MaskGIT tokenizer task): a run that never
-    # reaches disc_start compiles no discriminator or adaptive-weight pass.
-    self.use_gan = gan_lib.gan_active(lo.disc_weight, lo.disc_start,
-                                      config.train.num_steps)
-    self.use_lpips = bool(lo.perceptual_weight) and bool(lo.lpips_path)
-    if lo.perceptual_weight and not lo.lpips_path:
-      logging.warning("LPIPS is OFF: config.loss.lpips_path is empty (convert the "
-                      "LPIPS VGG weights with `python -m genvis_jax.convert "
-                      "--kind=lpips`).")
+    if lo.learn_logvar:
+      self.param_groups = self.param_groups + ("logvar",)
+      self.generator_groups = self.generator_groups + ("logvar",)
     self.use_semantic = bool(lo.semantic_weight) and bool(lo.teacher_path)
     if self.use_semantic and not self.model.semantic:
       raise ValueError("config.loss.semantic_weight > 0 needs the semantic "
@@ -166,17 +153,15 @@ class EqTokenizerTask(Task):
       self.teacher, _ = dinov2_lib.teacher(lo.teacher.name,
                                            output="patch_tokens")
     self._frozen = None
-    self._reconstruct = jax.jit(self.reconstruct)
 
   # --- construction -------------------------------------------------------
-  def _disc_init(self, rng):
-    p = models.init_params(self.config.disc, rng, boxed=True)
+  def disc_init(self, rng):
+    # The DINO discriminator's ViT is frozen ("dino_vit" in frozen_params).
+    p = super().disc_init(rng)
     return {k: v for k, v in p.items() if k != "vit"}
 
   def init_params(self, rng):
-    r1, r2 = jax.random.split(rng)
-    out = {"model": models.init_params(self.config.model, r1, boxed=True),
-           "disc": self._disc_init(r2)}
+    out = dict(super().init_params(rng))
     if "logvar" in self.param_groups:
       out["logvar"] = {"logvar": jnp.full((), self.config.loss.logvar_init,
                                           jnp.float32)}
@@ -196,9 +181,7 @@ class EqTokenizerTask(Task):
   def frozen_params(self):
     if self._frozen is not None:
       return self._frozen
-    c, out = self.config, {}
-    if self.use_lpips:
-      out["lpips"] = lpips_lib.load_lpips_params(c.loss.lpips_path)
+    c, out = self.config, dict(super().frozen_params())
     if self.is_dino:
       if c.disc.vit_path:
         out["dino_vit"] = dino_lib.load_vit_params(c.disc.vit_path,
@@ -213,19 +196,28 @@ class EqTokenizerTask(Task):
     return out
 
   # --- pieces ---------------------------------------------------------------
-  def _disc_logits(self, p_disc, params, x, rng):
+  def split_rng(self, rng):
+    return tuple(jax.random.split(rng, 3))
+
+  def gan_metrics(self, adv, d_weight, w, gan_on):
+    del w
+    return {"g_loss": adv, "d_weight": d_weight, "disc_factor": gan_on}
+
+  def disc_logits(self, p_disc, frozen, images, rng):
     if not self.is_dino:
-      return self.disc.apply({"params": p_disc}, x)
+      return self.disc.apply({"params": p_disc}, images)
     k_aug, k_crop = jax.random.split(rng)
+    x = images
     if self.config.disc.get("diffaug", True):
       x = dino_lib.diff_augment(x, k_aug,
                                 cutout=self.config.disc.get("diffaug_cutout", 0.2))
-    vit = jax.lax.stop_gradient(params["dino_vit"])
-    return self.disc.apply({"params": {**p_disc, "vit": vit}}, x, k_crop)
+    vit = jax.lax.stop_gradient(frozen["dino_vit"])
+    return self.disc.apply({"params": join_groups(p_disc, {"vit": vit})}, x,
+                           k_crop)
 
-  def _semantic_loss(self, params, images, sem):
+  def _semantic_loss(self, frozen, images, sem):
     size = self.config.loss.teacher.img_size
-    feats = self.teacher.apply({"params": jax.lax.stop_gradient(params["teacher"])},
+    feats = self.teacher.apply({"params": jax.lax.stop_gradient(frozen["teacher"])},
                                teacher_inputs(images, size))
     feats = jax.lax.stop_gradient(feats)
     b, h, w, c = sem.shape
@@ -248,102 +240,30 @@ class EqTokenizerTask(Task):
     kl = jnp.mean(0.5 * jnp.sum(jnp.square(mean), axis=(1, 2)))
     return recon, sem, kl
 
-  def _generator_terms(self, p_model, p_logvar, params, images, rng, step):
-    """(nll, other = KL + semantic, adversarial) and (recon, metrics)."""
+  def generator_terms(self, gen, p_disc, frozen, images, rng, step):
+    """rec = nll + KL + semantic (KL and the semantic map do not depend on the
+    decoder's last layer, so the adaptive weight sees the NLL's gradient)."""
     lo = self.config.loss
     k_fwd, k_disc = jax.random.split(rng)
-    recon, sem, kl = self._forward(p_model, images, k_fwd)
+    recon, sem, kl = self._forward(gen["model"], images, k_fwd)
     perc = None
     metrics = {}
     if self.use_lpips:
-      perc = lpips_lib.lpips_distance(jax.lax.stop_gradient(params["lpips"]),
-                                      images, recon, value_range=(-1.0, 1.0))
+      perc = self.perceptual(frozen, images, recon)
       metrics["lpips"] = jnp.mean(perc)
-    logvar = p_logvar["logvar"] if p_logvar is not None else jnp.float32(
+    logvar = gen["logvar"]["logvar"] if "logvar" in gen else jnp.float32(
         lo.logvar_init)
     nll, rec = nll_loss(images, recon, logvar, perc, lo.perceptual_weight)
     other = lo.kl_weight * kl
     if self.use_semantic:
-      sem_loss = self._semantic_loss(params, images, sem)
+      sem_loss = self._semantic_loss(frozen, images, sem)
       factor = jnp.where(step >= lo.semantic_start, lo.semantic_weight, 0.0)
       other = other + factor * sem_loss
       metrics.update(semantic_loss=sem_loss, semantic_factor=factor)
-    adv = (self.g_loss_fn(self._disc_logits(params["disc"], params, recon,
-                                            k_disc))
-           if self.use_gan else jnp.zeros((), jnp.float32))
+    adv = self.adversarial(p_disc, frozen, recon, k_disc)
     metrics.update(nll_loss=nll, kl_loss=kl, rec_loss=jnp.mean(rec),
                    l1=jnp.mean(jnp.abs(images - recon)), logvar=logvar)
-    return (nll, other, adv), (recon, metrics)
-
-  def _adaptive_weight(self, f, p_model, p_lv):
-    """|d nll / dW| / (|d g_loss / dW| + 1e-4) at W = decoder/conv_out kernel.
-
-    Differentiating w.r.t. W alone leaves only the backward through the disc
-    and the last conv (the rest is dead code), so the step needs one full
-    backward pass. KL and the semantic map do not depend on W.
-    """
-    kernel = p_model["decoder"]["conv_out"]["kernel"]
-
-    def last(k):
-      pm = {**p_model, "decoder": {**p_model["decoder"], "conv_out": {
-          **p_model["decoder"]["conv_out"], "kernel": k}}}
-      nll, _, adv = f(pm, p_lv)[0]
-      return nll, adv
-
-    (nll, _), vjp = jax.vjp(last, kernel)
-    one, zero = jnp.ones_like(nll), jnp.zeros_like(nll)
-    return adaptive_weight(vjp((one, zero))[0], vjp((zero, one))[0])
-
-  def grads(self, params, batch, rng, step):
-    lo = self.config.loss
-    images = batch["image"]
-    k_gen, k_real, k_fake = jax.random.split(rng, 3)
-    gan_on = step >= lo.disc_start
-    p_lv = params.get("logvar") if "logvar" in self.param_groups else None
-
-    f = lambda pm, pl: self._generator_terms(pm, pl, params, images, k_gen, step)
-    if self.use_gan:
-      d_weight = self._adaptive_weight(f, params["model"], p_lv) * lo.disc_weight
-      w = d_weight * gan_on.astype(jnp.float32)
-    else:
-      w = jnp.zeros((), jnp.float32)
-    (nll, other, adv), vjp, (recon, metrics) = jax.vjp(f, params["model"], p_lv,
-                                                       has_aux=True)
-    g_model, g_lv = vjp((jnp.ones_like(nll), jnp.ones_like(nll), w))
-    grads = {"model": g_model}
-    if p_lv is not None:
-      grads["logvar"] = g_lv
-    if not self.use_gan:
-      grads["disc"] = jax.tree_util.tree_map(jnp.zeros_like, params["disc"])
-      metrics.update(loss=nll + other)
-      return grads, metrics
-
-    fake = jax.lax.stop_gradient(recon)
-
-    def d_loss(p_disc):
-      real = self._disc_logits(p_disc, params, images, k_real)
-      fake_l = self._disc_logits(p_disc, params, fake, k_fake)
-      return gan_on * self.d_loss_fn(real, fake_l), (jnp.mean(real),
-                                                      jnp.mean(fake_l))
-
-    (d_val, (lr_, lf_)), grads["disc"] = jax.value_and_grad(
-        d_loss, has_aux=True)(params["disc"])
-    metrics.update(loss=nll + other + w * adv, g_loss=adv, d_weight=d_weight,
-                   disc_factor=gan_on.astype(jnp.float32), disc_loss=d_val,
-                   logits_real=lr_, logits_fake=lf_)
-    return grads, metrics
-
-  # --- outputs ----------------------------------------------------------------
-  def reconstruct(self, p_model, images):
-    mean = self.model.apply({"params": p_model}, images, method="encode")
-    return self.model.apply({"params": p_model}, mean, method="decode"), mean
-
-  def visualize(self, params, batch, rng):
-    images = batch["image"]
-    recon, _ = self._reconstruct(params["model"], images)
-    pairs = jnp.stack([images, recon], axis=1).reshape(-1, *images.shape[1:])
-    from genvis_jax.train.metrics import to_uint8  # lazy: imports TensorFlow
-    return {"reconstruction": to_uint8(jax.device_get(pairs), self.value_range)}
+    return (nll + other, adv), (recon, metrics)
 
 
 # --- generator ----------------------------------------------------------------------
@@ -352,12 +272,14 @@ class EqTokenizerTask(Task):
 class EqGeneratorTask(Task):
   """Batch: {"image": (B, H, W, 3) in [-1, 1] or "latents": (B, L, C) posterior
   means, "label": (B,)}. One group "model"; metrics loss / shift."""
-  value_range = (-1.0, 1.0)
 
   def __init__(self, config):
     super().__init__(config)
     self.model = models.build(config.model)
     self.tokenizer = models.build(config.tokenizer.model)
+    # Images are encoded on the fly (and samples decoded) by this tokenizer.
+    self.value_range = tokenizer_value_range(config, config.tokenizer.model,
+                                             ("data", "tokenizer"))
     self.label_dropout = float(config.train.get("label_dropout", 0.1))
     self._frozen = None
     # One jit for the sample grids' decode: compiled once per width.
@@ -378,35 +300,37 @@ class EqGeneratorTask(Task):
         abstract = jax.eval_shape(
             lambda k: models.init_params(self.config.tokenizer.model, k),
             jax.random.key(0))
-        self._frozen["tokenizer"] = ckpt_lib.load_params(path, abstract)
+        self._frozen["tokenizer"] = ckpt_lib.load_params(
+            path, abstract, setting="--config.tokenizer.checkpoint")
     return self._frozen
 
-  def encode(self, params, batch):
-    """Posterior means (B, L, C) from ``batch`` (pre-computed or encoded)."""
+  def encode(self, frozen, batch):
+    """Posterior means (B, L, C) from ``batch`` (pre-computed or encoded by
+    the frozen tokenizer ``frozen["tokenizer"]``)."""
     if "latents" in batch:
       return batch["latents"].astype(jnp.float32)
-    if "tokenizer" not in params:
+    if "tokenizer" not in frozen:
       raise ValueError(
           "The eq_generator task got images but no tokenizer: set "
           "config.tokenizer.checkpoint to a tokenizer checkpoint (a "
           "genvis_jax.convert output or an eq_tokenizer training workdir), or "
           "feed batches with pre-computed 'latents'.")
-    p = jax.lax.stop_gradient(params["tokenizer"])
+    p = jax.lax.stop_gradient(frozen["tokenizer"])
     return self.tokenizer.apply({"params": p}, batch["image"], method="encode")
 
-  def latents(self, params, batch, rng):
+  def latents(self, frozen, batch, rng):
     """Generator-space latents: (posterior sample or mean) x latents.scale."""
-    mean = self.encode(params, batch)
+    mean = self.encode(frozen, batch)
     lt = self.config.latents
     z = sample_posterior(mean, rng, self.tokenizer.std) if lt.posterior_noise \
         else mean
     return jax.lax.stop_gradient(z * lt.scale)
 
-  def grads(self, params, batch, rng, step):
+  def grads(self, params, frozen, batch, rng, step):
     del step
     f = self.config.flow
     k_lat, k_flow, k_shift, k_label, k_drop = jax.random.split(rng, 5)
-    x = self.latents(params, batch, k_lat)
+    x = self.latents(frozen, batch, k_lat)
     labels = drop_labels(k_label, batch["label"], self.label_dropout,
                          self.model.null_label)
     noise, t = flow_targets(x, k_flow, int(f.diffusion_batch_mul), f.t_eps)
@@ -426,9 +350,9 @@ class EqGeneratorTask(Task):
     return eq_sample.latents_to_images(self.tokenizer, tokenizer_params, latents,
                                        self.config.latents.scale)
 
-  def visualize(self, params, batch, rng):
+  def visualize(self, params, frozen, batch, rng):
     """Samples at the training width and ``sample.wide_columns`` (if set)."""
-    if "tokenizer" not in params:
+    if "tokenizer" not in frozen:
       return {}
     from genvis_jax.sample import eq as eq_sample
     from genvis_jax.train.metrics import to_uint8  # lazy: imports TensorFlow
@@ -443,6 +367,6 @@ class EqGeneratorTask(Task):
         lat = eq_sample.sample(self.model, params["model"], labels, rng,
                                num_columns=cols, cfg=sp.cfg,
                                num_steps=sp.num_steps)
-        img = self._decode(params["tokenizer"], lat)
+        img = self._decode(frozen["tokenizer"], lat)
         out[name] = to_uint8(jax.device_get(img), self.value_range)
     return out

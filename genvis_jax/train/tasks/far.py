@@ -63,8 +63,8 @@ class FARTask(Task):
     return {"model": opt_lib.make_optimizer(self.config.optimizer,
                                             self.config.train)}
 
-  def grads(self, params, batch, rng, step):
-    del step
+  def grads(self, params, frozen, batch, rng, step):
+    del frozen, step
     codes = as_codes(batch["tokens"], self.model.num_codebooks,
                      self.model.seq_len).astype(jnp.int32)
     labels = batch["label"].astype(jnp.int32)

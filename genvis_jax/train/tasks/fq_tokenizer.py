@@ -30,11 +30,10 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.models import teachers as teachers_lib
 from genvis_jax.models.quantizers import l2_normalize
 from genvis_jax.train.tasks import register
-from genvis_jax.train.tasks.tokenizer import TokenizerTask, reconstruction_loss
+from genvis_jax.train.tasks.tokenizer import TokenizerTask
 
 
 def info_nce(pred: jax.Array, target: jax.Array, group_size: int = 0):
@@ -144,41 +143,30 @@ class FQTokenizerTask(TokenizerTask):
                  t.head, t.name, t.path)
     return params
 
-  def representation_losses(self, params, images, features):
-    """{head: InfoNCE} for every configured teacher."""
+  def representation_losses(self, frozen, images, features):
+    """{head: InfoNCE} for every configured teacher (``frozen["teachers"]``)."""
     lo = self.config.loss
     out = {}
     for t in self.teachers:
-      p = jax.lax.stop_gradient(params["teachers"][t.head])
+      p = jax.lax.stop_gradient(frozen["teachers"][t.head])
       target = t.module.apply({"params": p}, t.preprocess(images,
                                                           self.value_range))
       out[t.head] = info_nce(features[t.head], target,
                              int(lo.get("rep_group_size", 0)))
     return out
 
-  def _generator_terms(self, p_model, params, images, rng, step):
+  def forward_kwargs(self):
+    # Single-codebook models (llamagen_vq) have no feature heads.
+    return {"with_features": self.use_rep} if self._has_features else {}
+
+  def extra_terms(self, total, frozen, images, aux, metrics):
+    """+ disentangle_weight * eq. 7 + rep_weight * InfoNCE per teacher."""
     lo = self.config.loss
-    kw = {"with_features": self.use_rep} if self._has_features else {}
-    recon, aux = self.model.apply({"params": p_model}, images, train=True,
-                                  rngs={"dropout": rng}, **kw)
-    rec = reconstruction_loss(lo.reconstruction, recon, images)
-    total = (lo.reconstruction_weight * rec
-             + lo.quantizer_weight * aux["quantizer_loss"])
     if "disentangle_loss" in aux:
       total = total + lo.get("disentangle_weight", 0.1) * aux["disentangle_loss"]
-    metrics = {"rec_loss": rec}
     if self.use_rep:
-      rep = self.representation_losses(params, images, aux["features"])
+      rep = self.representation_losses(frozen, images, aux["features"])
       for head, v in rep.items():
         total = total + lo.get("rep_weight", 0.5) * v
         metrics[f"rep_loss/{head}"] = v
-    if self.use_lpips:
-      perc = jnp.mean(lpips_lib.lpips_distance(
-          jax.lax.stop_gradient(params["lpips"]), recon, images,
-          value_range=self.value_range))
-      total = total + lo.perceptual_weight * perc
-      metrics["lpips"] = perc
-    adv = self._adversarial(params, recon)
-    scalars = {k: v for k, v in aux.items()
-               if isinstance(v, jax.Array) and v.ndim == 0}
-    return (total, adv), (recon, {**metrics, **scalars})
+    return total

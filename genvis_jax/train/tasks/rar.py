@@ -24,7 +24,7 @@ from genvis_jax import models
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.models.rar import permute
 from genvis_jax.train.metrics import to_uint8
-from genvis_jax.train.tasks import Task, register
+from genvis_jax.train.tasks import Task, register, tokenizer_value_range
 
 
 def randomness_ratio(step, anneal_start: int, anneal_end: int):
@@ -67,6 +67,12 @@ class RARTask(Task):
                    int(t.get("randomness_anneal_end", 0)))
     self.label_dropout = float(t.get("label_dropout", 0.1))
     self._tokenizer_params = None
+    tok = config.get("tokenizer")
+    # Pixel range of the sample grids: the tokenizer model's own.
+    has_tok = tok is not None and tok.get("model", {}).get("name", "")
+    self.tokenizer_range = (tokenizer_value_range(config, tok.model,
+                                                  ("tokenizer",))
+                            if has_tok else None)
 
   def init_params(self, rng):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
@@ -76,7 +82,8 @@ class RARTask(Task):
     return {"model": opt_lib.make_optimizer(self.config.optimizer,
                                             self.config.train)}
 
-  def grads(self, params, batch, rng, step):
+  def grads(self, params, frozen, batch, rng, step):
+    del frozen
     tokens, labels = batch["tokens"], batch["label"]
     if tokens.ndim != 2 or tokens.shape[1] != self.model.seq_len:
       raise ValueError(f"batch['tokens'] must be (B, {self.model.seq_len}); got "
@@ -111,8 +118,8 @@ class RARTask(Task):
       return {}
     if self._tokenizer_params is None:
       from genvis_jax.train import checkpoint as ckpt_lib
-      self._tokenizer_params = ckpt_lib.load_model_params(tok.model,
-                                                          tok.checkpoint)
+      self._tokenizer_params = ckpt_lib.load_model_params(
+          tok.model, tok.checkpoint, setting="--config.tokenizer.checkpoint")
     return {"tokenizer": self._tokenizer_params}
 
   @functools.cached_property
@@ -122,9 +129,9 @@ class RARTask(Task):
     return jax.jit(lambda p, c: tokenizer.apply({"params": p}, c,
                                                 method="decode"))
 
-  def visualize(self, params, batch, rng):
+  def visualize(self, params, frozen, batch, rng):
     """16 samples of evenly spread classes, decoded: {"samples": uint8}."""
-    if "tokenizer" not in params:
+    if "tokenizer" not in frozen:
       return {}
     from genvis_jax.sample import rar as rar_sample
     del batch   # host-local; fixed classes keep every process identical
@@ -136,7 +143,5 @@ class RARTask(Task):
                               guidance_pow=s.guidance_pow,
                               temperature=s.temperature)
     side = int(round(self.model.seq_len ** 0.5))
-    tok = self.config.tokenizer
-    images = self._decode(params["tokenizer"], codes.reshape(n, side, side))
-    return {"samples": to_uint8(jax.device_get(images),
-                                tuple(tok.get("value_range", (0.0, 1.0))))}
+    images = self._decode(frozen["tokenizer"], codes.reshape(n, side, side))
+    return {"samples": to_uint8(jax.device_get(images), self.tokenizer_range)}
