@@ -287,7 +287,7 @@ def tok_config(monkeypatch):
     return FakeTokenizer(dtype=cfg.dtype)
   monkeypatch.setattr(tokenizer.models, "build", build)
   monkeypatch.setattr(tokenizer.ckpt_lib, "load_model_params",
-                      lambda cfg, path: {})
+                      lambda cfg, path, **kw: {})
   monkeypatch.setattr(lpips, "load_lpips_params", lambda path: {})
   monkeypatch.setattr(lpips, "lpips_distance", lambda p, a, b, value_range: (
       jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))))

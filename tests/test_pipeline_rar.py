@@ -4,6 +4,7 @@ MaskGIT VQGAN train -> rar_b ten-crop pretokenize -> train, killed and resumed
 
 import os
 
+import numpy as np
 import pytest
 
 from genvis_jax.data import tokens as tokens_lib
@@ -43,5 +44,12 @@ def test_rar_paper_pipeline(tmp_path):
       "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
   images = pc.check_samples(out, (16, 32, 32, 3))
   assert images.std() > 0
+  # The set grows (a short last batch is drawn again) and shrinks in place.
+  for n in (20, 12):
+    more = pc.run_mode("rar_b.py:runlocal", os.path.join(w, "samples"), **{
+        "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok,
+        "sample.num_samples": n})
+    grown = pc.check_samples(more, (n, 32, 32, 3))
+    np.testing.assert_array_equal(grown[:min(n, 16)], images[:min(n, 16)])
   pc.evaluate_generation("rar_b.py:runlocal", os.path.join(w, "evaluate"),
                          out["npz"], "maskgit_vqgan.py:runlocal")

@@ -398,17 +398,18 @@ def _read_zip(path: str) -> Any:
   return _read_torch_zip(path)
 
 
-def read_file(path: str) -> Any:
+def read_file(path: str, setting: str = "--src") -> Any:
   """The whole object stored in ``path`` (nested dicts; tensors as numpy).
 
   Raises ``FileNotFoundError``, ``UnsafeCheckpointError`` (a pickle that could
   run code) or ``CheckpointFileError`` naming the path, the format seen and
-  the size for an unknown, truncated or damaged file.
+  the size for an unknown, truncated or damaged file. ``setting`` names where
+  the path came from (for the messages).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointFileNotFoundError(
-        f"Checkpoint file {path} does not exist; check the path (--src).")
+        f"Weights file {path} does not exist; check the path ({setting}).")
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)
@@ -492,6 +493,8 @@ def select_state_dict(obj, key: str | None = None, source: str = "checkpoint"):
   return dict(obj)
 
 
-def load_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
-  """``{official name: numpy array}`` from a torch / safetensors / npz file."""
-  return select_state_dict(read_file(path), key, os.fspath(path))
+def load_state_dict(path: str, key: str | None = None,
+                    setting: str = "--src") -> dict[str, np.ndarray]:
+  """``{official name: numpy array}`` from a torch / safetensors / npz file;
+  the errors of :func:`read_file` (``setting``: where the path came from)."""
+  return select_state_dict(read_file(path, setting), key, os.fspath(path))

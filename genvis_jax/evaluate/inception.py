@@ -335,23 +335,21 @@ def load_inception_params(path: str) -> dict:
       ``Mixed_5b.branch1x1.conv.weight``), converted on the fly.
   The tree is checked against the model's; a mismatch names the keys.
   """
+  from genvis_jax.convert import io as convert_io  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   abstract = abstract_inception_params()
+  setting = "--config.evaluate.inception"
   if os.path.isdir(path):
-    return ckpt_lib.load_params(path, abstract)
+    return ckpt_lib.load_params(path, abstract, setting=setting)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise convert_io.CheckpointFileNotFoundError(
         f"No Inception weights at {path!r}. Convert pytorch-fid's "
         "pt_inception-2015-12-05-6726825d.pth with `python -m genvis_jax.convert "
         "--kind=inception` (or save its state dict as .npz) and pass that path.")
-  if path.endswith(".npz"):
-    with np.load(path) as data:
-      flat = {k: data[k] for k in data.files}
-  elif path.endswith((".pth", ".pt", ".bin")):
-    from genvis_jax.convert import io as convert_io  # pylint: disable=import-outside-toplevel
-    flat = convert_io.load_state_dict(path)
+  if path.endswith((".npz", ".pth", ".pt", ".bin")):
+    flat = convert_io.load_state_dict(path, setting=setting)
   else:
-    raise ValueError(f"Inception weights {path!r}: expected a converted params "
+    raise convert_io.CheckpointFileError(f"Inception weights {path!r}: expected a converted params "
                      "directory, an .npz file or the .pth state dict.")
   if any("." in k for k in flat):
     from genvis_jax.convert.inception import convert_fid_inception  # pylint: disable=import-outside-toplevel

@@ -121,8 +121,9 @@ def load_lpips_params(path: str) -> dict:
   Other keys (e.g. ``scaling_layer.shift``, torchvision classifier) are ignored.
   Returns the ``params`` pytree of ``LPIPS`` (kernels HWIO).
   """
-  with np.load(path) as data:
-    state = {k: data[k] for k in data.files}
+  from genvis_jax.convert import io as convert_io  # pylint: disable=import-outside-toplevel
+  state = convert_io.load_state_dict(
+      path, setting="the LPIPS weights path (loss.lpips_path / evaluate.lpips_path)")
   params = convert_lpips_state(state)
   return jax.tree_util.tree_map(jnp.asarray, params)
 

@@ -21,7 +21,6 @@ towers (with converters from their released weights) register themselves with
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Any, Callable
 
@@ -158,17 +157,12 @@ def save_teacher_params(path: str, params) -> None:
 def load_teacher_params(path: str):
   """Reads teacher params (Flax layout, '/'-joined keys) from ``.npz`` or
   ``.safetensors``."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Teacher weights {path!r} not found. Convert the "
-                            "teacher's released weights to a local .npz and "
-                            "set config.teachers[i].path to it.")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    flat = load_file(path)
-  elif path.endswith(".npz"):
-    with np.load(path) as data:
-      flat = {k: data[k] for k in data.files}
-  else:
-    raise ValueError(f"Teacher weights must be .npz or .safetensors, got {path!r}.")
+  from genvis_jax.convert import io as convert_io  # pylint: disable=import-outside-toplevel
+  if not path.endswith((".npz", ".safetensors")):
+    raise convert_io.CheckpointFileError(
+        f"Teacher weights must be .npz or .safetensors, got {path!r}.")
+  flat = convert_io.load_state_dict(
+      path, setting="config.teachers[i].path: convert the teacher's released "
+      "weights to a local .npz and point it there")
   return jax.tree_util.tree_map(
       jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))

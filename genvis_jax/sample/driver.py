@@ -141,24 +141,33 @@ def sample_settings(config) -> dict:
   return json.loads(json.dumps(_flat(keep)))
 
 
+# Settings a resume may change: the parts depend only on their start index.
+GROWABLE = ("sample.num_samples",)
+
+
+class SampleSettingsError(errors.UserError, ValueError):
+  """Sample parts in the workdir were drawn with other settings."""
+
+
 def check_settings(parts_dir: str, settings: dict) -> None:
-  """Writes ``settings.json`` on a fresh start; refuses a resume that differs."""
+  """Writes ``settings.json`` on a fresh start; refuses a resume that differs
+  (except in ``num_samples``: a set can grow or shrink)."""
   path = os.path.join(parts_dir, "settings.json")
   parts = glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz"))
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
     diff = sorted(k for k in set(old) | set(settings)
-                  if old.get(k) != settings.get(k))
+                  if old.get(k) != settings.get(k) and k not in GROWABLE)
     if diff and parts:
       shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
                         for k in diff[:5])
-      raise ValueError(
+      raise SampleSettingsError(
           f"{parts_dir} holds {len(parts)} sample parts drawn with other "
           f"settings ({shown}{', ...' if len(diff) > 5 else ''}). Use a new "
           "workdir, or delete that folder to start over.")
   elif parts:
-    raise ValueError(f"{parts_dir} holds {len(parts)} sample parts but no "
+    raise SampleSettingsError(f"{parts_dir} holds {len(parts)} sample parts but no "
                      "settings.json, so they cannot be checked against this "
                      "run. Use a new workdir, or delete that folder.")
   if jax.process_index() == 0:
@@ -181,7 +190,11 @@ def sample_and_save(config, workdir: str) -> dict:
   check_settings(parts_dir, sample_settings(config))
   key = jax.random.key(s.get("seed", 0))
   starts = range(0, s.num_samples, s.batch_size)
-  done = {int(os.path.basename(p)[:9]) for p in glob.glob(os.path.join(parts_dir, "*.npz"))}
+  done = complete_parts(parts_dir, s.num_samples, s.batch_size)
+  if done:
+    have = sum(min(s.batch_size, s.num_samples - d) for d in done)
+    print(f"[sample] resuming: {have} of {s.num_samples} images already in "
+          f"{parts_dir}", flush=True)
   t0, made = time.perf_counter(), 0
   for start in starts:
     if start in done:
@@ -207,6 +220,19 @@ def sample_and_save(config, workdir: str) -> dict:
   return assemble(workdir, s.num_samples)
 
 
+def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
+  """Start indices of the part files that hold their whole batch; a short
+  last batch of a smaller earlier set is drawn again when the set grows."""
+  done = set()
+  for p in glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz")):
+    start = int(os.path.basename(p)[:9])
+    if start < num_samples:
+      with np.load(p) as d:
+        if len(d["labels"]) == min(batch, num_samples - start):
+          done.add(start)
+  return done
+
+
 def _local_slice(batch: int) -> slice:
   per = batch // jax.process_count()
   return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
@@ -218,6 +244,8 @@ def assemble(workdir: str, num_samples: int) -> dict:
   images, labels, expected = [], [], 0
   for p in parts:
     start = int(os.path.basename(p)[:9])
+    if start >= num_samples:     # drawn for a larger set than asked for now
+      break
     if start != expected:
       raise RuntimeError(f"Sample parts have a gap at index {expected} (next part "
                          f"starts at {start}); re-run the same command to fill it.")
@@ -225,9 +253,10 @@ def assemble(workdir: str, num_samples: int) -> dict:
       images.append(d["images"])
       labels.append(d["labels"])
     expected += len(images[-1])
-  if expected != num_samples:
+  if expected < num_samples:
     raise RuntimeError(f"{expected} of {num_samples} samples present; re-run.")
-  images, labels = np.concatenate(images), np.concatenate(labels)
+  images = np.concatenate(images)[:num_samples]
+  labels = np.concatenate(labels)[:num_samples]
   out = {"npz": os.path.join(workdir, "samples.npz"),
          "png": os.path.join(workdir, "samples.png"),
          "num_samples": int(len(images))}
