@@ -1,0 +1,124 @@
+"""Task interface: frozen weights as their own argument, the tokenizer's pixel
+range from its model class, the shared GAN-tokenizer step."""
+
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import demo
+from genvis_jax import models
+from genvis_jax.errors import ConfigError, UserError
+from genvis_jax.train import step as step_lib
+from genvis_jax.train.state import TrainState
+from genvis_jax.train.tasks import GroupClashError, Task, get_task, join_groups
+from genvis_jax.train.tasks import tokenizer_value_range
+from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
+
+
+class _ScaleTask(Task):
+  """loss = mean((frozen["model"] * params["model"]["w"] - x)^2): a frozen
+  group named like a trained one must not replace it."""
+
+  def grads(self, params, frozen, batch, rng, step):
+    f = lambda p: jnp.mean(jnp.square(frozen["model"] * p["w"] - batch["x"]))
+    loss, g = jax.value_and_grad(f)(params["model"])
+    return {"model": g}, {"loss": loss}
+
+
+def test_train_step_passes_frozen_separately():
+  cfg = ml_collections.ConfigDict(dict(micro_batches=2, ema_decay=0.0))
+  opt = {"model": optax.sgd(1.0)}
+  task = _ScaleTask(None)
+  params = {"model": {"w": jnp.float32(1.0)}}
+  state = TrainState(step=jnp.int32(0), params=params,
+                     opt_state={"model": opt["model"].init(params["model"])},
+                     ema=None)
+  x = jnp.arange(4, dtype=jnp.float32)
+  frozen = {"model": jnp.float32(3.0)}
+  new, m = jax.jit(step_lib.make_train_step(task, opt, cfg, 1))(
+      state, {"x": x}, jax.random.key(0), frozen)
+  # d/dw mean((3w - x)^2) = mean(6 (3w - x)) at w = 1.
+  want_loss = np.mean(np.square(3.0 - np.arange(4)))
+  want_w = 1.0 - np.mean(6.0 * (3.0 - np.arange(4)))
+  np.testing.assert_allclose(float(m["loss"]), want_loss, rtol=1e-6)
+  np.testing.assert_allclose(float(new.params["model"]["w"]), want_w, rtol=1e-6)
+
+
+def test_join_groups_refuses_a_clash():
+  assert join_groups({"a": 1}, {"vit": 2}) == {"a": 1, "vit": 2}
+  with pytest.raises(GroupClashError, match=r"\['vit'\].*Remove") as e:
+    join_groups({"a": 1, "vit": 3}, {"vit": 2})
+  assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("config_name,name,want", [
+    ("maskgit_vqgan", "maskgit_vqgan", (0.0, 1.0)),
+    ("vq_ds16", "llamagen_vq", (-1.0, 1.0)),
+    ("fqgan_dual_ds16", "fqgan", (-1.0, 1.0)),
+    ("eq_tokenizer", "eq_tokenizer", (-1.0, 1.0))])
+def test_value_range_is_the_tokenizer_models(config_name, name, want):
+  """The official models' ranges: MaskGIT VQGAN [0, 1]; LlamaGen, FQGAN and
+  the Equivariant tokenizer [-1, 1]."""
+  cfg = importlib.import_module(f"configs.{config_name}").get_config().model
+  assert cfg.name == name and models.value_range(cfg) == want
+
+
+def test_value_range_errors_name_both_ranges():
+  with pytest.raises(ConfigError, match="not an image tokenizer"):
+    models.value_range(ml_collections.ConfigDict(dict(name="patchgan")))
+  c = demo.tokenizer_config()
+  assert tokenizer_value_range(c, c.model) == (0.0, 1.0)
+  c.data.value_range = (-1.0, 1.0)
+  with pytest.raises(ConfigError, match=r"\(-1.0, 1.0\).*\(0.0, 1.0\)"):
+    get_task(c)
+
+
+def _tiny_tokenizer_config():
+  c = demo.tokenizer_config()
+  c.model.update(dict(hidden_channels=32, channel_mult=(1,), z_channels=32,
+                      code_dim=32, num_codes=64))
+  c.disc.n_layers = 1
+  c.loss.disc_start = 0
+  c.loss.adaptive_gan_weight = True
+  c.train.num_steps = 10
+  return c
+
+
+def test_adaptive_weight_matches_taming_formula_on_full_gradients():
+  """The shared step's one-backward adaptive weight equals taming's
+  |d rec / dW| / (|d adv / dW| + 1e-4) * gan_weight (W = decoder.conv_out
+  kernel) computed from two full gradients, and the model gradient equals
+  d rec + w * d adv."""
+  task = get_task(_tiny_tokenizer_config())
+  assert isinstance(task, GANTokenizerTask) and task.use_gan
+  params = nn.unbox(task.init_params(jax.random.key(0)))
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+  rng, step = jax.random.key(2), jnp.int32(3)
+  grads, metrics = jax.jit(task.grads)(params, {}, {"image": images}, rng, step)
+
+  @jax.jit
+  def full_grads(p_model):
+    def term(i):
+      return lambda pm: task.generator_terms(
+          {"model": pm}, params["disc"], {}, images, rng, step)[0][i]
+    return jax.grad(term(0))(p_model), jax.grad(term(1))(p_model)
+
+  g_rec, g_adv = full_grads(params["model"])
+  last = lambda g: np.asarray(g["decoder"]["conv_out"]["kernel"], np.float64)
+  ratio = np.linalg.norm(last(g_rec)) / (np.linalg.norm(last(g_adv)) + 1e-4)
+  w = min(ratio, 1e4) * task.config.loss.gan_weight
+  np.testing.assert_allclose(float(metrics["adv_weight"]), w, rtol=1e-5)
+  want = jax.tree_util.tree_map(
+      lambda a, b: np.asarray(a, np.float64) + w * np.asarray(b, np.float64),
+      g_rec, g_adv)
+  # Leaves with a zero true gradient (biases before a norm) hold float noise.
+  scale = max(np.max(np.abs(x)) for x in jax.tree_util.tree_leaves(want))
+  for got, x in zip(jax.tree_util.tree_leaves(grads["model"]),
+                    jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), x, rtol=1e-4, atol=1e-5 * scale)
