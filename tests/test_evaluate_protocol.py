@@ -393,3 +393,12 @@ def test_bf16_tokenizer_evaluates_with_fp32_codes():
   np.testing.assert_array_equal(codes_ev, codes_32)
   np.testing.assert_array_equal(rec_ev, rec_32)
   assert np.max(np.abs(rec_16 - rec_32)) > 1e-4   # bf16 really differs
+
+
+def test_incomparable_metrics_are_flagged():
+  from genvis_jax.evaluate import gen_metrics  # pylint: disable=import-outside-toplevel
+  assert not gen_metrics.warn_incomparable(50_000, (50_000, 256, 256, 3),
+                                           (10_000, 256, 256, 3))
+  notes = gen_metrics.warn_incomparable(16, (16, 32, 512, 3), (32, 32, 64, 3))
+  assert len(notes) == 2
+  assert "only 16 samples" in notes[0] and "32x512" in notes[1]

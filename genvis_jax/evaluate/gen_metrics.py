@@ -145,6 +145,8 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
                      log_every=log_every)
   ref_feats, ref_pool, ref_spatial = _reference_features(extractor, ref,
                                                          log_every)
+  warn_incomparable(sam["count"], samples.shape,
+                    None if ref.images is None else ref.images.shape)
   logging.info("computing FID / sFID / IS / precision / recall")
   precision, recall = fid_lib.precision_recall(
       ref_feats, sam["pool"], nearest_k, distance_dtype=distance_dtype,
@@ -160,6 +162,30 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       "num_reference": int(len(ref_feats)),
       "preprocess": chosen,
   }
+
+
+# Below this many samples the (2048-d pool) covariance is rank-deficient.
+MIN_COMPARABLE = 2048
+
+
+def warn_incomparable(count: int, sample_shape, reference_shape=None) -> list[str]:
+  """Logs (and returns) why these numbers are not comparable with published
+  ones: fewer samples than feature dimensions (FID ~0 on tiny sets means
+  nothing), or samples and reference images of different sizes."""
+  notes = []
+  if count < MIN_COMPARABLE:
+    notes.append(f"only {count} samples: with fewer than {MIN_COMPARABLE} the "
+                 "feature covariance is rank-deficient, so FID / sFID are not "
+                 "comparable with published numbers (use 50,000)")
+  if reference_shape is not None and tuple(sample_shape[1:3]) != tuple(
+      reference_shape[1:3]):
+    notes.append(f"samples are {sample_shape[1]}x{sample_shape[2]} but the "
+                 f"reference images {reference_shape[1]}x{reference_shape[2]}: "
+                 "both are resized to the Inception input, but the numbers "
+                 "compare different image sizes")
+  for note in notes:
+    logging.warning("Generation metrics: %s.", note)
+  return notes
 
 
 def format_metrics(m: dict) -> str:

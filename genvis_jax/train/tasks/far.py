@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.train.tasks import Task, register
 
@@ -41,7 +42,7 @@ def as_codes(tokens, k: int, n: int):
     return tokens.reshape(tokens.shape[0], k, n)
   if tokens.ndim == 3 and tokens.shape[1:] == (k, n):
     return tokens
-  raise ValueError(
+  raise errors.ConfigError(
       f"batch['tokens'] must be (B, {k}, {n}) or (B, {k * n}); got {tokens.shape}. "
       "Check the pre-tokenized data against config.model.num_codebooks / grid.")
 

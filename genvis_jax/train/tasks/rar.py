@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.models.rar import permute
@@ -86,7 +87,7 @@ class RARTask(Task):
     del frozen
     tokens, labels = batch["tokens"], batch["label"]
     if tokens.ndim != 2 or tokens.shape[1] != self.model.seq_len:
-      raise ValueError(f"batch['tokens'] must be (B, {self.model.seq_len}); got "
+      raise errors.ConfigError(f"batch['tokens'] must be (B, {self.model.seq_len}); got "
                        f"{tokens.shape}. Check config.data / config.model.seq_len.")
     b, n = tokens.shape
     k_order, k_label, k_drop = jax.random.split(rng, 3)
