@@ -58,11 +58,13 @@ def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
     if not eq and free:
       key, value = free.pop(0), token
     if key not in defaults or (not eq and key == token):
-      accepted = ", ".join(f"{k}={v!r}" for k, v in sorted(defaults.items()))
+      accepted = [f"{k} (a flag)" if isinstance(v, bool) else
+                  f"{k} (default {v!r})" for k, v in sorted(defaults.items())]
       raise ValueError(
           f"Unknown config argument {token!r}; this config takes "
-          f"comma-separated {accepted} (a bare name sets a flag, e.g. "
-          "--config=configs/X.py:runlocal).")
+          f"{', '.join(accepted)}, comma-separated (e.g. "
+          f"--config=configs/X.py:"
+          f"{','.join([str(defaults[p]) for p in positional] + ['runlocal'])}).")
     default = defaults[key]
     if isinstance(default, bool):
       out[key] = value.lower() in ("1", "true", "yes")
@@ -93,6 +95,9 @@ def runlocal_train(t, *, steps=20, batch=8):
   t.checkpoint_every = max(1, steps // 2)
   t.image_every = max(1, steps // 2)
   t.keep_checkpoints = 2
+  # An EMA still runs where the recipe has one, averaging over ~steps / 4.
+  if t.ema_decay > 0:
+    t.ema_decay = min(t.ema_decay, 1.0 - 4.0 / steps)
   return t
 
 
