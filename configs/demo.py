@@ -57,7 +57,7 @@ def tokenizer_config():
   # recognises 38% of reconstructions; without it: 15.9 dB, 54%).
   c.loss.disc_start = 10**9
   c.loss.gan_weight = 0.1
-  c.loss.adaptive_gan_weight = False   # one backward pass instead of two
+  c.loss.adaptive_gan_weight = False   # no last-layer backward for the weight
   c.optimizer.lr = 1e-3
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.99
