@@ -89,6 +89,19 @@ CASES = {
         "--config.only=samples", "--config.stages.samples.sample.batch_size=8",
         "--config.stages.samples.init_from={bad}"],
                             "does not match the configured model"),
+    "no_tokenizer_checkpoint": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=pretokenize"],
+        r"set --config.tokenizer.checkpoint=DIR"),
+    "missing_init_from": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=sample",
+         "--config.init_from=/nowhere/run"],
+        r"No checkpoint at /nowhere/run \(--config.init_from\)"),
+    "missing_inception": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate",
+         "--config.evaluate.samples=/nowhere/s.npz",
+         "--config.evaluate.reference=/nowhere/r.npz",
+         "--config.evaluate.inception=/nowhere/inception.npz"],
+        r"No Inception weights at '/nowhere/inception.npz'"),
 }
 
 
