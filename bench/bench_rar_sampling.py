@@ -87,7 +87,9 @@ def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None):
         x = x + h @ blk["mlp"]["fc2"]["kernel"]
         if adaln:
           x = x + (x @ blk["adaLN_modulation"]["kernel"])[:, :d]
-      return x + (x @ head)[:, :d]
+      logits = x @ head                       # (rows, V); V may be < d
+      reps = -(-d // logits.shape[1])
+      return x + jnp.tile(logits, (1, reps))[:, :d]
     return jax.lax.fori_loop(0, steps, step, x0)
   return jax.jit(run)
 
