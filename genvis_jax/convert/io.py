@@ -409,7 +409,7 @@ def read_file(path: str, setting: str = "--src") -> Any:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointFileNotFoundError(
-        f"Weights file {path} does not exist; check the path ({setting}).")
+        f"Weights file {path} not found; check the path ({setting}).")
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)
