@@ -298,6 +298,26 @@ class RAR(nn.Module):
     return self._head(x[:, 1:], c[:, 1:], rows)
 
   # --- KV-cached raster decoding -----------------------------------------------
+  def _prefix_inputs(self, cond):
+    """``[cls, class]`` + their position embeddings (the class slot also gets
+    the target-aware embedding of raster token 0): (B, 2, d)."""
+    cls = jnp.broadcast_to(self.cls_token, (cond.shape[0], 1, self.hidden_size))
+    x = jnp.concatenate([cls.astype(cond.dtype), cond[:, None]], axis=1)
+    pe = self.pos_embed[0, :PREFIX]
+    return x + pe.at[1].add(self.target_aware_pos_embed[0, PREFIX])
+
+  def _step_inputs(self, token, index):
+    """Raster token ``index`` embedded at its cache position with the
+    target-aware embedding of token ``index + 1`` (none after the last):
+    ``(pos, x (B, 1, d))``."""
+    pos = PREFIX + index
+    nxt = jnp.where(index + 1 < self.seq_len, 1.0, 0.0)  # last token: no target
+    pe = (jax.lax.dynamic_index_in_dim(self.pos_embed[0], pos, keepdims=False)
+          + nxt * jax.lax.dynamic_index_in_dim(
+              self.target_aware_pos_embed[0], jnp.minimum(pos + 1, self.max_pos - 1),
+              keepdims=False))
+    return pos, (self.embeddings(token) + pe)[:, None]
+
   def _decode(self, x, c, pos):
     for blk in self.blocks:
       x = blk(x, c, False, pos)
@@ -310,14 +330,9 @@ class RAR(nn.Module):
     ``__call__(...)[:, 0]``). Apply with ``mutable=["cache"]``; the cache is
     created on the first call (length seq_len + 2).
     """
-    b = labels.shape[0]
     cond = self._class_embedding(labels)
-    cls = jnp.broadcast_to(self.cls_token, (b, 1, self.hidden_size))
-    x = jnp.concatenate([cls.astype(cond.dtype), cond[:, None]], axis=1)
-    pe = self.pos_embed[0, :PREFIX]
-    pe = pe.at[1].add(self.target_aware_pos_embed[0, PREFIX])  # next: img_0
     c = cond[:, None] + self.timesteps_embeddings[:, :PREFIX]
-    return self._decode(x + pe, c, 0)
+    return self._decode(self._prefix_inputs(cond), c, 0)
 
   def decode_step(self, token, labels, index):
     """Feeds raster token ``index`` (0-based) and predicts token ``index + 1``.
@@ -325,14 +340,8 @@ class RAR(nn.Module):
     token, labels: int (B,); index: int scalar (may be traced).
     Returns fp32 logits (B, codebook_size) equal to ``__call__(...)[:, 1 + index]``.
     """
-    pos = PREFIX + index
-    nxt = jnp.where(index + 1 < self.seq_len, 1.0, 0.0)  # last token: no target
-    pe = (jax.lax.dynamic_index_in_dim(self.pos_embed[0], pos, keepdims=False)
-          + nxt * jax.lax.dynamic_index_in_dim(
-              self.target_aware_pos_embed[0], jnp.minimum(pos + 1, self.max_pos - 1),
-              keepdims=False))
+    pos, x = self._step_inputs(token, index)
     cond = self._class_embedding(labels)
-    x = (self.embeddings(token) + pe)[:, None]
     ts = jax.lax.dynamic_index_in_dim(self.timesteps_embeddings[0], pos)
     c = cond[:, None] + ts[None]
     return self._decode(x, c, pos)
@@ -372,24 +381,13 @@ class RAR(nn.Module):
     positions 0..1, rows (R,) -> fp32 logits (R, codebook_size) for token 0
     of the R sequences (sequence r has class ``labels[rows[r]]``)."""
     cond = self._class_embedding(jnp.take(labels, rows))
-    b = cond.shape[0]
-    cls = jnp.broadcast_to(self.cls_token, (b, 1, self.hidden_size))
-    x = jnp.concatenate([cls.astype(cond.dtype), cond[:, None]], axis=1)
-    pe = self.pos_embed[0, :PREFIX]
-    pe = pe.at[1].add(self.target_aware_pos_embed[0, PREFIX])  # next: img_0
-    return self._decode_rows(x + pe, mods, rows, 0)
+    return self._decode_rows(self._prefix_inputs(cond), mods, rows, 0)
 
   def decode_step_rows(self, token, mods, rows, index):
     """``decode_step`` with precomputed modulation: token (R,), mods of cache
     position ``PREFIX + index`` (length-1 tables), rows (R,) -> fp32 logits
     (R, codebook_size) for token ``index + 1``."""
-    pos = PREFIX + index
-    nxt = jnp.where(index + 1 < self.seq_len, 1.0, 0.0)  # last token: no target
-    pe = (jax.lax.dynamic_index_in_dim(self.pos_embed[0], pos, keepdims=False)
-          + nxt * jax.lax.dynamic_index_in_dim(
-              self.target_aware_pos_embed[0], jnp.minimum(pos + 1, self.max_pos - 1),
-              keepdims=False))
-    x = (self.embeddings(token) + pe)[:, None]
+    pos, x = self._step_inputs(token, index)
     return self._decode_rows(x, mods, rows, pos)
 
 
