@@ -19,15 +19,20 @@ of the model with a ``--check_grid`` grid (same weights).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import statistics
-import time
+import sys
 
-import jax
+# Run as a script (`python bench/bench_far_sampling.py`): the repository root
+# holds the sibling bench module imported below.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
-from bench.bench_rar_sampling import _opts, commit
+from bench.bench_rar_sampling import (_aot, _opts, commit, print_floor_table,
+                                      time_interleaved)
 from genvis_jax import models
 from genvis_jax.sample import ar
 from genvis_jax.sample import far as far_sample
@@ -75,12 +80,6 @@ def floor_fn(model, positions: int, rows: int, dtype=None):
       return x
     return jax.lax.fori_loop(0, positions, step, x0)
   return jax.jit(run)
-
-
-def _aot(fn, *args):
-  t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return time.perf_counter() - t0, lambda: compiled(*args)
 
 
 def main():
@@ -137,28 +136,8 @@ def main():
     runs[mode], compile_s[mode] = f, c
     print(f"compiled {mode} in {c:.1f} s", flush=True)
 
-  times, outs = {m: [] for m in runs}, {}
-  for r in range(args.repeats):
-    for mode, f in runs.items():
-      t0 = time.perf_counter()
-      outs[mode] = jax.block_until_ready(f())
-      times[mode].append(time.perf_counter() - t0)
-      print(f"repeat {r}: {mode} {times[mode][-1]:.2f} s", flush=True)
-
-  sec = {m: statistics.median(t) for m, t in times.items()}
-  base = sec.get("floor")
-  print("| mode | compile s | sample s (median) | runs | ms/position | "
-        "images/s | x floor |")
-  print("|---|---|---|---|---|---|---|")
-  for mode in runs:
-    ratio = f"{sec[mode] / base:.2f}" if base else "-"
-    each = " / ".join(f"{t:.1f}" for t in times[mode])
-    print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.2f} | {each} | "
-          f"{1e3 * sec[mode] / positions:.0f} | {args.batch / sec[mode]:.3f} | "
-          f"{ratio} |")
-  if "floor" in runs and "cached" in runs:
-    pairs = [c / f for c, f in zip(times["cached"], times["floor"])]
-    print(f"cached / floor per repeat: {', '.join(f'{x:.2f}' for x in pairs)}")
+  times, outs = time_interleaved(runs, args.repeats)
+  print_floor_table(times, compile_s, "position", positions, args.batch)
 
   if args.check:
     kw = dict(guidance_scale=g, temperature=temp)

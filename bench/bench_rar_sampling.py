@@ -163,6 +163,39 @@ def _aot(fn, *args):
   return time.perf_counter() - t0, lambda: compiled(*args)
 
 
+def time_interleaved(runs: dict, repeats: int):
+  """Runs every compiled ``runs[mode]()`` once per repeat, modes interleaved
+  (so load drift hits them alike); returns ``(times, last outputs)``."""
+  times, outs = {m: [] for m in runs}, {}
+  for r in range(repeats):
+    for mode, f in runs.items():
+      t0 = time.perf_counter()
+      outs[mode] = jax.block_until_ready(f())
+      times[mode].append(time.perf_counter() - t0)
+      print(f"repeat {r}: {mode} {times[mode][-1]:.2f} s", flush=True)
+  return times, outs
+
+
+def print_floor_table(times: dict, compile_s: dict, unit: str, units: int,
+                      batch: int) -> None:
+  """Markdown table of median times, ms per ``unit`` and the ratio to the
+  ``floor`` mode, then cached / floor per repeat."""
+  sec = {m: statistics.median(t) for m, t in times.items()}
+  base = sec.get("floor")
+  print(f"| mode | compile s | sample s (median) | runs | ms/{unit} | "
+        "images/s | x floor |")
+  print("|---|---|---|---|---|---|---|")
+  for mode in times:
+    ratio = f"{sec[mode] / base:.2f}" if base else "-"
+    each = " / ".join(f"{t:.1f}" for t in times[mode])
+    print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.2f} | {each} | "
+          f"{1e3 * sec[mode] / units:.0f} | {batch / sec[mode]:.3f} | "
+          f"{ratio} |")
+  if "floor" in times and "cached" in times:
+    pairs = [c / f for c, f in zip(times["cached"], times["floor"])]
+    print(f"cached / floor per repeat: {', '.join(f'{x:.2f}' for x in pairs)}")
+
+
 def check_tokens(model, params, labels, key, sargs, n: int, dtype, bucket):
   """``cached`` == ``sample_uncached`` on the model cut to n tokens."""
   sub = model.clone(seq_len=n)
@@ -236,29 +269,8 @@ def main():
     runs[mode], compile_s[mode] = f, c
     print(f"compiled {mode} in {c:.1f} s", flush=True)
 
-  times = {m: [] for m in runs}
-  outs = {}
-  for r in range(args.repeats):
-    for mode, f in runs.items():
-      t0 = time.perf_counter()
-      outs[mode] = jax.block_until_ready(f())
-      times[mode].append(time.perf_counter() - t0)
-      print(f"repeat {r}: {mode} {times[mode][-1]:.2f} s", flush=True)
-
-  sec = {m: statistics.median(t) for m, t in times.items()}
-  base = sec.get("floor")
-  print("| mode | compile s | sample s (median) | runs | ms/step | images/s | "
-        "x floor |")
-  print("|---|---|---|---|---|---|---|")
-  for mode in runs:
-    ratio = f"{sec[mode] / base:.2f}" if base else "-"
-    each = " / ".join(f"{t:.1f}" for t in times[mode])
-    print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.2f} | {each} | "
-          f"{1e3 * sec[mode] / steps:.0f} | {args.batch / sec[mode]:.3f} | "
-          f"{ratio} |")
-  if "floor" in runs and "cached" in runs:
-    pairs = [c / f for c, f in zip(times["cached"], times["floor"])]
-    print(f"cached / floor per repeat: {', '.join(f'{x:.2f}' for x in pairs)}")
+  times, outs = time_interleaved(runs, args.repeats)
+  print_floor_table(times, compile_s, "step", steps, args.batch)
 
   if args.check:
     if "cached" in outs and "reference" in outs:
