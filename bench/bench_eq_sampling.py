@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.bench_eq_long import random_params  # std 0.02, no init compile
 from configs import eq_common
 from genvis_jax import models
 from genvis_jax.sample import eq as eq_sample
@@ -81,15 +82,6 @@ def model_config(size):
   return eq_common.generator_model(size)
 
 
-def random_params(cfg, seed=0):
-  """Random weights (std 0.02) without running init, signal in every layer."""
-  abstract = jax.eval_shape(lambda k: models.init_params(cfg, k),
-                            jax.random.key(0))
-  leaves, tdef = jax.tree_util.tree_flatten(abstract)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  out = [jax.random.normal(k, a.shape, a.dtype) * 0.02
-         for k, a in zip(keys, leaves)]
-  return jax.tree_util.tree_unflatten(tdef, out)
 
 
 def _flat(tree):
