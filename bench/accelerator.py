@@ -783,20 +783,26 @@ def section_attention_blocks(sec: Section, dl: Deadline, sz: Sizes,
            f"window {sz.attn_window} tokens, bf16")
 
 
-def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
-  import jax  # pylint: disable=import-outside-toplevel
+def _random_generator(spec: str, smoke_sizes: dict, smoke: bool, batch: int):
+  """A paper config's generator with random weights (shrunk to
+  ``smoke_sizes`` under --smoke) and ``batch`` labels cycling the classes:
+  ``(config, model, params, labels)``."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
-  from genvis_jax.sample import far as far_sample  # pylint: disable=import-outside-toplevel
-  cfg = load_config("configs/far_b.py:dual")
-  m = cfg.model
+  cfg = load_config(spec)
   if smoke:
-    _shrink(m, SMOKE_FAR)
-  model = models.build(m)
-  params = random_params(m)
-  s = cfg.sample
+    _shrink(cfg.model, smoke_sizes)
+  labels = jnp.arange(batch, dtype=jnp.int32) % cfg.model.num_classes
+  return cfg, models.build(cfg.model), random_params(cfg.model), labels
+
+
+def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
+  import jax  # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import far as far_sample  # pylint: disable=import-outside-toplevel
   batch = sz.far_batch
-  labels = jnp.arange(batch, dtype=jnp.int32) % m.num_classes
+  cfg, model, params, labels = _random_generator(
+      "configs/far_b.py:dual", SMOKE_FAR, smoke, batch)
+  m, s = cfg.model, cfg.sample
   run = lambda: far_sample.sample(
       model, params, labels, jax.random.key(0), guidance_scale=s.guidance_scale,
       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
@@ -816,18 +822,11 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
 
 def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from genvis_jax import models  # pylint: disable=import-outside-toplevel
   from genvis_jax.sample import eq as eq_sample  # pylint: disable=import-outside-toplevel
-  cfg = load_config("configs/eq_l.py")
-  m = cfg.model
-  if smoke:
-    _shrink(m, SMOKE_EQ)
-  model = models.build(m)
-  params = random_params(m)
-  s = cfg.sample
   batch = sz.eq_batch
-  labels = jnp.arange(batch, dtype=jnp.int32) % m.num_classes
+  cfg, model, params, labels = _random_generator(
+      "configs/eq_l.py", SMOKE_EQ, smoke, batch)
+  m, s = cfg.model, cfg.sample
   for cols in sz.eq_columns:
     dl.check(f"{cols} columns")
     run = lambda c=cols: eq_sample.sample(
