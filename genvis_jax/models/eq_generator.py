@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from genvis_jax.kernels.windowed_attention import (
     windowed_causal_attention, window_mask)
 from genvis_jax.models import layers, register
-from genvis_jax.models.attention import dot_product_attention
+from genvis_jax.models.layers.attention import dot_product_attention
 from genvis_jax.models.eq_flow_head import DiffLoss, dense as _dense, normal02
 
 Dtype = Any

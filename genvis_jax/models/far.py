@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax.models import layers, register
-from genvis_jax.models.attention import (cached_attention, causal_mask,
+from genvis_jax.models.layers.attention import (cached_attention, causal_mask,
                                          dot_product_attention, update_kv_cache)
 
 _init = nn.initializers.normal(0.02)  # official: normal(0, 0.02) for Linear/Embedding

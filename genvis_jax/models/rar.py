@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.models import layers, register
-from genvis_jax.models.attention import (cached_attention, causal_mask,
+from genvis_jax.models.layers.attention import (cached_attention, causal_mask,
                                          dot_product_attention, update_kv_cache)
 
 PREFIX = 2  # cls token + class token

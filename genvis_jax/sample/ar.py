@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax import errors
-from genvis_jax.models.attention import resize_kv_cache
+from genvis_jax.models.layers.attention import resize_kv_cache
 
 
 def cfg_labels(labels, null_label: int):

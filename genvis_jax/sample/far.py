@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from genvis_jax.models.attention import resize_kv_cache
+from genvis_jax.models.layers.attention import resize_kv_cache
 from genvis_jax.sample import ar
 from genvis_jax.sample.ar import cfg_labels  # noqa: F401  (public here too)
 
