@@ -1,21 +1,31 @@
-"""Dense attention and the KV cache shared by the autoregressive generators.
+"""The one multi-head attention of every model, and its functions.
+
+:class:`Attention` is self- or cross-attention with a full, causal or windowed
+causal mask, fused or separate q/k/v projections, optional QK-norm, rotary
+position embeddings and a KV cache. Its parameters are named for what they are
+(``qkv`` or ``q``/``k``/``v``, ``q_norm``/``k_norm``, ``out``); the official
+PyTorch names are mapped in ``genvis_jax/convert/``.
 
 RAR and FAR decode with a cache in the ``"cache"`` collection
 (:func:`update_kv_cache`, read by :func:`cached_attention`; a sampler may
 keep it only as long as the filled prefix, :func:`resize_kv_cache`); the
-Equivariant generator keeps its own rolling window cache but attends through
-the same :func:`dot_product_attention`.
-The windowed causal attention of long sequences lives in
-``genvis_jax.kernels.windowed_attention``.
+Equivariant generator keeps a rolling window cache of its own but attends
+through the same :func:`dot_product_attention`. The windowed causal attention
+of long sequences runs in ``genvis_jax.kernels.windowed_attention`` (Pallas
+kernels with a pure-JAX reference beside them).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from genvis_jax.kernels.windowed_attention import (
+    window_mask, windowed_causal_attention)
+from genvis_jax.models import layers
 
 NEG_INF = -1e30  # masked logit; exp underflows to exactly 0 in fp32
 
@@ -115,3 +125,153 @@ def resize_kv_cache(cache, length: int):
     pad[CACHE_AXIS] = (0, length - m)
     return jnp.pad(x, pad)
   return jax.tree_util.tree_map_with_path(fit, cache)
+
+
+# --- rotary position embedding (interleaved pairs) -------------------------------
+
+def rope_tables(positions, head_dim: int, base: float = 10000.0):
+  """positions (N,) -> (cos, sin), each (N, head_dim // 2) float32.
+
+  Frequency k is ``base ** (-2k / head_dim)`` (gpt-fast ``precompute_freqs_cis``).
+  """
+  k = jnp.arange(0, head_dim, 2, dtype=jnp.float32)[: head_dim // 2]
+  freqs = 1.0 / (base ** (k / head_dim))
+  angles = jnp.asarray(positions, jnp.float32)[:, None] * freqs[None]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates interleaved pairs (x[2k], x[2k+1]) by the position angle.
+
+  x (B, N, H, D); cos, sin (N, D/2) -> (B, N, H, D) in x.dtype (math in fp32).
+  """
+  xs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  c, s = cos[None, :, None], sin[None, :, None]
+  x0, x1 = xs[..., 0], xs[..., 1]
+  out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+# --- the attention module ---------------------------------------------------------
+
+MASKS = ("none", "causal", "window")
+
+
+class Attention(nn.Module):
+  """Multi-head attention, ``x (B, N, d) -> (B, N, d)``.
+
+  Options (fields):
+    num_heads: heads; head_dim = d / num_heads (d = ``x.shape[-1]``, or
+      ``dim`` when set: the width of q/k/v and of the output).
+    fused_qkv: one ``qkv`` Dense (d -> 3d, q | k | v, heads inside each third,
+      the timm / open_clip layout) instead of ``q``, ``k``, ``v``. Cross
+      attention (``context`` given) always uses separate projections.
+    qkv_bias, out_bias: biases of the input / output projections.
+    qk_norm: LayerNorm (eps ``norm_eps``) of q and k over head_dim
+      (``q_norm``, ``k_norm``), before the 1/sqrt(head_dim) scale.
+    mask: ``"none"`` (full), ``"causal"``, or ``"window"`` (windowed causal,
+      ``window`` columns of ``tokens_per_column`` tokens, through the kernel
+      dispatcher ``attn_impl``; dense masked attention when probabilities
+      drop out, which the kernels do not do).
+    cache_len: with ``cache_pos`` at call time, keys/values go to the
+      ``"cache"`` collection (:func:`update_kv_cache`, length ``cache_len``).
+    attn_dropout, proj_dropout: on the probabilities / the output.
+    kernel_init, out_init: initialisers of the input / output projections.
+
+  Logits are computed in fp32 whatever ``dtype``.
+  """
+  num_heads: int
+  dim: int | None = None
+  fused_qkv: bool = True
+  qkv_bias: bool = True
+  out_bias: bool = True
+  qk_norm: bool = False
+  norm_eps: float = 1e-6
+  mask: str = "none"
+  window: int = 0
+  tokens_per_column: int = 1
+  attn_impl: str = "auto"
+  cache_len: int = 0
+  attn_dropout: float = 0.0
+  proj_dropout: float = 0.0
+  kernel_init: Callable = layers.default_kernel_init
+  out_init: Callable | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _dense(self, features, names, name, use_bias, init):
+    return layers.dense(features, names, use_bias=use_bias, kernel_init=init,
+                        dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=name)
+
+  def _heads(self, t):
+    return t.reshape(*t.shape[:-1], self.num_heads, t.shape[-1] // self.num_heads)
+
+  @nn.compact
+  def __call__(self, x, context=None, *, rope=None, train: bool = False,
+               cache_pos=None, mask=None):
+    """Self-attention over ``x`` (B, N, d), or cross-attention of ``x`` over
+    ``context`` (B, M, d_c) (no causal mask, no cache).
+
+    rope: ``(cos, sin)`` (N, head_dim / 2) rotating q and k (self) or q
+      (cross), :func:`apply_rope`.
+    cache_pos: with ``cache_len``, x holds the tokens at positions
+      ``cache_pos .. cache_pos + N - 1`` (int, may be traced); queries attend
+      every cached position <= their own.
+    mask: optional bool, broadcastable to (B, H, N, M), True = visible;
+      combined with the ``mask`` field's own.
+    Returns (B, N, dim) in ``dtype``.
+    """
+    dim = self.dim or x.shape[-1]
+    hd = dim // self.num_heads
+    if context is None and self.fused_qkv:
+      qkv = self._dense(3 * dim, ("embed", "heads"), "qkv", self.qkv_bias,
+                        self.kernel_init)(x)
+      q, k, v = (self._heads(t) for t in jnp.split(qkv, 3, axis=-1))
+    else:
+      src = x if context is None else context
+      q, k, v = (self._heads(self._dense(dim, ("embed", "heads"), n,
+                                         self.qkv_bias, self.kernel_init)(t))
+                 for n, t in (("q", x), ("k", src), ("v", src)))
+    if self.qk_norm:
+      kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+      q = layers.layer_norm(self.norm_eps, name="q_norm", **kw)(q)
+      k = layers.layer_norm(self.norm_eps, name="k_norm", **kw)(k)
+    if rope is not None:
+      q = apply_rope(q, *rope)
+      if context is None:
+        k = apply_rope(k, *rope)
+    q, k, v = (t.astype(self.dtype) for t in (q, k, v))
+    out = self._attend(q, k, v, mask, train, cache_pos, context is None)
+    out = self._dense(dim, ("heads", "embed"), "out", self.out_bias,
+                      self.out_init or self.kernel_init)(
+                          out.reshape(*x.shape[:-1], dim))
+    return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
+
+  def _attend(self, q, k, v, mask, train, cache_pos, is_self):
+    if self.mask not in MASKS:
+      raise ValueError(f"Attention mask {self.mask!r} is not one of {MASKS}.")
+    scale = q.shape[-1] ** -0.5
+    drop = nn.Dropout(self.attn_dropout, deterministic=not train)
+    dropping = train and self.attn_dropout > 0
+    n = q.shape[1]
+    if cache_pos is not None:
+      k, v, visible = update_kv_cache(self, k, v, cache_pos, self.cache_len,
+                                      self.dtype)
+      if mask is not None:
+        visible = visible & mask
+      return cached_attention(q * scale, k, v, visible)
+    own = None
+    if is_self and self.mask == "causal":
+      own = causal_mask(n)
+    elif is_self and self.mask == "window":
+      if mask is None and not dropping:
+        return windowed_causal_attention(
+            q, k, v, window=self.window,
+            tokens_per_column=self.tokens_per_column, impl=self.attn_impl)
+      own = window_mask(n, window=self.window,
+                        tokens_per_column=self.tokens_per_column)
+    if own is not None:
+      mask = own if mask is None else mask & own
+    return dot_product_attention(q * scale, k, v, mask,
+                                 dropout=drop if dropping else None)
