@@ -570,7 +570,7 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
 
 def _rar_trainer(remat: str, batch: int, smoke: bool, devices):
   from bench import plan_memory  # pylint: disable=import-outside-toplevel
-  from genvis_jax.train import sharding as shd  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   config = load_config("configs/rar_xl.py")
   if smoke:
@@ -586,7 +586,7 @@ def _rar_trainer(remat: str, batch: int, smoke: bool, devices):
 
 def _compile_step(config, tr):
   from bench import plan_memory  # pylint: disable=import-outside-toplevel
-  from genvis_jax.train import sharding as shd  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   spec = plan_memory.batch_spec(config, tr.task, config.train.global_batch_size,
                                 shd.batch_sharding(tr.mesh))
@@ -851,10 +851,11 @@ def section_inception(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from genvis_jax.evaluate import fid as fid_lib  # pylint: disable=import-outside-toplevel
-  from genvis_jax.evaluate import inception as inc  # pylint: disable=import-outside-toplevel
+  from genvis_jax.evaluate.inception import InceptionExtractor  # pylint: disable=import-outside-toplevel
+  from genvis_jax.models import inception as inc  # pylint: disable=import-outside-toplevel
   params = host_random_params(jax.eval_shape(inc.init_inception_params))
   mesh = fid_lib.data_mesh(jax.devices()[:1])
-  ext = inc.InceptionExtractor(params, batch_size=sz.incep_batch, mesh=mesh)
+  ext = InceptionExtractor(params, batch_size=sz.incep_batch, mesh=mesh)
   rs = np.random.RandomState(0)
   images = rs.randint(0, 256, (sz.incep_batch, sz.incep_image, sz.incep_image,
                                3)).astype(np.uint8)

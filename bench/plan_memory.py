@@ -186,7 +186,7 @@ class Plan:
 
 def plan(config, *, name: str = "", devices=None, compile_step: bool = True) -> Plan:
   """Plans ``config`` (mesh / batch / knobs already set) on ``devices``."""
-  from genvis_jax.train import sharding as shd  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   mesh = shd.create_mesh(config.mesh, devices)
   tr = trainer_lib.Trainer(config, mesh=mesh)
@@ -208,7 +208,7 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True) -> 
 
 def compiled_memory(tr, config) -> dict:
   """Lowers and compiles the donated train step with abstract arguments."""
-  from genvis_jax.train import sharding as shd  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   batch = batch_spec(config, tr.task, config.train.global_batch_size,
                      shd.batch_sharding(tr.mesh))
   rng = jax.ShapeDtypeStruct(tr.train_rng.shape, tr.train_rng.dtype,

@@ -91,7 +91,7 @@ def write_random_inception(path: str, seed: int = 0) -> str:
   O(1) through the ReLUs, so different image sets give different features.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from genvis_jax.evaluate import inception  # pylint: disable=import-outside-toplevel
+  from genvis_jax.models import inception  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   fill = {"mean": np.zeros, "bias": np.zeros, "var": np.ones, "scale": np.ones}
 

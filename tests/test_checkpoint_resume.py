@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from genvis_jax.train import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.train import trainer as trainer_lib
 
 

@@ -23,7 +23,7 @@ from configs import maskgit_vqgan as maskgit_config
 from configs import rar_b
 from genvis_jax import convert, models
 from genvis_jax.convert import io as cio
-from genvis_jax.train.checkpoint import CheckpointMismatchError, load_params
+from genvis_jax.core.checkpoint import CheckpointMismatchError, load_params
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -327,6 +327,7 @@ def test_cli_converts_with_config_overrides(rar, tmp_path):
 # --- LPIPS (torchvision vgg16 + LPIPS lin weights -> .npz) ---------------------
 
 def test_lpips_kind_merges_two_files_into_loadable_npz(tmp_path):
+  from genvis_jax.convert import lpips as convert_lpips
   from genvis_jax.models import lpips
   rng = np.random.default_rng(0)
   vgg, lin = {}, {}
@@ -345,7 +346,7 @@ def test_lpips_kind_merges_two_files_into_loadable_npz(tmp_path):
   b = _write_npz(tmp_path / "lin.npz", lin)
   dst = str(tmp_path / "vgg_lpips.npz")
   convert.convert_file("lpips", f"{a},{b}", None, dst)
-  params = lpips.load_lpips_params(dst)
+  params = convert_lpips.load_lpips_params(dst)
   np.testing.assert_array_equal(params["lin_3"]["kernel"][0, 0, :, 0],
                                 lin["lin3.model.1.weight"][0, :, 0, 0])
   assert float(params["features_28"]["kernel"][0, 0, 0, 0]) == 28.0

@@ -67,8 +67,7 @@ def test_demo_evaluators_cover_exact_count(classifier, tmp_path, monkeypatch,
     conditioning_accuracy(model, params, images, labels[:12])
   # The reference must hold the requested number of real images.
   np.savez(tmp_path / "s.npz", images)
-  from genvis_jax.train import checkpoint as ckpt_lib
-  monkeypatch.setattr(ckpt_lib, "load_model_params", lambda c, d, **kw: params)
+  monkeypatch.setattr(models, "load_params", lambda c, d, **kw: params)
   config = base.get_config()
   config.model = cfg
   config.data.update(dict(image_size=32, num_classes=10, num_examples=20))

@@ -236,7 +236,7 @@ def test_sampler_rejects_bad_arguments(tiny):
 def test_logical_axes_map_to_the_mesh():
   """Every parameter's logical names resolve under the project rules."""
   from configs import base
-  from genvis_jax.train import sharding as shd
+  from genvis_jax.core import sharding as shd
   cfg = tiny_config()
   boxed = jax.eval_shape(lambda k: models.init_params(cfg.model, k, boxed=True),
                          jax.random.key(0))

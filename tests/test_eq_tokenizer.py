@@ -303,7 +303,7 @@ def test_teacher_inputs_official_preprocess():
 @pytest.mark.parametrize("which", ["tokenizer", "dino_disc"])
 def test_logical_axes_map_to_the_mesh(which):
   from configs import base
-  from genvis_jax.train import sharding as shd
+  from genvis_jax.core import sharding as shd
   cfg = tiny_model() if which == "tokenizer" else eq_tok_config.dino_disc(
       img_size=16, patch_size=8, dim=32, depth=2, num_heads=2, key_depths=(1,),
       image_size=16)

@@ -236,7 +236,7 @@ def test_evaluate_samples_follows_and_enforces_the_record(tmp_path):
 
 
 def test_weights_fingerprint_identifies_the_values():
-  from genvis_jax.evaluate import inception
+  from genvis_jax.models import inception
   rng = np.random.default_rng(3)
   tree = {"a": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)},
           "b": {"scale": np.ones(4, np.float32)}}
@@ -278,21 +278,21 @@ def _numpy_tokenizer(x):
 @pytest.fixture
 def tok_config(monkeypatch):
   from configs import base
-  from genvis_jax.evaluate import inception
-  from genvis_jax.models import lpips
   built = []
 
   def build(cfg):
     built.append(cfg)
     return FakeTokenizer(dtype=cfg.dtype)
   monkeypatch.setattr(tokenizer.models, "build", build)
-  monkeypatch.setattr(tokenizer.ckpt_lib, "load_model_params",
+  monkeypatch.setattr(tokenizer.models, "load_params",
                       lambda cfg, path, **kw: {})
-  monkeypatch.setattr(lpips, "load_lpips_params", lambda path: {})
-  monkeypatch.setattr(lpips, "lpips_distance", lambda p, a, b, value_range: (
+  monkeypatch.setattr(tokenizer.convert_lpips, "load_lpips_params",
+                      lambda path: {})
+  monkeypatch.setattr(tokenizer.lpips_lib, "lpips_distance", lambda p, a, b, value_range: (
       jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))))
-  monkeypatch.setattr(inception, "load_inception_params", lambda path: {})
-  monkeypatch.setattr(inception, "InceptionExtractor",
+  monkeypatch.setattr(tokenizer.convert_inception, "load_inception_params",
+                      lambda path: {})
+  monkeypatch.setattr(tokenizer.inception_lib, "InceptionExtractor",
                       lambda params, batch_size, preprocess: FakeExtractor(
                           batch_size))
   c = base.get_config()
@@ -310,7 +310,7 @@ def tok_config(monkeypatch):
 @pytest.mark.parametrize("batch", [4, 13])
 def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   from genvis_jax.data import DemoSource
-  from genvis_jax.train import metrics as metrics_lib
+  from genvis_jax.core import metrics as metrics_lib
   config, built = tok_config
   config.evaluate.batch_size = batch
   res = tokenizer.evaluate_tokenizer(config, str(tmp_path))

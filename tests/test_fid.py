@@ -234,7 +234,7 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   rng = np.random.default_rng(6)
   np.savez(tmp_path / "s.npz", _images(rng, 12))
   np.savez(tmp_path / "r.npz", _images(rng, 12, shift=30))
-  monkeypatch.setattr(gen_metrics.inception_lib, "load_inception_params",
+  monkeypatch.setattr(gen_metrics.convert_inception, "load_inception_params",
                       lambda path: {"path": path})
   monkeypatch.setattr(gen_metrics.inception_lib, "InceptionExtractor",
                       lambda params, **kw: FakeExtractor())

@@ -27,7 +27,7 @@ from genvis_jax.errors import UserError
 from genvis_jax.models import inference
 from genvis_jax.sample import driver
 from genvis_jax.sample import images as images_lib
-from genvis_jax.train import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint as ckpt_lib
 
 
 # --- official formulas, re-stated ---------------------------------------------

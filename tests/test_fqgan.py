@@ -15,7 +15,7 @@ from configs import (fqgan_demo, fqgan_dual_ds8, fqgan_dual_ds16,
 from genvis_jax import models
 from genvis_jax.models import fqgan
 from genvis_jax.models import teachers as teachers_lib
-from genvis_jax.train import sharding as shd
+from genvis_jax.core import sharding as shd
 from genvis_jax.train import trainer as trainer_lib
 from genvis_jax.train.tasks import fq_tokenizer as fqt
 

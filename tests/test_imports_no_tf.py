@@ -20,7 +20,7 @@ MODULES = (
     "genvis_jax.sample.rar", "genvis_jax.sample.far", "genvis_jax.sample.eq",
     "genvis_jax.evaluate.fid", "genvis_jax.evaluate.gen_metrics",
     "genvis_jax.evaluate.inception",
-    "genvis_jax.train.step", "genvis_jax.train.sharding",
+    "genvis_jax.train.step", "genvis_jax.core.sharding",
     "genvis_jax.train.state", "genvis_jax.train.optimizers",
     # What bench/accelerator.py builds the train step with.
     "genvis_jax.train.trainer", "genvis_jax.train.tasks.rar",

@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genvis_jax.convert.inception import convert_fid_inception
+from genvis_jax.convert.inception import (convert_fid_inception,
+                                         load_inception_params)
 from genvis_jax.evaluate import fid
-from genvis_jax.evaluate import inception as inc
-from genvis_jax.train.checkpoint import compare_trees
+from genvis_jax.evaluate.inception import InceptionExtractor
+from genvis_jax.models import inception as inc
+from genvis_jax.core.checkpoint import compare_trees
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures",
                       "fid_inception_golden.npz")
@@ -62,7 +64,7 @@ def test_matches_pytorch_fid(golden, state):
   params = convert_fid_inception(state)
   compare_trees(inc.abstract_inception_params(), params, "converted")
   # Two images split over two devices, the way evaluation runs.
-  ex = inc.InceptionExtractor(params, batch_size=2,
+  ex = InceptionExtractor(params, batch_size=2,
                               mesh=fid.data_mesh(jax.devices()[:2]))
   out = ex(golden["images"])
   assert out["pool"].shape == (2, 2048)
@@ -127,19 +129,19 @@ def test_converter_layout_and_errors(state):
 def test_load_inception_params_from_npz(tmp_path, state):
   pt = tmp_path / "pt_inception.npz"
   np.savez(pt, **state)
-  params = inc.load_inception_params(str(pt))
+  params = load_inception_params(str(pt))
   flax = tmp_path / "flax.npz"
   np.savez(flax, **inc.flatten_params(params))
-  again = inc.load_inception_params(str(flax))
+  again = load_inception_params(str(flax))
   for a, b in zip(jax.tree_util.tree_leaves(params),
                   jax.tree_util.tree_leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.savez(tmp_path / "short.npz", **{k: v for k, v in state.items()
                                       if not k.startswith("Mixed_7c")})
   with pytest.raises(ValueError, match="missing"):
-    inc.load_inception_params(str(tmp_path / "short.npz"))
+    load_inception_params(str(tmp_path / "short.npz"))
   with pytest.raises(FileNotFoundError, match="convert"):
-    inc.load_inception_params(str(tmp_path / "nope.npz"))
+    load_inception_params(str(tmp_path / "nope.npz"))
 
 
 def test_registered_converter_kind(state):

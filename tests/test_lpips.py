@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from genvis_jax.convert import lpips as convert_lpips
 from genvis_jax.models import lpips
 
 S = 32  # four 2x2 pools -> 2x2 maps at relu5_3
@@ -62,7 +63,7 @@ def setup(tmp_path_factory):
   state = _official_state()
   path = tmp_path_factory.mktemp("lpips") / "vgg_lpips.npz"
   np.savez(path, **state)
-  params = lpips.load_lpips_params(str(path))
+  params = convert_lpips.load_lpips_params(str(path))
   k1, k2 = jax.random.split(jax.random.key(0))
   x = jax.random.uniform(k1, (3, S, S, 3))
   y = jnp.clip(x + 0.2 * jax.random.normal(k2, x.shape), 0, 1)
@@ -78,7 +79,7 @@ def test_loads_official_layout(setup):
   np.testing.assert_array_equal(
       params["features_5"]["kernel"][1, 2, 7, 9],
       state["net.slice2.5.weight"][9, 7, 1, 2])
-  tv = lpips.convert_lpips_state(_official_state(torchvision_names=True))
+  tv = convert_lpips.convert_lpips_state(_official_state(torchvision_names=True))
   jax.tree_util.tree_map(np.testing.assert_array_equal, tv,
                          jax.tree_util.tree_map(np.asarray, params))
 
@@ -118,7 +119,7 @@ def test_bad_inputs_raise(setup, tmp_path):
   path = tmp_path / "partial.npz"
   np.savez(path, **state)
   with pytest.raises(ValueError, match="lin_3"):
-    lpips.load_lpips_params(str(path))
+    convert_lpips.load_lpips_params(str(path))
   with pytest.raises(ValueError, match="value_range"):
     lpips.lpips_distance(params, x, y, value_range=(0, 255))
   with pytest.raises(ValueError, match="one shape"):

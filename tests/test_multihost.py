@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 from genvis_jax.data import pipeline
-from genvis_jax.train import checkpoint as ckpt_lib
-from genvis_jax.train import sharding as shd
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import sharding as shd
 from genvis_jax.train import trainer as trainer_lib
 from tests import multihost_common
 

@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
+from genvis_jax import models
 from genvis_jax.errors import UserError
-from genvis_jax.train import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import trainer as trainer_lib
 from tests.test_checkpoint_resume import _config  # the smallest resumable run
@@ -252,7 +253,7 @@ def test_inference_loading_skips_a_damaged_latest_step(runs, tmp_path, caplog):
   _truncate_largest_data_file(os.path.join(wd, "checkpoints", "6"))
   model = _config(1).model
   with caplog.at_level(logging.WARNING):
-    got = ckpt_lib.load_model_params(model, wd, setting="--config.init_from")
+    got = models.load_params(model, wd, setting="--config.init_from")
   assert any("step 6" in r.getMessage() and "cannot be read" in r.getMessage()
              for r in caplog.records)
   for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
@@ -264,10 +265,10 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path):
   model = _config(1).model
   with pytest.raises(ckpt_lib.CheckpointNotFoundError,
                      match="--config.tokenizer.checkpoint=DIR"):
-    ckpt_lib.load_model_params(model, "", setting="--config.tokenizer.checkpoint")
+    models.load_params(model, "", setting="--config.tokenizer.checkpoint")
   with pytest.raises(ckpt_lib.CheckpointNotFoundError,
                      match=r"nowhere \(--config.init_from\)"):
-    ckpt_lib.load_model_params(model, str(tmp_path / "nowhere"),
+    models.load_params(model, str(tmp_path / "nowhere"),
                                setting="--config.init_from")
   other = ml_collections_copy(model, name="rar")
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
@@ -278,7 +279,7 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path):
     _truncate_largest_data_file(os.path.join(_copy_once(runs[1], tmp_path),
                                              "checkpoints", damage))
   with pytest.raises(ckpt_lib.CheckpointRestoreError, match="step 6.*\n.*step 3"):
-    ckpt_lib.load_model_params(model, _copy_once(runs[1], tmp_path))
+    models.load_params(model, _copy_once(runs[1], tmp_path))
 
 
 def _copy_once(base, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from genvis_jax.train import sharding as shd
+from genvis_jax.core import sharding as shd
 from genvis_jax.train import trainer as trainer_lib
 
 

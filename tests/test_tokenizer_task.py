@@ -8,7 +8,7 @@ import numpy as np
 
 from configs import demo
 from genvis_jax.train import losses as gan_lib
-from genvis_jax.train import sharding as shd
+from genvis_jax.core import sharding as shd
 from genvis_jax.train import trainer as trainer_lib
 from genvis_jax.train.tasks import tokenizer as tok
 

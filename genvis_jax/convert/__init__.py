@@ -26,7 +26,7 @@ import numpy as np
 
 from genvis_jax import errors
 from genvis_jax.convert import io
-from genvis_jax.train.checkpoint import CheckpointMismatchError, compare_trees
+from genvis_jax.core.checkpoint import CheckpointMismatchError, compare_trees
 
 __all__ = ["KINDS", "Kind", "from_torch", "convert_file", "CheckpointMismatchError"]
 
@@ -90,7 +90,7 @@ def model_shapes(model_config):
 def write_orbax(dst: str, params, state_dict) -> None:
   """Parameter-only Orbax checkpoint ``dst/params`` (read by ``init_from``)."""
   del state_dict
-  from genvis_jax.train.checkpoint import save_params
+  from genvis_jax.core.checkpoint import save_params
   save_params(dst, params)
 
 

@@ -7,12 +7,20 @@ Rename + transpose only:
   Mixed_6d.branch1x1.bn.running_mean / _var     -> .../bn/mean / var
   fc.weight (1008, 2048) / fc.bias              -> fc/kernel (2048, 1008) / fc/bias
 ``*.num_batches_tracked`` (BatchNorm step counters) carry no weights and are
-skipped.
+skipped. ``load_inception_params`` reads any of the files the evaluator accepts.
 """
 
 from __future__ import annotations
 
+import os
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from genvis_jax.convert import io
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.models import inception
 
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
        "running_var": "var"}
@@ -68,5 +76,39 @@ def convert_fid_inception(state_dict: dict[str, np.ndarray],
 def inception_shapes(model_config=None):
   """Abstract params the converted tree must match (one architecture)."""
   del model_config
-  from genvis_jax.evaluate.inception import abstract_inception_params  # pylint: disable=import-outside-toplevel
-  return abstract_inception_params()
+  return inception.abstract_inception_params()
+
+
+def load_inception_params(path: str) -> dict:
+  """Inception params from a local file; nothing is downloaded.
+
+  ``path`` is one of:
+    * a directory written by ``python -m genvis_jax.convert --kind=inception``
+      (Orbax ``params`` checkpoint);
+    * an ``.npz`` of our Flax layout (keys ``Mixed_5b/branch1x1/conv/kernel``,
+      from ``flatten_params``);
+    * pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` itself (read
+      without torch) or its state dict saved as ``.npz`` (keys
+      ``Mixed_5b.branch1x1.conv.weight``), converted on the fly.
+  The tree is checked against the model's; a mismatch names the keys.
+  """
+  abstract = inception.abstract_inception_params()
+  setting = "--config.evaluate.inception"
+  if os.path.isdir(path):
+    return ckpt_lib.load_params(path, abstract, setting=setting)
+  if not os.path.exists(path):
+    raise io.CheckpointFileNotFoundError(
+        f"No Inception weights at {path!r}. Convert pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth with `python -m genvis_jax.convert "
+        "--kind=inception` (or save its state dict as .npz) and pass that path.")
+  if path.endswith((".npz", ".pth", ".pt", ".bin")):
+    flat = io.load_state_dict(path, setting=setting)
+  else:
+    raise io.CheckpointFileError(f"Inception weights {path!r}: expected a converted params "
+                     "directory, an .npz file or the .pth state dict.")
+  if any("." in k for k in flat):
+    params = convert_fid_inception(flat)
+  else:
+    params = inception.unflatten_params(flat)
+  ckpt_lib.compare_trees(abstract, params, f"Inception weights {path}")
+  return jax.tree_util.tree_map(jnp.asarray, params)

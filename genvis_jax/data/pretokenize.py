@@ -35,7 +35,6 @@ from genvis_jax import models
 from genvis_jax.data import pipeline
 from genvis_jax.models import inference
 from genvis_jax.data import tokens as tokens_lib
-from genvis_jax.train import checkpoint as ckpt_lib
 
 
 def ten_crop_cover(size: int) -> int:
@@ -142,7 +141,7 @@ def pretokenize(config, workdir: str) -> dict:
                        devices=jax.local_devices())
   model_cfg = inference.data_model_config(tok)
   model = models.build(model_cfg)
-  params = ckpt_lib.load_model_params(
+  params = models.load_params(
       model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
   encode = make_encoder(model, params, mesh)
   it, info = image_batches(p, value_range)

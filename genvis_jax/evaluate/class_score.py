@@ -12,7 +12,6 @@ from absl import logging
 
 from genvis_jax import models
 from genvis_jax.evaluate import batching
-from genvis_jax.train import checkpoint as ckpt_lib
 
 
 def conditioning_accuracy(classifier, params, images_uint8, labels,
@@ -42,7 +41,7 @@ def evaluate_class_score(config, workdir: str) -> dict:
   with np.load(ev.samples) as d:
     images, labels = d["arr_0"], d["labels"]
   classifier = models.build(config.model)
-  params = ckpt_lib.load_model_params(
+  params = models.load_params(
       config.model, ev.classifier_checkpoint,
       setting="--config.evaluate.classifier_checkpoint")
   acc = conditioning_accuracy(classifier, params, images, labels)

@@ -76,11 +76,10 @@ def evaluate_demo_fid(config, workdir: str) -> dict:
   (default: as many as samples; more than the split holds is an error) of
   ``config.data.eval_split``; ``config.model`` is the classifier's."""
   from genvis_jax.evaluate import reference as ref_lib  # pylint: disable=import-outside-toplevel
-  from genvis_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
   with np.load(ev.samples) as d:
     samples = d["arr_0"]
-  params = ckpt_lib.load_model_params(
+  params = models.load_params(
       config.model, ev.classifier_checkpoint,
       setting="--config.evaluate.classifier_checkpoint")
   num_ref = ev.get("num_reference", 0) or len(samples)

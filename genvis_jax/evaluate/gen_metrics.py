@@ -22,6 +22,7 @@ from absl import logging
 
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
+from genvis_jax.convert import inception as convert_inception
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.evaluate import reference as ref_lib
 
@@ -129,7 +130,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
   if extractor is None:
     if inception_params is None:
       raise ValueError("evaluate_samples needs inception_params (see "
-                       "inception.load_inception_params) or an extractor.")
+                       "convert.inception.load_inception_params) or an extractor.")
     extractor = inception_lib.InceptionExtractor(
         inception_params, batch_size=batch_size, mesh=mesh, preprocess=chosen)
   elif getattr(extractor, "preprocess", chosen) != chosen:
@@ -204,14 +205,14 @@ def evaluate_generation(config, workdir: str) -> dict:
   follow the reference), distance_dtype. Writes ``workdir/metrics.json`` and
   TensorBoard scalars.
   """
-  from genvis_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
   for key in ("samples", "reference", "inception"):
     if not ev.get(key):
       raise ValueError(f"config.evaluate.{key} is not set: generation metrics "
                        "need samples (npz), reference (ADM npz) and inception "
                        "(converted weights) paths.")
-  params = inception_lib.load_inception_params(ev.inception)
+  params = convert_inception.load_inception_params(ev.inception)
   results = evaluate_samples(
       ev.samples, ev.reference, params, batch_size=ev.get("batch_size", 200),
       num_samples=ev.get("num_samples", None) or None,

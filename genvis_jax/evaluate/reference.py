@@ -8,7 +8,7 @@ Format of openai/guided-diffusion's reference batches (e.g.
   mu, sigma      float64 (2048,), (2048, 2048)   pool statistics (FID)
   mu_s, sigma_s  float64 (2023,), (2023, 2023)   spatial statistics (sFID)
 ADM computed these statistics with TensorFlow's Inception graph, whose resize is
-TF1's legacy bilinear one: our ``adm_tf`` preprocessing (``inception.py``).
+TF1's legacy bilinear one: our ``adm_tf`` preprocessing (``models/inception.py``).
 
 Files written here record how they were made (ADM's evaluator ignores extra
 keys):

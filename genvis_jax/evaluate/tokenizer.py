@@ -15,11 +15,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from genvis_jax import data as data_lib
 from genvis_jax import models
+from genvis_jax.convert import inception as convert_inception
+from genvis_jax.convert import lpips as convert_lpips
+from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
-from genvis_jax.train import checkpoint as ckpt_lib
-from genvis_jax.train import metrics as metrics_lib
+from genvis_jax.evaluate import inception as inception_lib
+from genvis_jax.models import lpips as lpips_lib
 
 
 def psnr(x: np.ndarray, y: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
@@ -122,16 +126,14 @@ def eval_model_config(model_config, dtype: str | None):
 
 def _lpips_fn(lpips_path: str, value_range):
   """jitted (B, H, W, 3) pair -> (B,) LPIPS (VGG, local weights)."""
-  from genvis_jax.models import lpips as lpips_lib  # pylint: disable=import-outside-toplevel
-  params = lpips_lib.load_lpips_params(lpips_path)
+  params = convert_lpips.load_lpips_params(lpips_path)
   fn = jax.jit(lambda p, a, b: lpips_lib.lpips_distance(
       p, a, b, value_range=value_range))
   return lambda a, b: np.asarray(fn(params, jnp.asarray(a), jnp.asarray(b)))
 
 
 def _rfid_extractor(inception_path: str, batch_size: int, preprocess: str):
-  from genvis_jax.evaluate import inception as inception_lib  # pylint: disable=import-outside-toplevel
-  params = inception_lib.load_inception_params(inception_path)
+  params = convert_inception.load_inception_params(inception_path)
   return inception_lib.InceptionExtractor(params, batch_size=batch_size,
                                           preprocess=preprocess)
 
@@ -187,12 +189,11 @@ def evaluate_tokenizer(config, workdir: str) -> dict:
   Raises ``batching.NotEnoughImages`` when the split has fewer images than
   ``num_images``.
   """
-  from genvis_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
   value_range = tuple(config.data.get("value_range", (0.0, 1.0)))
   model_config = eval_model_config(config.model, ev.get("dtype", "float32"))
   model = models.build(model_config)
-  params = jax.device_put(ckpt_lib.load_model_params(
+  params = jax.device_put(models.load_params(
       model_config, ev.checkpoint, setting="--config.evaluate.checkpoint"))
   batch_size = int(ev.batch_size)
   split = config.data.eval_split

@@ -13,6 +13,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.errors import ConfigError
+
 _BUILDERS: dict[str, Callable[[Any], nn.Module]] = {}
 _EXAMPLES: dict[str, Callable[[Any, int], tuple]] = {}
 
@@ -79,7 +82,6 @@ def value_range(model_config) -> tuple[float, float]:
 
   Raises ``ConfigError`` for a model that is not an image tokenizer.
   """
-  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   rng = getattr(build(model_config), "value_range", None)
   if rng is None:
     raise ConfigError(f"Model {model_config.name!r} is not an image tokenizer "
@@ -90,3 +92,31 @@ def value_range(model_config) -> tuple[float, float]:
 
 def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def load_params(model_config, directory: str, mesh=None, *,
+                setting: str = "the checkpoint path"):
+  """Parameters of ``build(model_config)`` from a checkpoint directory.
+
+  The one way weights reach a model at inference: ``directory`` is what
+  ``python -m genvis_jax.convert`` writes or a training workdir (its EMA
+  weights when tracked, see ``core.checkpoint.load_params``); replicated over
+  ``mesh`` when given. ``setting`` names the config key the path came from
+  (for the messages). Raises ``CheckpointNotFoundError`` (no path, nothing
+  there), ``CheckpointMismatchError`` (another model or other shapes) and
+  ``CheckpointRestoreError`` (no readable step).
+  """
+  if not directory:
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"No checkpoint given for the {model_config.name!r} model: set "
+        f"{setting}=DIR (a converted checkpoint from `python -m "
+        "genvis_jax.convert` or a training workdir).")
+  abstract = jax.eval_shape(
+      lambda r: init_params(model_config, r), jax.random.key(0))
+  if mesh is not None:
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        abstract)
+  return ckpt_lib.load_params(directory, abstract, setting=setting,
+                              model_name=model_config.name)

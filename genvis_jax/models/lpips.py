@@ -6,12 +6,12 @@ input, n(.) unit-normalisation over channels (eps 1e-10) and w_l >= 0 the learne
 1x1 linear heads (no bias). Inputs are first mapped to [-1, 1] (what LPIPS was
 trained on), then shifted/scaled by LPIPS's ScalingLayer constants.
 
-Nothing downloads: ``load_lpips_params(path)`` reads a local ``.npz``.
+Nothing downloads: ``genvis_jax.convert.lpips.load_lpips_params(path)`` reads
+a local ``.npz``.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -73,61 +73,6 @@ class LPIPS(nn.Module):
     return total
 
 
-_SLICE_KEY = re.compile(r"^net\.slice(\d)\.(\d+)\.(weight|bias)$")
-_TV_KEY = re.compile(r"^features\.(\d+)\.(weight|bias)$")
-_LIN_KEY = re.compile(r"^lin(\d)\.model\.1\.weight$")
-
-
-def convert_lpips_state(state: dict[str, np.ndarray]) -> dict:
-  """Official LPIPS / torchvision names (numpy, OIHW) -> LPIPS Flax params."""
-  vgg_idx = {i for idxs in VGG_SLICES for i in idxs}
-  params: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in state.items():
-    value = np.asarray(value, np.float32)
-    m = _SLICE_KEY.match(key) or _TV_KEY.match(key)
-    if m:
-      idx, kind = int(m.groups()[-2]), m.groups()[-1]
-      if idx not in vgg_idx:
-        raise ValueError(f"{key!r} is not a VGG16 conv (indices {sorted(vgg_idx)}).")
-      leaf = value.transpose(2, 3, 1, 0) if kind == "weight" else value
-      params.setdefault(f"features_{idx}", {})[
-          "kernel" if kind == "weight" else "bias"] = leaf
-      continue
-    m = _LIN_KEY.match(key)
-    if m:
-      params[f"lin_{int(m.group(1))}"] = {"kernel": value.transpose(2, 3, 1, 0)}
-  expected = {f"features_{i}" for i in vgg_idx} | {f"lin_{k}" for k in range(5)}
-  missing = sorted(expected - set(params))
-  missing += sorted(f"features_{i}/bias" for i in vgg_idx
-                    if "bias" not in params.get(f"features_{i}", {"bias": 0}))
-  if missing:
-    raise ValueError(f"LPIPS weights incomplete, missing {missing}. Expected keys "
-                     f"'net.slice{{s}}.{{idx}}.weight/bias' or "
-                     f"'features.{{idx}}.weight/bias' for idx in {sorted(vgg_idx)} "
-                     f"and 'lin{{k}}.model.1.weight' for k in 0..4.")
-  return params
-
-
-def load_lpips_params(path: str) -> dict:
-  """Loads LPIPS weights from a local ``.npz`` into Flax layout.
-
-  Expected keys (numpy arrays in PyTorch layout):
-    VGG16 convs, either LPIPS names ``net.slice{s}.{idx}.weight`` / ``.bias``
-    (s = 1..5, idx in 0,2 | 5,7 | 10,12,14 | 17,19,21 | 24,26,28; weight
-    (C_out, C_in, 3, 3)) or torchvision names ``features.{idx}.weight`` /
-    ``.bias`` with the same idx;
-    linear heads ``lin{k}.model.1.weight`` (1, C_k, 1, 1), k = 0..4,
-    C = 64, 128, 256, 512, 512.
-  Other keys (e.g. ``scaling_layer.shift``, torchvision classifier) are ignored.
-  Returns the ``params`` pytree of ``LPIPS`` (kernels HWIO).
-  """
-  from genvis_jax.convert import io as convert_io  # pylint: disable=import-outside-toplevel
-  state = convert_io.load_state_dict(
-      path, setting="the LPIPS weights path (loss.lpips_path / evaluate.lpips_path)")
-  params = convert_lpips_state(state)
-  return jax.tree_util.tree_map(jnp.asarray, params)
-
-
 _RANGES = ((0.0, 1.0), (-1.0, 1.0))
 
 
@@ -137,7 +82,7 @@ def lpips_distance(params, x: jax.Array, y: jax.Array, *,
   """LPIPS distance per image.
 
   Args:
-    params: from ``load_lpips_params`` (not trained: wrap in stop_gradient).
+    params: from ``convert.lpips.load_lpips_params`` (not trained: wrap in stop_gradient).
     x, y: (B, H, W, 3) images in ``value_range``: (0, 1) (default, MaskGIT's
       range) is mapped to [-1, 1]; (-1, 1) is used as is.
     dtype: conv compute dtype (bfloat16 saves memory in training).

@@ -32,7 +32,6 @@ from absl import logging
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import inference
-from genvis_jax.train import checkpoint as ckpt_lib
 from genvis_jax.sample import images as images_lib
 
 # config.model.name -> "module:function(model, params, labels, rng, sample_cfg)"
@@ -91,7 +90,7 @@ def make_decode_fn(tok, mesh):
   model_cfg = inference.data_model_config(tok)
   method = images_lib.uint8_method(tok)
   tok_model = models.build(model_cfg)
-  tok_params = ckpt_lib.load_model_params(
+  tok_params = models.load_params(
       model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
   value_range = tuple(tok.get("value_range", (0.0, 1.0)))
 
@@ -106,7 +105,7 @@ def make_decode_fn(tok, mesh):
 def make_sample_fn(config, mesh):
   """Returns ``f(labels (B,), rng) -> uint8 (B, H, W, 3)`` and the batch sharding."""
   gen_model = models.build(config.model)
-  gen_params = ckpt_lib.load_model_params(
+  gen_params = models.load_params(
       config.model, config.init_from, mesh, setting="--config.init_from")
   decode = make_decode_fn(config.tokenizer, mesh)
   generate = _generator(config.model.name)

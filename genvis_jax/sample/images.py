@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from genvis_jax.errors import UserError
-from genvis_jax.train import metrics
+from genvis_jax.core import metrics
 
 UINT8_METHODS = ("truncate", "llamagen", "round")
 

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genvis_jax.train import sharding as shd
+from genvis_jax.core import sharding as shd
 
 PyTree = Any
 

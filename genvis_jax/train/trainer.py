@@ -17,10 +17,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from genvis_jax.train import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.train import guard as guard_lib
-from genvis_jax.train import metrics as metrics_lib
-from genvis_jax.train import sharding as shd
+from genvis_jax.core import metrics as metrics_lib
+from genvis_jax.core import sharding as shd
 from genvis_jax.train import state as state_lib
 from genvis_jax.train import step as step_lib
 from genvis_jax.train import tasks as tasks_lib

@@ -2,7 +2,7 @@
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``); one
 rules table in the config (``config.sharding.rules``) maps them to mesh axes, see
-``genvis_jax/train/sharding.py``. Parameter names stay Flax defaults (``kernel``,
+``genvis_jax/core/sharding.py``. Parameter names stay Flax defaults (``kernel``,
 ``bias``, ``scale``, ``embedding``) so converting a PyTorch state dict is a renaming
 plus a transpose. Call the factories inside ``@nn.compact`` with ``name=`` set to
 the official module name (e.g. ``conv_in``, ``norm1``).

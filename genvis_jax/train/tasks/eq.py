@@ -296,7 +296,7 @@ class EqGeneratorTask(Task):
       self._frozen = {}
       path = self.config.tokenizer.checkpoint
       if path:
-        from genvis_jax.train import checkpoint as ckpt_lib
+        from genvis_jax.core import checkpoint as ckpt_lib
         abstract = jax.eval_shape(
             lambda k: models.init_params(self.config.tokenizer.model, k),
             jax.random.key(0))
@@ -355,7 +355,7 @@ class EqGeneratorTask(Task):
     if "tokenizer" not in frozen:
       return {}
     from genvis_jax.sample import eq as eq_sample
-    from genvis_jax.train.metrics import to_uint8  # lazy: imports TensorFlow
+    from genvis_jax.core.metrics import to_uint8  # lazy: imports TensorFlow
     sp, n = self.config.sample, min(8, batch["label"].shape[0])
     labels = batch["label"][:n]
     width = (batch["latents"].shape[1] if "latents" in batch

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from genvis_jax import models
+from genvis_jax.convert import lpips as convert_lpips
 from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.train import losses as gan_lib
 from genvis_jax.train.tasks import Task, tokenizer_value_range
@@ -104,7 +105,7 @@ class GANTokenizerTask(Task):
     if not self.use_lpips:
       return {}
     if self._lpips_params is None:
-      self._lpips_params = lpips_lib.load_lpips_params(self.config.loss.lpips_path)
+      self._lpips_params = convert_lpips.load_lpips_params(self.config.loss.lpips_path)
     return {"lpips": self._lpips_params}
 
   # --- pieces ---------------------------------------------------------------
@@ -191,7 +192,7 @@ class GANTokenizerTask(Task):
     """{"reconstruction": uint8 (2N, H, W, 3)}: originals and reconstructions
     side by side, one pair per row."""
     del frozen, rng
-    from genvis_jax.train.metrics import to_uint8  # lazy: imports TensorFlow
+    from genvis_jax.core.metrics import to_uint8  # lazy: imports TensorFlow
     images = batch["image"]
     recon, _ = self._reconstruct(params["model"], images)
     recon = jnp.clip(recon, *self.value_range)

@@ -24,7 +24,7 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.models.rar import permute
-from genvis_jax.train.metrics import to_uint8
+from genvis_jax.core.metrics import to_uint8
 from genvis_jax.train.tasks import Task, register, tokenizer_value_range
 
 
@@ -118,8 +118,7 @@ class RARTask(Task):
           "training (or config.train.image_every=0 to silence this).")
       return {}
     if self._tokenizer_params is None:
-      from genvis_jax.train import checkpoint as ckpt_lib
-      self._tokenizer_params = ckpt_lib.load_model_params(
+      self._tokenizer_params = models.load_params(
           tok.model, tok.checkpoint, setting="--config.tokenizer.checkpoint")
     return {"tokenizer": self._tokenizer_params}
 

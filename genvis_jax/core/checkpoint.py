@@ -477,25 +477,3 @@ def _load_workdir_params(path, abstract_params, where: str, model_name: str):
   raise CheckpointRestoreError(
       f"No checkpoint step under {path / 'checkpoints'}{where} can be read; "
       "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))
-
-
-def load_model_params(model_config, directory: str, mesh=None, *,
-                      setting: str = "the checkpoint path"):
-  """Parameters of ``models.build(model_config)`` from a converted or training
-  checkpoint; replicated over ``mesh`` when given. ``setting`` names the
-  config key the path came from (for the messages)."""
-  from genvis_jax import models  # pylint: disable=import-outside-toplevel
-  if not directory:
-    raise CheckpointNotFoundError(
-        f"No checkpoint given for the {model_config.name!r} model: set "
-        f"{setting}=DIR (a converted checkpoint from `python -m "
-        "genvis_jax.convert` or a training workdir).")
-  abstract = jax.eval_shape(
-      lambda r: models.init_params(model_config, r), jax.random.key(0))
-  if mesh is not None:
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-        abstract)
-  return load_params(directory, abstract, setting=setting,
-                     model_name=model_config.name)

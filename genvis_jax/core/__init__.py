@@ -1,0 +1,11 @@
+"""The bottom layer: what every other layer may use and which uses none of them.
+
+  checkpoint  Orbax checkpoints (training state, parameter-only checkpoints,
+              validation, fallback to the newest readable step)
+  metrics     clu metric writers, progress, image grids
+  sharding    the device mesh and the one logical-axis rules table
+  registry    ``resolve()``: config strings -> the module or function they name
+
+Modules here import only jax / flax / orbax / clu / numpy and
+``genvis_jax.errors``; ``tests/test_structure.py`` checks it.
+"""
