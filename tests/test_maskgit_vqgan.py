@@ -11,6 +11,7 @@ from configs import maskgit_vqgan as paper_config
 from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models import maskgit_vqgan as mv
+from genvis_jax.models.layers import resnet
 
 HW = 16  # tiny: two levels -> 8x8 token grid
 
@@ -79,7 +80,7 @@ def test_same_padding_is_asymmetric_for_even_strided_input():
   pooled = mv.avg_pool_2x2(x)
   np.testing.assert_allclose(pooled[0, 1, 2], x[0, 2:4, 4:6].mean((0, 1)),
                              rtol=1e-6)
-  up = mv.upsample_nearest_2x(pooled)
+  up = resnet.upsample_nearest_2x(pooled)
   np.testing.assert_array_equal(up[0, 2:4, 4:6], jnp.broadcast_to(
       pooled[0, 1, 2], (2, 2, 2)))
   with pytest.raises(ValueError, match="even"):
@@ -101,11 +102,11 @@ def _conv(x, k):
       precision=jax.lax.Precision.HIGHEST)
 
 
-def test_resnet_block_applies_nin_shortcut_to_post_conv2_features():
+def test_resnet_block_applies_shortcut_to_post_conv2_features():
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 32))
-  block = mv.ResnetBlock(64)
+  block = resnet.ResnetBlock(64, **mv.RES_BLOCK)
   p = nn.unbox(block.init(jax.random.key(1), x)["params"])
-  assert p["nin_shortcut"]["kernel"].shape == (1, 1, 64, 64)
+  assert p["shortcut"]["kernel"].shape == (1, 1, 64, 64)
   # Random norm affines so they are exercised too.
   keys = iter(jax.random.split(jax.random.key(2), 4))
   for n in ("norm1", "norm2"):
@@ -115,12 +116,12 @@ def test_resnet_block_applies_nin_shortcut_to_post_conv2_features():
   h = _conv(h, p["conv1"]["kernel"])
   h = jax.nn.silu(_group_norm(h, p["norm2"]["scale"], p["norm2"]["bias"]))
   h = _conv(h, p["conv2"]["kernel"])
-  want = h + _conv(h, p["nin_shortcut"]["kernel"])
+  want = h + _conv(h, p["shortcut"]["kernel"])
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
-  # Same width: identity residual, no nin_shortcut parameter.
-  same = mv.ResnetBlock(32)
+  # Same width: identity residual, no shortcut parameter.
+  same = resnet.ResnetBlock(32, **mv.RES_BLOCK)
   ps = same.init(jax.random.key(3), x)["params"]
-  assert "nin_shortcut" not in ps
+  assert "shortcut" not in ps
   h2 = same.apply({"params": ps}, x) - x
   assert float(jnp.abs(h2).max()) > 0
 
@@ -134,14 +135,14 @@ def test_paper_size_parameter_count():
   assert abs(models.count_params(shapes["encoder"]) / 1e6 - 23.8) < 0.05
   assert abs(models.count_params(shapes["decoder"]) / 1e6 - 30.5) < 0.05
   assert shapes["quantize"]["embedding"].shape == (1024, 256)
-  # nin_shortcut exactly where the checkpoint has them.
+  # shortcut (official nin_shortcut) exactly where the checkpoint has them.
   enc = shapes["encoder"]
   dec = shapes["decoder"]
-  assert {f"down_{i}" for i in range(5) if "nin_shortcut" in
+  assert {f"down_{i}" for i in range(5) if "shortcut" in
           enc[f"down_{i}"]["block_0"]} == {"down_2", "down_4"}
-  assert {f"up_{i}" for i in range(5) if "nin_shortcut" in
+  assert {f"up_{i}" for i in range(5) if "shortcut" in
           dec[f"up_{i}"]["block_0"]} == {"up_1", "up_3"}
-  assert "upsample_conv" not in dec["up_0"] and "upsample_conv" in dec["up_4"]
+  assert "upsample" not in dec["up_0"] and "conv" in dec["up_4"]["upsample"]
   ex = models.example_inputs(cfg, 2)[0]
   assert ex.shape == (2, 256, 256, 3)
 

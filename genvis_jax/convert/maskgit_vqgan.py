@@ -6,27 +6,22 @@ Rename + transpose only:
   *.bias                                              -> */bias
   quantize.embedding.weight (1024, 256)               -> quantize/embedding (unchanged)
 A list name followed by an index ("down.2", "block.0", "mid.1", "up.4") becomes
-one module name ("down_2", ...), matching ``genvis_jax/models/maskgit_vqgan.py``.
+one module name ("down_2", ...); the modules the shared blocks of
+``genvis_jax/models/layers/resnet.py`` name otherwise are renamed (``RENAMES``):
+  encoder.down.2.block.0.nin_shortcut.weight -> encoder/down_2/block_0/shortcut/kernel
+  decoder.up.4.upsample_conv.weight          -> decoder/up_4/upsample/conv/kernel
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from genvis_jax.convert import tree
+
 _LISTS = ("down", "up", "block", "mid")
 _PREFIXES = ("encoder", "decoder", "quantize")
-
-
-def _module_path(parts: list[str]) -> list[str]:
-  out, i = [], 0
-  while i < len(parts):
-    if parts[i] in _LISTS and i + 1 < len(parts) and parts[i + 1].isdigit():
-      out.append(f"{parts[i]}_{parts[i + 1]}")
-      i += 2
-    else:
-      out.append(parts[i])
-      i += 1
-  return out
+# Official module name -> Flax module path (models/maskgit_vqgan.py).
+RENAMES = {**tree.RESNET_RENAMES, "upsample_conv": "upsample/conv"}
 
 
 def _leaf(key: str, value: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -36,8 +31,8 @@ def _leaf(key: str, value: np.ndarray) -> tuple[list[str], np.ndarray]:
                      f"one of {_PREFIXES}.")
   if key == "quantize.embedding.weight":
     return ["quantize", "embedding"], value
-  *mods, kind = parts
-  path = _module_path(mods)
+  module, _, kind = key.rpartition(".")
+  path = tree.rename_modules(tree.module_path(module, _LISTS), RENAMES)
   if kind == "bias":
     return path + ["bias"], value
   if kind != "weight":

@@ -52,13 +52,26 @@ def module_path(key: str, lists: tuple[str, ...]) -> list[str]:
   return out
 
 
-def convnet_leaf(key: str, value: np.ndarray, lists: tuple[str, ...]):
+# Official module names (taming / LDM ResnetBlock) that the shared conv blocks
+# of ``genvis_jax/models/layers/resnet.py`` call by what they are.
+RESNET_RENAMES = {"nin_shortcut": "shortcut"}
+
+
+def rename_modules(path: list[str], renames: dict[str, str]) -> list[str]:
+  """Replaces each module name of ``path`` found in ``renames`` (official ->
+  Flax name; a Flax name may span levels, ``"upsample/conv"``)."""
+  return [n for m in path for n in renames.get(m, m).split("/")]
+
+
+def convnet_leaf(key: str, value: np.ndarray, lists: tuple[str, ...],
+                 renames: dict[str, str] | None = None):
   """Flax path and leaf of a conv-net parameter: 4-D weight -> conv ``kernel``
   (HWIO), 1-D weight -> norm ``scale``, 2-D weight -> Dense ``kernel``,
-  bias -> ``bias``. Anything else keeps its official name (reported as
+  bias -> ``bias``; module names renamed by ``renames`` (see
+  ``rename_modules``). Anything else keeps its official name (reported as
   unexpected)."""
   module, _, kind = key.rpartition(".")
-  path = "/".join(module_path(module, lists))
+  path = "/".join(rename_modules(module_path(module, lists), renames or {}))
   if kind == "bias":
     return f"{path}/bias", value
   if kind == "weight" and value.ndim == 4:

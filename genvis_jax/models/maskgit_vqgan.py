@@ -5,12 +5,16 @@ attention, TF "SAME" padding, 2x2 average-pool downsampling, nearest x2 upsampli
 + conv, GroupNorm(32, eps 1e-6), SiLU, codebook 1024 x 256 with plain squared-L2
 search. Input pixels in [0, 1]; ``decode`` clamps to [0, 1].
 
-Module names mirror the official PyTorch keys with "." -> "_" between a list name
-and its index, so converting is a rename + transpose:
-  encoder.down.2.block.0.conv1.weight -> encoder/down_2/block_0/conv1/kernel
-  decoder.up.4.upsample_conv.bias     -> decoder/up_4/upsample_conv/bias
-  encoder.mid.1.norm2.weight          -> encoder/mid_1/norm2/scale
-  quantize.embedding.weight           -> quantize/embedding
+The res blocks and the upsampler are the shared ones of
+``genvis_jax.models.layers.resnet`` with MaskGIT's options (``RES_BLOCK``).
+Module names follow the official PyTorch keys ("." -> "_" between a list name
+and its index) except where a shared block names its parts; the renames live
+in ``genvis_jax.convert.maskgit_vqgan``:
+  encoder.down.2.block.0.conv1.weight        -> encoder/down_2/block_0/conv1/kernel
+  encoder.down.2.block.0.nin_shortcut.weight -> encoder/down_2/block_0/shortcut/kernel
+  decoder.up.4.upsample_conv.bias            -> decoder/up_4/upsample/conv/bias
+  encoder.mid.1.norm2.weight                 -> encoder/mid_1/norm2/scale
+  quantize.embedding.weight                  -> quantize/embedding
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.models import layers, register
+from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
 Dtype = Any
@@ -37,44 +42,20 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
-def upsample_nearest_2x(x: jax.Array) -> jax.Array:
-  """(B, H, W, C) -> (B, 2H, 2W, C), nearest neighbour."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+# MaskGIT's block quirks: TF SAME padding, bias-free convs, and the 1x1
+# shortcut applied to the post-conv2 features (needed for checkpoint parity).
+RES_BLOCK = dict(padding="same", use_bias=False, shortcut_from="output")
 
 
-class ResnetBlock(nn.Module):
-  """GN -> SiLU -> conv3x3 -> GN -> SiLU -> dropout -> conv3x3, plus residual.
-
-  MaskGIT quirk: when channels change, the residual is ``nin_shortcut`` (1x1, no
-  bias) applied to the *post-conv2 features*, not to the block input, so the
-  block returns h + nin_shortcut(h). Parity with the checkpoint requires it.
-  """
-  out_channels: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.group_norm(name="norm1", **kw)(x)
-    h = nn.silu(h)
-    h = layers.conv(self.out_channels, 3, use_bias=False, name="conv1", **kw)(h)
-    h = layers.group_norm(name="norm2", **kw)(h)
-    h = nn.silu(h)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = layers.conv(self.out_channels, 3, use_bias=False, name="conv2", **kw)(h)
-    if x.shape[-1] != self.out_channels:
-      residual = layers.conv(self.out_channels, 1, use_bias=False,
-                             name="nin_shortcut", **kw)(h)
-    else:
-      residual = x
-    return h + residual
-
-
-def _res_block_cls(remat: str):
-  # self=0, x=1, train=2: `train` is a Python bool and must stay static.
-  return layers.maybe_remat(ResnetBlock, remat, static_argnums=(2,))
+def res_blocks(x, train: bool, *, count: int, out_channels: int, dropout: float,
+               remat: str, prefix: str, kw: dict):
+  """``count`` MaskGIT res blocks named ``{prefix}{j}``; call inside a compact
+  method. (B, H, W, C) -> (B, H, W, out_channels)."""
+  block = resnet.remat_block(resnet.ResnetBlock, remat)
+  for j in range(count):
+    x = block(out_channels, dropout, **RES_BLOCK, name=f"{prefix}{j}", **kw)(
+        x, train)
+  return x
 
 
 class DownBlock(nn.Module):
@@ -89,15 +70,16 @@ class DownBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    block = _res_block_cls(self.remat)
-    for j in range(self.num_res_blocks):
-      x = block(self.out_channels, self.dropout, self.dtype, self.param_dtype,
-                name=f"block_{j}")(x, train)
+    x = res_blocks(x, train, count=self.num_res_blocks,
+                   out_channels=self.out_channels, dropout=self.dropout,
+                   remat=self.remat, prefix="block_",
+                   kw=dict(dtype=self.dtype, param_dtype=self.param_dtype))
     return avg_pool_2x2(x) if self.downsample else x
 
 
 class UpBlock(nn.Module):
-  """``num_res_blocks`` res blocks then (unless level 0) nearest x2 + conv3x3."""
+  """``num_res_blocks`` res blocks then (unless level 0) ``upsample``: nearest
+  x2 + conv3x3."""
   out_channels: int
   num_res_blocks: int
   upsample: bool
@@ -108,14 +90,13 @@ class UpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    block = _res_block_cls(self.remat)
-    for j in range(self.num_res_blocks):
-      x = block(self.out_channels, self.dropout, self.dtype, self.param_dtype,
-                name=f"block_{j}")(x, train)
+    x = res_blocks(x, train, count=self.num_res_blocks,
+                   out_channels=self.out_channels, dropout=self.dropout,
+                   remat=self.remat, prefix="block_",
+                   kw=dict(dtype=self.dtype, param_dtype=self.param_dtype))
     if self.upsample:
-      x = upsample_nearest_2x(x)
-      x = layers.conv(self.out_channels, 3, name="upsample_conv",
-                      dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = resnet.Upsample("same", self.dtype, self.param_dtype,
+                          name="upsample")(x)
     return x
 
 
@@ -140,10 +121,9 @@ class Encoder(nn.Module):
       x = DownBlock(self.hidden_channels * mult, self.num_res_blocks,
                     downsample=i != levels - 1, dropout=self.dropout,
                     remat=self.remat, name=f"down_{i}", **kw)(x, train)
-    block = _res_block_cls(self.remat)
-    mid = self.hidden_channels * self.channel_mult[-1]
-    for j in range(self.num_res_blocks):
-      x = block(mid, self.dropout, name=f"mid_{j}", **kw)(x, train)
+    x = res_blocks(x, train, count=self.num_res_blocks,
+                   out_channels=self.hidden_channels * self.channel_mult[-1],
+                   dropout=self.dropout, remat=self.remat, prefix="mid_", kw=kw)
     x = nn.silu(layers.group_norm(name="norm_out", **kw)(x))
     return layers.conv(self.z_channels, 1, name="conv_out", **kw)(x)
 
@@ -164,9 +144,8 @@ class Decoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mid = self.hidden_channels * self.channel_mult[-1]
     x = layers.conv(mid, 3, name="conv_in", **kw)(z)
-    block = _res_block_cls(self.remat)
-    for j in range(self.num_res_blocks):
-      x = block(mid, self.dropout, name=f"mid_{j}", **kw)(x, train)
+    x = res_blocks(x, train, count=self.num_res_blocks, out_channels=mid,
+                   dropout=self.dropout, remat=self.remat, prefix="mid_", kw=kw)
     for i in reversed(range(len(self.channel_mult))):
       x = UpBlock(self.hidden_channels * self.channel_mult[i],
                   self.num_res_blocks, upsample=i != 0, dropout=self.dropout,
