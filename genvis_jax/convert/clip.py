@@ -2,12 +2,13 @@
 ``openai/clip-vit-base-patch16``: ``pytorch_model.bin`` / ``model.safetensors``
 of a CLIPModel or CLIPVisionModel) -> ``clip_vision.CLIPVisionModel`` params.
 
-Rename + transpose only:
+Rename + transpose only, by the table ``NAMES`` (rules in ``convert/vit.py``):
   vision_model.encoder.layers.3.self_attn.q_proj.weight (out, in)
-      -> vision_model/encoder/layers_3/self_attn/q_proj/kernel (in, out)
-  vision_model.embeddings.patch_embedding.weight (D, 3, p, p) -> .../kernel (p, p, 3, D)
-  vision_model.embeddings.position_embedding.weight -> .../position_embedding/embedding
-  *.layer_norm1.weight -> */layer_norm1/scale
+      -> encoder/block_3/attn/q/kernel (in, out)
+  vision_model.embeddings.patch_embedding.weight (D, 3, p, p)
+      -> embed/patch_embed/kernel (p, p, 3, D)
+  vision_model.embeddings.position_embedding.weight -> embed/pos_embed
+  vision_model.pre_layrnorm.weight -> pre_norm/scale
 The text tower, ``visual_projection``, ``text_projection``, ``logit_scale`` and
 the ``position_ids`` buffer are dropped. A CLIPVisionModel saved by transformers
 5.x (no ``vision_model.`` prefix) is read too.
@@ -27,18 +28,23 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from genvis_jax.convert import tree
+from genvis_jax.convert import vit as cvit
 from genvis_jax.models import clip_vision
 
 _DROP_PREFIXES = ("text_model.", "visual_projection.", "text_projection.",
                   "logit_scale", "vision_model.embeddings.position_ids")
 _TOWER = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-_RENAMES = {
-    "vision_model.embeddings.class_embedding":
-        "vision_model/embeddings/class_embedding",
-    "vision_model.embeddings.position_embedding.weight":
-        "vision_model/embeddings/position_embedding/embedding",
-}
+
+NAMES = cvit.Names(
+    top={"embeddings.patch_embedding": "embed/patch_embed",
+         "pre_layrnorm": "pre_norm", "post_layernorm": "post_norm"},
+    tensors={"embeddings.class_embedding": ("embed/cls_token", 1),
+             "embeddings.position_embedding.weight": ("embed/pos_embed", 2)},
+    blocks=r"encoder\.layers\.(\d+)",
+    block={"layer_norm1": "norm1", "layer_norm2": "norm2",
+           "self_attn.q_proj": "attn/q", "self_attn.k_proj": "attn/k",
+           "self_attn.v_proj": "attn/v", "self_attn.out_proj": "attn/out",
+           "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -84,17 +90,13 @@ def clip_module(model_config) -> clip_vision.CLIPVisionModel:
 def convert_clip_vision(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """HF keys -> Flax params; shapes are checked by ``from_torch``."""
   del model_config
-  items = []
+  state = {}
   for key, value in state_dict.items():
-    if key.startswith(_TOWER):
+    if key.startswith(_TOWER):       # a transformers 5.x CLIPVisionModel
       key = "vision_model." + key
-    if key.startswith(_DROP_PREFIXES):
-      continue
-    if key in _RENAMES:
-      items.append((_RENAMES[key], value))
-    else:
-      items.append(tree.convnet_leaf(key, value, ("layers",)))
-  return tree.nest(items)
+    if not key.startswith(_DROP_PREFIXES):
+      state[key.removeprefix("vision_model.")] = value
+  return cvit.convert(state, NAMES)
 
 
 def clip_vision_shapes(model_config):

@@ -3,17 +3,19 @@
 Dinov2ForImageClassification whose ``dinov2.`` prefix is dropped with its
 ``classifier``) -> ``dinov2.Dinov2Model`` params.
 
-Rename + transpose only:
+Rename + transpose only, by the table ``NAMES`` (rules in ``convert/vit.py``):
   encoder.layer.5.attention.attention.query.weight (out, in)
-      -> encoder/layer_5/attention/attention/query/kernel (in, out)
-  encoder.layer.5.layer_scale1.lambda1 -> encoder/layer_5/layer_scale1/lambda1
-  embeddings.patch_embeddings.projection.weight (D, 3, 14, 14) -> .../kernel (14, 14, 3, D)
-  embeddings.{cls_token, mask_token, position_embeddings} unchanged
-  *.norm1.weight -> */norm1/scale
+      -> encoder/block_5/attn/q/kernel (in, out)
+  encoder.layer.5.layer_scale1.lambda1 -> encoder/block_5/ls1/scale
+  embeddings.patch_embeddings.projection.weight (D, 3, 14, 14)
+      -> embed/patch_embed/kernel (14, 14, 3, D)
+  embeddings.{cls_token (1, 1, D), mask_token (1, D), position_embeddings
+      (1, 1 + G*G, D)} -> embed/{cls_token (D,), mask_token (D,), pos_embed}
+  layernorm.weight -> norm/scale
 
 transformers 5.x names (``attention.{q,k,v,o}_proj``) are mapped back to the
 hub names. (The torch-hub / timm layout, ``blocks.{i}.attn.qkv``, is read by
-``dino_disc.load_vit_params`` instead.) ``model_config``: ``"vit_s14"`` /
+``convert/dino_vit.py`` instead.) ``model_config``: ``"vit_s14"`` /
 ``"dinov2_s14"``, ``{name, **overrides}`` or HF config fields. CLI:
   python -m genvis_jax.convert --kind=dinov2 --src=model.safetensors \
       --config=genvis_jax/convert/dinov2.py:vit_s14 --dst=dinov2_s14.npz
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from genvis_jax.convert import tree
+from genvis_jax.convert import vit as cvit
 from genvis_jax.convert.clip import named_module, tower_config
 from genvis_jax.models import dinov2
 
@@ -47,28 +49,34 @@ _V5 = {".attention.q_proj.": ".attention.attention.query.",
        ".attention.v_proj.": ".attention.attention.value.",
        ".attention.o_proj.": ".attention.output.dense."}
 
-
-def _leaf(key: str, value: np.ndarray):
-  for new, hub in _V5.items():
-    key = key.replace(new, hub)
-  if key.startswith("embeddings.") and key.count(".") == 1:
-    return key.replace(".", "/"), value          # cls / mask token, positions
-  module, _, kind = key.rpartition(".")
-  if kind == "lambda1":
-    return "/".join(tree.module_path(module, ("layer",))) + "/lambda1", value
-  return tree.convnet_leaf(key, value, ("layer",))
+NAMES = cvit.Names(
+    top={"embeddings.patch_embeddings.projection": "embed/patch_embed",
+         "layernorm": "norm"},
+    tensors={"embeddings.cls_token": ("embed/cls_token", 1),
+             "embeddings.mask_token": ("embed/mask_token", 1),
+             "embeddings.position_embeddings": ("embed/pos_embed", 2)},
+    blocks=r"encoder\.layer\.(\d+)",
+    block={"norm1": "norm1", "norm2": "norm2",
+           "attention.attention.query": "attn/q",
+           "attention.attention.key": "attn/k",
+           "attention.attention.value": "attn/v",
+           "attention.output.dense": "attn/out",
+           "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"},
+    block_tensors={"layer_scale1.lambda1": ("ls1/scale", 1),
+                   "layer_scale2.lambda1": ("ls2/scale", 1)})
 
 
 def convert_dinov2(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """HF keys -> Flax params; shapes are checked by ``from_torch``."""
   del model_config
-  items = []
+  state = {}
   for key, value in state_dict.items():
     if key.startswith("classifier."):
       continue
-    items.append(_leaf(key[len("dinov2."):] if key.startswith("dinov2.") else key,
-                       value))
-  return tree.nest(items)
+    for new, hub in _V5.items():     # transformers 5.x -> hub names
+      key = key.replace(new, hub)
+    state[key.removeprefix("dinov2.")] = value
+  return cvit.convert(state, NAMES)
 
 
 def dinov2_shapes(model_config):

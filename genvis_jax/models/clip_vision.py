@@ -1,14 +1,9 @@
 """CLIP vision tower, layer for layer as Hugging Face ``CLIPVisionModel``.
 
 Frozen teacher of FQGAN's representation loss (Dual: ViT-L/14, Triple: ViT-B/16).
-Parameter paths mirror the HF state dict, so conversion is rename + transpose:
-  vision_model.embeddings.patch_embedding.weight (D, 3, p, p)
-      -> vision_model/embeddings/patch_embedding/kernel (p, p, 3, D)   (no bias)
-  vision_model.embeddings.class_embedding (D,)  -> .../class_embedding
-  vision_model.embeddings.position_embedding.weight -> .../position_embedding/embedding
-  vision_model.pre_layrnorm (sic), vision_model.post_layernorm
-  vision_model.encoder.layers.{i}.{layer_norm1, self_attn.{q,k,v,out}_proj,
-      layer_norm2, mlp.fc1, mlp.fc2} -> vision_model/encoder/layers_{i}/...
+The tower is the shared ViT (``models/layers/vit.py``: ``embed``, ``pre_norm``,
+``encoder/block_{i}`` with separate q/k/v and quick_gelu, ``post_norm``); HF's
+names are mapped in ``convert/clip.py``.
 
 Forward: patches + [class] + position table -> pre_layrnorm -> pre-LN blocks
 (x + attn(ln1 x); x + fc2(quick_gelu(fc1(ln2 x)))) -> ``last_hidden_state``;
@@ -16,8 +11,7 @@ Forward: patches + [class] + position table -> pre_layrnorm -> pre-LN blocks
 ``hidden_states[-1][:, 0]`` = ``last_hidden_state[:, 0]`` (``cls``), i.e. BEFORE
 post_layernorm.
 
-Also the pieces the DINOv2 tower shares: ``layer_norm`` (two-pass variance, as
-torch), ``attend`` and the teacher ``preprocess``.
+Also FQGAN's teacher ``preprocess``, which the DINOv2 tower shares.
 """
 
 from __future__ import annotations
@@ -25,11 +19,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genvis_jax.models import layers
+from genvis_jax.models.layers import vit
 
 Dtype = Any
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,30 +40,7 @@ CONFIGS = {
 OUTPUTS = ("last_hidden_state", "cls", "pooled")
 
 
-# --- shared with dinov2.py ------------------------------------------------------
-
-def layer_norm(eps: float, *, name: str, dtype=None, param_dtype=jnp.float32):
-  """``nn.LayerNorm`` with torch's two-pass variance (E[(x - mu)^2]); CLIP's
-  residual stream has large outlier channels where E[x^2] - mu^2 loses digits."""
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype,
-                      scale_init=layers.named(layers.ones, ("norm",)),
-                      bias_init=layers.named(layers.zeros, ("norm",)), name=name)
-
-
-def attend(q, k, v, num_heads: int):
-  """Softmax attention of projected (B, N, C) q, k, v -> (B, N, C).
-
-  Scale head_dim^-0.5 on the queries (as HF); softmax in float32."""
-  b, n, c = q.shape
-  if c % num_heads:
-    raise ValueError(f"Width {c} is not divisible by {num_heads} heads.")
-  hd = c // num_heads
-  split = lambda t: t.reshape(b, t.shape[1], num_heads, hd)
-  logits = jnp.einsum("bnhd,bmhd->bhnm", split(q * hd ** -0.5), split(k))
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum("bhnm,bmhd->bnhd", probs, split(v)).reshape(b, n, c)
-
+# --- teacher preprocessing (shared with dinov2.py) -----------------------------
 
 def resize_nearest(x, height: int, width: int):
   """(B, H, W, C) -> (B, height, width, C) as ``F.interpolate(mode="nearest")``:
@@ -98,125 +68,7 @@ def preprocess(images, value_range: Sequence[float] = (-1.0, 1.0), *,
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-# --- CLIP modules -----------------------------------------------------------------
-
-def quick_gelu(x):
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-class CLIPAttention(nn.Module):
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q, k, v = (layers.dense(c, ("embed", "heads"), name=f"{n}_proj", **kw)(x)
-               for n in "qkv")
-    out = attend(q, k, v, self.num_heads)
-    return layers.dense(c, ("heads", "embed"), name="out_proj", **kw)(out)
-
-
-class CLIPMLP(nn.Module):
-  intermediate_size: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.dense(self.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(x)
-    return layers.dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(
-        quick_gelu(h))
-
-
-class CLIPEncoderLayer(nn.Module):
-  num_heads: int
-  intermediate_size: int
-  eps: float = 1e-5
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + CLIPAttention(self.num_heads, name="self_attn", **kw)(
-        layer_norm(self.eps, name="layer_norm1", **kw)(x))
-    return x + CLIPMLP(self.intermediate_size, name="mlp", **kw)(
-        layer_norm(self.eps, name="layer_norm2", **kw)(x))
-
-
-class CLIPEncoder(nn.Module):
-  """``layers_{i}``; returns the input and every layer's output."""
-  num_layers: int
-  num_heads: int
-  intermediate_size: int
-  eps: float = 1e-5
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    states = [x]
-    for i in range(self.num_layers):
-      x = CLIPEncoderLayer(self.num_heads, self.intermediate_size, self.eps,
-                           self.dtype, self.param_dtype, name=f"layers_{i}")(x)
-      states.append(x)
-    return states
-
-
-class CLIPVisionEmbeddings(nn.Module):
-  """(B, S, S, 3) -> (B, 1 + (S/p)^2, D): [class; patches] + positions."""
-  hidden_size: int
-  image_size: int
-  patch_size: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d, p = self.hidden_size, self.patch_size
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = layers.conv(d, p, strides=p, padding="VALID", use_bias=False,
-                    name="patch_embedding", **kw)(x.astype(self.dtype))
-    b = x.shape[0]
-    x = x.reshape(b, -1, d)
-    cls = self.param("class_embedding", layers.named(
-        nn.initializers.normal(d ** -0.5), ("embed",)), (d,), self.param_dtype)
-    n = (self.image_size // p) ** 2 + 1
-    pos = layers.embed(n, d, names=("pos", "embed"), name="position_embedding",
-                       **kw)(jnp.arange(n))
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d))
-    return jnp.concatenate([cls, x], axis=1) + pos[None].astype(x.dtype)
-
-
-class CLIPVisionTransformer(nn.Module):
-  """HF ``vision_model``; returns (hidden states list, pooled)."""
-  hidden_size: int
-  intermediate_size: int
-  num_hidden_layers: int
-  num_attention_heads: int
-  image_size: int
-  patch_size: int
-  layer_norm_eps: float = 1e-5
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size,
-                             name="embeddings", **kw)(x)
-    x = layer_norm(self.layer_norm_eps, name="pre_layrnorm", **kw)(x)
-    states = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads,
-                         self.intermediate_size, self.layer_norm_eps,
-                         name="encoder", **kw)(x)
-    pooled = layer_norm(self.layer_norm_eps, name="post_layernorm", **kw)(
-        states[-1][:, 0])
-    return states, pooled
-
+# --- the model -------------------------------------------------------------------
 
 class CLIPVisionModel(nn.Module):
   """HF ``CLIPVisionModel`` (no projection head).
@@ -250,10 +102,18 @@ class CLIPVisionModel(nn.Module):
                        f"{pixel_values.shape}.")
     if self.output is not None and self.output not in OUTPUTS:
       raise ValueError(f"Unknown output {self.output!r}; use None or {OUTPUTS}.")
-    states, pooled = CLIPVisionTransformer(
-        self.hidden_size, self.intermediate_size, self.num_hidden_layers,
-        self.num_attention_heads, s, self.patch_size, self.layer_norm_eps,
-        self.dtype, self.param_dtype, name="vision_model")(pixel_values)
+    d, p = self.hidden_size, self.patch_size
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = vit.Embed(d, p, s // p, patch_bias=False,
+                  cls_init=nn.initializers.normal(d ** -0.5), name="embed",
+                  **kw)(pixel_values)
+    x = vit.layer_norm(self.layer_norm_eps, name="pre_norm", **kw)(x)
+    states = vit.Encoder(self.num_hidden_layers, self.num_attention_heads,
+                         self.intermediate_size, "quick_gelu",
+                         self.layer_norm_eps, fused_qkv=False, name="encoder",
+                         **kw)(x)
+    pooled = vit.layer_norm(self.layer_norm_eps, name="post_norm", **kw)(
+        states[-1][:, 0])
     f32 = lambda t: t.astype(jnp.float32)
     out = {"last_hidden_state": f32(states[-1]), "cls": f32(states[-1][:, 0]),
            "pooled": f32(pooled)}

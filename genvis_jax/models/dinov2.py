@@ -2,13 +2,9 @@
 
 Frozen teacher of FQGAN-Triple (ViT-S/14, ``last_hidden_state[:, 0]``) and of
 the Equivariant tokenizer's semantic alignment (ViT-B/14 patch tokens).
-Parameter paths mirror the HF state dict (rename + transpose):
-  embeddings.{cls_token (1,1,D), mask_token (1,D), position_embeddings (1,1+G*G,D)}
-  embeddings.patch_embeddings.projection (conv with bias)
-  encoder.layer.{i}.{norm1, attention.attention.{query,key,value},
-      attention.output.dense, layer_scale1.lambda1, norm2, mlp.fc1, mlp.fc2,
-      layer_scale2.lambda1} -> encoder/layer_{i}/...
-  layernorm
+The tower is the shared ViT (``models/layers/vit.py``: ``embed`` with a
+``mask_token``, ``encoder/block_{i}`` with separate q/k/v, LayerScale and
+exact GELU, final ``norm``); HF's names are mapped in ``convert/dinov2.py``.
 
 Forward: patches (mask_token where ``bool_masked_pos``) + [cls] + position
 table resized to the input grid -> blocks x + ls1 * attn(norm1 x);
@@ -27,6 +23,7 @@ As in HF, the table is used as is when the grid already matches and H == W.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -35,9 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genvis_jax.models import layers
-from genvis_jax.models.clip_vision import attend, layer_norm
 from genvis_jax.models.clip_vision import preprocess as _preprocess
+from genvis_jax.models.layers import vit
 
 Dtype = Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,159 +123,14 @@ def preprocess(images, value_range: Sequence[float] = (-1.0, 1.0), *,
                      std=IMAGENET_STD)
 
 
-# --- modules --------------------------------------------------------------------------
-
-class Dinov2PatchEmbeddings(nn.Module):
-  hidden_size: int
-  patch_size: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    p = self.patch_size
-    x = layers.conv(self.hidden_size, p, strides=p, padding="VALID",
-                    name="projection", dtype=self.dtype,
-                    param_dtype=self.param_dtype)(x.astype(self.dtype))
-    return x.reshape(x.shape[0], -1, self.hidden_size)
+def _resize_table(pos, height: int, width: int, *, patch_size: int,
+                  offset: float, antialias: bool):
+  """``vit.Embed``'s resize: (1 + G*G, D) -> (1 + gh*gw, D)."""
+  return interpolate_pos_encoding(pos[None], height, width, patch_size,
+                                  offset=offset, antialias=antialias)[0]
 
 
-class Dinov2Embeddings(nn.Module):
-  """(B, H, W, 3) -> (B, 1 + (H/p)(W/p), D)."""
-  hidden_size: int
-  patch_size: int
-  image_size: int
-  interpolate_offset: float = 0.0
-  interpolate_antialias: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, bool_masked_pos=None):
-    d = self.hidden_size
-    h, w = x.shape[1:3]
-    emb = Dinov2PatchEmbeddings(d, self.patch_size, self.dtype,
-                                self.param_dtype, name="patch_embeddings")(x)
-    init = layers.named(layers.default_kernel_init, (None, "pos", "embed"))
-    cls = self.param("cls_token", init, (1, 1, d), self.param_dtype)
-    mask = self.param("mask_token", layers.named(layers.zeros, (None, "embed")),
-                      (1, d), self.param_dtype)
-    g = self.image_size // self.patch_size
-    pos = self.param("position_embeddings", init, (1, g * g + 1, d),
-                     self.param_dtype)
-    if bool_masked_pos is not None:
-      if bool_masked_pos.shape != emb.shape[:2]:
-        raise ValueError(f"bool_masked_pos must be (B, num_patches) = "
-                         f"{emb.shape[:2]}, got {bool_masked_pos.shape}.")
-      emb = jnp.where(bool_masked_pos[..., None], mask.astype(emb.dtype), emb)
-    cls = jnp.broadcast_to(cls.astype(emb.dtype), (emb.shape[0], 1, d))
-    pos = interpolate_pos_encoding(pos, h, w, self.patch_size,
-                                   offset=self.interpolate_offset,
-                                   antialias=self.interpolate_antialias)
-    return jnp.concatenate([cls, emb], axis=1) + pos.astype(emb.dtype)
-
-
-class Dinov2SelfAttention(nn.Module):
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    q, k, v = (layers.dense(c, ("embed", "heads"), name=n, dtype=self.dtype,
-                            param_dtype=self.param_dtype)(x)
-               for n in ("query", "key", "value"))
-    return attend(q, k, v, self.num_heads)
-
-
-class Dinov2SelfOutput(nn.Module):
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return layers.dense(x.shape[-1], ("heads", "embed"), name="dense",
-                        dtype=self.dtype, param_dtype=self.param_dtype)(x)
-
-
-class Dinov2Attention(nn.Module):
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = Dinov2SelfAttention(self.num_heads, name="attention", **kw)(x)
-    return Dinov2SelfOutput(name="output", **kw)(x)
-
-
-class Dinov2LayerScale(nn.Module):
-  init_value: float = 1.0
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    lam = self.param("lambda1", layers.named(
-        nn.initializers.constant(self.init_value), ("embed",)),
-                     (x.shape[-1],), self.param_dtype)
-    return x * lam.astype(x.dtype)
-
-
-class Dinov2MLP(nn.Module):
-  hidden: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x)
-    h = nn.gelu(h, approximate=False)
-    return layers.dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
-
-
-class Dinov2Layer(nn.Module):
-  num_heads: int
-  mlp_ratio: float = 4.0
-  eps: float = 1e-6
-  layerscale_value: float = 1.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ls = dict(init_value=self.layerscale_value, param_dtype=self.param_dtype)
-    y = Dinov2Attention(self.num_heads, name="attention", **kw)(
-        layer_norm(self.eps, name="norm1", **kw)(x))
-    x = x + Dinov2LayerScale(name="layer_scale1", **ls)(y)
-    y = Dinov2MLP(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)(
-        layer_norm(self.eps, name="norm2", **kw)(x))
-    return x + Dinov2LayerScale(name="layer_scale2", **ls)(y)
-
-
-class Dinov2Encoder(nn.Module):
-  """``layer_{i}``; returns the input and every layer's output."""
-  num_layers: int
-  num_heads: int
-  mlp_ratio: float = 4.0
-  eps: float = 1e-6
-  layerscale_value: float = 1.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    states = [x]
-    for i in range(self.num_layers):
-      x = Dinov2Layer(self.num_heads, self.mlp_ratio, self.eps,
-                      self.layerscale_value, self.dtype, self.param_dtype,
-                      name=f"layer_{i}")(x)
-      states.append(x)
-    return states
-
+# --- the model -------------------------------------------------------------------------
 
 class Dinov2Model(nn.Module):
   """HF ``Dinov2Model`` (no pooler head beyond the CLS).
@@ -321,14 +172,18 @@ class Dinov2Model(nn.Module):
                        f"dinov2.preprocess), got {pixel_values.shape}.")
     if self.output is not None and self.output not in OUTPUTS:
       raise ValueError(f"Unknown output {self.output!r}; use None or {OUTPUTS}.")
+    d = self.hidden_size
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = Dinov2Embeddings(self.hidden_size, p, self.image_size,
-                         self.interpolate_offset, self.interpolate_antialias,
-                         name="embeddings", **kw)(pixel_values, bool_masked_pos)
-    states = Dinov2Encoder(self.num_hidden_layers, self.num_attention_heads,
-                           self.mlp_ratio, self.layer_norm_eps,
-                           self.layerscale_value, name="encoder", **kw)(x)
-    last = layer_norm(self.layer_norm_eps, name="layernorm", **kw)(states[-1])
+    resize = functools.partial(_resize_table, patch_size=p,
+                               offset=self.interpolate_offset,
+                               antialias=self.interpolate_antialias)
+    x = vit.Embed(d, p, self.image_size // p, mask_token=True, resize=resize,
+                  name="embed", **kw)(pixel_values, bool_masked_pos)
+    states = vit.Encoder(self.num_hidden_layers, self.num_attention_heads,
+                         int(d * self.mlp_ratio), "gelu", self.layer_norm_eps,
+                         self.layerscale_value, fused_qkv=False,
+                         name="encoder", **kw)(x)
+    last = vit.layer_norm(self.layer_norm_eps, name="norm", **kw)(states[-1])
     last = last.astype(jnp.float32)
     out = {"last_hidden_state": last, "cls": last[:, 0],
            "patch_tokens": last[:, 1:]}
