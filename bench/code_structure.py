@@ -41,7 +41,8 @@ def _imported(node: ast.AST, current: str, is_pkg: bool) -> list[str]:
       parts = parts if is_pkg else parts[:-1]
       parts = parts[:len(parts) - node.level + 1]
       base = ".".join(parts + ([base] if base else []))
-    # ``from pkg import mod`` may name a submodule: keep both candidates.
+    # ``from pkg import mod`` may name a submodule: keep both candidates
+    # (``import_graph`` drops the package when every name is a submodule).
     return [base] + [f"{base}.{a.name}" for a in node.names]
   return []
 
@@ -71,6 +72,11 @@ def import_graph(root: str):
         if isinstance(child, (ast.Import, ast.ImportFrom)):
           names = [n for n in _imported(child, mod, is_pkg)
                    if n.split(".")[0] == pkg]
+          subs = [f"{child.module}.{a.name}" for a in child.names] if (
+              isinstance(child, ast.ImportFrom) and not child.level
+              and child.module) else []
+          if subs and all(n in mods for n in subs):
+            names = subs
           names = {n for n in names if n in mods and n != mod}
           if depth:
             inner += bool(names)

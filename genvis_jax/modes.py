@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from genvis_jax.core import registry
 
 # mode -> "module:function(config, workdir)"
 MODES = {
@@ -10,15 +10,14 @@ MODES = {
     "demo": "genvis_jax.demo:run",
     "sample": "genvis_jax.sample.driver:sample_and_save",
     "pretokenize": "genvis_jax.data.pretokenize:pretokenize",
-    "evaluate": "genvis_jax.evaluate.driver:evaluate",
+    "evaluate": "genvis_jax.evaluate.driver:run",
 }
 
 
 def resolve(mode: str):
   if mode not in MODES:
     raise ValueError(f"Unknown config.mode {mode!r}; choose one of {sorted(MODES)}.")
-  module, fn = MODES[mode].split(":")
-  return getattr(importlib.import_module(module), fn)
+  return registry.function(MODES[mode])
 
 
 def run(config, workdir: str):

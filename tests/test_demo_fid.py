@@ -48,7 +48,7 @@ def test_demo_evaluators_cover_exact_count(classifier, tmp_path, monkeypatch,
   from configs import base
   from genvis_jax.evaluate import batching
   from genvis_jax.evaluate.class_score import conditioning_accuracy
-  from genvis_jax.evaluate.demo_fid import evaluate_demo_fid
+  from genvis_jax.evaluate.demo_fid import evaluate
   params, cfg = classifier
   images, labels = demo_shapes(13, seed=3)
   whole = classifier_features(images, params, cfg, batch_size=13)
@@ -76,7 +76,7 @@ def test_demo_evaluators_cover_exact_count(classifier, tmp_path, monkeypatch,
       classifier_checkpoint="/c", num_reference=21, batch_size=batch))
   with pytest.raises(batching.NotEnoughImages,
                      match=r"20 images but 21 .*num_reference"):
-    evaluate_demo_fid(config, str(tmp_path / "out"))
+    evaluate(config, str(tmp_path / "out"))
   config.evaluate.num_reference = 13
-  res = evaluate_demo_fid(config, str(tmp_path / "out"))
+  res = evaluate(config, str(tmp_path / "out"))
   assert res["num_reference"] == 13 and res["demo_fid"] >= 0.0

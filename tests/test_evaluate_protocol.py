@@ -14,7 +14,7 @@ import pytest
 from scipy import linalg
 
 from genvis_jax.errors import UserError
-from genvis_jax.evaluate import batching, fid, gen_metrics, reference, tokenizer
+from genvis_jax.evaluate import batching, fid, generation, reference, tokenizer
 from tests.test_fid import (FakeExtractor, _images, _numpy_is,
                             _numpy_precision_recall, _ssim_reference)
 
@@ -91,7 +91,7 @@ def gen_files(tmp_path_factory):
 def test_generation_metrics_cover_exact_count(gen_files, batch):
   d, samples, other = gen_files
   ex = FakeExtractor(batch_size=batch)
-  res = gen_metrics.evaluate_samples(str(d / "samples.npz"),
+  res = generation.evaluate_samples(str(d / "samples.npz"),
                                      str(d / "ref.npz"), extractor=ex,
                                      distance_dtype="float32")
   # The official formulas over exactly the 13 / 11 images' features.
@@ -109,7 +109,7 @@ def test_generation_metrics_cover_exact_count(gen_files, batch):
   assert res["preprocess"] == "pytorch_fid"
   with pytest.raises(batching.NotEnoughImages,
                      match=r"13 images but 14 .*num_samples"):
-    gen_metrics.evaluate_samples(str(d / "samples.npz"), str(d / "ref.npz"),
+    generation.evaluate_samples(str(d / "samples.npz"), str(d / "ref.npz"),
                                  extractor=ex, num_samples=14)
 
 
@@ -216,20 +216,20 @@ def test_evaluate_samples_follows_and_enforces_the_record(tmp_path):
       **dict(zip(("mu_s", "sigma_s"), _np_stats(feats["spatial"]))))
   ex = FakeExtractor()
   ex.preprocess, ex.weights_id = "adm_tf", "w1"
-  res = gen_metrics.evaluate_samples(str(tmp_path / "s.npz"),
+  res = generation.evaluate_samples(str(tmp_path / "s.npz"),
                                      str(tmp_path / "r.npz"), extractor=ex)
   assert res["preprocess"] == "adm_tf" and res["fid"] > 0
   with pytest.raises(reference.ProtocolMismatch, match="pytorch_fid"):
-    gen_metrics.evaluate_samples(str(tmp_path / "s.npz"),
+    generation.evaluate_samples(str(tmp_path / "s.npz"),
                                  str(tmp_path / "r.npz"), extractor=ex,
                                  preprocess="pytorch_fid")
   ex.weights_id = "w2"
   with pytest.raises(reference.ProtocolMismatch, match="w1"):
-    gen_metrics.evaluate_samples(str(tmp_path / "s.npz"),
+    generation.evaluate_samples(str(tmp_path / "s.npz"),
                                  str(tmp_path / "r.npz"), extractor=ex)
   # A set against itself: exactly 0, never negative.
   np.savez(tmp_path / "same.npz", samples)
-  same = gen_metrics.evaluate_samples(str(tmp_path / "s.npz"),
+  same = generation.evaluate_samples(str(tmp_path / "s.npz"),
                                       str(tmp_path / "same.npz"),
                                       extractor=FakeExtractor())
   assert same["fid"] >= 0.0 and same["sfid"] >= 0.0
@@ -313,7 +313,7 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   from genvis_jax.core import metrics as metrics_lib
   config, built = tok_config
   config.evaluate.batch_size = batch
-  res = tokenizer.evaluate_tokenizer(config, str(tmp_path))
+  res = tokenizer.evaluate(config, str(tmp_path))
   # The tokenizer computed in float32 although config.model says bfloat16.
   assert built[-1].dtype == "float32" and config.model.dtype == "bfloat16"
   assert res["dtype"] == "float32"
@@ -342,9 +342,9 @@ def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path)
   config.evaluate.update(dict(num_images=21, batch_size=4))
   with pytest.raises(batching.NotEnoughImages,
                      match=r"has 20 images but 21 .*config\.evaluate\.num_images"):
-    tokenizer.evaluate_tokenizer(config, str(tmp_path))
+    tokenizer.evaluate(config, str(tmp_path))
   config.evaluate.update(dict(num_images=5, dtype=""))   # keep the model's dtype
-  tokenizer.evaluate_tokenizer(config, str(tmp_path))
+  tokenizer.evaluate(config, str(tmp_path))
 
 
 def _random_params(model_config):
@@ -396,9 +396,9 @@ def test_bf16_tokenizer_evaluates_with_fp32_codes():
 
 
 def test_incomparable_metrics_are_flagged():
-  from genvis_jax.evaluate import gen_metrics  # pylint: disable=import-outside-toplevel
-  assert not gen_metrics.warn_incomparable(50_000, (50_000, 256, 256, 3),
+  from genvis_jax.evaluate import generation  # pylint: disable=import-outside-toplevel
+  assert not generation.warn_incomparable(50_000, (50_000, 256, 256, 3),
                                            (10_000, 256, 256, 3))
-  notes = gen_metrics.warn_incomparable(16, (16, 32, 512, 3), (32, 32, 64, 3))
+  notes = generation.warn_incomparable(16, (16, 32, 512, 3), (32, 32, 64, 3))
   assert len(notes) == 2
   assert "only 16 samples" in notes[0] and "32x512" in notes[1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import linalg, ndimage
 
-from genvis_jax.evaluate import fid, gen_metrics, reference, tokenizer
+from genvis_jax.evaluate import fid, generation, reference, tokenizer
 
 
 def _random_stats(rng, d, n=None):
@@ -199,7 +199,7 @@ def test_evaluate_samples_pipeline(tmp_path):
   np.savez(tmp_path / "samples.npz", samples)
   np.savez(tmp_path / "same.npz", samples)            # images only: stats from them
   ex = FakeExtractor()
-  same = gen_metrics.evaluate_samples(str(tmp_path / "samples.npz"),
+  same = generation.evaluate_samples(str(tmp_path / "samples.npz"),
                                       str(tmp_path / "same.npz"), extractor=ex,
                                       distance_dtype="float32")
   assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6
@@ -216,7 +216,7 @@ def test_evaluate_samples_pipeline(tmp_path):
       str(tmp_path / "ref.npz"), images=other,
       **dict(zip(("mu", "sigma"), fid.feature_stats(cat["pool"]))),
       **dict(zip(("mu_s", "sigma_s"), fid.feature_stats(cat["spatial"]))))
-  res = gen_metrics.evaluate_samples(str(tmp_path / "samples.npz"),
+  res = generation.evaluate_samples(str(tmp_path / "samples.npz"),
                                      str(tmp_path / "ref.npz"), extractor=ex,
                                      num_samples=33)
   assert res["num_samples"] == 33 and res["num_reference"] == 30
@@ -234,23 +234,23 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   rng = np.random.default_rng(6)
   np.savez(tmp_path / "s.npz", _images(rng, 12))
   np.savez(tmp_path / "r.npz", _images(rng, 12, shift=30))
-  monkeypatch.setattr(gen_metrics.convert_inception, "load_inception_params",
+  monkeypatch.setattr(generation.convert_inception, "load_inception_params",
                       lambda path: {"path": path})
-  monkeypatch.setattr(gen_metrics.inception_lib, "InceptionExtractor",
+  monkeypatch.setattr(generation.inception_lib, "InceptionExtractor",
                       lambda params, **kw: FakeExtractor())
   config = ml_collections.ConfigDict(dict(evaluate=dict(
       kind="generation", samples=str(tmp_path / "s.npz"),
       reference=str(tmp_path / "r.npz"), inception="/weights", batch_size=6)))
-  res = driver.evaluate(config, str(tmp_path / "out"))
+  res = driver.run(config, str(tmp_path / "out"))
   saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-  assert set(gen_metrics.METRICS) <= set(saved)
+  assert set(generation.METRICS) <= set(saved)
   assert saved["fid"] == pytest.approx(res["fid"])
   printed = capsys.readouterr().out
   for word in ("FID", "sFID", "IS", "precision", "recall"):
     assert word in printed
   config.evaluate.reference = ""
   with pytest.raises(ValueError, match="config.evaluate.reference"):
-    driver.evaluate(config, str(tmp_path / "out2"))
+    driver.run(config, str(tmp_path / "out2"))
 
 
 # --- tokenizer metrics -----------------------------------------------------------------------

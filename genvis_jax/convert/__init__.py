@@ -17,16 +17,17 @@ line in ``KINDS``.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from genvis_jax import errors
+from genvis_jax import errors, models
 from genvis_jax.convert import io
-from genvis_jax.core.checkpoint import CheckpointMismatchError, compare_trees
+from genvis_jax.core import registry
+from genvis_jax.core.checkpoint import (CheckpointMismatchError, compare_trees,
+                                        save_params)
 
 __all__ = ["KINDS", "Kind", "from_torch", "convert_file", "CheckpointMismatchError"]
 
@@ -68,11 +69,6 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def _resolve(spec: str):
-  module, fn = spec.split(":")
-  return getattr(importlib.import_module(module), fn)
-
-
 def _kind(kind: str) -> Kind:
   if kind not in KINDS:
     raise errors.ConfigError(
@@ -82,7 +78,6 @@ def _kind(kind: str) -> Kind:
 
 def model_shapes(model_config):
   """Abstract (ShapeDtypeStruct) params of ``models.build(model_config)``."""
-  from genvis_jax import models  # heavy; only when a model kind is used
   return jax.eval_shape(lambda r: models.init_params(model_config, r),
                         jax.random.key(0))
 
@@ -90,7 +85,6 @@ def model_shapes(model_config):
 def write_orbax(dst: str, params, state_dict) -> None:
   """Parameter-only Orbax checkpoint ``dst/params`` (read by ``init_from``)."""
   del state_dict
-  from genvis_jax.core.checkpoint import save_params
   save_params(dst, params)
 
 
@@ -107,8 +101,8 @@ def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
     raise errors.ConfigError(f"Kind {kind!r} needs the model config the "
                              "checkpoint must fit (--config=configs/X.py).")
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
-  params = _resolve(spec.convert)(state_dict, model_config)
-  expected = _resolve(spec.expected)(model_config)
+  params = registry.function(spec.convert)(state_dict, model_config)
+  expected = registry.function(spec.expected)(model_config)
   compare_trees(expected, params, f"The {kind!r} checkpoint")
   return jax.tree_util.tree_map(
       lambda e, p: np.asarray(p).astype(e.dtype, copy=False), expected, params)
@@ -152,5 +146,5 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
   _check_dst(dst, overwrite)
   state = load_sources(src, key)
   params = from_torch(kind, state, model_config)
-  _resolve(spec.write)(dst, params, state)
+  registry.function(spec.write)(dst, params, state)
   return params

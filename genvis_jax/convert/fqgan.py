@@ -36,7 +36,7 @@ def _model_names(model_config):
   if model_config is None:
     return OFFICIAL_ADAPTERS, None
   from genvis_jax.models import fqgan  # flax; only when converting
-  module = fqgan.from_config(model_config)
+  module = fqgan.build(model_config)
   adapters = tuple(fqgan.adapter_name(b) for b in module.branches)
   heads = {fqgan.feat_head_name(b) for b, _ in module.feat_heads}
   return adapters, heads

@@ -35,7 +35,7 @@ def conditioning_accuracy(classifier, params, images_uint8, labels,
   return hits / len(labels)
 
 
-def evaluate_class_score(config, workdir: str) -> dict:
+def evaluate(config, workdir: str) -> dict:
   """``config.evaluate``: samples (npz), classifier_checkpoint, min_accuracy."""
   ev = config.evaluate
   with np.load(ev.samples) as d:

@@ -20,6 +20,7 @@ from absl import logging
 from genvis_jax import models
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
+from genvis_jax.evaluate import reference as ref_lib
 
 
 def _as_float01(images) -> np.ndarray:
@@ -70,12 +71,11 @@ def demo_fid(samples_uint8, reference_images, classifier_params,
                                   *fid_lib.feature_stats(b))
 
 
-def evaluate_demo_fid(config, workdir: str) -> dict:
+def evaluate(config, workdir: str) -> dict:
   """``config.evaluate.kind == "demo_fid"``: samples (npz ``arr_0``),
   classifier_checkpoint; the reference is exactly ``num_reference`` images
   (default: as many as samples; more than the split holds is an error) of
   ``config.data.eval_split``; ``config.model`` is the classifier's."""
-  from genvis_jax.evaluate import reference as ref_lib  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
   with np.load(ev.samples) as d:
     samples = d["arr_0"]

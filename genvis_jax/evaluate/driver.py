@@ -1,23 +1,20 @@
-"""``config.mode == "evaluate"``: dispatch on ``config.evaluate.kind``."""
+"""``config.mode == "evaluate"``: ``config.evaluate.kind`` names the module.
+
+  tokenizer    reconstruction rFID / LPIPS / PSNR / SSIM / codebook usage
+  generation   FID / sFID / IS / precision / recall of a samples npz (ADM)
+  demo_fid     demo-scale FID on the demo classifier's features
+  class_score  how often samples are classified as their conditioning class
+
+Each is ``genvis_jax/evaluate/<kind>.py`` defining ``evaluate(config, workdir)``
+(see ``genvis_jax.core.registry``).
+"""
 
 from __future__ import annotations
 
-import importlib
-
-KINDS = {
-    "tokenizer": "genvis_jax.evaluate.tokenizer:evaluate_tokenizer",
-    # FID / sFID / IS / precision / recall of a samples npz (ADM protocol).
-    "generation": "genvis_jax.evaluate.gen_metrics:evaluate_generation",
-    # Demo-scale FID on the demo classifier's features.
-    "demo_fid": "genvis_jax.evaluate.demo_fid:evaluate_demo_fid",
-    "class_score": "genvis_jax.evaluate.class_score:evaluate_class_score",
-}
+from genvis_jax.core import registry
 
 
-def evaluate(config, workdir: str):
-  kind = config.evaluate.kind
-  if kind not in KINDS:
-    raise ValueError(f"Unknown config.evaluate.kind {kind!r}; choose one of "
-                     f"{sorted(KINDS)}.")
-  module, fn = KINDS[kind].split(":")
-  return getattr(importlib.import_module(module), fn)(config, workdir)
+def run(config, workdir: str):
+  mod = registry.module("genvis_jax.evaluate", config.evaluate.kind,
+                        ("evaluate",), setting="config.evaluate.kind")
+  return mod.evaluate(config, workdir)

@@ -357,7 +357,7 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   ``batch_size``; the first ``num_stored_images`` are kept as ``arr_0`` with
   their pool features (ADM's ImageNet batch keeps 10,000). The file records
   ``preprocess``, the Inception weights' fingerprint and the image count.
-  ``extractor`` replaces the Inception (see ``gen_metrics.evaluate_samples``).
+  ``extractor`` replaces the Inception (see ``generation.evaluate_samples``).
   """
   from genvis_jax.evaluate.inception import InceptionExtractor  # pylint: disable=import-outside-toplevel
   split = split or data_config.eval_split

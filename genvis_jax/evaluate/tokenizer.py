@@ -174,7 +174,7 @@ def _rfid_preprocess(ev) -> str:
   return "pytorch_fid" if p == "auto" else p
 
 
-def evaluate_tokenizer(config, workdir: str) -> dict:
+def evaluate(config, workdir: str) -> dict:
   """Encodes/decodes exactly ``config.evaluate.num_images`` eval images (0 =
   the whole split) in batches of ``config.evaluate.batch_size`` (any size: the
   last batch is padded and masked out of every metric); writes

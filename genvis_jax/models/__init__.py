@@ -1,65 +1,53 @@
-"""Model registry: ``build(config.model)`` and ``init_params(config.model, rng)``.
+"""Models: ``build(config.model)``, ``init_params(config.model, rng)`` and
+``load_params(config.model, directory)``.
 
-A model file registers itself with ``@register("name", example_inputs=fn)`` where
-``fn(model_config, batch_size)`` returns the positional arguments that
-``module.init`` needs. ``config.model.name`` selects the entry.
+``config.model.name`` names a module of this package (``"rar"`` ->
+``genvis_jax/models/rar.py``) which defines ``build(model_config)`` and
+``example_inputs(model_config, batch_size)``; see ``genvis_jax.core.registry``.
+Building blocks shared by the models live in ``genvis_jax/models/layers/``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable
+import dataclasses
 
 import flax.linen as nn
 import jax
 
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError
 
-_BUILDERS: dict[str, Callable[[Any], nn.Module]] = {}
-_EXAMPLES: dict[str, Callable[[Any, int], tuple]] = {}
 
-# Modules imported lazily on first lookup so that importing the package is cheap.
-_MODEL_MODULES = {
-    "maskgit_vqgan": "genvis_jax.models.maskgit_vqgan",
-    "patchgan": "genvis_jax.models.discriminator",
-    "rar": "genvis_jax.models.rar",
-    "classifier": "genvis_jax.models.classifier",
-    "far": "genvis_jax.models.far",
-    "llamagen_vq": "genvis_jax.models.llamagen_vq",
-    "fqgan": "genvis_jax.models.fqgan",
-    "eq_tokenizer": "genvis_jax.models.eq_tokenizer",
-    "eq_generator": "genvis_jax.models.eq_generator",
-    "dino_disc": "genvis_jax.models.dino_disc",
-}
+def module(name: str):
+  """The model module ``genvis_jax.models.<name>`` (``config.model.name``).
 
-
-def register(name: str, example_inputs: Callable[[Any, int], tuple]):
-  """Class/function decorator adding a model builder to the registry."""
-  def deco(builder):
-    _BUILDERS[name] = builder
-    _EXAMPLES[name] = example_inputs
-    return builder
-  return deco
-
-
-def _lookup(name: str):
-  if name not in _BUILDERS and name in _MODEL_MODULES:
-    importlib.import_module(_MODEL_MODULES[name])
-  if name not in _BUILDERS:
-    raise ValueError(f"Unknown model {name!r}; registered: "
-                     f"{sorted(set(_BUILDERS) | set(_MODEL_MODULES))}.")
-  return _BUILDERS[name], _EXAMPLES[name]
+  It defines ``build(model_config) -> nn.Module`` and
+  ``example_inputs(model_config, batch_size) -> tuple`` (the positional
+  arguments ``module.init`` needs). Raises ``ConfigError`` for an unknown name.
+  """
+  return registry.module(__name__, name, ("build", "example_inputs"),
+                         setting="config.model.name")
 
 
 def build(model_config) -> nn.Module:
   """Returns the Flax module described by ``model_config`` (has ``.name``)."""
-  builder, _ = _lookup(model_config.name)
-  return builder(model_config)
+  return module(model_config.name).build(model_config)
 
 
 def example_inputs(model_config, batch_size: int = 1) -> tuple:
-  return _lookup(model_config.name)[1](model_config, batch_size)
+  return module(model_config.name).example_inputs(model_config, batch_size)
+
+
+def config_fields(model_config, cls, **overrides) -> dict:
+  """The entries of ``model_config`` that are fields of the Flax module class
+  ``cls``, then ``overrides``: a builder passes these (``cls(**...)``) so the
+  defaults live in one place, the class. ``name`` (the registry key) and keys
+  the class does not have are left out."""
+  names = {f.name for f in dataclasses.fields(cls)} - {"name", "parent"}
+  out = {k: v for k, v in model_config.items() if k in names}
+  out.update(overrides)
+  return out
 
 
 def init_params(model_config, rng, *, boxed: bool = False):

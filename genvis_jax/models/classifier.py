@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 
 
 class Classifier(nn.Module):
@@ -46,14 +46,12 @@ class Classifier(nn.Module):
     return self.head(self.features(images))
 
 
-def _build(cfg):
+def build(cfg):
   return Classifier(num_classes=cfg.num_classes, widths=tuple(cfg.widths),
                     dtype=cfg.get("dtype", "float32"))
 
 
-def _example(cfg, batch):
+def example_inputs(cfg, batch_size: int = 1):
   s = cfg.get("image_size", 32)
-  return (jnp.zeros((batch, s, s, 3), jnp.float32),)
+  return (jnp.zeros((batch_size, s, s, 3), jnp.float32),)
 
-
-register("classifier", _example)(_build)

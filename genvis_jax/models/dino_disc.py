@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 
 Dtype = Any
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -400,7 +400,7 @@ def load_vit_params(path: str, *, zero_k_bias: bool = False) -> dict:
   return vit_params_from_state_dict(sd, zero_k_bias=zero_k_bias)
 
 
-def from_config(cfg) -> DinoDiscriminator:
+def build(cfg) -> DinoDiscriminator:
   return DinoDiscriminator(
       img_size=cfg.get("img_size", 224), patch_size=cfg.get("patch_size", 16),
       dim=cfg.get("dim", 384), depth=cfg.get("depth", 12),
@@ -417,7 +417,3 @@ def example_inputs(cfg, batch_size: int = 1):
   return (jnp.zeros((batch_size, size, cfg.get("image_width", 0) or size, 3),
                     jnp.float32),)
 
-
-@register("dino_disc", example_inputs=example_inputs)
-def build(cfg) -> DinoDiscriminator:
-  return from_config(cfg)

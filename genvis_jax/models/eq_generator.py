@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from genvis_jax.kernels.windowed_attention import (
     windowed_causal_attention, window_mask)
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 from genvis_jax.models.layers.attention import dot_product_attention
 from genvis_jax.models.eq_flow_head import DiffLoss, dense as _dense, normal02
 
@@ -389,7 +389,9 @@ def _dtype(name):
   return jnp.dtype(name) if isinstance(name, str) else name
 
 
-def from_config(cfg) -> EqGenerator:
+def build(cfg) -> EqGenerator:
+  """``config.model`` -> EqGenerator; needs hidden_size, depth, num_heads,
+  head_width; the rest defaults to the official values."""
   if cfg.hidden_size % cfg.num_heads:
     raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
                      f"num_heads {cfg.num_heads}.")
@@ -413,16 +415,9 @@ def from_config(cfg) -> EqGenerator:
       param_dtype=_dtype(cfg.get("param_dtype", "float32")))
 
 
-def _example_inputs(cfg, batch_size):
+def example_inputs(cfg, batch_size: int = 1):
   n, c = cfg.get("seq_len", 16), cfg.get("token_dim", 256)
   return (jnp.zeros((batch_size, n, c), jnp.float32),
           jnp.zeros((batch_size,), jnp.int32),
           jnp.zeros((batch_size, 1, n, c), jnp.float32),
           jnp.ones((batch_size, 1, n), jnp.float32))
-
-
-@register("eq_generator", example_inputs=_example_inputs)
-def build(cfg) -> EqGenerator:
-  """``config.model`` -> EqGenerator; needs hidden_size, depth, num_heads,
-  head_width; the rest defaults to the official values."""
-  return from_config(cfg)

@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 
 Dtype = Any
 CONV1D_NAMES = (None, "conv_in", "conv_out")
@@ -492,7 +492,7 @@ class EqTokenizer(nn.Module):
     return recon, aux
 
 
-def from_config(cfg) -> EqTokenizer:
+def build(cfg) -> EqTokenizer:
   """``config.model`` -> EqTokenizer (fields named as in the official ddconfig)."""
   return EqTokenizer(
       ch=cfg.get("ch", 128), ch_mult=tuple(cfg.get("ch_mult", (1, 1, 2, 4, 4))),
@@ -518,7 +518,3 @@ def example_inputs(cfg, batch_size: int = 1):
   w = cfg.get("image_width", 0) or h
   return (jnp.zeros((batch_size, h, w, 3), jnp.float32),)
 
-
-@register("eq_tokenizer", example_inputs=example_inputs)
-def build(cfg) -> EqTokenizer:
-  return from_config(cfg)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 from genvis_jax.models.layers.attention import (cached_attention, causal_mask,
                                          dot_product_attention, update_kv_cache)
 
@@ -196,7 +196,7 @@ class LabelEmbedder(nn.Module):
 class FAR(nn.Module):
   """Factorized AR generator (see the module docstring).
 
-  Attributes mirror ``config.model`` (``build_far`` maps them); ``k`` =
+  Attributes mirror ``config.model`` (``build`` maps them); ``k`` =
   ``num_codebooks`` sub-tokens per position, ``grid**2`` positions.
   """
   num_codebooks: int = 2
@@ -364,13 +364,12 @@ def _dtype(name):
   return jnp.dtype(name) if isinstance(name, str) else name
 
 
-def _example_inputs(cfg, batch_size):
+def example_inputs(cfg, batch_size: int = 1):
   return (jnp.zeros((batch_size, cfg.num_codebooks, cfg.grid ** 2), jnp.int32),
           jnp.zeros((batch_size,), jnp.int32))
 
 
-@register("far", example_inputs=_example_inputs)
-def build_far(cfg) -> FAR:
+def build(cfg) -> FAR:
   """``config.model`` -> FAR. Needs num_codebooks, grid, dim, n_layer, n_head,
   n_head_layer; the SwiGLU width is ``ffn_dim`` or (0) LlamaGen's rule."""
   if cfg.dim % cfg.n_head:

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 from genvis_jax.models import llamagen_vq as lg
 from genvis_jax.models.quantizers import VectorQuantizer, l2_normalize
 
@@ -400,7 +400,7 @@ def _feat_heads(cfg):
   return tuple(out)
 
 
-def from_config(cfg) -> FQGAN:
+def build(cfg) -> FQGAN:
   """Builds the module from ``config.model``."""
   top = cfg.get("hidden_channels", 128) * tuple(cfg.channel_mult)[-1]
   width = cfg.get("adapter_width", top)
@@ -439,7 +439,3 @@ def example_inputs(cfg, batch_size: int = 1):
   size = cfg.get("image_size", 256)
   return (jnp.zeros((batch_size, size, size, 3), jnp.float32),)
 
-
-@register("fqgan", example_inputs=example_inputs)
-def build(cfg) -> FQGAN:
-  return from_config(cfg)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax import models
 from genvis_jax.models import layers
 
 PREPROCESS = ("pytorch_fid", "adm_tf")
@@ -282,7 +283,7 @@ class Logits(nn.Module):
 
 def build(cfg) -> FIDInceptionV3:
   """``config.model.name = "inception"``: fields ``preprocess``, ``resize``."""
-  return FIDInceptionV3(**cfg.to_dict() if hasattr(cfg, "to_dict") else {})
+  return FIDInceptionV3(**models.config_fields(cfg, FIDInceptionV3))
 
 
 def example_inputs(cfg, batch_size: int = 1):

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 from genvis_jax.models.quantizers import VectorQuantizer
 
 Dtype = Any
@@ -328,7 +328,7 @@ class LlamaGenVQ(nn.Module):
     return self.decode_latents(z_q, train), {**aux, "codes": codes}
 
 
-def from_config(cfg) -> LlamaGenVQ:
+def build(cfg) -> LlamaGenVQ:
   """Builds the module from ``config.model``."""
   return LlamaGenVQ(
       hidden_channels=cfg.get("hidden_channels", 128),
@@ -353,7 +353,3 @@ def example_inputs(cfg, batch_size: int = 1):
   size = cfg.get("image_size", 256)
   return (jnp.zeros((batch_size, size, size, 3), jnp.float32),)
 
-
-@register("llamagen_vq", example_inputs=example_inputs)
-def build(cfg) -> LlamaGenVQ:
-  return from_config(cfg)

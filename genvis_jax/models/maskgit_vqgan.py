@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
@@ -227,7 +227,7 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
-def from_config(cfg) -> MaskGITVQGAN:
+def build(cfg) -> MaskGITVQGAN:
   """Builds the module from ``config.model``."""
   return MaskGITVQGAN(
       hidden_channels=cfg.hidden_channels,
@@ -247,7 +247,3 @@ def example_inputs(cfg, batch_size: int = 1):
   size = cfg.get("image_size", 256)
   return (jnp.zeros((batch_size, size, size, 3), jnp.float32),)
 
-
-@register("maskgit_vqgan", example_inputs=example_inputs)
-def build(cfg) -> MaskGITVQGAN:
-  return from_config(cfg)

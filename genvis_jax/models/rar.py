@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 from genvis_jax.models.layers.attention import (cached_attention, causal_mask,
                                          dot_product_attention, update_kv_cache)
 
@@ -401,13 +401,12 @@ def _mlp_dim(cfg) -> int:
   return int(cfg.hidden_size * cfg.get("mlp_ratio", 4.0))
 
 
-def _example_inputs(cfg, batch_size):
+def example_inputs(cfg, batch_size: int = 1):
   return (jnp.zeros((batch_size, cfg.seq_len), jnp.int32),
           jnp.zeros((batch_size,), jnp.int32))
 
 
-@register("rar", example_inputs=_example_inputs)
-def build_rar(cfg) -> RAR:
+def build(cfg) -> RAR:
   """``config.model`` -> RAR. Needs hidden_size, depth, num_heads and
   mlp_dim or mlp_ratio; other fields default to the paper's values."""
   if cfg.hidden_size % cfg.num_heads:

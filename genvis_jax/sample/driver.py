@@ -18,7 +18,6 @@ with other settings (weights, model, sampler) is refused instead of mixing.
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 import os
 import time
@@ -31,32 +30,16 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import registry
 from genvis_jax.models import inference
 from genvis_jax.sample import images as images_lib
 
-# config.model.name -> "module:function(model, params, labels, rng, sample_cfg)"
-# returning codes in the tokenizer's ``decode`` format.
-GENERATORS = {
-    "rar": "genvis_jax.sample.driver:rar_generate",
-    "far": "genvis_jax.sample.far:generate",
-    "eq_generator": "genvis_jax.sample.eq:generate",
-}
-
-
-def rar_generate(model, params, labels, rng, s):
-  from genvis_jax.sample import rar  # pylint: disable=import-outside-toplevel
-  tokens = rar.sample(model, params, labels, rng,
-                      guidance_scale=s.guidance_scale, guidance_pow=s.guidance_pow,
-                      temperature=s.temperature, dtype=s.get("dtype"))
-  side = int(round(tokens.shape[1] ** 0.5))
-  return tokens.reshape(tokens.shape[0], side, side)
-
-
 def _generator(name: str):
-  if name not in GENERATORS:
-    raise ValueError(f"No sampler for model {name!r}; known: {sorted(GENERATORS)}.")
-  module, fn = GENERATORS[name].split(":")
-  return getattr(importlib.import_module(module), fn)
+  """``genvis_jax/sample/<config.model.name>.py``'s ``generate(model, params,
+  labels, rng, sample_config)``, returning codes in the tokenizer's
+  ``decode`` format (see ``genvis_jax.core.registry``)."""
+  return registry.module("genvis_jax.sample", name, ("generate",),
+                         setting="config.model.name (the generator)").generate
 
 
 def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:

@@ -208,3 +208,13 @@ def sample_uncached(model, params, labels, rng, *, guidance_scale: float,
   (reference for tests and the KV-cache benchmark)."""
   return _run(False, model, params, labels, rng, guidance_scale, guidance_pow,
               temperature, seq_len)
+
+
+def generate(model, params, labels, rng, s):
+  """Sampling-driver adapter (``genvis_jax.sample.driver``): ``config.sample``
+  fields -> (B, side, side) token maps for the tokenizer's ``decode``."""
+  tokens = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,
+                  guidance_pow=s.guidance_pow, temperature=s.temperature,
+                  dtype=s.get("dtype"))
+  side = int(round(tokens.shape[1] ** 0.5))
+  return tokens.reshape(tokens.shape[0], side, side)

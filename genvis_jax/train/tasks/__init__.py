@@ -2,48 +2,30 @@
 
 The shared loop (``genvis_jax/train/trainer.py``) owns sharding, gradient
 accumulation, optimizer updates, EMA, checkpoints and logging. A task owns the
-models and losses. ``config.task`` selects one from the registry below.
+models and losses. ``config.task`` names the module that defines it
+(``"rar"`` -> ``tasks/rar.py``, whose ``TASK`` is the class).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Mapping
 
 import jax
 import optax
 
+from genvis_jax import models
+from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError, UserError
 
 PyTree = Any
 
-_TASK_MODULES = {
-    "tokenizer": "genvis_jax.train.tasks.tokenizer",
-    "rar": "genvis_jax.train.tasks.rar",
-    "classifier": "genvis_jax.train.tasks.classifier",
-    "far": "genvis_jax.train.tasks.far",
-    "fq_tokenizer": "genvis_jax.train.tasks.fq_tokenizer",
-    "eq_tokenizer": "genvis_jax.train.tasks.eq",
-    "eq_generator": "genvis_jax.train.tasks.eq",
-}
-_TASKS: dict[str, type] = {}
-
-
-def register(name: str):
-  def deco(cls):
-    _TASKS[name] = cls
-    return cls
-  return deco
-
-
 def get_task(config) -> "Task":
-  name = config.task
-  if name not in _TASKS and name in _TASK_MODULES:
-    importlib.import_module(_TASK_MODULES[name])
-  if name not in _TASKS:
-    raise ValueError(f"Unknown config.task {name!r}; known: "
-                     f"{sorted(set(_TASKS) | set(_TASK_MODULES))}.")
-  return _TASKS[name](config)
+  """The task ``config.task`` names: ``genvis_jax/train/tasks/<name>.py``
+  defines ``TASK``, its ``Task`` subclass (see ``genvis_jax.core.registry``).
+  Raises ``ConfigError`` for an unknown name."""
+  mod = registry.module(__name__, config.task, ("TASK",),
+                        setting="config.task")
+  return mod.TASK(config)
 
 
 class Task:
@@ -108,7 +90,6 @@ def tokenizer_value_range(config, tokenizer_config,
   pre-tokenization and sampling read those keys); a mismatch raises
   ``ConfigError`` naming both.
   """
-  from genvis_jax import models  # pylint: disable=import-outside-toplevel
   want = models.value_range(tokenizer_config)
   for k in stated_in:
     section = config.get(k, None)

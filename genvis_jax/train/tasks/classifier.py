@@ -8,10 +8,9 @@ import optax
 
 from genvis_jax import models
 from genvis_jax.train import optimizers as opt_lib
-from genvis_jax.train.tasks import Task, register
+from genvis_jax.train.tasks import Task
 
 
-@register("classifier")
 class ClassifierTask(Task):
   """Batch: {"image": (B, H, W, 3) in [0, 1], "label": (B,) int32}."""
 
@@ -38,3 +37,6 @@ class ClassifierTask(Task):
     (loss, aux), g = jax.value_and_grad(self.loss, has_aux=True)(
         params["model"], batch)
     return {"model": g}, {"loss": loss, **aux}
+
+
+TASK = ClassifierTask

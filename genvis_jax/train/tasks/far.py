@@ -14,7 +14,8 @@ import optax
 
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.train.tasks import Task, register
+from genvis_jax.train import optimizers as opt_lib
+from genvis_jax.train.tasks import Task
 
 
 def subtoken_names(k: int) -> tuple[str, ...]:
@@ -47,7 +48,6 @@ def as_codes(tokens, k: int, n: int):
       "Check the pre-tokenized data against config.model.num_codebooks / grid.")
 
 
-@register("far")
 class FARTask(Task):
   """One parameter group ``"model"``; metrics loss and per-sub-token CE/acc."""
 
@@ -60,7 +60,6 @@ class FARTask(Task):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
 
   def optimizers(self):
-    from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
     return {"model": opt_lib.make_optimizer(self.config.optimizer,
                                             self.config.train)}
 
@@ -83,3 +82,6 @@ class FARTask(Task):
       metrics[f"ce_{name}"] = ce[i]
       metrics[f"accuracy_{name}"] = acc[i]
     return {"model": g}, metrics
+
+
+TASK = FARTask

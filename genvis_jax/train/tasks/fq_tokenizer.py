@@ -32,7 +32,6 @@ from absl import logging
 
 from genvis_jax.models import teachers as teachers_lib
 from genvis_jax.models.quantizers import l2_normalize
-from genvis_jax.train.tasks import register
 from genvis_jax.train.tasks.tokenizer import TokenizerTask
 
 
@@ -96,7 +95,6 @@ def build_teachers(config) -> list[Teacher]:
   return out
 
 
-@register("fq_tokenizer")
 class FQTokenizerTask(TokenizerTask):
   """Batch: {"image": (B, H, W, 3) in ``value_range`` ([-1, 1] for FQGAN)}."""
 
@@ -170,3 +168,6 @@ class FQTokenizerTask(TokenizerTask):
         total = total + lo.get("rep_weight", 0.5) * v
         metrics[f"rep_loss/{head}"] = v
     return total
+
+
+TASK = FQTokenizerTask

@@ -28,6 +28,7 @@ from absl import logging
 
 from genvis_jax import models
 from genvis_jax.convert import lpips as convert_lpips
+from genvis_jax.core.metrics import to_uint8
 from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.train import losses as gan_lib
 from genvis_jax.train.tasks import Task, tokenizer_value_range
@@ -192,7 +193,6 @@ class GANTokenizerTask(Task):
     """{"reconstruction": uint8 (2N, H, W, 3)}: originals and reconstructions
     side by side, one pair per row."""
     del frozen, rng
-    from genvis_jax.core.metrics import to_uint8  # lazy: imports TensorFlow
     images = batch["image"]
     recon, _ = self._reconstruct(params["model"], images)
     recon = jnp.clip(recon, *self.value_range)

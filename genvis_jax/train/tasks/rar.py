@@ -24,8 +24,10 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.models.rar import permute
+from genvis_jax.sample import rar as rar_sample
+from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.core.metrics import to_uint8
-from genvis_jax.train.tasks import Task, register, tokenizer_value_range
+from genvis_jax.train.tasks import Task, tokenizer_value_range
 
 
 def randomness_ratio(step, anneal_start: int, anneal_end: int):
@@ -56,7 +58,6 @@ def ar_loss(logits, targets):
   return loss, acc
 
 
-@register("rar")
 class RARTask(Task):
   """One parameter group ``"model"``; metrics loss / accuracy / r."""
 
@@ -79,7 +80,6 @@ class RARTask(Task):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
 
   def optimizers(self):
-    from genvis_jax.train import optimizers as opt_lib
     return {"model": opt_lib.make_optimizer(self.config.optimizer,
                                             self.config.train)}
 
@@ -133,7 +133,6 @@ class RARTask(Task):
     """16 samples of evenly spread classes, decoded: {"samples": uint8}."""
     if "tokenizer" not in frozen:
       return {}
-    from genvis_jax.sample import rar as rar_sample
     del batch   # host-local; fixed classes keep every process identical
     n, c = 16, self.model.num_classes
     labels = (jnp.arange(n) * max(1, c // n)) % c
@@ -145,3 +144,6 @@ class RARTask(Task):
     side = int(round(self.model.seq_len ** 0.5))
     images = self._decode(frozen["tokenizer"], codes.reshape(n, side, side))
     return {"samples": to_uint8(jax.device_get(images), self.tokenizer_range)}
+
+
+TASK = RARTask

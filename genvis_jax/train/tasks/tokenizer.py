@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.train import optimizers as opt_lib
-from genvis_jax.train.tasks import register
 from genvis_jax.train.tasks import gan_tokenizer
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
@@ -32,7 +31,6 @@ def reconstruction_loss(kind: str, x, y):
   raise ValueError(f"Unknown config.loss.reconstruction {kind!r}; use l1 | l2.")
 
 
-@register("tokenizer")
 class TokenizerTask(GANTokenizerTask):
   """Batch: {"image": (B, H, W, 3) in ``value_range``, ...}."""
 
@@ -69,3 +67,6 @@ class TokenizerTask(GANTokenizerTask):
     scalars = {k: v for k, v in aux.items()
                if isinstance(v, jax.Array) and v.ndim == 0}
     return (total, adv), (recon, {**metrics, **scalars, "gen_loss": total})
+
+
+TASK = TokenizerTask

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genvis_jax.models import layers, register
+from genvis_jax.models import layers
 
 _PAD1 = ((1, 1), (1, 1))
 _NORMS = ("group", "none")
@@ -69,7 +69,7 @@ class NLayerDiscriminator(nn.Module):
     return x.astype(jnp.float32)
 
 
-def from_config(cfg) -> NLayerDiscriminator:
+def build(cfg) -> NLayerDiscriminator:
   return NLayerDiscriminator(
       ndf=cfg.get("ndf", 64), n_layers=cfg.get("n_layers", 3),
       norm=cfg.get("norm", "group"), num_groups=cfg.get("num_groups", 32),
@@ -82,7 +82,3 @@ def example_inputs(cfg, batch_size: int = 1):
   return (jnp.zeros((batch_size, size, size, cfg.get("in_channels", 3)),
                     jnp.float32),)
 
-
-@register("patchgan", example_inputs=example_inputs)
-def build(cfg) -> NLayerDiscriminator:
-  return from_config(cfg)

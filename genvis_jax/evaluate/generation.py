@@ -23,6 +23,7 @@ from absl import logging
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.convert import inception as convert_inception
+from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.evaluate import reference as ref_lib
 
@@ -197,7 +198,7 @@ def format_metrics(m: dict) -> str:
           f"{', preprocess ' + m['preprocess'] if 'preprocess' in m else ''})")
 
 
-def evaluate_generation(config, workdir: str) -> dict:
+def evaluate(config, workdir: str) -> dict:
   """``config.evaluate.kind == "generation"``.
 
   Reads ``config.evaluate``: samples (npz), reference (npz), inception (params
@@ -205,7 +206,6 @@ def evaluate_generation(config, workdir: str) -> dict:
   follow the reference), distance_dtype. Writes ``workdir/metrics.json`` and
   TensorBoard scalars.
   """
-  from genvis_jax.core import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
   for key in ("samples", "reference", "inception"):
     if not ev.get(key):
