@@ -14,7 +14,7 @@ post-quant layer and semantic decoder only.
       --config.loss.teacher_path=dinov2_vitb14_flax.npz
 
 Weights files are local, nothing downloads: the DINO ViT-S/16 state dict as
-``.npz`` / ``.safetensors`` (``genvis_jax.models.dino_disc.load_vit_params``)
+``.pth`` / ``.safetensors`` / ``.npz`` (``genvis_jax.convert.dino_vit.load_dino_vit``)
 and DINOv2-B/14 converted with ``python -m genvis_jax.convert --kind=dinov2``. An empty ``disc.vit_path`` falls back to a randomly
 initialised frozen ViT (logged); an empty ``teacher_path`` turns the semantic
 loss off.

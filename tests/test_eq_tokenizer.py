@@ -11,6 +11,7 @@ import pytest
 from configs import eq_demo
 from configs import eq_tokenizer as eq_tok_config
 from genvis_jax import models
+from genvis_jax.convert import dino_vit
 from genvis_jax.convert.eq import official_to_flax
 from genvis_jax.models import dino_disc
 from genvis_jax.models import eq_tokenizer as eqt
@@ -261,33 +262,42 @@ def test_dino_disc_and_diffaug():
   assert np.all(zero > 0) and np.all(zero <= 0.0625 + 1e-6)   # <= 12x12 of 48x48
 
 
-def test_vit_params_from_state_dict_roundtrip():
+def test_vit_params_from_state_dict_roundtrip(tmp_path):
   vit = dino_disc.FrozenViT(patch_size=8, dim=16, depth=2, num_heads=2,
                             pos_grid=2, final=True, layerscale=True)
   x = jnp.zeros((1, 16, 16, 3))
   p = np_init(nn.unbox(jax.eval_shape(vit.init, jax.random.key(0), x))["params"])
-  sd = {"cls_token": p["cls_token"], "pos_embed": p["pos_embed"],
+  e = p["embed"]
+  sd = {"cls_token": np.asarray(e["cls_token"])[None, None],
+        "pos_embed": np.asarray(e["pos_embed"])[None],
         "patch_embed.proj.weight": np.asarray(
-            p["patch_embed"]["proj"]["kernel"]).transpose(3, 2, 0, 1),
-        "patch_embed.proj.bias": p["patch_embed"]["proj"]["bias"],
-        "norm.weight": p["norm"]["scale"], "norm.bias": p["norm"]["bias"]}
+            e["patch_embed"]["kernel"]).transpose(3, 2, 0, 1),
+        "patch_embed.proj.bias": e["patch_embed"]["bias"],
+        "norm.weight": p["norm"]["scale"], "norm.bias": p["norm"]["bias"],
+        "head.weight": np.ones((3, 16), np.float32)}   # no place: skipped
   for i in range(2):
-    b = p[f"blocks_{i}"]
+    b = p["encoder"][f"block_{i}"]
     for n in ("norm1", "norm2"):
       sd[f"blocks.{i}.{n}.weight"], sd[f"blocks.{i}.{n}.bias"] = (
           b[n]["scale"], b[n]["bias"])
-    for n, q in (("attn.qkv", b["attn"]["qkv"]), ("attn.proj", b["attn"]["proj"]),
+    for n, q in (("attn.qkv", b["attn"]["qkv"]), ("attn.proj", b["attn"]["out"]),
                  ("mlp.fc1", b["mlp"]["fc1"]), ("mlp.fc2", b["mlp"]["fc2"])):
       sd[f"blocks.{i}.{n}.weight"] = np.asarray(q["kernel"]).T
       sd[f"blocks.{i}.{n}.bias"] = q["bias"]
     for n in ("ls1", "ls2"):
-      sd[f"blocks.{i}.{n}.gamma"] = b[n]["gamma"]
-  back = dino_disc.vit_params_from_state_dict(sd, zero_k_bias=True)
+      sd[f"blocks.{i}.{n}.gamma"] = b[n]["scale"]
+  back = dino_vit.convert_dino_vit(sd, zero_k_bias=True)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(p)
-  qb = back["blocks_0"]["attn"]["qkv"]["bias"]
+  qb = back["encoder"]["block_0"]["attn"]["qkv"]["bias"]
   assert np.all(qb[16:32] == 0)
-  np.testing.assert_array_equal(back["blocks_1"]["mlp"]["fc1"]["kernel"],
-                                p["blocks_1"]["mlp"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(back["encoder"]["block_1"]["mlp"]["fc1"]["kernel"],
+                                p["encoder"]["block_1"]["mlp"]["fc1"]["kernel"])
+  np.savez(tmp_path / "vit.npz", **sd)           # read through convert.io
+  loaded = dino_vit.load_dino_vit(str(tmp_path / "vit.npz"))
+  np.testing.assert_array_equal(loaded["encoder"]["block_0"]["attn"]["qkv"]["bias"],
+                                p["encoder"]["block_0"]["attn"]["qkv"]["bias"])
+  with pytest.raises(FileNotFoundError, match="vit_path"):
+    dino_vit.load_dino_vit(str(tmp_path / "missing.pth"))
 
 
 def test_teacher_inputs_official_preprocess():

@@ -17,16 +17,16 @@ Pure-functional choices: BatchNormLocal normalises over groups of
 spectral norm runs ``power_iterations`` from a fixed vector each call instead
 of carrying a ``u`` buffer.
 
-``FrozenViT`` is a timm/DINO ViT: ``patch_embed/proj``, ``cls_token``,
-``pos_embed``, ``blocks_{i}/{norm1, attn/qkv, attn/proj, [ls1], norm2, mlp/fc1,
-mlp/fc2, [ls2]}``, ``[norm]``; ``load_vit_params`` maps a timm-style PyTorch
-state dict (``.npz`` / ``.safetensors``, e.g. ``dino_deitsmall16_pretrain``)
-onto it. A stored position grid of another size is resized with JAX's cubic
-resize (the discriminator runs at the native 224 / 16 = 14 grid, no resize).
+``FrozenViT`` is the shared ViT (``models/layers/vit.py``) at timm / DINO
+settings; ``convert/dino_vit.py`` maps a timm-style PyTorch state dict (e.g.
+``dino_deitsmall16_pretrain.pth``) onto it. A stored position grid of another
+size is resized with JAX's cubic resize (the discriminator runs at the native
+224 / 16 = 14 grid, no resize).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax.models import layers
+from genvis_jax.models.layers import vit
 
 Dtype = Any
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -44,88 +45,28 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 # --- frozen ViT ----------------------------------------------------------------
 
-class _Attention(nn.Module):
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    b, n, c = x.shape
-    hd = c // self.num_heads
-    qkv = layers.dense(3 * c, ("embed", "heads"), name="qkv")(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * hd ** -0.5
-    out = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(logits, -1), v)
-    return layers.dense(c, ("heads", "embed"), name="proj")(out.reshape(b, n, c))
-
-
-class _Mlp(nn.Module):
-  hidden: int
-  gelu_approximate: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    h = layers.dense(self.hidden, ("embed", "mlp"), name="fc1")(x)
-    h = nn.gelu(h, approximate=self.gelu_approximate)
-    return layers.dense(x.shape[-1], ("mlp", "embed"), name="fc2")(h)
-
-
-class _PatchEmbed(nn.Module):
-  """p x p stride-p conv ``proj``: (B, S, S, 3) -> (B, (S/p)^2, C)."""
-  dim: int
-  patch_size: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = layers.conv(self.dim, self.patch_size, strides=self.patch_size,
-                    padding="VALID", name="proj")(x)
-    return x.reshape(x.shape[0], -1, self.dim)
-
-
-class _LayerScale(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    g = self.param("gamma", layers.named(nn.initializers.constant(1e-5),
-                                         ("norm",)), (x.shape[-1],))
-    return x * g
-
-
-class ViTBlock(nn.Module):
-  """Pre-norm block: x + [ls1] attn(norm1 x); x + [ls2] mlp(norm2 x)."""
-  num_heads: int
-  mlp_ratio: float = 4.0
-  layerscale: bool = False
-  gelu_approximate: bool = True
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    y = _Attention(self.num_heads, name="attn")(
-        layers.layer_norm(self.eps, name="norm1")(x))
-    x = x + (_LayerScale(name="ls1")(y) if self.layerscale else y)
-    y = _Mlp(int(c * self.mlp_ratio), self.gelu_approximate, name="mlp")(
-        layers.layer_norm(self.eps, name="norm2")(x))
-    return x + (_LayerScale(name="ls2")(y) if self.layerscale else y)
-
-
-def resize_pos_grid(pos, grid: int):
-  """(1, 1 + g*g, C) table -> (1, 1 + grid*grid, C) with a cubic resize."""
-  g = math.isqrt(pos.shape[1] - 1)
-  if g == grid:
+def resize_pos_grid(pos, height: int, width: int, *, patch_size: int):
+  """(1 + g*g, C) table -> (1 + gh*gw, C) for an H x W input, JAX cubic
+  resize of the patch rows (the class row is kept)."""
+  g = math.isqrt(pos.shape[0] - 1)
+  gh, gw = height // patch_size, width // patch_size
+  if (gh, gw) == (g, g):
     return pos
-  table = pos[0, 1:].reshape(g, g, -1)
-  table = jax.image.resize(table, (grid, grid, table.shape[-1]), "cubic")
-  return jnp.concatenate([pos[:, :1], table.reshape(1, grid * grid, -1)], 1)
+  table = jax.image.resize(pos[1:].reshape(g, g, -1), (gh, gw, pos.shape[-1]),
+                           "cubic")
+  return jnp.concatenate([pos[:1], table.reshape(gh * gw, -1)], axis=0)
 
 
 class FrozenViT(nn.Module):
-  """Normalised images (B, S, S, 3) -> token states.
+  """Normalised images (B, S, S, 3) -> token states; the shared ViT
+  (``models/layers/vit.py``: fused qkv, eps 1e-6, LayerScale init 1e-5 when
+  ``layerscale``, GELU tanh unless ``gelu_approximate=False``).
 
   Returns ``(readouts, patch_tokens)``: readouts ``x[:, 1:] + x[:, :1]`` (B, N, C)
   after the embedding and after each block in ``taps`` (VAR / DINO-disc
   convention), and ``norm(x)[:, 1:]`` after the last block (DINOv2
-  ``x_norm_patchtokens``). Only ``max(taps) + 1`` blocks run when ``taps`` is
-  set and ``final`` is False.
+  ``x_norm_patchtokens``). Only ``max(taps) + 1`` blocks run (and have
+  parameters) when ``taps`` is set and ``final`` is False.
   """
   patch_size: int = 16
   dim: int = 384
@@ -140,30 +81,24 @@ class FrozenViT(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, s = x.shape[0], x.shape[1]
-    p = self.patch_size
+    s, p = x.shape[1], self.patch_size
     if s % p or x.shape[2] != s:
       raise ValueError(f"FrozenViT needs square inputs divisible by the patch "
                        f"size {p}, got {x.shape[1:3]}.")
-    x = _PatchEmbed(self.dim, p, name="patch_embed")(x)
-    cls = self.param("cls_token", layers.named(layers.zeros, (None, None, "embed")),
-                     (1, 1, self.dim))
-    pos = self.param("pos_embed", layers.named(layers.default_kernel_init,
-                                               (None, "pos", "embed")),
-                     (1, self.pos_grid ** 2 + 1, self.dim))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
-    x = x + resize_pos_grid(pos, s // p)
-    readout = lambda t: t[:, 1:] + t[:, :1]
-    outs = [readout(x)]
+    x = vit.Embed(self.dim, p, self.pos_grid, cls_init=layers.zeros,
+                  resize=functools.partial(resize_pos_grid, patch_size=p),
+                  name="embed")(x)
     last = self.depth if (self.final or not self.taps) else max(self.taps) + 1
-    for i in range(last):
-      x = ViTBlock(self.num_heads, self.mlp_ratio, self.layerscale,
-                   self.gelu_approximate, name=f"blocks_{i}")(x)
-      if i in self.taps:
-        outs.append(readout(x))
+    states = vit.Encoder(
+        last, self.num_heads, int(self.dim * self.mlp_ratio),
+        "gelu_tanh" if self.gelu_approximate else "gelu", 1e-6,
+        1e-5 if self.layerscale else None, name="encoder")(x)
+    readout = lambda t: t[:, 1:] + t[:, :1]
+    outs = [readout(states[0])] + [readout(states[i + 1]) for i in range(last)
+                                    if i in self.taps]
     tokens = None
     if self.final:
-      tokens = layers.layer_norm(1e-6, name="norm")(x)[:, 1:]
+      tokens = vit.layer_norm(1e-6, name="norm")(states[-1])[:, 1:]
     return outs, tokens
 
 
@@ -341,63 +276,6 @@ def diff_augment(x, rng, *, translation: float = 0.125, color: bool = True,
       cut = hit(r[5], h, ch)[:, :, None] & hit(r[6], w, cw)[:, None, :]
       x = x * (~cut)[..., None].astype(x.dtype)
   return x
-
-
-# --- weights -------------------------------------------------------------------
-
-def _read(path: str) -> dict:
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
-
-
-def vit_params_from_state_dict(sd, *, zero_k_bias: bool = False) -> dict:
-  """PyTorch ViT state dict (numpy) -> ``FrozenViT`` params.
-
-  ``zero_k_bias`` zeroes the key third of every qkv bias (the official DINO
-  discriminator does; softmax ignores it anyway). Unused keys (heads, mask or
-  register tokens) are skipped.
-  """
-  sd = {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in sd.items()}
-  p: dict = {"cls_token": sd["cls_token"], "pos_embed": sd["pos_embed"],
-             "patch_embed": {"proj": {
-                 "kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
-                 "bias": sd["patch_embed.proj.bias"]}}}
-  lin = lambda k: {"kernel": sd[k + ".weight"].T, "bias": sd[k + ".bias"]}
-  ln = lambda k: {"scale": sd[k + ".weight"], "bias": sd[k + ".bias"]}
-  i = 0
-  while f"blocks.{i}.norm1.weight" in sd:
-    pre = f"blocks.{i}"
-    qkv = lin(pre + ".attn.qkv")
-    if zero_k_bias:
-      c = qkv["bias"].shape[0] // 3
-      qkv["bias"] = qkv["bias"].copy()
-      qkv["bias"][c:2 * c] = 0.0
-    blk = {"norm1": ln(pre + ".norm1"), "norm2": ln(pre + ".norm2"),
-           "attn": {"qkv": qkv, "proj": lin(pre + ".attn.proj")},
-           "mlp": {"fc1": lin(pre + ".mlp.fc1"), "fc2": lin(pre + ".mlp.fc2")}}
-    for ls in ("ls1", "ls2"):
-      if f"{pre}.{ls}.gamma" in sd:
-        blk[ls] = {"gamma": sd[f"{pre}.{ls}.gamma"]}
-    p[f"blocks_{i}"] = blk
-    i += 1
-  if "norm.weight" in sd:
-    p["norm"] = ln("norm")
-  return p
-
-
-def load_vit_params(path: str, *, zero_k_bias: bool = False) -> dict:
-  """Reads a local ``.npz`` / ``.safetensors`` ViT state dict (no download)."""
-  try:
-    sd = _read(path)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(
-        f"ViT weights {path!r} not found. Save the PyTorch state dict as .npz "
-        f"or .safetensors (e.g. np.savez(path, **{{k: v.numpy() for k, v in "
-        f"sd.items()}})) and pass its path.") from e
-  return vit_params_from_state_dict(sd, zero_k_bias=zero_k_bias)
 
 
 def build(cfg) -> DinoDiscriminator:
