@@ -7,7 +7,7 @@ else (no attention, norms, sampling). Modes (CFG = a doubled batch, random
 weights, compile time excluded, modes interleaved ``--repeats`` times so the
 ratios compare like with like on a shared machine):
 
-  floor       per step and block: qkv, proj, fc1, fc2 and the adaLN matmul at
+  floor       per step and block: qkv, out, fc1, fc2 and the adaLN matmul at
               2B rows, then lm_head (what a straightforward step must read).
   floor_noada the same without the adaLN matmul (what ``cached`` reads per
               step: its modulation comes from a per-chunk table).
@@ -82,7 +82,7 @@ def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None):
     def step(_, x):
       for blk in blocks:
         h = x @ blk["attn"]["qkv"]["kernel"]
-        x = x + h[:, :d] @ blk["attn"]["proj"]["kernel"]
+        x = x + h[:, :d] @ blk["attn"]["out"]["kernel"]
         h = x @ blk["mlp"]["fc1"]["kernel"]
         x = x + h @ blk["mlp"]["fc2"]["kernel"]
         if adaln:

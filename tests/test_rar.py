@@ -89,7 +89,7 @@ def reference_forward(p, tokens, label, order):
       s = np.where(np.tril(np.ones_like(s)) > 0, s, -np.inf)
       a = np.exp(s - s.max(-1, keepdims=True))
       out[:, head] = (a / a.sum(-1, keepdims=True)) @ qkv[:, 2, head]
-    x = x + g1 * _lin(out.reshape(n + 2, D), bp["attn"]["proj"])
+    x = x + g1 * _lin(out.reshape(n + 2, D), bp["attn"]["out"])
     h = _ln(x, bp["norm2"]["scale"], bp["norm2"]["bias"]) * (1 + sc2) + sh2
     h = _lin(h, bp["mlp"]["fc1"])
     h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
@@ -271,7 +271,7 @@ def test_weight_decay_groups(tiny):
   mask = decay_mask(params, cfg.optimizer.no_decay)
   decayed = {param_path(path) for path, m in
              jax.tree_util.tree_flatten_with_path(mask)[0] if m}
-  per_block = ["adaLN_modulation/kernel", "attn/qkv/kernel", "attn/proj/kernel",
+  per_block = ["adaLN_modulation/kernel", "attn/qkv/kernel", "attn/out/kernel",
                "mlp/fc1/kernel", "mlp/fc2/kernel"]
   expected = {"cls_token", "lm_head/kernel"} | {
       f"blocks_{i}/{n}" for i in range(2) for n in per_block}

@@ -1,6 +1,8 @@
 """Official RAR state dict (bytedance/1d-tokenizer ``modeling/rar.py``) -> Flax params.
 
-Rename + transpose only (``genvis_jax/models/rar.py`` keeps the official names):
+Rename + transpose only. Module names (``RENAMES``, the one table of names that
+differ): the shared attention's output projection is ``out``:
+  blocks.{i}.attn.proj.weight (out, in)       -> blocks_{i}/attn/out/kernel (in, out)
   blocks.{i}.attn.qkv.weight (out, in)        -> blocks_{i}/attn/qkv/kernel (in, out)
   blocks.{i}.norm1.weight, attn.q_norm.weight -> .../norm1/scale, .../q_norm/scale
   blocks.{i}.adaLN_modulation.1.weight        -> blocks_{i}/adaLN_modulation/kernel
@@ -19,6 +21,8 @@ from genvis_jax.convert import tree
 
 _TABLES = ("cls_token", "pos_embed", "target_aware_pos_embed", "timesteps_embeddings")
 _NORMS = ("norm1", "norm2", "q_norm", "k_norm")
+# Official module name -> Flax module name, where they differ.
+RENAMES = {"attn.proj": "attn.out", "adaLN_modulation.1": "adaLN_modulation"}
 _MODULE = re.compile(
     r"^(blocks\.\d+\.(norm1|norm2|attn\.(qkv|proj|q_norm|k_norm)|mlp\.(fc1|fc2)"
     r"|adaLN_modulation\.1)|adaln_before_head\.adaLN_modulation\.1|lm_head)"
@@ -34,7 +38,8 @@ def _flax_key(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     return key, value  # reported as unexpected by from_torch
   module, kind = key.rsplit(".", 1)
   module = re.sub(r"^blocks\.(\d+)", r"blocks_\1", module)
-  module = module.replace("adaLN_modulation.1", "adaLN_modulation")
+  for official, flax_name in RENAMES.items():
+    module = module.replace(official, flax_name)
   path = module.replace(".", "/")
   if kind == "bias":
     return f"{path}/bias", value

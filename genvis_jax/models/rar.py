@@ -2,8 +2,9 @@
 
 Randomized AutoRegressive modelling (Yu et al. 2024): image tokens are trained in
 a random order (annealed to raster), and a *target-aware* positional embedding
-tells every position which token it must predict next. Parameter names follow the
-official PyTorch model so conversion is renaming + transposing.
+tells every position which token it must predict next. Blocks compose the shared
+``layers.attention.Attention`` (QK-norm, causal, KV cache) and ``layers.mlp.Mlp``;
+``genvis_jax/convert/rar.py`` maps the official names (``attn.proj`` -> ``attn/out``).
 
 Token-id layout of the ``embeddings`` table (codebook V, classes C):
   0..V-1 image codes, V unused mask id, V+1+c class c, V+1+C the null class.
@@ -27,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.models import layers
-from genvis_jax.models.layers.attention import (cached_attention, causal_mask,
-                                         dot_product_attention, update_kv_cache)
+from genvis_jax.models.layers.attention import Attention
+from genvis_jax.models.layers.mlp import Mlp
 
 PREFIX = 2  # cls token + class token
 
@@ -56,62 +57,6 @@ def position_embeddings(pos_embed, ta_embed, orders):
   ta = ta_embed[PREFIX:PREFIX + n][orders]                       # (B, L, d)
   zero = jnp.zeros((b, 1, d), ta.dtype)
   return pos + jnp.concatenate([zero, ta, zero], axis=1)
-
-
-class Attention(nn.Module):
-  """Fused-qkv multi-head attention with QK-norm and an optional KV cache."""
-  dim: int
-  num_heads: int
-  attn_dropout: float = 0.0
-  dropout: float = 0.0
-  cache_len: int = 0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train=False, cache_pos=None):
-    """x (B, N, d) -> (B, N, d).
-
-    ``cache_pos=None``: causal self-attention over x. Otherwise x holds the
-    tokens at positions ``cache_pos .. cache_pos+N-1``; their k/v are written into
-    the ``cache`` collection and queries attend to every cached position <= own.
-    """
-    b, n, _ = x.shape
-    hd = self.dim // self.num_heads
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = layers.dense(3 * self.dim, ("embed", "heads"), name="qkv", **kw)(x)
-    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    q = layers.layer_norm(1e-6, name="q_norm", **kw)(q) * hd ** -0.5
-    k = layers.layer_norm(1e-6, name="k_norm", **kw)(k)
-    q, k, v = (t.astype(self.dtype) for t in (q, k, v))
-    drop = nn.Dropout(self.attn_dropout, deterministic=not train)
-    if cache_pos is None:
-      out = dot_product_attention(q, k, v, causal_mask(n), dropout=drop)
-    else:
-      k, v, mask = update_kv_cache(self, k, v, cache_pos, self.cache_len,
-                                   self.dtype)
-      out = cached_attention(q, k, v, mask)
-    out = layers.dense(self.dim, ("heads", "embed"), name="proj", **kw)(
-        out.reshape(b, n, self.dim))
-    return nn.Dropout(self.dropout, deterministic=not train)(out)
-
-
-class Mlp(nn.Module):
-  dim: int
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(x)
-    h = nn.Dropout(self.dropout, deterministic=not train)(
-        nn.gelu(h, approximate=False))
-    h = layers.dense(self.dim, ("mlp", "embed"), name="fc2", **kw)(h)
-    return nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
 def _modulate(x, shift, scale):
@@ -149,12 +94,14 @@ class Block(nn.Module):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         jnp.split(mod, 6, axis=-1))
     h = layers.layer_norm(1e-6, name="norm1", **kw)(x)
-    h = Attention(self.dim, self.num_heads, self.attn_dropout, self.dropout,
-                  self.cache_len, name="attn", **kw)(
-                      _modulate(h, shift_msa, scale_msa), train, cache_pos)
+    h = Attention(self.num_heads, qk_norm=True, mask="causal",
+                  cache_len=self.cache_len, attn_dropout=self.attn_dropout,
+                  proj_dropout=self.dropout, name="attn", **kw)(
+                      _modulate(h, shift_msa, scale_msa), train=train,
+                      cache_pos=cache_pos)
     x = x + gate_msa * h
     h = layers.layer_norm(1e-6, name="norm2", **kw)(x)
-    h = Mlp(self.dim, self.mlp_dim, self.dropout, name="mlp", **kw)(
+    h = Mlp(self.mlp_dim, dropout=self.dropout, name="mlp", **kw)(
         _modulate(h, shift_mlp, scale_mlp), train)
     x = x + gate_mlp * h
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))

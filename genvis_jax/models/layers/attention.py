@@ -9,8 +9,10 @@ PyTorch names are mapped in ``genvis_jax/convert/``.
 RAR and FAR decode with a cache in the ``"cache"`` collection
 (:func:`update_kv_cache`, read by :func:`cached_attention`; a sampler may
 keep it only as long as the filled prefix, :func:`resize_kv_cache`); the
-Equivariant generator keeps a rolling window cache of its own but attends
-through the same :func:`dot_product_attention`. The windowed causal attention
+Equivariant generator passes a rolling cache of the last ``window`` positions
+in and out (:func:`rolling_window_attention`) and computes its
+cross-attention keys/values once per sample (:meth:`Attention.kv`). The
+windowed causal attention
 of long sequences runs in ``genvis_jax.kernels.windowed_attention`` (Pallas
 kernels with a pure-JAX reference beside them).
 """
@@ -127,6 +129,31 @@ def resize_kv_cache(cache, length: int):
   return jax.tree_util.tree_map_with_path(fit, cache)
 
 
+def rolling_window_attention(q, k, v, cache, pos):
+  """One new position over a rolling cache of the last W positions.
+
+  q, k, v (B, 1, H, D) of position ``pos`` (int, may be traced; q already
+  scaled); cache ``(ck, cv)`` each (B, W, H, D) holding position p at slot
+  ``p % W`` (zeros where nothing was written yet). Writes k / v at slot
+  ``pos % W`` and attends every slot whose position is >= 0, i.e. keys
+  ``pos - W + 1 .. pos`` (windowed causal attention with window W).
+  Returns ``(out (B, 1, H, D) in q.dtype, (ck, cv))``.
+  """
+  if q.shape[1] != 1:
+    raise ValueError(f"A rolling window cache takes one position per call, got "
+                     f"{q.shape[1]}; decode one column at a time.")
+  ck, cv = cache
+  w = ck.shape[1]
+  slot = jnp.mod(pos, w)
+  ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), slot, axis=1)
+  cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), slot, axis=1)
+  # Slot s holds position pos - ((pos - s) mod W); < 0: never written.
+  slot_pos = pos - jnp.mod(pos - jnp.arange(w), w)
+  out = dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype),
+                              slot_pos >= 0)
+  return out, (ck, cv)
+
+
 # --- rotary position embedding (interleaved pairs) -------------------------------
 
 def rope_tables(positions, head_dim: int, base: float = 10000.0):
@@ -175,6 +202,7 @@ class Attention(nn.Module):
       drop out, which the kernels do not do).
     cache_len: with ``cache_pos`` at call time, keys/values go to the
       ``"cache"`` collection (:func:`update_kv_cache`, length ``cache_len``).
+      (A rolling window cache is passed in and out instead: ``window_cache``.)
     attn_dropout, proj_dropout: on the probabilities / the output.
     kernel_init, out_init: initialisers of the input / output projections.
 
@@ -209,9 +237,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None, *, rope=None, train: bool = False,
-               cache_pos=None, mask=None):
+               cache_pos=None, mask=None, kv=None, window_cache=None):
     """Self-attention over ``x`` (B, N, d), or cross-attention of ``x`` over
-    ``context`` (B, M, d_c) (no causal mask, no cache).
+    ``context`` (B, M, d_c) or its precomputed ``kv`` (no causal mask, no
+    cache).
 
     rope: ``(cos, sin)`` (N, head_dim / 2) rotating q and k (self) or q
       (cross), :func:`apply_rope`.
@@ -220,33 +249,63 @@ class Attention(nn.Module):
       every cached position <= their own.
     mask: optional bool, broadcastable to (B, H, N, M), True = visible;
       combined with the ``mask`` field's own.
+    kv: ``(k, v)`` from :meth:`kv` (each (B, M, H, head_dim)): cross-attention
+      over a context projected once (``context`` unused).
+    window_cache: ``(k, v)`` each (B, window, H, head_dim), the rolling cache
+      of :func:`rolling_window_attention` (``mask="window"``, one position
+      ``cache_pos`` per call, no dropout); the call then returns
+      ``(out, window_cache)`` with this position written.
+    ``x=None``: returns :meth:`kv` of ``context``.
     Returns (B, N, dim) in ``dtype``.
     """
-    dim = self.dim or x.shape[-1]
-    hd = dim // self.num_heads
-    if context is None and self.fused_qkv:
+    is_self = context is None and kv is None
+    dim = self.dim or (context if x is None else x).shape[-1]
+    project = lambda name, t: self._heads(self._dense(
+        dim, ("embed", "heads"), name, self.qkv_bias, self.kernel_init)(t))
+    norm = lambda name, t: layers.layer_norm(
+        self.norm_eps, name=name, dtype=self.dtype,
+        param_dtype=self.param_dtype)(t)
+    if is_self and self.fused_qkv:
       qkv = self._dense(3 * dim, ("embed", "heads"), "qkv", self.qkv_bias,
                         self.kernel_init)(x)
       q, k, v = (self._heads(t) for t in jnp.split(qkv, 3, axis=-1))
-    else:
+    elif kv is None:
       src = x if context is None else context
-      q, k, v = (self._heads(self._dense(dim, ("embed", "heads"), n,
-                                         self.qkv_bias, self.kernel_init)(t))
-                 for n, t in (("q", x), ("k", src), ("v", src)))
+      k, v = project("k", src), project("v", src)
+    if kv is None and self.qk_norm:
+      k = norm("k_norm", k)
+    if x is None:
+      return k.astype(self.dtype), v.astype(self.dtype)
+    if kv is not None:
+      k, v = kv
+    if not (is_self and self.fused_qkv):
+      q = project("q", x)
     if self.qk_norm:
-      kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-      q = layers.layer_norm(self.norm_eps, name="q_norm", **kw)(q)
-      k = layers.layer_norm(self.norm_eps, name="k_norm", **kw)(k)
+      q = norm("q_norm", q)
     if rope is not None:
       q = apply_rope(q, *rope)
-      if context is None:
+      if is_self:
         k = apply_rope(k, *rope)
     q, k, v = (t.astype(self.dtype) for t in (q, k, v))
-    out = self._attend(q, k, v, mask, train, cache_pos, context is None)
+    if window_cache is not None:
+      if self.mask != "window":
+        raise ValueError(f"window_cache needs mask='window', got {self.mask!r}.")
+      out, window_cache = rolling_window_attention(
+          q * q.shape[-1] ** -0.5, k, v, window_cache, cache_pos)
+    else:
+      out = self._attend(q, k, v, mask, train, cache_pos, is_self)
     out = self._dense(dim, ("heads", "embed"), "out", self.out_bias,
                       self.out_init or self.kernel_init)(
                           out.reshape(*x.shape[:-1], dim))
-    return nn.Dropout(self.proj_dropout, deterministic=not train)(out)
+    out = nn.Dropout(self.proj_dropout, deterministic=not train)(out)
+    return out if window_cache is None else (out, window_cache)
+
+  def kv(self, context):
+    """Cross-attention keys and values of ``context`` (B, M, d_c), each
+    (B, M, H, head_dim) in ``dtype`` (``k_norm`` applied): project a
+    context that does not change once and pass them as ``kv=``. Uses the
+    query width ``dim`` (default: the context's width)."""
+    return self(None, context)
 
   def _attend(self, q, k, v, mask, train, cache_pos, is_self):
     if self.mask not in MASKS:

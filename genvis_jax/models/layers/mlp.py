@@ -30,16 +30,27 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
+def _dropout(x, rate: float, train: bool):
+  """Dropout; no module when ``rate`` is 0, so the active ones keep the
+  names (and random streams) ``Dropout_0``, ``Dropout_1`` in call order."""
+  return nn.Dropout(rate, deterministic=not train)(x) if rate > 0 else x
+
+
 class Mlp(nn.Module):
   """(..., d) -> (..., out or d) through ``hidden`` units.
 
-  Parameters ``fc1`` (d, hidden) and ``fc2`` (hidden, out), logical axes
-  embed -> mlp -> embed; dropout after the activation and after ``fc2``.
+  Plain: ``fc2(drop(act(fc1 x)))``; ``gated`` (SwiGLU, LlamaGen
+  ``FeedForward``): ``fc2(drop(act(fc1_g x) * fc1_x x))`` (timm ``SwiGLU``
+  names). Kernels ``fc1*`` (d, hidden) and ``fc2`` (hidden, out), logical
+  axes embed -> mlp -> embed. Dropout ``hidden_dropout`` (default
+  ``dropout``) after the activation, ``dropout`` after ``fc2``.
   """
   hidden: int
   out: int | None = None
   activation: str = "gelu"
+  gated: bool = False
   dropout: float = 0.0
+  hidden_dropout: float | None = None
   use_bias: bool = True
   kernel_init: Callable = layers.default_kernel_init
   dtype: Any = jnp.float32
@@ -49,9 +60,12 @@ class Mlp(nn.Module):
   def __call__(self, x, train: bool = False):
     kw = dict(use_bias=self.use_bias, kernel_init=self.kernel_init,
               dtype=self.dtype, param_dtype=self.param_dtype)
-    drop = nn.Dropout(self.dropout, deterministic=not train)
-    h = layers.dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x)
-    h = drop(activation(self.activation)(h))
+    act = activation(self.activation)
+    fc1 = lambda name: layers.dense(self.hidden, ("embed", "mlp"), name=name,
+                                    **kw)(x)
+    h = act(fc1("fc1_g")) * fc1("fc1_x") if self.gated else act(fc1("fc1"))
+    hidden_drop = self.dropout if self.hidden_dropout is None else self.hidden_dropout
+    h = _dropout(h, hidden_drop, train)
     h = layers.dense(self.out or x.shape[-1], ("mlp", "embed"), name="fc2",
                      **kw)(h)
-    return drop(h)
+    return _dropout(h, self.dropout, train)
