@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from genvis_jax.models import layers
 from genvis_jax.models import llamagen_vq as lg
+from genvis_jax.models.layers import vit
 from genvis_jax.models.quantizers import VectorQuantizer, l2_normalize
 
 Dtype = Any
@@ -75,71 +76,11 @@ def disentangle_loss(quantized: Sequence[jax.Array]) -> jax.Array:
   return sum(terms) / len(terms)
 
 
-def _activation(name: str):
-  if name == "gelu":
-    return lambda x: nn.gelu(x, approximate=False)   # torch nn.GELU()
-  if name == "quick_gelu":
-    return lambda x: x * jax.nn.sigmoid(1.702 * x)   # OpenAI CLIP
-  raise ValueError(f"Unknown activation {name!r}; use gelu | quick_gelu.")
-
-
-class MultiheadAttention(nn.Module):
-  """torch ``nn.MultiheadAttention`` (batch-first here): fused ``in_proj``
-  (W -> 3W, q|k|v blocks, heads split inside each) and ``out_proj``."""
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, n, w = x.shape
-    if w % self.num_heads:
-      raise ValueError(f"Width {w} is not divisible by {self.num_heads} heads.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = layers.dense(3 * w, ("embed", "heads"), name="in_proj", **kw)(x)
-    q, k, v = (t.reshape(b, n, self.num_heads, w // self.num_heads)
-               for t in jnp.split(qkv, 3, axis=-1))
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k,
-                        preferred_element_type=jnp.float32)
-    logits = logits * (w // self.num_heads) ** -0.5
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhnm,bmhd->bnhd", probs, v).reshape(b, n, w)
-    return layers.dense(w, ("heads", "embed"), name="out_proj", **kw)(out)
-
-
-class ResidualAttentionBlock(nn.Module):
-  """Pre-LN transformer block (open_clip names): x + attn(ln_1(x)), then
-  x + mlp(ln_2(x)) with mlp = c_fc -> activation -> c_proj."""
-  num_heads: int
-  mlp_ratio: float = 4.0
-  activation: str = "gelu"
-  ln_eps: float = _LN_EPS
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    w = x.shape[-1]
-    x = x + MultiheadAttention(self.num_heads, name="attn", **kw)(
-        layers.layer_norm(self.ln_eps, name="ln_1", **kw)(x))
-    h = layers.layer_norm(self.ln_eps, name="ln_2", **kw)(x)
-    h = Mlp(int(w * self.mlp_ratio), self.activation, name="mlp", **kw)(h)
-    return x + h
-
-
-class Mlp(nn.Module):
-  hidden: int
-  activation: str = "gelu"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.dense(self.hidden, ("embed", "mlp"), name="c_fc", **kw)(x)
-    h = _activation(self.activation)(h)
-    return layers.dense(x.shape[-1], ("mlp", "embed"), name="c_proj", **kw)(h)
+# Parameter names of the shared ViT block (models/layers/vit.py) -> open_clip's,
+# which FQGAN's layout keeps (the released checkpoints map onto it by a rename).
+OPEN_CLIP_BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "attn/qkv": "attn/in_proj",
+                   "attn/out": "attn/out_proj", "mlp/fc1": "mlp/c_fc",
+                   "mlp/fc2": "mlp/c_proj"}
 
 
 def _pos_init(width: int):
@@ -148,13 +89,15 @@ def _pos_init(width: int):
 
 
 def transformer_stack(x, *, num_layers, num_heads, mlp_ratio=4.0,
-                      activation="gelu", remat="none", dtype=jnp.float32,
-                      param_dtype=jnp.float32):
-  """``transformer_{i}`` blocks; call inside a compact method."""
-  block = layers.maybe_remat(ResidualAttentionBlock, remat)
+                      remat="none", dtype=jnp.float32, param_dtype=jnp.float32):
+  """open_clip ``Transformer`` (B, N, W) -> (B, N, W): ``transformer_{i}``
+  blocks, each the shared pre-norm ViT block (torch LayerNorm eps 1e-5, exact
+  GELU, fused ``in_proj``) under open_clip names; call inside a compact
+  method."""
+  block = vit.renamed(layers.maybe_remat(vit.Block, remat), OPEN_CLIP_BLOCK)
   for i in range(num_layers):
-    x = block(num_heads, mlp_ratio, activation, dtype=dtype,
-              param_dtype=param_dtype, name=f"transformer_{i}")(x)
+    x = block(num_heads, int(x.shape[-1] * mlp_ratio), "gelu", _LN_EPS,
+              dtype=dtype, param_dtype=param_dtype, name=f"transformer_{i}")(x)
   return x
 
 

@@ -10,7 +10,7 @@ Interface: ``get_teacher(name, **kwargs) -> (module, preprocess_fn)`` where
 Teacher weights are read from a local file by ``load_teacher_params`` (never
 downloaded); ``save_teacher_params`` writes that format.
 
-Registered here: ``vit``, a generic pre-LN ViT (open_clip block names) whose
+Registered here: ``vit``, the shared pre-norm ViT (``models/layers/vit.py``) whose
 CLS output is configurable to stand for the official teachers' read-outs:
 CLIP ``hidden_states[-1][:, 0]`` = after the last block, before post-LN
 (``final_norm=False``); DINOv2 ``last_hidden_state[:, 0]`` = after the final
@@ -21,6 +21,8 @@ towers (with converters from their released weights) register themselves with
 
 from __future__ import annotations
 
+import os
+import zipfile
 from functools import partial
 from typing import Any, Callable
 
@@ -30,14 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from genvis_jax.models import clip_vision, dinov2, layers
-from genvis_jax.models.fqgan import transformer_stack
+from genvis_jax import errors
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.models import clip_vision, dinov2
+from genvis_jax.models.layers import vit
 
 Dtype = Any
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = clip_vision.CLIP_MEAN, clip_vision.CLIP_STD
+IMAGENET_MEAN, IMAGENET_STD = dinov2.IMAGENET_MEAN, dinov2.IMAGENET_STD
+_LN_EPS = 1e-5  # torch nn.LayerNorm default
 
 _TEACHERS: dict[str, Callable[..., tuple[nn.Module, Callable]]] = {}
 
@@ -60,30 +63,23 @@ def get_teacher(name: str, **kwargs):
 
 
 def torch_nearest_resize(x: jax.Array, size: int) -> jax.Array:
-  """(B, H, W, C) -> (B, size, size, C) as ``F.interpolate(mode="nearest")``:
-  output index i reads input floor(i * in / out) (no half-pixel offset, unlike
-  ``jax.image.resize``)."""
-  rows = (np.arange(size) * x.shape[1]) // size
-  cols = (np.arange(size) * x.shape[2]) // size
-  return x[:, rows][:, :, cols]
+  """(B, H, W, C) -> (B, size, size, C) as ``F.interpolate(mode="nearest")``
+  (``clip_vision.resize_nearest``)."""
+  return clip_vision.resize_nearest(x, size, size)
 
 
 def make_preprocess(size: int, mean, std) -> Callable:
-  """``preprocess_fn(images, value_range=(-1, 1))`` for a teacher input size."""
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
-
-  def preprocess(images, value_range=(-1.0, 1.0)):
-    lo, hi = (float(v) for v in value_range)
-    x = (images.astype(jnp.float32) - lo) / (hi - lo)
-    return (torch_nearest_resize(x, size) - mean) / std
-  return preprocess
+  """``preprocess_fn(images, value_range=(-1, 1))`` for a teacher input size
+  (``clip_vision.preprocess`` with these statistics)."""
+  return lambda images, value_range=(-1.0, 1.0): clip_vision.preprocess(
+      images, value_range, size=size, mean=mean, std=std)
 
 
 class ViTTeacher(nn.Module):
-  """Pre-LN ViT: patch conv ``conv1`` -> [class_embedding; patches] +
-  ``positional_embedding`` -> optional ``ln_pre`` -> ``transformer_{i}`` ->
-  CLS, through ``ln_post`` if ``final_norm``. (B, S, S, 3) -> (B, width)."""
+  """The shared pre-norm ViT (``models/layers/vit.py``): ``embed`` (patch conv,
+  class token, position table) -> optional ``pre_norm`` -> ``encoder`` (torch
+  LayerNorm eps 1e-5) -> CLS, through the final ``norm`` if ``final_norm``.
+  (B, S, S, 3) -> (B, width) float32."""
   image_size: int = 224
   patch_size: int = 16
   width: int = 64
@@ -99,31 +95,24 @@ class ViTTeacher(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, h, w, _ = x.shape
+    h, w = x.shape[1:3]
     if (h, w) != (self.image_size,) * 2:
       raise ValueError(f"Teacher expects {self.image_size}x{self.image_size} "
                        f"inputs (use its preprocess_fn), got {h}x{w}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = layers.conv(self.width, self.patch_size, strides=self.patch_size,
-                    padding="VALID", use_bias=self.patch_bias, name="conv1",
-                    **kw)(x.astype(self.dtype))
-    x = x.reshape(b, -1, self.width)
-    init = layers.named(nn.initializers.normal(self.width ** -0.5),
-                        ("pos", "embed"))
-    cls = self.param("class_embedding", init, (1, self.width),
-                     self.param_dtype)
-    pos = self.param("positional_embedding", init, (x.shape[1] + 1, self.width),
-                     self.param_dtype)
-    cls = jnp.broadcast_to(cls.astype(x.dtype)[None], (b, 1, self.width))
-    x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    init = nn.initializers.normal(self.width ** -0.5)
+    x = vit.Embed(self.width, self.patch_size,
+                  self.image_size // self.patch_size,
+                  patch_bias=self.patch_bias, cls_init=init, pos_init=init,
+                  name="embed", **kw)(x)
     if self.ln_pre:
-      x = layers.layer_norm(1e-5, name="ln_pre", **kw)(x)
-    x = transformer_stack(x, num_layers=self.num_layers,
-                          num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                          activation=self.activation, **kw)
+      x = vit.layer_norm(_LN_EPS, name="pre_norm", **kw)(x)
+    x = vit.Encoder(self.num_layers, self.num_heads,
+                    int(self.width * self.mlp_ratio), self.activation, _LN_EPS,
+                    name="encoder", **kw)(x)[-1]
     cls_out = x[:, 0]
     if self.final_norm:
-      cls_out = layers.layer_norm(1e-5, name="ln_post", **kw)(cls_out)
+      cls_out = vit.layer_norm(_LN_EPS, name="norm", **kw)(cls_out)
     return cls_out.astype(jnp.float32)
 
 
@@ -155,14 +144,26 @@ def save_teacher_params(path: str, params) -> None:
 
 
 def load_teacher_params(path: str):
-  """Reads teacher params (Flax layout, '/'-joined keys) from ``.npz`` or
-  ``.safetensors``."""
-  from genvis_jax.convert import io as convert_io  # pylint: disable=import-outside-toplevel
-  if not path.endswith((".npz", ".safetensors")):
-    raise convert_io.CheckpointFileError(
-        f"Teacher weights must be .npz or .safetensors, got {path!r}.")
-  flat = convert_io.load_state_dict(
-      path, setting="config.teachers[i].path: convert the teacher's released "
-      "weights to a local .npz and point it there")
+  """Reads teacher params written by :func:`save_teacher_params` (an ``.npz``
+  of '/'-joined Flax paths, e.g. from ``python -m genvis_jax.convert
+  --kind=clip_vision``). Raises ``CheckpointNotFoundError`` (a
+  FileNotFoundError) for a missing file, ``ConfigError`` for another format
+  and ``CheckpointRestoreError`` for a damaged one."""
+  fix = ("convert the teacher's released weights to a local .npz (python -m "
+         "genvis_jax.convert --kind=clip_vision|dinov2 ... --dst=FILE.npz) and "
+         "set config.teachers[i].path to it")
+  if not str(path).endswith(".npz"):
+    raise errors.ConfigError(f"Teacher weights must be an .npz, got {path!r}: "
+                             f"{fix}.")
+  if not os.path.isfile(path):
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"Teacher weights {path!r} not found: {fix}.")
+  try:
+    with np.load(path) as f:
+      flat = {k: f[k] for k in f.files}
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise ckpt_lib.CheckpointRestoreError(
+        f"Teacher weights {path!r} cannot be read ({e}); the file looks "
+        f"damaged: {fix}.") from e
   return jax.tree_util.tree_map(
       jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))
