@@ -183,9 +183,10 @@ def get_config(arg=None):
   return c
 
 
-def add_tokenizer(c, model_config, value_range=(0.0, 1.0), checkpoint=""):
+def add_tokenizer(c, model_config, checkpoint=""):
   """The tokenizer a generator pre-tokenizes and decodes with:
-  ``config.tokenizer.{model, checkpoint, value_range, dtype, uint8}``.
+  ``config.tokenizer.{model, checkpoint, dtype, uint8}``. Its pixel range is
+  the model's own (``genvis_jax.models.value_range``), never restated here.
 
   ``dtype``: compute dtype of the tokenizer when it produces data (pretokenize,
   sample decode), replacing ``model.dtype`` there; "float32" (default) matches
@@ -196,7 +197,6 @@ def add_tokenizer(c, model_config, value_range=(0.0, 1.0), checkpoint=""):
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.model = model_config
   c.tokenizer.checkpoint = checkpoint   # converted or training checkpoint dir
-  c.tokenizer.value_range = tuple(value_range)
   c.tokenizer.dtype = "float32"         # pretokenize / decode compute dtype
   c.tokenizer.uint8 = ""                # "" = official: truncate|llamagen|round
   return c

@@ -92,7 +92,7 @@ def classifier_config():
 
 def tokenizer_ref(stage_cfg):
   """The tokenizer a generator stage pre-tokenizes and decodes with."""
-  return base.add_tokenizer(stage_cfg, tokenizer_config().model, (0.0, 1.0),
+  return base.add_tokenizer(stage_cfg, tokenizer_config().model,
                             checkpoint="{workdir}/tokenizer")
 
 

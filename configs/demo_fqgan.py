@@ -22,7 +22,7 @@ from configs import fqgan_demo
 
 def _tokenizer(stage_cfg):
   return base.add_tokenizer(stage_cfg, fqgan_demo.fq_tokenizer_demo_config().model,
-                            (-1.0, 1.0), checkpoint="{workdir}/fq_tokenizer")
+                            checkpoint="{workdir}/fq_tokenizer")
 
 
 def fq_tokenizer_config():
@@ -37,7 +37,6 @@ def fq_tokenizer_config():
 def reconstructions_config():
   c = demo.reconstructions_config()
   c.model = fqgan_demo.fq_tokenizer_demo_config().model
-  c.data.value_range = (-1.0, 1.0)
   c.evaluate.checkpoint = "{workdir}/fq_tokenizer"
   return c
 

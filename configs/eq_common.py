@@ -62,14 +62,12 @@ def get_config(size: str = "l", arg=None):
   d.image_size = 256
   d.random_crop = True
   d.random_flip = True
-  d.value_range = (-1.0, 1.0)
 
   # Frozen tokenizer: encodes the images on the fly in training (or batches
   # carry pre-computed posterior means under "latents") and decodes samples.
   tk = c.tokenizer = ml_collections.ConfigDict()
   tk.model = eq_tokenizer.tokenizer_model()
   tk.checkpoint = ""            # genvis_jax.convert output or a training workdir
-  tk.value_range = (-1.0, 1.0)
   lt = c.latents = ml_collections.ConfigDict()
   lt.tokenizer = tk.model       # the same ConfigDict (older name, still read)
   lt.scale = 0.05493            # official vae_norm

@@ -27,7 +27,6 @@ def _data(c):
   d.num_classes = 5
   d.random_crop = False
   d.random_flip = True
-  d.value_range = (-1.0, 1.0)
 
 
 def tokenizer_model():

@@ -89,7 +89,6 @@ def get_config(arg=None):
   d.source = "tfds"
   d.name = "imagenet2012"
   d.image_size = 256
-  d.value_range = (-1.0, 1.0)
 
   lo = c.loss = ml_collections.ConfigDict()
   lo.pixel_weight = 1.0            # L1

@@ -82,7 +82,6 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
   d.source = "tfds"
   d.name = "imagenet2012"
   d.image_size = 256
-  d.value_range = (-1.0, 1.0)
   d.random_crop = True
   d.crop_min_frac = 0.8
   d.random_flip = True
@@ -124,7 +123,7 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
 
   c.evaluate.kind = "tokenizer"   # mode=evaluate: PSNR, SSIM, usage, rFID
   # mode=pretokenize with this tokenizer (run in float32, see base.add_tokenizer).
-  base.add_tokenizer(c, c.model, d.value_range)
+  base.add_tokenizer(c, c.model)
   images = ml_collections.ConfigDict(d.to_dict())
   images.random_crop = images.random_flip = False
   base.add_pretokenize(c, images, ten_crop=True)

@@ -44,7 +44,6 @@ def get_config(arg=None):
   d.source = "tfds"
   d.name = "imagenet2012"
   d.image_size = 256
-  d.value_range = (0.0, 1.0)  # MaskGIT VQGAN pixels are in [0, 1]
   config.evaluate.kind = "tokenizer"   # mode=evaluate: PSNR, SSIM, usage, rFID
 
   # Generator-side loss weights (read by the tokenizer task).

@@ -105,7 +105,7 @@ def get_config(size: str = "b", arg=None):
 
   # MaskGIT VQGAN: what pretokenize encodes with and samples decode with
   # (--config.tokenizer.checkpoint=DIR from `python -m genvis_jax.convert`).
-  base.add_tokenizer(c, maskgit_vqgan.get_config().model, (0.0, 1.0))
+  base.add_tokenizer(c, maskgit_vqgan.get_config().model)
   images = base.get_config().data
   images.source, images.name, images.image_size = "tfds", "imagenet2012", 256
   images.random_crop = images.random_flip = False

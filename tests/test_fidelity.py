@@ -155,8 +155,7 @@ def test_uint8_default_is_each_systems_official_conversion(model_name,
                                                            value_range,
                                                            official):
   c = base.add_tokenizer(base.get_config(),
-                         ml_collections.ConfigDict({"name": model_name}),
-                         value_range)
+                         ml_collections.ConfigDict({"name": model_name}))
   method = images_lib.uint8_method(c.tokenizer)
   x = _edge_values(*value_range)
   got = images_lib.to_uint8(x, value_range, method)
@@ -255,7 +254,7 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
     img = rng.integers(0, 256, (19, 23, 3), dtype=np.uint8)
     Image.fromarray(img).save(root / "a" / f"{i}.png")
   c = _pretokenize_config(root, 16, batch_size=2)
-  base.add_tokenizer(c, m, (-1.0, 1.0), checkpoint=str(tmp_path / "tok"))
+  base.add_tokenizer(c, m, checkpoint=str(tmp_path / "tok"))
   c.pretokenize.output = str(tmp_path / "tokens" / "train")
   out = pretokenize.pretokenize(c, str(tmp_path))
   assert out["records"] == 40
@@ -284,8 +283,7 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):
       len_down_scale=4, semantic=False, dtype="bfloat16")
   params = _random_params(m, 0)
   ckpt_lib.save_params(str(tmp_path / "tok"), params)
-  c = base.add_tokenizer(base.get_config(), m, (-1.0, 1.0),
-                         checkpoint=str(tmp_path / "tok"))
+  c = base.add_tokenizer(base.get_config(), m, checkpoint=str(tmp_path / "tok"))
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   decode = driver.make_decode_fn(c.tokenizer, mesh)

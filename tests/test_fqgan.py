@@ -379,7 +379,7 @@ def test_paper_config_hyper_parameters():
   assert (lo.disentangle_weight, lo.rep_weight) == (0.1, 0.5)
   assert c.model.entropy_weight == 0.03 and c.model.dtype == "bfloat16"
   assert fqgan_dual_ds16.get_config("fp32").model.dtype == "float32"
-  assert tuple(c.data.value_range) == (-1.0, 1.0) and c.data.crop_min_frac == 0.8
+  assert models.value_range(c.model) == (-1.0, 1.0) and c.data.crop_min_frac == 0.8
   assert c.data.source == "tfds" and c.data.name == "imagenet2012"
   assert [t.head for t in fqgan_triple_ds8.get_config().teachers] == [
       "sem_mid", "sem_high"]

@@ -17,7 +17,6 @@ from genvis_jax.errors import ConfigError, UserError
 from genvis_jax.train import step as step_lib
 from genvis_jax.train.state import TrainState
 from genvis_jax.train.tasks import GroupClashError, Task, get_task, join_groups
-from genvis_jax.train.tasks import tokenizer_value_range
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
 
@@ -73,7 +72,7 @@ def test_value_range_errors_name_both_ranges():
   with pytest.raises(ConfigError, match="not an image tokenizer"):
     models.value_range(ml_collections.ConfigDict(dict(name="patchgan")))
   c = demo.tokenizer_config()
-  assert tokenizer_value_range(c, c.model) == (0.0, 1.0)
+  assert models.value_range(c.model, c, ("data",)) == (0.0, 1.0)
   c.data.value_range = (-1.0, 1.0)
   with pytest.raises(ConfigError, match=r"\(-1.0, 1.0\).*\(0.0, 1.0\)"):
     get_task(c)

@@ -135,7 +135,7 @@ def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
   p, tok = config.pretokenize, config.tokenizer
   size = p.data.image_size
-  value_range = tuple(tok.get("value_range", (0.0, 1.0)))
+  value_range = models.value_range(tok.model, config, ("tokenizer",))
   mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.local_devices())

@@ -190,7 +190,7 @@ def evaluate(config, workdir: str) -> dict:
   ``num_images``.
   """
   ev = config.evaluate
-  value_range = tuple(config.data.get("value_range", (0.0, 1.0)))
+  value_range = models.value_range(config.model, config, ("data",))
   model_config = eval_model_config(config.model, ev.get("dtype", "float32"))
   model = models.build(model_config)
   params = jax.device_put(models.load_params(

@@ -63,19 +63,32 @@ def init_params(model_config, rng, *, boxed: bool = False):
   return params if boxed else nn.unbox(params)
 
 
-def value_range(model_config) -> tuple[float, float]:
+def value_range(model_config, config=None,
+                stated_in: tuple[str, ...] = ()) -> tuple[float, float]:
   """Pixel range (lo, hi) of a tokenizer's ``encode`` inputs and ``decode``
   outputs: the ``value_range`` class attribute of its module (MaskGIT VQGAN
   (0, 1); LlamaGen, FQGAN, Equivariant (-1, 1), as the official models).
 
-  Raises ``ConfigError`` for a model that is not an image tokenizer.
+  With ``config``, every section ``config.<k>`` for ``k`` in ``stated_in``
+  that sets ``value_range`` must agree (a stale key would silently feed the
+  model pixels in the wrong range). Raises ``ConfigError`` for a model that
+  is not an image tokenizer, or naming both ranges on a mismatch.
   """
   rng = getattr(build(model_config), "value_range", None)
   if rng is None:
     raise ConfigError(f"Model {model_config.name!r} is not an image tokenizer "
                       f"(its module has no value_range); set the tokenizer's "
                       f"model config here, e.g. config.tokenizer.model.")
-  return tuple(float(v) for v in rng)
+  want = tuple(float(v) for v in rng)
+  for k in stated_in:
+    section = config.get(k, None)
+    stated = section.get("value_range", None) if section is not None else None
+    if stated is not None and tuple(float(v) for v in stated) != want:
+      raise ConfigError(
+          f"config.{k}.value_range={tuple(stated)} but tokenizer "
+          f"{model_config.name!r} works on pixels in {want}: set "
+          f"--config.{k}.value_range='{want}' (or drop the key).")
+  return want
 
 
 def count_params(params) -> int:

@@ -75,7 +75,8 @@ def make_decode_fn(tok, mesh):
   tok_model = models.build(model_cfg)
   tok_params = models.load_params(
       model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
-  value_range = tuple(tok.get("value_range", (0.0, 1.0)))
+  value_range = models.value_range(tok.model, {"tokenizer": tok},
+                                   ("tokenizer",))
 
   @jax.jit
   def decode_float(codes):

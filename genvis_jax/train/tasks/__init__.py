@@ -13,9 +13,8 @@ from typing import Any, Mapping
 import jax
 import optax
 
-from genvis_jax import models
 from genvis_jax.core import registry
-from genvis_jax.errors import ConfigError, UserError
+from genvis_jax.errors import UserError
 
 PyTree = Any
 
@@ -37,7 +36,7 @@ class Task:
   param_groups: tuple[str, ...] = ("model",)
   ema_group: str | None = "model"
   # Pixel range the data pipeline should produce for this task's models; a
-  # task with a tokenizer takes it from the model (``tokenizer_value_range``).
+  # task with a tokenizer takes it from the model (``models.value_range``).
   value_range: tuple[float, float] = (0.0, 1.0)
 
   def __init__(self, config):
@@ -80,26 +79,6 @@ class Task:
                 frozen: Mapping[str, PyTree], batch, rng) -> dict:
     """Images to log, ``{name: uint8 (N, H, W, 3)}``. Optional."""
     return {}
-
-
-def tokenizer_value_range(config, tokenizer_config,
-                          stated_in=("data",)) -> tuple[float, float]:
-  """Pixel range of the tokenizer ``tokenizer_config`` (``models.value_range``:
-  a property of the model class), checked against ``config.<k>.value_range``
-  for every section ``k`` in ``stated_in`` that sets it (the data pipeline,
-  pre-tokenization and sampling read those keys); a mismatch raises
-  ``ConfigError`` naming both.
-  """
-  want = models.value_range(tokenizer_config)
-  for k in stated_in:
-    section = config.get(k, None)
-    stated = section.get("value_range", None) if section is not None else None
-    if stated is not None and tuple(float(v) for v in stated) != want:
-      raise ConfigError(
-          f"config.{k}.value_range={tuple(stated)} but tokenizer "
-          f"{tokenizer_config.name!r} works on pixels in {want}: set "
-          f"--config.{k}.value_range='{want}' (or drop the key).")
-  return want
 
 
 class GroupClashError(UserError, ValueError):

@@ -11,7 +11,7 @@ from genvis_jax.core.metrics import to_uint8
 from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.sample import eq as eq_sample
-from genvis_jax.train.tasks import Task, tokenizer_value_range
+from genvis_jax.train.tasks import Task
 from genvis_jax.train.tasks.eq import flow_loss, flow_targets, make_optimizer
 
 
@@ -24,8 +24,8 @@ class EqGeneratorTask(Task):
     self.model = models.build(config.model)
     self.tokenizer = models.build(config.tokenizer.model)
     # Images are encoded on the fly (and samples decoded) by this tokenizer.
-    self.value_range = tokenizer_value_range(config, config.tokenizer.model,
-                                             ("data", "tokenizer"))
+    self.value_range = models.value_range(config.tokenizer.model, config,
+                                          ("data", "tokenizer"))
     self.label_dropout = float(config.train.get("label_dropout", 0.1))
     self._frozen = None
     # One jit for the sample grids' decode: compiled once per width.

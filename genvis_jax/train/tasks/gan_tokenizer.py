@@ -31,7 +31,7 @@ from genvis_jax.convert import lpips as convert_lpips
 from genvis_jax.core.metrics import to_uint8
 from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.train import losses as gan_lib
-from genvis_jax.train.tasks import Task, tokenizer_value_range
+from genvis_jax.train.tasks import Task
 
 PyTree = dict
 
@@ -75,7 +75,7 @@ class GANTokenizerTask(Task):
     lo = config.loss
     self.model = models.build(config.model)
     self.disc = models.build(config.disc)
-    self.value_range = tokenizer_value_range(config, config.model, ("data",))
+    self.value_range = models.value_range(config.model, config, ("data",))
     self.d_loss_fn, self.g_loss_fn = gan_lib.gan_losses(lo.gan)
     self.gan_weight = float(lo[self.gan_weight_key])
     self.adaptive = bool(lo.get("adaptive_gan_weight", True))

@@ -27,7 +27,7 @@ from genvis_jax.models.rar import permute
 from genvis_jax.sample import rar as rar_sample
 from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.core.metrics import to_uint8
-from genvis_jax.train.tasks import Task, tokenizer_value_range
+from genvis_jax.train.tasks import Task
 
 
 def randomness_ratio(step, anneal_start: int, anneal_end: int):
@@ -72,8 +72,8 @@ class RARTask(Task):
     tok = config.get("tokenizer")
     # Pixel range of the sample grids: the tokenizer model's own.
     has_tok = tok is not None and tok.get("model", {}).get("name", "")
-    self.tokenizer_range = (tokenizer_value_range(config, tok.model,
-                                                  ("tokenizer",))
+    self.tokenizer_range = (models.value_range(tok.model, config,
+                                               ("tokenizer",))
                             if has_tok else None)
 
   def init_params(self, rng):
