@@ -55,16 +55,16 @@ def test_block_matches_numpy(act, layerscale):
 
 
 def test_encoder_states_and_remat():
-  enc = vit.Encoder(2, H, MLP)
+  enc = vit.Encoder(H, MLP, depth=2)
   x = jnp.ones((B, N, D))
   p = nn.unbox(enc.init(jax.random.key(0), x)["params"])
   assert set(p) == {"block_0", "block_1"}
   states = enc.apply({"params": p}, x)
   assert len(states) == 3 and states[0] is x
-  again = vit.Encoder(2, H, MLP, remat="full").apply({"params": p}, x)
+  again = vit.Encoder(H, MLP, depth=2, remat="full").apply({"params": p}, x)
   np.testing.assert_allclose(again[-1], states[-1], rtol=1e-6)
   with pytest.raises(ValueError, match="divisible by 3 heads"):
-    vit.Encoder(1, 3, MLP).init(jax.random.key(0), x)
+    vit.Encoder(3, MLP).init(jax.random.key(0), x)
 
 
 def test_embed_tokens_resize_and_errors():

@@ -108,10 +108,9 @@ class CLIPVisionModel(nn.Module):
                   cls_init=nn.initializers.normal(d ** -0.5), name="embed",
                   **kw)(pixel_values)
     x = vit.layer_norm(self.layer_norm_eps, name="pre_norm", **kw)(x)
-    states = vit.Encoder(self.num_hidden_layers, self.num_attention_heads,
-                         self.intermediate_size, "quick_gelu",
-                         self.layer_norm_eps, fused_qkv=False, name="encoder",
-                         **kw)(x)
+    states = vit.Encoder(self.num_attention_heads, self.intermediate_size,
+                         "quick_gelu", self.layer_norm_eps, fused_qkv=False,
+                         depth=self.num_hidden_layers, name="encoder", **kw)(x)
     pooled = vit.layer_norm(self.layer_norm_eps, name="post_norm", **kw)(
         states[-1][:, 0])
     f32 = lambda t: t.astype(jnp.float32)

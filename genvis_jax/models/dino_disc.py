@@ -90,9 +90,9 @@ class FrozenViT(nn.Module):
                   name="embed")(x)
     last = self.depth if (self.final or not self.taps) else max(self.taps) + 1
     states = vit.Encoder(
-        last, self.num_heads, int(self.dim * self.mlp_ratio),
+        self.num_heads, int(self.dim * self.mlp_ratio),
         "gelu_tanh" if self.gelu_approximate else "gelu", 1e-6,
-        1e-5 if self.layerscale else None, name="encoder")(x)
+        1e-5 if self.layerscale else None, depth=last, name="encoder")(x)
     readout = lambda t: t[:, 1:] + t[:, :1]
     outs = [readout(states[0])] + [readout(states[i + 1]) for i in range(last)
                                     if i in self.taps]

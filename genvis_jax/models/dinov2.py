@@ -179,9 +179,9 @@ class Dinov2Model(nn.Module):
                                antialias=self.interpolate_antialias)
     x = vit.Embed(d, p, self.image_size // p, mask_token=True, resize=resize,
                   name="embed", **kw)(pixel_values, bool_masked_pos)
-    states = vit.Encoder(self.num_hidden_layers, self.num_attention_heads,
-                         int(d * self.mlp_ratio), "gelu", self.layer_norm_eps,
-                         self.layerscale_value, fused_qkv=False,
+    states = vit.Encoder(self.num_attention_heads, int(d * self.mlp_ratio),
+                         "gelu", self.layer_norm_eps, self.layerscale_value,
+                         fused_qkv=False, depth=self.num_hidden_layers,
                          name="encoder", **kw)(x)
     last = vit.layer_norm(self.layer_norm_eps, name="norm", **kw)(states[-1])
     last = last.astype(jnp.float32)

@@ -107,8 +107,8 @@ class ViTTeacher(nn.Module):
                   name="embed", **kw)(x)
     if self.ln_pre:
       x = vit.layer_norm(_LN_EPS, name="pre_norm", **kw)(x)
-    x = vit.Encoder(self.num_layers, self.num_heads,
-                    int(self.width * self.mlp_ratio), self.activation, _LN_EPS,
+    x = vit.Encoder(self.num_heads, int(self.width * self.mlp_ratio),
+                    self.activation, _LN_EPS, depth=self.num_layers,
                     name="encoder", **kw)(x)[-1]
     cls_out = x[:, 0]
     if self.final_norm:

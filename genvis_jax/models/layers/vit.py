@@ -23,6 +23,7 @@ channels where E[x^2] - mu^2 loses digits.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -94,32 +95,24 @@ class Block(nn.Module):
     return x + scaled("ls2", y)
 
 
-class Encoder(nn.Module):
-  """``depth`` Blocks ``block_{i}`` (fields as :class:`Block`; ``remat`` a
-  ``layers.remat_policy`` name or "none").
+class Encoder(Block):
+  """``depth`` Blocks ``block_{i}``, each with this module's :class:`Block`
+  fields; ``remat`` is a ``layers.remat_policy`` name or "none".
 
   (B, N, d) -> list of depth + 1 arrays (B, N, d): the input, then the output
   of every block (HF ``hidden_states``; unused ones cost nothing under jit).
   """
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  activation: str = "gelu"
-  norm_eps: float = 1e-6
-  layerscale: float | None = None
-  fused_qkv: bool = True
+  depth: int = 1
   remat: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     block = layers.maybe_remat(Block, self.remat)
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Block)
+              if f.name not in ("parent", "name")}
     states = [x]
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_dim, self.activation, self.norm_eps,
-                self.layerscale, self.fused_qkv, self.dtype, self.param_dtype,
-                name=f"block_{i}")(x)
+      x = block(**fields, name=f"block_{i}")(x)
       states.append(x)
     return states
 
