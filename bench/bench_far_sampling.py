@@ -5,7 +5,7 @@ process (a bare chain of matmuls over the same model's parameter arrays,
 nothing else) and the sampler, interleaved ``--repeats`` times, compile time
 excluded, CFG as a doubled batch, random weights. Per raster position the
 floor reads what a step must: ``aggregation_layer``, every backbone layer
-(wqkv, wo, w1, w3, w2), then for each of the k sub-tokens every head layer
+(qkv, out, fc1_g, fc1_x, fc2), then for each of the k sub-tokens every head layer
 and its ``output_i`` head.
 
 Modes: ``floor``; ``cached`` = ``genvis_jax.sample.far.sample`` (``--dtype``,
@@ -58,9 +58,9 @@ def floor_fn(model, positions: int, rows: int, dtype=None):
 
   def layer(x, p):
     a, f = p["attention"], p["feed_forward"]
-    x = x + (x @ a["wqkv"]["kernel"])[:, :d] @ a["wo"]["kernel"]
-    h = (x @ f["w1"]["kernel"]) * (x @ f["w3"]["kernel"])
-    return x + h @ f["w2"]["kernel"]
+    x = x + (x @ a["qkv"]["kernel"])[:, :d] @ a["out"]["kernel"]
+    h = (x @ f["fc1_g"]["kernel"]) * (x @ f["fc1_x"]["kernel"])
+    return x + h @ f["fc2"]["kernel"]
 
   def run(params):
     params = ar.cast_params(params, dtype)

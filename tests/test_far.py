@@ -75,18 +75,18 @@ def _rms(x, scale):
 def _block(bp, x, rows):
   s, hd = len(x), D // H
   q, k, v = np.split(_rms(x, bp["attention_norm"]["scale"])
-                     @ bp["attention"]["wqkv"]["kernel"], 3, -1)
+                     @ bp["attention"]["qkv"]["kernel"], 3, -1)
   q, k = _rot(q.reshape(s, H, hd), rows), _rot(k.reshape(s, H, hd), rows)
   att = np.einsum("nhd,mhd->hnm", q, k) / np.sqrt(hd)
   att = np.where(np.tril(np.ones((s, s))) > 0, att, -np.inf)
   att = np.exp(att - att.max(-1, keepdims=True))
   att /= att.sum(-1, keepdims=True)
   o = np.einsum("hnm,mhd->nhd", att, v.reshape(s, H, hd)).reshape(s, D)
-  x = x + o @ bp["attention"]["wo"]["kernel"]
+  x = x + o @ bp["attention"]["out"]["kernel"]
   ff = bp["feed_forward"]
   h = _rms(x, bp["ffn_norm"]["scale"])
-  a = h @ ff["w1"]["kernel"]
-  return x + ((a / (1 + np.exp(-a))) * (h @ ff["w3"]["kernel"])) @ ff["w2"]["kernel"]
+  a = h @ ff["fc1_g"]["kernel"]
+  return x + ((a / (1 + np.exp(-a))) * (h @ ff["fc1_x"]["kernel"])) @ ff["fc2"]["kernel"]
 
 
 def reference_forward(p, codes, label, n_layer=2, n_head_layer=2):
@@ -280,7 +280,7 @@ def test_task_loss_decreases():
     return {"model": optax.apply_updates(params["model"], upd)}, opt_state, m
 
   losses = []
-  for i in range(8):
+  for i in range(10):  # 8 left only ~0.3 margin for some random inits
     params, opt_state, m = step(params, opt_state, i)
     losses.append(float(m["loss"]))
   assert set(m) == {"loss", "accuracy", "ce_vis", "ce_sem", "accuracy_vis",

@@ -54,6 +54,7 @@ KINDS: dict[str, Kind] = {
     "fqgan": Kind("genvis_jax.convert.fqgan:convert_fqgan"),
     "eq_tokenizer": Kind("genvis_jax.convert.eq:convert_eq_tokenizer"),
     "eq_generator": Kind("genvis_jax.convert.eq:convert_eq_generator"),
+    "far": Kind("genvis_jax.convert.far:convert_far"),
     "lpips": Kind("genvis_jax.convert.lpips:convert_lpips",
                   expected="genvis_jax.convert.lpips:lpips_shapes",
                   write="genvis_jax.convert.lpips:write_npz", needs_config=False),

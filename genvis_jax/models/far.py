@@ -6,9 +6,12 @@ Triple: vis, sem_mid, sem_high), one per sub-codebook; their k embeddings are
 concatenated and projected to the width by ``aggregation_layer``. A small causal
 transformer, the factorized AR head (``ar_head_{i}``), then runs *per position*
 over the length-k sequence ``[h_t, emb_1(z_t1), ..., emb_{k-1}(z_t,k-1)]`` and its
-i-th output predicts sub-token i. Parameter names follow the official model
+i-th output predicts sub-token i. Module names follow the official model
 (``tok_embeddings_{1..k}``, ``output_{1..k}`` 1-based as there; ``layers_{i}``,
-``ar_head_{i}`` 0-based) so conversion is renaming + transposing.
+``ar_head_{i}`` 0-based); inside a block the shared ``layers.attention.Attention``
+(``attention/{qkv, out}``, official ``wqkv`` / ``wo``) and gated
+``layers.mlp.Mlp`` (``feed_forward/{fc1_g, fc1_x, fc2}``, official ``w1`` /
+``w3`` / ``w2``); ``genvis_jax/convert/far.py`` holds that table.
 
 RoPE (LlamaGen ``precompute_freqs_cis_2d``): a table of ``1 + grid**2`` rows,
 row 0 (the class token) all zeros (this zeroes q and k there, as in LlamaGen),
@@ -32,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax.models import layers
-from genvis_jax.models.layers.attention import (cached_attention, causal_mask,
-                                         dot_product_attention, update_kv_cache)
+from genvis_jax.models.layers.attention import Attention
+from genvis_jax.models.layers.mlp import Mlp
 
 _init = nn.initializers.normal(0.02)  # official: normal(0, 0.02) for Linear/Embedding
 
@@ -70,15 +73,6 @@ def rope_table_2d(grid: int, head_dim: int, base: float = 10000.0,
   return np.concatenate([cls, cache]).astype(np.float32)
 
 
-def apply_rope(x, table):
-  """x (B, S, H, hd), table (S, hd/2, 2) -> rotated x (interleaved pairs)."""
-  xs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-  c, s = table[None, :, None, :, 0], table[None, :, None, :, 1]
-  out = jnp.stack([xs[..., 0] * c - xs[..., 1] * s,
-                   xs[..., 1] * c + xs[..., 0] * s], axis=-1)
-  return out.reshape(x.shape).astype(x.dtype)
-
-
 def _constrain(x):
   """Activations (B, S, d): batch-sharded, width replicated."""
   return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
@@ -98,61 +92,6 @@ class RMSNorm(nn.Module):
     return y.astype(x.dtype) * scale
 
 
-class Attention(nn.Module):
-  """Fused-qkv attention with RoPE and an optional KV cache (no biases)."""
-  dim: int
-  n_head: int
-  attn_dropout: float = 0.0
-  resid_dropout: float = 0.0
-  cache_len: int = 0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, rope, train=False, cache_pos=None):
-    """x (B, S, d), rope (S, hd/2, 2) -> (B, S, d).
-
-    ``cache_pos=None``: causal attention over x. Otherwise x holds positions
-    ``cache_pos .. cache_pos+S-1``: their k/v go into the ``cache`` collection and
-    queries see every cached position <= their own.
-    """
-    b, n, _ = x.shape
-    hd = self.dim // self.n_head
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
-              kernel_init=_init)
-    qkv = layers.dense(3 * self.dim, ("embed", "heads"), name="wqkv", **kw)(x)
-    q, k, v = (t.reshape(b, n, self.n_head, hd) for t in jnp.split(qkv, 3, -1))
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
-    if cache_pos is None:
-      out = dot_product_attention(
-          q, k, v, causal_mask(n), scale=hd ** -0.5,
-          dropout=nn.Dropout(self.attn_dropout, deterministic=not train))
-    else:
-      k, v, mask = update_kv_cache(self, k, v, cache_pos, self.cache_len)
-      out = cached_attention(q, k, v, mask, scale=hd ** -0.5)
-    out = layers.dense(self.dim, ("heads", "embed"), name="wo", **kw)(
-        out.reshape(b, n, self.dim))
-    return nn.Dropout(self.resid_dropout, deterministic=not train)(out)
-
-
-class FeedForward(nn.Module):
-  """SwiGLU: ``w2(silu(w1 x) * w3 x)``, no biases."""
-  dim: int
-  hidden: int
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
-              kernel_init=_init)
-    h = nn.silu(layers.dense(self.hidden, ("embed", "mlp"), name="w1", **kw)(x))
-    h = h * layers.dense(self.hidden, ("embed", "mlp"), name="w3", **kw)(x)
-    h = layers.dense(self.dim, ("mlp", "embed"), name="w2", **kw)(h)
-    return nn.Dropout(self.dropout, deterministic=not train)(h)
-
-
 class TransformerBlock(nn.Module):
   """Pre-norm LlamaGen block; residual stream kept in the input dtype (fp32)."""
   dim: int
@@ -167,15 +106,20 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, rope, train=False, cache_pos=None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    """x (B, S, d), rope ``(cos, sin)`` (S, hd/2) -> (B, S, d); ``cache_pos``
+    as ``layers.attention.Attention`` (KV cache of ``cache_len``)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_init)
     pd = self.param_dtype
-    h = Attention(self.dim, self.n_head, self.attn_dropout, self.dropout,
-                  self.cache_len, name="attention", **kw)(
-                      RMSNorm(self.norm_eps, pd, name="attention_norm")(x), rope,
-                      train, cache_pos)
+    h = Attention(self.n_head, qkv_bias=False, out_bias=False, mask="causal",
+                  cache_len=self.cache_len, attn_dropout=self.attn_dropout,
+                  proj_dropout=self.dropout, name="attention", **kw)(
+                      RMSNorm(self.norm_eps, pd, name="attention_norm")(x),
+                      rope=rope, train=train, cache_pos=cache_pos)
     x = x + h.astype(x.dtype)
-    h = FeedForward(self.dim, self.ffn_dim, self.dropout, name="feed_forward",
-                    **kw)(RMSNorm(self.norm_eps, pd, name="ffn_norm")(x), train)
+    # LlamaGen FeedForward: SwiGLU, dropout after w2 only.
+    h = Mlp(self.ffn_dim, activation="silu", gated=True, dropout=self.dropout,
+            hidden_dropout=0.0, use_bias=False, name="feed_forward", **kw)(
+                RMSNorm(self.norm_eps, pd, name="ffn_norm")(x), train)
     x = x + h.astype(x.dtype)
     return _constrain(x)
 
@@ -254,8 +198,11 @@ class FAR(nn.Module):
     return getattr(self, f"tok_embeddings_{i + 1}")
 
   def _rope(self):
-    return jnp.asarray(rope_table_2d(self.grid, self.dim // self.n_head,
-                                     self.rope_base))
+    """(cos, sin), each (1 + grid**2, hd/2): ``rope_table_2d`` split for
+    ``layers.attention.apply_rope``."""
+    t = jnp.asarray(rope_table_2d(self.grid, self.dim // self.n_head,
+                                  self.rope_base))
+    return t[..., 0], t[..., 1]
 
   def _aggregate(self, embs):
     """k arrays (..., d) -> (..., d): concat then ``aggregation_layer``."""
@@ -294,14 +241,14 @@ class FAR(nn.Module):
     tok = self._aggregate(embs)
     x = jnp.concatenate([cond[:, None].astype(tok.dtype), tok[:, :-1]], axis=1)
     x = self.tok_dropout(_constrain(x), deterministic=not train)
-    rope = self._rope()
+    cos, sin = self._rope()
     for blk in self.layers:
-      x = blk(x, rope[:n], train)
+      x = blk(x, (cos[:n], sin[:n]), train)
     # Factorized head: per position, [h_t, emb_1(z_t1), ..] -> B*N sequences.
     y = jnp.stack([x] + embs[:k - 1], axis=2).reshape(b * n, k, self.dim)
     y = _constrain(y)
     for blk in self.ar_head:
-      y = blk(y, rope[:k], train)
+      y = blk(y, (cos[:k], sin[:k]), train)
     y = y.reshape(b, n, k, self.dim)
     return jnp.stack([self._head_out(y[:, :, i], i) for i in range(k)], axis=1)
 
@@ -329,7 +276,7 @@ class FAR(nn.Module):
     Apply with ``mutable=["cache"]`` (creates the cache, length grid**2 + 1).
     """
     x = self.cls_embedding(labels)[:, None]
-    return self._backbone(x, self._rope()[:1], 0)
+    return self._backbone(x, tuple(t[:1] for t in self._rope()), 0)
 
   def backbone_step(self, codes, index):
     """Feeds the k sub-tokens of raster position ``index`` (0-based).
@@ -340,7 +287,7 @@ class FAR(nn.Module):
     x = self._aggregate([self._tok(i)(codes[:, i]) for i in
                          range(self.num_codebooks)])[:, None]
     pos = index + 1
-    rope = jax.lax.dynamic_slice_in_dim(self._rope(), pos, 1)
+    rope = tuple(jax.lax.dynamic_slice_in_dim(t, pos, 1) for t in self._rope())
     return self._backbone(x, rope, pos)
 
   def head_step(self, x, code, i: int):
@@ -354,7 +301,7 @@ class FAR(nn.Module):
     if not 0 <= i < self.num_codebooks:
       raise ValueError(f"head step i={i} must be in 0..{self.num_codebooks - 1}.")
     y = (x if i == 0 else self._tok(i - 1)(code))[:, None]
-    rope = self._rope()[i:i + 1]
+    rope = tuple(t[i:i + 1] for t in self._rope())
     for blk in self.ar_head:
       y = blk(y, rope, False, i)
     return self._head_out(y[:, 0], i)
