@@ -252,7 +252,7 @@ def test_llamagen_vq_official_layouts_match_configs(config_name, mult, num_keys)
   cfg = importlib.import_module(f"configs.{config_name}").get_config().model
   params = convert.from_torch("llamagen_vq", state, cfg)
   i = next(i for i in range(1, len(mult)) if mult[i] != mult[i - 1])
-  kernel = params["encoder"][f"conv_blocks_{i}"]["res_0"]["nin_shortcut"]["kernel"]
+  kernel = params["encoder"][f"conv_blocks_{i}"]["res_0"]["shortcut"]["kernel"]
   assert kernel.shape == (1, 1, 128 * mult[i - 1], 128 * mult[i])  # HWIO
 
 

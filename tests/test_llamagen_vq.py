@@ -11,6 +11,7 @@ import pytest
 from configs import vq_ds8, vq_ds16
 from genvis_jax import models
 from genvis_jax.models import llamagen_vq as lg
+from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
 HW = 32
@@ -93,7 +94,7 @@ def test_paper_parameter_count_and_official_layout(mod, expected):
   enc, dec = p["encoder"], p["decoder"]
   assert enc["conv_blocks_0"]["downsample"]["conv"]["kernel"].shape == (3, 3, 128, 128)
   assert enc[f"conv_blocks_{last}"]["attn_1"]["q"]["kernel"].shape == (1, 1, 512, 512)
-  assert "nin_shortcut" in enc[f"conv_blocks_{last}"]["res_0"]
+  assert "shortcut" in enc[f"conv_blocks_{last}"]["res_0"]
   assert set(enc["mid_1"]) == {"norm", "q", "k", "v", "proj_out"}
   assert enc["conv_out"]["kernel"].shape == (3, 3, 512, 256)
   assert set(dec["conv_blocks_0"]) == {"res_0", "res_1", "res_2", "attn_0",
@@ -134,7 +135,7 @@ def test_downsample_pads_bottom_right_then_stride_2():
 def test_attention_block_matches_numpy():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 3, 4, 32)).astype(np.float32)
-  mod = lg.AttnBlock()
+  mod = resnet.AttnBlock()
   params = nn.unbox(mod.init(jax.random.key(0), x)["params"])
   params = jax.tree_util.tree_map(
       lambda a: rng.normal(size=a.shape).astype(np.float32) * 0.2, params)

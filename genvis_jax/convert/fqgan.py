@@ -3,7 +3,8 @@
 ``genvis_jax.models.fqgan.FQGAN``.
 
 Rename + transpose only. The LlamaGen trunk and decoder map as in
-``llamagen_vq``; the FQGAN parts:
+``llamagen_vq`` (its ``RENAMES``: ``nin_shortcut`` -> ``shortcut``); the FQGAN
+parts:
   encoder.visual_head.0.transformer.3.attn.in_proj_weight (3W, W)
       -> encoder/visual_head_0/transformer_3/attn/in_proj/kernel (W, 3W)
   encoder.semantic_head_mid.0.transformer.0.mlp.c_fc.weight (4W, W)
@@ -68,7 +69,7 @@ def fqgan_leaf(key: str, value: np.ndarray, lists: tuple[str, ...]):
     return "/".join(tree.module_path(module, lists) + [name]), value
   if name in _RENAMES:
     key = f"{module}.{_RENAMES[name]}"
-  return tree.convnet_leaf(key, value, lists)
+  return tree.convnet_leaf(key, value, lists, llamagen_vq.RENAMES)
 
 
 def convert_fqgan(state_dict: dict[str, np.ndarray], model_config=None) -> dict:

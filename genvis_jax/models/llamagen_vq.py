@@ -10,9 +10,11 @@ conv_out is 3x3 to z = 256; quant_conv 1x1 256 -> 8; codebook 16384 x 8 with
 latents and codes L2-normalised; post_quant_conv 1x1 8 -> 256. Pixels in
 [-1, 1]; ``decode`` clips to [-1, 1].
 
-Module names mirror the official PyTorch keys ("." -> "_" before a list index),
-so converting is a rename + transpose:
-  encoder.conv_blocks.1.res.0.nin_shortcut.weight -> encoder/conv_blocks_1/res_0/nin_shortcut/kernel
+The res / attention blocks and the upsampler are the shared ones of
+``genvis_jax.models.layers.resnet``. Module names follow the official PyTorch
+keys ("." -> "_" before a list index) except where a shared block names its
+parts; the renames live in ``genvis_jax.convert.llamagen_vq``:
+  encoder.conv_blocks.1.res.0.nin_shortcut.weight -> encoder/conv_blocks_1/res_0/shortcut/kernel
   encoder.conv_blocks.0.downsample.conv.weight    -> encoder/conv_blocks_0/downsample/conv/kernel
   encoder.conv_blocks.4.attn.1.q.weight           -> encoder/conv_blocks_4/attn_1/q/kernel
   encoder.mid.1.proj_out.bias                     -> encoder/mid_1/proj_out/bias
@@ -33,64 +35,16 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.models import layers
+from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
 Dtype = Any
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1
 
 
-def upsample_nearest_2x(x: jax.Array) -> jax.Array:
-  """(B, H, W, C) -> (B, 2H, 2W, C), nearest neighbour."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
 def _conv3(features, name, kw, strides=1, padding=_PAD1):
   return layers.conv(features, 3, strides=strides, padding=padding, name=name,
                      **kw)
-
-
-class ResnetBlock(nn.Module):
-  """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, + residual.
-
-  The residual is the input, through ``nin_shortcut`` (1x1, bias) when the
-  channel count changes (taming / LlamaGen form, unlike MaskGIT's quirk).
-  """
-  out_channels: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.swish(layers.group_norm(name="norm1", **kw)(x))
-    h = _conv3(self.out_channels, "conv1", kw)(h)
-    h = nn.swish(layers.group_norm(name="norm2", **kw)(h))
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv3(self.out_channels, "conv2", kw)(h)
-    if x.shape[-1] != self.out_channels:
-      x = layers.conv(self.out_channels, 1, name="nin_shortcut", **kw)(x)
-    return x + h
-
-
-class AttnBlock(nn.Module):
-  """Single-head self-attention over all h*w positions, 1x1-conv projections."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    del train
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    b, h, w, c = x.shape
-    y = layers.group_norm(name="norm", **kw)(x)
-    q, k, v = (layers.conv(c, 1, name=n, **kw)(y).reshape(b, h * w, c)
-               for n in ("q", "k", "v"))
-    logits = jnp.einsum("bnc,bmc->bnm", q, k,
-                        preferred_element_type=jnp.float32) * (c ** -0.5)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnm,bmc->bnc", probs, v).reshape(b, h, w, c)
-    return x + layers.conv(c, 1, name="proj_out", **kw)(out)
 
 
 class Downsample(nn.Module):
@@ -106,21 +60,11 @@ class Downsample(nn.Module):
                   strides=2, padding="VALID")(x)
 
 
-class Upsample(nn.Module):
-  """Nearest x2, then conv3x3."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return _conv3(x.shape[-1], "conv",
-                  dict(dtype=self.dtype, param_dtype=self.param_dtype))(
-                      upsample_nearest_2x(x))
-
-
-def _block_cls(cls, remat: str):
-  # self=0, x=1, train=2: `train` is a Python bool and must stay static.
-  return layers.maybe_remat(cls, remat, static_argnums=(2,))
+def _blocks(remat: str):
+  """The (res, attn) block classes under ``remat``, LlamaGen's options: torch
+  zero padding, biases, 1x1 shortcut on the block input."""
+  return (resnet.remat_block(resnet.ResnetBlock, remat),
+          resnet.remat_block(resnet.AttnBlock, remat))
 
 
 class ConvBlock(nn.Module):
@@ -138,8 +82,7 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    res, attn = _block_cls(ResnetBlock, self.remat), _block_cls(AttnBlock,
-                                                                self.remat)
+    res, attn = _blocks(self.remat)
     for j in range(self.num_res_blocks):
       x = res(self.out_channels, self.dropout, name=f"res_{j}", **kw)(x, train)
       if self.attention:
@@ -147,7 +90,7 @@ class ConvBlock(nn.Module):
     if self.resample == "down":
       x = Downsample(name="downsample", **kw)(x)
     elif self.resample == "up":
-      x = Upsample(name="upsample", **kw)(x)
+      x = resnet.Upsample("torch", name="upsample", **kw)(x)
     return x
 
 
@@ -171,8 +114,7 @@ class CNNBase(nn.Module):
     return self.hidden_channels * self.channel_mult[-1]
 
   def _mid(self, x, train):
-    res, attn = _block_cls(ResnetBlock, self.remat), _block_cls(AttnBlock,
-                                                                self.remat)
+    res, attn = _blocks(self.remat)
     c = self.top_channels
     x = res(c, self.dropout, name="mid_0", **self._kw)(x, train)
     x = attn(name="mid_1", **self._kw)(x, train)
