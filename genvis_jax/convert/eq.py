@@ -6,6 +6,9 @@ Rename + transpose only (``official_to_flax``):
   encoder.encoder1d.weight (O, I, k) (Conv1d) -> encoder/encoder1d/kernel (k, I, O)
   encoder_blocks.3.mlp.fc1.weight (O, I) -> encoder_blocks_3/mlp/fc1/kernel (I, O)
   encoder.mid.block_1.norm1.weight (C,) -> encoder/mid/block_1/norm1/scale
+  encoder.down.2.block.0.nin_shortcut.weight -> encoder/down_2/block_0/shortcut/kernel
+    (tokenizer module names the shared blocks of models/layers/resnet.py
+    call otherwise: ``TOKENIZER_RENAMES``)
   class_emb.weight -> class_emb/embedding; other names (fake_latent) unchanged.
 
 ``tokenizer.ckpt`` (Lightning; ``--key=state_dict``) stores the EMA weights as
@@ -30,6 +33,9 @@ from genvis_jax.convert import tree
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _UNUSED_SEMANTIC = re.compile(r"^semantic_decoder\.down\.\d+\.block\.2\.")
 _LITEMA_BUFFERS = ("decay", "num_updates")
+# Official tokenizer module name -> Flax module name (one level each way).
+TOKENIZER_RENAMES = tree.RESNET_RENAMES
+_OFFICIAL_MODULES = {v: k for k, v in TOKENIZER_RENAMES.items()}
 
 
 def flax_leaf(key: str, value: np.ndarray):
@@ -40,6 +46,7 @@ def flax_leaf(key: str, value: np.ndarray):
       names[-1] += "_" + part          # ModuleList index joins its list name
     else:
       names.append(part)
+  names = tree.rename_modules(names[:-1], TOKENIZER_RENAMES) + names[-1:]
   if names[-1] == "weight":
     if value.ndim == 4:
       names[-1], value = "kernel", tree.conv(value)
@@ -66,6 +73,7 @@ def official_names(path: tuple[str, ...]) -> list[str]:
   *mods, leaf = path
   options = []
   for m in mods:
+    m = _OFFICIAL_MODULES.get(m, m)
     head, _, idx = m.rpartition("_")
     options.append((m, f"{head}.{idx}") if head and idx.isdigit() else (m,))
   leaf = _LEAF_NAMES.get(leaf, leaf)

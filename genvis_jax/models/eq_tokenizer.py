@@ -16,10 +16,14 @@ sigma-VAE style: only mu is predicted; a training sample is
 ``mu + s * eps`` with one ``s ~ N(0, (std/0.8)^2)`` per image, clamped to
 ``+-std``; "KL" is ``0.5 * sum(mu^2)`` per image.
 
-Module names mirror the official PyTorch keys with "." -> "_" before a list
-index, so converting is a rename + transpose (Conv2d (o, i, kh, kw) ->
-(kh, kw, i, o); Conv1d (o, i, k) -> (k, i, o)):
+The res and attention blocks are the shared ones of
+``genvis_jax.models.layers.resnet`` (reflect padding). Module names follow the
+official PyTorch keys with "." -> "_" before a list index, except where a
+shared block names its parts; converting is a rename + transpose (Conv2d
+(o, i, kh, kw) -> (kh, kw, i, o); Conv1d (o, i, k) -> (k, i, o)), the renames
+in ``genvis_jax.convert.eq``:
   encoder.down.1.block.0.conv1.weight   -> encoder/down_1/block_0/conv1/kernel
+  encoder.down.2.block.0.nin_shortcut   -> encoder/down_2/block_0/shortcut
   encoder.down.0.downsample.conv.conv   -> encoder/down_0/downsample/conv/conv
   encoder.down.4.attn.1.q               -> encoder/down_4/attn_1/q
   encoder.mid.attn_1.proj_out           -> encoder/mid/attn_1/proj_out
@@ -33,6 +37,7 @@ official module also holds a third, never-called block per level
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -40,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.models import layers
+from genvis_jax.models.layers import resnet
 
 Dtype = Any
 CONV1D_NAMES = (None, "conv_in", "conv_out")
@@ -93,15 +99,11 @@ def _factors(level: int, len_down_scale: int):
   return (2, 2) if level < len_down_scale else (2, 1)
 
 
-# --- layers (parameters sit directly under the official names) ------------------
+# --- layers ---------------------------------------------------------------------
 
-def conv2d(x, features: int, name: str, *, kernel_size: int = 3,
-           dtype=jnp.float32, param_dtype=jnp.float32):
-  """Stride-1 conv with torch ``padding=k//2, padding_mode='reflect'``."""
-  if kernel_size > 1:
-    x = reflect_pad(x, kernel_size // 2, (1, 2))
-  return layers.conv(features, kernel_size, padding="VALID", dtype=dtype,
-                     param_dtype=param_dtype, name=name)(x)
+# Stride-1 conv with torch ``padding=k//2, padding_mode='reflect'``:
+# conv2d(x, features, name, kernel_size=3, dtype=, param_dtype=).
+conv2d = functools.partial(resnet.conv2d, padding="reflect")
 
 
 def conv1d_layer(features: int, name: str, *, kernel_size: int = 3,
@@ -116,46 +118,6 @@ def conv1d_layer(features: int, name: str, *, kernel_size: int = 3,
 def conv1d(x, layer: nn.Conv, kernel_size: int = 3):
   """(B, L, C) -> (B, L, C'): ``layer`` after reflect padding along L."""
   return layer(reflect_pad(x, kernel_size // 2, (1,)))
-
-
-class ResnetBlock(nn.Module):
-  """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, + shortcut
-  (``nin_shortcut`` 1x1 on the input when channels change)."""
-  out_channels: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.swish(layers.group_norm(name="norm1", **kw)(x))
-    h = conv2d(h, self.out_channels, "conv1", **kw)
-    h = nn.swish(layers.group_norm(name="norm2", **kw)(h))
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv2d(h, self.out_channels, "conv2", **kw)
-    if x.shape[-1] != self.out_channels:
-      x = conv2d(x, self.out_channels, "nin_shortcut", kernel_size=1, **kw)
-    return x + h
-
-
-class AttnBlock(nn.Module):
-  """Single-head self-attention over all H*W positions (1x1-conv q/k/v/proj)."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype)
-    b, hh, ww, c = x.shape
-    h = layers.group_norm(name="norm", dtype=self.dtype,
-                          param_dtype=self.param_dtype)(x)
-    q, k, v = (conv2d(h, c, n, **kw).reshape(b, hh * ww, c) for n in "qkv")
-    logits = jnp.einsum("bqc,bkc->bqk", q, k,
-                        preferred_element_type=jnp.float32) * c ** -0.5
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    h = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(b, hh, ww, c)
-    return x + conv2d(h, c, "proj_out", **kw)
 
 
 class _ShuffleConv(nn.Module):
@@ -203,9 +165,9 @@ class UpsampleResidual(nn.Module):
     return res + pixel_shuffle(jnp.repeat(x, g, axis=-1), self.factors)
 
 
-def _block_cls(remat: str):
-  # self=0, x=1, train=2: `train` is a Python bool and must stay static.
-  return layers.maybe_remat(ResnetBlock, remat, static_argnums=(2,))
+def _res_block(remat: str):
+  """The shared res block under ``remat``; call with ``padding="reflect"``."""
+  return resnet.remat_block(resnet.ResnetBlock, remat)
 
 
 class Level(nn.Module):
@@ -225,11 +187,12 @@ class Level(nn.Module):
   def __call__(self, x, train: bool = False):
     """Returns (output, features before the resampler)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block = _block_cls(self.remat)
+    block = _res_block(self.remat)
     for j in range(self.num_blocks):
-      x = block(self.out_channels, self.dropout, name=f"block_{j}", **kw)(x, train)
+      x = block(self.out_channels, self.dropout, padding="reflect",
+                name=f"block_{j}", **kw)(x, train)
       if self.attn:
-        x = AttnBlock(name=f"attn_{j}", **kw)(x)
+        x = resnet.AttnBlock(name=f"attn_{j}", **kw)(x)
     pre = x
     if self.resample == "down":
       x = DownsampleResidual(self.factors, name="downsample", **kw)(x)
@@ -248,10 +211,11 @@ class Mid(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block, c = _block_cls(self.remat), x.shape[-1]
-    x = block(c, self.dropout, name="block_1", **kw)(x, train)
-    x = AttnBlock(name="attn_1", **kw)(x)
-    return block(c, self.dropout, name="block_2", **kw)(x, train)
+    block, c = _res_block(self.remat), x.shape[-1]
+    x = block(c, self.dropout, padding="reflect", name="block_1", **kw)(x, train)
+    x = resnet.AttnBlock(name="attn_1", **kw)(x)
+    return block(c, self.dropout, padding="reflect", name="block_2", **kw)(
+        x, train)
 
 
 class Encoder1D(nn.Module):
