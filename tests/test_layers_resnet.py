@@ -15,6 +15,7 @@ from genvis_jax.convert import llamagen_vq as clg
 from genvis_jax.convert import maskgit_vqgan as cmg
 from genvis_jax.errors import ConfigError
 from genvis_jax.models.layers import resnet
+from tests.official_keys import KeyShapes
 
 
 def _np_conv(x, w, b, pad):
@@ -134,26 +135,8 @@ def _eq_official_shapes(m):
   """Official tokenizer keys/shapes (EquivariantModeling's LDM-style Encoder /
   Decoder with (un)shuffle resamplers, the 1-D convs and the semantic decoder
   whose third block per level is never called), from the ddconfig alone."""
-  s = {}
-
-  def conv(name, o, i, k=3, bias=True, dims=2):
-    s[name + ".weight"] = (o, i) + (k,) * dims
-    if bias:
-      s[name + ".bias"] = (o,)
-
-  def norm(name, c):
-    s[name + ".weight"] = s[name + ".bias"] = (c,)
-
-  def res(p, cin, cout):
-    norm(p + ".norm1", cin), conv(p + ".conv1", cout, cin)
-    norm(p + ".norm2", cout), conv(p + ".conv2", cout, cout)
-    if cin != cout:
-      conv(p + ".nin_shortcut", cout, cin, 1)
-
-  def attn(p, c):
-    norm(p + ".norm", c)
-    for n in ("q", "k", "v", "proj_out"):
-      conv(f"{p}.{n}", c, c, 1)
+  s = KeyShapes()
+  conv, norm, res, attn = s.conv, s.norm, s.resnet_block, s.attn_block
 
   def mid(p, c):
     res(p + ".mid.block_1", c, c), attn(p + ".mid.attn_1", c)
