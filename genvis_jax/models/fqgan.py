@@ -10,7 +10,9 @@ post_quant_conv 1x1 (k*code_dim -> z) -> LlamaGen decoder. ``FeatPredHead``s
 read the quantized semantic features and predict a teacher's CLS feature
 (representation loss, in the fq_tokenizer task). Facts: specs/fqgan.md.
 
-Module names mirror the official keys ("." -> "_" before a list index):
+The LlamaGen trunk and decoder are named as in ``llamagen_vq`` (shared blocks of
+``models/layers/resnet.py``: official ``nin_shortcut`` -> ``shortcut``).
+Other module names mirror the official keys ("." -> "_" before a list index):
   encoder.visual_head.0.transformer.3.attn.in_proj_weight -> encoder/visual_head_0/transformer_3/attn/in_proj/kernel (transposed)
   encoder.semantic_head_mid.0.positional_embedding        -> encoder/semantic_head_mid_0/positional_embedding
   encoder.norm_out_sem / encoder.conv_out_sem             -> encoder/norm_out_sem, encoder/conv_out_sem
