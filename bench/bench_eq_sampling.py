@@ -11,7 +11,7 @@ is shared). The floors are written here from the same model's weights:
 * ``floor``: the issue's floor. Per Euler step the flow head's weights are read
   once (every head matmul, CFG's cond/uncond rows as one matmul; LayerNorms
   and biases left out), plus per column the transformer's per-column matmuls
-  (z_proj; per block qkv, proj, cross-attention query and proj, fc1, fc2).
+  (z_proj; per block qkv, out, cross-attention q and out, fc1, fc2).
 * ``hoisted floor``: the same chain for the algorithm the sampler runs: the
   adaLN / time / condition path of all steps of a column as one matmul, then
   per step the x path only (input_proj, mlp_0, mlp_2, final linear).
@@ -52,7 +52,7 @@ TINY = dict(hidden_size=64, depth=2, num_heads=4, head_width=64, head_depth=2,
 MOD_PATH = ("adaLN_modulation_1", "time_embed", "cond_embed")
 # Transformer parameters only the prefill reads (condition tokens).
 PREFILL_ONLY = ("class_emb", "fake_latent", "encoder_pos_embed_learned",
-                "cross_cond_norm", "attn2/k/", "attn2/v/")
+                "cross_cond_norm", "cross_attn/k/", "cross_attn/v/")
 
 
 def parse_args(argv=None):
@@ -99,7 +99,7 @@ def byte_counts(params):
   Returns dict: ``head`` (all of diffloss), ``head_mod`` (its (t, z) path:
   time/cond embedding and every adaLN), ``head_x`` (the rest), ``column``
   (transformer parameters read per column: z_proj, z_proj_ln, encoder_norm,
-  per block norm1, attn, cross_norm, attn2 qkv/proj, norm2, mlp)."""
+  per block norm1, attn, cross_norm, cross_attn q/out, norm2, mlp)."""
   flat = _flat(params)
   head = {k: v for k, v in flat.items() if k.startswith("diffloss/")}
   mod = [v for k, v in head.items() if any(m in k for m in MOD_PATH)]
@@ -170,8 +170,8 @@ def _transformer_chain(params, x2, depth):
   d = h.shape[-1]
   for i in range(depth):
     blk = params[f"encoder_blocks_{i}"]
-    h = h + _mm(_fold(_mm(h, blk["attn"]["qkv"]), d), blk["attn"]["proj"])
-    h = h + _mm(_mm(h, blk["attn2"]["qkv"]), blk["attn2"]["proj"])
+    h = h + _mm(_fold(_mm(h, blk["attn"]["qkv"]), d), blk["attn"]["out"])
+    h = h + _mm(_mm(h, blk["cross_attn"]["q"]), blk["cross_attn"]["out"])
     h = h + _mm(jax.nn.gelu(_mm(h, blk["mlp"]["fc1"])), blk["mlp"]["fc2"])
   return h
 

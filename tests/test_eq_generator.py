@@ -71,9 +71,9 @@ def test_param_counts_of_official_sizes():
 def test_official_names_and_no_decay(tiny):
   _, _, params = tiny
   blk = params["encoder_blocks_1"]
-  assert set(blk) == {"norm1", "attn", "attn2", "cross_norm", "cross_cond_norm",
-                      "norm2", "mlp"}
-  assert set(blk["attn2"]) == {"qkv", "k", "v", "proj"}
+  assert set(blk) == {"norm1", "attn", "cross_attn", "cross_norm",
+                      "cross_cond_norm", "norm2", "mlp"}
+  assert set(blk["cross_attn"]) == {"q", "k", "v", "out"}
   assert blk["attn"]["qkv"]["kernel"].shape == (32, 96)
   assert params["fake_latent"].shape == (1, 32)
   assert params["encoder_pos_embed_learned"].shape == (1, 3, 32)

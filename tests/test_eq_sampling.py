@@ -132,7 +132,7 @@ def test_bench_byte_accounting_of_eq_s(bench):
   assert b["head"] == 4 * head and round(head / 1e5) == 594
   assert b["head_mod"] == 4 * mod and b["head_x"] == 4 * (head - mod)
   # Transformer per column: z_proj, z_proj_ln, encoder_norm and per block
-  # norm1, attn (qkv, proj), cross_norm, attn2 (qkv, proj), norm2, mlp.
+  # norm1, attn (qkv, out), cross_norm, cross_attn (q, out), norm2, mlp.
   col = (d * hid + hid) + 2 * hid + 2 * hid + cfg.depth * (
       2 * hid + (hid * 3 * hid + 3 * hid) + (hid * hid + hid) + 2 * hid
       + 2 * (hid * hid + hid) + 2 * hid + (hid * 4 * hid + 4 * hid)

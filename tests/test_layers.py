@@ -1,4 +1,4 @@
-"""The shared attention layer against a plain numpy statement of attention."""
+"""The shared attention and MLP layers against plain numpy statements."""
 
 import flax.linen as nn
 import jax
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from genvis_jax.models.layers import attention as attn_lib
+from genvis_jax.models.layers import mlp as mlp_lib
 
 B, N, D, H = 2, 6, 16, 4
 
@@ -113,3 +114,86 @@ def test_unknown_mask_is_named(data):
   x, _ = data
   with pytest.raises(ValueError, match="'diagonal' is not one of"):
     attn_lib.Attention(H, mask="diagonal").init(jax.random.key(0), x)
+
+
+def test_precomputed_kv_equals_cross_attention(data):
+  """kv(context) once, then kv=: the cross-attention over the context
+  (QK-norm on k, RoPE on the queries only)."""
+  x, ctx = data
+  mod = attn_lib.Attention(H, qk_norm=True)
+  rope = attn_lib.rope_tables(jnp.arange(N) + 3, D // H)
+  p = _random_params(mod, x, ctx, rope=rope)
+  want = mod.apply({"params": p}, x, ctx, rope=rope)
+  kv = mod.apply({"params": p}, ctx, method="kv")
+  assert kv[0].shape == (B, 3, H, D // H)
+  got = mod.apply({"params": p}, x, rope=rope, kv=kv)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  ref = _np_reference(jax.device_get(p), x, ctx, np.ones((N, 3), bool),
+                      fused=False, qk_norm=True, rope=rope)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rolling_window_cache_decoding_equals_windowed_attention(data):
+  """One position at a time through a cache of ``window`` slots (positions
+  wrap around it): the windowed causal attention of the whole sequence."""
+  x, _ = data
+  w, hd = 2, D // H
+  mod = attn_lib.Attention(H, mask="window", window=w, attn_impl="reference")
+  cos, sin = attn_lib.rope_tables(jnp.arange(N), hd)
+  p = _random_params(mod, x, rope=(cos, sin))
+  full = mod.apply({"params": p}, x, rope=(cos, sin))
+  cache = (jnp.zeros((B, w, H, hd)),) * 2
+  steps = []
+  for pos in range(N):
+    out, cache = mod.apply({"params": p}, x[:, pos:pos + 1],
+                           rope=(cos[pos:pos + 1], sin[pos:pos + 1]),
+                           cache_pos=pos, window_cache=cache)
+    steps.append(out)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="one position per call"):
+    mod.apply({"params": p}, x[:, :2], cache_pos=0, window_cache=cache)
+  causal = attn_lib.Attention(H, mask="causal")
+  with pytest.raises(ValueError, match="needs mask='window'"):
+    causal.apply({"params": p}, x[:, :1], cache_pos=0, window_cache=cache)
+
+
+def _np_silu(a):
+  return a / (1 + np.exp(-a))
+
+
+def test_mlp_plain_and_gated_match_numpy(data):
+  x, _ = data
+  lin = lambda p, name, t: t @ np.asarray(p[name]["kernel"]) + np.asarray(
+      p[name]["bias"])
+  plain = mlp_lib.Mlp(24, activation="silu")
+  p = _random_params(plain, x)
+  np.testing.assert_allclose(
+      plain.apply({"params": p}, x),
+      lin(p, "fc2", _np_silu(lin(p, "fc1", x))), rtol=1e-5, atol=1e-5)
+  gated = mlp_lib.Mlp(24, out=8, activation="silu", gated=True)
+  p = _random_params(gated, x)
+  assert set(p) == {"fc1_g", "fc1_x", "fc2"}
+  want = lin(p, "fc2", _np_silu(lin(p, "fc1_g", x)) * lin(p, "fc1_x", x))
+  got = gated.apply({"params": p}, x)
+  assert got.shape == (B, N, 8)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_hidden_dropout_off_drops_only_the_output(data):
+  """hidden_dropout=0 (LlamaGen FeedForward): the train output is the eval
+  output with whole output entries dropped and the rest scaled by 1/keep."""
+  x, _ = data
+  mod = mlp_lib.Mlp(24, gated=True, activation="silu", dropout=0.5,
+                    hidden_dropout=0.0)
+  p = _random_params(mod, x)
+  ev = np.asarray(mod.apply({"params": p}, x))
+  tr = np.asarray(mod.apply({"params": p}, x, train=True,
+                            rngs={"dropout": jax.random.key(5)}))
+  kept = tr != 0
+  assert 0.2 < kept.mean() < 0.8
+  np.testing.assert_allclose(tr[kept], 2 * ev[kept], rtol=1e-5, atol=1e-6)
+  both = mlp_lib.Mlp(24, gated=True, activation="silu", dropout=0.5)
+  tr2 = np.asarray(both.apply({"params": p}, x, train=True,
+                              rngs={"dropout": jax.random.key(5)}))
+  assert not np.allclose(tr2[tr2 != 0], 2 * ev[tr2 != 0], rtol=1e-3)

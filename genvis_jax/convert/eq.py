@@ -5,6 +5,8 @@ Rename + transpose only (``official_to_flax``):
   decoder.up.4.attn.0.q.weight (C, C, 1, 1) -> decoder/up_4/attn_0/q/kernel (HWIO)
   encoder.encoder1d.weight (O, I, k) (Conv1d) -> encoder/encoder1d/kernel (k, I, O)
   encoder_blocks.3.mlp.fc1.weight (O, I) -> encoder_blocks_3/mlp/fc1/kernel (I, O)
+  encoder_blocks.3.attn2.qkv.weight (the cross-attention query)
+      -> encoder_blocks_3/cross_attn/q/kernel (generator: ``GENERATOR_RENAMES``)
   encoder.mid.block_1.norm1.weight (C,) -> encoder/mid/block_1/norm1/scale
   encoder.down.2.block.0.nin_shortcut.weight -> encoder/down_2/block_0/shortcut/kernel
     (tokenizer module names the shared blocks of models/layers/resnet.py
@@ -41,7 +43,7 @@ _OFFICIAL_MODULES = {v: k for k, v in TOKENIZER_RENAMES.items()}
 def flax_leaf(key: str, value: np.ndarray):
   """One official key -> (Flax path, leaf in Flax layout)."""
   names: list[str] = []
-  for part in key.split("."):
+  for part in generator_key(key).split("."):
     if part.isdigit() and names:
       names[-1] += "_" + part          # ModuleList index joins its list name
     else:
@@ -128,6 +130,24 @@ def convert_eq_tokenizer(state_dict: dict, model_config) -> dict:
   if any(k.startswith("ema_") for k in state_dict):
     state_dict = _from_ema(state_dict, model_config)
   return official_to_flax(state_dict)
+
+
+# --- generator ------------------------------------------------------------------
+
+# Official generator block module -> Flax module (the shared attention's names).
+GENERATOR_RENAMES = {"attn.proj": "attn.out", "attn2.qkv": "cross_attn.q",
+                     "attn2.k": "cross_attn.k", "attn2.v": "cross_attn.v",
+                     "attn2.proj": "cross_attn.out"}
+_GENERATOR_BLOCK = re.compile(r"^(encoder_blocks\.\d+\.)(attn2?\.\w+)(\.\w+)$")
+
+
+def generator_key(key: str) -> str:
+  """``encoder_blocks.3.attn2.qkv.weight`` -> ``encoder_blocks.3.cross_attn.q.weight``
+  (``GENERATOR_RENAMES``); any other key unchanged."""
+  m = _GENERATOR_BLOCK.match(key)
+  if m is None or m.group(2) not in GENERATOR_RENAMES:
+    return key
+  return m.group(1) + GENERATOR_RENAMES[m.group(2)] + m.group(3)
 
 
 def convert_eq_generator(state_dict: dict, model_config) -> dict:

@@ -20,11 +20,17 @@ rolling key/value cache of ``window`` positions plus the cross-attention
 keys/values of the condition tokens (fixed per label): memory and time per
 column do not grow with the width, and the result equals the full forward.
 
-Parameter names follow the official model (``.`` -> ``_`` before list indices):
+Blocks compose the shared ``layers.attention.Attention`` (windowed self-attention
+with a rolling cache; cross-attention with keys/values projected once per
+sample, ``kv``) and ``layers.mlp.Mlp``. Parameter names follow the official
+model (``.`` -> ``_`` before list indices) except the attention projections,
+which ``genvis_jax/convert/eq.py`` renames (``attn.proj`` -> ``attn/out``,
+``attn2.{qkv, k, v, proj}`` -> ``cross_attn/{q, k, v, out}``):
 ``class_emb/embedding``, ``fake_latent``, ``z_proj``, ``z_proj_ln``,
-``encoder_pos_embed_learned``, ``encoder_blocks_{i}/{norm1, attn/qkv, attn/proj,
-attn2/qkv, attn2/k, attn2/v, attn2/proj, cross_norm, cross_cond_norm, norm2,
-mlp/fc1, mlp/fc2}``, ``encoder_norm``, ``diffloss/net/{time_embed/mlp_{0,2},
+``encoder_pos_embed_learned``, ``encoder_blocks_{i}/{norm1, attn/qkv, attn/out,
+cross_attn/q, cross_attn/k, cross_attn/v, cross_attn/out, cross_norm,
+cross_cond_norm, norm2, mlp/fc1, mlp/fc2}``, ``encoder_norm``,
+``diffloss/net/{time_embed/mlp_{0,2},
 cond_embed, input_proj, res_blocks_{i}/{in_ln, mlp_0, mlp_2,
 adaLN_modulation_1}, final_layer/{linear, adaLN_modulation_1}}``.
 """
@@ -34,149 +40,20 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from genvis_jax.kernels.windowed_attention import (
-    windowed_causal_attention, window_mask)
 from genvis_jax.models import layers
-from genvis_jax.models.layers.attention import dot_product_attention
-from genvis_jax.models.eq_flow_head import DiffLoss, dense as _dense, normal02
+# apply_rope: the model's RoPE (interleaved pairs) with rope_tables.
+from genvis_jax.models.layers.attention import (  # pylint: disable=unused-import
+    Attention, apply_rope, rope_tables)
+from genvis_jax.models.layers.mlp import Mlp
+from genvis_jax.models.eq_flow_head import (DiffLoss, dense as _dense, normal02,
+                                            xavier)
 
 Dtype = Any
 
 
-# --- rotary position embedding (interleaved pairs) -------------------------------
-
-def rope_tables(positions, head_dim: int, base: float = 10000.0):
-  """positions (N,) -> (cos, sin), each (N, head_dim // 2) float32.
-
-  Frequency k is ``base ** (-2k / head_dim)`` (gpt-fast ``precompute_freqs_cis``).
-  """
-  k = jnp.arange(0, head_dim, 2, dtype=jnp.float32)[: head_dim // 2]
-  freqs = 1.0 / (base ** (k / head_dim))
-  angles = jnp.asarray(positions, jnp.float32)[:, None] * freqs[None]
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x, cos, sin):
-  """Rotates interleaved pairs (x[2k], x[2k+1]) by the position angle.
-
-  x (B, N, H, D); cos, sin (N, D/2) -> (B, N, H, D) in x.dtype (math in fp32).
-  """
-  xs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-  c, s = cos[None, :, None], sin[None, :, None]
-  x0, x1 = xs[..., 0], xs[..., 1]
-  out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
-  return out.reshape(x.shape).astype(x.dtype)
-
-
 # --- transformer ------------------------------------------------------------------
-
-class SelfAttention(nn.Module):
-  """Fused-qkv windowed causal attention with RoPE (official ``attn``)."""
-  dim: int
-  num_heads: int
-  window: int
-  attn_dropout: float = 0.0
-  proj_dropout: float = 0.0
-  attn_impl: str = "auto"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, cos, sin, train=False, cache=None, index=None):
-    """x (B, N, d) -> (B, N, d), or with ``cache`` a (B, 1, d) step.
-
-    cache: ``(k, v)`` each (B, window, H, hd) holding the keys/values of the
-    last ``window`` positions at slots ``position % window``; ``index`` is the
-    position of x. Returns ``(out, new_cache)`` when a cache is given.
-    """
-    b, n, _ = x.shape
-    h, hd = self.num_heads, self.dim // self.num_heads
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = _dense(3 * self.dim, ("embed", "heads"), "qkv", **kw)(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, h, hd), 2, 0)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    drop = nn.Dropout(self.attn_dropout, deterministic=not train)
-    new_cache = None
-    if cache is not None:
-      slot = jnp.mod(index, self.window)
-      ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype),
-                                               slot, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype),
-                                               slot, axis=1)
-      # Slot s holds position index - ((index - s) mod window); < 0: never written.
-      slot_pos = index - jnp.mod(index - jnp.arange(self.window), self.window)
-      out = dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype),
-                                  slot_pos >= 0, scale=hd ** -0.5, dropout=drop)
-      new_cache = (ck, cv)
-    elif train and self.attn_dropout > 0:
-      # The kernels have no dropout on the probabilities: masked dense path
-      # (training sequences are short, e.g. 16 columns).
-      mask = window_mask(n, window=self.window)
-      out = dot_product_attention(q, k, v, mask, scale=hd ** -0.5, dropout=drop)
-    else:
-      out = windowed_causal_attention(q, k, v, window=self.window,
-                                      impl=self.attn_impl)
-    out = _dense(self.dim, ("heads", "embed"), "proj", **kw)(
-        out.reshape(b, n, self.dim))
-    out = nn.Dropout(self.proj_dropout, deterministic=not train)(out)
-    return out if cache is None else (out, new_cache)
-
-
-class CrossAttention(nn.Module):
-  """Image tokens attend to the condition tokens (official ``attn2``): ``qkv``
-  is the query projection, ``k`` / ``v`` project the condition tokens."""
-  dim: int
-  num_heads: int
-  attn_dropout: float = 0.0
-  proj_dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.qkv = _dense(self.dim, ("embed", "heads"), None, **kw)
-    self.k = _dense(self.dim, ("embed", "heads"), None, **kw)
-    self.v = _dense(self.dim, ("embed", "heads"), None, **kw)
-    self.proj = _dense(self.dim, ("heads", "embed"), None, **kw)
-    self.attn_drop = nn.Dropout(self.attn_dropout)
-    self.proj_drop = nn.Dropout(self.proj_dropout)
-
-  def _heads(self, t):
-    return t.reshape(*t.shape[:2], self.num_heads, self.dim // self.num_heads)
-
-  def kv(self, cond):
-    """cond (B, M, d) normalised condition tokens -> (k, v) (B, M, H, hd)."""
-    return self._heads(self.k(cond)), self._heads(self.v(cond))
-
-  def __call__(self, x, k, v, cos, sin, train=False):
-    """x (B, N, d) normalised image tokens -> (B, N, d)."""
-    q = apply_rope(self._heads(self.qkv(x)), cos, sin)
-    out = dot_product_attention(
-        q, k, v, scale=q.shape[-1] ** -0.5,
-        dropout=lambda p: self.attn_drop(p, deterministic=not train))
-    out = self.proj(out.reshape(*x.shape[:2], self.dim))
-    return self.proj_drop(out, deterministic=not train)
-
-
-class Mlp(nn.Module):
-  """fc1 -> exact GELU -> dropout -> fc2 -> dropout (timm ``Mlp``)."""
-  dim: int
-  hidden: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    drop = nn.Dropout(self.dropout, deterministic=not train)
-    h = drop(nn.gelu(_dense(self.hidden, ("embed", "mlp"), "fc1", **kw)(x),
-                     approximate=False))
-    return drop(_dense(self.dim, ("mlp", "embed"), "fc2", **kw)(h))
-
 
 class Block(nn.Module):
   """Self-attention (image), cross-attention (image -> condition), MLP (all)."""
@@ -192,25 +69,27 @@ class Block(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = dict(num_heads=self.num_heads, attn_dropout=self.attn_dropout,
+                proj_dropout=self.proj_dropout, kernel_init=xavier, **kw)
     self.norm1 = layers.layer_norm(1e-6, **kw)
-    self.attn = SelfAttention(self.dim, self.num_heads, self.window,
-                              self.attn_dropout, self.proj_dropout,
-                              self.attn_impl, **kw)
+    self.attn = Attention(mask="window", window=self.window,
+                          attn_impl=self.attn_impl, **attn)
     self.cross_norm = layers.layer_norm(1e-5, **kw)
     self.cross_cond_norm = layers.layer_norm(1e-5, **kw)
-    self.attn2 = CrossAttention(self.dim, self.num_heads, self.attn_dropout,
-                                self.proj_dropout, **kw)
+    self.cross_attn = Attention(**attn)
     self.norm2 = layers.layer_norm(1e-6, **kw)
-    self.mlp = Mlp(self.dim, self.mlp_dim, self.proj_dropout, **kw)
+    self.mlp = Mlp(self.mlp_dim, dropout=self.proj_dropout, kernel_init=xavier,
+                   **kw)
 
   def _mlp(self, x, train):
     return x + self.mlp(self.norm2(x), train)
 
   def __call__(self, cond, img, cos, sin, train=False):
     """cond (B, M, d), img (B, N, d) -> updated (cond, img)."""
-    img = img + self.attn(self.norm1(img), cos, sin, train)
-    k, v = self.attn2.kv(self.cross_cond_norm(cond))
-    img = img + self.attn2(self.cross_norm(img), k, v, cos, sin, train)
+    img = img + self.attn(self.norm1(img), rope=(cos, sin), train=train)
+    img = img + self.cross_attn(self.cross_norm(img),
+                                self.cross_cond_norm(cond), rope=(cos, sin),
+                                train=train)
     m = cond.shape[1]
     x = self._mlp(jnp.concatenate([cond, img], axis=1), train)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
@@ -218,7 +97,7 @@ class Block(nn.Module):
 
   def prefill(self, cond):
     """cond (B, M, d) -> (next layer's cond, (k, v) cross-attention cache)."""
-    kv = self.attn2.kv(self.cross_cond_norm(cond))
+    kv = self.cross_attn.kv(self.cross_cond_norm(cond))
     return self._mlp(cond, False), kv
 
   def step(self, img, cos, sin, index, cache):
@@ -226,11 +105,11 @@ class Block(nn.Module):
 
     cache: dict(k, v) rolling self-attention cache and (ck, cv) cross k/v.
     """
-    h, (k, v) = self.attn(self.norm1(img), cos, sin, False,
-                          (cache["k"], cache["v"]), index)
+    h, (k, v) = self.attn(self.norm1(img), rope=(cos, sin), cache_pos=index,
+                          window_cache=(cache["k"], cache["v"]))
     img = img + h
-    img = img + self.attn2(self.cross_norm(img), cache["ck"], cache["cv"],
-                           cos, sin, False)
+    img = img + self.cross_attn(self.cross_norm(img), rope=(cos, sin),
+                                kv=(cache["ck"], cache["cv"]))
     return self._mlp(img, False), {**cache, "k": k, "v": v}
 
 

@@ -1,6 +1,7 @@
 """The transformer MLP of every model: ``fc1 -> activation -> dropout -> fc2 ->
 dropout`` (timm ``Mlp``, HF ``CLIPMLP`` / ``Dinov2MLP``, open_clip's
-``c_fc`` / ``c_proj``). Official names are mapped in ``genvis_jax/convert/``.
+``c_fc`` / ``c_proj``), or gated (SwiGLU: LlamaGen / FAR ``FeedForward``
+``w1`` / ``w3`` / ``w2``). Official names are mapped in ``genvis_jax/convert/``.
 """
 
 from __future__ import annotations
