@@ -77,8 +77,7 @@ def classifier_config():
   c = base.get_config()
   c.task = "classifier"
   c.model = ml_collections.ConfigDict(dict(
-      name="classifier", num_classes=NUM_CLASSES, widths=(32, 64, 128),
-      image_size=32, dtype="float32", param_dtype="float32", remat="none"))
+      name="classifier", num_classes=NUM_CLASSES, image_size=32))
   _demo_data(c)
   c.optimizer.lr = 2e-3
   c.optimizer.warmup_steps = 50

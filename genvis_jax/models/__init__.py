@@ -13,6 +13,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import registry
@@ -39,15 +40,66 @@ def example_inputs(model_config, batch_size: int = 1) -> tuple:
   return module(model_config.name).example_inputs(model_config, batch_size)
 
 
-def config_fields(model_config, cls, **overrides) -> dict:
-  """The entries of ``model_config`` that are fields of the Flax module class
-  ``cls``, then ``overrides``: a builder passes these (``cls(**...)``) so the
-  defaults live in one place, the class. ``name`` (the registry key) and keys
-  the class does not have are left out."""
-  names = {f.name for f in dataclasses.fields(cls)} - {"name", "parent"}
-  out = {k: v for k, v in model_config.items() if k in names}
+def config_fields(model_config, cls, *, derived=(), ignore=(),
+                  **overrides) -> dict:
+  """``model_config``'s entries as keyword arguments of the Flax module class
+  ``cls``, then ``overrides``: a builder passes these (``cls(**...)``) so a
+  field's default lives in one place, the class, and a config states only
+  what differs.
+
+  Values are made fit for a (hashable) module field: lists become tuples (at
+  any depth), and a dtype name ("float32", "bfloat16") for a field named
+  ``dtype`` / ``param_dtype`` becomes a ``jnp.dtype`` unless the class
+  annotates that field ``str``.
+
+  Args:
+    model_config: a mapping (``config.model``); ``name`` is the registry key.
+    cls: the module class.
+    derived: config keys the builder turns into other fields itself (e.g.
+      ``mlp_ratio`` -> ``mlp_dim``); left out here.
+    ignore: config keys read elsewhere (e.g. ``image_size`` by
+      ``example_inputs``, ``optimizer`` by the trainer); left out here.
+    **overrides: field values the builder computed; they win.
+  Returns:
+    dict field name -> value.
+  Raises:
+    ConfigError: a key that is none of a field, ``derived`` or ``ignore``
+      (a misspelt key would otherwise be silently dropped), naming the key and
+      the valid ones; or a dtype name that is not a dtype.
+  """
+  fields = {f.name: f for f in dataclasses.fields(cls)
+            if f.name not in ("name", "parent")}
+  skip = {"name", *derived, *ignore}
+  unknown = sorted(k for k in model_config.keys()
+                   if k not in fields and k not in skip)
+  if unknown:
+    raise ConfigError(
+        f"Model config key(s) {unknown} are not settings of {cls.__name__} "
+        f"(config.model.name={model_config.get('name', '')!r}); fix the "
+        f"spelling or remove them. Valid keys: "
+        f"{sorted(set(fields) | skip - {'name'})}.")
+  out = {k: _field_value(k, v, fields[k]) for k, v in model_config.items()
+         if k in fields}
   out.update(overrides)
   return out
+
+
+def _field_value(key, value, field):
+  """A config value as module field ``key`` takes it (see config_fields)."""
+  if key in ("dtype", "param_dtype") and isinstance(value, str) \
+      and field.type not in ("str", str):
+    try:
+      return jnp.dtype(value)
+    except TypeError as e:
+      raise ConfigError(f"config.model.{key}={value!r} is not a dtype name; "
+                        f"use e.g. 'float32' or 'bfloat16'.") from e
+  return _tuples(value)
+
+
+def _tuples(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
 
 
 def init_params(model_config, rng, *, boxed: bool = False):

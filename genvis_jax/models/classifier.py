@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from genvis_jax import models
 from genvis_jax.models import layers
 
 
@@ -46,9 +47,11 @@ class Classifier(nn.Module):
     return self.head(self.features(images))
 
 
-def build(cfg):
-  return Classifier(num_classes=cfg.num_classes, widths=tuple(cfg.widths),
-                    dtype=cfg.get("dtype", "float32"))
+def build(cfg) -> Classifier:
+  """``config.model`` -> Classifier; ``image_size`` is read by
+  ``example_inputs`` only. Raises ConfigError for an unknown key."""
+  return Classifier(**models.config_fields(cfg, Classifier,
+                                           ignore=("image_size",)))
 
 
 def example_inputs(cfg, batch_size: int = 1):

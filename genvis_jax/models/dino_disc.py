@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models.layers import vit
 
@@ -278,16 +279,19 @@ def diff_augment(x, rng, *, translation: float = 0.125, color: bool = True,
   return x
 
 
+# config.disc keys read outside the module: the input size (example_inputs),
+# the frozen ViT's weights file, DiffAugment (the eq_tokenizer task) and the
+# discriminator's optimizer (the trainer).
+_OTHER_KEYS = ("image_size", "image_width", "vit_path", "diffaug",
+               "diffaug_cutout", "optimizer")
+
+
 def build(cfg) -> DinoDiscriminator:
-  return DinoDiscriminator(
-      img_size=cfg.get("img_size", 224), patch_size=cfg.get("patch_size", 16),
-      dim=cfg.get("dim", 384), depth=cfg.get("depth", 12),
-      num_heads=cfg.get("num_heads", 6),
-      key_depths=tuple(cfg.get("key_depths", (2, 5, 8, 11))),
-      head_kernel=cfg.get("head_kernel", 9), virtual_bs=cfg.get("virtual_bs", 8),
-      spectral_norm=cfg.get("spectral_norm", True),
-      power_iterations=cfg.get("power_iterations", 5),
-      random_crop=cfg.get("random_crop", True))
+  """``config.disc`` -> DinoDiscriminator; unset fields take the class
+  defaults (the official DINO ViT-S/16 discriminator). Raises ConfigError for
+  an unknown key."""
+  return DinoDiscriminator(**models.config_fields(
+      cfg, DinoDiscriminator, ignore=_OTHER_KEYS))
 
 
 def example_inputs(cfg, batch_size: int = 1):

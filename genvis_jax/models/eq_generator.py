@@ -42,6 +42,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from genvis_jax import models
+from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
 # apply_rope: the model's RoPE (interleaved pairs) with rope_tables.
 from genvis_jax.models.layers.attention import (  # pylint: disable=unused-import
@@ -264,38 +266,27 @@ class EqGenerator(nn.Module):
     return self.encoder_norm(img[:, 0]), {"layers": new}
 
 
-def _dtype(name):
-  return jnp.dtype(name) if isinstance(name, str) else name
-
-
 def build(cfg) -> EqGenerator:
-  """``config.model`` -> EqGenerator; needs hidden_size, depth, num_heads,
-  head_width; the rest defaults to the official values."""
-  if cfg.hidden_size % cfg.num_heads:
-    raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                     f"num_heads {cfg.num_heads}.")
-  if (cfg.hidden_size // cfg.num_heads) % 2:
-    raise ValueError("RoPE needs an even head dimension; got "
-                     f"{cfg.hidden_size // cfg.num_heads}.")
-  window = cfg.get("window", 4)
-  if window < 1:
-    raise ValueError(f"window must be >= 1 (keys i-window+1..i), got {window}.")
-  return EqGenerator(
-      hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
-      mlp_ratio=cfg.get("mlp_ratio", 4.0), token_dim=cfg.get("token_dim", 256),
-      num_classes=cfg.get("num_classes", 1000),
-      num_cond_tokens=cfg.get("num_cond_tokens", 16), window=window,
-      rope_base=cfg.get("rope_base", 10000.0),
-      attn_dropout=cfg.get("attn_dropout", 0.1),
-      proj_dropout=cfg.get("proj_dropout", 0.1),
-      head_width=cfg.head_width, head_depth=cfg.get("head_depth", 12),
-      attn_impl=cfg.get("attn_impl", "auto"), remat=cfg.get("remat", "none"),
-      dtype=_dtype(cfg.get("dtype", "float32")),
-      param_dtype=_dtype(cfg.get("param_dtype", "float32")))
+  """``config.model`` -> EqGenerator; unset fields take the class defaults
+  (the official L model). ``seq_len`` (columns per training image) is read by
+  ``example_inputs`` only. Raises ConfigError for an unknown key, a width the
+  heads do not divide, an odd head dimension (RoPE) or window < 1."""
+  model = EqGenerator(**models.config_fields(cfg, EqGenerator,
+                                             ignore=("seq_len",)))
+  if model.hidden_size % model.num_heads:
+    raise ConfigError(f"hidden_size {model.hidden_size} is not divisible by "
+                      f"num_heads {model.num_heads}.")
+  if (model.hidden_size // model.num_heads) % 2:
+    raise ConfigError("RoPE needs an even head dimension; got "
+                      f"{model.hidden_size // model.num_heads}.")
+  if model.window < 1:
+    raise ConfigError(f"window must be >= 1 (keys i-window+1..i), got "
+                      f"{model.window}.")
+  return model
 
 
 def example_inputs(cfg, batch_size: int = 1):
-  n, c = cfg.get("seq_len", 16), cfg.get("token_dim", 256)
+  n, c = cfg.get("seq_len", 16), cfg.get("token_dim", EqGenerator.token_dim)
   return (jnp.zeros((batch_size, n, c), jnp.float32),
           jnp.zeros((batch_size,), jnp.int32),
           jnp.zeros((batch_size, 1, n, c), jnp.float32),

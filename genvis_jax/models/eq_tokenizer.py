@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models.layers import resnet
 
@@ -457,28 +458,16 @@ class EqTokenizer(nn.Module):
 
 
 def build(cfg) -> EqTokenizer:
-  """``config.model`` -> EqTokenizer (fields named as in the official ddconfig)."""
-  return EqTokenizer(
-      ch=cfg.get("ch", 128), ch_mult=tuple(cfg.get("ch_mult", (1, 1, 2, 4, 4))),
-      num_res_blocks=cfg.get("num_res_blocks", 2),
-      attn_resolutions=tuple(cfg.get("attn_resolutions", (16,))),
-      resolution=cfg.get("resolution", 256),
-      z_channels=cfg.get("z_channels", 256),
-      embed_dim=cfg.get("embed_dim", 256),
-      len_down_scale=cfg.get("len_down_scale", 4), std=cfg.get("std", 2.5),
-      dropout=cfg.get("dropout", 0.0), semantic=cfg.get("semantic", False),
-      semantic_map=cfg.get("semantic_map", "res"),
-      semantic_ch=cfg.get("semantic_ch", 64),
-      semantic_ch_mult=tuple(cfg.get("semantic_ch_mult", (8, 12))),
-      semantic_out=cfg.get("semantic_out", 768),
-      semantic_res_blocks=cfg.get("semantic_res_blocks", 2),
-      remat=cfg.get("remat", "none"),
-      dtype=jnp.dtype(cfg.get("dtype", "float32")),
-      param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
+  """``config.model`` -> EqTokenizer (fields named as in the official
+  ddconfig; unset ones take the class defaults). ``image_width`` (0 or unset:
+  square) is read by ``example_inputs`` only. Raises ConfigError for an
+  unknown key."""
+  return EqTokenizer(**models.config_fields(cfg, EqTokenizer,
+                                            ignore=("image_width",)))
 
 
 def example_inputs(cfg, batch_size: int = 1):
-  h = cfg.get("resolution", 256)
+  h = cfg.get("resolution", EqTokenizer.resolution)
   w = cfg.get("image_width", 0) or h
   return (jnp.zeros((batch_size, h, w, 3), jnp.float32),)
 

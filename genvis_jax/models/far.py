@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax import models
+from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
 from genvis_jax.models.layers.attention import Attention
 from genvis_jax.models.layers.mlp import Mlp
@@ -307,34 +309,30 @@ class FAR(nn.Module):
     return self._head_out(y[:, 0], i)
 
 
-def _dtype(name):
-  return jnp.dtype(name) if isinstance(name, str) else name
-
-
 def example_inputs(cfg, batch_size: int = 1):
-  return (jnp.zeros((batch_size, cfg.num_codebooks, cfg.grid ** 2), jnp.int32),
+  return (jnp.zeros((batch_size, cfg.get("num_codebooks", FAR.num_codebooks),
+                    cfg.get("grid", FAR.grid) ** 2), jnp.int32),
           jnp.zeros((batch_size,), jnp.int32))
 
 
+# Config keys of LlamaGen's SwiGLU width rule (ffn_hidden_dim's arguments).
+_FFN_RULE = ("multiple_of", "ffn_dim_multiplier")
+
+
 def build(cfg) -> FAR:
-  """``config.model`` -> FAR. Needs num_codebooks, grid, dim, n_layer, n_head,
-  n_head_layer; the SwiGLU width is ``ffn_dim`` or (0) LlamaGen's rule."""
-  if cfg.dim % cfg.n_head:
-    raise ValueError(f"dim {cfg.dim} is not divisible by n_head {cfg.n_head}.")
-  if cfg.num_codebooks < 1:
-    raise ValueError(f"num_codebooks must be >= 1, got {cfg.num_codebooks}.")
-  ffn = int(cfg.get("ffn_dim", 0)) or ffn_hidden_dim(
-      cfg.dim, cfg.get("multiple_of", 256), cfg.get("ffn_dim_multiplier", 1.0))
-  return FAR(
-      num_codebooks=cfg.num_codebooks,
-      codebook_size=cfg.get("codebook_size", 16384),
-      num_classes=cfg.get("num_classes", 1000), grid=cfg.grid, dim=cfg.dim,
-      n_layer=cfg.n_layer, n_head=cfg.n_head, n_head_layer=cfg.n_head_layer,
-      ffn_dim=ffn, norm_eps=cfg.get("norm_eps", 1e-5),
-      rope_base=cfg.get("rope_base", 10000.0), dropout=cfg.get("dropout", 0.1),
-      token_dropout=cfg.get("token_dropout", 0.1),
-      attn_dropout=cfg.get("attn_dropout", 0.0),
-      class_dropout=cfg.get("class_dropout", 0.1),
-      dtype=_dtype(cfg.get("dtype", "float32")),
-      param_dtype=_dtype(cfg.get("param_dtype", "float32")),
-      remat=cfg.get("remat", "none"))
+  """``config.model`` -> FAR; unset fields take the class defaults (FAR-B,
+  Dual). The SwiGLU width is ``ffn_dim`` or, unset / 0, LlamaGen's rule
+  ``ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)``. Raises
+  ConfigError for an unknown key, a width the heads do not divide or
+  num_codebooks < 1."""
+  ffn = {}
+  if not cfg.get("ffn_dim"):
+    ffn["ffn_dim"] = ffn_hidden_dim(cfg.get("dim", FAR.dim),
+                                    **{k: cfg[k] for k in _FFN_RULE if k in cfg})
+  model = FAR(**models.config_fields(cfg, FAR, derived=_FFN_RULE, **ffn))
+  if model.dim % model.n_head:
+    raise ConfigError(f"dim {model.dim} is not divisible by n_head "
+                      f"{model.n_head}.")
+  if model.num_codebooks < 1:
+    raise ConfigError(f"num_codebooks must be >= 1, got {model.num_codebooks}.")
+  return model

@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import models
+from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
 from genvis_jax.models import llamagen_vq as lg
 from genvis_jax.models.layers import vit
@@ -334,50 +336,34 @@ class FQGAN(nn.Module):
     return self.decode_latents(quantized, train), aux
 
 
-def _feat_heads(cfg):
-  heads = cfg.get("feat_heads", (("sem", 1024),))
+def _feat_heads(cfg) -> dict:
+  """``feat_heads`` as (branch name, int width) pairs."""
+  if "feat_heads" not in cfg:
+    return {}
   out = []
-  for h in heads:
+  for h in cfg.feat_heads:
     if len(h) != 2:
-      raise ValueError(f"model.feat_heads entries are (branch, width) pairs, "
-                       f"got {h!r}.")
+      raise ConfigError(f"model.feat_heads entries are (branch, width) pairs, "
+                        f"got {h!r}.")
     out.append((str(h[0]), int(h[1])))
-  return tuple(out)
+  return {"feat_heads": tuple(out)}
 
 
 def build(cfg) -> FQGAN:
-  """Builds the module from ``config.model``."""
-  top = cfg.get("hidden_channels", 128) * tuple(cfg.channel_mult)[-1]
+  """``config.model`` -> FQGAN; unset fields take the class defaults
+  (FQGAN-Dual ds16). ``adapter_width``, when set, must equal the trunk's
+  output channels. Raises ConfigError for an unknown key or a wrong
+  adapter_width / feat_heads entry."""
+  model = FQGAN(**models.config_fields(
+      cfg, FQGAN, derived=("adapter_width",), **_feat_heads(cfg),
+      **lg.decoder_res_blocks(cfg, FQGAN)))
+  top = model.hidden_channels * tuple(model.channel_mult)[-1]
   width = cfg.get("adapter_width", top)
   if width != top:
-    raise ValueError(f"model.adapter_width ({width}) must equal the trunk's "
-                     f"output channels hidden_channels * channel_mult[-1] = "
-                     f"{top}: the adapters read the trunk features directly.")
-  return FQGAN(
-      branches=tuple(cfg.get("branches", ("vis", "sem"))),
-      image_size=cfg.get("image_size", 256),
-      hidden_channels=cfg.get("hidden_channels", 128),
-      channel_mult=tuple(cfg.channel_mult),
-      num_res_blocks=cfg.get("num_res_blocks", 2),
-      decoder_res_blocks=cfg.get("decoder_res_blocks",
-                                 cfg.get("num_res_blocks", 2) + 1),
-      z_channels=cfg.get("z_channels", 256),
-      num_codes=cfg.get("num_codes", 16384),
-      code_dim=cfg.get("code_dim", 8),
-      commitment_cost=cfg.get("commitment_cost", 0.25),
-      entropy_weight=cfg.get("entropy_weight", 0.0),
-      entropy_temperature=cfg.get("entropy_temperature", 0.01),
-      l2_norm=cfg.get("l2_norm", True),
-      adapter_layers=cfg.get("adapter_layers", 6),
-      adapter_heads=cfg.get("adapter_heads", 8),
-      adapter_mlp_ratio=cfg.get("adapter_mlp_ratio", 4.0),
-      feat_heads=_feat_heads(cfg),
-      feat_layers=cfg.get("feat_layers", 3),
-      feat_num_heads=cfg.get("feat_num_heads", 8),
-      dropout=cfg.get("dropout", 0.0),
-      remat=cfg.get("remat", "none"),
-      dtype=jnp.dtype(cfg.get("dtype", "float32")),
-      param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
+    raise ConfigError(f"model.adapter_width ({width}) must equal the trunk's "
+                      f"output channels hidden_channels * channel_mult[-1] = "
+                      f"{top}: the adapters read the trunk features directly.")
+  return model
 
 
 def example_inputs(cfg, batch_size: int = 1):

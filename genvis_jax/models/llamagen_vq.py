@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
@@ -270,25 +271,21 @@ class LlamaGenVQ(nn.Module):
     return self.decode_latents(z_q, train), {**aux, "codes": codes}
 
 
+def decoder_res_blocks(cfg, cls) -> dict:
+  """Unset ``decoder_res_blocks`` follows ``num_res_blocks`` + 1 (LlamaGen's
+  decoder has one more block per level)."""
+  if "decoder_res_blocks" in cfg:
+    return {}
+  return {"decoder_res_blocks": cfg.get("num_res_blocks", cls.num_res_blocks) + 1}
+
+
 def build(cfg) -> LlamaGenVQ:
-  """Builds the module from ``config.model``."""
-  return LlamaGenVQ(
-      hidden_channels=cfg.get("hidden_channels", 128),
-      channel_mult=tuple(cfg.channel_mult),
-      num_res_blocks=cfg.get("num_res_blocks", 2),
-      decoder_res_blocks=cfg.get("decoder_res_blocks",
-                                 cfg.get("num_res_blocks", 2) + 1),
-      z_channels=cfg.get("z_channels", 256),
-      num_codes=cfg.get("num_codes", 16384),
-      code_dim=cfg.get("code_dim", 8),
-      commitment_cost=cfg.get("commitment_cost", 0.25),
-      entropy_weight=cfg.get("entropy_weight", 0.0),
-      entropy_temperature=cfg.get("entropy_temperature", 0.01),
-      l2_norm=cfg.get("l2_norm", True),
-      dropout=cfg.get("dropout", 0.0),
-      remat=cfg.get("remat", "none"),
-      dtype=jnp.dtype(cfg.get("dtype", "float32")),
-      param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
+  """``config.model`` -> LlamaGenVQ; unset fields take the class defaults
+  (VQ-16: 16384 x 8 L2-normalised codes). ``image_size`` is read by
+  ``example_inputs`` only. Raises ConfigError for an unknown key."""
+  return LlamaGenVQ(**models.config_fields(
+      cfg, LlamaGenVQ, ignore=("image_size",),
+      **decoder_res_blocks(cfg, LlamaGenVQ)))
 
 
 def example_inputs(cfg, batch_size: int = 1):

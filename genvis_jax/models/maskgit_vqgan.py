@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
@@ -223,24 +224,15 @@ class MaskGITVQGAN(nn.Module):
     return recon, {**aux, "codes": codes}
 
 
-def _dtype(name: str):
-  return jnp.dtype(name)
-
-
 def build(cfg) -> MaskGITVQGAN:
-  """Builds the module from ``config.model``."""
-  return MaskGITVQGAN(
-      hidden_channels=cfg.hidden_channels,
-      channel_mult=tuple(cfg.channel_mult),
-      num_res_blocks=cfg.num_res_blocks,
-      z_channels=cfg.z_channels,
-      num_codes=cfg.num_codes,
-      code_dim=cfg.get("code_dim", cfg.z_channels),
-      commitment_cost=cfg.get("commitment_cost", 0.25),
-      dropout=cfg.get("dropout", 0.0),
-      remat=cfg.get("remat", "none"),
-      dtype=_dtype(cfg.get("dtype", "float32")),
-      param_dtype=_dtype(cfg.get("param_dtype", "float32")))
+  """``config.model`` -> MaskGITVQGAN; unset fields take the class defaults
+  (the official 256 px, f16, 1024-code model) and ``code_dim`` follows
+  ``z_channels`` (MaskGIT has no quant_conv). ``image_size`` is read by
+  ``example_inputs`` only. Raises ConfigError for an unknown key."""
+  code_dim = {} if "code_dim" in cfg else {
+      "code_dim": cfg.get("z_channels", MaskGITVQGAN.z_channels)}
+  return MaskGITVQGAN(**models.config_fields(
+      cfg, MaskGITVQGAN, ignore=("image_size",), **code_dim))
 
 
 def example_inputs(cfg, batch_size: int = 1):

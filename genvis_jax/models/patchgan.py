@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import models
 from genvis_jax.models import layers
 
 _PAD1 = ((1, 1), (1, 1))
@@ -70,11 +71,13 @@ class NLayerDiscriminator(nn.Module):
 
 
 def build(cfg) -> NLayerDiscriminator:
-  return NLayerDiscriminator(
-      ndf=cfg.get("ndf", 64), n_layers=cfg.get("n_layers", 3),
-      norm=cfg.get("norm", "group"), num_groups=cfg.get("num_groups", 32),
-      dtype=jnp.dtype(cfg.get("dtype", "float32")),
-      param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
+  """``config.disc`` -> NLayerDiscriminator; unset fields take the class
+  defaults (taming's 3-layer, 64-filter PatchGAN). ``image_size``,
+  ``image_width`` and ``in_channels`` are read by ``example_inputs``,
+  ``optimizer`` by the trainer. Raises ConfigError for an unknown key."""
+  return NLayerDiscriminator(**models.config_fields(
+      cfg, NLayerDiscriminator,
+      ignore=("image_size", "image_width", "in_channels", "optimizer")))
 
 
 def example_inputs(cfg, batch_size: int = 1):

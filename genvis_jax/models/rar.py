@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import models
+from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
 from genvis_jax.models.layers.attention import Attention
 from genvis_jax.models.layers.mlp import Mlp
@@ -338,34 +340,27 @@ class RAR(nn.Module):
     return self._decode_rows(x, mods, rows, pos)
 
 
-def _dtype(name):
-  return jnp.dtype(name) if isinstance(name, str) else name
-
-
-def _mlp_dim(cfg) -> int:
+def _mlp_dim(cfg) -> dict:
+  """``mlp_dim`` (when set, non-zero) or ``hidden_size * mlp_ratio``."""
   if cfg.get("mlp_dim"):
-    return int(cfg.mlp_dim)
-  return int(cfg.hidden_size * cfg.get("mlp_ratio", 4.0))
+    return {}
+  hidden = cfg.get("hidden_size", RAR.hidden_size)
+  return {"mlp_dim": int(hidden * cfg.get("mlp_ratio", 4.0))}
 
 
 def example_inputs(cfg, batch_size: int = 1):
-  return (jnp.zeros((batch_size, cfg.seq_len), jnp.int32),
+  return (jnp.zeros((batch_size, cfg.get("seq_len", RAR.seq_len)), jnp.int32),
           jnp.zeros((batch_size,), jnp.int32))
 
 
 def build(cfg) -> RAR:
-  """``config.model`` -> RAR. Needs hidden_size, depth, num_heads and
-  mlp_dim or mlp_ratio; other fields default to the paper's values."""
-  if cfg.hidden_size % cfg.num_heads:
-    raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                     f"num_heads {cfg.num_heads}.")
-  return RAR(
-      hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
-      mlp_dim=_mlp_dim(cfg), codebook_size=cfg.get("codebook_size", 1024),
-      num_classes=cfg.get("num_classes", 1000), seq_len=cfg.get("seq_len", 256),
-      dropout=cfg.get("dropout", 0.1), attn_dropout=cfg.get("attn_dropout", 0.1),
-      max_pos=cfg.get("max_pos", 1280), num_timesteps=cfg.get("num_timesteps", 356),
-      dtype=_dtype(cfg.get("dtype", "float32")),
-      param_dtype=_dtype(cfg.get("param_dtype", "float32")),
-      remat=cfg.get("remat", "none"),
-      adaln_table=cfg.get("adaln_table", False))
+  """``config.model`` -> RAR; unset fields take the class defaults (RAR-B).
+  The MLP width is ``mlp_dim`` or ``hidden_size * mlp_ratio`` (default 4).
+  ``seq_len`` is also read by ``example_inputs``. Raises ConfigError for an
+  unknown key or a width the heads do not divide."""
+  model = RAR(**models.config_fields(cfg, RAR, derived=("mlp_ratio",),
+                                     **_mlp_dim(cfg)))
+  if model.hidden_size % model.num_heads:
+    raise ConfigError(f"hidden_size {model.hidden_size} is not divisible by "
+                      f"num_heads {model.num_heads}.")
+  return model

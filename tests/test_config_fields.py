@@ -1,0 +1,78 @@
+"""models.config_fields: a model config's entries as module fields, strictly."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from genvis_jax import models
+from genvis_jax.errors import ConfigError, UserError
+from genvis_jax.models import rar
+
+
+class _Toy(nn.Module):
+  widths: tuple = (1, 2)
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+  label: str = "float32"
+  mode: str = "a"
+
+
+def _cfg(**kw):
+  return ml_collections.ConfigDict(dict(name="toy", **kw))
+
+
+def test_fields_converted():
+  out = models.config_fields(
+      _cfg(widths=[3, [4, 5]], dtype="bfloat16", param_dtype="float32"), _Toy)
+  assert out == {"widths": (3, (4, 5)), "dtype": jnp.dtype("bfloat16"),
+                 "param_dtype": jnp.dtype("float32")}
+  assert isinstance(out["widths"], tuple) and isinstance(out["widths"][1], tuple)
+  hash(_Toy(**out))   # module fields must be hashable
+
+
+def test_str_annotated_dtype_and_non_dtype_fields_stay_strings():
+  class Named(nn.Module):
+    dtype: str = "float32"
+  assert models.config_fields(_cfg(dtype="bfloat16"), Named) == {
+      "dtype": "bfloat16"}
+  assert models.config_fields(_cfg(mode="float32"), _Toy) == {"mode": "float32"}
+
+
+def test_unset_keys_left_to_class_and_overrides_win():
+  out = models.config_fields(_cfg(mode="b"), _Toy, mode="c", widths=(9,))
+  assert out == {"mode": "c", "widths": (9,)}
+  assert _Toy(**models.config_fields(_cfg(), _Toy)).widths == (1, 2)
+
+
+def test_misspelt_key_is_an_error_naming_it_and_the_fields():
+  with pytest.raises(ConfigError) as e:
+    models.config_fields(_cfg(widht=(1,)), _Toy)
+  msg = str(e.value)
+  assert "'widht'" in msg and "widths" in msg and "param_dtype" in msg
+  assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+
+
+def test_derived_and_ignored_keys_are_allowed_and_left_out():
+  out = models.config_fields(_cfg(ratio=2.0, image_size=32, mode="b"), _Toy,
+                             derived=("ratio",), ignore=("image_size",))
+  assert out == {"mode": "b"}
+
+
+def test_bad_dtype_name():
+  with pytest.raises(ConfigError, match="'floaty'.*dtype"):
+    models.config_fields(_cfg(dtype="floaty"), _Toy)
+
+
+def test_builder_rejects_misspelt_model_key():
+  """A real builder: a typo in config.model fails instead of silently
+  building the default-sized model."""
+  cfg = ml_collections.ConfigDict(dict(name="rar", hidden_sise=64))
+  with pytest.raises(ConfigError, match="hidden_sise"):
+    models.build(cfg)
+  # mlp_ratio is derived (-> mlp_dim), seq_len a field: both accepted.
+  m = models.build(ml_collections.ConfigDict(dict(
+      name="rar", hidden_size=64, num_heads=4, mlp_ratio=2.0, seq_len=16)))
+  assert (m.mlp_dim, m.seq_len, m.depth) == (128, 16, rar.RAR.depth)
+  with pytest.raises(ConfigError, match="not divisible"):
+    models.build(ml_collections.ConfigDict(dict(name="rar", hidden_size=65)))
