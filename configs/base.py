@@ -183,6 +183,16 @@ def get_config(arg=None):
   return c
 
 
+def model_config(name: str, **fields) -> ml_collections.ConfigDict:
+  """``config.model`` of module ``name``: the shared precision / remat keys
+  above plus ``fields``, the values that differ from the module class's
+  defaults (``genvis_jax.models.config_fields``)."""
+  m = ml_collections.ConfigDict(get_config().model.to_dict())
+  m.name = name
+  m.update(fields)
+  return m
+
+
 def add_tokenizer(c, model_config, checkpoint=""):
   """The tokenizer a generator pre-tokenizes and decodes with:
   ``config.tokenizer.{model, checkpoint, dtype, uint8}``. Its pixel range is

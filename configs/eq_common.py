@@ -37,13 +37,10 @@ NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"^diffloss/")
 
 def generator_model(size: str = "l", **overrides) -> ml_collections.ConfigDict:
   s = SIZES[size]
-  m = ml_collections.ConfigDict(dict(
-      name="eq_generator", mlp_ratio=4.0, token_dim=256, num_classes=1000,
-      num_cond_tokens=16, window=4, seq_len=16, rope_base=10000.0,
-      attn_dropout=0.1, proj_dropout=0.1, head_depth=12, attn_impl="auto",
-      dtype="float32", param_dtype="float32", remat="none", **s))
-  m.update(overrides)
-  return m
+  # token_dim = the tokenizer's embed_dim; seq_len: columns per training image.
+  return base.model_config("eq_generator", **{
+      **dict(token_dim=256, num_classes=1000, window=4, seq_len=16, **s),
+      **overrides})
 
 
 def get_config(size: str = "l", arg=None):

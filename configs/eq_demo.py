@@ -33,7 +33,7 @@ def tokenizer_model():
   return eq_tokenizer.tokenizer_model(
       ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(2,),
       resolution=32, image_width=64, z_channels=16, embed_dim=16,
-      len_down_scale=4, semantic=False)
+      semantic=False)
 
 
 def eq_tokenizer_demo_config():

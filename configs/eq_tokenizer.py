@@ -32,15 +32,8 @@ from configs import base
 
 def tokenizer_model(**overrides) -> ml_collections.ConfigDict:
   """``config.model`` of the paper tokenizer (official ddconfig names)."""
-  m = ml_collections.ConfigDict(dict(
-      name="eq_tokenizer", ch=128, ch_mult=(1, 1, 2, 4, 4), num_res_blocks=2,
-      attn_resolutions=(16,), resolution=256, image_width=256, z_channels=256,
-      embed_dim=256, len_down_scale=4, std=2.5, dropout=0.0, semantic=True,
-      semantic_map="res", semantic_ch=64, semantic_ch_mult=(8, 12),
-      semantic_out=768, semantic_res_blocks=2, dtype="float32",
-      param_dtype="float32", remat="none"))
-  m.update(overrides)
-  return m
+  return base.model_config("eq_tokenizer", **{
+      **dict(resolution=256, embed_dim=256, semantic=True), **overrides})
 
 
 def dino_disc(**overrides) -> ml_collections.ConfigDict:
@@ -48,7 +41,6 @@ def dino_disc(**overrides) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict(dict(
       name="dino_disc", vit_path="", img_size=224, patch_size=16, dim=384,
       depth=12, num_heads=6, key_depths=(2, 5, 8, 11), head_kernel=9,
-      virtual_bs=8, spectral_norm=True, power_iterations=5, random_crop=True,
       diffaug=True, diffaug_cutout=0.2, image_size=256))
   d.update(overrides)
   return d

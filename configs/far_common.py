@@ -57,18 +57,9 @@ def get_config(size: str = "b", arg: str | None = "dual"):
   m.n_layer = s["n_layer"]
   m.n_head = s["n_head"]
   m.n_head_layer = s["n_head_layer"]
-  m.ffn_dim = 0               # 0 = LlamaGen rule find_multiple(int(mult*int(8d/3)), multiple_of)
-  m.multiple_of = 256
-  m.ffn_dim_multiplier = 1.0
-  m.norm_eps = 1e-5
-  m.rope_base = 10000.0
-  m.dropout = 0.1             # resid + FFN dropout
-  m.token_dropout = 0.1
-  m.attn_dropout = 0.0
-  m.class_dropout = 0.1
+  # SwiGLU width: LlamaGen's rule find_multiple(int(8 dim / 3), multiple_of=256)
+  # unless ffn_dim is set (see genvis_jax.models.far.build).
   m.dtype = "bfloat16"        # official trains with bf16 autocast
-  m.param_dtype = "float32"
-  m.remat = "none"
 
   c.data.source = "tokens"    # pre-tokenized (class, (k, 256) FQGAN codes)
   c.data.path = ""            # token files glob; set on the command line

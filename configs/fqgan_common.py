@@ -49,12 +49,8 @@ def cnn_model(name: str, ds: int) -> ml_collections.ConfigDict:
   if ds not in CHANNEL_MULT:
     raise ValueError(f"Downsampling factor must be one of {sorted(CHANNEL_MULT)}, "
                      f"got {ds}.")
-  return ml_collections.ConfigDict(dict(
-      name=name, image_size=256, hidden_channels=128,
-      channel_mult=CHANNEL_MULT[ds], num_res_blocks=2, decoder_res_blocks=3,
-      z_channels=256, num_codes=16384, code_dim=8, commitment_cost=0.25,
-      entropy_weight=0.0, entropy_temperature=0.01, l2_norm=True, dropout=0.0,
-      dtype="float32", param_dtype="float32", remat="none"))
+  return base.model_config(name, image_size=256, channel_mult=CHANNEL_MULT[ds],
+                           num_codes=16384, code_dim=8)
 
 
 def runlocal_model(m):
@@ -145,11 +141,6 @@ def fqgan_model(kind: str, ds: int) -> ml_collections.ConfigDict:
   """FQGAN-Dual (vis, sem) or -Triple (vis, sem_mid, sem_high) model config."""
   m = cnn_model("fqgan", ds)
   m.entropy_weight = 0.03
-  m.adapter_layers = 6
-  m.adapter_heads = 8
-  m.adapter_mlp_ratio = 4.0
-  m.feat_layers = 3
-  m.feat_num_heads = 8
   if kind == "dual":
     m.branches = ("vis", "sem")
     m.feat_heads = (("sem", 1024),)             # CLIP ViT-L/14 width

@@ -52,20 +52,11 @@ def get_config(size: str = "b", arg=None):
   m.name = "rar"
   m.hidden_size = s["hidden_size"]
   m.depth = s["depth"]
-  m.num_heads = 16
   m.mlp_dim = s["mlp_dim"]
-  m.codebook_size = 1024
+  m.codebook_size = 1024        # the MaskGIT VQGAN's codes
   m.num_classes = 1000
-  m.seq_len = 256
-  m.dropout = 0.1
-  m.attn_dropout = 0.1
-  m.max_pos = 256 + 1024        # official table sizes (only 258 rows used)
-  m.num_timesteps = 256 + 100
+  m.seq_len = 256               # 16 x 16 tokens
   m.dtype = "bfloat16"          # official trains in bf16 mixed precision
-  m.param_dtype = "float32"
-  m.remat = "none"
-  m.adaln_table = False         # True: modulate per (class, position) once; pays
-                                # off only when per-device batch > classes + 1
 
   c.data.source = "tokens"      # pre-tokenized (class, 256 MaskGIT-VQ codes)
   c.data.path = ""              # token files glob; set on the command line
