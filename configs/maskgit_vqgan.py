@@ -35,10 +35,7 @@ def get_config(arg=None):
   m.channel_mult = (1, 1, 2, 2, 4)
   m.num_res_blocks = 2
   m.z_channels = 256
-  m.num_codes = 1024
-  m.code_dim = 256            # = z_channels (no quant_conv in MaskGIT)
-  m.commitment_cost = 0.25
-  m.dropout = 0.0
+  m.num_codes = 1024           # code_dim follows z_channels (no quant_conv)
 
   d = config.data
   d.source = "tfds"
