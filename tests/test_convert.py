@@ -300,7 +300,7 @@ def test_convert_file_writes_what_init_from_loads(rar, tmp_path):
 
 
 def test_unknown_kind_and_missing_config_are_clear_errors():
-  with pytest.raises(ValueError, match="Unknown conversion kind 'nope'.*rar"):
+  with pytest.raises(ValueError, match="Unknown --kind='nope'.*rar"):
     convert.from_torch("nope", {}, None)
   with pytest.raises(ValueError, match="needs the model config"):
     convert.from_torch("rar", {}, None)

@@ -10,7 +10,7 @@ import pytest
 
 from configs import maskgit_vqgan as paper_config
 from genvis_jax import models
-from genvis_jax.convert.maskgit_vqgan import convert_maskgit_vqgan
+from genvis_jax.convert.maskgit_vqgan import convert as convert_maskgit_vqgan
 
 
 def _block(prefix, c_in, c_out):

@@ -252,6 +252,7 @@ def test_weights_fingerprint_identifies_the_values():
 class FakeTokenizer(nn.Module):
   """4x4-patch grey-level codes 1..16 (an all-zero image -> code 0, so padding
   that leaks into a metric shows), and a second map (factorized usage)."""
+  value_range = (0.0, 1.0)
   dtype: str = "float32"
 
   def encode(self, x):

@@ -13,6 +13,7 @@ import pytest
 from configs import (fqgan_demo, fqgan_dual_ds8, fqgan_dual_ds16,
                      fqgan_triple_ds8, fqgan_triple_ds16)
 from genvis_jax import models
+from genvis_jax.convert import clip_vision as convert_clip
 from genvis_jax.models import fqgan
 from genvis_jax.models import teachers as teachers_lib
 from genvis_jax.core import sharding as shd
@@ -62,7 +63,7 @@ def _teacher_file(tmp_path, width=HEAD_W):
                           jnp.zeros((1, 16, 16, 3)))["params"]
   params = _random_params(nn.unbox(shapes), 7)
   path = str(tmp_path / f"teacher_{width}.npz")
-  teachers_lib.save_teacher_params(path, params)
+  convert_clip.save_teacher_params(path, params)
   return path, kwargs
 
 
@@ -321,7 +322,7 @@ def test_teacher_interface():
   with pytest.raises(ValueError, match="Unknown teacher"):
     teachers_lib.get_teacher("clip_vit_huge")
   with pytest.raises(FileNotFoundError, match="not found"):
-    teachers_lib.load_teacher_params("/nonexistent/teacher.npz")
+    convert_clip.load_teacher_params("/nonexistent/teacher.npz")
 
 
 def test_rep_loss_off_without_teacher_file_and_config_errors(tmp_path, caplog):

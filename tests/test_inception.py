@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genvis_jax.convert.inception import (convert_fid_inception,
+from genvis_jax.convert.inception import (convert as convert_fid_inception,
                                          load_inception_params)
 from genvis_jax.evaluate import fid
 from genvis_jax.evaluate.inception import InceptionExtractor

@@ -110,13 +110,13 @@ def test_upsample_is_nearest_then_conv():
 
 def test_each_family_renames_official_modules():
   w4, w1 = np.zeros((8, 4, 1, 1)), np.zeros((8,))
-  mg = cmg.convert_maskgit_vqgan({
+  mg = cmg.convert({
       "encoder.down.2.block.0.nin_shortcut.weight": w4,
       "decoder.up.4.upsample_conv.bias": w1})
   assert mg["encoder"]["down_2"]["block_0"]["shortcut"]["kernel"].shape == (1, 1, 4, 8)
   assert mg["decoder"]["up_4"]["upsample"]["conv"]["bias"].shape == (8,)
   key = "encoder.conv_blocks.1.res.0.nin_shortcut.weight"
-  assert clg.convert_llamagen_vq({key: w4})["encoder"]["conv_blocks_1"][
+  assert clg.convert({key: w4})["encoder"]["conv_blocks_1"][
       "res_0"]["shortcut"]["kernel"].shape == (1, 1, 4, 8)
   lists = clg.LISTS + cfq.OFFICIAL_ADAPTERS
   assert cfq.fqgan_leaf(key, w4, lists)[0] == (

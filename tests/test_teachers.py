@@ -18,7 +18,7 @@ import pytest
 from flax import linen as nn
 
 from genvis_jax import convert
-from genvis_jax.convert import clip as cclip
+from genvis_jax.convert import clip_vision as cclip
 from genvis_jax.convert import dinov2 as cdino
 from genvis_jax.models import clip_vision, dinov2, teachers
 
@@ -231,7 +231,7 @@ def test_cli_writes_the_npz_that_teachers_load(fx, tmp_path):
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stderr[-2000:]
-  params = teachers.load_teacher_params(str(dst))
+  params = cclip.load_teacher_params(str(dst))
   out = dinov2.Dinov2Model(**_dino_cfg(fx), output="cls").apply(
       {"params": params}, jnp.asarray(fx["dinov2/pixels_native"]))
   assert _rel(out, fx["dinov2/native/last_hidden_state"][:, 0]) < TOL
@@ -242,8 +242,8 @@ def test_cli_writes_the_npz_that_teachers_load(fx, tmp_path):
 def test_registered_teachers_give_the_fqgan_cls(fx, clip_params, tmp_path):
   mod, pre = teachers.get_teacher("clip_vit_b16", **_clip_cfg(fx))
   path = str(tmp_path / "clip.npz")
-  teachers.save_teacher_params(path, clip_params)
-  cls = mod.apply({"params": teachers.load_teacher_params(path)},
+  cclip.save_teacher_params(path, clip_params)
+  cls = mod.apply({"params": cclip.load_teacher_params(path)},
                   jnp.asarray(fx["clip/pixels"]))
   assert cls.shape == (2, 32)
   assert _rel(cls, fx["clip/last_hidden_state"][:, 0]) < TOL

@@ -1,80 +1,56 @@
-"""Official PyTorch checkpoints -> Flax parameters (rename + transpose, checked).
+"""Official PyTorch checkpoints -> Flax parameters (rename + transpose, checked),
+and the one reader of every weight file.
 
   params = from_torch("rar", state_dict, config.model)
   python -m genvis_jax.convert --kind=rar --src=rar_b.bin \
       --config=configs/rar_b.py --dst=/ckpt/rar_b
+  params = load_params(path, expected, convert=lpips.convert)
 
 ``state_dict`` maps official key names to numpy arrays (``io.load_state_dict``
 reads .bin/.pt/.pth/.ckpt without torch, .safetensors and .npz). Every result is
-checked against ``jax.eval_shape(models.init_params(model_config))``: a checkpoint
-that does not fit the config raises one ``CheckpointMismatchError`` listing the
-missing, unexpected and mis-shaped keys, and nothing is written.
+checked against the parameters the kind expects (by default
+``jax.eval_shape(models.init_params(model_config))``): a checkpoint that does
+not fit raises one ``CheckpointMismatchError`` listing the missing, unexpected
+and mis-shaped keys, and nothing is written.
 
-Adding a kind = one converter ``fn(state_dict, model_config) -> params`` plus one
-line in ``KINDS``.
+A kind is a module of this package named by ``--kind`` (see
+``genvis_jax.core.registry``) that defines ``convert(state_dict, model_config)
+-> params`` and, where the defaults do not fit, ``expected(model_config)``
+(abstract params), ``write(dst, params, state_dict)`` (default: an Orbax
+``params`` directory) and ``NEEDS_CONFIG = False`` (kinds of one fixed
+architecture). Adding a kind is adding its file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Sequence
+from types import ModuleType
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax import errors, models
-from genvis_jax.convert import io
+from genvis_jax.convert import io, tree
+from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import registry
 from genvis_jax.core.checkpoint import (CheckpointMismatchError, compare_trees,
                                         save_params)
 
-__all__ = ["KINDS", "Kind", "from_torch", "convert_file", "CheckpointMismatchError"]
+__all__ = ["kind_module", "kinds", "from_torch", "convert_file", "load_params",
+           "CheckpointMismatchError"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Kind:
-  """How to convert, check and write one kind of official checkpoint.
-
-  Each field is ``"module:function"`` (imported on use):
-    convert(state_dict, model_config) -> params (numpy leaves);
-    expected(model_config) -> abstract params the result must match;
-    write(dst, params, state_dict) -> None.
-  """
-  convert: str
-  expected: str = "genvis_jax.convert:model_shapes"
-  write: str = "genvis_jax.convert:write_orbax"
-  needs_config: bool = True
+def kind_module(kind: str) -> ModuleType:
+  """``genvis_jax/convert/<kind>.py``; ``ConfigError`` naming the kinds when
+  there is no such converter."""
+  return registry.module(__name__, kind, ("convert",), setting="--kind")
 
 
-KINDS: dict[str, Kind] = {
-    "rar": Kind("genvis_jax.convert.rar:convert_rar"),
-    "maskgit_vqgan": Kind("genvis_jax.convert.maskgit_vqgan:convert_maskgit_vqgan"),
-    "llamagen_vq": Kind("genvis_jax.convert.llamagen_vq:convert_llamagen_vq"),
-    "fqgan": Kind("genvis_jax.convert.fqgan:convert_fqgan"),
-    "eq_tokenizer": Kind("genvis_jax.convert.eq:convert_eq_tokenizer"),
-    "eq_generator": Kind("genvis_jax.convert.eq:convert_eq_generator"),
-    "far": Kind("genvis_jax.convert.far:convert_far"),
-    "lpips": Kind("genvis_jax.convert.lpips:convert_lpips",
-                  expected="genvis_jax.convert.lpips:lpips_shapes",
-                  write="genvis_jax.convert.lpips:write_npz", needs_config=False),
-    "inception": Kind("genvis_jax.convert.inception:convert_fid_inception",
-                      expected="genvis_jax.convert.inception:inception_shapes",
-                      needs_config=False),
-    "clip_vision": Kind("genvis_jax.convert.clip:convert_clip_vision",
-                        expected="genvis_jax.convert.clip:clip_vision_shapes",
-                        write="genvis_jax.convert.clip:write_teacher_npz"),
-    "dinov2": Kind("genvis_jax.convert.dinov2:convert_dinov2",
-                   expected="genvis_jax.convert.dinov2:dinov2_shapes",
-                   write="genvis_jax.convert.clip:write_teacher_npz"),
-}
-
-
-def _kind(kind: str) -> Kind:
-  if kind not in KINDS:
-    raise errors.ConfigError(
-        f"Unknown conversion kind {kind!r}; choose one of {sorted(KINDS)}.")
-  return KINDS[kind]
+def kinds() -> list[str]:
+  """Every conversion kind (the modules here that define ``convert``)."""
+  return registry.available(__name__, ("convert",))
 
 
 def model_shapes(model_config):
@@ -97,14 +73,18 @@ def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
   ``CheckpointMismatchError`` (missing / unexpected / mis-shaped keys, in Flax
   naming; unrecognised official keys keep their official name).
   """
-  spec = _kind(kind)
-  if spec.needs_config and model_config is None:
+  mod = kind_module(kind)
+  if getattr(mod, "NEEDS_CONFIG", True) and model_config is None:
     raise errors.ConfigError(f"Kind {kind!r} needs the model config the "
                              "checkpoint must fit (--config=configs/X.py).")
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
-  params = registry.function(spec.convert)(state_dict, model_config)
-  expected = registry.function(spec.expected)(model_config)
-  compare_trees(expected, params, f"The {kind!r} checkpoint")
+  params = mod.convert(state_dict, model_config)
+  expected = getattr(mod, "expected", model_shapes)(model_config)
+  return _fit(expected, params, f"The {kind!r} checkpoint")
+
+
+def _fit(expected, params, what: str):
+  compare_trees(expected, params, what)
   return jax.tree_util.tree_map(
       lambda e, p: np.asarray(p).astype(e.dtype, copy=False), expected, params)
 
@@ -143,9 +123,52 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
   Nothing is written unless the checkpoint fits; a non-empty ``dst`` is refused
   unless ``overwrite``.
   """
-  spec = _kind(kind)
+  mod = kind_module(kind)
   _check_dst(dst, overwrite)
   state = load_sources(src, key)
   params = from_torch(kind, state, model_config)
-  registry.function(spec.write)(dst, params, state)
+  getattr(mod, "write", write_orbax)(dst, params, state)
   return params
+
+
+def load_params(path: str, expected=None, *,
+                convert: Callable[[dict], Any] | None = None,
+                setting: str = "the weights path",
+                what: str = "weights") -> dict:
+  """Weights from a local ``path``, checked against ``expected`` (abstract
+  params, e.g. ``jax.eval_shape`` of an init; None: the caller checks them by
+  applying its module): the one reader of weight files.
+
+  ``path`` is an Orbax ``params`` directory (what ``python -m
+  genvis_jax.convert`` writes for models), an ``.npz`` in Flax layout (keys
+  ``"a/b/kernel"``, what it writes for teachers), or a file with
+  the official names (``.pth`` / ``.bin`` / ``.safetensors`` / ``.npz``),
+  turned into Flax params by ``convert(state_dict)`` (e.g. a kind's
+  ``convert`` with its model config bound). Nothing is downloaded. Returns
+  jax arrays in ``expected``'s dtypes. ``setting`` names the config key the
+  path came from, ``what`` the weights (both for the messages). Raises ``CheckpointFileNotFoundError`` (nothing there),
+  ``CheckpointFileError`` (unreadable file, or official names without a
+  ``convert``) and ``CheckpointMismatchError`` (other names or shapes).
+  """
+  if os.path.isdir(path) and expected is not None:
+    return ckpt_lib.load_params(path, expected, setting=setting)
+  if not os.path.exists(path):
+    raise io.CheckpointFileNotFoundError(
+        f"No {what} at {path!r} ({setting}): file not found. Convert the "
+        "released weights "
+        "with `python -m genvis_jax.convert --kind=...` and point "
+        f"{setting} at the result.")
+  flat = io.load_state_dict(path, setting=setting)
+  if flat and all("/" in k for k in flat):
+    params = tree.nest(flat)
+  elif convert is not None:
+    params = convert({k: np.asarray(v) for k, v in flat.items()})
+  else:
+    raise io.CheckpointFileError(
+        f"{path} ({setting}) holds official names (e.g. {next(iter(flat))!r}) "
+        "but no converter applies here: convert it with `python -m "
+        "genvis_jax.convert` first.")
+  if expected is not None:
+    params = _fit(expected, params, f"{what[:1].upper()}{what[1:]} {path} "
+                  f"({setting})")
+  return jax.tree_util.tree_map(jnp.asarray, params)

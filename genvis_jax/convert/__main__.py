@@ -4,7 +4,8 @@
       --config=configs/rar_b.py --dst=/ckpt/rar_b
   python -m genvis_jax.main --config=configs/rar_b.py --config.init_from=/ckpt/rar_b ...
 
-Kinds: see ``genvis_jax.convert.KINDS``. ``--src`` takes a comma-separated list
+Kinds: the modules of ``genvis_jax/convert/`` that define ``convert``
+(``genvis_jax.convert.kinds()``). ``--src`` takes a comma-separated list
 when a kind needs several files (lpips: torchvision vgg16 + LPIPS lin weights).
 """
 
@@ -17,7 +18,10 @@ from ml_collections import config_flags
 from genvis_jax import cli
 from genvis_jax import convert
 
-_KIND = flags.DEFINE_enum("kind", None, sorted(convert.KINDS), "Checkpoint kind.")
+_KIND = flags.DEFINE_string(
+    "kind", None, "Checkpoint kind: a module of genvis_jax/convert/ (rar, "
+    "maskgit_vqgan, llamagen_vq, fqgan, far, eq_tokenizer, eq_generator, lpips, "
+    "inception, clip_vision, dinov2).")
 _SRC = flags.DEFINE_string("src", None, "Official checkpoint file(s), comma-separated.")
 _DST = flags.DEFINE_string("dst", None, "Output: Orbax directory (lpips: an .npz file).")
 _KEY = flags.DEFINE_string(

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from genvis_jax.convert import io, tree
+from genvis_jax import convert as convert_lib
+from genvis_jax.convert import tree
 from genvis_jax.convert import vit as cvit
 
 NAMES = cvit.Names(
@@ -36,7 +37,7 @@ def zero_key_bias(params: dict) -> dict:
   discriminator does; softmax ignores a key bias anyway). Copies, in place of
   the caller's arrays."""
   for block in params.get("encoder", {}).values():
-    bias = block["attn"]["qkv"]["bias"].copy()
+    bias = np.array(block["attn"]["qkv"]["bias"])
     c = bias.shape[0] // 3
     bias[c:2 * c] = 0.0
     block["attn"]["qkv"]["bias"] = bias
@@ -58,8 +59,10 @@ def convert_dino_vit(state_dict: dict[str, np.ndarray], *,
 
 def load_dino_vit(path: str, *, zero_k_bias: bool = False) -> dict:
   """Reads a local timm ViT state dict (.pth / .bin / .safetensors / .npz,
-  through ``convert.io``, no torch, no download) -> ``FrozenViT`` params."""
-  state = io.load_state_dict(
-      path, setting="config.disc.vit_path (a local timm / DINO ViT state dict, "
-      "e.g. dino_deitsmall16_pretrain.pth)")
-  return convert_dino_vit(state, zero_k_bias=zero_k_bias)
+  through ``convert.load_params``, no torch, no download) -> ``FrozenViT``
+  params; the task checks them by applying the discriminator."""
+  params = convert_lib.load_params(
+      path, convert=convert_dino_vit,
+      setting="config.disc.vit_path (a local timm / DINO ViT state dict, "
+      "e.g. dino_deitsmall16_pretrain.pth)", what="DINO ViT weights")
+  return zero_key_bias(params) if zero_k_bias else params

@@ -24,11 +24,13 @@ hub names. (The torch-hub / timm layout, ``blocks.{i}.attn.qkv``, is read by
 from __future__ import annotations
 
 import jax
+import ml_collections
 import numpy as np
 from flax import linen as nn
 
 from genvis_jax.convert import vit as cvit
-from genvis_jax.convert.clip import named_module, tower_config
+from genvis_jax.convert import clip_vision
+from genvis_jax.convert.clip_vision import named_module, tower_config
 from genvis_jax.models import dinov2
 
 
@@ -66,7 +68,7 @@ NAMES = cvit.Names(
                    "layer_scale2.lambda1": ("ls2/scale", 1)})
 
 
-def convert_dinov2(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
+def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """HF keys -> Flax params; shapes are checked by ``from_torch``."""
   del model_config
   state = {}
@@ -76,11 +78,14 @@ def convert_dinov2(state_dict: dict[str, np.ndarray], model_config=None) -> dict
     for new, hub in _V5.items():     # transformers 5.x -> hub names
       key = key.replace(new, hub)
     state[key.removeprefix("dinov2.")] = value
-  return cvit.convert(state, NAMES)
+  return cvit.convert_names(state, NAMES)
 
 
-def dinov2_shapes(model_config):
+def expected(model_config):
   module = dinov2_module(model_config)
   x = dinov2.example_inputs(module, 1, module.image_size)
   return jax.eval_shape(lambda r: nn.unbox(module.init(r, *x)["params"]),
                         jax.random.key(0))
+
+
+write = clip_vision.write  # the same teacher .npz as CLIP

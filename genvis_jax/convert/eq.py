@@ -20,6 +20,7 @@ Without ``ema_`` keys the plain keys are used. Dropped: LitEma's ``decay`` /
 ``num_updates``, the training-only ``loss.*`` modules, and the official semantic
 decoder's never-used ``down.{i}.block.2`` (when the model has no such block).
 ``places_large.ckpt``: convert ``--key=model_ema`` with kind ``eq_generator``.
+The kinds themselves are ``convert/eq_tokenizer.py`` and ``eq_generator.py``.
 """
 
 from __future__ import annotations
@@ -27,14 +28,11 @@ from __future__ import annotations
 import itertools
 import re
 
-import jax
 import numpy as np
 
 from genvis_jax.convert import tree
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
-_UNUSED_SEMANTIC = re.compile(r"^semantic_decoder\.down\.\d+\.block\.2\.")
-_LITEMA_BUFFERS = ("decay", "num_updates")
 # Official tokenizer module name -> Flax module name (one level each way).
 TOKENIZER_RENAMES = tree.RESNET_RENAMES
 _OFFICIAL_MODULES = {v: k for k, v in TOKENIZER_RENAMES.items()}
@@ -82,56 +80,6 @@ def official_names(path: tuple[str, ...]) -> list[str]:
   return [".".join(c + (leaf,)) for c in itertools.product(*options)]
 
 
-def _model_official_names(model_config) -> dict[str, str]:
-  """Dot-free official name -> dotted official name, for the model's params."""
-  from genvis_jax import convert  # the package imports this module lazily
-  shapes = convert.model_shapes(model_config)
-  out = {}
-  for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    for name in official_names(tuple(str(p.key) for p in path)):
-      out[name.replace(".", "")] = name
-  return out
-
-
-def _from_ema(state_dict: dict, model_config) -> dict:
-  """``ema_<module>.<dot-free name>`` -> dotted official names; unmatched keys
-  keep their name (reported as unexpected)."""
-  names = _model_official_names(model_config)
-  out = {}
-  for key, value in state_dict.items():
-    if not key.startswith("ema_"):
-      continue                         # the raw (non-averaged) weights
-    module, _, flat = key[len("ema_"):].partition(".")
-    if flat in _LITEMA_BUFFERS:
-      continue
-    out[names.get(module + flat, key)] = value
-  return out
-
-
-def _drop_unused(state_dict: dict, model_config) -> dict:
-  """Drops ``loss.*`` and the semantic decoder's unused ``down.{i}.block.2``
-  (ema or plain) unless the model has that block."""
-  names = _model_official_names(model_config)
-  dotted = set(names.values())
-  def unused(k):
-    if k.startswith(("loss.", "ema_loss.")):
-      return True
-    if k.startswith("ema_semantic_decoder."):
-      flat = k[len("ema_"):].replace(".", "")
-      return (re.match(r"^semantic_decoderdown\d+block2", flat) is not None
-              and flat not in names)
-    return _UNUSED_SEMANTIC.match(k) is not None and k not in dotted
-  return {k: v for k, v in state_dict.items() if not unused(k)}
-
-
-def convert_eq_tokenizer(state_dict: dict, model_config) -> dict:
-  """Lightning ``state_dict`` (EMA buffers preferred) -> tokenizer params."""
-  state_dict = _drop_unused(state_dict, model_config)
-  if any(k.startswith("ema_") for k in state_dict):
-    state_dict = _from_ema(state_dict, model_config)
-  return official_to_flax(state_dict)
-
-
 # --- generator ------------------------------------------------------------------
 
 # Official generator block module -> Flax module (the shared attention's names).
@@ -148,9 +96,3 @@ def generator_key(key: str) -> str:
   if m is None or m.group(2) not in GENERATOR_RENAMES:
     return key
   return m.group(1) + GENERATOR_RENAMES[m.group(2)] + m.group(3)
-
-
-def convert_eq_generator(state_dict: dict, model_config) -> dict:
-  """``places_large.ckpt["model_ema"]`` (or ``["model"]``) -> generator params."""
-  del model_config  # names and shapes are checked by from_torch
-  return official_to_flax(state_dict)

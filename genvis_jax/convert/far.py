@@ -53,7 +53,7 @@ def far_leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   return key, value
 
 
-def convert_far(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
+def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """Official FAR keys -> Flax params (sizes come from the arrays; the
   rotary table ``freqs_cis``, if saved, is recomputed and dropped)."""
   del model_config  # names and shapes are checked by from_torch

@@ -72,7 +72,7 @@ def fqgan_leaf(key: str, value: np.ndarray, lists: tuple[str, ...]):
   return tree.convnet_leaf(key, value, lists, llamagen_vq.RENAMES)
 
 
-def convert_fqgan(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
+def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """Official keys -> Flax params (sizes come from the arrays).
 
   ``model_config`` picks the branches' adapter names and which feature heads

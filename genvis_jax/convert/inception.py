@@ -12,20 +12,17 @@ skipped. ``load_inception_params`` reads any of the files the evaluator accepts.
 
 from __future__ import annotations
 
-import os
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from genvis_jax.convert import io
-from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax import convert as convert_lib
 from genvis_jax.models import inception
 
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
        "running_var": "var"}
 _STEMS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1",
           "Conv2d_4a_3x3")
+
+NEEDS_CONFIG = False  # one fixed architecture
 
 
 def _leaf(key: str, value: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -51,7 +48,7 @@ def _leaf(key: str, value: np.ndarray) -> tuple[list[str], np.ndarray]:
                    f"*.bn.{{{', '.join(_BN)}}}.")
 
 
-def convert_fid_inception(state_dict: dict[str, np.ndarray],
+def convert(state_dict: dict[str, np.ndarray],
                           model_config=None) -> dict:
   """Maps pytorch-fid key names (numpy arrays) to the FIDInceptionV3 params tree.
 
@@ -73,7 +70,7 @@ def convert_fid_inception(state_dict: dict[str, np.ndarray],
   return params
 
 
-def inception_shapes(model_config=None):
+def expected(model_config=None):
   """Abstract params the converted tree must match (one architecture)."""
   del model_config
   return inception.abstract_inception_params()
@@ -92,23 +89,6 @@ def load_inception_params(path: str) -> dict:
       ``Mixed_5b.branch1x1.conv.weight``), converted on the fly.
   The tree is checked against the model's; a mismatch names the keys.
   """
-  abstract = inception.abstract_inception_params()
-  setting = "--config.evaluate.inception"
-  if os.path.isdir(path):
-    return ckpt_lib.load_params(path, abstract, setting=setting)
-  if not os.path.exists(path):
-    raise io.CheckpointFileNotFoundError(
-        f"No Inception weights at {path!r}. Convert pytorch-fid's "
-        "pt_inception-2015-12-05-6726825d.pth with `python -m genvis_jax.convert "
-        "--kind=inception` (or save its state dict as .npz) and pass that path.")
-  if path.endswith((".npz", ".pth", ".pt", ".bin")):
-    flat = io.load_state_dict(path, setting=setting)
-  else:
-    raise io.CheckpointFileError(f"Inception weights {path!r}: expected a converted params "
-                     "directory, an .npz file or the .pth state dict.")
-  if any("." in k for k in flat):
-    params = convert_fid_inception(flat)
-  else:
-    params = inception.unflatten_params(flat)
-  ckpt_lib.compare_trees(abstract, params, f"Inception weights {path}")
-  return jax.tree_util.tree_map(jnp.asarray, params)
+  return convert_lib.load_params(path, expected(), convert=convert,
+                                 setting="--config.evaluate.inception",
+                                 what="Inception weights")

@@ -24,7 +24,7 @@ BUFFERS = ("quantize.codebook_used",)
 RENAMES = tree.RESNET_RENAMES
 
 
-def convert_llamagen_vq(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
+def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """Official keys -> Flax params; sizes come from the arrays."""
   del model_config
   items = []

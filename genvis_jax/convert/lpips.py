@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from genvis_jax.convert import io
+from genvis_jax import convert as convert_lib
 from genvis_jax.models import lpips
+
+NEEDS_CONFIG = False  # one fixed architecture
 
 
 _SLICE_KEY = re.compile(r"^net\.slice(\d)\.(\d+)\.(weight|bias)$")
@@ -71,10 +73,10 @@ def load_lpips_params(path: str) -> dict:
   Other keys (e.g. ``scaling_layer.shift``, torchvision classifier) are ignored.
   Returns the ``params`` pytree of ``LPIPS`` (kernels HWIO).
   """
-  state = io.load_state_dict(
-      path, setting="the LPIPS weights path (loss.lpips_path / evaluate.lpips_path)")
-  params = convert_lpips_state(state)
-  return jax.tree_util.tree_map(jnp.asarray, params)
+  return convert_lib.load_params(
+      path, expected(), convert=convert,
+      setting="the LPIPS weights path (loss.lpips_path / evaluate.lpips_path)",
+      what="LPIPS weights")
 
 
 def _needed(key: str) -> bool:
@@ -82,20 +84,20 @@ def _needed(key: str) -> bool:
               or _LIN_KEY.match(key))
 
 
-def convert_lpips(state_dict, model_config=None) -> dict:
+def convert(state_dict, model_config=None) -> dict:
   del model_config
   return convert_lpips_state(
       {k: v for k, v in state_dict.items() if _needed(k)})
 
 
-def lpips_shapes(model_config=None):
+def expected(model_config=None):
   del model_config
   x = jnp.zeros((1, 32, 32, 3), jnp.float32)
   return jax.eval_shape(
       lambda r: nn.unbox(lpips.LPIPS().init(r, x, x)["params"]), jax.random.key(0))
 
 
-def write_npz(dst: str, params, state_dict) -> None:
+def write(dst: str, params, state_dict) -> None:
   del params
   if not dst.endswith(".npz"):
     raise ValueError(f"--dst for kind lpips is an .npz file, got {dst!r}.")

@@ -45,7 +45,7 @@ def _leaf(key: str, value: np.ndarray) -> tuple[list[str], np.ndarray]:
                    f"weight or a 1-D GroupNorm weight.")
 
 
-def convert_maskgit_vqgan(state_dict: dict[str, np.ndarray],
+def convert(state_dict: dict[str, np.ndarray],
                           model_config=None) -> dict:
   """Maps official keys (numpy arrays) to the ``params`` tree of MaskGITVQGAN.
 

@@ -48,7 +48,7 @@ def _flax_key(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   return f"{path}/kernel", tree.linear(value)
 
 
-def convert_rar(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
+def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """Official RAR keys -> the ``params`` tree of ``genvis_jax.models.rar.RAR``.
 
   ``model_config`` is not needed (sizes come from the arrays); ``from_torch``

@@ -1,6 +1,6 @@
 """Official ViT names -> the shared ViT's Flax names (``models/layers/vit.py``).
 
-One :class:`Names` table per family (HF CLIP in ``convert/clip.py``, HF DINOv2
+One :class:`Names` table per family (HF CLIP in ``convert/clip_vision.py``, HF DINOv2
 in ``convert/dinov2.py``, timm / DINO in ``convert/dino_vit.py``) says where
 each official module goes; :func:`convert` applies it to a state dict:
   a module of ``top`` or, inside block i (``blocks`` matches the official
@@ -77,6 +77,6 @@ def leaf(key: str, value: np.ndarray, names: Names):
   return key, value
 
 
-def convert(state_dict: dict[str, np.ndarray], names: Names) -> dict:
+def convert_names(state_dict: dict[str, np.ndarray], names: Names) -> dict:
   """Official ``{key: array}`` -> nested Flax params by ``names``."""
   return tree.nest([leaf(k, v, names) for k, v in state_dict.items()])

@@ -3,7 +3,7 @@
 Frozen teacher of FQGAN's representation loss (Dual: ViT-L/14, Triple: ViT-B/16).
 The tower is the shared ViT (``models/layers/vit.py``: ``embed``, ``pre_norm``,
 ``encoder/block_{i}`` with separate q/k/v and quick_gelu, ``post_norm``); HF's
-names are mapped in ``convert/clip.py``.
+names are mapped in ``convert/clip_vision.py``.
 
 Forward: patches + [class] + position table -> pre_layrnorm -> pre-LN blocks
 (x + attn(ln1 x); x + fc2(quick_gelu(fc1(ln2 x)))) -> ``last_hidden_state``;

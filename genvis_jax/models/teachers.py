@@ -7,8 +7,9 @@ Interface: ``get_teacher(name, **kwargs) -> (module, preprocess_fn)`` where
   ``value_range`` to the teacher's input: [0, 1] -> resize to S x S with
   PyTorch's legacy ``nearest`` (what FQGAN's ScalingLayer uses) -> (x - mean)
   / std.
-Teacher weights are read from a local file by ``load_teacher_params`` (never
-downloaded); ``save_teacher_params`` writes that format.
+Teacher weights are read from a local file by
+``genvis_jax.convert.clip_vision.load_teacher_params`` (never downloaded);
+``save_teacher_params`` there writes that format.
 
 Registered here: ``vit``, the shared pre-norm ViT (``models/layers/vit.py``) whose
 CLS output is configurable to stand for the official teachers' read-outs:
@@ -21,19 +22,13 @@ towers (with converters from their released weights) register themselves with
 
 from __future__ import annotations
 
-import os
-import zipfile
 from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
-from genvis_jax import errors
-from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.models import clip_vision, dinov2
 from genvis_jax.models.layers import vit
 
@@ -135,35 +130,3 @@ register_teacher("clip_vit_l14")(partial(clip_vision.teacher, "vit_l14"))
 register_teacher("clip_vit_b16")(partial(clip_vision.teacher, "vit_b16"))
 register_teacher("dinov2_s14")(partial(dinov2.teacher, "vit_s14"))
 register_teacher("dinov2_b14")(partial(dinov2.teacher, "vit_b14"))
-
-
-def save_teacher_params(path: str, params) -> None:
-  """Writes a params pytree as ``.npz`` with '/'-joined Flax paths as keys."""
-  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
-  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
-
-
-def load_teacher_params(path: str):
-  """Reads teacher params written by :func:`save_teacher_params` (an ``.npz``
-  of '/'-joined Flax paths, e.g. from ``python -m genvis_jax.convert
-  --kind=clip_vision``). Raises ``CheckpointNotFoundError`` (a
-  FileNotFoundError) for a missing file, ``ConfigError`` for another format
-  and ``CheckpointRestoreError`` for a damaged one."""
-  fix = ("convert the teacher's released weights to a local .npz (python -m "
-         "genvis_jax.convert --kind=clip_vision|dinov2 ... --dst=FILE.npz) and "
-         "set config.teachers[i].path to it")
-  if not str(path).endswith(".npz"):
-    raise errors.ConfigError(f"Teacher weights must be an .npz, got {path!r}: "
-                             f"{fix}.")
-  if not os.path.isfile(path):
-    raise ckpt_lib.CheckpointNotFoundError(
-        f"Teacher weights {path!r} not found: {fix}.")
-  try:
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise ckpt_lib.CheckpointRestoreError(
-        f"Teacher weights {path!r} cannot be read ({e}); the file looks "
-        f"damaged: {fix}.") from e
-  return jax.tree_util.tree_map(
-      jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))

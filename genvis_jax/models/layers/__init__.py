@@ -1,11 +1,18 @@
-"""Shared Flax Linen layer factories with logical axis names on every parameter.
+"""The building blocks every model composes, and the layer factories beneath them.
+
+  attention.py  one multi-head attention (self / cross; full, causal or
+                windowed via the kernel dispatcher; QK-norm, RoPE, KV caches)
+  mlp.py        the transformer MLP (plain or gated) with named activations
+  resnet.py     the conv ResNet block (padding / shortcut quirks as options),
+                spatial attention block, upsampling
+  vit.py        the pre-norm ViT block, tower and patch / class / position embedding
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``); one
 rules table in the config (``config.sharding.rules``) maps them to mesh axes, see
 ``genvis_jax/core/sharding.py``. Parameter names stay Flax defaults (``kernel``,
-``bias``, ``scale``, ``embedding``) so converting a PyTorch state dict is a renaming
-plus a transpose. Call the factories inside ``@nn.compact`` with ``name=`` set to
-the official module name (e.g. ``conv_in``, ``norm1``).
+``bias``, ``scale``, ``embedding``) and modules are named for what they are; the
+official PyTorch names are mapped by one table per family in
+``genvis_jax/convert/``.
 
 Logical axis vocabulary (parameters):
   embed     model width d               vocab         token / codebook entries

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from genvis_jax import models
+from genvis_jax.convert import clip_vision as convert_clip
 from genvis_jax.convert import dino_vit
 from genvis_jax.models import dino_disc as dino_lib
 from genvis_jax.models import dinov2 as dinov2_lib
@@ -90,8 +91,8 @@ class EqTokenizerTask(GANTokenizerTask):
         init = lambda k: models.init_params(c.disc, k)["vit"]
         out["dino_vit"] = jax.jit(init)(jax.random.key(c.seed + 17))
     if self.use_semantic:
-      from genvis_jax.models import teachers  # pylint: disable=import-outside-toplevel
-      out["teacher"] = teachers.load_teacher_params(c.loss.teacher_path)
+      out["teacher"] = convert_clip.load_teacher_params(
+          c.loss.teacher_path, setting="config.loss.teacher_path")
     self._frozen = out
     return out
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+from genvis_jax.convert import clip_vision as convert_clip
 from genvis_jax.models import teachers as teachers_lib
 from genvis_jax.models.quantizers import l2_normalize
 from genvis_jax.train.tasks.tokenizer import TokenizerTask
@@ -124,7 +125,7 @@ class FQTokenizerTask(TokenizerTask):
     return frozen
 
   def _load_teacher(self, t: Teacher):
-    params = teachers_lib.load_teacher_params(t.path)
+    params = convert_clip.load_teacher_params(t.path)
     size = self.config.data.image_size
     x = t.preprocess(jnp.zeros((1, size, size, 3)), self.value_range)
     try:

@@ -15,10 +15,10 @@ the ``position_ids`` buffer are dropped. A CLIPVisionModel saved by transformers
 
 ``model_config`` names the tower: ``"vit_l14"`` / ``"clip_vit_l14"``, or a
 mapping with ``name`` and field overrides, or HF config fields. The CLI reads
-it from this file (``--dst`` is the ``.npz`` that ``teachers.load_teacher_params``
+it from this file (``--dst`` is the ``.npz`` that ``load_teacher_params``
 reads):
   python -m genvis_jax.convert --kind=clip_vision --src=model.safetensors \
-      --config=genvis_jax/convert/clip.py:vit_l14 --dst=clip_vit_l14.npz
+      --config=genvis_jax/convert/clip_vision.py:vit_l14 --dst=clip_vit_l14.npz
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
+from genvis_jax import convert as convert_lib
 from genvis_jax.convert import vit as cvit
 from genvis_jax.models import clip_vision
 
@@ -48,7 +50,7 @@ NAMES = cvit.Names(
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """CLI config: ``--config=genvis_jax/convert/clip.py:vit_b16`` (the tower's
+  """CLI config: ``--config=genvis_jax/convert/clip_vision.py:vit_b16`` (the tower's
   fields, overridable with ``--config.model.FIELD=...``)."""
   return tower_config(clip_vision.clip_vision, arg or "vit_l14")
 
@@ -87,7 +89,7 @@ def clip_module(model_config) -> clip_vision.CLIPVisionModel:
                       ("clip_vit_", "vit_"))
 
 
-def convert_clip_vision(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
+def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """HF keys -> Flax params; shapes are checked by ``from_torch``."""
   del model_config
   state = {}
@@ -96,21 +98,35 @@ def convert_clip_vision(state_dict: dict[str, np.ndarray], model_config=None) ->
       key = "vision_model." + key
     if not key.startswith(_DROP_PREFIXES):
       state[key.removeprefix("vision_model.")] = value
-  return cvit.convert(state, NAMES)
+  return cvit.convert_names(state, NAMES)
 
 
-def clip_vision_shapes(model_config):
+def expected(model_config):
   module = clip_module(model_config)
   return jax.eval_shape(
       lambda r: nn.unbox(module.init(r, *clip_vision.example_inputs(module))[
           "params"]), jax.random.key(0))
 
 
-def write_teacher_npz(dst: str, params, state_dict) -> None:
-  """Teacher weights as the ``.npz`` that ``teachers.load_teacher_params`` reads."""
+def write(dst: str, params, state_dict) -> None:
+  """Teacher weights as the ``.npz`` that ``load_teacher_params`` reads."""
   del state_dict
   if not dst.endswith(".npz"):
     raise ValueError(f"--dst for a teacher kind is an .npz file, got {dst!r}.")
-  from genvis_jax.models.teachers import save_teacher_params  # pylint: disable=import-outside-toplevel
-  save_teacher_params(dst, jax.tree_util.tree_map(np.asarray, params))
+  save_teacher_params(dst, params)
+
+
+def save_teacher_params(path: str, params) -> None:
+  """Writes a params pytree as ``.npz`` with '/'-joined Flax paths as keys."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
+
+
+def load_teacher_params(path: str, setting: str = "config.teachers[i].path"):
+  """Teacher params from the ``.npz`` :func:`write` makes (``--kind=clip_vision``
+  or ``dinov2``), through ``convert.load_params``; the task checks them by
+  applying its teacher. Raises ``CheckpointFileNotFoundError`` (a
+  FileNotFoundError) for a missing file, ``CheckpointFileError`` for an
+  unreadable one or one holding official names."""
+  return convert_lib.load_params(path, setting=setting, what="teacher weights")
 
