@@ -8,6 +8,8 @@ import time
 import ml_collections
 from absl import logging
 
+from genvis_jax.modes import resolve
+
 
 def _format(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Replaces ``{workdir}`` in every string field, in place."""
@@ -22,7 +24,6 @@ def _format(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 def run(config, workdir: str) -> dict:
   """Runs every stage (or those named in ``config.only``, comma-separated, in
   the config's order); returns {stage: its result}."""
-  from genvis_jax.modes import resolve  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   order = list(config.stage_order)
   if config.get("only"):

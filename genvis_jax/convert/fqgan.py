@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from genvis_jax.convert import llamagen_vq, tree
+from genvis_jax.models import fqgan
 
 # Adapter lists of the released Dual / Triple models (used without a config).
 OFFICIAL_ADAPTERS = ("visual_head", "semantic_head", "semantic_head_mid",
@@ -36,7 +37,6 @@ def _model_names(model_config):
   """(adapter list names, wanted feature-head names or None = keep all)."""
   if model_config is None:
     return OFFICIAL_ADAPTERS, None
-  from genvis_jax.models import fqgan  # flax; only when converting
   module = fqgan.build(model_config)
   adapters = tuple(fqgan.adapter_name(b) for b in module.branches)
   heads = {fqgan.feat_head_name(b) for b, _ in module.feat_heads}

@@ -40,9 +40,11 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
+from genvis_jax import data as data_lib
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
+from genvis_jax.evaluate.inception import InceptionExtractor
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 AUTO = "auto"
@@ -310,7 +312,6 @@ def dataset_images(data_config, split: str, batch_size: int,
   Raises ``batching.NotEnoughImages`` (naming both counts and ``setting``) when
   the split has fewer images than requested.
   """
-  from genvis_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   it, info = data_lib.create_dataset(
       data_config, split=split, global_batch_size=batch_size, seed=0,
       train=False, process_index=0, process_count=1, value_range=(0.0, 1.0),
@@ -359,7 +360,6 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   ``preprocess``, the Inception weights' fingerprint and the image count.
   ``extractor`` replaces the Inception (see ``generation.evaluate_samples``).
   """
-  from genvis_jax.evaluate.inception import InceptionExtractor  # pylint: disable=import-outside-toplevel
   split = split or data_config.eval_split
   if extractor is None:
     extractor = InceptionExtractor(inception_params, batch_size=batch_size,

@@ -42,12 +42,9 @@ class EqGeneratorTask(Task):
       self._frozen = {}
       path = self.config.tokenizer.checkpoint
       if path:
-        from genvis_jax.core import checkpoint as ckpt_lib
-        abstract = jax.eval_shape(
-            lambda k: models.init_params(self.config.tokenizer.model, k),
-            jax.random.key(0))
-        self._frozen["tokenizer"] = ckpt_lib.load_params(
-            path, abstract, setting="--config.tokenizer.checkpoint")
+        self._frozen["tokenizer"] = models.load_params(
+            self.config.tokenizer.model, path,
+            setting="--config.tokenizer.checkpoint")
     return self._frozen
 
   def encode(self, frozen, batch):
