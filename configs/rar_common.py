@@ -52,10 +52,13 @@ def get_config(size: str = "b", arg=None):
   m.name = "rar"
   m.hidden_size = s["hidden_size"]
   m.depth = s["depth"]
+  m.num_heads = 16
   m.mlp_dim = s["mlp_dim"]
   m.codebook_size = 1024        # the MaskGIT VQGAN's codes
   m.num_classes = 1000
   m.seq_len = 256               # 16 x 16 tokens
+  m.max_pos = 256 + 1024        # official table sizes (only 258 rows used)
+  m.num_timesteps = 256 + 100
   m.dtype = "bfloat16"          # official trains in bf16 mixed precision
 
   c.data.source = "tokens"      # pre-tokenized (class, 256 MaskGIT-VQ codes)
