@@ -197,3 +197,35 @@ def test_mlp_hidden_dropout_off_drops_only_the_output(data):
   tr2 = np.asarray(both.apply({"params": p}, x, train=True,
                               rngs={"dropout": jax.random.key(5)}))
   assert not np.allclose(tr2[tr2 != 0], 2 * ev[tr2 != 0], rtol=1e-3)
+
+
+def test_kv_cache_misuse_is_named(data):
+  """The cache serves causal self-attention; a windowed or full mask, a cache
+  without room or positions past its end are errors, not silent results."""
+  x, _ = data
+  for kind in ("none", "window"):
+    mod = attn_lib.Attention(H, mask=kind, window=2, cache_len=N)
+    p = _random_params(mod, x)
+    with pytest.raises(ValueError, match="causal self-attention"):
+      mod.apply({"params": p}, x[:, :2], cache_pos=0, mutable=["cache"])
+  mod = attn_lib.Attention(H, mask="causal")
+  p = _random_params(mod, x)
+  with pytest.raises(ValueError, match="set the attention's cache_len"):
+    mod.apply({"params": p}, x[:, :2], cache_pos=0, mutable=["cache"])
+  mod = attn_lib.Attention(H, mask="causal", cache_len=4)
+  with pytest.raises(ValueError, match=r"Positions 3..4 do not fit .* of 4"):
+    mod.apply({"params": p}, x[:, :2], cache_pos=3, mutable=["cache"])
+
+
+def test_kv_cache_takes_an_extra_batch_mask(data):
+  """A (B, 1, N, M) mask on top of the cache's own (here: hide key 0 of the
+  second sample) equals the same mask on full causal attention."""
+  x, _ = data
+  mod = attn_lib.Attention(H, mask="causal", cache_len=N)
+  p = _random_params(mod, x)
+  extra = np.ones((B, 1, N, N), bool)
+  extra[1, :, 1:, 0] = False
+  full = mod.apply({"params": p}, x, mask=extra)
+  cached, _ = mod.apply({"params": p}, x, cache_pos=0, mask=extra,
+                        mutable=["cache"])
+  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)

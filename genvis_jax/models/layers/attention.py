@@ -77,6 +77,13 @@ def update_kv_cache(module: nn.Module, k, v, pos, length: int, dtype=None):
   cv = module.variable("cache", "cached_value", jnp.zeros, (b, h, length, d),
                        dtype)
   m = ck.value.shape[CACHE_AXIS]
+  if m == 0:
+    raise ValueError("The KV cache has no room: set the attention's cache_len "
+                     "(the longest sequence to decode).")
+  if isinstance(pos, int) and pos + n > m:
+    # dynamic_update_slice would clamp and overwrite the last slots silently.
+    raise ValueError(f"Positions {pos}..{pos + n - 1} do not fit a KV cache of "
+                     f"{m}; raise cache_len or resize the cache.")
   start = (0, 0, pos, 0)
   ck.value = jax.lax.dynamic_update_slice(
       ck.value, k.swapaxes(1, 2).astype(ck.value.dtype), start)
@@ -93,7 +100,8 @@ def cached_attention(q, k, v, mask, *, scale: float = 1.0):
   """Attention of a few new queries over a KV cache, fp32 logits.
 
   q (B, N, H, D); k / v (B, H, M, D) as :func:`update_kv_cache` stores them;
-  mask bool (N, M), True = visible. Returns (B, N, H, D) in q.dtype. The
+  mask bool (N, M) or broadcastable to (B, H, N, M), True = visible. Returns
+  (B, N, H, D) in q.dtype. The
   cache is the left operand of both matmuls in XLA's canonical layout
   (batch, rows, contraction), so nothing of size M is transposed or copied
   per step; only the N queries are.
@@ -102,7 +110,7 @@ def cached_attention(q, k, v, mask, *, scale: float = 1.0):
   qh = q.swapaxes(1, 2).astype(k.dtype)           # (B, H, N, D)
   logits = jax.lax.dot_general(k, qh, dims,
                                preferred_element_type=jnp.float32)  # (B,H,M,N)
-  logits = jnp.where(mask.T, logits * scale, NEG_INF)
+  logits = jnp.where(jnp.swapaxes(mask, -1, -2), logits * scale, NEG_INF)
   probs = jax.nn.softmax(logits, axis=2).astype(v.dtype)
   out = jax.lax.dot_general(probs, v, (((2,), (2,)), ((0, 1), (0, 1))),
                             preferred_element_type=jnp.float32)  # (B,H,N,D)
@@ -303,8 +311,9 @@ class Attention(nn.Module):
   def kv(self, context):
     """Cross-attention keys and values of ``context`` (B, M, d_c), each
     (B, M, H, head_dim) in ``dtype`` (``k_norm`` applied): project a
-    context that does not change once and pass them as ``kv=``. Uses the
-    query width ``dim`` (default: the context's width)."""
+    context that does not change once and pass them as ``kv=``. Projects to
+    ``dim``, default the context's width: set ``dim`` when the queries'
+    width differs (a direct call would default to theirs)."""
     return self(None, context)
 
   def _attend(self, q, k, v, mask, train, cache_pos, is_self):
@@ -315,6 +324,11 @@ class Attention(nn.Module):
     dropping = train and self.attn_dropout > 0
     n = q.shape[1]
     if cache_pos is not None:
+      if not (is_self and self.mask == "causal"):
+        raise ValueError(
+            "cache_pos (the KV cache) serves causal self-attention; this "
+            f"attention has mask={self.mask!r}{'' if is_self else ' over a context'}"
+            " (windowed attention decodes with window_cache).")
       k, v, visible = update_kv_cache(self, k, v, cache_pos, self.cache_len,
                                       self.dtype)
       if mask is not None:
