@@ -150,7 +150,11 @@ def load_params(path: str, expected=None, *,
   ``CheckpointFileError`` (unreadable file, or official names without a
   ``convert``) and ``CheckpointMismatchError`` (other names or shapes).
   """
-  if os.path.isdir(path) and expected is not None:
+  if os.path.isdir(path):
+    if expected is None:
+      raise io.CheckpointFileError(
+          f"{path} ({setting}) is a directory; these {what} are read from one "
+          "file (.npz / .pth / .bin / .safetensors).")
     return ckpt_lib.load_params(path, expected, setting=setting)
   if not os.path.exists(path):
     raise io.CheckpointFileNotFoundError(
@@ -159,7 +163,9 @@ def load_params(path: str, expected=None, *,
         "with `python -m genvis_jax.convert --kind=...` and point "
         f"{setting} at the result.")
   flat = io.load_state_dict(path, setting=setting)
-  if flat and all("/" in k for k in flat):
+  if not flat:
+    raise io.CheckpointFileError(f"{path} ({setting}) holds no arrays.")
+  if all("/" in k for k in flat):   # Flax paths; official names use dots
     params = tree.nest(flat)
   elif convert is not None:
     params = convert({k: np.asarray(v) for k, v in flat.items()})

@@ -19,9 +19,8 @@ from genvis_jax import cli
 from genvis_jax import convert
 
 _KIND = flags.DEFINE_string(
-    "kind", None, "Checkpoint kind: a module of genvis_jax/convert/ (rar, "
-    "maskgit_vqgan, llamagen_vq, fqgan, far, eq_tokenizer, eq_generator, lpips, "
-    "inception, clip_vision, dinov2).")
+    "kind", None, "Checkpoint kind: a module of genvis_jax/convert/ that "
+    "defines convert (an unknown kind lists them).")
 _SRC = flags.DEFINE_string("src", None, "Official checkpoint file(s), comma-separated.")
 _DST = flags.DEFINE_string("dst", None, "Output: Orbax directory (lpips: an .npz file).")
 _KEY = flags.DEFINE_string(

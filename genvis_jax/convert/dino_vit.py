@@ -15,6 +15,8 @@ back as float32 numpy.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax import convert as convert_lib
@@ -57,12 +59,15 @@ def convert_dino_vit(state_dict: dict[str, np.ndarray], *,
   return zero_key_bias(params) if zero_k_bias else params
 
 
-def load_dino_vit(path: str, *, zero_k_bias: bool = False) -> dict:
+def load_dino_vit(path: str, expected=None, *, zero_k_bias: bool = False) -> dict:
   """Reads a local timm ViT state dict (.pth / .bin / .safetensors / .npz,
   through ``convert.load_params``, no torch, no download) -> ``FrozenViT``
-  params; the task checks them by applying the discriminator."""
+  params, checked against ``expected`` (abstract params of the
+  discriminator's ``vit``) when given."""
   params = convert_lib.load_params(
-      path, convert=convert_dino_vit,
+      path, expected, convert=convert_dino_vit,
       setting="config.disc.vit_path (a local timm / DINO ViT state dict, "
       "e.g. dino_deitsmall16_pretrain.pth)", what="DINO ViT weights")
-  return zero_key_bias(params) if zero_k_bias else params
+  if zero_k_bias:
+    params = jax.tree_util.tree_map(jnp.asarray, zero_key_bias(params))
+  return params

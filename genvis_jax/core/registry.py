@@ -18,6 +18,8 @@ import re
 from types import ModuleType
 from typing import Sequence
 
+from absl import logging
+
 from genvis_jax.errors import ConfigError
 
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -35,7 +37,9 @@ def available(package: str, attrs: Sequence[str] = ()) -> list[str]:
       continue
     try:
       mod = importlib.import_module(f"{package}.{info.name}")
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("%s.%s cannot be imported (%s: %s); it is left out of "
+                      "the choices.", package, info.name, type(e).__name__, e)
       continue
     if all(hasattr(mod, a) for a in attrs):
       names.append(info.name)

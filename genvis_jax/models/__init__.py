@@ -138,8 +138,8 @@ def value_range(model_config, config=None,
     if stated is not None and tuple(float(v) for v in stated) != want:
       raise ConfigError(
           f"config.{k}.value_range={tuple(stated)} but tokenizer "
-          f"{model_config.name!r} works on pixels in {want}: set "
-          f"--config.{k}.value_range='{want}' (or drop the key).")
+          f"{model_config.name!r} works on pixels in {want}: remove "
+          f"config.{k}.value_range (the tokenizer model fixes the range).")
   return want
 
 

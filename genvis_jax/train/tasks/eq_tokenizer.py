@@ -84,11 +84,12 @@ class EqTokenizerTask(GANTokenizerTask):
       return self._frozen
     c, out = self.config, dict(super().frozen_params())
     if self.is_dino:
+      init = lambda k: models.init_params(c.disc, k)["vit"]
       if c.disc.vit_path:
-        out["dino_vit"] = dino_vit.load_dino_vit(c.disc.vit_path,
-                                                 zero_k_bias=True)
+        out["dino_vit"] = dino_vit.load_dino_vit(
+            c.disc.vit_path, jax.eval_shape(init, jax.random.key(0)),
+            zero_k_bias=True)
       else:
-        init = lambda k: models.init_params(c.disc, k)["vit"]
         out["dino_vit"] = jax.jit(init)(jax.random.key(c.seed + 17))
     if self.use_semantic:
       out["teacher"] = convert_clip.load_teacher_params(
