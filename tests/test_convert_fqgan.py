@@ -128,13 +128,13 @@ def test_fqgan_config_with_heads_needs_them_in_the_checkpoint(data):
 def test_fqgan_attention_weights_are_transposed_not_reshaped(data):
   state = _state(data, "triple")
   params = convert.from_torch("fqgan", state, _config(data, "triple", state))
-  attn = params["encoder"]["semantic_head_high_0"]["transformer_1"]["attn"]
+  attn = params["encoder"]["semantic_head_high_0"]["transformer"]["block_1"]["attn"]
   prefix = "encoder.semantic_head_high.0.transformer.1.attn."
-  np.testing.assert_array_equal(attn["in_proj"]["kernel"],
+  np.testing.assert_array_equal(attn["qkv"]["kernel"],
                                 state[prefix + "in_proj_weight"].T)
-  np.testing.assert_array_equal(attn["in_proj"]["bias"],
+  np.testing.assert_array_equal(attn["qkv"]["bias"],
                                 state[prefix + "in_proj_bias"])
-  np.testing.assert_array_equal(attn["out_proj"]["kernel"],
+  np.testing.assert_array_equal(attn["out"]["kernel"],
                                 state[prefix + "out_proj.weight"].T)
   np.testing.assert_array_equal(
       params["high_sem_feat_pred"]["upscale_2"]["kernel"],
@@ -242,7 +242,8 @@ def test_fqgan_official_layouts_match_configs_exactly(name):
     want = jax.eval_shape(lambda r: models.init_params(cfg, r), jax.random.key(0))
     assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(
         lambda x: x.shape, want)
-    kernel = params["encoder"]["visual_head_0"]["transformer_5"]["attn"]["in_proj"]["kernel"]
+    tower = params["encoder"]["visual_head_0"]["transformer"]
+    kernel = tower["block_5"]["attn"]["qkv"]["kernel"]
     assert kernel.shape == (512, 1536)
     assert params["post_quant_conv"]["kernel"].shape == (1, 1, 16, 256)
     cfg.feat_heads = ()  # tokenizer only: the released heads are dropped

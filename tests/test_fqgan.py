@@ -182,8 +182,8 @@ def test_paper_parameter_counts_and_names(mod, expected):
   for b in cfg.branches:
     ad = enc[f"{fqgan.adapter_name(b)}_0"]
     assert ad["positional_embedding"].shape == (grid * grid, 512)
-    assert ad["transformer_5"]["attn"]["in_proj"]["kernel"].shape == (512, 1536)
-    assert ad["transformer_5"]["mlp"]["c_fc"]["kernel"].shape == (512, 2048)
+    assert ad["transformer"]["block_5"]["attn"]["qkv"]["kernel"].shape == (512, 1536)
+    assert ad["transformer"]["block_5"]["mlp"]["fc1"]["kernel"].shape == (512, 2048)
     assert enc[f"conv_out_{b}"]["kernel"].shape == (3, 3, 512, 256)
     assert f"norm_out_{b}" in enc
     assert p[f"quant_conv_{b}"]["kernel"].shape == (1, 1, 256, 8)
@@ -198,7 +198,7 @@ def test_paper_parameter_counts_and_names(mod, expected):
     assert head["positional_embedding"].shape == (grid * grid + 1, w)
     assert head["class_embedding"].shape == (1, w)
     assert head["upscale_0"]["kernel"].shape == (8, w)
-    assert "transformer_2" in head and "ln_pre" in head and "ln_post" in head
+    assert "block_2" in head["transformer"] and "ln_pre" in head and "ln_post" in head
   assert "semantic_head_0" in enc if k == 2 else "semantic_head_high_0" in enc
 
 

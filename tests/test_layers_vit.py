@@ -88,19 +88,6 @@ def test_embed_tokens_resize_and_errors():
     fixed.init(jax.random.key(0), jnp.ones((1, 12, 12, 3)))
 
 
-def test_renamed_block_keeps_another_layout():
-  names = {"norm1": "ln_1", "attn/qkv": "attn/in_proj"}
-  block = vit.renamed(vit.Block, names)(H, MLP)
-  x = jnp.ones((B, N, D))
-  p = nn.unbox(block.init(jax.random.key(0), x)["params"])
-  assert "ln_1" in p and "norm1" not in p and "in_proj" in p["attn"]
-  plain = {("norm1" if k == "ln_1" else k): v for k, v in p.items()}
-  plain["attn"] = {("qkv" if k == "in_proj" else k): v
-                   for k, v in p["attn"].items()}
-  np.testing.assert_array_equal(block.apply({"params": p}, x),
-                                vit.Block(H, MLP).apply({"params": plain}, x))
-
-
 def test_name_table_rules():
   names = cvit.Names(top={"patch.proj": "embed/patch_embed"}, blocks=r"blocks\.(\d+)",
                      block={"attn.proj": "attn/out"},

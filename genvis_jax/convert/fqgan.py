@@ -2,17 +2,20 @@
 ``vq_model_triple.py``, e.g. ``fqgan_dual_ds16.pt["model"]``) -> params of
 ``genvis_jax.models.fqgan.FQGAN``.
 
-Rename + transpose only. The LlamaGen trunk and decoder map as in
-``llamagen_vq`` (its ``RENAMES``: ``nin_shortcut`` -> ``shortcut``); the FQGAN
-parts:
+Rename + transpose only. ``RENAMES`` is the family's one official -> Flax
+module-name table: the LlamaGen trunk and decoder's (``llamagen_vq.RENAMES``:
+``nin_shortcut`` -> ``shortcut``) and open_clip's names of the adapters' and
+feature heads' ViT blocks, which are the shared ``models/layers/vit.Block``;
+the open_clip ``transformer`` ModuleList is ``vit.Encoder`` (``block_{i}``):
   encoder.visual_head.0.transformer.3.attn.in_proj_weight (3W, W)
-      -> encoder/visual_head_0/transformer_3/attn/in_proj/kernel (W, 3W)
+      -> encoder/visual_head_0/transformer/block_3/attn/qkv/kernel (W, 3W)
   encoder.semantic_head_mid.0.transformer.0.mlp.c_fc.weight (4W, W)
-      -> encoder/semantic_head_mid_0/transformer_0/mlp/c_fc/kernel (W, 4W)
+      -> encoder/semantic_head_mid_0/transformer/block_0/mlp/fc1/kernel (W, 4W)
+  feat_pred_head.transformer.2.ln_1.weight
+      -> feat_pred_head/transformer/block_2/norm1/scale
   encoder.visual_head.0.positional_embedding -> .../positional_embedding (unchanged)
   quantize_sem.embedding.weight (K, D) -> quantize_sem/embedding (unchanged)
   feat_pred_head.upscale.2.weight -> feat_pred_head/upscale_2/kernel (transposed)
-  mid_sem_feat_pred.class_embedding -> mid_sem_feat_pred/class_embedding
 Dropped: the ``quantize_*.codebook_used`` usage buffers, and the feature
 heads (``feat_pred_head``, ``*_sem_feat_pred``) that ``model.feat_heads`` does
 not ask for, so a tokenizer-only config (``feat_heads=()``) loads the released
@@ -20,6 +23,8 @@ files, which carry the heads.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -29,7 +34,13 @@ from genvis_jax.models import fqgan
 # Adapter lists of the released Dual / Triple models (used without a config).
 OFFICIAL_ADAPTERS = ("visual_head", "semantic_head", "semantic_head_mid",
                      "semantic_head_high")
-_RENAMES = {"in_proj_weight": "in_proj.weight", "in_proj_bias": "in_proj.bias"}
+# Official module name -> Flax module name (models/fqgan.py, layers/vit.Block).
+RENAMES = {**llamagen_vq.RENAMES, "ln_1": "norm1", "ln_2": "norm2",
+           "in_proj": "qkv", "out_proj": "out", "c_fc": "fc1", "c_proj": "fc2"}
+# torch MultiheadAttention keeps its fused projection as attn parameters.
+_PARAMS = {"in_proj_weight": "in_proj.weight", "in_proj_bias": "in_proj.bias"}
+# open_clip ``transformer.{i}`` -> the ViT tower's ``transformer/block_{i}``.
+_BLOCK = re.compile(r"(^|\.)transformer\.(\d+)\.")
 _TABLES = ("positional_embedding", "class_embedding")
 
 
@@ -67,9 +78,10 @@ def fqgan_leaf(key: str, value: np.ndarray, lists: tuple[str, ...]):
   module, _, name = key.rpartition(".")
   if name in _TABLES:
     return "/".join(tree.module_path(module, lists) + [name]), value
-  if name in _RENAMES:
-    key = f"{module}.{_RENAMES[name]}"
-  return tree.convnet_leaf(key, value, lists, llamagen_vq.RENAMES)
+  if name in _PARAMS:
+    key = f"{module}.{_PARAMS[name]}"
+  key = _BLOCK.sub(r"\1transformer.block.\2.", key)
+  return tree.convnet_leaf(key, value, lists, RENAMES)
 
 
 def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
@@ -81,7 +93,7 @@ def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   adapters, heads = _model_names(model_config)
   if heads is not None:
     _check_heads(state_dict, heads)
-  lists = llamagen_vq.LISTS + ("transformer", "upscale") + adapters
+  lists = llamagen_vq.LISTS + ("block", "upscale") + adapters
   items = []
   for key, value in state_dict.items():
     if key.startswith("quantize_") and key.endswith(".codebook_used"):

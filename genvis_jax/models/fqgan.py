@@ -10,20 +10,14 @@ post_quant_conv 1x1 (k*code_dim -> z) -> LlamaGen decoder. ``FeatPredHead``s
 read the quantized semantic features and predict a teacher's CLS feature
 (representation loss, in the fq_tokenizer task). Facts: specs/fqgan.md.
 
-The LlamaGen trunk and decoder are named as in ``llamagen_vq`` (shared blocks of
-``models/layers/resnet.py``: official ``nin_shortcut`` -> ``shortcut``).
-Other module names mirror the official keys ("." -> "_" before a list index):
-  encoder.visual_head.0.transformer.3.attn.in_proj_weight -> encoder/visual_head_0/transformer_3/attn/in_proj/kernel (transposed)
-  encoder.semantic_head_mid.0.positional_embedding        -> encoder/semantic_head_mid_0/positional_embedding
-  encoder.norm_out_sem / encoder.conv_out_sem             -> encoder/norm_out_sem, encoder/conv_out_sem
-  quant_conv_vis, quantize_vis.embedding.weight           -> quant_conv_vis, quantize_vis/embedding
-  feat_pred_head.upscale.0.weight                         -> feat_pred_head/upscale_0/kernel (transposed)
-  mid_sem_feat_pred.class_embedding                       -> mid_sem_feat_pred/class_embedding
-Branch -> adapter name: vis -> visual_head, sem -> semantic_head,
-sem_X -> semantic_head_X; feature head: sem -> feat_pred_head,
-sem_X -> X_sem_feat_pred (see ``adapter_name`` / ``feat_head_name``).
-The official ``quantize_*.codebook_used`` buffers (usage windows) have no
-counterpart: drop them when converting.
+Module names say what they are: the LlamaGen trunk and decoder as in
+``llamagen_vq``, each adapter's / feature head's ViT blocks are the shared
+``layers/vit.Block`` (``transformer/block_{i}/{norm1, attn/qkv, attn/out, norm2,
+mlp/fc1, mlp/fc2}``). The official <-> Flax name mapping is
+``genvis_jax.convert.fqgan.RENAMES``. Branch -> adapter name: vis ->
+visual_head, sem -> semantic_head, sem_X -> semantic_head_X; feature head:
+sem -> feat_pred_head, sem_X -> X_sem_feat_pred (see ``adapter_name`` /
+``feat_head_name``).
 """
 
 from __future__ import annotations
@@ -80,29 +74,19 @@ def disentangle_loss(quantized: Sequence[jax.Array]) -> jax.Array:
   return sum(terms) / len(terms)
 
 
-# Parameter names of the shared ViT block (models/layers/vit.py) -> open_clip's,
-# which FQGAN's layout keeps (the released checkpoints map onto it by a rename).
-OPEN_CLIP_BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "attn/qkv": "attn/in_proj",
-                   "attn/out": "attn/out_proj", "mlp/fc1": "mlp/c_fc",
-                   "mlp/fc2": "mlp/c_proj"}
-
-
 def _pos_init(width: int):
   # official: width**-0.5 * randn
   return nn.initializers.normal(width ** -0.5)
 
 
-def transformer_stack(x, *, num_layers, num_heads, mlp_ratio=4.0,
-                      remat="none", dtype=jnp.float32, param_dtype=jnp.float32):
-  """open_clip ``Transformer`` (B, N, W) -> (B, N, W): ``transformer_{i}``
-  blocks, each the shared pre-norm ViT block (torch LayerNorm eps 1e-5, exact
-  GELU, fused ``in_proj``) under open_clip names; call inside a compact
-  method."""
-  block = vit.renamed(layers.maybe_remat(vit.Block, remat), OPEN_CLIP_BLOCK)
-  for i in range(num_layers):
-    x = block(num_heads, int(x.shape[-1] * mlp_ratio), "gelu", _LN_EPS,
-              dtype=dtype, param_dtype=param_dtype, name=f"transformer_{i}")(x)
-  return x
+def transformer(x, *, num_layers, num_heads, mlp_ratio=4.0, remat="none",
+                dtype=jnp.float32, param_dtype=jnp.float32):
+  """open_clip ``Transformer`` (B, N, W) -> (B, N, W): the shared ViT tower
+  ``transformer`` (``vit.Encoder``: pre-norm blocks, torch LayerNorm eps 1e-5,
+  exact GELU, fused qkv); call inside a compact method."""
+  return vit.Encoder(num_heads, int(x.shape[-1] * mlp_ratio), "gelu", _LN_EPS,
+                     depth=num_layers, remat=remat, dtype=dtype,
+                     param_dtype=param_dtype, name="transformer")(x)[-1]
 
 
 class FactorizedAdapter(nn.Module):
@@ -127,9 +111,8 @@ class FactorizedAdapter(nn.Module):
                      (self.grid_size ** 2, c), self.param_dtype)
     x = x.reshape(b, h * w, c).astype(self.dtype) + pos.astype(self.dtype)
     x = layers.layer_norm(_LN_EPS, name="ln_pre", **kw)(x)
-    x = transformer_stack(x, num_layers=self.num_layers,
-                          num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                          remat=self.remat, **kw)
+    x = transformer(x, num_layers=self.num_layers, num_heads=self.num_heads,
+                    mlp_ratio=self.mlp_ratio, remat=self.remat, **kw)
     x = layers.layer_norm(_LN_EPS, name="ln_post", **kw)(x)
     return x.reshape(b, h, w, c)
 
@@ -167,8 +150,8 @@ class FeatPredHead(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype)[None], (b, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
     x = layers.layer_norm(_LN_EPS, name="ln_pre", **kw)(x)
-    x = transformer_stack(x, num_layers=self.num_layers,
-                          num_heads=self.num_heads, remat=self.remat, **kw)
+    x = transformer(x, num_layers=self.num_layers, num_heads=self.num_heads,
+                    remat=self.remat, **kw)
     return layers.layer_norm(_LN_EPS, name="ln_post", **kw)(x)
 
 

@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
-from flax import traverse_util
 
 from genvis_jax.models import layers
 from genvis_jax.models.layers.attention import Attention
@@ -171,35 +170,3 @@ class Embed(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d))
     return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)[None]
 
-
-def renamed(module_cls, names: dict[str, str]):
-  """``module_cls`` whose parameters appear under other names outside it.
-
-  ``names`` maps a '/'-joined path prefix inside the module (``"attn/qkv"``)
-  to the one seen outside (``"attn/in_proj"``); the longest prefix wins. For a
-  model whose parameter layout is fixed (released checkpoints, tests) while
-  it composes these blocks.
-  """
-  inverse = {v: k for k, v in names.items()}
-
-  def rename(tree, table):
-    flat = traverse_util.flatten_dict(dict(tree), sep="/")
-    out = {}
-    for path, leaf in flat.items():
-      hits = [k for k in table if path == k or path.startswith(k + "/")]
-      if hits:
-        k = max(hits, key=len)
-        path = table[k] + path[len(k):]
-      out[path] = leaf
-    return traverse_util.unflatten_dict(out, sep="/")
-
-  def to_inside(variables):
-    return {c: rename(v, inverse) if c == "params" else v
-            for c, v in variables.items()}
-
-  def to_outside(variables):
-    return {c: rename(v, names) if c == "params" else v
-            for c, v in variables.items()}
-
-  return nn.map_variables(module_cls, "params", trans_in_fn=to_inside,
-                          trans_out_fn=to_outside, init=True)
