@@ -19,6 +19,8 @@ RAR's adaLN modulation tables). This module owns what both share:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -26,6 +28,9 @@ import jax.numpy as jnp
 
 from genvis_jax import errors
 from genvis_jax.models.layers.attention import resize_kv_cache
+
+# kv_len granularity of the decode chunks (0 = one chunk over the full cache).
+DEFAULT_BUCKET = 64
 
 
 def cfg_labels(labels, null_label: int):
@@ -143,3 +148,65 @@ def check_dtype(dtype):
         f"sample dtype {dtype!r} is not supported; use 'float32' (parity) or "
         "'bfloat16' (parameters and KV cache in bf16, logits and sampling fp32).")
   return jnp.dtype(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Static sampler options (hashable: one compiled program per value).
+
+  cached: KV-cached decoder (else the full-recompute reference); use_cfg: a
+  doubled batch with the null class; dtype: ``check_dtype`` result and bucket:
+  ``decode`` chunking (both cached only; None / 0 for the reference). A
+  sampler subclasses it for its own static options.
+  """
+  cached: bool
+  use_cfg: bool
+  dtype: Any = None
+  bucket: int = 0
+
+
+def options(cls=Options, *, cached: bool, use_cfg: bool, dtype=None,
+            bucket: int | None = None, **fields):
+  """``cls`` with checked, normalized fields: dtype / bucket (default
+  ``DEFAULT_BUCKET``) apply to the cached decoder only, so every reference
+  call shares one compiled program. Raises ``ConfigError`` for a dtype
+  ``check_dtype`` rejects."""
+  if not cached:
+    return cls(cached=False, use_cfg=bool(use_cfg), **fields)
+  bucket = DEFAULT_BUCKET if bucket is None else int(bucket)
+  return cls(cached=True, use_cfg=bool(use_cfg), dtype=check_dtype(dtype),
+             bucket=bucket, **fields)
+
+
+@functools.lru_cache(maxsize=32)
+def compiled(impl, model, opts: Options):
+  """``jit(impl(model, opts, *args))``, cached: training-time sample grids call
+  a sampler repeatedly with one compile. The cached decoder runs the model
+  without remat and, when ``opts.dtype`` is set, in that compute dtype."""
+  if opts.cached:
+    model = model.clone(remat="none",
+                        **({} if opts.dtype is None else {"dtype": opts.dtype}))
+  return jax.jit(functools.partial(impl, model, opts))
+
+
+def check_call(labels, temperature):
+  """The per-call arguments every class-conditional sampler shares.
+
+  Returns labels as int32 (B,); raises ``ConfigError`` (a ``ValueError``) when
+  labels are not 1-D or temperature is not > 0.
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  if labels.ndim != 1:
+    raise errors.ConfigError(
+        f"labels must be a 1-D class array, got shape {labels.shape}.")
+  if temperature <= 0:
+    raise errors.ConfigError(
+        f"temperature must be > 0, got {temperature} (1.0 = the model's "
+        "distribution).")
+  return labels
+
+
+def call(fn, params, labels, rng, *scalars):
+  """Calls a ``compiled`` sampler with traced fp32 scalars (guidance,
+  temperature, ...), so changing them does not recompile."""
+  return fn(params, labels, rng, *(jnp.asarray(v, jnp.float32) for v in scalars))

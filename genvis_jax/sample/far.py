@@ -14,17 +14,22 @@ batch may be sharded along a mesh axis: everything is per-example except the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax.models.layers.attention import resize_kv_cache
 from genvis_jax.sample import ar
-from genvis_jax.sample.ar import cfg_labels  # noqa: F401  (public here too)
 
-# kv_len granularity of the backbone decode chunks (0 = one chunk, full cache).
-DEFAULT_BUCKET = 64
+
+@dataclasses.dataclass(frozen=True)
+class Options(ar.Options):
+  """``ar.Options`` + the logit filters (``top_k_top_p``; 0 / 1.0 = off)."""
+  top_k: int = 0
+  top_p: float = 1.0
 
 
 def top_k_top_p(logits, top_k: int = 0, top_p: float = 1.0):
@@ -55,10 +60,6 @@ def _pick(logits, rng, t, i, g, temp, use_cfg, top_k, top_p):
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-def _twice(use_cfg):
-  return (lambda a: jnp.repeat(a, 2, axis=0)) if use_cfg else (lambda a: a)
-
-
 def _resize_backbone(cache, kv_len):
   """Fits the backbone caches (``layers_*``) to a chunk; the head cache
   (length k, rewritten at every position) stays."""
@@ -67,13 +68,13 @@ def _resize_backbone(cache, kv_len):
 
 
 def _cached_impl(model, opts, params, labels, rng, g, temp):
-  use_cfg, top_k, top_p, dtype, bucket = opts
+  use_cfg = opts.use_cfg
   b, k, n = labels.shape[0], model.num_codebooks, model.seq_len
-  params = ar.cast_params(params, dtype)
+  params = ar.cast_params(params, opts.dtype)
   twice = functools.partial(ar.twice, use_cfg=use_cfg)
-  labels2 = cfg_labels(labels, model.null_label) if use_cfg else labels
+  labels2 = ar.cfg_labels(labels, model.null_label) if use_cfg else labels
   pick = functools.partial(_pick, rng=rng, g=g, temp=temp, use_cfg=use_cfg,
-                           top_k=top_k, top_p=top_p)
+                           top_k=opts.top_k, top_p=opts.top_p)
 
   def head(cache, h, t):
     """k head steps for position t -> (cache, codes (B, k))."""
@@ -99,15 +100,15 @@ def _cached_impl(model, opts, params, labels, rng, g, temp):
                            t - 1, method="backbone_step", mutable=["cache"])
     return head(state["cache"], h, t)
 
-  return ar.decode(prefill, step, num_steps=n, pos_offset=1, bucket=bucket,
-                   resize=_resize_backbone)
+  return ar.decode(prefill, step, num_steps=n, pos_offset=1,
+                   bucket=opts.bucket, resize=_resize_backbone)
 
 
 def _uncached_impl(model, opts, params, labels, rng, g, temp):
-  use_cfg, top_k, top_p = opts
+  use_cfg, top_k, top_p = opts.use_cfg, opts.top_k, opts.top_p
   b, k, n = labels.shape[0], model.num_codebooks, model.seq_len
-  twice = _twice(use_cfg)
-  labels2 = cfg_labels(labels, model.null_label) if use_cfg else labels
+  twice = functools.partial(ar.twice, use_cfg=use_cfg)
+  labels2 = ar.cfg_labels(labels, model.null_label) if use_cfg else labels
 
   def body(t, codes):
     # Full forward per sub-token; codes not yet sampled are zeros that the
@@ -123,43 +124,28 @@ def _uncached_impl(model, opts, params, labels, rng, g, temp):
   return jax.lax.fori_loop(0, n, body, jnp.zeros((b, k, n), jnp.int32))
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled(impl, model, opts):
-  if impl is _cached_impl:
-    dtype = opts[3]
-    model = model.clone(remat="none",
-                        **({} if dtype is None else {"dtype": dtype}))
-  return jax.jit(functools.partial(impl, model, opts))
-
-
 def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
                top_k: int = 0, top_p: float = 1.0, dtype=None,
                bucket: int | None = None):
   """The jitted ``f(params, labels, rng, g, temperature) -> codes`` that
-  ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``)."""
-  opts = (bool(use_cfg), int(top_k), float(top_p))
-  if not cached:
-    return _compiled(_uncached_impl, model, opts)
-  bucket = DEFAULT_BUCKET if bucket is None else int(bucket)
-  return _compiled(_cached_impl, model,
-                   opts + (ar.check_dtype(dtype), bucket))
+  ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``).
+  Raises ``ConfigError`` for top_k < 0 or top_p outside (0, 1]."""
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise errors.ConfigError(
+        f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, "
+        f"top_p={top_p} (0 / 1.0 disable them).")
+  opts = ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
+                    bucket=bucket, top_k=int(top_k), top_p=float(top_p))
+  return ar.compiled(_cached_impl if cached else _uncached_impl, model, opts)
 
 
 def _run(cached, model, params, labels, rng, guidance_scale, temperature, top_k,
          top_p, dtype=None, bucket=None):
-  if labels.ndim != 1:
-    raise ValueError(f"labels must be a 1-D class array, got shape {labels.shape}.")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, "
-                     f"top_p={top_p} (0 / 1.0 disable them).")
+  labels = ar.check_call(labels, temperature)
   use_cfg = float(guidance_scale) > 1.0  # official: CFG only when scale > 1
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, top_k=top_k,
                   top_p=top_p, dtype=dtype, bucket=bucket)
-  f32 = lambda v: jnp.asarray(v, jnp.float32)
-  return fn(params, jnp.asarray(labels, jnp.int32), rng, f32(guidance_scale),
-            f32(temperature))
+  return ar.call(fn, params, labels, rng, guidance_scale, temperature)
 
 
 def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
@@ -181,7 +167,7 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
       parameters once and runs matmuls and the KV caches in bf16, logits and
       sampling in fp32 (for accelerators).
     bucket: kv_len granularity of the backbone decode chunks (default
-      ``DEFAULT_BUCKET``; 0 = one chunk over the full cache).
+      ``ar.DEFAULT_BUCKET``; 0 = one chunk over the full cache).
   Returns:
     int32 (B, k, grid**2) codes, sub-token maps in the tokenizer's order,
     each raster order (reshape to (B, k, grid, grid) for ``decode``).

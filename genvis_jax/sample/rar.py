@@ -14,17 +14,16 @@ parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax.models.rar import PREFIX
 from genvis_jax.sample import ar
-from genvis_jax.sample.ar import cfg_labels  # noqa: F401  (public here too)
 
-# kv_len granularity of the decode chunks (0 = one chunk over the full cache).
-DEFAULT_BUCKET = 64
 # Largest per-chunk modulation table (bytes); above it each step computes the
 # modulation of its own position (still once per distinct condition).
 TABLE_BYTES = 1 << 30
@@ -51,8 +50,10 @@ def pick(logits, step, rng, seq_len, g, pw, temperature, use_cfg):
   return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
 
 
-def _twice(x):
-  return jnp.repeat(x, 2, axis=0)
+@dataclasses.dataclass(frozen=True)
+class Options(ar.Options):
+  """``ar.Options`` + seq_len: tokens to generate (1..model.seq_len)."""
+  seq_len: int = 0
 
 
 def table_bytes(model, conditions: int, length: int, dtype=None) -> int:
@@ -64,9 +65,9 @@ def table_bytes(model, conditions: int, length: int, dtype=None) -> int:
 
 
 def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
-  use_cfg, seq_len, dtype, bucket = opts
+  use_cfg, seq_len = opts.use_cfg, opts.seq_len
   b = labels.shape[0]
-  params = ar.cast_params(params, dtype)
+  params = ar.cast_params(params, opts.dtype)
   # Distinct conditions: the B classes (+ the null class once under CFG).
   conds = (jnp.concatenate([labels, jnp.full((1,), model.null_label,
                                               labels.dtype)])
@@ -101,19 +102,18 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
     return state["cache"], draw(logits, t)[:, None]
 
   codes = ar.decode(prefill, step, num_steps=seq_len, pos_offset=PREFIX,
-                    bucket=bucket, chunk_setup=chunk_setup)
+                    bucket=opts.bucket, chunk_setup=chunk_setup)
   return codes[:, 0]
 
 
 def _uncached_impl(model, opts, params, labels, rng, g, pw, temp):
-  use_cfg, seq_len = opts[:2]
+  use_cfg, seq_len = opts.use_cfg, opts.seq_len
   b = labels.shape[0]
-  labels2 = cfg_labels(labels, model.num_classes) if use_cfg else labels
-  twice = _twice if use_cfg else (lambda t: t)
+  labels2 = ar.cfg_labels(labels, model.num_classes) if use_cfg else labels
 
   def body(t, tokens):
     # Full causal forward; positions > t hold placeholders the mask hides.
-    logits = model.apply({"params": params}, twice(tokens), labels2)
+    logits = model.apply({"params": params}, ar.twice(tokens, use_cfg), labels2)
     logits = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)
     tok = pick(logits, t, rng, seq_len, g, pw, temp, use_cfg)
     return jax.lax.dynamic_update_index_in_dim(tokens, tok, t, axis=1)
@@ -122,30 +122,12 @@ def _uncached_impl(model, opts, params, labels, rng, g, pw, temp):
   return jax.lax.fori_loop(0, seq_len, body, tokens)[:, :seq_len]
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled(impl, model, opts):
-  # Cached: training-time sample grids call this repeatedly (one compile).
-  if impl is _cached_impl:
-    dtype = opts[2]
-    model = model.clone(remat="none",
-                        **({} if dtype is None else {"dtype": dtype}))
-  return jax.jit(functools.partial(impl, model, opts))
-
-
 def _check_len(model, seq_len):
   seq_len = model.seq_len if seq_len is None else int(seq_len)
   if not 1 <= seq_len <= model.seq_len:
-    raise ValueError(f"seq_len={seq_len} must be in 1..{model.seq_len} "
-                     "(config.model.seq_len).")
+    raise errors.ConfigError(f"seq_len={seq_len} must be in 1..{model.seq_len} "
+                             "(config.model.seq_len).")
   return seq_len
-
-
-def _opts(model, cached, use_cfg, seq_len, dtype, bucket):
-  seq_len = _check_len(model, seq_len)
-  if not cached:
-    return (bool(use_cfg), seq_len)
-  bucket = DEFAULT_BUCKET if bucket is None else int(bucket)
-  return (bool(use_cfg), seq_len, ar.check_dtype(dtype), bucket)
 
 
 def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
@@ -154,23 +136,19 @@ def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
   """The jitted ``f(params, labels, rng, g, pow, temperature) -> tokens`` that
   ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``);
   ``dtype`` and ``bucket`` as in ``sample`` (cached only)."""
-  impl = _cached_impl if cached else _uncached_impl
-  return _compiled(impl, model, _opts(model, cached, use_cfg, seq_len, dtype,
-                                      bucket))
+  opts = ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
+                    bucket=bucket, seq_len=_check_len(model, seq_len))
+  return ar.compiled(_cached_impl if cached else _uncached_impl, model, opts)
 
 
 def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
          temperature, seq_len, dtype=None, bucket=None):
-  if labels.ndim != 1:
-    raise ValueError(f"labels must be a 1-D class array, got shape {labels.shape}.")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  labels = ar.check_call(labels, temperature)
   use_cfg = float(guidance_scale) != 0.0  # official: g == 0 disables CFG
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
                   dtype=dtype, bucket=bucket)
-  f32 = lambda v: jnp.asarray(v, jnp.float32)
-  return fn(params, jnp.asarray(labels, jnp.int32), rng, f32(guidance_scale),
-            f32(guidance_pow), f32(temperature))
+  return ar.call(fn, params, labels, rng, guidance_scale, guidance_pow,
+                 temperature)
 
 
 def sample(model, params, labels, rng, *, guidance_scale: float,
@@ -193,7 +171,7 @@ def sample(model, params, labels, rng, *, guidance_scale: float,
       bf16, logits and sampling in fp32 (for accelerators; tokens then differ
       from fp32 in a few positions).
     bucket: kv_len granularity of the decode chunks (default
-      ``DEFAULT_BUCKET``; 0 = one chunk over the full cache, fastest compile).
+      ``ar.DEFAULT_BUCKET``; 0 = one chunk over the full cache, fastest compile).
   Returns:
     int32 (B, seq_len) image codes in raster order.
   """
