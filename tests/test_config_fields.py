@@ -76,3 +76,11 @@ def test_builder_rejects_misspelt_model_key():
   assert (m.mlp_dim, m.seq_len, m.depth) == (128, 16, rar.RAR.depth)
   with pytest.raises(ConfigError, match="not divisible"):
     models.build(ml_collections.ConfigDict(dict(name="rar", hidden_size=65)))
+
+
+def test_shared_base_keys_at_their_base_value_pass_a_class_without_them():
+  """configs/base.py gives every model section remat = "none"; _Toy has no
+  remat field: accepted at "none", an error when a remat is asked for."""
+  assert models.config_fields(_cfg(remat="none"), _Toy) == {}
+  with pytest.raises(ConfigError, match=r"\['remat'\]"):
+    models.config_fields(_cfg(remat="full"), _Toy)

@@ -23,7 +23,7 @@ from configs import maskgit_vqgan as maskgit_config
 from configs import rar_b
 from genvis_jax import convert, models
 from genvis_jax.convert import io as cio
-from genvis_jax.core.checkpoint import CheckpointMismatchError, load_params
+from genvis_jax.core.checkpoint import CheckpointMismatchError, restore_params
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,7 +292,7 @@ def test_convert_file_writes_what_init_from_loads(rar, tmp_path):
   dst = str(tmp_path / "ckpt")
   convert.convert_file("rar", src, cfg, dst)
   abstract = jax.eval_shape(lambda r: models.init_params(cfg, r), jax.random.key(0))
-  loaded = load_params(dst, abstract)
+  loaded = restore_params(dst, abstract)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
   with pytest.raises(FileExistsError, match="--overwrite"):
     convert.convert_file("rar", src, cfg, dst)

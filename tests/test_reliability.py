@@ -273,7 +273,7 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path):
   other = ml_collections_copy(model, name="rar")
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
                      match="training run of model 'classifier'; a 'rar' checkpoint"):
-    ckpt_lib.load_params(runs[1], None, setting="--config.init_from",
+    ckpt_lib.restore_params(runs[1], None, setting="--config.init_from",
                          model_name=other.name)
   for damage in ("3", "6"):
     _truncate_largest_data_file(os.path.join(_copy_once(runs[1], tmp_path),

@@ -4,7 +4,7 @@ and the one reader of every weight file.
   params = from_torch("rar", state_dict, config.model)
   python -m genvis_jax.convert --kind=rar --src=rar_b.bin \
       --config=configs/rar_b.py --dst=/ckpt/rar_b
-  params = load_params(path, expected, convert=lpips.convert)
+  params = load_weights(path, expected, convert=lpips.convert)
 
 ``state_dict`` maps official key names to numpy arrays (``io.load_state_dict``
 reads .bin/.pt/.pth/.ckpt without torch, .safetensors and .npz). Every result is
@@ -38,7 +38,7 @@ from genvis_jax.core import registry
 from genvis_jax.core.checkpoint import (CheckpointMismatchError, compare_trees,
                                         save_params)
 
-__all__ = ["kind_module", "kinds", "from_torch", "convert_file", "load_params",
+__all__ = ["kind_module", "kinds", "from_torch", "convert_file", "load_weights",
            "CheckpointMismatchError"]
 
 
@@ -131,7 +131,7 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
   return params
 
 
-def load_params(path: str, expected=None, *,
+def load_weights(path: str, expected=None, *,
                 convert: Callable[[dict], Any] | None = None,
                 setting: str = "the weights path",
                 what: str = "weights") -> dict:
@@ -155,7 +155,7 @@ def load_params(path: str, expected=None, *,
       raise io.CheckpointFileError(
           f"{path} ({setting}) is a directory; these {what} are read from one "
           "file (.npz / .pth / .bin / .safetensors).")
-    return ckpt_lib.load_params(path, expected, setting=setting)
+    return ckpt_lib.restore_params(path, expected, setting=setting)
   if not os.path.exists(path):
     raise io.CheckpointFileNotFoundError(
         f"No {what} at {path!r} ({setting}): file not found. Convert the "

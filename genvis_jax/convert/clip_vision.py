@@ -66,8 +66,8 @@ def tower_config(build_named, name: str) -> ml_collections.ConfigDict:
 
 def named_module(model_config, build_named, from_fields, alias: tuple[str, str]):
   """Module from a name string, ``{name, **overrides}`` or plain fields; a
-  teacher-registry name (``clip_vit_l14``, ``dinov2_s14``) is mapped by
-  ``alias`` = (teacher prefix, config prefix)."""
+  family-prefixed name (``clip_vit_l14``, ``dinov2_s14``) is mapped by
+  ``alias`` = (family prefix, config prefix)."""
   def resolve(name):
     return alias[1] + name[len(alias[0]):] if name.startswith(alias[0]) else name
 
@@ -124,9 +124,9 @@ def save_teacher_params(path: str, params) -> None:
 
 def load_teacher_params(path: str, setting: str = "config.teachers[i].path"):
   """Teacher params from the ``.npz`` :func:`write` makes (``--kind=clip_vision``
-  or ``dinov2``), through ``convert.load_params``; the task checks them by
+  or ``dinov2``), through ``convert.load_weights``; the task checks them by
   applying its teacher. Raises ``CheckpointFileNotFoundError`` (a
   FileNotFoundError) for a missing file, ``CheckpointFileError`` for an
   unreadable one or one holding official names."""
-  return convert_lib.load_params(path, setting=setting, what="teacher weights")
+  return convert_lib.load_weights(path, setting=setting, what="teacher weights")
 

@@ -61,10 +61,10 @@ def convert_dino_vit(state_dict: dict[str, np.ndarray], *,
 
 def load_dino_vit(path: str, expected=None, *, zero_k_bias: bool = False) -> dict:
   """Reads a local timm ViT state dict (.pth / .bin / .safetensors / .npz,
-  through ``convert.load_params``, no torch, no download) -> ``FrozenViT``
+  through ``convert.load_weights``, no torch, no download) -> ``FrozenViT``
   params, checked against ``expected`` (abstract params of the
   discriminator's ``vit``) when given."""
-  params = convert_lib.load_params(
+  params = convert_lib.load_weights(
       path, expected, convert=convert_dino_vit,
       setting="config.disc.vit_path (a local timm / DINO ViT state dict, "
       "e.g. dino_deitsmall16_pretrain.pth)", what="DINO ViT weights")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from genvis_jax import convert as convert_lib
+from genvis_jax.convert import tree
 from genvis_jax.models import inception
 
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
@@ -56,18 +57,11 @@ def convert(state_dict: dict[str, np.ndarray],
   ``genvis_jax.convert.from_torch``. Values come back as float32 numpy arrays.
   """
   del model_config
-  params: dict = {}
-  for key, value in state_dict.items():
-    if key.endswith("num_batches_tracked"):
-      continue
-    path, leaf = _leaf(key, np.asarray(value, np.float32))
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    if path[-1] in node:
-      raise ValueError(f"Two keys map to {'/'.join(path)} (last: {key!r}).")
-    node[path[-1]] = np.ascontiguousarray(leaf)
-  return params
+  items = (_leaf(key, np.asarray(value, np.float32))
+           for key, value in state_dict.items()
+           if not key.endswith("num_batches_tracked"))
+  return tree.nest(("/".join(path), np.ascontiguousarray(leaf))
+                   for path, leaf in items)
 
 
 def expected(model_config=None):
@@ -89,6 +83,6 @@ def load_inception_params(path: str) -> dict:
       ``Mixed_5b.branch1x1.conv.weight``), converted on the fly.
   The tree is checked against the model's; a mismatch names the keys.
   """
-  return convert_lib.load_params(path, expected(), convert=convert,
+  return convert_lib.load_weights(path, expected(), convert=convert,
                                  setting="--config.evaluate.inception",
                                  what="Inception weights")

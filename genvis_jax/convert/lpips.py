@@ -73,7 +73,7 @@ def load_lpips_params(path: str) -> dict:
   Other keys (e.g. ``scaling_layer.shift``, torchvision classifier) are ignored.
   Returns the ``params`` pytree of ``LPIPS`` (kernels HWIO).
   """
-  return convert_lib.load_params(
+  return convert_lib.load_weights(
       path, expected(), convert=convert,
       setting="the LPIPS weights path (loss.lpips_path / evaluate.lpips_path)",
       what="LPIPS weights")

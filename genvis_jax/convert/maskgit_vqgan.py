@@ -55,13 +55,7 @@ def convert(state_dict: dict[str, np.ndarray],
   ``model_config`` is unused (sizes come from the arrays).
   """
   del model_config
-  params: dict = {}
-  for key, value in state_dict.items():
-    path, leaf = _leaf(key, np.asarray(value, np.float32))
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    if path[-1] in node:
-      raise ValueError(f"Two keys map to {'/'.join(path)} (last: {key!r}).")
-    node[path[-1]] = np.ascontiguousarray(leaf)
-  return params
+  items = (_leaf(key, np.asarray(value, np.float32))
+           for key, value in state_dict.items())
+  return tree.nest(("/".join(path), np.ascontiguousarray(leaf))
+                   for path, leaf in items)

@@ -395,7 +395,7 @@ def save_params(directory: str, params) -> None:
   ckptr.wait_until_finished()
 
 
-def load_params(directory: str, abstract_params, *, setting: str = "",
+def restore_params(directory: str, abstract_params, *, setting: str = "",
                 model_name: str = "") -> Any:
   """Loads ``{"params": ...}`` written by :func:`save_params` into the given
   abstract tree (shapes, dtypes, shardings); clear error on any mismatch.

@@ -40,6 +40,9 @@ def example_inputs(model_config, batch_size: int = 1) -> tuple:
   return module(model_config.name).example_inputs(model_config, batch_size)
 
 
+SHARED_DEFAULTS = {"dtype": "float32", "param_dtype": "float32", "remat": "none"}
+
+
 def config_fields(model_config, cls, *, derived=(), ignore=(),
                   **overrides) -> dict:
   """``model_config``'s entries as keyword arguments of the Flax module class
@@ -69,7 +72,12 @@ def config_fields(model_config, cls, *, derived=(), ignore=(),
   """
   fields = {f.name: f for f in dataclasses.fields(cls)
             if f.name not in ("name", "parent")}
-  skip = {"name", *derived, *ignore}
+  # Every model section carries the shared precision / remat keys of
+  # configs/base.py; a class without such a setting accepts it at its
+  # base value only (a bf16 or remat request it cannot honour is an error).
+  skip = {"name", *derived, *ignore,
+          *(k for k, v in SHARED_DEFAULTS.items()
+            if k not in fields and model_config.get(k, v) == v)}
   unknown = sorted(k for k in model_config.keys()
                    if k not in fields and k not in skip)
   if unknown:
@@ -153,7 +161,7 @@ def load_params(model_config, directory: str, mesh=None, *,
 
   The one way weights reach a model at inference: ``directory`` is what
   ``python -m genvis_jax.convert`` writes or a training workdir (its EMA
-  weights when tracked, see ``core.checkpoint.load_params``); replicated over
+  weights when tracked, see ``core.checkpoint.restore_params``); replicated over
   ``mesh`` when given. ``setting`` names the config key the path came from
   (for the messages). Raises ``CheckpointNotFoundError`` (no path, nothing
   there), ``CheckpointMismatchError`` (another model or other shapes) and
@@ -171,5 +179,5 @@ def load_params(model_config, directory: str, mesh=None, *,
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         abstract)
-  return ckpt_lib.load_params(directory, abstract, setting=setting,
+  return ckpt_lib.restore_params(directory, abstract, setting=setting,
                               model_name=model_config.name)

@@ -150,7 +150,7 @@ def train_loop(config, workdir: str, on_log=None):
     if config.init_from:
       group = "model"   # init_from holds the model's parameters only
       abstract = trainer.abstract_state().params[group]
-      loaded = ckpt_lib.load_params(
+      loaded = ckpt_lib.restore_params(
           config.init_from, abstract, setting="--config.init_from",
           model_name=config.model.name)
       params = dict(state.params)
@@ -168,7 +168,7 @@ def train_loop(config, workdir: str, on_log=None):
 
   writer = metrics_lib.create_writer(workdir)
   if start == 0:
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+    writer.write_hparams({k: v for k, v in metrics_lib.flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
   progress = metrics_lib.Progress(start, num_steps)
   guard = guard_lib.DivergenceGuard(
@@ -268,13 +268,3 @@ def _write_visuals(trainer, state, vis_batch, writer, workdir, step):
   if images:
     images = {k: np.asarray(jax.device_get(v)) for k, v in images.items()}
     metrics_lib.write_images(writer, workdir, step, images)
-
-
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
