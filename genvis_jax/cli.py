@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 from absl import flags
@@ -65,6 +66,20 @@ def _config_paths(argv):
           if a.startswith("--config=")]
 
 
+def unknown_key_message(error: Exception, argv) -> str:
+  """One line for ml_collections' unknown-key error: the override that named
+  it, its suggestion, and the fix."""
+  text = str(error)
+  m = re.search(r"([A-Za-z_][\w]*)", text)
+  key = m.group(1) if m else "?"
+  bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+         and a.split("=")[0].rsplit(".", 1)[-1] == key] or [key]
+  hint = re.search(r'Did you mean "([\w.]+)"', text)
+  hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+  return (f"Unknown config key {bad[0]}{hint}: an override must name a field "
+          "the config file has; add new fields to the config file first.")
+
+
 def flags_parser(usage: str):
   """An ``app.run(flags_parser=...)`` that turns flag and config-file errors
   into one message (plus ``usage``) and exit code 2."""
@@ -79,12 +94,7 @@ def flags_parser(usage: str):
     except (AttributeError, KeyError) as e:   # ml_collections: unknown key
       if verbose(argv):
         raise
-      overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-      detail = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-      detail = detail.replace("\\'", "").strip()
-      fail(f"Unknown config key among {overrides}: {detail}. Overrides must "
-           "name an existing field of the config file; add new fields in "
-           "configs/ first.", 2)
+      fail(unknown_key_message(e, argv), 2)
     except flags.Error as e:
       if verbose(argv):
         raise

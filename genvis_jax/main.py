@@ -50,9 +50,7 @@ def main(argv):
     cli.fail(f"Unexpected arguments {argv[1:]}; flags are written "
              f"--name=value.\n{USAGE}", 2)
   config = FLAGS.config
-  if config.get("mode") not in modes.MODES:
-    cli.fail(f"Unknown config.mode {config.get('mode')!r} in the config file; "
-             f"choose one of {sorted(modes.MODES)}.")
+  modes.check_names(config)
   from genvis_jax.train import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize()
   quiet_library_logs()

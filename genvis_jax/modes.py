@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from genvis_jax.core import registry
+from genvis_jax.errors import ConfigError
 
 # mode -> "module:function(config, workdir)"
 MODES = {
@@ -16,8 +17,31 @@ MODES = {
 
 def resolve(mode: str):
   if mode not in MODES:
-    raise ValueError(f"Unknown config.mode {mode!r}; choose one of {sorted(MODES)}.")
+    raise ConfigError(f"Unknown config.mode {mode!r}; choose one of "
+                      f"{sorted(MODES)}.")
   return registry.function(MODES[mode])
+
+
+# (config key, package, names the module must define) per mode.
+_NAMED = {
+    "train": [("model.name", "genvis_jax.models", ("build", "example_inputs")),
+              ("task", "genvis_jax.train.tasks", ("TASK",))],
+    "sample": [("model.name", "genvis_jax.sample", ("generate",))],
+    "evaluate": [("evaluate.kind", "genvis_jax.evaluate", ("evaluate",))],
+}
+
+
+def check_names(config) -> None:
+  """The config strings ``config.mode`` will resolve to modules, checked
+  before any device starts (so a misspelt name is the first and only
+  message). Raises ``ConfigError`` naming the choices."""
+  resolve(config.get("mode"))
+  for key, package, attrs in _NAMED.get(config.mode, ()):
+    node = config
+    for part in key.split("."):
+      node = node.get(part, None) if node is not None else None
+    if node:
+      registry.module(package, node, attrs, setting=f"config.{key}")
 
 
 def run(config, workdir: str):

@@ -96,6 +96,9 @@ CASES = {
         ["--config=configs/rar_b.py:runlocal", "--config.mode=sample",
          "--config.init_from=/nowhere/run"],
         r"No checkpoint at /nowhere/run \(--config.init_from\)"),
+    "unknown_model": (
+        ["--config=configs/rar_b.py:runlocal", "--config.model.name=rar_b"],
+        r"Unknown config.model.name='rar_b'.*choose one of .*'rar'"),
     "missing_inception": (
         ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate",
          "--config.evaluate.samples=/nowhere/s.npz",
