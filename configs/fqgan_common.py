@@ -157,9 +157,10 @@ def _teacher(name, head):
                                         kwargs=ml_collections.ConfigDict()))
 
 
+# Teacher names are "<module>:<variant>" of genvis_jax/models (teachers.py).
 TEACHERS = {
-    "dual": (("clip_vit_l14", "sem"),),
-    "triple": (("dinov2_s14", "sem_mid"), ("clip_vit_b16", "sem_high")),
+    "dual": (("clip_vision:vit_l14", "sem"),),
+    "triple": (("dinov2:vit_s14", "sem_mid"), ("clip_vision:vit_b16", "sem_high")),
 }
 
 

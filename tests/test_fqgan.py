@@ -58,7 +58,7 @@ def _random_params(shapes, seed):
 def _teacher_file(tmp_path, width=HEAD_W):
   kwargs = dict(image_size=16, patch_size=8, width=width, num_layers=1,
                 num_heads=2)
-  module, _ = teachers_lib.get_teacher("vit", **kwargs)
+  module, _ = teachers_lib.get_teacher("teachers:vit", **kwargs)
   shapes = jax.eval_shape(module.init, jax.random.key(7),
                           jnp.zeros((1, 16, 16, 3)))["params"]
   params = _random_params(nn.unbox(shapes), 7)
@@ -79,7 +79,7 @@ def _task_config(tmp_path, model=None):
   c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1))
   path, kwargs = _teacher_file(tmp_path)
   c.teachers = (ml_collections.ConfigDict(dict(
-      name="vit", path=path, head="sem",
+      name="teachers:vit", path=path, head="sem",
       kwargs=ml_collections.ConfigDict(kwargs))),)
   return c
 
@@ -313,7 +313,7 @@ def test_teacher_interface():
   y = teachers_lib.torch_nearest_resize(x, 224)
   # torch F.interpolate(mode="nearest"): out[i] = in[floor(i * 256 / 224)].
   np.testing.assert_array_equal(y[0, :, 0, 0], np.floor(np.arange(224) * 8 / 7))
-  _, pre = teachers_lib.get_teacher("vit", image_size=32)
+  _, pre = teachers_lib.get_teacher("teachers:vit", image_size=32)
   out = pre(-jnp.ones((1, 64, 64, 3)))
   np.testing.assert_allclose(
       out[0, 0, 0], -np.array(teachers_lib.OPENAI_CLIP_MEAN) /

@@ -20,6 +20,7 @@ from flax import linen as nn
 from genvis_jax import convert
 from genvis_jax.convert import clip_vision as cclip
 from genvis_jax.convert import dinov2 as cdino
+from genvis_jax.errors import ConfigError
 from genvis_jax.models import clip_vision, dinov2, teachers
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "teachers_parity.npz")
@@ -240,7 +241,7 @@ def test_cli_writes_the_npz_that_teachers_load(fx, tmp_path):
 # --- teacher registry -----------------------------------------------------------------
 
 def test_registered_teachers_give_the_fqgan_cls(fx, clip_params, tmp_path):
-  mod, pre = teachers.get_teacher("clip_vit_b16", **_clip_cfg(fx))
+  mod, pre = teachers.get_teacher("clip_vision:vit_b16", **_clip_cfg(fx))
   path = str(tmp_path / "clip.npz")
   cclip.save_teacher_params(path, clip_params)
   cls = mod.apply({"params": cclip.load_teacher_params(path)},
@@ -249,15 +250,16 @@ def test_registered_teachers_give_the_fqgan_cls(fx, clip_params, tmp_path):
   assert _rel(cls, fx["clip/last_hidden_state"][:, 0]) < TOL
   x = pre(jnp.zeros((3, 256, 256, 3)), (-1.0, 1.0))
   assert x.shape == (3, 28, 28, 3)
-  for name, width, offset in (("clip_vit_l14", 1024, None),
-                              ("clip_vit_b16", 768, None),
-                              ("dinov2_s14", 384, 0.1), ("dinov2_b14", 768, 0.0)):
+  for name, width, offset in (("clip_vision:vit_l14", 1024, None),
+                              ("clip_vision:vit_b16", 768, None),
+                              ("dinov2:vit_s14", 384, 0.1),
+                              ("dinov2:vit_b14", 768, 0.0)):
     mod, pre = teachers.get_teacher(name)
     assert mod.output == "cls" and mod.hidden_size == width
     if offset is not None:
       assert mod.interpolate_offset == offset
     assert pre(jnp.zeros((1, 256, 256, 3))).shape == (1, 224, 224, 3)
-  assert teachers.get_teacher("dinov2_b14")[0].interpolate_antialias
+  assert teachers.get_teacher("dinov2:vit_b14")[0].interpolate_antialias
 
 
 def test_bfloat16_teacher_stays_close_to_float32(fx, dino_params):
@@ -277,8 +279,13 @@ def test_bad_inputs_are_clear_errors(fx, clip_params):
   with pytest.raises(ValueError, match="Unknown output"):
     clip_vision.CLIPVisionModel(**_clip_cfg(fx), output="pooler").apply(
         {"params": clip_params}, jnp.asarray(fx["clip/pixels"]))
-  with pytest.raises(ValueError, match="Unknown teacher"):
+  with pytest.raises(ConfigError, match=r"Unknown teacher.*'<module>:<variant>'"
+                     r".*\['clip_vision', 'dinov2', 'teachers'\]"):
     teachers.get_teacher("clip_vit_h14")
+  with pytest.raises(ConfigError, match=r"'vit_h14'.*\['vit_b16', 'vit_l14'\]"):
+    teachers.get_teacher("clip_vision:vit_h14")
+  with pytest.raises(ConfigError, match="teachers:vit"):
+    teachers.get_teacher("teachers:vit_huge")
 
 
 def test_modules_from_hf_config_json(fx):

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax.errors import ConfigError
 from genvis_jax.models.layers import vit
 
 Dtype = Any
@@ -138,13 +139,15 @@ def from_hf_config(cfg: dict, **overrides) -> CLIPVisionModel:
 def clip_vision(name: str = "vit_l14", **overrides) -> CLIPVisionModel:
   """A released tower by name (``CONFIGS``); ``overrides`` are module fields."""
   if name not in CONFIGS:
-    raise ValueError(f"Unknown CLIP vision config {name!r}; use {sorted(CONFIGS)}.")
+    raise ConfigError(f"Unknown CLIP vision config {name!r}; use one of "
+                      f"{sorted(CONFIGS)}.")
   return CLIPVisionModel(**{**CONFIGS[name], **overrides})
 
 
 def teacher(name: str, dtype="float32", **overrides):
-  """FQGAN teacher: ``(module -> (B, D) cls, preprocess)`` for
-  ``teachers.get_teacher``; the CLS is taken before post_layernorm."""
+  """FQGAN teacher ``"clip_vision:{name}"`` of ``teachers.get_teacher``:
+  ``(module -> (B, D) cls, preprocess)``; the CLS is taken before
+  post_layernorm."""
   module = clip_vision(name, output="cls", dtype=jnp.dtype(dtype), **overrides)
   return module, lambda images, value_range=(-1.0, 1.0): preprocess(
       images, value_range, size=module.image_size)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax.errors import ConfigError
 from genvis_jax.models.clip_vision import preprocess as _preprocess
 from genvis_jax.models.layers import vit
 
@@ -208,14 +209,16 @@ def from_hf_config(cfg: dict, **overrides) -> Dinov2Model:
 def dinov2(name: str = "vit_s14", **overrides) -> Dinov2Model:
   """A released tower by name (``CONFIGS``); ``overrides`` are module fields."""
   if name not in CONFIGS:
-    raise ValueError(f"Unknown DINOv2 config {name!r}; use {sorted(CONFIGS)}.")
+    raise ConfigError(f"Unknown DINOv2 config {name!r}; use one of "
+                      f"{sorted(CONFIGS)}.")
   return Dinov2Model(**{**CONFIGS[name], **overrides})
 
 
 def teacher(name: str, dtype="float32", **overrides):
-  """``(module -> (B, D) cls, preprocess)`` for ``teachers.get_teacher``, with
-  the position-table resize of the project that used this tower
-  (``TEACHER_INTERP``); pass ``output="patch_tokens"`` for patch features."""
+  """``(module -> (B, D) cls, preprocess)``, the teacher ``"dinov2:{name}"``
+  of ``teachers.get_teacher``, with the position-table resize of the project
+  that used this tower (``TEACHER_INTERP``); pass ``output="patch_tokens"``
+  for patch features."""
   fields = {"output": "cls", **TEACHER_INTERP.get(name, {}), **overrides}
   module = dinov2(name, dtype=jnp.dtype(dtype), **fields)
   return module, preprocess

@@ -11,24 +11,31 @@ Teacher weights are read from a local file by
 ``genvis_jax.convert.clip_vision.load_teacher_params`` (never downloaded);
 ``save_teacher_params`` there writes that format.
 
-Registered here: ``vit``, the shared pre-norm ViT (``models/layers/vit.py``) whose
-CLS output is configurable to stand for the official teachers' read-outs:
-CLIP ``hidden_states[-1][:, 0]`` = after the last block, before post-LN
-(``final_norm=False``); DINOv2 ``last_hidden_state[:, 0]`` = after the final
-LayerNorm (``final_norm=True``). The exact CLIP ViT-L/14, ViT-B/16 and DINOv2-S
-towers (with converters from their released weights) register themselves with
-``@register_teacher(name)``.
+A teacher name (``config.teachers[i].name``) names its module, as every
+registry does (``genvis_jax.core.registry``): ``"<module>:<variant>"`` is
+``genvis_jax.models.<module>.teacher(variant, **kwargs)``, e.g.
+``"clip_vision:vit_l14"``, ``"clip_vision:vit_b16"``, ``"dinov2:vit_s14"``
+(the exact HF towers, converted with ``--kind=clip_vision`` / ``dinov2``);
+``"<module>"`` alone takes its default variant. A new teacher is a module
+defining ``teacher``; no table names it.
+
+This module's own ``teacher`` (``"teachers:vit"``) is the shared pre-norm ViT
+(``models/layers/vit.py``) whose CLS output is configurable to stand for the
+official teachers' read-outs: CLIP ``hidden_states[-1][:, 0]`` = after the
+last block, before post-LN (``final_norm=False``); DINOv2
+``last_hidden_state[:, 0]`` = after the final LayerNorm (``final_norm=True``).
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax.core import registry
+from genvis_jax.errors import ConfigError
 from genvis_jax.models import clip_vision, dinov2
 from genvis_jax.models.layers import vit
 
@@ -37,24 +44,26 @@ OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = clip_vision.CLIP_MEAN, clip_vision.CLIP_STD
 IMAGENET_MEAN, IMAGENET_STD = dinov2.IMAGENET_MEAN, dinov2.IMAGENET_STD
 _LN_EPS = 1e-5  # torch nn.LayerNorm default
 
-_TEACHERS: dict[str, Callable[..., tuple[nn.Module, Callable]]] = {}
-
-
-def register_teacher(name: str):
-  """Decorator: ``factory(**kwargs) -> (module, preprocess_fn)``."""
-  def deco(factory):
-    _TEACHERS[name] = factory
-    return factory
-  return deco
+_FORM = ("config.teachers[i].name is '<module>:<variant>' where "
+         "genvis_jax/models/<module>.py defines teacher(variant, **kwargs), "
+         "e.g. 'clip_vision:vit_l14', 'dinov2:vit_s14', 'teachers:vit'")
 
 
 def get_teacher(name: str, **kwargs):
-  """Returns ``(module, preprocess_fn)`` of the teacher registered as ``name``."""
-  if name not in _TEACHERS:
-    raise ValueError(f"Unknown teacher {name!r}; registered: {sorted(_TEACHERS)}. "
-                     "Register a Flax implementation with "
-                     "genvis_jax.models.teachers.register_teacher.")
-  return _TEACHERS[name](**kwargs)
+  """``(module, preprocess_fn)`` of the teacher ``name`` (see the module doc):
+  ``"<module>:<variant>"`` -> ``genvis_jax.models.<module>.teacher(variant,
+  **kwargs)``; ``"<module>"`` -> ``teacher(**kwargs)``.
+
+  Raises ConfigError naming the choices when no module of that name defines
+  ``teacher`` (an unknown variant is the module's ConfigError).
+  """
+  module_name, _, variant = str(name).partition(":")
+  try:
+    mod = registry.module("genvis_jax.models", module_name, ("teacher",),
+                          setting="teacher module")
+  except ConfigError as e:
+    raise ConfigError(f"Unknown teacher {name!r}: {_FORM}. {e}") from None
+  return mod.teacher(variant, **kwargs) if variant else mod.teacher(**kwargs)
 
 
 def torch_nearest_resize(x: jax.Array, size: int) -> jax.Array:
@@ -115,18 +124,16 @@ _NORMS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
           "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
-@register_teacher("vit")
-def vit_teacher(normalization: str = "clip", dtype="float32", **kwargs):
-  """Generic ViT teacher; ``kwargs`` are ``ViTTeacher`` fields."""
+def teacher(variant: str = "vit", normalization: str = "clip",
+            dtype="float32", **kwargs):
+  """Generic ViT teacher (``"teachers:vit"``, its one variant); ``kwargs`` are
+  ``ViTTeacher`` fields, ``normalization`` one of ``_NORMS``. Raises
+  ConfigError for another variant or normalization."""
+  if variant != "vit":
+    raise ConfigError(f"Unknown teacher variant 'teachers:{variant}'; the "
+                      "generic ViT teacher is 'teachers:vit'.")
   if normalization not in _NORMS:
-    raise ValueError(f"Unknown teacher normalization {normalization!r}; use "
-                     f"{sorted(_NORMS)}.")
+    raise ConfigError(f"Unknown teacher normalization {normalization!r}; use "
+                      f"{sorted(_NORMS)}.")
   module = ViTTeacher(dtype=jnp.dtype(dtype), **kwargs)
   return module, make_preprocess(module.image_size, *_NORMS[normalization])
-
-
-# Exact HF towers (parity-tested, converted with --kind=clip_vision / dinov2).
-register_teacher("clip_vit_l14")(partial(clip_vision.teacher, "vit_l14"))
-register_teacher("clip_vit_b16")(partial(clip_vision.teacher, "vit_b16"))
-register_teacher("dinov2_s14")(partial(dinov2.teacher, "vit_s14"))
-register_teacher("dinov2_b14")(partial(dinov2.teacher, "vit_b14"))
