@@ -17,22 +17,12 @@ sigma-VAE style: only mu is predicted; a training sample is
 ``+-std``; "KL" is ``0.5 * sum(mu^2)`` per image.
 
 The res and attention blocks are the shared ones of
-``genvis_jax.models.layers.resnet`` (reflect padding). Module names follow the
-official PyTorch keys with "." -> "_" before a list index, except where a
-shared block names its parts; converting is a rename + transpose (Conv2d
-(o, i, kh, kw) -> (kh, kw, i, o); Conv1d (o, i, k) -> (k, i, o)), the renames
-in ``genvis_jax.convert.eq``:
-  encoder.down.1.block.0.conv1.weight   -> encoder/down_1/block_0/conv1/kernel
-  encoder.down.2.block.0.nin_shortcut   -> encoder/down_2/block_0/shortcut
-  encoder.down.0.downsample.conv.conv   -> encoder/down_0/downsample/conv/conv
-  encoder.down.4.attn.1.q               -> encoder/down_4/attn_1/q
-  encoder.mid.attn_1.proj_out           -> encoder/mid/attn_1/proj_out
-  decoder.up.4.upsample.conv.conv       -> decoder/up_4/upsample/conv/conv
-  quant_layer.weight                    -> quant_layer/kernel
-The optional semantic decoder (``semantic_decoder/down_{i}/block_{j}``) maps a
-decoder feature map to 768-d features aligned with a frozen teacher; the
-official module also holds a third, never-called block per level
-(``down.{i}.block.2``) that has no counterpart here (the converter drops it).
+``genvis_jax.models.layers.resnet`` (reflect padding). Official -> Flax
+names: ``genvis_jax.convert.eq.TOKENIZER_RENAMES``. The optional semantic
+decoder (``semantic_decoder/down_{i}/block_{j}``) maps a decoder feature map
+to 768-d features aligned with a frozen teacher; the official module also
+holds a third, never-called block per level (``down.{i}.block.2``) that has no
+counterpart here (the converter drops it).
 """
 
 from __future__ import annotations

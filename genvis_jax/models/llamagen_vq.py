@@ -11,19 +11,9 @@ latents and codes L2-normalised; post_quant_conv 1x1 8 -> 256. Pixels in
 [-1, 1]; ``decode`` clips to [-1, 1].
 
 The res / attention blocks and the upsampler are the shared ones of
-``genvis_jax.models.layers.resnet``. Module names follow the official PyTorch
-keys ("." -> "_" before a list index) except where a shared block names its
-parts; the renames live in ``genvis_jax.convert.llamagen_vq``:
-  encoder.conv_blocks.1.res.0.nin_shortcut.weight -> encoder/conv_blocks_1/res_0/shortcut/kernel
-  encoder.conv_blocks.0.downsample.conv.weight    -> encoder/conv_blocks_0/downsample/conv/kernel
-  encoder.conv_blocks.4.attn.1.q.weight           -> encoder/conv_blocks_4/attn_1/q/kernel
-  encoder.mid.1.proj_out.bias                     -> encoder/mid_1/proj_out/bias
-  decoder.conv_blocks.0.attn.2.norm.weight        -> decoder/conv_blocks_0/attn_2/norm/scale
-  decoder.conv_blocks.3.upsample.conv.weight      -> decoder/conv_blocks_3/upsample/conv/kernel
-  quantize.embedding.weight                       -> quantize/embedding
-Decoder ``conv_blocks_{i}`` run lowest resolution first (index i = level n-1-i),
-as in the official ModuleList. ``quantize.codebook_used`` is a usage buffer and
-has no counterpart here.
+``genvis_jax.models.layers.resnet``. Official -> Flax names:
+``genvis_jax.convert.llamagen_vq.RENAMES``. Decoder ``conv_blocks_{i}`` run
+lowest resolution first (index i = level n-1-i), as in the official ModuleList.
 """
 
 from __future__ import annotations

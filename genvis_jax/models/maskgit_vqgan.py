@@ -7,14 +7,7 @@ search. Input pixels in [0, 1]; ``decode`` clamps to [0, 1].
 
 The res blocks and the upsampler are the shared ones of
 ``genvis_jax.models.layers.resnet`` with MaskGIT's options (``RES_BLOCK``).
-Module names follow the official PyTorch keys ("." -> "_" between a list name
-and its index) except where a shared block names its parts; the renames live
-in ``genvis_jax.convert.maskgit_vqgan``:
-  encoder.down.2.block.0.conv1.weight        -> encoder/down_2/block_0/conv1/kernel
-  encoder.down.2.block.0.nin_shortcut.weight -> encoder/down_2/block_0/shortcut/kernel
-  decoder.up.4.upsample_conv.bias            -> decoder/up_4/upsample/conv/bias
-  encoder.mid.1.norm2.weight                 -> encoder/mid_1/norm2/scale
-  quantize.embedding.weight                  -> quantize/embedding
+Official -> Flax names: ``genvis_jax.convert.maskgit_vqgan.RENAMES``.
 """
 
 from __future__ import annotations
