@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import eq_tokenizer as eq_tok_config
-from genvis_jax import convert
+from genvis_jax import convert, models
 from genvis_jax.convert import eq as ceq
 from genvis_jax.convert import fqgan as cfq
 from genvis_jax.convert import llamagen_vq as clg
@@ -187,7 +187,7 @@ def _eq_official_shapes(m):
 
 def test_eq_paper_official_key_list_converts_one_to_one():
   cfg = eq_tok_config.get_config().model
-  shapes = _eq_official_shapes(cfg)
+  shapes = _eq_official_shapes(models.build(cfg))   # every field, resolved
   zero = np.zeros((), np.float32)
   state = {k: np.broadcast_to(zero, v) for k, v in shapes.items()}
   params = convert.from_torch("eq_tokenizer", state, cfg)   # raises on any gap
