@@ -30,6 +30,7 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import registry
 from genvis_jax.models import inference
 from genvis_jax.sample import images as images_lib
@@ -103,16 +104,6 @@ def make_sample_fn(config, mesh):
   return sample_fn, sharding
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def sample_settings(config) -> dict:
   """What decides the images of a part file (flat, JSON-normalised)."""
   tok = config.tokenizer
@@ -121,7 +112,7 @@ def sample_settings(config) -> dict:
                "dtype": inference.data_model_config(tok).get("dtype", "")}
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
           "tokenizer": tokenizer, "sample": config.sample.to_dict()}
-  return json.loads(json.dumps(_flat(keep)))
+  return json.loads(json.dumps(metrics_lib.flatten(keep)))
 
 
 # Settings a resume may change: the parts depend only on their start index.

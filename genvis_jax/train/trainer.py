@@ -168,7 +168,8 @@ def train_loop(config, workdir: str, on_log=None):
 
   writer = metrics_lib.create_writer(workdir)
   if start == 0:
-    writer.write_hparams({k: v for k, v in metrics_lib.flatten(config.to_dict()).items()
+    hparams = metrics_lib.flatten(config.to_dict())
+    writer.write_hparams({k: v for k, v in hparams.items()
                           if isinstance(v, (int, float, str, bool))})
   progress = metrics_lib.Progress(start, num_steps)
   guard = guard_lib.DivergenceGuard(
