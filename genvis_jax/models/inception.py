@@ -303,17 +303,6 @@ def abstract_inception_params():
   return jax.eval_shape(init_inception_params)
 
 
-def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *path, leaf = key.split("/")
-    node = tree
-    for name in path:
-      node = node.setdefault(name, {})
-    node[leaf] = np.asarray(value, np.float32)
-  return tree
-
-
 def flatten_params(params) -> dict[str, np.ndarray]:
   """Nested params -> {"Mixed_5b/branch1x1/conv/kernel": array} (for .npz)."""
   out = {}
