@@ -3,15 +3,12 @@ sample was conditioned on (the demo's quality number; chance = 1 / classes)."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import numpy as np
-from absl import logging
 
 from genvis_jax import models
 from genvis_jax.evaluate import batching
+from genvis_jax.evaluate import report
 
 
 def conditioning_accuracy(classifier, params, images_uint8, labels,
@@ -48,13 +45,9 @@ def evaluate(config, workdir: str) -> dict:
   chance = 1.0 / config.model.num_classes
   result = {"conditioning_accuracy": acc, "chance": chance,
             "num_samples": int(len(images))}
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
   msg = (f"classifier recognises the conditioning class of {100 * acc:.1f}% of "
          f"{len(images)} samples (chance {100 * chance:.1f}%)")
-  logging.info(msg)
-  print(f"[eval] {msg}", flush=True)
+  report.write(workdir, result, msg)
   if acc < ev.get("min_accuracy", 0.0):
     raise RuntimeError(f"Sample quality check failed: {msg}, below the required "
                        f"{100 * ev.min_accuracy:.0f}%.")

@@ -10,17 +10,14 @@ the same classifier checkpoint and similar sample counts.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import numpy as np
-from absl import logging
 
 from genvis_jax import models
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import reference as ref_lib
+from genvis_jax.evaluate import report
 
 
 def _as_float01(images) -> np.ndarray:
@@ -91,11 +88,6 @@ def evaluate(config, workdir: str) -> dict:
   value = demo_fid(samples, reference, params, config.model, batch_size)
   result = {"demo_fid": value, "num_samples": int(len(samples)),
             "num_reference": int(len(reference))}
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
   msg = (f"demo FID (classifier features) {value:.3f} of {len(samples)} samples "
          f"vs {len(reference)} real images")
-  logging.info(msg)
-  print(f"[eval] {msg}", flush=True)
-  return result
+  return report.write(workdir, result, msg)

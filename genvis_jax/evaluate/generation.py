@@ -14,9 +14,6 @@ openai/guided-diffusion's ``evaluations/evaluator.py``:
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 from absl import logging
 
@@ -26,6 +23,7 @@ from genvis_jax.convert import inception as convert_inception
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.evaluate import reference as ref_lib
+from genvis_jax.evaluate import report
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
@@ -218,13 +216,8 @@ def evaluate(config, workdir: str) -> dict:
       num_samples=ev.get("num_samples", None) or None,
       preprocess=ev.get("preprocess", ref_lib.AUTO),
       distance_dtype=ev.get("distance_dtype", "float16"))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  report.write(workdir, results, format_metrics(results))
   writer = metrics_lib.create_writer(workdir)
   writer.write_scalars(0, {f"eval/{k}": results[k] for k in METRICS})
   writer.flush()
-  msg = format_metrics(results)
-  logging.info("generation eval: %s", msg)
-  print(f"[eval] {msg}", flush=True)
   return results

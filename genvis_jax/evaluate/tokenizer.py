@@ -6,14 +6,12 @@ tokenizer in ``config.evaluate.dtype`` (float32 by default)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from genvis_jax import data as data_lib
 from genvis_jax import models
@@ -21,6 +19,7 @@ from genvis_jax.convert import inception as convert_inception
 from genvis_jax.convert import lpips as convert_lpips
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.evaluate import batching
+from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.models import lpips as lpips_lib
@@ -267,13 +266,9 @@ def evaluate(config, workdir: str) -> dict:
   pairs = np.stack([gx, gy], 1).reshape(-1, *gx.shape[1:])
   grid = metrics_lib.make_grid(metrics_lib.to_uint8(pairs, value_range), ncols=8)
   metrics_lib.save_png(os.path.join(workdir, "reconstructions.png"), grid)
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  msg = _summary(results, num_codes)
-  logging.info(msg)
-  print(f"[eval] {msg}; grid: {os.path.join(workdir, 'reconstructions.png')}",
-        flush=True)
-  return results
+  grid_path = os.path.join(workdir, "reconstructions.png")
+  return report.write(workdir, results,
+                      f"{_summary(results, num_codes)}; grid: {grid_path}")
 
 
 def _summary(r: dict, num_codes) -> str:
