@@ -20,6 +20,7 @@ mode (``interpret=None`` picks that), which is how the CPU tests run them.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -93,6 +94,27 @@ def _pad_seq(x, n_pad, axis):
   return jnp.pad(x, widths)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _pallas_attention(kernel, q, k, v, g):
+  """Differentiable attention of a Pallas kernel module (``pallas_tpu`` /
+  ``pallas_gpu``) on its padded layout: ``kernel.forward(q, k, v, g) ->
+  (out, lse)`` and ``kernel.backward(q, k, v, out, lse, do, g) -> (dq, dk,
+  dv)``; g is the module's static ``Geometry``."""
+  return kernel.forward(q, k, v, g)[0]
+
+
+def _pallas_attention_fwd(kernel, q, k, v, g):
+  out, lse = kernel.forward(q, k, v, g)
+  return out, (q, k, v, out, lse)
+
+
+def _pallas_attention_bwd(kernel, g, res, do):
+  return kernel.backward(*res, do, g)
+
+
+_pallas_attention.defvjp(_pallas_attention_fwd, _pallas_attention_bwd)
+
+
 def windowed_causal_attention(q, k, v, *, window: int | None,
                               tokens_per_column: int = 1,
                               scale: float | None = None, impl: str = "auto",
@@ -133,7 +155,7 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
     g = pallas_tpu.Geometry(
         **geom, interpret=(backend != "tpu") if interpret is None else interpret)
     to_kernel = lambda x: _pad_seq(x, n_pad, 1).transpose(0, 2, 1, 3)
-    out = pallas_tpu.attention(*(to_kernel(x) for x in (q, k, v)), g)
+    out = _pallas_attention(pallas_tpu, *(to_kernel(x) for x in (q, k, v)), g)
     return out.transpose(0, 2, 1, 3)[:, :n]
 
   from genvis_jax.kernels.windowed_attention import pallas_gpu
@@ -141,5 +163,5 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
       **geom, interpret=(backend != "gpu") if interpret is None else interpret)
   d_pad = _next_pow2(d)  # Triton tiles need power-of-two sizes
   to_kernel = lambda x: _pad_seq(_pad_seq(x, n_pad, 1), d_pad, 3)
-  out = pallas_gpu.attention(*(to_kernel(x) for x in (q, k, v)), g)
+  out = _pallas_attention(pallas_gpu, *(to_kernel(x) for x in (q, k, v)), g)
   return out[:, :n, :, :d]

@@ -8,7 +8,9 @@ only over the blocks inside the window band (``reference.kv_block_span`` /
 ``q_block_span``): O(N x W) work instead of O(N^2).
 
 Works on padded ``(B, Np, H, D)`` arrays: ``Np`` a multiple of both block
-sizes and ``D`` a power of two (``__init__.windowed_causal_attention`` pads).
+sizes and ``D`` a power of two (``__init__.windowed_causal_attention`` pads,
+and differentiates ``forward`` through ``backward`` with one ``jax.custom_vjp``
+for both kernel files).
 On a real GPU use power-of-two blocks >= 16 (Triton ``dot``). On CPU it runs
 with ``interpret=True`` (tested); Triton lowering is tested by exporting for
 CUDA, which needs no GPU.
@@ -205,21 +207,3 @@ def backward(q, k, v, out, lse, do, g: Geometry):
       name="windowed_attention_dq",
   )(q, k, v, do, lse, di)
   return dq, dk, dv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attention(q, k, v, g: Geometry):
-  """Differentiable windowed attention on padded (B, Np, H, D) arrays."""
-  return forward(q, k, v, g)[0]
-
-
-def _attention_fwd(q, k, v, g):
-  out, lse = forward(q, k, v, g)
-  return out, (q, k, v, out, lse)
-
-
-def _attention_bwd(g, res, do):
-  return backward(*res, do, g)
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)

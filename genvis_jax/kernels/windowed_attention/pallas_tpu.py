@@ -10,7 +10,9 @@ Steps past a block's own count are skipped with ``pl.when`` and their index
 map repeats the last block, so no DMA is issued for them.
 
 Works on padded ``(B, H, Np, D)`` arrays (``Np`` a multiple of both block
-sizes); ``__init__.windowed_causal_attention`` pads and transposes. On CPU it
+sizes); ``__init__.windowed_causal_attention`` pads and transposes, and
+differentiates ``forward`` through ``backward`` (one ``jax.custom_vjp`` for
+both kernel files). On CPU it
 runs with ``interpret=True`` (tested) and its Mosaic lowering is tested by
 exporting for TPU. On a real TPU blocks must be multiples of 8 (128 is the
 efficient size). As upstream, softmax statistics and the saved logsumexp are
@@ -257,21 +259,3 @@ def backward(q, k, v, out, lse, do, g: Geometry):
       name="windowed_attention_dq",
   )(q, k, v, do, lse, di)
   return dq, dk, dv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attention(q, k, v, g: Geometry):
-  """Differentiable windowed attention on padded (B, H, Np, D) arrays."""
-  return forward(q, k, v, g)[0]
-
-
-def _attention_fwd(q, k, v, g):
-  out, lse = forward(q, k, v, g)
-  return out, (q, k, v, out, lse)
-
-
-def _attention_bwd(g, res, do):
-  return backward(*res, do, g)
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)
