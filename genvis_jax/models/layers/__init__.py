@@ -80,9 +80,14 @@ def group_norm(num_groups=32, epsilon=1e-6, *, dtype=None,
                       bias_init=named(zeros, ("norm",)), name=name)
 
 
-def layer_norm(epsilon=1e-6, *, use_scale=True, use_bias=True, dtype=None,
-               param_dtype=jnp.float32, name=None) -> nn.LayerNorm:
+def layer_norm(epsilon=1e-6, *, use_scale=True, use_bias=True,
+               use_fast_variance=True, dtype=None, param_dtype=jnp.float32,
+               name=None) -> nn.LayerNorm:
+  """``nn.LayerNorm``; ``use_fast_variance=False`` computes E[(x - mu)^2] in
+  two passes, as torch does (needed where activations have outlier channels,
+  e.g. released ViTs' residual streams, see ``layers/vit.py``)."""
   return nn.LayerNorm(epsilon=epsilon, use_scale=use_scale, use_bias=use_bias,
+                      use_fast_variance=use_fast_variance,
                       dtype=dtype, param_dtype=param_dtype,
                       scale_init=named(ones, ("norm",)),
                       bias_init=named(zeros, ("norm",)), name=name)

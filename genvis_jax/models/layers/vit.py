@@ -37,11 +37,9 @@ Dtype = Any
 
 
 def layer_norm(eps: float, *, name: str, dtype=None, param_dtype=jnp.float32):
-  """``nn.LayerNorm`` with torch's two-pass variance (see the module doc)."""
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype,
-                      scale_init=layers.named(layers.ones, ("norm",)),
-                      bias_init=layers.named(layers.zeros, ("norm",)), name=name)
+  """``layers.layer_norm`` with torch's two-pass variance (see the module doc)."""
+  return layers.layer_norm(eps, use_fast_variance=False, dtype=dtype,
+                           param_dtype=param_dtype, name=name)
 
 
 class LayerScale(nn.Module):
