@@ -822,7 +822,7 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
 
 def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
-  from genvis_jax.sample import eq as eq_sample  # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import eq_generator as eq_sample  # pylint: disable=import-outside-toplevel
   batch = sz.eq_batch
   cfg, model, params, labels = _random_generator(
       "configs/eq_l.py", SMOKE_EQ, smoke, batch)

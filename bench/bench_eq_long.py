@@ -2,7 +2,7 @@
 
 Generates images 1x, 2x, 4x, 8x the training width column by column and
 prints the time per generated column for the cached sampler
-(``genvis_jax.sample.eq.sample``: per-layer rolling cache of ``window``
+(``genvis_jax.sample.eq_generator.sample``: per-layer rolling cache of ``window``
 positions) and for the official algorithm (``sample_uncached``: the whole
 windowed forward re-run for every column). The cached time per column stays
 flat; the full recompute grows with the width. Timings exclude compilation
@@ -30,7 +30,7 @@ import numpy as np
 
 from configs import eq_common
 from genvis_jax import models
-from genvis_jax.sample import eq as eq_sample
+from genvis_jax.sample import eq_generator as eq_sample
 
 TINY = dict(hidden_size=64, depth=4, num_heads=4, head_width=64, head_depth=3,
             token_dim=16, num_classes=10, num_cond_tokens=16, window=4,

@@ -43,7 +43,7 @@ import numpy as np
 from bench.bench_eq_long import random_params  # std 0.02, no init compile
 from configs import eq_common
 from genvis_jax import models
-from genvis_jax.sample import eq as eq_sample
+from genvis_jax.sample import eq_generator as eq_sample
 
 TINY = dict(hidden_size=64, depth=2, num_heads=4, head_width=64, head_depth=2,
             token_dim=16, num_classes=10, num_cond_tokens=4, window=4,

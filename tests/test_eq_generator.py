@@ -14,7 +14,7 @@ from configs import eq_demo
 from genvis_jax import models
 from genvis_jax.models import eq_flow_head
 from genvis_jax.models import eq_generator as eqg
-from genvis_jax.sample import eq as eq_sample
+from genvis_jax.sample import eq_generator as eq_sample
 from genvis_jax.train.optimizers import decay_mask
 from genvis_jax.train.tasks import get_task
 

@@ -13,7 +13,7 @@ import pytest
 from configs import eq_common
 from genvis_jax import models
 from genvis_jax.errors import UserError
-from genvis_jax.sample import eq as eq_sample
+from genvis_jax.sample import eq_generator as eq_sample
 from tests.test_eq_generator import C, np_init, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -122,7 +122,8 @@ def test_bench_byte_accounting_of_eq_s(bench):
   shapes = jax.eval_shape(lambda k: models.init_params(cfg, k),
                           jax.random.key(0))
   b = bench.byte_counts(shapes)
-  w, d, depth, hid = cfg.head_width, cfg.token_dim, cfg.head_depth, cfg.hidden_size
+  m = models.build(cfg)              # every field, resolved
+  w, d, depth, hid = m.head_width, m.token_dim, m.head_depth, m.hidden_size
   # Head re-stated from its layer list (weights + biases, LayerNorm scale/bias).
   block = (w * 3 * w + 3 * w) + 2 * (w * w + w) + 2 * w
   mod = depth * (w * 3 * w + 3 * w) + (w * 2 * w + 2 * w) + (

@@ -17,7 +17,7 @@ BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "grain", "array_record")
 
 MODULES = (
     "genvis_jax.models", "genvis_jax.kernels",
-    "genvis_jax.sample.rar", "genvis_jax.sample.far", "genvis_jax.sample.eq",
+    "genvis_jax.sample.rar", "genvis_jax.sample.far", "genvis_jax.sample.eq_generator",
     "genvis_jax.evaluate.fid", "genvis_jax.evaluate.generation",
     "genvis_jax.evaluate.inception",
     "genvis_jax.train.step", "genvis_jax.core.sharding",

@@ -103,7 +103,8 @@ def test_paper_parameter_count_and_official_layout(mod, expected):
   assert p["quant_conv"]["kernel"].shape == (1, 1, 256, 8)
   assert p["quantize"]["embedding"].shape == (16384, 8)
   assert p["post_quant_conv"]["kernel"].shape == (1, 1, 8, 256)
-  assert cfg.entropy_weight == 0.0 and cfg.l2_norm
+  built = models.build(cfg)          # the config states only what differs
+  assert built.entropy_weight == 0.0 and built.l2_norm
 
 
 def _np_conv(x, w, b, stride):

@@ -40,7 +40,6 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
-from genvis_jax import data as data_lib
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
@@ -312,6 +311,9 @@ def dataset_images(data_config, split: str, batch_size: int,
   Raises ``batching.NotEnoughImages`` (naming both counts and ``setting``) when
   the split has fewer images than requested.
   """
+  # Grain only where images are read: evaluating samples against a saved
+  # reference runs on GPU machines without it.
+  from genvis_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   it, info = data_lib.create_dataset(
       data_config, split=split, global_batch_size=batch_size, seed=0,
       train=False, process_index=0, process_count=1, value_range=(0.0, 1.0),

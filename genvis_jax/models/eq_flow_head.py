@@ -10,7 +10,7 @@ with adaLN conditioned on ``cond_embed(z) + time_embed(t)`` that maps
 
 The adaLN modulations depend on (t, z) only: ``modulations`` / ``modulated``
 split the head there, so a sampler can compute them for all Euler steps of a
-column in one matmul (``genvis_jax.sample.eq.euler_flow_hoisted``).
+column in one matmul (``genvis_jax.sample.eq_generator.euler_flow_hoisted``).
 """
 
 from __future__ import annotations

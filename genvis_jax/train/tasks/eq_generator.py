@@ -10,7 +10,7 @@ from genvis_jax import models
 from genvis_jax.core.metrics import to_uint8
 from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
-from genvis_jax.sample import eq as eq_sample
+from genvis_jax.sample import eq_generator as eq_sample
 from genvis_jax.train.tasks import Task
 from genvis_jax.train.tasks.eq import flow_loss, flow_targets, make_optimizer
 
