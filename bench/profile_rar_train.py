@@ -13,15 +13,19 @@ GFLOP/s and GB/s.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bench.bench_rar_sampling import commit, model_config
+# Run as a script from anywhere: the repository root is where ``bench`` lives.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.bench_rar_sampling import commit, model_config  # pylint: disable=wrong-import-position
 from genvis_jax import models
 from genvis_jax.train.tasks import rar as rar_task
 
