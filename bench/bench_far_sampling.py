@@ -124,12 +124,8 @@ def main():
     if mode == "floor":
       c, f = _aot(floor_fn(model, positions, rows, dtype), params)
     elif mode in ("cached", "cached_full"):
-      if hasattr(far_sample, "sampler_fn"):
-        fn = far_sample.sampler_fn(model, cached=True, use_cfg=True, **_opts(
-            dtype, 0 if mode == "cached_full" else args.bucket))
-      else:   # the sampler before sampler_fn existed (for before/after runs)
-        fn = far_sample._compiled(  # pylint: disable=protected-access
-            far_sample._cached_impl, model, (True, 0, 1.0))  # pylint: disable=protected-access
+      fn = far_sample.sampler_fn(model, cached=True, use_cfg=True, **_opts(
+          dtype, 0 if mode == "cached_full" else args.bucket))
       c, f = _aot(fn, params, labels, key, jnp.float32(g), jnp.float32(temp))
     else:
       raise ValueError(f"Unknown mode {mode!r}; use floor, cached, cached_full.")

@@ -13,7 +13,7 @@ from configs import eq_common
 from configs import eq_demo
 from genvis_jax import models
 from genvis_jax.models import eq_flow_head
-from genvis_jax.models import eq_generator as eqg
+from genvis_jax.models.layers import attention as attn_lib
 from genvis_jax.sample import eq_generator as eq_sample
 from genvis_jax.train.optimizers import decay_mask
 from genvis_jax.train.tasks import get_task
@@ -95,8 +95,8 @@ def test_official_names_and_no_decay(tiny):
 def test_rope_interleaved_pairs_match_numpy():
   d, pos = 8, np.array([0, 3, 17])
   x = np.random.RandomState(0).randn(1, 3, 2, d).astype(np.float32)
-  cos, sin = eqg.rope_tables(pos, d, 10000.0)
-  got = np.asarray(eqg.apply_rope(jnp.asarray(x), cos, sin))
+  cos, sin = attn_lib.rope_tables(pos, d, 10000.0)
+  got = np.asarray(attn_lib.apply_rope(jnp.asarray(x), cos, sin))
   ref = np.empty_like(x)
   for n, p in enumerate(pos):
     for k in range(d // 2):
@@ -108,9 +108,9 @@ def test_rope_interleaved_pairs_match_numpy():
   # Relative: <rope(q, i), rope(k, j)> depends on i - j only.
   q, k = jnp.asarray(x[:, :1]), jnp.asarray(x[:, 1:2])
   def dot(i, j):
-    ci, si = eqg.rope_tables(np.array([i]), d)
-    cj, sj = eqg.rope_tables(np.array([j]), d)
-    return float(jnp.sum(eqg.apply_rope(q, ci, si) * eqg.apply_rope(k, cj, sj)))
+    ci, si = attn_lib.rope_tables(np.array([i]), d)
+    cj, sj = attn_lib.rope_tables(np.array([j]), d)
+    return float(jnp.sum(attn_lib.apply_rope(q, ci, si) * attn_lib.apply_rope(k, cj, sj)))
   np.testing.assert_allclose(dot(5, 2), dot(105, 102), rtol=1e-4)
 
 

@@ -10,6 +10,7 @@ from configs import demo
 from genvis_jax.train import losses as gan_lib
 from genvis_jax.core import sharding as shd
 from genvis_jax.train import trainer as trainer_lib
+from genvis_jax.train.tasks import gan_tokenizer
 from genvis_jax.train.tasks import tokenizer as tok
 
 
@@ -55,10 +56,10 @@ def test_gan_switches_on_at_disc_start():
 def test_adaptive_weight_matches_taming_formula():
   g_rec = jnp.full((3, 3, 4, 3), 2.0)
   g_gan = jnp.full((3, 3, 4, 3), 0.5)
-  w = tok.adaptive_weight(g_rec, g_gan)
+  w = gan_tokenizer.adaptive_weight(g_rec, g_gan)
   np.testing.assert_allclose(float(w), np.linalg.norm(np.full(108, 2.0)) /
                              (np.linalg.norm(np.full(108, 0.5)) + 1e-4), rtol=1e-6)
-  assert float(tok.adaptive_weight(g_rec, jnp.zeros_like(g_gan))) == 1e4
+  assert float(gan_tokenizer.adaptive_weight(g_rec, jnp.zeros_like(g_gan))) == 1e4
 
 
 def test_reconstruction_loss_kinds():

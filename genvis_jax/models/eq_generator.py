@@ -45,9 +45,7 @@ import jax.numpy as jnp
 from genvis_jax import models
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
-# apply_rope: the model's RoPE (interleaved pairs) with rope_tables.
-from genvis_jax.models.layers.attention import (  # pylint: disable=unused-import
-    Attention, apply_rope, rope_tables)
+from genvis_jax.models.layers.attention import Attention, rope_tables
 from genvis_jax.models.layers.mlp import Mlp
 from genvis_jax.models.eq_flow_head import (DiffLoss, dense as _dense, normal02,
                                             xavier)

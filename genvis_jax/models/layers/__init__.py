@@ -103,7 +103,6 @@ def embed(num_embeddings: int, features: int, *, init=default_kernel_init,
 
 def remat_policy(name: str):
   """Maps a config string to a ``jax.checkpoint`` policy (None = save nothing)."""
-  import jax
   policies = {
       "full": None,
       "dots": jax.checkpoint_policies.checkpoint_dots,

@@ -17,11 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.train import optimizers as opt_lib
-from genvis_jax.train.tasks import gan_tokenizer
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
-
-adaptive_weight = gan_tokenizer.adaptive_weight  # taming's formula, kept here too
-
 
 def reconstruction_loss(kind: str, x, y):
   if kind == "l1":
