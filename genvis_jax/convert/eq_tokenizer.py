@@ -11,7 +11,7 @@ import re
 
 import jax
 
-from genvis_jax import models
+from genvis_jax import convert as convert_lib
 from genvis_jax.convert import eq
 
 _UNUSED_SEMANTIC = re.compile(r"^semantic_decoder\.down\.\d+\.block\.2\.")
@@ -20,8 +20,7 @@ _LITEMA_BUFFERS = ("decay", "num_updates")
 
 def _model_official_names(model_config) -> dict[str, str]:
   """Dot-free official name -> dotted official name, for the model's params."""
-  shapes = jax.eval_shape(lambda r: models.init_params(model_config, r),
-                          jax.random.key(0))
+  shapes = convert_lib.model_shapes(model_config)
   out = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     for name in eq.official_names(tuple(str(p.key) for p in path)):
@@ -29,10 +28,10 @@ def _model_official_names(model_config) -> dict[str, str]:
   return out
 
 
-def _from_ema(state_dict: dict, model_config) -> dict:
-  """``ema_<module>.<dot-free name>`` -> dotted official names; unmatched keys
-  keep their name (reported as unexpected)."""
-  names = _model_official_names(model_config)
+def _from_ema(state_dict: dict, names: dict[str, str]) -> dict:
+  """``ema_<module>.<dot-free name>`` -> dotted official names (``names``:
+  :func:`_model_official_names`); unmatched keys keep their name (reported
+  as unexpected)."""
   out = {}
   for key, value in state_dict.items():
     if not key.startswith("ema_"):
@@ -44,10 +43,9 @@ def _from_ema(state_dict: dict, model_config) -> dict:
   return out
 
 
-def _drop_unused(state_dict: dict, model_config) -> dict:
+def _drop_unused(state_dict: dict, names: dict[str, str]) -> dict:
   """Drops ``loss.*`` and the semantic decoder's unused ``down.{i}.block.2``
   (ema or plain) unless the model has that block."""
-  names = _model_official_names(model_config)
   dotted = set(names.values())
   def unused(k):
     if k.startswith(("loss.", "ema_loss.")):
@@ -62,7 +60,8 @@ def _drop_unused(state_dict: dict, model_config) -> dict:
 
 def convert(state_dict: dict, model_config) -> dict:
   """Lightning ``state_dict`` (EMA buffers preferred) -> tokenizer params."""
-  state_dict = _drop_unused(state_dict, model_config)
+  names = _model_official_names(model_config)   # one abstract init
+  state_dict = _drop_unused(state_dict, names)
   if any(k.startswith("ema_") for k in state_dict):
-    state_dict = _from_ema(state_dict, model_config)
+    state_dict = _from_ema(state_dict, names)
   return eq.official_to_flax(state_dict)
