@@ -27,6 +27,7 @@ import os
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,13 @@ def kind_module(kind: str) -> ModuleType:
 def kinds() -> list[str]:
   """Every conversion kind (the modules here that define ``convert``)."""
   return registry.available(__name__, ("convert",))
+
+
+def module_shapes(module, *inputs):
+  """Abstract (ShapeDtypeStruct) params of a Flax ``module`` initialised on
+  ``inputs`` (kinds of a fixed architecture: their ``expected``)."""
+  return jax.eval_shape(lambda r: nn.unbox(module.init(r, *inputs)["params"]),
+                        jax.random.key(0))
 
 
 def model_shapes(model_config):

@@ -23,7 +23,6 @@ reads):
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
@@ -103,9 +102,7 @@ def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
 
 def expected(model_config):
   module = clip_module(model_config)
-  return jax.eval_shape(
-      lambda r: nn.unbox(module.init(r, *clip_vision.example_inputs(module))[
-          "params"]), jax.random.key(0))
+  return convert_lib.module_shapes(module, *clip_vision.example_inputs(module))
 
 
 def write(dst: str, params, state_dict) -> None:

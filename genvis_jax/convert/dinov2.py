@@ -23,12 +23,11 @@ hub names. (The torch-hub / timm layout, ``blocks.{i}.attn.qkv``, is read by
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 import numpy as np
-from flax import linen as nn
 
 from genvis_jax.convert import vit as cvit
+from genvis_jax import convert as convert_lib
 from genvis_jax.convert import clip_vision
 from genvis_jax.convert.clip_vision import named_module, tower_config
 from genvis_jax.models import dinov2
@@ -83,9 +82,8 @@ def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
 
 def expected(model_config):
   module = dinov2_module(model_config)
-  x = dinov2.example_inputs(module, 1, module.image_size)
-  return jax.eval_shape(lambda r: nn.unbox(module.init(r, *x)["params"]),
-                        jax.random.key(0))
+  return convert_lib.module_shapes(
+      module, *dinov2.example_inputs(module, 1, module.image_size))
 
 
 write = clip_vision.write  # the same teacher .npz as CLIP

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from genvis_jax import convert as convert_lib
 from genvis_jax.models import lpips
@@ -93,8 +91,7 @@ def convert(state_dict, model_config=None) -> dict:
 def expected(model_config=None):
   del model_config
   x = jnp.zeros((1, 32, 32, 3), jnp.float32)
-  return jax.eval_shape(
-      lambda r: nn.unbox(lpips.LPIPS().init(r, x, x)["params"]), jax.random.key(0))
+  return convert_lib.module_shapes(lpips.LPIPS(), x, x)
 
 
 def write(dst: str, params, state_dict) -> None:
