@@ -8,7 +8,10 @@ floor reads what a step must: ``aggregation_layer``, every backbone layer
 (qkv, out, fc1_g, fc1_x, fc2), then for each of the k sub-tokens every head layer
 and its ``output_i`` head.
 
-Modes: ``floor``; ``cached`` = ``genvis_jax.sample.far.sample`` (``--dtype``,
+Modes: ``floor``; ``floor_kv`` = the floor plus each attention layer's bare
+reads of its KV cache (q.K, s.V over the filled prefix in the sampler's
+chunks; the head's k-position cache too): every byte ``cached`` must read;
+``cached`` = ``genvis_jax.sample.far.sample`` (``--dtype``,
 ``--bucket``); ``cached_full`` = the same with one chunk over the full cache
 (``bucket=0``). ``--check`` asserts cached == ``sample_uncached`` on a copy
 of the model with a ``--check_grid`` grid (same weights).
@@ -31,8 +34,9 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
-from bench.bench_rar_sampling import (_aot, _opts, commit, print_floor_table,
-                                      time_interleaved)
+from bench.bench_rar_sampling import (_aot, _opts, chunked_steps, commit,
+                                      kv_stand_in, print_floor_table,
+                                      read_cache, time_interleaved)
 from genvis_jax import models
 from genvis_jax.sample import ar
 from genvis_jax.sample import far as far_sample
@@ -51,34 +55,47 @@ def model_config(size: str, variant: str, grid: int | None):
   return c
 
 
-def floor_fn(model, positions: int, rows: int, dtype=None):
-  """Jitted ``f(params) -> x``: per position one dependent matmul chain over
-  the aggregation, backbone, head and output weights at ``rows`` rows."""
+def floor_fn(model, positions: int, rows: int, dtype=None, with_kv: bool = False,
+             bucket: int | None = None):
+  """Jitted ``f(params, kv) -> x``: per position one dependent matmul chain
+  over the aggregation, backbone, head and output weights at ``rows`` rows.
+  ``with_kv`` adds every backbone layer's bare cache reads over ``kv``
+  (``kv_stand_in``, one per backbone layer) in the sampler's chunks
+  (``bucket``), and every head layer's over a k-position stand-in."""
   d, k = model.dim, model.num_codebooks
+  bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
 
-  def layer(x, p):
+  def layer(x, p, kv=None):
     a, f = p["attention"], p["feed_forward"]
-    x = x + (x @ a["qkv"]["kernel"])[:, :d] @ a["out"]["kernel"]
+    h = (x @ a["qkv"]["kernel"])[:, :d]
+    if kv is not None:
+      h = h + read_cache(h, kv)
+    x = x + h @ a["out"]["kernel"]
     h = (x @ f["fc1_g"]["kernel"]) * (x @ f["fc1_x"]["kernel"])
     return x + h @ f["fc2"]["kernel"]
 
-  def run(params):
+  def run(params, kv):
     params = ar.cast_params(params, dtype)
     back = [params[f"layers_{i}"] for i in range(model.n_layer)]
     head = [params[f"ar_head_{i}"] for i in range(model.n_head_layer)]
     agg = params["aggregation_layer"]["kernel"]
     x0 = jnp.ones((rows, d), agg.dtype) * 1e-3
+    head_kv = (None if not with_kv else kv_stand_in(
+        1, rows, model.n_head, d // model.n_head, k, agg.dtype)[0])
 
-    def step(_, x):
-      x = jnp.tile(x, (1, k)) @ agg
-      for p in back:
-        x = layer(x, p)
-      for i in range(k):
-        for p in head:
-          x = layer(x, p)
-        x = x + (x @ params[f"output_{i + 1}"]["kernel"])[:, :d]
-      return x
-    return jax.lax.fori_loop(0, positions, step, x0)
+    def step(cache):
+      def body(_, x):
+        x = jnp.tile(x, (1, k)) @ agg
+        for i, p in enumerate(back):
+          x = layer(x, p, None if cache is None else cache[i])
+        for i in range(k):
+          for p in head:
+            x = layer(x, p, head_kv)
+          x = x + (x @ params[f"output_{i + 1}"]["kernel"])[:, :d]
+        return x
+      return body
+    return chunked_steps(step, x0, positions, kv if with_kv else None, 1,
+                         bucket)
   return jax.jit(run)
 
 
@@ -121,14 +138,19 @@ def main():
 
   runs, compile_s = {}, {}
   for mode in args.modes.split(","):
-    if mode == "floor":
-      c, f = _aot(floor_fn(model, positions, rows, dtype), params)
+    if mode in ("floor", "floor_kv"):
+      kv = kv_stand_in(model.n_layer, rows, model.n_head,
+                       model.dim // model.n_head, positions + 1,
+                       dtype) if mode == "floor_kv" else None
+      c, f = _aot(floor_fn(model, positions, rows, dtype, kv is not None,
+                           args.bucket), params, kv)
     elif mode in ("cached", "cached_full"):
       fn = far_sample.sampler_fn(model, cached=True, use_cfg=True, **_opts(
           dtype, 0 if mode == "cached_full" else args.bucket))
       c, f = _aot(fn, params, labels, key, jnp.float32(g), jnp.float32(temp))
     else:
-      raise ValueError(f"Unknown mode {mode!r}; use floor, cached, cached_full.")
+      raise ValueError(f"Unknown mode {mode!r}; use floor, floor_kv, cached, "
+                       "cached_full.")
     runs[mode], compile_s[mode] = f, c
     print(f"compiled {mode} in {c:.1f} s", flush=True)
 

@@ -11,7 +11,11 @@ ratios compare like with like on a shared machine):
               2B rows, then lm_head (what a straightforward step must read).
   floor_noada the same without the adaLN matmul (what ``cached`` reads per
               step: its modulation comes from a per-chunk table).
-  cached      ``genvis_jax.sample.rar.sample`` (``--dtype``, ``--bucket``).
+  floor_kv    floor_noada plus, per layer, the bare reads of the KV cache
+              (q.K, s.V; no softmax) over the filled prefix in the sampler's
+              chunks: every byte ``cached`` must read per step.
+  cached      ``genvis_jax.sample.rar.sample`` (``--dtype``, ``--bucket``);
+              ``cached_bN`` the same with bucket N (to compare buckets in one run).
   reference   the plain KV-cache loop over ``prefill`` / ``decode_step`` (full
               cache, modulation recomputed every step), jitted as one loop.
   full        ``sample_uncached``: every step runs all L + 2 positions.
@@ -40,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from genvis_jax import models
+from genvis_jax.models.rar import PREFIX
 from genvis_jax.sample import ar
 from genvis_jax.sample import rar as rar_sample
 
@@ -67,30 +72,73 @@ def commit() -> str:
     return "?"
 
 
-def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None):
-  """Jitted ``f(params) -> x``: ``steps`` dependent matmul chains over the
-  block weights (and lm_head) at ``rows`` rows; the weights are cast to
-  ``dtype`` once before the loop, as the sampler does."""
-  d = model.hidden_size
+def kv_stand_in(depth: int, rows: int, heads: int, head_dim: int, length: int,
+                dtype=None):
+  """Per layer a (k, v) pair of (rows, heads, length, head_dim) arrays: what
+  a floor that also reads the KV cache reads (values are irrelevant)."""
+  dtype = dtype or jnp.float32
+  return [tuple(jnp.full((rows, heads, length, head_dim), 1e-2, dtype)
+                for _ in range(2)) for _ in range(depth)]
 
-  def run(params):
+
+def read_cache(x, kv):
+  """The bytes attention over a cache must read, bare: q.K then s.V (no
+  mask, no softmax). x (R, d); kv (k, v) each (R, H, M, Dh) -> (R, d)."""
+  k, v = kv
+  r, h = x.shape[0], k.shape[1]
+  s = jax.lax.dot_general(k, x.reshape(r, h, -1).astype(k.dtype),
+                          (((3,), (2,)), ((0, 1), (0, 1))))       # (R, H, M)
+  o = jax.lax.dot_general(s, v, (((2,), (2,)), ((0, 1), (0, 1))))  # (R, H, Dh)
+  return o.reshape(r, -1).astype(x.dtype)
+
+
+def chunked_steps(step, x0, steps: int, kv, pos_offset: int, bucket: int):
+  """Runs ``step(kv_or_None) -> fori_loop body`` for steps 0..steps-1: one
+  loop without ``kv``, else one loop per decode chunk of the sampler
+  (``ar.kv_chunks``; step 0 is the prefill) over the stand-in cache cut to
+  the chunk's kv_len once per chunk, as the sampler resizes its cache."""
+  if kv is None:
+    return jax.lax.fori_loop(0, steps, step(None), x0)
+  chunks = [(0, 1, pos_offset)] + ar.kv_chunks(steps, pos_offset, bucket)
+  for start, stop, kv_len in chunks:
+    cut = [(k[:, :, :kv_len], v[:, :, :kv_len]) for k, v in kv]
+    x0 = jax.lax.fori_loop(start, stop, step(cut), x0)
+  return x0
+
+
+def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
+             with_kv: bool = False, bucket: int | None = None):
+  """Jitted ``f(params, kv) -> x``: ``steps`` dependent matmul chains over
+  the block weights (and lm_head) at ``rows`` rows; the weights are cast to
+  ``dtype`` once before the loop, as the sampler does. ``with_kv`` adds each
+  layer's bare cache reads (``read_cache``) over ``kv`` (``kv_stand_in``)
+  in the sampler's chunks (``bucket``); otherwise ``kv`` is ignored."""
+  d = model.hidden_size
+  bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
+
+  def run(params, kv):
     params = ar.cast_params(params, dtype)
     blocks = [params[f"blocks_{i}"] for i in range(model.depth)]
     head = params["lm_head"]["kernel"]
     x0 = jnp.ones((rows, d), head.dtype) * 1e-3
 
-    def step(_, x):
-      for blk in blocks:
-        h = x @ blk["attn"]["qkv"]["kernel"]
-        x = x + h[:, :d] @ blk["attn"]["out"]["kernel"]
-        h = x @ blk["mlp"]["fc1"]["kernel"]
-        x = x + h @ blk["mlp"]["fc2"]["kernel"]
-        if adaln:
-          x = x + (x @ blk["adaLN_modulation"]["kernel"])[:, :d]
-      logits = x @ head                       # (rows, V); V may be < d
-      reps = -(-d // logits.shape[1])
-      return x + jnp.tile(logits, (1, reps))[:, :d]
-    return jax.lax.fori_loop(0, steps, step, x0)
+    def step(cache):
+      def body(_, x):
+        for i, blk in enumerate(blocks):
+          h = x @ blk["attn"]["qkv"]["kernel"]
+          if cache is not None:
+            h = h[:, :d] + read_cache(h[:, :d], cache[i])
+          x = x + h[:, :d] @ blk["attn"]["out"]["kernel"]
+          h = x @ blk["mlp"]["fc1"]["kernel"]
+          x = x + h @ blk["mlp"]["fc2"]["kernel"]
+          if adaln:
+            x = x + (x @ blk["adaLN_modulation"]["kernel"])[:, :d]
+        logits = x @ head                       # (rows, V); V may be < d
+        reps = -(-d // logits.shape[1])
+        return x + jnp.tile(logits, (1, reps))[:, :d]
+      return body
+    return chunked_steps(step, x0, steps, kv if with_kv else None, PREFIX,
+                         bucket)
   return jax.jit(run)
 
 
@@ -179,7 +227,7 @@ def time_interleaved(runs: dict, repeats: int):
 def print_floor_table(times: dict, compile_s: dict, unit: str, units: int,
                       batch: int) -> None:
   """Markdown table of median times, ms per ``unit`` and the ratio to the
-  ``floor`` mode, then cached / floor per repeat."""
+  ``floor`` mode, then cached / each floor mode per repeat."""
   sec = {m: statistics.median(t) for m, t in times.items()}
   base = sec.get("floor")
   print(f"| mode | compile s | sample s (median) | runs | ms/{unit} | "
@@ -191,9 +239,12 @@ def print_floor_table(times: dict, compile_s: dict, unit: str, units: int,
     print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.2f} | {each} | "
           f"{1e3 * sec[mode] / units:.0f} | {batch / sec[mode]:.3f} | "
           f"{ratio} |")
-  if "floor" in times and "cached" in times:
-    pairs = [c / f for c, f in zip(times["cached"], times["floor"])]
-    print(f"cached / floor per repeat: {', '.join(f'{x:.2f}' for x in pairs)}")
+  for floor in (m for m in times if m.startswith("floor")):
+    if "cached" in times:
+      pairs = [c / f for c, f in zip(times["cached"], times[floor])]
+      print(f"cached / {floor} per repeat: "
+            f"{', '.join(f'{x:.2f}' for x in pairs)} (of medians "
+            f"{sec['cached'] / sec[floor]:.2f})")
 
 
 def check_tokens(model, params, labels, key, sargs, n: int, dtype, bucket):
@@ -249,11 +300,17 @@ def main():
 
   runs, compile_s = {}, {}
   for mode in args.modes.split(","):
-    if mode in ("floor", "floor_noada"):
-      c, f = _aot(floor_fn(model, steps, rows, mode == "floor", dtype), params)
-    elif mode == "cached":
+    if mode in ("floor", "floor_noada", "floor_kv"):
+      kv = kv_stand_in(model.depth, rows, model.num_heads,
+                       model.hidden_size // model.num_heads,
+                       steps + PREFIX, dtype) if mode == "floor_kv" else None
+      c, f = _aot(floor_fn(model, steps, rows, mode == "floor", dtype,
+                           with_kv=kv is not None, bucket=args.bucket),
+                  params, kv)
+    elif mode == "cached" or mode.startswith("cached_b"):
+      bucket = int(mode[len("cached_b"):]) if mode != "cached" else args.bucket
       fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True,
-                                 **_opts(dtype, args.bucket))
+                                 **_opts(dtype, bucket))
       c, f = _aot(fn, params, labels, key, *sargs)
     elif mode == "reference":
       c, f = _aot(reference_fn(model, steps, True), params, labels, key, *sargs)
@@ -264,8 +321,8 @@ def main():
       c, f = bench_prefix(model, params, labels, key, args.prefix_bucket,
                           g, pw, temp)
     else:
-      raise ValueError(f"Unknown mode {mode!r}; use floor, floor_noada, cached, "
-                       "reference, full, prefix.")
+      raise ValueError(f"Unknown mode {mode!r}; use floor, floor_noada, "
+                       "floor_kv, cached, reference, full, prefix.")
     runs[mode], compile_s[mode] = f, c
     print(f"compiled {mode} in {c:.1f} s", flush=True)
 

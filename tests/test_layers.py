@@ -229,3 +229,10 @@ def test_kv_cache_takes_an_extra_batch_mask(data):
   cached, _ = mod.apply({"params": p}, x, cache_pos=0, mask=extra,
                         mutable=["cache"])
   np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+  # One query (the decode-step path, which drops the query axis) with its
+  # row of the mask.
+  _, vs = mod.apply({"params": p}, x[:, :-1], cache_pos=0, mask=extra[:, :, :-1],
+                    mutable=["cache"])
+  last, _ = mod.apply({"params": p, **vs}, x[:, -1:], cache_pos=N - 1,
+                      mask=extra[:, :, -1:], mutable=["cache"])
+  np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)

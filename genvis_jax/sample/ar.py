@@ -30,7 +30,10 @@ from genvis_jax import errors
 from genvis_jax.models.layers.attention import resize_kv_cache
 
 # kv_len granularity of the decode chunks (0 = one chunk over the full cache).
-DEFAULT_BUCKET = 64
+# A step reads on average half a bucket of cache it does not need; each chunk
+# compiles its own loop body. RAR-B, 256 tokens, batch 8 + CFG on CPU: 32 is
+# 1.10x faster than 64 (13.2 vs 14.5 s, same run) for 2x the compile (31 vs 14 s).
+DEFAULT_BUCKET = 32
 
 
 def cfg_labels(labels, null_label: int):
