@@ -8,7 +8,10 @@ faults and 0.23 s of kernel time per demo RAR step (``strace`` shows one
 ``mmap`` of the temp size per step). One arena, no ``mmap`` and a high trim
 threshold keep that memory in the heap and reuse it: the demo's RAR step goes
 from 0.46 s to 0.38-0.40 s and its tokenizer step from 0.43 s to 0.38 s on a
-2-core machine.
+2-core machine. Trimming is off altogether (threshold -1), not merely high: a
+RAR-B train step's temporaries (6.7 GB at batch 4) exceed any int threshold,
+and with the largest one (2 GB) the step still faulted 1.65M pages (5 s of
+kernel time in a 9 s step); with trimming off it faults none and takes 5.9 s.
 
 Must run before any thread allocates (arenas are per thread), so ``main`` calls
 it first. Accelerator hosts are left alone: their big buffers live on the
@@ -53,4 +56,6 @@ def tune(force: bool = False) -> bool:
   except (OSError, AttributeError):   # musl or another libc: nothing to tune
     return False
   ok = mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
-  return bool(ok and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+  # -1: never return the heap's top to the OS (man mallopt); any finite int
+  # threshold is below the temporaries of a paper-size train step.
+  return bool(ok and mallopt(_M_TRIM_THRESHOLD, -1))
