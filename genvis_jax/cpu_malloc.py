@@ -8,10 +8,19 @@ faults and 0.23 s of kernel time per demo RAR step (``strace`` shows one
 ``mmap`` of the temp size per step). One arena, no ``mmap`` and a high trim
 threshold keep that memory in the heap and reuse it: the demo's RAR step goes
 from 0.46 s to 0.38-0.40 s and its tokenizer step from 0.43 s to 0.38 s on a
-2-core machine. Trimming is off altogether (threshold -1), not merely high: a
-RAR-B train step's temporaries (6.7 GB at batch 4) exceed any int threshold,
-and with the largest one (2 GB) the step still faulted 1.65M pages (5 s of
-kernel time in a 9 s step); with trimming off it faults none and takes 5.9 s.
+2-core machine.
+
+The trim threshold is the largest int mallopt takes (2 GB), not -1 (never
+trim): temporaries above it (6.7 GB in a RAR-B train step at batch 4) are
+still handed back and faulted in again each step (1.65M faults, 5 s of kernel
+time in a 9 s step), but a never-trimmed single-arena heap fragments when one
+process alternates several such executables: a profile of four RAR-B step
+variants (``bench/profile_rar_train.py``) grew past 24 GB and was killed with
+either threshold, where glibc's defaults fit. So this tuning suits the
+small-model CPU runs it was made for (demo, tests, evaluation), not
+paper-size CPU training.
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (set before Python starts) cuts
+those faults 500-fold with the default trimming: batch 4 in 6.4 s instead of 9.0 s.
 
 Must run before any thread allocates (arenas are per thread), so ``main`` calls
 it first. Accelerator hosts are left alone: their big buffers live on the
@@ -56,6 +65,4 @@ def tune(force: bool = False) -> bool:
   except (OSError, AttributeError):   # musl or another libc: nothing to tune
     return False
   ok = mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
-  # -1: never return the heap's top to the OS (man mallopt); any finite int
-  # threshold is below the temporaries of a paper-size train step.
-  return bool(ok and mallopt(_M_TRIM_THRESHOLD, -1))
+  return bool(ok and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

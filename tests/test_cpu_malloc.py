@@ -57,31 +57,3 @@ def test_applies_only_on_cpu(monkeypatch):
   assert cpu_malloc.cpu_only()
   monkeypatch.setenv("GENVIS_CPU_MALLOC", "0")
   assert not cpu_malloc.tune()
-
-
-_TRIM_PROBE = r"""
-import ctypes, sys
-from genvis_jax import cpu_malloc
-assert cpu_malloc.tune(force=True)
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
-libc.malloc.argtypes, libc.sbrk.argtypes = [ctypes.c_size_t], [ctypes.c_ssize_t]
-libc.free.argtypes = [ctypes.c_void_p]
-if len(sys.argv) > 1:                # the old finite threshold, for contrast
-  libc.mallopt(-1, 2**31 - 1)
-block = libc.malloc(2_200_000_000)   # > 2**31 - 1: above any int threshold
-assert block
-top = libc.sbrk(0)
-libc.free(block)                     # untouched: address space only, no RSS
-print(libc.sbrk(0) == top)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_tuned_heap_keeps_blocks_larger_than_any_int_threshold():
-  """A paper-size step's temporaries (GBs) stay in the heap after free: a
-  finite trim threshold (at most 2**31 - 1 through mallopt) would hand them
-  back to the OS and the next step would fault them in again."""
-  out = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True,
-                       text=True, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert out.stdout.strip() == "True", out
