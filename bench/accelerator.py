@@ -397,6 +397,23 @@ SMOKE_EQ = dict(depth=2, hidden_size=32, num_heads=2, head_width=32,
                 head_depth=1, token_dim=8, num_cond_tokens=2)
 
 
+# Sampling rows per dtype: the accelerator mode first (it is the one to have
+# if the time runs out), then the fp32 reference.
+SAMPLE_DTYPES = ("bfloat16", "float32")
+WEIGHT_READ_NOTE = (
+    "weight_gb_per_s = all parameter bytes (in dtype) / time per step: the "
+    "rate at which a step that reads every weight once would stream them, to "
+    "hold against the memory bandwidth (H200 HBM3e: 4.8 TB/s); RAR's adaLN "
+    "weights are not read per step (per-chunk tables), so its true rate is "
+    "lower.")
+
+
+def weight_read_gbps(n_params: int, dtype: str, step_ms: float) -> float:
+  """GB/s a decode step of ``step_ms`` would stream reading every weight once."""
+  item = 2 if dtype == "bfloat16" else 4
+  return n_params * item / (step_ms * 1e-3) / 1e9
+
+
 def _shrink(model_cfg, overrides):
   with model_cfg.unlocked():
     model_cfg.update(overrides)
@@ -526,46 +543,51 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
     m = cfg.model
     if smoke:
       _shrink(m, SMOKE_RAR)
-    m.dtype = "bfloat16"
+    m.dtype = "float32"   # the sample dtype switch sets the compute dtype
     model = models.build(m)
     dl.check(f"RAR-{size} init")
     params = random_params(m)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     side = int(round(m.seq_len ** 0.5))
     s = cfg.sample
-    fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True)
     for batch in sz.rar_batches:
-      # Expect about as long as the previous case; skip what would overrun.
-      dl.require(last_cost, f"RAR-{size} batch {batch}")
-      t_case = time.perf_counter()
-      labels = jnp.arange(batch, dtype=jnp.int32) % m.num_classes
-      args = (params, labels, jax.random.key(batch), jnp.float32(
-          s.guidance_scale), jnp.float32(s.guidance_pow),
-              jnp.float32(s.temperature))
-      comp_s, compiled = aot(fn, *args)
-      runs = []
-      for _ in range(sz.iters):
-        runs.append(timed(compiled, *args))
-        if dl.left() <= 0:
-          break
-      sample_s = statistics.median(t for t, _ in runs)
-      codes = runs[-1][1].reshape(batch, side, side)
-      if batch not in decoded:   # decode cost does not depend on the RAR size
-        dl.check(f"decode batch {batch}")
-        dcomp_s, dcompiled = aot(decode, tok_params, codes)
-        decoded[batch] = (dcomp_s, statistics.median(
-            timed(dcompiled, tok_params, codes)[0] for _ in range(sz.iters)))
-      dcomp_s, dec_s = decoded[batch]
-      sec.add(model=f"RAR-{size.upper()}", params_m=n_params / 1e6,
-              batch=batch, tokens=m.seq_len, compile_s=comp_s,
-              sample_s=sample_s, images_per_s=batch / sample_s,
-              decode_compile_s=dcomp_s, decode_s=dec_s,
-              images_per_s_decoded=batch / (sample_s + dec_s))
-      last_cost = 0.8 * (time.perf_counter() - t_case)
+      for dtype in SAMPLE_DTYPES:
+        # Expect about as long as the previous case; skip what would overrun.
+        dl.require(last_cost, f"RAR-{size} batch {batch} {dtype}")
+        t_case = time.perf_counter()
+        fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True, dtype=dtype)
+        labels = jnp.arange(batch, dtype=jnp.int32) % m.num_classes
+        args = (params, labels, jax.random.key(batch), jnp.float32(
+            s.guidance_scale), jnp.float32(s.guidance_pow),
+                jnp.float32(s.temperature))
+        comp_s, compiled = aot(fn, *args)
+        runs = []
+        for _ in range(sz.iters):
+          runs.append(timed(compiled, *args))
+          if dl.left() <= 0:
+            break
+        sample_s = statistics.median(t for t, _ in runs)
+        codes = runs[-1][1].reshape(batch, side, side)
+        if batch not in decoded:   # decode cost does not depend on the RAR size
+          dl.check(f"decode batch {batch}")
+          dcomp_s, dcompiled = aot(decode, tok_params, codes)
+          decoded[batch] = (dcomp_s, statistics.median(
+              timed(dcompiled, tok_params, codes)[0] for _ in range(sz.iters)))
+        dcomp_s, dec_s = decoded[batch]
+        step_ms = 1e3 * sample_s / m.seq_len
+        sec.add(model=f"RAR-{size.upper()}", dtype=dtype,
+                params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
+                compile_s=comp_s, sample_s=sample_s, step_ms=step_ms,
+                weight_gb_per_s=weight_read_gbps(n_params, dtype, step_ms),
+                images_per_s=batch / sample_s, decode_compile_s=dcomp_s,
+                decode_s=dec_s, images_per_s_decoded=batch / (sample_s + dec_s))
+        last_cost = 0.8 * (time.perf_counter() - t_case)
     del params
   sec.note("CFG doubles the batch (cond + null class rows); guidance settings "
-           "from the config; MaskGIT VQGAN decode in fp32; compile excluded "
-           "from images/s; random weights.")
+           "from the config; dtype = the sampler's dtype switch (bfloat16: "
+           "parameters cast once, matmuls and KV cache bf16, logits and "
+           "sampling fp32); MaskGIT VQGAN decode in fp32; compile excluded "
+           "from images/s; random weights. " + WEIGHT_READ_NOTE)
 
 
 def _rar_trainer(remat: str, batch: int, smoke: bool, devices):
@@ -803,21 +825,29 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   cfg, model, params, labels = _random_generator(
       "configs/far_b.py:dual", SMOKE_FAR, smoke, batch)
   m, s = cfg.model, cfg.sample
-  run = lambda: far_sample.sample(
-      model, params, labels, jax.random.key(0), guidance_scale=s.guidance_scale,
-      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-  comp_s, _ = timed(run)   # first call compiles (cached jit afterwards)
-  times = []
-  for _ in range(sz.iters):
-    dl.check("FAR timed call")
-    times.append(timed(run)[0])
-  sec_s = statistics.median(times)
+  model = model.clone(dtype="float32")   # the sample dtype switch sets it
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   steps = m.num_codebooks * m.grid ** 2
-  sec.add(model="FAR-B dual", batch=batch, sub_tokens=steps,
-          first_call_s=comp_s, sample_s=sec_s, images_per_s=batch / sec_s,
-          sub_tokens_per_s=batch * steps / sec_s)
+  for dtype in SAMPLE_DTYPES:
+    dl.check(f"FAR {dtype}")
+    run = lambda dt=dtype: far_sample.sample(
+        model, params, labels, jax.random.key(0),
+        guidance_scale=s.guidance_scale, temperature=s.temperature,
+        top_k=s.top_k, top_p=s.top_p, dtype=dt)
+    comp_s, _ = timed(run)   # first call compiles (cached jit afterwards)
+    times = []
+    for _ in range(sz.iters):
+      dl.check("FAR timed call")
+      times.append(timed(run)[0])
+    sec_s = statistics.median(times)
+    position_ms = 1e3 * sec_s / m.grid ** 2
+    sec.add(model="FAR-B dual", dtype=dtype, batch=batch, sub_tokens=steps,
+            first_call_s=comp_s, sample_s=sec_s, position_ms=position_ms,
+            weight_gb_per_s=weight_read_gbps(n_params, dtype, position_ms),
+            images_per_s=batch / sec_s, sub_tokens_per_s=batch * steps / sec_s)
   sec.note(f"guidance {s.guidance_scale} (CFG doubles the batch), codes only "
-           "(no FQGAN decode); first_call_s includes compilation.")
+           "(no FQGAN decode); first_call_s includes compilation; dtype as in "
+           "rar_sampling. " + WEIGHT_READ_NOTE)
 
 
 def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
@@ -882,14 +912,15 @@ SECTIONS = (
     ("attention", section_attention, 85,
      ("N", "W", "mode", "impl", "ms", "tflops", "vs_dense", "vs_banded",
       "note")),
-    ("rar_sampling", section_rar_sampling, 100,
-     ("model", "batch", "compile_s", "sample_s", "images_per_s", "decode_s",
-      "images_per_s_decoded")),
-    ("rar_train", section_rar_train, 170,
+    ("rar_sampling", section_rar_sampling, 130,
+     ("model", "dtype", "batch", "compile_s", "sample_s", "step_ms",
+      "weight_gb_per_s", "images_per_s", "decode_s", "images_per_s_decoded")),
+    ("rar_train", section_rar_train, 125,
      ("remat", "batch", "step_s", "tokens_per_s", "mfu", "mfu_6n",
       "peak_gib_compiled", "peak_gib_device")),
-    ("far_sampling", section_far_sampling, 35,
-     ("model", "batch", "sample_s", "images_per_s")),
+    ("far_sampling", section_far_sampling, 50,
+     ("model", "dtype", "batch", "sample_s", "position_ms", "weight_gb_per_s",
+      "images_per_s")),
     ("eq_sampling", section_eq_sampling, 45,
      ("model", "batch", "columns", "sample_s", "columns_per_s")),
     ("inception", section_inception, 30,

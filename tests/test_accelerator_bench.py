@@ -111,6 +111,10 @@ def test_smoke_numbers(smoke):
                     ("eq_sampling", "columns_per_s"),
                     ("inception", "images_per_s")):
     assert all(r[key] > 0 for r in sec[name]["rows"]), name
+  for name in ("rar_sampling", "far_sampling"):   # the sample dtype switch
+    rows = sec[name]["rows"]
+    assert {r["dtype"] for r in rows} == set(acc.SAMPLE_DTYPES), name
+    assert all(r["weight_gb_per_s"] > 0 for r in rows), name
   train = sec["rar_train"]["rows"][0]
   assert np.isfinite(train["loss"]) and train["peak_gib_compiled"] > 0
 

@@ -42,15 +42,18 @@ def _copy(base, tmp_path):
   return wd
 
 
-def _truncate_largest_data_file(step_dir):
+def _truncate_data_files(step_dir):
+  """Cuts every OCDBT data file to half its size. (Cutting only the largest
+  one was not always damage: the file layout varies from run to run, and a
+  run whose largest file was not read on restore resumed from it.)"""
   d = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
-  f = max((os.path.join(d, n) for n in os.listdir(d)), key=os.path.getsize)
-  with open(f, "r+b") as fh:
-    fh.truncate(os.path.getsize(f) // 2)
+  for f in (os.path.join(d, n) for n in os.listdir(d)):
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
 
 
 DAMAGES = {
-    "truncated_ocdbt_file": _truncate_largest_data_file,
+    "truncated_ocdbt_file": _truncate_data_files,
     "no_state_metadata": lambda s: os.remove(os.path.join(s, "state", "_METADATA")),
     "empty_iterator_json": lambda s: open(
         os.path.join(s, "data", "process_0-of-1.json"), "w").close(),
@@ -79,7 +82,7 @@ def test_truncation_is_caught_before_orbax_reads(runs, tmp_path):
   wd = _copy(runs[1], tmp_path)
   step_dir = epath.Path(wd) / "checkpoints" / "6"
   ckpt_lib.validate_step(step_dir)  # intact: passes
-  _truncate_largest_data_file(str(step_dir))
+  _truncate_data_files(str(step_dir))
   with pytest.raises(ValueError, match="is unreadable.*OUT_OF_RANGE"):
     ckpt_lib.validate_step(step_dir)
 
@@ -250,7 +253,7 @@ def test_inference_loading_skips_a_damaged_latest_step(runs, tmp_path, caplog):
   the newest step that loads (here 3, step 6 truncated), files left in place."""
   wd = _copy(runs[1], tmp_path)
   want = _ema_of_step(wd, 3)
-  _truncate_largest_data_file(os.path.join(wd, "checkpoints", "6"))
+  _truncate_data_files(os.path.join(wd, "checkpoints", "6"))
   model = _config(1).model
   with caplog.at_level(logging.WARNING):
     got = models.load_params(model, wd, setting="--config.init_from")
@@ -276,7 +279,7 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path):
     ckpt_lib.restore_params(runs[1], None, setting="--config.init_from",
                          model_name=other.name)
   for damage in ("3", "6"):
-    _truncate_largest_data_file(os.path.join(_copy_once(runs[1], tmp_path),
+    _truncate_data_files(os.path.join(_copy_once(runs[1], tmp_path),
                                              "checkpoints", damage))
   with pytest.raises(ckpt_lib.CheckpointRestoreError, match="step 6.*\n.*step 3"):
     models.load_params(model, _copy_once(runs[1], tmp_path))
