@@ -103,28 +103,19 @@ def cached_attention(q, k, v, mask, *, scale: float = 1.0):
   mask bool (N, M) or broadcastable to (B, H, N, M), True = visible. Returns
   (B, N, H, D) in q.dtype. The cache is the left operand of both matmuls in
   XLA's canonical layout (batch, rows, contraction), so nothing of size M is
-  transposed or copied per step; only the N queries are. A single query (a
-  decode step) drops the N axis, so the softmax runs along the contiguous M
-  axis: the same numbers, but XLA:CPU vectorises it (with a trailing N = 1 it
-  ran element by element, as long as the logits matmul itself).
+  transposed or copied per step; only the N queries are. The logits are
+  turned to (B, H, N, M) before the softmax, so it runs along the contiguous
+  M axis (for a decode step, N = 1, that turn is free; with logits
+  (B, H, M, 1) XLA:CPU ran the softmax element by element, as long as the
+  logits matmul itself).
   """
-  if q.shape[1] == 1:
-    mask = jnp.broadcast_to(mask, (*mask.shape[:-2], 1, mask.shape[-1]))
-    qh = q[:, 0].astype(k.dtype)                  # (B, H, D)
-    logits = jax.lax.dot_general(k, qh, (((3,), (2,)), ((0, 1), (0, 1))),
-                                 preferred_element_type=jnp.float32)  # (B,H,M)
-    logits = jnp.where(mask[..., 0, :], logits * scale, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jax.lax.dot_general(probs, v, (((2,), (2,)), ((0, 1), (0, 1))),
-                              preferred_element_type=jnp.float32)  # (B,H,D)
-    return out[:, None].astype(q.dtype)
   dims = (((3,), (3,)), ((0, 1), (0, 1)))        # contract D; batch B, H
   qh = q.swapaxes(1, 2).astype(k.dtype)           # (B, H, N, D)
   logits = jax.lax.dot_general(k, qh, dims,
                                preferred_element_type=jnp.float32)  # (B,H,M,N)
-  logits = jnp.where(jnp.swapaxes(mask, -1, -2), logits * scale, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=2).astype(v.dtype)
-  out = jax.lax.dot_general(probs, v, (((2,), (2,)), ((0, 1), (0, 1))),
+  logits = jnp.where(mask, logits.swapaxes(2, 3) * scale, NEG_INF)  # (B,H,N,M)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jax.lax.dot_general(probs, v, (((3,), (2,)), ((0, 1), (0, 1))),
                             preferred_element_type=jnp.float32)  # (B,H,N,D)
   return out.swapaxes(1, 2).astype(q.dtype)
 
