@@ -1,7 +1,38 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported anywhere)."""
+"""Test setup: 8 fake CPU devices (set before jax is imported anywhere), and
+one persistent compilation cache per test session.
+
+Many tests build the same tiny trainer, sampler or tokenizer and compile the
+same XLA programs again (a new closure misses jax's in-memory caches; the
+persistent cache keys on the program itself). The session's cache lives in a
+fresh temporary directory shared by the xdist workers and the subprocesses
+the tests start (inherited through the environment), so every program is
+still compiled once per run, and it is deleted at the end. An existing
+``JAX_COMPILATION_CACHE_DIR`` is used as it is.
+"""
 
 import os
+import shutil
+import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+  if hasattr(config, "workerinput") or os.environ.get(_CACHE_ENV):
+    return   # an xdist worker (inherits the controller's) or a user's cache
+  path = tempfile.mkdtemp(prefix="genvis-jax-test-compile-cache-")
+  config.genvis_compile_cache = path
+  os.environ[_CACHE_ENV] = path   # before the workers start
+  if "jax" in sys.modules:        # imported already: the env var was read
+    sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
+
+
+def pytest_unconfigure(config):
+  path = getattr(config, "genvis_compile_cache", None)
+  if path:
+    shutil.rmtree(path, ignore_errors=True)

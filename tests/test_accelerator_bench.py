@@ -2,17 +2,22 @@
 the repository (tensorflow / clu / grain / array_record unimportable,
 ml_collections only from a carried wheel), plus its pure helpers."""
 
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 
 import numpy as np
 import pytest
 
+from bench import accel_attention
+from bench import accel_harness as harness
+from bench import accel_models
 from bench import accelerator as acc
 from tests.test_imports_no_tf import BLOCKER
 
@@ -113,7 +118,7 @@ def test_smoke_numbers(smoke):
     assert all(r[key] > 0 for r in sec[name]["rows"]), name
   for name in ("rar_sampling", "far_sampling"):   # the sample dtype switch
     rows = sec[name]["rows"]
-    assert {r["dtype"] for r in rows} == set(acc.SAMPLE_DTYPES), name
+    assert {r["dtype"] for r in rows} == set(accel_models.SAMPLE_DTYPES), name
     assert all(r["weight_gb_per_s"] > 0 for r in rows), name
   train = sec["rar_train"]["rows"][0]
   assert np.isfinite(train["loss"]) and train["peak_gib_compiled"] > 0
@@ -122,31 +127,31 @@ def test_smoke_numbers(smoke):
 def test_band_pairs_counts_the_mask():
   from genvis_jax.kernels.windowed_attention import window_mask
   for n, w in ((1, 1), (7, 3), (64, 16), (100, 200)):
-    assert acc.band_pairs(n, w) == int(window_mask(n, window=w).sum())
+    assert accel_attention.band_pairs(n, w) == int(window_mask(n, window=w).sum())
 
 
 def test_fit_batch_is_largest_power_of_two_under_the_limit():
   cap, b0, b1 = 100 * 2**30, 32, 128
   intercept, slope = 20 * 2**30, 0.11 * 2**30      # bytes, bytes per example
-  got = acc._fit_batch(cap, b0, intercept + slope * b0, b1,
+  got = accel_models._fit_batch(cap, b0, intercept + slope * b0, b1,
                        intercept + slope * b1, 4096)
   fits = [2**i for i in range(13) if intercept + slope * 2**i <= 0.92 * cap]
   assert got == max(fits)
-  assert acc._fit_batch(cap, b0, intercept + slope * b0, b1,
+  assert accel_models._fit_batch(cap, b0, intercept + slope * b0, b1,
                         intercept + slope * b1, 256) == 256
 
 
 def test_peak_table():
-  assert acc.peak_flops("NVIDIA H200") == 990e12
-  assert acc.peak_flops("NVIDIA H100 80GB HBM3") == 990e12
-  assert acc.peak_flops("NVIDIA H100 PCIe") == 756e12
-  assert acc.peak_flops("cpu") is None
+  assert harness.peak_flops("NVIDIA H200") == 990e12
+  assert harness.peak_flops("NVIDIA H100 80GB HBM3") == 990e12
+  assert harness.peak_flops("NVIDIA H100 PCIe") == 756e12
+  assert harness.peak_flops("cpu") is None
 
 
 def test_deadline_require():
-  dl = acc.Deadline(acc.time.perf_counter() + 100)
+  dl = harness.Deadline(time.perf_counter() + 100)
   dl.require(10, "a short step")
-  with pytest.raises(acc.SectionTimeout, match="a long step skipped"):
+  with pytest.raises(harness.SectionTimeout, match="a long step skipped"):
     dl.require(1000, "a long step")
 
 
@@ -177,7 +182,7 @@ def test_missing_ml_collections_says_how_to_carry_it(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "ml_collections", None)  # import fails
   with pytest.raises(UserError, match="pip download ml_collections --no-deps "
                      "-d wheels/") as err:
-    acc.ensure_ml_collections([str(tmp_path)])
+    harness.ensure_ml_collections([str(tmp_path)])
   assert isinstance(err.value, ImportError)
 
 
@@ -194,16 +199,17 @@ def test_train_batch_search(monkeypatch, fails_above, want):
       raise MemoryError("RESOURCE_EXHAUSTED")
     return dict(remat=remat, batch=batch, tokens_per_s=float(batch),
                 _peak=peak(batch))
-  monkeypatch.setattr(acc, "CAPACITY_OVERRIDE", 100 * gb)
-  monkeypatch.setattr(acc, "_rar_trainer",
+  models = accel_models
+  monkeypatch.setattr(models, "CAPACITY_OVERRIDE", 100 * gb)
+  monkeypatch.setattr(models, "_rar_trainer",
                       lambda remat, batch, *a: (None, batch))
-  monkeypatch.setattr(acc, "_compile_step", lambda cfg, b: (0.0, b, None))
-  monkeypatch.setattr(acc, "memory_bytes", lambda b: dict(
+  monkeypatch.setattr(models, "_compile_step", lambda cfg, b: (0.0, b, None))
+  monkeypatch.setattr(models, "memory_bytes", lambda b: dict(
       argument=fixed, generated_code=0, peak=peak(b)))
-  monkeypatch.setattr(acc, "_measure_step", measure)
-  sec = acc.Section("rar_train", ())
-  sizes = acc.dataclasses.replace(acc.REAL, train_remats=("none",))
-  acc.section_rar_train(sec, acc.Deadline(float("inf")), sizes, False)
+  monkeypatch.setattr(models, "_measure_step", measure)
+  sec = harness.Section("rar_train", ())
+  sizes = dataclasses.replace(harness.REAL, train_remats=("none",))
+  models.section_rar_train(sec, harness.Deadline(float("inf")), sizes, False)
   assert [r["batch"] for r in sec.rows] == want
   # Largest power of two within 92% of memory (42 GiB + 0.3 GiB x b).
   if fails_above is None:

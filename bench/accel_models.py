@@ -1,0 +1,387 @@
+"""Accelerator-suite sections of the generators and the evaluator: RAR / FAR /
+Equivariant sampling, the RAR-XL train step at the largest batch that fits,
+and the FID Inception extractor (see ``bench/accelerator.py``). Random
+weights: speed and memory numbers, not quality ones."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+from bench.accel_harness import (SMOKE_EQ, SMOKE_FAR, SMOKE_RAR, Deadline,
+                                 Section, SectionTimeout, Sizes, aot, block,
+                                 cost_flops, device_memory, error_line, gib,
+                                 host_random_params, load_config, memory_bytes,
+                                 peak_flops, random_params, shrink, timed)
+
+# Sampling rows per dtype: the accelerator mode first (it is the one to have
+# if the time runs out), then the fp32 reference.
+SAMPLE_DTYPES = ("bfloat16", "float32")
+WEIGHT_READ_NOTE = (
+    "weight_gb_per_s = all parameter bytes (in dtype) / time per step: the "
+    "rate at which a step that reads every weight once would stream them, to "
+    "hold against the memory bandwidth (H200 HBM3e: 4.8 TB/s); RAR's adaLN "
+    "weights are not read per step (per-chunk tables), so its true rate is "
+    "lower.")
+
+
+def weight_read_gbps(n_params: int, dtype: str, step_ms: float) -> float:
+  """GB/s a decode step of ``step_ms`` would stream reading every weight once."""
+  item = 2 if dtype == "bfloat16" else 4
+  return n_params * item / (step_ms * 1e-3) / 1e9
+
+
+
+def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from genvis_jax import models  # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import rar as rar_sample  # pylint: disable=import-outside-toplevel
+  tok_cfg = load_config("configs/maskgit_vqgan.py").model
+  if smoke:
+    from configs import maskgit_vqgan  # pylint: disable=import-outside-toplevel
+    tok_cfg = maskgit_vqgan.runlocal_model(tok_cfg)
+  tok_cfg.dtype = "float32"   # decode in fp32 (the project's sampling rule)
+  tok = models.build(tok_cfg)
+  tok_params = random_params(tok_cfg, 1)
+  decode = jax.jit(lambda p, c: tok.apply({"params": p}, c, method="decode"))
+  decoded = {}   # batch -> (compile s, decode s)
+  last_cost = 0.0
+  for size in sz.rar_sizes:
+    cfg = load_config(f"configs/rar_{size}.py")
+    m = cfg.model
+    if smoke:
+      shrink(m, SMOKE_RAR)
+    m.dtype = "float32"   # the sample dtype switch sets the compute dtype
+    model = models.build(m)
+    dl.check(f"RAR-{size} init")
+    params = random_params(m)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    side = int(round(m.seq_len ** 0.5))
+    s = cfg.sample
+    for batch in sz.rar_batches:
+      for dtype in SAMPLE_DTYPES:
+        # Expect about as long as the previous case; skip what would overrun.
+        dl.require(last_cost, f"RAR-{size} batch {batch} {dtype}")
+        t_case = time.perf_counter()
+        fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True, dtype=dtype)
+        labels = jnp.arange(batch, dtype=jnp.int32) % m.num_classes
+        args = (params, labels, jax.random.key(batch), jnp.float32(
+            s.guidance_scale), jnp.float32(s.guidance_pow),
+                jnp.float32(s.temperature))
+        comp_s, compiled = aot(fn, *args)
+        runs = []
+        for _ in range(sz.iters):
+          runs.append(timed(compiled, *args))
+          if dl.left() <= 0:
+            break
+        sample_s = statistics.median(t for t, _ in runs)
+        codes = runs[-1][1].reshape(batch, side, side)
+        if batch not in decoded:   # decode cost does not depend on the RAR size
+          dl.check(f"decode batch {batch}")
+          dcomp_s, dcompiled = aot(decode, tok_params, codes)
+          decoded[batch] = (dcomp_s, statistics.median(
+              timed(dcompiled, tok_params, codes)[0] for _ in range(sz.iters)))
+        dcomp_s, dec_s = decoded[batch]
+        step_ms = 1e3 * sample_s / m.seq_len
+        sec.add(model=f"RAR-{size.upper()}", dtype=dtype,
+                params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
+                compile_s=comp_s, sample_s=sample_s, step_ms=step_ms,
+                weight_gb_per_s=weight_read_gbps(n_params, dtype, step_ms),
+                images_per_s=batch / sample_s, decode_compile_s=dcomp_s,
+                decode_s=dec_s, images_per_s_decoded=batch / (sample_s + dec_s))
+        last_cost = 0.8 * (time.perf_counter() - t_case)
+    del params
+  sec.note("CFG doubles the batch (cond + null class rows); guidance settings "
+           "from the config; dtype = the sampler's dtype switch (bfloat16: "
+           "parameters cast once, matmuls and KV cache bf16, logits and "
+           "sampling fp32); MaskGIT VQGAN decode in fp32; compile excluded "
+           "from images/s; random weights. " + WEIGHT_READ_NOTE)
+
+
+def _rar_trainer(remat: str, batch: int, smoke: bool, devices):
+  from bench import plan_memory  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  config = load_config("configs/rar_xl.py")
+  if smoke:
+    shrink(config.model, SMOKE_RAR)
+    with config.unlocked():
+      config.data.seq_len = config.model.seq_len
+  config = plan_memory.apply_overrides(
+      config, mesh={"data": 1, "fsdp": 1, "tensor": 1}, batch=batch,
+      micro_batches=1, remat=remat, dtype="bfloat16")
+  mesh = shd.create_mesh(config.mesh, devices)
+  return config, trainer_lib.Trainer(config, mesh=mesh)
+
+
+def _compile_step(config, tr):
+  from bench import plan_memory  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  spec = plan_memory.batch_spec(config, tr.task, config.train.global_batch_size,
+                                shd.batch_sharding(tr.mesh))
+  rng = jax.ShapeDtypeStruct(tr.train_rng.shape, tr.train_rng.dtype,
+                             sharding=shd.replicated(tr.mesh))
+  with tr.context():
+    t0 = time.perf_counter()
+    lowered = tr._step.lower(  # pylint: disable=protected-access
+        tr.abstract_state(), spec, rng, tr.frozen)
+    compiled = lowered.compile()
+  compiled.lowered_flops = cost_flops(lowered)
+  return time.perf_counter() - t0, compiled, spec
+
+
+def _random_batch(spec, config):
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rs = np.random.RandomState(0)
+  hi = {"label": config.model.num_classes, "tokens": config.model.codebook_size}
+  return {k: jax.device_put(rs.randint(0, hi[k], s.shape).astype(s.dtype),
+                            s.sharding) for k, s in spec.items()}
+
+
+def _pow2_floor(x: float, cap: int) -> int:
+  return max(1, min(cap, 2 ** int(math.log2(max(1.0, x)))))
+
+
+def _fit_batch(capacity, b0, peak0, b1, peak1, cap) -> int:
+  """Largest power-of-two batch whose compiled peak stays under 92% of the
+  device memory, from two (batch, peak bytes) points (peak ~ linear in batch)."""
+  slope = max(1.0, (peak1 - peak0) / (b1 - b0))
+  return _pow2_floor((0.92 * capacity - (peak1 - slope * b1)) / slope, cap)
+
+
+# --device_memory_gib: plan the train batch for another memory size (also how
+# the probe / fit path is exercised on CPU, which reports no memory limit).
+CAPACITY_OVERRIDE = None
+
+
+def section_rar_train(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
+  """RAR-XL train step per remat policy at the largest batch that fits.
+
+  With a known device memory: one probe compile at a small batch plus the
+  argument bytes give a first estimate; after measuring it, the two compiled
+  peaks give a linear fit and a larger batch is tried when it fits. A batch
+  that fails (out of memory) is halved.
+  """
+  import gc  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  dev = jax.devices()[0]
+  peak = peak_flops(dev.device_kind)
+  capacity = CAPACITY_OVERRIDE or device_memory(dev).get("bytes_limit")
+  sec.note(f"device memory for the batch fit: {gib(capacity):.3g} GiB"
+           if capacity else "device memory unknown: batch = the largest tried")
+  sec.note(f"device bf16 peak: {peak / 1e12:.0f} TFLOP/s" if peak else
+           f"no bf16 peak known for {dev.device_kind!r}: MFU omitted")
+  best, last_cost = None, 0.0
+  sec.note("One device, AdamW, bf16 compute with fp32 parameters and optimizer "
+           "state, 256 tokens per image. mfu = the compiled step's XLA FLOPs "
+           "(cost_analysis; includes remat recomputation; flops_from=lowered: the "
+           "unoptimized HLO's count, used when the compiled one is under half "
+           "of it) / step time / chip "
+           "bf16 peak; mfu_6n uses 6 x params x tokens (model FLOPs without "
+           "attention). peak_gib_compiled: memory_analysis arguments + outputs "
+           "- aliases + temporaries; peak_gib_device: memory_stats "
+           "peak_bytes_in_use since the start of the run.")
+  try:
+    for remat in sz.train_remats:
+      dl.require(last_cost, f"remat={remat}")
+      t_remat = time.perf_counter()
+      batch, probe = sz.train_max, None
+      if capacity:
+        config, tr = _rar_trainer(remat, sz.train_probe, smoke, [dev])
+        probe = memory_bytes(_compile_step(config, tr)[1])
+        del tr
+        if probe:
+          # State (arguments) is fixed; count all temporaries as per-example.
+          fixed = probe["argument"] + probe["generated_code"]
+          per_example = max(1.0, (probe["peak"] - fixed) / sz.train_probe)
+          batch = _pow2_floor((0.92 * capacity - fixed) / per_example,
+                              sz.train_max)
+      tried, row = set(), None
+      while batch >= 1 and batch not in tried:
+        tried.add(batch)
+        dl.check(f"remat={remat} batch={batch}")
+        t_measure = time.perf_counter()
+        try:
+          new = _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity)
+        except SectionTimeout:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          sec.note(f"remat={remat} batch={batch}: {error_line(e)}")
+          gc.collect()
+          if row:       # a larger try failed: keep the measured one
+            break
+          batch //= 2   # out of memory at compile or run time
+          continue
+        peak_b = new.pop("_peak")
+        sec.add(**new)
+        row = new
+        if not (capacity and probe and peak_b and batch > sz.train_probe):
+          break
+        grown = _fit_batch(capacity, sz.train_probe, probe["peak"], batch,
+                           peak_b, sz.train_max)
+        if grown <= batch:
+          break
+        if dl.left() < time.perf_counter() - t_measure:
+          sec.note(f"remat={remat}: batch {grown} would fit; no time to try")
+          break
+        batch = grown
+      if row and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
+        best = row
+      gc.collect()
+      # The next policy compiles as often, and its steps take no less time.
+      last_cost = 0.8 * (time.perf_counter() - t_remat)
+  finally:   # also when the time box ends
+    if best:
+      sec.note(f"best: remat={best['remat']} batch={best['batch']} "
+               f"{best['tokens_per_s']:.0f} tokens/s")
+
+
+def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
+  import jax  # pylint: disable=import-outside-toplevel
+  config, tr = _rar_trainer(remat, batch, smoke, [dev])
+  comp_s, compiled, spec = _compile_step(config, tr)
+  mem = memory_bytes(compiled)
+  if capacity and mem and mem["peak"] > capacity:
+    raise MemoryError(f"compiled peak {gib(mem['peak']):.1f} GiB > "
+                      f"{gib(capacity):.1f} GiB")
+  # The optimized HLO's count; if the backend's cost model misses fused
+  # library calls (much less than the unoptimized HLO's), use the latter.
+  flops, lowered = cost_flops(compiled), getattr(compiled, "lowered_flops", None)
+  flops_from = "compiled"
+  if lowered and (not flops or flops < 0.5 * lowered):
+    flops, flops_from = lowered, "lowered"
+  data = _random_batch(spec, config)
+  state = tr.init_state()
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  state, metrics = compiled(state, data, tr.train_rng, tr.frozen)  # warm-up
+  block(metrics)
+  times = []
+  for _ in range(sz.train_steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, data, tr.train_rng, tr.frozen)
+    block(metrics)
+    times.append(time.perf_counter() - t0)
+    if dl.left() <= 0:
+      break
+  loss = float(metrics["loss"])
+  step_s = statistics.median(times)
+  tokens = batch * config.model.seq_len
+  stats = device_memory(dev)
+  del state
+  return dict(
+      remat=remat, batch=batch, params_m=n_params / 1e6, compile_s=comp_s,
+      step_s=step_s, tokens_per_s=tokens / step_s, images_per_s=batch / step_s,
+      tflops_xla=(flops / step_s / 1e12) if flops else None,
+      flops_from=flops_from if flops else None,
+      mfu=(flops / step_s / peak) if flops and peak else None,
+      mfu_6n=(6 * n_params * tokens / step_s / peak) if peak else None,
+      peak_gib_compiled=gib(mem.get("peak")), _peak=mem.get("peak"),
+      peak_gib_device=gib(stats.get("peak_bytes_in_use")),
+      in_use_gib_device=gib(stats.get("bytes_in_use")),
+      loss=loss, steps_timed=len(times))
+
+
+
+def _random_generator(spec: str, smoke_sizes: dict, smoke: bool, batch: int):
+  """A paper config's generator with random weights (shrunk to
+  ``smoke_sizes`` under --smoke) and ``batch`` labels cycling the classes:
+  ``(config, model, params, labels)``."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from genvis_jax import models  # pylint: disable=import-outside-toplevel
+  cfg = load_config(spec)
+  if smoke:
+    shrink(cfg.model, smoke_sizes)
+  labels = jnp.arange(batch, dtype=jnp.int32) % cfg.model.num_classes
+  return cfg, models.build(cfg.model), random_params(cfg.model), labels
+
+
+def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
+  import jax  # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import far as far_sample  # pylint: disable=import-outside-toplevel
+  batch = sz.far_batch
+  cfg, model, params, labels = _random_generator(
+      "configs/far_b.py:dual", SMOKE_FAR, smoke, batch)
+  m, s = cfg.model, cfg.sample
+  model = model.clone(dtype="float32")   # the sample dtype switch sets it
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  steps = m.num_codebooks * m.grid ** 2
+  for dtype in SAMPLE_DTYPES:
+    dl.check(f"FAR {dtype}")
+    run = lambda dt=dtype: far_sample.sample(
+        model, params, labels, jax.random.key(0),
+        guidance_scale=s.guidance_scale, temperature=s.temperature,
+        top_k=s.top_k, top_p=s.top_p, dtype=dt)
+    comp_s, _ = timed(run)   # first call compiles (cached jit afterwards)
+    times = []
+    for _ in range(sz.iters):
+      dl.check("FAR timed call")
+      times.append(timed(run)[0])
+    sec_s = statistics.median(times)
+    position_ms = 1e3 * sec_s / m.grid ** 2
+    sec.add(model="FAR-B dual", dtype=dtype, batch=batch, sub_tokens=steps,
+            first_call_s=comp_s, sample_s=sec_s, position_ms=position_ms,
+            weight_gb_per_s=weight_read_gbps(n_params, dtype, position_ms),
+            images_per_s=batch / sec_s, sub_tokens_per_s=batch * steps / sec_s)
+  sec.note(f"guidance {s.guidance_scale} (CFG doubles the batch), codes only "
+           "(no FQGAN decode); first_call_s includes compilation; dtype as in "
+           "rar_sampling. " + WEIGHT_READ_NOTE)
+
+
+def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
+  import jax  # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import eq_generator as eq_sample  # pylint: disable=import-outside-toplevel
+  batch = sz.eq_batch
+  cfg, model, params, labels = _random_generator(
+      "configs/eq_l.py", SMOKE_EQ, smoke, batch)
+  m, s = cfg.model, cfg.sample
+  for cols in sz.eq_columns:
+    dl.check(f"{cols} columns")
+    run = lambda c=cols: eq_sample.sample(
+        model, params, labels, jax.random.key(0), num_columns=c, cfg=s.cfg,
+        num_steps=sz.eq_flow_steps)
+    comp_s, _ = timed(run)
+    times = []
+    for _ in range(sz.iters):
+      times.append(timed(run)[0])
+      if dl.left() <= 0:
+        break
+    t = statistics.median(times)
+    sec.add(model="Eq-L", dtype=m.dtype, batch=batch, columns=cols,
+            flow_steps=sz.eq_flow_steps, first_call_s=comp_s, sample_s=t,
+            columns_per_s=batch * cols / t, images_per_s=batch / t)
+  sec.note(f"cfg {s.cfg} (doubled batch), Euler flow steps per column as "
+           "listed; columns_per_s counts columns of all images in the batch; "
+           "generator latents only (no tokenizer decode).")
+
+
+def section_inception(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from genvis_jax.evaluate import fid as fid_lib  # pylint: disable=import-outside-toplevel
+  from genvis_jax.evaluate.inception import InceptionExtractor  # pylint: disable=import-outside-toplevel
+  from genvis_jax.models import inception as inc  # pylint: disable=import-outside-toplevel
+  params = host_random_params(jax.eval_shape(inc.init_inception_params))
+  mesh = fid_lib.data_mesh(jax.devices()[:1])
+  ext = InceptionExtractor(params, batch_size=sz.incep_batch, mesh=mesh)
+  rs = np.random.RandomState(0)
+  images = rs.randint(0, 256, (sz.incep_batch, sz.incep_image, sz.incep_image,
+                               3)).astype(np.uint8)
+  comp_s, out = timed(ext, images)
+  if out["pool"].shape != (sz.incep_batch, 2048) or not np.isfinite(
+      out["pool"]).all():
+    raise AssertionError(f"bad pool features {out['pool'].shape}")
+  times = []
+  for _ in range(sz.iters):
+    dl.check("Inception timed call")
+    times.append(timed(ext, images)[0])
+  t = statistics.median(times)
+  sec.add(batch=sz.incep_batch, image=sz.incep_image, first_call_s=comp_s,
+          batch_s=t, images_per_s=sz.incep_batch / t)
+  sec.note("uint8 host images -> device -> resize to 299 -> pool / spatial / "
+           "logits back to host, fp32 at 'highest' matmul precision (as the "
+           "FID evaluation runs it); random weights.")
+
