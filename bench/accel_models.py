@@ -26,10 +26,27 @@ WEIGHT_READ_NOTE = (
     "lower.")
 
 
+FLOOR_NOTE = (
+    "floor_s = the bare matmul chain over the same weights at the same rows "
+    "and dtype, one chain per step and nothing else (bench/bench_*_sampling.py"
+    "'s `floor`: RAR every block's qkv, out, fc1, fc2 and adaLN, then lm_head; "
+    "FAR aggregation, backbone, per sub-token the head and its output); "
+    "x_floor = sample_s / floor_s, both timed here.")
+
+
 def weight_read_gbps(n_params: int, dtype: str, step_ms: float) -> float:
   """GB/s a decode step of ``step_ms`` would stream reading every weight once."""
   item = 2 if dtype == "bfloat16" else 4
   return n_params * item / (step_ms * 1e-3) / 1e9
+
+
+def floor_seconds(floor, params, iters: int) -> float:
+  """Median seconds of a compiled benchmark floor ``floor(params, kv=None)``
+  (``bench_rar_sampling.floor_fn`` / ``bench_far_sampling.floor_fn``)."""
+  _, compiled = aot(floor, params, None)
+  block(compiled(params, None))
+  return statistics.median(timed(compiled, params, None)[0]
+                           for _ in range(iters))
 
 
 
@@ -37,6 +54,7 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
+  from bench import bench_rar_sampling as rar_bench  # pylint: disable=import-outside-toplevel
   from genvis_jax.sample import rar as rar_sample  # pylint: disable=import-outside-toplevel
   tok_cfg = load_config("configs/maskgit_vqgan.py").model
   if smoke:
@@ -84,11 +102,16 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
           decoded[batch] = (dcomp_s, statistics.median(
               timed(dcompiled, tok_params, codes)[0] for _ in range(sz.iters)))
         dcomp_s, dec_s = decoded[batch]
+        dl.check(f"RAR-{size} batch {batch} {dtype} floor")
+        floor_s = floor_seconds(rar_bench.floor_fn(
+            model, m.seq_len, 2 * batch, adaln=True, dtype=dtype), params,
+                                sz.iters)
         step_ms = 1e3 * sample_s / m.seq_len
         sec.add(model=f"RAR-{size.upper()}", dtype=dtype,
                 params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
                 compile_s=comp_s, sample_s=sample_s, step_ms=step_ms,
                 weight_gb_per_s=weight_read_gbps(n_params, dtype, step_ms),
+                floor_s=floor_s, x_floor=sample_s / floor_s,
                 images_per_s=batch / sample_s, decode_compile_s=dcomp_s,
                 decode_s=dec_s, images_per_s_decoded=batch / (sample_s + dec_s))
         last_cost = 0.8 * (time.perf_counter() - t_case)
@@ -97,7 +120,8 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
            "from the config; dtype = the sampler's dtype switch (bfloat16: "
            "parameters cast once, matmuls and KV cache bf16, logits and "
            "sampling fp32); MaskGIT VQGAN decode in fp32; compile excluded "
-           "from images/s; random weights. " + WEIGHT_READ_NOTE)
+           "from images/s; random weights. " + WEIGHT_READ_NOTE + " "
+           + FLOOR_NOTE)
 
 
 def _rar_trainer(remat: str, batch: int, smoke: bool, devices):
@@ -301,6 +325,7 @@ def _random_generator(spec: str, smoke_sizes: dict, smoke: bool, batch: int):
 
 def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
+  from bench import bench_far_sampling as far_bench  # pylint: disable=import-outside-toplevel
   from genvis_jax.sample import far as far_sample  # pylint: disable=import-outside-toplevel
   batch = sz.far_batch
   cfg, model, params, labels = _random_generator(
@@ -321,14 +346,18 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
       dl.check("FAR timed call")
       times.append(timed(run)[0])
     sec_s = statistics.median(times)
+    dl.check(f"FAR {dtype} floor")
+    floor_s = floor_seconds(far_bench.floor_fn(
+        model, m.grid ** 2, 2 * batch, dtype=dtype), params, sz.iters)
     position_ms = 1e3 * sec_s / m.grid ** 2
     sec.add(model="FAR-B dual", dtype=dtype, batch=batch, sub_tokens=steps,
             first_call_s=comp_s, sample_s=sec_s, position_ms=position_ms,
             weight_gb_per_s=weight_read_gbps(n_params, dtype, position_ms),
+            floor_s=floor_s, x_floor=sec_s / floor_s,
             images_per_s=batch / sec_s, sub_tokens_per_s=batch * steps / sec_s)
   sec.note(f"guidance {s.guidance_scale} (CFG doubles the batch), codes only "
            "(no FQGAN decode); first_call_s includes compilation; dtype as in "
-           "rar_sampling. " + WEIGHT_READ_NOTE)
+           "rar_sampling. " + WEIGHT_READ_NOTE + " " + FLOOR_NOTE)
 
 
 def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
