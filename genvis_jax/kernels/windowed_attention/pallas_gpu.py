@@ -35,22 +35,10 @@ TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
-class Geometry:
-  """Static problem description shared by the kernels (hashable)."""
-  window: int
-  tokens_per_column: int
-  block_q: int
-  block_k: int
-  padded_len: int
-  scale: float
-  interpret: object = False
+class Geometry(ref.Geometry):
+  """``reference.Geometry`` + Triton's warps and pipeline stages."""
   num_warps: int | None = None
   num_stages: int = 2
-
-  def band(self):
-    return dict(window=self.window, tokens_per_column=self.tokens_per_column,
-                block_q=self.block_q, block_k=self.block_k,
-                padded_len=self.padded_len)
 
   def params(self, head_dim):
     warps = self.num_warps or (4 if head_dim <= 64 else 8)

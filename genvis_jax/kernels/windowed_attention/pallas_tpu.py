@@ -22,7 +22,6 @@ costs ``B * H * Np * 512`` bytes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -37,21 +36,7 @@ NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """Static problem description shared by the kernels (hashable)."""
-  window: int
-  tokens_per_column: int
-  block_q: int
-  block_k: int
-  padded_len: int
-  scale: float
-  interpret: object = False
-
-  def band(self):
-    return dict(window=self.window, tokens_per_column=self.tokens_per_column,
-                block_q=self.block_q, block_k=self.block_k,
-                padded_len=self.padded_len)
+Geometry = ref.Geometry   # nothing TPU-specific to add
 
 
 def _lanes(x, n):

@@ -18,7 +18,8 @@ columns.
 This file holds
   * the band geometry (token spans, block spans, tile masks) that the Pallas
     kernels use for their grids and masks, as pure functions on Python ints or
-    traced int32 scalars;
+    traced int32 scalars, and ``Geometry``, the kernels' static problem
+    description;
   * ``dense_attention``: O(N^2) masked softmax attention, the spec in code;
   * ``banded_attention``: an O(N x W) blocked XLA version (CPU fallback).
 Softmax statistics are fp32 everywhere.
@@ -26,6 +27,7 @@ Softmax statistics are fp32 everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -34,6 +36,27 @@ import numpy as np
 
 # Finite "minus infinity": a masked logit never makes exp() produce NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Static problem description of a kernel call (hashable): the band
+  (``window`` columns of ``tokens_per_column`` tokens), the tiles, the padded
+  sequence length, the softmax scale and Pallas interpret mode. A kernel file
+  may subclass it for its backend's compiler settings."""
+  window: int
+  tokens_per_column: int
+  block_q: int
+  block_k: int
+  padded_len: int
+  scale: float
+  interpret: object = False
+
+  def band(self) -> dict:
+    """The keyword arguments of the span functions below."""
+    return dict(window=self.window, tokens_per_column=self.tokens_per_column,
+                block_q=self.block_q, block_k=self.block_k,
+                padded_len=self.padded_len)
 
 
 def _is_int(*xs) -> bool:
