@@ -13,7 +13,8 @@ from bench.accel_harness import (SMOKE_EQ, SMOKE_FAR, SMOKE_RAR, Deadline,
                                  Section, SectionTimeout, Sizes, aot, block,
                                  cost_flops, device_memory, error_line, gib,
                                  host_random_params, load_config, memory_bytes,
-                                 peak_flops, random_params, shrink, timed)
+                                 peak_flops, random_params, repeat_ms, shrink,
+                                 timed)
 
 # Sampling rows per dtype: the accelerator mode first (it is the one to have
 # if the time runs out), then the fp32 reference.
@@ -38,16 +39,6 @@ def weight_read_gbps(n_params: int, dtype: str, step_ms: float) -> float:
   """GB/s a decode step of ``step_ms`` would stream reading every weight once."""
   item = 2 if dtype == "bfloat16" else 4
   return n_params * item / (step_ms * 1e-3) / 1e9
-
-
-def floor_seconds(floor, params, iters: int) -> float:
-  """Median seconds of a compiled benchmark floor ``floor(params, kv=None)``
-  (``bench_rar_sampling.floor_fn`` / ``bench_far_sampling.floor_fn``)."""
-  _, compiled = aot(floor, params, None)
-  block(compiled(params, None))
-  return statistics.median(timed(compiled, params, None)[0]
-                           for _ in range(iters))
-
 
 
 def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
@@ -75,7 +66,7 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
     model = models.build(m)
     dl.check(f"RAR-{size} init")
     params = random_params(m)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    n_params = models.count_params(params)
     side = int(round(m.seq_len ** 0.5))
     s = cfg.sample
     for batch in sz.rar_batches:
@@ -102,10 +93,10 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
           decoded[batch] = (dcomp_s, statistics.median(
               timed(dcompiled, tok_params, codes)[0] for _ in range(sz.iters)))
         dcomp_s, dec_s = decoded[batch]
-        dl.check(f"RAR-{size} batch {batch} {dtype} floor")
-        floor_s = floor_seconds(rar_bench.floor_fn(
-            model, m.seq_len, 2 * batch, adaln=True, dtype=dtype), params,
-                                sz.iters)
+        floor = rar_bench.floor_fn(model, m.seq_len, 2 * batch, adaln=True,
+                                   dtype=dtype)
+        floor_s = repeat_ms(floor, (params, None), dl, sz.iters,
+                            f"RAR-{size} batch {batch} {dtype} floor") / 1e3
         step_ms = 1e3 * sample_s / m.seq_len
         sec.add(model=f"RAR-{size.upper()}", dtype=dtype,
                 params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
@@ -265,7 +256,7 @@ def section_rar_train(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
 
 
 def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
-  import jax  # pylint: disable=import-outside-toplevel
+  from genvis_jax import models  # pylint: disable=import-outside-toplevel
   config, tr = _rar_trainer(remat, batch, smoke, [dev])
   comp_s, compiled, spec = _compile_step(config, tr)
   mem = memory_bytes(compiled)
@@ -280,7 +271,7 @@ def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
     flops, flops_from = lowered, "lowered"
   data = _random_batch(spec, config)
   state = tr.init_state()
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  n_params = models.count_params(state.params)
   state, metrics = compiled(state, data, tr.train_rng, tr.frozen)  # warm-up
   block(metrics)
   times = []
@@ -309,7 +300,6 @@ def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
       loss=loss, steps_timed=len(times))
 
 
-
 def _random_generator(spec: str, smoke_sizes: dict, smoke: bool, batch: int):
   """A paper config's generator with random weights (shrunk to
   ``smoke_sizes`` under --smoke) and ``batch`` labels cycling the classes:
@@ -326,13 +316,14 @@ def _random_generator(spec: str, smoke_sizes: dict, smoke: bool, batch: int):
 def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   from bench import bench_far_sampling as far_bench  # pylint: disable=import-outside-toplevel
+  from genvis_jax import models  # pylint: disable=import-outside-toplevel
   from genvis_jax.sample import far as far_sample  # pylint: disable=import-outside-toplevel
   batch = sz.far_batch
   cfg, model, params, labels = _random_generator(
       "configs/far_b.py:dual", SMOKE_FAR, smoke, batch)
   m, s = cfg.model, cfg.sample
   model = model.clone(dtype="float32")   # the sample dtype switch sets it
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  n_params = models.count_params(params)
   steps = m.num_codebooks * m.grid ** 2
   for dtype in SAMPLE_DTYPES:
     dl.check(f"FAR {dtype}")
@@ -346,9 +337,9 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
       dl.check("FAR timed call")
       times.append(timed(run)[0])
     sec_s = statistics.median(times)
-    dl.check(f"FAR {dtype} floor")
-    floor_s = floor_seconds(far_bench.floor_fn(
-        model, m.grid ** 2, 2 * batch, dtype=dtype), params, sz.iters)
+    floor = far_bench.floor_fn(model, m.grid ** 2, 2 * batch, dtype=dtype)
+    floor_s = repeat_ms(floor, (params, None), dl, sz.iters,
+                        f"FAR {dtype} floor") / 1e3
     position_ms = 1e3 * sec_s / m.grid ** 2
     sec.add(model="FAR-B dual", dtype=dtype, batch=batch, sub_tokens=steps,
             first_call_s=comp_s, sample_s=sec_s, position_ms=position_ms,
