@@ -6,6 +6,8 @@ Library errors that a user causes and can fix subclass it (often together with
 the builtin type callers already catch, e.g. ``class X(UserError, ValueError)``).
 """
 
+import pickle
+
 
 class UserError(Exception):
   """An error the user can fix; its message names the problem and the fix."""
@@ -19,3 +21,41 @@ class ConfigError(UserError, ValueError):
 
 class OutputExistsError(UserError, FileExistsError):
   """An output path already holds data that would be replaced."""
+
+
+# Weight files (``genvis_jax.convert``): read without torch, so the messages
+# name the path, the format seen and what to do instead.
+
+
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
+  """A pickle asked for a global outside the allow-list (it could run code)."""
+
+
+class CheckpointFileError(UserError, ValueError):
+  """A weight file is truncated, damaged or of an unknown format.
+
+  The message names the path, the format seen and the size (``looks
+  truncated: SEEN of EXPECTED bytes`` where the file states its full size).
+  """
+
+  @classmethod
+  def truncated(cls, path: str, fmt: str, seen: int,
+                expected: int | None = None, at_least: bool = False,
+                detail: str = "") -> "CheckpointFileError":
+    """The error for a file that ends early; ``expected`` None: size unknown."""
+    if expected is None:
+      size = f"{seen} bytes"
+    else:
+      size = f"{seen} of {'at least ' if at_least else ''}{expected} bytes"
+    return cls(
+        f"{path}: {fmt} file looks truncated: {size}{detail}. The download or "
+        "copy was probably interrupted; fetch the file again (compare its "
+        "size or checksum with the source).")
+
+
+class CheckpointFileNotFoundError(UserError, FileNotFoundError):
+  """The weight file named on the command line does not exist."""
+
+
+class WeightKeyError(UserError, KeyError):
+  """``--key`` names an entry the checkpoint does not have."""

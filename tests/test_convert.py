@@ -21,7 +21,7 @@ import pytest
 
 from configs import maskgit_vqgan as maskgit_config
 from configs import rar_b
-from genvis_jax import convert, models
+from genvis_jax import convert, errors, models
 from genvis_jax.convert import io as cio
 from genvis_jax.core.checkpoint import CheckpointMismatchError, restore_params
 
@@ -405,7 +405,7 @@ def test_io_refuses_pickles_with_disallowed_globals(tmp_path):
   # GLOBAL os.system, then a call: plain pickle.load would run the command.
   _torch_like_zip(evil, b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode()
                   + b"'\ntR.")
-  with pytest.raises(cio.UnsafeCheckpointError, match="'os.system'.*refusing"):
+  with pytest.raises(errors.UnsafeCheckpointError, match="'os.system'.*refusing"):
     cio.load_state_dict(str(evil))
   assert not (tmp_path / "pwned").exists()
   # A model class is refused too, and pickle.UnpicklingError catches it.

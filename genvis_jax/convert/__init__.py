@@ -160,25 +160,25 @@ def load_weights(path: str, expected=None, *,
   """
   if os.path.isdir(path):
     if expected is None:
-      raise io.CheckpointFileError(
+      raise errors.CheckpointFileError(
           f"{path} ({setting}) is a directory; these {what} are read from one "
           "file (.npz / .pth / .bin / .safetensors).")
     return ckpt_lib.restore_params(path, expected, setting=setting)
   if not os.path.exists(path):
-    raise io.CheckpointFileNotFoundError(
+    raise errors.CheckpointFileNotFoundError(
         f"No {what} at {path!r} ({setting}): file not found. Convert the "
         "released weights "
         "with `python -m genvis_jax.convert --kind=...` and point "
         f"{setting} at the result.")
   flat = io.load_state_dict(path, setting=setting)
   if not flat:
-    raise io.CheckpointFileError(f"{path} ({setting}) holds no arrays.")
+    raise errors.CheckpointFileError(f"{path} ({setting}) holds no arrays.")
   if all("/" in k for k in flat):   # Flax paths; official names use dots
     params = tree.nest(flat)
   elif convert is not None:
     params = convert({k: np.asarray(v) for k, v in flat.items()})
   else:
-    raise io.CheckpointFileError(
+    raise errors.CheckpointFileError(
         f"{path} ({setting}) holds official names (e.g. {next(iter(flat))!r}) "
         "but no converter applies here: convert it with `python -m "
         "genvis_jax.convert` first.")
