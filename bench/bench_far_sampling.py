@@ -34,9 +34,10 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
-from bench.bench_rar_sampling import (_aot, _opts, chunked_steps, commit,
-                                      kv_stand_in, print_floor_table,
-                                      read_cache, time_interleaved)
+from bench.bench_rar_sampling import (_aot, _opts, cache_bytes, chunked_steps,
+                                      commit, kv_stand_in, print_bytes,
+                                      print_floor_table, read_cache,
+                                      time_interleaved, weight_bytes)
 from genvis_jax import models
 from genvis_jax.sample import ar
 from genvis_jax.sample import far as far_sample
@@ -53,6 +54,21 @@ def model_config(size: str, variant: str, grid: int | None):
     c.grid = grid
   c.dtype = c.param_dtype = "float32"
   return c
+
+
+def floor_paths(model):
+  """The kernels one ``floor_fn`` position multiplies (the head's k times),
+  as paths into params."""
+  layer = [("attention", "qkv"), ("attention", "out"), ("feed_forward", "fc1_g"),
+           ("feed_forward", "fc1_x"), ("feed_forward", "fc2")]
+  paths = [("aggregation_layer", "kernel")]
+  paths += [(f"layers_{i}",) + n + ("kernel",) for i in range(model.n_layer)
+            for n in layer]
+  for i in range(model.num_codebooks):
+    paths += [(f"ar_head_{j}",) + n + ("kernel",)
+              for j in range(model.n_head_layer) for n in layer]
+    paths.append((f"output_{i + 1}", "kernel"))
+  return paths
 
 
 def floor_fn(model, positions: int, rows: int, dtype=None, with_kv: bool = False,
@@ -156,6 +172,13 @@ def main():
 
   times, outs = time_interleaved(runs, args.repeats)
   print_floor_table(times, compile_s, "position", positions, args.batch)
+  item = jnp.dtype(dtype or jnp.float32).itemsize
+  weights = weight_bytes(params, floor_paths(model), item)
+  k = model.num_codebooks   # sub-token i attends to i + 1 head positions
+  head = k * (k + 1) * model.n_head_layer * rows * model.dim * item
+  backbone = cache_bytes(model.n_layer, rows, model.dim, item, positions, 1,
+                         args.bucket)
+  print_bytes(weights, weights, head + backbone, "position")
 
   if args.check:
     kw = dict(guidance_scale=g, temperature=temp)

@@ -106,6 +106,47 @@ def chunked_steps(step, x0, steps: int, kv, pos_offset: int, bucket: int):
   return x0
 
 
+def cache_bytes(layers: int, rows: int, width: int, item: int, steps: int,
+                pos_offset: int, bucket: int | None) -> float:
+  """Mean bytes of keys + values one decode step reads from its cache: every
+  layer's filled prefix as the sampler's chunks (``ar.kv_chunks``) cut it."""
+  bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
+  chunks = [(0, 1, pos_offset)] + ar.kv_chunks(steps, pos_offset, bucket)
+  positions = sum((stop - start) * kv_len for start, stop, kv_len in chunks)
+  return positions * 2 * layers * rows * width * item / steps
+
+
+def print_bytes(floor: float, weights: float, cache: float,
+                unit: str = "step") -> None:
+  """The byte count behind the floors: what ``floor`` reads per step, what an
+  exact cached step must read (its weights once, its cache once) and their
+  ratio, the least ``cached / floor`` can be where both stream at one rate."""
+  print(f"bytes per {unit}: floor {floor / 1e6:.0f} MB of weights; a cached "
+        f"{unit} {weights / 1e6:.0f} MB of weights + {cache / 1e6:.0f} MB of KV "
+        f"cache (mean over the chunks) = {(weights + cache) / floor:.2f}x the "
+        "floor's bytes")
+
+
+def weight_bytes(tree, paths, item: int) -> int:
+  """Bytes of the ``paths`` (tuples of keys) of ``tree`` at ``item`` bytes
+  per element (the decode dtype's)."""
+  total = 0
+  for path in paths:
+    x = tree
+    for k in path:
+      x = x[k]
+    total += x.size
+  return total * item
+
+
+def floor_paths(model, adaln: bool):
+  """The kernels one ``floor_fn`` step multiplies, as paths into params."""
+  names = [("attn", "qkv"), ("attn", "out"), ("mlp", "fc1"), ("mlp", "fc2")]
+  names += [("adaLN_modulation",)] if adaln else []
+  return [(f"blocks_{i}",) + n + ("kernel",) for i in range(model.depth)
+          for n in names] + [("lm_head", "kernel")]
+
+
 def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
              with_kv: bool = False, bucket: int | None = None):
   """Jitted ``f(params, kv) -> x``: ``steps`` dependent matmul chains over
@@ -328,6 +369,11 @@ def main():
 
   times, outs = time_interleaved(runs, args.repeats)
   print_floor_table(times, compile_s, "step", steps, args.batch)
+  item = jnp.dtype(dtype or jnp.float32).itemsize
+  print_bytes(weight_bytes(params, floor_paths(model, True), item),
+              weight_bytes(params, floor_paths(model, False), item),
+              cache_bytes(model.depth, rows, model.hidden_size, item, steps,
+                          PREFIX, args.bucket))
 
   if args.check:
     if "cached" in outs and "reference" in outs:
