@@ -121,3 +121,19 @@ def test_adaptive_weight_matches_taming_formula_on_full_gradients():
   for got, x in zip(jax.tree_util.tree_leaves(grads["model"]),
                     jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(np.asarray(got), x, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_loss_hyperparameters_come_from_the_config_only():
+  """A task reads its loss weights and schedules from the config, with no
+  default of its own to drift from the paper configs: a missing one is a
+  ConfigError naming the field; a set one is used as given."""
+  cfg = demo.get_config().stages.rar
+  cfg.train.label_dropout = 0.25
+  assert get_task(cfg).label_dropout == 0.25
+  del cfg.train["label_dropout"]
+  with pytest.raises(ConfigError, match=r"config\.train\.label_dropout is not set"):
+    get_task(cfg)
+  tok = demo.get_config().stages.tokenizer
+  del tok.loss["adaptive_gan_weight"]
+  with pytest.raises(ConfigError, match=r"config\.loss\.adaptive_gan_weight"):
+    get_task(tok)

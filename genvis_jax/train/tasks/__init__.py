@@ -14,7 +14,7 @@ import jax
 import optax
 
 from genvis_jax.core import registry
-from genvis_jax.errors import UserError
+from genvis_jax.errors import ConfigError, UserError
 
 PyTree = Any
 
@@ -41,6 +41,23 @@ class Task:
 
   def __init__(self, config):
     self.config = config
+
+  def hparam(self, name: str):
+    """``config.<name>`` (dotted, e.g. ``"loss.rep_weight"``), required.
+
+    Loss weights and schedules have their values in the configs only (each
+    paper's in its ``configs/*_common.py``), never a second default here
+    that could drift from them. Raises ``ConfigError`` naming the field.
+    """
+    node = self.config
+    for part in name.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        raise ConfigError(
+            f"config.{name} is not set; the {type(self).__name__} needs it. "
+            "Set it in the config (the paper configs in configs/ state each "
+            "paper's value).")
+      node = node[part]
+    return node
 
   # --- construction -------------------------------------------------------
   def init_params(self, rng: jax.Array) -> Mapping[str, PyTree]:

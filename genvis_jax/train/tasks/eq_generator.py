@@ -26,7 +26,7 @@ class EqGeneratorTask(Task):
     # Images are encoded on the fly (and samples decoded) by this tokenizer.
     self.value_range = models.value_range(config.tokenizer.model, config,
                                           ("data", "tokenizer"))
-    self.label_dropout = float(config.train.get("label_dropout", 0.1))
+    self.label_dropout = float(self.hparam("train.label_dropout"))
     self._frozen = None
     # One jit for the sample grids' decode: compiled once per width.
     self._decode = jax.jit(self._latents_to_images)

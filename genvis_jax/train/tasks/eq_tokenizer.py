@@ -27,11 +27,11 @@ class EqTokenizerTask(GANTokenizerTask):
   ``GANTokenizerTask``'s; here: the NLL / KL / semantic terms and the DINO
   discriminator."""
   gan_weight_key = "disc_weight"
+  adaptive = True   # official LPIPSWithDiscriminator: always adaptive
 
   def __init__(self, config):
     super().__init__(config)
     lo = config.loss
-    self.adaptive = True   # official LPIPSWithDiscriminator: always adaptive
     self.is_dino = config.disc.name == "dino_disc"
     if lo.learn_logvar:
       self.param_groups = self.param_groups + ("logvar",)
@@ -110,9 +110,9 @@ class EqTokenizerTask(GANTokenizerTask):
       return self.disc.apply({"params": p_disc}, images)
     k_aug, k_crop = jax.random.split(rng)
     x = images
-    if self.config.disc.get("diffaug", True):
+    if self.hparam("disc.diffaug"):
       x = dino_lib.diff_augment(x, k_aug,
-                                cutout=self.config.disc.get("diffaug_cutout", 0.2))
+                                cutout=self.hparam("disc.diffaug_cutout"))
     vit = jax.lax.stop_gradient(frozen["dino_vit"])
     return self.disc.apply({"params": join_groups(p_disc, {"vit": vit})}, x,
                            k_crop)

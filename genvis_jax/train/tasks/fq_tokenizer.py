@@ -105,12 +105,12 @@ class FQTokenizerTask(TokenizerTask):
     self._has_features = "with_features" in inspect.signature(
         type(self.model).__call__).parameters
     self.teachers = build_teachers(config)
-    self.use_rep = bool(self.teachers) and bool(config.loss.get("rep_weight", 0.5))
+    self.use_rep = bool(self.teachers) and bool(self.hparam("loss.rep_weight"))
     self._teacher_params = None
 
   def optimizers(self):
     opts = dict(super().optimizers())
-    w = float(self.config.loss.get("disc_loss_weight", 1.0))
+    w = float(self.hparam("loss.disc_loss_weight"))
     if w != 1.0:
       opts["disc"] = optax.chain(optax.scale(w), opts["disc"])
     return opts
@@ -144,14 +144,14 @@ class FQTokenizerTask(TokenizerTask):
 
   def representation_losses(self, frozen, images, features):
     """{head: InfoNCE} for every configured teacher (``frozen["teachers"]``)."""
-    lo = self.config.loss
+    group = int(self.hparam("loss.rep_group_size"))
     out = {}
     for t in self.teachers:
       p = jax.lax.stop_gradient(frozen["teachers"][t.head])
       target = t.module.apply({"params": p}, t.preprocess(images,
                                                           self.value_range))
       out[t.head] = info_nce(features[t.head], target,
-                             int(lo.get("rep_group_size", 0)))
+                             group)
     return out
 
   def forward_kwargs(self):
@@ -160,13 +160,13 @@ class FQTokenizerTask(TokenizerTask):
 
   def extra_terms(self, total, frozen, images, aux, metrics):
     """+ disentangle_weight * eq. 7 + rep_weight * InfoNCE per teacher."""
-    lo = self.config.loss
     if "disentangle_loss" in aux:
-      total = total + lo.get("disentangle_weight", 0.1) * aux["disentangle_loss"]
+      total = total + (self.hparam("loss.disentangle_weight")
+                       * aux["disentangle_loss"])
     if self.use_rep:
       rep = self.representation_losses(frozen, images, aux["features"])
       for head, v in rep.items():
-        total = total + lo.get("rep_weight", 0.5) * v
+        total = total + self.hparam("loss.rep_weight") * v
         metrics[f"rep_loss/{head}"] = v
     return total
 

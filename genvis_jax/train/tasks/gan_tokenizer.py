@@ -69,6 +69,9 @@ class GANTokenizerTask(Task):
   generator_groups = ("model",)
   # config.loss key of the GAN weight (taming: disc_weight).
   gan_weight_key = "gan_weight"
+  # Adaptive GAN weight (|grad rec| / |grad gan| at the last layer): None
+  # lets config.loss.adaptive_gan_weight decide; a subclass may fix it.
+  adaptive: bool | None = None
 
   def __init__(self, config):
     super().__init__(config)
@@ -78,7 +81,8 @@ class GANTokenizerTask(Task):
     self.value_range = models.value_range(config.model, config, ("data",))
     self.d_loss_fn, self.g_loss_fn = gan_lib.gan_losses(lo.gan)
     self.gan_weight = float(lo[self.gan_weight_key])
-    self.adaptive = bool(lo.get("adaptive_gan_weight", True))
+    if self.adaptive is None:
+      self.adaptive = bool(self.hparam("loss.adaptive_gan_weight"))
     # Static switch: with the GAN off for the whole run, a weight-0 adversarial
     # term would still cost a discriminator forward + backward every step.
     self.use_gan = gan_lib.gan_active(self.gan_weight, lo.disc_start,

@@ -64,10 +64,9 @@ class RARTask(Task):
   def __init__(self, config):
     super().__init__(config)
     self.model = models.build(config.model)
-    t = config.train
-    self.anneal = (int(t.get("randomness_anneal_start", 0)),
-                   int(t.get("randomness_anneal_end", 0)))
-    self.label_dropout = float(t.get("label_dropout", 0.1))
+    self.anneal = (int(self.hparam("train.randomness_anneal_start")),
+                   int(self.hparam("train.randomness_anneal_end")))
+    self.label_dropout = float(self.hparam("train.label_dropout"))
     self._tokenizer_params = None
     tok = config.get("tokenizer")
     # Pixel range of the sample grids: the tokenizer model's own.
