@@ -32,7 +32,17 @@ FLOOR_NOTE = (
     "and dtype, one chain per step and nothing else (bench/bench_*_sampling.py"
     "'s `floor`: RAR every block's qkv, out, fc1, fc2 and adaLN, then lm_head; "
     "FAR aggregation, backbone, per sub-token the head and its output); "
-    "x_floor = sample_s / floor_s, both timed here.")
+    "x_floor = sample_s / floor_s, both timed here. bytes_ratio = the bytes "
+    "an exact cached step must read (its weights once, its KV cache over the "
+    "filled prefix) over the floor's: the least x_floor can be where both "
+    "stream at one rate (at large batch the cache outweighs the weights).")
+
+
+def _bytes_ratio(bench, model, params, batch: int, dtype: str) -> float:
+  """(weights + KV cache an exact cached step reads) / the floor's bytes, by
+  the bench script's ``byte_counts`` (CFG: 2 * batch rows)."""
+  floor, weights, cache = bench.byte_counts(model, params, 2 * batch, dtype)
+  return (weights + cache) / floor
 
 
 def weight_read_gbps(n_params: int, dtype: str, step_ms: float) -> float:
@@ -103,6 +113,8 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
                 compile_s=comp_s, sample_s=sample_s, step_ms=step_ms,
                 weight_gb_per_s=weight_read_gbps(n_params, dtype, step_ms),
                 floor_s=floor_s, x_floor=sample_s / floor_s,
+                bytes_ratio=_bytes_ratio(rar_bench, model, params, batch,
+                                         dtype),
                 images_per_s=batch / sample_s, decode_compile_s=dcomp_s,
                 decode_s=dec_s, images_per_s_decoded=batch / (sample_s + dec_s))
         last_cost = 0.8 * (time.perf_counter() - t_case)
@@ -345,6 +357,7 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
             first_call_s=comp_s, sample_s=sec_s, position_ms=position_ms,
             weight_gb_per_s=weight_read_gbps(n_params, dtype, position_ms),
             floor_s=floor_s, x_floor=sec_s / floor_s,
+            bytes_ratio=_bytes_ratio(far_bench, model, params, batch, dtype),
             images_per_s=batch / sec_s, sub_tokens_per_s=batch * steps / sec_s)
   sec.note(f"guidance {s.guidance_scale} (CFG doubles the batch), codes only "
            "(no FQGAN decode); first_call_s includes compilation; dtype as in "

@@ -71,6 +71,20 @@ def floor_paths(model):
   return paths
 
 
+def byte_counts(model, params, rows: int, dtype=None,
+                bucket: int | None = None) -> tuple[float, float, float]:
+  """Per position: bytes ``floor`` reads, weight bytes and mean KV-cache
+  bytes (backbone over the sampler's chunks + the head's k positions) an
+  exact cached position at ``rows`` rows reads."""
+  item = jnp.dtype(dtype or jnp.float32).itemsize
+  weights = weight_bytes(params, floor_paths(model), item)
+  k = model.num_codebooks   # sub-token i attends to i + 1 head positions
+  head = k * (k + 1) * model.n_head_layer * rows * model.dim * item
+  backbone = cache_bytes(model.n_layer, rows, model.dim, item, model.seq_len,
+                         1, bucket)
+  return weights, weights, head + backbone
+
+
 def floor_fn(model, positions: int, rows: int, dtype=None, with_kv: bool = False,
              bucket: int | None = None):
   """Jitted ``f(params, kv) -> x``: per position one dependent matmul chain
@@ -172,13 +186,8 @@ def main():
 
   times, outs = time_interleaved(runs, args.repeats)
   print_floor_table(times, compile_s, "position", positions, args.batch)
-  item = jnp.dtype(dtype or jnp.float32).itemsize
-  weights = weight_bytes(params, floor_paths(model), item)
-  k = model.num_codebooks   # sub-token i attends to i + 1 head positions
-  head = k * (k + 1) * model.n_head_layer * rows * model.dim * item
-  backbone = cache_bytes(model.n_layer, rows, model.dim, item, positions, 1,
-                         args.bucket)
-  print_bytes(weights, weights, head + backbone, "position")
+  print_bytes(*byte_counts(model, params, rows, dtype, args.bucket),
+              "position")
 
   if args.check:
     kw = dict(guidance_scale=g, temperature=temp)

@@ -147,6 +147,17 @@ def floor_paths(model, adaln: bool):
           for n in names] + [("lm_head", "kernel")]
 
 
+def byte_counts(model, params, rows: int, dtype=None,
+                bucket: int | None = None) -> tuple[float, float, float]:
+  """Per step of ``model.seq_len``: bytes ``floor`` reads, weight bytes and
+  mean KV-cache bytes an exact cached step at ``rows`` rows reads."""
+  item = jnp.dtype(dtype or jnp.float32).itemsize
+  return (weight_bytes(params, floor_paths(model, True), item),
+          weight_bytes(params, floor_paths(model, False), item),
+          cache_bytes(model.depth, rows, model.hidden_size, item,
+                      model.seq_len, PREFIX, bucket))
+
+
 def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
              with_kv: bool = False, bucket: int | None = None):
   """Jitted ``f(params, kv) -> x``: ``steps`` dependent matmul chains over
@@ -369,11 +380,7 @@ def main():
 
   times, outs = time_interleaved(runs, args.repeats)
   print_floor_table(times, compile_s, "step", steps, args.batch)
-  item = jnp.dtype(dtype or jnp.float32).itemsize
-  print_bytes(weight_bytes(params, floor_paths(model, True), item),
-              weight_bytes(params, floor_paths(model, False), item),
-              cache_bytes(model.depth, rows, model.hidden_size, item, steps,
-                          PREFIX, args.bucket))
+  print_bytes(*byte_counts(model, params, rows, dtype, args.bucket))
 
   if args.check:
     if "cached" in outs and "reference" in outs:

@@ -119,7 +119,8 @@ def test_smoke_numbers(smoke):
   for name in ("rar_sampling", "far_sampling"):   # the sample dtype switch
     rows = sec[name]["rows"]
     assert {r["dtype"] for r in rows} == set(accel_models.SAMPLE_DTYPES), name
-    assert all(r["weight_gb_per_s"] > 0 and r["x_floor"] > 0 for r in rows), name
+    assert all(r["weight_gb_per_s"] > 0 and r["x_floor"] > 0
+               and r["bytes_ratio"] > 0 for r in rows), name
   train = sec["rar_train"]["rows"][0]
   assert np.isfinite(train["loss"]) and train["peak_gib_compiled"] > 0
 
