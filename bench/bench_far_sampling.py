@@ -74,12 +74,13 @@ def floor_paths(model):
 def byte_counts(model, params, rows: int, dtype=None,
                 bucket: int | None = None) -> tuple[float, float, float]:
   """Per position: bytes ``floor`` reads, weight bytes and mean KV-cache
-  bytes (backbone over the sampler's chunks + the head's k positions) an
-  exact cached position at ``rows`` rows reads."""
+  bytes (backbone over the sampler's chunks + the head's k-slot cache, read
+  whole by each of the k sub-tokens) an exact cached position at ``rows``
+  rows reads."""
   item = jnp.dtype(dtype or jnp.float32).itemsize
   weights = weight_bytes(params, floor_paths(model), item)
-  k = model.num_codebooks   # sub-token i attends to i + 1 head positions
-  head = k * (k + 1) * model.n_head_layer * rows * model.dim * item
+  k = model.num_codebooks   # each sub-token reads the whole k-slot head cache
+  head = 2 * k * k * model.n_head_layer * rows * model.dim * item
   backbone = cache_bytes(model.n_layer, rows, model.dim, item, model.seq_len,
                          1, bucket)
   return weights, weights, head + backbone

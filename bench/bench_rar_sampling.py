@@ -109,7 +109,9 @@ def chunked_steps(step, x0, steps: int, kv, pos_offset: int, bucket: int):
 def cache_bytes(layers: int, rows: int, width: int, item: int, steps: int,
                 pos_offset: int, bucket: int | None) -> float:
   """Mean bytes of keys + values one decode step reads from its cache: every
-  layer's filled prefix as the sampler's chunks (``ar.kv_chunks``) cut it."""
+  layer's filled prefix as the sampler's chunks (``ar.kv_chunks``) cut it.
+  Left out (under a few percent): the prefill reading the full-length cache
+  it creates, and the once-per-chunk resize copies."""
   bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
   chunks = [(0, 1, pos_offset)] + ar.kv_chunks(steps, pos_offset, bucket)
   positions = sum((stop - start) * kv_len for start, stop, kv_len in chunks)
@@ -149,13 +151,25 @@ def floor_paths(model, adaln: bool):
 
 def byte_counts(model, params, rows: int, dtype=None,
                 bucket: int | None = None) -> tuple[float, float, float]:
-  """Per step of ``model.seq_len``: bytes ``floor`` reads, weight bytes and
-  mean KV-cache bytes an exact cached step at ``rows`` rows reads."""
+  """Per step of ``model.seq_len`` (mean): bytes ``floor`` reads, and the
+  weight and KV-cache bytes an exact cached step at ``rows`` rows (CFG:
+  rows / 2 classes + the null class) reads. A chunk whose modulation table
+  exceeds ``rar_sample.TABLE_BYTES`` computes each step's modulation from
+  the adaLN weights instead, so its steps read those too."""
   item = jnp.dtype(dtype or jnp.float32).itemsize
-  return (weight_bytes(params, floor_paths(model, True), item),
-          weight_bytes(params, floor_paths(model, False), item),
-          cache_bytes(model.depth, rows, model.hidden_size, item,
-                      model.seq_len, PREFIX, bucket))
+  bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
+  steps = model.seq_len
+  adaln = [(f"blocks_{i}", "adaLN_modulation", "kernel")
+           for i in range(model.depth)]
+  adaln.append(("adaln_before_head", "adaLN_modulation", "kernel"))
+  per_step = sum(stop - start for start, stop, _ in ar.kv_chunks(
+      steps, PREFIX, bucket) if rar_sample.table_bytes(
+          model, rows // 2 + 1, stop - start, dtype) > rar_sample.TABLE_BYTES)
+  weights = (weight_bytes(params, floor_paths(model, False), item)
+             + weight_bytes(params, adaln, item) * per_step / steps)
+  return (weight_bytes(params, floor_paths(model, True), item), weights,
+          cache_bytes(model.depth, rows, model.hidden_size, item, steps,
+                      PREFIX, bucket))
 
 
 def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,

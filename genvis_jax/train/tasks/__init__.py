@@ -45,18 +45,24 @@ class Task:
   def hparam(self, name: str):
     """``config.<name>`` (dotted, e.g. ``"loss.rep_weight"``), required.
 
-    Loss weights and schedules have their values in the configs only (each
-    paper's in its ``configs/*_common.py``), never a second default here
-    that could drift from them. Raises ``ConfigError`` naming the field.
+    Loss weights and schedules have their values in the configs only (the
+    paper configs in ``configs/``), never a second default in a task that
+    could drift from them; tasks read them in ``__init__``, so a missing one
+    stops the run before anything is built. Raises ``ConfigError`` naming
+    the field when it, or a section on its path, is absent or None.
     """
-    node = self.config
+    node, path = self.config, "config"
     for part in name.split("."):
-      if not hasattr(node, "keys") or part not in node:
+      if not hasattr(node, "keys"):
+        raise ConfigError(f"{path} is a {type(node).__name__}, not a section; "
+                          f"the {type(self).__name__} reads config.{name}.")
+      path += "." + part
+      node = node.get(part)
+      if node is None:
         raise ConfigError(
-            f"config.{name} is not set; the {type(self).__name__} needs it. "
-            "Set it in the config (the paper configs in configs/ state each "
+            f"{path} is not set; the {type(self).__name__} needs it. Set it "
+            "in the config (the paper configs in configs/ state each "
             "paper's value).")
-      node = node[part]
     return node
 
   # --- construction -------------------------------------------------------

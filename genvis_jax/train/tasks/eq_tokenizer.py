@@ -33,6 +33,10 @@ class EqTokenizerTask(GANTokenizerTask):
     super().__init__(config)
     lo = config.loss
     self.is_dino = config.disc.name == "dino_disc"
+    # DiffAug before the DINO discriminator (official: on, cutout 0.2).
+    self.diffaug = bool(self.hparam("disc.diffaug")) if self.is_dino else False
+    self.diffaug_cutout = (float(self.hparam("disc.diffaug_cutout"))
+                           if self.diffaug else 0.0)
     if lo.learn_logvar:
       self.param_groups = self.param_groups + ("logvar",)
       self.generator_groups = self.generator_groups + ("logvar",)
@@ -110,9 +114,8 @@ class EqTokenizerTask(GANTokenizerTask):
       return self.disc.apply({"params": p_disc}, images)
     k_aug, k_crop = jax.random.split(rng)
     x = images
-    if self.hparam("disc.diffaug"):
-      x = dino_lib.diff_augment(x, k_aug,
-                                cutout=self.hparam("disc.diffaug_cutout"))
+    if self.diffaug:
+      x = dino_lib.diff_augment(x, k_aug, cutout=self.diffaug_cutout)
     vit = jax.lax.stop_gradient(frozen["dino_vit"])
     return self.disc.apply({"params": join_groups(p_disc, {"vit": vit})}, x,
                            k_crop)

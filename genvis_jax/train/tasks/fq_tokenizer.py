@@ -105,7 +105,13 @@ class FQTokenizerTask(TokenizerTask):
     self._has_features = "with_features" in inspect.signature(
         type(self.model).__call__).parameters
     self.teachers = build_teachers(config)
-    self.use_rep = bool(self.teachers) and bool(self.hparam("loss.rep_weight"))
+    self.rep_weight = float(self.hparam("loss.rep_weight")) if self.teachers else 0.0
+    self.use_rep = bool(self.rep_weight)
+    self.rep_group_size = (int(self.hparam("loss.rep_group_size"))
+                           if self.use_rep else 0)
+    # FQGAN models (feature heads) report eq. 7; llamagen_vq has no such term.
+    self.disentangle_weight = (float(self.hparam("loss.disentangle_weight"))
+                               if self._has_features else 0.0)
     self._teacher_params = None
 
   def optimizers(self):
@@ -144,14 +150,13 @@ class FQTokenizerTask(TokenizerTask):
 
   def representation_losses(self, frozen, images, features):
     """{head: InfoNCE} for every configured teacher (``frozen["teachers"]``)."""
-    group = int(self.hparam("loss.rep_group_size"))
     out = {}
     for t in self.teachers:
       p = jax.lax.stop_gradient(frozen["teachers"][t.head])
       target = t.module.apply({"params": p}, t.preprocess(images,
                                                           self.value_range))
       out[t.head] = info_nce(features[t.head], target,
-                             group)
+                             self.rep_group_size)
     return out
 
   def forward_kwargs(self):
@@ -161,12 +166,11 @@ class FQTokenizerTask(TokenizerTask):
   def extra_terms(self, total, frozen, images, aux, metrics):
     """+ disentangle_weight * eq. 7 + rep_weight * InfoNCE per teacher."""
     if "disentangle_loss" in aux:
-      total = total + (self.hparam("loss.disentangle_weight")
-                       * aux["disentangle_loss"])
+      total = total + self.disentangle_weight * aux["disentangle_loss"]
     if self.use_rep:
       rep = self.representation_losses(frozen, images, aux["features"])
       for head, v in rep.items():
-        total = total + self.hparam("loss.rep_weight") * v
+        total = total + self.rep_weight * v
         metrics[f"rep_loss/{head}"] = v
     return total
 

@@ -80,12 +80,13 @@ class GANTokenizerTask(Task):
     self.disc = models.build(config.disc)
     self.value_range = models.value_range(config.model, config, ("data",))
     self.d_loss_fn, self.g_loss_fn = gan_lib.gan_losses(lo.gan)
-    self.gan_weight = float(lo[self.gan_weight_key])
+    self.gan_weight = float(self.hparam(f"loss.{self.gan_weight_key}"))
     if self.adaptive is None:
       self.adaptive = bool(self.hparam("loss.adaptive_gan_weight"))
     # Static switch: with the GAN off for the whole run, a weight-0 adversarial
     # term would still cost a discriminator forward + backward every step.
-    self.use_gan = gan_lib.gan_active(self.gan_weight, lo.disc_start,
+    self.use_gan = gan_lib.gan_active(self.gan_weight,
+                                      self.hparam("loss.disc_start"),
                                       config.train.num_steps)
     self.use_lpips = bool(lo.perceptual_weight) and bool(lo.lpips_path)
     if lo.perceptual_weight and not lo.lpips_path:
