@@ -33,6 +33,11 @@ class EqTokenizerTask(GANTokenizerTask):
     super().__init__(config)
     lo = config.loss
     self.is_dino = config.disc.name == "dino_disc"
+    self.kl_weight = float(self.hparam("loss.kl_weight"))
+    self.logvar_init = float(self.hparam("loss.logvar_init"))
+    self.perceptual_weight = float(self.hparam("loss.perceptual_weight"))
+    self.semantic_weight = float(self.hparam("loss.semantic_weight"))
+    self.semantic_start = int(self.hparam("loss.semantic_start"))
     # DiffAug before the DINO discriminator (official: on, cutout 0.2).
     self.diffaug = bool(self.hparam("disc.diffaug")) if self.is_dino else False
     self.diffaug_cutout = (float(self.hparam("disc.diffaug_cutout"))
@@ -148,7 +153,6 @@ class EqTokenizerTask(GANTokenizerTask):
   def generator_terms(self, gen, p_disc, frozen, images, rng, step):
     """rec = nll + KL + semantic (KL and the semantic map do not depend on the
     decoder's last layer, so the adaptive weight sees the NLL's gradient)."""
-    lo = self.config.loss
     k_fwd, k_disc = jax.random.split(rng)
     recon, sem, kl = self._forward(gen["model"], images, k_fwd)
     perc = None
@@ -157,12 +161,13 @@ class EqTokenizerTask(GANTokenizerTask):
       perc = self.perceptual(frozen, images, recon)
       metrics["lpips"] = jnp.mean(perc)
     logvar = gen["logvar"]["logvar"] if "logvar" in gen else jnp.float32(
-        lo.logvar_init)
-    nll, rec = nll_loss(images, recon, logvar, perc, lo.perceptual_weight)
-    other = lo.kl_weight * kl
+        self.logvar_init)
+    nll, rec = nll_loss(images, recon, logvar, perc, self.perceptual_weight)
+    other = self.kl_weight * kl
     if self.use_semantic:
       sem_loss = self._semantic_loss(frozen, images, sem)
-      factor = jnp.where(step >= lo.semantic_start, lo.semantic_weight, 0.0)
+      factor = jnp.where(step >= self.semantic_start, self.semantic_weight,
+                         0.0)
       other = other + factor * sem_loss
       metrics.update(semantic_loss=sem_loss, semantic_factor=factor)
     adv = self.adversarial(p_disc, frozen, recon, k_disc)

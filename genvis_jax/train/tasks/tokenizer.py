@@ -30,6 +30,13 @@ def reconstruction_loss(kind: str, x, y):
 class TokenizerTask(GANTokenizerTask):
   """Batch: {"image": (B, H, W, 3) in ``value_range``, ...}."""
 
+  def __init__(self, config):
+    super().__init__(config)
+    self.reconstruction = str(self.hparam("loss.reconstruction"))
+    self.reconstruction_weight = float(self.hparam("loss.reconstruction_weight"))
+    self.quantizer_weight = float(self.hparam("loss.quantizer_weight"))
+    self.perceptual_weight = float(self.hparam("loss.perceptual_weight"))
+
   def optimizers(self):
     c = self.config
     return {"model": opt_lib.make_optimizer(c.optimizer, c.train),
@@ -47,17 +54,16 @@ class TokenizerTask(GANTokenizerTask):
 
   def generator_terms(self, gen, p_disc, frozen, images, rng, step):
     del step
-    lo = self.config.loss
     recon, aux = self.model.apply({"params": gen["model"]}, images, train=True,
                                   rngs={"dropout": rng}, **self.forward_kwargs())
-    rec = reconstruction_loss(lo.reconstruction, recon, images)
-    total = (lo.reconstruction_weight * rec
-             + lo.quantizer_weight * aux["quantizer_loss"])
+    rec = reconstruction_loss(self.reconstruction, recon, images)
+    total = (self.reconstruction_weight * rec
+             + self.quantizer_weight * aux["quantizer_loss"])
     metrics = {"rec_loss": rec}
     total = self.extra_terms(total, frozen, images, aux, metrics)
     if self.use_lpips:
       perc = jnp.mean(self.perceptual(frozen, recon, images))
-      total = total + lo.perceptual_weight * perc
+      total = total + self.perceptual_weight * perc
       metrics["lpips"] = perc
     adv = self.adversarial(p_disc, frozen, recon, None)
     scalars = {k: v for k, v in aux.items()
