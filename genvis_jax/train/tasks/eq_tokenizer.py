@@ -35,7 +35,6 @@ class EqTokenizerTask(GANTokenizerTask):
     self.is_dino = config.disc.name == "dino_disc"
     self.kl_weight = float(self.hparam("loss.kl_weight"))
     self.logvar_init = float(self.hparam("loss.logvar_init"))
-    self.perceptual_weight = float(self.hparam("loss.perceptual_weight"))
     self.semantic_weight = float(self.hparam("loss.semantic_weight"))
     self.semantic_start = int(self.hparam("loss.semantic_start"))
     # DiffAug before the DINO discriminator (official: on, cutout 0.2).
@@ -45,12 +44,12 @@ class EqTokenizerTask(GANTokenizerTask):
     if lo.learn_logvar:
       self.param_groups = self.param_groups + ("logvar",)
       self.generator_groups = self.generator_groups + ("logvar",)
-    self.use_semantic = bool(lo.semantic_weight) and bool(lo.teacher_path)
+    self.use_semantic = bool(self.semantic_weight) and bool(lo.teacher_path)
     if self.use_semantic and not self.model.semantic:
       raise ValueError("config.loss.semantic_weight > 0 needs the semantic "
                        "decoder: set config.model.semantic=True (or the weight "
                        "to 0).")
-    if lo.semantic_weight and not lo.teacher_path:
+    if self.semantic_weight and not lo.teacher_path:
       logging.warning("Semantic alignment is OFF: config.loss.teacher_path "
                       "(DINOv2 ViT-B/14 weights) is empty.")
     if self.is_dino and not config.disc.vit_path:

@@ -88,8 +88,9 @@ class GANTokenizerTask(Task):
     self.use_gan = gan_lib.gan_active(self.gan_weight,
                                       self.hparam("loss.disc_start"),
                                       config.train.num_steps)
-    self.use_lpips = bool(lo.perceptual_weight) and bool(lo.lpips_path)
-    if lo.perceptual_weight and not lo.lpips_path:
+    self.perceptual_weight = float(self.hparam("loss.perceptual_weight"))
+    self.use_lpips = bool(self.perceptual_weight) and bool(lo.lpips_path)
+    if self.perceptual_weight and not lo.lpips_path:
       logging.warning(
           "LPIPS perceptual loss is OFF: config.loss.lpips_path is empty. Convert "
           "the LPIPS VGG weights with `python -m genvis_jax.convert --kind=lpips` "

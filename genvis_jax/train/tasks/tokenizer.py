@@ -35,7 +35,6 @@ class TokenizerTask(GANTokenizerTask):
     self.reconstruction = str(self.hparam("loss.reconstruction"))
     self.reconstruction_weight = float(self.hparam("loss.reconstruction_weight"))
     self.quantizer_weight = float(self.hparam("loss.quantizer_weight"))
-    self.perceptual_weight = float(self.hparam("loss.perceptual_weight"))
 
   def optimizers(self):
     c = self.config
