@@ -282,6 +282,19 @@ def test_image_folder_decodes_labels_sorted_and_skips_corrupt(tmp_path):
   assert info2.num_skipped == 1
 
 
+def test_image_folder_with_no_readable_file_raises_instead_of_spinning(tmp_path):
+  root = tmp_path / "bad"
+  for cls in ("a", "b"):
+    (root / cls).mkdir(parents=True)
+    for i in range(3):
+      (root / cls / f"{i}.jpg").write_bytes(b"not a jpeg")
+  c = _data_config(source="image_folder", path=str(root), image_size=16)
+  it, _ = data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                              train=True, process_index=0, process_count=1)
+  with pytest.raises(data.DataNotFoundError, match="No readable image in"):
+    next(it)
+
+
 def test_image_folder_missing_or_empty_raise_clear_errors(tmp_path):
   kw = dict(split="train", global_batch_size=2, seed=0, process_index=0,
             process_count=1)

@@ -83,19 +83,34 @@ class _PassSkippedRandom(grain.transforms.RandomMap):
 
 class _SkipIterator(grain.DatasetIterator):
   """Drops skip markers (and None records) and keeps, in its state, the
-  sorted distinct paths skipped and the number of records read."""
+  sorted distinct paths skipped and the number of records read.
 
-  def __init__(self, parent):
+  ``limit`` consecutive skipped records (two passes over a shard, so a
+  reshuffled epoch cannot hide its one readable file) mean nothing in the
+  shard is readable: a ``DataNotFoundError`` instead of an endless loop.
+  """
+
+  def __init__(self, parent, limit: int = 0, where: str = ""):
     super().__init__(parent)
     self._files: set[str] = set()
     self._read = 0
+    self._limit, self._where = limit, where
 
   def __next__(self):
+    run = 0
     while True:
       record = next(self._parent)
       self._read += 1
       if record is not None and SKIPPED not in record:
         return record
+      run += 1
+      if self._limit and run >= self._limit:
+        raise sources.DataNotFoundError(
+            f"No readable image in {self._where}: the last {run} records read "
+            f"(every file of this process's shard, twice) failed to decode; "
+            f"{len(self._files)} distinct file(s) skipped, e.g. "
+            f"{sorted(self._files)[:3]}. Check that config.data.path holds "
+            "images PIL can open.")
       if record is not None and record[SKIPPED] not in self._files:
         self._files.add(record[SKIPPED])
         logging.warning("Skipping unreadable image %s (%s); %d distinct "
@@ -115,8 +130,12 @@ class _SkipIterator(grain.DatasetIterator):
 
 class _SkipIterDataset(grain.IterDataset):
 
+  def __init__(self, parent, limit: int = 0, where: str = ""):
+    super().__init__(parent)
+    self._limit, self._where = limit, where
+
   def __iter__(self):
-    return _SkipIterator(self._parent.__iter__())
+    return _SkipIterator(self._parent.__iter__(), self._limit, self._where)
 
 
 def _collect(tree, key, out: list) -> list:
@@ -312,7 +331,8 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       grain.ReadOptions(num_threads=threads,
                         prefetch_buffer_size=max(2 * local_batch, threads)),
       allow_nones=True)
-  it_ds = _SkipIterDataset(it_ds)
+  it_ds = _SkipIterDataset(it_ds, limit=2 * shard,
+                           where=f"{data_config.path} (split {split!r})")
   it_ds = it_ds.batch(local_batch, drop_remainder=drop_remainder)
   if data_config.num_workers > 0:
     # grain's workers read absl flags; outside absl.app (tests, colabs) use
