@@ -3,6 +3,7 @@ uninterrupted, bit for bit; mismatching checkpoints and exploding runs fail
 clearly (more failure cases in test_reliability.py)."""
 
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -46,8 +47,16 @@ def test_resume_is_bit_exact(tmp_path):
   part = str(tmp_path / "part")
   trainer_lib.train_and_evaluate(_config(3), part)
   assert ckpt_lib.Checkpointer(part).latest_step() == 3
+  at_3 = ckpt_lib.params_source(part)
   resumed = trainer_lib.train_and_evaluate(_config(6), part)
   assert int(resumed.step) == 6
+  # What a sampler records of its weights: the step read, and not the path
+  # (a copied workdir holds the same weights).
+  at_6 = ckpt_lib.params_source(part)
+  assert at_3.startswith("step 3 committed 1") and at_6.startswith("step 6 ")
+  shutil.copytree(part, tmp_path / "copy")
+  assert ckpt_lib.params_source(str(tmp_path / "copy")) == at_6
+  assert ckpt_lib.params_source(str(tmp_path / "nothing")) == ""
   for a, b in zip(_leaves(full), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   # Something was actually learned (the test would pass trivially otherwise).

@@ -1,5 +1,6 @@
 """The demo chain end to end (every stage, a few steps each) through main's modes."""
 
+import glob
 import json
 import os
 
@@ -45,6 +46,17 @@ def test_demo_smoke_runs_every_stage(tmp_path):
   cfg.only = "samples"
   cfg.stages.samples.sample.guidance_scale = 5.0
   with pytest.raises(ValueError, match=r"sample.guidance_scale: 3.0 -> 5.0"):
+    modes.run(cfg, wd)
+  # So is a generator trained further since (its newest step committed anew):
+  # the parts are not mixed with images of other weights.
+  cfg.stages.samples.sample.guidance_scale = 3.0
+  step_dir = max(glob.glob(os.path.join(wd, "rar", "checkpoints", "[0-9]*")),
+                 key=lambda p: int(os.path.basename(p)))
+  meta_path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+  meta = json.load(open(meta_path))
+  meta["commit_timestamp_nsecs"] += 1
+  json.dump(meta, open(meta_path, "w"))
+  with pytest.raises(ValueError, match=r"weights.generator: 'step \d+ committed"):
     modes.run(cfg, wd)
 
 

@@ -427,6 +427,38 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       f"with {path}/checkpoints. Check the path.")
 
 
+def _committed(step_dir: epath.Path) -> str:
+  """Orbax's commit time of a checkpoint folder (ns), or "" if unrecorded."""
+  try:
+    meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    return str(meta.get("commit_timestamp_nsecs", ""))
+  except (OSError, ValueError):
+    return ""
+
+
+def params_source(directory: str) -> str:
+  """Which weights :func:`restore_params` reads from ``directory``, as a
+  string that changes when they do and survives copying the folder: a
+  parameter checkpoint's commit time, or a training workdir's newest step
+  that passes :func:`validate_step` with its commit time. "" when there is
+  nothing to read (``restore_params`` raises the error then)."""
+  if not directory:
+    return ""
+  path = epath.Path(directory).absolute()
+  if (path / "params").exists():
+    return f"params committed {_committed(path / 'params')}"
+  ckpt_dir = path / "checkpoints"
+  steps = sorted((int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()),
+                 reverse=True) if ckpt_dir.exists() else []
+  for step in steps:
+    try:
+      validate_step(ckpt_dir / str(step), with_data=False)
+    except Exception:  # pylint: disable=broad-except
+      continue   # restore_params skips it too
+    return f"step {step} committed {_committed(ckpt_dir / str(step))}"
+  return ""
+
+
 def _load_workdir_params(path, abstract_params, where: str, model_name: str):
   """The newest loadable step's EMA or model parameters, as host arrays put
   on ``abstract_params``' shardings (the run may have used another topology)."""

@@ -30,6 +30,7 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import registry
 from genvis_jax.models import inference
@@ -110,13 +111,20 @@ def sample_settings(config) -> dict:
   # Resolved, so a config without the keys still records what decoded.
   tokenizer = {**tok.to_dict(), "uint8": images_lib.uint8_method(tok),
                "dtype": inference.data_model_config(tok).get("dtype", "")}
+  # The weights each path resolves to (a training workdir's newest step), not
+  # the paths: a run trained further since is other weights, a copied folder
+  # the same ones.
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
-          "tokenizer": tokenizer, "sample": config.sample.to_dict()}
+          "tokenizer": tokenizer, "sample": config.sample.to_dict(),
+          "weights": {
+              "generator": ckpt_lib.params_source(config.init_from),
+              "tokenizer": ckpt_lib.params_source(tok.get("checkpoint", ""))}}
   return json.loads(json.dumps(metrics_lib.flatten(keep)))
 
 
-# Settings a resume may change: the parts depend only on their start index.
-GROWABLE = ("sample.num_samples",)
+# Settings a resume may change: the parts depend only on their start index;
+# the paths may move as long as ``weights`` (what they hold) stays the same.
+MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint")
 
 
 class SampleSettingsError(errors.UserError, ValueError):
@@ -132,7 +140,7 @@ def check_settings(parts_dir: str, settings: dict) -> None:
     with open(path) as f:
       old = json.load(f)
     diff = sorted(k for k in set(old) | set(settings)
-                  if old.get(k) != settings.get(k) and k not in GROWABLE)
+                  if old.get(k) != settings.get(k) and k not in MAY_CHANGE)
     if diff and parts:
       shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
                         for k in diff[:5])
