@@ -221,4 +221,5 @@ def add_pretokenize(c, image_data, *, ten_crop=True, batch_size=256):
   p.output = ""          # default: <workdir>/tokens/<split>
   p.ten_crop = ten_crop  # 1.1x centre crop -> 5 crops + flips (official recipe)
   p.batch_size = batch_size
+  p.overwrite = False    # replace an output written with other settings
   return c

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from configs import base, eq_tokenizer, fqgan_demo
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.data import pretokenize, tokens, transforms
 from genvis_jax.errors import UserError
@@ -272,6 +273,25 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
   np.testing.assert_array_equal(got, want)
   # The configured bf16 model would have written other codes.
   assert (bf16 != want).mean() > 0.002
+
+  # A re-run reuses the file it wrote; other tokenizer weights are refused
+  # until asked to overwrite; nothing half-written is ever left under the name.
+  path = out["files"][0]
+  before = open(path, "rb").read()
+  assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 40
+  assert open(path, "rb").read() == before
+  ckpt_lib.save_params(str(tmp_path / "tok"), _random_params(m, 1))
+  with pytest.raises(errors.OutputExistsError, match=r"differing: weights"):
+    pretokenize.pretokenize(c, str(tmp_path))
+  assert open(path, "rb").read() == before
+  c.pretokenize.overwrite = True
+  assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 40
+  assert open(path, "rb").read() != before
+  with pytest.raises(KeyboardInterrupt):
+    with tokens.TokenWriter(str(tmp_path / "cut.array_record")) as w:
+      w.write(0, np.zeros(4, np.int32))
+      raise KeyboardInterrupt
+  assert not list(tmp_path.glob("cut.array_record*"))
 
 
 def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):

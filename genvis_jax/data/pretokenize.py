@@ -16,12 +16,20 @@ The tokenizer runs in ``config.tokenizer.dtype`` (default float32, the official
 models' precision) whatever compute dtype its model config trains with, so the
 token files hold the codes the official fp32 model would write.
 
+A file is written under a temporary name and renamed when complete, with a
+``<file>.json`` beside it recording what decided its records (tokenizer
+model and weights, data, split, crops). A re-run whose output exists reuses
+it when those match, and otherwise stops (``OutputExistsError``) unless
+``config.pretokenize.overwrite``: token files a generator trained on are not
+replaced by another tokenizer's codes without being asked.
+
 Config: ``config.tokenizer.{model, checkpoint, value_range, dtype}`` and
-``config.pretokenize.{data, split, output, ten_crop, batch_size}``.
+``config.pretokenize.{data, split, output, ten_crop, batch_size, overwrite}``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -31,7 +39,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from etils import epath
+
+from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.data import pipeline
 from genvis_jax.models import inference
 from genvis_jax.data import tokens as tokens_lib
@@ -131,9 +143,57 @@ def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
   return x if not pad else np.concatenate([x, np.repeat(x[-1:], pad, 0)])
 
 
+# Data settings that change how fast records are read, not which.
+_READER_KEYS = ("read_threads", "num_workers", "prefetch")
+
+
+def output_settings(config) -> dict:
+  """What decides the records of a token file (JSON-normalised)."""
+  p, tok = config.pretokenize, config.tokenizer
+  data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS}
+  keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
+          "weights": ckpt_lib.params_source(tok.checkpoint),
+          "data": data, "split": p.split, "ten_crop": p.ten_crop}
+  return json.loads(json.dumps(keep, sort_keys=True, default=str))
+
+
+def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
+  """The record of a complete token file at ``path`` written with
+  ``settings`` (to reuse), else None; raises ``OutputExistsError`` for a
+  file written otherwise unless ``overwrite``."""
+  if not epath.Path(path).exists():
+    return None
+  record = epath.Path(path + ".json")
+  old = json.loads(record.read_text()) if record.exists() else None
+  if old is not None and old.get("settings") == settings:
+    return old
+  if overwrite:
+    return None
+  if old is None:
+    why = "with no record of its settings"
+  else:
+    before, now = old.get("settings", {}), settings
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    why = f"with other settings (differing: {', '.join(diff)})"
+  raise errors.OutputExistsError(
+      f"{path} already holds token records written {why}. Pass "
+      "--config.pretokenize.overwrite=True to replace them, or write "
+      "elsewhere (another --workdir or --config.pretokenize.output).")
+
+
 def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
   p, tok = config.pretokenize, config.tokenizer
+  output = p.output or os.path.join(workdir, "tokens", p.split)
+  path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
+  pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
+  settings = output_settings(config)
+  done = existing_output(path, settings, p.get("overwrite", False))
+  if done is not None:
+    print(f"[pretokenize] reusing {path} ({done['records']} records, written "
+          f"with these settings); train with --config.data.path='{pattern}'",
+          flush=True)
+    return {"files": [path], "records": done["records"], "pattern": pattern}
   size = p.data.image_size
   value_range = models.value_range(tok.model, config, ("tokenizer",))
   mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
@@ -145,10 +205,11 @@ def pretokenize(config, workdir: str) -> dict:
       model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
   encode = make_encoder(model, params, mesh)
   it, info = image_batches(p, value_range)
-  output = p.output or os.path.join(workdir, "tokens", p.split)
-  path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   n_dev = jax.local_device_count()
   t0, n_images = time.perf_counter(), 0
+  # The record goes first: a file replaced (overwrite) is never left beside
+  # the record of the one it replaced.
+  epath.Path(path + ".json").unlink(missing_ok=True)
   with tokens_lib.TokenWriter(path) as writer:
     for batch in it:
       images, labels = model_inputs(np.asarray(batch["image"]),
@@ -161,7 +222,9 @@ def pretokenize(config, workdir: str) -> dict:
         rate = n_images / (time.perf_counter() - t0)
         logging.info("pretokenize: %d / %d images (%.1f img/s)", n_images,
                      info.num_examples_per_process, rate)
-  pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
+  epath.Path(path + ".json").write_text(json.dumps(
+      {"settings": settings, "records": writer.count, "images": n_images},
+      indent=1, sort_keys=True))
   msg = (f"wrote {writer.count} token records ({n_images} images, "
          f"{'ten-crop' if p.ten_crop else 'centre crop'}) to {path}; "
          f"train with --config.data.path='{pattern}'")

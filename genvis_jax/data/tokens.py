@@ -19,6 +19,7 @@ import os
 from typing import Iterable, Sequence
 
 from array_record.python import array_record_module
+from etils import epath
 import grain
 import numpy as np
 
@@ -57,12 +58,20 @@ def shard_path(path_prefix: str, index: int, count: int) -> str:
 
 
 class TokenWriter:
-  """Streams records into one ArrayRecord file (for the pre-tokenize loop)."""
+  """Streams records into one ArrayRecord file (for the pre-tokenize loop).
+
+  Writes ``path + ".partial"`` and renames it to ``path`` when the ``with``
+  block ends without an exception, so an interrupted run leaves no file a
+  training glob would read as a complete (but short) data set; on an
+  exception the partial file is removed.
+  """
 
   def __init__(self, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self.path = path
-    self._writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
+    self._partial = path + ".partial"
+    self._writer = array_record_module.ArrayRecordWriter(self._partial,
+                                                         WRITER_OPTIONS)
     self.count = 0
 
   def write(self, label: int, tokens: np.ndarray):
@@ -74,14 +83,20 @@ class TokenWriter:
     for label, t in zip(labels, tokens):
       self.write(label, t)
 
-  def close(self):
+  def close(self, complete: bool = True):
+    """Finishes the file; renames it to ``path`` (``complete``) or deletes it."""
     self._writer.close()
+    partial = epath.Path(self._partial)
+    if complete:
+      partial.replace(self.path)
+    else:
+      partial.unlink(missing_ok=True)
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *_):
+    self.close(complete=exc_type is None)
 
 
 def write_token_records(path_prefix: str, labels, tokens,
@@ -104,7 +119,6 @@ def write_token_records(path_prefix: str, labels, tokens,
 
 def _glob(pattern: str) -> list[str]:
   if "://" in pattern:  # e.g. gs://bucket/tokens/train-*.array_record
-    from etils import epath  # pylint: disable=g-import-not-at-top
     parent, name = pattern.rsplit("/", 1)
     return sorted(str(p) for p in epath.Path(parent).glob(name))
   return sorted(glob_lib.glob(pattern))
