@@ -4,6 +4,7 @@ clearly (more failure cases in test_reliability.py)."""
 
 import os
 import shutil
+import signal
 
 import jax
 import ml_collections
@@ -12,6 +13,7 @@ import pytest
 
 from configs import base
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.train import preemption
 from genvis_jax.train import trainer as trainer_lib
 
 
@@ -140,3 +142,25 @@ def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):
   for k in state:
     np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]))
   ck.close()
+
+
+def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path):
+  c = _config(6)
+  c.train.checkpoint_every = 100          # only the stop saves before the end
+  wd = str(tmp_path / "wd")
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+  def on_log(step, _):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(preemption.TrainingStopped,
+                     match="stopped by SIGTERM after step 3 of 6"):
+    trainer_lib.train_loop(c, wd, on_log=on_log)
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+  resumed = trainer_lib.train_and_evaluate(c, wd)
+  full = trainer_lib.train_and_evaluate(c, str(tmp_path / "full"))
+  assert int(resumed.step) == 6
+  for a, b in zip(_leaves(full), _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)

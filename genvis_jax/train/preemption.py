@@ -1,0 +1,70 @@
+"""Stopping a training run cleanly: a checkpoint at the next step, then exit.
+
+A spot / preemptible TPU VM, ``launch/worker_start.sh --stop`` and ``kill``
+send SIGTERM, and Ctrl-C sends SIGINT. Without a handler either kills the run
+between checkpoints and loses up to ``checkpoint_every`` steps. Inside
+:class:`StopRequest` the trainer finishes the step in flight, saves it and
+raises :class:`TrainingStopped`; the same command resumes from that step.
+
+One process: SIGTERM and SIGINT are caught here (a second Ctrl-C stops at
+once, as usual). Several processes: JAX's preemption notifier (set up by
+``jax.distributed.initialize``) catches SIGTERM, and
+``multihost_utils.reached_preemption_sync_point`` makes every host stop at
+the same step, so their checkpoint shards agree.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from genvis_jax.errors import UserError
+
+
+class TrainingStopped(UserError, RuntimeError):
+  """A stop signal ended training after saving a checkpoint."""
+
+
+class StopRequest:
+  """Context manager that turns SIGTERM / SIGINT into a request to stop.
+
+  ``should_stop(step)`` is True once a stop is due at ``step`` (call it at
+  every step, on every process). Outside the ``with`` block the previous
+  handlers are back.
+  """
+
+  def __init__(self):
+    self.signal: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt      # asked twice: stop now, unsaved
+    self.signal = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint after the current step, "
+                    "then stopping (Ctrl-C again stops at once, unsaved).",
+                    self.signal)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal = self.signal or "preemption notice"
+        return True
+      return False
+    return self.signal is not None
