@@ -8,6 +8,7 @@ import time
 import ml_collections
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax.modes import resolve
 
 
@@ -30,7 +31,7 @@ def run(config, workdir: str) -> dict:
     only = [s.strip() for s in config.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in config.stages]
     if unknown:
-      raise ValueError(f"Unknown demo stage(s) {unknown} in config.only; "
+      raise errors.ConfigError(f"Unknown demo stage(s) {unknown} in config.only; "
                        f"stages: {order}.")
     order = [s for s in order if s in only]
   results = {}

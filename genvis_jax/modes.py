@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError
 
@@ -44,6 +46,21 @@ def check_names(config) -> None:
       registry.module(package, node, attrs, setting=f"config.{key}")
 
 
+def check_workdir(workdir: str) -> None:
+  """Creates a local ``workdir``; a clear error when it cannot be one (a
+  file, under a file, no permission). Remote (``gs://``) ones are left to
+  their writers."""
+  if not workdir or "://" in workdir:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be used as a directory "
+                      f"({e.strerror or e}); choose another path.") from e
+
+
 def run(config, workdir: str):
   """Runs ``config.mode`` on ``config`` (what ``python -m genvis_jax.main`` does)."""
-  return resolve(config.mode)(config, workdir)
+  fn = resolve(config.mode)
+  check_workdir(workdir)
+  return fn(config, workdir)

@@ -105,14 +105,31 @@ CASES = {
          "--config.evaluate.reference=/nowhere/r.npz",
          "--config.evaluate.inception=/nowhere/inception.npz"],
         r"No Inception weights at '/nowhere/inception.npz'"),
+    "evaluate_unset": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate"],
+        r"config.evaluate.samples is not set"),
+    "mesh_devices": (CLASSIFIER + [
+        "--config.stages.classifier.mesh.shape.data=3",
+        "--config.stages.classifier.mesh.shape.fsdp=-1"],
+                     r"the fixed axes \(3\) do not divide the 8 devices"),
+    "checkpoint_every_zero": (CLASSIFIER + [
+        "--config.stages.classifier.train.checkpoint_every=0"],
+                              r"checkpoint_every=0 must be at least 1"),
+    "workdir_is_a_file": (CLASSIFIER + ["--workdir={file}"],
+                          r"--workdir=.*afile cannot be used as a directory"),
+    "no_pretokenize_stage": (
+        ["--config=configs/eq_s.py:runlocal", "--config.mode=pretokenize"],
+        r"This config has no pretokenize stage"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir):
   args, pattern = CASES[name]
-  args = [a.replace("{bad}", bad_params_dir) for a in args]
-  if name != "no_workdir":
+  (tmp_path / "afile").write_text("not a directory")
+  args = [a.replace("{bad}", bad_params_dir).replace(
+      "{file}", str(tmp_path / "afile")) for a in args]
+  if name != "no_workdir" and not any(a.startswith("--workdir=") for a in args):
     args.append(f"--workdir={tmp_path / 'wd'}")
   out = _cli(args)
   assert out.returncode not in (0, None), out.stderr

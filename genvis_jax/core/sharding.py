@@ -30,14 +30,14 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   fixed = math.prod(v for v in shape.values() if v != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(
+      raise errors.ConfigError(
           f"config.mesh.shape {shape}: the fixed axes ({fixed}) do not divide the "
           f"{num_devices} devices. Choose sizes whose product divides {num_devices}.")
     shape[free[0]] = num_devices // fixed
   if math.prod(shape.values()) != num_devices:
-    raise ValueError(
-        f"config.mesh.shape {shape} has {math.prod(shape.values())} devices but "
-        f"{num_devices} are available. Set one axis to -1 or fix the sizes.")
+    raise errors.ConfigError(
+        f"config.mesh.shape {shape} needs {math.prod(shape.values())} devices "
+        f"but {num_devices} are available. Set one axis to -1 or fix the sizes.")
   return shape
 
 

@@ -183,6 +183,11 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
 
 def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
+  if "pretokenize" not in config:
+    raise errors.ConfigError(
+        "This config has no pretokenize stage (config.pretokenize): its "
+        "generator reads images, or the config is not a generator's. "
+        "Pre-tokenize with a RAR or FAR config.")
   p, tok = config.pretokenize, config.tokenizer
   output = p.output or os.path.join(workdir, "tokens", p.split)
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())

@@ -8,6 +8,7 @@ import numpy as np
 
 from genvis_jax import models
 from genvis_jax.evaluate import batching
+from genvis_jax.evaluate import reference as ref_lib
 from genvis_jax.evaluate import report
 
 
@@ -35,8 +36,8 @@ def conditioning_accuracy(classifier, params, images_uint8, labels,
 def evaluate(config, workdir: str) -> dict:
   """``config.evaluate``: samples (npz), classifier_checkpoint, min_accuracy."""
   ev = config.evaluate
-  with np.load(ev.samples) as d:
-    images, labels = d["arr_0"], d["labels"]
+  d = ref_lib.load_samples(ev.samples)
+  images, labels = d["arr_0"], d["labels"]
   classifier = models.build(config.model)
   params = models.load_params(
       config.model, ev.classifier_checkpoint,

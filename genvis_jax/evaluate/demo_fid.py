@@ -74,8 +74,7 @@ def evaluate(config, workdir: str) -> dict:
   (default: as many as samples; more than the split holds is an error) of
   ``config.data.eval_split``; ``config.model`` is the classifier's."""
   ev = config.evaluate
-  with np.load(ev.samples) as d:
-    samples = d["arr_0"]
+  samples = ref_lib.load_samples(ev.samples)["arr_0"]
   params = models.load_params(
       config.model, ev.classifier_checkpoint,
       setting="--config.evaluate.classifier_checkpoint")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.convert import inception as convert_inception
@@ -207,7 +208,7 @@ def evaluate(config, workdir: str) -> dict:
   ev = config.evaluate
   for key in ("samples", "reference", "inception"):
     if not ev.get(key):
-      raise ValueError(f"config.evaluate.{key} is not set: generation metrics "
+      raise errors.ConfigError(f"config.evaluate.{key} is not set: generation metrics "
                        "need samples (npz), reference (ADM npz) and inception "
                        "(converted weights) paths.")
   params = convert_inception.load_inception_params(ev.inception)

@@ -53,6 +53,10 @@ DEFAULT_PREPROCESS = "pytorch_fid"
 ADM_DIMS = (2048, 2023)   # pool, spatial feature sizes of ADM's statistics
 
 
+class NpzFileError(UserError, FileNotFoundError):
+  """An ``.npz`` of samples or reference statistics is missing or unreadable."""
+
+
 class ProtocolMismatch(UserError, ValueError):
   """Samples would be measured differently from the reference's statistics."""
 
@@ -99,14 +103,32 @@ def _read_header(f, version):
   raise ValueError(f"Unsupported .npy format version {version}.")
 
 
+def load_samples(path: str, setting: str = "config.evaluate.samples") -> dict:
+  """Every array of the samples ``.npz`` at ``path`` (``arr_0``, ``labels``...),
+  read at once; a clear error when ``setting`` is unset or the file is
+  missing or not an ``.npz``."""
+  if not path:
+    raise NpzFileError(f"{setting} is not set: point it at the samples .npz "
+                       "that --config.mode=sample writes (samples.npz).")
+  if not os.path.exists(path):
+    raise NpzFileError(f"No such .npz file: {path!r} ({setting}). Check the path.")
+  try:
+    with np.load(path) as d:
+      return {k: d[k] for k in d.files}
+  except (zipfile.BadZipFile, ValueError, OSError) as e:
+    raise NpzFileError(f"{path!r} ({setting}) is not a readable .npz file "
+                       f"({e}).") from e
+
+
 def open_npz_array(path: str, key: str = "arr_0") -> NpzArray:
   """Reads the header of ``key`` in the ``.npz`` at ``path``."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No such .npz file: {path!r}.")
+    raise NpzFileError(f"No such .npz file: {path!r}. Check the path.")
   try:
     zf = zipfile.ZipFile(path)
   except zipfile.BadZipFile as e:
-    raise ValueError(f"{path!r} is not an .npz (zip) file.") from e
+    raise NpzFileError(f"{path!r} is not an .npz (zip) file: truncated, or "
+                       "not written by numpy.savez.") from e
   with zf:
     names = zf.namelist()
     if f"{key}.npy" not in names:
@@ -170,7 +192,7 @@ class Reference:
 def load_reference(path: str) -> Reference:
   """Reads statistics (and the image header) of an ADM-format reference."""
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise NpzFileError(
         f"No reference batch at {path!r}: download ADM's (e.g. "
         "VIRTUAL_imagenet256_labeled.npz) or write one with "
         "genvis_jax.evaluate.reference.compute_reference.")

@@ -160,6 +160,9 @@ def check_settings(parts_dir: str, settings: dict) -> None:
 def sample_and_save(config, workdir: str) -> dict:
   s = config.sample
   mesh = _mesh()
+  if s.num_samples < 1:
+    raise errors.ConfigError(f"config.sample.num_samples={s.num_samples}: "
+                             "set how many images to draw (at least 1).")
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "

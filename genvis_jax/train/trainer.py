@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import preemption
@@ -33,8 +34,18 @@ DivergenceError = guard_lib.DivergenceError
 TrainingDivergedError = guard_lib.TrainingDivergedError
 
 
+def _check_intervals(train) -> None:
+  for key in ("num_steps", "log_every", "checkpoint_every"):
+    if int(train[key]) < 1:
+      raise errors.ConfigError(
+          f"config.train.{key}={train[key]} must be at least 1"
+          + (" (to save only at the end, set it to num_steps)."
+             if key == "checkpoint_every" else "."))
+
+
 def setup(config, *, mesh=None, devices=None):
   """Everything that can fail on bad input, before any compilation."""
+  _check_intervals(config.train)
   mesh = mesh or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches)
