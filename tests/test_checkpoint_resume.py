@@ -77,6 +77,12 @@ def test_resume_refuses_a_different_model(tmp_path):
   other.model.widths = (8, 32)
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="widths"):
     trainer_lib.train_and_evaluate(other, wd)
+  # Same model, no EMA any more: the message names the setting.
+  no_ema = _config(6)
+  no_ema.train.ema_decay = 0.0
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r"train.ema_decay: checkpoint 0.9 vs config 0.0"):
+    trainer_lib.train_and_evaluate(no_ema, wd)
 
 
 def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):

@@ -252,9 +252,14 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         validate_step(self.directory / str(step), with_data=data_iter is not None)
+        saved = self.saved_config(step) if config is not None else None
         if config is not None:
-          check_config_matches(self.saved_config(step), config)
-        state = self.restore(step, abstract_state, data_iter)
+          check_config_matches(saved, config)
+        try:
+          state = self.restore(step, abstract_state, data_iter)
+        except CheckpointMismatchError as e:
+          raise CheckpointMismatchError(
+              str(e) + _state_settings_note(saved, config)) from None
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -370,6 +375,44 @@ def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
       except ValueError as e:
         raise ValueError(f"{item}/{f.name} is not valid JSON ({e})") from e
   _check_ocdbt(state)
+
+
+# Settings besides config.model that decide the saved state's tree: the EMA
+# copy (ema_decay > 0) and the optimizer's state.
+_STATE_SETTINGS = ("optimizer", "train.ema_decay")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
+def _state_settings_note(saved: dict | None, config) -> str:
+  """Names the optimizer / EMA settings that differ from the checkpoint's
+  config (a state-tree mismatch with the model unchanged comes from them)."""
+  if not saved or config is None:
+    return ""
+  now = json.loads(config.to_json_best_effort())
+  diffs = []
+  for key in _STATE_SETTINGS:
+    old_v, new_v = saved, now
+    for part in key.split("."):
+      old_v = (old_v or {}).get(part) if isinstance(old_v, dict) else None
+      new_v = (new_v or {}).get(part) if isinstance(new_v, dict) else None
+    old_f, new_f = _flat(old_v, key), _flat(new_v, key)
+    diffs += [f"{k}: checkpoint {old_f.get(k)!r} vs config {new_f.get(k)!r}"
+              for k in sorted(set(old_f) | set(new_f))
+              if old_f.get(k) != new_f.get(k)]
+  if not diffs:
+    return ""
+  return ("\n  The run's config differs from the checkpoint's in settings that "
+          "shape the saved state:\n    " + "\n    ".join(diffs[:10]) +
+          "\n  Resume with the checkpoint's values, or start a fresh --workdir "
+          "(--config.init_from=DIR keeps the parameters).")
 
 
 def check_config_matches(saved: dict | None, config) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from absl import logging
 
 from genvis_jax.errors import UserError
 
@@ -65,6 +66,12 @@ def resolve_split_dir(path: str, split: str) -> str:
   for name in names:
     if os.path.isdir(os.path.join(path, name)):
       return os.path.join(path, name)
+  if split != "train":
+    logging.warning(
+        "Image folder %r has no %r sub-folder: split %r reads the same images "
+        "as training, so its metrics are not held-out ones. Put held-out "
+        "images under %s/<class_name>/ to evaluate on them.", path, split,
+        split, os.path.join(path, names[-1]))
   return path
 
 
