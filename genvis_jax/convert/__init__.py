@@ -158,6 +158,9 @@ def load_weights(path: str, expected=None, *,
   ``CheckpointFileError`` (unreadable file, or official names without a
   ``convert``) and ``CheckpointMismatchError`` (other names or shapes).
   """
+  # The converter's module is its --kind (inception, lpips, dino_vit, ...).
+  kind = (convert.__module__.rsplit(".", 1)[-1] if convert is not None
+          else "<kind>` (`--help` lists them)")
   if os.path.isdir(path):
     if expected is None:
       raise errors.CheckpointFileError(
@@ -167,9 +170,8 @@ def load_weights(path: str, expected=None, *,
   if not os.path.exists(path):
     raise errors.CheckpointFileNotFoundError(
         f"No {what} at {path!r} ({setting}): file not found. Convert the "
-        "released weights "
-        "with `python -m genvis_jax.convert --kind=...` and point "
-        f"{setting} at the result.")
+        f"released weights with `python -m genvis_jax.convert --kind={kind}` "
+        f"and point {setting} at the result.")
   flat = io.load_state_dict(path, setting=setting)
   if not flat:
     raise errors.CheckpointFileError(f"{path} ({setting}) holds no arrays.")

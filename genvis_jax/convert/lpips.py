@@ -73,7 +73,7 @@ def load_lpips_params(path: str) -> dict:
   """
   return convert_lib.load_weights(
       path, expected(), convert=convert,
-      setting="the LPIPS weights path (loss.lpips_path / evaluate.lpips_path)",
+      setting="loss.lpips_path / evaluate.lpips_path",
       what="LPIPS weights")
 
 

@@ -131,6 +131,10 @@ def token_files_exist(pattern: str) -> bool:
 
 def find_token_files(pattern: str) -> list[str]:
   """Sorted files matching ``pattern``; a clear error when there are none."""
+  if not pattern:
+    raise DataNotFoundError(
+        "config.data.path is empty: point it at the token files that "
+        "--config.mode=pretokenize writes ('<workdir>/tokens/train-*.array_record').")
   if not token_files_exist(pattern):
     raise DataNotFoundError(
         f"No pre-tokenized files match {pattern!r} (config.data.path). Write "
