@@ -59,6 +59,10 @@ def test_resume_is_bit_exact(tmp_path):
   shutil.copytree(part, tmp_path / "copy")
   assert ckpt_lib.params_source(str(tmp_path / "copy")) == at_6
   assert ckpt_lib.params_source(str(tmp_path / "nothing")) == ""
+  # A step folder given where a run is expected: the message names the run.
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=f"point the setting at the run's workdir, {part}"):
+    ckpt_lib.restore_params(os.path.join(part, "checkpoints", "6"), {})
   for a, b in zip(_leaves(full), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   # Something was actually learned (the test would pass trivially otherwise).

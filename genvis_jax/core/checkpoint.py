@@ -464,10 +464,16 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     return ckptr.restore(path / "params", {"params": abstract_params})["params"]
   if (path / "checkpoints").exists():
     return _load_workdir_params(path, abstract_params, where, model_name)
+  run = (path.parent.parent if path.parent.name == "checkpoints"
+         else path.parent if path.name == "checkpoints" else None)
+  hint = (f" {path} is inside a training run: point the setting at the run's "
+          f"workdir, {run} (its newest readable step is loaded)."
+          if run is not None and (run / "checkpoints").exists() else
+          " Check the path.")
   raise CheckpointNotFoundError(
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
       "`python -m genvis_jax.convert` or save_params) or a training workdir "
-      f"with {path}/checkpoints. Check the path.")
+      f"with {path}/checkpoints.{hint}")
 
 
 def _committed(step_dir: epath.Path) -> str:
