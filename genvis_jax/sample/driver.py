@@ -172,7 +172,12 @@ def sample_and_save(config, workdir: str) -> dict:
                             s.get("classes", ()))
   parts_dir = os.path.join(workdir, "sample_parts")
   os.makedirs(parts_dir, exist_ok=True)
-  check_settings(parts_dir, sample_settings(config))
+  settings = sample_settings(config)
+  check_settings(parts_dir, settings)
+  print(f"[sample] generator: {config.init_from} "
+        f"({settings['weights.generator']}); tokenizer: "
+        f"{config.tokenizer.get('checkpoint', '')} "
+        f"({settings['weights.tokenizer']})", flush=True)
   key = jax.random.key(s.get("seed", 0))
   starts = range(0, s.num_samples, s.batch_size)
   done = complete_parts(parts_dir, s.num_samples, s.batch_size)
