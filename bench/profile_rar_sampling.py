@@ -13,9 +13,11 @@ cache, the adaLN table) and what is overhead (norms, softmax, copies).
   python bench/profile_rar_sampling.py --size=b --batch=8
 
 XLA:CPU only: there each executed op is a trace event named after its HLO
-instruction (a GPU trace names kernels instead). Tracing costs little here:
-the traced runs take within a few percent of the untraced ones printed
-beside them.
+instruction (a GPU trace names kernels instead). The parts are op times:
+XLA:CPU runs independent ops side by side (the next chunk's adaLN table
+beside the current chunk's steps), so parts can overlap; "between ops" is
+the traced wall time minus their sum and goes negative when they do. The
+untraced times printed first are the ones to compare runs by.
 """
 
 from __future__ import annotations
