@@ -61,7 +61,10 @@ def op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Instruction name -> (opcode or fusion kind, metadata op_name)."""
   out = {}
   for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+    line = re.sub(r"/\*.*?\*/", "", line)          # /*index=5*/ in tuples
+    # The result shape may be a tuple (multi-output fusions): "(f32[..], ..)".
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\(",
+                 line)
     if m and m.group(1) not in out:
       op = re.search(r'op_name="([^"]*)"', line)
       out[m.group(1)] = (m.group(2), op.group(1) if op else "")

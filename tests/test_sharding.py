@@ -97,7 +97,7 @@ def test_mesh_shape_errors():
   with pytest.raises(ValueError, match="at most one axis"):
     shd.mesh_shape(ml_collections.ConfigDict(
         dict(shape=dict(data=-1, fsdp=-1))), 8)
-  with pytest.raises(ValueError, match="has 6 devices"):
+  with pytest.raises(ValueError, match="needs 6 devices"):
     shd.mesh_shape(ml_collections.ConfigDict(dict(shape=dict(data=2, fsdp=3))), 8)
   assert shd.mesh_shape(ml_collections.ConfigDict(
       dict(shape=dict(data=-1, fsdp=2, tensor=1))), 8) == dict(data=4, fsdp=2, tensor=1)

@@ -88,11 +88,13 @@ def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
   params = mod.convert(state_dict, model_config)
   expected = getattr(mod, "expected", model_shapes)(model_config)
-  return _fit(expected, params, f"The {kind!r} checkpoint")
+  return _fit(expected, params, f"The {kind!r} checkpoint",
+              "i.e. the config of the model the checkpoint was released for")
 
 
-def _fit(expected, params, what: str):
-  compare_trees(expected, params, what)
+def _fit(expected, params, what: str,
+         fix: str = "or convert the released weights again"):
+  compare_trees(expected, params, what, fix)
   return jax.tree_util.tree_map(
       lambda e, p: np.asarray(p).astype(e.dtype, copy=False), expected, params)
 
@@ -142,7 +144,10 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
 def load_weights(path: str, expected=None, *,
                 convert: Callable[[dict], Any] | None = None,
                 setting: str = "the weights path",
-                what: str = "weights") -> dict:
+                what: str = "weights",
+                fetch: str = "Convert the released weights with `python -m "
+                "genvis_jax.convert --kind=KIND` (its --help lists the kinds)"
+                ) -> dict:
   """Weights from a local ``path``, checked against ``expected`` (abstract
   params, e.g. ``jax.eval_shape`` of an init; None: the caller checks them by
   applying its module): the one reader of weight files.
@@ -154,13 +159,11 @@ def load_weights(path: str, expected=None, *,
   turned into Flax params by ``convert(state_dict)`` (e.g. a kind's
   ``convert`` with its model config bound). Nothing is downloaded. Returns
   jax arrays in ``expected``'s dtypes. ``setting`` names the config key the
-  path came from, ``what`` the weights (both for the messages). Raises ``CheckpointFileNotFoundError`` (nothing there),
+  path came from, ``what`` the weights, ``fetch`` how to get them (all for
+  the messages). Raises ``CheckpointFileNotFoundError`` (nothing there),
   ``CheckpointFileError`` (unreadable file, or official names without a
   ``convert``) and ``CheckpointMismatchError`` (other names or shapes).
   """
-  # The converter's module is its --kind (inception, lpips, dino_vit, ...).
-  kind = (convert.__module__.rsplit(".", 1)[-1] if convert is not None
-          else "<kind>` (`--help` lists them)")
   if os.path.isdir(path):
     if expected is None:
       raise errors.CheckpointFileError(
@@ -169,9 +172,8 @@ def load_weights(path: str, expected=None, *,
     return ckpt_lib.restore_params(path, expected, setting=setting)
   if not os.path.exists(path):
     raise errors.CheckpointFileNotFoundError(
-        f"No {what} at {path!r} ({setting}): file not found. Convert the "
-        f"released weights with `python -m genvis_jax.convert --kind={kind}` "
-        f"and point {setting} at the result.")
+        f"No {what} at {path!r} ({setting}): file not found. {fetch} and "
+        f"point {setting} at it.")
   flat = io.load_state_dict(path, setting=setting)
   if not flat:
     raise errors.CheckpointFileError(f"{path} ({setting}) holds no arrays.")

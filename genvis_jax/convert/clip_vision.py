@@ -125,5 +125,8 @@ def load_teacher_params(path: str, setting: str = "config.teachers[i].path"):
   applying its teacher. Raises ``CheckpointFileNotFoundError`` (a
   FileNotFoundError) for a missing file, ``CheckpointFileError`` for an
   unreadable one or one holding official names."""
-  return convert_lib.load_weights(path, setting=setting, what="teacher weights")
+  return convert_lib.load_weights(
+      path, setting=setting, what="teacher weights",
+      fetch="Convert the teacher with `python -m genvis_jax.convert "
+      "--kind=clip_vision` (or `--kind=dinov2`)")
 

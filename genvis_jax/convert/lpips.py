@@ -74,7 +74,8 @@ def load_lpips_params(path: str) -> dict:
   return convert_lib.load_weights(
       path, expected(), convert=convert,
       setting="loss.lpips_path / evaluate.lpips_path",
-      what="LPIPS weights")
+      what="LPIPS weights", fetch="Convert the LPIPS VGG weights with "
+      "`python -m genvis_jax.convert --kind=lpips`")
 
 
 def _needed(key: str) -> bool:

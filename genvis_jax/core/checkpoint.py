@@ -76,8 +76,10 @@ def _shape_table(tree) -> dict[str, tuple]:
   return out
 
 
-def compare_trees(expected, found, what: str) -> None:
-  """Raises one clear error listing missing, unexpected and mis-shaped keys."""
+def compare_trees(expected, found, what: str,
+                  fix: str = "or start from a fresh --workdir") -> None:
+  """Raises one clear error listing missing, unexpected and mis-shaped keys;
+  ``fix`` ends its advice."""
   exp, got = _shape_table(expected), _shape_table(found)
   missing = sorted(set(exp) - set(got))
   unexpected = sorted(set(got) - set(exp))
@@ -92,7 +94,7 @@ def compare_trees(expected, found, what: str) -> None:
       lines.append(f"  mis-shaped ({len(misshaped)}): " + ", ".join(
           f"{k} expected {exp[k]} found {got[k]}" for k in misshaped[:20]))
     lines.append("  Check that --config matches the checkpoint (model size, "
-                 "codebook, image size), or start from a fresh --workdir.")
+                 f"codebook, image size), {fix}.")
     raise CheckpointMismatchError("\n".join(lines))
 
 
@@ -409,8 +411,8 @@ def _state_settings_note(saved: dict | None, config) -> str:
               if old_f.get(k) != new_f.get(k)]
   if not diffs:
     return ""
-  return ("\n  The run's config differs from the checkpoint's in settings that "
-          "shape the saved state:\n    " + "\n    ".join(diffs[:10]) +
+  return ("\n  The run's config differs from the checkpoint's in optimizer / "
+          "EMA settings, which may shape the saved state:\n    " + "\n    ".join(diffs[:10]) +
           "\n  Resume with the checkpoint's values, or start a fresh --workdir "
           "(--config.init_from=DIR keeps the parameters).")
 
@@ -432,7 +434,7 @@ def check_config_matches(saved: dict | None, config) -> None:
 
 def save_params(directory: str, params) -> None:
   """Writes a parameter-only checkpoint (what ``init_from`` loads)."""
-  path = epath.Path(directory).absolute()
+  path = _absolute(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path / "params", {"params": params}, force=True)
   ckptr.wait_until_finished()
@@ -453,7 +455,7 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     CheckpointMismatchError: the checkpoint is of another model or size.
     CheckpointRestoreError: every step of a training workdir is damaged.
   """
-  path = epath.Path(directory).absolute()
+  path = _absolute(directory)
   where = f" ({setting})" if setting else ""
   if (path / "params").exists():
     ckptr = ocp.StandardCheckpointer()
@@ -485,17 +487,30 @@ def _committed(step_dir: epath.Path) -> str:
     return ""
 
 
+def _absolute(directory: str) -> epath.Path:
+  """``directory`` as an absolute path (a ``gs://`` URL as it is)."""
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else path.absolute()
+
+
+def _source(what: str, folder: epath.Path) -> str:
+  committed = _committed(folder)
+  # Without Orbax's commit time (older writers) the folder's path stands in.
+  return f"{what} committed {committed}" if committed else f"{what} at {folder}"
+
+
 def params_source(directory: str) -> str:
   """Which weights :func:`restore_params` reads from ``directory``, as a
   string that changes when they do and survives copying the folder: a
   parameter checkpoint's commit time, or a training workdir's newest step
-  that passes :func:`validate_step` with its commit time. "" when there is
-  nothing to read (``restore_params`` raises the error then)."""
+  that passes :func:`validate_step` with its commit time (the folder's path
+  where Orbax recorded none). "" when there is nothing to read
+  (``restore_params`` raises the error then)."""
   if not directory:
     return ""
-  path = epath.Path(directory).absolute()
+  path = _absolute(directory)
   if (path / "params").exists():
-    return f"params committed {_committed(path / 'params')}"
+    return _source("params", path / "params")
   ckpt_dir = path / "checkpoints"
   steps = sorted((int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()),
                  reverse=True) if ckpt_dir.exists() else []
@@ -504,7 +519,7 @@ def params_source(directory: str) -> str:
       validate_step(ckpt_dir / str(step), with_data=False)
     except Exception:  # pylint: disable=broad-except
       continue   # restore_params skips it too
-    return f"step {step} committed {_committed(ckpt_dir / str(step))}"
+    return _source(f"step {step}", ckpt_dir / str(step))
   return ""
 
 
@@ -532,7 +547,7 @@ def _load_workdir_params(path, abstract_params, where: str, model_name: str):
     if model_name and saved_name and saved_name != model_name:
       raise CheckpointMismatchError(
           f"{path}{where} is a training run of model {saved_name!r}; a "
-          f"{model_name!r} checkpoint is expected here. Point the setting at "
+          f"checkpoint of model {model_name!r} is expected here. Point the setting at "
           f"a {model_name!r} run or converted checkpoint.")
     try:
       meta = ckpt.manager.item_metadata(step)["state"]

@@ -164,7 +164,10 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   if not epath.Path(path).exists():
     return None
   record = epath.Path(path + ".json")
-  old = json.loads(record.read_text()) if record.exists() else None
+  try:
+    old = json.loads(record.read_text()) if record.exists() else None
+  except ValueError:   # a damaged record is no record
+    old = None
   if old is not None and old.get("settings") == settings:
     return old
   if overwrite:

@@ -125,6 +125,7 @@ def sample_settings(config) -> dict:
 # Settings a resume may change: the parts depend only on their start index;
 # the paths may move as long as ``weights`` (what they hold) stays the same.
 MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint")
+WEIGHTS = ("weights.generator", "weights.tokenizer")
 
 
 class SampleSettingsError(errors.UserError, ValueError):
@@ -133,14 +134,18 @@ class SampleSettingsError(errors.UserError, ValueError):
 
 def check_settings(parts_dir: str, settings: dict) -> None:
   """Writes ``settings.json`` on a fresh start; refuses a resume that differs
-  (except in ``num_samples``: a set can grow or shrink)."""
+  (except in ``num_samples``, as a set can grow or shrink, and in the
+  checkpoint paths while the weights they resolve to are the same)."""
   path = os.path.join(parts_dir, "settings.json")
   parts = glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz"))
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
+    # Parts written before the weights were recorded: compare the paths.
+    may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
+        "sample.num_samples",) + WEIGHTS
     diff = sorted(k for k in set(old) | set(settings)
-                  if old.get(k) != settings.get(k) and k not in MAY_CHANGE)
+                  if old.get(k) != settings.get(k) and k not in may_change)
     if diff and parts:
       shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
                         for k in diff[:5])
@@ -167,12 +172,19 @@ def sample_and_save(config, workdir: str) -> dict:
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
         f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
+  settings = sample_settings(config)
   sample_fn, sharding = make_sample_fn(config, mesh)
+  if sample_settings(config) != settings:
+    # A run still training committed a step while ours loaded: which one
+    # was read is unknown, and recording the wrong one would let a resume
+    # mix two checkpoints' images.
+    raise SampleSettingsError(
+        f"The checkpoint changed while it was loaded ({config.init_from}, "
+        f"{config.tokenizer.get('checkpoint', '')}); run again.")
   labels_all = class_labels(s.num_samples, config.model.num_classes,
                             s.get("classes", ()))
   parts_dir = os.path.join(workdir, "sample_parts")
   os.makedirs(parts_dir, exist_ok=True)
-  settings = sample_settings(config)
   check_settings(parts_dir, settings)
   print(f"[sample] generator: {config.init_from} "
         f"({settings['weights.generator']}); tokenizer: "

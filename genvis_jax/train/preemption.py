@@ -40,12 +40,21 @@ class StopRequest:
   def __init__(self):
     self.signal: str | None = None
     self._previous = {}
+    self._synced = False
 
   def __enter__(self):
-    if (jax.process_count() == 1
-        and threading.current_thread() is threading.main_thread()):
+    if jax.process_count() > 1:
+      # Without JAX's preemption service (jax.distributed flag
+      # jax_enable_preemption_service) there is no notice to agree on.
+      from jax._src import distributed  # pylint: disable=g-import-not-at-top
+      self._synced = distributed.global_state.preemption_sync_manager is not None
+      if not self._synced:
+        logging.warning("No preemption service: a SIGTERM stops this "
+                        "multi-process run without a final checkpoint.")
+    elif threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. a `&` job's SIGINT
+          self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc):
@@ -63,7 +72,7 @@ class StopRequest:
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
-      if multihost_utils.reached_preemption_sync_point(step):
+      if self._synced and multihost_utils.reached_preemption_sync_point(step):
         self.signal = self.signal or "preemption notice"
         return True
       return False
