@@ -11,6 +11,10 @@ once, as usual). Several processes: JAX's preemption notifier (set up by
 ``jax.distributed.initialize``) catches SIGTERM, and
 ``multihost_utils.reached_preemption_sync_point`` makes every host stop at
 the same step, so their checkpoint shards agree.
+
+Ctrl-C in a terminal also reaches Grain's worker processes
+(``config.data.num_workers > 0``), which then stop feeding batches: with
+workers, stop a run with SIGTERM (``kill``), which only the trainer gets.
 """
 
 from __future__ import annotations
