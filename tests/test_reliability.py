@@ -275,7 +275,7 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path):
                                setting="--config.init_from")
   other = ml_collections_copy(model, name="rar")
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
-                     match="training run of model 'classifier'; a 'rar' checkpoint"):
+                     match="training run of model 'classifier'; a checkpoint of model 'rar'"):
     ckpt_lib.restore_params(runs[1], None, setting="--config.init_from",
                          model_name=other.name)
   for damage in ("3", "6"):
