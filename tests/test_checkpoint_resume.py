@@ -13,6 +13,7 @@ import pytest
 
 from configs import base
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import preemption
 from genvis_jax.train import trainer as trainer_lib
 
@@ -49,20 +50,30 @@ def test_resume_is_bit_exact(tmp_path):
   part = str(tmp_path / "part")
   trainer_lib.train_and_evaluate(_config(3), part)
   assert ckpt_lib.Checkpointer(part).latest_step() == 3
-  at_3 = ckpt_lib.params_source(part)
+  at_3 = weights_lib.params_source(part)
   resumed = trainer_lib.train_and_evaluate(_config(6), part)
   assert int(resumed.step) == 6
   # What a sampler records of its weights: the step read, and not the path
   # (a copied workdir holds the same weights).
-  at_6 = ckpt_lib.params_source(part)
+  at_6 = weights_lib.params_source(part)
   assert at_3.startswith("step 3 committed 1") and at_6.startswith("step 6 ")
   shutil.copytree(part, tmp_path / "copy")
-  assert ckpt_lib.params_source(str(tmp_path / "copy")) == at_6
-  assert ckpt_lib.params_source(str(tmp_path / "nothing")) == ""
-  # A step folder given where a run is expected: the message names the run.
+  assert weights_lib.params_source(str(tmp_path / "copy")) == at_6
+  assert weights_lib.params_source(str(tmp_path / "nothing")) == ""
+  # One step of the run, named by its folder: that step's EMA weights.
+  step_3 = os.path.join(part, "checkpoints", "3")
+  assert weights_lib.params_source(step_3) == at_3
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), resumed.ema)
+  got_6 = weights_lib.restore_params(part, abstract)
+  got_3 = weights_lib.restore_params(step_3, abstract)
+  for a, b in zip(_leaves(resumed.ema), _leaves(got_6)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(_leaves(got_3), _leaves(got_6)))
   with pytest.raises(ckpt_lib.CheckpointNotFoundError,
-                     match=f"point the setting at the run's workdir, {part}"):
-    ckpt_lib.restore_params(os.path.join(part, "checkpoints", "6"), {})
+                     match=r"No checkpoint step 4 .*saved steps: \[3, 6\]"):
+    weights_lib.restore_params(os.path.join(part, "checkpoints", "4"), abstract)
   for a, b in zip(_leaves(full), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   # Something was actually learned (the test would pass trivially otherwise).
@@ -96,7 +107,7 @@ def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):
   params["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
   del params["head"]
   params["conv_0"] = dict(params["conv_0"], kernel=np.zeros((3, 3, 3, 4), np.float32))
-  ckpt_lib.save_params(str(tmp_path / "bad"), params)
+  weights_lib.save_params(str(tmp_path / "bad"), params)
   c = _config(1)
   c.init_from = str(tmp_path / "bad")
   with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:

@@ -23,7 +23,8 @@ from configs import maskgit_vqgan as maskgit_config
 from configs import rar_b
 from genvis_jax import convert, errors, models
 from genvis_jax.convert import io as cio
-from genvis_jax.core.checkpoint import CheckpointMismatchError, restore_params
+from genvis_jax.core.checkpoint import CheckpointMismatchError
+from genvis_jax.core.weights import restore_params
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

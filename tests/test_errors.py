@@ -60,7 +60,7 @@ def _cli(args, verbose_env=False, timeout=120):
 
 @pytest.fixture(scope="module")
 def bad_params_dir(tmp_path_factory):
-  from genvis_jax.core.checkpoint import save_params  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core.weights import save_params  # pylint: disable=import-outside-toplevel
   path = str(tmp_path_factory.mktemp("ck") / "bad")
   save_params(path, {"dense": {"kernel": np.zeros((2, 3), np.float32)}})
   return path

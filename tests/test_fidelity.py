@@ -28,7 +28,7 @@ from genvis_jax.errors import UserError
 from genvis_jax.models import inference
 from genvis_jax.sample import driver
 from genvis_jax.sample import images as images_lib
-from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import weights as weights_lib
 
 
 # --- official formulas, re-stated ---------------------------------------------
@@ -247,7 +247,7 @@ def _encode(model_cfg, params, images):
 def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
   m = _tiny_fqgan_bf16()
   params = _random_params(m, 0)
-  ckpt_lib.save_params(str(tmp_path / "tok"), params)
+  weights_lib.save_params(str(tmp_path / "tok"), params)
   root = tmp_path / "imgs"
   (root / "a").mkdir(parents=True)
   rng = np.random.default_rng(1)
@@ -280,8 +280,8 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
   before, written_at = open(path, "rb").read(), os.stat(path).st_mtime_ns
   assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 40
   assert os.stat(path).st_mtime_ns == written_at      # reused, not rewritten
-  ckpt_lib.save_params(str(tmp_path / "tok"), _random_params(m, 1))
-  with pytest.raises(errors.OutputExistsError, match=r"differing: weights"):
+  weights_lib.save_params(str(tmp_path / "tok"), _random_params(m, 1))
+  with pytest.raises(errors.OutputExistsError, match=r"other settings \(weights: 'params committed"):
     pretokenize.pretokenize(c, str(tmp_path))
   assert open(path, "rb").read() == before
   c.pretokenize.overwrite = True
@@ -302,7 +302,7 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):
       resolution=16, image_width=16, z_channels=8, embed_dim=8,
       len_down_scale=4, semantic=False, dtype="bfloat16")
   params = _random_params(m, 0)
-  ckpt_lib.save_params(str(tmp_path / "tok"), params)
+  weights_lib.save_params(str(tmp_path / "tok"), params)
   c = base.add_tokenizer(base.get_config(), m, checkpoint=str(tmp_path / "tok"))
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))

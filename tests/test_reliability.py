@@ -16,6 +16,7 @@ from etils import epath
 from genvis_jax import models
 from genvis_jax.errors import UserError
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import trainer as trainer_lib
 from tests.test_checkpoint_resume import _config  # the smallest resumable run
@@ -276,7 +277,7 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path):
   other = ml_collections_copy(model, name="rar")
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
                      match="training run of model 'classifier'; a checkpoint of model 'rar'"):
-    ckpt_lib.restore_params(runs[1], None, setting="--config.init_from",
+    weights_lib.restore_params(runs[1], None, setting="--config.init_from",
                          model_name=other.name)
   for damage in ("3", "6"):
     _truncate_data_files(os.path.join(_copy_once(runs[1], tmp_path),

@@ -34,10 +34,9 @@ import numpy as np
 
 from genvis_jax import errors, models
 from genvis_jax.convert import io, tree
-from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import registry
-from genvis_jax.core.checkpoint import (CheckpointMismatchError, compare_trees,
-                                        save_params)
+from genvis_jax.core import weights as weights_lib
+from genvis_jax.core.checkpoint import CheckpointMismatchError, compare_trees
 
 __all__ = ["kind_module", "kinds", "from_torch", "convert_file", "load_weights",
            "CheckpointMismatchError"]
@@ -70,7 +69,7 @@ def model_shapes(model_config):
 def write_orbax(dst: str, params, state_dict) -> None:
   """Parameter-only Orbax checkpoint ``dst/params`` (read by ``init_from``)."""
   del state_dict
-  save_params(dst, params)
+  weights_lib.save_params(dst, params)
 
 
 def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
@@ -169,7 +168,7 @@ def load_weights(path: str, expected=None, *,
       raise errors.CheckpointFileError(
           f"{path} ({setting}) is a directory; these {what} are read from one "
           "file (.npz / .pth / .bin / .safetensors).")
-    return ckpt_lib.restore_params(path, expected, setting=setting)
+    return weights_lib.restore_params(path, expected, setting=setting)
   if not os.path.exists(path):
     raise errors.CheckpointFileNotFoundError(
         f"No {what} at {path!r} ({setting}): file not found. {fetch} and "

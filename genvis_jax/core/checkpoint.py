@@ -10,8 +10,8 @@ damaged ones aside to ``checkpoints/corrupt-<step>``; a failed (async) save
 raises :class:`CheckpointSaveError` at the next :meth:`Checkpointer.check`
 and leaves no ``.orbax-checkpoint-tmp`` folder behind.
 
-Parameter-only checkpoints (``genvis_jax.convert`` output, ``--config.init_from``)
-are a plain Orbax ``StandardCheckpointer`` directory holding ``{"params": ...}``.
+Loading parameters alone (``--config.init_from``, a tokenizer, converted
+weights) is ``core.weights``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import errno
 import json
 import os
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -29,6 +28,7 @@ import tensorstore as ts
 from absl import logging
 from etils import epath
 
+from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import UserError
 
 
@@ -265,7 +265,7 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        reason = _first_line(e)
+        reason = first_line(e)
         logging.warning("Checkpoint step %d in %s cannot be restored (%s); "
                         "trying the previous step.", step, self.directory, reason)
         failed.append((step, reason))
@@ -306,7 +306,7 @@ class Checkpointer:
     self.manager.close()
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
+def first_line(e: BaseException, limit: int = 300) -> str:
   text = str(e).strip().splitlines()
   text = text[0] if text else ""
   return f"{type(e).__name__}: {text[:limit]}"
@@ -322,8 +322,8 @@ def save_error_cause(error: BaseException) -> str:
   for e in chain:
     if (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
         or "os_error_code='28'" in str(e)):
-      return f"no space left on device ({_first_line(e)})"
-  return _first_line(error)
+      return f"no space left on device ({first_line(e)})"
+  return first_line(error)
 
 
 def _kvstore_url(path: epath.Path) -> str:
@@ -384,35 +384,21 @@ def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
 _STATE_SETTINGS = ("optimizer", "train.ema_decay")
 
 
-def _flat(tree, prefix: str = "") -> dict:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
-  return out
-
-
 def _state_settings_note(saved: dict | None, config) -> str:
   """Names the optimizer / EMA settings that differ from the checkpoint's
   config (a state-tree mismatch with the model unchanged comes from them)."""
   if not saved or config is None:
     return ""
   now = json.loads(config.to_json_best_effort())
-  diffs = []
-  for key in _STATE_SETTINGS:
-    old_v, new_v = saved, now
-    for part in key.split("."):
-      old_v = (old_v or {}).get(part) if isinstance(old_v, dict) else None
-      new_v = (new_v or {}).get(part) if isinstance(new_v, dict) else None
-    old_f, new_f = _flat(old_v, key), _flat(new_v, key)
-    diffs += [f"{k}: checkpoint {old_f.get(k)!r} vs config {new_f.get(k)!r}"
-              for k in sorted(set(old_f) | set(new_f))
-              if old_f.get(k) != new_f.get(k)]
+  diffs = settings_lib.differences(
+      {k: settings_lib.get(saved, k) for k in _STATE_SETTINGS},
+      {k: settings_lib.get(now, k) for k in _STATE_SETTINGS},
+      names=("checkpoint", "config"))
   if not diffs:
     return ""
   return ("\n  The run's config differs from the checkpoint's in optimizer / "
-          "EMA settings, which may shape the saved state:\n    " + "\n    ".join(diffs[:10]) +
+          "EMA settings, which may shape the saved state:\n    " +
+          settings_lib.shorten(diffs, 10, "\n    ") +
           "\n  Resume with the checkpoint's values, or start a fresh --workdir "
           "(--config.init_from=DIR keeps the parameters).")
 
@@ -422,154 +408,11 @@ def check_config_matches(saved: dict | None, config) -> None:
   if not saved or "model" not in saved:
     return
   current = json.loads(config.model.to_json_best_effort())
-  diffs = [f"{k}: checkpoint {saved['model'].get(k)!r} vs config {current.get(k)!r}"
-           for k in sorted(set(current) | set(saved["model"]))
-           if k not in ("dtype", "remat") and saved["model"].get(k) != current.get(k)]
+  diffs = settings_lib.differences(saved["model"], current,
+                                   ignore=("dtype", "remat"),
+                                   names=("checkpoint", "config"))
   if diffs:
     raise CheckpointMismatchError(
         "The workdir holds a checkpoint of a different model config:\n  " +
         "\n  ".join(diffs) +
         "\nUse a fresh --workdir, or load the weights with --config.init_from.")
-
-
-def save_params(directory: str, params) -> None:
-  """Writes a parameter-only checkpoint (what ``init_from`` loads)."""
-  path = _absolute(directory)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path / "params", {"params": params}, force=True)
-  ckptr.wait_until_finished()
-
-
-def restore_params(directory: str, abstract_params, *, setting: str = "",
-                model_name: str = "") -> Any:
-  """Loads ``{"params": ...}`` written by :func:`save_params` into the given
-  abstract tree (shapes, dtypes, shardings); clear error on any mismatch.
-
-  ``directory`` may also be a training workdir: the newest checkpoint step
-  that loads (damaged newer ones are skipped with a warning and left in
-  place) gives its EMA (if any) or model parameters. ``setting`` (e.g.
-  ``config.tokenizer.checkpoint``) and ``model_name`` go into the messages.
-
-  Raises:
-    CheckpointNotFoundError: nothing at ``directory``.
-    CheckpointMismatchError: the checkpoint is of another model or size.
-    CheckpointRestoreError: every step of a training workdir is damaged.
-  """
-  path = _absolute(directory)
-  where = f" ({setting})" if setting else ""
-  if (path / "params").exists():
-    ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(path / "params")
-    meta_tree = getattr(meta, "item_metadata", meta)
-    found = meta_tree["params"] if "params" in meta_tree else meta_tree
-    compare_trees(abstract_params, found, f"Parameter checkpoint {path}{where}")
-    return ckptr.restore(path / "params", {"params": abstract_params})["params"]
-  if (path / "checkpoints").exists():
-    return _load_workdir_params(path, abstract_params, where, model_name)
-  run = (path.parent.parent if path.parent.name == "checkpoints"
-         else path.parent if path.name == "checkpoints" else None)
-  hint = (f" {path} is inside a training run: point the setting at the run's "
-          f"workdir, {run} (its newest readable step is loaded)."
-          if run is not None and (run / "checkpoints").exists() else
-          " Check the path.")
-  raise CheckpointNotFoundError(
-      f"No checkpoint at {path}{where}: expected {path}/params (written by "
-      "`python -m genvis_jax.convert` or save_params) or a training workdir "
-      f"with {path}/checkpoints.{hint}")
-
-
-def _committed(step_dir: epath.Path) -> str:
-  """Orbax's commit time of a checkpoint folder (ns), or "" if unrecorded."""
-  try:
-    meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
-    return str(meta.get("commit_timestamp_nsecs", ""))
-  except (OSError, ValueError):
-    return ""
-
-
-def _absolute(directory: str) -> epath.Path:
-  """``directory`` as an absolute path (a ``gs://`` URL as it is)."""
-  path = epath.Path(directory)
-  return path if "://" in str(directory) else path.absolute()
-
-
-def _source(what: str, folder: epath.Path) -> str:
-  committed = _committed(folder)
-  # Without Orbax's commit time (older writers) the folder's path stands in.
-  return f"{what} committed {committed}" if committed else f"{what} at {folder}"
-
-
-def params_source(directory: str) -> str:
-  """Which weights :func:`restore_params` reads from ``directory``, as a
-  string that changes when they do and survives copying the folder: a
-  parameter checkpoint's commit time, or a training workdir's newest step
-  that passes :func:`validate_step` with its commit time (the folder's path
-  where Orbax recorded none). "" when there is nothing to read
-  (``restore_params`` raises the error then)."""
-  if not directory:
-    return ""
-  path = _absolute(directory)
-  if (path / "params").exists():
-    return _source("params", path / "params")
-  ckpt_dir = path / "checkpoints"
-  steps = sorted((int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()),
-                 reverse=True) if ckpt_dir.exists() else []
-  for step in steps:
-    try:
-      validate_step(ckpt_dir / str(step), with_data=False)
-    except Exception:  # pylint: disable=broad-except
-      continue   # restore_params skips it too
-    return _source(f"step {step}", ckpt_dir / str(step))
-  return ""
-
-
-def _load_workdir_params(path, abstract_params, where: str, model_name: str):
-  """The newest loadable step's EMA or model parameters, as host arrays put
-  on ``abstract_params``' shardings (the run may have used another topology)."""
-  ckpt = Checkpointer(str(path), async_save=False)
-  steps = sorted(ckpt.manager.all_steps(), reverse=True)
-  if not steps:
-    raise CheckpointNotFoundError(
-        f"No checkpoint under {path / 'checkpoints'}{where}: the run has not "
-        "saved one yet.")
-  failed = []
-  for step in steps:
-    saved = None
-    try:
-      validate_step(ckpt.directory / str(step), with_data=False)
-      saved = ckpt.saved_config(step)
-    except Exception as e:  # pylint: disable=broad-except
-      failed.append((step, _first_line(e)))
-      logging.warning("Checkpoint step %d in %s cannot be read (%s); trying the "
-                      "previous step.", step, ckpt.directory, failed[-1][1])
-      continue
-    saved_name = ((saved or {}).get("model") or {}).get("name")
-    if model_name and saved_name and saved_name != model_name:
-      raise CheckpointMismatchError(
-          f"{path}{where} is a training run of model {saved_name!r}; a "
-          f"checkpoint of model {model_name!r} is expected here. Point the setting at "
-          f"a {model_name!r} run or converted checkpoint.")
-    try:
-      meta = ckpt.manager.item_metadata(step)["state"]
-      as_numpy = jax.tree_util.tree_map(
-          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
-    except Exception as e:  # pylint: disable=broad-except
-      failed.append((step, _first_line(e)))
-      logging.warning("Checkpoint step %d in %s cannot be read (%s); trying the "
-                      "previous step.", step, ckpt.directory, failed[-1][1])
-      continue
-    state = restored["state"]
-    params = state.get("ema") or state["params"]["model"]
-    compare_trees(abstract_params, params, f"Checkpoint {path} step {step}{where}")
-    if failed:
-      logging.warning("Loaded step %d of %s; newer steps %s are damaged.", step,
-                      path, [s for s, _ in failed])
-    return jax.tree_util.tree_map(
-        lambda a, x: jax.device_put(np.asarray(x), a.sharding)
-        if hasattr(a, "sharding") and a.sharding is not None else x,
-        abstract_params, params)
-  raise CheckpointRestoreError(
-      f"No checkpoint step under {path / 'checkpoints'}{where} can be read; "
-      "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))

@@ -34,17 +34,6 @@ class Progress:
     return {"steps_per_sec": rate, "eta_sec": eta}
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-  """Nested dicts -> one dict keyed ``"a.b.c"`` (hparams, settings records)."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def format_eta(seconds: float) -> str:
   if not np.isfinite(seconds):
     return "?"

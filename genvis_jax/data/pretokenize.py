@@ -43,7 +43,8 @@ from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import settings as settings_lib
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
 from genvis_jax.models import inference
 from genvis_jax.data import tokens as tokens_lib
@@ -152,7 +153,7 @@ def output_settings(config) -> dict:
   p, tok = config.pretokenize, config.tokenizer
   data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS}
   keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
-          "weights": ckpt_lib.params_source(tok.checkpoint),
+          "weights": weights_lib.params_source(tok.checkpoint),
           "data": data, "split": p.split, "ten_crop": p.ten_crop}
   return json.loads(json.dumps(keep, sort_keys=True, default=str))
 
@@ -175,9 +176,8 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   if old is None:
     why = "with no record of its settings"
   else:
-    before, now = old.get("settings", {}), settings
-    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    why = f"with other settings (differing: {', '.join(diff)})"
+    diff = settings_lib.differences(old.get("settings"), settings)
+    why = f"with other settings ({settings_lib.shorten(diff, 5)})"
   raise errors.OutputExistsError(
       f"{path} already holds token records written {why}. Pass "
       "--config.pretokenize.overwrite=True to replace them, or write "

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError
 
@@ -160,8 +161,9 @@ def load_params(model_config, directory: str, mesh=None, *,
   """Parameters of ``build(model_config)`` from a checkpoint directory.
 
   The one way weights reach a model at inference: ``directory`` is what
-  ``python -m genvis_jax.convert`` writes or a training workdir (its EMA
-  weights when tracked, see ``core.checkpoint.restore_params``); replicated over
+  ``python -m genvis_jax.convert`` writes, a training workdir (its newest
+  step's EMA weights when tracked) or one ``checkpoints/<step>`` of it, see
+  ``core.weights.restore_params``; replicated over
   ``mesh`` when given. ``setting`` names the config key the path came from
   (for the messages). Raises ``CheckpointNotFoundError`` (no path, nothing
   there), ``CheckpointMismatchError`` (another model or other shapes) and
@@ -171,7 +173,8 @@ def load_params(model_config, directory: str, mesh=None, *,
     raise ckpt_lib.CheckpointNotFoundError(
         f"No checkpoint given for the {model_config.name!r} model: set "
         f"{setting}=DIR (a converted checkpoint from `python -m "
-        "genvis_jax.convert` or a training workdir).")
+        "genvis_jax.convert`, a training workdir or one of its "
+        "checkpoints/<step> folders).")
   abstract = jax.eval_shape(
       lambda r: init_params(model_config, r), jax.random.key(0))
   if mesh is not None:
@@ -179,5 +182,5 @@ def load_params(model_config, directory: str, mesh=None, *,
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         abstract)
-  return ckpt_lib.restore_params(directory, abstract, setting=setting,
-                              model_name=model_config.name)
+  return weights_lib.restore_params(directory, abstract, setting=setting,
+                                    model_name=model_config.name)

@@ -30,8 +30,8 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.core import checkpoint as ckpt_lib
-from genvis_jax.core import metrics as metrics_lib
+from genvis_jax.core import settings as settings_lib
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
 from genvis_jax.models import inference
 from genvis_jax.sample import images as images_lib
@@ -117,9 +117,9 @@ def sample_settings(config) -> dict:
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
           "tokenizer": tokenizer, "sample": config.sample.to_dict(),
           "weights": {
-              "generator": ckpt_lib.params_source(config.init_from),
-              "tokenizer": ckpt_lib.params_source(tok.get("checkpoint", ""))}}
-  return json.loads(json.dumps(metrics_lib.flatten(keep)))
+              "generator": weights_lib.params_source(config.init_from),
+              "tokenizer": weights_lib.params_source(tok.get("checkpoint", ""))}}
+  return json.loads(json.dumps(settings_lib.flatten(keep)))
 
 
 # Settings a resume may change: the parts depend only on their start index;
@@ -144,15 +144,12 @@ def check_settings(parts_dir: str, settings: dict) -> None:
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
         "sample.num_samples",) + WEIGHTS
-    diff = sorted(k for k in set(old) | set(settings)
-                  if old.get(k) != settings.get(k) and k not in may_change)
+    diff = settings_lib.differences(old, settings, ignore=may_change)
     if diff and parts:
-      shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
-                        for k in diff[:5])
       raise SampleSettingsError(
           f"{parts_dir} holds {len(parts)} sample parts drawn with other "
-          f"settings ({shown}{', ...' if len(diff) > 5 else ''}). Use a new "
-          "workdir, or delete that folder to start over.")
+          f"settings ({settings_lib.shorten(diff, 5)}). Use a new workdir, or "
+          "delete that folder to start over.")
   elif parts:
     raise SampleSettingsError(f"{parts_dir} holds {len(parts)} sample parts but no "
                      "settings.json, so they cannot be checked against this "

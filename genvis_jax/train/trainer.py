@@ -19,6 +19,8 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import settings as settings_lib
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import preemption
 from genvis_jax.core import metrics as metrics_lib
@@ -162,7 +164,7 @@ def train_loop(config, workdir: str, on_log=None):
     if config.init_from:
       group = "model"   # init_from holds the model's parameters only
       abstract = trainer.abstract_state().params[group]
-      loaded = ckpt_lib.restore_params(
+      loaded = weights_lib.restore_params(
           config.init_from, abstract, setting="--config.init_from",
           model_name=config.model.name)
       params = dict(state.params)
@@ -180,7 +182,7 @@ def train_loop(config, workdir: str, on_log=None):
 
   writer = metrics_lib.create_writer(workdir)
   if start == 0:
-    hparams = metrics_lib.flatten(config.to_dict())
+    hparams = settings_lib.flatten(config.to_dict())
     writer.write_hparams({k: v for k, v in hparams.items()
                           if isinstance(v, (int, float, str, bool))})
   progress = metrics_lib.Progress(start, num_steps)

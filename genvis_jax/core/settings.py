@@ -1,0 +1,57 @@
+"""Recorded settings: the flat JSON records that guard a resume.
+
+A checkpoint's config, a sample folder's ``settings.json`` and a token file's
+``<file>.json`` each record what decided their contents. Before reusing them,
+a run compares its own settings with the record; :func:`differences` names
+what changed in one format for all three.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict:
+  """Nested dicts -> one dict keyed ``"a.b.c"`` (hparams, settings records)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def differences(old: Mapping | None, new: Mapping | None, *,
+                ignore: Iterable[str] = (),
+                names: tuple[str, str] | None = None) -> list[str]:
+  """The flattened keys whose values differ, sorted, one line each.
+
+  Args:
+    old, new: nested or flat dicts (None = empty).
+    ignore: flattened keys (``"a.b"``) or their prefixes (``"a"``) to skip.
+    names: ``(old_name, new_name)`` for lines ``"key: old_name X vs new_name
+      Y"``; by default ``"key: X -> Y"``. A key absent on one side shows None.
+  """
+  a, b = flatten(old or {}), flatten(new or {})
+  skip = tuple(ignore)
+  keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                and not any(k == s or k.startswith(s + ".") for s in skip))
+  if names:
+    return [f"{k}: {names[0]} {a.get(k)!r} vs {names[1]} {b.get(k)!r}"
+            for k in keys]
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def shorten(lines: list[str], limit: int, sep: str = ", ") -> str:
+  """``lines`` joined by ``sep``, the first ``limit`` and then "N more"."""
+  shown = sep.join(lines[:limit])
+  more = len(lines) - limit
+  return shown + (f"{sep}... {more} more" if more > 0 else "")
+
+
+def get(tree: Any, dotted: str) -> Any:
+  """``tree["a"]["b"]`` for ``"a.b"``; None where a level is missing."""
+  for part in dotted.split("."):
+    tree = tree.get(part) if isinstance(tree, Mapping) else None
+  return tree

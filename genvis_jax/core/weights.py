@@ -1,0 +1,219 @@
+"""Parameter-only loading: ``--config.init_from``, tokenizer and reference weights.
+
+Three kinds of folder hold weights a run can load:
+
+- a parameter checkpoint, ``DIR/params`` (a plain Orbax ``StandardCheckpointer``
+  directory holding ``{"params": ...}``), written by ``genvis_jax.convert`` or
+  :func:`save_params`;
+- a training workdir, ``DIR/checkpoints/<step>/`` (``core.checkpoint``): its
+  newest step that loads gives its EMA parameters, or the model's without EMA;
+- one step of a training workdir, ``DIR/checkpoints/<step>``: that step only.
+
+:func:`params_source` names the weights a folder resolves to, so a resumed
+sampling or pre-tokenizing run can tell a run trained further (other weights)
+from a copied folder (the same ones).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from genvis_jax.core import checkpoint as ckpt_lib
+
+
+def save_params(directory: str, params) -> None:
+  """Writes a parameter checkpoint ``directory/params`` (what ``init_from``
+  loads); replaces one already there."""
+  path = _absolute(directory)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path / "params", {"params": params}, force=True)
+  ckptr.wait_until_finished()
+
+
+def restore_params(directory: str, abstract_params, *, setting: str = "",
+                   model_name: str = "") -> Any:
+  """Loads the parameters ``directory`` holds into the abstract tree.
+
+  Args:
+    directory: a parameter checkpoint, a training workdir or one of its
+      ``checkpoints/<step>`` folders (see the module docstring). A workdir's
+      damaged newer steps are skipped with a warning and left in place; a
+      named step is loaded or refused, never swapped for another.
+    abstract_params: the model's tree of ``jax.ShapeDtypeStruct`` (shapes,
+      dtypes, shardings) to load into.
+    setting: the config field that named ``directory`` (e.g.
+      ``config.tokenizer.checkpoint``), for the messages.
+    model_name: the expected ``config.model.name``; a training run of another
+      model is refused before its arrays are read.
+
+  Returns:
+    The parameters, on ``abstract_params``' shardings. Which weights were
+    loaded (the step, EMA or not) is logged.
+
+  Raises:
+    CheckpointNotFoundError: nothing loadable at ``directory``.
+    CheckpointMismatchError: the checkpoint is of another model or size.
+    CheckpointRestoreError: the step(s) to load are damaged.
+  """
+  path = _absolute(directory)
+  where = f" ({setting})" if setting else ""
+  if (path / "params").exists():
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(path / "params")
+    meta_tree = getattr(meta, "item_metadata", meta)
+    found = meta_tree["params"] if "params" in meta_tree else meta_tree
+    ckpt_lib.compare_trees(abstract_params, found,
+                           f"Parameter checkpoint {path}{where}")
+    logging.info("Loading parameters from %s%s.", path / "params", where)
+    return ckptr.restore(path / "params", {"params": abstract_params})["params"]
+  run, step = _split_step(path)
+  if (run / "checkpoints").exists():
+    return _load_run_params(run, abstract_params, where, model_name, step)
+  raise ckpt_lib.CheckpointNotFoundError(
+      f"No checkpoint at {path}{where}: expected {path}/params (written by "
+      "`python -m genvis_jax.convert` or save_params), a training workdir "
+      f"with {path}/checkpoints, or one of its checkpoints/<step> folders. "
+      "Check the path.")
+
+
+def params_source(directory: str) -> str:
+  """Which weights :func:`restore_params` reads from ``directory``, as a
+  string that changes when they do and survives copying the folder.
+
+  A parameter checkpoint's commit time, or the step a training run resolves
+  to (its newest that passes ``checkpoint.validate_step``, or the named one)
+  with its commit time; the folder's path where Orbax recorded none. ""
+  when there is nothing to read (``restore_params`` raises the error then).
+  """
+  if not directory:
+    return ""
+  path = _absolute(directory)
+  if (path / "params").exists():
+    return _source("params", path / "params")
+  run, step = _split_step(path)
+  for s in _candidate_steps(run, step):
+    folder = run / "checkpoints" / str(s)
+    try:
+      ckpt_lib.validate_step(folder, with_data=False)
+    except Exception:  # pylint: disable=broad-except
+      continue   # restore_params skips it too
+    return _source(f"step {s}", folder)
+  return ""
+
+
+def _absolute(directory: str) -> epath.Path:
+  """``directory`` as an absolute path (a ``gs://`` URL as it is)."""
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else path.absolute()
+
+
+def _split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
+  """``(run, step)`` for ``run/checkpoints/<step>``, else ``(path, None)``;
+  ``run/checkpoints`` itself means the run."""
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    return path.parent.parent, int(path.name)
+  if path.name == "checkpoints" and not (path / "checkpoints").exists():
+    return path.parent, None
+  return path, None
+
+
+def _candidate_steps(run: epath.Path, step: int | None) -> list[int]:
+  """The named step, or every saved step of ``run``, newest first."""
+  if step is not None:
+    return [step]
+  folder = run / "checkpoints"
+  if not folder.exists():
+    return []
+  return sorted((int(p.name) for p in folder.glob("*") if p.name.isdigit()),
+                reverse=True)
+
+
+def _committed(step_dir: epath.Path) -> str:
+  """Orbax's commit time of a checkpoint folder (ns), or "" if unrecorded."""
+  try:
+    meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    return str(meta.get("commit_timestamp_nsecs", ""))
+  except (OSError, ValueError):
+    return ""
+
+
+def _source(what: str, folder: epath.Path) -> str:
+  committed = _committed(folder)
+  # Without Orbax's commit time (older writers) the folder's path stands in.
+  return f"{what} committed {committed}" if committed else f"{what} at {folder}"
+
+
+def _read_step(ckpt: ckpt_lib.Checkpointer, step: int, where: str,
+               model_name: str):
+  """Step ``step``'s EMA or model parameters as host arrays, and which."""
+  ckpt_lib.validate_step(ckpt.directory / str(step), with_data=False)
+  saved = ckpt.saved_config(step)
+  saved_name = ((saved or {}).get("model") or {}).get("name")
+  if model_name and saved_name and saved_name != model_name:
+    run = ckpt.directory.parent
+    raise ckpt_lib.CheckpointMismatchError(
+        f"{run}{where} is a training run of model {saved_name!r}; a "
+        f"checkpoint of model {model_name!r} is expected here. Point the "
+        f"setting at a {model_name!r} run or converted checkpoint.")
+  meta = ckpt.manager.item_metadata(step)["state"]
+  as_numpy = jax.tree_util.tree_map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  state = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(restore_args=as_numpy)))["state"]
+  if state.get("ema"):
+    return state["ema"], "EMA parameters"
+  return state["params"]["model"], "model parameters"
+
+
+def _load_run_params(run: epath.Path, abstract_params, where: str,
+                     model_name: str, step: int | None):
+  """A training run's newest loadable step (or ``step``), as arrays on
+  ``abstract_params``' shardings (the run may have used another topology)."""
+  ckpt = ckpt_lib.Checkpointer(str(run), async_save=False)
+  saved = sorted(ckpt.manager.all_steps(), reverse=True)
+  if step is not None and step not in saved:
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"No checkpoint step {step} under {ckpt.directory}{where}; saved "
+        f"steps: {sorted(saved) or 'none'}. Name one of them, or the run's "
+        f"workdir {run} for its newest.")
+  if not saved:
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"No checkpoint under {ckpt.directory}{where}: the run has not "
+        "saved one yet.")
+  failed = []
+  for s in [step] if step is not None else saved:
+    try:
+      params, kind = _read_step(ckpt, s, where, model_name)
+    except ckpt_lib.CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append((s, ckpt_lib.first_line(e)))
+      if step is None:
+        logging.warning("Checkpoint step %d in %s cannot be read (%s); trying "
+                        "the previous step.", s, ckpt.directory, failed[-1][1])
+      continue
+    ckpt_lib.compare_trees(abstract_params, params,
+                           f"Checkpoint {run} step {s}{where}")
+    logging.info("Loading the %s of step %d of %s%s.", kind, s, run, where)
+    if failed:
+      logging.warning("Loaded step %d of %s; newer steps %s are damaged.", s,
+                      run, [f for f, _ in failed])
+    return jax.tree_util.tree_map(
+        lambda a, x: jax.device_put(np.asarray(x), a.sharding)
+        if getattr(a, "sharding", None) is not None else x,
+        abstract_params, params)
+  if step is not None:
+    raise ckpt_lib.CheckpointRestoreError(
+        f"Checkpoint step {step} under {ckpt.directory}{where} cannot be read "
+        f"({failed[0][1]}). Name another step, or the run's workdir {run} for "
+        "its newest readable one.")
+  raise ckpt_lib.CheckpointRestoreError(
+      f"No checkpoint step under {ckpt.directory}{where} can be read; "
+      "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))

@@ -1,0 +1,28 @@
+"""The settings records that guard a resume: one comparison for all of them."""
+
+from genvis_jax.core import settings
+
+
+def test_differences_flatten_skip_and_name_both_sides():
+  old = {"model": {"depth": 12, "dtype": "float32"}, "lr": 1e-4, "gone": 1}
+  new = {"model": {"depth": 24, "dtype": "bfloat16"}, "lr": 1e-4, "added": {"a": 2}}
+  assert settings.differences(old, new) == [
+      "added.a: None -> 2", "gone: 1 -> None", "model.depth: 12 -> 24",
+      "model.dtype: 'float32' -> 'bfloat16'"]
+  # A prefix skips its subtree, an exact key only itself.
+  assert settings.differences(old, new, ignore=("model", "gone", "added.a")) == []
+  assert settings.differences(old, new, ignore=("model.dtype", "mod")) == [
+      "added.a: None -> 2", "gone: 1 -> None", "model.depth: 12 -> 24"]
+  assert settings.differences(None, {"x": 1}, names=("checkpoint", "config")) == [
+      "x: checkpoint None vs config 1"]
+  assert settings.differences({"a": {"b": 1}}, {"a": {"b": 1}}) == []
+
+
+def test_shorten_and_get():
+  lines = [str(i) for i in range(7)]
+  assert settings.shorten(lines, 5) == "0, 1, 2, 3, 4, ... 2 more"
+  assert settings.shorten(lines[:2], 5) == "0, 1"
+  tree = {"train": {"ema_decay": 0.9}}
+  assert settings.get(tree, "train.ema_decay") == 0.9
+  assert settings.get(tree, "train.missing.deeper") is None
+  assert settings.flatten({"a": {"b": {"c": 1}}, "d": 2}) == {"a.b.c": 1, "d": 2}
