@@ -394,6 +394,34 @@ def test_token_records_round_trip_and_pipeline(tmp_path):
   assert [len(b["label"]) for b in it] == [5, 5, 2]
 
 
+def test_damaged_token_files_are_named(tmp_path):
+  paths = data.write_token_records(
+      str(tmp_path / "tok" / "train"), np.arange(12, dtype=np.int32),
+      np.zeros((12, 8), np.int32), num_shards=3)
+  pattern = str(tmp_path / "tok" / "train-*.array_record")
+  # Shard 1: bytes of its second record's chunk flipped; read fails there.
+  raw = bytearray(open(paths[1], "rb").read())
+  raw[200:260] = bytes(b ^ 0xFF for b in raw[200:260])
+  open(paths[1], "wb").write(bytes(raw))
+  src = data.TokenSource(pattern)
+  assert src[4]["label"] == 4          # record 0 of shard 1 is intact
+  with pytest.raises(data.TokenFileError,
+                     match=r"train-00001-of-00003.array_record is damaged: "
+                           r"record 1 cannot be read .*overwrite=True"):
+    src[5]  # pylint: disable=pointless-statement
+  c = _data_config(source="tokens", path=str(tmp_path / "tok" / "{split}-*"))
+  it, _ = data.create_dataset(c, split="train", global_batch_size=4, seed=0,
+                              train=False, process_index=0, process_count=1)
+  with pytest.raises(data.TokenFileError, match="00001-of-00003.array_record is damaged"):
+    list(it)
+  # Shard 2 cut short: the source refuses it by name before any read.
+  open(paths[2], "r+b").truncate(1000)
+  with pytest.raises(data.TokenFileError,
+                     match=r"train-00002-of-00003.array_record \(1000 bytes\) "
+                           "cannot be opened.*truncated"):
+    data.TokenSource(pattern)
+
+
 def test_missing_token_files_say_to_pretokenize(tmp_path):
   pattern = str(tmp_path / "none-*.array_record")
   assert not data.token_files_exist(pattern)

@@ -14,6 +14,7 @@ written with ``group_size:1`` so random access reads one record.
 
 from __future__ import annotations
 
+import bisect
 import glob as glob_lib
 import os
 from typing import Iterable, Sequence
@@ -24,10 +25,22 @@ import grain
 import numpy as np
 
 from genvis_jax.data.sources import DataNotFoundError
+from genvis_jax.errors import UserError
 
 MAGIC = b"GVT1"
 _DTYPES = (np.dtype("<i4"), np.dtype("<u2"))
 WRITER_OPTIONS = "group_size:1"
+
+
+class TokenFileError(UserError, ValueError):
+  """A token file is truncated, damaged or not a genvis token file; the
+  message names the file (and the record) and how to write it again."""
+
+
+def _rewrite_hint(path: str) -> str:
+  return (f"Write it again: re-run --config.mode=pretokenize with "
+          "--config.pretokenize.overwrite=True (or restore the file from a "
+          f"copy), or leave {os.path.basename(path)} out of config.data.path.")
 
 
 def encode_record(label: int, tokens: np.ndarray) -> bytes:
@@ -154,6 +167,10 @@ class TokenSource:
   def __init__(self, pattern: str):
     self.pattern = pattern
     self.paths = find_token_files(pattern)
+    # Each file is opened once on its own: a truncated or foreign file is
+    # named here instead of failing inside the combined reader without a path.
+    counts = [_count_records(p) for p in self.paths]
+    self._starts = np.cumsum([0] + counts[:-1]).tolist()
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
     if len(self._source) == 0:
       raise DataNotFoundError(f"Token files {pattern!r} contain no records; "
@@ -167,7 +184,33 @@ class TokenSource:
     return len(self._source)
 
   def __getitem__(self, index):
-    return decode_record(self._source[int(index)])
+    try:
+      return decode_record(self._source[int(index)])
+    except (RuntimeError, ValueError) as e:
+      f = bisect.bisect_right(self._starts, int(index)) - 1
+      path = self.paths[f]
+      raise TokenFileError(
+          f"Token file {path} is damaged: record {int(index) - self._starts[f]} "
+          f"cannot be read ({type(e).__name__}: {str(e).strip()[:200]}). "
+          + _rewrite_hint(path)) from e
 
   def __repr__(self):
     return f"TokenSource({self.pattern!r}, files={len(self.paths)}, n={len(self)})"
+
+
+def _count_records(path: str) -> int:
+  """Records in one ArrayRecord file; ``TokenFileError`` naming the file
+  when it cannot be opened (truncated, empty, not ArrayRecord)."""
+  try:
+    # The reader reports a bad file on its first use or on close, not when
+    # constructed (array_record raises bare RuntimeErrors).
+    reader = array_record_module.ArrayRecordReader(path)
+    count = reader.num_records()
+    reader.close()
+    return count
+  except RuntimeError as e:
+    size = epath.Path(path).stat().length
+    why = str(e).strip() or "its footer cannot be read"
+    raise TokenFileError(
+        f"Token file {path} ({size} bytes) cannot be opened: {why}; it looks "
+        "truncated or is not an ArrayRecord file. " + _rewrite_hint(path)) from e
