@@ -287,6 +287,12 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
   c.pretokenize.overwrite = True
   assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 40
   assert open(path, "rb").read() != before
+  # An image added to the folder since: the file is stale, refused by name.
+  Image.fromarray(np.zeros((19, 23, 3), np.uint8)).save(root / "a" / "new.png")
+  c.pretokenize.overwrite = False
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"examples.count: 4 -> 5, examples.files_sha256"):
+    pretokenize.pretokenize(c, str(tmp_path))
   with pytest.raises(KeyboardInterrupt):
     with tokens.TokenWriter(str(tmp_path / "cut.array_record")) as w:
       w.write(0, np.zeros(4, np.int32))

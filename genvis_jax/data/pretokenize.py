@@ -18,10 +18,11 @@ token files hold the codes the official fp32 model would write.
 
 A file is written under a temporary name and renamed when complete, with a
 ``<file>.json`` beside it recording what decided its records (tokenizer
-model and weights, data, split, crops). A re-run whose output exists reuses
-it when those match, and otherwise stops (``OutputExistsError``) unless
-``config.pretokenize.overwrite``: token files a generator trained on are not
-replaced by another tokenizer's codes without being asked.
+model and weights, data and the files the split holds, split, crops). A
+re-run whose output exists reuses it when those match, and otherwise stops
+(``OutputExistsError``) unless ``config.pretokenize.overwrite``: token files a
+generator trained on are not replaced by another tokenizer's codes, or left
+stale after images were added, without being asked.
 
 Config: ``config.tokenizer.{model, checkpoint, value_range, dtype}`` and
 ``config.pretokenize.{data, split, output, ten_crop, batch_size, overwrite}``.
@@ -29,6 +30,7 @@ Config: ``config.tokenizer.{model, checkpoint, value_range, dtype}`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -46,8 +48,9 @@ from genvis_jax import models
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
-from genvis_jax.models import inference
+from genvis_jax.data import sources
 from genvis_jax.data import tokens as tokens_lib
+from genvis_jax.models import inference
 
 
 def ten_crop_cover(size: int) -> int:
@@ -154,8 +157,24 @@ def output_settings(config) -> dict:
   data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS}
   keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
           "weights": weights_lib.params_source(tok.checkpoint),
-          "data": data, "split": p.split, "ten_crop": p.ten_crop}
+          "data": data, "split": p.split, "ten_crop": p.ten_crop,
+          "examples": source_fingerprint(p)}
   return json.loads(json.dumps(keep, sort_keys=True, default=str))
+
+
+def source_fingerprint(p) -> dict:
+  """What the split holds: its size and, for an image folder, a digest of
+  its files' paths (relative to the split) and labels, so a file written
+  before images were added, removed or renamed is not reused. Files
+  edited in place keep the digest."""
+  src, _, _ = pipeline.make_source(crop_data_config(p), p.split)
+  out = {"count": len(src)}
+  if isinstance(src, sources.ImageFolderSource):
+    digest = hashlib.sha256()
+    for path, label in zip(src.paths, src.labels):
+      digest.update(f"{os.path.relpath(path, src.root)}\t{label}\n".encode())
+    out["files_sha256"] = digest.hexdigest()
+  return out
 
 
 def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
