@@ -72,6 +72,12 @@ def test_exact_batches_counts_and_errors():
   with pytest.raises(batching.NotEnoughImages, match=r"has 20 .* 21 .*cfg\.n"):
     batching.check_count(21, 20, "data", "cfg.n")
   assert batching.check_count(0, 20, "data", "cfg.n") == 20
+  # "All" of a source that skips unreadable files: the rows there are.
+  for size, total in ((4, 23), (4, 20), (3, 30), (25, 23)):
+    got = list(batching.exact_batches(src, total, size, "src", "num", up_to=True))
+    assert [k for _, _, k in got] == [min(size, 20 - i) for i in range(0, 20, size)]
+    np.testing.assert_array_equal(np.concatenate([b[m] for b, m, _ in got]),
+                                  np.arange(20))
   assert issubclass(batching.NotEnoughImages, UserError)
 
 
@@ -138,6 +144,36 @@ def test_compute_reference_exact_count_and_record(tmp_path, batch):
   with pytest.raises(batching.NotEnoughImages, match=r"has 20 .* 21"):
     reference.compute_reference(config.data, None, str(tmp_path / "x.npz"),
                                 split="validation", num_images=21, extractor=ex)
+
+
+def test_reference_of_all_images_skips_unreadable_files(tmp_path):
+  """num_images=0 ("all") of a folder with an unreadable file: the statistics
+  cover the images that decode, and the record says how many."""
+  from PIL import Image
+  from configs import base
+  root = tmp_path / "imgs" / "a"     # one folder for every split
+  root.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+  for i, img in enumerate(images):
+    Image.fromarray(img).save(root / f"{i}.png")
+  (root / "2b.png").write_bytes(b"not a png")      # sorts among the good ones
+  config = base.get_config()
+  config.data.update(dict(source="image_folder", path=str(tmp_path / "imgs"),
+                          image_size=32, random_flip=False))
+  ex = FakeExtractor(batch_size=4)
+  path = reference.compute_reference(config.data, None, str(tmp_path / "r.npz"),
+                                     split="validation", num_images=0,
+                                     extractor=ex)
+  ref = reference.load_reference(path)
+  mu, sigma = _np_stats(FakeExtractor(6)(images)["pool"])
+  assert ref.num_images == 6
+  np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
+  np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-6, atol=1e-9)
+  with pytest.raises(batching.NotEnoughImages,
+                     match=r"ended after 6 images but 7 .*unreadable files"):
+    reference.compute_reference(config.data, None, str(tmp_path / "x.npz"),
+                                split="validation", num_images=7, extractor=ex)
 
 
 # --- the preprocessing protocol -------------------------------------------------------------
@@ -346,6 +382,24 @@ def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path)
     tokenizer.evaluate(config, str(tmp_path))
   config.evaluate.update(dict(num_images=5, dtype=""))   # keep the model's dtype
   tokenizer.evaluate(config, str(tmp_path))
+
+
+def test_tokenizer_eval_of_all_images_skips_unreadable_files(tok_config, tmp_path):
+  from PIL import Image
+  config, _ = tok_config
+  root = tmp_path / "imgs" / "a"
+  root.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        root / f"{i}.png")
+  (root / "2b.png").write_bytes(b"not a png")
+  config.data.update(dict(source="image_folder", path=str(tmp_path / "imgs")))
+  config.evaluate.update(dict(num_images=0, batch_size=4))
+  res = tokenizer.evaluate(config, str(tmp_path / "out"))
+  assert res["num_images"] == 6
+  config.evaluate.num_images = 5
+  assert tokenizer.evaluate(config, str(tmp_path / "out"))["num_images"] == 5
 
 
 def _random_params(model_config):

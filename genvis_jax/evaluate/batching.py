@@ -57,7 +57,7 @@ def pad_batch(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,
-                  setting: str, key: str | None = None
+                  setting: str, key: str | None = None, up_to: bool = False
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
   """Re-blocks ``batches`` into exactly ``total`` rows in padded batches.
 
@@ -68,6 +68,9 @@ def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,
     batch_size: rows per yielded batch (the last one is zero-padded).
     what, setting: name the source and the config key in the error raised when
       the source ends before ``total`` rows.
+    up_to: ``total`` is an upper bound (the request was "all" and the
+      source may skip unreadable files): a source ending early ends the
+      batches instead of raising. Callers count the rows they get.
   Yields:
     (padded (batch_size, ...) batch, valid mask (batch_size,) bool, n_valid).
   """
@@ -79,14 +82,20 @@ def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,
       try:
         item = next(it)
       except StopIteration:
-        raise NotEnoughImages(
-            f"{what} ended after {done + have} images but {total} were "
-            f"requested: lower {setting} to at most {done + have} or use a "
-            "larger set.") from None
+        if not up_to:
+          raise NotEnoughImages(
+              f"{what} ended after {done + have} images but {total} were "
+              "requested (unreadable files are skipped, see the warnings): "
+              f"lower {setting} to at most {done + have} or use a larger "
+              "set.") from None
+        want, total = have, done + have   # what is left is the last batch
+        break
       arr = np.asarray(item[key] if key is not None else item)
       if len(arr):
         pending.append(arr)
         have += len(arr)
+    if not want:
+      return
     cat = np.concatenate(pending) if len(pending) > 1 else pending[0]
     rows, rest = cat[:want], cat[want:]
     pending, have = ([rest] if len(rest) else []), len(rest)

@@ -328,7 +328,9 @@ def dataset_images(data_config, split: str, batch_size: int,
                    ) -> tuple[int, Iterator[np.ndarray]]:
   """(count, iterator of uint8 (b <= batch_size, S, S, 3) batches) of exactly
   the first ``num_images`` images of ``split`` in order (None / 0 = all), ADM
-  centre crop to ``data_config.image_size``.
+  centre crop to ``data_config.image_size``. With "all", ``count`` is the
+  split's size, and the iterator yields fewer where unreadable files are
+  skipped (count what it yields).
 
   Raises ``batching.NotEnoughImages`` (naming both counts and ``setting``) when
   the split has fewer images than requested.
@@ -345,7 +347,8 @@ def dataset_images(data_config, split: str, batch_size: int,
 
   def gen():
     for images, _, n in batching.exact_batches(it, total, batch_size, what,
-                                               setting, key="image"):
+                                               setting, key="image",
+                                               up_to=not num_images):
       # The pipeline's float conversion is x / 255: rounding back is exact.
       yield np.round(images[:n] * 255.0).astype(np.uint8)
   return total, gen()

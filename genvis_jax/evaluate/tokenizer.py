@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from genvis_jax import data as data_lib
 from genvis_jax import models
@@ -205,6 +206,7 @@ def evaluate(config, workdir: str) -> dict:
   setting = "config.evaluate.num_images"
   n = batching.check_count(ev.get("num_images", 0), info.num_examples, what,
                            setting)
+  seen = 0   # n, or fewer with "all" (0) where unreadable files are skipped
 
   @jax.jit
   def roundtrip(p, images):
@@ -219,8 +221,10 @@ def evaluate(config, workdir: str) -> dict:
   rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
   sums = dict(psnr=0.0, ssim=0.0, sq=0.0, lpips=0.0)
   uniques, discrete, grid_x, grid_y = None, True, [], []
-  for images, mask, k in batching.exact_batches(it, n, batch_size, what,
-                                                setting, key="image"):
+  for images, mask, k in batching.exact_batches(
+      it, n, batch_size, what, setting, key="image",
+      up_to=not ev.get("num_images", 0)):
+    seen += k
     rec, codes, s = roundtrip(params, jnp.asarray(images))
     rec = np.asarray(rec)
     x, y = images[:k], rec[:k]
@@ -244,6 +248,13 @@ def evaluate(config, workdir: str) -> dict:
     if sum(len(g) for g in grid_x) < 32:
       grid_x.append(x)
       grid_y.append(y)
+  if seen < n:
+    logging.warning("%s: %d of its %d files are unreadable and were skipped; "
+                    "the metrics cover the %d that were read.", what, n - seen,
+                    n, seen)
+    n = seen
+  if not n:
+    raise batching.NotEnoughImages(f"{what} has no readable images to evaluate.")
   results = {
       "psnr": sums["psnr"] / n,
       "ssim": sums["ssim"] / n,
