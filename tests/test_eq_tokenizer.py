@@ -15,6 +15,7 @@ from genvis_jax.convert import dino_vit
 from genvis_jax.convert.eq import official_to_flax
 from genvis_jax.models import dino_disc
 from genvis_jax.models import eq_tokenizer as eqt
+from genvis_jax.models.layers import resample
 from genvis_jax.train.tasks import eq as eq_task
 from genvis_jax.train.tasks import get_task
 
@@ -59,11 +60,11 @@ def tiny():
 
 def test_reflect_pad_matches_torch_reflect():
   x = jnp.arange(1.0, 4.0).reshape(1, 3, 1, 1)        # rows 1, 2, 3
-  y = eqt.reflect_pad(x, 1, (1,))[0, :, 0, 0]
+  y = resample.reflect_pad(x, 1, (1,))[0, :, 0, 0]
   np.testing.assert_array_equal(y, [2, 1, 2, 3, 2])   # edge not repeated
   x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
   np.testing.assert_array_equal(
-      eqt.reflect_pad(x, 2, (1, 2)),
+      resample.reflect_pad(x, 2, (1, 2)),
       np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect"))
 
 
@@ -77,10 +78,10 @@ def _torch_unshuffle_nchw(x, fh, fw):
 @pytest.mark.parametrize("factors", [(2, 2), (2, 1)])
 def test_pixel_unshuffle_shuffle_inverse_and_torch_order(factors):
   x = jax.random.normal(jax.random.key(1), (2, 8, 12, 6))
-  y = eqt.pixel_unshuffle(x, factors)
+  y = resample.pixel_unshuffle(x, factors)
   g = factors[0] * factors[1]
   assert y.shape == (2, 8 // factors[0], 12 // factors[1], 6 * g)
-  np.testing.assert_array_equal(eqt.pixel_shuffle(y, factors), x)
+  np.testing.assert_array_equal(resample.pixel_shuffle(y, factors), x)
   ref = _torch_unshuffle_nchw(np.asarray(x).transpose(0, 3, 1, 2), *factors)
   np.testing.assert_array_equal(np.asarray(y).transpose(0, 3, 1, 2), ref)
 
@@ -98,11 +99,11 @@ def test_residual_resamplers_reduce_to_pool_and_nearest():
   x = jax.random.normal(jax.random.key(3), (2, 4, 6, 8))
   zeros = lambda m: jax.tree_util.tree_map(
       lambda a: jnp.zeros(a.shape), jax.eval_shape(m.init, jax.random.key(0), x))
-  down = eqt.DownsampleResidual((2, 2))
+  down = resample.DownsampleResidual((2, 2))
   p = zeros(down)                                     # residual path only
   pooled = np.asarray(x).reshape(2, 2, 2, 3, 2, 8).mean(axis=(2, 4))
   np.testing.assert_allclose(down.apply(p, x), pooled, atol=1e-6)
-  up = eqt.UpsampleResidual((2, 1))
+  up = resample.UpsampleResidual((2, 1))
   p = zeros(up)
   np.testing.assert_allclose(up.apply(p, x), np.repeat(np.asarray(x), 2, axis=1))
 

@@ -16,8 +16,9 @@ sigma-VAE style: only mu is predicted; a training sample is
 ``mu + s * eps`` with one ``s ~ N(0, (std/0.8)^2)`` per image, clamped to
 ``+-std``; "KL" is ``0.5 * sum(mu^2)`` per image.
 
-The res and attention blocks are the shared ones of
-``genvis_jax.models.layers.resnet`` (reflect padding). Official -> Flax
+The resolution levels and pixel-(un)shuffle resamplers are
+``genvis_jax.models.layers.resample``, their res and attention blocks the
+shared ones of ``genvis_jax.models.layers.resnet`` (reflect padding). Official -> Flax
 names: ``genvis_jax.convert.eq.TOKENIZER_RENAMES``. The optional semantic
 decoder (``semantic_decoder/down_{i}/block_{j}``) maps a decoder feature map
 to 768-d features aligned with a frozen teacher; the official module also
@@ -27,7 +28,6 @@ counterpart here (the converter drops it).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -36,42 +36,12 @@ import jax.numpy as jnp
 
 from genvis_jax import models
 from genvis_jax.models import layers
-from genvis_jax.models.layers import resnet
+from genvis_jax.models.layers import resample
 
 Dtype = Any
-CONV1D_NAMES = (None, "conv_in", "conv_out")
 
 
-# --- pure helpers --------------------------------------------------------------
-
-def reflect_pad(x, pad: int, axes: Sequence[int]):
-  """Reflect-pads ``axes`` of ``x`` by ``pad`` on both sides (torch 'reflect':
-  the edge sample is not repeated). A length-1 axis repeats its only value
-  (torch would reject it)."""
-  widths = [(0, 0)] * x.ndim
-  for a in axes:
-    widths[a] = (pad, pad)
-  return jnp.pad(x, widths, mode="reflect")
-
-
-def pixel_unshuffle(x, factors=(2, 2)):
-  """(B, H, W, C) -> (B, H/fh, W/fw, C*fh*fw), channel order (c, i, j) as torch."""
-  b, h, w, c = x.shape
-  fh, fw = factors
-  x = x.reshape(b, h // fh, fh, w // fw, fw, c)
-  x = x.transpose(0, 1, 3, 5, 2, 4)
-  return x.reshape(b, h // fh, w // fw, c * fh * fw)
-
-
-def pixel_shuffle(x, factors=(2, 2)):
-  """Inverse of ``pixel_unshuffle``: (B, h, w, C*fh*fw) -> (B, h*fh, w*fw, C)."""
-  b, h, w, cf = x.shape
-  fh, fw = factors
-  c = cf // (fh * fw)
-  x = x.reshape(b, h, w, c, fh, fw)
-  x = x.transpose(0, 1, 4, 2, 5, 3)
-  return x.reshape(b, h * fh, w * fw, c)
-
+# --- columns <-> feature maps -----------------------------------------------------
 
 def columnize(h):
   """(B, Hl, W, C) -> (B, W, C * Hl) with feature index c * Hl + row (torch)."""
@@ -90,124 +60,7 @@ def _factors(level: int, len_down_scale: int):
   return (2, 2) if level < len_down_scale else (2, 1)
 
 
-# --- layers ---------------------------------------------------------------------
-
-# Stride-1 conv with torch ``padding=k//2, padding_mode='reflect'``:
-# conv2d(x, features, name, kernel_size=3, dtype=, param_dtype=).
-conv2d = functools.partial(resnet.conv2d, padding="reflect")
-
-
-def conv1d_layer(features: int, name: str, *, kernel_size: int = 3,
-                 dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Conv:
-  """Conv1d over tokens, kernel (k, in, out); call on reflect-padded input."""
-  return nn.Conv(features, (kernel_size,), padding="VALID", dtype=dtype,
-                 param_dtype=param_dtype,
-                 kernel_init=layers.named(layers.conv_kernel_init, CONV1D_NAMES),
-                 bias_init=layers.named(layers.zeros, ("conv_out",)), name=name)
-
-
-def conv1d(x, layer: nn.Conv, kernel_size: int = 3):
-  """(B, L, C) -> (B, L, C'): ``layer`` after reflect padding along L."""
-  return layer(reflect_pad(x, kernel_size // 2, (1,)))
-
-
-class _ShuffleConv(nn.Module):
-  """Holds the 3x3 conv of a (un)shuffle resampler (official ``*.conv.conv``)."""
-  features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return conv2d(x, self.features, "conv", dtype=self.dtype,
-                  param_dtype=self.param_dtype)
-
-
-class DownsampleResidual(nn.Module):
-  """conv(C -> C/f) then pixel-unshuffle, plus the f-pixel average of x."""
-  factors: tuple[int, int] = (2, 2)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c, g = x.shape[-1], self.factors[0] * self.factors[1]
-    if c % g:
-      raise ValueError(f"Pixel-unshuffle downsampling needs channels ({c}) "
-                       f"divisible by {g}.")
-    res = _ShuffleConv(c // g, self.dtype, self.param_dtype, name="conv")(x)
-    res = pixel_unshuffle(res, self.factors)
-    avg = pixel_unshuffle(x, self.factors)
-    avg = avg.reshape(*avg.shape[:-1], c, g).mean(-1)
-    return res + avg
-
-
-class UpsampleResidual(nn.Module):
-  """conv(C -> C*f) then pixel-shuffle, plus the nearest-neighbour upsample of x."""
-  factors: tuple[int, int] = (2, 2)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c, g = x.shape[-1], self.factors[0] * self.factors[1]
-    res = _ShuffleConv(c * g, self.dtype, self.param_dtype, name="conv")(x)
-    res = pixel_shuffle(res, self.factors)
-    return res + pixel_shuffle(jnp.repeat(x, g, axis=-1), self.factors)
-
-
-def _res_block(remat: str):
-  """The shared res block under ``remat``; call with ``padding="reflect"``."""
-  return resnet.remat_block(resnet.ResnetBlock, remat)
-
-
-class Level(nn.Module):
-  """One resolution level: ``num_blocks`` x (res block [+ attention]), then an
-  optional resampler (``downsample`` / ``upsample``)."""
-  out_channels: int
-  num_blocks: int
-  attn: bool
-  resample: str | None = None        # None | "down" | "up"
-  factors: tuple[int, int] = (2, 2)
-  dropout: float = 0.0
-  remat: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    """Returns (output, features before the resampler)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block = _res_block(self.remat)
-    for j in range(self.num_blocks):
-      x = block(self.out_channels, self.dropout, padding="reflect",
-                name=f"block_{j}", **kw)(x, train)
-      if self.attn:
-        x = resnet.AttnBlock(name=f"attn_{j}", **kw)(x)
-    pre = x
-    if self.resample == "down":
-      x = DownsampleResidual(self.factors, name="downsample", **kw)(x)
-    elif self.resample == "up":
-      x = UpsampleResidual(self.factors, name="upsample", **kw)(x)
-    return x, pre
-
-
-class Mid(nn.Module):
-  """block_1 -> attn_1 -> block_2 at the lowest resolution."""
-  dropout: float = 0.0
-  remat: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block, c = _res_block(self.remat), x.shape[-1]
-    x = block(c, self.dropout, padding="reflect", name="block_1", **kw)(x, train)
-    x = resnet.AttnBlock(name="attn_1", **kw)(x)
-    return block(c, self.dropout, padding="reflect", name="block_2", **kw)(
-        x, train)
-
+# --- encoder / decoder ------------------------------------------------------------
 
 class Encoder1D(nn.Module):
   """(B, H, W, 3) -> column features (B, W / f, z_channels * H / 2**(L-1))."""
@@ -226,19 +79,19 @@ class Encoder1D(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = conv2d(x, self.ch, "conv_in", **kw)
+    h = resample.conv2d(x, self.ch, "conv_in", **kw)
     n = len(self.ch_mult)
     for i, mult in enumerate(self.ch_mult):
-      h = Level(self.ch * mult, self.num_res_blocks,
+      h = resample.Level(self.ch * mult, self.num_res_blocks,
                 attn=self.resolution // 2 ** i in self.attn_resolutions,
                 resample="down" if i != n - 1 else None,
                 factors=_factors(i, self.len_down_scale), dropout=self.dropout,
                 remat=self.remat, name=f"down_{i}", **kw)(h, train)[0]
-    h = Mid(self.dropout, self.remat, name="mid", **kw)(h, train)
+    h = resample.Mid(self.dropout, self.remat, name="mid", **kw)(h, train)
     h = nn.swish(layers.group_norm(name="norm_out", **kw)(h))
-    h = conv2d(h, self.z_channels, "conv_out", **kw)
+    h = resample.conv2d(h, self.z_channels, "conv_out", **kw)
     t = columnize(h)
-    return conv1d(t, conv1d_layer(t.shape[-1], "encoder1d", **kw))
+    return resample.conv1d(t, resample.conv1d_layer(t.shape[-1], "encoder1d", **kw))
 
 
 class Decoder1D(nn.Module):
@@ -261,16 +114,16 @@ class Decoder1D(nn.Module):
   @nn.compact
   def __call__(self, t, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    t = conv1d(t, conv1d_layer(t.shape[-1], "decoder1d", **kw))
+    t = resample.conv1d(t, resample.conv1d_layer(t.shape[-1], "decoder1d", **kw))
     h = rasterize(t, self.z_channels)
     n = len(self.ch_mult)
-    h = conv2d(h, self.ch * self.ch_mult[-1], "conv_in", **kw)
+    h = resample.conv2d(h, self.ch * self.ch_mult[-1], "conv_in", **kw)
     sem = h if self.semantic_map == "base" else None
-    h = Mid(self.dropout, self.remat, name="mid", **kw)(h, train)
+    h = resample.Mid(self.dropout, self.remat, name="mid", **kw)(h, train)
     sem = h if self.semantic_map == "mid" else sem
     for i in reversed(range(n)):
       # Level i mirrors encoder level i - 1's resampling factors.
-      h, pre = Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
+      h, pre = resample.Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
                      attn=self.resolution // 2 ** i in self.attn_resolutions,
                      resample="up" if i != 0 else None,
                      factors=_factors(i - 1, self.len_down_scale),
@@ -279,7 +132,7 @@ class Decoder1D(nn.Module):
       if i == n - 1 and self.semantic_map == "res":
         sem = pre
     h = nn.swish(layers.group_norm(name="norm_out", **kw)(h))
-    return conv2d(h, self.out_ch, "conv_out", **kw), sem
+    return resample.conv2d(h, self.out_ch, "conv_out", **kw), sem
 
 
 class SemanticDecoder(nn.Module):
@@ -303,12 +156,12 @@ class SemanticDecoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mults = tuple(self.ch_mult) + (self.out_ch // self.ch,)
     for i in range(len(self.ch_mult)):
-      h = Level(self.ch * mults[i + 1], self.num_res_blocks, attn=False,
+      h = resample.Level(self.ch * mults[i + 1], self.num_res_blocks, attn=False,
                 resample="down" if i < self.downsample_scale else None,
                 dropout=self.dropout, remat=self.remat, name=f"down_{i}",
                 **kw)(h, train)[0]
     h = nn.swish(layers.group_norm(name="norm_out", **kw)(h))
-    return conv2d(h, self.out_ch, "conv_out", **kw)
+    return resample.conv2d(h, self.out_ch, "conv_out", **kw)
 
 
 def sample_posterior(mean, rng, std: float = 2.5):
@@ -385,8 +238,8 @@ class EqTokenizer(nn.Module):
                len_down_scale=self.len_down_scale, dropout=self.dropout,
                remat=self.remat, **kw)
     self.encoder = Encoder1D(**cnn)
-    self.quant_layer = conv1d_layer(self.embed_dim, "quant_layer", **kw)
-    self.post_quant_layer = conv1d_layer(self.post_channels, "post_quant_layer",
+    self.quant_layer = resample.conv1d_layer(self.embed_dim, "quant_layer", **kw)
+    self.post_quant_layer = resample.conv1d_layer(self.post_channels, "post_quant_layer",
                                          **kw)
     self.decoder = Decoder1D(out_ch=3, semantic_map=self.semantic_map, **cnn)
     if self.semantic:
@@ -418,12 +271,12 @@ class EqTokenizer(nn.Module):
   def encode(self, images, train: bool = False):
     self._check_images(images)
     h = self.encoder(images, train)
-    return conv1d(h, self.quant_layer).astype(jnp.float32)
+    return resample.conv1d(h, self.quant_layer).astype(jnp.float32)
 
   def decode_raw(self, latents, train: bool = False):
     """latents (B, W', C) -> (unclipped images float32, semantic map or None)."""
     self._check_latents(latents)
-    t = conv1d(latents, self.post_quant_layer)
+    t = resample.conv1d(latents, self.post_quant_layer)
     images, sem = self.decoder(t, train)
     return images.astype(jnp.float32), sem
 

@@ -5,6 +5,8 @@
   mlp.py        the transformer MLP (plain or gated) with named activations
   resnet.py     the conv ResNet block (padding / shortcut quirks as options),
                 spatial attention block, upsampling
+  resample.py   pixel-(un)shuffle residual resampling and the reflect-padded
+                resolution levels of the Equivariant tokenizer's CNN
   vit.py        the pre-norm ViT block, tower and patch / class / position embedding
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``); one
