@@ -14,7 +14,6 @@ written with ``group_size:1`` so random access reads one record.
 
 from __future__ import annotations
 
-import bisect
 import glob as glob_lib
 import os
 from typing import Iterable, Sequence
@@ -167,11 +166,14 @@ class TokenSource:
   def __init__(self, pattern: str):
     self.pattern = pattern
     self.paths = find_token_files(pattern)
-    # Each file is opened once on its own: a truncated or foreign file is
-    # named here instead of failing inside the combined reader without a path.
-    counts = [_count_records(p) for p in self.paths]
-    self._starts = np.cumsum([0] + counts[:-1]).tolist()
-    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    except RuntimeError:
+      # array_record's error names no file (often it has no message at all):
+      # open each file on its own to name the bad one.
+      for path in self.paths:
+        _count_records(path)
+      raise
     if len(self._source) == 0:
       raise DataNotFoundError(f"Token files {pattern!r} contain no records; "
                               "re-run the pre-tokenize mode.")
@@ -187,10 +189,12 @@ class TokenSource:
     try:
       return decode_record(self._source[int(index)])
     except (RuntimeError, ValueError) as e:
-      f = bisect.bisect_right(self._starts, int(index)) - 1
+      # Only on this error path: which file and record the index falls in.
+      starts = np.cumsum([0] + [_count_records(p) for p in self.paths])
+      f = int(np.searchsorted(starts, int(index), side="right")) - 1
       path = self.paths[f]
       raise TokenFileError(
-          f"Token file {path} is damaged: record {int(index) - self._starts[f]} "
+          f"Token file {path} is damaged: record {int(index) - starts[f]} "
           f"cannot be read ({type(e).__name__}: {str(e).strip()[:200]}). "
           + _rewrite_hint(path)) from e
 
