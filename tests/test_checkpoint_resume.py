@@ -74,6 +74,14 @@ def test_resume_is_bit_exact(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointNotFoundError,
                      match=r"No checkpoint step 4 .*saved steps: \[3, 6\]"):
     weights_lib.restore_params(os.path.join(part, "checkpoints", "4"), abstract)
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"inside the training run .*saved: \[3, 6\]"):
+    weights_lib.restore_params(os.path.join(step_3, "state"), abstract)
+  # A run whose own name is a number, kept under a "checkpoints" folder (as
+  # launch/tpu_copy_ckpt.sh copies runs): still the run, not a step.
+  numbered = tmp_path / "copies" / "checkpoints" / "20240601"
+  shutil.copytree(part, numbered)
+  assert weights_lib.params_source(str(numbered)) == at_6
   for a, b in zip(_leaves(full), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   # Something was actually learned (the test would pass trivially otherwise).

@@ -394,6 +394,42 @@ def test_token_records_round_trip_and_pipeline(tmp_path):
   assert [len(b["label"]) for b in it] == [5, 5, 2]
 
 
+def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
+    tmp_path, caplog):
+  import json
+  from genvis_jax import errors
+  from genvis_jax.data import pretokenize
+  path = data.write_token_records(str(tmp_path / "t"), np.arange(4, dtype=np.int32),
+                                  np.zeros((4, 8), np.int32))[0]
+  now = {"weights": "w", "examples": {"count": 4}}
+
+  def record(settings, records=4):
+    rec = {"settings": settings, "records": records, "images": 4}
+    with open(path + ".json", "w") as f:
+      json.dump(rec, f)
+    return rec
+  rec = record(now)
+  assert pretokenize.existing_output(path, now, overwrite=False) == rec
+  assert pretokenize.existing_output(path, now, overwrite=True) is None
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"other settings \(weights: 'w' -> 'v'\)"):
+    pretokenize.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+  # A record from before the split's fingerprint: reused, with a warning.
+  rec = record({"weights": "w"})
+  assert pretokenize.existing_output(path, now, overwrite=False) == rec
+  assert "no fingerprint of its split" in caplog.text
+  with pytest.raises(errors.OutputExistsError, match=r"weights: 'w' -> 'v'"):
+    pretokenize.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+  # Damaged since it was written (or its record disagrees): not reused.
+  record(now, records=5)
+  with pytest.raises(errors.OutputExistsError, match="damaged since"):
+    pretokenize.existing_output(path, now, overwrite=False)
+  record(now)
+  open(path, "r+b").truncate(1000)
+  with pytest.raises(errors.OutputExistsError, match="damaged since"):
+    pretokenize.existing_output(path, now, overwrite=False)
+
+
 def test_damaged_token_files_are_named(tmp_path):
   paths = data.write_token_records(
       str(tmp_path / "tok" / "train"), np.arange(12, dtype=np.int32),
@@ -406,13 +442,13 @@ def test_damaged_token_files_are_named(tmp_path):
   src = data.TokenSource(pattern)
   assert src[4]["label"] == 4          # record 0 of shard 1 is intact
   with pytest.raises(data.TokenFileError,
-                     match=r"train-00001-of-00003.array_record is damaged: "
-                           r"record 1 cannot be read .*overwrite=True"):
+                     match=r"train-00001-of-00003.array_record: record 1 "
+                           r"cannot be read .*overwrite=True"):
     src[5]  # pylint: disable=pointless-statement
   c = _data_config(source="tokens", path=str(tmp_path / "tok" / "{split}-*"))
   it, _ = data.create_dataset(c, split="train", global_batch_size=4, seed=0,
                               train=False, process_index=0, process_count=1)
-  with pytest.raises(data.TokenFileError, match="00001-of-00003.array_record is damaged"):
+  with pytest.raises(data.TokenFileError, match="00001-of-00003.array_record: record 1"):
     list(it)
   # Shard 2 cut short: the source refuses it by name before any read.
   open(paths[2], "r+b").truncate(1000)

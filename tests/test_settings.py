@@ -16,6 +16,9 @@ def test_differences_flatten_skip_and_name_both_sides():
   assert settings.differences(None, {"x": 1}, names=("checkpoint", "config")) == [
       "x: checkpoint None vs config 1"]
   assert settings.differences({"a": {"b": 1}}, {"a": {"b": 1}}) == []
+  # An empty section vs none still shows as a difference.
+  assert settings.differences({"a": {}, "b": 1}, {"b": 1}) == ["a: {} -> None"]
+  assert settings.differences({"a": {}, "b": 1}, {"b": 1}, ignore=("a",)) == []
 
 
 def test_shorten_and_get():

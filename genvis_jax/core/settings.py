@@ -37,6 +37,12 @@ def differences(old: Mapping | None, new: Mapping | None, *,
   skip = tuple(ignore)
   keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                 and not any(k == s or k.startswith(s + ".") for s in skip))
+  if not keys and a == b and (old or {}) != (new or {}):
+    # Records that differ only in an empty section vs none ({} vs missing).
+    keys = sorted(k for k in set(old or {}) | set(new or {})
+                  if (old or {}).get(k) != (new or {}).get(k)
+                  and not any(k == s or k.startswith(s + ".") for s in skip))
+    a, b = dict(old or {}), dict(new or {})
   if names:
     return [f"{k}: {names[0]} {a.get(k)!r} vs {names[1]} {b.get(k)!r}"
             for k in keys]

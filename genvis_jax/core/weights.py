@@ -80,7 +80,7 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
       "`python -m genvis_jax.convert` or save_params), a training workdir "
       f"with {path}/checkpoints, or one of its checkpoints/<step> folders. "
-      "Check the path.")
+      + _inside_run_hint(path))
 
 
 def params_source(directory: str) -> str:
@@ -116,12 +116,27 @@ def _absolute(directory: str) -> epath.Path:
 
 def _split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
   """``(run, step)`` for ``run/checkpoints/<step>``, else ``(path, None)``;
-  ``run/checkpoints`` itself means the run."""
+  ``run/checkpoints`` itself means the run. A folder with its own
+  ``checkpoints/`` is a run whatever its name (``checkpoints/20240601``)."""
+  if (path / "checkpoints").exists():
+    return path, None
   if path.name.isdigit() and path.parent.name == "checkpoints":
     return path.parent.parent, int(path.name)
   if path.name == "checkpoints" and not (path / "checkpoints").exists():
     return path.parent, None
   return path, None
+
+
+def _inside_run_hint(path: epath.Path) -> str:
+  """Points at the training run ``path`` lies inside (e.g. a step's
+  ``state/`` or a ``corrupt-<step>`` folder), else "Check the path."."""
+  for parent in path.parents:
+    if parent.name == "checkpoints" and parent.exists():
+      steps = sorted(int(p.name) for p in parent.glob("*") if p.name.isdigit())
+      return (f"{path} is inside the training run {parent.parent}: point the "
+              f"setting at the run (its newest readable step) or at one of "
+              f"its steps, {parent}/<step> (saved: {steps or 'none'}).")
+  return "Check the path."
 
 
 def _candidate_steps(run: epath.Path, step: int | None) -> list[int]:

@@ -37,9 +37,9 @@ class TokenFileError(UserError, ValueError):
 
 
 def _rewrite_hint(path: str) -> str:
-  return (f"Write it again: re-run --config.mode=pretokenize with "
-          "--config.pretokenize.overwrite=True (or restore the file from a "
-          f"copy), or leave {os.path.basename(path)} out of config.data.path.")
+  return ("If it is damaged, write it again: re-run --config.mode=pretokenize "
+          "with --config.pretokenize.overwrite=True (or restore it from a "
+          f"copy); if the storage failed, retry. File: {path}.")
 
 
 def encode_record(label: int, tokens: np.ndarray) -> bytes:
@@ -166,13 +166,14 @@ class TokenSource:
   def __init__(self, pattern: str):
     self.pattern = pattern
     self.paths = find_token_files(pattern)
+    self._starts = None   # first record of each file, see _locate
     try:
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
     except RuntimeError:
       # array_record's error names no file (often it has no message at all):
       # open each file on its own to name the bad one.
       for path in self.paths:
-        _count_records(path)
+        count_records(path)
       raise
     if len(self._source) == 0:
       raise DataNotFoundError(f"Token files {pattern!r} contain no records; "
@@ -189,29 +190,35 @@ class TokenSource:
     try:
       return decode_record(self._source[int(index)])
     except (RuntimeError, ValueError) as e:
-      # Only on this error path: which file and record the index falls in.
-      starts = np.cumsum([0] + [_count_records(p) for p in self.paths])
-      f = int(np.searchsorted(starts, int(index), side="right")) - 1
-      path = self.paths[f]
+      f, record = self._locate(int(index))
       raise TokenFileError(
-          f"Token file {path} is damaged: record {int(index) - starts[f]} "
-          f"cannot be read ({type(e).__name__}: {str(e).strip()[:200]}). "
-          + _rewrite_hint(path)) from e
+          f"Token file {self.paths[f]}: record {record} cannot be read (a "
+          f"damaged file or a storage error; {type(e).__name__}: "
+          f"{str(e).strip()[:200]}). " + _rewrite_hint(self.paths[f])) from e
+
+  def _locate(self, index: int) -> tuple[int, int]:
+    """(file, record in it) of a global index; opens every file the first
+    time (only on an error path, never in a healthy run)."""
+    if self._starts is None:
+      self._starts = np.cumsum([0] + [count_records(p) for p in self.paths])
+    f = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return f, index - int(self._starts[f])
 
   def __repr__(self):
     return f"TokenSource({self.pattern!r}, files={len(self.paths)}, n={len(self)})"
 
 
-def _count_records(path: str) -> int:
+def count_records(path: str) -> int:
   """Records in one ArrayRecord file; ``TokenFileError`` naming the file
   when it cannot be opened (truncated, empty, not ArrayRecord)."""
   try:
     # The reader reports a bad file on its first use or on close, not when
     # constructed (array_record raises bare RuntimeErrors).
     reader = array_record_module.ArrayRecordReader(path)
-    count = reader.num_records()
-    reader.close()
-    return count
+    try:
+      return reader.num_records()
+    finally:
+      reader.close()
   except RuntimeError as e:
     size = epath.Path(path).stat().length
     why = str(e).strip() or "its footer cannot be read"

@@ -4,7 +4,9 @@ An evaluation covers exactly the requested number of images whatever the batch
 size: the last batch is zero-padded to the full batch size (one compiled shape)
 and a boolean mask keeps the padding out of every statistic. A source with
 fewer images than requested is an error naming both counts, never a silent
-smaller evaluation or a bare ``StopIteration``.
+smaller evaluation or a bare ``StopIteration``. Only a request for all images
+(count 0) covers what the source yields, as an image folder skips files that
+do not decode; the evaluators log how many were skipped.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,
         if not up_to:
           raise NotEnoughImages(
               f"{what} ended after {done + have} images but {total} were "
-              "requested (unreadable files are skipped, see the warnings): "
+              "requested (an image folder's unreadable files, if any, are "
+              "skipped; see the warnings): "
               f"lower {setting} to at most {done + have} or use a larger "
               "set.") from None
         want, total = have, done + have   # what is left is the last batch

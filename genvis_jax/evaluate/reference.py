@@ -381,7 +381,8 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   """Writes an ADM-format reference of a data set split.
 
   Statistics (mu, sigma, mu_s, sigma_s) cover exactly ``num_images`` images
-  (None / 0 = the whole split; more than the split has is an error), at any
+  (None / 0 = every image of the split that decodes; more than the split has
+  is an error), at any
   ``batch_size``; the first ``num_stored_images`` are kept as ``arr_0`` with
   their pool features (ADM's ImageNet batch keeps 10,000). The file records
   ``preprocess``, the Inception weights' fingerprint and the image count.
@@ -408,6 +409,14 @@ def compute_reference(data_config, inception_params, out_path: str, *,
       kept_feats.append(out["pool"][:take])
       kept += take
     progress(len(images))
+  if pool.count < total:
+    logging.warning("reference %s: %d of its %d files are unreadable and were "
+                    "skipped; the statistics cover the %d that were read.",
+                    split, total - pool.count, total, pool.count)
+  if pool.count < 2:
+    raise batching.NotEnoughImages(
+        f"split {split!r} has {pool.count} readable image(s); statistics need "
+        "at least 2.")
   mu, sigma = pool.result()
   mu_s, sigma_s = spatial.result()
   logging.info("reference %s: statistics of %d images, %d stored", split,
