@@ -51,6 +51,8 @@ def test_resume_is_bit_exact(tmp_path):
   trainer_lib.train_and_evaluate(_config(3), part)
   assert ckpt_lib.Checkpointer(part).latest_step() == 3
   at_3 = weights_lib.params_source(part)
+  pinned = weights_lib.resolve(part)       # what a sampler started now loads
+  assert pinned == os.path.join(part, "checkpoints", "3")
   resumed = trainer_lib.train_and_evaluate(_config(6), part)
   assert int(resumed.step) == 6
   # What a sampler records of its weights: the step read, and not the path
@@ -63,6 +65,10 @@ def test_resume_is_bit_exact(tmp_path):
   # One step of the run, named by its folder: that step's EMA weights.
   step_3 = os.path.join(part, "checkpoints", "3")
   assert weights_lib.params_source(step_3) == at_3
+  # Pinned before step 6 was saved: still step 3 (no newer step slips in).
+  assert weights_lib.params_source(pinned) == at_3
+  assert weights_lib.resolve(step_3) == step_3
+  assert weights_lib.resolve(str(tmp_path / "nothing")) == str(tmp_path / "nothing")
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), resumed.ema)
   got_6 = weights_lib.restore_params(part, abstract)

@@ -83,6 +83,26 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       + _inside_run_hint(path))
 
 
+def resolve(directory: str) -> str:
+  """The folder :func:`restore_params` would read for ``directory``, pinned:
+  a training run -> its newest step that passes ``checkpoint.validate_step``
+  (``<run>/checkpoints/<step>``), so a step saved meanwhile cannot change
+  what is loaded; anything else (a parameter checkpoint, a step folder, a
+  run with no readable step, nothing) as given. Loading the pinned folder
+  never falls back to an older step: a step that validates but does not
+  restore is an error, so what was recorded is what was read."""
+  if not directory:
+    return directory
+  path = _absolute(directory)
+  if (path / "params").exists():
+    return directory
+  run, step = _split_step(path)
+  if step is not None:
+    return directory
+  found = _newest_valid(run)
+  return str(run / "checkpoints" / str(found)) if found is not None else directory
+
+
 def params_source(directory: str) -> str:
   """Which weights :func:`restore_params` reads from ``directory``, as a
   string that changes when they do and survives copying the folder.
@@ -98,14 +118,22 @@ def params_source(directory: str) -> str:
   if (path / "params").exists():
     return _source("params", path / "params")
   run, step = _split_step(path)
+  found = _newest_valid(run, step)
+  if found is None:
+    return ""
+  return _source(f"step {found}", run / "checkpoints" / str(found))
+
+
+def _newest_valid(run: epath.Path, step: int | None = None) -> int | None:
+  """``step`` (or the newest saved step) of ``run`` that passes
+  ``validate_step``; None if none does (``restore_params`` skips those too)."""
   for s in _candidate_steps(run, step):
-    folder = run / "checkpoints" / str(s)
     try:
-      ckpt_lib.validate_step(folder, with_data=False)
+      ckpt_lib.validate_step(run / "checkpoints" / str(s), with_data=False)
     except Exception:  # pylint: disable=broad-except
-      continue   # restore_params skips it too
-    return _source(f"step {s}", folder)
-  return ""
+      continue
+    return s
+  return None
 
 
 def _absolute(directory: str) -> epath.Path:

@@ -151,12 +151,14 @@ def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
 _READER_KEYS = ("read_threads", "num_workers", "prefetch")
 
 
-def output_settings(config) -> dict:
-  """What decides the records of a token file (JSON-normalised)."""
+def output_settings(config, checkpoint: str | None = None) -> dict:
+  """What decides the records of a token file (JSON-normalised);
+  ``checkpoint`` (default ``config.tokenizer.checkpoint``) holds the weights."""
   p, tok = config.pretokenize, config.tokenizer
   data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS}
   keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
-          "weights": weights_lib.params_source(tok.checkpoint),
+          "weights": weights_lib.params_source(
+              tok.checkpoint if checkpoint is None else checkpoint),
           "data": data, "split": p.split, "ten_crop": p.ten_crop,
           "examples": source_fingerprint(p)}
   return json.loads(json.dumps(keep, sort_keys=True, default=str))
@@ -229,7 +231,9 @@ def pretokenize(config, workdir: str) -> dict:
   output = p.output or os.path.join(workdir, "tokens", p.split)
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
-  settings = output_settings(config)
+  # The tokenizer run's newest step, pinned: the step recorded is the one read.
+  checkpoint = weights_lib.resolve(tok.checkpoint)
+  settings = output_settings(config, checkpoint)
   done = existing_output(path, settings, p.get("overwrite", False))
   if done is not None:
     print(f"[pretokenize] reusing {path} ({done['records']} records, written "
@@ -244,7 +248,7 @@ def pretokenize(config, workdir: str) -> dict:
   model_cfg = inference.data_model_config(tok)
   model = models.build(model_cfg)
   params = models.load_params(
-      model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
+      model_cfg, checkpoint, mesh, setting="--config.tokenizer.checkpoint")
   encode = make_encoder(model, params, mesh)
   it, info = image_batches(p, value_range)
   n_dev = jax.local_device_count()

@@ -1,8 +1,8 @@
 """``config.mode == "sample"``: class-conditional samples -> PNG grid + ADM ``.npz``.
 
-Generator weights come from ``config.init_from`` (converted checkpoint or a
-training workdir; falls back to ``workdir/../train``-style paths only when given),
-the tokenizer from ``config.tokenizer.{model, checkpoint}``. The tokenizer
+Generator weights come from ``config.init_from`` (converted checkpoint, a
+training workdir's newest readable step, pinned for the run, or one named
+``<run>/checkpoints/<step>``), the tokenizer from ``config.tokenizer.{model, checkpoint}``. The tokenizer
 decodes in ``config.tokenizer.dtype`` (default float32, whatever dtype its
 model config trains in) and the images become uint8 with the tokenizer's
 official sampler conversion (``config.tokenizer.uint8``, default per model:
@@ -17,6 +17,7 @@ with other settings (weights, model, sampler) is refused instead of mixing.
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -128,6 +129,25 @@ MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint")
 WEIGHTS = ("weights.generator", "weights.tokenizer")
 
 
+def pin_weights(config):
+  """A copy of ``config`` whose ``init_from`` / ``tokenizer.checkpoint`` name
+  the exact folders they resolve to now (``core.weights.resolve``)."""
+  pinned = copy.deepcopy(config)
+  with pinned.unlocked():
+    pinned.init_from = weights_lib.resolve(config.init_from)
+    if pinned.tokenizer.get("checkpoint"):
+      pinned.tokenizer.checkpoint = weights_lib.resolve(
+          config.tokenizer.checkpoint)
+  return pinned
+
+
+def pinned_sources(pinned) -> dict:
+  """``WEIGHTS`` of a pinned config, as ``sample_settings`` records them."""
+  return {"weights.generator": weights_lib.params_source(pinned.init_from),
+          "weights.tokenizer": weights_lib.params_source(
+              pinned.tokenizer.get("checkpoint", ""))}
+
+
 class SampleSettingsError(errors.UserError, ValueError):
   """Sample parts in the workdir were drawn with other settings."""
 
@@ -170,11 +190,17 @@ def sample_and_save(config, workdir: str) -> dict:
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
         f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
   settings = sample_settings(config)
-  sample_fn, sharding = make_sample_fn(config, mesh)
-  if sample_settings(config) != settings:
-    # A run still training committed a step while ours loaded: which one
-    # was read is unknown, and recording the wrong one would let a resume
-    # mix two checkpoints' images.
+  # Load exactly the steps recorded: a run's newest step is pinned to its
+  # folder (no fallback to an older one), and checked against the record
+  # before and after loading (a step saved or re-committed meanwhile).
+  pinned = pin_weights(config)
+  recorded = {k: settings[k] for k in WEIGHTS}
+  if pinned_sources(pinned) != recorded:
+    raise SampleSettingsError(
+        f"The checkpoint changed while the run started ({config.init_from}, "
+        f"{config.tokenizer.get('checkpoint', '')}); run again.")
+  sample_fn, sharding = make_sample_fn(pinned, mesh)
+  if pinned_sources(pinned) != recorded:
     raise SampleSettingsError(
         f"The checkpoint changed while it was loaded ({config.init_from}, "
         f"{config.tokenizer.get('checkpoint', '')}); run again.")
