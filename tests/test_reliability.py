@@ -86,6 +86,12 @@ def test_truncation_is_caught_before_orbax_reads(runs, tmp_path):
   _truncate_data_files(str(step_dir))
   with pytest.raises(ValueError, match="is unreadable.*OUT_OF_RANGE"):
     ckpt_lib.validate_step(step_dir)
+  # Data files gone (an interrupted copy): TensorStore reads empty values.
+  step_3 = epath.Path(wd) / "checkpoints" / "3"
+  ckpt_lib.validate_step(step_3)
+  shutil.rmtree(step_3 / "state" / "ocdbt.process_0")
+  with pytest.raises(ValueError, match="is empty .*missing or cut short"):
+    ckpt_lib.validate_step(step_3)
 
 
 def test_no_loadable_checkpoint_lists_what_was_tried(runs, tmp_path):

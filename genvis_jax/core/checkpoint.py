@@ -352,6 +352,10 @@ def _check_ocdbt(state_dir: epath.Path) -> None:
       raise ValueError(f"state/{key.decode()} is unreadable ({str(e).strip()[:300]})") from e
     if result.state != "value":
       raise ValueError(f"state/{key.decode()} is missing")
+    if len(result.value) != 1:
+      # A value whose data file is gone reads as empty bytes, not an error.
+      raise ValueError(f"state/{key.decode()} is empty (its data file under "
+                       "state/ is missing or cut short)")
 
 
 def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:

@@ -15,6 +15,7 @@ written with ``group_size:1`` so random access reads one record.
 from __future__ import annotations
 
 import glob as glob_lib
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -155,6 +156,19 @@ def find_token_files(pattern: str) -> list[str]:
         "--workdir=<dir>`, then point config.data.path at the written "
         "'<prefix>-*.array_record' files.")
   return _glob(pattern)
+
+
+def recorded_settings(pattern: str) -> list[dict]:
+  """The settings recorded beside the files matching ``pattern`` (each
+  ``<file>.json`` that pretokenize writes; files without one are left out)."""
+  out = []
+  for path in _glob(pattern):
+    record = epath.Path(path + ".json")
+    try:
+      out.append(json.loads(record.read_text()).get("settings") or {})
+    except (OSError, ValueError):   # no record, or a damaged one
+      continue
+  return out
 
 
 class TokenSource:
