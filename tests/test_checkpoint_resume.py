@@ -81,8 +81,13 @@ def test_resume_is_bit_exact(tmp_path):
                      match=r"No checkpoint step 4 .*saved steps: \[3, 6\]"):
     weights_lib.restore_params(os.path.join(part, "checkpoints", "4"), abstract)
   with pytest.raises(ckpt_lib.CheckpointNotFoundError,
-                     match=r"inside the training run .*saved: \[3, 6\]"):
+                     match=r"inside step 3 of a training run: point the "
+                           r"setting at the step's folder, .*checkpoints/3\."):
     weights_lib.restore_params(os.path.join(step_3, "state"), abstract)
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"inside the training run .*saved: \[3, 6\]"):
+    weights_lib.restore_params(os.path.join(part, "checkpoints", "corrupt-9"),
+                               abstract)
   # A run whose own name is a number, kept under a "checkpoints" folder (as
   # launch/tpu_copy_ckpt.sh copies runs): still the run, not a step.
   numbered = tmp_path / "copies" / "checkpoints" / "20240601"

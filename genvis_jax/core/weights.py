@@ -159,6 +159,10 @@ def _inside_run_hint(path: epath.Path) -> str:
   """Points at the training run ``path`` lies inside (e.g. a step's
   ``state/`` or a ``corrupt-<step>`` folder), else "Check the path."."""
   for parent in path.parents:
+    if parent.name.isdigit() and parent.parent.name == "checkpoints" and (
+        parent / "state").exists():
+      return (f"{path} is inside step {parent.name} of a training run: point "
+              f"the setting at the step's folder, {parent}.")
     if parent.name == "checkpoints" and parent.exists():
       steps = sorted(int(p.name) for p in parent.glob("*") if p.name.isdigit())
       return (f"{path} is inside the training run {parent.parent}: point the "

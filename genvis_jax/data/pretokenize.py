@@ -237,8 +237,8 @@ def pretokenize(config, workdir: str) -> dict:
   done = existing_output(path, settings, p.get("overwrite", False))
   if done is not None:
     print(f"[pretokenize] reusing {path} ({done['records']} records, written "
-          f"with these settings); train with --config.data.path='{pattern}'",
-          flush=True)
+          f"with these settings, tokenizer {settings['weights']}); train with "
+          f"--config.data.path='{pattern}'", flush=True)
     return {"files": [path], "records": done["records"], "pattern": pattern}
   size = p.data.image_size
   value_range = models.value_range(tok.model, config, ("tokenizer",))
