@@ -434,19 +434,18 @@ def test_training_warns_when_tokens_came_from_other_tokenizer_weights(tmp_path):
   import json
   import ml_collections
   from genvis_jax.core import weights
-  from genvis_jax.train import trainer
   weights.save_params(str(tmp_path / "tok"), {"w": np.zeros(2, np.float32)})
   now = weights.params_source(str(tmp_path / "tok"))
   path = data.write_token_records(str(tmp_path / "train"), np.arange(2, dtype=np.int32),
                                   np.zeros((2, 4), np.int32))[0]
-  config = ml_collections.ConfigDict(dict(
-      data=dict(source="tokens", path=str(tmp_path / "{split}-*"), split="train"),
-      tokenizer=dict(checkpoint=str(tmp_path / "tok"))))
-  assert trainer.check_token_origin(config) == ""       # nothing recorded
+  data_config = ml_collections.ConfigDict(dict(
+      source="tokens", path=str(tmp_path / "{split}-*"), split="train"))
+  check = lambda: tokens.check_origin(data_config, str(tmp_path / "tok"))
+  assert check() == ""       # nothing recorded
   for written, warns in ((now, False), ("step 4 committed 1", True)):
     with open(path + ".json", "w") as f:
       json.dump({"settings": {"weights": written}, "records": 2}, f)
-    msg = trainer.check_token_origin(config)
+    msg = check()
     assert bool(msg) == warns, msg
   assert "written with tokenizer weights ['step 4 committed 1']" in msg
 

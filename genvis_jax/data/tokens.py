@@ -20,10 +20,12 @@ import os
 from typing import Iterable, Sequence
 
 from array_record.python import array_record_module
+from absl import logging
 from etils import epath
 import grain
 import numpy as np
 
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.data.sources import DataNotFoundError
 from genvis_jax.errors import UserError
 
@@ -169,6 +171,29 @@ def recorded_settings(pattern: str) -> list[dict]:
     except (OSError, ValueError):   # no record, or a damaged one
       continue
   return out
+
+
+def check_origin(data_config, tokenizer_checkpoint: str) -> str:
+  """Warns (and returns the warning) when the token files of
+  ``data_config`` were written with other tokenizer weights than
+  ``tokenizer_checkpoint`` (``config.tokenizer.checkpoint``) resolves to: the
+  sample grids, and sampling later with the same setting, would decode codes
+  of another tokenizer. "" when they match or nothing is recorded."""
+  if data_config.source != "tokens" or not tokenizer_checkpoint:
+    return ""
+  pattern = data_config.path.replace("{split}", data_config.split)
+  written = {s.get("weights") for s in recorded_settings(pattern)}
+  written.discard(None)
+  now = weights_lib.params_source(tokenizer_checkpoint)
+  if not written or not now or now in written:
+    return ""
+  msg = (f"The token files {pattern} were written with tokenizer weights "
+         f"{sorted(written)}, but config.tokenizer.checkpoint "
+         f"({tokenizer_checkpoint}) now holds {now!r}: sample grids and samples "
+         "would decode with another tokenizer. Point it at the step the "
+         "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
+  logging.warning(msg)
+  return msg
 
 
 class TokenSource:

@@ -55,33 +55,10 @@ def setup(config, *, mesh=None, devices=None):
   return mesh, task
 
 
-def check_token_origin(config) -> str:
-  """Warns (and returns the warning) when the token files were written with
-  other tokenizer weights than ``config.tokenizer.checkpoint`` resolves to:
-  the sample grids, and sampling later with the same setting, would decode
-  codes of another tokenizer."""
-  from genvis_jax.data import tokens  # pylint: disable=import-outside-toplevel
-  tok = config.get("tokenizer") or {}
-  if config.data.source != "tokens" or not tok.get("checkpoint"):
-    return ""
-  pattern = config.data.path.replace("{split}", config.data.split)
-  written = {s.get("weights") for s in tokens.recorded_settings(pattern)}
-  written.discard(None)
-  now = weights_lib.params_source(tok.checkpoint)
-  if not written or not now or now in written:
-    return ""
-  msg = (f"The token files {pattern} were written with tokenizer weights "
-         f"{sorted(written)}, but config.tokenizer.checkpoint "
-         f"({tok.checkpoint}) now holds {now!r}: sample grids and samples "
-         "would decode with another tokenizer. Point it at the step the "
-         "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
-  logging.warning(msg)
-  return msg
-
-
 def create_train_iterator(config, task, *, seed=None):
   from genvis_jax import data as data_lib  # local: keeps trainer import light
-  check_token_origin(config)
+  tok = config.get("tokenizer") or {}
+  data_lib.tokens.check_origin(config.data, tok.get("checkpoint", ""))
   return data_lib.create_dataset(
       config.data, split=config.data.split,
       global_batch_size=config.train.global_batch_size,
