@@ -107,7 +107,7 @@ def get_config(arg=None):
   c.mode = "train"          # train | sample | evaluate | pretokenize
   c.task = "tokenizer"      # trainer task, see genvis_jax/train/tasks
   c.seed = 0
-  c.init_from = ""          # Orbax checkpoint dir (e.g. written by genvis_jax.convert)
+  c.init_from = ""          # convert output, a run or <run>/checkpoints/<step>
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ""
@@ -206,7 +206,7 @@ def add_tokenizer(c, model_config, checkpoint=""):
   ``genvis_jax.sample.images.to_uint8``)."""
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.model = model_config
-  c.tokenizer.checkpoint = checkpoint   # converted or training checkpoint dir
+  c.tokenizer.checkpoint = checkpoint   # convert output, a run or <run>/checkpoints/<step>
   c.tokenizer.dtype = "float32"         # pretokenize / decode compute dtype
   c.tokenizer.uint8 = ""                # "" = official: truncate|llamagen|round
   return c
