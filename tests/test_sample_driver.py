@@ -42,3 +42,26 @@ def test_parts_from_before_weights_were_recorded_compare_paths(tmp_path):
   with pytest.raises(driver.SampleSettingsError, match="init_from: '/runs/rar'"):
     driver.check_settings(_parts_dir(tmp_path, old, "other"),
                           _settings(init_from="/runs/other"))
+
+
+def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
+  """A run's newest step is pinned to its folder, the record names that step
+  (not what the run holds later), and the paths pass between processes intact."""
+  import ml_collections
+  paths = ["/runs/rar/checkpoints/480", "gs://b/tok/ünï", ""]
+  from genvis_jax.core import weights
+  assert weights._from_process_0(paths) == paths   # pylint: disable=protected-access
+  newest = {"/runs/rar": "/runs/rar/checkpoints/480"}
+  monkeypatch.setattr(driver.weights_lib, "resolve", lambda d: newest.get(d, d))
+  monkeypatch.setattr(driver.weights_lib, "params_source",
+                      lambda d: f"source of {d}" if d else "")
+  config = ml_collections.ConfigDict(dict(
+      init_from="/runs/rar", tokenizer=dict(checkpoint="/tok")))
+  pinned = driver.pin_weights(config)
+  assert (pinned.init_from, pinned.tokenizer.checkpoint) == (
+      "/runs/rar/checkpoints/480", "/tok")
+  assert config.init_from == "/runs/rar"          # the user's config is kept
+  newest["/runs/rar"] = "/runs/rar/checkpoints/600"  # saved meanwhile
+  assert driver.pinned_sources(pinned) == {
+      "weights.generator": "source of /runs/rar/checkpoints/480",
+      "weights.tokenizer": "source of /tok"}

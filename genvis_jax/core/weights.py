@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from genvis_jax.core import checkpoint as ckpt_lib
 
@@ -101,6 +102,29 @@ def resolve(directory: str) -> str:
     return directory
   found = _newest_valid(run)
   return str(run / "checkpoints" / str(found)) if found is not None else directory
+
+
+def resolve_all(directories: list[str]) -> list[str]:
+  """:func:`resolve` of each, as process 0 sees them, on every process: all
+  processes load the same steps even if one is saved while they start."""
+  paths = [resolve(d) for d in directories]
+  if jax.process_count() == 1:
+    return paths
+  return _from_process_0(paths)
+
+
+def _from_process_0(strings: list[str], size: int = 4096) -> list[str]:
+  """Process 0's ``strings`` on every process (UTF-8, each < ``size`` bytes)."""
+  buf = np.zeros((len(strings), size), np.uint8)
+  for i, s in enumerate(strings):
+    raw = s.encode()
+    if len(raw) >= size:
+      raise ValueError(f"Checkpoint path longer than {size - 1} bytes: "
+                       f"{s[:100]}...")
+    buf[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return [bytes(row[:np.argmin(row) if 0 in row else size]).decode()
+          for row in buf]
 
 
 def params_source(directory: str) -> str:

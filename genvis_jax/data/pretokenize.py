@@ -232,7 +232,7 @@ def pretokenize(config, workdir: str) -> dict:
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
   # The tokenizer run's newest step, pinned: the step recorded is the one read.
-  checkpoint = weights_lib.resolve(tok.checkpoint)
+  checkpoint = weights_lib.resolve_all([tok.checkpoint])[0]
   settings = output_settings(config, checkpoint)
   done = existing_output(path, settings, p.get("overwrite", False))
   if done is not None:

@@ -106,8 +106,10 @@ def make_sample_fn(config, mesh):
   return sample_fn, sharding
 
 
-def sample_settings(config) -> dict:
-  """What decides the images of a part file (flat, JSON-normalised)."""
+def sample_settings(config, pinned=None) -> dict:
+  """What decides the images of a part file (flat, JSON-normalised); the
+  weights as the folders of ``pinned`` (``pin_weights(config)``) hold them."""
+  pinned = config if pinned is None else pinned
   tok = config.tokenizer
   # Resolved, so a config without the keys still records what decoded.
   tokenizer = {**tok.to_dict(), "uint8": images_lib.uint8_method(tok),
@@ -118,8 +120,9 @@ def sample_settings(config) -> dict:
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
           "tokenizer": tokenizer, "sample": config.sample.to_dict(),
           "weights": {
-              "generator": weights_lib.params_source(config.init_from),
-              "tokenizer": weights_lib.params_source(tok.get("checkpoint", ""))}}
+              "generator": weights_lib.params_source(pinned.init_from),
+              "tokenizer": weights_lib.params_source(
+                  pinned.tokenizer.get("checkpoint", ""))}}
   return json.loads(json.dumps(settings_lib.flatten(keep)))
 
 
@@ -131,13 +134,17 @@ WEIGHTS = ("weights.generator", "weights.tokenizer")
 
 def pin_weights(config):
   """A copy of ``config`` whose ``init_from`` / ``tokenizer.checkpoint`` name
-  the exact folders they resolve to now (``core.weights.resolve``)."""
+  the exact folders they resolve to now (``core.weights.resolve``): a run's
+  newest step cannot change under the load. Process 0 resolves and every
+  process loads its folders, so all draw from the same step even if one is
+  saved while they start."""
+  paths = weights_lib.resolve_all(
+      [config.init_from, config.tokenizer.get("checkpoint", "")])
   pinned = copy.deepcopy(config)
   with pinned.unlocked():
-    pinned.init_from = weights_lib.resolve(config.init_from)
+    pinned.init_from = paths[0]
     if pinned.tokenizer.get("checkpoint"):
-      pinned.tokenizer.checkpoint = weights_lib.resolve(
-          config.tokenizer.checkpoint)
+      pinned.tokenizer.checkpoint = paths[1]
   return pinned
 
 
@@ -189,16 +196,12 @@ def sample_and_save(config, workdir: str) -> dict:
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
         f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
-  settings = sample_settings(config)
   # Load exactly the steps recorded: a run's newest step is pinned to its
-  # folder (no fallback to an older one), and checked against the record
-  # before and after loading (a step saved or re-committed meanwhile).
+  # folder (no fallback to an older one), and the record is checked again
+  # after loading (a step re-committed in place meanwhile).
   pinned = pin_weights(config)
+  settings = sample_settings(config, pinned)
   recorded = {k: settings[k] for k in WEIGHTS}
-  if pinned_sources(pinned) != recorded:
-    raise SampleSettingsError(
-        f"The checkpoint changed while the run started ({config.init_from}, "
-        f"{config.tokenizer.get('checkpoint', '')}); run again.")
   sample_fn, sharding = make_sample_fn(pinned, mesh)
   if pinned_sources(pinned) != recorded:
     raise SampleSettingsError(
