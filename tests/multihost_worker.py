@@ -29,6 +29,11 @@ losses = {}
 state = trainer.train_loop(multihost_common.config(int(steps)), workdir,
                            on_log=lambda s, m: losses.__setitem__(s, m["loss"]))
 params = multihost_utils.process_allgather(state.params, tiled=True)
+# Pinned weights: process 0's resolution wins, whatever the others see.
+from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
+seen = workdir if jax.process_index() == 0 else os.path.join(workdir, "nothing")
+with open(f"{out}.pin{jax.process_index()}", "w") as f:
+  f.write(weights.resolve_all([seen])[0])
 if jax.process_index() == 0:
   flat = {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(params)}

@@ -65,6 +65,8 @@ def test_two_processes_match_one(tmp_path):
   ref_losses, ref_params = _reference(4)
   losses = json.load(open(out + ".json"))
   assert sorted(losses) == ["3", "4"]              # resumed at step 2
+  for i in range(2):   # both processes pin process 0's newest step
+    assert open(f"{out}.pin{i}").read() == os.path.join(wd, "checkpoints", "4")
   for k in ("3", "4"):
     np.testing.assert_allclose(losses[k], ref_losses[k], rtol=1e-5)
   got = np.load(out)
