@@ -44,7 +44,7 @@ def _leaves(state):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
   full = trainer_lib.train_and_evaluate(_config(6), str(tmp_path / "full"))
   # Interrupted run: 3 steps, then a new process-like call continues to 6.
   part = str(tmp_path / "part")
@@ -69,6 +69,12 @@ def test_resume_is_bit_exact(tmp_path):
   assert weights_lib.params_source(pinned) == at_3
   assert weights_lib.resolve(step_3) == step_3
   assert weights_lib.resolve(str(tmp_path / "nothing")) == str(tmp_path / "nothing")
+  # A step Orbax has not finalized (still being written, as on GCS) is not
+  # pinned: the newest finalized one is.
+  with monkeypatch.context() as m:
+    m.setattr(weights_lib.ocp.step, "is_path_finalized",
+              lambda p: not str(p).endswith("6"))
+    assert weights_lib.resolve(part) == step_3
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), resumed.ema)
   got_6 = weights_lib.restore_params(part, abstract)

@@ -90,7 +90,7 @@ def test_truncation_is_caught_before_orbax_reads(runs, tmp_path):
   step_3 = epath.Path(wd) / "checkpoints" / "3"
   ckpt_lib.validate_step(step_3)
   shutil.rmtree(step_3 / "state" / "ocdbt.process_0")
-  with pytest.raises(ValueError, match="is empty .*missing or cut short"):
+  with pytest.raises(ValueError, match="is empty .*data file under state/ is missing"):
     ckpt_lib.validate_step(step_3)
 
 

@@ -355,7 +355,7 @@ def _check_ocdbt(state_dir: epath.Path) -> None:
     if len(result.value) != 1:
       # A value whose data file is gone reads as empty bytes, not an error.
       raise ValueError(f"state/{key.decode()} is empty (its data file under "
-                       "state/ is missing or cut short)")
+                       "state/ is missing)")
 
 
 def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
@@ -363,7 +363,7 @@ def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
 
   Raises ValueError (or the underlying JSON / TensorStore error) naming the
   first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
-  JSON metadata or data-iterator state, truncated OCDBT files.
+  JSON metadata or data-iterator state, truncated or missing OCDBT files.
   """
   state = step_dir / "state"
   if not state.exists():

@@ -11,7 +11,9 @@ Three kinds of folder hold weights a run can load:
 
 :func:`params_source` names the weights a folder resolves to, so a resumed
 sampling or pre-tokenizing run can tell a run trained further (other weights)
-from a copied folder (the same ones).
+from a copied folder (the same ones). :func:`resolve` / :func:`resolve_all`
+pin a run to its newest step's folder (on process 0, for every process), so
+what such a run records is what it loads.
 """
 
 from __future__ import annotations
@@ -106,25 +108,35 @@ def resolve(directory: str) -> str:
 
 def resolve_all(directories: list[str]) -> list[str]:
   """:func:`resolve` of each, as process 0 sees them, on every process: all
-  processes load the same steps even if one is saved while they start."""
-  paths = [resolve(d) for d in directories]
+  processes load the same steps even if one is saved while they start.
+
+  Only process 0 looks at the storage. Its error (e.g. storage that cannot
+  be listed) is raised on every process, so none waits at a collective.
+  """
   if jax.process_count() == 1:
-    return paths
-  return _from_process_0(paths)
+    return [resolve(d) for d in directories]
+  error, paths = "", [""] * len(directories)
+  if jax.process_index() == 0:
+    try:
+      paths = [resolve(d) for d in directories]
+    except Exception as e:  # pylint: disable=broad-except
+      error = f"{type(e).__name__}: {str(e).strip()[:1000]}"
+  error, *paths = _from_process_0([error] + paths)
+  if error:
+    raise ckpt_lib.CheckpointRestoreError(
+        f"Resolving the checkpoints {directories} failed on process 0: {error}")
+  return paths
 
 
 def _from_process_0(strings: list[str], size: int = 4096) -> list[str]:
-  """Process 0's ``strings`` on every process (UTF-8, each < ``size`` bytes)."""
+  """Process 0's ``strings`` on every process (UTF-8; longer than
+  ``size - 1`` bytes is cut, which no checkpoint path is)."""
   buf = np.zeros((len(strings), size), np.uint8)
   for i, s in enumerate(strings):
-    raw = s.encode()
-    if len(raw) >= size:
-      raise ValueError(f"Checkpoint path longer than {size - 1} bytes: "
-                       f"{s[:100]}...")
+    raw = s.encode()[:size - 1]
     buf[i, :len(raw)] = np.frombuffer(raw, np.uint8)
   buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-  return [bytes(row[:np.argmin(row) if 0 in row else size]).decode()
-          for row in buf]
+  return [bytes(row[:np.argmin(row)]).decode(errors="replace") for row in buf]
 
 
 def params_source(directory: str) -> str:
@@ -196,13 +208,16 @@ def _inside_run_hint(path: epath.Path) -> str:
 
 
 def _candidate_steps(run: epath.Path, step: int | None) -> list[int]:
-  """The named step, or every saved step of ``run``, newest first."""
+  """The named step, or every saved step of ``run``, newest first. A step
+  Orbax has not finalized (still being written, e.g. straight into its
+  folder on GCS) is not saved yet."""
   if step is not None:
     return [step]
   folder = run / "checkpoints"
   if not folder.exists():
     return []
-  return sorted((int(p.name) for p in folder.glob("*") if p.name.isdigit()),
+  return sorted((int(p.name) for p in folder.glob("*")
+                 if p.name.isdigit() and ocp.step.is_path_finalized(p)),
                 reverse=True)
 
 

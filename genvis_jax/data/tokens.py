@@ -23,6 +23,7 @@ from array_record.python import array_record_module
 from absl import logging
 from etils import epath
 import grain
+import jax
 import numpy as np
 
 from genvis_jax.core import weights as weights_lib
@@ -167,9 +168,11 @@ def recorded_settings(pattern: str) -> list[dict]:
   for path in _glob(pattern):
     record = epath.Path(path + ".json")
     try:
-      out.append(json.loads(record.read_text()).get("settings") or {})
-    except (OSError, ValueError):   # no record, or a damaged one
+      settings = json.loads(record.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):   # no record, a damaged one
       continue
+    if isinstance(settings, dict):
+      out.append(settings)
   return out
 
 
@@ -179,13 +182,18 @@ def check_origin(data_config, tokenizer_checkpoint: str) -> str:
   ``tokenizer_checkpoint`` (``config.tokenizer.checkpoint``) resolves to: the
   sample grids, and sampling later with the same setting, would decode codes
   of another tokenizer. "" when they match or nothing is recorded."""
-  if data_config.source != "tokens" or not tokenizer_checkpoint:
+  if (data_config.source != "tokens" or not tokenizer_checkpoint
+      or jax.process_index() != 0):
     return ""
   pattern = data_config.path.replace("{split}", data_config.split)
-  written = {s.get("weights") for s in recorded_settings(pattern)}
-  written.discard(None)
-  now = weights_lib.params_source(tokenizer_checkpoint)
-  if not written or not now or now in written:
+  try:   # only a warning: storage trouble here must not stop training
+    written = {s.get("weights") for s in recorded_settings(pattern)}
+    written.discard(None)
+    now = weights_lib.params_source(tokenizer_checkpoint) if written else ""
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("Not checking the token files' tokenizer (%s).", e)
+    return ""
+  if not now or (now in written and len(written) == 1):
     return ""
   msg = (f"The token files {pattern} were written with tokenizer weights "
          f"{sorted(written)}, but config.tokenizer.checkpoint "
