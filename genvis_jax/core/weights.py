@@ -186,7 +186,7 @@ def _split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
     return path, None
   if path.name.isdigit() and path.parent.name == "checkpoints":
     return path.parent.parent, int(path.name)
-  if path.name == "checkpoints" and not (path / "checkpoints").exists():
+  if path.name == "checkpoints":
     return path.parent, None
   return path, None
 
@@ -200,7 +200,7 @@ def _inside_run_hint(path: epath.Path) -> str:
       return (f"{path} is inside step {parent.name} of a training run: point "
               f"the setting at the step's folder, {parent}.")
     if parent.name == "checkpoints" and parent.exists():
-      steps = sorted(int(p.name) for p in parent.glob("*") if p.name.isdigit())
+      steps = sorted(ocp.step.checkpoint_steps(parent))
       return (f"{path} is inside the training run {parent.parent}: point the "
               f"setting at the run (its newest readable step) or at one of "
               f"its steps, {parent}/<step> (saved: {steps or 'none'}).")
@@ -216,9 +216,7 @@ def _candidate_steps(run: epath.Path, step: int | None) -> list[int]:
   folder = run / "checkpoints"
   if not folder.exists():
     return []
-  return sorted((int(p.name) for p in folder.glob("*")
-                 if p.name.isdigit() and ocp.step.is_path_finalized(p)),
-                reverse=True)
+  return sorted(ocp.step.checkpoint_steps(folder), reverse=True)
 
 
 def _committed(step_dir: epath.Path) -> str:

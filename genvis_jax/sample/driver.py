@@ -118,12 +118,9 @@ def sample_settings(config, pinned=None) -> dict:
   # the paths: a run trained further since is other weights, a copied folder
   # the same ones.
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
-          "tokenizer": tokenizer, "sample": config.sample.to_dict(),
-          "weights": {
-              "generator": weights_lib.params_source(pinned.init_from),
-              "tokenizer": weights_lib.params_source(
-                  pinned.tokenizer.get("checkpoint", ""))}}
-  return json.loads(json.dumps(settings_lib.flatten(keep)))
+          "tokenizer": tokenizer, "sample": config.sample.to_dict()}
+  return json.loads(json.dumps({**settings_lib.flatten(keep),
+                                **pinned_sources(pinned)}))
 
 
 # Settings a resume may change: the parts depend only on their start index;
