@@ -1,0 +1,137 @@
+"""Pre-tokenized data: token record files, their pipeline, the records that
+guard pretokenize reuse, and the errors for missing or damaged files."""
+
+import os
+
+import numpy as np
+import pytest
+
+from genvis_jax import data
+from genvis_jax.data import tokens
+from tests.test_data import _data_config
+
+
+def test_token_records_round_trip_and_pipeline(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 1000, 12).astype(np.int32)
+  toks = rng.integers(0, 16384, (12, 2, 8)).astype(np.int32)
+  paths = data.write_token_records(str(tmp_path / "tok" / "train"), labels, toks,
+                                   num_shards=3)
+  assert [os.path.basename(p) for p in paths] == [
+      f"train-{i:05d}-of-00003.array_record" for i in range(3)]
+  src = data.TokenSource(str(tmp_path / "tok" / "train-*.array_record"))
+  assert len(src) == 12 and src.token_shape == (2, 8)
+  for i in range(12):
+    np.testing.assert_array_equal(src[i]["tokens"], toks[i])
+    assert src[i]["label"] == labels[i] and src[i]["tokens"].dtype == np.int32
+  # Codes beyond uint16 and 1D codes use the int32 path.
+  big = tokens.decode_record(tokens.encode_record(3, np.array([70000, 1])))
+  assert big["tokens"].tolist() == [70000, 1] and big["label"] == 3
+
+  c = _data_config(source="tokens", path=str(tmp_path / "tok" / "{split}-*"))
+  it, info = data.create_dataset(c, split="train", global_batch_size=4, seed=0,
+                                 train=False, process_index=0, process_count=1)
+  batches = list(it)
+  assert len(batches) == 3 and info.token_shape == (2, 8)
+  assert batches[0]["tokens"].shape == (4, 2, 8)
+  assert batches[0]["tokens"].dtype == np.int32
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]),
+                                labels)
+  # Pre-tokenizing keeps the last partial batch.
+  it, _ = data.create_dataset(c, split="train", global_batch_size=5, seed=0,
+                              train=False, process_index=0, process_count=1,
+                              drop_remainder=False)
+  assert [len(b["label"]) for b in it] == [5, 5, 2]
+
+
+def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
+    tmp_path, caplog):
+  import json
+  from genvis_jax import errors
+  from genvis_jax.data import pretokenize
+  path = data.write_token_records(str(tmp_path / "t"), np.arange(4, dtype=np.int32),
+                                  np.zeros((4, 8), np.int32))[0]
+  now = {"weights": "w", "examples": {"count": 4}}
+
+  def record(settings, records=4):
+    rec = {"settings": settings, "records": records, "images": 4}
+    with open(path + ".json", "w") as f:
+      json.dump(rec, f)
+    return rec
+  rec = record(now)
+  assert pretokenize.existing_output(path, now, overwrite=False) == rec
+  assert pretokenize.existing_output(path, now, overwrite=True) is None
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"other settings \(weights: 'w' -> 'v'\)"):
+    pretokenize.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+  # A record from before the split's fingerprint: reused, with a warning.
+  rec = record({"weights": "w"})
+  assert pretokenize.existing_output(path, now, overwrite=False) == rec
+  assert "no fingerprint of its split" in caplog.text
+  with pytest.raises(errors.OutputExistsError, match=r"weights: 'w' -> 'v'"):
+    pretokenize.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+  # Damaged since it was written (or its record disagrees): not reused.
+  record(now, records=5)
+  with pytest.raises(errors.OutputExistsError, match="damaged since"):
+    pretokenize.existing_output(path, now, overwrite=False)
+  record(now)
+  open(path, "r+b").truncate(1000)
+  with pytest.raises(errors.OutputExistsError, match="damaged since"):
+    pretokenize.existing_output(path, now, overwrite=False)
+
+
+def test_training_warns_when_tokens_came_from_other_tokenizer_weights(tmp_path):
+  import json
+  import ml_collections
+  from genvis_jax.core import weights
+  weights.save_params(str(tmp_path / "tok"), {"w": np.zeros(2, np.float32)})
+  now = weights.params_source(str(tmp_path / "tok"))
+  path = data.write_token_records(str(tmp_path / "train"), np.arange(2, dtype=np.int32),
+                                  np.zeros((2, 4), np.int32))[0]
+  data_config = ml_collections.ConfigDict(dict(
+      source="tokens", path=str(tmp_path / "{split}-*"), split="train"))
+  check = lambda: tokens.check_origin(data_config, str(tmp_path / "tok"))
+  assert check() == ""       # nothing recorded
+  for written, warns in ((now, False), ("step 4 committed 1", True)):
+    with open(path + ".json", "w") as f:
+      json.dump({"settings": {"weights": written}, "records": 2}, f)
+    msg = check()
+    assert bool(msg) == warns, msg
+  assert "written with tokenizer weights ['step 4 committed 1']" in msg
+
+
+def test_damaged_token_files_are_named(tmp_path):
+  paths = data.write_token_records(
+      str(tmp_path / "tok" / "train"), np.arange(12, dtype=np.int32),
+      np.zeros((12, 8), np.int32), num_shards=3)
+  pattern = str(tmp_path / "tok" / "train-*.array_record")
+  # Shard 1: bytes of its second record's chunk flipped; read fails there.
+  raw = bytearray(open(paths[1], "rb").read())
+  raw[200:260] = bytes(b ^ 0xFF for b in raw[200:260])
+  open(paths[1], "wb").write(bytes(raw))
+  src = data.TokenSource(pattern)
+  assert src[4]["label"] == 4          # record 0 of shard 1 is intact
+  with pytest.raises(data.TokenFileError,
+                     match=r"train-00001-of-00003.array_record: record 1 "
+                           r"cannot be read .*overwrite=True"):
+    src[5]  # pylint: disable=pointless-statement
+  c = _data_config(source="tokens", path=str(tmp_path / "tok" / "{split}-*"))
+  it, _ = data.create_dataset(c, split="train", global_batch_size=4, seed=0,
+                              train=False, process_index=0, process_count=1)
+  with pytest.raises(data.TokenFileError, match="00001-of-00003.array_record: record 1"):
+    list(it)
+  # Shard 2 cut short: the source refuses it by name before any read.
+  open(paths[2], "r+b").truncate(1000)
+  with pytest.raises(data.TokenFileError,
+                     match=r"train-00002-of-00003.array_record \(1000 bytes\) "
+                           "cannot be opened.*truncated"):
+    data.TokenSource(pattern)
+
+
+def test_missing_token_files_say_to_pretokenize(tmp_path):
+  pattern = str(tmp_path / "none-*.array_record")
+  assert not data.token_files_exist(pattern)
+  c = _data_config(source="tokens", path=pattern)
+  with pytest.raises(data.DataNotFoundError, match="pretokenize"):
+    data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                        process_index=0, process_count=1)
