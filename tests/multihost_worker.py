@@ -34,6 +34,12 @@ from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
 seen = workdir if jax.process_index() == 0 else os.path.join(workdir, "nothing")
 with open(f"{out}.pin{jax.process_index()}", "w") as f:
   f.write(weights.resolve_all([seen])[0])
+# models.load_params pins too: process 1 loads process 0's step, not "nothing".
+from genvis_jax import models  # pylint: disable=g-import-not-at-top
+loaded = models.load_params(multihost_common.config(int(steps)).model, seen)
+np.savez(f"{out}.load{jax.process_index()}.npz",
+         **{jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(loaded)})
 if jax.process_index() == 0:
   flat = {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(params)}

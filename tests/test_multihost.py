@@ -67,6 +67,14 @@ def test_two_processes_match_one(tmp_path):
   assert sorted(losses) == ["3", "4"]              # resumed at step 2
   for i in range(2):   # both processes pin process 0's newest step
     assert open(f"{out}.pin{i}").read() == os.path.join(wd, "checkpoints", "4")
+  # ... and load its EMA weights, which a fresh one-process load also reads.
+  want = ckpt_lib.Checkpointer(wd).restore(
+      4, trainer_lib.Trainer(multihost_common.config(4)).abstract_state()).ema
+  for i in range(2):
+    got = np.load(f"{out}.load{i}.npz")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(want):
+      np.testing.assert_array_equal(got[jax.tree_util.keystr(path)],
+                                    np.asarray(leaf))
   for k in ("3", "4"):
     np.testing.assert_allclose(losses[k], ref_losses[k], rtol=1e-5)
   got = np.load(out)

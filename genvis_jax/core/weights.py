@@ -162,11 +162,17 @@ def params_source(directory: str) -> str:
 
 def _newest_valid(run: epath.Path, step: int | None = None) -> int | None:
   """``step`` (or the newest saved step) of ``run`` that passes
-  ``validate_step``; None if none does (``restore_params`` skips those too)."""
+  ``validate_step``; None if none does (``restore_params`` skips those too).
+  A newer step skipped is logged: the user learns which weights were passed
+  over, and the folder is left in place."""
   for s in _candidate_steps(run, step):
     try:
       ckpt_lib.validate_step(run / "checkpoints" / str(s), with_data=False)
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
+      if step is None:
+        logging.warning("Checkpoint step %d in %s cannot be read (%s); trying "
+                        "the previous step.", s, run / "checkpoints",
+                        ckpt_lib.first_line(e))
       continue
     return s
   return None
