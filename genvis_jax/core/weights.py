@@ -150,14 +150,13 @@ def params_source(directory: str) -> str:
   """
   if not directory:
     return ""
-  path = _absolute(directory)
+  path = _absolute(resolve(directory))
   if (path / "params").exists():
     return _source("params", path / "params")
   run, step = _split_step(path)
-  found = _newest_valid(run, step)
-  if found is None:
+  if step is None or _newest_valid(run, step) is None:
     return ""
-  return _source(f"step {found}", run / "checkpoints" / str(found))
+  return _source(f"step {step}", path)
 
 
 def _newest_valid(run: epath.Path, step: int | None = None) -> int | None:
