@@ -105,6 +105,11 @@ CASES = {
          "--config.evaluate.reference=/nowhere/r.npz",
          "--config.evaluate.inception=/nowhere/inception.npz"],
         r"No Inception weights at '/nowhere/inception.npz'"),
+    "evaluate_demo_kind": (
+        ["--config=configs/far_b.py:dual,runlocal", "--config.mode=evaluate",
+         "--config.evaluate.kind=class_score"],
+        r"kind='class_score' scores samples with the demo's classifier.*"
+        r"model is 'far'.*kind=generation"),
     "evaluate_unset": (
         ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate"],
         r"config.evaluate.samples is not set"),

@@ -135,3 +135,9 @@ def test_missing_token_files_say_to_pretokenize(tmp_path):
   with pytest.raises(data.DataNotFoundError, match="pretokenize"):
     data.create_dataset(c, split="train", global_batch_size=2, seed=0,
                         process_index=0, process_count=1)
+  # The output folder itself: name the files inside.
+  (tmp_path / "tokens").mkdir()
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"matches the folder .*tokens, not token files.*"
+                           r"tokens/train-\*.array_record"):
+    data.TokenSource(str(tmp_path / "tokens"))

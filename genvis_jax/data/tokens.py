@@ -158,7 +158,14 @@ def find_token_files(pattern: str) -> list[str]:
         "--config=<tokenizer or generator config> --config.mode=pretokenize "
         "--workdir=<dir>`, then point config.data.path at the written "
         "'<prefix>-*.array_record' files.")
-  return _glob(pattern)
+  found = _glob(pattern)
+  folders = [f for f in found if epath.Path(f).is_dir()]
+  if folders:
+    raise DataNotFoundError(
+        f"config.data.path={pattern!r} matches the folder {folders[0]}, not "
+        "token files: point it at the files inside, e.g. "
+        f"'{folders[0].rstrip('/')}/train-*.array_record'.")
+  return found
 
 
 def recorded_settings(pattern: str) -> list[dict]:

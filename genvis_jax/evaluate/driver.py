@@ -11,10 +11,26 @@ Each is ``genvis_jax/evaluate/<kind>.py`` defining ``evaluate(config, workdir)``
 
 from __future__ import annotations
 
+from genvis_jax import errors
 from genvis_jax.core import registry
+
+# Kinds that score samples with the demo's small classifier (``configs/demo.py``
+# stages ``score`` and ``fid``): config.model is that classifier.
+CLASSIFIER_KINDS = ("class_score", "demo_fid")
 
 
 def run(config, workdir: str):
+  kind = config.evaluate.kind
+  name = config.get("model", {}).get("name", "")
+  if kind in CLASSIFIER_KINDS and (
+      name != "classifier" or "classifier_checkpoint" not in config.evaluate):
+    raise errors.ConfigError(
+        f"config.evaluate.kind={kind!r} scores samples with the demo's "
+        f"classifier (the 'score' and 'fid' stages of configs/demo.py, whose "
+        f"config.model is the classifier and config.evaluate."
+        f"classifier_checkpoint its weights); this config's model is "
+        f"{name!r}. For FID / IS / precision / recall of its samples use "
+        "--config.evaluate.kind=generation (see the README's Evaluation).")
   mod = registry.module("genvis_jax.evaluate", config.evaluate.kind,
                         ("evaluate",), setting="config.evaluate.kind")
   return mod.evaluate(config, workdir)
