@@ -80,24 +80,56 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
     pretokenize.existing_output(path, now, overwrite=False)
 
 
-def test_training_warns_when_tokens_came_from_other_tokenizer_weights(tmp_path):
+def test_training_checks_where_the_token_files_came_from(tmp_path, caplog):
   import json
+  import logging
   import ml_collections
   from genvis_jax.core import weights
+  from genvis_jax.data import token_origin
+  from genvis_jax.errors import ConfigError
   weights.save_params(str(tmp_path / "tok"), {"w": np.zeros(2, np.float32)})
   now = weights.params_source(str(tmp_path / "tok"))
-  path = data.write_token_records(str(tmp_path / "train"), np.arange(2, dtype=np.int32),
-                                  np.zeros((2, 4), np.int32))[0]
-  data_config = ml_collections.ConfigDict(dict(
-      source="tokens", path=str(tmp_path / "{split}-*"), split="train"))
-  check = lambda: tokens.check_origin(data_config, str(tmp_path / "tok"))
+  paths = [data.write_token_records(str(tmp_path / d / "train"),
+                                    np.arange(2, dtype=np.int32),
+                                    np.zeros((2, 4), np.int32))[0]
+           for d in ("a", "b")]
+  config = ml_collections.ConfigDict(dict(
+      data=dict(source="tokens", path=str(tmp_path / "a" / "{split}-*"),
+                split="train"),
+      model=dict(codebook_size=256),
+      tokenizer=dict(checkpoint=str(tmp_path / "tok"))))
+  check = lambda: token_origin.check_training_files(config)
+
+  def record(path, weights_source, num_codes=256):
+    with open(path + ".json", "w") as f:
+      json.dump({"settings": {"weights": weights_source,
+                              "tokenizer": {"num_codes": num_codes}},
+                 "records": 2}, f)
   assert check() == ""       # nothing recorded
   for written, warns in ((now, False), ("step 4 committed 1", True)):
-    with open(path + ".json", "w") as f:
-      json.dump({"settings": {"weights": written}, "records": 2}, f)
+    record(paths[0], written)
     msg = check()
     assert bool(msg) == warns, msg
   assert "written with tokenizer weights ['step 4 committed 1']" in msg
+  # More codes than the generator's codebook: an error naming both counts.
+  record(paths[0], now, num_codes=1024)
+  with pytest.raises(ConfigError, match=r"codes 0..1023 .*num_codes=1024.*"
+                     r"codebook_size=256. Set --config.model.codebook_size=1024"):
+    check()
+  # A glob over two pre-tokenize outputs of different weights: refused.
+  record(paths[0], now)
+  record(paths[1], "step 9 committed 2")
+  config.data.path = str(tmp_path / "*" / "{split}-*")
+  with pytest.raises(data.TokenFileError,
+                     match=r"2 different tokenizer weights .*step 9 committed "
+                           r"2': 1 file.*one pre-tokenize run"):
+    check()
+  # ... of the same weights: a warning that examples may count twice.
+  record(paths[1], now)
+  with caplog.at_level(logging.WARNING):
+    assert check() == ""
+  assert any("each example is seen twice" in r.getMessage()
+             for r in caplog.records)
 
 
 def test_damaged_token_files_are_named(tmp_path):

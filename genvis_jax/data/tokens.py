@@ -15,18 +15,14 @@ written with ``group_size:1`` so random access reads one record.
 from __future__ import annotations
 
 import glob as glob_lib
-import json
 import os
 from typing import Iterable, Sequence
 
 from array_record.python import array_record_module
-from absl import logging
 from etils import epath
 import grain
-import jax
 import numpy as np
 
-from genvis_jax.core import weights as weights_lib
 from genvis_jax.data.sources import DataNotFoundError
 from genvis_jax.errors import UserError
 
@@ -133,7 +129,8 @@ def write_token_records(path_prefix: str, labels, tokens,
   return paths
 
 
-def _glob(pattern: str) -> list[str]:
+def glob_files(pattern: str) -> list[str]:
+  """Sorted paths matching ``pattern`` (local or ``gs://``); none -> []."""
   if "://" in pattern:  # e.g. gs://bucket/tokens/train-*.array_record
     parent, name = pattern.rsplit("/", 1)
     return sorted(str(p) for p in epath.Path(parent).glob(name))
@@ -142,7 +139,7 @@ def _glob(pattern: str) -> list[str]:
 
 def token_files_exist(pattern: str) -> bool:
   """Whether ``pattern`` (a glob) matches any token file."""
-  return bool(pattern) and bool(_glob(pattern))
+  return bool(pattern) and bool(glob_files(pattern))
 
 
 def find_token_files(pattern: str) -> list[str]:
@@ -158,7 +155,7 @@ def find_token_files(pattern: str) -> list[str]:
         "--config=<tokenizer or generator config> --config.mode=pretokenize "
         "--workdir=<dir>`, then point config.data.path at the written "
         "'<prefix>-*.array_record' files.")
-  found = _glob(pattern)
+  found = glob_files(pattern)
   folders = [f for f in found if epath.Path(f).is_dir()]
   if folders:
     raise DataNotFoundError(
@@ -166,49 +163,6 @@ def find_token_files(pattern: str) -> list[str]:
         "token files: point it at the files inside, e.g. "
         f"'{folders[0].rstrip('/')}/train-*.array_record'.")
   return found
-
-
-def recorded_settings(pattern: str) -> list[dict]:
-  """The settings recorded beside the files matching ``pattern`` (each
-  ``<file>.json`` that pretokenize writes; files without one are left out)."""
-  out = []
-  for path in _glob(pattern):
-    record = epath.Path(path + ".json")
-    try:
-      settings = json.loads(record.read_text()).get("settings")
-    except (OSError, ValueError, AttributeError):   # no record, a damaged one
-      continue
-    if isinstance(settings, dict):
-      out.append(settings)
-  return out
-
-
-def check_origin(data_config, tokenizer_checkpoint: str) -> str:
-  """Warns (and returns the warning) when the token files of
-  ``data_config`` were written with other tokenizer weights than
-  ``tokenizer_checkpoint`` (``config.tokenizer.checkpoint``) resolves to: the
-  sample grids, and sampling later with the same setting, would decode codes
-  of another tokenizer. "" when they match or nothing is recorded."""
-  if (data_config.source != "tokens" or not tokenizer_checkpoint
-      or jax.process_index() != 0):
-    return ""
-  pattern = data_config.path.replace("{split}", data_config.split)
-  try:   # only a warning: storage trouble here must not stop training
-    written = {s.get("weights") for s in recorded_settings(pattern)}
-    written.discard(None)
-    now = weights_lib.params_source(tokenizer_checkpoint) if written else ""
-  except Exception as e:  # pylint: disable=broad-except
-    logging.info("Not checking the token files' tokenizer (%s).", e)
-    return ""
-  if not now or (now in written and len(written) == 1):
-    return ""
-  msg = (f"The token files {pattern} were written with tokenizer weights "
-         f"{sorted(written)}, but config.tokenizer.checkpoint "
-         f"({tokenizer_checkpoint}) now holds {now!r}: sample grids and samples "
-         "would decode with another tokenizer. Point it at the step the "
-         "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
-  logging.warning(msg)
-  return msg
 
 
 class TokenSource:

@@ -57,8 +57,8 @@ def setup(config, *, mesh=None, devices=None):
 
 def create_train_iterator(config, task, *, seed=None):
   from genvis_jax import data as data_lib  # local: keeps trainer import light
-  tok = config.get("tokenizer") or {}
-  data_lib.tokens.check_origin(config.data, tok.get("checkpoint", ""))
+  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  token_origin.check_training_files(config)
   return data_lib.create_dataset(
       config.data, split=config.data.split,
       global_batch_size=config.train.global_batch_size,

@@ -1,0 +1,134 @@
+"""Where token files came from: checks on the records pretokenize writes.
+
+Each ``<file>.array_record`` written by ``--config.mode=pretokenize`` has a
+``<file>.array_record.json`` record of its settings: the tokenizer's model
+config (``tokenizer``), the weights it loaded (``weights``, see
+``core.weights.params_source``), the data and the examples. Before training,
+:func:`check_training_files` reads those small records (no token is read) and
+refuses files that cannot train the configured generator together.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+from absl import logging
+from etils import epath
+import jax
+
+from genvis_jax.core import weights as weights_lib
+from genvis_jax.data.tokens import TokenFileError, glob_files
+from genvis_jax.errors import ConfigError
+
+
+def recorded_settings(pattern: str) -> dict[str, dict]:
+  """``{file: settings}`` recorded beside the files matching ``pattern``
+  (each ``<file>.json``; files without a readable record are left out)."""
+  out = {}
+  for path in glob_files(pattern):
+    try:
+      settings = json.loads(epath.Path(path + ".json").read_text()).get(
+          "settings")
+    except (OSError, ValueError, AttributeError):   # no record, a damaged one
+      continue
+    if isinstance(settings, dict):
+      out[path] = settings
+  return out
+
+
+def check_training_files(config) -> str:
+  """Checks the token files of ``config.data`` against each other and
+  ``config`` before training; a no-op unless ``config.data.source`` is
+  ``"tokens"``. Every process reads the same records, so all raise together.
+
+  Raises:
+    TokenFileError: the files were written with different tokenizer weights
+      (e.g. a glob over two pre-tokenize outputs): codes of two tokenizers
+      cannot train one generator.
+    ConfigError: the tokenizer has more codes (``tokenizer.num_codes``) than
+      ``config.model.codebook_size``; the embedding lookups would read past
+      the table (NaN losses, not an error).
+  Returns:
+    The warning of :func:`check_origin` ("" when none).
+  """
+  data = config.data
+  if data.get("source") != "tokens" or not data.get("path"):
+    return ""
+  pattern = data.path.replace("{split}", data.get("split", "train"))
+  records = recorded_settings(pattern)
+  _check_one_tokenizer(pattern, records)
+  _check_codes(pattern, records, config.get("model", {}).get("codebook_size"))
+  _warn_repeated_names(pattern)
+  tok = config.get("tokenizer") or {}
+  return check_origin(pattern, records, tok.get("checkpoint", ""))
+
+
+def _check_one_tokenizer(pattern: str, records: dict[str, dict]) -> None:
+  by_weights = collections.defaultdict(list)
+  for path, settings in records.items():
+    by_weights[settings.get("weights", "")].append(path)
+  if len(by_weights) < 2:
+    return
+  groups = "; ".join(f"{w or 'unrecorded'!r}: {len(p)} file(s), e.g. {p[0]}"
+                     for w, p in sorted(by_weights.items()))
+  raise TokenFileError(
+      f"config.data.path={pattern!r} matches token files written with "
+      f"{len(by_weights)} different tokenizer weights ({groups}). Codes of two "
+      "tokenizers cannot train one generator: point config.data.path at the "
+      "files of one pre-tokenize run.")
+
+
+def _check_codes(pattern: str, records: dict[str, dict], codebook_size) -> None:
+  if not codebook_size:
+    return
+  for path, settings in records.items():
+    codes = (settings.get("tokenizer") or {}).get("num_codes")
+    if isinstance(codes, int) and codes > int(codebook_size):
+      raise ConfigError(
+          f"The token files {pattern!r} hold codes 0..{codes - 1} (their "
+          f"tokenizer has num_codes={codes}, recorded in {path}.json), but "
+          f"config.model.codebook_size={codebook_size}. Set "
+          f"--config.model.codebook_size={codes}, or pre-tokenize with a "
+          f"tokenizer of {codebook_size} codes.")
+
+
+def _warn_repeated_names(pattern: str) -> None:
+  """Two folders' ``train-00000-of-00001.array_record``: likely two outputs
+  of pretokenize matched by one glob, so their examples count twice."""
+  names = collections.Counter(os.path.basename(p) for p in glob_files(pattern))
+  repeated = sorted(n for n, k in names.items() if k > 1)
+  if repeated:
+    logging.warning(
+        "config.data.path=%r matches files of the same name in several "
+        "folders (%s): if these are two pre-tokenize outputs of the same "
+        "images, each example is seen twice. Narrow the glob to one folder.",
+        pattern, ", ".join(repeated[:3]))
+
+
+def check_origin(pattern: str, records: dict[str, dict],
+                 tokenizer_checkpoint: str) -> str:
+  """Warns (and returns the warning) when the token files were written with
+  other tokenizer weights than ``tokenizer_checkpoint``
+  (``config.tokenizer.checkpoint``) resolves to now: the sample grids, and
+  sampling later with the same setting, would decode codes of another
+  tokenizer. "" when they match or nothing is recorded. Process 0 only (it
+  reads the tokenizer checkpoint's storage); never raises."""
+  written = {s.get("weights") for s in records.values()} - {None}
+  if not tokenizer_checkpoint or not written or jax.process_index() != 0:
+    return ""
+  try:   # only a warning: storage trouble here must not stop training
+    now = weights_lib.params_source(tokenizer_checkpoint)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("Not checking the token files' tokenizer (%s).", e)
+    return ""
+  if not now or written == {now}:
+    return ""
+  msg = (f"The token files {pattern} were written with tokenizer weights "
+         f"{sorted(written)}, but config.tokenizer.checkpoint "
+         f"({tokenizer_checkpoint}) now holds {now!r}: sample grids and samples "
+         "would decode with another tokenizer. Point it at the step the "
+         "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
+  logging.warning(msg)
+  return msg
