@@ -173,3 +173,33 @@ def test_missing_token_files_say_to_pretokenize(tmp_path):
                      match=r"matches the folder .*tokens, not token files.*"
                            r"tokens/train-\*.array_record"):
     data.TokenSource(str(tmp_path / "tokens"))
+
+
+def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
+  import json
+  import ml_collections
+  from genvis_jax.data import token_origin
+  from genvis_jax.sample import driver
+  path = data.write_token_records(str(tmp_path / "train"), np.arange(2, dtype=np.int32),
+                                  np.zeros((2, 4), np.int32))[0]
+  record = lambda w: open(path + ".json", "w").write(
+      json.dumps({"settings": {"weights": w}, "records": 2}))
+  config = ml_collections.ConfigDict(dict(data=dict(
+      source="tokens", path=str(tmp_path / "{split}-*"), split="train")))
+  wd = str(tmp_path / "run")
+  os.makedirs(wd)
+  record("step 20 committed 1")
+  token_origin.record_or_check(config, wd, None)     # fresh run: recorded
+  token_origin.record_or_check(config, wd, 5)        # resume, same files
+  record("step 30 committed 2")                      # written again since
+  with pytest.raises(data.TokenFileError,
+                     match=r"trained to step 5 on token files written with "
+                           r"tokenizer weights \['step 20 committed 1'\].*now "
+                           r"hold \['step 30 committed 2'\]"):
+    token_origin.record_or_check(config, wd, 5)
+  # Sampling the run (or one of its steps) with other tokenizer weights warns.
+  step = os.path.join(wd, "checkpoints", "5")
+  assert driver.warn_other_tokenizer(step, "step 20 committed 1") == ""
+  assert "trained on codes of tokenizer weights ['step 20 committed 1']" in (
+      driver.warn_other_tokenizer(step, "step 30 committed 2"))
+  assert driver.warn_other_tokenizer(str(tmp_path / "converted"), "x") == ""

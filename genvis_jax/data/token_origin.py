@@ -132,3 +132,49 @@ def check_origin(pattern: str, records: dict[str, dict],
          "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
   logging.warning(msg)
   return msg
+
+
+# A training run's record of the tokenizer weights its token files came from,
+# in its workdir: a resume on rewritten files is refused, and sampling warns
+# when it decodes with other weights.
+ORIGIN_FILE = "token_origin.json"
+
+
+def written_weights(config) -> list[str]:
+  """Sorted tokenizer weights the token files of ``config.data`` record
+  ([] when the data are not token files or nothing is recorded)."""
+  data = config.data
+  if data.get("source") != "tokens" or not data.get("path"):
+    return []
+  pattern = data.path.replace("{split}", data.get("split", "train"))
+  found = {s.get("weights") for s in recorded_settings(pattern).values()}
+  return sorted(w for w in found if w)
+
+
+def record_or_check(config, workdir: str, resumed_step: int | None) -> None:
+  """A fresh run records ``written_weights(config)`` in ``workdir``; a resumed
+  one must find the same there. Raises ``TokenFileError`` when the token
+  files now come from other tokenizer weights than the run trained on."""
+  now = written_weights(config)
+  before = run_token_weights(workdir) if resumed_step is not None else []
+  if not before:   # a fresh run, or one from before this record existed
+    if now and jax.process_index() == 0:
+      (epath.Path(workdir) / ORIGIN_FILE).write_text(json.dumps({"weights": now}))
+    return
+  if now and before != now:
+    raise TokenFileError(
+        f"This run trained to step {resumed_step} on token files written with "
+        f"tokenizer weights {before}; the files of config.data.path "
+        f"({config.data.path}) now hold {now} (written again, or another "
+        "output). Resume on the tokens it trained on, or start a new "
+        "--workdir (--config.init_from=<this run> keeps the weights).")
+
+
+def run_token_weights(run: str) -> list[str]:
+  """The tokenizer weights a training run's tokens came from ([] when not
+  recorded, e.g. a converted checkpoint or a run of images)."""
+  try:
+    return list(json.loads((epath.Path(run) / ORIGIN_FILE).read_text())
+                .get("weights") or [])
+  except (OSError, ValueError, AttributeError):
+    return []

@@ -28,12 +28,14 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
+from genvis_jax.data import token_origin
 from genvis_jax.models import inference
 from genvis_jax.sample import images as images_lib
 
@@ -152,6 +154,25 @@ def pinned_sources(pinned) -> dict:
               pinned.tokenizer.get("checkpoint", ""))}
 
 
+def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
+  """Warns (and returns the warning) when the generator run ``init_from``
+  (pinned) trained on codes of other tokenizer weights than
+  ``tokenizer_source`` (``core.weights.params_source``): its samples would be
+  decoded by a tokenizer it never saw. "" when they match or the run
+  recorded nothing (a converted checkpoint, a run of images)."""
+  path = epath.Path(init_from)
+  run = path.parent.parent if path.parent.name == "checkpoints" else path
+  trained_on = token_origin.run_token_weights(str(run))
+  if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
+    return ""
+  msg = (f"The generator {run} trained on codes of tokenizer weights "
+         f"{trained_on}, but config.tokenizer.checkpoint holds "
+         f"{tokenizer_source!r}: the samples are decoded by another tokenizer. "
+         "Point it at the step the tokens came from (<run>/checkpoints/<step>).")
+  logging.warning(msg)
+  return msg
+
+
 class SampleSettingsError(errors.UserError, ValueError):
   """Sample parts in the workdir were drawn with other settings."""
 
@@ -204,6 +225,7 @@ def sample_and_save(config, workdir: str) -> dict:
     raise SampleSettingsError(
         f"The checkpoint changed while it was loaded ({config.init_from}, "
         f"{config.tokenizer.get('checkpoint', '')}); run again.")
+  warn_other_tokenizer(pinned.init_from, recorded["weights.tokenizer"])
   labels_all = class_labels(s.num_samples, config.model.num_classes,
                             s.get("classes", ()))
   parts_dir = os.path.join(workdir, "sample_parts")

@@ -159,8 +159,15 @@ def train_loop(config, workdir: str, on_log=None):
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state = ckpt.restore_latest(trainer.abstract_state(), data_iter, config)
+  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  token_origin.record_or_check(config, workdir, latest)
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)
+    if config.init_from:
+      logging.warning(
+          "config.init_from=%s is not loaded: it initialises a fresh run, and "
+          "this workdir resumes its own step %d. Use a new --workdir to start "
+          "from those weights.", config.init_from, latest)
   else:
     state = trainer.init_state()
     if config.init_from:
