@@ -14,7 +14,7 @@ import pytest
 from configs import base
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import weights as weights_lib
-from genvis_jax.train import preemption
+from genvis_jax.core import preemption
 from genvis_jax.train import trainer as trainer_lib
 
 

@@ -65,3 +65,41 @@ def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
   assert driver.pinned_sources(pinned) == {
       "weights.generator": "source of /runs/rar/checkpoints/480",
       "weights.tokenizer": "source of /tok"}
+
+
+def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch):
+  """SIGTERM writes the batch being drawn, stops with one message, and the
+  same command then draws only the rest (no model: the sampler is a stand-in)."""
+  import os
+  import signal
+  import jax
+  from configs import rar_b
+  config = rar_b.get_config("runlocal")
+  config.sample.num_samples, config.sample.batch_size = 3 * 8, 8
+  calls = []
+
+  def fake_sample_fn(labels, key):
+    calls.append(len(calls))
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    del key
+    return jax.numpy.zeros((labels.shape[0], 4, 4, 3), jax.numpy.uint8)
+
+  sharding = jax.sharding.NamedSharding(driver._mesh(),   # pylint: disable=protected-access
+                                        jax.sharding.PartitionSpec("data"))
+  monkeypatch.setattr(driver, "make_sample_fn",
+                      lambda *_: (fake_sample_fn, sharding))
+  monkeypatch.setattr(driver, "pin_weights", lambda c: c)
+  monkeypatch.setattr(driver, "pinned_sources", lambda _: {
+      "weights.generator": "g", "weights.tokenizer": "t"})
+  before = signal.getsignal(signal.SIGTERM)
+  wd = str(tmp_path / "wd")
+  with pytest.raises(driver.SamplingStopped,
+                     match=r"stopped by SIGTERM after the batch of images 0..7.*"
+                           r"Run the same command to resume"):
+    driver.sample_and_save(config, wd)
+  assert signal.getsignal(signal.SIGTERM) == before
+  assert sorted(os.listdir(os.path.join(wd, "sample_parts"))) == [
+      "000000000.npz", "settings.json"]
+  out = driver.sample_and_save(config, wd)       # resumes: two more batches
+  assert out["num_samples"] == 24 and len(calls) == 3

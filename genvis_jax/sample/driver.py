@@ -38,6 +38,7 @@ from genvis_jax.core import registry
 from genvis_jax.data import token_origin
 from genvis_jax.models import inference
 from genvis_jax.sample import images as images_lib
+from genvis_jax.core import preemption
 
 def _generator(name: str):
   """``genvis_jax/sample/<config.model.name>.py``'s ``generate(model, params,
@@ -173,6 +174,10 @@ def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
   return msg
 
 
+class SamplingStopped(errors.UserError, RuntimeError):
+  """A stop signal ended sampling after writing the batch in flight."""
+
+
 class SampleSettingsError(errors.UserError, ValueError):
   """Sample parts in the workdir were drawn with other settings."""
 
@@ -243,27 +248,35 @@ def sample_and_save(config, workdir: str) -> dict:
     print(f"[sample] resuming: {have} of {s.num_samples} images already in "
           f"{parts_dir}", flush=True)
   t0, made = time.perf_counter(), 0
-  for start in starts:
-    if start in done:
-      continue
-    labels = labels_all[start:start + s.batch_size]
-    n = len(labels)
-    labels = np.resize(labels, s.batch_size)        # pad the last batch
-    g_labels = jax.make_array_from_process_local_data(
-        sharding, labels[_local_slice(s.batch_size)])
-    # The key depends only on the batch's first index: resumes draw the same.
-    images = sample_fn(g_labels, jax.random.fold_in(key, start))
-    images = np.asarray(multihost_utils.process_allgather(
-        images, tiled=True))[:n]
-    if jax.process_index() == 0:
-      tmp = os.path.join(parts_dir, f"{start:09d}.tmp.npz")
-      np.savez(tmp, images=images, labels=labels[:n])
-      os.replace(tmp, os.path.join(parts_dir, f"{start:09d}.npz"))
-    made += n
-    rate = made / (time.perf_counter() - t0)
-    logging.info("sampled %d / %d (%.2f images/s)", start + n, s.num_samples, rate)
-    print(f"[sample] {start + n}/{s.num_samples} images, {rate:.2f} images/s",
-          flush=True)
+  # SIGTERM / Ctrl-C: finish and write the batch in flight, then stop.
+  with preemption.StopRequest() as stop:
+    for i, start in enumerate(starts):
+      if start in done:
+        continue
+      labels = labels_all[start:start + s.batch_size]
+      n = len(labels)
+      labels = np.resize(labels, s.batch_size)        # pad the last batch
+      g_labels = jax.make_array_from_process_local_data(
+          sharding, labels[_local_slice(s.batch_size)])
+      # The key depends only on the batch's first index: resumes draw the same.
+      images = sample_fn(g_labels, jax.random.fold_in(key, start))
+      images = np.asarray(multihost_utils.process_allgather(
+          images, tiled=True))[:n]
+      if jax.process_index() == 0:
+        tmp = os.path.join(parts_dir, f"{start:09d}.tmp.npz")
+        np.savez(tmp, images=images, labels=labels[:n])
+        os.replace(tmp, os.path.join(parts_dir, f"{start:09d}.npz"))
+      made += n
+      rate = made / (time.perf_counter() - t0)
+      logging.info("sampled %d / %d (%.2f images/s)", start + n, s.num_samples,
+                   rate)
+      print(f"[sample] {start + n}/{s.num_samples} images, {rate:.2f} images/s",
+            flush=True)
+      if stop.should_stop(i + 1) and start + n < s.num_samples:
+        raise SamplingStopped(
+            f"Sampling stopped by {stop.signal} after the batch of images "
+            f"{start}..{start + n - 1}; the parts drawn so far are in "
+            f"{parts_dir}. Run the same command to resume from them.")
   return assemble(workdir, s.num_samples)
 
 

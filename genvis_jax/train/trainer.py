@@ -22,7 +22,7 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import guard as guard_lib
-from genvis_jax.train import preemption
+from genvis_jax.core import preemption
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import sharding as shd
 from genvis_jax.train import state as state_lib

@@ -1,10 +1,12 @@
-"""Stopping a training run cleanly: a checkpoint at the next step, then exit.
+"""Stopping a run cleanly: training saves a checkpoint at the next step and
+sampling writes the batch in flight, then they exit.
 
 A spot / preemptible TPU VM, ``launch/worker_start.sh --stop`` and ``kill``
 send SIGTERM, and Ctrl-C sends SIGINT. Without a handler either kills the run
 between checkpoints and loses up to ``checkpoint_every`` steps. Inside
 :class:`StopRequest` the trainer finishes the step in flight, saves it and
 raises :class:`TrainingStopped`; the same command resumes from that step.
+The sampler (``sample.driver``) likewise writes the batch in flight and stops.
 
 One process: SIGTERM and SIGINT are caught here (a second Ctrl-C stops at
 once, as usual). Several processes: JAX's preemption notifier (set up by
