@@ -87,12 +87,14 @@ def compare_trees(expected, found, what: str,
   if missing or unexpected or misshaped:
     lines = [f"{what} does not match the configured model:"]
     if missing:
-      lines.append(f"  missing ({len(missing)}): " + ", ".join(missing[:20]))
+      lines.append(f"  missing ({len(missing)}): " +
+                   settings_lib.shorten(missing, 20))
     if unexpected:
-      lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+      lines.append(f"  unexpected ({len(unexpected)}): " +
+                   settings_lib.shorten(unexpected, 20))
     if misshaped:
-      lines.append(f"  mis-shaped ({len(misshaped)}): " + ", ".join(
-          f"{k} expected {exp[k]} found {got[k]}" for k in misshaped[:20]))
+      lines.append(f"  mis-shaped ({len(misshaped)}): " + settings_lib.shorten(
+          [f"{k} expected {exp[k]} found {got[k]}" for k in misshaped], 20))
     lines.append("  Check that --config matches the checkpoint (model size, "
                  f"codebook, image size), {fix}.")
     raise CheckpointMismatchError("\n".join(lines))
@@ -415,6 +417,8 @@ def check_config_matches(saved: dict | None, config) -> None:
   diffs = settings_lib.differences(saved["model"], current,
                                    ignore=("dtype", "remat"),
                                    names=("checkpoint", "config"))
+  # Another model altogether says more than its 20 differing fields.
+  diffs.sort(key=lambda line: not line.startswith("name:"))
   if diffs:
     raise CheckpointMismatchError(
         "The workdir holds a checkpoint of a different model config:\n  " +
