@@ -34,6 +34,8 @@ def test_fqgan_far_paper_pipeline(tmp_path, variant, k):
                                 "tokenizer.checkpoint": tok,
                                 "train.num_steps": 4})
   assert pc.latest_step(os.path.join(far, "checkpoints")) == 4
+  # Sample grids while training, decoded by the tokenizer.
+  assert os.listdir(os.path.join(far, "images")) == ["samples_0000004.png"]
 
   out = pc.run_mode(far_spec, os.path.join(w, "samples"), **{
       "mode": "sample", "init_from": far, "tokenizer.checkpoint": tok})

@@ -286,8 +286,8 @@ class FAR(nn.Module):
     codes int (B, k); index int scalar (may be traced). Returns h (B, d) for
     raster position ``index + 1``.
     """
-    x = self._aggregate([self._tok(i)(codes[:, i]) for i in
-                         range(self.num_codebooks)])[:, None]
+    x = self._aggregate([self._tok(i)(codes[:, i : i + 1]) for i in
+                         range(self.num_codebooks)])          # (B, 1, d)
     pos = index + 1
     rope = tuple(jax.lax.dynamic_slice_in_dim(t, pos, 1) for t in self._rope())
     return self._backbone(x, rope, pos)

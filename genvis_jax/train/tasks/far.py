@@ -4,6 +4,7 @@ Batch (pre-tokenized FQGAN codes): ``{"tokens": int32 (B, k, N) or (B, k*N),
 "label": int32 (B,)}`` with the sub-token maps in the tokenizer's order (vis,
 sem[_mid, sem_high]). Class labels become the null class with probability
 ``config.model.class_dropout`` inside the model (train mode), as officially.
+Image grids every ``config.train.image_every`` steps: see ``token_generator``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import optax
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.sample import far as far_sample
 from genvis_jax.train import optimizers as opt_lib
-from genvis_jax.train.tasks import Task
+from genvis_jax.train.tasks.token_generator import TokenGeneratorTask
 
 
 def subtoken_names(k: int) -> tuple[str, ...]:
@@ -48,12 +50,14 @@ def as_codes(tokens, k: int, n: int):
       "Check the pre-tokenized data against config.model.num_codebooks / grid.")
 
 
-class FARTask(Task):
-  """One parameter group ``"model"``; metrics loss and per-sub-token CE/acc."""
+class FARTask(TokenGeneratorTask):
+  """One parameter group ``"model"``; metrics loss and per-sub-token CE/acc;
+  sample grids (``TokenGeneratorTask``)."""
+
+  sampler = far_sample
 
   def __init__(self, config):
     super().__init__(config)
-    self.model = models.build(config.model)
     self.names = subtoken_names(self.model.num_codebooks)
 
   def init_params(self, rng):

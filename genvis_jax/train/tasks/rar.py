@@ -6,19 +6,14 @@ Each sample uses a random permutation with probability ``r(step)`` (1 until
 raster order; class labels are replaced by the null class with probability
 ``config.train.label_dropout`` (for classifier-free guidance).
 
-Image grids (every ``config.train.image_every`` steps): samples of the current
-weights with the compiled KV-cache sampler and ``config.sample`` settings,
-decoded by ``config.tokenizer`` (off, with a warning, without its checkpoint).
+Image grids every ``config.train.image_every`` steps: see ``token_generator``.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
@@ -26,8 +21,7 @@ from genvis_jax.models.layers import drop_labels
 from genvis_jax.models.rar import permute
 from genvis_jax.sample import rar as rar_sample
 from genvis_jax.train import optimizers as opt_lib
-from genvis_jax.core.metrics import to_uint8
-from genvis_jax.train.tasks import Task
+from genvis_jax.train.tasks.token_generator import TokenGeneratorTask
 
 
 def randomness_ratio(step, anneal_start: int, anneal_end: int):
@@ -58,22 +52,17 @@ def ar_loss(logits, targets):
   return loss, acc
 
 
-class RARTask(Task):
-  """One parameter group ``"model"``; metrics loss / accuracy / r."""
+class RARTask(TokenGeneratorTask):
+  """One parameter group ``"model"``; metrics loss / accuracy / r; sample
+  grids (``TokenGeneratorTask``)."""
+
+  sampler = rar_sample
 
   def __init__(self, config):
     super().__init__(config)
-    self.model = models.build(config.model)
     self.anneal = (int(self.hparam("train.randomness_anneal_start")),
                    int(self.hparam("train.randomness_anneal_end")))
     self.label_dropout = float(self.hparam("train.label_dropout"))
-    self._tokenizer_params = None
-    tok = config.get("tokenizer")
-    # Pixel range of the sample grids: the tokenizer model's own.
-    has_tok = tok is not None and tok.get("model", {}).get("name", "")
-    self.tokenizer_range = (models.value_range(tok.model, config,
-                                               ("tokenizer",))
-                            if has_tok else None)
 
   def init_params(self, rng):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
@@ -103,46 +92,6 @@ class RARTask(Task):
 
     (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(params["model"])
     return {"model": g}, {"loss": loss, "accuracy": acc, "r": r}
-
-  # --- sample grids -----------------------------------------------------------
-  def frozen_params(self):
-    """The tokenizer that decodes the sample grids (only when grids are on)."""
-    tok = self.config.get("tokenizer")
-    if not self.config.train.get("image_every"):
-      return {}
-    if tok is None or not tok.get("checkpoint"):
-      logging.warning(
-          "RAR sample grids are OFF: config.tokenizer.checkpoint is empty. Set "
-          "it to the tokenizer the tokens came from to see samples while "
-          "training (or config.train.image_every=0 to silence this).")
-      return {}
-    if self._tokenizer_params is None:
-      self._tokenizer_params = models.load_params(
-          tok.model, tok.checkpoint, setting="--config.tokenizer.checkpoint")
-    return {"tokenizer": self._tokenizer_params}
-
-  @functools.cached_property
-  def _decode(self):
-    """Jitted ``decode(tokenizer_params, codes)``: one compile per run."""
-    tokenizer = models.build(self.config.tokenizer.model)
-    return jax.jit(lambda p, c: tokenizer.apply({"params": p}, c,
-                                                method="decode"))
-
-  def visualize(self, params, frozen, batch, rng):
-    """16 samples of evenly spread classes, decoded: {"samples": uint8}."""
-    if "tokenizer" not in frozen:
-      return {}
-    del batch   # host-local; fixed classes keep every process identical
-    n, c = 16, self.model.num_classes
-    labels = (jnp.arange(n) * max(1, c // n)) % c
-    s = self.config.sample
-    codes = rar_sample.sample(self.model, params["model"], labels, rng,
-                              guidance_scale=s.guidance_scale,
-                              guidance_pow=s.guidance_pow,
-                              temperature=s.temperature)
-    side = int(round(self.model.seq_len ** 0.5))
-    images = self._decode(frozen["tokenizer"], codes.reshape(n, side, side))
-    return {"samples": to_uint8(jax.device_get(images), self.tokenizer_range)}
 
 
 TASK = RARTask
