@@ -6,6 +6,7 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 
@@ -57,9 +58,20 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
   return grid
 
 
+def host_array(x) -> np.ndarray:
+  """``x`` on the host, whole: a jax.Array spread over several processes'
+  devices (a grid drawn under the training mesh) is gathered first, which
+  every process must then call."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def to_uint8(images, value_range=(0.0, 1.0)) -> np.ndarray:
+  """Float images in ``value_range`` -> uint8 grids' pixels (host numpy;
+  see ``host_array``)."""
   lo, hi = value_range
-  x = (np.asarray(images, np.float32) - lo) / (hi - lo)
+  x = (host_array(images).astype(np.float32) - lo) / (hi - lo)
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 

@@ -108,7 +108,7 @@ class EqGeneratorTask(Task):
                                num_columns=cols, cfg=sp.cfg,
                                num_steps=sp.num_steps)
         img = self._decode(frozen["tokenizer"], lat)
-        out[name] = to_uint8(jax.device_get(img), self.value_range)
+        out[name] = to_uint8(img, self.value_range)
     return out
 
 

@@ -203,4 +203,4 @@ class GANTokenizerTask(Task):
     recon, _ = self._reconstruct(params["model"], images)
     recon = jnp.clip(recon, *self.value_range)
     pairs = jnp.stack([images, recon], axis=1).reshape(-1, *images.shape[1:])
-    return {"reconstruction": to_uint8(jax.device_get(pairs), self.value_range)}
+    return {"reconstruction": to_uint8(pairs, self.value_range)}

@@ -77,4 +77,4 @@ class TokenGeneratorTask(Task):
     codes = self.sampler.generate(self.model, params["model"], labels, rng,
                                   self.config.sample)
     images = self._decode(frozen["tokenizer"], codes)
-    return {"samples": to_uint8(jax.device_get(images), self.tokenizer_range)}
+    return {"samples": to_uint8(images, self.tokenizer_range)}
