@@ -49,8 +49,8 @@ def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
   (not what the run holds later), and the paths pass between processes intact."""
   import ml_collections
   paths = ["/runs/rar/checkpoints/480", "gs://b/tok/ünï", ""]
-  from genvis_jax.core import weights
-  assert weights._from_process_0(paths) == paths   # pylint: disable=protected-access
+  from genvis_jax.core import multihost
+  assert multihost.broadcast_strings(paths) == paths
   newest = {"/runs/rar": "/runs/rar/checkpoints/480"}
   monkeypatch.setattr(driver.weights_lib, "resolve", lambda d: newest.get(d, d))
   monkeypatch.setattr(driver.weights_lib, "params_source",

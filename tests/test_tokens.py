@@ -167,12 +167,18 @@ def test_missing_token_files_say_to_pretokenize(tmp_path):
   with pytest.raises(data.DataNotFoundError, match="pretokenize"):
     data.create_dataset(c, split="train", global_batch_size=2, seed=0,
                         process_index=0, process_count=1)
-  # The output folder itself: name the files inside.
-  (tmp_path / "tokens").mkdir()
-  with pytest.raises(data.DataNotFoundError,
-                     match=r"matches the folder .*tokens, not token files.*"
-                           r"tokens/train-\*.array_record"):
-    data.TokenSource(str(tmp_path / "tokens"))
+  # The pretokenize workdir or its tokens/ folder: name the files there.
+  data.write_token_records(str(tmp_path / "pre" / "tokens" / "val"),
+                           np.arange(2, dtype=np.int32), np.zeros((2, 4), np.int32))
+  for folder in ("pre", "pre/tokens"):
+    with pytest.raises(data.DataNotFoundError,
+                       match=r"matches the folder .*, not token files.*"
+                             r"pre/tokens/val-\*.array_record"):
+      data.TokenSource(str(tmp_path / folder))
+  # A glob that also matches the records beside the files reads the files only.
+  with open(str(tmp_path / "pre" / "tokens" / "val-00000-of-00001.array_record.json"), "w") as f:
+    f.write("{}")
+  assert len(data.TokenSource(str(tmp_path / "pre" / "tokens" / "val-*"))) == 2
 
 
 def test_a_run_remembers_where_its_tokens_came_from(tmp_path):

@@ -43,7 +43,11 @@ class StopRequest:
   handlers are back.
   """
 
-  def __init__(self):
+  def __init__(self, action: str = "saving a checkpoint after the current step",
+               lost: str = "without a final checkpoint"):
+    """``action``: what happens before the stop; ``lost``: what a stop
+    without the preemption service misses (both for the log lines)."""
+    self.action, self.lost = action, lost
     self.signal: str | None = None
     self._previous = {}
     self._synced = False
@@ -56,7 +60,7 @@ class StopRequest:
       self._synced = distributed.global_state.preemption_sync_manager is not None
       if not self._synced:
         logging.warning("No preemption service: a SIGTERM stops this "
-                        "multi-process run without a final checkpoint.")
+                        "multi-process run %s.", self.lost)
     elif threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. a `&` job's SIGINT
@@ -72,9 +76,8 @@ class StopRequest:
     if self.signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt      # asked twice: stop now, unsaved
     self.signal = signal.Signals(signum).name
-    logging.warning("%s received: saving a checkpoint after the current step, "
-                    "then stopping (Ctrl-C again stops at once, unsaved).",
-                    self.signal)
+    logging.warning("%s received: %s, then stopping (Ctrl-C again stops at "
+                    "once, unsaved).", self.signal, self.action)
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:

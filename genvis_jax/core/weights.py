@@ -26,9 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import multihost
 
 
 def save_params(directory: str, params) -> None:
@@ -86,14 +86,15 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       + _inside_run_hint(path))
 
 
-def resolve(directory: str) -> str:
+def resolve(directory: str, quiet: bool = False) -> str:
   """The folder :func:`restore_params` would read for ``directory``, pinned:
   a training run -> its newest step that passes ``checkpoint.validate_step``
   (``<run>/checkpoints/<step>``), so a step saved meanwhile cannot change
   what is loaded; anything else (a parameter checkpoint, a step folder, a
   run with no readable step, nothing) as given. Loading the pinned folder
   never falls back to an older step: a step that validates but does not
-  restore is an error, so what was recorded is what was read."""
+  restore is an error, so what was recorded is what was read. Skipped newer
+  steps are logged unless ``quiet``."""
   if not directory:
     return directory
   path = _absolute(directory)
@@ -102,7 +103,7 @@ def resolve(directory: str) -> str:
   run, step = _split_step(path)
   if step is not None:
     return directory
-  found = _newest_valid(run)
+  found = _newest_valid(run, quiet=quiet)
   return str(run / "checkpoints" / str(found)) if found is not None else directory
 
 
@@ -121,22 +122,11 @@ def resolve_all(directories: list[str]) -> list[str]:
       paths = [resolve(d) for d in directories]
     except Exception as e:  # pylint: disable=broad-except
       error = f"{type(e).__name__}: {str(e).strip()[:1000]}"
-  error, *paths = _from_process_0([error] + paths)
+  error, *paths = multihost.broadcast_strings([error] + paths)
   if error:
     raise ckpt_lib.CheckpointRestoreError(
         f"Resolving the checkpoints {directories} failed on process 0: {error}")
   return paths
-
-
-def _from_process_0(strings: list[str], size: int = 4096) -> list[str]:
-  """Process 0's ``strings`` on every process (UTF-8; longer than
-  ``size - 1`` bytes is cut, which no checkpoint path is)."""
-  buf = np.zeros((len(strings), size), np.uint8)
-  for i, s in enumerate(strings):
-    raw = s.encode()[:size - 1]
-    buf[i, :len(raw)] = np.frombuffer(raw, np.uint8)
-  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-  return [bytes(row[:np.argmin(row)]).decode(errors="replace") for row in buf]
 
 
 def params_source(directory: str) -> str:
@@ -150,7 +140,7 @@ def params_source(directory: str) -> str:
   """
   if not directory:
     return ""
-  path = _absolute(resolve(directory))
+  path = _absolute(resolve(directory, quiet=True))
   if (path / "params").exists():
     return _source("params", path / "params")
   run, step = _split_step(path)
@@ -159,7 +149,8 @@ def params_source(directory: str) -> str:
   return _source(f"step {step}", path)
 
 
-def _newest_valid(run: epath.Path, step: int | None = None) -> int | None:
+def _newest_valid(run: epath.Path, step: int | None = None,
+                  quiet: bool = False) -> int | None:
   """``step`` (or the newest saved step) of ``run`` that passes
   ``validate_step``; None if none does (``restore_params`` skips those too).
   A newer step skipped is logged: the user learns which weights were passed
@@ -168,7 +159,7 @@ def _newest_valid(run: epath.Path, step: int | None = None) -> int | None:
     try:
       ckpt_lib.validate_step(run / "checkpoints" / str(s), with_data=False)
     except Exception as e:  # pylint: disable=broad-except
-      if step is None:
+      if step is None and not quiet:
         logging.warning("Checkpoint step %d in %s cannot be read (%s); trying "
                         "the previous step.", s, run / "checkpoints",
                         ckpt_lib.first_line(e))

@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 import jax
 
+from genvis_jax.core import multihost
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data.tokens import TokenFileError, glob_files
 from genvis_jax.errors import ConfigError
@@ -41,7 +42,7 @@ def recorded_settings(pattern: str) -> dict[str, dict]:
 def check_training_files(config) -> str:
   """Checks the token files of ``config.data`` against each other and
   ``config`` before training; a no-op unless ``config.data.source`` is
-  ``"tokens"``. Every process reads the same records, so all raise together.
+  ``"tokens"``. Process 0 reads the records; its error stops every process.
 
   Raises:
     TokenFileError: the files were written with different tokenizer weights
@@ -57,12 +58,17 @@ def check_training_files(config) -> str:
   if data.get("source") != "tokens" or not data.get("path"):
     return ""
   pattern = data.path.replace("{split}", data.get("split", "train"))
-  records = recorded_settings(pattern)
-  _check_one_tokenizer(pattern, records)
-  _check_codes(pattern, records, config.get("model", {}).get("codebook_size"))
-  _warn_repeated_names(pattern)
-  tok = config.get("tokenizer") or {}
-  return check_origin(pattern, records, tok.get("checkpoint", ""))
+  warning = []
+
+  def check():
+    records = recorded_settings(pattern)
+    _check_one_tokenizer(pattern, records)
+    _check_codes(pattern, records, config.get("model", {}).get("codebook_size"))
+    _warn_repeated_names(pattern)
+    tok = config.get("tokenizer") or {}
+    warning.append(check_origin(pattern, records, tok.get("checkpoint", "")))
+  multihost.check_on_process_0(check)
+  return warning[0] if warning else ""
 
 
 def _check_one_tokenizer(pattern: str, records: dict[str, dict]) -> None:
@@ -155,11 +161,22 @@ def record_or_check(config, workdir: str, resumed_step: int | None) -> None:
   """A fresh run records ``written_weights(config)`` in ``workdir``; a resumed
   one must find the same there. Raises ``TokenFileError`` when the token
   files now come from other tokenizer weights than the run trained on."""
+  multihost.check_on_process_0(
+      lambda: _record_or_check(config, workdir, resumed_step))
+
+
+def _record_or_check(config, workdir: str, resumed_step: int | None) -> None:
   now = written_weights(config)
+  path = epath.Path(workdir) / ORIGIN_FILE
   before = run_token_weights(workdir) if resumed_step is not None else []
   if not before:   # a fresh run, or one from before this record existed
-    if now and jax.process_index() == 0:
-      (epath.Path(workdir) / ORIGIN_FILE).write_text(json.dumps({"weights": now}))
+    if now:
+      if resumed_step is not None:
+        logging.warning("Recording the token files' tokenizer weights %s in "
+                        "%s; the steps up to %d were trained before such a "
+                        "record existed and are not checked.", now, path,
+                        resumed_step)
+      path.write_text(json.dumps({"weights": now}))
     return
   if now and before != now:
     raise TokenFileError(
@@ -167,7 +184,9 @@ def record_or_check(config, workdir: str, resumed_step: int | None) -> None:
         f"tokenizer weights {before}; the files of config.data.path "
         f"({config.data.path}) now hold {now} (written again, or another "
         "output). Resume on the tokens it trained on, or start a new "
-        "--workdir (--config.init_from=<this run> keeps the weights).")
+        "--workdir (--config.init_from=<this run> keeps the weights). If the "
+        f"weights are the same (e.g. converted again), delete {path} and "
+        "resume.")
 
 
 def run_token_weights(run: str) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob as glob_lib
 import os
+import re
 from typing import Iterable, Sequence
 
 from array_record.python import array_record_module
@@ -130,11 +131,14 @@ def write_token_records(path_prefix: str, labels, tokens,
 
 
 def glob_files(pattern: str) -> list[str]:
-  """Sorted paths matching ``pattern`` (local or ``gs://``); none -> []."""
+  """Sorted paths matching ``pattern`` (local or ``gs://``), leaving out the
+  ``.json`` records and ``.partial`` files beside token files; none -> []."""
   if "://" in pattern:  # e.g. gs://bucket/tokens/train-*.array_record
     parent, name = pattern.rsplit("/", 1)
-    return sorted(str(p) for p in epath.Path(parent).glob(name))
-  return sorted(glob_lib.glob(pattern))
+    found = [str(p) for p in epath.Path(parent).glob(name)]
+  else:
+    found = glob_lib.glob(pattern)
+  return sorted(p for p in found if not p.endswith((".json", ".partial")))
 
 
 def token_files_exist(pattern: str) -> bool:
@@ -156,13 +160,25 @@ def find_token_files(pattern: str) -> list[str]:
         "--workdir=<dir>`, then point config.data.path at the written "
         "'<prefix>-*.array_record' files.")
   found = glob_files(pattern)
-  folders = [f for f in found if epath.Path(f).is_dir()]
+  folders = [f for f in found
+             if not f.endswith(".array_record") and epath.Path(f).is_dir()]
   if folders:
     raise DataNotFoundError(
         f"config.data.path={pattern!r} matches the folder {folders[0]}, not "
-        "token files: point it at the files inside, e.g. "
-        f"'{folders[0].rstrip('/')}/train-*.array_record'.")
+        f"token files: point it at the files, e.g. {_files_in(folders[0])!r}.")
   return found
+
+
+def _files_in(folder: str) -> str:
+  """A glob of the token files in ``folder`` or its ``tokens/`` (where
+  pretokenize writes), e.g. ``<folder>/tokens/train-*.array_record``."""
+  for sub in (folder.rstrip("/"), folder.rstrip("/") + "/tokens"):
+    names = glob_files(sub + "/*.array_record")
+    if names:
+      prefix = re.sub(r"-\d+-of-\d+\.array_record$", "",
+                      os.path.basename(names[0]))
+      return f"{sub}/{prefix}-*.array_record"
+  return f"{folder.rstrip('/')}/tokens/train-*.array_record"
 
 
 class TokenSource:

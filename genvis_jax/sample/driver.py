@@ -32,6 +32,7 @@ from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
@@ -185,7 +186,12 @@ class SampleSettingsError(errors.UserError, ValueError):
 def check_settings(parts_dir: str, settings: dict) -> None:
   """Writes ``settings.json`` on a fresh start; refuses a resume that differs
   (except in ``num_samples``, as a set can grow or shrink, and in the
-  checkpoint paths while the weights they resolve to are the same)."""
+  checkpoint paths while the weights they resolve to are the same). Process
+  0 checks and writes; its error stops every process."""
+  multihost.check_on_process_0(lambda: _check_settings(parts_dir, settings))
+
+
+def _check_settings(parts_dir: str, settings: dict) -> None:
   path = os.path.join(parts_dir, "settings.json")
   parts = glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz"))
   if os.path.exists(path):
@@ -204,9 +210,8 @@ def check_settings(parts_dir: str, settings: dict) -> None:
     raise SampleSettingsError(f"{parts_dir} holds {len(parts)} sample parts but no "
                      "settings.json, so they cannot be checked against this "
                      "run. Use a new workdir, or delete that folder.")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(settings, f, indent=1, sort_keys=True)
+  with open(path, "w") as f:
+    json.dump(settings, f, indent=1, sort_keys=True)
 
 
 def sample_and_save(config, workdir: str) -> dict:
@@ -243,13 +248,18 @@ def sample_and_save(config, workdir: str) -> dict:
   key = jax.random.key(s.get("seed", 0))
   starts = range(0, s.num_samples, s.batch_size)
   done = complete_parts(parts_dir, s.num_samples, s.batch_size)
+  if jax.process_count() > 1:   # process 0 writes the parts: its view counts
+    mask = np.array([start in done for start in starts])
+    mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+    done = {start for start, m in zip(starts, mask) if m}
   if done:
     have = sum(min(s.batch_size, s.num_samples - d) for d in done)
     print(f"[sample] resuming: {have} of {s.num_samples} images already in "
           f"{parts_dir}", flush=True)
   t0, made = time.perf_counter(), 0
   # SIGTERM / Ctrl-C: finish and write the batch in flight, then stop.
-  with preemption.StopRequest() as stop:
+  with preemption.StopRequest("writing the batch of samples in flight",
+                              "without writing the batch in flight") as stop:
     for i, start in enumerate(starts):
       if start in done:
         continue
@@ -277,6 +287,8 @@ def sample_and_save(config, workdir: str) -> dict:
             f"Sampling stopped by {stop.signal} after the batch of images "
             f"{start}..{start + n - 1}; the parts drawn so far are in "
             f"{parts_dir}. Run the same command to resume from them.")
+  if jax.process_count() > 1:   # the others wait for process 0's last part
+    multihost_utils.sync_global_devices("genvis_jax sample parts written")
   return assemble(workdir, s.num_samples)
 
 
@@ -299,7 +311,13 @@ def _local_slice(batch: int) -> slice:
 
 
 def assemble(workdir: str, num_samples: int) -> dict:
-  """Joins the part files into ``samples.npz`` + ``samples.png``; checks coverage."""
+  """Joins the part files into ``samples.npz`` + ``samples.png``; checks
+  coverage. Process 0 only (it wrote the parts); the others get the paths."""
+  out = {"npz": os.path.join(workdir, "samples.npz"),
+         "png": os.path.join(workdir, "samples.png"),
+         "num_samples": int(num_samples)}
+  if jax.process_index() != 0:
+    return out
   parts = sorted(glob.glob(os.path.join(workdir, "sample_parts", "[0-9]*[0-9].npz")))
   images, labels, expected = [], [], 0
   for p in parts:
@@ -317,12 +335,8 @@ def assemble(workdir: str, num_samples: int) -> dict:
     raise RuntimeError(f"{expected} of {num_samples} samples present; re-run.")
   images = np.concatenate(images)[:num_samples]
   labels = np.concatenate(labels)[:num_samples]
-  out = {"npz": os.path.join(workdir, "samples.npz"),
-         "png": os.path.join(workdir, "samples.png"),
-         "num_samples": int(len(images))}
-  if jax.process_index() == 0:
-    images_lib.save_npz(out["npz"], images, labels)
-    order = np.argsort(labels[:100], kind="stable")
-    images_lib.save_grid(images[:100][order], out["png"], ncols=10)
-    print(f"[sample] wrote {out['npz']} and {out['png']}", flush=True)
+  images_lib.save_npz(out["npz"], images, labels)
+  order = np.argsort(labels[:100], kind="stable")
+  images_lib.save_grid(images[:100][order], out["png"], ncols=10)
+  print(f"[sample] wrote {out['npz']} and {out['png']}", flush=True)
   return out

@@ -157,10 +157,11 @@ def train_loop(config, workdir: str, on_log=None):
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir, mesh=mesh, task=task)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  # Before restoring: a resume on other tokens is refused without reading state.
+  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  token_origin.record_or_check(config, workdir, ckpt.latest_step())
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state = ckpt.restore_latest(trainer.abstract_state(), data_iter, config)
-  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
-  token_origin.record_or_check(config, workdir, latest)
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)
     if config.init_from:
