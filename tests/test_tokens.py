@@ -209,3 +209,18 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   assert "trained on codes of tokenizer weights ['step 20 committed 1']" in (
       driver.warn_other_tokenizer(step, "step 30 committed 2"))
   assert driver.warn_other_tokenizer(str(tmp_path / "converted"), "x") == ""
+
+
+def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
+                                                                  monkeypatch):
+  """Processes agree on reuse before the (collective) tokenizer load: one
+  refusing its shard stops the others instead of leaving them waiting."""
+  from configs import rar_b
+  from genvis_jax.core import multihost
+  from genvis_jax.data import pretokenize
+  c = rar_b.get_config("runlocal")
+  c.tokenizer.checkpoint = str(tmp_path / "tok")   # never read: stops before
+  monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v, 2]))
+  with pytest.raises(multihost.OtherProcessError,
+                     match=r"Processes \[1\] refused their shards"):
+    pretokenize.pretokenize(c, str(tmp_path / "wd"))

@@ -17,8 +17,8 @@ from jax.experimental import multihost_utils
 from genvis_jax.errors import UserError
 
 
-class ProcessZeroError(UserError, RuntimeError):
-  """Process 0's check failed; raised on the other processes."""
+class OtherProcessError(UserError, RuntimeError):
+  """Another process's check failed; raised on the rest so all stop."""
 
 
 def broadcast_strings(strings: list[str], size: int = 4096) -> list[str]:
@@ -34,7 +34,7 @@ def broadcast_strings(strings: list[str], size: int = 4096) -> list[str]:
 
 def check_on_process_0(check: Callable[[], object]) -> None:
   """Runs ``check`` on process 0 only; if it raises, process 0 re-raises its
-  error and every other process raises ``ProcessZeroError`` with its
+  error and every other process raises ``OtherProcessError`` with its
   message, so all stop together. One process: just ``check()``."""
   if jax.process_count() == 1:
     check()
@@ -49,4 +49,12 @@ def check_on_process_0(check: Callable[[], object]) -> None:
   if error is not None:
     raise error
   if message:
-    raise ProcessZeroError(f"On process 0: {message}")
+    raise OtherProcessError(f"On process 0: {message}")
+
+
+def gather_ints(value: int) -> np.ndarray:
+  """Every process's ``value``, in process order: int (process_count,)."""
+  if jax.process_count() == 1:
+    return np.array([value])
+  return np.asarray(multihost_utils.process_allgather(
+      np.array([value], np.int32))).reshape(-1)

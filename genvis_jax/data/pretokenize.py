@@ -46,6 +46,7 @@ from etils import epath
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import settings as settings_lib
+from genvis_jax.core import multihost
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
 from genvis_jax.data import sources
@@ -220,6 +221,13 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
       "elsewhere (another --workdir or --config.pretokenize.output).")
 
 
+def _reused(path: str, done: dict, settings: dict, pattern: str) -> dict:
+  print(f"[pretokenize] reusing {path} ({done['records']} records, written "
+        f"with these settings, tokenizer {settings['weights']}); train with "
+        f"--config.data.path='{pattern}'", flush=True)
+  return {"files": [path], "records": done["records"], "pattern": pattern}
+
+
 def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
   if "pretokenize" not in config:
@@ -234,12 +242,22 @@ def pretokenize(config, workdir: str) -> dict:
   # The tokenizer run's newest step, pinned: the step recorded is the one read.
   checkpoint = weights_lib.resolve_all([tok.checkpoint])[0]
   settings = output_settings(config, checkpoint)
-  done = existing_output(path, settings, p.get("overwrite", False))
-  if done is not None:
-    print(f"[pretokenize] reusing {path} ({done['records']} records, written "
-          f"with these settings, tokenizer {settings['weights']}); train with "
-          f"--config.data.path='{pattern}'", flush=True)
-    return {"files": [path], "records": done["records"], "pattern": pattern}
+  # Each process checks its own shard; all agree before the collective load,
+  # so a process whose shard is reused or refused leaves none waiting there.
+  done, refused = None, None
+  try:
+    done = existing_output(path, settings, p.get("overwrite", False))
+  except Exception as e:  # pylint: disable=broad-except
+    refused = e           # raised below, after the others have heard of it
+  states = multihost.gather_ints(2 if refused else 0 if done else 1)
+  if refused is not None:
+    raise refused
+  if (states == 2).any():
+    raise multihost.OtherProcessError(
+        f"Processes {np.flatnonzero(states == 2).tolist()} refused their "
+        f"shards of {output} (their logs say why); this process wrote nothing.")
+  if done is not None and (states == 0).all():
+    return _reused(path, done, settings, pattern)
   size = p.data.image_size
   value_range = models.value_range(tok.model, config, ("tokenizer",))
   mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
@@ -249,6 +267,8 @@ def pretokenize(config, workdir: str) -> dict:
   model = models.build(model_cfg)
   params = models.load_params(
       model_cfg, checkpoint, mesh, setting="--config.tokenizer.checkpoint")
+  if done is not None:   # loaded with the others; this shard stays as it is
+    return _reused(path, done, settings, pattern)
   encode = make_encoder(model, params, mesh)
   it, info = image_batches(p, value_range)
   n_dev = jax.local_device_count()
