@@ -2,6 +2,7 @@
 uninterrupted, bit for bit; mismatching checkpoints and exploding runs fail
 clearly (more failure cases in test_reliability.py)."""
 
+import logging
 import os
 import shutil
 import signal
@@ -189,7 +190,7 @@ def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):
   ck.close()
 
 
-def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path):
+def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path, caplog):
   c = _config(6)
   c.train.checkpoint_every = 100          # only the stop saves before the end
   wd = str(tmp_path / "wd")
@@ -204,7 +205,12 @@ def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path):
     trainer_lib.train_loop(c, wd, on_log=on_log)
   assert ckpt_lib.Checkpointer(wd).latest_step() == 3
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
-  resumed = trainer_lib.train_and_evaluate(c, wd)
+  c.init_from = str(tmp_path / "nowhere")   # would fail if it were read
+  with caplog.at_level(logging.WARNING):
+    resumed = trainer_lib.train_and_evaluate(c, wd)
+  assert any("init_from=" in r.getMessage() and "own step 3" in r.getMessage()
+             for r in caplog.records)   # a resume says it is not loaded
+  c.init_from = ""
   full = trainer_lib.train_and_evaluate(c, str(tmp_path / "full"))
   assert int(resumed.step) == 6
   for a, b in zip(_leaves(full), _leaves(resumed)):

@@ -79,17 +79,6 @@ def test_damaged_latest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
     np.testing.assert_array_equal(a, b)
 
 
-def test_resume_says_init_from_is_not_loaded(runs, tmp_path, caplog):
-  wd = _copy(runs[1], tmp_path)
-  c = _config(7)
-  c.init_from = str(tmp_path / "nowhere")   # would fail if it were read
-  with caplog.at_level(logging.WARNING):
-    trainer_lib.train_and_evaluate(c, wd)
-  assert any("init_from=" in r.getMessage() and "is not loaded" in
-             r.getMessage() and "own step 6" in r.getMessage()
-             for r in caplog.records)
-
-
 def test_truncation_is_caught_before_orbax_reads(runs, tmp_path):
   wd = _copy(runs[1], tmp_path)
   step_dir = epath.Path(wd) / "checkpoints" / "6"
