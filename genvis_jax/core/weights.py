@@ -174,6 +174,13 @@ def _absolute(directory: str) -> epath.Path:
   return path if "://" in str(directory) else path.absolute()
 
 
+def run_of(directory: str) -> str:
+  """The training run a weight setting names: ``<run>`` for ``<run>`` or
+  ``<run>/checkpoints/<step>``; anything else (a converted checkpoint) as
+  given."""
+  return str(_split_step(_absolute(directory))[0])
+
+
 def _split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
   """``(run, step)`` for ``run/checkpoints/<step>``, else ``(path, None)``;
   ``run/checkpoints`` itself means the run. A folder with its own

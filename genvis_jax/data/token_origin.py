@@ -16,7 +16,6 @@ import os
 
 from absl import logging
 from etils import epath
-import jax
 
 from genvis_jax.core import multihost
 from genvis_jax.core import weights as weights_lib
@@ -39,6 +38,13 @@ def recorded_settings(pattern: str) -> dict[str, dict]:
   return out
 
 
+def _pattern(data) -> str:
+  """The token-file glob of ``config.data``; "" unless it reads tokens."""
+  if data.get("source") != "tokens" or not data.get("path"):
+    return ""
+  return data.path.replace("{split}", data.get("split", "train"))
+
+
 def check_training_files(config) -> str:
   """Checks the token files of ``config.data`` against each other and
   ``config`` before training; a no-op unless ``config.data.source`` is
@@ -54,10 +60,9 @@ def check_training_files(config) -> str:
   Returns:
     The warning of :func:`check_origin` ("" when none).
   """
-  data = config.data
-  if data.get("source") != "tokens" or not data.get("path"):
+  pattern = _pattern(config.data)
+  if not pattern:
     return ""
-  pattern = data.path.replace("{split}", data.get("split", "train"))
   warning = []
 
   def check():
@@ -119,10 +124,10 @@ def check_origin(pattern: str, records: dict[str, dict],
   other tokenizer weights than ``tokenizer_checkpoint``
   (``config.tokenizer.checkpoint``) resolves to now: the sample grids, and
   sampling later with the same setting, would decode codes of another
-  tokenizer. "" when they match or nothing is recorded. Process 0 only (it
-  reads the tokenizer checkpoint's storage); never raises."""
+  tokenizer. "" when they match or nothing is recorded. Called on process 0
+  only (by ``check_training_files``); never raises."""
   written = {s.get("weights") for s in records.values()} - {None}
-  if not tokenizer_checkpoint or not written or jax.process_index() != 0:
+  if not tokenizer_checkpoint or not written:
     return ""
   try:   # only a warning: storage trouble here must not stop training
     now = weights_lib.params_source(tokenizer_checkpoint)
@@ -149,10 +154,9 @@ ORIGIN_FILE = "token_origin.json"
 def written_weights(config) -> list[str]:
   """Sorted tokenizer weights the token files of ``config.data`` record
   ([] when the data are not token files or nothing is recorded)."""
-  data = config.data
-  if data.get("source") != "tokens" or not data.get("path"):
+  pattern = _pattern(config.data)
+  if not pattern:
     return []
-  pattern = data.path.replace("{split}", data.get("split", "train"))
   found = {s.get("weights") for s in recorded_settings(pattern).values()}
   return sorted(w for w in found if w)
 

@@ -28,18 +28,17 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import multihost
+from genvis_jax.core import preemption
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
 from genvis_jax.data import token_origin
 from genvis_jax.models import inference
 from genvis_jax.sample import images as images_lib
-from genvis_jax.core import preemption
 
 def _generator(name: str):
   """``genvis_jax/sample/<config.model.name>.py``'s ``generate(model, params,
@@ -162,9 +161,8 @@ def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
   ``tokenizer_source`` (``core.weights.params_source``): its samples would be
   decoded by a tokenizer it never saw. "" when they match or the run
   recorded nothing (a converted checkpoint, a run of images)."""
-  path = epath.Path(init_from)
-  run = path.parent.parent if path.parent.name == "checkpoints" else path
-  trained_on = token_origin.run_token_weights(str(run))
+  run = weights_lib.run_of(init_from)
+  trained_on = token_origin.run_token_weights(run)
   if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
     return ""
   msg = (f"The generator {run} trained on codes of tokenizer weights "
