@@ -86,6 +86,13 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       + _inside_run_hint(path))
 
 
+def restore_pinned(directory: str, abstract_params, **kwargs) -> Any:
+  """:func:`restore_params` of the folder process 0 pins for ``directory``
+  (:func:`resolve_all`): every process of a job loads the same step of a
+  run, even one saved while they start. Every process must call it."""
+  return restore_params(resolve_all([directory])[0], abstract_params, **kwargs)
+
+
 def resolve(directory: str, quiet: bool = False) -> str:
   """The folder :func:`restore_params` would read for ``directory``, pinned:
   a training run -> its newest step that passes ``checkpoint.validate_step``

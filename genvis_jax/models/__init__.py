@@ -165,7 +165,7 @@ def load_params(model_config, directory: str, mesh=None, *,
   step's EMA weights when tracked) or one ``checkpoints/<step>`` of it, see
   ``core.weights.restore_params``; replicated over
   ``mesh`` when given. A run is pinned to the step process 0 finds newest
-  (``core.weights.resolve_all``), so every process must call this and all
+  (``core.weights.restore_pinned``), so every process must call this and all
   load the same step. ``setting`` names the config key the path came from
   (for the messages). Raises ``CheckpointNotFoundError`` (no path, nothing
   there), ``CheckpointMismatchError`` (another model or other shapes) and
@@ -177,7 +177,6 @@ def load_params(model_config, directory: str, mesh=None, *,
         f"{setting}=DIR (a converted checkpoint from `python -m "
         "genvis_jax.convert`, a training workdir or one of its "
         "checkpoints/<step> folders).")
-  directory = weights_lib.resolve_all([directory])[0]
   abstract = jax.eval_shape(
       lambda r: init_params(model_config, r), jax.random.key(0))
   if mesh is not None:
@@ -185,5 +184,5 @@ def load_params(model_config, directory: str, mesh=None, *,
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         abstract)
-  return weights_lib.restore_params(directory, abstract, setting=setting,
+  return weights_lib.restore_pinned(directory, abstract, setting=setting,
                                     model_name=model_config.name)

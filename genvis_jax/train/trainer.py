@@ -174,17 +174,15 @@ def train_loop(config, workdir: str, on_log=None):
     if config.init_from:
       group = "model"   # init_from holds the model's parameters only
       abstract = trainer.abstract_state().params[group]
-      # Every process loads the run step process 0 pins.
-      init_from = weights_lib.resolve_all([config.init_from])[0]
-      loaded = weights_lib.restore_params(
-          init_from, abstract, setting="--config.init_from",
+      loaded = weights_lib.restore_pinned(   # the step process 0 pins
+          config.init_from, abstract, setting="--config.init_from",
           model_name=config.model.name)
       params = dict(state.params)
       params[group] = loaded
       state = state.replace(params=params)
       if state.ema is not None and group == task.ema_group:
         state = state.replace(ema=loaded)
-      logging.info("Initialised %r from %s", group, init_from)
+      logging.info("Initialised %r from %s", group, config.init_from)
   start = int(jax.device_get(state.step))
   num_steps = int(config.train.num_steps)
   n_params = {g: sum(x.size for x in jax.tree_util.tree_leaves(p))
