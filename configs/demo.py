@@ -24,6 +24,9 @@ from configs import maskgit_vqgan
 from configs import rar_common
 
 NUM_CLASSES = 10
+# The smoke run (tests) pretokenizes this many training images, not all 10000:
+# the write path is the same, and 4 generator steps read a few hundred.
+SMOKE_TOKEN_IMAGES = 1000
 
 
 def _demo_data(c):
@@ -211,6 +214,7 @@ def get_config(arg=None):
       t.image_every = 4 if name in ("tokenizer", "rar") else 0
     c.stages.tokenizer.loss.disc_start = 2
     c.stages.reconstructions.evaluate.num_images = 16
+    c.stages.pretokenize.pretokenize.data.num_examples = SMOKE_TOKEN_IMAGES
     c.stages.samples.sample.num_samples = 16
     c.stages.samples.sample.batch_size = 8
     c.stages.score.evaluate.min_accuracy = 0.0

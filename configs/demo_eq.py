@@ -36,7 +36,6 @@ def get_config(arg=None):
       t.num_steps, t.log_every, t.checkpoint_every, t.image_every = 2, 1, 2, 0
     # GAN off in 2 steps (its step is tested in tests/test_eq_tokenizer.py).
     c.stages.eq_tokenizer.loss.disc_start = 10**9
-    c.stages.eq_generator.train.image_every = 1   # grids twice: jits reused
     c.stages.eq_generator.sample.num_steps = 2
     c.stages.eq_generator.sample.wide_columns = 8
     c.stages.samples_wide.sample.num_samples = 8   # one per test device

@@ -90,6 +90,7 @@ def get_config(arg=None):
       t.image_every = 0
     c.stages.fq_tokenizer.loss.disc_start = 2
     c.stages.reconstructions.evaluate.num_images = 16
+    c.stages.pretokenize.pretokenize.data.num_examples = demo.SMOKE_TOKEN_IMAGES
     c.stages.samples.sample.num_samples = 16
     c.stages.samples.sample.batch_size = 8
     c.stages.score.evaluate.min_accuracy = 0.0

@@ -1,9 +1,15 @@
-"""The demo chain end to end (every stage, a few steps each) through main's modes."""
+"""The RAR demo chain, trained once (every stage, a few steps each, through
+main's modes): what each stage wrote, sampling's resume and refusals, and the
+two notebooks (colabs/) run top to bottom over that trained demo."""
 
+import base64
 import glob
+import io
 import json
 import os
+import pathlib
 
+import nbformat
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,10 +18,19 @@ from configs import demo
 from genvis_jax import modes
 from genvis_jax.data import pretokenize
 
+COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
 
-def test_demo_smoke_runs_every_stage(tmp_path):
-  wd = str(tmp_path)
-  results = modes.run(demo.get_config("smoke"), wd)
+
+@pytest.fixture(scope="module")
+def trained_demo(tmp_path_factory):
+  """(workdir, results) of one smoke demo run. Tests leave the workdir's
+  finished stages as they found them."""
+  wd = str(tmp_path_factory.mktemp("demo"))
+  return wd, modes.run(demo.get_config("smoke"), wd)
+
+
+def test_demo_smoke_runs_every_stage(trained_demo):
+  wd, results = trained_demo
   assert list(results) == list(demo.get_config().stage_order)
   # Reconstructions next to originals, with metrics.
   grid = np.asarray(Image.open(os.path.join(wd, "reconstructions", "reconstructions.png")))
@@ -25,12 +40,16 @@ def test_demo_smoke_runs_every_stage(tmp_path):
   assert os.listdir(os.path.join(wd, "tokenizer", "images"))
   assert any("samples" in f for f in os.listdir(os.path.join(wd, "rar", "images")))
   # Tokens -> generator -> ADM-format samples -> score.
-  assert results["pretokenize"]["records"] == 10000
+  assert results["pretokenize"]["records"] == demo.SMOKE_TOKEN_IMAGES
   with np.load(os.path.join(wd, "samples", "samples.npz")) as d:
     assert d["arr_0"].shape == (16, 32, 32, 3) and d["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(d["labels"], np.arange(16) % 10)
   assert 0.0 <= results["score"]["conditioning_accuracy"] <= 1.0
   assert results["fid"]["demo_fid"] > 0.0
+
+
+def test_sampling_resumes_and_refuses_other_settings_or_weights(trained_demo):
+  wd, _ = trained_demo
   # Sampling resumes: drop a finished part, re-run; the same images come back.
   first = np.load(os.path.join(wd, "samples", "samples.npz"))["arr_0"]
   os.remove(os.path.join(wd, "samples", "sample_parts", "000000008.npz"))
@@ -53,11 +72,74 @@ def test_demo_smoke_runs_every_stage(tmp_path):
   step_dir = max(glob.glob(os.path.join(wd, "rar", "checkpoints", "[0-9]*")),
                  key=lambda p: int(os.path.basename(p)))
   meta_path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
-  meta = json.load(open(meta_path))
+  with open(meta_path) as f:
+    original = f.read()
+  meta = json.loads(original)
   meta["commit_timestamp_nsecs"] += 1
-  json.dump(meta, open(meta_path, "w"))
-  with pytest.raises(ValueError, match=r"weights.generator: 'step \d+ committed"):
-    modes.run(cfg, wd)
+  try:
+    with open(meta_path, "w") as f:
+      json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"weights.generator: 'step \d+ committed"):
+      modes.run(cfg, wd)
+  finally:
+    with open(meta_path, "w") as f:
+      f.write(original)
+
+
+def _notebook_images(nb):
+  """Decoded PNG outputs of an executed notebook."""
+  out = []
+  for cell in nb.cells:
+    for o in cell.get("outputs", []):
+      data = o.get("data", {})
+      if "image/png" in data:
+        out.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(data["image/png"])))))
+  return out
+
+
+def _notebook_text(nb) -> str:
+  return "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+
+def _run_notebook(name):
+  from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
+  nb = nbformat.read(COLABS / name, as_version=4)
+  NotebookClient(nb, timeout=240, kernel_name="python3",
+                 resources={"metadata": {"path": str(COLABS)}}).execute()
+  return nb
+
+
+@pytest.mark.slow
+def test_notebooks_run_top_to_bottom(trained_demo, monkeypatch):
+  """train_demo.ipynb over the trained demo (each stage finds its work done:
+  the training itself is the same ``modes.run`` checked above), then
+  quickstart.ipynb finds that demo and only samples from it."""
+  pytest.importorskip("nbclient")
+  pytest.importorskip("ipykernel")
+  wd = pathlib.Path(trained_demo[0])
+  monkeypatch.setenv("GENVIS_COLAB_SMOKE", "1")
+  monkeypatch.setenv("GENVIS_COLAB_WORKDIR", str(wd))
+  for var in ("RAR_CKPT", "TOKENIZER_CKPT"):
+    monkeypatch.delenv(var, raising=False)
+  tokens = sorted((wd / "pretokenize" / "tokens").glob("*.array_record"))
+  mtimes = [t.stat().st_mtime_ns for t in tokens]
+
+  nb = _run_notebook("train_demo.ipynb")
+  with np.load(wd / "samples" / "samples.npz") as d:
+    assert d["arr_0"].shape == (16, 32, 32, 3)
+  images = _notebook_images(nb)
+  # data grid, tokenizer grid, reconstructions, samples
+  assert len(images) == 4 and all(i.ndim == 3 and i.shape[-1] in (3, 4) for i in images)
+  assert f"{demo.SMOKE_TOKEN_IMAGES} records" in _notebook_text(nb)
+
+  nb = _run_notebook("quickstart.ipynb")
+  # The trained demo was reused: tokens were not rewritten.
+  assert [t.stat().st_mtime_ns for t in tokens] == mtimes
+  [grid] = _notebook_images(nb)
+  # 10 classes x 2 samples of 32 px, enlarged 8x, 4 per row -> 5 rows.
+  assert grid.shape[0] > grid.shape[1] > 4 * 32 * 8
+  text = _notebook_text(nb)
+  assert "(20, 32, 32, 3) uint8" in text and "0 circle" in text
 
 
 def test_ten_crop_order_and_content():

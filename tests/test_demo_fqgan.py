@@ -8,11 +8,11 @@ from genvis_jax import modes
 
 
 def test_fqgan_demo_smoke(tmp_path):
-  from configs import demo_fqgan  # pylint: disable=import-outside-toplevel
+  from configs import demo, demo_fqgan  # pylint: disable=import-outside-toplevel
   results = modes.run(demo_fqgan.get_config("smoke"), str(tmp_path))
   rec = results["reconstructions"]
   # Usage is reported per sub-codebook (vis, sem).
   assert 0 < rec["codebook_usage_0"] <= 1 and 0 < rec["codebook_usage_1"] <= 1
-  assert results["pretokenize"]["records"] == 10000
+  assert results["pretokenize"]["records"] == demo.SMOKE_TOKEN_IMAGES
   with np.load(os.path.join(str(tmp_path), "samples", "samples.npz")) as d:
     assert d["arr_0"].shape == (16, 32, 32, 3)
