@@ -20,7 +20,7 @@ demo: install
 	$(PY) -m genvis_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: install
-	$(PY) -m pytest tests -n 2 --dist=loadfile
+	$(PY) -m pytest tests -n 2 --dist=loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV)

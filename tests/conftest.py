@@ -37,6 +37,17 @@ def pytest_configure(config):
     sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Files holding ``slow`` tests run first. xdist's loadfile scheduling
+  (``make test``, with ``--no-loadscope-reorder``) hands out files in this
+  order, so the long single-test chains start at once and the many quick
+  files fill in beside them; its default order (most tests first) left
+  the chains to the end, one worker running them alone."""
+  del config
+  slow = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow)   # stable
+
+
 def pytest_unconfigure(config):
   path = getattr(config, "genvis_compile_cache", None)
   if path:

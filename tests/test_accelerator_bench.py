@@ -82,6 +82,7 @@ def smoke(tmp_path_factory):
   return proc, out
 
 
+@pytest.mark.slow
 def test_smoke_every_section_ok(smoke):
   proc, out = smoke
   log = proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -100,6 +101,7 @@ def test_smoke_every_section_ok(smoke):
     assert f"### {name}: ok" in md
 
 
+@pytest.mark.slow
 def test_smoke_numbers(smoke):
   _, out = smoke
   sec = json.loads((out / "results.json").read_text())["sections"]

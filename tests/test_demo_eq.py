@@ -3,10 +3,12 @@
 import os
 
 import numpy as np
+import pytest
 
 from genvis_jax import modes
 
 
+@pytest.mark.slow
 def test_eq_demo_smoke(tmp_path):
   from configs import demo_eq  # pylint: disable=import-outside-toplevel
   wd = str(tmp_path)

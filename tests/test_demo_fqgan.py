@@ -3,10 +3,12 @@
 import os
 
 import numpy as np
+import pytest
 
 from genvis_jax import modes
 
 
+@pytest.mark.slow
 def test_fqgan_demo_smoke(tmp_path):
   from configs import demo, demo_fqgan  # pylint: disable=import-outside-toplevel
   results = modes.run(demo_fqgan.get_config("smoke"), str(tmp_path))
