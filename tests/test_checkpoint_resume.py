@@ -208,7 +208,8 @@ def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path, caplog):
   c.init_from = str(tmp_path / "nowhere")   # would fail if it were read
   with caplog.at_level(logging.WARNING):
     resumed = trainer_lib.train_and_evaluate(c, wd)
-  assert any("init_from=" in r.getMessage() and "own step 3" in r.getMessage()
+  assert any("init_from=" in r.getMessage() and "is not loaded" in
+             r.getMessage() and "own step 3" in r.getMessage()
              for r in caplog.records)   # a resume says it is not loaded
   c.init_from = ""
   full = trainer_lib.train_and_evaluate(c, str(tmp_path / "full"))
