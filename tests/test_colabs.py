@@ -10,13 +10,14 @@ COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
 NOTEBOOKS = ("quickstart.ipynb", "train_demo.ipynb")
 
 
-def _load(name):
+def load_notebook(name):
+  """colabs/<name> as committed (nbformat v4)."""
   return nbformat.read(COLABS / name, as_version=4)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_committed_without_outputs_and_guarded_install(name):
-  nb = _load(name)
+  nb = load_notebook(name)
   nbformat.validate(nb)
   code = [c for c in nb.cells if c.cell_type == "code"]
   for cell in code:

@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 
-import nbformat
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,8 +16,7 @@ from PIL import Image
 from configs import demo
 from genvis_jax import modes
 from genvis_jax.data import pretokenize
-
-COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
+from tests.test_colabs import COLABS, load_notebook
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +101,7 @@ def _notebook_text(nb) -> str:
 
 def _run_notebook(name):
   from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
-  nb = nbformat.read(COLABS / name, as_version=4)
+  nb = load_notebook(name)
   NotebookClient(nb, timeout=240, kernel_name="python3",
                  resources={"metadata": {"path": str(COLABS)}}).execute()
   return nb

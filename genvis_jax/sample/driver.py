@@ -33,12 +33,13 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import multihost
 from genvis_jax.core import preemption
+from genvis_jax.core import registry
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
-from genvis_jax.core import registry
 from genvis_jax.data import token_origin
 from genvis_jax.models import inference
 from genvis_jax.sample import images as images_lib
+
 
 def _generator(name: str):
   """``genvis_jax/sample/<config.model.name>.py``'s ``generate(model, params,
