@@ -1,6 +1,6 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported anywhere), and
-one persistent compilation cache per test session; one BLAS thread per
-process.
+"""Test setup: 8 fake CPU devices and LLVM -O1 (``tests.xla_flags``, set
+before jax is imported anywhere), and one persistent compilation cache per
+test session; one BLAS thread per process.
 
 Many tests build the same tiny trainer, sampler or tokenizer and compile the
 same XLA programs again (a new closure misses jax's in-memory caches; the
@@ -16,7 +16,9 @@ import shutil
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One BLAS thread per test process: the xdist workers already fill the cores.

@@ -7,9 +7,11 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tests import xla_flags  # pylint: disable=g-import-not-at-top
+
+os.environ["XLA_FLAGS"] = xla_flags(4)
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 pid, nproc, port, workdir, steps, out = sys.argv[1:7]
 os.environ["JAX_COORDINATOR_ADDRESS"] = f"localhost:{port}"

@@ -19,6 +19,7 @@ from bench import accel_attention
 from bench import accel_harness as harness
 from bench import accel_models
 from bench import accelerator as acc
+from tests import CPU_COMPILE_FLAGS
 from tests.test_imports_no_tf import BLOCKER
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,8 +75,9 @@ def smoke(tmp_path_factory):
       print("LEAKED", leaked)
       sys.exit(rc or (1 if leaked else 0))
   """)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH="")
+  # One CPU device, as the GPU machine has one chip.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH="",
+             XLA_FLAGS=CPU_COMPILE_FLAGS)
   # Run from outside the repository: the script must find its own root.
   proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env,
                         capture_output=True, text=True, timeout=600)

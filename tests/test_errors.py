@@ -12,6 +12,7 @@ import pytest
 from configs import demo
 from genvis_jax.data import DataNotFoundError
 from genvis_jax.train import trainer as trainer_lib
+from tests import xla_flags
 
 
 def test_missing_dataset_fails_before_compiling(tmp_path, monkeypatch):
@@ -49,7 +50,7 @@ CLASSIFIER = DEMO + ["--config.only=classifier"]
 
 def _cli(args, verbose_env=False, timeout=120):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": xla_flags(8)}
   env.pop("GENVIS_VERBOSE", None)
   if verbose_env:
     env["GENVIS_VERBOSE"] = "1"
