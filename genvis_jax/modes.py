@@ -46,21 +46,45 @@ def check_names(config) -> None:
       registry.module(package, node, attrs, setting=f"config.{key}")
 
 
-def check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str) -> str | None:
   """Creates a local ``workdir``; a clear error when it cannot be one (a
   file, under a file, no permission). Remote (``gs://``) ones are left to
-  their writers."""
+  their writers. Returns the outermost folder this call created (``workdir``
+  or a missing parent of it), None when it created none."""
   if not workdir or "://" in workdir:
-    return
+    return None
+  top, parent = None, os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    top, parent = parent, os.path.dirname(parent)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir} cannot be used as a directory "
                       f"({e.strerror or e}); choose another path.") from e
+  return top
+
+
+def remove_empty_dirs(top: str) -> None:
+  """Removes ``top`` and the folders under it if they hold no file; a
+  folder with any file in it (or under it) stays, so no data is lost."""
+  for path, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+    try:
+      os.rmdir(path)     # only succeeds on an empty folder
+    except OSError:
+      pass
 
 
 def run(config, workdir: str):
-  """Runs ``config.mode`` on ``config`` (what ``python -m genvis_jax.main`` does)."""
+  """Runs ``config.mode`` on ``config`` (what ``python -m genvis_jax.main`` does).
+
+  A run that fails leaves none of the folders it created empty behind (e.g.
+  on a missing data set): the next attempt finds the path as it was.
+  """
   fn = resolve(config.mode)
-  check_workdir(workdir)
-  return fn(config, workdir)
+  created = check_workdir(workdir)
+  try:
+    return fn(config, workdir)
+  except BaseException:
+    if created:
+      remove_empty_dirs(created)
+    raise

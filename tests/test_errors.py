@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from genvis_jax import modes
 from genvis_jax.data import DataNotFoundError
 from genvis_jax.train import trainer as trainer_lib
 from tests import xla_flags
@@ -25,6 +26,27 @@ def test_missing_dataset_fails_before_compiling(tmp_path, monkeypatch):
     trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
   assert not compiled
   assert not (tmp_path / "wd").exists()
+
+
+def test_failed_run_leaves_no_empty_workdir_it_created(tmp_path):
+  c = demo.classifier_config()
+  c.mode = "train"
+  c.data.source = "image_folder"
+  c.data.path = str(tmp_path / "nowhere")
+  fresh = tmp_path / "new" / "wd"
+  with pytest.raises(DataNotFoundError):
+    modes.run(c, str(fresh))
+  assert not (tmp_path / "new").exists()   # nor the parent it made
+  kept = tmp_path / "kept"            # the user's folder: stays, files and all
+  (kept / "empty").mkdir(parents=True)
+  with pytest.raises(DataNotFoundError):
+    modes.run(c, str(kept))
+  assert (kept / "empty").is_dir()
+  # Only empty folders go: one with a file in it stays.
+  (fresh / "a" / "b").mkdir(parents=True)
+  (fresh / "a" / "note.txt").write_text("x")
+  modes.remove_empty_dirs(str(fresh))
+  assert (fresh / "a" / "note.txt").exists() and not (fresh / "a" / "b").exists()
 
 
 def test_missing_token_files_say_how_to_make_them(tmp_path):
