@@ -42,6 +42,18 @@ loaded = models.load_params(multihost_common.config(int(steps)).model, seen)
 np.savez(f"{out}.load{jax.process_index()}.npz",
          **{jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_leaves_with_path(loaded)})
+# Sampling labels land on their rows of the global batch whatever the mesh's
+# device order; this mesh interleaves the processes' devices.
+from genvis_jax.sample import driver  # pylint: disable=g-import-not-at-top
+by_process = [[d for d in jax.devices() if d.process_index == p]
+              for p in range(jax.process_count())]
+mesh = jax.sharding.Mesh(np.array([d for ds in zip(*by_process) for d in ds]),
+                         ("data",))
+labels = np.arange(16, dtype=np.int32)[::-1] * 3
+g_labels = driver.global_labels(labels, jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec("data")))
+np.save(f"{out}.labels{jax.process_index()}.npy",
+        np.asarray(multihost_utils.process_allgather(g_labels, tiled=True)))
 if jax.process_index() == 0:
   flat = {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(params)}

@@ -1,6 +1,7 @@
 """2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives)
 train, checkpoint, stop, restore and continue; losses and parameters equal
-1 process x 8 devices fed the same global batches."""
+1 process x 8 devices fed the same global batches. The workers also pin and
+load weights and place sampling labels on a mesh that interleaves them."""
 
 import json
 import os
@@ -75,6 +76,9 @@ def test_two_processes_match_one(tmp_path):
     for path, leaf in jax.tree_util.tree_leaves_with_path(want):
       np.testing.assert_array_equal(got[jax.tree_util.keystr(path)],
                                     np.asarray(leaf))
+  for i in range(2):   # sampling labels on an interleaved mesh, in row order
+    np.testing.assert_array_equal(np.load(f"{out}.labels{i}.npy"),
+                                  np.arange(16)[::-1] * 3)
   for k in ("3", "4"):
     np.testing.assert_allclose(losses[k], ref_losses[k], rtol=1e-5)
   got = np.load(out)

@@ -265,8 +265,7 @@ def sample_and_save(config, workdir: str) -> dict:
       labels = labels_all[start:start + s.batch_size]
       n = len(labels)
       labels = np.resize(labels, s.batch_size)        # pad the last batch
-      g_labels = jax.make_array_from_process_local_data(
-          sharding, labels[_local_slice(s.batch_size)])
+      g_labels = global_labels(labels, sharding)
       # The key depends only on the batch's first index: resumes draw the same.
       images = sample_fn(g_labels, jax.random.fold_in(key, start))
       images = np.asarray(multihost_utils.process_allgather(
@@ -304,9 +303,16 @@ def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
   return done
 
 
-def _local_slice(batch: int) -> slice:
-  per = batch // jax.process_count()
-  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+def global_labels(labels: np.ndarray, sharding) -> jax.Array:
+  """Host labels (B,), the same on every process -> a (B,) array sharded by
+  ``sharding`` whose row i is ``labels[i]`` whatever the mesh's device order.
+
+  Each device takes its rows by global index. (Feeding each process a
+  contiguous slice would misplace rows where a process's devices are not one
+  contiguous block of the mesh, e.g. a 1-D mesh that follows a TPU pod's
+  physical rings: images would be saved under other rows' labels.)"""
+  return jax.make_array_from_callback(labels.shape, sharding,
+                                      lambda index: labels[index])
 
 
 def assemble(workdir: str, num_samples: int) -> dict:
