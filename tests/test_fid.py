@@ -3,6 +3,7 @@ metrics pipeline (with a cheap stand-in feature network), demo FID, SSIM and
 codebook usage."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -243,6 +244,7 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
       reference=str(tmp_path / "r.npz"), inception="/weights", batch_size=6)))
   res = driver.run(config, str(tmp_path / "out"))
   saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".tmp")]
   assert set(generation.METRICS) <= set(saved)
   assert saved["fid"] == pytest.approx(res["fid"])
   printed = capsys.readouterr().out

@@ -5,16 +5,24 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 from absl import logging
 
 
 def write(workdir: str, results: dict, msg: str) -> dict:
   """Writes ``results`` (JSON-serialisable) to ``workdir/metrics.json``
   (creating ``workdir``), logs ``msg`` and prints it as ``[eval] msg``.
-  Returns ``results``."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  Returns ``results``.
+
+  Every process of a multi-host job evaluates the same images; process 0
+  writes the file, whole or not at all (a temporary file renamed into place).
+  """
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
   logging.info(msg)
   print(f"[eval] {msg}", flush=True)
   return results
