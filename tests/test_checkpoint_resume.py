@@ -125,6 +125,24 @@ def test_resume_refuses_a_different_model(tmp_path):
     trainer_lib.train_and_evaluate(no_ema, wd)
 
 
+def test_parameter_checkpoints_are_named_by_their_content(tmp_path):
+  params = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "b": {"c": np.ones(4, np.int32)}}
+  x, y = str(tmp_path / "x"), str(tmp_path / "y")
+  weights_lib.save_params(x, params)
+  weights_lib.save_params(y, params)       # the same weights converted again
+  source = weights_lib.params_source(x)
+  assert source.startswith("params sha256 ") and len(source) == 14 + 64
+  assert weights_lib.params_source(y) == source
+  one_ulp = dict(params, a=params["a"].copy())
+  one_ulp["a"][0, 0] = np.nextafter(np.float32(0), np.float32(1))
+  weights_lib.save_params(y, one_ulp)      # replaced by other weights
+  assert weights_lib.params_source(y) not in ("", source)
+  # Written before digests were recorded: Orbax's commit time names them.
+  os.remove(os.path.join(x, weights_lib.DIGEST_FILE))
+  assert weights_lib.params_source(x).startswith("params committed 1")
+
+
 def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):
   tr = trainer_lib.Trainer(_config(1))
   params = jax.device_get(tr.init_state().params["model"])

@@ -281,7 +281,7 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
   assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 40
   assert os.stat(path).st_mtime_ns == written_at      # reused, not rewritten
   weights_lib.save_params(str(tmp_path / "tok"), _random_params(m, 1))
-  with pytest.raises(errors.OutputExistsError, match=r"other settings \(weights: 'params committed"):
+  with pytest.raises(errors.OutputExistsError, match=r"other settings \(weights: 'params sha256"):
     pretokenize.pretokenize(c, str(tmp_path))
   assert open(path, "rb").read() == before
   c.pretokenize.overwrite = True

@@ -11,13 +11,15 @@ Three kinds of folder hold weights a run can load:
 
 :func:`params_source` names the weights a folder resolves to, so a resumed
 sampling or pre-tokenizing run can tell a run trained further (other weights)
-from a copied folder (the same ones). :func:`resolve` / :func:`resolve_all`
+from a copied folder or the same official weights converted again (the same
+ones). :func:`resolve` / :func:`resolve_all`
 pin a run to its newest step's folder (on process 0, for every process), so
 what such a run records is what it loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -31,13 +33,37 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import multihost
 
 
+# Beside ``DIR/params``: the content digest that names those weights.
+DIGEST_FILE = "params_sha256.json"
+
+
+def params_digest(params) -> str:
+  """Hex SHA-256 over every leaf's path, dtype, shape and bytes, in tree
+  order: equal exactly when the weights are (a conversion is deterministic,
+  so converting the same official file again gives the same digest)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape};".encode())
+    h.update(a.reshape(-1).view(np.uint8))
+  return h.hexdigest()
+
+
 def save_params(directory: str, params) -> None:
   """Writes a parameter checkpoint ``directory/params`` (what ``init_from``
-  loads); replaces one already there."""
+  loads) and its ``params_digest`` beside it; replaces one already there."""
   path = _absolute(directory)
+  (path / DIGEST_FILE).unlink(missing_ok=True)  # never beside other weights
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path / "params", {"params": params}, force=True)
   ckptr.wait_until_finished()
+  # Sharded over several hosts, no process holds the bytes: the commit time
+  # names these weights then.
+  whole = all(getattr(x, "is_fully_addressable", True)
+              for x in jax.tree_util.tree_leaves(params))
+  if whole and jax.process_index() == 0:
+    (path / DIGEST_FILE).write_text(
+        json.dumps({"sha256": params_digest(params)}))
 
 
 def restore_params(directory: str, abstract_params, *, setting: str = "",
@@ -140,16 +166,20 @@ def params_source(directory: str) -> str:
   """Which weights :func:`restore_params` reads from ``directory``, as a
   string that changes when they do and survives copying the folder.
 
-  A parameter checkpoint's commit time, or the step a training run resolves
-  to (its newest that passes ``checkpoint.validate_step``, or the named one)
-  with its commit time; the folder's path where Orbax recorded none. ""
-  when there is nothing to read (``restore_params`` raises the error then).
+  A parameter checkpoint's content digest (``save_params``), or its commit
+  time where it has none (written before digests were recorded); the step a
+  training run resolves to (its newest that passes
+  ``checkpoint.validate_step``, or the named one) with its commit time; the
+  folder's path where Orbax recorded neither. "" when there is nothing to
+  read (``restore_params`` raises the error then).
   """
   if not directory:
     return ""
   path = _absolute(resolve(directory, quiet=True))
   if (path / "params").exists():
-    return _source("params", path / "params")
+    digest = _recorded_digest(path)
+    return f"params sha256 {digest}" if digest else _source("params",
+                                                           path / "params")
   run, step = _split_step(path)
   if step is None or _newest_valid(run, step) is None:
     return ""
@@ -227,6 +257,14 @@ def _candidate_steps(run: epath.Path, step: int | None) -> list[int]:
   if not folder.exists():
     return []
   return sorted(ocp.step.checkpoint_steps(folder), reverse=True)
+
+
+def _recorded_digest(directory: epath.Path) -> str:
+  """The ``params_digest`` recorded beside ``directory/params``, or ""."""
+  try:
+    return str(json.loads((directory / DIGEST_FILE).read_text())["sha256"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return ""
 
 
 def _committed(step_dir: epath.Path) -> str:
