@@ -138,9 +138,21 @@ def test_parameter_checkpoints_are_named_by_their_content(tmp_path):
   one_ulp["a"][0, 0] = np.nextafter(np.float32(0), np.float32(1))
   weights_lib.save_params(y, one_ulp)      # replaced by other weights
   assert weights_lib.params_source(y) not in ("", source)
+  # Loading checks the arrays against the digest: other arrays under it
+  # (damaged or replaced files) are refused.
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  np.testing.assert_array_equal(
+      weights_lib.restore_params(x, abstract)["a"], params["a"])
+  shutil.copy(os.path.join(x, weights_lib.DIGEST_FILE),
+              os.path.join(y, weights_lib.DIGEST_FILE))
+  with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                     match=r"is damaged: its arrays do not match the SHA-256"):
+    weights_lib.restore_params(y, abstract)
   # Written before digests were recorded: Orbax's commit time names them.
   os.remove(os.path.join(x, weights_lib.DIGEST_FILE))
   assert weights_lib.params_source(x).startswith("params committed 1")
+  weights_lib.restore_params(x, abstract)
 
 
 def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):

@@ -66,11 +66,17 @@ class CheckpointSaveError(UserError, OSError):
   """Writing a checkpoint failed (e.g. no space left); training stops."""
 
 
+def key_path(path) -> str:
+  """A ``tree_leaves_with_path`` path as ``a/b/kernel`` (the same for a dict,
+  a FrozenDict or Orbax's restored tree)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
 def _shape_table(tree) -> dict[str, tuple]:
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                   for k in path)
+    key = key_path(path)
     shape = getattr(leaf, "shape", None)
     out[key] = tuple(shape) if shape is not None else ()
   return out

@@ -44,7 +44,7 @@ def params_digest(params) -> str:
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     a = np.ascontiguousarray(jax.device_get(leaf))
-    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape};".encode())
+    h.update(f"{ckpt_lib.key_path(path)}|{a.dtype.str}|{a.shape};".encode())
     h.update(a.reshape(-1).view(np.uint8))
   return h.hexdigest()
 
@@ -89,7 +89,8 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
   Raises:
     CheckpointNotFoundError: nothing loadable at ``directory``.
     CheckpointMismatchError: the checkpoint is of another model or size.
-    CheckpointRestoreError: the step(s) to load are damaged.
+    CheckpointRestoreError: the step(s) to load are damaged, or a parameter
+      checkpoint's arrays do not match the SHA-256 ``save_params`` recorded.
   """
   path = _absolute(directory)
   where = f" ({setting})" if setting else ""
@@ -101,7 +102,9 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     ckpt_lib.compare_trees(abstract_params, found,
                            f"Parameter checkpoint {path}{where}")
     logging.info("Loading parameters from %s%s.", path / "params", where)
-    return ckptr.restore(path / "params", {"params": abstract_params})["params"]
+    params = ckptr.restore(path / "params", {"params": abstract_params})["params"]
+    _verify_digest(path, params, found, where)
+    return params
   run, step = _split_step(path)
   if (run / "checkpoints").exists():
     return _load_run_params(run, abstract_params, where, model_name, step)
@@ -257,6 +260,26 @@ def _candidate_steps(run: epath.Path, step: int | None) -> list[int]:
   if not folder.exists():
     return []
   return sorted(ocp.step.checkpoint_steps(folder), reverse=True)
+
+
+def _verify_digest(directory: epath.Path, params, stored, where: str) -> None:
+  """Raises ``CheckpointRestoreError`` when ``params``, restored from
+  ``directory/params`` in their stored dtypes, do not hash to the digest
+  ``save_params`` recorded (Orbax keeps no checksums: a damaged or replaced
+  file would load silently). Skipped where nothing was recorded, a dtype is
+  cast on load, or the arrays span several hosts."""
+  recorded = _recorded_digest(directory)
+  leaves = jax.tree_util.tree_leaves(params)
+  cast = any(getattr(a, "dtype", None) != getattr(b, "dtype", None)
+             for a, b in zip(leaves, jax.tree_util.tree_leaves(stored)))
+  if (not recorded or cast or
+      not all(getattr(x, "is_fully_addressable", True) for x in leaves)):
+    return
+  if params_digest(params) != recorded:
+    raise ckpt_lib.CheckpointRestoreError(
+        f"Parameter checkpoint {directory}{where} is damaged: its arrays do "
+        f"not match the SHA-256 recorded in {directory / DIGEST_FILE} when "
+        "they were written. Convert (or copy) the weights again.")
 
 
 def _recorded_digest(directory: epath.Path) -> str:
