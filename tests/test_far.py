@@ -17,6 +17,7 @@ from genvis_jax.sample import far as far_sample
 from genvis_jax.train.optimizers import decay_mask, param_path
 from genvis_jax.train.tasks import get_task
 from genvis_jax.train.tasks import far as far_task
+from tests.sharding_checks import run_batch_sharded
 
 V, C, G, D, H = 32, 10, 4, 32, 2
 N = G * G
@@ -203,12 +204,10 @@ def test_cached_sampler_equals_reference_and_shards(tiny):
   np.testing.assert_array_equal(
       far_sample.sample(model, params, labels[:2], key, **kw2),
       far_sample.sample_uncached(model, params, labels[:2], key, **kw2))
-  # The batch sharded over 8 devices along "data" gives the same codes.
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-  sharded = jax.device_put(labels, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("data")))
-  np.testing.assert_array_equal(
-      far_sample.sample(model, params, sharded, key, **kw), cached)
+  # The batch sharded over 8 devices along "data": each device draws its own
+  # examples, the same codes.
+  np.testing.assert_array_equal(run_batch_sharded(
+      far_sample.sampler_fn(model), params, labels, key, 2.0, 1.0), cached)
 
 
 def test_cfg_pairs_and_guidance():

@@ -18,6 +18,7 @@ from genvis_jax.sample import rar as rar_sample
 from genvis_jax.train.optimizers import decay_mask, param_path
 from genvis_jax.train.tasks import get_task
 from genvis_jax.train.tasks import rar as rar_task
+from tests.sharding_checks import run_batch_sharded
 
 V, C, L, D, H = 32, 10, 16, 64, 4
 
@@ -242,11 +243,10 @@ def test_cached_sampler_equals_uncached_and_shards(tiny):
   np.testing.assert_array_equal(
       rar_sample.sample(model, params, labels, key, seq_len=6, **kw0),
       rar_sample.sample_uncached(model, params, labels, key, seq_len=6, **kw0))
-  # The batch sharded over 8 devices along "data" gives the same tokens.
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-  sharded = jax.device_put(labels, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("data")))
-  out = rar_sample.sample(model, params, sharded, key, **kw)
+  # The batch sharded over 8 devices along "data": each device draws its own
+  # examples, the same tokens.
+  out = run_batch_sharded(rar_sample.sampler_fn(model), params, labels, key,
+                          3.0, 1.0, 1.0)
   np.testing.assert_array_equal(out, cached)
 
 

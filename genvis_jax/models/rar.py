@@ -14,9 +14,9 @@ Entry points (``model.apply(..., method=...)``):
   ``__call__(tokens, labels, orders=None, train=False)`` full (training) forward.
   ``prefill(labels)`` / ``decode_step(token, labels, index)``: raster-order
   decoding with a KV cache held in the mutable ``"cache"`` collection.
-  ``decode_modulation`` / ``prefill_rows`` / ``decode_step_rows``: the same
-  decoding with the adaLN modulation precomputed per (condition, position)
-  (what ``genvis_jax.sample.rar`` runs).
+  ``decode_modulation`` / ``prefill_modulated`` / ``decode_step_modulated``:
+  the same decoding with the adaLN modulation precomputed per (condition,
+  position) (what ``genvis_jax.sample.rar`` runs).
 """
 
 from __future__ import annotations
@@ -297,17 +297,17 @@ class RAR(nn.Module):
 
   # --- decoding with the modulation computed once per (condition, position) ---
   # The adaLN input depends only on (class, position), so a sampler computes
-  # the modulation of every block for the U distinct conditions (with CFG: the
-  # B classes and the null class once) over a range of positions in one batched
-  # matmul, and each decode step only gathers its rows: the step no longer
-  # reads the 6d x d adaLN weights (a third of a block's weights).
+  # the modulation of every block per condition (with CFG: the B classes and
+  # the null class once) over a range of positions in one batched matmul, and
+  # each decode step only passes its rows: the step no longer reads the 6d x d
+  # adaLN weights (a third of a block's weights).
   def decode_modulation(self, labels, start, length: int):
     """Modulation tables of cache positions ``start .. start + length - 1``.
 
-    labels int (U,) distinct conditions (classes, or num_classes = null);
-    start int scalar (may be traced), length static. Returns
-    ``(blocks, head)``: a tuple of ``depth`` arrays (U, length, 6d) in
-    ``dtype`` and one fp32 (U, length, 2d) for the final layer.
+    labels int (U,) conditions (classes, or num_classes = null); start int
+    scalar (may be traced), length static. Returns ``(blocks, head)``: a
+    tuple of ``depth`` arrays (U, length, 6d) in ``dtype`` and one fp32
+    (U, length, 2d) for the final layer.
     """
     cond = self._class_embedding(labels)
     ts = jax.lax.dynamic_slice_in_dim(self.timesteps_embeddings[0], start, length)
@@ -315,29 +315,29 @@ class RAR(nn.Module):
     blocks = tuple(blk(None, c) for blk in self.blocks)
     return blocks, self.adaln_before_head(None, c.astype(jnp.float32))
 
-  def _decode_rows(self, x, mods, rows, pos):
-    """x (R, N, d) at cache positions pos..; mods as ``decode_modulation``
-    for those N positions; rows (R,) int picks each row's condition."""
+  def _decode_modulated(self, x, mods, pos):
+    """x (R, N, d) at cache positions pos..; mods as ``decode_modulation``,
+    one row per sequence (R, N, ...) for those N positions."""
     blocks, head = mods
     for blk, m in zip(self.blocks, blocks):
-      x = blk(x, None, False, pos, mod=jnp.take(m, rows, axis=0))
+      x = blk(x, None, False, pos, mod=m)
     h = x[:, -1].astype(jnp.float32)
-    h = self.adaln_before_head(h, None, mod=jnp.take(head[:, -1], rows, axis=0))
+    h = self.adaln_before_head(h, None, mod=head[:, -1])
     return self.lm_head(h)
 
-  def prefill_rows(self, labels, mods, rows):
-    """``prefill`` with precomputed modulation: labels (U,), mods of cache
-    positions 0..1, rows (R,) -> fp32 logits (R, codebook_size) for token 0
-    of the R sequences (sequence r has class ``labels[rows[r]]``)."""
-    cond = self._class_embedding(jnp.take(labels, rows))
-    return self._decode_rows(self._prefix_inputs(cond), mods, rows, 0)
+  def prefill_modulated(self, labels, mods):
+    """``prefill`` with precomputed modulation: labels (R,), mods of cache
+    positions 0..1 for each of the R sequences -> fp32 logits
+    (R, codebook_size) for token 0."""
+    cond = self._class_embedding(labels)
+    return self._decode_modulated(self._prefix_inputs(cond), mods, 0)
 
-  def decode_step_rows(self, token, mods, rows, index):
+  def decode_step_modulated(self, token, mods, index):
     """``decode_step`` with precomputed modulation: token (R,), mods of cache
-    position ``PREFIX + index`` (length-1 tables), rows (R,) -> fp32 logits
-    (R, codebook_size) for token ``index + 1``."""
+    position ``PREFIX + index`` (length-1 rows, one per sequence) -> fp32
+    logits (R, codebook_size) for token ``index + 1``."""
     pos, x = self._step_inputs(token, index)
-    return self._decode_rows(x, mods, rows, pos)
+    return self._decode_modulated(x, mods, pos)
 
 
 def _mlp_dim(cfg) -> dict:

@@ -6,9 +6,9 @@ t - 1, runs the cached model and turns logits into the k codes of step t) and
 optionally ``chunk_setup`` (constants computed once per chunk of steps, e.g.
 RAR's adaLN modulation tables). This module owns what both share:
 
-* classifier-free guidance as a doubled batch: ``cfg_labels`` interleaves each
-  example's cond/null rows (a batch-sharded array needs no resharding),
-  ``twice`` feeds both rows the same codes, ``guide`` mixes them;
+* classifier-free guidance as a doubled batch: ``cfg_rows`` / ``cfg_labels``
+  interleave each example's cond/null rows (a batch-sharded array stays
+  sharded), ``twice`` feeds both rows the same codes, ``guide`` mixes them;
 * the loop itself, one jitted program: a ``fori_loop`` per *chunk* of steps.
   Inside a chunk the cache is only as long as the chunk's last step needs
   (``kv_len``, a static multiple of ``bucket``), so attention reads the filled
@@ -36,20 +36,21 @@ from genvis_jax.models.layers.attention import resize_kv_cache
 DEFAULT_BUCKET = 32
 
 
+def cfg_rows(own, null):
+  """Per-example values (B, ...) and the null class's (1, ...) -> the rows of
+  the CFG batch, (2B, ...) ``[own_0, null, own_1, null, ...]``.
+
+  Each example's cond/uncond rows sit next to each other and the null row is
+  broadcast, not gathered: a batch-sharded ``own`` stays sharded, so no
+  device computes or holds another device's examples.
+  """
+  null = jnp.broadcast_to(null, own.shape).astype(own.dtype)
+  return jnp.stack([own, null], 1).reshape((-1,) + own.shape[1:])
+
+
 def cfg_labels(labels, null_label: int):
-  """(B,) -> (2B,) ``[l0, null, l1, null, ...]``: each example's cond/uncond
-  rows sit next to each other, so a batch-sharded array needs no resharding."""
-  return jnp.stack([labels, jnp.full_like(labels, null_label)], 1).reshape(-1)
-
-
-def cfg_rows(batch: int, use_cfg: bool):
-  """Row -> condition index for the distinct conditions ``[l_0..l_{B-1},
-  null]``: int32 (2B,) ``[0, B, 1, B, ...]`` with CFG (the order of
-  ``cfg_labels``), else ``arange(B)``."""
-  own = jnp.arange(batch, dtype=jnp.int32)
-  if not use_cfg:
-    return own
-  return jnp.stack([own, jnp.full_like(own, batch)], 1).reshape(-1)
+  """(B,) -> (2B,) ``[l0, null, l1, null, ...]`` (``cfg_rows`` of the labels)."""
+  return cfg_rows(labels, jnp.full((1,), null_label, labels.dtype))
 
 
 def twice(x, use_cfg: bool):

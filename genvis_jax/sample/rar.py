@@ -4,8 +4,9 @@
 KV-cache loop of ``genvis_jax.sample.ar`` (prefill, then chunks of one-token
 steps whose cache holds only the filled prefix). The adaLN modulation, which
 depends only on (class, position), is computed once per chunk for the B
-classes and the null class and gathered per step, so a step reads the
-attention/MLP weights, the filled cache prefix and a few table rows.
+classes (sharded with the batch) and the null class, and each step takes its
+rows, so a step reads the attention/MLP weights, the filled cache prefix and
+a few table rows.
 ``sample_uncached`` is the reference that recomputes the full sequence every
 step; with the same key both draw the same tokens. The batch may be sharded
 along a mesh axis: everything is per-example except the (replicated)
@@ -68,37 +69,45 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
   use_cfg, seq_len = opts.use_cfg, opts.seq_len
   b = labels.shape[0]
   params = ar.cast_params(params, opts.dtype)
-  # Distinct conditions: the B classes (+ the null class once under CFG).
-  conds = (jnp.concatenate([labels, jnp.full((1,), model.null_label,
-                                              labels.dtype)])
-           if use_cfg else labels)
-  rows = ar.cfg_rows(b, use_cfg)
+  null = jnp.full((1,), model.null_label, labels.dtype)
   draw = functools.partial(pick, rng=rng, seq_len=seq_len, g=g, pw=pw,
                            temperature=temp, use_cfg=use_cfg)
-  modulation = lambda start, n: model.apply(
-      {"params": params}, conds, start, n, method="decode_modulation")
+
+  def tables(start, n):
+    """Modulation of cache positions start..start+n-1: the B classes' rows
+    and, under CFG, the null class's once (None without)."""
+    mod = lambda l: model.apply({"params": params}, l, start, n,
+                                method="decode_modulation")
+    return mod(labels), (mod(null) if use_cfg else None)
+
+  def per_row(own, nul):
+    """The modulation of each sequence of the (CFG-doubled) batch."""
+    return jax.tree_util.tree_map(ar.cfg_rows, own, nul) if use_cfg else own
 
   def prefill():
-    logits, state = model.apply({"params": params}, conds, modulation(0, PREFIX),
-                                rows, method="prefill_rows", mutable=["cache"])
+    labels2 = ar.cfg_labels(labels, model.null_label) if use_cfg else labels
+    logits, state = model.apply(
+        {"params": params}, labels2, per_row(*tables(0, PREFIX)),
+        method="prefill_modulated", mutable=["cache"])
     codes = jnp.zeros((b, 1, seq_len), jnp.int32)
     return state["cache"], codes.at[:, 0, 0].set(draw(logits, 0))
 
   def chunk_setup(start, stop):
-    if table_bytes(model, conds.shape[0], stop - start) > TABLE_BYTES:
+    if table_bytes(model, b + use_cfg, stop - start) > TABLE_BYTES:
       return None
-    return start, modulation(start - 1 + PREFIX, stop - start)
+    return start, tables(start - 1 + PREFIX, stop - start)
 
   def step(cache, ctx, prev, t):
     if ctx is None:                       # modulation of this position only
-      mods = modulation(t - 1 + PREFIX, 1)
-    else:                                 # one row of the chunk's table
-      start, table = ctx
-      mods = jax.tree_util.tree_map(
-          lambda m: jax.lax.dynamic_slice_in_dim(m, t - start, 1, axis=1), table)
+      own, nul = tables(t - 1 + PREFIX, 1)
+    else:                                 # one position of the chunk's tables
+      start, chunk = ctx
+      own, nul = jax.tree_util.tree_map(
+          lambda m: jax.lax.dynamic_slice_in_dim(m, t - start, 1, axis=1), chunk)
     logits, state = model.apply(
-        {"params": params, "cache": cache}, ar.twice(prev[:, 0], use_cfg), mods,
-        rows, t - 1, method="decode_step_rows", mutable=["cache"])
+        {"params": params, "cache": cache}, ar.twice(prev[:, 0], use_cfg),
+        per_row(own, nul), t - 1, method="decode_step_modulated",
+        mutable=["cache"])
     return state["cache"], draw(logits, t)[:, None]
 
   codes = ar.decode(prefill, step, num_steps=seq_len, pos_offset=PREFIX,
