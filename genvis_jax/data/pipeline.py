@@ -287,7 +287,9 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       Otherwise one pass in order with centre crops.
     process_index, process_count: default ``jax.process_index/count()``.
     value_range: float range of the images, (0, 1) or (-1, 1).
-    drop_remainder: drop the last partial batch (keep it for pre-tokenizing).
+    drop_remainder: drop the last partial batch and the ``n % process_count``
+      examples that would make the shards unequal (keep both for
+      pre-tokenizing, which has no collective per batch).
 
   Returns:
     ``(iterator, info)``: a grain ``DatasetIterator`` yielding process-local
@@ -308,8 +310,11 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   num_classes = _check_classes(num_classes, data_config)
 
   n = len(source)
-  n_even = n - n % pc                      # equal shards: no process waits
-  ds = grain.MapDataset.source(source)[pi:n_even:pc]
+  # Equal shards where every batch is a collective step (no process waits);
+  # a pass that keeps every example (pre-tokenizing) keeps the remainder
+  # too: the first n % pc processes then hold one example more.
+  ds = grain.MapDataset.source(source)[pi:n if not drop_remainder
+                                       else n - n % pc:pc]
   shard = len(ds)
   if shard < local_batch and not train and drop_remainder:
     raise sources.DataConfigError(
