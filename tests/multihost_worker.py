@@ -54,6 +54,21 @@ g_labels = driver.global_labels(labels, jax.sharding.NamedSharding(
     mesh, jax.sharding.PartitionSpec("data")))
 np.save(f"{out}.labels{jax.process_index()}.npy",
         np.asarray(multihost_utils.process_allgather(g_labels, tiled=True)))
+# Agreement and process-0 writes: an outcome on every process, none waiting.
+from genvis_jax.core import multihost  # pylint: disable=g-import-not-at-top
+multihost.check_agree({"steps": steps}, "settings")      # the same: passes
+outcomes = []
+for check in (
+    lambda: multihost.check_agree({"p": jax.process_index()}, "settings"),
+    lambda: multihost.on_process_0(
+        lambda: open(os.path.join(workdir, "no", "such"), "w"))):
+  try:
+    check()
+    outcomes.append("passed")
+  except Exception as e:  # pylint: disable=broad-except
+    outcomes.append(f"{type(e).__name__}: {e}")
+with open(f"{out}.agree{jax.process_index()}.json", "w") as f:
+  json.dump(outcomes, f)
 if jax.process_index() == 0:
   flat = {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(params)}

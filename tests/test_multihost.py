@@ -1,7 +1,8 @@
 """2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives)
 train, checkpoint, stop, restore and continue; losses and parameters equal
 1 process x 8 devices fed the same global batches. The workers also pin and
-load weights and place sampling labels on a mesh that interleaves them."""
+load weights, place sampling labels on a mesh that interleaves them, refuse
+settings that differ between them and share process 0's failed write."""
 
 import json
 import os
@@ -79,6 +80,12 @@ def test_two_processes_match_one(tmp_path):
   for i in range(2):   # sampling labels on an interleaved mesh, in row order
     np.testing.assert_array_equal(np.load(f"{out}.labels{i}.npy"),
                                   np.arange(16)[::-1] * 3)
+  for i in range(2):   # settings that differ, a failed write on process 0
+    differ, write = json.load(open(f"{out}.agree{i}.json"))
+    assert differ.startswith("OtherProcessError: Processes [1] run with other "
+                             "settings than process 0"), differ
+    assert write.startswith(("FileNotFoundError", "OtherProcessError: On "
+                             "process 0: FileNotFoundError")[i]), write
   for k in ("3", "4"):
     np.testing.assert_allclose(losses[k], ref_losses[k], rtol=1e-5)
   got = np.load(out)

@@ -214,13 +214,34 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
 def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
                                                                   monkeypatch):
   """Processes agree on reuse before the (collective) tokenizer load: one
-  refusing its shard stops the others instead of leaving them waiting."""
+  refusing its shard, or failing to read its data, stops the others instead
+  of leaving them waiting; processes started with other settings stop."""
   from configs import rar_b
   from genvis_jax.core import multihost
   from genvis_jax.data import pretokenize
   c = rar_b.get_config("runlocal")
   c.tokenizer.checkpoint = str(tmp_path / "tok")   # never read: stops before
-  monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v, 2]))
-  with pytest.raises(multihost.OtherProcessError,
-                     match=r"Processes \[1\] refused their shards"):
-    pretokenize.pretokenize(c, str(tmp_path / "wd"))
+  wd = str(tmp_path / "wd")
+  sent = []
+  with monkeypatch.context() as m:
+    m.setattr(multihost, "gather_ints",
+              lambda v: sent.append(v) or np.array([v, 2]))
+    with pytest.raises(multihost.OtherProcessError,
+                       match=r"Processes \[1\] failed to start their shards"):
+      pretokenize.pretokenize(c, wd)
+
+    def no_data(*args):
+      raise data.DataNotFoundError("no images here")
+    m.setattr(pretokenize, "output_settings", no_data)
+    with pytest.raises(data.DataNotFoundError, match="no images here"):
+      pretokenize.pretokenize(c, wd)
+    assert sent == [1, 2]           # ... after telling the others it failed
+  # Process 1 computed other settings (flags, data, weights) than process 0.
+  with monkeypatch.context() as m:
+    m.setattr(multihost.jax, "process_count", lambda: 2)
+    m.setattr(multihost, "broadcast_strings", lambda strings: strings)
+    m.setattr(multihost, "gather_ints", lambda v: np.array([v, v ^ 1]))
+    with pytest.raises(multihost.OtherProcessError,
+                       match=r"Processes \[1\] run with other pre-tokenizing "
+                             r"settings"):
+      pretokenize.pretokenize(c, wd)

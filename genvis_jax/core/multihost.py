@@ -1,13 +1,18 @@
 """Decisions that process 0 makes for every process of a multi-host job.
 
 Checks that read shared storage (a workdir's records, token-file records)
-run on process 0 only: the other processes could see a file half written, or
-a transient storage error that process 0 did not, and then raise while the
-rest wait at the next collective. Process 0's outcome is broadcast instead.
+and writes to it (sample parts) run on process 0 only (``on_process_0``):
+the other processes could see a file half written, or a transient storage
+error that process 0 did not, and then raise while the rest wait at the next
+collective. Process 0's outcome is broadcast instead, so an error stops
+every process at once. ``check_agree`` stops a job whose processes were
+started with different settings.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Callable
 
 import jax
@@ -32,17 +37,19 @@ def broadcast_strings(strings: list[str], size: int = 4096) -> list[str]:
   return [bytes(row[:np.argmin(row)]).decode(errors="replace") for row in buf]
 
 
-def check_on_process_0(check: Callable[[], object]) -> None:
-  """Runs ``check`` on process 0 only; if it raises, process 0 re-raises its
-  error and every other process raises ``OtherProcessError`` with its
-  message, so all stop together. One process: just ``check()``."""
+def on_process_0(fn: Callable[[], object]) -> None:
+  """Runs ``fn`` (a check of shared storage, or a write to it) on process 0
+  only; if it raises, process 0 re-raises its error and every other process
+  raises ``OtherProcessError`` with its message, so all stop together
+  instead of waiting for process 0 at the next collective. One process:
+  just ``fn()``."""
   if jax.process_count() == 1:
-    check()
+    fn()
     return
   error, message = None, ""
   if jax.process_index() == 0:
     try:
-      check()
+      fn()
     except Exception as e:  # pylint: disable=broad-except
       error, message = e, f"{type(e).__name__}: {str(e).strip()}"[:4000]
   message = broadcast_strings([message])[0]
@@ -58,3 +65,22 @@ def gather_ints(value: int) -> np.ndarray:
     return np.array([value])
   return np.asarray(multihost_utils.process_allgather(
       np.array([value], np.int32))).reshape(-1)
+
+
+def check_agree(settings, what: str) -> None:
+  """Raises ``OtherProcessError`` on every process unless every process
+  passes equal ``settings`` (JSON-serialisable), e.g. the settings that
+  decide its output: one process started with other flags, or reading a
+  data folder copied incompletely to its host, would otherwise write
+  something else than the rest without a word. ``what`` names them."""
+  if jax.process_count() == 1:
+    return
+  text = json.dumps(settings, sort_keys=True, default=str)
+  digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+  digests = gather_ints(digest & 0x7FFFFFFF)
+  differ = np.flatnonzero(digests != digests[0]).tolist()
+  if differ:
+    raise OtherProcessError(
+        f"Processes {differ} run with other {what} than process 0; every "
+        "process of a job must get the same flags and see the same data. "
+        "Compare their command lines (and data folders), then run again.")

@@ -241,11 +241,12 @@ def pretokenize(config, workdir: str) -> dict:
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
   # The tokenizer run's newest step, pinned: the step recorded is the one read.
   checkpoint = weights_lib.resolve_all([tok.checkpoint])[0]
-  settings = output_settings(config, checkpoint)
-  # Each process checks its own shard; all agree before the collective load,
-  # so a process whose shard is reused or refused leaves none waiting there.
-  done, refused = None, None
+  # Each process reads its data and checks its own shard; all agree before
+  # the collective load, so a process that fails here (no data, a shard
+  # written otherwise) or reuses its shard leaves none waiting there.
+  settings, done, refused = None, None, None
   try:
+    settings = output_settings(config, checkpoint)
     done = existing_output(path, settings, p.get("overwrite", False))
   except Exception as e:  # pylint: disable=broad-except
     refused = e           # raised below, after the others have heard of it
@@ -254,8 +255,11 @@ def pretokenize(config, workdir: str) -> dict:
     raise refused
   if (states == 2).any():
     raise multihost.OtherProcessError(
-        f"Processes {np.flatnonzero(states == 2).tolist()} refused their "
-        f"shards of {output} (their logs say why); this process wrote nothing.")
+        f"Processes {np.flatnonzero(states == 2).tolist()} failed to start "
+        f"their shards of {output} (their logs say why); this process wrote "
+        "nothing.")
+  multihost.check_agree(settings, "pre-tokenizing settings (flags, data, "
+                        "tokenizer weights)")
   if done is not None and (states == 0).all():
     return _reused(path, done, settings, pattern)
   size = p.data.image_size

@@ -72,7 +72,7 @@ def check_training_files(config) -> str:
     _warn_repeated_names(pattern)
     tok = config.get("tokenizer") or {}
     warning.append(check_origin(pattern, records, tok.get("checkpoint", "")))
-  multihost.check_on_process_0(check)
+  multihost.on_process_0(check)
   return warning[0] if warning else ""
 
 
@@ -165,7 +165,7 @@ def record_or_check(config, workdir: str, resumed_step: int | None) -> None:
   """A fresh run records ``written_weights(config)`` in ``workdir``; a resumed
   one must find the same there. Raises ``TokenFileError`` when the token
   files now come from other tokenizer weights than the run trained on."""
-  multihost.check_on_process_0(
+  multihost.on_process_0(
       lambda: _record_or_check(config, workdir, resumed_step))
 
 

@@ -18,6 +18,7 @@ with other settings (weights, model, sampler) is refused instead of mixing.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import json
 import os
@@ -187,7 +188,7 @@ def check_settings(parts_dir: str, settings: dict) -> None:
   (except in ``num_samples``, as a set can grow or shrink, and in the
   checkpoint paths while the weights they resolve to are the same). Process
   0 checks and writes; its error stops every process."""
-  multihost.check_on_process_0(lambda: _check_settings(parts_dir, settings))
+  multihost.on_process_0(lambda: _check_settings(parts_dir, settings))
 
 
 def _check_settings(parts_dir: str, settings: dict) -> None:
@@ -239,6 +240,7 @@ def sample_and_save(config, workdir: str) -> dict:
                             s.get("classes", ()))
   parts_dir = os.path.join(workdir, "sample_parts")
   os.makedirs(parts_dir, exist_ok=True)
+  multihost.check_agree(settings, "sampling settings (flags, weights)")
   check_settings(parts_dir, settings)
   print(f"[sample] generator: {config.init_from} "
         f"({settings['weights.generator']}); tokenizer: "
@@ -270,10 +272,8 @@ def sample_and_save(config, workdir: str) -> dict:
       images = sample_fn(g_labels, jax.random.fold_in(key, start))
       images = np.asarray(multihost_utils.process_allgather(
           images, tiled=True))[:n]
-      if jax.process_index() == 0:
-        tmp = os.path.join(parts_dir, f"{start:09d}.tmp.npz")
-        np.savez(tmp, images=images, labels=labels[:n])
-        os.replace(tmp, os.path.join(parts_dir, f"{start:09d}.npz"))
+      multihost.on_process_0(functools.partial(
+          _write_part, parts_dir, start, images, labels[:n]))
       made += n
       rate = made / (time.perf_counter() - t0)
       logging.info("sampled %d / %d (%.2f images/s)", start + n, s.num_samples,
@@ -288,6 +288,13 @@ def sample_and_save(config, workdir: str) -> dict:
   if jax.process_count() > 1:   # the others wait for process 0's last part
     multihost_utils.sync_global_devices("genvis_jax sample parts written")
   return assemble(workdir, s.num_samples)
+
+
+def _write_part(parts_dir: str, start: int, images, labels) -> None:
+  """``<start>.npz``, whole or not at all (written aside, then renamed)."""
+  tmp = os.path.join(parts_dir, f"{start:09d}.tmp.npz")
+  np.savez(tmp, images=images, labels=labels)
+  os.replace(tmp, os.path.join(parts_dir, f"{start:09d}.npz"))
 
 
 def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
