@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+
+import jax
 
 from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError
@@ -74,6 +78,14 @@ def remove_empty_dirs(top: str) -> None:
       pass
 
 
+# Modes whose loops stop cleanly on SIGTERM, every process at the same point
+# (``core.preemption``). The others keep nothing a kill would lose (a token
+# file is renamed into place only when complete), so SIGTERM ends them at
+# once, on several processes as on one: jax.distributed's preemption notifier
+# would otherwise take the signal and nothing would ever act on it.
+STOPS_CLEANLY = ("train", "sample", "demo")
+
+
 def run(config, workdir: str):
   """Runs ``config.mode`` on ``config`` (what ``python -m genvis_jax.main`` does).
 
@@ -81,6 +93,9 @@ def run(config, workdir: str):
   on a missing data set): the next attempt finds the path as it was.
   """
   fn = resolve(config.mode)
+  if (config.mode not in STOPS_CLEANLY and jax.process_count() > 1 and
+      threading.current_thread() is threading.main_thread()):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
   created = check_workdir(workdir)
   try:
     return fn(config, workdir)

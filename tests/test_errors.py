@@ -2,14 +2,17 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import demo
+from genvis_jax import cli
 from genvis_jax import modes
 from genvis_jax.data import DataNotFoundError
 from genvis_jax.train import trainer as trainer_lib
@@ -47,6 +50,54 @@ def test_failed_run_leaves_no_empty_workdir_it_created(tmp_path):
   (fresh / "a" / "note.txt").write_text("x")
   modes.remove_empty_dirs(str(fresh))
   assert (fresh / "a" / "note.txt").exists() and not (fresh / "a" / "b").exists()
+
+
+def test_sigterm_ends_modes_without_a_clean_stop_on_several_processes(
+    tmp_path, monkeypatch):
+  """jax.distributed's preemption notifier takes SIGTERM; only train, sample
+  and demo act on it. On several processes the other modes get the default
+  back (the signal ends them, as on one process)."""
+  seen = {}
+
+  def fake_mode(config, workdir):
+    del workdir
+    seen[config.mode] = signal.getsignal(signal.SIGTERM)
+
+  def notifier(*args):   # stands in for the handler that swallows it
+    del args
+
+  previous = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(modes, "resolve", lambda mode: fake_mode)
+  monkeypatch.setattr(modes.jax, "process_count", lambda: 2)
+  try:
+    for mode in ("train", "sample", "pretokenize", "evaluate"):
+      signal.signal(signal.SIGTERM, notifier)
+      modes.run(ml_collections.ConfigDict({"mode": mode}), str(tmp_path))
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert seen == {"train": notifier, "sample": notifier,
+                  "pretokenize": signal.SIG_DFL, "evaluate": signal.SIG_DFL}
+
+
+def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
+                                                               capsys):
+  """No wait at the distributed shutdown barrier: the message (or the
+  traceback), then ``os._exit``."""
+  exits = []
+  monkeypatch.setattr(cli, "_distributed", lambda: True)
+  monkeypatch.setattr(cli.os, "_exit", exits.append)
+
+  def no_data(argv):
+    raise DataNotFoundError("no images here")
+
+  def bug(argv):
+    raise ZeroDivisionError("a bug")
+
+  cli.user_errors_exit(no_data)([])
+  cli.user_errors_exit(bug)([])
+  assert exits == [1, 1]
+  err = capsys.readouterr().err
+  assert "Error: no images here" in err and "ZeroDivisionError: a bug" in err
 
 
 def test_missing_token_files_say_how_to_make_them(tmp_path):
