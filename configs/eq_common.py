@@ -106,6 +106,7 @@ def get_config(size: str = "l", arg=None):
                                 # params once (latents / Euler state stay fp32)
   sp.num_samples = 50_000
   sp.batch_size = 64
+  sp.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
   if arg.runlocal:
     runlocal(c)
   return c

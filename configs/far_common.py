@@ -92,6 +92,7 @@ def get_config(size: str = "b", arg: str | None = "dual"):
   c.sample.dtype = ""
   c.sample.num_samples = 50_000
   c.sample.batch_size = 256
+  c.sample.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
 
   # The FQGAN tokenizer (official fqgan_{dual,triple}_ds16.pt, converted): codes
   # from ten-crop + flip of a 1.1x centre crop, as LlamaGen extract_codes_c2i.py.

@@ -96,6 +96,7 @@ def get_config(size: str = "b", arg=None):
   c.sample.dtype = ""
   c.sample.num_samples = 50_000
   c.sample.batch_size = 250
+  c.sample.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
 
   # MaskGIT VQGAN: what pretokenize encodes with and samples decode with
   # (--config.tokenizer.checkpoint=DIR from `python -m genvis_jax.convert`).

@@ -44,6 +44,14 @@ def test_parts_from_before_weights_were_recorded_compare_paths(tmp_path):
                           _settings(init_from="/runs/other"))
 
 
+def test_parts_from_before_the_seed_was_a_setting_were_drawn_with_seed_0(
+    tmp_path):
+  d = _parts_dir(tmp_path, _settings())
+  driver.check_settings(d, _settings(**{"sample.seed": 0}))
+  with pytest.raises(driver.SampleSettingsError, match=r"sample.seed: 0 -> 7"):
+    driver.check_settings(d, _settings(**{"sample.seed": 7}))
+
+
 def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
   """A run's newest step is pinned to its folder, the record names that step
   (not what the run holds later), and the paths pass between processes intact."""

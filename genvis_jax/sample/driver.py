@@ -194,9 +194,12 @@ def check_settings(parts_dir: str, settings: dict) -> None:
 def _check_settings(parts_dir: str, settings: dict) -> None:
   path = os.path.join(parts_dir, "settings.json")
   parts = glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz"))
+  # A config without config.sample.seed (or parts drawn before it was a
+  # setting) draws with seed 0.
+  settings = {"sample.seed": 0, **settings}
   if os.path.exists(path):
     with open(path) as f:
-      old = json.load(f)
+      old = {"sample.seed": 0, **json.load(f)}
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
         "sample.num_samples",) + WEIGHTS
