@@ -43,6 +43,7 @@ import numpy as np
 from bench.bench_eq_long import random_params  # std 0.02, no init compile
 from configs import eq_common
 from genvis_jax import models
+from genvis_jax.sample import ar
 from genvis_jax.sample import eq_generator as eq_sample
 
 TINY = dict(hidden_size=64, depth=2, num_heads=4, head_width=64, head_depth=2,
@@ -186,13 +187,10 @@ def make_floor(model, num_steps, use_cfg, hoisted, scale=7.0):
   times = eq_sample.step_times(num_steps)
 
   def euler(x, v):
-    if use_cfg:
-      cond, uncond = jnp.split(v.astype(jnp.float32), 2)
-      v = uncond + scale * (cond - uncond)
-    return x - v.astype(jnp.float32) / num_steps
+    return x - ar.guide(v, scale, use_cfg) / num_steps
 
   def twice(x):
-    return jnp.concatenate([x, x]) if use_cfg else x
+    return ar.twice(x, use_cfg)
 
   def column(params, x, z):
     net = params["diffloss"]["net"]

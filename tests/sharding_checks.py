@@ -14,7 +14,7 @@ def run_batch_sharded(fn, params, labels, key, *scalars):
   """Compiles ``fn`` (a sampler's ``sampler_fn``) for ``labels`` sharded over
   8 devices along "data" and runs it. Asserts that the program exchanges
   nothing between devices (each draws only its own examples, as on a pod)
-  and that its output is sharded like the batch; returns the output."""
+  and that its outputs are sharded like the batch; returns them."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   labels = jax.device_put(labels, sharding)
@@ -23,5 +23,6 @@ def run_batch_sharded(fn, params, labels, key, *scalars):
   found = sorted(set(_COLLECTIVE.findall(compiled.as_text())))
   assert not found, f"the sampler exchanges data between devices: {found}"
   out = compiled(params, labels, key, *scalars)
-  assert out.sharding.is_equivalent_to(sharding, out.ndim), out.sharding
+  for leaf in jax.tree_util.tree_leaves(out):
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), leaf.sharding
   return out

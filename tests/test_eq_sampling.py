@@ -14,6 +14,7 @@ from configs import eq_common
 from genvis_jax import models
 from genvis_jax.errors import UserError
 from genvis_jax.sample import eq_generator as eq_sample
+from tests.sharding_checks import run_batch_sharded
 from tests.test_eq_generator import C, np_init, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,6 +44,16 @@ LABELS, KW = jnp.array([1, 3]), dict(num_columns=6, cfg=3.0, num_steps=3)
 def fp32_latents(tiny):
   model, params = tiny
   return eq_sample.sample(model, params, LABELS, jax.random.key(5), **KW)
+
+
+def test_batch_sharded_sampling_keeps_each_device_on_its_examples(tiny):
+  model, params = tiny
+  labels, key = jnp.arange(8) % C, jax.random.key(5)
+  fn = eq_sample.sampler_fn(model, num_columns=KW["num_columns"],
+                            num_steps=KW["num_steps"])
+  latents, _ = run_batch_sharded(fn, params, labels, key, KW["cfg"])
+  np.testing.assert_array_equal(
+      latents, eq_sample.sample(model, params, labels, key, **KW))
 
 
 def test_steps_per_chunk_divides_and_bounds_rows():

@@ -37,8 +37,9 @@ DEFAULT_BUCKET = 32
 
 
 def cfg_rows(own, null):
-  """Per-example values (B, ...) and the null class's (1, ...) -> the rows of
-  the CFG batch, (2B, ...) ``[own_0, null, own_1, null, ...]``.
+  """Per-example values (B, ...) and the null class's ((1, ...) or (B, ...))
+  -> the rows of the CFG batch, (2B, ...) ``[own_0, null_0, own_1, null_1,
+  ...]``.
 
   Each example's cond/uncond rows sit next to each other and the null row is
   broadcast, not gathered: a batch-sharded ``own`` stays sharded, so no

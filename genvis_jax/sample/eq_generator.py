@@ -7,7 +7,9 @@ with CFG, uncond from the null class); the flow head integrates
 With CFG both branches share the noise and the state; the velocity is
 ``u + s_c (c - u)`` with the linear per-column ramp
 ``s_c = 1 + (cfg - 1) * (c + 1) / num_columns`` (official ``cfg_schedule``
-"linear"); ``cfg == 1`` runs no uncond branch.
+"linear"); ``cfg == 1`` runs no uncond branch. The doubled batch interleaves
+each example's cond/uncond rows (``ar.cfg_labels``), so a batch sharded over
+devices stays sharded: each device draws its own examples.
 
 ``sample`` feeds each finished column into a per-layer rolling KV cache
 (``EqGenerator.prefill`` / ``decode_step``): constant memory and time per
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.errors import ConfigError
+from genvis_jax.sample import ar
 
 # Rows (Euler steps x head batch rows) of one batched adaLN matmul: bounds the
 # modulation buffer (rows x (3 depth + 2) x head_width floats; S: 2048 rows =
@@ -58,20 +61,17 @@ def euler_flow(velocity_fn, z, noise, scale, num_steps: int, use_cfg: bool):
 
   Args:
     velocity_fn: (x (B', C), t (B',), z (B', d)) -> v (B', C).
-    z: (B, d), or (2B, d) ``[cond; uncond]`` with CFG.
+    z: (B, d), or (2B, d) with CFG, each example's cond/uncond rows next to
+      each other (``ar.cfg_labels`` order).
     noise: (B, C) starting point at t = 1.
     scale: CFG scale (traced scalar).
   Returns the sample at t = 0, (B, C) float32.
   """
   def body(i, x):
     t = (num_steps - i).astype(jnp.float32) / num_steps
-    if use_cfg:
-      xx = jnp.concatenate([x, x])
-      v = velocity_fn(xx, jnp.full((xx.shape[0],), t), z)
-      c, u = jnp.split(v, 2)
-      v = u + scale * (c - u)
-    else:
-      v = velocity_fn(x, jnp.full((x.shape[0],), t), z)
+    xx = ar.twice(x, use_cfg)
+    v = ar.guide(velocity_fn(xx, jnp.full((xx.shape[0],), t), z), scale,
+                 use_cfg)
     return x - v / num_steps
 
   return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
@@ -96,8 +96,8 @@ def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
   """``euler_flow`` with the head's modulations hoisted out of the steps.
 
   model / params: an ``EqGenerator`` (its ``head_modulations`` /
-  ``head_velocity``); z (R, d) with R = B, or 2B ``[cond; uncond]`` with CFG;
-  noise (B, C). Per chunk of k steps (``steps_per_chunk``) one matmul gives
+  ``head_velocity``); z (R, d) with R = B, or 2B with CFG (``euler_flow``'s
+  order); noise (B, C). Per chunk of k steps (``steps_per_chunk``) one matmul gives
   the modulations of k x R rows; then k Euler steps run the x path only.
   Returns (B, C) float32.
   """
@@ -112,13 +112,8 @@ def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
 
     def step(j, x):
       m = tuple(jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in mods)
-      if use_cfg:
-        cond, uncond = jnp.split(
-            apply(jnp.concatenate([x, x]), m, method="head_velocity"), 2)
-        v = uncond + scale * (cond - uncond)
-      else:
-        v = apply(x, m, method="head_velocity")
-      return x - v / num_steps
+      v = apply(ar.twice(x, use_cfg), m, method="head_velocity")
+      return x - ar.guide(v, scale, use_cfg) / num_steps
 
     return jax.lax.fori_loop(0, k, step, x)
 
@@ -152,9 +147,7 @@ def _cast(params, dt):
 
 
 def _labels2(model, labels, use_cfg):
-  if not use_cfg:
-    return labels
-  return jnp.concatenate([labels, jnp.full_like(labels, model.null_label)])
+  return ar.cfg_labels(labels, model.null_label) if use_cfg else labels
 
 
 def _column(model, params, z, rng, col, num_columns, num_steps, cfg, use_cfg,
@@ -170,7 +163,7 @@ def _column(model, params, z, rng, col, num_columns, num_steps, cfg, use_cfg,
 
 
 def _twice(use_cfg):
-  return (lambda x: jnp.concatenate([x, x])) if use_cfg else (lambda x: x)
+  return functools.partial(ar.twice, use_cfg=use_cfg)
 
 
 def _cached_init(model, use_cfg, num_columns, params, labels):
@@ -264,12 +257,24 @@ def _check(labels, num_columns, num_steps, cfg):
   return labels, float(cfg) != 1.0
 
 
+def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
+               num_steps: int = 100, cached: bool = True,
+               hoist_modulations: bool = True):
+  """The jitted ``f(params, labels, rng, cfg) -> (latents, conds)`` that
+  ``sample`` (``cached``) / ``sample_uncached`` call, for a model already
+  prepared by ``for_decoding`` (for AOT ``lower().compile()``)."""
+  return _compiled(_cached_impl if cached else _uncached_impl, model,
+                   bool(use_cfg), int(num_columns), int(num_steps),
+                   bool(hoist_modulations))
+
+
 def _run(impl, model, params, labels, rng, num_columns, cfg, num_steps,
          return_conditions, dtype, hoist):
   labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
   model, params = for_decoding(model, params, dtype)
-  fn = _compiled(impl, model, use_cfg, int(num_columns), int(num_steps),
-                 bool(hoist))
+  fn = sampler_fn(model, num_columns=num_columns, use_cfg=use_cfg,
+                  num_steps=num_steps, cached=impl is _cached_impl,
+                  hoist_modulations=hoist)
   latents, conds = fn(params, labels, rng, jnp.asarray(cfg, jnp.float32))
   return (latents, conds) if return_conditions else latents
 
@@ -293,7 +298,8 @@ def sample(model, params, labels, rng, *, num_columns: int, cfg: float = 1.0,
   Returns:
     latents (B, num_columns, token_dim) float32 in the generator's (scaled)
     latent space; with ``return_conditions`` also z (B or 2B, num_columns, d)
-    (``[cond; uncond]`` rows with CFG) in the decoding dtype.
+    (with CFG each example's cond and uncond rows in turn,
+    ``ar.cfg_labels`` order) in the decoding dtype.
   Raises ``ConfigError`` for num_columns or num_steps < 1, labels not 1-D, or
   an unsupported dtype.
   """
