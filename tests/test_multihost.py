@@ -84,6 +84,7 @@ def test_two_processes_match_one(tmp_path):
     differ, write = json.load(open(f"{out}.agree{i}.json"))
     assert differ.startswith("OtherProcessError: Processes [1] run with other "
                              "settings than process 0"), differ
+    assert ("p: process 0 0 vs this process 1" in differ) == (i == 1), differ
     assert write.startswith(("FileNotFoundError", "OtherProcessError: On "
                              "process 0: FileNotFoundError")[i]), write
   for k in ("3", "4"):

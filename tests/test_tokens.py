@@ -239,9 +239,25 @@ def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
   # Process 1 computed other settings (flags, data, weights) than process 0.
   with monkeypatch.context() as m:
     m.setattr(multihost.jax, "process_count", lambda: 2)
-    m.setattr(multihost, "broadcast_strings", lambda strings: strings)
+    m.setattr(multihost, "broadcast_strings", lambda strings, size=0: strings)
     m.setattr(multihost, "gather_ints", lambda v: np.array([v, v ^ 1]))
     with pytest.raises(multihost.OtherProcessError,
                        match=r"Processes \[1\] run with other pre-tokenizing "
                              r"settings"):
       pretokenize.pretokenize(c, wd)
+
+
+def test_shards_written_before_the_remainder_was_kept_are_written_again(
+    monkeypatch):
+  """33 examples over 2 processes: process 0's shard now holds 17, but older
+  writers gave it 16; process 1's 16 are as before."""
+  from genvis_jax.data import pretokenize
+  settings = {"examples": {"count": 33}}
+  monkeypatch.setattr(pretokenize.jax, "process_count", lambda: 2)
+  for index, short in ((0, True), (1, False)):
+    monkeypatch.setattr(pretokenize.jax, "process_index", lambda: index)
+    assert pretokenize._lacks_remainder({"records": 160}, settings) == short
+    assert not pretokenize._lacks_remainder(
+        {"records": 170, "remainder_kept": True}, settings)
+  monkeypatch.setattr(pretokenize.jax, "process_count", lambda: 1)
+  assert not pretokenize._lacks_remainder({"records": 330}, settings)

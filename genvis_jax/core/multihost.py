@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import UserError
 
 
@@ -79,8 +80,17 @@ def check_agree(settings, what: str) -> None:
   digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
   digests = gather_ints(digest & 0x7FFFFFFF)
   differ = np.flatnonzero(digests != digests[0]).tolist()
-  if differ:
-    raise OtherProcessError(
-        f"Processes {differ} run with other {what} than process 0; every "
-        "process of a job must get the same flags and see the same data. "
-        "Compare their command lines (and data folders), then run again.")
+  if not differ:
+    return
+  # Each differing process names its differences from process 0's record.
+  try:
+    diff = settings_lib.differences(
+        json.loads(broadcast_strings([text], size=1 << 16)[0]),
+        json.loads(text), names=("process 0", "this process"))
+  except ValueError:   # process 0's record was longer than the buffer
+    diff = []
+  detail = f" ({settings_lib.shorten(diff, 5)})" if diff else ""
+  raise OtherProcessError(
+      f"Processes {differ} run with other {what} than process 0{detail}; "
+      "every process of a job must get the same flags and see the same data "
+      "and weights. Compare their command lines, then run again.")

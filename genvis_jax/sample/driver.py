@@ -232,6 +232,9 @@ def sample_and_save(config, workdir: str) -> dict:
   # after loading (a step re-committed in place meanwhile).
   pinned = pin_weights(config)
   settings = sample_settings(config, pinned)
+  # Before the (collective) loads: a process with other flags would fail or
+  # load something else there while the others wait for it.
+  multihost.check_agree(settings, "sampling settings")
   recorded = {k: settings[k] for k in WEIGHTS}
   sample_fn, sharding = make_sample_fn(pinned, mesh)
   if pinned_sources(pinned) != recorded:
@@ -243,7 +246,6 @@ def sample_and_save(config, workdir: str) -> dict:
                             s.get("classes", ()))
   parts_dir = os.path.join(workdir, "sample_parts")
   os.makedirs(parts_dir, exist_ok=True)
-  multihost.check_agree(settings, "sampling settings (flags, weights)")
   check_settings(parts_dir, settings)
   print(f"[sample] generator: {config.init_from} "
         f"({settings['weights.generator']}); tokenizer: "
