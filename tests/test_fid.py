@@ -229,6 +229,17 @@ def test_evaluate_samples_pipeline(tmp_path):
       fid.inception_score(logits33), rel=1e-6)
 
 
+def test_only_process_0_writes_the_report(tmp_path, monkeypatch, capsys):
+  from genvis_jax.core import multihost
+  from genvis_jax.evaluate import report
+  monkeypatch.setattr(multihost.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(multihost, "broadcast_strings", lambda s, size=0: s)
+  report.write(str(tmp_path / "eval"), {"fid": 1.0}, "FID 1.0")
+  assert not (tmp_path / "eval").exists()      # process 0 writes it
+  assert "[eval] FID 1.0" in capsys.readouterr().out
+
+
 def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   import ml_collections
   from genvis_jax.evaluate import driver

@@ -40,6 +40,7 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
+from genvis_jax.core import multihost
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
@@ -246,10 +247,12 @@ def save_reference(path: str, *, mu, sigma, mu_s, sigma_s, images=None,
     arrays["inception_weights"] = np.array(inception_weights)
   if num_images is not None:
     arrays["num_images"] = np.int64(num_images)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  def write():   # whole or not at all; every process of a job computed it
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
+
+  multihost.on_process_0(write)
   return path
 
 

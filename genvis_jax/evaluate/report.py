@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 from absl import logging
+
+from genvis_jax.core import multihost
 
 
 def write(workdir: str, results: dict, msg: str) -> dict:
@@ -17,12 +18,14 @@ def write(workdir: str, results: dict, msg: str) -> dict:
   Every process of a multi-host job evaluates the same images; process 0
   writes the file, whole or not at all (a temporary file renamed into place).
   """
-  if jax.process_index() == 0:
+  def write():
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.json")
     with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
+
+  multihost.on_process_0(write)
   logging.info(msg)
   print(f"[eval] {msg}", flush=True)
   return results

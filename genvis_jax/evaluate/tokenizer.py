@@ -19,6 +19,7 @@ from genvis_jax import models
 from genvis_jax.convert import inception as convert_inception
 from genvis_jax.convert import lpips as convert_lpips
 from genvis_jax.core import metrics as metrics_lib
+from genvis_jax.core import multihost
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
@@ -272,12 +273,11 @@ def evaluate(config, workdir: str) -> dict:
   if extractor is not None:
     results["rfid"] = fid_lib.frechet_distance(*rstats[0].result(),
                                                *rstats[1].result())
-  os.makedirs(workdir, exist_ok=True)
   gx, gy = np.concatenate(grid_x)[:32], np.concatenate(grid_y)[:32]
   pairs = np.stack([gx, gy], 1).reshape(-1, *gx.shape[1:])
   grid = metrics_lib.make_grid(metrics_lib.to_uint8(pairs, value_range), ncols=8)
-  metrics_lib.save_png(os.path.join(workdir, "reconstructions.png"), grid)
   grid_path = os.path.join(workdir, "reconstructions.png")
+  multihost.on_process_0(lambda: metrics_lib.save_png(grid_path, grid))
   return report.write(workdir, results,
                       f"{_summary(results, num_codes)}; grid: {grid_path}")
 
