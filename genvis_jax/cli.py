@@ -134,8 +134,13 @@ def user_errors_exit(main):
         raise
       if not isinstance(e, SystemExit):   # fail() has printed its message
         traceback.print_exc()
-      code = e.code if isinstance(e, SystemExit) else 1
-      exit_now(code if isinstance(code, int) else 1)
+        code = 1
+      elif e.code is None or isinstance(e.code, int):
+        code = e.code or 0
+      else:                               # sys.exit("message")
+        print(e.code, file=sys.stderr)
+        code = 1
+      exit_now(code)
 
   return wrapped
 

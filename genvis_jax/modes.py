@@ -82,7 +82,8 @@ def remove_empty_dirs(top: str) -> None:
 # (``core.preemption``). The others keep nothing a kill would lose (a token
 # file is renamed into place only when complete), so SIGTERM ends them at
 # once, on several processes as on one: jax.distributed's preemption notifier
-# would otherwise take the signal and nothing would ever act on it.
+# would otherwise take the signal and nothing would ever act on it. (The
+# demo, a one-process laptop run, keeps the notifier through all its stages.)
 STOPS_CLEANLY = ("train", "sample", "demo")
 
 

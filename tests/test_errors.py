@@ -93,11 +93,18 @@ def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
   def bug(argv):
     raise ZeroDivisionError("a bug")
 
-  cli.user_errors_exit(no_data)([])
-  cli.user_errors_exit(bug)([])
-  assert exits == [1, 1]
+  def done(argv):
+    sys.exit()
+
+  def usage(argv):
+    sys.exit("usage: ...")
+
+  for main in (no_data, bug, done, usage):
+    cli.user_errors_exit(main)([])
+  assert exits == [1, 1, 0, 1]
   err = capsys.readouterr().err
   assert "Error: no images here" in err and "ZeroDivisionError: a bug" in err
+  assert "usage: ..." in err
 
 
 def test_missing_token_files_say_how_to_make_them(tmp_path):

@@ -44,7 +44,7 @@ def params_digest(params) -> str:
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     a = np.ascontiguousarray(jax.device_get(leaf))
-    h.update(f"{ckpt_lib.key_path(path)}|{a.dtype.str}|{a.shape};".encode())
+    h.update(f"{ckpt_lib.key_path(path)}|{a.dtype.name}|{a.shape};".encode())
     h.update(a.reshape(-1).view(np.uint8))
   return h.hexdigest()
 
@@ -270,7 +270,7 @@ def _verify_digest(directory: epath.Path, params, stored, where: str) -> None:
   cast on load, or the arrays span several hosts."""
   recorded = _recorded_digest(directory)
   leaves = jax.tree_util.tree_leaves(params)
-  cast = any(getattr(a, "dtype", None) != getattr(b, "dtype", None)
+  cast = any(getattr(b, "dtype", None) is not None and a.dtype != b.dtype
              for a, b in zip(leaves, jax.tree_util.tree_leaves(stored)))
   if (not recorded or cast or
       not all(getattr(x, "is_fully_addressable", True) for x in leaves)):

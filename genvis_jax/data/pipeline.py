@@ -313,8 +313,8 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   # Equal shards where every batch is a collective step (no process waits);
   # a pass that keeps every example (pre-tokenizing) keeps the remainder
   # too: the first n % pc processes then hold one example more.
-  ds = grain.MapDataset.source(source)[pi:n if not drop_remainder
-                                       else n - n % pc:pc]
+  stop = n - n % pc if drop_remainder else n
+  ds = grain.MapDataset.source(source)[pi:stop:pc]
   shard = len(ds)
   if shard < local_batch and not train and drop_remainder:
     raise sources.DataConfigError(

@@ -221,6 +221,15 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
       "elsewhere (another --workdir or --config.pretokenize.output).")
 
 
+def _lacks_remainder(record: dict, settings: dict) -> bool:
+  """Whether the shard of ``record`` misses an example this process reads:
+  writers before ``remainder_kept`` gave every process ``n // count``
+  examples, dropping the last ``n % count``, one from each of processes
+  0 .. n % count - 1."""
+  n, count = settings["examples"]["count"], jax.process_count()
+  return not record.get("remainder_kept") and jax.process_index() < n % count
+
+
 def _reused(path: str, done: dict, settings: dict, pattern: str) -> dict:
   print(f"[pretokenize] reusing {path} ({done['records']} records, written "
         f"with these settings, tokenizer {settings['weights']}); train with "
@@ -248,6 +257,12 @@ def pretokenize(config, workdir: str) -> dict:
   try:
     settings = output_settings(config, checkpoint)
     done = existing_output(path, settings, p.get("overwrite", False))
+    if done is not None and _lacks_remainder(done, settings):
+      logging.warning("%s was written by an older version that left out this "
+                      "process's share of the split's last %d examples; "
+                      "writing it again.", path,
+                      settings["examples"]["count"] % jax.process_count())
+      done = None
   except Exception as e:  # pylint: disable=broad-except
     refused = e           # raised below, after the others have heard of it
   states = multihost.gather_ints(2 if refused else 0 if done else 1)
@@ -293,8 +308,8 @@ def pretokenize(config, workdir: str) -> dict:
         logging.info("pretokenize: %d / %d images (%.1f img/s)", n_images,
                      info.num_examples_per_process, rate)
   epath.Path(path + ".json").write_text(json.dumps(
-      {"settings": settings, "records": writer.count, "images": n_images},
-      indent=1, sort_keys=True))
+      {"settings": settings, "records": writer.count, "images": n_images,
+       "remainder_kept": True}, indent=1, sort_keys=True))
   msg = (f"wrote {writer.count} token records ({n_images} images, "
          f"{'ten-crop' if p.ten_crop else 'centre crop'}) to {path}; "
          f"train with --config.data.path='{pattern}'")

@@ -189,8 +189,8 @@ def _record_or_check(config, workdir: str, resumed_step: int | None) -> None:
         f"({config.data.path}) now hold {now} (written again, or another "
         "output). Resume on the tokens it trained on, or start a new "
         "--workdir (--config.init_from=<this run> keeps the weights). If the "
-        "weights are the same (converted again by a version that recorded no "
-        f"{weights_lib.DIGEST_FILE}), delete {path} and resume.")
+        "weights are the same (converted again, where the first conversion "
+        f"recorded no {weights_lib.DIGEST_FILE}), delete {path} and resume.")
 
 
 def run_token_weights(run: str) -> list[str]:

@@ -25,8 +25,12 @@ from genvis_jax import errors
 from genvis_jax.models.rar import PREFIX
 from genvis_jax.sample import ar
 
-# Largest per-chunk modulation table (bytes); above it each step computes the
-# modulation of its own position (still once per distinct condition).
+# Largest per-chunk modulation table (bytes, counted for the whole batch; a
+# batch sharded over devices holds its share on each); above it each step
+# computes the modulation of its own position (still once per condition).
+# The tables pay off at small batches, where a step is bound by reading
+# weights; at batches this large a step reads the adaLN weights for many rows
+# at once, so the per-step path costs little more.
 TABLE_BYTES = 1 << 30
 
 

@@ -204,64 +204,81 @@ def train_loop(config, workdir: str, on_log=None):
   saved_at = -1
   acc, acc_n = None, 0
   vis_batch = None
-  # SIGTERM / Ctrl-C: finish the step in flight, save it, stop.
-  with preemption.StopRequest() as stop:
-    for step in range(start, num_steps):
-      local = next(data_iter)
-      if vis_batch is None:
-        vis_batch = jax.tree_util.tree_map(np.asarray, local)
-      state, metrics = trainer.step(state, local)
-      done = step + 1
-      # A failed save stops the run by the step after it: that step is already
-      # dispatched, so waiting for the save overlaps its compute.
-      ckpt.check(block=done == saved_at + 1, at_step=done)
-      acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
-      acc_n += 1
-      log_now = done % config.train.log_every == 0 or done == num_steps
-      stop_now = stop.should_stop(done)     # every step, on every process
-      save_now = (done % config.train.checkpoint_every == 0 or done == num_steps
-                  or stop_now)
-      if log_now or save_now:
-        # Health checks on what logging fetches anyway, and always right before
-        # a save, so a diverged state is never written as a checkpoint.
-        means = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
-        norms = trainer.param_norms(state)
-        _check_health(config, guard, means, norms, acc_n, checked, done, ckpt)
-        checked = done
-      if log_now:
-        scalars = dict(means)
-        nonfinite_steps = round(scalars.pop("nonfinite") * acc_n)
-        guard.record(scalars["loss"], norms)
-        if nonfinite_steps:   # only reached with check_finite off
-          logging.warning("%d update(s) with NaN/Inf loss or gradients skipped "
-                          "in steps %d-%d.", nonfinite_steps, done - acc_n + 1, done)
-        scalars["nonfinite_steps"] = float(nonfinite_steps)
-        scalars.update({f"param_norm/{g}": v for g, v in norms.items()})
-        scalars.update(progress(done))
-        scalars["skipped_records"] = float(info.num_skipped)
-        writer.write_scalars(done, scalars)
-        if on_log is not None:
-          on_log(done, scalars)
-        logging.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", done, num_steps,
-                     scalars["loss"], scalars["steps_per_sec"],
-                     metrics_lib.format_eta(scalars["eta_sec"]))
-        acc, acc_n = None, 0
-      if config.train.image_every and (done % config.train.image_every == 0
-                                       or done == num_steps):
-        _write_visuals(trainer, state, vis_batch, writer, workdir, done)
-      if save_now:
-        ckpt.save(done, state, data_iter, config)
-        saved_at = done
-      if stop_now and done < num_steps:
-        ckpt.close()
-        writer.flush()
-        raise preemption.TrainingStopped(
-            f"Training stopped by {stop.signal} after step {done} of "
-            f"{num_steps}; the checkpoint of step {done} is saved in "
-            f"{ckpt.directory}. Run the same command to resume from it.")
+  try:
+    # SIGTERM / Ctrl-C: finish the step in flight, save it, stop.
+    with preemption.StopRequest() as stop:
+      for step in range(start, num_steps):
+        local = next(data_iter)
+        if vis_batch is None:
+          vis_batch = jax.tree_util.tree_map(np.asarray, local)
+        state, metrics = trainer.step(state, local)
+        done = step + 1
+        # A failed save stops the run by the step after it: that step is already
+        # dispatched, so waiting for the save overlaps its compute.
+        ckpt.check(block=done == saved_at + 1, at_step=done)
+        acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
+        acc_n += 1
+        log_now = done % config.train.log_every == 0 or done == num_steps
+        stop_now = stop.should_stop(done)     # every step, on every process
+        save_now = (done % config.train.checkpoint_every == 0 or done == num_steps
+                    or stop_now)
+        if log_now or save_now:
+          # Health checks on what logging fetches anyway, and always right before
+          # a save, so a diverged state is never written as a checkpoint.
+          means = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
+          norms = trainer.param_norms(state)
+          _check_health(config, guard, means, norms, acc_n, checked, done, ckpt)
+          checked = done
+        if log_now:
+          scalars = dict(means)
+          nonfinite_steps = round(scalars.pop("nonfinite") * acc_n)
+          guard.record(scalars["loss"], norms)
+          if nonfinite_steps:   # only reached with check_finite off
+            logging.warning("%d update(s) with NaN/Inf loss or gradients skipped "
+                            "in steps %d-%d.", nonfinite_steps, done - acc_n + 1, done)
+          scalars["nonfinite_steps"] = float(nonfinite_steps)
+          scalars.update({f"param_norm/{g}": v for g, v in norms.items()})
+          scalars.update(progress(done))
+          scalars["skipped_records"] = float(info.num_skipped)
+          writer.write_scalars(done, scalars)
+          if on_log is not None:
+            on_log(done, scalars)
+          logging.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", done, num_steps,
+                       scalars["loss"], scalars["steps_per_sec"],
+                       metrics_lib.format_eta(scalars["eta_sec"]))
+          acc, acc_n = None, 0
+        if config.train.image_every and (done % config.train.image_every == 0
+                                         or done == num_steps):
+          _write_visuals(trainer, state, vis_batch, writer, workdir, done)
+        if save_now:
+          ckpt.save(done, state, data_iter, config)
+          saved_at = done
+        if stop_now and done < num_steps:
+          ckpt.close()
+          writer.flush()
+          raise preemption.TrainingStopped(
+              f"Training stopped by {stop.signal} after step {done} of "
+              f"{num_steps}; the checkpoint of step {done} is saved in "
+              f"{ckpt.directory}. Run the same command to resume from it.")
+  except Exception:
+    # A save started before the error still completes (and is checked):
+    # a multi-host process exits at once after an error (cli.exit_now).
+    _finish_saves(ckpt, writer)
+    raise
   ckpt.close()
   writer.flush()
   return state
+
+
+def _finish_saves(ckpt, writer) -> None:
+  """Waits for the checkpoint save in flight and flushes the metric writer;
+  a failure here is logged, not raised (the error being raised matters more)."""
+  try:
+    ckpt.wait()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("The checkpoint save in flight failed too: %s",
+                  ckpt_lib.first_line(e))
+  writer.flush()
 
 
 def _check_health(config, guard, means, norms, acc_n, checked, done, ckpt):
