@@ -210,6 +210,34 @@ def test_nan_loss_honours_check_finite(tmp_path, nan_at_step_4, check_finite):
     assert all(np.isfinite(x).all() for x in _leaves(state.params))
 
 
+def test_an_error_waits_for_the_save_in_flight(tmp_path, monkeypatch):
+  """The save of step 3 is still writing when reading batch 4 fails; the
+  error propagates only once the save is finished (a multi-host process
+  exits at once after an error, which would cut it off)."""
+  orig_create = trainer_lib.create_train_iterator
+  waited = []
+
+  class FailAt3(_NaNAtStep):
+    def __next__(self):
+      if self._i == self._bad:
+        raise OSError("the data disk went away")
+      return super().__next__()
+
+  def create(config, task, **kw):
+    it, info = orig_create(config, task, **kw)
+    return FailAt3(it, 3), info
+
+  orig_wait = ckpt_lib.Checkpointer.wait
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", create)
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "wait",
+                      lambda self: waited.append(1) or orig_wait(self))
+  wd = str(tmp_path / "wd")
+  with pytest.raises(OSError, match="data disk went away"):
+    trainer_lib.train_loop(_config(6), wd)
+  assert waited
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
 def test_finite_runaway_stops_before_a_diverged_checkpoint(runs, tmp_path):
   """lr=1e8 with clipping on: the loss stays finite (the issue ran to the end
   with loss 1e17); the guard stops at the first check after step 3."""
