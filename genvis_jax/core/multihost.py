@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Callable
 
 import jax
@@ -58,6 +59,19 @@ def on_process_0(fn: Callable[[], object]) -> None:
     raise error
   if message:
     raise OtherProcessError(f"On process 0: {message}")
+
+
+def write_on_process_0(path: str, write: Callable[[str], object]) -> None:
+  """Process 0 writes ``path`` whole or not at all: ``write(tmp)`` fills a
+  temporary file beside it (``name.tmp.ext``), renamed into place after
+  (``on_process_0``: a failure stops every process). Creates the folder."""
+  def fn():
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    write(f"{root}.tmp{ext}")
+    os.replace(f"{root}.tmp{ext}", path)
+
+  on_process_0(fn)
 
 
 def gather_ints(value: int) -> np.ndarray:

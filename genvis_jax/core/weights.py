@@ -59,9 +59,7 @@ def save_params(directory: str, params) -> None:
   ckptr.wait_until_finished()
   # Sharded over several hosts, no process holds the bytes: the commit time
   # names these weights then.
-  whole = all(getattr(x, "is_fully_addressable", True)
-              for x in jax.tree_util.tree_leaves(params))
-  if whole and jax.process_index() == 0:
+  if _on_this_host(params) and jax.process_index() == 0:
     (path / DIGEST_FILE).write_text(
         json.dumps({"sha256": params_digest(params)}))
 
@@ -272,14 +270,20 @@ def _verify_digest(directory: epath.Path, params, stored, where: str) -> None:
   leaves = jax.tree_util.tree_leaves(params)
   cast = any(getattr(b, "dtype", None) is not None and a.dtype != b.dtype
              for a, b in zip(leaves, jax.tree_util.tree_leaves(stored)))
-  if (not recorded or cast or
-      not all(getattr(x, "is_fully_addressable", True) for x in leaves)):
+  if not recorded or cast or not _on_this_host(params):
     return
   if params_digest(params) != recorded:
     raise ckpt_lib.CheckpointRestoreError(
         f"Parameter checkpoint {directory}{where} is damaged: its arrays do "
         f"not match the SHA-256 recorded in {directory / DIGEST_FILE} when "
         "they were written. Convert (or copy) the weights again.")
+
+
+def _on_this_host(params) -> bool:
+  """Whether this process holds every byte of ``params`` (numpy, or arrays
+  on its own devices)."""
+  return all(getattr(x, "is_fully_addressable", True)
+             for x in jax.tree_util.tree_leaves(params))
 
 
 def _recorded_digest(directory: epath.Path) -> str:

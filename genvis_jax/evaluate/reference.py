@@ -247,12 +247,8 @@ def save_reference(path: str, *, mu, sigma, mu_s, sigma_s, images=None,
     arrays["inception_weights"] = np.array(inception_weights)
   if num_images is not None:
     arrays["num_images"] = np.int64(num_images)
-  def write():   # whole or not at all; every process of a job computed it
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path + ".tmp.npz", **arrays)
-    os.replace(path + ".tmp.npz", path)
-
-  multihost.on_process_0(write)
+  # Every process of a job computed it; process 0 writes it.
+  multihost.write_on_process_0(path, lambda tmp: np.savez(tmp, **arrays))
   return path
 
 

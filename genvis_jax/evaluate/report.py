@@ -18,14 +18,11 @@ def write(workdir: str, results: dict, msg: str) -> dict:
   Every process of a multi-host job evaluates the same images; process 0
   writes the file, whole or not at all (a temporary file renamed into place).
   """
-  def write():
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
+  def write(tmp):
+    with open(tmp, "w") as f:
       json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
 
-  multihost.on_process_0(write)
+  multihost.write_on_process_0(os.path.join(workdir, "metrics.json"), write)
   logging.info(msg)
   print(f"[eval] {msg}", flush=True)
   return results

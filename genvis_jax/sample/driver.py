@@ -277,8 +277,9 @@ def sample_and_save(config, workdir: str) -> dict:
       images = sample_fn(g_labels, jax.random.fold_in(key, start))
       images = np.asarray(multihost_utils.process_allgather(
           images, tiled=True))[:n]
-      multihost.on_process_0(functools.partial(
-          _write_part, parts_dir, start, images, labels[:n]))
+      multihost.write_on_process_0(
+          os.path.join(parts_dir, f"{start:09d}.npz"),
+          functools.partial(np.savez, images=images, labels=labels[:n]))
       made += n
       rate = made / (time.perf_counter() - t0)
       logging.info("sampled %d / %d (%.2f images/s)", start + n, s.num_samples,
@@ -293,13 +294,6 @@ def sample_and_save(config, workdir: str) -> dict:
   if jax.process_count() > 1:   # the others wait for process 0's last part
     multihost_utils.sync_global_devices("genvis_jax sample parts written")
   return assemble(workdir, s.num_samples)
-
-
-def _write_part(parts_dir: str, start: int, images, labels) -> None:
-  """``<start>.npz``, whole or not at all (written aside, then renamed)."""
-  tmp = os.path.join(parts_dir, f"{start:09d}.tmp.npz")
-  np.savez(tmp, images=images, labels=labels)
-  os.replace(tmp, os.path.join(parts_dir, f"{start:09d}.npz"))
 
 
 def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:

@@ -268,13 +268,12 @@ def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
                    bool(hoist_modulations))
 
 
-def _run(impl, model, params, labels, rng, num_columns, cfg, num_steps,
+def _run(cached, model, params, labels, rng, num_columns, cfg, num_steps,
          return_conditions, dtype, hoist):
   labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
   model, params = for_decoding(model, params, dtype)
   fn = sampler_fn(model, num_columns=num_columns, use_cfg=use_cfg,
-                  num_steps=num_steps, cached=impl is _cached_impl,
-                  hoist_modulations=hoist)
+                  num_steps=num_steps, cached=cached, hoist_modulations=hoist)
   latents, conds = fn(params, labels, rng, jnp.asarray(cfg, jnp.float32))
   return (latents, conds) if return_conditions else latents
 
@@ -303,7 +302,7 @@ def sample(model, params, labels, rng, *, num_columns: int, cfg: float = 1.0,
   Raises ``ConfigError`` for num_columns or num_steps < 1, labels not 1-D, or
   an unsupported dtype.
   """
-  return _run(_cached_impl, model, params, labels, rng, num_columns, cfg,
+  return _run(True, model, params, labels, rng, num_columns, cfg,
               num_steps, return_conditions, dtype, hoist_modulations)
 
 
@@ -313,7 +312,7 @@ def sample_uncached(model, params, labels, rng, *, num_columns: int,
                     hoist_modulations: bool = True):
   """``sample`` without a cache: re-runs the full forward every column
   (official algorithm; quadratic in the width). Same contract and numbers."""
-  return _run(_uncached_impl, model, params, labels, rng, num_columns, cfg,
+  return _run(False, model, params, labels, rng, num_columns, cfg,
               num_steps, return_conditions, dtype, hoist_modulations)
 
 
