@@ -82,7 +82,10 @@ class StopRequest:
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       if self._synced and multihost_utils.reached_preemption_sync_point(step):
-        self.signal = self.signal or "preemption notice"
+        # The service says a stop is due, not which process got the SIGTERM.
+        self.signal = self.signal or (
+            f"a preemption notice (SIGTERM to one of the "
+            f"{jax.process_count()} processes)")
         return True
       return False
     return self.signal is not None

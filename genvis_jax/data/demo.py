@@ -15,6 +15,8 @@ bit-identical for a seed.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring",
@@ -180,6 +182,19 @@ def _to_uint8(img, rng):
   return np.clip(out, 0, 255).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _generated(kind: str, split_id: int, seed: int, num_examples: int):
+  """The demo arrays of one (kind, split, seed, size), generated once per
+  process: a chained run (``configs/demo*.py``) builds the same sources at
+  every stage and evaluation, and 10 000 landscapes take seconds."""
+  gen_seed = np.random.SeedSequence([seed, split_id, list(KINDS).index(kind)])
+  fn = demo_shapes if kind == "shapes" else demo_landscapes
+  images, labels = fn(num_examples, seed=gen_seed)
+  for a in (images, labels):
+    a.flags.writeable = False   # shared by every source of these settings
+  return images, labels
+
+
 class DemoSource:
   """Grain ``RandomAccessDataSource`` over a demo data set.
 
@@ -201,11 +216,9 @@ class DemoSource:
     self.images, self.labels = self._generate()
 
   def _generate(self):
-    """(images uint8 (N, H, W, 3), labels int32 (N,))."""
-    gen_seed = np.random.SeedSequence(
-        [self.seed, SPLITS[self.split], list(KINDS).index(self.kind)])
-    fn = demo_shapes if self.kind == "shapes" else demo_landscapes
-    return fn(self.num_examples, seed=gen_seed)
+    """(images uint8 (N, H, W, 3), labels int32 (N,)), read-only."""
+    return _generated(self.kind, SPLITS[self.split], self.seed,
+                      self.num_examples)
 
   def __len__(self) -> int:
     return self.num_examples
