@@ -1,14 +1,19 @@
 """genvis_jax's test suite (``make test``; see the README)."""
 
 # XLA flags of every test process and of the processes the tests start.
-# LLVM -O1 instead of the default -O3 for the CPU programs the tests compile:
+# LLVM -O0 instead of the default -O3 for the CPU programs the tests compile:
 # most of the suite's time is XLA compiling the init and train-step programs
-# of many small models, and -O1 compiles them in about two thirds of the time
-# (the sharded init of the Equivariant tokenizer: 25 s -> 14 s; the whole
-# suite on 2 cores: 27 -> 19 minutes) with the same HLO passes. Matmuls and
-# convolutions run in the same precompiled library kernels either way; speed
-# is measured by bench/ at XLA's defaults.
-CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=1"
+# of many small models, with the same HLO passes at every LLVM level. -O1
+# compiled them in about two thirds of -O3's time (the sharded init of the
+# Equivariant tokenizer: 25 s -> 14 s; the suite on 2 cores: 27 -> 19
+# minutes); -O0 cuts another fifth off the largest train step (the
+# Equivariant tokenizer's with its DINO discriminator: 45 s -> 36 s) and the
+# suite (measured together with the demo data generated once per process)
+# from 36.3 to 32.8 CPU-minutes (20:09 -> 18:21 on 2 cores), though a
+# few tests that run long element-wise loops take up to 1.4x longer.
+# Matmuls and convolutions run in the same precompiled library kernels at
+# every level; speed is measured by bench/ at XLA's defaults.
+CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def xla_flags(num_devices: int) -> str:

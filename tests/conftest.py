@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices and LLVM -O1 (``tests.xla_flags``, set
+"""Test setup: 8 fake CPU devices and LLVM -O0 (``tests.xla_flags``, set
 before jax is imported anywhere), and one persistent compilation cache per
 test session; one BLAS thread per process.
 

@@ -33,7 +33,12 @@ def _keys(batch):
 
 def test_demo_is_deterministic_balanced_and_varied():
   a = demo.DemoSource("validation")
-  b = demo.DemoSource("validation")
+  # Generated once per process and shared read-only by equal sources.
+  assert demo.DemoSource("validation").images is a.images
+  assert not a.images.flags.writeable and not a.labels.flags.writeable
+  demo._generated.cache_clear()   # pylint: disable=protected-access
+  b = demo.DemoSource("validation")   # generated again: the same arrays
+  assert b.images is not a.images
   np.testing.assert_array_equal(a.images, b.images)
   np.testing.assert_array_equal(a.labels, b.labels)
   assert not np.array_equal(a.images, demo.DemoSource("validation", seed=1).images)
