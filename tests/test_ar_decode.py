@@ -15,6 +15,7 @@ from genvis_jax.sample import far as far_sample
 from genvis_jax.sample import rar as rar_sample
 from tests import test_far
 from tests import test_rar
+from tests.sharding_checks import run_batch_sharded
 
 RAR_KW = dict(guidance_scale=3.0, guidance_pow=1.0, temperature=1.0)
 FAR_KW = dict(guidance_scale=2.0, temperature=1.0)
@@ -61,6 +62,40 @@ def test_rar_chunked_and_per_step_modulation_equal_uncached(rar, monkeypatch):
   out = rar_sample.sample(model, params, labels, key, bucket=8, **RAR_KW)
   ar.compiled.cache_clear()
   np.testing.assert_array_equal(out, ref)
+
+
+def test_rar_tables_count_one_devices_rows(rar, monkeypatch):
+  """The table size limit counts the classes one device holds: a batch split
+  8 ways keeps its tables under a limit the whole batch's would exceed, and
+  draws the reference tokens."""
+  model, params, labels, ref = rar                   # 8 classes, CFG
+  key = jax.random.key(7)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(labels, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  assert ar.batch_shards(sharded) == 8 and ar.batch_shards(labels) == 1
+  assert ar.batch_shards(np.asarray(labels)) == 1
+  real = rar_sample.table_bytes
+  seen = []
+
+  def spy(model, conditions, length, dtype=None):
+    seen.append(conditions)
+    return real(model, conditions, length, dtype)
+  monkeypatch.setattr(rar_sample, "table_bytes", spy)
+  # Fits 1 class + the null class over a chunk of 8; 8 + 1 would not.
+  monkeypatch.setattr(rar_sample, "TABLE_BYTES", real(model, 2, 8))
+  ar.compiled.cache_clear()
+  try:
+    out = rar_sample.sample(model, params, sharded, key, bucket=8, **RAR_KW)
+    assert seen and set(seen) == {2}, seen
+    np.testing.assert_array_equal(out, ref)
+    seen.clear()
+    ar.compiled.cache_clear()   # the AOT path, told the split up front
+    run_batch_sharded(rar_sample.sampler_fn(model, bucket=8, batch_shards=8),
+                      params, labels, key, 3.0, 1.0, 1.0)
+    assert set(seen) == {2}, seen
+  finally:
+    ar.compiled.cache_clear()
 
 
 def _big_copies(hlo: str, min_elements: int):

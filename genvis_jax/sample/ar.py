@@ -211,6 +211,17 @@ def check_call(labels, temperature):
   return labels
 
 
+def batch_shards(x) -> int:
+  """How many ways the leading (batch) axis of ``x`` is split across devices:
+  1 for host arrays, single-device arrays and tracers (their sharding is not
+  known until the program is compiled)."""
+  try:
+    rows = x.sharding.shard_shape(x.shape)[0]
+  except AttributeError:
+    return 1
+  return max(1, x.shape[0] // max(rows, 1))
+
+
 def call(fn, params, labels, rng, *scalars):
   """Calls a ``compiled`` sampler with traced fp32 scalars (guidance,
   temperature, ...), so changing them does not recompile."""

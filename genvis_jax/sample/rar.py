@@ -25,12 +25,12 @@ from genvis_jax import errors
 from genvis_jax.models.rar import PREFIX
 from genvis_jax.sample import ar
 
-# Largest per-chunk modulation table (bytes, counted for the whole batch; a
-# batch sharded over devices holds its share on each); above it each step
-# computes the modulation of its own position (still once per condition).
-# The tables pay off at small batches, where a step is bound by reading
-# weights; at batches this large a step reads the adaLN weights for many rows
-# at once, so the per-step path costs little more.
+# Largest per-chunk modulation table on one device (bytes, for its share of
+# a batch split over devices); above it each step computes the modulation of
+# its own position (the same arithmetic, once per condition, but the adaLN
+# weights, a third of a block's, are read every step instead of once per
+# chunk). The tables pay off where a step is bound by reading weights: small
+# per-device batches, and bf16 on accelerators at larger ones.
 TABLE_BYTES = 1 << 30
 
 
@@ -57,8 +57,11 @@ def pick(logits, step, rng, seq_len, g, pw, temperature, use_cfg):
 
 @dataclasses.dataclass(frozen=True)
 class Options(ar.Options):
-  """``ar.Options`` + seq_len: tokens to generate (1..model.seq_len)."""
+  """``ar.Options`` + seq_len: tokens to generate (1..model.seq_len), and
+  batch_shards: devices the batch is split over (the tables' size limit
+  counts one device's rows)."""
   seq_len: int = 0
+  batch_shards: int = 1
 
 
 def table_bytes(model, conditions: int, length: int, dtype=None) -> int:
@@ -97,7 +100,8 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
     return state["cache"], codes.at[:, 0, 0].set(draw(logits, 0))
 
   def chunk_setup(start, stop):
-    if table_bytes(model, b + use_cfg, stop - start) > TABLE_BYTES:
+    rows = -(-b // opts.batch_shards)    # this device's classes
+    if table_bytes(model, rows + use_cfg, stop - start) > TABLE_BYTES:
       return None
     return start, tables(start - 1 + PREFIX, stop - start)
 
@@ -145,12 +149,15 @@ def _check_len(model, seq_len):
 
 def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
                seq_len: int | None = None, dtype=None,
-               bucket: int | None = None):
+               bucket: int | None = None, batch_shards: int = 1):
   """The jitted ``f(params, labels, rng, g, pow, temperature) -> tokens`` that
   ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``);
-  ``dtype`` and ``bucket`` as in ``sample`` (cached only)."""
+  ``dtype`` and ``bucket`` as in ``sample``; ``batch_shards``: devices the
+  labels will be split over (``ar.batch_shards(labels)``); all three apply
+  to the cached decoder only."""
+  extra = {"batch_shards": max(1, int(batch_shards))} if cached else {}
   opts = ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
-                    bucket=bucket, seq_len=_check_len(model, seq_len))
+                    bucket=bucket, seq_len=_check_len(model, seq_len), **extra)
   return ar.compiled(_cached_impl if cached else _uncached_impl, model, opts)
 
 
@@ -159,7 +166,8 @@ def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
   labels = ar.check_call(labels, temperature)
   use_cfg = float(guidance_scale) != 0.0  # official: g == 0 disables CFG
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
-                  dtype=dtype, bucket=bucket)
+                  dtype=dtype, bucket=bucket,
+                  batch_shards=ar.batch_shards(labels))
   return ar.call(fn, params, labels, rng, guidance_scale, guidance_pow,
                  temperature)
 
