@@ -74,6 +74,22 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
   record(now, records=5)
   with pytest.raises(errors.OutputExistsError, match="damaged since"):
     pretokenize.existing_output(path, now, overwrite=False)
+  # A changed byte the record count does not see: the recorded SHA-256 does.
+  rec = record(now)
+  rec["sha256"] = pretokenize.file_sha256(path)
+  with open(path + ".json", "w") as f:
+    json.dump(rec, f)
+  assert pretokenize.existing_output(path, now, overwrite=False) == rec
+  with open(path, "r+b") as f:
+    f.seek(100)
+    byte = f.read(1)
+    f.seek(100)
+    f.write(bytes([byte[0] ^ 1]))
+  from genvis_jax.data import tokens as tokens_lib
+  assert tokens_lib.count_records(path) == 4
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"4 records, SHA-256 [0-9a-f]{12}\): damaged since"):
+    pretokenize.existing_output(path, now, overwrite=False)
   record(now)
   open(path, "r+b").truncate(1000)
   with pytest.raises(errors.OutputExistsError, match="damaged since"):

@@ -180,6 +180,26 @@ def source_fingerprint(p) -> dict:
   return out
 
 
+def file_sha256(path: str, block: int = 1 << 24) -> str:
+  """Hex SHA-256 of a file's bytes (read in 16 MiB blocks)."""
+  h = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    for chunk in iter(lambda: f.read(block), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _reads_as_recorded(path: str, record: dict) -> bool:
+  """The file holds the record's count of records and, where the record
+  has one (writers since ``sha256``), the bytes it hashed."""
+  try:
+    if tokens_lib.count_records(path) != record.get("records"):
+      return False
+  except tokens_lib.TokenFileError:
+    return False
+  return record.get("sha256") in (None, file_sha256(path))
+
+
 def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   """The record of a complete, readable token file at ``path`` written with
   ``settings`` (to reuse), else None (write it): always None with
@@ -202,14 +222,12 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
                     "or removed since.", path)
     before = settings
   if old is not None and before == settings:
-    try:
-      readable = tokens_lib.count_records(path) == old.get("records")
-    except tokens_lib.TokenFileError:
-      readable = False
-    if readable:
+    if _reads_as_recorded(path, old):
       return old
     why = (f"with these settings, but they no longer read as its record "
-           f"says ({old.get('records')} records): damaged since")
+           f"says ({old.get('records')} records"
+           f"{', SHA-256 ' + old['sha256'][:12] if old.get('sha256') else ''}"
+           f"): damaged since")
   elif old is None:
     why = "with no record of their settings"
   else:
@@ -307,9 +325,11 @@ def pretokenize(config, workdir: str) -> dict:
         rate = n_images / (time.perf_counter() - t0)
         logging.info("pretokenize: %d / %d images (%.1f img/s)", n_images,
                      info.num_examples_per_process, rate)
+  # The file's hash, so a later run reuses it only if no byte changed.
   epath.Path(path + ".json").write_text(json.dumps(
       {"settings": settings, "records": writer.count, "images": n_images,
-       "remainder_kept": True}, indent=1, sort_keys=True))
+       "remainder_kept": True, "sha256": file_sha256(path)},
+      indent=1, sort_keys=True))
   msg = (f"wrote {writer.count} token records ({n_images} images, "
          f"{'ten-crop' if p.ten_crop else 'centre crop'}) to {path}; "
          f"train with --config.data.path='{pattern}'")
