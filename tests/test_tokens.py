@@ -49,6 +49,7 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
   import json
   from genvis_jax import errors
   from genvis_jax.data import pretokenize
+  from genvis_jax.data import tokens as tokens_lib
   path = data.write_token_records(str(tmp_path / "t"), np.arange(4, dtype=np.int32),
                                   np.zeros((4, 8), np.int32))[0]
   now = {"weights": "w", "examples": {"count": 4}}
@@ -74,9 +75,13 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
   record(now, records=5)
   with pytest.raises(errors.OutputExistsError, match="damaged since"):
     pretokenize.existing_output(path, now, overwrite=False)
+  # The writer hashes the finished file (before renaming it into place).
+  with tokens_lib.TokenWriter(str(tmp_path / "w.array_record")) as w:
+    w.write(0, np.zeros(8, np.int32))
+  assert w.sha256 == tokens_lib.file_sha256(w.path)
   # A changed byte the record count does not see: the recorded SHA-256 does.
   rec = record(now)
-  rec["sha256"] = pretokenize.file_sha256(path)
+  rec["sha256"] = tokens_lib.file_sha256(path)
   with open(path + ".json", "w") as f:
     json.dump(rec, f)
   assert pretokenize.existing_output(path, now, overwrite=False) == rec
@@ -85,7 +90,6 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
     byte = f.read(1)
     f.seek(100)
     f.write(bytes([byte[0] ^ 1]))
-  from genvis_jax.data import tokens as tokens_lib
   assert tokens_lib.count_records(path) == 4
   with pytest.raises(errors.OutputExistsError,
                      match=r"4 records, SHA-256 [0-9a-f]{12}\): damaged since"):

@@ -8,8 +8,8 @@
   whose statistics do not depend on the column (random phases, features placed
   uniformly in x), for the equivariant column tokenizer. Classes are palettes.
 
-Both are vectorised numpy (about 1 s for 11k images on one core) and
-bit-identical for a seed.
+Both are vectorised numpy (2-3 s for 10k images on a 2-core VM, once per
+process for each setting) and bit-identical for a seed.
 ``DemoSource`` wraps them as a grain ``RandomAccessDataSource``.
 """
 
@@ -199,8 +199,9 @@ class DemoSource:
   """Grain ``RandomAccessDataSource`` over a demo data set.
 
   ``source[i]`` -> ``{"image": uint8 (H, W, 3), "label": int32 ()}``. The split
-  and kind pick an independent stream of the generator. Arrays are generated in
-  the constructor and never pickled: grain workers regenerate them (~1 s).
+  and kind pick an independent stream of the generator. The arrays come from
+  ``_generated`` (once per process and setting, read-only) and are never
+  pickled: each grain worker process generates its own.
   """
 
   def __init__(self, split: str = "train", *, kind: str = "shapes",

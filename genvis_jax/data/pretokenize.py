@@ -180,15 +180,6 @@ def source_fingerprint(p) -> dict:
   return out
 
 
-def file_sha256(path: str, block: int = 1 << 24) -> str:
-  """Hex SHA-256 of a file's bytes (read in 16 MiB blocks)."""
-  h = hashlib.sha256()
-  with epath.Path(path).open("rb") as f:
-    for chunk in iter(lambda: f.read(block), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _reads_as_recorded(path: str, record: dict) -> bool:
   """The file holds the record's count of records and, where the record
   has one (writers since ``sha256``), the bytes it hashed."""
@@ -197,7 +188,8 @@ def _reads_as_recorded(path: str, record: dict) -> bool:
       return False
   except tokens_lib.TokenFileError:
     return False
-  return record.get("sha256") in (None, file_sha256(path))
+  want = record.get("sha256")
+  return want is None or want == tokens_lib.file_sha256(path)
 
 
 def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
@@ -328,7 +320,7 @@ def pretokenize(config, workdir: str) -> dict:
   # The file's hash, so a later run reuses it only if no byte changed.
   epath.Path(path + ".json").write_text(json.dumps(
       {"settings": settings, "records": writer.count, "images": n_images,
-       "remainder_kept": True, "sha256": file_sha256(path)},
+       "remainder_kept": True, "sha256": writer.sha256},
       indent=1, sort_keys=True))
   msg = (f"wrote {writer.count} token records ({n_images} images, "
          f"{'ten-crop' if p.ten_crop else 'centre crop'}) to {path}; "

@@ -15,6 +15,7 @@ written with ``group_size:1`` so random access reads one record.
 from __future__ import annotations
 
 import glob as glob_lib
+import hashlib
 import os
 import re
 from typing import Iterable, Sequence
@@ -70,13 +71,24 @@ def shard_path(path_prefix: str, index: int, count: int) -> str:
   return f"{path_prefix}-{index:05d}-of-{count:05d}.array_record"
 
 
+def file_sha256(path: str, block: int = 1 << 24) -> str:
+  """Hex SHA-256 of a file's bytes (read in 16 MiB blocks)."""
+  h = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    for chunk in iter(lambda: f.read(block), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 class TokenWriter:
   """Streams records into one ArrayRecord file (for the pre-tokenize loop).
 
   Writes ``path + ".partial"`` and renames it to ``path`` when the ``with``
   block ends without an exception, so an interrupted run leaves no file a
   training glob would read as a complete (but short) data set; on an
-  exception the partial file is removed.
+  exception the partial file is removed. ``sha256``: the finished file's
+  hash (hashed before the rename, so the file and its record appear
+  together), None until then.
   """
 
   def __init__(self, path: str):
@@ -86,6 +98,7 @@ class TokenWriter:
     self._writer = array_record_module.ArrayRecordWriter(self._partial,
                                                          WRITER_OPTIONS)
     self.count = 0
+    self.sha256 = None
 
   def write(self, label: int, tokens: np.ndarray):
     self._writer.write(encode_record(int(label), tokens))
@@ -101,6 +114,7 @@ class TokenWriter:
     self._writer.close()
     partial = epath.Path(self._partial)
     if complete:
+      self.sha256 = file_sha256(self._partial)
       partial.replace(self.path)
     else:
       partial.unlink(missing_ok=True)
