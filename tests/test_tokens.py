@@ -54,8 +54,8 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
                                   np.zeros((4, 8), np.int32))[0]
   now = {"weights": "w", "examples": {"count": 4}}
 
-  def record(settings, records=4):
-    rec = {"settings": settings, "records": records, "images": 4}
+  def record(settings, records=4, **more):
+    rec = {"settings": settings, "records": records, "images": 4, **more}
     with open(path + ".json", "w") as f:
       json.dump(rec, f)
     return rec
@@ -80,10 +80,7 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
     w.write(0, np.zeros(8, np.int32))
   assert w.sha256 == tokens_lib.file_sha256(w.path)
   # A changed byte the record count does not see: the recorded SHA-256 does.
-  rec = record(now)
-  rec["sha256"] = tokens_lib.file_sha256(path)
-  with open(path + ".json", "w") as f:
-    json.dump(rec, f)
+  rec = record(now, sha256=tokens_lib.file_sha256(path))
   assert pretokenize.existing_output(path, now, overwrite=False) == rec
   with open(path, "r+b") as f:
     f.seek(100)
