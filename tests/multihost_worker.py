@@ -1,6 +1,8 @@
-"""One process of the multi-host test (run by tests/test_multihost.py).
+"""One process of the multi-host test (run by tests/test_multihost.py, which
+sets this process's index, the count and the coordinator in the environment:
+``multihost_common.process_env``).
 
-  python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR STEPS OUT
+  python tests/multihost_worker.py WORKDIR STEPS OUT
 """
 
 import json
@@ -8,15 +10,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests import xla_flags  # pylint: disable=g-import-not-at-top
 
-os.environ["XLA_FLAGS"] = xla_flags(4)
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-pid, nproc, port, workdir, steps, out = sys.argv[1:7]
-os.environ["JAX_COORDINATOR_ADDRESS"] = f"localhost:{port}"
-os.environ["JAX_NUM_PROCESSES"] = nproc
-os.environ["JAX_PROCESS_ID"] = pid
+workdir, steps, out = sys.argv[1:4]
+nproc = os.environ["JAX_NUM_PROCESSES"]
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np

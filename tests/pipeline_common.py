@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from genvis_jax import modes
+from tests import multihost_common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +49,25 @@ def run_mode(spec: str, workdir: str, **overrides):
 def main_command(spec: str, workdir: str, **overrides) -> list[str]:
   return [sys.executable, "-m", "genvis_jax.main"] + _args(spec, str(workdir),
                                                            overrides)
+
+
+def run_mode_on_processes(spec: str, workdir: str, num_processes: int = 2,
+                          **overrides) -> list[str]:
+  """One ``python -m genvis_jax.main`` call launched as on a pod:
+  ``num_processes`` processes of ``8 // num_processes`` fake CPU devices
+  each, joined by ``jax.distributed`` on localhost. Returns their logs."""
+  return multihost_common.run_processes(
+      [main_command(spec, workdir, **overrides)] * num_processes,
+      local_devices=8 // num_processes)
+
+
+def token_records(pattern: str) -> list[tuple[int, bytes]]:
+  """The (label, token bytes) records of token files, sorted: a file set's
+  contents whatever the order and files they were written in."""
+  from genvis_jax.data import tokens  # pylint: disable=import-outside-toplevel
+  src = tokens.TokenSource(pattern)
+  return sorted((int(r["label"]), np.asarray(r["tokens"]).tobytes())
+                for r in (src[i] for i in range(len(src))))
 
 
 def latest_step(ckpt_dir: str) -> int | None:

@@ -6,8 +6,6 @@ settings that differ between them and share process 0's failed write."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -22,24 +20,10 @@ from tests import multihost_common
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _run_two_processes(workdir, steps, out):
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
-       str(i), "2", str(port), workdir, str(steps), out],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
-  logs = [p.communicate(timeout=400)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-4000:]
-  return logs
+  worker = os.path.join(ROOT, "tests", "multihost_worker.py")
+  return multihost_common.run_processes(
+      [[sys.executable, worker, workdir, str(steps), out]] * 2)
 
 
 def _reference(steps):

@@ -1,7 +1,10 @@
 """RAR through the paper configs with ``runlocal``, every mode as the CLI runs it:
 MaskGIT VQGAN train -> rar_b ten-crop pretokenize -> train, killed and resumed
--> sample (npz + grid) -> evaluate (FID, sFID, IS, precision, recall)."""
+-> sample (npz + grid) -> evaluate (FID, sFID, IS, precision, recall).
+Pre-tokenizing and sampling also run as on a pod, on 2 processes x 4 devices,
+and write what 1 process x 8 devices writes."""
 
+import glob
 import os
 
 import numpy as np
@@ -30,6 +33,17 @@ def test_rar_paper_pipeline(tmp_path):
   first = src[0]
   assert first["tokens"].shape == (64,)
   assert first["tokens"].max() < cfg.model.codebook_size
+  # On 2 processes each encodes its share of the split into its own file;
+  # together they hold the same records.
+  pre2 = os.path.join(w, "pretokenize_2p")
+  pc.run_mode_on_processes("rar_b.py:runlocal", pre2, **{
+      "mode": "pretokenize", "tokenizer.checkpoint": tok})
+  shards = sorted(glob.glob(os.path.join(pre2, "tokens", "*.array_record")))
+  assert [os.path.basename(f) for f in shards] == [
+      "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
+  assert [tokens_lib.count_records(f) for f in shards] == [5 * num_images] * 2
+  assert pc.token_records(shards[0].replace("00000-of", "*-of")) == (
+      pc.token_records(pre["pattern"]))
 
   rar = os.path.join(w, "rar")
   train = {"data.path": pre["pattern"], "tokenizer.checkpoint": tok,
@@ -44,6 +58,14 @@ def test_rar_paper_pipeline(tmp_path):
       "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
   images = pc.check_samples(out, (16, 32, 32, 3))
   assert images.std() > 0
+  # On 2 processes (the batch split over both, process 0 writing): the same
+  # images, bit for bit.
+  two = os.path.join(w, "samples_2p")
+  pc.run_mode_on_processes("rar_b.py:runlocal", two, **{
+      "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
+  np.testing.assert_array_equal(pc.check_samples({
+      "npz": os.path.join(two, "samples.npz"),
+      "png": os.path.join(two, "samples.png")}, (16, 32, 32, 3)), images)
   # The set grows (a short last batch is drawn again) and shrinks in place.
   for n in (20, 12):
     more = pc.run_mode("rar_b.py:runlocal", os.path.join(w, "samples"), **{
