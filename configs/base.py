@@ -193,22 +193,26 @@ def model_config(name: str, **fields) -> ml_collections.ConfigDict:
   return m
 
 
-def add_tokenizer(c, model_config, checkpoint=""):
+def add_tokenizer(c, model_config, checkpoint="", config_file=""):
   """The tokenizer a generator pre-tokenizes and decodes with:
-  ``config.tokenizer.{model, checkpoint, dtype, uint8}``. Its pixel range is
-  the model's own (``genvis_jax.models.value_range``), never restated here.
+  ``config.tokenizer.{model, checkpoint, dtype, uint8, config_file}``. Its
+  pixel range is the model's own (``genvis_jax.models.value_range``), never
+  restated here.
 
   ``dtype``: compute dtype of the tokenizer when it produces data (pretokenize,
   sample decode), replacing ``model.dtype`` there; "float32" (default) matches
   the official models, "" keeps ``model.dtype``. ``uint8``: how sampled images
   become bytes, "" = the tokenizer's official sampler (maskgit_vqgan:
   "truncate", llamagen_vq / fqgan: "llamagen", eq_tokenizer: "round"; see
-  ``genvis_jax.sample.images.to_uint8``)."""
+  ``genvis_jax.sample.images.to_uint8``). ``config_file``: the config that
+  trains and evaluates this tokenizer (``configs/X.py[:arg]``), which
+  messages name; it decides nothing."""
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.model = model_config
   c.tokenizer.checkpoint = checkpoint   # convert output, a run or <run>/checkpoints/<step>
   c.tokenizer.dtype = "float32"         # pretokenize / decode compute dtype
   c.tokenizer.uint8 = ""                # "" = official: truncate|llamagen|round
+  c.tokenizer.config_file = config_file  # its own config, for messages
   return c
 
 

@@ -100,7 +100,8 @@ def get_config(size: str = "b", arg=None):
 
   # MaskGIT VQGAN: what pretokenize encodes with and samples decode with
   # (--config.tokenizer.checkpoint=DIR from `python -m genvis_jax.convert`).
-  base.add_tokenizer(c, maskgit_vqgan.get_config().model)
+  base.add_tokenizer(c, maskgit_vqgan.get_config().model,
+                    config_file="configs/maskgit_vqgan.py")
   images = base.get_config().data
   images.source, images.name, images.image_size = "tfds", "imagenet2012", 256
   images.random_crop = images.random_flip = False
@@ -117,6 +118,7 @@ def runlocal(c):
                 codebook_size=256, num_classes=10, seq_len=64, max_pos=64 + 2,
                 num_timesteps=64 + 2))
   c.tokenizer.model = maskgit_vqgan.get_config("runlocal").model
+  c.tokenizer.config_file = "configs/maskgit_vqgan.py:runlocal"
   c.data.num_classes = 10
   c.data.seq_len = 64
   t = base.runlocal_train(c.train, steps=20, batch=16)

@@ -191,6 +191,13 @@ CASES = {
          "--config.evaluate.kind=class_score"],
         r"kind='class_score' scores samples with the demo's classifier.*"
         r"model is 'far'.*kind=generation"),
+    "evaluate_generator_as_tokenizer": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate",
+         "--config.evaluate.kind=tokenizer"],
+        r"kind='tokenizer' evaluates config.model .* model is 'rar', not a "
+        r"tokenizer. Evaluate its tokenizer 'maskgit_vqgan' .*"
+        r"--config=configs/maskgit_vqgan.py:runlocal --config.mode=evaluate "
+        r"--config.evaluate.checkpoint=DIR"),
     "evaluate_unset": (
         ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate"],
         r"config.evaluate.samples is not set"),

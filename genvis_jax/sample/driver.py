@@ -117,7 +117,9 @@ def sample_settings(config, pinned=None) -> dict:
   pinned = config if pinned is None else pinned
   tok = config.tokenizer
   # Resolved, so a config without the keys still records what decoded.
-  tokenizer = {**tok.to_dict(), "uint8": images_lib.uint8_method(tok),
+  tokenizer = {**{k: v for k, v in tok.to_dict().items()
+                  if k != "config_file"},   # named by messages only
+               "uint8": images_lib.uint8_method(tok),
                "dtype": inference.data_model_config(tok).get("dtype", "")}
   # The weights each path resolves to (a training workdir's newest step), not
   # the paths: a run trained further since is other weights, a copied folder
