@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
+import time
 
 import ml_collections
 
@@ -60,19 +62,38 @@ def process_env(index: int, count: int, port: int,
 def run_processes(commands: list[list[str]], local_devices: int = 4,
                   timeout: float = 400) -> list[str]:
   """Runs ``commands[i]`` as process i of ``len(commands)``, all at once from
-  the repository root; asserts that each exits 0 and returns their logs."""
+  the repository root; returns their logs.
+
+  Fails (``AssertionError`` with every process's exit code and log tail) as
+  soon as one process exits non-zero, killing the others (which would wait
+  in their next collective for the one that died), or at ``timeout``
+  seconds. Logs go to files, so a chatty process never blocks on a pipe."""
   port = free_port()
-  procs = [subprocess.Popen(
-      cmd, cwd=ROOT, env=process_env(i, len(commands), port, local_devices),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i, cmd in enumerate(commands)]
-  try:
-    logs = [p.communicate(timeout=timeout)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = [os.path.join(tmp, f"process{i}.log") for i in range(len(commands))]
+    procs = []
+    for i, cmd in enumerate(commands):
+      with open(paths[i], "w") as log:
+        procs.append(subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=process_env(i, len(commands), port, local_devices)))
+    deadline = time.monotonic() + timeout
+    try:
+      while (any(p.poll() is None for p in procs)
+             and not any(p.returncode for p in procs)
+             and time.monotonic() < deadline):
+        time.sleep(0.2)
+    finally:
+      timed_out = any(p.poll() is None for p in procs)
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    logs = [open(path).read() for path in paths]
+  if timed_out or any(p.returncode for p in procs):
+    what = (f"timed out after {timeout:.0f} s" if timed_out and not any(
+        p.returncode > 0 for p in procs) else "failed")
+    raise AssertionError(f"{len(procs)} processes {what}:\n" + "\n".join(
+        f"--- process {i}: exit {p.returncode}\n{log[-3000:]}"
+        for i, (p, log) in enumerate(zip(procs, logs))))
   return logs

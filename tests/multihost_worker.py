@@ -12,6 +12,19 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 workdir, steps, out = sys.argv[1:4]
+
+
+def _exit_at_once(*exc_info):
+  """An error ends this process now, as the CLI's does (``cli.exit_now``):
+  a normal exit waits up to 5 minutes at the distributed shutdown barrier
+  for the other process, blocked in a collective with this one."""
+  import traceback  # pylint: disable=import-outside-toplevel
+  traceback.print_exception(*exc_info)
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access
+
+
+sys.excepthook = _exit_at_once
 nproc = os.environ["JAX_NUM_PROCESSES"]
 
 import jax  # pylint: disable=g-import-not-at-top
@@ -38,6 +51,18 @@ loaded = models.load_params(multihost_common.config(int(steps)).model, seen)
 np.savez(f"{out}.load{jax.process_index()}.npz",
          **{jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_leaves_with_path(loaded)})
+# Weights saved from device 0 of one process load on every process (process
+# 1 has no device 0), with no mesh as with one.
+mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                     axis_types=(jax.sharding.AxisType.Auto,))
+for name, m in (("nomesh", None), ("mesh", mesh)):
+  single = models.load_params(multihost_common.config(int(steps)).model,
+                              f"{out}.single", m)
+  np.savez(f"{out}.single_{name}{jax.process_index()}.npz",
+           **{jax.tree_util.keystr(k): np.asarray(
+               multihost_utils.process_allgather(v, tiled=True)
+               if isinstance(v, jax.Array) else v)
+              for k, v in jax.tree_util.tree_leaves_with_path(single)})
 # Sampling labels land on their rows of the global batch whatever the mesh's
 # device order; this mesh interleaves the processes' devices.
 from genvis_jax.sample import driver  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,7 @@
 """2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives)
 train, checkpoint, stop, restore and continue; losses and parameters equal
 1 process x 8 devices fed the same global batches. The workers also pin and
-load weights, place sampling labels on a mesh that interleaves them, refuse
+load weights (also ones saved from one process's device 0), place sampling labels on a mesh that interleaves them, refuse
 settings that differ between them and share process 0's failed write."""
 
 import json
@@ -11,6 +11,8 @@ import sys
 import jax
 import numpy as np
 
+from genvis_jax import models
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import sharding as shd
@@ -42,8 +44,22 @@ def _reference(steps):
   return losses, jax.device_get(state.params)
 
 
+def _save_on_device_0(directory: str) -> dict:
+  """Random classifier weights saved as jax arrays on device 0 (as
+  ``save_params`` of a one-process run's arrays writes them)."""
+  abstract = jax.eval_shape(lambda r: models.init_params(
+      multihost_common.config(1).model, r), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  host = jax.tree_util.tree_map(
+      lambda a: rng.normal(size=a.shape).astype(a.dtype), abstract)
+  weights_lib.save_params(directory, jax.device_put(host, jax.devices()[0]))
+  return {jax.tree_util.keystr(k): v
+          for k, v in jax.tree_util.tree_leaves_with_path(host)}
+
+
 def test_two_processes_match_one(tmp_path):
   wd, out = str(tmp_path / "wd"), str(tmp_path / "params.npz")
+  single = _save_on_device_0(out + ".single")
   _run_two_processes(wd, 2, out)                   # train to 2, checkpoint, exit
   assert os.path.exists(os.path.join(wd, "checkpoints", "2", "data",
                                      "process_1-of-2.json"))
@@ -61,6 +77,12 @@ def test_two_processes_match_one(tmp_path):
     for path, leaf in jax.tree_util.tree_leaves_with_path(want):
       np.testing.assert_array_equal(got[jax.tree_util.keystr(path)],
                                     np.asarray(leaf))
+  for i in range(2):   # weights saved from device 0 load on both processes
+    for name in ("nomesh", "mesh"):
+      got = np.load(f"{out}.single_{name}{i}.npz")
+      assert sorted(got) == sorted(single)
+      for k, v in single.items():
+        np.testing.assert_array_equal(got[k], v)
   for i in range(2):   # sampling labels on an interleaved mesh, in row order
     np.testing.assert_array_equal(np.load(f"{out}.labels{i}.npy"),
                                   np.arange(16)[::-1] * 3)

@@ -81,8 +81,9 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       model is refused before its arrays are read.
 
   Returns:
-    The parameters, on ``abstract_params``' shardings. Which weights were
-    loaded (the step, EMA or not) is logged.
+    The parameters, on ``abstract_params``' shardings; NumPy arrays where a
+    leaf names none (never the devices they were saved from). Which weights
+    were loaded (the step, EMA or not) is logged.
 
   Raises:
     CheckpointNotFoundError: nothing loadable at ``directory``.
@@ -100,7 +101,10 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     ckpt_lib.compare_trees(abstract_params, found,
                            f"Parameter checkpoint {path}{where}")
     logging.info("Loading parameters from %s%s.", path / "params", where)
-    params = ckptr.restore(path / "params", {"params": abstract_params})["params"]
+    params = ocp.PyTreeCheckpointer().restore(
+        path / "params", args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args={"params": _restore_args(abstract_params)}))["params"]
     _verify_digest(path, params, found, where)
     return params
   run, step = _split_step(path)
@@ -111,6 +115,20 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       "`python -m genvis_jax.convert` or save_params), a training workdir "
       f"with {path}/checkpoints, or one of its checkpoints/<step> folders. "
       + _inside_run_hint(path))
+
+
+def _restore_args(abstract_params):
+  """Per leaf: restore onto its sharding, or as a host array where it names
+  none. (Without a sharding Orbax places an array on the devices it was saved
+  from: weights saved from device 0 of one process then fail to load on the
+  other processes of a job, which do not have that device.)"""
+  def one(a):
+    sharding = getattr(a, "sharding", None)
+    if sharding is None:
+      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
+    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape,
+                                dtype=a.dtype)
+  return jax.tree_util.tree_map(one, abstract_params)
 
 
 def restore_pinned(directory: str, abstract_params, **kwargs) -> Any:
