@@ -22,7 +22,8 @@ from configs import fqgan_demo
 
 def _tokenizer(stage_cfg):
   return base.add_tokenizer(stage_cfg, fqgan_demo.fq_tokenizer_demo_config().model,
-                            checkpoint="{workdir}/fq_tokenizer")
+                            checkpoint="{workdir}/fq_tokenizer",
+                            config_file="configs/fqgan_demo.py")
 
 
 def fq_tokenizer_config():

@@ -73,6 +73,7 @@ def eq_generator_demo_config(tokenizer_checkpoint: str = ""):
   _data(c)
   c.tokenizer.model = c.latents.tokenizer = tokenizer_model()
   c.tokenizer.checkpoint = tokenizer_checkpoint
+  c.tokenizer.config_file = "configs/eq_demo.py:tokenizer"
   # ~ 1 / std of the demo tokenizer's posterior samples (the task logs
   # latent_std; official 0.05493 is the paper tokenizer's value).
   c.latents.scale = 0.2

@@ -96,9 +96,10 @@ def get_config(size: str = "b", arg: str | None = "dual"):
 
   # The FQGAN tokenizer (official fqgan_{dual,triple}_ds16.pt, converted): codes
   # from ten-crop + flip of a 1.1x centre crop, as LlamaGen extract_codes_c2i.py.
-  tok = fqgan_common.fqgan_config(variant, 16, "runlocal" if arg.runlocal else None)
-  base.add_tokenizer(c, tok.model, config_file=f"configs/fqgan_{variant}_ds16.py"
-                    + (":runlocal" if arg.runlocal else ""))
+  ds, tok_arg = 16, "runlocal" if arg.runlocal else None
+  tok = fqgan_common.fqgan_config(variant, ds, tok_arg)
+  base.add_tokenizer(c, tok.model, config_file=(
+      f"configs/fqgan_{variant}_ds{ds}.py{':' + tok_arg if tok_arg else ''}"))
   c.pretokenize = tok.pretokenize
   if arg.runlocal:
     runlocal(c)

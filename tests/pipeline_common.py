@@ -55,7 +55,9 @@ def run_mode_on_processes(spec: str, workdir: str, num_processes: int = 2,
                           **overrides) -> list[str]:
   """One ``python -m genvis_jax.main`` call launched as on a pod:
   ``num_processes`` processes of ``8 // num_processes`` fake CPU devices
-  each, joined by ``jax.distributed`` on localhost. Returns their logs."""
+  each, joined by ``jax.distributed`` on localhost: the 8 devices of the
+  test process (``conftest``) split over them. Returns their logs."""
+  assert 8 % num_processes == 0, num_processes
   return multihost_common.run_processes(
       [main_command(spec, workdir, **overrides)] * num_processes,
       local_devices=8 // num_processes)

@@ -88,3 +88,35 @@ def test_configs_load_from_any_directory(tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["3", "fqgan"]
+
+
+def _with_tokenizer(spec):
+  """(name, config) of ``spec`` and of each of its stages with a tokenizer."""
+  c = pc.load_config(spec)
+  found = [(spec, c)] if "tokenizer" in c else []
+  for name, stage in (c.get("stages") or {}).items():
+    if "tokenizer" in stage:
+      found.append((f"{spec} stage {name}", stage))
+  return found
+
+
+GENERATORS = [s + a for s in PAPER if s.startswith(("rar", "far", "eq_"))
+              and s != "eq_tokenizer.py"
+              for a in ("", ("," if ":" in s else ":") + "runlocal")] + [
+                  "eq_demo.py:generator", "far_demo.py", "demo.py",
+                  "demo_eq.py", "demo_fqgan.py"]
+
+
+@pytest.mark.parametrize("spec", GENERATORS)
+def test_tokenizer_config_file_holds_that_tokenizer(spec):
+  """``config.tokenizer.config_file``, which the kind=tokenizer error tells
+  users to evaluate with, builds the very tokenizer the generator uses."""
+  for name, c in _with_tokenizer(spec):
+    where = c.tokenizer.get("config_file", "")
+    if not where:   # the demo's MaskGIT tokenizer has no config file of its own
+      assert spec == "demo.py" or models.is_image_tokenizer(c.model), name
+      continue
+    assert where.startswith("configs/"), (name, where)
+    tok = pc.load_config(where[len("configs/"):])
+    assert tok.model.to_dict() == c.tokenizer.model.to_dict(), (name, where)
+    assert tok.evaluate.kind == "tokenizer", (name, where)

@@ -1,8 +1,9 @@
 """2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives)
 train, checkpoint, stop, restore and continue; losses and parameters equal
 1 process x 8 devices fed the same global batches. The workers also pin and
-load weights (also ones saved from one process's device 0), place sampling labels on a mesh that interleaves them, refuse
-settings that differ between them and share process 0's failed write."""
+load weights (also weights saved from one process's device 0), place
+sampling labels on a mesh that interleaves them, refuse settings that differ
+between them and share process 0's failed write."""
 
 import json
 import os
@@ -19,11 +20,8 @@ from genvis_jax.core import sharding as shd
 from genvis_jax.train import trainer as trainer_lib
 from tests import multihost_common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _run_two_processes(workdir, steps, out):
-  worker = os.path.join(ROOT, "tests", "multihost_worker.py")
+  worker = os.path.join(multihost_common.ROOT, "tests", "multihost_worker.py")
   return multihost_common.run_processes(
       [[sys.executable, worker, workdir, str(steps), out]] * 2)
 

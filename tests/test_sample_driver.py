@@ -111,3 +111,21 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch)
       "000000000.npz", "settings.json"]
   out = driver.sample_and_save(config, wd)       # resumes: two more batches
   assert out["num_samples"] == 24 and len(calls) == 3
+
+
+def test_tokenizer_config_file_is_not_a_setting(tmp_path):
+  """``config.tokenizer.config_file`` is named by messages only: parts drawn
+  before configs recorded it, or with another file name, still resume."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from configs import base  # pylint: disable=import-outside-toplevel
+  c = base.add_tokenizer(
+      base.get_config(),
+      ml_collections.ConfigDict({"name": "maskgit_vqgan", "dtype": "float32"}),
+      config_file="configs/maskgit_vqgan.py")
+  c.model = ml_collections.ConfigDict({"name": "rar"})
+  c.sample = ml_collections.ConfigDict({"num_samples": 8})
+  now = driver.sample_settings(c)
+  del c.tokenizer["config_file"]
+  before = driver.sample_settings(c)
+  assert now == before
+  driver.check_settings(_parts_dir(tmp_path, before), now)

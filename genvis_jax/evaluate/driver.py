@@ -24,20 +24,24 @@ def _check_tokenizer_kind(config) -> None:
   """kind=tokenizer evaluates ``config.model``: a generator config's model is
   not a tokenizer, and its tokenizer's own config holds the data and
   protocol (eval split, rFID preprocessing) that tokenizer is evaluated by.
-  Raises ``ConfigError`` naming that config file."""
+  Raises ``ConfigError`` naming that config file
+  (``config.tokenizer.config_file``) where the config records it."""
   model = config.get("model", None)
-  if model is None or getattr(models.build(model), "value_range", None):
+  if model is None or models.is_image_tokenizer(model):
     return
-  tok = config.get("tokenizer", {}).get("model", {}).get("name", "")
-  if tok:
-    where = (config.tokenizer.get("config_file", "")
-             or f"configs/<the config that trains {tok!r}>.py")
-    weights = config.tokenizer.get("checkpoint", "") or "DIR"
-    hint = (f" Evaluate its tokenizer {tok!r} with that tokenizer's config: "
-            f"--config={where} --config.mode=evaluate "
-            f"--config.evaluate.checkpoint={weights}.")
+  tok = config.get("tokenizer", {})
+  tok_name = tok.get("model", {}).get("name", "")
+  if tok_name:
+    weights = (config.evaluate.get("checkpoint", "") or tok.get("checkpoint", "")
+               or "DIR")
+    flags = f"--config.mode=evaluate --config.evaluate.checkpoint={weights}"
+    where = tok.get("config_file", "")
+    hint = (f" Evaluate its tokenizer {tok_name!r} with that tokenizer's "
+            f"config: --config={where} {flags}." if where else
+            f" Evaluate its tokenizer {tok_name!r} with the config that trains "
+            f"it, and {flags}.")
   else:
-    hint = " Run it with a tokenizer's config (configs/maskgit_vqgan.py, ...)."
+    hint = " Run it with a tokenizer's config (e.g. configs/maskgit_vqgan.py)."
   raise errors.ConfigError(
       f"config.evaluate.kind='tokenizer' evaluates config.model as an image "
       f"tokenizer, but this config's model is {model.get('name', '')!r}, "

@@ -124,6 +124,12 @@ def init_params(model_config, rng, *, boxed: bool = False):
   return params if boxed else nn.unbox(params)
 
 
+def is_image_tokenizer(model_config) -> bool:
+  """Whether ``model_config`` builds an image tokenizer: a module with
+  ``encode`` / ``decode`` and its pixel ``value_range`` class attribute."""
+  return getattr(build(model_config), "value_range", None) is not None
+
+
 def value_range(model_config, config=None,
                 stated_in: tuple[str, ...] = ()) -> tuple[float, float]:
   """Pixel range (lo, hi) of a tokenizer's ``encode`` inputs and ``decode``

@@ -111,6 +111,11 @@ def make_sample_fn(config, mesh):
   return sample_fn, sharding
 
 
+# config.tokenizer keys that only messages read (configs/base.py add_tokenizer):
+# parts drawn before they existed, or with other values, still resume.
+MESSAGE_ONLY = ("config_file",)
+
+
 def sample_settings(config, pinned=None) -> dict:
   """What decides the images of a part file (flat, JSON-normalised); the
   weights as the folders of ``pinned`` (``pin_weights(config)``) hold them."""
@@ -118,7 +123,7 @@ def sample_settings(config, pinned=None) -> dict:
   tok = config.tokenizer
   # Resolved, so a config without the keys still records what decoded.
   tokenizer = {**{k: v for k, v in tok.to_dict().items()
-                  if k != "config_file"},   # named by messages only
+                  if k not in MESSAGE_ONLY},
                "uint8": images_lib.uint8_method(tok),
                "dtype": inference.data_model_config(tok).get("dtype", "")}
   # The weights each path resolves to (a training workdir's newest step), not
