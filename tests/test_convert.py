@@ -418,3 +418,17 @@ def test_io_refuses_pickles_with_disallowed_globals(tmp_path):
 def test_io_unknown_format_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown checkpoint format"):
     cio.read_file(__file__)
+
+
+def test_load_weights_from_a_params_folder_gives_jax_arrays(tmp_path):
+  """An Orbax ``params`` folder (saved here from device arrays) loads as the
+  jax arrays ``load_weights`` promises, in the expected dtypes."""
+  from genvis_jax.core import weights  # pylint: disable=import-outside-toplevel
+  tree = {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  weights.save_params(str(tmp_path / "w"), jax.device_put(tree, jax.devices()[1]))
+  expected = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  got = convert.load_weights(str(tmp_path / "w"), expected)
+  leaf = got["dense"]["kernel"]
+  assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32
+  np.testing.assert_array_equal(leaf, tree["dense"]["kernel"])
