@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from genvis_jax import modes
 from tests import multihost_common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = multihost_common.ROOT
 
 
 def _args(spec: str, workdir: str, overrides: dict) -> list[str]:

@@ -13,12 +13,13 @@ import jax
 import numpy as np
 
 from genvis_jax import models
-from genvis_jax.core import weights as weights_lib
-from genvis_jax.data import pipeline
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import sharding as shd
+from genvis_jax.core import weights as weights_lib
+from genvis_jax.data import pipeline
 from genvis_jax.train import trainer as trainer_lib
 from tests import multihost_common
+
 
 def _run_two_processes(workdir, steps, out):
   worker = os.path.join(multihost_common.ROOT, "tests", "multihost_worker.py")

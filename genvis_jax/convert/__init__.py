@@ -168,7 +168,8 @@ def load_weights(path: str, expected=None, *,
       raise errors.CheckpointFileError(
           f"{path} ({setting}) is a directory; these {what} are read from one "
           "file (.npz / .pth / .bin / .safetensors).")
-    return jax.tree_util.tree_map(   # host arrays where expected names no device
+    # restore_params gives host arrays (expected names no sharding).
+    return jax.tree_util.tree_map(
         jnp.asarray, weights_lib.restore_params(path, expected, setting=setting))
   if not os.path.exists(path):
     raise errors.CheckpointFileNotFoundError(

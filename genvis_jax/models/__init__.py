@@ -169,8 +169,9 @@ def load_params(model_config, directory: str, mesh=None, *,
   The one way weights reach a model at inference: ``directory`` is what
   ``python -m genvis_jax.convert`` writes, a training workdir (its newest
   step's EMA weights when tracked) or one ``checkpoints/<step>`` of it, see
-  ``core.weights.restore_params``; replicated over
-  ``mesh`` when given, else NumPy arrays (wherever they were saved from). A run is pinned to the step process 0 finds newest
+  ``core.weights.restore_params``; replicated over ``mesh`` when given,
+  else host NumPy arrays (never the devices they were saved from). A run is
+  pinned to the step process 0 finds newest
   (``core.weights.restore_pinned``), so every process must call this and all
   load the same step. ``setting`` names the config key the path came from
   (for the messages). Raises ``CheckpointNotFoundError`` (no path, nothing
