@@ -2,7 +2,8 @@
 MaskGIT VQGAN train -> rar_b ten-crop pretokenize -> train, killed and resumed
 -> sample (npz + grid) -> evaluate (FID, sFID, IS, precision, recall).
 Pre-tokenizing and sampling also run as on a pod, on 2 processes x 4 devices,
-and write what 1 process x 8 devices writes."""
+and write what 1 process x 8 devices writes; training resumes on 2 processes
+from their token files."""
 
 import glob
 import os
@@ -52,8 +53,17 @@ def test_rar_paper_pipeline(tmp_path):
            "train.num_steps": 8, "train.checkpoint_every": 4}
   killed_at = pc.train_killed_after_checkpoint("rar_b.py:runlocal", rar, **train)
   assert killed_at == 4
-  pc.run_mode("rar_b.py:runlocal", rar, **train)     # resumes at step 4
+  # Resumed as on a pod of another shape: 2 processes x 4 devices training on
+  # the files the 2 processes wrote. The state is resharded; the 1-process
+  # input position does not fit 2 shards, so the data order is drawn afresh.
+  logs = pc.run_mode_on_processes("rar_b.py:runlocal", rar, **dict(
+      train, **{"data.path": os.path.join(pre2, "tokens",
+                                          "train-*-of-00002.array_record")}))
+  assert "Resumed from" in logs[0] and "step 4" in logs[0], logs[0][-3000:]
+  assert "written by 1 process(es) and this job has 2" in logs[0]
   assert pc.latest_step(os.path.join(rar, "checkpoints")) == 8
+  assert os.path.exists(os.path.join(rar, "checkpoints", "8", "data",
+                                     "process_1-of-2.json"))
   assert os.listdir(os.path.join(rar, "images"))      # sample grids while training
 
   out = pc.run_mode("rar_b.py:runlocal", os.path.join(w, "samples"), **{

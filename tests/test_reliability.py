@@ -1,7 +1,8 @@
 """Reliability of the real training loop: damaged checkpoints fall back to the
-previous step (then match an uninterrupted run bit for bit), failed saves stop
-the run with one message, and NaN / runaway training stops before a diverged
-state is saved."""
+previous step (then match an uninterrupted run bit for bit), an input position
+saved by another process count or pipeline is drawn afresh (the state still
+resumes), failed saves stop the run with one message, and NaN / runaway
+training stops before a diverged state is saved."""
 
 import logging
 import os
@@ -58,6 +59,8 @@ DAMAGES = {
     "no_state_metadata": lambda s: os.remove(os.path.join(s, "state", "_METADATA")),
     "empty_iterator_json": lambda s: open(
         os.path.join(s, "data", "process_0-of-1.json"), "w").close(),
+    "no_iterator_json": lambda s: os.remove(
+        os.path.join(s, "data", "process_0-of-1.json")),
     "no_state_dir": lambda s: shutil.rmtree(os.path.join(s, "state")),
 }
 
@@ -77,6 +80,76 @@ def test_damaged_latest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
   assert ckpt_lib.Checkpointer(wd).latest_step() == 9
   for a, b in zip(full, _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def _as_if_two_processes_wrote(step_dir):
+  """Step 6's input position as a 2-process job saves it (one file each)."""
+  data = os.path.join(step_dir, "data")
+  os.rename(os.path.join(data, "process_0-of-1.json"),
+            os.path.join(data, "process_0-of-2.json"))
+  shutil.copy(os.path.join(data, "process_0-of-2.json"),
+              os.path.join(data, "process_1-of-2.json"))
+
+
+def _as_if_another_pipeline_wrote(step_dir):
+  """Valid JSON of another pipeline's state: what a changed
+  ``config.data.num_workers`` meets (it raised KeyError: 'exhausted')."""
+  with open(os.path.join(step_dir, "data", "process_0-of-1.json"), "w") as f:
+    f.write('{"workers_state": {}, "iterations_to_skip": {}}')
+
+
+SAVED_ELSEWHERE = {
+    "other_process_count": (_as_if_two_processes_wrote,
+                            "was written by 2 process(es) and this job has 1"),
+    "other_pipeline": (_as_if_another_pipeline_wrote,
+                       "does not fit this input pipeline (KeyError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAVED_ELSEWHERE))
+def test_resume_with_unfitting_input_position_keeps_state(runs, tmp_path,
+                                                          caplog, case):
+  """A job resumed on a slice with another number of hosts, or with another
+  input pipeline, restores the train state and draws a fresh data order
+  (the saved positions do not map onto the new shards or pipeline). Before,
+  it found every step "damaged" and could not resume at all."""
+  full, base = runs
+  wd = _copy(base, tmp_path)
+  change, said = SAVED_ELSEWHERE[case]
+  change(os.path.join(wd, "checkpoints", "6"))
+  again = shutil.copytree(wd, str(tmp_path / "again"))
+  seen = []
+  with caplog.at_level(logging.WARNING):
+    resumed = trainer_lib.train_loop(_config(9), wd,
+                                     on_log=lambda s, _: seen.append(s))
+  warnings = [r.getMessage() for r in caplog.records
+              if "input position" in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert f"saved with step 6 {said}" in warnings[0], warnings[0]
+  assert seen == [8, 9], seen                       # resumed at step 6
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6", "9"]
+  # Another data order after step 6 than the uninterrupted run's ...
+  assert any(not np.array_equal(a, b) for a, b in zip(full, _leaves(resumed)))
+  if case == "other_process_count":
+    # ... and the same one on a rerun (the seed comes from config.seed, step).
+    for a, b in zip(_leaves(resumed), _leaves(
+        trainer_lib.train_and_evaluate(_config(9), again))):
+      np.testing.assert_array_equal(a, b)
+    assert trainer_lib.resume_seed(0, 6) != trainer_lib.resume_seed(0, 3)
+
+
+def test_partial_iterator_states_are_damage(runs, tmp_path):
+  wd = _copy(runs[1], tmp_path)
+  step_dir = os.path.join(wd, "checkpoints", "6")
+  _as_if_two_processes_wrote(step_dir)
+  assert ckpt_lib.saved_process_count(epath.Path(step_dir)) == 2
+  os.remove(os.path.join(step_dir, "data", "process_1-of-2.json"))
+  with pytest.raises(ValueError, match="process_1-of-2.json is missing"):
+    ckpt_lib.validate_step(epath.Path(step_dir))
+  shutil.copy(os.path.join(wd, "checkpoints", "3", "data", "process_0-of-1.json"),
+              os.path.join(step_dir, "data"))
+  with pytest.raises(ValueError, match="mixed"):
+    ckpt_lib.validate_step(epath.Path(step_dir))
 
 
 def test_truncation_is_caught_before_orbax_reads(runs, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import time
 
 import jax
@@ -229,23 +230,48 @@ class Checkpointer:
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored["config"]
 
-  def restore(self, step: int, abstract_state, data_iter=None):
-    """Restores into ``abstract_state`` (ShapeDtypeStructs with shardings)."""
+  def restore(self, step: int, abstract_state):
+    """Restores the train state into ``abstract_state`` (ShapeDtypeStructs
+    with shardings; Orbax reshards onto them, whatever mesh and process
+    count wrote the step)."""
     meta = self.manager.item_metadata(step)
     state_meta = meta["state"] if "state" in meta else None
     if state_meta is not None:
       compare_trees(abstract_state, state_meta,
                     f"Checkpoint {self.directory / str(step)}")
-    items = {"state": _restore_args(abstract_state)}
-    if data_iter is not None and (self.directory / str(step) / "data").exists():
-      import grain  # pylint: disable=import-outside-toplevel
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=_restore_args(abstract_state)))
     return restored["state"]
 
-  def restore_latest(self, abstract_state, data_iter=None, config=None):
+  def restore_data(self, step: int, data_iter) -> str | None:
+    """Moves ``data_iter`` to the input position saved with ``step``.
+
+    The Grain state is per process (``data/process_<i>-of-<n>.json``) and
+    fits only the pipeline that wrote it. Returns None when the iterator was
+    moved (or the step saved none); otherwise why not, and ``data_iter`` is
+    left as built: the step was written by another number of processes (a
+    job resumed on a bigger or smaller slice: the shards are cut
+    differently), or the state does not fit this pipeline (e.g.
+    ``config.data.num_workers`` changed). The train state is unaffected.
+    """
+    count = saved_process_count(self.directory / str(step))
+    if count is None:
+      return None
+    if count != jax.process_count():
+      return (f"was written by {count} process(es) and this job has "
+              f"{jax.process_count()}")
+    import grain  # pylint: disable=import-outside-toplevel
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:  # pylint: disable=broad-except
+      return f"does not fit this input pipeline ({first_line(e)})"
+    return None
+
+  def restore_latest(self, abstract_state, config=None, with_data=False):
     """Restores the newest step that loads: ``(step, state)``, or
-    ``(None, None)`` for a workdir without checkpoints.
+    ``(None, None)`` for a workdir without checkpoints. The input position
+    is :meth:`restore_data`'s (``with_data`` validates its files here).
 
     Each step's files are validated before Orbax reads them (a truncated
     TensorStore file can otherwise abort the process). A step that fails is
@@ -261,12 +287,12 @@ class Checkpointer:
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        validate_step(self.directory / str(step), with_data=data_iter is not None)
+        validate_step(self.directory / str(step), with_data=with_data)
         saved = self.saved_config(step) if config is not None else None
         if config is not None:
           check_config_matches(saved, config)
         try:
-          state = self.restore(step, abstract_state, data_iter)
+          state = self.restore(step, abstract_state)
         except CheckpointMismatchError as e:
           raise CheckpointMismatchError(
               str(e) + _state_settings_note(saved, config)) from None
@@ -388,7 +414,38 @@ def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
         json.loads(f.read_text())
       except ValueError as e:
         raise ValueError(f"{item}/{f.name} is not valid JSON ({e})") from e
+  if with_data:
+    saved_process_count(step_dir)
   _check_ocdbt(state)
+
+
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def saved_process_count(step_dir: epath.Path) -> int | None:
+  """How many processes saved the input position of ``step_dir``: the ``n``
+  of its ``data/process_<i>-of-<n>.json`` files (None without ``data/``).
+
+  Raises:
+    ValueError: ``data/`` holds no such file, files of two counts, or not
+      one per process (a file is missing).
+  """
+  data = step_dir / "data"
+  if not data.exists():
+    return None
+  found: dict[int, set[int]] = {}
+  for f in data.glob("process_*.json"):
+    m = _DATA_FILE.fullmatch(f.name)
+    if m:
+      found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+  if len(found) != 1:
+    raise ValueError(f"data/ holds {'no' if not found else 'mixed'} "
+                     "process_<i>-of-<n>.json iterator states")
+  (count, indices), = found.items()
+  missing = sorted(set(range(count)) - indices)
+  if missing:
+    raise ValueError(f"data/process_{missing[0]}-of-{count}.json is missing")
+  return count
 
 
 # Settings besides config.model that decide the saved state's tree: the EMA

@@ -66,6 +66,13 @@ def create_train_iterator(config, task, *, seed=None):
       value_range=task.value_range)
 
 
+def resume_seed(seed: int, step: int) -> int:
+  """The data seed of a run resumed at ``step`` without its input position:
+  a uint32 from (``seed``, ``step``), so a rerun draws the same order."""
+  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)])
+             .generate_state(1)[0])
+
+
 class Trainer:
   """Holds the compiled step and the sharded state of one run."""
 
@@ -161,9 +168,20 @@ def train_loop(config, workdir: str, on_log=None):
   from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
   token_origin.record_or_check(config, workdir, ckpt.latest_step())
   # The newest step that loads; damaged newer ones are moved aside.
-  latest, state = ckpt.restore_latest(trainer.abstract_state(), data_iter, config)
+  latest, state = ckpt.restore_latest(trainer.abstract_state(), config,
+                                      with_data=True)
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)
+    why = ckpt.restore_data(latest, data_iter)
+    if why:
+      seed = resume_seed(config.seed, latest)
+      logging.warning(
+          "The input position saved with step %d %s, so it cannot be "
+          "restored. Training resumes from step %d with the data order "
+          "drawn afresh (seed %d from config.seed and the step): examples of "
+          "the epoch in progress may be seen once more or once less.",
+          latest, why, latest, seed)
+      data_iter, info = create_train_iterator(config, task, seed=seed)
     if config.init_from:
       logging.warning(
           "config.init_from=%s is not loaded: it initialises a fresh run, and "
