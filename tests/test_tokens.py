@@ -198,6 +198,39 @@ def test_missing_token_files_say_to_pretokenize(tmp_path):
   assert len(data.TokenSource(str(tmp_path / "pre" / "tokens" / "val-*"))) == 2
 
 
+def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path):
+  """A pod's pre-tokenize output read with a file missing (a process failed,
+  a copy stopped) or beside another process count's output of the same split
+  would train on part of the data, or on every example twice, silently."""
+  d = tmp_path / "tokens"
+  labels, toks = np.arange(8, dtype=np.int32), np.zeros((8, 4), np.int32)
+  paths = data.write_token_records(str(d / "train"), labels, toks, num_shards=4)
+  everything = str(d / "train-*.array_record")
+  assert len(data.TokenSource(everything)) == 8
+  os.remove(paths[2])
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"matches 3 of the 4 token files of .*train; missing "
+                           r"1: train-00002-of-00004.array_record\. .*again"):
+    data.TokenSource(everything)
+  # A glob narrowed on purpose asks for its own files only.
+  assert len(data.TokenSource(str(d / "train-0000[01]-of-00004.array_record"))) == 4
+  with pytest.raises(data.DataNotFoundError, match="missing 1: train-00002"):
+    data.TokenSource(str(d / "train-0000[0-2]-of-00004.array_record"))
+  # The same split again on 2 processes, into the same folder.
+  data.write_token_records(str(d / "train"), labels, toks, num_shards=2)
+  with pytest.raises(data.TokenFileError,
+                     match=r"2 pre-tokenize outputs .*\(2 of 2 files -of-00002, "
+                           r"3 of 4 files -of-00004\).*more than once.*"
+                           r"train-\*-of-00002.array_record"):
+    data.TokenSource(everything)
+  assert len(data.TokenSource(str(d / "train-*-of-00002.array_record"))) == 8
+  # Names of another form are not checked.
+  for i, path in enumerate(data.write_token_records(
+      str(tmp_path / "x" / "val"), labels, toks, num_shards=3)[:2]):
+    os.rename(path, str(tmp_path / "x" / f"mine{i}.array_record"))
+  assert len(data.TokenSource(str(tmp_path / "x" / "mine*.array_record"))) == 5
+
+
 def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   import json
   import ml_collections

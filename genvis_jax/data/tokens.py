@@ -14,6 +14,7 @@ written with ``group_size:1`` so random access reads one record.
 
 from __future__ import annotations
 
+import fnmatch
 import glob as glob_lib
 import hashlib
 import os
@@ -180,7 +181,62 @@ def find_token_files(pattern: str) -> list[str]:
     raise DataNotFoundError(
         f"config.data.path={pattern!r} matches the folder {folders[0]}, not "
         f"token files: point it at the files, e.g. {_files_in(folders[0])!r}.")
+  check_shard_sets(pattern, found)
   return found
+
+
+_SHARD = re.compile(r"(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})"
+                    r"\.array_record")
+
+
+def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
+  """Refuses a glob that reads one pre-tokenize output incompletely or twice.
+
+  Pre-tokenizing on n processes writes ``<prefix>-<i>-of-<n>`` for i < n.
+  Of every set the glob matches, each file the glob would match must exist
+  (a glob narrowed on purpose, e.g. ``train-0000[0-3]-of-00008*``, asks for
+  its files only), and one prefix must not come in sets of two counts (the
+  same split written again on another number of processes: every example
+  would be read twice). Names of another form are not checked.
+
+  Raises:
+    DataNotFoundError: a file of a set is missing (its process failed, or a
+      copy did not finish).
+    TokenFileError: a prefix comes in sets of two counts.
+  """
+  sets: dict[str, dict[int, set[int]]] = {}
+  for path in paths:
+    m = _SHARD.fullmatch(path)
+    if m:
+      sets.setdefault(m["prefix"], {}).setdefault(
+          int(m["count"]), set()).add(int(m["index"]))
+  glob_pattern = pattern.split("://", 1)[-1]
+  for prefix, counts in sorted(sets.items()):
+    if len(counts) > 1:
+      found = ", ".join(f"{len(v)} of {n} files -of-{n:05d}"
+                        for n, v in sorted(counts.items()))
+      complete = [n for n, v in sorted(counts.items()) if len(v) == n]
+      keep = (complete or sorted(counts))[-1]
+      raise TokenFileError(
+          f"config.data.path={pattern!r} matches {len(counts)} pre-tokenize "
+          f"outputs of {prefix} ({found}): the same split written by "
+          "different numbers of processes, so every example would be read "
+          "more than once. Narrow the glob to one set, e.g. "
+          f"'{prefix}-*-of-{keep:05d}.array_record', or delete the others.")
+    (count, indices), = counts.items()
+    missing = [shard_path(prefix, i, count) for i in range(count)
+               if i not in indices and fnmatch.fnmatchcase(
+                   shard_path(prefix, i, count).split("://", 1)[-1],
+                   glob_pattern)]
+    if missing:
+      raise DataNotFoundError(
+          f"config.data.path={pattern!r} matches {len(indices)} of the "
+          f"{count} token files of {prefix}; missing "
+          f"{len(missing)}: {', '.join(os.path.basename(m) for m in missing[:3])}"
+          f"{' ...' if len(missing) > 3 else ''}. Each pre-tokenize process "
+          "writes one file: its process failed or the copy did not finish. "
+          "Run the same pre-tokenize command again (complete files are "
+          "reused) or copy the missing files.")
 
 
 def _files_in(folder: str) -> str:
