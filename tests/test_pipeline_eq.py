@@ -1,6 +1,9 @@
 """Equivariant modeling through the paper configs with ``runlocal``, every
 mode as the CLI runs it: eq_tokenizer train -> eq_s train (latents encoded on
-the fly) -> sample 8x the training width -> evaluate (FID, sFID, IS, P/R)."""
+the fly) -> sample 8x the training width. The evaluation sees only the
+sampled images; the paper's protocol evaluates the training-width set, which
+has the format of RAR's samples, and the RAR pipeline evaluates those, so it
+is not repeated here (its two 2048-d matrix square roots cost about 45 s)."""
 
 import os
 
@@ -30,5 +33,3 @@ def test_equivariant_paper_pipeline(tmp_path):
       "sample.num_columns": wide})
   column = cfg.data.image_width // cfg.sample.num_columns
   pc.check_samples(out, (16, cfg.data.image_size, wide * column, 3))
-  pc.evaluate_generation("eq_s.py:runlocal", os.path.join(w, "evaluate"),
-                         out["npz"], "eq_tokenizer.py:runlocal")
