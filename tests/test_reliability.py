@@ -4,6 +4,7 @@ saved by another process count or pipeline is drawn afresh (the state still
 resumes), failed saves stop the run with one message, and NaN / runaway
 training stops before a diverged state is saved."""
 
+import json
 import logging
 import os
 import shutil
@@ -92,17 +93,26 @@ def _as_if_two_processes_wrote(step_dir):
 
 
 def _as_if_another_pipeline_wrote(step_dir):
-  """Valid JSON of another pipeline's state: what a changed
-  ``config.data.num_workers`` meets (it raised KeyError: 'exhausted')."""
+  """Valid JSON of a state this pipeline's ``set_state`` refuses."""
   with open(os.path.join(step_dir, "data", "process_0-of-1.json"), "w") as f:
     f.write('{"workers_state": {}, "iterations_to_skip": {}}')
 
 
-SAVED_ELSEWHERE = {
-    "other_process_count": (_as_if_two_processes_wrote,
+def _with_another_worker_count(config):
+  # Grain takes some such states and then yields other batches: the saved
+  # config decides.
+  config.data.num_workers = config.data.num_workers + 1
+  return config
+
+
+SAVED_ELSEWHERE = {   # case: (damage to step 6, resume config, warning)
+    "other_process_count": (_as_if_two_processes_wrote, lambda c: c,
                             "was written by 2 process(es) and this job has 1"),
-    "other_pipeline": (_as_if_another_pipeline_wrote,
+    "other_pipeline": (_as_if_another_pipeline_wrote, lambda c: c,
                        "does not fit this input pipeline (KeyError"),
+    "other_num_workers": (lambda s: None, _with_another_worker_count,
+                          "was saved with config.data.num_workers=0 and this "
+                          "run has 1"),
 }
 
 
@@ -115,12 +125,11 @@ def test_resume_with_unfitting_input_position_keeps_state(runs, tmp_path,
   it found every step "damaged" and could not resume at all."""
   full, base = runs
   wd = _copy(base, tmp_path)
-  change, said = SAVED_ELSEWHERE[case]
+  change, configure, said = SAVED_ELSEWHERE[case]
   change(os.path.join(wd, "checkpoints", "6"))
-  again = shutil.copytree(wd, str(tmp_path / "again"))
   seen = []
   with caplog.at_level(logging.WARNING):
-    resumed = trainer_lib.train_loop(_config(9), wd,
+    resumed = trainer_lib.train_loop(configure(_config(9)), wd,
                                      on_log=lambda s, _: seen.append(s))
   warnings = [r.getMessage() for r in caplog.records
               if "input position" in r.getMessage()]
@@ -128,14 +137,49 @@ def test_resume_with_unfitting_input_position_keeps_state(runs, tmp_path,
   assert f"saved with step 6 {said}" in warnings[0], warnings[0]
   assert seen == [8, 9], seen                       # resumed at step 6
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6", "9"]
-  # Another data order after step 6 than the uninterrupted run's ...
+  # Another data order after step 6 than the uninterrupted run's, drawn with
+  # the seed from (config.seed, 6), which later checkpoints keep.
   assert any(not np.array_equal(a, b) for a, b in zip(full, _leaves(resumed)))
-  if case == "other_process_count":
-    # ... and the same one on a rerun (the seed comes from config.seed, step).
-    for a, b in zip(_leaves(resumed), _leaves(
-        trainer_lib.train_and_evaluate(_config(9), again))):
-      np.testing.assert_array_equal(a, b)
-    assert trainer_lib.resume_seed(0, 6) != trainer_lib.resume_seed(0, 3)
+  with open(os.path.join(wd, "checkpoints", "9", "data",
+                         "process_0-of-1.json")) as f:
+    assert json.load(f)["data_seed"] == trainer_lib.resume_seed(0, 6)
+  assert trainer_lib.resume_seed(0, 6) != trainer_lib.resume_seed(0, 3)
+
+
+def test_order_drawn_afresh_survives_later_resumes(runs, tmp_path):
+  """After a resume on another process count, resuming again (on the same
+  count) continues the redrawn order: the same as not stopping at all."""
+  straight = _copy(runs[1], tmp_path)
+  _as_if_two_processes_wrote(os.path.join(straight, "checkpoints", "6"))
+  split = shutil.copytree(straight, str(tmp_path / "split"))
+  want = trainer_lib.train_and_evaluate(_config(12), straight)
+  trainer_lib.train_and_evaluate(_config(9), split)
+  got = trainer_lib.train_and_evaluate(_config(12), split)
+  for a, b in zip(_leaves(want), _leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
+                                               caplog):
+  """One process whose position does not fit makes every process draw the
+  order afresh; one that cannot read its position (storage) stops them all,
+  with the data order unchanged (before, it hung the others in Orbax's
+  restore barrier)."""
+  from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
+  wd = _copy(runs[1], tmp_path)
+  with monkeypatch.context() as m:   # process 1 failed to read its file
+    m.setattr(multihost, "gather_ints", lambda v: np.array([v, -1]))
+    with pytest.raises(multihost.OtherProcessError,
+                       match=r"Processes \[1\] could not read their input "
+                             r"position saved with step 6"):
+      trainer_lib.train_and_evaluate(_config(9), wd)
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 6
+  with monkeypatch.context() as m:   # process 1's position did not fit
+    m.setattr(multihost, "gather_ints", lambda v: np.array([v, 1]))
+    with caplog.at_level(logging.WARNING):
+      trainer_lib.train_and_evaluate(_config(9), wd)
+  assert ("saved with step 6 cannot be used on processes [1], so it cannot "
+          "be restored") in caplog.text
 
 
 def test_partial_iterator_states_are_damage(runs, tmp_path):

@@ -3,11 +3,12 @@ guard pretokenize reuse, and the errors for missing or damaged files."""
 
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
 from genvis_jax import data
-from genvis_jax.data import tokens
+from genvis_jax.data import token_origin, tokens
 from tests.test_data import _data_config
 
 
@@ -198,37 +199,48 @@ def test_missing_token_files_say_to_pretokenize(tmp_path):
   assert len(data.TokenSource(str(tmp_path / "pre" / "tokens" / "val-*"))) == 2
 
 
+def _check_sets(pattern):
+  tokens.check_shard_sets(pattern, tokens.glob_files(pattern))
+
+
 def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path):
   """A pod's pre-tokenize output read with a file missing (a process failed,
   a copy stopped) or beside another process count's output of the same split
-  would train on part of the data, or on every example twice, silently."""
+  would train on part of the data, or on examples twice, silently."""
   d = tmp_path / "tokens"
   labels, toks = np.arange(8, dtype=np.int32), np.zeros((8, 4), np.int32)
   paths = data.write_token_records(str(d / "train"), labels, toks, num_shards=4)
   everything = str(d / "train-*.array_record")
-  assert len(data.TokenSource(everything)) == 8
+  _check_sets(everything)
   os.remove(paths[2])
-  with pytest.raises(data.DataNotFoundError,
-                     match=r"matches 3 of the 4 token files of .*train; missing "
-                           r"1: train-00002-of-00004.array_record\. .*again"):
-    data.TokenSource(everything)
-  # A glob narrowed on purpose asks for its own files only.
-  assert len(data.TokenSource(str(d / "train-0000[01]-of-00004.array_record"))) == 4
+  for spelt in (everything, str(tmp_path) + "//tokens/./train-*.array_record"):
+    with pytest.raises(data.DataNotFoundError,
+                       match=r"matches 3 of the 4 token files of .*train; missing "
+                             r"1: train-00002-of-00004.array_record\. .*again "
+                             r"on 4 processes"):
+      _check_sets(spelt)
+  # Training checks on process 0 before it reads (and every process stops).
+  config = ml_collections.ConfigDict(
+      {"data": _data_config(source="tokens", path=everything)})
   with pytest.raises(data.DataNotFoundError, match="missing 1: train-00002"):
-    data.TokenSource(str(d / "train-0000[0-2]-of-00004.array_record"))
+    token_origin.check_training_files(config)
+  # A glob narrowed on purpose asks for its own files only.
+  _check_sets(str(d / "train-0000[01]-of-00004.array_record"))
+  with pytest.raises(data.DataNotFoundError, match="missing 1: train-00002"):
+    _check_sets(str(d / "train-0000[0-2]-of-00004.array_record"))
   # The same split again on 2 processes, into the same folder.
   data.write_token_records(str(d / "train"), labels, toks, num_shards=2)
   with pytest.raises(data.TokenFileError,
                      match=r"2 pre-tokenize outputs .*\(2 of 2 files -of-00002, "
                            r"3 of 4 files -of-00004\).*more than once.*"
                            r"train-\*-of-00002.array_record"):
-    data.TokenSource(everything)
-  assert len(data.TokenSource(str(d / "train-*-of-00002.array_record"))) == 8
+    _check_sets(everything)
+  _check_sets(str(d / "train-*-of-00002.array_record"))
   # Names of another form are not checked.
   for i, path in enumerate(data.write_token_records(
       str(tmp_path / "x" / "val"), labels, toks, num_shards=3)[:2]):
     os.rename(path, str(tmp_path / "x" / f"mine{i}.array_record"))
-  assert len(data.TokenSource(str(tmp_path / "x" / "mine*.array_record"))) == 5
+  _check_sets(str(tmp_path / "x" / "mine*.array_record"))
 
 
 def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
@@ -275,7 +287,7 @@ def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
   sent = []
   with monkeypatch.context() as m:
     m.setattr(multihost, "gather_ints",
-              lambda v: sent.append(v) or np.array([v, 2]))
+              lambda v: sent.append(v) or np.array([v, -1]))
     with pytest.raises(multihost.OtherProcessError,
                        match=r"Processes \[1\] failed to start their shards"):
       pretokenize.pretokenize(c, wd)
@@ -285,7 +297,7 @@ def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
     m.setattr(pretokenize, "output_settings", no_data)
     with pytest.raises(data.DataNotFoundError, match="no images here"):
       pretokenize.pretokenize(c, wd)
-    assert sent == [1, 2]           # ... after telling the others it failed
+    assert sent == [1, -1]          # ... after telling the others it failed
   # Process 1 computed other settings (flags, data, weights) than process 0.
   with monkeypatch.context() as m:
     m.setattr(multihost.jax, "process_count", lambda: 2)

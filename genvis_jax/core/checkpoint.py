@@ -1,7 +1,8 @@
 """Orbax checkpoints: train state + Grain iterator state + config, async, last N.
 
 Layout of ``workdir/checkpoints/<step>/``: ``state`` (TrainState: params,
-optimizer state, EMA, step), ``data`` (per-process Grain iterator state),
+optimizer state, EMA, step), ``data`` (per-process Grain iterator state and
+the data seed of its order),
 ``config`` (the run's config as JSON, checked on restore).
 
 Reliability: :meth:`Checkpointer.restore_latest` validates a step's files
@@ -16,11 +17,13 @@ weights) is ``core.weights``.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import re
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -109,10 +112,14 @@ def compare_trees(expected, found, what: str,
 
 class _IteratorSnapshot:
   """Freezes a Grain iterator's state now: an async save may run after the loop
-  has already pulled the next batch."""
+  has already pulled the next batch. With ``seed``, the file also records the
+  data seed the order was drawn with (``{"data_seed", "iterator"}``)."""
 
-  def __init__(self, it):
-    self._state = json.dumps(it.get_state(), indent=1).encode()
+  def __init__(self, it, seed=None):
+    state = it.get_state()
+    if seed is not None:
+      state = {"data_seed": int(seed), "iterator": state}
+    self._state = json.dumps(state, indent=1).encode()
 
   def get_state(self) -> bytes:
     return self._state
@@ -144,6 +151,16 @@ def _restore_args(abstract_state):
       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedPosition:
+  """An input position saved with a step: this process's Grain iterator
+  ``state``, the data ``seed`` its order was drawn with (None: not recorded,
+  i.e. ``config.seed``), or ``why`` it cannot be used here (state None)."""
+  state: Any = None
+  seed: int | None = None
+  why: str | None = None
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for training runs."""
 
@@ -167,14 +184,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iter=None, config=None, force=False):
+  def save(self, step: int, state, data_iter=None, config=None, force=False,
+           data_seed=None):
     """Starts an (async) save of ``step``; raises :class:`CheckpointSaveError`
-    for this save's synchronous part or an earlier save that failed."""
+    for this save's synchronous part or an earlier save that failed.
+    ``data_seed``: the seed ``data_iter``'s order was drawn with, kept beside
+    its position (see :meth:`saved_position`)."""
     self.check(block=True)  # Orbax waits for the previous save anyway
     items = {"state": ocp.args.PyTreeSave(state)}
     if data_iter is not None:
       import grain  # pylint: disable=import-outside-toplevel
-      items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
+      items["data"] = grain.checkpoint.CheckpointSave(
+          _IteratorSnapshot(data_iter, data_seed))
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
     try:
@@ -243,35 +264,37 @@ class Checkpointer:
         state=_restore_args(abstract_state)))
     return restored["state"]
 
-  def restore_data(self, step: int, data_iter) -> str | None:
-    """Moves ``data_iter`` to the input position saved with ``step``.
+  def saved_position(self, step: int) -> SavedPosition:
+    """This process's input position saved with ``step``, read directly (no
+    Orbax barrier: a process whose position does not fit must not leave the
+    others waiting in one).
 
-    The Grain state is per process (``data/process_<i>-of-<n>.json``) and
-    fits only the pipeline that wrote it. Returns None when the iterator was
-    moved (or the step saved none); otherwise why not, and ``data_iter`` is
-    left as built: the step was written by another number of processes (a
-    job resumed on a bigger or smaller slice: the shards are cut
-    differently), or the state does not fit this pipeline (e.g.
-    ``config.data.num_workers`` changed). The train state is unaffected.
+    The Grain state is per process (``data/process_<i>-of-<n>.json``); a step
+    written by another number of processes (a job resumed on a bigger or
+    smaller slice: the shards are cut differently), or one without ``data/``,
+    has none for this one, and ``why`` says so.
+
+    Raises:
+      OSError: the file cannot be read (storage; not a reason to change the
+        data order).
     """
-    count = saved_process_count(self.directory / str(step))
+    step_dir = self.directory / str(step)
+    count = saved_process_count(step_dir)
     if count is None:
-      return None
+      return SavedPosition(why="was not saved")
     if count != jax.process_count():
-      return (f"was written by {count} process(es) and this job has "
-              f"{jax.process_count()}")
-    import grain  # pylint: disable=import-outside-toplevel
-    try:
-      self.manager.restore(step, args=ocp.args.Composite(
-          data=grain.checkpoint.CheckpointRestore(data_iter)))
-    except Exception as e:  # pylint: disable=broad-except
-      return f"does not fit this input pipeline ({first_line(e)})"
-    return None
+      return SavedPosition(why=f"was written by {count} process(es) and this "
+                           f"job has {jax.process_count()}")
+    saved = json.loads((step_dir / "data" / f"process_{jax.process_index()}-of-"
+                        f"{count}.json").read_text())
+    if isinstance(saved, dict) and set(saved) == {"data_seed", "iterator"}:
+      return SavedPosition(saved["iterator"], int(saved["data_seed"]))
+    return SavedPosition(saved)   # written before the seed was recorded
 
   def restore_latest(self, abstract_state, config=None, with_data=False):
     """Restores the newest step that loads: ``(step, state)``, or
     ``(None, None)`` for a workdir without checkpoints. The input position
-    is :meth:`restore_data`'s (``with_data`` validates its files here).
+    is :meth:`saved_position`'s (``with_data`` validates its files here).
 
     Each step's files are validated before Orbax reads them (a truncated
     TensorStore file can otherwise abort the process). A step that fails is

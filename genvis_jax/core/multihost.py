@@ -82,6 +82,22 @@ def gather_ints(value: int) -> np.ndarray:
       np.array([value], np.int32))).reshape(-1)
 
 
+def gather_or_raise(value: int, error: BaseException | None,
+                    failed: str) -> np.ndarray:
+  """``gather_ints(value)`` where this process may have failed with
+  ``error``: it raises ``error``, and every other process raises
+  :class:`OtherProcessError` ``"Processes [ids] <failed>"``, so no process
+  waits alone in a later collective. Returns the values when none failed.
+  ``value`` must be >= 0."""
+  values = gather_ints(-1 if error is not None else value)
+  if error is not None:
+    raise error
+  if (values < 0).any():
+    raise OtherProcessError(
+        f"Processes {np.flatnonzero(values < 0).tolist()} {failed}")
+  return values
+
+
 def check_agree(settings, what: str) -> None:
   """Raises ``OtherProcessError`` on every process unless every process
   passes equal ``settings`` (JSON-serialisable), e.g. the settings that

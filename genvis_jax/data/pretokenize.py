@@ -275,14 +275,9 @@ def pretokenize(config, workdir: str) -> dict:
       done = None
   except Exception as e:  # pylint: disable=broad-except
     refused = e           # raised below, after the others have heard of it
-  states = multihost.gather_ints(2 if refused else 0 if done else 1)
-  if refused is not None:
-    raise refused
-  if (states == 2).any():
-    raise multihost.OtherProcessError(
-        f"Processes {np.flatnonzero(states == 2).tolist()} failed to start "
-        f"their shards of {output} (their logs say why); this process wrote "
-        "nothing.")
+  states = multihost.gather_or_raise(
+      0 if done else 1, refused, f"failed to start their shards of {output} "
+      "(their logs say why); this process wrote nothing.")
   multihost.check_agree(settings, "pre-tokenizing settings (flags, data, "
                         "tokenizer weights)")
   if done is not None and (states == 0).all():

@@ -19,7 +19,7 @@ from etils import epath
 
 from genvis_jax.core import multihost
 from genvis_jax.core import weights as weights_lib
-from genvis_jax.data.tokens import TokenFileError, glob_files
+from genvis_jax.data.tokens import TokenFileError, check_shard_sets, glob_files
 from genvis_jax.errors import ConfigError
 
 
@@ -51,6 +51,9 @@ def check_training_files(config) -> str:
   ``"tokens"``. Process 0 reads the records; its error stops every process.
 
   Raises:
+    DataNotFoundError, TokenFileError: the glob misses a file of a
+      pre-tokenize output or reads one split twice
+      (:func:`tokens.check_shard_sets`).
     TokenFileError: the files were written with different tokenizer weights
       (e.g. a glob over two pre-tokenize outputs): codes of two tokenizers
       cannot train one generator.
@@ -66,6 +69,7 @@ def check_training_files(config) -> str:
   warning = []
 
   def check():
+    check_shard_sets(pattern, glob_files(pattern))
     records = recorded_settings(pattern)
     _check_one_tokenizer(pattern, records)
     _check_codes(pattern, records, config.get("model", {}).get("codebook_size"))

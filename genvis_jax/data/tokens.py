@@ -181,7 +181,6 @@ def find_token_files(pattern: str) -> list[str]:
     raise DataNotFoundError(
         f"config.data.path={pattern!r} matches the folder {folders[0]}, not "
         f"token files: point it at the files, e.g. {_files_in(folders[0])!r}.")
-  check_shard_sets(pattern, found)
   return found
 
 
@@ -190,7 +189,8 @@ _SHARD = re.compile(r"(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})"
 
 
 def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
-  """Refuses a glob that reads one pre-tokenize output incompletely or twice.
+  """Refuses a glob that reads one pre-tokenize output incompletely or twice
+  (training runs it on process 0: ``token_origin.check_training_files``).
 
   Pre-tokenizing on n processes writes ``<prefix>-<i>-of-<n>`` for i < n.
   Of every set the glob matches, each file the glob would match must exist
@@ -210,7 +210,9 @@ def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
     if m:
       sets.setdefault(m["prefix"], {}).setdefault(
           int(m["count"]), set()).add(int(m["index"]))
-  glob_pattern = pattern.split("://", 1)[-1]
+  # A missing file sits beside the files found: match names only (glob and
+  # epath return paths spelt otherwise than the pattern, e.g. "a//b").
+  name_pattern = pattern.rsplit("/", 1)[-1]
   for prefix, counts in sorted(sets.items()):
     if len(counts) > 1:
       found = ", ".join(f"{len(v)} of {n} files -of-{n:05d}"
@@ -220,14 +222,13 @@ def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
       raise TokenFileError(
           f"config.data.path={pattern!r} matches {len(counts)} pre-tokenize "
           f"outputs of {prefix} ({found}): the same split written by "
-          "different numbers of processes, so every example would be read "
-          "more than once. Narrow the glob to one set, e.g. "
+          "different numbers of processes, so examples would be read more "
+          "than once. Narrow the glob to one set, e.g. "
           f"'{prefix}-*-of-{keep:05d}.array_record', or delete the others.")
     (count, indices), = counts.items()
     missing = [shard_path(prefix, i, count) for i in range(count)
                if i not in indices and fnmatch.fnmatchcase(
-                   shard_path(prefix, i, count).split("://", 1)[-1],
-                   glob_pattern)]
+                   os.path.basename(shard_path(prefix, i, count)), name_pattern)]
     if missing:
       raise DataNotFoundError(
           f"config.data.path={pattern!r} matches {len(indices)} of the "
@@ -235,8 +236,8 @@ def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
           f"{len(missing)}: {', '.join(os.path.basename(m) for m in missing[:3])}"
           f"{' ...' if len(missing) > 3 else ''}. Each pre-tokenize process "
           "writes one file: its process failed or the copy did not finish. "
-          "Run the same pre-tokenize command again (complete files are "
-          "reused) or copy the missing files.")
+          f"Run the same pre-tokenize command again on {count} processes "
+          "(complete files are reused) or copy the missing files.")
 
 
 def _files_in(folder: str) -> str:

@@ -66,6 +66,59 @@ def create_train_iterator(config, task, *, seed=None):
       value_range=task.value_range)
 
 
+def resume_input(ckpt, step: int, config, task, data_iter, info):
+  """Moves the input pipeline to the position saved with ``step``; returns
+  ``(data_iter, info, data seed)``.
+
+  The saved order's seed is the one recorded with the position (a run that
+  once drew its order afresh keeps that order on later resumes). Where the
+  position cannot be used on any process (another process count or
+  ``config.data.num_workers``, a state that does not fit this pipeline), all
+  processes draw the order afresh from :func:`resume_seed`, with a warning;
+  the train state is resumed either way.
+
+  Raises:
+    OSError: this process cannot read its position (storage): no process
+      changes the data order; the same command retries.
+    multihost.OtherProcessError: another process cannot.
+  """
+  from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
+  seed, why, error = config.seed, None, None
+  try:
+    pos = ckpt.saved_position(step)
+  except OSError as e:
+    error = e
+  else:
+    why = pos.why
+    before = settings_lib.get(ckpt.saved_config(step) or {}, "data.num_workers")
+    if not why and before is not None and before != config.data.num_workers:
+      # Grain accepts some such states and then yields other batches.
+      why = (f"was saved with config.data.num_workers={before} and this run "
+             f"has {config.data.num_workers}")
+    if not why:
+      if pos.seed is not None and pos.seed != seed:
+        seed = pos.seed
+        data_iter, info = create_train_iterator(config, task, seed=seed)
+      try:
+        data_iter.set_state(pos.state)
+      except Exception as e:  # pylint: disable=broad-except
+        why = f"does not fit this input pipeline ({ckpt_lib.first_line(e)})"
+  unfit = multihost.gather_or_raise(
+      int(bool(why)), error, "could not read their input position saved "
+      f"with step {step} (their logs say why); run the same command again.")
+  if unfit.any():
+    why = why or f"cannot be used on processes {np.flatnonzero(unfit).tolist()}"
+    seed = resume_seed(config.seed, step)
+    logging.warning(
+        "The input position saved with step %d %s, so it cannot be restored. "
+        "Training resumes from step %d with the data order drawn afresh (seed "
+        "%d from config.seed and the step, kept in later checkpoints): "
+        "examples of the epoch in progress may be seen once more or once less.",
+        step, why, step, seed)
+    data_iter, info = create_train_iterator(config, task, seed=seed)
+  return data_iter, info, seed
+
+
 def resume_seed(seed: int, step: int) -> int:
   """The data seed of a run resumed at ``step`` without its input position:
   a uint32 from (``seed``, ``step``), so a rerun draws the same order."""
@@ -170,18 +223,11 @@ def train_loop(config, workdir: str, on_log=None):
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state = ckpt.restore_latest(trainer.abstract_state(), config,
                                       with_data=True)
+  data_seed = config.seed
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)
-    why = ckpt.restore_data(latest, data_iter)
-    if why:
-      seed = resume_seed(config.seed, latest)
-      logging.warning(
-          "The input position saved with step %d %s, so it cannot be "
-          "restored. Training resumes from step %d with the data order "
-          "drawn afresh (seed %d from config.seed and the step): examples of "
-          "the epoch in progress may be seen once more or once less.",
-          latest, why, latest, seed)
-      data_iter, info = create_train_iterator(config, task, seed=seed)
+    data_iter, info, data_seed = resume_input(ckpt, latest, config, task,
+                                              data_iter, info)
     if config.init_from:
       logging.warning(
           "config.init_from=%s is not loaded: it initialises a fresh run, and "
@@ -269,7 +315,7 @@ def train_loop(config, workdir: str, on_log=None):
                                          or done == num_steps):
           _write_visuals(trainer, state, vis_batch, writer, workdir, done)
         if save_now:
-          ckpt.save(done, state, data_iter, config)
+          ckpt.save(done, state, data_iter, config, data_seed=data_seed)
           saved_at = done
         if stop_now and done < num_steps:
           ckpt.close()
