@@ -84,13 +84,14 @@ def resume_input(ckpt, step: int, config, task, data_iter, info):
   """
   from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
   seed, why, error = config.seed, None, None
+  # Read by every process (an Orbax restore may hold a barrier).
+  before = settings_lib.get(ckpt.saved_config(step) or {}, "data.num_workers")
   try:
     pos = ckpt.saved_position(step)
   except OSError as e:
     error = e
   else:
     why = pos.why
-    before = settings_lib.get(ckpt.saved_config(step) or {}, "data.num_workers")
     if not why and before is not None and before != config.data.num_workers:
       # Grain accepts some such states and then yields other batches.
       why = (f"was saved with config.data.num_workers={before} and this run "
