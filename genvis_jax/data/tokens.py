@@ -226,14 +226,14 @@ def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
           "than once. Narrow the glob to one set, e.g. "
           f"'{prefix}-*-of-{keep:05d}.array_record', or delete the others.")
     (count, indices), = counts.items()
-    missing = [shard_path(prefix, i, count) for i in range(count)
-               if i not in indices and fnmatch.fnmatchcase(
-                   os.path.basename(shard_path(prefix, i, count)), name_pattern)]
+    missing = [os.path.basename(shard_path(prefix, i, count))
+               for i in range(count) if i not in indices]
+    missing = [m for m in missing if fnmatch.fnmatchcase(m, name_pattern)]
     if missing:
       raise DataNotFoundError(
           f"config.data.path={pattern!r} matches {len(indices)} of the "
           f"{count} token files of {prefix}; missing "
-          f"{len(missing)}: {', '.join(os.path.basename(m) for m in missing[:3])}"
+          f"{len(missing)}: {', '.join(missing[:3])}"
           f"{' ...' if len(missing) > 3 else ''}. Each pre-tokenize process "
           "writes one file: its process failed or the copy did not finish. "
           f"Run the same pre-tokenize command again on {count} processes "

@@ -24,6 +24,7 @@ from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.core import preemption
 from genvis_jax.core import metrics as metrics_lib
+from genvis_jax.core import multihost
 from genvis_jax.core import sharding as shd
 from genvis_jax.train import state as state_lib
 from genvis_jax.train import step as step_lib
@@ -82,7 +83,6 @@ def resume_input(ckpt, step: int, config, task, data_iter, info):
       changes the data order; the same command retries.
     multihost.OtherProcessError: another process cannot.
   """
-  from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
   seed, why, error = config.seed, None, None
   # Read by every process (an Orbax restore may hold a barrier).
   before = settings_lib.get(ckpt.saved_config(step) or {}, "data.num_workers")
