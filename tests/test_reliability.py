@@ -18,6 +18,7 @@ from etils import epath
 from genvis_jax import models
 from genvis_jax.errors import UserError
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import trainer as trainer_lib
@@ -186,29 +187,29 @@ def test_partial_iterator_states_are_damage(runs, tmp_path):
   wd = _copy(runs[1], tmp_path)
   step_dir = os.path.join(wd, "checkpoints", "6")
   _as_if_two_processes_wrote(step_dir)
-  assert ckpt_lib.saved_process_count(epath.Path(step_dir)) == 2
+  assert ckpt_files.saved_process_count(epath.Path(step_dir)) == 2
   os.remove(os.path.join(step_dir, "data", "process_1-of-2.json"))
   with pytest.raises(ValueError, match="process_1-of-2.json is missing"):
-    ckpt_lib.validate_step(epath.Path(step_dir))
+    ckpt_files.validate_step(epath.Path(step_dir))
   shutil.copy(os.path.join(wd, "checkpoints", "3", "data", "process_0-of-1.json"),
               os.path.join(step_dir, "data"))
   with pytest.raises(ValueError, match="mixed"):
-    ckpt_lib.validate_step(epath.Path(step_dir))
+    ckpt_files.validate_step(epath.Path(step_dir))
 
 
 def test_truncation_is_caught_before_orbax_reads(runs, tmp_path):
   wd = _copy(runs[1], tmp_path)
   step_dir = epath.Path(wd) / "checkpoints" / "6"
-  ckpt_lib.validate_step(step_dir)  # intact: passes
+  ckpt_files.validate_step(step_dir)  # intact: passes
   _truncate_data_files(str(step_dir))
   with pytest.raises(ValueError, match="is unreadable.*OUT_OF_RANGE"):
-    ckpt_lib.validate_step(step_dir)
+    ckpt_files.validate_step(step_dir)
   # Data files gone (an interrupted copy): TensorStore reads empty values.
   step_3 = epath.Path(wd) / "checkpoints" / "3"
-  ckpt_lib.validate_step(step_3)
+  ckpt_files.validate_step(step_3)
   shutil.rmtree(step_3 / "state" / "ocdbt.process_0")
   with pytest.raises(ValueError, match="is empty .*data file under state/ is missing"):
-    ckpt_lib.validate_step(step_3)
+    ckpt_files.validate_step(step_3)
 
 
 def test_no_loadable_checkpoint_lists_what_was_tried(runs, tmp_path):

@@ -6,7 +6,7 @@ the data seed of its order),
 ``config`` (the run's config as JSON, checked on restore).
 
 Reliability: :meth:`Checkpointer.restore_latest` validates a step's files
-before reading them and falls back to the newest step that loads, moving
+(``core.checkpoint_files``) before reading them and falls back to the newest step that loads, moving
 damaged ones aside to ``checkpoints/corrupt-<step>``; a failed (async) save
 raises :class:`CheckpointSaveError` at the next :meth:`Checkpointer.check`
 and leaves no ``.orbax-checkpoint-tmp`` folder behind.
@@ -20,18 +20,16 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
-import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from absl import logging
 from etils import epath
 
+from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import UserError
 
@@ -161,6 +159,15 @@ class SavedPosition:
   why: str | None = None
 
 
+class Restored(NamedTuple):
+  """:meth:`Checkpointer.restore_latest`'s result: the ``step`` restored, its
+  train ``state`` and the run ``config`` saved with it (a dict; None where
+  the step has none or no config was given to compare with)."""
+  step: int | None
+  state: Any
+  saved_config: dict | None
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for training runs."""
 
@@ -279,21 +286,21 @@ class Checkpointer:
         data order).
     """
     step_dir = self.directory / str(step)
-    count = saved_process_count(step_dir)
+    count = ckpt_files.saved_process_count(step_dir)
     if count is None:
       return SavedPosition(why="was not saved")
     if count != jax.process_count():
       return SavedPosition(why=f"was written by {count} process(es) and this "
                            f"job has {jax.process_count()}")
-    saved = json.loads((step_dir / "data" / f"process_{jax.process_index()}-of-"
-                        f"{count}.json").read_text())
+    saved = json.loads(ckpt_files.data_file(step_dir, jax.process_index(),
+                                       count).read_text())
     if isinstance(saved, dict) and set(saved) == {"data_seed", "iterator"}:
       return SavedPosition(saved["iterator"], int(saved["data_seed"]))
     return SavedPosition(saved)   # written before the seed was recorded
 
   def restore_latest(self, abstract_state, config=None, with_data=False):
-    """Restores the newest step that loads: ``(step, state)``, or
-    ``(None, None)`` for a workdir without checkpoints. The input position
+    """Restores the newest step that loads as :class:`Restored` (all None
+    for a workdir without checkpoints). The input position
     is :meth:`saved_position`'s (``with_data`` validates its files here).
 
     Each step's files are validated before Orbax reads them (a truncated
@@ -310,7 +317,8 @@ class Checkpointer:
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        validate_step(self.directory / str(step), with_data=with_data)
+        ckpt_files.validate_step(self.directory / str(step),
+                                 with_data=with_data)
         saved = self.saved_config(step) if config is not None else None
         if config is not None:
           check_config_matches(saved, config)
@@ -329,7 +337,7 @@ class Checkpointer:
         continue
       for bad, _ in failed:
         self._move_aside(bad)
-      return step, state
+      return Restored(step, state, saved)
     if failed:
       raise CheckpointRestoreError(
           f"No checkpoint under {self.directory} can be restored; tried:\n  " +
@@ -337,7 +345,7 @@ class Checkpointer:
           "\nNothing was moved or deleted. Restore the files from a backup, "
           "or start from a fresh --workdir (--config.init_from=DIR loads "
           "parameters only).")
-    return None, None
+    return Restored(None, None, None)
 
   def _move_aside(self, step: int) -> None:
     """``checkpoints/<step>`` -> ``checkpoints/corrupt-<step>[.n]`` (kept for
@@ -381,94 +389,6 @@ def save_error_cause(error: BaseException) -> str:
         or "os_error_code='28'" in str(e)):
       return f"no space left on device ({first_line(e)})"
   return first_line(error)
-
-
-def _kvstore_url(path: epath.Path) -> str:
-  text = str(path).rstrip("/") + "/"
-  return text if "://" in text else "file://" + os.path.abspath(text) + "/"
-
-
-def _check_ocdbt(state_dir: epath.Path) -> None:
-  """Reads the last byte of every value of the OCDBT database: a truncated
-  data file or a damaged manifest / b-tree node raises here, cheaply, instead
-  of inside Orbax's parallel restore."""
-  if not (state_dir / "manifest.ocdbt").exists():
-    if list(state_dir.glob("ocdbt.process_*")):
-      raise ValueError("state/manifest.ocdbt is missing")
-    return  # not an OCDBT checkpoint
-  kv = ts.KvStore.open({"driver": "ocdbt",
-                        "base": _kvstore_url(state_dir)}).result()
-  keys = kv.list().result()
-  if not keys:
-    raise ValueError("state/ holds no arrays")
-  reads = [(k, kv.read(k, byte_range=slice(-1, None))) for k in keys]
-  for key, read in reads:
-    try:
-      result = read.result()
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"state/{key.decode()} is unreadable ({str(e).strip()[:300]})") from e
-    if result.state != "value":
-      raise ValueError(f"state/{key.decode()} is missing")
-    if len(result.value) != 1:
-      # A value whose data file is gone reads as empty bytes, not an error.
-      raise ValueError(f"state/{key.decode()} is empty (its data file under "
-                       "state/ is missing)")
-
-
-def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
-  """Cheap checks that ``checkpoints/<step>`` can be read, before reading it.
-
-  Raises ValueError (or the underlying JSON / TensorStore error) naming the
-  first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
-  JSON metadata or data-iterator state, truncated or missing OCDBT files.
-  """
-  state = step_dir / "state"
-  if not state.exists():
-    raise ValueError("state/ is missing")
-  if not (state / "_METADATA").exists():
-    raise ValueError("state/_METADATA is missing")
-  json.loads((state / "_METADATA").read_text())
-  for item in ("config", "data"):
-    if item == "data" and not with_data:
-      continue
-    for f in sorted((step_dir / item).glob("*.json")) + sorted(
-        (step_dir / item).glob("metadata")):
-      try:
-        json.loads(f.read_text())
-      except ValueError as e:
-        raise ValueError(f"{item}/{f.name} is not valid JSON ({e})") from e
-  if with_data:
-    saved_process_count(step_dir)
-  _check_ocdbt(state)
-
-
-_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
-
-
-def saved_process_count(step_dir: epath.Path) -> int | None:
-  """How many processes saved the input position of ``step_dir``: the ``n``
-  of its ``data/process_<i>-of-<n>.json`` files (None without ``data/``).
-
-  Raises:
-    ValueError: ``data/`` holds no such file, files of two counts, or not
-      one per process (a file is missing).
-  """
-  data = step_dir / "data"
-  if not data.exists():
-    return None
-  found: dict[int, set[int]] = {}
-  for f in data.glob("process_*.json"):
-    m = _DATA_FILE.fullmatch(f.name)
-    if m:
-      found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-  if len(found) != 1:
-    raise ValueError(f"data/ holds {'no' if not found else 'mixed'} "
-                     "process_<i>-of-<n>.json iterator states")
-  (count, indices), = found.items()
-  missing = sorted(set(range(count)) - indices)
-  if missing:
-    raise ValueError(f"data/process_{missing[0]}-of-{count}.json is missing")
-  return count
 
 
 # Settings besides config.model that decide the saved state's tree: the EMA

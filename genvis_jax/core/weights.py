@@ -30,6 +30,7 @@ from absl import logging
 from etils import epath
 
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import multihost
 
 
@@ -140,8 +141,8 @@ def restore_pinned(directory: str, abstract_params, **kwargs) -> Any:
 
 def resolve(directory: str, quiet: bool = False) -> str:
   """The folder :func:`restore_params` would read for ``directory``, pinned:
-  a training run -> its newest step that passes ``checkpoint.validate_step``
-  (``<run>/checkpoints/<step>``), so a step saved meanwhile cannot change
+  a training run -> its newest step that passes
+  ``checkpoint_files.validate_step`` (``<run>/checkpoints/<step>``), so a step saved meanwhile cannot change
   what is loaded; anything else (a parameter checkpoint, a step folder, a
   run with no readable step, nothing) as given. Loading the pinned folder
   never falls back to an older step: a step that validates but does not
@@ -188,8 +189,8 @@ def params_source(directory: str) -> str:
   A parameter checkpoint's content digest (``save_params``), or its commit
   time where it has none (written before digests were recorded); the step a
   training run resolves to (its newest that passes
-  ``checkpoint.validate_step``, or the named one) with its commit time; the
-  folder's path where Orbax recorded neither. "" when there is nothing to
+  ``checkpoint_files.validate_step``, or the named one) with its commit time;
+  the folder's path where Orbax recorded neither. "" when there is nothing to
   read (``restore_params`` raises the error then).
   """
   if not directory:
@@ -213,7 +214,7 @@ def _newest_valid(run: epath.Path, step: int | None = None,
   over, and the folder is left in place."""
   for s in _candidate_steps(run, step):
     try:
-      ckpt_lib.validate_step(run / "checkpoints" / str(s), with_data=False)
+      ckpt_files.validate_step(run / "checkpoints" / str(s), with_data=False)
     except Exception as e:  # pylint: disable=broad-except
       if step is None and not quiet:
         logging.warning("Checkpoint step %d in %s cannot be read (%s); trying "
@@ -330,7 +331,7 @@ def _source(what: str, folder: epath.Path) -> str:
 def _read_step(ckpt: ckpt_lib.Checkpointer, step: int, where: str,
                model_name: str):
   """Step ``step``'s EMA or model parameters as host arrays, and which."""
-  ckpt_lib.validate_step(ckpt.directory / str(step), with_data=False)
+  ckpt_files.validate_step(ckpt.directory / str(step), with_data=False)
   saved = ckpt.saved_config(step)
   saved_name = ((saved or {}).get("model") or {}).get("name")
   if model_name and saved_name and saved_name != model_name:

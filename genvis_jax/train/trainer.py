@@ -67,9 +67,10 @@ def create_train_iterator(config, task, *, seed=None):
       value_range=task.value_range)
 
 
-def resume_input(ckpt, step: int, config, task, data_iter, info):
-  """Moves the input pipeline to the position saved with ``step``; returns
-  ``(data_iter, info, data seed)``.
+def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
+                 data_iter, info):
+  """Moves the input pipeline to the position saved with ``step`` (whose run
+  config was ``saved_config``); returns ``(data_iter, info, data seed)``.
 
   The saved order's seed is the one recorded with the position (a run that
   once drew its order afresh keeps that order on later resumes). Where the
@@ -84,8 +85,7 @@ def resume_input(ckpt, step: int, config, task, data_iter, info):
     multihost.OtherProcessError: another process cannot.
   """
   seed, why, error = config.seed, None, None
-  # Read by every process (an Orbax restore may hold a barrier).
-  before = settings_lib.get(ckpt.saved_config(step) or {}, "data.num_workers")
+  before = settings_lib.get(saved_config or {}, "data.num_workers")
   try:
     pos = ckpt.saved_position(step)
   except OSError as e:
@@ -222,13 +222,13 @@ def train_loop(config, workdir: str, on_log=None):
   from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
   token_origin.record_or_check(config, workdir, ckpt.latest_step())
   # The newest step that loads; damaged newer ones are moved aside.
-  latest, state = ckpt.restore_latest(trainer.abstract_state(), config,
-                                      with_data=True)
+  latest, state, saved_config = ckpt.restore_latest(
+      trainer.abstract_state(), config, with_data=True)
   data_seed = config.seed
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)
-    data_iter, info, data_seed = resume_input(ckpt, latest, config, task,
-                                              data_iter, info)
+    data_iter, info, data_seed = resume_input(
+        ckpt, latest, saved_config, config, task, data_iter, info)
     if config.init_from:
       logging.warning(
           "config.init_from=%s is not loaded: it initialises a fresh run, and "

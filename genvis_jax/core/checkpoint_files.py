@@ -1,0 +1,111 @@
+"""What a committed ``checkpoints/<step>/`` holds on disk, and the cheap
+checks run on it before Orbax reads it (a truncated TensorStore file can
+otherwise abort the process inside a parallel restore).
+
+``state/`` (an OCDBT database), ``config/`` (JSON), and ``data/``: one
+``process_<i>-of-<n>.json`` per process, the file name Grain's checkpoint
+handler writes for process i of n (:func:`data_file`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import tensorstore as ts
+from etils import epath
+
+
+def _kvstore_url(path: epath.Path) -> str:
+  text = str(path).rstrip("/") + "/"
+  return text if "://" in text else "file://" + os.path.abspath(text) + "/"
+
+
+def check_ocdbt(state_dir: epath.Path) -> None:
+  """Reads the last byte of every value of the OCDBT database: a truncated
+  data file or a damaged manifest / b-tree node raises here, cheaply, instead
+  of inside Orbax's parallel restore."""
+  if not (state_dir / "manifest.ocdbt").exists():
+    if list(state_dir.glob("ocdbt.process_*")):
+      raise ValueError("state/manifest.ocdbt is missing")
+    return  # not an OCDBT checkpoint
+  kv = ts.KvStore.open({"driver": "ocdbt",
+                        "base": _kvstore_url(state_dir)}).result()
+  keys = kv.list().result()
+  if not keys:
+    raise ValueError("state/ holds no arrays")
+  reads = [(k, kv.read(k, byte_range=slice(-1, None))) for k in keys]
+  for key, read in reads:
+    try:
+      result = read.result()
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"state/{key.decode()} is unreadable ({str(e).strip()[:300]})") from e
+    if result.state != "value":
+      raise ValueError(f"state/{key.decode()} is missing")
+    if len(result.value) != 1:
+      # A value whose data file is gone reads as empty bytes, not an error.
+      raise ValueError(f"state/{key.decode()} is empty (its data file under "
+                       "state/ is missing)")
+
+
+def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
+  """Cheap checks that ``checkpoints/<step>`` can be read, before reading it.
+
+  Raises ValueError (or the underlying JSON / TensorStore error) naming the
+  first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
+  JSON metadata or data-iterator state, truncated or missing OCDBT files.
+  """
+  state = step_dir / "state"
+  if not state.exists():
+    raise ValueError("state/ is missing")
+  if not (state / "_METADATA").exists():
+    raise ValueError("state/_METADATA is missing")
+  json.loads((state / "_METADATA").read_text())
+  for item in ("config", "data"):
+    if item == "data" and not with_data:
+      continue
+    for f in sorted((step_dir / item).glob("*.json")) + sorted(
+        (step_dir / item).glob("metadata")):
+      try:
+        json.loads(f.read_text())
+      except ValueError as e:
+        raise ValueError(f"{item}/{f.name} is not valid JSON ({e})") from e
+  if with_data:
+    saved_process_count(step_dir)
+  check_ocdbt(state)
+
+
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def data_file(step_dir: epath.Path, index: int, count: int) -> epath.Path:
+  """Process ``index`` of ``count``'s saved input position in ``step_dir``."""
+  return step_dir / "data" / f"process_{index}-of-{count}.json"
+
+
+def saved_process_count(step_dir: epath.Path) -> int | None:
+  """How many processes saved the input position of ``step_dir``: the ``n``
+  of its ``data/process_<i>-of-<n>.json`` files (None without ``data/``).
+
+  Raises:
+    ValueError: ``data/`` holds no such file, files of two counts, or not
+      one per process (a file is missing).
+  """
+  data = step_dir / "data"
+  if not data.exists():
+    return None
+  found: dict[int, set[int]] = {}
+  for f in data.glob("process_*.json"):
+    m = _DATA_FILE.fullmatch(f.name)
+    if m:
+      found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+  if len(found) != 1:
+    raise ValueError(f"data/ holds {'no' if not found else 'mixed'} "
+                     "process_<i>-of-<n>.json iterator states")
+  (count, indices), = found.items()
+  missing = sorted(set(range(count)) - indices)
+  if missing:
+    name = data_file(step_dir, missing[0], count).name
+    raise ValueError(f"data/{name} is missing")
+  return count
