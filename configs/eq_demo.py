@@ -30,10 +30,8 @@ def _data(c):
 
 
 def tokenizer_model():
-  return eq_tokenizer.tokenizer_model(
-      ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(2,),
-      resolution=32, image_width=64, z_channels=16, embed_dim=16,
-      semantic=False)
+  # The paper tokenizer's runlocal shrink (32 x 64 images -> 4 columns).
+  return eq_tokenizer.runlocal_model()
 
 
 def eq_tokenizer_demo_config():

@@ -106,11 +106,17 @@ def get_config(size: str = "b", arg: str | None = "dual"):
   return c
 
 
+def runlocal_model(m, codebook_size: int):
+  """The paper model shrunk for a laptop: the 8x8 code grid of 32 px images
+  (/4), width 64, 2 backbone + 1 head layer, the demo shapes' 10 classes."""
+  m.update(dict(codebook_size=codebook_size, num_classes=10, grid=8, dim=64,
+                n_layer=2, n_head=4, n_head_layer=1, multiple_of=64))
+  return m
+
+
 def runlocal(c):
   """Shrinks sizes, steps, batch and data only (see the module docstring)."""
-  c.model.update(dict(codebook_size=c.tokenizer.model.num_codes, num_classes=10,
-                      grid=8, dim=64, n_layer=2, n_head=4, n_head_layer=1,
-                      multiple_of=64))
+  runlocal_model(c.model, c.tokenizer.model.num_codes)
   c.data.num_classes = 10
   t = base.runlocal_train(c.train, steps=20, batch=16)
   c.optimizer.warmup_steps = t.num_steps // 4

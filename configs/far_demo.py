@@ -12,16 +12,9 @@ from configs import far_common
 def far_demo_config():
   c = far_common.get_config("b", "dual")
   c.seed = 0
-  m = c.model
-  m.num_codebooks = 2
-  m.codebook_size = 64
-  m.num_classes = 10          # the demo shapes set
-  m.grid = 8                  # 32 px / 4
-  m.dim = 64
-  m.n_layer = 2
-  m.n_head = 4                # head_dim 16 (2D RoPE needs a multiple of 4)
-  m.n_head_layer = 1
-  m.multiple_of = 64
+  # The runlocal model (head_dim 16: 2D RoPE needs a multiple of 4) over the
+  # demo tokenizer's 64 codes.
+  m = far_common.runlocal_model(c.model, codebook_size=64)
   m.dtype = "float32"
   d = c.data
   d.source = "tokens"

@@ -1,14 +1,16 @@
 """Pre-tokenized data: token record files, their pipeline, the records that
 guard pretokenize reuse, and the errors for missing or damaged files."""
 
+import logging
 import os
+import re
 
 import ml_collections
 import numpy as np
 import pytest
 
 from genvis_jax import data
-from genvis_jax.data import token_origin, tokens
+from genvis_jax.data import pretokenize, token_origin, tokens
 from tests.test_data import _data_config
 
 
@@ -203,7 +205,7 @@ def _check_sets(pattern):
   tokens.check_shard_sets(pattern, tokens.glob_files(pattern))
 
 
-def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path):
+def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path, caplog):
   """A pod's pre-tokenize output read with a file missing (a process failed,
   a copy stopped) or beside another process count's output of the same split
   would train on part of the data, or on examples twice, silently."""
@@ -236,6 +238,19 @@ def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path):
                            r"train-\*-of-00002.array_record"):
     _check_sets(everything)
   _check_sets(str(d / "train-*-of-00002.array_record"))
+  # Pre-tokenizing (1 process here) into a folder holding other counts' sets
+  # of the same split says so before it starts; another split's do not count.
+  data.write_token_records(str(d / "val"), labels, toks, num_shards=1)
+  with caplog.at_level(logging.WARNING):
+    pretokenize.warn_other_sets(str(d / "train"))
+    pretokenize.warn_other_sets(str(d / "val"))
+  [warning] = [r.getMessage() for r in caplog.records]
+  assert re.search(r"tokens/train-\*.array_record already holds token files written by another number of processes "
+                   r"\(2 file\(s\) -of-00002, 3 file\(s\) -of-00004\); this "
+                   r"run writes -of-00001", warning), warning
+  caplog.clear()
+  pretokenize.warn_other_sets(str(tmp_path / "empty" / "train"))
+  assert not caplog.records
   # Names of another form are not checked.
   for i, path in enumerate(data.write_token_records(
       str(tmp_path / "x" / "val"), labels, toks, num_shards=3)[:2]):

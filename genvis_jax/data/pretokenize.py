@@ -247,6 +247,25 @@ def _reused(path: str, done: dict, settings: dict, pattern: str) -> dict:
   return {"files": [path], "records": done["records"], "pattern": pattern}
 
 
+def warn_other_sets(output: str) -> None:
+  """Warns when ``output``'s folder holds token files of the same split
+  written by another number of processes: a training glob matching both sets
+  is refused (``tokens.check_shard_sets``), the pattern this run prints is
+  not."""
+  count = jax.process_count()
+  names = [os.path.basename(f) for f in
+           tokens_lib.glob_files(f"{output}-*-of-*.array_record")]
+  sets = tokens_lib.shard_sets(names).get(os.path.basename(output), {})
+  others = {n: len(v) for n, v in sets.items() if n != count}
+  if others:
+    found = ", ".join(f"{v} file(s) -of-{n:05d}" for n, v in sorted(others.items()))
+    logging.warning(
+        "%s-*.array_record already holds token files written by another "
+        "number of processes (%s); this run writes -of-%05d. Train with the "
+        "pattern it prints (a glob matching both sets is refused), or delete "
+        "the older files.", output, found, count)
+
+
 def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
   if "pretokenize" not in config:
@@ -258,6 +277,8 @@ def pretokenize(config, workdir: str) -> dict:
   output = p.output or os.path.join(workdir, "tokens", p.split)
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
+  if jax.process_index() == 0:
+    warn_other_sets(output)
   # The tokenizer run's newest step, pinned: the step recorded is the one read.
   checkpoint = weights_lib.resolve_all([tok.checkpoint])[0]
   # Each process reads its data and checks its own shard; all agree before

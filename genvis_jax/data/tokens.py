@@ -188,6 +188,18 @@ _SHARD = re.compile(r"(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})"
                     r"\.array_record")
 
 
+def shard_sets(paths: Iterable[str]) -> dict[str, dict[int, set[int]]]:
+  """``{prefix: {count: {index, ...}}}`` of the ``<prefix>-<i>-of-<n>`` token
+  files among ``paths`` (other names are left out)."""
+  sets: dict[str, dict[int, set[int]]] = {}
+  for path in paths:
+    m = _SHARD.fullmatch(path)
+    if m:
+      sets.setdefault(m["prefix"], {}).setdefault(
+          int(m["count"]), set()).add(int(m["index"]))
+  return sets
+
+
 def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
   """Refuses a glob that reads one pre-tokenize output incompletely or twice
   (training runs it on process 0: ``token_origin.check_training_files``).
@@ -204,12 +216,7 @@ def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
       copy did not finish).
     TokenFileError: a prefix comes in sets of two counts.
   """
-  sets: dict[str, dict[int, set[int]]] = {}
-  for path in paths:
-    m = _SHARD.fullmatch(path)
-    if m:
-      sets.setdefault(m["prefix"], {}).setdefault(
-          int(m["count"]), set()).add(int(m["index"]))
+  sets = shard_sets(paths)
   # A missing file sits beside the files found: match names only (glob and
   # epath return paths spelt otherwise than the pattern, e.g. "a//b").
   name_pattern = pattern.rsplit("/", 1)[-1]
@@ -244,11 +251,11 @@ def _files_in(folder: str) -> str:
   """A glob of the token files in ``folder`` or its ``tokens/`` (where
   pretokenize writes), e.g. ``<folder>/tokens/train-*.array_record``."""
   for sub in (folder.rstrip("/"), folder.rstrip("/") + "/tokens"):
-    names = glob_files(sub + "/*.array_record")
+    names = [os.path.basename(n) for n in glob_files(sub + "/*.array_record")]
     if names:
-      prefix = re.sub(r"-\d+-of-\d+\.array_record$", "",
-                      os.path.basename(names[0]))
-      return f"{sub}/{prefix}-*.array_record"
+      prefixes = sorted(shard_sets(names))
+      return f"{sub}/{prefixes[0]}-*.array_record" if prefixes else (
+          f"{sub}/*.array_record")
   return f"{folder.rstrip('/')}/tokens/train-*.array_record"
 
 
