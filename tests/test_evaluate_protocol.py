@@ -1,22 +1,20 @@
 """The FID protocol (references record how they were made; preprocess "auto";
 mismatches refused; distances >= 0) and evaluation over exact image counts at
-batch sizes that do and do not divide the count (padding masked out)."""
+batch sizes that do and do not divide the count (padding masked out).
+Tokenizer evaluation: ``tests/test_evaluate_tokenizer.py``."""
 
-import json
 import logging
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from scipy import linalg
 
 from genvis_jax.errors import UserError
-from genvis_jax.evaluate import batching, fid, generation, reference, tokenizer
+from genvis_jax.evaluate import batching, fid, generation, reference
 from tests.test_fid import (FakeExtractor, _images, _numpy_is,
-                            _numpy_precision_recall, _ssim_reference)
+                            _numpy_precision_recall)
 
 
 def _frechet_formula(mu1, s1, mu2, s2):
@@ -281,173 +279,6 @@ def test_weights_fingerprint_identifies_the_values():
       jax.tree_util.tree_map(jnp.asarray, tree))
   tree["b"]["scale"][1] += 1e-6
   assert inception.weights_fingerprint(tree) != fp
-
-
-# --- tokenizer evaluation ----------------------------------------------------------------------
-
-class FakeTokenizer(nn.Module):
-  """4x4-patch grey-level codes 1..16 (an all-zero image -> code 0, so padding
-  that leaks into a metric shows), and a second map (factorized usage)."""
-  value_range = (0.0, 1.0)
-  dtype: str = "float32"
-
-  def encode(self, x):
-    b, h, w, _ = x.shape
-    g = x.reshape(b, h // 4, 4, w // 4, 4, 3).mean((2, 4, 5))
-    codes = jnp.clip(jnp.floor(g * 16), 0, 15).astype(jnp.int32) + 1
-    codes = jnp.where(jnp.all(x == 0, axis=(1, 2, 3))[:, None, None], 0, codes)
-    return codes, codes % 3
-
-  def decode(self, codes):
-    v = jnp.where(codes[0] == 0, 0.0, (codes[0] - 0.5) / 16)
-    v = jnp.repeat(jnp.repeat(v, 4, 1), 4, 2)[..., None]
-    return jnp.repeat(v, 3, -1).astype(self.dtype)
-
-
-def _numpy_tokenizer(x):
-  b, h, w, _ = x.shape
-  g = x.astype(np.float64).reshape(b, h // 4, 4, w // 4, 4, 3).mean((2, 4, 5))
-  c = np.clip(np.floor(g * 16), 0, 15).astype(int) + 1
-  y = np.repeat(np.repeat((c - 0.5) / 16, 4, 1), 4, 2)[..., None].repeat(3, -1)
-  return c, y
-
-
-@pytest.fixture
-def tok_config(monkeypatch):
-  from configs import base
-  built = []
-
-  def build(cfg):
-    built.append(cfg)
-    return FakeTokenizer(dtype=cfg.dtype)
-  monkeypatch.setattr(tokenizer.models, "build", build)
-  monkeypatch.setattr(tokenizer.models, "load_params",
-                      lambda cfg, path, **kw: {})
-  monkeypatch.setattr(tokenizer.convert_lpips, "load_lpips_params",
-                      lambda path: {})
-  monkeypatch.setattr(tokenizer.lpips_lib, "lpips_distance", lambda p, a, b, value_range: (
-      jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))))
-  monkeypatch.setattr(tokenizer.convert_inception, "load_inception_params",
-                      lambda path: {})
-  monkeypatch.setattr(tokenizer.inception_lib, "InceptionExtractor",
-                      lambda params, batch_size, preprocess: FakeExtractor(
-                          batch_size))
-  c = base.get_config()
-  c.model = ml_collections.ConfigDict(dict(
-      name="fake", dtype="bfloat16", param_dtype="float32", num_codes=(32, 3)))
-  c.data.image_size = 32
-  c.data.num_classes = 10
-  c.data.num_examples = 20
-  c.data.random_flip = False
-  c.evaluate.update(dict(kind="tokenizer", checkpoint="/ckpt", num_images=13,
-                         lpips_path="/lpips.npz", inception="/inception"))
-  return c, built
-
-
-@pytest.mark.parametrize("batch", [4, 13])
-def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
-  from genvis_jax.data import DemoSource
-  from genvis_jax.core import metrics as metrics_lib
-  config, built = tok_config
-  config.evaluate.batch_size = batch
-  res = tokenizer.evaluate(config, str(tmp_path))
-  # The tokenizer computed in float32 although config.model says bfloat16.
-  assert built[-1].dtype == "float32" and config.model.dtype == "bfloat16"
-  assert res["dtype"] == "float32"
-  src = DemoSource("validation", num_examples=20)
-  x = np.stack([src[i]["image"] for i in range(13)]).astype(np.float32) / 255
-  codes, y = _numpy_tokenizer(x)
-  mse = np.mean(np.square(x - y), axis=(1, 2, 3))
-  assert res["num_images"] == 13
-  assert res["psnr"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
-  assert res["mse"] == pytest.approx(np.mean(mse), rel=1e-5)
-  assert res["ssim"] == pytest.approx(np.mean(_ssim_reference(x, y)), abs=2e-5)
-  assert res["lpips"] == pytest.approx(np.mean(np.abs(x - y)), rel=1e-5)
-  assert res["codes_used_0"] == np.unique(codes).size
-  assert res["codebook_usage_0"] == pytest.approx(np.unique(codes).size / 32)
-  assert res["codes_used_1"] == np.unique(codes % 3).size
-  fx = FakeExtractor(13)(metrics_lib.to_uint8(x))["pool"]
-  fy = FakeExtractor(13)(metrics_lib.to_uint8(y))["pool"]
-  assert res["rfid"] == pytest.approx(
-      _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
-  assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 13
-  assert (tmp_path / "reconstructions.png").exists()
-
-
-def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path):
-  config, _ = tok_config
-  config.evaluate.update(dict(num_images=21, batch_size=4))
-  with pytest.raises(batching.NotEnoughImages,
-                     match=r"has 20 images but 21 .*config\.evaluate\.num_images"):
-    tokenizer.evaluate(config, str(tmp_path))
-  config.evaluate.update(dict(num_images=5, dtype=""))   # keep the model's dtype
-  tokenizer.evaluate(config, str(tmp_path))
-
-
-def test_tokenizer_eval_of_all_images_skips_unreadable_files(tok_config, tmp_path):
-  from PIL import Image
-  config, _ = tok_config
-  root = tmp_path / "imgs" / "a"
-  root.mkdir(parents=True)
-  rng = np.random.default_rng(0)
-  for i in range(6):
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-        root / f"{i}.png")
-  (root / "2b.png").write_bytes(b"not a png")
-  config.data.update(dict(source="image_folder", path=str(tmp_path / "imgs")))
-  config.evaluate.update(dict(num_images=0, batch_size=4))
-  res = tokenizer.evaluate(config, str(tmp_path / "out"))
-  assert res["num_images"] == 6
-  config.evaluate.num_images = 5
-  assert tokenizer.evaluate(config, str(tmp_path / "out"))["num_images"] == 5
-
-
-def _random_params(model_config):
-  """Random weights from the abstract tree (compiling the model's init takes
-  15 s on a 2-core CPU): fan-in scaled kernels, unit scales, zero biases."""
-  from genvis_jax import models
-  abstract = jax.eval_shape(lambda r: models.init_params(model_config, r),
-                            jax.random.key(0))
-  rng = np.random.default_rng(0)
-
-  def leaf(path, a):
-    if len(a.shape) >= 2:
-      fan_in = int(np.prod(a.shape[:-1]))
-      return rng.normal(size=a.shape).astype(a.dtype) / np.sqrt(fan_in)
-    scale = str(path[-1].key) == "scale"
-    return (np.ones if scale else np.zeros)(a.shape, a.dtype)
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
-def test_bf16_tokenizer_evaluates_with_fp32_codes():
-  from configs import demo
-  from genvis_jax import models
-  cfg = demo.tokenizer_config().model
-  cfg.update(dict(image_size=16, hidden_channels=32, channel_mult=(1, 2),
-                  z_channels=32, code_dim=32, num_codes=64, dtype="bfloat16"))
-  ev_cfg = tokenizer.eval_model_config(cfg, "float32")
-  assert cfg.dtype == "bfloat16" and ev_cfg.dtype == "float32"
-  assert tokenizer.eval_model_config(cfg, "") is cfg
-  fp32_cfg = cfg.copy_and_resolve_references()
-  fp32_cfg.dtype = "float32"
-  params = _random_params(fp32_cfg)
-  x = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
-
-  def roundtrip(c):
-    m = models.build(c)
-
-    @jax.jit
-    def fn(p, x):
-      codes = m.apply({"params": p}, x, method="encode")
-      return codes, m.apply({"params": p}, codes, method="decode")
-    codes, rec = fn(params, x)
-    return np.asarray(codes), np.asarray(rec, np.float32)
-  codes_ev, rec_ev = roundtrip(ev_cfg)
-  codes_32, rec_32 = roundtrip(fp32_cfg)
-  _, rec_16 = roundtrip(cfg)
-  np.testing.assert_array_equal(codes_ev, codes_32)
-  np.testing.assert_array_equal(rec_ev, rec_32)
-  assert np.max(np.abs(rec_16 - rec_32)) > 1e-4   # bf16 really differs
 
 
 def test_incomparable_metrics_are_flagged():
