@@ -160,27 +160,85 @@ def test_order_drawn_afresh_survives_later_resumes(runs, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def _saved_with_data_seed(step_dir, seed):
+  """Step 6's position as a run whose order was drawn with ``seed`` saves it
+  (a run resumed once without its position keeps that seed)."""
+  path = os.path.join(step_dir, "data", "process_0-of-1.json")
+  with open(path) as f:
+    saved = json.load(f)
+  with open(path, "w") as f:
+    json.dump({"data_seed": seed, "iterator": saved["iterator"]}, f)
+
+
+# Process 1's answers to the agreement collectives (process 0 is this one):
+# (read failed / position unfit, saved data seed, set_state unfit).
+OTHER_PROCESS = {
+    "cannot_read": (-1,),
+    "unfit_position": (1,),
+    "other_data_seed": (0, 8, 1),
+    "set_state_failed": (0, 7, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_PROCESS))
 def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
-                                               caplog):
-  """One process whose position does not fit makes every process draw the
-  order afresh; one that cannot read its position (storage) stops them all,
-  with the data order unchanged (before, it hung the others in Orbax's
-  restore barrier)."""
+                                               caplog, case):
+  """Every process reaches each collective of a resume, whatever it alone
+  read: one that cannot read its position (storage) stops them all, with
+  the data order unchanged, before any builds an iterator (building one
+  holds a collective on token data: a process that skipped it hung the
+  others); one whose position does not fit, or whose files hold another
+  data seed, makes every process draw the order afresh."""
   from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
   wd = _copy(runs[1], tmp_path)
-  with monkeypatch.context() as m:   # process 1 failed to read its file
-    m.setattr(multihost, "gather_ints", lambda v: np.array([v, -1]))
+  _saved_with_data_seed(os.path.join(wd, "checkpoints", "6"), 7)
+  answers, events = list(OTHER_PROCESS[case]), []
+
+  def gather_ints(v):
+    events.append("gather")
+    other = answers.pop(0) if answers else None
+    return np.array([v, v if other is None else other])
+
+  build = trainer_lib.create_train_iterator
+  monkeypatch.setattr(multihost, "gather_ints", gather_ints)
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", lambda *a, **k: (
+      events.append("iterator"), build(*a, **k))[1])
+  if case == "cannot_read":
     with pytest.raises(multihost.OtherProcessError,
                        match=r"Processes \[1\] could not read their input "
                              r"position saved with step 6"):
       trainer_lib.train_and_evaluate(_config(9), wd)
+    assert events == ["iterator", "gather"]   # no iterator for seed 7 first
+    assert ckpt_lib.Checkpointer(wd).latest_step() == 6
+    return
+  with caplog.at_level(logging.WARNING):
+    trainer_lib.train_and_evaluate(_config(9), wd)
+  said = {"unfit_position": "cannot be used on processes [1]",
+          "other_data_seed": "holds other data seeds on other processes",
+          "set_state_failed": "cannot be used on processes [1]"}[case]
+  assert f"saved with step 6 {said}, so it cannot be restored" in caplog.text
+  assert not answers                          # every collective was reached
+
+
+def test_a_storage_error_reading_the_position_is_told_to_every_process(
+    runs, tmp_path, monkeypatch):
+  """Any error reading this process's position (a bucket's 503 may come as
+  the file system backend's own error type, not OSError) is told to the
+  other processes (-1 in the agreement) before it is raised here."""
+  from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
+  wd = _copy(runs[1], tmp_path)
+  told = []
+
+  def unavailable(self, step):
+    raise RuntimeError(f"503 reading step {step}'s position")
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "saved_position", unavailable)
+  monkeypatch.setattr(multihost, "gather_ints",
+                      lambda v: (told.append(v), np.array([v, 0]))[1])
+  with pytest.raises(RuntimeError, match="503 reading step 6"):
+    trainer_lib.train_and_evaluate(_config(9), wd)
+  assert told == [-1]
   assert ckpt_lib.Checkpointer(wd).latest_step() == 6
-  with monkeypatch.context() as m:   # process 1's position did not fit
-    m.setattr(multihost, "gather_ints", lambda v: np.array([v, 1]))
-    with caplog.at_level(logging.WARNING):
-      trainer_lib.train_and_evaluate(_config(9), wd)
-  assert ("saved with step 6 cannot be used on processes [1], so it cannot "
-          "be restored") in caplog.text
 
 
 def test_partial_iterator_states_are_damage(runs, tmp_path):

@@ -238,6 +238,10 @@ def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path, caplog):
                            r"train-\*-of-00002.array_record"):
     _check_sets(everything)
   _check_sets(str(d / "train-*-of-00002.array_record"))
+  # The hint for a folder given as the path names one set, not both.
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"e\.g\. '.*tokens/train-\*-of-00002\.array_record'"):
+    data.TokenSource(str(d))
   # Pre-tokenizing (1 process here) into a folder holding other counts' sets
   # of the same split says so before it starts; another split's do not count.
   data.write_token_records(str(d / "val"), labels, toks, num_shards=1)
@@ -251,6 +255,13 @@ def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path, caplog):
   caplog.clear()
   pretokenize.warn_other_sets(str(tmp_path / "empty" / "train"))
   assert not caplog.records
+  # A listing error (e.g. a bucket's 403) is logged, not raised: process 0
+  # alone runs this, and the others would wait for it.
+  with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
+    m.setattr(tokens, "glob_files", lambda p: (_ for _ in ()).throw(
+        PermissionError("403")))
+    pretokenize.warn_other_sets(str(d / "train"))
+  assert "Could not list" in caplog.text and "403" in caplog.text
   # Names of another form are not checked.
   for i, path in enumerate(data.write_token_records(
       str(tmp_path / "x" / "val"), labels, toks, num_shards=3)[:2]):

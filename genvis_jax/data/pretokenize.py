@@ -253,8 +253,15 @@ def warn_other_sets(output: str) -> None:
   is refused (``tokens.check_shard_sets``), the pattern this run prints is
   not."""
   count = jax.process_count()
-  names = [os.path.basename(f) for f in
-           tokens_lib.glob_files(f"{output}-*-of-*.array_record")]
+  try:
+    names = [os.path.basename(f) for f in
+             tokens_lib.glob_files(f"{output}-*-of-*.array_record")]
+  except Exception as e:  # pylint: disable=broad-except
+    # Advisory: a listing error must not stop this process alone (the others
+    # would wait for it); the writes below meet the storage anyway.
+    logging.warning("Could not list %s-*.array_record to look for token files "
+                    "of another process count (%s).", output, e)
+    return
   sets = tokens_lib.shard_sets(names).get(os.path.basename(output), {})
   others = {n: len(v) for n, v in sets.items() if n != count}
   if others:

@@ -200,6 +200,13 @@ def shard_sets(paths: Iterable[str]) -> dict[str, dict[int, set[int]]]:
   return sets
 
 
+def _count_to_keep(counts: dict[int, set[int]]) -> int:
+  """Of one prefix's sets (``shard_sets``), the count of the newest-looking
+  to suggest: the largest complete one, else the largest."""
+  complete = [n for n, v in sorted(counts.items()) if len(v) == n]
+  return (complete or sorted(counts))[-1]
+
+
 def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
   """Refuses a glob that reads one pre-tokenize output incompletely or twice
   (training runs it on process 0: ``token_origin.check_training_files``).
@@ -224,8 +231,7 @@ def check_shard_sets(pattern: str, paths: Sequence[str]) -> None:
     if len(counts) > 1:
       found = ", ".join(f"{len(v)} of {n} files -of-{n:05d}"
                         for n, v in sorted(counts.items()))
-      complete = [n for n, v in sorted(counts.items()) if len(v) == n]
-      keep = (complete or sorted(counts))[-1]
+      keep = _count_to_keep(counts)
       raise TokenFileError(
           f"config.data.path={pattern!r} matches {len(counts)} pre-tokenize "
           f"outputs of {prefix} ({found}): the same split written by "
@@ -253,9 +259,13 @@ def _files_in(folder: str) -> str:
   for sub in (folder.rstrip("/"), folder.rstrip("/") + "/tokens"):
     names = [os.path.basename(n) for n in glob_files(sub + "/*.array_record")]
     if names:
-      prefixes = sorted(shard_sets(names))
-      return f"{sub}/{prefixes[0]}-*.array_record" if prefixes else (
-          f"{sub}/*.array_record")
+      sets = shard_sets(names)
+      if not sets:
+        return f"{sub}/*.array_record"
+      prefix = min(sets)
+      if len(sets[prefix]) > 1:   # a glob over both sets would be refused
+        return f"{sub}/{prefix}-*-of-{_count_to_keep(sets[prefix]):05d}.array_record"
+      return f"{sub}/{prefix}-*.array_record"
   return f"{folder.rstrip('/')}/tokens/train-*.array_record"
 
 

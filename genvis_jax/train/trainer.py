@@ -80,33 +80,43 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
   the train state is resumed either way.
 
   Raises:
-    OSError: this process cannot read its position (storage): no process
-      changes the data order; the same command retries.
+    Exception: this process cannot read its position (storage, e.g. an
+      OSError): no process changes the data order; the same command
+      retries.
     multihost.OtherProcessError: another process cannot.
   """
-  seed, why, error = config.seed, None, None
-  before = settings_lib.get(saved_config or {}, "data.num_workers")
+  # Every collective below (and the one building an iterator holds on token
+  # data) is reached by all processes or none: a process may not skip one
+  # because of what it alone read.
+  pos, error = None, None
   try:
     pos = ckpt.saved_position(step)
-  except OSError as e:
-    error = e
-  else:
-    why = pos.why
-    if not why and before is not None and before != config.data.num_workers:
-      # Grain accepts some such states and then yields other batches.
-      why = (f"was saved with config.data.num_workers={before} and this run "
-             f"has {config.data.num_workers}")
-    if not why:
-      if pos.seed is not None and pos.seed != seed:
-        seed = pos.seed
+  except Exception as e:  # pylint: disable=broad-except
+    error = e   # storage (OSError, or a file-system backend's own errors)
+  why = pos.why if pos is not None else None
+  before = settings_lib.get(saved_config or {}, "data.num_workers")
+  if not why and before is not None and before != config.data.num_workers:
+    # Grain accepts some such states and then yields other batches.
+    why = (f"was saved with config.data.num_workers={before} and this run "
+           f"has {config.data.num_workers}")
+  unfit = multihost.gather_or_raise(
+      int(bool(why)), error, "could not read their input position saved "
+      f"with step {step} (their logs say why); run the same command again.")
+  seed = config.seed
+  if not unfit.any():
+    saved_seed = config.seed if pos.seed is None else pos.seed
+    seeds = multihost.gather_ints(saved_seed & 0x7FFFFFFF)
+    if (seeds != seeds[0]).any():   # one set of files, so a damaged one
+      why = "holds other data seeds on other processes"
+    else:
+      if saved_seed != seed:
+        seed = saved_seed
         data_iter, info = create_train_iterator(config, task, seed=seed)
       try:
         data_iter.set_state(pos.state)
       except Exception as e:  # pylint: disable=broad-except
         why = f"does not fit this input pipeline ({ckpt_lib.first_line(e)})"
-  unfit = multihost.gather_or_raise(
-      int(bool(why)), error, "could not read their input position saved "
-      f"with step {step} (their logs say why); run the same command again.")
+    unfit = multihost.gather_ints(int(bool(why)))
   if unfit.any():
     why = why or f"cannot be used on processes {np.flatnonzero(unfit).tolist()}"
     seed = resume_seed(config.seed, step)
