@@ -192,7 +192,8 @@ def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
   from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
   wd = _copy(runs[1], tmp_path)
   _saved_with_data_seed(os.path.join(wd, "checkpoints", "6"), 7)
-  answers, events = list(OTHER_PROCESS[case]), []
+  # The first two agree that step 6 reads and restores on both.
+  answers, events = [None, None, *OTHER_PROCESS[case]], []
 
   def gather_ints(v):
     events.append("gather")
@@ -208,7 +209,8 @@ def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
                        match=r"Processes \[1\] could not read their input "
                              r"position saved with step 6"):
       trainer_lib.train_and_evaluate(_config(9), wd)
-    assert events == ["iterator", "gather"]   # no iterator for seed 7 first
+    # No iterator for seed 7 before the position's agreement.
+    assert events == ["iterator", "gather", "gather", "gather"]
     assert ckpt_lib.Checkpointer(wd).latest_step() == 6
     return
   with caplog.at_level(logging.WARNING):
@@ -237,8 +239,39 @@ def test_a_storage_error_reading_the_position_is_told_to_every_process(
                       lambda v: (told.append(v), np.array([v, 0]))[1])
   with pytest.raises(RuntimeError, match="503 reading step 6"):
     trainer_lib.train_and_evaluate(_config(9), wd)
-  assert told == [-1]
+  assert told == [0, 0, -1]   # step 6 read and restored; its position not
   assert ckpt_lib.Checkpointer(wd).latest_step() == 6
+
+
+@pytest.mark.parametrize("other", ["unreadable", "other_config"])
+def test_processes_restore_the_same_step(runs, tmp_path, monkeypatch, caplog,
+                                         other):
+  """A step that process 1 alone cannot read is skipped by every process
+  (a process falling back alone restored another step than the others); one
+  that process 1 finds saved with another config stops every process."""
+  from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
+  full, base = runs
+  wd = _copy(base, tmp_path)
+  answers = [1 if other == "unreadable" else 2]   # process 1, at step 6
+
+  def gather_ints(v):
+    return np.array([v, answers.pop(0) if answers else v])
+
+  monkeypatch.setattr(multihost, "gather_ints", gather_ints)
+  if other == "other_config":
+    with pytest.raises(multihost.OtherProcessError,
+                       match=r"Processes \[1\] found that step 6 was saved "
+                             r"with another config"):
+      trainer_lib.train_and_evaluate(_config(9), wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+    return
+  with caplog.at_level(logging.WARNING):
+    resumed = trainer_lib.train_and_evaluate(_config(9), wd)
+  assert ("Checkpoint step 6 in {} cannot be restored (it cannot be read on "
+          "processes [1]".format(os.path.join(wd, "checkpoints"))) in caplog.text
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "corrupt-6"))
+  for a, b in zip(full, _leaves(resumed)):      # steps 4..9 redone from 3
+    np.testing.assert_array_equal(a, b)
 
 
 def test_partial_iterator_states_are_damage(runs, tmp_path):

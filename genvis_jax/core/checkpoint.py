@@ -30,6 +30,7 @@ from absl import logging
 from etils import epath
 
 from genvis_jax.core import checkpoint_files as ckpt_files
+from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import UserError
 
@@ -308,29 +309,37 @@ class Checkpointer:
     logged with its reason; once an older step loads, the failed ones are
     moved to ``checkpoints/corrupt-<step>`` (never deleted). A checkpoint of
     a different model config (:class:`CheckpointMismatchError`) is not damage
-    and is raised as is.
+    and is raised as is. On several processes, a step that fails on any of
+    them is skipped by all, so every process restores the same step.
 
     Raises:
       CheckpointRestoreError: no step loads; lists each step and its reason
         (nothing is moved).
+      multihost.OtherProcessError: another process found a checkpoint of a
+        different config.
     """
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      saved, error = None, None
       try:
         ckpt_files.validate_step(self.directory / str(step),
                                  with_data=with_data)
         saved = self.saved_config(step) if config is not None else None
         if config is not None:
           check_config_matches(saved, config)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      reason = _agreed_outcome(step, error)
+      if reason is None:
         try:
           state = self.restore(step, abstract_state)
         except CheckpointMismatchError as e:
-          raise CheckpointMismatchError(
-              str(e) + _state_settings_note(saved, config)) from None
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        reason = first_line(e)
+          error = CheckpointMismatchError(str(e) + _state_settings_note(
+              saved, config))
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+        reason = _agreed_outcome(step, error)
+      if reason is not None:
         logging.warning("Checkpoint step %d in %s cannot be restored (%s); "
                         "trying the previous step.", step, self.directory, reason)
         failed.append((step, reason))
@@ -369,6 +378,34 @@ class Checkpointer:
   def close(self):
     self.check(block=True)
     self.manager.close()
+
+
+def _agreed_outcome(step: int, error: BaseException | None) -> str | None:
+  """Every process's outcome of reading ``step`` (``error``: this one's, or
+  None), agreed so that all restore the same step: a step that fails on one
+  process is skipped by all (each process reads every file; a process that
+  fell back alone would restore another step than the rest, or wait in
+  another collective). Returns the reason to skip it, None to go on.
+
+  Raises:
+    CheckpointMismatchError: this process found a checkpoint of another
+      config (not damage).
+    multihost.OtherProcessError: another process did.
+  """
+  mismatch = isinstance(error, CheckpointMismatchError)
+  codes = multihost.gather_ints(2 if mismatch else int(error is not None))
+  if mismatch:
+    raise error
+  if (codes == 2).any():
+    raise multihost.OtherProcessError(
+        f"Processes {np.flatnonzero(codes == 2).tolist()} found that step "
+        f"{step} was saved with another config (their logs say how).")
+  if error is not None:
+    return first_line(error)
+  if codes.any():
+    return (f"it cannot be read on processes {np.flatnonzero(codes).tolist()} "
+            "(their logs say why)")
+  return None
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
