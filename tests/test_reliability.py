@@ -171,12 +171,14 @@ def _saved_with_data_seed(step_dir, seed):
 
 
 # Process 1's answers to the agreement collectives (process 0 is this one):
-# (read failed / position unfit, saved data seed, set_state unfit).
+# (read failed -1 / position unfit 1, its saved seed is not config.seed,
+# building the iterator failed -1 / set_state unfit 1).
 OTHER_PROCESS = {
     "cannot_read": (-1,),
     "unfit_position": (1,),
-    "other_data_seed": (0, 8, 1),
-    "set_state_failed": (0, 7, 1),
+    "other_data_seed": (0, 0, 1),
+    "cannot_build": (0, 1, -1),
+    "set_state_failed": (0, 1, 1),
 }
 
 
@@ -204,19 +206,23 @@ def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
   monkeypatch.setattr(multihost, "gather_ints", gather_ints)
   monkeypatch.setattr(trainer_lib, "create_train_iterator", lambda *a, **k: (
       events.append("iterator"), build(*a, **k))[1])
-  if case == "cannot_read":
+  if case in ("cannot_read", "cannot_build"):
+    said = {"cannot_read": "could not read their input position saved with "
+                           "step 6",
+            "cannot_build": "could not open their input pipeline in the data "
+                            "order saved with step 6"}[case]
     with pytest.raises(multihost.OtherProcessError,
-                       match=r"Processes \[1\] could not read their input "
-                             r"position saved with step 6"):
+                       match=r"Processes \[1\] " + said):
       trainer_lib.train_and_evaluate(_config(9), wd)
-    # No iterator for seed 7 before the position's agreement.
-    assert events == ["iterator", "gather", "gather", "gather"]
+    # No iterator for seed 7 before the agreements that precede it.
+    assert events == ["iterator", "gather", "gather", "gather"] + (
+        ["gather", "iterator", "gather"] if case == "cannot_build" else [])
     assert ckpt_lib.Checkpointer(wd).latest_step() == 6
     return
   with caplog.at_level(logging.WARNING):
     trainer_lib.train_and_evaluate(_config(9), wd)
   said = {"unfit_position": "cannot be used on processes [1]",
-          "other_data_seed": "holds other data seeds on other processes",
+          "other_data_seed": "holds another data seed than on other processes",
           "set_state_failed": "cannot be used on processes [1]"}[case]
   assert f"saved with step 6 {said}, so it cannot be restored" in caplog.text
   assert not answers                          # every collective was reached

@@ -255,9 +255,9 @@ class Checkpointer:
     path = self.directory / str(step) / "config"
     if not path.exists():
       return None
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
+    # Read directly: Orbax's restore ends in a wait for every process, which
+    # one whose own read failed would skip (see restore_latest).
+    return json.loads((path / "metadata").read_text())
 
   def restore(self, step: int, abstract_state):
     """Restores the train state into ``abstract_state`` (ShapeDtypeStructs
@@ -268,9 +268,14 @@ class Checkpointer:
     if state_meta is not None:
       compare_trees(abstract_state, state_meta,
                     f"Checkpoint {self.directory / str(step)}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=_restore_args(abstract_state)))
-    return restored["state"]
+    # Through the handler: the manager's restore ends in a wait for every
+    # process, which one whose read failed would skip (see restore_latest).
+    handler = _state_handler()
+    try:
+      return handler.restore(self.directory / str(step) / "state",
+                             args=_restore_args(abstract_state))
+    finally:
+      handler.close()
 
   def saved_position(self, step: int) -> SavedPosition:
     """This process's input position saved with ``step``, read directly (no
@@ -360,7 +365,8 @@ class Checkpointer:
     """``checkpoints/<step>`` -> ``checkpoints/corrupt-<step>[.n]`` (kept for
     inspection; Orbax ignores non-numeric names)."""
     src = self.directory / str(step)
-    if jax.process_index() == 0:
+
+    def move():
       dst = self.directory / f"corrupt-{step}"
       n = 0
       while dst.exists():
@@ -368,8 +374,8 @@ class Checkpointer:
         dst = self.directory / f"corrupt-{step}.{n}"
       src.rename(dst)
       logging.warning("Moved damaged checkpoint %s to %s.", src, dst)
-    if jax.process_count() > 1:
-      ocp.multihost.sync_global_processes(f"genvis_move_aside_{step}")
+    # A failed rename stops every process (the others wait for process 0).
+    multihost.on_process_0(move)
     self.manager.reload()
 
   def wait(self):

@@ -80,9 +80,9 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
   the train state is resumed either way.
 
   Raises:
-    Exception: this process cannot read its position (storage, e.g. an
-      OSError): no process changes the data order; the same command
-      retries.
+    Exception: this process cannot read its position or open its input in
+      the saved order (storage, e.g. an OSError): no process changes the
+      data order; the same command retries.
     multihost.OtherProcessError: another process cannot.
   """
   # Every collective below (and the one building an iterator holds on token
@@ -105,18 +105,27 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
   seed = config.seed
   if not unfit.any():
     saved_seed = config.seed if pos.seed is None else pos.seed
-    seeds = multihost.gather_ints(saved_seed & 0x7FFFFFFF)
-    if (seeds != seeds[0]).any():   # one set of files, so a damaged one
-      why = "holds other data seeds on other processes"
+    # Agreed first: building the iterator for the saved seed holds a
+    # collective (token data).
+    rebuild = multihost.gather_ints(int(saved_seed != seed))
+    if rebuild.any() and not rebuild.all():   # one set of files: damaged
+      why = "holds another data seed than on other processes"
     else:
-      if saved_seed != seed:
-        seed = saved_seed
-        data_iter, info = create_train_iterator(config, task, seed=seed)
       try:
-        data_iter.set_state(pos.state)
+        if saved_seed != seed:
+          data_iter, info = create_train_iterator(config, task, seed=saved_seed)
+          seed = saved_seed
       except Exception as e:  # pylint: disable=broad-except
-        why = f"does not fit this input pipeline ({ckpt_lib.first_line(e)})"
-    unfit = multihost.gather_ints(int(bool(why)))
+        error = e
+      else:
+        try:
+          data_iter.set_state(pos.state)
+        except Exception as e:  # pylint: disable=broad-except
+          why = f"does not fit this input pipeline ({ckpt_lib.first_line(e)})"
+    unfit = multihost.gather_or_raise(
+        int(bool(why)), error, "could not open their input pipeline in the "
+        f"data order saved with step {step} (their logs say why); run the "
+        "same command again.")
   if unfit.any():
     why = why or f"cannot be used on processes {np.flatnonzero(unfit).tolist()}"
     seed = resume_seed(config.seed, step)
