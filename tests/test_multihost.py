@@ -3,7 +3,8 @@ train, checkpoint, stop, restore and continue; losses and parameters equal
 1 process x 8 devices fed the same global batches. The workers also pin and
 load weights (also weights saved from one process's device 0), place
 sampling labels on a mesh that interleaves them, refuse settings that differ
-between them and share process 0's failed write."""
+between them and share process 0's failed write. A step one process cannot
+read is skipped by both (tests/restore_worker.py)."""
 
 import json
 import os
@@ -115,3 +116,23 @@ def _get(tree, path):
   for k in path:
     tree = tree[k.key]
   return tree
+
+
+def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
+  """Process 1 cannot read step 6 (a file, or its shard): both restore step
+  3, and step 6 is moved aside. Before, a wait inside Orbax's restore that
+  process 1 skipped paired the processes' next collectives off by one:
+  process 0 hung and process 1 found no step it could restore."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  worker = os.path.join(multihost_common.ROOT, "tests", "restore_worker.py")
+  saved = str(tmp_path / "saved")
+  multihost_common.run_processes([[sys.executable, worker, "save", saved]] * 2,
+                                 local_devices=2, timeout=120)
+  for mode, step in (("validate6", 3), ("restore6", 3), ("intact", 6)):
+    wd = shutil.copytree(saved, str(tmp_path / mode))
+    logs = multihost_common.run_processes(
+        [[sys.executable, worker, mode, wd]] * 2, local_devices=2, timeout=120)
+    for log in logs:
+      assert f"restored step {step} holding {step}" in log, (mode, log[-2000:])
+    assert ("corrupt-6" in os.listdir(os.path.join(wd, "checkpoints"))) == (
+        step == 3), mode

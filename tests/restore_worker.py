@@ -1,0 +1,76 @@
+"""One process of the 2-process restore test (tests/test_multihost.py): a
+tiny sharded state saved at steps 3 and 6 (``save``), then restored with one
+process failing to read step 6 (``validate6``: its file check, ``restore6``:
+its shard) or none (``intact``). Prints ``restored step N``.
+
+  python tests/restore_worker.py save|validate6|restore6|intact WORKDIR
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _exit_at_once(*exc_info):
+  """An error ends this process now (the other would wait for it at the
+  distributed shutdown barrier); see tests/multihost_worker.py."""
+  import traceback  # pylint: disable=import-outside-toplevel
+  traceback.print_exception(*exc_info)
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access
+
+
+sys.excepthook = _exit_at_once
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import ml_collections  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from genvis_jax.core import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+from genvis_jax.core import checkpoint_files as ckpt_files  # pylint: disable=g-import-not-at-top
+from genvis_jax.train import distributed  # pylint: disable=g-import-not-at-top
+
+mode, workdir = sys.argv[1:3]
+distributed.maybe_initialize()
+sharding = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+    jax.sharding.PartitionSpec("data"))
+config = ml_collections.ConfigDict({"model": {"name": "tiny", "width": 4}})
+ckpt = ckpt_lib.Checkpointer(workdir, keep=5)
+
+
+class _Position:
+  def get_state(self):
+    return {"next_index": 0}
+
+
+if mode == "save":
+  for step in (3, 6):
+    ckpt.save(step, {"w": jax.make_array_from_callback(
+        (4,), sharding, lambda i, s=step: np.full(4, s, np.float32)[i])},
+              _Position(), config, data_seed=0)
+    ckpt.wait()
+  ckpt.close()
+  sys.exit(0)
+
+
+def _fail_at_step_6(fn, what):
+  def wrapped(*args, **kwargs):
+    if "6" in (str(a).rsplit("/", 1)[-1] for a in args):
+      raise OSError(f"injected: cannot read {what} of step 6")
+    return fn(*args, **kwargs)
+  return wrapped
+
+
+if jax.process_index() == 1 and mode == "validate6":
+  ckpt_files.validate_step = _fail_at_step_6(ckpt_files.validate_step, "a file")
+if jax.process_index() == 1 and mode == "restore6":
+  ckpt_lib.Checkpointer.restore = _fail_at_step_6(ckpt_lib.Checkpointer.restore,
+                                                  "a shard")
+restored = ckpt.restore_latest(
+    {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}, config,
+    with_data=True)
+value = float(np.asarray(restored.state["w"].addressable_data(0))[0])
+print(f"restored step {restored.step} holding {value:g}", flush=True)
