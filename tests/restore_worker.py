@@ -1,9 +1,10 @@
 """One process of the 2-process restore test (tests/test_multihost.py): a
 tiny sharded state saved at steps 3 and 6 (``save``), then restored with one
 process failing to read step 6 (``validate6``: its file check, ``restore6``:
-its shard) or none (``intact``). Prints ``restored step N``.
+its shard), or listing step 3 alone (``listing``), or none (``intact``).
+Prints ``restored step N``.
 
-  python tests/restore_worker.py save|validate6|restore6|intact WORKDIR
+  python tests/restore_worker.py save|validate6|restore6|listing|intact WORKDIR
 """
 
 import os
@@ -69,6 +70,8 @@ if jax.process_index() == 1 and mode == "validate6":
 if jax.process_index() == 1 and mode == "restore6":
   ckpt_lib.Checkpointer.restore = _fail_at_step_6(ckpt_lib.Checkpointer.restore,
                                                   "a shard")
+if jax.process_index() == 1 and mode == "listing":   # a stale listing
+  ckpt.manager.all_steps = lambda: [3]
 restored = ckpt.restore_latest(
     {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}, config,
     with_data=True)

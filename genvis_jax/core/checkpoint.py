@@ -324,7 +324,10 @@ class Checkpointer:
         different config.
     """
     failed = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    # Process 0's list: every process then runs the same agreement rounds.
+    steps = multihost.broadcast_ints(sorted(self.manager.all_steps(),
+                                            reverse=True))
+    for step in (int(s) for s in steps):
       saved, error = None, None
       try:
         ckpt_files.validate_step(self.directory / str(step),

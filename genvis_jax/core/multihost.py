@@ -39,6 +39,19 @@ def broadcast_strings(strings: list[str], size: int = 4096) -> list[str]:
   return [bytes(row[:np.argmin(row)]).decode(errors="replace") for row in buf]
 
 
+def broadcast_ints(values) -> np.ndarray:
+  """Process 0's ``values`` (ints in int32 range, any length) on every
+  process: int (n,)."""
+  if jax.process_count() == 1:
+    return np.asarray(values, np.int64).reshape(-1)
+  n = int(np.asarray(multihost_utils.broadcast_one_to_all(
+      np.array([len(values)], np.int32)))[0])
+  buf = np.zeros(n, np.int32)
+  if jax.process_index() == 0:
+    buf[:] = values
+  return np.asarray(multihost_utils.broadcast_one_to_all(buf)).reshape(-1)
+
+
 def on_process_0(fn: Callable[[], object]) -> None:
   """Runs ``fn`` (a check of shared storage, or a write to it) on process 0
   only; if it raises, process 0 re-raises its error and every other process
