@@ -1,10 +1,11 @@
 """One process of the 2-process restore test (tests/test_multihost.py): a
 tiny sharded state saved at steps 3 and 6 (``save``), then restored with one
 process failing to read step 6 (``validate6``: its file check, ``restore6``:
-its shard), or listing step 3 alone (``listing``), or none (``intact``).
-Prints ``restored step N``.
+its shard), or listing step 3 alone (``listing``), or none (``intact``);
+``load_validate6`` loads the run's parameters (``init_from``) instead.
+Prints ``restored step N`` (``loaded N``).
 
-  python tests/restore_worker.py save|validate6|restore6|listing|intact WORKDIR
+  python tests/restore_worker.py save|validate6|restore6|listing|intact|load_validate6 WORKDIR
 """
 
 import os
@@ -49,9 +50,10 @@ class _Position:
 
 if mode == "save":
   for step in (3, 6):
-    ckpt.save(step, {"w": jax.make_array_from_callback(
-        (4,), sharding, lambda i, s=step: np.full(4, s, np.float32)[i])},
-              _Position(), config, data_seed=0)
+    w = jax.make_array_from_callback(
+        (4,), sharding, lambda i, s=step: np.full(4, s, np.float32)[i])
+    ckpt.save(step, {"params": {"model": {"w": w}}}, _Position(), config,
+              data_seed=0)
     ckpt.wait()
   ckpt.close()
   sys.exit(0)
@@ -65,15 +67,21 @@ def _fail_at_step_6(fn, what):
   return wrapped
 
 
-if jax.process_index() == 1 and mode == "validate6":
+if jax.process_index() == 1 and mode in ("validate6", "load_validate6"):
   ckpt_files.validate_step = _fail_at_step_6(ckpt_files.validate_step, "a file")
 if jax.process_index() == 1 and mode == "restore6":
   ckpt_lib.Checkpointer.restore = _fail_at_step_6(ckpt_lib.Checkpointer.restore,
                                                   "a shard")
 if jax.process_index() == 1 and mode == "listing":   # a stale listing
   ckpt.manager.all_steps = lambda: [3]
-restored = ckpt.restore_latest(
-    {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}, config,
-    with_data=True)
-value = float(np.asarray(restored.state["w"].addressable_data(0))[0])
+abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}
+if mode.startswith("load_"):   # init_from / tokenizer.checkpoint of the run
+  from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
+  w = weights.restore_params(workdir, abstract, model_name="tiny")["w"]
+  print(f"loaded {float(np.asarray(w.addressable_data(0))[0]):g}", flush=True)
+  sys.exit(0)
+restored = ckpt.restore_latest({"params": {"model": abstract}}, config,
+                               with_data=True)
+w = restored.state["params"]["model"]["w"]
+value = float(np.asarray(w.addressable_data(0))[0])
 print(f"restored step {restored.step} holding {value:g}", flush=True)

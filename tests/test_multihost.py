@@ -120,7 +120,7 @@ def _get(tree, path):
 
 def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
   """Process 1 cannot read step 6 (a file, or its shard): both restore step
-  3, and step 6 is moved aside. Before, a wait inside Orbax's restore that
+  3, and step 6 is moved aside; loading the run's weights, both load step 3. Before, a wait inside Orbax's restore that
   process 1 skipped paired the processes' next collectives off by one:
   process 0 hung and process 1 found no step it could restore."""
   import shutil  # pylint: disable=import-outside-toplevel
@@ -138,3 +138,8 @@ def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
       assert f"restored step {step} holding {step}" in log, (mode, log[-2000:])
     assert ("corrupt-6" in os.listdir(os.path.join(wd, "checkpoints"))) == (
         step == 3), mode
+  # Loading the run's weights (init_from): both load step 3, nothing moved.
+  logs = multihost_common.run_processes(
+      [[sys.executable, worker, "load_validate6", saved]] * 2, local_devices=2,
+      timeout=120)
+  assert all("loaded 3" in log for log in logs), [l[-2000:] for l in logs]

@@ -170,15 +170,16 @@ def _saved_with_data_seed(step_dir, seed):
     json.dump({"data_seed": seed, "iterator": saved["iterator"]}, f)
 
 
-# Process 1's answers to the agreement collectives (process 0 is this one):
-# (read failed -1 / position unfit 1, its saved seed is not config.seed,
-# building the iterator failed -1 / set_state unfit 1).
+# Process 1's answers to the agreement collectives (process 0 is this one,
+# its saved seed 7; None: the same as this one's): (read failed -1 /
+# position unfit 1, its saved seed's upper and lower 16 bits, building the
+# iterator failed -1 / set_state unfit 1).
 OTHER_PROCESS = {
     "cannot_read": (-1,),
     "unfit_position": (1,),
-    "other_data_seed": (0, 0, 1),
-    "cannot_build": (0, 1, -1),
-    "set_state_failed": (0, 1, 1),
+    "other_data_seed": (0, 1, None, 1),      # 7 + 2**16: only the upper half
+    "cannot_build": (0, None, None, -1),
+    "set_state_failed": (0, None, None, 1),
 }
 
 
@@ -216,7 +217,8 @@ def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
       trainer_lib.train_and_evaluate(_config(9), wd)
     # No iterator for seed 7 before the agreements that precede it.
     assert events == ["iterator", "gather", "gather", "gather"] + (
-        ["gather", "iterator", "gather"] if case == "cannot_build" else [])
+        ["gather", "gather", "iterator", "gather"]
+        if case == "cannot_build" else [])
     assert ckpt_lib.Checkpointer(wd).latest_step() == 6
     return
   with caplog.at_level(logging.WARNING):

@@ -143,6 +143,18 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+def restore_item(directory: epath.Path, args: ocp.args.PyTreeRestore):
+  """One step's PyTree item (``<step>/state``) read through the handler:
+  no wait for the other processes, unlike ``CheckpointManager.restore``
+  (which ends in one), so a process whose read fails cannot leave the
+  others paired with the wrong collective."""
+  handler = _state_handler()
+  try:
+    return handler.restore(directory, args=args)
+  finally:
+    handler.close()
+
+
 def _restore_args(abstract_state):
   """PyTree restore into ``abstract_state`` (shapes, dtypes, shardings)."""
   return ocp.args.PyTreeRestore(
@@ -270,12 +282,8 @@ class Checkpointer:
                     f"Checkpoint {self.directory / str(step)}")
     # Through the handler: the manager's restore ends in a wait for every
     # process, which one whose read failed would skip (see restore_latest).
-    handler = _state_handler()
-    try:
-      return handler.restore(self.directory / str(step) / "state",
-                             args=_restore_args(abstract_state))
-    finally:
-      handler.close()
+    return restore_item(self.directory / str(step) / "state",
+                        _restore_args(abstract_state))
 
   def saved_position(self, step: int) -> SavedPosition:
     """This process's input position saved with ``step``, read directly (no
@@ -337,7 +345,7 @@ class Checkpointer:
           check_config_matches(saved, config)
       except Exception as e:  # pylint: disable=broad-except
         error = e
-      reason = _agreed_outcome(step, error)
+      reason = agreed_outcome(step, error)
       if reason is None:
         try:
           state = self.restore(step, abstract_state)
@@ -346,7 +354,7 @@ class Checkpointer:
               saved, config))
         except Exception as e:  # pylint: disable=broad-except
           error = e
-        reason = _agreed_outcome(step, error)
+        reason = agreed_outcome(step, error)
       if reason is not None:
         logging.warning("Checkpoint step %d in %s cannot be restored (%s); "
                         "trying the previous step.", step, self.directory, reason)
@@ -354,6 +362,8 @@ class Checkpointer:
         continue
       for bad, _ in failed:
         self._move_aside(bad)
+      if step not in self.manager.all_steps():   # this process's listing lagged
+        self.manager.reload()
       return Restored(step, state, saved)
     if failed:
       raise CheckpointRestoreError(
@@ -379,7 +389,14 @@ class Checkpointer:
       logging.warning("Moved damaged checkpoint %s to %s.", src, dst)
     # A failed rename stops every process (the others wait for process 0).
     multihost.on_process_0(move)
-    self.manager.reload()
+    error = None
+    try:
+      self.manager.reload()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    multihost.gather_or_raise(0, error, f"could not list {self.directory} "
+                              "after a step was moved aside (their logs say "
+                              "why); run the same command again.")
 
   def wait(self):
     self.check(block=True)
@@ -389,7 +406,7 @@ class Checkpointer:
     self.manager.close()
 
 
-def _agreed_outcome(step: int, error: BaseException | None) -> str | None:
+def agreed_outcome(step: int, error: BaseException | None) -> str | None:
   """Every process's outcome of reading ``step`` (``error``: this one's, or
   None), agreed so that all restore the same step: a step that fails on one
   process is skipped by all (each process reads every file; a process that

@@ -350,9 +350,12 @@ def _read_step(ckpt: ckpt_lib.Checkpointer, step: int, where: str,
     want, kind = {"params": {"model": meta["params"]["model"]}}, "model parameters"
   as_numpy = jax.tree_util.tree_map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want)
-  state = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=want, restore_args=as_numpy,
-                                   partial_restore=True)))["state"]
+  # Through the handler: the manager's restore ends in a wait for every
+  # process, which one whose read failed would skip (see _load_run_params).
+  state = ckpt_lib.restore_item(ckpt.directory / str(step) / "state",
+                                ocp.args.PyTreeRestore(
+                                    item=want, restore_args=as_numpy,
+                                    partial_restore=True))
   return (state["ema"] if "ema" in want else state["params"]["model"]), kind
 
 
@@ -361,7 +364,11 @@ def _load_run_params(run: epath.Path, abstract_params, where: str,
   """A training run's newest loadable step (or ``step``), as arrays on
   ``abstract_params``' shardings (the run may have used another topology)."""
   ckpt = ckpt_lib.Checkpointer(str(run), async_save=False)
-  saved = sorted(ckpt.manager.all_steps(), reverse=True)
+  # Process 0's list, and each step's outcome agreed below: every process
+  # loads the same step or stops (one that failed alone left the others
+  # waiting in their next collective).
+  saved = [int(s) for s in multihost.broadcast_ints(
+      sorted(ckpt.manager.all_steps(), reverse=True))]
   if step is not None and step not in saved:
     raise ckpt_lib.CheckpointNotFoundError(
         f"No checkpoint step {step} under {ckpt.directory}{where}; saved "
@@ -373,12 +380,14 @@ def _load_run_params(run: epath.Path, abstract_params, where: str,
         "saved one yet.")
   failed = []
   for s in [step] if step is not None else saved:
+    error = None
     try:
       params, kind = _read_step(ckpt, s, where, model_name)
-    except ckpt_lib.CheckpointMismatchError:
-      raise
     except Exception as e:  # pylint: disable=broad-except
-      failed.append((s, ckpt_lib.first_line(e)))
+      error = e
+    reason = ckpt_lib.agreed_outcome(s, error)   # raises a model mismatch
+    if reason is not None:
+      failed.append((s, reason))
       if step is None:
         logging.warning("Checkpoint step %d in %s cannot be read (%s); trying "
                         "the previous step.", s, ckpt.directory, failed[-1][1])

@@ -104,11 +104,12 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
       f"with step {step} (their logs say why); run the same command again.")
   seed = config.seed
   if not unfit.any():
-    saved_seed = config.seed if pos.seed is None else pos.seed
-    # Agreed first: building the iterator for the saved seed holds a
-    # collective (token data).
-    rebuild = multihost.gather_ints(int(saved_seed != seed))
-    if rebuild.any() and not rebuild.all():   # one set of files: damaged
+    saved_seed = int(config.seed if pos.seed is None else pos.seed)
+    # Agreed first (a uint32 as two halves): building the iterator for the
+    # saved seed holds a collective (token data).
+    halves = [multihost.gather_ints(saved_seed >> 16),
+              multihost.gather_ints(saved_seed & 0xFFFF)]
+    if any((h != h[0]).any() for h in halves):   # one set of files: damaged
       why = "holds another data seed than on other processes"
     else:
       try:
