@@ -16,6 +16,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 from tests import xla_flags
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
@@ -54,3 +56,12 @@ def pytest_unconfigure(config):
   path = getattr(config, "genvis_compile_cache", None)
   if path:
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+  """The reliability tests' workdirs (``small_run.build_runs``):
+  an uninterrupted 9-step run's leaves and a 6-step workdir with
+  checkpoints 3, 6, built once per test process (copy it before changing)."""
+  from tests import small_run  # pylint: disable=import-outside-toplevel
+  return small_run.build_runs(tmp_path_factory.mktemp("reliability"))

@@ -312,6 +312,12 @@ class Checkpointer:
       return SavedPosition(saved["iterator"], int(saved["data_seed"]))
     return SavedPosition(saved)   # written before the seed was recorded
 
+  def agreed_steps(self) -> list[int]:
+    """Process 0's saved steps, newest first, on every process (a process
+    whose listing lags would otherwise walk other steps than the rest)."""
+    return multihost.broadcast_ints(sorted(self.manager.all_steps(),
+                                           reverse=True))
+
   def restore_latest(self, abstract_state, config=None, with_data=False):
     """Restores the newest step that loads as :class:`Restored` (all None
     for a workdir without checkpoints). The input position
@@ -331,40 +337,32 @@ class Checkpointer:
       multihost.OtherProcessError: another process found a checkpoint of a
         different config.
     """
-    failed = []
-    # Process 0's list: every process then runs the same agreement rounds.
-    steps = multihost.broadcast_ints(sorted(self.manager.all_steps(),
-                                            reverse=True))
-    for step in (int(s) for s in steps):
-      saved, error = None, None
+    def check(step, _):
+      ckpt_files.validate_step(self.directory / str(step), with_data=with_data)
+      saved = self.saved_config(step) if config is not None else None
+      if config is not None:
+        check_config_matches(saved, config)
+      return saved
+
+    def restore(step, saved):
       try:
-        ckpt_files.validate_step(self.directory / str(step),
-                                 with_data=with_data)
-        saved = self.saved_config(step) if config is not None else None
-        if config is not None:
-          check_config_matches(saved, config)
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-      reason = agreed_outcome(step, error)
-      if reason is None:
-        try:
-          state = self.restore(step, abstract_state)
-        except CheckpointMismatchError as e:
-          error = CheckpointMismatchError(str(e) + _state_settings_note(
-              saved, config))
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
-        reason = agreed_outcome(step, error)
-      if reason is not None:
-        logging.warning("Checkpoint step %d in %s cannot be restored (%s); "
-                        "trying the previous step.", step, self.directory, reason)
-        failed.append((step, reason))
-        continue
+        return saved, self.restore(step, abstract_state)
+      except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(
+            str(e) + _state_settings_note(saved, config)) from e
+
+    # Validated first on every process: a step one of them cannot use is
+    # skipped before any reads its gigabytes.
+    walk = first_readable(self.agreed_steps(), (check, restore),
+                          self.directory, "restored")
+    failed = walk.failed
+    if walk.step is not None:
       for bad, _ in failed:
         self._move_aside(bad)
-      if step not in self.manager.all_steps():   # this process's listing lagged
+      if walk.step not in self.manager.all_steps():   # this listing lagged
         self.manager.reload()
-      return Restored(step, state, saved)
+      saved, state = walk.value
+      return Restored(walk.step, state, saved)
     if failed:
       raise CheckpointRestoreError(
           f"No checkpoint under {self.directory} can be restored; tried:\n  " +
@@ -404,6 +402,53 @@ class Checkpointer:
   def close(self):
     self.check(block=True)
     self.manager.close()
+
+
+class Walk(NamedTuple):
+  """:func:`first_readable`'s result: the first ``step`` read on every
+  process (None: none was) with its ``value``, and the (step, reason) of
+  each step skipped before it."""
+  step: int | None
+  value: Any
+  failed: list[tuple[int, str]]
+
+
+def first_readable(steps: list[int], stages, directory: epath.Path,
+                   what: str = "read") -> Walk:
+  """The first of ``steps`` that every process reads, trying them in order.
+
+  Each step runs ``stages`` in turn, ``value = stage(step, value)`` (from
+  None); after each stage every process's outcome is agreed
+  (:func:`agreed_outcome`), so a step that fails on any process is skipped
+  by all and every process ends on the same step. ``steps`` must be the
+  same list on every process (:meth:`Checkpointer.agreed_steps`); stages
+  must not wait for the other processes (a process whose stage raised
+  would skip the wait). Skipped steps are logged ("cannot be ``what``").
+
+  Raises:
+    CheckpointMismatchError: a stage on this process found a checkpoint of
+      another config (not damage: no older step is tried).
+    multihost.OtherProcessError: a stage on another process did.
+  """
+  failed = []
+  for i, step in enumerate(steps):
+    value, reason = None, None
+    for stage in stages:
+      error = None
+      try:
+        value = stage(step, value)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      reason = agreed_outcome(step, error)
+      if reason is not None:
+        break
+    if reason is None:
+      return Walk(step, value, failed)
+    logging.warning("Checkpoint step %d in %s cannot be %s (%s); %s.", step,
+                    directory, what, reason, "trying the previous step"
+                    if i + 1 < len(steps) else "no older step is left")
+    failed.append((step, reason))
+  return Walk(None, None, failed)
 
 
 def agreed_outcome(step: int, error: BaseException | None) -> str | None:

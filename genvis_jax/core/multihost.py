@@ -39,17 +39,18 @@ def broadcast_strings(strings: list[str], size: int = 4096) -> list[str]:
   return [bytes(row[:np.argmin(row)]).decode(errors="replace") for row in buf]
 
 
-def broadcast_ints(values) -> np.ndarray:
+def broadcast_ints(values: list[int]) -> list[int]:
   """Process 0's ``values`` (ints in int32 range, any length) on every
-  process: int (n,)."""
+  process."""
   if jax.process_count() == 1:
-    return np.asarray(values, np.int64).reshape(-1)
+    return [int(v) for v in values]
   n = int(np.asarray(multihost_utils.broadcast_one_to_all(
       np.array([len(values)], np.int32)))[0])
   buf = np.zeros(n, np.int32)
   if jax.process_index() == 0:
     buf[:] = values
-  return np.asarray(multihost_utils.broadcast_one_to_all(buf)).reshape(-1)
+  return np.asarray(multihost_utils.broadcast_one_to_all(buf)).reshape(
+      -1).tolist()
 
 
 def on_process_0(fn: Callable[[], object]) -> None:

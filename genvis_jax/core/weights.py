@@ -351,7 +351,8 @@ def _read_step(ckpt: ckpt_lib.Checkpointer, step: int, where: str,
   as_numpy = jax.tree_util.tree_map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want)
   # Through the handler: the manager's restore ends in a wait for every
-  # process, which one whose read failed would skip (see _load_run_params).
+  # process, which one whose read failed would skip (see
+  # checkpoint.first_readable).
   state = ckpt_lib.restore_item(ckpt.directory / str(step) / "state",
                                 ocp.args.PyTreeRestore(
                                     item=want, restore_args=as_numpy,
@@ -364,11 +365,7 @@ def _load_run_params(run: epath.Path, abstract_params, where: str,
   """A training run's newest loadable step (or ``step``), as arrays on
   ``abstract_params``' shardings (the run may have used another topology)."""
   ckpt = ckpt_lib.Checkpointer(str(run), async_save=False)
-  # Process 0's list, and each step's outcome agreed below: every process
-  # loads the same step or stops (one that failed alone left the others
-  # waiting in their next collective).
-  saved = [int(s) for s in multihost.broadcast_ints(
-      sorted(ckpt.manager.all_steps(), reverse=True))]
+  saved = ckpt.agreed_steps()
   if step is not None and step not in saved:
     raise ckpt_lib.CheckpointNotFoundError(
         f"No checkpoint step {step} under {ckpt.directory}{where}; saved "
@@ -378,26 +375,21 @@ def _load_run_params(run: epath.Path, abstract_params, where: str,
     raise ckpt_lib.CheckpointNotFoundError(
         f"No checkpoint under {ckpt.directory}{where}: the run has not "
         "saved one yet.")
-  failed = []
-  for s in [step] if step is not None else saved:
-    error = None
-    try:
-      params, kind = _read_step(ckpt, s, where, model_name)
-    except Exception as e:  # pylint: disable=broad-except
-      error = e
-    reason = ckpt_lib.agreed_outcome(s, error)   # raises a model mismatch
-    if reason is not None:
-      failed.append((s, reason))
-      if step is None:
-        logging.warning("Checkpoint step %d in %s cannot be read (%s); trying "
-                        "the previous step.", s, ckpt.directory, failed[-1][1])
-      continue
+  # Every process loads the same step or all stop (one that failed alone
+  # would leave the others waiting in their next collective).
+  walk = ckpt_lib.first_readable(
+      [step] if step is not None else saved,
+      (lambda s, _: _read_step(ckpt, s, where, model_name),), ckpt.directory)
+  failed = walk.failed
+  if walk.step is not None:
+    params, kind = walk.value
     ckpt_lib.compare_trees(abstract_params, params,
-                           f"Checkpoint {run} step {s}{where}")
-    logging.info("Loading the %s of step %d of %s%s.", kind, s, run, where)
+                           f"Checkpoint {run} step {walk.step}{where}")
+    logging.info("Loading the %s of step %d of %s%s.", kind, walk.step, run,
+                 where)
     if failed:
-      logging.warning("Loaded step %d of %s; newer steps %s are damaged.", s,
-                      run, [f for f, _ in failed])
+      logging.warning("Loaded step %d of %s; newer steps %s are damaged.",
+                      walk.step, run, [f for f, _ in failed])
     return jax.tree_util.tree_map(
         lambda a, x: jax.device_put(np.asarray(x), a.sharding)
         if getattr(a, "sharding", None) is not None else x,

@@ -1,0 +1,67 @@
+"""The smallest resumable training run (a classifier on the demo data, 8
+fake devices, checkpoints every 3 steps) and its workdirs, shared by the
+checkpoint, reliability, stop and multi-host tests (``runs`` in
+conftest.py)."""
+
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import base
+
+
+def config(num_steps, lr=1e-2):
+  """``num_steps`` of a 2-layer classifier at 32 px, batch 16 over a
+  (data, fsdp=2) mesh, EMA on, checkpoint every 3 steps, log every 2."""
+  c = base.get_config()
+  c.task = "classifier"
+  c.model = ml_collections.ConfigDict(dict(
+      name="classifier", num_classes=10, widths=(8, 16), image_size=32,
+      dtype="float32", param_dtype="float32", remat="none"))
+  c.data.source = "demo"
+  c.data.image_size = 32
+  c.data.num_classes = 10
+  c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1))
+  c.train.global_batch_size = 16
+  c.train.num_steps = num_steps
+  c.train.log_every = 2
+  c.train.checkpoint_every = 3
+  c.train.image_every = 0
+  c.train.ema_decay = 0.9
+  c.optimizer.lr = lr
+  return c
+
+
+def leaves(state):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+def build_runs(root):
+  """An uninterrupted 9-step run's leaves, and a 6-step workdir under
+  ``root`` with checkpoints 3, 6."""
+  from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  full = trainer_lib.train_and_evaluate(config(9), str(root / "full"))
+  part = str(root / "base")
+  trainer_lib.train_and_evaluate(config(6), part)
+  assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["3", "6"]
+  return leaves(full), part
+
+
+def copy_run(base, tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(base, wd)
+  return wd
+
+
+def truncate_data_files(step_dir):
+  """Cuts every OCDBT data file to half its size. (Cutting only the largest
+  one was not always damage: the file layout varies from run to run, and a
+  run whose largest file was not read on restore resumed from it.)"""
+  d = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+  for f in (os.path.join(d, n) for n in os.listdir(d)):
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+

@@ -1,0 +1,195 @@
+"""Every process of a job resumes the same way: each step's outcome and
+the input position are agreed through the collectives (faked here as a
+second process's answers; tests/test_multihost.py runs two real ones), so
+a step or position one process cannot use is skipped or redrawn by all, and
+an error on one stops all instead of leaving the others waiting."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import multihost
+from genvis_jax.train import trainer as trainer_lib
+from tests.small_run import config, copy_run, leaves
+
+
+def _saved_with_data_seed(step_dir, seed):
+  """Step 6's position as a run whose order was drawn with ``seed`` saves it
+  (a run resumed once without its position keeps that seed)."""
+  path = os.path.join(step_dir, "data", "process_0-of-1.json")
+  with open(path) as f:
+    saved = json.load(f)
+  with open(path, "w") as f:
+    json.dump({"data_seed": seed, "iterator": saved["iterator"]}, f)
+
+
+# Process 1's answers to the agreement collectives (process 0 is this one,
+# its saved seed 7; None: the same as this one's): (read failed -1 /
+# position unfit 1, its saved seed's upper and lower 16 bits, building the
+# iterator failed -1 / set_state unfit 1).
+OTHER_PROCESS = {
+    "cannot_read": (-1,),
+    "unfit_position": (1,),
+    "other_data_seed": (0, 1, None, 1),      # 7 + 2**16: only the upper half
+    "cannot_build": (0, None, None, -1),
+    "set_state_failed": (0, None, None, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_PROCESS))
+def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
+                                               caplog, case):
+  """Every process reaches each collective of a resume, whatever it alone
+  read: one that cannot read its position (storage) stops them all, with
+  the data order unchanged, before any builds an iterator (building one
+  holds a collective on token data: a process that skipped it hung the
+  others); one whose position does not fit, or whose files hold another
+  data seed, makes every process draw the order afresh."""
+  wd = copy_run(runs[1], tmp_path)
+  _saved_with_data_seed(os.path.join(wd, "checkpoints", "6"), 7)
+  # The first two agree that step 6 reads and restores on both.
+  answers, events = [None, None, *OTHER_PROCESS[case]], []
+
+  def gather_ints(v):
+    events.append("gather")
+    other = answers.pop(0) if answers else None
+    return np.array([v, v if other is None else other])
+
+  build = trainer_lib.create_train_iterator
+  monkeypatch.setattr(multihost, "gather_ints", gather_ints)
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", lambda *a, **k: (
+      events.append("iterator"), build(*a, **k))[1])
+  if case in ("cannot_read", "cannot_build"):
+    said = {"cannot_read": "could not read their input position saved with "
+                           "step 6",
+            "cannot_build": "could not open their input pipeline in the data "
+                            "order saved with step 6"}[case]
+    with pytest.raises(multihost.OtherProcessError,
+                       match=r"Processes \[1\] " + said):
+      trainer_lib.train_and_evaluate(config(9), wd)
+    # No iterator for seed 7 before the agreements that precede it.
+    assert events == ["iterator", "gather", "gather", "gather"] + (
+        ["gather", "gather", "iterator", "gather"]
+        if case == "cannot_build" else [])
+    assert ckpt_lib.Checkpointer(wd).latest_step() == 6
+    return
+  with caplog.at_level(logging.WARNING):
+    trainer_lib.train_and_evaluate(config(9), wd)
+  said = {"unfit_position": "cannot be used on processes [1]",
+          "other_data_seed": "holds another data seed than on other processes",
+          "set_state_failed": "cannot be used on processes [1]"}[case]
+  assert f"saved with step 6 {said}, so it cannot be restored" in caplog.text
+  assert not answers                          # every collective was reached
+
+
+def test_a_storage_error_reading_the_position_is_told_to_every_process(
+    runs, tmp_path, monkeypatch):
+  """Any error reading this process's position (a bucket's 503 may come as
+  the file system backend's own error type, not OSError) is told to the
+  other processes (-1 in the agreement) before it is raised here."""
+  wd = copy_run(runs[1], tmp_path)
+  told = []
+
+  def unavailable(self, step):
+    raise RuntimeError(f"503 reading step {step}'s position")
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "saved_position", unavailable)
+  monkeypatch.setattr(multihost, "gather_ints",
+                      lambda v: (told.append(v), np.array([v, 0]))[1])
+  with pytest.raises(RuntimeError, match="503 reading step 6"):
+    trainer_lib.train_and_evaluate(config(9), wd)
+  assert told == [0, 0, -1]   # step 6 read and restored; its position not
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 6
+
+
+@pytest.mark.parametrize("other", ["unreadable", "other_config"])
+def test_processes_restore_the_same_step(runs, tmp_path, monkeypatch, caplog,
+                                         other):
+  """A step that process 1 alone cannot read is skipped by every process
+  (a process falling back alone restored another step than the others); one
+  that process 1 finds saved with another config stops every process."""
+  full, base = runs
+  wd = copy_run(base, tmp_path)
+  answers = [1 if other == "unreadable" else 2]   # process 1, at step 6
+
+  def gather_ints(v):
+    return np.array([v, answers.pop(0) if answers else v])
+
+  monkeypatch.setattr(multihost, "gather_ints", gather_ints)
+  if other == "other_config":
+    with pytest.raises(multihost.OtherProcessError,
+                       match=r"Processes \[1\] found that step 6 was saved "
+                             r"with another config"):
+      trainer_lib.train_and_evaluate(config(9), wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+    return
+  with caplog.at_level(logging.WARNING):
+    resumed = trainer_lib.train_and_evaluate(config(9), wd)
+  assert ("Checkpoint step 6 in {} cannot be restored (it cannot be read on "
+          "processes [1]".format(os.path.join(wd, "checkpoints"))) in caplog.text
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "corrupt-6"))
+  for a, b in zip(full, leaves(resumed)):      # steps 4..9 redone from 3
+    np.testing.assert_array_equal(a, b)
+
+
+
+def test_first_readable_agrees_after_each_stage(monkeypatch, caplog, tmp_path):
+  """Stage by stage: a step whose first stage (validation) fails on process
+  1 is skipped before this process runs its second (a restore of
+  gigabytes); the first step every stage passes on both is returned with
+  the reasons of those skipped. A failure here is this process's reason."""
+  answers = [1, 0, 0]        # process 1: step 6 check fails; step 3 passes
+  monkeypatch.setattr(multihost, "gather_ints",
+                      lambda v: np.array([v, answers.pop(0)]))
+  ran = []
+
+  def check(step, _):
+    ran.append(("check", step))
+    return step * 10
+
+  def read(step, value):
+    ran.append(("read", step))
+    return value + 1
+
+  with caplog.at_level(logging.WARNING):
+    walk = ckpt_lib.first_readable([6, 3], (check, read), tmp_path,
+                                   "restored")
+  assert walk == ckpt_lib.Walk(3, 31, [
+      (6, "it cannot be read on processes [1] (their logs say why)")])
+  assert ran == [("check", 6), ("check", 3), ("read", 3)] and not answers
+  assert (f"Checkpoint step 6 in {tmp_path} cannot be restored (it cannot be "
+          "read on processes [1] (their logs say why)); trying the previous "
+          "step.") in caplog.text
+
+  def gone(step, _):
+    raise OSError(f"step {step} is gone")
+
+  monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v, 0]))
+  with caplog.at_level(logging.WARNING):
+    walk = ckpt_lib.first_readable([3], (gone, read), tmp_path)
+  assert walk == ckpt_lib.Walk(None, None, [(3, "OSError: step 3 is gone")])
+  assert "cannot be read (OSError: step 3 is gone); no older step" in caplog.text
+
+
+def test_first_readable_stops_at_another_config(monkeypatch, tmp_path):
+  """A checkpoint of another config is not damage: no older step is tried,
+  and the process that found it tells the others (code 2) before raising."""
+  told = []
+  monkeypatch.setattr(multihost, "gather_ints",
+                      lambda v: (told.append(v), np.array([v, 0]))[1])
+
+  def other_model(step, _):
+    raise ckpt_lib.CheckpointMismatchError(f"step {step}: another model")
+
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="step 6"):
+    ckpt_lib.first_readable([6, 3], (other_model,), tmp_path)
+  assert told == [2]
+  monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v, 2]))
+  with pytest.raises(multihost.OtherProcessError,
+                     match=r"Processes \[1\] found that step 6 was saved "
+                           "with another config"):
+    ckpt_lib.first_readable([6, 3], (lambda s, _: s,), tmp_path)

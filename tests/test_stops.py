@@ -1,0 +1,163 @@
+"""How a training run stops: an exploding, NaN or runaway loss stops before a
+diverged state is saved (the newest good checkpoint is named), and an error
+mid-run waits for the save in flight."""
+
+
+import numpy as np
+import pytest
+
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.errors import UserError
+from genvis_jax.train import guard as guard_lib
+from genvis_jax.train import trainer as trainer_lib
+from tests.small_run import config, copy_run, leaves
+
+
+@pytest.fixture(scope="module")
+def step_3_run(tmp_path_factory):
+  """A workdir whose newest checkpoint is step 3 (copy before changing)."""
+  wd = str(tmp_path_factory.mktemp("stops") / "wd")
+  trainer_lib.train_and_evaluate(config(3), wd)
+  return wd
+
+
+def test_exploding_run_stops_with_clear_error_and_keeps_checkpoint(step_3_run,
+                                                                   tmp_path):
+  wd = copy_run(step_3_run, tmp_path)
+  c = config(6, lr=1e30)   # explodes on the first resumed steps
+  c.train.grad_clip = 0.0   # the optimizer state layout does not depend on it
+  with pytest.raises(trainer_lib.TrainingDivergedError) as e:
+    trainer_lib.train_and_evaluate(c, wd)
+  msg = str(e.value)
+  assert "between steps 3 and 4" in msg and "newest checkpoint, step 3" in msg
+  assert "config.train.grad_clip=1.0" in msg   # off here, so suggested
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
+def test_exploding_fresh_run_writes_no_checkpoint(tmp_path):
+  """lr=1e30 from step 0: the parameters reach ~1e30 after one update; the
+  run used to save them at step 3 and later call that checkpoint intact."""
+  wd = str(tmp_path / "wd")
+  with pytest.raises(trainer_lib.TrainingDivergedError) as e:
+    trainer_lib.train_and_evaluate(config(6, lr=1e30), wd)
+  assert "between steps 0 and 2" in str(e.value)
+  assert "no checkpoint was written" in str(e.value)
+  assert ckpt_lib.Checkpointer(wd).latest_step() is None
+
+
+class _NaNAtStep:
+  """Wraps the training iterator: step ``bad`` (0-based) gets NaN images."""
+
+  def __init__(self, it, bad):
+    self._it, self._bad, self._i = it, bad, 0
+
+  def __next__(self):
+    batch = next(self._it)
+    if self._i == self._bad:
+      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    self._i += 1
+    return batch
+
+  def __iter__(self):
+    return self
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+@pytest.fixture
+def nan_at_step_4(monkeypatch):
+  orig = trainer_lib.create_train_iterator
+
+  def create(config, task, **kw):
+    it, info = orig(config, task, **kw)
+    return _NaNAtStep(it, 3), info
+
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", create)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_nan_loss_honours_check_finite(tmp_path, nan_at_step_4, check_finite):
+  c = config(6)
+  c.train.check_finite = check_finite
+  wd = str(tmp_path / "wd")
+  logs = {}
+  if check_finite:
+    with pytest.raises(trainer_lib.NonFiniteLossError) as e:
+      trainer_lib.train_loop(c, wd, on_log=logs.__setitem__)
+    msg = str(e.value)
+    assert "between steps 3 and 4" in msg and "NaN/Inf in 1 of" in msg, msg
+    assert "newest checkpoint, step 3" in msg
+    assert "grad_clip" not in msg   # already on in this config
+    assert "check_finite=False" in msg
+    assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+  else:
+    state = trainer_lib.train_loop(c, wd, on_log=logs.__setitem__)
+    assert int(state.step) == 6
+    assert logs[4]["nonfinite_steps"] == 1.0 and logs[6]["nonfinite_steps"] == 0.0
+    assert all(np.isfinite(x).all() for x in leaves(state.params))
+
+
+def test_an_error_waits_for_the_save_in_flight(tmp_path, monkeypatch):
+  """The save of step 3 is still writing when reading batch 4 fails; the
+  error propagates only once the save is finished (a multi-host process
+  exits at once after an error, which would cut it off)."""
+  orig_create = trainer_lib.create_train_iterator
+  waited = []
+
+  class FailAt3(_NaNAtStep):
+    def __next__(self):
+      if self._i == self._bad:
+        raise OSError("the data disk went away")
+      return super().__next__()
+
+  def create(config, task, **kw):
+    it, info = orig_create(config, task, **kw)
+    return FailAt3(it, 3), info
+
+  orig_wait = ckpt_lib.Checkpointer.wait
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", create)
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "wait",
+                      lambda self: waited.append(1) or orig_wait(self))
+  wd = str(tmp_path / "wd")
+  with pytest.raises(OSError, match="data disk went away"):
+    trainer_lib.train_loop(config(6), wd)
+  assert waited
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
+def test_finite_runaway_stops_before_a_diverged_checkpoint(step_3_run,
+                                                           tmp_path):
+  """lr=1e8 with clipping on: the loss stays finite (the issue ran to the end
+  with loss 1e17); the guard stops at the first check after step 3."""
+  wd = copy_run(step_3_run, tmp_path)
+  c = config(9, lr=1e8)
+  with pytest.raises(trainer_lib.DivergenceError) as e:
+    trainer_lib.train_and_evaluate(c, wd)
+  msg = str(e.value)
+  assert isinstance(e.value, UserError)
+  assert "between steps 3 and 4" in msg and "parameter norm" in msg, msg
+  assert "newest checkpoint, step 3" in msg
+  assert "optimizer.lr (now 1e+08)" in msg
+  assert "grad_clip" not in msg and "divergence_factor" in msg
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
+def test_guard_loss_bound_uses_running_median():
+  g = guard_lib.DivergenceGuard(10.0)
+  g.record(None, {"model": 5.0})
+  for loss in (2.0, 1.9, 2.1, 1.8, 2.0):
+    assert g.runaway(loss, {"model": 5.0}) is None
+    g.record(loss, {"model": 5.0})
+  assert g.runaway(19.0, {"model": 5.0}) is None        # 9.5x the median 2.0
+  assert "loss 21 is 10.5x" in g.runaway(21.0, {"model": 5.0})
+  assert "parameter norm of group 'model'" in g.runaway(2.0, {"model": 51.0})
+  assert g.nonfinite_params({"model": float("inf")})
+  assert guard_lib.DivergenceGuard(0.0).runaway(1e30, {"model": 1e30}) is None
+  # Fewer than MIN_HISTORY intervals: the loss bound does not apply yet.
+  fresh = guard_lib.DivergenceGuard(10.0)
+  fresh.record(1.0, {})
+  assert fresh.runaway(1e6, {}) is None
