@@ -23,7 +23,7 @@ from configs import maskgit_vqgan as maskgit_config
 from configs import rar_b
 from genvis_jax import convert, errors, models
 from genvis_jax.convert import io as cio
-from genvis_jax.core.checkpoint import CheckpointMismatchError
+from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
 from genvis_jax.core.weights import restore_params
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")

@@ -10,7 +10,7 @@ import pytest
 
 from genvis_jax import convert
 from genvis_jax.convert import eq as ceq
-from genvis_jax.core.checkpoint import CheckpointMismatchError
+from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_eq_tokenizer import (FIXTURE, assert_tokenizer_parity,  # noqa: E402

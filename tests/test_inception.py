@@ -20,7 +20,7 @@ from genvis_jax.convert.inception import (convert as convert_fid_inception,
 from genvis_jax.evaluate import fid
 from genvis_jax.evaluate.inception import InceptionExtractor
 from genvis_jax.models import inception as inc
-from genvis_jax.core.checkpoint import compare_trees
+from genvis_jax.core.checkpoint_fit import compare_trees
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures",
                       "fid_inception_golden.npz")

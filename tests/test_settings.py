@@ -35,15 +35,15 @@ def test_mismatch_messages_lead_with_the_model_and_say_what_is_cut():
   import ml_collections
   import numpy as np
   import pytest
-  from genvis_jax.core import checkpoint as ckpt_lib
+  from genvis_jax.core import checkpoint_fit as fit
   saved = {"model": {"name": "fqgan", **{f"a{i:02d}": i for i in range(25)}}}
   config = ml_collections.ConfigDict({"model": {"name": "far"}})
-  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
-    ckpt_lib.check_config_matches(saved, config)
+  with pytest.raises(fit.CheckpointMismatchError) as e:
+    fit.check_config_matches(saved, config)
   # The model's name comes first, before its 25 other differing fields.
   assert str(e.value).splitlines()[1].strip() == (
       "name: checkpoint 'fqgan' vs config 'far'")
   expected = {f"k{i:02d}": np.zeros(2) for i in range(25)}
-  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+  with pytest.raises(fit.CheckpointMismatchError,
                      match=r"missing \(25\): k00, .*, k19, \.\.\. 5 more"):
-    ckpt_lib.compare_trees(expected, {}, "A checkpoint")
+    fit.compare_trees(expected, {}, "A checkpoint")

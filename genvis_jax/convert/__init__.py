@@ -36,7 +36,7 @@ from genvis_jax import errors, models
 from genvis_jax.convert import io, tree
 from genvis_jax.core import registry
 from genvis_jax.core import weights as weights_lib
-from genvis_jax.core.checkpoint import CheckpointMismatchError, compare_trees
+from genvis_jax.core.checkpoint_fit import CheckpointMismatchError, compare_trees
 
 __all__ = ["kind_module", "kinds", "from_torch", "convert_file", "load_weights",
            "CheckpointMismatchError"]

@@ -12,7 +12,8 @@ raises :class:`CheckpointSaveError` at the next :meth:`Checkpointer.check`
 and leaves no ``.orbax-checkpoint-tmp`` folder behind.
 
 Loading parameters alone (``--config.init_from``, a tokenizer, converted
-weights) is ``core.weights``.
+weights) is ``core.weights``; whether a checkpoint fits the config (tree,
+model settings) is ``core.checkpoint_fit``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from absl import logging
 from etils import epath
 
 from genvis_jax.core import checkpoint_files as ckpt_files
+from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
-from genvis_jax.core import settings as settings_lib
+from genvis_jax.core.checkpoint_fit import CheckpointMismatchError  # re-exported
 from genvis_jax.errors import UserError
 
 
@@ -53,10 +55,6 @@ def _remove_tree(path: epath.Path, settle_s: float = 0.2,
                 "delete it by hand before restarting.")
 
 
-class CheckpointMismatchError(UserError, ValueError):
-  """A checkpoint does not fit the model/config it is restored into."""
-
-
 class CheckpointNotFoundError(UserError, FileNotFoundError):
   """No checkpoint where the config points."""
 
@@ -67,46 +65,6 @@ class CheckpointRestoreError(UserError, RuntimeError):
 
 class CheckpointSaveError(UserError, OSError):
   """Writing a checkpoint failed (e.g. no space left); training stops."""
-
-
-def key_path(path) -> str:
-  """A ``tree_leaves_with_path`` path as ``a/b/kernel`` (the same for a dict,
-  a FrozenDict or Orbax's restored tree)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in path)
-
-
-def _shape_table(tree) -> dict[str, tuple]:
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    key = key_path(path)
-    shape = getattr(leaf, "shape", None)
-    out[key] = tuple(shape) if shape is not None else ()
-  return out
-
-
-def compare_trees(expected, found, what: str,
-                  fix: str = "or start from a fresh --workdir") -> None:
-  """Raises one clear error listing missing, unexpected and mis-shaped keys;
-  ``fix`` ends its advice."""
-  exp, got = _shape_table(expected), _shape_table(found)
-  missing = sorted(set(exp) - set(got))
-  unexpected = sorted(set(got) - set(exp))
-  misshaped = sorted(k for k in set(exp) & set(got) if exp[k] != got[k])
-  if missing or unexpected or misshaped:
-    lines = [f"{what} does not match the configured model:"]
-    if missing:
-      lines.append(f"  missing ({len(missing)}): " +
-                   settings_lib.shorten(missing, 20))
-    if unexpected:
-      lines.append(f"  unexpected ({len(unexpected)}): " +
-                   settings_lib.shorten(unexpected, 20))
-    if misshaped:
-      lines.append(f"  mis-shaped ({len(misshaped)}): " + settings_lib.shorten(
-          [f"{k} expected {exp[k]} found {got[k]}" for k in misshaped], 20))
-    lines.append("  Check that --config matches the checkpoint (model size, "
-                 f"codebook, image size), {fix}.")
-    raise CheckpointMismatchError("\n".join(lines))
 
 
 class _IteratorSnapshot:
@@ -278,7 +236,7 @@ class Checkpointer:
     meta = self.manager.item_metadata(step)
     state_meta = meta["state"] if "state" in meta else None
     if state_meta is not None:
-      compare_trees(abstract_state, state_meta,
+      fit.compare_trees(abstract_state, state_meta,
                     f"Checkpoint {self.directory / str(step)}")
     # Through the handler: the manager's restore ends in a wait for every
     # process, which one whose read failed would skip (see restore_latest).
@@ -341,7 +299,7 @@ class Checkpointer:
       ckpt_files.validate_step(self.directory / str(step), with_data=with_data)
       saved = self.saved_config(step) if config is not None else None
       if config is not None:
-        check_config_matches(saved, config)
+        fit.check_config_matches(saved, config)
       return saved
 
     def restore(step, saved):
@@ -349,7 +307,7 @@ class Checkpointer:
         return saved, self.restore(step, abstract_state)
       except CheckpointMismatchError as e:
         raise CheckpointMismatchError(
-            str(e) + _state_settings_note(saved, config)) from e
+            str(e) + fit.state_settings_note(saved, config)) from e
 
     # Validated first on every process: a step one of them cannot use is
     # skipped before any reads its gigabytes.
@@ -497,44 +455,3 @@ def save_error_cause(error: BaseException) -> str:
         or "os_error_code='28'" in str(e)):
       return f"no space left on device ({first_line(e)})"
   return first_line(error)
-
-
-# Settings besides config.model that decide the saved state's tree: the EMA
-# copy (ema_decay > 0) and the optimizer's state.
-_STATE_SETTINGS = ("optimizer", "train.ema_decay")
-
-
-def _state_settings_note(saved: dict | None, config) -> str:
-  """Names the optimizer / EMA settings that differ from the checkpoint's
-  config (a state-tree mismatch with the model unchanged comes from them)."""
-  if not saved or config is None:
-    return ""
-  now = json.loads(config.to_json_best_effort())
-  diffs = settings_lib.differences(
-      {k: settings_lib.get(saved, k) for k in _STATE_SETTINGS},
-      {k: settings_lib.get(now, k) for k in _STATE_SETTINGS},
-      names=("checkpoint", "config"))
-  if not diffs:
-    return ""
-  return ("\n  The run's config differs from the checkpoint's in optimizer / "
-          "EMA settings, which may shape the saved state:\n    " +
-          settings_lib.shorten(diffs, 10, "\n    ") +
-          "\n  Resume with the checkpoint's values, or start a fresh --workdir "
-          "(--config.init_from=DIR keeps the parameters).")
-
-
-def check_config_matches(saved: dict | None, config) -> None:
-  """Refuses to resume a workdir written with a different model config."""
-  if not saved or "model" not in saved:
-    return
-  current = json.loads(config.model.to_json_best_effort())
-  diffs = settings_lib.differences(saved["model"], current,
-                                   ignore=("dtype", "remat"),
-                                   names=("checkpoint", "config"))
-  # Another model altogether says more than its 20 differing fields.
-  diffs.sort(key=lambda line: not line.startswith("name:"))
-  if diffs:
-    raise CheckpointMismatchError(
-        "The workdir holds a checkpoint of a different model config:\n  " +
-        "\n  ".join(diffs) +
-        "\nUse a fresh --workdir, or load the weights with --config.init_from.")

@@ -31,6 +31,7 @@ from etils import epath
 
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
+from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
 
 
@@ -45,7 +46,7 @@ def params_digest(params) -> str:
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     a = np.ascontiguousarray(jax.device_get(leaf))
-    h.update(f"{ckpt_lib.key_path(path)}|{a.dtype.name}|{a.shape};".encode())
+    h.update(f"{fit.key_path(path)}|{a.dtype.name}|{a.shape};".encode())
     h.update(a.reshape(-1).view(np.uint8))
   return h.hexdigest()
 
@@ -99,7 +100,7 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     meta = ckptr.metadata(path / "params")
     meta_tree = getattr(meta, "item_metadata", meta)
     found = meta_tree["params"] if "params" in meta_tree else meta_tree
-    ckpt_lib.compare_trees(abstract_params, found,
+    fit.compare_trees(abstract_params, found,
                            f"Parameter checkpoint {path}{where}")
     logging.info("Loading parameters from %s%s.", path / "params", where)
     params = ocp.PyTreeCheckpointer().restore(
@@ -383,7 +384,7 @@ def _load_run_params(run: epath.Path, abstract_params, where: str,
   failed = walk.failed
   if walk.step is not None:
     params, kind = walk.value
-    ckpt_lib.compare_trees(abstract_params, params,
+    fit.compare_trees(abstract_params, params,
                            f"Checkpoint {run} step {walk.step}{where}")
     logging.info("Loading the %s of step %d of %s%s.", kind, walk.step, run,
                  where)

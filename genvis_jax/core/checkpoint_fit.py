@@ -1,0 +1,100 @@
+"""Whether a checkpoint fits the config it is loaded into: its parameter
+tree (names, shapes) and the model settings saved with it. One
+:class:`CheckpointMismatchError` lists every difference and the fix.
+
+Light (no Orbax): converting official weights checks their tree here too.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+
+from genvis_jax.core import settings as settings_lib
+from genvis_jax.errors import UserError
+
+
+class CheckpointMismatchError(UserError, ValueError):
+  """A checkpoint does not fit the model/config it is restored into."""
+
+
+def key_path(path) -> str:
+  """A ``tree_leaves_with_path`` path as ``a/b/kernel`` (the same for a dict,
+  a FrozenDict or Orbax's restored tree)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def _shape_table(tree) -> dict[str, tuple]:
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    key = key_path(path)
+    shape = getattr(leaf, "shape", None)
+    out[key] = tuple(shape) if shape is not None else ()
+  return out
+
+
+def compare_trees(expected, found, what: str,
+                  fix: str = "or start from a fresh --workdir") -> None:
+  """Raises one clear error listing missing, unexpected and mis-shaped keys;
+  ``fix`` ends its advice."""
+  exp, got = _shape_table(expected), _shape_table(found)
+  missing = sorted(set(exp) - set(got))
+  unexpected = sorted(set(got) - set(exp))
+  misshaped = sorted(k for k in set(exp) & set(got) if exp[k] != got[k])
+  if missing or unexpected or misshaped:
+    lines = [f"{what} does not match the configured model:"]
+    if missing:
+      lines.append(f"  missing ({len(missing)}): " +
+                   settings_lib.shorten(missing, 20))
+    if unexpected:
+      lines.append(f"  unexpected ({len(unexpected)}): " +
+                   settings_lib.shorten(unexpected, 20))
+    if misshaped:
+      lines.append(f"  mis-shaped ({len(misshaped)}): " + settings_lib.shorten(
+          [f"{k} expected {exp[k]} found {got[k]}" for k in misshaped], 20))
+    lines.append("  Check that --config matches the checkpoint (model size, "
+                 f"codebook, image size), {fix}.")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+# Settings besides config.model that decide the saved state's tree: the EMA
+# copy (ema_decay > 0) and the optimizer's state.
+_STATE_SETTINGS = ("optimizer", "train.ema_decay")
+
+
+def state_settings_note(saved: dict | None, config) -> str:
+  """Names the optimizer / EMA settings that differ from the checkpoint's
+  config (a state-tree mismatch with the model unchanged comes from them)."""
+  if not saved or config is None:
+    return ""
+  now = json.loads(config.to_json_best_effort())
+  diffs = settings_lib.differences(
+      {k: settings_lib.get(saved, k) for k in _STATE_SETTINGS},
+      {k: settings_lib.get(now, k) for k in _STATE_SETTINGS},
+      names=("checkpoint", "config"))
+  if not diffs:
+    return ""
+  return ("\n  The run's config differs from the checkpoint's in optimizer / "
+          "EMA settings, which may shape the saved state:\n    " +
+          settings_lib.shorten(diffs, 10, "\n    ") +
+          "\n  Resume with the checkpoint's values, or start a fresh --workdir "
+          "(--config.init_from=DIR keeps the parameters).")
+
+
+def check_config_matches(saved: dict | None, config) -> None:
+  """Refuses to resume a workdir written with a different model config."""
+  if not saved or "model" not in saved:
+    return
+  current = json.loads(config.model.to_json_best_effort())
+  diffs = settings_lib.differences(saved["model"], current,
+                                   ignore=("dtype", "remat"),
+                                   names=("checkpoint", "config"))
+  # Another model altogether says more than its 20 differing fields.
+  diffs.sort(key=lambda line: not line.startswith("name:"))
+  if diffs:
+    raise CheckpointMismatchError(
+        "The workdir holds a checkpoint of a different model config:\n  " +
+        "\n  ".join(diffs) +
+        "\nUse a fresh --workdir, or load the weights with --config.init_from.")
