@@ -60,8 +60,9 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-  """The reliability tests' workdirs (``small_run.build_runs``):
-  an uninterrupted 9-step run's leaves and a 6-step workdir with
-  checkpoints 3, 6, built once per test process (copy it before changing)."""
+  """Workdirs of the checkpoint-damage and resume-agreement tests
+  (``small_run.build_runs``): an uninterrupted 9-step run's leaves and a
+  6-step workdir with checkpoints 3, 6, built once per test process (copy
+  it before changing)."""
   from tests import small_run  # pylint: disable=import-outside-toplevel
   return small_run.build_runs(tmp_path_factory.mktemp("reliability"))

@@ -3,9 +3,12 @@ tiny sharded state saved at steps 3 and 6 (``save``), then restored with one
 process failing to read step 6 (``validate6``: its file check, ``restore6``:
 its shard), or listing step 3 alone (``listing``), or none (``intact``);
 ``load_validate6`` loads the run's parameters (``init_from``) instead.
-Prints ``restored step N`` (``loaded N``).
+Prints ``restored step N`` (``loaded N``). ``load_params`` loads the
+parameter checkpoint ``save`` wrote beside (``WORKDIR/weights``), intact,
+then with process 1 failing to read it: prints ``loaded N``, then
+``stopped: <error>``.
 
-  python tests/restore_worker.py save|validate6|restore6|listing|intact|load_validate6 WORKDIR
+  python tests/restore_worker.py save|validate6|restore6|listing|intact|load_validate6|load_params WORKDIR
 """
 
 import os
@@ -56,6 +59,8 @@ if mode == "save":
               data_seed=0)
     ckpt.wait()
   ckpt.close()
+  from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
+  weights.save_params(os.path.join(workdir, "weights"), {"w": w})
   sys.exit(0)
 
 
@@ -75,6 +80,20 @@ if jax.process_index() == 1 and mode == "restore6":
 if jax.process_index() == 1 and mode == "listing":   # a stale listing
   ckpt.manager.all_steps = lambda: [3]
 abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}
+if mode == "load_params":      # a converted checkpoint (init_from, teachers)
+  from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
+  where = os.path.join(workdir, "weights")
+  w = weights.restore_params(where, abstract)["w"]
+  print(f"loaded {float(np.asarray(w.addressable_data(0))[0]):g}", flush=True)
+  if jax.process_index() == 1:
+    def _unreadable(*args, **kwargs):
+      raise OSError("injected: cannot read the parameter checkpoint")
+    ckpt_lib.restore_item = _unreadable
+  try:
+    weights.restore_params(where, abstract)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"stopped: {type(e).__name__}: {e}", flush=True)
+  sys.exit(0)
 if mode.startswith("load_"):   # init_from / tokenizer.checkpoint of the run
   from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
   w = weights.restore_params(workdir, abstract, model_name="tiny")["w"]

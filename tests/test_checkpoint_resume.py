@@ -20,7 +20,8 @@ from tests import small_run
 
 
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
-  full = trainer_lib.train_and_evaluate(small_run.config(6), str(tmp_path / "full"))
+  full = trainer_lib.train_and_evaluate(small_run.config(6),
+                                        str(tmp_path / "full"))
   # Interrupted run: 3 steps, then a new process-like call continues to 6.
   part = str(tmp_path / "part")
   trainer_lib.train_and_evaluate(small_run.config(3), part)
@@ -88,7 +89,8 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
   # Something was actually learned (the test would pass trivially otherwise).
   init = trainer_lib.Trainer(small_run.config(6)).init_state()
   assert any(not np.array_equal(a, b)
-             for a, b in zip(small_run.leaves(init.params), small_run.leaves(full.params)))
+             for a, b in zip(small_run.leaves(init.params),
+                             small_run.leaves(full.params)))
   # Checkpoints hold the data iterator position and the config.
   assert os.path.exists(os.path.join(part, "checkpoints", "6", "data"))
   assert os.path.exists(os.path.join(part, "checkpoints", "6", "config"))
@@ -137,6 +139,32 @@ def test_parameter_checkpoints_are_named_by_their_content(tmp_path):
   os.remove(os.path.join(x, weights_lib.DIGEST_FILE))
   assert weights_lib.params_source(x).startswith("params committed 1")
   weights_lib.restore_params(x, abstract)
+
+
+def test_a_cut_parameter_checkpoint_is_refused_before_orbax_reads_it(
+    tmp_path):
+  """A parameter checkpoint whose data files were cut short or whose
+  metadata is gone (an interrupted copy) is refused by its file check,
+  naming the damage and the fix (a TypeError from inside Orbax before)."""
+  params = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  x = str(tmp_path / "x")
+  weights_lib.save_params(x, params)
+  data = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(x, "params"))
+          if os.path.basename(d) == "d" for f in files]
+  assert data
+  for f in data:
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+  abstract = {"a": jax.ShapeDtypeStruct((2, 3), np.float32)}
+  with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                     match=r"Parameter checkpoint .*x is damaged: .*"
+                           r"x/params/d/.*Convert \(or copy\) the weights"):
+    weights_lib.restore_params(x, abstract)
+  weights_lib.save_params(x, params)
+  os.remove(os.path.join(x, "params", "_METADATA"))
+  with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                     match="is damaged: params/_METADATA is missing"):
+    weights_lib.restore_params(x, abstract)
 
 
 def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):

@@ -120,9 +120,11 @@ def _get(tree, path):
 
 def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
   """Process 1 cannot read step 6 (a file, or its shard): both restore step
-  3, and step 6 is moved aside; loading the run's weights, both load step 3. Before, a wait inside Orbax's restore that
-  process 1 skipped paired the processes' next collectives off by one:
-  process 0 hung and process 1 found no step it could restore."""
+  3, and step 6 is moved aside; loading the run's weights, both load step
+  3; a parameter checkpoint it cannot read stops both. Before, a wait
+  inside Orbax's restore that process 1 skipped paired the processes' next
+  collectives off by one: process 0 hung and process 1 found no step it
+  could restore."""
   import shutil  # pylint: disable=import-outside-toplevel
   worker = os.path.join(multihost_common.ROOT, "tests", "restore_worker.py")
   saved = str(tmp_path / "saved")
@@ -143,3 +145,12 @@ def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
       [[sys.executable, worker, "load_validate6", saved]] * 2, local_devices=2,
       timeout=120)
   assert all("loaded 3" in log for log in logs), [l[-2000:] for l in logs]
+  # A parameter checkpoint that process 1 cannot read stops both (process 0
+  # waited in Orbax's restore for it before).
+  logs = multihost_common.run_processes(
+      [[sys.executable, worker, "load_params", saved]] * 2, local_devices=2,
+      timeout=120)
+  assert all("loaded 6" in log for log in logs), [l[-2000:] for l in logs]
+  assert ("stopped: OtherProcessError: Processes [1] could not read the "
+          "parameter checkpoint") in logs[0], logs[0][-2000:]
+  assert "stopped: OSError: injected" in logs[1], logs[1][-2000:]

@@ -248,7 +248,7 @@ def test_inference_loading_skips_a_damaged_latest_step(runs, tmp_path, caplog):
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
 
 
-def test_inference_loading_errors_name_the_setting(runs, tmp_path):
+def test_inference_loading_errors_name_the_setting(runs, tmp_path, caplog):
   model = config(1).model
   with pytest.raises(ckpt_lib.CheckpointNotFoundError,
                      match="--config.tokenizer.checkpoint=DIR"):
@@ -264,9 +264,19 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path):
                          model_name=other.name)
   for damage in ("3", "6"):
     truncate_data_files(os.path.join(_copy_once(runs[1], tmp_path),
-                                             "checkpoints", damage))
+                                     "checkpoints", damage))
   with pytest.raises(ckpt_lib.CheckpointRestoreError, match="step 6.*\n.*step 3"):
     models.load_params(model, _copy_once(runs[1], tmp_path))
+  # A step named (not walked to): its own error, no fallback, no warning
+  # about older steps.
+  named = os.path.join(_copy_once(runs[1], tmp_path), "checkpoints", "6")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                       match=r"Checkpoint step 6 under .* cannot be read "
+                             r"\(ValueError: .*\)\. Name another step"):
+      models.load_params(model, named)
+  assert "older step" not in caplog.text
 
 
 def _copy_once(base, tmp_path):

@@ -102,10 +102,11 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
 
 def restore_item(directory: epath.Path, args: ocp.args.PyTreeRestore):
-  """One step's PyTree item (``<step>/state``) read through the handler:
-  no wait for the other processes, unlike ``CheckpointManager.restore``
-  (which ends in one), so a process whose read fails cannot leave the
-  others paired with the wrong collective."""
+  """A PyTree checkpoint (a step's ``<step>/state``, a parameter
+  checkpoint's ``params``) read through the handler: no wait for the other
+  processes, unlike ``CheckpointManager.restore`` and
+  ``Checkpointer.restore`` (which end in one), so a process whose read
+  fails cannot leave the others paired with the wrong collective."""
   handler = _state_handler()
   try:
     return handler.restore(directory, args=args)
@@ -226,7 +227,7 @@ class Checkpointer:
     if not path.exists():
       return None
     # Read directly: Orbax's restore ends in a wait for every process, which
-    # one whose own read failed would skip (see restore_latest).
+    # one whose own read failed would skip (see first_readable).
     return json.loads((path / "metadata").read_text())
 
   def restore(self, step: int, abstract_state):
@@ -237,9 +238,9 @@ class Checkpointer:
     state_meta = meta["state"] if "state" in meta else None
     if state_meta is not None:
       fit.compare_trees(abstract_state, state_meta,
-                    f"Checkpoint {self.directory / str(step)}")
+                        f"Checkpoint {self.directory / str(step)}")
     # Through the handler: the manager's restore ends in a wait for every
-    # process, which one whose read failed would skip (see restore_latest).
+    # process, which one whose read failed would skip (see first_readable).
     return restore_item(self.directory / str(step) / "state",
                         _restore_args(abstract_state))
 
@@ -345,14 +346,10 @@ class Checkpointer:
       logging.warning("Moved damaged checkpoint %s to %s.", src, dst)
     # A failed rename stops every process (the others wait for process 0).
     multihost.on_process_0(move)
-    error = None
-    try:
-      self.manager.reload()
-    except Exception as e:  # pylint: disable=broad-except
-      error = e
-    multihost.gather_or_raise(0, error, f"could not list {self.directory} "
-                              "after a step was moved aside (their logs say "
-                              "why); run the same command again.")
+    multihost.run_everywhere(self.manager.reload, f"could not list "
+                             f"{self.directory} after a step was moved aside "
+                             "(their logs say why); run the same command "
+                             "again.")
 
   def wait(self):
     self.check(block=True)
@@ -372,7 +369,7 @@ class Walk(NamedTuple):
 
 
 def first_readable(steps: list[int], stages, directory: epath.Path,
-                   what: str = "read") -> Walk:
+                   what: str = "read", log_skipped: bool = True) -> Walk:
   """The first of ``steps`` that every process reads, trying them in order.
 
   Each step runs ``stages`` in turn, ``value = stage(step, value)`` (from
@@ -381,7 +378,8 @@ def first_readable(steps: list[int], stages, directory: epath.Path,
   by all and every process ends on the same step. ``steps`` must be the
   same list on every process (:meth:`Checkpointer.agreed_steps`); stages
   must not wait for the other processes (a process whose stage raised
-  would skip the wait). Skipped steps are logged ("cannot be ``what``").
+  would skip the wait). Skipped steps are logged ("cannot be ``what``")
+  unless not ``log_skipped`` (the caller reports them itself).
 
   Raises:
     CheckpointMismatchError: a stage on this process found a checkpoint of
@@ -402,9 +400,10 @@ def first_readable(steps: list[int], stages, directory: epath.Path,
         break
     if reason is None:
       return Walk(step, value, failed)
-    logging.warning("Checkpoint step %d in %s cannot be %s (%s); %s.", step,
-                    directory, what, reason, "trying the previous step"
-                    if i + 1 < len(steps) else "no older step is left")
+    if log_skipped:
+      logging.warning("Checkpoint step %d in %s cannot be %s (%s); %s.", step,
+                      directory, what, reason, "trying the previous step"
+                      if i + 1 < len(steps) else "no older step is left")
     failed.append((step, reason))
   return Walk(None, None, failed)
 

@@ -23,30 +23,33 @@ def _kvstore_url(path: epath.Path) -> str:
 
 
 def check_ocdbt(state_dir: epath.Path) -> None:
-  """Reads the last byte of every value of the OCDBT database: a truncated
-  data file or a damaged manifest / b-tree node raises here, cheaply, instead
-  of inside Orbax's parallel restore."""
+  """Reads the last byte of every value of the OCDBT database in
+  ``state_dir`` (a step's ``state/``, a parameter checkpoint's ``params/``):
+  a truncated data file or a damaged manifest / b-tree node raises
+  ValueError here, naming it, cheaply, instead of inside Orbax's parallel
+  restore."""
+  name = state_dir.name
   if not (state_dir / "manifest.ocdbt").exists():
     if list(state_dir.glob("ocdbt.process_*")):
-      raise ValueError("state/manifest.ocdbt is missing")
+      raise ValueError(f"{name}/manifest.ocdbt is missing")
     return  # not an OCDBT checkpoint
   kv = ts.KvStore.open({"driver": "ocdbt",
                         "base": _kvstore_url(state_dir)}).result()
   keys = kv.list().result()
   if not keys:
-    raise ValueError("state/ holds no arrays")
+    raise ValueError(f"{name}/ holds no arrays")
   reads = [(k, kv.read(k, byte_range=slice(-1, None))) for k in keys]
   for key, read in reads:
     try:
       result = read.result()
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"state/{key.decode()} is unreadable ({str(e).strip()[:300]})") from e
+      raise ValueError(f"{name}/{key.decode()} is unreadable ({str(e).strip()[:300]})") from e
     if result.state != "value":
-      raise ValueError(f"state/{key.decode()} is missing")
+      raise ValueError(f"{name}/{key.decode()} is missing")
     if len(result.value) != 1:
       # A value whose data file is gone reads as empty bytes, not an error.
-      raise ValueError(f"state/{key.decode()} is empty (its data file under "
-                       "state/ is missing)")
+      raise ValueError(f"{name}/{key.decode()} is empty (its data file under "
+                       f"{name}/ is missing)")
 
 
 def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:

@@ -2,7 +2,8 @@
 tree (names, shapes) and the model settings saved with it. One
 :class:`CheckpointMismatchError` lists every difference and the fix.
 
-Light (no Orbax): converting official weights checks their tree here too.
+It reads no files and imports no Orbax: converted official weights are
+checked against the model here too.
 """
 
 from __future__ import annotations

@@ -112,6 +112,33 @@ def gather_or_raise(value: int, error: BaseException | None,
   return values
 
 
+def run_everywhere(fn: Callable[[], object], failed: str):
+  """``fn()`` on every process, its outcome agreed: returns its value where
+  it returned on every process. Where it raised on any, that process raises
+  its own error and every other one :class:`OtherProcessError`
+  ``"Processes [ids] <failed>"``, so none waits alone in a later
+  collective. ``fn`` must not itself wait for the other processes."""
+  value, error = None, None
+  try:
+    value = fn()
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  gather_or_raise(0, error, failed)
+  return value
+
+
+def decided_on_process_0(fn: Callable[[], int]) -> int:
+  """``fn()`` (an int in int32 range) as process 0 computes it, on every
+  process: a decision about shared storage that every process must follow
+  alike. Its error stops every process (:func:`on_process_0`)."""
+  out = [0]
+
+  def run():
+    out[0] = int(fn())
+  on_process_0(run)
+  return broadcast_ints(out)[0]
+
+
 def check_agree(settings, what: str) -> None:
   """Raises ``OtherProcessError`` on every process unless every process
   passes equal ``settings`` (JSON-serialisable), e.g. the settings that

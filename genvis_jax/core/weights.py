@@ -91,26 +91,20 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     CheckpointNotFoundError: nothing loadable at ``directory``.
     CheckpointMismatchError: the checkpoint is of another model or size.
     CheckpointRestoreError: the step(s) to load are damaged, or a parameter
-      checkpoint's arrays do not match the SHA-256 ``save_params`` recorded.
+      checkpoint's files are, or its arrays do not match the SHA-256
+      ``save_params`` recorded.
+    multihost.OtherProcessError: loading failed on another process (every
+      process must call this; all stop together).
   """
   path = _absolute(directory)
   where = f" ({setting})" if setting else ""
-  if (path / "params").exists():
-    ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(path / "params")
-    meta_tree = getattr(meta, "item_metadata", meta)
-    found = meta_tree["params"] if "params" in meta_tree else meta_tree
-    fit.compare_trees(abstract_params, found,
-                           f"Parameter checkpoint {path}{where}")
-    logging.info("Loading parameters from %s%s.", path / "params", where)
-    params = ocp.PyTreeCheckpointer().restore(
-        path / "params", args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args={"params": _restore_args(abstract_params)}))["params"]
-    _verify_digest(path, params, found, where)
-    return params
-  run, step = _split_step(path)
-  if (run / "checkpoints").exists():
+  # Process 0's view of what the folder holds: every process then takes the
+  # same path through the agreements below.
+  kind = multihost.decided_on_process_0(lambda: _folder_kind(path))
+  if kind == _PARAMS:
+    return _load_param_checkpoint(path, abstract_params, where)
+  if kind == _RUN:
+    run, step = _split_step(path)
     return _load_run_params(run, abstract_params, where, model_name, step)
   raise ckpt_lib.CheckpointNotFoundError(
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
@@ -239,6 +233,58 @@ def run_of(directory: str) -> str:
   return str(_split_step(_absolute(directory))[0])
 
 
+_NOTHING, _PARAMS, _RUN = 0, 1, 2
+
+
+def _folder_kind(path: epath.Path) -> int:
+  """What ``path`` holds: a parameter checkpoint, a training run (or one of
+  its steps), or neither."""
+  if (path / "params").exists():
+    return _PARAMS
+  return _RUN if (_split_step(path)[0] / "checkpoints").exists() else _NOTHING
+
+
+def _load_param_checkpoint(path: epath.Path, abstract_params, where: str):
+  """``path/params`` on ``abstract_params``' shardings, its files checked
+  before Orbax reads them and its digest after. Every process reads it; a
+  failure on any stops all (``multihost.run_everywhere``) instead of
+  leaving the others waiting in their next collective."""
+  failed = (f"could not read the parameter checkpoint {path}{where} (their "
+            "logs say why).")
+
+  def damaged(why):
+    return ckpt_lib.CheckpointRestoreError(
+        f"Parameter checkpoint {path}{where} is damaged: {why}. Convert (or "
+        "copy) the weights again.")
+
+  def check():
+    try:
+      ckpt_files.check_ocdbt(path / "params")
+    except ValueError as e:
+      raise damaged(e) from e
+    meta = ocp.StandardCheckpointer().metadata(path / "params")
+    meta_tree = getattr(meta, "item_metadata", meta)
+    if meta_tree is None:   # Orbax logged why
+      raise damaged("params/_METADATA is missing or unreadable")
+    found = meta_tree["params"] if "params" in meta_tree else meta_tree
+    fit.compare_trees(abstract_params, found,
+                      f"Parameter checkpoint {path}{where}")
+    return found
+
+  def read(found):
+    # Through the handler: Orbax's Checkpointer.restore ends in a wait for
+    # every process, which one whose read failed would skip.
+    params = ckpt_lib.restore_item(path / "params", ocp.args.PyTreeRestore(
+        item={"params": abstract_params},
+        restore_args={"params": _restore_args(abstract_params)}))["params"]
+    _verify_digest(path, params, found, where)
+    return params
+
+  found = multihost.run_everywhere(check, failed)
+  logging.info("Loading parameters from %s%s.", path / "params", where)
+  return multihost.run_everywhere(lambda: read(found), failed)
+
+
 def _split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
   """``(run, step)`` for ``run/checkpoints/<step>``, else ``(path, None)``;
   ``run/checkpoints`` itself means the run. A folder with its own
@@ -329,18 +375,23 @@ def _source(what: str, folder: epath.Path) -> str:
   return f"{what} committed {committed}" if committed else f"{what} at {folder}"
 
 
-def _read_step(ckpt: ckpt_lib.Checkpointer, step: int, where: str,
-               model_name: str):
-  """Step ``step``'s EMA or model parameters as host arrays, and which."""
+def _check_step(ckpt: ckpt_lib.Checkpointer, step: int, where: str,
+                model_name: str) -> None:
+  """Raises unless step ``step``'s files are whole and it is a run of
+  ``model_name`` (any, if empty)."""
   ckpt_files.validate_step(ckpt.directory / str(step), with_data=False)
   saved = ckpt.saved_config(step)
   saved_name = ((saved or {}).get("model") or {}).get("name")
   if model_name and saved_name and saved_name != model_name:
     run = ckpt.directory.parent
-    raise ckpt_lib.CheckpointMismatchError(
+    raise fit.CheckpointMismatchError(
         f"{run}{where} is a training run of model {saved_name!r}; a "
         f"checkpoint of model {model_name!r} is expected here. Point the "
         f"setting at a {model_name!r} run or converted checkpoint.")
+
+
+def _read_step(ckpt: ckpt_lib.Checkpointer, step: int):
+  """Step ``step``'s EMA or model parameters as host arrays, and which."""
   meta = ckpt.manager.item_metadata(step)["state"]
   # Only the weights asked for: the optimizer moments, discriminator and
   # other half of (params, EMA) would triple or quadruple the bytes read
@@ -377,15 +428,18 @@ def _load_run_params(run: epath.Path, abstract_params, where: str,
         f"No checkpoint under {ckpt.directory}{where}: the run has not "
         "saved one yet.")
   # Every process loads the same step or all stop (one that failed alone
-  # would leave the others waiting in their next collective).
+  # would leave the others waiting in their next collective); checked on
+  # all before any reads the weights.
   walk = ckpt_lib.first_readable(
       [step] if step is not None else saved,
-      (lambda s, _: _read_step(ckpt, s, where, model_name),), ckpt.directory)
+      (lambda s, _: _check_step(ckpt, s, where, model_name),
+       lambda s, _: _read_step(ckpt, s)),
+      ckpt.directory, log_skipped=step is None)
   failed = walk.failed
   if walk.step is not None:
     params, kind = walk.value
     fit.compare_trees(abstract_params, params,
-                           f"Checkpoint {run} step {walk.step}{where}")
+                      f"Checkpoint {run} step {walk.step}{where}")
     logging.info("Loading the %s of step %d of %s%s.", kind, walk.step, run,
                  where)
     if failed:
