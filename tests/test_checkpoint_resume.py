@@ -143,9 +143,10 @@ def test_parameter_checkpoints_are_named_by_their_content(tmp_path):
 
 def test_a_cut_parameter_checkpoint_is_refused_before_orbax_reads_it(
     tmp_path):
-  """A parameter checkpoint whose data files were cut short or whose
-  metadata is gone (an interrupted copy) is refused by its file check,
-  naming the damage and the fix (a TypeError from inside Orbax before)."""
+  """A parameter checkpoint whose data files were cut short, whose metadata
+  or manifests are gone (an interrupted copy), or that is a file, is
+  refused with one CheckpointRestoreError naming the damage and the fix
+  (a TypeError or raw TensorStore / OS error from inside Orbax before)."""
   params = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
   x = str(tmp_path / "x")
   weights_lib.save_params(x, params)
@@ -164,6 +165,18 @@ def test_a_cut_parameter_checkpoint_is_refused_before_orbax_reads_it(
   os.remove(os.path.join(x, "params", "_METADATA"))
   with pytest.raises(ckpt_lib.CheckpointRestoreError,
                      match="is damaged: params/_METADATA is missing"):
+    weights_lib.restore_params(x, abstract)
+  # A partial copy without the database's manifests: named, not _METADATA.
+  weights_lib.save_params(x, params)
+  os.remove(os.path.join(x, "params", "manifest.ocdbt"))
+  shutil.rmtree(os.path.join(x, "params", "ocdbt.process_0"))
+  with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                     match="is damaged: params/manifest.ocdbt is missing"):
+    weights_lib.restore_params(x, abstract)
+  shutil.rmtree(os.path.join(x, "params"))
+  open(os.path.join(x, "params"), "w").close()     # not even a folder
+  with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                     match="is damaged|cannot be read"):
     weights_lib.restore_params(x, abstract)
 
 

@@ -153,4 +153,6 @@ def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
   assert all("loaded 6" in log for log in logs), [l[-2000:] for l in logs]
   assert ("stopped: OtherProcessError: Processes [1] could not read the "
           "parameter checkpoint") in logs[0], logs[0][-2000:]
-  assert "stopped: OSError: injected" in logs[1], logs[1][-2000:]
+  assert ("stopped: CheckpointRestoreError: Parameter checkpoint "
+          f"{saved}/weights cannot be read (OSError: injected") in logs[1], (
+              logs[1][-2000:])

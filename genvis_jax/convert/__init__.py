@@ -34,6 +34,7 @@ import numpy as np
 
 from genvis_jax import errors, models
 from genvis_jax.convert import io, tree
+from genvis_jax.core import multihost
 from genvis_jax.core import registry
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError, compare_trees
@@ -161,9 +162,13 @@ def load_weights(path: str, expected=None, *,
   path came from, ``what`` the weights, ``fetch`` how to get them (all for
   the messages). Raises ``CheckpointFileNotFoundError`` (nothing there),
   ``CheckpointFileError`` (unreadable file, or official names without a
-  ``convert``) and ``CheckpointMismatchError`` (other names or shapes).
+  ``convert``) and ``CheckpointMismatchError`` (other names or shapes). On
+  a multi-process job every process calls it (a directory is read on all,
+  its outcome agreed: ``core.weights.restore_params``).
   """
-  if os.path.isdir(path):
+  # Process 0's view: every process then takes the same path (a directory
+  # is read with collectives, a file without).
+  if multihost.decided_on_process_0(lambda: os.path.isdir(path)):
     if expected is None:
       raise errors.CheckpointFileError(
           f"{path} ({setting}) is a directory; these {what} are read from one "

@@ -22,6 +22,16 @@ def _kvstore_url(path: epath.Path) -> str:
   return text if "://" in text else "file://" + os.path.abspath(text) + "/"
 
 
+def _saved_with_ocdbt(state_dir: epath.Path) -> bool:
+  """Whether Orbax's ``_METADATA`` says the arrays were written to OCDBT
+  (False where it cannot tell)."""
+  try:
+    return bool(json.loads((state_dir / "_METADATA").read_text())
+                .get("use_ocdbt"))
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def check_ocdbt(state_dir: epath.Path) -> None:
   """Reads the last byte of every value of the OCDBT database in
   ``state_dir`` (a step's ``state/``, a parameter checkpoint's ``params/``):
@@ -30,7 +40,7 @@ def check_ocdbt(state_dir: epath.Path) -> None:
   restore."""
   name = state_dir.name
   if not (state_dir / "manifest.ocdbt").exists():
-    if list(state_dir.glob("ocdbt.process_*")):
+    if list(state_dir.glob("ocdbt.process_*")) or _saved_with_ocdbt(state_dir):
       raise ValueError(f"{name}/manifest.ocdbt is missing")
     return  # not an OCDBT checkpoint
   kv = ts.KvStore.open({"driver": "ocdbt",

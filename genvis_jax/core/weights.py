@@ -33,6 +33,7 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
+from genvis_jax.errors import UserError
 
 
 # Beside ``DIR/params``: the content digest that names those weights.
@@ -103,8 +104,8 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
   kind = multihost.decided_on_process_0(lambda: _folder_kind(path))
   if kind == _PARAMS:
     return _load_param_checkpoint(path, abstract_params, where)
-  if kind == _RUN:
-    run, step = _split_step(path)
+  if kind in (_RUN, _IN_RUN):
+    run, step = (path, None) if kind == _RUN else _split_names(path)
     return _load_run_params(run, abstract_params, where, model_name, step)
   raise ckpt_lib.CheckpointNotFoundError(
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
@@ -233,15 +234,18 @@ def run_of(directory: str) -> str:
   return str(_split_step(_absolute(directory))[0])
 
 
-_NOTHING, _PARAMS, _RUN = 0, 1, 2
+_NOTHING, _PARAMS, _RUN, _IN_RUN = 0, 1, 2, 3
 
 
 def _folder_kind(path: epath.Path) -> int:
-  """What ``path`` holds: a parameter checkpoint, a training run (or one of
-  its steps), or neither."""
+  """What ``path`` holds: a parameter checkpoint, a training run, a run's
+  ``checkpoints`` folder or one of its steps (``_IN_RUN``), or neither."""
   if (path / "params").exists():
     return _PARAMS
-  return _RUN if (_split_step(path)[0] / "checkpoints").exists() else _NOTHING
+  if (path / "checkpoints").exists():
+    return _RUN
+  run = _split_names(path)[0]
+  return _IN_RUN if run != path and (run / "checkpoints").exists() else _NOTHING
 
 
 def _load_param_checkpoint(path: epath.Path, abstract_params, where: str):
@@ -258,10 +262,9 @@ def _load_param_checkpoint(path: epath.Path, abstract_params, where: str):
         "copy) the weights again.")
 
   def check():
-    try:
-      ckpt_files.check_ocdbt(path / "params")
-    except ValueError as e:
-      raise damaged(e) from e
+    if not ocp.step.is_path_finalized(path / "params"):
+      raise damaged("its save did not finish (Orbax never finalized it)")
+    ckpt_files.check_ocdbt(path / "params")
     meta = ocp.StandardCheckpointer().metadata(path / "params")
     meta_tree = getattr(meta, "item_metadata", meta)
     if meta_tree is None:   # Orbax logged why
@@ -280,9 +283,26 @@ def _load_param_checkpoint(path: epath.Path, abstract_params, where: str):
     _verify_digest(path, params, found, where)
     return params
 
-  found = multihost.run_everywhere(check, failed)
+  def as_damage(fn):
+    """``fn``'s storage and format errors (TensorStore's are ValueErrors)
+    as one ``CheckpointRestoreError``; the user errors it raises as is."""
+    try:
+      return fn()
+    except UserError:
+      raise
+    except ValueError as e:   # the file checks', TensorStore's: damage
+      raise damaged(ckpt_lib.first_line(e).split(": ", 1)[1]) from e
+    except OSError as e:      # maybe storage that is away for now
+      raise ckpt_lib.CheckpointRestoreError(
+          f"Parameter checkpoint {path}{where} cannot be read "
+          f"({ckpt_lib.first_line(e)}). Check that its storage is reachable "
+          "from this host; if it was copied or converted only in part, "
+          "convert (or copy) the weights again.") from e
+
+  found = multihost.run_everywhere(lambda: as_damage(check), failed)
   logging.info("Loading parameters from %s%s.", path / "params", where)
-  return multihost.run_everywhere(lambda: read(found), failed)
+  return multihost.run_everywhere(lambda: as_damage(lambda: read(found)),
+                                  failed)
 
 
 def _split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
@@ -291,6 +311,13 @@ def _split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
   ``checkpoints/`` is a run whatever its name (``checkpoints/20240601``)."""
   if (path / "checkpoints").exists():
     return path, None
+  return _split_names(path)
+
+
+def _split_names(path: epath.Path) -> tuple[epath.Path, int | None]:
+  """:func:`_split_step` by the names alone: ``run/checkpoints/<step>`` ->
+  ``(run, step)``, ``run/checkpoints`` -> ``(run, None)``, else
+  ``(path, None)``."""
   if path.name.isdigit() and path.parent.name == "checkpoints":
     return path.parent.parent, int(path.name)
   if path.name == "checkpoints":
