@@ -59,10 +59,20 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-  """Workdirs of the checkpoint-damage and resume-agreement tests
-  (``small_run.build_runs``): an uninterrupted 9-step run's leaves and a
-  6-step workdir with checkpoints 3, 6, built once per test process (copy
-  it before changing)."""
+def base_run(tmp_path_factory):
+  """A 6-step workdir of ``small_run.config`` with checkpoints 3 and 6,
+  built once per test process (copy it before changing it)."""
   from tests import small_run  # pylint: disable=import-outside-toplevel
-  return small_run.build_runs(tmp_path_factory.mktemp("reliability"))
+  wd = tmp_path_factory.mktemp("base_run") / "wd"
+  small_run.train(6, wd)
+  assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6"]
+  return str(wd)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, base_run):
+  """The checkpoint-damage tests' pair: the leaves of an uninterrupted
+  9-step run (what a resume must equal bit for bit) and ``base_run``."""
+  from tests import small_run  # pylint: disable=import-outside-toplevel
+  full = small_run.train(9, tmp_path_factory.mktemp("full_run") / "wd")
+  return small_run.leaves(full), base_run

@@ -1,18 +1,27 @@
-"""One process of the 2-process restore test (tests/test_multihost.py): a
-tiny sharded state saved at steps 3 and 6 (``save``), then restored with one
-process failing to read step 6 (``validate6``: its file check, ``restore6``:
-its shard), or listing step 3 alone (``listing``), or none (``intact``);
-``load_validate6`` loads the run's parameters (``init_from``) instead.
-Prints ``restored step N`` (``loaded N``). ``load_params`` loads the
-parameter checkpoint ``save`` wrote beside (``WORKDIR/weights``), intact,
-then with process 1 failing to read it: prints ``loaded N``, then
-``stopped: <error>``.
+"""One process of the 2-process restore test (tests/test_multihost.py).
 
-  python tests/restore_worker.py save|validate6|restore6|listing|intact|load_validate6|load_params WORKDIR
+  python tests/restore_worker.py save WORKDIR
+  python tests/restore_worker.py MODE=WORKDIR [MODE=WORKDIR ...]
+
+``save`` writes a tiny sharded state at steps 3 and 6, and step 6's weights
+as a parameter checkpoint beside them (``WORKDIR/weights``). Then each MODE
+runs in turn (one process start for all: starting two is most of a case's
+cost), on its own copy of that WORKDIR:
+
+- ``validate6`` / ``restore6``: process 1 fails its file check / its read
+  of step 6; ``listing``: process 1 lists step 3 alone; ``intact``: none.
+  Prints ``MODE: restored step N holding V``.
+- ``load_validate6``: the run's weights are loaded (``init_from``) with
+  process 1 failing step 6's file check. Prints ``MODE: loaded V``.
+- ``load_params``: the parameter checkpoint is loaded intact, then with
+  process 1 unable to read it. Prints ``MODE: loaded V`` and
+  ``MODE: stopped: <error>``.
 """
 
+import contextlib
 import os
 import sys
+from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -35,15 +44,16 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from genvis_jax.core import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genvis_jax.core import checkpoint_files as ckpt_files  # pylint: disable=g-import-not-at-top
+from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
 from genvis_jax.train import distributed  # pylint: disable=g-import-not-at-top
 
-mode, workdir = sys.argv[1:3]
 distributed.maybe_initialize()
 sharding = jax.sharding.NamedSharding(
     jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
     jax.sharding.PartitionSpec("data"))
 config = ml_collections.ConfigDict({"model": {"name": "tiny", "width": 4}})
-ckpt = ckpt_lib.Checkpointer(workdir, keep=5)
+abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}
+on_1 = jax.process_index() == 1
 
 
 class _Position:
@@ -51,7 +61,8 @@ class _Position:
     return {"next_index": 0}
 
 
-if mode == "save":
+def save(workdir):
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=5)
   for step in (3, 6):
     w = jax.make_array_from_callback(
         (4,), sharding, lambda i, s=step: np.full(4, s, np.float32)[i])
@@ -59,9 +70,7 @@ if mode == "save":
               data_seed=0)
     ckpt.wait()
   ckpt.close()
-  from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
   weights.save_params(os.path.join(workdir, "weights"), {"w": w})
-  sys.exit(0)
 
 
 def _fail_at_step_6(fn, what):
@@ -72,35 +81,52 @@ def _fail_at_step_6(fn, what):
   return wrapped
 
 
-if jax.process_index() == 1 and mode in ("validate6", "load_validate6"):
-  ckpt_files.validate_step = _fail_at_step_6(ckpt_files.validate_step, "a file")
-if jax.process_index() == 1 and mode == "restore6":
-  ckpt_lib.Checkpointer.restore = _fail_at_step_6(ckpt_lib.Checkpointer.restore,
-                                                  "a shard")
-if jax.process_index() == 1 and mode == "listing":   # a stale listing
-  ckpt.manager.all_steps = lambda: [3]
-abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}
-if mode == "load_params":      # a converted checkpoint (init_from, teachers)
-  from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
-  where = os.path.join(workdir, "weights")
-  w = weights.restore_params(where, abstract)["w"]
-  print(f"loaded {float(np.asarray(w.addressable_data(0))[0]):g}", flush=True)
-  if jax.process_index() == 1:
-    def _unreadable(*args, **kwargs):
-      raise OSError("injected: cannot read the parameter checkpoint")
-    ckpt_lib.restore_item = _unreadable
-  try:
-    weights.restore_params(where, abstract)
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"stopped: {type(e).__name__}: {e}", flush=True)
+def _first(w) -> str:
+  return f"{float(np.asarray(w.addressable_data(0))[0]):g}"
+
+
+def run(mode, workdir, patches):
+  """Mode ``mode`` on ``workdir``; yields its output lines."""
+  if on_1 and mode in ("validate6", "load_validate6"):
+    patches.enter_context(mock.patch.object(
+        ckpt_files, "validate_step",
+        _fail_at_step_6(ckpt_files.validate_step, "a file")))
+  if on_1 and mode == "restore6":
+    patches.enter_context(mock.patch.object(
+        ckpt_lib.Checkpointer, "restore",
+        _fail_at_step_6(ckpt_lib.Checkpointer.restore, "a shard")))
+  if mode == "load_params":      # a converted checkpoint (init_from, teachers)
+    where = os.path.join(workdir, "weights")
+    yield f"loaded {_first(weights.restore_params(where, abstract)['w'])}"
+    if on_1:
+      def unreadable(*args, **kwargs):
+        raise OSError("injected: cannot read the parameter checkpoint")
+      patches.enter_context(mock.patch.object(ckpt_lib, "restore_item",
+                                              unreadable))
+    try:
+      weights.restore_params(where, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      yield f"stopped: {type(e).__name__}: {e}"
+    return
+  if mode.startswith("load_"):   # init_from / tokenizer.checkpoint of the run
+    w = weights.restore_params(workdir, abstract, model_name="tiny")["w"]
+    yield f"loaded {_first(w)}"
+    return
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=5)
+  if on_1 and mode == "listing":   # a stale listing
+    ckpt.manager.all_steps = lambda: [3]
+  restored = ckpt.restore_latest({"params": {"model": abstract}}, config,
+                                 with_data=True)
+  w = restored.state["params"]["model"]["w"]
+  yield f"restored step {restored.step} holding {_first(w)}"
+  ckpt.close()
+
+
+if sys.argv[1] == "save":
+  save(sys.argv[2])
   sys.exit(0)
-if mode.startswith("load_"):   # init_from / tokenizer.checkpoint of the run
-  from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
-  w = weights.restore_params(workdir, abstract, model_name="tiny")["w"]
-  print(f"loaded {float(np.asarray(w.addressable_data(0))[0]):g}", flush=True)
-  sys.exit(0)
-restored = ckpt.restore_latest({"params": {"model": abstract}}, config,
-                               with_data=True)
-w = restored.state["params"]["model"]["w"]
-value = float(np.asarray(w.addressable_data(0))[0])
-print(f"restored step {restored.step} holding {value:g}", flush=True)
+for arg in sys.argv[1:]:
+  mode, workdir = arg.split("=", 1)
+  with contextlib.ExitStack() as patches:
+    for line in run(mode, workdir, patches):
+      print(f"{mode}: {line}", flush=True)

@@ -1,7 +1,7 @@
 """The smallest resumable training run (a classifier on the demo data, 8
 fake devices, checkpoints every 3 steps) and its workdirs, shared by the
-checkpoint, reliability, stop and multi-host tests (``runs`` in
-conftest.py)."""
+checkpoint, reliability, stop and multi-host tests (``base_run`` and
+``runs`` in conftest.py)."""
 
 import os
 import shutil
@@ -39,15 +39,10 @@ def leaves(state):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
 
 
-def build_runs(root):
-  """An uninterrupted 9-step run's leaves, and a 6-step workdir under
-  ``root`` with checkpoints 3, 6."""
+def train(num_steps, workdir):
+  """Trains ``config(num_steps)`` in ``workdir``; the final train state."""
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  full = trainer_lib.train_and_evaluate(config(9), str(root / "full"))
-  part = str(root / "base")
-  trainer_lib.train_and_evaluate(config(6), part)
-  assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["3", "6"]
-  return leaves(full), part
+  return trainer_lib.train_and_evaluate(config(num_steps), str(workdir))
 
 
 def copy_run(base, tmp_path):

@@ -130,29 +130,29 @@ def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
   saved = str(tmp_path / "saved")
   multihost_common.run_processes([[sys.executable, worker, "save", saved]] * 2,
                                  local_devices=2, timeout=120)
-  # A process whose listing lacks step 6 follows process 0's list.
-  for mode, step in (("validate6", 3), ("restore6", 3), ("listing", 6),
-                     ("intact", 6)):
-    wd = shutil.copytree(saved, str(tmp_path / mode))
-    logs = multihost_common.run_processes(
-        [[sys.executable, worker, mode, wd]] * 2, local_devices=2, timeout=120)
-    for log in logs:
-      assert f"restored step {step} holding {step}" in log, (mode, log[-2000:])
-    assert ("corrupt-6" in os.listdir(os.path.join(wd, "checkpoints"))) == (
-        step == 3), mode
+  # One start of both processes for every case (a start is most of the
+  # cost); each case on its own copy. A process whose listing lacks step 6
+  # follows process 0's list.
+  cases = (("validate6", 3), ("restore6", 3), ("listing", 6), ("intact", 6))
+  args = [f"{mode}={shutil.copytree(saved, str(tmp_path / mode))}"
+          for mode, _ in cases]
   # Loading the run's weights (init_from): both load step 3, nothing moved.
-  logs = multihost_common.run_processes(
-      [[sys.executable, worker, "load_validate6", saved]] * 2, local_devices=2,
-      timeout=120)
-  assert all("loaded 3" in log for log in logs), [l[-2000:] for l in logs]
   # A parameter checkpoint that process 1 cannot read stops both (process 0
   # waited in Orbax's restore for it before).
+  args += [f"load_validate6={saved}", f"load_params={saved}"]
   logs = multihost_common.run_processes(
-      [[sys.executable, worker, "load_params", saved]] * 2, local_devices=2,
-      timeout=120)
-  assert all("loaded 6" in log for log in logs), [l[-2000:] for l in logs]
-  assert ("stopped: OtherProcessError: Processes [1] could not read the "
-          "parameter checkpoint") in logs[0], logs[0][-2000:]
-  assert ("stopped: CheckpointRestoreError: Parameter checkpoint "
-          f"{saved}/weights cannot be read (OSError: injected") in logs[1], (
-              logs[1][-2000:])
+      [[sys.executable, worker, *args]] * 2, local_devices=2, timeout=180)
+  for mode, step in cases:
+    for log in logs:
+      assert f"{mode}: restored step {step} holding {step}\n" in log, (
+          mode, log[-3000:])
+    assert ("corrupt-6" in os.listdir(tmp_path / mode / "checkpoints")) == (
+        step == 3), mode
+  assert all("load_validate6: loaded 3\n" in log for log in logs), logs
+  assert all("load_params: loaded 6\n" in log for log in logs), logs
+  assert ("load_params: stopped: OtherProcessError: Processes [1] could not "
+          "read the parameter checkpoint") in logs[0], logs[0][-2000:]
+  assert ("load_params: stopped: CheckpointRestoreError: Parameter "
+          f"checkpoint {saved}/weights cannot be read (OSError: injected"
+          ) in logs[1], logs[1][-2000:]
+  assert sorted(os.listdir(os.path.join(saved, "checkpoints"))) == ["3", "6"]

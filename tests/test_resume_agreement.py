@@ -14,7 +14,7 @@ import pytest
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import multihost
 from genvis_jax.train import trainer as trainer_lib
-from tests.small_run import config, copy_run, leaves
+from tests.small_run import config, copy_run
 
 
 def _saved_with_data_seed(step_dir, seed):
@@ -41,7 +41,7 @@ OTHER_PROCESS = {
 
 
 @pytest.mark.parametrize("case", sorted(OTHER_PROCESS))
-def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
+def test_processes_agree_on_the_input_position(base_run, tmp_path, monkeypatch,
                                                caplog, case):
   """Every process reaches each collective of a resume, whatever it alone
   read: one that cannot read its position (storage) stops them all, with
@@ -49,7 +49,7 @@ def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
   holds a collective on token data: a process that skipped it hung the
   others); one whose position does not fit, or whose files hold another
   data seed, makes every process draw the order afresh."""
-  wd = copy_run(runs[1], tmp_path)
+  wd = copy_run(base_run, tmp_path)
   _saved_with_data_seed(os.path.join(wd, "checkpoints", "6"), 7)
   # The first two agree that step 6 reads and restores on both.
   answers, events = [None, None, *OTHER_PROCESS[case]], []
@@ -87,11 +87,11 @@ def test_processes_agree_on_the_input_position(runs, tmp_path, monkeypatch,
 
 
 def test_a_storage_error_reading_the_position_is_told_to_every_process(
-    runs, tmp_path, monkeypatch):
+    base_run, tmp_path, monkeypatch):
   """Any error reading this process's position (a bucket's 503 may come as
   the file system backend's own error type, not OSError) is told to the
   other processes (-1 in the agreement) before it is raised here."""
-  wd = copy_run(runs[1], tmp_path)
+  wd = copy_run(base_run, tmp_path)
   told = []
 
   def unavailable(self, step):
@@ -107,13 +107,12 @@ def test_a_storage_error_reading_the_position_is_told_to_every_process(
 
 
 @pytest.mark.parametrize("other", ["unreadable", "other_config"])
-def test_processes_restore_the_same_step(runs, tmp_path, monkeypatch, caplog,
-                                         other):
+def test_processes_restore_the_same_step(base_run, tmp_path, monkeypatch,
+                                         caplog, other):
   """A step that process 1 alone cannot read is skipped by every process
   (a process falling back alone restored another step than the others); one
   that process 1 finds saved with another config stops every process."""
-  full, base = runs
-  wd = copy_run(base, tmp_path)
+  wd = copy_run(base_run, tmp_path)
   answers = [1 if other == "unreadable" else 2]   # process 1, at step 6
 
   def gather_ints(v):
@@ -127,14 +126,15 @@ def test_processes_restore_the_same_step(runs, tmp_path, monkeypatch, caplog,
       trainer_lib.train_and_evaluate(config(9), wd)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
     return
+  seen = []
   with caplog.at_level(logging.WARNING):
-    resumed = trainer_lib.train_and_evaluate(config(9), wd)
+    trainer_lib.train_loop(config(9), wd, on_log=lambda s, _: seen.append(s))
   assert ("Checkpoint step 6 in {} cannot be restored (it cannot be read on "
           "processes [1]".format(os.path.join(wd, "checkpoints"))) in caplog.text
   assert os.path.isdir(os.path.join(wd, "checkpoints", "corrupt-6"))
-  for a, b in zip(full, leaves(resumed)):      # steps 4..9 redone from 3
-    np.testing.assert_array_equal(a, b)
-
+  # Steps 4..9 redone from step 3 (that this equals an uninterrupted run:
+  # test_reliability's damage cases).
+  assert seen == [4, 6, 8, 9], seen
 
 
 def test_first_readable_agrees_after_each_stage(monkeypatch, caplog, tmp_path):

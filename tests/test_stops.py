@@ -10,15 +10,16 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.errors import UserError
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import trainer as trainer_lib
+from tests import small_run
 from tests.small_run import config, copy_run, leaves
 
 
 @pytest.fixture(scope="module")
 def step_3_run(tmp_path_factory):
   """A workdir whose newest checkpoint is step 3 (copy before changing)."""
-  wd = str(tmp_path_factory.mktemp("stops") / "wd")
-  trainer_lib.train_and_evaluate(config(3), wd)
-  return wd
+  wd = tmp_path_factory.mktemp("stops") / "wd"
+  small_run.train(3, wd)
+  return str(wd)
 
 
 def test_exploding_run_stops_with_clear_error_and_keeps_checkpoint(step_3_run,
