@@ -15,6 +15,11 @@ from a copied folder or the same official weights converted again (the same
 ones). :func:`resolve` / :func:`resolve_all`
 pin a run to its newest step's folder (on process 0, for every process), so
 what such a run records is what it loads.
+
+On a multi-host job every process calls the loaders: what a folder holds is
+decided on process 0, and the outcome of each check and read is agreed, so
+every process loads the same weights or all stop (a host that cannot read
+them is named) instead of some waiting for the rest.
 """
 
 from __future__ import annotations
