@@ -12,7 +12,8 @@ cost), on its own copy of that WORKDIR:
   of step 6; ``listing``: process 1 lists step 3 alone; ``intact``: none.
   Prints ``MODE: restored step N holding V``.
 - ``load_validate6``: the run's weights are loaded (``init_from``) with
-  process 1 failing step 6's file check. Prints ``MODE: loaded V``.
+  process 1 failing step 6's file check; ``load_listing``: with process 1
+  unable to list the run's steps. Prints ``MODE: loaded V``.
 - ``load_params``: the parameter checkpoint is loaded intact, then with
   process 1 unable to read it. Prints ``MODE: loaded V`` and
   ``MODE: stopped: <error>``.
@@ -41,6 +42,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
 from genvis_jax.core import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genvis_jax.core import checkpoint_files as ckpt_files  # pylint: disable=g-import-not-at-top
@@ -108,6 +110,13 @@ def run(mode, workdir, patches):
     except Exception as e:  # pylint: disable=broad-except
       yield f"stopped: {type(e).__name__}: {e}"
     return
+  if on_1 and mode == "load_listing":   # only process 0 may list them
+    def unlistable(*args, **kwargs):
+      raise OSError("injected: cannot list the steps")
+    for name in ("checkpoint_steps", "checkpoint_steps_paths"):
+      patches.enter_context(mock.patch.object(ocp.step, name, unlistable))
+    patches.enter_context(mock.patch.object(ocp, "CheckpointManager",
+                                            unlistable))
   if mode.startswith("load_"):   # init_from / tokenizer.checkpoint of the run
     w = weights.restore_params(workdir, abstract, model_name="tiny")["w"]
     yield f"loaded {_first(w)}"

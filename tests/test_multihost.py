@@ -136,10 +136,12 @@ def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
   cases = (("validate6", 3), ("restore6", 3), ("listing", 6), ("intact", 6))
   args = [f"{mode}={shutil.copytree(saved, str(tmp_path / mode))}"
           for mode, _ in cases]
-  # Loading the run's weights (init_from): both load step 3, nothing moved.
+  # Loading the run's weights (init_from): both load step 3, nothing moved;
+  # only process 0 lists the run's steps.
   # A parameter checkpoint that process 1 cannot read stops both (process 0
   # waited in Orbax's restore for it before).
-  args += [f"load_validate6={saved}", f"load_params={saved}"]
+  args += [f"load_validate6={saved}", f"load_listing={saved}",
+           f"load_params={saved}"]
   logs = multihost_common.run_processes(
       [[sys.executable, worker, *args]] * 2, local_devices=2, timeout=180)
   for mode, step in cases:
@@ -149,6 +151,7 @@ def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
     assert ("corrupt-6" in os.listdir(tmp_path / mode / "checkpoints")) == (
         step == 3), mode
   assert all("load_validate6: loaded 3\n" in log for log in logs), logs
+  assert all("load_listing: loaded 6\n" in log for log in logs), logs
   assert all("load_params: loaded 6\n" in log for log in logs), logs
   assert ("load_params: stopped: OtherProcessError: Processes [1] could not "
           "read the parameter checkpoint") in logs[0], logs[0][-2000:]

@@ -114,6 +114,16 @@ def restore_item(directory: epath.Path, args: ocp.args.PyTreeRestore):
     handler.close()
 
 
+def state_metadata(step_dir: epath.Path):
+  """The tree of shapes and dtypes saved in ``<step>/state`` (read through
+  the handler, as :func:`restore_item`)."""
+  handler = _state_handler()
+  try:
+    return handler.metadata(step_dir / "state")
+  finally:
+    handler.close()
+
+
 def _restore_args(abstract_state):
   """PyTree restore into ``abstract_state`` (shapes, dtypes, shardings)."""
   return ocp.args.PyTreeRestore(
@@ -223,22 +233,15 @@ class Checkpointer:
         "--workdir.")
 
   def saved_config(self, step: int) -> dict | None:
-    path = self.directory / str(step) / "config"
-    if not path.exists():
-      return None
-    # Read directly: Orbax's restore ends in a wait for every process, which
-    # one whose own read failed would skip (see first_readable).
-    return json.loads((path / "metadata").read_text())
+    return ckpt_files.saved_config(self.directory / str(step))
 
   def restore(self, step: int, abstract_state):
     """Restores the train state into ``abstract_state`` (ShapeDtypeStructs
     with shardings; Orbax reshards onto them, whatever mesh and process
     count wrote the step)."""
-    meta = self.manager.item_metadata(step)
-    state_meta = meta["state"] if "state" in meta else None
-    if state_meta is not None:
-      fit.compare_trees(abstract_state, state_meta,
-                        f"Checkpoint {self.directory / str(step)}")
+    fit.compare_trees(abstract_state,
+                      state_metadata(self.directory / str(step)),
+                      f"Checkpoint {self.directory / str(step)}")
     # Through the handler: the manager's restore ends in a wait for every
     # process, which one whose read failed would skip (see first_readable).
     return restore_item(self.directory / str(step) / "state",

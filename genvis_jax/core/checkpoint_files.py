@@ -89,6 +89,16 @@ def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
   check_ocdbt(state)
 
 
+def saved_config(step_dir: epath.Path) -> dict | None:
+  """The run config saved with ``checkpoints/<step>`` (``config/``), read
+  directly (Orbax's restore ends in a wait for every process); None where
+  none was saved."""
+  path = step_dir / "config"
+  if not path.exists():
+    return None
+  return json.loads((path / "metadata").read_text())
+
+
 _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 

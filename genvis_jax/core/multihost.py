@@ -127,16 +127,19 @@ def run_everywhere(fn: Callable[[], object], failed: str):
   return value
 
 
-def decided_on_process_0(fn: Callable[[], int]) -> int:
-  """``fn()`` (an int in int32 range) as process 0 computes it, on every
-  process: a decision about shared storage that every process must follow
-  alike. Its error stops every process (:func:`on_process_0`)."""
-  out = [0]
+def ints_on_process_0(fn: Callable[[], list[int]]) -> list[int]:
+  """``fn()`` (ints in int32 range) as process 0 computes it, on every
+  process: what process 0 sees of shared storage (a listing, a decision),
+  which every process must follow alike. Its error stops every process
+  (:func:`on_process_0`)."""
+  out = []
+  on_process_0(lambda: out.extend(int(v) for v in fn()))
+  return broadcast_ints(out)
 
-  def run():
-    out[0] = int(fn())
-  on_process_0(run)
-  return broadcast_ints(out)[0]
+
+def decided_on_process_0(fn: Callable[[], int]) -> int:
+  """:func:`ints_on_process_0` of one int."""
+  return ints_on_process_0(lambda: [fn()])[0]
 
 
 def check_agree(settings, what: str) -> None:

@@ -407,24 +407,23 @@ def _source(what: str, folder: epath.Path) -> str:
   return f"{what} committed {committed}" if committed else f"{what} at {folder}"
 
 
-def _check_step(ckpt: ckpt_lib.Checkpointer, step: int, where: str,
+def _check_step(folder: epath.Path, step: int, where: str,
                 model_name: str) -> None:
   """Raises unless step ``step``'s files are whole and it is a run of
   ``model_name`` (any, if empty)."""
-  ckpt_files.validate_step(ckpt.directory / str(step), with_data=False)
-  saved = ckpt.saved_config(step)
+  ckpt_files.validate_step(folder / str(step), with_data=False)
+  saved = ckpt_files.saved_config(folder / str(step))
   saved_name = ((saved or {}).get("model") or {}).get("name")
   if model_name and saved_name and saved_name != model_name:
-    run = ckpt.directory.parent
     raise fit.CheckpointMismatchError(
-        f"{run}{where} is a training run of model {saved_name!r}; a "
-        f"checkpoint of model {model_name!r} is expected here. Point the "
+        f"{folder.parent}{where} is a training run of model {saved_name!r}; "
+        f"a checkpoint of model {model_name!r} is expected here. Point the "
         f"setting at a {model_name!r} run or converted checkpoint.")
 
 
-def _read_step(ckpt: ckpt_lib.Checkpointer, step: int):
+def _read_step(folder: epath.Path, step: int):
   """Step ``step``'s EMA or model parameters as host arrays, and which."""
-  meta = ckpt.manager.item_metadata(step)["state"]
+  meta = ckpt_lib.state_metadata(folder / str(step))
   # Only the weights asked for: the optimizer moments, discriminator and
   # other half of (params, EMA) would triple or quadruple the bytes read
   # (RAR-XL fp32: 11.5 GB for its 3.8 GB of weights).
@@ -437,7 +436,7 @@ def _read_step(ckpt: ckpt_lib.Checkpointer, step: int):
   # Through the handler: the manager's restore ends in a wait for every
   # process, which one whose read failed would skip (see
   # checkpoint.first_readable).
-  state = ckpt_lib.restore_item(ckpt.directory / str(step) / "state",
+  state = ckpt_lib.restore_item(folder / str(step) / "state",
                                 ocp.args.PyTreeRestore(
                                     item=want, restore_args=as_numpy,
                                     partial_restore=True))
@@ -448,25 +447,28 @@ def _load_run_params(run: epath.Path, abstract_params, where: str,
                      model_name: str, step: int | None):
   """A training run's newest loadable step (or ``step``), as arrays on
   ``abstract_params``' shardings (the run may have used another topology)."""
-  ckpt = ckpt_lib.Checkpointer(str(run), async_save=False)
-  saved = ckpt.agreed_steps()
+  folder = run / "checkpoints"
+  # Process 0's listing of the finalized steps, newest first. No Orbax
+  # manager: building one waits for every process after each has listed the
+  # steps on its own (one whose listing failed left the others waiting).
+  saved = multihost.ints_on_process_0(lambda: _candidate_steps(run, None))
   if step is not None and step not in saved:
     raise ckpt_lib.CheckpointNotFoundError(
-        f"No checkpoint step {step} under {ckpt.directory}{where}; saved "
+        f"No checkpoint step {step} under {folder}{where}; saved "
         f"steps: {sorted(saved) or 'none'}. Name one of them, or the run's "
         f"workdir {run} for its newest.")
   if not saved:
     raise ckpt_lib.CheckpointNotFoundError(
-        f"No checkpoint under {ckpt.directory}{where}: the run has not "
+        f"No checkpoint under {folder}{where}: the run has not "
         "saved one yet.")
   # Every process loads the same step or all stop (one that failed alone
   # would leave the others waiting in their next collective); checked on
   # all before any reads the weights.
   walk = ckpt_lib.first_readable(
       [step] if step is not None else saved,
-      (lambda s, _: _check_step(ckpt, s, where, model_name),
-       lambda s, _: _read_step(ckpt, s)),
-      ckpt.directory, log_skipped=step is None)
+      (lambda s, _: _check_step(folder, s, where, model_name),
+       lambda s, _: _read_step(folder, s)),
+      folder, log_skipped=step is None)
   failed = walk.failed
   if walk.step is not None:
     params, kind = walk.value
@@ -483,9 +485,9 @@ def _load_run_params(run: epath.Path, abstract_params, where: str,
         abstract_params, params)
   if step is not None:
     raise ckpt_lib.CheckpointRestoreError(
-        f"Checkpoint step {step} under {ckpt.directory}{where} cannot be read "
+        f"Checkpoint step {step} under {folder}{where} cannot be read "
         f"({failed[0][1]}). Name another step, or the run's workdir {run} for "
         "its newest readable one.")
   raise ckpt_lib.CheckpointRestoreError(
-      f"No checkpoint step under {ckpt.directory}{where} can be read; "
+      f"No checkpoint step under {folder}{where} can be read; "
       "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))
