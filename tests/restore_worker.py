@@ -113,7 +113,8 @@ def run(mode, workdir, patches):
   if on_1 and mode == "load_listing":   # only process 0 may list them
     def unlistable(*args, **kwargs):
       raise OSError("injected: cannot list the steps")
-    for name in ("checkpoint_steps", "checkpoint_steps_paths"):
+    for name in ("checkpoint_steps", "checkpoint_steps_paths",
+                 "standard_name_format"):
       patches.enter_context(mock.patch.object(ocp.step, name, unlistable))
     patches.enter_context(mock.patch.object(ocp, "CheckpointManager",
                                             unlistable))

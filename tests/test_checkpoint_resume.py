@@ -48,7 +48,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
   # A step Orbax has not finalized (still being written, as on GCS) is not
   # pinned: the newest finalized one is.
   with monkeypatch.context() as m:
-    m.setattr(weights_lib.ocp.step, "checkpoint_steps", lambda d: [3])
+    m.setattr(weights_lib, "_saved_steps", lambda d: {3})
     assert weights_lib.resolve(part) == step_3
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), resumed.ema)
@@ -247,3 +247,13 @@ def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path, caplog):
   assert int(resumed.step) == 6
   for a, b in zip(small_run.leaves(full), small_run.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_runs_steps_are_listed_as_orbax_names_them(tmp_path):
+  """Loading a run's weights lists its steps as the CheckpointManager does:
+  a copy named ``old_6`` or ``006``, a step moved aside or one still being
+  written is no step."""
+  for name in ("3", "6", "old_6", "006", "corrupt-6",
+               "9.orbax-checkpoint-tmp-1700000000"):
+    os.makedirs(tmp_path / "checkpoints" / name)
+  assert weights_lib._candidate_steps(tmp_path, None) == [6, 3]  # pylint: disable=protected-access

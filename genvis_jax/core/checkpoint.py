@@ -104,8 +104,8 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 def restore_item(directory: epath.Path, args: ocp.args.PyTreeRestore):
   """A PyTree checkpoint (a step's ``<step>/state``, a parameter
   checkpoint's ``params``) read through the handler: no wait for the other
-  processes, unlike ``CheckpointManager.restore`` and
-  ``Checkpointer.restore`` (which end in one), so a process whose read
+  processes, unlike ``ocp.CheckpointManager.restore`` and
+  ``ocp.Checkpointer.restore`` (which end in one), so a process whose read
   fails cannot leave the others paired with the wrong collective."""
   handler = _state_handler()
   try:
@@ -379,7 +379,8 @@ def first_readable(steps: list[int], stages, directory: epath.Path,
   None); after each stage every process's outcome is agreed
   (:func:`agreed_outcome`), so a step that fails on any process is skipped
   by all and every process ends on the same step. ``steps`` must be the
-  same list on every process (:meth:`Checkpointer.agreed_steps`); stages
+  same list on every process (:meth:`Checkpointer.agreed_steps`,
+  ``multihost.ints_on_process_0``); stages
   must not wait for the other processes (a process whose stage raised
   would skip the wait). Skipped steps are logged ("cannot be ``what``")
   unless not ``log_skipped`` (the caller reports them itself).

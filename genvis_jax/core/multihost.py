@@ -133,7 +133,12 @@ def ints_on_process_0(fn: Callable[[], list[int]]) -> list[int]:
   which every process must follow alike. Its error stops every process
   (:func:`on_process_0`)."""
   out = []
-  on_process_0(lambda: out.extend(int(v) for v in fn()))
+
+  def run():
+    out.extend(int(v) for v in fn())
+    if any(not -2**31 <= v < 2**31 for v in out):   # checked on process 0
+      raise ValueError(f"{out} do not fit int32; cannot broadcast them")
+  on_process_0(run)
   return broadcast_ints(out)
 
 

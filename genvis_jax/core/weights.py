@@ -339,7 +339,7 @@ def _inside_run_hint(path: epath.Path) -> str:
       return (f"{path} is inside step {parent.name} of a training run: point "
               f"the setting at the step's folder, {parent}.")
     if parent.name == "checkpoints" and parent.exists():
-      steps = sorted(ocp.step.checkpoint_steps(parent))
+      steps = sorted(_saved_steps(parent))
       return (f"{path} is inside the training run {parent.parent}: point the "
               f"setting at the run (its newest readable step) or at one of "
               f"its steps, {parent}/<step> (saved: {steps or 'none'}).")
@@ -355,7 +355,14 @@ def _candidate_steps(run: epath.Path, step: int | None) -> list[int]:
   folder = run / "checkpoints"
   if not folder.exists():
     return []
-  return sorted(ocp.step.checkpoint_steps(folder), reverse=True)
+  return sorted(_saved_steps(folder), reverse=True)
+
+
+def _saved_steps(folder: epath.Path) -> set[int]:
+  """The finalized steps under a run's ``checkpoints/``, named as Orbax's
+  CheckpointManager names and lists them (``ocp.step.checkpoint_steps``
+  also reads ``old_6`` or ``006`` as step 6)."""
+  return {m.step for m in ocp.step.standard_name_format().find_all(folder)}
 
 
 def _verify_digest(directory: epath.Path, params, stored, where: str) -> None:
@@ -433,8 +440,8 @@ def _read_step(folder: epath.Path, step: int):
     want, kind = {"params": {"model": meta["params"]["model"]}}, "model parameters"
   as_numpy = jax.tree_util.tree_map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want)
-  # Through the handler: the manager's restore ends in a wait for every
-  # process, which one whose read failed would skip (see
+  # Through the handler: Orbax's CheckpointManager.restore ends in a wait
+  # for every process, which one whose read failed would skip (see
   # checkpoint.first_readable).
   state = ckpt_lib.restore_item(folder / str(step) / "state",
                                 ocp.args.PyTreeRestore(
