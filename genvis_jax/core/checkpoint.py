@@ -232,9 +232,6 @@ class Checkpointer:
         "there (or lower config.train.keep_checkpoints), or use another "
         "--workdir.")
 
-  def saved_config(self, step: int) -> dict | None:
-    return ckpt_files.saved_config(self.directory / str(step))
-
   def restore(self, step: int, abstract_state):
     """Restores the train state into ``abstract_state`` (ShapeDtypeStructs
     with shardings; Orbax reshards onto them, whatever mesh and process
@@ -274,12 +271,6 @@ class Checkpointer:
       return SavedPosition(saved["iterator"], int(saved["data_seed"]))
     return SavedPosition(saved)   # written before the seed was recorded
 
-  def agreed_steps(self) -> list[int]:
-    """Process 0's saved steps, newest first, on every process (a process
-    whose listing lags would otherwise walk other steps than the rest)."""
-    return multihost.broadcast_ints(sorted(self.manager.all_steps(),
-                                           reverse=True))
-
   def restore_latest(self, abstract_state, config=None, with_data=False):
     """Restores the newest step that loads as :class:`Restored` (all None
     for a workdir without checkpoints). The input position
@@ -301,7 +292,8 @@ class Checkpointer:
     """
     def check(step, _):
       ckpt_files.validate_step(self.directory / str(step), with_data=with_data)
-      saved = self.saved_config(step) if config is not None else None
+      saved = (ckpt_files.saved_config(self.directory / str(step))
+               if config is not None else None)
       if config is not None:
         fit.check_config_matches(saved, config)
       return saved
@@ -315,7 +307,11 @@ class Checkpointer:
 
     # Validated first on every process: a step one of them cannot use is
     # skipped before any reads its gigabytes.
-    walk = first_readable(self.agreed_steps(), (check, restore),
+    # Process 0's list: a process whose listing lags would otherwise walk
+    # other steps than the rest.
+    steps = multihost.ints_on_process_0(
+        lambda: sorted(self.manager.all_steps(), reverse=True))
+    walk = first_readable(steps, (check, restore),
                           self.directory, "restored")
     failed = walk.failed
     if walk.step is not None:
@@ -379,8 +375,7 @@ def first_readable(steps: list[int], stages, directory: epath.Path,
   None); after each stage every process's outcome is agreed
   (:func:`agreed_outcome`), so a step that fails on any process is skipped
   by all and every process ends on the same step. ``steps`` must be the
-  same list on every process (:meth:`Checkpointer.agreed_steps`,
-  ``multihost.ints_on_process_0``); stages
+  same list on every process (``multihost.ints_on_process_0``); stages
   must not wait for the other processes (a process whose stage raised
   would skip the wait). Skipped steps are logged ("cannot be ``what``")
   unless not ``log_skipped`` (the caller reports them itself).
