@@ -15,6 +15,7 @@ import pytest
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import preemption
+from genvis_jax.core import run_weights
 from genvis_jax.train import trainer as trainer_lib
 from tests import small_run
 
@@ -48,7 +49,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
   # A step Orbax has not finalized (still being written, as on GCS) is not
   # pinned: the newest finalized one is.
   with monkeypatch.context() as m:
-    m.setattr(weights_lib, "_saved_steps", lambda d: {3})
+    m.setattr(run_weights, "saved_steps", lambda d: {3})
     assert weights_lib.resolve(part) == step_3
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), resumed.ema)
@@ -256,4 +257,4 @@ def test_a_runs_steps_are_listed_as_orbax_names_them(tmp_path):
   for name in ("3", "6", "old_6", "006", "corrupt-6",
                "9.orbax-checkpoint-tmp-1700000000"):
     os.makedirs(tmp_path / "checkpoints" / name)
-  assert weights_lib._candidate_steps(tmp_path, None) == [6, 3]  # pylint: disable=protected-access
+  assert run_weights.candidate_steps(tmp_path, None) == [6, 3]

@@ -17,6 +17,13 @@ import tensorstore as ts
 from etils import epath
 
 
+def absolute(directory: str) -> epath.Path:
+  """``directory`` as an absolute path (a ``gs://`` URL as it is): Orbax
+  refuses relative paths."""
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else path.absolute()
+
+
 def _kvstore_url(path: epath.Path) -> str:
   text = str(path).rstrip("/") + "/"
   return text if "://" in text else "file://" + os.path.abspath(text) + "/"

@@ -1,0 +1,164 @@
+"""Parameter checkpoints, ``DIR/params``: weights alone, as
+``genvis_jax.convert`` and :func:`save_params` write them.
+
+A plain Orbax PyTree checkpoint holding ``{"params": ...}``, with the SHA-256
+of its arrays recorded beside it (``DIR/params_sha256.json``,
+:func:`params_digest`): Orbax keeps no checksums, so a damaged or replaced
+file would otherwise load silently, and the digest names the weights
+(``core.weights.params_source``). :func:`load` checks the files on every
+process before any reads them and agrees each stage's outcome, so all
+processes load the weights or all stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint_files as ckpt_files
+from genvis_jax.core import checkpoint_fit as fit
+from genvis_jax.core import multihost
+from genvis_jax.errors import UserError
+
+
+# Beside ``DIR/params``: the content digest that names those weights.
+DIGEST_FILE = "params_sha256.json"
+
+
+def params_digest(params) -> str:
+  """Hex SHA-256 over every leaf's path, dtype, shape and bytes, in tree
+  order: equal exactly when the weights are (a conversion is deterministic,
+  so converting the same official file again gives the same digest)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{fit.key_path(path)}|{a.dtype.name}|{a.shape};".encode())
+    h.update(a.reshape(-1).view(np.uint8))
+  return h.hexdigest()
+
+
+def save_params(directory: str, params) -> None:
+  """Writes a parameter checkpoint ``directory/params`` (what ``init_from``
+  loads) and its ``params_digest`` beside it; replaces one already there."""
+  path = ckpt_files.absolute(directory)
+  (path / DIGEST_FILE).unlink(missing_ok=True)  # never beside other weights
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path / "params", {"params": params}, force=True)
+  ckptr.wait_until_finished()
+  # Sharded over several hosts, no process holds the bytes: the commit time
+  # names these weights then.
+  if _on_this_host(params) and jax.process_index() == 0:
+    (path / DIGEST_FILE).write_text(
+        json.dumps({"sha256": params_digest(params)}))
+
+
+def load(path: epath.Path, abstract_params, where: str = ""):
+  """``path/params`` on ``abstract_params``' shardings, its files checked
+  before Orbax reads them and its digest after. Every process reads it; a
+  failure on any stops all (``multihost.run_everywhere``) instead of
+  leaving the others waiting in their next collective."""
+  failed = (f"could not read the parameter checkpoint {path}{where} (their "
+            "logs say why).")
+
+  def damaged(why):
+    return ckpt_lib.CheckpointRestoreError(
+        f"Parameter checkpoint {path}{where} is damaged: {why}. Convert (or "
+        "copy) the weights again.")
+
+  def check():
+    if not ocp.step.is_path_finalized(path / "params"):
+      raise damaged("its save did not finish (Orbax never finalized it)")
+    ckpt_files.check_ocdbt(path / "params")
+    meta = ocp.StandardCheckpointer().metadata(path / "params")
+    meta_tree = getattr(meta, "item_metadata", meta)
+    if meta_tree is None:   # Orbax logged why
+      raise damaged("params/_METADATA is missing or unreadable")
+    found = meta_tree["params"] if "params" in meta_tree else meta_tree
+    fit.compare_trees(abstract_params, found,
+                      f"Parameter checkpoint {path}{where}")
+    return found
+
+  def read(found):
+    # Through the handler: Orbax's Checkpointer.restore ends in a wait for
+    # every process, which one whose read failed would skip.
+    params = ckpt_lib.restore_item(path / "params", ocp.args.PyTreeRestore(
+        item={"params": abstract_params},
+        restore_args={"params": _restore_args(abstract_params)}))["params"]
+    _verify_digest(path, params, found, where)
+    return params
+
+  def as_damage(fn):
+    """``fn``'s storage and format errors (TensorStore's are ValueErrors)
+    as one ``CheckpointRestoreError``; the user errors it raises as is."""
+    try:
+      return fn()
+    except UserError:
+      raise
+    except ValueError as e:   # the file checks', TensorStore's: damage
+      raise damaged(ckpt_lib.first_line(e).split(": ", 1)[1]) from e
+    except OSError as e:      # maybe storage that is away for now
+      raise ckpt_lib.CheckpointRestoreError(
+          f"Parameter checkpoint {path}{where} cannot be read "
+          f"({ckpt_lib.first_line(e)}). Check that its storage is reachable "
+          "from this host; if it was copied or converted only in part, "
+          "convert (or copy) the weights again.") from e
+
+  found = multihost.run_everywhere(lambda: as_damage(check), failed)
+  logging.info("Loading parameters from %s%s.", path / "params", where)
+  return multihost.run_everywhere(lambda: as_damage(lambda: read(found)),
+                                  failed)
+
+
+def _restore_args(abstract_params):
+  """Per leaf: restore onto its sharding, or as a host array where it names
+  none. (Without a sharding Orbax places an array on the devices it was saved
+  from: weights saved from device 0 of one process then fail to load on the
+  other processes of a job, which do not have that device.)"""
+  def one(a):
+    sharding = getattr(a, "sharding", None)
+    if sharding is None:
+      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
+    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape,
+                                dtype=a.dtype)
+  return jax.tree_util.tree_map(one, abstract_params)
+
+
+def _verify_digest(directory: epath.Path, params, stored, where: str) -> None:
+  """Raises ``CheckpointRestoreError`` when ``params``, restored from
+  ``directory/params`` in their stored dtypes, do not hash to the digest
+  ``save_params`` recorded (Orbax keeps no checksums: a damaged or replaced
+  file would load silently). Skipped where nothing was recorded, a dtype is
+  cast on load, or the arrays span several hosts."""
+  recorded = recorded_digest(directory)
+  leaves = jax.tree_util.tree_leaves(params)
+  cast = any(getattr(b, "dtype", None) is not None and a.dtype != b.dtype
+             for a, b in zip(leaves, jax.tree_util.tree_leaves(stored)))
+  if not recorded or cast or not _on_this_host(params):
+    return
+  if params_digest(params) != recorded:
+    raise ckpt_lib.CheckpointRestoreError(
+        f"Parameter checkpoint {directory}{where} is damaged: its arrays do "
+        f"not match the SHA-256 recorded in {directory / DIGEST_FILE} when "
+        "they were written. Convert (or copy) the weights again.")
+
+
+def _on_this_host(params) -> bool:
+  """Whether this process holds every byte of ``params`` (numpy, or arrays
+  on its own devices)."""
+  return all(getattr(x, "is_fully_addressable", True)
+             for x in jax.tree_util.tree_leaves(params))
+
+
+def recorded_digest(directory: epath.Path) -> str:
+  """The ``params_digest`` recorded beside ``directory/params``, or ""."""
+  try:
+    return str(json.loads((directory / DIGEST_FILE).read_text())["sha256"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return ""

@@ -1,0 +1,129 @@
+"""A training run's weights: one step's EMA (or model) parameters out of
+``<run>/checkpoints/<step>/state``, for ``core.weights``.
+
+Only the weights are read, as host arrays, then placed on the loading
+model's shardings (the run may have used another topology). Process 0 lists
+the steps; each step is checked, then read, on every process with the
+outcome agreed (``checkpoint.first_readable``), so all processes load the
+same step or all stop. No Orbax ``CheckpointManager`` is built: its
+constructor waits for every process after each has listed the steps on its
+own, and one whose listing failed left the others waiting.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint_files as ckpt_files
+from genvis_jax.core import checkpoint_fit as fit
+from genvis_jax.core import multihost
+
+
+def load(run: epath.Path, abstract_params, where: str = "",
+         model_name: str = "", step: int | None = None):
+  """A training run's newest loadable step (or ``step``), as arrays on
+  ``abstract_params``' shardings (the run may have used another topology)."""
+  folder = run / "checkpoints"
+  # Process 0's listing of the finalized steps, newest first. No Orbax
+  # manager: building one waits for every process after each has listed the
+  # steps on its own (one whose listing failed left the others waiting).
+  saved = multihost.ints_on_process_0(lambda: candidate_steps(run, None))
+  if step is not None and step not in saved:
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"No checkpoint step {step} under {folder}{where}; saved "
+        f"steps: {sorted(saved) or 'none'}. Name one of them, or the run's "
+        f"workdir {run} for its newest.")
+  if not saved:
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"No checkpoint under {folder}{where}: the run has not "
+        "saved one yet.")
+  # Every process loads the same step or all stop (one that failed alone
+  # would leave the others waiting in their next collective); checked on
+  # all before any reads the weights.
+  walk = ckpt_lib.first_readable(
+      [step] if step is not None else saved,
+      (lambda s, _: _check_step(folder, s, where, model_name),
+       lambda s, _: _read_step(folder, s)),
+      folder, log_skipped=step is None)
+  failed = walk.failed
+  if walk.step is not None:
+    params, kind = walk.value
+    fit.compare_trees(abstract_params, params,
+                      f"Checkpoint {run} step {walk.step}{where}")
+    logging.info("Loading the %s of step %d of %s%s.", kind, walk.step, run,
+                 where)
+    if failed:
+      logging.warning("Loaded step %d of %s; newer steps %s are damaged.",
+                      walk.step, run, [f for f, _ in failed])
+    return jax.tree_util.tree_map(
+        lambda a, x: jax.device_put(np.asarray(x), a.sharding)
+        if getattr(a, "sharding", None) is not None else x,
+        abstract_params, params)
+  if step is not None:
+    raise ckpt_lib.CheckpointRestoreError(
+        f"Checkpoint step {step} under {folder}{where} cannot be read "
+        f"({failed[0][1]}). Name another step, or the run's workdir {run} for "
+        "its newest readable one.")
+  raise ckpt_lib.CheckpointRestoreError(
+      f"No checkpoint step under {folder}{where} can be read; "
+      "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))
+
+
+def candidate_steps(run: epath.Path, step: int | None) -> list[int]:
+  """The named step, or every saved step of ``run``, newest first. A step
+  Orbax has not finalized (still being written, e.g. straight into its
+  folder on GCS) is not saved yet."""
+  if step is not None:
+    return [step]
+  folder = run / "checkpoints"
+  if not folder.exists():
+    return []
+  return sorted(saved_steps(folder), reverse=True)
+
+
+def saved_steps(folder: epath.Path) -> set[int]:
+  """The finalized steps under a run's ``checkpoints/``, named as Orbax's
+  CheckpointManager names and lists them (``ocp.step.checkpoint_steps``
+  also reads ``old_6`` or ``006`` as step 6)."""
+  return {m.step for m in ocp.step.standard_name_format().find_all(folder)}
+
+
+def _check_step(folder: epath.Path, step: int, where: str,
+                model_name: str) -> None:
+  """Raises unless step ``step``'s files are whole and it is a run of
+  ``model_name`` (any, if empty)."""
+  ckpt_files.validate_step(folder / str(step), with_data=False)
+  saved = ckpt_files.saved_config(folder / str(step))
+  saved_name = ((saved or {}).get("model") or {}).get("name")
+  if model_name and saved_name and saved_name != model_name:
+    raise fit.CheckpointMismatchError(
+        f"{folder.parent}{where} is a training run of model {saved_name!r}; "
+        f"a checkpoint of model {model_name!r} is expected here. Point the "
+        f"setting at a {model_name!r} run or converted checkpoint.")
+
+
+def _read_step(folder: epath.Path, step: int):
+  """Step ``step``'s EMA or model parameters as host arrays, and which."""
+  meta = ckpt_lib.state_metadata(folder / str(step))
+  # Only the weights asked for: the optimizer moments, discriminator and
+  # other half of (params, EMA) would triple or quadruple the bytes read
+  # (RAR-XL fp32: 11.5 GB for its 3.8 GB of weights).
+  if meta.get("ema"):
+    want, kind = {"ema": meta["ema"]}, "EMA parameters"
+  else:
+    want, kind = {"params": {"model": meta["params"]["model"]}}, "model parameters"
+  as_numpy = jax.tree_util.tree_map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want)
+  # Through the handler: Orbax's CheckpointManager.restore ends in a wait
+  # for every process, which one whose read failed would skip (see
+  # checkpoint.first_readable).
+  state = ckpt_lib.restore_item(folder / str(step) / "state",
+                                ocp.args.PyTreeRestore(
+                                    item=want, restore_args=as_numpy,
+                                    partial_restore=True))
+  return (state["ema"] if "ema" in want else state["params"]["model"]), kind
