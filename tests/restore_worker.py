@@ -9,8 +9,10 @@ runs in turn (one process start for all: starting two is most of a case's
 cost), on its own copy of that WORKDIR:
 
 - ``validate6`` / ``restore6``: process 1 fails its file check / its read
-  of step 6; ``listing``: process 1 lists step 3 alone; ``intact``: none.
-  Prints ``MODE: restored step N holding V``.
+  of step 6; ``listing``: process 1's listing of the steps sees step 3
+  alone; ``unlistable``: process 1's listing fails; ``intact``: none.
+  Prints ``MODE: restored step N holding V``. ``unlistable0``: process 0's
+  listing fails; prints ``MODE: stopped: <error>``.
 - ``load_validate6``: the run's weights are loaded (``init_from``) with
   process 1 failing step 6's file check; ``load_listing``: with process 1
   unable to list the run's steps. Prints ``MODE: loaded V``.
@@ -43,6 +45,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+from etils import epath  # pylint: disable=g-import-not-at-top
 
 from genvis_jax.core import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genvis_jax.core import checkpoint_files as ckpt_files  # pylint: disable=g-import-not-at-top
@@ -122,9 +125,19 @@ def run(mode, workdir, patches):
     w = weights.restore_params(workdir, abstract, model_name="tiny")["w"]
     yield f"loaded {_first(w)}"
     return
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=5)
-  if on_1 and mode == "listing":   # a stale listing
-    ckpt.manager.all_steps = lambda: [3]
+  standard = type(ocp.step.standard_name_format())
+  lister = {"listing": 1, "unlistable": 1, "unlistable0": 0}.get(mode)
+  if lister == jax.process_index():   # Orbax's own listing of the steps
+    def listed(self, base_path):
+      if mode == "listing":   # stale: step 6 not seen yet
+        return [ocp.step.Metadata(step=3, path=epath.Path(base_path) / "3")]
+      raise OSError("injected: cannot list the steps")
+    patches.enter_context(mock.patch.object(standard, "find_all", listed))
+  try:
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=5)
+  except Exception as e:  # pylint: disable=broad-except
+    yield f"stopped: {type(e).__name__}: {e}"
+    return
   restored = ckpt.restore_latest({"params": {"model": abstract}}, config,
                                  with_data=True)
   w = restored.state["params"]["model"]["w"]

@@ -131,11 +131,15 @@ def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
   multihost_common.run_processes([[sys.executable, worker, "save", saved]] * 2,
                                  local_devices=2, timeout=120)
   # One start of both processes for every case (a start is most of the
-  # cost); each case on its own copy. A process whose listing lacks step 6
-  # follows process 0's list.
-  cases = (("validate6", 3), ("restore6", 3), ("listing", 6), ("intact", 6))
+  # cost); each case on its own copy. Only process 0 lists the steps: a
+  # listing on process 1 that lacks step 6, or fails, changes nothing (it
+  # failed there alone before, in the CheckpointManager, while process 0
+  # waited), and one that fails on process 0 stops both.
+  cases = (("validate6", 3), ("restore6", 3), ("listing", 6),
+           ("unlistable", 6), ("intact", 6))
   args = [f"{mode}={shutil.copytree(saved, str(tmp_path / mode))}"
           for mode, _ in cases]
+  args += [f"unlistable0={saved}"]
   # Loading the run's weights (init_from): both load step 3, nothing moved;
   # only process 0 lists the run's steps.
   # A parameter checkpoint that process 1 cannot read stops both (process 0
@@ -150,6 +154,10 @@ def test_a_step_one_process_cannot_read_is_skipped_by_both(tmp_path):
           mode, log[-3000:])
     assert ("corrupt-6" in os.listdir(tmp_path / mode / "checkpoints")) == (
         step == 3), mode
+  assert "unlistable0: stopped: OSError: injected: cannot list" in logs[0], (
+      logs[0][-2000:])
+  assert ("unlistable0: stopped: OtherProcessError: On process 0: OSError: "
+          "injected: cannot list") in logs[1], logs[1][-2000:]
   assert all("load_validate6: loaded 3\n" in log for log in logs), logs
   assert all("load_listing: loaded 6\n" in log for log in logs), logs
   assert all("load_params: loaded 6\n" in log for log in logs), logs

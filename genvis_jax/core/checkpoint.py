@@ -9,7 +9,9 @@ Reliability: :meth:`Checkpointer.restore_latest` validates a step's files
 (``core.checkpoint_files``) before reading them and falls back to the newest step that loads, moving
 damaged ones aside to ``checkpoints/corrupt-<step>``; a failed (async) save
 raises :class:`CheckpointSaveError` at the next :meth:`Checkpointer.check`
-and leaves no ``.orbax-checkpoint-tmp`` folder behind.
+and leaves no ``.orbax-checkpoint-tmp`` folder behind. On a multi-host job
+process 0 lists the steps for every process, and a step any process cannot
+read is skipped by all.
 
 Loading parameters alone (``--config.init_from``, a tokenizer, converted
 weights) is ``core.weights``; whether a checkpoint fits the config (tree,
@@ -150,25 +152,64 @@ class Restored(NamedTuple):
   saved_config: dict | None
 
 
+class _StepsOfProcess0:
+  """Orbax's standard step names (``checkpoints/<step>``), the steps listed
+  by process 0 alone, for every process (``multihost.ints_on_process_0``).
+
+  An ``ocp.CheckpointManager`` lists its steps on every process when it is
+  built, between two waits for all of them: a process whose listing failed
+  raised alone while the others waited (until Orbax's barrier timed out),
+  and one whose listing lagged kept other steps than the rest. Orbax's own
+  ``single_host_load_and_broadcast`` raises a listing that failed on process
+  0 there alone. Every process calls ``find_all`` together (the manager does,
+  when it is built).
+  """
+
+  def __init__(self):
+    self._standard = ocp.step.standard_name_format()
+
+  def build_name(self, step: int) -> str:
+    return self._standard.build_name(step)
+
+  def find_step(self, base_path, step: int):
+    return self._standard.find_step(base_path, step)
+
+  def find_all(self, base_path):
+    base = epath.Path(base_path)
+    steps = multihost.ints_on_process_0(
+        lambda: sorted(m.step for m in self._standard.find_all(base)))
+    return [ocp.step.Metadata(step=s, path=base / self.build_name(s))
+            for s in steps]
+
+
 class Checkpointer:
-  """Thin wrapper over ``ocp.CheckpointManager`` for training runs."""
+  """Thin wrapper over ``ocp.CheckpointManager`` for training runs. Every
+  process of a job builds it together: its steps are process 0's listing."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    self._keep, self._async_save = keep, async_save
+    self.manager = self._new_manager()
+    self._pending = None  # step of a save whose outcome is not checked yet
+
+  def _new_manager(self) -> ocp.CheckpointManager:
     # grain lazily: sampling / evaluation / benchmarks import this module on
     # machines without grain.
     import grain  # pylint: disable=import-outside-toplevel
-    self.directory = epath.Path(workdir) / "checkpoints"
-    self.manager = ocp.CheckpointManager(
+    return ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True,
-            enable_async_checkpointing=async_save),
+            max_to_keep=self._keep, create=True,
+            enable_async_checkpointing=self._async_save,
+            step_name_format=_StepsOfProcess0(),
+            # No per-process reads of each step's commit time and metrics
+            # (neither is used: steps are kept by number).
+            lightweight_initialize=True),
         item_handlers={
             "state": _state_handler(),
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         })
-    self._pending = None  # step of a save whose outcome is not checked yet
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -306,19 +347,17 @@ class Checkpointer:
             str(e) + fit.state_settings_note(saved, config)) from e
 
     # Validated first on every process: a step one of them cannot use is
-    # skipped before any reads its gigabytes.
-    # Process 0's list: a process whose listing lags would otherwise walk
-    # other steps than the rest.
-    steps = multihost.ints_on_process_0(
-        lambda: sorted(self.manager.all_steps(), reverse=True))
-    walk = first_readable(steps, (check, restore),
-                          self.directory, "restored")
+    # skipped before any reads its gigabytes. The manager's steps are
+    # process 0's listing on every process (_StepsOfProcess0).
+    walk = first_readable(sorted(self.manager.all_steps(), reverse=True),
+                          (check, restore), self.directory, "restored")
     failed = walk.failed
     if walk.step is not None:
       for bad, _ in failed:
         self._move_aside(bad)
-      if walk.step not in self.manager.all_steps():   # this listing lagged
-        self.manager.reload()
+      if failed:   # a fresh listing, without the steps moved aside
+        self.manager.close()
+        self.manager = self._new_manager()
       saved, state = walk.value
       return Restored(walk.step, state, saved)
     if failed:
@@ -345,10 +384,6 @@ class Checkpointer:
       logging.warning("Moved damaged checkpoint %s to %s.", src, dst)
     # A failed rename stops every process (the others wait for process 0).
     multihost.on_process_0(move)
-    multihost.run_everywhere(self.manager.reload, f"could not list "
-                             f"{self.directory} after a step was moved aside "
-                             "(their logs say why); run the same command "
-                             "again.")
 
   def wait(self):
     self.check(block=True)
