@@ -63,7 +63,14 @@ def load(path: epath.Path, abstract_params, where: str = ""):
   """``path/params`` on ``abstract_params``' shardings, its files checked
   before Orbax reads them and its digest after. Every process reads it; a
   failure on any stops all (``multihost.run_everywhere``) instead of
-  leaving the others waiting in their next collective."""
+  leaving the others waiting in their next collective.
+
+  Raises:
+    CheckpointMismatchError: the saved tree does not fit ``abstract_params``.
+    CheckpointRestoreError: the files are damaged or cannot be read, or the
+      arrays do not match the recorded digest.
+    multihost.OtherProcessError: another process failed.
+  """
   failed = (f"could not read the parameter checkpoint {path}{where} (their "
             "logs say why).")
 

@@ -5,9 +5,8 @@ Only the weights are read, as host arrays, then placed on the loading
 model's shardings (the run may have used another topology). Process 0 lists
 the steps; each step is checked, then read, on every process with the
 outcome agreed (``checkpoint.first_readable``), so all processes load the
-same step or all stop. No Orbax ``CheckpointManager`` is built: its
-constructor waits for every process after each has listed the steps on its
-own, and one whose listing failed left the others waiting.
+same step or all stop. No Orbax ``CheckpointManager`` is built: loading
+only reads, and a manager waits for every process (twice) when it is built.
 """
 
 from __future__ import annotations
@@ -27,11 +26,19 @@ from genvis_jax.core import multihost
 def load(run: epath.Path, abstract_params, where: str = "",
          model_name: str = "", step: int | None = None):
   """A training run's newest loadable step (or ``step``), as arrays on
-  ``abstract_params``' shardings (the run may have used another topology)."""
+  ``abstract_params``' shardings (the run may have used another topology).
+  Every process must call it.
+
+  Raises:
+    CheckpointNotFoundError: the run has no such step, or none.
+    CheckpointMismatchError: the run is of another model, or its weights do
+      not fit ``abstract_params``.
+    CheckpointRestoreError: no step (or not ``step``) can be read; each
+      step's reason is listed.
+    multihost.OtherProcessError: another process failed.
+  """
   folder = run / "checkpoints"
-  # Process 0's listing of the finalized steps, newest first. No Orbax
-  # manager: building one waits for every process after each has listed the
-  # steps on its own (one whose listing failed left the others waiting).
+  # Process 0's listing of the finalized steps, newest first.
   saved = multihost.ints_on_process_0(lambda: candidate_steps(run, None))
   if step is not None and step not in saved:
     raise ckpt_lib.CheckpointNotFoundError(
