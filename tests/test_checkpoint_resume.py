@@ -10,6 +10,7 @@ import signal
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from genvis_jax.core import checkpoint as ckpt_lib
@@ -143,11 +144,12 @@ def test_parameter_checkpoints_are_named_by_their_content(tmp_path):
 
 
 def test_a_cut_parameter_checkpoint_is_refused_before_orbax_reads_it(
-    tmp_path):
+    tmp_path, monkeypatch):
   """A parameter checkpoint whose data files were cut short, whose metadata
-  or manifests are gone (an interrupted copy), or that is a file, is
-  refused with one CheckpointRestoreError naming the damage and the fix
-  (a TypeError or raw TensorStore / OS error from inside Orbax before)."""
+  or manifests are gone (an interrupted copy), whose save never finished,
+  or that is a file, is refused with one error naming the damage and the
+  fix (a TypeError or raw TensorStore / OS error from inside Orbax before,
+  or "No checkpoint ... Check the path" for an interrupted save)."""
   params = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
   x = str(tmp_path / "x")
   weights_lib.save_params(x, params)
@@ -174,7 +176,23 @@ def test_a_cut_parameter_checkpoint_is_refused_before_orbax_reads_it(
   with pytest.raises(ckpt_lib.CheckpointRestoreError,
                      match="is damaged: params/manifest.ocdbt is missing"):
     weights_lib.restore_params(x, abstract)
-  shutil.rmtree(os.path.join(x, "params"))
+  # A save Orbax never finalized: written in place (as on GCS, where only
+  # a missing commit_success.txt tells), or interrupted before the rename
+  # (local disk: only the temporary folder is there).
+  weights_lib.save_params(x, params)
+  with monkeypatch.context() as m:
+    m.setattr(ocp.step, "is_path_finalized", lambda p: False)
+    with pytest.raises(ckpt_lib.CheckpointRestoreError,
+                       match="is damaged: its save did not finish"):
+      weights_lib.restore_params(x, abstract)
+  os.rename(os.path.join(x, "params"),
+            os.path.join(x, "params.orbax-checkpoint-tmp-1700000000"))
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"params.orbax-checkpoint-tmp-1700000000 is a save "
+                           r"of these weights that never finished .*convert "
+                           r"\(or copy\) the weights again"):
+    weights_lib.restore_params(x, abstract)
+  shutil.rmtree(os.path.join(x, "params.orbax-checkpoint-tmp-1700000000"))
   open(os.path.join(x, "params"), "w").close()     # not even a folder
   with pytest.raises(ckpt_lib.CheckpointRestoreError,
                      match="is damaged|cannot be read"):

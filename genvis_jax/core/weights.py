@@ -87,7 +87,7 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
       "`python -m genvis_jax.convert` or save_params), a training workdir "
       f"with {path}/checkpoints, or one of its checkpoints/<step> folders. "
-      + _inside_run_hint(path))
+      + (_unfinished_save_hint(path) or _inside_run_hint(path)))
 
 
 def restore_pinned(directory: str, abstract_params, **kwargs) -> Any:
@@ -222,6 +222,18 @@ def _split_names(path: epath.Path) -> tuple[epath.Path, int | None]:
   if path.name == "checkpoints":
     return path.parent, None
   return path, None
+
+
+def _unfinished_save_hint(path: epath.Path) -> str:
+  """Names an unfinished save of ``path/params``: Orbax writes it as
+  ``params.orbax-checkpoint-tmp-<time>`` and renames it once complete, so
+  an interrupted conversion leaves only that folder. "" if there is none."""
+  unfinished = sorted(path.glob("params.orbax-checkpoint-tmp*")
+                      ) if path.is_dir() else []
+  if not unfinished:
+    return ""
+  return (f"{unfinished[-1]} is a save of these weights that never finished "
+          "(it was interrupted): convert (or copy) the weights again.")
 
 
 def _inside_run_hint(path: epath.Path) -> str:
