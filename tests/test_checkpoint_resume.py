@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+from unittest import mock
 
 import jax
 import numpy as np
@@ -189,7 +190,7 @@ def test_a_cut_parameter_checkpoint_is_refused_before_orbax_reads_it(
             os.path.join(x, "params.orbax-checkpoint-tmp-1700000000"))
   with pytest.raises(ckpt_lib.CheckpointNotFoundError,
                      match=r"params.orbax-checkpoint-tmp-1700000000 is a save "
-                           r"of these weights that never finished .*convert "
+                           r"of these weights that has not finished.*convert "
                            r"\(or copy\) the weights again"):
     weights_lib.restore_params(x, abstract)
   shutil.rmtree(os.path.join(x, "params.orbax-checkpoint-tmp-1700000000"))
@@ -276,3 +277,20 @@ def test_a_runs_steps_are_listed_as_orbax_names_them(tmp_path):
                "9.orbax-checkpoint-tmp-1700000000"):
     os.makedirs(tmp_path / "checkpoints" / name)
   assert run_weights.candidate_steps(tmp_path, None) == [6, 3]
+
+
+def test_a_save_at_a_preemption_point_after_a_resume(tmp_path):
+  """Orbax times a save made at a preemption sync point against the step
+  before it, which the manager listed when it was built: with steps listed
+  without their commit times (lightweight_initialize) that save failed on
+  process 0 with a TypeError (naive minus aware datetime)."""
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(3, {"w": np.ones(2, np.float32)})
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  with mock.patch.object(ocp.CheckpointManager, "reached_preemption",
+                         lambda self, step: True):
+    ckpt.save(6, {"w": np.ones(2, np.float32)})
+    ckpt.wait()
+  assert ckpt.manager.all_steps() == [3, 6]
+  ckpt.close()

@@ -162,7 +162,8 @@ class _StepsOfProcess0:
   and one whose listing lagged kept other steps than the rest. Orbax's own
   ``single_host_load_and_broadcast`` raises a listing that failed on process
   0 there alone. Every process calls ``find_all`` together (the manager does,
-  when it is built).
+  when it is built). Each process still reads the listed steps' commit
+  times and (absent) metrics files on its own, as Orbax does.
   """
 
   def __init__(self):
@@ -201,10 +202,10 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=self._keep, create=True,
             enable_async_checkpointing=self._async_save,
-            step_name_format=_StepsOfProcess0(),
-            # No per-process reads of each step's commit time and metrics
-            # (neither is used: steps are kept by number).
-            lightweight_initialize=True),
+            # Not lightweight_initialize: the steps it lists get a naive
+            # datetime.min, and a save at a preemption sync point then
+            # fails on process 0 (Orbax subtracts the UTC commit times).
+            step_name_format=_StepsOfProcess0()),
         item_handlers={
             "state": _state_handler(),
             "data": grain.checkpoint.CheckpointHandler(),
@@ -329,7 +330,8 @@ class Checkpointer:
       CheckpointRestoreError: no step loads; lists each step and its reason
         (nothing is moved).
       multihost.OtherProcessError: another process found a checkpoint of a
-        different config.
+        different config, or process 0 could not list the steps again after
+        damaged ones were moved aside (it raises that ``OSError``).
     """
     def check(step, _):
       ckpt_files.validate_step(self.directory / str(step), with_data=with_data)

@@ -225,15 +225,17 @@ def _split_names(path: epath.Path) -> tuple[epath.Path, int | None]:
 
 
 def _unfinished_save_hint(path: epath.Path) -> str:
-  """Names an unfinished save of ``path/params``: Orbax writes it as
-  ``params.orbax-checkpoint-tmp-<time>`` and renames it once complete, so
-  an interrupted conversion leaves only that folder. "" if there is none."""
+  """Names an unfinished save of ``path/params``: on a local disk Orbax
+  writes it as ``params.orbax-checkpoint-tmp-<time>`` and renames it once
+  complete, so an interrupted conversion leaves only that folder. "" if
+  there is none."""
   unfinished = sorted(path.glob("params.orbax-checkpoint-tmp*")
                       ) if path.is_dir() else []
   if not unfinished:
     return ""
-  return (f"{unfinished[-1]} is a save of these weights that never finished "
-          "(it was interrupted): convert (or copy) the weights again.")
+  return (f"{unfinished[-1]} is a save of these weights that has not "
+          "finished: if it is not still running (it was interrupted), convert "
+          "(or copy) the weights again.")
 
 
 def _inside_run_hint(path: epath.Path) -> str:
