@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import preemption
 from genvis_jax.core import run_weights
@@ -51,7 +52,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
   # A step Orbax has not finalized (still being written, as on GCS) is not
   # pinned: the newest finalized one is.
   with monkeypatch.context() as m:
-    m.setattr(run_weights, "saved_steps", lambda d: {3})
+    m.setattr(ckpt_files, "saved_steps", lambda d: {3})
     assert weights_lib.resolve(part) == step_3
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), resumed.ema)

@@ -152,37 +152,6 @@ class Restored(NamedTuple):
   saved_config: dict | None
 
 
-class _StepsOfProcess0:
-  """Orbax's standard step names (``checkpoints/<step>``), the steps listed
-  by process 0 alone, for every process (``multihost.ints_on_process_0``).
-
-  An ``ocp.CheckpointManager`` lists its steps on every process when it is
-  built, between two waits for all of them: a process whose listing failed
-  raised alone while the others waited (until Orbax's barrier timed out),
-  and one whose listing lagged kept other steps than the rest. Orbax's own
-  ``single_host_load_and_broadcast`` raises a listing that failed on process
-  0 there alone. Every process calls ``find_all`` together (the manager does,
-  when it is built). Each process still reads the listed steps' commit
-  times and (absent) metrics files on its own, as Orbax does.
-  """
-
-  def __init__(self):
-    self._standard = ocp.step.standard_name_format()
-
-  def build_name(self, step: int) -> str:
-    return self._standard.build_name(step)
-
-  def find_step(self, base_path, step: int):
-    return self._standard.find_step(base_path, step)
-
-  def find_all(self, base_path):
-    base = epath.Path(base_path)
-    steps = multihost.ints_on_process_0(
-        lambda: sorted(m.step for m in self._standard.find_all(base)))
-    return [ocp.step.Metadata(step=s, path=base / self.build_name(s))
-            for s in steps]
-
-
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for training runs. Every
   process of a job builds it together: its steps are process 0's listing."""
@@ -205,7 +174,7 @@ class Checkpointer:
             # Not lightweight_initialize: the steps it lists get a naive
             # datetime.min, and a save at a preemption sync point then
             # fails on process 0 (Orbax subtracts the UTC commit times).
-            step_name_format=_StepsOfProcess0()),
+            step_name_format=ckpt_files.StepsOfProcess0()),
         item_handlers={
             "state": _state_handler(),
             "data": grain.checkpoint.CheckpointHandler(),
@@ -350,7 +319,7 @@ class Checkpointer:
 
     # Validated first on every process: a step one of them cannot use is
     # skipped before any reads its gigabytes. The manager's steps are
-    # process 0's listing on every process (_StepsOfProcess0).
+    # process 0's listing on every process (ckpt_files.StepsOfProcess0).
     walk = first_readable(sorted(self.manager.all_steps(), reverse=True),
                           (check, restore), self.directory, "restored")
     failed = walk.failed

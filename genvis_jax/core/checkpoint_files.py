@@ -1,6 +1,7 @@
-"""What a committed ``checkpoints/<step>/`` holds on disk, and the cheap
-checks run on it before Orbax reads it (a truncated TensorStore file can
-otherwise abort the process inside a parallel restore).
+"""Which steps a run's ``checkpoints/`` holds, what a committed
+``checkpoints/<step>/`` holds on disk, and the cheap checks run on it before
+Orbax reads it (a truncated TensorStore file can otherwise abort the process
+inside a parallel restore).
 
 ``state/`` (an OCDBT database), ``config/`` (JSON), and ``data/``: one
 ``process_<i>-of-<n>.json`` per process, the file name Grain's checkpoint
@@ -13,8 +14,11 @@ import json
 import os
 import re
 
+import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
+
+from genvis_jax.core import multihost
 
 
 def absolute(directory: str) -> epath.Path:
@@ -139,3 +143,40 @@ def saved_process_count(step_dir: epath.Path) -> int | None:
     name = data_file(step_dir, missing[0], count).name
     raise ValueError(f"data/{name} is missing")
   return count
+
+
+def saved_steps(folder: epath.Path) -> set[int]:
+  """The finalized steps under a run's ``checkpoints/``, named as Orbax's
+  CheckpointManager names and lists them (``ocp.step.checkpoint_steps``
+  also reads ``old_6`` or ``006`` as step 6)."""
+  return {m.step for m in ocp.step.standard_name_format().find_all(folder)}
+
+
+class StepsOfProcess0:
+  """Orbax's standard step names (``checkpoints/<step>``), the steps listed
+  by process 0 alone, for every process (``multihost.ints_on_process_0``).
+
+  An ``ocp.CheckpointManager`` lists its steps on every process when it is
+  built, between two waits for all of them: a process whose listing failed
+  raised alone while the others waited (until Orbax's barrier timed out),
+  and one whose listing lagged kept other steps than the rest. Orbax's own
+  ``single_host_load_and_broadcast`` raises a listing that failed on process
+  0 there alone. Every process calls ``find_all`` together (the manager does,
+  when it is built). Each process still reads the listed steps' commit
+  times and (absent) metrics files on its own, as Orbax does.
+  """
+
+  def __init__(self):
+    self._standard = ocp.step.standard_name_format()
+
+  def build_name(self, step: int) -> str:
+    return self._standard.build_name(step)
+
+  def find_step(self, base_path, step: int):
+    return self._standard.find_step(base_path, step)
+
+  def find_all(self, base_path):
+    base = epath.Path(base_path)
+    steps = multihost.ints_on_process_0(lambda: sorted(saved_steps(base)))
+    return [ocp.step.Metadata(step=s, path=base / self.build_name(s))
+            for s in steps]

@@ -90,14 +90,7 @@ def candidate_steps(run: epath.Path, step: int | None) -> list[int]:
   folder = run / "checkpoints"
   if not folder.exists():
     return []
-  return sorted(saved_steps(folder), reverse=True)
-
-
-def saved_steps(folder: epath.Path) -> set[int]:
-  """The finalized steps under a run's ``checkpoints/``, named as Orbax's
-  CheckpointManager names and lists them (``ocp.step.checkpoint_steps``
-  also reads ``old_6`` or ``006`` as step 6)."""
-  return {m.step for m in ocp.step.standard_name_format().find_all(folder)}
+  return sorted(ckpt_files.saved_steps(folder), reverse=True)
 
 
 def _check_step(folder: epath.Path, step: int, where: str,

@@ -247,7 +247,7 @@ def _inside_run_hint(path: epath.Path) -> str:
       return (f"{path} is inside step {parent.name} of a training run: point "
               f"the setting at the step's folder, {parent}.")
     if parent.name == "checkpoints" and parent.exists():
-      steps = sorted(run_weights.saved_steps(parent))
+      steps = sorted(ckpt_files.saved_steps(parent))
       return (f"{path} is inside the training run {parent.parent}: point the "
               f"setting at the run (its newest readable step) or at one of "
               f"its steps, {parent}/<step> (saved: {steps or 'none'}).")
