@@ -11,7 +11,8 @@ cost), on its own copy of that WORKDIR:
 - ``validate6`` / ``restore6``: process 1 fails its file check / its read
   of step 6; ``listing``: process 1's listing of the steps sees step 3
   alone; ``unlistable``: process 1's listing fails; ``intact``: none.
-  Prints ``MODE: restored step N holding V``. ``unlistable0``: process 0's
+  Prints ``MODE: restored step N holding V``, then saves step N + 3 and
+  prints ``MODE: saved: steps [...]``. ``unlistable0``: process 0's
   listing fails; prints ``MODE: stopped: <error>``.
 - ``load_validate6``: the run's weights are loaded (``init_from``) with
   process 1 failing step 6's file check; ``load_listing``: with process 1
@@ -142,6 +143,12 @@ def run(mode, workdir, patches):
                                  with_data=True)
   w = restored.state["params"]["model"]["w"]
   yield f"restored step {restored.step} holding {_first(w)}"
+  # Training goes on: the manager (built again where steps were moved
+  # aside) saves the next step on both processes together.
+  ckpt.save(restored.step + 3, restored.state, _Position(), config,
+            data_seed=0)
+  ckpt.wait()
+  yield f"saved: steps {ckpt.manager.all_steps()}"
   ckpt.close()
 
 
