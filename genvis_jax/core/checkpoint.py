@@ -171,10 +171,11 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=self._keep, create=True,
             enable_async_checkpointing=self._async_save,
+            step_name_format=ckpt_files.StepsOfProcess0(),
             # Not lightweight_initialize: the steps it lists get a naive
             # datetime.min, and a save at a preemption sync point then
             # fails on process 0 (Orbax subtracts the UTC commit times).
-            step_name_format=ckpt_files.StepsOfProcess0()),
+        ),
         item_handlers={
             "state": _state_handler(),
             "data": grain.checkpoint.CheckpointHandler(),
@@ -381,7 +382,8 @@ def first_readable(steps: list[int], stages, directory: epath.Path,
   None); after each stage every process's outcome is agreed
   (:func:`agreed_outcome`), so a step that fails on any process is skipped
   by all and every process ends on the same step. ``steps`` must be the
-  same list on every process (``multihost.ints_on_process_0``); stages
+  same list on every process (process 0's: ``multihost.ints_on_process_0``,
+  or a manager's steps listed by ``checkpoint_files.StepsOfProcess0``); stages
   must not wait for the other processes (a process whose stage raised
   would skip the wait). Skipped steps are logged ("cannot be ``what``")
   unless not ``log_skipped`` (the caller reports them itself).
