@@ -18,16 +18,11 @@ DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),
-    ("act_mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("height", None),
-    ("width", None),
-    ("channels", None),
+    ("act_heads", "tensor"),     # attention kernels' heads (Pallas shard_map)
     # parameters
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
-    ("kv", None),
     ("vocab", "tensor"),
     ("pos", None),
     ("conv_in", None),

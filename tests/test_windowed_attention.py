@@ -217,6 +217,39 @@ def test_kernel_bf16_and_odd_head_dim(impl):
   _assert_close(got.astype(jnp.float32), want, rtol=2e-2)
 
 
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_kernel_runs_on_each_devices_shard_under_a_mesh(impl, monkeypatch):
+  """XLA cannot partition a Pallas call: under the trainer's mesh each device
+  must run the kernel on its own rows (batch over data x fsdp, heads over
+  tensor), not on the gathered global batch."""
+  import importlib
+  import flax.linen as nn
+  from configs import base
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  kernel = importlib.import_module(f"genvis_jax.kernels.windowed_attention.{impl}")
+  seen = []
+  forward = kernel.forward
+  monkeypatch.setattr(kernel, "forward",
+                      lambda q, *a: seen.append(q.shape) or forward(q, *a))
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  q, k, v, do = _qkv(24, batch=4, heads=2)
+  kw = dict(window=3, tokens_per_column=2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(base.DEFAULT_RULES):
+    spec = P(("data", "fsdp"), None, "tensor", None)
+    q, k, v, do = (jax.device_put(x, NamedSharding(mesh, spec))
+                   for x in (q, k, v, do))
+    got = _value_and_grads(impl, q, k, v, do, block_q=16, block_k=16, **kw)
+  # (B, H, N, D) on TPU, (B, N, H, D) on GPU: 1 row of 4, 1 head of 2.
+  assert seen and all(s[0] == 1 and 1 in s[1:3] and 2 not in s[1:3]
+                      for s in seen), seen
+  assert got[0].sharding.is_equivalent_to(NamedSharding(mesh, spec), 4)
+  want = _value_and_grads("dense", *(np.asarray(x) for x in (q, k, v, do)),
+                          **kw)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    _assert_close(g, w), name
+
+
 # ----------------------------------------------------------------------------
 # Lowering for the real targets (no accelerator needed).
 

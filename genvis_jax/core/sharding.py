@@ -1,7 +1,7 @@
 """Device mesh and logical-axis sharding.
 
 One rules table (``config.sharding.rules``) maps logical axis names (carried by
-every parameter, see ``models/layers.py``) to mesh axes. A mesh axis that does not
+every parameter, see ``models/layers/__init__.py``) to mesh axes. A mesh axis that does not
 divide a dimension is dropped for that dimension, so a 3-channel conv or a 48-wide
 norm stays replicated while the large matrices are split.
 """
@@ -65,8 +65,9 @@ def rules_tuple(rules) -> tuple:
   return tuple(out)
 
 
-def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drops mesh axes that do not evenly divide their dimension."""
+def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
+  """``spec`` without the mesh axes that do not evenly divide their
+  dimension, nor those of size 1 (``mesh``: a Mesh or AbstractMesh)."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axes is None:
@@ -93,7 +94,7 @@ def logical_sharding(names: Sequence[str | None] | None, shape: Sequence[int],
   if not names:
     return NamedSharding(mesh, P())
   spec = nn.logical_to_mesh_axes(tuple(names), rules_tuple(rules))
-  return NamedSharding(mesh, _fit(spec, shape, mesh))
+  return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
 
 def tree_shardings(abstract_boxed, mesh: Mesh, rules):

@@ -23,8 +23,12 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from genvis_jax.core import sharding
 
 from genvis_jax.kernels.windowed_attention import reference
 from genvis_jax.kernels.windowed_attention.reference import (
@@ -154,14 +158,49 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
     from genvis_jax.kernels.windowed_attention import pallas_tpu
     g = pallas_tpu.Geometry(
         **geom, interpret=(backend != "tpu") if interpret is None else interpret)
-    to_kernel = lambda x: _pad_seq(x, n_pad, 1).transpose(0, 2, 1, 3)
-    out = _pallas_attention(pallas_tpu, *(to_kernel(x) for x in (q, k, v)), g)
-    return out.transpose(0, 2, 1, 3)[:, :n]
+
+    def run(q, k, v):
+      to_kernel = lambda x: _pad_seq(x, n_pad, 1).transpose(0, 2, 1, 3)
+      out = _pallas_attention(pallas_tpu, *(to_kernel(x) for x in (q, k, v)), g)
+      return out.transpose(0, 2, 1, 3)[:, :n]
+    return _per_shard(run, q, k, v)
 
   from genvis_jax.kernels.windowed_attention import pallas_gpu
   g = pallas_gpu.Geometry(
       **geom, interpret=(backend != "gpu") if interpret is None else interpret)
   d_pad = _next_pow2(d)  # Triton tiles need power-of-two sizes
-  to_kernel = lambda x: _pad_seq(_pad_seq(x, n_pad, 1), d_pad, 3)
-  out = _pallas_attention(pallas_gpu, *(to_kernel(x) for x in (q, k, v)), g)
-  return out[:, :n, :, :d]
+
+  def run(q, k, v):
+    to_kernel = lambda x: _pad_seq(_pad_seq(x, n_pad, 1), d_pad, 3)
+    out = _pallas_attention(pallas_gpu, *(to_kernel(x) for x in (q, k, v)), g)
+    return out[:, :n, :, :d]
+  return _per_shard(run, q, k, v)
+
+
+def kernel_spec(shape, mesh) -> P:
+  """How a Pallas call's (B, N, H, D) operands are split over ``mesh``:
+  batch over the mesh axes the logical rules give ``"batch"`` (default
+  ``data``, ``fsdp``), heads over those of ``"act_heads"`` (default
+  ``tensor``), each kept only where it divides; the sequence and head_dim
+  stay whole (every query needs its window of keys)."""
+  rules = dict(sharding.rules_tuple(nn.get_logical_axis_rules()))
+  spec = P(rules.get("batch", sharding.BATCH_AXES), None,
+           rules.get("act_heads", "tensor"), None)
+  return sharding.fit_spec(spec, shape, mesh)
+
+
+def _per_shard(run, q, k, v):
+  """``run(q, k, v)``, a Pallas call, on each device's shard under the
+  context mesh (``jax.set_mesh``, as the trainer traces). XLA cannot
+  partition a Pallas custom call: left to GSPMD it gathers the whole batch
+  onto every device and runs the kernel on all of it; under ``shard_map``
+  each device runs its own rows (maxtext does the same for its attention
+  kernels)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return run(q, k, v)
+  spec = kernel_spec(q.shape, mesh)
+  if all(axes is None for axes in spec):
+    return run(q, k, v)
+  return jax.shard_map(run, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)(q, k, v)

@@ -21,8 +21,9 @@ Logical axis vocabulary (parameters):
   mlp       MLP hidden width            heads         fused heads * head_dim
   conv_in   conv input channels         conv_out      conv output channels
   norm      norm scale / bias           pos           positional-table rows
-  kv        per-head dims               codebook_dim  code vector width
-Activations: batch, length, act_embed, act_mlp, act_heads, height, width, channels.
+  codebook_dim  code vector width
+Activations: batch, length, act_embed (``nn.with_logical_constraint``),
+act_heads (the heads of a Pallas attention call, ``kernels``).
 """
 
 from __future__ import annotations
