@@ -249,7 +249,7 @@ def run_dtype(model, params32, labels, args, dtype, widths):
   rng = jax.random.key(1)
   use_cfg = args.cfg != 1.0
   rows = args.batch * (2 if use_cfg else 1)
-  mdl, params = eq_sample.for_decoding(model, params32, dtype)
+  mdl, params = ar.for_decoding(model, params32, dtype)
   kw = dict(num_columns=args.columns, cfg=args.cfg, num_steps=args.num_steps,
             chunk=args.window)
   floors = {h: make_floor(mdl, args.num_steps, use_cfg, h) for h in (False, True)}

@@ -155,6 +155,20 @@ def check_dtype(dtype):
   return jnp.dtype(name)
 
 
+def for_decoding(model, params, dtype):
+  """(model, params) that decode in ``dtype`` (``check_dtype``): None / ''
+  returns them as given (the model's configured compute dtype); 'float32' or
+  'bfloat16' clones the model with that compute dtype and casts the floating
+  parameters once (``cast_params``; bf16 halves the bytes each step reads).
+  Samplers keep logits, velocities and the sampling state in float32.
+  Raises ``ConfigError`` for another dtype."""
+  dt = check_dtype(dtype)
+  if dt is None:
+    return model, params
+  return (model if model.dtype == dt else model.clone(dtype=dt),
+          cast_params(params, dt))
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Static sampler options (hashable: one compiled program per value).

@@ -48,9 +48,6 @@ from genvis_jax.sample import ar
 # 300 MB fp32) while batch 1 with CFG still hoists all 100 steps at once.
 HOIST_ROWS = 2048
 
-DTYPES = ("float32", "bfloat16")
-
-
 def cfg_scale(column, num_columns: int, cfg):
   """Linear CFG ramp ``1 + (cfg - 1) * (column + 1) / num_columns``."""
   return 1.0 + (cfg - 1.0) * (jnp.asarray(column, jnp.float32) + 1.0) / num_columns
@@ -118,32 +115,6 @@ def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
     return jax.lax.fori_loop(0, k, step, x)
 
   return jax.lax.fori_loop(0, num_steps // k, chunk, noise.astype(jnp.float32))
-
-
-def for_decoding(model, params, dtype=None):
-  """(model, params) computing in ``dtype``: None / "float32" returns them
-  unchanged; "bfloat16" clones the model with ``dtype=bfloat16`` and casts
-  every floating parameter once (half the bytes each step reads). Velocities
-  and the sampling state stay float32 (``velocity`` / ``head_velocity`` cast).
-  Raises ``ConfigError`` for another dtype."""
-  try:
-    name = "float32" if dtype is None else jnp.dtype(dtype).name
-  except TypeError:
-    name = str(dtype)
-  if name not in DTYPES:
-    raise ConfigError(f"Equivariant sampling dtype must be one of {DTYPES}, got "
-                      f"{dtype!r}; set config.sample.dtype to one of them.")
-  if name == "float32":
-    return model, params
-  dt = jnp.dtype(name)
-  return model.clone(dtype=dt), _cast(params, dt)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _cast(params, dt):
-  return jax.tree_util.tree_map(
-      lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-      params)
 
 
 def _labels2(model, labels, use_cfg):
@@ -262,7 +233,7 @@ def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
                hoist_modulations: bool = True):
   """The jitted ``f(params, labels, rng, cfg) -> (latents, conds)`` that
   ``sample`` (``cached``) / ``sample_uncached`` call, for a model already
-  prepared by ``for_decoding`` (for AOT ``lower().compile()``)."""
+  prepared by ``ar.for_decoding`` (for AOT ``lower().compile()``)."""
   return _compiled(_cached_impl if cached else _uncached_impl, model,
                    bool(use_cfg), int(num_columns), int(num_steps),
                    bool(hoist_modulations))
@@ -271,7 +242,7 @@ def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
 def _run(cached, model, params, labels, rng, num_columns, cfg, num_steps,
          return_conditions, dtype, hoist):
   labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
-  model, params = for_decoding(model, params, dtype)
+  model, params = ar.for_decoding(model, params, dtype)
   fn = sampler_fn(model, num_columns=num_columns, use_cfg=use_cfg,
                   num_steps=num_steps, cached=cached, hoist_modulations=hoist)
   latents, conds = fn(params, labels, rng, jnp.asarray(cfg, jnp.float32))
@@ -291,7 +262,8 @@ def sample(model, params, labels, rng, *, num_columns: int, cfg: float = 1.0,
     cfg: guidance scale (1 = none), ramped linearly over the columns.
     num_steps: Euler steps of the flow head per column.
     return_conditions: also return the conditioning vectors fed to the head.
-    dtype: None / "float32", or "bfloat16" (``for_decoding``).
+    dtype: None / "" (the model's configured compute dtype), "float32" or
+      "bfloat16" (``ar.for_decoding``).
     hoist_modulations: False runs the whole head every step (``euler_flow``,
       the official loop; for comparison only).
   Returns:
@@ -332,7 +304,7 @@ def column_stepper(model, params, labels, rng, *, num_columns: int,
   if int(chunk) < 1 or int(num_columns) % int(chunk):
     raise ConfigError(f"chunk must be >= 1 and divide num_columns "
                       f"({num_columns}); got {chunk}.")
-  model, params = for_decoding(model, params, dtype)
+  model, params = ar.for_decoding(model, params, dtype)
   init, cols = _compiled_steps(model, use_cfg, int(num_columns), int(num_steps),
                                bool(hoist_modulations), int(chunk))
   cfg = jnp.asarray(cfg, jnp.float32)
@@ -366,12 +338,13 @@ def _chunks(state, advance, num_columns, chunk):
 
 def latents_to_images(tokenizer, tokenizer_params, latents,
                       latent_scale: float = 0.05493):
-  """Generator latents (B, W', C) -> images (B, H, 16 W', 3) in [-1, 1].
+  """Generator latents (B, W', C) -> images (B, H, T W', 3) in [-1, 1], T =
+  ``tokenizer.token_width`` pixels per column.
 
-  Runs ``tokenizer`` in its own dtype (training grids). Sampling for data
-  (``mode=sample``) decodes through ``driver.make_decode_fn`` instead: fp32
-  tokenizer (``config.tokenizer.dtype``) and the official "round" uint8
-  conversion (``images.to_uint8``)."""
+  Runs ``tokenizer`` as given (the training task builds it in
+  ``config.tokenizer.dtype``, default fp32). Sampling for data
+  (``mode=sample``) decodes through ``driver.make_decode_fn`` instead, with
+  the official "round" uint8 conversion (``images.to_uint8``)."""
   return tokenizer.apply({"params": tokenizer_params}, latents / latent_scale,
                          method="decode")
 
