@@ -16,6 +16,7 @@ from genvis_jax.convert.eq import official_to_flax
 from genvis_jax.models import dino_disc
 from genvis_jax.models import eq_tokenizer as eqt
 from genvis_jax.models.layers import resample
+from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks import eq as eq_task
 from genvis_jax.train.tasks import get_task
 
@@ -169,7 +170,7 @@ def test_paper_param_counts():
 # --- task ----------------------------------------------------------------------------
 
 def test_step_decay_schedule_matches_official():
-  f = eq_task.step_decay_schedule(1.0, warmup=10, every=5, rate=0.2)
+  f = opt_lib.step_decay_schedule(1.0, warmup=10, every=5, rate=0.2)
   got = [float(f(n)) for n in (0, 5, 9, 10, 14, 15, 20)]
   np.testing.assert_allclose(got, [0, 0.5, 0.9, 0.9, 0.9, 0.18, 0.036], rtol=1e-6)
 

@@ -154,12 +154,13 @@ def _random_params(model_config):
 def test_bf16_tokenizer_evaluates_with_fp32_codes():
   from configs import demo
   from genvis_jax import models
+  from genvis_jax.models import inference
   cfg = demo.tokenizer_config().model
   cfg.update(dict(image_size=16, hidden_channels=32, channel_mult=(1, 2),
                   z_channels=32, code_dim=32, num_codes=64, dtype="bfloat16"))
-  ev_cfg = tokenizer.eval_model_config(cfg, "float32")
+  ev_cfg = inference.with_compute_dtype(cfg, "float32", "config.evaluate.dtype")
   assert cfg.dtype == "bfloat16" and ev_cfg.dtype == "float32"
-  assert tokenizer.eval_model_config(cfg, "") is cfg
+  assert inference.with_compute_dtype(cfg, "", "x").dtype == "bfloat16"
   fp32_cfg = cfg.copy_and_resolve_references()
   fp32_cfg.dtype = "float32"
   params = _random_params(fp32_cfg)

@@ -10,7 +10,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -24,6 +23,7 @@ from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import inception as inception_lib
+from genvis_jax.models import inference
 from genvis_jax.models import lpips as lpips_lib
 
 
@@ -105,26 +105,6 @@ def codebook_usage(codes, num_codes) -> dict:
   return out
 
 
-def eval_model_config(model_config, dtype: str | None):
-  """``model_config`` with every ``dtype`` field (compute dtype, at any nesting
-  level) set to ``dtype``; a copy, the given config is untouched. ``dtype``
-  ""/None returns the config as it is. ``param_dtype`` is kept (the stored
-  weights' type); only the computation changes."""
-  if not dtype:
-    return model_config
-  cfg = model_config.copy_and_resolve_references()
-
-  def replace(node):
-    with node.unlocked():
-      for key in list(node.keys()):
-        if key == "dtype":
-          node[key] = dtype
-        elif isinstance(node[key], ml_collections.ConfigDict):
-          replace(node[key])
-  replace(cfg)
-  return cfg
-
-
 def _lpips_fn(lpips_path: str, value_range):
   """jitted (B, H, W, 3) pair -> (B,) LPIPS (VGG, local weights)."""
   params = convert_lpips.load_lpips_params(lpips_path)
@@ -137,35 +117,6 @@ def _rfid_extractor(inception_path: str, batch_size: int, preprocess: str):
   params = convert_inception.load_inception_params(inception_path)
   return inception_lib.InceptionExtractor(params, batch_size=batch_size,
                                           preprocess=preprocess)
-
-
-def lpips_mean(lpips_path: str, x, y, value_range, batch_size: int = 64) -> float:
-  """Mean LPIPS (VGG, local weights) of image pairs in ``value_range`` over
-  exactly ``len(x)`` pairs (last batch padded, padding masked out)."""
-  fn = _lpips_fn(lpips_path, value_range)
-  total = 0.0
-  for i in range(0, len(x), batch_size):
-    a, mask = batching.pad_batch(x[i:i + batch_size], batch_size)
-    b, _ = batching.pad_batch(y[i:i + batch_size], batch_size)
-    total += float(np.sum(fn(a, b)[mask], dtype=np.float64))
-  return total / len(x)
-
-
-def rfid(inception_path: str, x, y, value_range, batch_size: int = 64,
-         preprocess: str = "pytorch_fid") -> float:
-  """FID between originals and reconstructions (FID Inception pool features).
-
-  Few images give a biased (large) value: compare runs at equal counts.
-  """
-  extractor = _rfid_extractor(inception_path, batch_size, preprocess)
-  stats = []
-  for images in (x, y):
-    acc = fid_lib.StreamingStats()
-    u8 = metrics_lib.to_uint8(images, value_range)
-    for i in range(0, len(u8), extractor.batch_size):
-      acc.update(extractor(u8[i:i + extractor.batch_size])["pool"])
-    stats.append(acc.result())
-  return fid_lib.frechet_distance(*stats[0], *stats[1])
 
 
 def _rfid_preprocess(ev) -> str:
@@ -192,7 +143,8 @@ def evaluate(config, workdir: str) -> dict:
   """
   ev = config.evaluate
   value_range = models.value_range(config.model, config, ("data",))
-  model_config = eval_model_config(config.model, ev.get("dtype", "float32"))
+  model_config = inference.with_compute_dtype(
+      config.model, ev.get("dtype", "float32"), "config.evaluate.dtype")
   model = models.build(model_config)
   params = jax.device_put(models.load_params(
       model_config, ev.checkpoint, setting="--config.evaluate.checkpoint"))

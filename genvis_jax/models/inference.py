@@ -21,24 +21,37 @@ class TokenizerDtypeError(UserError, ValueError):
   """``config.tokenizer.dtype`` names no compute dtype."""
 
 
+def with_compute_dtype(model_config, dtype: str, setting: str
+                       ) -> ml_collections.ConfigDict:
+  """A copy of ``model_config`` that computes in ``dtype`` ("" keeps its own
+  ``dtype``); parameter shapes and ``param_dtype`` are unchanged, so the same
+  checkpoint loads.
+
+  Raises:
+    TokenizerDtypeError: ``dtype`` (the value of ``setting``, which the
+      message names) is not one of ``DATA_DTYPES``.
+  """
+  if dtype not in DATA_DTYPES:
+    raise TokenizerDtypeError(
+        f"{setting}={dtype!r} is not a compute dtype; use one of "
+        f"{DATA_DTYPES[:-1]}, or '' to keep the model config's own dtype.")
+  cfg = ml_collections.ConfigDict(model_config.to_dict())
+  if dtype:
+    cfg.dtype = dtype
+  return cfg
+
+
 def data_model_config(tok) -> ml_collections.ConfigDict:
-  """``config.tokenizer`` -> the model config pretokenize / decode build.
+  """``config.tokenizer`` -> the model config that pretokenize, sample
+  decode and the generator tasks (on-the-fly encode, sample grids) build.
 
   Args:
     tok: ``config.tokenizer`` with ``model`` (a model ConfigDict) and optional
       ``dtype`` (missing: "float32").
   Returns:
-    a copy of ``tok.model`` with ``dtype = tok.dtype`` (parameter shapes and
-    ``param_dtype`` unchanged, so the same checkpoint loads).
+    ``with_compute_dtype(tok.model, tok.dtype)``.
   Raises:
     TokenizerDtypeError: ``tok.dtype`` is not one of ``DATA_DTYPES``.
   """
-  dtype = tok.get("dtype", "float32")
-  if dtype not in DATA_DTYPES:
-    raise TokenizerDtypeError(
-        f"config.tokenizer.dtype={dtype!r} is not a compute dtype; use one of "
-        f"{DATA_DTYPES[:-1]}, or '' to keep config.tokenizer.model.dtype.")
-  cfg = ml_collections.ConfigDict(tok.model.to_dict())
-  if dtype:
-    cfg.dtype = dtype
-  return cfg
+  return with_compute_dtype(tok.model, tok.get("dtype", "float32"),
+                            "config.tokenizer.dtype")

@@ -6,6 +6,7 @@ import re
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -24,7 +25,28 @@ def decay_mask(params, no_decay: Sequence[str]):
       lambda path, _: not any(p.search(param_path(path)) for p in pats), params)
 
 
+def step_decay_schedule(lr: float, warmup: int, every: int, rate: float):
+  """Equivariant tokenizer's ``LambdaWarmUpDecayScheduler`` (official code):
+  linear warm-up over ``warmup`` steps (reaching (warmup-1)/warmup), then
+  x ``rate`` every ``every`` steps."""
+  def schedule(n):
+    n = jnp.asarray(n, jnp.float32)
+    if warmup <= 0:
+      return lr * rate ** jnp.floor(n / every)
+    k = jnp.floor(jnp.maximum(n - warmup, 0.0) / every)
+    after = (warmup - 1) / warmup * rate ** k
+    return lr * jnp.where(n < warmup, n / warmup, after)
+  return schedule
+
+
 def make_schedule(opt_config, num_steps: int) -> optax.Schedule:
+  """Learning rate per step from ``opt_config.schedule``:
+    * ``constant``: ``lr``, after a linear warm-up from 0 over ``warmup_steps``;
+    * ``cosine``: that warm-up, then cosine from ``lr`` to ``end_lr`` at
+      ``num_steps``;
+    * ``step_decay``: ``step_decay_schedule`` with ``decay_every`` and
+      ``decay_rate``.
+  Raises ``ValueError`` for another schedule."""
   lr, warmup = opt_config.lr, int(opt_config.warmup_steps)
   if opt_config.schedule == "constant":
     if warmup:
@@ -37,8 +59,11 @@ def make_schedule(opt_config, num_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps=max(warmup, 0), decay_steps=max(num_steps, warmup + 1),
         end_value=opt_config.end_lr)
+  if opt_config.schedule == "step_decay":
+    return step_decay_schedule(lr, warmup, int(opt_config.decay_every),
+                               float(opt_config.decay_rate))
   raise ValueError(f"Unknown config.optimizer.schedule {opt_config.schedule!r}; "
-                   "use 'constant' or 'cosine'.")
+                   "use 'constant', 'cosine' or 'step_decay'.")
 
 
 def make_optimizer(opt_config, train_config) -> optax.GradientTransformation:

@@ -1,4 +1,4 @@
-"""Equivariant image modeling: the losses and schedules of the tokenizer
+"""Equivariant image modeling: the losses of the tokenizer
 (``tasks/eq_tokenizer.py``) and generator (``tasks/eq_generator.py``) tasks.
 Pixels in [-1, 1].
 
@@ -28,42 +28,12 @@ import jax.numpy as jnp
 import optax
 
 from genvis_jax.models import dinov2 as dinov2_lib
-from genvis_jax.train import optimizers as opt_lib
 
 
 FROZEN_IN_STAGE2 = ("encoder", "quant_layer")
 
 
 # --- pure pieces ------------------------------------------------------------------
-
-def step_decay_schedule(lr: float, warmup: int, every: int, rate: float):
-  """Official ``LambdaWarmUpDecayScheduler``: linear warm-up over ``warmup``
-  steps (reaching (warmup-1)/warmup), then x ``rate`` every ``every`` steps."""
-  def schedule(n):
-    n = jnp.asarray(n, jnp.float32)
-    if warmup <= 0:
-      return lr * rate ** jnp.floor(n / every)
-    k = jnp.floor(jnp.maximum(n - warmup, 0.0) / every)
-    after = (warmup - 1) / warmup * rate ** k
-    return lr * jnp.where(n < warmup, n / warmup, after)
-  return schedule
-
-
-def make_optimizer(opt_config, train_config):
-  """``opt_lib.make_optimizer`` plus the ``step_decay`` schedule (Adam only)."""
-  if opt_config.schedule != "step_decay":
-    return opt_lib.make_optimizer(opt_config, train_config)
-  sched = step_decay_schedule(opt_config.lr, int(opt_config.warmup_steps),
-                              int(opt_config.decay_every),
-                              float(opt_config.decay_rate))
-  chain = []
-  if train_config.grad_clip and train_config.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(train_config.grad_clip))
-  chain.append(optax.adamw(sched, b1=opt_config.b1, b2=opt_config.b2,
-                           eps=opt_config.eps,
-                           weight_decay=opt_config.get("weight_decay", 0.0)))
-  return optax.chain(*chain)
-
 
 def freeze_top_level(opt, frozen: tuple[str, ...]):
   """Zero updates for the top-level parameter subtrees named in ``frozen``."""

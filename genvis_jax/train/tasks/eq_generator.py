@@ -8,11 +8,13 @@ import jax.numpy as jnp
 
 from genvis_jax import models
 from genvis_jax.core.metrics import to_uint8
+from genvis_jax.models import inference
 from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.sample import eq_generator as eq_sample
+from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks import Task
-from genvis_jax.train.tasks.eq import flow_loss, flow_targets, make_optimizer
+from genvis_jax.train.tasks.eq import flow_loss, flow_targets
 
 
 class EqGeneratorTask(Task):
@@ -22,8 +24,9 @@ class EqGeneratorTask(Task):
   def __init__(self, config):
     super().__init__(config)
     self.model = models.build(config.model)
-    self.tokenizer = models.build(config.tokenizer.model)
-    # Images are encoded on the fly (and samples decoded) by this tokenizer.
+    # Images are encoded on the fly (and samples decoded) by this tokenizer,
+    # in config.tokenizer.dtype as pretokenize encodes: the same latents.
+    self.tokenizer = models.build(inference.data_model_config(config.tokenizer))
     self.value_range = models.value_range(config.tokenizer.model, config,
                                           ("data", "tokenizer"))
     self.label_dropout = float(self.hparam("train.label_dropout"))
@@ -35,7 +38,7 @@ class EqGeneratorTask(Task):
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
 
   def optimizers(self):
-    return {"model": make_optimizer(self.config.optimizer, self.config.train)}
+    return {"model": opt_lib.make_optimizer(self.config.optimizer, self.config.train)}
 
   def frozen_params(self):
     if self._frozen is None:

@@ -13,10 +13,10 @@ from genvis_jax.convert import dino_vit
 from genvis_jax.models import dino_disc as dino_lib
 from genvis_jax.models import dinov2 as dinov2_lib
 from genvis_jax.models.eq_tokenizer import sample_posterior
+from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks import join_groups
 from genvis_jax.train.tasks.eq import (FROZEN_IN_STAGE2, freeze_top_level,
-                                       make_optimizer, nll_loss,
-                                       teacher_inputs)
+                                       nll_loss, teacher_inputs)
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
 
@@ -78,13 +78,13 @@ class EqTokenizerTask(GANTokenizerTask):
 
   def optimizers(self):
     c = self.config
-    model_opt = make_optimizer(c.optimizer, c.train)
+    model_opt = opt_lib.make_optimizer(c.optimizer, c.train)
     if c.loss.stage2:
       model_opt = freeze_top_level(model_opt, FROZEN_IN_STAGE2)
     opts = {"model": model_opt,
-            "disc": make_optimizer(c.disc.optimizer, c.train)}
+            "disc": opt_lib.make_optimizer(c.disc.optimizer, c.train)}
     if "logvar" in self.param_groups:
-      opts["logvar"] = make_optimizer(c.optimizer, c.train)
+      opts["logvar"] = opt_lib.make_optimizer(c.optimizer, c.train)
     return opts
 
   def frozen_params(self):

@@ -19,6 +19,7 @@ from absl import logging
 
 from genvis_jax import models
 from genvis_jax.core.metrics import to_uint8
+from genvis_jax.models import inference
 from genvis_jax.train.tasks import Task
 
 GRID = 16   # samples per grid
@@ -62,8 +63,9 @@ class TokenGeneratorTask(Task):
 
   @functools.cached_property
   def _decode(self):
-    """Jitted ``decode(tokenizer_params, codes)``: one compile per run."""
-    tokenizer = models.build(self.config.tokenizer.model)
+    """Jitted ``decode(tokenizer_params, codes)``: one compile per run, in
+    ``config.tokenizer.dtype`` as the sampling driver decodes."""
+    tokenizer = models.build(inference.data_model_config(self.config.tokenizer))
     return jax.jit(lambda p, c: tokenizer.apply({"params": p}, c,
                                                 method="decode"))
 
