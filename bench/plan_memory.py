@@ -141,7 +141,7 @@ def batch_spec(config, task, batch: int, sharding) -> dict:
   image = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
   if config.task == "eq_generator":   # trains on tokenizer latents
     from genvis_jax import models  # pylint: disable=import-outside-toplevel
-    tok_cfg = config.latents.tokenizer
+    tok_cfg = config.tokenizer.model
     params = jax.eval_shape(lambda k: models.init_params(tok_cfg, k),
                             jax.random.key(0))
     lat = jax.eval_shape(lambda p, x: task.tokenizer.apply(

@@ -67,7 +67,6 @@ def get_config(size: str = "l", arg=None):
   tk.checkpoint = ""            # genvis_jax.convert output or a training workdir
   tk.config_file = "configs/eq_tokenizer.py"   # its own config, for messages
   lt = c.latents = ml_collections.ConfigDict()
-  lt.tokenizer = tk.model       # the same ConfigDict (older name, still read)
   lt.scale = 0.05493            # official vae_norm
   lt.posterior_noise = True     # official: vae posterior.sample() (sigma-VAE)
 
@@ -118,7 +117,7 @@ def runlocal(c):
   c.model.update(dict(hidden_size=64, depth=2, num_heads=4, head_width=64,
                       head_depth=2, token_dim=16, num_classes=5,
                       num_cond_tokens=4, window=2, seq_len=4))
-  c.tokenizer.model = c.latents.tokenizer = eq_tokenizer.runlocal_model()
+  c.tokenizer.model = eq_tokenizer.runlocal_model()
   c.tokenizer.config_file = "configs/eq_tokenizer.py:runlocal"
   base.runlocal_data(c.data, source="demo_landscapes", num_classes=5)
   c.data.image_width = 64

@@ -69,7 +69,7 @@ def eq_generator_demo_config(tokenizer_checkpoint: str = ""):
       token_dim=16, num_classes=5, num_cond_tokens=4, window=2, seq_len=4,
       attn_dropout=0.0, proj_dropout=0.0)
   _data(c)
-  c.tokenizer.model = c.latents.tokenizer = tokenizer_model()
+  c.tokenizer.model = tokenizer_model()
   c.tokenizer.checkpoint = tokenizer_checkpoint
   c.tokenizer.config_file = "configs/eq_demo.py:tokenizer"
   # ~ 1 / std of the demo tokenizer's posterior samples (the task logs

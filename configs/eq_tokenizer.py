@@ -83,7 +83,8 @@ def get_config(arg=None):
   d.image_size = 256
 
   lo = c.loss = ml_collections.ConfigDict()
-  lo.pixel_weight = 1.0            # L1
+  # The L1 term has weight 1: the official loss stores a pixelloss_weight
+  # but never reads it, so there is no setting for it here.
   lo.perceptual_weight = 1.0       # LPIPS (VGG16), needs lpips_path
   lo.lpips_path = ""
   lo.logvar_init = 0.0

@@ -14,7 +14,7 @@ from configs import (fqgan_demo, fqgan_dual_ds8, fqgan_dual_ds16,
                      fqgan_triple_ds8, fqgan_triple_ds16)
 from genvis_jax import models
 from genvis_jax.convert import clip_vision as convert_clip
-from genvis_jax.models import fqgan
+from genvis_jax.models import clip_vision, fqgan
 from genvis_jax.models import teachers as teachers_lib
 from genvis_jax.core import sharding as shd
 from genvis_jax.train import trainer as trainer_lib
@@ -310,7 +310,7 @@ def test_sharded_train_step_with_teacher(tmp_path):
 def test_teacher_interface():
   x = jnp.arange(256, dtype=jnp.float32).reshape(1, 256, 1, 1)
   x = jnp.broadcast_to(x, (1, 256, 256, 1))
-  y = teachers_lib.torch_nearest_resize(x, 224)
+  y = clip_vision.resize_nearest(x, 224, 224)
   # torch F.interpolate(mode="nearest"): out[i] = in[floor(i * 256 / 224)].
   np.testing.assert_array_equal(y[0, :, 0, 0], np.floor(np.arange(224) * 8 / 7))
   _, pre = teachers_lib.get_teacher("teachers:vit", image_size=32)

@@ -118,7 +118,10 @@ def init_params(model_config, rng, *, boxed: bool = False):
   otherwise plain arrays. Cheap under ``jax.eval_shape``.
   """
   model = build(model_config)
-  variables = model.init({"params": rng, "dropout": rng},
+  # Dropout draws from its own stream (init runs deterministic layers, but
+  # a module that drew at init would otherwise reuse the params key).
+  variables = model.init({"params": rng,
+                          "dropout": jax.random.fold_in(rng, 1)},
                          *example_inputs(model_config, 1))
   params = variables["params"]
   return params if boxed else nn.unbox(params)

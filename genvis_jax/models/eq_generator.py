@@ -57,7 +57,6 @@ Dtype = Any
 
 class Block(nn.Module):
   """Self-attention (image), cross-attention (image -> condition), MLP (all)."""
-  dim: int
   num_heads: int
   mlp_dim: int
   window: int
@@ -175,7 +174,7 @@ class EqGenerator(nn.Module):
         (1, self.num_cond_tokens, d), self.param_dtype)
     block = layers.maybe_remat(Block, self.remat, static_argnums=(5,))
     self.encoder_blocks = [
-        block(d, self.num_heads, int(d * self.mlp_ratio), self.window,
+        block(self.num_heads, int(d * self.mlp_ratio), self.window,
               self.attn_dropout, self.proj_dropout, self.attn_impl, **kw)
         for _ in range(self.depth)]
     self.encoder_norm = layers.layer_norm(1e-6, **kw)

@@ -81,7 +81,10 @@ def _constrain(x):
 
 
 class RMSNorm(nn.Module):
-  """``x * rsqrt(mean(x^2) + eps) * scale`` computed in fp32, output in x.dtype."""
+  """``x * rsqrt(mean(x^2) + eps) * scale``: normalised in fp32, cast back to
+  x.dtype, then times the ``param_dtype`` scale (LlamaGen's
+  ``_norm(x.float()).type_as(x) * weight``: bf16 x with an fp32 scale gives
+  an fp32 output, as in torch)."""
   eps: float = 1e-5
   param_dtype: Any = jnp.float32
 
@@ -96,7 +99,6 @@ class RMSNorm(nn.Module):
 
 class TransformerBlock(nn.Module):
   """Pre-norm LlamaGen block; residual stream kept in the input dtype (fp32)."""
-  dim: int
   n_head: int
   ffn_dim: int
   norm_eps: float = 1e-5
@@ -183,7 +185,7 @@ class FAR(nn.Module):
           kernel_init=layers.zeros, dtype=self.dtype, param_dtype=pd))
     self.aggregation_layer = layers.dense(
         d, ("mlp", "embed"), kernel_init=_init, dtype=self.dtype, param_dtype=pd)
-    kw = dict(dim=d, n_head=self.n_head, ffn_dim=self.ffn_dim,
+    kw = dict(n_head=self.n_head, ffn_dim=self.ffn_dim,
               norm_eps=self.norm_eps, dropout=self.dropout,
               attn_dropout=self.attn_dropout, dtype=self.dtype, param_dtype=pd)
     block = layers.maybe_remat(TransformerBlock, self.remat, static_argnums=(3,))

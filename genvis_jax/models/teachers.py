@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from genvis_jax.core import registry
@@ -64,12 +63,6 @@ def get_teacher(name: str, **kwargs):
   except ConfigError as e:
     raise ConfigError(f"Unknown teacher {name!r}: {_FORM}. {e}") from None
   return mod.teacher(variant, **kwargs) if variant else mod.teacher(**kwargs)
-
-
-def torch_nearest_resize(x: jax.Array, size: int) -> jax.Array:
-  """(B, H, W, C) -> (B, size, size, C) as ``F.interpolate(mode="nearest")``
-  (``clip_vision.resize_nearest``)."""
-  return clip_vision.resize_nearest(x, size, size)
 
 
 def make_preprocess(size: int, mean, std) -> Callable:

@@ -126,7 +126,7 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
 def _uncached_impl(model, opts, params, labels, rng, g, pw, temp):
   use_cfg, seq_len = opts.use_cfg, opts.seq_len
   b = labels.shape[0]
-  labels2 = ar.cfg_labels(labels, model.num_classes) if use_cfg else labels
+  labels2 = ar.cfg_labels(labels, model.null_label) if use_cfg else labels
 
   def body(t, tokens):
     # Full causal forward; positions > t hold placeholders the mask hides.

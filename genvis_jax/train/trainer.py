@@ -163,6 +163,9 @@ class Trainer:
     self.optimizers = self.task.optimizers()
     rng = jax.random.key(config.seed)
     self.init_rng, self.train_rng = jax.random.split(rng)
+    # Sample grids draw from their own stream: fold_in(train_rng, step) is
+    # the key of the training step that follows them.
+    self.visual_rng = jax.random.fold_in(rng, 1)
     self.abstract, self.shardings = state_lib.state_shardings(
         self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
     step_fn = step_lib.make_train_step(self.task, self.optimizers, config.train,
@@ -402,7 +405,7 @@ def _write_visuals(trainer, state, vis_batch, writer, workdir, step):
     params[task.ema_group] = state.ema
   with trainer.context():
     images = task.visualize(params, trainer.frozen, batch,
-                            jax.random.fold_in(trainer.train_rng, step))
+                            jax.random.fold_in(trainer.visual_rng, step))
   if images:
     images = {k: np.asarray(jax.device_get(v)) for k, v in images.items()}
     metrics_lib.write_images(writer, workdir, step, images)
