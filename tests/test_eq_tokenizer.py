@@ -175,6 +175,23 @@ def test_step_decay_schedule_matches_official():
   np.testing.assert_allclose(got, [0, 0.5, 0.9, 0.9, 0.9, 0.18, 0.036], rtol=1e-6)
 
 
+def test_paper_optimizer_is_the_shared_one_with_its_step_decay():
+  """The paper config's Adam + step decay is ``opt_lib.make_optimizer``: its
+  state layout does not depend on grad_clip (a run resumes with another
+  clip), and its learning rate follows the official schedule."""
+  c = eq_tok_config.get_config()
+  params = {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
+  layouts = []
+  for clip in (0.0, 1.0):
+    c.train.grad_clip = clip
+    state = opt_lib.make_optimizer(c.optimizer, c.train).init(params)
+    layouts.append(jax.tree_util.tree_structure(state))
+  assert layouts[0] == layouts[1]
+  lr = opt_lib.make_schedule(c.optimizer, c.train.num_steps)
+  assert float(lr(3000)) == pytest.approx(1.92e-4 * 2999 / 3000)
+  assert float(lr(33_000)) == pytest.approx(1.92e-4 * 2999 / 3000 * 0.2)
+
+
 def _task_config(disc="patchgan", stage2=False):
   c = eq_demo.eq_tokenizer_demo_config()
   c.model = mini_model()
