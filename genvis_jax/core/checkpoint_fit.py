@@ -23,8 +23,7 @@ class CheckpointMismatchError(UserError, ValueError):
 def key_path(path) -> str:
   """A ``tree_leaves_with_path`` path as ``a/b/kernel`` (the same for a dict,
   a FrozenDict or Orbax's restored tree)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _shape_table(tree) -> dict[str, tuple]:

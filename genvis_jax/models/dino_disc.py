@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax import models
-from genvis_jax.models import layers
+from genvis_jax.models import dinov2, layers
 from genvis_jax.models.layers import vit
 
 Dtype = Any
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.asarray(dinov2.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.asarray(dinov2.IMAGENET_STD, np.float32)
 
 
 # --- frozen ViT ----------------------------------------------------------------

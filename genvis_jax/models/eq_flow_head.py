@@ -46,10 +46,6 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   return emb
 
 
-def _modulate(x, shift, scale):
-  return x * (1 + scale) + shift
-
-
 class TimestepEmbedder(nn.Module):
   width: int
   frequency_dim: int = 256
@@ -90,7 +86,7 @@ class ResBlock(nn.Module):
 
   def modulated(self, x, mod):
     shift, scale, gate = jnp.split(mod, 3, axis=-1)
-    h = _modulate(self.in_ln(x), shift, scale)
+    h = layers.modulate(self.in_ln(x), shift, scale)
     h = self.mlp_2(nn.silu(self.mlp_0(h)))
     return x + gate * h
 
@@ -120,7 +116,7 @@ class FinalLayer(nn.Module):
 
   def modulated(self, x, mod):
     shift, scale = jnp.split(mod, 2, axis=-1)
-    return self.linear(_modulate(self.norm_final(x), shift, scale))
+    return self.linear(layers.modulate(self.norm_final(x), shift, scale))
 
   def __call__(self, x, y):
     return self.modulated(x, self.modulation(y))

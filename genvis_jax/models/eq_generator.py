@@ -91,7 +91,7 @@ class Block(nn.Module):
                                 train=train)
     m = cond.shape[1]
     x = self._mlp(jnp.concatenate([cond, img], axis=1), train)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = layers.constrain_tokens(x)
     return x[:, :m], x[:, m:]
 
   def prefill(self, cond):

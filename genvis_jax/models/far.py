@@ -75,11 +75,6 @@ def rope_table_2d(grid: int, head_dim: int, base: float = 10000.0,
   return np.concatenate([cls, cache]).astype(np.float32)
 
 
-def _constrain(x):
-  """Activations (B, S, d): batch-sharded, width replicated."""
-  return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-
-
 class RMSNorm(nn.Module):
   """``x * rsqrt(mean(x^2) + eps) * scale``: normalised in fp32, cast back to
   x.dtype, then times the ``param_dtype`` scale (LlamaGen's
@@ -125,7 +120,7 @@ class TransformerBlock(nn.Module):
             hidden_dropout=0.0, use_bias=False, name="feed_forward", **kw)(
                 RMSNorm(self.norm_eps, pd, name="ffn_norm")(x), train)
     x = x + h.astype(x.dtype)
-    return _constrain(x)
+    return layers.constrain_tokens(x)
 
 
 class LabelEmbedder(nn.Module):
@@ -211,7 +206,7 @@ class FAR(nn.Module):
   def _aggregate(self, embs):
     """k arrays (..., d) -> (..., d): concat then ``aggregation_layer``."""
     x = self.aggregation_layer(jnp.concatenate(embs, axis=-1))
-    return _constrain(x.astype(self.param_dtype))
+    return layers.constrain_tokens(x.astype(self.param_dtype))
 
   def class_labels(self, labels, train: bool = False):
     """labels (B,) with each replaced by the null class w.p. ``class_dropout``
@@ -244,13 +239,13 @@ class FAR(nn.Module):
     embs = [self._tok(i)(codes[:, i]) for i in range(k)]             # k x (B, N, d)
     tok = self._aggregate(embs)
     x = jnp.concatenate([cond[:, None].astype(tok.dtype), tok[:, :-1]], axis=1)
-    x = self.tok_dropout(_constrain(x), deterministic=not train)
+    x = self.tok_dropout(layers.constrain_tokens(x), deterministic=not train)
     cos, sin = self._rope()
     for blk in self.layers:
       x = blk(x, (cos[:n], sin[:n]), train)
     # Factorized head: per position, [h_t, emb_1(z_t1), ..] -> B*N sequences.
     y = jnp.stack([x] + embs[:k - 1], axis=2).reshape(b * n, k, self.dim)
-    y = _constrain(y)
+    y = layers.constrain_tokens(y)
     for blk in self.ar_head:
       y = blk(y, (cos[:k], sin[:k]), train)
     y = y.reshape(b, n, k, self.dim)

@@ -307,7 +307,7 @@ def flatten_params(params) -> dict[str, np.ndarray]:
   """Nested params -> {"Mixed_5b/branch1x1/conv/kernel": array} (for .npz)."""
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    out["/".join(str(k.key) for k in path)] = np.asarray(leaf)
+    out[jax.tree_util.keystr(path, simple=True, separator="/")] = np.asarray(leaf)
   return out
 
 

@@ -61,10 +61,6 @@ def position_embeddings(pos_embed, ta_embed, orders):
   return pos + jnp.concatenate([zero, ta, zero], axis=1)
 
 
-def _modulate(x, shift, scale):
-  return x * (1 + scale) + shift
-
-
 class Block(nn.Module):
   """adaLN-Zero pre-norm block; x (B, N, d), c (B, N, d) per-position condition.
 
@@ -99,14 +95,14 @@ class Block(nn.Module):
     h = Attention(self.num_heads, qk_norm=True, mask="causal",
                   cache_len=self.cache_len, attn_dropout=self.attn_dropout,
                   proj_dropout=self.dropout, name="attn", **kw)(
-                      _modulate(h, shift_msa, scale_msa), train=train,
+                      layers.modulate(h, shift_msa, scale_msa), train=train,
                       cache_pos=cache_pos)
     x = x + gate_msa * h
     h = layers.layer_norm(1e-6, name="norm2", **kw)(x)
     h = Mlp(self.mlp_dim, dropout=self.dropout, name="mlp", **kw)(
-        _modulate(h, shift_mlp, scale_mlp), train)
+        layers.modulate(h, shift_mlp, scale_mlp), train)
     x = x + gate_mlp * h
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return layers.constrain_tokens(x)
 
 
 class FinalLayer(nn.Module):
@@ -129,7 +125,7 @@ class FinalLayer(nn.Module):
     scale, shift = jnp.split(mod, 2, axis=-1)
     x = layers.layer_norm(1e-6, use_scale=False, use_bias=False,
                           dtype=jnp.float32, name="norm_final")(x)
-    return _modulate(x, shift, scale)
+    return layers.modulate(x, shift, scale)
 
 
 class RAR(nn.Module):

@@ -12,10 +12,7 @@ import optax
 
 def param_path(path) -> str:
   """'/'-joined parameter path, e.g. ``blocks_0/attn/qkv/kernel``."""
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def decay_mask(params, no_decay: Sequence[str]):

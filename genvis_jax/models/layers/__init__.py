@@ -130,3 +130,15 @@ def drop_labels(rng, labels, prob: float, null_label: int):
   with probability ``prob`` (int labels of any shape)."""
   drop = jax.random.uniform(rng, labels.shape) < prob
   return jnp.where(drop, null_label, labels)
+
+
+def modulate(x, shift, scale):
+  """adaLN modulation ``x * (1 + scale) + shift`` (DiT's ``modulate``; RAR's
+  blocks and the Equivariant flow head)."""
+  return x * (1 + scale) + shift
+
+
+def constrain_tokens(x):
+  """Shards a token sequence (B, N, d) like the batch, length and width
+  axes of the rules table say (the transformers' residual stream)."""
+  return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))

@@ -13,8 +13,10 @@ from typing import Any, Mapping
 import jax
 import optax
 
+from genvis_jax import models
 from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError, UserError
+from genvis_jax.train import optimizers as opt_lib
 
 PyTree = Any
 
@@ -67,12 +69,15 @@ class Task:
 
   # --- construction -------------------------------------------------------
   def init_params(self, rng: jax.Array) -> Mapping[str, PyTree]:
-    """Boxed (``nn.LogicallyPartitioned``) params per group; pure, jit-able."""
-    raise NotImplementedError
+    """Boxed (``nn.LogicallyPartitioned``) params per group; pure, jit-able.
+    By default one group, "model", of ``config.model``."""
+    return {"model": models.init_params(self.config.model, rng, boxed=True)}
 
   def optimizers(self) -> Mapping[str, optax.GradientTransformation]:
-    """One optax transformation per group (clipping included)."""
-    raise NotImplementedError
+    """One optax transformation per group (clipping included). By default
+    ``config.optimizer`` for the "model" group."""
+    return {"model": opt_lib.make_optimizer(self.config.optimizer,
+                                            self.config.train)}
 
   def frozen_params(self) -> Mapping[str, PyTree]:
     """Non-trainable groups the losses read (e.g. ``{"lpips": ...}``).

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import optax
 
 from genvis_jax import models
-from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks import Task
 
 
@@ -17,13 +16,6 @@ class ClassifierTask(Task):
   def __init__(self, config):
     super().__init__(config)
     self.model = models.build(config.model)
-
-  def init_params(self, rng):
-    return {"model": models.init_params(self.config.model, rng, boxed=True)}
-
-  def optimizers(self):
-    return {"model": opt_lib.make_optimizer(self.config.optimizer,
-                                            self.config.train)}
 
   def loss(self, params, batch):
     logits = self.model.apply({"params": params}, batch["image"])

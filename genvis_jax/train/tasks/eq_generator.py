@@ -12,7 +12,6 @@ from genvis_jax.models import inference
 from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.sample import eq_generator as eq_sample
-from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks import Task
 from genvis_jax.train.tasks.eq import flow_loss, flow_targets
 
@@ -33,12 +32,6 @@ class EqGeneratorTask(Task):
     self._frozen = None
     # One jit for the sample grids' decode: compiled once per width.
     self._decode = jax.jit(self._latents_to_images)
-
-  def init_params(self, rng):
-    return {"model": models.init_params(self.config.model, rng, boxed=True)}
-
-  def optimizers(self):
-    return {"model": opt_lib.make_optimizer(self.config.optimizer, self.config.train)}
 
   def frozen_params(self):
     if self._frozen is None:

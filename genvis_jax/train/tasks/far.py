@@ -14,9 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from genvis_jax import errors
-from genvis_jax import models
 from genvis_jax.sample import far as far_sample
-from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks.token_generator import TokenGeneratorTask
 
 
@@ -59,13 +57,6 @@ class FARTask(TokenGeneratorTask):
   def __init__(self, config):
     super().__init__(config)
     self.names = subtoken_names(self.model.num_codebooks)
-
-  def init_params(self, rng):
-    return {"model": models.init_params(self.config.model, rng, boxed=True)}
-
-  def optimizers(self):
-    return {"model": opt_lib.make_optimizer(self.config.optimizer,
-                                            self.config.train)}
 
   def grads(self, params, frozen, batch, rng, step):
     del frozen, step

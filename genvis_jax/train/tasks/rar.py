@@ -16,11 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from genvis_jax import errors
-from genvis_jax import models
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.models.rar import permute
 from genvis_jax.sample import rar as rar_sample
-from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks.token_generator import TokenGeneratorTask
 
 
@@ -63,13 +61,6 @@ class RARTask(TokenGeneratorTask):
     self.anneal = (int(self.hparam("train.randomness_anneal_start")),
                    int(self.hparam("train.randomness_anneal_end")))
     self.label_dropout = float(self.hparam("train.label_dropout"))
-
-  def init_params(self, rng):
-    return {"model": models.init_params(self.config.model, rng, boxed=True)}
-
-  def optimizers(self):
-    return {"model": opt_lib.make_optimizer(self.config.optimizer,
-                                            self.config.train)}
 
   def grads(self, params, frozen, batch, rng, step):
     del frozen
