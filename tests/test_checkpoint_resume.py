@@ -100,13 +100,19 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
   assert os.path.exists(os.path.join(part, "checkpoints", "6", "config"))
 
 
-def test_resume_refuses_a_different_model(tmp_path):
+def test_resume_refuses_a_different_model(tmp_path, monkeypatch):
+  from genvis_jax.data import token_origin
   wd = str(tmp_path / "wd")
   trainer_lib.train_and_evaluate(small_run.config(3), wd)
   other = small_run.config(6)
   other.model.widths = (8, 32)
+  # As if `other` trained on token files: the refused run must not leave
+  # its token record in this (another run's) workdir.
+  monkeypatch.setattr(token_origin, "written_weights", lambda c: ["other"])
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="widths"):
     trainer_lib.train_and_evaluate(other, wd)
+  assert not os.path.exists(os.path.join(wd, token_origin.ORIGIN_FILE))
+  monkeypatch.undo()
   # Same model, no EMA any more: the message names the setting.
   no_ema = small_run.config(6)
   no_ema.train.ema_decay = 0.0

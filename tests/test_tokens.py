@@ -283,14 +283,17 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   wd = str(tmp_path / "run")
   os.makedirs(wd)
   record("step 20 committed 1")
-  token_origin.record_or_check(config, wd, None)     # fresh run: recorded
-  token_origin.record_or_check(config, wd, 5)        # resume, same files
+  token_origin.check(config, wd, None)               # fresh run: nothing to check
+  assert not os.listdir(wd)                          # ... and nothing written
+  token_origin.record(config, wd, None)              # recorded once restored
+  token_origin.check(config, wd, 5)                  # resume, same files
+  token_origin.record(config, wd, 5)
   record("step 30 committed 2")                      # written again since
   with pytest.raises(data.TokenFileError,
                      match=r"trained to step 5 on token files written with "
                            r"tokenizer weights \['step 20 committed 1'\].*now "
                            r"hold \['step 30 committed 2'\]"):
-    token_origin.record_or_check(config, wd, 5)
+    token_origin.check(config, wd, 5)
   # Sampling the run (or one of its steps) with other tokenizer weights warns.
   step = os.path.join(wd, "checkpoints", "5")
   assert driver.warn_other_tokenizer(step, "step 20 committed 1") == ""

@@ -165,28 +165,25 @@ def written_weights(config) -> list[str]:
   return sorted(w for w in found if w)
 
 
-def record_or_check(config, workdir: str, resumed_step: int | None) -> None:
-  """A fresh run records ``written_weights(config)`` in ``workdir``; a resumed
-  one must find the same there. Raises ``TokenFileError`` when the token
-  files now come from other tokenizer weights than the run trained on."""
-  multihost.on_process_0(
-      lambda: _record_or_check(config, workdir, resumed_step))
+def check(config, workdir: str, resumed_step: int | None) -> None:
+  """Before a resume reads any state: raises ``TokenFileError`` when the
+  token files now come from other tokenizer weights than the run trained on
+  (the record ``record`` wrote). Writes nothing."""
+  multihost.on_process_0(lambda: _check(config, workdir, resumed_step))
 
 
-def _record_or_check(config, workdir: str, resumed_step: int | None) -> None:
+def record(config, workdir: str, resumed_step: int | None) -> None:
+  """After the run's state is restored (or initialised): records
+  ``written_weights(config)`` in ``workdir`` unless a record is there. A
+  workdir whose checkpoint is refused (another config) gets no file."""
+  multihost.on_process_0(lambda: _record(config, workdir, resumed_step))
+
+
+def _check(config, workdir: str, resumed_step: int | None) -> None:
   now = written_weights(config)
-  path = epath.Path(workdir) / ORIGIN_FILE
   before = run_token_weights(workdir) if resumed_step is not None else []
-  if not before:   # a fresh run, or one from before this record existed
-    if now:
-      if resumed_step is not None:
-        logging.warning("Recording the token files' tokenizer weights %s in "
-                        "%s; the steps up to %d were trained before such a "
-                        "record existed and are not checked.", now, path,
-                        resumed_step)
-      path.write_text(json.dumps({"weights": now}))
-    return
-  if now and before != now:
+  if before and now and before != now:
+    path = epath.Path(workdir) / ORIGIN_FILE
     raise TokenFileError(
         f"This run trained to step {resumed_step} on token files written with "
         f"tokenizer weights {before}; the files of config.data.path "
@@ -195,6 +192,18 @@ def _record_or_check(config, workdir: str, resumed_step: int | None) -> None:
         "--workdir (--config.init_from=<this run> keeps the weights). If the "
         "weights are the same (converted again, where the first conversion "
         f"recorded no {weights_lib.DIGEST_FILE}), delete {path} and resume.")
+
+
+def _record(config, workdir: str, resumed_step: int | None) -> None:
+  now = written_weights(config)
+  if not now or (resumed_step is not None and run_token_weights(workdir)):
+    return
+  path = epath.Path(workdir) / ORIGIN_FILE
+  if resumed_step is not None:   # a run from before this record existed
+    logging.warning("Recording the token files' tokenizer weights %s in %s; "
+                    "the steps up to %d were trained before such a record "
+                    "existed and are not checked.", now, path, resumed_step)
+  path.write_text(json.dumps({"weights": now}))
 
 
 def run_token_weights(run: str) -> list[str]:

@@ -243,10 +243,12 @@ def train_loop(config, workdir: str, on_log=None):
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   # Before restoring: a resume on other tokens is refused without reading state.
   from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
-  token_origin.record_or_check(config, workdir, ckpt.latest_step())
+  token_origin.check(config, workdir, ckpt.latest_step())
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state, saved_config = ckpt.restore_latest(
       trainer.abstract_state(), config, with_data=True)
+  # After the config check: a refused workdir (another run's) gets no record.
+  token_origin.record(config, workdir, latest)
   data_seed = config.seed
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)
