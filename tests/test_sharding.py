@@ -93,6 +93,22 @@ def test_batch_not_divisible_is_rejected_before_compiling():
     trainer_lib.Trainer(cfg, mesh=shd.create_mesh(cfg.mesh, jax.devices()))
 
 
+def test_batch_split_follows_the_rules_table():
+  """Input batches, the divisibility check and the micro-batch split use the
+  rules' "batch" entry, the one the activation constraints use."""
+  from configs import base
+  cfg = _config(dict(data=2, fsdp=4, tensor=1))
+  mesh = shd.create_mesh(cfg.mesh, jax.devices())
+  assert shd.batch_axes(mesh, cfg.sharding.rules) == ("data", "fsdp")
+  cfg.sharding.rules = tuple((k, ("data",) if k == "batch" else v)
+                             for k, v in base.DEFAULT_RULES)
+  cfg.train.global_batch_size = 2     # 2 data shards; 8 with the default
+  trainer_lib.setup(cfg, mesh=mesh)
+  sharding = shd.batch_sharding(mesh, cfg.sharding.rules)
+  assert sharding.spec == jax.sharding.PartitionSpec(("data",))
+  assert shd.num_batch_shards(mesh, cfg.sharding.rules) == 2
+
+
 def test_mesh_shape_errors():
   with pytest.raises(ValueError, match="at most one axis"):
     shd.mesh_shape(ml_collections.ConfigDict(

@@ -111,23 +111,33 @@ def tree_shardings(abstract_boxed, mesh: Mesh, rules):
       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the data-parallel axes."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-  return NamedSharding(mesh, P(axes))
+def batch_axes(mesh, rules=None) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over: those of the rules
+  table's ``"batch"`` entry (``BATCH_AXES`` without ``rules``) that ``mesh``
+  has. The input batches, the micro-batch split and the activation
+  constraints all follow it, so they cannot disagree."""
+  axes = dict(rules_tuple(rules)).get("batch", BATCH_AXES) if rules else BATCH_AXES
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(a for a in axes if a in mesh.shape)
 
 
-def num_batch_shards(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+  """Leading (batch) dimension split over ``batch_axes(mesh, rules)``."""
+  return NamedSharding(mesh, P(batch_axes(mesh, rules)))
+
+
+def num_batch_shards(mesh: Mesh, rules=None) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_divisible(global_batch: int, mesh: Mesh, micro_batches: int = 1):
+def check_batch_divisible(global_batch: int, mesh: Mesh, micro_batches: int = 1,
+                          rules=None):
   """Raises before compiling when the batch cannot be split as configured."""
-  shards = num_batch_shards(mesh)
+  shards = num_batch_shards(mesh, rules)
   if global_batch % (shards * micro_batches):
     raise errors.ConfigError(
         f"config.train.global_batch_size={global_batch} does not divide across "
@@ -139,9 +149,10 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, micro_batches: int = 1)
         f"{jax.process_count()} processes.")
 
 
-def host_to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict:
+def host_to_global(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                   rules=None) -> dict:
   """Assembles process-local numpy batches into globally sharded jax.Arrays."""
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, rules)
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local_batch)

@@ -51,7 +51,7 @@ def setup(config, *, mesh=None, devices=None):
   _check_intervals(config.train)
   mesh = mesh or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
-                            config.train.micro_batches)
+                            config.train.micro_batches, config.sharding.rules)
   task = tasks_lib.get_task(config)
   return mesh, task
 
@@ -168,13 +168,14 @@ class Trainer:
     self.visual_rng = jax.random.fold_in(rng, 1)
     self.abstract, self.shardings = state_lib.state_shardings(
         self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
-    step_fn = step_lib.make_train_step(self.task, self.optimizers, config.train,
-                                       shd.num_batch_shards(self.mesh))
+    step_fn = step_lib.make_train_step(
+        self.task, self.optimizers, config.train,
+        shd.num_batch_shards(self.mesh, self.rules))
     # Non-trainable weights the losses use (LPIPS, teachers), replicated.
     self.frozen = jax.device_put(self.task.frozen_params(),
                                  shd.replicated(self.mesh))
     self._step = step_lib.jit_train_step(
-        step_fn, self.shardings, shd.batch_sharding(self.mesh),
+        step_fn, self.shardings, shd.batch_sharding(self.mesh, self.rules),
         shd.replicated(self.mesh))
 
   def context(self):
@@ -204,7 +205,7 @@ class Trainer:
               jax.device_get(self._param_norms(state.params)).items()}
 
   def step(self, state, local_batch):
-    batch = shd.host_to_global(local_batch, self.mesh)
+    batch = shd.host_to_global(local_batch, self.mesh, self.rules)
     with self.context():
       return self._step(state, batch, self.train_rng, self.frozen)
 
