@@ -110,10 +110,10 @@ class FactorizedAdapter(nn.Module):
                      layers.named(_pos_init(c), ("pos", "embed")),
                      (self.grid_size ** 2, c), self.param_dtype)
     x = x.reshape(b, h * w, c).astype(self.dtype) + pos.astype(self.dtype)
-    x = layers.layer_norm(_LN_EPS, name="ln_pre", **kw)(x)
+    x = vit.layer_norm(_LN_EPS, name="ln_pre", **kw)(x)
     x = transformer(x, num_layers=self.num_layers, num_heads=self.num_heads,
                     mlp_ratio=self.mlp_ratio, remat=self.remat, **kw)
-    x = layers.layer_norm(_LN_EPS, name="ln_post", **kw)(x)
+    x = vit.layer_norm(_LN_EPS, name="ln_post", **kw)(x)
     return x.reshape(b, h, w, c)
 
 
@@ -149,10 +149,10 @@ class FeatPredHead(nn.Module):
                      (self.grid_size ** 2 + 1, self.width), self.param_dtype)
     cls = jnp.broadcast_to(cls.astype(x.dtype)[None], (b, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
-    x = layers.layer_norm(_LN_EPS, name="ln_pre", **kw)(x)
+    x = vit.layer_norm(_LN_EPS, name="ln_pre", **kw)(x)
     x = transformer(x, num_layers=self.num_layers, num_heads=self.num_heads,
                     remat=self.remat, **kw)
-    return layers.layer_norm(_LN_EPS, name="ln_post", **kw)(x)
+    return vit.layer_norm(_LN_EPS, name="ln_post", **kw)(x)
 
 
 class FQEncoder(lg.CNNBase):
