@@ -374,7 +374,8 @@ def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   for cols in sz.eq_columns:
     dl.check(f"{cols} columns")
     run = lambda c=cols: eq_sample.sample(
-        model, params, labels, jax.random.key(0), num_columns=c, cfg=s.cfg,
+        model, params, labels, jax.random.key(0), num_columns=c,
+        guidance_scale=s.guidance_scale,
         num_steps=sz.eq_flow_steps)
     comp_s, _ = timed(run)
     times = []
@@ -386,7 +387,7 @@ def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
     sec.add(model="Eq-L", dtype=m.dtype, batch=batch, columns=cols,
             flow_steps=sz.eq_flow_steps, first_call_s=comp_s, sample_s=t,
             columns_per_s=batch * cols / t, images_per_s=batch / t)
-  sec.note(f"cfg {s.cfg} (doubled batch), Euler flow steps per column as "
+  sec.note(f"guidance {s.guidance_scale} (doubled batch), Euler flow steps per column as "
            "listed; columns_per_s counts columns of all images in the batch; "
            "generator latents only (no tokenizer decode).")
 

@@ -103,7 +103,7 @@ def run(args):
   rows = []
   for m in (int(x) for x in args.multiples.split(",")):
     n = m * args.train_columns
-    kw = dict(num_columns=n, cfg=args.cfg, num_steps=args.num_steps)
+    kw = dict(num_columns=n, guidance_scale=args.cfg, num_steps=args.num_steps)
     cached = time_call(lambda: eq_sample.sample(model, params, labels, rng, **kw),
                        args.iters) / n * 1e3
     full = float("nan")

@@ -250,7 +250,7 @@ def run_dtype(model, params32, labels, args, dtype, widths):
   use_cfg = args.cfg != 1.0
   rows = args.batch * (2 if use_cfg else 1)
   mdl, params = ar.for_decoding(model, params32, dtype)
-  kw = dict(num_columns=args.columns, cfg=args.cfg, num_steps=args.num_steps,
+  kw = dict(num_columns=args.columns, guidance_scale=args.cfg, num_steps=args.num_steps,
             chunk=args.window)
   floors = {h: make_floor(mdl, args.num_steps, use_cfg, h) for h in (False, True)}
   x0 = jnp.zeros((args.batch, model.token_dim), jnp.float32)
@@ -291,7 +291,8 @@ def run_dtype(model, params32, labels, args, dtype, widths):
             f"{best['old']:.4f} s/col = {best['old'] / best['ours']:.2f}x ours",
             flush=True)
   if args.whole:
-    run = lambda: eq_sample.sample(mdl, params, labels, rng, cfg=args.cfg,
+    run = lambda: eq_sample.sample(mdl, params, labels, rng,
+                                   guidance_scale=args.cfg,
                                    num_columns=args.whole,
                                    num_steps=args.num_steps)
     jax.block_until_ready(run())       # compile + warm up

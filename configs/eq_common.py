@@ -97,7 +97,7 @@ def get_config(size: str = "l", arg=None):
   o.no_decay = NO_DECAY
 
   sp = c.sample = ml_collections.ConfigDict()
-  sp.cfg = 7.0                  # official demo value (Places); 1.0 = no CFG
+  sp.guidance_scale = 7.0       # official --cfg (demo value, Places); 1.0 = no CFG
   sp.num_steps = 100            # Euler steps of the flow head per column
   sp.num_columns = 16           # 16 = 256 px; e.g. 128 for 8x width
   sp.wide_columns = 0           # training grids also this wide (0 = off)

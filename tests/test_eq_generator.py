@@ -199,7 +199,7 @@ def test_rolling_cache_synthesis_equals_full_forward(tiny):
   vectors of the full windowed forward, and returns the same latents."""
   _, model, params = tiny
   labels, key = jnp.array([1, 4]), jax.random.key(3)
-  kw = dict(num_columns=2 * L, cfg=3.0, num_steps=4, return_conditions=True)
+  kw = dict(num_columns=2 * L, guidance_scale=3.0, num_steps=4, return_conditions=True)
   lat, z = eq_sample.sample(model, params, labels, key, **kw)
   lat_ref, z_ref = eq_sample.sample_uncached(model, params, labels, key, **kw)
   assert lat.shape == (2, 2 * L, C) and z.shape == (4, 2 * L, 32)
@@ -217,7 +217,7 @@ def test_rolling_cache_synthesis_equals_full_forward(tiny):
 def test_eight_times_training_width(tiny):
   _, model, params = tiny
   lat = eq_sample.sample(model, params, jnp.array([0, 2]), jax.random.key(4),
-                         num_columns=8 * L, cfg=1.0, num_steps=3)
+                         num_columns=8 * L, guidance_scale=1.0, num_steps=3)
   assert lat.shape == (2, 8 * L, C) and np.all(np.isfinite(lat))
   # The cache is constant-size: its leaves do not depend on the width.
   _, cache = model.apply({"params": params}, jnp.array([0]), method="prefill")

@@ -38,7 +38,8 @@ def bench():
   return module
 
 
-LABELS, KW = jnp.array([1, 3]), dict(num_columns=6, cfg=3.0, num_steps=3)
+LABELS, KW = jnp.array([1, 3]), dict(num_columns=6, guidance_scale=3.0,
+                                     num_steps=3)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_batch_sharded_sampling_keeps_each_device_on_its_examples(tiny):
   labels, key = jnp.arange(8) % C, jax.random.key(5)
   fn = eq_sample.sampler_fn(model, num_columns=KW["num_columns"],
                             num_steps=KW["num_steps"])
-  latents, _ = run_batch_sharded(fn, params, labels, key, KW["cfg"])
+  latents, _ = run_batch_sharded(fn, params, labels, key, KW["guidance_scale"])
   np.testing.assert_array_equal(
       latents, eq_sample.sample(model, params, labels, key, **KW))
 

@@ -6,8 +6,9 @@ with CFG, uncond from the null class); the flow head integrates
 ``x <- x - v(x, t, z) / num_steps`` at ``t = i / num_steps``, i = N..1.
 With CFG both branches share the noise and the state; the velocity is
 ``u + s_c (c - u)`` with the linear per-column ramp
-``s_c = 1 + (cfg - 1) * (c + 1) / num_columns`` (official ``cfg_schedule``
-"linear"); ``cfg == 1`` runs no uncond branch. The doubled batch interleaves
+``s_c = 1 + (guidance_scale - 1) * (c + 1) / num_columns`` (official
+``--cfg`` with ``cfg_schedule`` "linear"); ``guidance_scale == 1`` runs no
+uncond branch. The doubled batch interleaves
 each example's cond/uncond rows (``ar.cfg_labels``), so a batch sharded over
 devices stays sharded: each device draws its own examples.
 
@@ -48,9 +49,11 @@ from genvis_jax.sample import ar
 # 300 MB fp32) while batch 1 with CFG still hoists all 100 steps at once.
 HOIST_ROWS = 2048
 
-def cfg_scale(column, num_columns: int, cfg):
-  """Linear CFG ramp ``1 + (cfg - 1) * (column + 1) / num_columns``."""
-  return 1.0 + (cfg - 1.0) * (jnp.asarray(column, jnp.float32) + 1.0) / num_columns
+def cfg_scale(column, num_columns: int, guidance_scale):
+  """Linear CFG ramp ``1 + (guidance_scale - 1) * (column + 1) /
+  num_columns``."""
+  frac = (jnp.asarray(column, jnp.float32) + 1.0) / num_columns
+  return 1.0 + (guidance_scale - 1.0) * frac
 
 
 def euler_flow(velocity_fn, z, noise, scale, num_steps: int, use_cfg: bool):
@@ -121,11 +124,11 @@ def _labels2(model, labels, use_cfg):
   return ar.cfg_labels(labels, model.null_label) if use_cfg else labels
 
 
-def _column(model, params, z, rng, col, num_columns, num_steps, cfg, use_cfg,
-            hoist):
+def _column(model, params, z, rng, col, num_columns, num_steps, guidance_scale,
+            use_cfg, hoist):
   b = z.shape[0] // (2 if use_cfg else 1)
   noise = jax.random.normal(jax.random.fold_in(rng, col), (b, model.token_dim))
-  scale = cfg_scale(col, num_columns, cfg)
+  scale = cfg_scale(col, num_columns, guidance_scale)
   if hoist:
     return euler_flow_hoisted(model, params, z, noise, scale, num_steps, use_cfg)
   vel = lambda x, t, zz: model.apply({"params": params}, x, t, zz,
@@ -148,15 +151,15 @@ def _cached_init(model, use_cfg, num_columns, params, labels):
 
 
 def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, count,
-                    params, state, start, rng, cfg):
+                    params, state, start, rng, guidance_scale):
   """Columns start .. start + count - 1 (start may be traced) -> new state."""
   twice = _twice(use_cfg)
 
   def body(i, carry):
     col = start + i
     z, cache, latents, conds = carry
-    x = _column(model, params, z, rng, col, num_columns, num_steps, cfg,
-                use_cfg, hoist)
+    x = _column(model, params, z, rng, col, num_columns, num_steps,
+                guidance_scale, use_cfg, hoist)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
     conds = jax.lax.dynamic_update_index_in_dim(conds, z, col, axis=1)
     z, cache = model.apply({"params": params}, twice(x), col, cache,
@@ -167,16 +170,16 @@ def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, count,
 
 
 def _cached_impl(model, use_cfg, num_columns, num_steps, hoist, params, labels,
-                 rng, cfg):
+                 rng, guidance_scale):
   state = _cached_init(model, use_cfg, num_columns, params, labels)
   _, _, latents, conds = _cached_columns(
       model, use_cfg, num_columns, num_steps, hoist, num_columns, params, state,
-      0, rng, cfg)
+      0, rng, guidance_scale)
   return latents, conds
 
 
 def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, params,
-                   labels, rng, cfg):
+                   labels, rng, guidance_scale):
   labels2 = _labels2(model, labels, use_cfg)
   twice = _twice(use_cfg)
   b = labels.shape[0]
@@ -190,8 +193,8 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, params,
     z_all = model.apply({"params": params}, twice(latents), labels2,
                         method="condition")
     z = jax.lax.dynamic_index_in_dim(z_all, col, axis=1, keepdims=False)
-    x = _column(model, params, z, rng, col, num_columns, num_steps, cfg,
-                use_cfg, hoist)
+    x = _column(model, params, z, rng, col, num_columns, num_steps,
+                guidance_scale, use_cfg, hoist)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
     conds = jax.lax.dynamic_update_index_in_dim(conds, z.astype(conds.dtype),
                                                 col, axis=1)
@@ -216,7 +219,7 @@ def _compiled_steps(model, use_cfg: bool, num_columns: int, num_steps: int,
   return init, cols
 
 
-def _check(labels, num_columns, num_steps, cfg):
+def _check(labels, num_columns, num_steps, guidance_scale):
   if int(num_columns) < 1:
     raise ConfigError(f"num_columns must be >= 1, got {num_columns}.")
   if int(num_steps) < 1:
@@ -225,13 +228,14 @@ def _check(labels, num_columns, num_steps, cfg):
   if labels.ndim != 1:
     raise ConfigError(f"labels must be a 1-D class array, got shape "
                       f"{labels.shape}.")
-  return labels, float(cfg) != 1.0
+  return labels, float(guidance_scale) != 1.0
 
 
 def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
                num_steps: int = 100, cached: bool = True,
                hoist_modulations: bool = True):
-  """The jitted ``f(params, labels, rng, cfg) -> (latents, conds)`` that
+  """The jitted ``f(params, labels, rng, guidance_scale) -> (latents,
+  conds)`` that
   ``sample`` (``cached``) / ``sample_uncached`` call, for a model already
   prepared by ``ar.for_decoding`` (for AOT ``lower().compile()``)."""
   return _compiled(_cached_impl if cached else _uncached_impl, model,
@@ -239,17 +243,19 @@ def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
                    bool(hoist_modulations))
 
 
-def _run(cached, model, params, labels, rng, num_columns, cfg, num_steps,
-         return_conditions, dtype, hoist):
-  labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
+def _run(cached, model, params, labels, rng, num_columns, guidance_scale,
+         num_steps, return_conditions, dtype, hoist):
+  labels, use_cfg = _check(labels, num_columns, num_steps, guidance_scale)
   model, params = ar.for_decoding(model, params, dtype)
   fn = sampler_fn(model, num_columns=num_columns, use_cfg=use_cfg,
                   num_steps=num_steps, cached=cached, hoist_modulations=hoist)
-  latents, conds = fn(params, labels, rng, jnp.asarray(cfg, jnp.float32))
+  latents, conds = fn(params, labels, rng,
+                      jnp.asarray(guidance_scale, jnp.float32))
   return (latents, conds) if return_conditions else latents
 
 
-def sample(model, params, labels, rng, *, num_columns: int, cfg: float = 1.0,
+def sample(model, params, labels, rng, *, num_columns: int,
+           guidance_scale: float = 1.0,
            num_steps: int = 100, return_conditions: bool = False,
            dtype=None, hoist_modulations: bool = True):
   """Class-conditional column-by-column sampling with the rolling KV cache.
@@ -259,7 +265,7 @@ def sample(model, params, labels, rng, *, num_columns: int, cfg: float = 1.0,
     labels: int (B,) classes (``model.null_label`` = unconditional).
     rng: PRNG key; column c uses ``fold_in(rng, c)``.
     num_columns: image width in tokens (any value, e.g. 8x the training width).
-    cfg: guidance scale (1 = none), ramped linearly over the columns.
+    guidance_scale: guidance scale (1 = none), ramped linearly over the columns.
     num_steps: Euler steps of the flow head per column.
     return_conditions: also return the conditioning vectors fed to the head.
     dtype: None / "" (the model's configured compute dtype), "float32" or
@@ -274,22 +280,23 @@ def sample(model, params, labels, rng, *, num_columns: int, cfg: float = 1.0,
   Raises ``ConfigError`` for num_columns or num_steps < 1, labels not 1-D, or
   an unsupported dtype.
   """
-  return _run(True, model, params, labels, rng, num_columns, cfg,
+  return _run(True, model, params, labels, rng, num_columns, guidance_scale,
               num_steps, return_conditions, dtype, hoist_modulations)
 
 
 def sample_uncached(model, params, labels, rng, *, num_columns: int,
-                    cfg: float = 1.0, num_steps: int = 100,
+                    guidance_scale: float = 1.0, num_steps: int = 100,
                     return_conditions: bool = False, dtype=None,
                     hoist_modulations: bool = True):
   """``sample`` without a cache: re-runs the full forward every column
   (official algorithm; quadratic in the width). Same contract and numbers."""
-  return _run(False, model, params, labels, rng, num_columns, cfg,
+  return _run(False, model, params, labels, rng, num_columns, guidance_scale,
               num_steps, return_conditions, dtype, hoist_modulations)
 
 
 def column_stepper(model, params, labels, rng, *, num_columns: int,
-                   cfg: float = 1.0, num_steps: int = 100, chunk: int = 1,
+                   guidance_scale: float = 1.0, num_steps: int = 100,
+                   chunk: int = 1,
                    dtype=None, hoist_modulations: bool = True):
   """The column loop of ``sample`` in jitted chunks of ``chunk`` columns.
 
@@ -300,20 +307,22 @@ def column_stepper(model, params, labels, rng, *, num_columns: int,
   yet run are zero). Raises ``ConfigError`` if ``chunk`` does not divide
   ``num_columns``, or for the arguments ``sample`` rejects.
   """
-  labels, use_cfg = _check(labels, num_columns, num_steps, cfg)
+  labels, use_cfg = _check(labels, num_columns, num_steps, guidance_scale)
   if int(chunk) < 1 or int(num_columns) % int(chunk):
     raise ConfigError(f"chunk must be >= 1 and divide num_columns "
                       f"({num_columns}); got {chunk}.")
   model, params = ar.for_decoding(model, params, dtype)
   init, cols = _compiled_steps(model, use_cfg, int(num_columns), int(num_steps),
                                bool(hoist_modulations), int(chunk))
-  cfg = jnp.asarray(cfg, jnp.float32)
-  advance = lambda state, start: cols(params, state, jnp.int32(start), rng, cfg)
+  guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
+  advance = lambda state, start: cols(params, state, jnp.int32(start), rng,
+                                      guidance_scale)
   return init(params, labels), advance
 
 
 def sample_stepwise(model, params, labels, rng, *, num_columns: int,
-                    cfg: float = 1.0, num_steps: int = 100, chunk: int = 1,
+                    guidance_scale: float = 1.0, num_steps: int = 100,
+                    chunk: int = 1,
                     dtype=None, hoist_modulations: bool = True):
   """``sample`` as jitted chunks of ``chunk`` columns (``column_stepper``).
 
@@ -324,7 +333,8 @@ def sample_stepwise(model, params, labels, rng, *, num_columns: int,
   and keys). Raises at the call what ``column_stepper`` raises.
   """
   state, advance = column_stepper(
-      model, params, labels, rng, num_columns=num_columns, cfg=cfg,
+      model, params, labels, rng, num_columns=num_columns,
+      guidance_scale=guidance_scale,
       num_steps=num_steps, chunk=chunk, dtype=dtype,
       hoist_modulations=hoist_modulations)
   return _chunks(state, advance, int(num_columns), int(chunk))
@@ -351,9 +361,10 @@ def latents_to_images(tokenizer, tokenizer_params, latents,
 
 def generate(model, params, labels, rng, s):
   """Sampling-driver adapter (``genvis_jax.sample.driver``): ``config.sample``
-  fields (cfg, num_steps, num_columns, latent_scale, dtype) -> tokenizer
-  latents for ``decode`` (generator latents / latent_scale)."""
+  fields (guidance_scale, num_steps, num_columns, latent_scale, dtype) ->
+  tokenizer latents for ``decode`` (generator latents / latent_scale)."""
   lat = sample(model, params, labels, rng, num_columns=int(s.num_columns),
-               cfg=float(s.cfg), num_steps=int(s.num_steps),
+               guidance_scale=float(s.guidance_scale),
+               num_steps=int(s.num_steps),
                dtype=s.get("dtype", "float32"))
   return lat / float(s.latent_scale)

@@ -101,7 +101,7 @@ class EqGeneratorTask(Task):
                        ("samples_wide", int(sp.get("wide_columns", 0)))):
       if cols:
         lat = eq_sample.sample(self.model, params["model"], labels, rng,
-                               num_columns=cols, cfg=sp.cfg,
+                               num_columns=cols, guidance_scale=sp.guidance_scale,
                                num_steps=sp.num_steps)
         img = self._decode(frozen["tokenizer"], lat)
         out[name] = to_uint8(img, self.value_range)
