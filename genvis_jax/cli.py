@@ -89,8 +89,13 @@ def flags_parser(usage: str):
   def parse(argv):
     for path in _config_paths(argv):
       if not os.path.isfile(path):
-        fail(f"Config file {path!r} (from --config) does not exist; pass a "
-             f"file such as configs/demo.py.\n{usage}", 2)
+        where = ("" if os.path.isabs(path) else
+                 f" in the current directory {os.getcwd()}: run from the "
+                 "repository root (where configs/ is) or pass an absolute "
+                 "path")
+        fail(f"Config file {path!r} (from --config) does not exist{where}; "
+             f"configs/ holds the paper, runlocal and demo configs, e.g. "
+             f"configs/demo.py.\n{usage}", 2)
     try:
       return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:   # ml_collections: unknown key

@@ -42,12 +42,38 @@ def check_names(config) -> None:
   before any device starts (so a misspelt name is the first and only
   message). Raises ``ConfigError`` naming the choices."""
   resolve(config.get("mode"))
+  check_config_kind(config)
   for key, package, attrs in _NAMED.get(config.mode, ()):
     node = config
     for part in key.split("."):
       node = node.get(part, None) if node is not None else None
     if node:
       registry.module(package, node, attrs, setting=f"config.{key}")
+
+
+DEMO_CONFIGS = "configs/demo.py, configs/demo_fqgan.py, configs/demo_eq.py"
+
+
+def check_config_kind(config) -> None:
+  """``mode=demo`` runs a stage runner (a config with ``stages``); every
+  other mode runs one job's config. Raises ``ConfigError`` saying which
+  config or mode to use when they are mixed (instead of a missing-field
+  error from deep inside the job)."""
+  runner = "stages" in config
+  if config.mode == "demo" and not runner:
+    raise ConfigError(
+        "config.mode=demo runs a demo config, whose config.stages list the "
+        f"jobs to run ({DEMO_CONFIGS}); this config is one job's and has no "
+        "stages. Leave config.mode as the config sets it (train, sample, ...) "
+        "or pass one of those demo configs.")
+  if config.mode != "demo" and runner:
+    stages = ", ".join(config.get("stage_order", ()) or config.stages.keys())
+    raise ConfigError(
+        f"config.mode={config.mode} runs one job's config, and this is a demo "
+        f"config (stages: {stages}), which runs with config.mode=demo. Run "
+        "some of its stages with --config.only=NAME[,NAME] (they read the "
+        "earlier stages' outputs in the same --workdir), or pass the stage's "
+        "own config, e.g. configs/rar_b.py:runlocal.")
 
 
 def check_workdir(workdir: str) -> str | None:

@@ -15,6 +15,7 @@ from configs import demo
 from genvis_jax import cli
 from genvis_jax import modes
 from genvis_jax.data import DataNotFoundError
+from genvis_jax.errors import UserError
 from genvis_jax.train import trainer as trainer_lib
 from tests import xla_flags
 
@@ -158,7 +159,8 @@ CASES = {
     "config_arg": (["--config=configs/rar_b.py:bogus"],
                    "Unknown config argument 'bogus'"),
     "no_config_file": (["--config=configs/nothere.py"],
-                       "configs/nothere.py.*does not exist"),
+                       "configs/nothere.py.*does not exist in the current "
+                       "directory .*: run from the repository root"),
     "no_data": (CLASSIFIER + [
         "--config.stages.classifier.data.source=image_folder",
         "--config.stages.classifier.data.path=/nowhere/images"],
@@ -210,6 +212,10 @@ CASES = {
                               r"checkpoint_every=0 must be at least 1"),
     "workdir_is_a_file": (CLASSIFIER + ["--workdir={file}"],
                           r"--workdir=.*afile cannot be used as a directory"),
+    "demo_config_other_mode": (DEMO + ["--config.mode=sample"],
+                               r"config.mode=sample runs one job's config, "
+                               r"and this is a demo config \(stages: "
+                               r"tokenizer, .*--config.only=NAME"),
     "no_pretokenize_stage": (
         ["--config=configs/eq_s.py:runlocal", "--config.mode=pretokenize"],
         r"This config has no pretokenize stage"),
@@ -242,3 +248,19 @@ def test_cli_verbose_keeps_the_traceback(tmp_path):
   assert "Traceback" in out.stderr and "DataNotFoundError" in out.stderr
   out = _cli(["--config=configs/rar_xl.py"], verbose_env=True)
   assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_demo_mode_and_job_configs_are_not_mixed():
+  from configs import rar_b   # pylint: disable=import-outside-toplevel
+  job = rar_b.get_config()
+  job.mode = "demo"
+  with pytest.raises(UserError, match=r"mode=demo runs a demo config.*"
+                     r"configs/demo.py"):
+    modes.check_names(job)
+  runner = demo.get_config()
+  for mode in ("train", "evaluate"):
+    runner.mode = mode
+    with pytest.raises(UserError, match=f"config.mode={mode} runs one job"):
+      modes.check_names(runner)
+  runner.mode = "demo"
+  modes.check_names(runner)
