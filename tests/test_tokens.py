@@ -131,6 +131,22 @@ def test_training_checks_where_the_token_files_came_from(tmp_path, caplog):
     msg = check()
     assert bool(msg) == warns, msg
   assert "written with tokenizer weights ['step 4 committed 1']" in msg
+  # Codes of another tokenizer layout (MaskGIT codes for FAR, dual for a
+  # triple FQGAN): refused before the first batch, naming the difference.
+  config.tokenizer.model = ml_collections.ConfigDict(dict(
+      name="fqgan", branches=("vis", "sem", "pix"), image_size=256,
+      dtype="bfloat16"))
+  for tok, diff in ((dict(name="maskgit_vqgan"),
+                     "name: files 'maskgit_vqgan' vs config 'fqgan'"),
+                    (dict(name="fqgan", branches=["vis", "sem"],
+                          image_size=256, dtype="float32"),
+                     "branches: files ['vis', 'sem'] vs config "
+                     "['vis', 'sem', 'pix']")):
+    with open(paths[0] + ".json", "w") as f:
+      json.dump({"settings": {"weights": now, "tokenizer": tok}}, f)
+    with pytest.raises(data.TokenFileError, match=re.escape(diff)):
+      check()
+  del config.tokenizer["model"]
   # More codes than the generator's codebook: an error naming both counts.
   record(paths[0], now, num_codes=1024)
   with pytest.raises(ConfigError, match=r"codes 0..1023 .*num_codes=1024.*"

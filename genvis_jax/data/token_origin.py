@@ -56,7 +56,9 @@ def check_training_files(config) -> str:
       (:func:`tokens.check_shard_sets`).
     TokenFileError: the files were written with different tokenizer weights
       (e.g. a glob over two pre-tokenize outputs): codes of two tokenizers
-      cannot train one generator.
+      cannot train one generator; or with a tokenizer whose codes are laid
+      out otherwise than ``config.tokenizer.model``'s (another model, branch
+      count, image size or downsampling).
     ConfigError: the tokenizer has more codes (``tokenizer.num_codes``) than
       ``config.model.codebook_size``; the embedding lookups would read past
       the table (NaN losses, not an error).
@@ -72,6 +74,8 @@ def check_training_files(config) -> str:
     check_shard_sets(pattern, glob_files(pattern))
     records = recorded_settings(pattern)
     _check_one_tokenizer(pattern, records)
+    _check_tokenizer_layout(pattern, records,
+                            (config.get("tokenizer") or {}).get("model"))
     _check_codes(pattern, records, config.get("model", {}).get("codebook_size"))
     _warn_repeated_names(pattern)
     tok = config.get("tokenizer") or {}
@@ -93,6 +97,34 @@ def _check_one_tokenizer(pattern: str, records: dict[str, dict]) -> None:
       f"{len(by_weights)} different tokenizer weights ({groups}). Codes of two "
       "tokenizers cannot train one generator: point config.data.path at the "
       "files of one pre-tokenize run.")
+
+
+# Tokenizer config fields that decide the layout of its codes.
+LAYOUT_FIELDS = ("name", "branches", "image_size", "channel_mult")
+
+
+def _check_tokenizer_layout(pattern: str, records: dict[str, dict],
+                            model) -> None:
+  """Refuses token files whose recorded tokenizer lays codes out otherwise
+  than ``config.tokenizer.model`` (e.g. MaskGIT codes for FAR), before the
+  first batch fails on its shape."""
+  if not model or not model.get("name"):
+    return
+  want = json.loads(json.dumps(model.to_dict()))
+  for path, settings in records.items():
+    got = settings.get("tokenizer")
+    if not isinstance(got, dict):
+      continue
+    diff = [f"{k}: files {got.get(k)!r} vs config {want.get(k)!r}"
+            for k in LAYOUT_FIELDS
+            if k in got and k in want and got[k] != want[k]]
+    if diff:
+      raise TokenFileError(
+          f"The token files {pattern!r} were written by another tokenizer "
+          f"than config.tokenizer.model ({'; '.join(diff)}; recorded in "
+          f"{path}.json). Train on tokens of this config's tokenizer "
+          "(pre-tokenize with it, --config.mode=pretokenize), or pick the "
+          "generator config that matches those tokens.")
 
 
 def _check_codes(pattern: str, records: dict[str, dict], codebook_size) -> None:
