@@ -171,7 +171,9 @@ CASES = {
     "checkpoint_mismatch": (DEMO + [
         "--config.only=samples", "--config.stages.samples.sample.batch_size=8",
         "--config.stages.samples.init_from={bad}"],
-                            "does not match the configured model"),
+                            r"does not match the configured model.*or point "
+                            r"--config.init_from at weights of the configured "
+                            r"model"),
     "no_tokenizer_checkpoint": (
         ["--config=configs/rar_b.py:runlocal", "--config.mode=pretokenize"],
         r"set --config.tokenizer.checkpoint=DIR"),

@@ -35,6 +35,14 @@ def _shape_table(tree) -> dict[str, tuple]:
   return out
 
 
+def weights_fix(where: str) -> str:
+  """``compare_trees``' advice when loading weights named by a setting
+  (``where``: " (--config.x)" or ""): a fresh --workdir would not help."""
+  setting = where.strip().strip("()")
+  return (f"or point {setting or 'it'} at weights of the configured model "
+          "(converted or trained with the same model config)")
+
+
 def compare_trees(expected, found, what: str,
                   fix: str = "or start from a fresh --workdir") -> None:
   """Raises one clear error listing missing, unexpected and mis-shaped keys;

@@ -89,7 +89,8 @@ def load(path: epath.Path, abstract_params, where: str = ""):
       raise damaged("params/_METADATA is missing or unreadable")
     found = meta_tree["params"] if "params" in meta_tree else meta_tree
     fit.compare_trees(abstract_params, found,
-                      f"Parameter checkpoint {path}{where}")
+                      f"Parameter checkpoint {path}{where}",
+                      fit.weights_fix(where))
     return found
 
   def read(found):

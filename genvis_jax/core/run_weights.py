@@ -61,7 +61,8 @@ def load(run: epath.Path, abstract_params, where: str = "",
   if walk.step is not None:
     params, kind = walk.value
     fit.compare_trees(abstract_params, params,
-                      f"Checkpoint {run} step {walk.step}{where}")
+                      f"Checkpoint {run} step {walk.step}{where}",
+                      fit.weights_fix(where))
     logging.info("Loading the %s of step %d of %s%s.", kind, walk.step, run,
                  where)
     if failed:
