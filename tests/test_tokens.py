@@ -368,3 +368,50 @@ def test_shards_written_before_the_remainder_was_kept_are_written_again(
         {"records": 170, "remainder_kept": True}, settings)
   monkeypatch.setattr(pretokenize.jax, "process_count", lambda: 1)
   assert not pretokenize._lacks_remainder({"records": 330}, settings)
+
+
+def test_labels_beyond_the_models_classes_are_refused(tmp_path):
+  """Token files pre-tokenized from 11 classes: refused by a data config of
+  10 classes (the pipeline) and by a model of 10 classes (the trainer);
+  label 10 would train as the null class, larger ones read past the table."""
+  import json
+  import types
+  from configs import base
+  from genvis_jax.errors import ConfigError
+  from genvis_jax.train import trainer as trainer_lib
+  path = data.write_token_records(str(tmp_path / "train"),
+                                  np.arange(11, dtype=np.int32),
+                                  np.zeros((11, 4), np.int32))[0]
+  with open(path + ".json", "w") as f:
+    json.dump({"settings": {"data": {"num_classes": 11}}, "records": 11}, f)
+  config = base.get_config()
+  config.data = _data_config(source="tokens", path=str(tmp_path / "{split}-*"),
+                             num_classes=10)
+  config.model.num_classes = 10
+  config.train.global_batch_size = 2
+  task = types.SimpleNamespace(value_range=(0.0, 1.0))
+  with pytest.raises(data.sources.DataConfigError,
+                     match=r"'tokens' data has 11 classes but "
+                           r"config.data.num_classes is 10.*"
+                           r"--config.data.num_classes=11"):
+    trainer_lib.create_train_iterator(config, task)
+  config.data.num_classes = 11
+  with pytest.raises(ConfigError,
+                     match=r"11 classes \(labels 0...10\) but "
+                           r"config.model.num_classes is 10: label 10 would "
+                           r"train as the model's null.*"
+                           r"--config.model.num_classes=11"):
+    trainer_lib.create_train_iterator(config, task)
+  config.model.num_classes = 11
+  trainer_lib.create_train_iterator(config, task)
+
+
+def test_pretokenize_class_error_names_its_own_setting():
+  import ml_collections
+  p = ml_collections.ConfigDict(dict(
+      data=_data_config(source="demo", num_classes=5, num_examples=20),
+      split="train", batch_size=4, ten_crop=False))
+  with pytest.raises(data.sources.DataConfigError,
+                     match=r"config.pretokenize.data.num_classes is 5.*"
+                           r"Set --config.pretokenize.data.num_classes=10"):
+    pretokenize.image_batches(p, (0.0, 1.0), process_index=0, process_count=1)

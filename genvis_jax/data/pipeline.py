@@ -19,7 +19,7 @@ from absl import logging
 import grain
 import numpy as np
 
-from genvis_jax.data import demo, sources, tokens, transforms
+from genvis_jax.data import demo, sources, token_origin, tokens, transforms
 
 SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
 
@@ -49,7 +49,9 @@ def make_source(data_config, split: str):
     return src, src.num_classes, None
   if kind == "tokens":
     # A "{split}" in the pattern selects per-split files.
-    return tokens.TokenSource(path.replace("{split}", split)), None, None
+    pattern = path.replace("{split}", split)
+    return (tokens.TokenSource(pattern),
+            token_origin.recorded_num_classes(pattern), None)
   raise sources.DataConfigError(
       f"Unknown config.data.source {kind!r}; choose one of {SOURCES}.")
 
@@ -275,7 +277,7 @@ def _image_transforms(ds, data_config, train, aug_seeds):
 def create_dataset(data_config, *, split: str, global_batch_size: int,
                    seed: int, train: bool = True, process_index=None,
                    process_count=None, value_range=(0.0, 1.0),
-                   drop_remainder: bool = True):
+                   drop_remainder: bool = True, setting: str = "config.data"):
   """Builds the input pipeline of ``split`` for this process.
 
   Args:
@@ -290,6 +292,8 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
     drop_remainder: drop the last partial batch and the ``n % process_count``
       examples that would make the shards unequal (keep both for
       pre-tokenizing, which has no collective per batch).
+    setting: the config section ``data_config`` is, for the messages (e.g.
+      ``config.pretokenize.data``).
 
   Returns:
     ``(iterator, info)``: a grain ``DatasetIterator`` yielding process-local
@@ -307,7 +311,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   local_batch = global_batch_size // pc
   seed = int(seed) & 0xFFFFFFFF          # grain seeds are uint32
   source, num_classes, class_names = make_source(data_config, split)
-  num_classes = _check_classes(num_classes, data_config)
+  num_classes = _check_classes(num_classes, data_config, setting)
 
   n = len(source)
   # Equal shards where every batch is a collective step (no process waits);
@@ -364,13 +368,13 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   return iterator, info
 
 
-def _check_classes(num_classes, data_config) -> int:
+def _check_classes(num_classes, data_config, setting: str) -> int:
   configured = data_config.num_classes
   if num_classes is None:
     return configured
   if num_classes > configured:
     raise sources.DataConfigError(
         f"The {data_config.source!r} data has {num_classes} classes but "
-        f"config.data.num_classes is {configured}: labels would overflow the "
-        f"class embedding. Set --config.data.num_classes={num_classes}.")
+        f"{setting}.num_classes is {configured}: labels would overflow the "
+        f"class embedding. Set --{setting}.num_classes={num_classes}.")
   return num_classes

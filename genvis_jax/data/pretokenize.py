@@ -109,7 +109,8 @@ def image_batches(p, value_range, process_index=None, process_count=None):
       crop_data_config(p), split=p.split,
       global_batch_size=p.batch_size * (process_count or jax.process_count()),
       seed=0, train=False, value_range=value_range, drop_remainder=False,
-      process_index=process_index, process_count=process_count)
+      process_index=process_index, process_count=process_count,
+      setting="config.pretokenize.data")
 
 
 def model_inputs(images: np.ndarray, labels: np.ndarray, size: int,

@@ -38,6 +38,16 @@ def recorded_settings(pattern: str) -> dict[str, dict]:
   return out
 
 
+def recorded_num_classes(pattern: str) -> int | None:
+  """The class count the token files' image data had when pre-tokenized
+  (``config.pretokenize.data.num_classes`` in their records, which labels
+  stay below); None when nothing is recorded."""
+  counts = [(s.get("data") or {}).get("num_classes")
+            for s in recorded_settings(pattern).values()]
+  counts = [c for c in counts if isinstance(c, int)]
+  return max(counts) if counts else None
+
+
 def _pattern(data) -> str:
   """The token-file glob of ``config.data``; "" unless it reads tokens."""
   if data.get("source") != "tokens" or not data.get("path"):

@@ -60,11 +60,30 @@ def create_train_iterator(config, task, *, seed=None):
   from genvis_jax import data as data_lib  # local: keeps trainer import light
   from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
   token_origin.check_training_files(config)
-  return data_lib.create_dataset(
+  data_iter, info = data_lib.create_dataset(
       config.data, split=config.data.split,
       global_batch_size=config.train.global_batch_size,
       seed=config.seed if seed is None else seed, train=True,
       value_range=task.value_range)
+  check_model_classes(config, info.num_classes)
+  return data_iter, info
+
+
+def check_model_classes(config, data_classes: int | None) -> None:
+  """Labels must stay below ``config.model.num_classes``: a class-conditional
+  generator reads label ``num_classes`` as its null (unconditional) class and
+  larger ones past its class table (NaN, or a silently wrong class). Raises
+  ``ConfigError`` naming both counts; a no-op for models without classes."""
+  model_classes = config.get("model", {}).get("num_classes")
+  if not model_classes or not data_classes or data_classes <= model_classes:
+    return
+  raise errors.ConfigError(
+      f"The training data has {data_classes} classes (labels 0..."
+      f"{data_classes - 1}) but config.model.num_classes is {model_classes}: "
+      f"label {model_classes} would train as the model's null (unconditional) "
+      "class and larger ones would read past its class table. Set "
+      f"--config.model.num_classes={data_classes}, or train on data of "
+      f"{model_classes} classes (config.data.num_classes={model_classes}).")
 
 
 def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
