@@ -51,6 +51,14 @@ for var in GENVIS_WORKDIR GENVIS_RAR_CKPT GENVIS_RAR_SRC GENVIS_TOKENIZER_CKPT \
     GENVIS_TOKENIZER_SRC GENVIS_INCEPTION GENVIS_INCEPTION_SRC GENVIS_REFERENCE; do
   printf -v "$var" '%s' "$(abs_path "${!var}")"   # before cd-ing to the repo
 done
+# Inputs exist before anything installs or samples (a typo in --reference
+# would otherwise surface after the whole sampling run).
+for var in GENVIS_RAR_CKPT GENVIS_RAR_SRC GENVIS_TOKENIZER_CKPT GENVIS_TOKENIZER_SRC \
+    GENVIS_INCEPTION GENVIS_INCEPTION_SRC GENVIS_REFERENCE; do
+  name="${var#GENVIS_}"; name="${name,,}"; name="${name//_/-}"
+  [[ -z "${!var}" || "${!var}" == gs://* || -e "${!var}" ]] \
+    || die "--$name=${!var}: no such file or directory"
+done
 cd "$GENVIS_ROOT"
 venv="$GENVIS_VENV"
 py="$venv/bin/python"
@@ -82,6 +90,12 @@ if [[ -z "$tok" ]]; then
   convert maskgit_vqgan "$GENVIS_TOKENIZER_SRC" "$tok" configs/maskgit_vqgan.py
 fi
 
+inc="$GENVIS_INCEPTION"   # converted before sampling: a bad file fails early
+if [[ "$GENVIS_SKIP_EVAL" != 1 && -z "$inc" ]]; then
+  inc="$wd/weights/inception"
+  convert inception "$GENVIS_INCEPTION_SRC" "$inc"
+fi
+
 sample=(--config="$GENVIS_CONFIG" --workdir="$wd/samples" --config.mode=sample
         --config.init_from="$rar" --config.tokenizer.checkpoint="$tok"
         --config.sample.num_samples="$GENVIS_NUM_SAMPLES")
@@ -90,11 +104,6 @@ run "$py" -m genvis_jax.main "${sample[@]}" "${EXTRA_ARGS[@]}"
 echo "samples: $wd/samples/samples.npz (first 100 as a grid: $wd/samples/samples.png)"
 
 if [[ "$GENVIS_SKIP_EVAL" != 1 ]]; then
-  inc="$GENVIS_INCEPTION"
-  if [[ -z "$inc" ]]; then
-    inc="$wd/weights/inception"
-    convert inception "$GENVIS_INCEPTION_SRC" "$inc"
-  fi
   run "$py" -m genvis_jax.main --config="$GENVIS_CONFIG" --workdir="$wd/eval" \
     --config.mode=evaluate --config.evaluate.kind=generation \
     --config.evaluate.samples="$wd/samples/samples.npz" \

@@ -168,10 +168,20 @@ def test_logs_copy_delete_dry_run():
 
 
 def test_gpu_sample_eval_dry_run(tmp_path):
-  r = sh("gpu_sample_eval.sh", "--workdir=out", "--rar-src=rar_xl.bin",
-         "--tokenizer-src=/w/vq.bin", "--inception-src=/w/inc.pth",
-         "--reference=/w/ref.npz", "--num-samples=1000", "--batch-size=64",
-         "--dry-run", cwd=tmp_path)
+  w = tmp_path / "w"
+  w.mkdir()
+  for name in ("rar_xl.bin", "w/vq.bin", "w/inc.pth", "w/ref.npz"):
+    (tmp_path / name).write_text("")
+  args = ["--workdir=out", "--rar-src=rar_xl.bin", f"--tokenizer-src={w}/vq.bin",
+          f"--inception-src={w}/inc.pth", f"--reference={w}/ref.npz",
+          "--num-samples=1000", "--batch-size=64", "--dry-run"]
+  # A missing input is named before anything installs, converts or samples.
+  bad = sh("gpu_sample_eval.sh", *args[:-4], f"--reference={w}/typo.npz",
+           *args[-3:], cwd=tmp_path)
+  assert bad.returncode != 0 and f"--reference={w}/typo.npz: no such file" in (
+      bad.stderr), bad.stderr
+  assert not commands(bad.stdout)
+  r = sh("gpu_sample_eval.sh", *args, cwd=tmp_path)
   assert r.returncode == 0, r.stderr
   cmds = commands(r.stdout)
   wd = f"{tmp_path}/out"   # relative paths resolve against the caller's directory
@@ -186,7 +196,7 @@ def test_gpu_sample_eval_dry_run(tmp_path):
                "--config.sample.num_samples=1000", "--config.sample.batch_size=64"):
     assert part in sample.split(), part
   [ev] = [c for c in cmds if "--config.mode=evaluate" in c]
-  for part in ("--config.evaluate.kind=generation", "--config.evaluate.reference=/w/ref.npz",
+  for part in ("--config.evaluate.kind=generation", f"--config.evaluate.reference={w}/ref.npz",
                f"--config.evaluate.samples={wd}/samples/samples.npz"):
     assert part in ev.split(), part
   assert f"metrics: {wd}/eval/metrics.json" in r.stdout
