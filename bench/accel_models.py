@@ -148,7 +148,7 @@ def _compile_step(config, tr):
   from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   spec = plan_memory.batch_spec(config, tr.task, config.train.global_batch_size,
-                                shd.batch_sharding(tr.mesh))
+                                shd.batch_sharding(tr.mesh, tr.rules))
   rng = jax.ShapeDtypeStruct(tr.train_rng.shape, tr.train_rng.dtype,
                              sharding=shd.replicated(tr.mesh))
   with tr.context():

@@ -210,7 +210,7 @@ def compiled_memory(tr, config) -> dict:
   """Lowers and compiles the donated train step with abstract arguments."""
   from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   batch = batch_spec(config, tr.task, config.train.global_batch_size,
-                     shd.batch_sharding(tr.mesh))
+                     shd.batch_sharding(tr.mesh, tr.rules))
   rng = jax.ShapeDtypeStruct(tr.train_rng.shape, tr.train_rng.dtype,
                              sharding=shd.replicated(tr.mesh))
   with tr.context():

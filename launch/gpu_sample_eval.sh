@@ -55,7 +55,7 @@ done
 # would otherwise surface after the whole sampling run).
 for var in GENVIS_RAR_CKPT GENVIS_RAR_SRC GENVIS_TOKENIZER_CKPT GENVIS_TOKENIZER_SRC \
     GENVIS_INCEPTION GENVIS_INCEPTION_SRC GENVIS_REFERENCE; do
-  name="${var#GENVIS_}"; name="${name,,}"; name="${name//_/-}"
+  name="$(tr 'A-Z_' 'a-z-' <<< "${var#GENVIS_}")"   # GENVIS_RAR_SRC -> rar-src
   [[ -z "${!var}" || "${!var}" == gs://* || -e "${!var}" ]] \
     || die "--$name=${!var}: no such file or directory"
 done

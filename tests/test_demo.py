@@ -39,6 +39,11 @@ def test_demo_smoke_runs_every_stage(trained_demo):
   assert any("samples" in f for f in os.listdir(os.path.join(wd, "rar", "images")))
   # Tokens -> generator -> ADM-format samples -> score.
   assert results["pretokenize"]["records"] == demo.SMOKE_TOKEN_IMAGES
+  # The token files record their largest label (checked against the model's
+  # classes before training): the demo's 10 classes, 0..9.
+  from genvis_jax.data import token_origin
+  assert token_origin.recorded_num_classes(
+      results["pretokenize"]["pattern"]) == 10
   with np.load(os.path.join(wd, "samples", "samples.npz")) as d:
     assert d["arr_0"].shape == (16, 32, 32, 3) and d["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(d["labels"], np.arange(16) % 10)

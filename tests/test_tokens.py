@@ -371,9 +371,11 @@ def test_shards_written_before_the_remainder_was_kept_are_written_again(
 
 
 def test_labels_beyond_the_models_classes_are_refused(tmp_path):
-  """Token files pre-tokenized from 11 classes: refused by a data config of
-  10 classes (the pipeline) and by a model of 10 classes (the trainer);
-  label 10 would train as the null class, larger ones read past the table."""
+  """Token files with labels 0..10 (their record's max_label; the
+  pre-tokenize setting of 1000 classes is only an upper bound): refused by a
+  data config of 10 classes (the pipeline) and by a model of 10 classes (the
+  trainer); label 10 would train as the null class, larger ones read past
+  the table."""
   import json
   import types
   from configs import base
@@ -383,7 +385,8 @@ def test_labels_beyond_the_models_classes_are_refused(tmp_path):
                                   np.arange(11, dtype=np.int32),
                                   np.zeros((11, 4), np.int32))[0]
   with open(path + ".json", "w") as f:
-    json.dump({"settings": {"data": {"num_classes": 11}}, "records": 11}, f)
+    json.dump({"settings": {"data": {"num_classes": 1000}}, "records": 11,
+               "max_label": 10}, f)
   config = base.get_config()
   config.data = _data_config(source="tokens", path=str(tmp_path / "{split}-*"),
                              num_classes=10)

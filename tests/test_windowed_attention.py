@@ -250,6 +250,29 @@ def test_kernel_runs_on_each_devices_shard_under_a_mesh(impl, monkeypatch):
     _assert_close(g, w), name
 
 
+def test_kernel_spec_splits_batch_and_heads_only_where_they_divide():
+  import flax.linen as nn
+  from configs import base
+  from jax.sharding import PartitionSpec as P
+  from genvis_jax.kernels.windowed_attention import kernel_spec
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with nn.logical_axis_rules(base.DEFAULT_RULES):
+    assert kernel_spec((4, 16, 2, 8), mesh) == P(("data", "fsdp"), None,
+                                                 "tensor", None)
+    # batch 3 divides by no axis; 1 head by none either.
+    assert kernel_spec((3, 16, 2, 8), mesh) == P(None, None, "tensor", None)
+    assert kernel_spec((4, 16, 1, 8), mesh) == P(("data", "fsdp"), None, None,
+                                                 None)
+  # A table giving the batch every axis: tensor splits the batch only (a
+  # mesh axis may split one dimension).
+  every = tuple((k, ("data", "fsdp", "tensor") if k == "batch" else v)
+                for k, v in base.DEFAULT_RULES)
+  with nn.logical_axis_rules(every):
+    assert kernel_spec((8, 16, 2, 8), mesh) == P(("data", "fsdp", "tensor"),
+                                                 None, None, None)
+
+
 # ----------------------------------------------------------------------------
 # Lowering for the real targets (no accelerator needed).
 

@@ -325,7 +325,7 @@ def pretokenize(config, workdir: str) -> dict:
   encode = make_encoder(model, params, mesh)
   it, info = image_batches(p, value_range)
   n_dev = jax.local_device_count()
-  t0, n_images = time.perf_counter(), 0
+  t0, n_images, max_label = time.perf_counter(), 0, -1
   # The record goes first: a file replaced (overwrite) is never left beside
   # the record of the one it replaced.
   epath.Path(path + ".json").unlink(missing_ok=True)
@@ -337,14 +337,17 @@ def pretokenize(config, workdir: str) -> dict:
       codes = np.asarray(encode(_pad_to(images, n_dev)))[:n]
       writer.write_batch(labels, codes)
       n_images += len(batch["label"])
+      max_label = max([max_label, *np.asarray(labels).tolist()])
       if writer.count % (50 * n) < n:
         rate = n_images / (time.perf_counter() - t0)
         logging.info("pretokenize: %d / %d images (%.1f img/s)", n_images,
                      info.num_examples_per_process, rate)
-  # The file's hash, so a later run reuses it only if no byte changed.
+  # The file's hash, so a later run reuses it only if no byte changed; its
+  # largest label, checked against the classes of the model it trains.
   epath.Path(path + ".json").write_text(json.dumps(
       {"settings": settings, "records": writer.count, "images": n_images,
-       "remainder_kept": True, "sha256": writer.sha256},
+       "remainder_kept": True, "sha256": writer.sha256,
+       "max_label": int(max_label)},
       indent=1, sort_keys=True))
   msg = (f"wrote {writer.count} token records ({n_images} images, "
          f"{'ten-crop' if p.ten_crop else 'centre crop'}) to {path}; "

@@ -39,13 +39,20 @@ def recorded_settings(pattern: str) -> dict[str, dict]:
 
 
 def recorded_num_classes(pattern: str) -> int | None:
-  """The class count the token files' image data had when pre-tokenized
-  (``config.pretokenize.data.num_classes`` in their records, which labels
-  stay below); None when nothing is recorded."""
-  counts = [(s.get("data") or {}).get("num_classes")
-            for s in recorded_settings(pattern).values()]
-  counts = [c for c in counts if isinstance(c, int)]
-  return max(counts) if counts else None
+  """1 + the largest label in the token files matching ``pattern`` (each
+  record's ``max_label``, written by pretokenize): every label is below it.
+  None when a file's record lacks it (written before labels were recorded)
+  or there is no file."""
+  top = -1
+  for path in glob_files(pattern):
+    try:
+      m = json.loads(epath.Path(path + ".json").read_text()).get("max_label")
+    except (OSError, ValueError, AttributeError):
+      return None
+    if not isinstance(m, int):
+      return None
+    top = max(top, m)
+  return top + 1 if top >= 0 else None
 
 
 def _pattern(data) -> str:

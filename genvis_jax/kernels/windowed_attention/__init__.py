@@ -184,9 +184,14 @@ def kernel_spec(shape, mesh) -> P:
   ``tensor``), each kept only where it divides; the sequence and head_dim
   stay whole (every query needs its window of keys)."""
   rules = dict(sharding.rules_tuple(nn.get_logical_axis_rules()))
-  spec = P(rules.get("batch", sharding.BATCH_AXES), None,
-           rules.get("act_heads", "tensor"), None)
-  return sharding.fit_spec(spec, shape, mesh)
+  batch, _, heads, _ = sharding.fit_spec(
+      P(rules.get("batch", sharding.BATCH_AXES), None,
+        rules.get("act_heads", "tensor"), None), shape, mesh)
+  # A mesh axis splits one dimension at most (a rules table may give the
+  # batch every axis, tensor included).
+  as_tuple = lambda a: () if a is None else (a if isinstance(a, tuple) else (a,))
+  heads = tuple(a for a in as_tuple(heads) if a not in as_tuple(batch)) or None
+  return P(batch, None, heads, None)
 
 
 def _per_shard(run, q, k, v):
