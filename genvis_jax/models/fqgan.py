@@ -349,7 +349,5 @@ def build(cfg) -> FQGAN:
   return model
 
 
-def example_inputs(cfg, batch_size: int = 1):
-  size = cfg.get("image_size", 256)
-  return (jnp.zeros((batch_size, size, size, 3), jnp.float32),)
+example_inputs = lg.example_inputs   # (B, image_size, image_size, 3) zeros
 

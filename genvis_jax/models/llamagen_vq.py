@@ -278,6 +278,8 @@ def build(cfg) -> LlamaGenVQ:
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(zeros (batch_size, image_size, image_size, 3) float32,): the input of
+  every square-image tokenizer (LlamaGen, FQGAN, MaskGIT)."""
   size = cfg.get("image_size", 256)
   return (jnp.zeros((batch_size, size, size, 3), jnp.float32),)
 

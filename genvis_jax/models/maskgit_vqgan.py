@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from genvis_jax import models
 from genvis_jax.models import layers
+from genvis_jax.models import llamagen_vq as lg
 from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
@@ -189,13 +190,8 @@ class MaskGITVQGAN(nn.Module):
                                     param_dtype=self.param_dtype)
     self.decoder = Decoder(out_channels=3, **kw)
 
-  def _check_images(self, images):
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"Expected NHWC RGB images (B, H, W, 3), got shape "
-                       f"{images.shape}.")
-
   def encode_latents(self, images, train: bool = False):
-    self._check_images(images)
+    lg.check_images(images)
     return self.encoder(images, train)
 
   def decode_latents(self, z_q, train: bool = False):
@@ -205,9 +201,7 @@ class MaskGITVQGAN(nn.Module):
     return self.quantize.nearest(self.encode_latents(images))
 
   def decode(self, codes):
-    if codes.ndim != 3:
-      raise ValueError(f"Expected a (B, h, w) code grid, got shape "
-                       f"{codes.shape}; reshape flat tokens to (B, h, w).")
+    lg.check_codes(codes)
     return jnp.clip(self.decode_latents(self.quantize.lookup(codes)), 0.0, 1.0)
 
   def __call__(self, images, train: bool = False):
@@ -228,7 +222,5 @@ def build(cfg) -> MaskGITVQGAN:
       cfg, MaskGITVQGAN, ignore=("image_size",), **code_dim))
 
 
-def example_inputs(cfg, batch_size: int = 1):
-  size = cfg.get("image_size", 256)
-  return (jnp.zeros((batch_size, size, size, 3), jnp.float32),)
+example_inputs = lg.example_inputs   # (B, image_size, image_size, 3) zeros
 
