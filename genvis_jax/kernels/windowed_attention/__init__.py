@@ -179,19 +179,17 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
 
 def kernel_spec(shape, mesh) -> P:
   """How a Pallas call's (B, N, H, D) operands are split over ``mesh``:
-  batch over the mesh axes the logical rules give ``"batch"`` (default
-  ``data``, ``fsdp``), heads over those of ``"act_heads"`` (default
-  ``tensor``), each kept only where it divides; the sequence and head_dim
-  stay whole (every query needs its window of keys)."""
-  rules = dict(sharding.rules_tuple(nn.get_logical_axis_rules()))
-  batch, _, heads, _ = sharding.fit_spec(
-      P(rules.get("batch", sharding.BATCH_AXES), None,
-        rules.get("act_heads", "tensor"), None), shape, mesh)
-  # A mesh axis splits one dimension at most (a rules table may give the
+  logical axes ("batch", -, "act_heads", -) through the context's rules
+  table (without one: batch over ``data``, ``fsdp``, heads over ``tensor``),
+  each mesh axis kept only where it divides; the sequence and head_dim stay
+  whole (every query needs its window of keys)."""
+  rules = nn.get_logical_axis_rules() or (
+      ("batch", sharding.BATCH_AXES), ("act_heads", "tensor"))
+  # Flax gives each mesh axis to one dimension at most (a table may give the
   # batch every axis, tensor included).
-  as_tuple = lambda a: () if a is None else (a if isinstance(a, tuple) else (a,))
-  heads = tuple(a for a in as_tuple(heads) if a not in as_tuple(batch)) or None
-  return P(batch, None, heads, None)
+  spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None),
+                                 sharding.rules_tuple(rules))
+  return sharding.fit_spec(spec, shape, mesh)
 
 
 def _per_shard(run, q, k, v):
