@@ -337,7 +337,7 @@ def pretokenize(config, workdir: str) -> dict:
       codes = np.asarray(encode(_pad_to(images, n_dev)))[:n]
       writer.write_batch(labels, codes)
       n_images += len(batch["label"])
-      max_label = max([max_label, *np.asarray(labels).tolist()])
+      max_label = max(max_label, int(np.max(labels)))
       if writer.count % (50 * n) < n:
         rate = n_images / (time.perf_counter() - t0)
         logging.info("pretokenize: %d / %d images (%.1f img/s)", n_images,

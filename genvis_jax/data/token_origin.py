@@ -23,36 +23,35 @@ from genvis_jax.data.tokens import TokenFileError, check_shard_sets, glob_files
 from genvis_jax.errors import ConfigError
 
 
-def recorded_settings(pattern: str) -> dict[str, dict]:
-  """``{file: settings}`` recorded beside the files matching ``pattern``
-  (each ``<file>.json``; files without a readable record are left out)."""
+def _records(pattern: str) -> dict[str, dict | None]:
+  """``{file: its record}`` for the files matching ``pattern`` (each
+  ``<file>.json``; None where there is no readable record)."""
   out = {}
   for path in glob_files(pattern):
     try:
-      settings = json.loads(epath.Path(path + ".json").read_text()).get(
-          "settings")
-    except (OSError, ValueError, AttributeError):   # no record, a damaged one
-      continue
-    if isinstance(settings, dict):
-      out[path] = settings
+      record = json.loads(epath.Path(path + ".json").read_text())
+    except (OSError, ValueError):   # no record, a damaged one
+      record = None
+    out[path] = record if isinstance(record, dict) else None
   return out
+
+
+def recorded_settings(pattern: str) -> dict[str, dict]:
+  """``{file: settings}`` recorded beside the files matching ``pattern``
+  (files without a readable record are left out)."""
+  return {path: r["settings"] for path, r in _records(pattern).items()
+          if r is not None and isinstance(r.get("settings"), dict)}
 
 
 def recorded_num_classes(pattern: str) -> int | None:
   """1 + the largest label in the token files matching ``pattern`` (each
   record's ``max_label``, written by pretokenize): every label is below it.
   None when a file's record lacks it (written before labels were recorded)
-  or there is no file."""
-  top = -1
-  for path in glob_files(pattern):
-    try:
-      m = json.loads(epath.Path(path + ".json").read_text()).get("max_label")
-    except (OSError, ValueError, AttributeError):
-      return None
-    if not isinstance(m, int):
-      return None
-    top = max(top, m)
-  return top + 1 if top >= 0 else None
+  or there is no file (or no label)."""
+  labels = [(r or {}).get("max_label") for r in _records(pattern).values()]
+  if not labels or not all(isinstance(m, int) for m in labels):
+    return None
+  return max(labels) + 1 if max(labels) >= 0 else None
 
 
 def _pattern(data) -> str:
