@@ -9,6 +9,14 @@ the builtin type callers already catch, e.g. ``class X(UserError, ValueError)``)
 import pickle
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """``"ExcType: <first line of its message>"`` (at most ``limit``
+  characters of it), for one-line reasons in logs and messages."""
+  text = str(e).strip().splitlines()
+  text = text[0] if text else ""
+  return f"{type(e).__name__}: {text[:limit]}"
+
+
 class UserError(Exception):
   """An error the user can fix; its message names the problem and the fix."""
 

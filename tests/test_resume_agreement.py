@@ -13,6 +13,7 @@ import pytest
 
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import multihost
+from genvis_jax.core import step_walk
 from genvis_jax.train import trainer as trainer_lib
 from tests.small_run import config, copy_run
 
@@ -156,9 +157,9 @@ def test_first_readable_agrees_after_each_stage(monkeypatch, caplog, tmp_path):
     return value + 1
 
   with caplog.at_level(logging.WARNING):
-    walk = ckpt_lib.first_readable([6, 3], (check, read), tmp_path,
+    walk = step_walk.first_readable([6, 3], (check, read), tmp_path,
                                    "restored")
-  assert walk == ckpt_lib.Walk(3, 31, [
+  assert walk == step_walk.Walk(3, 31, [
       (6, "it cannot be read on processes [1] (their logs say why)")])
   assert ran == [("check", 6), ("check", 3), ("read", 3)] and not answers
   assert (f"Checkpoint step 6 in {tmp_path} cannot be restored (it cannot be "
@@ -170,8 +171,8 @@ def test_first_readable_agrees_after_each_stage(monkeypatch, caplog, tmp_path):
 
   monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v, 0]))
   with caplog.at_level(logging.WARNING):
-    walk = ckpt_lib.first_readable([3], (gone, read), tmp_path)
-  assert walk == ckpt_lib.Walk(None, None, [(3, "OSError: step 3 is gone")])
+    walk = step_walk.first_readable([3], (gone, read), tmp_path)
+  assert walk == step_walk.Walk(None, None, [(3, "OSError: step 3 is gone")])
   assert "cannot be read (OSError: step 3 is gone); no older step" in caplog.text
 
 
@@ -186,10 +187,10 @@ def test_first_readable_stops_at_another_config(monkeypatch, tmp_path):
     raise ckpt_lib.CheckpointMismatchError(f"step {step}: another model")
 
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="step 6"):
-    ckpt_lib.first_readable([6, 3], (other_model,), tmp_path)
+    step_walk.first_readable([6, 3], (other_model,), tmp_path)
   assert told == [2]
   monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v, 2]))
   with pytest.raises(multihost.OtherProcessError,
                      match=r"Processes \[1\] found that step 6 was saved "
                            "with another config"):
-    ckpt_lib.first_readable([6, 3], (lambda s, _: s,), tmp_path)
+    step_walk.first_readable([6, 3], (lambda s, _: s,), tmp_path)

@@ -2,6 +2,8 @@
 
   checkpoint  Orbax checkpoints (training state, parameter-only checkpoints,
               validation, fallback to the newest readable step)
+  step_walk   the walk over a run's steps every process takes alike (resume,
+              loading a run's weights)
   metrics     clu metric writers, progress, image grids
   sharding    the device mesh and the one logical-axis rules table
   registry    ``resolve()``: config strings -> the module or function they name

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
@@ -110,11 +111,11 @@ def load(path: epath.Path, abstract_params, where: str = ""):
     except UserError:
       raise
     except ValueError as e:   # the file checks', TensorStore's: damage
-      raise damaged(ckpt_lib.first_line(e).split(": ", 1)[1]) from e
+      raise damaged(errors.first_line(e).split(": ", 1)[1]) from e
     except OSError as e:      # maybe storage that is away for now
       raise ckpt_lib.CheckpointRestoreError(
           f"Parameter checkpoint {path}{where} cannot be read "
-          f"({ckpt_lib.first_line(e)}). Check that its storage is reachable "
+          f"({errors.first_line(e)}). Check that its storage is reachable "
           "from this host; if it was copied or converted only in part, "
           "convert (or copy) the weights again.") from e
 

@@ -4,7 +4,7 @@
 Only the weights are read, as host arrays, then placed on the loading
 model's shardings (the run may have used another topology). Process 0 lists
 the steps; each step is checked, then read, on every process with the
-outcome agreed (``checkpoint.first_readable``), so all processes load the
+outcome agreed (``step_walk.first_readable``), so all processes load the
 same step or all stop. No Orbax ``CheckpointManager`` is built: loading
 only reads, and a manager waits for every process (twice) when it is built.
 """
@@ -21,6 +21,7 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
+from genvis_jax.core import step_walk
 
 
 def load(run: epath.Path, abstract_params, where: str = "",
@@ -52,7 +53,7 @@ def load(run: epath.Path, abstract_params, where: str = "",
   # Every process loads the same step or all stop (one that failed alone
   # would leave the others waiting in their next collective); checked on
   # all before any reads the weights.
-  walk = ckpt_lib.first_readable(
+  walk = step_walk.first_readable(
       [step] if step is not None else saved,
       (lambda s, _: _check_step(folder, s, where, model_name),
        lambda s, _: _read_step(folder, s)),
@@ -122,7 +123,7 @@ def _read_step(folder: epath.Path, step: int):
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want)
   # Through the handler: Orbax's CheckpointManager.restore ends in a wait
   # for every process, which one whose read failed would skip (see
-  # checkpoint.first_readable).
+  # step_walk.first_readable).
   state = ckpt_lib.restore_item(folder / str(step) / "state",
                                 ocp.args.PyTreeRestore(
                                     item=want, restore_args=as_numpy,

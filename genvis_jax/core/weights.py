@@ -34,6 +34,7 @@ import jax
 from absl import logging
 from etils import epath
 
+from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import multihost
@@ -177,7 +178,7 @@ def _newest_valid(run: epath.Path, step: int | None = None,
       if step is None and not quiet:
         logging.warning("Checkpoint step %d in %s cannot be read (%s); trying "
                         "the previous step.", s, run / "checkpoints",
-                        ckpt_lib.first_line(e))
+                        errors.first_line(e))
       continue
     return s
   return None

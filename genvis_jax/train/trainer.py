@@ -141,7 +141,7 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
         try:
           data_iter.set_state(pos.state)
         except Exception as e:  # pylint: disable=broad-except
-          why = f"does not fit this input pipeline ({ckpt_lib.first_line(e)})"
+          why = f"does not fit this input pipeline ({errors.first_line(e)})"
     unfit = multihost.gather_or_raise(
         int(bool(why)), error, "could not open their input pipeline in the "
         f"data order saved with step {step} (their logs say why); run the "
@@ -387,7 +387,7 @@ def _finish_saves(ckpt, writer) -> None:
     ckpt.wait()
   except Exception as e:  # pylint: disable=broad-except
     logging.error("The checkpoint save in flight failed too: %s",
-                  ckpt_lib.first_line(e))
+                  errors.first_line(e))
   writer.flush()
 
 
