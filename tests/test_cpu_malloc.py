@@ -10,8 +10,9 @@ import pytest
 from genvis_jax import cpu_malloc
 
 # A jitted step whose temp buffer (196 MB) exceeds glibc's mmap limits, run 40
-# times; prints the minor page faults of the last 10 runs (the tuned heap grows
-# for a few runs until it holds free blocks it can reuse, then stays put).
+# times; prints the minor page faults of each of the last 10 runs (the tuned
+# heap grows for a few runs until it holds free blocks it can reuse, then stays
+# put; a busy machine may still make glibc hand a block back now and then).
 _PROBE = r"""
 import resource, sys
 if sys.argv[1] == "1":
@@ -27,27 +28,32 @@ def step(x):
 x = jnp.linspace(0.0, 1.0, 7000)
 for _ in range(30):
   x = step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   x = step(x).block_until_ready()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
-def _faults(tuned: bool) -> int:
+def _faults(tuned: bool) -> list[int]:
   env = dict(os.environ, GENVIS_CPU_MALLOC="1", XLA_FLAGS="",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _PROBE, "1" if tuned else "0"],
                        env=env, capture_output=True, text=True, check=True)
-  return int(out.stdout.strip().splitlines()[-1])
+  return sorted(map(int, out.stdout.strip().splitlines()[-1].split()))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_tuning_stops_per_step_page_faults():
   plain, tuned = _faults(False), _faults(True)
-  # Untuned: each run maps and touches the temp buffer afresh (~48k faults).
-  assert plain > 10 * 20_000, plain
-  assert tuned < 20_000, (tuned, plain)
+  # Untuned: every run maps and touches the temp buffer afresh (~48k faults).
+  assert plain[0] > 40_000, plain
+  # Tuned: most runs reuse the heap's pages (the median run faults none here;
+  # a CI machine once saw one run in ten fault the buffer again).
+  assert tuned[5] < 4_000, (tuned, plain)
+  assert sum(tuned) < sum(plain) / 4, (tuned, plain)
 
 
 def test_applies_only_on_cpu(monkeypatch):
