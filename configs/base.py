@@ -159,7 +159,11 @@ def get_config(arg=None):
   # Inception resize: auto = the reference's recorded one (adm_tf for ADM's
   # reference batches, pytorch_fid with a warning for unknown files); an
   # explicit pytorch_fid | adm_tf that contradicts the reference is refused.
+  # kind=tokenizer: auto = the protocol's (adm_tf for all official ones).
   c.evaluate.preprocess = "auto"
+  # kind=tokenizer: whose official evaluation to follow ("" = config.model.name's;
+  # see genvis_jax.evaluate.tokenizer.PROTOCOLS).
+  c.evaluate.protocol = ""
   c.evaluate.distance_dtype = "float16"   # precision/recall distances, as ADM
   c.evaluate.dtype = "float32"   # tokenizer compute dtype in kind=tokenizer ("" = config.model.dtype)
 

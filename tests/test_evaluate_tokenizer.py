@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching, tokenizer
 from tests.test_evaluate_protocol import _frechet_formula, _np_stats
 from tests.test_fid import FakeExtractor, _ssim_reference
@@ -61,9 +62,12 @@ def tok_config(monkeypatch):
       jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))))
   monkeypatch.setattr(tokenizer.convert_inception, "load_inception_params",
                       lambda path: {})
-  monkeypatch.setattr(tokenizer.inception_lib, "InceptionExtractor",
-                      lambda params, batch_size, preprocess: FakeExtractor(
-                          batch_size))
+  resizes = []   # the preprocess each extractor was built with
+
+  def extractor(params, batch_size, preprocess):
+    resizes.append(preprocess)
+    return FakeExtractor(batch_size)
+  monkeypatch.setattr(tokenizer.inception_lib, "InceptionExtractor", extractor)
   c = base.get_config()
   c.model = ml_collections.ConfigDict(dict(
       name="fake", dtype="bfloat16", param_dtype="float32", num_codes=(32, 3)))
@@ -72,15 +76,16 @@ def tok_config(monkeypatch):
   c.data.num_examples = 20
   c.data.random_flip = False
   c.evaluate.update(dict(kind="tokenizer", checkpoint="/ckpt", num_images=13,
-                         lpips_path="/lpips.npz", inception="/inception"))
-  return c, built
+                         lpips_path="/lpips.npz", inception="/inception",
+                         protocol="maskgit_vqgan"))
+  return c, built, resizes
 
 
 @pytest.mark.parametrize("batch", [4, 13])
 def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   from genvis_jax.data import DemoSource
   from genvis_jax.core import metrics as metrics_lib
-  config, built = tok_config
+  config, built, resizes = tok_config
   config.evaluate.batch_size = batch
   res = tokenizer.evaluate(config, str(tmp_path))
   # The tokenizer computed in float32 although config.model says bfloat16.
@@ -102,12 +107,69 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   fy = FakeExtractor(13)(metrics_lib.to_uint8(y))["pool"]
   assert res["rfid"] == pytest.approx(
       _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
+  assert res["protocol"] == "maskgit_vqgan"
+  assert res["rfid_preprocess"] == resizes[-1] == "adm_tf"
   assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 13
   assert (tmp_path / "reconstructions.png").exists()
 
 
+def _official_llamagen_bytes(v01):
+  """LlamaGen's bytes of [0, 1] images: the [-1, 1] tensor, then
+  ``clamp(127.5 x + 128, 0, 255).to(uint8)``."""
+  x = np.asarray(v01, np.float32) * np.float32(2) - np.float32(1)
+  y = np.float32(127.5) * x + np.float32(128)
+  return np.clip(y, 0, 255).astype(np.uint8)
+
+
+def test_fqgan_protocol_scores_bytes_as_llamagen_does(tok_config, tmp_path):
+  """reconstruction_vq_ddp.py: PSNR / SSIM of the reconstruction's bytes / 255
+  against the [0, 1] original with skimage (SSIM with data_range=2), rFID of
+  the bytes of both (val_ddp.py writes the originals' the same way) with the
+  TF-style Inception resize."""
+  from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+  from genvis_jax.data import DemoSource
+  config, _, resizes = tok_config
+  config.evaluate.update(dict(protocol="fqgan", batch_size=4))
+  res = tokenizer.evaluate(config, str(tmp_path))
+  src = DemoSource("validation", num_examples=20)
+  x = np.stack([src[i]["image"] for i in range(13)]).astype(np.float32) / 255
+  _, y = _numpy_tokenizer(x)
+  restored = _official_llamagen_bytes(y.astype(np.float32)).astype(np.float32) / 255
+  psnr = [peak_signal_noise_ratio(a, b) for a, b in zip(restored, x)]
+  ssim = [structural_similarity(a, b, data_range=2.0, channel_axis=-1)
+          for a, b in zip(restored, x)]
+  assert res["protocol"] == "fqgan" and res["pixels"] == "uint8"
+  assert res["psnr"] == pytest.approx(np.mean(psnr), rel=1e-5)
+  assert res["ssim"] == pytest.approx(np.mean(ssim), abs=2e-5)
+  float_psnr = np.mean(10 * np.log10(1 / np.mean(np.square(x - y), (1, 2, 3))))
+  assert abs(res["psnr"] - float_psnr) > 1e-3   # bytes, not floats, were scored
+  fx = FakeExtractor(13)(_official_llamagen_bytes(x))["pool"]
+  fy = FakeExtractor(13)(_official_llamagen_bytes(y))["pool"]
+  assert res["rfid"] == pytest.approx(
+      _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
+  assert res["rfid_preprocess"] == resizes[-1] == "adm_tf"
+  config.evaluate.preprocess = "pytorch_fid"   # an explicit resize wins
+  tokenizer.evaluate(config, str(tmp_path))
+  assert resizes[-1] == "pytorch_fid"
+
+
+def test_each_tokenizer_has_its_official_protocol(tok_config, tmp_path):
+  config, _, resizes = tok_config
+  for name, uint8, pixels in [("maskgit_vqgan", "round", "float"),
+                              ("llamagen_vq", "llamagen", "uint8"),
+                              ("fqgan", "llamagen", "uint8"),
+                              ("eq_tokenizer", "round", "float")]:
+    config.model.name, config.evaluate.protocol = name, ""
+    got, proto = tokenizer.protocol(config)
+    assert (got, proto.uint8, proto.pixels, proto.inception) == (
+        name, uint8, pixels, "adm_tf")
+  config.model.name = "fake"
+  with pytest.raises(UserError, match="config.evaluate.protocol"):
+    tokenizer.evaluate(config, str(tmp_path))
+
+
 def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path):
-  config, _ = tok_config
+  config, _, resizes = tok_config
   config.evaluate.update(dict(num_images=21, batch_size=4))
   with pytest.raises(batching.NotEnoughImages,
                      match=r"has 20 images but 21 .*config\.evaluate\.num_images"):
@@ -118,7 +180,7 @@ def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path)
 
 def test_tokenizer_eval_of_all_images_skips_unreadable_files(tok_config, tmp_path):
   from PIL import Image
-  config, _ = tok_config
+  config, _, resizes = tok_config
   root = tmp_path / "imgs" / "a"
   root.mkdir(parents=True)
   rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from scipy import linalg, ndimage
+from scipy import linalg
 
 from genvis_jax.evaluate import fid, generation, reference, tokenizer
 
@@ -268,26 +268,19 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
 
 # --- tokenizer metrics -----------------------------------------------------------------------
 
-def _ssim_reference(x, y):
-  """skimage's recipe: scipy gaussian filter (sigma 1.5, radius 5), crop the
-  5-pixel border, mean over positions and channels; x, y in [0, 1]."""
-  def f(v):
-    return ndimage.gaussian_filter(v, sigma=(1.5, 1.5), truncate=3.5)
-  out = []
-  for a, b in zip(x.astype(np.float64), y.astype(np.float64)):
-    vals = []
-    for c in range(a.shape[-1]):
-      u, v = a[..., c], b[..., c]
-      mu, mv = f(u), f(v)
-      suu, svv, suv = f(u * u) - mu * mu, f(v * v) - mv * mv, f(u * v) - mu * mv
-      s = ((2 * mu * mv + 1e-4) * (2 * suv + 9e-4)
-           / ((mu ** 2 + mv ** 2 + 1e-4) * (suu + svv + 9e-4)))
-      vals.append(s[5:-5, 5:-5].mean())
-    out.append(np.mean(vals))
-  return np.array(out)
+def _ssim_reference(x, y, **recipe):
+  """skimage's ``structural_similarity`` per image (x, y in [0, 1]); the
+  default recipe is our ``ssim``'s (Gaussian sigma 1.5, population
+  covariance, data range 1), ``recipe`` overrides it."""
+  from skimage.metrics import structural_similarity
+  kw = dict(data_range=1.0, gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False)
+  kw.update(recipe)
+  return np.array([structural_similarity(a, b, channel_axis=-1, **kw)
+                   for a, b in zip(x.astype(np.float64), y.astype(np.float64))])
 
 
-def test_ssim_matches_reference_and_is_range_independent():
+def test_ssim_matches_skimage_and_is_range_independent():
   rng = np.random.default_rng(7)
   x = rng.uniform(0, 1, (3, 24, 20, 3)).astype(np.float32)
   y = np.clip(x + rng.normal(0, 0.15, x.shape), 0, 1).astype(np.float32)
@@ -297,6 +290,15 @@ def test_ssim_matches_reference_and_is_range_independent():
       np.asarray(tokenizer.ssim(2 * x - 1, 2 * y - 1, (-1.0, 1.0))), got,
       atol=1e-5)
   np.testing.assert_allclose(np.asarray(tokenizer.ssim(x, x)), 1.0, atol=1e-5)
+  # LlamaGen's call: skimage's defaults (7 x 7 mean, sample covariance) with
+  # data_range=2 on [0, 1] images.
+  recipe = dict(tokenizer.PROTOCOLS["fqgan"].ssim)
+  llamagen = np.asarray(tokenizer.ssim(x, y, **recipe))
+  from skimage.metrics import structural_similarity
+  official = [structural_similarity(a, b, channel_axis=-1, data_range=2.0)
+              for a, b in zip(x.astype(np.float64), y.astype(np.float64))]
+  np.testing.assert_allclose(llamagen, official, atol=2e-5)
+  assert np.all(np.abs(llamagen - got) > 1e-4)   # the recipes differ
   with pytest.raises(ValueError, match="window"):
     tokenizer.ssim(x[:, :8, :8], y[:, :8, :8])
 

@@ -146,6 +146,11 @@ def official_equivariant(x):  # (x + 1) / 2; round(clip(x * 255, 0, 255))
   return np.round(np.minimum(np.maximum(x * np.float32(255), 0), 255)).astype(np.uint8)
 
 
+def official_1d_tokenizer_eval(x):  # round(clamp(x, 0, 1) * 255)
+  x = np.minimum(np.maximum(np.asarray(x, np.float32), 0), 1)
+  return np.round(x * np.float32(255)).astype(np.uint8)
+
+
 @pytest.mark.parametrize("model_name,value_range,official", [
     ("maskgit_vqgan", (0.0, 1.0), official_rar),
     ("llamagen_vq", (-1.0, 1.0), official_llamagen),
@@ -175,10 +180,11 @@ def test_uint8_methods_differ_override_and_errors():
           for m in images_lib.UINT8_METHODS}
   assert not np.array_equal(outs["truncate"], outs["llamagen"])
   assert not np.array_equal(outs["llamagen"], outs["round"])
-  # A (0, 1) tokenizer converted the Equivariant way, and vice versa.
-  u = (x + 1) / 2
+  # "round" of a (0, 1) image is 1d-tokenizer's reconstruction-eval formula
+  # (no detour through [-1, 1]); a (-1, 1) one truncated as RAR does.
+  u = _edge_values(0.0, 1.0)   # holds float32 values whose x 255 is k + 0.5
   np.testing.assert_array_equal(images_lib.to_uint8(u, (0.0, 1.0), "round"),
-                                official_equivariant(u * 2 - 1))
+                                official_1d_tokenizer_eval(u))
   np.testing.assert_array_equal(images_lib.to_uint8(x, (-1.0, 1.0), "truncate"),
                                 official_rar((x + np.float32(1)) / np.float32(2)))
   c = base.add_tokenizer(base.get_config(),

@@ -2,10 +2,18 @@
 usage (per sub-codebook for factorized tokenizers), and optionally LPIPS
 (``config.evaluate.lpips_path``) and rFID (``config.evaluate.inception``), over
 exactly ``config.evaluate.num_images`` images at any batch size, with the
-tokenizer in ``config.evaluate.dtype`` (float32 by default)."""
+tokenizer in ``config.evaluate.dtype`` (float32 by default).
+
+Each tokenizer is measured the way its official code measures it
+(``PROTOCOLS``, chosen by ``config.model.name`` or ``config.evaluate.protocol``):
+which uint8 bytes rFID sees, which Inception resize it uses, and whether PSNR /
+SSIM look at the float reconstruction or at its bytes, with which SSIM recipe.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import jax
@@ -14,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from genvis_jax import data as data_lib
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.convert import inception as convert_inception
 from genvis_jax.convert import lpips as convert_lpips
@@ -25,12 +34,15 @@ from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.models import inference
 from genvis_jax.models import lpips as lpips_lib
+from genvis_jax.sample import images as images_lib
 
 
 def psnr(x: np.ndarray, y: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
-  """Per-image PSNR in dB of images in ``value_range``; (B, ...) -> (B,)."""
-  scale = value_range[1] - value_range[0]
-  mse = np.mean(np.square((x - y) / scale), axis=tuple(range(1, x.ndim)))
+  """Per-image PSNR in dB of images in ``value_range``, computed in float64
+  (skimage's ``peak_signal_noise_ratio``); (B, ...) -> (B,)."""
+  scale = float(value_range[1]) - float(value_range[0])
+  d = (np.asarray(x, np.float64) - np.asarray(y, np.float64)) / scale
+  mse = np.mean(np.square(d), axis=tuple(range(1, d.ndim)))
   return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
 
 
@@ -40,15 +52,20 @@ def _gaussian_window(size: int, sigma: float) -> np.ndarray:
   return (g / g.sum()).astype(np.float32)
 
 
-def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> jax.Array:
+def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11,
+         sigma: float | None = 1.5, k1: float = 0.01, k2: float = 0.03,
+         sample_covariance: bool = False, data_range: float = 1.0) -> jax.Array:
   """Per-image SSIM (Wang et al. 2004), (B, H, W, C) pair -> (B,).
 
-  Images are first mapped from ``value_range`` to [0, 1] (data range 1).
-  Gaussian window ``window`` x ``window`` (sigma 1.5), "valid" filtering (no
-  padded borders), constants k1^2, k2^2, mean over positions and channels:
-  tf.image.ssim, and skimage's ``structural_similarity(..., data_range=1,
-  gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``.
+  Images are first mapped from ``value_range`` to [0, 1]. The defaults,
+  a Gaussian ``window`` x ``window`` window (sigma 1.5), "valid" filtering (no
+  padded borders), constants (k1 L)^2, (k2 L)^2 with L = ``data_range`` = 1,
+  mean over positions and channels, are tf.image.ssim and skimage's
+  ``structural_similarity(..., data_range=1, gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False)``. ``sigma=None`` takes the plain mean over the
+  window and ``sample_covariance`` scales the (co)variances by N / (N - 1),
+  N = window^2: with ``window=7`` these are skimage's defaults, which
+  LlamaGen's evaluation calls with ``data_range=2.0`` on [0, 1] images.
   """
   # SSIM's luminance term is not shift-invariant: measure on [0, 1] images
   # whatever the model's range, so (0, 1) and (-1, 1) tokenizers compare.
@@ -62,7 +79,8 @@ def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11, sigma: float = 1.5,
     raise ValueError(f"SSIM window {window} is larger than the images "
                      f"{x.shape[1:3]}; use a smaller window.")
   h, w = x.shape[1:3]
-  g = jnp.asarray(_gaussian_window(window, sigma))
+  g = jnp.asarray(_gaussian_window(window, sigma) if sigma is not None
+                  else np.full(window, 1.0 / window, np.float32))
   hp = jax.lax.Precision.HIGHEST
 
   def blur(v):   # separable valid filtering along H then W
@@ -71,11 +89,13 @@ def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11, sigma: float = 1.5,
     v = jnp.stack([v[:, :, i:w - window + 1 + i] for i in range(window)], 0)
     return jnp.einsum("k,kbhwc->bhwc", g, v, precision=hp)
 
-  c1, c2 = k1 ** 2, k2 ** 2
+  c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+  n = window * window
+  cov_norm = n / (n - 1) if sample_covariance else 1.0
   mx, my = blur(x), blur(y)
-  sxx = blur(x * x) - mx * mx
-  syy = blur(y * y) - my * my
-  sxy = blur(x * y) - mx * my
+  sxx = cov_norm * (blur(x * x) - mx * mx)
+  syy = cov_norm * (blur(y * y) - my * my)
+  sxy = cov_norm * (blur(x * y) - mx * my)
   num = (2 * mx * my + c1) * (2 * sxy + c2)
   den = (mx * mx + my * my + c1) * (sxx + syy + c2)
   return jnp.mean(num / den, axis=(1, 2, 3))
@@ -119,11 +139,77 @@ def _rfid_extractor(inception_path: str, batch_size: int, preprocess: str):
                                           preprocess=preprocess)
 
 
-def _rfid_preprocess(ev) -> str:
-  # Both sides of rFID go through our network: "auto" has no reference to
-  # follow and takes pytorch-fid's resize.
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How one tokenizer family's official code evaluates reconstructions.
+
+  uint8: ``sample.images.to_uint8`` method that makes the bytes rFID measures
+    (originals and reconstructions alike) and the grid shows.
+  pixels: "float": PSNR / SSIM / MSE of the float reconstruction;
+    "uint8": of its bytes (as the official code scores them).
+  ssim: keyword arguments of ``ssim`` (its recipe).
+  inception: the Inception resize of rFID ("adm_tf": TF1's bilinear, as
+    ADM's evaluator and torch-fidelity do; "pytorch_fid").
+  source: the official code this follows.
+  """
+  uint8: str
+  pixels: str = "float"
+  ssim: tuple = ()
+  inception: str = "adm_tf"
+  source: str = ""
+
+
+_LLAMAGEN = Protocol(
+    "llamagen", pixels="uint8",
+    ssim=(("window", 7), ("sigma", None), ("sample_covariance", True),
+          ("data_range", 2.0)),
+    source="LlamaGen tokenizer/tokenizer_image/reconstruction_vq_ddp.py "
+           "(FQGAN tokenizer/reconstruction_vq_ddp_{dual,triple}.py): "
+           "clamp(127.5 x + 128) bytes; skimage PSNR and SSIM(data_range=2) "
+           "of bytes / 255; rFID of the bytes with ADM's evaluator")
+
+# Tokenizer model name -> its official evaluation.
+PROTOCOLS = {
+    "maskgit_vqgan": Protocol(
+        "round",
+        source="1d-tokenizer utils/train_utils.py eval_reconstruction and "
+               "evaluator/: round(clamp(x, 0, 1) * 255) bytes, rFID with "
+               "torch-fidelity's InceptionV3 (no PSNR / SSIM there)"),
+    "llamagen_vq": _LLAMAGEN,
+    "fqgan": _LLAMAGEN,
+    # No official tokenizer evaluation: its sampler's bytes
+    # (generator/engine_generator.py) and its FID's torch-fidelity Inception.
+    "eq_tokenizer": Protocol(
+        "round", source="Equivariant generator/engine_generator.py bytes, "
+                        "torch-fidelity Inception"),
+}
+
+
+def protocol(config) -> tuple[str, Protocol]:
+  """(name, Protocol) of ``config.evaluate.protocol``, or ("" =) of
+  ``config.model.name``. Raises ``errors.ConfigError`` for an unknown name."""
+  name = config.evaluate.get("protocol", "") or config.model.get("name", "")
+  if name not in PROTOCOLS:
+    raise errors.ConfigError(
+        f"No official evaluation protocol is known for tokenizer {name!r}; set "
+        f"--config.evaluate.protocol to the one it follows, one of "
+        f"{sorted(PROTOCOLS)}.")
+  return name, PROTOCOLS[name]
+
+
+def _rfid_preprocess(ev, proto: Protocol) -> str:
+  """Both sides of rFID go through our network: "auto" takes the protocol's
+  resize."""
   p = ev.get("preprocess", "auto") or "auto"
-  return "pytorch_fid" if p == "auto" else p
+  return proto.inception if p == "auto" else p
+
+
+def _to_unit(images, value_range) -> np.ndarray:
+  """Float images in ``value_range`` or uint8 bytes -> float32 [0, 1]."""
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / np.float32(255.0)
+  lo, hi = (float(v) for v in value_range)
+  return (images.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -135,13 +221,17 @@ def evaluate(config, workdir: str) -> dict:
   The tokenizer computes in ``config.evaluate.dtype`` (default "float32"; ""
   keeps ``config.model.dtype``), so bf16-trained models report fp32 numbers.
   Optional ``config.evaluate`` fields: ``lpips_path`` (LPIPS .npz) adds
-  "lpips"; ``inception`` (FID Inception weights) adds "rfid". Metrics are
-  streamed (nothing of size num_images x image is kept).
+  "lpips" (of the float reconstructions); ``inception`` (FID Inception
+  weights) adds "rfid"; ``protocol`` ("" = the tokenizer's own, see
+  ``PROTOCOLS``) decides the bytes, resize and pixel metrics, and
+  ``preprocess`` ("auto" = the protocol's) overrides its Inception resize.
+  Metrics are streamed (nothing of size num_images x image is kept).
 
   Raises ``batching.NotEnoughImages`` when the split has fewer images than
-  ``num_images``.
+  ``num_images``, ``errors.ConfigError`` for a tokenizer with no known protocol.
   """
   ev = config.evaluate
+  proto_name, proto = protocol(config)
   value_range = models.value_range(config.model, config, ("data",))
   model_config = inference.with_compute_dtype(
       config.model, ev.get("dtype", "float32"), "config.evaluate.dtype")
@@ -165,11 +255,14 @@ def evaluate(config, workdir: str) -> dict:
   def roundtrip(p, images):
     codes = model.apply({"params": p}, images, method="encode")
     rec = model.apply({"params": p}, codes, method="decode")
-    rec = rec.astype(jnp.float32)
-    return rec, codes, ssim(images, rec, value_range)
+    return rec.astype(jnp.float32), codes
 
+  ssim_fn = jax.jit(lambda a, b: ssim(a, b, **dict(proto.ssim)))
+  to_bytes = functools.partial(images_lib.to_uint8, value_range=value_range,
+                               method=proto.uint8)
   lpips_fn = _lpips_fn(ev.lpips_path, value_range) if ev.get("lpips_path") else None
-  extractor = (_rfid_extractor(ev.inception, batch_size, _rfid_preprocess(ev))
+  preprocess = _rfid_preprocess(ev, proto)
+  extractor = (_rfid_extractor(ev.inception, batch_size, preprocess)
                if ev.get("inception") else None)
   rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
   sums = dict(psnr=0.0, ssim=0.0, sq=0.0, lpips=0.0)
@@ -178,12 +271,17 @@ def evaluate(config, workdir: str) -> dict:
       it, n, batch_size, what, setting, key="image",
       up_to=not ev.get("num_images", 0)):
     seen += k
-    rec, codes, s = roundtrip(params, jnp.asarray(images))
+    rec, codes = roundtrip(params, jnp.asarray(images))
     rec = np.asarray(rec)
-    x, y = images[:k], rec[:k]
-    sums["psnr"] += float(np.sum(psnr(x, y, value_range), dtype=np.float64))
-    sums["ssim"] += float(np.sum(np.asarray(s)[mask], dtype=np.float64))
-    sums["sq"] += float(np.sum(np.square(x.astype(np.float64) - y)))
+    x_bytes, y_bytes = to_bytes(images[:k]), to_bytes(rec[:k])
+    # PSNR / SSIM / MSE on [0, 1] images: the float reconstruction or its bytes.
+    x01 = _to_unit(images, value_range)
+    y01 = _to_unit(y_bytes if proto.pixels == "uint8" else rec[:k], value_range)
+    sums["psnr"] += float(np.sum(psnr(x01[:k], y01), dtype=np.float64))
+    y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
+    sums["ssim"] += float(np.sum(np.asarray(ssim_fn(x01, y01))[mask],
+                                 dtype=np.float64))
+    sums["sq"] += float(np.sum(np.square(x01[:k].astype(np.float64) - y01[:k])))
     maps = codes if isinstance(codes, (tuple, list)) else (codes,)
     # Usage of discrete codes only (continuous latents have no codebook).
     discrete = discrete and all(jnp.issubdtype(m.dtype, jnp.integer)
@@ -196,11 +294,11 @@ def evaluate(config, workdir: str) -> dict:
       sums["lpips"] += float(np.sum(lpips_fn(images, rec)[mask],
                                     dtype=np.float64))
     if extractor is not None:
-      for acc, v in zip(rstats, (x, y)):
-        acc.update(extractor(metrics_lib.to_uint8(v, value_range))["pool"])
+      for acc, v in zip(rstats, (x_bytes, y_bytes)):
+        acc.update(extractor(v)["pool"])
     if sum(len(g) for g in grid_x) < 32:
-      grid_x.append(x)
-      grid_y.append(y)
+      grid_x.append(x_bytes)
+      grid_y.append(y_bytes)
   if seen < n:
     logging.warning("%s: %d of its %d files are unreadable and were skipped; "
                     "the metrics cover the %d that were read.", what, n - seen,
@@ -208,12 +306,16 @@ def evaluate(config, workdir: str) -> dict:
     n = seen
   if not n:
     raise batching.NotEnoughImages(f"{what} has no readable images to evaluate.")
+  lo, hi = (float(v) for v in value_range)
   results = {
       "psnr": sums["psnr"] / n,
       "ssim": sums["ssim"] / n,
-      "mse": sums["sq"] / (n * int(np.prod(images.shape[1:]))),
+      # In the tokenizer's value range, as its training loss sees it.
+      "mse": sums["sq"] * (hi - lo) ** 2 / (n * int(np.prod(images.shape[1:]))),
       "num_images": int(n),
       "dtype": str(model_config.get("dtype", "")),
+      "protocol": proto_name,
+      "pixels": proto.pixels,
   }
   num_codes = config.model.get("num_codes", None)
   if num_codes and discrete:
@@ -225,9 +327,10 @@ def evaluate(config, workdir: str) -> dict:
   if extractor is not None:
     results["rfid"] = fid_lib.frechet_distance(*rstats[0].result(),
                                                *rstats[1].result())
+    results["rfid_preprocess"] = preprocess
   gx, gy = np.concatenate(grid_x)[:32], np.concatenate(grid_y)[:32]
   pairs = np.stack([gx, gy], 1).reshape(-1, *gx.shape[1:])
-  grid = metrics_lib.make_grid(metrics_lib.to_uint8(pairs, value_range), ncols=8)
+  grid = metrics_lib.make_grid(pairs, ncols=8)
   grid_path = os.path.join(workdir, "reconstructions.png")
   multihost.on_process_0(lambda: metrics_lib.save_png(grid_path, grid))
   return report.write(workdir, results,
@@ -235,7 +338,8 @@ def evaluate(config, workdir: str) -> dict:
 
 
 def _summary(r: dict, num_codes) -> str:
-  parts = [f"tokenizer eval on {r['num_images']} images: PSNR {r['psnr']:.2f} dB",
+  parts = [f"tokenizer eval on {r['num_images']} images ({r['protocol']} "
+           f"protocol): PSNR {r['psnr']:.2f} dB",
            f"SSIM {r['ssim']:.4f}"]
   if "lpips" in r:
     parts.append(f"LPIPS {r['lpips']:.4f}")

@@ -9,7 +9,9 @@ and the three systems convert differently (``to_uint8``):
   ``clamp(127.5 * x + 128, 0, 255).to(uint8)`` (floor of x shifted by +0.5).
 * "round" (Equivariant, [-1, 1]; ``generator/engine_generator.py``):
   ``x = (x + 1) / 2; round(clip(x * 255, 0, 255))`` with numpy's round
-  (halves to even).
+  (halves to even). A [0, 1] image is rounded as it is, as 1d-tokenizer's
+  reconstruction evaluation does (``utils/train_utils.py``
+  ``eval_reconstruction``: ``round(clamp(x, 0, 1) * 255)``).
 
 Conversions run in numpy float32 on the host, one operation at a time as the
 official code does (a fused multiply-add on an accelerator could move a value
@@ -57,8 +59,9 @@ def to_uint8(images, value_range=(0.0, 1.0), method: str = "truncate"):
       ``value_range``; bf16 / fp16 are widened to float32 first.
     value_range: (lo, hi) of the tokenizer's output, (0, 1) or (-1, 1).
     method: "truncate" (RAR), "llamagen" (LlamaGen / FQGAN) or "round"
-      (Equivariant); formulas in the module docstring. Each first maps
-      ``value_range`` onto its official range ((0, 1), (-1, 1), (-1, 1)).
+      (Equivariant; 1d-tokenizer's evaluation); formulas in the module
+      docstring. "truncate" maps ``value_range`` onto (0, 1), "llamagen" onto
+      (-1, 1), "round" onto (-1, 1) unless it is (0, 1) already.
   Returns:
     uint8 numpy array of the same shape.
   Raises:
@@ -73,8 +76,9 @@ def to_uint8(images, value_range=(0.0, 1.0), method: str = "truncate"):
     y = np.float32(127.5) * x + np.float32(128.0)
     return np.clip(y, 0.0, 255.0).astype(np.uint8)
   if method == "round":
-    x = _rescale(x, value_range, (-1.0, 1.0))
-    x = (x + np.float32(1.0)) / np.float32(2.0)
+    if tuple(float(v) for v in value_range) != (0.0, 1.0):
+      x = _rescale(x, value_range, (-1.0, 1.0))
+      x = (x + np.float32(1.0)) / np.float32(2.0)
     return np.round(np.clip(x * np.float32(255.0), 0.0, 255.0)).astype(np.uint8)
   raise Uint8MethodError(f"Unknown uint8 conversion {method!r}; use one of "
                          f"{UINT8_METHODS} (config.tokenizer.uint8).")
