@@ -106,6 +106,56 @@ def test_upsample_is_nearest_then_conv():
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
+def _family_levels():
+  from genvis_jax.models import llamagen_vq, maskgit_vqgan
+  from genvis_jax.models.layers import resample
+  return {
+      "maskgit": lambda **kw: maskgit_vqgan.level(64, 2, "down", **kw),
+      "llamagen": lambda **kw: resnet.Level(
+          64, 2, attn=True, block_name="res", resample="down",
+          resampler=llamagen_vq.Downsample, **kw),
+      "eq": lambda **kw: resample.level(64, 2, attn=True, resample="up",
+                                        factors=(2, 1), **kw),
+  }
+
+
+@pytest.mark.parametrize("family,names,out_shape", [
+    ("maskgit", {"block_0", "block_1"}, (2, 4, 4, 64)),
+    ("llamagen", {"res_0", "attn_0", "res_1", "attn_1", "downsample"},
+     (2, 4, 4, 64)),
+    ("eq", {"block_0", "attn_0", "block_1", "attn_1", "upsample"},
+     (2, 16, 8, 64)),
+])
+def test_each_familys_level_and_its_remat(family, names, out_shape):
+  """One ``Level`` serves the three CNNs with their names and resamplers;
+  under remat it gives the same values and gradients."""
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 8, 8, 32)),
+                  jnp.float32)
+  make = _family_levels()[family]
+  plain, remat = make(), make(remat="full")
+  p = _randomize(plain.init(jax.random.key(0), x)["params"], 7)
+  assert set(p) == names
+  y, pre = plain.apply({"params": p}, x)
+  assert y.shape == out_shape and pre.shape == (2, 8, 8, 64)
+
+  def loss(m, q):
+    return jnp.sum(jnp.square(m.apply({"params": q}, x, True)[0]))
+  np.testing.assert_allclose(remat.apply({"params": p}, x)[0], y, atol=1e-5)
+  g0, g1 = jax.grad(lambda q: loss(plain, q))(p), jax.grad(
+      lambda q: loss(remat, q))(p)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-4), g0, g1)
+
+
+def test_level_needs_resample_and_resampler_together():
+  x = jnp.zeros((1, 4, 4, 32))
+  with pytest.raises(ConfigError, match="needs a resampler"):
+    resnet.Level(32, 1, resample="down").init(jax.random.key(0), x)
+  with pytest.raises(ConfigError, match="needs a resampler"):
+    resnet.Level(32, 1, resample="sideways",
+                 resampler=resnet.Upsample).init(jax.random.key(0), x)
+
+
 # --- official names -> shared block names --------------------------------------
 
 def test_each_family_renames_official_modules():

@@ -82,7 +82,7 @@ class Encoder1D(nn.Module):
     h = resample.conv2d(x, self.ch, "conv_in", **kw)
     n = len(self.ch_mult)
     for i, mult in enumerate(self.ch_mult):
-      h = resample.Level(self.ch * mult, self.num_res_blocks,
+      h = resample.level(self.ch * mult, self.num_res_blocks,
                 attn=self.resolution // 2 ** i in self.attn_resolutions,
                 resample="down" if i != n - 1 else None,
                 factors=_factors(i, self.len_down_scale), dropout=self.dropout,
@@ -123,7 +123,7 @@ class Decoder1D(nn.Module):
     sem = h if self.semantic_map == "mid" else sem
     for i in reversed(range(n)):
       # Level i mirrors encoder level i - 1's resampling factors.
-      h, pre = resample.Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
+      h, pre = resample.level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
                      attn=self.resolution // 2 ** i in self.attn_resolutions,
                      resample="up" if i != 0 else None,
                      factors=_factors(i - 1, self.len_down_scale),
@@ -156,7 +156,7 @@ class SemanticDecoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mults = tuple(self.ch_mult) + (self.out_ch // self.ch,)
     for i in range(len(self.ch_mult)):
-      h = resample.Level(self.ch * mults[i + 1], self.num_res_blocks, attn=False,
+      h = resample.level(self.ch * mults[i + 1], self.num_res_blocks, attn=False,
                 resample="down" if i < self.downsample_scale else None,
                 dropout=self.dropout, remat=self.remat, name=f"down_{i}",
                 **kw)(h, train)[0]

@@ -34,7 +34,7 @@ from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
 from genvis_jax.models import llamagen_vq as lg
 from genvis_jax.models.layers import vit
-from genvis_jax.models.quantizers import VectorQuantizer, l2_normalize
+from genvis_jax.models.quantizers import l2_normalize
 
 Dtype = Any
 _LN_EPS = 1e-5  # torch nn.LayerNorm default
@@ -179,8 +179,9 @@ class FQEncoder(lg.CNNBase):
     return out
 
 
-class FQGAN(nn.Module):
-  """Factorized-quantization tokenizer with k = len(branches) sub-codebooks.
+class FQGAN(lg.VQBase):
+  """Factorized-quantization tokenizer with k = len(branches) sub-codebooks
+  (the CNN and codebook settings are ``llamagen_vq.VQBase``'s).
 
   ``__call__(images, train=False, with_features=True) -> (reconstructions, aux)``:
     images: (B, image_size, image_size, 3) float in [-1, 1].
@@ -198,34 +199,14 @@ class FQGAN(nn.Module):
     (the decoder's concatenation order).
   ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [-1, 1].
   """
-  value_range = (-1.0, 1.0)  # pixels of encode inputs / decode outputs
   branches: Sequence[str] = ("vis", "sem")
   image_size: int = 256
-  hidden_channels: int = 128
-  channel_mult: Sequence[int] = (1, 1, 2, 2, 4)
-  num_res_blocks: int = 2
-  decoder_res_blocks: int = 3
-  z_channels: int = 256
-  num_codes: int = 16384
-  code_dim: int = 8
-  commitment_cost: float = 0.25
-  entropy_weight: float = 0.0
-  entropy_temperature: float = 0.01
-  l2_norm: bool = True
   adapter_layers: int = 6
   adapter_heads: int = 8
   adapter_mlp_ratio: float = 4.0
   feat_heads: Sequence[tuple[str, int]] = (("sem", 1024),)
   feat_layers: int = 3
   feat_num_heads: int = 8
-  dropout: float = 0.0
-  remat: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @property
-  def factor(self) -> int:
-    return 2 ** (len(self.channel_mult) - 1)
 
   @property
   def grid_size(self) -> int:
@@ -245,7 +226,7 @@ class FQGAN(nn.Module):
 
   def setup(self):
     self._check_config()
-    kw = lg.cnn_kwargs(self)
+    kw = self.cnn_kwargs()
     pk = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = FQEncoder(
         num_res_blocks=self.num_res_blocks, branches=tuple(self.branches),
@@ -254,12 +235,8 @@ class FQGAN(nn.Module):
         adapter_mlp_ratio=self.adapter_mlp_ratio, **kw)
     self.quant_convs = {b: layers.conv(self.code_dim, 1, name=f"quant_conv_{b}",
                                        **pk) for b in self.branches}
-    self.quantizers = {b: VectorQuantizer(
-        self.num_codes, self.code_dim, beta=self.commitment_cost,
-        l2_norm=self.l2_norm, entropy_weight=self.entropy_weight,
-        entropy_temperature=self.entropy_temperature,
-        param_dtype=self.param_dtype, name=f"quantize_{b}")
-        for b in self.branches}
+    self.quantizers = {b: self.codebook(f"quantize_{b}")
+                       for b in self.branches}
     self.post_quant_conv = layers.conv(self.z_channels, 1,
                                        name="post_quant_conv", **pk)
     self.decoder = lg.Decoder(num_res_blocks=self.decoder_res_blocks,

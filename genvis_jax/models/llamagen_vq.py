@@ -10,7 +10,8 @@ conv_out is 3x3 to z = 256; quant_conv 1x1 256 -> 8; codebook 16384 x 8 with
 latents and codes L2-normalised; post_quant_conv 1x1 8 -> 256. Pixels in
 [-1, 1]; ``decode`` clips to [-1, 1].
 
-The res / attention blocks and the upsampler are the shared ones of
+The resolution levels (res blocks ``res_{j}``, attention ``attn_{j}``), their
+blocks and the upsampler are the shared ones of
 ``genvis_jax.models.layers.resnet``. Official -> Flax names:
 ``genvis_jax.convert.llamagen_vq.RENAMES``. Decoder ``conv_blocks_{i}`` run
 lowest resolution first (index i = level n-1-i), as in the official ModuleList.
@@ -18,6 +19,7 @@ lowest resolution first (index i = level n-1-i), as in the official ModuleList.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -50,39 +52,7 @@ class Downsample(nn.Module):
                   strides=2, padding="VALID")(x)
 
 
-def _blocks(remat: str):
-  """The (res, attn) block classes under ``remat``, LlamaGen's options: torch
-  zero padding, biases, 1x1 shortcut on the block input."""
-  return (resnet.remat_block(resnet.ResnetBlock, remat),
-          resnet.remat_block(resnet.AttnBlock, remat))
-
-
-class ConvBlock(nn.Module):
-  """One resolution level: ``res_{j}`` (each followed by ``attn_{j}`` when
-  ``attention``), then ``downsample`` / ``upsample`` if requested."""
-  out_channels: int
-  num_res_blocks: int
-  attention: bool = False
-  resample: str = "none"   # none | down | up
-  dropout: float = 0.0
-  remat: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    res, attn = _blocks(self.remat)
-    for j in range(self.num_res_blocks):
-      x = res(self.out_channels, self.dropout, name=f"res_{j}", **kw)(x, train)
-      if self.attention:
-        x = attn(name=f"attn_{j}", **kw)(x, train)
-    if self.resample == "down":
-      x = Downsample(name="downsample", **kw)(x)
-    elif self.resample == "up":
-      x = resnet.Upsample("torch", name="upsample", **kw)(x)
-    return x
-
+_UPSAMPLE = functools.partial(resnet.Upsample, "torch")
 
 class CNNBase(nn.Module):
   """Shared hyper-parameters and the mid stack (``mid_0`` res, ``mid_1`` attn,
@@ -104,11 +74,10 @@ class CNNBase(nn.Module):
     return self.hidden_channels * self.channel_mult[-1]
 
   def _mid(self, x, train):
-    res, attn = _blocks(self.remat)
-    c = self.top_channels
-    x = res(c, self.dropout, name="mid_0", **self._kw)(x, train)
-    x = attn(name="mid_1", **self._kw)(x, train)
-    return res(c, self.dropout, name="mid_2", **self._kw)(x, train)
+    # ResnetBlock's defaults are LlamaGen's: torch zero padding, biases, the
+    # 1x1 shortcut on the block input.
+    return resnet.mid_stack(x, train, dropout=self.dropout, remat=self.remat,
+                            **self._kw)
 
   def _trunk(self, x, train):
     """Encoder up to and including mid: (B, H, W, 3) -> (B, H/f, W/f, top)."""
@@ -116,10 +85,12 @@ class CNNBase(nn.Module):
     n = len(self.channel_mult)
     for i, mult in enumerate(self.channel_mult):
       last = i == n - 1
-      x = ConvBlock(self.hidden_channels * mult, self.num_res_blocks,
-                    attention=last, resample="none" if last else "down",
-                    dropout=self.dropout, remat=self.remat,
-                    name=f"conv_blocks_{i}", **self._kw)(x, train)
+      x = resnet.Level(self.hidden_channels * mult, self.num_res_blocks,
+                       attn=last, block_name="res",
+                       resample=None if last else "down",
+                       resampler=None if last else Downsample,
+                       dropout=self.dropout, remat=self.remat,
+                       name=f"conv_blocks_{i}", **self._kw)(x, train)[0]
     return self._mid(x, train)
 
 
@@ -149,11 +120,12 @@ class Decoder(CNNBase):
     x = self._mid(x, train)
     n = len(self.channel_mult)
     for idx, level in enumerate(reversed(range(n))):
-      x = ConvBlock(self.hidden_channels * self.channel_mult[level],
-                    self.num_res_blocks, attention=idx == 0,
-                    resample="up" if level != 0 else "none",
-                    dropout=self.dropout, remat=self.remat,
-                    name=f"conv_blocks_{idx}", **self._kw)(x, train)
+      x = resnet.Level(self.hidden_channels * self.channel_mult[level],
+                       self.num_res_blocks, attn=idx == 0, block_name="res",
+                       resample="up" if level else None,
+                       resampler=_UPSAMPLE if level else None,
+                       dropout=self.dropout, remat=self.remat,
+                       name=f"conv_blocks_{idx}", **self._kw)(x, train)[0]
     x = nn.swish(layers.group_norm(name="norm_out", **self._kw)(x))
     return _conv3(self.out_channels, "conv_out", self._kw)(x)
 
@@ -180,28 +152,9 @@ def check_codes(codes, name="codes"):
                      f"{codes.shape}; reshape flat tokens to (B, h, w).")
 
 
-def cnn_kwargs(module) -> dict:
-  """Encoder/decoder kwargs shared by the LlamaGen-style tokenizers."""
-  return dict(hidden_channels=module.hidden_channels,
-              channel_mult=tuple(module.channel_mult), dropout=module.dropout,
-              remat=module.remat, dtype=module.dtype,
-              param_dtype=module.param_dtype)
-
-
-class LlamaGenVQ(nn.Module):
-  """LlamaGen VQ: encoder -> quant_conv -> L2 VQ -> post_quant_conv -> decoder.
-
-  ``__call__(images, train=False) -> (reconstructions, aux)``:
-    images: (B, H, W, 3) float in [-1, 1]; H, W divisible by 2**(levels-1).
-    reconstructions: (B, H, W, 3) float32, *not* clipped.
-    aux: quantizer_loss (codebook + beta * commitment + entropy_weight *
-      entropy), codebook_loss, commitment_loss, entropy_loss, usage,
-      perplexity (float32 scalars) and codes (B, h, w) int32.
-  ``encode(images)`` -> codes (B, h, w) int32, row-major token grid.
-  ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [-1, 1].
-  ``encode_latents(images)`` -> quant_conv output (B, h, w, code_dim).
-  ``decode_latents(z_q)`` -> unclipped images from (quantized) latents.
-  """
+class VQBase(nn.Module):
+  """The settings LlamaGen VQ and FQGAN share: the LlamaGen CNN, the
+  L2-normalised codebook(s) and the compute dtypes (defaults: VQ-16)."""
   value_range = (-1.0, 1.0)  # pixels of encode inputs / decode outputs
   hidden_channels: int = 128
   channel_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -223,17 +176,44 @@ class LlamaGenVQ(nn.Module):
   def factor(self) -> int:
     return 2 ** (len(self.channel_mult) - 1)
 
+  def cnn_kwargs(self) -> dict:
+    """The ``CNNBase`` fields of the encoder / decoder."""
+    return dict(hidden_channels=self.hidden_channels,
+                channel_mult=tuple(self.channel_mult), dropout=self.dropout,
+                remat=self.remat, dtype=self.dtype,
+                param_dtype=self.param_dtype)
+
+  def codebook(self, name: str | None = None) -> VectorQuantizer:
+    """A ``VectorQuantizer`` with these settings (call in ``setup``)."""
+    return VectorQuantizer(
+        self.num_codes, self.code_dim, beta=self.commitment_cost,
+        l2_norm=self.l2_norm, entropy_weight=self.entropy_weight,
+        entropy_temperature=self.entropy_temperature,
+        param_dtype=self.param_dtype, name=name)
+
+
+class LlamaGenVQ(VQBase):
+  """LlamaGen VQ: encoder -> quant_conv -> L2 VQ -> post_quant_conv -> decoder.
+
+  ``__call__(images, train=False) -> (reconstructions, aux)``:
+    images: (B, H, W, 3) float in [-1, 1]; H, W divisible by 2**(levels-1).
+    reconstructions: (B, H, W, 3) float32, *not* clipped.
+    aux: quantizer_loss (codebook + beta * commitment + entropy_weight *
+      entropy), codebook_loss, commitment_loss, entropy_loss, usage,
+      perplexity (float32 scalars) and codes (B, h, w) int32.
+  ``encode(images)`` -> codes (B, h, w) int32, row-major token grid.
+  ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [-1, 1].
+  ``encode_latents(images)`` -> quant_conv output (B, h, w, code_dim).
+  ``decode_latents(z_q)`` -> unclipped images from (quantized) latents.
+  """
+
   def setup(self):
-    kw = cnn_kwargs(self)
+    kw = self.cnn_kwargs()
     pk = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = Encoder(num_res_blocks=self.num_res_blocks,
                            z_channels=self.z_channels, **kw)
     self.quant_conv = layers.conv(self.code_dim, 1, name="quant_conv", **pk)
-    self.quantize = VectorQuantizer(
-        self.num_codes, self.code_dim, beta=self.commitment_cost,
-        l2_norm=self.l2_norm, entropy_weight=self.entropy_weight,
-        entropy_temperature=self.entropy_temperature,
-        param_dtype=self.param_dtype)
+    self.quantize = self.codebook()
     self.post_quant_conv = layers.conv(self.z_channels, 1,
                                        name="post_quant_conv", **pk)
     self.decoder = Decoder(num_res_blocks=self.decoder_res_blocks,

@@ -5,13 +5,14 @@ attention, TF "SAME" padding, 2x2 average-pool downsampling, nearest x2 upsampli
 + conv, GroupNorm(32, eps 1e-6), SiLU, codebook 1024 x 256 with plain squared-L2
 search. Input pixels in [0, 1]; ``decode`` clamps to [0, 1].
 
-The res blocks and the upsampler are the shared ones of
+The resolution levels, res blocks and upsampler are the shared ones of
 ``genvis_jax.models.layers.resnet`` with MaskGIT's options (``RES_BLOCK``).
 Official -> Flax names: ``genvis_jax.convert.maskgit_vqgan.RENAMES``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -39,60 +40,38 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
 
 # MaskGIT's block quirks: TF SAME padding, bias-free convs, and the 1x1
 # shortcut applied to the post-conv2 features (needed for checkpoint parity).
-RES_BLOCK = dict(padding="same", use_bias=False, shortcut_from="output")
+RES_BLOCK = (("padding", "same"), ("use_bias", False), ("shortcut_from", "output"))
 
 
 def res_blocks(x, train: bool, *, count: int, out_channels: int, dropout: float,
                remat: str, prefix: str, kw: dict):
-  """``count`` MaskGIT res blocks named ``{prefix}{j}``; call inside a compact
-  method. (B, H, W, C) -> (B, H, W, out_channels)."""
+  """``count`` MaskGIT res blocks named ``{prefix}{j}`` (the mid stack); call
+  inside a compact method. (B, H, W, C) -> (B, H, W, out_channels)."""
   block = resnet.remat_block(resnet.ResnetBlock, remat)
   for j in range(count):
-    x = block(out_channels, dropout, **RES_BLOCK, name=f"{prefix}{j}", **kw)(
-        x, train)
+    x = block(out_channels, dropout, **dict(RES_BLOCK), name=f"{prefix}{j}",
+              **kw)(x, train)
   return x
 
 
-class DownBlock(nn.Module):
-  """``num_res_blocks`` res blocks then (unless last level) 2x2 average pool."""
-  out_channels: int
-  num_res_blocks: int
-  downsample: bool
-  dropout: float = 0.0
-  remat: str = "none"
+class AvgPool(nn.Module):
+  """The downsampler: 2x2 average pool (no parameters)."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = res_blocks(x, train, count=self.num_res_blocks,
-                   out_channels=self.out_channels, dropout=self.dropout,
-                   remat=self.remat, prefix="block_",
-                   kw=dict(dtype=self.dtype, param_dtype=self.param_dtype))
-    return avg_pool_2x2(x) if self.downsample else x
+  def __call__(self, x):
+    return avg_pool_2x2(x)
 
 
-class UpBlock(nn.Module):
-  """``num_res_blocks`` res blocks then (unless level 0) ``upsample``: nearest
-  x2 + conv3x3."""
-  out_channels: int
-  num_res_blocks: int
-  upsample: bool
-  dropout: float = 0.0
-  remat: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+_UPSAMPLE = functools.partial(resnet.Upsample, "same")
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = res_blocks(x, train, count=self.num_res_blocks,
-                   out_channels=self.out_channels, dropout=self.dropout,
-                   remat=self.remat, prefix="block_",
-                   kw=dict(dtype=self.dtype, param_dtype=self.param_dtype))
-    if self.upsample:
-      x = resnet.Upsample("same", self.dtype, self.param_dtype,
-                          name="upsample")(x)
-    return x
+
+def level(out_channels: int, num_blocks: int, resample: str | None, **kw):
+  """A MaskGIT level: res blocks ``block_{j}``, then ``upsample`` (nearest x2
+  + conv3x3) or the average pool."""
+  resampler = {"down": AvgPool, "up": _UPSAMPLE, None: None}[resample]
+  return resnet.Level(out_channels, num_blocks, block=RES_BLOCK,
+                      resample=resample, resampler=resampler, **kw)
 
 
 class Encoder(nn.Module):
@@ -113,9 +92,9 @@ class Encoder(nn.Module):
                     **kw)(x)
     levels = len(self.channel_mult)
     for i, mult in enumerate(self.channel_mult):
-      x = DownBlock(self.hidden_channels * mult, self.num_res_blocks,
-                    downsample=i != levels - 1, dropout=self.dropout,
-                    remat=self.remat, name=f"down_{i}", **kw)(x, train)
+      x = level(self.hidden_channels * mult, self.num_res_blocks,
+                "down" if i != levels - 1 else None, dropout=self.dropout,
+                remat=self.remat, name=f"down_{i}", **kw)(x, train)[0]
     x = res_blocks(x, train, count=self.num_res_blocks,
                    out_channels=self.hidden_channels * self.channel_mult[-1],
                    dropout=self.dropout, remat=self.remat, prefix="mid_", kw=kw)
@@ -142,9 +121,9 @@ class Decoder(nn.Module):
     x = res_blocks(x, train, count=self.num_res_blocks, out_channels=mid,
                    dropout=self.dropout, remat=self.remat, prefix="mid_", kw=kw)
     for i in reversed(range(len(self.channel_mult))):
-      x = UpBlock(self.hidden_channels * self.channel_mult[i],
-                  self.num_res_blocks, upsample=i != 0, dropout=self.dropout,
-                  remat=self.remat, name=f"up_{i}", **kw)(x, train)
+      x = level(self.hidden_channels * self.channel_mult[i],
+                self.num_res_blocks, "up" if i else None, dropout=self.dropout,
+                remat=self.remat, name=f"up_{i}", **kw)(x, train)[0]
     x = nn.silu(layers.group_norm(name="norm_out", **kw)(x))
     return layers.conv(self.out_channels, 3, name="conv_out", **kw)(x)
 

@@ -6,7 +6,8 @@ resolution with a conv to C/f channels then pixel-unshuffle, plus the f-pixel
 average of its input (``DownsampleResidual``); it doubles it with a conv to
 C*f channels then pixel-shuffle, plus the nearest-neighbour upsample
 (``UpsampleResidual``). Factors may differ per axis ((2, 1) halves rows only).
-``Level`` / ``Mid`` stack the shared ``resnet`` blocks around them; ``conv1d``
+``level`` (a ``resnet.Level``) / ``Mid`` stack the shared ``resnet`` blocks
+around them; ``conv1d``
 is the reflect-padded Conv1d over a token sequence.
 """
 
@@ -118,40 +119,20 @@ class UpsampleResidual(nn.Module):
     return res + pixel_shuffle(jnp.repeat(x, g, axis=-1), self.factors)
 
 
-def _res_block(remat: str):
-  """The shared res block under ``remat``; call with ``padding="reflect"``."""
-  return resnet.remat_block(resnet.ResnetBlock, remat)
+REFLECT = (("padding", "reflect"),)   # the ResnetBlock option of this CNN
 
 
-class Level(nn.Module):
-  """One resolution level: ``num_blocks`` x (res block [+ attention]), then an
-  optional resampler (``downsample`` / ``upsample``)."""
-  out_channels: int
-  num_blocks: int
-  attn: bool
-  resample: str | None = None        # None | "down" | "up"
-  factors: tuple[int, int] = (2, 2)
-  dropout: float = 0.0
-  remat: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    """Returns (output, features before the resampler)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block = _res_block(self.remat)
-    for j in range(self.num_blocks):
-      x = block(self.out_channels, self.dropout, padding="reflect",
-                name=f"block_{j}", **kw)(x, train)
-      if self.attn:
-        x = resnet.AttnBlock(name=f"attn_{j}", **kw)(x)
-    pre = x
-    if self.resample == "down":
-      x = DownsampleResidual(self.factors, name="downsample", **kw)(x)
-    elif self.resample == "up":
-      x = UpsampleResidual(self.factors, name="upsample", **kw)(x)
-    return x, pre
+def level(out_channels: int, num_blocks: int, *, attn: bool,
+          resample: str | None = None, factors: tuple[int, int] = (2, 2),
+          **kw) -> resnet.Level:
+  """An Equivariant level: reflect-padded res blocks ``block_{j}`` (+
+  ``attn_{j}``), then ``DownsampleResidual`` / ``UpsampleResidual`` by
+  ``factors``; ``kw``: the remaining ``resnet.Level`` fields."""
+  shuffle = {"down": DownsampleResidual, "up": UpsampleResidual}.get(resample)
+  return resnet.Level(
+      out_channels, num_blocks, attn=attn, block=REFLECT,
+      resample=resample,
+      resampler=functools.partial(shuffle, factors) if shuffle else None, **kw)
 
 
 class Mid(nn.Module):
@@ -163,9 +144,7 @@ class Mid(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block, c = _res_block(self.remat), x.shape[-1]
-    x = block(c, self.dropout, padding="reflect", name="block_1", **kw)(x, train)
-    x = resnet.AttnBlock(name="attn_1", **kw)(x)
-    return block(c, self.dropout, padding="reflect", name="block_2", **kw)(
-        x, train)
+    return resnet.mid_stack(x, train, block=REFLECT,
+                            names=("block_1", "attn_1", "block_2"),
+                            dropout=self.dropout, remat=self.remat,
+                            dtype=self.dtype, param_dtype=self.param_dtype)

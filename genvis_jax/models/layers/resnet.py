@@ -1,5 +1,6 @@
 """The convolutional tokenizers' building blocks: one ResNet block, one spatial
-self-attention block and nearest x2 upsampling, NHWC.
+self-attention block, nearest x2 upsampling and the resolution level stacking
+them, NHWC.
 
 MaskGIT's VQGAN, LlamaGen's VQ (and FQGAN's trunk on it) and the Equivariant
 tokenizer's CNN all use the taming / LDM block
@@ -153,3 +154,73 @@ def remat_block(cls, remat: str):
   """``cls`` (a block called as ``block(x, train)``) under ``remat`` policy."""
   # self=0, x=1, train=2: `train` is a Python bool and must stay static.
   return layers.maybe_remat(cls, remat, static_argnums=(2,))
+
+
+def mid_stack(x: jax.Array, train: bool, *, block: tuple = (),
+              names=("mid_0", "mid_1", "mid_2"), dropout: float = 0.0,
+              remat: str = "none", dtype=jnp.float32,
+              param_dtype=jnp.float32) -> jax.Array:
+  """The lowest-resolution stack ResnetBlock -> AttnBlock -> ResnetBlock
+  (taming / LDM ``mid``) keeping the width, named ``names`` (LlamaGen's
+  ``mid_{0,1,2}``; the Equivariant ``block_1, attn_1, block_2``); ``block``:
+  ``ResnetBlock`` options as in ``Level``. Call inside a compact method."""
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  res = remat_block(ResnetBlock, remat)
+  c = x.shape[-1]
+  x = res(c, dropout, **dict(block), name=names[0], **kw)(x, train)
+  x = remat_block(AttnBlock, remat)(name=names[1], **kw)(x, train)
+  return res(c, dropout, **dict(block), name=names[2], **kw)(x, train)
+
+
+RESAMPLE = (None, "down", "up")
+
+
+class Level(nn.Module):
+  """One resolution level of the tokenizers' CNNs: ``num_blocks`` x
+  (``ResnetBlock`` ``{block_name}_{j}``, then ``AttnBlock`` ``attn_{j}`` when
+  ``attn``), then the resampler ``downsample`` / ``upsample``.
+
+  ``__call__(x, train=False)`` -> (output, features before the resampler):
+  (B, H, W, C) -> (B, H', W', out_channels) and (B, H, W, out_channels).
+
+  Fields:
+    block: ``ResnetBlock`` options as (name, value) pairs (MaskGIT:
+      ``(("padding", "same"), ("use_bias", False), ("shortcut_from",
+      "output"))``; Equivariant: ``(("padding", "reflect"),)``).
+    block_name: the res blocks' name prefix ("block"; LlamaGen's is "res").
+    resample: None, "down" or "up": names the resampler submodule.
+    resampler: a module class (or partial) taking ``name``, ``dtype`` and
+      ``param_dtype``, called on (B, H, W, C): each family's own (MaskGIT's
+      average pool, LlamaGen's strided conv, the Equivariant pixel shuffles).
+  Raises ConfigError when ``resample`` and ``resampler`` do not come together.
+  """
+  out_channels: int
+  num_blocks: int
+  attn: bool = False
+  block: tuple = ()
+  block_name: str = "block"
+  resample: str | None = None
+  resampler: Any = None
+  dropout: float = 0.0
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    if self.resample not in RESAMPLE or (self.resample is None) != (
+        self.resampler is None):
+      raise ConfigError(f"Level.resample={self.resample!r} needs a resampler "
+                        f"and is one of {RESAMPLE}; got resampler "
+                        f"{self.resampler!r}.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    res = remat_block(ResnetBlock, self.remat)
+    attn = remat_block(AttnBlock, self.remat)
+    for j in range(self.num_blocks):
+      x = res(self.out_channels, self.dropout, **dict(self.block),
+              name=f"{self.block_name}_{j}", **kw)(x, train)
+      if self.attn:
+        x = attn(name=f"attn_{j}", **kw)(x, train)
+    if self.resample is None:
+      return x, x
+    return self.resampler(name=f"{self.resample}sample", **kw)(x), x
