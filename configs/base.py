@@ -118,6 +118,9 @@ def get_config(arg=None):
   c.data.eval_split = "validation"
   c.data.image_size = 256
   c.data.random_crop = True  # random resized crop (train) vs centre crop
+  # Centre crops: adm (center_crop_arr) | torchvision (Resize + CenterCrop);
+  # "" = adm, or in tokenizer evaluation the protocol's.
+  c.data.center_crop = ""
   c.data.random_flip = True
   c.data.image_width = 0     # 0: square; else image_size x image_width (landscapes)
   c.data.crop_min_frac = 1.0  # ADM random crop of 80-100% of the short side: 0.8

@@ -107,7 +107,7 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   fy = FakeExtractor(13)(metrics_lib.to_uint8(y))["pool"]
   assert res["rfid"] == pytest.approx(
       _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
-  assert res["protocol"] == "maskgit_vqgan"
+  assert res["protocol"] == "maskgit_vqgan" and res["center_crop"] == "torchvision"
   assert res["rfid_preprocess"] == resizes[-1] == "adm_tf"
   assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 13
   assert (tmp_path / "reconstructions.png").exists()
@@ -139,6 +139,7 @@ def test_fqgan_protocol_scores_bytes_as_llamagen_does(tok_config, tmp_path):
   ssim = [structural_similarity(a, b, data_range=2.0, channel_axis=-1)
           for a, b in zip(restored, x)]
   assert res["protocol"] == "fqgan" and res["pixels"] == "uint8"
+  assert res["center_crop"] == "adm"
   assert res["psnr"] == pytest.approx(np.mean(psnr), rel=1e-5)
   assert res["ssim"] == pytest.approx(np.mean(ssim), abs=2e-5)
   float_psnr = np.mean(10 * np.log10(1 / np.mean(np.square(x - y), (1, 2, 3))))
@@ -148,21 +149,24 @@ def test_fqgan_protocol_scores_bytes_as_llamagen_does(tok_config, tmp_path):
   assert res["rfid"] == pytest.approx(
       _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
   assert res["rfid_preprocess"] == resizes[-1] == "adm_tf"
-  config.evaluate.preprocess = "pytorch_fid"   # an explicit resize wins
-  tokenizer.evaluate(config, str(tmp_path))
-  assert resizes[-1] == "pytorch_fid"
+  # An explicit resize or crop wins over the protocol's.
+  config.evaluate.preprocess = "pytorch_fid"
+  config.data.center_crop = "torchvision"
+  res = tokenizer.evaluate(config, str(tmp_path))
+  assert resizes[-1] == "pytorch_fid" and res["center_crop"] == "torchvision"
 
 
 def test_each_tokenizer_has_its_official_protocol(tok_config, tmp_path):
   config, _, resizes = tok_config
-  for name, uint8, pixels in [("maskgit_vqgan", "round", "float"),
-                              ("llamagen_vq", "llamagen", "uint8"),
-                              ("fqgan", "llamagen", "uint8"),
-                              ("eq_tokenizer", "round", "float")]:
+  for name, uint8, crop, pixels in [
+      ("maskgit_vqgan", "round", "torchvision", "float"),
+      ("llamagen_vq", "llamagen", "adm", "uint8"),
+      ("fqgan", "llamagen", "adm", "uint8"),
+      ("eq_tokenizer", "round", "adm", "float")]:
     config.model.name, config.evaluate.protocol = name, ""
     got, proto = tokenizer.protocol(config)
-    assert (got, proto.uint8, proto.pixels, proto.inception) == (
-        name, uint8, pixels, "adm_tf")
+    assert (got, proto.uint8, proto.crop, proto.pixels, proto.inception) == (
+        name, uint8, crop, pixels, "adm_tf")
   config.model.name = "fake"
   with pytest.raises(UserError, match="config.evaluate.protocol"):
     tokenizer.evaluate(config, str(tmp_path))

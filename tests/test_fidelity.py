@@ -57,6 +57,19 @@ def torchvision_ten_crop(arr, s):
   return five(arr) + five(np.ascontiguousarray(arr[:, ::-1]))
 
 
+def torchvision_resize_center_crop(pil, s):
+  """torchvision ``Resize(s, BICUBIC)`` of a PIL image (short side s, long
+  side ``int(s * long / short)``, no resize when already that size), then
+  ``CenterCrop(s)`` at ``int(round((H - s) / 2.0))`` (1d-tokenizer's eval)."""
+  w, h = pil.size
+  size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+  if size != pil.size:
+    pil = pil.resize(size, resample=Image.BICUBIC)
+  arr = np.array(pil)
+  t, l = int(round((arr.shape[0] - s) / 2.0)), int(round((arr.shape[1] - s) / 2.0))
+  return arr[t:t + s, l:l + s]
+
+
 # (width, height): non-square, and one big enough to be BOX-halved at 256.
 IMAGE_SIZES = ((400, 333), (700, 530), (1300, 1100))
 
@@ -105,6 +118,34 @@ def test_ten_crop_geometry_matches_official_recipe(photo_folder, size):
     for j in range(10):
       np.testing.assert_array_equal(got[10 * i + j], want[j],
                                     err_msg=f"{name} crop {j} at {size}")
+
+
+@pytest.mark.parametrize("method,official", [
+    ("adm", adm_center_crop_arr), ("torchvision", torchvision_resize_center_crop)])
+def test_eval_center_crops_match_official_recipes(photo_folder, method,
+                                                  official):
+  """The eval pipeline's centre crop (``config.data.center_crop``): ADM's
+  (LlamaGen / FQGAN evaluations) or torchvision's (1d-tokenizer's), from the
+  decoded files to the float batch."""
+  from genvis_jax import data as data_lib
+  c = _pretokenize_config(photo_folder, 256).data
+  c.update(dict(center_crop=method, random_crop=False, random_flip=False))
+  it, _ = data_lib.create_dataset(c, split="train", global_batch_size=3,
+                                  seed=0, train=False, drop_remainder=False)
+  got = np.round(np.asarray(next(it)["image"]) * 255.0).astype(np.uint8)
+  files = sorted(os.listdir(photo_folder / "a"))
+  differ = 0
+  for i, name in enumerate(files):
+    with Image.open(photo_folder / "a" / name) as pil:
+      pil = pil.convert("RGB")
+      np.testing.assert_array_equal(got[i], official(pil, 256), err_msg=name)
+      differ += not np.array_equal(adm_center_crop_arr(pil, 256),
+                                   torchvision_resize_center_crop(pil, 256))
+  assert differ == len(files)   # the two recipes give other pixels
+  c.center_crop = "bicubic"
+  with pytest.raises(UserError, match="config.data.center_crop"):
+    data_lib.create_dataset(c, split="train", global_batch_size=3, seed=0,
+                            train=False)
 
 
 def test_pipeline_floats_are_torchvision_totensor_normalize():

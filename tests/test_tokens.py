@@ -418,3 +418,20 @@ def test_pretokenize_class_error_names_its_own_setting():
                      match=r"config.pretokenize.data.num_classes is 5.*"
                            r"Set --config.pretokenize.data.num_classes=10"):
     pretokenize.image_batches(p, (0.0, 1.0), process_index=0, process_count=1)
+
+
+def test_a_data_setting_added_later_keeps_older_records_matching():
+  """``data.center_crop`` came after token files were written: at its
+  default (the ADM crop those files used) the record leaves it out, so they
+  are still reused; another crop is another setting."""
+  from configs import demo
+  from genvis_jax.data import pretokenize
+  c = demo.pretokenize_config()
+  c.tokenizer.checkpoint = "/ckpt/tokenizer"
+  now = pretokenize.output_settings(c)
+  assert "center_crop" not in now["data"]
+  with c.pretokenize.data.unlocked():
+    del c.pretokenize.data["center_crop"]
+  assert pretokenize.output_settings(c) == now   # as recorded before the key
+  c.pretokenize.data.center_crop = "torchvision"
+  assert pretokenize.output_settings(c)["data"]["center_crop"] == "torchvision"

@@ -267,7 +267,8 @@ def _image_transforms(ds, data_config, train, aug_seeds):
     crop = transforms.RandomCrop(size, width, data_config.get("crop_min_frac", 1.0))
     ds = ds.random_map(_PassSkippedRandom(crop), seed=aug_seeds[0])
   else:
-    ds = ds.map(_PassSkipped(transforms.CenterCrop(size, width)))
+    method = data_config.get("center_crop", "") or "adm"
+    ds = ds.map(_PassSkipped(transforms.CenterCrop(size, width, method)))
   if train and data_config.random_flip:
     ds = ds.random_map(_PassSkippedRandom(transforms.RandomFlip()),
                        seed=aug_seeds[1])

@@ -151,13 +151,18 @@ def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
 
 # Data settings that change how fast records are read, not which.
 _READER_KEYS = ("read_threads", "num_workers", "prefetch")
+# Data settings added after token files were written, at the value those
+# files were made with: left out of the record at that value, so the older
+# files' records still match.
+_ADDED_DEFAULTS = {"center_crop": ""}
 
 
 def output_settings(config, checkpoint: str | None = None) -> dict:
   """What decides the records of a token file (JSON-normalised);
   ``checkpoint`` (default ``config.tokenizer.checkpoint``) holds the weights."""
   p, tok = config.pretokenize, config.tokenizer
-  data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS}
+  data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS
+          and (k not in _ADDED_DEFAULTS or v != _ADDED_DEFAULTS[k])}
   keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
           "weights": weights_lib.params_source(
               tok.checkpoint if checkpoint is None else checkpoint),

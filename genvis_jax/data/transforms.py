@@ -12,7 +12,8 @@ with BICUBIC so the image just covers the target (shorter side = size for a
 square target), then crop. The random variant first picks the cover size
 uniformly in ``[ceil(size / max_frac), ceil(size / min_frac)]``, then crops at a
 uniform random offset. Non-square targets (``width != size``) generalise this
-by covering both sides.
+by covering both sides. ``torchvision_center_crop`` is the other centre crop
+an official evaluation uses (1d-tokenizer's).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 import grain
 import numpy as np
 from PIL import Image, ImageOps
+
+from genvis_jax.errors import ConfigError
 
 
 # --- pure functions ------------------------------------------------------------
@@ -49,6 +52,37 @@ def center_crop(image: np.ndarray, height: int, width: int | None = None):
   top = (arr.shape[0] - height) // 2
   left = (arr.shape[1] - width) // 2
   return arr[top:top + height, left:left + width]
+
+
+def torchvision_center_crop(image: np.ndarray, height: int,
+                            width: int | None = None) -> np.ndarray:
+  """torchvision ``Resize(height, BICUBIC)`` of a PIL image, then
+  ``CenterCrop((height, width))``: uint8 (h, w, 3) -> (height, width, 3).
+
+  1d-tokenizer's eval transform (``data/webdataset_reader.py``). Unlike ADM's
+  crop: no BOX halving, the long side truncated (``int(height * long /
+  short)``), and the offsets ``int(round((H - height) / 2.0))`` (halves to
+  even). Raises ValueError when the resized image is narrower than ``width``
+  (torchvision would pad it with zeros).
+  """
+  width = width or height
+  h, w = image.shape[:2]
+  short, long = (w, h) if w <= h else (h, w)
+  new_short, new_long = height, int(height * long / short)
+  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+  if (new_h, new_w) != (h, w):
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h),
+                                                     resample=Image.BICUBIC))
+  if new_w < width or new_h < height:
+    raise ValueError(f"A {w}x{h} image resized to {new_w}x{new_h} is smaller "
+                     f"than the {width}x{height} crop; use the 'adm' centre "
+                     f"crop (config.data.center_crop) for this shape.")
+  top = int(round((new_h - height) / 2.0))
+  left = int(round((new_w - width) / 2.0))
+  return image[top:top + height, left:left + width]
+
+
+CENTER_CROPS = {"adm": center_crop, "torchvision": torchvision_center_crop}
 
 
 def random_crop(image: np.ndarray, height: int, width: int | None,
@@ -151,14 +185,20 @@ class DecodeImage(grain.transforms.Map):
 
 
 class CenterCrop(grain.transforms.Map):
-  """ADM centre crop to (size, width or size)."""
+  """Centre crop to (size, width or size): ADM's (``method="adm"``) or
+  torchvision's Resize + CenterCrop (``"torchvision"``)."""
 
-  def __init__(self, size: int, width: int | None = None):
+  def __init__(self, size: int, width: int | None = None, method: str = "adm"):
+    if method not in CENTER_CROPS:
+      raise ConfigError(f"Unknown centre crop {method!r} "
+                       f"(config.data.center_crop); use one of "
+                       f"{sorted(CENTER_CROPS)}.")
     self.size, self.width = size, width or size
+    self.crop = CENTER_CROPS[method]
 
   def map(self, record):
-    return {**record, "image": center_crop(record["image"], self.size,
-                                           self.width)}
+    return {**record, "image": self.crop(record["image"], self.size,
+                                         self.width)}
 
 
 class RandomCrop(grain.transforms.RandomMap):

@@ -145,6 +145,8 @@ class Protocol:
 
   uint8: ``sample.images.to_uint8`` method that makes the bytes rFID measures
     (originals and reconstructions alike) and the grid shows.
+  crop: how the eval images are centre-cropped (``data.transforms
+    .CENTER_CROPS``; ``config.data.center_crop`` overrides it).
   pixels: "float": PSNR / SSIM / MSE of the float reconstruction;
     "uint8": of its bytes (as the official code scores them).
   ssim: keyword arguments of ``ssim`` (its recipe).
@@ -153,6 +155,7 @@ class Protocol:
   source: the official code this follows.
   """
   uint8: str
+  crop: str = "adm"
   pixels: str = "float"
   ssim: tuple = ()
   inception: str = "adm_tf"
@@ -171,9 +174,10 @@ _LLAMAGEN = Protocol(
 # Tokenizer model name -> its official evaluation.
 PROTOCOLS = {
     "maskgit_vqgan": Protocol(
-        "round",
-        source="1d-tokenizer utils/train_utils.py eval_reconstruction and "
-               "evaluator/: round(clamp(x, 0, 1) * 255) bytes, rFID with "
+        "round", crop="torchvision",
+        source="1d-tokenizer utils/train_utils.py eval_reconstruction, "
+               "evaluator/ and data/webdataset_reader.py: Resize + "
+               "CenterCrop, round(clamp(x, 0, 1) * 255) bytes, rFID with "
                "torch-fidelity's InceptionV3 (no PSNR / SSIM there)"),
     "llamagen_vq": _LLAMAGEN,
     "fqgan": _LLAMAGEN,
@@ -240,9 +244,12 @@ def evaluate(config, workdir: str) -> dict:
       model_config, ev.checkpoint, setting="--config.evaluate.checkpoint"))
   batch_size = int(ev.batch_size)
   split = config.data.eval_split
+  data = config.data.copy_and_resolve_references()
+  with data.unlocked():
+    data.center_crop = data.get("center_crop", "") or proto.crop
   # Every process evaluates the same first N images (process 0 of 1).
   it, info = data_lib.create_dataset(
-      config.data, split=split, global_batch_size=batch_size, seed=0,
+      data, split=split, global_batch_size=batch_size, seed=0,
       train=False, process_index=0, process_count=1, value_range=value_range,
       drop_remainder=False)
   what = f"split {split!r} of the {config.data.source!r} data"
@@ -315,6 +322,7 @@ def evaluate(config, workdir: str) -> dict:
       "num_images": int(n),
       "dtype": str(model_config.get("dtype", "")),
       "protocol": proto_name,
+      "center_crop": data.center_crop,
       "pixels": proto.pixels,
   }
   num_codes = config.model.get("num_codes", None)
