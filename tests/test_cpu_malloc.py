@@ -38,6 +38,7 @@ print(*faults)
 
 
 def _faults(tuned: bool) -> list[int]:
+  """Minor page faults of each of the probe's last 10 steps, sorted."""
   env = dict(os.environ, GENVIS_CPU_MALLOC="1", XLA_FLAGS="",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _PROBE, "1" if tuned else "0"],

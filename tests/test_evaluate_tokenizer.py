@@ -37,6 +37,17 @@ class FakeTokenizer(nn.Module):
     return jnp.repeat(v, 3, -1).astype(self.dtype)
 
 
+class SignedFakeTokenizer(FakeTokenizer):
+  """FakeTokenizer on [-1, 1] pixels (LlamaGen, FQGAN, Equivariant)."""
+  value_range = (-1.0, 1.0)
+
+  def encode(self, x):
+    return super().encode((x + 1) / 2)
+
+  def decode(self, codes):
+    return (2 * super().decode(codes) - 1).astype(self.dtype)
+
+
 def _numpy_tokenizer(x):
   b, h, w, _ = x.shape
   g = x.astype(np.float64).reshape(b, h // 4, 4, w // 4, 4, 3).mean((2, 4, 5))
@@ -52,7 +63,8 @@ def tok_config(monkeypatch):
 
   def build(cfg):
     built.append(cfg)
-    return FakeTokenizer(dtype=cfg.dtype)
+    cls = SignedFakeTokenizer if cfg.get("signed", False) else FakeTokenizer
+    return cls(dtype=cfg.dtype)
   monkeypatch.setattr(tokenizer.models, "build", build)
   monkeypatch.setattr(tokenizer.models, "load_params",
                       lambda cfg, path, **kw: {})
@@ -70,7 +82,8 @@ def tok_config(monkeypatch):
   monkeypatch.setattr(tokenizer.inception_lib, "InceptionExtractor", extractor)
   c = base.get_config()
   c.model = ml_collections.ConfigDict(dict(
-      name="fake", dtype="bfloat16", param_dtype="float32", num_codes=(32, 3)))
+      name="fake", dtype="bfloat16", param_dtype="float32", num_codes=(32, 3),
+      signed=False))
   c.data.image_size = 32
   c.data.num_classes = 10
   c.data.num_examples = 20
@@ -113,39 +126,62 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   assert (tmp_path / "reconstructions.png").exists()
 
 
-def _official_llamagen_bytes(v01):
-  """LlamaGen's bytes of [0, 1] images: the [-1, 1] tensor, then
-  ``clamp(127.5 x + 128, 0, 255).to(uint8)``."""
-  x = np.asarray(v01, np.float32) * np.float32(2) - np.float32(1)
-  y = np.float32(127.5) * x + np.float32(128)
+def _official_llamagen_bytes(x):
+  """LlamaGen: ``clamp(127.5 x + 128, 0, 255).to(uint8)`` of [-1, 1] images."""
+  y = np.float32(127.5) * np.asarray(x, np.float32) + np.float32(128)
   return np.clip(y, 0, 255).astype(np.uint8)
 
 
-def test_fqgan_protocol_scores_bytes_as_llamagen_does(tok_config, tmp_path):
-  """reconstruction_vq_ddp.py: PSNR / SSIM of the reconstruction's bytes / 255
-  against the [0, 1] original with skimage (SSIM with data_range=2), rFID of
-  the bytes of both (val_ddp.py writes the originals' the same way) with the
-  TF-style Inception resize."""
+def _official_equivariant_bytes(x):
+  """Equivariant: ``round(clip((x + 1) / 2 * 255, 0, 255))`` of [-1, 1] images."""
+  x = (np.asarray(x, np.float32) + np.float32(1)) / np.float32(2)
+  return np.round(np.clip(x * np.float32(255), 0, 255)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("protocol", ["fqgan", "eq_tokenizer"])
+def test_signed_tokenizers_are_scored_by_their_protocol(tok_config, tmp_path,
+                                                        protocol):
+  """[-1, 1] tokenizers. FQGAN (reconstruction_vq_ddp.py): PSNR / SSIM of the
+  reconstruction's bytes / 255 against the [0, 1] original with skimage (SSIM
+  with data_range=2), rFID of both sides' bytes (val_ddp.py writes the
+  originals' the same way) with the TF-style Inception resize. Equivariant:
+  its sampler's rounded bytes for rFID, float PSNR / Gaussian SSIM."""
   from skimage.metrics import peak_signal_noise_ratio, structural_similarity
   from genvis_jax.data import DemoSource
   config, _, resizes = tok_config
-  config.evaluate.update(dict(protocol="fqgan", batch_size=4))
+  config.model.signed = True
+  config.evaluate.update(dict(protocol=protocol, batch_size=4))
   res = tokenizer.evaluate(config, str(tmp_path))
   src = DemoSource("validation", num_examples=20)
-  x = np.stack([src[i]["image"] for i in range(13)]).astype(np.float32) / 255
-  _, y = _numpy_tokenizer(x)
-  restored = _official_llamagen_bytes(y.astype(np.float32)).astype(np.float32) / 255
-  psnr = [peak_signal_noise_ratio(a, b) for a, b in zip(restored, x)]
-  ssim = [structural_similarity(a, b, data_range=2.0, channel_axis=-1)
-          for a, b in zip(restored, x)]
-  assert res["protocol"] == "fqgan" and res["pixels"] == "uint8"
-  assert res["center_crop"] == "adm"
+  u = np.stack([src[i]["image"] for i in range(13)])
+  x01 = u.astype(np.float32) / np.float32(255)
+  x = (x01 - np.float32(0.5)) / np.float32(0.5)     # Normalize(0.5, 0.5)
+  _, y01 = _numpy_tokenizer(x01)
+  y = (2 * y01 - 1).astype(np.float32)
+  gt = (x + np.float32(1)) / np.float32(2)          # (rgb_gt + 1) / 2
+  if protocol == "fqgan":
+    to_bytes = _official_llamagen_bytes
+    restored = to_bytes(y).astype(np.float32) / 255
+    psnr = [peak_signal_noise_ratio(a, b) for a, b in zip(restored, gt)]
+    ssim = [structural_similarity(a, b, data_range=2.0, channel_axis=-1)
+            for a, b in zip(restored, gt)]
+    mse = np.mean(np.square(2 * restored - 1 - x))
+    float_psnr = np.mean(10 * np.log10(1 / np.mean(np.square(gt - y01),
+                                                   (1, 2, 3))))
+    assert abs(res["psnr"] - float_psnr) > 1e-3   # the bytes were scored
+  else:
+    to_bytes = _official_equivariant_bytes
+    psnr = 10 * np.log10(1 / np.mean(np.square(gt - y01), (1, 2, 3)))
+    ssim = _ssim_reference(gt, y01)
+    mse = np.mean(np.square(x - y))
+  assert res["protocol"] == protocol and res["center_crop"] == "adm"
+  assert res["scored"] == ("bytes" if protocol == "fqgan" else "float")
   assert res["psnr"] == pytest.approx(np.mean(psnr), rel=1e-5)
   assert res["ssim"] == pytest.approx(np.mean(ssim), abs=2e-5)
-  float_psnr = np.mean(10 * np.log10(1 / np.mean(np.square(x - y), (1, 2, 3))))
-  assert abs(res["psnr"] - float_psnr) > 1e-3   # bytes, not floats, were scored
-  fx = FakeExtractor(13)(_official_llamagen_bytes(x))["pool"]
-  fy = FakeExtractor(13)(_official_llamagen_bytes(y))["pool"]
+  assert res["mse"] == pytest.approx(mse, rel=1e-5)   # in [-1, 1] units
+  np.testing.assert_array_equal(to_bytes(x), u)      # originals: their bytes
+  fx = FakeExtractor(13)(to_bytes(x))["pool"]
+  fy = FakeExtractor(13)(to_bytes(y))["pool"]
   assert res["rfid"] == pytest.approx(
       _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
   assert res["rfid_preprocess"] == resizes[-1] == "adm_tf"
@@ -156,17 +192,12 @@ def test_fqgan_protocol_scores_bytes_as_llamagen_does(tok_config, tmp_path):
   assert resizes[-1] == "pytorch_fid" and res["center_crop"] == "torchvision"
 
 
-def test_each_tokenizer_has_its_official_protocol(tok_config, tmp_path):
-  config, _, resizes = tok_config
-  for name, uint8, crop, pixels in [
-      ("maskgit_vqgan", "round", "torchvision", "float"),
-      ("llamagen_vq", "llamagen", "adm", "uint8"),
-      ("fqgan", "llamagen", "adm", "uint8"),
-      ("eq_tokenizer", "round", "adm", "float")]:
-    config.model.name, config.evaluate.protocol = name, ""
-    got, proto = tokenizer.protocol(config)
-    assert (got, proto.uint8, proto.crop, proto.pixels, proto.inception) == (
-        name, uint8, crop, pixels, "adm_tf")
+def test_a_tokenizer_without_a_protocol_is_refused(tok_config, tmp_path):
+  config, _, _ = tok_config
+  from configs import eq_tokenizer, fqgan_dual_ds16, maskgit_vqgan, vq_ds16
+  for mod in (eq_tokenizer, fqgan_dual_ds16, maskgit_vqgan, vq_ds16):
+    config.model.name, config.evaluate.protocol = mod.get_config().model.name, ""
+    assert tokenizer.protocol(config)[0] == config.model.name
   config.model.name = "fake"
   with pytest.raises(UserError, match="config.evaluate.protocol"):
     tokenizer.evaluate(config, str(tmp_path))

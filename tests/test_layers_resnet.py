@@ -110,10 +110,10 @@ def _family_levels():
   from genvis_jax.models import llamagen_vq, maskgit_vqgan
   from genvis_jax.models.layers import resample
   return {
-      "maskgit": lambda **kw: maskgit_vqgan.level(64, 2, "down", **kw),
+      "maskgit": lambda **kw: maskgit_vqgan.level(64, 2, resample="down", **kw),
       "llamagen": lambda **kw: resnet.Level(
-          64, 2, attn=True, block_name="res", resample="down",
-          resampler=llamagen_vq.Downsample, **kw),
+          64, 2, attn=True, block_name="res",
+          resample=("downsample", llamagen_vq.Downsample), **kw),
       "eq": lambda **kw: resample.level(64, 2, attn=True, resample="up",
                                         factors=(2, 1), **kw),
   }
@@ -126,13 +126,16 @@ def _family_levels():
     ("eq", {"block_0", "attn_0", "block_1", "attn_1", "upsample"},
      (2, 16, 8, 64)),
 ])
-def test_each_familys_level_and_its_remat(family, names, out_shape):
+def test_one_level_serves_each_family_with_and_without_remat(family, names,
+                                                             out_shape):
   """One ``Level`` serves the three CNNs with their names and resamplers;
   under remat it gives the same values and gradients."""
   x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 8, 8, 32)),
                   jnp.float32)
   make = _family_levels()[family]
   plain, remat = make(), make(remat="full")
+  assert plain == make()   # equal settings, equal (hashable) modules
+  hash(plain)
   p = _randomize(plain.init(jax.random.key(0), x)["params"], 7)
   assert set(p) == names
   y, pre = plain.apply({"params": p}, x)
@@ -147,13 +150,11 @@ def test_each_familys_level_and_its_remat(family, names, out_shape):
                                                        atol=1e-4), g0, g1)
 
 
-def test_level_needs_resample_and_resampler_together():
-  x = jnp.zeros((1, 4, 4, 32))
-  with pytest.raises(ConfigError, match="needs a resampler"):
-    resnet.Level(32, 1, resample="down").init(jax.random.key(0), x)
-  with pytest.raises(ConfigError, match="needs a resampler"):
-    resnet.Level(32, 1, resample="sideways",
-                 resampler=resnet.Upsample).init(jax.random.key(0), x)
+def test_level_resample_is_a_name_and_a_module():
+  with pytest.raises(ValueError, match=r"None or \(name, module class\)"):
+    resnet.Level(32, 1, resample="down")
+  with pytest.raises(ValueError, match="name, module class"):
+    resnet.Level(32, 1, resample=(resnet.Upsample, "upsample"))
 
 
 # --- official names -> shared block names --------------------------------------

@@ -104,7 +104,7 @@ def _conv(x, k):
 
 def test_resnet_block_applies_shortcut_to_post_conv2_features():
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 32))
-  block = resnet.ResnetBlock(64, **dict(mv.RES_BLOCK))
+  block = resnet.ResnetBlock(64, **mv.RES_BLOCK)
   p = nn.unbox(block.init(jax.random.key(1), x)["params"])
   assert p["shortcut"]["kernel"].shape == (1, 1, 64, 64)
   # Random norm affines so they are exercised too.
@@ -119,7 +119,7 @@ def test_resnet_block_applies_shortcut_to_post_conv2_features():
   want = h + _conv(h, p["shortcut"]["kernel"])
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
   # Same width: identity residual, no shortcut parameter.
-  same = resnet.ResnetBlock(32, **dict(mv.RES_BLOCK))
+  same = resnet.ResnetBlock(32, **mv.RES_BLOCK)
   ps = same.init(jax.random.key(3), x)["params"]
   assert "shortcut" not in ps
   h2 = same.apply({"params": ps}, x) - x

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -53,19 +54,22 @@ def _gaussian_window(size: int, sigma: float) -> np.ndarray:
 
 
 def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11,
-         sigma: float | None = 1.5, k1: float = 0.01, k2: float = 0.03,
-         sample_covariance: bool = False, data_range: float = 1.0) -> jax.Array:
+         gaussian: bool = True, sigma: float = 1.5, k1: float = 0.01,
+         k2: float = 0.03, sample_covariance: bool = False,
+         data_range: float = 1.0) -> jax.Array:
   """Per-image SSIM (Wang et al. 2004), (B, H, W, C) pair -> (B,).
 
-  Images are first mapped from ``value_range`` to [0, 1]. The defaults,
-  a Gaussian ``window`` x ``window`` window (sigma 1.5), "valid" filtering (no
-  padded borders), constants (k1 L)^2, (k2 L)^2 with L = ``data_range`` = 1,
-  mean over positions and channels, are tf.image.ssim and skimage's
-  ``structural_similarity(..., data_range=1, gaussian_weights=True, sigma=1.5,
-  use_sample_covariance=False)``. ``sigma=None`` takes the plain mean over the
-  window and ``sample_covariance`` scales the (co)variances by N / (N - 1),
-  N = window^2: with ``window=7`` these are skimage's defaults, which
-  LlamaGen's evaluation calls with ``data_range=2.0`` on [0, 1] images.
+  Images are first mapped from ``value_range`` to [0, 1]; ``data_range`` is
+  the L of the constants (k1 L)^2, (k2 L)^2 for those [0, 1] images (so
+  skimage's ``data_range`` on [0, 1] images, whatever ``value_range`` is).
+  The defaults, a Gaussian ``window`` x ``window`` window (sigma 1.5), "valid"
+  filtering (no padded borders), L = 1, mean over positions and channels,
+  are tf.image.ssim and skimage's ``structural_similarity(..., data_range=1,
+  gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``.
+  ``gaussian=False`` takes the plain mean over the window and
+  ``sample_covariance`` scales the (co)variances by N / (N - 1), N =
+  window^2: with ``window=7`` these are skimage's defaults, which LlamaGen's
+  evaluation calls with ``data_range=2.0`` on [0, 1] images.
   """
   # SSIM's luminance term is not shift-invariant: measure on [0, 1] images
   # whatever the model's range, so (0, 1) and (-1, 1) tokenizers compare.
@@ -79,7 +83,7 @@ def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11,
     raise ValueError(f"SSIM window {window} is larger than the images "
                      f"{x.shape[1:3]}; use a smaller window.")
   h, w = x.shape[1:3]
-  g = jnp.asarray(_gaussian_window(window, sigma) if sigma is not None
+  g = jnp.asarray(_gaussian_window(window, sigma) if gaussian
                   else np.full(window, 1.0 / window, np.float32))
   hp = jax.lax.Precision.HIGHEST
 
@@ -139,33 +143,40 @@ def _rfid_extractor(inception_path: str, batch_size: int, preprocess: str):
                                           preprocess=preprocess)
 
 
+SCORED = ("float", "bytes")
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """How one tokenizer family's official code evaluates reconstructions.
 
-  uint8: ``sample.images.to_uint8`` method that makes the bytes rFID measures
-    (originals and reconstructions alike) and the grid shows.
+  to_uint8: the ``sample.images.to_uint8`` method that makes the bytes rFID
+    measures (originals and reconstructions alike) and the grid shows.
   crop: how the eval images are centre-cropped (``data.transforms
     .CENTER_CROPS``; ``config.data.center_crop`` overrides it).
-  pixels: "float": PSNR / SSIM / MSE of the float reconstruction;
-    "uint8": of its bytes (as the official code scores them).
+  scored: what PSNR / SSIM / MSE compare with the original: the "float"
+    reconstruction or its "bytes" (as LlamaGen's evaluation does).
   ssim: keyword arguments of ``ssim`` (its recipe).
   inception: the Inception resize of rFID ("adm_tf": TF1's bilinear, as
     ADM's evaluator and torch-fidelity do; "pytorch_fid").
   source: the official code this follows.
   """
-  uint8: str
+  to_uint8: str
   crop: str = "adm"
-  pixels: str = "float"
-  ssim: tuple = ()
+  scored: str = "float"
+  ssim: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   inception: str = "adm_tf"
   source: str = ""
 
+  def __post_init__(self):
+    if self.scored not in SCORED:
+      raise ValueError(f"Protocol.scored={self.scored!r}; one of {SCORED}.")
+
 
 _LLAMAGEN = Protocol(
-    "llamagen", pixels="uint8",
-    ssim=(("window", 7), ("sigma", None), ("sample_covariance", True),
-          ("data_range", 2.0)),
+    "llamagen", scored="bytes",
+    ssim=dict(window=7, gaussian=False, sample_covariance=True,
+              data_range=2.0),
     source="LlamaGen tokenizer/tokenizer_image/reconstruction_vq_ddp.py "
            "(FQGAN tokenizer/reconstruction_vq_ddp_{dual,triple}.py): "
            "clamp(127.5 x + 128) bytes; skimage PSNR and SSIM(data_range=2) "
@@ -173,12 +184,15 @@ _LLAMAGEN = Protocol(
 
 # Tokenizer model name -> its official evaluation.
 PROTOCOLS = {
+    # Its evaluator truncates (x * 255).to(uint8) of round(x * 255) / 255
+    # reconstructions and of originals on the byte grid: both exact, so the
+    # bytes are the rounded ones. It has no PSNR / SSIM; ours score floats.
     "maskgit_vqgan": Protocol(
         "round", crop="torchvision",
         source="1d-tokenizer utils/train_utils.py eval_reconstruction, "
                "evaluator/ and data/webdataset_reader.py: Resize + "
                "CenterCrop, round(clamp(x, 0, 1) * 255) bytes, rFID with "
-               "torch-fidelity's InceptionV3 (no PSNR / SSIM there)"),
+               "torch-fidelity's InceptionV3"),
     "llamagen_vq": _LLAMAGEN,
     "fqgan": _LLAMAGEN,
     # No official tokenizer evaluation: its sampler's bytes
@@ -264,9 +278,9 @@ def evaluate(config, workdir: str) -> dict:
     rec = model.apply({"params": p}, codes, method="decode")
     return rec.astype(jnp.float32), codes
 
-  ssim_fn = jax.jit(lambda a, b: ssim(a, b, **dict(proto.ssim)))
+  ssim_fn = jax.jit(lambda a, b: ssim(a, b, **proto.ssim))
   to_bytes = functools.partial(images_lib.to_uint8, value_range=value_range,
-                               method=proto.uint8)
+                               method=proto.to_uint8)
   lpips_fn = _lpips_fn(ev.lpips_path, value_range) if ev.get("lpips_path") else None
   preprocess = _rfid_preprocess(ev, proto)
   extractor = (_rfid_extractor(ev.inception, batch_size, preprocess)
@@ -283,7 +297,7 @@ def evaluate(config, workdir: str) -> dict:
     x_bytes, y_bytes = to_bytes(images[:k]), to_bytes(rec[:k])
     # PSNR / SSIM / MSE on [0, 1] images: the float reconstruction or its bytes.
     x01 = _to_unit(images, value_range)
-    y01 = _to_unit(y_bytes if proto.pixels == "uint8" else rec[:k], value_range)
+    y01 = _to_unit(y_bytes if proto.scored == "bytes" else rec[:k], value_range)
     sums["psnr"] += float(np.sum(psnr(x01[:k], y01), dtype=np.float64))
     y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
     sums["ssim"] += float(np.sum(np.asarray(ssim_fn(x01, y01))[mask],
@@ -317,13 +331,13 @@ def evaluate(config, workdir: str) -> dict:
   results = {
       "psnr": sums["psnr"] / n,
       "ssim": sums["ssim"] / n,
-      # In the tokenizer's value range, as its training loss sees it.
+      # In the tokenizer's value range, of what PSNR / SSIM scored.
       "mse": sums["sq"] * (hi - lo) ** 2 / (n * int(np.prod(images.shape[1:]))),
       "num_images": int(n),
       "dtype": str(model_config.get("dtype", "")),
       "protocol": proto_name,
       "center_crop": data.center_crop,
-      "pixels": proto.pixels,
+      "scored": proto.scored,
   }
   num_codes = config.model.get("num_codes", None)
   if num_codes and discrete:

@@ -52,7 +52,10 @@ class Downsample(nn.Module):
                   strides=2, padding="VALID")(x)
 
 
-_UPSAMPLE = functools.partial(resnet.Upsample, "torch")
+# The levels' resamplers: (submodule name, module).
+_DOWNSAMPLE = ("downsample", Downsample)
+_UPSAMPLE = ("upsample", functools.partial(resnet.Upsample, "torch"))
+
 
 class CNNBase(nn.Module):
   """Shared hyper-parameters and the mid stack (``mid_0`` res, ``mid_1`` attn,
@@ -87,8 +90,7 @@ class CNNBase(nn.Module):
       last = i == n - 1
       x = resnet.Level(self.hidden_channels * mult, self.num_res_blocks,
                        attn=last, block_name="res",
-                       resample=None if last else "down",
-                       resampler=None if last else Downsample,
+                       resample=None if last else _DOWNSAMPLE,
                        dropout=self.dropout, remat=self.remat,
                        name=f"conv_blocks_{i}", **self._kw)(x, train)[0]
     return self._mid(x, train)
@@ -122,8 +124,7 @@ class Decoder(CNNBase):
     for idx, level in enumerate(reversed(range(n))):
       x = resnet.Level(self.hidden_channels * self.channel_mult[level],
                        self.num_res_blocks, attn=idx == 0, block_name="res",
-                       resample="up" if level else None,
-                       resampler=_UPSAMPLE if level else None,
+                       resample=_UPSAMPLE if level else None,
                        dropout=self.dropout, remat=self.remat,
                        name=f"conv_blocks_{idx}", **self._kw)(x, train)[0]
     x = nn.swish(layers.group_norm(name="norm_out", **self._kw)(x))

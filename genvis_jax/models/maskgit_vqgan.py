@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from flax.core import FrozenDict
 import jax.numpy as jnp
 
 from genvis_jax import models
@@ -40,7 +41,7 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
 
 # MaskGIT's block quirks: TF SAME padding, bias-free convs, and the 1x1
 # shortcut applied to the post-conv2 features (needed for checkpoint parity).
-RES_BLOCK = (("padding", "same"), ("use_bias", False), ("shortcut_from", "output"))
+RES_BLOCK = FrozenDict(padding="same", use_bias=False, shortcut_from="output")
 
 
 def res_blocks(x, train: bool, *, count: int, out_channels: int, dropout: float,
@@ -49,8 +50,8 @@ def res_blocks(x, train: bool, *, count: int, out_channels: int, dropout: float,
   inside a compact method. (B, H, W, C) -> (B, H, W, out_channels)."""
   block = resnet.remat_block(resnet.ResnetBlock, remat)
   for j in range(count):
-    x = block(out_channels, dropout, **dict(RES_BLOCK), name=f"{prefix}{j}",
-              **kw)(x, train)
+    x = block(out_channels, dropout, **RES_BLOCK, name=f"{prefix}{j}", **kw)(
+        x, train)
   return x
 
 
@@ -63,15 +64,18 @@ class AvgPool(nn.Module):
     return avg_pool_2x2(x)
 
 
-_UPSAMPLE = functools.partial(resnet.Upsample, "same")
+# The levels' resamplers: (submodule name, module).
+RESAMPLERS = {"down": ("downsample", AvgPool),
+              "up": ("upsample", functools.partial(resnet.Upsample, "same"))}
 
 
-def level(out_channels: int, num_blocks: int, resample: str | None, **kw):
-  """A MaskGIT level: res blocks ``block_{j}``, then ``upsample`` (nearest x2
-  + conv3x3) or the average pool."""
-  resampler = {"down": AvgPool, "up": _UPSAMPLE, None: None}[resample]
+def level(out_channels: int, num_blocks: int, *, resample: str | None = None,
+          **kw) -> resnet.Level:
+  """A MaskGIT level: res blocks ``block_{j}``, then (``resample`` "up")
+  ``upsample`` (nearest x2 + conv3x3) or ("down") the average pool; ``kw``:
+  the remaining ``resnet.Level`` fields."""
   return resnet.Level(out_channels, num_blocks, block=RES_BLOCK,
-                      resample=resample, resampler=resampler, **kw)
+                      resample=RESAMPLERS.get(resample), **kw)
 
 
 class Encoder(nn.Module):
@@ -93,8 +97,9 @@ class Encoder(nn.Module):
     levels = len(self.channel_mult)
     for i, mult in enumerate(self.channel_mult):
       x = level(self.hidden_channels * mult, self.num_res_blocks,
-                "down" if i != levels - 1 else None, dropout=self.dropout,
-                remat=self.remat, name=f"down_{i}", **kw)(x, train)[0]
+                resample="down" if i != levels - 1 else None,
+                dropout=self.dropout, remat=self.remat, name=f"down_{i}",
+                **kw)(x, train)[0]
     x = res_blocks(x, train, count=self.num_res_blocks,
                    out_channels=self.hidden_channels * self.channel_mult[-1],
                    dropout=self.dropout, remat=self.remat, prefix="mid_", kw=kw)
@@ -122,8 +127,9 @@ class Decoder(nn.Module):
                    dropout=self.dropout, remat=self.remat, prefix="mid_", kw=kw)
     for i in reversed(range(len(self.channel_mult))):
       x = level(self.hidden_channels * self.channel_mult[i],
-                self.num_res_blocks, "up" if i else None, dropout=self.dropout,
-                remat=self.remat, name=f"up_{i}", **kw)(x, train)[0]
+                self.num_res_blocks, resample="up" if i else None,
+                dropout=self.dropout, remat=self.remat, name=f"up_{i}",
+                **kw)(x, train)[0]
     x = nn.silu(layers.group_norm(name="norm_out", **kw)(x))
     return layers.conv(self.out_channels, 3, name="conv_out", **kw)(x)
 

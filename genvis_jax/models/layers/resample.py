@@ -7,8 +7,7 @@ average of its input (``DownsampleResidual``); it doubles it with a conv to
 C*f channels then pixel-shuffle, plus the nearest-neighbour upsample
 (``UpsampleResidual``). Factors may differ per axis ((2, 1) halves rows only).
 ``level`` (a ``resnet.Level``) / ``Mid`` stack the shared ``resnet`` blocks
-around them; ``conv1d``
-is the reflect-padded Conv1d over a token sequence.
+around them; ``conv1d`` is the reflect-padded Conv1d over a token sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from genvis_jax.models import layers
 from genvis_jax.models.layers import resnet
@@ -119,20 +119,27 @@ class UpsampleResidual(nn.Module):
     return res + pixel_shuffle(jnp.repeat(x, g, axis=-1), self.factors)
 
 
-REFLECT = (("padding", "reflect"),)   # the ResnetBlock option of this CNN
+REFLECT = FrozenDict(padding="reflect")   # the ResnetBlock option of this CNN
+
+
+@functools.lru_cache(maxsize=None)
+def _shuffle(resample: str, factors: tuple[int, int]):
+  """(submodule name, module) of a pixel-(un)shuffle resampler; cached so
+  equal levels hold the same resampler object."""
+  cls = {"down": DownsampleResidual, "up": UpsampleResidual}[resample]
+  return f"{resample}sample", functools.partial(cls, tuple(factors))
 
 
 def level(out_channels: int, num_blocks: int, *, attn: bool,
           resample: str | None = None, factors: tuple[int, int] = (2, 2),
           **kw) -> resnet.Level:
   """An Equivariant level: reflect-padded res blocks ``block_{j}`` (+
-  ``attn_{j}``), then ``DownsampleResidual`` / ``UpsampleResidual`` by
-  ``factors``; ``kw``: the remaining ``resnet.Level`` fields."""
-  shuffle = {"down": DownsampleResidual, "up": UpsampleResidual}.get(resample)
+  ``attn_{j}``), then (``resample`` "down" / "up") ``DownsampleResidual`` /
+  ``UpsampleResidual`` by ``factors``; ``kw``: the remaining
+  ``resnet.Level`` fields."""
   return resnet.Level(
       out_channels, num_blocks, attn=attn, block=REFLECT,
-      resample=resample,
-      resampler=functools.partial(shuffle, factors) if shuffle else None, **kw)
+      resample=_shuffle(resample, tuple(factors)) if resample else None, **kw)
 
 
 class Mid(nn.Module):

@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.core import FrozenDict
 import jax.numpy as jnp
 
 from genvis_jax.errors import ConfigError
@@ -156,7 +157,7 @@ def remat_block(cls, remat: str):
   return layers.maybe_remat(cls, remat, static_argnums=(2,))
 
 
-def mid_stack(x: jax.Array, train: bool, *, block: tuple = (),
+def mid_stack(x: jax.Array, train: bool, *, block=FrozenDict(),
               names=("mid_0", "mid_1", "mid_2"), dropout: float = 0.0,
               remat: str = "none", dtype=jnp.float32,
               param_dtype=jnp.float32) -> jax.Array:
@@ -167,60 +168,59 @@ def mid_stack(x: jax.Array, train: bool, *, block: tuple = (),
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   res = remat_block(ResnetBlock, remat)
   c = x.shape[-1]
-  x = res(c, dropout, **dict(block), name=names[0], **kw)(x, train)
+  x = res(c, dropout, **block, name=names[0], **kw)(x, train)
   x = remat_block(AttnBlock, remat)(name=names[1], **kw)(x, train)
-  return res(c, dropout, **dict(block), name=names[2], **kw)(x, train)
-
-
-RESAMPLE = (None, "down", "up")
+  return res(c, dropout, **block, name=names[2], **kw)(x, train)
 
 
 class Level(nn.Module):
   """One resolution level of the tokenizers' CNNs: ``num_blocks`` x
   (``ResnetBlock`` ``{block_name}_{j}``, then ``AttnBlock`` ``attn_{j}`` when
-  ``attn``), then the resampler ``downsample`` / ``upsample``.
+  ``attn``), then the optional resampler.
 
   ``__call__(x, train=False)`` -> (output, features before the resampler):
   (B, H, W, C) -> (B, H', W', out_channels) and (B, H, W, out_channels).
 
   Fields:
-    block: ``ResnetBlock`` options as (name, value) pairs (MaskGIT:
-      ``(("padding", "same"), ("use_bias", False), ("shortcut_from",
-      "output"))``; Equivariant: ``(("padding", "reflect"),)``).
+    block: ``ResnetBlock`` options (MaskGIT: ``padding="same",
+      use_bias=False, shortcut_from="output"``; Equivariant:
+      ``padding="reflect"``; LlamaGen: the defaults).
     block_name: the res blocks' name prefix ("block"; LlamaGen's is "res").
-    resample: None, "down" or "up": names the resampler submodule.
-    resampler: a module class (or partial) taking ``name``, ``dtype`` and
-      ``param_dtype``, called on (B, H, W, C): each family's own (MaskGIT's
-      average pool, LlamaGen's strided conv, the Equivariant pixel shuffles).
-  Raises ConfigError when ``resample`` and ``resampler`` do not come together.
+    resample: None, or (submodule name, module class or partial taking
+      ``name``, ``dtype`` and ``param_dtype``): each family's own resampler
+      (MaskGIT's average pool, LlamaGen's strided conv, the Equivariant pixel
+      shuffles), e.g. ``("downsample", Downsample)``.
   """
   out_channels: int
   num_blocks: int
   attn: bool = False
-  block: tuple = ()
+  block: FrozenDict = FrozenDict()
   block_name: str = "block"
-  resample: str | None = None
-  resampler: Any = None
+  resample: tuple[str, Any] | None = None
   dropout: float = 0.0
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def __post_init__(self):
+    if self.resample is not None and not (
+        len(self.resample) == 2 and isinstance(self.resample[0], str)
+        and callable(self.resample[1])):
+      raise ValueError(f"Level.resample is None or (name, module class); got "
+                       f"{self.resample!r}.")
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
-    if self.resample not in RESAMPLE or (self.resample is None) != (
-        self.resampler is None):
-      raise ConfigError(f"Level.resample={self.resample!r} needs a resampler "
-                        f"and is one of {RESAMPLE}; got resampler "
-                        f"{self.resampler!r}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     res = remat_block(ResnetBlock, self.remat)
     attn = remat_block(AttnBlock, self.remat)
     for j in range(self.num_blocks):
-      x = res(self.out_channels, self.dropout, **dict(self.block),
+      x = res(self.out_channels, self.dropout, **self.block,
               name=f"{self.block_name}_{j}", **kw)(x, train)
       if self.attn:
         x = attn(name=f"attn_{j}", **kw)(x, train)
     if self.resample is None:
       return x, x
-    return self.resampler(name=f"{self.resample}sample", **kw)(x), x
+    name, resampler = self.resample
+    return resampler(name=name, **kw)(x), x
