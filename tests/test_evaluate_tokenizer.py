@@ -74,10 +74,20 @@ def tok_config(monkeypatch):
       jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))))
   monkeypatch.setattr(tokenizer.convert_inception, "load_inception_params",
                       lambda path: {})
-  resizes = []   # the preprocess each extractor was built with
+  import types
+  from genvis_jax.data import transforms
+  # The Inception resize each extractor was built with, the centre crop each
+  # image went through.
+  seen = types.SimpleNamespace(resizes=[], crops=[])
+
+  def spy(method):
+    crop = transforms.CENTER_CROPS[method]
+    return lambda *a: (seen.crops.append(method), crop(*a))[1]
+  for m in list(transforms.CENTER_CROPS):
+    monkeypatch.setitem(transforms.CENTER_CROPS, m, spy(m))
 
   def extractor(params, batch_size, preprocess):
-    resizes.append(preprocess)
+    seen.resizes.append(preprocess)
     return FakeExtractor(batch_size)
   monkeypatch.setattr(tokenizer.inception_lib, "InceptionExtractor", extractor)
   c = base.get_config()
@@ -91,14 +101,14 @@ def tok_config(monkeypatch):
   c.evaluate.update(dict(kind="tokenizer", checkpoint="/ckpt", num_images=13,
                          lpips_path="/lpips.npz", inception="/inception",
                          protocol="maskgit_vqgan"))
-  return c, built, resizes
+  return c, built, seen
 
 
 @pytest.mark.parametrize("batch", [4, 13])
 def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   from genvis_jax.data import DemoSource
   from genvis_jax.core import metrics as metrics_lib
-  config, built, resizes = tok_config
+  config, built, seen = tok_config
   config.evaluate.batch_size = batch
   res = tokenizer.evaluate(config, str(tmp_path))
   # The tokenizer computed in float32 although config.model says bfloat16.
@@ -121,7 +131,8 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   assert res["rfid"] == pytest.approx(
       _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
   assert res["protocol"] == "maskgit_vqgan" and res["center_crop"] == "torchvision"
-  assert res["rfid_preprocess"] == resizes[-1] == "adm_tf"
+  assert len(seen.crops) >= 13 and set(seen.crops) == {"torchvision"}
+  assert res["rfid_preprocess"] == seen.resizes[-1] == "adm_tf"
   assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 13
   assert (tmp_path / "reconstructions.png").exists()
 
@@ -148,7 +159,7 @@ def test_signed_tokenizers_are_scored_by_their_protocol(tok_config, tmp_path,
   its sampler's rounded bytes for rFID, float PSNR / Gaussian SSIM."""
   from skimage.metrics import peak_signal_noise_ratio, structural_similarity
   from genvis_jax.data import DemoSource
-  config, _, resizes = tok_config
+  config, _, seen = tok_config
   config.model.signed = True
   config.evaluate.update(dict(protocol=protocol, batch_size=4))
   res = tokenizer.evaluate(config, str(tmp_path))
@@ -184,27 +195,36 @@ def test_signed_tokenizers_are_scored_by_their_protocol(tok_config, tmp_path,
   fy = FakeExtractor(13)(to_bytes(y))["pool"]
   assert res["rfid"] == pytest.approx(
       _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
-  assert res["rfid_preprocess"] == resizes[-1] == "adm_tf"
+  assert res["rfid_preprocess"] == seen.resizes[-1] == "adm_tf"
+  assert set(seen.crops) == {"adm"}
   # An explicit resize or crop wins over the protocol's.
   config.evaluate.preprocess = "pytorch_fid"
   config.data.center_crop = "torchvision"
+  seen.crops.clear()
   res = tokenizer.evaluate(config, str(tmp_path))
-  assert resizes[-1] == "pytorch_fid" and res["center_crop"] == "torchvision"
+  assert seen.resizes[-1] == "pytorch_fid" and res["center_crop"] == "torchvision"
+  assert set(seen.crops) == {"torchvision"}
 
 
-def test_a_tokenizer_without_a_protocol_is_refused(tok_config, tmp_path):
+def test_each_paper_tokenizer_has_its_protocol(tok_config, tmp_path):
   config, _, _ = tok_config
   from configs import eq_tokenizer, fqgan_dual_ds16, maskgit_vqgan, vq_ds16
+  want = {"maskgit_vqgan": ("round", "torchvision", "float"),
+          "llamagen_vq": ("llamagen", "adm", "bytes"),
+          "fqgan": ("llamagen", "adm", "bytes"),
+          "eq_tokenizer": ("round", "adm", "float")}
   for mod in (eq_tokenizer, fqgan_dual_ds16, maskgit_vqgan, vq_ds16):
     config.model.name, config.evaluate.protocol = mod.get_config().model.name, ""
-    assert tokenizer.protocol(config)[0] == config.model.name
+    name, p = tokenizer.protocol(config)
+    assert name == config.model.name
+    assert (p.to_uint8, p.crop, p.scored, p.inception) == (*want[name], "adm_tf")
   config.model.name = "fake"
   with pytest.raises(UserError, match="config.evaluate.protocol"):
     tokenizer.evaluate(config, str(tmp_path))
 
 
 def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path):
-  config, _, resizes = tok_config
+  config, _, seen = tok_config
   config.evaluate.update(dict(num_images=21, batch_size=4))
   with pytest.raises(batching.NotEnoughImages,
                      match=r"has 20 images but 21 .*config\.evaluate\.num_images"):
@@ -215,7 +235,7 @@ def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path)
 
 def test_tokenizer_eval_of_all_images_skips_unreadable_files(tok_config, tmp_path):
   from PIL import Image
-  config, _, resizes = tok_config
+  config, _, seen = tok_config
   root = tmp_path / "imgs" / "a"
   root.mkdir(parents=True)
   rng = np.random.default_rng(0)

@@ -120,32 +120,49 @@ def test_ten_crop_geometry_matches_official_recipe(photo_folder, size):
                                     err_msg=f"{name} crop {j} at {size}")
 
 
+# (width, height) for the eval crops: landscape, portrait, square, a portrait
+# neither resizes at 256, 397 x 333 whose centre offset 24.5 rounds to even
+# (24, as ADM's floor; half-up would give 25), and 307 x 256 whose 25.5
+# rounds to 26 where ADM floors to 25.
+CROP_SIZES = ((400, 333), (333, 400), (300, 300), (256, 300), (397, 333),
+              (307, 256))
+
+
 @pytest.mark.parametrize("method,official", [
     ("adm", adm_center_crop_arr), ("torchvision", torchvision_resize_center_crop)])
-def test_eval_center_crops_match_official_recipes(photo_folder, method,
-                                                  official):
+def test_eval_center_crops_match_official_recipes(tmp_path, method, official):
   """The eval pipeline's centre crop (``config.data.center_crop``): ADM's
   (LlamaGen / FQGAN evaluations) or torchvision's (1d-tokenizer's), from the
   decoded files to the float batch."""
   from genvis_jax import data as data_lib
-  c = _pretokenize_config(photo_folder, 256).data
+  (tmp_path / "a").mkdir()
+  rng = np.random.default_rng(1)
+  for i, (w, h) in enumerate(CROP_SIZES):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+        tmp_path / "a" / f"{i}.png")
+  c = _pretokenize_config(tmp_path, 256).data
   c.update(dict(center_crop=method, random_crop=False, random_flip=False))
-  it, _ = data_lib.create_dataset(c, split="train", global_batch_size=3,
+  it, _ = data_lib.create_dataset(c, split="train", global_batch_size=6,
                                   seed=0, train=False, drop_remainder=False)
   got = np.round(np.asarray(next(it)["image"]) * 255.0).astype(np.uint8)
-  files = sorted(os.listdir(photo_folder / "a"))
-  differ = 0
-  for i, name in enumerate(files):
-    with Image.open(photo_folder / "a" / name) as pil:
+  differ = []
+  for i in range(len(CROP_SIZES)):
+    with Image.open(tmp_path / "a" / f"{i}.png") as pil:
       pil = pil.convert("RGB")
-      np.testing.assert_array_equal(got[i], official(pil, 256), err_msg=name)
-      differ += not np.array_equal(adm_center_crop_arr(pil, 256),
-                                   torchvision_resize_center_crop(pil, 256))
-  assert differ == len(files)   # the two recipes give other pixels
+      np.testing.assert_array_equal(got[i], official(pil, 256),
+                                    err_msg=str(CROP_SIZES[i]))
+      differ.append(not np.array_equal(adm_center_crop_arr(pil, 256),
+                                       torchvision_resize_center_crop(pil, 256)))
+  # The recipes differ where they resize or place the crop differently.
+  assert differ == [True, True, False, False, False, True]
   c.center_crop = "bicubic"
-  with pytest.raises(UserError, match="config.data.center_crop"):
+  with pytest.raises(UserError, match="config.data.center_crop='bicubic'"):
     data_lib.create_dataset(c, split="train", global_batch_size=3, seed=0,
                             train=False)
+  c.update(dict(center_crop="torchvision", image_width=300))
+  with pytest.raises(UserError, match="for square images"):
+    data_lib.create_dataset(c, split="train", global_batch_size=3, seed=0,
+                            train=False, setting="config.pretokenize.data")
 
 
 def test_pipeline_floats_are_torchvision_totensor_normalize():

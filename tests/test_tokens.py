@@ -433,5 +433,7 @@ def test_a_data_setting_added_later_keeps_older_records_matching():
   with c.pretokenize.data.unlocked():
     del c.pretokenize.data["center_crop"]
   assert pretokenize.output_settings(c) == now   # as recorded before the key
+  c.pretokenize.data.center_crop = "adm"      # what "" means: the same record
+  assert pretokenize.output_settings(c) == now
   c.pretokenize.data.center_crop = "torchvision"
   assert pretokenize.output_settings(c)["data"]["center_crop"] == "torchvision"

@@ -259,8 +259,9 @@ def _process_index_count(process_index, process_count):
   return process_index, process_count
 
 
-def _image_transforms(ds, data_config, train, aug_seeds):
-  """Crop / flip; skip markers of unreadable files pass through untouched."""
+def _image_transforms(ds, data_config, train, aug_seeds, setting):
+  """Crop / flip; skip markers of unreadable files pass through untouched.
+  ``setting``: the config section ``data_config`` is, for the messages."""
   size = data_config.image_size
   width = data_config.get("image_width", 0) or size
   if train and data_config.random_crop:
@@ -268,7 +269,8 @@ def _image_transforms(ds, data_config, train, aug_seeds):
     ds = ds.random_map(_PassSkippedRandom(crop), seed=aug_seeds[0])
   else:
     method = data_config.get("center_crop", "") or "adm"
-    ds = ds.map(_PassSkipped(transforms.CenterCrop(size, width, method)))
+    ds = ds.map(_PassSkipped(transforms.CenterCrop(
+        size, width, method, setting=f"{setting}.center_crop")))
   if train and data_config.random_flip:
     ds = ds.random_map(_PassSkippedRandom(transforms.RandomFlip()),
                        seed=aug_seeds[1])
@@ -333,7 +335,8 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
     if data_config.source == "image_folder":
       ds = ds.map(transforms.DecodeImage())
     aug_seeds = np.random.SeedSequence([seed, pi]).generate_state(2)
-    ds = _image_transforms(ds, data_config, train, [int(s) for s in aug_seeds])
+    ds = _image_transforms(ds, data_config, train, [int(s) for s in aug_seeds],
+                           setting)
 
   threads = data_config.get("read_threads", 16)
   prefetch = data_config.prefetch

@@ -151,10 +151,10 @@ def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
 
 # Data settings that change how fast records are read, not which.
 _READER_KEYS = ("read_threads", "num_workers", "prefetch")
-# Data settings added after token files were written, at the value those
-# files were made with: left out of the record at that value, so the older
-# files' records still match.
-_ADDED_DEFAULTS = {"center_crop": ""}
+# Data settings added after token files were written -> the values that
+# mean what those files were made with: left out of the record at those
+# values, so the older files' records still match.
+_ADDED_DEFAULTS = {"center_crop": ("", "adm")}
 
 
 def output_settings(config, checkpoint: str | None = None) -> dict:
@@ -162,7 +162,7 @@ def output_settings(config, checkpoint: str | None = None) -> dict:
   ``checkpoint`` (default ``config.tokenizer.checkpoint``) holds the weights."""
   p, tok = config.pretokenize, config.tokenizer
   data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS
-          and (k not in _ADDED_DEFAULTS or v != _ADDED_DEFAULTS[k])}
+          and v not in _ADDED_DEFAULTS.get(k, ())}
   keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
           "weights": weights_lib.params_source(
               tok.checkpoint if checkpoint is None else checkpoint),

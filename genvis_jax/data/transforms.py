@@ -188,11 +188,15 @@ class CenterCrop(grain.transforms.Map):
   """Centre crop to (size, width or size): ADM's (``method="adm"``) or
   torchvision's Resize + CenterCrop (``"torchvision"``)."""
 
-  def __init__(self, size: int, width: int | None = None, method: str = "adm"):
+  def __init__(self, size: int, width: int | None = None, method: str = "adm",
+               setting: str = "config.data.center_crop"):
     if method not in CENTER_CROPS:
-      raise ConfigError(f"Unknown centre crop {method!r} "
-                       f"(config.data.center_crop); use one of "
-                       f"{sorted(CENTER_CROPS)}.")
+      raise ConfigError(f"Unknown centre crop {setting}={method!r}; use one "
+                        f"of {sorted(CENTER_CROPS)}.")
+    if method == "torchvision" and (width or size) != size:
+      raise ConfigError(f"{setting}='torchvision' (Resize + CenterCrop) is "
+                        f"for square images; {size}x{width} images take "
+                        f"the 'adm' crop.")
     self.size, self.width = size, width or size
     self.crop = CENTER_CROPS[method]
 

@@ -326,8 +326,9 @@ def dataset_images(data_config, split: str, batch_size: int,
                    setting: str = "num_images"
                    ) -> tuple[int, Iterator[np.ndarray]]:
   """(count, iterator of uint8 (b <= batch_size, S, S, 3) batches) of exactly
-  the first ``num_images`` images of ``split`` in order (None / 0 = all), ADM
-  centre crop to ``data_config.image_size``. With "all", ``count`` is the
+  the first ``num_images`` images of ``split`` in order (None / 0 = all),
+  centre-cropped to ``data_config.image_size`` (``data_config.center_crop``,
+  ADM's by default). With "all", ``count`` is the
   split's size, and the iterator yields fewer where unreadable files are
   skipped (count what it yields).
 

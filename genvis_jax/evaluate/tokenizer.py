@@ -6,8 +6,9 @@ tokenizer in ``config.evaluate.dtype`` (float32 by default).
 
 Each tokenizer is measured the way its official code measures it
 (``PROTOCOLS``, chosen by ``config.model.name`` or ``config.evaluate.protocol``):
-which uint8 bytes rFID sees, which Inception resize it uses, and whether PSNR /
-SSIM look at the float reconstruction or at its bytes, with which SSIM recipe.
+how the eval images are centre-cropped, which uint8 bytes rFID sees, which
+Inception resize it uses, and whether PSNR / SSIM look at the float
+reconstruction or at its bytes, with which SSIM recipe.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax.core import FrozenDict
 
 from genvis_jax import data as data_lib
 from genvis_jax import errors
@@ -164,7 +165,7 @@ class Protocol:
   to_uint8: str
   crop: str = "adm"
   scored: str = "float"
-  ssim: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  ssim: FrozenDict = FrozenDict()
   inception: str = "adm_tf"
   source: str = ""
 
@@ -175,8 +176,8 @@ class Protocol:
 
 _LLAMAGEN = Protocol(
     "llamagen", scored="bytes",
-    ssim=dict(window=7, gaussian=False, sample_covariance=True,
-              data_range=2.0),
+    ssim=FrozenDict(window=7, gaussian=False, sample_covariance=True,
+                    data_range=2.0),
     source="LlamaGen tokenizer/tokenizer_image/reconstruction_vq_ddp.py "
            "(FQGAN tokenizer/reconstruction_vq_ddp_{dual,triple}.py): "
            "clamp(127.5 x + 128) bytes; skimage PSNR and SSIM(data_range=2) "
@@ -192,7 +193,9 @@ PROTOCOLS = {
         source="1d-tokenizer utils/train_utils.py eval_reconstruction, "
                "evaluator/ and data/webdataset_reader.py: Resize + "
                "CenterCrop, round(clamp(x, 0, 1) * 255) bytes, rFID with "
-               "torch-fidelity's InceptionV3"),
+               "torch-fidelity's InceptionV3. Its eval images are the JPEG "
+               "re-encodes data/convert_imagenet_to_wds.py writes; ours are "
+               "the files as they are"),
     "llamagen_vq": _LLAMAGEN,
     "fqgan": _LLAMAGEN,
     # No official tokenizer evaluation: its sampler's bytes
@@ -242,7 +245,8 @@ def evaluate(config, workdir: str) -> dict:
   "lpips" (of the float reconstructions); ``inception`` (FID Inception
   weights) adds "rfid"; ``protocol`` ("" = the tokenizer's own, see
   ``PROTOCOLS``) decides the bytes, resize and pixel metrics, and
-  ``preprocess`` ("auto" = the protocol's) overrides its Inception resize.
+  ``preprocess`` ("auto" = the protocol's) overrides its Inception resize,
+  ``config.data.center_crop`` ("" = the protocol's) its crop.
   Metrics are streamed (nothing of size num_images x image is kept).
 
   Raises ``batching.NotEnoughImages`` when the split has fewer images than
