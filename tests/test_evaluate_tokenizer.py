@@ -223,6 +223,34 @@ def test_each_paper_tokenizer_has_its_protocol(tok_config, tmp_path):
     tokenizer.evaluate(config, str(tmp_path))
 
 
+def test_bad_evaluation_settings_are_refused_up_front(tok_config, tmp_path,
+                                                     monkeypatch):
+  """Each message names the setting, before any weights load."""
+  config, built, seen = tok_config
+  loads = []
+  monkeypatch.setattr(tokenizer.models, "load_params",
+                      lambda *a, **k: loads.append(a) or {})
+  cases = [
+      (dict(protocol="FQGAN"), "config.evaluate.protocol='FQGAN' is not one of"),
+      (dict(preprocess="pytorch-fid"), "config.evaluate.preprocess='pytorch-fid'"),
+      (dict(batch_size=0), "config.evaluate.batch_size=0 must be positive"),
+  ]
+  for update, message in cases:
+    ev = config.evaluate.copy_and_resolve_references()
+    ev.update(update)
+    bad = config.copy_and_resolve_references()
+    bad.evaluate = ev
+    with pytest.raises(UserError, match=message):
+      tokenizer.evaluate(bad, str(tmp_path))
+  assert not seen.resizes and not loads   # no Inception built, no weights read
+  # A protocol whose crop the images cannot take says where the crop came
+  # from and which flag fixes it.
+  config.data.image_width = 64
+  with pytest.raises(UserError, match="maskgit_vqgan evaluation protocol's.*"
+                     "--config.data.center_crop=adm"):
+    tokenizer.evaluate(config, str(tmp_path))
+
+
 def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path):
   config, _, seen = tok_config
   config.evaluate.update(dict(num_images=21, batch_size=4))

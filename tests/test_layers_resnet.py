@@ -155,6 +155,12 @@ def test_level_resample_is_a_name_and_a_module():
     resnet.Level(32, 1, resample="down")
   with pytest.raises(ValueError, match="name, module class"):
     resnet.Level(32, 1, resample=(resnet.Upsample, "upsample"))
+  from genvis_jax.models import maskgit_vqgan
+  from genvis_jax.models.layers import resample
+  for make in (lambda: maskgit_vqgan.level(32, 1, resample="Down"),
+               lambda: resample.level(32, 1, attn=False, resample="Down")):
+    with pytest.raises(ValueError, match="use None, 'down' or 'up'"):
+      make()
 
 
 # --- official names -> shared block names --------------------------------------

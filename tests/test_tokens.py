@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from genvis_jax import data
+from genvis_jax import errors as errors_lib
 from genvis_jax.data import pretokenize, token_origin, tokens
 from tests.test_data import _data_config
 
@@ -437,3 +438,15 @@ def test_a_data_setting_added_later_keeps_older_records_matching():
   assert pretokenize.output_settings(c) == now
   c.pretokenize.data.center_crop = "torchvision"
   assert pretokenize.output_settings(c)["data"]["center_crop"] == "torchvision"
+
+
+def test_pretokenize_refuses_a_bad_crop_before_judging_existing_files(tmp_path):
+  """An unknown crop is the error, not "the file was written with other
+  settings" (whose advice, overwrite, would only lead to it)."""
+  from configs import demo
+  from genvis_jax.data import pretokenize
+  c = demo.pretokenize_config()
+  c.pretokenize.data.center_crop = "bogus"
+  with pytest.raises(errors_lib.ConfigError,
+                     match=r"'bogus' \(config.pretokenize.data.center_crop\)"):
+    pretokenize.pretokenize(c, str(tmp_path))

@@ -51,6 +51,7 @@ from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
 from genvis_jax.data import sources
 from genvis_jax.data import tokens as tokens_lib
+from genvis_jax.data import transforms
 from genvis_jax.models import inference
 
 
@@ -287,6 +288,10 @@ def pretokenize(config, workdir: str) -> dict:
         "generator reads images, or the config is not a generator's. "
         "Pre-tokenize with a RAR or FAR config.")
   p, tok = config.pretokenize, config.tokenizer
+  # A bad crop is refused before an existing file is judged by its record.
+  transforms.check_center_crop(
+      p.data.get("center_crop", "") or "adm", p.data.image_size,
+      p.data.get("image_width", 0), "config.pretokenize.data.center_crop")
   output = p.output or os.path.join(workdir, "tokens", p.split)
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"

@@ -184,19 +184,30 @@ class DecodeImage(grain.transforms.Map):
     return {"image": image, "label": np.int32(record["label"])}
 
 
+def check_center_crop(method: str, size: int, width: int | None = None,
+                      setting: str = "config.data.center_crop",
+                      origin: str = "") -> None:
+  """Raises ``ConfigError`` for an unknown centre crop, or the torchvision one
+  on non-square (size x width) images; the message names ``setting`` (the
+  flag that fixes it) and ``origin`` (where the value came from, default the
+  setting itself)."""
+  origin = origin or setting
+  if method not in CENTER_CROPS:
+    raise ConfigError(f"Unknown centre crop {method!r} ({origin}); use one "
+                      f"of {sorted(CENTER_CROPS)} (--{setting}).")
+  if method == "torchvision" and (width or size) != size:
+    raise ConfigError(f"The 'torchvision' centre crop ({origin}) is for "
+                      f"square images; {size}x{width} images take the 'adm' "
+                      f"one: pass --{setting}=adm.")
+
+
 class CenterCrop(grain.transforms.Map):
   """Centre crop to (size, width or size): ADM's (``method="adm"``) or
   torchvision's Resize + CenterCrop (``"torchvision"``)."""
 
   def __init__(self, size: int, width: int | None = None, method: str = "adm",
                setting: str = "config.data.center_crop"):
-    if method not in CENTER_CROPS:
-      raise ConfigError(f"Unknown centre crop {setting}={method!r}; use one "
-                        f"of {sorted(CENTER_CROPS)}.")
-    if method == "torchvision" and (width or size) != size:
-      raise ConfigError(f"{setting}='torchvision' (Resize + CenterCrop) is "
-                        f"for square images; {size}x{width} images take "
-                        f"the 'adm' crop.")
+    check_center_crop(method, size, width, setting)
     self.size, self.width = size, width or size
     self.crop = CENTER_CROPS[method]
 

@@ -34,6 +34,8 @@ from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import inception as inception_lib
+from genvis_jax.data import transforms
+from genvis_jax.models import inception as inception_model
 from genvis_jax.models import inference
 from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.sample import images as images_lib
@@ -209,20 +211,40 @@ PROTOCOLS = {
 def protocol(config) -> tuple[str, Protocol]:
   """(name, Protocol) of ``config.evaluate.protocol``, or ("" =) of
   ``config.model.name``. Raises ``errors.ConfigError`` for an unknown name."""
-  name = config.evaluate.get("protocol", "") or config.model.get("name", "")
+  chosen = config.evaluate.get("protocol", "")
+  name = chosen or config.model.get("name", "")
   if name not in PROTOCOLS:
-    raise errors.ConfigError(
-        f"No official evaluation protocol is known for tokenizer {name!r}; set "
-        f"--config.evaluate.protocol to the one it follows, one of "
-        f"{sorted(PROTOCOLS)}.")
+    what = (f"config.evaluate.protocol={chosen!r} is not one" if chosen else
+            f"No official evaluation protocol is known for tokenizer "
+            f"{name!r}; set --config.evaluate.protocol to the one it follows,")
+    raise errors.ConfigError(f"{what} of {sorted(PROTOCOLS)}.")
   return name, PROTOCOLS[name]
 
 
 def _rfid_preprocess(ev, proto: Protocol) -> str:
   """Both sides of rFID go through our network: "auto" takes the protocol's
-  resize."""
+  resize. Raises ``errors.ConfigError`` for an unknown one."""
   p = ev.get("preprocess", "auto") or "auto"
+  if p != "auto" and p not in inception_model.PREPROCESS:
+    raise errors.ConfigError(
+        f"config.evaluate.preprocess={p!r} is not an Inception resize; use "
+        f"'auto' (the protocol's, {proto.inception!r}) or one of "
+        f"{inception_model.PREPROCESS}.")
   return proto.inception if p == "auto" else p
+
+
+def _eval_data(config, name: str, proto: Protocol):
+  """``config.data`` with the protocol's centre crop unless one is set.
+  Raises ``errors.ConfigError`` for a crop the images cannot take, naming
+  where it came from."""
+  data = config.data.copy_and_resolve_references()
+  explicit = data.get("center_crop", "")
+  with data.unlocked():
+    data.center_crop = explicit or proto.crop
+  transforms.check_center_crop(
+      data.center_crop, data.image_size, data.get("image_width", 0),
+      origin="" if explicit else f"the {name} evaluation protocol's")
+  return data
 
 
 def _to_unit(images, value_range) -> np.ndarray:
@@ -258,13 +280,15 @@ def evaluate(config, workdir: str) -> dict:
   model_config = inference.with_compute_dtype(
       config.model, ev.get("dtype", "float32"), "config.evaluate.dtype")
   model = models.build(model_config)
+  batch_size = int(ev.batch_size)
+  if batch_size <= 0:
+    raise errors.ConfigError(f"config.evaluate.batch_size={ev.batch_size} "
+                             f"must be positive.")
+  preprocess = _rfid_preprocess(ev, proto)
+  data = _eval_data(config, proto_name, proto)
   params = jax.device_put(models.load_params(
       model_config, ev.checkpoint, setting="--config.evaluate.checkpoint"))
-  batch_size = int(ev.batch_size)
   split = config.data.eval_split
-  data = config.data.copy_and_resolve_references()
-  with data.unlocked():
-    data.center_crop = data.get("center_crop", "") or proto.crop
   # Every process evaluates the same first N images (process 0 of 1).
   it, info = data_lib.create_dataset(
       data, split=split, global_batch_size=batch_size, seed=0,
@@ -286,7 +310,6 @@ def evaluate(config, workdir: str) -> dict:
   to_bytes = functools.partial(images_lib.to_uint8, value_range=value_range,
                                method=proto.to_uint8)
   lpips_fn = _lpips_fn(ev.lpips_path, value_range) if ev.get("lpips_path") else None
-  preprocess = _rfid_preprocess(ev, proto)
   extractor = (_rfid_extractor(ev.inception, batch_size, preprocess)
                if ev.get("inception") else None)
   rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
@@ -375,6 +398,10 @@ def _summary(r: dict, num_codes) -> str:
     subs = [f"{100 * r[k]:.1f}%" for k in sorted(r)
             if k.startswith("codebook_usage_")]
     detail = f" (per sub-codebook {', '.join(subs)})" if subs else ""
+    if isinstance(num_codes, (tuple, list)):   # one size per sub-codebook
+      of = " + ".join(str(c) for c in num_codes)
+    else:
+      of = f"{len(subs)} x {num_codes}" if subs else str(num_codes)
     parts.append(f"codebook usage {100 * r['codebook_usage']:.1f}% of "
-                 f"{num_codes}{detail}")
+                 f"{of}{detail}")
   return ", ".join(parts)

@@ -74,6 +74,8 @@ def level(out_channels: int, num_blocks: int, *, resample: str | None = None,
   """A MaskGIT level: res blocks ``block_{j}``, then (``resample`` "up")
   ``upsample`` (nearest x2 + conv3x3) or ("down") the average pool; ``kw``:
   the remaining ``resnet.Level`` fields."""
+  if resample not in (None, *RESAMPLERS):
+    raise ValueError(f"resample={resample!r}; use None, 'down' or 'up'.")
   return resnet.Level(out_channels, num_blocks, block=RES_BLOCK,
                       resample=RESAMPLERS.get(resample), **kw)
 

@@ -126,7 +126,10 @@ REFLECT = FrozenDict(padding="reflect")   # the ResnetBlock option of this CNN
 def _shuffle(resample: str, factors: tuple[int, int]):
   """(submodule name, module) of a pixel-(un)shuffle resampler; cached so
   equal levels hold the same resampler object."""
-  cls = {"down": DownsampleResidual, "up": UpsampleResidual}[resample]
+  classes = {"down": DownsampleResidual, "up": UpsampleResidual}
+  if resample not in classes:
+    raise ValueError(f"resample={resample!r}; use None, 'down' or 'up'.")
+  cls = classes[resample]
   return f"{resample}sample", functools.partial(cls, tuple(factors))
 
 

@@ -179,7 +179,8 @@ class Level(nn.Module):
   ``attn``), then the optional resampler.
 
   ``__call__(x, train=False)`` -> (output, features before the resampler):
-  (B, H, W, C) -> (B, H', W', out_channels) and (B, H, W, out_channels).
+  (B, H, W, C) -> (B, H', W', C') and (B, H, W, C'), C' = ``out_channels``
+  (C when ``num_blocks`` is 0).
 
   Fields:
     block: ``ResnetBlock`` options (MaskGIT: ``padding="same",
