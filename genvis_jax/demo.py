@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import ml_collections
@@ -20,6 +21,46 @@ def _format(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         _format(value, workdir)
       elif isinstance(value, str) and "{workdir}" in value:
         cfg[key] = value.replace("{workdir}", workdir)
+
+
+# A config field named in a message: "--config.a.b" or "config.a.b" (not
+# "configs/..." or a longer word ending in "config").
+_FIELD = re.compile(r"(?<![\w.])(--)?config\.((?:\w+\.)*\w+)(=\w+)?")
+
+
+def _has(cfg: ml_collections.ConfigDict, dotted: str) -> bool:
+  for part in dotted.split("."):
+    if not isinstance(cfg, ml_collections.ConfigDict) or part not in cfg:
+      return False
+    cfg = cfg[part]
+  return True
+
+
+def as_demo_fields(message: str, stage: str, config) -> str:
+  """``message`` of an error raised in demo stage ``stage`` with the fields it
+  names as the demo's flags: ``config.x.y`` -> ``config.stages.S.x.y``,
+  ``--config.mode=M`` -> ``--config.only=S`` for the one stage S of mode M.
+
+  S is the stage the message last sent the user to, if it holds ``x.y``
+  (``re-run --config.mode=pretokenize with --config.pretokenize.overwrite=
+  True`` names the pretokenize stage's flag), else ``stage``. Names the stage
+  does not hold (``config.json``) stay as they are.
+  """
+  target = [stage]
+
+  def field(m: re.Match) -> str:
+    dashes, key, value = m.group(1) or "", m.group(2), m.group(3) or ""
+    if key == "mode" and value:
+      owners = [s for s in config.stage_order
+                if config.stages[s].mode == value[1:]]
+      if len(owners) != 1:
+        return m[0]
+      target.insert(0, owners[0])
+      return f"{dashes}config.only={owners[0]}"
+    owner = next((s for s in target if _has(config.stages[s], key)), None)
+    return m[0] if owner is None else (
+        f"{dashes}config.stages.{owner}.{key}{value}")
+  return _FIELD.sub(field, message)
 
 
 def run(config, workdir: str) -> dict:
@@ -40,7 +81,13 @@ def run(config, workdir: str) -> dict:
     _format(stage, workdir)
     t0 = time.perf_counter()
     logging.info("=== demo stage %s (mode=%s) ===", name, stage.mode)
-    results[name] = resolve(stage.mode)(stage, os.path.join(workdir, name))
+    try:
+      results[name] = resolve(stage.mode)(stage, os.path.join(workdir, name))
+    except errors.UserError as e:
+      # The stage's advice names its own config's flags; say the demo's.
+      if e.args and isinstance(e.args[0], str):
+        e.args = (as_demo_fields(e.args[0], name, config), *e.args[1:])
+      raise
     logging.info("=== demo stage %s done in %.1f s ===", name,
                  time.perf_counter() - t0)
     print(f"[demo] stage {name} done in {time.perf_counter() - t0:.1f} s", flush=True)

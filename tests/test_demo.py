@@ -64,6 +64,13 @@ def test_sampling_resumes_and_refuses_other_settings_or_weights(trained_demo):
   cfg.only = "samples,sampels"
   with pytest.raises(ValueError, match="sampels"):
     modes.run(cfg, wd)
+  # A stage's error names the demo's flags, not the stage config's.
+  cfg.only = "samples"
+  cfg.stages.samples.sample.num_samples = 0
+  with pytest.raises(ValueError, match=r"^config\.stages\.samples\.sample\."
+                     r"num_samples=0: "):
+    modes.run(cfg, wd)
+  cfg.stages.samples.sample.num_samples = 16
   # Resuming with other sampler settings is refused, naming the change.
   cfg.only = "samples"
   cfg.stages.samples.sample.guidance_scale = 5.0
@@ -87,6 +94,31 @@ def test_sampling_resumes_and_refuses_other_settings_or_weights(trained_demo):
   finally:
     with open(meta_path, "w") as f:
       f.write(original)
+
+
+def test_stage_errors_name_the_demos_flags():
+  from genvis_jax import demo as demo_run
+  cfg = demo.get_config("smoke")
+  # A damaged token file found by the generator's stage: the fix is the
+  # pretokenize stage's flag, which the message sends the user to.
+  msg = ("re-run --config.mode=pretokenize with "
+         "--config.pretokenize.overwrite=True. File: /x/config.json.")
+  assert demo_run.as_demo_fields(msg, "rar", cfg) == (
+      "re-run --config.only=pretokenize with --config.stages.pretokenize."
+      "pretokenize.overwrite=True. File: /x/config.json.")
+  # A stage's own fields (the generator's sample grids read its sample
+  # section); a mode several stages run, or a field no stage has, stays.
+  msg = ("config.sample.batch_size=3 in --config.data.path='p' "
+         "(--config.mode=train, see configs/demo.py, config.nope)")
+  assert demo_run.as_demo_fields(msg, "rar", cfg) == (
+      "config.stages.rar.sample.batch_size=3 in --config.stages.rar.data.path="
+      "'p' (--config.mode=train, see configs/demo.py, config.nope)")
+  assert demo_run.as_demo_fields("lower config.evaluate.num_reference", "fid",
+                                 cfg) == (
+      "lower config.stages.fid.evaluate.num_reference")
+  # Not another stage's field of that name (the fid stage has no num_images).
+  assert demo_run.as_demo_fields("config.evaluate.num_images", "fid", cfg) == (
+      "config.evaluate.num_images")
 
 
 def _notebook_images(nb):

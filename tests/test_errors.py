@@ -172,8 +172,8 @@ CASES = {
         "--config.only=samples", "--config.stages.samples.sample.batch_size=8",
         "--config.stages.samples.init_from={bad}"],
                             r"does not match the configured model.*or point "
-                            r"--config.init_from at weights of the configured "
-                            r"model"),
+                            r"--config.stages.samples.init_from at weights of "
+                            r"the configured model"),   # the demo's flag
     "no_tokenizer_checkpoint": (
         ["--config=configs/rar_b.py:runlocal", "--config.mode=pretokenize"],
         r"set --config.tokenizer.checkpoint=DIR"),

@@ -277,6 +277,16 @@ def test_tokenizer_eval_of_all_images_skips_unreadable_files(tok_config, tmp_pat
   assert res["num_images"] == 6
   config.evaluate.num_images = 5
   assert tokenizer.evaluate(config, str(tmp_path / "out"))["num_images"] == 5
+  # Asking for more: the folder's 7 files bound the count, the advice says
+  # the unreadable one lowers it; asking for all 7 then names the 6 there are.
+  config.evaluate.num_images = 8
+  with pytest.raises(batching.NotEnoughImages, match=r"has 7 images but 8 .*"
+                     r"at most 7 \(fewer if some of its files are unreadable"):
+    tokenizer.evaluate(config, str(tmp_path / "out"))
+  config.evaluate.num_images = 7
+  with pytest.raises(batching.NotEnoughImages,
+                     match=r"ended after 6 images but 7 .*at most 6 "):
+    tokenizer.evaluate(config, str(tmp_path / "out"))
 
 
 def _random_params(model_config):

@@ -7,17 +7,19 @@ def test_differences_flatten_skip_and_name_both_sides():
   old = {"model": {"depth": 12, "dtype": "float32"}, "lr": 1e-4, "gone": 1}
   new = {"model": {"depth": 24, "dtype": "bfloat16"}, "lr": 1e-4, "added": {"a": 2}}
   assert settings.differences(old, new) == [
-      "added.a: None -> 2", "gone: 1 -> None", "model.depth: 12 -> 24",
+      "added.a: (absent) -> 2", "gone: 1 -> (absent)", "model.depth: 12 -> 24",
       "model.dtype: 'float32' -> 'bfloat16'"]
   # A prefix skips its subtree, an exact key only itself.
   assert settings.differences(old, new, ignore=("model", "gone", "added.a")) == []
   assert settings.differences(old, new, ignore=("model.dtype", "mod")) == [
-      "added.a: None -> 2", "gone: 1 -> None", "model.depth: 12 -> 24"]
+      "added.a: (absent) -> 2", "gone: 1 -> (absent)", "model.depth: 12 -> 24"]
   assert settings.differences(None, {"x": 1}, names=("checkpoint", "config")) == [
-      "x: checkpoint None vs config 1"]
+      "x: checkpoint (absent) vs config 1"]
+  # Absent and None are the same setting (a record older than the key).
+  assert settings.differences({"x": None}, {}) == []
   assert settings.differences({"a": {"b": 1}}, {"a": {"b": 1}}) == []
   # An empty section vs none still shows as a difference.
-  assert settings.differences({"a": {}, "b": 1}, {"b": 1}) == ["a: {} -> None"]
+  assert settings.differences({"a": {}, "b": 1}, {"b": 1}) == ["a: {} -> (absent)"]
   assert settings.differences({"a": {}, "b": 1}, {"b": 1}, ignore=("a",)) == []
 
 

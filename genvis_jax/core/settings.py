@@ -31,7 +31,9 @@ def differences(old: Mapping | None, new: Mapping | None, *,
     old, new: nested or flat dicts (None = empty).
     ignore: flattened keys (``"a.b"``) or their prefixes (``"a"``) to skip.
     names: ``(old_name, new_name)`` for lines ``"key: old_name X vs new_name
-      Y"``; by default ``"key: X -> Y"``. A key absent on one side shows None.
+      Y"``; by default ``"key: X -> Y"``. A key absent on one side shows
+      ``(absent)``; absent and None compare equal (records from before a
+      setting existed still match a config that leaves it unset).
   """
   a, b = flatten(old or {}), flatten(new or {})
   skip = tuple(ignore)
@@ -43,10 +45,12 @@ def differences(old: Mapping | None, new: Mapping | None, *,
                   if (old or {}).get(k) != (new or {}).get(k)
                   and not any(k == s or k.startswith(s + ".") for s in skip))
     a, b = dict(old or {}), dict(new or {})
+  def show(d, k):
+    return repr(d[k]) if k in d else "(absent)"
   if names:
-    return [f"{k}: {names[0]} {a.get(k)!r} vs {names[1]} {b.get(k)!r}"
+    return [f"{k}: {names[0]} {show(a, k)} vs {names[1]} {show(b, k)}"
             for k in keys]
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+  return [f"{k}: {show(a, k)} -> {show(b, k)}" for k in keys]
 
 
 def shorten(lines: list[str], limit: int, sep: str = ", ") -> str:

@@ -23,8 +23,11 @@ class NotEnoughImages(UserError, ValueError):
 
 
 def check_count(requested: int | None, available: int, what: str,
-                setting: str) -> int:
+                setting: str, may_skip: bool = False) -> int:
   """The number of images to evaluate: ``requested`` (None / 0 = all).
+
+  ``may_skip``: ``available`` counts files, some of which may turn out
+  unreadable when decoded (an image folder); the advice then says so.
 
   Raises ``NotEnoughImages`` naming both counts and ``setting`` (the config
   key or argument that lowers the request) when ``requested > available``.
@@ -37,8 +40,10 @@ def check_count(requested: int | None, available: int, what: str,
   elif requested > available:
     raise NotEnoughImages(
         f"{what} has {available} images but {requested} were requested: lower "
-        f"{setting} to at most {available} (0 = all) or point it at a larger "
-        "set.")
+        f"{setting} to at most {available}"
+        + (" (fewer if some of its files are unreadable; 0 = every readable "
+           "one)" if may_skip else " (0 = all)")
+        + " or point it at a larger set.")
   else:
     n = int(requested)
   if n == 0:

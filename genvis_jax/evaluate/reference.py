@@ -343,7 +343,8 @@ def dataset_images(data_config, split: str, batch_size: int,
       train=False, process_index=0, process_count=1, value_range=(0.0, 1.0),
       drop_remainder=False)
   what = f"split {split!r} of the {data_config.source!r} data"
-  total = batching.check_count(num_images, info.num_examples, what, setting)
+  total = batching.check_count(num_images, info.num_examples, what, setting,
+                               may_skip=data_config.source == "image_folder")
 
   def gen():
     for images, _, n in batching.exact_batches(it, total, batch_size, what,
