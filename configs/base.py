@@ -147,6 +147,10 @@ def get_config(arg=None):
   c.train.grad_clip = 1.0        # 0 = off
   c.train.check_finite = True    # stop with a clear error on NaN/Inf loss
   c.train.divergence_factor = 100.0  # stop when loss / param norm > this x running median; 0 = off
+  # jax.profiler trace of this many steps into workdir/plugins/profile (0 = off),
+  # after the run's first profile_skip_steps (compile, warm-up); process 0.
+  c.train.profile_steps = 0
+  c.train.profile_skip_steps = 5
 
   # mode=evaluate; kind: generation | tokenizer | demo_fid | class_score.
   c.evaluate = ml_collections.ConfigDict()

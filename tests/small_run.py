@@ -15,7 +15,8 @@ from configs import base
 
 def config(num_steps, lr=1e-2):
   """``num_steps`` of a 2-layer classifier at 32 px, batch 16 over a
-  (data, fsdp=2) mesh, EMA on, checkpoint every 3 steps, log every 2."""
+  (data, fsdp=2) mesh, EMA on, checkpoint every 3 steps, log every 2; the
+  run's third and fourth steps traced with jax.profiler."""
   c = base.get_config()
   c.task = "classifier"
   c.model = ml_collections.ConfigDict(dict(
@@ -31,6 +32,8 @@ def config(num_steps, lr=1e-2):
   c.train.checkpoint_every = 3
   c.train.image_every = 0
   c.train.ema_decay = 0.9
+  c.train.profile_steps = 2
+  c.train.profile_skip_steps = 2
   c.optimizer.lr = lr
   return c
 

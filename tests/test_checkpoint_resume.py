@@ -3,6 +3,7 @@ uninterrupted, bit for bit; mismatching checkpoints fail
 clearly (more failure cases in test_reliability.py; exploding runs in
 test_stops.py)."""
 
+import glob
 import logging
 import os
 import shutil
@@ -23,9 +24,38 @@ from genvis_jax.train import trainer as trainer_lib
 from tests import small_run
 
 
+def _traced_steps(workdir):
+  """The 0-based steps of each jax.profiler trace in ``workdir``, oldest
+  trace first (the annotations the profiler's step views key on)."""
+  import gzip
+  import json
+  out = []
+  for run in sorted(glob.glob(os.path.join(workdir, "plugins", "profile", "*"))):
+    assert glob.glob(os.path.join(run, "*.xplane.pb"))   # TensorBoard's input
+    (trace,) = glob.glob(os.path.join(run, "*.trace.json.gz"))
+    with gzip.open(trace) as f:
+      events = json.load(f)["traceEvents"]
+    out.append(sorted(int(e["args"]["step_num"]) for e in events
+                      if e.get("name") == "train" and e.get("ph") == "X"))
+  return out
+
+
+def test_a_negative_profile_window_is_refused_before_compiling():
+  from genvis_jax import errors
+  for key in ("profile_steps", "profile_skip_steps"):
+    config = small_run.config(6)
+    config.train[key] = -1
+    with pytest.raises(errors.ConfigError,
+                       match=rf"config.train.{key}=-1 must be >= 0"):
+      trainer_lib.setup(config)
+
+
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
+  # small_run traces steps 2-3 (0-based) of each run, so this also shows that
+  # profiling leaves the steps' results alone.
   full = trainer_lib.train_and_evaluate(small_run.config(6),
                                         str(tmp_path / "full"))
+  assert _traced_steps(str(tmp_path / "full")) == [[2, 3]]
   # Interrupted run: 3 steps, then a new process-like call continues to 6.
   part = str(tmp_path / "part")
   trainer_lib.train_and_evaluate(small_run.config(3), part)
@@ -35,6 +65,9 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
   assert pinned == os.path.join(part, "checkpoints", "3")
   resumed = trainer_lib.train_and_evaluate(small_run.config(6), part)
   assert int(resumed.step) == 6
+  # A window the run's end cuts short stops there; a resumed run skips its
+  # own first steps (compilation) before tracing.
+  assert _traced_steps(part) == [[2], [5]]
   # What a sampler records of its weights: the step read, and not the path
   # (a copied workdir holds the same weights).
   at_6 = weights_lib.params_source(part)

@@ -23,6 +23,7 @@ from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.core import preemption
+from genvis_jax.core import profiling
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import multihost
 from genvis_jax.core import sharding as shd
@@ -44,6 +45,11 @@ def _check_intervals(train) -> None:
           f"config.train.{key}={train[key]} must be at least 1"
           + (" (to save only at the end, set it to num_steps)."
              if key == "checkpoint_every" else "."))
+  for key in ("profile_steps", "profile_skip_steps"):
+    if int(train.get(key, 0)) < 0:
+      raise errors.ConfigError(
+          f"config.train.{key}={train[key]} must be >= 0 (profile_steps=0 "
+          "turns profiling off).")
 
 
 def setup(config, *, mesh=None, devices=None):
@@ -314,14 +320,19 @@ def train_loop(config, workdir: str, on_log=None):
   saved_at = -1
   acc, acc_n = None, 0
   vis_batch = None
+  profile = profiling.StepWindow(
+      workdir, start, int(config.train.get("profile_steps", 0)),
+      int(config.train.get("profile_skip_steps", 0)))
   try:
     # SIGTERM / Ctrl-C: finish the step in flight, save it, stop.
-    with preemption.StopRequest() as stop:
+    with preemption.StopRequest() as stop, profile:
       for step in range(start, num_steps):
         local = next(data_iter)
         if vis_batch is None:
           vis_batch = jax.tree_util.tree_map(np.asarray, local)
-        state, metrics = trainer.step(state, local)
+        with profile.step(step):
+          state, metrics = trainer.step(state, local)
+        profile.done(step, metrics)
         done = step + 1
         # A failed save stops the run by the step after it: that step is already
         # dispatched, so waiting for the save overlaps its compute.

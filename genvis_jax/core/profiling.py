@@ -1,0 +1,65 @@
+"""A window of training steps traced with ``jax.profiler``.
+
+``config.train.profile_steps`` steps (0 = off), after the first
+``config.train.profile_skip_steps`` of the run (compilation and warm-up; a
+resumed run counts from its own start), are traced on process 0 into
+``workdir/plugins/profile/<time>/`` (``<host>.xplane.pb`` for TensorBoard's
+Profile tab, which needs ``tensorboard-plugin-profile``; ``<host>.trace.json.gz``
+for Perfetto). Process 0 only, like maxtext's default: on a pod its trace shows
+its own devices, and every host writing one would multiply the files.
+Every step carries a ``StepTraceAnnotation("train", step_num=step)`` (0-based),
+which the profiler's step-time views key on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+
+import jax
+from absl import logging
+
+
+class StepWindow(contextlib.AbstractContextManager):
+  """Starts the trace before step ``start + skip`` (0-based) and stops it
+  once step ``start + skip + num - 1`` has finished on the device; a run
+  that ends or fails inside the window stops it on exit. ``enabled``
+  defaults to "this is process 0"."""
+
+  def __init__(self, logdir: str, start: int, num: int, skip: int,
+               enabled: bool | None = None):
+    self.logdir = logdir
+    self.first, self.last = start + skip, start + skip + num - 1
+    self.enabled = num > 0 and (jax.process_index() == 0
+                                if enabled is None else enabled)
+    self._active = False
+
+  def step(self, step: int):
+    """A context for running ``step`` (0-based): annotated, and traced
+    inside the window."""
+    if self.enabled and step == self.first:
+      jax.profiler.start_trace(self.logdir)
+      self._active = True
+    return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+  def done(self, step: int, outputs) -> None:
+    """After ``step`` is dispatched: at the window's last step, waits for
+    ``outputs`` (so the trace holds the whole step) and stops the trace."""
+    if self._active and step >= self.last:
+      jax.block_until_ready(outputs)
+      self._stop()
+
+  def _stop(self) -> None:
+    self._active = False
+    jax.profiler.stop_trace()
+    runs = sorted(glob.glob(os.path.join(self.logdir, "plugins", "profile", "*")))
+    logging.info("Profile of training steps %d-%d (1-based) written to %s: "
+                 "open it in TensorBoard's Profile tab (tensorboard-plugin-"
+                 "profile) or the .trace.json.gz in Perfetto.", self.first + 1,
+                 self.last + 1, runs[-1] if runs else self.logdir)
+
+  def __exit__(self, *exc):
+    if self._active:
+      self._stop()
+    return None
