@@ -212,9 +212,9 @@ def reference_fn(model, seq_len: int, use_cfg: bool):
   """The plain KV-cache loop over ``prefill`` / ``decode_step`` as one jit."""
   def run(params, labels, rng, g, pw, temp):
     b = labels.shape[0]
-    labels2 = ar.cfg_labels(labels, model.num_classes) if use_cfg else labels
-    draw = lambda lg, t: rar_sample.pick(lg, t, rng, seq_len, g, pw, temp,
-                                         use_cfg)
+    labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
+    draw = lambda lg, t: rar_sample.pick(lg, t, rng, model.seq_len, g, pw,
+                                         temp, use_cfg)
     logits, state = model.apply({"params": params}, labels2, method="prefill",
                                 mutable=["cache"])
     tokens = jnp.zeros((b, seq_len), jnp.int32).at[:, 0].set(draw(logits, 0))

@@ -154,3 +154,15 @@ def test_far_chunked_cache_and_bf16(far):
   same = float(np.mean(np.asarray(bf16) == np.asarray(ref)))
   print(f"FAR bf16 == fp32 codes: {same:.3f}")
   assert bf16.shape == ref.shape and same >= 0.5
+
+
+def test_far_logits_stay_fp32_in_a_bf16_model(far):
+  """The output heads compute in fp32 (as RAR's lm_head), so bf16 decoding
+  keeps the fp32 logits its docstring promises: not all bf16 values."""
+  model, params, labels, _ = far
+  codes = jnp.zeros((2, model.num_codebooks, model.seq_len), jnp.int32)
+  m16, p16 = ar.for_decoding(model, params, "bfloat16")
+  logits = m16.apply({"params": p16}, codes, labels[:2])
+  assert logits.dtype == jnp.float32
+  as_bf16 = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(as_bf16 != np.asarray(logits)) > 0.5

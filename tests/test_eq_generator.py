@@ -232,6 +232,9 @@ def test_sampler_rejects_bad_arguments(tiny):
   with pytest.raises(ValueError, match="1-D"):
     eq_sample.sample(model, params, jnp.zeros((1, 1), jnp.int32),
                      jax.random.key(0), num_columns=2)
+  with pytest.raises(ValueError, match=rf"labels \[{K + 1}\] are not classes"):
+    eq_sample.sample(model, params, jnp.array([K + 1]), jax.random.key(0),
+                     num_columns=2)
 
 
 def test_logical_axes_map_to_the_mesh():

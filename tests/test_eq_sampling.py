@@ -16,7 +16,7 @@ from genvis_jax.errors import UserError
 from genvis_jax.sample import ar
 from genvis_jax.sample import eq_generator as eq_sample
 from tests.sharding_checks import run_batch_sharded
-from tests.test_eq_generator import C, np_init, tiny_config
+from tests.test_eq_generator import C, K, np_init, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,12 +48,20 @@ def fp32_latents(tiny):
   return eq_sample.sample(model, params, LABELS, jax.random.key(5), **KW)
 
 
-def test_batch_sharded_sampling_keeps_each_device_on_its_examples(tiny):
+def test_batch_sharded_sampling_keeps_each_device_on_its_examples(
+    tiny, monkeypatch):
   model, params = tiny
-  labels, key = jnp.arange(8) % C, jax.random.key(5)
+  labels, key = jnp.arange(8) % K, jax.random.key(5)
+  # The hoisted modulation chunks are sized by one device's head rows (its
+  # example's cond and null rows), not by the global batch's 16.
+  rows, real = [], eq_sample.steps_per_chunk
+  monkeypatch.setattr(eq_sample, "steps_per_chunk",
+                      lambda n, r, *a: rows.append(r) or real(n, r, *a))
+  eq_sample._compiled.cache_clear()
   fn = eq_sample.sampler_fn(model, num_columns=KW["num_columns"],
-                            num_steps=KW["num_steps"])
+                            num_steps=KW["num_steps"], batch_shards=8)
   latents, _ = run_batch_sharded(fn, params, labels, key, KW["guidance_scale"])
+  assert set(rows) == {2}
   np.testing.assert_array_equal(
       latents, eq_sample.sample(model, params, labels, key, **KW))
 

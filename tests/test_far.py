@@ -221,7 +221,7 @@ def test_cfg_pairs_and_guidance():
 
 def test_top_k_top_p_filter():
   logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]]))
-  keep = lambda **kw: np.isfinite(np.asarray(far_sample.top_k_top_p(logits, **kw)))
+  keep = lambda **kw: np.isfinite(np.asarray(ar.top_k_top_p(logits, **kw)))
   np.testing.assert_array_equal(keep(top_k=2)[0], [1, 0, 1, 0])
   assert keep(top_k=2)[1].all()                      # ties at the k-th are kept
   # Nucleus: keep until the cumulative probability first exceeds top_p.
@@ -238,6 +238,11 @@ def test_sampler_rejects_bad_input(tiny):
   with pytest.raises(ValueError, match="top_p"):
     far_sample.sample(model, params, jnp.zeros((2,), jnp.int32), jax.random.key(0),
                       top_p=0.0)
+  # A class past the table (or negative) would give garbage images silently.
+  for bad in (C + 1, -1):
+    with pytest.raises(ValueError, match=rf"labels \[{bad}\] are not classes "
+                       rf"of this model: use 0..{C - 1} .*or {C} \(the null"):
+      far_sample.sample(model, params, jnp.array([0, bad]), jax.random.key(0))
   with pytest.raises(ValueError, match="num_codebooks"):
     model.apply({"params": params}, jnp.zeros((1, 3, N), jnp.int32),
                 jnp.zeros((1,), jnp.int32))

@@ -238,6 +238,19 @@ def test_cached_sampler_equals_uncached_and_shards(tiny):
   assert int(cached.min()) >= 0 and int(cached.max()) < V
   np.testing.assert_array_equal(cached, uncached)
   assert len(np.unique(np.asarray(cached))) > 4  # actually sampled
+  # Fewer tokens: the first ones of the full run (the guidance schedule runs
+  # over the model's length, as the official t / 256).
+  np.testing.assert_array_equal(
+      rar_sample.sample(model, params, labels, key, seq_len=6, **kw),
+      cached[:, :6])
+  # Labels are checked where they live (a sharded array's shards), before
+  # anything compiles; the null class C is allowed (unconditional).
+  sharded = jax.device_put(jnp.array([0, 1, C, C + 3, 2, 3, -2, 4]),
+                           jax.sharding.NamedSharding(
+                               jax.make_mesh((8,), ("data",)),
+                               jax.sharding.PartitionSpec("data")))
+  with pytest.raises(ValueError, match=r"labels \[-2, 13\] are not classes"):
+    rar_sample.sample(model, params, sharded, key, **kw)
   # No CFG path (g = 0) also agrees.
   kw0 = dict(guidance_scale=0.0, guidance_pow=0.0, temperature=0.9)
   np.testing.assert_array_equal(

@@ -129,3 +129,15 @@ def test_tokenizer_config_file_is_not_a_setting(tmp_path):
   before = driver.sample_settings(c)
   assert now == before
   driver.check_settings(_parts_dir(tmp_path, before), now)
+
+
+def test_class_labels_are_balanced_and_refuse_classes_the_model_lacks():
+  np.testing.assert_array_equal(driver.class_labels(7, 3), [0, 1, 2, 0, 1, 2, 0])
+  np.testing.assert_array_equal(driver.class_labels(5, 10, (9, 4)),
+                                [9, 4, 9, 4, 9])
+  from genvis_jax import errors
+  # A typo in config.sample.classes would draw the whole set as garbage.
+  with pytest.raises(errors.ConfigError,
+                     match=r"config.sample.classes holds \[-1, 10\], not "
+                           r"classes of this model: use 0..9"):
+    driver.class_labels(4, 10, (3, 10, -1))

@@ -175,9 +175,11 @@ class FAR(nn.Module):
     for i in range(k):  # official 1-based names
       setattr(self, f"tok_embeddings_{i + 1}", layers.embed(
           self.codebook_size, d, init=_init, dtype=pd, param_dtype=pd))
+      # fp32 logits (as RAR's lm_head): the loss and the sampler's
+      # guidance, temperature and filters read them.
       setattr(self, f"output_{i + 1}", layers.dense(
           self.codebook_size, ("embed", "vocab"), use_bias=False,
-          kernel_init=layers.zeros, dtype=self.dtype, param_dtype=pd))
+          kernel_init=layers.zeros, dtype=jnp.float32, param_dtype=pd))
     self.aggregation_layer = layers.dense(
         d, ("mlp", "embed"), kernel_init=_init, dtype=self.dtype, param_dtype=pd)
     kw = dict(n_head=self.n_head, ffn_dim=self.ffn_dim,
@@ -218,7 +220,7 @@ class FAR(nn.Module):
 
   def _head_out(self, x, i: int):
     """Shared final norm + ``output_{i+1}``; x (..., d) -> fp32 (..., V)."""
-    return getattr(self, f"output_{i + 1}")(self.norm(x)).astype(jnp.float32)
+    return getattr(self, f"output_{i + 1}")(self.norm(x))
 
   # --- teacher-forced forward ------------------------------------------------------
   def __call__(self, codes, labels, train=False):

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genvis_jax import errors
 from genvis_jax.models.layers.attention import resize_kv_cache
@@ -54,6 +55,12 @@ def cfg_labels(labels, null_label: int):
   return cfg_rows(labels, jnp.full((1,), null_label, labels.dtype))
 
 
+def batch_labels(labels, null_label: int, use_cfg: bool):
+  """The labels of the decoded batch: (2B,) ``cfg_labels`` under CFG, else
+  the (B,) labels."""
+  return cfg_labels(labels, null_label) if use_cfg else labels
+
+
 def twice(x, use_cfg: bool):
   """(B, ...) -> (2B, ...) with each row repeated (cond, null) under CFG."""
   return jnp.repeat(x, 2, axis=0) if use_cfg else x
@@ -68,6 +75,38 @@ def guide(logits, scale, use_cfg: bool):
   pairs = logits.reshape(-1, 2, logits.shape[-1])
   cond, uncond = pairs[:, 0], pairs[:, 1]
   return uncond + (cond - uncond) * scale
+
+
+def top_k_top_p(logits, top_k: int = 0, top_p: float = 1.0):
+  """Masks logits (B, V) outside the top-k / nucleus to -inf (0 / 1.0 = off).
+
+  Nucleus as in the official filter (LlamaGen ``top_k_top_p_filtering``):
+  keep the most probable tokens up to and including the first whose
+  cumulative probability exceeds ``top_p``.
+  """
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove = jnp.concatenate(
+        [jnp.zeros_like(cum[..., :1], bool), cum[..., :-1] > top_p], axis=-1)
+    remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)
+    logits = jnp.where(remove, -jnp.inf, logits)
+  return logits
+
+
+def draw(logits, key, scale, temperature, use_cfg: bool, top_k: int = 0,
+         top_p: float = 1.0):
+  """One categorical draw per example from (B, V) logits, or (2B, V) in
+  ``cfg_labels`` order under CFG: guided with ``scale`` (``guide``, fp32),
+  divided by ``temperature``, then filtered (``top_k_top_p``), the official
+  order of both samplers. Returns int32 (B,)."""
+  logits = top_k_top_p(guide(logits, scale, use_cfg) / temperature, top_k,
+                       top_p)
+  return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
 def kv_chunks(num_steps: int, pos_offset: int, bucket: int):
@@ -208,16 +247,51 @@ def compiled(impl, model, opts: Options):
   return jax.jit(functools.partial(impl, model, opts))
 
 
-def check_call(labels, temperature):
-  """The per-call arguments every class-conditional sampler shares.
+def _concrete_values(x) -> list[np.ndarray] | None:
+  """The values of ``x`` this process holds (each addressable shard of a
+  jax array), or None for a tracer (not known until the program runs)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array):
+    return [np.asarray(s.data) for s in x.addressable_shards]
+  return [np.asarray(x)]
 
-  Returns labels as int32 (B,); raises ``ConfigError`` (a ``ValueError``) when
-  labels are not 1-D or temperature is not > 0.
+
+def check_labels(labels, null_label: int):
+  """int (B,) class labels -> int32 (B,) (a jax array keeps its sharding).
+
+  Valid labels are the classes 0..null_label - 1 and ``null_label`` itself
+  (the null class: unconditional samples). Out of range, a label would read
+  past the class table (NaN, or an image-code embedding for a negative
+  one) and give garbage images without an error, so concrete labels are
+  checked (one small read per call; traced ones are not). Raises
+  ``ConfigError`` (a ``ValueError``) for labels that are not 1-D or out of
+  range.
   """
+  values = _concrete_values(labels)
   labels = jnp.asarray(labels, jnp.int32)
   if labels.ndim != 1:
     raise errors.ConfigError(
         f"labels must be a 1-D class array, got shape {labels.shape}.")
+  bad = (np.unique(np.concatenate([v.ravel() for v in values]))
+         if values else np.zeros((0,), np.int64))
+  bad = bad[(bad < 0) | (bad > null_label)]
+  if bad.size:
+    raise errors.ConfigError(
+        f"labels {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} are not "
+        f"classes of this model: use 0..{null_label - 1} "
+        f"(config.model.num_classes={null_label}), or {null_label} (the null "
+        "class) for unconditional samples.")
+  return labels
+
+
+def check_call(labels, temperature, null_label: int):
+  """The per-call arguments every class-conditional sampler shares.
+
+  Returns labels as int32 (B,); raises ``ConfigError`` (a ``ValueError``) for
+  labels ``check_labels`` refuses or a temperature that is not > 0.
+  """
+  labels = check_labels(labels, null_label)
   if temperature <= 0:
     raise errors.ConfigError(
         f"temperature must be > 0, got {temperature} (1.0 = the model's "

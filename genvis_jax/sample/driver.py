@@ -51,9 +51,18 @@ def _generator(name: str):
 
 
 def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:
-  """Balanced labels: ``classes`` cycled (default all), e.g. 50 per class for 50k."""
-  classes = np.asarray(list(classes) or range(num_classes), np.int32)
-  return np.resize(classes, num_samples)
+  """Balanced labels: ``classes`` cycled (default all), e.g. 50 per class for
+  50k. Raises ``ConfigError`` for a class outside 0..num_classes - 1, naming
+  ``config.sample.classes``."""
+  classes = np.asarray(list(classes) or range(num_classes), np.int64)
+  bad = classes[(classes < 0) | (classes >= num_classes)]
+  if bad.size:
+    raise errors.ConfigError(
+        f"config.sample.classes holds {sorted(set(bad.tolist()))[:5]}, not "
+        f"classes of this model: use 0..{num_classes - 1} "
+        f"(config.model.num_classes={num_classes}), or leave it empty for "
+        "all classes.")
+  return np.resize(classes.astype(np.int32), num_samples)
 
 
 def _mesh():
@@ -234,6 +243,8 @@ def sample_and_save(config, workdir: str) -> dict:
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
         f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
+  labels_all = class_labels(s.num_samples, config.model.num_classes,
+                            s.get("classes", ()))
   # Load exactly the steps recorded: a run's newest step is pinned to its
   # folder (no fallback to an older one), and the record is checked again
   # after loading (a step re-committed in place meanwhile).
@@ -249,8 +260,6 @@ def sample_and_save(config, workdir: str) -> dict:
         f"The checkpoint changed while it was loaded ({config.init_from}, "
         f"{config.tokenizer.get('checkpoint', '')}); run again.")
   warn_other_tokenizer(pinned.init_from, recorded["weights.tokenizer"])
-  labels_all = class_labels(s.num_samples, config.model.num_classes,
-                            s.get("classes", ()))
   parts_dir = os.path.join(workdir, "sample_parts")
   os.makedirs(parts_dir, exist_ok=True)
   check_settings(parts_dir, settings)

@@ -86,22 +86,25 @@ def step_times(num_steps: int):
 
 def steps_per_chunk(num_steps: int, rows: int, max_rows: int = HOIST_ROWS):
   """Largest divisor k of ``num_steps`` with ``k * rows <= max_rows`` (>= 1):
-  how many steps' modulations one batched matmul computes."""
+  how many steps' modulations one batched matmul computes (``rows``: one
+  device's head rows)."""
   return max([k for k in range(1, num_steps + 1)
               if num_steps % k == 0 and k * rows <= max_rows] or [1])
 
 
 def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
-                       use_cfg: bool, max_rows: int = HOIST_ROWS):
+                       use_cfg: bool, max_rows: int = HOIST_ROWS,
+                       batch_shards: int = 1):
   """``euler_flow`` with the head's modulations hoisted out of the steps.
 
   model / params: an ``EqGenerator`` (its ``head_modulations`` /
   ``head_velocity``); z (R, d) with R = B, or 2B with CFG (``euler_flow``'s
-  order); noise (B, C). Per chunk of k steps (``steps_per_chunk``) one matmul gives
-  the modulations of k x R rows; then k Euler steps run the x path only.
+  order); noise (B, C). Per chunk of k steps (``steps_per_chunk`` of one
+  device's R / ``batch_shards`` rows) one matmul gives the modulations of
+  k x R rows; then k Euler steps run the x path only.
   Returns (B, C) float32.
   """
-  rows = z.shape[0]
+  rows = -(-z.shape[0] // max(1, batch_shards))   # inside jit: the global R
   k = steps_per_chunk(num_steps, rows, max_rows)
   times = step_times(num_steps).reshape(num_steps // k, k)
   apply = functools.partial(model.apply, {"params": params})
@@ -120,17 +123,14 @@ def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
   return jax.lax.fori_loop(0, num_steps // k, chunk, noise.astype(jnp.float32))
 
 
-def _labels2(model, labels, use_cfg):
-  return ar.cfg_labels(labels, model.null_label) if use_cfg else labels
-
-
 def _column(model, params, z, rng, col, num_columns, num_steps, guidance_scale,
-            use_cfg, hoist):
+            use_cfg, hoist, batch_shards):
   b = z.shape[0] // (2 if use_cfg else 1)
   noise = jax.random.normal(jax.random.fold_in(rng, col), (b, model.token_dim))
   scale = cfg_scale(col, num_columns, guidance_scale)
   if hoist:
-    return euler_flow_hoisted(model, params, z, noise, scale, num_steps, use_cfg)
+    return euler_flow_hoisted(model, params, z, noise, scale, num_steps,
+                              use_cfg, batch_shards=batch_shards)
   vel = lambda x, t, zz: model.apply({"params": params}, x, t, zz,
                                      method="velocity")
   return euler_flow(vel, z, noise, scale, num_steps, use_cfg)
@@ -142,16 +142,17 @@ def _twice(use_cfg):
 
 def _cached_init(model, use_cfg, num_columns, params, labels):
   """Prefill -> state (z of the next column, cache, latents, conds)."""
-  z, cache = model.apply({"params": params}, _labels2(model, labels, use_cfg),
+  z, cache = model.apply({"params": params},
+                         ar.batch_labels(labels, model.null_label, use_cfg),
                          method="prefill")
   latents = jnp.zeros((labels.shape[0], num_columns, model.token_dim),
                       jnp.float32)
-  conds = jnp.zeros((z.shape[0], num_columns, z.shape[-1]), z.dtype)
+  conds = jnp.zeros((z.shape[0], num_columns, z.shape[-1]), jnp.float32)
   return z, cache, latents, conds
 
 
-def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, count,
-                    params, state, start, rng, guidance_scale):
+def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, shards,
+                    count, params, state, start, rng, guidance_scale):
   """Columns start .. start + count - 1 (start may be traced) -> new state."""
   twice = _twice(use_cfg)
 
@@ -159,9 +160,10 @@ def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, count,
     col = start + i
     z, cache, latents, conds = carry
     x = _column(model, params, z, rng, col, num_columns, num_steps,
-                guidance_scale, use_cfg, hoist)
+                guidance_scale, use_cfg, hoist, shards)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
-    conds = jax.lax.dynamic_update_index_in_dim(conds, z, col, axis=1)
+    conds = jax.lax.dynamic_update_index_in_dim(conds, z.astype(conds.dtype),
+                                                col, axis=1)
     z, cache = model.apply({"params": params}, twice(x), col, cache,
                            method="decode_step")
     return z, cache, latents, conds
@@ -169,18 +171,18 @@ def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, count,
   return jax.lax.fori_loop(0, count, body, state)
 
 
-def _cached_impl(model, use_cfg, num_columns, num_steps, hoist, params, labels,
-                 rng, guidance_scale):
+def _cached_impl(model, use_cfg, num_columns, num_steps, hoist, shards, params,
+                 labels, rng, guidance_scale):
   state = _cached_init(model, use_cfg, num_columns, params, labels)
   _, _, latents, conds = _cached_columns(
-      model, use_cfg, num_columns, num_steps, hoist, num_columns, params, state,
-      0, rng, guidance_scale)
+      model, use_cfg, num_columns, num_steps, hoist, shards, num_columns,
+      params, state, 0, rng, guidance_scale)
   return latents, conds
 
 
-def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, params,
-                   labels, rng, guidance_scale):
-  labels2 = _labels2(model, labels, use_cfg)
+def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, shards,
+                   params, labels, rng, guidance_scale):
+  labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
   twice = _twice(use_cfg)
   b = labels.shape[0]
   latents = jnp.zeros((b, num_columns, model.token_dim), jnp.float32)
@@ -194,7 +196,7 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, params,
                         method="condition")
     z = jax.lax.dynamic_index_in_dim(z_all, col, axis=1, keepdims=False)
     x = _column(model, params, z, rng, col, num_columns, num_steps,
-                guidance_scale, use_cfg, hoist)
+                guidance_scale, use_cfg, hoist, shards)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
     conds = jax.lax.dynamic_update_index_in_dim(conds, z.astype(conds.dtype),
                                                 col, axis=1)
@@ -205,50 +207,50 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, params,
 
 @functools.lru_cache(maxsize=32)
 def _compiled(impl, model, use_cfg: bool, num_columns: int, num_steps: int,
-              hoist: bool):
+              hoist: bool, shards: int):
   return jax.jit(functools.partial(impl, model, use_cfg, num_columns,
-                                   num_steps, hoist))
+                                   num_steps, hoist, shards))
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_steps(model, use_cfg: bool, num_columns: int, num_steps: int,
-                    hoist: bool, chunk: int):
+                    hoist: bool, shards: int, chunk: int):
   init = jax.jit(functools.partial(_cached_init, model, use_cfg, num_columns))
   cols = jax.jit(functools.partial(_cached_columns, model, use_cfg, num_columns,
-                                   num_steps, hoist, chunk))
+                                   num_steps, hoist, shards, chunk))
   return init, cols
 
 
-def _check(labels, num_columns, num_steps, guidance_scale):
+def _check(model, labels, num_columns, num_steps, guidance_scale):
   if int(num_columns) < 1:
     raise ConfigError(f"num_columns must be >= 1, got {num_columns}.")
   if int(num_steps) < 1:
     raise ConfigError(f"num_steps must be >= 1, got {num_steps}.")
-  labels = jnp.asarray(labels, jnp.int32)
-  if labels.ndim != 1:
-    raise ConfigError(f"labels must be a 1-D class array, got shape "
-                      f"{labels.shape}.")
+  labels = ar.check_labels(labels, model.null_label)
   return labels, float(guidance_scale) != 1.0
 
 
 def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
                num_steps: int = 100, cached: bool = True,
-               hoist_modulations: bool = True):
+               hoist_modulations: bool = True, batch_shards: int = 1):
   """The jitted ``f(params, labels, rng, guidance_scale) -> (latents,
-  conds)`` that
-  ``sample`` (``cached``) / ``sample_uncached`` call, for a model already
-  prepared by ``ar.for_decoding`` (for AOT ``lower().compile()``)."""
+  conds)`` that ``sample`` (``cached``) / ``sample_uncached`` call, for a
+  model already prepared by ``ar.for_decoding`` (for AOT
+  ``lower().compile()``); ``batch_shards``: devices the labels will be split
+  over (``ar.batch_shards(labels)``; sizes the hoisted modulation chunks)."""
   return _compiled(_cached_impl if cached else _uncached_impl, model,
                    bool(use_cfg), int(num_columns), int(num_steps),
-                   bool(hoist_modulations))
+                   bool(hoist_modulations), max(1, int(batch_shards)))
 
 
 def _run(cached, model, params, labels, rng, num_columns, guidance_scale,
          num_steps, return_conditions, dtype, hoist):
-  labels, use_cfg = _check(labels, num_columns, num_steps, guidance_scale)
+  labels, use_cfg = _check(model, labels, num_columns, num_steps,
+                           guidance_scale)
   model, params = ar.for_decoding(model, params, dtype)
   fn = sampler_fn(model, num_columns=num_columns, use_cfg=use_cfg,
-                  num_steps=num_steps, cached=cached, hoist_modulations=hoist)
+                  num_steps=num_steps, cached=cached, hoist_modulations=hoist,
+                  batch_shards=ar.batch_shards(labels))
   latents, conds = fn(params, labels, rng,
                       jnp.asarray(guidance_scale, jnp.float32))
   return (latents, conds) if return_conditions else latents
@@ -276,9 +278,9 @@ def sample(model, params, labels, rng, *, num_columns: int,
     latents (B, num_columns, token_dim) float32 in the generator's (scaled)
     latent space; with ``return_conditions`` also z (B or 2B, num_columns, d)
     (with CFG each example's cond and uncond rows in turn,
-    ``ar.cfg_labels`` order) in the decoding dtype.
-  Raises ``ConfigError`` for num_columns or num_steps < 1, labels not 1-D, or
-  an unsupported dtype.
+    ``ar.cfg_labels`` order), float32.
+  Raises ``ConfigError`` for num_columns or num_steps < 1, labels not 1-D or
+  out of range (``ar.check_labels``), or an unsupported dtype.
   """
   return _run(True, model, params, labels, rng, num_columns, guidance_scale,
               num_steps, return_conditions, dtype, hoist_modulations)
@@ -307,13 +309,15 @@ def column_stepper(model, params, labels, rng, *, num_columns: int,
   yet run are zero). Raises ``ConfigError`` if ``chunk`` does not divide
   ``num_columns``, or for the arguments ``sample`` rejects.
   """
-  labels, use_cfg = _check(labels, num_columns, num_steps, guidance_scale)
+  labels, use_cfg = _check(model, labels, num_columns, num_steps,
+                           guidance_scale)
   if int(chunk) < 1 or int(num_columns) % int(chunk):
     raise ConfigError(f"chunk must be >= 1 and divide num_columns "
                       f"({num_columns}); got {chunk}.")
   model, params = ar.for_decoding(model, params, dtype)
   init, cols = _compiled_steps(model, use_cfg, int(num_columns), int(num_steps),
-                               bool(hoist_modulations), int(chunk))
+                               bool(hoist_modulations),
+                               ar.batch_shards(labels), int(chunk))
   guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
   advance = lambda state, start: cols(params, state, jnp.int32(start), rng,
                                       guidance_scale)

@@ -27,37 +27,16 @@ from genvis_jax.sample import ar
 
 @dataclasses.dataclass(frozen=True)
 class Options(ar.Options):
-  """``ar.Options`` + the logit filters (``top_k_top_p``; 0 / 1.0 = off)."""
+  """``ar.Options`` + the logit filters (``ar.top_k_top_p``; 0 / 1.0 = off)."""
   top_k: int = 0
   top_p: float = 1.0
 
 
-def top_k_top_p(logits, top_k: int = 0, top_p: float = 1.0):
-  """Masks logits (B, V) outside the top-k / nucleus to -inf (0 / 1.0 = off).
-
-  Nucleus as in the official filter: keep the most probable tokens up to and
-  including the first whose cumulative probability exceeds ``top_p``.
-  """
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove = jnp.concatenate(
-        [jnp.zeros_like(cum[..., :1], bool), cum[..., :-1] > top_p], axis=-1)
-    remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)
-    logits = jnp.where(remove, -jnp.inf, logits)
-  return logits
-
-
 def _pick(logits, rng, t, i, g, temp, use_cfg, top_k, top_p):
-  """(B, V) logits, or (2B, V) in ``cfg_labels`` order -> (B,) int32 sub-token
-  i of position t."""
-  logits = top_k_top_p(ar.guide(logits, g, use_cfg) / temp, top_k, top_p)
+  """``ar.draw`` of sub-token i of position t, key ``fold_in(fold_in(rng,
+  t), i)``: (B, V) logits, or (2B, V) in ``cfg_labels`` order -> (B,) int32."""
   key = jax.random.fold_in(jax.random.fold_in(rng, t), i)
-  return jax.random.categorical(key, logits).astype(jnp.int32)
+  return ar.draw(logits, key, g, temp, use_cfg, top_k, top_p)
 
 
 def _resize_backbone(cache, kv_len):
@@ -72,7 +51,7 @@ def _cached_impl(model, opts, params, labels, rng, g, temp):
   b, k, n = labels.shape[0], model.num_codebooks, model.seq_len
   params = ar.cast_params(params, opts.dtype)
   twice = functools.partial(ar.twice, use_cfg=use_cfg)
-  labels2 = ar.cfg_labels(labels, model.null_label) if use_cfg else labels
+  labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
   pick = functools.partial(_pick, rng=rng, g=g, temp=temp, use_cfg=use_cfg,
                            top_k=opts.top_k, top_p=opts.top_p)
 
@@ -108,7 +87,7 @@ def _uncached_impl(model, opts, params, labels, rng, g, temp):
   use_cfg, top_k, top_p = opts.use_cfg, opts.top_k, opts.top_p
   b, k, n = labels.shape[0], model.num_codebooks, model.seq_len
   twice = functools.partial(ar.twice, use_cfg=use_cfg)
-  labels2 = ar.cfg_labels(labels, model.null_label) if use_cfg else labels
+  labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
 
   def body(t, codes):
     # Full forward per sub-token; codes not yet sampled are zeros that the
@@ -141,7 +120,7 @@ def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
 
 def _run(cached, model, params, labels, rng, guidance_scale, temperature, top_k,
          top_p, dtype=None, bucket=None):
-  labels = ar.check_call(labels, temperature)
+  labels = ar.check_call(labels, temperature, model.null_label)
   use_cfg = float(guidance_scale) > 1.0  # official: CFG only when scale > 1
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, top_k=top_k,
                   top_p=top_p, dtype=dtype, bucket=bucket)
@@ -156,7 +135,8 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
   Args:
     model: a ``genvis_jax.models.far.FAR`` module.
     params: its parameter pytree (replicated or sharded).
-    labels: int (B,) classes 0..num_classes-1 (may be sharded along the batch).
+    labels: int (B,) classes 0..num_classes-1, or num_classes (the null
+      class) for unconditional samples (may be sharded along the batch).
     rng: PRNG key.
     guidance_scale: CFG scale applied to every sub-token; CFG (a doubled batch
       with the null class) only when > 1, as in the official sampler.
@@ -171,6 +151,10 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
   Returns:
     int32 (B, k, grid**2) codes, sub-token maps in the tokenizer's order,
     each raster order (reshape to (B, k, grid, grid) for ``decode``).
+  Raises:
+    ConfigError: labels not 1-D or out of range (``ar.check_labels``),
+      temperature <= 0, top_k < 0, top_p outside (0, 1], or a dtype other
+      than float32 / bfloat16.
   """
   return _run(True, model, params, labels, rng, guidance_scale,
               temperature, top_k, top_p, dtype, bucket)

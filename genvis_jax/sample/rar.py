@@ -37,22 +37,23 @@ TABLE_BYTES = 1 << 30
 def cfg_scale(step, seq_len: int, guidance_scale, guidance_pow):
   """Power-cosine guidance ``1 + (g-1) * (1 - cos(pi * (t/L)**pow)) / 2``.
 
-  ``t`` is the 0-based step (official ``generate``), so a positive ``pow``
-  starts at 1 (no guidance) and ``pow = 0`` gives the constant ``g``.
+  ``t`` is the 0-based step and ``L`` the model's sequence length (official
+  ``generate``: ``t / 256``), so a positive ``pow`` starts at 1 (no guidance)
+  and ``pow = 0`` gives the constant ``g``.
   """
   frac = (jnp.asarray(step, jnp.float32) / seq_len) ** guidance_pow
   return 1.0 + (guidance_scale - 1.0) * (1.0 - jnp.cos(jnp.pi * frac)) / 2.0
 
 
 def pick(logits, step, rng, seq_len, g, pw, temperature, use_cfg):
-  """Guided, tempered categorical draw at ``step`` with key ``fold_in(rng, step)``.
+  """``ar.draw`` at ``step`` with key ``fold_in(rng, step)`` and the guidance
+  scale of ``cfg_scale(step, seq_len, g, pw)`` (``seq_len``: the model's).
 
   logits (B, V), or (2B, V) in ``cfg_labels`` order when ``use_cfg``.
   Returns int32 (B,).
   """
-  logits = ar.guide(logits, cfg_scale(step, seq_len, g, pw), use_cfg)
-  key = jax.random.fold_in(rng, step)
-  return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+  return ar.draw(logits, jax.random.fold_in(rng, step),
+                 cfg_scale(step, seq_len, g, pw), temperature, use_cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,8 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
   b = labels.shape[0]
   params = ar.cast_params(params, opts.dtype)
   null = jnp.full((1,), model.null_label, labels.dtype)
-  draw = functools.partial(pick, rng=rng, seq_len=seq_len, g=g, pw=pw,
+  # The schedule runs over the model's length: a shorter run is a prefix.
+  draw = functools.partial(pick, rng=rng, seq_len=model.seq_len, g=g, pw=pw,
                            temperature=temp, use_cfg=use_cfg)
 
   def tables(start, n):
@@ -92,9 +94,9 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
     return jax.tree_util.tree_map(ar.cfg_rows, own, nul) if use_cfg else own
 
   def prefill():
-    labels2 = ar.cfg_labels(labels, model.null_label) if use_cfg else labels
     logits, state = model.apply(
-        {"params": params}, labels2, per_row(*tables(0, PREFIX)),
+        {"params": params}, ar.batch_labels(labels, model.null_label, use_cfg),
+        per_row(*tables(0, PREFIX)),
         method="prefill_modulated", mutable=["cache"])
     codes = jnp.zeros((b, 1, seq_len), jnp.int32)
     return state["cache"], codes.at[:, 0, 0].set(draw(logits, 0))
@@ -126,13 +128,13 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
 def _uncached_impl(model, opts, params, labels, rng, g, pw, temp):
   use_cfg, seq_len = opts.use_cfg, opts.seq_len
   b = labels.shape[0]
-  labels2 = ar.cfg_labels(labels, model.null_label) if use_cfg else labels
+  labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
 
   def body(t, tokens):
     # Full causal forward; positions > t hold placeholders the mask hides.
     logits = model.apply({"params": params}, ar.twice(tokens, use_cfg), labels2)
     logits = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)
-    tok = pick(logits, t, rng, seq_len, g, pw, temp, use_cfg)
+    tok = pick(logits, t, rng, model.seq_len, g, pw, temp, use_cfg)
     return jax.lax.dynamic_update_index_in_dim(tokens, tok, t, axis=1)
 
   tokens = jnp.zeros((b, model.seq_len), jnp.int32)
@@ -163,7 +165,7 @@ def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
 
 def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
          temperature, seq_len, dtype=None, bucket=None):
-  labels = ar.check_call(labels, temperature)
+  labels = ar.check_call(labels, temperature, model.null_label)
   use_cfg = float(guidance_scale) != 0.0  # official: g == 0 disables CFG
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
                   dtype=dtype, bucket=bucket,
@@ -180,12 +182,15 @@ def sample(model, params, labels, rng, *, guidance_scale: float,
   Args:
     model: a ``genvis_jax.models.rar.RAR`` module.
     params: its parameter pytree (replicated or sharded).
-    labels: int (B,) classes 0..num_classes-1 (may be sharded along the batch).
+    labels: int (B,) classes 0..num_classes-1, or num_classes (the null
+      class) for unconditional samples (may be sharded along the batch).
     rng: PRNG key; step t uses ``fold_in(rng, t)``.
     guidance_scale: CFG scale g; 0 disables CFG (no doubled batch).
     guidance_pow: power of the cosine schedule (0 = constant g).
     temperature: divides the (guided) logits before full softmax sampling.
-    seq_len: tokens to generate (default ``model.seq_len``).
+    seq_len: tokens to generate (default ``model.seq_len``): the first
+      ``seq_len`` tokens of the full run with the same key (the guidance
+      schedule runs over ``model.seq_len``).
     dtype: None or '' computes in ``model.dtype`` with the parameters as
       given; 'float32' computes in fp32 (the reference tokens); 'bfloat16'
       casts the parameters once to bf16 and runs matmuls and the KV cache in
@@ -195,6 +200,10 @@ def sample(model, params, labels, rng, *, guidance_scale: float,
       ``ar.DEFAULT_BUCKET``; 0 = one chunk over the full cache, fastest compile).
   Returns:
     int32 (B, seq_len) image codes in raster order.
+  Raises:
+    ConfigError: labels not 1-D or out of range (``ar.check_labels``),
+      temperature <= 0, seq_len outside 1..model.seq_len, or a dtype other
+      than float32 / bfloat16.
   """
   return _run(True, model, params, labels, rng, guidance_scale, guidance_pow,
               temperature, seq_len, dtype, bucket)
