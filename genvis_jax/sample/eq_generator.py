@@ -164,8 +164,13 @@ def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, shards,
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
     conds = jax.lax.dynamic_update_index_in_dim(conds, z.astype(conds.dtype),
                                                 col, axis=1)
-    z, cache = model.apply({"params": params}, twice(x), col, cache,
-                           method="decode_step")
+    # The next column's condition; the last column feeds none (one backbone
+    # step per image saved).
+    z, cache = jax.lax.cond(
+        col + 1 < num_columns,
+        lambda: model.apply({"params": params}, twice(x), col, cache,
+                            method="decode_step"),
+        lambda: (z, cache))
     return z, cache, latents, conds
 
   return jax.lax.fori_loop(0, count, body, state)
