@@ -117,3 +117,49 @@ def test_mesh_shape_errors():
     shd.mesh_shape(ml_collections.ConfigDict(dict(shape=dict(data=2, fsdp=3))), 8)
   assert shd.mesh_shape(ml_collections.ConfigDict(
       dict(shape=dict(data=-1, fsdp=2, tensor=1))), 8) == dict(data=4, fsdp=2, tensor=1)
+
+
+def test_fused_qkv_splits_by_heads_under_tensor_parallelism():
+  """A fused qkv kernel (d, 3d) split over ``tensor`` as stored would cut
+  across q | k | v: every layer would reshuffle q, k, v between devices
+  (collective-permutes forward, all-to-alls backward). Sliced by heads it
+  exchanges only what separate q/k/v projections do (fsdp gathers, the
+  output projection's all-reduce), and computes the same as x @ W + b."""
+  import re
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from genvis_jax.models.layers.attention import Attention, FusedQKV
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  x = jax.random.normal(jax.random.key(1), (8, 16, 64))
+  rules = base.DEFAULT_RULES
+  ops = {}
+  for fused in (True, False):
+    m = Attention(num_heads=8, mask="causal", fused_qkv=fused)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      abstract = jax.eval_shape(lambda: m.init(jax.random.key(0), x))
+      shardings = nn.logical_to_mesh_sharding(
+          nn.get_partition_spec(abstract), mesh, rules)
+      params = jax.jit(lambda: m.init(jax.random.key(0), x),
+                       out_shardings=shardings)()
+      xs = jax.device_put(x, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+      loss = lambda p, x: m.apply(p, x).sum()
+      hlo = "".join(jax.jit(f).lower(params, xs).compile().as_text()
+                    for f in (loss, jax.grad(loss)))
+    ops[fused] = sorted(set(re.findall(
+        r"\b(all-to-all|collective-permute|all-gather|all-reduce|"
+        r"reduce-scatter)(?:-start)?\(", hlo)))
+    if fused:
+      p = nn.unbox(jax.device_get(params))["params"]
+      k = p["qkv"]["kernel"]
+      p = {**p, "qkv": {"kernel": k, "bias": np.linspace(-1, 1, 192, dtype=np.float32)}}
+      assert k.shape == (64, 192) and p["qkv"]["bias"].shape == (192,)
+      # The stored layout: q | k | v, heads inside each third (timm).
+      q_ref = (x @ k + p["qkv"]["bias"])[..., :64].reshape(8, 16, 8, 8)
+      q, _, v = FusedQKV(8, 64, True, m.kernel_init, jnp.float32,
+                         jnp.float32).apply({"params": p["qkv"]}, x)
+      np.testing.assert_allclose(q, q_ref, rtol=1e-5, atol=1e-5)
+      v_ref = (x @ k + p["qkv"]["bias"])[..., 128:].reshape(8, 16, 8, 8)
+      np.testing.assert_allclose(v, v_ref, rtol=1e-5, atol=1e-5)
+  assert ops[True] == ops[False] == ["all-gather", "all-reduce"], ops

@@ -195,14 +195,56 @@ def apply_rope(x, cos, sin):
 MASKS = ("none", "causal", "window")
 
 
+class FusedQKV(nn.Module):
+  """q, k, v of ``x`` (..., d_in) from one ``kernel`` (d_in, 3 dim) and
+  ``bias`` (3 dim,): the timm / open_clip layout (q | k | v, heads inside
+  each third), each returned as (..., num_heads, dim / num_heads) in
+  ``dtype``.
+
+  The kernel is stored as before (``embed`` x ``heads``) and used as
+  (d_in, 3, heads, head_dim) with the heads on the ``heads`` axis. Split over
+  a mesh's ``tensor`` axis as stored, a device's columns are a block that
+  crosses the thirds (q and half of k for 2 devices): a plain matmul then
+  split reshuffles the activations q, k, v between devices in every layer
+  (collective-permutes forward, all-to-alls backward, batch-sized). The
+  view instead gathers the kernel over ``tensor`` once per layer
+  (weight-sized, as FSDP gathers over ``fsdp``) and each device computes
+  its own heads.
+  """
+  num_heads: int
+  dim: int
+  use_bias: bool
+  kernel_init: Callable
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    d_in, h = x.shape[-1], self.num_heads
+    split = (3, h, self.dim // h)
+    kernel = self.param("kernel", layers.named(self.kernel_init, ("embed", "heads")),
+                        (d_in, 3 * self.dim), self.param_dtype)
+    kernel = nn.with_logical_constraint(kernel.reshape(d_in, *split),
+                                        ("embed", None, "heads", None))
+    y = jnp.einsum("...d,dthe->...the", x.astype(self.dtype),
+                   kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", layers.named(layers.zeros, ("heads",)),
+                        (3 * self.dim,), self.param_dtype)
+      y = y + nn.with_logical_constraint(
+          bias.reshape(split), (None, "heads", None)).astype(self.dtype)
+    return y[..., 0, :, :], y[..., 1, :, :], y[..., 2, :, :]
+
+
 class Attention(nn.Module):
   """Multi-head attention, ``x (B, N, d) -> (B, N, d)``.
 
   Options (fields):
     num_heads: heads; head_dim = d / num_heads (d = ``x.shape[-1]``, or
       ``dim`` when set: the width of q/k/v and of the output).
-    fused_qkv: one ``qkv`` Dense (d -> 3d, q | k | v, heads inside each third,
-      the timm / open_clip layout) instead of ``q``, ``k``, ``v``. Cross
+    fused_qkv: one ``qkv`` projection (``FusedQKV``: d -> 3d, q | k | v,
+      heads inside each third, the timm / open_clip layout; split by heads
+      under tensor parallelism) instead of ``q``, ``k``, ``v``. Cross
       attention (``context`` given) always uses separate projections.
     qkv_bias, out_bias: biases of the input / output projections.
     qk_norm: LayerNorm (eps ``norm_eps``) of q and k over head_dim
@@ -277,9 +319,8 @@ class Attention(nn.Module):
         self.norm_eps, name=name, dtype=self.dtype,
         param_dtype=self.param_dtype)(t)
     if is_self and self.fused_qkv:
-      qkv = self._dense(3 * dim, ("embed", "heads"), "qkv", self.qkv_bias,
-                        self.kernel_init)(x)
-      q, k, v = (self._heads(t) for t in jnp.split(qkv, 3, axis=-1))
+      q, k, v = FusedQKV(self.num_heads, dim, self.qkv_bias, self.kernel_init,
+                         self.dtype, self.param_dtype, name="qkv")(x)
     elif kv is None:
       src = x if context is None else context
       k, v = project("k", src), project("v", src)
