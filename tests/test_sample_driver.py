@@ -141,3 +141,19 @@ def test_class_labels_are_balanced_and_refuse_classes_the_model_lacks():
                      match=r"config.sample.classes holds \[-1, 10\], not "
                            r"classes of this model: use 0..9"):
     driver.class_labels(4, 10, (3, 10, -1))
+
+
+def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):
+  import logging
+  d = _parts_dir(tmp_path, _settings(devices=8))
+  with caplog.at_level(logging.WARNING):
+    driver.check_settings(d, _settings(devices=8))
+    assert "devices" not in caplog.text
+    driver.check_settings(d, _settings(devices=4))
+  assert "drawn on 8 devices and this run has 4" in caplog.text
+  # Parts from before the count was recorded resume silently.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    driver.check_settings(_parts_dir(tmp_path, _settings(), "old"),
+                          _settings(devices=4))
+  assert "devices" not in caplog.text

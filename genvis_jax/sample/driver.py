@@ -139,14 +139,18 @@ def sample_settings(config, pinned=None) -> dict:
   # the paths: a run trained further since is other weights, a copied folder
   # the same ones.
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
-          "tokenizer": tokenizer, "sample": config.sample.to_dict()}
+          "tokenizer": tokenizer, "sample": config.sample.to_dict(),
+          "devices": jax.device_count()}
   return json.loads(json.dumps({**settings_lib.flatten(keep),
                                 **pinned_sources(pinned)}))
 
 
 # Settings a resume may change: the parts depend only on their start index;
-# the paths may move as long as ``weights`` (what they hold) stays the same.
-MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint")
+# the paths may move as long as ``weights`` (what they hold) stays the same;
+# another device count draws the same keys with other per-device shapes
+# (a warning: float rounding may flip a few tokens).
+MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint",
+              "devices")
 WEIGHTS = ("weights.generator", "weights.tokenizer")
 
 
@@ -218,13 +222,20 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
       old = {"sample.seed": 0, **json.load(f)}
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
-        "sample.num_samples",) + WEIGHTS
+        "sample.num_samples", "devices") + WEIGHTS
     diff = settings_lib.differences(old, settings, ignore=may_change)
     if diff and parts:
       raise SampleSettingsError(
           f"{parts_dir} holds {len(parts)} sample parts drawn with other "
           f"settings ({settings_lib.shorten(diff, 5)}). Use a new workdir, or "
           "delete that folder to start over.")
+    if parts and old.get("devices") not in (None, settings.get("devices")):
+      logging.warning(
+          "%s holds %d sample parts drawn on %d devices and this run has %d: "
+          "the same keys and weights, but each device's share of a batch "
+          "differs, so float rounding may change a few tokens against an "
+          "uninterrupted run.", parts_dir, len(parts), old["devices"],
+          settings["devices"])
   elif parts:
     raise SampleSettingsError(f"{parts_dir} holds {len(parts)} sample parts but no "
                      "settings.json, so they cannot be checked against this "
