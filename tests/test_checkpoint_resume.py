@@ -141,7 +141,8 @@ def test_resume_refuses_a_different_model(tmp_path, monkeypatch):
   other.model.widths = (8, 32)
   # As if `other` trained on token files: the refused run must not leave
   # its token record in this (another run's) workdir.
-  monkeypatch.setattr(token_origin, "written_weights", lambda c: ["other"])
+  monkeypatch.setattr(token_origin, "written_weights",
+                      lambda c, encodes=False: ["other"])
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="widths"):
     trainer_lib.train_and_evaluate(other, wd)
   assert not os.path.exists(os.path.join(wd, token_origin.ORIGIN_FILE))

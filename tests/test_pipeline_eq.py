@@ -5,7 +5,10 @@ sampled images; the paper's protocol evaluates the training-width set, which
 has the format of RAR's samples, and the RAR pipeline evaluates those, so it
 is not repeated here (its two 2048-d matrix square roots cost about 45 s)."""
 
+import glob
+import json
 import os
+import shutil
 
 import pytest
 
@@ -26,6 +29,7 @@ def test_equivariant_paper_pipeline(tmp_path):
                                           "train.num_steps": 4})
   cfg = pc.load_config("eq_s.py:runlocal")
   assert os.listdir(os.path.join(gen, "images"))   # grids at 1x and 8x width
+  _check_tokenizer_origin(w, tok, gen)
 
   wide = 8 * cfg.sample.num_columns                 # 8x the training width
   out = pc.run_mode("eq_s.py:runlocal", os.path.join(w, "samples"), **{
@@ -33,3 +37,32 @@ def test_equivariant_paper_pipeline(tmp_path):
       "sample.num_columns": wide})
   column = cfg.data.image_width // cfg.sample.num_columns
   pc.check_samples(out, (16, cfg.data.image_size, wide * column, 3))
+
+
+def _check_tokenizer_origin(w, tok, gen):
+  """The generator records the tokenizer weights it encoded its images with:
+  resuming with other weights (a copy whose newest step was committed anew,
+  as a tokenizer trained further) is refused before any state is read, and
+  sampling with them warns."""
+  from genvis_jax.core import weights as weights_lib
+  from genvis_jax.data import token_origin
+  from genvis_jax.errors import ConfigError
+  from genvis_jax.sample import driver
+  assert token_origin.run_token_weights(gen) == [weights_lib.params_source(tok)]
+  other = os.path.join(w, "other_tokenizer")
+  shutil.copytree(tok, other)
+  meta = max(glob.glob(os.path.join(other, "checkpoints", "[0-9]*",
+                                    "_CHECKPOINT_METADATA")))
+  with open(meta) as f:
+    m = json.load(f)
+  m["commit_timestamp_nsecs"] += 1
+  with open(meta, "w") as f:
+    json.dump(m, f)
+  source = weights_lib.params_source(other)
+  assert source and source != weights_lib.params_source(tok)
+  with pytest.raises(ConfigError, match=r"trained to step 4 on latents of "
+                     r"tokenizer weights .* now holds"):
+    pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": other,
+                                            "train.num_steps": 6})
+  assert "decoded by another tokenizer" in driver.warn_other_tokenizer(
+      gen, source)

@@ -233,12 +233,20 @@ def _ema_of_step(wd, step):
   return restored["state"]["ema"]
 
 
-def test_inference_loading_skips_a_damaged_latest_step(runs, tmp_path, caplog):
+def _cut_sharding_json(step_dir):
+  path = os.path.join(step_dir, "state", "_sharding")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage", [truncate_data_files, _cut_sharding_json])
+def test_inference_loading_skips_a_damaged_latest_step(runs, tmp_path, caplog,
+                                                       damage):
   """Sampling / pretokenize / evaluate read a training workdir like a resume:
-  the newest step that loads (here 3, step 6 truncated), files left in place."""
+  the newest step that loads (here 3, step 6 damaged), files left in place."""
   wd = copy_run(runs[1], tmp_path)
   want = _ema_of_step(wd, 3)
-  truncate_data_files(os.path.join(wd, "checkpoints", "6"))
+  damage(os.path.join(wd, "checkpoints", "6"))
   model = config(1).model
   with caplog.at_level(logging.WARNING):
     got = models.load_params(model, wd, setting="--config.init_from")

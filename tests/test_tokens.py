@@ -371,7 +371,7 @@ def test_shards_written_before_the_remainder_was_kept_are_written_again(
   assert not pretokenize._lacks_remainder({"records": 330}, settings)
 
 
-def test_labels_beyond_the_models_classes_are_refused(tmp_path):
+def test_labels_beyond_the_models_classes_are_refused(tmp_path, caplog):
   """Token files with labels 0..10 (their record's max_label; the
   pre-tokenize setting of 1000 classes is only an upper bound): refused by a
   data config of 10 classes (the pipeline) and by a model of 10 classes (the
@@ -408,6 +408,12 @@ def test_labels_beyond_the_models_classes_are_refused(tmp_path):
     trainer_lib.create_train_iterator(config, task)
   config.model.num_classes = 11
   trainer_lib.create_train_iterator(config, task)
+  # More model classes than the data hold: trains, and says which never do.
+  config.model.num_classes = 1000
+  with caplog.at_level(logging.WARNING):
+    trainer_lib.create_train_iterator(config, task)
+  assert ("11 classes (labels 0...10) but config.model.num_classes is 1000: "
+          "classes 11...999 are never trained") in caplog.text
 
 
 def test_pretokenize_class_error_names_its_own_setting():

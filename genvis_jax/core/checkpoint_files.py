@@ -78,14 +78,23 @@ def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
 
   Raises ValueError (or the underlying JSON / TensorStore error) naming the
   first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
-  JSON metadata or data-iterator state, truncated or missing OCDBT files.
+  JSON metadata (``state/_METADATA``, ``state/_sharding``,
+  ``_CHECKPOINT_METADATA``) or data-iterator state, truncated or missing
+  OCDBT files.
   """
   state = step_dir / "state"
   if not state.exists():
     raise ValueError("state/ is missing")
   if not (state / "_METADATA").exists():
     raise ValueError("state/_METADATA is missing")
-  json.loads((state / "_METADATA").read_text())
+  for meta in (state / "_METADATA", state / "_sharding",
+               step_dir / "_CHECKPOINT_METADATA"):
+    if meta.exists():   # _sharding and the step's metadata are optional
+      try:
+        json.loads(meta.read_text())
+      except ValueError as e:
+        raise ValueError(f"{meta.relative_to(step_dir)} is not valid JSON "
+                         f"({e})") from e
   for item in ("config", "data"):
     if item == "data" and not with_data:
       continue

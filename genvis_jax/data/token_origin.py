@@ -197,39 +197,59 @@ def check_origin(pattern: str, records: dict[str, dict],
   return msg
 
 
-# A training run's record of the tokenizer weights its token files came from,
-# in its workdir: a resume on rewritten files is refused, and sampling warns
-# when it decodes with other weights.
+# A training run's record of the tokenizer weights its token files came from
+# (or, for a task that encodes its images in the loss, of the tokenizer it
+# encodes with), in its workdir: a resume on other codes is refused, and
+# sampling warns when it decodes with other weights.
 ORIGIN_FILE = "token_origin.json"
 
 
-def written_weights(config) -> list[str]:
-  """Sorted tokenizer weights the token files of ``config.data`` record
-  ([] when the data are not token files or nothing is recorded)."""
+def written_weights(config, encodes: bool = False) -> list[str]:
+  """Sorted tokenizer weights the training data's codes come from: those
+  the token files of ``config.data`` record, or with ``encodes`` (the task
+  encodes images with ``config.tokenizer``) the weights its checkpoint
+  holds now. [] when neither applies or nothing is recorded."""
   pattern = _pattern(config.data)
   if not pattern:
-    return []
+    path = config.get("tokenizer", {}).get("checkpoint", "") if encodes else ""
+    return [w for w in [weights_lib.params_source(path)] if w] if path else []
   found = {s.get("weights") for s in recorded_settings(pattern).values()}
   return sorted(w for w in found if w)
 
 
-def check(config, workdir: str, resumed_step: int | None) -> None:
+def check(config, workdir: str, resumed_step: int | None,
+          encodes: bool = False) -> None:
   """Before a resume reads any state: raises ``TokenFileError`` when the
   token files now come from other tokenizer weights than the run trained on
-  (the record ``record`` wrote). Writes nothing."""
-  multihost.on_process_0(lambda: _check(config, workdir, resumed_step))
+  (the record ``record`` wrote), ``ConfigError`` when a task that encodes
+  its images (``encodes``) would now encode with other tokenizer weights.
+  Writes nothing."""
+  multihost.on_process_0(lambda: _check(config, workdir, resumed_step,
+                                        encodes))
 
 
-def record(config, workdir: str, resumed_step: int | None) -> None:
+def record(config, workdir: str, resumed_step: int | None,
+           encodes: bool = False) -> None:
   """After the run's state is restored (or initialised): records
-  ``written_weights(config)`` in ``workdir`` unless a record is there. A
-  workdir whose checkpoint is refused (another config) gets no file."""
-  multihost.on_process_0(lambda: _record(config, workdir, resumed_step))
+  ``written_weights(config, encodes)`` in ``workdir`` unless a record is
+  there. A workdir whose checkpoint is refused (another config) gets no
+  file."""
+  multihost.on_process_0(lambda: _record(config, workdir, resumed_step,
+                                         encodes))
 
 
-def _check(config, workdir: str, resumed_step: int | None) -> None:
-  now = written_weights(config)
+def _check(config, workdir: str, resumed_step: int | None,
+           encodes: bool) -> None:
+  now = written_weights(config, encodes)
   before = run_token_weights(workdir) if resumed_step is not None else []
+  if before and now and before != now and not _pattern(config.data):
+    raise ConfigError(
+        f"This run trained to step {resumed_step} on latents of tokenizer "
+        f"weights {before}, but config.tokenizer.checkpoint "
+        f"({config.tokenizer.checkpoint}) now holds {now}: it would go on "
+        "training on another tokenizer's latents. Resume with the tokenizer "
+        "it trained on (<run>/checkpoints/<step>), or start a new --workdir "
+        "(--config.init_from=<this run> keeps the weights).")
   if before and now and before != now:
     path = epath.Path(workdir) / ORIGIN_FILE
     raise TokenFileError(
@@ -242,21 +262,23 @@ def _check(config, workdir: str, resumed_step: int | None) -> None:
         f"recorded no {weights_lib.DIGEST_FILE}), delete {path} and resume.")
 
 
-def _record(config, workdir: str, resumed_step: int | None) -> None:
-  now = written_weights(config)
+def _record(config, workdir: str, resumed_step: int | None,
+            encodes: bool) -> None:
+  now = written_weights(config, encodes)
   if not now or (resumed_step is not None and run_token_weights(workdir)):
     return
   path = epath.Path(workdir) / ORIGIN_FILE
   if resumed_step is not None:   # a run from before this record existed
-    logging.warning("Recording the token files' tokenizer weights %s in %s; "
+    logging.warning("Recording the training data's tokenizer weights %s in %s; "
                     "the steps up to %d were trained before such a record "
                     "existed and are not checked.", now, path, resumed_step)
   path.write_text(json.dumps({"weights": now}))
 
 
 def run_token_weights(run: str) -> list[str]:
-  """The tokenizer weights a training run's tokens came from ([] when not
-  recorded, e.g. a converted checkpoint or a run of images)."""
+  """The tokenizer weights a training run's codes came from (its token files,
+  or the tokenizer that encoded its images); [] when not recorded, e.g. a
+  converted checkpoint or a run of images without a tokenizer."""
   try:
     return list(json.loads((epath.Path(run) / ORIGIN_FILE).read_text())
                 .get("weights") or [])

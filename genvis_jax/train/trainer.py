@@ -79,9 +79,19 @@ def check_model_classes(config, data_classes: int | None) -> None:
   """Labels must stay below ``config.model.num_classes``: a class-conditional
   generator reads label ``num_classes`` as its null (unconditional) class and
   larger ones past its class table (NaN, or a silently wrong class). Raises
-  ``ConfigError`` naming both counts; a no-op for models without classes."""
+  ``ConfigError`` naming both counts; warns when the data have fewer classes
+  (the rest are never trained); a no-op for models without classes."""
   model_classes = config.get("model", {}).get("num_classes")
-  if not model_classes or not data_classes or data_classes <= model_classes:
+  if not model_classes or not data_classes or data_classes == model_classes:
+    return
+  if data_classes < model_classes:
+    logging.warning(
+        "The training data has %d classes (labels 0...%d) but "
+        "config.model.num_classes is %d: classes %d...%d are never trained, "
+        "and sampling draws them too unless config.sample.classes lists the "
+        "trained ones. Set --config.model.num_classes=%d if the data are all "
+        "there is.", data_classes, data_classes - 1, model_classes,
+        data_classes, model_classes - 1, data_classes)
     return
   raise errors.ConfigError(
       f"The training data has {data_classes} classes (labels 0..."
@@ -269,12 +279,13 @@ def train_loop(config, workdir: str, on_log=None):
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   # Before restoring: a resume on other tokens is refused without reading state.
   from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
-  token_origin.check(config, workdir, ckpt.latest_step())
+  encodes = task.encodes_with_tokenizer
+  token_origin.check(config, workdir, ckpt.latest_step(), encodes)
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state, saved_config = ckpt.restore_latest(
       trainer.abstract_state(), config, with_data=True)
   # After the config check: a refused workdir (another run's) gets no record.
-  token_origin.record(config, workdir, latest)
+  token_origin.record(config, workdir, latest, encodes)
   data_seed = config.seed
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)

@@ -40,6 +40,10 @@ class Task:
   # Pixel range the data pipeline should produce for this task's models; a
   # task with a tokenizer takes it from the model (``models.value_range``).
   value_range: tuple[float, float] = (0.0, 1.0)
+  # Whether the training data reach the model through config.tokenizer
+  # (images encoded in the loss): its weights are then the data's origin,
+  # recorded and checked like token files' (``data.token_origin``).
+  encodes_with_tokenizer: bool = False
 
   def __init__(self, config):
     self.config = config

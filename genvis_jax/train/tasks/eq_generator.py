@@ -19,6 +19,7 @@ from genvis_jax.train.tasks.eq import flow_loss, flow_targets
 class EqGeneratorTask(Task):
   """Batch: {"image": (B, H, W, 3) in [-1, 1] or "latents": (B, L, C) posterior
   means, "label": (B,)}. One group "model"; metrics loss / shift."""
+  encodes_with_tokenizer = True
 
   def __init__(self, config):
     super().__init__(config)
