@@ -10,6 +10,8 @@ training width (4 columns) and 8x wider (32 columns = 512 px).
   python -m genvis_jax.main --config=configs/eq_demo.py:tokenizer --workdir=W/tok
   python -m genvis_jax.main --config=configs/eq_demo.py:generator \\
       --workdir=W/gen --config.tokenizer.checkpoint=W/tok
+  python -m genvis_jax.main --config=configs/eq_demo.py:tokenizer \\
+      --workdir=W/tok_eval --config.mode=evaluate --config.evaluate.checkpoint=W/tok
 """
 
 import ml_collections
@@ -59,6 +61,10 @@ def eq_tokenizer_demo_config():
   t.checkpoint_every = 300
   t.image_every = 300
   t.ema_decay = 0.99
+  # --config.mode=evaluate (--config.evaluate.checkpoint=DIR): the demo's
+  # size, not the paper's 50k.
+  c.evaluate.num_images = 256
+  c.evaluate.batch_size = 64
   return c
 
 

@@ -1,6 +1,8 @@
 """Tiny FQGAN-Dual tokenizer for the CPU demo (32x32 shapes, a few minutes).
 
-  python -m genvis_jax.main --config=configs/fqgan_demo.py --workdir=/tmp/fq_demo
+  python -m genvis_jax.main --config=configs/fqgan_demo.py --workdir=/tmp/fq_tok
+  python -m genvis_jax.main --config=configs/fqgan_demo.py --workdir=/tmp/fq_eval \
+      --config.mode=evaluate --config.evaluate.checkpoint=/tmp/fq_tok
 
 Trunk: 32 channels, three levels (32x32 -> 8x8 grid), one res block each;
 adapters: 1 layer of width 32 (4 heads); two sub-codebooks (vis, sem) of
@@ -42,6 +44,10 @@ def fq_tokenizer_demo_config():
   t.log_every = 100
   t.checkpoint_every = 1000
   t.image_every = 1000
+  # --config.mode=evaluate (--config.evaluate.checkpoint=DIR): as the demo's
+  # reconstructions stage, not the paper's 50k.
+  c.evaluate.num_images = 256
+  c.evaluate.batch_size = 64
   return c
 
 

@@ -107,6 +107,18 @@ GENERATORS = [s + a for s in PAPER if s.startswith(("rar", "far", "eq_"))
                   "demo_eq.py", "demo_fqgan.py"]
 
 
+@pytest.mark.parametrize("spec", ["fqgan_demo.py", "eq_demo.py:tokenizer"])
+def test_demo_tokenizer_configs_evaluate_as_documented(spec):
+  """``--config.mode=evaluate --config.evaluate.checkpoint=DIR`` with a demo
+  tokenizer's config (the README's command) asks for no more images than
+  its data's eval split holds (the paper default, 50k, cannot run)."""
+  from genvis_jax.data import pipeline
+  c = pc.load_config(spec)
+  assert c.evaluate.kind == "tokenizer"
+  split = len(pipeline.make_source(c.data, c.data.eval_split)[0])
+  assert 0 < c.evaluate.num_images <= split, (c.evaluate.num_images, split)
+
+
 @pytest.mark.parametrize("spec", GENERATORS)
 def test_tokenizer_config_file_holds_that_tokenizer(spec):
   """``config.tokenizer.config_file``, which the kind=tokenizer error tells
