@@ -32,8 +32,10 @@ def parse_arg(arg):
                      runlocal=False)
   a.precision = a.precision.lower()
   if a.precision not in PRECISIONS:
-    raise ValueError(f"Unknown config argument {a.precision!r}; use one of "
-                     f"{sorted(PRECISIONS)} (e.g. --config=configs/fqgan_dual_ds16.py:fp32).")
+    raise ValueError(
+        f"Unknown config argument {a.precision!r}; this config takes a "
+        f"precision ({' or '.join(sorted(PRECISIONS))}) and the flag runlocal, "
+        "comma-separated (e.g. --config=configs/fqgan_dual_ds16.py:fp32,runlocal).")
   return a
 
 

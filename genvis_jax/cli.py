@@ -102,6 +102,15 @@ def flags_parser(usage: str):
       if verbose(argv):
         raise
       fail(unknown_key_message(e, argv), 2)
+    except IndexError as e:   # ml_collections: --config.a[i].b past the end
+      indexed = [a.split("=")[0] for a in argv[1:]
+                 if a.startswith("--config.") and "[" in a.split("=")[0]]
+      if verbose(argv) or not indexed:
+        raise
+      fail(f"{' or '.join(indexed)} indexes past the end of its list ({e}): "
+           "indices count from 0, and the config file sets how many entries "
+           "the list has (e.g. config.teachers: one per feature head).\n"
+           f"{usage}", 2)
     except flags.Error as e:
       if verbose(argv):
         raise

@@ -66,6 +66,16 @@ def check_config_kind(config) -> None:
         f"jobs to run ({DEMO_CONFIGS}); this config is one job's and has no "
         "stages. Leave config.mode as the config sets it (train, sample, ...) "
         "or pass one of those demo configs.")
+  if config.mode != "demo" and not runner:
+    placeholders = _workdir_placeholders(config)
+    if placeholders:
+      key, value = placeholders[0]
+      raise ConfigError(
+          f"config.{key}={value!r} holds {{workdir}}, which a demo config "
+          f"({DEMO_CONFIGS}) fills in for its stages: this config is one of "
+          "those stages. Run the demo (--config.only=NAME runs some stages), "
+          f"or set --config.{key}" + "".join(
+              f", --config.{k}" for k, _ in placeholders[1:]) + ".")
   if config.mode != "demo" and runner:
     stages = ", ".join(config.get("stage_order", ()) or config.stages.keys())
     raise ConfigError(
@@ -74,6 +84,17 @@ def check_config_kind(config) -> None:
         "some of its stages with --config.only=NAME[,NAME] (they read the "
         "earlier stages' outputs in the same --workdir), or pass the stage's "
         "own config, e.g. configs/rar_b.py:runlocal.")
+
+
+def _workdir_placeholders(config, prefix: str = "") -> list[tuple[str, str]]:
+  """(dotted key, value) of the string fields holding ``{workdir}``."""
+  out = []
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out += _workdir_placeholders(value, f"{prefix}{key}.")
+    elif isinstance(value, str) and "{workdir}" in value:
+      out.append((f"{prefix}{key}", value))
+  return out
 
 
 def check_workdir(workdir: str) -> str | None:

@@ -158,6 +158,19 @@ CASES = {
                      "num_steps=abc: invalid literal for int"),
     "config_arg": (["--config=configs/rar_b.py:bogus"],
                    "Unknown config argument 'bogus'"),
+    # A misspelt flag where the config takes a precision first.
+    "config_arg_precision": (["--config=configs/fqgan_dual_ds16.py:runlcoal"],
+                             r"Unknown config argument 'runlcoal'; this config "
+                             r"takes a precision \(bf16 or fp32\) and the flag "
+                             r"runlocal"),
+    "config_index": (["--config=configs/fqgan_dual_ds16.py",
+                      "--config.teachers[1].path=x"],
+                     r"--config.teachers\[1\].path indexes past the end of "
+                     r"its list .*indices count from 0"),
+    "demo_stage_alone": (["--config=configs/far_demo.py"],
+                         r"config.data.path='\{workdir\}/fq_tokens/.*' holds "
+                         r"\{workdir\}, which a demo config .*fills in .*"
+                         r"or set --config.data.path"),
     "no_config_file": (["--config=configs/nothere.py"],
                        "configs/nothere.py.*does not exist in the current "
                        "directory .*: run from the repository root"),

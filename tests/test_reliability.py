@@ -271,6 +271,14 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path, caplog):
                      match="training run of model 'classifier'; a checkpoint of model 'rar'"):
     weights_lib.restore_params(runs[1], None, setting="--config.init_from",
                          model_name=other.name)
+  # A training run passed as the FID Inception: named as such, not as 500
+  # missing keys.
+  from genvis_jax.convert import inception
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r"\(--config.evaluate.inception\) is a training "
+                           "run of model 'classifier'; a checkpoint of model "
+                           "'inception' is expected"):
+    inception.load_inception_params(runs[1])
   for damage in ("3", "6"):
     truncate_data_files(os.path.join(_copy_once(runs[1], tmp_path),
                                      "checkpoints", damage))
@@ -297,3 +305,13 @@ def ml_collections_copy(cfg, **changes):
   c = cfg.copy_and_resolve_references()
   c.update(changes)
   return c
+
+
+def test_a_finished_run_says_so(runs, tmp_path, caplog):
+  wd = copy_run(runs[1], tmp_path)
+  with caplog.at_level(logging.WARNING):
+    state = trainer_lib.train_and_evaluate(config(6), wd)
+  assert int(state.step) == 6
+  assert "Training already finished" in caplog.text
+  assert "holds step 6 of config.train.num_steps=6" in caplog.text
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]

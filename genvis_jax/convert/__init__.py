@@ -146,8 +146,8 @@ def load_weights(path: str, expected=None, *,
                 setting: str = "the weights path",
                 what: str = "weights",
                 fetch: str = "Convert the released weights with `python -m "
-                "genvis_jax.convert --kind=KIND` (its --help lists the kinds)"
-                ) -> dict:
+                "genvis_jax.convert --kind=KIND` (its --help lists the kinds)",
+                model_name: str = "") -> dict:
   """Weights from a local ``path``, checked against ``expected`` (abstract
   params, e.g. ``jax.eval_shape`` of an init; None: the caller checks them by
   applying its module): the one reader of weight files.
@@ -157,7 +157,9 @@ def load_weights(path: str, expected=None, *,
   ``"a/b/kernel"``, what it writes for teachers), or a file with
   the official names (``.pth`` / ``.bin`` / ``.safetensors`` / ``.npz``),
   turned into Flax params by ``convert(state_dict)`` (e.g. a kind's
-  ``convert`` with its model config bound). Nothing is downloaded. Returns
+  ``convert`` with its model config bound). Nothing is downloaded. A
+  training workdir of a model other than ``model_name`` is refused naming
+  both (``core.weights.restore_params``). Returns
   jax arrays in ``expected``'s dtypes. ``setting`` names the config key the
   path came from, ``what`` the weights, ``fetch`` how to get them (all for
   the messages). Raises ``CheckpointFileNotFoundError`` (nothing there),
@@ -175,7 +177,8 @@ def load_weights(path: str, expected=None, *,
           "file (.npz / .pth / .bin / .safetensors).")
     # restore_params gives host arrays (expected names no sharding).
     return jax.tree_util.tree_map(
-        jnp.asarray, weights_lib.restore_params(path, expected, setting=setting))
+        jnp.asarray, weights_lib.restore_params(path, expected, setting=setting,
+                                                model_name=model_name))
   if not os.path.exists(path):
     raise errors.CheckpointFileNotFoundError(
         f"No {what} at {path!r} ({setting}): file not found. {fetch} and "

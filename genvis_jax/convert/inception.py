@@ -85,7 +85,8 @@ def load_inception_params(path: str) -> dict:
   """
   return convert_lib.load_weights(path, expected(), convert=convert,
                                  setting="--config.evaluate.inception",
-                                 what="Inception weights", fetch=(
+                                 what="Inception weights", model_name="inception",
+                                 fetch=(
       "Put pytorch-fid's pt_inception-2015-12-05-6726825d.pth there (read "
       "without torch), or convert it with `python -m genvis_jax.convert "
       "--kind=inception`"))

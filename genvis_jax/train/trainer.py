@@ -316,6 +316,10 @@ def train_loop(config, workdir: str, on_log=None):
               for g, p in state.params.items()}
   logging.info("Parameters: %s; mesh %s; start step %d of %d", n_params,
                dict(trainer.mesh.shape), start, num_steps)
+  if start >= num_steps:
+    logging.warning("Training already finished: %s holds step %d of "
+                    "config.train.num_steps=%d. Raise --config.train.num_steps "
+                    "to train further.", ckpt.directory, start, num_steps)
 
   writer = metrics_lib.create_writer(workdir)
   if start == 0:
