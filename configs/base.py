@@ -152,7 +152,8 @@ def get_config(arg=None):
   c.train.profile_steps = 0
   c.train.profile_skip_steps = 5
 
-  # mode=evaluate; kind: generation | tokenizer | demo_fid | class_score.
+  # mode=evaluate; kind: generation | reference | tokenizer | demo_fid |
+  # class_score.
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.kind = "generation"
   c.evaluate.samples = ""        # samples .npz (arr_0 uint8), e.g. from mode=sample
@@ -160,8 +161,9 @@ def get_config(arg=None):
   c.evaluate.inception = ""      # converted FID Inception (python -m genvis_jax.convert --kind=inception)
   c.evaluate.checkpoint = ""     # tokenizer checkpoint (kind=tokenizer)
   c.evaluate.lpips_path = ""     # LPIPS .npz for tokenizer LPIPS
-  c.evaluate.num_images = 50_000 # tokenizer eval images, exactly (0 = whole split)
+  c.evaluate.num_images = 50_000 # tokenizer eval / reference images, exactly (0 = whole split)
   c.evaluate.num_samples = 0     # 0 = all samples in the npz
+  c.evaluate.num_stored_images = 10_000  # kind=reference: kept as arr_0 (precision / recall)
   c.evaluate.batch_size = 200    # any size: the last batch is padded and masked
   # Inception resize: auto = the reference's recorded one (adm_tf for ADM's
   # reference batches, pytorch_fid with a warning for unknown files); an

@@ -130,16 +130,6 @@ def write_random_inception(path: str, seed: int = 0) -> str:
   return path
 
 
-def write_reference_images(path: str, data_spec: str, n: int = 32) -> str:
-  """An images-only reference batch (``arr_0``) from a config's eval split."""
-  from genvis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  cfg = load_config(data_spec)
-  src, _, _ = pipeline.make_source(cfg.data, cfg.data.eval_split)
-  images = np.stack([np.asarray(src[i]["image"]) for i in range(n)])
-  np.savez(path, arr_0=images.astype(np.uint8))
-  return path
-
-
 def check_samples(out: dict, shape: tuple[int, ...]) -> np.ndarray:
   """``mode=sample`` wrote ``samples.npz`` (ADM layout) and its PNG grid."""
   assert os.path.exists(out["png"])
@@ -152,13 +142,20 @@ def check_samples(out: dict, shape: tuple[int, ...]) -> np.ndarray:
 
 def evaluate_generation(spec: str, workdir: str, samples_npz: str,
                         data_spec: str) -> dict:
-  """``mode=evaluate`` (ADM metrics) of ``samples_npz`` against reference
-  images of ``data_spec``'s eval split, through a random-weight Inception."""
+  """``mode=evaluate`` (ADM metrics) of ``samples_npz`` against the
+  reference ``kind=reference`` makes of ``data_spec``'s eval split (32
+  images), through a random-weight Inception."""
   workdir = str(workdir)
   os.makedirs(workdir, exist_ok=True)
   inception = write_random_inception(os.path.join(workdir, "inception.npz"))
-  reference = write_reference_images(os.path.join(workdir, "reference.npz"),
-                                     data_spec)
+  made = run_mode(data_spec, os.path.join(workdir, "reference"), **{
+      "mode": "evaluate", "evaluate.kind": "reference",
+      "evaluate.inception": inception, "evaluate.num_images": 32,
+      "evaluate.batch_size": 16})
+  reference = made["reference"]
+  from genvis_jax.evaluate import reference as ref_lib  # pylint: disable=import-outside-toplevel
+  ref = ref_lib.load_reference(reference)
+  assert (ref.num_images, len(ref.images), ref.preprocess) == (32, 32, "adm_tf")
   m = run_mode(spec, os.path.join(workdir, "eval"), **{
       "mode": "evaluate", "evaluate.kind": "generation",
       "evaluate.samples": samples_npz, "evaluate.reference": reference,

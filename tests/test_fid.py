@@ -317,6 +317,19 @@ def test_codebook_usage_single_and_factorized():
     tokenizer.codebook_usage(fq, (4, 2, 2))
 
 
+def test_reference_kind_needs_inception_weights_and_a_known_resize(tmp_path):
+  from configs import base
+  from genvis_jax.errors import ConfigError
+  config = base.get_config()
+  config.evaluate.kind = "reference"
+  with pytest.raises(ConfigError, match="config.evaluate.inception is not set"):
+    reference.evaluate(config, str(tmp_path))
+  config.evaluate.inception = str(tmp_path / "inception.npz")
+  config.evaluate.preprocess = "bilinear"
+  with pytest.raises(ConfigError, match="preprocess='bilinear'; use one of"):
+    reference.evaluate(config, str(tmp_path))
+
+
 def test_compute_reference_from_demo_split(tmp_path):
   from configs import base
   from genvis_jax.data import DemoSource

@@ -2,6 +2,7 @@
 
   tokenizer    reconstruction rFID / LPIPS / PSNR / SSIM / codebook usage
   generation   FID / sFID / IS / precision / recall of a samples npz (ADM)
+  reference    an ADM-format reference npz of config.data's eval split
   demo_fid     demo-scale FID on the demo classifier's features
   class_score  how often samples are classified as their conditioning class
 

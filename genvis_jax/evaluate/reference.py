@@ -429,3 +429,50 @@ def compute_reference(data_config, inception_params, out_path: str, *,
       preprocess=preprocess,
       inception_weights=getattr(extractor, "weights_id", None),
       num_images=pool.count)
+
+
+def evaluate(config, workdir: str) -> dict:
+  """``config.evaluate.kind == "reference"``: the ADM-format reference of
+  ``config.data``'s eval split, for ``--config.evaluate.reference`` of a later
+  ``kind=generation`` run on samples of a model trained on that data.
+
+  Reads ``config.evaluate``: inception (weights, as for generation),
+  num_images (0 = every readable image of the split), batch_size, preprocess
+  ("auto" = ``adm_tf``, the resize of ADM's evaluator and its reference
+  batches) and num_stored_images (images kept as ``arr_0`` for precision /
+  recall; default 10,000 as ADM's ImageNet batch). Images go through the
+  pipeline's eval transforms (``config.data.center_crop``, ADM's by default).
+  Writes ``workdir/reference.npz`` (replacing one there: it is derived data)
+  and ``workdir/metrics.json`` (its path, image count, preprocess). Raises
+  ``ConfigError`` without Inception weights, ``batching.NotEnoughImages``
+  when the split has fewer images than requested.
+  """
+  # Imports what generation evaluation avoids (Grain; the converter).
+  from genvis_jax import errors  # pylint: disable=import-outside-toplevel
+  from genvis_jax.convert import inception  # pylint: disable=import-outside-toplevel
+  from genvis_jax.evaluate import report  # pylint: disable=import-outside-toplevel
+  ev = config.evaluate
+  if not ev.get("inception"):
+    raise errors.ConfigError(
+        "config.evaluate.inception is not set: the reference statistics are "
+        "Inception features (pytorch-fid's pt_inception-2015-12-05-6726825d"
+        ".pth, or its conversion with `python -m genvis_jax.convert "
+        "--kind=inception`).")
+  preprocess = ev.get("preprocess", AUTO)
+  preprocess = ADM_PREPROCESS if preprocess in ("", AUTO) else preprocess
+  if preprocess not in PREPROCESS:
+    raise errors.ConfigError(
+        f"config.evaluate.preprocess={preprocess!r}; use one of "
+        f"{(AUTO,) + PREPROCESS}.")
+  params = inception.load_inception_params(ev.inception)
+  os.makedirs(workdir, exist_ok=True)
+  path = compute_reference(
+      config.data, params, os.path.join(workdir, "reference.npz"),
+      num_images=ev.get("num_images", 0) or None,
+      num_stored_images=int(ev.get("num_stored_images", 10_000)),
+      batch_size=int(ev.get("batch_size", 200)), preprocess=preprocess)
+  ref = load_reference(path)
+  results = {"reference": path, "num_images": int(ref.num_images or 0),
+             "preprocess": preprocess, "split": config.data.eval_split}
+  return report.write(workdir, results, f"reference: {describe(ref)}; use "
+                      f"--config.evaluate.reference={path}")
