@@ -106,7 +106,7 @@ def _check_step(folder: epath.Path, step: int, where: str,
     raise fit.CheckpointMismatchError(
         f"{folder.parent}{where} is a training run of model {saved_name!r}; "
         f"a checkpoint of model {model_name!r} is expected here. Point the "
-        f"setting at a {model_name!r} run or converted checkpoint.")
+        f"setting at a run or converted checkpoint of model {model_name!r}.")
 
 
 def _read_step(folder: epath.Path, step: int):
