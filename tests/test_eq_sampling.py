@@ -60,8 +60,10 @@ def test_batch_sharded_sampling_keeps_each_device_on_its_examples(
   eq_sample._compiled.cache_clear()
   fn = eq_sample.sampler_fn(model, num_columns=KW["num_columns"],
                             num_steps=KW["num_steps"], batch_shards=8)
-  latents, _ = run_batch_sharded(fn, params, labels, key, KW["guidance_scale"])
+  latents, conds = run_batch_sharded(fn, params, labels, key,
+                                     KW["guidance_scale"])
   assert set(rows) == {2}
+  assert conds is None      # no conditions buffer unless asked for
   np.testing.assert_array_equal(
       latents, eq_sample.sample(model, params, labels, key, **KW))
 

@@ -140,14 +140,16 @@ def _twice(use_cfg):
   return functools.partial(ar.twice, use_cfg=use_cfg)
 
 
-def _cached_init(model, use_cfg, num_columns, params, labels):
-  """Prefill -> state (z of the next column, cache, latents, conds)."""
+def _cached_init(model, use_cfg, num_columns, keep, params, labels):
+  """Prefill -> state (z of the next column, cache, latents, conds); conds
+  is None unless ``keep``."""
   z, cache = model.apply({"params": params},
                          ar.batch_labels(labels, model.null_label, use_cfg),
                          method="prefill")
   latents = jnp.zeros((labels.shape[0], num_columns, model.token_dim),
                       jnp.float32)
-  conds = jnp.zeros((z.shape[0], num_columns, z.shape[-1]), jnp.float32)
+  conds = (jnp.zeros((z.shape[0], num_columns, z.shape[-1]), jnp.float32)
+           if keep else None)
   return z, cache, latents, conds
 
 
@@ -162,8 +164,9 @@ def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, shards,
     x = _column(model, params, z, rng, col, num_columns, num_steps,
                 guidance_scale, use_cfg, hoist, shards)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
-    conds = jax.lax.dynamic_update_index_in_dim(conds, z.astype(conds.dtype),
-                                                col, axis=1)
+    if conds is not None:
+      conds = jax.lax.dynamic_update_index_in_dim(
+          conds, z.astype(conds.dtype), col, axis=1)
     # The next column's condition; the last column feeds none (one backbone
     # step per image saved).
     z, cache = jax.lax.cond(
@@ -176,23 +179,23 @@ def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, shards,
   return jax.lax.fori_loop(0, count, body, state)
 
 
-def _cached_impl(model, use_cfg, num_columns, num_steps, hoist, shards, params,
-                 labels, rng, guidance_scale):
-  state = _cached_init(model, use_cfg, num_columns, params, labels)
+def _cached_impl(model, use_cfg, num_columns, num_steps, hoist, shards, keep,
+                 params, labels, rng, guidance_scale):
+  state = _cached_init(model, use_cfg, num_columns, keep, params, labels)
   _, _, latents, conds = _cached_columns(
       model, use_cfg, num_columns, num_steps, hoist, shards, num_columns,
       params, state, 0, rng, guidance_scale)
   return latents, conds
 
 
-def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, shards,
+def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, shards, keep,
                    params, labels, rng, guidance_scale):
   labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
   twice = _twice(use_cfg)
   b = labels.shape[0]
   latents = jnp.zeros((b, num_columns, model.token_dim), jnp.float32)
-  conds = jnp.zeros((labels2.shape[0], num_columns, model.hidden_size),
-                    jnp.float32)
+  conds = (jnp.zeros((labels2.shape[0], num_columns, model.hidden_size),
+                     jnp.float32) if keep else None)
 
   def body(col, carry):
     latents, conds = carry
@@ -203,8 +206,9 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, shards,
     x = _column(model, params, z, rng, col, num_columns, num_steps,
                 guidance_scale, use_cfg, hoist, shards)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
-    conds = jax.lax.dynamic_update_index_in_dim(conds, z.astype(conds.dtype),
-                                                col, axis=1)
+    if conds is not None:
+      conds = jax.lax.dynamic_update_index_in_dim(
+          conds, z.astype(conds.dtype), col, axis=1)
     return latents, conds
 
   return jax.lax.fori_loop(0, num_columns, body, (latents, conds))
@@ -212,15 +216,16 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, shards,
 
 @functools.lru_cache(maxsize=32)
 def _compiled(impl, model, use_cfg: bool, num_columns: int, num_steps: int,
-              hoist: bool, shards: int):
+              hoist: bool, shards: int, keep: bool):
   return jax.jit(functools.partial(impl, model, use_cfg, num_columns,
-                                   num_steps, hoist, shards))
+                                   num_steps, hoist, shards, keep))
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_steps(model, use_cfg: bool, num_columns: int, num_steps: int,
                     hoist: bool, shards: int, chunk: int):
-  init = jax.jit(functools.partial(_cached_init, model, use_cfg, num_columns))
+  init = jax.jit(functools.partial(_cached_init, model, use_cfg, num_columns,
+                                   False))
   cols = jax.jit(functools.partial(_cached_columns, model, use_cfg, num_columns,
                                    num_steps, hoist, shards, chunk))
   return init, cols
@@ -237,15 +242,18 @@ def _check(model, labels, num_columns, num_steps, guidance_scale):
 
 def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
                num_steps: int = 100, cached: bool = True,
-               hoist_modulations: bool = True, batch_shards: int = 1):
+               hoist_modulations: bool = True, batch_shards: int = 1,
+               return_conditions: bool = False):
   """The jitted ``f(params, labels, rng, guidance_scale) -> (latents,
   conds)`` that ``sample`` (``cached``) / ``sample_uncached`` call, for a
   model already prepared by ``ar.for_decoding`` (for AOT
   ``lower().compile()``); ``batch_shards``: devices the labels will be split
-  over (``ar.batch_shards(labels)``; sizes the hoisted modulation chunks)."""
+  over (``ar.batch_shards(labels)``; sizes the hoisted modulation chunks);
+  conds is None unless ``return_conditions`` (no buffer is kept then)."""
   return _compiled(_cached_impl if cached else _uncached_impl, model,
                    bool(use_cfg), int(num_columns), int(num_steps),
-                   bool(hoist_modulations), max(1, int(batch_shards)))
+                   bool(hoist_modulations), max(1, int(batch_shards)),
+                   bool(return_conditions))
 
 
 def _run(cached, model, params, labels, rng, num_columns, guidance_scale,
@@ -255,7 +263,8 @@ def _run(cached, model, params, labels, rng, num_columns, guidance_scale,
   model, params = ar.for_decoding(model, params, dtype)
   fn = sampler_fn(model, num_columns=num_columns, use_cfg=use_cfg,
                   num_steps=num_steps, cached=cached, hoist_modulations=hoist,
-                  batch_shards=ar.batch_shards(labels))
+                  batch_shards=ar.batch_shards(labels),
+                  return_conditions=return_conditions)
   latents, conds = fn(params, labels, rng,
                       jnp.asarray(guidance_scale, jnp.float32))
   return (latents, conds) if return_conditions else latents
