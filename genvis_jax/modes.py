@@ -9,6 +9,7 @@ import threading
 import jax
 
 from genvis_jax.core import registry
+from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import ConfigError
 
 # mode -> "module:function(config, workdir)"
@@ -67,7 +68,9 @@ def check_config_kind(config) -> None:
         "stages. Leave config.mode as the config sets it (train, sample, ...) "
         "or pass one of those demo configs.")
   if config.mode != "demo" and not runner:
-    placeholders = _workdir_placeholders(config)
+    placeholders = [(k, v) for k, v in
+                    settings_lib.flatten(config.to_dict()).items()
+                    if isinstance(v, str) and "{workdir}" in v]
     if placeholders:
       key, value = placeholders[0]
       raise ConfigError(
@@ -84,17 +87,6 @@ def check_config_kind(config) -> None:
         "some of its stages with --config.only=NAME[,NAME] (they read the "
         "earlier stages' outputs in the same --workdir), or pass the stage's "
         "own config, e.g. configs/rar_b.py:runlocal.")
-
-
-def _workdir_placeholders(config, prefix: str = "") -> list[tuple[str, str]]:
-  """(dotted key, value) of the string fields holding ``{workdir}``."""
-  out = []
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      out += _workdir_placeholders(value, f"{prefix}{key}.")
-    elif isinstance(value, str) and "{workdir}" in value:
-      out.append((f"{prefix}{key}", value))
-  return out
 
 
 def check_workdir(workdir: str) -> str | None:

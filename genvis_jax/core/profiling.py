@@ -24,15 +24,12 @@ from absl import logging
 class StepWindow(contextlib.AbstractContextManager):
   """Starts the trace before step ``start + skip`` (0-based) and stops it
   once step ``start + skip + num - 1`` has finished on the device; a run
-  that ends or fails inside the window stops it on exit. ``enabled``
-  defaults to "this is process 0"."""
+  that ends or fails inside the window stops it on exit. Process 0 only."""
 
-  def __init__(self, logdir: str, start: int, num: int, skip: int,
-               enabled: bool | None = None):
+  def __init__(self, logdir: str, start: int, num: int, skip: int):
     self.logdir = logdir
     self.first, self.last = start + skip, start + skip + num - 1
-    self.enabled = num > 0 and (jax.process_index() == 0
-                                if enabled is None else enabled)
+    self.enabled = num > 0 and jax.process_index() == 0
     self._active = False
 
   def step(self, step: int):

@@ -109,3 +109,33 @@ def diverged_message(what: str, first: int, last: int, checkpoint: str) -> str:
   """One message: what happened, in which steps, where to restart from."""
   return (f"Training diverged between steps {first} and {last}: {what}. "
           f"No checkpoint was written after step {first}; {checkpoint}.")
+
+
+def check_health(config, guard: DivergenceGuard, means: dict, norms: dict,
+                 acc_n: int, checked: int, done: int, ckpt) -> None:
+  """Raises a TrainingDivergedError (NaN/Inf or runaway) for steps
+  ``checked+1..done`` from the interval's mean metrics ``means`` (over
+  ``acc_n`` steps) and parameter-group norms, naming the checkpoint of
+  ``ckpt`` (a ``core.checkpoint.Checkpointer``) to restart from and the
+  knobs."""
+  nonfinite = round(means.get("nonfinite", 0.0) * acc_n)
+  what, cls = None, NonFiniteLossError
+  if nonfinite and guard.check_finite:
+    what = (f"the loss or gradients became NaN/Inf in {nonfinite} of the last "
+            f"{acc_n} updates (each such update was skipped)")
+  else:
+    what = guard.nonfinite_params(norms)
+  if what is None:
+    what, cls = guard.runaway(means["loss"], norms), DivergenceError
+  if what is None:
+    return
+  ckpt.wait()
+  latest = ckpt.latest_step()
+  if latest is None:
+    where = "no checkpoint was written before; start again from a fresh --workdir"
+  else:
+    where = (f"the newest checkpoint, step {latest} ({ckpt.directory / str(latest)}), "
+             "passed these checks before it was written (finite, sane "
+             "parameters) and a restart with the same --workdir resumes from it")
+  raise cls(diverged_message(what, checked, done, where) + " To fix: " +
+            advice(config, nonfinite=cls is NonFiniteLossError))

@@ -363,7 +363,8 @@ def train_loop(config, workdir: str, on_log=None):
           # a save, so a diverged state is never written as a checkpoint.
           means = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
           norms = trainer.param_norms(state)
-          _check_health(config, guard, means, norms, acc_n, checked, done, ckpt)
+          guard_lib.check_health(config, guard, means, norms, acc_n,
+                                 checked, done, ckpt)
           checked = done
         if log_now:
           scalars = dict(means)
@@ -415,33 +416,6 @@ def _finish_saves(ckpt, writer) -> None:
     logging.error("The checkpoint save in flight failed too: %s",
                   errors.first_line(e))
   writer.flush()
-
-
-def _check_health(config, guard, means, norms, acc_n, checked, done, ckpt):
-  """Raises a TrainingDivergedError (NaN/Inf or runaway) for steps
-  ``checked+1..done``, naming the checkpoint to restart from and the knobs."""
-  nonfinite = round(means.get("nonfinite", 0.0) * acc_n)
-  what, cls = None, guard_lib.NonFiniteLossError
-  if nonfinite and guard.check_finite:
-    what = (f"the loss or gradients became NaN/Inf in {nonfinite} of the last "
-            f"{acc_n} updates (each such update was skipped)")
-  else:
-    what = guard.nonfinite_params(norms)
-  if what is None:
-    what, cls = guard.runaway(means["loss"], norms), guard_lib.DivergenceError
-  if what is None:
-    return
-  ckpt.wait()
-  latest = ckpt.latest_step()
-  if latest is None:
-    where = "no checkpoint was written before; start again from a fresh --workdir"
-  else:
-    where = (f"the newest checkpoint, step {latest} ({ckpt.directory / str(latest)}), "
-             "passed these checks before it was written (finite, sane "
-             "parameters) and a restart with the same --workdir resumes from it")
-  raise cls(guard_lib.diverged_message(what, checked, done, where) +
-            " To fix: " + guard_lib.advice(config, nonfinite=cls is
-                                           guard_lib.NonFiniteLossError))
 
 
 def _write_visuals(trainer, state, vis_batch, writer, workdir, step):
