@@ -32,6 +32,16 @@ DEFAULT_RULES = (
 )
 
 
+# ImageNet-1k training images: the official recipes count an epoch as
+# IMAGENET_TRAIN // global batch steps (PyTorch DistributedSampler + drop_last).
+IMAGENET_TRAIN = 1_281_167
+
+
+def steps_per_epoch(batch: int) -> int:
+  """Full batches per ImageNet-1k epoch (the official loaders drop the rest)."""
+  return IMAGENET_TRAIN // batch
+
+
 def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
   """The config argument (``--config=configs/X.py:ARG``) as fields.
 
@@ -63,8 +73,16 @@ def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
     default = defaults[key]
     if isinstance(default, bool):
       out[key] = value.lower() in ("1", "true", "yes")
+    elif default is None:
+      out[key] = value
     else:
-      out[key] = type(default)(value) if default is not None else value
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"Config argument {token!r}: {key} takes a "
+                         f"{type(default).__name__} (default {default!r}).") from None
+      if isinstance(default, int) and out[key] <= 0:
+        raise ValueError(f"Config argument {token!r}: {key} must be positive.")
   return out
 
 

@@ -7,6 +7,11 @@ posterior sample x 0.05493, AdamW (0.9, 0.95) wd 0.02 (none on 1-D params and
 the head), lr 1e-4 x batch / 256, 100 warm-up epochs then constant, clip 3.0,
 EMA 0.9999, 1200 epochs, fp32.
 
+The batch is a config argument (``--config=configs/eq_s.py:batch=1024``): the
+learning rate, step count and warm-up follow it as the official script scales
+them. Overriding ``--config.train.global_batch_size`` alone keeps the batch-2048
+lr (8e-4) and 750k steps (600 epochs at batch 1024).
+
 ``--config=configs/eq_s.py:runlocal`` keeps the recipe (windowed causal
 generator, flow head, shift augmentation, label dropout, EMA, CFG sampling)
 and shrinks the model, tokenizer (``eq_tokenizer.py:runlocal``), steps, batch
@@ -28,8 +33,6 @@ SIZES = {
     "h": dict(depth=40, hidden_size=1280, num_heads=16, head_width=1536),
 }
 
-IMAGENET_TRAIN = 1_281_167
-
 # No weight decay on biases, norm scales (the official 1-D parameters) and the
 # whole flow head.
 NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"^diffloss/")
@@ -44,7 +47,7 @@ def generator_model(size: str = "l", **overrides) -> ml_collections.ConfigDict:
 
 
 def get_config(size: str = "l", arg=None):
-  arg = base.parse_arg(arg, runlocal=False)
+  arg = base.parse_arg(arg, runlocal=False, batch=2048)
   size = (size or "l").lower()
   if size not in SIZES:
     raise ValueError(f"Unknown equivariant generator size {size!r}; choose one "
@@ -74,9 +77,12 @@ def get_config(size: str = "l", arg=None):
   f.diffusion_batch_mul = 4     # noise draws per token and step
   f.t_eps = 1e-5                # t ~ U(t_eps, 1)
   f.shift_num = 16              # RoPE position shift ~ randint(0, shift_num)
+  # Images that share one shift: the official code draws one per forward pass
+  # of each GPU (2048 / 32 GPUs = 64 images); 1 draws one per image.
+  f.shift_group = 64
 
-  batch, epochs, warmup_epochs = 2048, 1200, 100
-  steps_per_epoch = IMAGENET_TRAIN // batch
+  batch, epochs, warmup_epochs = arg.batch, 1200, 100
+  steps_per_epoch = base.steps_per_epoch(batch)
   t = c.train
   t.global_batch_size = batch
   t.num_steps = epochs * steps_per_epoch
@@ -88,7 +94,7 @@ def get_config(size: str = "l", arg=None):
 
   o = c.optimizer
   o.name = "adamw"
-  o.lr = 1e-4 * batch / 256
+  o.lr = 1e-4 * batch / 256    # official blr x effective batch / 256
   o.b1 = 0.9
   o.b2 = 0.95
   o.weight_decay = 0.02

@@ -8,6 +8,10 @@ evaluation) while shrinking the model, tokenizer
 (``fqgan_{dual,triple}_ds16.py:runlocal``), steps, batch and data (the embedded
 demo shapes) for a laptop CPU.
 
+``batch=N`` (``far_b.py:dual,batch=512``) sets the global batch; the step
+count follows it (300 epochs), the learning rate stays 1e-4 as in the official
+script.
+
 ``config.tokenizer`` is the FQGAN tokenizer that pre-tokenizes (``mode=
 pretokenize``) and decodes samples: ``--config.tokenizer.checkpoint=DIR``.
 """
@@ -36,7 +40,7 @@ NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$")
 
 def get_config(size: str = "b", arg: str | None = "dual"):
   arg = base.parse_arg(arg, positional=("variant",), variant="dual",
-                       runlocal=False)
+                       runlocal=False, batch=256)
   size, variant = (size or "b").lower(), arg.variant.lower()
   if size not in SIZES:
     raise ValueError(f"Unknown FAR size {size!r}; choose one of {sorted(SIZES)}.")
@@ -66,8 +70,8 @@ def get_config(size: str = "b", arg: str | None = "dual"):
   c.data.num_classes = 1000
   c.data.random_flip = False  # flips are baked into the ten-crop tokens
 
-  c.train.global_batch_size = 256
-  c.train.num_steps = 1_500_000   # 300 epochs of ImageNet at batch 256
+  c.train.global_batch_size = arg.batch
+  c.train.num_steps = 300 * base.steps_per_epoch(arg.batch)   # 300 epochs
   c.train.grad_clip = 1.0
   c.train.ema_decay = 0.0
   c.train.checkpoint_every = 5000
@@ -118,8 +122,7 @@ def runlocal(c):
   """Shrinks sizes, steps, batch and data only (see the module docstring)."""
   runlocal_model(c.model, c.tokenizer.model.num_codes)
   c.data.num_classes = 10
-  t = base.runlocal_train(c.train, steps=20, batch=16)
-  c.optimizer.warmup_steps = t.num_steps // 4
+  base.runlocal_train(c.train, steps=20, batch=16)
   c.sample.num_samples = 16
   c.sample.batch_size = 8
   c.evaluate.batch_size = 8

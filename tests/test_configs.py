@@ -33,6 +33,28 @@ def test_parse_arg():
   with pytest.raises(ValueError, match="'quad'"):   # no positional left
     base.parse_arg("dual,quad", positional=("variant",), variant="dual",
                    runlocal=False)
+  with pytest.raises(ValueError, match=r"'batch=2k'.*takes a int \(default 256\)"):
+    base.parse_arg("batch=2k", batch=256)
+  with pytest.raises(ValueError, match="'batch=0'.*must be positive"):
+    base.parse_arg("batch=0", batch=256)
+
+
+@pytest.mark.parametrize("spec,batch,steps,lr,warmup", [
+    # Equivariant: lr = 1e-4 x batch / 256, 1200 epochs, 100 warm-up epochs.
+    ("eq_s.py", 2048, 1200 * 625, 8e-4, 100 * 625),
+    ("eq_s.py:batch=1024", 1024, 1200 * 1251, 4e-4, 100 * 1251),
+    # FAR: lr 1e-4 at any batch, 300 epochs (DistributedSampler + drop_last:
+    # 5004 steps per epoch at 256), no warm-up.
+    ("far_b.py:dual", 256, 1_501_200, 1e-4, 0),
+    ("far_b.py:triple,batch=512", 512, 300 * 2502, 1e-4, 0)])
+def test_epoch_recipes_follow_the_batch(spec, batch, steps, lr, warmup):
+  """Steps per epoch are ImageNet's 1,281,167 images // batch, as the
+  official loaders drop the last partial batch."""
+  c = pc.load_config(spec)
+  assert c.train.global_batch_size == batch
+  assert c.train.num_steps == steps
+  assert c.optimizer.lr == pytest.approx(lr, rel=1e-12)
+  assert c.optimizer.warmup_steps == warmup
 
 
 def _param_count(model_config) -> int:
@@ -51,6 +73,8 @@ def test_runlocal_shrinks_only_sizes(spec):
   assert local.model.name == paper.model.name
   assert local.optimizer.name == paper.optimizer.name
   assert local.optimizer.schedule == paper.optimizer.schedule
+  # A warm-up only where the recipe has one.
+  assert (local.optimizer.warmup_steps > 0) == (paper.optimizer.warmup_steps > 0)
   for block in ("loss", "sample", "flow", "pretokenize", "disc"):
     if block in paper:
       assert set(local[block].keys()) == set(paper[block].keys()), block

@@ -201,6 +201,29 @@ def test_processes_read_disjoint_shards_covering_the_split():
   assert len(kept) == len(set(kept)) == 100
 
 
+def test_processes_shuffle_their_shards_independently():
+  """Shards interleave (process p holds examples p, p + 4, ...): with one
+  shuffle order everywhere, row j of every process's batch held neighbouring
+  examples, e.g. the ten crops of one image in token files."""
+  order = {}
+  it, _ = data.create_dataset(_data_config(num_examples=256), split="validation",
+                              global_batch_size=256, seed=0, train=False,
+                              process_index=0, process_count=1)
+  for i, k in enumerate(_keys(next(it))):
+    order[k] = i
+  groups = []
+  for pi in range(4):
+    it, _ = data.create_dataset(
+        _data_config(num_examples=256, random_flip=False), split="validation",
+        global_batch_size=64, seed=0, train=True, process_index=pi,
+        process_count=4)
+    idx = [order[k] for k in _keys(next(it))]
+    assert all(i % 4 == pi for i in idx)
+    groups.append([i // 4 for i in idx])     # the example's group of 4 neighbours
+  rows_alike = sum(len(set(g)) == 1 for g in zip(*groups))
+  assert rows_alike <= 2, rows_alike          # 16 of 16 with one shared order
+
+
 def test_shuffle_is_deterministic_per_seed_and_reshuffles_each_epoch():
   c = _data_config()
   kw = dict(split="validation", global_batch_size=100, process_index=0,

@@ -17,6 +17,7 @@ from genvis_jax.models.layers import attention as attn_lib
 from genvis_jax.sample import ar
 from genvis_jax.sample import eq_generator as eq_sample
 from genvis_jax.train.optimizers import decay_mask
+from genvis_jax.train.tasks import eq as eq_tasks
 from genvis_jax.train.tasks import get_task
 
 C, L, K = 8, 6, 5          # token dim, training columns, classes
@@ -177,6 +178,31 @@ def test_training_loss_finite_and_decreasing():
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.9 * losses[0], losses
   assert 0 <= float(m["shift"]) < cfg.flow.shift_num
+
+
+def test_rope_shift_per_example_and_groups(tiny):
+  """A (B,) shift rotates each row as that row alone with its scalar shift;
+  rope_shifts gives one draw per run of ``group`` images, as the official
+  code's one draw per GPU batch."""
+  _, model, params = tiny
+  x = jax.random.normal(jax.random.key(0), (2, L, C))
+  labels = jnp.array([1, 3])
+  cond = jax.jit(lambda p, x, lab, s: model.apply({"params": p}, x, lab,
+                                                  shift=s, method="condition"))
+  z = cond(params, x, labels, jnp.array([2, 9]))
+  for i, s in enumerate((2, 9)):
+    np.testing.assert_allclose(z[i:i + 1], cond(params, x[i:i + 1], labels[i:i + 1],
+                                                jnp.int32(s)), atol=1e-6, rtol=0)
+  assert float(jnp.abs(z[1] - cond(params, x, labels, jnp.int32(2))[1]).max()) > 1e-4
+
+  s = np.asarray(eq_tasks.rope_shifts(jax.random.key(1), 200, 16, 64))
+  assert s.shape == (200,) and s.dtype == np.int32
+  assert s.min() >= 0 and s.max() < 16
+  groups = [s[i:i + 64] for i in range(0, 200, 64)]    # the last one short
+  assert all(len(set(g)) == 1 for g in groups)
+  assert len({int(g[0]) for g in groups}) > 1
+  one = np.asarray(eq_tasks.rope_shifts(jax.random.key(1), 200, 16, 1))
+  assert len(set(one)) == 16                             # one per image
 
 
 def test_dropout_training_path_runs(tiny):

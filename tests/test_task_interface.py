@@ -49,6 +49,35 @@ def test_train_step_passes_frozen_separately():
   np.testing.assert_allclose(float(new.params["model"]["w"]), want_w, rtol=1e-6)
 
 
+def test_skipped_nonfinite_step_keeps_schedule_in_step():
+  """A NaN step keeps the float state and still advances the step and the
+  optimizer's counts together: the schedule is read at state.step."""
+  cfg = ml_collections.ConfigDict(dict(micro_batches=1, ema_decay=0.0))
+  sched = lambda count: 1.0 + count.astype(jnp.float32)
+  opt = {"model": optax.adamw(sched)}
+  task = _ScaleTask(None)
+  params = {"model": {"w": jnp.float32(1.0)}}
+  state = TrainState(step=jnp.int32(0), params=params,
+                     opt_state={"model": opt["model"].init(params["model"])},
+                     ema=None)
+  step = jax.jit(step_lib.make_train_step(task, opt, cfg, 1))
+  frozen = {"model": jnp.float32(3.0)}
+  good, bad = {"x": jnp.arange(4.0)}, {"x": jnp.full((4,), jnp.nan)}
+  for batch in (good, bad, bad, good):
+    before = state
+    state, m = step(state, batch, jax.random.key(0), frozen)
+  counts = [int(c) for c in jax.tree_util.tree_leaves(state.opt_state)
+            if jnp.issubdtype(c.dtype, jnp.integer)]
+  assert int(state.step) == 4 and counts and set(counts) == {4}, counts
+  assert float(m["nonfinite"]) == 0.0
+  # The last step ran at the schedule's value for step 3 (lr 4) from the
+  # state the NaN steps left alone.
+  mu = before.opt_state["model"][0].mu["w"]
+  assert float(mu) != 0.0 and np.isfinite(float(state.params["model"]["w"]))
+  _, nan_m = step(before, bad, jax.random.key(0), frozen)
+  assert float(nan_m["nonfinite"]) == 1.0
+
+
 def test_join_groups_refuses_a_clash():
   assert join_groups({"a": 1}, {"vit": 2}) == {"a": 1, "vit": 2}
   with pytest.raises(GroupClashError, match=r"\['vit'\].*Remove") as e:

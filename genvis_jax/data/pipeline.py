@@ -328,15 +328,19 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
         f"Split {split!r} of {data_config.source!r} has {n} examples, "
         f"{shard} per process: fewer than one local batch of {local_batch}. "
         "Lower the batch size or use a bigger split.")
+  # Per-process seeds: the shards interleave (process p holds examples p,
+  # p + pc, ...), so one shuffle seed everywhere would put neighbouring
+  # examples (the ten crops of one image, one class of an image folder) in
+  # the same row of every process's batch.
+  *aug_seeds, shuffle_seed = (
+      int(s) for s in np.random.SeedSequence([seed, pi]).generate_state(3))
   if train:
-    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds.shuffle(seed=shuffle_seed).repeat(None)
   is_tokens = data_config.source == "tokens"
   if not is_tokens:
     if data_config.source == "image_folder":
       ds = ds.map(transforms.DecodeImage())
-    aug_seeds = np.random.SeedSequence([seed, pi]).generate_state(2)
-    ds = _image_transforms(ds, data_config, train, [int(s) for s in aug_seeds],
-                           setting)
+    ds = _image_transforms(ds, data_config, train, aug_seeds, setting)
 
   threads = data_config.get("read_threads", 16)
   prefetch = data_config.prefetch

@@ -124,7 +124,8 @@ class EqGenerator(nn.Module):
     noise: (B, M, L, C) Gaussian noise, M draws per token (diffusion_batch_mul).
     t: (B, M, L) flow times in (0, 1].
     train: dropout on (rng stream ``"dropout"``).
-    shift: int scalar (may be traced) added to the RoPE positions.
+    shift: int scalar or per-example (B,) int array (may be traced) added to
+      the RoPE positions.
   Returns ``(velocity, z)``: velocity (B, M, L, C) float32 predicted for
   ``x_t = t * noise + (1 - t) * latents`` (target ``noise - latents``) and
   z (B, L, d) the per-column conditioning vectors (``condition``).
@@ -206,7 +207,8 @@ class EqGenerator(nn.Module):
     self._check(latents, labels)
     cond = self._cond_tokens(labels)
     img = self.z_proj_ln(self.z_proj(latents))
-    cos, sin = self._rope(jnp.arange(latents.shape[1]) + shift)
+    # Positions (L,) for a scalar shift, (B, L) for one per example.
+    cos, sin = self._rope(jnp.arange(latents.shape[1]) + jnp.asarray(shift)[..., None])
     for blk in self.encoder_blocks:
       cond, img = blk(cond, img, cos, sin, train)
     x = jnp.concatenate([cond[:, -1:], img[:, :-1]], axis=1)

@@ -45,8 +45,9 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
   """Returns ``step_fn(state, batch, rng) -> (state, metrics)`` (un-jitted).
 
   The per-step key is ``fold_in(rng, state.step)`` so a resumed run draws the
-  same numbers. A non-finite loss leaves the state untouched and is reported as
-  ``metrics["nonfinite"] = 1`` (the loop stops with a clear error when
+  same numbers. A non-finite loss or gradient leaves the float state (params,
+  moments, EMA) untouched, advances the step and the optimizer's counts, and
+  is reported as ``metrics["nonfinite"] = 1`` (the loop stops with a clear error when
   ``train.check_finite``, else counts it; see train/guard.py).
   """
   k = int(train_config.micro_batches)
@@ -74,10 +75,13 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
       finite &= jnp.isfinite(metrics[f"grad_norm/{g}"])
     new_state = TrainState(step=state.step + 1, params=new_params,
                            opt_state=new_opt, ema=ema)
-    # Keep the last good state when the loss or gradients are NaN/Inf.
+    # Keep the last good parameters, moments and EMA when the loss or
+    # gradients are NaN/Inf. Integer leaves (the step, optax's schedule and
+    # bias-correction counts) advance anyway, so the learning rate stays the
+    # schedule's value at state.step, which RAR's order annealing also reads.
     new_state = jax.tree_util.tree_map(
-        lambda n, o: jnp.where(finite, n, o), new_state,
-        state.replace(step=state.step + 1))
+        lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer)
+        else jnp.where(finite, n, o), new_state, state)
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 

@@ -168,23 +168,26 @@ def rolling_window_attention(q, k, v, cache, pos):
 # --- rotary position embedding (interleaved pairs) -------------------------------
 
 def rope_tables(positions, head_dim: int, base: float = 10000.0):
-  """positions (N,) -> (cos, sin), each (N, head_dim // 2) float32.
+  """positions (N,) or (B, N) -> (cos, sin), each (..., N, head_dim // 2)
+  float32.
 
   Frequency k is ``base ** (-2k / head_dim)`` (gpt-fast ``precompute_freqs_cis``).
   """
   k = jnp.arange(0, head_dim, 2, dtype=jnp.float32)[: head_dim // 2]
   freqs = 1.0 / (base ** (k / head_dim))
-  angles = jnp.asarray(positions, jnp.float32)[:, None] * freqs[None]
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs
   return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x, cos, sin):
   """Rotates interleaved pairs (x[2k], x[2k+1]) by the position angle.
 
-  x (B, N, H, D); cos, sin (N, D/2) -> (B, N, H, D) in x.dtype (math in fp32).
+  x (B, N, H, D); cos, sin (N, D/2) shared by the batch or (B, N, D/2) per
+  example -> (B, N, H, D) in x.dtype (math in fp32).
   """
   xs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-  c, s = cos[None, :, None], sin[None, :, None]
+  c, s = (t[..., None, :] if t.ndim == 3 else t[None, :, None]
+          for t in (cos, sin))
   x0, x1 = xs[..., 0], xs[..., 1]
   out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
   return out.reshape(x.shape).astype(x.dtype)
@@ -295,8 +298,8 @@ class Attention(nn.Module):
     ``context`` (B, M, d_c) or its precomputed ``kv`` (no causal mask, no
     cache).
 
-    rope: ``(cos, sin)`` (N, head_dim / 2) rotating q and k (self) or q
-      (cross), :func:`apply_rope`.
+    rope: ``(cos, sin)`` (N, head_dim / 2) or per example (B, N, head_dim / 2)
+      rotating q and k (self) or q (cross), :func:`apply_rope`.
     cache_pos: with ``cache_len``, x holds the tokens at positions
       ``cache_pos .. cache_pos + N - 1`` (int, may be traced); queries attend
       every cached position <= their own.

@@ -18,7 +18,7 @@ encoded on the fly by a frozen tokenizer from ``tokenizer.checkpoint``, or
 ``batch["latents"]`` = pre-computed posterior means); per token
 ``diffusion_batch_mul`` draws of t ~ U(t_eps, 1) and eps, x_t = t eps + (1-t) x,
 MSE of the head's velocity against eps - x; label dropout to the null class;
-RoPE position shift ~ randint(0, shift_num) per step.
+RoPE position shift ~ randint(0, shift_num), one per ``shift_group`` images.
 """
 
 from __future__ import annotations
@@ -60,6 +60,19 @@ def flow_targets(latents, rng, mul: int, t_eps: float = 1e-5):
   noise = jax.random.normal(k_n, (b, mul, n, c), jnp.float32)
   t = jax.random.uniform(k_t, (b, mul, n), jnp.float32) * (1 - t_eps) + t_eps
   return noise, t
+
+
+def rope_shifts(rng, batch: int, shift_num: int, group: int):
+  """RoPE position shifts (batch,) int32 in [0, shift_num), equal within each
+  run of ``group`` consecutive images.
+
+  The official ``equ_modeling.py`` draws ``torch.randint(0, shift_num, (1,))``
+  in every forward pass, i.e. one shift per GPU batch (64 images at the
+  paper's 2048 on 32 GPUs); ``group`` = that per-GPU batch keeps an update's
+  mix of shifts when the global batch is one array here.
+  """
+  draws = jax.random.randint(rng, (-(-batch // group),), 0, max(shift_num, 1))
+  return jnp.repeat(draws, group, total_repeat_length=-(-batch // group) * group)[:batch]
 
 
 def flow_loss(velocity, noise, latents):

@@ -13,12 +13,13 @@ from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.sample import eq_generator as eq_sample
 from genvis_jax.train.tasks import Task
-from genvis_jax.train.tasks.eq import flow_loss, flow_targets
+from genvis_jax.train.tasks.eq import flow_loss, flow_targets, rope_shifts
 
 
 class EqGeneratorTask(Task):
   """Batch: {"image": (B, H, W, 3) in [-1, 1] or "latents": (B, L, C) posterior
-  means, "label": (B,)}. One group "model"; metrics loss / shift."""
+  means, "label": (B,)}. One group "model"; metrics loss, shift (the batch's
+  mean RoPE shift), latent_std."""
   encodes_with_tokenizer = True
 
   def __init__(self, config):
@@ -30,6 +31,8 @@ class EqGeneratorTask(Task):
     self.value_range = models.value_range(config.tokenizer.model, config,
                                           ("data", "tokenizer"))
     self.label_dropout = float(self.hparam("train.label_dropout"))
+    self.shift_num = int(self.hparam("flow.shift_num"))
+    self.shift_group = int(self.hparam("flow.shift_group"))
     self._frozen = None
     # One jit for the sample grids' decode: compiled once per width.
     self._decode = jax.jit(self._latents_to_images)
@@ -74,7 +77,7 @@ class EqGeneratorTask(Task):
     labels = drop_labels(k_label, batch["label"], self.label_dropout,
                          self.model.null_label)
     noise, t = flow_targets(x, k_flow, int(f.diffusion_batch_mul), f.t_eps)
-    shift = jax.random.randint(k_shift, (), 0, max(int(f.shift_num), 1))
+    shift = rope_shifts(k_shift, x.shape[0], self.shift_num, self.shift_group)
 
     def loss_fn(p):
       v, _ = self.model.apply({"params": p}, x, labels, noise, t, train=True,
@@ -82,7 +85,8 @@ class EqGeneratorTask(Task):
       return flow_loss(v, noise, x)
 
     loss, g = jax.value_and_grad(loss_fn)(params["model"])
-    return {"model": g}, {"loss": loss, "shift": shift.astype(jnp.float32),
+    return {"model": g}, {"loss": loss,
+                          "shift": jnp.mean(shift.astype(jnp.float32)),
                           "latent_std": jnp.std(x)}
 
   def _latents_to_images(self, tokenizer_params, latents):
