@@ -142,6 +142,9 @@ def get_config(arg=None):
   c.data.random_flip = True
   c.data.image_width = 0     # 0: square; else image_size x image_width (landscapes)
   c.data.crop_min_frac = 1.0  # ADM random crop of 80-100% of the short side: 0.8
+  # Image folders: apply EXIF orientation. The official loaders (torchvision
+  # pil_loader) and the TFDS path ignore it, so the default does too.
+  c.data.exif_transpose = False
   c.data.read_threads = 16   # grain reader threads (per worker process)
   c.data.num_workers = 0     # grain worker processes (0 = in-process)
   c.data.prefetch = 2
@@ -162,6 +165,8 @@ def get_config(arg=None):
   c.train.keep_checkpoints = 3
   c.train.image_every = 5000     # sample / reconstruction grids
   c.train.ema_decay = 0.0        # 0 = no EMA
+  # LitEma's warm-up: update n uses min(ema_decay, (1 + n) / (10 + n)).
+  c.train.ema_warmup = False
   c.train.grad_clip = 1.0        # 0 = off
   c.train.check_finite = True    # stop with a clear error on NaN/Inf loss
   c.train.divergence_factor = 100.0  # stop when loss / param norm > this x running median; 0 = off
@@ -250,6 +255,9 @@ def add_pretokenize(c, image_data, *, ten_crop=True, batch_size=256):
   p.split = "train"
   p.output = ""          # default: <workdir>/tokens/<split>
   p.ten_crop = ten_crop  # 1.1x centre crop -> 5 crops + flips (official recipe)
-  p.batch_size = batch_size
+  p.batch_size = batch_size   # images read per process and step
+  # Images (crops, with ten_crop) each device encodes per call: bounds the
+  # encoder's activation memory (RAR's official script: 8 x 10 per GPU).
+  p.device_batch = 32
   p.overwrite = False    # replace an output written with other settings
   return c

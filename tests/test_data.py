@@ -7,7 +7,7 @@ from PIL import Image
 
 from configs import base
 from genvis_jax import data
-from genvis_jax.data import demo, transforms
+from genvis_jax.data import demo, sources, transforms
 
 
 def _data_config(**kw):
@@ -394,3 +394,118 @@ def test_tfds_source_reads_a_prepared_array_record_data_set(tmp_path):
   i = np.rint(images[:, 0, 0, 0] * 255 / 40).astype(int)
   assert sorted(i.tolist()) == list(range(6))
   np.testing.assert_array_equal(labels, i % 3)
+
+
+# --- small splits, symlinks, TFDS channels, token records --------------------
+
+def test_more_processes_than_examples_raise_data_config_error():
+  """1 example on 2 processes: an empty shard raised a bare StopIteration
+  from the first next() of a training iterator."""
+  c = _data_config(num_examples=1)
+  for pi in range(2):
+    for train, drop in ((True, True), (False, True), (False, False)):
+      if (pi, drop) == (0, False):
+        continue      # keeping the remainder, process 0 holds the example
+      with pytest.raises(sources.DataConfigError,
+                         match=r"1 example\(s\) for 2 processes.*at most 1"):
+        data.create_dataset(c, split="validation", global_batch_size=2,
+                            seed=0, train=train, process_index=pi,
+                            process_count=2, drop_remainder=drop)
+
+
+def test_training_shard_smaller_than_a_batch_repeats_it(caplog):
+  import logging  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.WARNING, logger="absl")
+  c = _data_config(num_examples=3, random_flip=False)
+  it, info = data.create_dataset(c, split="validation", global_batch_size=8,
+                                 seed=0, process_index=0, process_count=1)
+  assert info.num_examples_per_process == 3 and info.steps_per_epoch == 1
+  assert any("fewer than one local batch of 8" in r.getMessage()
+             for r in caplog.records)
+  for batch in _take(it, 3):     # fills batches, does not spin or stop
+    assert batch["image"].shape == (8, 32, 32, 3)
+    assert len(set(_keys(batch))) == 3
+
+
+def test_image_folder_follows_symlinks_once(tmp_path):
+  """torchvision's ImageFolder walks with followlinks=True; a link loop or
+  a second link to one folder is listed once."""
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  for i in range(2):
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(outside / f"{i}.png")
+  root = tmp_path / "imgs"
+  (root / "a").mkdir(parents=True)
+  Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "a" / "x.png")
+  (root / "a" / "more").symlink_to(outside, target_is_directory=True)
+  (root / "a" / "again").symlink_to(outside, target_is_directory=True)
+  (root / "a" / "self").symlink_to(root / "a", target_is_directory=True)
+  (outside / "sub").mkdir()
+  (outside / "sub" / "up").symlink_to(outside, target_is_directory=True)
+  (root / "b").symlink_to(outside, target_is_directory=True)   # a class link
+  paths, labels = sources.list_images(str(root), ("a", "b"))
+  rel = [p[len(str(root)) + 1:] for p in paths]
+  assert rel == ["a/again/0.png", "a/again/1.png", "a/x.png",
+                 "b/0.png", "b/1.png"], rel
+  assert labels.tolist() == [0, 0, 0, 1, 1]
+
+
+def _fake_tfds(images):
+  src = object.__new__(sources.TfdsSource)
+  src.name = "fake"
+  src._source = [{"image": x, "label": i} for i, x in enumerate(images)]  # pylint: disable=protected-access
+  return src
+
+
+def test_tfds_grey_and_alpha_images_become_rgb_as_pil_converts():
+  rng = np.random.default_rng(0)
+  shapes = [(5, 6), (5, 6, 1), (5, 6, 2), (5, 6, 3), (5, 6, 4)]
+  arrays = [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes]
+  src = _fake_tfds(arrays)
+  modes = ["L", "L", "LA", "RGB", "RGBA"]
+  for i, (x, mode) in enumerate(zip(arrays, modes)):
+    got = src[i]["image"]
+    pil = Image.fromarray(x.reshape(5, 6) if mode == "L" else x, mode)
+    want = np.asarray(pil.convert("RGB"))   # alpha dropped, not composited
+    assert got.shape == (5, 6, 3) and got.dtype == np.uint8, mode
+    np.testing.assert_array_equal(got, want, err_msg=mode)
+  with pytest.raises(sources.DataConfigError, match="shape \\(5, 6, 5\\)"):
+    _fake_tfds([np.zeros((5, 6, 5), np.uint8)])[0]
+
+
+def _token_config(pattern):
+  c = base.get_config()
+  c.data.source, c.data.path = "tokens", pattern
+  return c
+
+
+def test_token_files_without_records_warn_once_with_the_copy_command(
+    tmp_path, caplog):
+  import json  # pylint: disable=import-outside-toplevel
+  import logging  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import token_origin, tokens  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.WARNING, logger="absl")
+  files = tokens.write_token_records(str(tmp_path / "train"), [0, 1, 2, 3],
+                                     np.zeros((4, 5), np.int32), num_shards=2)
+  # The first file keeps its record; the second lost it (copied without).
+  (tmp_path / (files[0].rsplit("/", 1)[1] + ".json")).write_text(
+      json.dumps({"settings": {}, "max_label": 1}))
+  pattern = str(tmp_path / "train-*.array_record")
+  for _ in range(3):   # a resumed run builds its iterator up to three times
+    token_origin.check_training_files(_token_config(pattern))
+  warned = [r.getMessage() for r in caplog.records
+            if "no readable record" in r.getMessage()]
+  assert len(warned) == 1, warned
+  msg = warned[0]
+  assert "1 of 2 token file(s)" in msg
+  assert "train-00001-of-00002.array_record.json" in msg
+  assert "train-00000-of-00002.array_record.json" not in msg
+  assert "train-*.array_record.json" in msg and f"{tmp_path}/" in msg
+  assert token_origin.copy_command("gs://b/t/x-*.array_record").startswith(
+      "gcloud storage cp ")
+  # Every record there: no warning.
+  (tmp_path / (files[1].rsplit("/", 1)[1] + ".json")).write_text(
+      json.dumps({"settings": {}, "max_label": 3}))
+  caplog.clear()
+  token_origin.check_training_files(_token_config(pattern))
+  assert not [r for r in caplog.records if "no readable record" in r.getMessage()]

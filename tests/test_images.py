@@ -35,13 +35,14 @@ def _png16_rgb(path, rgb16: np.ndarray):
 
 def _exif_rotated_jpeg(path):
   """Stored 40 wide x 20 high, left half red; EXIF orientation 6 says "rotate
-  90 degrees clockwise to display", so it shows 20 wide x 40 high, red on top."""
+  90 degrees clockwise to display", so it shows 20 wide x 40 high, red on top.
+  Returns ``(stored, displayed)``."""
   arr = np.zeros((20, 40, 3), np.uint8)
   arr[:, :20], arr[:, 20:] = RED, BLUE
   exif = Image.Exif()
   exif[0x0112] = 6
   Image.fromarray(arr).save(path, quality=95, exif=exif.tobytes())
-  return np.rot90(arr, k=-1)    # clockwise: the displayed image
+  return arr, np.rot90(arr, k=-1)    # clockwise: the displayed image
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,8 @@ def odd_folder(tmp_path_factory):
   rgb16 = np.stack([GRADIENT16, GRADIENT16[::-1], 65535 - GRADIENT16], -1)
   _png16_rgb(a / "rgb16.png", rgb16)
   want["rgb16.png"] = rgb16
-  want["rotated.jpg"] = _exif_rotated_jpeg(a / "rotated.jpg")
+  # As stored: the official loaders (and TFDS) ignore the EXIF orientation.
+  want["rotated.jpg"] = _exif_rotated_jpeg(a / "rotated.jpg")[0]
   frames = [Image.new("P", (30, 20), 0), Image.new("P", (30, 20), 1)]
   for f in frames:
     f.putpalette(list(RED) + list(BLUE) + [0] * 762)
@@ -116,9 +118,38 @@ def test_decode_odd_images(odd_folder):
       assert (got == 255).mean() < 0.01, name
     elif name.endswith(".jpg"):      # lossy: compare colours, not bytes
       assert np.abs(got.astype(int) - expected).mean() < 8, name
-      assert got[:15, :, 0].mean() > 200 and got[-15:, :, 2].mean() > 200
     else:
       np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+def test_exif_orientation_only_when_asked(tmp_path):
+  """The official loaders (torchvision ``pil_loader``) and TFDS ignore EXIF:
+  by default the pixels come as stored, so a file gives the same tokens from
+  an image folder as from TFDS; ``config.data.exif_transpose`` turns it
+  upright first."""
+  stored, shown = _exif_rotated_jpeg(tmp_path / "r.jpg")
+  for flag, want in ((False, stored), (True, shown)):
+    got = transforms.decode_image(str(tmp_path / "r.jpg"), exif_transpose=flag)
+    assert got.shape == want.shape, flag
+    assert np.abs(got.astype(int) - want).mean() < 8, flag
+  assert transforms.decode_image(str(tmp_path / "r.jpg")).shape == (20, 40, 3)
+  # Through the pipeline: the 16 x 16 centre crop has red on the left
+  # (stored) or on top (upright).
+  (tmp_path / "imgs" / "a").mkdir(parents=True)
+  (tmp_path / "r.jpg").rename(tmp_path / "imgs" / "a" / "r.jpg")
+  for flag in (None, False, True):
+    c = base.get_config().data
+    c.update(source="image_folder", path=str(tmp_path / "imgs"),
+             image_size=16, prefetch=0, read_threads=1)
+    if flag is not None:
+      c.exif_transpose = flag     # config.data.exif_transpose
+    it, _ = data.create_dataset(c, split="train", global_batch_size=1,
+                                seed=0, train=False, process_index=0,
+                                process_count=1)
+    x = next(it)["image"][0]
+    first, last = (x[:4], x[-4:]) if flag else (x[:, :4], x[:, -4:])
+    assert first[..., 0].mean() > 0.8 and first[..., 2].mean() < 0.2, flag
+    assert last[..., 2].mean() > 0.8 and last[..., 0].mean() < 0.2, flag
 
 
 def test_folder_pipeline_counts_distinct_skipped_files(odd_folder, caplog):

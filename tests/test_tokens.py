@@ -456,3 +456,16 @@ def test_pretokenize_refuses_a_bad_crop_before_judging_existing_files(tmp_path):
   with pytest.raises(errors_lib.ConfigError,
                      match=r"'bogus' \(config.pretokenize.data.center_crop\)"):
     pretokenize.pretokenize(c, str(tmp_path))
+
+
+def test_encode_in_chunks_calls_one_shape_in_order():
+  """Ten-crop batches are encoded in calls of exactly ``chunk`` images (the
+  last padded and cut), in order: one compiled shape, bounded memory."""
+  shapes = []
+  def encode(x):
+    shapes.append(x.shape)
+    return x[:, 0] * 2
+  images = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
+  out = pretokenize.encode_in_chunks(encode, images, 8)
+  np.testing.assert_array_equal(out, images[:, 0] * 2)
+  assert shapes == [(8, 3)] * 3

@@ -230,6 +230,7 @@ class PipelineInfo:
   num_classes: int
   local_batch_size: int
   steps_per_epoch: int            # batches per pass over this process's shard
+                                  # (>= 1 when training; see _steps_per_epoch)
   class_names: tuple[str, ...] | None = None
   token_shape: tuple[int, ...] | None = None
   iterator: Any = dataclasses.field(default=None, repr=False)
@@ -323,11 +324,29 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   stop = n - n % pc if drop_remainder else n
   ds = grain.MapDataset.source(source)[pi:stop:pc]
   shard = len(ds)
+  if not shard:
+    # Training would repeat an empty shard (its first next() raised a bare
+    # StopIteration); a one-pass reader would yield nothing.
+    raise sources.DataConfigError(
+        f"Split {split!r} of {data_config.source!r} has {n} example(s) for "
+        f"{pc} processes: process {pi}'s shard is empty (each process reads "
+        f"its own examples). Run on at most {n} process(es), or use a split "
+        f"of at least {pc} examples ({setting}.path / {setting}.split).")
   if shard < local_batch and not train and drop_remainder:
     raise sources.DataConfigError(
         f"Split {split!r} of {data_config.source!r} has {n} examples, "
         f"{shard} per process: fewer than one local batch of {local_batch}. "
         "Lower the batch size or use a bigger split.")
+  if shard < local_batch and train:
+    # Repeated and reshuffled, the shard still fills batches: each holds
+    # its examples more than once (with other random crops / flips).
+    logging.warning(
+        "Split %r of %r: this process's shard has %d example(s), fewer than "
+        "one local batch of %d (global batch %d over %d processes): every "
+        "batch holds the same examples several times. Fine for a smoke "
+        "test; for real training lower config.train.global_batch_size or "
+        "use more data.", split, data_config.source, shard, local_batch,
+        global_batch_size, pc)
   # Per-process seeds: the shards interleave (process p holds examples p,
   # p + pc, ...), so one shuffle seed everywhere would put neighbouring
   # examples (the ten crops of one image, one class of an image folder) in
@@ -339,7 +358,10 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   is_tokens = data_config.source == "tokens"
   if not is_tokens:
     if data_config.source == "image_folder":
-      ds = ds.map(transforms.DecodeImage())
+      # Default False: pixels as stored, the official loaders' (and TFDS's)
+      # reading; True applies the EXIF orientation first.
+      ds = ds.map(transforms.DecodeImage(
+          exif_transpose=bool(data_config.get("exif_transpose", False))))
     ds = _image_transforms(ds, data_config, train, aug_seeds, setting)
 
   threads = data_config.get("read_threads", 16)
@@ -369,11 +391,23 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   info = PipelineInfo(
       source=data_config.source, split=split, num_examples=n,
       num_examples_per_process=shard, num_classes=num_classes,
-      local_batch_size=local_batch, steps_per_epoch=shard // local_batch,
+      local_batch_size=local_batch,
+      steps_per_epoch=_steps_per_epoch(shard, local_batch, train,
+                                       drop_remainder),
       class_names=class_names, iterator=iterator,
       token_shape=source.token_shape if is_tokens else None)
   logging.info("Input pipeline: %s", info)
   return iterator, info
+
+
+def _steps_per_epoch(shard: int, local_batch: int, train: bool,
+                     drop_remainder: bool) -> int:
+  """Batches per pass over a shard: whole batches (``drop_remainder``), else
+  counting the last partial one; at least 1 when training (a shard smaller
+  than a batch repeats within each batch, so one batch spans a pass)."""
+  if train:
+    return max(1, shard // local_batch)
+  return shard // local_batch if drop_remainder else -(-shard // local_batch)
 
 
 def _check_classes(num_classes, data_config, setting: str) -> int:

@@ -25,7 +25,8 @@ generator trained on are not replaced by another tokenizer's codes, or left
 stale after images were added, without being asked.
 
 Config: ``config.tokenizer.{model, checkpoint, value_range, dtype}`` and
-``config.pretokenize.{data, split, output, ten_crop, batch_size, overwrite}``.
+``config.pretokenize.{data, split, output, ten_crop, batch_size, device_batch,
+overwrite}``.
 """
 
 from __future__ import annotations
@@ -150,20 +151,33 @@ def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
   return x if not pad else np.concatenate([x, np.repeat(x[-1:], pad, 0)])
 
 
+def encode_in_chunks(encode, images: np.ndarray, chunk: int) -> np.ndarray:
+  """``encode`` over ``images`` (N, ...) in calls of exactly ``chunk`` images
+  (the last one padded), so one compiled program serves every batch and a
+  device never holds more than its share of ``chunk``: a batch of 256 images
+  is 2,560 ten-crop images, far more activation memory than one call fits."""
+  out = [np.asarray(encode(_pad_to(images[i:i + chunk], chunk)))
+         [:len(images[i:i + chunk])] for i in range(0, len(images), chunk)]
+  return np.concatenate(out)
+
+
 # Data settings that change how fast records are read, not which.
 _READER_KEYS = ("read_threads", "num_workers", "prefetch")
 # Data settings added after token files were written -> the values that
 # mean what those files were made with: left out of the record at those
 # values, so the older files' records still match.
-_ADDED_DEFAULTS = {"center_crop": ("", "adm")}
+_ADDED_DEFAULTS = {"center_crop": ("", "adm"), "exif_transpose": (True,)}
 
 
 def output_settings(config, checkpoint: str | None = None) -> dict:
   """What decides the records of a token file (JSON-normalised);
   ``checkpoint`` (default ``config.tokenizer.checkpoint``) holds the weights."""
   p, tok = config.pretokenize, config.tokenizer
+  # EXIF orientation changes only image-folder decodes (files written before
+  # the setting applied it: True); TFDS and demo records leave it out.
   data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS
-          and v not in _ADDED_DEFAULTS.get(k, ())}
+          and v not in _ADDED_DEFAULTS.get(k, ())
+          and (k != "exif_transpose" or p.data.source == "image_folder")}
   keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
           "weights": weights_lib.params_source(
               tok.checkpoint if checkpoint is None else checkpoint),
@@ -305,6 +319,12 @@ def pretokenize(config, workdir: str) -> dict:
   settings, done, refused = None, None, None
   try:
     settings = output_settings(config, checkpoint)
+    count = settings["examples"]["count"]
+    if count < jax.process_count():   # every process refuses, none writes
+      raise sources.DataConfigError(
+          f"Split {p.split!r} of config.pretokenize.data has {count} "
+          f"examples, fewer than the {jax.process_count()} processes: some "
+          "would write empty shards. Pre-tokenize on fewer processes.")
     done = existing_output(path, settings, p.get("overwrite", False))
     if done is not None and _lacks_remainder(done, settings):
       logging.warning("%s was written by an older version that left out this "
@@ -334,7 +354,7 @@ def pretokenize(config, workdir: str) -> dict:
     return _reused(path, done, settings, pattern)
   encode = make_encoder(model, params, mesh)
   it, info = image_batches(p, value_range)
-  n_dev = jax.local_device_count()
+  chunk = jax.local_device_count() * int(p.get("device_batch", 32))
   t0, n_images, max_label = time.perf_counter(), 0, -1
   # The record goes first: a file replaced (overwrite) is never left beside
   # the record of the one it replaced.
@@ -344,7 +364,7 @@ def pretokenize(config, workdir: str) -> dict:
       images, labels = model_inputs(np.asarray(batch["image"]),
                                     np.asarray(batch["label"]), size, p.ten_crop)
       n = len(images)
-      codes = np.asarray(encode(_pad_to(images, n_dev)))[:n]
+      codes = encode_in_chunks(encode, images, chunk)
       writer.write_batch(labels, codes)
       n_images += len(batch["label"])
       max_label = max(max_label, int(np.max(labels)))

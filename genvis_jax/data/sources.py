@@ -7,7 +7,8 @@ before any compile, with a message that says how to fix it. Records:
 * ``ImageFolderSource``: ``{"path": str, "label": int32}`` (decoded lazily by
   ``transforms.DecodeImage``; the pipeline skips unreadable files and counts
   them);
-* ``TfdsSource``: ``{"image": uint8 (H, W, 3), "label": int32}``.
+* ``TfdsSource``: ``{"image": uint8 (H, W, 3), "label": int32}`` (grey and
+  alpha images converted as PIL's ``convert("RGB")``: ``to_rgb``).
 
 The demo source lives in ``demo.py``, the token files source in ``tokens.py``.
 """
@@ -87,19 +88,39 @@ def list_classes(root: str) -> tuple[str, ...]:
   return classes
 
 
+def _walk_images(class_dir: str) -> list[str]:
+  """Sorted image paths under ``class_dir`` (recursive), following symbolic
+  links to folders as torchvision's ``ImageFolder`` does (``os.walk(...,
+  followlinks=True)``, the official loaders). A folder reached again (a link
+  to one of its ancestors, or a second link to the same folder) is walked
+  once: its real path is remembered, so a link loop cannot recurse forever."""
+  found, seen = [], {os.path.realpath(class_dir)}
+  for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    kept = []
+    for d in sorted(dirnames):
+      real = os.path.realpath(os.path.join(dirpath, d))
+      if real in seen:
+        logging.warning("Image folder: not walking %s again (it leads to %s, "
+                        "already listed: a symbolic link loop or a second "
+                        "link to one folder).", os.path.join(dirpath, d), real)
+        continue
+      seen.add(real)
+      kept.append(d)
+    dirnames[:] = kept
+    found += [os.path.join(dirpath, f) for f in filenames
+              if f.lower().endswith(IMAGE_EXTENSIONS)]
+  return sorted(found)
+
+
 def list_images(root: str, classes: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
-  """Sorted image paths under ``root/<class>/`` (recursive) and int32 labels."""
+  """Sorted image paths under ``root/<class>/`` (recursive, following
+  symbolic links to folders) and int32 labels."""
   paths, labels = [], []
   for label, name in enumerate(classes):
     class_dir = os.path.join(root, name)
     if not os.path.isdir(class_dir):
       continue  # a split may lack a class of the training split
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-      dirnames.sort()
-      found += [os.path.join(dirpath, f) for f in filenames
-                if f.lower().endswith(IMAGE_EXTENSIONS)]
-    found.sort()
+    found = _walk_images(class_dir)
     paths += found
     labels += [label] * len(found)
   if not paths:
@@ -202,14 +223,35 @@ class TfdsSource:
 
   def __getitem__(self, index):
     record = self._source[int(index)]
-    image = np.asarray(record["image"])
-    if image.ndim == 2 or image.shape[-1] == 1:
-      image = np.broadcast_to(image.reshape(image.shape[:2] + (1,)),
-                              image.shape[:2] + (3,))
+    image = to_rgb(record["image"], f"TFDS data set {self.name!r}")
     return {"image": image, "label": np.int32(record["label"])}
 
   def __repr__(self):
     return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
+
+
+def to_rgb(image, where: str = "an image data set") -> np.ndarray:
+  """(H, W) or (H, W, C) with C in 1..4 -> (H, W, 3), as PIL's
+  ``convert("RGB")`` does in the official loaders (torchvision ``pil_loader``):
+  grey (``L``) and grey + alpha (``LA``) repeat the grey value, RGBA drops its
+  alpha without compositing it onto any background.
+
+  Raises ``DataConfigError`` naming ``where`` for any other shape.
+  """
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[:, :, None]
+  if image.ndim != 3 or not 1 <= image.shape[-1] <= 4:
+    raise DataConfigError(
+        f"{where} has an image of shape {image.shape}; images of 1 (grey), "
+        "2 (grey + alpha), 3 (RGB) or 4 (RGBA) channels are needed. Use an "
+        "image data set with such images (or an image folder).")
+  channels = image.shape[-1]
+  if channels == 3:
+    return image
+  if channels <= 2:
+    return np.repeat(image[:, :, :1], 3, axis=2)
+  return np.ascontiguousarray(image[:, :, :3])
 
 
 def _num_classes(features) -> int | None:

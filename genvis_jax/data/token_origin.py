@@ -36,11 +36,15 @@ def _records(pattern: str) -> dict[str, dict | None]:
   return out
 
 
+def _settings(records: dict[str, dict | None]) -> dict[str, dict]:
+  return {path: r["settings"] for path, r in records.items()
+          if r is not None and isinstance(r.get("settings"), dict)}
+
+
 def recorded_settings(pattern: str) -> dict[str, dict]:
   """``{file: settings}`` recorded beside the files matching ``pattern``
   (files without a readable record are left out)."""
-  return {path: r["settings"] for path, r in _records(pattern).items()
-          if r is not None and isinstance(r.get("settings"), dict)}
+  return _settings(_records(pattern))
 
 
 def recorded_num_classes(pattern: str) -> int | None:
@@ -65,6 +69,8 @@ def check_training_files(config) -> str:
   """Checks the token files of ``config.data`` against each other and
   ``config`` before training; a no-op unless ``config.data.source`` is
   ``"tokens"``. Process 0 reads the records; its error stops every process.
+  Token files without a record beside them are warned about (once per
+  process), naming the missing records and the command that copies them.
 
   Raises:
     DataNotFoundError, TokenFileError: the glob misses a file of a
@@ -88,7 +94,9 @@ def check_training_files(config) -> str:
 
   def check():
     check_shard_sets(pattern, glob_files(pattern))
-    records = recorded_settings(pattern)
+    found = _records(pattern)
+    _warn_missing_records(pattern, found)
+    records = _settings(found)
     _check_one_tokenizer(pattern, records)
     _check_tokenizer_layout(pattern, records,
                             (config.get("tokenizer") or {}).get("model"))
@@ -98,6 +106,46 @@ def check_training_files(config) -> str:
     warning.append(check_origin(pattern, records, tok.get("checkpoint", "")))
   multihost.on_process_0(check)
   return warning[0] if warning else ""
+
+
+# (pattern, files without a record) already warned about in this process:
+# a run builds its training iterator up to three times (resume paths).
+_WARNED_MISSING: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def copy_command(pattern: str) -> str:
+  """A command copying pretokenize's files with their ``.json`` records to
+  the folder of ``pattern``: both globs, since ``*.array_record`` alone
+  leaves the records behind."""
+  folder = pattern.rsplit("/", 1)[0] if "/" in pattern else "."
+  name = os.path.basename(pattern)
+  tool = "gcloud storage cp" if "://" in pattern else "cp"
+  return (f"{tool} <pretokenize output folder>/{name} "
+          f"<pretokenize output folder>/{name}.json {folder}/")
+
+
+def _warn_missing_records(pattern: str,
+                          records: dict[str, dict | None]) -> None:
+  """Warns, once per process and set of files, when token files have no
+  readable ``<file>.json`` record beside them (e.g. copied to a bucket with
+  ``*.array_record``, which leaves the records behind): the checks of their
+  tokenizer weights, code layout, codebook size and largest label are then
+  skipped."""
+  missing = tuple(sorted(p for p, r in records.items() if r is None))
+  if not missing or (pattern, missing) in _WARNED_MISSING:
+    return
+  _WARNED_MISSING.add((pattern, missing))
+  names = ", ".join(os.path.basename(p) + ".json" for p in missing[:3])
+  logging.warning(
+      "config.data.path=%r: %d of %d token file(s) have no readable record "
+      "beside them (missing %s%s). Pretokenize writes <file>.array_record.json "
+      "next to each file; without it training cannot check which tokenizer "
+      "weights and code layout wrote the codes, the codebook size or the "
+      "largest label, and trains on them unchecked. Copy the records with "
+      "the token files (on each host that wrote them), e.g. `%s`, or "
+      "pre-tokenize again.",
+      pattern, len(missing), len(records), names,
+      " ..." if len(missing) > 3 else "", copy_command(pattern))
 
 
 def _check_one_tokenizer(pattern: str, records: dict[str, dict]) -> None:

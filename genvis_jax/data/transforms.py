@@ -149,18 +149,24 @@ def _to_8bit_rgb(pil: Image.Image) -> np.ndarray:
   return np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def decode_image(path: str) -> np.ndarray:
+def decode_image(path: str, exif_transpose: bool = False) -> np.ndarray:
   """Reads an image file with PIL -> uint8 (H, W, 3).
 
-  The EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``), so a
-  phone photo stored sideways comes out upright. Animated files (GIF, APNG,
-  WebP) give their first frame. Grey, palette, CMYK, alpha and 16-bit images
-  become 8-bit RGB (see ``_to_8bit_rgb``). Raises whatever PIL raises for an
-  unreadable file (``DecodeImage`` skips those).
+  The pixels come as stored, ignoring the EXIF orientation, as the official
+  loaders read them (torchvision ``pil_loader``: ``Image.open(f).convert(
+  "RGB")``) and as TFDS stores them, so a file gives the same tokens from an
+  image folder, TFDS or the official code. ``exif_transpose``
+  (``config.data.exif_transpose``) applies the orientation first
+  (``PIL.ImageOps.exif_transpose``): a phone photo stored sideways comes out
+  upright. Animated files (GIF, APNG, WebP) give their first frame. Grey,
+  palette, CMYK, alpha and 16-bit images become 8-bit RGB (see
+  ``_to_8bit_rgb``). Raises whatever PIL raises for an unreadable file
+  (``DecodeImage`` skips those).
   """
   with open(path, "rb") as f, Image.open(f) as pil:
     pil.seek(0)
-    return _to_8bit_rgb(ImageOps.exif_transpose(pil))
+    return _to_8bit_rgb(ImageOps.exif_transpose(pil) if exif_transpose
+                        else pil)
 
 
 # --- grain transforms ----------------------------------------------------------
@@ -173,12 +179,16 @@ class DecodeImage(grain.transforms.Map):
   ``{SKIPPED: path, "error": "Type: message"}``.
 
   The pipeline passes these markers through the crops, drops them and counts
-  the distinct paths (``PipelineInfo.num_skipped``).
+  the distinct paths (``PipelineInfo.num_skipped``). ``exif_transpose``: see
+  ``decode_image`` (default False: pixels as stored, the official loaders').
   """
+
+  def __init__(self, exif_transpose: bool = False):
+    self.exif_transpose = bool(exif_transpose)
 
   def map(self, record):
     try:
-      image = decode_image(record["path"])
+      image = decode_image(record["path"], self.exif_transpose)
     except Exception as e:  # pylint: disable=broad-exception-caught
       return {SKIPPED: record["path"], "error": f"{type(e).__name__}: {e}"}
     return {"image": image, "label": np.int32(record["label"])}
