@@ -5,8 +5,11 @@
 semantic decoder). Losses: L1 + LPIPS over a logvar, KL 0.01, hinge GAN with the
 frozen DINO ViT-S/16 discriminator (adaptive weight x 0.5 from step 5001),
 semantic alignment to DINOv2-B/14 patch tokens (x 5.0 from step 20001).
-Stage 2 (``--config.loss.stage2=True``, init from stage 1) trains the decoder,
-post-quant layer and semantic decoder only.
+Stage 2 (``--config=configs/eq_tokenizer.py:stage2 --config.init_from=STAGE1``,
+the official ``tokenizer_config_stage2.yaml``) trains the decoder, post-quant
+layer and semantic decoder only, with the semantic loss off. ``init_from``
+loads stage 1's EMA weights; the discriminator starts afresh (the official
+stage 2 also loads stage 1's discriminator).
 
   python -m genvis_jax.main --config=configs/eq_tokenizer.py --workdir=DIR \\
       --config.data.path=TFDS_DIR --config.loss.lpips_path=vgg_lpips.npz \\
@@ -41,6 +44,9 @@ def dino_disc(**overrides) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict(dict(
       name="dino_disc", vit_path="", img_size=224, patch_size=16, dim=384,
       depth=12, num_heads=6, key_depths=(2, 5, 8, 11), head_kernel=9,
+      # BatchNormLocal statistics per GPU batch (official: 12 = 192 / 16 GPUs,
+      # 2 groups of 6); a smaller call (runlocal, init) is one replica.
+      replica_batch=12,
       diffaug=True, diffaug_cutout=0.2, image_size=256))
   d.update(overrides)
   return d
@@ -72,7 +78,7 @@ def runlocal(c):
 
 
 def get_config(arg=None):
-  arg = base.parse_arg(arg, runlocal=False)
+  arg = base.parse_arg(arg, runlocal=False, stage2=False)
   c = base.get_config()
   c.task = "eq_tokenizer"
   c.model = tokenizer_model()
@@ -121,9 +127,13 @@ def get_config(arg=None):
   t.global_batch_size = 192
   t.num_steps = 320_000
   t.ema_decay = 0.99               # official code default (paper: 0.9999)
+  t.ema_warmup = True              # official LitEma(use_num_upates=True)
   t.grad_clip = 0.0
   t.image_every = 5000
   c.evaluate.kind = "tokenizer"   # mode=evaluate: PSNR, SSIM, rFID
+  if arg.stage2:                   # official tokenizer_config_stage2.yaml
+    lo.stage2 = True
+    lo.semantic_weight = 0.0
   if arg.runlocal:
     runlocal(c)
   return c

@@ -96,7 +96,9 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
   lo.gan = "hinge"
   lo.gan_weight = 0.5
   lo.adaptive_gan_weight = False
-  lo.disc_start = 20_000
+  # Official --disc-start 20000 against global_step = train_steps + 1: the GAN
+  # terms are on from the 20,000th update, 0-based step 19,999 here.
+  lo.disc_start = 19_999
   lo.disc_loss_weight = 0.5       # official D loss is scaled by the GAN weight
 
   dc = c.disc = ml_collections.ConfigDict()
@@ -104,7 +106,8 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
   dc.image_size = 256
   dc.ndf = 64
   dc.n_layers = 3
-  dc.norm = "group"               # official BatchNorm needs mutable state
+  dc.norm = "batch"               # official train-mode BatchNorm2d, per GPU
+  dc.group_size = 32              # images per BN batch (official: 256 / 8 GPUs)
   dc.dtype = c.model.dtype
   dc.param_dtype = "float32"
   dc.optimizer = _adam(2e-4)
@@ -133,6 +136,7 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
     dc.image_size, dc.ndf, dc.n_layers = 32, 16, 2
     lo.disc_start = 10
     lo.rep_group_size = 0         # whole (tiny) batch as negatives
+    c.model.entropy_group_size = 0   # and as one entropy group
     base.runlocal_train(t, steps=20, batch=8)
     c.evaluate.num_images = 64
     c.evaluate.batch_size = 16
@@ -143,6 +147,7 @@ def fqgan_model(kind: str, ds: int) -> ml_collections.ConfigDict:
   """FQGAN-Dual (vis, sem) or -Triple (vis, sem_mid, sem_high) model config."""
   m = cnn_model("fqgan", ds)
   m.entropy_weight = 0.03
+  m.entropy_group_size = 32     # official: per GPU (256 / 8), DDP-averaged
   if kind == "dual":
     m.branches = ("vis", "sem")
     m.feat_heads = (("sem", 1024),)             # CLIP ViT-L/14 width

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import eq_demo
@@ -17,6 +18,8 @@ from genvis_jax.models import dino_disc
 from genvis_jax.models import eq_tokenizer as eqt
 from genvis_jax.models.layers import resample
 from genvis_jax.train import optimizers as opt_lib
+from genvis_jax.train import step as step_lib
+from genvis_jax.train.state import TrainState
 from genvis_jax.train.tasks import eq as eq_task
 from genvis_jax.train.tasks import get_task
 
@@ -236,6 +239,47 @@ def test_tokenizer_task_grads(disc, stage2):
     assert gn(upd["encoder"]) == 0 and gn(upd["decoder"]) > 0
 
 
+def test_discriminator_steps_on_the_updated_generator():
+  """Official PL 1.4 loop: the generator's optimizer steps first, then the
+  discriminator's step runs the updated generator again (fresh posterior
+  draw: key fold_in(step key, 1))."""
+  c = _task_config()
+  task = get_task(c)
+  assert task.update_phases == (("model",), ("disc",))
+  params = np_init(jax.eval_shape(lambda k: nn.unbox(task.init_params(k)),
+                                  jax.random.key(0)))
+  opt = task.optimizers()
+  opt_state = {g: opt[g].init(params[g]) for g in params}
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 32, 32, 3),
+                                       minval=-1, maxval=1)}
+  key, step = jax.random.key(2), jnp.int32(3)
+  state = TrainState(step=step, params=params, opt_state=opt_state,
+                     ema=params["model"])
+  new, m = jax.jit(step_lib.make_train_step(task, opt, c.train, 1))(
+      state, batch, key, {})
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["disc_loss"]))
+
+  @jax.jit
+  def by_hand(params):
+    k = jax.random.fold_in(key, step)
+    g, _ = task.grads(params, {}, batch, k, step, groups=("model",))
+    u, _ = opt["model"].update(g["model"], opt_state["model"], params["model"])
+    model = optax.apply_updates(params["model"], u)
+    g, _ = task.grads({**params, "model": model}, {}, batch,
+                      jax.random.fold_in(k, 1), step, groups=("disc",))
+    u, _ = opt["disc"].update(g["disc"], opt_state["disc"], params["disc"])
+    # And the one-pass discriminator gradients (pre-update fakes).
+    one_pass = task.grads(params, {}, batch, k, step)[0]["disc"]
+    return model, optax.apply_updates(params["disc"], u), g["disc"], one_pass
+  model, disc, g_disc, g_one = by_hand(params)
+  for a, b in zip(jax.tree_util.tree_leaves((new.params["model"], new.params["disc"])),
+                  jax.tree_util.tree_leaves((model, disc))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(g_disc), jax.tree_util.tree_leaves(g_one)))
+  assert diff > 1e-6
+
+
 def test_gan_never_on_compiles_no_discriminator():
   """disc_start >= num_steps: the same model gradients as the GAN path before
   disc_start (weight 0), zero disc gradients, fewer convolutions."""
@@ -393,3 +437,14 @@ def test_official_tokenizer_parity():
   shapes = lambda t: jax.tree_util.tree_map(lambda a: tuple(a.shape), t)
   assert shapes(params) == shapes(abstract)            # names 1:1, layouts
   assert_tokenizer_parity(params, f)
+
+
+def test_stage2_config_is_the_official_stage2_yaml():
+  """tokenizer_config_stage2.yaml differs from stage 1 in stage2: true and
+  semantic_loss_w: 0.0 only."""
+  one, two = eq_tok_config.get_config(), eq_tok_config.get_config("stage2")
+  assert (one.loss.stage2, one.loss.semantic_weight) == (False, 5.0)
+  assert (two.loss.stage2, two.loss.semantic_weight) == (True, 0.0)
+  two.loss.stage2, two.loss.semantic_weight = False, 5.0
+  assert two.to_dict() == one.to_dict()
+  assert eq_tok_config.get_config("stage2,runlocal").loss.semantic_weight == 0.0

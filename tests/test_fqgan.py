@@ -375,9 +375,13 @@ def test_paper_config_hyper_parameters():
   lo = c.loss
   assert (lo.reconstruction, lo.reconstruction_weight, lo.perceptual_weight) == (
       "l2", 1.0, 1.0)
+  # GAN on from the 20,000th update: official global_step = train_steps + 1
+  # against --disc-start 20000; our step counts from 0.
   assert (lo.gan, lo.gan_weight, lo.disc_start, lo.adaptive_gan_weight) == (
-      "hinge", 0.5, 20_000, False)
+      "hinge", 0.5, 19_999, False)
   assert (lo.disentangle_weight, lo.rep_weight) == (0.1, 0.5)
+  # Batch-coupled terms per official GPU batch (256 / 8).
+  assert lo.rep_group_size == c.model.entropy_group_size == 32
   assert c.model.entropy_weight == 0.03 and c.model.dtype == "bfloat16"
   assert fqgan_dual_ds16.get_config("fp32").model.dtype == "float32"
   assert models.value_range(c.model) == (-1.0, 1.0) and c.data.crop_min_frac == 0.8

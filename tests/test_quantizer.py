@@ -117,6 +117,28 @@ def test_entropy_loss_matches_numpy(l2_norm):
   np.testing.assert_allclose(soft, _np_entropy_loss(-d, 10.0), rtol=1e-4)
 
 
+def test_entropy_loss_per_image_group():
+  """entropy_group_size: the mean of each group's loss (the official loss ran
+  per GPU and DDP averaged it), not the whole batch's."""
+  rng = np.random.default_rng(3)
+  z = rng.normal(size=(4, 3, 5, D)).astype(np.float32)
+  book = rng.normal(size=(K, D)).astype(np.float32)
+  params = {"params": {"embedding": jnp.asarray(book)}}
+  d = ((z.reshape(4, -1, 1, D) - book) ** 2).sum(-1)         # (4, 15, K)
+  aux = lambda g, train=True: VectorQuantizer(K, D, entropy_weight=0.1, entropy_group_size=g,
+                                  entropy_temperature=1.0).apply(
+                                      params, jnp.asarray(z), train)[2]["entropy_loss"]
+  halves = np.mean([_np_entropy_loss(-d[i:i + 2], 1.0) for i in (0, 2)])
+  np.testing.assert_allclose(aux(2), halves, rtol=1e-4)
+  whole = _np_entropy_loss(-d, 1.0)
+  np.testing.assert_allclose(aux(0), whole, rtol=1e-4)
+  np.testing.assert_allclose(aux(4), whole, rtol=1e-4)
+  assert abs(halves - whole) > 1e-3
+  with pytest.raises(ValueError, match="not divisible by config.model.entropy_group_size 3"):
+    aux(3)
+  np.testing.assert_allclose(aux(3, train=False), whole, rtol=1e-4)   # reported only
+
+
 def test_usage_and_perplexity():
   book = np.eye(K, D, dtype=np.float32) * 10  # codes 0..7 are one-hot axes
   z = np.zeros((1, 2, 4, D), np.float32)

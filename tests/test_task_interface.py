@@ -78,6 +78,29 @@ def test_skipped_nonfinite_step_keeps_schedule_in_step():
   assert float(nan_m["nonfinite"]) == 1.0
 
 
+def test_ema_warmup_is_litema():
+  """ema_warmup: the decay LitEma(use_num_upates=True) uses, counting updates
+  from 1; the step's EMA takes it."""
+  def litema(num_updates, decay=0.99):          # taming / LDM ema.py, restated
+    return min(decay, (1 + num_updates) / (10 + num_updates))
+  got = [float(step_lib.ema_decay_at(jnp.int32(s), 0.99, True)) for s in range(2000)]
+  np.testing.assert_allclose(got, [litema(s + 1) for s in range(2000)], rtol=1e-6)
+  assert float(step_lib.ema_decay_at(jnp.int32(0), 0.99, False)) == np.float32(0.99)
+
+  cfg = ml_collections.ConfigDict(dict(micro_batches=1, ema_decay=0.99,
+                                       ema_warmup=True))
+  opt = {"model": optax.sgd(1.0)}
+  task = _ScaleTask(None)
+  params = {"model": {"w": jnp.float32(1.0)}}
+  state = TrainState(step=jnp.int32(0), params=params,
+                     opt_state={"model": opt["model"].init(params["model"])},
+                     ema=params["model"])
+  new, _ = jax.jit(step_lib.make_train_step(task, opt, cfg, 1))(
+      state, {"x": jnp.arange(4.0)}, jax.random.key(0), {"model": jnp.float32(3.0)})
+  w1, d = float(new.params["model"]["w"]), litema(1)
+  np.testing.assert_allclose(float(new.ema["w"]), d * 1.0 + (1 - d) * w1, rtol=1e-6)
+
+
 def test_join_groups_refuses_a_clash():
   assert join_groups({"a": 1}, {"vit": 2}) == {"a": 1, "vit": 2}
   with pytest.raises(GroupClashError, match=r"\['vit'\].*Remove") as e:

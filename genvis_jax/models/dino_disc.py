@@ -3,19 +3,30 @@ tokenizer training) and DiffAug. (The tokenizer's semantic teacher, DINOv2-B/14,
 is ``genvis_jax.models.dinov2``.)
 
 ``DinoDiscriminator``: images in [-1, 1] -> ImageNet normalisation -> 224 x 224
-(random 224 crop with probability 1/2 when both sides are larger, else resize)
--> frozen ViT (``vit``; weights from a local file) whose token readouts
-``x[:, 1:] + x[:, :1]`` after the embedding and after blocks 2, 5, 8, 11 feed
-five trainable heads (``heads_{i}``): spectral-normalised Conv1d k1 ->
-BatchNormLocal -> LeakyReLU(0.2), a residual (Conv1d k9 circular -> BN ->
-LReLU) scaled by 1/sqrt(2), and a Conv1d k1 to one logit per patch. Output:
-(B, 5 * patches) logits. Only the heads train; the task keeps ``vit`` in a
-frozen group.
+(random 224 crop with probability 1/2 when both sides are larger, else torch
+'area' resize when the height is larger, torch bicubic otherwise; see
+``preprocess``) -> frozen ViT (``vit``; weights from a local file) whose
+token readouts ``x[:, 1:] + x[:, :1]`` after the embedding and after blocks
+2, 5, 8, 11 feed five trainable heads (``heads_{i}``): spectral-normalised
+Conv1d k1 -> BatchNormLocal -> LeakyReLU(0.2), a residual (Conv1d k9 circular
+-> BN -> LReLU) scaled by 1/sqrt(2), and a Conv1d k1 to one logit per patch.
+Output: (B, 5 * patches) logits. Only the heads train; the task keeps ``vit``
+in a frozen group.
 
 Pure-functional choices: BatchNormLocal normalises over groups of
 ``virtual_bs`` samples with no running statistics (as the official one), and
 spectral norm runs ``power_iterations`` from a fixed vector each call instead
 of carrying a ``u`` buffer.
+
+Per-GPU statistics: the official BatchNormLocal runs on each GPU's batch
+(Equivariant recipe: 12 images per GPU, 192 over 16 GPUs), splitting it into
+ceil(12 / 8) = 2 groups of 6. ``replica_batch`` (config ``disc.replica_batch``)
+states that per-GPU batch: a call's images are cut into consecutive replicas
+of ``replica_batch`` and each replica into groups exactly as the official code
+would (``0``: the whole call is one replica). With the batch split over the
+data axes, every statistics group stays on one device (no collective) when
+the per-device batch is a multiple of the group size (e.g. of
+``replica_batch``); otherwise XLA reduces across the devices a group spans.
 
 ``FrozenViT`` is the shared ViT (``models/layers/vit.py``) at timm / DINO
 settings; ``convert/dino_vit.py`` maps a timm-style PyTorch state dict (e.g.
@@ -103,19 +114,52 @@ class FrozenViT(nn.Module):
     return outs, tokens
 
 
-def preprocess(images, size: int, rng=None, random_crop: bool = True):
-  """[-1, 1] NHWC -> ImageNet-normalised (B, size, size, 3).
+def area_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) float64 matrix M with ``M @ v`` = torch's 1-D
+  ``F.interpolate(mode='area')`` (adaptive average pooling) of v: output i
+  averages inputs floor(i * in / out) .. ceil((i + 1) * in / out) - 1."""
+  m = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    lo, hi = (i * in_size) // out_size, -(-((i + 1) * in_size) // out_size)
+    m[i, lo:hi] = 1.0 / (hi - lo)
+  return m
 
-  Both sides > size and a key given: one random ``size`` crop for the whole
-  batch with probability 1/2, else a resize (antialiased when shrinking,
-  standing in for torch 'area'; cubic when enlarging).
+
+def resize_area(x, height: int, width: int):
+  """(B, H, W, C) -> (B, height, width, C) torch 'area' resize, float32 (one
+  box matrix per axis; identity where a size does not change)."""
+  mh = jnp.asarray(area_matrix(x.shape[1], height), jnp.float32)
+  mw = jnp.asarray(area_matrix(x.shape[2], width), jnp.float32)
+  return jnp.einsum("ih,bhwc,jw->bijc", mh, x.astype(jnp.float32), mw,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def resize_bicubic(x, height: int, width: int):
+  """torch ``F.interpolate(mode='bicubic', align_corners=False)`` (a = -0.75,
+  no antialias), float32."""
+  mh = jnp.asarray(dinov2.bicubic_matrix(x.shape[1], height), jnp.float32)
+  mw = jnp.asarray(dinov2.bicubic_matrix(x.shape[2], width), jnp.float32)
+  return jnp.einsum("ih,bhwc,jw->bijc", mh, x.astype(jnp.float32), mw,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def preprocess(images, size: int, rng=None, random_crop: bool = True):
+  """[-1, 1] NHWC -> ImageNet-normalised (B, size, size, 3), float32.
+
+  As the official ``FrozenDINOSmallNoDrop.forward``: both sides > size and a
+  key given: with probability 1/2 one random ``size`` crop for the whole call
+  (torchvision ``RandomCrop`` on the batch tensor); else a resize to size x
+  size, torch 'area' when the height is larger than ``size`` and bicubic
+  otherwise (the official choice looks at the height only). Official training
+  seeds every rank alike (Lightning ``seed_everything``), so its per-call
+  coin and crop offsets agree across GPUs: one draw per call, as here.
   """
   x = ((images.astype(jnp.float32) + 1.0) / 2.0 - IMAGENET_MEAN) / IMAGENET_STD
   b, h, w, c = x.shape
   if (h, w) == (size, size):
     return x
-  method = "linear" if min(h, w) > size else "cubic"
-  resized = jax.image.resize(x, (b, size, size, c), method, antialias=True)
+  resize = resize_area if h > size else resize_bicubic
+  resized = resize(x, size, size)
   if rng is None or not random_crop or h <= size or w <= size:
     return resized
   k_coin, k_y, k_x = jax.random.split(rng, 3)
@@ -174,21 +218,34 @@ class SNConv1d(nn.Module):
 
 
 class BatchNormLocal(nn.Module):
-  """Normalises (B, L, C) over (samples of a virtual batch, L) per channel."""
+  """Normalises (B, L, C) over (samples of a virtual batch, L) per channel.
+
+  The batch is cut into consecutive replicas of ``replica_batch`` samples
+  (the per-GPU batch; ``0`` or a call with fewer samples: one replica), and
+  each replica into ceil(replica / virtual_bs) equal groups, as the official
+  ``BatchNormLocal`` does on each GPU.
+  """
   virtual_bs: int = 8
   eps: float = 1e-6
+  replica_batch: int = 0
 
   @nn.compact
   def __call__(self, x):
     b, n, c = x.shape
-    g = -(-b // self.virtual_bs)
-    if b % g:
-      raise ValueError(f"BatchNormLocal: batch {b} does not split into {g} "
-                       f"equal virtual batches of <= {self.virtual_bs}; use a "
-                       f"batch divisible by {g}.")
-    x = x.astype(jnp.float32).reshape(g, b // g, n, c)
+    r = b if self.replica_batch <= 0 else min(self.replica_batch, b)
+    if b % r:
+      raise ValueError(f"BatchNormLocal: batch {b} does not split into "
+                       f"replicas of disc.replica_batch={self.replica_batch} "
+                       f"(the per-GPU batch); use a batch divisible by it.")
+    g = -(-r // self.virtual_bs)
+    if r % g:
+      raise ValueError(f"BatchNormLocal: a replica of {r} samples does not "
+                       f"split into {g} equal virtual batches of <= "
+                       f"{self.virtual_bs} (the official view() would fail); "
+                       f"use a disc.replica_batch divisible by {g}.")
+    x = x.astype(jnp.float32).reshape(b // r * g, r // g, n, c)
     mean = x.mean(axis=(1, 2), keepdims=True)
-    var = x.var(axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
     x = ((x - mean) / jnp.sqrt(var + self.eps)).reshape(b, n, c)
     scale = self.param("scale", layers.named(layers.ones, ("norm",)), (c,))
     bias = self.param("bias", layers.named(layers.zeros, ("norm",)), (c,))
@@ -201,15 +258,19 @@ class DiscHead(nn.Module):
   virtual_bs: int = 8
   spectral: bool = True
   iterations: int = 5
+  replica_batch: int = 0
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     kw = dict(spectral=self.spectral, iterations=self.iterations)
     x = SNConv1d(c, 1, name="conv_in", **kw)(x)
-    x = nn.leaky_relu(BatchNormLocal(self.virtual_bs, name="norm_in")(x), 0.2)
+    norm = lambda name: BatchNormLocal(self.virtual_bs,
+                                       replica_batch=self.replica_batch,
+                                       name=name)
+    x = nn.leaky_relu(norm("norm_in")(x), 0.2)
     h = SNConv1d(c, self.kernel_size, name="res_conv", **kw)(x)
-    h = nn.leaky_relu(BatchNormLocal(self.virtual_bs, name="res_norm")(h), 0.2)
+    h = nn.leaky_relu(norm("res_norm")(h), 0.2)
     x = (h + x) / np.sqrt(2.0)
     return SNConv1d(1, 1, name="conv_out", **kw)(x)[..., 0]
 
@@ -224,6 +285,7 @@ class DinoDiscriminator(nn.Module):
   key_depths: Sequence[int] = (2, 5, 8, 11)
   head_kernel: int = 9
   virtual_bs: int = 8
+  replica_batch: int = 0           # per-GPU batch of BN statistics; 0: call
   spectral_norm: bool = True
   power_iterations: int = 5
   random_crop: bool = True
@@ -236,7 +298,8 @@ class DinoDiscriminator(nn.Module):
                          pos_grid=self.img_size // self.patch_size, taps=taps,
                          name="vit")(x)
     logits = [DiscHead(self.head_kernel, self.virtual_bs, self.spectral_norm,
-                       self.power_iterations, name=f"heads_{i}")(f)
+                       self.power_iterations, self.replica_batch,
+                       name=f"heads_{i}")(f)
               for i, f in enumerate(feats)]
     return jnp.concatenate(logits, axis=1).astype(jnp.float32)
 

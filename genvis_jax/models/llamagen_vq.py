@@ -167,6 +167,7 @@ class VQBase(nn.Module):
   commitment_cost: float = 0.25
   entropy_weight: float = 0.0
   entropy_temperature: float = 0.01
+  entropy_group_size: int = 0
   l2_norm: bool = True
   dropout: float = 0.0
   remat: str = "none"
@@ -190,6 +191,7 @@ class VQBase(nn.Module):
         self.num_codes, self.code_dim, beta=self.commitment_cost,
         l2_norm=self.l2_norm, entropy_weight=self.entropy_weight,
         entropy_temperature=self.entropy_temperature,
+        entropy_group_size=self.entropy_group_size,
         param_dtype=self.param_dtype, name=name)
 
 

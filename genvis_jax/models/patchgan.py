@@ -7,13 +7,35 @@ Layout for ``n_layers=3, ndf=64`` (output is a grid of real/fake logits):
   conv4x4/1 (256 -> 512) norm LeakyReLU
   conv4x4/1 (512 -> 1, bias)
 All convs pad 1 on every side (torch ``padding=1``), so a 256px input gives a
-30x30 logit map.
+30x30 logit map. Convs followed by a norm have no bias, as in taming. Conv
+weights ~ N(0, 0.02) (taming's ``weights_init``).
 
-Normalisation: taming uses BatchNorm, which carries running statistics (mutable
-state) and couples samples within a batch. We keep the model pure-functional with
-``norm="group"`` (GroupNorm, 32 groups; default) or ``norm="none"``. Convs
-followed by a norm have no bias, as in taming. Conv weights ~ N(0, 0.02)
-(taming's ``weights_init``).
+Normalisation (``norm``):
+  "batch"  taming / FQGAN's ``nn.BatchNorm2d`` as it is used in training:
+           always in train mode, so every call normalises with batch
+           statistics, and under DDP (no SyncBN) each GPU's images form their
+           own batch. Here: stateless, over groups of ``group_size``
+           consecutive images of the call (FQGAN: 32 = 256 images / 8 GPUs),
+           per channel over (group, H, W), biased variance, eps 1e-5, affine
+           scale ~ N(1, 0.02) and bias 0 (the official ``_init_weights``). The
+           running statistics torch also keeps are never read in training and
+           are not modelled. Real images, fake images and the generator's
+           fakes are separate calls (the tasks do so), each with its own
+           statistics, as in the official loss. A call with fewer than
+           ``group_size`` images (parameter init, small local runs) is one
+           group (what one GPU holding the whole batch computes);
+           ``group_size <= 0`` always takes the whole call as one group. A
+           batch that does not split into groups of ``group_size`` raises a
+           ValueError (the official per-GPU split requires the global batch
+           to divide by the number of GPUs).
+           Sharding: groups are consecutive images, so each stays on one
+           device (no collective) when the per-device batch is a multiple of
+           ``group_size``; otherwise XLA all-reduces over the devices a group
+           spans, with the same values.
+  "group"  GroupNorm (``num_groups`` groups, eps 1e-5): per-image statistics.
+  "none"   no normalisation (the convs keep their bias).
+The norm parameters are ``norm_{n}/{scale, bias}`` for every norm, so
+checkpoints of either norm have the same tree.
 
 Input images are in whatever range the tokenizer trains in (the task feeds real
 and reconstructed images in the same range); nothing is rescaled here.
@@ -32,7 +54,45 @@ from genvis_jax import models
 from genvis_jax.models import layers
 
 _PAD1 = ((1, 1), (1, 1))
-_NORMS = ("group", "none")
+_NORMS = ("batch", "group", "none")
+
+
+def _torch_bn_weight_init(key, shape, dtype=jnp.float32):
+  """The official discriminator's BatchNorm weight init: N(1, 0.02)."""
+  return (1.0 + 0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class GroupBatchNorm(nn.Module):
+  """Train-mode BatchNorm over groups of ``group_size`` consecutive images.
+
+  (B, H, W, C) -> same shape; statistics in float32 per (group, channel) over
+  (images of the group, H, W), biased variance. See the module docstring.
+  """
+  group_size: int = 32
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    g = b if self.group_size <= 0 else min(self.group_size, b)
+    if b % g:
+      raise ValueError(
+          f"PatchGAN norm='batch': a batch of {b} images does not split into "
+          f"groups of disc.group_size={self.group_size} (the per-GPU batch of "
+          f"the official BatchNorm); use a batch divisible by it or set "
+          f"disc.group_size to a divisor of {b} (0 = the whole batch).")
+    y = x.astype(jnp.float32).reshape(b // g, g, h, w, c)
+    mean = jnp.mean(y, axis=(1, 2, 3), keepdims=True)
+    var = jnp.mean(jnp.square(y - mean), axis=(1, 2, 3), keepdims=True)
+    y = ((y - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, h, w, c)
+    scale = self.param("scale", layers.named(_torch_bn_weight_init, ("norm",)),
+                       (c,), self.param_dtype)
+    bias = self.param("bias", layers.named(layers.zeros, ("norm",)), (c,),
+                      self.param_dtype)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
 
 
 class NLayerDiscriminator(nn.Module):
@@ -41,6 +101,7 @@ class NLayerDiscriminator(nn.Module):
   n_layers: int = 3
   norm: str = "group"
   num_groups: int = 32
+  group_size: int = 32             # images per BatchNorm group (norm="batch")
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -48,11 +109,10 @@ class NLayerDiscriminator(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.norm not in _NORMS:
       raise ValueError(f"Unknown discriminator norm {self.norm!r}; choose one "
-                       f"of {_NORMS} (BatchNorm is not supported: it needs "
-                       f"mutable batch statistics).")
+                       f"of {_NORMS}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
               kernel_init=nn.initializers.normal(0.02), padding=_PAD1)
-    use_norm = self.norm == "group"
+    use_norm = self.norm != "none"
     x = layers.conv(self.ndf, 4, strides=2, name="conv_0", **kw)(x)
     x = nn.leaky_relu(x, 0.2)
     mult = 1
@@ -61,10 +121,13 @@ class NLayerDiscriminator(nn.Module):
       stride = 2 if n < self.n_layers else 1
       x = layers.conv(self.ndf * mult, 4, strides=stride, use_bias=not use_norm,
                       name=f"conv_{n}", **kw)(x)
-      if use_norm:
+      if self.norm == "group":
         x = layers.group_norm(min(self.num_groups, self.ndf * mult), 1e-5,
                               dtype=self.dtype, param_dtype=self.param_dtype,
                               name=f"norm_{n}")(x)
+      elif self.norm == "batch":
+        x = GroupBatchNorm(self.group_size, 1e-5, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=f"norm_{n}")(x)
       x = nn.leaky_relu(x, 0.2)
     x = layers.conv(1, 4, name=f"conv_{self.n_layers + 1}", **kw)(x)
     return x.astype(jnp.float32)

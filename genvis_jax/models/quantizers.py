@@ -50,19 +50,24 @@ def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
   return zz + ee - 2.0 * ze
 
 
-def entropy_loss(affinity: jax.Array, temperature: float = 0.01) -> jax.Array:
+def entropy_loss(affinity: jax.Array, temperature: float = 0.01,
+                 groups: int = 1) -> jax.Array:
   """Per-sample entropy minus entropy of the mean code distribution.
 
-  affinity: (..., K) logits (negative distances). Low when every latent picks one
-  code confidently while the batch as a whole spreads over the codebook. Matches
-  LlamaGen's ``compute_entropy_loss`` (softmax variant, 1e-5 inside the batch log).
+  affinity: (..., K) logits (negative distances), float32 scalar out. Low when
+  every latent picks one code confidently while the batch as a whole spreads
+  over the codebook. Matches LlamaGen's ``compute_entropy_loss`` (softmax
+  variant, 1e-5 inside the batch log). ``groups`` splits the latents into that
+  many equal consecutive groups, each with its own mean distribution, and
+  averages the groups' losses: the official loss ran on each GPU's images and
+  DDP averaged them (the batch term is not linear in the batch).
   """
-  logits = affinity.reshape(-1, affinity.shape[-1]).astype(jnp.float32)
+  logits = affinity.reshape(groups, -1, affinity.shape[-1]).astype(jnp.float32)
   logits = logits / temperature
   probs = jax.nn.softmax(logits, axis=-1)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  avg_probs = jnp.mean(probs, axis=0)
-  avg_entropy = -jnp.sum(avg_probs * jnp.log(avg_probs + 1e-5))
+  avg_probs = jnp.mean(probs, axis=1)
+  avg_entropy = -jnp.mean(jnp.sum(avg_probs * jnp.log(avg_probs + 1e-5), axis=-1))
   sample_entropy = -jnp.mean(jnp.sum(probs * log_probs, axis=-1))
   return sample_entropy - avg_entropy
 
@@ -106,6 +111,9 @@ class VectorQuantizer(nn.Module):
       initialised already normalised (as the official code does).
     entropy_weight: weight of the entropy loss in ``quantizer_loss`` (0 = skip it).
     entropy_temperature: softmax temperature on negative distances.
+    entropy_group_size: images per entropy group in training (the official
+      per-GPU batch, see :func:`entropy_loss`); 0 = the whole batch. Must
+      divide the training (micro-)batch.
     param_dtype: codebook dtype.
 
   The codebook parameter is ``embedding`` (K, D) with logical axes
@@ -117,6 +125,7 @@ class VectorQuantizer(nn.Module):
   l2_norm: bool = False
   entropy_weight: float = 0.0
   entropy_temperature: float = 0.01
+  entropy_group_size: int = 0
   param_dtype: Any = jnp.float32
 
   def setup(self):
@@ -148,6 +157,17 @@ class VectorQuantizer(nn.Module):
     d = squared_distances(zf, self.codebook())
     return jnp.argmin(d, axis=1).astype(jnp.int32).reshape(z.shape[:-1])
 
+  def _entropy_groups(self, batch: int, train: bool) -> int:
+    g = self.entropy_group_size or batch
+    if not train:      # a reported value only: any evaluation batch is one group
+      return 1
+    if batch % g:
+      raise ValueError(
+          f"Batch {batch} is not divisible by config.model.entropy_group_size "
+          f"{g}; set it to a divisor of the (micro-)batch, or 0 for the whole "
+          "batch.")
+    return batch // g
+
   def lookup(self, codes: jax.Array) -> jax.Array:
     """Latents of codes: (...) int -> (..., D) float32."""
     if not jnp.issubdtype(codes.dtype, jnp.integer):
@@ -159,7 +179,9 @@ class VectorQuantizer(nn.Module):
 
     Args:
       z: (..., D) latents (any float dtype; the search runs in float32).
-      train: unused except for API symmetry (losses are always returned).
+      train: the entropy loss in groups of ``entropy_group_size`` images
+        (the leading axis of ``z``); otherwise over all latents. Losses are
+        always returned.
 
     Returns:
       z_q: (..., D) float32, straight-through (forward value = code vectors,
@@ -169,7 +191,6 @@ class VectorQuantizer(nn.Module):
         commitment_loss (unweighted), entropy_loss (unweighted, 0 when
         entropy_weight == 0), usage, perplexity.
     """
-    del train
     self._check(z)
     lead = z.shape[:-1]
     zn = self._prepare(z)
@@ -184,7 +205,8 @@ class VectorQuantizer(nn.Module):
     total = codebook_loss + self.beta * commitment_loss
     ent = jnp.zeros((), jnp.float32)
     if self.entropy_weight:
-      ent = entropy_loss(-d, self.entropy_temperature)
+      ent = entropy_loss(-d, self.entropy_temperature,
+                         self._entropy_groups(lead[0] if lead else 1, train))
       total = total + self.entropy_weight * ent
     aux = {"quantizer_loss": total, "codebook_loss": codebook_loss,
            "commitment_loss": commitment_loss, "entropy_loss": ent,

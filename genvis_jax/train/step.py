@@ -41,35 +41,55 @@ def accumulate_grads(grads_fn, params, batch, rng, step, k: int, num_shards: int
   return jax.tree_util.tree_map(lambda x: x / k, total)
 
 
+def ema_decay_at(step, decay: float, warmup: bool):
+  """The EMA decay of the update made at 0-based ``step`` (int, may be traced),
+  float32. ``warmup``: ``min(decay, (1 + n) / (10 + n))`` with n = step + 1 the
+  update count, as ``LitEma(use_num_upates=True)`` (taming / latent-diffusion
+  ``ema.py``, used by the Equivariant tokenizer) does; otherwise ``decay``."""
+  if not warmup:
+    return jnp.float32(decay)
+  n = jnp.asarray(step, jnp.float32) + 1.0
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
 def make_train_step(task, optimizers, train_config, num_shards: int):
   """Returns ``step_fn(state, batch, rng) -> (state, metrics)`` (un-jitted).
 
-  The per-step key is ``fold_in(rng, state.step)`` so a resumed run draws the
-  same numbers. A non-finite loss or gradient leaves the float state (params,
-  moments, EMA) untouched, advances the step and the optimizer's counts, and
-  is reported as ``metrics["nonfinite"] = 1`` (the loop stops with a clear error when
+  The per-step key is ``fold_in(rng, state.step)`` so a resumed run draws
+  the same numbers. Groups are updated in ``task.update_phases`` (default:
+  all at once); phase i > 0 draws with ``fold_in(step key, i)``. A non-finite
+  loss or gradient leaves the float state (params, moments, EMA) untouched,
+  advances the step and the optimizer's counts, and is reported as
+  ``metrics["nonfinite"] = 1`` (the loop stops with a clear error when
   ``train.check_finite``, else counts it; see train/guard.py).
   """
   k = int(train_config.micro_batches)
   ema_decay = float(train_config.ema_decay)
+  ema_warmup = bool(train_config.get("ema_warmup", False))
+  phases = task.update_phases or (tuple(task.param_groups),)
 
   def step_fn(state: TrainState, batch, rng, frozen):
     step_rng = jax.random.fold_in(rng, state.step)
-    # Frozen groups (e.g. LPIPS weights) are read by the loss, never updated.
-    grads, metrics = accumulate_grads(
-        lambda p, *a: task.grads(p, frozen, *a), state.params, batch,
-        step_rng, state.step, k, num_shards)
-    new_params, new_opt = {}, {}
-    for g in task.param_groups:
-      updates, new_opt[g] = optimizers[g].update(
-          grads[g], state.opt_state[g], state.params[g])
-      new_params[g] = optax.apply_updates(state.params[g], updates)
-      metrics[f"grad_norm/{g}"] = optax.tree.norm(grads[g])
+    new_params, new_opt = dict(state.params), dict(state.opt_state)
+    metrics = {}
+    for i, groups in enumerate(phases):
+      # Frozen groups (e.g. LPIPS weights) are read by the loss, never updated.
+      kw = {} if task.update_phases is None else {"groups": groups}
+      grads, phase_metrics = accumulate_grads(
+          lambda p, *a, kw=kw: task.grads(p, frozen, *a, **kw), new_params,
+          batch, step_rng if i == 0 else jax.random.fold_in(step_rng, i),
+          state.step, k, num_shards)
+      metrics.update(phase_metrics)
+      for g in groups:
+        updates, new_opt[g] = optimizers[g].update(
+            grads[g], state.opt_state[g], new_params[g])
+        new_params[g] = optax.apply_updates(new_params[g], updates)
+        metrics[f"grad_norm/{g}"] = optax.tree.norm(grads[g])
     ema = state.ema
     if ema is not None:
-      ema = jax.tree_util.tree_map(
-          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-          ema, new_params[task.ema_group])
+      decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+      ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                   ema, new_params[task.ema_group])
     finite = jnp.isfinite(metrics["loss"])
     for g in task.param_groups:
       finite &= jnp.isfinite(metrics[f"grad_norm/{g}"])

@@ -44,6 +44,11 @@ class Task:
   # (images encoded in the loss): its weights are then the data's origin,
   # recorded and checked like token files' (``data.token_origin``).
   encodes_with_tokenizer: bool = False
+  # Groups updated one after another within a step, each phase's gradients
+  # taken at the parameters the phases before it left (e.g. a discriminator
+  # stepped on the updated generator's output, as PyTorch Lightning's
+  # one-optimizer-at-a-time loop does). None: one phase, every group at once.
+  update_phases: tuple[tuple[str, ...], ...] | None = None
 
   def __init__(self, config):
     self.config = config
@@ -100,9 +105,15 @@ class Task:
     ``params``: the trainable groups (``param_groups``); ``frozen``: the
     output of ``frozen_params()``. Returns ``(grads, metrics)``: ``grads`` has
     the structure of ``params``, ``metrics`` is a flat dict of scalars; each is
-    a mean over the batch so that averaging over equal micro-batches equals
-    the full-batch value. ``metrics`` must contain ``"loss"`` (checked for
-    NaN/Inf by the trainer).
+    a mean over the batch, so averaging over equal micro-batches equals the
+    full-batch value except for terms the official code also computes per
+    GPU batch (grouped: InfoNCE negatives, the entropy loss, BatchNorm
+    statistics). ``metrics`` must contain ``"loss"`` (checked for NaN/Inf by
+    the trainer).
+
+    A task with ``update_phases`` is called once per phase with
+    ``groups=`` that phase's groups and returns their gradients only (and
+    ``"loss"`` in the first phase).
     """
     raise NotImplementedError
 

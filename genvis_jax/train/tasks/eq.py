@@ -13,6 +13,15 @@ averaged:
   ViT in the frozen group "dino_vit", DiffAug on its inputs). Stage 2
   (``loss.stage2``) freezes the encoder and quant layer.
 
+Two differences from the official training are kept: the adaptive weight
+d_w is computed from the whole batch's gradients, where the official
+``torch.autograd.grad`` (outside DDP's all-reduce) computes it from each GPU's
+12 images and DDP averages grad nll_i + d_w_i grad g_loss_i; and LPIPS runs
+without the Dropout(0.5) of its linear layers, which the official loss
+module, in train mode, applies (zero-mean noise on the perceptual term).
+The discriminator steps on a second forward pass of the updated generator,
+as the official PyTorch Lightning loop does (``Task.update_phases``).
+
 eq_generator: latents x = tokenizer posterior sample * latents.scale (images
 encoded on the fly by a frozen tokenizer from ``tokenizer.checkpoint``, or
 ``batch["latents"]`` = pre-computed posterior means); per token

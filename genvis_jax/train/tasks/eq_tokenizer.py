@@ -44,6 +44,11 @@ class EqTokenizerTask(GANTokenizerTask):
     if lo.learn_logvar:
       self.param_groups = self.param_groups + ("logvar",)
       self.generator_groups = self.generator_groups + ("logvar",)
+    if self.use_gan:
+      # Official (PyTorch Lightning 1.4, two optimizers): a whole training
+      # step per optimizer, so the discriminator's step runs the generator
+      # again after its update, with a fresh posterior sample.
+      self.update_phases = (self.generator_groups, ("disc",))
     self.use_semantic = bool(self.semantic_weight) and bool(lo.teacher_path)
     if self.use_semantic and not self.model.semantic:
       raise ValueError("config.loss.semantic_weight > 0 needs the semantic "

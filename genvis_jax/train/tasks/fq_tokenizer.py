@@ -17,6 +17,12 @@ representation loss is off and the log says so. Override a path with
 The official discriminator loss is scaled by the GAN weight (0.5) too; with
 ``config.loss.disc_loss_weight`` the discriminator's gradients are scaled the
 same way before clipping (the logged ``disc_loss`` stays unscaled).
+
+The batch-coupled terms follow the official per-GPU batch of 32 images
+(``loss.rep_group_size``, ``model.entropy_group_size``, the PatchGAN's
+BatchNorm groups). One difference is kept: the official loss module runs in
+train mode, so LPIPS's linear layers apply their Dropout(0.5); ours does not
+(the dropout only adds zero-mean noise to the perceptual term).
 """
 
 from __future__ import annotations

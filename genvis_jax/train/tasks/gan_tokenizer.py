@@ -1,9 +1,12 @@
 """The GAN part of tokenizer training, shared by every tokenizer task.
 
 A ``GANTokenizerTask`` trains groups "model" (the tokenizer, EMA-tracked) and
-"disc" (the discriminator) from one forward pass: the generator sees the
-discriminator before its update, the discriminator sees the reconstructions
-with ``stop_gradient``. A subclass supplies only its reconstruction terms
+"disc" (the discriminator). By default from one forward pass, as FQGAN's
+``vq_train_dual.py`` does: the generator sees the discriminator before its
+update, the discriminator the same reconstructions with ``stop_gradient``. A
+subclass with ``update_phases`` (the Equivariant tokenizer, trained by
+PyTorch Lightning one optimizer at a time) updates the generator first and
+steps the discriminator on a second forward pass of the updated generator. A subclass supplies only its reconstruction terms
 (``generator_terms``) and, where it differs, its discriminator call
 (``disc_logits``), its random-key split and its metric names.
 
@@ -12,7 +15,8 @@ Generator gradient (taming-transformers ``VQLPIPSWithDiscriminator`` /
   w = [step >= disc_start] * gan_weight * (adaptive ? r : 1),
   r = |d rec / dW| / (|d adv / dW| + 1e-4) clipped to [0, 1e4], no gradient,
 at W = the decoder's last conv kernel. The discriminator loss is
-[step >= disc_start] * d_loss(D(x), D(sg[recon])).
+[step >= disc_start] * d_loss(D(x), D(sg[recon])); before disc_start the
+discriminator is not run (``lax.cond``) and its gradients are zero.
 
 A run that never reaches ``disc_start`` (or has a zero GAN weight; see
 ``losses.gan_active``) compiles no discriminator or adaptive-weight pass: the
@@ -154,13 +158,49 @@ class GANTokenizerTask(Task):
     return adaptive_weight(vjp((one, zero))[0], vjp((zero, one))[0])
 
   # --- training -----------------------------------------------------------
-  def grads(self, params, frozen, batch, rng, step):
+  def grads(self, params, frozen, batch, rng, step, groups=None):
+    """``groups`` (``update_phases``): the generator groups, "disc" or
+    both (default); the discriminator's fakes come from ``params`` as given,
+    so in a phase after the generator's they are the updated generator's."""
     images = batch["image"]
     k_gen, k_real, k_fake = self.split_rng(rng)
     gan_on = (step >= self.config.loss.disc_start).astype(jnp.float32)
     gen = {g: params[g] for g in self.generator_groups}
     f = lambda p: self.generator_terms(p, params["disc"], frozen, images, k_gen,
                                        step)
+    grads, metrics, recon = {}, {}, None
+    if groups is None or set(groups) & set(self.generator_groups):
+      grads, metrics, recon = self._generator_grads(f, gen, gan_on)
+    if groups is not None and "disc" not in groups:
+      return grads, metrics
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params["disc"])
+    if not self.use_gan:
+      grads["disc"] = zeros
+      return grads, metrics
+
+    def d_loss(p_disc, fake):
+      real_logits = self.disc_logits(p_disc, frozen, images, k_real)
+      fake_logits = self.disc_logits(p_disc, frozen, fake, k_fake)
+      return self.d_loss_fn(real_logits, fake_logits).astype(jnp.float32), (
+          jnp.mean(real_logits, dtype=jnp.float32),
+          jnp.mean(fake_logits, dtype=jnp.float32))
+
+    def disc_on(_):
+      # The discriminator's own phase makes its fakes with a forward pass.
+      fake = jax.lax.stop_gradient(f(gen)[1][0] if recon is None else recon)
+      (d_val, logits), g = jax.value_and_grad(d_loss, has_aux=True)(
+          params["disc"], fake)
+      return g, (d_val, *logits)
+
+    # Before disc_start: zero gradients (Adam still counts the step, as the
+    # official loops do) without running the discriminator.
+    grads["disc"], (d_val, lr_, lf_) = jax.lax.cond(
+        gan_on > 0, disc_on, lambda _: (zeros, (jnp.float32(0),) * 3), None)
+    metrics.update(disc_loss=d_val, logits_real=lr_, logits_fake=lf_)
+    return grads, metrics
+
+  def _generator_grads(self, f, gen, gan_on):
+    """(grads of the generator groups, metrics with "loss", reconstructions)."""
     if self.use_gan:
       d_weight = self.gan_weight
       if self.adaptive:
@@ -171,23 +211,11 @@ class GANTokenizerTask(Task):
     (rec, adv), vjp, (recon, metrics) = jax.vjp(f, gen, has_aux=True)
     (grads,) = vjp((jnp.ones_like(rec), w * jnp.ones_like(adv)))
     if not self.use_gan:
-      grads["disc"] = jax.tree_util.tree_map(jnp.zeros_like, params["disc"])
       metrics.update(loss=rec)
-      return grads, metrics
-
-    fake = jax.lax.stop_gradient(recon)
-
-    def d_loss(p_disc):
-      real_logits = self.disc_logits(p_disc, frozen, images, k_real)
-      fake_logits = self.disc_logits(p_disc, frozen, fake, k_fake)
-      return gan_on * self.d_loss_fn(real_logits, fake_logits), (
-          jnp.mean(real_logits), jnp.mean(fake_logits))
-
-    (d_val, (lr_, lf_)), grads["disc"] = jax.value_and_grad(
-        d_loss, has_aux=True)(params["disc"])
-    metrics.update(loss=rec + w * adv, disc_loss=d_val, logits_real=lr_,
-                   logits_fake=lf_, **self.gan_metrics(adv, d_weight, w, gan_on))
-    return grads, metrics
+    else:
+      metrics.update(loss=rec + w * adv,
+                     **self.gan_metrics(adv, d_weight, w, gan_on))
+    return dict(grads), metrics, recon
 
   # --- outputs ------------------------------------------------------------
   def reconstruct(self, p_model, images):
