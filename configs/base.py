@@ -142,6 +142,9 @@ def get_config(arg=None):
   c.data.random_flip = True
   c.data.image_width = 0     # 0: square; else image_size x image_width (landscapes)
   c.data.crop_min_frac = 1.0  # ADM random crop of 80-100% of the short side: 0.8
+  # Random crops: adm (random_crop_arr) | torchvision_bilinear (Resize +
+  # RandomCrop, the Equivariant generator's).
+  c.data.random_crop_method = "adm"
   # Image folders: apply EXIF orientation. The official loaders (torchvision
   # pil_loader) and the TFDS path ignore it, so the default does too.
   c.data.exif_transpose = False

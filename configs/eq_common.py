@@ -61,6 +61,7 @@ def get_config(size: str = "l", arg=None):
   d.name = "imagenet2012"
   d.image_size = 256
   d.random_crop = True
+  d.random_crop_method = "torchvision_bilinear"   # Resize(256) + RandomCrop(256)
   d.random_flip = True
 
   # Frozen tokenizer: encodes the images on the fly in training (or batches

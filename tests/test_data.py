@@ -8,6 +8,8 @@ from PIL import Image
 from configs import base
 from genvis_jax import data
 from genvis_jax.data import demo, sources, transforms
+from genvis_jax.errors import ConfigError
+from tests import pipeline_common as pc
 
 
 def _data_config(**kw):
@@ -127,6 +129,28 @@ def test_random_crop_and_flip():
   n_same = sum(np.array_equal(f, img) for f in flipped)
   assert n_flipped + n_same == 200 and 70 < n_flipped < 130
   assert transforms.to_float(np.array([0, 255], np.uint8), (-1, 1)).tolist() == [-1, 1]
+
+
+def test_torchvision_bilinear_random_crop_is_the_equivariant_recipe():
+  """Resize(256) (PIL BILINEAR, long side truncated) + RandomCrop(256) at
+  uniform offsets, restated in PIL; the eq paper config selects it."""
+  rng = np.random.default_rng(2)
+  img = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
+  resized = np.asarray(Image.fromarray(img).resize((341, 256), Image.BILINEAR))
+  bicubic = np.asarray(Image.fromarray(img).resize((341, 256), Image.BICUBIC))
+  crop = transforms.RandomCrop(256, method="torchvision_bilinear")
+  offsets = set()
+  for seed in range(12):
+    out = crop.random_map({"image": img}, np.random.default_rng(seed))["image"]
+    hits = [o for o in range(86) if np.array_equal(out, resized[:, o:o + 256])]
+    assert len(hits) == 1 and not np.array_equal(out, bicubic[:, hits[0]:hits[0] + 256])
+    offsets.add(hits[0])
+  assert len(offsets) > 6
+  with pytest.raises(ConfigError, match="crop_min_frac=0.8 needs the 'adm'"):
+    transforms.RandomCrop(256, min_frac=0.8, method="torchvision_bilinear")
+  with pytest.raises(ConfigError, match="random_crop_method"):
+    transforms.RandomCrop(256, method="bilinear")
+  assert pc.load_config("eq_s.py").data.random_crop_method == "torchvision_bilinear"
 
 
 # --- pipeline ----------------------------------------------------------------

@@ -266,7 +266,9 @@ def _image_transforms(ds, data_config, train, aug_seeds, setting):
   size = data_config.image_size
   width = data_config.get("image_width", 0) or size
   if train and data_config.random_crop:
-    crop = transforms.RandomCrop(size, width, data_config.get("crop_min_frac", 1.0))
+    crop = transforms.RandomCrop(
+        size, width, data_config.get("crop_min_frac", 1.0),
+        method=data_config.get("random_crop_method", "adm"), setting=setting)
     ds = ds.random_map(_PassSkippedRandom(crop), seed=aug_seeds[0])
   else:
     method = data_config.get("center_crop", "") or "adm"

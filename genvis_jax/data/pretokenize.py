@@ -166,7 +166,8 @@ _READER_KEYS = ("read_threads", "num_workers", "prefetch")
 # Data settings added after token files were written -> the values that
 # mean what those files were made with: left out of the record at those
 # values, so the older files' records still match.
-_ADDED_DEFAULTS = {"center_crop": ("", "adm"), "exif_transpose": (True,)}
+_ADDED_DEFAULTS = {"center_crop": ("", "adm"), "exif_transpose": (True,),
+                   "random_crop_method": ("adm",)}
 
 
 def output_settings(config, checkpoint: str | None = None) -> dict:

@@ -13,7 +13,8 @@ square target), then crop. The random variant first picks the cover size
 uniformly in ``[ceil(size / max_frac), ceil(size / min_frac)]``, then crops at a
 uniform random offset. Non-square targets (``width != size``) generalise this
 by covering both sides. ``torchvision_center_crop`` is the other centre crop
-an official evaluation uses (1d-tokenizer's).
+an official evaluation uses (1d-tokenizer's), ``torchvision_random_crop`` the
+Equivariant generator's training crop.
 """
 
 from __future__ import annotations
@@ -54,6 +55,26 @@ def center_crop(image: np.ndarray, height: int, width: int | None = None):
   return arr[top:top + height, left:left + width]
 
 
+def _torchvision_resize(image: np.ndarray, height: int, width: int, resample,
+                        instead: str) -> np.ndarray:
+  """torchvision ``Resize(height)`` of a PIL image: the short side to
+  ``height``, the long side ``int(height * long / short)`` (truncated), PIL's
+  ``resample`` filter. Raises ValueError naming ``instead`` when the result
+  cannot hold a (height, width) crop (torchvision would pad with zeros)."""
+  h, w = image.shape[:2]
+  short, long = (w, h) if w <= h else (h, w)
+  new_short, new_long = height, int(height * long / short)
+  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+  if (new_h, new_w) != (h, w):
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h),
+                                                     resample=resample))
+  if new_w < width or new_h < height:
+    raise ValueError(f"A {w}x{h} image resized to {new_w}x{new_h} is smaller "
+                     f"than the {width}x{height} crop; use {instead} for this "
+                     "shape.")
+  return image
+
+
 def torchvision_center_crop(image: np.ndarray, height: int,
                             width: int | None = None) -> np.ndarray:
   """torchvision ``Resize(height, BICUBIC)`` of a PIL image, then
@@ -66,17 +87,9 @@ def torchvision_center_crop(image: np.ndarray, height: int,
   (torchvision would pad it with zeros).
   """
   width = width or height
-  h, w = image.shape[:2]
-  short, long = (w, h) if w <= h else (h, w)
-  new_short, new_long = height, int(height * long / short)
-  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-  if (new_h, new_w) != (h, w):
-    image = np.asarray(Image.fromarray(image).resize((new_w, new_h),
-                                                     resample=Image.BICUBIC))
-  if new_w < width or new_h < height:
-    raise ValueError(f"A {w}x{h} image resized to {new_w}x{new_h} is smaller "
-                     f"than the {width}x{height} crop; use the 'adm' centre "
-                     f"crop (config.data.center_crop) for this shape.")
+  image = _torchvision_resize(image, height, width, Image.BICUBIC,
+                              "the 'adm' centre crop (config.data.center_crop)")
+  new_h, new_w = image.shape[:2]
   top = int(round((new_h - height) / 2.0))
   left = int(round((new_w - width) / 2.0))
   return image[top:top + height, left:left + width]
@@ -104,6 +117,23 @@ def random_crop(image: np.ndarray, height: int, width: int | None,
   top = int(rng.integers(0, arr.shape[0] - height + 1))
   left = int(rng.integers(0, arr.shape[1] - width + 1))
   return arr[top:top + height, left:left + width]
+
+
+def torchvision_random_crop(image: np.ndarray, height: int, width: int | None,
+                            rng: np.random.Generator) -> np.ndarray:
+  """torchvision ``Resize(height)`` (PIL BILINEAR, antialiased) then
+  ``RandomCrop((height, width))`` at uniform offsets: uint8 (h, w, 3) ->
+  (height, width, 3). The Equivariant generator's training transform
+  (``scripts/train_generator.py``)."""
+  width = width or height
+  image = _torchvision_resize(image, height, width, Image.BILINEAR,
+                              "the 'adm' random crop (config.data.random_crop_method)")
+  top = int(rng.integers(0, image.shape[0] - height + 1))
+  left = int(rng.integers(0, image.shape[1] - width + 1))
+  return image[top:top + height, left:left + width]
+
+
+RANDOM_CROPS = ("adm", "torchvision_bilinear")
 
 
 def to_float(image: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
@@ -227,19 +257,33 @@ class CenterCrop(grain.transforms.Map):
 
 
 class RandomCrop(grain.transforms.RandomMap):
-  """ADM random crop to (size, width or size), cover fraction in [min, max]."""
+  """Random crop to (size, width or size): ADM's (``method="adm"``, cover
+  fraction in [min_frac, max_frac]) or torchvision's bilinear Resize +
+  RandomCrop (``"torchvision_bilinear"``, no scale range)."""
 
   def __init__(self, size: int, width: int | None = None,
-               min_frac: float = 1.0, max_frac: float = 1.0):
+               min_frac: float = 1.0, max_frac: float = 1.0, method: str = "adm",
+               setting: str = "config.data"):
     if not 0 < min_frac <= max_frac <= 1:
       raise ValueError(f"Need 0 < crop_min_frac <= {max_frac} <= 1, got "
                        f"min_frac={min_frac}.")
-    self.size, self.width = size, width or size
+    if method not in RANDOM_CROPS:
+      raise ConfigError(f"Unknown random crop {method!r} "
+                        f"({setting}.random_crop_method); use one of "
+                        f"{list(RANDOM_CROPS)}.")
+    if method != "adm" and min_frac != 1.0:
+      raise ConfigError(f"{setting}.crop_min_frac={min_frac} needs the 'adm' "
+                        f"random crop; {method!r} crops at the resized scale "
+                        "only.")
+    self.size, self.width, self.method = size, width or size, method
     self.min_frac, self.max_frac = min_frac, max_frac
 
   def random_map(self, record, rng: np.random.Generator):
-    image = random_crop(record["image"], self.size, self.width, rng,
-                        self.min_frac, self.max_frac)
+    if self.method == "adm":
+      image = random_crop(record["image"], self.size, self.width, rng,
+                          self.min_frac, self.max_frac)
+    else:
+      image = torchvision_random_crop(record["image"], self.size, self.width, rng)
     return {**record, "image": image}
 
 
