@@ -38,7 +38,8 @@ def test_demo_smoke_runs_every_stage(trained_demo):
   assert os.listdir(os.path.join(wd, "tokenizer", "images"))
   assert any("samples" in f for f in os.listdir(os.path.join(wd, "rar", "images")))
   # Tokens -> generator -> ADM-format samples -> score.
-  assert results["pretokenize"]["records"] == demo.SMOKE_TOKEN_IMAGES
+  # Each centre crop and its mirror image, as RAR's script writes.
+  assert results["pretokenize"]["records"] == 2 * demo.SMOKE_TOKEN_IMAGES
   # The token files record their largest label (checked against the model's
   # classes before training): the demo's 10 classes, 0..9.
   from genvis_jax.data import token_origin
@@ -165,7 +166,7 @@ def test_notebooks_run_top_to_bottom(trained_demo, monkeypatch):
   images = _notebook_images(nb)
   # data grid, tokenizer grid, reconstructions, samples
   assert len(images) == 4 and all(i.ndim == 3 and i.shape[-1] in (3, 4) for i in images)
-  assert f"{demo.SMOKE_TOKEN_IMAGES} records" in _notebook_text(nb)
+  assert f"{2 * demo.SMOKE_TOKEN_IMAGES} records" in _notebook_text(nb)
 
   nb = _run_notebook("quickstart.ipynb")
   # The trained demo was reused: tokens were not rewritten.

@@ -15,6 +15,7 @@ def test_fqgan_demo_smoke(tmp_path):
   rec = results["reconstructions"]
   # Usage is reported per sub-codebook (vis, sem).
   assert 0 < rec["codebook_usage_0"] <= 1 and 0 < rec["codebook_usage_1"] <= 1
-  assert results["pretokenize"]["records"] == demo.SMOKE_TOKEN_IMAGES
+  # Each centre crop and its mirror image, as RAR's script writes.
+  assert results["pretokenize"]["records"] == 2 * demo.SMOKE_TOKEN_IMAGES
   with np.load(os.path.join(str(tmp_path), "samples", "samples.npz")) as d:
     assert d["arr_0"].shape == (16, 32, 32, 3)

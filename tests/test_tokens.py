@@ -469,3 +469,12 @@ def test_encode_in_chunks_calls_one_shape_in_order():
   out = pretokenize.encode_in_chunks(encode, images, 8)
   np.testing.assert_array_equal(out, images[:, 0] * 2)
   assert shapes == [(8, 3)] * 3
+
+
+def test_centre_crop_records_add_mirror_images():
+  """Without ten crops: the batch, then its mirror images (RAR's
+  pretokenization.py: torch.cat([samples, torch.flip(samples, dims=[-1])]))."""
+  x = np.arange(2 * 3 * 4 * 3, dtype=np.float32).reshape(2, 3, 4, 3)
+  images, labels = pretokenize.model_inputs(x, np.array([5, 7]), 3, False)
+  np.testing.assert_array_equal(images, np.concatenate([x, x[:, :, ::-1]]))
+  np.testing.assert_array_equal(labels, [5, 7, 5, 7])

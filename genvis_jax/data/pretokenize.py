@@ -10,7 +10,9 @@ through ADM's ``center_crop_arr`` at ``int(1.1 * size)`` (281 for 256, 563 for
 512), then torchvision ``TenCrop(size)``: the 4 corner + centre crops, then the
 same five cut from the mirrored image: 10 records per image. The official
 scripts (RAR ``scripts/pretokenization.py``, LlamaGen / FQGAN
-``extract_codes_c2i.py``) write exactly these crops.
+``extract_codes_c2i.py``) write exactly these crops. Without it, each image's
+``center_crop_arr`` and its mirror image: 2 records per image, as RAR's
+script writes (token training cannot flip afterwards).
 
 The tokenizer runs in ``config.tokenizer.dtype`` (default float32, the official
 models' precision) whatever compute dtype its model config trains with, so the
@@ -120,9 +122,11 @@ def model_inputs(images: np.ndarray, labels: np.ndarray, size: int,
   """A pipeline batch -> what the tokenizer encodes.
 
   (B, S, S, C) images and (B,) labels -> with ``ten_crop_`` (B*10, size, size,
-  C) and (B*10,) (an image's 10 crops are consecutive), else unchanged."""
+  C) and (B*10,) (an image's 10 crops are consecutive), else (2B, ...): the
+  batch, then its mirror images (RAR's ``torch.cat([x, x.flip(-1)])``)."""
   if not ten_crop_:
-    return images, labels
+    return (np.concatenate([images, images[:, :, ::-1]]),
+            np.concatenate([labels, labels]))
   crops = ten_crop(images, size)
   return crops.reshape(-1, size, size, images.shape[-1]), np.repeat(labels, 10)
 
@@ -183,6 +187,8 @@ def output_settings(config, checkpoint: str | None = None) -> dict:
           "weights": weights_lib.params_source(
               tok.checkpoint if checkpoint is None else checkpoint),
           "data": data, "split": p.split, "ten_crop": p.ten_crop,
+          # Centre-crop files hold mirror images too (written since then).
+          **({} if p.ten_crop else {"mirrored": True}),
           "examples": source_fingerprint(p)}
   return json.loads(json.dumps(keep, sort_keys=True, default=str))
 
@@ -381,7 +387,7 @@ def pretokenize(config, workdir: str) -> dict:
        "max_label": int(max_label)},
       indent=1, sort_keys=True))
   msg = (f"wrote {writer.count} token records ({n_images} images, "
-         f"{'ten-crop' if p.ten_crop else 'centre crop'}) to {path}; "
+         f"{'ten-crop' if p.ten_crop else 'centre crop + mirror'}) to {path}; "
          f"train with --config.data.path='{pattern}'")
   logging.info(msg)
   print(f"[pretokenize] {msg}", flush=True)
