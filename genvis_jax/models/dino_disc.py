@@ -128,19 +128,8 @@ def area_matrix(in_size: int, out_size: int) -> np.ndarray:
 def resize_area(x, height: int, width: int):
   """(B, H, W, C) -> (B, height, width, C) torch 'area' resize, float32 (one
   box matrix per axis; identity where a size does not change)."""
-  mh = jnp.asarray(area_matrix(x.shape[1], height), jnp.float32)
-  mw = jnp.asarray(area_matrix(x.shape[2], width), jnp.float32)
-  return jnp.einsum("ih,bhwc,jw->bijc", mh, x.astype(jnp.float32), mw,
-                    precision=jax.lax.Precision.HIGHEST)
-
-
-def resize_bicubic(x, height: int, width: int):
-  """torch ``F.interpolate(mode='bicubic', align_corners=False)`` (a = -0.75,
-  no antialias), float32."""
-  mh = jnp.asarray(dinov2.bicubic_matrix(x.shape[1], height), jnp.float32)
-  mw = jnp.asarray(dinov2.bicubic_matrix(x.shape[2], width), jnp.float32)
-  return jnp.einsum("ih,bhwc,jw->bijc", mh, x.astype(jnp.float32), mw,
-                    precision=jax.lax.Precision.HIGHEST)
+  return dinov2.resize_separable(x, area_matrix(x.shape[1], height),
+                                 area_matrix(x.shape[2], width))
 
 
 def preprocess(images, size: int, rng=None, random_crop: bool = True):
@@ -158,7 +147,7 @@ def preprocess(images, size: int, rng=None, random_crop: bool = True):
   b, h, w, c = x.shape
   if (h, w) == (size, size):
     return x
-  resize = resize_area if h > size else resize_bicubic
+  resize = resize_area if h > size else dinov2.resize_bicubic
   resized = resize(x, size, size)
   if rng is None or not random_crop or h <= size or w <= size:
     return resized

@@ -94,6 +94,21 @@ def bicubic_matrix(in_size: int, out_size: int, *, scale_factor=None,
   return m
 
 
+
+def resize_separable(x, mh, mw):
+  """(B, H, W, C) -> (B, h, w, C) float32 through per-axis matrices mh (h, H)
+  and mw (w, W), at HIGHEST precision (e.g. :func:`bicubic_matrix`)."""
+  mh, mw = (jnp.asarray(m, jnp.float32) for m in (mh, mw))
+  return jnp.einsum("ih,bhwc,jw->bijc", mh, x.astype(jnp.float32), mw,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def resize_bicubic(x, height: int, width: int):
+  """torch ``F.interpolate(mode='bicubic', align_corners=False)`` (a = -0.75,
+  no antialias) of (B, H, W, C) to (B, height, width, C), float32."""
+  return resize_separable(x, bicubic_matrix(x.shape[1], height),
+                          bicubic_matrix(x.shape[2], width))
+
 def interpolate_pos_encoding(pos, height: int, width: int, patch_size: int, *,
                              offset: float = 0.0, antialias: bool = False):
   """pos (1, 1 + G*G, D) -> (1, 1 + gh*gw, D) for an H x W input (HF

@@ -158,9 +158,9 @@ class VectorQuantizer(nn.Module):
     return jnp.argmin(d, axis=1).astype(jnp.int32).reshape(z.shape[:-1])
 
   def _entropy_groups(self, batch: int, train: bool) -> int:
-    g = self.entropy_group_size or batch
     if not train:      # a reported value only: any evaluation batch is one group
       return 1
+    g = self.entropy_group_size or batch
     if batch % g:
       raise ValueError(
           f"Batch {batch} is not divisible by config.model.entropy_group_size "

@@ -81,7 +81,7 @@ def rope_shifts(rng, batch: int, shift_num: int, group: int):
   mix of shifts when the global batch is one array here.
   """
   draws = jax.random.randint(rng, (-(-batch // group),), 0, max(shift_num, 1))
-  return jnp.repeat(draws, group, total_repeat_length=-(-batch // group) * group)[:batch]
+  return jnp.repeat(draws, group)[:batch]
 
 
 def flow_loss(velocity, noise, latents):
@@ -96,10 +96,7 @@ def teacher_inputs(images, size: int):
   mean = jnp.asarray(dinov2_lib.IMAGENET_MEAN, jnp.float32)
   std = jnp.asarray(dinov2_lib.IMAGENET_STD, jnp.float32)
   x = ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
-  mh = jnp.asarray(dinov2_lib.bicubic_matrix(x.shape[1], size), jnp.float32)
-  mw = jnp.asarray(dinov2_lib.bicubic_matrix(x.shape[2], size), jnp.float32)
-  return jnp.einsum("ih,bhwc,jw->bijc", mh, x, mw,
-                    precision=jax.lax.Precision.HIGHEST)
+  return dinov2_lib.resize_bicubic(x, size, size)
 
 
 # --- tokenizer ----------------------------------------------------------------------
