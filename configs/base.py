@@ -121,6 +121,7 @@ def get_config(arg=None):
   c.task = "tokenizer"      # trainer task, see genvis_jax/train/tasks
   c.seed = 0
   c.init_from = ""          # convert output, a run or <run>/checkpoints/<step>
+  c.init_groups = ()        # groups besides the model init_from's run gives
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ""

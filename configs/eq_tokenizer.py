@@ -7,9 +7,12 @@ frozen DINO ViT-S/16 discriminator (adaptive weight x 0.5 from step 5001),
 semantic alignment to DINOv2-B/14 patch tokens (x 5.0 from step 20001).
 Stage 2 (``--config=configs/eq_tokenizer.py:stage2 --config.init_from=STAGE1``,
 the official ``tokenizer_config_stage2.yaml``) trains the decoder, post-quant
-layer and semantic decoder only, with the semantic loss off. ``init_from``
-loads stage 1's EMA weights; the discriminator starts afresh (the official
-stage 2 also loads stage 1's discriminator).
+layer and semantic decoder only, with the semantic loss off. As the
+official ``ckpt_path`` (the whole state dict), ``init_from`` loads stage 1's
+EMA weights and its discriminator (``init_groups``); the optimizers start
+afresh. ``init_from`` must then be the stage-1 training run (or one of its
+``checkpoints/<step>``); ``--config.init_groups='()'`` starts the
+discriminator afresh, e.g. from converted weights.
 
   python -m genvis_jax.main --config=configs/eq_tokenizer.py --workdir=DIR \\
       --config.data.path=TFDS_DIR --config.loss.lpips_path=vgg_lpips.npz \\
@@ -134,6 +137,10 @@ def get_config(arg=None):
   if arg.stage2:                   # official tokenizer_config_stage2.yaml
     lo.stage2 = True
     lo.semantic_weight = 0.0
+    c.init_groups = ("disc",)      # stage 1's discriminator goes on training
+    # LitEma's num_updates is loaded with stage 1's state dict: its decay
+    # is 0.99 from stage 2's first step, with no warm-up.
+    t.ema_warmup = False
   if arg.runlocal:
     runlocal(c)
   return c

@@ -260,6 +260,22 @@ def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):
   assert not os.path.exists(tmp_path / "wd" / "checkpoints" / "1")
 
 
+def test_init_from_trains_from_the_loaded_weights(base_run, tmp_path):
+  """A fresh run from another run's weights (EMA on): the model and its EMA
+  start from that run's EMA parameters. (The EMA was the same buffers as
+  the parameters, donated twice by the first step: the process crashed.)"""
+  c = small_run.config(1, lr=0.0)   # the step leaves the weights as loaded
+  c.init_from = base_run
+  state = trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
+  want = weights_lib.restore_params(base_run, state.ema)   # its step 6's EMA
+  assert int(state.step) == 1
+  for a, b, e in zip(small_run.leaves(want),
+                     small_run.leaves(state.params["model"]),
+                     small_run.leaves(state.ema)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(e, a, rtol=1e-6)   # 0.9 a + 0.1 a, rounded
+
+
 def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):
   """Replica-parallel saving is kept for big arrays only: a state of small
   replicated arrays on 8 devices is written without compiling per-device

@@ -441,10 +441,14 @@ def test_official_tokenizer_parity():
 
 def test_stage2_config_is_the_official_stage2_yaml():
   """tokenizer_config_stage2.yaml differs from stage 1 in stage2: true and
-  semantic_loss_w: 0.0 only."""
+  semantic_loss_w: 0.0 only; its ckpt_path loads the whole state dict: the
+  discriminator too, and LitEma's update count (no second warm-up)."""
   one, two = eq_tok_config.get_config(), eq_tok_config.get_config("stage2")
   assert (one.loss.stage2, one.loss.semantic_weight) == (False, 5.0)
   assert (two.loss.stage2, two.loss.semantic_weight) == (True, 0.0)
+  assert (one.init_groups, one.train.ema_warmup) == ((), True)
+  assert (two.init_groups, two.train.ema_warmup) == (("disc",), False)
   two.loss.stage2, two.loss.semantic_weight = False, 5.0
+  two.init_groups, two.train.ema_warmup = (), True
   assert two.to_dict() == one.to_dict()
   assert eq_tok_config.get_config("stage2,runlocal").loss.semantic_weight == 0.0

@@ -21,8 +21,9 @@ def test_equivariant_paper_pipeline(tmp_path):
   w = str(tmp_path)
   tok = os.path.join(w, "tokenizer")
   # The DINO discriminator (adaptive weight) switches on at step 2.
-  pc.run_mode("eq_tokenizer.py:runlocal", tok,
-              **{"train.num_steps": 4, "loss.disc_start": 2})
+  stage1 = pc.run_mode("eq_tokenizer.py:runlocal", tok,
+                       **{"train.num_steps": 4, "loss.disc_start": 2})
+  _check_stage2_goes_on_from_stage1(w, tok, stage1)
 
   gen = os.path.join(w, "generator")
   pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": tok,
@@ -37,6 +38,22 @@ def test_equivariant_paper_pipeline(tmp_path):
       "sample.num_columns": wide})
   column = cfg.data.image_width // cfg.sample.num_columns
   pc.check_samples(out, (16, cfg.data.image_size, wide * column, 3))
+
+
+def _check_stage2_goes_on_from_stage1(w, tok, stage1):
+  """Stage 2 (``eq_tokenizer.py:stage2``) starts from stage 1's EMA weights
+  and discriminator, as the official ckpt_path does: with the GAN off, its
+  frozen encoder and untouched discriminator are still stage 1's."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from tests.small_run import leaves  # pylint: disable=import-outside-toplevel
+  stage2 = pc.run_mode("eq_tokenizer.py:stage2,runlocal",
+                       os.path.join(w, "stage2"), **{
+                           "init_from": tok, "train.num_steps": 1,
+                           "loss.disc_start": 10**9})
+  for want, got in ((stage1.params["disc"], stage2.params["disc"]),
+                    (stage1.ema["encoder"], stage2.params["model"]["encoder"])):
+    for a, b in zip(leaves(want), leaves(got), strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 def _check_tokenizer_origin(w, tok, gen):

@@ -222,15 +222,50 @@ def test_failed_save_stops_training_with_one_message(tmp_path, monkeypatch,
 
 
 
-def _ema_of_step(wd, step):
-  """The EMA parameters Orbax holds for ``step`` (restored directly)."""
+def _state_of_step(wd, step):
+  """The train state Orbax holds for ``step`` (restored directly)."""
   ckpt = ckpt_lib.Checkpointer(wd, async_save=False)
   meta = ckpt.manager.item_metadata(step)["state"]
   as_numpy = jax.tree_util.tree_map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
   restored = ckpt.manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
-  return restored["state"]["ema"]
+  return restored["state"]
+
+
+def _ema_of_step(wd, step):
+  return _state_of_step(wd, step)["ema"]
+
+
+def test_init_groups_read_a_group_of_the_pinned_step(runs, tmp_path):
+  """``restore_params(group=...)`` reads that group's parameters (not the
+  EMA) of a run's step; a group the run lacks, a parameter checkpoint and
+  a group the task lacks are refused by name."""
+  wd = runs[1]
+  state = _state_of_step(wd, 6)
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["ema"])
+  got = weights_lib.restore_params(wd, abstract, group="model")
+  for a, b in zip(leaves(state["params"]["model"]), leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(leaves(state["ema"]), leaves(got)))   # not the EMA
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r"Step 6 of .* has no 'disc' parameters \(its "
+                           r"groups: \['model'\]\)"):
+    weights_lib.restore_params(wd, abstract, group="disc")
+  weights_lib.save_params(str(tmp_path / "converted"), state["ema"])
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"is a parameter checkpoint: .* not the 'disc' "
+                           r"parameters of a training run.*leave 'disc' out "
+                           r"of config.init_groups"):
+    weights_lib.restore_params(str(tmp_path / "converted"), abstract,
+                               group="disc")
+  c = config(1)
+  c.init_from, c.init_groups = wd, ("disc",)
+  with pytest.raises(UserError, match=r"config.init_groups=\('disc',\) "
+                     r"names \['disc'\].*other parameter groups are none"):
+    trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
 
 
 def _cut_sharding_json(step_dir):

@@ -25,9 +25,12 @@ from genvis_jax.core import step_walk
 
 
 def load(run: epath.Path, abstract_params, where: str = "",
-         model_name: str = "", step: int | None = None):
+         model_name: str = "", step: int | None = None,
+         group: str | None = None):
   """A training run's newest loadable step (or ``step``), as arrays on
-  ``abstract_params``' shardings (the run may have used another topology).
+  ``abstract_params``' shardings (the run may have used another topology):
+  its EMA parameters (the model's where it keeps no EMA), or with ``group``
+  that parameter group's (e.g. ``"disc"``, a GAN's discriminator).
   Every process must call it.
 
   Raises:
@@ -56,7 +59,7 @@ def load(run: epath.Path, abstract_params, where: str = "",
   walk = step_walk.first_readable(
       [step] if step is not None else saved,
       (lambda s, _: _check_step(folder, s, where, model_name),
-       lambda s, _: _read_step(folder, s)),
+       lambda s, _: _read_step(folder, s, group)),
       folder, log_skipped=step is None)
   failed = walk.failed
   if walk.step is not None:
@@ -109,13 +112,21 @@ def _check_step(folder: epath.Path, step: int, where: str,
         f"setting at a run or converted checkpoint of model {model_name!r}.")
 
 
-def _read_step(folder: epath.Path, step: int):
-  """Step ``step``'s EMA or model parameters as host arrays, and which."""
+def _read_step(folder: epath.Path, step: int, group: str | None = None):
+  """Step ``step``'s EMA or model parameters (or ``group``'s) as host
+  arrays, and which."""
   meta = ckpt_lib.state_metadata(folder / str(step))
   # Only the weights asked for: the optimizer moments, discriminator and
   # other half of (params, EMA) would triple or quadruple the bytes read
   # (RAR-XL fp32: 11.5 GB for its 3.8 GB of weights).
-  if meta.get("ema"):
+  if group is not None:
+    groups = sorted(meta["params"])
+    if group not in groups:
+      raise fit.CheckpointMismatchError(
+          f"Step {step} of {folder.parent} has no {group!r} parameters "
+          f"(its groups: {groups}): it is a run of another task.")
+    want, kind = {"params": {group: meta["params"][group]}}, f"{group!r} parameters"
+  elif meta.get("ema"):
     want, kind = {"ema": meta["ema"]}, "EMA parameters"
   else:
     want, kind = {"params": {"model": meta["params"]["model"]}}, "model parameters"
@@ -128,4 +139,6 @@ def _read_step(folder: epath.Path, step: int):
                                 ocp.args.PyTreeRestore(
                                     item=want, restore_args=as_numpy,
                                     partial_restore=True))
-  return (state["ema"] if "ema" in want else state["params"]["model"]), kind
+  if "ema" in want:
+    return state["ema"], kind
+  return state["params"][group or "model"], kind

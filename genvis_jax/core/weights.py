@@ -45,7 +45,7 @@ from genvis_jax.core.param_checkpoint import DIGEST_FILE, params_digest, save_pa
 
 
 def restore_params(directory: str, abstract_params, *, setting: str = "",
-                   model_name: str = "") -> Any:
+                   model_name: str = "", group: str | None = None) -> Any:
   """Loads the parameters ``directory`` holds into the abstract tree.
 
   Args:
@@ -59,6 +59,9 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       ``config.tokenizer.checkpoint``), for the messages.
     model_name: the expected ``config.model.name``; a training run of another
       model is refused before its arrays are read.
+    group: read this parameter group of a training run's step (e.g.
+      ``"disc"``, a GAN's discriminator) instead of its model's weights; a
+      parameter checkpoint holds none.
 
   Returns:
     The parameters, on ``abstract_params``' shardings; NumPy arrays where a
@@ -66,8 +69,10 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     were loaded (the step, EMA or not) is logged.
 
   Raises:
-    CheckpointNotFoundError: nothing loadable at ``directory``.
-    CheckpointMismatchError: the checkpoint is of another model or size.
+    CheckpointNotFoundError: nothing loadable at ``directory``; with
+      ``group``, a folder that is not a training run.
+    CheckpointMismatchError: the checkpoint is of another model or size, or
+      has no ``group``.
     CheckpointRestoreError: the step(s) to load are damaged, or a parameter
       checkpoint's files are, or its arrays do not match the SHA-256
       ``save_params`` recorded.
@@ -79,11 +84,18 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
   # Process 0's view of what the folder holds: every process then takes the
   # same path through the agreements below.
   kind = multihost.decided_on_process_0(lambda: _folder_kind(path))
+  if kind == _PARAMS and group is not None:
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"{path}{where} is a parameter checkpoint: it holds a model's weights, "
+        f"not the {group!r} parameters of a training run. Point the setting "
+        "at the training run (its workdir or checkpoints/<step>), or leave "
+        f"{group!r} out of config.init_groups to start it afresh.")
   if kind == _PARAMS:
     return param_checkpoint.load(path, abstract_params, where)
   if kind in (_RUN, _IN_RUN):
     run, step = (path, None) if kind == _RUN else _split_names(path)
-    return run_weights.load(run, abstract_params, where, model_name, step)
+    return run_weights.load(run, abstract_params, where, model_name, step,
+                            group)
   raise ckpt_lib.CheckpointNotFoundError(
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
       "`python -m genvis_jax.convert` or save_params), a training workdir "
