@@ -91,12 +91,17 @@ def get_config(size: str = "b", arg: str | None = "dual"):
   c.sample.temperature = 1.0
   c.sample.top_k = 0
   c.sample.top_p = 1.0
-  # Generator decode dtype: "" = config.model.dtype with fp32 parameters,
-  # "float32" = parity, "bfloat16" = parameters cast once, logits/sampling fp32.
-  c.sample.dtype = ""
+  # Generator decode dtype: fp32 (inference produces the numbers). The
+  # official sampler casts the whole model to bf16 (--precision bf16, logits
+  # and CFG included); "bfloat16" casts the parameters once (logits and
+  # sampling stay fp32), "" keeps config.model.dtype (bf16 compute).
+  c.sample.dtype = "float32"
   c.sample.num_samples = 50_000
   c.sample.batch_size = 256
   c.sample.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
+  # Official sample_c2i_ddp_*: torch.randint(0, 1000, (n,)), labels drawn
+  # i.i.d. uniform (RAR and Equivariant sample 50 per class: "balanced").
+  c.sample.labels = "uniform"
 
   # The FQGAN tokenizer (official fqgan_{dual,triple}_ds16.pt, converted): codes
   # from ten-crop + flip of a 1.1x centre crop, as LlamaGen extract_codes_c2i.py.

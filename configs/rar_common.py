@@ -91,9 +91,10 @@ def get_config(size: str = "b", arg=None):
   c.sample.guidance_scale = s["guidance_scale"]
   c.sample.guidance_pow = s["guidance_pow"]
   c.sample.temperature = s["temperature"]
-  # Generator decode dtype: "" = config.model.dtype with fp32 parameters,
-  # "float32" = parity, "bfloat16" = parameters cast once, logits/sampling fp32.
-  c.sample.dtype = ""
+  # Generator decode dtype: the official sampler runs in fp32 (TF32 matmuls,
+  # no autocast); "bfloat16" casts the parameters once (logits and sampling
+  # stay fp32), "" keeps config.model.dtype (bf16 compute).
+  c.sample.dtype = "float32"
   c.sample.num_samples = 50_000
   c.sample.batch_size = 250
   c.sample.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)

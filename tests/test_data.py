@@ -533,3 +533,21 @@ def test_token_files_without_records_warn_once_with_the_copy_command(
   caplog.clear()
   token_origin.check_training_files(_token_config(pattern))
   assert not [r for r in caplog.records if "no readable record" in r.getMessage()]
+
+
+def test_token_files_of_the_same_name_in_two_folders_warn_once(
+    tmp_path, caplog):
+  import logging  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import token_origin, tokens  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.WARNING, logger="absl")
+  for folder in ("a", "b"):   # two pre-tokenize outputs under one glob
+    (tmp_path / folder).mkdir()
+    tokens.write_token_records(str(tmp_path / folder / "train"), [0, 1],
+                               np.zeros((2, 5), np.int32), num_shards=1)
+  pattern = str(tmp_path / "*" / "train-*.array_record")
+  for _ in range(3):
+    token_origin.check_training_files(_token_config(pattern))
+  warned = [r.getMessage() for r in caplog.records
+            if "same name in several folders" in r.getMessage()]
+  assert len(warned) == 1, warned
+  assert "train-00000-of-00001.array_record" in warned[0]

@@ -143,6 +143,41 @@ def test_class_labels_are_balanced_and_refuse_classes_the_model_lacks():
     driver.class_labels(4, 10, (3, 10, -1))
 
 
+def test_uniform_labels_are_iid_seeded_and_keep_their_prefix():
+  """FAR's protocol (torch.randint labels): i.i.d. over the classes, fixed by
+  the seed, the first k the same whatever num_samples (a resume may ask for
+  more images)."""
+  labels = driver.class_labels(50_000, 1000, draw="uniform", seed=0)
+  assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 1000
+  counts = np.bincount(labels, minlength=1000)
+  assert counts.min() < 40 and counts.max() > 60    # not 50 each
+  assert abs(counts.std() - np.sqrt(50 * 0.999)) < 1.0
+  for k in (1, 7, 999, 12_345):
+    np.testing.assert_array_equal(
+        driver.class_labels(k, 1000, draw="uniform", seed=0), labels[:k])
+  assert not np.array_equal(
+      driver.class_labels(100, 1000, draw="uniform", seed=1), labels[:100])
+  some = driver.class_labels(1000, 10, (9, 4), draw="uniform")
+  assert set(some.tolist()) == {4, 9}
+  from genvis_jax import errors
+  with pytest.raises(errors.ConfigError,
+                     match=r"config.sample.labels='random'; use one of "
+                           r"\('balanced', 'uniform'\)"):
+    driver.class_labels(4, 10, draw="random")
+
+
+def test_paper_configs_sample_as_the_official_samplers():
+  """fp32 decoding (RAR's sampler has no autocast; inference produces the
+  numbers) and the official label draws: FAR i.i.d., RAR / Equivariant 50
+  per class."""
+  from configs import eq_s, far_b, rar_b  # pylint: disable=import-outside-toplevel
+  for mod, labels in ((rar_b, "balanced"), (far_b, "uniform"),
+                      (eq_s, "balanced")):
+    c = mod.get_config()
+    assert c.sample.dtype == "float32", mod.__name__
+    assert c.sample.get("labels", "balanced") == labels, mod.__name__
+
+
 def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):
   import logging
   d = _parts_dir(tmp_path, _settings(devices=8))

@@ -108,9 +108,16 @@ def check_training_files(config) -> str:
   return warning[0] if warning else ""
 
 
-# (pattern, files without a record) already warned about in this process:
-# a run builds its training iterator up to three times (resume paths).
-_WARNED_MISSING: set[tuple[str, tuple[str, ...]]] = set()
+# Warnings already logged in this process: a run builds its training
+# iterator up to three times (resume paths) and says each one once.
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str, *args) -> None:
+  text = msg % args if args else msg
+  if text not in _WARNED:
+    _WARNED.add(text)
+    logging.warning("%s", text)
 
 
 def copy_command(pattern: str) -> str:
@@ -132,11 +139,10 @@ def _warn_missing_records(pattern: str,
   tokenizer weights, code layout, codebook size and largest label are then
   skipped."""
   missing = tuple(sorted(p for p, r in records.items() if r is None))
-  if not missing or (pattern, missing) in _WARNED_MISSING:
+  if not missing:
     return
-  _WARNED_MISSING.add((pattern, missing))
   names = ", ".join(os.path.basename(p) + ".json" for p in missing[:3])
-  logging.warning(
+  _warn_once(
       "config.data.path=%r: %d of %d token file(s) have no readable record "
       "beside them (missing %s%s). Pretokenize writes <file>.array_record.json "
       "next to each file; without it training cannot check which tokenizer "
@@ -211,7 +217,7 @@ def _warn_repeated_names(pattern: str) -> None:
   names = collections.Counter(os.path.basename(p) for p in glob_files(pattern))
   repeated = sorted(n for n, k in names.items() if k > 1)
   if repeated:
-    logging.warning(
+    _warn_once(
         "config.data.path=%r matches files of the same name in several "
         "folders (%s): if these are two pre-tokenize outputs of the same "
         "images, each example is seen twice. Narrow the glob to one folder.",
@@ -241,7 +247,7 @@ def check_origin(pattern: str, records: dict[str, dict],
          f"({tokenizer_checkpoint}) now holds {now!r}: sample grids and samples "
          "would decode with another tokenizer. Point it at the step the "
          "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
-  logging.warning(msg)
+  _warn_once(msg)
   return msg
 
 

@@ -50,10 +50,25 @@ def _generator(name: str):
                          setting="config.model.name (the generator)").generate
 
 
-def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:
-  """Balanced labels: ``classes`` cycled (default all), e.g. 50 per class for
-  50k. Raises ``ConfigError`` for a class outside 0..num_classes - 1, naming
-  ``config.sample.classes``."""
+LABEL_DRAWS = ("balanced", "uniform")
+
+
+def class_labels(num_samples: int, num_classes: int, classes=(),
+                 draw: str = "balanced", seed: int = 0) -> np.ndarray:
+  """The class label of each of ``num_samples`` images, (num_samples,) int32.
+
+  ``draw`` (``config.sample.labels``): "balanced" cycles ``classes``
+  (default all), e.g. 50 per class for 50k (RAR's ``list(range(1000)) * 50``,
+  the Equivariant sampler's ``arange(1000).repeat(50)``); "uniform" draws
+  each i.i.d. from them with NumPy's generator seeded by ``seed`` (the
+  official FAR sampler's ``torch.randint(0, 1000, (n,))``: per-class counts
+  about 50 +- 7). Either way the first k labels do not depend on
+  ``num_samples``, so a resumed run that asks for more images keeps them.
+
+  Raises:
+    ConfigError: a class outside 0..num_classes - 1 (naming
+      ``config.sample.classes``), or another ``draw``.
+  """
   classes = np.asarray(list(classes) or range(num_classes), np.int64)
   bad = classes[(classes < 0) | (classes >= num_classes)]
   if bad.size:
@@ -62,7 +77,15 @@ def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:
         f"classes of this model: use 0..{num_classes - 1} "
         f"(config.model.num_classes={num_classes}), or leave it empty for "
         "all classes.")
-  return np.resize(classes.astype(np.int32), num_samples)
+  if draw == "balanced":
+    return np.resize(classes.astype(np.int32), num_samples)
+  if draw == "uniform":
+    picks = np.random.default_rng(seed).integers(0, len(classes), num_samples,
+                                                 dtype=np.int64)
+    return classes[picks].astype(np.int32)
+  raise errors.ConfigError(
+      f"config.sample.labels={draw!r}; use one of {LABEL_DRAWS} ('balanced': "
+      "the same number of images per class; 'uniform': i.i.d. labels).")
 
 
 def _mesh():
@@ -255,7 +278,8 @@ def sample_and_save(config, workdir: str) -> dict:
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
         f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
   labels_all = class_labels(s.num_samples, config.model.num_classes,
-                            s.get("classes", ()))
+                            s.get("classes", ()), s.get("labels", "balanced"),
+                            s.seed)
   # Load exactly the steps recorded: a run's newest step is pinned to its
   # folder (no fallback to an older one), and the record is checked again
   # after loading (a step re-committed in place meanwhile).
