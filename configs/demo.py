@@ -212,7 +212,9 @@ def get_config(arg=None):
       t = c.stages[name].train
       t.num_steps, t.log_every, t.checkpoint_every = 4, 2, 4
       t.image_every = 4 if name in ("tokenizer", "rar") else 0
-    c.stages.tokenizer.loss.disc_start = 2
+    # GAN off (a smaller step to compile): its step runs in the paper
+    # pipeline (tests/test_pipeline_rar.py, disc_start 2).
+    c.stages.tokenizer.loss.disc_start = 10**9
     c.stages.reconstructions.evaluate.num_images = 16
     c.stages.pretokenize.pretokenize.data.num_examples = SMOKE_TOKEN_IMAGES
     c.stages.samples.sample.num_samples = 16

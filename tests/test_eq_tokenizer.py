@@ -269,7 +269,7 @@ def test_discriminator_steps_on_the_updated_generator():
                       jax.random.fold_in(k, 1), step, groups=("disc",))
     u, _ = opt["disc"].update(g["disc"], opt_state["disc"], params["disc"])
     # And the one-pass discriminator gradients (pre-update fakes).
-    one_pass = task.grads(params, {}, batch, k, step)[0]["disc"]
+    one_pass = task.grads(params, {}, batch, k, step, groups=("disc",))[0]["disc"]
     return model, optax.apply_updates(params["disc"], u), g["disc"], one_pass
   model, disc, g_disc, g_one = by_hand(params)
   for a, b in zip(jax.tree_util.tree_leaves((new.params["model"], new.params["disc"])),

@@ -23,7 +23,7 @@ def test_equivariant_paper_pipeline(tmp_path):
   # The DINO discriminator (adaptive weight) switches on at step 2.
   stage1 = pc.run_mode("eq_tokenizer.py:runlocal", tok,
                        **{"train.num_steps": 4, "loss.disc_start": 2})
-  _check_stage2_goes_on_from_stage1(w, tok, stage1)
+  _check_stage2_goes_on_from_stage1(tok, stage1)
 
   gen = os.path.join(w, "generator")
   pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": tok,
@@ -40,18 +40,19 @@ def test_equivariant_paper_pipeline(tmp_path):
   pc.check_samples(out, (16, cfg.data.image_size, wide * column, 3))
 
 
-def _check_stage2_goes_on_from_stage1(w, tok, stage1):
-  """Stage 2 (``eq_tokenizer.py:stage2``) starts from stage 1's EMA weights
-  and discriminator, as the official ckpt_path does: with the GAN off, its
-  frozen encoder and untouched discriminator are still stage 1's."""
+def _check_stage2_goes_on_from_stage1(tok, stage1):
+  """Stage 2 (``eq_tokenizer.py:stage2`` as the CLI parses it) starts from
+  stage 1's EMA weights (also its EMA's start) and discriminator, as the
+  official ckpt_path does. (A step from init_from: test_checkpoint_resume.)"""
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from tests.small_run import leaves  # pylint: disable=import-outside-toplevel
-  stage2 = pc.run_mode("eq_tokenizer.py:stage2,runlocal",
-                       os.path.join(w, "stage2"), **{
-                           "init_from": tok, "train.num_steps": 1,
-                           "loss.disc_start": 10**9})
-  for want, got in ((stage1.params["disc"], stage2.params["disc"]),
-                    (stage1.ema["encoder"], stage2.params["model"]["encoder"])):
+  config = pc.load_config("eq_tokenizer.py:stage2,runlocal", init_from=tok)
+  trainer = trainer_lib.Trainer(config)
+  state = trainer_lib.init_from(config, trainer, trainer.task,
+                                trainer.init_state())
+  for want, got in ((stage1.params["disc"], state.params["disc"]),
+                    (stage1.ema, state.params["model"]), (stage1.ema, state.ema)):
     for a, b in zip(leaves(want), leaves(got), strict=True):
       np.testing.assert_array_equal(a, b)
 
