@@ -36,6 +36,7 @@ def far_demo_config():
   s.guidance_scale = 2.0
   s.num_samples = 64
   s.batch_size = 32
+  s.labels = "balanced"   # the score stage counts the same images per class
   return c
 
 

@@ -118,6 +118,20 @@ def test_forward_shape_and_matches_reference(tiny):
   assert not np.allclose(raster[1], logits[1])
 
 
+def test_init_is_the_official_plain_normal():
+  """RAR's init_weights: ``trunc_normal_(std=.02)`` keeps torch's default
+  cut-offs a=-2, b=2 (absolute: 100 std), a plain N(0, 0.02), about 4.6% of
+  the weights beyond 2 std; a cut at 2 std leaves none there."""
+  cfg = tiny_config()
+  params = jax.jit(lambda k: models.init_params(cfg.model, k))(jax.random.key(0))
+  w = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(params)
+                      if x.size >= 256 and np.std(x) > 0.005])
+  assert w.size > 100_000
+  assert abs(w.std() - 0.02) < 0.0005
+  assert 0.04 < np.mean(np.abs(w) > 0.04) < 0.05
+  assert np.abs(w).max() > 0.08
+
+
 def test_position_embeddings_target_aware():
   pos = np.random.RandomState(0).randn(12, 3).astype(np.float32)
   ta = np.random.RandomState(1).randn(12, 3).astype(np.float32)
