@@ -45,12 +45,14 @@ def _check_stage2_goes_on_from_stage1(tok, stage1):
   stage 1's EMA weights (also its EMA's start) and discriminator, as the
   official ckpt_path does. (A step from init_from: test_checkpoint_resume.)"""
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from tests.small_run import leaves  # pylint: disable=import-outside-toplevel
   config = pc.load_config("eq_tokenizer.py:stage2,runlocal", init_from=tok)
   trainer = trainer_lib.Trainer(config)
-  state = trainer_lib.init_from(config, trainer, trainer.task,
-                                trainer.init_state())
+  state = state_lib.from_weights(trainer.init_state(), config,
+                                 trainer.abstract_state().params,
+                                 trainer.task.ema_group)
   for want, got in ((stage1.params["disc"], state.params["disc"]),
                     (stage1.ema, state.params["model"]), (stage1.ema, state.ema)):
     for a, b in zip(leaves(want), leaves(got), strict=True):

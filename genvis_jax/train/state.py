@@ -1,4 +1,4 @@
-"""Train state and its sharded initialisation."""
+"""Train state, its sharded initialisation and its start from other weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
+from genvis_jax import errors
 from genvis_jax.core import sharding as shd
 
 PyTree = Any
@@ -35,6 +37,54 @@ def init_state(task, optimizers, rng) -> TrainState:
   ema = params[task.ema_group] if _use_ema(task) else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=opt_state, ema=ema)
+
+
+def from_weights(state: TrainState, config, abstract_params: dict,
+                 ema_group: str | None) -> TrainState:
+  """A fresh run's ``state`` with the weights of ``config.init_from``: the
+  model's (a run's EMA where it kept one; also the start of this run's
+  EMA), then each parameter group ``config.init_groups`` names from the
+  same step of that run (the Equivariant tokenizer's stage 2 goes on with
+  stage 1's discriminator, "disc", as the official ``ckpt_path`` loads the
+  whole state dict). Optimizer states start afresh. ``abstract_params``:
+  the state's params as ``jax.ShapeDtypeStruct`` with shardings, per group.
+
+  Raises:
+    ConfigError: ``config.init_groups`` names a group this task does not
+      have, or the model's.
+    CheckpointNotFoundError: a group is asked of a parameter checkpoint
+      (it holds a model's weights only).
+    CheckpointMismatchError, CheckpointRestoreError: as
+      ``weights.restore_params``.
+  """
+  # Local: the step (train/step.py) imports this module without Orbax.
+  from genvis_jax.core import weights as weights_lib  # pylint: disable=import-outside-toplevel
+  groups = tuple(config.get("init_groups", ()))
+  others = sorted(set(abstract_params) - {"model"})
+  wrong = [g for g in groups if g not in others]
+  if wrong:
+    raise errors.ConfigError(
+        f"config.init_groups={groups} names {wrong}: init_from loads the "
+        f"model's weights, and this task's other parameter groups are "
+        f"{others or 'none'}.")
+  # The step process 0 pins: every process, and every group, reads it.
+  pinned = weights_lib.resolve_all([config.init_from])[0]
+  params = dict(state.params)
+  params["model"] = weights_lib.restore_params(
+      pinned, abstract_params["model"], setting="--config.init_from",
+      model_name=config.model.name)
+  for group in groups:
+    params[group] = weights_lib.restore_params(
+        pinned, abstract_params[group], group=group,
+        setting=f"--config.init_from with config.init_groups {group!r}")
+  state = state.replace(params=params)
+  if state.ema is not None and ema_group == "model":
+    # A copy: the step donates the state, and one buffer in two leaves would
+    # be donated twice (XLA refuses it, and the process crashed).
+    state = state.replace(ema=jax.tree_util.tree_map(lambda x: x.copy(),
+                                                     params["model"]))
+  logging.info("Initialised %s from %s", ["model", *groups], pinned)
+  return state
 
 
 def _use_ema(task) -> bool:

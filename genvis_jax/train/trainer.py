@@ -20,7 +20,6 @@ from absl import logging
 from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import settings as settings_lib
-from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.core import preemption
 from genvis_jax.core import profiling
@@ -299,7 +298,9 @@ def train_loop(config, workdir: str, on_log=None):
   else:
     state = trainer.init_state()
     if config.init_from:
-      state = init_from(config, trainer, task, state)
+      state = state_lib.from_weights(state, config,
+                                     trainer.abstract_state().params,
+                                     task.ema_group)
   start = int(jax.device_get(state.step))
   num_steps = int(config.train.num_steps)
   n_params = {g: sum(x.size for x in jax.tree_util.tree_leaves(p))
@@ -394,51 +395,6 @@ def train_loop(config, workdir: str, on_log=None):
     raise
   ckpt.close()
   writer.flush()
-  return state
-
-
-def init_from(config, trainer, task, state):
-  """A fresh run's ``state`` with the weights of ``config.init_from``: the
-  model's (a run's EMA where it kept one; also the start of this run's
-  EMA), then each parameter group ``config.init_groups`` names from the
-  same step of that run (the Equivariant tokenizer's stage 2 goes on with
-  stage 1's discriminator, "disc", as the official ``ckpt_path`` loads the
-  whole state dict). Optimizer states start afresh.
-
-  Raises:
-    ConfigError: ``config.init_groups`` names a group this task does not
-      have, or the model's.
-    CheckpointNotFoundError: a group is asked of a parameter checkpoint
-      (it holds a model's weights only).
-    CheckpointMismatchError, CheckpointRestoreError: as
-      ``weights.restore_params``.
-  """
-  abstract = trainer.abstract_state().params
-  groups = tuple(config.get("init_groups", ()))
-  others = sorted(set(abstract) - {"model"})
-  wrong = [g for g in groups if g not in others]
-  if wrong:
-    raise errors.ConfigError(
-        f"config.init_groups={groups} names {wrong}: init_from loads the "
-        f"model's weights, and this task's other parameter groups are "
-        f"{others or 'none'}.")
-  # The step process 0 pins: every process, and every group, reads it.
-  pinned = weights_lib.resolve_all([config.init_from])[0]
-  params = dict(state.params)
-  params["model"] = weights_lib.restore_params(
-      pinned, abstract["model"], setting="--config.init_from",
-      model_name=config.model.name)
-  for group in groups:
-    params[group] = weights_lib.restore_params(
-        pinned, abstract[group], group=group,
-        setting=f"--config.init_from with config.init_groups {group!r}")
-  state = state.replace(params=params)
-  if state.ema is not None and task.ema_group == "model":
-    # A copy: the step donates the state, and one buffer in two leaves would
-    # be donated twice (XLA refuses it, and the process crashed).
-    state = state.replace(ema=jax.tree_util.tree_map(lambda x: x.copy(),
-                                                     params["model"]))
-  logging.info("Initialised %s from %s", ["model", *groups], pinned)
   return state
 
 
