@@ -90,6 +90,11 @@ def get_config(arg=None):
   d.source = "tfds"
   d.name = "imagenet2012"
   d.image_size = 256
+  # The official ImagePaths transform (tokenizer/data/base.py): albumentations
+  # SmallestMaxSize (OpenCV bilinear) + RandomCrop and flips for training,
+  # + CenterCrop for validation.
+  d.random_crop_method = "albumentations"
+  d.center_crop = "albumentations"
 
   lo = c.loss = ml_collections.ConfigDict()
   # The L1 term has weight 1: the official loss stores a pixelloss_weight

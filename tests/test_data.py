@@ -153,6 +153,49 @@ def test_torchvision_bilinear_random_crop_is_the_equivariant_recipe():
   assert pc.load_config("eq_s.py").data.random_crop_method == "torchvision_bilinear"
 
 
+def _bilinear_no_antialias(img, new_h, new_w):
+  """Bilinear resize with half-pixel centres, clamped at the borders and no
+  antialiasing (OpenCV's ``INTER_LINEAR``), in float64: (h, w, c) ->
+  (new_h, new_w, c)."""
+  def taps(n_out, n_in):
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(x).astype(int)
+    return i0, np.minimum(i0 + 1, n_in - 1), (x - i0)[:, None]
+  y0, y1, fy = taps(new_h, img.shape[0])
+  x0, x1, fx = taps(new_w, img.shape[1])
+  rows = img[y0].astype(np.float64) * (1 - fy[..., None]) + img[y1] * fy[..., None]
+  return rows[:, x0] * (1 - fx) + rows[:, x1] * fx
+
+
+def test_albumentations_random_crop_is_the_equivariant_tokenizer_recipe():
+  """SmallestMaxSize(256) (OpenCV bilinear, not antialiased, sides rounded)
+  + RandomCrop(256) at uniform offsets; the eq_tokenizer config selects it
+  for training and its centre-crop twin for evaluation."""
+  rng = np.random.default_rng(3)
+  img = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
+  # 500 * 256 / 375 = 341.33 -> 341 columns.
+  resized = transforms.albumentations_center_crop(img, 256, 341)
+  ref = _bilinear_no_antialias(img, 256, 341)
+  assert np.abs(resized - ref).max() <= 1.0     # OpenCV's fixed-point weights
+  pil = np.asarray(Image.fromarray(img).resize((341, 256), Image.BILINEAR))
+  assert np.abs(pil.astype(np.float64) - ref).max() > 20   # PIL antialiases
+  crop = transforms.RandomCrop(256, method="albumentations")
+  offsets = set()
+  for seed in range(12):
+    out = crop.random_map({"image": img}, np.random.default_rng(seed))["image"]
+    hits = [o for o in range(86) if np.array_equal(out, resized[:, o:o + 256])]
+    assert len(hits) == 1
+    offsets.add(hits[0])
+  assert len(offsets) > 6
+  # Already the target's short side: no resize (albumentations' scale 1).
+  same = transforms.albumentations_center_crop(img[:256], 256)
+  np.testing.assert_array_equal(same, img[:256, 122:378])
+  with pytest.raises(ConfigError, match="crop_min_frac=0.8 needs the 'adm'"):
+    transforms.RandomCrop(256, min_frac=0.8, method="albumentations")
+  d = pc.load_config("eq_tokenizer.py").data
+  assert (d.random_crop_method, d.center_crop) == ("albumentations",) * 2
+
+
 # --- pipeline ----------------------------------------------------------------
 
 def test_batches_shapes_dtypes_and_ranges():

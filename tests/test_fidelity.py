@@ -1,5 +1,6 @@
 """Official-recipe fidelity of the data our pipelines produce.
 
+* Eval centre crops = ADM's, torchvision's or albumentations' (OpenCV).
 * Ten-crop pre-tokenization = ADM ``center_crop_arr(img, int(1.1 * size))``
   followed by torchvision ``TenCrop(size)``, from a decoded file to the crops
   the tokenizer encodes.
@@ -7,8 +8,8 @@
 * Pipeline floats = torchvision ``ToTensor`` (+ ``Normalize(0.5, 0.5)``).
 * Tokenizers produce data in fp32 even when their config trains in bf16.
 
-The official formulas are re-stated here from their definitions (PIL + numpy),
-independently of the code under test.
+The official formulas are re-stated here from their definitions (PIL, OpenCV's
+resize and numpy), independently of the code under test.
 """
 
 import os
@@ -67,6 +68,21 @@ def torchvision_resize_center_crop(pil, s):
     pil = pil.resize(size, resample=Image.BICUBIC)
   arr = np.array(pil)
   t, l = int(round((arr.shape[0] - s) / 2.0)), int(round((arr.shape[1] - s) / 2.0))
+  return arr[t:t + s, l:l + s]
+
+
+def albumentations_center_crop(pil, s):
+  """albumentations ``SmallestMaxSize(s)`` (``cv2.INTER_LINEAR``; sides
+  ``round(dim * s / short)``, no resize at scale 1) + ``CenterCrop(s, s)`` at
+  ``(H - s) // 2`` (Equivariant ``tokenizer/data/base.py`` ``ImagePaths``)."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  arr = np.array(pil)
+  h, w = arr.shape[:2]
+  scale = s / float(min(h, w))
+  if scale != 1.0:
+    arr = cv2.resize(arr, (round(w * scale), round(h * scale)),
+                     interpolation=cv2.INTER_LINEAR)
+  t, l = (arr.shape[0] - s) // 2, (arr.shape[1] - s) // 2
   return arr[t:t + s, l:l + s]
 
 
@@ -129,11 +145,13 @@ CROP_SIZES = ((400, 333), (333, 400), (300, 300), (256, 300), (397, 333),
 
 
 @pytest.mark.parametrize("method,official", [
-    ("adm", adm_center_crop_arr), ("torchvision", torchvision_resize_center_crop)])
+    ("adm", adm_center_crop_arr), ("torchvision", torchvision_resize_center_crop),
+    ("albumentations", albumentations_center_crop)])
 def test_eval_center_crops_match_official_recipes(tmp_path, method, official):
   """The eval pipeline's centre crop (``config.data.center_crop``): ADM's
-  (LlamaGen / FQGAN evaluations) or torchvision's (1d-tokenizer's), from the
-  decoded files to the float batch."""
+  (LlamaGen / FQGAN evaluations), torchvision's (1d-tokenizer's) or
+  albumentations' (the Equivariant tokenizer's validation), from the decoded
+  files to the float batch."""
   from genvis_jax import data as data_lib
   (tmp_path / "a").mkdir()
   rng = np.random.default_rng(1)

@@ -14,7 +14,9 @@ uniformly in ``[ceil(size / max_frac), ceil(size / min_frac)]``, then crops at a
 uniform random offset. Non-square targets (``width != size``) generalise this
 by covering both sides. ``torchvision_center_crop`` is the other centre crop
 an official evaluation uses (1d-tokenizer's), ``torchvision_random_crop`` the
-Equivariant generator's training crop.
+Equivariant generator's training crop, and ``albumentations_center_crop`` /
+``albumentations_random_crop`` the Equivariant tokenizer's (taming-style
+``ImagePaths``: OpenCV's bilinear resize, no antialiasing).
 """
 
 from __future__ import annotations
@@ -95,7 +97,53 @@ def torchvision_center_crop(image: np.ndarray, height: int,
   return image[top:top + height, left:left + width]
 
 
-CENTER_CROPS = {"adm": center_crop, "torchvision": torchvision_center_crop}
+def _smallest_max_size(image: np.ndarray, height: int,
+                       width: int) -> np.ndarray:
+  """albumentations ``SmallestMaxSize(max_size=height)`` (its default
+  ``cv2.INTER_LINEAR``) for a square target: scale = target / short side,
+  each side ``round(side * scale)`` (Python's, half to even), OpenCV's
+  bilinear resize (half-pixel centres, no antialiasing; fixed-point weights
+  for uint8). A non-square target scales so that both sides are covered.
+  uint8 (h, w, 3) -> uint8 (>= height, >= width, 3)."""
+  import cv2  # pylint: disable=import-outside-toplevel  # only this pipeline's
+  h, w = image.shape[:2]
+  scale = max(height / h, width / w)
+  new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+  if (new_h, new_w) == (h, w):
+    return image
+  return cv2.resize(np.ascontiguousarray(image), (new_w, new_h),
+                    interpolation=cv2.INTER_LINEAR)
+
+
+def albumentations_center_crop(image: np.ndarray, height: int,
+                               width: int | None = None) -> np.ndarray:
+  """albumentations ``SmallestMaxSize`` + ``CenterCrop`` (offsets ``(H -
+  height) // 2``): uint8 (h, w, 3) -> (height, width, 3). The Equivariant
+  tokenizer's validation transform (``tokenizer/data/base.py`` ``ImagePaths``,
+  ``random_crop=False``)."""
+  width = width or height
+  image = _smallest_max_size(image, height, width)
+  top = (image.shape[0] - height) // 2
+  left = (image.shape[1] - width) // 2
+  return image[top:top + height, left:left + width]
+
+
+def albumentations_random_crop(image: np.ndarray, height: int,
+                               width: int | None,
+                               rng: np.random.Generator) -> np.ndarray:
+  """albumentations ``SmallestMaxSize`` + ``RandomCrop`` at uniform offsets
+  in ``[0, H - height]``: uint8 (h, w, 3) -> (height, width, 3). The
+  Equivariant tokenizer's training transform (``ImagePaths``,
+  ``random_crop=True``; its flip is ``config.data.random_flip``)."""
+  width = width or height
+  image = _smallest_max_size(image, height, width)
+  top = int(rng.integers(0, image.shape[0] - height + 1))
+  left = int(rng.integers(0, image.shape[1] - width + 1))
+  return image[top:top + height, left:left + width]
+
+
+CENTER_CROPS = {"adm": center_crop, "torchvision": torchvision_center_crop,
+                "albumentations": albumentations_center_crop}
 
 
 def random_crop(image: np.ndarray, height: int, width: int | None,
@@ -133,7 +181,11 @@ def torchvision_random_crop(image: np.ndarray, height: int, width: int | None,
   return image[top:top + height, left:left + width]
 
 
-RANDOM_CROPS = ("adm", "torchvision_bilinear")
+# config.data.random_crop_method -> crop(image, height, width, rng); "adm"
+# takes the scale range too (RandomCrop.random_map).
+RANDOM_CROPS = {"adm": random_crop,
+                "torchvision_bilinear": torchvision_random_crop,
+                "albumentations": albumentations_random_crop}
 
 
 def to_float(image: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
@@ -242,8 +294,9 @@ def check_center_crop(method: str, size: int, width: int | None = None,
 
 
 class CenterCrop(grain.transforms.Map):
-  """Centre crop to (size, width or size): ADM's (``method="adm"``) or
-  torchvision's Resize + CenterCrop (``"torchvision"``)."""
+  """Centre crop to (size, width or size): ADM's (``method="adm"``),
+  torchvision's Resize + CenterCrop (``"torchvision"``) or albumentations'
+  SmallestMaxSize + CenterCrop (``"albumentations"``)."""
 
   def __init__(self, size: int, width: int | None = None, method: str = "adm",
                setting: str = "config.data.center_crop"):
@@ -258,8 +311,9 @@ class CenterCrop(grain.transforms.Map):
 
 class RandomCrop(grain.transforms.RandomMap):
   """Random crop to (size, width or size): ADM's (``method="adm"``, cover
-  fraction in [min_frac, max_frac]) or torchvision's bilinear Resize +
-  RandomCrop (``"torchvision_bilinear"``, no scale range)."""
+  fraction in [min_frac, max_frac]), torchvision's bilinear Resize +
+  RandomCrop (``"torchvision_bilinear"``) or albumentations' SmallestMaxSize +
+  RandomCrop (``"albumentations"``); the last two have no scale range."""
 
   def __init__(self, size: int, width: int | None = None,
                min_frac: float = 1.0, max_frac: float = 1.0, method: str = "adm",
@@ -279,11 +333,12 @@ class RandomCrop(grain.transforms.RandomMap):
     self.min_frac, self.max_frac = min_frac, max_frac
 
   def random_map(self, record, rng: np.random.Generator):
+    crop = RANDOM_CROPS[self.method]
     if self.method == "adm":
-      image = random_crop(record["image"], self.size, self.width, rng,
-                          self.min_frac, self.max_frac)
+      image = crop(record["image"], self.size, self.width, rng,
+                   self.min_frac, self.max_frac)
     else:
-      image = torchvision_random_crop(record["image"], self.size, self.width, rng)
+      image = crop(record["image"], self.size, self.width, rng)
     return {**record, "image": image}
 
 

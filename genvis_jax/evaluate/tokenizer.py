@@ -200,11 +200,14 @@ PROTOCOLS = {
                "the files as they are"),
     "llamagen_vq": _LLAMAGEN,
     "fqgan": _LLAMAGEN,
-    # No official tokenizer evaluation: its sampler's bytes
+    # No official tokenizer evaluation: its validation loader's crop
+    # (tokenizer/data/base.py), its sampler's bytes
     # (generator/engine_generator.py) and its FID's torch-fidelity Inception.
     "eq_tokenizer": Protocol(
-        "round", source="Equivariant generator/engine_generator.py bytes, "
-                        "torch-fidelity Inception"),
+        "round", crop="albumentations",
+        source="Equivariant tokenizer/data/base.py ImagePaths (SmallestMaxSize "
+               "+ CenterCrop), generator/engine_generator.py bytes, "
+               "torch-fidelity Inception"),
 }
 
 
