@@ -142,6 +142,29 @@ def test_dino_batch_norm_local_per_replica():
   np.testing.assert_allclose(out, np.concatenate(halves), rtol=1e-4, atol=1e-5)
 
 
+def test_dino_heads_do_not_depend_on_the_spectral_estimate():
+  """Torch keeps a power-iteration vector between calls (one iteration per
+  call); ours restarts from a fixed one. The estimates of sigma differ, the
+  heads' logits and gradients do not: BatchNormLocal cancels the scale of
+  the C x C convolutions, and the C -> 1 kernel's norm is exact at once."""
+  feats = jax.random.normal(jax.random.key(0), (8, 16, 32)) * 2.0 + 0.5
+  heads = {n: dino_disc.DiscHead(kernel_size=3, iterations=n) for n in (1, 50)}
+  params = nn.unbox(heads[1].init(jax.random.key(1), feats))["params"]
+  k = params["res_conv"]["kernel"]
+  s1, s50 = (np.abs(np.asarray(k / dino_disc.spectral_normalize(k, n))).max()
+             for n in (1, 50))
+  assert s1 < 0.97 * s50           # one iteration underestimates sigma
+  def out(n):
+    f = lambda p: heads[n].apply({"params": p}, feats)
+    return f(params), jax.grad(lambda p: jnp.sum(jnp.sin(f(p))))(params)
+  (y1, g1), (y50, g50) = out(1), out(50)
+  np.testing.assert_allclose(y1, y50, rtol=1e-4, atol=1e-5)
+  # (The C x C biases get zero gradients, up to rounding: BN cancels them.)
+  big = max(np.abs(g).max() for g in jax.tree_util.tree_leaves(g50))
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g50)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * big)
+
+
 def _np_adaptive_avg_pool(x, out_h, out_w):
   """torch adaptive_avg_pool2d (= F.interpolate 'area') on (B, H, W, C)."""
   b, h, w, c = x.shape

@@ -16,7 +16,13 @@ in a frozen group.
 Pure-functional choices: BatchNormLocal normalises over groups of
 ``virtual_bs`` samples with no running statistics (as the official one), and
 spectral norm runs ``power_iterations`` from a fixed vector each call instead
-of carrying a ``u`` buffer.
+of carrying torch's ``u`` buffer (one iteration per call, kept between calls).
+The estimate of sigma cannot change the heads' logits or gradients: the two
+k x C x C convolutions feed a BatchNormLocal, which cancels any positive scale
+of their output (and their bias), so ``f(W / sigma(W)) = f(W)`` with sigma
+linear in W; the last (C -> 1) kernel is a vector, whose norm one iteration
+finds exactly from any start. (Equal to rounding for 1 and 50 iterations:
+tests/test_discriminator.py.)
 
 Per-GPU statistics: the official BatchNormLocal runs on each GPU's batch
 (Equivariant recipe: 12 images per GPU, 192 over 16 GPUs), splitting it into
