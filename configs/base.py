@@ -137,15 +137,21 @@ def get_config(arg=None):
   c.data.eval_split = "validation"
   c.data.image_size = 256
   c.data.random_crop = True  # random resized crop (train) vs centre crop
-  # Centre crops: adm (center_crop_arr) | torchvision (Resize + CenterCrop);
-  # "" = adm, or in tokenizer evaluation the protocol's.
+  # Centre crops: adm (center_crop_arr) | torchvision (Resize + CenterCrop) |
+  # albumentations (SmallestMaxSize + CenterCrop); "" = adm, or in tokenizer
+  # evaluation the protocol's.
   c.data.center_crop = ""
   c.data.random_flip = True
   c.data.image_width = 0     # 0: square; else image_size x image_width (landscapes)
   c.data.crop_min_frac = 1.0  # ADM random crop of 80-100% of the short side: 0.8
   # Random crops: adm (random_crop_arr) | torchvision_bilinear (Resize +
-  # RandomCrop, the Equivariant generator's).
+  # RandomCrop, the Equivariant generator's) | albumentations (SmallestMaxSize
+  # + RandomCrop, the Equivariant tokenizer's).
   c.data.random_crop_method = "adm"
+  # Pre-tokenized crops (source "tokens"): every record is an example of an
+  # epoch ("all", 1d-tokenizer's RAR loader), or an epoch visits each image
+  # once with one of its crops drawn at random ("one", LlamaGen / FQGAN).
+  c.data.crops_per_epoch = "all"
   # Image folders: apply EXIF orientation. The official loaders (torchvision
   # pil_loader) and the TFDS path ignore it, so the default does too.
   c.data.exif_transpose = False

@@ -350,3 +350,21 @@ def test_a_finished_run_says_so(runs, tmp_path, caplog):
   assert "Training already finished" in caplog.text
   assert "holds step 6 of config.train.num_steps=6" in caplog.text
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+
+
+def test_a_changed_order_setting_draws_the_data_order_afresh():
+  """The settings whose saved positions another pipeline would misread;
+  a run saved before crops_per_epoch existed took every record."""
+  c = config(9)
+  assert trainer_lib.order_setting_changed(c.to_dict(), c) == ""
+  assert trainer_lib.order_setting_changed(None, c) == ""
+  old = c.to_dict()
+  del old["data"]["crops_per_epoch"]
+  assert trainer_lib.order_setting_changed(old, c) == ""
+  c.data.crops_per_epoch = "one"
+  assert trainer_lib.order_setting_changed(old, c) == (
+      "was saved with config.data.crops_per_epoch='all' and this run has 'one'")
+  del old["data"]["num_workers"]       # unknown: no claim
+  c.data.crops_per_epoch = "all"
+  c.data.num_workers = 2
+  assert trainer_lib.order_setting_changed(old, c) == ""

@@ -83,6 +83,41 @@ class _PassSkippedRandom(grain.transforms.RandomMap):
     return record if SKIPPED in record else self.inner.random_map(record, rng)
 
 
+class _OneCropOfImage(grain.transforms.RandomMap):
+  """Image index -> one of its ``crops`` consecutive records, drawn anew for
+  every visit (the key of a repeated dataset's element includes its epoch)."""
+
+  def __init__(self, source, crops: int):
+    self.source, self.crops = source, crops
+
+  def random_map(self, image, rng: np.random.Generator):
+    return self.source[int(image) * self.crops + int(rng.integers(self.crops))]
+
+
+CROPS_PER_EPOCH = ("all", "one")
+
+
+def _crops_per_example(data_config, split: str, train: bool,
+                       setting: str) -> int:
+  """Records one training example draws from: 1 (``crops_per_epoch="all"``,
+  every record is an example) or each image's crop count (``"one"``, from the
+  token files' pretokenize records). Raises ``DataConfigError`` for an unknown
+  setting or one a source without crop records cannot take."""
+  how = data_config.get("crops_per_epoch", "all")
+  if how not in CROPS_PER_EPOCH:
+    raise sources.DataConfigError(
+        f"{setting}.crops_per_epoch={how!r}; use one of {CROPS_PER_EPOCH}.")
+  if how == "all" or not train:
+    return 1
+  if data_config.source != "tokens":
+    raise sources.DataConfigError(
+        f"{setting}.crops_per_epoch='one' draws one of each image's "
+        "pre-tokenized crops per epoch (source 'tokens'); "
+        f"{data_config.source!r} images are cropped afresh at every visit: "
+        f"set {setting}.crops_per_epoch=all.")
+  return token_origin.crops_per_image(data_config.path.replace("{split}", split))
+
+
 class _SkipIterator(grain.DatasetIterator):
   """Drops skip markers (and None records) and keeps, in its state, the
   sorted distinct paths skipped and the number of records read.
@@ -319,12 +354,17 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   source, num_classes, class_names = make_source(data_config, split)
   num_classes = _check_classes(num_classes, data_config, setting)
 
-  n = len(source)
+  # crops_per_epoch="one": an example is an image, whose pre-tokenized crops
+  # are consecutive records (LlamaGen / FQGAN's CustomDataset draws one of
+  # them at each visit).
+  crops = _crops_per_example(data_config, split, train, setting)
+  n = len(source) // crops
   # Equal shards where every batch is a collective step (no process waits);
   # a pass that keeps every example (pre-tokenizing) keeps the remainder
   # too: the first n % pc processes then hold one example more.
   stop = n - n % pc if drop_remainder else n
-  ds = grain.MapDataset.source(source)[pi:stop:pc]
+  ds = (grain.MapDataset.source(source) if crops == 1 else
+        grain.MapDataset.range(n))[pi:stop:pc]
   shard = len(ds)
   if not shard:
     # Training would repeat an empty shard (its first next() raised a bare
@@ -357,6 +397,8 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       int(s) for s in np.random.SeedSequence([seed, pi]).generate_state(3))
   if train:
     ds = ds.shuffle(seed=shuffle_seed).repeat(None)
+  if crops > 1:
+    ds = ds.random_map(_OneCropOfImage(source, crops), seed=aug_seeds[1])
   is_tokens = data_config.source == "tokens"
   if not is_tokens:
     if data_config.source == "image_folder":

@@ -36,6 +36,44 @@ def _records(pattern: str) -> dict[str, dict | None]:
   return out
 
 
+def crops_per_image(pattern: str) -> int:
+  """How many consecutive records each image has in the token files matching
+  ``pattern``, from the records pretokenize writes beside them: 10 with
+  ten-crop, 2 for a centre crop and its mirror image.
+
+  Raises:
+    TokenFileError: a file has no readable record, or one of a writer that
+      did not say (centre crops before mirror images were added); the files
+      disagree; or a file's record count is not a multiple of its crops.
+  """
+  found = _records(pattern)
+  counts = {}
+  for path, record in found.items():
+    settings = (record or {}).get("settings") or {}
+    if settings.get("ten_crop") is True:
+      counts[path] = 10
+    elif settings.get("mirrored") is True:
+      counts[path] = 2
+    else:
+      raise TokenFileError(
+          f"{path}: its pretokenize record ({path}.json) is missing or does "
+          "not say how many crops each image has, which "
+          "config.data.crops_per_epoch='one' needs. Copy the records beside "
+          f"the files ({copy_command(pattern)}), re-run the pre-tokenize mode, "
+          "or train on every record (--config.data.crops_per_epoch=all).")
+    n = found[path].get("records")
+    if not isinstance(n, int) or n % counts[path]:
+      raise TokenFileError(
+          f"{path}: its record says {n} records, not whole groups of "
+          f"{counts[path]} crops per image; re-run the pre-tokenize mode.")
+  if len(set(counts.values())) > 1:
+    raise TokenFileError(
+        f"Token files {pattern!r} hold {sorted(set(counts.values()))} crops "
+        "per image (ten-crop and centre-crop files mixed); use the files of "
+        "one pre-tokenize output.")
+  return next(iter(counts.values()), 1)
+
+
 def _settings(records: dict[str, dict | None]) -> dict[str, dict]:
   return {path: r["settings"] for path, r in records.items()
           if r is not None and isinstance(r.get("settings"), dict)}

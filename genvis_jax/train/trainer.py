@@ -101,6 +101,27 @@ def check_model_classes(config, data_classes: int | None) -> None:
       f"{model_classes} classes (config.data.num_classes={model_classes}).")
 
 
+# config.data settings that change what a saved input position means, with
+# their value in a run saved before the setting existed (None: unknown).
+ORDER_SETTINGS = (("num_workers", None), ("crops_per_epoch", "all"))
+
+
+def order_setting_changed(saved_config: dict | None, config) -> str:
+  """Why a position saved under ``saved_config`` cannot resume ``config``'s
+  input ("" if it may): Grain accepts some states of another pipeline and
+  then yields other batches, so the saved config decides (none saved: "")."""
+  if saved_config is None:
+    return ""
+  for key, default in ORDER_SETTINGS:
+    before = settings_lib.get(saved_config or {}, f"data.{key}")
+    before = default if before is None else before
+    now = config.data.get(key, default)
+    if before is not None and before != now:
+      return (f"was saved with config.data.{key}={before!r} and this run has "
+              f"{now!r}")
+  return ""
+
+
 def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
                  data_iter, info):
   """Moves the input pipeline to the position saved with ``step`` (whose run
@@ -128,11 +149,7 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
   except Exception as e:  # pylint: disable=broad-except
     error = e   # storage (OSError, or a file-system backend's own errors)
   why = pos.why if pos is not None else None
-  before = settings_lib.get(saved_config or {}, "data.num_workers")
-  if not why and before is not None and before != config.data.num_workers:
-    # Grain accepts some such states and then yields other batches.
-    why = (f"was saved with config.data.num_workers={before} and this run "
-           f"has {config.data.num_workers}")
+  why = why or order_setting_changed(saved_config, config)
   unfit = multihost.gather_or_raise(
       int(bool(why)), error, "could not read their input position saved "
       f"with step {step} (their logs say why); run the same command again.")
