@@ -23,6 +23,9 @@ def far_demo_config():
   d.num_classes = 10
   d.random_crop = False
   d.random_flip = False
+  # Its centre-crop + mirror files hold a batch's mirror images after its
+  # originals (RAR's layout): every record is an example.
+  d.crops_per_epoch = "all"
   t = c.train
   t.global_batch_size = 32
   t.num_steps = 2000

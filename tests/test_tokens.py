@@ -1,6 +1,7 @@
 """Pre-tokenized data: token record files, their pipeline, the records that
 guard pretokenize reuse, and the errors for missing or damaged files."""
 
+import json
 import logging
 import os
 import re
@@ -483,7 +484,6 @@ def test_centre_crop_records_add_mirror_images():
 def _ten_crop_files(folder, images: int, files: int, settings=None):
   """Token files of ``images`` images x 10 crops (record tokens = (image,
   crop), label = image % 3) over ``files`` files, with pretokenize records."""
-  import json  # pylint: disable=import-outside-toplevel
   idx = np.arange(images * 10)
   toks = np.stack([idx // 10, idx % 10], axis=1).astype(np.int32)
   paths = data.write_token_records(str(folder / "train"), (idx // 10) % 3,
@@ -533,25 +533,33 @@ def test_one_crop_per_image_per_epoch(tmp_path):
 
 
 def test_one_crop_per_image_needs_the_crop_records(tmp_path):
+  """Only ten-crop files, as their records say, have each image's crops as
+  neighbours (centre-crop files put a batch's mirror images after it)."""
   kw = dict(split="train", global_batch_size=2, seed=0, process_index=0,
             process_count=1)
-  pattern = _ten_crop_files(tmp_path / "old", 2, 1, settings={"weights": "w"})
-  c = _data_config(source="tokens", path=pattern, crops_per_epoch="one")
-  with pytest.raises(tokens.TokenFileError, match="crops_per_epoch=all"):
-    data.create_dataset(c, **kw)
-  os.remove(pattern.replace("{split}-*", "train-00000-of-00001"))
-  pattern = _ten_crop_files(tmp_path / "mixed", 2, 2)
-  first = pattern.replace("{split}-*", "train-00000-of-00002")
-  with open(first + ".json", "w") as f:
-    f.write('{"settings": {"ten_crop": false, "mirrored": true}, "records": 10}')
-  c.path = pattern
-  with pytest.raises(tokens.TokenFileError, match=r"\[2, 10\] crops per image"):
-    data.create_dataset(c, **kw)
+  def refused(pattern, match, settings=None, records=None):
+    first = pattern.replace("{split}-*", "train-00000-of-00002")
+    if settings is None:
+      os.remove(first + ".json")
+    else:
+      with open(first + ".json", "w") as f:
+        f.write(json.dumps({"settings": settings, "records": records}))
+    c = _data_config(source="tokens", path=pattern, crops_per_epoch="one")
+    with pytest.raises(tokens.TokenFileError, match=match):
+      data.create_dataset(c, **kw)
+  refused(_ten_crop_files(tmp_path / "a", 2, 2), r"no readable pretokenize "
+          r"record .*crops_per_epoch=all")
+  refused(_ten_crop_files(tmp_path / "b", 2, 2), "written without ten-crop",
+          {"ten_crop": False, "mirrored": True}, 10)
+  refused(_ten_crop_files(tmp_path / "c", 2, 2), r"holds 10 records and its "
+          r"record .* says 20", {"ten_crop": True}, 20)
+  pattern = _ten_crop_files(tmp_path / "d", 2, 2)
   with pytest.raises(errors_lib.UserError, match="crops_per_epoch='some'"):
     data.create_dataset(_data_config(source="tokens", path=pattern,
                                      crops_per_epoch="some"), **kw)
   with pytest.raises(errors_lib.UserError, match="cropped afresh"):
     data.create_dataset(_data_config(crops_per_epoch="one"), **kw)
-  from configs import far_common, rar_common  # pylint: disable=import-outside-toplevel
+  from configs import far_common, far_demo, rar_common  # pylint: disable=import-outside-toplevel
   assert far_common.get_config("b", "dual").data.crops_per_epoch == "one"
   assert rar_common.get_config("b").data.crops_per_epoch == "all"
+  assert far_demo.get_config().data.crops_per_epoch == "all"   # centre crops

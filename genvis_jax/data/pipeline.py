@@ -100,9 +100,10 @@ CROPS_PER_EPOCH = ("all", "one")
 def _crops_per_example(data_config, split: str, train: bool,
                        setting: str) -> int:
   """Records one training example draws from: 1 (``crops_per_epoch="all"``,
-  every record is an example) or each image's crop count (``"one"``, from the
-  token files' pretokenize records). Raises ``DataConfigError`` for an unknown
-  setting or one a source without crop records cannot take."""
+  every record is an example) or each image's ten crops (``"one"``, checked
+  against the token files' pretokenize records). Raises ``DataConfigError``
+  for an unknown setting or one a source without crop records cannot take,
+  ``TokenFileError`` for files without ten consecutive crops per image."""
   how = data_config.get("crops_per_epoch", "all")
   if how not in CROPS_PER_EPOCH:
     raise sources.DataConfigError(

@@ -19,7 +19,8 @@ from etils import epath
 
 from genvis_jax.core import multihost
 from genvis_jax.core import weights as weights_lib
-from genvis_jax.data.tokens import TokenFileError, check_shard_sets, glob_files
+from genvis_jax.data.tokens import (TokenFileError, check_shard_sets,
+                                    count_records, glob_files)
 from genvis_jax.errors import ConfigError
 
 
@@ -37,41 +38,35 @@ def _records(pattern: str) -> dict[str, dict | None]:
 
 
 def crops_per_image(pattern: str) -> int:
-  """How many consecutive records each image has in the token files matching
-  ``pattern``, from the records pretokenize writes beside them: 10 with
-  ten-crop, 2 for a centre crop and its mirror image.
+  """How many consecutive records each image has in the ten-crop token files
+  matching ``pattern`` (10), from the records pretokenize writes beside them.
 
   Raises:
-    TokenFileError: a file has no readable record, or one of a writer that
-      did not say (centre crops before mirror images were added); the files
-      disagree; or a file's record count is not a multiple of its crops.
+    TokenFileError: a file has no readable record, or it was not written
+      with ten-crop (centre-crop files hold a batch's mirror images after
+      its originals, RAR's ``torch.cat([x, x.flip(-1)])``: an image's two
+      records are not neighbours); or a file holds another number of records
+      than its record says, or not whole groups of ten.
   """
   found = _records(pattern)
-  counts = {}
+  fix = ("re-run the pre-tokenize mode with ten-crop "
+         "(config.pretokenize.ten_crop=True), or train on every record "
+         "(--config.data.crops_per_epoch=all)")
   for path, record in found.items():
     settings = (record or {}).get("settings") or {}
-    if settings.get("ten_crop") is True:
-      counts[path] = 10
-    elif settings.get("mirrored") is True:
-      counts[path] = 2
-    else:
+    if settings.get("ten_crop") is not True:
+      what = ("was written without ten-crop" if record else
+              f"has no readable pretokenize record ({path}.json; "
+              f"{copy_command(pattern)} copies them)")
       raise TokenFileError(
-          f"{path}: its pretokenize record ({path}.json) is missing or does "
-          "not say how many crops each image has, which "
-          "config.data.crops_per_epoch='one' needs. Copy the records beside "
-          f"the files ({copy_command(pattern)}), re-run the pre-tokenize mode, "
-          "or train on every record (--config.data.crops_per_epoch=all).")
-    n = found[path].get("records")
-    if not isinstance(n, int) or n % counts[path]:
+          f"{path} {what}; config.data.crops_per_epoch='one' draws one of "
+          f"each image's ten consecutive crop records. Then {fix}.")
+    n, held = record.get("records"), count_records(path)
+    if n != held or held % 10:
       raise TokenFileError(
-          f"{path}: its record says {n} records, not whole groups of "
-          f"{counts[path]} crops per image; re-run the pre-tokenize mode.")
-  if len(set(counts.values())) > 1:
-    raise TokenFileError(
-        f"Token files {pattern!r} hold {sorted(set(counts.values()))} crops "
-        "per image (ten-crop and centre-crop files mixed); use the files of "
-        "one pre-tokenize output.")
-  return next(iter(counts.values()), 1)
+          f"{path} holds {held} records and its record ({path}.json) says "
+          f"{n}: not whole groups of ten crops per image as written; {fix}.")
+  return 10
 
 
 def _settings(records: dict[str, dict | None]) -> dict[str, dict]:

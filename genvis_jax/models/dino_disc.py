@@ -17,11 +17,13 @@ Pure-functional choices: BatchNormLocal normalises over groups of
 ``virtual_bs`` samples with no running statistics (as the official one), and
 spectral norm runs ``power_iterations`` from a fixed vector each call instead
 of carrying torch's ``u`` buffer (one iteration per call, kept between calls).
-The estimate of sigma cannot change the heads' logits or gradients: the two
+The estimate of sigma does not change the heads' logits or gradients: the two
 k x C x C convolutions feed a BatchNormLocal, which cancels any positive scale
 of their output (and their bias), so ``f(W / sigma(W)) = f(W)`` with sigma
-linear in W; the last (C -> 1) kernel is a vector, whose norm one iteration
-finds exactly from any start. (Equal to rounding for 1 and 50 iterations:
+linear in W, up to its eps (1e-6, as torch's, added to the variance of the
+scaled output: it matters only for features of scale ~0.01 and below); the
+last (C -> 1) kernel is a vector, whose norm one iteration finds exactly from
+any start. (Equal to rounding for 1 and 50 iterations:
 tests/test_discriminator.py.)
 
 Per-GPU statistics: the official BatchNormLocal runs on each GPU's batch
