@@ -23,6 +23,14 @@ def _format(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         cfg[key] = value.replace("{workdir}", workdir)
 
 
+def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of ``config.stages[name]`` with ``{workdir}`` (the demo's
+  workdir) filled in: what the stage runs with."""
+  stage = ml_collections.ConfigDict(config.stages[name].to_dict())
+  _format(stage, workdir)
+  return stage
+
+
 # A config field named in a message: "--config.a.b" or "config.a.b" (not
 # "configs/..." or a longer word ending in "config").
 _FIELD = re.compile(r"(?<![\w.])(--)?config\.((?:\w+\.)*\w+)(=\w+)?")
@@ -77,8 +85,7 @@ def run(config, workdir: str) -> dict:
     order = [s for s in order if s in only]
   results = {}
   for name in order:
-    stage = ml_collections.ConfigDict(config.stages[name].to_dict())
-    _format(stage, workdir)
+    stage = stage_config(config, name, workdir)
     t0 = time.perf_counter()
     logging.info("=== demo stage %s (mode=%s) ===", name, stage.mode)
     try:

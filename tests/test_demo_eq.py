@@ -8,7 +8,6 @@ configs parse, both trainers lay out their states on the test mesh, and the
 stages hand each other the right paths and shapes."""
 
 import jax
-import ml_collections
 import numpy as np
 
 from configs import demo_eq
@@ -17,19 +16,13 @@ from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import trainer as trainer_lib
 
 
-def _stage(config, name, workdir):
-  """``config.stages[name]`` with ``{workdir}`` filled in, as the runner does."""
-  stage = ml_collections.ConfigDict(config.stages[name].to_dict())
-  demo_lib._format(stage, workdir)  # pylint: disable=protected-access
-  return stage
-
-
 def test_eq_demo_stages_fit_together(tmp_path):
   config = demo_eq.get_config()
   wd = str(tmp_path)
   assert list(config.stage_order) == ["eq_tokenizer", "eq_generator",
                                       "samples_wide"]
-  tok, gen, wide = (_stage(config, s, wd) for s in config.stage_order)
+  tok, gen, wide = (demo_lib.stage_config(config, s, wd)
+                    for s in config.stage_order)
   assert (tok.mode, gen.mode, wide.mode) == ("train", "train", "sample")
   # The generator encodes with the tokenizer stage's model and weights; the
   # wide stage samples the generator's weights 8x wider than it trained.

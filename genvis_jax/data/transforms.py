@@ -21,6 +21,7 @@ Equivariant generator's training crop, and ``albumentations_center_crop`` /
 
 from __future__ import annotations
 
+import functools
 import math
 
 import grain
@@ -31,6 +32,23 @@ from genvis_jax.errors import ConfigError
 
 
 # --- pure functions ------------------------------------------------------------
+
+def _floor_centre_crop(image: np.ndarray, height: int, width: int):
+  """(height, width) at offsets ``(H - height) // 2``, ``(W - width) // 2``
+  (ADM's and albumentations' centre)."""
+  top = (image.shape[0] - height) // 2
+  left = (image.shape[1] - width) // 2
+  return image[top:top + height, left:left + width]
+
+
+def _uniform_crop(image: np.ndarray, height: int, width: int,
+                  rng: np.random.Generator):
+  """(height, width) at offsets drawn uniformly from [0, H - height] (first)
+  and [0, W - width]."""
+  top = int(rng.integers(0, image.shape[0] - height + 1))
+  left = int(rng.integers(0, image.shape[1] - width + 1))
+  return image[top:top + height, left:left + width]
+
 
 def _resize_to_cover(image: np.ndarray, height: int, width: int) -> np.ndarray:
   """uint8 (h, w, 3) -> smallest BICUBIC resize covering (height, width)."""
@@ -51,10 +69,8 @@ def _resize_to_cover(image: np.ndarray, height: int, width: int) -> np.ndarray:
 def center_crop(image: np.ndarray, height: int, width: int | None = None):
   """ADM centre crop: uint8 (h, w, 3) -> uint8 (height, width, 3)."""
   width = width or height
-  arr = _resize_to_cover(image, height, width)
-  top = (arr.shape[0] - height) // 2
-  left = (arr.shape[1] - width) // 2
-  return arr[top:top + height, left:left + width]
+  return _floor_centre_crop(_resize_to_cover(image, height, width), height,
+                            width)
 
 
 def _torchvision_resize(image: np.ndarray, height: int, width: int, resample,
@@ -122,10 +138,8 @@ def albumentations_center_crop(image: np.ndarray, height: int,
   tokenizer's validation transform (``tokenizer/data/base.py`` ``ImagePaths``,
   ``random_crop=False``)."""
   width = width or height
-  image = _smallest_max_size(image, height, width)
-  top = (image.shape[0] - height) // 2
-  left = (image.shape[1] - width) // 2
-  return image[top:top + height, left:left + width]
+  return _floor_centre_crop(_smallest_max_size(image, height, width), height,
+                            width)
 
 
 def albumentations_random_crop(image: np.ndarray, height: int,
@@ -136,10 +150,8 @@ def albumentations_random_crop(image: np.ndarray, height: int,
   Equivariant tokenizer's training transform (``ImagePaths``,
   ``random_crop=True``; its flip is ``config.data.random_flip``)."""
   width = width or height
-  image = _smallest_max_size(image, height, width)
-  top = int(rng.integers(0, image.shape[0] - height + 1))
-  left = int(rng.integers(0, image.shape[1] - width + 1))
-  return image[top:top + height, left:left + width]
+  return _uniform_crop(_smallest_max_size(image, height, width), height, width,
+                       rng)
 
 
 CENTER_CROPS = {"adm": center_crop, "torchvision": torchvision_center_crop,
@@ -162,9 +174,7 @@ def random_crop(image: np.ndarray, height: int, width: int | None,
   cover = int(rng.integers(lo, hi + 1))
   arr = _resize_to_cover(image, math.ceil(height * cover / short),
                          math.ceil(width * cover / short))
-  top = int(rng.integers(0, arr.shape[0] - height + 1))
-  left = int(rng.integers(0, arr.shape[1] - width + 1))
-  return arr[top:top + height, left:left + width]
+  return _uniform_crop(arr, height, width, rng)
 
 
 def torchvision_random_crop(image: np.ndarray, height: int, width: int | None,
@@ -176,13 +186,11 @@ def torchvision_random_crop(image: np.ndarray, height: int, width: int | None,
   width = width or height
   image = _torchvision_resize(image, height, width, Image.BILINEAR,
                               "the 'adm' random crop (config.data.random_crop_method)")
-  top = int(rng.integers(0, image.shape[0] - height + 1))
-  left = int(rng.integers(0, image.shape[1] - width + 1))
-  return image[top:top + height, left:left + width]
+  return _uniform_crop(image, height, width, rng)
 
 
 # config.data.random_crop_method -> crop(image, height, width, rng); "adm"
-# takes the scale range too (RandomCrop.random_map).
+# takes the scale range too (RandomCrop binds it).
 RANDOM_CROPS = {"adm": random_crop,
                 "torchvision_bilinear": torchvision_random_crop,
                 "albumentations": albumentations_random_crop}
@@ -329,17 +337,15 @@ class RandomCrop(grain.transforms.RandomMap):
       raise ConfigError(f"{setting}.crop_min_frac={min_frac} needs the 'adm' "
                         f"random crop; {method!r} crops at the resized scale "
                         "only.")
-    self.size, self.width, self.method = size, width or size, method
-    self.min_frac, self.max_frac = min_frac, max_frac
+    self.size, self.width = size, width or size
+    self.crop = RANDOM_CROPS[method]
+    if method == "adm":
+      self.crop = functools.partial(self.crop, min_frac=min_frac,
+                                    max_frac=max_frac)
 
   def random_map(self, record, rng: np.random.Generator):
-    crop = RANDOM_CROPS[self.method]
-    if self.method == "adm":
-      image = crop(record["image"], self.size, self.width, rng,
-                   self.min_frac, self.max_frac)
-    else:
-      image = crop(record["image"], self.size, self.width, rng)
-    return {**record, "image": image}
+    return {**record,
+            "image": self.crop(record["image"], self.size, self.width, rng)}
 
 
 class RandomFlip(grain.transforms.RandomMap):

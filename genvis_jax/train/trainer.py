@@ -113,7 +113,7 @@ def order_setting_changed(saved_config: dict | None, config) -> str:
   if saved_config is None:
     return ""
   for key, default in ORDER_SETTINGS:
-    before = settings_lib.get(saved_config or {}, f"data.{key}")
+    before = settings_lib.get(saved_config, f"data.{key}")
     before = default if before is None else before
     now = config.data.get(key, default)
     if before is not None and before != now:
