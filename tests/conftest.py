@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices and LLVM -O0 (``tests.xla_flags``, set
 before jax is imported anywhere), and one persistent compilation cache per
-test session; one BLAS thread per process.
+test session; one BLAS thread per process; weights captured as constants
+by a jitted program are an error.
 
 Many tests build the same tiny trainer, sampler or tokenizer and compile the
 same XLA programs again (a new closure misses jax's in-memory caches; the
@@ -27,6 +28,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Two processes each taking the 2048-d sqrtm of an FID evaluation ran 38 s
 # each with OpenBLAS's default threads, 21 s with one thread (2 cores).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Weights reach jitted programs as arguments: a closed-over array is copied
+# into the lowered program as a constant (seconds of lowering per 100 MB of
+# weights, and the program holds a copy). Past 256 KB of such constants jax
+# warns, and the tests and the processes they start make that an error: the
+# test-sized models' weights are larger, the tables models build as
+# constants (Inception's resize matrices: 107 KB) smaller.
+os.environ.setdefault("JAX_CAPTURED_CONSTANTS_WARN_BYTES", str(256 * 1024))
+os.environ.setdefault("PYTHONWARNINGS",
+                      "error:A large amount of constants were captured")
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 

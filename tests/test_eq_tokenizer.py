@@ -260,7 +260,7 @@ def test_discriminator_steps_on_the_updated_generator():
   assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["disc_loss"]))
 
   @jax.jit
-  def by_hand(params):
+  def by_hand(params, opt_state):
     k = jax.random.fold_in(key, step)
     g, _ = task.grads(params, {}, batch, k, step, groups=("model",))
     u, _ = opt["model"].update(g["model"], opt_state["model"], params["model"])
@@ -271,7 +271,7 @@ def test_discriminator_steps_on_the_updated_generator():
     # And the one-pass discriminator gradients (pre-update fakes).
     one_pass = task.grads(params, {}, batch, k, step, groups=("disc",))[0]["disc"]
     return model, optax.apply_updates(params["disc"], u), g["disc"], one_pass
-  model, disc, g_disc, g_one = by_hand(params)
+  model, disc, g_disc, g_one = by_hand(params, opt_state)
   for a, b in zip(jax.tree_util.tree_leaves((new.params["model"], new.params["disc"])),
                   jax.tree_util.tree_leaves((model, disc))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -107,7 +107,8 @@ def test_matches_reference_on_torch_layout(setup):
 
 def test_gradient_is_finite(setup):
   _, params, x, y, _ = setup
-  g = jax.jit(jax.grad(lambda a: lpips.lpips_distance(params, a, y).sum()))(x)
+  g = jax.jit(jax.grad(lambda a, p: lpips.lpips_distance(p, a, y).sum()))(
+      x, params)
   assert g.shape == x.shape and bool(jnp.isfinite(g).all())
   assert float(jnp.abs(g).max()) > 0
 

@@ -158,13 +158,13 @@ def test_kv_cache_matches_full_forward(tiny):
   np.testing.assert_allclose(logits, full[:, 0], atol=1e-5)
 
   @jax.jit
-  def step(cache, tok, j):
+  def step(params, cache, tok, j):
     return model.apply({"params": params, "cache": cache}, tok, labels, j,
                        method="decode_step", mutable=["cache"])
 
   cache = state["cache"]
   for j in range(L):
-    logits, state = step(cache, tokens[:, j], j)
+    logits, state = step(params, cache, tokens[:, j], j)
     cache = state["cache"]
     np.testing.assert_allclose(logits, full[:, 1 + j], atol=1e-5)
 
@@ -212,9 +212,10 @@ def test_dropout_only_in_train(tiny):
   _, model, params = tiny
   tokens = jnp.zeros((1, L), jnp.int32)
   labels = jnp.zeros((1,), jnp.int32)
-  fwd = jax.jit(lambda k, train: model.apply(
-      {"params": params}, tokens, labels, train=train, rngs={"dropout": k}),
-      static_argnums=1)
+  apply = jax.jit(lambda p, k, train: model.apply(
+      {"params": p}, tokens, labels, train=train, rngs={"dropout": k}),
+      static_argnums=2)
+  fwd = lambda k, train: apply(params, k, train)
   assert not np.allclose(fwd(jax.random.key(0), True), fwd(jax.random.key(1), True))
   np.testing.assert_array_equal(fwd(jax.random.key(0), False),
                                 fwd(jax.random.key(1), False))
