@@ -75,6 +75,11 @@ g_labels = driver.global_labels(labels, jax.sharding.NamedSharding(
     mesh, jax.sharding.PartitionSpec("data")))
 np.save(f"{out}.labels{jax.process_index()}.npy",
         np.asarray(multihost_utils.process_allgather(g_labels, tiled=True)))
+# Sample grids' inputs: process 0's first examples on every process.
+vis = trainer.visual_batch({
+    "image": np.full((20, 2, 2, 3), jax.process_index(), np.uint8),
+    "label": np.arange(20, dtype=np.int32) + 100 * jax.process_index()})
+np.savez(f"{out}.vis{jax.process_index()}.npz", **vis)
 # Agreement and process-0 writes: an outcome on every process, none waiting.
 from genvis_jax.core import multihost  # pylint: disable=g-import-not-at-top
 multihost.check_agree({"steps": steps}, "settings")      # the same: passes

@@ -2,9 +2,10 @@
 train, checkpoint, stop, restore and continue; losses and parameters equal
 1 process x 8 devices fed the same global batches. The workers also pin and
 load weights (also weights saved from one process's device 0), place
-sampling labels on a mesh that interleaves them, refuse settings that differ
-between them and share process 0's failed write. A step one process cannot
-read is skipped by both (tests/restore_worker.py)."""
+sampling labels on a mesh that interleaves them, share the sample grids'
+inputs, refuse settings that differ between them and share process 0's
+failed write. A step one process cannot read is skipped by both
+(tests/restore_worker.py)."""
 
 import json
 import os
@@ -86,6 +87,11 @@ def test_two_processes_match_one(tmp_path):
   for i in range(2):   # sampling labels on an interleaved mesh, in row order
     np.testing.assert_array_equal(np.load(f"{out}.labels{i}.npy"),
                                   np.arange(16)[::-1] * 3)
+  for i in range(2):   # the sample grids' inputs: process 0's, on both
+    vis = np.load(f"{out}.vis{i}.npz")
+    np.testing.assert_array_equal(vis["image"], np.zeros((16, 2, 2, 3)))
+    assert vis["image"].dtype == np.uint8
+    np.testing.assert_array_equal(vis["label"], np.arange(16))
   for i in range(2):   # settings that differ, a failed write on process 0
     differ, write = json.load(open(f"{out}.agree{i}.json"))
     assert differ.startswith("OtherProcessError: Processes [1] run with other "

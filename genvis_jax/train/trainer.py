@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
@@ -351,8 +352,8 @@ def train_loop(config, workdir: str, on_log=None):
     with preemption.StopRequest() as stop, profile:
       for step in range(start, num_steps):
         local = next(data_iter)
-        if vis_batch is None:
-          vis_batch = jax.tree_util.tree_map(np.asarray, local)
+        if vis_batch is None and config.train.image_every:
+          vis_batch = visual_batch(local)
         with profile.step(step):
           state, metrics = trainer.step(state, local)
         profile.done(step, metrics)
@@ -426,10 +427,21 @@ def _finish_saves(ckpt, writer) -> None:
   writer.flush()
 
 
-def _write_visuals(trainer, state, vis_batch, writer, workdir, step):
+def visual_batch(local: dict, size: int = 16) -> dict:
+  """The first ``size`` examples of process 0's ``local`` batch (host arrays),
+  the same on every process: the sample grids feed them to jitted code as
+  replicated values, which must not differ between processes (each would
+  otherwise pair its own originals with reconstructions computed from
+  others'). A collective: every process calls it at the same step."""
+  first = jax.tree_util.tree_map(lambda x: np.asarray(x)[:size], local)
+  if jax.process_count() == 1:
+    return first
+  return jax.tree_util.tree_map(
+      np.asarray, multihost_utils.broadcast_one_to_all(first))
+
+
+def _write_visuals(trainer, state, batch, writer, workdir, step):
   task = trainer.task
-  n = min(16, len(next(iter(vis_batch.values()))))
-  batch = jax.tree_util.tree_map(lambda x: x[:n], vis_batch)
   params = dict(state.params)
   if state.ema is not None:
     params[task.ema_group] = state.ema
