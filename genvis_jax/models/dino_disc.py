@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import dinov2, layers
 from genvis_jax.models.layers import vit
@@ -231,15 +232,17 @@ class BatchNormLocal(nn.Module):
     b, n, c = x.shape
     r = b if self.replica_batch <= 0 else min(self.replica_batch, b)
     if b % r:
-      raise ValueError(f"BatchNormLocal: batch {b} does not split into "
-                       f"replicas of disc.replica_batch={self.replica_batch} "
-                       f"(the per-GPU batch); use a batch divisible by it.")
+      raise errors.ConfigError(
+          f"BatchNormLocal: batch {b} does not split into "
+          f"replicas of disc.replica_batch={self.replica_batch} "
+          f"(the per-GPU batch); use a batch divisible by it.")
     g = -(-r // self.virtual_bs)
     if r % g:
-      raise ValueError(f"BatchNormLocal: a replica of {r} samples does not "
-                       f"split into {g} equal virtual batches of <= "
-                       f"{self.virtual_bs} (the official view() would fail); "
-                       f"use a disc.replica_batch divisible by {g}.")
+      raise errors.ConfigError(
+          f"BatchNormLocal: a replica of {r} samples does not "
+          f"split into {g} equal virtual batches of <= "
+          f"{self.virtual_bs} (the official view() would fail); "
+          f"use a disc.replica_batch divisible by {g}.")
     x = x.astype(jnp.float32).reshape(b // r * g, r // g, n, c)
     mean = x.mean(axis=(1, 2), keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models.layers import resample
@@ -228,8 +229,9 @@ class EqTokenizer(nn.Module):
 
   def setup(self):
     if self.resolution % 2 ** (len(self.ch_mult) - 1):
-      raise ValueError(f"resolution {self.resolution} must be divisible by "
-                       f"2**{len(self.ch_mult) - 1}.")
+      raise errors.ConfigError(
+          f"config.model.resolution {self.resolution} must be divisible "
+          f"by 2**{len(self.ch_mult) - 1} (len(config.model.ch_mult) - 1).")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     cnn = dict(ch=self.ch, ch_mult=tuple(self.ch_mult),
                num_res_blocks=self.num_res_blocks,
@@ -254,14 +256,15 @@ class EqTokenizer(nn.Module):
                        f"{images.shape}.")
     _, h, w, _ = images.shape
     if h != self.resolution:
-      raise ValueError(
+      raise errors.ConfigError(
           f"Image height {h} != config.model.resolution {self.resolution}: the "
           f"column tokenizer has a fixed height (its Conv1d sees "
           f"{self.post_channels} = z_channels * height/16 features); resize "
           f"or crop to height {self.resolution}.")
     if w % self.token_width:
-      raise ValueError(f"Image width {w} is not a multiple of the token width "
-                       f"{self.token_width} px; crop or pad the width.")
+      raise errors.ConfigError(
+          f"Image width {w} is not a multiple of the token width "
+          f"{self.token_width} px; crop or pad the width.")
 
   def _check_latents(self, latents):
     if latents.ndim != 3 or latents.shape[-1] != self.embed_dim:

@@ -63,8 +63,9 @@ def rope_table_2d(grid: int, head_dim: int, base: float = 10000.0,
   column index of the raster position; the class-token rows are zeros.
   """
   if head_dim % 4:
-    raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}; "
-                     "change config.model.dim or n_head.")
+    raise ConfigError(
+        f"2D RoPE needs head_dim divisible by 4, got {head_dim}; "
+        "change config.model.dim or n_head.")
   half = head_dim // 2
   freqs = 1.0 / base ** (np.arange(0, half, 2)[: half // 2] / half)
   f = np.outer(np.arange(grid), freqs)                           # (g, hd/4)

@@ -103,8 +103,9 @@ class FactorizedAdapter(nn.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     if h * w != self.grid_size ** 2:
-      raise ValueError(f"Adapter positional table is {self.grid_size}^2, got a "
-                       f"{h}x{w} grid; model.image_size fixes the grid.")
+      raise ConfigError(
+          f"Adapter positional table is {self.grid_size}^2, got a "
+          f"{h}x{w} grid; model.image_size fixes the grid.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     pos = self.param("positional_embedding",
                      layers.named(_pos_init(c), ("pos", "embed")),
@@ -133,8 +134,9 @@ class FeatPredHead(nn.Module):
   def __call__(self, x):
     b, h, w, d = x.shape
     if h * w != self.grid_size ** 2:
-      raise ValueError(f"Feature head positional table is {self.grid_size}^2 "
-                       f"+ 1, got a {h}x{w} grid.")
+      raise ConfigError(
+          f"Feature head positional table is {self.grid_size}^2 "
+          f"+ 1, got a {h}x{w} grid.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.reshape(b, h * w, d).astype(self.dtype)
     x = layers.dense(self.width, ("codebook_dim", "embed"), name="upscale_0",
@@ -215,14 +217,17 @@ class FQGAN(lg.VQBase):
   def _check_config(self):
     names = tuple(self.branches)
     if not names or len(set(names)) != len(names):
-      raise ValueError(f"model.branches must be distinct names, got {names}.")
+      raise ConfigError(
+          f"model.branches must be distinct names, got {names}.")
     for b, _ in self.feat_heads:
       if b not in names:
-        raise ValueError(f"Feature head on branch {b!r} but model.branches is "
-                         f"{names}; fix model.feat_heads.")
+        raise ConfigError(
+            f"Feature head on branch {b!r} but model.branches is "
+            f"{names}; fix model.feat_heads.")
     if self.image_size % self.factor:
-      raise ValueError(f"image_size {self.image_size} is not divisible by the "
-                       f"downsampling factor {self.factor}.")
+      raise ConfigError(
+          f"image_size {self.image_size} is not divisible by the "
+          f"downsampling factor {self.factor}.")
 
   def setup(self):
     self._check_config()

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models.layers import resnet
@@ -138,10 +139,11 @@ def check_images(images, image_size: int | None = None, factor: int = 1):
                      f"{images.shape}.")
   h, w = images.shape[1:3]
   if image_size is not None and (h, w) != (image_size, image_size):
-    raise ValueError(f"This tokenizer takes {image_size}x{image_size} images "
-                     f"(its adapters' positional tables are sized to the "
-                     f"{image_size // factor}^2 grid), got {h}x{w}; resize or "
-                     f"crop the images, or set model.image_size.")
+    raise errors.ConfigError(
+        f"This tokenizer takes {image_size}x{image_size} images "
+        f"(its adapters' positional tables are sized to the "
+        f"{image_size // factor}^2 grid), got {h}x{w}; resize or "
+        f"crop the images, or set model.image_size.")
   if h % factor or w % factor:
     raise ValueError(f"Image size {h}x{w} is not divisible by the downsampling "
                      f"factor {factor}.")

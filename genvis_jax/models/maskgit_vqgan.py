@@ -20,6 +20,7 @@ import jax
 from flax.core import FrozenDict
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models import llamagen_vq as lg
@@ -33,9 +34,10 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
   """(B, H, W, C) -> (B, H/2, W/2, C) mean of 2x2 blocks (torch avg_pool2d(2, 2))."""
   b, h, w, c = x.shape
   if h % 2 or w % 2:
-    raise ValueError(f"Average-pool downsampling needs even height/width, got "
-                     f"{h}x{w}; use an image size divisible by "
-                     f"2**(len(channel_mult) - 1).")
+    raise errors.ConfigError(
+        f"Average-pool downsampling needs even height/width, got "
+        f"{h}x{w}; use an image size divisible by "
+        f"2**(len(channel_mult) - 1).")
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
@@ -164,9 +166,10 @@ class MaskGITVQGAN(nn.Module):
 
   def setup(self):
     if self.code_dim != self.z_channels:
-      raise ValueError(f"MaskGIT VQGAN has no quant_conv: code_dim "
-                       f"({self.code_dim}) must equal z_channels "
-                       f"({self.z_channels}).")
+      raise errors.ConfigError(
+          f"MaskGIT VQGAN has no quant_conv: config.model.code_dim "
+          f"({self.code_dim}) must equal config.model.z_channels "
+          f"({self.z_channels}).")
     kw = dict(hidden_channels=self.hidden_channels,
               channel_mult=tuple(self.channel_mult),
               num_res_blocks=self.num_res_blocks, dropout=self.dropout,

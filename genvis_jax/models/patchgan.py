@@ -50,6 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
 
@@ -78,7 +79,7 @@ class GroupBatchNorm(nn.Module):
     b, h, w, c = x.shape
     g = b if self.group_size <= 0 else min(self.group_size, b)
     if b % g:
-      raise ValueError(
+      raise errors.ConfigError(
           f"PatchGAN norm='batch': a batch of {b} images does not split into "
           f"groups of disc.group_size={self.group_size} (the per-GPU batch of "
           f"the official BatchNorm); use a batch divisible by it or set "
@@ -108,8 +109,9 @@ class NLayerDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.norm not in _NORMS:
-      raise ValueError(f"Unknown discriminator norm {self.norm!r}; choose one "
-                       f"of {_NORMS}.")
+      raise errors.ConfigError(
+          f"Unknown discriminator norm {self.norm!r}; choose one "
+          f"of {_NORMS}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
               kernel_init=nn.initializers.normal(0.02), padding=_PAD1)
     use_norm = self.norm != "none"

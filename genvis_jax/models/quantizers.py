@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax.models import layers
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -142,9 +143,10 @@ class VectorQuantizer(nn.Module):
 
   def _check(self, z: jax.Array):
     if z.shape[-1] != self.code_dim:
-      raise ValueError(f"Latents have width {z.shape[-1]} but the codebook has "
-                       f"code_dim={self.code_dim}; project the latents to "
-                       f"{self.code_dim} channels (or change code_dim).")
+      raise errors.ConfigError(
+          f"Latents have width {z.shape[-1]} but the codebook has "
+          f"code_dim={self.code_dim}; project the latents to "
+          f"{self.code_dim} channels (or change code_dim).")
 
   def _prepare(self, z: jax.Array) -> jax.Array:
     z = z.astype(jnp.float32)
@@ -162,7 +164,7 @@ class VectorQuantizer(nn.Module):
       return 1
     g = self.entropy_group_size or batch
     if batch % g:
-      raise ValueError(
+      raise errors.ConfigError(
           f"Batch {batch} is not divisible by config.model.entropy_group_size "
           f"{g}; set it to a divisor of the (micro-)batch, or 0 for the whole "
           "batch.")

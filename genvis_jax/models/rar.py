@@ -164,7 +164,7 @@ class RAR(nn.Module):
   def setup(self):
     d, pdt = self.hidden_size, self.param_dtype
     if self.seq_len + PREFIX > min(self.max_pos, self.num_timesteps):
-      raise ValueError(
+      raise ConfigError(
           f"seq_len + 2 = {self.seq_len + PREFIX} exceeds max_pos={self.max_pos} "
           f"or num_timesteps={self.num_timesteps}; raise them in config.model.")
     tn = layers.default_kernel_init
@@ -219,8 +219,9 @@ class RAR(nn.Module):
     """
     b, n = tokens.shape
     if n != self.seq_len:
-      raise ValueError(f"tokens have length {n}, config.model.seq_len is "
-                       f"{self.seq_len}.")
+      raise ConfigError(
+          f"tokens have length {n}, config.model.seq_len is "
+          f"{self.seq_len}.")
     if labels.shape != (b,):
       raise ValueError(f"labels must have shape ({b},), got {labels.shape}.")
     if orders is None:

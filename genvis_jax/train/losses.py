@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from genvis_jax import errors
+
 
 def _f32(x):
   return jnp.asarray(x, jnp.float32)
@@ -47,8 +49,9 @@ G_LOSSES = {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}
 def gan_losses(kind: str):
   """Returns ``(d_loss_fn, g_loss_fn)`` for ``kind`` in D_LOSSES."""
   if kind not in D_LOSSES:
-    raise ValueError(f"Unknown GAN loss {kind!r}; choose one of "
-                     f"{sorted(D_LOSSES)}.")
+    raise errors.ConfigError(
+        f"Unknown GAN loss {kind!r}; choose one of "
+        f"{sorted(D_LOSSES)}.")
   return D_LOSSES[kind], G_LOSSES[kind]
 
 

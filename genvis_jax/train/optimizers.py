@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from genvis_jax import errors
+
 
 def param_path(path) -> str:
   """'/'-joined parameter path, e.g. ``blocks_0/attn/qkv/kernel``."""
@@ -59,8 +61,9 @@ def make_schedule(opt_config, num_steps: int) -> optax.Schedule:
   if opt_config.schedule == "step_decay":
     return step_decay_schedule(lr, warmup, int(opt_config.decay_every),
                                float(opt_config.decay_rate))
-  raise ValueError(f"Unknown config.optimizer.schedule {opt_config.schedule!r}; "
-                   "use 'constant', 'cosine' or 'step_decay'.")
+  raise errors.ConfigError(
+      f"Unknown config.optimizer.schedule {opt_config.schedule!r}; "
+      "use 'constant', 'cosine' or 'step_decay'.")
 
 
 def make_optimizer(opt_config, train_config) -> optax.GradientTransformation:
@@ -80,5 +83,6 @@ def make_optimizer(opt_config, train_config) -> optax.GradientTransformation:
   elif name == "sgd":
     chain.append(optax.sgd(schedule, momentum=opt_config.get("momentum", 0.9)))
   else:
-    raise ValueError(f"Unknown config.optimizer.name {name!r}; use adamw | adam | sgd.")
+    raise errors.ConfigError(
+        f"Unknown config.optimizer.name {name!r}; use adamw | adam | sgd.")
   return optax.chain(*chain)

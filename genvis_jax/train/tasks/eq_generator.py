@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core.metrics import to_uint8
 from genvis_jax.models import inference
@@ -53,7 +54,7 @@ class EqGeneratorTask(Task):
     if "latents" in batch:
       return batch["latents"].astype(jnp.float32)
     if "tokenizer" not in frozen:
-      raise ValueError(
+      raise errors.ConfigError(
           "The eq_generator task got images but no tokenizer: set "
           "config.tokenizer.checkpoint to a tokenizer checkpoint (a "
           "genvis_jax.convert output or an eq_tokenizer training workdir), or "

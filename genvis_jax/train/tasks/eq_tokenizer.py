@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.convert import clip_vision as convert_clip
 from genvis_jax.convert import dino_vit
@@ -51,9 +52,10 @@ class EqTokenizerTask(GANTokenizerTask):
       self.update_phases = (self.generator_groups, ("disc",))
     self.use_semantic = bool(self.semantic_weight) and bool(lo.teacher_path)
     if self.use_semantic and not self.model.semantic:
-      raise ValueError("config.loss.semantic_weight > 0 needs the semantic "
-                       "decoder: set config.model.semantic=True (or the weight "
-                       "to 0).")
+      raise errors.ConfigError(
+          "config.loss.semantic_weight > 0 needs the semantic "
+          "decoder: set config.model.semantic=True (or the weight "
+          "to 0).")
     if self.semantic_weight and not lo.teacher_path:
       logging.warning("Semantic alignment is OFF: config.loss.teacher_path "
                       "(DINOv2 ViT-B/14 weights) is empty.")
@@ -136,11 +138,12 @@ class EqTokenizerTask(GANTokenizerTask):
     feats = jax.lax.stop_gradient(feats)
     b, h, w, c = sem.shape
     if feats.shape != (b, h * w, c):
-      raise ValueError(f"Teacher patch tokens {feats.shape} do not match the "
-                       f"semantic decoder output {sem.shape}: set "
-                       f"config.loss.teacher.img_size so that the patch grid "
-                       f"is {h}x{w} (official: 224 * resolution // 256) and use "
-                       f"a teacher of width {c}.")
+      raise errors.ConfigError(
+          f"Teacher patch tokens {feats.shape} do not match the "
+          f"semantic decoder output {sem.shape}: set "
+          f"config.loss.teacher.img_size so that the patch grid "
+          f"is {h}x{w} (official: 224 * resolution // 256) and use "
+          f"a teacher of width {c}.")
     return jnp.sum(jnp.square(sem.reshape(b, h * w, c) - feats)) / b
 
   def _forward(self, p_model, images, rng, train=True):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax.convert import clip_vision as convert_clip
 from genvis_jax.models import teachers as teachers_lib
 from genvis_jax.models.quantizers import l2_normalize
@@ -53,12 +54,14 @@ def info_nce(pred: jax.Array, target: jax.Array, group_size: int = 0):
   """
   b, d = pred.shape
   if target.shape != (b, d):
-    raise ValueError(f"Predicted features {pred.shape} and teacher features "
-                     f"{target.shape} differ; the feature head width must "
-                     f"equal the teacher's CLS width.")
+    raise errors.ConfigError(
+        f"Predicted features {pred.shape} and teacher features "
+        f"{target.shape} differ; the feature head width must "
+        f"equal the teacher's CLS width.")
   g = group_size or b
   if b % g:
-    raise ValueError(f"Batch {b} is not divisible by loss.rep_group_size {g}.")
+    raise errors.ConfigError(
+        f"Batch {b} is not divisible by loss.rep_group_size {g}.")
   p = l2_normalize(pred.astype(jnp.float32)).reshape(b // g, g, d)
   t = jax.lax.stop_gradient(
       l2_normalize(target.astype(jnp.float32))).reshape(b // g, g, d)
@@ -83,9 +86,10 @@ def build_teachers(config) -> list[Teacher]:
   for entry in config.get("teachers", ()):
     name, path, head = entry.name, entry.get("path", ""), entry.head
     if head not in heads:
-      raise ValueError(f"Teacher {name!r} supervises head {head!r}, but "
-                       f"model.feat_heads has {sorted(heads)}; fix "
-                       f"config.teachers or config.model.feat_heads.")
+      raise errors.ConfigError(
+          f"Teacher {name!r} supervises head {head!r}, but "
+          f"model.feat_heads has {sorted(heads)}; fix "
+          f"config.teachers or config.model.feat_heads.")
     if not path:
       logging.warning("Representation loss for head %r is OFF: teacher %r has "
                       "no weights file (set config.teachers[i].path).", head,
@@ -147,9 +151,10 @@ class FQTokenizerTask(TokenizerTask):
                        f"{t.name!r} with kwargs of config.teachers: {e}") from e
     width = dict((str(b), int(w)) for b, w in self.config.model.feat_heads)[t.head]
     if out.shape != (1, width):
-      raise ValueError(f"Teacher {t.name!r} ({t.path}) gives CLS features of "
-                       f"shape {out.shape[1:]}, head {t.head!r} predicts "
-                       f"({width},); set its width in model.feat_heads.")
+      raise errors.ConfigError(
+          f"Teacher {t.name!r} ({t.path}) gives CLS features of "
+          f"shape {out.shape[1:]}, head {t.head!r} predicts "
+          f"({width},); set its width in model.feat_heads.")
     logging.info("Representation loss ON for head %r: teacher %r from %s",
                  t.head, t.name, t.path)
     return params

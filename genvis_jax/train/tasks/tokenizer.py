@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from genvis_jax import errors
 from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
@@ -24,7 +25,8 @@ def reconstruction_loss(kind: str, x, y):
     return jnp.mean(jnp.abs(x - y))
   if kind == "l2":
     return jnp.mean(jnp.square(x - y))
-  raise ValueError(f"Unknown config.loss.reconstruction {kind!r}; use l1 | l2.")
+  raise errors.ConfigError(
+      f"Unknown config.loss.reconstruction {kind!r}; use l1 | l2.")
 
 
 class TokenizerTask(GANTokenizerTask):
