@@ -18,6 +18,9 @@ from tests.test_evaluate_protocol import _frechet_formula, _np_stats
 from tests.test_fid import FakeExtractor, _ssim_reference
 
 
+ENCODED_SHARDINGS = []   # FakeTokenizer.encode's input shardings, as traced
+
+
 class FakeTokenizer(nn.Module):
   """4x4-patch grey-level codes 1..16 (an all-zero image -> code 0, so padding
   that leaks into a metric shows), and a second map (factorized usage)."""
@@ -25,6 +28,7 @@ class FakeTokenizer(nn.Module):
   dtype: str = "float32"
 
   def encode(self, x):
+    jax.debug.inspect_array_sharding(x, callback=ENCODED_SHARDINGS.append)
     b, h, w, _ = x.shape
     g = x.reshape(b, h // 4, 4, w // 4, 4, 3).mean((2, 4, 5))
     codes = jnp.clip(jnp.floor(g * 16), 0, 15).astype(jnp.int32) + 1
@@ -67,7 +71,7 @@ def tok_config(monkeypatch):
     return cls(dtype=cfg.dtype)
   monkeypatch.setattr(tokenizer.models, "build", build)
   monkeypatch.setattr(tokenizer.models, "load_params",
-                      lambda cfg, path, **kw: {})
+                      lambda cfg, path, mesh=None, **kw: {})
   monkeypatch.setattr(tokenizer.convert_lpips, "load_lpips_params",
                       lambda path: {})
   monkeypatch.setattr(tokenizer.lpips_lib, "lpips_distance", lambda p, a, b, value_range: (
@@ -110,7 +114,12 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch):
   from genvis_jax.core import metrics as metrics_lib
   config, built, seen = tok_config
   config.evaluate.batch_size = batch
+  ENCODED_SHARDINGS.clear()
   res = tokenizer.evaluate(config, str(tmp_path))
+  # Each batch is split over the 8 devices (4 images -> 8 rows, 13 -> 16).
+  assert ENCODED_SHARDINGS and all(
+      len(sh.device_set) == 8 and not sh.is_fully_replicated
+      for sh in ENCODED_SHARDINGS)
   # The tokenizer computed in float32 although config.model says bfloat16.
   assert built[-1].dtype == "float32" and config.model.dtype == "bfloat16"
   assert res["dtype"] == "float32"

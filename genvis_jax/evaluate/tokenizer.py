@@ -260,8 +260,9 @@ def _to_unit(images, value_range) -> np.ndarray:
 
 def evaluate(config, workdir: str) -> dict:
   """Encodes/decodes exactly ``config.evaluate.num_images`` eval images (0 =
-  the whole split) in batches of ``config.evaluate.batch_size`` (any size: the
-  last batch is padded and masked out of every metric); writes
+  the whole split) in batches of ``config.evaluate.batch_size`` (any size:
+  rounded up to a multiple of this process's devices, over which each batch
+  is split; the padding is masked out of every metric); writes
   ``reconstructions.png`` (original | reconstruction pairs) and metrics JSON.
 
   The tokenizer computes in ``config.evaluate.dtype`` (default "float32"; ""
@@ -289,8 +290,12 @@ def evaluate(config, workdir: str) -> dict:
                              f"must be positive.")
   preprocess = _rfid_preprocess(ev, proto)
   data = _eval_data(config, proto_name, proto)
-  params = jax.device_put(models.load_params(
-      model_config, ev.checkpoint, setting="--config.evaluate.checkpoint"))
+  # The round trip splits each batch over this process's devices (rounded up
+  # to a multiple of them; the padding is masked out like a short batch's).
+  mesh = fid_lib.data_mesh()
+  params = models.load_params(model_config, ev.checkpoint, mesh,
+                              setting="--config.evaluate.checkpoint")
+  rows = -(-batch_size // mesh.size) * mesh.size
   split = config.data.eval_split
   # Every process evaluates the same first N images (process 0 of 1).
   it, info = data_lib.create_dataset(
@@ -303,7 +308,9 @@ def evaluate(config, workdir: str) -> dict:
                            setting, may_skip=data.source == "image_folder")
   seen = 0   # n, or fewer with "all" (0) where unreadable files are skipped
 
-  @jax.jit
+  @functools.partial(jax.jit, in_shardings=(
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))))
   def roundtrip(p, images):
     codes = model.apply({"params": p}, images, method="encode")
     rec = model.apply({"params": p}, codes, method="decode")
@@ -313,16 +320,16 @@ def evaluate(config, workdir: str) -> dict:
   to_bytes = functools.partial(images_lib.to_uint8, value_range=value_range,
                                method=proto.to_uint8)
   lpips_fn = _lpips_fn(ev.lpips_path, value_range) if ev.get("lpips_path") else None
-  extractor = (_rfid_extractor(ev.inception, batch_size, preprocess)
+  extractor = (_rfid_extractor(ev.inception, rows, preprocess)
                if ev.get("inception") else None)
   rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
   sums = dict(psnr=0.0, ssim=0.0, sq=0.0, lpips=0.0)
   uniques, discrete, grid_x, grid_y = None, True, [], []
   for images, mask, k in batching.exact_batches(
-      it, n, batch_size, what, setting, key="image",
+      it, n, rows, what, setting, key="image",
       up_to=not ev.get("num_images", 0)):
     seen += k
-    rec, codes = roundtrip(params, jnp.asarray(images))
+    rec, codes = roundtrip(params, images)
     rec = np.asarray(rec)
     x_bytes, y_bytes = to_bytes(images[:k]), to_bytes(rec[:k])
     # PSNR / SSIM / MSE on [0, 1] images: the float reconstruction or its bytes.
