@@ -351,3 +351,18 @@ def test_a_save_at_a_preemption_point_after_a_resume(tmp_path):
     ckpt.wait()
   assert ckpt.manager.all_steps() == [3, 6]
   ckpt.close()
+
+
+def test_sample_grids_draw_from_their_own_key():
+  """No sample grid replays a training step's key; init and training keep
+  the keys of runs saved before the grids had their own (resumes continue
+  the same streams)."""
+  c = small_run.config(1)
+  tr = trainer_lib.Trainer(c)
+  data = lambda k: tuple(np.asarray(jax.random.key_data(k)).tolist())
+  init, train = jax.random.split(jax.random.key(c.seed))
+  assert (data(tr.init_rng), data(tr.train_rng)) == (data(init), data(train))
+  steps = {data(jax.random.fold_in(tr.train_rng, s)) for s in range(100)}
+  grids = {data(jax.random.fold_in(tr.visual_rng, s)) for s in range(100)}
+  assert data(tr.visual_rng) not in {data(init), data(train)}
+  assert not steps & grids
