@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 
 import jax
@@ -91,7 +92,7 @@ def check_config_kind(config) -> None:
 
 def check_workdir(workdir: str) -> str | None:
   """Creates a local ``workdir``; a clear error when it cannot be one (a
-  file, under a file, no permission). Remote (``gs://``) ones are left to
+  file, under a file, no permission, a read-only file system). Remote (``gs://``) ones are left to
   their writers. Returns the outermost folder this call created (``workdir``
   or a missing parent of it), None when it created none."""
   if not workdir or "://" in workdir:
@@ -101,6 +102,10 @@ def check_workdir(workdir: str) -> str | None:
     top, parent = parent, os.path.dirname(parent)
   try:
     os.makedirs(workdir, exist_ok=True)
+    # An existing folder may still refuse files (a read-only mount): found
+    # here, before any compute, not by the first writer (a traceback).
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
   except OSError as e:
     raise ConfigError(f"--workdir={workdir} cannot be used as a directory "
                       f"({e.strerror or e}); choose another path.") from e

@@ -1,5 +1,6 @@
 """Bad input fails early with a message that names the problem and the fix."""
 
+import errno
 import os
 import re
 import signal
@@ -285,3 +286,21 @@ def test_demo_mode_and_job_configs_are_not_mixed():
       modes.check_names(runner)
   runner.mode = "demo"
   modes.check_names(runner)
+
+
+def test_read_only_workdir_is_refused_before_any_compute(tmp_path, monkeypatch):
+  """An existing folder that refuses files (a read-only mount; faked: the
+  tests may run as root, whom permissions do not stop)."""
+  wd = tmp_path / "ro"
+  wd.mkdir()
+  real = modes.tempfile.TemporaryFile
+
+  def read_only(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
+    if dir == str(wd):
+      raise OSError(errno.EROFS, "Read-only file system")
+    return real(*args, dir=dir, **kwargs)
+  monkeypatch.setattr(modes.tempfile, "TemporaryFile", read_only)
+  with pytest.raises(UserError, match=r"--workdir=.*/ro cannot be used as a "
+                     r"directory \(Read-only file system\); choose another"):
+    modes.check_workdir(str(wd))
+  assert modes.check_workdir(str(tmp_path / "new")) == str(tmp_path / "new")
