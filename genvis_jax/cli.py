@@ -143,6 +143,15 @@ def user_errors_exit(main):
         if verbose():
           raise
         fail(str(e))
+      except KeyboardInterrupt:
+        # Modes without a clean stop (pre-tokenizing, evaluation), or a
+        # second Ctrl-C; 130 = 128 + SIGINT, as a shell reports it.
+        if verbose():
+          raise
+        fail("Stopped by Ctrl-C. Nothing half-written is kept under its "
+             "final name; run the same command again (training resumes from "
+             "its last saved checkpoint, sampling after its last written "
+             "batch).", 130)
     except BaseException as e:  # pylint: disable=broad-except
       if not _distributed():
         raise

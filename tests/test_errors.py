@@ -101,12 +101,17 @@ def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
   def usage(argv):
     sys.exit("usage: ...")
 
-  for main in (no_data, bug, done, usage):
+  def ctrl_c(argv):
+    raise KeyboardInterrupt
+
+  for main in (no_data, bug, done, usage, ctrl_c):
     cli.user_errors_exit(main)([])
-  assert exits == [1, 1, 0, 1]
+  assert exits == [1, 1, 0, 1, 130]
   err = capsys.readouterr().err
   assert "Error: no images here" in err and "ZeroDivisionError: a bug" in err
   assert "usage: ..." in err
+  assert "Error: Stopped by Ctrl-C. Nothing half-written" in err
+  assert "KeyboardInterrupt" not in err
 
 
 def test_missing_token_files_say_how_to_make_them(tmp_path):
