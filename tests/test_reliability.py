@@ -2,7 +2,8 @@
 previous step (then match an uninterrupted run bit for bit), an input position
 saved by another process count or pipeline is drawn afresh (the state still
 resumes), failed saves stop the run with one message, and loading weights
-from a damaged run skips the damaged steps. (Processes agreeing on all this:
+from a damaged run skips the damaged steps; a save cut short by a kill is
+removed. (Processes agreeing on all this:
 test_resume_agreement.py; divergence and errors: test_stops.py.)"""
 
 import json
@@ -50,6 +51,22 @@ def test_damaged_latest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
   # saved step 6 again (Orbax skips a step it still lists).
   assert os.path.isdir(os.path.join(wd, "checkpoints", "corrupt-6"))
   assert ckpt_lib.Checkpointer(wd).manager.all_steps() == [3, 6, 9]
+  for a, b in zip(full, leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path):
+  """kill -9 (or a reclaimed VM) during the save of step 9 leaves its folder
+  under Orbax's temporary name, a whole train state at paper size: the
+  resumed run removes it, then saves step 9 itself."""
+  full, base = runs
+  wd = copy_run(base, tmp_path)
+  left = os.path.join(wd, "checkpoints", "9.orbax-checkpoint-tmp-1700000000")
+  os.makedirs(os.path.join(left, "state"))
+  with open(os.path.join(left, "state", "d"), "wb") as f:
+    f.write(b"\0" * 4096)
+  resumed = trainer_lib.train_and_evaluate(config(9), wd)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6", "9"]
   for a, b in zip(full, leaves(resumed)):
     np.testing.assert_array_equal(a, b)
 

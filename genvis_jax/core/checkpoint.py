@@ -9,7 +9,9 @@ Reliability: :meth:`Checkpointer.restore_latest` validates a step's files
 (``core.checkpoint_files``) before reading them and falls back to the newest step that loads, moving
 damaged ones aside to ``checkpoints/corrupt-<step>``; a failed (async) save
 raises :class:`CheckpointSaveError` at the next :meth:`Checkpointer.check`
-and leaves no ``.orbax-checkpoint-tmp`` folder behind. On a multi-host job
+and leaves no ``.orbax-checkpoint-tmp`` folder behind; one a kill left (a
+save cut short) is removed by the next run before its first save. On a
+multi-host job
 process 0 lists the steps for every process, and a step any process cannot
 read is skipped by all.
 
@@ -173,6 +175,9 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=self._keep, create=True,
             enable_async_checkpointing=self._async_save,
+            # A save cut short by a kill (-9, a reclaimed VM) leaves a whole
+            # state in <step>.orbax-checkpoint-tmp*; the next run removes it.
+            cleanup_tmp_directories=True,
             step_name_format=ckpt_files.StepsOfProcess0(),
             # Not lightweight_initialize: the steps it lists get a naive
             # datetime.min, and a save at a preemption sync point then
