@@ -11,9 +11,8 @@ damaged ones aside to ``checkpoints/corrupt-<step>``; a failed (async) save
 raises :class:`CheckpointSaveError` at the next :meth:`Checkpointer.check`
 and leaves no ``.orbax-checkpoint-tmp`` folder behind; one a kill left (a
 save cut short) is removed by the next run before its first save. On a
-multi-host job
-process 0 lists the steps for every process, and a step any process cannot
-read is skipped by all.
+multi-host job process 0 lists the steps for every process, and a step any
+process cannot read is skipped by all.
 
 Loading parameters alone (``--config.init_from``, a tokenizer, converted
 weights) is ``core.weights``; whether a checkpoint fits the config (tree,
