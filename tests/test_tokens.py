@@ -398,7 +398,8 @@ def test_labels_beyond_the_models_classes_are_refused(tmp_path, caplog):
   with pytest.raises(data.sources.DataConfigError,
                      match=r"'tokens' data has 11 classes but "
                            r"config.data.num_classes is 10.*"
-                           r"--config.data.num_classes=11"):
+                           r"--config.data.num_classes=11; .*"
+                           r"--config.model.num_classes=11\."):
     trainer_lib.create_train_iterator(config, task)
   config.data.num_classes = 11
   with pytest.raises(ConfigError,
@@ -424,7 +425,10 @@ def test_pretokenize_class_error_names_its_own_setting():
       split="train", batch_size=4, ten_crop=False))
   with pytest.raises(data.sources.DataConfigError,
                      match=r"config.pretokenize.data.num_classes is 5.*"
-                           r"Set --config.pretokenize.data.num_classes=10"):
+                           r"Set --config.pretokenize.data.num_classes=10; "
+                           r"the other settings of these classes .*: "
+                           r"--config.data.num_classes=10, "
+                           r"--config.model.num_classes=10\."):
     pretokenize.image_batches(p, (0.0, 1.0), process_index=0, process_count=1)
 
 

@@ -460,8 +460,14 @@ def _check_classes(num_classes, data_config, setting: str) -> int:
   if num_classes is None:
     return configured
   if num_classes > configured:
+    others = [s for s in ("config.pretokenize.data", "config.data")
+              if s != setting] + ["config.model"]
     raise sources.DataConfigError(
         f"The {data_config.source!r} data has {num_classes} classes but "
         f"{setting}.num_classes is {configured}: labels would overflow the "
-        f"class embedding. Set --{setting}.num_classes={num_classes}.")
+        f"class embedding. Set --{setting}.num_classes={num_classes}; the "
+        f"other settings of these classes (pre-tokenizing, training on the "
+        f"tokens, the generator) need the same: "
+        + ", ".join(f"--{o}.num_classes={num_classes}" for o in others)
+        + ".")
   return num_classes
