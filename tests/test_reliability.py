@@ -55,7 +55,8 @@ def test_damaged_latest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path):
+def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path,
+                                                          caplog):
   """kill -9 (or a reclaimed VM) during the save of step 9 leaves its folder
   under Orbax's temporary name, a whole train state at paper size: the
   resumed run removes it, then saves step 9 itself."""
@@ -65,7 +66,11 @@ def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path):
   os.makedirs(os.path.join(left, "state"))
   with open(os.path.join(left, "state", "d"), "wb") as f:
     f.write(b"\0" * 4096)
-  resumed = trainer_lib.train_and_evaluate(config(9), wd)
+  with caplog.at_level(logging.WARNING):
+    resumed = trainer_lib.train_and_evaluate(config(9), wd)
+  # The resume says what it changed (the base run trained 6 steps).
+  assert ("config differs from the checkpoint's; it continues with this run's "
+          "values:\n  train.num_steps: checkpoint 6 vs this run 9") in caplog.text
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6", "9"]
   for a, b in zip(full, leaves(resumed)):
     np.testing.assert_array_equal(a, b)

@@ -169,7 +169,7 @@ class Checkpointer:
     # grain lazily: sampling / evaluation / benchmarks import this module on
     # machines without grain.
     import grain  # pylint: disable=import-outside-toplevel
-    return ocp.CheckpointManager(
+    manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=self._keep, create=True,
@@ -187,6 +187,13 @@ class Checkpointer:
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         })
+    # Orbax removes the leftovers in a background thread and waits for it
+    # only in its first save; a run that stops before (an error) would close
+    # the manager under it. Wait now: one listing of the folder.
+    wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait is not None:
+      wait()
+    return manager
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -8,6 +8,7 @@ clu metrics, image grids and async Orbax checkpoints; resumes from ``workdir``.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import flax.linen as nn
@@ -306,6 +307,13 @@ def train_loop(config, workdir: str, on_log=None):
   data_seed = config.seed
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)
+    changed = settings_lib.differences(
+        saved_config, json.loads(config.to_json_best_effort()),
+        ignore=("model",), names=("checkpoint", "this run"))
+    if saved_config and changed:   # the model's were refused already
+      logging.warning(
+          "This run's config differs from the checkpoint's; it continues with "
+          "this run's values:\n  %s", settings_lib.shorten(changed, 20, "\n  "))
     data_iter, info, data_seed = resume_input(
         ckpt, latest, saved_config, config, task, data_iter, info)
     if config.init_from:
