@@ -594,3 +594,16 @@ def test_token_files_of_the_same_name_in_two_folders_warn_once(
             if "same name in several folders" in r.getMessage()]
   assert len(warned) == 1, warned
   assert "train-00000-of-00001.array_record" in warned[0]
+
+
+def test_an_image_folder_without_a_held_out_split_says_so(tmp_path, caplog):
+  (tmp_path / "cat").mkdir()
+  with caplog.at_level("WARNING"):
+    assert sources.resolve_split_dir(str(tmp_path), "validation") == str(
+        tmp_path)
+  assert ("has no 'validation' or 'val' sub-folder: split 'validation' reads "
+          "the same images as training") in caplog.text
+  assert f"{tmp_path / 'val'}/<class_name>/" in caplog.text
+  (tmp_path / "val" / "cat").mkdir(parents=True)
+  assert sources.resolve_split_dir(str(tmp_path), "validation") == str(
+      tmp_path / "val")

@@ -229,7 +229,8 @@ CASES = {
         r"--config.evaluate.checkpoint=DIR"),
     "evaluate_unset": (
         ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate"],
-        r"config.evaluate.samples is not set"),
+        r"config.evaluate.samples, config.evaluate.reference and "
+        r"config.evaluate.inception are not set"),
     "mesh_devices": (CLASSIFIER + [
         "--config.stages.classifier.mesh.shape.data=3",
         "--config.stages.classifier.mesh.shape.fsdp=-1"],

@@ -69,10 +69,11 @@ def resolve_split_dir(path: str, split: str) -> str:
       return os.path.join(path, name)
   if split != "train":
     logging.warning(
-        "Image folder %r has no %r sub-folder: split %r reads the same images "
+        "Image folder %r has no %s sub-folder: split %r reads the same images "
         "as training, so its metrics are not held-out ones. Put held-out "
-        "images under %s/<class_name>/ to evaluate on them.", path, split,
-        split, os.path.join(path, names[-1]))
+        "images under %s/<class_name>/ to evaluate on them.", path,
+        " or ".join(repr(n) for n in names), split,
+        os.path.join(path, names[-1]))
   return path
 
 

@@ -206,11 +206,14 @@ def evaluate(config, workdir: str) -> dict:
   TensorBoard scalars.
   """
   ev = config.evaluate
-  for key in ("samples", "reference", "inception"):
-    if not ev.get(key):
-      raise errors.ConfigError(f"config.evaluate.{key} is not set: generation metrics "
-                       "need samples (npz), reference (ADM npz) and inception "
-                       "(converted weights) paths.")
+  missing = [f"config.evaluate.{key}" for key in
+             ("samples", "reference", "inception") if not ev.get(key)]
+  if missing:
+    raise errors.ConfigError(
+        f"{', '.join(missing[:-1])}{' and ' if len(missing) > 1 else ''}"
+        f"{missing[-1]} {'is' if len(missing) == 1 else 'are'} not "
+        "set: generation metrics need samples (npz), reference (ADM npz) and "
+        "inception (converted weights) paths.")
   params = convert_inception.load_inception_params(ev.inception)
   results = evaluate_samples(
       ev.samples, ev.reference, params, batch_size=ev.get("batch_size", 200),
