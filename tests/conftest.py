@@ -35,8 +35,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # test-sized models' weights are larger, the tables models build as
 # constants (Inception's resize matrices: 107 KB) smaller.
 os.environ.setdefault("JAX_CAPTURED_CONSTANTS_WARN_BYTES", str(256 * 1024))
-os.environ.setdefault("PYTHONWARNINGS",
-                      "error:A large amount of constants were captured")
+_GUARD = "error:A large amount of constants were captured"
+if _GUARD not in os.environ.get("PYTHONWARNINGS", ""):   # kept with others'
+  os.environ["PYTHONWARNINGS"] = ",".join(
+      w for w in (os.environ.get("PYTHONWARNINGS"), _GUARD) if w)
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 

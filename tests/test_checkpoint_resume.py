@@ -358,11 +358,14 @@ def test_sample_grids_draw_from_their_own_key():
   the keys of runs saved before the grids had their own (resumes continue
   the same streams)."""
   c = small_run.config(1)
-  tr = trainer_lib.Trainer(c)
   data = lambda k: tuple(np.asarray(jax.random.key_data(k)).tolist())
-  init, train = jax.random.split(jax.random.key(c.seed))
-  assert (data(tr.init_rng), data(tr.train_rng)) == (data(init), data(train))
-  steps = {data(jax.random.fold_in(tr.train_rng, s)) for s in range(100)}
-  grids = {data(jax.random.fold_in(tr.visual_rng, s)) for s in range(100)}
-  assert data(tr.visual_rng) not in {data(init), data(train)}
-  assert not steps & grids
+  for partitionable in (True, False):   # jax's default threefry, and the old
+    with jax.threefry_partitionable(partitionable):
+      tr = trainer_lib.Trainer(c)
+      init, train = jax.random.split(jax.random.key(c.seed))
+      assert (data(tr.init_rng), data(tr.train_rng)) == (data(init),
+                                                         data(train))
+      steps = {data(jax.random.fold_in(tr.train_rng, s)) for s in range(100)}
+      grids = {data(jax.random.fold_in(tr.visual_rng, s)) for s in range(100)}
+      assert data(tr.visual_rng) not in {data(init), data(train)}
+      assert not steps & grids

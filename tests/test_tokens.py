@@ -426,7 +426,7 @@ def test_pretokenize_class_error_names_its_own_setting():
   with pytest.raises(data.sources.DataConfigError,
                      match=r"config.pretokenize.data.num_classes is 5.*"
                            r"Set --config.pretokenize.data.num_classes=10; "
-                           r"the other settings of these classes .*: "
+                           r"a job that reads these classes again .*: "
                            r"--config.data.num_classes=10, "
                            r"--config.model.num_classes=10\."):
     pretokenize.image_batches(p, (0.0, 1.0), process_index=0, process_count=1)

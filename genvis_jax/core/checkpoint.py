@@ -191,8 +191,13 @@ class Checkpointer:
     # only in its first save; a run that stops before (an error) would close
     # the manager under it. Wait now: one listing of the folder.
     wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
-    if wait is not None:
-      wait()
+    try:
+      if wait is not None:
+        wait()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Could not remove the leftovers of an unfinished save "
+                      "under %s (%s); they take space but do not stop the run.",
+                      self.directory, e)
     return manager
 
   def latest_step(self) -> int | None:

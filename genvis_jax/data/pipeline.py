@@ -465,9 +465,9 @@ def _check_classes(num_classes, data_config, setting: str) -> int:
     raise sources.DataConfigError(
         f"The {data_config.source!r} data has {num_classes} classes but "
         f"{setting}.num_classes is {configured}: labels would overflow the "
-        f"class embedding. Set --{setting}.num_classes={num_classes}; the "
-        f"other settings of these classes (pre-tokenizing, training on the "
-        f"tokens, the generator) need the same: "
+        f"class embedding. Set --{setting}.num_classes={num_classes}; a job "
+        f"that reads these classes again (pre-tokenizing, training on the "
+        f"tokens, a generator) needs the same in its settings of them: "
         + ", ".join(f"--{o}.num_classes={num_classes}" for o in others)
         + ".")
   return num_classes

@@ -215,10 +215,11 @@ class Trainer:
     self.rules = shd.rules_tuple(config.sharding.rules)
     self.optimizers = self.task.optimizers()
     # Three streams: init, training (step s draws fold_in(train_rng, s)) and
-    # the sample grids, which must not replay a step's key. The first two
-    # keys of a 3-way split are the 2-way split's that runs used before.
-    self.init_rng, self.train_rng, self.visual_rng = jax.random.split(
-        jax.random.key(config.seed), 3)
+    # the sample grids, which must not replay a step's key. Init and train
+    # keep the 2-way split earlier runs resume with, whatever the PRNG.
+    seed = jax.random.key(config.seed)
+    self.init_rng, self.train_rng = jax.random.split(seed)
+    self.visual_rng = jax.random.split(seed, 3)[2]
     self.abstract, self.shardings = state_lib.state_shardings(
         self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
     step_fn = step_lib.make_train_step(
