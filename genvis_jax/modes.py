@@ -92,9 +92,10 @@ def check_config_kind(config) -> None:
 
 def check_workdir(workdir: str) -> str | None:
   """Creates a local ``workdir``; a clear error when it cannot be one (a
-  file, under a file, no permission, a read-only file system). Remote (``gs://``) ones are left to
-  their writers. Returns the outermost folder this call created (``workdir``
-  or a missing parent of it), None when it created none."""
+  file, under a file, no permission, a read-only file system). Remote
+  (``gs://``) ones are left to their writers. Returns the outermost folder
+  this call created (``workdir`` or a missing parent of it), None when it
+  created none."""
   if not workdir or "://" in workdir:
     return None
   top, parent = None, os.path.abspath(workdir)

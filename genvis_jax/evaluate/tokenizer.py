@@ -290,8 +290,6 @@ def evaluate(config, workdir: str) -> dict:
                              f"must be positive.")
   preprocess = _rfid_preprocess(ev, proto)
   data = _eval_data(config, proto_name, proto)
-  # The round trip splits each batch over this process's devices (rounded up
-  # to a multiple of them; the padding is masked out like a short batch's).
   mesh = fid_lib.data_mesh()
   params = models.load_params(model_config, ev.checkpoint, mesh,
                               setting="--config.evaluate.checkpoint")

@@ -308,10 +308,10 @@ def train_loop(config, workdir: str, on_log=None):
   data_seed = config.seed
   if latest is not None:
     logging.info("Resumed from %s step %d", ckpt.directory, latest)
-    changed = settings_lib.differences(
+    changed = saved_config and settings_lib.differences(
         saved_config, json.loads(config.to_json_best_effort()),
         ignore=("model",), names=("checkpoint", "this run"))
-    if saved_config and changed:   # the model's were refused already
+    if changed:   # the model's differences were refused already
       logging.warning(
           "This run's config differs from the checkpoint's; it continues with "
           "this run's values:\n  %s", settings_lib.shorten(changed, 20, "\n  "))
