@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from unittest import mock
 
 import jax
@@ -63,6 +64,9 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
   at_3 = weights_lib.params_source(part)
   pinned = weights_lib.resolve(part)       # what a sampler started now loads
   assert pinned == os.path.join(part, "checkpoints", "3")
+  # The profiler names a trace's folder by the second it stops in, so a
+  # resume's trace written in the same second would replace the first one.
+  time.sleep(1)
   resumed = trainer_lib.train_and_evaluate(small_run.config(6), part)
   assert int(resumed.step) == 6
   # A window the run's end cuts short stops there; a resumed run skips its
