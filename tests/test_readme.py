@@ -1,0 +1,133 @@
+"""The README's commands parse as the CLI parses them: every
+``python -m genvis_jax.main`` and ``launch/tpu_run.sh`` command of its shell
+blocks loads its config with its ``--config.KEY=VALUE`` flags (keys that exist,
+values of the right type, mode names that resolve), and every ``--config.KEY``
+the prose names is a setting of some config. A renamed setting fails here
+instead of in a new user's first command."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from genvis_jax import modes
+from tests import pipeline_common as pc
+
+README = os.path.join(pc.ROOT, "README.md")
+# Values of the shell variables the README sets (or asks the user to set).
+SHELL_VARS = {"W": "/tmp/rar_local", "B": "gs://my-bucket",
+              "GCS_BUCKET": "my-bucket"}
+
+
+def _text() -> str:
+  with open(README) as f:
+    return f.read()
+
+
+def _commands() -> list[tuple[int, str, list[str]]]:
+  """(line number, program, argv after it) of each command in a
+  ```bash block; continuation lines joined, comments dropped."""
+  text, out = _text(), []
+  for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
+    first_line = text.count("\n", 0, block.start(1)) + 1
+    lines = block.group(1).split("\n")
+    i = 0
+    while i < len(lines):
+      start, line = i, lines[i]
+      while line.endswith("\\"):
+        i += 1
+        line = line[:-1] + " " + lines[i]
+      i += 1
+      words = shlex.split(line, comments=True)
+      for prog in ("genvis_jax.main", "launch/tpu_run.sh", "genvis_jax.convert"):
+        if prog in words:
+          out.append((first_line + start, prog, words[words.index(prog) + 1:]))
+  return out
+
+
+def _config_args(argv: list[str]) -> list[str]:
+  """The ``--config`` flags, with the shell variables expanded (for
+  ``tpu_run.sh``: its own ``--config`` and the job's flags after ``--``)."""
+  def expand(a):
+    return re.sub(r"\$(\w+)", lambda m: SHELL_VARS[m.group(1)], a)
+  return [expand(a) for a in argv
+          if a.startswith("--config=") or a.startswith("--config.")]
+
+
+def _parse(args: list[str]):
+  fv = flags.FlagValues()
+  argv = ["main"] + args
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+COMMANDS = [c for c in _commands() if c[1] != "genvis_jax.convert"
+            and any(a.startswith("--config=configs/") and "NAME" not in a
+                    for a in c[2])]
+CONVERTS = [c for c in _commands() if c[1] == "genvis_jax.convert"]
+
+
+def test_the_readme_has_commands_of_every_system():
+  assert len(CONVERTS) >= 8
+  configs = {a for _, _, argv in COMMANDS for a in argv
+             if a.startswith("--config=")}
+  for name in ("maskgit_vqgan", "rar_b", "rar_xl", "fqgan_dual_ds16",
+               "far_b.py:dual", "eq_tokenizer", "eq_l", "demo_fqgan", "demo_eq"):
+    assert any(name in c for c in configs), name
+
+
+@pytest.mark.parametrize("line,prog,argv", COMMANDS,
+                         ids=[f"line{line}" for line, _, _ in COMMANDS])
+def test_command_parses(line, prog, argv, monkeypatch):
+  monkeypatch.chdir(pc.ROOT)    # the commands run from the repository root
+  config = _parse(_config_args(argv))
+  modes.check_names(config)
+
+
+@pytest.mark.parametrize("line,prog,argv", CONVERTS,
+                         ids=[f"line{line}" for line, _, _ in CONVERTS])
+def test_convert_command_parses(line, prog, argv, monkeypatch):
+  from genvis_jax import convert
+  monkeypatch.chdir(pc.ROOT)
+  opts = dict(a[2:].split("=", 1) for a in argv)
+  assert set(opts) <= {"kind", "src", "dst", "key", "config"}, opts
+  assert {"kind", "src", "dst"} <= set(opts), opts
+  assert opts["kind"] in convert.kinds()
+  if "config" in opts:
+    assert "model" in _parse([f"--config={opts['config']}"])
+
+
+def _has(config, key: str) -> bool:
+  node = config
+  for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+    if part.startswith("["):
+      index = int(part[1:-1])
+      if not isinstance(node, (list, tuple)) or index >= len(node):
+        return False
+      node = node[index]
+    elif hasattr(node, "keys") and part in node:
+      node = node[part]
+    else:
+      return False
+  return True
+
+
+def test_settings_named_in_the_prose_exist(monkeypatch):
+  monkeypatch.chdir(pc.ROOT)
+  specs = {a.split("=", 1)[1] for _, _, argv in COMMANDS for a in argv
+           if a.startswith("--config=configs/")}
+  configs = [_parse([f"--config={s}"]) for s in sorted(specs)]
+  configs += [_parse([f"--config=configs/{s}"]) for s in
+              ("demo.py", "rar_b.py:runlocal", "eq_s.py:runlocal")]
+  keys = set(re.findall(r"--config\.([\w.\[\]]+)", _text())) - {"a.b"}
+  keys |= {k for k in re.findall(r"`config\.([\w.\[\]]+)`", _text())
+           if not k.endswith(".py")}
+  missing = [k for k in sorted(keys) if not any(_has(c, k) for c in configs)]
+  assert not missing, missing
