@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 from absl import flags
@@ -30,8 +31,9 @@ def _text() -> str:
 
 
 def _commands() -> list[tuple[int, str, list[str]]]:
-  """(line number, program, argv after it) of each command in a
-  ```bash block; continuation lines joined, comments dropped."""
+  """(line number, program, argv after it) of each command in a ```bash
+  block, continuation lines joined and comments dropped. The program is a
+  ``python -m`` module or a ``launch/*.sh`` script."""
   text, out = _text(), []
   for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
     first_line = text.count("\n", 0, block.start(1)) + 1
@@ -44,9 +46,13 @@ def _commands() -> list[tuple[int, str, list[str]]]:
         line = line[:-1] + " " + lines[i]
       i += 1
       words = shlex.split(line, comments=True)
-      for prog in ("genvis_jax.main", "launch/tpu_run.sh", "genvis_jax.convert"):
-        if prog in words:
-          out.append((first_line + start, prog, words[words.index(prog) + 1:]))
+      if "-m" in words:
+        at = words.index("-m") + 1
+      elif words and words[0].startswith("launch/"):
+        at = 0
+      else:
+        continue
+      out.append((first_line + start, words[at], words[at + 1:]))
   return out
 
 
@@ -68,7 +74,8 @@ def _parse(args: list[str]):
   return fv.config
 
 
-COMMANDS = [c for c in _commands() if c[1] != "genvis_jax.convert"
+COMMANDS = [c for c in _commands()
+            if c[1] in ("genvis_jax.main", "launch/tpu_run.sh")
             and any(a.startswith("--config=configs/") and "NAME" not in a
                     for a in c[2])]
 CONVERTS = [c for c in _commands() if c[1] == "genvis_jax.convert"]
@@ -131,3 +138,23 @@ def test_settings_named_in_the_prose_exist(monkeypatch):
            if not k.endswith(".py")}
   missing = [k for k in sorted(keys) if not any(_has(c, k) for c in configs)]
   assert not missing, missing
+
+
+# gpu_sample_eval.sh first checks that its input files exist.
+LAUNCHES = [c for c in _commands()
+            if c[1].startswith("launch/") and c[1] != "launch/gpu_sample_eval.sh"]
+
+
+@pytest.mark.parametrize("line,prog,argv", LAUNCHES,
+                         ids=[f"line{line}" for line, _, _ in LAUNCHES])
+def test_launcher_accepts_the_command(line, prog, argv):
+  """Each ``launch/*.sh`` command, with the README's environment, runs its
+  checks and prints its gcloud commands (``DRY_RUN=1``: nothing runs)."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("TPU_", "GCS_", "GCP_"))}
+  env.update(DRY_RUN="1", TPU_NAME="rar-xl", TPU_ZONE="us-central2-b",
+             **SHELL_VARS)
+  argv = [re.sub(r"\$(\w+)", lambda m: SHELL_VARS[m.group(1)], a) for a in argv]
+  r = subprocess.run(["bash", prog] + argv, cwd=pc.ROOT, env=env, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 0, r.stderr
