@@ -152,6 +152,10 @@ def get_config(arg=None):
   # epoch ("all", 1d-tokenizer's RAR loader), or an epoch visits each image
   # once with one of its crops drawn at random ("one", LlamaGen / FQGAN).
   c.data.crops_per_epoch = "all"
+  # Token files: training first checks each file's bytes against the SHA-256
+  # in its record (each process hashes 1/N of the files), so a damaged file
+  # stops the run before its first step instead of at the step that reads it.
+  c.data.verify_checksums = True
   # Image folders: apply EXIF orientation. The official loaders (torchvision
   # pil_loader) and the TFDS path ignore it, so the default does too.
   c.data.exif_transpose = False

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -196,6 +197,47 @@ def test_damaged_token_files_are_named(tmp_path):
                      match=r"train-00002-of-00003.array_record \(1000 bytes\) "
                            "cannot be opened.*truncated"):
     data.TokenSource(pattern)
+
+
+def test_training_checks_token_bytes_before_the_first_step(tmp_path,
+                                                           monkeypatch):
+  """A damaged token file stops training at its start (where the records'
+  SHA-256 differs), not at the step that reads it; each process hashes its
+  share of the files, once."""
+  paths = data.write_token_records(
+      str(tmp_path / "tok" / "train"), np.arange(12, dtype=np.int32),
+      np.zeros((12, 8), np.int32), num_shards=3)
+  for path in paths:
+    with open(path + ".json", "w") as f:
+      json.dump({"records": 4, "sha256": tokens.file_sha256(path)}, f)
+  config = ml_collections.ConfigDict(dict(
+      data=dict(source="tokens", path=str(tmp_path / "tok" / "{split}-*"),
+                split="train", verify_checksums=True),
+      model=dict(codebook_size=256)))
+  hashed = []
+  real = token_origin.file_sha256
+  monkeypatch.setattr(token_origin, "file_sha256",
+                      lambda p: hashed.append(p) or real(p))
+  monkeypatch.setattr(token_origin, "_VERIFIED", {})
+  # Process 1 of 2 hashes the second file only.
+  with monkeypatch.context() as m:
+    m.setattr(jax, "process_count", lambda: 2)
+    m.setattr(jax, "process_index", lambda: 1)
+    token_origin.verify_checksums(str(tmp_path / "tok" / "train-*"))
+  assert hashed == [paths[1]]
+  token_origin.check_training_files(config)
+  assert sorted(hashed) == sorted(paths)   # paths[1] not hashed twice
+  # One byte of the last record flipped: readable until that record.
+  raw = bytearray(open(paths[2], "rb").read())
+  raw[-100] ^= 0xFF
+  open(paths[2], "wb").write(bytes(raw))
+  monkeypatch.setattr(token_origin, "_VERIFIED", {})
+  with pytest.raises(data.TokenFileError,
+                     match=r"1 token file\(s\) no longer hold .*"
+                           r"train-00002-of-00003.array_record\..*overwrite=True"):
+    token_origin.check_training_files(config)
+  config.data.verify_checksums = False
+  token_origin.check_training_files(config)
 
 
 def test_missing_token_files_say_to_pretokenize(tmp_path):

@@ -4,8 +4,9 @@ Each ``<file>.array_record`` written by ``--config.mode=pretokenize`` has a
 ``<file>.array_record.json`` record of its settings: the tokenizer's model
 config (``tokenizer``), the weights it loaded (``weights``, see
 ``core.weights.params_source``), the data and the examples. Before training,
-:func:`check_training_files` reads those small records (no token is read) and
-refuses files that cannot train the configured generator together.
+:func:`check_training_files` reads those small records and refuses files that
+cannot train the configured generator together, then hashes the files
+against the SHA-256 their records hold (:func:`verify_checksums`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
 
+import jax
 from absl import logging
 from etils import epath
 
 from genvis_jax.core import multihost
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data.tokens import (TokenFileError, check_shard_sets,
-                                    count_records, glob_files)
+                                    count_records, file_sha256, glob_files,
+                                    rewrite_hint)
 from genvis_jax.errors import ConfigError
 
 
@@ -104,6 +108,9 @@ def check_training_files(config) -> str:
   ``"tokens"``. Process 0 reads the records; its error stops every process.
   Token files without a record beside them are warned about (once per
   process), naming the missing records and the command that copies them.
+  Then, unless ``config.data.verify_checksums`` is False, every process
+  hashes its share of the files (:func:`verify_checksums`); a mismatch on
+  any stops all.
 
   Raises:
     DataNotFoundError, TokenFileError: the glob misses a file of a
@@ -117,6 +124,7 @@ def check_training_files(config) -> str:
     ConfigError: the tokenizer has more codes (``tokenizer.num_codes``) than
       ``config.model.codebook_size``; the embedding lookups would read past
       the table (NaN losses, not an error).
+    TokenFileError: a file's bytes differ from its record's SHA-256.
   Returns:
     The warning of :func:`check_origin` ("" when none).
   """
@@ -138,7 +146,52 @@ def check_training_files(config) -> str:
     tok = config.get("tokenizer") or {}
     warning.append(check_origin(pattern, records, tok.get("checkpoint", "")))
   multihost.on_process_0(check)
+  if config.data.get("verify_checksums", True):
+    multihost.run_everywhere(
+        lambda: verify_checksums(pattern),
+        "found token files whose bytes differ from the SHA-256 in their "
+        "records (each names its files in its log)")
   return warning[0] if warning else ""
+
+
+# Files this process has hashed already (a run builds its iterator up to
+# three times) -> the digest their record holds.
+_VERIFIED: dict[str, str] = {}
+
+
+def verify_checksums(pattern: str) -> None:
+  """Hashes this process's share of the token files matching ``pattern``
+  (every ``process_count``-th file, so a pod reads the data once) and
+  compares each with the SHA-256 in its record. Files whose record has no
+  ``sha256`` (written before records held one, or without a record) are not
+  checked. A file is hashed once per process.
+
+  Raises:
+    TokenFileError: naming every file of the share that differs, and how to
+      write it again. A damaged record would otherwise be found only by the
+      step that reads it, after the steps since the last checkpoint.
+  """
+  found = _records(pattern)
+  files = sorted(found)[jax.process_index()::jax.process_count()]
+  todo = [(f, found[f]["sha256"]) for f in files
+          if found[f] and found[f].get("sha256")
+          and _VERIFIED.get(f) != found[f]["sha256"]]
+  if not todo:
+    return
+  start, size, bad = time.monotonic(), 0, []
+  for path, want in todo:
+    size += epath.Path(path).stat().length
+    if file_sha256(path) != want:
+      bad.append(path)
+    else:
+      _VERIFIED[path] = want
+  if bad:
+    raise TokenFileError(
+        f"{len(bad)} token file(s) no longer hold the bytes their records' "
+        f"SHA-256 was computed on: {', '.join(bad[:5])}"
+        f"{' ...' if len(bad) > 5 else ''}. " + rewrite_hint(bad[0]))
+  logging.info("Checked the SHA-256 of %d token file(s) (%.2f GB) in %.1f s.",
+               len(todo), size / 1e9, time.monotonic() - start)
 
 
 # Warnings already logged in this process: a run builds its training

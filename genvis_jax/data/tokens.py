@@ -39,7 +39,7 @@ class TokenFileError(UserError, ValueError):
   message names the file (and the record) and how to write it again."""
 
 
-def _rewrite_hint(path: str) -> str:
+def rewrite_hint(path: str) -> str:
   return ("If it is damaged, write it again: re-run --config.mode=pretokenize "
           "with --config.pretokenize.overwrite=True (or restore it from a "
           f"copy); if the storage failed, retry. File: {path}.")
@@ -306,7 +306,7 @@ class TokenSource:
       raise TokenFileError(
           f"Token file {self.paths[f]}: record {record} cannot be read (a "
           f"damaged file or a storage error; {type(e).__name__}: "
-          f"{str(e).strip()[:200]}). " + _rewrite_hint(self.paths[f])) from e
+          f"{str(e).strip()[:200]}). " + rewrite_hint(self.paths[f])) from e
 
   def _locate(self, index: int) -> tuple[int, int]:
     """(file, record in it) of a global index; opens every file the first
@@ -336,4 +336,4 @@ def count_records(path: str) -> int:
     why = str(e).strip() or "its footer cannot be read"
     raise TokenFileError(
         f"Token file {path} ({size} bytes) cannot be opened: {why}; it looks "
-        "truncated or is not an ArrayRecord file. " + _rewrite_hint(path)) from e
+        "truncated or is not an ArrayRecord file. " + rewrite_hint(path)) from e
