@@ -167,6 +167,34 @@ check_gs() {
   [[ "$1" == gs://?* ]] || die "--$2=$1 must be a gs:// URL (every worker writes to it)"
 }
 
+# The default run name (tpu_run.sh, tpu_logs.sh, tpu_copy_ckpt.sh): the config
+# file's name without .py, then, if --config has an argument after ':', '_' and
+# the argument with '=' dropped and every other character outside [A-Za-z0-9_-]
+# made '_'. Runs of one file with different arguments get their own workdir.
+# shellcheck disable=SC2034  # used in the scripts' --help
+RUN_NAME_RULE="Without --run-name, RUN is the --config file's name and argument: configs/rar_xl.py -> rar_xl,
+configs/far_b.py:dual,batch=512 -> far_b_dual_batch512 ('=' dropped, any other
+character outside A-Z a-z 0-9 _ - made '_')."
+
+# config_run_name CONFIG: the default run name of --config=CONFIG (see above).
+config_run_name() {
+  local file="${1%%:*}" name
+  name="$(basename "$file" .py)"
+  [[ "$1" == *:?* ]] && name+="_${1#*:}"
+  name="${name//=/}"
+  LC_ALL=C sed 's/[^A-Za-z0-9_-]/_/g' <<< "$name"
+}
+
+# resolve_run_name: GENVIS_RUN_NAME (--run-name) as given, else from GENVIS_CONFIG
+# (--config) when set, else left empty; a given name must be a safe file name.
+resolve_run_name() {
+  if [[ -z "$GENVIS_RUN_NAME" && -n "${GENVIS_CONFIG:-}" ]]; then
+    GENVIS_RUN_NAME="$(config_run_name "$GENVIS_CONFIG")"
+  fi
+  [[ -z "$GENVIS_RUN_NAME" || "$GENVIS_RUN_NAME" =~ ^[A-Za-z0-9_.-]+$ ]] \
+    || die "--run-name=$GENVIS_RUN_NAME: use letters, digits, '.', '_' and '-' only"
+}
+
 # remote_path P: P for the worker's shell; relative paths are under $HOME there.
 remote_path() {
   case "$1" in

@@ -10,6 +10,7 @@ Each worker logs to LOG_DIR/RUN.log on its own disk (follow with tpu_logs.sh).
 The workdir must be a gs:// path all workers share; re-running the same command
 resumes from the latest checkpoint there (e.g. after a spot VM was reclaimed).
 WORKDIR defaults to gs://BUCKET/runs/RUN.
+$RUN_NAME_RULE
 Example:
   launch/tpu_run.sh --name=rar-xl --zone=us-central2-b --config=configs/rar_xl.py \\
       --bucket=my-bucket -- --config.data.path='gs://my-bucket/tokens/train-*' \\
@@ -19,7 +20,7 @@ tpu_common_flags
 flag config GENVIS_CONFIG "" "config file, e.g. configs/rar_xl.py (path in the repo)"
 flag workdir GENVIS_WORKDIR "" "gs:// run directory (checkpoints, TensorBoard logs)"
 flag bucket GCS_BUCKET "" "bucket for the default workdir gs://BUCKET/runs/RUN"
-flag run-name GENVIS_RUN_NAME "" "run name (default: the config's file name)"
+flag run-name GENVIS_RUN_NAME "" "run name (default: from --config, see above)"
 flag worker TPU_WORKER "all" "workers to start on: all (multi-host runs need all)"
 flag remote-dir GENVIS_REMOTE_DIR "genvis_jax" "checkout on the workers (relative: under \$HOME)"
 flag venv GENVIS_VENV "genvis_venv" "virtualenv on the workers (relative: under \$HOME)"
@@ -30,12 +31,9 @@ parse_flags "$@"
 require name zone
 
 config_file="${GENVIS_CONFIG%%:*}"
-if [[ -z "$GENVIS_RUN_NAME" ]]; then
-  [[ -n "$GENVIS_CONFIG" ]] || die "--config (or --run-name with --stop) is required"
-  GENVIS_RUN_NAME="$(basename "$config_file" .py)"
-fi
-[[ "$GENVIS_RUN_NAME" =~ ^[A-Za-z0-9_.-]+$ ]] \
-  || die "--run-name=$GENVIS_RUN_NAME: use letters, digits, '.', '_' and '-' only"
+[[ -n "$GENVIS_RUN_NAME" || -n "$GENVIS_CONFIG" ]] \
+  || die "--config (or --run-name with --stop) is required"
+resolve_run_name
 
 dir="$(remote_path "$GENVIS_REMOTE_DIR")"
 start=(bash launch/worker_start.sh --run-name="$GENVIS_RUN_NAME"

@@ -7,6 +7,7 @@ worker_start.sh (what runs on each TPU worker) is run for real with a fake pytho
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import time
 
@@ -23,8 +24,9 @@ FLAGS = {
     "tpu_setup.sh": ["--name", "--zone", "--git-url", "--venv", "--extras"],
     "tpu_run.sh": ["--name", "--zone", "--config", "--workdir", "--bucket",
                    "--run-name", "--stop"],
-    "tpu_logs.sh": ["--name", "--zone", "--worker", "--lines"],
-    "tpu_copy_ckpt.sh": ["--workdir", "--bucket", "--dest", "--step", "--tool"],
+    "tpu_logs.sh": ["--name", "--zone", "--worker", "--lines", "--run-name", "--config"],
+    "tpu_copy_ckpt.sh": ["--workdir", "--bucket", "--run-name", "--config", "--dest",
+                         "--step", "--tool"],
     "tpu_delete.sh": ["--name", "--zone", "--yes"],
     "gpu_sample_eval.sh": ["--config", "--workdir", "--rar-src", "--tokenizer-src",
                            "--inception-src", "--reference", "--num-samples"],
@@ -165,6 +167,104 @@ def test_logs_copy_delete_dry_run():
   [cmd] = commands(sh("tpu_delete.sh", "--name=n", "--zone=z", "--yes",
                       "--dry-run").stdout)
   assert cmd == "gcloud compute tpus tpu-vm delete n --quiet --zone=z"
+
+
+TPU = {"TPU_NAME": "pod", "TPU_ZONE": "z", "GCS_BUCKET": "bk", "DRY_RUN": "1"}
+
+
+def run_name_of(script, *args):
+  """The run name (and workdir, where there is one) a script's dry run uses."""
+  r = sh(script, *args, env=TPU)
+  assert r.returncode == 0, r.stderr
+  cmd = commands(r.stdout)[-1]
+  if script == "tpu_logs.sh":
+    return re.search(r"genvis_logs/(\S+)\.log", cmd).group(1), None
+  if script == "tpu_copy_ckpt.sh":
+    workdir = re.search(r"(gs://\S+)/checkpoints/", cmd).group(1)
+    return workdir.rsplit("/", 1)[1], workdir
+  name = re.search(r"--run-name=(\S+)", cmd).group(1)
+  workdir = re.search(r"--workdir=([^\s']+)", cmd)
+  return name, workdir and workdir.group(1)
+
+
+# A config argument is part of the default run name: another model, another batch
+# or a smoke test of the same file gets its own workdir (never resumes another's).
+RUN_NAMES = {
+    "configs/rar_xl.py": "rar_xl",
+    "configs/far_b.py:dual": "far_b_dual",
+    "configs/far_b.py:triple": "far_b_triple",
+    "configs/far_b.py:dual,batch=512": "far_b_dual_batch512",
+    "configs/eq_tokenizer.py:stage2": "eq_tokenizer_stage2",
+    "configs/rar_xl.py:runlocal": "rar_xl_runlocal",
+    "configs/far_b.py:": "far_b",
+}
+
+
+@pytest.mark.parametrize("config,name", RUN_NAMES.items())
+def test_default_run_name_includes_the_config_argument(config, name):
+  assert re.fullmatch(r"[A-Za-z0-9_-]+", name)
+  assert run_name_of("tpu_run.sh", f"--config={config}") == (name, f"gs://bk/runs/{name}")
+  # The scripts that find the run again name it the same way from --config.
+  assert run_name_of("tpu_run.sh", "--stop", f"--config={config}")[0] == name
+  assert run_name_of("tpu_logs.sh", f"--config={config}")[0] == name
+  assert run_name_of("tpu_copy_ckpt.sh", f"--config={config}") == (
+      name, f"gs://bk/runs/{name}")
+  r = sh("tpu_copy_ckpt.sh", f"--config={config}", env=TPU)
+  assert f"copied to checkpoints/{name} " in r.stderr
+
+
+def test_run_names_differ_and_run_name_overrides():
+  configs = ["configs/far_b.py:dual", "configs/far_b.py:triple",
+             "configs/far_b.py:dual,batch=512", "configs/rar_xl.py",
+             "configs/far_b.py:dual,batch=5,12"]
+  workdirs = [run_name_of("tpu_run.sh", f"--config={c}")[1] for c in configs]
+  assert len(set(workdirs)) == len(configs), workdirs
+  # Characters outside [A-Za-z0-9_-] become '_' ('=' is dropped).
+  assert run_name_of("tpu_run.sh", "--config=configs/far_b.py:dual,lr=0.5 x")[0] == (
+      "far_b_dual_lr0_5_x")
+  # --run-name wins over the name from --config, in every script.
+  for script, args in [("tpu_run.sh", []), ("tpu_run.sh", ["--stop"]),
+                       ("tpu_logs.sh", []), ("tpu_copy_ckpt.sh", [])]:
+    got = run_name_of(script, *args, "--config=configs/far_b.py:dual", "--run-name=mine")
+    assert got[0] == "mine", (script, got)
+  assert run_name_of("tpu_run.sh", "--config=configs/far_b.py:dual", "--run-name=mine",
+                     "--workdir=gs://x/y")[1] == "gs://x/y"
+  # Without either, tpu_logs.sh follows the latest run.
+  assert run_name_of("tpu_logs.sh")[0] == "latest"
+  r = sh("tpu_logs.sh", "--run-name=a/b", env=TPU)
+  assert r.returncode != 0 and "--run-name=a/b" in r.stderr
+  r = sh("tpu_copy_ckpt.sh", env=TPU)
+  assert r.returncode != 0 and "--config" in r.stderr and not commands(r.stdout)
+
+
+def _readme_launches():
+  """(script, argv) of each launch/*.sh command in the README's bash blocks."""
+  text = (LAUNCH.parent / "README.md").read_text()
+  out = []
+  for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for line in re.sub(r"\\\n", " ", block).split("\n"):
+      words = shlex.split(line.replace("$B", "gs://bk").replace("$GCS_BUCKET", "bk"),
+                          comments=True)
+      if words and words[0].startswith("launch/"):
+        out.append((words[0][len("launch/"):], words[1:]))
+  return out
+
+
+def test_readme_names_the_runs_its_commands_start():
+  """A run the README copies, follows, stops or initialises from is one that a
+  README tpu_run.sh command starts, under the name the launcher gives it."""
+  launches = _readme_launches()
+  started, used = set(), []
+  for script, argv in launches:
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    if script == "tpu_run.sh" and "--stop" not in own:
+      started.add(run_name_of(script, *own)[0])
+      used += [a.split("/runs/", 1)[1].split("/")[0] for a in argv if "/runs/" in a]
+    elif script in ("tpu_run.sh", "tpu_copy_ckpt.sh", "tpu_logs.sh") and any(
+        a.startswith(("--run-name=", "--config=")) for a in own):
+      used.append(run_name_of(script, *own)[0])
+  assert {"rar_xl", "far_b_dual", "eq_tokenizer", "eq_tokenizer_stage2"} <= started
+  assert used and set(used) <= started, (sorted(used), sorted(started))
 
 
 def test_gpu_sample_eval_dry_run(tmp_path):
