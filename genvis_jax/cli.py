@@ -145,13 +145,17 @@ def user_errors_exit(main):
         fail(str(e))
       except KeyboardInterrupt:
         # Modes without a clean stop (pre-tokenizing, evaluation), or a
-        # second Ctrl-C; 130 = 128 + SIGINT, as a shell reports it.
+        # second Ctrl-C; 130 = 128 + SIGINT, as a shell reports it. Ends at
+        # once (os._exit): an interpreter shutdown under a checkpoint save
+        # still writing in Orbax's threads crashed (a segfault, or their
+        # tracebacks); the next run removes what that save left.
         if verbose():
           raise
-        fail("Stopped by Ctrl-C. Nothing half-written is kept under its "
-             "final name; run the same command again (training resumes from "
-             "its last saved checkpoint, sampling after its last written "
-             "batch).", 130)
+        print("Error: Stopped by Ctrl-C. Nothing half-written is kept under "
+              "its final name; run the same command again (training resumes "
+              "from its last saved checkpoint, sampling after its last "
+              "written batch).", file=sys.stderr)
+        exit_now(130)
     except BaseException as e:  # pylint: disable=broad-except
       if not _distributed():
         raise

@@ -112,6 +112,11 @@ def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
   assert "usage: ..." in err
   assert "Error: Stopped by Ctrl-C. Nothing half-written" in err
   assert "KeyboardInterrupt" not in err
+  # Ctrl-C ends a one-process run at once too: its interpreter shutdown
+  # under a checkpoint save in flight crashed.
+  monkeypatch.setattr(cli, "_distributed", lambda: False)
+  cli.user_errors_exit(ctrl_c)([])
+  assert exits[-1] == 130 and "Stopped by Ctrl-C" in capsys.readouterr().err
 
 
 def test_missing_token_files_say_how_to_make_them(tmp_path):

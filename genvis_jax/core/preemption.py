@@ -76,8 +76,9 @@ class StopRequest:
     if self.signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt      # asked twice: stop now, unsaved
     self.signal = signal.Signals(signum).name
-    logging.warning("%s received: %s, then stopping (Ctrl-C again stops at "
-                    "once, unsaved).", self.signal, self.action)
+    logging.warning("%s received: %s, then stopping (Ctrl-C%s stops at "
+                    "once, unsaved).", self.signal, self.action,
+                    " again" if signum == signal.SIGINT else "")
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
