@@ -143,6 +143,11 @@ def user_errors_exit(main):
         if verbose():
           raise
         fail(str(e))
+      except Exception as e:  # pylint: disable=broad-except
+        if not out_of_memory(e) or verbose():
+          raise
+        fail(f"Out of device memory: {str(e).strip().splitlines()[0]} "
+             f"{OOM_HINT}")
       except KeyboardInterrupt:
         # Modes without a clean stop (pre-tokenizing, evaluation), or a
         # second Ctrl-C; 130 = 128 + SIGINT, as a shell reports it. Ends at
@@ -170,6 +175,22 @@ def user_errors_exit(main):
       exit_now(code)
 
   return wrapped
+
+
+OOM_HINT = (
+    "Use fewer examples per device: config.train.global_batch_size or more "
+    "config.train.micro_batches (training; config.model.remat=full also "
+    "helps), config.sample.batch_size (sampling; for the Equivariant "
+    "generator also fewer config.sample.num_columns), config.evaluate."
+    "batch_size; or more devices. bench/plan_memory.py estimates a training "
+    "config's memory per device.")
+
+
+def out_of_memory(e: BaseException) -> bool:
+  """An XLA allocation failure (``RESOURCE_EXHAUSTED``), raised as jax's
+  runtime error."""
+  return (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+          and "RESOURCE_EXHAUSTED" in str(e))
 
 
 def _distributed() -> bool:

@@ -119,6 +119,23 @@ def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
   assert exits[-1] == 130 and "Stopped by Ctrl-C" in capsys.readouterr().err
 
 
+def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):
+  import jax.numpy as jnp
+
+  def too_wide(argv):   # as an Equivariant sample 100,000 columns wide
+    jnp.ones((1 << 42,), jnp.uint8).block_until_ready()
+
+  with pytest.raises(SystemExit) as e:
+    cli.user_errors_exit(too_wide)([])
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith("Error: Out of device memory: RESOURCE_EXHAUSTED: Out "
+                        "of memory allocating 4398046511104 bytes")
+  assert "config.sample.batch_size" in err and len(err.splitlines()) == 1
+  with pytest.raises(ZeroDivisionError):    # other runtime errors pass through
+    cli.user_errors_exit(lambda argv: 1 / 0)([])
+
+
 def test_missing_token_files_say_how_to_make_them(tmp_path):
   c = demo.rar_config()
   c.data.path = str(tmp_path / "tokens-*.array_record")
