@@ -80,6 +80,13 @@ def check_config_kind(config) -> None:
           "those stages. Run the demo (--config.only=NAME runs some stages), "
           f"or set --config.{key}" + "".join(
               f", --config.{k}" for k, _ in placeholders[1:]) + ".")
+  if (config.mode in ("train", "sample") and not runner
+      and not (config.get("model") or {}).get("name")):
+    raise ConfigError(
+        f"config.mode={config.mode} needs a model, and config.model.name is "
+        "empty: configs/base.py holds the defaults every "
+        "runnable config starts from. Pass a model's config, e.g. "
+        "configs/rar_b.py:runlocal (the table in README.md lists them).")
   if config.mode != "demo" and runner:
     stages = ", ".join(config.get("stage_order", ()) or config.stages.keys())
     raise ConfigError(

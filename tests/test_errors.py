@@ -314,6 +314,16 @@ def test_demo_mode_and_job_configs_are_not_mixed():
       modes.check_names(runner)
   runner.mode = "demo"
   modes.check_names(runner)
+  # The shared defaults alone: no model to train (a traceback before).
+  from configs import base   # pylint: disable=import-outside-toplevel
+  for mode in ("train", "sample"):
+    defaults = base.get_config()
+    defaults.mode = mode
+    with pytest.raises(UserError, match=rf"config.mode={mode} needs a model.*"
+                       r"configs/base.py holds the defaults"):
+      modes.check_names(defaults)
+  defaults.mode = "pretokenize"    # a pre-tokenizing stage has no model
+  modes.check_names(defaults)
 
 
 def test_read_only_workdir_is_refused_before_any_compute(tmp_path, monkeypatch):
