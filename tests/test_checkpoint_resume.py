@@ -258,6 +258,12 @@ def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
     trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
   msg = str(e.value)
+  # The sizes lead (another model size shows there at once).
+  sizes = [f"{sum(x.size for x in jax.tree_util.tree_leaves(p)):,} parameters "
+           f"in {len(jax.tree_util.tree_leaves(p))} arrays"
+           for p in (params, tr.init_state().params["model"])]
+  assert (f"does not match the configured model: it holds {sizes[0]}, the "
+          f"model {sizes[1]}.\n" in msg)
   assert "missing (2): head/bias, head/kernel" in msg
   assert "unexpected (1): extra/kernel" in msg
   assert "conv_0/kernel expected (3, 3, 3, 8) found (3, 3, 3, 4)" in msg

@@ -42,10 +42,19 @@ def test_mismatch_messages_lead_with_the_model_and_say_what_is_cut():
   config = ml_collections.ConfigDict({"model": {"name": "far"}})
   with pytest.raises(fit.CheckpointMismatchError) as e:
     fit.check_config_matches(saved, config)
-  # The model's name comes first, before its 25 other differing fields.
-  assert str(e.value).splitlines()[1].strip() == (
-      "name: checkpoint 'fqgan' vs config 'far'")
-  expected = {f"k{i:02d}": np.zeros(2) for i in range(25)}
+  # Another model: its name alone, not its 25 other differing fields.
+  assert str(e.value) == (
+      "The workdir holds a checkpoint of model 'fqgan', and this config "
+      "trains 'far': a workdir is one job's. Use a fresh --workdir.")
+  # The same model: the first 12 differences, then how many more.
+  config.model.name = "fqgan"
   with pytest.raises(fit.CheckpointMismatchError,
-                     match=r"missing \(25\): k00, .*, k19, \.\.\. 5 more"):
+                     match=r"a11: checkpoint 11 vs config \(absent\)\n  \.\.\. 13 "
+                           r"more\nUse a fresh --workdir"):
+    fit.check_config_matches(saved, config)
+  expected = {f"k{i:02d}": np.zeros((2, 3)) for i in range(25)}
+  with pytest.raises(fit.CheckpointMismatchError,
+                     match=r"it holds 0 parameters in 0 arrays, the model 150 "
+                           r"parameters in 25 arrays\.\n  missing \(25\): "
+                           r"k00, .*, k04, \.\.\. 20 more"):
     fit.compare_trees(expected, {}, "A checkpoint")

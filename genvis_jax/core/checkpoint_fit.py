@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import jax
+import numpy as np
 
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import UserError
@@ -35,6 +36,13 @@ def _shape_table(tree) -> dict[str, tuple]:
   return out
 
 
+def _size(table: dict[str, tuple]) -> str:
+  """"150.4M parameters in 412 arrays" for a ``_shape_table``."""
+  count = sum(int(np.prod(shape)) for shape in table.values())
+  n = f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count:,}"
+  return f"{n} parameters in {len(table)} arrays"
+
+
 def weights_fix(where: str) -> str:
   """``compare_trees``' advice when loading weights named by a setting
   (``where``: " (--config.x)" or ""): a fresh --workdir would not help."""
@@ -52,16 +60,19 @@ def compare_trees(expected, found, what: str,
   unexpected = sorted(set(got) - set(exp))
   misshaped = sorted(k for k in set(exp) & set(got) if exp[k] != got[k])
   if missing or unexpected or misshaped:
-    lines = [f"{what} does not match the configured model:"]
+    # The sizes first: another model size or layout shows there at once,
+    # where hundreds of key names would bury it.
+    lines = [f"{what} does not match the configured model: it holds "
+             f"{_size(got)}, the model {_size(exp)}."]
     if missing:
       lines.append(f"  missing ({len(missing)}): " +
-                   settings_lib.shorten(missing, 20))
+                   settings_lib.shorten(missing, 5))
     if unexpected:
       lines.append(f"  unexpected ({len(unexpected)}): " +
-                   settings_lib.shorten(unexpected, 20))
+                   settings_lib.shorten(unexpected, 5))
     if misshaped:
       lines.append(f"  mis-shaped ({len(misshaped)}): " + settings_lib.shorten(
-          [f"{k} expected {exp[k]} found {got[k]}" for k in misshaped], 20))
+          [f"{k} expected {exp[k]} found {got[k]}" for k in misshaped], 5))
     lines.append("  Check that --config matches the checkpoint (model size, "
                  f"codebook, image size), {fix}.")
     raise CheckpointMismatchError("\n".join(lines))
@@ -99,10 +110,16 @@ def check_config_matches(saved: dict | None, config) -> None:
   diffs = settings_lib.differences(saved["model"], current,
                                    ignore=("dtype", "remat"),
                                    names=("checkpoint", "config"))
-  # Another model altogether says more than its 20 differing fields.
-  diffs.sort(key=lambda line: not line.startswith("name:"))
+  if saved["model"].get("name") != current.get("name"):
+    # Another model altogether: its differing fields say nothing more, and
+    # its weights cannot start this one.
+    raise CheckpointMismatchError(
+        f"The workdir holds a checkpoint of model "
+        f"{saved['model'].get('name')!r}, and this config trains "
+        f"{current.get('name')!r}: a workdir is one job's. Use a fresh "
+        "--workdir.")
   if diffs:
     raise CheckpointMismatchError(
         "The workdir holds a checkpoint of a different model config:\n  " +
-        "\n  ".join(diffs) +
+        settings_lib.shorten(diffs, 12, "\n  ") +
         "\nUse a fresh --workdir, or load the weights with --config.init_from.")
