@@ -288,3 +288,18 @@ def test_incomparable_metrics_are_flagged():
   notes = generation.warn_incomparable(16, (16, 32, 512, 3), (32, 32, 64, 3))
   assert len(notes) == 2
   assert "only 16 samples" in notes[0] and "32x512" in notes[1]
+
+
+def test_a_reference_of_token_files_is_refused_naming_the_image_sources():
+  """kind=reference on a generator's config, whose data are token files:
+  one message naming the image sources (it said to point data.path at the
+  token files)."""
+  from genvis_jax.errors import ConfigError
+  from tests import pipeline_common as pc
+  config = pc.load_config("far_b.py:dual,runlocal", **{
+      "mode": "evaluate", "evaluate.kind": "reference",
+      "evaluate.inception": "/nowhere/inception.npz"})
+  with pytest.raises(ConfigError, match=r"kind=reference computes Inception "
+                     r"statistics of images, and config.data reads token "
+                     r"files.*--config.data.source=tfds"):
+    reference.evaluate(config, "/nowhere/out")

@@ -452,6 +452,12 @@ def evaluate(config, workdir: str) -> dict:
   from genvis_jax.convert import inception  # pylint: disable=import-outside-toplevel
   from genvis_jax.evaluate import report  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
+  if config.data.get("source") == "tokens":
+    raise errors.ConfigError(
+        "config.evaluate.kind=reference computes Inception statistics of "
+        "images, and config.data reads token files (this generator's "
+        "training data). Point it at the images: --config.data.source=tfds "
+        "(with data.name and data.path), image_folder (data.path) or demo.")
   if not ev.get("inception"):
     raise errors.ConfigError(
         "config.evaluate.inception is not set: the reference statistics are "
