@@ -1,6 +1,7 @@
 """Resuming a sampling run: which setting changes are refused (no model runs)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -192,3 +193,18 @@ def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):
     driver.check_settings(_parts_dir(tmp_path, _settings(), "old"),
                           _settings(devices=4))
   assert "devices" not in caplog.text
+
+
+@pytest.mark.parametrize("key", ["num_columns", "num_steps", "batch_size"])
+def test_counts_below_one_are_refused_before_loading(key, tmp_path):
+  """Named as the flag, before the weights load (init_from does not even
+  exist here) and before settings.json is written."""
+  from genvis_jax.errors import ConfigError
+  from tests import pipeline_common as pc
+  config = pc.load_config("eq_s.py:runlocal", **{
+      "mode": "sample", "init_from": "/nowhere/run",
+      "tokenizer.checkpoint": "/nowhere/tok", f"sample.{key}": 0})
+  with pytest.raises(ConfigError, match=rf"config.sample.{key}=0 must be at "
+                                        r"least 1"):
+    driver.sample_and_save(config, str(tmp_path))
+  assert not os.listdir(tmp_path)

@@ -276,6 +276,11 @@ def sample_and_save(config, workdir: str) -> dict:
   if s.num_samples < 1:
     raise errors.ConfigError(f"config.sample.num_samples={s.num_samples}: "
                              "set how many images to draw (at least 1).")
+  # Counts of the Equivariant sampler too, before anything is loaded.
+  for key in ("batch_size", "num_columns", "num_steps"):
+    if key in s and int(s[key]) < 1:
+      raise errors.ConfigError(f"config.sample.{key}={s[key]} must be at "
+                               "least 1.")
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
