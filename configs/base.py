@@ -79,8 +79,11 @@ def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
       try:
         out[key] = type(default)(value)
       except ValueError:
-        raise ValueError(f"Config argument {token!r}: {key} takes a "
-                         f"{type(default).__name__} (default {default!r}).") from None
+        kind = type(default).__name__
+        raise ValueError(
+            f"Config argument {token!r}: {key} takes "
+            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} (default "
+            f"{default!r}).") from None
       if isinstance(default, int) and out[key] <= 0:
         raise ValueError(f"Config argument {token!r}: {key} must be positive.")
   return out

@@ -44,9 +44,13 @@ def fail(message: str, exit_code: int = 1):
 
 
 def root_cause(e: BaseException) -> BaseException:
-  while e.__cause__ is not None or e.__context__ is not None:
-    e = e.__cause__ or e.__context__
-  return e
+  """The exception at the bottom of ``e``'s chain; ``raise ... from None``
+  ends the chain there (its message is the one meant for the user)."""
+  while True:
+    inner = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if inner is None:
+      return e
+    e = inner
 
 
 def flag_error_message(e: BaseException) -> str:

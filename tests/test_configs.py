@@ -33,7 +33,7 @@ def test_parse_arg():
   with pytest.raises(ValueError, match="'quad'"):   # no positional left
     base.parse_arg("dual,quad", positional=("variant",), variant="dual",
                    runlocal=False)
-  with pytest.raises(ValueError, match=r"'batch=2k'.*takes a int \(default 256\)"):
+  with pytest.raises(ValueError, match=r"'batch=2k'.*takes an int \(default 256\)"):
     base.parse_arg("batch=2k", batch=256)
   with pytest.raises(ValueError, match="'batch=0'.*must be positive"):
     base.parse_arg("batch=0", batch=256)

@@ -136,6 +136,21 @@ def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):
     cli.user_errors_exit(lambda argv: 1 / 0)([])
 
 
+def test_a_flag_error_keeps_the_message_raised_from_none():
+  """``raise ... from None`` ends the chain: the config argument's message
+  (naming the argument), not the int() error under it."""
+  from configs import base   # pylint: disable=import-outside-toplevel
+  try:
+    try:
+      base.parse_arg("batch=abc", batch=2048)
+    except ValueError as inner:   # as absl wraps a config file's error
+      raise RuntimeError("Error whilst parsing config file") from inner
+  except RuntimeError as e:
+    message = cli.flag_error_message(e)
+  assert message.endswith("ValueError: Config argument 'batch=abc': batch "
+                          "takes an int (default 2048).")
+
+
 def test_missing_token_files_say_how_to_make_them(tmp_path):
   c = demo.rar_config()
   c.data.path = str(tmp_path / "tokens-*.array_record")
