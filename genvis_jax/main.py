@@ -32,14 +32,17 @@ USAGE = ("usage: python -m genvis_jax.main --config=configs/NAME.py[:ARG] "
 
 
 def quiet_library_logs():
-  """Drops Orbax/Grain INFO chatter that would drown the training log."""
+  """Drops Orbax/Grain INFO chatter that would drown the training log, and
+  jax's INFO line about each backend it could not start (on every GPU or
+  CPU machine: "Unable to initialize backend 'tpu'")."""
   import logging as py_logging  # pylint: disable=import-outside-toplevel
 
   class _Filter(py_logging.Filter):
 
     def filter(self, record):
       return record.levelno >= py_logging.WARNING or not any(
-          s in record.pathname for s in ("/orbax/", "/grain/", "/etils/"))
+          s in record.pathname for s in ("/orbax/", "/grain/", "/etils/",
+                                         "/jax/_src/xla_bridge.py"))
 
   logging.get_absl_handler().addFilter(_Filter())
 

@@ -12,12 +12,23 @@ from PIL import Image
 
 
 def create_writer(workdir: str):
-  """TensorBoard + console on process 0; console-only elsewhere."""
+  """TensorBoard + console on process 0; console-only elsewhere (clu's
+  default writer, asynchronous). Hyperparameters go to TensorBoard only: in
+  the log they were the whole config on one line of several KB, which
+  ``--verbose`` logs readably."""
   # clu (and the TensorFlow it imports) only where a writer is made, so the
   # grid / uint8 helpers import on machines without TensorFlow.
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
-  return metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+  class ConsoleWriter(metric_writers.LoggingWriter):
+
+    def write_hparams(self, hparams):
+      del hparams
+
+  writers = [ConsoleWriter()]
+  if jax.process_index() == 0:
+    writers.append(metric_writers.SummaryWriter(workdir))
+  return metric_writers.AsyncMultiWriter(writers)
 
 
 class Progress:
