@@ -74,8 +74,18 @@ def test_builder_rejects_misspelt_model_key():
   m = models.build(ml_collections.ConfigDict(dict(
       name="rar", hidden_size=64, num_heads=4, mlp_ratio=2.0, seq_len=16)))
   assert (m.mlp_dim, m.seq_len, m.depth) == (128, 16, rar.RAR.depth)
-  with pytest.raises(ConfigError, match="not divisible"):
+  with pytest.raises(ConfigError, match=r"config.model.hidden_size=65 is not "
+                     r"divisible by config.model.num_heads=16"):
     models.build(ml_collections.ConfigDict(dict(name="rar", hidden_size=65)))
+  # Each generator names its settings as flags (the CLI's one line).
+  for cfg, msg in ((dict(name="far", dim=65, n_head=4),
+                    r"config.model.dim=65 is not divisible by "
+                    r"config.model.n_head=4"),
+                   (dict(name="eq_generator", hidden_size=65, num_heads=4),
+                    r"config.model.hidden_size=65 is not divisible by "
+                    r"config.model.num_heads=4")):
+    with pytest.raises(ConfigError, match=msg):
+      models.build(ml_collections.ConfigDict(cfg))
 
 
 def test_shared_base_keys_at_their_base_value_pass_a_class_without_them():

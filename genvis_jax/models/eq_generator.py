@@ -273,11 +273,12 @@ def build(cfg) -> EqGenerator:
   model = EqGenerator(**models.config_fields(cfg, EqGenerator,
                                              ignore=("seq_len",)))
   if model.hidden_size % model.num_heads:
-    raise ConfigError(f"hidden_size {model.hidden_size} is not divisible by "
-                      f"num_heads {model.num_heads}.")
+    raise ConfigError(f"config.model.hidden_size={model.hidden_size} is not "
+                      f"divisible by config.model.num_heads={model.num_heads}.")
   if (model.hidden_size // model.num_heads) % 2:
-    raise ConfigError("RoPE needs an even head dimension; got "
-                      f"{model.hidden_size // model.num_heads}.")
+    raise ConfigError(
+        "RoPE needs an even head dimension; config.model.hidden_size / "
+        f"num_heads is {model.hidden_size // model.num_heads}.")
   if model.window < 1:
     raise ConfigError(f"window must be >= 1 (keys i-window+1..i), got "
                       f"{model.window}.")

@@ -331,8 +331,9 @@ def build(cfg) -> FAR:
                                     **{k: cfg[k] for k in _FFN_RULE if k in cfg})
   model = FAR(**models.config_fields(cfg, FAR, derived=_FFN_RULE, **ffn))
   if model.dim % model.n_head:
-    raise ConfigError(f"dim {model.dim} is not divisible by n_head "
-                      f"{model.n_head}.")
+    raise ConfigError(f"config.model.dim={model.dim} is not divisible by "
+                      f"config.model.n_head={model.n_head}.")
   if model.num_codebooks < 1:
-    raise ConfigError(f"num_codebooks must be >= 1, got {model.num_codebooks}.")
+    raise ConfigError(f"config.model.num_codebooks={model.num_codebooks} "
+                      "must be at least 1.")
   return model

@@ -226,8 +226,8 @@ class FQGAN(lg.VQBase):
             f"{names}; fix model.feat_heads.")
     if self.image_size % self.factor:
       raise ConfigError(
-          f"image_size {self.image_size} is not divisible by the "
-          f"downsampling factor {self.factor}.")
+          f"config.model.image_size={self.image_size} is not divisible by "
+          f"the downsampling factor {self.factor}.")
 
   def setup(self):
     self._check_config()

@@ -358,6 +358,6 @@ def build(cfg) -> RAR:
   model = RAR(**models.config_fields(cfg, RAR, derived=("mlp_ratio",),
                                      **_mlp_dim(cfg)))
   if model.hidden_size % model.num_heads:
-    raise ConfigError(f"hidden_size {model.hidden_size} is not divisible by "
-                      f"num_heads {model.num_heads}.")
+    raise ConfigError(f"config.model.hidden_size={model.hidden_size} is not "
+                      f"divisible by config.model.num_heads={model.num_heads}.")
   return model
