@@ -565,7 +565,7 @@ def test_token_files_without_records_warn_once_with_the_copy_command(
   assert len(warned) == 1, warned
   msg = warned[0]
   assert "1 of 2 token file(s)" in msg
-  assert "train-00001-of-00002.array_record.json" in msg
+  assert "train-00001-of-00002.array_record.json is missing" in msg
   assert "train-00000-of-00002.array_record.json" not in msg
   assert "train-*.array_record.json" in msg and f"{tmp_path}/" in msg
   assert token_origin.copy_command("gs://b/t/x-*.array_record").startswith(

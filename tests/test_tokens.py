@@ -587,6 +587,9 @@ def test_one_crop_per_image_needs_the_crop_records(tmp_path):
     first = pattern.replace("{split}-*", "train-00000-of-00002")
     if settings is None:
       os.remove(first + ".json")
+    elif settings == "cut":       # a record cut short (a copy stopped)
+      with open(first + ".json", "w") as f:
+        f.write('{"settings": {"ten_')
     else:
       with open(first + ".json", "w") as f:
         f.write(json.dumps({"settings": settings, "records": records}))
@@ -594,7 +597,10 @@ def test_one_crop_per_image_needs_the_crop_records(tmp_path):
     with pytest.raises(tokens.TokenFileError, match=match):
       data.create_dataset(c, **kw)
   refused(_ten_crop_files(tmp_path / "a", 2, 2), r"no readable pretokenize "
-          r"record .*crops_per_epoch=all")
+          r"record \(.*train-00000-of-00002.array_record.json is missing\).*"
+          r"Copy the records with the files \(`cp <")
+  refused(_ten_crop_files(tmp_path / "a2", 2, 2), r"no readable pretokenize "
+          r"record \(.*\.json is damaged\)", "cut")
   refused(_ten_crop_files(tmp_path / "b", 2, 2), "written without ten-crop",
           {"ten_crop": False, "mirrored": True}, 10)
   refused(_ten_crop_files(tmp_path / "c", 2, 2), r"holds 10 records and its "

@@ -57,14 +57,18 @@ def crops_per_image(pattern: str) -> int:
          "(config.pretokenize.ten_crop=True), or train on every record "
          "(--config.data.crops_per_epoch=all)")
   for path, record in found.items():
-    settings = (record or {}).get("settings") or {}
-    if settings.get("ten_crop") is not True:
-      what = ("was written without ten-crop" if record else
-              f"has no readable pretokenize record ({path}.json; "
-              f"{copy_command(pattern)} copies them)")
+    if record is None:
       raise TokenFileError(
-          f"{path} {what}; config.data.crops_per_epoch='one' draws one of "
-          f"each image's ten consecutive crop records. Then {fix}.")
+          f"{path} has no readable pretokenize record ({path}.json "
+          f"{_absent_or_damaged(path)}); config.data.crops_per_epoch='one' "
+          "reads there that the file holds each image's ten crops as "
+          f"consecutive records. Copy the records with the files "
+          f"(`{copy_command(pattern)}`), or pre-tokenize again.")
+    if (record.get("settings") or {}).get("ten_crop") is not True:
+      raise TokenFileError(
+          f"{path} was written without ten-crop; config.data.crops_per_epoch="
+          "'one' draws one of each image's ten consecutive crop records. "
+          f"Then {fix}.")
     n, held = record.get("records"), count_records(path)
     if n != held or held % 10:
       raise TokenFileError(
@@ -217,6 +221,12 @@ def copy_command(pattern: str) -> str:
           f"<pretokenize output folder>/{name}.json {folder}/")
 
 
+def _absent_or_damaged(path: str) -> str:
+  """Why the record of token file ``path`` was not read."""
+  return ("is damaged" if epath.Path(path + ".json").exists()
+          else "is missing")
+
+
 def _warn_missing_records(pattern: str,
                           records: dict[str, dict | None]) -> None:
   """Warns, once per process and set of files, when token files have no
@@ -227,10 +237,11 @@ def _warn_missing_records(pattern: str,
   missing = tuple(sorted(p for p, r in records.items() if r is None))
   if not missing:
     return
-  names = ", ".join(os.path.basename(p) + ".json" for p in missing[:3])
+  names = ", ".join(f"{os.path.basename(p)}.json {_absent_or_damaged(p)}"
+                    for p in missing[:3])
   _warn_once(
       "config.data.path=%r: %d of %d token file(s) have no readable record "
-      "beside them (missing %s%s). Pretokenize writes <file>.array_record.json "
+      "beside them (%s%s). Pretokenize writes <file>.array_record.json "
       "next to each file; without it training cannot check which tokenizer "
       "weights and code layout wrote the codes, the codebook size or the "
       "largest label, and trains on them unchecked. Copy the records with "
