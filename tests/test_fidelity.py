@@ -12,6 +12,7 @@ The official formulas are re-stated here from their definitions (PIL, OpenCV's
 resize and numpy), independently of the code under test.
 """
 
+import json
 import os
 
 import jax
@@ -327,7 +328,7 @@ def _encode(model_cfg, params, images):
   return np.asarray(fn(params, images))
 
 
-def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
+def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys):
   m = _tiny_fqgan_bf16()
   params = _random_params(m, 0)
   weights_lib.save_params(str(tmp_path / "tok"), params)
@@ -376,6 +377,15 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path):
   with pytest.raises(errors.OutputExistsError,
                      match=r"examples.count: 4 -> 5, examples.files_sha256"):
     pretokenize.pretokenize(c, str(tmp_path))
+  # An unreadable file is skipped, and the summary and record count it.
+  (root / "a" / "broken.png").write_bytes(b"not an image")
+  c.pretokenize.overwrite = True
+  capsys.readouterr()
+  assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 50
+  assert ("(5 images, 1 unreadable files skipped, ten-crop)"
+          in capsys.readouterr().out)
+  with open(path + ".json") as f:
+    assert json.load(f)["skipped_files"] == 1
   with pytest.raises(KeyboardInterrupt):
     with tokens.TokenWriter(str(tmp_path / "cut.array_record")) as w:
       w.write(0, np.zeros(4, np.int32))

@@ -384,12 +384,14 @@ def pretokenize(config, workdir: str) -> dict:
                      info.num_examples_per_process, rate)
   # The file's hash, so a later run reuses it only if no byte changed; its
   # largest label, checked against the classes of the model it trains.
+  skipped = info.num_skipped
   epath.Path(path + ".json").write_text(json.dumps(
       {"settings": settings, "records": writer.count, "images": n_images,
        "remainder_kept": True, "sha256": writer.sha256,
-       "max_label": int(max_label)},
+       "max_label": int(max_label), "skipped_files": skipped},
       indent=1, sort_keys=True))
   msg = (f"wrote {writer.count} token records ({n_images} images, "
+         f"{f'{skipped} unreadable files skipped, ' if skipped else ''}"
          f"{'ten-crop' if p.ten_crop else 'centre crop + mirror'}) to {path}; "
          f"train with --config.data.path='{pattern}'")
   logging.info(msg)
