@@ -130,6 +130,7 @@ def runlocal(c):
   """Shrinks sizes, steps, batch and data only (see the module docstring)."""
   runlocal_model(c.model, c.tokenizer.model.num_codes)
   c.data.num_classes = 10
+  c.data.image_size = c.tokenizer.model.image_size   # as for RAR's runlocal
   base.runlocal_train(c.train, steps=20, batch=16)
   c.sample.num_samples = 16
   c.sample.batch_size = 8

@@ -122,6 +122,7 @@ def runlocal(c):
   c.tokenizer.config_file = "configs/maskgit_vqgan.py:runlocal"
   c.data.num_classes = 10
   c.data.seq_len = 64
+  c.data.image_size = 32   # the images behind the tokens (a reference of them)
   t = base.runlocal_train(c.train, steps=20, batch=16)
   # The paper's schedule points as fractions of its 250k steps.
   t.randomness_anneal_start = t.num_steps // 2

@@ -88,6 +88,10 @@ def test_runlocal_shrinks_only_sizes(spec):
   images = local.pretokenize.data if paper.data.source == "tokens" else local.data
   assert local.data.source == paper.data.source or images is local.data
   assert images.source.startswith("demo") and images.image_size <= 32
+  # Images it names (a reference of them, a tokenizer's) are that size too.
+  assert local.data.image_size == images.image_size
+  if "image_size" in local.get("tokenizer", {}).get("model", {}):
+    assert local.tokenizer.model.image_size == images.image_size
   assert local.train.num_steps <= 100 and local.train.global_batch_size <= 16
   assert local.train.num_steps < paper.train.num_steps
   assert _param_count(local.model) < 2_000_000 < _param_count(paper.model)
