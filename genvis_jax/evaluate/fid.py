@@ -29,6 +29,10 @@ from scipy import linalg
 
 # --- Fréchet distance --------------------------------------------------------------
 
+# Inception's pool features: below this many images their covariance is
+# rank-deficient, and FID is not comparable with published numbers.
+FEATURE_DIM = 2048
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   """max(0, ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))) in float64.
 
@@ -43,12 +47,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
                      f"{mu2.shape}, sigma {s1.shape} vs {s2.shape}. Both sides "
                      "must come from the same feature layer.")
   diff = mu1 - mu2
-  covmean = linalg.sqrtm(s1.dot(s2))
-  if not np.isfinite(covmean).all():
-    warnings.warn(f"FID: singular product; adding {eps} to the covariance "
-                  "diagonals.")
-    offset = np.eye(s1.shape[0]) * eps
-    covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
+  with warnings.catch_warnings():
+    # A singular product (fewer images than dimensions) is handled below;
+    # scipy's own warning would print its source line besides.
+    warnings.simplefilter("ignore", linalg.LinAlgWarning)
+    covmean = linalg.sqrtm(s1.dot(s2))
+    if not np.isfinite(covmean).all():
+      warnings.warn(f"FID: singular product; adding {eps} to the covariance "
+                    "diagonals.")
+      offset = np.eye(s1.shape[0]) * eps
+      covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
       raise ValueError(f"FID: sqrtm has an imaginary component of "

@@ -165,8 +165,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
   }
 
 
-# Below this many samples the (2048-d pool) covariance is rank-deficient.
-MIN_COMPARABLE = 2048
+MIN_COMPARABLE = fid_lib.FEATURE_DIM
 
 
 def warn_incomparable(count: int, sample_shape, reference_shape=None) -> list[str]:

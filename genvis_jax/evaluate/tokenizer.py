@@ -385,6 +385,12 @@ def evaluate(config, workdir: str) -> dict:
     results["rfid"] = fid_lib.frechet_distance(*rstats[0].result(),
                                                *rstats[1].result())
     results["rfid_preprocess"] = preprocess
+    if n < fid_lib.FEATURE_DIM:
+      logging.warning(
+          "rFID of only %d images: with fewer than %d the feature covariance "
+          "is rank-deficient, so it is not comparable with published numbers "
+          "(the protocols use the 50,000 validation images).", n,
+          fid_lib.FEATURE_DIM)
   gx, gy = np.concatenate(grid_x)[:32], np.concatenate(grid_y)[:32]
   pairs = np.stack([gx, gy], 1).reshape(-1, *gx.shape[1:])
   grid = metrics_lib.make_grid(pairs, ncols=8)
