@@ -151,6 +151,19 @@ def test_a_flag_error_keeps_the_message_raised_from_none():
                           "takes an int (default 2048).")
 
 
+def test_a_generator_that_encodes_its_images_needs_the_tokenizer(tmp_path):
+  """Refused before the workdir is written (the first step failed, leaving
+  a TensorBoard file)."""
+  from genvis_jax.errors import ConfigError
+  from genvis_jax.train import trainer as trainer_lib
+  from tests import pipeline_common as pc
+  with pytest.raises(ConfigError, match=r"eq_generator task trains on its "
+                     r"images' latents .*set --config.tokenizer.checkpoint"):
+    trainer_lib.train_and_evaluate(pc.load_config("eq_s.py:runlocal"),
+                                   str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 def test_missing_token_files_say_how_to_make_them(tmp_path):
   c = demo.rar_config()
   c.data.path = str(tmp_path / "tokens-*.array_record")

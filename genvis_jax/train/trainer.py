@@ -60,6 +60,14 @@ def setup(config, *, mesh=None, devices=None):
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
   task = tasks_lib.get_task(config)
+  if task.encodes_with_tokenizer and not config.tokenizer.get("checkpoint"):
+    # The data pipeline gives images, which the step encodes: without the
+    # tokenizer the first step would fail, after the workdir was written.
+    raise errors.ConfigError(
+        f"The {config.task} task trains on its images' latents from the "
+        "frozen tokenizer, and config.tokenizer.checkpoint is not set: set "
+        "--config.tokenizer.checkpoint to a genvis_jax.convert output or an "
+        "eq_tokenizer training workdir.")
   return mesh, task
 
 
