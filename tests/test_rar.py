@@ -366,6 +366,11 @@ def test_task_optimizer_and_image_writers(tmp_path):
   opt = task.optimizers()["model"]
   jax.eval_shape(opt.init, shapes["model"])  # builds with the no-decay mask
   imgs = np.random.RandomState(0).randint(0, 255, (5, 8, 6, 3)).astype(np.uint8)
+  # Ten square (or tall) images per row, five 2x-wide ones, one 8x- or
+  # 16x-wide one: never a strip of ten wide images.
+  assert [images.grid_columns(h, w) for h, w in
+          ((256, 256), (32, 512), (256, 2048), (32, 64), (64, 32))] == \
+      [10, 1, 1, 5, 10]
   path = images.save_grid(imgs, str(tmp_path / "grid.png"), ncols=3)
   grid = np.asarray(Image.open(path))
   assert grid.shape == (2 * 10 + 2, 3 * 8 + 2, 3)

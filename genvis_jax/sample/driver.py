@@ -257,7 +257,7 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
           "delete that folder to start over.")
     if parts and old.get("devices") not in (None, settings.get("devices")):
       logging.warning(
-          "%s holds %d sample parts drawn on %d devices and this run has %d: "
+          "%s holds %d sample parts drawn on %d device(s) and this run has %d: "
           "the same keys and weights, but each device's share of a batch "
           "differs, so float rounding may change a few tokens against an "
           "uninterrupted run.", parts_dir, len(parts), old["devices"],
@@ -407,6 +407,7 @@ def assemble(workdir: str, num_samples: int) -> dict:
   labels = np.concatenate(labels)[:num_samples]
   images_lib.save_npz(out["npz"], images, labels)
   order = np.argsort(labels[:100], kind="stable")
-  images_lib.save_grid(images[:100][order], out["png"], ncols=10)
+  images_lib.save_grid(images[:100][order], out["png"],
+                       ncols=images_lib.grid_columns(*images.shape[1:3]))
   print(f"[sample] wrote {out['npz']} and {out['png']}", flush=True)
   return out

@@ -117,6 +117,13 @@ def make_grid(images_uint8, ncols: int | None = None, pad: int = 2):
   return metrics.make_grid(_check_uint8(images_uint8), ncols, pad)
 
 
+def grid_columns(height: int, width: int, square: int = 10) -> int:
+  """Columns of a sample grid: ``square`` for square images, fewer for wide
+  ones so a row stays about as wide as ``square`` square images (one 8x-wide
+  Equivariant sample per row, not ten in a strip)."""
+  return max(1, min(square, round(square * height / width)))
+
+
 def save_grid(images_uint8, path: str, ncols: int | None = None) -> str:
   """Writes a PNG grid of the images; returns ``path``."""
   from PIL import Image
