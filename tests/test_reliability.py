@@ -71,6 +71,8 @@ def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path,
   # The resume says what it changed (the base run trained 6 steps).
   assert ("config differs from the checkpoint's; it continues with this run's "
           "values:\n  train.num_steps: checkpoint 6 vs this run 9") in caplog.text
+  assert ("Removing the leftovers of unfinished saves (a run stopped while "
+          "writing them): 9.orbax-checkpoint-tmp-1700000000") in caplog.text
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6", "9"]
   for a, b in zip(full, leaves(resumed)):
     np.testing.assert_array_equal(a, b)

@@ -169,6 +169,13 @@ class Checkpointer:
     # grain lazily: sampling / evaluation / benchmarks import this module on
     # machines without grain.
     import grain  # pylint: disable=import-outside-toplevel
+    if jax.process_index() == 0:
+      leftovers = sorted(p.name for p in self.directory.glob(
+          "*.orbax-checkpoint-tmp*")) if self.directory.exists() else []
+      if leftovers:   # a run that starts over from an older step says why
+        logging.warning("Removing the leftovers of unfinished saves (a run "
+                        "stopped while writing them): %s under %s.",
+                        ", ".join(leftovers), self.directory)
     manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
