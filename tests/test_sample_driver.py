@@ -186,7 +186,7 @@ def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):
     driver.check_settings(d, _settings(devices=8))
     assert "devices" not in caplog.text
     driver.check_settings(d, _settings(devices=4))
-  assert "drawn on 8 devices and this run has 4" in caplog.text
+  assert "drawn on 8 device(s) and this run has 4" in caplog.text
   # Parts from before the count was recorded resume silently.
   caplog.clear()
   with caplog.at_level(logging.WARNING):
