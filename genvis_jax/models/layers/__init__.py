@@ -78,12 +78,59 @@ def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides=1,
                  bias_init=named(zeros, ("conv_out",)), name=name)
 
 
+# GroupNorm on a map that is spatially constant per channel: along spatially
+# varying directions its input gradient is scale / sqrt(var_group + eps) times
+# the incoming one, 1000x at eps 1e-6 where a group holds one channel. A
+# uniform image through reflect-padded convs (Equivariant tokenizer) keeps
+# every encoder map constant, so these factors compound (encoder gradients
+# 1e17 / NaN on a black image at the runlocal width, 32 channels). In exact
+# arithmetic that spatially varying, zero-mean field meets only constant
+# activations and adds 0 to every weight gradient; float sums leave ~1e-7 of
+# it (forward-mode derivatives stay O(1)). So for such an image the input
+# gradient keeps only its spatial mean: exact when the layers before are
+# constant too (a uniform image); the forward is untouched.
+_CONSTANT_RTOL = 4 * float(jnp.finfo(jnp.float32).eps)
+
+
+def _spatially_constant(x):
+  """(B, ..., C) -> (B,) bool: every channel of the image holds one value (to a
+  few float32 ulps, in case a conv rounds border outputs differently)."""
+  g = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
+  hi, lo = jnp.max(g, axis=1), jnp.min(g, axis=1)
+  tol = _CONSTANT_RTOL * jnp.maximum(jnp.abs(hi), jnp.abs(lo))
+  return jnp.all(hi - lo <= tol, axis=-1)
+
+
+@jax.custom_jvp
+def constant_map_grads(x):
+  """Identity on x (B, ..., C); on images whose channels are each spatially
+  constant in x its derivative keeps only the spatial mean (see above)."""
+  return x
+
+
+@constant_map_grads.defjvp
+def _constant_map_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  const = _spatially_constant(x).reshape((-1,) + (1,) * (x.ndim - 1))
+  axes = tuple(range(1, x.ndim - 1))
+  # Linear in t (reverse mode transposes it to the same projection).
+  return x, jnp.where(const, jnp.mean(t, axis=axes, keepdims=True), t)
+
+
+class GroupNorm(nn.GroupNorm):
+  """``nn.GroupNorm`` (same parameters, same outputs) with
+  ``constant_map_grads`` on its input."""
+
+  def __call__(self, x, *, mask=None):
+    return super().__call__(constant_map_grads(x), mask=mask)
+
+
 def group_norm(num_groups=32, epsilon=1e-6, *, dtype=None,
-               param_dtype=jnp.float32, name=None) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
-                      param_dtype=param_dtype,
-                      scale_init=named(ones, ("norm",)),
-                      bias_init=named(zeros, ("norm",)), name=name)
+               param_dtype=jnp.float32, name=None) -> GroupNorm:
+  return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+                   param_dtype=param_dtype,
+                   scale_init=named(ones, ("norm",)),
+                   bias_init=named(zeros, ("norm",)), name=name)
 
 
 def layer_norm(epsilon=1e-6, *, use_scale=True, use_bias=True,
