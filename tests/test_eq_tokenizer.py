@@ -1,6 +1,8 @@
 """Equivariant column tokenizer, its training task and the DINO discriminator
 (tiny configs on CPU)."""
 
+from unittest import mock
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from genvis_jax.convert import dino_vit
 from genvis_jax.convert.eq import official_to_flax
 from genvis_jax.models import dino_disc
 from genvis_jax.models import eq_tokenizer as eqt
+from genvis_jax.models import layers
 from genvis_jax.models.layers import resample
 from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train import step as step_lib
@@ -147,7 +150,7 @@ def test_uniform_image_gradients_are_finite():
   one channel per GroupNorm group (32 channels) each norm's input gradient
   would be 1000x its spatial variation, compounding (without
   ``layers.constant_map_grads``: max |grad| ~1e16 here, 1e17 / NaN at the
-  runlocal size)."""
+  runlocal size). The other tokenizers do not guard (zero padding)."""
   cfg = mini_model()
   model = models.build(cfg)
   params = np_init(abstract_params(cfg))
@@ -165,6 +168,21 @@ def test_uniform_image_gradients_are_finite():
                         for g in jax.tree_util.tree_leaves(grad)]).max(0)
   assert np.all(np.isfinite(per_image))
   assert per_image[1:].max() < 100 * per_image[0], per_image
+  # Exact, not just finite: along a random direction the black image's
+  # gradient equals the plain GroupNorm's forward-mode derivative (forward
+  # mode meets no 1000x factor), and the random image's gradient is the
+  # plain one (to rounding: the compiled program differs).
+  leaves = jax.tree_util.tree_leaves
+  v = jax.tree_util.tree_map(
+      lambda a: jax.random.normal(jax.random.key(5), a.shape), params)
+  along = sum(float(jnp.vdot(g[1], t)) for g, t in zip(leaves(grad), leaves(v)))
+  with mock.patch.object(layers, "GroupNorm", nn.GroupNorm):
+    plain_along = float(jax.jit(lambda p, t: jax.jvp(
+        lambda q: loss(q, x[1:2]), (p,), (t,))[1])(params, v))
+    plain = jax.jit(jax.grad(loss))(params, x[:1])
+  assert along == pytest.approx(plain_along, rel=1e-3), (along, plain_along)
+  for g, want in zip(leaves(grad), leaves(plain)):
+    np.testing.assert_allclose(g[0], want, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_inputs_name_the_fix(tiny):

@@ -87,8 +87,12 @@ def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides=1,
 # arithmetic that spatially varying, zero-mean field meets only constant
 # activations and adds 0 to every weight gradient; float sums leave ~1e-7 of
 # it (forward-mode derivatives stay O(1)). So for such an image the input
-# gradient keeps only its spatial mean: exact when the layers before are
-# constant too (a uniform image); the forward is untouched.
+# gradient keeps only its spatial mean: exact for the weight gradients when
+# the layers before are constant too (a uniform image); the forward is
+# untouched. Opt-in (``uniform_guard``), for the reflect-padded Equivariant
+# tokenizer only: zero-padded CNNs keep no map constant, and where an input
+# gradient itself is used (a discriminator's, for the generator) a constant
+# map need not come from constant layers.
 _CONSTANT_RTOL = 4 * float(jnp.finfo(jnp.float32).eps)
 
 
@@ -126,11 +130,14 @@ class GroupNorm(nn.GroupNorm):
 
 
 def group_norm(num_groups=32, epsilon=1e-6, *, dtype=None,
-               param_dtype=jnp.float32, name=None) -> GroupNorm:
-  return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
-                   param_dtype=param_dtype,
-                   scale_init=named(ones, ("norm",)),
-                   bias_init=named(zeros, ("norm",)), name=name)
+               param_dtype=jnp.float32, uniform_guard: bool = False,
+               name=None) -> nn.GroupNorm:
+  """``nn.GroupNorm`` (torch's defaults of the tokenizers' CNNs);
+  ``uniform_guard``: the ``GroupNorm`` above, same parameters and outputs."""
+  cls = GroupNorm if uniform_guard else nn.GroupNorm
+  return cls(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+             param_dtype=param_dtype, scale_init=named(ones, ("norm",)),
+             bias_init=named(zeros, ("norm",)), name=name)
 
 
 def layer_norm(epsilon=1e-6, *, use_scale=True, use_bias=True,

@@ -119,7 +119,9 @@ class UpsampleResidual(nn.Module):
     return res + pixel_shuffle(jnp.repeat(x, g, axis=-1), self.factors)
 
 
-REFLECT = FrozenDict(padding="reflect")   # the ResnetBlock option of this CNN
+# The ResnetBlock options of this CNN. Reflect padding keeps a uniform image's
+# maps constant: its GroupNorms guard their gradients (layers.GroupNorm).
+REFLECT = FrozenDict(padding="reflect", uniform_guard=True)
 
 
 @functools.lru_cache(maxsize=None)

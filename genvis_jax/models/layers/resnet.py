@@ -17,6 +17,8 @@ Module names say what they are (``norm1``, ``conv1``, ``shortcut``, ``q``,
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import flax.linen as nn
@@ -90,6 +92,7 @@ class ResnetBlock(nn.Module):
   padding: str = "torch"
   use_bias: bool = True
   shortcut_from: str = "input"
+  uniform_guard: bool = False     # layers.group_norm's (reflect padding)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -102,9 +105,11 @@ class ResnetBlock(nn.Module):
     conv = lambda t, name, k=3: conv2d(
         t, self.out_channels, name, kernel_size=k, padding=self.padding,
         use_bias=self.use_bias, **kw)
-    h = nn.swish(layers.group_norm(name="norm1", **kw)(x))
+    norm = functools.partial(layers.group_norm,
+                             uniform_guard=self.uniform_guard, **kw)
+    h = nn.swish(norm(name="norm1")(x))
     h = conv(h, "conv1")
-    h = nn.swish(layers.group_norm(name="norm2", **kw)(h))
+    h = nn.swish(norm(name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(h, "conv2")
     if x.shape[-1] == self.out_channels:
@@ -122,6 +127,7 @@ class AttnBlock(nn.Module):
   fp32 logits, 1x1-conv ``proj_out``. ``train`` is unused (no dropout); it keeps
   the signature of ``ResnetBlock`` so both remat alike.
   """
+  uniform_guard: bool = False     # layers.group_norm's (reflect padding)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -130,7 +136,8 @@ class AttnBlock(nn.Module):
     del train
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, h, w, c = x.shape
-    y = layers.group_norm(name="norm", **kw)(x)
+    y = layers.group_norm(uniform_guard=self.uniform_guard, name="norm",
+                          **kw)(x)
     q, k, v = (layers.conv(c, 1, name=n, **kw)(y).reshape(b, h * w, 1, c)
                for n in ("q", "k", "v"))
     out = dot_product_attention(q, k, v, scale=c ** -0.5).reshape(b, h, w, c)
@@ -169,7 +176,9 @@ def mid_stack(x: jax.Array, train: bool, *, block=FrozenDict(),
   res = remat_block(ResnetBlock, remat)
   c = x.shape[-1]
   x = res(c, dropout, **block, name=names[0], **kw)(x, train)
-  x = remat_block(AttnBlock, remat)(name=names[1], **kw)(x, train)
+  x = remat_block(AttnBlock, remat)(
+      uniform_guard=block.get("uniform_guard", False), name=names[1],
+      **kw)(x, train)
   return res(c, dropout, **block, name=names[2], **kw)(x, train)
 
 
@@ -220,7 +229,8 @@ class Level(nn.Module):
       x = res(self.out_channels, self.dropout, **self.block,
               name=f"{self.block_name}_{j}", **kw)(x, train)
       if self.attn:
-        x = attn(name=f"attn_{j}", **kw)(x, train)
+        x = attn(uniform_guard=self.block.get("uniform_guard", False),
+                 name=f"attn_{j}", **kw)(x, train)
     if self.resample is None:
       return x, x
     name, resampler = self.resample
