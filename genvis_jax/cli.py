@@ -158,8 +158,9 @@ def user_errors_exit(main):
         # once (os._exit): an interpreter shutdown under a checkpoint save
         # still writing in Orbax's threads crashed (a segfault, or their
         # tracebacks); the next run removes what that save left.
+        sys.stdout.flush()
         if verbose():
-          raise
+          traceback.print_exc()
         print("Error: Stopped by Ctrl-C. Nothing half-written is kept under "
               "its final name; run the same command again (training resumes "
               "from its last saved checkpoint, sampling after its last "
@@ -186,7 +187,8 @@ OOM_HINT = (
     "config.train.micro_batches (training; config.model.remat=full also "
     "helps), config.sample.batch_size (sampling; for the Equivariant "
     "generator also fewer config.sample.num_columns), config.evaluate."
-    "batch_size; or more devices. bench/plan_memory.py estimates a training "
+    "batch_size, config.pretokenize.device_batch (pre-tokenizing); or more "
+    "devices. bench/plan_memory.py estimates a training "
     "config's memory per device.")
 
 

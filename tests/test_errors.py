@@ -116,7 +116,14 @@ def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
   # under a checkpoint save in flight crashed.
   monkeypatch.setattr(cli, "_distributed", lambda: False)
   cli.user_errors_exit(ctrl_c)([])
-  assert exits[-1] == 130 and "Stopped by Ctrl-C" in capsys.readouterr().err
+  assert exits == [1, 1, 0, 1, 130, 130]
+  assert "Stopped by Ctrl-C" in capsys.readouterr().err
+  # --verbose: the traceback too, and still no interpreter shutdown.
+  monkeypatch.setenv(cli.VERBOSE_ENV, "1")
+  cli.user_errors_exit(ctrl_c)([])
+  err = capsys.readouterr().err
+  assert exits[-1] == 130 and len(exits) == 7
+  assert "KeyboardInterrupt" in err and "Stopped by Ctrl-C" in err
 
 
 def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):

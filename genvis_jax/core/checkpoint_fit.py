@@ -107,9 +107,6 @@ def check_config_matches(saved: dict | None, config) -> None:
   if not saved or "model" not in saved:
     return
   current = json.loads(config.model.to_json_best_effort())
-  diffs = settings_lib.differences(saved["model"], current,
-                                   ignore=("dtype", "remat"),
-                                   names=("checkpoint", "config"))
   if saved["model"].get("name") != current.get("name"):
     # Another model altogether: its differing fields say nothing more, and
     # its weights cannot start this one.
@@ -118,6 +115,9 @@ def check_config_matches(saved: dict | None, config) -> None:
         f"{saved['model'].get('name')!r}, and this config trains "
         f"{current.get('name')!r}: a workdir is one job's. Use a fresh "
         "--workdir.")
+  diffs = settings_lib.differences(saved["model"], current,
+                                   ignore=("dtype", "remat"),
+                                   names=("checkpoint", "config"))
   if diffs:
     raise CheckpointMismatchError(
         "The workdir holds a checkpoint of a different model config:\n  " +

@@ -47,16 +47,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
                      f"{mu2.shape}, sigma {s1.shape} vs {s2.shape}. Both sides "
                      "must come from the same feature layer.")
   diff = mu1 - mu2
-  with warnings.catch_warnings():
-    # A singular product (fewer images than dimensions) is handled below;
-    # scipy's own warning would print its source line besides.
-    warnings.simplefilter("ignore", linalg.LinAlgWarning)
+  with warnings.catch_warnings(record=True) as scipy_warnings:
+    # scipy's own warning prints its source line; said here in FID's words.
+    warnings.simplefilter("always", linalg.LinAlgWarning)
     covmean = linalg.sqrtm(s1.dot(s2))
-    if not np.isfinite(covmean).all():
-      warnings.warn(f"FID: singular product; adding {eps} to the covariance "
-                    "diagonals.")
+    finite = np.isfinite(covmean).all()
+    if not finite:
       offset = np.eye(s1.shape[0]) * eps
       covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
+  for w in scipy_warnings:   # any other warning, as it came
+    if not issubclass(w.category, linalg.LinAlgWarning):
+      warnings.warn(w.message, w.category)
+  if not finite:
+    warnings.warn(f"FID: singular product; adding {eps} to the covariance "
+                  "diagonals.")
+  elif any(issubclass(w.category, linalg.LinAlgWarning)
+           for w in scipy_warnings):
+    warnings.warn("FID: the covariance product is singular (fewer images "
+                  "than feature dimensions?); its square root may be "
+                  "inaccurate.")
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
       raise ValueError(f"FID: sqrtm has an imaginary component of "

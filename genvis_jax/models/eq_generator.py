@@ -278,10 +278,10 @@ def build(cfg) -> EqGenerator:
   if (model.hidden_size // model.num_heads) % 2:
     raise ConfigError(
         "RoPE needs an even head dimension; config.model.hidden_size / "
-        f"num_heads is {model.hidden_size // model.num_heads}.")
+        f"config.model.num_heads is {model.hidden_size // model.num_heads}.")
   if model.window < 1:
-    raise ConfigError(f"window must be >= 1 (keys i-window+1..i), got "
-                      f"{model.window}.")
+    raise ConfigError(f"config.model.window={model.window} must be at least 1 "
+                      "(query i attends to keys i-window+1..i).")
   return model
 
 

@@ -226,8 +226,9 @@ class FQGAN(lg.VQBase):
             f"{names}; fix model.feat_heads.")
     if self.image_size % self.factor:
       raise ConfigError(
-          f"config.model.image_size={self.image_size} is not divisible by "
-          f"the downsampling factor {self.factor}.")
+          f"The FQGAN image_size {self.image_size} (config.model, or "
+          f"config.tokenizer.model for FAR) is not divisible by the "
+          f"downsampling factor {self.factor}.")
 
   def setup(self):
     self._check_config()
