@@ -236,6 +236,15 @@ def test_training_checks_token_bytes_before_the_first_step(tmp_path,
                      match=r"1 token file\(s\) no longer hold .*"
                            r"train-00002-of-00003.array_record\..*overwrite=True"):
     token_origin.check_training_files(config)
+  # A file that cannot be read is named as such, not as damaged.
+  def gone(path):
+    raise FileNotFoundError(f"no such object: {path}")
+  monkeypatch.setattr(token_origin, "file_sha256", gone)
+  monkeypatch.setattr(token_origin, "_VERIFIED", {})
+  with pytest.raises(data.TokenFileError,
+                     match=r"^3 token file\(s\) could not be read to check "
+                           r"them: .*FileNotFoundError: no such object"):
+    token_origin.check_training_files(config)
   config.data.verify_checksums = False
   token_origin.check_training_files(config)
 

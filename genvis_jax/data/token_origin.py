@@ -12,6 +12,7 @@ against the SHA-256 their records hold (:func:`verify_checksums`).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from genvis_jax.core import multihost
+from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data.tokens import (TokenFileError, check_shard_sets,
                                     count_records, file_sha256, glob_files,
@@ -31,8 +33,12 @@ from genvis_jax.errors import ConfigError
 def _records(pattern: str) -> dict[str, dict | None]:
   """``{file: its record}`` for the files matching ``pattern`` (each
   ``<file>.json``; None where there is no readable record)."""
+  return _read_records(glob_files(pattern))
+
+
+def _read_records(paths) -> dict[str, dict | None]:
   out = {}
-  for path in glob_files(pattern):
+  for path in paths:
     try:
       record = json.loads(epath.Path(path + ".json").read_text())
     except (OSError, ValueError):   # no record, a damaged one
@@ -165,37 +171,57 @@ _VERIFIED: dict[str, str] = {}
 
 def verify_checksums(pattern: str) -> None:
   """Hashes this process's share of the token files matching ``pattern``
-  (every ``process_count``-th file, so a pod reads the data once) and
-  compares each with the SHA-256 in its record. Files whose record has no
+  (every ``process_count``-th of its sorted listing, so a pod reads the data
+  once; several files at a time) and compares each with the SHA-256 in its
+  record. Only the share's records are read. Files whose record has no
   ``sha256`` (written before records held one, or without a record) are not
   checked. A file is hashed once per process.
 
   Raises:
-    TokenFileError: naming every file of the share that differs, and how to
-      write it again. A damaged record would otherwise be found only by the
-      step that reads it, after the steps since the last checkpoint.
+    TokenFileError: naming every file of the share that differs or cannot
+      be read, and how to write it again. A damaged record would otherwise
+      be found only by the step that reads it, after the steps since the
+      last checkpoint.
   """
-  found = _records(pattern)
-  files = sorted(found)[jax.process_index()::jax.process_count()]
-  todo = [(f, found[f]["sha256"]) for f in files
-          if found[f] and found[f].get("sha256")
-          and _VERIFIED.get(f) != found[f]["sha256"]]
+  files = sorted(glob_files(pattern))[jax.process_index()::jax.process_count()]
+  todo = []
+  for path, record in _read_records(files).items():
+    want = (record or {}).get("sha256")
+    if want and _VERIFIED.get(path) != want:
+      todo.append((path, want))
   if not todo:
     return
-  start, size, bad = time.monotonic(), 0, []
-  for path, want in todo:
-    size += epath.Path(path).stat().length
-    if file_sha256(path) != want:
-      bad.append(path)
-    else:
+
+  def check(item):
+    path, want = item
+    try:
+      return path, epath.Path(path).stat().length, file_sha256(path) == want, ""
+    except OSError as e:   # a listing that changed, storage that failed
+      return path, 0, False, f"{type(e).__name__}: {e}"
+
+  start = time.monotonic()
+  # Threads: hashlib and the reads release the GIL (gs:// reads overlap).
+  with concurrent.futures.ThreadPoolExecutor(min(8, len(todo))) as pool:
+    results = list(pool.map(check, todo))
+  differ = [p for p, _, ok, why in results if not ok and not why]
+  unread = [f"{p} ({why})" for p, _, ok, why in results if why]
+  for (path, want), (_, _, ok, _) in zip(todo, results):
+    if ok:
       _VERIFIED[path] = want
-  if bad:
-    raise TokenFileError(
-        f"{len(bad)} token file(s) no longer hold the bytes their records' "
-        f"SHA-256 was computed on: {', '.join(bad[:5])}"
-        f"{' ...' if len(bad) > 5 else ''}. " + rewrite_hint(bad[0]))
+  if differ or unread:
+    parts = []
+    if differ:
+      parts.append(f"{len(differ)} token file(s) no longer hold the bytes "
+                   "their records' SHA-256 was computed on: "
+                   f"{settings_lib.shorten(differ, 5)}")
+    if unread:
+      parts.append(f"{len(unread)} token file(s) could not be read to check "
+                   f"them: {settings_lib.shorten(unread, 5)}")
+    raise TokenFileError("; ".join(parts) + ". " +
+                         rewrite_hint((differ or [todo[0][0]])[0]))
   logging.info("Checked the SHA-256 of %d token file(s) (%.2f GB) in %.1f s.",
-               len(todo), size / 1e9, time.monotonic() - start)
+               len(todo), sum(r[1] for r in results) / 1e9,
+               time.monotonic() - start)
 
 
 # Warnings already logged in this process: a run builds its training
