@@ -20,6 +20,7 @@ import traceback
 from absl import flags
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax.errors import UserError
 
 VERBOSE_ENV = "GENVIS_VERBOSE"
@@ -161,11 +162,8 @@ def user_errors_exit(main):
         sys.stdout.flush()
         if verbose():
           traceback.print_exc()
-        print("Error: Stopped by Ctrl-C. Nothing half-written is kept under "
-              "its final name; run the same command again (training resumes "
-              "from its last saved checkpoint, sampling after its last "
-              "written batch).", file=sys.stderr)
-        exit_now(130)
+        print(f"Error: {errors.CTRL_C_MESSAGE}", file=sys.stderr)
+        exit_now(errors.CTRL_C_EXIT)
     except BaseException as e:  # pylint: disable=broad-except
       if not _distributed():
         raise

@@ -67,3 +67,12 @@ class CheckpointFileNotFoundError(UserError, FileNotFoundError):
 
 class WeightKeyError(UserError, KeyError):
   """``--key`` names an entry the checkpoint does not have."""
+
+
+# What a run stopped at once by Ctrl-C says (the CLI, and the trainer's
+# second Ctrl-C); 130 = 128 + SIGINT, as a shell reports it.
+CTRL_C_MESSAGE = ("Stopped by Ctrl-C. Nothing half-written is kept under its "
+                  "final name; run the same command again (training resumes "
+                  "from its last saved checkpoint, sampling after its last "
+                  "written batch).")
+CTRL_C_EXIT = 130

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from genvis_jax import cli
 from genvis_jax import cpu_malloc
 from genvis_jax import modes
+from genvis_jax.core import preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -54,6 +55,7 @@ def main(argv):
              f"--name=value.\n{USAGE}", 2)
   config = FLAGS.config
   modes.check_names(config)
+  preemption.exit_on_second_interrupt = True
   from genvis_jax.train import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize()
   quiet_library_logs()

@@ -126,6 +126,27 @@ def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
   assert "KeyboardInterrupt" in err and "Stopped by Ctrl-C" in err
 
 
+def test_a_second_ctrl_c_in_training_ends_the_command_at_once(monkeypatch,
+                                                             capsys):
+  """From the command line the process ends in the handler (one line, 130):
+  a KeyboardInterrupt unwound through a save in flight, whose threads logged
+  its traceback. Elsewhere (a notebook) it raises KeyboardInterrupt."""
+  import signal as signal_lib   # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import preemption   # pylint: disable=import-outside-toplevel
+  exits = []
+  monkeypatch.setattr(preemption.os, "_exit", exits.append)
+  stop = preemption.StopRequest()
+  stop._handle(signal_lib.SIGINT, None)     # first: stop after saving
+  assert stop.signal == "SIGINT" and not exits
+  with pytest.raises(KeyboardInterrupt):
+    stop._handle(signal_lib.SIGINT, None)
+  monkeypatch.setattr(preemption, "exit_on_second_interrupt", True)
+  stop._handle(signal_lib.SIGINT, None)
+  assert exits == [130]
+  err = capsys.readouterr().err
+  assert err.startswith("Error: Stopped by Ctrl-C.") and len(err.splitlines()) == 1
+
+
 def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):
   import jax.numpy as jnp
 

@@ -21,14 +21,23 @@ workers, stop a run with SIGTERM (``kill``), which only the trainer gets.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from genvis_jax import errors
 from genvis_jax.errors import UserError
+
+
+# Set by the command-line entry point (genvis_jax.main): a second Ctrl-C
+# ends the process at once. A notebook's or test's second interrupt raises
+# KeyboardInterrupt instead, which keeps its kernel.
+exit_on_second_interrupt = False
 
 
 class TrainingStopped(UserError, RuntimeError):
@@ -74,7 +83,16 @@ class StopRequest:
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     if self.signal is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt      # asked twice: stop now, unsaved
+      # Asked twice: stop now, unsaved. From the command line the process
+      # ends here: a KeyboardInterrupt would unwind through a checkpoint
+      # save in flight, whose threads log its traceback.
+      if exit_on_second_interrupt:
+        sys.stdout.flush()
+        logging.flush()
+        print(f"Error: {errors.CTRL_C_MESSAGE}", file=sys.stderr, flush=True)
+        os._exit(errors.CTRL_C_EXIT)  # pylint: disable=protected-access
+      else:
+        raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
     logging.warning("%s received: %s, then stopping (Ctrl-C%s stops at "
                     "once, unsaved).", self.signal, self.action,
