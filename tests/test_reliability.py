@@ -78,6 +78,24 @@ def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path,
     np.testing.assert_array_equal(a, b)
 
 
+def test_unfinished_saves_are_named_as_orbax_finalizes_them(tmp_path,
+                                                            monkeypatch):
+  """Local saves are renamed from a temporary folder; gs:// saves are
+  written in place and finalized by a commit file (Orbax's
+  is_path_finalized, emulated here)."""
+  folder = tmp_path / "checkpoints"
+  for name in ("3", "6", "9.orbax-checkpoint-tmp-1700000000", "corrupt-6"):
+    (folder / name).mkdir(parents=True)
+  assert ckpt_lib.unfinished_saves(folder) == [
+      "9.orbax-checkpoint-tmp-1700000000"]
+  (folder / "3" / "commit_success.txt").write_text("")
+  monkeypatch.setattr(ckpt_lib.ocp.step, "is_path_finalized",
+                      lambda p: (p / "commit_success.txt").exists())
+  assert ckpt_lib.unfinished_saves(folder) == [
+      "6", "9.orbax-checkpoint-tmp-1700000000"]
+  assert ckpt_lib.unfinished_saves(tmp_path / "none") == []
+
+
 def _as_if_two_processes_wrote(step_dir):
   """Step 6's input position as a 2-process job saves it (one file each)."""
   data = os.path.join(step_dir, "data")

@@ -155,6 +155,24 @@ class Restored(NamedTuple):
   saved_config: dict | None
 
 
+def unfinished_saves(directory) -> list[str]:
+  """Names of the saves a stopped run left under ``directory`` (which Orbax
+  removes when a manager is built with ``cleanup_tmp_directories``): its
+  temporary folders and, on ``gs://`` where it writes a step's own folder
+  and marks the end with a commit file, the step folders without it. A
+  listing that fails gives [] (this only informs)."""
+  try:
+    if not directory.exists():
+      return []
+    names = [p.name for p in directory.glob("*.orbax-checkpoint-tmp*")]
+    names += [p.name for p in directory.iterdir() if p.name.isdigit()
+              and not ocp.step.is_path_finalized(p)]
+    return sorted(names)
+  except OSError as e:
+    logging.warning("Could not list %s for unfinished saves: %s", directory, e)
+    return []
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for training runs. Every
   process of a job builds it together: its steps are process 0's listing."""
@@ -170,8 +188,7 @@ class Checkpointer:
     # machines without grain.
     import grain  # pylint: disable=import-outside-toplevel
     if jax.process_index() == 0:
-      leftovers = sorted(p.name for p in self.directory.glob(
-          "*.orbax-checkpoint-tmp*")) if self.directory.exists() else []
+      leftovers = unfinished_saves(self.directory)
       if leftovers:   # a run that starts over from an older step says why
         logging.warning("Removing the leftovers of unfinished saves (a run "
                         "stopped while writing them): %s under %s.",
