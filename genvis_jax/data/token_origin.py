@@ -217,8 +217,7 @@ def verify_checksums(pattern: str) -> None:
     if unread:
       parts.append(f"{len(unread)} token file(s) could not be read to check "
                    f"them: {settings_lib.shorten(unread, 5)}")
-    raise TokenFileError("; ".join(parts) + ". " +
-                         rewrite_hint((differ or [todo[0][0]])[0]))
+    raise TokenFileError("; ".join(parts) + ". " + rewrite_hint())
   logging.info("Checked the SHA-256 of %d token file(s) (%.2f GB) in %.1f s.",
                len(todo), sum(r[1] for r in results) / 1e9,
                time.monotonic() - start)

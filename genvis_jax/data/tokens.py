@@ -39,10 +39,12 @@ class TokenFileError(UserError, ValueError):
   message names the file (and the record) and how to write it again."""
 
 
-def rewrite_hint(path: str) -> str:
+def rewrite_hint(path: str | None = None) -> str:
+  """How to mend a damaged token file (``path`` named at the end, if given)."""
   return ("If it is damaged, write it again: re-run --config.mode=pretokenize "
           "with --config.pretokenize.overwrite=True (or restore it from a "
-          f"copy); if the storage failed, retry. File: {path}.")
+          "copy); if the storage failed, retry." +
+          (f" File: {path}." if path else ""))
 
 
 def encode_record(label: int, tokens: np.ndarray) -> bytes:
