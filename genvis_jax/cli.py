@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import sys
 import traceback
 
@@ -153,6 +154,13 @@ def user_errors_exit(main):
           raise
         fail(f"Out of device memory: {str(e).strip().splitlines()[0]} "
              f"{OOM_HINT}")
+      except errors.StoppedBySignal as e:
+        sys.stdout.flush()
+        if verbose():
+          traceback.print_exc()
+        name = signal.Signals(e.signum).name
+        print(f"Error: {errors.stopped_message(name)}", file=sys.stderr)
+        exit_now(128 + e.signum)
       except KeyboardInterrupt:
         # Modes without a clean stop (pre-tokenizing, evaluation), or a
         # second Ctrl-C; 130 = 128 + SIGINT, as a shell reports it. Ends at

@@ -69,10 +69,24 @@ class WeightKeyError(UserError, KeyError):
   """``--key`` names an entry the checkpoint does not have."""
 
 
-# What a run stopped at once by Ctrl-C says (the CLI, and the trainer's
-# second Ctrl-C); 130 = 128 + SIGINT, as a shell reports it.
-CTRL_C_MESSAGE = ("Stopped by Ctrl-C. Nothing half-written is kept under its "
-                  "final name; run the same command again (training resumes "
-                  "from its last saved checkpoint, sampling after its last "
-                  "written batch).")
+def stopped_message(by: str) -> str:
+  """What a run stopped at once by ``by`` (Ctrl-C, SIGTERM) says."""
+  return (f"Stopped by {by}. Nothing half-written is kept under its final "
+          "name; run the same command again (training resumes from its last "
+          "saved checkpoint, sampling after its last written batch).")
+
+
+# Ctrl-C's message (the CLI, and the trainer's second Ctrl-C); 130 = 128 +
+# SIGINT, as a shell reports it.
+CTRL_C_MESSAGE = stopped_message("Ctrl-C")
 CTRL_C_EXIT = 130
+
+
+class StoppedBySignal(BaseException):
+  """SIGTERM in a mode without a clean stop (pre-tokenizing, evaluation):
+  unwinds like KeyboardInterrupt (not an ``Exception``), and the CLI exits
+  with 128 + the signal's number after one line."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum

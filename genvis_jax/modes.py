@@ -9,6 +9,7 @@ import threading
 
 import jax
 
+from genvis_jax import errors
 from genvis_jax.core import registry
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import ConfigError
@@ -133,10 +134,18 @@ def remove_empty_dirs(top: str) -> None:
 # Modes whose loops stop cleanly on SIGTERM, every process at the same point
 # (``core.preemption``). The others keep nothing a kill would lose (a token
 # file is renamed into place only when complete), so SIGTERM ends them at
-# once, on several processes as on one: jax.distributed's preemption notifier
-# would otherwise take the signal and nothing would ever act on it. (The
-# demo, a one-process laptop run, keeps the notifier through all its stages.)
+# once: on one process with one line (``errors.StoppedBySignal``, raised
+# when the call in progress returns), on several by the default action,
+# which does not wait for a collective that may never return (there
+# jax.distributed's preemption notifier would otherwise take the signal and
+# nothing would ever act on it). (The demo, a one-process laptop run, keeps
+# the notifier through all its stages.)
 STOPS_CLEANLY = ("train", "sample", "demo")
+
+
+def _stop_at_once(signum, frame):
+  del frame
+  raise errors.StoppedBySignal(signum)
 
 
 def run(config, workdir: str):
@@ -146,13 +155,20 @@ def run(config, workdir: str):
   on a missing data set): the next attempt finds the path as it was.
   """
   fn = resolve(config.mode)
-  if (config.mode not in STOPS_CLEANLY and jax.process_count() > 1 and
-      threading.current_thread() is threading.main_thread()):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-  created = check_workdir(workdir)
+  installed = (config.mode not in STOPS_CLEANLY and
+               threading.current_thread() is threading.main_thread())
+  if installed:
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL
+                             if jax.process_count() > 1 else _stop_at_once)
   try:
-    return fn(config, workdir)
-  except BaseException:
-    if created:
-      remove_empty_dirs(created)
-    raise
+    created = check_workdir(workdir)
+    try:
+      return fn(config, workdir)
+    except BaseException:
+      if created:
+        remove_empty_dirs(created)
+      raise
+  finally:
+    if installed:   # None: a handler not set from Python
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if previous is None else previous)

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import ml_collections
@@ -54,31 +55,45 @@ def test_failed_run_leaves_no_empty_workdir_it_created(tmp_path):
   assert (fresh / "a" / "note.txt").exists() and not (fresh / "a" / "b").exists()
 
 
-def test_sigterm_ends_modes_without_a_clean_stop_on_several_processes(
-    tmp_path, monkeypatch):
+def test_sigterm_ends_modes_without_a_clean_stop_with_one_line(
+    tmp_path, monkeypatch, capsys):
   """jax.distributed's preemption notifier takes SIGTERM; only train, sample
-  and demo act on it. On several processes the other modes get the default
-  back (the signal ends them, as on one process)."""
+  and demo act on it. The other modes stop at once on it: on one process
+  with one line and 128 + 15 (they exited 143 without a word), on several by
+  the default action (no wait for a collective); the handler before is back
+  afterwards."""
   seen = {}
 
   def fake_mode(config, workdir):
     del workdir
     seen[config.mode] = signal.getsignal(signal.SIGTERM)
+    if config.mode == "evaluate":
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)    # the handler raises before this ends
 
   def notifier(*args):   # stands in for the handler that swallows it
     del args
 
   previous = signal.getsignal(signal.SIGTERM)
   monkeypatch.setattr(modes, "resolve", lambda mode: fake_mode)
-  monkeypatch.setattr(modes.jax, "process_count", lambda: 2)
+  exits = []
+  monkeypatch.setattr(cli.os, "_exit", exits.append)
   try:
+    signal.signal(signal.SIGTERM, notifier)
     for mode in ("train", "sample", "pretokenize", "evaluate"):
-      signal.signal(signal.SIGTERM, notifier)
-      modes.run(ml_collections.ConfigDict({"mode": mode}), str(tmp_path))
+      cli.user_errors_exit(lambda argv, mode=mode: modes.run(
+          ml_collections.ConfigDict({"mode": mode}), str(tmp_path)))([])
+      assert signal.getsignal(signal.SIGTERM) is notifier
   finally:
     signal.signal(signal.SIGTERM, previous)
-  assert seen == {"train": notifier, "sample": notifier,
-                  "pretokenize": signal.SIG_DFL, "evaluate": signal.SIG_DFL}
+  assert seen["train"] is notifier and seen["sample"] is notifier
+  assert seen["pretokenize"] is seen["evaluate"] is modes._stop_at_once
+  assert exits == [143]
+  assert capsys.readouterr().err.startswith(
+      "Error: Stopped by SIGTERM. Nothing half-written")
+  monkeypatch.setattr(modes.jax, "process_count", lambda: 2)
+  modes.run(ml_collections.ConfigDict({"mode": "pretokenize"}), str(tmp_path))
+  assert seen["pretokenize"] == signal.SIG_DFL
 
 
 def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
