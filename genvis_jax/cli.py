@@ -162,10 +162,10 @@ def user_errors_exit(main):
         print(f"Error: {errors.stopped_message(name)}", file=sys.stderr)
         exit_now(128 + e.signum)
       except KeyboardInterrupt:
-        # Modes without a clean stop (pre-tokenizing, evaluation), or a
-        # second Ctrl-C; 130 = 128 + SIGINT, as a shell reports it. Ends at
-        # once (os._exit): an interpreter shutdown under a checkpoint save
-        # still writing in Orbax's threads crashed (a segfault, or their
+        # Modes without a clean stop (pre-tokenizing, evaluation; a second
+        # Ctrl-C in training or sampling ends in core.preemption's handler).
+        # Ends at once (os._exit): an interpreter shutdown under a checkpoint
+        # save still writing in Orbax's threads crashed (a segfault, or their
         # tracebacks); the next run removes what that save left.
         sys.stdout.flush()
         if verbose():
