@@ -154,24 +154,20 @@ def user_errors_exit(main):
           raise
         fail(f"Out of device memory: {str(e).strip().splitlines()[0]} "
              f"{OOM_HINT}")
-      except errors.StoppedBySignal as e:
+      except (errors.StoppedBySignal, KeyboardInterrupt) as e:
+        # Modes without a clean stop (pre-tokenizing, evaluation: Ctrl-C, or
+        # SIGTERM on one process); a second Ctrl-C in training or sampling
+        # ends in core.preemption's handler. Ends at once (os._exit) with
+        # 128 + the signal, as a shell reports it: an interpreter shutdown
+        # under a checkpoint save still writing in Orbax's threads crashed
+        # (a segfault, or their tracebacks); the next run removes what that
+        # save left.
         sys.stdout.flush()
         if verbose():
           traceback.print_exc()
-        name = signal.Signals(e.signum).name
-        print(f"Error: {errors.stopped_message(name)}", file=sys.stderr)
-        exit_now(128 + e.signum)
-      except KeyboardInterrupt:
-        # Modes without a clean stop (pre-tokenizing, evaluation; a second
-        # Ctrl-C in training or sampling ends in core.preemption's handler).
-        # Ends at once (os._exit): an interpreter shutdown under a checkpoint
-        # save still writing in Orbax's threads crashed (a segfault, or their
-        # tracebacks); the next run removes what that save left.
-        sys.stdout.flush()
-        if verbose():
-          traceback.print_exc()
-        print(f"Error: {errors.CTRL_C_MESSAGE}", file=sys.stderr)
-        exit_now(errors.CTRL_C_EXIT)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"Error: {errors.stopped_message(signum)}", file=sys.stderr)
+        exit_now(128 + signum)
     except BaseException as e:  # pylint: disable=broad-except
       if not _distributed():
         raise

@@ -7,6 +7,7 @@ the builtin type callers already catch, e.g. ``class X(UserError, ValueError)``)
 """
 
 import pickle
+import signal
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -69,17 +70,12 @@ class WeightKeyError(UserError, KeyError):
   """``--key`` names an entry the checkpoint does not have."""
 
 
-def stopped_message(by: str) -> str:
-  """What a run stopped at once by ``by`` (Ctrl-C, SIGTERM) says."""
+def stopped_message(signum: int) -> str:
+  """What a run stopped at once by signal ``signum`` says (SIGINT: Ctrl-C)."""
+  by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
   return (f"Stopped by {by}. Nothing half-written is kept under its final "
           "name; run the same command again (training resumes from its last "
           "saved checkpoint, sampling after its last written batch).")
-
-
-# Ctrl-C's message (the CLI, and the trainer's second Ctrl-C); 130 = 128 +
-# SIGINT, as a shell reports it.
-CTRL_C_MESSAGE = stopped_message("Ctrl-C")
-CTRL_C_EXIT = 130
 
 
 class StoppedBySignal(BaseException):

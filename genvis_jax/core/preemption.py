@@ -89,8 +89,9 @@ class StopRequest:
       if exit_on_second_interrupt:
         sys.stdout.flush()
         logging.flush()
-        print(f"Error: {errors.CTRL_C_MESSAGE}", file=sys.stderr, flush=True)
-        os._exit(errors.CTRL_C_EXIT)  # pylint: disable=protected-access
+        print(f"Error: {errors.stopped_message(signum)}", file=sys.stderr,
+              flush=True)
+        os._exit(128 + signum)  # pylint: disable=protected-access
       else:
         raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
