@@ -32,7 +32,13 @@ def _args(spec: str, workdir: str, overrides: dict) -> list[str]:
 
 def load_config(spec: str, **overrides):
   """``--config=configs/<spec> --config.k=v ...`` parsed as the CLI does."""
-  argv = ["main"] + _args(spec, "unused", overrides)
+  return parse_config_args(_args(spec, "unused", overrides))
+
+
+def parse_config_args(args: list[str]):
+  """The config of command-line ``args`` (``--config=...``,
+  ``--config.k=v``, ``--workdir=...``) parsed as the CLI does."""
+  argv = ["main"] + args
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
                                   lock_config=True, sys_argv=argv)

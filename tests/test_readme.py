@@ -13,8 +13,6 @@ import shlex
 import subprocess
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from genvis_jax import modes
 from tests import pipeline_common as pc
@@ -65,15 +63,6 @@ def _config_args(argv: list[str]) -> list[str]:
           if a.startswith("--config=") or a.startswith("--config.")]
 
 
-def _parse(args: list[str]):
-  fv = flags.FlagValues()
-  argv = ["main"] + args
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
-  fv(argv)
-  return fv.config
-
-
 COMMANDS = [c for c in _commands()
             if c[1] in ("genvis_jax.main", "launch/tpu_run.sh")
             and any(a.startswith("--config=configs/") and "NAME" not in a
@@ -94,7 +83,7 @@ def test_the_readme_has_commands_of_every_system():
                          ids=[f"line{line}" for line, _, _ in COMMANDS])
 def test_command_parses(line, prog, argv, monkeypatch):
   monkeypatch.chdir(pc.ROOT)    # the commands run from the repository root
-  config = _parse(_config_args(argv))
+  config = pc.parse_config_args(_config_args(argv))
   modes.check_names(config)
 
 
@@ -108,7 +97,7 @@ def test_convert_command_parses(line, prog, argv, monkeypatch):
   assert {"kind", "src", "dst"} <= set(opts), opts
   assert opts["kind"] in convert.kinds()
   if "config" in opts:
-    assert "model" in _parse([f"--config={opts['config']}"])
+    assert "model" in pc.parse_config_args([f"--config={opts['config']}"])
 
 
 def _has(config, key: str) -> bool:
@@ -130,8 +119,8 @@ def test_settings_named_in_the_prose_exist(monkeypatch):
   monkeypatch.chdir(pc.ROOT)
   specs = {a.split("=", 1)[1] for _, _, argv in COMMANDS for a in argv
            if a.startswith("--config=configs/")}
-  configs = [_parse([f"--config={s}"]) for s in sorted(specs)]
-  configs += [_parse([f"--config=configs/{s}"]) for s in
+  configs = [pc.parse_config_args([f"--config={s}"]) for s in sorted(specs)]
+  configs += [pc.parse_config_args([f"--config=configs/{s}"]) for s in
               ("demo.py", "rar_b.py:runlocal", "eq_s.py:runlocal")]
   keys = set(re.findall(r"--config\.([\w.\[\]]+)", _text())) - {"a.b"}
   keys |= {k for k in re.findall(r"`config\.([\w.\[\]]+)`", _text())
