@@ -395,11 +395,11 @@ def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
 def section_inception(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from genvis_jax.evaluate import fid as fid_lib  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import sharding  # pylint: disable=import-outside-toplevel
   from genvis_jax.evaluate.inception import InceptionExtractor  # pylint: disable=import-outside-toplevel
   from genvis_jax.models import inception as inc  # pylint: disable=import-outside-toplevel
   params = host_random_params(jax.eval_shape(inc.init_inception_params))
-  mesh = fid_lib.data_mesh(jax.devices()[:1])
+  mesh = sharding.data_mesh(jax.devices()[:1])
   ext = InceptionExtractor(params, batch_size=sz.incep_batch, mesh=mesh)
   rs = np.random.RandomState(0)
   images = rs.randint(0, 256, (sz.incep_batch, sz.incep_image, sz.incep_image,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
+from genvis_jax.core import sharding
 from genvis_jax.evaluate import fid, generation, reference, tokenizer
 
 
@@ -107,7 +108,7 @@ def test_precision_recall_match_numpy():
   sam = (rng.normal(size=(130, 12)) * 1.3 + 0.4).astype(np.float32)
   p_ref, r_ref, radii_ref = _numpy_precision_recall(ref, sam)
   assert 0.1 < p_ref < 0.95 and 0.1 < r_ref < 0.99   # a non-trivial case
-  mesh = fid.data_mesh(jax.devices()[:4])
+  mesh = sharding.data_mesh(jax.devices()[:4])
   # Blocks that do not divide the sets (padding, several row/col blocks).
   radii = fid.manifold_radii(ref, row_block=36, col_block=64,
                              distance_dtype="float32", mesh=mesh)
@@ -174,7 +175,7 @@ class FakeExtractor:
 
   def __init__(self, batch_size=6):
     self.batch_size = batch_size
-    self.mesh = fid.data_mesh(jax.devices()[:2])
+    self.mesh = sharding.data_mesh(jax.devices()[:2])
     rng = np.random.default_rng(0)
     self.w = {k: rng.normal(size=(48, d)) for k, d in
               (("pool", 10), ("spatial", 6), ("logits", 5))}

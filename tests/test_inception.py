@@ -17,9 +17,9 @@ import pytest
 
 from genvis_jax.convert.inception import (convert as convert_fid_inception,
                                          load_inception_params)
-from genvis_jax.evaluate import fid
 from genvis_jax.evaluate.inception import InceptionExtractor
 from genvis_jax.models import inception as inc
+from genvis_jax.core import sharding
 from genvis_jax.core.checkpoint_fit import compare_trees
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures",
@@ -65,7 +65,7 @@ def test_matches_pytorch_fid(golden, state):
   compare_trees(inc.abstract_inception_params(), params, "converted")
   # Two images split over two devices, the way evaluation runs.
   ex = InceptionExtractor(params, batch_size=2,
-                              mesh=fid.data_mesh(jax.devices()[:2]))
+                              mesh=sharding.data_mesh(jax.devices()[:2]))
   out = ex(golden["images"])
   assert out["pool"].shape == (2, 2048)
   assert out["spatial"].shape == (2, 17 * 17 * 7)

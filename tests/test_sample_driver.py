@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from genvis_jax.core import sharding
 from genvis_jax.sample import driver
 
 
@@ -94,10 +95,10 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch)
     del key
     return jax.numpy.zeros((labels.shape[0], 4, 4, 3), jax.numpy.uint8)
 
-  sharding = jax.sharding.NamedSharding(driver._mesh(),   # pylint: disable=protected-access
-                                        jax.sharding.PartitionSpec("data"))
+  batch_sharding = jax.sharding.NamedSharding(
+      sharding.data_mesh(jax.devices()), jax.sharding.PartitionSpec("data"))
   monkeypatch.setattr(driver, "make_sample_fn",
-                      lambda *_: (fake_sample_fn, sharding))
+                      lambda *_: (fake_sample_fn, batch_sharding))
   monkeypatch.setattr(driver, "pin_weights", lambda c: c)
   monkeypatch.setattr(driver, "pinned_sources", lambda _: {
       "weights.generator": "g", "weights.tokenizer": "t"})

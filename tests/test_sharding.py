@@ -119,6 +119,14 @@ def test_mesh_shape_errors():
       dict(shape=dict(data=-1, fsdp=2, tensor=1))), 8) == dict(data=4, fsdp=2, tensor=1)
 
 
+def test_data_mesh_spans_exactly_the_given_devices():
+  devices = jax.devices()[::-1][:4]
+  mesh = shd.data_mesh(devices)
+  assert mesh.axis_names == ("data",) and mesh.shape["data"] == 4
+  assert set(mesh.devices.flat) == set(devices)   # make_mesh may reorder (TPU)
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+
+
 def test_fused_qkv_splits_by_heads_under_tensor_parallelism():
   """A fused qkv kernel (d, 3d) split over ``tensor`` as stored would cut
   across q | k | v: every layer would reshuffle q, k, v between devices

@@ -55,6 +55,19 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mes
                        axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
+def data_mesh(devices: Sequence[jax.Device]) -> Mesh:
+  """1-D ``("data",)`` mesh (``Auto`` axis) for inference: batches split, weights
+  replicated.
+
+  ``devices`` is explicit because the callers differ on purpose: sampling splits
+  one global batch over ``jax.devices()``; pre-tokenizing and evaluation run
+  each process on its own rows over ``jax.local_devices()``.
+  """
+  devices = list(devices)
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,),
+                       devices=devices)
+
+
 def rules_tuple(rules) -> tuple:
   """Normalises config rules (ConfigDict may turn tuples into lists)."""
   out = []

@@ -51,6 +51,7 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import multihost
+from genvis_jax.core import sharding
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
 from genvis_jax.data import sources
@@ -353,9 +354,7 @@ def pretokenize(config, workdir: str) -> dict:
     return _reused(path, done, settings, pattern)
   size = p.data.image_size
   value_range = models.value_range(tok.model, config, ("tokenizer",))
-  mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.local_devices())
+  mesh = sharding.data_mesh(jax.local_devices())
   model_cfg = inference.data_model_config(tok)
   model = models.build(model_cfg)
   params = models.load_params(

@@ -23,8 +23,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import linalg
+
+from genvis_jax.core import sharding
 
 
 # --- Fréchet distance --------------------------------------------------------------
@@ -151,13 +153,6 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
 
 # --- k-NN precision / recall -------------------------------------------------------
 
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-  """1-D ``("data",)`` mesh over this process's devices (Auto axes)."""
-  devices = list(devices if devices is not None else jax.local_devices())
-  return jax.make_mesh((len(devices),), ("data",),
-                       axis_types=(AxisType.Auto,), devices=devices)
-
-
 def _sq_dists(u, v, dtype):
   """(n, D), (m, D) -> (n, m) float32 squared distances, max(., 0).
 
@@ -219,7 +214,7 @@ class _Blocks:
   """Block sizes and shardings shared by the radii and the ball tests."""
 
   def __init__(self, n_rows, n_cols, row_block, col_block, mesh):
-    self.mesh = mesh or data_mesh()
+    self.mesh = mesh or sharding.data_mesh(jax.local_devices())
     shards = self.mesh.shape["data"]
     self.rows = _round_up(min(row_block, _round_up(n_rows, shards)), shards)
     self.cols = min(col_block, n_cols)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from genvis_jax.evaluate.fid import data_mesh
+from genvis_jax.core import sharding
 from genvis_jax.models.inception import (PREPROCESS, FIDInceptionV3,
                                          weights_fingerprint)
 
@@ -32,7 +32,7 @@ class InceptionExtractor:
                        f"one of {PREPROCESS}.")
     self.preprocess = preprocess
     self._weights_id = None
-    self.mesh = mesh or data_mesh()
+    self.mesh = mesh or sharding.data_mesh(jax.local_devices())
     shards = self.mesh.size
     self.batch_size = -(-batch_size // shards) * shards
     self.data = NamedSharding(self.mesh, P(self.mesh.axis_names))

@@ -30,6 +30,7 @@ from genvis_jax.convert import inception as convert_inception
 from genvis_jax.convert import lpips as convert_lpips
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import multihost
+from genvis_jax.core import sharding
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
@@ -290,7 +291,7 @@ def evaluate(config, workdir: str) -> dict:
                              f"must be positive.")
   preprocess = _rfid_preprocess(ev, proto)
   data = _eval_data(config, proto_name, proto)
-  mesh = fid_lib.data_mesh()
+  mesh = sharding.data_mesh(jax.local_devices())
   params = models.load_params(model_config, ev.checkpoint, mesh,
                               setting="--config.evaluate.checkpoint")
   rows = -(-batch_size // mesh.size) * mesh.size

@@ -36,6 +36,7 @@ from genvis_jax.core import multihost
 from genvis_jax.core import preemption
 from genvis_jax.core import registry
 from genvis_jax.core import settings as settings_lib
+from genvis_jax.core import sharding
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import token_origin
 from genvis_jax.models import inference
@@ -88,11 +89,6 @@ def class_labels(num_samples: int, num_classes: int, classes=(),
       "the same number of images per class; 'uniform': i.i.d. labels).")
 
 
-def _mesh():
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def host_uint8(images: jax.Array, value_range, method: str) -> jax.Array:
   """Float images (sharded over the batch) -> uint8 with the same sharding.
 
@@ -142,8 +138,8 @@ def make_sample_fn(config, mesh):
     codes = generate(gen_model, gen_params, labels, rng, s)
     return decode(codes)
 
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return sample_fn, sharding
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return sample_fn, batch_sharding
 
 
 # config.tokenizer keys that only messages read (configs/base.py add_tokenizer):
@@ -272,7 +268,7 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
 
 def sample_and_save(config, workdir: str) -> dict:
   s = config.sample
-  mesh = _mesh()
+  mesh = sharding.data_mesh(jax.devices())
   if s.num_samples < 1:
     raise errors.ConfigError(f"config.sample.num_samples={s.num_samples}: "
                              "set how many images to draw (at least 1).")
@@ -297,7 +293,7 @@ def sample_and_save(config, workdir: str) -> dict:
   # load something else there while the others wait for it.
   multihost.check_agree(settings, "sampling settings")
   recorded = {k: settings[k] for k in WEIGHTS}
-  sample_fn, sharding = make_sample_fn(pinned, mesh)
+  sample_fn, batch_sharding = make_sample_fn(pinned, mesh)
   if pinned_sources(pinned) != recorded:
     raise SampleSettingsError(
         f"The checkpoint changed while it was loaded ({config.init_from}, "
@@ -331,7 +327,7 @@ def sample_and_save(config, workdir: str) -> dict:
       labels = labels_all[start:start + s.batch_size]
       n = len(labels)
       labels = np.resize(labels, s.batch_size)        # pad the last batch
-      g_labels = global_labels(labels, sharding)
+      g_labels = global_labels(labels, batch_sharding)
       # The key depends only on the batch's first index: resumes draw the same.
       images = sample_fn(g_labels, jax.random.fold_in(key, start))
       images = np.asarray(multihost_utils.process_allgather(
