@@ -235,11 +235,13 @@ def test_failed_save_stops_training_with_one_message(tmp_path, monkeypatch,
 
   async def failing_second_save(self, *args, **kwargs):
     calls.append(1)
+    if len(calls) >= 2 and where == "foreground":
+      # Before Orbax starts writing: no commit thread of this save outlives
+      # the failure (one would call into Orbax's closed event loop).
+      raise OSError(28, "No space left on device")
     futures = await orig(self, *args, **kwargs)
     if len(calls) < 2:
       return futures
-    if where == "foreground":
-      raise OSError(28, "No space left on device")
     return list(futures or []) + [_NoSpaceFuture()]
 
   monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save",
