@@ -92,13 +92,17 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_array_equal(vis["image"], np.zeros((16, 2, 2, 3)))
     assert vis["image"].dtype == np.uint8
     np.testing.assert_array_equal(vis["label"], np.arange(16))
-  for i in range(2):   # settings that differ, a failed write on process 0
-    differ, write = json.load(open(f"{out}.agree{i}.json"))
+  for i in range(2):   # settings that differ, a failed write on process 0, listings
+    differ, write, listing = json.load(open(f"{out}.agree{i}.json"))
     assert differ.startswith("OtherProcessError: Processes [1] run with other "
                              "settings than process 0"), differ
     assert ("p: process 0 0 vs this process 1" in differ) == (i == 1), differ
     assert write.startswith(("FileNotFoundError", "OtherProcessError: On "
                              "process 0: FileNotFoundError")[i]), write
+    assert listing.startswith("OtherProcessError: Processes [1] run with other "
+                              "token files (matching "), listing
+    assert ("u-0.array_record: process 0 (absent) vs this process 'listed'"
+            in listing) == (i == 1), listing
   for k in ("3", "4"):
     np.testing.assert_allclose(losses[k], ref_losses[k], rtol=1e-5)
   got = np.load(out)

@@ -118,6 +118,7 @@ def check_training_files(config) -> str:
   ``"tokens"``. Process 0 reads the records; its error stops every process.
   Token files without a record beside them are warned about (once per
   process), naming the missing records and the command that copies them.
+  Every process must list the same files (:func:`check_same_listing`).
   Then, unless ``config.data.verify_checksums`` is False, every process
   hashes its share of the files (:func:`verify_checksums`); a mismatch on
   any stops all.
@@ -135,6 +136,7 @@ def check_training_files(config) -> str:
       ``config.model.codebook_size``; the embedding lookups would read past
       the table (NaN losses, not an error).
     TokenFileError: a file's bytes differ from its record's SHA-256.
+    OtherProcessError: processes list other files for the pattern.
   Returns:
     The warning of :func:`check_origin` ("" when none).
   """
@@ -156,12 +158,30 @@ def check_training_files(config) -> str:
     tok = config.get("tokenizer") or {}
     warning.append(check_origin(pattern, records, tok.get("checkpoint", "")))
   multihost.on_process_0(check)
+  check_same_listing(pattern)
   if config.data.get("verify_checksums", True):
     multihost.run_everywhere(
         lambda: verify_checksums(pattern),
         "found token files whose bytes differ from the SHA-256 in their "
         "records (each names its files in its log)")
   return warning[0] if warning else ""
+
+
+def check_same_listing(pattern: str) -> None:
+  """Raises ``OtherProcessError`` on every process unless every process
+  lists the same token files for ``pattern``. Each process reads its rows
+  by index into its own sorted listing (and hashes every N-th file of it),
+  so a host that sees a file more or less (a partial copy to local disk, a
+  file still being written) would read other rows than the rest, or leave
+  a file unchecked, without a word. The error names up to five files that
+  differ from process 0's listing."""
+  # Paths relative to the pattern's fixed folder: a short record to compare.
+  wild = min((i for i, c in enumerate(pattern) if c in "*?["),
+             default=len(pattern))
+  root = pattern[:pattern.rfind("/", 0, wild) + 1]
+  listing = {p[len(root):] if p.startswith(root) else p: "listed"
+             for p in glob_files(pattern)}
+  multihost.check_agree(listing, f"token files (matching {pattern})")
 
 
 # Files this process has hashed already (a run builds its iterator up to
