@@ -57,4 +57,21 @@ fi
 main_args=(--config="$GENVIS_CONFIG" --workdir="$GENVIS_WORKDIR" "${EXTRA_ARGS[@]}")
 # The remote shell must expand $HOME in the paths but not touch the run's arguments.
 tpu_ssh "$TPU_WORKER" "cd $dir && ${start[*]} -- $(quote "${main_args[@]}")"
-echo "logs: launch/tpu_logs.sh --name=$TPU_NAME --zone=$TPU_ZONE --run-name=$GENVIS_RUN_NAME; checkpoints: $GENVIS_WORKDIR/checkpoints" >&2
+# Where the run's output lands: by --config.mode (the last one given; default train).
+mode=train
+tokens="$GENVIS_WORKDIR/tokens/"
+for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
+  case "${EXTRA_ARGS[i]}" in
+    --config.mode=*) mode="${EXTRA_ARGS[i]#--config.mode=}" ;;
+    --config.mode) mode="${EXTRA_ARGS[i + 1]:-}" ;;
+    --config.pretokenize.output=*) tokens="${EXTRA_ARGS[i]#*=}-*" ;;
+    --config.pretokenize.output) tokens="${EXTRA_ARGS[i + 1]:-}-*" ;;
+  esac
+done
+case "$mode" in
+  pretokenize) output="tokens: $tokens" ;;
+  sample) output="samples: $GENVIS_WORKDIR/samples.npz" ;;
+  evaluate) output="metrics: $GENVIS_WORKDIR/metrics.json" ;;
+  *) output="checkpoints: $GENVIS_WORKDIR/checkpoints" ;;
+esac
+echo "logs: launch/tpu_logs.sh --name=$TPU_NAME --zone=$TPU_ZONE --run-name=$GENVIS_RUN_NAME; $output" >&2

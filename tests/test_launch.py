@@ -237,6 +237,21 @@ def test_run_names_differ_and_run_name_overrides():
   assert r.returncode != 0 and "--config" in r.stderr and not commands(r.stdout)
 
 
+@pytest.mark.parametrize("args,output", [
+    ((), "checkpoints: gs://bk/runs/rar_xl/checkpoints"),
+    (("--config.mode=pretokenize",), "tokens: gs://bk/runs/rar_xl/tokens/"),
+    (("--config.mode", "pretokenize", "--config.pretokenize.output=/tmp/t/tr"),
+     "tokens: /tmp/t/tr-*"),
+    (("--config.mode=sample",), "samples: gs://bk/runs/rar_xl/samples.npz"),
+    (("--config.mode=sample", "--config.mode=evaluate"),
+     "metrics: gs://bk/runs/rar_xl/metrics.json"),
+])
+def test_tpu_run_says_where_the_mode_writes(args, output):
+  r = sh("tpu_run.sh", "--config=configs/rar_xl.py", "--", *args, env=TPU)
+  assert r.returncode == 0, r.stderr
+  assert r.stderr.strip().splitlines()[-1].endswith("--run-name=rar_xl; " + output), r.stderr
+
+
 def _readme_launches():
   """(script, argv) of each launch/*.sh command in the README's bash blocks."""
   text = (LAUNCH.parent / "README.md").read_text()
