@@ -104,17 +104,30 @@ def runlocal_data(d, *, source="demo", image_size=32, num_classes=10,
 
 def runlocal_train(t, *, steps=20, batch=8):
   """``runlocal``: a few steps at a small batch; logs, checkpoints and
-  sample grids still happen (twice each)."""
+  sample grids still happen (four and two times).
+
+  The cadences (and the EMA horizon) follow ``t.num_steps`` by reference, so
+  ``--config.train.num_steps=1000`` still logs four times and checkpoints
+  twice; schedule points of the recipes' runlocal configs use
+  :func:`steps_fraction` for the same reason.
+  """
   t.global_batch_size = batch
   t.num_steps = steps
-  t.log_every = max(1, steps // 4)
-  t.checkpoint_every = max(1, steps // 2)
-  t.image_every = max(1, steps // 2)
+  t.log_every = steps_fraction(t, 1, 4)
+  t.checkpoint_every = steps_fraction(t, 1, 2)
+  t.image_every = steps_fraction(t, 1, 2)
   t.keep_checkpoints = 2
   # An EMA still runs where the recipe has one, averaging over ~steps / 4.
   if t.ema_decay > 0:
-    t.ema_decay = min(t.ema_decay, 1.0 - 4.0 / steps)
+    t.ema_decay = 1.0 - 4.0 / t.get_ref("num_steps").to_float()
   return t
+
+
+def steps_fraction(t, num: int, den: int):
+  """``ceil(t.num_steps * num / den)`` (at least 1 for num >= 1) as a
+  reference: it follows a later ``t.num_steps`` (e.g. a command-line
+  override) instead of keeping the value of the default steps."""
+  return (t.get_ref("num_steps") * num + den - 1) // den
 
 
 def get_config(arg=None):

@@ -131,7 +131,7 @@ def runlocal(c):
   c.latents.scale = 0.2         # ~ 1 / std of a briefly trained tiny tokenizer
   c.flow.shift_num = 4
   t = base.runlocal_train(c.train, steps=20, batch=16)
-  c.optimizer.warmup_steps = t.num_steps // 4
+  c.optimizer.warmup_steps = base.steps_fraction(t, 1, 4)
   c.sample.num_steps = 4
   c.sample.num_columns = 4      # the training width; 32 = 8x wider
   c.sample.wide_columns = 32

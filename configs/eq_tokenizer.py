@@ -70,11 +70,11 @@ def runlocal(c):
   c.data.image_width = 64
   c.disc.update(dict(img_size=32, patch_size=8, dim=32, depth=4, num_heads=2,
                      key_depths=(0, 1, 2, 3), head_kernel=3, image_size=32))
-  c.loss.disc_start = 10
-  c.loss.semantic_start = 10
-  c.optimizer.warmup_steps = 5
-  c.optimizer.decay_every = 15
-  base.runlocal_train(c.train, steps=20, batch=8)
+  t = base.runlocal_train(c.train, steps=20, batch=8)
+  c.loss.disc_start = base.steps_fraction(t, 1, 2)
+  c.loss.semantic_start = base.steps_fraction(t, 1, 2)
+  c.optimizer.warmup_steps = base.steps_fraction(t, 1, 4)
+  c.optimizer.decay_every = base.steps_fraction(t, 3, 4)
   c.evaluate.num_images = 32
   c.evaluate.batch_size = 8
   return c

@@ -134,10 +134,10 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
     base.runlocal_data(c.pretokenize.data, num_examples=32)
     c.pretokenize.batch_size = 16
     dc.image_size, dc.ndf, dc.n_layers = 32, 16, 2
-    lo.disc_start = 10
     lo.rep_group_size = 0         # whole (tiny) batch as negatives
     c.model.entropy_group_size = 0   # and as one entropy group
     base.runlocal_train(t, steps=20, batch=8)
+    lo.disc_start = base.steps_fraction(t, 1, 2)
     c.evaluate.num_images = 64
     c.evaluate.batch_size = 16
   return c

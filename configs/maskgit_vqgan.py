@@ -88,9 +88,10 @@ def get_config(arg=None):
     runlocal_model(m)
     base.runlocal_data(d)
     dc.image_size, dc.ndf, dc.n_layers = 32, 16, 2
-    lo.disc_start = 10             # the GAN (adaptive weight) runs from step 10
-    o.warmup_steps = 5
     base.runlocal_train(t, steps=20, batch=8)
+    # The GAN (adaptive weight) runs from half way (step 10 of 20).
+    lo.disc_start = base.steps_fraction(t, 1, 2)
+    o.warmup_steps = base.steps_fraction(t, 1, 4)
     config.evaluate.num_images = 64
     config.evaluate.batch_size = 16
   return config

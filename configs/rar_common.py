@@ -125,9 +125,9 @@ def runlocal(c):
   c.data.image_size = 32   # the images behind the tokens (a reference of them)
   t = base.runlocal_train(c.train, steps=20, batch=16)
   # The paper's schedule points as fractions of its 250k steps.
-  t.randomness_anneal_start = t.num_steps // 2
-  t.randomness_anneal_end = t.num_steps * 3 // 4
-  c.optimizer.warmup_steps = t.num_steps // 4
+  t.randomness_anneal_start = base.steps_fraction(t, 1, 2)
+  t.randomness_anneal_end = base.steps_fraction(t, 3, 4)
+  c.optimizer.warmup_steps = base.steps_fraction(t, 1, 4)
   base.runlocal_data(c.pretokenize.data, num_examples=32)
   c.pretokenize.data.random_crop = c.pretokenize.data.random_flip = False
   c.pretokenize.batch_size = 16

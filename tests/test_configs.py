@@ -97,6 +97,42 @@ def test_runlocal_shrinks_only_sizes(spec):
   assert _param_count(local.model) < 2_000_000 < _param_count(paper.model)
 
 
+def _schedule_points(c) -> dict:
+  """Step counts of a config's cadences and schedule points (> 0)."""
+  points = {}
+  for block in ("train", "optimizer", "loss"):
+    for k, v in c.get(block, {}).items():
+      if (k.endswith(("_start", "_end", "_every", "warmup_steps"))
+          and isinstance(v, int) and v > 0):
+        points[f"{block}.{k}"] = v
+  return points
+
+
+@pytest.mark.parametrize("spec", ["rar_xl.py:runlocal", "far_b.py:dual,runlocal",
+                                  "eq_tokenizer.py:runlocal", "eq_s.py:runlocal",
+                                  "maskgit_vqgan.py:runlocal",
+                                  "fqgan_dual_ds16.py:runlocal"])
+def test_runlocal_schedule_follows_num_steps(spec):
+  """``--config.train.num_steps`` raised on the command line moves every
+  cadence and schedule point of a runlocal config with it (RAR's anneal,
+  warm-up, GAN start, checkpoints), not only the step count; a point given
+  on the command line stays as given."""
+  default = pc.parse_config_args([f"--config=configs/{spec}"])
+  longer = pc.parse_config_args([f"--config=configs/{spec}",
+                                 "--config.train.num_steps=1000"])
+  steps = default.train.num_steps
+  assert 1000 % steps == 0
+  before, after = _schedule_points(default), _schedule_points(longer)
+  assert set(before) >= {"train.log_every", "train.checkpoint_every"}
+  assert {k: v * (1000 // steps) for k, v in before.items()} == after
+  if default.train.ema_decay:
+    assert longer.train.ema_decay == pytest.approx(1 - 4 / 1000)
+  pinned = pc.parse_config_args([f"--config=configs/{spec}",
+                                 "--config.train.checkpoint_every=7",
+                                 "--config.train.num_steps=1000"])
+  assert (pinned.train.checkpoint_every, pinned.train.log_every) == (7, 250)
+
+
 def test_configs_load_from_any_directory(tmp_path):
   """A user's script in another folder loads a config file with ml_collections
   (no sys.path edits: ``configs`` is installed with the package)."""
