@@ -82,20 +82,20 @@ vis = trainer.visual_batch({
 np.savez(f"{out}.vis{jax.process_index()}.npz", **vis)
 # Agreement and process-0 writes: an outcome on every process, none waiting.
 from genvis_jax.core import multihost  # pylint: disable=g-import-not-at-top
-from genvis_jax.data import token_origin  # pylint: disable=g-import-not-at-top
+from genvis_jax.data import token_integrity  # pylint: disable=g-import-not-at-top
 multihost.check_agree({"steps": steps}, "settings")      # the same: passes
 listed = os.path.join(workdir, "listing")
 os.makedirs(listed, exist_ok=True)
 for name in ("t-0.array_record", "u-0.array_record"):
   open(os.path.join(listed, name), "a").close()
-token_origin.check_same_listing(f"{listed}/[tu]-*.array_record")  # passes
+token_integrity.check_same_listing(f"{listed}/[tu]-*.array_record")  # passes
 outcomes = []
 for check in (
     lambda: multihost.check_agree({"p": jax.process_index()}, "settings"),
     lambda: multihost.on_process_0(
         lambda: open(os.path.join(workdir, "no", "such"), "w")),
     # Process 1 sees a file more (as if copied there only).
-    lambda: token_origin.check_same_listing(
+    lambda: token_integrity.check_same_listing(
         f"{listed}/{'[tu]' if jax.process_index() else 't'}-*.array_record")):
   try:
     check()

@@ -13,7 +13,7 @@ import pytest
 
 from genvis_jax import data
 from genvis_jax import errors as errors_lib
-from genvis_jax.data import pretokenize, token_origin, tokens
+from genvis_jax.data import pretokenize, token_integrity, token_origin, tokens
 from tests.test_data import _data_config
 
 
@@ -215,15 +215,15 @@ def test_training_checks_token_bytes_before_the_first_step(tmp_path,
                 split="train", verify_checksums=True),
       model=dict(codebook_size=256)))
   hashed = []
-  real = token_origin.file_sha256
-  monkeypatch.setattr(token_origin, "file_sha256",
+  real = token_integrity.file_sha256
+  monkeypatch.setattr(token_integrity, "file_sha256",
                       lambda p: hashed.append(p) or real(p))
-  monkeypatch.setattr(token_origin, "_VERIFIED", {})
+  monkeypatch.setattr(token_integrity, "_VERIFIED", {})
   # Process 1 of 2 hashes the second file only.
   with monkeypatch.context() as m:
     m.setattr(jax, "process_count", lambda: 2)
     m.setattr(jax, "process_index", lambda: 1)
-    token_origin.verify_checksums(str(tmp_path / "tok" / "train-*"))
+    token_integrity.verify_checksums(str(tmp_path / "tok" / "train-*"))
   assert hashed == [paths[1]]
   token_origin.check_training_files(config)
   assert sorted(hashed) == sorted(paths)   # paths[1] not hashed twice
@@ -231,7 +231,7 @@ def test_training_checks_token_bytes_before_the_first_step(tmp_path,
   raw = bytearray(open(paths[2], "rb").read())
   raw[-100] ^= 0xFF
   open(paths[2], "wb").write(bytes(raw))
-  monkeypatch.setattr(token_origin, "_VERIFIED", {})
+  monkeypatch.setattr(token_integrity, "_VERIFIED", {})
   with pytest.raises(data.TokenFileError,
                      match=r"1 token file\(s\) no longer hold .*"
                            r"train-00002-of-00003.array_record\..*overwrite=True"):
@@ -239,8 +239,8 @@ def test_training_checks_token_bytes_before_the_first_step(tmp_path,
   # A file that cannot be read is named as such, not as damaged.
   def gone(path):
     raise FileNotFoundError(f"no such object: {path}")
-  monkeypatch.setattr(token_origin, "file_sha256", gone)
-  monkeypatch.setattr(token_origin, "_VERIFIED", {})
+  monkeypatch.setattr(token_integrity, "file_sha256", gone)
+  monkeypatch.setattr(token_integrity, "_VERIFIED", {})
   with pytest.raises(data.TokenFileError,
                      match=r"^3 token file\(s\) could not be read to check "
                            r"them: .*FileNotFoundError: no such object"):

@@ -5,46 +5,32 @@ Each ``<file>.array_record`` written by ``--config.mode=pretokenize`` has a
 config (``tokenizer``), the weights it loaded (``weights``, see
 ``core.weights.params_source``), the data and the examples. Before training,
 :func:`check_training_files` reads those small records and refuses files that
-cannot train the configured generator together, then hashes the files
-against the SHA-256 their records hold (:func:`verify_checksums`).
+cannot train the configured generator together; ``token_integrity`` then
+checks that every process lists the same files and that they hold the bytes
+their records' SHA-256 was computed on.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import json
 import os
-import time
 
-import jax
 from absl import logging
 from etils import epath
 
 from genvis_jax.core import multihost
-from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
+from genvis_jax.data import token_integrity
 from genvis_jax.data.tokens import (TokenFileError, check_shard_sets,
-                                    count_records, file_sha256, glob_files,
-                                    rewrite_hint)
+                                    count_records, glob_files, read_records)
 from genvis_jax.errors import ConfigError
 
 
 def _records(pattern: str) -> dict[str, dict | None]:
   """``{file: its record}`` for the files matching ``pattern`` (each
   ``<file>.json``; None where there is no readable record)."""
-  return _read_records(glob_files(pattern))
-
-
-def _read_records(paths) -> dict[str, dict | None]:
-  out = {}
-  for path in paths:
-    try:
-      record = json.loads(epath.Path(path + ".json").read_text())
-    except (OSError, ValueError):   # no record, a damaged one
-      record = None
-    out[path] = record if isinstance(record, dict) else None
-  return out
+  return read_records(glob_files(pattern))
 
 
 def crops_per_image(pattern: str) -> int:
@@ -118,9 +104,9 @@ def check_training_files(config) -> str:
   ``"tokens"``. Process 0 reads the records; its error stops every process.
   Token files without a record beside them are warned about (once per
   process), naming the missing records and the command that copies them.
-  Every process must list the same files (:func:`check_same_listing`).
+  Every process must list the same files (:func:`token_integrity.check_same_listing`).
   Then, unless ``config.data.verify_checksums`` is False, every process
-  hashes its share of the files (:func:`verify_checksums`); a mismatch on
+  hashes its share of the files (:func:`token_integrity.verify_checksums`); a mismatch on
   any stops all.
 
   Raises:
@@ -158,89 +144,13 @@ def check_training_files(config) -> str:
     tok = config.get("tokenizer") or {}
     warning.append(check_origin(pattern, records, tok.get("checkpoint", "")))
   multihost.on_process_0(check)
-  check_same_listing(pattern)
+  token_integrity.check_same_listing(pattern)
   if config.data.get("verify_checksums", True):
     multihost.run_everywhere(
-        lambda: verify_checksums(pattern),
+        lambda: token_integrity.verify_checksums(pattern),
         "found token files whose bytes differ from the SHA-256 in their "
         "records (each names its files in its log)")
   return warning[0] if warning else ""
-
-
-def check_same_listing(pattern: str) -> None:
-  """Raises ``OtherProcessError`` on every process unless every process
-  lists the same token files for ``pattern``. Each process reads its rows
-  by index into its own sorted listing (and hashes every N-th file of it),
-  so a host that sees a file more or less (a partial copy to local disk, a
-  file still being written) would read other rows than the rest, or leave
-  a file unchecked, without a word. The error names up to five files that
-  differ from process 0's listing."""
-  # Paths relative to the pattern's fixed folder: a short record to compare.
-  wild = min((i for i, c in enumerate(pattern) if c in "*?["),
-             default=len(pattern))
-  root = pattern[:pattern.rfind("/", 0, wild) + 1]
-  listing = {p[len(root):] if p.startswith(root) else p: "listed"
-             for p in glob_files(pattern)}
-  multihost.check_agree(listing, f"token files (matching {pattern})")
-
-
-# Files this process has hashed already (a run builds its iterator up to
-# three times) -> the digest their record holds.
-_VERIFIED: dict[str, str] = {}
-
-
-def verify_checksums(pattern: str) -> None:
-  """Hashes this process's share of the token files matching ``pattern``
-  (every ``process_count``-th of its sorted listing, so a pod reads the data
-  once; several files at a time) and compares each with the SHA-256 in its
-  record. Only the share's records are read. Files whose record has no
-  ``sha256`` (written before records held one, or without a record) are not
-  checked. A file is hashed once per process.
-
-  Raises:
-    TokenFileError: naming every file of the share that differs or cannot
-      be read, and how to write it again. A damaged record would otherwise
-      be found only by the step that reads it, after the steps since the
-      last checkpoint.
-  """
-  files = sorted(glob_files(pattern))[jax.process_index()::jax.process_count()]
-  todo = []
-  for path, record in _read_records(files).items():
-    want = (record or {}).get("sha256")
-    if want and _VERIFIED.get(path) != want:
-      todo.append((path, want))
-  if not todo:
-    return
-
-  def check(item):
-    path, want = item
-    try:
-      return path, epath.Path(path).stat().length, file_sha256(path) == want, ""
-    except OSError as e:   # a listing that changed, storage that failed
-      return path, 0, False, f"{type(e).__name__}: {e}"
-
-  start = time.monotonic()
-  # Threads: hashlib and the reads release the GIL (gs:// reads overlap).
-  with concurrent.futures.ThreadPoolExecutor(min(8, len(todo))) as pool:
-    results = list(pool.map(check, todo))
-  differ = [p for p, _, ok, why in results if not ok and not why]
-  unread = [f"{p} ({why})" for p, _, ok, why in results if why]
-  for (path, want), (_, _, ok, _) in zip(todo, results):
-    if ok:
-      _VERIFIED[path] = want
-  if differ or unread:
-    parts = []
-    if differ:
-      parts.append(f"{len(differ)} token file(s) no longer hold the bytes "
-                   "their records' SHA-256 was computed on: "
-                   f"{settings_lib.shorten(differ, 5)}")
-    if unread:
-      parts.append(f"{len(unread)} token file(s) could not be read to check "
-                   f"them: {settings_lib.shorten(unread, 5)}")
-    raise TokenFileError("; ".join(parts) + ". " + rewrite_hint())
-  logging.info("Checked the SHA-256 of %d token file(s) (%.2f GB) in %.1f s.",
-               len(todo), sum(r[1] for r in results) / 1e9,
-               time.monotonic() - start)
 
 
 # Warnings already logged in this process: a run builds its training

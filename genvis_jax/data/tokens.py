@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import glob as glob_lib
 import hashlib
+import json
 import os
 import re
 from typing import Iterable, Sequence
@@ -72,6 +73,19 @@ def decode_record(data: bytes) -> dict:
 
 def shard_path(path_prefix: str, index: int, count: int) -> str:
   return f"{path_prefix}-{index:05d}-of-{count:05d}.array_record"
+
+
+def read_records(paths) -> dict[str, dict | None]:
+  """``{path: the JSON record beside it}`` (``<path>.json``, the settings
+  pre-tokenizing wrote); None where there is no record or it is damaged."""
+  out = {}
+  for path in paths:
+    try:
+      record = json.loads(epath.Path(path + ".json").read_text())
+    except (OSError, ValueError):   # no record, a damaged one
+      record = None
+    out[path] = record if isinstance(record, dict) else None
+  return out
 
 
 def file_sha256(path: str, block: int = 1 << 24) -> str:

@@ -1,0 +1,93 @@
+"""Token files every process can trust: the same listing on every process
+and the bytes each file's record has the SHA-256 of (run before training by
+``token_origin.check_training_files``)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import jax
+from absl import logging
+from etils import epath
+
+from genvis_jax.core import multihost
+from genvis_jax.core import settings as settings_lib
+from genvis_jax.data.tokens import (TokenFileError, file_sha256, glob_files,
+                                    read_records, rewrite_hint)
+
+
+def check_same_listing(pattern: str) -> None:
+  """Raises ``OtherProcessError`` on every process unless every process
+  lists the same token files for ``pattern``. Each process reads its rows
+  by index into its own sorted listing (and hashes every N-th file of it),
+  so a host that sees a file more or less (a partial copy to local disk, a
+  file still being written) would read other rows than the rest, or leave
+  a file unchecked, without a word. The error names up to five files that
+  differ from process 0's listing."""
+  # Paths relative to the pattern's fixed folder: a short record to compare.
+  wild = min((i for i, c in enumerate(pattern) if c in "*?["),
+             default=len(pattern))
+  root = pattern[:pattern.rfind("/", 0, wild) + 1]
+  listing = {p[len(root):] if p.startswith(root) else p: "listed"
+             for p in glob_files(pattern)}
+  multihost.check_agree(listing, f"token files (matching {pattern})")
+
+
+# Files this process has hashed already (a run builds its iterator up to
+# three times) -> the digest their record holds.
+_VERIFIED: dict[str, str] = {}
+
+
+def verify_checksums(pattern: str) -> None:
+  """Hashes this process's share of the token files matching ``pattern``
+  (every ``process_count``-th of its sorted listing, so a pod reads the data
+  once; several files at a time) and compares each with the SHA-256 in its
+  record. Only the share's records are read. Files whose record has no
+  ``sha256`` (written before records held one, or without a record) are not
+  checked. A file is hashed once per process.
+
+  Raises:
+    TokenFileError: naming every file of the share that differs or cannot
+      be read, and how to write it again. A damaged record would otherwise
+      be found only by the step that reads it, after the steps since the
+      last checkpoint.
+  """
+  files = sorted(glob_files(pattern))[jax.process_index()::jax.process_count()]
+  todo = []
+  for path, record in read_records(files).items():
+    want = (record or {}).get("sha256")
+    if want and _VERIFIED.get(path) != want:
+      todo.append((path, want))
+  if not todo:
+    return
+
+  def check(item):
+    path, want = item
+    try:
+      return path, epath.Path(path).stat().length, file_sha256(path) == want, ""
+    except OSError as e:   # a listing that changed, storage that failed
+      return path, 0, False, f"{type(e).__name__}: {e}"
+
+  start = time.monotonic()
+  # Threads: hashlib and the reads release the GIL (gs:// reads overlap).
+  with concurrent.futures.ThreadPoolExecutor(min(8, len(todo))) as pool:
+    results = list(pool.map(check, todo))
+  differ = [p for p, _, ok, why in results if not ok and not why]
+  unread = [f"{p} ({why})" for p, _, ok, why in results if why]
+  for (path, want), (_, _, ok, _) in zip(todo, results):
+    if ok:
+      _VERIFIED[path] = want
+  if differ or unread:
+    parts = []
+    if differ:
+      parts.append(f"{len(differ)} token file(s) no longer hold the bytes "
+                   "their records' SHA-256 was computed on: "
+                   f"{settings_lib.shorten(differ, 5)}")
+    if unread:
+      parts.append(f"{len(unread)} token file(s) could not be read to check "
+                   f"them: {settings_lib.shorten(unread, 5)}")
+    raise TokenFileError("; ".join(parts) + ". " + rewrite_hint())
+  logging.info("Checked the SHA-256 of %d token file(s) (%.2f GB) in %.1f s.",
+               len(todo), sum(r[1] for r in results) / 1e9,
+               time.monotonic() - start)
