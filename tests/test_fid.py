@@ -11,7 +11,7 @@ import pytest
 from scipy import linalg
 
 from genvis_jax.core import sharding
-from genvis_jax.evaluate import fid, generation, reference, tokenizer
+from genvis_jax.evaluate import fid, generation, npz, reference, tokenizer
 
 
 def _random_stats(rng, d, n=None):
@@ -147,17 +147,17 @@ def test_reference_npz_roundtrip_and_streaming(tmp_path):
   with np.load(path) as d:
     assert set(d.files) >= {"arr_0", "mu", "sigma", "mu_s", "sigma_s"}
   np.savez_compressed(tmp_path / "samples.npz", images)
-  arr = reference.open_images(str(tmp_path / "samples.npz"))
+  arr = npz.open_images(str(tmp_path / "samples.npz"))
   np.testing.assert_array_equal(np.concatenate(list(arr.batches(3))), images)
 
 
 def test_reference_errors(tmp_path):
   np.savez(tmp_path / "float.npz", np.zeros((2, 4, 4, 3), np.float32))
   with pytest.raises(ValueError, match="uint8"):
-    reference.open_images(str(tmp_path / "float.npz"))
+    npz.open_images(str(tmp_path / "float.npz"))
   np.savez(tmp_path / "other.npz", x=np.zeros(3))
   with pytest.raises(ValueError, match="arr_0"):
-    reference.open_images(str(tmp_path / "other.npz"))
+    npz.open_images(str(tmp_path / "other.npz"))
   with pytest.raises(ValueError, match="not an ADM reference"):
     reference.load_reference(str(tmp_path / "other.npz"))
   np.savez(tmp_path / "partial.npz", mu=np.zeros(3), sigma=np.eye(3))

@@ -8,7 +8,7 @@ import numpy as np
 
 from genvis_jax import models
 from genvis_jax.evaluate import batching
-from genvis_jax.evaluate import reference as ref_lib
+from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import report
 
 
@@ -36,7 +36,7 @@ def conditioning_accuracy(classifier, params, images_uint8, labels,
 def evaluate(config, workdir: str) -> dict:
   """``config.evaluate``: samples (npz), classifier_checkpoint, min_accuracy."""
   ev = config.evaluate
-  d = ref_lib.load_samples(ev.samples)
+  d = npz.load_samples(ev.samples)
   images, labels = d["arr_0"], d["labels"]
   classifier = models.build(config.model)
   params = models.load_params(

@@ -16,6 +16,7 @@ import numpy as np
 from genvis_jax import models
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
+from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import reference as ref_lib
 from genvis_jax.evaluate import report
 
@@ -74,7 +75,7 @@ def evaluate(config, workdir: str) -> dict:
   (default: as many as samples; more than the split holds is an error) of
   ``config.data.eval_split``; ``config.model`` is the classifier's."""
   ev = config.evaluate
-  samples = ref_lib.load_samples(ev.samples)["arr_0"]
+  samples = npz.load_samples(ev.samples)["arr_0"]
   params = models.load_params(
       config.model, ev.classifier_checkpoint,
       setting="--config.evaluate.classifier_checkpoint")

@@ -23,13 +23,14 @@ from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.convert import inception as convert_inception
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.evaluate import inception as inception_lib
+from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import reference as ref_lib
 from genvis_jax.evaluate import report
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
-def run_features(extractor, images: ref_lib.NpzArray, what: str, *,
+def run_features(extractor, images: npz.NpzArray, what: str, *,
                  limit: int | None = None, keep_logits: bool = True,
                  log_every: int = 20,
                  setting: str = "config.evaluate.num_samples") -> dict:
@@ -119,7 +120,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
     {"fid", "sfid" (clamped at 0), "inception_score", "precision", "recall"
      (floats), "num_samples", "num_reference" (ints), "preprocess" (str)}.
   """
-  samples = ref_lib.open_images(samples_npz)
+  samples = npz.open_images(samples_npz)
   ref = ref_lib.load_reference(reference_npz)
   logging.info("reference %s", ref_lib.describe(ref))
   setting = "config.evaluate.preprocess"
