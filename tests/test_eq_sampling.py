@@ -116,6 +116,18 @@ def test_stepwise_equals_one_jitted_run_and_per_step_head(tiny, fp32_latents):
     eq_sample.sample_stepwise(model, params, labels, key, chunk=4, **kw)
 
 
+def test_column_loop_has_no_conditional(tiny):
+  """No ``lax.cond`` in the column loop: on GPU a conditional reads its
+  predicate on the host, a sync per column (the last column's unused
+  backbone step runs instead)."""
+  model, params = tiny
+  fn = eq_sample._compiled(eq_sample._cached_impl, model, True, 6, 3, True, 1,
+                           False)
+  text = str(jax.make_jaxpr(fn)(params, LABELS, jax.random.key(5),
+                                jnp.float32(3.0)))
+  assert "scan[" in text and "cond[" not in text
+
+
 def test_bf16_decoding_close_to_fp32(tiny, fp32_latents):
   """Parameters cast once to bf16, latents stay float32 and close to fp32."""
   model, params = tiny

@@ -167,13 +167,12 @@ def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, shards,
     if conds is not None:
       conds = jax.lax.dynamic_update_index_in_dim(
           conds, z.astype(conds.dtype), col, axis=1)
-    # The next column's condition; the last column feeds none (one backbone
-    # step per image saved).
-    z, cache = jax.lax.cond(
-        col + 1 < num_columns,
-        lambda: model.apply({"params": params}, twice(x), col, cache,
-                            method="decode_step"),
-        lambda: (z, cache))
+    # The next column's condition, after the last column too (unused): a
+    # lax.cond skipping it would cost a device-to-host sync per column on
+    # GPU (XLA reads a conditional's predicate on the host), more than the
+    # one backbone step per image it saves.
+    z, cache = model.apply({"params": params}, twice(x), col, cache,
+                           method="decode_step")
     return z, cache, latents, conds
 
   return jax.lax.fori_loop(0, count, body, state)
