@@ -117,9 +117,11 @@ def runlocal_train(t, *, steps=20, batch=8):
   t.checkpoint_every = steps_fraction(t, 1, 2)
   t.image_every = steps_fraction(t, 1, 2)
   t.keep_checkpoints = 2
-  # An EMA still runs where the recipe has one, averaging over ~steps / 4.
+  # An EMA still runs where the recipe has one, over ~steps / 5 + 1 steps
+  # (decay steps / (steps + 5): 0.8 at 20 steps, and > 0 for any count).
   if t.ema_decay > 0:
-    t.ema_decay = 1.0 - 4.0 / t.get_ref("num_steps").to_float()
+    n = t.get_ref("num_steps").to_float()
+    t.ema_decay = n / (n + 5.0)
   return t
 
 

@@ -166,3 +166,15 @@ def test_far_logits_stay_fp32_in_a_bf16_model(far):
   assert logits.dtype == jnp.float32
   as_bf16 = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32))
   assert np.mean(as_bf16 != np.asarray(logits)) > 0.5
+
+
+def test_float32_decoding_of_a_float32_model_shares_its_program(rar):
+  """dtype="float32" (the configs' setting) and None are one program for a
+  float32 model: a driver and a test calling with either compile once."""
+  model = rar[0]
+  assert jnp.dtype(model.dtype) == jnp.float32
+  fn = rar_sample.sampler_fn(model)
+  assert rar_sample.sampler_fn(model, dtype="float32") is fn
+  assert rar_sample.sampler_fn(model, dtype="bfloat16") is not fn
+  m16 = model.clone(dtype=jnp.bfloat16)   # forced to fp32: its own program
+  assert rar_sample.sampler_fn(m16, dtype="float32") is not rar_sample.sampler_fn(m16)

@@ -126,7 +126,10 @@ def test_runlocal_schedule_follows_num_steps(spec):
   assert set(before) >= {"train.log_every", "train.checkpoint_every"}
   assert {k: v * (1000 // steps) for k, v in before.items()} == after
   if default.train.ema_decay:
-    assert longer.train.ema_decay == pytest.approx(1 - 4 / 1000)
+    assert longer.train.ema_decay == pytest.approx(1000 / 1005)
+    short = pc.parse_config_args([f"--config=configs/{spec}",
+                                  "--config.train.num_steps=2"])
+    assert 0 < short.train.ema_decay < default.train.ema_decay
   pinned = pc.parse_config_args([f"--config=configs/{spec}",
                                  "--config.train.checkpoint_every=7",
                                  "--config.train.num_steps=1000"])

@@ -57,7 +57,7 @@ def test_batch_sharded_sampling_keeps_each_device_on_its_examples(
   rows, real = [], eq_sample.steps_per_chunk
   monkeypatch.setattr(eq_sample, "steps_per_chunk",
                       lambda n, r, *a: rows.append(r) or real(n, r, *a))
-  eq_sample._compiled.cache_clear()
+  ar.compiled.cache_clear()
   fn = eq_sample.sampler_fn(model, num_columns=KW["num_columns"],
                             num_steps=KW["num_steps"], batch_shards=8)
   latents, conds = run_batch_sharded(fn, params, labels, key,
@@ -121,8 +121,7 @@ def test_column_loop_has_no_conditional(tiny):
   predicate on the host, a sync per column (the last column's unused
   backbone step runs instead)."""
   model, params = tiny
-  fn = eq_sample._compiled(eq_sample._cached_impl, model, True, 6, 3, True, 1,
-                           False)
+  fn = eq_sample.sampler_fn(model, num_columns=6, num_steps=3)
   text = str(jax.make_jaxpr(fn)(params, LABELS, jax.random.key(5),
                                 jnp.float32(3.0)))
   assert "scan[" in text and "cond[" not in text

@@ -236,15 +236,30 @@ def options(cls=Options, *, cached: bool, use_cfg: bool, dtype=None,
              bucket=bucket, **fields)
 
 
-@functools.lru_cache(maxsize=32)
 def compiled(impl, model, opts: Options):
   """``jit(impl(model, opts, *args))``, cached: training-time sample grids call
   a sampler repeatedly with one compile. The cached decoder runs the model
-  without remat and, when ``opts.dtype`` is set, in that compute dtype."""
+  without remat and, when ``opts.dtype`` is set, in that compute dtype.
+
+  The program's scalars (guidance, temperature, ...) are best passed as
+  float32 arrays (``call`` does): a Python float is weakly typed and compiles
+  a second program."""
+  if (opts.dtype is not None and jnp.dtype(opts.dtype) == jnp.float32
+      and jnp.dtype(model.dtype) == jnp.float32):
+    # "float32" on a float32 model: the same program as None, compiled once.
+    opts = dataclasses.replace(opts, dtype=None)
+  return _compiled(impl, model, opts)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(impl, model, opts: Options):
   if opts.cached:
     model = model.clone(remat="none",
                         **({} if opts.dtype is None else {"dtype": opts.dtype}))
   return jax.jit(functools.partial(impl, model, opts))
+
+
+compiled.cache_clear = _compiled.cache_clear   # e.g. tests counting compiles
 
 
 def _concrete_values(x) -> list[np.ndarray] | None:

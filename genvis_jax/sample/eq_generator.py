@@ -29,13 +29,17 @@ of steps when batch x steps is large) and each Euler step reads only the x-path
 weights (input_proj, mlp_0/mlp_2 per block, final linear). Same arithmetic as
 the per-step head (``euler_flow``) up to float rounding of the larger matmul.
 
-Decoding dtype (``dtype="bfloat16"``): the parameters are cast once per call
-and the model computes in bf16, while velocities, the Euler state x, the CFG
-combination and the returned latents stay float32.
+Compiled programs and the decoding dtype follow the token samplers (``ar``):
+one jitted program per ``Options`` value (``ar.compiled``). With
+``dtype="bfloat16"`` the cached sampler casts the parameters once inside its
+program and computes in bf16, while velocities, the Euler state x, the CFG
+combination and the returned latents stay float32; the uncached reference
+runs in the model's configured dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -48,6 +52,21 @@ from genvis_jax.sample import ar
 # modulation buffer (rows x (3 depth + 2) x head_width floats; S: 2048 rows =
 # 300 MB fp32) while batch 1 with CFG still hoists all 100 steps at once.
 HOIST_ROWS = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(ar.Options):
+  """``ar.Options`` plus the flow sampler's static options: the image width
+  in columns, Euler steps per column, hoisted head modulations, devices the
+  batch is split over (sizes the hoisted chunks), whether the conditioning
+  vectors are returned (``keep``) and the columns per ``column_stepper``
+  chunk (0: the whole loop in one program)."""
+  num_columns: int = 1
+  num_steps: int = 100
+  hoist: bool = True
+  shards: int = 1
+  keep: bool = False
+  chunk: int = 0
 
 def cfg_scale(column, num_columns: int, guidance_scale):
   """Linear CFG ramp ``1 + (guidance_scale - 1) * (column + 1) /
@@ -123,46 +142,46 @@ def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
   return jax.lax.fori_loop(0, num_steps // k, chunk, noise.astype(jnp.float32))
 
 
-def _column(model, params, z, rng, col, num_columns, num_steps, guidance_scale,
-            use_cfg, hoist, batch_shards):
-  b = z.shape[0] // (2 if use_cfg else 1)
+def _column(model, opts, params, z, rng, col, guidance_scale):
+  b = z.shape[0] // (2 if opts.use_cfg else 1)
   noise = jax.random.normal(jax.random.fold_in(rng, col), (b, model.token_dim))
-  scale = cfg_scale(col, num_columns, guidance_scale)
-  if hoist:
-    return euler_flow_hoisted(model, params, z, noise, scale, num_steps,
-                              use_cfg, batch_shards=batch_shards)
+  scale = cfg_scale(col, opts.num_columns, guidance_scale)
+  if opts.hoist:
+    return euler_flow_hoisted(model, params, z, noise, scale, opts.num_steps,
+                              opts.use_cfg, batch_shards=opts.shards)
   vel = lambda x, t, zz: model.apply({"params": params}, x, t, zz,
                                      method="velocity")
-  return euler_flow(vel, z, noise, scale, num_steps, use_cfg)
+  return euler_flow(vel, z, noise, scale, opts.num_steps, opts.use_cfg)
 
 
 def _twice(use_cfg):
   return functools.partial(ar.twice, use_cfg=use_cfg)
 
 
-def _cached_init(model, use_cfg, num_columns, keep, params, labels):
+def _cached_init(model, opts, params, labels):
   """Prefill -> state (z of the next column, cache, latents, conds); conds
-  is None unless ``keep``."""
+  is None unless ``opts.keep``."""
+  params = ar.cast_params(params, opts.dtype)
   z, cache = model.apply({"params": params},
-                         ar.batch_labels(labels, model.null_label, use_cfg),
+                         ar.batch_labels(labels, model.null_label, opts.use_cfg),
                          method="prefill")
-  latents = jnp.zeros((labels.shape[0], num_columns, model.token_dim),
+  latents = jnp.zeros((labels.shape[0], opts.num_columns, model.token_dim),
                       jnp.float32)
-  conds = (jnp.zeros((z.shape[0], num_columns, z.shape[-1]), jnp.float32)
-           if keep else None)
+  conds = (jnp.zeros((z.shape[0], opts.num_columns, z.shape[-1]), jnp.float32)
+           if opts.keep else None)
   return z, cache, latents, conds
 
 
-def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, shards,
-                    count, params, state, start, rng, guidance_scale):
-  """Columns start .. start + count - 1 (start may be traced) -> new state."""
-  twice = _twice(use_cfg)
+def _cached_columns(model, opts, params, state, start, rng, guidance_scale):
+  """Columns start .. start + opts.chunk - 1 (start may be traced) -> new
+  state."""
+  params = ar.cast_params(params, opts.dtype)
+  twice = _twice(opts.use_cfg)
 
   def body(i, carry):
     col = start + i
     z, cache, latents, conds = carry
-    x = _column(model, params, z, rng, col, num_columns, num_steps,
-                guidance_scale, use_cfg, hoist, shards)
+    x = _column(model, opts, params, z, rng, col, guidance_scale)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
     if conds is not None:
       conds = jax.lax.dynamic_update_index_in_dim(
@@ -175,26 +194,26 @@ def _cached_columns(model, use_cfg, num_columns, num_steps, hoist, shards,
                            method="decode_step")
     return z, cache, latents, conds
 
-  return jax.lax.fori_loop(0, count, body, state)
+  return jax.lax.fori_loop(0, opts.chunk, body, state)
 
 
-def _cached_impl(model, use_cfg, num_columns, num_steps, hoist, shards, keep,
-                 params, labels, rng, guidance_scale):
-  state = _cached_init(model, use_cfg, num_columns, keep, params, labels)
-  _, _, latents, conds = _cached_columns(
-      model, use_cfg, num_columns, num_steps, hoist, shards, num_columns,
-      params, state, 0, rng, guidance_scale)
+def _cached_impl(model, opts, params, labels, rng, guidance_scale):
+  params = ar.cast_params(params, opts.dtype)   # once, not per column
+  state = _cached_init(model, opts, params, labels)
+  whole = dataclasses.replace(opts, chunk=opts.num_columns)
+  _, _, latents, conds = _cached_columns(model, whole, params, state, 0, rng,
+                                         guidance_scale)
   return latents, conds
 
 
-def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, shards, keep,
-                   params, labels, rng, guidance_scale):
-  labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
-  twice = _twice(use_cfg)
+def _uncached_impl(model, opts, params, labels, rng, guidance_scale):
+  num_columns = opts.num_columns
+  labels2 = ar.batch_labels(labels, model.null_label, opts.use_cfg)
+  twice = _twice(opts.use_cfg)
   b = labels.shape[0]
   latents = jnp.zeros((b, num_columns, model.token_dim), jnp.float32)
   conds = (jnp.zeros((labels2.shape[0], num_columns, model.hidden_size),
-                     jnp.float32) if keep else None)
+                     jnp.float32) if opts.keep else None)
 
   def body(col, carry):
     latents, conds = carry
@@ -202,8 +221,7 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, shards, keep,
     z_all = model.apply({"params": params}, twice(latents), labels2,
                         method="condition")
     z = jax.lax.dynamic_index_in_dim(z_all, col, axis=1, keepdims=False)
-    x = _column(model, params, z, rng, col, num_columns, num_steps,
-                guidance_scale, use_cfg, hoist, shards)
+    x = _column(model, opts, params, z, rng, col, guidance_scale)
     latents = jax.lax.dynamic_update_index_in_dim(latents, x, col, axis=1)
     if conds is not None:
       conds = jax.lax.dynamic_update_index_in_dim(
@@ -211,23 +229,6 @@ def _uncached_impl(model, use_cfg, num_columns, num_steps, hoist, shards, keep,
     return latents, conds
 
   return jax.lax.fori_loop(0, num_columns, body, (latents, conds))
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled(impl, model, use_cfg: bool, num_columns: int, num_steps: int,
-              hoist: bool, shards: int, keep: bool):
-  return jax.jit(functools.partial(impl, model, use_cfg, num_columns,
-                                   num_steps, hoist, shards, keep))
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled_steps(model, use_cfg: bool, num_columns: int, num_steps: int,
-                    hoist: bool, shards: int, chunk: int):
-  init = jax.jit(functools.partial(_cached_init, model, use_cfg, num_columns,
-                                   False))
-  cols = jax.jit(functools.partial(_cached_columns, model, use_cfg, num_columns,
-                                   num_steps, hoist, shards, chunk))
-  return init, cols
 
 
 def _check(model, labels, num_columns, num_steps, guidance_scale):
@@ -239,33 +240,44 @@ def _check(model, labels, num_columns, num_steps, guidance_scale):
   return labels, float(guidance_scale) != 1.0
 
 
+def _options(*, cached, use_cfg, num_columns, num_steps, hoist_modulations,
+             batch_shards, return_conditions=False, dtype=None, chunk=0):
+  return ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
+                    num_columns=int(num_columns), num_steps=int(num_steps),
+                    hoist=bool(hoist_modulations),
+                    shards=max(1, int(batch_shards)),
+                    keep=bool(return_conditions), chunk=int(chunk))
+
+
 def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
                num_steps: int = 100, cached: bool = True,
                hoist_modulations: bool = True, batch_shards: int = 1,
-               return_conditions: bool = False):
+               return_conditions: bool = False, dtype=None):
   """The jitted ``f(params, labels, rng, guidance_scale) -> (latents,
-  conds)`` that ``sample`` (``cached``) / ``sample_uncached`` call, for a
-  model already prepared by ``ar.for_decoding`` (for AOT
-  ``lower().compile()``); ``batch_shards``: devices the labels will be split
-  over (``ar.batch_shards(labels)``; sizes the hoisted modulation chunks);
-  conds is None unless ``return_conditions`` (no buffer is kept then)."""
-  return _compiled(_cached_impl if cached else _uncached_impl, model,
-                   bool(use_cfg), int(num_columns), int(num_steps),
-                   bool(hoist_modulations), max(1, int(batch_shards)),
-                   bool(return_conditions))
+  conds)`` that ``sample`` (``cached``) / ``sample_uncached`` call (for AOT
+  ``lower().compile()``; pass guidance_scale as a float32 array, as
+  ``ar.call`` does: a Python float compiles a second program).
+  ``batch_shards``: devices the labels will be split over
+  (``ar.batch_shards(labels)``; sizes the hoisted modulation chunks); conds
+  is None unless ``return_conditions`` (no buffer is kept then); ``dtype``
+  as in ``sample`` (cached only). Raises ``ConfigError`` for a dtype
+  ``ar.check_dtype`` rejects."""
+  opts = _options(cached=cached, use_cfg=use_cfg, num_columns=num_columns,
+                  num_steps=num_steps, hoist_modulations=hoist_modulations,
+                  batch_shards=batch_shards,
+                  return_conditions=return_conditions, dtype=dtype)
+  return ar.compiled(_cached_impl if cached else _uncached_impl, model, opts)
 
 
 def _run(cached, model, params, labels, rng, num_columns, guidance_scale,
          num_steps, return_conditions, dtype, hoist):
   labels, use_cfg = _check(model, labels, num_columns, num_steps,
                            guidance_scale)
-  model, params = ar.for_decoding(model, params, dtype)
   fn = sampler_fn(model, num_columns=num_columns, use_cfg=use_cfg,
                   num_steps=num_steps, cached=cached, hoist_modulations=hoist,
                   batch_shards=ar.batch_shards(labels),
-                  return_conditions=return_conditions)
-  latents, conds = fn(params, labels, rng,
-                      jnp.asarray(guidance_scale, jnp.float32))
+                  return_conditions=return_conditions, dtype=dtype)
+  latents, conds = ar.call(fn, params, labels, rng, guidance_scale)
   return (latents, conds) if return_conditions else latents
 
 
@@ -284,7 +296,7 @@ def sample(model, params, labels, rng, *, num_columns: int,
     num_steps: Euler steps of the flow head per column.
     return_conditions: also return the conditioning vectors fed to the head.
     dtype: None / "" (the model's configured compute dtype), "float32" or
-      "bfloat16" (``ar.for_decoding``).
+      "bfloat16" (``ar.check_dtype``: parameters cast once in the program).
     hoist_modulations: False runs the whole head every step (``euler_flow``,
       the official loop; for comparison only).
   Returns:
@@ -304,7 +316,9 @@ def sample_uncached(model, params, labels, rng, *, num_columns: int,
                     return_conditions: bool = False, dtype=None,
                     hoist_modulations: bool = True):
   """``sample`` without a cache: re-runs the full forward every column
-  (official algorithm; quadratic in the width). Same contract and numbers."""
+  (official algorithm; quadratic in the width). Same contract and numbers,
+  except that it runs in the model's configured dtype whatever ``dtype``
+  says (the reference, as for RAR / FAR)."""
   return _run(False, model, params, labels, rng, num_columns, guidance_scale,
               num_steps, return_conditions, dtype, hoist_modulations)
 
@@ -327,10 +341,15 @@ def column_stepper(model, params, labels, rng, *, num_columns: int,
   if int(chunk) < 1 or int(num_columns) % int(chunk):
     raise ConfigError(f"chunk must be >= 1 and divide num_columns "
                       f"({num_columns}); got {chunk}.")
-  model, params = ar.for_decoding(model, params, dtype)
-  init, cols = _compiled_steps(model, use_cfg, int(num_columns), int(num_steps),
-                               bool(hoist_modulations),
-                               ar.batch_shards(labels), int(chunk))
+  opts = _options(cached=True, use_cfg=use_cfg, num_columns=num_columns,
+                  num_steps=num_steps, hoist_modulations=hoist_modulations,
+                  batch_shards=ar.batch_shards(labels), dtype=dtype,
+                  chunk=chunk)
+  # Cast here once: each chunk is its own program (the cast inside is then
+  # a no-op).
+  params = ar.cast_params(params, opts.dtype)
+  init = ar.compiled(_cached_init, model, opts)
+  cols = ar.compiled(_cached_columns, model, opts)
   guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
   advance = lambda state, start: cols(params, state, jnp.int32(start), rng,
                                       guidance_scale)
