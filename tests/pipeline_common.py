@@ -47,6 +47,15 @@ def parse_config_args(args: list[str]):
   return fv.config
 
 
+def steps(n: int) -> dict:
+  """Overrides for an ``n``-step training run that checkpoints and draws its
+  grids at the last step only: runlocal's cadence (half the steps) would add
+  a save and a grid to each short stage of the chains, without a code path
+  the last step does not already take."""
+  return {"train.num_steps": n, "train.checkpoint_every": n,
+          "train.image_every": n}
+
+
 def run_mode(spec: str, workdir: str, **overrides):
   """One ``python -m genvis_jax.main`` call, in this process."""
   return modes.run(load_config(spec, **overrides), str(workdir))

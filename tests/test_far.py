@@ -229,6 +229,18 @@ def test_top_k_top_p_filter():
   np.testing.assert_array_equal(keep(top_p=0.4)[0], [1, 0, 0, 0])
   np.testing.assert_array_equal(keep(top_p=0.85)[0], [1, 0, 1, 1])
   assert keep(top_k=0, top_p=1.0).all()
+  # Many rows: the official filter's formula (sort, shifted cumulative mask,
+  # scatter back), computed in numpy.
+  x = np.asarray(jax.random.normal(jax.random.key(1), (6, 40))) * 2.0
+  order = np.argsort(-x, axis=-1, kind="stable")
+  srt = np.take_along_axis(x, order, axis=-1)
+  prob = np.exp(srt - srt.max(-1, keepdims=True))
+  cum = np.cumsum(prob / prob.sum(-1, keepdims=True), axis=-1)
+  drop_sorted = np.concatenate([np.zeros((6, 1), bool), cum[:, :-1] > 0.6], -1)
+  drop = np.zeros_like(drop_sorted)
+  np.put_along_axis(drop, order, drop_sorted, axis=-1)
+  np.testing.assert_array_equal(
+      np.isfinite(np.asarray(ar.top_k_top_p(jnp.asarray(x), top_p=0.6))), ~drop)
 
 
 def test_sampler_rejects_bad_input(tiny):

@@ -22,12 +22,12 @@ def test_equivariant_paper_pipeline(tmp_path):
   tok = os.path.join(w, "tokenizer")
   # The DINO discriminator (adaptive weight) switches on at step 2.
   stage1 = pc.run_mode("eq_tokenizer.py:runlocal", tok,
-                       **{"train.num_steps": 4, "loss.disc_start": 2})
+                       **pc.steps(4), **{"loss.disc_start": 2})
   _check_stage2_goes_on_from_stage1(tok, stage1)
 
   gen = os.path.join(w, "generator")
-  pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": tok,
-                                          "train.num_steps": 4})
+  pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": tok},
+              **pc.steps(4))
   cfg = pc.load_config("eq_s.py:runlocal")
   assert os.listdir(os.path.join(gen, "images"))   # grids at 1x and 8x width
   _check_tokenizer_origin(w, tok, gen)
@@ -84,7 +84,7 @@ def _check_tokenizer_origin(w, tok, gen):
   assert source and source != weights_lib.params_source(tok)
   with pytest.raises(ConfigError, match=r"trained to step 4 on latents of "
                      r"tokenizer weights .* now holds"):
-    pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": other,
-                                            "train.num_steps": 6})
+    pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": other},
+                **pc.steps(6))
   assert "decoded by another tokenizer" in driver.warn_other_tokenizer(
       gen, source)

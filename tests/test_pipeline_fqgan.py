@@ -24,9 +24,8 @@ def test_fqgan_far_paper_pipeline(tmp_path, variant, k):
   tok = os.path.join(w, "tokenizer")
   # The GAN (adaptive weight) from step 2; off for triple, whose quantizer
   # branch is what differs (a smaller step to compile).
-  pc.run_mode(tok_spec, tok, **{"train.num_steps": 4,
-                                "loss.disc_start": 2 if variant == "dual"
-                                else 10**9})
+  pc.run_mode(tok_spec, tok, **pc.steps(4), **{
+      "loss.disc_start": 2 if variant == "dual" else 10**9})
 
   pre = pc.run_mode(tok_spec, os.path.join(w, "pretokenize"),
                     **{"mode": "pretokenize", "tokenizer.checkpoint": tok})
@@ -40,7 +39,7 @@ def test_fqgan_far_paper_pipeline(tmp_path, variant, k):
   dual = variant == "dual"
   pc.run_mode(far_spec, far, **{"data.path": pre["pattern"],
                                 "tokenizer.checkpoint": tok,
-                                "train.num_steps": 4,
+                                **pc.steps(4),
                                 "train.image_every": 4 if dual else 0})
   assert pc.latest_step(os.path.join(far, "checkpoints")) == 4
   if dual:   # sample grids while training, decoded by the tokenizer

@@ -23,7 +23,7 @@ def test_rar_paper_pipeline(tmp_path):
   tok = os.path.join(w, "tokenizer")
   # A few steps with the GAN (adaptive weight) switched on from step 2.
   pc.run_mode("maskgit_vqgan.py:runlocal", tok,
-              **{"train.num_steps": 4, "loss.disc_start": 2})
+              **pc.steps(4), **{"loss.disc_start": 2})
   assert pc.latest_step(os.path.join(tok, "checkpoints")) == 4
 
   pre = pc.run_mode("rar_b.py:runlocal", os.path.join(w, "pretokenize"),
@@ -50,7 +50,7 @@ def test_rar_paper_pipeline(tmp_path):
 
   rar = os.path.join(w, "rar")
   train = {"data.path": pre["pattern"], "tokenizer.checkpoint": tok,
-           "train.num_steps": 8, "train.checkpoint_every": 4}
+           **pc.steps(8), "train.checkpoint_every": 4}
   killed_at = pc.train_killed_after_checkpoint("rar_b.py:runlocal", rar, **train)
   assert killed_at == 4
   # Resumed as on a pod of another shape: 2 processes x 4 devices training on

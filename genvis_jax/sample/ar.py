@@ -93,7 +93,10 @@ def top_k_top_p(logits, top_k: int = 0, top_p: float = 1.0):
     cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     remove = jnp.concatenate(
         [jnp.zeros_like(cum[..., :1], bool), cum[..., :-1] > top_p], axis=-1)
-    remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)
+    # Back to vocabulary order by a scatter (a second argsort would sort the
+    # vocabulary again at every step).
+    rows = jnp.arange(logits.shape[0])[:, None]
+    remove = jnp.zeros_like(remove).at[rows, order].set(remove)
     logits = jnp.where(remove, -jnp.inf, logits)
   return logits
 
