@@ -154,10 +154,6 @@ def _column(model, opts, params, z, rng, col, guidance_scale):
   return euler_flow(vel, z, noise, scale, opts.num_steps, opts.use_cfg)
 
 
-def _twice(use_cfg):
-  return functools.partial(ar.twice, use_cfg=use_cfg)
-
-
 def _cached_init(model, opts, params, labels):
   """Prefill -> state (z of the next column, cache, latents, conds); conds
   is None unless ``opts.keep``."""
@@ -176,7 +172,7 @@ def _cached_columns(model, opts, params, state, start, rng, guidance_scale):
   """Columns start .. start + opts.chunk - 1 (start may be traced) -> new
   state."""
   params = ar.cast_params(params, opts.dtype)
-  twice = _twice(opts.use_cfg)
+  twice = functools.partial(ar.twice, use_cfg=opts.use_cfg)
 
   def body(i, carry):
     col = start + i
@@ -209,7 +205,7 @@ def _cached_impl(model, opts, params, labels, rng, guidance_scale):
 def _uncached_impl(model, opts, params, labels, rng, guidance_scale):
   num_columns = opts.num_columns
   labels2 = ar.batch_labels(labels, model.null_label, opts.use_cfg)
-  twice = _twice(opts.use_cfg)
+  twice = functools.partial(ar.twice, use_cfg=opts.use_cfg)
   b = labels.shape[0]
   latents = jnp.zeros((b, num_columns, model.token_dim), jnp.float32)
   conds = (jnp.zeros((labels2.shape[0], num_columns, model.hidden_size),
@@ -332,8 +328,10 @@ def column_stepper(model, params, labels, rng, *, num_columns: int,
   Returns ``(state, advance)``: the state after the prefill and
   ``advance(state, start)`` -> the state after columns start .. start +
   chunk - 1 (pure: a chunk can be re-run from the same state, e.g. to time
-  it). ``state[2]`` holds the latents as ``sample`` returns them (columns not
-  yet run are zero). Raises ``ConfigError`` if ``chunk`` does not divide
+  it). ``state`` is ``(z, cache, latents, conds)``: the conditioning vector
+  of the next column (B or 2B, d), the per-layer rolling KV cache, the
+  latents as ``sample`` returns them (columns not yet run are zero) and
+  None (no conditions are kept). Raises ``ConfigError`` if ``chunk`` does not divide
   ``num_columns``, or for the arguments ``sample`` rejects.
   """
   labels, use_cfg = _check(model, labels, num_columns, num_steps,

@@ -124,13 +124,15 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
                               scale: float | None = None, impl: str = "auto",
                               block_q: int | None = None,
                               block_k: int | None = None, interpret=None):
-  """Windowed causal attention. q, k, v: (B, N, H, D) -> (B, N, H, D).
+  """Windowed causal attention. q, k, v: (B, N, H, D) -> (B, N, H, D) in
+  ``q.dtype`` (softmax statistics and accumulation in float32).
 
   Args:
     window: visible columns per query, its own included (``None``: all
       previous columns, i.e. causal over columns).
     tokens_per_column: tokens per column ``T``; ``N`` must be a multiple.
-    scale: logit scale, default ``1 / sqrt(D)``.
+    scale: logit scale, default ``1 / sqrt(D)``; a Python number (static:
+      it is part of the kernel's geometry), not a traced value.
     impl: one of ``IMPLS``.
     block_q, block_k: Pallas tile sizes (defaults TPU 128/128, GPU 64/64,
       capped by ``N``); for ``reference`` ``block_q`` is the query chunk.

@@ -66,7 +66,10 @@ def update_kv_cache(module: nn.Module, k, v, pos, length: int, dtype=None):
   (B, H, M, D) in ``dtype``, default k.dtype) is created zero with
   M = ``length`` on the first call; a cache passed in keeps its own M (a
   sampler may hand in a shorter one holding only the filled prefix, see
-  :func:`resize_kv_cache`), which must exceed ``pos + N - 1``. Heads lead so
+  :func:`resize_kv_cache`), which must exceed ``pos + N - 1``: a Python-int
+  ``pos`` past it raises ``ValueError``, a traced one is the caller's to
+  keep in range (``dynamic_update_slice`` would clamp it and overwrite the
+  last slots; the samplers' chunking guarantees it). Heads lead so
   the decode matmuls read the cache in place (no per-step transpose).
   Returns ``(keys, values, mask)``: the whole cache and the bool (N, M) mask
   of the cached positions each query may see (<= its own).
