@@ -109,7 +109,8 @@ def runlocal_train(t, *, steps=20, batch=8):
   The cadences (and the EMA horizon) follow ``t.num_steps`` by reference, so
   ``--config.train.num_steps=1000`` still logs four times and checkpoints
   twice; schedule points of the recipes' runlocal configs use
-  :func:`steps_fraction` for the same reason.
+  :func:`steps_fraction` for the same reason. So a run resumed with more
+  steps moves its schedule too (the trainer logs the config difference).
   """
   t.global_batch_size = batch
   t.num_steps = steps
@@ -120,15 +121,18 @@ def runlocal_train(t, *, steps=20, batch=8):
   # An EMA still runs where the recipe has one, over ~steps / 5 + 1 steps
   # (decay steps / (steps + 5): 0.8 at 20 steps, and > 0 for any count).
   if t.ema_decay > 0:
-    n = t.get_ref("num_steps").to_float()
+    # A float reference without to_float(), whose lambda would not pickle.
+    n = ml_collections.FieldReference(0.0) + t.get_ref("num_steps")
     t.ema_decay = n / (n + 5.0)
   return t
 
 
 def steps_fraction(t, num: int, den: int):
-  """``ceil(t.num_steps * num / den)`` (at least 1 for num >= 1) as a
-  reference: it follows a later ``t.num_steps`` (e.g. a command-line
-  override) instead of keeping the value of the default steps."""
+  """``ceil(t.num_steps * num / den)`` (at least 1 for num, num_steps >= 1)
+  as a reference: it follows a later ``t.num_steps`` (e.g. a command-line
+  override) instead of keeping the value of the default steps. Copies made
+  with ``ConfigDict(config)`` share the reference (``deepcopy`` or
+  ``copy_and_resolve_references`` do not)."""
   return (t.get_ref("num_steps") * num + den - 1) // den
 
 

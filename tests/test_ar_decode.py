@@ -178,3 +178,6 @@ def test_float32_decoding_of_a_float32_model_shares_its_program(rar):
   assert rar_sample.sampler_fn(model, dtype="bfloat16") is not fn
   m16 = model.clone(dtype=jnp.bfloat16)   # forced to fp32: its own program
   assert rar_sample.sampler_fn(m16, dtype="float32") is not rar_sample.sampler_fn(m16)
+  # A dtype no sampler supports is refused on the reference path too.
+  with pytest.raises(errors.ConfigError, match="float16"):
+    rar_sample.sampler_fn(model, cached=False, dtype="float16")

@@ -2,6 +2,7 @@
 and without it, and loading from anywhere (``configs`` is an installed package)."""
 
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -130,6 +131,7 @@ def test_runlocal_schedule_follows_num_steps(spec):
     short = pc.parse_config_args([f"--config=configs/{spec}",
                                   "--config.train.num_steps=2"])
     assert 0 < short.train.ema_decay < default.train.ema_decay
+  pickle.loads(pickle.dumps(longer))   # e.g. for worker processes
   pinned = pc.parse_config_args([f"--config=configs/{spec}",
                                  "--config.train.checkpoint_every=7",
                                  "--config.train.num_steps=1000"])

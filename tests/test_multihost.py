@@ -93,16 +93,18 @@ def test_two_processes_match_one(tmp_path):
     assert vis["image"].dtype == np.uint8
     np.testing.assert_array_equal(vis["label"], np.arange(16))
   for i in range(2):   # settings that differ, a failed write on process 0, listings
-    differ, write, listing = json.load(open(f"{out}.agree{i}.json"))
+    differ, write, listing, lacking = json.load(open(f"{out}.agree{i}.json"))
     assert differ.startswith("OtherProcessError: Processes [1] run with other "
                              "settings than process 0"), differ
     assert ("p: process 0 0 vs this process 1" in differ) == (i == 1), differ
     assert write.startswith(("FileNotFoundError", "OtherProcessError: On "
                              "process 0: FileNotFoundError")[i]), write
-    assert listing.startswith("OtherProcessError: Processes [1] run with other "
-                              "token files (matching "), listing
-    assert ("u-0.array_record: process 0 (absent) vs this process 'listed'"
+    assert listing.startswith("OtherProcessError: Processes [1] list other "
+                              "token files for "), listing
+    assert ("1 file(s) process 0 does not list: u-0.array_record"
             in listing) == (i == 1), listing
+    assert lacking.startswith(listing.split(" for ")[0]), lacking
+    assert ("1 of process 0's file(s) missing" in lacking) == (i == 1), lacking
   for k in ("3", "4"):
     np.testing.assert_allclose(losses[k], ref_losses[k], rtol=1e-5)
   got = np.load(out)

@@ -227,7 +227,12 @@ class _NoSpaceFuture:
         "[os_error_code='28']")
 
 
-@pytest.mark.parametrize("where", ["background", "foreground"])
+@pytest.mark.parametrize("where", [
+    "background", "foreground",
+    # Orbax's commit thread of the failed save may outlive its closed event
+    # loop and report that at teardown: a warning, not this test's subject.
+    pytest.param("foreground_after_write", marks=pytest.mark.filterwarnings(
+        "ignore::pytest.PytestUnraisableExceptionWarning"))])
 def test_failed_save_stops_training_with_one_message(tmp_path, monkeypatch,
                                                       where):
   orig = ocp.PyTreeCheckpointHandler.async_save
@@ -242,6 +247,8 @@ def test_failed_save_stops_training_with_one_message(tmp_path, monkeypatch,
     futures = await orig(self, *args, **kwargs)
     if len(calls) < 2:
       return futures
+    if where == "foreground_after_write":
+      raise OSError(28, "No space left on device")
     return list(futures or []) + [_NoSpaceFuture()]
 
   monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save",
@@ -257,7 +264,7 @@ def test_failed_save_stops_training_with_one_message(tmp_path, monkeypatch,
   assert str(tmp_path / "wd" / "checkpoints") in msg
   assert "newest complete checkpoint is step 3" in msg
   # Stopped at the failing save itself (foreground) or the step after it.
-  stop = 6 if where == "foreground" else 7
+  stop = 7 if where == "background" else 6
   assert max(seen) == 6 and f"stopped at step {stop};" in msg, (seen, msg)
   names = os.listdir(os.path.join(wd, "checkpoints"))
   assert not [n for n in names if "tmp" in n], names

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+import zlib
 
 import jax
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -23,15 +25,38 @@ def check_same_listing(pattern: str) -> None:
   by index into its own sorted listing (and hashes every N-th file of it),
   so a host that sees a file more or less (a partial copy to local disk, a
   file still being written) would read other rows than the rest, or leave
-  a file unchecked, without a word. The error names up to five files that
-  differ from process 0's listing."""
-  # Paths relative to the pattern's fixed folder: a short record to compare.
+  a file unchecked, without a word. Each differing process names up to five
+  files process 0 does not list and counts those it lacks. One process:
+  nothing to compare (no listing)."""
+  if jax.process_count() == 1:
+    return
+  # Paths relative to the pattern's fixed folder, as 31-bit hashes: any
+  # number of files fits one broadcast.
   wild = min((i for i, c in enumerate(pattern) if c in "*?["),
              default=len(pattern))
   root = pattern[:pattern.rfind("/", 0, wild) + 1]
-  listing = {p[len(root):] if p.startswith(root) else p: "listed"
-             for p in glob_files(pattern)}
-  multihost.check_agree(listing, f"token files (matching {pattern})")
+  names = [p[len(root):] if p.startswith(root) else p
+           for p in glob_files(pattern)]
+  mine = [zlib.crc32(n.encode()) & 0x7FFFFFFF for n in names]
+  theirs = set(multihost.broadcast_ints(mine))
+  extra = [n for n, h in zip(names, mine) if h not in theirs]
+  lacking = len(theirs - set(mine))
+  differ = np.flatnonzero(
+      multihost.gather_ints(int(bool(extra or lacking)))).tolist()
+  if not differ:
+    return
+  here = []
+  if extra:
+    here.append(f"{len(extra)} file(s) process 0 does not list: "
+                f"{settings_lib.shorten(extra, 5)}")
+  if lacking:
+    here.append(f"{lacking} of process 0's file(s) missing")
+  detail = f" (this process: {'; '.join(here)})" if here else ""
+  raise multihost.OtherProcessError(
+      f"Processes {differ} list other token files for {pattern} than process "
+      f"0{detail}. Every process reads its rows by index into its own "
+      "listing: give every host the same files (the same bucket path, or a "
+      "complete copy on each), then run again.")
 
 
 # Files this process has hashed already (a run builds its iterator up to

@@ -96,7 +96,8 @@ def top_k_top_p(logits, top_k: int = 0, top_p: float = 1.0):
     # Back to vocabulary order by a scatter (a second argsort would sort the
     # vocabulary again at every step).
     rows = jnp.arange(logits.shape[0])[:, None]
-    remove = jnp.zeros_like(remove).at[rows, order].set(remove)
+    remove = jnp.zeros_like(remove).at[rows, order].set(remove,
+                                                        unique_indices=True)
     logits = jnp.where(remove, -jnp.inf, logits)
   return logits
 
@@ -232,6 +233,7 @@ def options(cls=Options, *, cached: bool, use_cfg: bool, dtype=None,
   ``DEFAULT_BUCKET``) apply to the cached decoder only, so every reference
   call shares one compiled program. Raises ``ConfigError`` for a dtype
   ``check_dtype`` rejects."""
+  check_dtype(dtype)   # refused on the reference path too, then dropped
   if not cached:
     return cls(cached=False, use_cfg=bool(use_cfg), **fields)
   bucket = DEFAULT_BUCKET if bucket is None else int(bucket)
@@ -254,7 +256,7 @@ def compiled(impl, model, opts: Options):
   return _compiled(impl, model, opts)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)   # RAR, FAR and Equivariant programs
 def _compiled(impl, model, opts: Options):
   if opts.cached:
     model = model.clone(remat="none",

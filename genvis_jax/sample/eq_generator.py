@@ -346,7 +346,7 @@ def column_stepper(model, params, labels, rng, *, num_columns: int,
   # Cast here once: each chunk is its own program (the cast inside is then
   # a no-op).
   params = ar.cast_params(params, opts.dtype)
-  init = ar.compiled(_cached_init, model, opts)
+  init = ar.compiled(_cached_init, model, dataclasses.replace(opts, chunk=0))
   cols = ar.compiled(_cached_columns, model, opts)
   guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
   advance = lambda state, start: cols(params, state, jnp.int32(start), rng,
