@@ -78,22 +78,29 @@ def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
 
 
 def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch):
-  """SIGTERM writes the batch being drawn, stops with one message, and the
-  same command then draws only the rest (no model: the sampler is a stand-in)."""
+  """Each batch is dispatched before the one before it is written (the
+  devices draw while the host converts and writes). SIGTERM writes the batch
+  being finished, stops with one message, and the same command then draws
+  only the rest (no model: the sampler is a stand-in)."""
   import os
   import signal
   import jax
   from configs import rar_b
   config = rar_b.get_config("runlocal")
   config.sample.num_samples, config.sample.batch_size = 3 * 8, 8
-  calls = []
+  calls, events = [], []
 
   def fake_sample_fn(labels, key):
     calls.append(len(calls))
     if len(calls) == 1:
       os.kill(os.getpid(), signal.SIGTERM)
-    del key
-    return jax.numpy.zeros((labels.shape[0], 4, 4, 3), jax.numpy.uint8)
+    # The batch's first index, from its key (fold_in(seed key, start)).
+    start = [b for b in (0, 8, 16) if np.array_equal(
+        jax.random.key_data(key), jax.random.key_data(jax.random.fold_in(
+            jax.random.key(config.sample.seed), b)))][0]
+    events.append(("dispatch", start))
+    return lambda: events.append(("finish", start)) or jax.numpy.zeros(
+        (labels.shape[0], 4, 4, 3), jax.numpy.uint8)
 
   batch_sharding = jax.sharding.NamedSharding(
       sharding.data_mesh(jax.devices()), jax.sharding.PartitionSpec("data"))
@@ -111,8 +118,13 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch)
   assert signal.getsignal(signal.SIGTERM) == before
   assert sorted(os.listdir(os.path.join(wd, "sample_parts"))) == [
       "000000000.npz", "settings.json"]
+  # Batch 1 was dispatched before batch 0 was written, then dropped.
+  assert events == [("dispatch", 0), ("dispatch", 8), ("finish", 0)]
+  events.clear()
   out = driver.sample_and_save(config, wd)       # resumes: two more batches
-  assert out["num_samples"] == 24 and len(calls) == 3
+  assert out["num_samples"] == 24 and len(calls) == 4
+  assert events == [("dispatch", 8), ("dispatch", 16), ("finish", 8),
+                    ("finish", 16)]
 
 
 def test_tokenizer_config_file_is_not_a_setting(tmp_path):

@@ -102,10 +102,31 @@ def host_uint8(images: jax.Array, value_range, method: str) -> jax.Array:
                                                   shards)
 
 
-def make_decode_fn(tok, mesh):
-  """``config.tokenizer`` -> ``f(codes) -> uint8 (B, H, W, 3)`` (a jax array
-  sharded like the decoded images): decode in ``inference.data_model_config``
-  (fp32 by default), then the official uint8 conversion (``uint8_method``)."""
+class Decoder:
+  """A tokenizer's decode for sampling: ``dispatch(codes)`` -> float32
+  images (B, H, W, 3) on the devices (asynchronous), ``to_uint8(images)``
+  -> uint8 with the same sharding (the official conversion, on the host;
+  waits for them); calling it does both."""
+
+  def __init__(self, decode_float, params, value_range, method: str):
+    self._decode_float, self._params = decode_float, params
+    self._value_range, self._method = value_range, method
+
+  def dispatch(self, codes) -> jax.Array:
+    return self._decode_float(self._params, codes)
+
+  def to_uint8(self, images: jax.Array) -> jax.Array:
+    return host_uint8(images, self._value_range, self._method)
+
+  def __call__(self, codes) -> jax.Array:
+    return self.to_uint8(self.dispatch(codes))
+
+
+def make_decode_fn(tok, mesh) -> Decoder:
+  """``config.tokenizer`` -> a ``Decoder`` (``f(codes) -> uint8 (B, H, W,
+  3)``, a jax array sharded like the decoded images): decode in
+  ``inference.data_model_config`` (fp32 by default), then the official uint8
+  conversion (``uint8_method``)."""
   model_cfg = inference.data_model_config(tok)
   method = images_lib.uint8_method(tok)
   tok_model = models.build(model_cfg)
@@ -121,12 +142,16 @@ def make_decode_fn(tok, mesh):
     images = tok_model.apply({"params": params}, codes, method="decode")
     return images.astype(jnp.float32)
 
-  return lambda codes: host_uint8(decode_float(tok_params, codes), value_range,
-                                  method)
+  return Decoder(decode_float, tok_params, value_range, method)
 
 
 def make_sample_fn(config, mesh):
-  """Returns ``f(labels (B,), rng) -> uint8 (B, H, W, 3)`` and the batch sharding."""
+  """Returns ``f(labels (B,), rng) -> finish`` and the batch sharding. ``f``
+  dispatches one batch (generate, then decode) and returns at once;
+  ``finish()`` waits for it and gives uint8 (B, H, W, 3), a jax array
+  sharded over the batch. The driver dispatches the next batch before it
+  finishes and writes this one, so the host's uint8 conversion and file
+  writes overlap the devices' work."""
   gen_model = models.build(config.model)
   gen_params = models.load_params(
       config.model, config.init_from, mesh, setting="--config.init_from")
@@ -135,8 +160,8 @@ def make_sample_fn(config, mesh):
   s = config.sample
 
   def sample_fn(labels, rng):
-    codes = generate(gen_model, gen_params, labels, rng, s)
-    return decode(codes)
+    images = decode.dispatch(generate(gen_model, gen_params, labels, rng, s))
+    return functools.partial(decode.to_uint8, images)
 
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   return sample_fn, batch_sharding
@@ -318,34 +343,47 @@ def sample_and_save(config, workdir: str) -> dict:
     print(f"[sample] resuming: {have} of {s.num_samples} images already in "
           f"{parts_dir}", flush=True)
   t0, made = time.perf_counter(), 0
-  # SIGTERM / Ctrl-C: finish and write the batch in flight, then stop.
+
+  def write(finish, start, labels, written):
+    """Waits for a dispatched batch, writes its part; stops when asked."""
+    nonlocal made
+    n = len(labels)
+    images = np.asarray(multihost_utils.process_allgather(
+        finish(), tiled=True))[:n]
+    multihost.write_on_process_0(
+        os.path.join(parts_dir, f"{start:09d}.npz"),
+        functools.partial(np.savez, images=images, labels=labels))
+    made += n
+    rate = made / (time.perf_counter() - t0)
+    logging.info("sampled %d / %d (%.2f images/s)", start + n, s.num_samples,
+                 rate)
+    print(f"[sample] {start + n}/{s.num_samples} images, {rate:.2f} images/s",
+          flush=True)
+    if stop.should_stop(written) and start + n < s.num_samples:
+      raise SamplingStopped(
+          f"Sampling stopped by {stop.signal} after the batch of images "
+          f"{start}..{start + n - 1}; the parts drawn so far are in "
+          f"{parts_dir}. Run the same command to resume from them.")
+
+  # SIGTERM / Ctrl-C: finish and write the batch in flight, then stop (the
+  # next one, already dispatched, is dropped and drawn again on resume).
   with preemption.StopRequest("writing the batch of samples in flight",
                               "without writing the batch in flight") as stop:
-    for i, start in enumerate(starts):
+    pending, written = None, 0
+    for start in starts:
       if start in done:
         continue
       labels = labels_all[start:start + s.batch_size]
-      n = len(labels)
-      labels = np.resize(labels, s.batch_size)        # pad the last batch
-      g_labels = global_labels(labels, batch_sharding)
+      padded = np.resize(labels, s.batch_size)        # pad the last batch
       # The key depends only on the batch's first index: resumes draw the same.
-      images = sample_fn(g_labels, jax.random.fold_in(key, start))
-      images = np.asarray(multihost_utils.process_allgather(
-          images, tiled=True))[:n]
-      multihost.write_on_process_0(
-          os.path.join(parts_dir, f"{start:09d}.npz"),
-          functools.partial(np.savez, images=images, labels=labels[:n]))
-      made += n
-      rate = made / (time.perf_counter() - t0)
-      logging.info("sampled %d / %d (%.2f images/s)", start + n, s.num_samples,
-                   rate)
-      print(f"[sample] {start + n}/{s.num_samples} images, {rate:.2f} images/s",
-            flush=True)
-      if stop.should_stop(i + 1) and start + n < s.num_samples:
-        raise SamplingStopped(
-            f"Sampling stopped by {stop.signal} after the batch of images "
-            f"{start}..{start + n - 1}; the parts drawn so far are in "
-            f"{parts_dir}. Run the same command to resume from them.")
+      finish = sample_fn(global_labels(padded, batch_sharding),
+                         jax.random.fold_in(key, start))
+      if pending:   # the devices draw this batch while the last one is written
+        written += 1
+        write(*pending, written)
+      pending = (finish, start, labels)
+    if pending:
+      write(*pending, written + 1)
   if jax.process_count() > 1:   # the others wait for process 0's last part
     multihost_utils.sync_global_devices("genvis_jax sample parts written")
   return assemble(workdir, s.num_samples)
