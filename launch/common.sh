@@ -174,7 +174,8 @@ check_gs() {
 # shellcheck disable=SC2034  # used in the scripts' --help
 RUN_NAME_RULE="Without --run-name, RUN is the --config file's name and argument: configs/rar_xl.py -> rar_xl,
 configs/far_b.py:dual,batch=512 -> far_b_dual_batch512 ('=' dropped, any other
-character outside A-Z a-z 0-9 _ - made '_')."
+character outside A-Z a-z 0-9 _ - made '_'). tpu_run.sh adds a mode other than
+train: -- --config.mode=sample runs as rar_xl_sample (its own log and workdir)."
 
 # config_run_name CONFIG: the default run name of --config=CONFIG (see above).
 config_run_name() {

@@ -33,6 +33,21 @@ require name zone
 config_file="${GENVIS_CONFIG%%:*}"
 [[ -n "$GENVIS_RUN_NAME" || -n "$GENVIS_CONFIG" ]] \
   || die "--config (or --run-name with --stop) is required"
+# The run's mode: the last --config.mode given (default train). Other modes
+# get their own run name (and so log file and default workdir).
+mode=train
+tokens=""
+for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
+  case "${EXTRA_ARGS[i]}" in
+    --config.mode=*) mode="${EXTRA_ARGS[i]#--config.mode=}" ;;
+    --config.mode) mode="${EXTRA_ARGS[i + 1]:-}" ;;
+    --config.pretokenize.output=*) tokens="${EXTRA_ARGS[i]#*=}" ;;
+    --config.pretokenize.output) tokens="${EXTRA_ARGS[i + 1]:-}" ;;
+  esac
+done
+if [[ -z "$GENVIS_RUN_NAME" && -n "$GENVIS_CONFIG" && "$mode" != train ]]; then
+  GENVIS_RUN_NAME="$(config_run_name "$GENVIS_CONFIG")_$mode"
+fi
 resolve_run_name
 
 dir="$(remote_path "$GENVIS_REMOTE_DIR")"
@@ -53,23 +68,17 @@ if [[ -z "$GENVIS_WORKDIR" ]]; then
   GENVIS_WORKDIR="gs://${GCS_BUCKET#gs://}/runs/$GENVIS_RUN_NAME"
 fi
 [[ "$GENVIS_ALLOW_LOCAL" == 1 ]] || check_gs "$GENVIS_WORKDIR" workdir
+# The token writer writes local files only (its default, <workdir>/tokens, is
+# the bucket here): refused now rather than after the whole data set encoded.
+if [[ "$mode" == pretokenize && ( -z "$tokens" || "$tokens" == *://* ) ]]; then
+  die "--config.mode=pretokenize writes local files on each worker: add -- --config.pretokenize.output=/tmp/tokens/NAME (not gs://), then copy the files and their .json records to the bucket (README, pre-tokenize on a pod)"
+fi
 
 main_args=(--config="$GENVIS_CONFIG" --workdir="$GENVIS_WORKDIR" "${EXTRA_ARGS[@]}")
 # The remote shell must expand $HOME in the paths but not touch the run's arguments.
 tpu_ssh "$TPU_WORKER" "cd $dir && ${start[*]} -- $(quote "${main_args[@]}")"
-# Where the run's output lands: by --config.mode (the last one given; default train).
-mode=train
-tokens="$GENVIS_WORKDIR/tokens/"
-for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
-  case "${EXTRA_ARGS[i]}" in
-    --config.mode=*) mode="${EXTRA_ARGS[i]#--config.mode=}" ;;
-    --config.mode) mode="${EXTRA_ARGS[i + 1]:-}" ;;
-    --config.pretokenize.output=*) tokens="${EXTRA_ARGS[i]#*=}-*" ;;
-    --config.pretokenize.output) tokens="${EXTRA_ARGS[i + 1]:-}-*" ;;
-  esac
-done
 case "$mode" in
-  pretokenize) output="tokens: $tokens" ;;
+  pretokenize) output="tokens: $tokens-* on each worker's disk (copy them and their .json records to the bucket)" ;;
   sample) output="samples: $GENVIS_WORKDIR/samples.npz" ;;
   evaluate) output="metrics: $GENVIS_WORKDIR/metrics.json" ;;
   *) output="checkpoints: $GENVIS_WORKDIR/checkpoints" ;;

@@ -237,19 +237,33 @@ def test_run_names_differ_and_run_name_overrides():
   assert r.returncode != 0 and "--config" in r.stderr and not commands(r.stdout)
 
 
-@pytest.mark.parametrize("args,output", [
-    ((), "checkpoints: gs://bk/runs/rar_xl/checkpoints"),
-    (("--config.mode=pretokenize",), "tokens: gs://bk/runs/rar_xl/tokens/"),
+@pytest.mark.parametrize("args,name,output", [
+    ((), "rar_xl", "checkpoints: gs://bk/runs/rar_xl/checkpoints"),
     (("--config.mode", "pretokenize", "--config.pretokenize.output=/tmp/t/tr"),
-     "tokens: /tmp/t/tr-*"),
-    (("--config.mode=sample",), "samples: gs://bk/runs/rar_xl/samples.npz"),
-    (("--config.mode=sample", "--config.mode=evaluate"),
-     "metrics: gs://bk/runs/rar_xl/metrics.json"),
+     "rar_xl_pretokenize", "tokens: /tmp/t/tr-* on each worker's disk"),
+    (("--config.mode=sample",), "rar_xl_sample",
+     "samples: gs://bk/runs/rar_xl_sample/samples.npz"),
+    (("--config.mode=sample", "--config.mode=evaluate"), "rar_xl_evaluate",
+     "metrics: gs://bk/runs/rar_xl_evaluate/metrics.json"),
 ])
-def test_tpu_run_says_where_the_mode_writes(args, output):
+def test_tpu_run_names_each_mode_and_says_where_it_writes(args, name, output):
+  """A mode other than train runs under its own name (log, workdir): sampling
+  beside a training run neither replaces its log nor is refused as running."""
   r = sh("tpu_run.sh", "--config=configs/rar_xl.py", "--", *args, env=TPU)
   assert r.returncode == 0, r.stderr
-  assert r.stderr.strip().splitlines()[-1].endswith("--run-name=rar_xl; " + output), r.stderr
+  assert f"--run-name={name} " in commands(r.stdout)[-1]
+  assert f"--run-name={name}; {output}" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+@pytest.mark.parametrize("output", [None, "gs://bk/tokens/train"])
+def test_tpu_run_refuses_pretokenizing_to_the_bucket(output):
+  """The token writer writes local files: without a local output (the
+  default is <workdir>/tokens, the bucket) nothing is started."""
+  args = ["--config.mode=pretokenize"] + (
+      [f"--config.pretokenize.output={output}"] if output else [])
+  r = sh("tpu_run.sh", "--config=configs/rar_xl.py", "--", *args, env=TPU)
+  assert r.returncode != 0 and not commands(r.stdout)
+  assert "--config.pretokenize.output=/tmp/tokens/NAME" in r.stderr
 
 
 def _readme_launches():

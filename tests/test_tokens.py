@@ -270,6 +270,21 @@ def test_missing_token_files_say_to_pretokenize(tmp_path):
   assert len(data.TokenSource(str(tmp_path / "pre" / "tokens" / "val-*"))) == 2
 
 
+def test_pretokenize_refuses_a_remote_output_before_encoding(tmp_path):
+  """The token writer writes local files: a gs:// output (or workdir, the
+  default's folder) is refused before any data or weights are read."""
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
+  config = rar_b.get_config("runlocal")
+  config.mode = "pretokenize"
+  config.tokenizer.checkpoint = str(tmp_path / "no_such_tokenizer")
+  for workdir, output in (("gs://b/runs/x", ""), (str(tmp_path), "gs://b/t")):
+    config.pretokenize.output = output
+    with pytest.raises(errors_lib.ConfigError,
+                       match=r"writes local files.*--config.pretokenize.output"):
+      pretokenize.pretokenize(config, workdir)
+  assert not os.listdir(tmp_path)
+
+
 def _check_sets(pattern):
   tokens.check_shard_sets(pattern, tokens.glob_files(pattern))
 

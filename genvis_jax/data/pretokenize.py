@@ -318,6 +318,13 @@ def pretokenize(config, workdir: str) -> dict:
       p.data.get("center_crop", "") or "adm", p.data.image_size,
       p.data.get("image_width", 0), "config.pretokenize.data.center_crop")
   output = p.output or os.path.join(workdir, "tokens", p.split)
+  if "://" in output:   # refused now, not after the whole split is encoded
+    raise errors.ConfigError(
+        f"Pre-tokenizing writes local files, and its output {output!r} is "
+        f"remote ({'--config.pretokenize.output' if p.output else 'the workdir'}"
+        "). Set --config.pretokenize.output to a local path (e.g. "
+        "/tmp/tokens/train on each worker), then copy the files with their "
+        ".json records to the bucket (README).")
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
   if jax.process_index() == 0:
