@@ -51,7 +51,7 @@ def test_a_negative_profile_window_is_refused_before_compiling():
       trainer_lib.setup(config)
 
 
-def test_resume_is_bit_exact(tmp_path, monkeypatch):
+def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
   # small_run traces steps 2-3 (0-based) of each run, so this also shows that
   # profiling leaves the steps' results alone.
   full = trainer_lib.train_and_evaluate(small_run.config(6),
@@ -67,8 +67,13 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
   # The profiler names a trace's folder by the second it stops in, so a
   # resume's trace written in the same second would replace the first one.
   time.sleep(1)
+  capsys.readouterr()
   resumed = trainer_lib.train_and_evaluate(small_run.config(6), part)
   assert int(resumed.step) == 6
+  # The mode's last line says where the run is, as the other modes' do.
+  assert capsys.readouterr().out.splitlines()[-1] == (
+      f"[train] done at step 6: checkpoints in {part}/checkpoints, "
+      f"TensorBoard logs and grids in {part}")
   # A window the run's end cuts short stops there; a resumed run skips its
   # own first steps (compilation) before tracing.
   assert _traced_steps(part) == [[2], [5]]

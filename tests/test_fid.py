@@ -238,7 +238,8 @@ def test_only_process_0_writes_the_report(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(multihost, "broadcast_strings", lambda s, size=0: s)
   report.write(str(tmp_path / "eval"), {"fid": 1.0}, "FID 1.0")
   assert not (tmp_path / "eval").exists()      # process 0 writes it
-  assert "[eval] FID 1.0" in capsys.readouterr().out
+  assert (f"[eval] FID 1.0 (in {tmp_path / 'eval' / 'metrics.json'})"
+          in capsys.readouterr().out)
 
 
 def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):

@@ -208,16 +208,19 @@ def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):
   assert "devices" not in caplog.text
 
 
-@pytest.mark.parametrize("key", ["num_columns", "num_steps", "batch_size"])
-def test_counts_below_one_are_refused_before_loading(key, tmp_path):
+@pytest.mark.parametrize("key,value,message", [
+    ("num_columns", 0, r"config.sample.num_columns=0 must be at least 1"),
+    ("num_steps", 0, r"config.sample.num_steps=0 must be at least 1"),
+    ("batch_size", 0, r"config.sample.batch_size=0 must be at least 1"),
+    ("dtype", "float16", r"'float16' \(config.sample.dtype\) is not supported")])
+def test_bad_settings_are_refused_before_loading(key, value, message, tmp_path):
   """Named as the flag, before the weights load (init_from does not even
   exist here) and before settings.json is written."""
   from genvis_jax.errors import ConfigError
   from tests import pipeline_common as pc
   config = pc.load_config("eq_s.py:runlocal", **{
       "mode": "sample", "init_from": "/nowhere/run",
-      "tokenizer.checkpoint": "/nowhere/tok", f"sample.{key}": 0})
-  with pytest.raises(ConfigError, match=rf"config.sample.{key}=0 must be at "
-                                        r"least 1"):
+      "tokenizer.checkpoint": "/nowhere/tok", f"sample.{key}": value})
+  with pytest.raises(ConfigError, match=message):
     driver.sample_and_save(config, str(tmp_path))
   assert not os.listdir(tmp_path)

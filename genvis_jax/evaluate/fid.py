@@ -35,12 +35,14 @@ from genvis_jax.core import sharding
 # rank-deficient, and FID is not comparable with published numbers.
 FEATURE_DIM = 2048
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
+                     name: str = "FID") -> float:
   """max(0, ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))) in float64.
 
   The formula is ADM's / pytorch-fid's; rounding in ``sqrtm`` can make it
   slightly negative (-2e-13) for (near-)identical statistics, and a distance
-  is never negative, so it is clamped at 0 (FID and sFID alike).
+  is never negative, so it is clamped at 0 (FID and sFID alike). ``name``
+  (e.g. "sFID") starts the warnings about singular covariances.
   """
   mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
   s1, s2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
@@ -61,11 +63,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if not issubclass(w.category, linalg.LinAlgWarning):
       warnings.warn(w.message, w.category)
   if not finite:
-    warnings.warn(f"FID: singular product; adding {eps} to the covariance "
+    warnings.warn(f"{name}: singular product; adding {eps} to the covariance "
                   "diagonals.")
   elif any(issubclass(w.category, linalg.LinAlgWarning)
            for w in scipy_warnings):
-    warnings.warn("FID: the covariance product is singular (fewer images "
+    warnings.warn(f"{name}: the covariance product is singular (fewer images "
                   "than feature dimensions?); its square root may be "
                   "inaccurate.")
   if np.iscomplexobj(covmean):

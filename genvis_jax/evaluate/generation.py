@@ -156,7 +156,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
   return {
       "fid": fid_lib.frechet_distance(*sam["pool_stats"].result(), *ref_pool),
       "sfid": fid_lib.frechet_distance(*sam["spatial_stats"].result(),
-                                       *ref_spatial),
+                                       *ref_spatial, name="sFID"),
       "inception_score": fid_lib.inception_score(sam["logits"], is_split_size),
       "precision": precision,
       "recall": recall,

@@ -12,7 +12,8 @@ from genvis_jax.core import multihost
 
 def write(workdir: str, results: dict, msg: str) -> dict:
   """Writes ``results`` (JSON-serialisable) to ``workdir/metrics.json``
-  (creating ``workdir``), logs ``msg`` and prints it as ``[eval] msg``.
+  (creating ``workdir``), logs ``msg`` and prints it as ``[eval] msg (in
+<path>)``.
   Returns ``results``.
 
   Every process of a multi-host job evaluates the same images; process 0
@@ -22,7 +23,8 @@ def write(workdir: str, results: dict, msg: str) -> dict:
     with open(tmp, "w") as f:
       json.dump(results, f, indent=2)
 
-  multihost.write_on_process_0(os.path.join(workdir, "metrics.json"), write)
+  path = os.path.join(workdir, "metrics.json")
+  multihost.write_on_process_0(path, write)
   logging.info(msg)
-  print(f"[eval] {msg}", flush=True)
+  print(f"[eval] {msg} (in {path})", flush=True)
   return results

@@ -384,7 +384,7 @@ def evaluate(config, workdir: str) -> dict:
     results["lpips"] = sums["lpips"] / n
   if extractor is not None:
     results["rfid"] = fid_lib.frechet_distance(*rstats[0].result(),
-                                               *rstats[1].result())
+                                               *rstats[1].result(), name="rFID")
     results["rfid_preprocess"] = preprocess
     if n < fid_lib.FEATURE_DIM:
       logging.warning(

@@ -193,8 +193,10 @@ def check_dtype(dtype):
   name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
   if name not in ("float32", "bfloat16"):
     raise errors.ConfigError(
-        f"sample dtype {dtype!r} is not supported; use 'float32' (parity) or "
-        "'bfloat16' (parameters and KV cache in bf16, logits and sampling fp32).")
+        f"sample dtype {dtype!r} (config.sample.dtype) is not supported; use "
+        "'float32' (parity with the official code) or 'bfloat16' (weights, "
+        "activations and caches in bf16; logits, velocities and the "
+        "sampling state stay float32).")
   return jnp.dtype(name)
 
 

@@ -40,6 +40,7 @@ from genvis_jax.core import sharding
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import token_origin
 from genvis_jax.models import inference
+from genvis_jax.sample import ar
 from genvis_jax.sample import images as images_lib
 
 
@@ -302,6 +303,7 @@ def sample_and_save(config, workdir: str) -> dict:
     if key in s and int(s[key]) < 1:
       raise errors.ConfigError(f"config.sample.{key}={s[key]} must be at "
                                "least 1.")
+  ar.check_dtype(s.get("dtype", "float32"))   # before the weights load
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "

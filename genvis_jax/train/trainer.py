@@ -291,7 +291,14 @@ class _Context:
 
 def train_and_evaluate(config, workdir: str):
   """Trains ``config.task`` for ``config.train.num_steps``; resumes from workdir."""
-  return train_loop(config, workdir)
+  state = train_loop(config, workdir)
+  if jax.process_index() == 0:   # the mode's last line, as the other modes'
+    step = state.step   # replicated: this process's copy
+    step = step.addressable_data(0) if isinstance(step, jax.Array) else step
+    print(f"[train] done at step {int(step)}: "
+          f"checkpoints in {os.path.join(workdir, 'checkpoints')}, TensorBoard "
+          f"logs and grids in {workdir}", flush=True)
+  return state
 
 
 def train_loop(config, workdir: str, on_log=None):
