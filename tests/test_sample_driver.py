@@ -104,8 +104,10 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch)
 
   batch_sharding = jax.sharding.NamedSharding(
       sharding.data_mesh(jax.devices()), jax.sharding.PartitionSpec("data"))
+  sampler = driver.Sampler(None, None)
+  sampler.dispatch = fake_sample_fn
   monkeypatch.setattr(driver, "make_sample_fn",
-                      lambda *_: (fake_sample_fn, batch_sharding))
+                      lambda *_: (sampler, batch_sharding))
   monkeypatch.setattr(driver, "pin_weights", lambda c: c)
   monkeypatch.setattr(driver, "pinned_sources", lambda _: {
       "weights.generator": "g", "weights.tokenizer": "t"})

@@ -146,13 +146,28 @@ def make_decode_fn(tok, mesh) -> Decoder:
   return Decoder(decode_float, tok_params, value_range, method)
 
 
+class Sampler:
+  """``sampler(labels (B,), rng)`` -> uint8 (B, H, W, 3), a jax array
+  sharded over the batch. ``sampler.dispatch(labels, rng)`` starts the same
+  batch (generate, then decode) and returns at once a ``finish()`` that
+  waits for it and gives those images: the driver dispatches the next batch
+  before it finishes and writes this one, so the host's uint8 conversion and
+  file writes overlap the devices' work."""
+
+  def __init__(self, generate, decode: Decoder):
+    self._generate, self._decode = generate, decode
+
+  def dispatch(self, labels, rng):
+    images = self._decode.dispatch(self._generate(labels, rng))
+    return functools.partial(self._decode.to_uint8, images)
+
+  def __call__(self, labels, rng) -> jax.Array:
+    return self.dispatch(labels, rng)()
+
+
 def make_sample_fn(config, mesh):
-  """Returns ``f(labels (B,), rng) -> finish`` and the batch sharding. ``f``
-  dispatches one batch (generate, then decode) and returns at once;
-  ``finish()`` waits for it and gives uint8 (B, H, W, 3), a jax array
-  sharded over the batch. The driver dispatches the next batch before it
-  finishes and writes this one, so the host's uint8 conversion and file
-  writes overlap the devices' work."""
+  """Returns a ``Sampler`` (``f(labels (B,), rng) -> uint8 (B, H, W, 3)``)
+  of ``config`` and the batch sharding."""
   gen_model = models.build(config.model)
   gen_params = models.load_params(
       config.model, config.init_from, mesh, setting="--config.init_from")
@@ -160,10 +175,9 @@ def make_sample_fn(config, mesh):
   generate = _generator(config.model.name)
   s = config.sample
 
-  def sample_fn(labels, rng):
-    images = decode.dispatch(generate(gen_model, gen_params, labels, rng, s))
-    return functools.partial(decode.to_uint8, images)
-
+  sample_fn = Sampler(
+      lambda labels, rng: generate(gen_model, gen_params, labels, rng, s),
+      decode)
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   return sample_fn, batch_sharding
 
@@ -378,8 +392,8 @@ def sample_and_save(config, workdir: str) -> dict:
       labels = labels_all[start:start + s.batch_size]
       padded = np.resize(labels, s.batch_size)        # pad the last batch
       # The key depends only on the batch's first index: resumes draw the same.
-      finish = sample_fn(global_labels(padded, batch_sharding),
-                         jax.random.fold_in(key, start))
+      finish = sample_fn.dispatch(global_labels(padded, batch_sharding),
+                                  jax.random.fold_in(key, start))
       if pending:   # the devices draw this batch while the last one is written
         written += 1
         write(*pending, written)
