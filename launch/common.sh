@@ -186,11 +186,14 @@ config_run_name() {
   LC_ALL=C sed 's/[^A-Za-z0-9_-]/_/g' <<< "$name"
 }
 
-# resolve_run_name: GENVIS_RUN_NAME (--run-name) as given, else from GENVIS_CONFIG
-# (--config) when set, else left empty; a given name must be a safe file name.
+# resolve_run_name [MODE]: GENVIS_RUN_NAME (--run-name) as given, else from
+# GENVIS_CONFIG (--config) when set, with "_MODE" for a MODE other than train,
+# else left empty; a given name must be a safe file name.
 resolve_run_name() {
+  local mode="${1:-train}"
   if [[ -z "$GENVIS_RUN_NAME" && -n "${GENVIS_CONFIG:-}" ]]; then
     GENVIS_RUN_NAME="$(config_run_name "$GENVIS_CONFIG")"
+    [[ "$mode" == train ]] || GENVIS_RUN_NAME+="_$mode"
   fi
   [[ -z "$GENVIS_RUN_NAME" || "$GENVIS_RUN_NAME" =~ ^[A-Za-z0-9_.-]+$ ]] \
     || die "--run-name=$GENVIS_RUN_NAME: use letters, digits, '.', '_' and '-' only"

@@ -45,10 +45,7 @@ for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
     --config.pretokenize.output) tokens="${EXTRA_ARGS[i + 1]:-}" ;;
   esac
 done
-if [[ -z "$GENVIS_RUN_NAME" && -n "$GENVIS_CONFIG" && "$mode" != train ]]; then
-  GENVIS_RUN_NAME="$(config_run_name "$GENVIS_CONFIG")_$mode"
-fi
-resolve_run_name
+resolve_run_name "$mode"
 
 dir="$(remote_path "$GENVIS_REMOTE_DIR")"
 start=(bash launch/worker_start.sh --run-name="$GENVIS_RUN_NAME"

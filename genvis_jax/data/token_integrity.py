@@ -19,15 +19,16 @@ from genvis_jax.data.tokens import (TokenFileError, file_sha256, glob_files,
                                     read_records, rewrite_hint)
 
 
-def check_same_listing(pattern: str) -> None:
+def check_same_listing(pattern: str, files: list[str] | None = None) -> None:
   """Raises ``OtherProcessError`` on every process unless every process
   lists the same token files for ``pattern``. Each process reads its rows
   by index into its own sorted listing (and hashes every N-th file of it),
   so a host that sees a file more or less (a partial copy to local disk, a
   file still being written) would read other rows than the rest, or leave
   a file unchecked, without a word. Each differing process names up to five
-  files process 0 does not list and counts those it lacks. One process:
-  nothing to compare (no listing)."""
+  files process 0 does not list and counts those it lacks. ``files``: this
+  process's listing of ``pattern`` when the caller has it (else listed
+  here). One process: nothing to compare (no listing)."""
   if jax.process_count() == 1:
     return
   # Paths relative to the pattern's fixed folder, as 31-bit hashes: any
@@ -35,8 +36,9 @@ def check_same_listing(pattern: str) -> None:
   wild = min((i for i, c in enumerate(pattern) if c in "*?["),
              default=len(pattern))
   root = pattern[:pattern.rfind("/", 0, wild) + 1]
-  names = [p[len(root):] if p.startswith(root) else p
-           for p in glob_files(pattern)]
+  if files is None:
+    files = glob_files(pattern)
+  names = [p[len(root):] if p.startswith(root) else p for p in files]
   mine = [zlib.crc32(n.encode()) & 0x7FFFFFFF for n in names]
   theirs = set(multihost.broadcast_ints(mine))
   extra = [n for n, h in zip(names, mine) if h not in theirs]
@@ -64,11 +66,11 @@ def check_same_listing(pattern: str) -> None:
 _VERIFIED: dict[str, str] = {}
 
 
-def verify_checksums(pattern: str) -> None:
+def verify_checksums(pattern: str, files: list[str] | None = None) -> None:
   """Hashes this process's share of the token files matching ``pattern``
-  (every ``process_count``-th of its sorted listing, so a pod reads the data
-  once; several files at a time) and compares each with the SHA-256 in its
-  record. Only the share's records are read. Files whose record has no
+  (every ``process_count``-th of its sorted listing, ``files`` when the
+  caller has it, so a pod reads the data once; several files at a time) and
+  compares each with the SHA-256 in its record. Only the share's records are read. Files whose record has no
   ``sha256`` (written before records held one, or without a record) are not
   checked. A file is hashed once per process.
 
@@ -78,9 +80,10 @@ def verify_checksums(pattern: str) -> None:
       be found only by the step that reads it, after the steps since the
       last checkpoint.
   """
-  files = sorted(glob_files(pattern))[jax.process_index()::jax.process_count()]
+  files = glob_files(pattern) if files is None else files
+  share = sorted(files)[jax.process_index()::jax.process_count()]
   todo = []
-  for path, record in read_records(files).items():
+  for path, record in read_records(share).items():
     want = (record or {}).get("sha256")
     if want and _VERIFIED.get(path) != want:
       todo.append((path, want))

@@ -144,10 +144,13 @@ def check_training_files(config) -> str:
     tok = config.get("tokenizer") or {}
     warning.append(check_origin(pattern, records, tok.get("checkpoint", "")))
   multihost.on_process_0(check)
-  token_integrity.check_same_listing(pattern)
+  # One listing for both checks: the files every process agreed on are the
+  # ones hashed.
+  files = glob_files(pattern)
+  token_integrity.check_same_listing(pattern, files)
   if config.data.get("verify_checksums", True):
     multihost.run_everywhere(
-        lambda: token_integrity.verify_checksums(pattern),
+        lambda: token_integrity.verify_checksums(pattern, files),
         "found token files whose bytes differ from the SHA-256 in their "
         "records (each names its files in its log)")
   return warning[0] if warning else ""

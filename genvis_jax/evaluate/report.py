@@ -12,9 +12,8 @@ from genvis_jax.core import multihost
 
 def write(workdir: str, results: dict, msg: str) -> dict:
   """Writes ``results`` (JSON-serialisable) to ``workdir/metrics.json``
-  (creating ``workdir``), logs ``msg`` and prints it as ``[eval] msg (in
-<path>)``.
-  Returns ``results``.
+  (creating ``workdir``), logs ``msg`` and prints it as
+  ``[eval] msg (in <path>)``. Returns ``results``.
 
   Every process of a multi-host job evaluates the same images; process 0
   writes the file, whole or not at all (a temporary file renamed into place).

@@ -235,12 +235,12 @@ def options(cls=Options, *, cached: bool, use_cfg: bool, dtype=None,
   ``DEFAULT_BUCKET``) apply to the cached decoder only, so every reference
   call shares one compiled program. Raises ``ConfigError`` for a dtype
   ``check_dtype`` rejects."""
-  check_dtype(dtype)   # refused on the reference path too, then dropped
+  dtype = check_dtype(dtype)   # refused on the reference path too
   if not cached:
     return cls(cached=False, use_cfg=bool(use_cfg), **fields)
   bucket = DEFAULT_BUCKET if bucket is None else int(bucket)
-  return cls(cached=True, use_cfg=bool(use_cfg), dtype=check_dtype(dtype),
-             bucket=bucket, **fields)
+  return cls(cached=True, use_cfg=bool(use_cfg), dtype=dtype, bucket=bucket,
+             **fields)
 
 
 def compiled(impl, model, opts: Options):

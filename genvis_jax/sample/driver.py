@@ -360,9 +360,12 @@ def sample_and_save(config, workdir: str) -> dict:
           f"{parts_dir}", flush=True)
   t0, made = time.perf_counter(), 0
 
-  def write(finish, start, labels, written):
+  written = 0
+
+  def write(finish, start, labels):
     """Waits for a dispatched batch, writes its part; stops when asked."""
-    nonlocal made
+    nonlocal made, written
+    written += 1
     n = len(labels)
     images = np.asarray(multihost_utils.process_allgather(
         finish(), tiled=True))[:n]
@@ -385,7 +388,7 @@ def sample_and_save(config, workdir: str) -> dict:
   # next one, already dispatched, is dropped and drawn again on resume).
   with preemption.StopRequest("writing the batch of samples in flight",
                               "without writing the batch in flight") as stop:
-    pending, written = None, 0
+    pending = None
     for start in starts:
       if start in done:
         continue
@@ -395,11 +398,10 @@ def sample_and_save(config, workdir: str) -> dict:
       finish = sample_fn.dispatch(global_labels(padded, batch_sharding),
                                   jax.random.fold_in(key, start))
       if pending:   # the devices draw this batch while the last one is written
-        written += 1
-        write(*pending, written)
+        write(*pending)
       pending = (finish, start, labels)
     if pending:
-      write(*pending, written + 1)
+      write(*pending)
   if jax.process_count() > 1:   # the others wait for process 0's last part
     multihost_utils.sync_global_devices("genvis_jax sample parts written")
   return assemble(workdir, s.num_samples)
