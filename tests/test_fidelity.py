@@ -29,6 +29,7 @@ from genvis_jax.data import pretokenize, tokens, transforms
 from genvis_jax.errors import UserError
 from genvis_jax.models import inference
 from genvis_jax.sample import driver
+from genvis_jax.sample import parts
 from genvis_jax.sample import images as images_lib
 from genvis_jax.core import weights as weights_lib
 
@@ -418,7 +419,7 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):
   want = official_equivariant(np.asarray(ref))
   assert got.dtype == np.uint8 and got.shape == (8, 16, 16, 3)
   np.testing.assert_array_equal(got, want)
-  settings = driver.sample_settings(_sample_config(c))
+  settings = parts.sample_settings(_sample_config(c))
   assert settings["tokenizer.uint8"] == "round"
   assert settings["tokenizer.dtype"] == "float32"
 

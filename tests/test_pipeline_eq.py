@@ -69,7 +69,7 @@ def _check_tokenizer_origin(w, tok, gen):
   from genvis_jax.core import weights as weights_lib
   from genvis_jax.data import token_origin
   from genvis_jax.errors import ConfigError
-  from genvis_jax.sample import driver
+  from genvis_jax.sample import parts
   assert token_origin.run_token_weights(gen) == [weights_lib.params_source(tok)]
   other = os.path.join(w, "other_tokenizer")
   shutil.copytree(tok, other)
@@ -86,5 +86,5 @@ def _check_tokenizer_origin(w, tok, gen):
                      r"tokenizer weights .* now holds"):
     pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": other},
                 **pc.steps(6))
-  assert "decoded by another tokenizer" in driver.warn_other_tokenizer(
+  assert "decoded by another tokenizer" in parts.warn_other_tokenizer(
       gen, source)

@@ -8,6 +8,7 @@ import pytest
 
 from genvis_jax.core import sharding
 from genvis_jax.sample import driver
+from genvis_jax.sample import parts
 
 
 def _settings(**over):
@@ -29,29 +30,29 @@ def _parts_dir(tmp_path, old: dict, name: str = "sample_parts"):
 def test_resume_follows_the_weights_not_the_paths(tmp_path):
   d = _parts_dir(tmp_path, _settings())
   # Moved folders holding the same weights, and a bigger set: resumed.
-  driver.check_settings(d, _settings(init_from="/copy/rar", **{
+  parts.check_settings(d, _settings(init_from="/copy/rar", **{
       "tokenizer.checkpoint": "/copy/tok", "sample.num_samples": 200}))
-  with pytest.raises(driver.SampleSettingsError,
+  with pytest.raises(parts.SampleSettingsError,
                      match=r"weights.generator: 'step 480 committed 1' -> "
                            r"'step 600 committed 3'"):
-    driver.check_settings(d, _settings(**{
+    parts.check_settings(d, _settings(**{
         "weights.generator": "step 600 committed 3"}))
 
 
 def test_parts_from_before_weights_were_recorded_compare_paths(tmp_path):
   old = {k: v for k, v in _settings().items() if not k.startswith("weights.")}
-  driver.check_settings(_parts_dir(tmp_path, old), _settings())  # same paths
-  with pytest.raises(driver.SampleSettingsError, match="init_from: '/runs/rar'"):
-    driver.check_settings(_parts_dir(tmp_path, old, "other"),
+  parts.check_settings(_parts_dir(tmp_path, old), _settings())  # same paths
+  with pytest.raises(parts.SampleSettingsError, match="init_from: '/runs/rar'"):
+    parts.check_settings(_parts_dir(tmp_path, old, "other"),
                           _settings(init_from="/runs/other"))
 
 
 def test_parts_from_before_the_seed_was_a_setting_were_drawn_with_seed_0(
     tmp_path):
   d = _parts_dir(tmp_path, _settings())
-  driver.check_settings(d, _settings(**{"sample.seed": 0}))
-  with pytest.raises(driver.SampleSettingsError, match=r"sample.seed: 0 -> 7"):
-    driver.check_settings(d, _settings(**{"sample.seed": 7}))
+  parts.check_settings(d, _settings(**{"sample.seed": 0}))
+  with pytest.raises(parts.SampleSettingsError, match=r"sample.seed: 0 -> 7"):
+    parts.check_settings(d, _settings(**{"sample.seed": 7}))
 
 
 def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
@@ -62,17 +63,17 @@ def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
   from genvis_jax.core import multihost
   assert multihost.broadcast_strings(paths) == paths
   newest = {"/runs/rar": "/runs/rar/checkpoints/480"}
-  monkeypatch.setattr(driver.weights_lib, "resolve", lambda d: newest.get(d, d))
-  monkeypatch.setattr(driver.weights_lib, "params_source",
+  monkeypatch.setattr(parts.weights_lib, "resolve", lambda d: newest.get(d, d))
+  monkeypatch.setattr(parts.weights_lib, "params_source",
                       lambda d: f"source of {d}" if d else "")
   config = ml_collections.ConfigDict(dict(
       init_from="/runs/rar", tokenizer=dict(checkpoint="/tok")))
-  pinned = driver.pin_weights(config)
+  pinned = parts.pin_weights(config)
   assert (pinned.init_from, pinned.tokenizer.checkpoint) == (
       "/runs/rar/checkpoints/480", "/tok")
   assert config.init_from == "/runs/rar"          # the user's config is kept
   newest["/runs/rar"] = "/runs/rar/checkpoints/600"  # saved meanwhile
-  assert driver.pinned_sources(pinned) == {
+  assert parts.pinned_sources(pinned) == {
       "weights.generator": "source of /runs/rar/checkpoints/480",
       "weights.tokenizer": "source of /tok"}
 
@@ -108,8 +109,8 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch)
   sampler.dispatch = fake_sample_fn
   monkeypatch.setattr(driver, "make_sample_fn",
                       lambda *_: (sampler, batch_sharding))
-  monkeypatch.setattr(driver, "pin_weights", lambda c: c)
-  monkeypatch.setattr(driver, "pinned_sources", lambda _: {
+  monkeypatch.setattr(parts, "pin_weights", lambda c: c)
+  monkeypatch.setattr(parts, "pinned_sources", lambda _: {
       "weights.generator": "g", "weights.tokenizer": "t"})
   before = signal.getsignal(signal.SIGTERM)
   wd = str(tmp_path / "wd")
@@ -140,11 +141,19 @@ def test_tokenizer_config_file_is_not_a_setting(tmp_path):
       config_file="configs/maskgit_vqgan.py")
   c.model = ml_collections.ConfigDict({"name": "rar"})
   c.sample = ml_collections.ConfigDict({"num_samples": 8})
-  now = driver.sample_settings(c)
+  now = parts.sample_settings(c)
   del c.tokenizer["config_file"]
-  before = driver.sample_settings(c)
+  before = parts.sample_settings(c)
   assert now == before
-  driver.check_settings(_parts_dir(tmp_path, before), now)
+  d = _parts_dir(tmp_path, before)
+  parts.check_settings(d, now)
+  # The sampler's dtype is recorded as it resolves: fp32 when unset.
+  assert now["sample.dtype"] == "float32"
+  with c.sample.unlocked():
+    c.sample.dtype = "bfloat16"
+  with pytest.raises(parts.SampleSettingsError,
+                     match=r"sample.dtype: 'float32' -> 'bfloat16'"):
+    parts.check_settings(d, parts.sample_settings(c))
 
 
 def test_class_labels_are_balanced_and_refuse_classes_the_model_lacks():
@@ -198,14 +207,14 @@ def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):
   import logging
   d = _parts_dir(tmp_path, _settings(devices=8))
   with caplog.at_level(logging.WARNING):
-    driver.check_settings(d, _settings(devices=8))
+    parts.check_settings(d, _settings(devices=8))
     assert "devices" not in caplog.text
-    driver.check_settings(d, _settings(devices=4))
+    parts.check_settings(d, _settings(devices=4))
   assert "drawn on 8 device(s) and this run has 4" in caplog.text
   # Parts from before the count was recorded resume silently.
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    driver.check_settings(_parts_dir(tmp_path, _settings(), "old"),
+    parts.check_settings(_parts_dir(tmp_path, _settings(), "old"),
                           _settings(devices=4))
   assert "devices" not in caplog.text
 

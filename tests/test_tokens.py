@@ -357,7 +357,7 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   import json
   import ml_collections
   from genvis_jax.data import token_origin
-  from genvis_jax.sample import driver
+  from genvis_jax.sample import parts
   path = data.write_token_records(str(tmp_path / "train"), np.arange(2, dtype=np.int32),
                                   np.zeros((2, 4), np.int32))[0]
   record = lambda w: open(path + ".json", "w").write(
@@ -380,10 +380,10 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
     token_origin.check(config, wd, 5)
   # Sampling the run (or one of its steps) with other tokenizer weights warns.
   step = os.path.join(wd, "checkpoints", "5")
-  assert driver.warn_other_tokenizer(step, "step 20 committed 1") == ""
+  assert parts.warn_other_tokenizer(step, "step 20 committed 1") == ""
   assert "trained on codes of tokenizer weights ['step 20 committed 1']" in (
-      driver.warn_other_tokenizer(step, "step 30 committed 2"))
-  assert driver.warn_other_tokenizer(str(tmp_path / "converted"), "x") == ""
+      parts.warn_other_tokenizer(step, "step 30 committed 2"))
+  assert parts.warn_other_tokenizer(str(tmp_path / "converted"), "x") == ""
 
 
 def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,

@@ -185,6 +185,16 @@ def cast_params(params, dtype):
       params)
 
 
+# config.sample.dtype when unset: inference that produces data runs in fp32.
+DEFAULT_DTYPE = "float32"
+
+
+def config_dtype(sample_config) -> str:
+  """``config.sample.dtype`` as every sampler resolves it (``DEFAULT_DTYPE``
+  when unset; "" keeps the model's compute dtype)."""
+  return sample_config.get("dtype", DEFAULT_DTYPE)
+
+
 def check_dtype(dtype):
   """None or '' (the model's configured compute dtype, parameters as given),
   'float32' or 'bfloat16' (or jnp dtypes) -> a jnp dtype or None."""

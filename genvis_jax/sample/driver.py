@@ -12,15 +12,13 @@ file named by its first index, so an interrupted run resumes where it stopped
 with no duplicated or missing indices; the parts are assembled into
 ``samples.npz`` (``arr_0`` uint8 (N, H, W, 3), ``labels``) at the end.
 ``sample_parts/settings.json`` records what the parts were drawn with; a re-run
-with other settings (weights, model, sampler) is refused instead of mixing.
+with other settings (weights, model, sampler) is refused instead of mixing
+(``genvis_jax.sample.parts``).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import glob
-import json
 import os
 import time
 
@@ -35,13 +33,11 @@ from genvis_jax import models
 from genvis_jax.core import multihost
 from genvis_jax.core import preemption
 from genvis_jax.core import registry
-from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import sharding
-from genvis_jax.core import weights as weights_lib
-from genvis_jax.data import token_origin
 from genvis_jax.models import inference
 from genvis_jax.sample import ar
 from genvis_jax.sample import images as images_lib
+from genvis_jax.sample import parts
 
 
 def _generator(name: str):
@@ -182,128 +178,9 @@ def make_sample_fn(config, mesh):
   return sample_fn, batch_sharding
 
 
-# config.tokenizer keys that only messages read (configs/base.py add_tokenizer):
-# parts drawn before they existed, or with other values, still resume.
-MESSAGE_ONLY = ("config_file",)
-
-
-def sample_settings(config, pinned=None) -> dict:
-  """What decides the images of a part file (flat, JSON-normalised); the
-  weights as the folders of ``pinned`` (``pin_weights(config)``) hold them."""
-  pinned = config if pinned is None else pinned
-  tok = config.tokenizer
-  # Resolved, so a config without the keys still records what decoded.
-  tokenizer = {**{k: v for k, v in tok.to_dict().items()
-                  if k not in MESSAGE_ONLY},
-               "uint8": images_lib.uint8_method(tok),
-               "dtype": inference.data_model_config(tok).get("dtype", "")}
-  # The weights each path resolves to (a training workdir's newest step), not
-  # the paths: a run trained further since is other weights, a copied folder
-  # the same ones.
-  keep = {"init_from": config.init_from, "model": config.model.to_dict(),
-          "tokenizer": tokenizer, "sample": config.sample.to_dict(),
-          "devices": jax.device_count()}
-  return json.loads(json.dumps({**settings_lib.flatten(keep),
-                                **pinned_sources(pinned)}))
-
-
-# Settings a resume may change: the parts depend only on their start index;
-# the paths may move as long as ``weights`` (what they hold) stays the same;
-# another device count draws the same keys with other per-device shapes
-# (a warning: float rounding may flip a few tokens).
-MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint",
-              "devices")
-WEIGHTS = ("weights.generator", "weights.tokenizer")
-
-
-def pin_weights(config):
-  """A copy of ``config`` whose ``init_from`` / ``tokenizer.checkpoint`` name
-  the exact folders they resolve to now (``core.weights.resolve``): a run's
-  newest step cannot change under the load. Process 0 resolves and every
-  process loads its folders, so all draw from the same step even if one is
-  saved while they start."""
-  paths = weights_lib.resolve_all(
-      [config.init_from, config.tokenizer.get("checkpoint", "")])
-  pinned = copy.deepcopy(config)
-  with pinned.unlocked():
-    pinned.init_from = paths[0]
-    if pinned.tokenizer.get("checkpoint"):
-      pinned.tokenizer.checkpoint = paths[1]
-  return pinned
-
-
-def pinned_sources(pinned) -> dict:
-  """``WEIGHTS`` of a pinned config, as ``sample_settings`` records them."""
-  return {"weights.generator": weights_lib.params_source(pinned.init_from),
-          "weights.tokenizer": weights_lib.params_source(
-              pinned.tokenizer.get("checkpoint", ""))}
-
-
-def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
-  """Warns (and returns the warning) when the generator run ``init_from``
-  (pinned) trained on codes of other tokenizer weights than
-  ``tokenizer_source`` (``core.weights.params_source``): its samples would be
-  decoded by a tokenizer it never saw. "" when they match or the run
-  recorded nothing (a converted checkpoint, a run of images)."""
-  run = weights_lib.run_of(init_from)
-  trained_on = token_origin.run_token_weights(run)
-  if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
-    return ""
-  msg = (f"The generator {run} trained on codes of tokenizer weights "
-         f"{trained_on}, but config.tokenizer.checkpoint holds "
-         f"{tokenizer_source!r}: the samples are decoded by another tokenizer. "
-         "Point it at the step the tokens came from (<run>/checkpoints/<step>).")
-  logging.warning(msg)
-  return msg
-
-
 class SamplingStopped(errors.UserError, RuntimeError):
   """A stop signal ended sampling after writing the batch in flight."""
 
-
-class SampleSettingsError(errors.UserError, ValueError):
-  """Sample parts in the workdir were drawn with other settings."""
-
-
-def check_settings(parts_dir: str, settings: dict) -> None:
-  """Writes ``settings.json`` on a fresh start; refuses a resume that differs
-  (except in ``num_samples``, as a set can grow or shrink, and in the
-  checkpoint paths while the weights they resolve to are the same). Process
-  0 checks and writes; its error stops every process."""
-  multihost.on_process_0(lambda: _check_settings(parts_dir, settings))
-
-
-def _check_settings(parts_dir: str, settings: dict) -> None:
-  path = os.path.join(parts_dir, "settings.json")
-  parts = glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz"))
-  # A config without config.sample.seed (or parts drawn before it was a
-  # setting) draws with seed 0.
-  settings = {"sample.seed": 0, **settings}
-  if os.path.exists(path):
-    with open(path) as f:
-      old = {"sample.seed": 0, **json.load(f)}
-    # Parts written before the weights were recorded: compare the paths.
-    may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
-        "sample.num_samples", "devices") + WEIGHTS
-    diff = settings_lib.differences(old, settings, ignore=may_change)
-    if diff and parts:
-      raise SampleSettingsError(
-          f"{parts_dir} holds {len(parts)} sample parts drawn with other "
-          f"settings ({settings_lib.shorten(diff, 5)}). Use a new workdir, or "
-          "delete that folder to start over.")
-    if parts and old.get("devices") not in (None, settings.get("devices")):
-      logging.warning(
-          "%s holds %d sample parts drawn on %d device(s) and this run has %d: "
-          "the same keys and weights, but each device's share of a batch "
-          "differs, so float rounding may change a few tokens against an "
-          "uninterrupted run.", parts_dir, len(parts), old["devices"],
-          settings["devices"])
-  elif parts:
-    raise SampleSettingsError(f"{parts_dir} holds {len(parts)} sample parts but no "
-                     "settings.json, so they cannot be checked against this "
-                     "run. Use a new workdir, or delete that folder.")
-  with open(path, "w") as f:
-    json.dump(settings, f, indent=1, sort_keys=True)
 
 
 def sample_and_save(config, workdir: str) -> dict:
@@ -317,7 +194,7 @@ def sample_and_save(config, workdir: str) -> dict:
     if key in s and int(s[key]) < 1:
       raise errors.ConfigError(f"config.sample.{key}={s[key]} must be at "
                                "least 1.")
-  ar.check_dtype(s.get("dtype", "float32"))   # before the weights load
+  ar.check_dtype(ar.config_dtype(s))   # before the weights load
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
@@ -328,28 +205,28 @@ def sample_and_save(config, workdir: str) -> dict:
   # Load exactly the steps recorded: a run's newest step is pinned to its
   # folder (no fallback to an older one), and the record is checked again
   # after loading (a step re-committed in place meanwhile).
-  pinned = pin_weights(config)
-  settings = sample_settings(config, pinned)
+  pinned = parts.pin_weights(config)
+  settings = parts.sample_settings(config, pinned)
   # Before the (collective) loads: a process with other flags would fail or
   # load something else there while the others wait for it.
   multihost.check_agree(settings, "sampling settings")
-  recorded = {k: settings[k] for k in WEIGHTS}
+  recorded = {k: settings[k] for k in parts.WEIGHTS}
   sample_fn, batch_sharding = make_sample_fn(pinned, mesh)
-  if pinned_sources(pinned) != recorded:
-    raise SampleSettingsError(
+  if parts.pinned_sources(pinned) != recorded:
+    raise parts.SampleSettingsError(
         f"The checkpoint changed while it was loaded ({config.init_from}, "
         f"{config.tokenizer.get('checkpoint', '')}); run again.")
-  warn_other_tokenizer(pinned.init_from, recorded["weights.tokenizer"])
-  parts_dir = os.path.join(workdir, "sample_parts")
+  parts.warn_other_tokenizer(pinned.init_from, recorded["weights.tokenizer"])
+  parts_dir = parts.directory(workdir)
   os.makedirs(parts_dir, exist_ok=True)
-  check_settings(parts_dir, settings)
+  parts.check_settings(parts_dir, settings)
   print(f"[sample] generator: {config.init_from} "
         f"({settings['weights.generator']}); tokenizer: "
         f"{config.tokenizer.get('checkpoint', '')} "
         f"({settings['weights.tokenizer']})", flush=True)
   key = jax.random.key(s.get("seed", 0))
   starts = range(0, s.num_samples, s.batch_size)
-  done = complete_parts(parts_dir, s.num_samples, s.batch_size)
+  done = parts.complete_parts(parts_dir, s.num_samples, s.batch_size)
   if jax.process_count() > 1:   # process 0 writes the parts: its view counts
     mask = np.array([start in done for start in starts])
     mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
@@ -370,7 +247,7 @@ def sample_and_save(config, workdir: str) -> dict:
     images = np.asarray(multihost_utils.process_allgather(
         finish(), tiled=True))[:n]
     multihost.write_on_process_0(
-        os.path.join(parts_dir, f"{start:09d}.npz"),
+        parts.path(parts_dir, start),
         functools.partial(np.savez, images=images, labels=labels))
     made += n
     rate = made / (time.perf_counter() - t0)
@@ -404,20 +281,7 @@ def sample_and_save(config, workdir: str) -> dict:
       write(*pending)
   if jax.process_count() > 1:   # the others wait for process 0's last part
     multihost_utils.sync_global_devices("genvis_jax sample parts written")
-  return assemble(workdir, s.num_samples)
-
-
-def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
-  """Start indices of the part files that hold their whole batch; a short
-  last batch of a smaller earlier set is drawn again when the set grows."""
-  done = set()
-  for p in glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz")):
-    start = int(os.path.basename(p)[:9])
-    if start < num_samples:
-      with np.load(p) as d:
-        if len(d["labels"]) == min(batch, num_samples - start):
-          done.add(start)
-  return done
+  return parts.assemble(workdir, s.num_samples)
 
 
 def global_labels(labels: np.ndarray, sharding) -> jax.Array:
@@ -432,34 +296,3 @@ def global_labels(labels: np.ndarray, sharding) -> jax.Array:
                                       lambda index: labels[index])
 
 
-def assemble(workdir: str, num_samples: int) -> dict:
-  """Joins the part files into ``samples.npz`` + ``samples.png``; checks
-  coverage. Process 0 only (it wrote the parts); the others get the paths."""
-  out = {"npz": os.path.join(workdir, "samples.npz"),
-         "png": os.path.join(workdir, "samples.png"),
-         "num_samples": int(num_samples)}
-  if jax.process_index() != 0:
-    return out
-  parts = sorted(glob.glob(os.path.join(workdir, "sample_parts", "[0-9]*[0-9].npz")))
-  images, labels, expected = [], [], 0
-  for p in parts:
-    start = int(os.path.basename(p)[:9])
-    if start >= num_samples:     # drawn for a larger set than asked for now
-      break
-    if start != expected:
-      raise RuntimeError(f"Sample parts have a gap at index {expected} (next part "
-                         f"starts at {start}); re-run the same command to fill it.")
-    with np.load(p) as d:
-      images.append(d["images"])
-      labels.append(d["labels"])
-    expected += len(images[-1])
-  if expected < num_samples:
-    raise RuntimeError(f"{expected} of {num_samples} samples present; re-run.")
-  images = np.concatenate(images)[:num_samples]
-  labels = np.concatenate(labels)[:num_samples]
-  images_lib.save_npz(out["npz"], images, labels)
-  order = np.argsort(labels[:100], kind="stable")
-  images_lib.save_grid(images[:100][order], out["png"],
-                       ncols=images_lib.grid_columns(*images.shape[1:3]))
-  print(f"[sample] wrote {out['npz']} and {out['png']}", flush=True)
-  return out

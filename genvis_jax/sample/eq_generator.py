@@ -400,5 +400,5 @@ def generate(model, params, labels, rng, s):
   lat = sample(model, params, labels, rng, num_columns=int(s.num_columns),
                guidance_scale=float(s.guidance_scale),
                num_steps=int(s.num_steps),
-               dtype=s.get("dtype", "float32"))
+               dtype=ar.config_dtype(s))
   return lat / float(s.latent_scale)

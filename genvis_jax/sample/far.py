@@ -179,5 +179,5 @@ def generate(model, params, labels, rng, s):
   """Sampling-driver adapter: ``config.sample`` fields -> tokenizer code maps."""
   codes = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,
                  temperature=s.temperature, top_k=s.get("top_k", 0),
-                 top_p=s.get("top_p", 1.0), dtype=s.get("dtype", "float32"))
+                 top_p=s.get("top_p", 1.0), dtype=ar.config_dtype(s))
   return to_code_maps(codes, model.grid)

@@ -223,6 +223,6 @@ def generate(model, params, labels, rng, s):
   fields -> (B, side, side) token maps for the tokenizer's ``decode``."""
   tokens = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,
                   guidance_pow=s.guidance_pow, temperature=s.temperature,
-                  dtype=s.get("dtype", "float32"))
+                  dtype=ar.config_dtype(s))
   side = int(round(tokens.shape[1] ** 0.5))
   return tokens.reshape(tokens.shape[0], side, side)

@@ -1,0 +1,211 @@
+"""The part files of a sampling run (``<workdir>/sample_parts``).
+
+Each finished batch of ``mode=sample`` is one part file, ``<start>.npz``
+(``images`` uint8 (n, H, W, 3), ``labels`` (n,) int32), named by the index of
+its first image. ``settings.json`` beside them records what decides their
+images (weights as their folders hold them, model, tokenizer, sampler); a
+resume with other settings is refused instead of mixing. ``assemble`` joins
+the parts into ``samples.npz`` (ADM layout) and a PNG grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from genvis_jax import errors
+from genvis_jax.core import multihost
+from genvis_jax.core import settings as settings_lib
+from genvis_jax.core import weights as weights_lib
+from genvis_jax.data import token_origin
+from genvis_jax.models import inference
+from genvis_jax.sample import ar
+from genvis_jax.sample import images as images_lib
+
+
+def directory(workdir: str) -> str:
+  """Where a sampling run in ``workdir`` keeps its part files."""
+  return os.path.join(workdir, "sample_parts")
+
+
+def path(parts_dir: str, start: int) -> str:
+  """The part file of the batch whose first image has index ``start``."""
+  return os.path.join(parts_dir, f"{start:09d}.npz")
+
+
+def _listed(parts_dir: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz")))
+
+
+# config.tokenizer keys that only messages read (configs/base.py add_tokenizer):
+# parts drawn before they existed, or with other values, still resume.
+MESSAGE_ONLY = ("config_file",)
+
+
+def sample_settings(config, pinned=None) -> dict:
+  """What decides the images of a part file (flat, JSON-normalised); the
+  weights as the folders of ``pinned`` (``pin_weights(config)``) hold them."""
+  pinned = config if pinned is None else pinned
+  tok = config.tokenizer
+  # Resolved, so a config without the keys still records what decoded.
+  tokenizer = {**{k: v for k, v in tok.to_dict().items()
+                  if k not in MESSAGE_ONLY},
+               "uint8": images_lib.uint8_method(tok),
+               "dtype": inference.data_model_config(tok).get("dtype", "")}
+  # The sampler's dtype as resolved: a config without the key samples in
+  # fp32, whatever its model trains in.
+  sample = {**config.sample.to_dict(), "dtype": ar.config_dtype(config.sample)}
+  # The weights each path resolves to (a training workdir's newest step), not
+  # the paths: a run trained further since is other weights, a copied folder
+  # the same ones.
+  keep = {"init_from": config.init_from, "model": config.model.to_dict(),
+          "tokenizer": tokenizer, "sample": sample,
+          "devices": jax.device_count()}
+  return json.loads(json.dumps({**settings_lib.flatten(keep),
+                                **pinned_sources(pinned)}))
+
+
+# Settings a resume may change: the parts depend only on their start index;
+# the paths may move as long as ``weights`` (what they hold) stays the same;
+# another device count draws the same keys with other per-device shapes
+# (a warning: float rounding may flip a few tokens).
+MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint",
+              "devices")
+WEIGHTS = ("weights.generator", "weights.tokenizer")
+
+
+def pin_weights(config):
+  """A copy of ``config`` whose ``init_from`` / ``tokenizer.checkpoint`` name
+  the exact folders they resolve to now (``core.weights.resolve``): a run's
+  newest step cannot change under the load. Process 0 resolves and every
+  process loads its folders, so all draw from the same step even if one is
+  saved while they start."""
+  paths = weights_lib.resolve_all(
+      [config.init_from, config.tokenizer.get("checkpoint", "")])
+  pinned = copy.deepcopy(config)
+  with pinned.unlocked():
+    pinned.init_from = paths[0]
+    if pinned.tokenizer.get("checkpoint"):
+      pinned.tokenizer.checkpoint = paths[1]
+  return pinned
+
+
+def pinned_sources(pinned) -> dict:
+  """``WEIGHTS`` of a pinned config, as ``sample_settings`` records them."""
+  return {"weights.generator": weights_lib.params_source(pinned.init_from),
+          "weights.tokenizer": weights_lib.params_source(
+              pinned.tokenizer.get("checkpoint", ""))}
+
+
+def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
+  """Warns (and returns the warning) when the generator run ``init_from``
+  (pinned) trained on codes of other tokenizer weights than
+  ``tokenizer_source`` (``core.weights.params_source``): its samples would be
+  decoded by a tokenizer it never saw. "" when they match or the run
+  recorded nothing (a converted checkpoint, a run of images)."""
+  run = weights_lib.run_of(init_from)
+  trained_on = token_origin.run_token_weights(run)
+  if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
+    return ""
+  msg = (f"The generator {run} trained on codes of tokenizer weights "
+         f"{trained_on}, but config.tokenizer.checkpoint holds "
+         f"{tokenizer_source!r}: the samples are decoded by another tokenizer. "
+         "Point it at the step the tokens came from (<run>/checkpoints/<step>).")
+  logging.warning(msg)
+  return msg
+
+
+class SampleSettingsError(errors.UserError, ValueError):
+  """Sample parts in the workdir were drawn with other settings."""
+
+
+def check_settings(parts_dir: str, settings: dict) -> None:
+  """Writes ``settings.json`` on a fresh start; refuses a resume that differs
+  (except in ``num_samples``, as a set can grow or shrink, and in the
+  checkpoint paths while the weights they resolve to are the same). Process
+  0 checks and writes; its error stops every process."""
+  multihost.on_process_0(lambda: _check_settings(parts_dir, settings))
+
+
+def _check_settings(parts_dir: str, settings: dict) -> None:
+  path = os.path.join(parts_dir, "settings.json")
+  found = _listed(parts_dir)
+  # A config without config.sample.seed (or parts drawn before it was a
+  # setting) draws with seed 0.
+  settings = {"sample.seed": 0, **settings}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = {"sample.seed": 0, **json.load(f)}
+    # Parts written before the weights were recorded: compare the paths.
+    may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
+        "sample.num_samples", "devices") + WEIGHTS
+    diff = settings_lib.differences(old, settings, ignore=may_change)
+    if diff and found:
+      raise SampleSettingsError(
+          f"{parts_dir} holds {len(found)} sample parts drawn with other "
+          f"settings ({settings_lib.shorten(diff, 5)}). Use a new workdir, or "
+          "delete that folder to start over.")
+    if found and old.get("devices") not in (None, settings.get("devices")):
+      logging.warning(
+          "%s holds %d sample parts drawn on %d device(s) and this run has %d: "
+          "the same keys and weights, but each device's share of a batch "
+          "differs, so float rounding may change a few tokens against an "
+          "uninterrupted run.", parts_dir, len(found), old["devices"],
+          settings["devices"])
+  elif found:
+    raise SampleSettingsError(f"{parts_dir} holds {len(found)} sample parts but no "
+                     "settings.json, so they cannot be checked against this "
+                     "run. Use a new workdir, or delete that folder.")
+  with open(path, "w") as f:
+    json.dump(settings, f, indent=1, sort_keys=True)
+
+def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
+  """Start indices of the part files that hold their whole batch; a short
+  last batch of a smaller earlier set is drawn again when the set grows."""
+  done = set()
+  for p in _listed(parts_dir):
+    start = int(os.path.basename(p)[:9])
+    if start < num_samples:
+      with np.load(p) as d:
+        if len(d["labels"]) == min(batch, num_samples - start):
+          done.add(start)
+  return done
+
+
+def assemble(workdir: str, num_samples: int) -> dict:
+  """Joins the part files into ``samples.npz`` + ``samples.png``; checks
+  coverage. Process 0 only (it wrote the parts); the others get the paths."""
+  out = {"npz": os.path.join(workdir, "samples.npz"),
+         "png": os.path.join(workdir, "samples.png"),
+         "num_samples": int(num_samples)}
+  if jax.process_index() != 0:
+    return out
+  parts = _listed(directory(workdir))
+  images, labels, expected = [], [], 0
+  for p in parts:
+    start = int(os.path.basename(p)[:9])
+    if start >= num_samples:     # drawn for a larger set than asked for now
+      break
+    if start != expected:
+      raise RuntimeError(f"Sample parts have a gap at index {expected} (next part "
+                         f"starts at {start}); re-run the same command to fill it.")
+    with np.load(p) as d:
+      images.append(d["images"])
+      labels.append(d["labels"])
+    expected += len(images[-1])
+  if expected < num_samples:
+    raise RuntimeError(f"{expected} of {num_samples} samples present; re-run.")
+  images = np.concatenate(images)[:num_samples]
+  labels = np.concatenate(labels)[:num_samples]
+  images_lib.save_npz(out["npz"], images, labels)
+  order = np.argsort(labels[:100], kind="stable")
+  images_lib.save_grid(images[:100][order], out["png"],
+                       ncols=images_lib.grid_columns(*images.shape[1:3]))
+  print(f"[sample] wrote {out['npz']} and {out['png']}", flush=True)
+  return out
