@@ -18,3 +18,19 @@ def test_hyperparameters_go_to_tensorboard_not_the_log(tmp_path, caplog):
   (events,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
   raw = open(events, "rb").read()
   assert b"hparams" in raw and b"train.num_steps" in raw and b"loss" in raw
+
+
+def test_progress_rates_count_from_a_restart(monkeypatch):
+  """The trainer restarts the interval after the first step, so its
+  compilation time inflates neither steps/s nor the ETA."""
+  now = [100.0]
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: now[0])
+  progress = metrics_lib.Progress(0, 1000)
+  now[0] += 60.0                                 # step 1: compiles for a minute
+  assert progress.restart(1) == 60.0
+  now[0] += 9.9                                  # 99 more steps at 10 steps/s
+  got = progress(100)
+  assert abs(got["steps_per_sec"] - 10.0) < 1e-9
+  assert abs(got["eta_sec"] - 90.0) < 1e-9
+  assert metrics_lib.format_eta(got["eta_sec"]) == "0:01:30"
+  assert metrics_lib.format_eta(float("inf")) == "?"

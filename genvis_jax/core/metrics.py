@@ -32,11 +32,21 @@ def create_writer(workdir: str):
 
 
 class Progress:
-  """Steps/s over the last interval and ETA to ``num_steps``."""
+  """Steps/s over the last interval and ETA to ``num_steps``.
+
+  ``restart(step)`` starts the interval afresh, e.g. once the run's first
+  step (its compilation) is done, so the first ETA is not inflated by it."""
 
   def __init__(self, start_step: int, num_steps: int):
     self.num_steps = num_steps
-    self._t0, self._s0 = time.perf_counter(), start_step
+    self.restart(start_step)
+
+  def restart(self, step: int) -> float:
+    """Starts the interval at ``step`` now; returns seconds since the last."""
+    t = time.perf_counter()
+    since = t - getattr(self, "_t0", t)
+    self._t0, self._s0 = t, step
+    return since
 
   def __call__(self, step: int) -> dict[str, float]:
     t = time.perf_counter()

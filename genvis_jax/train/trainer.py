@@ -382,6 +382,11 @@ def train_loop(config, workdir: str, on_log=None):
           state, metrics = trainer.step(state, local)
         profile.done(step, metrics)
         done = step + 1
+        if step == start and done % config.train.log_every and done < num_steps:
+          # Rates and ETAs count from here: the first step compiled.
+          jax.block_until_ready(metrics)
+          logging.info("First step (compilation included) took %.1f s.",
+                       progress.restart(done))
         # A failed save stops the run by the step after it: that step is already
         # dispatched, so waiting for the save overlaps its compute.
         ckpt.check(block=done == saved_at + 1, at_step=done)
