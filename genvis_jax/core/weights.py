@@ -27,7 +27,9 @@ them is named) instead of some waiting for the rest.
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 from typing import Any
 
 import jax
@@ -274,6 +276,16 @@ def _committed(step_dir: epath.Path) -> str:
     return str(meta.get("commit_timestamp_nsecs", ""))
   except (OSError, ValueError):
     return ""
+
+
+def readable(source: str) -> str:
+  """A ``params_source`` string for people: Orbax's commit time (ns since the
+  epoch) as UTC date and time. The recorded string itself stays as it is."""
+  m = re.fullmatch(r"(.*) committed (\d{10,})", source)
+  if not m:
+    return source
+  when = datetime.datetime.fromtimestamp(int(m[2]) / 1e9, datetime.timezone.utc)
+  return f"{m[1]} committed {when:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _source(what: str, folder: epath.Path) -> str:

@@ -274,7 +274,8 @@ def _lacks_remainder(record: dict, settings: dict) -> bool:
 
 def _reused(path: str, done: dict, settings: dict, pattern: str) -> dict:
   print(f"[pretokenize] reusing {path} ({done['records']} records, written "
-        f"with these settings, tokenizer {settings['weights']}); train with "
+        f"with these settings, tokenizer "
+        f"{weights_lib.readable(settings['weights'])}); train with "
         f"--config.data.path='{pattern}'", flush=True)
   return {"files": [path], "records": done["records"], "pattern": pattern}
 

@@ -34,6 +34,7 @@ from genvis_jax.core import multihost
 from genvis_jax.core import preemption
 from genvis_jax.core import registry
 from genvis_jax.core import sharding
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.models import inference
 from genvis_jax.sample import ar
 from genvis_jax.sample import images as images_lib
@@ -221,9 +222,9 @@ def sample_and_save(config, workdir: str) -> dict:
   os.makedirs(parts_dir, exist_ok=True)
   parts.check_settings(parts_dir, settings)
   print(f"[sample] generator: {config.init_from} "
-        f"({settings['weights.generator']}); tokenizer: "
+        f"({weights_lib.readable(settings['weights.generator'])}); tokenizer: "
         f"{config.tokenizer.get('checkpoint', '')} "
-        f"({settings['weights.tokenizer']})", flush=True)
+        f"({weights_lib.readable(settings['weights.tokenizer'])})", flush=True)
   key = jax.random.key(s.get("seed", 0))
   starts = range(0, s.num_samples, s.batch_size)
   done = parts.complete_parts(parts_dir, s.num_samples, s.batch_size)
