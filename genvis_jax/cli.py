@@ -1,6 +1,7 @@
 """Command-line error handling shared by the entry points (``genvis_jax.main``,
 ``genvis_jax.convert``): a user error prints one ``Error: ...`` message on
-stderr, no traceback, and exits non-zero (2 for flags, 1 otherwise).
+stderr, no traceback, and exits non-zero (2 for flags, 128 + the signal for a
+run a signal stopped, 1 otherwise).
 
 User errors are absl flag errors (missing, unknown or ill-typed flags), a
 config file that fails to load or an unknown ``--config.KEY``, and any
@@ -148,7 +149,8 @@ def user_errors_exit(main):
       except UserError as e:
         if verbose():
           raise
-        fail(str(e))
+        # A clean stop (work saved) exits as the signal would: 128 + signum.
+        fail(str(e), getattr(e, "exit_code", 1))
       except Exception as e:  # pylint: disable=broad-except
         if not out_of_memory(e) or verbose():
           raise

@@ -78,6 +78,17 @@ def stopped_message(signum: int) -> str:
           "saved checkpoint, sampling after its last written batch).")
 
 
+class CleanStop(UserError, RuntimeError):
+  """A stop signal ended a run after saving its work in flight (training's
+  checkpoint, sampling's batch); the same command resumes. The command line
+  exits with ``exit_code``, 128 + the signal's number, as a shell reports a
+  run the signal ended (143 for SIGTERM, 130 for Ctrl-C)."""
+
+  def __init__(self, message: str, signum: int = signal.SIGTERM):
+    super().__init__(message)
+    self.exit_code = 128 + int(signum)
+
+
 class StoppedBySignal(BaseException):
   """SIGTERM in a mode without a clean stop (pre-tokenizing, evaluation):
   unwinds like KeyboardInterrupt (not an ``Exception``), and the CLI exits

@@ -329,8 +329,9 @@ def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path, caplog):
       os.kill(os.getpid(), signal.SIGTERM)
 
   with pytest.raises(preemption.TrainingStopped,
-                     match="stopped by SIGTERM after step 3 of 6"):
+                     match="stopped by SIGTERM after step 3 of 6") as stopped:
     trainer_lib.train_loop(c, wd, on_log=on_log)
+  assert stopped.value.exit_code == 143    # the command exits as SIGTERM would
   assert ckpt_lib.Checkpointer(wd).latest_step() == 3
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
   c.init_from = str(tmp_path / "nowhere")   # would fail if it were read

@@ -119,17 +119,27 @@ def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
   def ctrl_c(argv):
     raise KeyboardInterrupt
 
-  for main in (no_data, bug, done, usage, ctrl_c):
+  def saved_stop(argv):   # training after saving the step in flight
+    from genvis_jax.core import preemption  # pylint: disable=import-outside-toplevel
+    raise preemption.TrainingStopped("Training stopped by SIGTERM after step 3")
+
+  for main in (no_data, bug, done, usage, ctrl_c, saved_stop):
     cli.user_errors_exit(main)([])
-  assert exits == [1, 1, 0, 1, 130]
+  assert exits == [1, 1, 0, 1, 130, 143]
+  exits.pop()
   err = capsys.readouterr().err
   assert "Error: no images here" in err and "ZeroDivisionError: a bug" in err
   assert "usage: ..." in err
   assert "Error: Stopped by Ctrl-C. Nothing half-written" in err
+  assert "Error: Training stopped by SIGTERM after step 3" in err
   assert "KeyboardInterrupt" not in err
+  monkeypatch.setattr(cli, "_distributed", lambda: False)
+  # A saved stop exits as the signal would (the saves have finished).
+  with pytest.raises(SystemExit) as e:
+    cli.user_errors_exit(saved_stop)([])
+  assert e.value.code == 143
   # Ctrl-C ends a one-process run at once too: its interpreter shutdown
   # under a checkpoint save in flight crashed.
-  monkeypatch.setattr(cli, "_distributed", lambda: False)
   cli.user_errors_exit(ctrl_c)([])
   assert exits == [1, 1, 0, 1, 130, 130]
   assert "Stopped by Ctrl-C" in capsys.readouterr().err

@@ -116,8 +116,9 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch)
   wd = str(tmp_path / "wd")
   with pytest.raises(driver.SamplingStopped,
                      match=r"stopped by SIGTERM after the batch of images 0..7.*"
-                           r"Run the same command to resume"):
+                           r"Run the same command to resume") as stopped:
     driver.sample_and_save(config, wd)
+  assert stopped.value.exit_code == 143
   assert signal.getsignal(signal.SIGTERM) == before
   assert sorted(os.listdir(os.path.join(wd, "sample_parts"))) == [
       "000000000.npz", "settings.json"]

@@ -31,7 +31,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from genvis_jax import errors
-from genvis_jax.errors import UserError
 
 
 # Set by the command-line entry point (genvis_jax.main): a second Ctrl-C
@@ -40,7 +39,7 @@ from genvis_jax.errors import UserError
 exit_on_second_interrupt = False
 
 
-class TrainingStopped(UserError, RuntimeError):
+class TrainingStopped(errors.CleanStop):
   """A stop signal ended training after saving a checkpoint."""
 
 
@@ -57,7 +56,8 @@ class StopRequest:
     """``action``: what happens before the stop; ``lost``: what a stop
     without the preemption service misses (both for the log lines)."""
     self.action, self.lost = action, lost
-    self.signal: str | None = None
+    self.signal: str | None = None    # what asked, for messages
+    self.signum: int = signal.SIGTERM  # the signal, for the exit status
     self._previous = {}
     self._synced = False
 
@@ -94,7 +94,7 @@ class StopRequest:
         os._exit(128 + signum)  # pylint: disable=protected-access
       else:
         raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
+    self.signal, self.signum = signal.Signals(signum).name, signum
     logging.warning("%s received: %s, then stopping (Ctrl-C%s stops at "
                     "once, unsaved).", self.signal, self.action,
                     " again" if signum == signal.SIGINT else "")

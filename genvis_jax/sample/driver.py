@@ -179,7 +179,7 @@ def make_sample_fn(config, mesh):
   return sample_fn, batch_sharding
 
 
-class SamplingStopped(errors.UserError, RuntimeError):
+class SamplingStopped(errors.CleanStop):
   """A stop signal ended sampling after writing the batch in flight."""
 
 
@@ -260,7 +260,8 @@ def sample_and_save(config, workdir: str) -> dict:
       raise SamplingStopped(
           f"Sampling stopped by {stop.signal} after the batch of images "
           f"{start}..{start + n - 1}; the parts drawn so far are in "
-          f"{parts_dir}. Run the same command to resume from them.")
+          f"{parts_dir}. Run the same command to resume from them.",
+          stop.signum)
 
   # SIGTERM / Ctrl-C: finish and write the batch in flight, then stop (the
   # next one, already dispatched, is dropped and drawn again on resume).

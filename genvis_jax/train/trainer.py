@@ -434,7 +434,8 @@ def train_loop(config, workdir: str, on_log=None):
           raise preemption.TrainingStopped(
               f"Training stopped by {stop.signal} after step {done} of "
               f"{num_steps}; the checkpoint of step {done} is saved in "
-              f"{ckpt.directory}. Run the same command to resume from it.")
+              f"{ckpt.directory}. Run the same command to resume from it.",
+              stop.signum)
   except Exception:
     # A save started before the error still completes (and is checked):
     # a multi-host process exits at once after an error (cli.exit_now).
