@@ -152,8 +152,11 @@ def test_exif_orientation_only_when_asked(tmp_path):
     assert last[..., 2].mean() > 0.8 and last[..., 0].mean() < 0.2, flag
 
 
-def test_folder_pipeline_counts_distinct_skipped_files(odd_folder, caplog):
+def test_folder_pipeline_counts_distinct_skipped_files(odd_folder, caplog,
+                                                      monkeypatch):
   root, want = odd_folder
+  from genvis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(pipeline, "EPOCH_LOG_INTERVAL_S", 0.0)   # every epoch
   c = base.get_config().data
   c.update(source="image_folder", path=str(root), image_size=16, prefetch=2,
            read_threads=2, random_flip=True, random_crop=True)
@@ -183,3 +186,11 @@ def test_folder_pipeline_counts_distinct_skipped_files(odd_folder, caplog):
   it2.set_state(it.get_state())
   assert info2.num_skipped == 2
   np.testing.assert_array_equal(next(it2)["image"], next(it)["image"])
+  # By default a small set's epochs log at most once a minute.
+  monkeypatch.undo()
+  caplog.clear()
+  for _ in range(7):                               # two more epochs
+    next(it2)
+  epochs = [r.getMessage() for r in caplog.records
+            if "num_skipped_files" in r.getMessage()]
+  assert len(epochs) == 1, epochs

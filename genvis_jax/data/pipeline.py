@@ -12,6 +12,7 @@ from grain's per-record generator, so a restored iterator (``get_state`` /
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from absl import flags
@@ -197,15 +198,22 @@ def records_read(state) -> int:
   return sum(_collect(state, READ_KEY, []))
 
 
+# At most one "epoch done" line per this many seconds (and the last one): a
+# small data set (runlocal, the demos) completes an epoch every few steps.
+EPOCH_LOG_INTERVAL_S = 60.0
+
+
 class _EpochLogIterator(grain.DatasetIterator):
-  """Logs ``num_skipped_files`` each time the consumed batches complete a pass
+  """Logs ``num_skipped_files`` when the consumed batches complete a pass
   over this process's shard (state as of the consumed batch, not the reads
-  running ahead in prefetch buffers or worker processes)."""
+  running ahead in prefetch buffers or worker processes), at most once per
+  ``EPOCH_LOG_INTERVAL_S``."""
 
   def __init__(self, parent, shard: int, split: str):
     super().__init__(parent)
     self._shard, self._split = max(shard, 1), split
     self._epoch = 0
+    self._logged_at = -float("inf")
 
   def __next__(self):
     try:
@@ -222,6 +230,10 @@ class _EpochLogIterator(grain.DatasetIterator):
     epoch = read // self._shard + (1 if final and read % self._shard else 0)
     if epoch > self._epoch:
       self._epoch = epoch
+      now = time.monotonic()
+      if not final and now - self._logged_at < EPOCH_LOG_INTERVAL_S:
+        return
+      self._logged_at = now
       logging.info("Input pipeline %r: epoch %d done, num_skipped_files=%d",
                    self._split, epoch, len(skipped_files(state)))
 
