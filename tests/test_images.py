@@ -155,8 +155,8 @@ def test_exif_orientation_only_when_asked(tmp_path):
 def test_folder_pipeline_counts_distinct_skipped_files(odd_folder, caplog,
                                                       monkeypatch):
   root, want = odd_folder
-  from genvis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(pipeline, "EPOCH_LOG_INTERVAL_S", 0.0)   # every epoch
+  from genvis_jax.data import skips  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(skips, "EPOCH_LOG_INTERVAL_S", 0.0)   # every epoch
   c = base.get_config().data
   c.update(source="image_folder", path=str(root), image_size=16, prefetch=2,
            read_threads=2, random_flip=True, random_crop=True)

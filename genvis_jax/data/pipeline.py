@@ -12,7 +12,6 @@ from grain's per-record generator, so a restored iterator (``get_state`` /
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 from absl import flags
@@ -20,7 +19,7 @@ from absl import logging
 import grain
 import numpy as np
 
-from genvis_jax.data import demo, sources, token_origin, tokens, transforms
+from genvis_jax.data import demo, skips, sources, token_origin, tokens, transforms
 
 SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
 
@@ -57,32 +56,7 @@ def make_source(data_config, split: str):
       f"Unknown config.data.source {kind!r}; choose one of {SOURCES}.")
 
 
-# --- skip counting ---------------------------------------------------------------
-
-SKIPPED = transforms.SKIPPED      # marker key of an unreadable file's record
-FILES_KEY = "skipped_files"       # iterator state: distinct unreadable paths
-READ_KEY = "records_read"         # iterator state: records read, skips included
-
-
-class _PassSkipped(grain.transforms.Map):
-  """Applies ``inner`` (a Map) to decoded records; passes skip markers on."""
-
-  def __init__(self, inner):
-    self.inner = inner
-
-  def map(self, record):
-    return record if SKIPPED in record else self.inner.map(record)
-
-
-class _PassSkippedRandom(grain.transforms.RandomMap):
-  """Applies ``inner`` (a RandomMap) to decoded records; passes skip markers on."""
-
-  def __init__(self, inner):
-    self.inner = inner
-
-  def random_map(self, record, rng: np.random.Generator):
-    return record if SKIPPED in record else self.inner.random_map(record, rng)
-
+# --- per-example crops ----------------------------------------------------------
 
 class _OneCropOfImage(grain.transforms.RandomMap):
   """Image index -> one of its ``crops`` consecutive records, drawn anew for
@@ -118,141 +92,6 @@ def _crops_per_example(data_config, split: str, train: bool,
         f"{data_config.source!r} images are cropped afresh at every visit: "
         f"set {setting}.crops_per_epoch=all.")
   return token_origin.crops_per_image(data_config.path.replace("{split}", split))
-
-
-class _SkipIterator(grain.DatasetIterator):
-  """Drops skip markers (and None records) and keeps, in its state, the
-  sorted distinct paths skipped and the number of records read.
-
-  ``limit`` consecutive skipped records (two passes over a shard, so a
-  reshuffled epoch cannot hide its one readable file) mean nothing in the
-  shard is readable: a ``DataNotFoundError`` instead of an endless loop.
-  """
-
-  def __init__(self, parent, limit: int = 0, where: str = ""):
-    super().__init__(parent)
-    self._files: set[str] = set()
-    self._read = 0
-    self._limit, self._where = limit, where
-
-  def __next__(self):
-    run = 0
-    while True:
-      record = next(self._parent)
-      self._read += 1
-      if record is not None and SKIPPED not in record:
-        return record
-      run += 1
-      if self._limit and run >= self._limit:
-        raise sources.DataNotFoundError(
-            f"No readable image in {self._where}: the last {run} records read "
-            f"(every file of this process's shard, twice) failed to decode; "
-            f"{len(self._files)} distinct file(s) skipped, e.g. "
-            f"{sorted(self._files)[:3]}. Check that config.data.path holds "
-            "images PIL can open.")
-      if record is not None and record[SKIPPED] not in self._files:
-        self._files.add(record[SKIPPED])
-        logging.warning("Skipping unreadable image %s (%s); %d distinct "
-                        "file(s) skipped so far.", record[SKIPPED],
-                        record["error"], len(self._files))
-
-  def get_state(self):
-    return {"parent": self._parent.get_state(), FILES_KEY: sorted(self._files),
-            READ_KEY: self._read}
-
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    # Older states kept only a count of skip events: start the set afresh.
-    self._files = set(state.get(FILES_KEY, ()))
-    self._read = int(state.get(READ_KEY, 0))
-
-
-class _SkipIterDataset(grain.IterDataset):
-
-  def __init__(self, parent, limit: int = 0, where: str = ""):
-    super().__init__(parent)
-    self._limit, self._where = limit, where
-
-  def __iter__(self):
-    return _SkipIterator(self._parent.__iter__(), self._limit, self._where)
-
-
-def _collect(tree, key, out: list) -> list:
-  """Every value stored under ``key`` anywhere in a nested state tree."""
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      out.append(v) if k == key else _collect(v, key, out)
-  elif isinstance(tree, (list, tuple)):
-    for v in tree:
-      _collect(v, key, out)
-  return out
-
-
-def skipped_files(state) -> set[str]:
-  """Distinct unreadable paths in an iterator state (all workers together)."""
-  return set().union(*map(set, _collect(state, FILES_KEY, [])))
-
-
-def records_read(state) -> int:
-  """Records (skips included) read for the batches consumed so far."""
-  return sum(_collect(state, READ_KEY, []))
-
-
-# At most one "epoch done" line per this many seconds (and the last one): a
-# small data set (runlocal, the demos) completes an epoch every few steps.
-EPOCH_LOG_INTERVAL_S = 60.0
-
-
-class _EpochLogIterator(grain.DatasetIterator):
-  """Logs ``num_skipped_files`` when the consumed batches complete a pass
-  over this process's shard (state as of the consumed batch, not the reads
-  running ahead in prefetch buffers or worker processes), at most once per
-  ``EPOCH_LOG_INTERVAL_S``."""
-
-  def __init__(self, parent, shard: int, split: str):
-    super().__init__(parent)
-    self._shard, self._split = max(shard, 1), split
-    self._epoch = 0
-    self._logged_at = -float("inf")
-
-  def __next__(self):
-    try:
-      batch = next(self._parent)
-    except StopIteration:
-      self._log_epochs(final=True)
-      raise
-    self._log_epochs()
-    return batch
-
-  def _log_epochs(self, final=False):
-    state = self._parent.get_state()
-    read = records_read(state)
-    epoch = read // self._shard + (1 if final and read % self._shard else 0)
-    if epoch > self._epoch:
-      self._epoch = epoch
-      now = time.monotonic()
-      if not final and now - self._logged_at < EPOCH_LOG_INTERVAL_S:
-        return
-      self._logged_at = now
-      logging.info("Input pipeline %r: epoch %d done, num_skipped_files=%d",
-                   self._split, epoch, len(skipped_files(state)))
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-    self._epoch = records_read(state) // self._shard
-
-
-class _EpochLogIterDataset(grain.IterDataset):
-
-  def __init__(self, parent, shard: int, split: str):
-    super().__init__(parent)
-    self._shard, self._split = shard, split
-
-  def __iter__(self):
-    return _EpochLogIterator(self._parent.__iter__(), self._shard, self._split)
 
 
 class _FinalizeBatch(grain.transforms.Map):
@@ -292,7 +131,7 @@ class PipelineInfo:
     """
     if self.iterator is None:
       return 0
-    return len(skipped_files(self.iterator.get_state()))
+    return len(skips.skipped_files(self.iterator.get_state()))
 
   def __getitem__(self, key):
     return getattr(self, key)
@@ -317,13 +156,13 @@ def _image_transforms(ds, data_config, train, aug_seeds, setting):
     crop = transforms.RandomCrop(
         size, width, data_config.get("crop_min_frac", 1.0),
         method=data_config.get("random_crop_method", "adm"), setting=setting)
-    ds = ds.random_map(_PassSkippedRandom(crop), seed=aug_seeds[0])
+    ds = ds.random_map(skips.PassSkippedRandom(crop), seed=aug_seeds[0])
   else:
     method = data_config.get("center_crop", "") or "adm"
-    ds = ds.map(_PassSkipped(transforms.CenterCrop(
+    ds = ds.map(skips.PassSkipped(transforms.CenterCrop(
         size, width, method, setting=f"{setting}.center_crop")))
   if train and data_config.random_flip:
-    ds = ds.random_map(_PassSkippedRandom(transforms.RandomFlip()),
+    ds = ds.random_map(skips.PassSkippedRandom(transforms.RandomFlip()),
                        seed=aug_seeds[1])
   return ds
 
@@ -427,7 +266,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       grain.ReadOptions(num_threads=threads,
                         prefetch_buffer_size=max(2 * local_batch, threads)),
       allow_nones=True)
-  it_ds = _SkipIterDataset(it_ds, limit=2 * shard,
+  it_ds = skips.SkipIterDataset(it_ds, limit=2 * shard,
                            where=f"{data_config.path} (split {split!r})")
   it_ds = it_ds.batch(local_batch, drop_remainder=drop_remainder)
   if data_config.num_workers > 0:
@@ -443,7 +282,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   if prefetch > 0:
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
         it_ds, prefetch_buffer_size=prefetch)
-  it_ds = _EpochLogIterDataset(it_ds, shard, split)
+  it_ds = skips.EpochLogIterDataset(it_ds, shard, split)
   iterator = iter(it_ds)
   info = PipelineInfo(
       source=data_config.source, split=split, num_examples=n,
