@@ -233,7 +233,8 @@ class Checkpointer:
     for this save's synchronous part or an earlier save that failed.
     ``data_seed``: the seed ``data_iter``'s order was drawn with, kept beside
     its position (see :meth:`saved_position`)."""
-    self.check(block=True)  # Orbax waits for the previous save anyway
+    # Orbax waits for the previous save anyway; a failed one stops here.
+    self.check(block=True, at_step=step)
     items = {"state": ocp.args.PyTreeSave(state)}
     if data_iter is not None:
       import grain  # pylint: disable=import-outside-toplevel

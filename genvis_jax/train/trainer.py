@@ -365,7 +365,6 @@ def train_loop(config, workdir: str, on_log=None):
       config.train.get("check_finite", True))
   guard.record(None, trainer.param_norms(state))
   checked = start   # last step whose state passed the health checks
-  saved_at = -1
   acc, acc_n = None, 0
   vis_batch = None
   profile = profiling.StepWindow(
@@ -387,9 +386,10 @@ def train_loop(config, workdir: str, on_log=None):
           jax.block_until_ready(metrics)
           logging.info("First step (compilation included) took %.1f s.",
                        progress.restart(done))
-        # A failed save stops the run by the step after it: that step is already
-        # dispatched, so waiting for the save overlaps its compute.
-        ckpt.check(block=done == saved_at + 1, at_step=done)
+        # A failed background save stops the run at the first step after its
+        # write ends; the write overlaps the steps until then (the next save
+        # waits for it).
+        ckpt.check(at_step=done)
         acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
         acc_n += 1
         log_now = done % config.train.log_every == 0 or done == num_steps
@@ -427,7 +427,6 @@ def train_loop(config, workdir: str, on_log=None):
           _write_visuals(trainer, state, vis_batch, writer, workdir, done)
         if save_now:
           ckpt.save(done, state, data_iter, config, data_seed=data_seed)
-          saved_at = done
         if stop_now and done < num_steps:
           ckpt.close()
           writer.flush()
