@@ -75,6 +75,22 @@ g_labels = driver.global_labels(labels, jax.sharding.NamedSharding(
     mesh, jax.sharding.PartitionSpec("data")))
 np.save(f"{out}.labels{jax.process_index()}.npy",
         np.asarray(multihost_utils.process_allgather(g_labels, tiled=True)))
+# Training batches: processes whose devices hold the same rows (a tensor
+# axis across the processes) form one data group and feed the same rows;
+# on the data-parallel mesh each process is its own group.
+from genvis_jax.core import sharding as shd  # pylint: disable=g-import-not-at-top
+groups = {}
+for name, devices, axes in (
+    ("tensor_across", np.array(by_process).T, ("data", "tensor")),
+    ("data", np.array(by_process).reshape(-1), ("data",))):
+  m = jax.sharding.Mesh(devices, axes)
+  group, count = shd.data_groups(m, 16)
+  rows = np.arange(16, dtype=np.float32).reshape(count, -1)[group]
+  batch = shd.host_to_global({"x": rows[:, None]}, m, 16)["x"]
+  groups[name] = [group, count, np.asarray(multihost_utils.process_allgather(
+      batch, tiled=True)).ravel().tolist()]
+with open(f"{out}.groups{jax.process_index()}.json", "w") as f:
+  json.dump(groups, f)
 # Sample grids' inputs: process 0's first examples on every process.
 vis = trainer.visual_batch({
     "image": np.full((20, 2, 2, 3), jax.process_index(), np.uint8),

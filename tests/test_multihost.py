@@ -1,7 +1,8 @@
 """2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives)
 train, checkpoint, stop, restore and continue; losses and parameters equal
 1 process x 8 devices fed the same global batches. The workers also pin and
-load weights (also weights saved from one process's device 0), place
+load weights (also weights saved from one process's device 0), feed
+training batches by data group (a tensor axis across the processes), place
 sampling labels on a mesh that interleaves them, share the sample grids'
 inputs, refuse settings that differ between them and share process 0's
 failed write. A step one process cannot read is skipped by both
@@ -87,6 +88,10 @@ def test_two_processes_match_one(tmp_path):
   for i in range(2):   # sampling labels on an interleaved mesh, in row order
     np.testing.assert_array_equal(np.load(f"{out}.labels{i}.npy"),
                                   np.arange(16)[::-1] * 3)
+  for i in range(2):   # training batches fed by data group
+    groups = json.load(open(f"{out}.groups{i}.json"))
+    assert groups["tensor_across"] == [0, 1, list(range(16))], groups
+    assert groups["data"] == [i, 2, list(range(16))], groups
   for i in range(2):   # the sample grids' inputs: process 0's, on both
     vis = np.load(f"{out}.vis{i}.npz")
     np.testing.assert_array_equal(vis["image"], np.zeros((16, 2, 2, 3)))

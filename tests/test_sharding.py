@@ -109,6 +109,27 @@ def test_batch_split_follows_the_rules_table():
   assert shd.num_batch_shards(mesh, cfg.sharding.rules) == 2
 
 
+def test_processes_holding_the_same_rows_form_one_data_group():
+  """Which rows of a 16-row batch each process feeds (tests/test_multihost.py
+  runs two real processes): its own on a data-parallel mesh (contiguous or
+  interleaved), all of them where a tensor axis spans both; overlapping but
+  different rows are refused by name."""
+  mesh = shd.create_mesh(_config(dict(data=8, fsdp=1, tensor=1)).mesh,
+                         jax.devices())
+  own = {0: {(0, 4), (4, 8)}, 1: {(8, 12), (12, 16)}}
+  interleaved = {0: {(0, 4), (8, 12)}, 1: {(4, 8), (12, 16)}}
+  shared = {0: {(0, 8), (8, 16)}, 1: {(0, 8), (8, 16)}}
+  for rows, want in ((own, [(0, 2), (1, 2)]), (interleaved, [(0, 2), (1, 2)]),
+                     (shared, [(0, 1), (0, 1)])):
+    assert [shd._group_of(rows, 16, p, mesh, None) for p in (0, 1)] == want
+  for rows in ({0: {(0, 8)}, 1: {(4, 12)}},            # overlapping
+               {0: {(0, 4)}, 1: {(4, 16)}}):           # groups of two sizes
+    with pytest.raises(ValueError, match=r"processes hold overlapping but "
+                       r"different rows of it \(rows by process: \{0: "):
+      shd._group_of(rows, 16, 0, mesh, None)
+  assert shd.data_groups(mesh, 16) == (0, 1)          # one process here
+
+
 def test_mesh_shape_errors():
   with pytest.raises(ValueError, match="at most one axis"):
     shd.mesh_shape(ml_collections.ConfigDict(

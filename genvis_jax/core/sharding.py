@@ -149,23 +149,71 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, micro_batches: int = 1,
                           rules=None):
-  """Raises before compiling when the batch cannot be split as configured."""
+  """Raises before compiling when the batch cannot be split as configured
+  (across the batch axes' devices and micro-batches, and into data groups:
+  ``data_groups``)."""
   shards = num_batch_shards(mesh, rules)
   if global_batch % (shards * micro_batches):
     raise errors.ConfigError(
         f"config.train.global_batch_size={global_batch} does not divide across "
         f"{shards} data-parallel devices x {micro_batches} micro-batches "
         f"(mesh {dict(mesh.shape)}). Use a multiple of {shards * micro_batches}.")
-  if global_batch % jax.process_count():
+  data_groups(mesh, global_batch, rules)
+
+
+def data_groups(mesh: Mesh, global_batch: int, rules=None) -> tuple[int, int]:
+  """``(group, count)``: this process's data group and how many there are.
+
+  A process feeds the rows of the global batch its devices hold. Processes
+  whose devices hold the same rows (an axis outside the batch rule spans
+  hosts, e.g. ``tensor`` wider than a host's chips) must feed the same
+  examples (``jax.make_array_from_process_local_data``: replicas' data must
+  be identical), so they form one group and read one shard of the data;
+  groups hold disjoint rows. On the usual meshes, whose cross-host axes all
+  split the batch, each process is its own group: ``(process_index,
+  process_count)``.
+
+  Raises:
+    ConfigError: processes hold overlapping but different rows, or groups of
+      different sizes (no input split feeds such a mesh).
+  """
+  index_map = batch_sharding(mesh, rules).devices_indices_map((global_batch,))
+  rows: dict[int, set] = {}
+  for device, index in index_map.items():
+    start, stop, _ = index[0].indices(global_batch)
+    rows.setdefault(device.process_index, set()).add((start, stop))
+  return _group_of(rows, global_batch, jax.process_index(), mesh, rules)
+
+
+def _group_of(rows: dict[int, set], global_batch: int, process: int, mesh,
+              rules) -> tuple[int, int]:
+  """``data_groups`` on ``rows`` (process -> its (start, stop) row ranges)."""
+  groups = sorted({tuple(sorted(r)) for r in rows.values()})
+  held = sorted(r for g in groups for r in g)
+  # The groups' ranges tile the batch (each row held by one group), and
+  # every group feeds as many rows.
+  tiled = [a for a, _ in held] == [0] + [b for _, b in held[:-1]] and (
+      held[-1][1] == global_batch)
+  if not tiled or len({sum(b - a for a, b in g) for g in groups}) != 1:
     raise errors.ConfigError(
-        f"config.train.global_batch_size={global_batch} does not divide across "
-        f"{jax.process_count()} processes.")
+        f"The mesh {dict(mesh.shape)} splits the batch over "
+        f"{batch_axes(mesh, rules)} so that processes hold overlapping but "
+        f"different rows of it (rows by process: "
+        f"{ {p: sorted(r) for p, r in sorted(rows.items())} }): no input "
+        "split can feed that. Put the mesh axes that span hosts in the batch "
+        "rule (config.sharding.rules), or give them a size that a host's "
+        "devices cover (config.mesh.shape).")
+  return groups.index(tuple(sorted(rows[process]))), len(groups)
 
 
 def host_to_global(local_batch: dict[str, np.ndarray], mesh: Mesh,
-                   rules=None) -> dict:
-  """Assembles process-local numpy batches into globally sharded jax.Arrays."""
+                   global_batch: int, rules=None) -> dict:
+  """Assembles process-local numpy batches (this process's data group's
+  rows, see ``data_groups``) into ``global_batch``-row, batch-sharded
+  jax.Arrays. The global shape is given, not inferred: JAX would take
+  processes that share rows for holders of different ones."""
   sharding = batch_sharding(mesh, rules)
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      lambda x: jax.make_array_from_process_local_data(
+          sharding, np.asarray(x), (global_batch,) + np.shape(x)[1:]),
       local_batch)

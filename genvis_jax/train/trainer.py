@@ -71,15 +71,25 @@ def setup(config, *, mesh=None, devices=None):
   return mesh, task
 
 
-def create_train_iterator(config, task, *, seed=None):
+def create_train_iterator(config, task, *, mesh=None, seed=None):
+  """This process's training batches, ``(iterator, PipelineInfo)``. ``mesh``:
+  the training mesh, whose data groups (``sharding.data_groups``) split the
+  data; None: one group per process."""
   from genvis_jax import data as data_lib  # local: keeps trainer import light
   from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
   token_origin.check_training_files(config)
+  group, groups = (shd.data_groups(mesh, config.train.global_batch_size,
+                                   config.sharding.rules)
+                   if mesh is not None else (None, None))
+  if groups is not None and groups != jax.process_count():
+    logging.info("The %d processes feed %d data groups (processes whose "
+                 "devices hold the same batch rows read the same examples).",
+                 jax.process_count(), groups)
   data_iter, info = data_lib.create_dataset(
       config.data, split=config.data.split,
       global_batch_size=config.train.global_batch_size,
       seed=config.seed if seed is None else seed, train=True,
-      value_range=task.value_range)
+      value_range=task.value_range, process_index=group, process_count=groups)
   check_model_classes(config, info.num_classes)
   return data_iter, info
 
@@ -133,7 +143,7 @@ def order_setting_changed(saved_config: dict | None, config) -> str:
 
 
 def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
-                 data_iter, info):
+                 data_iter, info, mesh=None):
   """Moves the input pipeline to the position saved with ``step`` (whose run
   config was ``saved_config``); returns ``(data_iter, info, data seed)``.
 
@@ -175,7 +185,8 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
     else:
       try:
         if saved_seed != seed:
-          data_iter, info = create_train_iterator(config, task, seed=saved_seed)
+          data_iter, info = create_train_iterator(config, task, mesh=mesh,
+                                                  seed=saved_seed)
           seed = saved_seed
       except Exception as e:  # pylint: disable=broad-except
         error = e
@@ -197,7 +208,7 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
         "%d from config.seed and the step, kept in later checkpoints): "
         "examples of the epoch in progress may be seen once more or once less.",
         step, why, step, seed)
-    data_iter, info = create_train_iterator(config, task, seed=seed)
+    data_iter, info = create_train_iterator(config, task, mesh=mesh, seed=seed)
   return data_iter, info, seed
 
 
@@ -267,7 +278,8 @@ class Trainer:
               jax.device_get(self._param_norms(state.params)).items()}
 
   def step(self, state, local_batch):
-    batch = shd.host_to_global(local_batch, self.mesh, self.rules)
+    batch = shd.host_to_global(local_batch, self.mesh,
+                               self.config.train.global_batch_size, self.rules)
     with self.context():
       return self._step(state, batch, self.train_rng, self.frozen)
 
@@ -307,7 +319,7 @@ def train_loop(config, workdir: str, on_log=None):
   # Everything that can fail on bad input (mesh, batch split, data, task) runs
   # before anything is compiled.
   mesh, task = setup(config)
-  data_iter, info = create_train_iterator(config, task)
+  data_iter, info = create_train_iterator(config, task, mesh=mesh)
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir, mesh=mesh, task=task)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -331,7 +343,7 @@ def train_loop(config, workdir: str, on_log=None):
           "This run's config differs from the checkpoint's; it continues with "
           "this run's values:\n  %s", settings_lib.shorten(changed, 20, "\n  "))
     data_iter, info, data_seed = resume_input(
-        ckpt, latest, saved_config, config, task, data_iter, info)
+        ckpt, latest, saved_config, config, task, data_iter, info, mesh)
     if config.init_from:
       logging.warning(
           "config.init_from=%s is not loaded: it initialises a fresh run, and "
