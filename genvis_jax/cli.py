@@ -152,7 +152,7 @@ def user_errors_exit(main):
         # A clean stop (work saved) exits as the signal would: 128 + signum.
         fail(str(e), getattr(e, "exit_code", 1))
       except Exception as e:  # pylint: disable=broad-except
-        if not out_of_memory(e) or verbose():
+        if not errors.out_of_memory(e) or verbose():
           raise
         fail(f"Out of device memory: {str(e).strip().splitlines()[0]} "
              f"{OOM_HINT}")
@@ -194,13 +194,6 @@ OOM_HINT = (
     "batch_size, config.pretokenize.device_batch (pre-tokenizing); or more "
     "devices. bench/plan_memory.py estimates a training "
     "config's memory per device.")
-
-
-def out_of_memory(e: BaseException) -> bool:
-  """An XLA allocation failure (``RESOURCE_EXHAUSTED``), raised as jax's
-  runtime error."""
-  return (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
-          and "RESOURCE_EXHAUSTED" in str(e))
 
 
 def _distributed() -> bool:

@@ -18,6 +18,13 @@ def first_line(e: BaseException, limit: int = 300) -> str:
   return f"{type(e).__name__}: {text[:limit]}"
 
 
+def out_of_memory(e: BaseException) -> bool:
+  """An XLA allocation failure (``RESOURCE_EXHAUSTED``), raised as jax's
+  runtime error."""
+  return (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+          and "RESOURCE_EXHAUSTED" in str(e))
+
+
 class UserError(Exception):
   """An error the user can fix; its message names the problem and the fix."""
 

@@ -82,7 +82,8 @@ def save(workdir):
 def _fail_at_step_6(fn, what):
   def wrapped(*args, **kwargs):
     if "6" in (str(a).rsplit("/", 1)[-1] for a in args):
-      raise OSError(f"injected: cannot read {what} of step 6")
+      # Damage (a storage error would stop the run instead: step_walk).
+      raise ValueError(f"injected: {what} of step 6 is truncated")
     return fn(*args, **kwargs)
   return wrapped
 

@@ -22,6 +22,7 @@ from genvis_jax import models
 from genvis_jax.errors import UserError
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
+from genvis_jax.core import step_walk
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import trainer as trainer_lib
 from tests.small_run import config, copy_run, leaves, truncate_data_files
@@ -54,6 +55,49 @@ def test_damaged_latest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
   assert ckpt_lib.Checkpointer(wd).manager.all_steps() == [3, 6, 9]
   for a, b in zip(full, leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_storage_error_on_resume_moves_nothing(runs, tmp_path, monkeypatch):
+  """A transient storage failure (a GCS 503) reading the newest step is not
+  damage: the run stops, naming it, with every step in place (it was moved
+  aside and an older step resumed, losing checkpoint_every steps); the
+  same command then resumes from the newest step."""
+  _, base = runs
+  wd = copy_run(base, tmp_path)
+  real, calls = ckpt_files.validate_step, []
+
+  def unavailable_once(step_dir, with_data=True):
+    calls.append(step_dir.name)
+    if len(calls) == 1:
+      raise ValueError(f"{step_dir.name}/state/d/abc is unreadable "
+                       "(UNAVAILABLE: 503 Service Unavailable)")
+    return real(step_dir, with_data)
+
+  monkeypatch.setattr(ckpt_files, "validate_step", unavailable_once)
+  with pytest.raises(step_walk.CheckpointStorageError,
+                     match=r"Reading checkpoint step 6 in .*checkpoints failed "
+                           r"in the storage \(ValueError: 6/state/d/abc is "
+                           r"unreadable \(UNAVAILABLE.*nothing was skipped or "
+                           r"moved. Run the same command again"):
+    trainer_lib.train_and_evaluate(config(9), wd)
+  assert calls == ["6"]
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
+  resumed = trainer_lib.train_loop(config(7), wd)
+  assert int(resumed.step) == 7 and calls == ["6", "6"]
+
+
+def test_storage_errors_are_told_from_damage():
+  storage = [OSError("503 Service Unavailable"), TimeoutError("read"),
+             PermissionError(13, "denied"),
+             ValueError("DEADLINE_EXCEEDED: reading gs://b/x"),
+             type("PermissionDeniedError", (Exception,), {})("gs://b")]
+  damage = [FileNotFoundError("state/_METADATA"), ValueError("x is empty"),
+            json.JSONDecodeError("Expecting value", "", 0),
+            ValueError("DATA_LOSS: Error reading ... truncated")]
+  wrapped = ValueError("state/d/1 is unreadable")
+  wrapped.__cause__ = ConnectionResetError("reset by peer")
+  assert all(step_walk.is_storage_error(e) for e in storage + [wrapped])
+  assert not any(step_walk.is_storage_error(e) for e in damage)
 
 
 def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path,

@@ -167,13 +167,32 @@ def test_first_readable_agrees_after_each_stage(monkeypatch, caplog, tmp_path):
           "step.") in caplog.text
 
   def gone(step, _):
-    raise OSError(f"step {step} is gone")
+    raise FileNotFoundError(f"step {step} is gone")
 
   monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v, 0]))
   with caplog.at_level(logging.WARNING):
     walk = step_walk.first_readable([3], (gone, read), tmp_path)
-  assert walk == step_walk.Walk(None, None, [(3, "OSError: step 3 is gone")])
-  assert "cannot be read (OSError: step 3 is gone); no older step" in caplog.text
+  assert walk == step_walk.Walk(None, None, [
+      (3, "FileNotFoundError: step 3 is gone")])
+  assert ("cannot be read (FileNotFoundError: step 3 is gone); no older step"
+          in caplog.text)
+  # The storage failing (here or on another process) is not damage: no older
+  # step stands in for it.
+  told = []
+  monkeypatch.setattr(multihost, "gather_ints",
+                      lambda v: (told.append(v), np.array([v, 0]))[1])
+
+  def unavailable(step, _):
+    raise OSError(f"503 reading step {step}")
+
+  with pytest.raises(step_walk.CheckpointStorageError, match="step 6 in"):
+    step_walk.first_readable([6, 3], (unavailable, read), tmp_path)
+  assert told == [3]
+  monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v, 3]))
+  with pytest.raises(multihost.OtherProcessError,
+                     match=r"Processes \[1\] could not read checkpoint step 6 "
+                           r"from the storage"):
+    step_walk.first_readable([6, 3], (check, read), tmp_path)
 
 
 def test_first_readable_stops_at_another_config(monkeypatch, tmp_path):

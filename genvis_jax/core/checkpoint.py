@@ -334,7 +334,9 @@ class Checkpointer:
     Each step's files are validated before Orbax reads them (a truncated
     TensorStore file can otherwise abort the process). A step that fails is
     logged with its reason; once an older step loads, the failed ones are
-    moved to ``checkpoints/corrupt-<step>`` (never deleted). A checkpoint of
+    moved to ``checkpoints/corrupt-<step>`` (never deleted). A failure of
+    the storage rather than the files stops instead (an older step would
+    silently lose ``checkpoint_every`` steps). A checkpoint of
     a different model config (:class:`CheckpointMismatchError`) is not damage
     and is raised as is. On several processes, a step that fails on any of
     them is skipped by all, so every process restores the same step.
@@ -342,6 +344,9 @@ class Checkpointer:
     Raises:
       CheckpointRestoreError: no step loads; lists each step and its reason
         (nothing is moved).
+      step_walk.CheckpointStorageError: reading a step failed in the storage
+        (unavailable, throttled, denied: ``step_walk.is_storage_error``), not
+        in its files; nothing is moved, and the same command retries.
       multihost.OtherProcessError: another process found a checkpoint of a
         different config, or process 0 could not list the steps again after
         damaged ones were moved aside (it raises that ``OSError``).

@@ -47,7 +47,9 @@ def first_readable(steps: list[int], stages, directory: epath.Path,
   Raises:
     CheckpointMismatchError: a stage on this process found a checkpoint of
       another config (not damage: no older step is tried).
-    multihost.OtherProcessError: a stage on another process did.
+    CheckpointStorageError: a stage here failed in the storage (no older
+      step stands in for it); device memory ran out (jax's error).
+    multihost.OtherProcessError: a stage on another process did either.
   """
   failed = []
   for i, step in enumerate(steps):
@@ -58,7 +60,7 @@ def first_readable(steps: list[int], stages, directory: epath.Path,
         value = stage(step, value)
       except Exception as e:  # pylint: disable=broad-except
         error = e
-      reason = agreed_outcome(step, error)
+      reason = agreed_outcome(step, error, directory)
       if reason is not None:
         break
     if reason is None:
@@ -71,7 +73,47 @@ def first_readable(steps: list[int], stages, directory: epath.Path,
   return Walk(None, None, failed)
 
 
-def agreed_outcome(step: int, error: BaseException | None) -> str | None:
+class CheckpointStorageError(errors.UserError, OSError):
+  """Reading a checkpoint failed in the storage (unavailable, timed out,
+  throttled, permission denied), not in its files: nothing is skipped or
+  moved, and the same command retries."""
+
+
+# Status names (TensorStore / gRPC, in messages) and exception class names
+# (e.g. TensorFlow's gfile) of failures of the storage rather than the files.
+STORAGE_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+                    "ABORTED", "CANCELLED", "PERMISSION_DENIED",
+                    "UNAUTHENTICATED")
+_STORAGE_CLASSES = ("UnavailableError", "DeadlineExceededError",
+                    "ResourceExhaustedError", "AbortedError", "CancelledError",
+                    "PermissionDeniedError", "UnauthenticatedError")
+
+
+def is_storage_error(error: BaseException) -> bool:
+  """Whether ``error`` (or one it was raised from) is the storage failing,
+  which a retry may get past, rather than the files being damaged (a missing
+  or truncated file, unparsable JSON: ValueError, FileNotFoundError): an
+  OSError other than a missing path, or a storage status (a GCS 503 or 429
+  surfaces as TensorStore's UNAVAILABLE or RESOURCE_EXHAUSTED)."""
+  seen, e = 0, error
+  while e is not None and seen < 10:
+    if isinstance(e, OSError) and not isinstance(
+        e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+      return True
+    text = str(e)
+    if type(e).__name__ in _STORAGE_CLASSES or any(
+        text.startswith(s) or f"{s}:" in text for s in STORAGE_STATUSES):
+      return True
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
+
+
+# Outcome codes agreed between processes.
+_READ, _DAMAGED, _RAISED, _STORAGE = range(4)
+
+
+def agreed_outcome(step: int, error: BaseException | None,
+                   directory: epath.Path | str = "") -> str | None:
   """Every process's outcome of reading ``step`` (``error``: this one's, or
   None), agreed so that all restore the same step: a step that fails on one
   process is skipped by all (each process reads every file; a process that
@@ -81,16 +123,37 @@ def agreed_outcome(step: int, error: BaseException | None) -> str | None:
   Raises:
     CheckpointMismatchError: this process found a checkpoint of another
       config (not damage).
-    multihost.OtherProcessError: another process did.
+    jax's runtime error: this process ran out of device memory reading it
+      (not damage either).
+    CheckpointStorageError: reading it failed in the storage here
+      (``is_storage_error``): an older step would silently stand in for it.
+    multihost.OtherProcessError: another process found either.
   """
-  mismatch = isinstance(error, CheckpointMismatchError)
-  codes = multihost.gather_ints(2 if mismatch else int(error is not None))
-  if mismatch:
+  if error is None:
+    code = _READ
+  elif isinstance(error, CheckpointMismatchError) or errors.out_of_memory(error):
+    code = _RAISED    # another config, or no device memory: not damage
+  else:
+    code = _STORAGE if is_storage_error(error) else _DAMAGED
+  codes = multihost.gather_ints(code)
+  if code == _RAISED:
     raise error
-  if (codes == 2).any():
+  if code == _STORAGE:
+    raise CheckpointStorageError(
+        f"Reading checkpoint step {step} in {directory} failed in the storage "
+        f"({errors.first_line(error)}), not in its files: nothing was "
+        "skipped or moved. Run the same command again (check the access "
+        "rights if it persists).") from error
+  if (codes == _RAISED).any():
     raise multihost.OtherProcessError(
-        f"Processes {np.flatnonzero(codes == 2).tolist()} found that step "
-        f"{step} was saved with another config (their logs say how).")
+        f"Processes {np.flatnonzero(codes == _RAISED).tolist()} found that "
+        f"step {step} was saved with another config, or ran out of device "
+        "memory reading it (their logs say which).")
+  if (codes == _STORAGE).any():
+    raise multihost.OtherProcessError(
+        f"Processes {np.flatnonzero(codes == _STORAGE).tolist()} could not "
+        f"read checkpoint step {step} from the storage (their logs say why); "
+        "nothing was skipped or moved. Run the same command again.")
   if error is not None:
     return errors.first_line(error)
   if codes.any():
