@@ -66,12 +66,12 @@ def test_a_storage_error_on_resume_moves_nothing(runs, tmp_path, monkeypatch):
   wd = copy_run(base, tmp_path)
   real, calls = ckpt_files.validate_step, []
 
-  def unavailable_once(step_dir, with_data=True):
+  def unavailable_once(step_dir, **kwargs):
     calls.append(step_dir.name)
     if len(calls) == 1:
       raise ValueError(f"{step_dir.name}/state/d/abc is unreadable "
                        "(UNAVAILABLE: 503 Service Unavailable)")
-    return real(step_dir, with_data)
+    return real(step_dir, **kwargs)
 
   monkeypatch.setattr(ckpt_files, "validate_step", unavailable_once)
   with pytest.raises(step_walk.CheckpointStorageError,
@@ -84,6 +84,32 @@ def test_a_storage_error_on_resume_moves_nothing(runs, tmp_path, monkeypatch):
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
   resumed = trainer_lib.train_loop(config(7), wd)
   assert int(resumed.step) == 7 and calls == ["6", "6"]
+
+
+def test_processes_split_the_checks_of_a_steps_arrays(runs, monkeypatch):
+  """Each of n processes reads every n-th value of the step's OCDBT database
+  (the walk agrees their outcomes): together all, none twice."""
+  import types  # pylint: disable=import-outside-toplevel
+  _, base = runs
+  real_open, read = ckpt_files.ts.KvStore.open, []
+
+  def recording_open(spec):
+    kv = real_open(spec).result()
+    wrapped = types.SimpleNamespace(
+        list=kv.list, read=lambda k, **kw: (read.append(k), kv.read(k, **kw))[1])
+    return types.SimpleNamespace(result=lambda: wrapped)
+
+  monkeypatch.setattr(ckpt_files, "ts", types.SimpleNamespace(
+      KvStore=types.SimpleNamespace(open=recording_open)))
+  state = epath.Path(base) / "checkpoints" / "6" / "state"
+  shares = []
+  for share in ((0, 1), (0, 2), (1, 2)):
+    read.clear()
+    ckpt_files.check_ocdbt(state, share)
+    shares.append(list(read))
+  whole, first, second = shares
+  assert len(whole) > 20 and not set(first) & set(second)
+  assert sorted(first + second) == sorted(whole)
 
 
 def test_storage_errors_are_told_from_damage():

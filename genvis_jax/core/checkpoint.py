@@ -129,6 +129,23 @@ def state_metadata(step_dir: epath.Path):
     handler.close()
 
 
+def placed_restore_args(abstract_params):
+  """Orbax restore arguments that read each leaf of ``abstract_params``
+  (ShapeDtypeStructs, shardings optional) straight onto its sharding (each
+  host reads only its shards, whatever topology wrote them), or as a host
+  array where it names none, in its dtype. (Without a sharding Orbax places
+  an array on the devices it was saved from: weights saved from device 0 of
+  one process then fail to load on the other processes of a job, which do
+  not have that device.)"""
+  def one(a):
+    sharding = getattr(a, "sharding", None)
+    if sharding is None:
+      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
+    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape,
+                                dtype=a.dtype)
+  return jax.tree_util.tree_map(one, abstract_params)
+
+
 def _restore_args(abstract_state):
   """PyTree restore into ``abstract_state`` (shapes, dtypes, shardings)."""
   return ocp.args.PyTreeRestore(
@@ -352,7 +369,9 @@ class Checkpointer:
         damaged ones were moved aside (it raises that ``OSError``).
     """
     def check(step, _):
-      ckpt_files.validate_step(self.directory / str(step), with_data=with_data)
+      # Each process reads its share of the arrays; the walk agrees.
+      ckpt_files.validate_step(self.directory / str(step), with_data=with_data,
+                               share=multihost.share())
       saved = (ckpt_files.saved_config(self.directory / str(step))
                if config is not None else None)
       if config is not None:

@@ -43,12 +43,17 @@ def _saved_with_ocdbt(state_dir: epath.Path) -> bool:
     return False
 
 
-def check_ocdbt(state_dir: epath.Path) -> None:
+def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1)) -> None:
   """Reads the last byte of every value of the OCDBT database in
   ``state_dir`` (a step's ``state/``, a parameter checkpoint's ``params/``):
   a truncated data file or a damaged manifest / b-tree node raises
   ValueError here, naming it, cheaply, instead of inside Orbax's parallel
-  restore."""
+  restore.
+
+  ``share``: ``(i, n)`` reads every n-th value from the i-th: the n
+  processes of a job that agree on the outcome (``step_walk``) split the
+  reads (one per array shard, so millions on a pod) instead of each making
+  all of them."""
   name = state_dir.name
   if not (state_dir / "manifest.ocdbt").exists():
     if list(state_dir.glob("ocdbt.process_*")) or _saved_with_ocdbt(state_dir):
@@ -59,7 +64,9 @@ def check_ocdbt(state_dir: epath.Path) -> None:
   keys = kv.list().result()
   if not keys:
     raise ValueError(f"{name}/ holds no arrays")
-  reads = [(k, kv.read(k, byte_range=slice(-1, None))) for k in keys]
+  index, count = share
+  reads = [(k, kv.read(k, byte_range=slice(-1, None)))
+           for k in keys[index::count]]
   for key, read in reads:
     try:
       result = read.result()
@@ -73,14 +80,15 @@ def check_ocdbt(state_dir: epath.Path) -> None:
                        f"{name}/ is missing)")
 
 
-def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
+def validate_step(step_dir: epath.Path, with_data: bool = True,
+                  share: tuple[int, int] = (0, 1)) -> None:
   """Cheap checks that ``checkpoints/<step>`` can be read, before reading it.
 
   Raises ValueError (or the underlying JSON / TensorStore error) naming the
   first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
   JSON metadata (``state/_METADATA``, ``state/_sharding``,
   ``_CHECKPOINT_METADATA``) or data-iterator state, truncated or missing
-  OCDBT files.
+  OCDBT files (this process's ``share`` of them: ``check_ocdbt``).
   """
   state = step_dir / "state"
   if not state.exists():
@@ -106,7 +114,7 @@ def validate_step(step_dir: epath.Path, with_data: bool = True) -> None:
         raise ValueError(f"{item}/{f.name} is not valid JSON ({e})") from e
   if with_data:
     saved_process_count(step_dir)
-  check_ocdbt(state)
+  check_ocdbt(state, share)
 
 
 def saved_config(step_dir: epath.Path) -> dict | None:

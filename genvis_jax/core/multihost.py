@@ -28,6 +28,12 @@ class OtherProcessError(UserError, RuntimeError):
   """Another process's check failed; raised on the rest so all stop."""
 
 
+def share() -> tuple[int, int]:
+  """``(process_index, process_count)``: this process's share of work that
+  every process of the job does a part of (e.g. ``check_ocdbt``'s reads)."""
+  return jax.process_index(), jax.process_count()
+
+
 def broadcast_strings(strings: list[str], size: int = 4096) -> list[str]:
   """Process 0's ``strings`` on every process (UTF-8; longer than
   ``size - 1`` bytes is cut, which no path or message here is)."""

@@ -83,7 +83,7 @@ def load(path: epath.Path, abstract_params, where: str = ""):
   def check():
     if not ocp.step.is_path_finalized(path / "params"):
       raise damaged("its save did not finish (Orbax never finalized it)")
-    ckpt_files.check_ocdbt(path / "params")
+    ckpt_files.check_ocdbt(path / "params", multihost.share())
     meta = ocp.StandardCheckpointer().metadata(path / "params")
     meta_tree = getattr(meta, "item_metadata", meta)
     if meta_tree is None:   # Orbax logged why
@@ -99,7 +99,7 @@ def load(path: epath.Path, abstract_params, where: str = ""):
     # every process, which one whose read failed would skip.
     params = ckpt_lib.restore_item(path / "params", ocp.args.PyTreeRestore(
         item={"params": abstract_params},
-        restore_args={"params": _restore_args(abstract_params)}))["params"]
+        restore_args={"params": ckpt_lib.placed_restore_args(abstract_params)}))["params"]
     _verify_digest(path, params, found, where)
     return params
 
@@ -123,20 +123,6 @@ def load(path: epath.Path, abstract_params, where: str = ""):
   logging.info("Loading parameters from %s%s.", path / "params", where)
   return multihost.run_everywhere(lambda: as_damage(lambda: read(found)),
                                   failed)
-
-
-def _restore_args(abstract_params):
-  """Per leaf: restore onto its sharding, or as a host array where it names
-  none. (Without a sharding Orbax places an array on the devices it was saved
-  from: weights saved from device 0 of one process then fail to load on the
-  other processes of a job, which do not have that device.)"""
-  def one(a):
-    sharding = getattr(a, "sharding", None)
-    if sharding is None:
-      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
-    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape,
-                                dtype=a.dtype)
-  return jax.tree_util.tree_map(one, abstract_params)
 
 
 def _verify_digest(directory: epath.Path, params, stored, where: str) -> None:

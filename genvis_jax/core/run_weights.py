@@ -1,7 +1,7 @@
 """A training run's weights: one step's EMA (or model) parameters out of
 ``<run>/checkpoints/<step>/state``, for ``core.weights``.
 
-Only the weights are read, as host arrays, then placed on the loading
+Only the weights are read, each host its shards of them, onto the loading
 model's shardings (the run may have used another topology). Process 0 lists
 the steps; each step is checked, then read, on every process with the
 outcome agreed (``step_walk.first_readable``), so all processes load the
@@ -12,7 +12,6 @@ only reads, and a manager waits for every process (twice) when it is built.
 from __future__ import annotations
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -59,23 +58,17 @@ def load(run: epath.Path, abstract_params, where: str = "",
   walk = step_walk.first_readable(
       [step] if step is not None else saved,
       (lambda s, _: _check_step(folder, s, where, model_name),
-       lambda s, _: _read_step(folder, s, group)),
+       lambda s, _: _read_step(folder, s, abstract_params, where, group)),
       folder, log_skipped=step is None)
   failed = walk.failed
   if walk.step is not None:
     params, kind = walk.value
-    fit.compare_trees(abstract_params, params,
-                      f"Checkpoint {run} step {walk.step}{where}",
-                      fit.weights_fix(where))
-    logging.info("Loading the %s of step %d of %s%s.", kind, walk.step, run,
+    logging.info("Loaded the %s of step %d of %s%s.", kind, walk.step, run,
                  where)
     if failed:
       logging.warning("Loaded step %d of %s; newer steps %s are damaged.",
                       walk.step, run, [f for f, _ in failed])
-    return jax.tree_util.tree_map(
-        lambda a, x: jax.device_put(np.asarray(x), a.sharding)
-        if getattr(a, "sharding", None) is not None else x,
-        abstract_params, params)
+    return params
   if step is not None:
     raise ckpt_lib.CheckpointRestoreError(
         f"Checkpoint step {step} under {folder}{where} cannot be read "
@@ -102,7 +95,9 @@ def _check_step(folder: epath.Path, step: int, where: str,
                 model_name: str) -> None:
   """Raises unless step ``step``'s files are whole and it is a run of
   ``model_name`` (any, if empty)."""
-  ckpt_files.validate_step(folder / str(step), with_data=False)
+  # Each process reads its share of the arrays; the walk agrees.
+  ckpt_files.validate_step(folder / str(step), with_data=False,
+                           share=multihost.share())
   saved = ckpt_files.saved_config(folder / str(step))
   saved_name = ((saved or {}).get("model") or {}).get("name")
   if model_name and saved_name and saved_name != model_name:
@@ -112,9 +107,12 @@ def _check_step(folder: epath.Path, step: int, where: str,
         f"setting at a run or converted checkpoint of model {model_name!r}.")
 
 
-def _read_step(folder: epath.Path, step: int, group: str | None = None):
-  """Step ``step``'s EMA or model parameters (or ``group``'s) as host
-  arrays, and which."""
+def _read_step(folder: epath.Path, step: int, abstract_params, where: str,
+               group: str | None = None):
+  """Step ``step``'s EMA or model parameters (or ``group``'s), read onto
+  ``abstract_params``' shardings (host arrays where they name none), and
+  which. Raises CheckpointMismatchError, before reading, if they do not fit
+  ``abstract_params``."""
   meta = ckpt_lib.state_metadata(folder / str(step))
   # Only the weights asked for: the optimizer moments, discriminator and
   # other half of (params, EMA) would triple or quadruple the bytes read
@@ -125,20 +123,33 @@ def _read_step(folder: epath.Path, step: int, group: str | None = None):
       raise fit.CheckpointMismatchError(
           f"Step {step} of {folder.parent} has no {group!r} parameters "
           f"(its groups: {groups}): it is a run of another task.")
-    want, kind = {"params": {group: meta["params"][group]}}, f"{group!r} parameters"
+    path, kind = ("params", group), f"{group!r} parameters"
   elif meta.get("ema"):
-    want, kind = {"ema": meta["ema"]}, "EMA parameters"
+    path, kind = ("ema",), "EMA parameters"
   else:
-    want, kind = {"params": {"model": meta["params"]["model"]}}, "model parameters"
-  as_numpy = jax.tree_util.tree_map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want)
+    path, kind = ("params", "model"), "model parameters"
+  found = meta
+  for key in path:
+    found = found[key]
+  fit.compare_trees(abstract_params, found,
+                    f"Checkpoint {folder.parent} step {step}{where}",
+                    fit.weights_fix(where))
+  # Each leaf straight onto its sharding: a host reads only its shards
+  # (reading whole arrays on every host of a pod multiplies the bytes read
+  # by the host count).
+  args = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(found),
+      jax.tree_util.tree_leaves(ckpt_lib.placed_restore_args(abstract_params)))
+  want, restore_args = found, args
+  for key in reversed(path):
+    want, restore_args = {key: want}, {key: restore_args}
   # Through the handler: Orbax's CheckpointManager.restore ends in a wait
   # for every process, which one whose read failed would skip (see
   # step_walk.first_readable).
   state = ckpt_lib.restore_item(folder / str(step) / "state",
                                 ocp.args.PyTreeRestore(
-                                    item=want, restore_args=as_numpy,
+                                    item=want, restore_args=restore_args,
                                     partial_restore=True))
-  if "ema" in want:
-    return state["ema"], kind
-  return state["params"][group or "model"], kind
+  for key in path:
+    state = state[key]
+  return state, kind
