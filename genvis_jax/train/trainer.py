@@ -237,7 +237,10 @@ class Trainer:
     # the sample grids, which must not replay a step's key. Init and train
     # keep the 2-way split earlier runs resume with, whatever the PRNG.
     seed = jax.random.key(config.seed)
-    self.init_rng, self.train_rng = jax.random.split(seed)
+    self.init_rng, train_rng = jax.random.split(seed)
+    # Placed once: an uncommitted key would be copied to every device at
+    # every step.
+    self.train_rng = jax.device_put(train_rng, shd.replicated(mesh))
     self.visual_rng = jax.random.split(seed, 3)[2]
     self.abstract, self.shardings = state_lib.state_shardings(
         self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
@@ -402,7 +405,7 @@ def train_loop(config, workdir: str, on_log=None):
         # write ends; the write overlaps the steps until then (the next save
         # waits for it).
         ckpt.check(at_step=done)
-        acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
+        acc = metrics if acc is None else _add_metrics(acc, metrics)
         acc_n += 1
         log_now = done % config.train.log_every == 0 or done == num_steps
         stop_now = stop.should_stop(done)     # every step, on every process
@@ -455,6 +458,13 @@ def train_loop(config, workdir: str, on_log=None):
   ckpt.close()
   writer.flush()
   return state
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _add_metrics(total, metrics):
+  """Running sums of the step metrics: one dispatch per step (summed leaf
+  by leaf, eagerly, each would be its own launch over the mesh)."""
+  return jax.tree_util.tree_map(jnp.add, total, metrics)
 
 
 def _finish_saves(ckpt, writer) -> None:
