@@ -147,6 +147,26 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
   assert os.path.exists(os.path.join(part, "checkpoints", "6", "config"))
 
 
+def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
+  """One training run per workdir: another one's lock (held here as a second
+  command would find it) refuses the run before it builds or writes
+  anything, naming the holder; once released, the run trains."""
+  from genvis_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
+  wd = str(tmp_path / "wd")
+  os.makedirs(wd)
+  with workdir_lock.hold(wd):
+    with pytest.raises(workdir_lock.WorkdirBusyError,
+                       match=rf"{wd} is in use by another training run "
+                             rf"\(process {os.getpid()} on .*, since 20.*\)\. "
+                             "Wait for it to end"):
+      trainer_lib.train_loop(small_run.config(2), wd)
+  assert os.listdir(wd) == [workdir_lock.LOCK_NAME]
+  state = trainer_lib.train_loop(small_run.config(2), wd)
+  assert int(state.step) == 2
+  with workdir_lock.hold(wd):   # released when the run ended
+    pass
+
+
 def test_resume_refuses_a_different_model(tmp_path, monkeypatch):
   from genvis_jax.data import token_origin
   wd = str(tmp_path / "wd")

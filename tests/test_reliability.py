@@ -24,6 +24,7 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import step_walk
 from genvis_jax.core import weights as weights_lib
+from genvis_jax.train import resume as resume_lib
 from genvis_jax.train import trainer as trainer_lib
 from tests.small_run import config, copy_run, leaves, truncate_data_files
 
@@ -226,8 +227,8 @@ def test_resume_with_unfitting_input_position_keeps_state(runs, tmp_path,
   assert any(not np.array_equal(a, b) for a, b in zip(full, leaves(resumed)))
   with open(os.path.join(wd, "checkpoints", "9", "data",
                          "process_0-of-1.json")) as f:
-    assert json.load(f)["data_seed"] == trainer_lib.resume_seed(0, 6)
-  assert trainer_lib.resume_seed(0, 6) != trainer_lib.resume_seed(0, 3)
+    assert json.load(f)["data_seed"] == resume_lib.resume_seed(0, 6)
+  assert resume_lib.resume_seed(0, 6) != resume_lib.resume_seed(0, 3)
 
 
 def test_order_drawn_afresh_survives_later_resumes(runs, tmp_path):
@@ -512,15 +513,15 @@ def test_a_changed_order_setting_draws_the_data_order_afresh():
   """The settings whose saved positions another pipeline would misread;
   a run saved before crops_per_epoch existed took every record."""
   c = config(9)
-  assert trainer_lib.order_setting_changed(c.to_dict(), c) == ""
-  assert trainer_lib.order_setting_changed(None, c) == ""
+  assert resume_lib.order_setting_changed(c.to_dict(), c) == ""
+  assert resume_lib.order_setting_changed(None, c) == ""
   old = c.to_dict()
   del old["data"]["crops_per_epoch"]
-  assert trainer_lib.order_setting_changed(old, c) == ""
+  assert resume_lib.order_setting_changed(old, c) == ""
   c.data.crops_per_epoch = "one"
-  assert trainer_lib.order_setting_changed(old, c) == (
+  assert resume_lib.order_setting_changed(old, c) == (
       "was saved with config.data.crops_per_epoch='all' and this run has 'one'")
   del old["data"]["num_workers"]       # unknown: no claim
   c.data.crops_per_epoch = "all"
   c.data.num_workers = 2
-  assert trainer_lib.order_setting_changed(old, c) == ""
+  assert resume_lib.order_setting_changed(old, c) == ""

@@ -8,7 +8,6 @@ clu metrics, image grids and async Orbax checkpoints; resumes from ``workdir``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import flax.linen as nn
@@ -21,13 +20,14 @@ from jax.experimental import multihost_utils
 
 from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
-from genvis_jax.core import settings as settings_lib
-from genvis_jax.train import guard as guard_lib
+from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import preemption
 from genvis_jax.core import profiling
-from genvis_jax.core import metrics as metrics_lib
-from genvis_jax.core import multihost
+from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import sharding as shd
+from genvis_jax.core import workdir_lock
+from genvis_jax.train import guard as guard_lib
+from genvis_jax.train import resume as resume_lib
 from genvis_jax.train import state as state_lib
 from genvis_jax.train import step as step_lib
 from genvis_jax.train import tasks as tasks_lib
@@ -121,104 +121,6 @@ def check_model_classes(config, data_classes: int | None) -> None:
       f"{model_classes} classes (config.data.num_classes={model_classes}).")
 
 
-# config.data settings that change what a saved input position means, with
-# their value in a run saved before the setting existed (None: unknown).
-ORDER_SETTINGS = (("num_workers", None), ("crops_per_epoch", "all"))
-
-
-def order_setting_changed(saved_config: dict | None, config) -> str:
-  """Why a position saved under ``saved_config`` cannot resume ``config``'s
-  input ("" if it may): Grain accepts some states of another pipeline and
-  then yields other batches, so the saved config decides (none saved: "")."""
-  if saved_config is None:
-    return ""
-  for key, default in ORDER_SETTINGS:
-    before = settings_lib.get(saved_config, f"data.{key}")
-    before = default if before is None else before
-    now = config.data.get(key, default)
-    if before is not None and before != now:
-      return (f"was saved with config.data.{key}={before!r} and this run has "
-              f"{now!r}")
-  return ""
-
-
-def resume_input(ckpt, step: int, saved_config: dict | None, config, task,
-                 data_iter, info, mesh=None):
-  """Moves the input pipeline to the position saved with ``step`` (whose run
-  config was ``saved_config``); returns ``(data_iter, info, data seed)``.
-
-  The saved order's seed is the one recorded with the position (a run that
-  once drew its order afresh keeps that order on later resumes). Where the
-  position cannot be used on any process (another process count or
-  ``config.data.num_workers``, a state that does not fit this pipeline), all
-  processes draw the order afresh from :func:`resume_seed`, with a warning;
-  the train state is resumed either way.
-
-  Raises:
-    Exception: this process cannot read its position or open its input in
-      the saved order (storage, e.g. an OSError): no process changes the
-      data order; the same command retries.
-    multihost.OtherProcessError: another process cannot.
-  """
-  # Every collective below (and the one building an iterator holds on token
-  # data) is reached by all processes or none: a process may not skip one
-  # because of what it alone read.
-  pos, error = None, None
-  try:
-    pos = ckpt.saved_position(step)
-  except Exception as e:  # pylint: disable=broad-except
-    error = e   # storage (OSError, or a file-system backend's own errors)
-  why = pos.why if pos is not None else None
-  why = why or order_setting_changed(saved_config, config)
-  unfit = multihost.gather_or_raise(
-      int(bool(why)), error, "could not read their input position saved "
-      f"with step {step} (their logs say why); run the same command again.")
-  seed = config.seed
-  if not unfit.any():
-    saved_seed = int(config.seed if pos.seed is None else pos.seed)
-    # Agreed first (a uint32 as two halves): building the iterator for the
-    # saved seed holds a collective (token data).
-    halves = [multihost.gather_ints(saved_seed >> 16),
-              multihost.gather_ints(saved_seed & 0xFFFF)]
-    if any((h != h[0]).any() for h in halves):   # one set of files: damaged
-      why = "holds another data seed than on other processes"
-    else:
-      try:
-        if saved_seed != seed:
-          data_iter, info = create_train_iterator(config, task, mesh=mesh,
-                                                  seed=saved_seed)
-          seed = saved_seed
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-      else:
-        try:
-          data_iter.set_state(pos.state)
-        except Exception as e:  # pylint: disable=broad-except
-          why = f"does not fit this input pipeline ({errors.first_line(e)})"
-    unfit = multihost.gather_or_raise(
-        int(bool(why)), error, "could not open their input pipeline in the "
-        f"data order saved with step {step} (their logs say why); run the "
-        "same command again.")
-  if unfit.any():
-    why = why or f"cannot be used on processes {np.flatnonzero(unfit).tolist()}"
-    seed = resume_seed(config.seed, step)
-    logging.warning(
-        "The input position saved with step %d %s, so it cannot be restored. "
-        "Training resumes from step %d with the data order drawn afresh (seed "
-        "%d from config.seed and the step, kept in later checkpoints): "
-        "examples of the epoch in progress may be seen once more or once less.",
-        step, why, step, seed)
-    data_iter, info = create_train_iterator(config, task, mesh=mesh, seed=seed)
-  return data_iter, info, seed
-
-
-def resume_seed(seed: int, step: int) -> int:
-  """The data seed of a run resumed at ``step`` without its input position:
-  a uint32 from (``seed``, ``step``), so a rerun draws the same order."""
-  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)])
-             .generate_state(1)[0])
-
-
 class Trainer:
   """Holds the compiled step and the sharded state of one run."""
 
@@ -240,7 +142,10 @@ class Trainer:
     self.init_rng, train_rng = jax.random.split(seed)
     # Placed once: an uncommitted key would be copied to every device at
     # every step.
-    self.train_rng = jax.device_put(train_rng, shd.replicated(mesh))
+    # (Through jit: device_put of a device array onto a mesh spanning other
+    # processes is refused.)
+    self.train_rng = jax.jit(lambda k: k, out_shardings=shd.replicated(mesh))(
+        train_rng)
     self.visual_rng = jax.random.split(seed, 3)[2]
     self.abstract, self.shardings = state_lib.state_shardings(
         self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
@@ -318,46 +223,59 @@ def train_and_evaluate(config, workdir: str):
 
 def train_loop(config, workdir: str, on_log=None):
   """The loop behind ``train_and_evaluate``; ``on_log(step, scalars)`` is called
-  at every log step (all processes) — handy for tests and notebooks."""
+  at every log step (all processes) — handy for tests and notebooks.
+
+  Raises:
+    WorkdirBusyError: another run trains in ``workdir``.
+    TrainingStopped: a stop signal ended it after saving the step in flight.
+  """
   # Everything that can fail on bad input (mesh, batch split, data, task) runs
   # before anything is compiled.
   mesh, task = setup(config)
   data_iter, info = create_train_iterator(config, task, mesh=mesh)
   os.makedirs(workdir, exist_ok=True)
-  trainer = Trainer(config, workdir, mesh=mesh, task=task)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  # Before restoring: a resume on other tokens is refused without reading state.
-  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
-  encodes = task.encodes_with_tokenizer
-  token_origin.check(config, workdir, ckpt.latest_step(), encodes)
-  # The newest step that loads; damaged newer ones are moved aside.
-  latest, state, saved_config = ckpt.restore_latest(
-      trainer.abstract_state(), config, with_data=True)
-  # After the config check: a refused workdir (another run's) gets no record.
-  token_origin.record(config, workdir, latest, encodes)
-  data_seed = config.seed
-  if latest is not None:
-    logging.info("Resumed from %s step %d", ckpt.directory, latest)
-    changed = saved_config and settings_lib.differences(
-        saved_config, json.loads(config.to_json_best_effort()),
-        ignore=("model",), names=("checkpoint", "this run"))
-    if changed:   # the model's differences were refused already
-      logging.warning(
-          "This run's config differs from the checkpoint's; it continues with "
-          "this run's values:\n  %s", settings_lib.shorten(changed, 20, "\n  "))
-    data_iter, info, data_seed = resume_input(
-        ckpt, latest, saved_config, config, task, data_iter, info, mesh)
-    if config.init_from:
-      logging.warning(
-          "config.init_from=%s is not loaded: it initialises a fresh run, and "
-          "this workdir resumes its own step %d. Use a new --workdir to start "
-          "from those weights.", config.init_from, latest)
-  else:
-    state = trainer.init_state()
-    if config.init_from:
-      state = state_lib.from_weights(state, config,
-                                     trainer.abstract_state().params,
-                                     task.ema_group)
+  with workdir_lock.hold(workdir):
+    trainer = Trainer(config, workdir, mesh=mesh, task=task)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    state, data_iter, info, data_seed = resume_lib.restore_or_init(
+        config, workdir, trainer, ckpt, data_iter, info,
+        lambda seed: create_train_iterator(config, task, mesh=mesh, seed=seed))
+    return _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
+                      data_seed, on_log)
+
+
+class _Logger:
+  """Writes a log step's scalars (TensorBoard, ``on_log``, one log line)."""
+
+  def __init__(self, writer, guard, progress, info, num_steps, on_log):
+    self.writer, self.guard, self.progress = writer, guard, progress
+    self.info, self.num_steps, self.on_log = info, num_steps, on_log
+
+  def __call__(self, done: int, means: dict, norms: dict, count: int) -> None:
+    """``means`` of the ``count`` steps up to ``done``; ``norms``: the
+    parameter groups' norms at ``done``."""
+    scalars = dict(means)
+    nonfinite_steps = round(scalars.pop("nonfinite") * count)
+    self.guard.record(scalars["loss"], norms)
+    if nonfinite_steps:   # only reached with check_finite off
+      logging.warning("%d update(s) with NaN/Inf loss or gradients skipped "
+                      "in steps %d-%d.", nonfinite_steps, done - count + 1, done)
+    scalars["nonfinite_steps"] = float(nonfinite_steps)
+    scalars.update({f"param_norm/{g}": v for g, v in norms.items()})
+    scalars.update(self.progress(done))
+    scalars["skipped_records"] = float(self.info.num_skipped)
+    self.writer.write_scalars(done, scalars)
+    if self.on_log is not None:
+      self.on_log(done, scalars)
+    logging.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", done,
+                 self.num_steps, scalars["loss"], scalars["steps_per_sec"],
+                 metrics_lib.format_eta(scalars["eta_sec"]))
+
+
+def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
+               data_seed, on_log):
+  """Steps from ``state``'s to ``config.train.num_steps``: logs, health
+  checks, grids, checkpoints and the stop on a signal. Returns the state."""
   start = int(jax.device_get(state.step))
   num_steps = int(config.train.num_steps)
   n_params = {g: sum(x.size for x in jax.tree_util.tree_leaves(p))
@@ -379,6 +297,7 @@ def train_loop(config, workdir: str, on_log=None):
       config.train.get("divergence_factor", guard_lib.DEFAULT_DIVERGENCE_FACTOR),
       config.train.get("check_finite", True))
   guard.record(None, trainer.param_norms(state))
+  log = _Logger(writer, guard, progress, info, num_steps, on_log)
   checked = start   # last step whose state passed the health checks
   acc, acc_n = None, 0
   vis_batch = None
@@ -420,25 +339,10 @@ def train_loop(config, workdir: str, on_log=None):
                                  checked, done, ckpt)
           checked = done
         if log_now:
-          scalars = dict(means)
-          nonfinite_steps = round(scalars.pop("nonfinite") * acc_n)
-          guard.record(scalars["loss"], norms)
-          if nonfinite_steps:   # only reached with check_finite off
-            logging.warning("%d update(s) with NaN/Inf loss or gradients skipped "
-                            "in steps %d-%d.", nonfinite_steps, done - acc_n + 1, done)
-          scalars["nonfinite_steps"] = float(nonfinite_steps)
-          scalars.update({f"param_norm/{g}": v for g, v in norms.items()})
-          scalars.update(progress(done))
-          scalars["skipped_records"] = float(info.num_skipped)
-          writer.write_scalars(done, scalars)
-          if on_log is not None:
-            on_log(done, scalars)
-          logging.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", done, num_steps,
-                       scalars["loss"], scalars["steps_per_sec"],
-                       metrics_lib.format_eta(scalars["eta_sec"]))
+          log(done, means, norms, acc_n)
           acc, acc_n = None, 0
-        if config.train.image_every and (done % config.train.image_every == 0
-                                         or done == num_steps):
+        if config.train.image_every and not stop_now and (
+            done % config.train.image_every == 0 or done == num_steps):
           _write_visuals(trainer, state, vis_batch, writer, workdir, done)
         if save_now:
           ckpt.save(done, state, data_iter, config, data_seed=data_seed)

@@ -1,0 +1,155 @@
+"""Resuming a run: the newest restorable step of its workdir and the input
+position saved with it (or, where that position cannot be used, a data
+order drawn afresh that later resumes keep), or a fresh state.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import logging
+
+from genvis_jax import errors
+from genvis_jax.core import multihost
+from genvis_jax.core import settings as settings_lib
+from genvis_jax.train import state as state_lib
+
+
+def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
+                    make_iterator):
+  """The newest restorable step of ``workdir`` with its input position, or a
+  fresh state (from ``config.init_from`` if set): ``(state, data_iter,
+  info, data seed)``. ``make_iterator(seed)``: the training input of
+  another data seed, ``(iterator, info)``."""
+  task = trainer.task
+  # Before restoring: a resume on other tokens is refused without reading state.
+  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  encodes = task.encodes_with_tokenizer
+  token_origin.check(config, workdir, ckpt.latest_step(), encodes)
+  # The newest step that loads; damaged newer ones are moved aside.
+  latest, state, saved_config = ckpt.restore_latest(
+      trainer.abstract_state(), config, with_data=True)
+  # After the config check: a refused workdir (another run's) gets no record.
+  token_origin.record(config, workdir, latest, encodes)
+  if latest is None:
+    state = trainer.init_state()
+    if config.init_from:
+      state = state_lib.from_weights(state, config,
+                                     trainer.abstract_state().params,
+                                     task.ema_group)
+    return state, data_iter, info, config.seed
+  logging.info("Resumed from %s step %d", ckpt.directory, latest)
+  changed = saved_config and settings_lib.differences(
+      saved_config, json.loads(config.to_json_best_effort()),
+      ignore=("model",), names=("checkpoint", "this run"))
+  if changed:   # the model's differences were refused already
+    logging.warning(
+        "This run's config differs from the checkpoint's; it continues with "
+        "this run's values:\n  %s", settings_lib.shorten(changed, 20, "\n  "))
+  data_iter, info, data_seed = resume_input(
+      ckpt, latest, saved_config, config, data_iter, info, make_iterator)
+  if config.init_from:
+    logging.warning(
+        "config.init_from=%s is not loaded: it initialises a fresh run, and "
+        "this workdir resumes its own step %d. Use a new --workdir to start "
+        "from those weights.", config.init_from, latest)
+  return state, data_iter, info, data_seed
+
+
+# config.data settings that change what a saved input position means, with
+# their value in a run saved before the setting existed (None: unknown).
+ORDER_SETTINGS = (("num_workers", None), ("crops_per_epoch", "all"))
+
+
+def order_setting_changed(saved_config: dict | None, config) -> str:
+  """Why a position saved under ``saved_config`` cannot resume ``config``'s
+  input ("" if it may): Grain accepts some states of another pipeline and
+  then yields other batches, so the saved config decides (none saved: "")."""
+  if saved_config is None:
+    return ""
+  for key, default in ORDER_SETTINGS:
+    before = settings_lib.get(saved_config, f"data.{key}")
+    before = default if before is None else before
+    now = config.data.get(key, default)
+    if before is not None and before != now:
+      return (f"was saved with config.data.{key}={before!r} and this run has "
+              f"{now!r}")
+  return ""
+
+
+def resume_input(ckpt, step: int, saved_config: dict | None, config,
+                 data_iter, info, make_iterator):
+  """Moves the input pipeline to the position saved with ``step`` (whose run
+  config was ``saved_config``); returns ``(data_iter, info, data seed)``.
+  ``make_iterator(seed)`` builds the input in another data order.
+
+  The saved order's seed is the one recorded with the position (a run that
+  once drew its order afresh keeps that order on later resumes). Where the
+  position cannot be used on any process (another process count or
+  ``config.data.num_workers``, a state that does not fit this pipeline), all
+  processes draw the order afresh from :func:`resume_seed`, with a warning;
+  the train state is resumed either way.
+
+  Raises:
+    Exception: this process cannot read its position or open its input in
+      the saved order (storage, e.g. an OSError): no process changes the
+      data order; the same command retries.
+    multihost.OtherProcessError: another process cannot.
+  """
+  # Every collective below (and the one building an iterator holds on token
+  # data) is reached by all processes or none: a process may not skip one
+  # because of what it alone read.
+  pos, error = None, None
+  try:
+    pos = ckpt.saved_position(step)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e   # storage (OSError, or a file-system backend's own errors)
+  why = pos.why if pos is not None else None
+  why = why or order_setting_changed(saved_config, config)
+  unfit = multihost.gather_or_raise(
+      int(bool(why)), error, "could not read their input position saved "
+      f"with step {step} (their logs say why); run the same command again.")
+  seed = config.seed
+  if not unfit.any():
+    saved_seed = int(config.seed if pos.seed is None else pos.seed)
+    # Agreed first (a uint32 as two halves): building the iterator for the
+    # saved seed holds a collective (token data).
+    halves = [multihost.gather_ints(saved_seed >> 16),
+              multihost.gather_ints(saved_seed & 0xFFFF)]
+    if any((h != h[0]).any() for h in halves):   # one set of files: damaged
+      why = "holds another data seed than on other processes"
+    else:
+      try:
+        if saved_seed != seed:
+          data_iter, info = make_iterator(saved_seed)
+          seed = saved_seed
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      else:
+        try:
+          data_iter.set_state(pos.state)
+        except Exception as e:  # pylint: disable=broad-except
+          why = f"does not fit this input pipeline ({errors.first_line(e)})"
+    unfit = multihost.gather_or_raise(
+        int(bool(why)), error, "could not open their input pipeline in the "
+        f"data order saved with step {step} (their logs say why); run the "
+        "same command again.")
+  if unfit.any():
+    why = why or f"cannot be used on processes {np.flatnonzero(unfit).tolist()}"
+    seed = resume_seed(config.seed, step)
+    logging.warning(
+        "The input position saved with step %d %s, so it cannot be restored. "
+        "Training resumes from step %d with the data order drawn afresh (seed "
+        "%d from config.seed and the step, kept in later checkpoints): "
+        "examples of the epoch in progress may be seen once more or once less.",
+        step, why, step, seed)
+    data_iter, info = make_iterator(seed)
+  return data_iter, info, seed
+
+
+def resume_seed(seed: int, step: int) -> int:
+  """The data seed of a run resumed at ``step`` without its input position:
+  a uint32 from (``seed``, ``step``), so a rerun draws the same order."""
+  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)])
+             .generate_state(1)[0])
