@@ -217,6 +217,21 @@ def test_a_generator_that_encodes_its_images_needs_the_tokenizer(tmp_path):
   assert not (tmp_path / "wd").exists()
 
 
+def test_a_token_generator_on_images_is_told_to_pretokenize(tmp_path):
+  """FAR on an image folder was refused for crops_per_epoch first, and then,
+  once that was set as told, failed with a KeyError after compiling."""
+  from genvis_jax.errors import ConfigError
+  from genvis_jax.train import trainer as trainer_lib
+  from tests import pipeline_common as pc
+  c = pc.load_config("far_b.py:dual,runlocal")
+  c.data.source, c.data.path = "image_folder", str(tmp_path / "images")
+  with pytest.raises(ConfigError, match=r"The far task trains on pre-tokenized "
+                     r"codes \(config.data.source='tokens'\), and config.data."
+                     r"source='image_folder' gives images. Pre-tokenize"):
+    trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 def test_missing_token_files_say_how_to_make_them(tmp_path):
   c = demo.rar_config()
   c.data.path = str(tmp_path / "tokens-*.array_record")

@@ -60,6 +60,15 @@ def setup(config, *, mesh=None, devices=None):
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
   task = tasks_lib.get_task(config)
+  source = config.data.source
+  if task.data_sources is not None and source not in task.data_sources:
+    raise errors.ConfigError(
+        f"The {config.task} task trains on pre-tokenized codes "
+        f"(config.data.source={task.data_sources[0]!r}), and "
+        f"config.data.source={source!r} gives images. Pre-tokenize them "
+        "first (--config.mode=pretokenize, with the images in "
+        "config.pretokenize.data), then point --config.data.path at the "
+        "token files it prints.")
   if task.encodes_with_tokenizer and not config.tokenizer.get("checkpoint"):
     # The data pipeline gives images, which the step encodes: without the
     # tokenizer the first step would fail, after the workdir was written.

@@ -44,6 +44,9 @@ class Task:
   # (images encoded in the loss): its weights are then the data's origin,
   # recorded and checked like token files' (``data.token_origin``).
   encodes_with_tokenizer: bool = False
+  # The config.data.source values whose batches this task reads (None: any
+  # image source); refused otherwise before anything is built.
+  data_sources: tuple[str, ...] | None = None
   # Groups updated one after another within a step, each phase's gradients
   # taken at the parameters the phases before it left (e.g. a discriminator
   # stepped on the updated generator's output, as PyTorch Lightning's

@@ -32,6 +32,7 @@ class TokenGeneratorTask(Task):
   tokenizer's ``decode`` input."""
 
   sampler: ModuleType
+  data_sources = ("tokens",)   # batches of pre-tokenized codes
 
   def __init__(self, config):
     super().__init__(config)
