@@ -11,6 +11,7 @@ import pytest
 from scipy import linalg
 
 from genvis_jax.core import sharding
+from genvis_jax.errors import UserError
 from genvis_jax.evaluate import fid, generation, npz, reference, tokenizer
 
 
@@ -165,6 +166,16 @@ def test_reference_errors(tmp_path):
     reference.load_reference(str(tmp_path / "partial.npz"))
   with pytest.raises(FileNotFoundError, match="compute_reference"):
     reference.load_reference(str(tmp_path / "missing.npz"))
+  # A sampling workdir named instead of its samples.npz: the file suggested.
+  (tmp_path / "run").mkdir()
+  np.savez(tmp_path / "run" / "samples.npz", np.zeros((2, 4, 4, 3), np.uint8))
+  with pytest.raises(npz.NpzFileError,
+                     match=r"'.*run' \(config.evaluate.samples\) is a folder, "
+                           r"not an .npz file; did you mean '.*run/samples.npz'"):
+    npz.open_images(str(tmp_path / "run"), setting="config.evaluate.samples")
+  # The errors a user causes are UserErrors: one line, no traceback.
+  with pytest.raises(UserError, match="not an ADM reference batch"):
+    reference.load_reference(str(tmp_path / "other.npz"))
 
 
 # --- the generation-metrics pipeline --------------------------------------------------------
@@ -221,6 +232,10 @@ def test_evaluate_samples_pipeline(tmp_path):
   res = generation.evaluate_samples(str(tmp_path / "samples.npz"),
                                      str(tmp_path / "ref.npz"), extractor=ex,
                                      num_samples=33)
+  with pytest.raises(npz.NpzContentError, match=r"ref.npz \(config.evaluate."
+                     r"samples\) holds reference statistics .* swapped\?"):
+    generation.evaluate_samples(str(tmp_path / "ref.npz"),
+                                str(tmp_path / "samples.npz"), extractor=ex)
   assert res["num_samples"] == 33 and res["num_reference"] == 30
   assert res["fid"] > 1.0 and res["sfid"] > 0.5
   assert res["precision"] < 0.8

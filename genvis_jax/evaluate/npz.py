@@ -18,6 +18,25 @@ class NpzFileError(UserError, FileNotFoundError):
   """An ``.npz`` of samples or reference statistics is missing or unreadable."""
 
 
+class NpzContentError(UserError, ValueError):
+  """An ``.npz`` holds other arrays than the ones asked for (e.g. not images
+  in ADM's layout, not a reference batch)."""
+
+
+def check_file(path: str, setting: str = "") -> None:
+  """Raises ``NpzFileError`` unless ``path`` is an existing file, naming
+  ``setting``; a folder gets the ``.npz`` inside it suggested (a sampling
+  workdir holds ``samples.npz``)."""
+  where = f" ({setting})" if setting else ""
+  if os.path.isdir(path):
+    inside = sorted(n for n in os.listdir(path) if n.endswith(".npz"))
+    hint = (f"; did you mean {os.path.join(path, inside[0])!r}?" if inside
+            else ", with no .npz file in it.")
+    raise NpzFileError(f"{path!r}{where} is a folder, not an .npz file{hint}")
+  if not os.path.exists(path):
+    raise NpzFileError(f"No such .npz file: {path!r}{where}. Check the path.")
+
+
 
 @dataclasses.dataclass
 class NpzArray:
@@ -66,8 +85,7 @@ def load_samples(path: str, setting: str = "config.evaluate.samples") -> dict:
   if not path:
     raise NpzFileError(f"{setting} is not set: point it at the samples .npz "
                        "that --config.mode=sample writes (samples.npz).")
-  if not os.path.exists(path):
-    raise NpzFileError(f"No such .npz file: {path!r} ({setting}). Check the path.")
+  check_file(path, setting)
   try:
     with np.load(path) as d:
       return {k: d[k] for k in d.files}
@@ -76,10 +94,10 @@ def load_samples(path: str, setting: str = "config.evaluate.samples") -> dict:
                        f"({e}).") from e
 
 
-def open_npz_array(path: str, key: str = "arr_0") -> NpzArray:
-  """Reads the header of ``key`` in the ``.npz`` at ``path``."""
-  if not os.path.exists(path):
-    raise NpzFileError(f"No such .npz file: {path!r}. Check the path.")
+def open_npz_array(path: str, key: str = "arr_0", setting: str = "") -> NpzArray:
+  """Reads the header of ``key`` in the ``.npz`` at ``path`` (``setting``
+  names it in messages)."""
+  check_file(path, setting)
   try:
     zf = zipfile.ZipFile(path)
   except zipfile.BadZipFile as e:
@@ -88,7 +106,7 @@ def open_npz_array(path: str, key: str = "arr_0") -> NpzArray:
   with zf:
     names = zf.namelist()
     if f"{key}.npy" not in names:
-      raise ValueError(f"{path!r} has no {key!r} array (has "
+      raise NpzContentError(f"{path!r} has no {key!r} array (has "
                        f"{sorted(n[:-4] for n in names)}). ADM-format files "
                        "keep the images in 'arr_0'.")
     with zf.open(f"{key}.npy") as f:
@@ -96,10 +114,10 @@ def open_npz_array(path: str, key: str = "arr_0") -> NpzArray:
   return NpzArray(path, key, tuple(shape), dtype)
 
 
-def open_images(path: str, key: str = "arr_0") -> NpzArray:
+def open_images(path: str, key: str = "arr_0", setting: str = "") -> NpzArray:
   """Like ``open_npz_array`` but checks for uint8 (N, H, W, 3) images."""
-  arr = open_npz_array(path, key)
+  arr = open_npz_array(path, key, setting)
   if arr.dtype != np.uint8 or len(arr.shape) != 4 or arr.shape[-1] != 3:
-    raise ValueError(f"{path}:{key} must be uint8 (N, H, W, 3) images in [0, "
+    raise NpzContentError(f"{path}:{key} must be uint8 (N, H, W, 3) images in [0, "
                      f"255] (ADM layout), got {arr.dtype} {arr.shape}.")
   return arr

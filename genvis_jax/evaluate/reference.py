@@ -105,12 +105,14 @@ def load_reference(path: str) -> Reference:
         f"No reference batch at {path!r}: download ADM's (e.g. "
         "VIRTUAL_imagenet256_labeled.npz) or write one with "
         "genvis_jax.evaluate.reference.compute_reference.")
+  npz.check_file(path, "config.evaluate.reference")
   ref = Reference(path)
   with np.load(path) as data:
     keys = set(data.files)
     present = [k for k in STAT_KEYS if k in keys]
     if present and len(present) != len(STAT_KEYS):
-      raise ValueError(f"{path}: has {present} but not all of {STAT_KEYS}.")
+      raise npz.NpzContentError(
+          f"{path}: has {present} but not all of {STAT_KEYS}.")
     for k in present:
       setattr(ref, k, np.asarray(data[k], np.float64))
     if "pool_features" in keys:
@@ -122,10 +124,11 @@ def load_reference(path: str) -> Reference:
     if "num_images" in keys:
       ref.num_images = int(data["num_images"])
   if "arr_0" in keys:
-    ref.images = npz.open_images(path)
+    ref.images = npz.open_images(path, setting="config.evaluate.reference")
   if not ref.has_stats and ref.images is None:
-    raise ValueError(f"{path}: neither statistics ({STAT_KEYS}) nor images "
-                     "('arr_0'): not an ADM reference batch.")
+    raise npz.NpzContentError(
+        f"{path}: neither statistics ({STAT_KEYS}) nor images ('arr_0'): not "
+        "an ADM reference batch (config.evaluate.reference).")
   return ref
 
 
