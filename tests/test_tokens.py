@@ -285,6 +285,32 @@ def test_pretokenize_refuses_a_remote_output_before_encoding(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_pretokenize_names_its_own_data_settings(tmp_path, caplog):
+  """Pre-tokenizing reads config.pretokenize.data: its errors name that
+  section, and images set in config.data (the training input) instead are
+  warned about (they encoded the demo shapes without a word)."""
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
+  config = rar_b.get_config("runlocal")
+  config.mode = "pretokenize"
+  config.tokenizer.checkpoint = str(tmp_path / "no_such_tokenizer")
+  config.pretokenize.data.source = "image_folder"
+  config.pretokenize.data.path = str(tmp_path / "nope")
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"Image folder '.*nope' does not exist "
+                           r"\(config.pretokenize.data.path\)"):
+    pretokenize.pretokenize(config, str(tmp_path / "wd"))
+  config.pretokenize.data.path = ""
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"^config.pretokenize.data.path is empty"):
+    pretokenize.pretokenize(config, str(tmp_path / "wd"))
+  assert pretokenize.warn_images_in_data(config) == ""
+  config.pretokenize.data.source = "demo"
+  config.data.source, config.data.path = "image_folder", "/my/images"
+  assert pretokenize.warn_images_in_data(config).startswith(
+      "config.data names images (source 'image_folder', path '/my/images'), "
+      "but pre-tokenizing reads config.pretokenize.data (source 'demo'")
+
+
 def _check_sets(pattern):
   tokens.check_shard_sets(pattern, tokens.glob_files(pattern))
 

@@ -26,8 +26,9 @@ SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
 
 # --- sources ---------------------------------------------------------------------
 
-def make_source(data_config, split: str):
-  """The random-access source for ``split``; raises now if its data is missing.
+def make_source(data_config, split: str, setting: str = "config.data"):
+  """The random-access source for ``split``; raises now if its data is missing
+  (naming ``setting``, the config section ``data_config`` is).
 
   Returns ``(source, num_classes or None, class_names or None)``.
   """
@@ -40,12 +41,12 @@ def make_source(data_config, split: str):
   if kind == "image_folder":
     # Labels come from the training split's folders so all splits agree.
     classes = sources.list_classes(
-        sources.resolve_split_dir(path, data_config.split))
-    src = sources.ImageFolderSource(sources.resolve_split_dir(path, split),
-                                    classes)
+        sources.resolve_split_dir(path, data_config.split, setting))
+    src = sources.ImageFolderSource(
+        sources.resolve_split_dir(path, split, setting), classes)
     return src, len(classes), classes
   if kind == "tfds":
-    src = sources.TfdsSource(data_config.name, split, path or None)
+    src = sources.TfdsSource(data_config.name, split, path or None, setting)
     return src, src.num_classes, None
   if kind == "tokens":
     # A "{split}" in the pattern selects per-split files.
@@ -53,7 +54,7 @@ def make_source(data_config, split: str):
     return (tokens.TokenSource(pattern),
             token_origin.recorded_num_classes(pattern), None)
   raise sources.DataConfigError(
-      f"Unknown config.data.source {kind!r}; choose one of {SOURCES}.")
+      f"Unknown {setting}.source {kind!r}; choose one of {SOURCES}.")
 
 
 # --- per-example crops ----------------------------------------------------------
@@ -203,7 +204,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
     raise ValueError(f"value_range must be (lo, hi), got {value_range!r}.")
   local_batch = global_batch_size // pc
   seed = int(seed) & 0xFFFFFFFF          # grain seeds are uint32
-  source, num_classes, class_names = make_source(data_config, split)
+  source, num_classes, class_names = make_source(data_config, split, setting)
   num_classes = _check_classes(num_classes, data_config, setting)
 
   # crops_per_epoch="one": an example is an image, whose pre-tokenized crops

@@ -202,7 +202,8 @@ def source_fingerprint(p) -> dict:
   its files' paths (relative to the split) and labels, so a file written
   before images were added, removed or renamed is not reused. Files
   edited in place keep the digest."""
-  src, _, _ = pipeline.make_source(crop_data_config(p), p.split)
+  src, _, _ = pipeline.make_source(crop_data_config(p), p.split,
+                                   "config.pretokenize.data")
   out = {"count": len(src)}
   if isinstance(src, sources.ImageFolderSource):
     digest, cut = hashlib.sha256(), len(os.path.join(src.root, ""))
@@ -306,6 +307,25 @@ def warn_other_sets(output: str) -> None:
         "the older files.", output, found, count)
 
 
+def warn_images_in_data(config) -> str:
+  """Warns (and returns the warning) when ``config.data``, the generator's
+  training input (token files), names images that ``config.pretokenize.data``
+  does not: pre-tokenizing reads the latter, so flags meant for it that set
+  ``--config.data.*`` would silently encode other images. "" otherwise."""
+  d, p = config.data, config.pretokenize.data
+  if d.get("source", "tokens") == "tokens" or (
+      (d.source, d.get("path", "")) == (p.source, p.get("path", ""))):
+    return ""
+  msg = (f"config.data names images (source {d.source!r}, path "
+         f"{d.get('path', '')!r}), but pre-tokenizing reads "
+         f"config.pretokenize.data (source {p.source!r}, path "
+         f"{p.get('path', '')!r}); config.data is the generator's training "
+         "input, its token files. To encode those images set "
+         "--config.pretokenize.data.source / .path instead.")
+  logging.warning(msg)
+  return msg
+
+
 def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
   if "pretokenize" not in config:
@@ -314,6 +334,7 @@ def pretokenize(config, workdir: str) -> dict:
         "generator reads images, or the config is not a generator's. "
         "Pre-tokenize with a RAR or FAR config.")
   p, tok = config.pretokenize, config.tokenizer
+  warn_images_in_data(config)
   # A bad crop is refused before an existing file is judged by its record.
   transforms.check_center_crop(
       p.data.get("center_crop", "") or "adm", p.data.image_size,

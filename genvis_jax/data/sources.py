@@ -53,15 +53,16 @@ class DataConfigError(UserError, ValueError):
 
 # --- image folder --------------------------------------------------------------
 
-def resolve_split_dir(path: str, split: str) -> str:
-  """``path/<split>`` (``val`` also for ``validation``) if it exists, else ``path``."""
+def resolve_split_dir(path: str, split: str, setting: str = "config.data") -> str:
+  """``path/<split>`` (``val`` also for ``validation``) if it exists, else
+  ``path``; ``setting``: the config section naming it, for the messages."""
   if not path:
     raise DataNotFoundError(
-        "config.data.path is empty: set it to an image folder laid out as "
+        f"{setting}.path is empty: set it to an image folder laid out as "
         "<path>/<class_name>/*.jpg (or <path>/<split>/<class_name>/*.jpg).")
   if not os.path.isdir(path):
     raise DataNotFoundError(
-        f"Image folder {path!r} does not exist (config.data.path). Expected "
+        f"Image folder {path!r} does not exist ({setting}.path). Expected "
         "<path>/<class_name>/*.jpg or <path>/<split>/<class_name>/*.jpg.")
   names = [split] + (["val"] if split == "validation" else [])
   for name in names:
@@ -165,13 +166,13 @@ class ImageFolderSource:
 
 # --- TFDS ------------------------------------------------------------------------
 
-def _tfds_howto(name: str, data_dir) -> str:
+def _tfds_howto(name: str, data_dir, setting: str = "config.data") -> str:
   where = data_dir or "$TFDS_DATA_DIR (default ~/tensorflow_datasets)"
   manual = ("; for imagenet2012 put ILSVRC2012_img_train.tar and "
             "ILSVRC2012_img_val.tar in --manual_dir") if "imagenet" in name else ""
   return (f"Prepare it in ArrayRecord format first: `tfds build {name} "
           f"--data_dir={where} --manual_dir=<dir with the downloaded files> "
-          f"--file_format=array_record`{manual}. Then set config.data.path to "
+          f"--file_format=array_record`{manual}. Then set {setting}.path to "
           "that data_dir.")
 
 
@@ -183,11 +184,13 @@ class TfdsSource:
   ``tfds build`` command. ``source[i]`` -> ``{"image": uint8, "label": int32}``.
   """
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None):
+  def __init__(self, name: str, split: str, data_dir: str | None = None,
+               setting: str = "config.data"):
+    """``setting``: the config section naming the data set (messages)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if not name:
-      raise DataConfigError("config.data.name is empty: set the TFDS data set "
-                       "name, e.g. imagenet2012.")
+      raise DataConfigError(f"{setting}.name is empty: set the TFDS data set "
+                            "name, e.g. imagenet2012.")
     self.name, self.split, self.data_dir = name, split, data_dir or None
     try:
       builder = tfds.builder(name, data_dir=self.data_dir)
@@ -195,21 +198,21 @@ class TfdsSource:
       raise DataNotFoundError(
           f"TFDS data set {name!r} could not be loaded from data_dir="
           f"{self.data_dir!r}: {str(e).splitlines()[0]} "
-          f"{_tfds_howto(name, self.data_dir)}") from e
+          f"{_tfds_howto(name, self.data_dir, setting)}") from e
     if not builder.is_prepared():
       raise DataNotFoundError(
           f"TFDS data set {name!r} is not prepared in data_dir="
           f"{self.data_dir or builder.data_dir_root!r} (looked for "
-          f"{builder.data_dir}). {_tfds_howto(name, self.data_dir)}")
+          f"{builder.data_dir}). {_tfds_howto(name, self.data_dir, setting)}")
     file_format = str(builder.info.file_format)
     if "array_record" not in file_format.lower():
       raise DataNotFoundError(
           f"TFDS data set {name!r} in {builder.data_dir} is stored as "
           f"{file_format}, but random access needs ArrayRecord. "
-          f"{_tfds_howto(name, self.data_dir)}")
+          f"{_tfds_howto(name, self.data_dir, setting)}")
     if split not in builder.info.splits:
       raise DataConfigError(f"TFDS data set {name!r} has no split {split!r}; it has "
-                       f"{list(builder.info.splits)}. Set config.data.split / "
+                       f"{list(builder.info.splits)}. Set {setting}.split / "
                        "eval_split.")
     if "image" not in builder.info.features or "label" not in builder.info.features:
       raise DataConfigError(f"TFDS data set {name!r} has features "
