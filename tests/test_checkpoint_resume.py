@@ -180,6 +180,13 @@ def test_resume_refuses_a_different_model(tmp_path, monkeypatch):
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="widths"):
     trainer_lib.train_and_evaluate(other, wd)
   assert not os.path.exists(os.path.join(wd, token_origin.ORIGIN_FILE))
+  # The model's difference is named before the token files are judged (a
+  # dual FAR run resumed as triple was told its tokens were rewritten).
+  def tokens_blamed(*args, **kwargs):
+    raise AssertionError("the token files were judged first")
+  monkeypatch.setattr(token_origin, "check", tokens_blamed)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="widths"):
+    trainer_lib.train_and_evaluate(other, wd)
   monkeypatch.undo()
   # Same model, no EMA any more: the message names the setting.
   no_ema = small_run.config(6)

@@ -11,6 +11,8 @@ import numpy as np
 from absl import logging
 
 from genvis_jax import errors
+from genvis_jax.core import checkpoint_files as ckpt_files
+from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.train import state as state_lib
@@ -23,6 +25,9 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
   info, data seed)``. ``make_iterator(seed)``: the training input of
   another data seed, ``(iterator, info)``."""
   task = trainer.task
+  # A workdir of another model config is named first: the token check
+  # below would otherwise blame the token files for it.
+  multihost.on_process_0(lambda: _check_newest_config(ckpt, config))
   # Before restoring: a resume on other tokens is refused without reading state.
   from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
   encodes = task.encodes_with_tokenizer
@@ -76,6 +81,19 @@ def order_setting_changed(saved_config: dict | None, config) -> str:
       return (f"was saved with config.data.{key}={before!r} and this run has "
               f"{now!r}")
   return ""
+
+
+def _check_newest_config(ckpt, config) -> None:
+  """Raises CheckpointMismatchError if the newest step was saved with another
+  model config; a config it cannot read is left to the restore (damage)."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return
+  try:
+    saved = ckpt_files.saved_config(ckpt.directory / str(latest))
+  except Exception:  # pylint: disable=broad-except
+    return
+  fit.check_config_matches(saved, config)
 
 
 def resume_input(ckpt, step: int, saved_config: dict | None, config,
