@@ -51,14 +51,22 @@ def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
   default's type. E.g. ``parse_arg("dual,runlocal", positional=("variant",),
   variant="dual", runlocal=False)`` -> ``variant="dual", runlocal=True``.
 
+  ``given`` lists the fields the argument set (e.g. a ``batch=N`` that
+  ``runlocal`` keeps instead of its own).
+
   Raises ValueError naming the token and the accepted ones.
   """
+  if "given" in defaults:
+    raise ValueError("'given' is parse_arg's own field; name the argument "
+                     "otherwise.")
   out = ml_collections.ConfigDict(defaults)
+  given = []
   free = list(positional)
   for token in filter(None, (t.strip() for t in (arg or "").split(","))):
     key, eq, value = token.partition("=")
     if not eq and isinstance(defaults.get(key), bool):
       out[key] = True
+      given.append(key)
       continue
     if not eq and free:
       key, value = free.pop(0), token
@@ -86,6 +94,8 @@ def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
             f"{default!r}).") from None
       if isinstance(default, int) and out[key] <= 0:
         raise ValueError(f"Config argument {token!r}: {key} must be positive.")
+    given.append(key)
+  out.given = tuple(given)
   return out
 
 

@@ -10,7 +10,9 @@ EMA 0.9999, 1200 epochs, fp32.
 The batch is a config argument (``--config=configs/eq_s.py:batch=1024``): the
 learning rate, step count and warm-up follow it as the official script scales
 them. Overriding ``--config.train.global_batch_size`` alone keeps the batch-2048
-lr (8e-4) and 750k steps (600 epochs at batch 1024).
+lr (8e-4) and 750k steps (600 epochs at batch 1024). With ``runlocal`` a
+given ``batch=N`` replaces runlocal's batch of 16 and scales the lr as above
+(runlocal alone keeps the batch-2048 lr).
 
 ``--config=configs/eq_s.py:runlocal`` keeps the recipe (windowed causal
 generator, flow head, shift augmentation, label dropout, EMA, CFG sampling)
@@ -115,11 +117,12 @@ def get_config(size: str = "l", arg=None):
   sp.batch_size = 64
   sp.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
   if arg.runlocal:
-    runlocal(c)
+    # A batch=N given with runlocal is kept.
+    runlocal(c, arg.batch if "batch" in arg.given else 16)
   return c
 
 
-def runlocal(c):
+def runlocal(c, batch: int = 16):
   """Shrinks sizes, steps, batch and data only (see the module docstring)."""
   c.model.update(dict(hidden_size=64, depth=2, num_heads=4, head_width=64,
                       head_depth=2, token_dim=16, num_classes=5,
@@ -130,7 +133,7 @@ def runlocal(c):
   c.data.image_width = 64
   c.latents.scale = 0.2         # ~ 1 / std of a briefly trained tiny tokenizer
   c.flow.shift_num = 4
-  t = base.runlocal_train(c.train, steps=20, batch=16)
+  t = base.runlocal_train(c.train, steps=20, batch=batch)
   c.optimizer.warmup_steps = base.steps_fraction(t, 1, 4)
   c.sample.num_steps = 4
   c.sample.num_columns = 4      # the training width; 32 = 8x wider

@@ -10,7 +10,7 @@ demo shapes) for a laptop CPU.
 
 ``batch=N`` (``far_b.py:dual,batch=512``) sets the global batch; the step
 count follows it (300 epochs), the learning rate stays 1e-4 as in the official
-script.
+script. With ``runlocal`` it replaces runlocal's batch of 16.
 
 ``config.tokenizer`` is the FQGAN tokenizer that pre-tokenizes (``mode=
 pretokenize``) and decodes samples: ``--config.tokenizer.checkpoint=DIR``.
@@ -114,7 +114,8 @@ def get_config(size: str = "b", arg: str | None = "dual"):
       f"configs/fqgan_{variant}_ds{ds}.py{':' + tok_arg if tok_arg else ''}"))
   c.pretokenize = tok.pretokenize
   if arg.runlocal:
-    runlocal(c)
+    # A batch=N given with runlocal is kept.
+    runlocal(c, arg.batch if "batch" in arg.given else 16)
   return c
 
 
@@ -126,12 +127,12 @@ def runlocal_model(m, codebook_size: int):
   return m
 
 
-def runlocal(c):
+def runlocal(c, batch: int = 16):
   """Shrinks sizes, steps, batch and data only (see the module docstring)."""
   runlocal_model(c.model, c.tokenizer.model.num_codes)
   c.data.num_classes = 10
   c.data.image_size = c.tokenizer.model.image_size   # as for RAR's runlocal
-  base.runlocal_train(c.train, steps=20, batch=16)
+  base.runlocal_train(c.train, steps=20, batch=batch)
   c.sample.num_samples = 16
   c.sample.batch_size = 8
   c.evaluate.batch_size = 8

@@ -22,6 +22,18 @@ PAPER = ("maskgit_vqgan.py", "rar_b.py", "rar_l.py", "rar_xl.py", "rar_xxl.py",
          "eq_tokenizer.py", "eq_s.py", "eq_b.py", "eq_l.py", "eq_h.py")
 
 
+def test_a_batch_given_with_runlocal_is_kept():
+  """``far_b.py:dual,runlocal,batch=12`` trained at runlocal's batch of 16
+  without a word."""
+  from configs import eq_s, far_b  # pylint: disable=import-outside-toplevel
+  for get in (far_b.get_config, eq_s.get_config):
+    assert get("runlocal").train.global_batch_size == 16
+    assert get("runlocal,batch=12").train.global_batch_size == 12
+  assert base.parse_arg("dual,runlocal,batch=12", positional=("variant",),
+                        variant="dual", runlocal=False, batch=256).given == (
+                            "variant", "runlocal", "batch")
+
+
 def test_parse_arg():
   a = base.parse_arg("triple,runlocal", positional=("variant",),
                      variant="dual", runlocal=False)
