@@ -83,7 +83,7 @@ def run(config, workdir: str) -> dict:
       raise errors.ConfigError(f"Unknown demo stage(s) {unknown} in config.only; "
                        f"stages: {order}.")
     order = [s for s in order if s in only]
-  results = {}
+  results, start = {}, time.perf_counter()
   for name in order:
     stage = stage_config(config, name, workdir)
     t0 = time.perf_counter()
@@ -98,4 +98,7 @@ def run(config, workdir: str) -> dict:
     logging.info("=== demo stage %s done in %.1f s ===", name,
                  time.perf_counter() - t0)
     print(f"[demo] stage {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+  print(f"[demo] done in {time.perf_counter() - start:.0f} s: each stage's "
+        f"outputs are in {os.path.join(workdir, '<stage>')} ({', '.join(order)}); "
+        f"logs: tensorboard --logdir {workdir}", flush=True)
   return results

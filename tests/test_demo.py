@@ -27,7 +27,7 @@ def trained_demo(tmp_path_factory):
   return wd, modes.run(demo.get_config("smoke"), wd)
 
 
-def test_demo_smoke_runs_every_stage(trained_demo):
+def test_demo_smoke_runs_every_stage(trained_demo, capsys):
   wd, results = trained_demo
   assert list(results) == list(demo.get_config().stage_order)
   # Reconstructions next to originals, with metrics.
@@ -50,6 +50,15 @@ def test_demo_smoke_runs_every_stage(trained_demo):
     np.testing.assert_array_equal(d["labels"], np.arange(16) % 10)
   assert 0.0 <= results["score"]["conditioning_accuracy"] <= 1.0
   assert results["fid"]["demo_fid"] > 0.0
+  # The demo's last line says where its outputs are (a stage run alone too).
+  config = demo.get_config("smoke")
+  config.only = "score"
+  capsys.readouterr()
+  modes.run(config, wd)
+  last = capsys.readouterr().out.splitlines()[-1]
+  assert last.startswith("[demo] done in ") and (
+      f"outputs are in {wd}/<stage> (score); logs: tensorboard --logdir {wd}"
+      in last), last
 
 
 def test_sampling_resumes_and_refuses_other_settings_or_weights(trained_demo):

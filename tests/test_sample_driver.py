@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -78,7 +79,8 @@ def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
       "weights.tokenizer": "source of /tok"}
 
 
-def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch):
+def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
+                                                         capsys):
   """Each batch is dispatched before the one before it is written (the
   devices draw while the host converts and writes). SIGTERM writes the batch
   being finished, stops with one message, and the same command then draws
@@ -96,7 +98,7 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch)
     if len(calls) == 1:
       os.kill(os.getpid(), signal.SIGTERM)
     # The batch's first index, from its key (fold_in(seed key, start)).
-    start = [b for b in (0, 8, 16) if np.array_equal(
+    start = [b for b in (0, 8, 16, 24) if np.array_equal(
         jax.random.key_data(key), jax.random.key_data(jax.random.fold_in(
             jax.random.key(config.sample.seed), b)))][0]
     events.append(("dispatch", start))
@@ -125,10 +127,25 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch)
   # Batch 1 was dispatched before batch 0 was written, then dropped.
   assert events == [("dispatch", 0), ("dispatch", 8), ("finish", 0)]
   events.clear()
+  capsys.readouterr()
   out = driver.sample_and_save(config, wd)       # resumes: two more batches
   assert out["num_samples"] == 24 and len(calls) == 4
   assert events == [("dispatch", 8), ("dispatch", 16), ("finish", 8),
                     ("finish", 16)]
+  # Progress: the first batch's line, then at most one per PROGRESS_EVERY_S
+  # and the last (a line per batch filled the log).
+  progress = [l for l in capsys.readouterr().out.splitlines()
+              if " images/s" in l]
+  assert [l.split(",")[0] for l in progress] == ["[sample] 16/24 images",
+                                                 "[sample] 24/24 images"]
+  shutil.rmtree(os.path.join(wd, "sample_parts"))
+  monkeypatch.setattr(driver, "PROGRESS_EVERY_S", 1e9)
+  config.sample.num_samples = 4 * 8
+  driver.sample_and_save(config, wd)
+  progress = [l for l in capsys.readouterr().out.splitlines()
+              if " images/s" in l]
+  assert [l.split(",")[0] for l in progress] == ["[sample] 8/32 images",
+                                                 "[sample] 32/32 images"]
 
 
 def test_tokenizer_config_file_is_not_a_setting(tmp_path):

@@ -184,6 +184,9 @@ class SamplingStopped(errors.CleanStop):
 
 
 
+PROGRESS_EVERY_S = 30.0   # at most one progress line this often (and the last)
+
+
 def sample_and_save(config, workdir: str) -> dict:
   s = config.sample
   mesh = sharding.data_mesh(jax.devices())
@@ -237,12 +240,11 @@ def sample_and_save(config, workdir: str) -> dict:
     print(f"[sample] resuming: {have} of {s.num_samples} images already in "
           f"{parts_dir}", flush=True)
   t0, made = time.perf_counter(), 0
-
-  written = 0
+  written, said_at = 0, -float("inf")
 
   def write(finish, start, labels):
     """Waits for a dispatched batch, writes its part; stops when asked."""
-    nonlocal made, written
+    nonlocal made, written, said_at
     written += 1
     n = len(labels)
     images = np.asarray(multihost_utils.process_allgather(
@@ -251,11 +253,13 @@ def sample_and_save(config, workdir: str) -> dict:
         parts.path(parts_dir, start),
         functools.partial(np.savez, images=images, labels=labels))
     made += n
-    rate = made / (time.perf_counter() - t0)
-    logging.info("sampled %d / %d (%.2f images/s)", start + n, s.num_samples,
-                 rate)
-    print(f"[sample] {start + n}/{s.num_samples} images, {rate:.2f} images/s",
-          flush=True)
+    now = time.perf_counter()
+    if now - said_at >= PROGRESS_EVERY_S or start + n >= s.num_samples:
+      said_at, rate = now, made / (now - t0)
+      logging.info("sampled %d / %d (%.2f images/s)", start + n,
+                   s.num_samples, rate)
+      print(f"[sample] {start + n}/{s.num_samples} images, {rate:.2f} "
+            "images/s", flush=True)
     if stop.should_stop(written) and start + n < s.num_samples:
       raise SamplingStopped(
           f"Sampling stopped by {stop.signal} after the batch of images "
