@@ -168,7 +168,8 @@ def user_errors_exit(main):
         if verbose():
           traceback.print_exc()
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"Error: {errors.stopped_message(signum)}", file=sys.stderr)
+        print(f"Error: {errors.stopped_message(signum, getattr(e, 'mode', None))}",
+              file=sys.stderr)
         exit_now(128 + signum)
     except BaseException as e:  # pylint: disable=broad-except
       if not _distributed():

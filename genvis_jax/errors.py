@@ -77,12 +77,27 @@ class WeightKeyError(UserError, KeyError):
   """``--key`` names an entry the checkpoint does not have."""
 
 
-def stopped_message(signum: int) -> str:
-  """What a run stopped at once by signal ``signum`` says (SIGINT: Ctrl-C)."""
+# What running the same command again does after an unsaved stop, by mode.
+RESUMES = {
+    "train": "training resumes from its last saved checkpoint",
+    "demo": "the demo reuses its finished stages; training resumes from its "
+            "last saved checkpoint",
+    "sample": "sampling resumes after its last written batch",
+    "pretokenize": "pre-tokenizing encodes again what it had not finished; "
+                   "complete token files are reused",
+    "evaluate": "evaluation starts over",
+}
+
+
+def stopped_message(signum: int, mode: str | None = None) -> str:
+  """What a run stopped at once by signal ``signum`` says (SIGINT: Ctrl-C);
+  ``mode``: the ``config.mode`` stopped (None: unknown, every mode's)."""
   by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+  resume = RESUMES.get(mode) or (
+      "training resumes from its last saved checkpoint, sampling after its "
+      "last written batch")
   return (f"Stopped by {by}. Nothing half-written is kept under its final "
-          "name; run the same command again (training resumes from its last "
-          "saved checkpoint, sampling after its last written batch).")
+          f"name; run the same command again ({resume}).")
 
 
 class CleanStop(UserError, RuntimeError):
@@ -104,3 +119,4 @@ class StoppedBySignal(BaseException):
   def __init__(self, signum: int):
     super().__init__(signum)
     self.signum = signum
+    self.mode: str | None = None   # set by the mode runner (messages)

@@ -164,9 +164,11 @@ def run(config, workdir: str):
     created = check_workdir(workdir)
     try:
       return fn(config, workdir)
-    except BaseException:
+    except BaseException as e:
       if created:
         remove_empty_dirs(created)
+      if isinstance(e, (errors.StoppedBySignal, KeyboardInterrupt)):
+        e.mode = config.mode   # the CLI's line says what a rerun does
       raise
   finally:
     if installed:   # None: a handler not set from Python
