@@ -83,8 +83,10 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
   at_6 = weights_lib.params_source(part)
   assert at_3.startswith("step 3 committed 1") and at_6.startswith("step 6 ")
   # People read the commit time as a date; the record keeps the nanoseconds.
-  assert re.fullmatch(r"step 3 committed 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC",
-                      weights_lib.readable(at_3))
+  assert re.fullmatch(r"step 3 committed 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d"
+                      r"\.\d\d\d UTC", weights_lib.readable(at_3))
+  assert weights_lib.readable(f"weights: {at_3!r} -> {at_6!r}").count(
+      " UTC") == 2
   assert weights_lib.readable("params sha256 ab") == "params sha256 ab"
   shutil.copytree(part, tmp_path / "copy")
   assert weights_lib.params_source(str(tmp_path / "copy")) == at_6

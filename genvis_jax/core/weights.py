@@ -278,14 +278,18 @@ def _committed(step_dir: epath.Path) -> str:
     return ""
 
 
+_COMMITTED = re.compile(r"committed (\d{10,})")
+
+
 def readable(source: str) -> str:
-  """A ``params_source`` string for people: Orbax's commit time (ns since the
-  epoch) as UTC date and time. The recorded string itself stays as it is."""
-  m = re.fullmatch(r"(.*) committed (\d{10,})", source)
-  if not m:
-    return source
-  when = datetime.datetime.fromtimestamp(int(m[2]) / 1e9, datetime.timezone.utc)
-  return f"{m[1]} committed {when:%Y-%m-%d %H:%M:%S} UTC"
+  """Text naming ``params_source`` strings, for people: each Orbax commit
+  time (ns since the epoch) as a UTC date and time to the millisecond. The
+  recorded strings themselves stay as they are."""
+  def date(m):
+    when = datetime.datetime.fromtimestamp(int(m[1]) / 1e9,
+                                           datetime.timezone.utc)
+    return f"committed {when:%Y-%m-%d %H:%M:%S.%f}"[:-3] + " UTC"
+  return _COMMITTED.sub(date, source)
 
 
 def _source(what: str, folder: epath.Path) -> str:

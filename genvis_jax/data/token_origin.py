@@ -297,11 +297,12 @@ def check_origin(pattern: str, records: dict[str, dict],
     return ""
   if not now or written == {now}:
     return ""
-  msg = (f"The token files {pattern} were written with tokenizer weights "
-         f"{sorted(written)}, but config.tokenizer.checkpoint "
-         f"({tokenizer_checkpoint}) now holds {now!r}: sample grids and samples "
-         "would decode with another tokenizer. Point it at the step the "
-         "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
+  msg = weights_lib.readable(
+      f"The token files {pattern} were written with tokenizer weights "
+      f"{sorted(written)}, but config.tokenizer.checkpoint "
+      f"({tokenizer_checkpoint}) now holds {now!r}: sample grids and samples "
+      "would decode with another tokenizer. Point it at the step the "
+      "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
   _warn_once(msg)
   return msg
 
@@ -352,23 +353,23 @@ def _check(config, workdir: str, resumed_step: int | None,
   now = written_weights(config, encodes)
   before = run_token_weights(workdir) if resumed_step is not None else []
   if before and now and before != now and not _pattern(config.data):
-    raise ConfigError(
+    raise ConfigError(weights_lib.readable(
         f"This run trained to step {resumed_step} on latents of tokenizer "
         f"weights {before}, but config.tokenizer.checkpoint "
         f"({config.tokenizer.checkpoint}) now holds {now}: it would go on "
         "training on another tokenizer's latents. Resume with the tokenizer "
         "it trained on (<run>/checkpoints/<step>), or start a new --workdir "
-        "(--config.init_from=<this run> keeps the weights).")
+        "(--config.init_from=<this run> keeps the weights)."))
   if before and now and before != now:
     path = epath.Path(workdir) / ORIGIN_FILE
-    raise TokenFileError(
+    raise TokenFileError(weights_lib.readable(
         f"This run trained to step {resumed_step} on token files written with "
         f"tokenizer weights {before}; the files of config.data.path "
         f"({config.data.path}) now hold {now} (written again, or another "
         "output). Resume on the tokens it trained on, or start a new "
         "--workdir (--config.init_from=<this run> keeps the weights). If the "
         "weights are the same (converted again, where the first conversion "
-        f"recorded no {weights_lib.DIGEST_FILE}), delete {path} and resume.")
+        f"recorded no {weights_lib.DIGEST_FILE}), delete {path} and resume."))
 
 
 def _record(config, workdir: str, resumed_step: int | None,

@@ -113,10 +113,11 @@ def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
   trained_on = token_origin.run_token_weights(run)
   if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
     return ""
-  msg = (f"The generator {run} trained on codes of tokenizer weights "
-         f"{trained_on}, but config.tokenizer.checkpoint holds "
-         f"{tokenizer_source!r}: the samples are decoded by another tokenizer. "
-         "Point it at the step the tokens came from (<run>/checkpoints/<step>).")
+  msg = weights_lib.readable(
+      f"The generator {run} trained on codes of tokenizer weights "
+      f"{trained_on}, but config.tokenizer.checkpoint holds "
+      f"{tokenizer_source!r}: the samples are decoded by another tokenizer. "
+      "Point it at the step the tokens came from (<run>/checkpoints/<step>).")
   logging.warning(msg)
   return msg
 
@@ -147,10 +148,10 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
         "sample.num_samples", "devices") + WEIGHTS
     diff = settings_lib.differences(old, settings, ignore=may_change)
     if diff and found:
-      raise SampleSettingsError(
+      raise SampleSettingsError(weights_lib.readable(
           f"{parts_dir} holds {len(found)} sample parts drawn with other "
           f"settings ({settings_lib.shorten(diff, 5)}). Use a new workdir, or "
-          "delete that folder to start over.")
+          "delete that folder to start over."))
     if found and old.get("devices") not in (None, settings.get("devices")):
       logging.warning(
           "%s holds %d sample parts drawn on %d device(s) and this run has %d: "
