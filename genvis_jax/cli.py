@@ -81,12 +81,20 @@ def unknown_key_message(error: Exception, argv) -> str:
   text = str(error)
   m = re.search(r"([A-Za-z_][\w]*)", text)
   key = m.group(1) if m else "?"
+  # The override naming it, wherever in its path the unknown part is.
   bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-         and a.split("=")[0].rsplit(".", 1)[-1] == key] or [key]
+         and key in a.split("=")[0].split(".")[1:]] or [key]
   hint = re.search(r'Did you mean "([\w.]+)"', text)
   hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+  demo = any(os.path.basename(p).startswith("demo")
+             for p in _config_paths(argv))
+  staged = (" A demo config runs stages: their settings are under "
+            "--config.stages.<stage> (e.g. --config.stages.samples.sample."
+            "num_samples), and --config.only=<stage> runs one."
+            if demo and not bad[0].startswith("--config.stages.") else "")
   return (f"Unknown config key {bad[0]}{hint}: an override must name a field "
-          "the config file has; add new fields to the config file first.")
+          f"the config file has; add new fields to the config file first."
+          f"{staged}")
 
 
 def flags_parser(usage: str):

@@ -191,6 +191,19 @@ def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):
     cli.user_errors_exit(lambda argv: 1 / 0)([])
 
 
+def test_unknown_keys_are_named_by_their_override():
+  """The whole override, wherever its unknown part is; a demo config's
+  top-level key points at its stages."""
+  argv = ["main", "--config=configs/rar_b.py", "--config.trian.num_steps=5"]
+  assert cli.unknown_key_message(KeyError("'trian'"), argv).startswith(
+      "Unknown config key --config.trian.num_steps: an override must name")
+  argv = ["main", "--config=configs/demo_fqgan.py", "--config.mode=evaluate",
+          "--config.evaluate.samples=x"]
+  message = cli.unknown_key_message(KeyError("'evaluate'"), argv)
+  assert message.startswith("Unknown config key --config.evaluate.samples")
+  assert "A demo config runs stages: their settings are under " in message
+
+
 def test_a_flag_error_keeps_the_message_raised_from_none():
   """``raise ... from None`` ends the chain: the config argument's message
   (naming the argument), not the int() error under it."""
