@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
@@ -11,6 +12,7 @@ import jax
 
 from genvis_jax import errors
 from genvis_jax.core import registry
+from genvis_jax.core import workdir_lock
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import ConfigError
 
@@ -166,6 +168,9 @@ def run(config, workdir: str):
       return fn(config, workdir)
     except BaseException as e:
       if created:
+        # The run's lock file (released by now) is not data the run made.
+        with contextlib.suppress(OSError):
+          os.remove(os.path.join(workdir, workdir_lock.LOCK_NAME))
         remove_empty_dirs(created)
       if isinstance(e, (errors.StoppedBySignal, KeyboardInterrupt)):
         e.mode = config.mode   # the CLI's line says what a rerun does

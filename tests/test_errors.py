@@ -43,6 +43,13 @@ def test_failed_run_leaves_no_empty_workdir_it_created(tmp_path):
   with pytest.raises(DataNotFoundError):
     modes.run(c, str(fresh))
   assert not (tmp_path / "new").exists()   # nor the parent it made
+  # Failing once the workdir is locked: its lock file goes too.
+  from genvis_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  locked = demo.classifier_config()
+  locked.mode, locked.init_from = "train", str(tmp_path / "no_such_run")
+  with pytest.raises(UserError, match="no_such_run"):
+    modes.run(locked, str(fresh))
+  assert not (tmp_path / "new").exists()
   kept = tmp_path / "kept"            # the user's folder: stays, files and all
   (kept / "empty").mkdir(parents=True)
   with pytest.raises(DataNotFoundError):

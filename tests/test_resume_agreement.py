@@ -213,3 +213,44 @@ def test_first_readable_stops_at_another_config(monkeypatch, tmp_path):
                      match=r"Processes \[1\] found that step 6 was saved "
                            "with another config"):
     step_walk.first_readable([6, 3], (lambda s, _: s,), tmp_path)
+
+
+def test_processes_agree_on_a_background_save(monkeypatch, tmp_path):
+  """On several processes a save in flight counts as ended once it has on
+  every one, and a failure on any stops all at the same step: one process
+  leaving alone would leave the others waiting in the next step."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  class Manager:
+    writing, failure = False, None
+
+    def is_saving_in_progress(self):
+      return self.writing
+
+    def wait_until_finished(self):
+      if self.failure:
+        raise self.failure
+
+    def all_steps(self):
+      return [3]
+
+  ckpt = object.__new__(ckpt_lib.Checkpointer)
+  ckpt.manager, ckpt.directory = Manager(), epath.Path(tmp_path)
+  (tmp_path / "6").mkdir()
+  told, others = [], []
+  monkeypatch.setattr(ckpt_lib.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost, "gather_ints", lambda v: (
+      told.append(v), np.array([v, others.pop(0)]))[1])
+  ckpt._pending, others[:] = 6, [0]            # process 1 is still writing
+  ckpt.check(at_step=7, agree=True)
+  assert ckpt._pending == 6 and told == [1]
+  others[:] = [1, -1]                          # ended; process 1's failed
+  with pytest.raises(multihost.OtherProcessError,
+                     match=r"Processes \[1\] could not save checkpoint step 6 "
+                           r".*training stopped at step 8"):
+    ckpt.check(at_step=8, agree=True)
+  ckpt._pending, told[:], others[:] = 6, [], [1, 0]
+  ckpt.manager.failure = OSError(28, "No space left on device")
+  with pytest.raises(ckpt_lib.CheckpointSaveError, match="stopped at step 9"):
+    ckpt.check(at_step=9, agree=True)
+  assert told == [1, -1]                       # the others were told

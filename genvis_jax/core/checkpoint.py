@@ -250,8 +250,9 @@ class Checkpointer:
     for this save's synchronous part or an earlier save that failed.
     ``data_seed``: the seed ``data_iter``'s order was drawn with, kept beside
     its position (see :meth:`saved_position`)."""
-    # Orbax waits for the previous save anyway; a failed one stops here.
-    self.check(block=True, at_step=step)
+    # Orbax waits for the previous save anyway; a failed one stops here
+    # (on every process: all save at the same steps).
+    self.check(block=True, at_step=step, agree=True)
     items = {"state": ocp.args.PyTreeSave(state)}
     if data_iter is not None:
       import grain  # pylint: disable=import-outside-toplevel
@@ -268,13 +269,37 @@ class Checkpointer:
       self._pending = step
     return saved
 
-  def check(self, block: bool = False, at_step: int | None = None) -> None:
+  def check(self, block: bool = False, at_step: int | None = None,
+            agree: bool = False) -> None:
     """Raises :class:`CheckpointSaveError` if the last started save failed.
 
     Non-blocking by default (cheap enough for every training step): a save
     still writing in the background is checked on a later call. ``at_step``
     (the training step just run) goes into the message.
+
+    ``agree`` (several processes; every process calls it at the same step):
+    the save counts as ended only once it has on every process, and a
+    failure on any stops all at this step (``multihost.OtherProcessError``
+    on the others) instead of one process leaving while the rest wait for
+    it in the next step's collectives.
     """
+    if not agree or jax.process_count() == 1:
+      self._check_local(block, at_step)
+      return
+    ended = block or self._pending is None or (
+        not self.manager.is_saving_in_progress())
+    if not multihost.gather_ints(int(ended)).all():
+      return   # still writing somewhere: checked at a later call
+    step, error = self._pending, None
+    try:
+      self._check_local(True, at_step)
+    except CheckpointSaveError as e:
+      error = e
+    multihost.gather_or_raise(
+        0, error, f"could not save checkpoint step {step} (their logs say "
+        f"why); training stopped at step {at_step or step}.")
+
+  def _check_local(self, block: bool, at_step: int | None) -> None:
     if self._pending is None:
       return
     if not block and self.manager.is_saving_in_progress():
@@ -425,10 +450,13 @@ class Checkpointer:
     multihost.on_process_0(move)
 
   def wait(self):
+    """Waits for the save in flight; raises if it failed (this process's
+    outcome: callable where the other processes may not be waiting)."""
     self.check(block=True)
 
   def close(self):
-    self.check(block=True)
+    """Waits for the save in flight and closes; every process calls it."""
+    self.check(block=True, agree=True)
     self.manager.close()
 
 

@@ -329,16 +329,18 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           jax.block_until_ready(metrics)
           logging.info("First step (compilation included) took %.1f s.",
                        progress.restart(done))
-        # A failed background save stops the run at the first step after its
-        # write ends; the write overlaps the steps until then (the next save
-        # waits for it).
-        ckpt.check(at_step=done)
         acc = metrics if acc is None else _add_metrics(acc, metrics)
         acc_n += 1
         log_now = done % config.train.log_every == 0 or done == num_steps
         stop_now = stop.should_stop(done)     # every step, on every process
         save_now = (done % config.train.checkpoint_every == 0 or done == num_steps
                     or stop_now)
+        # A failed background save stops the run at the first step after its
+        # write ends (the write overlaps the steps until then; the next save
+        # waits for it). Several processes agree at log and save steps, so
+        # all stop at the same one.
+        if jax.process_count() == 1 or log_now or save_now:
+          ckpt.check(at_step=done, agree=True)
         if log_now or save_now:
           # Health checks on what logging fetches anyway, and always right before
           # a save, so a diverged state is never written as a checkpoint.
