@@ -18,11 +18,19 @@ def first_line(e: BaseException, limit: int = 300) -> str:
   return f"{type(e).__name__}: {text[:limit]}"
 
 
-def out_of_memory(e: BaseException) -> bool:
+def out_of_memory(e: BaseException, chain: bool = False) -> bool:
   """An XLA allocation failure (``RESOURCE_EXHAUSTED``), raised as jax's
-  runtime error."""
-  return (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
-          and "RESOURCE_EXHAUSTED" in str(e))
+  runtime error; with ``chain`` also one that ``e`` was raised from (a
+  library that wraps it)."""
+  seen = 0
+  while e is not None and seen < 10:
+    if (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+        and "RESOURCE_EXHAUSTED" in str(e)):
+      return True
+    if not chain:
+      return False
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
 
 
 class UserError(Exception):

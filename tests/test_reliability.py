@@ -6,6 +6,7 @@ from a damaged run skips the damaged steps; a save cut short by a kill is
 removed. (Processes agreeing on all this:
 test_resume_agreement.py; divergence and errors: test_stops.py.)"""
 
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import pytest
 from etils import epath
 
 from genvis_jax import models
+from genvis_jax import errors as errors_lib
 from genvis_jax.errors import UserError
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
@@ -113,18 +115,30 @@ def test_processes_split_the_checks_of_a_steps_arrays(runs, monkeypatch):
   assert sorted(first + second) == sorted(whole)
 
 
-def test_storage_errors_are_told_from_damage():
+def test_storage_errors_are_told_from_damage(monkeypatch):
   storage = [OSError("503 Service Unavailable"), TimeoutError("read"),
              PermissionError(13, "denied"),
              ValueError("DEADLINE_EXCEEDED: reading gs://b/x"),
              type("PermissionDeniedError", (Exception,), {})("gs://b")]
   damage = [FileNotFoundError("state/_METADATA"), ValueError("x is empty"),
             json.JSONDecodeError("Expecting value", "", 0),
-            ValueError("DATA_LOSS: Error reading ... truncated")]
+            ValueError("DATA_LOSS: Error reading ... truncated"),
+            OSError(errno.EIO, "Input/output error")]   # a bad sector
   wrapped = ValueError("state/d/1 is unreadable")
   wrapped.__cause__ = ConnectionResetError("reset by peer")
   assert all(step_walk.is_storage_error(e) for e in storage + [wrapped])
   assert not any(step_walk.is_storage_error(e) for e in damage)
+  # Device memory running out under a library's wrapper is neither.
+  oom = type("JaxRuntimeError", (RuntimeError,), {})(
+      "RESOURCE_EXHAUSTED: Out of memory allocating 4294967296 bytes")
+  wrapped_oom = ValueError("restore failed")
+  wrapped_oom.__cause__ = oom
+  assert errors_lib.out_of_memory(
+      wrapped_oom, chain=True) and not errors_lib.out_of_memory(wrapped_oom)
+  monkeypatch.setattr(step_walk.multihost, "gather_ints",
+                      lambda v: np.array([v]))
+  with pytest.raises(ValueError, match="restore failed"):
+    step_walk.agreed_outcome(6, wrapped_oom)
 
 
 def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path,

@@ -165,8 +165,11 @@ def test_tokenizer_config_file_is_not_a_setting(tmp_path):
   assert now == before
   d = _parts_dir(tmp_path, before)
   parts.check_settings(d, now)
-  # The sampler's dtype is recorded as it resolves: fp32 when unset.
+  # The sampler's dtype is recorded as it resolves: fp32 when unset. Parts
+  # recorded before it was (drawn in fp32 then) still resume.
   assert now["sample.dtype"] == "float32"
+  older = {k: v for k, v in before.items() if k != "sample.dtype"}
+  parts.check_settings(_parts_dir(tmp_path, older, "older"), now)
   with c.sample.unlocked():
     c.sample.dtype = "bfloat16"
   with pytest.raises(parts.SampleSettingsError,

@@ -10,6 +10,7 @@ run's weights (``core.run_weights``) both walk this way.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -92,13 +93,14 @@ _STORAGE_CLASSES = ("UnavailableError", "DeadlineExceededError",
 def is_storage_error(error: BaseException) -> bool:
   """Whether ``error`` (or one it was raised from) is the storage failing,
   which a retry may get past, rather than the files being damaged (a missing
-  or truncated file, unparsable JSON: ValueError, FileNotFoundError): an
-  OSError other than a missing path, or a storage status (a GCS 503 or 429
-  surfaces as TensorStore's UNAVAILABLE or RESOURCE_EXHAUSTED)."""
+  or truncated file, unparsable JSON: ValueError, FileNotFoundError; an I/O
+  error, EIO): an OSError other than those, or a storage status (a GCS 503
+  or 429 surfaces as TensorStore's UNAVAILABLE or RESOURCE_EXHAUSTED)."""
   seen, e = 0, error
   while e is not None and seen < 10:
     if isinstance(e, OSError) and not isinstance(
-        e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) and (
+            e.errno != errno.EIO):   # an unreadable sector: damage
       return True
     text = str(e)
     if type(e).__name__ in _STORAGE_CLASSES or any(
@@ -116,9 +118,9 @@ def agreed_outcome(step: int, error: BaseException | None,
                    directory: epath.Path | str = "") -> str | None:
   """Every process's outcome of reading ``step`` (``error``: this one's, or
   None), agreed so that all restore the same step: a step that fails on one
-  process is skipped by all (each process reads every file; a process that
-  fell back alone would restore another step than the rest, or wait in
-  another collective). Returns the reason to skip it, None to go on.
+  process is skipped by all (processes read their share of its files; a
+  process that fell back alone would restore another step than the rest, or
+  wait in another collective). Returns the reason to skip it, None to go on.
 
   Raises:
     CheckpointMismatchError: this process found a checkpoint of another
@@ -131,7 +133,8 @@ def agreed_outcome(step: int, error: BaseException | None,
   """
   if error is None:
     code = _READ
-  elif isinstance(error, CheckpointMismatchError) or errors.out_of_memory(error):
+  elif isinstance(error, CheckpointMismatchError) or errors.out_of_memory(
+      error, chain=True):
     code = _RAISED    # another config, or no device memory: not damage
   else:
     code = _STORAGE if is_storage_error(error) else _DAMAGED

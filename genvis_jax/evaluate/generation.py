@@ -120,14 +120,15 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
     {"fid", "sfid" (clamped at 0), "inception_score", "precision", "recall"
      (floats), "num_samples", "num_reference" (ints), "preprocess" (str)}.
   """
-  samples = npz.open_images(samples_npz, setting="config.evaluate.samples")
-  with np.load(samples_npz) as d:
+  npz.check_file(samples_npz, "config.evaluate.samples")
+  with np.load(samples_npz) as d:   # before its images: a reference may hold none
     if set(ref_lib.STAT_KEYS) & set(d.files):
       raise npz.NpzContentError(
           f"{samples_npz} (config.evaluate.samples) holds reference statistics "
           f"({sorted(set(ref_lib.STAT_KEYS) & set(d.files))}): it is a "
           "reference batch. Are config.evaluate.samples and "
           "config.evaluate.reference swapped?")
+  samples = npz.open_images(samples_npz, setting="config.evaluate.samples")
   ref = ref_lib.load_reference(reference_npz)
   logging.info("reference %s", ref_lib.describe(ref))
   setting = "config.evaluate.preprocess"

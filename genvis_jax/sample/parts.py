@@ -138,11 +138,13 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   path = os.path.join(parts_dir, "settings.json")
   found = _listed(parts_dir)
   # A config without config.sample.seed (or parts drawn before it was a
-  # setting) draws with seed 0.
-  settings = {"sample.seed": 0, **settings}
+  # setting) draws with seed 0; parts recorded before the dtype was drew in
+  # float32 where the config left it unset (the samplers' default then).
+  unset = {"sample.seed": 0, "sample.dtype": ar.DEFAULT_DTYPE}
+  settings = {**unset, **settings}
   if os.path.exists(path):
     with open(path) as f:
-      old = {"sample.seed": 0, **json.load(f)}
+      old = {**unset, **json.load(f)}
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
         "sample.num_samples", "devices") + WEIGHTS
