@@ -204,7 +204,22 @@ def _with_another_worker_count(config):
   return config
 
 
+def _as_if_another_data_group_read(step_dir):
+  """As if another mesh at the same process count had grouped the processes
+  otherwise (sharding.data_groups): this one read another shard."""
+  path = os.path.join(step_dir, "data", "process_0-of-1.json")
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["data_group"] == [0, 1]     # recorded by the run
+  saved["data_group"] = [1, 2]
+  with open(path, "w") as f:
+    json.dump(saved, f)
+
+
 SAVED_ELSEWHERE = {   # case: (damage to step 6, resume config, warning)
+    "other_data_group": (_as_if_another_data_group_read, lambda c: c,
+                         "was read as data group 1 of 2, and this run's mesh "
+                         "makes this process group 0 of 1"),
     "other_process_count": (_as_if_two_processes_wrote, lambda c: c,
                             "was written by 2 process(es) and this job has 1"),
     "other_pipeline": (_as_if_another_pipeline_wrote, lambda c: c,

@@ -75,12 +75,16 @@ class CheckpointSaveError(UserError, OSError):
 class _IteratorSnapshot:
   """Freezes a Grain iterator's state now: an async save may run after the loop
   has already pulled the next batch. With ``seed``, the file also records the
-  data seed the order was drawn with (``{"data_seed", "iterator"}``)."""
+  data seed the order was drawn with (``{"data_seed", "iterator"}``), and
+  with ``group`` the process's data group ``[group, count]``
+  (``sharding.data_groups``: which shard of the data it read)."""
 
-  def __init__(self, it, seed=None):
+  def __init__(self, it, seed=None, group=None):
     state = it.get_state()
     if seed is not None:
       state = {"data_seed": int(seed), "iterator": state}
+      if group is not None:
+        state["data_group"] = [int(g) for g in group]
     self._state = json.dumps(state, indent=1).encode()
 
   def get_state(self) -> bytes:
@@ -245,10 +249,11 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter=None, config=None, force=False,
-           data_seed=None):
+           data_seed=None, data_group=None):
     """Starts an (async) save of ``step``; raises :class:`CheckpointSaveError`
     for this save's synchronous part or an earlier save that failed.
-    ``data_seed``: the seed ``data_iter``'s order was drawn with, kept beside
+    ``data_seed``: the seed ``data_iter``'s order was drawn with, and
+    ``data_group``: this process's ``(group, count)`` of the data, kept beside
     its position (see :meth:`saved_position`)."""
     # Orbax waits for the previous save anyway; a failed one stops here
     # (on every process: all save at the same steps).
@@ -257,7 +262,7 @@ class Checkpointer:
     if data_iter is not None:
       import grain  # pylint: disable=import-outside-toplevel
       items["data"] = grain.checkpoint.CheckpointSave(
-          _IteratorSnapshot(data_iter, data_seed))
+          _IteratorSnapshot(data_iter, data_seed, data_group))
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
     try:
@@ -341,7 +346,8 @@ class Checkpointer:
     return restore_item(self.directory / str(step) / "state",
                         _restore_args(abstract_state))
 
-  def saved_position(self, step: int) -> SavedPosition:
+  def saved_position(self, step: int,
+                     data_group: tuple[int, int] | None = None) -> SavedPosition:
     """This process's input position saved with ``step``, read directly (no
     Orbax barrier: a process whose position does not fit must not leave the
     others waiting in one).
@@ -349,7 +355,11 @@ class Checkpointer:
     The Grain state is per process (``data/process_<i>-of-<n>.json``); a step
     written by another number of processes (a job resumed on a bigger or
     smaller slice: the shards are cut differently), or one without ``data/``,
-    has none for this one, and ``why`` says so.
+    has none for this one, and ``why`` says so. So has one read as another
+    data group than ``data_group``, this run's (another mesh at the same
+    process count can group the processes otherwise: another shard of the
+    data, and processes of one group must hold one position); positions
+    saved before groups were recorded were read as group = process.
 
     Raises:
       OSError: the file cannot be read (storage; not a reason to change the
@@ -364,7 +374,15 @@ class Checkpointer:
                            f"job has {jax.process_count()}")
     saved = json.loads(ckpt_files.data_file(step_dir, jax.process_index(),
                                        count).read_text())
-    if isinstance(saved, dict) and set(saved) == {"data_seed", "iterator"}:
+    recorded = isinstance(saved, dict) and {"data_seed", "iterator"} <= set(
+        saved) and set(saved) <= {"data_seed", "iterator", "data_group"}
+    group = tuple(saved.get("data_group", ())) if recorded else ()
+    group = group or (jax.process_index(), count)
+    if data_group is not None and group != tuple(data_group):
+      return SavedPosition(why=f"was read as data group {group[0]} of "
+                           f"{group[1]}, and this run's mesh makes this process "
+                           f"group {data_group[0]} of {data_group[1]}")
+    if recorded:
       return SavedPosition(saved["iterator"], int(saved["data_seed"]))
     return SavedPosition(saved)   # written before the seed was recorded
 

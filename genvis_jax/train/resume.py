@@ -53,7 +53,8 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
         "This run's config differs from the checkpoint's; it continues with "
         "this run's values:\n  %s", settings_lib.shorten(changed, 20, "\n  "))
   data_iter, info, data_seed = resume_input(
-      ckpt, latest, saved_config, config, data_iter, info, make_iterator)
+      ckpt, latest, saved_config, config, data_iter, info, make_iterator,
+      trainer.data_group)
   if config.init_from:
     logging.warning(
         "config.init_from=%s is not loaded: it initialises a fresh run, and "
@@ -97,15 +98,17 @@ def _check_newest_config(ckpt, config) -> None:
 
 
 def resume_input(ckpt, step: int, saved_config: dict | None, config,
-                 data_iter, info, make_iterator):
+                 data_iter, info, make_iterator, data_group=None):
   """Moves the input pipeline to the position saved with ``step`` (whose run
   config was ``saved_config``); returns ``(data_iter, info, data seed)``.
-  ``make_iterator(seed)`` builds the input in another data order.
+  ``make_iterator(seed)`` builds the input in another data order;
+  ``data_group``: this process's ``(group, count)`` of the data
+  (``sharding.data_groups``).
 
   The saved order's seed is the one recorded with the position (a run that
   once drew its order afresh keeps that order on later resumes). Where the
-  position cannot be used on any process (another process count or
-  ``config.data.num_workers``, a state that does not fit this pipeline), all
+  position cannot be used on any process (another process count, data group
+  or ``config.data.num_workers``, a state that does not fit this pipeline), all
   processes draw the order afresh from :func:`resume_seed`, with a warning;
   the train state is resumed either way.
 
@@ -120,7 +123,7 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config,
   # because of what it alone read.
   pos, error = None, None
   try:
-    pos = ckpt.saved_position(step)
+    pos = ckpt.saved_position(step, data_group)
   except Exception as e:  # pylint: disable=broad-except
     error = e   # storage (OSError, or a file-system backend's own errors)
   why = pos.why if pos is not None else None

@@ -156,6 +156,9 @@ class Trainer:
     self.train_rng = jax.jit(lambda k: k, out_shardings=shd.replicated(mesh))(
         train_rng)
     self.visual_rng = jax.random.split(seed, 3)[2]
+    # Which shard of the data this process reads (sharding.data_groups).
+    self.data_group = shd.data_groups(mesh, config.train.global_batch_size,
+                                      config.sharding.rules)
     self.abstract, self.shardings = state_lib.state_shardings(
         self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
     step_fn = step_lib.make_train_step(
@@ -356,7 +359,8 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
             done % config.train.image_every == 0 or done == num_steps):
           _write_visuals(trainer, state, vis_batch, writer, workdir, done)
         if save_now:
-          ckpt.save(done, state, data_iter, config, data_seed=data_seed)
+          ckpt.save(done, state, data_iter, config, data_seed=data_seed,
+                    data_group=trainer.data_group)
         if stop_now and done < num_steps:
           ckpt.close()
           writer.flush()
