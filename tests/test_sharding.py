@@ -130,6 +130,37 @@ def test_processes_holding_the_same_rows_form_one_data_group():
   assert shd.data_groups(mesh, 16) == (0, 1)          # one process here
 
 
+def test_a_data_group_whose_processes_read_apart_stops(monkeypatch):
+  """Three processes, 0 and 1 one data group: their running CRCs of what they
+  fed must agree at check steps (a process that skipped a record its
+  group-mate read feeds other examples from then on)."""
+  from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import replicas  # pylint: disable=import-outside-toplevel
+  assert not replicas.GroupCheck((0, 1)).shared    # one process, one group
+  monkeypatch.setattr(replicas.jax, "process_count", lambda: 3)
+  answers = [np.array([0, 0, 1])]
+  monkeypatch.setattr(multihost, "gather_ints", lambda v: answers.pop(0))
+  check, same, other = (replicas.GroupCheck((0, 2)), replicas.GroupCheck.__new__(
+      replicas.GroupCheck), replicas.GroupCheck.__new__(replicas.GroupCheck))
+  for c in (same, other):
+    c.shared, c._crc, c._groups = True, 0, None
+  batches = [{"image": np.random.default_rng(i).random((4, 8, 8, 3)),
+              "label": np.arange(4) + i} for i in range(3)]
+  for c, fed in ((check, batches[:2]), (same, batches[:2]),
+                 (other, batches[1:])):
+    for b in fed:
+      c.update(b)
+  assert check._crc == same._crc != other._crc
+  answers[:] = [np.array([check._crc, same._crc, 12345])]
+  check.check(8)                                   # group 1 is one process
+  answers[:] = [np.array([check._crc, other._crc & 0x7FFFFFFF, 12345])]
+  with pytest.raises(replicas.DataGroupMismatchError,
+                     match=r"Processes \[0, 1\] feed the same rows of the "
+                           r"batch \(data group 0\), but read different "
+                           r"examples by step 8"):
+    check.check(8)
+
+
 def test_mesh_shape_errors():
   with pytest.raises(ValueError, match="at most one axis"):
     shd.mesh_shape(ml_collections.ConfigDict(

@@ -27,6 +27,7 @@ from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import sharding as shd
 from genvis_jax.core import workdir_lock
 from genvis_jax.train import guard as guard_lib
+from genvis_jax.train import replicas
 from genvis_jax.train import resume as resume_lib
 from genvis_jax.train import state as state_lib
 from genvis_jax.train import step as step_lib
@@ -310,6 +311,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
       config.train.get("check_finite", True))
   guard.record(None, trainer.param_norms(state))
   log = _Logger(writer, guard, progress, info, num_steps, on_log)
+  group_check = replicas.GroupCheck(trainer.data_group)
   checked = start   # last step whose state passed the health checks
   acc, acc_n = None, 0
   vis_batch = None
@@ -321,6 +323,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
     with preemption.StopRequest() as stop, profile:
       for step in range(start, num_steps):
         local = next(data_iter)
+        group_check.update(local)
         if vis_batch is None and config.train.image_every:
           vis_batch = visual_batch(local)
         with profile.step(step):
@@ -345,6 +348,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
         if jax.process_count() == 1 or log_now or save_now:
           ckpt.check(at_step=done, agree=True)
         if log_now or save_now:
+          group_check.check(done)
           # Health checks on what logging fetches anyway, and always right before
           # a save, so a diverged state is never written as a checkpoint.
           means = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
