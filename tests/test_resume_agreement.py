@@ -95,7 +95,7 @@ def test_a_storage_error_reading_the_position_is_told_to_every_process(
   wd = copy_run(base_run, tmp_path)
   told = []
 
-  def unavailable(self, step):
+  def unavailable(self, step, data_group=None):
     raise RuntimeError(f"503 reading step {step}'s position")
 
   monkeypatch.setattr(ckpt_lib.Checkpointer, "saved_position", unavailable)
