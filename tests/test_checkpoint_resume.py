@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import pytree_io
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import preemption
@@ -106,14 +107,14 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), resumed.ema)
   restored = []
-  real_restore = ckpt_lib.restore_item
+  real_restore = pytree_io.restore_item
 
   def spy(*args, **kwargs):
     out = real_restore(*args, **kwargs)
     restored.append(sorted(out))
     return out
   with monkeypatch.context() as m:
-    m.setattr(ckpt_lib, "restore_item", spy)
+    m.setattr(pytree_io, "restore_item", spy)
     got_6 = weights_lib.restore_params(part, abstract)
   assert restored == [["ema"]]   # the optimizer state and params stay on disk
   got_3 = weights_lib.restore_params(step_3, abstract)

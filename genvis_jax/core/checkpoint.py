@@ -28,7 +28,6 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -37,6 +36,7 @@ from genvis_jax import errors
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
+from genvis_jax.core import pytree_io
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError  # re-exported
 from genvis_jax.core.step_walk import first_readable
 from genvis_jax.errors import UserError
@@ -89,72 +89,6 @@ class _IteratorSnapshot:
 
   def get_state(self) -> bytes:
     return self._state
-
-
-# Orbax's replica-parallel save splits every replicated array over its
-# replicas, which compiles one slice per (shape, device) on a run's first save:
-# 216 compiles and 9 s for the tiny Equivariant tokenizer on 8 CPU devices.
-# Arrays whose per-replica slice would be smaller than this are written whole
-# by one replica; big ones (where parallel writes pay off) are still split.
-MIN_REPLICA_SLICE_BYTES = 4 << 20
-
-
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
-  th = ocp.type_handlers
-  registry = th.create_type_handler_registry(
-      (int, th.ScalarHandler()), (float, th.ScalarHandler()),
-      (bytes, th.ScalarHandler()), (np.number, th.ScalarHandler()),
-      (np.ndarray, th.NumpyHandler()), (str, th.StringHandler()),
-      (jax.Array, th.ArrayHandler(
-          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)))
-  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-
-
-def restore_item(directory: epath.Path, args: ocp.args.PyTreeRestore):
-  """A PyTree checkpoint (a step's ``<step>/state``, a parameter
-  checkpoint's ``params``) read through the handler: no wait for the other
-  processes, unlike ``ocp.CheckpointManager.restore`` and
-  ``ocp.Checkpointer.restore`` (which end in one), so a process whose read
-  fails cannot leave the others paired with the wrong collective."""
-  handler = _state_handler()
-  try:
-    return handler.restore(directory, args=args)
-  finally:
-    handler.close()
-
-
-def state_metadata(step_dir: epath.Path):
-  """The tree of shapes and dtypes saved in ``<step>/state`` (read through
-  the handler, as :func:`restore_item`)."""
-  handler = _state_handler()
-  try:
-    return handler.metadata(step_dir / "state")
-  finally:
-    handler.close()
-
-
-def placed_restore_args(abstract_params):
-  """Orbax restore arguments that read each leaf of ``abstract_params``
-  (ShapeDtypeStructs, shardings optional) straight onto its sharding (each
-  host reads only its shards, whatever topology wrote them), or as a host
-  array where it names none, in its dtype. (Without a sharding Orbax places
-  an array on the devices it was saved from: weights saved from device 0 of
-  one process then fail to load on the other processes of a job, which do
-  not have that device.)"""
-  def one(a):
-    sharding = getattr(a, "sharding", None)
-    if sharding is None:
-      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
-    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape,
-                                dtype=a.dtype)
-  return jax.tree_util.tree_map(one, abstract_params)
-
-
-def _restore_args(abstract_state):
-  """PyTree restore into ``abstract_state`` (shapes, dtypes, shardings)."""
-  return ocp.args.PyTreeRestore(
-      item=abstract_state,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +162,7 @@ class Checkpointer:
             # fails on process 0 (Orbax subtracts the UTC commit times).
         ),
         item_handlers={
-            "state": _state_handler(),
+            "state": pytree_io.state_handler(),
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         })
@@ -339,12 +273,12 @@ class Checkpointer:
     with shardings; Orbax reshards onto them, whatever mesh and process
     count wrote the step)."""
     fit.compare_trees(abstract_state,
-                      state_metadata(self.directory / str(step)),
+                      pytree_io.state_metadata(self.directory / str(step)),
                       f"Checkpoint {self.directory / str(step)}")
     # Through the handler: the manager's restore ends in a wait for every
     # process, which one whose read failed would skip (see first_readable).
-    return restore_item(self.directory / str(step) / "state",
-                        _restore_args(abstract_state))
+    return pytree_io.restore_item(self.directory / str(step) / "state",
+                                  pytree_io.onto(abstract_state))
 
   def saved_position(self, step: int,
                      data_group: tuple[int, int] | None = None) -> SavedPosition:

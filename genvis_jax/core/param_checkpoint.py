@@ -26,6 +26,7 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
+from genvis_jax.core import pytree_io
 from genvis_jax.errors import UserError
 
 
@@ -97,9 +98,9 @@ def load(path: epath.Path, abstract_params, where: str = ""):
   def read(found):
     # Through the handler: Orbax's Checkpointer.restore ends in a wait for
     # every process, which one whose read failed would skip.
-    params = ckpt_lib.restore_item(path / "params", ocp.args.PyTreeRestore(
+    params = pytree_io.restore_item(path / "params", ocp.args.PyTreeRestore(
         item={"params": abstract_params},
-        restore_args={"params": ckpt_lib.placed_restore_args(abstract_params)}))["params"]
+        restore_args={"params": pytree_io.placed_restore_args(abstract_params)}))["params"]
     _verify_digest(path, params, found, where)
     return params
 

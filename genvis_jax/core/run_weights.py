@@ -20,6 +20,7 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
+from genvis_jax.core import pytree_io
 from genvis_jax.core import step_walk
 
 
@@ -114,7 +115,7 @@ def _read_step(folder: epath.Path, step: int, abstract_params, where: str,
   ``abstract_params``' shardings (host arrays where they name none), and
   which. Raises CheckpointMismatchError, before reading, if they do not fit
   ``abstract_params``."""
-  meta = ckpt_lib.state_metadata(folder / str(step))
+  meta = pytree_io.state_metadata(folder / str(step))
   # Only the weights asked for: the optimizer moments, discriminator and
   # other half of (params, EMA) would triple or quadruple the bytes read
   # (RAR-XL fp32: 11.5 GB for its 3.8 GB of weights).
@@ -140,14 +141,14 @@ def _read_step(folder: epath.Path, step: int, abstract_params, where: str,
   # by the host count).
   args = jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(found),
-      jax.tree_util.tree_leaves(ckpt_lib.placed_restore_args(abstract_params)))
+      jax.tree_util.tree_leaves(pytree_io.placed_restore_args(abstract_params)))
   want, restore_args = found, args
   for key in reversed(path):
     want, restore_args = {key: want}, {key: restore_args}
   # Through the handler: Orbax's CheckpointManager.restore ends in a wait
   # for every process, which one whose read failed would skip (see
   # step_walk.first_readable).
-  state = ckpt_lib.restore_item(folder / str(step) / "state",
+  state = pytree_io.restore_item(folder / str(step) / "state",
                                 ocp.args.PyTreeRestore(
                                     item=want, restore_args=restore_args,
                                     partial_restore=True))
