@@ -50,6 +50,7 @@ from etils import epath  # pylint: disable=g-import-not-at-top
 
 from genvis_jax.core import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genvis_jax.core import checkpoint_files as ckpt_files  # pylint: disable=g-import-not-at-top
+from genvis_jax.core import pytree_io  # pylint: disable=g-import-not-at-top
 from genvis_jax.core import weights  # pylint: disable=g-import-not-at-top
 from genvis_jax.train import distributed  # pylint: disable=g-import-not-at-top
 
@@ -108,7 +109,7 @@ def run(mode, workdir, patches):
     if on_1:
       def unreadable(*args, **kwargs):
         raise OSError("injected: cannot read the parameter checkpoint")
-      patches.enter_context(mock.patch.object(ckpt_lib, "restore_item",
+      patches.enter_context(mock.patch.object(pytree_io, "restore_item",
                                               unreadable))
     try:
       weights.restore_params(where, abstract)
