@@ -43,8 +43,7 @@ def _saved_with_ocdbt(state_dir: epath.Path) -> bool:
     return False
 
 
-def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1),
-                prefixes: tuple[str, ...] = ()) -> None:
+def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1)) -> None:
   """Reads the last byte of every value of the OCDBT database in
   ``state_dir`` (a step's ``state/``, a parameter checkpoint's ``params/``):
   a truncated data file or a damaged manifest / b-tree node raises
@@ -54,9 +53,7 @@ def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1),
   ``share``: ``(i, n)`` reads every n-th value from the i-th: the n
   processes of a job that agree on the outcome (``step_walk``) split the
   reads (one per array shard, so millions on a pod) instead of each making
-  all of them. ``prefixes``: only the values of the first of these key
-  prefixes that has any (e.g. ``("ema.", "params.model.")``, the weights a
-  load reads), not the optimizer moments a load never reads."""
+  all of them."""
   name = state_dir.name
   if not (state_dir / "manifest.ocdbt").exists():
     if list(state_dir.glob("ocdbt.process_*")) or _saved_with_ocdbt(state_dir):
@@ -67,11 +64,6 @@ def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1),
   keys = kv.list().result()
   if not keys:
     raise ValueError(f"{name}/ holds no arrays")
-  for prefix in prefixes:
-    chosen = [k for k in keys if k.startswith(prefix.encode())]
-    if chosen:
-      keys = chosen
-      break
   index, count = share
   reads = [(k, kv.read(k, byte_range=slice(-1, None)))
            for k in keys[index::count]]
@@ -89,16 +81,14 @@ def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1),
 
 
 def validate_step(step_dir: epath.Path, with_data: bool = True,
-                  share: tuple[int, int] = (0, 1),
-                  prefixes: tuple[str, ...] = ()) -> None:
+                  share: tuple[int, int] = (0, 1)) -> None:
   """Cheap checks that ``checkpoints/<step>`` can be read, before reading it.
 
   Raises ValueError (or the underlying JSON / TensorStore error) naming the
   first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
   JSON metadata (``state/_METADATA``, ``state/_sharding``,
   ``_CHECKPOINT_METADATA``) or data-iterator state, truncated or missing
-  OCDBT files (this process's ``share`` of them, of the arrays under
-  ``prefixes``: ``check_ocdbt``).
+  OCDBT files (this process's ``share`` of them: ``check_ocdbt``).
   """
   state = step_dir / "state"
   if not state.exists():
@@ -124,7 +114,7 @@ def validate_step(step_dir: epath.Path, with_data: bool = True,
         raise ValueError(f"{item}/{f.name} is not valid JSON ({e})") from e
   if with_data:
     saved_process_count(step_dir)
-  check_ocdbt(state, share, prefixes)
+  check_ocdbt(state, share)
 
 
 def saved_config(step_dir: epath.Path) -> dict | None:

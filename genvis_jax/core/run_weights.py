@@ -58,7 +58,7 @@ def load(run: epath.Path, abstract_params, where: str = "",
   # all before any reads the weights.
   walk = step_walk.first_readable(
       [step] if step is not None else saved,
-      (lambda s, _: _check_step(folder, s, where, model_name, group),
+      (lambda s, _: _check_step(folder, s, where, model_name),
        lambda s, _: _read_step(folder, s, abstract_params, where, group)),
       folder, log_skipped=step is None)
   failed = walk.failed
@@ -93,13 +93,12 @@ def candidate_steps(run: epath.Path, step: int | None) -> list[int]:
 
 
 def _check_step(folder: epath.Path, step: int, where: str,
-                model_name: str, group: str | None = None) -> None:
-  """Raises unless step ``step``'s files are whole (those of the weights
-  ``_read_step`` reads) and it is a run of ``model_name`` (any, if empty)."""
+                model_name: str) -> None:
+  """Raises unless step ``step``'s files are whole and it is a run of
+  ``model_name`` (any, if empty)."""
   # Each process reads its share of the arrays; the walk agrees.
-  ckpt_files.validate_step(
-      folder / str(step), with_data=False, share=multihost.share(),
-      prefixes=(f"params.{group}.",) if group else ("ema.", "params.model."))
+  ckpt_files.validate_step(folder / str(step), with_data=False,
+                           share=multihost.share())
   saved = ckpt_files.saved_config(folder / str(step))
   saved_name = ((saved or {}).get("model") or {}).get("name")
   if model_name and saved_name and saved_name != model_name:
