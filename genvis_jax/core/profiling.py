@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+from typing import Callable
 
 import jax
 from absl import logging
@@ -26,16 +27,22 @@ class StepWindow(contextlib.AbstractContextManager):
   once step ``start + skip + num - 1`` has finished on the device; a run
   that ends or fails inside the window stops it on exit. Process 0 only."""
 
-  def __init__(self, logdir: str, start: int, num: int, skip: int):
+  def __init__(self, logdir: str, start: int, num: int, skip: int,
+               settle: Callable[[], object] | None = None):
+    """``settle``: called before the trace starts and stops (the trainer
+    waits there for a checkpoint write in flight: jax's profiler crashed the
+    process, stopping beside Orbax's writing threads)."""
     self.logdir = logdir
     self.first, self.last = start + skip, start + skip + num - 1
     self.enabled = num > 0 and jax.process_index() == 0
     self._active = False
+    self._settle = settle or (lambda: None)
 
   def step(self, step: int):
     """A context for running ``step`` (0-based): annotated, and traced
     inside the window."""
     if self.enabled and step == self.first:
+      self._settle()
       jax.profiler.start_trace(self.logdir)
       self._active = True
     return jax.profiler.StepTraceAnnotation("train", step_num=step)
@@ -47,8 +54,13 @@ class StepWindow(contextlib.AbstractContextManager):
       jax.block_until_ready(outputs)
       self._stop()
 
-  def _stop(self) -> None:
+  def _stop(self, failing: bool = False) -> None:
     self._active = False
+    try:
+      self._settle()
+    except Exception:  # pylint: disable=broad-except
+      if not failing:   # on the way out of an error, that error matters more
+        raise
     jax.profiler.stop_trace()
     runs = sorted(glob.glob(os.path.join(self.logdir, "plugins", "profile", "*")))
     logging.info("Profile of training steps %d-%d (1-based) written to %s: "
@@ -58,5 +70,5 @@ class StepWindow(contextlib.AbstractContextManager):
 
   def __exit__(self, *exc):
     if self._active:
-      self._stop()
+      self._stop(failing=exc[0] is not None)
     return None
