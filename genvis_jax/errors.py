@@ -18,19 +18,24 @@ def first_line(e: BaseException, limit: int = 300) -> str:
   return f"{type(e).__name__}: {text[:limit]}"
 
 
+def causes(e: BaseException | None, limit: int = 10):
+  """``e``, then the exceptions it was raised from or during (``__cause__``,
+  else ``__context__``), at most ``limit`` in all: where a library wrapped
+  the error that says what happened."""
+  for _ in range(limit):
+    if e is None:
+      return
+    yield e
+    e = e.__cause__ or e.__context__
+
+
 def out_of_memory(e: BaseException, chain: bool = False) -> bool:
   """An XLA allocation failure (``RESOURCE_EXHAUSTED``), raised as jax's
   runtime error; with ``chain`` also one that ``e`` was raised from (a
   library that wraps it)."""
-  seen = 0
-  while e is not None and seen < 10:
-    if (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
-        and "RESOURCE_EXHAUSTED" in str(e)):
-      return True
-    if not chain:
-      return False
-    e, seen = e.__cause__ or e.__context__, seen + 1
-  return False
+  return any(type(x).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+             and "RESOURCE_EXHAUSTED" in str(x)
+             for x in (causes(e) if chain else (e,)))
 
 
 class UserError(Exception):

@@ -415,11 +415,7 @@ class Checkpointer:
 def save_error_cause(error: BaseException) -> str:
   """A short cause for a failed save; names a full disk plainly (Orbax /
   TensorStore report it as ``RESOURCE_EXHAUSTED ... [os_error_code='28']``)."""
-  chain, e = [], error
-  while e is not None and len(chain) < 10:
-    chain.append(e)
-    e = e.__cause__ or e.__context__
-  for e in chain:
+  for e in errors.causes(error):
     if (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
         or "os_error_code='28'" in str(e)):
       return f"no space left on device ({errors.first_line(e)})"

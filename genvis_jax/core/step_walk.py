@@ -96,8 +96,7 @@ def is_storage_error(error: BaseException) -> bool:
   or truncated file, unparsable JSON: ValueError, FileNotFoundError; an I/O
   error, EIO): an OSError other than those, or a storage status (a GCS 503
   or 429 surfaces as TensorStore's UNAVAILABLE or RESOURCE_EXHAUSTED)."""
-  seen, e = 0, error
-  while e is not None and seen < 10:
+  for e in errors.causes(error):
     if isinstance(e, OSError) and not isinstance(
         e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) and (
             e.errno != errno.EIO):   # an unreadable sector: damage
@@ -106,7 +105,6 @@ def is_storage_error(error: BaseException) -> bool:
     if type(e).__name__ in _STORAGE_CLASSES or any(
         text.startswith(s) or f"{s}:" in text for s in STORAGE_STATUSES):
       return True
-    e, seen = e.__cause__ or e.__context__, seen + 1
   return False
 
 

@@ -151,9 +151,8 @@ class Trainer:
     seed = jax.random.key(config.seed)
     self.init_rng, train_rng = jax.random.split(seed)
     # Placed once: an uncommitted key would be copied to every device at
-    # every step.
-    # (Through jit: device_put of a device array onto a mesh spanning other
-    # processes is refused.)
+    # every step. Through jit: device_put of a device array onto a mesh
+    # spanning other processes is refused.
     self.train_rng = jax.jit(lambda k: k, out_shardings=shd.replicated(mesh))(
         train_rng)
     self.visual_rng = jax.random.split(seed, 3)[2]
