@@ -81,25 +81,31 @@ def setup(config, *, mesh=None, devices=None):
   return mesh, task
 
 
-def create_train_iterator(config, task, *, mesh=None, seed=None):
-  """This process's training batches, ``(iterator, PipelineInfo)``. ``mesh``:
-  the training mesh, whose data groups (``sharding.data_groups``) split the
-  data; None: one group per process."""
-  from genvis_jax import data as data_lib  # local: keeps trainer import light
-  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
-  token_origin.check_training_files(config)
-  group, groups = (shd.data_groups(mesh, config.train.global_batch_size,
-                                   config.sharding.rules)
-                   if mesh is not None else (None, None))
-  if groups is not None and groups != jax.process_count():
+def data_group(config, mesh) -> tuple[int, int]:
+  """This process's ``(group, count)`` of the training data on ``mesh``
+  (``sharding.data_groups``); logged where processes share groups."""
+  group, groups = shd.data_groups(mesh, config.train.global_batch_size,
+                                  config.sharding.rules)
+  if groups != jax.process_count():
     logging.info("The %d processes feed %d data groups (processes whose "
                  "devices hold the same batch rows read the same examples).",
                  jax.process_count(), groups)
+  return group, groups
+
+
+def create_train_iterator(config, task, *, group=None, seed=None):
+  """This process's training batches, ``(iterator, PipelineInfo)``.
+  ``group``: its ``data_group`` on the training mesh; None: one group per
+  process."""
+  from genvis_jax import data as data_lib  # local: keeps trainer import light
+  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  token_origin.check_training_files(config)
+  index, count = group or (None, None)
   data_iter, info = data_lib.create_dataset(
       config.data, split=config.data.split,
       global_batch_size=config.train.global_batch_size,
       seed=config.seed if seed is None else seed, train=True,
-      value_range=task.value_range, process_index=group, process_count=groups)
+      value_range=task.value_range, process_index=index, process_count=count)
   check_model_classes(config, info.num_classes)
   return data_iter, info
 
@@ -135,9 +141,10 @@ class Trainer:
   """Holds the compiled step and the sharded state of one run."""
 
   def __init__(self, config, workdir: str | None = None, *, mesh=None,
-               task=None):
-    """``mesh`` and ``task`` from :func:`setup` when the caller built them
-    already (the task is built once per run); built here otherwise."""
+               task=None, group=None):
+    """``mesh`` and ``task`` from :func:`setup`, and ``group`` from
+    :func:`data_group`, when the caller built them already (once per run);
+    built here otherwise."""
     self.config = config
     self.workdir = workdir
     if task is None:
@@ -157,8 +164,7 @@ class Trainer:
         train_rng)
     self.visual_rng = jax.random.split(seed, 3)[2]
     # Which shard of the data this process reads (sharding.data_groups).
-    self.data_group = shd.data_groups(mesh, config.train.global_batch_size,
-                                      config.sharding.rules)
+    self.data_group = group or data_group(config, mesh)
     self.abstract, self.shardings = state_lib.state_shardings(
         self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
     step_fn = step_lib.make_train_step(
@@ -244,14 +250,15 @@ def train_loop(config, workdir: str, on_log=None):
   # Everything that can fail on bad input (mesh, batch split, data, task) runs
   # before anything is compiled.
   mesh, task = setup(config)
-  data_iter, info = create_train_iterator(config, task, mesh=mesh)
+  group = data_group(config, mesh)
+  data_iter, info = create_train_iterator(config, task, group=group)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock.hold(workdir):
-    trainer = Trainer(config, workdir, mesh=mesh, task=task)
+    trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     state, data_iter, info, data_seed = resume_lib.restore_or_init(
         config, workdir, trainer, ckpt, data_iter, info,
-        lambda seed: create_train_iterator(config, task, mesh=mesh, seed=seed))
+        lambda seed: create_train_iterator(config, task, group=group, seed=seed))
     return _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
                       data_seed, on_log)
 
