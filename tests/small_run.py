@@ -54,12 +54,14 @@ def copy_run(base, tmp_path):
   return wd
 
 
-def truncate_data_files(step_dir):
-  """Cuts every OCDBT data file to half its size. (Cutting only the largest
-  one was not always damage: the file layout varies from run to run, and a
-  run whose largest file was not read on restore resumed from it.)"""
+def truncate_data_files(step_dir, keep=0.5):
+  """Cuts every OCDBT data file to ``keep`` of its size. (Cutting only the
+  largest one was not always damage: the file layout varies from run to
+  run, and a run whose largest file was not read on restore resumed from
+  it. Half of each file can likewise spare every weight, the optimizer
+  state taking the damage: a weight load needs ``keep=0``.)"""
   d = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
   for f in (os.path.join(d, n) for n in os.listdir(d)):
     with open(f, "r+b") as fh:
-      fh.truncate(os.path.getsize(f) // 2)
+      fh.truncate(int(os.path.getsize(f) * keep))
 

@@ -384,7 +384,7 @@ def test_a_runs_steps_are_listed_as_orbax_names_them(tmp_path):
   for name in ("3", "6", "old_6", "006", "corrupt-6",
                "9.orbax-checkpoint-tmp-1700000000"):
     os.makedirs(tmp_path / "checkpoints" / name)
-  assert run_weights.candidate_steps(tmp_path, None) == [6, 3]
+  assert run_weights.candidate_steps(tmp_path) == [6, 3]
 
 
 def test_a_save_at_a_preemption_point_after_a_resume(tmp_path):

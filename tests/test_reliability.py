@@ -6,6 +6,7 @@ from a damaged run skips the damaged steps; a save cut short by a kill is
 removed. (Processes agreeing on all this:
 test_resume_agreement.py; divergence and errors: test_stops.py.)"""
 
+import collections
 import errno
 import json
 import logging
@@ -89,11 +90,10 @@ def test_a_storage_error_on_resume_moves_nothing(runs, tmp_path, monkeypatch):
   assert int(resumed.step) == 7 and calls == ["6", "6"]
 
 
-def test_processes_split_the_checks_of_a_steps_arrays(runs, monkeypatch):
-  """Each of n processes reads every n-th value of the step's OCDBT database
-  (the walk agrees their outcomes): together all, none twice."""
+@pytest.fixture
+def checked_keys(monkeypatch):
+  """The OCDBT keys ``check_ocdbt`` reads, in order."""
   import types  # pylint: disable=import-outside-toplevel
-  _, base = runs
   real_open, read = ckpt_files.ts.KvStore.open, []
 
   def recording_open(spec):
@@ -104,6 +104,14 @@ def test_processes_split_the_checks_of_a_steps_arrays(runs, monkeypatch):
 
   monkeypatch.setattr(ckpt_files, "ts", types.SimpleNamespace(
       KvStore=types.SimpleNamespace(open=recording_open)))
+  return read
+
+
+def test_processes_split_the_checks_of_a_steps_arrays(runs, checked_keys):
+  """Each of n processes reads every n-th value of the step's OCDBT database
+  (the walk agrees their outcomes): together all, none twice."""
+  _, base = runs
+  read = checked_keys
   state = epath.Path(base) / "checkpoints" / "6" / "state"
   shares = []
   for share in ((0, 1), (0, 2), (1, 2)):
@@ -113,6 +121,27 @@ def test_processes_split_the_checks_of_a_steps_arrays(runs, monkeypatch):
   whole, first, second = shares
   assert len(whole) > 20 and not set(first) & set(second)
   assert sorted(first + second) == sorted(whole)
+
+
+def test_a_weight_load_checks_the_weights_once_when_pinned_and_loaded(
+    runs, checked_keys):
+  """Sampling's start (pin a run's newest step, record its weights' source
+  before and after loading them, load) checks each weight's values once when
+  the step is pinned and once when it is loaded, and none of the optimizer
+  state (about half a step's arrays), which a weight load does not read."""
+  wd = runs[1]
+  pinned = weights_lib.resolve_all([wd])[0]
+  assert pinned.endswith(os.path.join("checkpoints", "6"))
+  sources = [weights_lib.params_source(pinned)]
+  models.load_params(config(1).model, pinned)
+  sources.append(weights_lib.params_source(pinned))
+  assert sources[0] == sources[1] and sources[0].startswith("step 6 committed")
+  checked = collections.Counter(checked_keys)
+  checked_keys.clear()
+  ckpt_files.check_ocdbt(epath.Path(pinned) / "state")
+  weights = {k for k in checked_keys if k.startswith((b"params.", b"ema."))}
+  assert weights and len(weights) < len(checked_keys) / 1.5   # opt_state
+  assert set(checked) == weights and set(checked.values()) == {2}
 
 
 def test_storage_errors_are_told_from_damage(monkeypatch):
@@ -462,7 +491,11 @@ def _cut_sharding_json(step_dir):
     f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize("damage", [truncate_data_files, _cut_sharding_json])
+def _empty_data_files(step_dir):
+  truncate_data_files(step_dir, keep=0)
+
+
+@pytest.mark.parametrize("damage", [_empty_data_files, _cut_sharding_json])
 def test_inference_loading_skips_a_damaged_latest_step(runs, tmp_path, caplog,
                                                        damage):
   """Sampling / pretokenize / evaluate read a training workdir like a resume:
@@ -503,7 +536,7 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path, caplog):
                            "'inception' is expected"):
     inception.load_inception_params(runs[1])
   for damage in ("3", "6"):
-    truncate_data_files(os.path.join(_copy_once(runs[1], tmp_path),
+    _empty_data_files(os.path.join(_copy_once(runs[1], tmp_path),
                                      "checkpoints", damage))
   with pytest.raises(ckpt_lib.CheckpointRestoreError, match="step 6.*\n.*step 3"):
     models.load_params(model, _copy_once(runs[1], tmp_path))

@@ -43,7 +43,13 @@ def _saved_with_ocdbt(state_dir: epath.Path) -> bool:
     return False
 
 
-def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1)) -> None:
+# The arrays a weight load reads (``core.run_weights``): every parameter
+# group and the EMA, not the optimizer state (about half a step's arrays).
+WEIGHTS = ("params.", "ema.")
+
+
+def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1),
+                prefixes: tuple[str, ...] = ()) -> None:
   """Reads the last byte of every value of the OCDBT database in
   ``state_dir`` (a step's ``state/``, a parameter checkpoint's ``params/``):
   a truncated data file or a damaged manifest / b-tree node raises
@@ -53,7 +59,8 @@ def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1)) -> None:
   ``share``: ``(i, n)`` reads every n-th value from the i-th: the n
   processes of a job that agree on the outcome (``step_walk``) split the
   reads (one per array shard, so millions on a pod) instead of each making
-  all of them."""
+  all of them. ``prefixes``: only the values under these key prefixes (e.g.
+  ``WEIGHTS``), all of them where empty."""
   name = state_dir.name
   if not (state_dir / "manifest.ocdbt").exists():
     if list(state_dir.glob("ocdbt.process_*")) or _saved_with_ocdbt(state_dir):
@@ -62,8 +69,12 @@ def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1)) -> None:
   kv = ts.KvStore.open({"driver": "ocdbt",
                         "base": _kvstore_url(state_dir)}).result()
   keys = kv.list().result()
+  if prefixes:
+    under = tuple(p.encode() for p in prefixes)
+    keys = [k for k in keys if k.startswith(under)]
   if not keys:
-    raise ValueError(f"{name}/ holds no arrays")
+    raise ValueError(f"{name}/ holds no arrays"
+                     + (f" under {', '.join(prefixes)}" if prefixes else ""))
   index, count = share
   reads = [(k, kv.read(k, byte_range=slice(-1, None)))
            for k in keys[index::count]]
@@ -81,14 +92,17 @@ def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1)) -> None:
 
 
 def validate_step(step_dir: epath.Path, with_data: bool = True,
-                  share: tuple[int, int] = (0, 1)) -> None:
+                  share: tuple[int, int] = (0, 1),
+                  weights_only: bool = False) -> None:
   """Cheap checks that ``checkpoints/<step>`` can be read, before reading it.
 
   Raises ValueError (or the underlying JSON / TensorStore error) naming the
   first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
   JSON metadata (``state/_METADATA``, ``state/_sharding``,
   ``_CHECKPOINT_METADATA``) or data-iterator state, truncated or missing
-  OCDBT files (this process's ``share`` of them: ``check_ocdbt``).
+  OCDBT files (this process's ``share`` of them: ``check_ocdbt``; with
+  ``weights_only`` those of the ``WEIGHTS`` a weight load reads, so that a
+  step whose optimizer state alone is damaged still gives its weights).
   """
   state = step_dir / "state"
   if not state.exists():
@@ -114,7 +128,7 @@ def validate_step(step_dir: epath.Path, with_data: bool = True,
         raise ValueError(f"{item}/{f.name} is not valid JSON ({e})") from e
   if with_data:
     saved_process_count(step_dir)
-  check_ocdbt(state, share)
+  check_ocdbt(state, share, WEIGHTS if weights_only else ())
 
 
 def saved_config(step_dir: epath.Path) -> dict | None:

@@ -43,7 +43,7 @@ def load(run: epath.Path, abstract_params, where: str = "",
   """
   folder = run / "checkpoints"
   # Process 0's listing of the finalized steps, newest first.
-  saved = multihost.ints_on_process_0(lambda: candidate_steps(run, None))
+  saved = multihost.ints_on_process_0(lambda: candidate_steps(run))
   if step is not None and step not in saved:
     raise ckpt_lib.CheckpointNotFoundError(
         f"No checkpoint step {step} under {folder}{where}; saved "
@@ -80,12 +80,10 @@ def load(run: epath.Path, abstract_params, where: str = "",
       "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))
 
 
-def candidate_steps(run: epath.Path, step: int | None) -> list[int]:
-  """The named step, or every saved step of ``run``, newest first. A step
-  Orbax has not finalized (still being written, e.g. straight into its
-  folder on GCS) is not saved yet."""
-  if step is not None:
-    return [step]
+def candidate_steps(run: epath.Path) -> list[int]:
+  """Every saved step of ``run``, newest first. A step Orbax has not
+  finalized (still being written, e.g. straight into its folder on GCS) is
+  not saved yet."""
   folder = run / "checkpoints"
   if not folder.exists():
     return []
@@ -94,11 +92,12 @@ def candidate_steps(run: epath.Path, step: int | None) -> list[int]:
 
 def _check_step(folder: epath.Path, step: int, where: str,
                 model_name: str) -> None:
-  """Raises unless step ``step``'s files are whole and it is a run of
-  ``model_name`` (any, if empty)."""
+  """Raises unless step ``step``'s files are whole (those of its weights,
+  as ``core.weights.resolve`` checks them when it pins a step) and it is a
+  run of ``model_name`` (any, if empty)."""
   # Each process reads its share of the arrays; the walk agrees.
   ckpt_files.validate_step(folder / str(step), with_data=False,
-                           share=multihost.share())
+                           share=multihost.share(), weights_only=True)
   saved = ckpt_files.saved_config(folder / str(step))
   saved_name = ((saved or {}).get("model") or {}).get("name")
   if model_name and saved_name and saved_name != model_name:

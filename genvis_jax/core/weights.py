@@ -114,9 +114,9 @@ def restore_pinned(directory: str, abstract_params, **kwargs) -> Any:
 
 def resolve(directory: str, quiet: bool = False) -> str:
   """The folder :func:`restore_params` would read for ``directory``, pinned:
-  a training run -> its newest step that passes
-  ``checkpoint_files.validate_step`` (``<run>/checkpoints/<step>``), so a step saved meanwhile cannot change
-  what is loaded; anything else (a parameter checkpoint, a step folder, a
+  a training run -> its newest step whose weights pass
+  ``checkpoint_files.validate_step`` (``<run>/checkpoints/<step>``), so a
+  step saved meanwhile cannot change what is loaded; anything else (a parameter checkpoint, a step folder, a
   run with no readable step, nothing) as given. Loading the pinned folder
   never falls back to an older step: a step that validates but does not
   restore is an error, so what was recorded is what was read. Skipped newer
@@ -161,10 +161,13 @@ def params_source(directory: str) -> str:
 
   A parameter checkpoint's content digest (``save_params``), or its commit
   time where it has none (written before digests were recorded); the step a
-  training run resolves to (its newest that passes
-  ``checkpoint_files.validate_step``, or the named one) with its commit time;
-  the folder's path where Orbax recorded neither. "" when there is nothing to
-  read (``restore_params`` raises the error then).
+  training run resolves to (:func:`resolve`), or the named one, with its
+  commit time; the folder's path where Orbax recorded neither. "" when there
+  is nothing to read (``restore_params`` raises the error then).
+
+  A named step's arrays are not read here (a name is not a check; the load
+  checks them): callers name the step :func:`resolve` pinned, whose weights
+  it has just checked, often several times per run.
   """
   if not directory:
     return ""
@@ -173,23 +176,24 @@ def params_source(directory: str) -> str:
     digest = param_checkpoint.recorded_digest(path)
     return f"params sha256 {digest}" if digest else _source("params",
                                                            path / "params")
-  run, step = _split_step(path)
-  if step is None or _newest_valid(run, step) is None:
+  step = _split_step(path)[1]
+  if step is None or not (path / "state" / "_METADATA").exists():
     return ""
   return _source(f"step {step}", path)
 
 
-def _newest_valid(run: epath.Path, step: int | None = None,
-                  quiet: bool = False) -> int | None:
-  """``step`` (or the newest saved step) of ``run`` that passes
-  ``validate_step``; None if none does (``restore_params`` skips those too).
+def _newest_valid(run: epath.Path, quiet: bool = False) -> int | None:
+  """The newest saved step of ``run`` whose weights pass ``validate_step``
+  (as ``run_weights.load`` checks them: a step whose optimizer state alone
+  is damaged still gives its weights); None if none does.
   A newer step skipped is logged: the user learns which weights were passed
   over, and the folder is left in place."""
-  for s in run_weights.candidate_steps(run, step):
+  for s in run_weights.candidate_steps(run):
     try:
-      ckpt_files.validate_step(run / "checkpoints" / str(s), with_data=False)
+      ckpt_files.validate_step(run / "checkpoints" / str(s), with_data=False,
+                               weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
-      if step is None and not quiet:
+      if not quiet:
         logging.warning("Checkpoint step %d in %s cannot be read (%s); trying "
                         "the previous step.", s, run / "checkpoints",
                         errors.first_line(e))
