@@ -88,3 +88,29 @@ def runs(tmp_path_factory, base_run):
   from tests import small_run  # pylint: disable=import-outside-toplevel
   full = small_run.train(9, tmp_path_factory.mktemp("full_run") / "wd")
   return small_run.leaves(full), base_run
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+  """``gs://`` paths, as ``etils.epath`` opens them, land in the folder this
+  returns (``<it>/gs:/<bucket>/...``): epath's fsspec backend over the local
+  file system rooted there, instead of TensorFlow's gfile and the network.
+  Code that writes ``gs://`` paths with plain ``open`` / ``os`` calls puts
+  them under the working directory instead, as it would on a real VM."""
+  # pylint: disable=import-outside-toplevel
+  from etils.epath import backend, gpath
+  from fsspec.implementations.dirfs import DirFileSystem
+  from fsspec.implementations.local import LocalFileSystem
+
+  class Bucket(DirFileSystem):
+    def glob(self, path, **kwargs):   # as gcsfs: without the protocol
+      return [p.removeprefix("gs://") for p in super().glob(path, **kwargs)]
+
+  root = tmp_path / "gcs"
+  root.mkdir()
+  store = Bucket(path=str(root), fs=LocalFileSystem(auto_mkdir=True))
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  monkeypatch.setattr(type(backend.fsspec_backend), "_get_filesystem",
+                      lambda self, name: store if name == "gcs" else
+                      LocalFileSystem())
+  return root / "gs:"

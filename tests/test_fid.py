@@ -162,9 +162,10 @@ def test_reference_errors(tmp_path):
   with pytest.raises(ValueError, match="not an ADM reference"):
     reference.load_reference(str(tmp_path / "other.npz"))
   np.savez(tmp_path / "partial.npz", mu=np.zeros(3), sigma=np.eye(3))
-  with pytest.raises(ValueError, match="not all of"):
+  with pytest.raises(ValueError, match=r"not all of .* a pytorch-fid / "
+                     r"torch-fidelity file of mu and sigma .*kind=reference"):
     reference.load_reference(str(tmp_path / "partial.npz"))
-  with pytest.raises(FileNotFoundError, match="compute_reference"):
+  with pytest.raises(FileNotFoundError, match="kind=reference"):
     reference.load_reference(str(tmp_path / "missing.npz"))
   # A sampling workdir named instead of its samples.npz: the file suggested.
   (tmp_path / "run").mkdir()
@@ -176,6 +177,43 @@ def test_reference_errors(tmp_path):
   # The errors a user causes are UserErrors: one line, no traceback.
   with pytest.raises(UserError, match="not an ADM reference batch"):
     reference.load_reference(str(tmp_path / "other.npz"))
+
+
+def test_unreadable_npz_files_are_named_with_the_fix(tmp_path):
+  """A file cut short (a copy that did not finish), a single ``.npy`` array
+  and a pickle are refused by name as samples or reference, with the fix,
+  not as zipfile / numpy tracebacks."""
+  images = np.zeros((4, 8, 8, 3), np.uint8)
+  np.savez(tmp_path / "whole.npz", images)
+  data = (tmp_path / "whole.npz").read_bytes()
+  (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+  np.save(tmp_path / "one.npy", images)
+  os.replace(tmp_path / "one.npy", tmp_path / "one.npz")
+  np.save(tmp_path / "objects.npz", np.array([{}], dtype=object))
+  os.replace(tmp_path / "objects.npz.npy", tmp_path / "objects.npz")
+  ex = FakeExtractor()
+  for name, message in (("cut", "is not a readable .npz file .* cut short"),
+                        ("one", r"holds a single array \(.npy\), not an .npz"),
+                        ("objects", r"(holds a single array|is not a readable "
+                                    r".npz)")):
+    bad = str(tmp_path / f"{name}.npz")
+    with pytest.raises(npz.NpzFileError,
+                       match=r"\(config.evaluate.samples\) " + message):
+      generation.evaluate_samples(bad, str(tmp_path / "whole.npz"), extractor=ex)
+    with pytest.raises(npz.NpzFileError,
+                       match=r"\(config.evaluate.reference\) " + message):
+      generation.evaluate_samples(str(tmp_path / "whole.npz"), bad, extractor=ex)
+    with pytest.raises(npz.NpzFileError, match=message):
+      npz.open_images(bad)
+  # Statistics without images: refused before the samples' features (50,000
+  # images at full size) are computed, not after.
+  np.savez(tmp_path / "stats.npz", mu=np.zeros(10), sigma=np.eye(10),
+           mu_s=np.zeros(6), sigma_s=np.eye(6))
+  with pytest.raises(npz.NpzContentError, match=r"statistics but no images .*"
+                     r"precision and recall need the reference images"):
+    generation.evaluate_samples(str(tmp_path / "whole.npz"),
+                                str(tmp_path / "stats.npz"), extractor=ex)
+  assert ex.calls == 0
 
 
 # --- the generation-metrics pipeline --------------------------------------------------------

@@ -256,3 +256,122 @@ def test_bad_settings_are_refused_before_loading(key, value, message, tmp_path):
   with pytest.raises(ConfigError, match=message):
     driver.sample_and_save(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def _stand_in_sampler(monkeypatch, num_samples):
+  """RAR-B's runlocal config drawing ``num_samples`` in batches of 8 with a
+  stand-in sampler (images (4, 6) whose pixels are their labels); the list
+  of the batches it draws (their first index)."""
+  import jax
+  from configs import rar_b
+  config = rar_b.get_config("runlocal")
+  config.sample.num_samples, config.sample.batch_size = num_samples, 8
+  drawn = []
+
+  def dispatch(labels, key):
+    drawn.append([b for b in range(0, 64, 8) if np.array_equal(
+        jax.random.key_data(key), jax.random.key_data(jax.random.fold_in(
+            jax.random.key(config.sample.seed), b)))][0])
+    images = jax.numpy.broadcast_to(
+        labels.astype(jax.numpy.uint8)[:, None, None, None], (8, 4, 6, 3))
+    return lambda: images
+
+  mesh = sharding.data_mesh(jax.devices())
+  sampler = driver.Sampler(None, None)
+  sampler.dispatch = dispatch
+  monkeypatch.setattr(driver, "make_sample_fn", lambda *_: (
+      sampler, jax.sharding.NamedSharding(mesh,
+                                          jax.sharding.PartitionSpec("data"))))
+  monkeypatch.setattr(parts, "pin_weights", lambda c: c)
+  monkeypatch.setattr(parts, "pinned_sources", lambda _: {
+      "weights.generator": "g", "weights.tokenizer": "t"})
+  return config, drawn
+
+
+def test_a_smaller_then_larger_set_draws_no_batch_again(tmp_path,
+                                                        monkeypatch):
+  """24 images, then 20 (the last part holds 8 of which 4 are asked: kept),
+  then 24 again: only the first run draws; a set grown past a short last
+  part draws that part again (it holds fewer images than now asked)."""
+  config, drawn = _stand_in_sampler(monkeypatch, num_samples=24)
+  wd = str(tmp_path / "wd")
+  driver.sample_and_save(config, wd)
+  assert drawn == [0, 8, 16]
+  for n in (20, 24):
+    drawn.clear()
+    config.sample.num_samples = n
+    with np.load(driver.sample_and_save(config, wd)["npz"]) as d:
+      assert len(d["arr_0"]) == n and len(d["labels"]) == n
+    assert not drawn
+  shutil.rmtree(os.path.join(wd, "sample_parts"))
+  config.sample.num_samples = 20
+  driver.sample_and_save(config, wd)
+  drawn.clear()
+  config.sample.num_samples = 24
+  driver.sample_and_save(config, wd)
+  assert drawn == [16]
+
+
+def test_a_gs_workdir_holds_the_parts_samples_and_metrics(
+    fake_gcs, tmp_path, monkeypatch):
+  """On a TPU VM the workdir is a ``gs://`` URL: the parts, their settings,
+  ``samples.npz`` / ``.png`` and the evaluation's report go to the bucket
+  (they went to a local folder named ``gs:``), and a second run resumes
+  from the bucket's parts (no model: the sampler is a stand-in)."""
+  from genvis_jax.evaluate import npz, report
+  config, drawn = _stand_in_sampler(monkeypatch, num_samples=12)
+  local = tmp_path / "cwd"
+  local.mkdir()
+  monkeypatch.chdir(local)
+  out = driver.sample_and_save(config, "gs://bucket/run")
+  assert out["npz"] == "gs://bucket/run/samples.npz"
+  bucket = fake_gcs / "bucket" / "run"
+  assert sorted(os.listdir(bucket)) == ["sample_parts", "samples.npz",
+                                        "samples.png"]
+  assert sorted(os.listdir(bucket / "sample_parts")) == [
+      "000000000.npz", "000000008.npz", "settings.json"]
+  with np.load(bucket / "samples.npz") as d:
+    labels = d["labels"]
+    assert d["arr_0"].shape == (12, 4, 6, 3) and labels.shape == (12,)
+    np.testing.assert_array_equal(d["arr_0"][:, 0, 0, 0], labels)
+  drawn.clear()
+  driver.sample_and_save(config, "gs://bucket/run")   # nothing left to draw
+  assert not drawn
+  images = npz.open_images(out["npz"], setting="config.evaluate.samples")
+  assert [len(b) for b in images.batches(5)] == [5, 5, 2]
+  report.write("gs://bucket/run/eval", {"fid": 1.5}, "FID 1.5")
+  assert json.loads((bucket / "eval" / "metrics.json").read_text()) == {
+      "fid": 1.5}
+  assert not os.listdir(local)      # nothing under the working directory
+
+
+def test_assemble_joins_the_parts_or_writes_nothing(tmp_path):
+  """``samples.npz`` holds the first ``num_samples`` images of the parts in
+  order, written part by part; a gap, too few images or a part that cannot
+  be joined (here: images of another size) leave no ``samples.npz`` and no
+  temporary file behind."""
+  wd = tmp_path / "wd"
+  (wd / "sample_parts").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (20, 4, 6, 3), np.uint8)
+  for start in (0, 8, 16):
+    np.savez(parts.path(str(wd / "sample_parts"), start),
+             images=images[start:start + 8],
+             labels=np.arange(start, min(start + 8, 20)) % 3)
+  out = parts.assemble(str(wd), 18)
+  with np.load(out["npz"]) as d:
+    np.testing.assert_array_equal(d["arr_0"], images[:18])
+    np.testing.assert_array_equal(d["labels"], np.arange(18) % 3)
+  os.remove(out["npz"])
+  os.remove(out["png"])
+  with pytest.raises(RuntimeError, match="20 of 21 samples present"):
+    parts.assemble(str(wd), 21)
+  np.savez(parts.path(str(wd / "sample_parts"), 16),
+           images=np.zeros((4, 5, 6, 3), np.uint8), labels=np.arange(4))
+  with pytest.raises(ValueError, match=r"images of shape \(5, 6, 3\), the "
+                     r"others \(4, 6, 3\)"):
+    parts.assemble(str(wd), 20)
+  os.remove(parts.path(str(wd / "sample_parts"), 8))
+  with pytest.raises(RuntimeError, match="gap at index 8"):
+    parts.assemble(str(wd), 20)
+  assert sorted(os.listdir(wd)) == ["sample_parts"]

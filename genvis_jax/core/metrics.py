@@ -10,6 +10,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 
+from genvis_jax.core import files
+
 
 def create_writer(workdir: str):
   """TensorBoard + console on process 0; console-only elsewhere (clu's
@@ -97,8 +99,9 @@ def to_uint8(images, value_range=(0.0, 1.0)) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  Image.fromarray(np.asarray(image)).save(path)
+  """Writes ``image`` (H, W, 3) uint8 as a PNG at ``path`` (local or
+  ``gs://``), whole or not at all; creates the folder."""
+  files.write_whole(path, Image.fromarray(np.asarray(image)).save)
 
 
 def write_images(writer, workdir: str, step: int, images: dict[str, np.ndarray],

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from genvis_jax.core import files
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.errors import UserError
 
@@ -82,16 +82,11 @@ def on_process_0(fn: Callable[[], object]) -> None:
 
 
 def write_on_process_0(path: str, write: Callable[[str], object]) -> None:
-  """Process 0 writes ``path`` whole or not at all: ``write(tmp)`` fills a
-  temporary file beside it (``name.tmp.ext``), renamed into place after
-  (``on_process_0``: a failure stops every process). Creates the folder."""
-  def fn():
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    write(f"{root}.tmp{ext}")
-    os.replace(f"{root}.tmp{ext}", path)
-
-  on_process_0(fn)
+  """Process 0 writes ``path`` (local or ``gs://``) whole or not at all:
+  ``write(tmp)`` fills a local temporary file that then becomes ``path``
+  (``files.write_whole``; ``on_process_0``: a failure stops every process).
+  Creates the folder."""
+  on_process_0(lambda: files.write_whole(path, write))
 
 
 def gather_ints(value: int) -> np.ndarray:

@@ -14,12 +14,11 @@ which the profiler's step-time views key on.
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
 from typing import Callable
 
 import jax
 from absl import logging
+from etils import epath
 
 
 class StepWindow(contextlib.AbstractContextManager):
@@ -62,7 +61,8 @@ class StepWindow(contextlib.AbstractContextManager):
       if not failing:   # on the way out of an error, that error matters more
         raise
     jax.profiler.stop_trace()
-    runs = sorted(glob.glob(os.path.join(self.logdir, "plugins", "profile", "*")))
+    runs = sorted(str(p) for p in
+                  epath.Path(self.logdir).glob("plugins/profile/*"))
     logging.info("Profile of training steps %d-%d (1-based) written to %s: "
                  "open it in TensorBoard's Profile tab (tensorboard-plugin-"
                  "profile) or the .trace.json.gz in Perfetto.", self.first + 1,

@@ -76,9 +76,6 @@ def _reference_features(extractor, ref: ref_lib.Reference, log_every: int):
   if usable:
     logging.info("reference: using %d stored pool features", len(stored))
     feats = stored
-  elif ref.images is None:
-    raise ValueError(f"{ref.path} has statistics but no images ('arr_0'): "
-                     "precision/recall need the reference images.")
   else:
     out = run_features(extractor, ref.images, "reference", keep_logits=False,
                        log_every=log_every)
@@ -120,8 +117,8 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
     {"fid", "sfid" (clamped at 0), "inception_score", "precision", "recall"
      (floats), "num_samples", "num_reference" (ints), "preprocess" (str)}.
   """
-  npz.check_file(samples_npz, "config.evaluate.samples")
-  with np.load(samples_npz) as d:   # before its images: a reference may hold none
+  # Before its images: a reference may hold none.
+  with npz.open_npz(samples_npz, "config.evaluate.samples") as d:
     if set(ref_lib.STAT_KEYS) & set(d.files):
       raise npz.NpzContentError(
           f"{samples_npz} (config.evaluate.samples) holds reference statistics "
@@ -130,6 +127,12 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
           "config.evaluate.reference swapped?")
   samples = npz.open_images(samples_npz, setting="config.evaluate.samples")
   ref = ref_lib.load_reference(reference_npz)
+  if ref.images is None:   # before the samples' features are computed
+    raise npz.NpzContentError(
+        f"{reference_npz} (config.evaluate.reference) has statistics but no "
+        "images ('arr_0'): precision and recall need the reference images. "
+        "Use ADM's reference batch (e.g. VIRTUAL_imagenet256_labeled.npz), "
+        "which holds both, or one written by --config.evaluate.kind=reference.")
   logging.info("reference %s", ref_lib.describe(ref))
   setting = "config.evaluate.preprocess"
   if preprocess in (None, "", ref_lib.AUTO) and hasattr(extractor,

@@ -4,13 +4,16 @@ member, so 50,000 images never sit in memory at once."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import zipfile
 from typing import Iterator
 
 import numpy as np
+from etils import epath
 
+from genvis_jax.core import files
 from genvis_jax.errors import UserError
 
 
@@ -24,18 +27,68 @@ class NpzContentError(UserError, ValueError):
 
 
 def check_file(path: str, setting: str = "") -> None:
-  """Raises ``NpzFileError`` unless ``path`` is an existing file, naming
-  ``setting``; a folder gets the ``.npz`` inside it suggested (a sampling
-  workdir holds ``samples.npz``)."""
+  """Raises ``NpzFileError`` unless ``path`` (local or ``gs://``) is an
+  existing file, naming ``setting``; a folder gets the ``.npz`` inside it
+  suggested (a sampling workdir holds ``samples.npz``)."""
   where = f" ({setting})" if setting else ""
-  if os.path.isdir(path):
-    inside = sorted(n for n in os.listdir(path) if n.endswith(".npz"))
+  found = epath.Path(path)
+  if found.is_dir():
+    inside = sorted(p.name for p in found.iterdir() if p.name.endswith(".npz"))
     hint = (f"; did you mean {os.path.join(path, inside[0])!r}?" if inside
             else ", with no .npz file in it.")
     raise NpzFileError(f"{path!r}{where} is a folder, not an .npz file{hint}")
-  if not os.path.exists(path):
+  if not found.exists():
     raise NpzFileError(f"No such .npz file: {path!r}{where}. Check the path.")
 
+
+def _unreadable(path: str, setting: str, error: Exception) -> NpzFileError:
+  where = f" ({setting})" if setting else ""
+  return NpzFileError(
+      f"{path!r}{where} is not a readable .npz file ({type(error).__name__}: "
+      f"{str(error)[:200]}): it is cut short (a copy or write that did not "
+      "finish) or was not written by numpy.savez. Copy it again, or write it "
+      "again (`--config.mode=sample` re-assembles samples.npz from its parts).")
+
+
+def _single_array(path: str, setting: str) -> NpzFileError:
+  where = f" ({setting})" if setting else ""
+  return NpzFileError(
+      f"{path!r}{where} holds a single array (.npy), not an .npz of named "
+      "arrays: save it with numpy.savez (images as arr_0).")
+
+
+@contextlib.contextmanager
+def _zip(path: str, setting: str = "") -> Iterator[zipfile.ZipFile]:
+  """The ``.npz`` at ``path`` (local or ``gs://``) as an open zip file;
+  ``NpzFileError`` naming ``setting`` and the fix when it is missing, a
+  folder, a single ``.npy`` array, cut short or not a zip."""
+  check_file(path, setting)
+  with files.open_read(path) as f:
+    if f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
+      raise _single_array(path, setting)
+    f.seek(0)
+    try:
+      zf = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+      raise _unreadable(path, setting, e) from e
+    with zf:
+      yield zf
+
+
+@contextlib.contextmanager
+def open_npz(path: str, setting: str = "") -> Iterator[np.lib.npyio.NpzFile]:
+  """``np.load`` of the ``.npz`` at ``path`` (local or ``gs://``): its
+  arrays, each read when indexed. Errors as ``_zip``'s."""
+  check_file(path, setting)
+  with files.open_read(path) as f:
+    try:
+      data = np.load(f, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+      raise _unreadable(path, setting, e) from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise _single_array(path, setting)
+    with data:
+      yield data
 
 
 @dataclasses.dataclass
@@ -53,11 +106,11 @@ class NpzArray:
               ) -> Iterator[np.ndarray]:
     """Yields consecutive (<= batch_size, ...) slices of the first ``limit`` rows."""
     n = len(self) if limit is None else min(limit, len(self))
-    with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+    with _zip(self.path) as zf, zf.open(f"{self.key}.npy") as f:
       version = np.lib.format.read_magic(f)
       shape, fortran, dtype = _read_header(f, version)
       if fortran or dtype.hasobject:   # rare: fall back to a full load
-        arr = np.load(self.path)[self.key]
+        arr = np.lib.format.read_array(f, allow_pickle=False)
         for i in range(0, n, batch_size):
           yield np.asarray(arr[i:min(i + batch_size, n)])
         return
@@ -66,7 +119,9 @@ class NpzArray:
         b = min(batch_size, n - i)
         data = f.read(b * row)
         if len(data) != b * row:
-          raise ValueError(f"{self.path}: {self.key} is truncated at row {i}.")
+          raise NpzFileError(
+              f"{self.path!r}: {self.key} is cut short at row {i} of {n} (a "
+              "copy or write that did not finish). Copy or write it again.")
         yield np.frombuffer(data, dtype).reshape(b, *shape[1:])
 
 
@@ -85,25 +140,17 @@ def load_samples(path: str, setting: str = "config.evaluate.samples") -> dict:
   if not path:
     raise NpzFileError(f"{setting} is not set: point it at the samples .npz "
                        "that --config.mode=sample writes (samples.npz).")
-  check_file(path, setting)
-  try:
-    with np.load(path) as d:
+  with open_npz(path, setting) as d:
+    try:
       return {k: d[k] for k in d.files}
-  except (zipfile.BadZipFile, ValueError, OSError) as e:
-    raise NpzFileError(f"{path!r} ({setting}) is not a readable .npz file "
-                       f"({e}).") from e
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+      raise _unreadable(path, setting, e) from e
 
 
 def open_npz_array(path: str, key: str = "arr_0", setting: str = "") -> NpzArray:
   """Reads the header of ``key`` in the ``.npz`` at ``path`` (``setting``
   names it in messages)."""
-  check_file(path, setting)
-  try:
-    zf = zipfile.ZipFile(path)
-  except zipfile.BadZipFile as e:
-    raise NpzFileError(f"{path!r} is not an .npz (zip) file: truncated, or "
-                       "not written by numpy.savez.") from e
-  with zf:
+  with _zip(path, setting) as zf:
     names = zf.namelist()
     if f"{key}.npy" not in names:
       raise NpzContentError(f"{path!r} has no {key!r} array (has "

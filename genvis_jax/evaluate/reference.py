@@ -38,7 +38,9 @@ from typing import Iterator
 
 import numpy as np
 from absl import logging
+from etils import epath
 
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching
@@ -100,19 +102,23 @@ class Reference:
 
 def load_reference(path: str) -> Reference:
   """Reads statistics (and the image header) of an ADM-format reference."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise npz.NpzFileError(
         f"No reference batch at {path!r}: download ADM's (e.g. "
         "VIRTUAL_imagenet256_labeled.npz) or write one with "
-        "genvis_jax.evaluate.reference.compute_reference.")
-  npz.check_file(path, "config.evaluate.reference")
+        "--config.evaluate.kind=reference.")
   ref = Reference(path)
-  with np.load(path) as data:
+  with npz.open_npz(path, "config.evaluate.reference") as data:
     keys = set(data.files)
     present = [k for k in STAT_KEYS if k in keys]
     if present and len(present) != len(STAT_KEYS):
       raise npz.NpzContentError(
-          f"{path}: has {present} but not all of {STAT_KEYS}.")
+          f"{path} (config.evaluate.reference) has {present} but not all of "
+          f"{STAT_KEYS}: ADM's evaluator needs the pool statistics (FID) and "
+          "the spatial ones (sFID); a pytorch-fid / torch-fidelity file of "
+          "mu and sigma holds only the first. Use ADM's reference batch "
+          "(e.g. VIRTUAL_imagenet256_labeled.npz) or one written by "
+          "--config.evaluate.kind=reference.")
     for k in present:
       setattr(ref, k, np.asarray(data[k], np.float64))
     if "pool_features" in keys:
@@ -382,7 +388,7 @@ def evaluate(config, workdir: str) -> dict:
         f"config.evaluate.preprocess={preprocess!r}; use one of "
         f"{(AUTO,) + PREPROCESS}.")
   params = inception.load_inception_params(ev.inception)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   path = compute_reference(
       config.data, params, os.path.join(workdir, "reference.npz"),
       num_images=ev.get("num_images", 0) or None,

@@ -11,15 +11,16 @@ the parts into ``samples.npz`` (ADM layout) and a PNG grid.
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from genvis_jax import errors
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
@@ -40,7 +41,16 @@ def path(parts_dir: str, start: int) -> str:
 
 
 def _listed(parts_dir: str) -> list[str]:
-  return sorted(glob.glob(os.path.join(parts_dir, "[0-9]*[0-9].npz")))
+  found = epath.Path(parts_dir)
+  if not found.exists():
+    return []
+  return sorted(str(p) for p in found.glob("[0-9]*[0-9].npz"))
+
+
+def _labels(part: str) -> np.ndarray:
+  """The labels of a part file (its images are not read)."""
+  with files.open_read(part) as f, np.load(f) as d:
+    return d["labels"]
 
 
 # config.tokenizer keys that only messages read (configs/base.py add_tokenizer):
@@ -142,9 +152,8 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   # float32 where the config left it unset (the samplers' default then).
   unset = {"sample.seed": 0, "sample.dtype": ar.DEFAULT_DTYPE}
   settings = {**unset, **settings}
-  if os.path.exists(path):
-    with open(path) as f:
-      old = {**unset, **json.load(f)}
+  if epath.Path(path).exists():
+    old = {**unset, **json.loads(epath.Path(path).read_text())}
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
         "sample.num_samples", "devices") + WEIGHTS
@@ -165,50 +174,64 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
     raise SampleSettingsError(f"{parts_dir} holds {len(found)} sample parts but no "
                      "settings.json, so they cannot be checked against this "
                      "run. Use a new workdir, or delete that folder.")
-  with open(path, "w") as f:
-    json.dump(settings, f, indent=1, sort_keys=True)
+  text = json.dumps(settings, indent=1, sort_keys=True)
+  files.write_whole(path, lambda tmp: epath.Path(tmp).write_text(text))
 
 def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
-  """Start indices of the part files that hold their whole batch; a short
-  last batch of a smaller earlier set is drawn again when the set grows."""
+  """Start indices of the part files that hold the images asked of their
+  batch: a short last batch of a smaller earlier set is drawn again when the
+  set grows; a whole batch cut by a smaller set is kept (``assemble`` takes
+  what it needs), so growing the set back draws nothing again."""
   done = set()
   for p in _listed(parts_dir):
     start = int(os.path.basename(p)[:9])
-    if start < num_samples:
-      with np.load(p) as d:
-        if len(d["labels"]) == min(batch, num_samples - start):
-          done.add(start)
+    if start < num_samples and len(_labels(p)) >= min(batch,
+                                                      num_samples - start):
+      done.add(start)
   return done
 
 
 def assemble(workdir: str, num_samples: int) -> dict:
   """Joins the part files into ``samples.npz`` + ``samples.png``; checks
-  coverage. Process 0 only (it wrote the parts); the others get the paths."""
+  coverage first. Process 0 only (it wrote the parts); the others get the
+  paths. The images are written part by part (``save_npz_parts``): one
+  part in memory, and a file cut short never lies under the final name."""
   out = {"npz": os.path.join(workdir, "samples.npz"),
          "png": os.path.join(workdir, "samples.png"),
          "num_samples": int(num_samples)}
   if jax.process_index() != 0:
     return out
-  parts = _listed(directory(workdir))
-  images, labels, expected = [], [], 0
-  for p in parts:
+  chosen, labels, expected = [], [], 0
+  for p in _listed(directory(workdir)):
     start = int(os.path.basename(p)[:9])
     if start >= num_samples:     # drawn for a larger set than asked for now
       break
     if start != expected:
       raise RuntimeError(f"Sample parts have a gap at index {expected} (next part "
                          f"starts at {start}); re-run the same command to fill it.")
-    with np.load(p) as d:
-      images.append(d["images"])
-      labels.append(d["labels"])
-    expected += len(images[-1])
+    part_labels = _labels(p)[:num_samples - start]
+    chosen.append((p, len(part_labels)))
+    labels.append(part_labels)
+    expected += len(part_labels)
   if expected < num_samples:
     raise RuntimeError(f"{expected} of {num_samples} samples present; re-run.")
-  images = np.concatenate(images)[:num_samples]
-  labels = np.concatenate(labels)[:num_samples]
-  images_lib.save_npz(out["npz"], images, labels)
-  order = np.argsort(labels[:100], kind="stable")
-  images_lib.save_grid(images[:100][order], out["png"],
-                       ncols=images_lib.grid_columns(*images.shape[1:3]))
+  labels = np.concatenate(labels)
+  first = []   # the grid's images
+
+  def images():
+    for p, n in chosen:
+      with files.open_read(p) as f, np.load(f) as d:
+        part = d["images"][:n]
+      if sum(map(len, first)) < 100:
+        first.append(part[:100 - sum(map(len, first))])
+      yield part
+
+  with files.open_read(chosen[0][0]) as f, np.load(f) as d:
+    shape = (num_samples, *d["images"].shape[1:])
+  images_lib.save_npz_parts(out["npz"], images(), shape, labels)
+  grid = np.concatenate(first)
+  order = np.argsort(labels[:len(grid)], kind="stable")
+  images_lib.save_grid(grid[order], out["png"],
+                       ncols=images_lib.grid_columns(*shape[1:3]))
   print(f"[sample] wrote {out['npz']} and {out['png']}", flush=True)
   return out

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import files
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import preemption
 from genvis_jax.core import profiling
@@ -252,7 +253,7 @@ def train_loop(config, workdir: str, on_log=None):
   mesh, task = setup(config)
   group = data_group(config, mesh)
   data_iter, info = create_train_iterator(config, task, group=group)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   with workdir_lock.hold(workdir):
     trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)

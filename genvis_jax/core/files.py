@@ -1,0 +1,65 @@
+"""Whole-file writes and reads on a local disk or an object store (``gs://``):
+sample parts, ``samples.npz``, reference batches, ``metrics.json``, grids.
+
+Paths go through ``etils.epath`` (TensorFlow's ``gfile`` for ``gs://`` where
+TensorFlow is installed, as on the TPU VMs), so a ``gs://`` workdir holds
+what a local one would. Plain ``open`` / ``os`` calls would instead write a
+local folder named ``gs:`` on process 0's disk and report success.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import BinaryIO, Callable
+
+from etils import epath
+
+
+def is_remote(path) -> bool:
+  """Whether ``path`` is a URL (``gs://``, ``s3://``...), not a local path."""
+  return "://" in os.fspath(path)
+
+
+def write_whole(path, write: Callable[[str], object]) -> None:
+  """Writes ``path`` whole or not at all: ``write(tmp)`` fills a local file,
+  which becomes ``path`` once complete. Creates the folder.
+
+  Local: ``tmp`` lies beside ``path`` (``name.tmp.ext``) and is renamed into
+  place (atomic on one file system). Object store: ``tmp`` is in a local
+  temporary folder and is uploaded to ``path`` (an object appears whole when
+  its upload completes; a rename there is a copy and a delete). The local
+  disk then needs room for the file once. A ``write`` that raises leaves
+  ``path`` as it was and no temporary file.
+  """
+  path = os.fspath(path)
+  if is_remote(path):
+    target = epath.Path(path)
+    with tempfile.TemporaryDirectory(prefix="genvis_jax_upload_") as tmp:
+      local = os.path.join(tmp, target.name)
+      write(local)
+      epath.Path(local).copy(target, overwrite=True)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{ext}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):   # a write that failed leaves nothing behind
+      os.remove(tmp)
+    raise
+
+
+def open_read(path) -> BinaryIO:
+  """``path`` opened for binary reading (seekable: ``np.load`` and
+  ``zipfile`` read ``.npz`` members from it)."""
+  return epath.Path(path).open("rb")
+
+
+def makedirs(path) -> None:
+  """Creates the folder ``path`` and its parents (on an object store, where
+  folders are only name prefixes, nothing is needed)."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
