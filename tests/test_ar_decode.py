@@ -181,3 +181,27 @@ def test_float32_decoding_of_a_float32_model_shares_its_program(rar):
   # A dtype no sampler supports is refused on the reference path too.
   with pytest.raises(errors.ConfigError, match="float16"):
     rar_sample.sampler_fn(model, cached=False, dtype="float16")
+
+
+def test_draw_marks_examples_with_nan_logits():
+  """An example whose logits (either CFG half) hold NaN or +Inf draws -1,
+  not code 0 as a categorical draw would; the others draw as before."""
+  logits = jax.random.normal(jax.random.key(0), (8, 32))   # 4 examples x CFG
+  key = jax.random.key(1)
+  want = np.asarray(ar.draw(logits, key, 2.0, 1.0, True, top_k=5))
+  # Rows [cond 0, uncond 0, cond 1, ...]: uncond 0 and cond 3 are broken.
+  bad = logits.at[1, 3].set(jnp.nan).at[6, 0].set(jnp.inf)
+  got = np.asarray(ar.draw(bad, key, 2.0, 1.0, True, top_k=5))
+  assert got[0] == got[3] == -1 and want.min() >= 0
+  np.testing.assert_array_equal(got[1:3], want[1:3])
+  masked = logits.at[2, 7].set(-jnp.inf)   # a masked logit: no damage
+  assert np.asarray(ar.draw(masked, key, 2.0, 1.0, True, top_k=5)).min() >= 0
+  got = np.asarray(ar.draw(bad[::2], key, 2.0, 1.0, False))   # no CFG
+  assert got[3] == -1 and got[:3].min() >= 0
+
+
+def test_rar_sampling_of_nan_weights_draws_no_code(rar):
+  model, params, labels, _ = rar
+  nan = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), params)
+  out = rar_sample.sample(model, nan, labels, jax.random.key(7), **RAR_KW)
+  assert (np.asarray(out) == -1).all()

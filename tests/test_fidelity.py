@@ -419,6 +419,10 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):
   want = official_equivariant(np.asarray(ref))
   assert got.dtype == np.uint8 and got.shape == (8, 16, 16, 3)
   np.testing.assert_array_equal(got, want)
+  # A NaN latent (a diverged generator) decodes to NaN pixels, which uint8
+  # would make black: refused instead.
+  with pytest.raises(driver.NonFiniteSamplesError, match="NaN or Inf"):
+    decode(sharded.at[3].set(jnp.nan))
   settings = parts.sample_settings(_sample_config(c))
   assert settings["tokenizer.uint8"] == "round"
   assert settings["tokenizer.dtype"] == "float32"

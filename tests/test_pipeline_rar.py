@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
+from genvis_jax import models
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import tokens as tokens_lib
+from genvis_jax.sample import driver
 from tests import pipeline_common as pc
 
 pytestmark = pytest.mark.slow
@@ -88,3 +91,15 @@ def test_rar_paper_pipeline(tmp_path):
     np.testing.assert_array_equal(grown[:min(n, 16)], images[:min(n, 16)])
   pc.evaluate_generation("rar_b.py:runlocal", os.path.join(w, "evaluate"),
                          out["npz"], "maskgit_vqgan.py:runlocal")
+  # Weights diverged to NaN: NaN logits would draw code 0 everywhere and give
+  # plausible files; the first batch stops sampling, named, with no part.
+  params = models.load_params(cfg.model, rar)
+  nan = os.path.join(w, "rar_nan")
+  weights_lib.save_params(nan, jax.tree_util.tree_map(
+      lambda x: np.full_like(x, np.nan), params))
+  with pytest.raises(driver.NonFiniteSamplesError,
+                     match=r"NaN or Inf .*config.init_from.* Nothing of the "
+                           r"batch of images 0\.\.\d+ was written"):
+    pc.run_mode("rar_b.py:runlocal", os.path.join(w, "samples_nan"), **{
+        "mode": "sample", "init_from": nan, "tokenizer.checkpoint": tok})
+  assert not glob.glob(os.path.join(w, "samples_nan", "sample_parts", "*.npz"))

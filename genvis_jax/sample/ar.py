@@ -107,10 +107,18 @@ def draw(logits, key, scale, temperature, use_cfg: bool, top_k: int = 0,
   """One categorical draw per example from (B, V) logits, or (2B, V) in
   ``cfg_labels`` order under CFG: guided with ``scale`` (``guide``, fp32),
   divided by ``temperature``, then filtered (``top_k_top_p``), the official
-  order of both samplers. Returns int32 (B,)."""
+  order of both samplers. Returns int32 (B,): -1 for an example whose
+  logits hold NaN or +Inf (damaged or diverged weights, an overflowing
+  dtype), where a draw would give code 0 as if nothing were wrong; the
+  sampling driver refuses a batch holding one (``NonFiniteSamplesError``)."""
+  # Per row of the model's output (-Inf is a masked logit, not damage).
+  broken = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+  if use_cfg:
+    broken = broken.reshape(-1, 2).any(-1)
   logits = top_k_top_p(guide(logits, scale, use_cfg) / temperature, top_k,
                        top_p)
-  return jax.random.categorical(key, logits).astype(jnp.int32)
+  codes = jax.random.categorical(key, logits)
+  return jnp.where(broken, -1, codes).astype(jnp.int32)
 
 
 def kv_chunks(num_steps: int, pos_offset: int, bucket: int):

@@ -19,7 +19,6 @@ with other settings (weights, model, sampler) is refused instead of mixing
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import jax
@@ -30,6 +29,7 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import preemption
 from genvis_jax.core import registry
@@ -57,8 +57,11 @@ def class_labels(num_samples: int, num_classes: int, classes=(),
   """The class label of each of ``num_samples`` images, (num_samples,) int32.
 
   ``draw`` (``config.sample.labels``): "balanced" cycles ``classes``
-  (default all), e.g. 50 per class for 50k (RAR's ``list(range(1000)) * 50``,
-  the Equivariant sampler's ``arange(1000).repeat(50)``); "uniform" draws
+  (default all), e.g. 50 per class for 50k: RAR's ``list(range(1000)) * 50``.
+  The Equivariant sampler's ``arange(1000).repeat(50)`` holds the same
+  labels in another order (0, 0, ..., 1, 1, ...): the same set, so the same
+  FID; cycled, each of the 5,000-image splits of ADM's Inception Score holds
+  every class, not 100 of them; "uniform" draws
   each i.i.d. from them with NumPy's generator seeded by ``seed`` (the
   official FAR sampler's ``torch.randint(0, 1000, (n,))``: per-class counts
   about 50 +- 7). Either way the first k labels do not depend on
@@ -100,20 +103,40 @@ def host_uint8(images: jax.Array, value_range, method: str) -> jax.Array:
                                                   shards)
 
 
+class NonFiniteSamplesError(errors.UserError, FloatingPointError):
+  """A sampled batch holds NaN / Inf: nothing of it is written."""
+
+
 class Decoder:
-  """A tokenizer's decode for sampling: ``dispatch(codes)`` -> float32
-  images (B, H, W, 3) on the devices (asynchronous), ``to_uint8(images)``
-  -> uint8 with the same sharding (the official conversion, on the host;
-  waits for them); calling it does both."""
+  """A tokenizer's decode for sampling: ``dispatch(codes)`` -> (float32
+  images (B, H, W, 3), whether the batch is finite) on the devices
+  (asynchronous), ``to_uint8(decoded)`` -> uint8 images with the same
+  sharding (the official conversion, on the host; waits for them); calling
+  it does both.
+
+  A batch with a NaN / Inf image, or a code a token sampler drew from NaN
+  logits (-1, ``ar.draw``), raises ``NonFiniteSamplesError`` in
+  ``to_uint8``: NaN converts to black pixels and NaN logits to code 0, so a
+  damaged or diverged checkpoint would otherwise give 50,000 plausible
+  files and an FID. The flag is one replicated scalar: every process of a
+  job reads the same value and raises together."""
 
   def __init__(self, decode_float, params, value_range, method: str):
     self._decode_float, self._params = decode_float, params
     self._value_range, self._method = value_range, method
 
-  def dispatch(self, codes) -> jax.Array:
+  def dispatch(self, codes) -> tuple[jax.Array, jax.Array]:
     return self._decode_float(self._params, codes)
 
-  def to_uint8(self, images: jax.Array) -> jax.Array:
+  def to_uint8(self, decoded: tuple[jax.Array, jax.Array]) -> jax.Array:
+    images, finite = decoded
+    if not bool(finite):
+      raise NonFiniteSamplesError(
+          "A sampled batch holds NaN or Inf (in the generator's logits or the "
+          "decoded images): the weights are damaged or diverged "
+          "(config.init_from, config.tokenizer.checkpoint), or the sampling "
+          "dtype overflows (config.sample.dtype, config.tokenizer.dtype; "
+          "float32 is the default).")
     return host_uint8(images, self._value_range, self._method)
 
   def __call__(self, codes) -> jax.Array:
@@ -138,7 +161,10 @@ def make_decode_fn(tok, mesh) -> Decoder:
   @jax.jit
   def decode_float(params, codes):
     images = tok_model.apply({"params": params}, codes, method="decode")
-    return images.astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(images))
+    if jnp.issubdtype(codes.dtype, jnp.integer):   # -1: drawn from NaN logits
+      finite &= jnp.all(codes >= 0)
+    return images.astype(jnp.float32), finite
 
   return Decoder(decode_float, tok_params, value_range, method)
 
@@ -155,8 +181,8 @@ class Sampler:
     self._generate, self._decode = generate, decode
 
   def dispatch(self, labels, rng):
-    images = self._decode.dispatch(self._generate(labels, rng))
-    return functools.partial(self._decode.to_uint8, images)
+    decoded = self._decode.dispatch(self._generate(labels, rng))
+    return functools.partial(self._decode.to_uint8, decoded)
 
   def __call__(self, labels, rng) -> jax.Array:
     return self.dispatch(labels, rng)()
@@ -222,7 +248,7 @@ def sample_and_save(config, workdir: str) -> dict:
         f"{config.tokenizer.get('checkpoint', '')}); run again.")
   parts.warn_other_tokenizer(pinned.init_from, recorded["weights.tokenizer"])
   parts_dir = parts.directory(workdir)
-  os.makedirs(parts_dir, exist_ok=True)
+  files.makedirs(parts_dir)
   parts.check_settings(parts_dir, settings)
   print(f"[sample] generator: {config.init_from} "
         f"({weights_lib.readable(settings['weights.generator'])}); tokenizer: "
@@ -247,8 +273,14 @@ def sample_and_save(config, workdir: str) -> dict:
     nonlocal made, written, said_at
     written += 1
     n = len(labels)
+    try:
+      images = finish()
+    except NonFiniteSamplesError as e:
+      raise NonFiniteSamplesError(
+          f"{e} Nothing of the batch of images {start}..{start + n - 1} was "
+          f"written; the parts before it are in {parts_dir}.") from None
     images = np.asarray(multihost_utils.process_allgather(
-        finish(), tiled=True))[:n]
+        images, tiled=True))[:n]
     multihost.write_on_process_0(
         parts.path(parts_dir, start),
         functools.partial(np.savez, images=images, labels=labels))
