@@ -522,6 +522,13 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path, caplog):
                      match=r"nowhere \(--config.init_from\)"):
     models.load_params(model, str(tmp_path / "nowhere"),
                                setting="--config.init_from")
+  # Weights of another size: the run's differing model settings are named.
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r"does not match the configured model(.|\n)*The "
+                           r"run was trained with other model settings:\n"
+                           r"    model.widths: run \[8, 16\] vs config "
+                           r"\[8, 24\]$"):
+    models.load_params(ml_collections_copy(model, widths=(8, 24)), runs[1])
   other = ml_collections_copy(model, name="rar")
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
                      match="training run of model 'classifier'; a checkpoint of model 'rar'"):

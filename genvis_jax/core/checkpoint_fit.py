@@ -78,6 +78,22 @@ def compare_trees(expected, found, what: str,
     raise CheckpointMismatchError("\n".join(lines))
 
 
+def model_settings_note(saved: dict | None, model_config) -> str:
+  """Names the ``config.model`` fields a run was trained with (``saved``,
+  its recorded config) that differ from ``model_config``: why its weights do
+  not fit, in the settings' terms (e.g. ``model.num_codebooks``) rather than
+  the parameter names. "" where the run recorded none or none differ."""
+  if not saved or not saved.get("model") or model_config is None:
+    return ""
+  now = json.loads(model_config.to_json_best_effort())
+  diffs = settings_lib.differences({"model": saved["model"]}, {"model": now},
+                                   names=("run", "config"))
+  if not diffs:
+    return ""
+  return ("\n  The run was trained with other model settings:\n    " +
+          settings_lib.shorten(diffs, 10, "\n    "))
+
+
 # Settings besides config.model that decide the saved state's tree: the EMA
 # copy (ema_decay > 0) and the optimizer's state.
 _STATE_SETTINGS = ("optimizer", "train.ema_decay")

@@ -26,12 +26,14 @@ from genvis_jax.core import step_walk
 
 def load(run: epath.Path, abstract_params, where: str = "",
          model_name: str = "", step: int | None = None,
-         group: str | None = None):
+         group: str | None = None, model_config=None):
   """A training run's newest loadable step (or ``step``), as arrays on
   ``abstract_params``' shardings (the run may have used another topology):
   its EMA parameters (the model's where it keeps no EMA), or with ``group``
   that parameter group's (e.g. ``"disc"``, a GAN's discriminator).
-  Every process must call it.
+  Every process must call it. ``model_config`` (the configured
+  ``config.model``) names, when the weights do not fit, the model settings
+  the run was trained with that differ.
 
   Raises:
     CheckpointNotFoundError: the run has no such step, or none.
@@ -59,7 +61,8 @@ def load(run: epath.Path, abstract_params, where: str = "",
   walk = step_walk.first_readable(
       [step] if step is not None else saved,
       (lambda s, _: _check_step(folder, s, where, model_name),
-       lambda s, _: _read_step(folder, s, abstract_params, where, group)),
+       lambda s, _: _read_step(folder, s, abstract_params, where, group,
+                               model_config)),
       folder, log_skipped=step is None)
   failed = walk.failed
   if walk.step is not None:
@@ -108,11 +111,12 @@ def _check_step(folder: epath.Path, step: int, where: str,
 
 
 def _read_step(folder: epath.Path, step: int, abstract_params, where: str,
-               group: str | None = None):
+               group: str | None = None, model_config=None):
   """Step ``step``'s EMA or model parameters (or ``group``'s), read onto
   ``abstract_params``' shardings (host arrays where they name none), and
   which. Raises CheckpointMismatchError, before reading, if they do not fit
-  ``abstract_params``."""
+  ``abstract_params`` (naming how the run's ``config.model`` differs from
+  ``model_config``)."""
   meta = pytree_io.state_metadata(folder / str(step))
   # Only the weights asked for: the optimizer moments, discriminator and
   # other half of (params, EMA) would triple or quadruple the bytes read
@@ -131,9 +135,15 @@ def _read_step(folder: epath.Path, step: int, abstract_params, where: str,
   found = meta
   for key in path:
     found = found[key]
-  fit.compare_trees(abstract_params, found,
-                    f"Checkpoint {folder.parent} step {step}{where}",
-                    fit.weights_fix(where))
+  try:
+    fit.compare_trees(abstract_params, found,
+                      f"Checkpoint {folder.parent} step {step}{where}",
+                      fit.weights_fix(where))
+  except fit.CheckpointMismatchError as e:
+    if group is not None or model_config is None:
+      raise
+    raise fit.CheckpointMismatchError(str(e) + fit.model_settings_note(
+        ckpt_files.saved_config(folder / str(step)), model_config)) from None
   # Each leaf straight onto its sharding: a host reads only its shards
   # (reading whole arrays on every host of a pod multiplies the bytes read
   # by the host count).

@@ -47,7 +47,8 @@ from genvis_jax.core.param_checkpoint import DIGEST_FILE, params_digest, save_pa
 
 
 def restore_params(directory: str, abstract_params, *, setting: str = "",
-                   model_name: str = "", group: str | None = None) -> Any:
+                   model_name: str = "", group: str | None = None,
+                   model_config=None) -> Any:
   """Loads the parameters ``directory`` holds into the abstract tree.
 
   Args:
@@ -64,6 +65,9 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     group: read this parameter group of a training run's step (e.g.
       ``"disc"``, a GAN's discriminator) instead of its model's weights; a
       parameter checkpoint holds none.
+    model_config: the configured ``config.model`` (its name is
+      ``model_name``): a training run's weights that do not fit are refused
+      naming the model settings the run was trained with that differ.
 
   Returns:
     The parameters, on ``abstract_params``' shardings; NumPy arrays where a
@@ -83,6 +87,8 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
   """
   path = ckpt_files.absolute(directory)
   where = f" ({setting})" if setting else ""
+  if model_config is not None:
+    model_name = model_name or model_config.name
   # Process 0's view of what the folder holds: every process then takes the
   # same path through the agreements below.
   kind = multihost.decided_on_process_0(lambda: _folder_kind(path))
@@ -97,7 +103,7 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
   if kind in (_RUN, _IN_RUN):
     run, step = (path, None) if kind == _RUN else _split_names(path)
     return run_weights.load(run, abstract_params, where, model_name, step,
-                            group)
+                            group, model_config)
   raise ckpt_lib.CheckpointNotFoundError(
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
       "`python -m genvis_jax.convert` or save_params), a training workdir "

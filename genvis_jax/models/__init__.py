@@ -195,4 +195,4 @@ def load_params(model_config, directory: str, mesh=None, *,
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         abstract)
   return weights_lib.restore_pinned(directory, abstract, setting=setting,
-                                    model_name=model_config.name)
+                                    model_config=model_config)

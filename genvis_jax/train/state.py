@@ -72,7 +72,7 @@ def from_weights(state: TrainState, config, abstract_params: dict,
   params = dict(state.params)
   params["model"] = weights_lib.restore_params(
       pinned, abstract_params["model"], setting="--config.init_from",
-      model_name=config.model.name)
+      model_config=config.model)
   for group in groups:
     params[group] = weights_lib.restore_params(
         pinned, abstract_params[group], group=group,
