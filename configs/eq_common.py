@@ -116,6 +116,9 @@ def get_config(size: str = "l", arg=None):
   sp.num_samples = 50_000
   sp.batch_size = 64
   sp.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
+  # config.model keys (comma-separated) sampled with other values than the
+  # run trained with, on purpose; others are refused (parts.check_trained_with).
+  sp.allow_model_changes = ""
   if arg.runlocal:
     # A batch=N given with runlocal is kept.
     runlocal(c, arg.batch if "batch" in arg.given else 16)

@@ -105,6 +105,9 @@ def get_config(size: str = "b", arg: str | None = "dual"):
   # Official sample_c2i_ddp_*: torch.randint(0, 1000, (n,)), labels drawn
   # i.i.d. uniform (RAR and Equivariant sample 50 per class: "balanced").
   c.sample.labels = "uniform"
+  # config.model keys (comma-separated) sampled with other values than the
+  # run trained with, on purpose; others are refused (parts.check_trained_with).
+  c.sample.allow_model_changes = ""
 
   # The FQGAN tokenizer (official fqgan_{dual,triple}_ds16.pt, converted): codes
   # from ten-crop + flip of a 1.1x centre crop, as LlamaGen extract_codes_c2i.py.

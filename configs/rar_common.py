@@ -98,6 +98,9 @@ def get_config(size: str = "b", arg=None):
   c.sample.num_samples = 50_000
   c.sample.batch_size = 250
   c.sample.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
+  # config.model keys (comma-separated) sampled with other values than the
+  # run trained with, on purpose; others are refused (parts.check_trained_with).
+  c.sample.allow_model_changes = ""
 
   # MaskGIT VQGAN: what pretokenize encodes with and samples decode with
   # (--config.tokenizer.checkpoint=DIR from `python -m genvis_jax.convert`).

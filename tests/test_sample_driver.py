@@ -289,20 +289,33 @@ def _stand_in_sampler(monkeypatch, num_samples):
 
 
 def test_a_smaller_then_larger_set_draws_no_batch_again(tmp_path,
-                                                        monkeypatch):
-  """24 images, then 20 (the last part holds 8 of which 4 are asked: kept),
-  then 24 again: only the first run draws; a set grown past a short last
-  part draws that part again (it holds fewer images than now asked)."""
+                                                        monkeypatch, capsys):
+  """24 images, then 20 (the last part holds 8 of which 4 are asked: kept;
+  the smaller samples.npz says how to write them all again), then 24 again:
+  only the first run draws; a set grown past a short last part draws that
+  part again (it holds fewer images than now asked), as does a damaged
+  part."""
   config, drawn = _stand_in_sampler(monkeypatch, num_samples=24)
   wd = str(tmp_path / "wd")
   driver.sample_and_save(config, wd)
   assert drawn == [0, 8, 16]
   for n in (20, 24):
     drawn.clear()
+    capsys.readouterr()
     config.sample.num_samples = n
     with np.load(driver.sample_and_save(config, wd)["npz"]) as d:
       assert len(d["arr_0"]) == n and len(d["labels"]) == n
     assert not drawn
+    said = ("holds the first 20 of the 24 images in "
+            f"{wd}/sample_parts; --config.sample.num_samples=24 writes them "
+            "all again (nothing is drawn again)")
+    assert (said in capsys.readouterr().out) == (n == 20)
+  part = parts.path(os.path.join(wd, "sample_parts"), 8)
+  with open(part, "r+b") as f:    # cut short (a disk that filled up)
+    f.truncate(100)
+  driver.sample_and_save(config, wd)
+  assert drawn == [8]
+  drawn.clear()
   shutil.rmtree(os.path.join(wd, "sample_parts"))
   config.sample.num_samples = 20
   driver.sample_and_save(config, wd)
@@ -375,3 +388,44 @@ def test_assemble_joins_the_parts_or_writes_nothing(tmp_path):
   with pytest.raises(RuntimeError, match="gap at index 8"):
     parts.assemble(str(wd), 20)
   assert sorted(os.listdir(wd)) == ["sample_parts"]
+
+
+def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
+  """A window or latent scale other than the run's loads without an error
+  (the weights' shapes are the same) and changes every image: refused,
+  naming the setting and the run's value, unless named on purpose. Compute
+  settings, keys one side does not record, and converted checkpoints (no
+  record) pass."""
+  import copy
+  from configs import eq_l
+  config = eq_l.get_config("runlocal")
+  run = json.loads(config.to_json_best_effort())
+  step = tmp_path / "run" / "checkpoints" / "20"
+  (step / "config").mkdir(parents=True)
+
+  def check(**changes):
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      for key, value in changes.items():
+        section, name = key.split("__")
+        c[section][name] = value
+      c.init_from = str(step)
+    parts.check_trained_with(c, c, driver._sampler_module("eq_generator")
+                             .RUN_KEYS)
+
+  (step / "config" / "metadata").write_text(json.dumps(run))
+  check(model__dtype="bfloat16", model__remat="full")
+  with pytest.raises(parts.TrainedWithError,
+                     match=r"trained with other settings .*\n  model.window: "
+                           r"run 2 vs config 4\n.*allow_model_changes="
+                           r"model.window"):
+    check(model__window=4)
+  check(model__window=4, sample__allow_model_changes="model.window")
+  with pytest.raises(parts.TrainedWithError,
+                     match=r"sample.latent_scale: run 0.2 vs config 0.05"):
+    check(sample__latent_scale=0.05)
+  del run["model"]["window"]           # a run recorded before the key existed
+  (step / "config" / "metadata").write_text(json.dumps(run))
+  check(model__window=4)
+  shutil.rmtree(step / "config")       # no record (a converted checkpoint)
+  check(model__window=4)

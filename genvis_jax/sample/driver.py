@@ -41,12 +41,18 @@ from genvis_jax.sample import images as images_lib
 from genvis_jax.sample import parts
 
 
-def _generator(name: str):
-  """``genvis_jax/sample/<config.model.name>.py``'s ``generate(model, params,
-  labels, rng, sample_config)``, returning codes in the tokenizer's
-  ``decode`` format (see ``genvis_jax.core.registry``)."""
+def _sampler_module(name: str):
+  """``genvis_jax/sample/<config.model.name>.py``: its ``generate(model,
+  params, labels, rng, sample_config)`` returns codes in the tokenizer's
+  ``decode`` format; its optional ``RUN_KEYS`` maps sampling settings to the
+  run settings they must equal (``parts.check_trained_with``). See
+  ``genvis_jax.core.registry``."""
   return registry.module("genvis_jax.sample", name, ("generate",),
-                         setting="config.model.name (the generator)").generate
+                         setting="config.model.name (the generator)")
+
+
+def _generator(name: str):
+  return _sampler_module(name).generate
 
 
 LABEL_DRAWS = ("balanced", "uniform")
@@ -236,6 +242,9 @@ def sample_and_save(config, workdir: str) -> dict:
   # folder (no fallback to an older one), and the record is checked again
   # after loading (a step re-committed in place meanwhile).
   pinned = parts.pin_weights(config)
+  parts.check_trained_with(
+      config, pinned, getattr(_sampler_module(config.model.name), "RUN_KEYS",
+                              {}))
   settings = parts.sample_settings(config, pinned)
   # Before the (collective) loads: a process with other flags would fail or
   # load something else there while the others wait for it.

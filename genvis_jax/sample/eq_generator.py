@@ -48,6 +48,10 @@ import jax.numpy as jnp
 from genvis_jax.errors import ConfigError
 from genvis_jax.sample import ar
 
+# The sampling settings that must equal the generator run's
+# (``parts.check_trained_with``): it modelled latents times this scale.
+RUN_KEYS = {"sample.latent_scale": "latents.scale"}
+
 # Rows (Euler steps x head batch rows) of one batched adaLN matmul: bounds the
 # modulation buffer (rows x (3 depth + 2) x head_width floats; S: 2048 rows =
 # 300 MB fp32) while batch 1 with CFG still hoists all 100 steps at once.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -20,6 +21,7 @@ from absl import logging
 from etils import epath
 
 from genvis_jax import errors
+from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
@@ -48,14 +50,30 @@ def _listed(parts_dir: str) -> list[str]:
 
 
 def _labels(part: str) -> np.ndarray:
-  """The labels of a part file (its images are not read)."""
-  with files.open_read(part) as f, np.load(f) as d:
-    return d["labels"]
+  """The labels of a part file (its images are not read).
+
+  Raises:
+    PartUnreadableError: the file is cut short or not a part file.
+  """
+  try:
+    with files.open_read(part) as f, np.load(f) as d:
+      return d["labels"]
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+    raise PartUnreadableError(
+        f"Sample part {part} cannot be read ({type(e).__name__}: "
+        f"{str(e)[:200]}); run the same sample command: it draws that "
+        "batch again.") from e
+
+
+class PartUnreadableError(errors.UserError, ValueError):
+  """A sample part file is damaged (cut short, or not a part file)."""
 
 
 # config.tokenizer keys that only messages read (configs/base.py add_tokenizer):
 # parts drawn before they existed, or with other values, still resume.
 MESSAGE_ONLY = ("config_file",)
+# config.sample keys that guard the run without deciding its images.
+SAMPLE_GUARDS = ("allow_model_changes",)
 
 
 def sample_settings(config, pinned=None) -> dict:
@@ -70,7 +88,9 @@ def sample_settings(config, pinned=None) -> dict:
                "dtype": inference.data_model_config(tok).get("dtype", "")}
   # The sampler's dtype as resolved: a config without the key samples in
   # fp32, whatever its model trains in.
-  sample = {**config.sample.to_dict(), "dtype": ar.config_dtype(config.sample)}
+  sample = {**{k: v for k, v in config.sample.to_dict().items()
+              if k not in SAMPLE_GUARDS},
+            "dtype": ar.config_dtype(config.sample)}
   # The weights each path resolves to (a training workdir's newest step), not
   # the paths: a run trained further since is other weights, a copied folder
   # the same ones.
@@ -136,6 +156,57 @@ class SampleSettingsError(errors.UserError, ValueError):
   """Sample parts in the workdir were drawn with other settings."""
 
 
+# config.model fields that shape only training's compute, not what the
+# weights draw (the samplers' dtype is config.sample.dtype).
+COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat")
+
+
+class TrainedWithError(errors.UserError, ValueError):
+  """A run's weights would be sampled with other model settings than it
+  trained with."""
+
+
+def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
+  """Refuses to sample a training run's weights (``pinned.init_from``, its
+  step's recorded config) with other ``config.model`` values, or other
+  values of the sampler's ``run_keys`` (sampling key -> the run's key, e.g.
+  the Equivariant latent scale ``sample.latent_scale`` -> ``latents.scale``),
+  than the run trained with. A change that leaves the weights' shapes alone
+  (an attention window, a latent scale) loads without an error and changes
+  every image. Keys recorded on one side only (another code version) and
+  those named in ``config.sample.allow_model_changes`` (comma-separated) are
+  not compared; a converted checkpoint records no config.
+
+  Raises:
+    TrainedWithError: naming each setting, the run's value and the fix.
+  """
+  if not pinned.init_from:
+    return
+  saved = ckpt_files.saved_config(ckpt_files.absolute(pinned.init_from))
+  if not saved or "model" not in saved:
+    return
+  now = json.loads(config.to_json_best_effort())
+  keys = {k: k for k in settings_lib.flatten({"model": now["model"]})}
+  keys.update(run_keys)
+  allowed = {k.strip() for k in
+             str(config.sample.get("allow_model_changes", "")).split(",")}
+  flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
+  diffs = [f"{key}: run {flat_saved[run]!r} vs config {flat_now[key]!r}"
+           for key, run in sorted(keys.items())
+           if key not in COMPUTE_ONLY and key not in allowed
+           and key in flat_now and run in flat_saved
+           and flat_saved[run] != flat_now[key]]
+  if diffs:
+    first = diffs[0].split(":")[0]
+    raise TrainedWithError(
+        f"{pinned.init_from} was trained with other settings than this "
+        "config samples it with:\n  " + "\n  ".join(diffs) + "\nThey leave "
+        "the weights' shapes alone, so the images would change without an "
+        "error. Pass the run's values (the config it trained with), or name "
+        "the settings changed on purpose, e.g. "
+        f"--config.sample.allow_model_changes={first}.")
+
+
 def check_settings(parts_dir: str, settings: dict) -> None:
   """Writes ``settings.json`` on a fresh start; refuses a resume that differs
   (except in ``num_samples``, as a set can grow or shrink, and in the
@@ -185,8 +256,14 @@ def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
   done = set()
   for p in _listed(parts_dir):
     start = int(os.path.basename(p)[:9])
-    if start < num_samples and len(_labels(p)) >= min(batch,
-                                                      num_samples - start):
+    if start >= num_samples:
+      continue
+    try:
+      n = len(_labels(p))
+    except PartUnreadableError as e:   # drawn again, then replaced whole
+      logging.warning("%s", str(e).split(";")[0] + "; drawing it again.")
+      continue
+    if n >= min(batch, num_samples - start):
       done.add(start)
   return done
 
@@ -201,20 +278,22 @@ def assemble(workdir: str, num_samples: int) -> dict:
          "num_samples": int(num_samples)}
   if jax.process_index() != 0:
     return out
-  chosen, labels, expected = [], [], 0
+  chosen, labels, held = [], [], 0
   for p in _listed(directory(workdir)):
     start = int(os.path.basename(p)[:9])
-    if start >= num_samples:     # drawn for a larger set than asked for now
+    if start != held:
+      if start < num_samples:
+        raise RuntimeError(
+            f"Sample parts have a gap at index {held} (next part starts at "
+            f"{start}); re-run the same command to fill it.")
       break
-    if start != expected:
-      raise RuntimeError(f"Sample parts have a gap at index {expected} (next part "
-                         f"starts at {start}); re-run the same command to fill it.")
-    part_labels = _labels(p)[:num_samples - start]
-    chosen.append((p, len(part_labels)))
-    labels.append(part_labels)
-    expected += len(part_labels)
-  if expected < num_samples:
-    raise RuntimeError(f"{expected} of {num_samples} samples present; re-run.")
+    part_labels = _labels(p)
+    held += len(part_labels)
+    if start < num_samples:
+      chosen.append((p, min(len(part_labels), num_samples - start)))
+      labels.append(part_labels[:chosen[-1][1]])
+  if held < num_samples:
+    raise RuntimeError(f"{held} of {num_samples} samples present; re-run.")
   labels = np.concatenate(labels)
   first = []   # the grid's images
 
@@ -234,4 +313,9 @@ def assemble(workdir: str, num_samples: int) -> dict:
   images_lib.save_grid(grid[order], out["png"],
                        ncols=images_lib.grid_columns(*shape[1:3]))
   print(f"[sample] wrote {out['npz']} and {out['png']}", flush=True)
+  if held > num_samples:   # e.g. a quick look at the first images of a set
+    print(f"[sample] {out['npz']} holds the first {num_samples} of the {held} "
+          f"images in {directory(workdir)}; --config.sample.num_samples="
+          f"{held} writes them all again (nothing is drawn again).",
+          flush=True)
   return out
