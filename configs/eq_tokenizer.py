@@ -16,7 +16,7 @@ discriminator afresh, e.g. from converted weights.
 
   python -m genvis_jax.main --config=configs/eq_tokenizer.py --workdir=DIR \\
       --config.data.path=TFDS_DIR --config.loss.lpips_path=vgg_lpips.npz \\
-      --config.disc.vit_path=dino_deitsmall16.npz \\
+      --config.disc.vit_path=dino_deitsmall16_pretrain.pth \\
       --config.loss.teacher_path=dinov2_vitb14_flax.npz
 
 Weights files are local, nothing downloads: the DINO ViT-S/16 state dict as

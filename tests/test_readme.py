@@ -93,11 +93,14 @@ def test_convert_command_parses(line, prog, argv, monkeypatch):
   from genvis_jax import convert
   monkeypatch.chdir(pc.ROOT)
   opts = dict(a[2:].split("=", 1) for a in argv)
-  assert set(opts) <= {"kind", "src", "dst", "key", "config"}, opts
+  overrides = [a for a in argv if a.startswith("--config.")]
+  assert set(opts) - {a[2:].split("=")[0] for a in overrides} <= {
+      "kind", "src", "dst", "key", "config"}, opts
   assert {"kind", "src", "dst"} <= set(opts), opts
   assert opts["kind"] in convert.kinds()
-  if "config" in opts:
-    assert "model" in pc.parse_config_args([f"--config={opts['config']}"])
+  if "config" in opts:   # with its overrides, as the command line applies them
+    assert "model" in pc.parse_config_args([f"--config={opts['config']}",
+                                            *overrides])
 
 
 def _has(config, key: str) -> bool:

@@ -522,6 +522,14 @@ def test_inference_loading_errors_name_the_setting(runs, tmp_path, caplog):
                      match=r"nowhere \(--config.init_from\)"):
     models.load_params(model, str(tmp_path / "nowhere"),
                                setting="--config.init_from")
+  # An official weight file, not converted yet: the conversion is named.
+  (tmp_path / "places_large.ckpt").write_bytes(b"\x80\x02")
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"places_large.ckpt is a file, not a folder of "
+                           r"weights: .* genvis_jax.convert --kind=KIND "
+                           r"--src=.*places_large.ckpt --dst=DIR"):
+    models.load_params(model, str(tmp_path / "places_large.ckpt"),
+                       setting="--config.init_from")
   # Weights of another size: the run's differing model settings are named.
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
                      match=r"does not match the configured model(.|\n)*The "

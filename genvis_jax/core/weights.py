@@ -108,7 +108,8 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
       "`python -m genvis_jax.convert` or save_params), a training workdir "
       f"with {path}/checkpoints, or one of its checkpoints/<step> folders. "
-      + (_unfinished_save_hint(path) or _inside_run_hint(path)))
+      + (_file_hint(path) or _unfinished_save_hint(path)
+         or _inside_run_hint(path)))
 
 
 def restore_pinned(directory: str, abstract_params, **kwargs) -> Any:
@@ -247,6 +248,19 @@ def _split_names(path: epath.Path) -> tuple[epath.Path, int | None]:
   if path.name == "checkpoints":
     return path.parent, None
   return path, None
+
+
+def _file_hint(path: epath.Path) -> str:
+  """Names the conversion a weight file (an official ``.ckpt`` / ``.pt`` /
+  ``.bin`` / ``.safetensors`` download) needs first; "" unless ``path`` is a
+  file."""
+  if not path.is_file():
+    return ""
+  return (f"{path} is a file, not a folder of weights: an official weight "
+          "file loads once converted, `python -m genvis_jax.convert "
+          f"--kind=KIND --src={path} --dst=DIR --config=CONFIG` (the "
+          "kinds and commands: README, Official checkpoints), then point the "
+          "setting at DIR.")
 
 
 def _unfinished_save_hint(path: epath.Path) -> str:
