@@ -13,6 +13,7 @@ Importing this module defines the ``--verbose`` flag; only entry points do.
 from __future__ import annotations
 
 import functools
+import logging as py_logging
 import os
 import re
 import signal
@@ -28,6 +29,26 @@ from genvis_jax.errors import UserError
 VERBOSE_ENV = "GENVIS_VERBOSE"
 flags.DEFINE_bool("verbose", False, "Show Python tracebacks for user errors "
                   f"(also {VERBOSE_ENV}=1) and log the whole config.")
+
+
+class _LibraryInfo(py_logging.Filter):
+  """Drops INFO records of the libraries ``quiet_library_logs`` names."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or not any(
+        s in record.pathname for s in ("/orbax/", "/grain/", "/etils/",
+                                       "/jax/_src/xla_bridge.py"))
+
+
+def quiet_library_logs():
+  """Drops Orbax/Grain INFO chatter that would drown the training log, and
+  jax's INFO line about each backend it could not start (on every GPU or
+  CPU machine: "Unable to initialize backend 'tpu'"): from absl's handler
+  and, in a notebook (where absl's may not be the one printing), from the
+  root logger's. Calling it again adds nothing."""
+  for handler in {logging.get_absl_handler(), *py_logging.getLogger().handlers}:
+    if not any(isinstance(f, _LibraryInfo) for f in handler.filters):
+      handler.addFilter(_LibraryInfo())
 
 
 def verbose(argv=()) -> bool:

@@ -102,11 +102,14 @@ RESUMES = {
 }
 
 
-def stopped_message(signum: int, mode: str | None = None) -> str:
+def stopped_message(signum: int, mode: str | None = None,
+                    resume: str = "") -> str:
   """What a run stopped at once by signal ``signum`` says (SIGINT: Ctrl-C);
-  ``mode``: the ``config.mode`` stopped (None: unknown, every mode's)."""
+  ``mode``: the ``config.mode`` stopped (None: unknown, every mode's);
+  ``resume``: what running it again does, where the run knows (e.g. the
+  step training resumes from), instead of the mode's general words."""
   by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-  resume = RESUMES.get(mode) or (
+  resume = resume or RESUMES.get(mode) or (
       "training resumes from its last saved checkpoint, sampling after its "
       "last written batch")
   return (f"Stopped by {by}. Nothing half-written is kept under its final "

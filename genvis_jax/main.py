@@ -32,22 +32,6 @@ USAGE = ("usage: python -m genvis_jax.main --config=configs/NAME.py[:ARG] "
          "--workdir=DIR [--config.KEY=VALUE ...] [--verbose]")
 
 
-def quiet_library_logs():
-  """Drops Orbax/Grain INFO chatter that would drown the training log, and
-  jax's INFO line about each backend it could not start (on every GPU or
-  CPU machine: "Unable to initialize backend 'tpu'")."""
-  import logging as py_logging  # pylint: disable=import-outside-toplevel
-
-  class _Filter(py_logging.Filter):
-
-    def filter(self, record):
-      return record.levelno >= py_logging.WARNING or not any(
-          s in record.pathname for s in ("/orbax/", "/grain/", "/etils/",
-                                         "/jax/_src/xla_bridge.py"))
-
-  logging.get_absl_handler().addFilter(_Filter())
-
-
 @cli.user_errors_exit
 def main(argv):
   if len(argv) > 1:
@@ -58,7 +42,7 @@ def main(argv):
   preemption.exit_on_second_interrupt = True
   from genvis_jax.train import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize()
-  quiet_library_logs()
+  cli.quiet_library_logs()
   if cli.verbose():
     logging.info("mode=%s config:\n%s", config.mode, config)
   else:   # a dump of the whole config would bury an early error

@@ -25,5 +25,7 @@ def test_committed_without_outputs_and_guarded_install(name):
         f"{name}: clear outputs before committing (jupyter nbconvert "
         "--clear-output --inplace colabs/*.ipynb)")
   first = code[0].source
-  assert "!pip install" in first and "except ImportError:" in first, (
-      f"{name}: the first code cell must pip-install only when imports fail")
+  # %pip: into the kernel's own Python (!pip may run another one's).
+  assert "%pip install" in first and "except ImportError:" in first, (
+      f"{name}: the first code cell must %pip-install only when imports fail")
+  assert "!pip" not in "".join(c.source for c in code)

@@ -179,6 +179,24 @@ def test_a_second_ctrl_c_in_training_ends_the_command_at_once(monkeypatch,
   assert exits == [130]
   err = capsys.readouterr().err
   assert err.startswith("Error: Stopped by Ctrl-C.") and len(err.splitlines()) == 1
+  # Training names the step a rerun resumes from (steps may be lost).
+  stop = preemption.StopRequest(resumes=lambda: "training resumes from step 4")
+  stop._handle(signal_lib.SIGINT, None)
+  stop._handle(signal_lib.SIGINT, None)
+  assert capsys.readouterr().err.endswith(
+      "run the same command again (training resumes from step 4).\n")
+
+
+def test_the_resume_note_names_the_last_finalized_step(tmp_path):
+  from genvis_jax.core import checkpoint as ckpt_lib   # pylint: disable=import-outside-toplevel
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  assert ckpt.resume_note() == ("no checkpoint is saved yet: training starts "
+                                "again from step 0")
+  for step in (3, 6):
+    (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+  (tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1").mkdir()  # in flight
+  assert ckpt.resume_note() == ("training resumes from step 6, its last "
+                                "saved checkpoint")
 
 
 def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):

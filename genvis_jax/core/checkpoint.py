@@ -138,6 +138,15 @@ class Checkpointer:
     self.manager = self._new_manager()
     self._pending = None  # step of a save whose outcome is not checked yet
 
+  def resume_note(self) -> str:
+    """What running the same command again resumes from, by the finalized
+    steps on disk now (a save in flight is not one yet)."""
+    saved = (ckpt_files.saved_steps(self.directory)
+             if self.directory.exists() else set())
+    if not saved:
+      return "no checkpoint is saved yet: training starts again from step 0"
+    return f"training resumes from step {max(saved)}, its last saved checkpoint"
+
   def _new_manager(self) -> ocp.CheckpointManager:
     # grain lazily: sampling / evaluation / benchmarks import this module on
     # machines without grain.

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 import jax
 from absl import logging
@@ -52,10 +53,13 @@ class StopRequest:
   """
 
   def __init__(self, action: str = "saving a checkpoint after the current step",
-               lost: str = "without a final checkpoint"):
+               lost: str = "without a final checkpoint",
+               resumes: Callable[[], str] | None = None):
     """``action``: what happens before the stop; ``lost``: what a stop
-    without the preemption service misses (both for the log lines)."""
-    self.action, self.lost = action, lost
+    without the preemption service misses; ``resumes``: what running the
+    command again after a stop at once would do, asked when it happens (e.g.
+    the step training resumes from). All for the messages."""
+    self.action, self.lost, self._resumes = action, lost, resumes
     self.signal: str | None = None    # what asked, for messages
     self.signum: int = signal.SIGTERM  # the signal, for the exit status
     self._previous = {}
@@ -89,15 +93,25 @@ class StopRequest:
       if exit_on_second_interrupt:
         sys.stdout.flush()
         logging.flush()
-        print(f"Error: {errors.stopped_message(signum)}", file=sys.stderr,
-              flush=True)
+        print(f"Error: {errors.stopped_message(signum, resume=self._resume())}",
+              file=sys.stderr, flush=True)
         os._exit(128 + signum)  # pylint: disable=protected-access
       else:
         raise KeyboardInterrupt
     self.signal, self.signum = signal.Signals(signum).name, signum
+    resume = self._resume()
     logging.warning("%s received: %s, then stopping (Ctrl-C%s stops at "
-                    "once, unsaved).", self.signal, self.action,
-                    " again" if signum == signal.SIGINT else "")
+                    "once, unsaved%s).", self.signal, self.action,
+                    " again" if signum == signal.SIGINT else "",
+                    f": {resume}" if resume else "")
+
+  def _resume(self) -> str:
+    """``resumes()``, or "" where it is not given or fails (a message must
+    not stop the stop)."""
+    try:
+      return self._resumes() if self._resumes else ""
+    except Exception:  # pylint: disable=broad-except
+      return ""
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:

@@ -327,7 +327,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
       int(config.train.get("profile_skip_steps", 0)), settle=ckpt.wait)
   try:
     # SIGTERM / Ctrl-C: finish the step in flight, save it, stop.
-    with preemption.StopRequest() as stop, profile:
+    with preemption.StopRequest(resumes=ckpt.resume_note) as stop, profile:
       for step in range(start, num_steps):
         local = next(data_iter)
         group_check.update(local)
