@@ -89,6 +89,9 @@ class CheckpointFileNotFoundError(UserError, FileNotFoundError):
 class WeightKeyError(UserError, KeyError):
   """``--key`` names an entry the checkpoint does not have."""
 
+  def __str__(self):   # the message as written (KeyError's str quotes it)
+    return str(self.args[0]) if self.args else ""
+
 
 # What running the same command again does after an unsaved stop, by mode.
 RESUMES = {

@@ -48,6 +48,16 @@ def check_names(config) -> None:
   message). Raises ``ConfigError`` naming the choices."""
   resolve(config.get("mode"))
   check_config_kind(config)
+  name = (config.get("model") or {}).get("name")
+  if config.mode == "sample" and name:
+    generators = registry.available("genvis_jax.sample", ("generate",))
+    if name not in generators:   # e.g. a tokenizer's config
+      raise ConfigError(
+          f"config.mode=sample draws from a generator, and config.model.name="
+          f"{name!r} is not one (generators: {', '.join(generators)}): pass a "
+          "generator's config, e.g. configs/eq_s.py, configs/far_b.py or "
+          "configs/rar_b.py, with --config.tokenizer.checkpoint naming the "
+          "tokenizer that decodes its samples.")
   for key, package, attrs in _NAMED.get(config.mode, ()):
     node = config
     for part in key.split("."):
@@ -92,12 +102,22 @@ def check_config_kind(config) -> None:
         "configs/rar_b.py:runlocal (the table in README.md lists them).")
   if config.mode != "demo" and runner:
     stages = ", ".join(config.get("stage_order", ()) or config.stages.keys())
+    generators = [PAPER_RUNLOCAL[m] for m in (
+        (st.get("model") or {}).get("name") for st in config.stages.values())
+                  if m in PAPER_RUNLOCAL]
     raise ConfigError(
         f"config.mode={config.mode} runs one job's config, and this is a demo "
         f"config (stages: {stages}), which runs with config.mode=demo. Run "
         "some of its stages with --config.only=NAME[,NAME] (they read the "
-        "earlier stages' outputs in the same --workdir), or pass the stage's "
-        "own config, e.g. configs/rar_b.py:runlocal.")
+        "earlier stages' outputs in the same --workdir), or pass a paper "
+        "config shrunk for a laptop, e.g. "
+        f"{(generators or ['configs/rar_b.py:runlocal'])[0]}.")
+
+
+# A demo's generator -> the paper config its messages point at, shrunk.
+PAPER_RUNLOCAL = {"rar": "configs/rar_b.py:runlocal",
+                  "far": "configs/far_b.py:dual,runlocal",
+                  "eq_generator": "configs/eq_s.py:runlocal"}
 
 
 def check_workdir(workdir: str) -> str | None:

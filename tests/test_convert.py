@@ -432,3 +432,25 @@ def test_load_weights_from_a_params_folder_gives_jax_arrays(tmp_path):
   leaf = got["dense"]["kernel"]
   assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32
   np.testing.assert_array_equal(leaf, tree["dense"]["kernel"])
+
+
+def test_a_file_of_another_model_is_named_so(tmp_path):
+  """A file whose names the converter does not know (e.g. a tokenizer given
+  as the DINO discriminator's ViT) is another model's file, with the fix:
+  not "it holds 0 parameters" against the expected tree."""
+  from genvis_jax.convert import dino_vit   # pylint: disable=import-outside-toplevel
+  np.savez(tmp_path / "tok.npz", **{f"encoder.conv_{i}.weight": np.zeros(2)
+                                    for i in range(30)})
+  with pytest.raises(errors.CheckpointFileError,
+                     match=r"tok.npz \(config.disc.vit_path\) holds 30 arrays, "
+                           r"none of them DINO ViT weights \(e.g. 'encoder.conv"
+                           r"_0.weight'\): another model's file\? Download .* "
+                           r"dino_deitsmall16_pretrain.pth"):
+    dino_vit.load_dino_vit(str(tmp_path / "tok.npz"))
+  # --key naming no entry: the message as written, the entries capped.
+  from genvis_jax.convert import io as cio   # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.WeightKeyError) as e:
+    cio.select_state_dict({f"k{i}": {} for i in range(30)}, "model", "x.pt")
+  assert str(e.value) == ("x.pt: no entry 'model' (from key='model'); it holds "
+                          + ", ".join(f"'k{i}' (dict)" for i in range(8))
+                          + ", ... 22 more.")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from genvis_jax import convert
+from genvis_jax import convert, errors
 from genvis_jax.convert import eq as ceq
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
 
@@ -104,3 +104,10 @@ def test_generator_kind_matches_parity_tree():
   report = r"missing \(85\).*class_emb/embedding(.|\n)*unexpected.*decoder/conv_in"
   with pytest.raises(CheckpointMismatchError, match=report):
     convert.from_torch("eq_generator", fixture_state(f, "tok/"), cfg)
+  # The released generator is a 30-class Places model: another class count
+  # names the override, not a wall of mis-shaped keys.
+  cfg.num_classes = 30
+  with pytest.raises(errors.ConfigError,
+                     match=r"has 5 classes \(class_emb.weight \(5, 32\)\), "
+                           r"the config 30: .*--config.model.num_classes=5"):
+    convert.from_torch("eq_generator", state, cfg)

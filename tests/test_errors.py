@@ -401,7 +401,15 @@ CASES = {
     "demo_config_other_mode": (DEMO + ["--config.mode=sample"],
                                r"config.mode=sample runs one job's config, "
                                r"and this is a demo config \(stages: "
-                               r"tokenizer, .*--config.only=NAME"),
+                               r"tokenizer, .*--config.only=NAME.* e.g. "
+                               r"configs/rar_b.py:runlocal\.$"),
+    "sample_a_tokenizer": (
+        ["--config=configs/eq_tokenizer.py:runlocal", "--config.mode=sample"],
+        r"config.mode=sample draws from a generator, and config.model.name="
+        r"'eq_tokenizer' is not one \(generators: eq_generator, far, rar\)"),
+    "eq_demo_config_other_mode": (
+        ["--config=configs/demo_eq.py", "--config.mode=sample"],
+        r"demo config \(stages: eq_tokenizer, .* configs/eq_s.py:runlocal\.$"),
     "no_pretokenize_stage": (
         ["--config=configs/eq_s.py:runlocal", "--config.mode=pretokenize"],
         r"This config has no pretokenize stage"),

@@ -316,6 +316,10 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   printed = capsys.readouterr().out
   for word in ("FID", "sFID", "IS", "precision", "recall"):
     assert word in printed
+  # 12 samples: the record and the line say the numbers are not comparable.
+  assert saved["sample_size"] == [8, 8] and len(saved["caveats"]) == 1
+  assert "only 12 samples" in saved["caveats"][0]
+  assert "; NOT comparable: only 12 samples" in printed
   config.evaluate.reference = ""
   with pytest.raises(ValueError, match="config.evaluate.reference"):
     driver.run(config, str(tmp_path / "out2"))

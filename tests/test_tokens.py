@@ -407,7 +407,7 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   # Sampling the run (or one of its steps) with other tokenizer weights warns.
   step = os.path.join(wd, "checkpoints", "5")
   assert parts.warn_other_tokenizer(step, "step 20 committed 1") == ""
-  assert "trained on codes of tokenizer weights ['step 20 committed 1']" in (
+  assert "trained on tokens of tokenizer weights ['step 20 committed 1']" in (
       parts.warn_other_tokenizer(step, "step 30 committed 2"))
   assert parts.warn_other_tokenizer(str(tmp_path / "converted"), "x") == ""
 

@@ -190,6 +190,11 @@ def load_weights(path: str, expected=None, *,
     params = tree.nest(flat)
   elif convert is not None:
     params = convert({k: np.asarray(v) for k, v in flat.items()})
+    if not jax.tree_util.tree_leaves(params):   # it recognised no name
+      raise errors.CheckpointFileError(
+          f"{path} ({setting}) holds {len(flat)} arrays, none of them "
+          f"{what} (e.g. {next(iter(flat))!r}): another model's file? {fetch} "
+          f"and point {setting} at it.")
   else:
     raise errors.CheckpointFileError(
         f"{path} ({setting}) holds official names (e.g. {next(iter(flat))!r}) "

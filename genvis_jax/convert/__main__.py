@@ -35,6 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   config = _CONFIG.value
   params = convert.convert_file(
       _KIND.value, _SRC.value, config.model if config is not None else None,

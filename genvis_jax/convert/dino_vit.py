@@ -66,10 +66,9 @@ def load_dino_vit(path: str, expected=None, *, zero_k_bias: bool = False) -> dic
   discriminator's ``vit``) when given."""
   params = convert_lib.load_weights(
       path, expected, convert=convert_dino_vit,
-      setting="config.disc.vit_path (a local timm / DINO ViT state dict, "
-      "e.g. dino_deitsmall16_pretrain.pth)", what="DINO ViT weights",
-      fetch="Download the timm / DINO ViT state dict (read as is, no "
-      "conversion)")
+      setting="config.disc.vit_path", what="DINO ViT weights",
+      fetch="Download the timm / DINO ViT state dict, e.g. "
+      "dino_deitsmall16_pretrain.pth (read as is, no conversion)")
   if zero_k_bias:
     params = jax.tree_util.tree_map(jnp.asarray, zero_key_bias(params))
   return params

@@ -192,8 +192,12 @@ def _is_state_dict(obj) -> bool:
                   for k, v in obj.items()))
 
 
-def _describe(obj: dict) -> str:
-  return ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:20])
+def _describe(obj: dict, limit: int = 8) -> str:
+  """The first ``limit`` entries of ``obj`` with their types, and how many
+  more (a flat state dict holds hundreds)."""
+  shown = ", ".join(f"{k!r} ({type(v).__name__})"
+                    for k, v in list(obj.items())[:limit])
+  return shown + (f", ... {len(obj) - limit} more" if len(obj) > limit else "")
 
 
 def select_state_dict(obj, key: str | None = None, source: str = "checkpoint"):

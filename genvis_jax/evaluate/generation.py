@@ -158,8 +158,8 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
                      log_every=log_every)
   ref_feats, ref_pool, ref_spatial = _reference_features(extractor, ref,
                                                          log_every)
-  warn_incomparable(sam["count"], samples.shape,
-                    None if ref.images is None else ref.images.shape)
+  caveats = warn_incomparable(sam["count"], samples.shape,
+                              None if ref.images is None else ref.images.shape)
   logging.info("computing FID / sFID / IS / precision / recall")
   precision, recall = fid_lib.precision_recall(
       ref_feats, sam["pool"], nearest_k, distance_dtype=distance_dtype,
@@ -174,6 +174,10 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       "num_samples": int(sam["count"]),
       "num_reference": int(len(ref_feats)),
       "preprocess": chosen,
+      "sample_size": [int(d) for d in samples.shape[1:3]],
+      # Why the numbers are not comparable with published ones ([] if they
+      # are): in the record itself, not only in the log.
+      "caveats": caveats,
   }
 
 
@@ -201,11 +205,13 @@ def warn_incomparable(count: int, sample_shape, reference_shape=None) -> list[st
 
 
 def format_metrics(m: dict) -> str:
+  caveats = m.get("caveats") or []
   return (f"FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS "
           f"{m['inception_score']:.2f}  precision {m['precision']:.4f}  recall "
           f"{m['recall']:.4f}  ({m['num_samples']} samples vs "
           f"{m['num_reference']} reference images"
-          f"{', preprocess ' + m['preprocess'] if 'preprocess' in m else ''})")
+          f"{', preprocess ' + m['preprocess'] if 'preprocess' in m else ''})"
+          + "".join(f"; NOT comparable: {c}" for c in caveats))
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -168,8 +168,10 @@ def make_decode_fn(tok, mesh) -> Decoder:
   def decode_float(params, codes):
     images = tok_model.apply({"params": params}, codes, method="decode")
     finite = jnp.all(jnp.isfinite(images))
-    if jnp.issubdtype(codes.dtype, jnp.integer):   # -1: drawn from NaN logits
-      finite &= jnp.all(codes >= 0)
+    # -1: drawn from NaN logits (codes: an array, or FQGAN's one per branch).
+    for c in jax.tree_util.tree_leaves(codes):
+      if jnp.issubdtype(c.dtype, jnp.integer):
+        finite &= jnp.all(c >= 0)
     return images.astype(jnp.float32), finite
 
   return Decoder(decode_float, tok_params, value_range, method)

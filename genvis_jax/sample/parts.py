@@ -135,7 +135,7 @@ def pinned_sources(pinned) -> dict:
 
 def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
   """Warns (and returns the warning) when the generator run ``init_from``
-  (pinned) trained on codes of other tokenizer weights than
+  (pinned) trained on tokens (codes or latents) of other tokenizer weights than
   ``tokenizer_source`` (``core.weights.params_source``): its samples would be
   decoded by a tokenizer it never saw. "" when they match or the run
   recorded nothing (a converted checkpoint, a run of images)."""
@@ -144,7 +144,7 @@ def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
   if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
     return ""
   msg = weights_lib.readable(
-      f"The generator {run} trained on codes of tokenizer weights "
+      f"The generator {run} trained on tokens of tokenizer weights "
       f"{trained_on}, but config.tokenizer.checkpoint holds "
       f"{tokenizer_source!r}: the samples are decoded by another tokenizer. "
       "Point it at the step the tokens came from (<run>/checkpoints/<step>).")
