@@ -11,6 +11,7 @@ import threading
 import jax
 
 from genvis_jax import errors
+from genvis_jax.core import files
 from genvis_jax.core import registry
 from genvis_jax.core import workdir_lock
 from genvis_jax.core import settings as settings_lib
@@ -126,7 +127,7 @@ def check_workdir(workdir: str) -> str | None:
   (``gs://``) ones are left to their writers. Returns the outermost folder
   this call created (``workdir`` or a missing parent of it), None when it
   created none."""
-  if not workdir or "://" in workdir:
+  if not workdir or files.is_remote(workdir):
     return None
   top, parent = None, os.path.abspath(workdir)
   while not os.path.exists(parent):

@@ -196,6 +196,9 @@ def test_draw_marks_examples_with_nan_logits():
   np.testing.assert_array_equal(got[1:3], want[1:3])
   masked = logits.at[2, 7].set(-jnp.inf)   # a masked logit: no damage
   assert np.asarray(ar.draw(masked, key, 2.0, 1.0, True, top_k=5)).min() >= 0
+  # Masked in both halves: guided -Inf - -Inf is NaN, which would be drawn.
+  both = masked.at[3, 7].set(-jnp.inf)
+  assert np.asarray(ar.draw(both, key, 2.0, 1.0, True))[1] == -1
   got = np.asarray(ar.draw(bad[::2], key, 2.0, 1.0, False))   # no CFG
   assert got[3] == -1 and got[:3].min() >= 0
 

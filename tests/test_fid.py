@@ -150,6 +150,9 @@ def test_reference_npz_roundtrip_and_streaming(tmp_path):
   np.savez_compressed(tmp_path / "samples.npz", images)
   arr = npz.open_images(str(tmp_path / "samples.npz"))
   np.testing.assert_array_equal(np.concatenate(list(arr.batches(3))), images)
+  np.savez(tmp_path / "fortran.npz", np.asfortranarray(images))   # column-major
+  arr = npz.open_images(str(tmp_path / "fortran.npz"))
+  np.testing.assert_array_equal(np.concatenate(list(arr.batches(3))), images)
 
 
 def test_reference_errors(tmp_path):

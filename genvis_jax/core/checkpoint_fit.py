@@ -78,6 +78,11 @@ def compare_trees(expected, found, what: str,
     raise CheckpointMismatchError("\n".join(lines))
 
 
+# config.model fields that shape only a run's compute, not its weights or
+# what they draw (samplers decode in config.sample.dtype).
+COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat")
+
+
 def model_settings_note(saved: dict | None, model_config) -> str:
   """Names the ``config.model`` fields a run was trained with (``saved``,
   its recorded config) that differ from ``model_config``: why its weights do
@@ -87,7 +92,7 @@ def model_settings_note(saved: dict | None, model_config) -> str:
     return ""
   now = json.loads(model_config.to_json_best_effort())
   diffs = settings_lib.differences({"model": saved["model"]}, {"model": now},
-                                   names=("run", "config"))
+                                   ignore=COMPUTE_ONLY, names=("run", "config"))
   if not diffs:
     return ""
   return ("\n  The run was trained with other model settings:\n    " +

@@ -29,8 +29,9 @@ def write_whole(path, write: Callable[[str], object]) -> None:
   place (atomic on one file system). Object store: ``tmp`` is in a local
   temporary folder and is uploaded to ``path`` (an object appears whole when
   its upload completes; a rename there is a copy and a delete). The local
-  disk then needs room for the file once. A ``write`` that raises leaves
-  ``path`` as it was and no temporary file.
+  disk then needs room for the file twice (TensorFlow's GCS writer stages
+  its own copy); ``TMPDIR`` chooses the disk. A ``write`` that raises
+  leaves ``path`` as it was and no temporary file.
   """
   path = os.fspath(path)
   if is_remote(path):

@@ -20,6 +20,7 @@ import socket
 from absl import logging
 
 from genvis_jax import errors
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 
 LOCK_NAME = ".genvis_lock"
@@ -38,7 +39,7 @@ def hold(workdir: str, what: str = "training run"):
   Raises:
     WorkdirBusyError: another process holds it; names that process.
   """
-  if "://" in workdir:   # an object store: no file locks
+  if files.is_remote(workdir):   # an object store: no file locks
     yield
     return
   path = os.path.join(workdir, LOCK_NAME)

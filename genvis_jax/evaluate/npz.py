@@ -109,10 +109,14 @@ class NpzArray:
     with _zip(self.path) as zf, zf.open(f"{self.key}.npy") as f:
       version = np.lib.format.read_magic(f)
       shape, fortran, dtype = _read_header(f, version)
-      if fortran or dtype.hasobject:   # rare: fall back to a full load
-        arr = np.lib.format.read_array(f, allow_pickle=False)
+      if dtype.hasobject:
+        raise NpzContentError(f"{self.path!r}: {self.key} holds Python "
+                              "objects, not arrays of numbers.")
+      if fortran:   # rare (rows are not contiguous): read it whole
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        arr = np.frombuffer(f.read(size), dtype).reshape(shape, order="F")
         for i in range(0, n, batch_size):
-          yield np.asarray(arr[i:min(i + batch_size, n)])
+          yield np.ascontiguousarray(arr[i:min(i + batch_size, n)])
         return
       row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
       for i in range(0, n, batch_size):

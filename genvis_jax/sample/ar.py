@@ -109,15 +109,18 @@ def draw(logits, key, scale, temperature, use_cfg: bool, top_k: int = 0,
   divided by ``temperature``, then filtered (``top_k_top_p``), the official
   order of both samplers. Returns int32 (B,): -1 for an example whose
   logits hold NaN or +Inf (damaged or diverged weights, an overflowing
-  dtype), where a draw would give code 0 as if nothing were wrong; the
-  sampling driver refuses a batch holding one (``NonFiniteSamplesError``)."""
-  # Per row of the model's output (-Inf is a masked logit, not damage).
+  dtype), or NaN once guided (-Inf in the unconditional half, which
+  guidance cannot combine), where a draw would give a code as if nothing
+  were wrong; the sampling driver refuses a batch holding one
+  (``NonFiniteSamplesError``). A -Inf conditional logit (a masked code)
+  draws as usual."""
+  # Per row of the model's output, then per example once guided.
   broken = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
   if use_cfg:
     broken = broken.reshape(-1, 2).any(-1)
-  logits = top_k_top_p(guide(logits, scale, use_cfg) / temperature, top_k,
-                       top_p)
-  codes = jax.random.categorical(key, logits)
+  logits = guide(logits, scale, use_cfg) / temperature
+  broken |= jnp.any(jnp.isnan(logits), axis=-1)
+  codes = jax.random.categorical(key, top_k_top_p(logits, top_k, top_p))
   return jnp.where(broken, -1, codes).astype(jnp.int32)
 
 

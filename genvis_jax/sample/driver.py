@@ -267,8 +267,10 @@ def sample_and_save(config, workdir: str) -> dict:
         f"({weights_lib.readable(settings['weights.tokenizer'])})", flush=True)
   key = jax.random.key(s.get("seed", 0))
   starts = range(0, s.num_samples, s.batch_size)
-  done = parts.complete_parts(parts_dir, s.num_samples, s.batch_size)
-  if jax.process_count() > 1:   # process 0 writes the parts: its view counts
+  # Process 0 writes the parts: its view counts (the others read none).
+  done = (parts.complete_parts(parts_dir, s.num_samples, s.batch_size)
+          if jax.process_index() == 0 else set())
+  if jax.process_count() > 1:
     mask = np.array([start in done for start in starts])
     mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
     done = {start for start, m in zip(starts, mask) if m}

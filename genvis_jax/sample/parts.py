@@ -22,6 +22,7 @@ from etils import epath
 
 from genvis_jax import errors
 from genvis_jax.core import checkpoint_files as ckpt_files
+from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
@@ -156,10 +157,6 @@ class SampleSettingsError(errors.UserError, ValueError):
   """Sample parts in the workdir were drawn with other settings."""
 
 
-# config.model fields that shape only training's compute, not what the
-# weights draw (the samplers' dtype is config.sample.dtype).
-COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat")
-
 
 class TrainedWithError(errors.UserError, ValueError):
   """A run's weights would be sampled with other model settings than it
@@ -193,18 +190,18 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
   diffs = [f"{key}: run {flat_saved[run]!r} vs config {flat_now[key]!r}"
            for key, run in sorted(keys.items())
-           if key not in COMPUTE_ONLY and key not in allowed
+           if key not in fit.COMPUTE_ONLY and key not in allowed
            and key in flat_now and run in flat_saved
            and flat_saved[run] != flat_now[key]]
   if diffs:
-    first = diffs[0].split(":")[0]
+    keys = ",".join(d.split(":")[0] for d in diffs)
     raise TrainedWithError(
         f"{pinned.init_from} was trained with other settings than this "
-        "config samples it with:\n  " + "\n  ".join(diffs) + "\nThey leave "
-        "the weights' shapes alone, so the images would change without an "
-        "error. Pass the run's values (the config it trained with), or name "
-        "the settings changed on purpose, e.g. "
-        f"--config.sample.allow_model_changes={first}.")
+        "config samples it with:\n  " + "\n  ".join(diffs) + "\nPass the "
+        "run's values (the config it trained with). A setting that leaves "
+        "the weights' shapes alone (an attention window, a latent scale) "
+        "would load and change every image; to change such settings on "
+        f"purpose, name them: --config.sample.allow_model_changes={keys}.")
 
 
 def check_settings(parts_dir: str, settings: dict) -> None:
@@ -287,26 +284,35 @@ def assemble(workdir: str, num_samples: int) -> dict:
             f"Sample parts have a gap at index {held} (next part starts at "
             f"{start}); re-run the same command to fill it.")
       break
+    if start >= num_samples:   # kept from a larger set: only counted
+      try:
+        held += len(_labels(p))
+      except PartUnreadableError:   # not needed now: drawn again when it is
+        break
+      continue
     part_labels = _labels(p)
     held += len(part_labels)
-    if start < num_samples:
-      chosen.append((p, min(len(part_labels), num_samples - start)))
-      labels.append(part_labels[:chosen[-1][1]])
+    chosen.append((p, min(len(part_labels), num_samples - start)))
+    labels.append(part_labels[:chosen[-1][1]])
   if held < num_samples:
     raise RuntimeError(f"{held} of {num_samples} samples present; re-run.")
   labels = np.concatenate(labels)
+
+  def read(p, n):
+    with files.open_read(p) as f, np.load(f) as d:
+      return d["images"][:n]
+
+  parts_images = [read(*chosen[0])]   # read once: it gives the shape too
   first = []   # the grid's images
 
   def images():
-    for p, n in chosen:
-      with files.open_read(p) as f, np.load(f) as d:
-        part = d["images"][:n]
+    for i, (p, n) in enumerate(chosen):
+      part = parts_images.pop() if i == 0 else read(p, n)
       if sum(map(len, first)) < 100:
         first.append(part[:100 - sum(map(len, first))])
       yield part
 
-  with files.open_read(chosen[0][0]) as f, np.load(f) as d:
-    shape = (num_samples, *d["images"].shape[1:])
+  shape = (num_samples, *parts_images[0].shape[1:])
   images_lib.save_npz_parts(out["npz"], images(), shape, labels)
   grid = np.concatenate(first)
   order = np.argsort(labels[:len(grid)], kind="stable")
