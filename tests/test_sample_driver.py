@@ -315,6 +315,13 @@ def test_a_smaller_then_larger_set_draws_no_batch_again(tmp_path,
     f.truncate(100)
   driver.sample_and_save(config, wd)
   assert drawn == [8]
+  # A damaged part beyond a smaller set is not needed: not read, no error.
+  with open(parts.path(os.path.join(wd, "sample_parts"), 16), "r+b") as f:
+    f.truncate(100)
+  config.sample.num_samples = 12
+  assert driver.sample_and_save(config, wd)["num_samples"] == 12
+  assert "holds the first 12 of the 16 images" in capsys.readouterr().out
+  config.sample.num_samples = 24
   drawn.clear()
   shutil.rmtree(os.path.join(wd, "sample_parts"))
   config.sample.num_samples = 20
