@@ -94,8 +94,8 @@ def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,
               f"{what} ended after {done + have} images but {total} were "
               "requested (an image folder's unreadable files, if any, are "
               "skipped; see the warnings): "
-              f"lower {setting} to at most {done + have} or use a larger "
-              "set.") from None
+              f"lower {setting} to at most {done + have} (0 = every "
+              "readable image) or use a larger set.") from None
         want, total = have, done + have   # what is left is the last batch
         break
       arr = np.asarray(item[key] if key is not None else item)
