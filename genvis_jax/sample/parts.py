@@ -136,8 +136,8 @@ def pinned_sources(pinned) -> dict:
 
 def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
   """Warns (and returns the warning) when the generator run ``init_from``
-  (pinned) trained on tokens (codes or latents) of other tokenizer weights than
-  ``tokenizer_source`` (``core.weights.params_source``): its samples would be
+  (pinned) trained on tokens (codes or latents) of other tokenizer weights
+  than ``tokenizer_source`` (``core.weights.params_source``): its samples would be
   decoded by a tokenizer it never saw. "" when they match or the run
   recorded nothing (a converted checkpoint, a run of images)."""
   run = weights_lib.run_of(init_from)
@@ -188,20 +188,21 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   allowed = {k.strip() for k in
              str(config.sample.get("allow_model_changes", "")).split(",")}
   flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
-  diffs = [f"{key}: run {flat_saved[run]!r} vs config {flat_now[key]!r}"
-           for key, run in sorted(keys.items())
-           if key not in fit.COMPUTE_ONLY and key not in allowed
-           and key in flat_now and run in flat_saved
-           and flat_saved[run] != flat_now[key]]
-  if diffs:
-    keys = ",".join(d.split(":")[0] for d in diffs)
+  differing = [(key, run) for key, run in sorted(keys.items())
+               if key not in fit.COMPUTE_ONLY and key not in allowed
+               and key in flat_now and run in flat_saved
+               and flat_saved[run] != flat_now[key]]
+  if differing:
+    diffs = [f"{key}: run {flat_saved[run]!r} vs config {flat_now[key]!r}"
+             for key, run in differing]
+    names = ",".join(key for key, _ in differing)
     raise TrainedWithError(
         f"{pinned.init_from} was trained with other settings than this "
         "config samples it with:\n  " + "\n  ".join(diffs) + "\nPass the "
         "run's values (the config it trained with). A setting that leaves "
         "the weights' shapes alone (an attention window, a latent scale) "
         "would load and change every image; to change such settings on "
-        f"purpose, name them: --config.sample.allow_model_changes={keys}.")
+        f"purpose, name them: --config.sample.allow_model_changes={names}.")
 
 
 def check_settings(parts_dir: str, settings: dict) -> None:
