@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from typing import BinaryIO, Callable
 
 from etils import epath
@@ -51,6 +52,12 @@ def write_whole(path, write: Callable[[str], object]) -> None:
     if os.path.exists(tmp):   # a write that failed leaves nothing behind
       os.remove(tmp)
     raise
+
+
+# What reading a damaged ``.npz`` raises: cut short (``BadZipFile``,
+# ``EOFError``), a failed read (``OSError``), a damaged member or header
+# (``ValueError``).
+NPZ_READ_ERRORS = (zipfile.BadZipFile, EOFError, OSError, ValueError)
 
 
 def open_read(path) -> BinaryIO:

@@ -69,7 +69,7 @@ def _zip(path: str, setting: str = "") -> Iterator[zipfile.ZipFile]:
     f.seek(0)
     try:
       zf = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+    except files.NPZ_READ_ERRORS as e:
       raise _unreadable(path, setting, e) from e
     with zf:
       yield zf
@@ -83,7 +83,7 @@ def open_npz(path: str, setting: str = "") -> Iterator[np.lib.npyio.NpzFile]:
   with files.open_read(path) as f:
     try:
       data = np.load(f, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except files.NPZ_READ_ERRORS as e:
       raise _unreadable(path, setting, e) from e
     if not isinstance(data, np.lib.npyio.NpzFile):
       raise _single_array(path, setting)
@@ -147,7 +147,7 @@ def load_samples(path: str, setting: str = "config.evaluate.samples") -> dict:
   with open_npz(path, setting) as d:
     try:
       return {k: d[k] for k in d.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except files.NPZ_READ_ERRORS as e:
       raise _unreadable(path, setting, e) from e
 
 

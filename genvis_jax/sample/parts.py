@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import zipfile
 
 import jax
 import numpy as np
@@ -59,7 +58,7 @@ def _labels(part: str) -> np.ndarray:
   try:
     with files.open_read(part) as f, np.load(f) as d:
       return d["labels"]
-  except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+  except (*files.NPZ_READ_ERRORS, KeyError) as e:   # KeyError: not a part
     raise PartUnreadableError(
         f"Sample part {part} cannot be read ({type(e).__name__}: "
         f"{str(e)[:200]}); run the same sample command: it draws that "
