@@ -6,6 +6,7 @@ configs, inputs and the official outputs; no torch is needed here.
 """
 
 import importlib
+import json
 import os
 import pickle
 import subprocess
@@ -24,6 +25,7 @@ from configs import rar_b
 from genvis_jax import convert, errors, models
 from genvis_jax.convert import io as cio
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
+from genvis_jax.core import weights
 from genvis_jax.core.weights import restore_params
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -288,16 +290,30 @@ def test_mismatching_checkpoint_lists_keys_and_writes_nothing(rar, tmp_path):
 
 
 def test_convert_file_writes_what_init_from_loads(rar, tmp_path):
-  _, state, cfg, _, params = rar
+  """The weights load back equal; the convert config recorded beside them
+  names the model settings a mismatching config differs in, and an
+  overwrite without a config drops the old record."""
+  data, state, cfg, _, params = rar
   src = _write_npz(tmp_path / "rar.npz", state)
   dst = str(tmp_path / "ckpt")
-  convert.convert_file("rar", src, cfg, dst)
+  config = ml_collections.ConfigDict({"model": cfg})
+  convert.convert_file("rar", src, cfg, dst, config=config)
   abstract = jax.eval_shape(lambda r: models.init_params(cfg, r), jax.random.key(0))
-  loaded = restore_params(dst, abstract)
+  loaded = restore_params(dst, abstract, model_config=cfg)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+  assert weights.recorded_config(dst) == (
+      json.loads(config.to_json_best_effort()), "converted")
+  other = _rar_config(data)
+  other.mlp_dim = 96
+  wrong = jax.eval_shape(lambda r: models.init_params(other, r), jax.random.key(0))
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"converted for other model settings:\n +"
+                           r"model.mlp_dim: weights \d+ vs config 96"):
+    restore_params(dst, wrong, model_config=other)
   with pytest.raises(FileExistsError, match="--overwrite"):
     convert.convert_file("rar", src, cfg, dst)
   convert.convert_file("rar", src, cfg, dst, overwrite=True)
+  assert weights.recorded_config(dst) == (None, "")
 
 
 def test_unknown_kind_and_missing_config_are_clear_errors():

@@ -401,8 +401,8 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
   """A window or latent scale other than the run's loads without an error
   (the weights' shapes are the same) and changes every image: refused,
   naming the setting and the run's value, unless named on purpose. Compute
-  settings, keys one side does not record, and converted checkpoints (no
-  record) pass."""
+  settings, keys one side does not record, and weights with no record
+  pass; converted weights are held to the config they were converted with."""
   import copy
   from configs import eq_l
   config = eq_l.get_config("runlocal")
@@ -410,13 +410,13 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
   step = tmp_path / "run" / "checkpoints" / "20"
   (step / "config").mkdir(parents=True)
 
-  def check(**changes):
+  def check(init_from=step, **changes):
     c = copy.deepcopy(config)
     with c.unlocked():
       for key, value in changes.items():
         section, name = key.split("__")
         c[section][name] = value
-      c.init_from = str(step)
+      c.init_from = str(init_from)
     parts.check_trained_with(c, c, driver._sampler_module("eq_generator")
                              .RUN_KEYS)
 
@@ -434,5 +434,16 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
   del run["model"]["window"]           # a run recorded before the key existed
   (step / "config" / "metadata").write_text(json.dumps(run))
   check(model__window=4)
-  shutil.rmtree(step / "config")       # no record (a converted checkpoint)
+  shutil.rmtree(step / "config")       # no record (an older version)
   check(model__window=4)
+  # A parameter checkpoint records the config it was converted with.
+  converted = tmp_path / "converted"
+  converted.mkdir()
+  (converted / "config.json").write_text(
+      json.dumps({**run, "model": {**run["model"], "window": 2}}))
+  with pytest.raises(parts.TrainedWithError,
+                     match=r"converted with other settings .*\n  model.window: "
+                           r"weights 2 vs config 4"):
+    check(model__window=4, init_from=converted)
+  (converted / "config.json").unlink()     # converted without --config
+  check(model__window=4, init_from=converted)

@@ -67,10 +67,6 @@ def model_shapes(model_config):
                         jax.random.key(0))
 
 
-def write_orbax(dst: str, params, state_dict) -> None:
-  """Parameter-only Orbax checkpoint ``dst/params`` (read by ``init_from``)."""
-  del state_dict
-  weights_lib.save_params(dst, params)
 
 
 def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
@@ -127,17 +123,26 @@ def load_sources(src: str | Sequence[str], key: str | None = None) -> dict:
 
 
 def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
-                 key: str | None = None, overwrite: bool = False) -> dict:
+                 key: str | None = None, overwrite: bool = False,
+                 config=None) -> dict:
   """Reads ``src``, converts and checks it, then writes ``dst``; returns params.
 
-  Nothing is written unless the checkpoint fits; a non-empty ``dst`` is refused
-  unless ``overwrite``.
+  Models go to a parameter-only Orbax checkpoint ``dst/params`` (read by
+  ``init_from``), with ``config`` (the whole config whose ``model`` is
+  ``model_config``) recorded beside it: sampling the weights with other model
+  settings is then refused by name, as for a training run. Kinds with their
+  own ``write`` (teachers, LPIPS: one ``.npz``) record none. Nothing is
+  written unless the checkpoint fits; a non-empty ``dst`` is refused unless
+  ``overwrite``.
   """
   mod = kind_module(kind)
   _check_dst(dst, overwrite)
   state = load_sources(src, key)
   params = from_torch(kind, state, model_config)
-  getattr(mod, "write", write_orbax)(dst, params, state)
+  if hasattr(mod, "write"):
+    mod.write(dst, params, state)
+  else:
+    weights_lib.save_params(dst, params, config)
   return params
 
 

@@ -39,7 +39,7 @@ def main(argv):
   config = _CONFIG.value
   params = convert.convert_file(
       _KIND.value, _SRC.value, config.model if config is not None else None,
-      _DST.value, key=_KEY.value, overwrite=_OVERWRITE.value)
+      _DST.value, key=_KEY.value, overwrite=_OVERWRITE.value, config=config)
   count = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
   logging.info("Wrote %s (%d parameters, kind %s).", _DST.value, count, _KIND.value)
   print(f"Converted {_SRC.value} -> {_DST.value}: {count:,} parameters.")

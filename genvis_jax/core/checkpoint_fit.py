@@ -83,19 +83,24 @@ def compare_trees(expected, found, what: str,
 COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat")
 
 
-def model_settings_note(saved: dict | None, model_config) -> str:
+def model_settings_note(saved: dict | None, model_config,
+                        made: str = "trained") -> str:
   """Names the ``config.model`` fields a run was trained with (``saved``,
-  its recorded config) that differ from ``model_config``: why its weights do
-  not fit, in the settings' terms (e.g. ``model.num_codebooks``) rather than
-  the parameter names. "" where the run recorded none or none differ."""
+  its recorded config; ``made="converted"``: the config a parameter
+  checkpoint was converted for) that differ from ``model_config``: why its
+  weights do not fit, in the settings' terms (e.g. ``model.num_codebooks``)
+  rather than the parameter names. "" where none was recorded or none
+  differ."""
   if not saved or not saved.get("model") or model_config is None:
     return ""
   now = json.loads(model_config.to_json_best_effort())
+  side, lead = (("run", "The run was trained with") if made == "trained"
+                else ("weights", "They were converted for"))
   diffs = settings_lib.differences({"model": saved["model"]}, {"model": now},
-                                   ignore=COMPUTE_ONLY, names=("run", "config"))
+                                   ignore=COMPUTE_ONLY, names=(side, "config"))
   if not diffs:
     return ""
-  return ("\n  The run was trained with other model settings:\n    " +
+  return (f"\n  {lead} other model settings:\n    " +
           settings_lib.shorten(diffs, 10, "\n    "))
 
 

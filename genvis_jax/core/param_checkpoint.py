@@ -32,6 +32,9 @@ from genvis_jax.errors import UserError
 
 # Beside ``DIR/params``: the content digest that names those weights.
 DIGEST_FILE = "params_sha256.json"
+# Beside ``DIR/params``: the config they were converted to fit (convert's
+# ``--config``), as a training step records its run's config.
+CONFIG_FILE = "config.json"
 
 
 def params_digest(params) -> str:
@@ -46,11 +49,15 @@ def params_digest(params) -> str:
   return h.hexdigest()
 
 
-def save_params(directory: str, params) -> None:
+def save_params(directory: str, params, config=None) -> None:
   """Writes a parameter checkpoint ``directory/params`` (what ``init_from``
-  loads) and its ``params_digest`` beside it; replaces one already there."""
+  loads) and its ``params_digest`` beside it; replaces one already there.
+  ``config`` (an ``ml_collections.ConfigDict``, e.g. convert's ``--config``)
+  is recorded beside them (``saved_config``): sampling then refuses other
+  model settings, and a mismatch names them, as for a training run."""
   path = ckpt_files.absolute(directory)
-  (path / DIGEST_FILE).unlink(missing_ok=True)  # never beside other weights
+  for name in (DIGEST_FILE, CONFIG_FILE):   # never beside other weights
+    (path / name).unlink(missing_ok=True)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path / "params", {"params": params}, force=True)
   ckptr.wait_until_finished()
@@ -59,13 +66,31 @@ def save_params(directory: str, params) -> None:
   if _on_this_host(params) and jax.process_index() == 0:
     (path / DIGEST_FILE).write_text(
         json.dumps({"sha256": params_digest(params)}))
+  if config is not None and jax.process_index() == 0:
+    (path / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
 
-def load(path: epath.Path, abstract_params, where: str = ""):
+def saved_config(directory: epath.Path) -> dict | None:
+  """The config recorded beside ``directory/params`` (``save_params``), or
+  None: written without one, or by an older version."""
+  path = directory / CONFIG_FILE
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError:   # a damaged record only feeds checks and messages
+    logging.warning("Ignoring %s: not valid JSON.", path)
+    return None
+
+
+def load(path: epath.Path, abstract_params, where: str = "",
+         model_config=None):
   """``path/params`` on ``abstract_params``' shardings, its files checked
   before Orbax reads them and its digest after. Every process reads it; a
   failure on any stops all (``multihost.run_everywhere``) instead of
-  leaving the others waiting in their next collective.
+  leaving the others waiting in their next collective. A mismatch names the
+  ``config.model`` settings (``model_config``) that differ from those the
+  weights were converted for, where ``save_params`` recorded them.
 
   Raises:
     CheckpointMismatchError: the saved tree does not fit ``abstract_params``.
@@ -90,9 +115,13 @@ def load(path: epath.Path, abstract_params, where: str = ""):
     if meta_tree is None:   # Orbax logged why
       raise damaged("params/_METADATA is missing or unreadable")
     found = meta_tree["params"] if "params" in meta_tree else meta_tree
-    fit.compare_trees(abstract_params, found,
-                      f"Parameter checkpoint {path}{where}",
-                      fit.weights_fix(where))
+    try:
+      fit.compare_trees(abstract_params, found,
+                        f"Parameter checkpoint {path}{where}",
+                        fit.weights_fix(where))
+    except fit.CheckpointMismatchError as e:
+      raise fit.CheckpointMismatchError(str(e) + fit.model_settings_note(
+          saved_config(path), model_config, "converted")) from None
     return found
 
   def read(found):

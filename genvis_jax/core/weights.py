@@ -66,8 +66,9 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
       ``"disc"``, a GAN's discriminator) instead of its model's weights; a
       parameter checkpoint holds none.
     model_config: the configured ``config.model`` (its name is
-      ``model_name``): a training run's weights that do not fit are refused
-      naming the model settings the run was trained with that differ.
+      ``model_name``): weights that do not fit are refused naming the model
+      settings that differ from those the run was trained with (or a
+      parameter checkpoint converted for, where it recorded them).
 
   Returns:
     The parameters, on ``abstract_params``' shardings; NumPy arrays where a
@@ -99,7 +100,7 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
         "at the training run (its workdir or checkpoints/<step>), or leave "
         f"{group!r} out of config.init_groups to start it afresh.")
   if kind == _PARAMS:
-    return param_checkpoint.load(path, abstract_params, where)
+    return param_checkpoint.load(path, abstract_params, where, model_config)
   if kind in (_RUN, _IN_RUN):
     run, step = (path, None) if kind == _RUN else _split_names(path)
     return run_weights.load(run, abstract_params, where, model_name, step,
@@ -117,6 +118,20 @@ def restore_pinned(directory: str, abstract_params, **kwargs) -> Any:
   (:func:`resolve_all`): every process of a job loads the same step of a
   run, even one saved while they start. Every process must call it."""
   return restore_params(resolve_all([directory])[0], abstract_params, **kwargs)
+
+
+def recorded_config(directory: str) -> tuple[dict | None, str]:
+  """The config recorded with the weights of a pinned folder (``resolve``)
+  and how they were made: a training step's run config (``"trained"``), a
+  parameter checkpoint's convert config (``"converted"``); ``(None, "")``
+  where none was recorded (a run of an older version, a conversion without
+  ``--config``)."""
+  path = ckpt_files.absolute(directory)
+  saved = ckpt_files.saved_config(path)
+  if saved is not None:
+    return saved, "trained"
+  saved = param_checkpoint.saved_config(path)
+  return (saved, "converted") if saved is not None else (None, "")
 
 
 def resolve(directory: str, quiet: bool = False) -> str:

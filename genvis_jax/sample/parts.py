@@ -164,21 +164,23 @@ class TrainedWithError(errors.UserError, ValueError):
 
 def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   """Refuses to sample a training run's weights (``pinned.init_from``, its
-  step's recorded config) with other ``config.model`` values, or other
-  values of the sampler's ``run_keys`` (sampling key -> the run's key, e.g.
-  the Equivariant latent scale ``sample.latent_scale`` -> ``latents.scale``),
-  than the run trained with. A change that leaves the weights' shapes alone
+  step's recorded config), or converted ones, with other ``config.model``
+  values, or other values of the sampler's ``run_keys`` (sampling key -> the
+  run's key, e.g. the Equivariant latent scale ``sample.latent_scale`` ->
+  ``latents.scale``), than the run trained with. A change that leaves the weights' shapes alone
   (an attention window, a latent scale) loads without an error and changes
   every image. Keys recorded on one side only (another code version) and
   those named in ``config.sample.allow_model_changes`` (comma-separated) are
-  not compared; a converted checkpoint records no config.
+  not compared. A parameter checkpoint is checked against the config it
+  was converted with, where ``python -m genvis_jax.convert --config``
+  recorded it.
 
   Raises:
     TrainedWithError: naming each setting, the run's value and the fix.
   """
   if not pinned.init_from:
     return
-  saved = ckpt_files.saved_config(ckpt_files.absolute(pinned.init_from))
+  saved, made = weights_lib.recorded_config(pinned.init_from)
   if not saved or "model" not in saved:
     return
   now = json.loads(config.to_json_best_effort())
@@ -192,14 +194,15 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
                and key in flat_now and run in flat_saved
                and flat_saved[run] != flat_now[key]]
   if differing:
-    diffs = [f"{key}: run {flat_saved[run]!r} vs config {flat_now[key]!r}"
+    side = "run" if made == "trained" else "weights"
+    diffs = [f"{key}: {side} {flat_saved[run]!r} vs config {flat_now[key]!r}"
              for key, run in differing]
     names = ",".join(key for key, _ in differing)
     raise TrainedWithError(
-        f"{pinned.init_from} was trained with other settings than this "
+        f"{pinned.init_from} was {made} with other settings than this "
         "config samples it with:\n  " + "\n  ".join(diffs) + "\nPass the "
-        "run's values (the config it trained with). A setting that leaves "
-        "the weights' shapes alone (an attention window, a latent scale) "
+        f"values it was {made} with. A setting that leaves the weights' "
+        "shapes alone (an attention window, a latent scale) "
         "would load and change every image; to change such settings on "
         f"purpose, name them: --config.sample.allow_model_changes={names}.")
 
