@@ -131,7 +131,6 @@ def rar_config():
   d.source = "tokens"
   d.path = "{workdir}/pretokenize/tokens/train-*.array_record"
   d.num_classes = NUM_CLASSES
-  d.seq_len = 64
   t = c.train
   t.global_batch_size = 64
   t.num_steps = 1000

@@ -68,10 +68,8 @@ def get_config(size: str = "l", arg=None):
 
   # Frozen tokenizer: encodes the images on the fly in training (or batches
   # carry pre-computed posterior means under "latents") and decodes samples.
-  tk = c.tokenizer = ml_collections.ConfigDict()
-  tk.model = eq_tokenizer.tokenizer_model()
-  tk.checkpoint = ""            # genvis_jax.convert output or a training workdir
-  tk.config_file = "configs/eq_tokenizer.py"   # its own config, for messages
+  base.add_tokenizer(c, eq_tokenizer.tokenizer_model(),
+                     config_file="configs/eq_tokenizer.py")
   lt = c.latents = ml_collections.ConfigDict()
   lt.scale = 0.05493            # official vae_norm
   lt.posterior_noise = True     # official: vae posterior.sample() (sigma-VAE)

@@ -54,7 +54,6 @@ def get_config(size: str = "b", arg=None):
   m.depth = s["depth"]
   m.num_heads = 16
   m.mlp_dim = s["mlp_dim"]
-  m.codebook_size = 1024        # the MaskGIT VQGAN's codes
   m.num_classes = 1000
   m.seq_len = 256               # 16 x 16 tokens
   m.max_pos = 256 + 1024        # official table sizes (only 258 rows used)
@@ -64,7 +63,6 @@ def get_config(size: str = "b", arg=None):
   c.data.source = "tokens"      # pre-tokenized (class, 256 MaskGIT-VQ codes)
   c.data.path = ""              # token files glob; set on the command line
   c.data.num_classes = 1000
-  c.data.seq_len = 256
   c.data.random_flip = False    # flips are baked into the ten-crop tokens
 
   c.train.global_batch_size = 2048
@@ -106,6 +104,7 @@ def get_config(size: str = "b", arg=None):
   # (--config.tokenizer.checkpoint=DIR from `python -m genvis_jax.convert`).
   base.add_tokenizer(c, maskgit_vqgan.get_config().model,
                     config_file="configs/maskgit_vqgan.py")
+  m.codebook_size = c.tokenizer.model.num_codes   # its 1024 codes
   images = base.get_config().data
   images.source, images.name, images.image_size = "tfds", "imagenet2012", 256
   images.random_crop = images.random_flip = False
@@ -118,13 +117,12 @@ def get_config(size: str = "b", arg=None):
 def runlocal(c):
   """Shrinks sizes, steps, batch and data only (see the module docstring)."""
   m = c.model
-  m.update(dict(hidden_size=64, depth=2, num_heads=4, mlp_dim=256,
-                codebook_size=256, num_classes=10, seq_len=64, max_pos=64 + 2,
-                num_timesteps=64 + 2))
   c.tokenizer.model = maskgit_vqgan.get_config("runlocal").model
+  m.update(dict(hidden_size=64, depth=2, num_heads=4, mlp_dim=256,
+                codebook_size=c.tokenizer.model.num_codes, num_classes=10,
+                seq_len=64, max_pos=64 + 2, num_timesteps=64 + 2))
   c.tokenizer.config_file = "configs/maskgit_vqgan.py:runlocal"
   c.data.num_classes = 10
-  c.data.seq_len = 64
   c.data.image_size = 32   # the images behind the tokens (a reference of them)
   t = base.runlocal_train(c.train, steps=20, batch=16)
   # The paper's schedule points as fractions of its 250k steps.

@@ -203,8 +203,12 @@ def test_demo_tokenizer_configs_evaluate_as_documented(spec):
 @pytest.mark.parametrize("spec", GENERATORS)
 def test_tokenizer_config_file_holds_that_tokenizer(spec):
   """``config.tokenizer.config_file``, which the kind=tokenizer error tells
-  users to evaluate with, builds the very tokenizer the generator uses."""
+  users to evaluate with, builds the very tokenizer the generator uses; every
+  generator's tokenizer has the keys ``base.add_tokenizer`` sets (a missing
+  one cannot be overridden from the command line)."""
   for name, c in _with_tokenizer(spec):
+    assert set(c.tokenizer.keys()) == {
+        "model", "checkpoint", "dtype", "uint8", "config_file"}, name
     where = c.tokenizer.get("config_file", "")
     if not where:   # the demo's MaskGIT tokenizer has no config file of its own
       assert spec == "demo.py" or models.is_image_tokenizer(c.model), name
