@@ -20,6 +20,9 @@ from genvis_jax.train.tasks.eq import (FROZEN_IN_STAGE2, freeze_top_level,
                                        nll_loss, teacher_inputs)
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
+# fold_in tag of the random DINO discriminator backbone (no vit_path).
+_DINO_INIT_STREAM = 17
+
 
 class EqTokenizerTask(GANTokenizerTask):
   """Batch: {"image": (B, H, W, 3) in [-1, 1]}. Groups "model", "disc"
@@ -105,7 +108,10 @@ class EqTokenizerTask(GANTokenizerTask):
             c.disc.vit_path, jax.eval_shape(init, jax.random.key(0)),
             zero_k_bias=True)
       else:
-        out["dino_vit"] = jax.jit(init)(jax.random.key(c.seed + 17))
+        # Random stand-in weights (tests, demos): a stream of the run's
+        # seed of its own, not another seed's (seed + k would be seed k's).
+        out["dino_vit"] = jax.jit(init)(
+            jax.random.fold_in(jax.random.key(c.seed), _DINO_INIT_STREAM))
     if self.use_semantic:
       out["teacher"] = convert_clip.load_teacher_params(
           c.loss.teacher_path, setting="config.loss.teacher_path")
