@@ -1,16 +1,30 @@
 """The bottom layer: what every other layer may use and which uses none of them.
 
-  checkpoint  Orbax checkpoints (training state, parameter-only checkpoints,
-              validation, fallback to the newest readable step)
-  pytree_io   one Orbax item through its handler: replica-split saves, reads
-              onto shardings
-  step_walk   the walk over a run's steps every process takes alike (resume,
-              loading a run's weights)
-  workdir_lock  one training run per workdir
-  metrics     clu metric writers, progress, image grids
-  sharding    the device mesh and the one logical-axis rules table
-  registry    ``resolve()``: config strings -> the module or function they name
+Checkpoints and weights:
+  checkpoint        training checkpoints (Orbax): state + Grain iterator
+                    state + config, async saves, the newest readable step
+  checkpoint_files  what a committed step holds on disk; the cheap checks run
+                    before Orbax reads it
+  checkpoint_fit    whether a checkpoint fits the config it is loaded into
+  pytree_io         one Orbax item through its handler: replica-split saves,
+                    reads onto shardings
+  step_walk         the walk over a run's steps every process takes alike
+  weights           parameter-only loading (``init_from``, tokenizers,
+                    teachers) from any of the folders below
+  param_checkpoint  ``DIR/params``: weights alone, with their digest and the
+                    config they were converted for
+  run_weights       one step's (EMA) weights out of a training run
+Runs:
+  multihost         decisions process 0 makes for every process
+  preemption        stopping cleanly on a signal or a request
+  workdir_lock      one training run per workdir
+  profiling         a window of steps traced with ``jax.profiler``
+  settings          the flat JSON records that guard a resume
+  files             whole-file writes and reads, local or ``gs://``
+  metrics           clu metric writers, progress, image grids
+  sharding          the device mesh and the one logical-axis rules table
+  registry          ``resolve()``: config strings -> the module or function
 
-Modules here import only jax / flax / orbax / clu / numpy and
+Modules here import only jax / flax / orbax / clu / etils / numpy and
 ``genvis_jax.errors``; ``tests/test_structure.py`` checks it.
 """

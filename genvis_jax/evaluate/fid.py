@@ -23,7 +23,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import linalg
 
 from genvis_jax.core import sharding
@@ -220,8 +219,8 @@ class _Blocks:
     shards = self.mesh.shape["data"]
     self.rows = _round_up(min(row_block, _round_up(n_rows, shards)), shards)
     self.cols = min(col_block, n_cols)
-    self.row_sharding = NamedSharding(self.mesh, P("data"))
-    self.replicated = NamedSharding(self.mesh, P())
+    self.row_sharding = sharding.batch_sharding(self.mesh)
+    self.replicated = sharding.replicated(self.mesh)
 
   def put_rows(self, x):
     return jax.device_put(x, self.row_sharding)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genvis_jax.core import sharding
 from genvis_jax.models.inception import (PREPROCESS, FIDInceptionV3,
@@ -35,8 +34,8 @@ class InceptionExtractor:
     self.mesh = mesh or sharding.data_mesh(jax.local_devices())
     shards = self.mesh.size
     self.batch_size = -(-batch_size // shards) * shards
-    self.data = NamedSharding(self.mesh, P(self.mesh.axis_names))
-    repl = NamedSharding(self.mesh, P())
+    self.data = sharding.batch_sharding(self.mesh)
+    repl = sharding.replicated(self.mesh)
     self.params = jax.device_put(params, repl)
     model = FIDInceptionV3(preprocess=preprocess)
 

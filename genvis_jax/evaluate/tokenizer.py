@@ -308,8 +308,7 @@ def evaluate(config, workdir: str) -> dict:
   seen = 0   # n, or fewer with "all" (0) where unreadable files are skipped
 
   @functools.partial(jax.jit, in_shardings=(
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))))
+      sharding.replicated(mesh), sharding.batch_sharding(mesh)))
   def roundtrip(p, images):
     codes = model.apply({"params": p}, images, method="encode")
     rec = model.apply({"params": p}, codes, method="decode")

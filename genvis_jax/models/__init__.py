@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
+from genvis_jax.core import sharding as shd
 from genvis_jax.errors import ConfigError
 
 
@@ -190,7 +191,7 @@ def load_params(model_config, directory: str, mesh=None, *,
   abstract = jax.eval_shape(
       lambda r: init_params(model_config, r), jax.random.key(0))
   if mesh is not None:
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharding = shd.replicated(mesh)
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         abstract)
