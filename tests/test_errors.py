@@ -410,6 +410,12 @@ CASES = {
     "eq_demo_config_other_mode": (
         ["--config=configs/demo_eq.py", "--config.mode=sample"],
         r"demo config \(stages: eq_tokenizer, .* configs/eq_s.py:runlocal\.$"),
+    "codebook_larger_than_tokenizer": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=sample",
+         "--config.model.codebook_size=512"],
+        r"config.model.codebook_size=512 is larger than the tokenizer's "
+        r"config.tokenizer.model.num_codes=256: .*\(its config: "
+        r"configs/maskgit_vqgan.py:runlocal\)"),
     "no_pretokenize_stage": (
         ["--config=configs/eq_s.py:runlocal", "--config.mode=pretokenize"],
         r"This config has no pretokenize stage"),

@@ -55,3 +55,29 @@ def data_model_config(tok) -> ml_collections.ConfigDict:
   """
   return with_compute_dtype(tok.model, tok.get("dtype", "float32"),
                             "config.tokenizer.dtype")
+
+
+class CodebookSizeError(UserError, ValueError):
+  """A generator draws more codes than its tokenizer decodes."""
+
+
+def check_codes_fit(config) -> None:
+  """Refuses a generator (``config.model.codebook_size``) that can draw codes
+  its tokenizer (``config.tokenizer.model.num_codes``) does not have: the
+  decode's embedding lookup would clamp them into other codes silently.
+  Models without either key (a continuous-token generator) pass.
+
+  Raises:
+    CodebookSizeError: naming both settings and the fix.
+  """
+  size = (config.get("model") or {}).get("codebook_size")
+  tok = (config.get("tokenizer") or {}).get("model") or {}
+  codes = tok.get("num_codes")
+  if size and codes and size > codes:
+    where = (config.tokenizer.get("config_file") or "")
+    raise CodebookSizeError(
+        f"config.model.codebook_size={size} is larger than the tokenizer's "
+        f"config.tokenizer.model.num_codes={codes}: the generator would draw "
+        "codes the tokenizer cannot decode. Pass the tokenizer the generator "
+        "was trained with" + (f" (its config: {where})" if where else "") +
+        ", or a generator config whose codebook_size fits this tokenizer.")

@@ -199,6 +199,7 @@ class Sampler:
 def make_sample_fn(config, mesh):
   """Returns a ``Sampler`` (``f(labels (B,), rng) -> uint8 (B, H, W, 3)``)
   of ``config`` and the batch sharding."""
+  inference.check_codes_fit(config)   # before any weights are read
   gen_model = models.build(config.model)
   gen_params = models.load_params(
       config.model, config.init_from, mesh, setting="--config.init_from")
