@@ -12,7 +12,7 @@ from scipy import linalg
 
 from genvis_jax.core import sharding
 from genvis_jax.errors import UserError
-from genvis_jax.evaluate import fid, generation, npz, reference, tokenizer
+from genvis_jax.evaluate import fid, generation, image_metrics, npz, reference, tokenizer
 
 
 def _random_stats(rng, d, n=None):
@@ -346,37 +346,37 @@ def test_ssim_matches_skimage_and_is_range_independent():
   rng = np.random.default_rng(7)
   x = rng.uniform(0, 1, (3, 24, 20, 3)).astype(np.float32)
   y = np.clip(x + rng.normal(0, 0.15, x.shape), 0, 1).astype(np.float32)
-  got = np.asarray(tokenizer.ssim(x, y))
+  got = np.asarray(image_metrics.ssim(x, y))
   np.testing.assert_allclose(got, _ssim_reference(x, y), atol=2e-5)
   np.testing.assert_allclose(
-      np.asarray(tokenizer.ssim(2 * x - 1, 2 * y - 1, (-1.0, 1.0))), got,
+      np.asarray(image_metrics.ssim(2 * x - 1, 2 * y - 1, (-1.0, 1.0))), got,
       atol=1e-5)
-  np.testing.assert_allclose(np.asarray(tokenizer.ssim(x, x)), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(image_metrics.ssim(x, x)), 1.0, atol=1e-5)
   # LlamaGen's call: skimage's defaults (7 x 7 mean, sample covariance) with
   # data_range=2 on [0, 1] images.
   recipe = dict(tokenizer.PROTOCOLS["fqgan"].ssim)
-  llamagen = np.asarray(tokenizer.ssim(x, y, **recipe))
+  llamagen = np.asarray(image_metrics.ssim(x, y, **recipe))
   from skimage.metrics import structural_similarity
   official = [structural_similarity(a, b, channel_axis=-1, data_range=2.0)
               for a, b in zip(x.astype(np.float64), y.astype(np.float64))]
   np.testing.assert_allclose(llamagen, official, atol=2e-5)
   assert np.all(np.abs(llamagen - got) > 1e-4)   # the recipes differ
   with pytest.raises(ValueError, match="window"):
-    tokenizer.ssim(x[:, :8, :8], y[:, :8, :8])
+    image_metrics.ssim(x[:, :8, :8], y[:, :8, :8])
 
 
 def test_codebook_usage_single_and_factorized():
   codes = np.array([[0, 1, 1], [3, 3, 0]])
-  assert tokenizer.codebook_usage(codes, 8) == {"codebook_usage": 3 / 8,
+  assert image_metrics.codebook_usage(codes, 8) == {"codebook_usage": 3 / 8,
                                                 "codes_used": 3}
   fq = (np.array([[0, 1], [2, 3]]), np.array([[5, 5], [5, 5]]))
-  u = tokenizer.codebook_usage(fq, 16)
+  u = image_metrics.codebook_usage(fq, 16)
   assert u["codebook_usage_0"] == 4 / 16 and u["codebook_usage_1"] == 1 / 16
   assert u["codes_used_0"] == 4 and u["codes_used_1"] == 1
   assert u["codebook_usage"] == pytest.approx(5 / 32)
-  assert tokenizer.codebook_usage(fq, (4, 2))["codebook_usage"] == pytest.approx(0.75)
+  assert image_metrics.codebook_usage(fq, (4, 2))["codebook_usage"] == pytest.approx(0.75)
   with pytest.raises(ValueError, match="codebook sizes"):
-    tokenizer.codebook_usage(fq, (4, 2, 2))
+    image_metrics.codebook_usage(fq, (4, 2, 2))
 
 
 def test_reference_kind_needs_inception_weights_and_a_known_resize(tmp_path):

@@ -34,103 +34,13 @@ from genvis_jax.core import sharding
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
+from genvis_jax.evaluate import image_metrics
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.data import transforms
 from genvis_jax.models import inception as inception_model
 from genvis_jax.models import inference
 from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.sample import images as images_lib
-
-
-def psnr(x: np.ndarray, y: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
-  """Per-image PSNR in dB of images in ``value_range``, computed in float64
-  (skimage's ``peak_signal_noise_ratio``); (B, ...) -> (B,)."""
-  scale = float(value_range[1]) - float(value_range[0])
-  d = (np.asarray(x, np.float64) - np.asarray(y, np.float64)) / scale
-  mse = np.mean(np.square(d), axis=tuple(range(1, d.ndim)))
-  return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
-
-
-def _gaussian_window(size: int, sigma: float) -> np.ndarray:
-  x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-  g = np.exp(-0.5 * (x / sigma) ** 2)
-  return (g / g.sum()).astype(np.float32)
-
-
-def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11,
-         gaussian: bool = True, sigma: float = 1.5, k1: float = 0.01,
-         k2: float = 0.03, sample_covariance: bool = False,
-         data_range: float = 1.0) -> jax.Array:
-  """Per-image SSIM (Wang et al. 2004), (B, H, W, C) pair -> (B,).
-
-  Images are first mapped from ``value_range`` to [0, 1]; ``data_range`` is
-  the L of the constants (k1 L)^2, (k2 L)^2 for those [0, 1] images (so
-  skimage's ``data_range`` on [0, 1] images, whatever ``value_range`` is).
-  The defaults, a Gaussian ``window`` x ``window`` window (sigma 1.5), "valid"
-  filtering (no padded borders), L = 1, mean over positions and channels,
-  are tf.image.ssim and skimage's ``structural_similarity(..., data_range=1,
-  gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``.
-  ``gaussian=False`` takes the plain mean over the window and
-  ``sample_covariance`` scales the (co)variances by N / (N - 1), N =
-  window^2: with ``window=7`` these are skimage's defaults, which LlamaGen's
-  evaluation calls with ``data_range=2.0`` on [0, 1] images.
-  """
-  # SSIM's luminance term is not shift-invariant: measure on [0, 1] images
-  # whatever the model's range, so (0, 1) and (-1, 1) tokenizers compare.
-  lo, hi = (float(v) for v in value_range)
-  x = (jnp.asarray(x, jnp.float32) - lo) / (hi - lo)
-  y = (jnp.asarray(y, jnp.float32) - lo) / (hi - lo)
-  if x.shape != y.shape or x.ndim != 4:
-    raise ValueError(f"SSIM needs two (B, H, W, C) batches of one shape, got "
-                     f"{x.shape} and {y.shape}.")
-  if min(x.shape[1:3]) < window:
-    raise ValueError(f"SSIM window {window} is larger than the images "
-                     f"{x.shape[1:3]}; use a smaller window.")
-  h, w = x.shape[1:3]
-  g = jnp.asarray(_gaussian_window(window, sigma) if gaussian
-                  else np.full(window, 1.0 / window, np.float32))
-  hp = jax.lax.Precision.HIGHEST
-
-  def blur(v):   # separable valid filtering along H then W
-    v = jnp.stack([v[:, i:h - window + 1 + i] for i in range(window)], 0)
-    v = jnp.einsum("k,kbhwc->bhwc", g, v, precision=hp)
-    v = jnp.stack([v[:, :, i:w - window + 1 + i] for i in range(window)], 0)
-    return jnp.einsum("k,kbhwc->bhwc", g, v, precision=hp)
-
-  c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-  n = window * window
-  cov_norm = n / (n - 1) if sample_covariance else 1.0
-  mx, my = blur(x), blur(y)
-  sxx = cov_norm * (blur(x * x) - mx * mx)
-  syy = cov_norm * (blur(y * y) - my * my)
-  sxy = cov_norm * (blur(x * y) - mx * my)
-  num = (2 * mx * my + c1) * (2 * sxy + c2)
-  den = (mx * mx + my * my + c1) * (sxx + syy + c2)
-  return jnp.mean(num / den, axis=(1, 2, 3))
-
-
-def codebook_usage(codes, num_codes) -> dict:
-  """Fraction of codebook entries used by ``codes``.
-
-  ``codes``: an int array, or a tuple of k int arrays (factorized tokenizers,
-  one map per sub-codebook). ``num_codes``: int or one per sub-codebook.
-  Returns {"codebook_usage", "codes_used"} and, for tuples,
-  "codebook_usage_{i}" / "codes_used_{i}" per sub-codebook (the overall
-  usage is then their mean).
-  """
-  maps = list(codes) if isinstance(codes, (tuple, list)) else [codes]
-  sizes = (list(num_codes) if isinstance(num_codes, (tuple, list))
-           else [num_codes] * len(maps))
-  if len(sizes) != len(maps):
-    raise ValueError(f"{len(maps)} code maps but {len(sizes)} codebook sizes.")
-  used = [int(np.unique(np.asarray(m)).size) for m in maps]
-  out = {"codebook_usage": float(np.mean([u / n for u, n in zip(used, sizes)])),
-         "codes_used": int(sum(used))}
-  if isinstance(codes, (tuple, list)):
-    for i, (u, n) in enumerate(zip(used, sizes)):
-      out[f"codebook_usage_{i}"] = u / n
-      out[f"codes_used_{i}"] = u
-  return out
 
 
 def _lpips_fn(lpips_path: str, value_range):
@@ -314,7 +224,7 @@ def evaluate(config, workdir: str) -> dict:
     rec = model.apply({"params": p}, codes, method="decode")
     return rec.astype(jnp.float32), codes
 
-  ssim_fn = jax.jit(lambda a, b: ssim(a, b, **proto.ssim))
+  ssim_fn = jax.jit(lambda a, b: image_metrics.ssim(a, b, **proto.ssim))
   to_bytes = functools.partial(images_lib.to_uint8, value_range=value_range,
                                method=proto.to_uint8)
   lpips_fn = _lpips_fn(ev.lpips_path, value_range) if ev.get("lpips_path") else None
@@ -333,7 +243,7 @@ def evaluate(config, workdir: str) -> dict:
     # PSNR / SSIM / MSE on [0, 1] images: the float reconstruction or its bytes.
     x01 = _to_unit(images, value_range)
     y01 = _to_unit(y_bytes if proto.scored == "bytes" else rec[:k], value_range)
-    sums["psnr"] += float(np.sum(psnr(x01[:k], y01), dtype=np.float64))
+    sums["psnr"] += float(np.sum(image_metrics.psnr(x01[:k], y01), dtype=np.float64))
     y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
     sums["ssim"] += float(np.sum(np.asarray(ssim_fn(x01, y01))[mask],
                                  dtype=np.float64))
@@ -377,8 +287,8 @@ def evaluate(config, workdir: str) -> dict:
   num_codes = config.model.get("num_codes", None)
   if num_codes and discrete:
     single = not isinstance(codes, (tuple, list))
-    results.update(codebook_usage(uniques[0] if single else tuple(uniques),
-                                  num_codes))
+    results.update(image_metrics.codebook_usage(
+        uniques[0] if single else tuple(uniques), num_codes))
   if lpips_fn is not None:
     results["lpips"] = sums["lpips"] / n
   if extractor is not None:
