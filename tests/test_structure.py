@@ -1,6 +1,6 @@
 """The package's layering, read from its import statements (no imports run).
 
-core  <- models, kernels, data, convert, sample, evaluate  <- train <- main
+core <- kernels <- models <- data, convert <- sample <- evaluate <- train <- main
 """
 
 import os
@@ -46,6 +46,24 @@ def test_models_do_not_read_files_or_import_layers_above(graph):
   bad = {(m, d) for m, d in _imports_of(every, "genvis_jax.models")
          if d.startswith(above)}
   assert not bad, f"models import only core, kernels and models: {sorted(bad)}"
+
+
+# Each package imports only packages of a lower rank (and errors / cli).
+RANK = {"core": 0, "kernels": 1, "models": 2, "data": 3, "convert": 3,
+        "sample": 4, "evaluate": 5, "train": 6}
+
+
+def _package(module):
+  parts = module.split(".")
+  return parts[1] if len(parts) > 1 and parts[1] in RANK else None
+
+
+def test_each_package_imports_only_lower_layers(graph):
+  every, _ = graph
+  bad = sorted((m, d) for m, deps in every.items() for d in deps
+               if _package(m) and _package(d) and _package(m) != _package(d)
+               and RANK[_package(d)] >= RANK[_package(m)])
+  assert not bad, f"imports of a layer at or above: {bad} (order: {RANK})"
 
 
 def test_no_import_cycles(graph):
