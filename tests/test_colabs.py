@@ -1,13 +1,19 @@
 """colabs/*.ipynb as committed: valid, without outputs, installing only when
-imports fail. tests/test_demo.py runs both over a trained demo."""
+imports fail; and the helpers that run them. tests/test_demo.py runs the RAR
+notebooks over a trained demo, tests/test_pipeline_eq.py the Equivariant one
+over the paper pipeline's trained runs."""
 
+import base64
+import io
 import pathlib
 
 import nbformat
+import numpy as np
 import pytest
+from PIL import Image
 
 COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
-NOTEBOOKS = ("quickstart.ipynb", "train_demo.ipynb")
+NOTEBOOKS = ("quickstart.ipynb", "train_demo.ipynb", "equivariant_wide.ipynb")
 
 
 def load_notebook(name):
@@ -29,3 +35,28 @@ def test_committed_without_outputs_and_guarded_install(name):
   assert "%pip install" in first and "except ImportError:" in first, (
       f"{name}: the first code cell must %pip-install only when imports fail")
   assert "!pip" not in "".join(c.source for c in code)
+
+
+def notebook_images(nb):
+  """Decoded PNG outputs of an executed notebook."""
+  out = []
+  for cell in nb.cells:
+    for o in cell.get("outputs", []):
+      data = o.get("data", {})
+      if "image/png" in data:
+        out.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(data["image/png"])))))
+  return out
+
+
+def notebook_text(nb) -> str:
+  return "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+
+def run_notebook(name):
+  """colabs/<name> executed top to bottom in a fresh kernel (run from
+  colabs/, as a user opens it); returns the notebook with its outputs."""
+  from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
+  nb = load_notebook(name)
+  NotebookClient(nb, timeout=240, kernel_name="python3",
+                 resources={"metadata": {"path": str(COLABS)}}).execute()
+  return nb

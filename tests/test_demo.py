@@ -2,9 +2,7 @@
 main's modes): what each stage wrote, sampling's resume and refusals, and the
 two notebooks (colabs/) run top to bottom over that trained demo."""
 
-import base64
 import glob
-import io
 import json
 import os
 import pathlib
@@ -16,7 +14,7 @@ from PIL import Image
 from configs import demo
 from genvis_jax import modes
 from genvis_jax.data import pretokenize
-from tests.test_colabs import COLABS, load_notebook
+from tests.test_colabs import notebook_images, notebook_text, run_notebook
 
 
 @pytest.fixture(scope="module")
@@ -131,29 +129,6 @@ def test_stage_errors_name_the_demos_flags():
       "config.evaluate.num_images")
 
 
-def _notebook_images(nb):
-  """Decoded PNG outputs of an executed notebook."""
-  out = []
-  for cell in nb.cells:
-    for o in cell.get("outputs", []):
-      data = o.get("data", {})
-      if "image/png" in data:
-        out.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(data["image/png"])))))
-  return out
-
-
-def _notebook_text(nb) -> str:
-  return "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-
-
-def _run_notebook(name):
-  from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
-  nb = load_notebook(name)
-  NotebookClient(nb, timeout=240, kernel_name="python3",
-                 resources={"metadata": {"path": str(COLABS)}}).execute()
-  return nb
-
-
 @pytest.mark.slow
 def test_notebooks_run_top_to_bottom(trained_demo, monkeypatch):
   """train_demo.ipynb over the trained demo (each stage finds its work done:
@@ -169,24 +144,24 @@ def test_notebooks_run_top_to_bottom(trained_demo, monkeypatch):
   tokens = sorted((wd / "pretokenize" / "tokens").glob("*.array_record"))
   mtimes = [t.stat().st_mtime_ns for t in tokens]
 
-  nb = _run_notebook("train_demo.ipynb")
+  nb = run_notebook("train_demo.ipynb")
   # No cell ends on a trained state (hundreds of KB of printed arrays).
   assert max(len(o.get("text", "") + o.get("data", {}).get("text/plain", ""))
              for c in nb.cells for o in c.get("outputs", [])) < 20_000
   with np.load(wd / "samples" / "samples.npz") as d:
     assert d["arr_0"].shape == (16, 32, 32, 3)
-  images = _notebook_images(nb)
+  images = notebook_images(nb)
   # data grid, tokenizer grid, reconstructions, samples
   assert len(images) == 4 and all(i.ndim == 3 and i.shape[-1] in (3, 4) for i in images)
-  assert f"{2 * demo.SMOKE_TOKEN_IMAGES} records" in _notebook_text(nb)
+  assert f"{2 * demo.SMOKE_TOKEN_IMAGES} records" in notebook_text(nb)
 
-  nb = _run_notebook("quickstart.ipynb")
+  nb = run_notebook("quickstart.ipynb")
   # The trained demo was reused: tokens were not rewritten.
   assert [t.stat().st_mtime_ns for t in tokens] == mtimes
-  [grid] = _notebook_images(nb)
+  [grid] = notebook_images(nb)
   # 10 classes x 2 samples of 32 px, enlarged 8x, 4 per row -> 5 rows.
   assert grid.shape[0] > grid.shape[1] > 4 * 32 * 8
-  text = _notebook_text(nb)
+  text = notebook_text(nb)
   assert "(20, 32, 32, 3) uint8" in text and "0 circle" in text
 
 

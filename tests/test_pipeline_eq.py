@@ -17,7 +17,7 @@ from tests import pipeline_common as pc
 pytestmark = pytest.mark.slow
 
 
-def test_equivariant_paper_pipeline(tmp_path):
+def test_equivariant_paper_pipeline(tmp_path, monkeypatch):
   w = str(tmp_path)
   tok = os.path.join(w, "tokenizer")
   # The DINO discriminator (adaptive weight) switches on at step 2.
@@ -38,6 +38,25 @@ def test_equivariant_paper_pipeline(tmp_path):
       "sample.num_columns": wide})
   column = cfg.data.image_width // cfg.sample.num_columns
   pc.check_samples(out, (16, cfg.data.image_size, wide * column, 3))
+  _check_notebook(monkeypatch, gen, tok, cfg, column)
+
+
+def _check_notebook(monkeypatch, gen, tok, cfg, column):
+  """colabs/equivariant_wide.ipynb with these runs as its weights (the path
+  a user with converted weights takes): four images at the training width
+  and four 8x wider, shown as two grids."""
+  pytest.importorskip("nbclient")
+  pytest.importorskip("ipykernel")
+  from tests.test_colabs import notebook_images, notebook_text, run_notebook
+  for var, value in (("EQ_CKPT", gen), ("EQ_TOKENIZER_CKPT", tok),
+                     ("EQ_CONFIG", "eq_s:runlocal"), ("EQ_NUM_CLASSES", "")):
+    monkeypatch.setenv(var, value)
+  nb = run_notebook("equivariant_wide.ipynb")
+  h, w = cfg.data.image_size, cfg.sample.num_columns * column
+  assert (f"training width: (4, {h}, {w}, 3) | wider: (4, {h}, {8 * w}, 3)"
+          in notebook_text(nb)), notebook_text(nb)
+  narrow, wide = notebook_images(nb)
+  assert narrow.shape[1] > narrow.shape[0] and wide.shape[0] > wide.shape[1] / 8
 
 
 def _check_stage2_goes_on_from_stage1(tok, stage1):
