@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import shutil
 
 import numpy as np
@@ -38,6 +41,23 @@ def test_resume_follows_the_weights_not_the_paths(tmp_path):
                            r"'step 600 committed 3'"):
     parts.check_settings(d, _settings(**{
         "weights.generator": "step 600 committed 3"}))
+
+
+def test_a_damaged_settings_record_is_refused_beside_parts(tmp_path):
+  """A settings.json cut short cannot vouch for the parts beside it: one
+  clear error; with no parts, a fresh start writes it again."""
+  d = _parts_dir(tmp_path, _settings())
+  path = os.path.join(d, "settings.json")
+  with open(path, "r+") as f:
+    f.truncate(30)
+  with pytest.raises(parts.SampleSettingsError,
+                     match=r"settings.json cannot be read .*1 sample parts "
+                           r"beside it .*new workdir"):
+    parts.check_settings(d, _settings())
+  os.remove(os.path.join(d, "000000000.npz"))
+  parts.check_settings(d, _settings())
+  with open(path) as f:
+    assert json.load(f)["init_from"] == "/runs/rar"
 
 
 def test_parts_from_before_weights_were_recorded_compare_paths(tmp_path):
@@ -447,3 +467,27 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
     check(model__window=4, init_from=converted)
   (converted / "config.json").unlink()     # converted without --config
   check(model__window=4, init_from=converted)
+
+
+def test_two_processes_writing_one_file_do_not_share_its_temporary_file(
+    tmp_path):
+  """Two sample (or evaluate) runs finishing together in one workdir: each
+  writes its own temporary file, and the last rename wins whole."""
+  code = textwrap.dedent("""
+      import sys, time
+      from genvis_jax.core import files
+      def write(tmp):
+        with open(tmp, "w") as f:
+          f.write(sys.argv[2] * 1000)
+          f.flush()
+          time.sleep(1.0)      # the other process writes meanwhile
+      files.write_whole(sys.argv[1], write)
+      """)
+  target = str(tmp_path / "samples.png")
+  runs = [subprocess.Popen([sys.executable, "-c", code, target, c],
+                           stderr=subprocess.PIPE, text=True) for c in "ab"]
+  for r in runs:
+    assert r.wait(timeout=60) == 0, r.stderr.read()
+  with open(target) as f:
+    assert f.read() in ("a" * 1000, "b" * 1000)
+  assert os.listdir(tmp_path) == ["samples.png"]

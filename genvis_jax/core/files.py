@@ -26,7 +26,8 @@ def write_whole(path, write: Callable[[str], object]) -> None:
   """Writes ``path`` whole or not at all: ``write(tmp)`` fills a local file,
   which becomes ``path`` once complete. Creates the folder.
 
-  Local: ``tmp`` lies beside ``path`` (``name.tmp.ext``) and is renamed into
+  Local: ``tmp`` lies beside ``path`` (``name.<pid>.tmp.ext``: two
+  processes writing the same file do not share it) and is renamed into
   place (atomic on one file system). Object store: ``tmp`` is in a local
   temporary folder and is uploaded to ``path`` (an object appears whole when
   its upload completes; a rename there is a copy and a delete). The local
@@ -44,7 +45,8 @@ def write_whole(path, write: Callable[[str], object]) -> None:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   root, ext = os.path.splitext(path)
-  tmp = f"{root}.tmp{ext}"
+  # Not ending in a digit: a part's temporary file never looks like a part.
+  tmp = f"{root}.{os.getpid()}.tmp{ext}"
   try:
     write(tmp)
     os.replace(tmp, path)

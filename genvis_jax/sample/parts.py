@@ -223,8 +223,9 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   # float32 where the config left it unset (the samplers' default then).
   unset = {"sample.seed": 0, "sample.dtype": ar.DEFAULT_DTYPE}
   settings = {**unset, **settings}
-  if epath.Path(path).exists():
-    old = {**unset, **json.loads(epath.Path(path).read_text())}
+  recorded = _recorded_settings(path, found)
+  if recorded is not None:
+    old = {**unset, **recorded}
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
         "sample.num_samples", "devices") + WEIGHTS
@@ -247,6 +248,29 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
                      "run. Use a new workdir, or delete that folder.")
   text = json.dumps(settings, indent=1, sort_keys=True)
   files.write_whole(path, lambda tmp: epath.Path(tmp).write_text(text))
+
+def _recorded_settings(path: str, found: list[str]) -> dict | None:
+  """``settings.json`` as recorded, None where there is none, or a damaged
+  one with no parts to check (a fresh start writes it again).
+
+  Raises:
+    SampleSettingsError: parts exist and their settings cannot be read.
+  """
+  if not epath.Path(path).exists():
+    return None
+  try:
+    recorded = json.loads(epath.Path(path).read_text())
+    if not isinstance(recorded, dict):
+      raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+    return recorded
+  except ValueError as e:   # cut short (a full disk, a copy that stopped)
+    if not found:
+      return None
+    raise SampleSettingsError(
+        f"{path} cannot be read ({str(e)[:200]}), so the {len(found)} sample "
+        "parts beside it cannot be checked against this run. Use a new "
+        "workdir, or delete that folder to start over.") from e
+
 
 def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
   """Start indices of the part files that hold the images asked of their
