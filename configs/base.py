@@ -270,6 +270,32 @@ def model_config(name: str, **fields) -> ml_collections.ConfigDict:
   return m
 
 
+def add_sample(c, *, batch_size: int, labels: str = "balanced", **sampler):
+  """``mode=sample``: ``config.sample`` with the keys every generator's
+  sampling run reads, then ``sampler``'s own (guidance, steps, ...).
+
+  ``dtype``: the generator's decode dtype, "float32" (inference produces the
+  numbers); "bfloat16" casts the parameters once (logits / latents and the
+  sampling stay fp32), "" keeps ``config.model.dtype``. ``labels``: how the
+  class of each image is drawn, "balanced" (the same number per class, as
+  RAR's and the Equivariant samplers) or "uniform" (i.i.d., as FAR's);
+  ``classes``: the classes drawn from (empty: all). The batch starting at
+  image i draws with ``fold_in(key(seed), i)``. ``allow_model_changes``:
+  ``config.model`` keys (comma-separated) sampled with other values than the
+  run trained with, on purpose; others are refused
+  (``genvis_jax.sample.parts.check_trained_with``)."""
+  s = c.sample = ml_collections.ConfigDict()
+  s.update(sampler)
+  s.dtype = "float32"
+  s.num_samples = 50_000
+  s.batch_size = batch_size
+  s.seed = 0
+  s.labels = labels
+  s.classes = ()
+  s.allow_model_changes = ""
+  return s
+
+
 def add_tokenizer(c, model_config, checkpoint="", config_file=""):
   """The tokenizer a generator pre-tokenizes and decodes with:
   ``config.tokenizer.{model, checkpoint, dtype, uint8, config_file}``. Its

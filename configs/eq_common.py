@@ -103,20 +103,13 @@ def get_config(size: str = "l", arg=None):
   o.warmup_steps = warmup_epochs * steps_per_epoch
   o.no_decay = NO_DECAY
 
-  sp = c.sample = ml_collections.ConfigDict()
-  sp.guidance_scale = 7.0       # official --cfg (demo value, Places); 1.0 = no CFG
-  sp.num_steps = 100            # Euler steps of the flow head per column
-  sp.num_columns = 16           # 16 = 256 px; e.g. 128 for 8x width
-  sp.wide_columns = 0           # training grids also this wide (0 = off)
-  sp.latent_scale = lt.get_ref("scale")   # samples / scale -> tokenizer.decode
-  sp.dtype = "float32"          # generator decode dtype; "bfloat16" casts the
-                                # params once (latents / Euler state stay fp32)
-  sp.num_samples = 50_000
-  sp.batch_size = 64
-  sp.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
-  # config.model keys (comma-separated) sampled with other values than the
-  # run trained with, on purpose; others are refused (parts.check_trained_with).
-  sp.allow_model_changes = ""
+  base.add_sample(
+      c, batch_size=64,
+      guidance_scale=7.0,       # official --cfg (demo value, Places); 1.0 = no CFG
+      num_steps=100,            # Euler steps of the flow head per column
+      num_columns=16,           # 16 = 256 px; e.g. 128 for 8x width
+      wide_columns=0,           # training grids also this wide (0 = off)
+      latent_scale=lt.get_ref("scale"))   # samples / scale -> tokenizer.decode
   if arg.runlocal:
     # A batch=N given with runlocal is kept.
     runlocal(c, arg.batch if "batch" in arg.given else 16)

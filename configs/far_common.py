@@ -16,7 +16,6 @@ script. With ``runlocal`` it replaces runlocal's batch of 16.
 pretokenize``) and decodes samples: ``--config.tokenizer.checkpoint=DIR``.
 """
 
-import ml_collections
 
 from configs import base
 from configs import fqgan_common
@@ -89,25 +88,13 @@ def get_config(size: str = "b", arg: str | None = "dual"):
   o.warmup_steps = 0
   o.no_decay = NO_DECAY
 
-  c.sample = ml_collections.ConfigDict()
-  c.sample.guidance_scale = v["guidance_scale"]   # same scale for every sub-token
-  c.sample.temperature = 1.0
-  c.sample.top_k = 0
-  c.sample.top_p = 1.0
-  # Generator decode dtype: fp32 (inference produces the numbers). The
-  # official sampler casts the whole model to bf16 (--precision bf16, logits
-  # and CFG included); "bfloat16" casts the parameters once (logits and
-  # sampling stay fp32), "" keeps config.model.dtype (bf16 compute).
-  c.sample.dtype = "float32"
-  c.sample.num_samples = 50_000
-  c.sample.batch_size = 256
-  c.sample.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
+  # The official sampler casts the whole model to bf16 (--precision bf16,
+  # logits and CFG included); here fp32, as inference producing numbers.
   # Official sample_c2i_ddp_*: torch.randint(0, 1000, (n,)), labels drawn
   # i.i.d. uniform (RAR and Equivariant sample 50 per class: "balanced").
-  c.sample.labels = "uniform"
-  # config.model keys (comma-separated) sampled with other values than the
-  # run trained with, on purpose; others are refused (parts.check_trained_with).
-  c.sample.allow_model_changes = ""
+  base.add_sample(c, batch_size=256, labels="uniform",
+                  guidance_scale=v["guidance_scale"],   # every sub-token
+                  temperature=1.0, top_k=0, top_p=1.0)
 
   # The FQGAN tokenizer (official fqgan_{dual,triple}_ds16.pt, converted): codes
   # from ten-crop + flip of a 1.1x centre crop, as LlamaGen extract_codes_c2i.py.

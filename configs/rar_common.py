@@ -7,7 +7,6 @@ model, tokenizer (``configs/maskgit_vqgan.py:runlocal``), steps, batch and data
 (the embedded demo shapes) so every mode runs on a laptop CPU in about a minute.
 """
 
-import ml_collections
 
 from configs import base
 from configs import maskgit_vqgan
@@ -85,20 +84,10 @@ def get_config(size: str = "b", arg=None):
   o.end_lr = 1e-5
   o.no_decay = NO_DECAY
 
-  c.sample = ml_collections.ConfigDict()
-  c.sample.guidance_scale = s["guidance_scale"]
-  c.sample.guidance_pow = s["guidance_pow"]
-  c.sample.temperature = s["temperature"]
-  # Generator decode dtype: the official sampler runs in fp32 (TF32 matmuls,
-  # no autocast); "bfloat16" casts the parameters once (logits and sampling
-  # stay fp32), "" keeps config.model.dtype (bf16 compute).
-  c.sample.dtype = "float32"
-  c.sample.num_samples = 50_000
-  c.sample.batch_size = 250
-  c.sample.seed = 0   # the batch starting at image i draws with fold_in(key(seed), i)
-  # config.model keys (comma-separated) sampled with other values than the
-  # run trained with, on purpose; others are refused (parts.check_trained_with).
-  c.sample.allow_model_changes = ""
+  # The official sampler runs in fp32 (TF32 matmuls, no autocast), 50 images
+  # per class.
+  base.add_sample(c, batch_size=250, guidance_scale=s["guidance_scale"],
+                  guidance_pow=s["guidance_pow"], temperature=s["temperature"])
 
   # MaskGIT VQGAN: what pretokenize encodes with and samples decode with
   # (--config.tokenizer.checkpoint=DIR from `python -m genvis_jax.convert`).

@@ -74,6 +74,12 @@ def test_parts_from_before_the_seed_was_a_setting_were_drawn_with_seed_0(
   parts.check_settings(d, _settings(**{"sample.seed": 0}))
   with pytest.raises(parts.SampleSettingsError, match=r"sample.seed: 0 -> 7"):
     parts.check_settings(d, _settings(**{"sample.seed": 7}))
+  # Nor were the label draw and classes: balanced labels of every class.
+  parts.check_settings(d, _settings(**{"sample.labels": "balanced",
+                                       "sample.classes": []}))
+  with pytest.raises(parts.SampleSettingsError,
+                     match=r"sample.labels: 'balanced' -> 'uniform'"):
+    parts.check_settings(d, _settings(**{"sample.labels": "uniform"}))
 
 
 def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):

@@ -220,8 +220,10 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   found = _listed(parts_dir)
   # A config without config.sample.seed (or parts drawn before it was a
   # setting) draws with seed 0; parts recorded before the dtype was drew in
-  # float32 where the config left it unset (the samplers' default then).
-  unset = {"sample.seed": 0, "sample.dtype": ar.DEFAULT_DTYPE}
+  # float32 where the config left it unset (the samplers' default then), and
+  # before every config declared them, balanced labels of all classes.
+  unset = {"sample.seed": 0, "sample.dtype": ar.DEFAULT_DTYPE,
+           "sample.labels": "balanced", "sample.classes": []}
   settings = {**unset, **settings}
   recorded = _recorded_settings(path, found)
   if recorded is not None:
