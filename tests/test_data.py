@@ -411,6 +411,16 @@ def test_image_folder_missing_or_empty_raise_clear_errors(tmp_path):
   (tmp_path / "cat").mkdir()
   with pytest.raises(data.DataNotFoundError, match="no images"):
     data.create_dataset(c, **kw)
+  # An empty class among full ones would shift the later classes' labels.
+  for name in ("bird", "dog"):
+    (tmp_path / name).mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / name / "a.png")
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"1 class folder\(s\) without an image file: "
+                           r"\['cat'\].*shifts every later class"):
+    data.create_dataset(c, **kw)
+  (tmp_path / "cat").rmdir()
+  data.create_dataset(c, **kw)
 
 
 # --- TFDS --------------------------------------------------------------------

@@ -116,15 +116,30 @@ def _walk_images(class_dir: str) -> list[str]:
 
 def list_images(root: str, classes: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
   """Sorted image paths under ``root/<class>/`` (recursive, following
-  symbolic links to folders) and int32 labels."""
-  paths, labels = [], []
+  symbolic links to folders) and int32 labels.
+
+  Raises:
+    DataNotFoundError: no image at all, or a class folder without an image
+      file (it would take a label and shift every later class by one;
+      torchvision's ``ImageFolder`` refuses it too). A class folder a split
+      does not have is allowed (an evaluation split may lack classes).
+  """
+  paths, labels, empty = [], [], []
   for label, name in enumerate(classes):
     class_dir = os.path.join(root, name)
     if not os.path.isdir(class_dir):
       continue  # a split may lack a class of the training split
     found = _walk_images(class_dir)
+    if not found:
+      empty.append(name)
     paths += found
     labels += [label] * len(found)
+  if paths and empty:
+    raise DataNotFoundError(
+        f"Image folder {root!r} has {len(empty)} class folder(s) without an "
+        f"image file: {empty[:5]}. Each class folder takes a label, so an "
+        "empty one shifts every later class by one. Put its images in it or "
+        f"remove it (image suffixes: {', '.join(IMAGE_EXTENSIONS)}).")
   if not paths:
     raise DataNotFoundError(
         f"Image folder {root!r} has class folders {list(classes)[:5]}... but "
