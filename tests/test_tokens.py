@@ -303,12 +303,15 @@ def test_pretokenize_names_its_own_data_settings(tmp_path, caplog):
   with pytest.raises(data.DataNotFoundError,
                      match=r"^config.pretokenize.data.path is empty"):
     pretokenize.pretokenize(config, str(tmp_path / "wd"))
-  assert pretokenize.warn_images_in_data(config) == ""
+  pretokenize.check_images_in_data(config)
   config.pretokenize.data.source = "demo"
   config.data.source, config.data.path = "image_folder", "/my/images"
-  assert pretokenize.warn_images_in_data(config).startswith(
-      "config.data names images (source 'image_folder', path '/my/images'), "
-      "but pre-tokenizing reads config.pretokenize.data (source 'demo'")
+  with pytest.raises(errors_lib.ConfigError,
+                     match=r"^config.data names images \(source 'image_folder', "
+                           r"path '/my/images'\), but pre-tokenizing reads "
+                           r"config.pretokenize.data \(source 'demo'.*"
+                           r"--config.pretokenize.data.path=/my/images"):
+    pretokenize.pretokenize(config, str(tmp_path / "wd"))
 
 
 def _check_sets(pattern):

@@ -307,23 +307,28 @@ def warn_other_sets(output: str) -> None:
         "the older files.", output, found, count)
 
 
-def warn_images_in_data(config) -> str:
-  """Warns (and returns the warning) when ``config.data``, the generator's
-  training input (token files), names images that ``config.pretokenize.data``
-  does not: pre-tokenizing reads the latter, so flags meant for it that set
-  ``--config.data.*`` would silently encode other images. "" otherwise."""
+def check_images_in_data(config) -> None:
+  """Refuses a ``config.data`` (the generator's training input: token files)
+  that names images ``config.pretokenize.data`` does not: pre-tokenizing
+  reads the latter, so ``--config.data.*`` flags meant for it would encode
+  other images (the demo's, by default) without a word.
+
+  Raises:
+    ConfigError: naming both and the flags to use.
+  """
   d, p = config.data, config.pretokenize.data
   if d.get("source", "tokens") == "tokens" or (
       (d.source, d.get("path", "")) == (p.source, p.get("path", ""))):
-    return ""
-  msg = (f"config.data names images (source {d.source!r}, path "
-         f"{d.get('path', '')!r}), but pre-tokenizing reads "
-         f"config.pretokenize.data (source {p.source!r}, path "
-         f"{p.get('path', '')!r}); config.data is the generator's training "
-         "input, its token files. To encode those images set "
-         "--config.pretokenize.data.source / .path instead.")
-  logging.warning(msg)
-  return msg
+    return
+  raise errors.ConfigError(
+      f"config.data names images (source {d.source!r}, path "
+      f"{d.get('path', '')!r}), but pre-tokenizing reads "
+      f"config.pretokenize.data (source {p.source!r}, path "
+      f"{p.get('path', '')!r}); config.data is the generator's training "
+      "input, its token files. To encode those images pass "
+      f"--config.pretokenize.data.source={d.source} "
+      f"--config.pretokenize.data.path={d.get('path', '')} instead of the "
+      "--config.data flags.")
 
 
 def pretokenize(config, workdir: str) -> dict:
@@ -334,7 +339,7 @@ def pretokenize(config, workdir: str) -> dict:
         "generator reads images, or the config is not a generator's. "
         "Pre-tokenize with a RAR or FAR config.")
   p, tok = config.pretokenize, config.tokenizer
-  warn_images_in_data(config)
+  check_images_in_data(config)
   # A bad crop is refused before an existing file is judged by its record.
   transforms.check_center_crop(
       p.data.get("center_crop", "") or "adm", p.data.image_size,
@@ -418,7 +423,12 @@ def pretokenize(config, workdir: str) -> dict:
        "remainder_kept": True, "sha256": writer.sha256,
        "max_label": int(max_label), "skipped_files": skipped},
       indent=1, sort_keys=True))
-  msg = (f"wrote {writer.count} token records ({n_images} images, "
+  # Which images: a run that read other data than meant says so here.
+  source = p.data.source
+  where = {"image_folder": p.data.get("path", ""),
+           "tfds": p.data.get("name", "")}.get(source, "")
+  msg = (f"wrote {writer.count} token records ({n_images} images of "
+         f"{source}{f' {where!r}' if where else ''}, "
          f"{f'{skipped} unreadable files skipped, ' if skipped else ''}"
          f"{'ten-crop' if p.ten_crop else 'centre crop + mirror'}) to {path}; "
          f"train with --config.data.path='{pattern}'")
