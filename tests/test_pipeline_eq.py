@@ -84,7 +84,7 @@ def _check_tokenizer_origin(w, tok, gen):
   """The generator records the tokenizer weights it encoded its images with:
   resuming with other weights (a copy whose newest step was committed anew,
   as a tokenizer trained further) is refused before any state is read, and
-  sampling with them warns."""
+  so is sampling with them."""
   from genvis_jax.core import weights as weights_lib
   from genvis_jax.data import token_origin
   from genvis_jax.errors import ConfigError
@@ -105,5 +105,7 @@ def _check_tokenizer_origin(w, tok, gen):
                      r"tokenizer weights .* now holds"):
     pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": other},
                 **pc.steps(6))
-  assert "decoded by another tokenizer" in parts.warn_other_tokenizer(
-      gen, source)
+  config = pc.load_config("eq_s.py:runlocal")
+  with pytest.raises(parts.TrainedWithError,
+                     match="would be decoded by another tokenizer"):
+    parts.check_tokenizer_origin(config, gen, source)

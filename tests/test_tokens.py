@@ -392,7 +392,8 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   record = lambda w: open(path + ".json", "w").write(
       json.dumps({"settings": {"weights": w}, "records": 2}))
   config = ml_collections.ConfigDict(dict(data=dict(
-      source="tokens", path=str(tmp_path / "{split}-*"), split="train")))
+      source="tokens", path=str(tmp_path / "{split}-*"), split="train"),
+      sample=dict(allow_model_changes="")))
   wd = str(tmp_path / "run")
   os.makedirs(wd)
   record("step 20 committed 1")
@@ -407,12 +408,19 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
                            r"tokenizer weights \['step 20 committed 1'\].*now "
                            r"hold \['step 30 committed 2'\]"):
     token_origin.check(config, wd, 5)
-  # Sampling the run (or one of its steps) with other tokenizer weights warns.
+  # Sampling the run (or one of its steps) with other tokenizer weights is
+  # refused, unless named on purpose (then it warns).
   step = os.path.join(wd, "checkpoints", "5")
-  assert parts.warn_other_tokenizer(step, "step 20 committed 1") == ""
-  assert "trained on tokens of tokenizer weights ['step 20 committed 1']" in (
-      parts.warn_other_tokenizer(step, "step 30 committed 2"))
-  assert parts.warn_other_tokenizer(str(tmp_path / "converted"), "x") == ""
+  check = lambda *a: parts.check_tokenizer_origin(config, *a)
+  assert check(step, "step 20 committed 1") == ""
+  with pytest.raises(parts.TrainedWithError,
+                     match=r"trained on tokens of tokenizer weights \['step 20 "
+                           r"committed 1'\].*allow_model_changes="
+                           r"tokenizer.checkpoint"):
+    check(step, "step 30 committed 2")
+  assert check(str(tmp_path / "converted"), "x") == ""
+  config.sample.allow_model_changes = "model.window, tokenizer.checkpoint"
+  assert "another tokenizer" in check(step, "step 30 committed 2")
 
 
 def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,

@@ -253,12 +253,13 @@ def sample_and_save(config, workdir: str) -> dict:
   # load something else there while the others wait for it.
   multihost.check_agree(settings, "sampling settings")
   recorded = {k: settings[k] for k in parts.WEIGHTS}
+  parts.check_tokenizer_origin(config, pinned.init_from,
+                               recorded["weights.tokenizer"])
   sample_fn, batch_sharding = make_sample_fn(pinned, mesh)
   if parts.pinned_sources(pinned) != recorded:
     raise parts.SampleSettingsError(
         f"The checkpoint changed while it was loaded ({config.init_from}, "
         f"{config.tokenizer.get('checkpoint', '')}); run again.")
-  parts.warn_other_tokenizer(pinned.init_from, recorded["weights.tokenizer"])
   parts_dir = parts.directory(workdir)
   files.makedirs(parts_dir)
   parts.check_settings(parts_dir, settings)

@@ -20,7 +20,6 @@ from absl import logging
 from etils import epath
 
 from genvis_jax import errors
-from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import multihost
@@ -133,12 +132,19 @@ def pinned_sources(pinned) -> dict:
               pinned.tokenizer.get("checkpoint", ""))}
 
 
-def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
-  """Warns (and returns the warning) when the generator run ``init_from``
-  (pinned) trained on tokens (codes or latents) of other tokenizer weights
-  than ``tokenizer_source`` (``core.weights.params_source``): its samples would be
-  decoded by a tokenizer it never saw. "" when they match or the run
-  recorded nothing (a converted checkpoint, a run of images)."""
+def check_tokenizer_origin(config, init_from: str,
+                           tokenizer_source: str) -> str:
+  """Refuses to decode the samples of the generator run ``init_from``
+  (pinned) with other tokenizer weights than those whose tokens (codes or
+  latents) it trained on: ``tokenizer_source`` (``core.weights.params_source``)
+  must be one of them. Passes where they match or the run recorded nothing
+  (a converted checkpoint); with ``tokenizer.checkpoint`` named in
+  ``config.sample.allow_model_changes`` (a decoder fine-tuned on purpose)
+  it warns instead, and returns the warning ("" otherwise).
+
+  Raises:
+    TrainedWithError: naming both weights and the fixes.
+  """
   run = weights_lib.run_of(init_from)
   trained_on = token_origin.run_token_weights(run)
   if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
@@ -146,10 +152,27 @@ def warn_other_tokenizer(init_from: str, tokenizer_source: str) -> str:
   msg = weights_lib.readable(
       f"The generator {run} trained on tokens of tokenizer weights "
       f"{trained_on}, but config.tokenizer.checkpoint holds "
-      f"{tokenizer_source!r}: the samples are decoded by another tokenizer. "
-      "Point it at the step the tokens came from (<run>/checkpoints/<step>).")
-  logging.warning(msg)
-  return msg
+      f"{tokenizer_source!r}: the samples would be decoded by another "
+      "tokenizer.")
+  if _TOKENIZER in _allowed_changes(config):
+    logging.warning(msg)
+    return msg
+  raise TrainedWithError(
+      f"{msg} Point config.tokenizer.checkpoint at the step the tokens came "
+      "from (<run>/checkpoints/<step>); to decode with these weights on "
+      "purpose (e.g. a decoder fine-tuned since), pass "
+      f"--config.sample.allow_model_changes={_TOKENIZER}.")
+
+
+# The allow_model_changes name that decodes with other tokenizer weights.
+_TOKENIZER = "tokenizer.checkpoint"
+
+
+def _allowed_changes(config) -> set[str]:
+  """The keys named in ``config.sample.allow_model_changes``."""
+  return {k.strip() for k in
+          str(config.sample.get("allow_model_changes", "")).split(",")
+          if k.strip()}
 
 
 class SampleSettingsError(errors.UserError, ValueError):
@@ -186,8 +209,7 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   now = json.loads(config.to_json_best_effort())
   keys = {k: k for k in settings_lib.flatten({"model": now["model"]})}
   keys.update(run_keys)
-  allowed = {k.strip() for k in
-             str(config.sample.get("allow_model_changes", "")).split(",")}
+  allowed = _allowed_changes(config)
   flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
   differing = [(key, run) for key, run in sorted(keys.items())
                if key not in fit.COMPUTE_ONLY and key not in allowed
