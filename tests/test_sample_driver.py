@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -454,6 +455,15 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
                            r"model.window"):
     check(model__window=4)
   check(model__window=4, sample__allow_model_changes="model.window")
+  # A setting that changes the shapes gets no such hint: it would not load.
+  with pytest.raises(parts.TrainedWithError) as e:
+    check(model__window=4, model__hidden_size=2 * config.model.hidden_size)
+  assert re.search(r"These change the weights' shapes \(they would not "
+                   r"load\):\n  model.hidden_size: run \d+ vs config \d+\n"
+                   r"These leave the weights' shapes alone.*\n  model.window: "
+                   r"run 2 vs config 4\n.*allow_model_changes=model.window\.$",
+                   str(e.value), re.S), str(e.value)
+  check(model__name="rar")   # another model: the weight loader names both
   with pytest.raises(parts.TrainedWithError,
                      match=r"sample.latent_scale: run 0.2 vs config 0.05"):
     check(sample__latent_scale=0.05)

@@ -15,11 +15,13 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
 from genvis_jax import errors
+from genvis_jax import models
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import multihost
@@ -215,18 +217,57 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
                if key not in fit.COMPUTE_ONLY and key not in allowed
                and key in flat_now and run in flat_saved
                and flat_saved[run] != flat_now[key]]
-  if differing:
-    side = "run" if made == "trained" else "weights"
-    diffs = [f"{key}: {side} {flat_saved[run]!r} vs config {flat_now[key]!r}"
-             for key, run in differing]
-    names = ",".join(key for key, _ in differing)
-    raise TrainedWithError(
-        f"{pinned.init_from} was {made} with other settings than this "
-        "config samples it with:\n  " + "\n  ".join(diffs) + "\nPass the "
-        f"values it was {made} with. A setting that leaves the weights' "
-        "shapes alone (an attention window, a latent scale) "
-        "would load and change every image; to change such settings on "
-        f"purpose, name them: --config.sample.allow_model_changes={names}.")
+  if not differing or ("model.name", "model.name") in differing:
+    return   # another model: the weight loader names both
+  side = "run" if made == "trained" else "weights"
+  reshaping = _reshaping(saved["model"], now["model"],
+                         [key for key, _ in differing])
+
+  def lines(pairs):
+    return "".join(f"\n  {key}: {side} {flat_saved[run]!r} vs config "
+                   f"{flat_now[key]!r}" for key, run in pairs)
+
+  neutral = [(k, r) for k, r in differing if k not in reshaping]
+  msg = (f"{pinned.init_from} was {made} with other settings than this "
+         f"config samples it with. Pass the values it was {made} with.")
+  if reshaping:
+    msg += (" These change the weights' shapes (they would not load):"
+            + lines([(k, r) for k, r in differing if k in reshaping]))
+  if neutral:
+    names = ",".join(key for key, _ in neutral)
+    msg += ((" These" if not reshaping else "\nThese") + " leave the "
+            "weights' shapes alone, so they would load and change every "
+            "image:" + lines(neutral) + "\nTo change them on purpose, name "
+            f"them: --config.sample.allow_model_changes={names}.")
+  raise TrainedWithError(msg)
+
+
+def _reshaping(saved_model: dict, now_model: dict, keys) -> set[str]:
+  """The ``model.<field>`` among ``keys`` whose configured value alone,
+  put in the recorded model config, changes the parameter shapes (shapes
+  only: ``jax.eval_shape`` of the initialiser). Empty where the recorded
+  config no longer builds (another code version)."""
+  def shapes(model):
+    cfg = ml_collections.ConfigDict(model)
+    tree = jax.eval_shape(lambda r: models.init_params(cfg, r),
+                          jax.random.key(0))
+    return [(fit.key_path(p), a.shape)
+            for p, a in jax.tree_util.tree_leaves_with_path(tree)]
+  try:
+    recorded = shapes(saved_model)
+  except Exception:   # pylint: disable=broad-except
+    return set()
+  out = set()
+  for key in keys:
+    field = key.split(".", 1)[1] if key.startswith("model.") else ""
+    if not field or "." in field or field not in now_model:
+      continue
+    try:
+      if shapes({**saved_model, field: now_model[field]}) != recorded:
+        out.add(key)
+    except Exception:   # pylint: disable=broad-except
+      out.add(key)      # a value that does not build with the rest
+  return out
 
 
 def check_settings(parts_dir: str, settings: dict) -> None:
