@@ -2,6 +2,7 @@
 diverged state is saved (the newest good checkpoint is named), and an error
 mid-run waits for the save in flight."""
 
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +33,11 @@ def test_exploding_run_stops_with_clear_error_and_keeps_checkpoint(step_3_run,
   msg = str(e.value)
   assert "between steps 3 and 4" in msg and "newest checkpoint, step 3" in msg
   assert "config.train.grad_clip=1.0" in msg   # off here, so suggested
+  # At once after a resume: the restored files are named as a likely cause
+  # (a step damaged after it was written diverges just so).
+  assert re.search(r"first updates after resuming from step 3: if its files "
+                   r"were damaged .*move .*checkpoints/3 out of checkpoints/",
+                   msg), msg
   assert ckpt_lib.Checkpointer(wd).latest_step() == 3
 
 
@@ -94,6 +100,7 @@ def test_nan_loss_honours_check_finite(tmp_path, nan_at_step_4, check_finite):
     assert "newest checkpoint, step 3" in msg
     assert "grad_clip" not in msg   # already on in this config
     assert "check_finite=False" in msg
+    assert "after resuming" not in msg   # a fresh run
     assert ckpt_lib.Checkpointer(wd).latest_step() == 3
   else:
     state = trainer_lib.train_loop(c, wd, on_log=logs.__setitem__)

@@ -112,12 +112,15 @@ def diverged_message(what: str, first: int, last: int, checkpoint: str) -> str:
 
 
 def check_health(config, guard: DivergenceGuard, means: dict, norms: dict,
-                 acc_n: int, checked: int, done: int, ckpt) -> None:
+                 acc_n: int, checked: int, done: int, ckpt,
+                 resumed: int | None = None) -> None:
   """Raises a TrainingDivergedError (NaN/Inf or runaway) for steps
   ``checked+1..done`` from the interval's mean metrics ``means`` (over
   ``acc_n`` steps) and parameter-group norms, naming the checkpoint of
   ``ckpt`` (a ``core.checkpoint.Checkpointer``) to restart from and the
-  knobs."""
+  knobs. ``resumed``: the step this run resumed from (None: a fresh run);
+  a divergence in the first updates after it names that step's files as a
+  likely cause."""
   nonfinite = round(means.get("nonfinite", 0.0) * acc_n)
   what, cls = None, NonFiniteLossError
   if nonfinite and guard.check_finite:
@@ -137,5 +140,13 @@ def check_health(config, guard: DivergenceGuard, means: dict, norms: dict,
     where = (f"the newest checkpoint, step {latest} ({ckpt.directory / str(latest)}), "
              "passed these checks before it was written (finite, sane "
              "parameters) and a restart with the same --workdir resumes from it")
+    if resumed is not None and checked == resumed == latest:
+      # It diverged at once on a state that was healthy when saved: the files
+      # may have changed since (Orbax keeps no checksums of a step).
+      where += (f". It diverged in the first updates after resuming from "
+                f"step {latest}: if its files were damaged after they were "
+                f"written (a bad copy, a disk fault), move "
+                f"{ckpt.directory / str(latest)} out of checkpoints/ and rerun "
+                "(the run then resumes from the step before)")
   raise cls(diverged_message(what, checked, done, where) + " To fix: " +
             advice(config, nonfinite=cls is NonFiniteLossError))

@@ -361,7 +361,8 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           means = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
           norms = trainer.param_norms(state)
           guard_lib.check_health(config, guard, means, norms, acc_n,
-                                 checked, done, ckpt)
+                                 checked, done, ckpt,
+                                 resumed=start if start else None)
           checked = done
         if log_now:
           log(done, means, norms, acc_n)
