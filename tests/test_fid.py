@@ -4,10 +4,12 @@ codebook usage."""
 
 import json
 import os
+import pickle
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import linalg
 
 from genvis_jax.core import sharding
@@ -194,12 +196,17 @@ def test_unreadable_npz_files_are_named_with_the_fix(tmp_path):
   os.replace(tmp_path / "one.npy", tmp_path / "one.npz")
   np.save(tmp_path / "objects.npz", np.array([{}], dtype=object))
   os.replace(tmp_path / "objects.npz.npy", tmp_path / "objects.npz")
+  Image.new("RGB", (4, 4)).save(tmp_path / "grid.png")
+  with open(tmp_path / "pickled.npz", "wb") as f:
+    pickle.dump({"arr_0": images}, f)
   ex = FakeExtractor()
   for name, message in (("cut", "is not a readable .npz file .* cut short"),
                         ("one", r"holds a single array \(.npy\), not an .npz"),
                         ("objects", r"(holds a single array|is not a readable "
-                                    r".npz)")):
-    bad = str(tmp_path / f"{name}.npz")
+                                    r".npz)"),
+                        ("grid.png", r"is not an .npz file: it is a PNG image"),
+                        ("pickled", r"is not an .npz file: it is a pickle")):
+    bad = str(tmp_path / (name if "." in name else f"{name}.npz"))
     with pytest.raises(npz.NpzFileError,
                        match=r"\(config.evaluate.samples\) " + message):
       generation.evaluate_samples(bad, str(tmp_path / "whole.npz"), extractor=ex)

@@ -50,6 +50,31 @@ def _unreadable(path: str, setting: str, error: Exception) -> NpzFileError:
       "again (`--config.mode=sample` re-assembles samples.npz from its parts).")
 
 
+# Leading bytes of files given by mistake, named in the message.
+_KNOWN_FILES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                (b"\x80", "a pickle (torch.save / pickle.dump)"),
+                (b"{", "JSON text"))
+
+
+def _check_head(f, path: str, setting: str) -> None:
+  """Reads the first bytes of the open file ``f`` (then rewinds): a single
+  ``.npy`` array, or a file that is no zip archive at all (an ``.npz`` is
+  one), raise ``NpzFileError`` naming what it looks like."""
+  head = f.read(8)
+  f.seek(0)
+  if head.startswith(np.lib.format.MAGIC_PREFIX):
+    raise _single_array(path, setting)
+  if head[:2] == b"PK" or not head:   # a zip (maybe cut short), or empty
+    return
+  what = next((name for magic, name in _KNOWN_FILES
+               if head.startswith(magic)), "no zip archive")
+  where = f" ({setting})" if setting else ""
+  raise NpzFileError(
+      f"{path!r}{where} is not an .npz file: it is {what}. Pass the .npz "
+      "(numpy.savez; samples: what --config.mode=sample writes, "
+      "samples.npz).")
+
+
 def _single_array(path: str, setting: str) -> NpzFileError:
   where = f" ({setting})" if setting else ""
   return NpzFileError(
@@ -64,9 +89,7 @@ def _zip(path: str, setting: str = "") -> Iterator[zipfile.ZipFile]:
   folder, a single ``.npy`` array, cut short or not a zip."""
   check_file(path, setting)
   with files.open_read(path) as f:
-    if f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
-      raise _single_array(path, setting)
-    f.seek(0)
+    _check_head(f, path, setting)
     try:
       zf = zipfile.ZipFile(f)
     except files.NPZ_READ_ERRORS as e:
@@ -81,6 +104,7 @@ def open_npz(path: str, setting: str = "") -> Iterator[np.lib.npyio.NpzFile]:
   arrays, each read when indexed. Errors as ``_zip``'s."""
   check_file(path, setting)
   with files.open_read(path) as f:
+    _check_head(f, path, setting)
     try:
       data = np.load(f, allow_pickle=False)
     except files.NPZ_READ_ERRORS as e:
