@@ -7,6 +7,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -577,3 +578,20 @@ def test_encode_in_chunks_calls_one_shape_in_order():
   out = pretokenize.encode_in_chunks(encode, images, 8)
   np.testing.assert_array_equal(out, images[:, 0] * 2)
   assert shapes == [(8, 3)] * 3
+
+
+def test_pretokenize_refuses_images_of_another_token_count():
+  """Images whose codes are not as many as the generator reads are refused
+  before encoding (training stopped at its first batch), naming the size
+  that fits."""
+  encode = lambda x: jnp.zeros((x.shape[0], (x.shape[1] // 4) ** 2), jnp.int32)
+  pretokenize.check_tokens_fit({"seq_len": 64}, encode, 32)
+  pretokenize.check_tokens_fit({"grid": 8}, encode, 32)          # FAR
+  pretokenize.check_tokens_fit({}, encode, 64)   # no generator: nothing to fit
+  with pytest.raises(errors_lib.ConfigError,
+                     match=r"image_size=64 gives 256 tokens per image .* reads "
+                           r"64: pass --config.pretokenize.data.image_size=32"):
+    pretokenize.check_tokens_fit({"seq_len": 64}, encode, 64)
+  with pytest.raises(errors_lib.ConfigError, match=r"reads 50: pass the image "
+                     r"size this tokenizer encodes"):
+    pretokenize.check_tokens_fit({"seq_len": 50}, encode, 32)

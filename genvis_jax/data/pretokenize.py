@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -152,6 +153,33 @@ def make_encoder(model, params, mesh):
     images = jax.lax.with_sharding_constraint(images, batch_sh)
     return flatten_codes(model.apply({"params": params}, images, method="encode"))
   return functools.partial(encode, params)
+
+
+def check_tokens_fit(generator, encode, size: int) -> None:
+  """Refuses, before encoding anything, images of ``size`` px whose codes
+  (``encode``'s shape, traced only) are not as many per image as the
+  generator that trains on them reads (``generator.seq_len``, or a FAR
+  ``grid`` squared): training would stop at its first batch instead.
+
+  Raises:
+    ConfigError: naming ``config.pretokenize.data.image_size`` and the size
+      that fits, where there is one.
+  """
+  want = int(generator.get("seq_len", 0) or generator.get("grid", 0) ** 2)
+  if not want:
+    return
+  got = jax.eval_shape(
+      encode, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1]
+  if got == want:
+    return
+  fits = round(size * math.sqrt(want / got))   # tokens grow with the area
+  hint = (f"--config.pretokenize.data.image_size={fits}"
+          if fits * fits * got == want * size * size else
+          "the image size this tokenizer encodes for this generator")
+  raise errors.ConfigError(
+      f"config.pretokenize.data.image_size={size} gives {got} tokens per "
+      f"image with this tokenizer, but the generator (config.model) reads "
+      f"{want}: pass {hint}, or a generator config of {got} tokens.")
 
 
 def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -396,6 +424,7 @@ def pretokenize(config, workdir: str) -> dict:
   if done is not None:   # loaded with the others; this shard stays as it is
     return _reused(path, done, settings, pattern)
   encode = make_encoder(model, params, mesh)
+  check_tokens_fit(config.get("model") or {}, encode, size)
   it, info = image_batches(p, value_range)
   chunk = jax.local_device_count() * int(p.get("device_batch", 32))
   t0, n_images, max_label = time.perf_counter(), 0, -1
