@@ -383,8 +383,8 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys):
   c.pretokenize.overwrite = True
   capsys.readouterr()
   assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 50
-  assert ("(5 images, 1 unreadable files skipped, ten-crop)"
-          in capsys.readouterr().out)
+  assert (f"(5 images of image_folder {str(root)!r}, 1 unreadable files "
+          "skipped, ten-crop)" in capsys.readouterr().out)
   with open(path + ".json") as f:
     assert json.load(f)["skipped_files"] == 1
   with pytest.raises(KeyboardInterrupt):
