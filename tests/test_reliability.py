@@ -604,3 +604,17 @@ def test_a_changed_order_setting_draws_the_data_order_afresh():
   c.data.crops_per_epoch = "all"
   c.data.num_workers = 2
   assert resume_lib.order_setting_changed(old, c) == ""
+
+
+def test_a_resume_lists_the_compute_settings_it_changes():
+  """How the model computes may change on resume (it loads the same
+  weights) and is listed with the rest; other model settings were refused
+  before, so they are not."""
+  from genvis_jax.train import resume
+  saved = {"model": {"dtype": "float32", "hidden_size": 64},
+           "train": {"num_steps": 6}}
+  now = {"model": {"dtype": "bfloat16", "hidden_size": 64},
+         "train": {"num_steps": 9}}
+  assert resume.resumed_differences(saved, now) == [
+      "model.dtype: checkpoint 'float32' vs this run 'bfloat16'",
+      "train.num_steps: checkpoint 6 vs this run 9"]

@@ -45,10 +45,9 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
                                      task.ema_group)
     return state, data_iter, info, config.seed
   logging.info("Resumed from %s step %d", ckpt.directory, latest)
-  changed = saved_config and settings_lib.differences(
-      saved_config, json.loads(config.to_json_best_effort()),
-      ignore=("model",), names=("checkpoint", "this run"))
-  if changed:   # the model's differences were refused already
+  changed = saved_config and resumed_differences(
+      saved_config, json.loads(config.to_json_best_effort()))
+  if changed:
     logging.warning(
         "This run's config differs from the checkpoint's; it continues with "
         "this run's values:\n  %s", settings_lib.shorten(changed, 20, "\n  "))
@@ -61,6 +60,17 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
         "this workdir resumes its own step %d. Use a new --workdir to start "
         "from those weights.", config.init_from, latest)
   return state, data_iter, info, data_seed
+
+
+def resumed_differences(saved: dict, now: dict) -> list[str]:
+  """The settings a resume continues with other values of (one line each):
+  all but ``config.model``'s, whose differences were refused already, except
+  how it computes (``checkpoint_fit.COMPUTE_ONLY``: ``model.dtype``...)."""
+  compute = lambda c: {k: settings_lib.get(c, k) for k in fit.COMPUTE_ONLY}
+  names = ("checkpoint", "this run")
+  return sorted(
+      settings_lib.differences(saved, now, ignore=("model",), names=names) +
+      settings_lib.differences(compute(saved), compute(now), names=names))
 
 
 # config.data settings that change what a saved input position means, with
