@@ -140,10 +140,14 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
 
 
 def num_batch_shards(mesh: Mesh, rules=None) -> int:
+  """How many ways the batch is split: the product of the batch axes' sizes
+  (a global batch must be a multiple of it)."""
   return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A whole copy on every device of ``mesh`` (inference weights, keys,
+  scalars)."""
   return NamedSharding(mesh, P())
 
 

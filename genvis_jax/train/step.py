@@ -53,7 +53,9 @@ def ema_decay_at(step, decay: float, warmup: bool):
 
 
 def make_train_step(task, optimizers, train_config, num_shards: int):
-  """Returns ``step_fn(state, batch, rng) -> (state, metrics)`` (un-jitted).
+  """Returns ``step_fn(state, batch, rng, frozen) -> (state, metrics)``
+  (un-jitted); ``frozen``: the parameters the loss reads and no optimizer
+  updates (e.g. LPIPS, a tokenizer).
 
   The per-step key is ``fold_in(rng, state.step)`` so a resumed run draws
   the same numbers. Groups are updated in ``task.update_phases`` (default:
@@ -109,6 +111,11 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
 
 
 def jit_train_step(step_fn, state_shardings, batch_sharding, replicated):
+  """``step_fn(state, batch, rng, frozen) -> (state, metrics)`` compiled
+  with the state donated (updated in place: one copy of the weights and
+  optimizer state in device memory, not two) and placed on
+  ``state_shardings``, the batch on ``batch_sharding``, the key, the frozen
+  parameters and the metrics replicated."""
   return jax.jit(step_fn, donate_argnums=(0,),
                  in_shardings=(state_shardings, batch_sharding, replicated,
                                replicated),
