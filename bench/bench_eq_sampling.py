@@ -43,7 +43,7 @@ import numpy as np
 from bench.bench_eq_long import random_params  # std 0.02, no init compile
 from configs import eq_common
 from genvis_jax import models
-from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import eq_generator as eq_sample
 
 TINY = dict(hidden_size=64, depth=2, num_heads=4, head_width=64, head_depth=2,
@@ -187,10 +187,10 @@ def make_floor(model, num_steps, use_cfg, hoisted, scale=7.0):
   times = eq_sample.step_times(num_steps)
 
   def euler(x, v):
-    return x - ar.guide(v, scale, use_cfg) / num_steps
+    return x - common.guide(v, scale, use_cfg) / num_steps
 
   def twice(x):
-    return ar.twice(x, use_cfg)
+    return common.twice(x, use_cfg)
 
   def column(params, x, z):
     net = params["diffloss"]["net"]
@@ -249,7 +249,7 @@ def run_dtype(model, params32, labels, args, dtype, widths):
   rng = jax.random.key(1)
   use_cfg = args.cfg != 1.0
   rows = args.batch * (2 if use_cfg else 1)
-  mdl, params = ar.for_decoding(model, params32, dtype)
+  mdl, params = common.for_decoding(model, params32, dtype)
   kw = dict(num_columns=args.columns, guidance_scale=args.cfg, num_steps=args.num_steps,
             chunk=args.window)
   floors = {h: make_floor(mdl, args.num_steps, use_cfg, h) for h in (False, True)}

@@ -40,6 +40,7 @@ from bench.bench_rar_sampling import (_aot, _opts, cache_bytes, chunked_steps,
                                       time_interleaved, weight_bytes)
 from genvis_jax import models
 from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import far as far_sample
 
 SMALL = dict(n_layer=4, n_head_layer=2, dim=256, n_head=8, codebook_size=1024)
@@ -106,7 +107,7 @@ def floor_fn(model, positions: int, rows: int, dtype=None, with_kv: bool = False
     return x + h @ f["fc2"]["kernel"]
 
   def run(params, kv):
-    params = ar.cast_params(params, dtype)
+    params = common.cast_params(params, dtype)
     back = [params[f"layers_{i}"] for i in range(model.n_layer)]
     head = [params[f"ar_head_{i}"] for i in range(model.n_head_layer)]
     agg = params["aggregation_layer"]["kernel"]

@@ -46,6 +46,7 @@ import numpy as np
 from genvis_jax import models
 from genvis_jax.models.rar import PREFIX
 from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import rar as rar_sample
 
 SMALL = dict(depth=6, hidden_size=256, num_heads=8, mlp_dim=1024)
@@ -183,7 +184,7 @@ def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
   bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
 
   def run(params, kv):
-    params = ar.cast_params(params, dtype)
+    params = common.cast_params(params, dtype)
     blocks = [params[f"blocks_{i}"] for i in range(model.depth)]
     head = params["lm_head"]["kernel"]
     x0 = jnp.ones((rows, d), head.dtype) * 1e-3
@@ -212,7 +213,7 @@ def reference_fn(model, seq_len: int, use_cfg: bool):
   """The plain KV-cache loop over ``prefill`` / ``decode_step`` as one jit."""
   def run(params, labels, rng, g, pw, temp):
     b = labels.shape[0]
-    labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
+    labels2 = common.batch_labels(labels, model.null_label, use_cfg)
     draw = lambda lg, t: rar_sample.pick(lg, t, rng, model.seq_len, g, pw,
                                          temp, use_cfg)
     logits, state = model.apply({"params": params}, labels2, method="prefill",
@@ -221,7 +222,7 @@ def reference_fn(model, seq_len: int, use_cfg: bool):
 
     def body(t, carry):
       cache, tokens = carry
-      prev = ar.twice(tokens[:, t - 1], use_cfg)
+      prev = common.twice(tokens[:, t - 1], use_cfg)
       logits, state = model.apply({"params": params, "cache": cache}, prev,
                                   labels2, t - 1, method="decode_step",
                                   mutable=["cache"])
@@ -234,7 +235,7 @@ def bench_prefix(model, params, labels, key, bucket: int, g, pw, temp):
   """Official-style no-cache sampling: step t re-runs [cls, class, img_<t].
   Returns (compile seconds, run callable)."""
   n, b = model.seq_len, labels.shape[0]
-  labels2 = ar.cfg_labels(labels, model.num_classes)
+  labels2 = common.cfg_labels(labels, model.num_classes)
   steps = {}
 
   def step_fn(k):

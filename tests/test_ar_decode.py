@@ -11,6 +11,7 @@ import pytest
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import far as far_sample
 from genvis_jax.sample import rar as rar_sample
 from tests import test_far
@@ -58,9 +59,9 @@ def test_rar_chunked_and_per_step_modulation_equal_uncached(rar, monkeypatch):
   out = rar_sample.sample(model, params, labels, key, bucket=4, **RAR_KW)
   np.testing.assert_array_equal(out, ref)
   monkeypatch.setattr(rar_sample, "TABLE_BYTES", 0)
-  ar.compiled.cache_clear()
+  common.compiled.cache_clear()
   out = rar_sample.sample(model, params, labels, key, bucket=8, **RAR_KW)
-  ar.compiled.cache_clear()
+  common.compiled.cache_clear()
   np.testing.assert_array_equal(out, ref)
 
 
@@ -73,8 +74,9 @@ def test_rar_tables_count_one_devices_rows(rar, monkeypatch):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
   sharded = jax.device_put(labels, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("data")))
-  assert ar.batch_shards(sharded) == 8 and ar.batch_shards(labels) == 1
-  assert ar.batch_shards(np.asarray(labels)) == 1
+  assert common.batch_shards(sharded) == 8
+  assert common.batch_shards(labels) == 1
+  assert common.batch_shards(np.asarray(labels)) == 1
   real = rar_sample.table_bytes
   seen = []
 
@@ -84,18 +86,18 @@ def test_rar_tables_count_one_devices_rows(rar, monkeypatch):
   monkeypatch.setattr(rar_sample, "table_bytes", spy)
   # Fits 1 class + the null class over a chunk of 8; 8 + 1 would not.
   monkeypatch.setattr(rar_sample, "TABLE_BYTES", real(model, 2, 8))
-  ar.compiled.cache_clear()
+  common.compiled.cache_clear()
   try:
     out = rar_sample.sample(model, params, sharded, key, bucket=8, **RAR_KW)
     assert seen and set(seen) == {2}, seen
     np.testing.assert_array_equal(out, ref)
     seen.clear()
-    ar.compiled.cache_clear()   # the AOT path, told the split up front
+    common.compiled.cache_clear()   # the AOT path, told the split up front
     run_batch_sharded(rar_sample.sampler_fn(model, bucket=8, batch_shards=8),
                       params, labels, key, 3.0, 1.0, 1.0)
     assert set(seen) == {2}, seen
   finally:
-    ar.compiled.cache_clear()
+    common.compiled.cache_clear()
 
 
 def _big_copies(hlo: str, min_elements: int):
@@ -161,7 +163,7 @@ def test_far_logits_stay_fp32_in_a_bf16_model(far):
   keeps the fp32 logits its docstring promises: not all bf16 values."""
   model, params, labels, _ = far
   codes = jnp.zeros((2, model.num_codebooks, model.seq_len), jnp.int32)
-  m16, p16 = ar.for_decoding(model, params, "bfloat16")
+  m16, p16 = common.for_decoding(model, params, "bfloat16")
   logits = m16.apply({"params": p16}, codes, labels[:2])
   assert logits.dtype == jnp.float32
   as_bf16 = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32))

@@ -14,7 +14,7 @@ from configs import eq_demo
 from genvis_jax import models
 from genvis_jax.models import eq_flow_head
 from genvis_jax.models.layers import attention as attn_lib
-from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import eq_generator as eq_sample
 from genvis_jax.train.optimizers import decay_mask
 from genvis_jax.train.tasks import eq as eq_tasks
@@ -235,7 +235,7 @@ def test_rolling_cache_synthesis_equals_full_forward(tiny):
   # (rows: each example's cond, then its uncond).
   full = jax.jit(lambda p, x, lab: model.apply({"params": p}, x, lab,
                                                method="condition"))(
-      params, jnp.repeat(lat, 2, axis=0), ar.cfg_labels(labels, K))
+      params, jnp.repeat(lat, 2, axis=0), common.cfg_labels(labels, K))
   np.testing.assert_allclose(z, full, atol=1e-5, rtol=0)
   assert float(jnp.abs(z[0::2] - z[1::2]).max()) > 1e-3   # cond != uncond
 
@@ -303,7 +303,7 @@ def test_official_generator_parity():
                     jnp.asarray(f["gen/t"]), zc.reshape(20, -1), method="velocity")
     vel = lambda x, t, z: model.apply({"params": params}, x, t, z,
                                       method="velocity")
-    col = eq_sample.euler_flow(vel, ar.cfg_rows(zc[:, 4], zu[:, 4]),
+    col = eq_sample.euler_flow(vel, common.cfg_rows(zc[:, 4], zu[:, 4]),
                                jnp.asarray(f["gen/noise"]), 2.5, 6, True)
     return zc, zu, v, col
 

@@ -13,7 +13,7 @@ import pytest
 from configs import eq_common
 from genvis_jax import models
 from genvis_jax.errors import UserError
-from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import eq_generator as eq_sample
 from tests.sharding_checks import run_batch_sharded
 from tests.test_eq_generator import C, K, np_init, tiny_config
@@ -57,7 +57,7 @@ def test_batch_sharded_sampling_keeps_each_device_on_its_examples(
   rows, real = [], eq_sample.steps_per_chunk
   monkeypatch.setattr(eq_sample, "steps_per_chunk",
                       lambda n, r, *a: rows.append(r) or real(n, r, *a))
-  ar.compiled.cache_clear()
+  common.compiled.cache_clear()
   fn = eq_sample.sampler_fn(model, num_columns=KW["num_columns"],
                             num_steps=KW["num_steps"], batch_shards=8)
   latents, conds = run_batch_sharded(fn, params, labels, key,
@@ -130,17 +130,17 @@ def test_column_loop_has_no_conditional(tiny):
 def test_bf16_decoding_close_to_fp32(tiny, fp32_latents):
   """Parameters cast once to bf16, latents stay float32 and close to fp32."""
   model, params = tiny
-  m16, p16 = ar.for_decoding(model, params, "bfloat16")
+  m16, p16 = common.for_decoding(model, params, "bfloat16")
   assert m16.dtype == jnp.bfloat16
   assert {a.dtype for a in jax.tree_util.tree_leaves(p16)} == {
       jnp.dtype(jnp.bfloat16)}
   nbytes = lambda t: sum(a.nbytes for a in jax.tree_util.tree_leaves(t))
   assert 2 * nbytes(p16) == nbytes(params)
-  assert ar.for_decoding(model, params, "float32") == (model, params)
+  assert common.for_decoding(model, params, "float32") == (model, params)
   # "float32" forces fp32 on a model configured in bf16 (parity decoding);
   # "" keeps the configured dtype, as for RAR / FAR.
-  assert ar.for_decoding(m16, params, "float32")[0].dtype == jnp.float32
-  assert ar.for_decoding(m16, p16, "") == (m16, p16)
+  assert common.for_decoding(m16, params, "float32")[0].dtype == jnp.float32
+  assert common.for_decoding(m16, p16, "") == (m16, p16)
   labels, key, kw, lat32 = LABELS, jax.random.key(5), KW, fp32_latents
   lat16 = eq_sample.sample(model, params, labels, key, dtype="bfloat16", **kw)
   assert lat16.dtype == jnp.float32

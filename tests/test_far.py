@@ -13,6 +13,7 @@ from configs import far_common, far_demo
 from genvis_jax import models
 from genvis_jax.models.far import ffn_hidden_dim
 from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import far as far_sample
 from genvis_jax.train.optimizers import decay_mask, param_path
 from genvis_jax.train.tasks import get_task
@@ -211,7 +212,7 @@ def test_cached_sampler_equals_reference_and_shards(tiny):
 
 
 def test_cfg_pairs_and_guidance():
-  np.testing.assert_array_equal(ar.cfg_labels(jnp.array([4, 7]), C),
+  np.testing.assert_array_equal(common.cfg_labels(jnp.array([4, 7]), C),
                                 [4, C, 7, C])
   logits = jnp.array([[1.0, 0.0], [3.0, 0.0]])  # one example: cond, uncond rows
   pick = lambda g: int(far_sample._pick(  # pylint: disable=protected-access

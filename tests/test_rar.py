@@ -13,7 +13,7 @@ from scipy.special import erf
 from configs import rar_common
 from genvis_jax import models
 from genvis_jax.models.rar import permute, position_embeddings
-from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import rar as rar_sample
 from genvis_jax.train.optimizers import decay_mask, param_path
 from genvis_jax.train.tasks import get_task
@@ -232,7 +232,7 @@ def test_cfg_scale_schedule():
 
 
 def test_cfg_pick_combines_cond_and_null_rows():
-  labels2 = ar.cfg_labels(jnp.array([4, 7]), C)
+  labels2 = common.cfg_labels(jnp.array([4, 7]), C)
   np.testing.assert_array_equal(labels2, [4, C, 7, C])
   cond, uncond = 5.0 * jnp.eye(V)[3], 5.0 * jnp.eye(V)[5]
   logits = jnp.stack([cond, uncond, uncond, cond])  # example 1 swapped

@@ -1,9 +1,13 @@
 """Sampling: the class-conditional generators' samplers and the job that runs them.
 
-``ar`` (the KV-cache decode loop, CFG rows, label checks and the categorical
-draw RAR and FAR share), ``rar``, ``far``, ``eq_generator`` (column-by-column
-flow sampling), ``driver`` (``mode=sample``: resumable sample parts, the ADM
-``.npz``) and ``images`` (grids and the official uint8 conversion).
+``common`` (what every sampler shares: CFG rows, the decoding dtype, one
+compiled program per static option set, label checks), ``ar`` (the KV-cache
+decode loop and the categorical draw of the token samplers RAR and FAR),
+``rar``, ``far``, ``eq_generator`` (column-by-column flow sampling),
+``driver`` (``mode=sample``: resumable sample parts, the ADM ``.npz``),
+``parts`` (the part files, their ``settings.json`` and the check against
+the weights' training settings) and ``images`` (grids and the official uint8
+conversion).
 
 Submodules are imported explicitly (``from genvis_jax.sample import rar``) so that
 importing the package stays cheap.

@@ -36,7 +36,7 @@ from genvis_jax.core import registry
 from genvis_jax.core import sharding
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.models import inference
-from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import images as images_lib
 from genvis_jax.sample import parts
 
@@ -121,11 +121,12 @@ class Decoder:
   it does both.
 
   A batch with a NaN / Inf image, or a code a token sampler drew from NaN
-  logits (-1, ``ar.draw``), raises ``NonFiniteSamplesError`` in
-  ``to_uint8``: NaN converts to black pixels and NaN logits to code 0, so a
-  damaged or diverged checkpoint would otherwise give 50,000 plausible
-  files and an FID. The flag is one replicated scalar: every process of a
-  job reads the same value and raises together."""
+  logits (-1, ``genvis_jax.sample.ar.draw``), raises
+  ``NonFiniteSamplesError`` in ``to_uint8``: NaN converts to black pixels
+  and NaN logits to code 0, so a damaged or diverged checkpoint would
+  otherwise give 50,000 plausible files and an FID. The flag is one
+  replicated scalar: every process of a job reads the same value and raises
+  together."""
 
   def __init__(self, decode_float, params, value_range, method: str):
     self._decode_float, self._params = decode_float, params
@@ -233,7 +234,7 @@ def sample_and_save(config, workdir: str) -> dict:
     if key in s and int(s[key]) < 1:
       raise errors.ConfigError(f"config.sample.{key}={s[key]} must be at "
                                "least 1.")
-  ar.check_dtype(ar.config_dtype(s))   # before the weights load
+  common.check_dtype(common.config_dtype(s))   # before the weights load
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "

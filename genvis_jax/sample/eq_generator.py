@@ -8,9 +8,9 @@ With CFG both branches share the noise and the state; the velocity is
 ``u + s_c (c - u)`` with the linear per-column ramp
 ``s_c = 1 + (guidance_scale - 1) * (c + 1) / num_columns`` (official
 ``--cfg`` with ``cfg_schedule`` "linear"); ``guidance_scale == 1`` runs no
-uncond branch. The doubled batch interleaves
-each example's cond/uncond rows (``ar.cfg_labels``), so a batch sharded over
-devices stays sharded: each device draws its own examples.
+uncond branch. The doubled batch interleaves each example's cond/uncond
+rows (``common.cfg_labels``), so a batch sharded over devices stays sharded:
+each device draws its own examples.
 
 ``sample`` feeds each finished column into a per-layer rolling KV cache
 (``EqGenerator.prefill`` / ``decode_step``): constant memory and time per
@@ -29,8 +29,9 @@ of steps when batch x steps is large) and each Euler step reads only the x-path
 weights (input_proj, mlp_0/mlp_2 per block, final linear). Same arithmetic as
 the per-step head (``euler_flow``) up to float rounding of the larger matmul.
 
-Compiled programs and the decoding dtype follow the token samplers (``ar``):
-one jitted program per ``Options`` value (``ar.compiled``). With
+Compiled programs and the decoding dtype are those of every sampler
+(``genvis_jax.sample.common``): one jitted program per ``Options`` value
+(``common.compiled``); there is no KV-cache decode loop to chunk. With
 ``dtype="bfloat16"`` the cached sampler casts the parameters once inside its
 program and computes in bf16, while velocities, the Euler state x, the CFG
 combination and the returned latents stay float32; the uncached reference
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax.errors import ConfigError
-from genvis_jax.sample import ar
+from genvis_jax.sample import common
 
 # The sampling settings that must equal the generator run's
 # (``parts.check_trained_with``): it modelled latents times this scale.
@@ -59,18 +60,19 @@ HOIST_ROWS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
-class Options(ar.Options):
-  """``ar.Options`` plus the flow sampler's static options: the image width
-  in columns, Euler steps per column, hoisted head modulations, devices the
-  batch is split over (sizes the hoisted chunks), whether the conditioning
-  vectors are returned (``keep``) and the columns per ``column_stepper``
-  chunk (0: the whole loop in one program)."""
+class Options(common.Options):
+  """``common.Options`` plus the flow sampler's static options: the image
+  width in columns, Euler steps per column, hoisted head modulations,
+  devices the batch is split over (sizes the hoisted chunks), whether the
+  conditioning vectors are returned (``keep``) and the columns per
+  ``column_stepper`` chunk (0: the whole loop in one program)."""
   num_columns: int = 1
   num_steps: int = 100
   hoist: bool = True
   shards: int = 1
   keep: bool = False
   chunk: int = 0
+
 
 def cfg_scale(column, num_columns: int, guidance_scale):
   """Linear CFG ramp ``1 + (guidance_scale - 1) * (column + 1) /
@@ -85,16 +87,16 @@ def euler_flow(velocity_fn, z, noise, scale, num_steps: int, use_cfg: bool):
   Args:
     velocity_fn: (x (B', C), t (B',), z (B', d)) -> v (B', C).
     z: (B, d), or (2B, d) with CFG, each example's cond/uncond rows next to
-      each other (``ar.cfg_labels`` order).
+      each other (``common.cfg_labels`` order).
     noise: (B, C) starting point at t = 1.
     scale: CFG scale (traced scalar).
   Returns the sample at t = 0, (B, C) float32.
   """
   def body(i, x):
     t = (num_steps - i).astype(jnp.float32) / num_steps
-    xx = ar.twice(x, use_cfg)
-    v = ar.guide(velocity_fn(xx, jnp.full((xx.shape[0],), t), z), scale,
-                 use_cfg)
+    xx = common.twice(x, use_cfg)
+    v = common.guide(velocity_fn(xx, jnp.full((xx.shape[0],), t), z), scale,
+                     use_cfg)
     return x - v / num_steps
 
   return jax.lax.fori_loop(0, num_steps, body, noise.astype(jnp.float32))
@@ -138,8 +140,8 @@ def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
 
     def step(j, x):
       m = tuple(jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in mods)
-      v = apply(ar.twice(x, use_cfg), m, method="head_velocity")
-      return x - ar.guide(v, scale, use_cfg) / num_steps
+      v = apply(common.twice(x, use_cfg), m, method="head_velocity")
+      return x - common.guide(v, scale, use_cfg) / num_steps
 
     return jax.lax.fori_loop(0, k, step, x)
 
@@ -161,9 +163,10 @@ def _column(model, opts, params, z, rng, col, guidance_scale):
 def _cached_init(model, opts, params, labels):
   """Prefill -> state (z of the next column, cache, latents, conds); conds
   is None unless ``opts.keep``."""
-  params = ar.cast_params(params, opts.dtype)
+  params = common.cast_params(params, opts.dtype)
   z, cache = model.apply({"params": params},
-                         ar.batch_labels(labels, model.null_label, opts.use_cfg),
+                         common.batch_labels(labels, model.null_label,
+                                             opts.use_cfg),
                          method="prefill")
   latents = jnp.zeros((labels.shape[0], opts.num_columns, model.token_dim),
                       jnp.float32)
@@ -175,8 +178,8 @@ def _cached_init(model, opts, params, labels):
 def _cached_columns(model, opts, params, state, start, rng, guidance_scale):
   """Columns start .. start + opts.chunk - 1 (start may be traced) -> new
   state."""
-  params = ar.cast_params(params, opts.dtype)
-  twice = functools.partial(ar.twice, use_cfg=opts.use_cfg)
+  params = common.cast_params(params, opts.dtype)
+  twice = functools.partial(common.twice, use_cfg=opts.use_cfg)
 
   def body(i, carry):
     col = start + i
@@ -198,7 +201,7 @@ def _cached_columns(model, opts, params, state, start, rng, guidance_scale):
 
 
 def _cached_impl(model, opts, params, labels, rng, guidance_scale):
-  params = ar.cast_params(params, opts.dtype)   # once, not per column
+  params = common.cast_params(params, opts.dtype)   # once, not per column
   state = _cached_init(model, opts, params, labels)
   whole = dataclasses.replace(opts, chunk=opts.num_columns)
   _, _, latents, conds = _cached_columns(model, whole, params, state, 0, rng,
@@ -208,8 +211,8 @@ def _cached_impl(model, opts, params, labels, rng, guidance_scale):
 
 def _uncached_impl(model, opts, params, labels, rng, guidance_scale):
   num_columns = opts.num_columns
-  labels2 = ar.batch_labels(labels, model.null_label, opts.use_cfg)
-  twice = functools.partial(ar.twice, use_cfg=opts.use_cfg)
+  labels2 = common.batch_labels(labels, model.null_label, opts.use_cfg)
+  twice = functools.partial(common.twice, use_cfg=opts.use_cfg)
   b = labels.shape[0]
   latents = jnp.zeros((b, num_columns, model.token_dim), jnp.float32)
   conds = (jnp.zeros((labels2.shape[0], num_columns, model.hidden_size),
@@ -236,17 +239,17 @@ def _check(model, labels, num_columns, num_steps, guidance_scale):
     raise ConfigError(f"num_columns must be >= 1, got {num_columns}.")
   if int(num_steps) < 1:
     raise ConfigError(f"num_steps must be >= 1, got {num_steps}.")
-  labels = ar.check_labels(labels, model.null_label)
+  labels = common.check_labels(labels, model.null_label)
   return labels, float(guidance_scale) != 1.0
 
 
 def _options(*, cached, use_cfg, num_columns, num_steps, hoist_modulations,
              batch_shards, return_conditions=False, dtype=None, chunk=0):
-  return ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
-                    num_columns=int(num_columns), num_steps=int(num_steps),
-                    hoist=bool(hoist_modulations),
-                    shards=max(1, int(batch_shards)),
-                    keep=bool(return_conditions), chunk=int(chunk))
+  return common.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
+                        num_columns=int(num_columns), num_steps=int(num_steps),
+                        hoist=bool(hoist_modulations),
+                        shards=max(1, int(batch_shards)),
+                        keep=bool(return_conditions), chunk=int(chunk))
 
 
 def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
@@ -256,17 +259,18 @@ def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
   """The jitted ``f(params, labels, rng, guidance_scale) -> (latents,
   conds)`` that ``sample`` (``cached``) / ``sample_uncached`` call (for AOT
   ``lower().compile()``; pass guidance_scale as a float32 array, as
-  ``ar.call`` does: a Python float compiles a second program).
+  ``common.call`` does: a Python float compiles a second program).
   ``batch_shards``: devices the labels will be split over
-  (``ar.batch_shards(labels)``; sizes the hoisted modulation chunks); conds
+  (``common.batch_shards(labels)``; sizes the hoisted modulation chunks); conds
   is None unless ``return_conditions`` (no buffer is kept then); ``dtype``
   as in ``sample`` (cached only). Raises ``ConfigError`` for a dtype
-  ``ar.check_dtype`` rejects."""
+  ``common.check_dtype`` rejects."""
   opts = _options(cached=cached, use_cfg=use_cfg, num_columns=num_columns,
                   num_steps=num_steps, hoist_modulations=hoist_modulations,
                   batch_shards=batch_shards,
                   return_conditions=return_conditions, dtype=dtype)
-  return ar.compiled(_cached_impl if cached else _uncached_impl, model, opts)
+  return common.compiled(_cached_impl if cached else _uncached_impl, model,
+                         opts)
 
 
 def _run(cached, model, params, labels, rng, num_columns, guidance_scale,
@@ -275,9 +279,9 @@ def _run(cached, model, params, labels, rng, num_columns, guidance_scale,
                            guidance_scale)
   fn = sampler_fn(model, num_columns=num_columns, use_cfg=use_cfg,
                   num_steps=num_steps, cached=cached, hoist_modulations=hoist,
-                  batch_shards=ar.batch_shards(labels),
+                  batch_shards=common.batch_shards(labels),
                   return_conditions=return_conditions, dtype=dtype)
-  latents, conds = ar.call(fn, params, labels, rng, guidance_scale)
+  latents, conds = common.call(fn, params, labels, rng, guidance_scale)
   return (latents, conds) if return_conditions else latents
 
 
@@ -296,16 +300,16 @@ def sample(model, params, labels, rng, *, num_columns: int,
     num_steps: Euler steps of the flow head per column.
     return_conditions: also return the conditioning vectors fed to the head.
     dtype: None / "" (the model's configured compute dtype), "float32" or
-      "bfloat16" (``ar.check_dtype``: parameters cast once in the program).
+      "bfloat16" (``common.check_dtype``: parameters cast once in the program).
     hoist_modulations: False runs the whole head every step (``euler_flow``,
       the official loop; for comparison only).
   Returns:
     latents (B, num_columns, token_dim) float32 in the generator's (scaled)
     latent space; with ``return_conditions`` also z (B or 2B, num_columns, d)
     (with CFG each example's cond and uncond rows in turn,
-    ``ar.cfg_labels`` order), float32.
+    ``common.cfg_labels`` order), float32.
   Raises ``ConfigError`` for num_columns or num_steps < 1, labels not 1-D or
-  out of range (``ar.check_labels``), or an unsupported dtype.
+  out of range (``common.check_labels``), or an unsupported dtype.
   """
   return _run(True, model, params, labels, rng, num_columns, guidance_scale,
               num_steps, return_conditions, dtype, hoist_modulations)
@@ -345,13 +349,14 @@ def column_stepper(model, params, labels, rng, *, num_columns: int,
                       f"({num_columns}); got {chunk}.")
   opts = _options(cached=True, use_cfg=use_cfg, num_columns=num_columns,
                   num_steps=num_steps, hoist_modulations=hoist_modulations,
-                  batch_shards=ar.batch_shards(labels), dtype=dtype,
+                  batch_shards=common.batch_shards(labels), dtype=dtype,
                   chunk=chunk)
   # Cast here once: each chunk is its own program (the cast inside is then
   # a no-op).
-  params = ar.cast_params(params, opts.dtype)
-  init = ar.compiled(_cached_init, model, dataclasses.replace(opts, chunk=0))
-  cols = ar.compiled(_cached_columns, model, opts)
+  params = common.cast_params(params, opts.dtype)
+  init = common.compiled(_cached_init, model,
+                         dataclasses.replace(opts, chunk=0))
+  cols = common.compiled(_cached_columns, model, opts)
   guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
   advance = lambda state, start: cols(params, state, jnp.int32(start), rng,
                                       guidance_scale)
@@ -404,5 +409,5 @@ def generate(model, params, labels, rng, s):
   lat = sample(model, params, labels, rng, num_columns=int(s.num_columns),
                guidance_scale=float(s.guidance_scale),
                num_steps=int(s.num_steps),
-               dtype=ar.config_dtype(s))
+               dtype=common.config_dtype(s))
   return lat / float(s.latent_scale)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from genvis_jax import errors
 from genvis_jax.models.layers.attention import resize_kv_cache
 from genvis_jax.sample import ar
+from genvis_jax.sample import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,8 @@ class Options(ar.Options):
 
 def _pick(logits, rng, t, i, g, temp, use_cfg, top_k, top_p):
   """``ar.draw`` of sub-token i of position t, key ``fold_in(fold_in(rng,
-  t), i)``: (B, V) logits, or (2B, V) in ``cfg_labels`` order -> (B,) int32."""
+  t), i)``: (B, V) logits, or (2B, V) in ``common.cfg_labels`` order ->
+  (B,) int32."""
   key = jax.random.fold_in(jax.random.fold_in(rng, t), i)
   return ar.draw(logits, key, g, temp, use_cfg, top_k, top_p)
 
@@ -49,9 +51,9 @@ def _resize_backbone(cache, kv_len):
 def _cached_impl(model, opts, params, labels, rng, g, temp):
   use_cfg = opts.use_cfg
   b, k, n = labels.shape[0], model.num_codebooks, model.seq_len
-  params = ar.cast_params(params, opts.dtype)
-  twice = functools.partial(ar.twice, use_cfg=use_cfg)
-  labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
+  params = common.cast_params(params, opts.dtype)
+  twice = functools.partial(common.twice, use_cfg=use_cfg)
+  labels2 = common.batch_labels(labels, model.null_label, use_cfg)
   pick = functools.partial(_pick, rng=rng, g=g, temp=temp, use_cfg=use_cfg,
                            top_k=opts.top_k, top_p=opts.top_p)
 
@@ -86,8 +88,8 @@ def _cached_impl(model, opts, params, labels, rng, g, temp):
 def _uncached_impl(model, opts, params, labels, rng, g, temp):
   use_cfg, top_k, top_p = opts.use_cfg, opts.top_k, opts.top_p
   b, k, n = labels.shape[0], model.num_codebooks, model.seq_len
-  twice = functools.partial(ar.twice, use_cfg=use_cfg)
-  labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
+  twice = functools.partial(common.twice, use_cfg=use_cfg)
+  labels2 = common.batch_labels(labels, model.null_label, use_cfg)
 
   def body(t, codes):
     # Full forward per sub-token; codes not yet sampled are zeros that the
@@ -115,16 +117,17 @@ def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
         f"top_p={top_p} (0 / 1.0 disable them).")
   opts = ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
                     bucket=bucket, top_k=int(top_k), top_p=float(top_p))
-  return ar.compiled(_cached_impl if cached else _uncached_impl, model, opts)
+  return common.compiled(_cached_impl if cached else _uncached_impl, model,
+                         opts)
 
 
 def _run(cached, model, params, labels, rng, guidance_scale, temperature, top_k,
          top_p, dtype=None, bucket=None):
-  labels = ar.check_call(labels, temperature, model.null_label)
+  labels = common.check_call(labels, temperature, model.null_label)
   use_cfg = float(guidance_scale) > 1.0  # official: CFG only when scale > 1
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, top_k=top_k,
                   top_p=top_p, dtype=dtype, bucket=bucket)
-  return ar.call(fn, params, labels, rng, guidance_scale, temperature)
+  return common.call(fn, params, labels, rng, guidance_scale, temperature)
 
 
 def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
@@ -152,7 +155,7 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
     int32 (B, k, grid**2) codes, sub-token maps in the tokenizer's order,
     each raster order (reshape to (B, k, grid, grid) for ``decode``).
   Raises:
-    ConfigError: labels not 1-D or out of range (``ar.check_labels``),
+    ConfigError: labels not 1-D or out of range (``common.check_labels``),
       temperature <= 0, top_k < 0, top_p outside (0, 1], or a dtype other
       than float32 / bfloat16.
   """
@@ -179,5 +182,5 @@ def generate(model, params, labels, rng, s):
   """Sampling-driver adapter: ``config.sample`` fields -> tokenizer code maps."""
   codes = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,
                  temperature=s.temperature, top_k=s.get("top_k", 0),
-                 top_p=s.get("top_p", 1.0), dtype=ar.config_dtype(s))
+                 top_p=s.get("top_p", 1.0), dtype=common.config_dtype(s))
   return to_code_maps(codes, model.grid)

@@ -29,7 +29,7 @@ from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import token_origin
 from genvis_jax.models import inference
-from genvis_jax.sample import ar
+from genvis_jax.sample import common
 from genvis_jax.sample import images as images_lib
 
 
@@ -91,7 +91,7 @@ def sample_settings(config, pinned=None) -> dict:
   # fp32, whatever its model trains in.
   sample = {**{k: v for k, v in config.sample.to_dict().items()
               if k not in SAMPLE_GUARDS},
-            "dtype": ar.config_dtype(config.sample)}
+            "dtype": common.config_dtype(config.sample)}
   # The weights each path resolves to (a training workdir's newest step), not
   # the paths: a run trained further since is other weights, a copied folder
   # the same ones.
@@ -285,7 +285,7 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   # setting) draws with seed 0; parts recorded before the dtype was drew in
   # float32 where the config left it unset (the samplers' default then), and
   # before every config declared them, balanced labels of all classes.
-  unset = {"sample.seed": 0, "sample.dtype": ar.DEFAULT_DTYPE,
+  unset = {"sample.seed": 0, "sample.dtype": common.DEFAULT_DTYPE,
            "sample.labels": "balanced", "sample.classes": []}
   settings = {**unset, **settings}
   recorded = _recorded_settings(path, found)

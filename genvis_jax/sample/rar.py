@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from genvis_jax import errors
 from genvis_jax.models.rar import PREFIX
 from genvis_jax.sample import ar
+from genvis_jax.sample import common
 
 # Largest per-chunk modulation table on one device (bytes, for its share of
 # a batch split over devices); above it each step computes the modulation of
@@ -49,7 +50,8 @@ def pick(logits, step, rng, seq_len, g, pw, temperature, use_cfg):
   """``ar.draw`` at ``step`` with key ``fold_in(rng, step)`` and the guidance
   scale of ``cfg_scale(step, seq_len, g, pw)`` (``seq_len``: the model's).
 
-  logits (B, V), or (2B, V) in ``cfg_labels`` order when ``use_cfg``.
+  logits (B, V), or (2B, V) in ``common.cfg_labels`` order when
+  ``use_cfg``.
   Returns int32 (B,).
   """
   return ar.draw(logits, jax.random.fold_in(rng, step),
@@ -76,7 +78,7 @@ def table_bytes(model, conditions: int, length: int, dtype=None) -> int:
 def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
   use_cfg, seq_len = opts.use_cfg, opts.seq_len
   b = labels.shape[0]
-  params = ar.cast_params(params, opts.dtype)
+  params = common.cast_params(params, opts.dtype)
   null = jnp.full((1,), model.null_label, labels.dtype)
   # The schedule runs over the model's length: a shorter run is a prefix.
   draw = functools.partial(pick, rng=rng, seq_len=model.seq_len, g=g, pw=pw,
@@ -91,11 +93,12 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
 
   def per_row(own, nul):
     """The modulation of each sequence of the (CFG-doubled) batch."""
-    return jax.tree_util.tree_map(ar.cfg_rows, own, nul) if use_cfg else own
+    return jax.tree_util.tree_map(common.cfg_rows, own, nul) if use_cfg else own
 
   def prefill():
     logits, state = model.apply(
-        {"params": params}, ar.batch_labels(labels, model.null_label, use_cfg),
+        {"params": params},
+        common.batch_labels(labels, model.null_label, use_cfg),
         per_row(*tables(0, PREFIX)),
         method="prefill_modulated", mutable=["cache"])
     codes = jnp.zeros((b, 1, seq_len), jnp.int32)
@@ -115,7 +118,7 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
       own, nul = jax.tree_util.tree_map(
           lambda m: jax.lax.dynamic_slice_in_dim(m, t - start, 1, axis=1), chunk)
     logits, state = model.apply(
-        {"params": params, "cache": cache}, ar.twice(prev[:, 0], use_cfg),
+        {"params": params, "cache": cache}, common.twice(prev[:, 0], use_cfg),
         per_row(own, nul), t - 1, method="decode_step_modulated",
         mutable=["cache"])
     return state["cache"], draw(logits, t)[:, None]
@@ -128,11 +131,12 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
 def _uncached_impl(model, opts, params, labels, rng, g, pw, temp):
   use_cfg, seq_len = opts.use_cfg, opts.seq_len
   b = labels.shape[0]
-  labels2 = ar.batch_labels(labels, model.null_label, use_cfg)
+  labels2 = common.batch_labels(labels, model.null_label, use_cfg)
 
   def body(t, tokens):
     # Full causal forward; positions > t hold placeholders the mask hides.
-    logits = model.apply({"params": params}, ar.twice(tokens, use_cfg), labels2)
+    logits = model.apply({"params": params}, common.twice(tokens, use_cfg),
+                         labels2)
     logits = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)
     tok = pick(logits, t, rng, model.seq_len, g, pw, temp, use_cfg)
     return jax.lax.dynamic_update_index_in_dim(tokens, tok, t, axis=1)
@@ -155,23 +159,24 @@ def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
   """The jitted ``f(params, labels, rng, g, pow, temperature) -> tokens`` that
   ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``);
   ``dtype`` and ``bucket`` as in ``sample``; ``batch_shards``: devices the
-  labels will be split over (``ar.batch_shards(labels)``); all three apply
-  to the cached decoder only."""
+  labels will be split over (``common.batch_shards(labels)``); all three
+  apply to the cached decoder only."""
   extra = {"batch_shards": max(1, int(batch_shards))} if cached else {}
   opts = ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
                     bucket=bucket, seq_len=_check_len(model, seq_len), **extra)
-  return ar.compiled(_cached_impl if cached else _uncached_impl, model, opts)
+  return common.compiled(_cached_impl if cached else _uncached_impl, model,
+                         opts)
 
 
 def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
          temperature, seq_len, dtype=None, bucket=None):
-  labels = ar.check_call(labels, temperature, model.null_label)
+  labels = common.check_call(labels, temperature, model.null_label)
   use_cfg = float(guidance_scale) != 0.0  # official: g == 0 disables CFG
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
                   dtype=dtype, bucket=bucket,
-                  batch_shards=ar.batch_shards(labels))
-  return ar.call(fn, params, labels, rng, guidance_scale, guidance_pow,
-                 temperature)
+                  batch_shards=common.batch_shards(labels))
+  return common.call(fn, params, labels, rng, guidance_scale, guidance_pow,
+                     temperature)
 
 
 def sample(model, params, labels, rng, *, guidance_scale: float,
@@ -201,7 +206,7 @@ def sample(model, params, labels, rng, *, guidance_scale: float,
   Returns:
     int32 (B, seq_len) image codes in raster order.
   Raises:
-    ConfigError: labels not 1-D or out of range (``ar.check_labels``),
+    ConfigError: labels not 1-D or out of range (``common.check_labels``),
       temperature <= 0, seq_len outside 1..model.seq_len, or a dtype other
       than float32 / bfloat16.
   """
@@ -223,6 +228,6 @@ def generate(model, params, labels, rng, s):
   fields -> (B, side, side) token maps for the tokenizer's ``decode``."""
   tokens = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,
                   guidance_pow=s.guidance_pow, temperature=s.temperature,
-                  dtype=ar.config_dtype(s))
+                  dtype=common.config_dtype(s))
   side = int(round(tokens.shape[1] ** 0.5))
   return tokens.reshape(tokens.shape[0], side, side)

@@ -1,0 +1,235 @@
+"""What every class-conditional sampler shares (RAR, FAR, Equivariant).
+
+* classifier-free guidance as a doubled batch: ``cfg_rows`` / ``cfg_labels``
+  interleave each example's cond/null rows (a batch-sharded array stays
+  sharded), ``twice`` feeds both rows the same input, ``guide`` mixes them;
+* the decoding dtype (``config.sample.dtype``): ``config_dtype``,
+  ``check_dtype``, ``cast_params``, ``for_decoding``;
+* one compiled program per static ``Options`` value (``options``,
+  ``compiled``, ``call``);
+* the per-call checks (``check_labels``, ``check_call``) and the batch's
+  device split (``batch_shards``).
+
+The KV-cache decode loop of the token samplers is ``genvis_jax.sample.ar``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genvis_jax import errors
+
+
+def cfg_rows(own, null):
+  """Per-example values (B, ...) and the null class's ((1, ...) or (B, ...))
+  -> the rows of the CFG batch, (2B, ...) ``[own_0, null_0, own_1, null_1,
+  ...]``.
+
+  Each example's cond/uncond rows sit next to each other and the null row is
+  broadcast, not gathered: a batch-sharded ``own`` stays sharded, so no
+  device computes or holds another device's examples.
+  """
+  null = jnp.broadcast_to(null, own.shape).astype(own.dtype)
+  return jnp.stack([own, null], 1).reshape((-1,) + own.shape[1:])
+
+
+def cfg_labels(labels, null_label: int):
+  """(B,) -> (2B,) ``[l0, null, l1, null, ...]`` (``cfg_rows`` of the labels)."""
+  return cfg_rows(labels, jnp.full((1,), null_label, labels.dtype))
+
+
+def batch_labels(labels, null_label: int, use_cfg: bool):
+  """The labels of the decoded batch: (2B,) ``cfg_labels`` under CFG, else
+  the (B,) labels."""
+  return cfg_labels(labels, null_label) if use_cfg else labels
+
+
+def twice(x, use_cfg: bool):
+  """(B, ...) -> (2B, ...) with each row repeated (cond, null) under CFG."""
+  return jnp.repeat(x, 2, axis=0) if use_cfg else x
+
+
+def guide(logits, scale, use_cfg: bool):
+  """fp32 (B, V) guided logits ``u + (c - u) * scale`` from (2B, V) rows in
+  ``cfg_labels`` order; without CFG just the fp32 logits."""
+  logits = logits.astype(jnp.float32)
+  if not use_cfg:
+    return logits
+  pairs = logits.reshape(-1, 2, logits.shape[-1])
+  cond, uncond = pairs[:, 0], pairs[:, 1]
+  return uncond + (cond - uncond) * scale
+
+
+def cast_params(params, dtype):
+  """Floating leaves cast to ``dtype`` (once, before the loop reads them
+  every step); None / float32 returns params unchanged."""
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return params
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      params)
+
+
+# config.sample.dtype when unset: inference that produces data runs in fp32.
+DEFAULT_DTYPE = "float32"
+
+
+def config_dtype(sample_config) -> str:
+  """``config.sample.dtype`` as every sampler resolves it (``DEFAULT_DTYPE``
+  when unset; "" keeps the model's compute dtype)."""
+  return sample_config.get("dtype", DEFAULT_DTYPE)
+
+
+def check_dtype(dtype):
+  """None or '' (the model's configured compute dtype, parameters as given),
+  'float32' or 'bfloat16' (or jnp dtypes) -> a jnp dtype or None."""
+  if dtype is None or (isinstance(dtype, str) and not dtype):
+    return None
+  name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+  if name not in ("float32", "bfloat16"):
+    raise errors.ConfigError(
+        f"sample dtype {dtype!r} (config.sample.dtype) is not supported; use "
+        "'float32' (parity with the official code) or 'bfloat16' (weights, "
+        "activations and caches in bf16; logits, velocities and the "
+        "sampling state stay float32).")
+  return jnp.dtype(name)
+
+
+def for_decoding(model, params, dtype):
+  """(model, params) that decode in ``dtype`` (``check_dtype``): None / ''
+  returns them as given (the model's configured compute dtype); 'float32' or
+  'bfloat16' clones the model with that compute dtype and casts the floating
+  parameters once (``cast_params``; bf16 halves the bytes each step reads).
+  Samplers keep logits, velocities and the sampling state in float32.
+  Raises ``ConfigError`` for another dtype."""
+  dt = check_dtype(dtype)
+  if dt is None:
+    return model, params
+  return (model if model.dtype == dt else model.clone(dtype=dt),
+          cast_params(params, dt))
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Static sampler options (hashable: one compiled program per value).
+
+  cached: the fast (cached) sampler, else the full-recompute reference;
+  use_cfg: a doubled batch with the null class; dtype: ``check_dtype``
+  result (cached only; None for the reference). A sampler subclasses it for
+  its own static options.
+  """
+  cached: bool
+  use_cfg: bool
+  dtype: Any = None
+
+
+def options(cls=Options, *, cached: bool, use_cfg: bool, dtype=None,
+            **fields):
+  """``cls`` with checked, normalized fields: dtype applies to the cached
+  sampler only, so every reference call shares one compiled program. Raises
+  ``ConfigError`` for a dtype ``check_dtype`` rejects."""
+  dtype = check_dtype(dtype)   # refused on the reference path too
+  if not cached:
+    return cls(cached=False, use_cfg=bool(use_cfg), **fields)
+  return cls(cached=True, use_cfg=bool(use_cfg), dtype=dtype, **fields)
+
+
+def compiled(impl, model, opts: Options):
+  """``jit(impl(model, opts, *args))``, cached: training-time sample grids call
+  a sampler repeatedly with one compile. The cached sampler runs the model
+  without remat and, when ``opts.dtype`` is set, in that compute dtype.
+
+  The program's scalars (guidance, temperature, ...) are best passed as
+  float32 arrays (``call`` does): a Python float is weakly typed and compiles
+  a second program."""
+  if (opts.dtype is not None and jnp.dtype(opts.dtype) == jnp.float32
+      and jnp.dtype(model.dtype) == jnp.float32):
+    # "float32" on a float32 model: the same program as None, compiled once.
+    opts = dataclasses.replace(opts, dtype=None)
+  return _compiled(impl, model, opts)
+
+
+@functools.lru_cache(maxsize=64)   # RAR, FAR and Equivariant programs
+def _compiled(impl, model, opts: Options):
+  if opts.cached:
+    model = model.clone(remat="none",
+                        **({} if opts.dtype is None else {"dtype": opts.dtype}))
+  return jax.jit(functools.partial(impl, model, opts))
+
+
+compiled.cache_clear = _compiled.cache_clear   # e.g. tests counting compiles
+
+
+def call(fn, params, labels, rng, *scalars):
+  """Calls a ``compiled`` sampler with traced fp32 scalars (guidance,
+  temperature, ...), so changing them does not recompile."""
+  return fn(params, labels, rng, *(jnp.asarray(v, jnp.float32) for v in scalars))
+
+
+def _concrete_values(x) -> list[np.ndarray] | None:
+  """The values of ``x`` this process holds (each addressable shard of a
+  jax array), or None for a tracer (not known until the program runs)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array):
+    return [np.asarray(s.data) for s in x.addressable_shards]
+  return [np.asarray(x)]
+
+
+def check_labels(labels, null_label: int):
+  """int (B,) class labels -> int32 (B,) (a jax array keeps its sharding).
+
+  Valid labels are the classes 0..null_label - 1 and ``null_label`` itself
+  (the null class: unconditional samples). Out of range, a label would read
+  past the class table (NaN, or an image-code embedding for a negative
+  one) and give garbage images without an error, so concrete labels are
+  checked (one small read per call; traced ones are not). Raises
+  ``ConfigError`` (a ``ValueError``) for labels that are not 1-D or out of
+  range.
+  """
+  values = _concrete_values(labels)
+  labels = jnp.asarray(labels, jnp.int32)
+  if labels.ndim != 1:
+    raise errors.ConfigError(
+        f"labels must be a 1-D class array, got shape {labels.shape}.")
+  bad = (np.unique(np.concatenate([v.ravel() for v in values]))
+         if values else np.zeros((0,), np.int64))
+  bad = bad[(bad < 0) | (bad > null_label)]
+  if bad.size:
+    raise errors.ConfigError(
+        f"labels {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} are not "
+        f"classes of this model: use 0..{null_label - 1} "
+        f"(config.model.num_classes={null_label}), or {null_label} (the null "
+        "class) for unconditional samples.")
+  return labels
+
+
+def check_call(labels, temperature, null_label: int):
+  """The per-call arguments every class-conditional token sampler shares.
+
+  Returns labels as int32 (B,); raises ``ConfigError`` (a ``ValueError``) for
+  labels ``check_labels`` refuses or a temperature that is not > 0.
+  """
+  labels = check_labels(labels, null_label)
+  if temperature <= 0:
+    raise errors.ConfigError(
+        f"temperature must be > 0, got {temperature} (1.0 = the model's "
+        "distribution).")
+  return labels
+
+
+def batch_shards(x) -> int:
+  """How many ways the leading (batch) axis of ``x`` is split across devices:
+  1 for host arrays, single-device arrays and tracers (their sharding is not
+  known until the program is compiled)."""
+  try:
+    rows = x.sharding.shard_shape(x.shape)[0]
+  except AttributeError:
+    return 1
+  return max(1, x.shape[0] // max(rows, 1))
