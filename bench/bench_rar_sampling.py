@@ -214,8 +214,8 @@ def reference_fn(model, seq_len: int, use_cfg: bool):
   def run(params, labels, rng, g, pw, temp):
     b = labels.shape[0]
     labels2 = common.batch_labels(labels, model.null_label, use_cfg)
-    draw = lambda lg, t: rar_sample.pick(lg, t, rng, model.seq_len, g, pw,
-                                         temp, use_cfg)
+    draw = lambda lg, t: rar_sample._pick(  # pylint: disable=protected-access
+        lg, t, rng, model.seq_len, g, pw, temp, use_cfg)
     logits, state = model.apply({"params": params}, labels2, method="prefill",
                                 mutable=["cache"])
     tokens = jnp.zeros((b, seq_len), jnp.int32).at[:, 0].set(draw(logits, 0))
@@ -248,7 +248,8 @@ def bench_prefix(model, params, labels, key, bucket: int, g, pw, temp):
       logits = sub.apply({"params": params},
                          jnp.repeat(tokens[:, :k], 2, axis=0), labels2)
       logits = jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False)
-      return rar_sample.pick(logits, t, rng, n, g, pw, temp, True)
+      return rar_sample._pick(  # pylint: disable=protected-access
+          logits, t, rng, n, g, pw, temp, True)
     return f
 
   def run():

@@ -61,16 +61,17 @@ HOIST_ROWS = 2048
 
 @dataclasses.dataclass(frozen=True)
 class Options(common.Options):
-  """``common.Options`` plus the flow sampler's static options: the image
-  width in columns, Euler steps per column, hoisted head modulations,
-  devices the batch is split over (sizes the hoisted chunks), whether the
-  conditioning vectors are returned (``keep``) and the columns per
-  ``column_stepper`` chunk (0: the whole loop in one program)."""
+  """``common.Options`` plus the flow sampler's static options, named after
+  ``sampler_fn``'s arguments: the image width in columns, Euler steps per
+  column, hoisted head modulations, devices the batch is split over (sizes
+  the hoisted chunks), whether the conditioning vectors are returned, and
+  the columns per ``column_stepper`` chunk (0: the whole loop in one
+  program)."""
   num_columns: int = 1
   num_steps: int = 100
-  hoist: bool = True
-  shards: int = 1
-  keep: bool = False
+  hoist_modulations: bool = True
+  batch_shards: int = 1
+  return_conditions: bool = False
   chunk: int = 0
 
 
@@ -152,9 +153,9 @@ def _column(model, opts, params, z, rng, col, guidance_scale):
   b = z.shape[0] // (2 if opts.use_cfg else 1)
   noise = jax.random.normal(jax.random.fold_in(rng, col), (b, model.token_dim))
   scale = cfg_scale(col, opts.num_columns, guidance_scale)
-  if opts.hoist:
+  if opts.hoist_modulations:
     return euler_flow_hoisted(model, params, z, noise, scale, opts.num_steps,
-                              opts.use_cfg, batch_shards=opts.shards)
+                              opts.use_cfg, batch_shards=opts.batch_shards)
   vel = lambda x, t, zz: model.apply({"params": params}, x, t, zz,
                                      method="velocity")
   return euler_flow(vel, z, noise, scale, opts.num_steps, opts.use_cfg)
@@ -162,7 +163,7 @@ def _column(model, opts, params, z, rng, col, guidance_scale):
 
 def _cached_init(model, opts, params, labels):
   """Prefill -> state (z of the next column, cache, latents, conds); conds
-  is None unless ``opts.keep``."""
+  is None unless ``opts.return_conditions``."""
   params = common.cast_params(params, opts.dtype)
   z, cache = model.apply({"params": params},
                          common.batch_labels(labels, model.null_label,
@@ -171,7 +172,7 @@ def _cached_init(model, opts, params, labels):
   latents = jnp.zeros((labels.shape[0], opts.num_columns, model.token_dim),
                       jnp.float32)
   conds = (jnp.zeros((z.shape[0], opts.num_columns, z.shape[-1]), jnp.float32)
-           if opts.keep else None)
+           if opts.return_conditions else None)
   return z, cache, latents, conds
 
 
@@ -216,7 +217,7 @@ def _uncached_impl(model, opts, params, labels, rng, guidance_scale):
   b = labels.shape[0]
   latents = jnp.zeros((b, num_columns, model.token_dim), jnp.float32)
   conds = (jnp.zeros((labels2.shape[0], num_columns, model.hidden_size),
-                     jnp.float32) if opts.keep else None)
+                     jnp.float32) if opts.return_conditions else None)
 
   def body(col, carry):
     latents, conds = carry
@@ -247,9 +248,10 @@ def _options(*, cached, use_cfg, num_columns, num_steps, hoist_modulations,
              batch_shards, return_conditions=False, dtype=None, chunk=0):
   return common.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
                         num_columns=int(num_columns), num_steps=int(num_steps),
-                        hoist=bool(hoist_modulations),
-                        shards=max(1, int(batch_shards)),
-                        keep=bool(return_conditions), chunk=int(chunk))
+                        hoist_modulations=bool(hoist_modulations),
+                        batch_shards=max(1, int(batch_shards)),
+                        return_conditions=bool(return_conditions),
+                        chunk=int(chunk))
 
 
 def sampler_fn(model, *, num_columns: int, use_cfg: bool = True,
