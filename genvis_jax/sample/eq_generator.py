@@ -392,7 +392,7 @@ def _chunks(state, advance, num_columns, chunk):
 
 
 def latents_to_images(tokenizer, tokenizer_params, latents,
-                      latent_scale: float = 0.05493):
+                      latent_scale: float):
   """Generator latents (B, W', C) -> images (B, H, T W', 3) in [-1, 1], T =
   ``tokenizer.token_width`` pixels per column.
 
