@@ -211,8 +211,7 @@ def make_sample_fn(config, mesh):
   sample_fn = Sampler(
       lambda labels, rng: generate(gen_model, gen_params, labels, rng, s),
       decode)
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return sample_fn, batch_sharding
+  return sample_fn, sharding.batch_sharding(mesh)
 
 
 class SamplingStopped(errors.CleanStop):
@@ -224,6 +223,37 @@ PROGRESS_EVERY_S = 30.0   # at most one progress line this often (and the last)
 
 
 def sample_and_save(config, workdir: str) -> dict:
+  """``mode=sample``: draws ``config.sample.num_samples`` images of the
+  generator ``config.init_from`` decoded by ``config.tokenizer``, in global
+  batches of ``config.sample.batch_size`` split over every device.
+
+  Args:
+    config: the run's config (``config.model`` names the generator and its
+      sampler ``genvis_jax/sample/<name>.py``; ``config.sample`` the
+      sampler's settings, labels, seed and batch size).
+    workdir: where the run writes (local or gs://).
+  Writes ``<workdir>/sample_parts/``: one part file per finished batch
+  (``<start>.npz``: uint8 images (n, H, W, 3), int32 labels (n,)) and
+  ``settings.json``; a re-run resumes from the parts. At the end (process 0)
+  ``<workdir>/samples.npz`` (ADM layout: ``arr_0`` uint8 (N, H, W, 3),
+  ``labels``) and ``samples.png``.
+  Returns ``parts.assemble``'s dict: the ``npz`` and ``png`` paths and
+  ``num_samples``.
+  Raises:
+    ConfigError: a count < 1, a batch size that is not a multiple of the
+      device count, an unsupported ``config.sample.dtype`` or bad
+      ``config.sample.classes`` / ``labels`` (before anything loads).
+    parts.TrainedWithError: the weights trained / converted with other
+      model (or ``RUN_KEYS``) settings than the config samples with, or a
+      generator run's samples decoded by other tokenizer weights than it
+      trained on.
+    inference.CodebookSizeError: the generator draws more codes than its
+      tokenizer decodes (``check_codes_fit``, before the weights load).
+    parts.SampleSettingsError: parts in ``workdir`` drawn with other
+      settings, or the checkpoint changed while it loaded.
+    NonFiniteSamplesError: a batch holds NaN / Inf (nothing of it written).
+    SamplingStopped: a stop signal, after writing the batch in flight.
+  """
   s = config.sample
   mesh = sharding.data_mesh(jax.devices())
   if s.num_samples < 1:
