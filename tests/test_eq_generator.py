@@ -1,6 +1,8 @@
 """Equivariant generator: sizes, RoPE, window, training loss, rolling-cache
 synthesis vs the full forward, 8x-width sampling, CFG ramp (tiny, CPU)."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -178,6 +180,50 @@ def test_training_loss_finite_and_decreasing():
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.9 * losses[0], losses
   assert 0 <= float(m["shift"]) < cfg.flow.shift_num
+
+
+def test_training_grids_draw_as_the_sampling_driver(monkeypatch, caplog):
+  """The sample grids go through the sampling driver's adapter
+  (``eq_generator.generate``) with config.sample, dtype included, at the
+  training width and at ``wide_columns``, for fixed evenly spread classes;
+  without a tokenizer checkpoint they are off, with a warning (silent with
+  image_every=0)."""
+  cfg = tiny_config()
+  cfg.sample.dtype = "bfloat16"
+  cfg.sample.wide_columns = 4 * L
+  task = get_task(cfg)
+  with caplog.at_level(logging.WARNING):
+    assert task.frozen_params() == {}
+  assert "sample grids are OFF" in caplog.text
+  caplog.clear()
+  cfg_off = tiny_config()
+  cfg_off.train.image_every = 0
+  with caplog.at_level(logging.WARNING):
+    assert get_task(cfg_off).frozen_params() == {}
+  assert "sample grids are OFF" not in caplog.text
+
+  # The sampler and decode stubbed: what the grids ask for, no compile.
+  calls = []
+  def fake_sample(model, params, labels, rng, **kw):
+    del model, params, rng
+    calls.append(dict(kw, labels=np.asarray(labels)))
+    return jnp.zeros((labels.shape[0], kw["num_columns"], C))
+  monkeypatch.setattr(eq_sample, "sample", fake_sample)
+  task._decode = lambda p, lat: jnp.zeros((lat.shape[0], 4, 2 * lat.shape[1], 3))
+  batch = {"latents": np.zeros((4, L, C), np.float32),
+           "label": np.zeros((4,), np.int32)}
+  out = task.visualize({"model": {}}, {"tokenizer": {}}, batch,
+                       jax.random.key(0))
+  assert {k: v.shape for k, v in out.items()} == {
+      "samples": (8, 4, 2 * L, 3), "samples_wide": (8, 4, 8 * L, 3)}
+  assert all(v.dtype == np.uint8 for v in out.values())
+  assert [c["num_columns"] for c in calls] == [L, 4 * L]
+  for c in calls:
+    assert c["dtype"] == "bfloat16"
+    assert (c["num_steps"], c["guidance_scale"]) == (
+        cfg.sample.num_steps, cfg.sample.guidance_scale)
+    np.testing.assert_array_equal(c["labels"], [0, 1, 2, 3, 4, 0, 1, 2])
+  assert cfg.sample.num_columns == 4     # the config itself is not changed
 
 
 def test_rope_shift_per_example_and_groups(tiny):

@@ -29,7 +29,9 @@ def test_equivariant_paper_pipeline(tmp_path, monkeypatch):
   pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": tok},
               **pc.steps(4))
   cfg = pc.load_config("eq_s.py:runlocal")
-  assert os.listdir(os.path.join(gen, "images"))   # grids at 1x and 8x width
+  # Grids at 1x and 8x width.
+  assert sorted(os.listdir(os.path.join(gen, "images"))) == [
+      "samples_0000004.png", "samples_wide_0000004.png"]
   _check_tokenizer_origin(w, tok, gen)
 
   wide = 8 * cfg.sample.num_columns                 # 8x the training width

@@ -391,19 +391,6 @@ def _chunks(state, advance, num_columns, chunk):
     yield start + chunk, state[2]
 
 
-def latents_to_images(tokenizer, tokenizer_params, latents,
-                      latent_scale: float):
-  """Generator latents (B, W', C) -> images (B, H, T W', 3) in [-1, 1], T =
-  ``tokenizer.token_width`` pixels per column.
-
-  Runs ``tokenizer`` as given (the training task builds it in
-  ``config.tokenizer.dtype``, default fp32). Sampling for data
-  (``mode=sample``) decodes through ``driver.make_decode_fn`` instead, with
-  the official "round" uint8 conversion (``images.to_uint8``)."""
-  return tokenizer.apply({"params": tokenizer_params}, latents / latent_scale,
-                         method="decode")
-
-
 def generate(model, params, labels, rng, s):
   """Sampling-driver adapter (``genvis_jax.sample.driver``): ``config.sample``
   fields (guidance_scale, num_steps, num_columns, latent_scale, dtype) ->

@@ -1,5 +1,9 @@
 """Equivariant generator training (``config.task = "eq_generator"``); the
-flow-matching loss and schedules in ``genvis_jax.train.tasks.eq``."""
+flow-matching loss and schedules in ``genvis_jax.train.tasks.eq``.
+
+Sample grids (``GeneratorTask``): "samples" at the training width and, with
+``config.sample.wide_columns``, "samples_wide" that many columns wide.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +12,29 @@ import jax.numpy as jnp
 
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.core.metrics import to_uint8
-from genvis_jax.models import inference
 from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
-from genvis_jax.sample import eq_generator as eq_sample
-from genvis_jax.train.tasks import Task
 from genvis_jax.train.tasks.eq import flow_loss, flow_targets, rope_shifts
+from genvis_jax.train.tasks.generator import GeneratorTask
 
 
-class EqGeneratorTask(Task):
+class EqGeneratorTask(GeneratorTask):
   """Batch: {"image": (B, H, W, 3) in [-1, 1] or "latents": (B, L, C) posterior
   means, "label": (B,)}. One group "model"; metrics loss, shift (the batch's
   mean RoPE shift), latent_std."""
+  # Images are encoded on the fly by the frozen tokenizer (``self.tokenizer``,
+  # in config.tokenizer.dtype as pretokenize encodes: the same latents), so
+  # it is loaded whether or not the grids are on.
   encodes_with_tokenizer = True
+  grid_size = 8   # not 16: the wide grid's images are many times as wide
 
   def __init__(self, config):
     super().__init__(config)
-    self.model = models.build(config.model)
-    # Images are encoded on the fly (and samples decoded) by this tokenizer,
-    # in config.tokenizer.dtype as pretokenize encodes: the same latents.
-    self.tokenizer = models.build(inference.data_model_config(config.tokenizer))
     self.value_range = models.value_range(config.tokenizer.model, config,
                                           ("data", "tokenizer"))
     self.label_dropout = float(self.hparam("train.label_dropout"))
     self.shift_num = int(self.hparam("flow.shift_num"))
     self.shift_group = int(self.hparam("flow.shift_group"))
-    self._frozen = None
-    # One jit for the sample grids' decode: compiled once per width.
-    self._decode = jax.jit(self._latents_to_images)
-
-  def frozen_params(self):
-    if self._frozen is None:
-      self._frozen = {}
-      path = self.config.tokenizer.checkpoint
-      if path:
-        self._frozen["tokenizer"] = models.load_params(
-            self.config.tokenizer.model, path,
-            setting="--config.tokenizer.checkpoint")
-    return self._frozen
 
   def encode(self, frozen, batch):
     """Posterior means (B, L, C) from ``batch`` (pre-computed or encoded by
@@ -90,28 +78,21 @@ class EqGeneratorTask(Task):
                           "shift": jnp.mean(shift.astype(jnp.float32)),
                           "latent_std": jnp.std(x)}
 
-  def _latents_to_images(self, tokenizer_params, latents):
-    return eq_sample.latents_to_images(self.tokenizer, tokenizer_params, latents,
-                                       self.config.latents.scale)
-
-  def visualize(self, params, frozen, batch, rng):
-    """Samples at the training width and ``sample.wide_columns`` (if set)."""
-    if "tokenizer" not in frozen:
-      return {}
-    sp, n = self.config.sample, min(8, batch["label"].shape[0])
-    labels = batch["label"][:n]
+  def grid_configs(self, batch):
+    """``config.sample`` at the training width (the visual batch's columns)
+    as "samples" and at ``sample.wide_columns`` (if set) as "samples_wide";
+    the other sampling settings (steps, guidance, dtype) as configured."""
     width = (batch["latents"].shape[1] if "latents" in batch
              else batch["image"].shape[2] // self.tokenizer.token_width)
-    out = {}
+    grids = []
     for name, cols in (("samples", width),
-                       ("samples_wide", int(sp.get("wide_columns", 0)))):
+                       ("samples_wide", int(self.config.sample.get(
+                           "wide_columns", 0)))):
       if cols:
-        lat = eq_sample.sample(self.model, params["model"], labels, rng,
-                               num_columns=cols, guidance_scale=sp.guidance_scale,
-                               num_steps=sp.num_steps)
-        img = self._decode(frozen["tokenizer"], lat)
-        out[name] = to_uint8(img, self.value_range)
-    return out
+        sample_config = self.config.sample.copy_and_resolve_references()
+        sample_config.num_columns = int(cols)
+        grids.append((name, sample_config))
+    return tuple(grids)
 
 
 TASK = EqGeneratorTask

@@ -4,7 +4,7 @@ Batch (pre-tokenized FQGAN codes): ``{"tokens": int32 (B, k, N) or (B, k*N),
 "label": int32 (B,)}`` with the sub-token maps in the tokenizer's order (vis,
 sem[_mid, sem_high]). Class labels become the null class with probability
 ``config.model.class_dropout`` inside the model (train mode), as officially.
-Image grids every ``config.train.image_every`` steps: see ``token_generator``.
+Image grids every ``config.train.image_every`` steps: see ``generator``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from genvis_jax import errors
-from genvis_jax.sample import far as far_sample
-from genvis_jax.train.tasks.token_generator import TokenGeneratorTask
+from genvis_jax.train.tasks.generator import GeneratorTask
 
 
 def subtoken_names(k: int) -> tuple[str, ...]:
@@ -48,11 +47,11 @@ def as_codes(tokens, k: int, n: int):
       "Check the pre-tokenized data against config.model.num_codebooks / grid.")
 
 
-class FARTask(TokenGeneratorTask):
+class FARTask(GeneratorTask):
   """One parameter group ``"model"``; metrics loss and per-sub-token CE/acc;
-  sample grids (``TokenGeneratorTask``)."""
+  sample grids (``GeneratorTask``)."""
 
-  sampler = far_sample
+  data_sources = ("tokens",)   # batches of pre-tokenized codes
 
   def __init__(self, config):
     super().__init__(config)

@@ -6,7 +6,7 @@ Each sample uses a random permutation with probability ``r(step)`` (1 until
 raster order; class labels are replaced by the null class with probability
 ``config.train.label_dropout`` (for classifier-free guidance).
 
-Image grids every ``config.train.image_every`` steps: see ``token_generator``.
+Image grids every ``config.train.image_every`` steps: see ``generator``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import optax
 from genvis_jax import errors
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.models.rar import permute
-from genvis_jax.sample import rar as rar_sample
-from genvis_jax.train.tasks.token_generator import TokenGeneratorTask
+from genvis_jax.train.tasks.generator import GeneratorTask
 
 
 def randomness_ratio(step, anneal_start: int, anneal_end: int):
@@ -50,11 +49,11 @@ def ar_loss(logits, targets):
   return loss, acc
 
 
-class RARTask(TokenGeneratorTask):
+class RARTask(GeneratorTask):
   """One parameter group ``"model"``; metrics loss / accuracy / r; sample
-  grids (``TokenGeneratorTask``)."""
+  grids (``GeneratorTask``)."""
 
-  sampler = rar_sample
+  data_sources = ("tokens",)   # batches of pre-tokenized codes
 
   def __init__(self, config):
     super().__init__(config)

@@ -1,0 +1,120 @@
+"""What the class-conditional generators (RAR, FAR, Equivariant) share: the
+sample grids of ``config.train.image_every``.
+
+Every ``image_every`` steps each grid (``GeneratorTask.grid_configs``: by
+default one, "samples", with ``config.sample``) draws ``grid_size`` samples
+of fixed, evenly spread classes from the current weights with the sampling
+driver's adapter for ``config.model.name`` (``genvis_jax/sample/<name>.py``,
+its ``generate(model, params, labels, rng, sample_config)``), so a grid draws
+as ``mode=sample`` would with those settings (``sample.dtype`` included);
+``config.tokenizer`` decodes them. Without its checkpoint the grids are off,
+with a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from genvis_jax import models
+from genvis_jax.core import registry
+from genvis_jax.core.metrics import to_uint8
+from genvis_jax.models import inference
+from genvis_jax.train.tasks import Task
+
+GRID = 16   # samples per grid
+
+
+def grid_labels(num_samples: int, num_classes: int) -> jax.Array:
+  """(num_samples,) int32 classes spread evenly over 0..num_classes-1 (one
+  grid shows the range of classes, not the first few)."""
+  step = max(1, num_classes // num_samples)
+  return (jnp.arange(num_samples, dtype=jnp.int32) * step) % num_classes
+
+
+class GeneratorTask(Task):
+  """A ``Task`` whose model draws what ``config.tokenizer`` decodes (token
+  maps, or latents for the Equivariant generator). Owns the frozen
+  tokenizer, its jitted decode and pixel range, and the sample grids;
+  subclasses supply the losses and may add grids (``grid_configs``)."""
+
+  grid_size: int = GRID
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.model = models.build(config.model)
+    self._tokenizer_params = None
+    tok = config.get("tokenizer")
+    # Pixel range of the sample grids: the tokenizer model's own.
+    has_tok = tok is not None and tok.get("model", {}).get("name", "")
+    self.tokenizer_range = (models.value_range(tok.model, config,
+                                               ("tokenizer",))
+                            if has_tok else None)
+
+  @functools.cached_property
+  def sampler(self) -> ModuleType:
+    """The sampling driver's adapter for ``config.model.name`` (chosen as
+    ``genvis_jax.sample.driver`` chooses it)."""
+    return registry.module("genvis_jax.sample", self.config.model.name,
+                           ("generate",),
+                           setting="config.model.name (the generator)")
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The tokenizer module in ``config.tokenizer.dtype`` (default fp32, as
+    the sampling driver decodes and pretokenize encodes)."""
+    return models.build(inference.data_model_config(self.config.tokenizer))
+
+  def frozen_params(self):
+    """``{"tokenizer": params}`` when the grids are on (or the task encodes
+    its images with the tokenizer, ``encodes_with_tokenizer``), else {}."""
+    tok = self.config.get("tokenizer")
+    grids = bool(self.config.train.get("image_every"))
+    if not (grids or self.encodes_with_tokenizer):
+      return {}
+    if tok is None or not tok.get("checkpoint"):
+      if grids:
+        logging.warning(
+            "%s sample grids are OFF: config.tokenizer.checkpoint is empty. "
+            "Set it to the tokenizer the generator's data came from to see "
+            "samples while training (or config.train.image_every=0 to "
+            "silence this).", self.config.model.name.upper())
+      return {}
+    if self._tokenizer_params is None:
+      self._tokenizer_params = models.load_params(
+          tok.model, tok.checkpoint, setting="--config.tokenizer.checkpoint")
+    return {"tokenizer": self._tokenizer_params}
+
+  @functools.cached_property
+  def _decode(self):
+    """Jitted ``decode(tokenizer_params, codes)`` -> images (B, H, W, 3) in
+    ``tokenizer_range``; the params are an argument (not a constant baked
+    into the program); one compile per code shape."""
+    return jax.jit(lambda p, c: self.tokenizer.apply({"params": p}, c,
+                                                     method="decode"))
+
+  def grid_configs(self, batch) -> tuple[tuple[str, object], ...]:
+    """``(name, sample_config)`` of each grid: ``config.sample`` as
+    "samples". ``batch``: the visual batch, the same on every process
+    (``trainer.visual_batch``)."""
+    del batch
+    return (("samples", self.config.sample),)
+
+  def visualize(self, params, frozen, batch, rng):
+    """Each grid of ``grid_configs``: ``grid_size`` samples of evenly spread
+    classes (``grid_labels``), decoded: ``{name: uint8 (grid_size, H, W,
+    3)}``; {} without the tokenizer."""
+    if "tokenizer" not in frozen:
+      return {}
+    labels = grid_labels(self.grid_size, self.model.num_classes)
+    out = {}
+    for name, sample_config in self.grid_configs(batch):
+      codes = self.sampler.generate(self.model, params["model"], labels, rng,
+                                    sample_config)
+      images = self._decode(frozen["tokenizer"], codes)
+      out[name] = to_uint8(images, self.tokenizer_range)
+    return out
