@@ -14,6 +14,7 @@ import pytest
 from configs import eq_common
 from configs import eq_demo
 from genvis_jax import models
+from genvis_jax.errors import ConfigError
 from genvis_jax.models import eq_flow_head
 from genvis_jax.models.layers import attention as attn_lib
 from genvis_jax.sample import common
@@ -307,6 +308,20 @@ def test_sampler_rejects_bad_arguments(tiny):
   with pytest.raises(ValueError, match=rf"labels \[{K + 1}\] are not classes"):
     eq_sample.sample(model, params, jnp.array([K + 1]), jax.random.key(0),
                      num_columns=2)
+
+
+def test_latents_against_the_config_raise_config_error(tiny):
+  """Latents of another width than config.model.token_dim: a ConfigError
+  naming the key and the width that fits; another layout: ValueError."""
+  _, model, params = tiny
+  cond = lambda x: model.apply({"params": params}, x,
+                               jnp.zeros((1,), jnp.int32), method="condition")
+  with pytest.raises(ConfigError, match=rf"config.model.token_dim={C}: set "
+                     rf"config.model.token_dim={C + 1}"):
+    cond(jnp.zeros((1, L, C + 1)))
+  with pytest.raises(ValueError, match=rf"latents must be \(B, L, {C}\)") as e:
+    cond(jnp.zeros((L, C)))
+  assert not isinstance(e.value, ConfigError)
 
 
 def test_logical_axes_map_to_the_mesh():

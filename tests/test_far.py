@@ -11,7 +11,9 @@ import pytest
 
 from configs import far_common, far_demo
 from genvis_jax import models
+from genvis_jax.errors import ConfigError
 from genvis_jax.models.far import ffn_hidden_dim
+from genvis_jax.models.layers import attention as attn_lib
 from genvis_jax.sample import ar
 from genvis_jax.sample import common
 from genvis_jax.sample import far as far_sample
@@ -259,6 +261,38 @@ def test_sampler_rejects_bad_input(tiny):
   with pytest.raises(ValueError, match="num_codebooks"):
     model.apply({"params": params}, jnp.zeros((1, 3, N), jnp.int32),
                 jnp.zeros((1,), jnp.int32))
+
+
+def test_shapes_against_the_config_raise_config_error(tiny):
+  """A code map that disagrees with config.model is a ConfigError naming the
+  key and the value that fits; another layout stays a plain ValueError; a
+  head dimension 2D RoPE cannot split fails when the model is built."""
+  _, model, params = tiny
+  labels = jnp.zeros((1,), jnp.int32)
+  fwd = lambda codes: model.apply({"params": params}, codes, labels)
+  with pytest.raises(ConfigError, match=r"config.model.num_codebooks=2: set "
+                     r"config.model.num_codebooks=3"):
+    fwd(jnp.zeros((1, 3, N), jnp.int32))
+  with pytest.raises(ConfigError, match=rf"config.model.grid={G} gives "
+                     rf"grid\*\*2={N}: set config.model.grid=5"):
+    fwd(jnp.zeros((1, 2, 25), jnp.int32))
+  with pytest.raises(ValueError, match=r"reshape \(B, k\*N\)") as e:
+    fwd(jnp.zeros((1, 2 * N), jnp.int32))
+  assert not isinstance(e.value, ConfigError)
+  with pytest.raises(ConfigError, match=r"divisible by 4; config.model.dim / "
+                     r"config.model.n_head is 36 / 2 = 18"):
+    models.build(tiny_config(dim=36).model)
+
+
+def test_rope_tables_2d_are_llamagen_rows():
+  cos, sin = attn_lib.rope_tables_2d(G, D // H)
+  rows = _rope_rows(1 + N)
+  assert cos.shape == sin.shape == (1 + N, D // H // 2)
+  assert cos.dtype == sin.dtype == jnp.float32
+  np.testing.assert_allclose(cos, rows[..., 0], rtol=0, atol=1e-7)
+  np.testing.assert_allclose(sin, rows[..., 1], rtol=0, atol=1e-7)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    attn_lib.rope_tables_2d(G, 18)
 
 
 def test_class_dropout(tiny):

@@ -293,10 +293,10 @@ def test_modules_from_hf_config_json(fx):
   m = clip_vision.from_hf_config({"vision_config": {**vision, "hidden_act": "quick_gelu",
                                                    "projection_dim": 8}})
   assert (m.hidden_size, m.num_hidden_layers, m.patch_size) == (32, 2, 7)
-  with pytest.raises(ValueError, match="quick_gelu"):
+  with pytest.raises(ConfigError, match="quick_gelu.*OpenAI CLIP checkpoint"):
     clip_vision.from_hf_config({**vision, "hidden_act": "gelu"})
   d = dinov2.from_hf_config({**_dino_cfg(fx), "model_type": "dinov2"},
                             interpolate_offset=0.1)
   assert (d.hidden_size, d.image_size, d.interpolate_offset) == (32, 20, 0.1)
-  with pytest.raises(ValueError, match="SwiGLU"):
+  with pytest.raises(ConfigError, match="SwiGLU.*ViT-S/B/L checkpoint"):
     dinov2.from_hf_config({**_dino_cfg(fx), "use_swiglu_ffn": True})

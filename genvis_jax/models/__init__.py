@@ -39,6 +39,9 @@ def build(model_config) -> nn.Module:
 
 
 def example_inputs(model_config, batch_size: int = 1) -> tuple:
+  """The positional arguments (arrays of zeros, ``batch_size`` examples) that
+  ``build(model_config).init`` takes; each model module documents its
+  tuple's shapes."""
   return module(model_config.name).example_inputs(model_config, batch_size)
 
 

@@ -55,6 +55,7 @@ def build(cfg) -> Classifier:
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(images f32 zeros (batch_size, image_size, image_size, 3),)."""
   s = cfg.get("image_size", 32)
   return (jnp.zeros((batch_size, s, s, 3), jnp.float32),)
 

@@ -16,16 +16,16 @@ Also FQGAN's teacher ``preprocess``, which the DINOv2 tower shares.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax.errors import ConfigError
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import vit
 
-Dtype = Any
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -126,12 +126,15 @@ class CLIPVisionModel(nn.Module):
 
 def from_hf_config(cfg: dict, **overrides) -> CLIPVisionModel:
   """Module from an HF ``config.json`` dict (a CLIPModel's ``vision_config`` or
-  a CLIPVisionConfig); architecture fields only."""
+  a CLIPVisionConfig); architecture fields only. Raises ConfigError for a
+  tower this module does not implement (another activation)."""
   cfg = dict(cfg.get("vision_config", cfg))
   act = cfg.get("hidden_act", "quick_gelu")
   if act != "quick_gelu":
-    raise ValueError(f"Only hidden_act='quick_gelu' (OpenAI CLIP) is "
-                     f"implemented, the config has {act!r}.")
+    raise ConfigError(
+        f"Only hidden_act='quick_gelu' (OpenAI CLIP) is implemented, the "
+        f"config has {act!r}: use the config.json of an OpenAI CLIP "
+        f"checkpoint, or a released tower by name ({sorted(CONFIGS)}).")
   keys = (*CONFIGS["vit_b16"], "layer_norm_eps")
   return CLIPVisionModel(**{k: cfg[k] for k in keys if k in cfg}, **overrides)
 
@@ -154,5 +157,7 @@ def teacher(name: str, dtype="float32", **overrides):
 
 
 def example_inputs(module: CLIPVisionModel, batch_size: int = 1):
+  """(pixels f32 zeros (batch_size, image_size, image_size, 3),) for
+  ``module`` (a tower, not a ``config.model``: not a registry model)."""
   return (jnp.zeros((batch_size, module.image_size, module.image_size, 3),
                     jnp.float32),)

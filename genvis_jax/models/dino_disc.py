@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -57,9 +57,9 @@ import numpy as np
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import dinov2, layers
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import vit
 
-Dtype = Any
 IMAGENET_MEAN = np.asarray(dinov2.IMAGENET_MEAN, np.float32)
 IMAGENET_STD = np.asarray(dinov2.IMAGENET_STD, np.float32)
 
@@ -358,6 +358,8 @@ def build(cfg) -> DinoDiscriminator:
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(images f32 zeros (batch_size, image_size, image_width or image_size,
+  3),): the discriminator's input."""
   size = cfg.get("image_size", 256)
   return (jnp.zeros((batch_size, size, cfg.get("image_width", 0) or size, 3),
                     jnp.float32),)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -34,9 +34,9 @@ import numpy as np
 
 from genvis_jax.errors import ConfigError
 from genvis_jax.models.clip_vision import preprocess as _preprocess
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import vit
 
-Dtype = Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -211,10 +211,14 @@ class Dinov2Model(nn.Module):
 
 
 def from_hf_config(cfg: dict, **overrides) -> Dinov2Model:
-  """Module from an HF Dinov2 ``config.json`` dict (architecture fields)."""
+  """Module from an HF Dinov2 ``config.json`` dict (architecture fields).
+  Raises ConfigError for a tower this module does not implement (SwiGLU)."""
   if cfg.get("use_swiglu_ffn") or cfg.get("hidden_act", "gelu") != "gelu":
-    raise ValueError("Only the GELU-MLP DINOv2 towers (S/B/L) are implemented; "
-                     "this config uses SwiGLU or another activation (giant).")
+    raise ConfigError(
+        "Only the GELU-MLP DINOv2 towers (S/B/L) are implemented; this config "
+        "uses SwiGLU or another activation (giant): use the config.json of "
+        f"a ViT-S/B/L checkpoint, or a released tower by name "
+        f"({sorted(CONFIGS)}).")
   keys = ("hidden_size", "num_hidden_layers", "num_attention_heads",
           "mlp_ratio", "image_size", "patch_size", "layer_norm_eps",
           "layerscale_value")
@@ -240,4 +244,6 @@ def teacher(name: str, dtype="float32", **overrides):
 
 
 def example_inputs(module: Dinov2Model, batch_size: int = 1, size: int = 224):
+  """(pixels f32 zeros (batch_size, size, size, 3),) for ``module`` (a tower,
+  not a ``config.model``: not a registry model)."""
   return (jnp.zeros((batch_size, size, size, 3), jnp.float32),)

@@ -16,19 +16,16 @@ column in one matmul (``genvis_jax.sample.eq_generator.euler_flow_hoisted``).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from genvis_jax.models import layers
-
-Dtype = Any
-xavier = nn.initializers.xavier_uniform()
-normal02 = nn.initializers.normal(0.02)
+from genvis_jax.models.layers import Dtype
 
 
-def dense(features, names, name, dtype, param_dtype, kernel_init=xavier):
+def dense(features, names, name, dtype, param_dtype,
+          kernel_init=layers.xavier_uniform):
   """Linear with the official xavier-uniform init and logical axis ``names``."""
   return layers.dense(features, names, kernel_init=kernel_init, dtype=dtype,
                       param_dtype=param_dtype, name=name)
@@ -47,6 +44,12 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 
 
 class TimestepEmbedder(nn.Module):
+  """Flow times -> conditioning vectors: t (...) float -> (..., width).
+
+  Sinusoidal features of t (``timestep_embedding``, (..., frequency_dim)),
+  then ``mlp_0`` (frequency_dim -> width), SiLU, ``mlp_2`` (width -> width);
+  both Linears N(0, 0.02) as the official ``TimestepEmbedder``.
+  """
   width: int
   frequency_dim: int = 256
   dtype: Dtype = jnp.float32
@@ -55,7 +58,7 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=normal02)
+              kernel_init=layers.default_kernel_init)
     h = timestep_embedding(t, self.frequency_dim)
     h = dense(self.width, (None, "embed"), "mlp_0", **kw)(h)
     return dense(self.width, ("mlp", "embed"), "mlp_2", **kw)(nn.silu(h))

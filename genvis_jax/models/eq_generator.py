@@ -37,20 +37,16 @@ adaLN_modulation_1}, final_layer/{linear, adaLN_modulation_1}}``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from genvis_jax import models
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers.attention import Attention, rope_tables
 from genvis_jax.models.layers.mlp import Mlp
-from genvis_jax.models.eq_flow_head import (DiffLoss, dense as _dense, normal02,
-                                            xavier)
-
-Dtype = Any
+from genvis_jax.models.eq_flow_head import DiffLoss, dense as _dense
 
 
 # --- transformer ------------------------------------------------------------------
@@ -69,7 +65,8 @@ class Block(nn.Module):
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(num_heads=self.num_heads, attn_dropout=self.attn_dropout,
-                proj_dropout=self.proj_dropout, kernel_init=xavier, **kw)
+                proj_dropout=self.proj_dropout,
+                kernel_init=layers.xavier_uniform, **kw)
     self.norm1 = layers.layer_norm(1e-6, **kw)
     self.attn = Attention(mask="window", window=self.window,
                           attn_impl=self.attn_impl, **attn)
@@ -77,8 +74,8 @@ class Block(nn.Module):
     self.cross_cond_norm = layers.layer_norm(1e-5, **kw)
     self.cross_attn = Attention(**attn)
     self.norm2 = layers.layer_norm(1e-6, **kw)
-    self.mlp = Mlp(self.mlp_dim, dropout=self.proj_dropout, kernel_init=xavier,
-                   **kw)
+    self.mlp = Mlp(self.mlp_dim, dropout=self.proj_dropout,
+                   kernel_init=layers.xavier_uniform, **kw)
 
   def _mlp(self, x, train):
     return x + self.mlp(self.norm2(x), train)
@@ -164,14 +161,15 @@ class EqGenerator(nn.Module):
 
   def setup(self):
     d, kw = self.hidden_size, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.class_emb = layers.embed(self.num_classes, d, init=normal02, **kw)
+    init = layers.default_kernel_init   # the official normal(0, 0.02)
+    self.class_emb = layers.embed(self.num_classes, d, init=init, **kw)
     self.fake_latent = self.param("fake_latent",
-                                  layers.named(normal02, (None, "embed")), (1, d),
+                                  layers.named(init, (None, "embed")), (1, d),
                                   self.param_dtype)
     self.z_proj = _dense(d, (None, "embed"), None, **kw)
     self.z_proj_ln = layers.layer_norm(1e-6, **kw)
     self.encoder_pos_embed_learned = self.param(
-        "encoder_pos_embed_learned", layers.named(normal02, (None, "pos", "embed")),
+        "encoder_pos_embed_learned", layers.named(init, (None, "pos", "embed")),
         (1, self.num_cond_tokens, d), self.param_dtype)
     block = layers.maybe_remat(Block, self.remat, static_argnums=(5,))
     self.encoder_blocks = [
@@ -194,9 +192,18 @@ class EqGenerator(nn.Module):
     return rope_tables(positions, self.head_dim, self.rope_base)
 
   def _check(self, latents, labels):
-    if latents.ndim != 3 or latents.shape[-1] != self.token_dim:
+    """latents (B, L, C) against the config: ValueError for another layout,
+    ConfigError naming ``token_dim`` for another C."""
+    if latents.ndim != 3:
       raise ValueError(f"latents must be (B, L, {self.token_dim}); got "
                        f"{latents.shape}.")
+    if latents.shape[-1] != self.token_dim:
+      raise ConfigError(
+          f"latents have {latents.shape[-1]} channels per column (shape "
+          f"{latents.shape}) but config.model.token_dim={self.token_dim}: set "
+          f"config.model.token_dim={latents.shape[-1]} (the tokenizer's "
+          "embed_dim, config.tokenizer.model.embed_dim) or use the tokenizer "
+          "this model was configured for.")
     if labels.shape != latents.shape[:1]:
       raise ValueError(f"labels must have shape ({latents.shape[0]},), got "
                        f"{labels.shape}.")
@@ -286,6 +293,9 @@ def build(cfg) -> EqGenerator:
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(latents f32 zeros (batch_size, seq_len, token_dim), labels int32 zeros
+  (batch_size,), noise f32 zeros (batch_size, 1, seq_len, token_dim), t f32
+  ones (batch_size, 1, seq_len)): the arguments of ``EqGenerator.__call__``."""
   n, c = cfg.get("seq_len", 16), cfg.get("token_dim", EqGenerator.token_dim)
   return (jnp.zeros((batch_size, n, c), jnp.float32),
           jnp.zeros((batch_size,), jnp.int32),

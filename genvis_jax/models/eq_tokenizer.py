@@ -28,7 +28,7 @@ counterpart here (the converter drops it).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -37,9 +37,8 @@ import jax.numpy as jnp
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import resample
-
-Dtype = Any
 
 
 # --- columns <-> feature maps -----------------------------------------------------
@@ -316,6 +315,8 @@ def build(cfg) -> EqTokenizer:
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(images f32 zeros (batch_size, resolution, image_width or resolution,
+  3),): the argument of ``EqTokenizer.__call__``."""
   h = cfg.get("resolution", EqTokenizer.resolution)
   w = cfg.get("image_width", 0) or h
   return (jnp.zeros((batch_size, h, w, 3), jnp.float32),)

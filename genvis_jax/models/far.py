@@ -13,11 +13,12 @@ i-th output predicts sub-token i. Module names follow the official model
 ``layers.mlp.Mlp`` (``feed_forward/{fc1_g, fc1_x, fc2}``, official ``w1`` /
 ``w3`` / ``w2``); ``genvis_jax/convert/far.py`` holds that table.
 
-RoPE (LlamaGen ``precompute_freqs_cis_2d``): a table of ``1 + grid**2`` rows,
-row 0 (the class token) all zeros (this zeroes q and k there, as in LlamaGen),
-row 1 + p the 2D rotation of raster position p. Backbone position t uses row t
-(the class token at 0, the embedding of token t-1 at t). The head reuses rows
-0..k-1 for its k positions.
+RoPE (LlamaGen ``precompute_freqs_cis_2d``, ``layers.attention.rope_tables_2d``):
+tables of ``1 + grid**2`` rows, row 0 (the class token) all zeros (this zeroes
+q and k there, as in LlamaGen), row 1 + p the 2D rotation of raster position p.
+Backbone position t uses row t (the class token at 0, the embedding of token
+t-1 at t). The head reuses rows 0..k-1 for its k positions. The norms are
+``layers.RMSNorm``.
 
 Entry points (``model.apply(..., method=...)``):
   ``__call__(codes, labels, train=False)`` teacher-forced forward.
@@ -27,23 +28,22 @@ Entry points (``model.apply(..., method=...)``):
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from genvis_jax import models
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
-from genvis_jax.models.layers.attention import Attention
+from genvis_jax.models.layers import Dtype, RMSNorm
+from genvis_jax.models.layers.attention import Attention, rope_tables_2d
 from genvis_jax.models.layers.mlp import Mlp
-
-_init = nn.initializers.normal(0.02)  # official: normal(0, 0.02) for Linear/Embedding
 
 
 def find_multiple(n: int, k: int) -> int:
+  """The smallest multiple of ``k`` that is >= ``n`` (LlamaGen's helper)."""
   return n if n % k == 0 else n + k - n % k
 
 
@@ -55,44 +55,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256,
   return find_multiple(hidden, multiple_of)
 
 
-def rope_table_2d(grid: int, head_dim: int, base: float = 10000.0,
-                  cls_token_num: int = 1) -> np.ndarray:
-  """float32 (cls_token_num + grid**2, head_dim // 2, 2) of [cos, sin].
-
-  Half of each head's rotary pairs rotate with the row index, half with the
-  column index of the raster position; the class-token rows are zeros.
-  """
-  if head_dim % 4:
-    raise ConfigError(
-        f"2D RoPE needs head_dim divisible by 4, got {head_dim}; "
-        "change config.model.dim or n_head.")
-  half = head_dim // 2
-  freqs = 1.0 / base ** (np.arange(0, half, 2)[: half // 2] / half)
-  f = np.outer(np.arange(grid), freqs)                           # (g, hd/4)
-  fg = np.concatenate([np.broadcast_to(f[:, None], (grid, grid, f.shape[1])),
-                       np.broadcast_to(f[None, :], (grid, grid, f.shape[1]))], -1)
-  cache = np.stack([np.cos(fg), np.sin(fg)], -1).reshape(grid * grid, half, 2)
-  cls = np.zeros((cls_token_num, half, 2))
-  return np.concatenate([cls, cache]).astype(np.float32)
-
-
-class RMSNorm(nn.Module):
-  """``x * rsqrt(mean(x^2) + eps) * scale``: normalised in fp32, cast back to
-  x.dtype, then times the ``param_dtype`` scale (LlamaGen's
-  ``_norm(x.float()).type_as(x) * weight``: bf16 x with an fp32 scale gives
-  an fp32 output, as in torch)."""
-  eps: float = 1e-5
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", layers.named(layers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
-    return y.astype(x.dtype) * scale
-
-
 class TransformerBlock(nn.Module):
   """Pre-norm LlamaGen block; residual stream kept in the input dtype (fp32)."""
   n_head: int
@@ -101,14 +63,16 @@ class TransformerBlock(nn.Module):
   dropout: float = 0.0
   attn_dropout: float = 0.0
   cache_len: int = 0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, rope, train=False, cache_pos=None):
     """x (B, S, d), rope ``(cos, sin)`` (S, hd/2) -> (B, S, d); ``cache_pos``
     as ``layers.attention.Attention`` (KV cache of ``cache_len``)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_init)
+    # The official init of every Linear / Embedding: normal(0, 0.02).
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              kernel_init=layers.default_kernel_init)
     pd = self.param_dtype
     h = Attention(self.n_head, qkv_bias=False, out_bias=False, mask="causal",
                   cache_len=self.cache_len, attn_dropout=self.attn_dropout,
@@ -128,11 +92,12 @@ class LabelEmbedder(nn.Module):
   """Class table with one extra row (index num_classes) for the null class."""
   num_classes: int
   dim: int
-  param_dtype: Any = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, labels):
-    return layers.embed(self.num_classes + 1, self.dim, init=_init,
+    return layers.embed(self.num_classes + 1, self.dim,
+                        init=layers.default_kernel_init,
                         dtype=self.param_dtype, param_dtype=self.param_dtype,
                         name="embedding_table")(labels)
 
@@ -158,8 +123,8 @@ class FAR(nn.Module):
   token_dropout: float = 0.1    # on the backbone input sequence
   attn_dropout: float = 0.0
   class_dropout: float = 0.1    # label -> null class in training (CFG)
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
   remat: str = "none"
 
   @property
@@ -175,14 +140,16 @@ class FAR(nn.Module):
     self.cls_embedding = LabelEmbedder(self.num_classes, d, pd)
     for i in range(k):  # official 1-based names
       setattr(self, f"tok_embeddings_{i + 1}", layers.embed(
-          self.codebook_size, d, init=_init, dtype=pd, param_dtype=pd))
+          self.codebook_size, d, init=layers.default_kernel_init, dtype=pd,
+          param_dtype=pd))
       # fp32 logits (as RAR's lm_head): the loss and the sampler's
       # guidance, temperature and filters read them.
       setattr(self, f"output_{i + 1}", layers.dense(
           self.codebook_size, ("embed", "vocab"), use_bias=False,
           kernel_init=layers.zeros, dtype=jnp.float32, param_dtype=pd))
     self.aggregation_layer = layers.dense(
-        d, ("mlp", "embed"), kernel_init=_init, dtype=self.dtype, param_dtype=pd)
+        d, ("mlp", "embed"), kernel_init=layers.default_kernel_init,
+        dtype=self.dtype, param_dtype=pd)
     kw = dict(n_head=self.n_head, ffn_dim=self.ffn_dim,
               norm_eps=self.norm_eps, dropout=self.dropout,
               attn_dropout=self.attn_dropout, dtype=self.dtype, param_dtype=pd)
@@ -200,11 +167,8 @@ class FAR(nn.Module):
     return getattr(self, f"tok_embeddings_{i + 1}")
 
   def _rope(self):
-    """(cos, sin), each (1 + grid**2, hd/2): ``rope_table_2d`` split for
-    ``layers.attention.apply_rope``."""
-    t = jnp.asarray(rope_table_2d(self.grid, self.dim // self.n_head,
-                                  self.rope_base))
-    return t[..., 0], t[..., 1]
+    """(cos, sin), each (1 + grid**2, hd/2) float32 (``rope_tables_2d``)."""
+    return rope_tables_2d(self.grid, self.dim // self.n_head, self.rope_base)
 
   def _aggregate(self, embs):
     """k arrays (..., d) -> (..., d): concat then ``aggregation_layer``."""
@@ -255,11 +219,29 @@ class FAR(nn.Module):
     return jnp.stack([self._head_out(y[:, :, i], i) for i in range(k)], axis=1)
 
   def _check(self, codes, labels):
-    if codes.ndim != 3 or codes.shape[1:] != (self.num_codebooks, self.seq_len):
+    """codes (B, k, N) against the config: ValueError for another layout,
+    ConfigError naming the config key for another k or N."""
+    if codes.ndim != 3:
       raise ValueError(
-          f"codes must have shape (B, {self.num_codebooks}, {self.seq_len}) "
-          f"(B, num_codebooks, grid**2), got {codes.shape}; reshape (B, k*N) "
-          "token arrays or check config.model.num_codebooks / grid.")
+          f"codes must have shape (B, num_codebooks, grid**2) = (B, "
+          f"{self.num_codebooks}, {self.seq_len}), got {codes.shape}; "
+          "reshape (B, k*N) token arrays to (B, k, N).")
+    k, n = codes.shape[1:]
+    if k != self.num_codebooks:
+      raise ConfigError(
+          f"codes hold {k} sub-token maps (shape {codes.shape}) but "
+          f"config.model.num_codebooks={self.num_codebooks}: set "
+          f"config.model.num_codebooks={k} (the tokenizer's number of "
+          "codebooks) or use the tokenizer this model was configured for.")
+    if n != self.seq_len:
+      side = math.isqrt(n)
+      fix = (f"set config.model.grid={side}" if side * side == n else
+             "use codes of a square grid")
+      raise ConfigError(
+          f"codes hold {n} positions per map (shape {codes.shape}) but "
+          f"config.model.grid={self.grid} gives grid**2={self.seq_len}: "
+          f"{fix} (the tokenizer's code-map side, image size / downsampling "
+          "factor) or use the tokenizer this model was configured for.")
     if labels.shape != codes.shape[:1]:
       raise ValueError(f"labels must have shape ({codes.shape[0]},), got "
                        f"{labels.shape}.")
@@ -310,6 +292,8 @@ class FAR(nn.Module):
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(codes int32 zeros (batch_size, num_codebooks, grid**2), labels int32
+  zeros (batch_size,)): the arguments of ``FAR.__call__``."""
   return (jnp.zeros((batch_size, cfg.get("num_codebooks", FAR.num_codebooks),
                     cfg.get("grid", FAR.grid) ** 2), jnp.int32),
           jnp.zeros((batch_size,), jnp.int32))
@@ -323,8 +307,8 @@ def build(cfg) -> FAR:
   """``config.model`` -> FAR; unset fields take the class defaults (FAR-B,
   Dual). The SwiGLU width is ``ffn_dim`` or, unset / 0, LlamaGen's rule
   ``ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)``. Raises
-  ConfigError for an unknown key, a width the heads do not divide or
-  num_codebooks < 1."""
+  ConfigError for an unknown key, a width the heads do not divide, a head
+  dimension 2D RoPE cannot split (not divisible by 4) or num_codebooks < 1."""
   ffn = {}
   if not cfg.get("ffn_dim"):
     ffn["ffn_dim"] = ffn_hidden_dim(cfg.get("dim", FAR.dim),
@@ -333,6 +317,13 @@ def build(cfg) -> FAR:
   if model.dim % model.n_head:
     raise ConfigError(f"config.model.dim={model.dim} is not divisible by "
                       f"config.model.n_head={model.n_head}.")
+  head_dim = model.dim // model.n_head
+  if head_dim % 4:
+    raise ConfigError(
+        f"2D RoPE needs a head dimension divisible by 4; config.model.dim / "
+        f"config.model.n_head is {model.dim} / {model.n_head} = {head_dim}: "
+        "change config.model.dim or config.model.n_head (e.g. dim a multiple "
+        "of 4 * n_head).")
   if model.num_codebooks < 1:
     raise ConfigError(f"config.model.num_codebooks={model.num_codebooks} "
                       "must be at least 1.")

@@ -23,7 +23,7 @@ sem -> feat_pred_head, sem_X -> X_sem_feat_pred (see ``adapter_name`` /
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -33,10 +33,10 @@ from genvis_jax import models
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
 from genvis_jax.models import llamagen_vq as lg
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import vit
 from genvis_jax.models.quantizers import l2_normalize
 
-Dtype = Any
 _LN_EPS = 1e-5  # torch nn.LayerNorm default
 
 

@@ -287,6 +287,7 @@ def build(cfg) -> FIDInceptionV3:
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(images f32 zeros (batch_size, 299, 299, 3),): the network's input."""
   del cfg
   return (jnp.zeros((batch_size, 299, 299, 3), jnp.float32),)
 

@@ -20,7 +20,7 @@ lowest resolution first (index i = level n-1-i), as in the official ModuleList.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
-Dtype = Any
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1
 
 

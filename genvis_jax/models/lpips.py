@@ -12,14 +12,13 @@ a local ``.npz``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 
 # torchvision vgg16.features indices of the 13 convs, grouped into LPIPS slices
 # (slice k ends at the ReLU whose output is tapped); a 2x2 max-pool precedes
@@ -47,7 +46,7 @@ class LPIPS(nn.Module):
   Parameters: ``features_{idx}/{kernel,bias}`` (VGG16 convs, torchvision index)
   and ``lin_{k}/kernel`` (1, 1, C_k, 1) for k = 0..4.
   """
-  dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, y):
@@ -78,7 +77,7 @@ _RANGES = ((0.0, 1.0), (-1.0, 1.0))
 
 def lpips_distance(params, x: jax.Array, y: jax.Array, *,
                    value_range: tuple[float, float] = (0.0, 1.0),
-                   dtype: Any = jnp.float32) -> jax.Array:
+                   dtype: Dtype = jnp.float32) -> jax.Array:
   """LPIPS distance per image.
 
   Args:

@@ -13,7 +13,7 @@ Official -> Flax names: ``genvis_jax.convert.maskgit_vqgan.RENAMES``.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,10 +24,9 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models import llamagen_vq as lg
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
-
-Dtype = Any
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:

@@ -44,8 +44,6 @@ GAN losses live in ``genvis_jax/train/losses.py``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,6 +51,7 @@ import jax.numpy as jnp
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 
 _PAD1 = ((1, 1), (1, 1))
 _NORMS = ("batch", "group", "none")
@@ -71,8 +70,8 @@ class GroupBatchNorm(nn.Module):
   """
   group_size: int = 32
   epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -103,8 +102,8 @@ class NLayerDiscriminator(nn.Module):
   norm: str = "group"
   num_groups: int = 32
   group_size: int = 32             # images per BatchNorm group (norm="batch")
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -113,7 +112,7 @@ class NLayerDiscriminator(nn.Module):
           f"Unknown discriminator norm {self.norm!r}; choose one "
           f"of {_NORMS}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=nn.initializers.normal(0.02), padding=_PAD1)
+              kernel_init=layers.default_kernel_init, padding=_PAD1)
     use_norm = self.norm != "none"
     x = layers.conv(self.ndf, 4, strides=2, name="conv_0", **kw)(x)
     x = nn.leaky_relu(x, 0.2)
@@ -146,7 +145,9 @@ def build(cfg) -> NLayerDiscriminator:
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(images f32 zeros (batch_size, image_size, image_width or image_size,
+  in_channels),): the argument of ``NLayerDiscriminator.__call__``."""
   size = cfg.get("image_size", 256)
-  return (jnp.zeros((batch_size, size, size, cfg.get("in_channels", 3)),
-                    jnp.float32),)
+  return (jnp.zeros((batch_size, size, cfg.get("image_width", 0) or size,
+                     cfg.get("in_channels", 3)), jnp.float32),)
 

@@ -18,14 +18,13 @@ gradients differs. We use the standard VQ-VAE / LlamaGen weighting.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from genvis_jax import errors
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -127,7 +126,7 @@ class VectorQuantizer(nn.Module):
   entropy_weight: float = 0.0
   entropy_temperature: float = 0.01
   entropy_group_size: int = 0
-  param_dtype: Any = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   def setup(self):
     self.embedding = self.param(

@@ -21,8 +21,6 @@ Entry points (``model.apply(..., method=...)``):
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 from genvis_jax import models
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers.attention import Attention
 from genvis_jax.models.layers.mlp import Mlp
 
@@ -76,8 +75,8 @@ class Block(nn.Module):
   dropout: float = 0.0
   attn_dropout: float = 0.0
   cache_len: int = 0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, c, train=False, cache_pos=None, rows=None, mod=None):
@@ -108,7 +107,7 @@ class Block(nn.Module):
 class FinalLayer(nn.Module):
   """Head adaLN: non-affine LN, modulation chunked (scale, shift) — reversed."""
   dim: int
-  param_dtype: Any = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, c, rows=None, mod=None):
@@ -144,8 +143,8 @@ class RAR(nn.Module):
   attn_dropout: float = 0.1
   max_pos: int = 1280
   num_timesteps: int = 356
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
   remat: str = "none"
   # The adaLN input depends only on (class, position): with few classes and a
   # large batch, modulate the (num_classes + 1, N) table once and gather rows
@@ -221,7 +220,9 @@ class RAR(nn.Module):
     if n != self.seq_len:
       raise ConfigError(
           f"tokens have length {n}, config.model.seq_len is "
-          f"{self.seq_len}.")
+          f"{self.seq_len}: set config.model.seq_len={n} (the tokenizer's "
+          "tokens per image) or use the tokenizer this model was "
+          "configured for.")
     if labels.shape != (b,):
       raise ValueError(f"labels must have shape ({b},), got {labels.shape}.")
     if orders is None:
@@ -346,6 +347,8 @@ def _mlp_dim(cfg) -> dict:
 
 
 def example_inputs(cfg, batch_size: int = 1):
+  """(tokens int32 zeros (batch_size, seq_len), labels int32 zeros
+  (batch_size,)): the arguments of ``RAR.__call__``."""
   return (jnp.zeros((batch_size, cfg.get("seq_len", RAR.seq_len)), jnp.int32),
           jnp.zeros((batch_size,), jnp.int32))
 

@@ -28,7 +28,7 @@ last block, before post-LN (``final_norm=False``); DINOv2
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -36,9 +36,9 @@ import jax.numpy as jnp
 from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import clip_vision, dinov2
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import vit
 
-Dtype = Any
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = clip_vision.CLIP_MEAN, clip_vision.CLIP_STD
 IMAGENET_MEAN, IMAGENET_STD = dinov2.IMAGENET_MEAN, dinov2.IMAGENET_STD
 _LN_EPS = 1e-5  # torch nn.LayerNorm default

@@ -34,12 +34,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+Dtype = Any   # the annotation of the modules' dtype / param_dtype fields
 
-# PyTorch's ``trunc_normal_(std=.02)`` (RAR's init_weights, timm's ViTs) cuts
-# at a=-2, b=2 in absolute units, 100 std: a plain N(0, 0.02). (flax's
-# ``truncated_normal(0.02)`` cuts at 2 std.)
+# The one N(0, 0.02) initializer of every model. PyTorch's
+# ``trunc_normal_(std=.02)`` (RAR's init_weights, timm's ViTs) cuts at a=-2,
+# b=2 in absolute units, 100 std: a plain N(0, 0.02). (flax's
+# ``truncated_normal(0.02)`` cuts at 2 std.) LlamaGen / FAR's ``normal_(0,
+# 0.02)``, the Equivariant generator's embeddings and taming's PatchGAN
+# ``weights_init`` are the same plain normal.
 default_kernel_init = nn.initializers.normal(0.02)
+# torch's ``xavier_uniform_`` (the Linear layers of MAR / the Equivariant
+# generator and its flow head).
+xavier_uniform = nn.initializers.xavier_uniform()
 conv_kernel_init = nn.initializers.lecun_normal()
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
@@ -156,9 +162,30 @@ def layer_norm(epsilon=1e-6, *, use_scale=True, use_bias=True,
 def embed(num_embeddings: int, features: int, *, init=default_kernel_init,
           names=("vocab", "embed"), dtype=None, param_dtype=jnp.float32,
           name=None) -> nn.Embed:
+  """``nn.Embed``: table ``embedding`` (num_embeddings, features) initialised
+  with ``init`` and named ``names``; int ids (...) -> (..., features) in
+  ``dtype`` (None: the table's ``param_dtype``)."""
   return nn.Embed(num_embeddings, features, dtype=dtype,
                   param_dtype=param_dtype,
                   embedding_init=named(init, names), name=name)
+
+
+class RMSNorm(nn.Module):
+  """``x * rsqrt(mean(x^2) + eps) * scale``: normalised in fp32, cast back to
+  x.dtype, then times the ``param_dtype`` scale (LlamaGen's
+  ``_norm(x.float()).type_as(x) * weight``: bf16 x with an fp32 scale gives
+  an fp32 output, as in torch). One parameter ``scale`` (d,) named ``norm``;
+  x (..., d) -> (..., d)."""
+  eps: float = 1e-5
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", named(ones, ("norm",)), (x.shape[-1],),
+                       self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+    return y.astype(x.dtype) * scale
 
 
 def remat_policy(name: str):

@@ -19,15 +19,17 @@ kernels with a pure-JAX reference beside them).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genvis_jax.kernels.windowed_attention import (
     window_mask, windowed_causal_attention)
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 
 NEG_INF = -1e30  # masked logit; exp underflows to exactly 0 in fp32
 
@@ -182,6 +184,32 @@ def rope_tables(positions, head_dim: int, base: float = 10000.0):
   return jnp.cos(angles), jnp.sin(angles)
 
 
+def rope_tables_2d(grid: int, head_dim: int, base: float = 10000.0,
+                   cls_token_num: int = 1):
+  """2D RoPE of a raster ``grid x grid`` (LlamaGen ``precompute_freqs_cis_2d``)
+  -> (cos, sin), each (cls_token_num + grid**2, head_dim // 2) float32, for
+  :func:`apply_rope`.
+
+  Row ``cls_token_num + p`` rotates raster position p = (r, c): its first
+  head_dim / 4 pairs by the row index r, the others by the column index c,
+  at frequencies ``base ** (-4k / head_dim)``. The class-token rows are
+  zeros (cos too: q and k are zeroed there, as in LlamaGen). Computed in
+  float64 NumPy and rounded once, as the official table. ``head_dim`` must
+  be divisible by 4.
+  """
+  if head_dim % 4:
+    raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}.")
+  half = head_dim // 2
+  freqs = 1.0 / base ** (np.arange(0, half, 2)[: half // 2] / half)
+  f = np.outer(np.arange(grid), freqs)                           # (g, hd/4)
+  fg = np.concatenate([np.broadcast_to(f[:, None], (grid, grid, f.shape[1])),
+                       np.broadcast_to(f[None, :], (grid, grid, f.shape[1]))], -1)
+  fg = fg.reshape(grid * grid, half)
+  cls = np.zeros((cls_token_num, half))
+  return (jnp.asarray(np.concatenate([cls, np.cos(fg)]), jnp.float32),
+          jnp.asarray(np.concatenate([cls, np.sin(fg)]), jnp.float32))
+
+
 def apply_rope(x, cos, sin):
   """Rotates interleaved pairs (x[2k], x[2k+1]) by the position angle.
 
@@ -221,8 +249,8 @@ class FusedQKV(nn.Module):
   dim: int
   use_bias: bool
   kernel_init: Callable
-  dtype: Any
-  param_dtype: Any
+  dtype: Dtype
+  param_dtype: Dtype
 
   @nn.compact
   def __call__(self, x):
@@ -283,8 +311,8 @@ class Attention(nn.Module):
   proj_dropout: float = 0.0
   kernel_init: Callable = layers.default_kernel_init
   out_init: Callable | None = None
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   def _dense(self, features, names, name, use_bias, init):
     return layers.dense(features, names, use_bias=use_bias, kernel_init=init,

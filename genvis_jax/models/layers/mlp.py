@@ -6,13 +6,14 @@ dropout`` (timm ``Mlp``, HF ``CLIPMLP`` / ``Dinov2MLP``, open_clip's
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 
 # name -> elementwise function; each says which official code it stands for.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -54,8 +55,8 @@ class Mlp(nn.Module):
   hidden_dropout: float | None = None
   use_bias: bool = True
   kernel_init: Callable = layers.default_kernel_init
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):

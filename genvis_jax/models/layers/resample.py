@@ -13,16 +13,16 @@ around them; ``conv1d`` is the reflect-padded Conv1d over a token sequence.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import resnet
 
-Dtype = Any
 CONV1D_NAMES = (None, "conv_in", "conv_out")
 
 

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers.attention import dot_product_attention
 
-Dtype = Any
 PADDINGS = ("same", "torch", "reflect")
 SHORTCUT_FROM = ("input", "output")
 

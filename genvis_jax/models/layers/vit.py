@@ -24,16 +24,15 @@ channels where E[x^2] - mu^2 loses digits.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from genvis_jax.models import layers
+from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers.attention import Attention
 from genvis_jax.models.layers.mlp import Mlp
-
-Dtype = Any
 
 
 def layer_norm(eps: float, *, name: str, dtype=None, param_dtype=jnp.float32):
