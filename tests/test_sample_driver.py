@@ -507,3 +507,14 @@ def test_two_processes_writing_one_file_do_not_share_its_temporary_file(
   with open(target) as f:
     assert f.read() in ("a" * 1000, "b" * 1000)
   assert os.listdir(tmp_path) == ["samples.png"]
+
+
+def test_a_negative_sampling_seed_is_refused_before_anything_loads(tmp_path):
+  """jax takes any key but NumPy's label draw refuses a negative seed (a
+  traceback after the weights had loaded)."""
+  from configs import rar_b
+  from genvis_jax.errors import ConfigError
+  config = rar_b.get_config("runlocal")
+  config.sample.seed = -1
+  with pytest.raises(ConfigError, match=r"config.sample.seed=-1 must be 0"):
+    driver.sample_and_save(config, str(tmp_path / "wd"))

@@ -264,6 +264,8 @@ def sample_and_save(config, workdir: str) -> dict:
     if key in s and int(s[key]) < 1:
       raise errors.ConfigError(f"config.sample.{key}={s[key]} must be at "
                                "least 1.")
+  if int(s.get("seed", 0)) < 0:   # jax takes any key, NumPy's label draw not
+    raise errors.ConfigError(f"config.sample.seed={s.seed} must be 0 or more.")
   common.check_dtype(common.config_dtype(s))   # before the weights load
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
@@ -284,13 +286,15 @@ def sample_and_save(config, workdir: str) -> dict:
   # load something else there while the others wait for it.
   multihost.check_agree(settings, "sampling settings")
   recorded = {k: settings[k] for k in parts.WEIGHTS}
-  parts.check_tokenizer_origin(config, pinned.init_from,
-                               recorded["weights.tokenizer"])
   sample_fn, batch_sharding = make_sample_fn(pinned, mesh)
   if parts.pinned_sources(pinned) != recorded:
     raise parts.SampleSettingsError(
         f"The checkpoint changed while it was loaded ({config.init_from}, "
         f"{config.tokenizer.get('checkpoint', '')}); run again.")
+  # After loading: a tokenizer of another shape is named by the loader first
+  # (no allow_model_changes hint for weights that cannot decode these codes).
+  parts.check_tokenizer_origin(config, pinned.init_from,
+                               recorded["weights.tokenizer"])
   parts_dir = parts.directory(workdir)
   files.makedirs(parts_dir)
   parts.check_settings(parts_dir, settings)

@@ -147,8 +147,12 @@ class FQTokenizerTask(TokenizerTask):
     try:
       out = jax.eval_shape(lambda p: t.module.apply({"params": p}, x), params)
     except Exception as e:  # Flax scope errors name the missing/odd parameter
-      raise ValueError(f"Teacher weights {t.path!r} do not fit teacher "
-                       f"{t.name!r} with kwargs of config.teachers: {e}") from e
+      raise errors.ConfigError(
+          f"Teacher weights {t.path!r} do not fit teacher {t.name!r} with "
+          f"the kwargs of config.teachers ({errors.first_line(e)[:300]}): "
+          "convert the tower that name builds (README: \"Where the files "
+          "come from\"), or set its name / kwargs to the tower the file "
+          "holds.") from e
     width = dict((str(b), int(w)) for b, w in self.config.model.feat_heads)[t.head]
     if out.shape != (1, width):
       raise errors.ConfigError(
