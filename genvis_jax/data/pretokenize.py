@@ -286,10 +286,10 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   else:
     diff = settings_lib.differences(before, settings)
     why = f"with other settings ({settings_lib.shorten(diff, 5)})"
-  raise errors.OutputExistsError(
+  raise errors.OutputExistsError(weights_lib.readable(
       f"{path} already holds token records written {why}. Pass "
       "--config.pretokenize.overwrite=True to replace them, or write "
-      "elsewhere (another --workdir or --config.pretokenize.output).")
+      "elsewhere (another --workdir or --config.pretokenize.output)."))
 
 
 def _lacks_remainder(record: dict, settings: dict) -> bool:

@@ -198,7 +198,8 @@ def resolve_preprocess(ref: Reference, requested: str | None = AUTO,
           f"{setting}={requested!r}: samples and reference would go through "
           f"two different resizes and FID would be biased. Set {setting}=auto "
           f"(or {expected!r}), or compute a reference with "
-          f"preprocess={requested!r} (reference.compute_reference).")
+          f"preprocess={requested!r} (--config.evaluate.kind=reference with "
+          f"{setting}={requested}).")
     return expected
   if origin == "unknown":
     chosen = DEFAULT_PREPROCESS if requested == AUTO else requested
@@ -222,7 +223,8 @@ def check_inception_weights(ref: Reference, weights_id: str | None) -> None:
         f"but the samples are measured with weights {weights_id}: features of "
         "two networks are not comparable. Use the weights the reference was "
         "made with (config.evaluate.inception) or recompute the reference "
-        "with these (reference.compute_reference).")
+        "with these (--config.evaluate.kind=reference with the same "
+        "--config.evaluate.inception).")
 
 
 def describe(ref: Reference) -> str:
