@@ -93,7 +93,17 @@ def run(config, workdir: str) -> dict:
     except errors.UserError as e:
       # The stage's advice names its own config's flags; say the demo's.
       if e.args and isinstance(e.args[0], str):
-        e.args = (as_demo_fields(e.args[0], name, config), *e.args[1:])
+        msg = as_demo_fields(e.args[0], name, config)
+        skipped = [s for s in config.stage_order[:config.stage_order.index(name)]
+                   if s not in order]
+        if skipped and isinstance(e, FileNotFoundError):
+          # Most likely what an earlier stage, left out by config.only, writes.
+          msg += (f"\nThe demo's earlier stages {', '.join(skipped)} were left "
+                  "out by --config.only, and they write what this stage "
+                  "reads: run them first (--config.only="
+                  f"{','.join(skipped + [name])}) in the same --workdir, or "
+                  "leave --config.only out.")
+        e.args = (msg, *e.args[1:])
       raise
     logging.info("=== demo stage %s done in %.1f s ===", name,
                  time.perf_counter() - t0)

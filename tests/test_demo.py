@@ -177,3 +177,19 @@ def test_ten_crop_order_and_content():
   np.testing.assert_array_equal(crops[:, 5], x[:, :4, 2:][:, :, ::-1])
   np.testing.assert_array_equal(crops[:, 9], x[:, 1:5, 1:5][:, :, ::-1])
 
+
+
+def test_a_stage_run_alone_names_the_earlier_stages_it_needs(tmp_path):
+  """--config.only=rar in a fresh workdir: its token files are missing, and
+  the stages that write them were left out; the message says to run them."""
+  from genvis_jax import demo as demo_run
+  from genvis_jax.data import DataNotFoundError
+  cfg = demo.get_config("smoke")
+  cfg.only = "rar"
+  with pytest.raises(DataNotFoundError,
+                     match=r"No pre-tokenized files match .*\nThe demo's "
+                           r"earlier stages tokenizer, reconstructions, "
+                           r"classifier, pretokenize were left out by "
+                           r"--config.only, .* run them first \(--config.only=tokenizer,"
+                           r"reconstructions,classifier,pretokenize,rar\)"):
+    demo_run.run(cfg, str(tmp_path))
