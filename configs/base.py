@@ -284,7 +284,8 @@ def add_sample(c, *, batch_size: int, labels: str = "balanced", **sampler):
   ``config.model`` keys (comma-separated) sampled with other values than the
   run trained with, on purpose, and ``tokenizer.checkpoint`` to decode with
   other tokenizer weights than its tokens came from; others are refused
-  (``genvis_jax.sample.parts.check_trained_with`` / ``check_tokenizer_origin``)."""
+  (``genvis_jax.sample.parts``: ``check_trained_with``,
+  ``check_tokenizer_origin``)."""
   s = c.sample = ml_collections.ConfigDict()
   s.update(sampler)
   s.dtype = "float32"

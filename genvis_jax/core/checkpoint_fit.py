@@ -83,6 +83,11 @@ def compare_trees(expected, found, what: str,
 COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat")
 
 
+# How messages name the side a recorded config belongs to, by how the
+# weights were made (``core.weights.recorded_config``).
+SIDE = {"trained": "run", "converted": "weights"}
+
+
 def model_settings_note(saved: dict | None, model_config,
                         made: str = "trained") -> str:
   """Names the ``config.model`` fields a run was trained with (``saved``,
@@ -94,8 +99,9 @@ def model_settings_note(saved: dict | None, model_config,
   if not saved or not saved.get("model") or model_config is None:
     return ""
   now = json.loads(model_config.to_json_best_effort())
-  side, lead = (("run", "The run was trained with") if made == "trained"
-                else ("weights", "They were converted for"))
+  side = SIDE[made]
+  lead = ("The run was trained with" if made == "trained"
+          else "They were converted for")
   diffs = settings_lib.differences({"model": saved["model"]}, {"model": now},
                                    ignore=COMPUTE_ONLY, names=(side, "config"))
   if not diffs:

@@ -109,9 +109,7 @@ def open_npz(path: str, setting: str = "") -> Iterator[np.lib.npyio.NpzFile]:
       data = np.load(f, allow_pickle=False)
     except files.NPZ_READ_ERRORS as e:
       raise _unreadable(path, setting, e) from e
-    if not isinstance(data, np.lib.npyio.NpzFile):
-      raise _single_array(path, setting)
-    with data:
+    with data:   # an NpzFile: _check_head refused a single .npy array
       yield data
 
 

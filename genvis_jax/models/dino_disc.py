@@ -57,7 +57,6 @@ import numpy as np
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import dinov2, layers
-from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import vit
 
 IMAGENET_MEAN = np.asarray(dinov2.IMAGENET_MEAN, np.float32)

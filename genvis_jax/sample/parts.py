@@ -192,9 +192,9 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   step's recorded config), or converted ones, with other ``config.model``
   values, or other values of the sampler's ``run_keys`` (sampling key -> the
   run's key, e.g. the Equivariant latent scale ``sample.latent_scale`` ->
-  ``latents.scale``), than the run trained with. A change that leaves the weights' shapes alone
-  (an attention window, a latent scale) loads without an error and changes
-  every image. Keys recorded on one side only (another code version) and
+  ``latents.scale``), than the run trained with. A change that leaves the
+  weights' shapes alone (an attention window, a latent scale) loads without
+  an error and changes every image. Keys recorded on one side only (another code version) and
   those named in ``config.sample.allow_model_changes`` (comma-separated) are
   not compared. A parameter checkpoint is checked against the config it
   was converted with, where ``python -m genvis_jax.convert --config``
@@ -219,23 +219,24 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
                and flat_saved[run] != flat_now[key]]
   if not differing or ("model.name", "model.name") in differing:
     return   # another model: the weight loader names both
-  side = "run" if made == "trained" else "weights"
+  side = fit.SIDE[made]
   reshaping = _reshaping(saved["model"], now["model"],
                          [key for key, _ in differing])
+  reshaped = [(k, r) for k, r in differing if k in reshaping]
+  neutral = [(k, r) for k, r in differing if k not in reshaping]
 
   def lines(pairs):
     return "".join(f"\n  {key}: {side} {flat_saved[run]!r} vs config "
                    f"{flat_now[key]!r}" for key, run in pairs)
 
-  neutral = [(k, r) for k, r in differing if k not in reshaping]
   msg = (f"{pinned.init_from} was {made} with other settings than this "
          f"config samples it with. Pass the values it was {made} with.")
-  if reshaping:
+  if reshaped:
     msg += (" These change the weights' shapes (they would not load):"
-            + lines([(k, r) for k, r in differing if k in reshaping]))
+            + lines(reshaped))
   if neutral:
     names = ",".join(key for key, _ in neutral)
-    msg += ((" These" if not reshaping else "\nThese") + " leave the "
+    msg += ((" These" if not reshaped else "\nThese") + " leave the "
             "weights' shapes alone, so they would load and change every "
             "image:" + lines(neutral) + "\nTo change them on purpose, name "
             f"them: --config.sample.allow_model_changes={names}.")
@@ -313,6 +314,7 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
                      "run. Use a new workdir, or delete that folder.")
   text = json.dumps(settings, indent=1, sort_keys=True)
   files.write_whole(path, lambda tmp: epath.Path(tmp).write_text(text))
+
 
 def _recorded_settings(path: str, found: list[str]) -> dict | None:
   """``settings.json`` as recorded, None where there is none, or a damaged

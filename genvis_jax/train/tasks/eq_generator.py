@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax import errors
-from genvis_jax import models
 from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.train.tasks.eq import flow_loss, flow_targets, rope_shifts
@@ -30,8 +29,6 @@ class EqGeneratorTask(GeneratorTask):
 
   def __init__(self, config):
     super().__init__(config)
-    self.value_range = models.value_range(config.tokenizer.model, config,
-                                          ("data", "tokenizer"))
     self.label_dropout = float(self.hparam("train.label_dropout"))
     self.shift_num = int(self.hparam("flow.shift_num"))
     self.shift_group = int(self.hparam("flow.shift_group"))

@@ -49,11 +49,11 @@ class GeneratorTask(Task):
     self.model = models.build(config.model)
     self._tokenizer_params = None
     tok = config.get("tokenizer")
-    # Pixel range of the sample grids: the tokenizer model's own.
-    has_tok = tok is not None and tok.get("model", {}).get("name", "")
-    self.tokenizer_range = (models.value_range(tok.model, config,
-                                               ("tokenizer",))
-                            if has_tok else None)
+    # Pixel range of the sample grids (and of the images a generator that
+    # encodes them reads): the tokenizer model's own.
+    if tok is not None and tok.get("model", {}).get("name", ""):
+      self.value_range = models.value_range(tok.model, config,
+                                            ("data", "tokenizer"))
 
   @functools.cached_property
   def sampler(self) -> ModuleType:
@@ -92,7 +92,7 @@ class GeneratorTask(Task):
   @functools.cached_property
   def _decode(self):
     """Jitted ``decode(tokenizer_params, codes)`` -> images (B, H, W, 3) in
-    ``tokenizer_range``; the params are an argument (not a constant baked
+    ``value_range``; the params are an argument (not a constant baked
     into the program); one compile per code shape."""
     return jax.jit(lambda p, c: self.tokenizer.apply({"params": p}, c,
                                                      method="decode"))
@@ -116,5 +116,5 @@ class GeneratorTask(Task):
       codes = self.sampler.generate(self.model, params["model"], labels, rng,
                                     sample_config)
       images = self._decode(frozen["tokenizer"], codes)
-      out[name] = to_uint8(images, self.tokenizer_range)
+      out[name] = to_uint8(images, self.value_range)
     return out
