@@ -265,11 +265,6 @@ class RAR(nn.Module):
               keepdims=False))
     return pos, (self.embeddings(token) + pe)[:, None]
 
-  def _decode(self, x, c, pos):
-    for blk in self.blocks:
-      x = blk(x, c, False, pos)
-    return self._head(x[:, -1], c[:, -1])
-
   def prefill(self, labels):
     """Writes ``[cls, class]`` (positions 0, 1) into the cache.
 
@@ -277,21 +272,19 @@ class RAR(nn.Module):
     ``__call__(...)[:, 0]``). Apply with ``mutable=["cache"]``; the cache is
     created on the first call (length seq_len + 2).
     """
-    cond = self._class_embedding(labels)
-    c = cond[:, None] + self.timesteps_embeddings[:, :PREFIX]
-    return self._decode(self._prefix_inputs(cond), c, 0)
+    return self.prefill_modulated(labels,
+                                  self.decode_modulation(labels, 0, PREFIX))
 
   def decode_step(self, token, labels, index):
     """Feeds raster token ``index`` (0-based) and predicts token ``index + 1``.
 
     token, labels: int (B,); index: int scalar (may be traced).
     Returns fp32 logits (B, codebook_size) equal to ``__call__(...)[:, 1 + index]``.
+    The modulation is computed for this step only; a sampler computes it once
+    per condition instead (``decode_modulation``).
     """
-    pos, x = self._step_inputs(token, index)
-    cond = self._class_embedding(labels)
-    ts = jax.lax.dynamic_index_in_dim(self.timesteps_embeddings[0], pos)
-    c = cond[:, None] + ts[None]
-    return self._decode(x, c, pos)
+    mods = self.decode_modulation(labels, PREFIX + index, 1)
+    return self.decode_step_modulated(token, mods, index)
 
   # --- decoding with the modulation computed once per (condition, position) ---
   # The adaLN input depends only on (class, position), so a sampler computes
