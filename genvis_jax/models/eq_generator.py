@@ -44,7 +44,8 @@ from genvis_jax import models
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
 from genvis_jax.models.layers import Dtype
-from genvis_jax.models.layers.attention import Attention, rope_tables
+from genvis_jax.models.layers.attention import (Attention, empty_window_cache,
+                                                 rope_tables)
 from genvis_jax.models.layers.mlp import Mlp
 from genvis_jax.models.eq_flow_head import DiffLoss, dense as _dense
 
@@ -255,10 +256,11 @@ class EqGenerator(nn.Module):
     b = labels.shape[0]
     cond = self._cond_tokens(labels)
     caches = []
-    zeros = jnp.zeros((b, self.window, self.num_heads, self.head_dim), cond.dtype)
+    k, v = empty_window_cache(b, self.window, self.num_heads, self.head_dim,
+                              cond.dtype)
     for blk in self.encoder_blocks:
       cond, (ck, cv) = blk.prefill(cond)
-      caches.append({"k": zeros, "v": zeros, "ck": ck, "cv": cv})
+      caches.append({"k": k, "v": v, "ck": ck, "cv": cv})
     return self.encoder_norm(cond[:, -1]), {"layers": caches}
 
   def decode_step(self, latent, index, cache):

@@ -10,7 +10,7 @@ RAR and FAR decode with a cache in the ``"cache"`` collection
 (:func:`update_kv_cache`, read by :func:`cached_attention`; a sampler may
 keep it only as long as the filled prefix, :func:`resize_kv_cache`); the
 Equivariant generator passes a rolling cache of the last ``window`` positions
-in and out (:func:`rolling_window_attention`) and computes its
+in and out (:func:`empty_window_cache`, :func:`rolling_window_attention`) and computes its
 cross-attention keys/values once per sample (:meth:`Attention.kv`). The
 windowed causal attention
 of long sequences runs in ``genvis_jax.kernels.windowed_attention`` (Pallas
@@ -143,6 +143,14 @@ def resize_kv_cache(cache, length: int):
     pad[CACHE_AXIS] = (0, length - m)
     return jnp.pad(x, pad)
   return jax.tree_util.tree_map_with_path(fit, cache)
+
+
+def empty_window_cache(batch: int, window: int, num_heads: int, head_dim: int,
+                       dtype=jnp.float32):
+  """The rolling cache :func:`rolling_window_attention` starts from: ``(ck,
+  cv)`` zeros, each (batch, window, num_heads, head_dim) in ``dtype``."""
+  zeros = jnp.zeros((batch, window, num_heads, head_dim), dtype)
+  return zeros, zeros
 
 
 def rolling_window_attention(q, k, v, cache, pos):
