@@ -10,11 +10,11 @@ RAR and FAR decode with a cache in the ``"cache"`` collection
 (:func:`update_kv_cache`, read by :func:`cached_attention`; a sampler may
 keep it only as long as the filled prefix, :func:`resize_kv_cache`); the
 Equivariant generator passes a rolling cache of the last ``window`` positions
-in and out (:func:`empty_window_cache`, :func:`rolling_window_attention`) and computes its
-cross-attention keys/values once per sample (:meth:`Attention.kv`). The
-windowed causal attention
-of long sequences runs in ``genvis_jax.kernels.windowed_attention`` (Pallas
-kernels with a pure-JAX reference beside them).
+in and out (:func:`empty_window_cache`, :func:`rolling_window_attention`) and
+computes its cross-attention keys/values once per sample (:meth:`Attention.kv`).
+The windowed causal attention of long sequences runs in
+``genvis_jax.kernels.windowed_attention`` (Pallas kernels with a pure-JAX
+reference beside them).
 """
 
 from __future__ import annotations
