@@ -12,6 +12,7 @@ Importing this module defines the ``--verbose`` flag; only entry points do.
 
 from __future__ import annotations
 
+import ast
 import functools
 import logging as py_logging
 import os
@@ -116,6 +117,29 @@ def unknown_key_message(error: Exception, argv) -> str:
   return (f"Unknown config key {bad[0]}{hint}: an override must name a field "
           f"the config file has; add new fields to the config file first."
           f"{staged}")
+
+
+def config_catalogue(configs_dir: str) -> str:
+  """``--help``'s list of the runnable configs in ``configs_dir``: each file
+  that defines ``get_config(arg=...)`` (one argument; the shared ``*_common``
+  files take a size too), but ``base.py`` (the defaults the others start
+  from), with the first line of its docstring. Read with
+  ``ast``, nothing imported; "" when the folder is absent (an installed
+  package without the repository's ``configs/``)."""
+  if not os.path.isdir(configs_dir):
+    return ""
+  rows = []
+  for name in sorted(os.listdir(configs_dir)):
+    if not name.endswith(".py") or name == "base.py":
+      continue
+    with open(os.path.join(configs_dir, name), encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    runnable = any(isinstance(n, ast.FunctionDef) and n.name == "get_config"
+                   and len(n.args.args) <= 1 for n in tree.body)
+    if runnable:
+      doc = (ast.get_docstring(tree) or "").strip().splitlines() or [""]
+      rows.append(f"  {name:<22} {doc[0]}")
+  return "\n".join(rows)
 
 
 def flags_parser(usage: str):

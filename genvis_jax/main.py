@@ -10,9 +10,18 @@ damaged weight files, a batch that does not split across devices) print one
 ``Error: ...`` line on stderr, no traceback, and exit non-zero (2 for flags, 1
 otherwise). ``--verbose`` (or ``GENVIS_VERBOSE=1``) keeps the traceback and
 logs the whole config at start-up.
+
+``--config=configs/NAME.py:ARG`` passes ARG (comma-separated) to the config:
+``runlocal`` shrinks a paper config to the embedded demo data on a 2-core CPU
+(minutes), FAR takes its tokenizer's variant first (``far_b.py:dual`` or
+``triple``), FQGAN tokenizers a precision (``bf16`` / ``fp32``), some a size
+(``batch=256``); an argument a config does not take is refused with the list
+of those it does. The configs in configs/ (the README walks each chain):
 """
 
 from __future__ import annotations
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,6 +30,10 @@ from genvis_jax import cli
 from genvis_jax import cpu_malloc
 from genvis_jax import modes
 from genvis_jax.core import preemption
+
+__doc__ += cli.config_catalogue(   # pylint: disable=redefined-builtin
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                 "configs")) + "\n"
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

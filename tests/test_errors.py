@@ -450,6 +450,18 @@ def test_cli_verbose_keeps_the_traceback(tmp_path):
   assert out.returncode != 0 and "Traceback" in out.stderr
 
 
+def test_help_lists_the_runnable_configs_and_their_arguments():
+  out = _cli(["--help"])   # absl's --help exits 1
+  assert "Error" not in out.stderr, out.stderr
+  listed = re.findall(r"^  (\w+\.py) ", out.stdout, re.M)
+  runnable = sorted(n for n in os.listdir(os.path.join(REPO, "configs"))
+                    if re.fullmatch(r"(rar|far|eq|fqgan|vq|maskgit|demo)\w*\.py",
+                                    n) and not n.endswith("_common.py"))
+  assert listed == runnable
+  assert "rar_xl.py              RAR-XL on ImageNet 256" in out.stdout
+  assert "runlocal" in out.stdout and "far_b.py:dual" in out.stdout
+
+
 def test_demo_mode_and_job_configs_are_not_mixed():
   from configs import rar_b   # pylint: disable=import-outside-toplevel
   job = rar_b.get_config()
