@@ -13,7 +13,7 @@ from PIL import Image
 
 from configs import demo
 from genvis_jax import modes
-from genvis_jax.data import pretokenize
+from genvis_jax.data import ten_crop
 from tests.test_colabs import notebook_images, notebook_text, run_notebook
 
 
@@ -167,7 +167,7 @@ def test_notebooks_run_top_to_bottom(trained_demo, monkeypatch):
 
 def test_ten_crop_order_and_content():
   x = np.arange(2 * 6 * 6 * 1).reshape(2, 6, 6, 1)
-  crops = pretokenize.ten_crop(x, 4)
+  crops = ten_crop.ten_crop(x, 4)
   assert crops.shape == (2, 10, 4, 4, 1)
   np.testing.assert_array_equal(crops[:, 0], x[:, :4, :4])        # top-left
   np.testing.assert_array_equal(crops[:, 3], x[:, 2:, 2:])        # bottom-right

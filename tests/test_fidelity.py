@@ -25,7 +25,7 @@ from PIL import Image
 from configs import base, eq_tokenizer, fqgan_demo
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.data import pretokenize, tokens, transforms
+from genvis_jax.data import pretokenize, ten_crop, tokens, transforms
 from genvis_jax.errors import UserError
 from genvis_jax.models import inference
 from genvis_jax.sample import driver
@@ -119,11 +119,11 @@ def _pretokenize_config(data_path, size, *, ten_crop=True, batch_size=3,
 
 @pytest.mark.parametrize("size", [256, 512])
 def test_ten_crop_geometry_matches_official_recipe(photo_folder, size):
-  assert pretokenize.ten_crop_cover(size) == int(1.1 * size)   # 281 / 563
+  assert ten_crop.ten_crop_cover(size) == int(1.1 * size)   # 281 / 563
   p = _pretokenize_config(photo_folder, size).pretokenize
   it, _ = pretokenize.image_batches(p, (0.0, 1.0), 0, 1)
   batch = next(it)
-  crops, labels = pretokenize.model_inputs(
+  crops, labels = ten_crop.model_inputs(
       np.asarray(batch["image"]), np.asarray(batch["label"]), size, True)
   assert crops.shape == (10 * len(IMAGE_SIZES), size, size, 3)
   assert labels.shape == (10 * len(IMAGE_SIZES),)
@@ -349,7 +349,7 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys):
 
   it, _ = pretokenize.image_batches(c.pretokenize, (-1.0, 1.0), 0, 1)
   crops = np.concatenate([
-      pretokenize.model_inputs(b["image"], b["label"], 16, True)[0] for b in it])
+      ten_crop.model_inputs(b["image"], b["label"], 16, True)[0] for b in it])
   fp32 = ml_collections.ConfigDict(m.to_dict())
   fp32.dtype = "float32"
   want = _encode(fp32, params, crops)

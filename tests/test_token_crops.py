@@ -9,7 +9,7 @@ import pytest
 
 from genvis_jax import data
 from genvis_jax import errors as errors_lib
-from genvis_jax.data import pretokenize, tokens
+from genvis_jax.data import ten_crop, tokens
 from tests.test_data import _data_config
 
 
@@ -17,7 +17,7 @@ def test_centre_crop_records_add_mirror_images():
   """Without ten crops: the batch, then its mirror images (RAR's
   pretokenization.py: torch.cat([samples, torch.flip(samples, dims=[-1])]))."""
   x = np.arange(2 * 3 * 4 * 3, dtype=np.float32).reshape(2, 3, 4, 3)
-  images, labels = pretokenize.model_inputs(x, np.array([5, 7]), 3, False)
+  images, labels = ten_crop.model_inputs(x, np.array([5, 7]), 3, False)
   np.testing.assert_array_equal(images, np.concatenate([x, x[:, :, ::-1]]))
   np.testing.assert_array_equal(labels, [5, 7, 5, 7])
 

@@ -14,7 +14,8 @@ import pytest
 
 from genvis_jax import data
 from genvis_jax import errors as errors_lib
-from genvis_jax.data import pretokenize, token_integrity, token_origin, tokens
+from genvis_jax.data import (pretokenize, token_integrity, token_origin,
+                             token_output, tokens)
 from tests.test_data import _data_config
 
 
@@ -55,7 +56,6 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
     tmp_path, caplog):
   import json
   from genvis_jax import errors
-  from genvis_jax.data import pretokenize
   from genvis_jax.data import tokens as tokens_lib
   path = data.write_token_records(str(tmp_path / "t"), np.arange(4, dtype=np.int32),
                                   np.zeros((4, 8), np.int32))[0]
@@ -67,28 +67,28 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
       json.dump(rec, f)
     return rec
   rec = record(now)
-  assert pretokenize.existing_output(path, now, overwrite=False) == rec
-  assert pretokenize.existing_output(path, now, overwrite=True) is None
+  assert token_output.existing_output(path, now, overwrite=False) == rec
+  assert token_output.existing_output(path, now, overwrite=True) is None
   with pytest.raises(errors.OutputExistsError,
                      match=r"other settings \(weights: 'w' -> 'v'\)"):
-    pretokenize.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+    token_output.existing_output(path, {**now, "weights": "v"}, overwrite=False)
   # A record from before the split's fingerprint: reused, with a warning.
   rec = record({"weights": "w"})
-  assert pretokenize.existing_output(path, now, overwrite=False) == rec
+  assert token_output.existing_output(path, now, overwrite=False) == rec
   assert "no fingerprint of its split" in caplog.text
   with pytest.raises(errors.OutputExistsError, match=r"weights: 'w' -> 'v'"):
-    pretokenize.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+    token_output.existing_output(path, {**now, "weights": "v"}, overwrite=False)
   # Damaged since it was written (or its record disagrees): not reused.
   record(now, records=5)
   with pytest.raises(errors.OutputExistsError, match="damaged since"):
-    pretokenize.existing_output(path, now, overwrite=False)
+    token_output.existing_output(path, now, overwrite=False)
   # The writer hashes the finished file (before renaming it into place).
   with tokens_lib.TokenWriter(str(tmp_path / "w.array_record")) as w:
     w.write(0, np.zeros(8, np.int32))
   assert w.sha256 == tokens_lib.file_sha256(w.path)
   # A changed byte the record count does not see: the recorded SHA-256 does.
   rec = record(now, sha256=tokens_lib.file_sha256(path))
-  assert pretokenize.existing_output(path, now, overwrite=False) == rec
+  assert token_output.existing_output(path, now, overwrite=False) == rec
   with open(path, "r+b") as f:
     f.seek(100)
     byte = f.read(1)
@@ -97,11 +97,11 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
   assert tokens_lib.count_records(path) == 4
   with pytest.raises(errors.OutputExistsError,
                      match=r"4 records, SHA-256 [0-9a-f]{12}\): damaged since"):
-    pretokenize.existing_output(path, now, overwrite=False)
+    token_output.existing_output(path, now, overwrite=False)
   record(now)
   open(path, "r+b").truncate(1000)
   with pytest.raises(errors.OutputExistsError, match="damaged since"):
-    pretokenize.existing_output(path, now, overwrite=False)
+    token_output.existing_output(path, now, overwrite=False)
 
 
 def test_training_checks_where_the_token_files_came_from(tmp_path, caplog):
@@ -360,21 +360,21 @@ def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path, caplog):
   # of the same split says so before it starts; another split's do not count.
   data.write_token_records(str(d / "val"), labels, toks, num_shards=1)
   with caplog.at_level(logging.WARNING):
-    pretokenize.warn_other_sets(str(d / "train"))
-    pretokenize.warn_other_sets(str(d / "val"))
+    token_output.warn_other_sets(str(d / "train"))
+    token_output.warn_other_sets(str(d / "val"))
   [warning] = [r.getMessage() for r in caplog.records]
   assert re.search(r"tokens/train-\*.array_record already holds token files written by another number of processes "
                    r"\(2 file\(s\) -of-00002, 3 file\(s\) -of-00004\); this "
                    r"run writes -of-00001", warning), warning
   caplog.clear()
-  pretokenize.warn_other_sets(str(tmp_path / "empty" / "train"))
+  token_output.warn_other_sets(str(tmp_path / "empty" / "train"))
   assert not caplog.records
   # A listing error (e.g. a bucket's 403) is logged, not raised: process 0
   # alone runs this, and the others would wait for it.
   with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
     m.setattr(tokens, "glob_files", lambda p: (_ for _ in ()).throw(
         PermissionError("403")))
-    pretokenize.warn_other_sets(str(d / "train"))
+    token_output.warn_other_sets(str(d / "train"))
   assert "Could not list" in caplog.text and "403" in caplog.text
   # Names of another form are not checked.
   for i, path in enumerate(data.write_token_records(
@@ -445,7 +445,7 @@ def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
 
     def no_data(*args):
       raise data.DataNotFoundError("no images here")
-    m.setattr(pretokenize, "output_settings", no_data)
+    m.setattr(token_output, "output_settings", no_data)
     with pytest.raises(data.DataNotFoundError, match="no images here"):
       pretokenize.pretokenize(c, wd)
     assert sent == [1, -1]          # ... after telling the others it failed
@@ -464,16 +464,15 @@ def test_shards_written_before_the_remainder_was_kept_are_written_again(
     monkeypatch):
   """33 examples over 2 processes: process 0's shard now holds 17, but older
   writers gave it 16; process 1's 16 are as before."""
-  from genvis_jax.data import pretokenize
   settings = {"examples": {"count": 33}}
-  monkeypatch.setattr(pretokenize.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(token_output.jax, "process_count", lambda: 2)
   for index, short in ((0, True), (1, False)):
-    monkeypatch.setattr(pretokenize.jax, "process_index", lambda: index)
-    assert pretokenize._lacks_remainder({"records": 160}, settings) == short
-    assert not pretokenize._lacks_remainder(
+    monkeypatch.setattr(token_output.jax, "process_index", lambda: index)
+    assert token_output.lacks_remainder({"records": 160}, settings) == short
+    assert not token_output.lacks_remainder(
         {"records": 170, "remainder_kept": True}, settings)
-  monkeypatch.setattr(pretokenize.jax, "process_count", lambda: 1)
-  assert not pretokenize._lacks_remainder({"records": 330}, settings)
+  monkeypatch.setattr(token_output.jax, "process_count", lambda: 1)
+  assert not token_output.lacks_remainder({"records": 330}, settings)
 
 
 def test_labels_beyond_the_models_classes_are_refused(tmp_path, caplog):
@@ -541,18 +540,17 @@ def test_a_data_setting_added_later_keeps_older_records_matching():
   default (the ADM crop those files used) the record leaves it out, so they
   are still reused; another crop is another setting."""
   from configs import demo
-  from genvis_jax.data import pretokenize
   c = demo.pretokenize_config()
   c.tokenizer.checkpoint = "/ckpt/tokenizer"
-  now = pretokenize.output_settings(c)
+  now = token_output.output_settings(c)
   assert "center_crop" not in now["data"]
   with c.pretokenize.data.unlocked():
     del c.pretokenize.data["center_crop"]
-  assert pretokenize.output_settings(c) == now   # as recorded before the key
+  assert token_output.output_settings(c) == now   # as recorded before the key
   c.pretokenize.data.center_crop = "adm"      # what "" means: the same record
-  assert pretokenize.output_settings(c) == now
+  assert token_output.output_settings(c) == now
   c.pretokenize.data.center_crop = "torchvision"
-  assert pretokenize.output_settings(c)["data"]["center_crop"] == "torchvision"
+  assert token_output.output_settings(c)["data"]["center_crop"] == "torchvision"
 
 
 def test_pretokenize_refuses_a_bad_crop_before_judging_existing_files(tmp_path):

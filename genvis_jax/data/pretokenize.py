@@ -5,26 +5,18 @@ that generator configs read with ``config.data.source = "tokens"``. Each process
 encodes its own shard of the split on its local devices and writes
 ``<output>-<process:05d>-of-<count:05d>.array_record``; nothing crosses hosts.
 
-With ``ten_crop`` (the official RAR / LlamaGen recipe) every image goes
-through ADM's ``center_crop_arr`` at ``int(1.1 * size)`` (281 for 256, 563 for
-512), then torchvision ``TenCrop(size)``: the 4 corner + centre crops, then the
-same five cut from the mirrored image: 10 records per image. The official
-scripts (RAR ``scripts/pretokenization.py``, LlamaGen / FQGAN
-``extract_codes_c2i.py``) write exactly these crops. Without it, each image's
-``center_crop_arr`` and its mirror image: 2 records per image, as RAR's
-script writes (token training cannot flip afterwards).
+With ``ten_crop`` (the official RAR / LlamaGen recipe) every image gives 10
+records, its ten crops, else 2, its centre crop and mirror image
+(``data/ten_crop.py``).
 
 The tokenizer runs in ``config.tokenizer.dtype`` (default float32, the official
 models' precision) whatever compute dtype its model config trains with, so the
 token files hold the codes the official fp32 model would write.
 
 A file is written under a temporary name and renamed when complete, with a
-``<file>.json`` beside it recording what decided its records (tokenizer
-model and weights, data and the files the split holds, split, crops). A
-re-run whose output exists reuses it when those match, and otherwise stops
-(``OutputExistsError``) unless ``config.pretokenize.overwrite``: token files a
-generator trained on are not replaced by another tokenizer's codes, or left
-stale after images were added, without being asked.
+``<file>.json`` beside it recording what decided its records; a re-run reuses
+an output written with the same settings and refuses to replace one written
+otherwise unless ``config.pretokenize.overwrite`` (``data/token_output.py``).
 
 Config: ``config.tokenizer.{model, checkpoint, value_range, dtype}`` and
 ``config.pretokenize.{data, split, output, ten_crop, batch_size, device_batch,
@@ -34,7 +26,6 @@ overwrite}``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -42,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -50,88 +40,27 @@ from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import multihost
 from genvis_jax.core import sharding
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
 from genvis_jax.data import sources
+from genvis_jax.data import ten_crop
+from genvis_jax.data import token_output
 from genvis_jax.data import tokens as tokens_lib
 from genvis_jax.data import transforms
 from genvis_jax.models import inference
-
-
-def ten_crop_cover(size: int) -> int:
-  """Side of the centre crop the ten crops are cut from: ``int(size * 1.1)``
-  (truncated, as the official scripts' ``int(args.image_size * crop_range)``)."""
-  return int(size * 1.1)
-
-
-def _five_crop(images: np.ndarray, size: int) -> list[np.ndarray]:
-  """torchvision ``five_crop`` on (B, H, W, C): tl, tr, bl, br, centre.
-
-  The centre offset is torchvision ``center_crop``'s
-  ``int(round((H - size) / 2.0))`` (Python rounds halves to even: 563 -> 512
-  starts at 26, not ADM's floor 25)."""
-  _, h, w, _ = images.shape
-  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-  boxes = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
-           (top, left)]
-  return [images[:, y:y + size, x:x + size] for y, x in boxes]
-
-
-def ten_crop(images: np.ndarray, size: int) -> np.ndarray:
-  """torchvision ``TenCrop(size)`` on a batch.
-
-  Args:
-    images: (B, H, W, C), any dtype, H and W >= size.
-    size: crop side.
-  Returns:
-    (B, 10, size, size, C): ``five_crop`` (tl, tr, bl, br, centre) of the
-    images, then ``five_crop`` of the horizontally flipped images (so crop 5
-    is the mirrored top-right corner, not the mirrored top-left).
-  Raises:
-    ValueError if the images are smaller than ``size``.
-  """
-  _, h, w, _ = images.shape
-  if h < size or w < size:
-    raise ValueError(f"ten_crop needs images of at least {size}px, got {h}x{w}.")
-  crops = _five_crop(images, size) + _five_crop(images[:, :, ::-1], size)
-  return np.stack(crops, axis=1)
-
-
-def crop_data_config(p) -> ml_collections.ConfigDict:
-  """``config.pretokenize.data`` with the centre-crop size the pipeline cuts:
-  ``ten_crop_cover(size)`` with ten-crop, else ``size``."""
-  data_cfg = ml_collections.ConfigDict(p.data.to_dict())
-  if p.ten_crop:
-    data_cfg.image_size = ten_crop_cover(p.data.image_size)
-  return data_cfg
 
 
 def image_batches(p, value_range, process_index=None, process_count=None):
   """The centre-cropped image batches of ``p.split`` (one pass, in order):
   ``(iterator, info)`` of ``pipeline.create_dataset``."""
   return pipeline.create_dataset(
-      crop_data_config(p), split=p.split,
+      ten_crop.crop_data_config(p), split=p.split,
       global_batch_size=p.batch_size * (process_count or jax.process_count()),
       seed=0, train=False, value_range=value_range, drop_remainder=False,
       process_index=process_index, process_count=process_count,
       setting="config.pretokenize.data")
-
-
-def model_inputs(images: np.ndarray, labels: np.ndarray, size: int,
-                 ten_crop_: bool):
-  """A pipeline batch -> what the tokenizer encodes.
-
-  (B, S, S, C) images and (B,) labels -> with ``ten_crop_`` (B*10, size, size,
-  C) and (B*10,) (an image's 10 crops are consecutive), else (2B, ...): the
-  batch, then its mirror images (RAR's ``torch.cat([x, x.flip(-1)])``)."""
-  if not ten_crop_:
-    return (np.concatenate([images, images[:, :, ::-1]]),
-            np.concatenate([labels, labels]))
-  crops = ten_crop(images, size)
-  return crops.reshape(-1, size, size, images.shape[-1]), np.repeat(labels, 10)
 
 
 def flatten_codes(codes) -> jax.Array:
@@ -197,142 +126,12 @@ def encode_in_chunks(encode, images: np.ndarray, chunk: int) -> np.ndarray:
   return np.concatenate(out)
 
 
-# Data settings that change how fast records are read, not which.
-_READER_KEYS = ("read_threads", "num_workers", "prefetch")
-# Data settings added after token files were written -> the values that
-# mean what those files were made with: left out of the record at those
-# values, so the older files' records still match.
-_ADDED_DEFAULTS = {"center_crop": ("", "adm"), "exif_transpose": (True,),
-                   "random_crop_method": ("adm",)}
-
-
-def output_settings(config, checkpoint: str | None = None) -> dict:
-  """What decides the records of a token file (JSON-normalised);
-  ``checkpoint`` (default ``config.tokenizer.checkpoint``) holds the weights."""
-  p, tok = config.pretokenize, config.tokenizer
-  # EXIF orientation changes only image-folder decodes (files written before
-  # the setting applied it: True); TFDS and demo records leave it out.
-  data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS
-          and v not in _ADDED_DEFAULTS.get(k, ())
-          and (k != "exif_transpose" or p.data.source == "image_folder")}
-  keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
-          "weights": weights_lib.params_source(
-              tok.checkpoint if checkpoint is None else checkpoint),
-          "data": data, "split": p.split, "ten_crop": p.ten_crop,
-          # Centre-crop files hold mirror images too (written since then).
-          **({} if p.ten_crop else {"mirrored": True}),
-          "examples": source_fingerprint(p)}
-  return json.loads(json.dumps(keep, sort_keys=True, default=str))
-
-
-def source_fingerprint(p) -> dict:
-  """What the split holds: its size and, for an image folder, a digest of
-  its files' paths (relative to the split) and labels, so a file written
-  before images were added, removed or renamed is not reused. Files
-  edited in place keep the digest."""
-  src, _, _ = pipeline.make_source(crop_data_config(p), p.split,
-                                   "config.pretokenize.data")
-  out = {"count": len(src)}
-  if isinstance(src, sources.ImageFolderSource):
-    digest, cut = hashlib.sha256(), len(os.path.join(src.root, ""))
-    for path, label in zip(src.paths, src.labels):   # 1.28M paths: ~1 s
-      digest.update(f"{path[cut:]}\t{label}\n".encode())
-    out["files_sha256"] = digest.hexdigest()
-  return out
-
-
-def _reads_as_recorded(path: str, record: dict) -> bool:
-  """The file holds the record's count of records and, where the record
-  has one (writers since ``sha256``), the bytes it hashed."""
-  try:
-    if tokens_lib.count_records(path) != record.get("records"):
-      return False
-  except tokens_lib.TokenFileError:
-    return False
-  want = record.get("sha256")
-  return want is None or want == tokens_lib.file_sha256(path)
-
-
-def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
-  """The record of a complete, readable token file at ``path`` written with
-  ``settings`` (to reuse), else None (write it): always None with
-  ``overwrite``. Raises ``OutputExistsError`` for a file written otherwise,
-  or one that no longer reads as its record says (damaged since)."""
-  if not epath.Path(path).exists() or overwrite:
-    return None
-  record = epath.Path(path + ".json")
-  try:
-    old = json.loads(record.read_text()) if record.exists() else None
-  except ValueError:   # a damaged record is no record
-    old = None
-  before = (old or {}).get("settings") or {}
-  if old is not None and "examples" not in before and {
-      **settings, "examples": None} == {**before, "examples": None}:
-    # Written before records held the split's fingerprint: reuse, and say so.
-    logging.warning("%s records no fingerprint of its split (an older "
-                    "writer); reusing it as its other settings match. Pass "
-                    "--config.pretokenize.overwrite=True if images were added "
-                    "or removed since.", path)
-    before = settings
-  if old is not None and before == settings:
-    if _reads_as_recorded(path, old):
-      return old
-    why = (f"with these settings, but they no longer read as its record "
-           f"says ({old.get('records')} records"
-           f"{', SHA-256 ' + old['sha256'][:12] if old.get('sha256') else ''}"
-           f"): damaged since")
-  elif old is None:
-    why = "with no record of their settings"
-  else:
-    diff = settings_lib.differences(before, settings)
-    why = f"with other settings ({settings_lib.shorten(diff, 5)})"
-  raise errors.OutputExistsError(weights_lib.readable(
-      f"{path} already holds token records written {why}. Pass "
-      "--config.pretokenize.overwrite=True to replace them, or write "
-      "elsewhere (another --workdir or --config.pretokenize.output)."))
-
-
-def _lacks_remainder(record: dict, settings: dict) -> bool:
-  """Whether the shard of ``record`` misses an example this process reads:
-  writers before ``remainder_kept`` gave every process ``n // count``
-  examples, dropping the last ``n % count``, one from each of processes
-  0 .. n % count - 1."""
-  n, count = settings["examples"]["count"], jax.process_count()
-  return not record.get("remainder_kept") and jax.process_index() < n % count
-
-
 def _reused(path: str, done: dict, settings: dict, pattern: str) -> dict:
   print(f"[pretokenize] reusing {path} ({done['records']} records, written "
         f"with these settings, tokenizer "
         f"{weights_lib.readable(settings['weights'])}); train with "
         f"--config.data.path='{pattern}'", flush=True)
   return {"files": [path], "records": done["records"], "pattern": pattern}
-
-
-def warn_other_sets(output: str) -> None:
-  """Warns when ``output``'s folder holds token files of the same split
-  written by another number of processes: a training glob matching both sets
-  is refused (``tokens.check_shard_sets``), the pattern this run prints is
-  not."""
-  count = jax.process_count()
-  try:
-    names = [os.path.basename(f) for f in
-             tokens_lib.glob_files(f"{output}-*-of-*.array_record")]
-  except Exception as e:  # pylint: disable=broad-except
-    # Advisory: a listing error must not stop this process alone (the others
-    # would wait for it); the writes below meet the storage anyway.
-    logging.warning("Could not list %s-*.array_record to look for token files "
-                    "of another process count (%s).", output, e)
-    return
-  sets = tokens_lib.shard_sets(names).get(os.path.basename(output), {})
-  others = {n: len(v) for n, v in sets.items() if n != count}
-  if others:
-    found = ", ".join(f"{v} file(s) -of-{n:05d}" for n, v in sorted(others.items()))
-    logging.warning(
-        "%s-*.array_record already holds token files written by another "
-        "number of processes (%s); this run writes -of-%05d. Train with the "
-        "pattern it prints (a glob matching both sets is refused), or delete "
-        "the older files.", output, found, count)
 
 
 def check_images_in_data(config) -> None:
@@ -383,7 +182,7 @@ def pretokenize(config, workdir: str) -> dict:
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
   if jax.process_index() == 0:
-    warn_other_sets(output)
+    token_output.warn_other_sets(output)
   # The tokenizer run's newest step, pinned: the step recorded is the one read.
   checkpoint = weights_lib.resolve_all([tok.checkpoint])[0]
   # Each process reads its data and checks its own shard; all agree before
@@ -391,15 +190,15 @@ def pretokenize(config, workdir: str) -> dict:
   # written otherwise) or reuses its shard leaves none waiting there.
   settings, done, refused = None, None, None
   try:
-    settings = output_settings(config, checkpoint)
+    settings = token_output.output_settings(config, checkpoint)
     count = settings["examples"]["count"]
     if count < jax.process_count():   # every process refuses, none writes
       raise sources.DataConfigError(
           f"Split {p.split!r} of config.pretokenize.data has {count} "
           f"examples, fewer than the {jax.process_count()} processes: some "
           "would write empty shards. Pre-tokenize on fewer processes.")
-    done = existing_output(path, settings, p.get("overwrite", False))
-    if done is not None and _lacks_remainder(done, settings):
+    done = token_output.existing_output(path, settings, p.get("overwrite", False))
+    if done is not None and token_output.lacks_remainder(done, settings):
       logging.warning("%s was written by an older version that left out this "
                       "process's share of the split's last %d examples; "
                       "writing it again.", path,
@@ -433,7 +232,7 @@ def pretokenize(config, workdir: str) -> dict:
   epath.Path(path + ".json").unlink(missing_ok=True)
   with tokens_lib.TokenWriter(path) as writer:
     for batch in it:
-      images, labels = model_inputs(np.asarray(batch["image"]),
+      images, labels = ten_crop.model_inputs(np.asarray(batch["image"]),
                                     np.asarray(batch["label"]), size, p.ten_crop)
       n = len(images)
       codes = encode_in_chunks(encode, images, chunk)
