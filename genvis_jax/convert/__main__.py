@@ -11,12 +11,17 @@ when a kind needs several files (lpips: torchvision vgg16 + LPIPS lin weights).
 
 from __future__ import annotations
 
+import textwrap
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from genvis_jax import cli
 from genvis_jax import convert
+
+__doc__ += "\n" + textwrap.fill(   # pylint: disable=redefined-builtin
+    f"Kinds here: {', '.join(convert.kinds())}.", 80) + "\n"
 
 _KIND = flags.DEFINE_string(
     "kind", None, "Checkpoint kind: a module of genvis_jax/convert/ that "
