@@ -166,6 +166,12 @@ def remove_empty_dirs(top: str) -> None:
 STOPS_CLEANLY = ("train", "sample", "demo")
 
 
+# Modes that hold the workdir's lock for the whole run (``core.workdir_lock``;
+# the trainer takes it itself, the demo's stages each in their own folder).
+LOCKED = {"sample": "sampling run", "evaluate": "evaluation run",
+          "pretokenize": "pre-tokenizing run"}
+
+
 def _stop_at_once(signum, frame):
   del frame
   raise errors.StoppedBySignal(signum)
@@ -186,7 +192,10 @@ def run(config, workdir: str):
   try:
     created = check_workdir(workdir)
     try:
-      return fn(config, workdir)
+      if config.mode not in LOCKED:   # training locks its workdir itself
+        return fn(config, workdir)
+      with workdir_lock.hold(workdir, LOCKED[config.mode]):
+        return fn(config, workdir)
     except BaseException as e:
       if created:
         # The run's lock file (released by now) is not data the run made.

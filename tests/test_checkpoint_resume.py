@@ -159,8 +159,8 @@ def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
   os.makedirs(wd)
   with workdir_lock.hold(wd):
     with pytest.raises(workdir_lock.WorkdirBusyError,
-                       match=rf"{wd} is in use by another training run "
-                             rf"\(process {os.getpid()} on .*, since 20.*\)\. "
+                       match=rf"{wd} is in use by another run \(training "
+                             rf"run: process {os.getpid()} on .*, since 20.*\)\. "
                              "Wait for it to end"):
       trainer_lib.train_loop(small_run.config(2), wd)
   assert os.listdir(wd) == [workdir_lock.LOCK_NAME]
@@ -168,6 +168,29 @@ def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
   assert int(state.step) == 2
   with workdir_lock.hold(wd):   # released when the run ended
     pass
+
+
+@pytest.mark.parametrize("mode", ["sample", "evaluate", "pretokenize"])
+def test_other_modes_refuse_a_busy_workdir_before_reading_anything(tmp_path,
+                                                                   mode):
+  """A sampling, evaluation or pre-tokenizing run finds the workdir's lock
+  first (here a training run's; the inputs named do not exist) and keeps
+  it while it runs: a second run is refused, not run twice."""
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
+  from genvis_jax import modes  # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
+  c = rar_b.get_config("runlocal")
+  c.mode, c.init_from = mode, str(tmp_path / "absent")
+  c.tokenizer.checkpoint = str(tmp_path / "absent")
+  wd = str(tmp_path / "wd")
+  os.makedirs(wd)
+  with workdir_lock.hold(wd):
+    with pytest.raises(workdir_lock.WorkdirBusyError,
+                       match=r"in use by another run \(training run: "):
+      modes.run(c, wd)
+  with pytest.raises(Exception) as e:   # free: the missing input is named
+    modes.run(c, wd)
+  assert not isinstance(e.value, workdir_lock.WorkdirBusyError)
 
 
 def test_resume_refuses_a_different_model(tmp_path, monkeypatch):

@@ -83,6 +83,7 @@ def test_sigterm_ends_modes_without_a_clean_stop_with_one_line(
 
   previous = signal.getsignal(signal.SIGTERM)
   monkeypatch.setattr(modes, "resolve", lambda mode: fake_mode)
+  monkeypatch.setattr(modes, "LOCKED", {})   # no workdir lock on 2 fake processes
   exits = []
   monkeypatch.setattr(cli.os, "_exit", exits.append)
   try:

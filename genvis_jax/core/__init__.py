@@ -17,7 +17,7 @@ Checkpoints and weights:
 Runs:
   multihost         decisions process 0 makes for every process
   preemption        stopping cleanly on a signal or a request
-  workdir_lock      one training run per workdir
+  workdir_lock      one run per workdir
   profiling         a window of steps traced with ``jax.profiler``
   settings          the flat JSON records that guard a resume
   files             whole-file writes and reads, local or ``gs://``

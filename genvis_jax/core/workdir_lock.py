@@ -1,11 +1,12 @@
-"""One training run per workdir at a time.
+"""One run per workdir at a time.
 
 Two runs in one workdir (a command started twice, in two terminals) would
 save checkpoints over each other's steps and resume from each other's
-state. While it runs, a training run holds an exclusive ``flock`` on
-``<workdir>/.genvis_lock`` (process 0, local and network file systems that
-support it); the operating system releases it when the process ends, however
-it ends, so a crashed run leaves no stale lock behind. Object stores
+state, or draw and write the same sample parts twice. While it runs, a
+training, sampling, evaluation or pre-tokenizing run holds an exclusive
+``flock`` on ``<workdir>/.genvis_lock`` (process 0, local and network file
+systems that support it); the operating system releases it when the process
+ends, however it ends, so a crashed run leaves no stale lock behind. Object stores
 (``gs://``) have no such lock: there the launcher's run names keep runs apart.
 """
 
@@ -33,8 +34,8 @@ class WorkdirBusyError(errors.UserError, RuntimeError):
 @contextlib.contextmanager
 def hold(workdir: str, what: str = "training run"):
   """Holds ``workdir``'s lock while the block runs (process 0 takes it; its
-  refusal stops every process). The lock file names the holder (process id,
-  host, start time) for the message another run gets.
+  refusal stops every process). The lock file names the holder (``what``,
+  process id, host, start time) for the message another run gets.
 
   Raises:
     WorkdirBusyError: another process holds it; names that process.
@@ -53,7 +54,7 @@ def hold(workdir: str, what: str = "training run"):
       holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "unknown"
       os.close(fd)
       raise WorkdirBusyError(
-          f"{workdir} is in use by another {what} ({holder}). Wait for it to "
+          f"{workdir} is in use by another run ({holder}). Wait for it to "
           "end (or stop it), or use another --workdir.") from None
     except OSError as e:   # a file system without locks: run unguarded
       os.close(fd)
@@ -62,8 +63,8 @@ def hold(workdir: str, what: str = "training run"):
       return
     since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since "
-                 f"{since}\n".encode())
+    os.write(fd, f"{what}: process {os.getpid()} on {socket.gethostname()}, "
+                 f"since {since}\n".encode())
     held.append(fd)
 
   multihost.on_process_0(take)
