@@ -309,7 +309,7 @@ def add_tokenizer(c, model_config, checkpoint="", config_file=""):
   the official models, "" keeps ``model.dtype``. ``uint8``: how sampled images
   become bytes, "" = the tokenizer's official sampler (maskgit_vqgan:
   "truncate", llamagen_vq / fqgan: "llamagen", eq_tokenizer: "round"; see
-  ``genvis_jax.sample.images.to_uint8``). ``config_file``: the config that
+  ``genvis_jax.core.pixels.to_uint8``). ``config_file``: the config that
   trains and evaluates this tokenizer (``configs/X.py[:arg]``), which
   messages name; it decides nothing."""
   c.tokenizer = ml_collections.ConfigDict()

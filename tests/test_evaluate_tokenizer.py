@@ -113,7 +113,7 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch,
                                            caplog):
   import logging  # pylint: disable=import-outside-toplevel
   from genvis_jax.data import DemoSource
-  from genvis_jax.core import metrics as metrics_lib
+  from genvis_jax.core import pixels
   config, built, seen = tok_config
   config.evaluate.batch_size = batch
   ENCODED_SHARDINGS.clear()
@@ -140,8 +140,8 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch,
   assert res["codes_used_0"] == np.unique(codes).size
   assert res["codebook_usage_0"] == pytest.approx(np.unique(codes).size / 32)
   assert res["codes_used_1"] == np.unique(codes % 3).size
-  fx = FakeExtractor(13)(metrics_lib.to_uint8(x))["pool"]
-  fy = FakeExtractor(13)(metrics_lib.to_uint8(y))["pool"]
+  fx = FakeExtractor(13)(pixels.to_uint8(x, (0.0, 1.0), "round"))["pool"]
+  fy = FakeExtractor(13)(pixels.to_uint8(y, (0.0, 1.0), "round"))["pool"]
   assert res["rfid"] == pytest.approx(
       _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
   assert res["protocol"] == "maskgit_vqgan" and res["center_crop"] == "torchvision"

@@ -31,6 +31,7 @@ from genvis_jax.models import inference
 from genvis_jax.sample import driver
 from genvis_jax.sample import parts
 from genvis_jax.sample import images as images_lib
+from genvis_jax.core import pixels
 from genvis_jax.core import weights as weights_lib
 
 
@@ -243,28 +244,28 @@ def test_uint8_default_is_each_systems_official_conversion(model_name,
                          ml_collections.ConfigDict({"name": model_name}))
   method = images_lib.uint8_method(c.tokenizer)
   x = _edge_values(*value_range)
-  got = images_lib.to_uint8(x, value_range, method)
+  got = pixels.to_uint8(x, value_range, method)
   assert got.dtype == np.uint8 and got.shape == x.shape
   np.testing.assert_array_equal(got, official(x))
   # bf16 decoder outputs are widened, not rejected.
   xb = jnp.asarray(x[:300], jnp.bfloat16)
   np.testing.assert_array_equal(
-      images_lib.to_uint8(xb, value_range, method),
+      pixels.to_uint8(xb, value_range, method),
       official(np.asarray(xb, np.float32)))
 
 
 def test_uint8_methods_differ_override_and_errors():
   x = _edge_values(-1.0, 1.0)
-  outs = {m: images_lib.to_uint8(x, (-1.0, 1.0), m)
-          for m in images_lib.UINT8_METHODS}
+  outs = {m: pixels.to_uint8(x, (-1.0, 1.0), m)
+          for m in pixels.UINT8_METHODS}
   assert not np.array_equal(outs["truncate"], outs["llamagen"])
   assert not np.array_equal(outs["llamagen"], outs["round"])
   # "round" of a (0, 1) image is 1d-tokenizer's reconstruction-eval formula
   # (no detour through [-1, 1]); a (-1, 1) one truncated as RAR does.
   u = _edge_values(0.0, 1.0)   # holds float32 values whose x 255 is k + 0.5
-  np.testing.assert_array_equal(images_lib.to_uint8(u, (0.0, 1.0), "round"),
+  np.testing.assert_array_equal(pixels.to_uint8(u, (0.0, 1.0), "round"),
                                 official_1d_tokenizer_eval(u))
-  np.testing.assert_array_equal(images_lib.to_uint8(x, (-1.0, 1.0), "truncate"),
+  np.testing.assert_array_equal(pixels.to_uint8(x, (-1.0, 1.0), "truncate"),
                                 official_rar((x + np.float32(1)) / np.float32(2)))
   c = base.add_tokenizer(base.get_config(),
                          ml_collections.ConfigDict({"name": "maskgit_vqgan"}))
@@ -274,7 +275,7 @@ def test_uint8_methods_differ_override_and_errors():
   with pytest.raises(UserError, match="config.tokenizer.uint8='floor'"):
     images_lib.uint8_method(c.tokenizer)
   with pytest.raises(ValueError, match="truncate"):
-    images_lib.to_uint8(x, (-1.0, 1.0), "floor")
+    pixels.to_uint8(x, (-1.0, 1.0), "floor")
   c.tokenizer.uint8 = ""
   c.tokenizer.model.name = "my_tokenizer"
   with pytest.raises(UserError, match="--config.tokenizer.uint8"):

@@ -22,6 +22,8 @@ Runs:
   settings          the flat JSON records that guard a resume
   files             whole-file writes and reads, local or ``gs://``
   metrics           clu metric writers, progress, image grids
+  pixels            pixel ranges (bytes, [0, 1], [-1, 1]) and the official
+                    float -> uint8 conversions
   sharding          the device mesh and the one logical-axis rules table
   registry          ``resolve()``: config strings -> the module or function
 

@@ -90,14 +90,6 @@ def host_array(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def to_uint8(images, value_range=(0.0, 1.0)) -> np.ndarray:
-  """Float images in ``value_range`` -> uint8 grids' pixels (host numpy;
-  see ``host_array``)."""
-  lo, hi = value_range
-  x = (host_array(images).astype(np.float32) - lo) / (hi - lo)
-  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-
-
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes ``image`` (H, W, 3) uint8 as a PNG at ``path`` (local or
   ``gs://``), whole or not at all; creates the folder."""

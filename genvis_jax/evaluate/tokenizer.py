@@ -30,6 +30,7 @@ from genvis_jax.convert import inception as convert_inception
 from genvis_jax.convert import lpips as convert_lpips
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import multihost
+from genvis_jax.core import pixels
 from genvis_jax.core import sharding
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import report
@@ -40,7 +41,6 @@ from genvis_jax.data import transforms
 from genvis_jax.models import inception as inception_model
 from genvis_jax.models import inference
 from genvis_jax.models import lpips as lpips_lib
-from genvis_jax.sample import images as images_lib
 
 
 def _lpips_fn(lpips_path: str, value_range):
@@ -64,7 +64,7 @@ SCORED = ("float", "bytes")
 class Protocol:
   """How one tokenizer family's official code evaluates reconstructions.
 
-  to_uint8: the ``sample.images.to_uint8`` method that makes the bytes rFID
+  to_uint8: the ``core.pixels.to_uint8`` method that makes the bytes rFID
     measures (originals and reconstructions alike) and the grid shows.
   crop: how the eval images are centre-cropped (``data.transforms
     .CENTER_CROPS``; ``config.data.center_crop`` overrides it).
@@ -225,7 +225,7 @@ def evaluate(config, workdir: str) -> dict:
     return rec.astype(jnp.float32), codes
 
   ssim_fn = jax.jit(lambda a, b: image_metrics.ssim(a, b, **proto.ssim))
-  to_bytes = functools.partial(images_lib.to_uint8, value_range=value_range,
+  to_bytes = functools.partial(pixels.to_uint8, value_range=value_range,
                                method=proto.to_uint8)
   lpips_fn = _lpips_fn(ev.lpips_path, value_range) if ev.get("lpips_path") else None
   extractor = (_rfid_extractor(ev.inception, rows, preprocess)

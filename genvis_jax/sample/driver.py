@@ -31,6 +31,7 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import files
 from genvis_jax.core import multihost
+from genvis_jax.core import pixels
 from genvis_jax.core import preemption
 from genvis_jax.core import registry
 from genvis_jax.core import sharding
@@ -99,11 +100,11 @@ def class_labels(num_samples: int, num_classes: int, classes=(),
 def host_uint8(images: jax.Array, value_range, method: str) -> jax.Array:
   """Float images (sharded over the batch) -> uint8 with the same sharding.
 
-  Each addressable shard is converted in numpy (``images_lib.to_uint8``, the
+  Each addressable shard is converted in numpy (``pixels.to_uint8``, the
   official bytes) and put back on its device, so multi-host callers gather a
   global uint8 array as before."""
-  shards = [jax.device_put(images_lib.to_uint8(np.asarray(s.data), value_range,
-                                               method), s.device)
+  shards = [jax.device_put(pixels.to_uint8(np.asarray(s.data), value_range,
+                                           method), s.device)
             for s in images.addressable_shards]
   return jax.make_array_from_single_device_arrays(images.shape, images.sharding,
                                                   shards)

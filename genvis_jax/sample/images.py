@@ -1,21 +1,8 @@
-"""Sample images: official float -> uint8 conversions, PNG grids, npz batches.
+"""Sample images: each tokenizer's official uint8 conversion, PNG grids, npz
+batches.
 
-FID of a published number is computed on the official sampler's exact bytes,
-and the three systems convert differently (``to_uint8``):
-
-* "truncate" (RAR / MaskGIT VQGAN, images in [0, 1]; 1d-tokenizer
-  ``demo_util.sample_fn``): ``(clamp(x, 0, 1) * 255).to(uint8)``, i.e. floor.
-* "llamagen" (LlamaGen / FQGAN, [-1, 1]; ``sample_c2i_ddp.py``):
-  ``clamp(127.5 * x + 128, 0, 255).to(uint8)`` (floor of x shifted by +0.5).
-* "round" (Equivariant, [-1, 1]; ``generator/engine_generator.py``):
-  ``x = (x + 1) / 2; round(clip(x * 255, 0, 255))`` with numpy's round
-  (halves to even). A [0, 1] image is rounded as it is, as 1d-tokenizer's
-  reconstruction evaluation does (``utils/train_utils.py``
-  ``eval_reconstruction``: ``round(clamp(x, 0, 1) * 255)``).
-
-Conversions run in numpy float32 on the host, one operation at a time as the
-official code does (a fused multiply-add on an accelerator could move a value
-across an integer boundary).
+The conversions themselves (their formulas and sources) are
+``genvis_jax.core.pixels.to_uint8``; ``uint8_method`` picks a tokenizer's.
 """
 
 from __future__ import annotations
@@ -25,11 +12,9 @@ from typing import Iterable
 
 import numpy as np
 
-from genvis_jax.errors import UserError
 from genvis_jax.core import files
 from genvis_jax.core import metrics
-
-UINT8_METHODS = ("truncate", "llamagen", "round")
+from genvis_jax.core import pixels
 
 # Tokenizer model name -> its official sampler's conversion.
 DEFAULT_UINT8 = {
@@ -40,70 +25,22 @@ DEFAULT_UINT8 = {
 }
 
 
-class Uint8MethodError(UserError, ValueError):
-  """Unknown uint8 conversion, or none known for a tokenizer."""
-
-
-def _rescale(x: np.ndarray, value_range, target) -> np.ndarray:
-  """Maps ``value_range`` linearly onto ``target`` (identity if equal, so the
-  official range's arithmetic is bit-exact)."""
-  lo, hi = (float(v) for v in value_range)
-  if (lo, hi) == target:
-    return x
-  t_lo, t_hi = target
-  x = (x - np.float32(lo)) / np.float32(hi - lo)
-  return x if target == (0.0, 1.0) else x * np.float32(t_hi - t_lo) + np.float32(t_lo)
-
-
-def to_uint8(images, value_range=(0.0, 1.0), method: str = "truncate"):
-  """Decoded images -> uint8 bytes as an official sampler writes them.
-
-  Args:
-    images: float array (any shape, e.g. (N, H, W, 3)), nominally in
-      ``value_range``; bf16 / fp16 are widened to float32 first.
-    value_range: (lo, hi) of the tokenizer's output, (0, 1) or (-1, 1).
-    method: "truncate" (RAR), "llamagen" (LlamaGen / FQGAN) or "round"
-      (Equivariant; 1d-tokenizer's evaluation); formulas in the module
-      docstring. "truncate" maps ``value_range`` onto (0, 1), "llamagen" onto
-      (-1, 1), "round" onto (-1, 1) unless it is (0, 1) already.
-  Returns:
-    uint8 numpy array of the same shape.
-  Raises:
-    Uint8MethodError: unknown ``method``.
-  """
-  x = np.asarray(images).astype(np.float32)
-  if method == "truncate":
-    x = _rescale(x, value_range, (0.0, 1.0))
-    return (np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
-  if method == "llamagen":
-    x = _rescale(x, value_range, (-1.0, 1.0))
-    y = np.float32(127.5) * x + np.float32(128.0)
-    return np.clip(y, 0.0, 255.0).astype(np.uint8)
-  if method == "round":
-    if tuple(float(v) for v in value_range) != (0.0, 1.0):
-      x = _rescale(x, value_range, (-1.0, 1.0))
-      x = (x + np.float32(1.0)) / np.float32(2.0)
-    return np.round(np.clip(x * np.float32(255.0), 0.0, 255.0)).astype(np.uint8)
-  raise Uint8MethodError(f"Unknown uint8 conversion {method!r}; use one of "
-                         f"{UINT8_METHODS} (config.tokenizer.uint8).")
-
-
 def uint8_method(tok) -> str:
   """``config.tokenizer`` -> its conversion: ``tok.uint8`` if set, else the
   official one of ``tok.model.name`` (``DEFAULT_UINT8``).
 
-  Raises Uint8MethodError for an unknown method, or a tokenizer with no
-  official default and no ``tok.uint8``.
+  Raises ``pixels.Uint8MethodError`` for an unknown method, or a tokenizer
+  with no official default and no ``tok.uint8``.
   """
   method = tok.get("uint8", "") or DEFAULT_UINT8.get(tok.model.name, "")
   if not method:
-    raise Uint8MethodError(
+    raise pixels.Uint8MethodError(
         f"No official uint8 conversion known for tokenizer {tok.model.name!r}; "
-        f"set --config.tokenizer.uint8 to one of {UINT8_METHODS}.")
-  if method not in UINT8_METHODS:
-    raise Uint8MethodError(
+        f"set --config.tokenizer.uint8 to one of {pixels.UINT8_METHODS}.")
+  if method not in pixels.UINT8_METHODS:
+    raise pixels.Uint8MethodError(
         f"config.tokenizer.uint8={method!r} is unknown; use one of "
-        f"{UINT8_METHODS}, or '' for the tokenizer's official default.")
+        f"{pixels.UINT8_METHODS}, or '' for the tokenizer's official default.")
   return method
 
 
@@ -112,7 +49,7 @@ def _check_uint8(images):
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
     raise ValueError("images must be uint8 (N, H, W, 3); got "
                      f"{images.dtype} {images.shape}. Convert with "
-                     "genvis_jax.sample.images.to_uint8 first.")
+                     "genvis_jax.core.pixels.to_uint8 first.")
   return images
 
 

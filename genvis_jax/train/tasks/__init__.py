@@ -11,9 +11,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import optax
 
 from genvis_jax import models
+from genvis_jax.core import metrics
+from genvis_jax.core import pixels
 from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError, UserError
 from genvis_jax.train import optimizers as opt_lib
@@ -125,6 +128,15 @@ class Task:
                 frozen: Mapping[str, PyTree], batch, rng) -> dict:
     """Images to log, ``{name: uint8 (N, H, W, 3)}``. Optional."""
     return {}
+
+  def grid_uint8(self, images) -> np.ndarray:
+    """Float images (N, H, W, 3) in ``value_range`` -> host uint8 for
+    ``visualize``: the nearest byte (``pixels.to_uint8`` "round"; a picture
+    to look at, not an official sampler's bytes). A jax array spread over
+    several processes is gathered first (``metrics.host_array``), so every
+    process must call it."""
+    return pixels.to_uint8(metrics.host_array(images), self.value_range,
+                           "round")
 
 
 class GroupClashError(UserError, ValueError):

@@ -31,7 +31,6 @@ from absl import logging
 
 from genvis_jax import models
 from genvis_jax.convert import lpips as convert_lpips
-from genvis_jax.core.metrics import to_uint8
 from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.train import losses as gan_lib
 from genvis_jax.train.tasks import Task
@@ -225,4 +224,4 @@ class GANTokenizerTask(Task):
     recon, _ = self._reconstruct(params["model"], images)
     recon = jnp.clip(recon, *self.value_range)
     pairs = jnp.stack([images, recon], axis=1).reshape(-1, *images.shape[1:])
-    return {"reconstruction": to_uint8(pairs, self.value_range)}
+    return {"reconstruction": self.grid_uint8(pairs)}

@@ -22,7 +22,6 @@ from absl import logging
 
 from genvis_jax import models
 from genvis_jax.core import registry
-from genvis_jax.core.metrics import to_uint8
 from genvis_jax.models import inference
 from genvis_jax.train.tasks import Task
 
@@ -116,5 +115,5 @@ class GeneratorTask(Task):
       codes = self.sampler.generate(self.model, params["model"], labels, rng,
                                     sample_config)
       images = self._decode(frozen["tokenizer"], codes)
-      out[name] = to_uint8(images, self.value_range)
+      out[name] = self.grid_uint8(images)
     return out
