@@ -12,7 +12,7 @@ import pytest
 from configs import eq_tokenizer as eq_tok_config
 from configs import fqgan_dual_ds16
 from genvis_jax import models
-from genvis_jax.models import dino_disc, patchgan
+from genvis_jax.models import dino_disc, dinov2, patchgan
 from genvis_jax.train import losses
 
 
@@ -189,8 +189,9 @@ def test_dino_area_resize_is_adaptive_average_pooling(in_hw, out_hw):
     np.testing.assert_array_equal(dino_disc.area_matrix(6, 6), np.eye(6))
   if in_hw == (32, 32):   # the discriminator's input path (256 -> 224 at scale)
     imgs = jnp.asarray(x[..., :3].clip(-1, 1))
-    norm = (((x.clip(-1, 1) + 1) / 2 - dino_disc.IMAGENET_MEAN)
-            / dino_disc.IMAGENET_STD)
+    norm = (((x.clip(-1, 1) + 1) / 2
+             - np.asarray(dinov2.IMAGENET_MEAN, np.float32))
+            / np.asarray(dinov2.IMAGENET_STD, np.float32))
     np.testing.assert_allclose(np.asarray(dino_disc.preprocess(imgs, 28)),
                                _np_adaptive_avg_pool(norm, 28, 28),
                                rtol=1e-5, atol=1e-5)

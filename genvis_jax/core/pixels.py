@@ -1,4 +1,13 @@
-"""Pixel value ranges: the official float -> uint8 conversions.
+"""Pixel value ranges: the maps between bytes, [0, 1] and [-1, 1], and the
+official float -> uint8 conversions.
+
+Images are bytes [0, 255], [0, 1] (MaskGIT VQGAN, torchvision ``ToTensor``,
+the Inception and classifier inputs) or [-1, 1] (LlamaGen, FQGAN,
+Equivariant). ``to_unit``, ``unit_to_signed`` and ``bytes_to_unit`` are plain
+elementwise arithmetic on numpy or jax arrays (jitted models use them too).
+Their constants are Python floats, which are weakly typed: a float32 input
+computes in float32 and a bfloat16 one stays bfloat16. Each is the one
+operation order its call sites used, so their results are bit-identical.
 
 FID of a published number is computed on the official sampler's exact bytes,
 and the three systems convert differently (``to_uint8``):
@@ -34,15 +43,42 @@ class Uint8MethodError(UserError, ValueError):
   """Unknown uint8 conversion, or none known for a tokenizer."""
 
 
+def to_unit(x, value_range):
+  """Images in ``value_range`` (lo, hi) -> [0, 1]: ``(x - lo) / (hi - lo)``.
+
+  Args:
+    x: floating numpy or jax array, any shape; integer images are cast by
+      the caller first (``bytes_to_unit`` for bytes).
+  Returns:
+    an array of ``x``'s shape and dtype. For (-1, 1) it is bit for bit
+    ``(x + 1) / 2`` (subtracting -1 is adding 1); for (0, 1) it is ``x``.
+  """
+  lo, hi = (float(v) for v in value_range)
+  return (x - lo) / (hi - lo)
+
+
+def unit_to_signed(x):
+  """[0, 1] -> [-1, 1]: ``2 * x - 1`` (the doubling is exact, so one
+  rounding). Floating numpy or jax array; shape and dtype kept."""
+  return 2.0 * x - 1.0
+
+
+def bytes_to_unit(x):
+  """uint8 [0, 255] (numpy or jax array, any shape) -> float32 [0, 1]:
+  ``float32(x) / 255``, torchvision ``ToTensor``'s division in numpy (a
+  multiply by a rounded 1 / 255 differs in the last bit for some bytes;
+  XLA may compile the division that way)."""
+  return x.astype(np.float32) / 255.0
+
+
 def _rescale(x: np.ndarray, value_range, target) -> np.ndarray:
   """Images in ``value_range`` -> ``target`` (``UNIT`` or ``SIGNED``): ``x``
   itself if the ranges are equal (no arithmetic over a whole sample set),
-  else ``(x - lo) / (hi - lo)`` and, for ``SIGNED``, ``2 * x - 1``."""
-  lo, hi = (float(v) for v in value_range)
-  if (lo, hi) == target:
+  else ``to_unit`` and, for ``SIGNED``, ``unit_to_signed``."""
+  if tuple(float(v) for v in value_range) == target:
     return x
-  x = (x - lo) / (hi - lo)
-  return x if target == UNIT else 2.0 * x - 1.0
+  x = to_unit(x, value_range)
+  return x if target == UNIT else unit_to_signed(x)
 
 
 def to_uint8(images, value_range, method: str) -> np.ndarray:
@@ -57,7 +93,7 @@ def to_uint8(images, value_range, method: str) -> np.ndarray:
     method: "truncate" (RAR), "llamagen" (LlamaGen / FQGAN) or "round"
       (Equivariant; 1d-tokenizer's evaluation; training grids); formulas in
       the module docstring. "truncate" and "round" map ``value_range``
-      onto (0, 1), "llamagen" onto (-1, 1).
+      onto (0, 1) (``to_unit``), "llamagen" onto (-1, 1).
   Returns:
     uint8 numpy array of the same shape.
   Raises:

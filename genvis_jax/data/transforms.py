@@ -28,6 +28,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps
 
+from genvis_jax.core import pixels
 from genvis_jax.errors import ConfigError
 
 
@@ -204,7 +205,7 @@ def to_float(image: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
   for (-1, 1); multiplying by a rounded ``2 / 255`` differs in the last bit
   for about half the byte values, which can flip a tokenizer's code."""
   lo, hi = (float(v) for v in value_range)
-  u = image.astype(np.float32) / np.float32(255.0)
+  u = pixels.bytes_to_unit(image)
   if (lo, hi) == (0.0, 1.0):
     return u
   if (lo, hi) == (-1.0, 1.0):

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from genvis_jax import models
+from genvis_jax.core import pixels
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import report
@@ -27,7 +28,7 @@ def conditioning_accuracy(classifier, params, images_uint8, labels,
   hits = 0
   for i in range(0, len(labels), size):
     x, mask = batching.pad_batch(
-        np.asarray(images_uint8[i:i + size], np.float32) / 255.0, size)
+        pixels.bytes_to_unit(np.asarray(images_uint8[i:i + size])), size)
     pred = np.asarray(predict(params, x))[mask]
     hits += int(np.sum(pred == labels[i:i + size]))
   return hits / len(labels)

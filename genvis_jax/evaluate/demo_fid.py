@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from genvis_jax import models
+from genvis_jax.core import pixels
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import npz
@@ -26,7 +27,7 @@ def _as_float01(images) -> np.ndarray:
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Expected (N, H, W, 3) images, got {images.shape}.")
   if images.dtype == np.uint8:
-    return images.astype(np.float32) / 255.0
+    return pixels.bytes_to_unit(images)
   return images.astype(np.float32)
 
 

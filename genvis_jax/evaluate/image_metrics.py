@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax.core import pixels
+
 
 def psnr(x: np.ndarray, y: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
   """Per-image PSNR in dB of images in ``value_range``, computed in float64
@@ -44,9 +46,8 @@ def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11,
   """
   # SSIM's luminance term is not shift-invariant: measure on [0, 1] images
   # whatever the model's range, so (0, 1) and (-1, 1) tokenizers compare.
-  lo, hi = (float(v) for v in value_range)
-  x = (jnp.asarray(x, jnp.float32) - lo) / (hi - lo)
-  y = (jnp.asarray(y, jnp.float32) - lo) / (hi - lo)
+  x = pixels.to_unit(jnp.asarray(x, jnp.float32), value_range)
+  y = pixels.to_unit(jnp.asarray(y, jnp.float32), value_range)
   if x.shape != y.shape or x.ndim != 4:
     raise ValueError(f"SSIM needs two (B, H, W, C) batches of one shape, got "
                      f"{x.shape} and {y.shape}.")

@@ -164,9 +164,8 @@ def _eval_data(config, name: str, proto: Protocol):
 def _to_unit(images, value_range) -> np.ndarray:
   """Float images in ``value_range`` or uint8 bytes -> float32 [0, 1]."""
   if images.dtype == np.uint8:
-    return images.astype(np.float32) / np.float32(255.0)
-  lo, hi = (float(v) for v in value_range)
-  return (images.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return pixels.bytes_to_unit(images)
+  return pixels.to_unit(images.astype(np.float32), value_range)
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from genvis_jax import models
+from genvis_jax.core import pixels
 from genvis_jax.models import layers
 
 
@@ -35,7 +36,7 @@ class Classifier(nn.Module):
     self.head = layers.dense(self.num_classes, ("embed", "vocab"), name="head")
 
   def features(self, images):
-    x = images.astype(self.dtype) * 2.0 - 1.0
+    x = pixels.unit_to_signed(images.astype(self.dtype))
     for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
       x = nn.silu(norm(conv(x)))
       if i < len(self.convs) - 1:

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax.core import pixels
 from genvis_jax.errors import ConfigError
 from genvis_jax.models.layers import Dtype
 from genvis_jax.models.layers import vit
@@ -64,7 +65,7 @@ def preprocess(images, value_range: Sequence[float] = (-1.0, 1.0), *,
                      f"{tuple(value_range)}; use (-1, 1) or (0, 1).")
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Expected NHWC RGB images (B, H, W, 3), got {images.shape}.")
-  x = (images.astype(jnp.float32) - lo) / (hi - lo)
+  x = pixels.to_unit(images.astype(jnp.float32), (lo, hi))
   x = resize_nearest(x, size, size)
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 

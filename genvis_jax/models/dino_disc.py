@@ -59,10 +59,6 @@ from genvis_jax import models
 from genvis_jax.models import dinov2, layers
 from genvis_jax.models.layers import vit
 
-IMAGENET_MEAN = np.asarray(dinov2.IMAGENET_MEAN, np.float32)
-IMAGENET_STD = np.asarray(dinov2.IMAGENET_STD, np.float32)
-
-
 # --- frozen ViT ----------------------------------------------------------------
 
 def resize_pos_grid(pos, height: int, width: int, *, patch_size: int):
@@ -151,7 +147,7 @@ def preprocess(images, size: int, rng=None, random_crop: bool = True):
   seeds every rank alike (Lightning ``seed_everything``), so its per-call
   coin and crop offsets agree across GPUs: one draw per call, as here.
   """
-  x = ((images.astype(jnp.float32) + 1.0) / 2.0 - IMAGENET_MEAN) / IMAGENET_STD
+  x = dinov2.normalize_signed(images)
   b, h, w, c = x.shape
   if (h, w) == (size, size):
     return x

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax.core import pixels
 from genvis_jax.errors import ConfigError
 from genvis_jax.models.clip_vision import preprocess as _preprocess
 from genvis_jax.models.layers import Dtype
@@ -129,6 +130,17 @@ def interpolate_pos_encoding(pos, height: int, width: int, patch_size: int, *,
                      precision=jax.lax.Precision.HIGHEST)
   table = table.astype(pos.dtype).reshape(1, gh * gw, -1)
   return jnp.concatenate([pos[:, :1], table], axis=1)
+
+
+def normalize_signed(images):
+  """[-1, 1] images (B, H, W, 3) -> [0, 1] -> ImageNet mean/std, float32,
+  ``((x + 1) / 2 - mean) / std`` in that order: the input of the
+  Equivariant DINOv2 teacher (official ``preprocess_raw_image``) and of the
+  DINO discriminator (``FrozenDINOSmallNoDrop.forward``) before their
+  resizes."""
+  x = pixels.to_unit(images.astype(jnp.float32), pixels.SIGNED)
+  return ((x - jnp.asarray(IMAGENET_MEAN, jnp.float32))
+          / jnp.asarray(IMAGENET_STD, jnp.float32))
 
 
 def preprocess(images, value_range: Sequence[float] = (-1.0, 1.0), *,

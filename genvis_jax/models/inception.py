@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax import models
+from genvis_jax.core import pixels
 from genvis_jax.models import layers
 
 PREPROCESS = ("pytorch_fid", "adm_tf")
@@ -83,12 +84,11 @@ def preprocess_images(images: jax.Array, size: int = 299,
                      f"{PREPROCESS}.")
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Inception needs NHWC RGB images, got shape {images.shape}.")
-  x = images.astype(jnp.float32)
-  if images.dtype == jnp.uint8:
-    x = x / 255.0
+  x = (pixels.bytes_to_unit(images) if images.dtype == jnp.uint8
+       else images.astype(jnp.float32))
   x = resize_bilinear(x, size, half_pixel=mode == "pytorch_fid")
   if mode == "pytorch_fid":
-    return 2.0 * x - 1.0
+    return pixels.unit_to_signed(x)
   return (x * 255.0 - 128.0) / 128.0
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genvis_jax.core import pixels
 from genvis_jax.models import layers
 from genvis_jax.models.layers import Dtype
 
@@ -92,5 +93,5 @@ def lpips_distance(params, x: jax.Array, y: jax.Array, *,
   if value_range not in _RANGES:
     raise ValueError(f"value_range must be one of {_RANGES}, got {value_range}.")
   if value_range == (0.0, 1.0):
-    x, y = 2.0 * x - 1.0, 2.0 * y - 1.0
+    x, y = pixels.unit_to_signed(x), pixels.unit_to_signed(y)
   return LPIPS(dtype=dtype).apply({"params": params}, x, y)

@@ -93,10 +93,8 @@ def flow_loss(velocity, noise, latents):
 def teacher_inputs(images, size: int):
   """Official ``preprocess_raw_image(x, "dinov2-vit-b")``: [-1, 1] -> [0, 1] ->
   ImageNet mean/std -> torch bicubic resize (no antialias) to size x size."""
-  mean = jnp.asarray(dinov2_lib.IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(dinov2_lib.IMAGENET_STD, jnp.float32)
-  x = ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
-  return dinov2_lib.resize_bicubic(x, size, size)
+  return dinov2_lib.resize_bicubic(dinov2_lib.normalize_signed(images), size,
+                                   size)
 
 
 # --- tokenizer ----------------------------------------------------------------------
