@@ -308,6 +308,9 @@ def test_sampler_rejects_bad_arguments(tiny):
   with pytest.raises(ValueError, match=rf"labels \[{K + 1}\] are not classes"):
     eq_sample.sample(model, params, jnp.array([K + 1]), jax.random.key(0),
                      num_columns=2)
+  with pytest.raises(ConfigError, match="guidance_scale=inf .*a finite"):
+    eq_sample.sample(model, params, jnp.array([0]), jax.random.key(0),
+                     num_columns=2, guidance_scale=float("inf"))
 
 
 def test_latents_against_the_config_raise_config_error(tiny):

@@ -202,7 +202,7 @@ def test_cached_sampler_equals_reference_and_shards(tiny):
   maps = far_sample.to_code_maps(cached, G)          # the FQ decode input
   assert len(maps) == 2 and maps[1].shape == (8, G, G)
   np.testing.assert_array_equal(maps[1][:, 2, 3], cached[:, 1, 2 * G + 3])
-  # No CFG (scale <= 1), top-k and top-p filters: cached still equals reference.
+  # No CFG (scale 1), top-k and top-p filters: cached still equals reference.
   kw2 = dict(guidance_scale=1.0, temperature=0.8, top_k=6, top_p=0.9)
   np.testing.assert_array_equal(
       far_sample.sample(model, params, labels[:2], key, **kw2),
@@ -253,6 +253,12 @@ def test_sampler_rejects_bad_input(tiny):
   with pytest.raises(ValueError, match="top_p"):
     far_sample.sample(model, params, jnp.zeros((2,), jnp.int32), jax.random.key(0),
                       top_p=0.0)
+  # Official FAR guides only above 1: 0.5 would draw exactly as 1.0.
+  for bad in (0.5, 0.0, float("nan")):
+    with pytest.raises(ConfigError, match=rf"guidance_scale={bad} .*at least "
+                       r"1.0; 1.0 means no guidance"):
+      far_sample.sample_uncached(model, params, jnp.zeros((2,), jnp.int32),
+                                 jax.random.key(0), guidance_scale=bad)
   # A class past the table (or negative) would give garbage images silently.
   for bad in (C + 1, -1):
     with pytest.raises(ValueError, match=rf"labels \[{bad}\] are not classes "

@@ -280,6 +280,11 @@ def test_cached_sampler_equals_uncached_and_shards(tiny):
 
 def test_sampler_rejects_bad_input(tiny):
   _, model, params = tiny
+  with pytest.raises(ValueError, match="guidance_scale=nan .*a finite number; "
+                     "0.0 means no guidance"):
+    rar_sample.sample_uncached(model, params, jnp.zeros((2,), jnp.int32),
+                               jax.random.key(0), guidance_scale=float("nan"),
+                               guidance_pow=0.0, temperature=1.0)
   with pytest.raises(ValueError, match="seq_len"):
     rar_sample.sample(model, params, jnp.zeros((2,), jnp.int32), jax.random.key(0),
                       guidance_scale=1.0, guidance_pow=0.0, temperature=1.0,

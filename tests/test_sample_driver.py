@@ -285,6 +285,51 @@ def test_bad_settings_are_refused_before_loading(key, value, message, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+FAR, RAR, EQ = "far_b.py:dual,runlocal", "rar_b.py:runlocal", "eq_s.py:runlocal"
+
+
+@pytest.mark.parametrize("spec,value,message", [
+    (FAR, 0, r"guidance_scale=0.0 \(config.sample.guidance_scale\) must be at "
+             r"least 1.0; 1.0 means no guidance"),
+    (FAR, -1, r"guidance_scale=-1.0 .*at least 1.0; 1.0 means no guidance"),
+    (FAR, 0.5, r"guidance_scale=0.5 .*at least 1.0"),
+    (FAR, "nan", r"guidance_scale=nan .*at least 1.0"),
+    (RAR, "nan", r"guidance_scale=nan .*must be a finite number; 0.0 means "
+                 r"no guidance"),
+    (RAR, "inf", r"guidance_scale=inf .*a finite number"),
+    (EQ, "nan", r"guidance_scale=nan .*a finite number; 1.0 means no "
+                r"guidance")])
+def test_a_guidance_scale_drawn_otherwise_is_refused_before_loading(
+    spec, value, message, tmp_path):
+  """FAR's official sampler guides only above 1.0, so 0 or -1 would draw as
+  1.0 while settings.json records them; NaN or inf gives noise images in
+  every sampler. Refused before the weights load (init_from does not exist)
+  and before anything is written."""
+  from genvis_jax.errors import ConfigError
+  from tests import pipeline_common as pc
+  config = pc.load_config(spec, **{
+      "mode": "sample", "init_from": "/nowhere/run",
+      "tokenizer.checkpoint": "/nowhere/tok", "sample.guidance_scale": value})
+  with pytest.raises(ConfigError, match=message):
+    driver.sample_and_save(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_each_sampler_takes_the_guidance_scales_its_official_code_applies():
+  """RAR: any finite g (0 turns CFG off; below 1 and negative are applied);
+  Equivariant: any finite scale (1 = none); FAR: 1 (none) and above."""
+  from genvis_jax.errors import ConfigError
+  from genvis_jax.sample import eq_generator, far, rar
+  for module, ok in ((rar, (-2.0, 0.0, 0.5, 1.0, 16.0)),
+                     (eq_generator, (-1.0, 0.0, 0.5, 1.0, 7.0)),
+                     (far, (1.0, 1.0001, 2.0))):
+    assert [module.check_guidance(v) for v in ok] == list(ok)
+    with pytest.raises(ConfigError, match="guidance_scale=nan"):
+      module.check_guidance(float("nan"))
+  with pytest.raises(ConfigError, match="guidance_scale=0.9999"):
+    far.check_guidance(0.9999)
+
+
 def _stand_in_sampler(monkeypatch, num_samples):
   """RAR-B's runlocal config drawing ``num_samples`` in batches of 8 with a
   stand-in sampler (images (4, 6) whose pixels are their labels); the list

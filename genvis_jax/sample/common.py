@@ -7,8 +7,8 @@
   ``check_dtype``, ``cast_params``, ``for_decoding``;
 * one compiled program per static ``Options`` value (``options``,
   ``compiled``, ``call``);
-* the per-call checks (``check_labels``, ``check_call``) and the batch's
-  device split (``batch_shards``).
+* the per-call checks (``check_labels``, ``check_call``,
+  ``check_guidance``) and the batch's device split (``batch_shards``).
 
 The KV-cache decode loop of the token samplers is ``genvis_jax.sample.ar``.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -222,6 +223,43 @@ def check_call(labels, temperature, null_label: int):
         f"temperature must be > 0, got {temperature} (1.0 = the model's "
         "distribution).")
   return labels
+
+
+def check_guidance(scale, *, no_guidance: float,
+                   minimum: float | None = None) -> float:
+  """A sampler's guidance scale (``config.sample.guidance_scale``) as a
+  float, refused where the draw would not be what the setting records.
+
+  Args:
+    scale: the classifier-free guidance scale, a concrete number.
+    no_guidance: the sampler's scale for "no guidance", which the message
+      names (RAR 0.0, FAR and Equivariant 1.0).
+    minimum: the smallest scale the sampler applies as given, or None for
+      any finite scale. FAR's official sampler guides only above 1.0, so
+      a lower scale would draw exactly as 1.0 does.
+  Returns:
+    ``float(scale)``.
+  Raises:
+    ConfigError: NaN or infinite (every guided logit or velocity would be
+      NaN: noise images, no error), or below ``minimum``.
+  """
+  value = float(scale)
+  if math.isfinite(value) and (minimum is None or value >= minimum):
+    return value
+  want = "a finite number" if minimum is None else f"at least {minimum}"
+  raise errors.ConfigError(
+      f"guidance_scale={value} (config.sample.guidance_scale) must be {want}; "
+      f"{no_guidance} means no guidance.")
+
+
+def check_configured_guidance(sampler, sample_config) -> None:
+  """``sample_config.guidance_scale`` (``config.sample``) through the
+  ``check_guidance(scale)`` of ``sampler`` (a ``genvis_jax.sample.<name>``
+  module), if it has one: ``mode=sample`` and the training grids call it
+  before any weights load. Raises what that check raises (ConfigError)."""
+  check = getattr(sampler, "check_guidance", None)
+  if check is not None:
+    check(sample_config.guidance_scale)
 
 
 def batch_shards(x) -> int:

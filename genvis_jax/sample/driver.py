@@ -46,8 +46,9 @@ def _sampler_module(name: str):
   """``genvis_jax/sample/<config.model.name>.py``: its ``generate(model,
   params, labels, rng, sample_config)`` returns codes in the tokenizer's
   ``decode`` format; its optional ``RUN_KEYS`` maps sampling settings to the
-  run settings they must equal (``parts.check_trained_with``). See
-  ``genvis_jax.core.registry``."""
+  run settings they must equal (``parts.check_trained_with``), its optional
+  ``check_guidance(scale)`` refuses a ``config.sample.guidance_scale`` it
+  would not apply as given. See ``genvis_jax.core.registry``."""
   return registry.module("genvis_jax.sample", name, ("generate",),
                          setting="config.model.name (the generator)")
 
@@ -242,7 +243,8 @@ def sample_and_save(config, workdir: str) -> dict:
   ``num_samples``.
   Raises:
     ConfigError: a count < 1, a batch size that is not a multiple of the
-      device count, an unsupported ``config.sample.dtype`` or bad
+      device count, an unsupported ``config.sample.dtype``, a guidance scale
+      the sampler refuses (its ``check_guidance``) or bad
       ``config.sample.classes`` / ``labels`` (before anything loads).
     parts.TrainedWithError: the weights trained / converted with other
       model (or ``RUN_KEYS``) settings than the config samples with, or a
@@ -268,6 +270,7 @@ def sample_and_save(config, workdir: str) -> dict:
   if int(s.get("seed", 0)) < 0:   # jax takes any key, NumPy's label draw not
     raise errors.ConfigError(f"config.sample.seed={s.seed} must be 0 or more.")
   common.check_dtype(common.config_dtype(s))   # before the weights load
+  common.check_configured_guidance(_sampler_module(config.model.name), s)
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "

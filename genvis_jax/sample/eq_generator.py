@@ -235,13 +235,19 @@ def _uncached_impl(model, opts, params, labels, rng, guidance_scale):
   return jax.lax.fori_loop(0, num_columns, body, (latents, conds))
 
 
+def check_guidance(scale) -> float:
+  """``common.check_guidance`` of the Equivariant sampler: any finite scale
+  (1.0 = no guidance; the official sampler applies every other value)."""
+  return common.check_guidance(scale, no_guidance=1.0)
+
+
 def _check(model, labels, num_columns, num_steps, guidance_scale):
   if int(num_columns) < 1:
     raise ConfigError(f"num_columns must be >= 1, got {num_columns}.")
   if int(num_steps) < 1:
     raise ConfigError(f"num_steps must be >= 1, got {num_steps}.")
   labels = common.check_labels(labels, model.null_label)
-  return labels, float(guidance_scale) != 1.0
+  return labels, check_guidance(guidance_scale) != 1.0
 
 
 def _options(*, cached, use_cfg, num_columns, num_steps, hoist_modulations,
@@ -311,7 +317,8 @@ def sample(model, params, labels, rng, *, num_columns: int,
     (with CFG each example's cond and uncond rows in turn,
     ``common.cfg_labels`` order), float32.
   Raises ``ConfigError`` for num_columns or num_steps < 1, labels not 1-D or
-  out of range (``common.check_labels``), or an unsupported dtype.
+  out of range (``common.check_labels``), a guidance_scale that is not
+  finite, or an unsupported dtype.
   """
   return _run(True, model, params, labels, rng, num_columns, guidance_scale,
               num_steps, return_conditions, dtype, hoist_modulations)

@@ -121,10 +121,17 @@ def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
                          opts)
 
 
+def check_guidance(scale) -> float:
+  """``common.check_guidance`` of FAR: a finite scale of at least 1.0 (1.0 =
+  no guidance). The official sampler applies CFG only when the scale is > 1,
+  so 0 or -1 would draw as 1.0 while the run records them."""
+  return common.check_guidance(scale, no_guidance=1.0, minimum=1.0)
+
+
 def _run(cached, model, params, labels, rng, guidance_scale, temperature, top_k,
          top_p, dtype=None, bucket=None):
   labels = common.check_call(labels, temperature, model.null_label)
-  use_cfg = float(guidance_scale) > 1.0  # official: CFG only when scale > 1
+  use_cfg = check_guidance(guidance_scale) > 1.0  # official: CFG when > 1
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, top_k=top_k,
                   top_p=top_p, dtype=dtype, bucket=bucket)
   return common.call(fn, params, labels, rng, guidance_scale, temperature)
@@ -141,8 +148,9 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
     labels: int (B,) classes 0..num_classes-1, or num_classes (the null
       class) for unconditional samples (may be sharded along the batch).
     rng: PRNG key.
-    guidance_scale: CFG scale applied to every sub-token; CFG (a doubled batch
-      with the null class) only when > 1, as in the official sampler.
+    guidance_scale: CFG scale applied to every sub-token, >= 1; CFG (a
+      doubled batch with the null class) only when > 1, as in the official
+      sampler (``check_guidance``).
     temperature: divides the guided logits before filtering.
     top_k, top_p: optional filters (0 / 1.0 = off).
     dtype: None or '' computes in ``model.dtype`` with the parameters as
@@ -156,8 +164,8 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
     each raster order (reshape to (B, k, grid, grid) for ``decode``).
   Raises:
     ConfigError: labels not 1-D or out of range (``common.check_labels``),
-      temperature <= 0, top_k < 0, top_p outside (0, 1], or a dtype other
-      than float32 / bfloat16.
+      a guidance_scale below 1 or not finite, temperature <= 0, top_k < 0,
+      top_p outside (0, 1], or a dtype other than float32 / bfloat16.
   """
   return _run(True, model, params, labels, rng, guidance_scale,
               temperature, top_k, top_p, dtype, bucket)

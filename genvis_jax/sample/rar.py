@@ -168,10 +168,16 @@ def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
                          opts)
 
 
+def check_guidance(scale) -> float:
+  """``common.check_guidance`` of RAR: any finite scale (0 = no guidance;
+  the official sampler applies every other value, below 1 included)."""
+  return common.check_guidance(scale, no_guidance=0.0)
+
+
 def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
          temperature, seq_len, dtype=None, bucket=None):
   labels = common.check_call(labels, temperature, model.null_label)
-  use_cfg = float(guidance_scale) != 0.0  # official: g == 0 disables CFG
+  use_cfg = check_guidance(guidance_scale) != 0.0  # official: 0 disables CFG
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
                   dtype=dtype, bucket=bucket,
                   batch_shards=common.batch_shards(labels))
@@ -207,8 +213,8 @@ def sample(model, params, labels, rng, *, guidance_scale: float,
     int32 (B, seq_len) image codes in raster order.
   Raises:
     ConfigError: labels not 1-D or out of range (``common.check_labels``),
-      temperature <= 0, seq_len outside 1..model.seq_len, or a dtype other
-      than float32 / bfloat16.
+      a guidance_scale that is not finite, temperature <= 0, seq_len
+      outside 1..model.seq_len, or a dtype other than float32 / bfloat16.
   """
   return _run(True, model, params, labels, rng, guidance_scale, guidance_pow,
               temperature, seq_len, dtype, bucket)
