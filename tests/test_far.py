@@ -321,6 +321,34 @@ def test_class_dropout(tiny):
   np.testing.assert_allclose(out, null, atol=1e-5)
 
 
+def test_training_refuses_what_its_grids_could_not_draw(tmp_path):
+  """The sample grids decode what the generator draws, so training refuses
+  what ``mode=sample`` refuses: more codes than the tokenizer has, and a
+  guidance scale FAR would draw as 1.0. With the task, before the data, the
+  tokenizer (its checkpoint does not exist) or the workdir; only with the
+  grids on."""
+  from configs import far_b
+  from genvis_jax.models import inference
+  from genvis_jax.train import trainer
+  c = far_b.get_config("dual,runlocal")
+  c.tokenizer.checkpoint, c.train.image_every = "/nowhere/tok", 5
+  c.model.codebook_size = c.tokenizer.model.num_codes + 1
+  with pytest.raises(inference.CodebookSizeError,
+                     match=r"config.model.codebook_size=257 is larger than "
+                     r"the tokenizer's config.tokenizer.model.num_codes=256"):
+    trainer.train_loop(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+  c.model.codebook_size = c.tokenizer.model.num_codes
+  c.sample.guidance_scale = 0.5
+  with pytest.raises(ConfigError, match=r"guidance_scale=0.5 .*at least 1.0"):
+    get_task(c)
+  c.sample.guidance_scale = 1.0
+  get_task(c)
+  c.model.codebook_size, c.sample.guidance_scale = 257, 0.5
+  c.train.image_every = 0   # no grids: nothing is drawn, nothing refused
+  get_task(c)
+
+
 def test_task_loss_decreases():
   cfg = tiny_config()
   cfg.optimizer.lr = 3e-3

@@ -23,6 +23,7 @@ from absl import logging
 from genvis_jax import models
 from genvis_jax.core import registry
 from genvis_jax.models import inference
+from genvis_jax.sample import common as sample_common
 from genvis_jax.train.tasks import Task
 
 GRID = 16   # samples per grid
@@ -53,6 +54,11 @@ class GeneratorTask(Task):
     if tok is not None and tok.get("model", {}).get("name", ""):
       self.value_range = models.value_range(tok.model, config,
                                             ("data", "tokenizer"))
+    # With the grids on (``frozen_params``): refused with the task, before
+    # the data or any weights load, not at the first grid.
+    if (tok is not None and tok.get("checkpoint")
+        and config.train.get("image_every")):
+      self.check_grids()
 
   @functools.cached_property
   def sampler(self) -> ModuleType:
@@ -95,6 +101,21 @@ class GeneratorTask(Task):
     into the program); one compile per code shape."""
     return jax.jit(lambda p, c: self.tokenizer.apply({"params": p}, c,
                                                      method="decode"))
+
+  def check_grids(self) -> None:
+    """Refuses what the grids would not draw as configured, as
+    ``mode=sample`` does before any weights load: a generator drawing codes
+    its tokenizer cannot decode (``inference.check_codes_fit``) and a
+    ``config.sample.guidance_scale`` the sampler would not apply as given
+    (``sample.common.check_configured_guidance``). ``__init__`` calls it
+    when the grids are on (``image_every`` and a tokenizer checkpoint).
+
+    Raises:
+      inference.CodebookSizeError: codebook_size > the tokenizer's num_codes.
+      ConfigError: the guidance scale, naming its value.
+    """
+    inference.check_codes_fit(self.config)
+    sample_common.check_configured_guidance(self.sampler, self.config.sample)
 
   def grid_configs(self, batch) -> tuple[tuple[str, object], ...]:
     """``(name, sample_config)`` of each grid: ``config.sample`` as
