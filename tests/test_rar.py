@@ -148,8 +148,13 @@ def test_position_embeddings_target_aware():
                                 [4, 0, 6, 2])
 
 
-def test_kv_cache_matches_full_forward(tiny):
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_kv_cache_matches_full_forward(tiny, remat):
+  """Also with the blocks remat-wrapped (``train`` is a static argument
+  there: the decode methods must pass it positionally)."""
   _, model, params = tiny
+  model = model if remat == "none" else models.build(
+      tiny_config(remat=remat).model)
   tokens = jax.random.randint(jax.random.key(4), (3, L), 0, V)
   labels = jnp.array([0, 7, C])
   full = jax.jit(model.apply)({"params": params}, tokens, labels)

@@ -303,7 +303,8 @@ class RAR(nn.Module):
     cond = self._class_embedding(labels)
     ts = jax.lax.dynamic_slice_in_dim(self.timesteps_embeddings[0], start, length)
     c = cond[:, None] + ts[None]
-    blocks = tuple(blk(None, c) for blk in self.blocks)
+    # train=False positionally: a remat-wrapped block takes it as static.
+    blocks = tuple(blk(None, c, False) for blk in self.blocks)
     return blocks, self.adaln_before_head(None, c.astype(jnp.float32))
 
   def _decode_modulated(self, x, mods, pos):
