@@ -167,9 +167,22 @@ STOPS_CLEANLY = ("train", "sample", "demo")
 
 
 # Modes that hold the workdir's lock for the whole run (``core.workdir_lock``;
-# the trainer takes it itself, the demo's stages each in their own folder).
+# the trainer takes it itself, in a demo in its stage's folder).
 LOCKED = {"sample": "sampling run", "evaluate": "evaluation run",
-          "pretokenize": "pre-tokenizing run"}
+          "pretokenize": "pre-tokenizing run", "demo": "demo run"}
+
+
+def lock_dir(config, workdir: str) -> str:
+  """The folder a ``LOCKED`` mode's run holds: its workdir, or for
+  pre-tokenizing into ``config.pretokenize.output`` (a local path, maybe in
+  another workdir) the folder of those token files, which two runs must not
+  write at once (created here)."""
+  output = (config.get("pretokenize") or {}).get("output", "")
+  if config.mode != "pretokenize" or not output or files.is_remote(output):
+    return workdir
+  folder = os.path.dirname(os.path.abspath(output))
+  os.makedirs(folder, exist_ok=True)
+  return folder
 
 
 def _stop_at_once(signum, frame):
@@ -194,10 +207,11 @@ def run(config, workdir: str):
     try:
       if config.mode not in LOCKED:   # training locks its workdir itself
         return fn(config, workdir)
-      with workdir_lock.hold(workdir, LOCKED[config.mode]):
+      with workdir_lock.hold(lock_dir(config, workdir), LOCKED[config.mode]):
         return fn(config, workdir)
     except BaseException as e:
-      if created:
+      # Refused as busy: the folder and its lock file are the other run's.
+      if created and not isinstance(e, workdir_lock.WorkdirBusyError):
         # The run's lock file (released by now) is not data the run made.
         with contextlib.suppress(OSError):
           os.remove(os.path.join(workdir, workdir_lock.LOCK_NAME))

@@ -170,27 +170,41 @@ def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
     pass
 
 
-@pytest.mark.parametrize("mode", ["sample", "evaluate", "pretokenize"])
-def test_other_modes_refuse_a_busy_workdir_before_reading_anything(tmp_path,
-                                                                   mode):
-  """A sampling, evaluation or pre-tokenizing run finds the workdir's lock
-  first (here a training run's; the inputs named do not exist) and keeps
-  it while it runs: a second run is refused, not run twice."""
-  from configs import rar_b  # pylint: disable=import-outside-toplevel
+@pytest.mark.parametrize("mode", ["sample", "evaluate", "pretokenize",
+                                  "pretokenize_output", "demo"])
+def test_other_modes_refuse_a_busy_workdir_before_reading_anything(
+    tmp_path, monkeypatch, mode):
+  """A sampling, evaluation, pre-tokenizing or demo run finds the lock first
+  (here a training run's; the inputs named do not exist) and keeps it while
+  it runs: a second run is refused, not run twice. Pre-tokenizing into
+  ``pretokenize.output`` holds that folder, whatever the workdir. A refused
+  run leaves the folder and the lock file it found (it may have seen the
+  folder as its own: two runs started at once on a new workdir)."""
+  from configs import demo, rar_b  # pylint: disable=import-outside-toplevel
   from genvis_jax import modes  # pylint: disable=import-outside-toplevel
   from genvis_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
-  c = rar_b.get_config("runlocal")
-  c.mode, c.init_from = mode, str(tmp_path / "absent")
-  c.tokenizer.checkpoint = str(tmp_path / "absent")
-  wd = str(tmp_path / "wd")
-  os.makedirs(wd)
-  with workdir_lock.hold(wd):
-    with pytest.raises(workdir_lock.WorkdirBusyError,
-                       match=r"in use by another run \(training run: "):
+  wd, held = str(tmp_path / "wd"), str(tmp_path / "wd")
+  if mode == "demo":
+    c = demo.get_config()
+  else:
+    c = rar_b.get_config("runlocal")
+    c.mode, c.init_from = mode.split("_")[0], str(tmp_path / "absent")
+    c.tokenizer.checkpoint = str(tmp_path / "absent")
+  if mode == "pretokenize_output":
+    held = str(tmp_path / "tokens")
+    c.pretokenize.output = os.path.join(held, "train")
+  os.makedirs(held, exist_ok=True)
+  with workdir_lock.hold(held):
+    with monkeypatch.context() as m:
+      m.setattr(modes, "check_workdir", lambda w: [w])   # "created" by it
+      with pytest.raises(workdir_lock.WorkdirBusyError,
+                         match=r"in use by another run \(training run: "):
+        modes.run(c, wd)
+    assert os.path.exists(os.path.join(held, workdir_lock.LOCK_NAME))
+  if mode != "demo":
+    with pytest.raises(Exception) as e:   # free: the missing input is named
       modes.run(c, wd)
-  with pytest.raises(Exception) as e:   # free: the missing input is named
-    modes.run(c, wd)
-  assert not isinstance(e.value, workdir_lock.WorkdirBusyError)
+    assert not isinstance(e.value, workdir_lock.WorkdirBusyError)
 
 
 def test_resume_refuses_a_different_model(tmp_path, monkeypatch):
