@@ -71,13 +71,17 @@ def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
     if not eq and free:
       key, value = free.pop(0), token
     if key not in defaults or (not eq and key == token):
+      if not defaults:
+        raise ValueError(f"Unknown config argument {token!r}; this config "
+                         "takes none.")
       accepted = [f"{k} (a flag)" if isinstance(v, bool) else
                   f"{k} (default {v!r})" for k, v in sorted(defaults.items())]
+      example = [str(defaults[p]) for p in positional] + [
+          k for k, v in defaults.items() if isinstance(v, bool)][:1]
       raise ValueError(
           f"Unknown config argument {token!r}; this config takes "
           f"{', '.join(accepted)}, comma-separated (e.g. "
-          f"--config=configs/X.py:"
-          f"{','.join([str(defaults[p]) for p in positional] + ['runlocal'])}).")
+          f"--config=configs/X.py:{','.join(example)}).")
     default = defaults[key]
     if isinstance(default, bool):
       out[key] = value.lower() in ("1", "true", "yes")

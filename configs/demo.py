@@ -192,6 +192,7 @@ def reconstructions_config():
 
 
 def get_config(arg=None):
+  arg = base.parse_arg(arg, smoke=False)
   c = ml_collections.ConfigDict()
   c.mode = "demo"
   c.only = ""          # comma-separated stages to run (default: all)
@@ -206,7 +207,7 @@ def get_config(arg=None):
   c.stages.fid = fid_config()
   c.stage_order = ("tokenizer", "reconstructions", "classifier", "pretokenize",
                    "rar", "samples", "score", "fid")
-  if arg == "smoke":   # a few steps of every stage, for tests
+  if arg.smoke:   # a few steps of every stage, for tests
     for name in ("tokenizer", "classifier", "rar"):
       t = c.stages[name].train
       t.num_steps, t.log_every, t.checkpoint_every = 4, 2, 4

@@ -12,10 +12,12 @@ Data: generated horizontally stationary 32x64 "landscapes" (5 palettes).
 
 import ml_collections
 
+from configs import base
 from configs import eq_demo
 
 
 def get_config(arg=None):
+  arg = base.parse_arg(arg, smoke=False)
   c = ml_collections.ConfigDict()
   c.mode = "demo"
   c.only = ""
@@ -30,7 +32,7 @@ def get_config(arg=None):
   wide.sample.batch_size = 10
   c.stages.samples_wide = wide
   c.stage_order = ("eq_tokenizer", "eq_generator", "samples_wide")
-  if arg == "smoke":
+  if arg.smoke:
     for name in ("eq_tokenizer", "eq_generator"):
       t = c.stages[name].train
       t.num_steps, t.log_every, t.checkpoint_every, t.image_every = 2, 1, 2, 0

@@ -71,6 +71,7 @@ def samples_config():
 
 
 def get_config(arg=None):
+  arg = base.parse_arg(arg, smoke=False)
   c = ml_collections.ConfigDict()
   c.mode = "demo"
   c.only = ""
@@ -84,7 +85,7 @@ def get_config(arg=None):
   c.stages.score = demo.score_config()
   c.stage_order = ("fq_tokenizer", "reconstructions", "classifier", "pretokenize",
                    "far", "samples", "score")
-  if arg == "smoke":
+  if arg.smoke:
     for name in ("fq_tokenizer", "classifier", "far"):
       t = c.stages[name].train
       t.num_steps, t.log_every, t.checkpoint_every = 4, 2, 4

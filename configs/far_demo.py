@@ -6,6 +6,7 @@ tokenizer's pre-tokenized codes (``data.source = "tokens"``, records of shape
 (2, 64)); ``{workdir}`` is filled in by the demo stage runner.
 """
 
+from configs import base
 from configs import far_common
 
 
@@ -44,5 +45,5 @@ def far_demo_config():
 
 
 def get_config(arg=None):
-  del arg
+  base.parse_arg(arg)   # takes none: refuses e.g. "runlocal" (it is CPU-sized)
   return far_demo_config()

@@ -9,6 +9,7 @@ adapters: 1 layer of width 32 (4 heads); two sub-codebooks (vis, sem) of
 64 x 8; a 1-layer feature head on sem (active only with a teacher file).
 """
 
+from configs import base
 from configs import fqgan_common
 
 
@@ -52,5 +53,5 @@ def fq_tokenizer_demo_config():
 
 
 def get_config(arg=None):
-  del arg
+  base.parse_arg(arg)   # takes none: refuses e.g. "runlocal" (it is CPU-sized)
   return fq_tokenizer_demo_config()

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import traceback
 
 from absl import flags
@@ -123,7 +124,7 @@ def config_catalogue(configs_dir: str) -> str:
   """``--help``'s list of the runnable configs in ``configs_dir``: each file
   that defines ``get_config(arg=...)`` (one argument; the shared ``*_common``
   files take a size too), but ``base.py`` (the defaults the others start
-  from), with the first line of its docstring. Read with
+  from), with the first paragraph of its docstring. Read with
   ``ast``, nothing imported; "" when the folder is absent (an installed
   package without the repository's ``configs/``)."""
   if not os.path.isdir(configs_dir):
@@ -136,9 +137,11 @@ def config_catalogue(configs_dir: str) -> str:
       tree = ast.parse(f.read())
     runnable = any(isinstance(n, ast.FunctionDef) and n.name == "get_config"
                    and len(n.args.args) <= 1 for n in tree.body)
-    if runnable:
-      doc = (ast.get_docstring(tree) or "").strip().splitlines() or [""]
-      rows.append(f"  {name:<22} {doc[0]}")
+    if runnable:   # the docstring's first paragraph, wrapped
+      summary = " ".join((ast.get_docstring(tree) or "").split("\n\n")[0]
+                         .split())
+      rows.append(textwrap.fill(summary, 79, initial_indent=f"  {name:<22} ",
+                                subsequent_indent=" " * 25))
   return "\n".join(rows)
 
 

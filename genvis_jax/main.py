@@ -15,7 +15,9 @@ logs the whole config at start-up.
 ``runlocal`` shrinks a paper config to the embedded demo data on a 2-core CPU
 (minutes), FAR takes its tokenizer's variant first (``far_b.py:dual`` or
 ``triple``), FQGAN tokenizers a precision (``bf16`` / ``fp32``), some a size
-(``batch=256``); an argument a config does not take is refused with the list
+(``batch=256``), ``eq_tokenizer.py:stage2`` its second stage,
+``eq_demo.py:tokenizer`` / ``:generator`` a demo stage, and ``smoke`` a demo
+of a few steps; an argument a config does not take is refused with the list
 of those it does. The configs in configs/ (the README walks each chain):
 """
 
@@ -31,7 +33,7 @@ from genvis_jax import cpu_malloc
 from genvis_jax import modes
 from genvis_jax.core import preemption
 
-__doc__ += cli.config_catalogue(   # pylint: disable=redefined-builtin
+__doc__ = (__doc__ or "") + cli.config_catalogue(   # pylint: disable=redefined-builtin
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                  "configs")) + "\n"
 

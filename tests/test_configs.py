@@ -1,6 +1,7 @@
 """Config files: the ``runlocal`` argument convention, every paper config with
 and without it, and loading from anywhere (``configs`` is an installed package)."""
 
+import importlib
 import os
 import pickle
 import subprocess
@@ -50,6 +51,19 @@ def test_parse_arg():
     base.parse_arg("batch=2k", batch=256)
   with pytest.raises(ValueError, match="'batch=0'.*must be positive"):
     base.parse_arg("batch=0", batch=256)
+  with pytest.raises(ValueError, match=r"'runlocal'; this config takes none"):
+    base.parse_arg("runlocal")
+  with pytest.raises(ValueError, match=r"takes smoke \(a flag\).*X\.py:smoke\)"):
+    base.parse_arg("runlocal", smoke=False)
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_eq", "demo_fqgan", "far_demo",
+                                  "fqgan_demo"])
+def test_demo_configs_refuse_arguments_they_do_not_take(name):
+  """``configs/demo.py:runlocal`` ran the whole demo, the argument unread."""
+  module = importlib.import_module(f"configs.{name}")
+  with pytest.raises(ValueError, match="Unknown config argument 'runlocal'"):
+    module.get_config("runlocal")
 
 
 @pytest.mark.parametrize("spec,batch,steps,lr,warmup", [

@@ -290,6 +290,14 @@ def test_sampler_rejects_bad_input(tiny):
     rar_sample.sample_uncached(model, params, jnp.zeros((2,), jnp.int32),
                                jax.random.key(0), guidance_scale=float("nan"),
                                guidance_pow=0.0, temperature=1.0)
+  for pow_, temp, match in [(-1.0, 1.0, "guidance_pow=-1.0 .*>= 0"),
+                            (float("nan"), 1.0, "guidance_pow=nan"),
+                            (0.0, float("nan"), "temperature must be a finite"),
+                            (0.0, 0.0, "temperature must be")]:
+    with pytest.raises(ValueError, match=match):
+      rar_sample.sample_uncached(model, params, jnp.zeros((2,), jnp.int32),
+                                 jax.random.key(0), guidance_scale=2.0,
+                                 guidance_pow=pow_, temperature=temp)
   with pytest.raises(ValueError, match="seq_len"):
     rar_sample.sample(model, params, jnp.zeros((2,), jnp.int32), jax.random.key(0),
                       guidance_scale=1.0, guidance_pow=0.0, temperature=1.0,

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from genvis_jax import cli
 from genvis_jax import convert
 
-__doc__ += "\n" + textwrap.fill(   # pylint: disable=redefined-builtin
+__doc__ = (__doc__ or "") + "\n" + textwrap.fill(   # pylint: disable=redefined-builtin
     f"Kinds here: {', '.join(convert.kinds())}.", 80) + "\n"
 
 _KIND = flags.DEFINE_string(

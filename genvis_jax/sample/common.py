@@ -215,13 +215,14 @@ def check_call(labels, temperature, null_label: int):
   """The per-call arguments every class-conditional token sampler shares.
 
   Returns labels as int32 (B,); raises ``ConfigError`` (a ``ValueError``) for
-  labels ``check_labels`` refuses or a temperature that is not > 0.
+  labels ``check_labels`` refuses or a temperature that is not a finite
+  number > 0 (NaN would draw from NaN logits: noise, no error).
   """
   labels = check_labels(labels, null_label)
-  if temperature <= 0:
+  if not 0.0 < float(temperature) < math.inf:
     raise errors.ConfigError(
-        f"temperature must be > 0, got {temperature} (1.0 = the model's "
-        "distribution).")
+        f"temperature must be a finite number > 0, got {temperature} (1.0 = "
+        "the model's distribution).")
   return labels
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,10 @@ def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
          temperature, seq_len, dtype=None, bucket=None):
   labels = common.check_call(labels, temperature, model.null_label)
   use_cfg = check_guidance(guidance_scale) != 0.0  # official: 0 disables CFG
+  if not 0.0 <= float(guidance_pow) < math.inf:   # < 0: 0 ** pow at step 0
+    raise errors.ConfigError(
+        f"guidance_pow={guidance_pow} (config.sample.guidance_pow) must be a "
+        "finite number >= 0; 0 keeps the scale constant.")
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
                   dtype=dtype, bucket=bucket,
                   batch_shards=common.batch_shards(labels))

@@ -147,8 +147,9 @@ def resize_kv_cache(cache, length: int):
 
 def empty_window_cache(batch: int, window: int, num_heads: int, head_dim: int,
                        dtype=jnp.float32):
-  """The rolling cache :func:`rolling_window_attention` starts from: ``(ck,
-  cv)`` zeros, each (batch, window, num_heads, head_dim) in ``dtype``."""
+  """The rolling cache :func:`rolling_window_attention` starts from: keys
+  and values ``(k, v)``, zeros, each (batch, window, num_heads, head_dim) in
+  ``dtype``."""
   zeros = jnp.zeros((batch, window, num_heads, head_dim), dtype)
   return zeros, zeros
 
