@@ -288,28 +288,38 @@ def test_bad_settings_are_refused_before_loading(key, value, message, tmp_path):
 FAR, RAR, EQ = "far_b.py:dual,runlocal", "rar_b.py:runlocal", "eq_s.py:runlocal"
 
 
-@pytest.mark.parametrize("spec,value,message", [
-    (FAR, 0, r"guidance_scale=0.0 \(config.sample.guidance_scale\) must be at "
-             r"least 1.0; 1.0 means no guidance"),
-    (FAR, -1, r"guidance_scale=-1.0 .*at least 1.0; 1.0 means no guidance"),
-    (FAR, 0.5, r"guidance_scale=0.5 .*at least 1.0"),
-    (FAR, "nan", r"guidance_scale=nan .*at least 1.0"),
-    (RAR, "nan", r"guidance_scale=nan .*must be a finite number; 0.0 means "
-                 r"no guidance"),
-    (RAR, "inf", r"guidance_scale=inf .*a finite number"),
-    (EQ, "nan", r"guidance_scale=nan .*a finite number; 1.0 means no "
-                r"guidance")])
-def test_a_guidance_scale_drawn_otherwise_is_refused_before_loading(
-    spec, value, message, tmp_path):
+G = "guidance_scale"
+
+
+@pytest.mark.parametrize("spec,key,value,message", [
+    (FAR, G, 0, r"guidance_scale=0.0 \(config.sample.guidance_scale\) must be "
+                r"at least 1.0; 1.0 means no guidance"),
+    (FAR, G, -1, r"guidance_scale=-1.0 .*at least 1.0; 1.0 means no guidance"),
+    (FAR, G, 0.5, r"guidance_scale=0.5 .*at least 1.0"),
+    (FAR, G, "nan", r"guidance_scale=nan .*at least 1.0"),
+    (FAR, "top_k", -1, r"top_k >= 0 and 0 < top_p <= 1, got top_k=-1"),
+    (FAR, "top_p", 0.0, r"got top_k=0, top_p=0.0"),
+    (FAR, "temperature", 0.0, r"temperature must be a finite number > 0"),
+    (RAR, G, "nan", r"guidance_scale=nan .*must be a finite number; 0.0 means "
+                    r"no guidance"),
+    (RAR, G, "inf", r"guidance_scale=inf .*a finite number"),
+    (RAR, "guidance_pow", -1.0, r"guidance_pow=-1.0 .*>= 0"),
+    (RAR, "temperature", "nan", r"temperature must be a finite number > 0, "
+                                r"got nan"),
+    (EQ, G, "nan", r"guidance_scale=nan .*a finite number; 1.0 means no "
+                   r"guidance")])
+def test_a_sampling_setting_drawn_otherwise_is_refused_before_loading(
+    spec, key, value, message, tmp_path):
   """FAR's official sampler guides only above 1.0, so 0 or -1 would draw as
   1.0 while settings.json records them; NaN or inf gives noise images in
-  every sampler. Refused before the weights load (init_from does not exist)
-  and before anything is written."""
+  every sampler; so do a NaN temperature or a negative RAR guidance_pow.
+  Refused, as the filters are, before the weights load (init_from does not
+  exist) and before anything is written."""
   from genvis_jax.errors import ConfigError
   from tests import pipeline_common as pc
   config = pc.load_config(spec, **{
       "mode": "sample", "init_from": "/nowhere/run",
-      "tokenizer.checkpoint": "/nowhere/tok", "sample.guidance_scale": value})
+      "tokenizer.checkpoint": "/nowhere/tok", f"sample.{key}": value})
   with pytest.raises(ConfigError, match=message):
     driver.sample_and_save(config, str(tmp_path))
   assert not os.listdir(tmp_path)

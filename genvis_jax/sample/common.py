@@ -8,7 +8,9 @@
 * one compiled program per static ``Options`` value (``options``,
   ``compiled``, ``call``);
 * the per-call checks (``check_labels``, ``check_call``,
-  ``check_guidance``) and the batch's device split (``batch_shards``).
+  ``check_temperature``, ``check_guidance``; ``check_configured`` runs a
+  sampler's ``check_settings`` on ``config.sample``) and the batch's device
+  split (``batch_shards``).
 
 The KV-cache decode loop of the token samplers is ``genvis_jax.sample.ar``.
 """
@@ -219,11 +221,18 @@ def check_call(labels, temperature, null_label: int):
   number > 0 (NaN would draw from NaN logits: noise, no error).
   """
   labels = check_labels(labels, null_label)
+  check_temperature(temperature)
+  return labels
+
+
+def check_temperature(temperature) -> float:
+  """A token sampler's temperature as a float: a finite number > 0 (NaN
+  would draw from NaN logits: noise, no error). Raises ``ConfigError``."""
   if not 0.0 < float(temperature) < math.inf:
     raise errors.ConfigError(
         f"temperature must be a finite number > 0, got {temperature} (1.0 = "
         "the model's distribution).")
-  return labels
+  return float(temperature)
 
 
 def check_guidance(scale, *, no_guidance: float,
@@ -253,14 +262,15 @@ def check_guidance(scale, *, no_guidance: float,
       f"{no_guidance} means no guidance.")
 
 
-def check_configured_guidance(sampler, sample_config) -> None:
-  """``sample_config.guidance_scale`` (``config.sample``) through the
-  ``check_guidance(scale)`` of ``sampler`` (a ``genvis_jax.sample.<name>``
-  module), if it has one: ``mode=sample`` and the training grids call it
+def check_configured(sampler, sample_config) -> None:
+  """``config.sample`` through the ``check_settings(sample_config)`` of
+  ``sampler`` (a ``genvis_jax.sample.<name>`` module), if it has one: the
+  checks its Python API makes on the values the driver passes (guidance,
+  temperature, filters), run by ``mode=sample`` and the training grids
   before any weights load. Raises what that check raises (ConfigError)."""
-  check = getattr(sampler, "check_guidance", None)
+  check = getattr(sampler, "check_settings", None)
   if check is not None:
-    check(sample_config.guidance_scale)
+    check(sample_config)
 
 
 def batch_shards(x) -> int:

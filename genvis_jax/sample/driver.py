@@ -47,8 +47,9 @@ def _sampler_module(name: str):
   params, labels, rng, sample_config)`` returns codes in the tokenizer's
   ``decode`` format; its optional ``RUN_KEYS`` maps sampling settings to the
   run settings they must equal (``parts.check_trained_with``), its optional
-  ``check_guidance(scale)`` refuses a ``config.sample.guidance_scale`` it
-  would not apply as given. See ``genvis_jax.core.registry``."""
+  ``check_settings(sample_config)`` refuses the settings its ``generate``
+  would refuse (or not apply as given) before anything loads. See
+  ``genvis_jax.core.registry``."""
   return registry.module("genvis_jax.sample", name, ("generate",),
                          setting="config.model.name (the generator)")
 
@@ -270,7 +271,7 @@ def sample_and_save(config, workdir: str) -> dict:
   if int(s.get("seed", 0)) < 0:   # jax takes any key, NumPy's label draw not
     raise errors.ConfigError(f"config.sample.seed={s.seed} must be 0 or more.")
   common.check_dtype(common.config_dtype(s))   # before the weights load
-  common.check_configured_guidance(_sampler_module(config.model.name), s)
+  common.check_configured(_sampler_module(config.model.name), s)
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "

@@ -241,6 +241,12 @@ def check_guidance(scale) -> float:
   return common.check_guidance(scale, no_guidance=1.0)
 
 
+def check_settings(s) -> None:
+  """``config.sample`` (what the driver passes) through the checks
+  ``sample`` makes, before anything loads (``common.check_configured``)."""
+  check_guidance(s.guidance_scale)
+
+
 def _check(model, labels, num_columns, num_steps, guidance_scale):
   if int(num_columns) < 1:
     raise ConfigError(f"num_columns must be >= 1, got {num_columns}.")

@@ -105,16 +105,21 @@ def _uncached_impl(model, opts, params, labels, rng, g, temp):
   return jax.lax.fori_loop(0, n, body, jnp.zeros((b, k, n), jnp.int32))
 
 
+def check_filters(top_k, top_p) -> None:
+  """Refuses top_k < 0 or top_p outside (0, 1] (``ConfigError``)."""
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise errors.ConfigError(
+        f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, "
+        f"top_p={top_p} (0 / 1.0 disable them).")
+
+
 def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
                top_k: int = 0, top_p: float = 1.0, dtype=None,
                bucket: int | None = None):
   """The jitted ``f(params, labels, rng, g, temperature) -> codes`` that
   ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``).
   Raises ``ConfigError`` for top_k < 0 or top_p outside (0, 1]."""
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise errors.ConfigError(
-        f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, "
-        f"top_p={top_p} (0 / 1.0 disable them).")
+  check_filters(top_k, top_p)
   opts = ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
                     bucket=bucket, top_k=int(top_k), top_p=float(top_p))
   return common.compiled(_cached_impl if cached else _uncached_impl, model,
@@ -126,6 +131,14 @@ def check_guidance(scale) -> float:
   no guidance). The official sampler applies CFG only when the scale is > 1,
   so 0 or -1 would draw as 1.0 while the run records them."""
   return common.check_guidance(scale, no_guidance=1.0, minimum=1.0)
+
+
+def check_settings(s) -> None:
+  """``config.sample`` (what ``generate`` passes) through the checks
+  ``sample`` makes, before anything loads (``common.check_configured``)."""
+  check_guidance(s.guidance_scale)
+  common.check_temperature(s.temperature)
+  check_filters(s.get("top_k", 0), s.get("top_p", 1.0))
 
 
 def _run(cached, model, params, labels, rng, guidance_scale, temperature, top_k,

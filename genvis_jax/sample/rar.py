@@ -175,14 +175,30 @@ def check_guidance(scale) -> float:
   return common.check_guidance(scale, no_guidance=0.0)
 
 
+def check_guidance_pow(guidance_pow) -> float:
+  """The cosine schedule's power as a float: a finite number >= 0 (a
+  negative one is ``0 ** pow`` = inf at step 0: NaN logits). Raises
+  ``ConfigError``."""
+  if not 0.0 <= float(guidance_pow) < math.inf:
+    raise errors.ConfigError(
+        f"guidance_pow={guidance_pow} (config.sample.guidance_pow) must be a "
+        "finite number >= 0; 0 keeps the scale constant.")
+  return float(guidance_pow)
+
+
+def check_settings(s) -> None:
+  """``config.sample`` (what ``generate`` passes) through the checks
+  ``sample`` makes, before anything loads (``common.check_configured``)."""
+  check_guidance(s.guidance_scale)
+  check_guidance_pow(s.guidance_pow)
+  common.check_temperature(s.temperature)
+
+
 def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
          temperature, seq_len, dtype=None, bucket=None):
   labels = common.check_call(labels, temperature, model.null_label)
   use_cfg = check_guidance(guidance_scale) != 0.0  # official: 0 disables CFG
-  if not 0.0 <= float(guidance_pow) < math.inf:   # < 0: 0 ** pow at step 0
-    raise errors.ConfigError(
-        f"guidance_pow={guidance_pow} (config.sample.guidance_pow) must be a "
-        "finite number >= 0; 0 keeps the scale constant.")
+  check_guidance_pow(guidance_pow)
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
                   dtype=dtype, bucket=bucket,
                   batch_shards=common.batch_shards(labels))

@@ -105,17 +105,18 @@ class GeneratorTask(Task):
   def check_grids(self) -> None:
     """Refuses what the grids would not draw as configured, as
     ``mode=sample`` does before any weights load: a generator drawing codes
-    its tokenizer cannot decode (``inference.check_codes_fit``) and a
-    ``config.sample.guidance_scale`` the sampler would not apply as given
-    (``sample.common.check_configured_guidance``). ``__init__`` calls it
-    when the grids are on (``image_every`` and a tokenizer checkpoint).
+    its tokenizer cannot decode (``inference.check_codes_fit``) and
+    ``config.sample`` settings the sampler refuses or would not apply as
+    given: guidance, temperature, filters (``sample.common.check_configured``).
+    ``__init__`` calls it when the grids are on (``image_every`` and a
+    tokenizer checkpoint).
 
     Raises:
       inference.CodebookSizeError: codebook_size > the tokenizer's num_codes.
-      ConfigError: the guidance scale, naming its value.
+      ConfigError: a sampling setting, naming its value.
     """
     inference.check_codes_fit(self.config)
-    sample_common.check_configured_guidance(self.sampler, self.config.sample)
+    sample_common.check_configured(self.sampler, self.config.sample)
 
   def grid_configs(self, batch) -> tuple[tuple[str, object], ...]:
     """``(name, sample_config)`` of each grid: ``config.sample`` as
