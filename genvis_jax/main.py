@@ -38,6 +38,7 @@ __doc__ = (__doc__ or "") + cli.config_catalogue(   # pylint: disable=redefined-
                  "configs")) + "\n"
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli)   # --verbose in --help
 config_flags.DEFINE_config_file(
     "config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, images.")

@@ -129,11 +129,8 @@ def check_workdir(workdir: str) -> str | None:
   created none."""
   if not workdir or files.is_remote(workdir):
     return None
-  top, parent = None, os.path.abspath(workdir)
-  while not os.path.exists(parent):
-    top, parent = parent, os.path.dirname(parent)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    top = _makedirs(workdir)
     # An existing folder may still refuse files (a read-only mount): found
     # here, before any compute, not by the first writer (a traceback).
     with tempfile.TemporaryFile(dir=workdir):
@@ -166,23 +163,40 @@ def remove_empty_dirs(top: str) -> None:
 STOPS_CLEANLY = ("train", "sample", "demo")
 
 
-# Modes that hold the workdir's lock for the whole run (``core.workdir_lock``;
-# the trainer takes it itself, in a demo in its stage's folder).
+# Modes that hold a lock for the whole run (``core.workdir_lock``; the
+# trainer takes its workdir's itself, in a demo in its stage's folder).
 LOCKED = {"sample": "sampling run", "evaluate": "evaluation run",
           "pretokenize": "pre-tokenizing run", "demo": "demo run"}
 
 
-def lock_dir(config, workdir: str) -> str:
-  """The folder a ``LOCKED`` mode's run holds: its workdir, or for
-  pre-tokenizing into ``config.pretokenize.output`` (a local path, maybe in
-  another workdir) the folder of those token files, which two runs must not
-  write at once (created here)."""
-  output = (config.get("pretokenize") or {}).get("output", "")
-  if config.mode != "pretokenize" or not output or files.is_remote(output):
-    return workdir
-  folder = os.path.dirname(os.path.abspath(output))
-  os.makedirs(folder, exist_ok=True)
-  return folder
+def lock_dir(config, workdir: str) -> tuple[str, str | None]:
+  """The folder a ``LOCKED`` mode's run holds, and the outermost folder
+  made for it (None if none): the workdir, but for pre-tokenizing the folder
+  its token files go to (``<workdir>/tokens`` or that of
+  ``config.pretokenize.output``, which another run's workdir may hold): two
+  runs must not write the same shards, whatever their workdirs."""
+  if config.mode != "pretokenize" or "pretokenize" not in config:
+    return workdir, None
+  from genvis_jax.data import pretokenize  # pylint: disable=import-outside-toplevel
+  folder = os.path.dirname(os.path.abspath(
+      pretokenize.output_prefix(config, workdir)))
+  if files.is_remote(folder):   # refused by the mode; no lock there anyway
+    return folder, None
+  return folder, _makedirs(folder)
+
+
+def _makedirs(path: str) -> str | None:
+  """``os.makedirs(path)``; returns the outermost folder it created."""
+  top, parent = None, os.path.abspath(path)
+  while not os.path.exists(parent):
+    top, parent = parent, os.path.dirname(parent)
+  os.makedirs(path, exist_ok=True)
+  return top
+
+
+def _inside(path: str, top: str) -> bool:
+  path, top = os.path.abspath(path), os.path.abspath(top)
+  return path == top or path.startswith(os.path.join(top, ""))
 
 
 def _stop_at_once(signum, frame):
@@ -203,19 +217,25 @@ def run(config, workdir: str):
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL
                              if jax.process_count() > 1 else _stop_at_once)
   try:
-    created = check_workdir(workdir)
+    made = [check_workdir(workdir)]
+    held = workdir   # training locks its workdir itself
     try:
-      if config.mode not in LOCKED:   # training locks its workdir itself
+      if config.mode not in LOCKED:
         return fn(config, workdir)
-      with workdir_lock.hold(lock_dir(config, workdir), LOCKED[config.mode]):
+      held, top = lock_dir(config, workdir)
+      made.append(top)
+      with workdir_lock.hold(held, LOCKED[config.mode]):
         return fn(config, workdir)
     except BaseException as e:
-      # Refused as busy: the folder and its lock file are the other run's.
-      if created and not isinstance(e, workdir_lock.WorkdirBusyError):
-        # The run's lock file (released by now) is not data the run made.
-        with contextlib.suppress(OSError):
-          os.remove(os.path.join(workdir, workdir_lock.LOCK_NAME))
-        remove_empty_dirs(created)
+      # Refused as busy: the held folder's lock file is the other run's (and
+      # keeps that folder); otherwise this run's lock file, in a folder it
+      # made, is not data the run made.
+      busy = isinstance(e, workdir_lock.WorkdirBusyError)
+      for top in filter(None, made):
+        if not busy and _inside(held, top):
+          with contextlib.suppress(OSError):
+            os.remove(os.path.join(held, workdir_lock.LOCK_NAME))
+        remove_empty_dirs(top)
       if isinstance(e, (errors.StoppedBySignal, KeyboardInterrupt)):
         e.mode = config.mode   # the CLI's line says what a rerun does
       raise

@@ -176,14 +176,18 @@ def test_other_modes_refuse_a_busy_workdir_before_reading_anything(
     tmp_path, monkeypatch, mode):
   """A sampling, evaluation, pre-tokenizing or demo run finds the lock first
   (here a training run's; the inputs named do not exist) and keeps it while
-  it runs: a second run is refused, not run twice. Pre-tokenizing into
-  ``pretokenize.output`` holds that folder, whatever the workdir. A refused
-  run leaves the folder and the lock file it found (it may have seen the
-  folder as its own: two runs started at once on a new workdir)."""
+  it runs: a second run is refused, not run twice. Pre-tokenizing holds the
+  folder its token files go to (``<workdir>/tokens``, or that of
+  ``pretokenize.output`` even from another workdir). A refused run leaves
+  the lock file it found and the folder holding it (it may have made that
+  folder too: two runs started at once); a new workdir of its own that
+  holds nothing is removed."""
   from configs import demo, rar_b  # pylint: disable=import-outside-toplevel
   from genvis_jax import modes  # pylint: disable=import-outside-toplevel
   from genvis_jax.core import workdir_lock  # pylint: disable=import-outside-toplevel
-  wd, held = str(tmp_path / "wd"), str(tmp_path / "wd")
+  wd = str(tmp_path / "wd")
+  held = {"pretokenize": os.path.join(wd, "tokens"),
+          "pretokenize_output": str(tmp_path / "other" / "tokens")}.get(mode, wd)
   if mode == "demo":
     c = demo.get_config()
   else:
@@ -191,20 +195,35 @@ def test_other_modes_refuse_a_busy_workdir_before_reading_anything(
     c.mode, c.init_from = mode.split("_")[0], str(tmp_path / "absent")
     c.tokenizer.checkpoint = str(tmp_path / "absent")
   if mode == "pretokenize_output":
-    held = str(tmp_path / "tokens")
     c.pretokenize.output = os.path.join(held, "train")
-  os.makedirs(held, exist_ok=True)
+  os.makedirs(held)
+  made = lambda w: (os.makedirs(w, exist_ok=True), w)[1]   # "made" by the run
   with workdir_lock.hold(held):
     with monkeypatch.context() as m:
-      m.setattr(modes, "check_workdir", lambda w: [w])   # "created" by it
+      m.setattr(modes, "check_workdir", made)
       with pytest.raises(workdir_lock.WorkdirBusyError,
                          match=r"in use by another run \(training run: "):
         modes.run(c, wd)
     assert os.path.exists(os.path.join(held, workdir_lock.LOCK_NAME))
+    assert os.path.exists(wd) == (held == wd or mode == "pretokenize")
   if mode != "demo":
     with pytest.raises(Exception) as e:   # free: the missing input is named
       modes.run(c, wd)
     assert not isinstance(e.value, workdir_lock.WorkdirBusyError)
+
+
+def test_a_failed_pretokenize_leaves_no_folder_it_made_for_its_tokens(
+    tmp_path):
+  """The token folder made to hold the lock goes with the failed run, as
+  its workdir does (the tokenizer named does not exist)."""
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
+  from genvis_jax import modes  # pylint: disable=import-outside-toplevel
+  c = rar_b.get_config("runlocal")
+  c.mode, c.tokenizer.checkpoint = "pretokenize", str(tmp_path / "absent")
+  c.pretokenize.output = str(tmp_path / "tok" / "sub" / "train")
+  with pytest.raises(Exception, match="absent"):
+    modes.run(c, str(tmp_path / "wd"))
+  assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_resume_refuses_a_different_model(tmp_path, monkeypatch):

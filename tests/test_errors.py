@@ -461,6 +461,7 @@ def test_help_lists_the_runnable_configs_and_their_arguments():
   assert listed == runnable
   assert "rar_xl.py              RAR-XL on ImageNet 256" in out.stdout
   assert "runlocal" in out.stdout and "far_b.py:dual" in out.stdout
+  assert "--[no]verbose: Show Python tracebacks" in out.stdout
   out = subprocess.run([sys.executable, "-m", "genvis_jax.convert", "--help"],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
   assert "Kinds here: clip_vision, dinov2, eq_generator," in out.stdout

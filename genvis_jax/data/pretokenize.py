@@ -134,6 +134,13 @@ def _reused(path: str, done: dict, settings: dict, pattern: str) -> dict:
   return {"files": [path], "records": done["records"], "pattern": pattern}
 
 
+def output_prefix(config, workdir: str) -> str:
+  """Where the token files go: ``config.pretokenize.output``, by default
+  ``<workdir>/tokens/<split>`` (files ``<prefix>-<i>-of-<n>.array_record``)."""
+  p = config.pretokenize
+  return p.output or os.path.join(workdir, "tokens", p.split)
+
+
 def check_images_in_data(config) -> None:
   """Refuses a ``config.data`` (the generator's training input: token files)
   that names images ``config.pretokenize.data`` does not: pre-tokenizing
@@ -171,7 +178,7 @@ def pretokenize(config, workdir: str) -> dict:
   transforms.check_center_crop(
       p.data.get("center_crop", "") or "adm", p.data.image_size,
       p.data.get("image_width", 0), "config.pretokenize.data.center_crop")
-  output = p.output or os.path.join(workdir, "tokens", p.split)
+  output = output_prefix(config, workdir)
   if "://" in output:   # refused now, not after the whole split is encoded
     raise errors.ConfigError(
         f"Pre-tokenizing writes local files, and its output {output!r} is "
