@@ -3,11 +3,12 @@
 Two runs in one workdir (a command started twice, in two terminals) would
 save checkpoints over each other's steps and resume from each other's
 state, or draw and write the same sample parts twice. While it runs, a
-training, sampling, evaluation or pre-tokenizing run holds an exclusive
-``flock`` on ``<workdir>/.genvis_lock`` (process 0, local and network file
-systems that support it); the operating system releases it when the process
-ends, however it ends, so a crashed run leaves no stale lock behind. Object stores
-(``gs://``) have no such lock: there the launcher's run names keep runs apart.
+training, sampling, evaluation or demo run holds an exclusive ``flock`` on
+``<workdir>/.genvis_lock`` (process 0, local and network file systems that
+support it; a pre-tokenizing run on its token folder's, ``modes.lock_dir``);
+the operating system releases it when the process ends, however it ends, so
+a crashed run leaves no stale lock behind. Object stores (``gs://``) have no
+such lock: there the launcher's run names keep runs apart.
 """
 
 from __future__ import annotations
