@@ -177,7 +177,11 @@ def flags_parser(usage: str):
     except flags.Error as e:
       if verbose(argv):
         raise
-      fail(f"{flag_error_message(e)}\n{usage}", 2)
+      message = flag_error_message(e)
+      for path in _config_paths(argv)[-1:]:   # a config argument's example
+        message = message.replace("--config=configs/X.py:",
+                                  f"--config={path}:")
+      fail(f"{message}\n{usage}", 2)
     except Exception as e:  # pylint: disable=broad-exception-caught
       # A config file that raises while it loads (bad config argument, ...).
       if verbose(argv):

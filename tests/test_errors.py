@@ -467,6 +467,15 @@ def test_help_lists_the_runnable_configs_and_their_arguments():
   assert "Kinds here: clip_vision, dinov2, eq_generator," in out.stdout
 
 
+def test_a_config_argument_error_gives_an_example_for_that_file(tmp_path):
+  out = _cli(["--config=configs/demo.py:runlocal", f"--workdir={tmp_path}/w"])
+  assert out.returncode == 2
+  assert ("Unknown config argument 'runlocal'; this config takes smoke (a "
+          "flag), comma-separated (e.g. --config=configs/demo.py:smoke)"
+          in out.stderr), out.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_demo_mode_and_job_configs_are_not_mixed():
   from configs import rar_b   # pylint: disable=import-outside-toplevel
   job = rar_b.get_config()
