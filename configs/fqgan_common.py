@@ -35,7 +35,7 @@ def parse_arg(arg):
     raise ValueError(
         f"Unknown config argument {a.precision!r}; this config takes a "
         f"precision ({' or '.join(sorted(PRECISIONS))}) and the flag runlocal, "
-        "comma-separated (e.g. --config=configs/fqgan_dual_ds16.py:fp32,runlocal).")
+        "comma-separated (e.g. --config=configs/X.py:fp32,runlocal).")
   return a
 
 
