@@ -116,7 +116,7 @@ def floor_bytes_per_column(params, num_steps, rows, hoisted):
   b = byte_counts(params)
   if not hoisted:
     return b["head"] * num_steps + b["column"]
-  chunks = num_steps // eq_sample.steps_per_chunk(num_steps, rows)
+  chunks = -(-num_steps // eq_sample.steps_per_chunk(num_steps, rows))
   return b["head_x"] * num_steps + b["head_mod"] * chunks + b["column"]
 
 
@@ -196,17 +196,16 @@ def make_floor(model, num_steps, use_cfg, hoisted, scale=7.0):
     net = params["diffloss"]["net"]
     if hoisted:
       k = eq_sample.steps_per_chunk(num_steps, z.shape[0])
-      tt = times.reshape(num_steps // k, k)
 
-      def chunk(c, x):
-        t = jax.lax.dynamic_index_in_dim(tt, c, keepdims=False)[:, None, None]
+      def chunk(t, x):
+        t = t[:, None, None]
         mods = _mods(net, _silu_y(net, t.astype(z.dtype), z[None]), hdepth)
         def step(j, x):
           m = [jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in mods]
           return euler(x, _x_path(net, twice(x), m, hdepth))
-        return jax.lax.fori_loop(0, k, step, x)
+        return jax.lax.fori_loop(0, t.shape[0], step, x)
 
-      x = jax.lax.fori_loop(0, num_steps // k, chunk, x)
+      x = eq_sample.over_chunks(chunk, times, k, x)
     else:   # t changes every step: the whole head is read every step
       def step(i, x):
         t = times[i].astype(z.dtype)

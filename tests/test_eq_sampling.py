@@ -68,19 +68,23 @@ def test_batch_sharded_sampling_keeps_each_device_on_its_examples(
       latents, eq_sample.sample(model, params, labels, key, **KW))
 
 
-def test_steps_per_chunk_divides_and_bounds_rows():
+def test_steps_per_chunk_bounds_rows_in_the_fewest_balanced_chunks():
   assert eq_sample.steps_per_chunk(100, 2) == 100          # batch 1 with CFG
-  assert eq_sample.steps_per_chunk(100, 128, 2048) == 10   # 16 would not divide
+  assert eq_sample.steps_per_chunk(100, 32, 2048) == 50    # 2 chunks of <= 64
+  assert eq_sample.steps_per_chunk(100, 128, 2048) == 15   # 7 of <= 16: 6 x 15 + 10
+  assert eq_sample.steps_per_chunk(101, 2, 100) == 34      # a prime: 34, 34, 33
   assert eq_sample.steps_per_chunk(7, 4096, 2048) == 1
   np.testing.assert_array_equal(eq_sample.step_times(4), [1.0, 0.75, 0.5, 0.25])
 
 
-@pytest.mark.parametrize("use_cfg,max_rows", [(True, 2 * 4), (False, 10_000)])
-def test_hoisted_modulations_equal_the_per_step_head(tiny, use_cfg, max_rows):
-  """Chunks of 2 of 6 steps (CFG) and all 6 at once (no CFG) vs the official
-  per-step loop over ``velocity``."""
+@pytest.mark.parametrize("use_cfg,max_rows,steps,k", [
+    (True, 2 * 4, 6, 2), (False, 10_000, 6, 6), (True, 3 * 4, 7, 3)])
+def test_hoisted_modulations_equal_the_per_step_head(tiny, use_cfg, max_rows,
+                                                     steps, k):
+  """Chunks of 2 of 6 steps (CFG), all 6 at once (no CFG) and 3 + 3 + 1 of 7
+  (a shorter last chunk) vs the official per-step loop over ``velocity``."""
   model, params = tiny
-  b, steps = 2, 6
+  b = 2
   rows = 2 * b if use_cfg else b
   z = jax.random.normal(jax.random.key(0), (rows, 32))
   noise = jax.random.normal(jax.random.key(1), (b, C))
@@ -95,7 +99,7 @@ def test_hoisted_modulations_equal_the_per_step_head(tiny, use_cfg, max_rows):
     return ref, got
 
   ref, got = both(z, noise)
-  assert eq_sample.steps_per_chunk(steps, rows, max_rows) == (2 if use_cfg else 6)
+  assert eq_sample.steps_per_chunk(steps, rows, max_rows) == k
   assert float(jnp.abs(ref - noise).max()) > 0.1            # the head moved x
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(
       jnp.abs(ref).max()))

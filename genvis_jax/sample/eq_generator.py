@@ -111,11 +111,25 @@ def step_times(num_steps: int):
 
 
 def steps_per_chunk(num_steps: int, rows: int, max_rows: int = HOIST_ROWS):
-  """Largest divisor k of ``num_steps`` with ``k * rows <= max_rows`` (>= 1):
-  how many steps' modulations one batched matmul computes (``rows``: one
-  device's head rows)."""
-  return max([k for k in range(1, num_steps + 1)
-              if num_steps % k == 0 and k * rows <= max_rows] or [1])
+  """How many steps' modulations one batched matmul computes (``rows``: one
+  device's head rows): the fewest chunks of at most ``max_rows // rows``
+  steps (>= 1), balanced, so k = ceil(num_steps / chunks); the last chunk
+  may be shorter (``over_chunks``), so a prime ``num_steps`` hoists too."""
+  cap = max(1, max_rows // max(1, rows))
+  chunks = -(-num_steps // cap)
+  return -(-num_steps // chunks)
+
+
+def over_chunks(chunk, times, k: int, x):
+  """``x = chunk(t, x)`` over ``times`` (S,) in order, ``t`` its next k
+  values ((k,); the last chunk the S % k left, if any): one ``fori_loop``
+  over the full chunks, then the shorter one (a second, smaller program)."""
+  n, rest = divmod(times.shape[0], k)
+  full = times[:n * k].reshape(n, k)
+  x = jax.lax.fori_loop(
+      0, n, lambda c, x: chunk(jax.lax.dynamic_index_in_dim(
+          full, c, keepdims=False), x), x)
+  return chunk(times[n * k:], x) if rest else x
 
 
 def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
@@ -126,17 +140,16 @@ def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
   model / params: an ``EqGenerator`` (its ``head_modulations`` /
   ``head_velocity``); z (R, d) with R = B, or 2B with CFG (``euler_flow``'s
   order); noise (B, C). Per chunk of k steps (``steps_per_chunk`` of one
-  device's R / ``batch_shards`` rows) one matmul gives the modulations of
-  k x R rows; then k Euler steps run the x path only.
+  device's R / ``batch_shards`` rows; the last chunk may be shorter) one
+  matmul gives the modulations of k x R rows; then k Euler steps run the x
+  path only.
   Returns (B, C) float32.
   """
   rows = -(-z.shape[0] // max(1, batch_shards))   # inside jit: the global R
   k = steps_per_chunk(num_steps, rows, max_rows)
-  times = step_times(num_steps).reshape(num_steps // k, k)
   apply = functools.partial(model.apply, {"params": params})
 
-  def chunk(c, x):
-    t = jax.lax.dynamic_index_in_dim(times, c, keepdims=False)
+  def chunk(t, x):
     mods = apply(t[:, None], z, method="head_modulations")   # each (k, R, .)
 
     def step(j, x):
@@ -144,9 +157,9 @@ def euler_flow_hoisted(model, params, z, noise, scale, num_steps: int,
       v = apply(common.twice(x, use_cfg), m, method="head_velocity")
       return x - common.guide(v, scale, use_cfg) / num_steps
 
-    return jax.lax.fori_loop(0, k, step, x)
+    return jax.lax.fori_loop(0, t.shape[0], step, x)
 
-  return jax.lax.fori_loop(0, num_steps // k, chunk, noise.astype(jnp.float32))
+  return over_chunks(chunk, step_times(num_steps), k, noise.astype(jnp.float32))
 
 
 def _column(model, opts, params, z, rng, col, guidance_scale):
