@@ -7,10 +7,10 @@
   ``check_dtype``, ``cast_params``, ``for_decoding``;
 * one compiled program per static ``Options`` value (``options``,
   ``compiled``, ``call``);
-* the per-call checks (``check_labels``, ``check_call``,
-  ``check_temperature``, ``check_guidance``; ``check_configured`` runs a
-  sampler's ``check_settings`` on ``config.sample``) and the batch's device
-  split (``batch_shards``).
+* the per-call checks (``check_labels``, ``check_temperature``,
+  ``check_guidance``; ``check_configured`` runs a sampler's
+  ``check_settings`` on ``config.sample``) and the batch's device split
+  (``batch_shards``).
 
 The KV-cache decode loop of the token samplers is ``genvis_jax.sample.ar``.
 """
@@ -210,18 +210,6 @@ def check_labels(labels, null_label: int):
         f"classes of this model: use 0..{null_label - 1} "
         f"(config.model.num_classes={null_label}), or {null_label} (the null "
         "class) for unconditional samples.")
-  return labels
-
-
-def check_call(labels, temperature, null_label: int):
-  """The per-call arguments every class-conditional token sampler shares.
-
-  Returns labels as int32 (B,); raises ``ConfigError`` (a ``ValueError``) for
-  labels ``check_labels`` refuses or a temperature that is not a finite
-  number > 0 (NaN would draw from NaN logits: noise, no error).
-  """
-  labels = check_labels(labels, null_label)
-  check_temperature(temperature)
   return labels
 
 

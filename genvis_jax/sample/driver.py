@@ -244,9 +244,9 @@ def sample_and_save(config, workdir: str) -> dict:
   ``num_samples``.
   Raises:
     ConfigError: a count < 1, a batch size that is not a multiple of the
-      device count, an unsupported ``config.sample.dtype``, a guidance scale
-      the sampler refuses (its ``check_guidance``) or bad
-      ``config.sample.classes`` / ``labels`` (before anything loads).
+      device count, an unsupported ``config.sample.dtype``, settings the
+      sampler refuses (its ``check_settings``: guidance, temperature, ...)
+      or bad ``config.sample.classes`` / ``labels`` (before anything loads).
     parts.TrainedWithError: the weights trained / converted with other
       model (or ``RUN_KEYS``) settings than the config samples with, or a
       generator run's samples decoded by other tokenizer weights than it

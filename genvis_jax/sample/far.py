@@ -133,18 +133,25 @@ def check_guidance(scale) -> float:
   return common.check_guidance(scale, no_guidance=1.0, minimum=1.0)
 
 
+def check_arguments(guidance_scale, temperature, top_k, top_p) -> bool:
+  """The scalar arguments ``sample`` takes, checked (``ConfigError``);
+  returns whether they guide (official: CFG only when the scale is > 1)."""
+  common.check_temperature(temperature)
+  check_filters(top_k, top_p)
+  return check_guidance(guidance_scale) > 1.0
+
+
 def check_settings(s) -> None:
   """``config.sample`` (what ``generate`` passes) through the checks
   ``sample`` makes, before anything loads (``common.check_configured``)."""
-  check_guidance(s.guidance_scale)
-  common.check_temperature(s.temperature)
-  check_filters(s.get("top_k", 0), s.get("top_p", 1.0))
+  check_arguments(s.guidance_scale, s.temperature, s.get("top_k", 0),
+                  s.get("top_p", 1.0))
 
 
 def _run(cached, model, params, labels, rng, guidance_scale, temperature, top_k,
          top_p, dtype=None, bucket=None):
-  labels = common.check_call(labels, temperature, model.null_label)
-  use_cfg = check_guidance(guidance_scale) > 1.0  # official: CFG when > 1
+  labels = common.check_labels(labels, model.null_label)
+  use_cfg = check_arguments(guidance_scale, temperature, top_k, top_p)
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, top_k=top_k,
                   top_p=top_p, dtype=dtype, bucket=bucket)
   return common.call(fn, params, labels, rng, guidance_scale, temperature)
@@ -177,8 +184,9 @@ def sample(model, params, labels, rng, *, guidance_scale: float = 2.0,
     each raster order (reshape to (B, k, grid, grid) for ``decode``).
   Raises:
     ConfigError: labels not 1-D or out of range (``common.check_labels``),
-      a guidance_scale below 1 or not finite, temperature <= 0, top_k < 0,
-      top_p outside (0, 1], or a dtype other than float32 / bfloat16.
+      a guidance_scale below 1 or not finite, a temperature that is not a
+      finite number > 0, top_k < 0, top_p outside (0, 1], or a dtype other
+      than float32 / bfloat16.
   """
   return _run(True, model, params, labels, rng, guidance_scale,
               temperature, top_k, top_p, dtype, bucket)

@@ -186,19 +186,24 @@ def check_guidance_pow(guidance_pow) -> float:
   return float(guidance_pow)
 
 
+def check_arguments(guidance_scale, guidance_pow, temperature) -> bool:
+  """The scalar arguments ``sample`` takes, checked (``ConfigError``);
+  returns whether they guide (official: a scale of 0 disables CFG)."""
+  common.check_temperature(temperature)
+  check_guidance_pow(guidance_pow)
+  return check_guidance(guidance_scale) != 0.0
+
+
 def check_settings(s) -> None:
   """``config.sample`` (what ``generate`` passes) through the checks
   ``sample`` makes, before anything loads (``common.check_configured``)."""
-  check_guidance(s.guidance_scale)
-  check_guidance_pow(s.guidance_pow)
-  common.check_temperature(s.temperature)
+  check_arguments(s.guidance_scale, s.guidance_pow, s.temperature)
 
 
 def _run(cached, model, params, labels, rng, guidance_scale, guidance_pow,
          temperature, seq_len, dtype=None, bucket=None):
-  labels = common.check_call(labels, temperature, model.null_label)
-  use_cfg = check_guidance(guidance_scale) != 0.0  # official: 0 disables CFG
-  check_guidance_pow(guidance_pow)
+  labels = common.check_labels(labels, model.null_label)
+  use_cfg = check_arguments(guidance_scale, guidance_pow, temperature)
   fn = sampler_fn(model, cached=cached, use_cfg=use_cfg, seq_len=seq_len,
                   dtype=dtype, bucket=bucket,
                   batch_shards=common.batch_shards(labels))
