@@ -1,0 +1,83 @@
+"""One run per workdir (``core.workdir_lock``, ``modes.LOCKED``): a second
+training, sampling, evaluation, pre-tokenizing or demo run is refused before
+it reads or writes anything, naming the first; what it leaves behind."""
+
+import os
+
+import pytest
+
+from configs import demo, rar_b
+from genvis_jax import modes
+from genvis_jax.core import workdir_lock
+from genvis_jax.train import trainer as trainer_lib
+from tests import small_run
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
+  """One training run per workdir: another one's lock (held here as a second
+  command would find it) refuses the run before it builds or writes
+  anything, naming the holder; once released, the run trains."""
+  wd = str(tmp_path / "wd")
+  os.makedirs(wd)
+  with workdir_lock.hold(wd):
+    with pytest.raises(workdir_lock.WorkdirBusyError,
+                       match=rf"{wd} is in use by another run \(training "
+                             rf"run: process {os.getpid()} on .*, since 20.*\)\. "
+                             "Wait for it to end"):
+      trainer_lib.train_loop(small_run.config(2), wd)
+  assert os.listdir(wd) == [workdir_lock.LOCK_NAME]
+  state = trainer_lib.train_loop(small_run.config(2), wd)
+  assert int(state.step) == 2
+  with workdir_lock.hold(wd):   # released when the run ended
+    pass
+
+
+@pytest.mark.parametrize("mode", ["sample", "evaluate", "pretokenize",
+                                  "pretokenize_output", "demo"])
+def test_other_modes_refuse_a_busy_workdir_before_reading_anything(
+    tmp_path, monkeypatch, mode):
+  """A sampling, evaluation, pre-tokenizing or demo run finds the lock first
+  (here a training run's; the inputs named do not exist) and keeps it while
+  it runs: a second run is refused, not run twice. Pre-tokenizing holds the
+  folder its token files go to (``<workdir>/tokens``, or that of
+  ``pretokenize.output`` even from another workdir). A refused run leaves
+  the lock file it found and the folder holding it (it may have made that
+  folder too: two runs started at once); a new workdir of its own that
+  holds nothing is removed."""
+  wd = str(tmp_path / "wd")
+  held = {"pretokenize": os.path.join(wd, "tokens"),
+          "pretokenize_output": str(tmp_path / "other" / "tokens")}.get(mode, wd)
+  if mode == "demo":
+    c = demo.get_config()
+  else:
+    c = rar_b.get_config("runlocal")
+    c.mode, c.init_from = mode.split("_")[0], str(tmp_path / "absent")
+    c.tokenizer.checkpoint = str(tmp_path / "absent")
+  if mode == "pretokenize_output":
+    c.pretokenize.output = os.path.join(held, "train")
+  os.makedirs(held)
+  made = lambda w: (os.makedirs(w, exist_ok=True), w)[1]   # "made" by the run
+  with workdir_lock.hold(held):
+    with monkeypatch.context() as m:
+      m.setattr(modes, "check_workdir", made)
+      with pytest.raises(workdir_lock.WorkdirBusyError,
+                         match=r"in use by another run \(training run: "):
+        modes.run(c, wd)
+    assert os.path.exists(os.path.join(held, workdir_lock.LOCK_NAME))
+    assert os.path.exists(wd) == (held == wd or mode == "pretokenize")
+  if mode != "demo":
+    with pytest.raises(Exception) as e:   # free: the missing input is named
+      modes.run(c, wd)
+    assert not isinstance(e.value, workdir_lock.WorkdirBusyError)
+
+
+def test_a_failed_pretokenize_leaves_no_folder_it_made_for_its_tokens(
+    tmp_path):
+  """The token folder made to hold the lock goes with the failed run, as
+  its workdir does (the tokenizer named does not exist)."""
+  c = rar_b.get_config("runlocal")
+  c.mode, c.tokenizer.checkpoint = "pretokenize", str(tmp_path / "absent")
+  c.pretokenize.output = str(tmp_path / "tok" / "sub" / "train")
+  with pytest.raises(Exception, match="absent"):
+    modes.run(c, str(tmp_path / "wd"))
+  assert sorted(os.listdir(tmp_path)) == []
