@@ -149,8 +149,17 @@ class Section:
 
   def add(self, **row):
     self.rows.append(row)
+    self.show(row)
+
+  @staticmethod
+  def show(row: dict):
     print("  " + " | ".join(f"{k}={_fmt(v)}" for k, v in row.items()),
           flush=True)
+
+  def log(self, text: str):
+    """A progress line (not kept): where a section's time goes, so a run cut
+    short by its time box still says what ran and for how long."""
+    print(f"  .. {text}", flush=True)
 
   def note(self, text: str):
     self.notes.append(text)
@@ -280,18 +289,27 @@ def load_config(spec: str):
 
 
 def random_params(cfg, seed=0):
+  """Random parameters for a model config, made on the host and put on the
+  device: ``jax.eval_shape`` of the init (traced, not compiled) filled by
+  ``host_random_params``. A jitted init compiled for 50-80 s per paper-size
+  generator on an H200 (XLA:GPU), most of a section's time box."""
   import jax  # pylint: disable=import-outside-toplevel
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
-  return jax.jit(lambda k: models.init_params(cfg, k))(jax.random.key(seed))
+  abstract = jax.eval_shape(lambda k: models.init_params(cfg, k),
+                            jax.random.key(seed))
+  return jax.device_put(host_random_params(abstract, seed))
 
 
 def host_random_params(abstract, seed=0):
   """Random numpy parameters for an abstract tree: kernels N(0, 1 / fan_in),
-  1-D ``scale`` / ``var`` ones, other 1-D zeros. Compiling the Inception init
-  costs ~45 s of XLA:CPU time; this costs under a second."""
+  1-D ``scale`` / ``var`` ones, other 1-D zeros. The normals are one pool of
+  2^22 draws tiled over every kernel (speed numbers do not need independent
+  weights; drawing them all costs ~2 s per 100M parameters on a small host).
+  Compiling the Inception init costs ~45 s of XLA:CPU time; this well under a
+  second per 100M parameters."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  rs = np.random.RandomState(seed)
+  pool = np.random.default_rng(seed).standard_normal(1 << 22, dtype=np.float32)
 
   def leaf(path, a):
     name = str(getattr(path[-1], "key", path[-1]))
@@ -299,7 +317,8 @@ def host_random_params(abstract, seed=0):
       fill = np.ones if name in ("scale", "var") else np.zeros
       return fill(a.shape, a.dtype)
     fan_in = int(np.prod(a.shape[:-1]))
-    return (rs.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
+    w = np.resize(pool, a.shape) * np.float32(1 / np.sqrt(fan_in))
+    return w.astype(a.dtype)
   return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
@@ -318,6 +337,7 @@ class Sizes:
   dense_max_n: int       # dense masked attention above this N is skipped
   rar_sizes: tuple
   rar_batches: tuple
+  rar_decode: bool       # also time the MaskGIT VQGAN decode of the codes
   train_probe: int       # per-device batch of the memory probe compile
   train_max: int         # largest batch tried
   train_remats: tuple
@@ -335,7 +355,7 @@ REAL = Sizes(
     attn_check=(1, 512, 4, 64, 128), attn_seqs=(4096, 16384, 65536),
     attn_shape=(1, 16, 64), attn_window=512, attn_iters=10, dense_max_n=16384,
     attn_blocks=((32, 64), (64, 64), (64, 128), (128, 64), (128, 128)),
-    rar_sizes=("b", "xl"), rar_batches=(64, 256), train_probe=32,
+    rar_sizes=("b", "xl"), rar_batches=(64, 256), rar_decode=True, train_probe=32,
     train_max=1024, train_remats=("none", "dots", "full"), train_steps=5,
     far_batch=64, eq_batch=64, eq_columns=(16, 128), eq_flow_steps=100,
     incep_batch=500, incep_image=256, iters=3)
@@ -344,7 +364,7 @@ SMOKE = Sizes(
     attn_check=(1, 64, 2, 16, 16), attn_seqs=(64, 128), attn_shape=(1, 2, 16),
     attn_window=16, attn_iters=2, dense_max_n=64,
     attn_blocks=((16, 32),), rar_sizes=("b",),
-    rar_batches=(2,), train_probe=2, train_max=8, train_remats=("full",),
+    rar_batches=(2,), rar_decode=True, train_probe=2, train_max=8, train_remats=("full",),
     train_steps=2, far_batch=2, eq_batch=2, eq_columns=(2, 4), eq_flow_steps=2,
     incep_batch=2, incep_image=32, iters=1)
 

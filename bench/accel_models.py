@@ -63,7 +63,7 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
     tok_cfg = maskgit_vqgan.runlocal_model(tok_cfg)
   tok_cfg.dtype = "float32"   # decode in fp32 (the project's sampling rule)
   tok = models.build(tok_cfg)
-  tok_params = random_params(tok_cfg, 1)
+  tok_params = random_params(tok_cfg, 1) if sz.rar_decode else None
   decode = jax.jit(lambda p, c: tok.apply({"params": p}, c, method="decode"))
   decoded = {}   # batch -> (compile s, decode s)
   last_cost = 0.0
@@ -90,33 +90,42 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
             s.guidance_scale), jnp.float32(s.guidance_pow),
                 jnp.float32(s.temperature))
         comp_s, compiled = aot(fn, *args)
+        sec.log(f"RAR-{size} batch {batch} {dtype}: compiled in {comp_s:.1f} s")
         runs = []
         for _ in range(sz.iters):
           runs.append(timed(compiled, *args))
           if dl.left() <= 0:
             break
         sample_s = statistics.median(t for t, _ in runs)
-        codes = runs[-1][1].reshape(batch, side, side)
-        if batch not in decoded:   # decode cost does not depend on the RAR size
-          dl.check(f"decode batch {batch}")
-          dcomp_s, dcompiled = aot(decode, tok_params, codes)
-          decoded[batch] = (dcomp_s, statistics.median(
-              timed(dcompiled, tok_params, codes)[0] for _ in range(sz.iters)))
-        dcomp_s, dec_s = decoded[batch]
+        step_ms = 1e3 * sample_s / m.seq_len
+        # The row goes in now; the decode and floor columns follow if the
+        # time box allows.
+        row = dict(model=f"RAR-{size.upper()}", dtype=dtype,
+                   params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
+                   compile_s=comp_s, sample_s=sample_s, step_ms=step_ms,
+                   weight_gb_per_s=weight_read_gbps(n_params, dtype, step_ms),
+                   bytes_ratio=_bytes_ratio(rar_bench, model, params, batch,
+                                            dtype),
+                   images_per_s=batch / sample_s)
+        sec.rows.append(row)
+        sec.log(f"sampled in {sample_s:.3f} s ({len(runs)} runs)")
+        if sz.rar_decode:
+          codes = runs[-1][1].reshape(batch, side, side)
+          if batch not in decoded:   # decode cost does not depend on RAR size
+            dl.check(f"decode batch {batch}")
+            dcomp_s, dcompiled = aot(decode, tok_params, codes)
+            decoded[batch] = (dcomp_s, statistics.median(
+                timed(dcompiled, tok_params, codes)[0]
+                for _ in range(sz.iters)))
+          dcomp_s, dec_s = decoded[batch]
+          row.update(decode_compile_s=dcomp_s, decode_s=dec_s,
+                     images_per_s_decoded=batch / (sample_s + dec_s))
         floor = rar_bench.floor_fn(model, m.seq_len, 2 * batch, adaln=True,
                                    dtype=dtype)
         floor_s = repeat_ms(floor, (params, None), dl, sz.iters,
                             f"RAR-{size} batch {batch} {dtype} floor") / 1e3
-        step_ms = 1e3 * sample_s / m.seq_len
-        sec.add(model=f"RAR-{size.upper()}", dtype=dtype,
-                params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
-                compile_s=comp_s, sample_s=sample_s, step_ms=step_ms,
-                weight_gb_per_s=weight_read_gbps(n_params, dtype, step_ms),
-                floor_s=floor_s, x_floor=sample_s / floor_s,
-                bytes_ratio=_bytes_ratio(rar_bench, model, params, batch,
-                                         dtype),
-                images_per_s=batch / sample_s, decode_compile_s=dcomp_s,
-                decode_s=dec_s, images_per_s_decoded=batch / (sample_s + dec_s))
+        row.update(floor_s=floor_s, x_floor=sample_s / floor_s)
+        sec.show(row)
         last_cost = 0.8 * (time.perf_counter() - t_case)
     del params
   sec.note("CFG doubles the batch (cond + null class rows); guidance settings "
@@ -344,21 +353,27 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
         guidance_scale=s.guidance_scale, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, dtype=dt)
     comp_s, _ = timed(run)   # first call compiles (cached jit afterwards)
+    sec.log(f"FAR {dtype}: first call (compiles) {comp_s:.1f} s")
     times = []
     for _ in range(sz.iters):
       dl.check("FAR timed call")
       times.append(timed(run)[0])
     sec_s = statistics.median(times)
+    position_ms = 1e3 * sec_s / m.grid ** 2
+    row = dict(model="FAR-B dual", dtype=dtype, batch=batch, sub_tokens=steps,
+               first_call_s=comp_s, sample_s=sec_s, position_ms=position_ms,
+               weight_gb_per_s=weight_read_gbps(n_params, dtype, position_ms),
+               bytes_ratio=_bytes_ratio(far_bench, model, params, batch,
+                                        dtype),
+               images_per_s=batch / sec_s,
+               sub_tokens_per_s=batch * steps / sec_s)
+    sec.rows.append(row)   # the floor columns follow if the time box allows
+    sec.log(f"sampled in {sec_s:.3f} s")
     floor = far_bench.floor_fn(model, m.grid ** 2, 2 * batch, dtype=dtype)
     floor_s = repeat_ms(floor, (params, None), dl, sz.iters,
                         f"FAR {dtype} floor") / 1e3
-    position_ms = 1e3 * sec_s / m.grid ** 2
-    sec.add(model="FAR-B dual", dtype=dtype, batch=batch, sub_tokens=steps,
-            first_call_s=comp_s, sample_s=sec_s, position_ms=position_ms,
-            weight_gb_per_s=weight_read_gbps(n_params, dtype, position_ms),
-            floor_s=floor_s, x_floor=sec_s / floor_s,
-            bytes_ratio=_bytes_ratio(far_bench, model, params, batch, dtype),
-            images_per_s=batch / sec_s, sub_tokens_per_s=batch * steps / sec_s)
+    row.update(floor_s=floor_s, x_floor=sec_s / floor_s)
+    sec.show(row)
   sec.note(f"guidance {s.guidance_scale} (CFG doubles the batch), codes only "
            "(no FQGAN decode); first_call_s includes compilation; dtype as in "
            "rar_sampling. " + WEIGHT_READ_NOTE + " " + FLOOR_NOTE)
@@ -378,6 +393,7 @@ def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
         guidance_scale=s.guidance_scale,
         num_steps=sz.eq_flow_steps)
     comp_s, _ = timed(run)
+    sec.log(f"{cols} columns: first call (compiles) {comp_s:.1f} s")
     times = []
     for _ in range(sz.iters):
       times.append(timed(run)[0])

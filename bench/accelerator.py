@@ -46,6 +46,7 @@ The commit is read from ``git rev-parse HEAD``, else ``$GENVIS_COMMIT``, else a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import os
 import platform
@@ -113,6 +114,10 @@ def parse_args(argv=None):
   p.add_argument("--device_memory_gib", type=float, default=None,
                  help="memory the train batch is fitted to (default: the "
                       "device's bytes_limit)")
+  p.add_argument("--size", action="append", default=[], metavar="FIELD=VALUE",
+                 help="override one of the run's sizes (a Python literal), "
+                      "e.g. --size rar_sizes=\"('b',)\" --size iters=2; "
+                      "repeatable; fields: bench/accel_harness.py's Sizes")
   p.add_argument("--wheels", default=os.path.join(ROOT, "wheels"),
                  help="where to find a carried ml_collections wheel")
   args = p.parse_args(argv)
@@ -122,7 +127,26 @@ def parse_args(argv=None):
   if unknown:
     p.error(f"unknown sections {unknown}; choose from {names}")
   args.sections = chosen or names
+  try:
+    args.size = dict(_size_override(kv) for kv in args.size)
+  except ValueError as e:
+    p.error(str(e))
   return args
+
+
+def _size_override(text: str):
+  """'field=literal' -> (field, value); ValueError naming the problem."""
+  import ast  # pylint: disable=import-outside-toplevel
+  fields = [f.name for f in dataclasses.fields(REAL)]
+  key, sep, value = text.partition("=")
+  if not sep or key not in fields:
+    raise ValueError(f"--size {text!r}: expected FIELD=VALUE with FIELD one "
+                     f"of {fields}")
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"--size {text!r}: {value!r} is not a Python literal "
+                     f"({e}); quote tuples, e.g. rar_batches=\"(64,)\"") from e
 
 
 def _version(dist: str) -> str:
@@ -175,9 +199,11 @@ def main(argv=None) -> int:
   t_start = time.perf_counter()
   hdr = header(args.smoke)
   hdr["ml_collections"] = src
+  sizes = dataclasses.replace(SMOKE if args.smoke else REAL, **args.size)
+  if args.size:
+    hdr["sizes_overridden"] = args.size
   print("# Accelerator suite\n" + "\n".join(f"- {k}: {v}" for k, v in hdr.items()),
         flush=True)
-  sizes = SMOKE if args.smoke else REAL
   plan = [s for s in SECTIONS if s[0] in args.sections]
   scale = args.budget_s / sum(s[2] for s in plan)
   sections = [Section(name, cols) for name, _, _, cols in plan]
