@@ -1,7 +1,13 @@
-"""Accelerator suite: everything one short GPU/TPU window can tell us, ~8 minutes.
+"""Accelerator suite: what a short GPU/TPU window can tell us, section by section.
 
   python bench/accelerator.py --out=$OUT            # on the accelerator
+  python bench/accelerator.py --out=$OUT --sections=far_sampling \
+      --size "far_batch=16"                         # a part, resized
   python bench/accelerator.py --smoke --out=/tmp/a  # CPU, tiny shapes (CI)
+
+Compiling dominates on a GPU (one H200: the RAR-B sampler 110 s, FAR-B 82 s,
+Equivariant-L ~30 s per width), so the whole default set needs ~25 minutes;
+with the default 8-minute budget the later sections time out in order.
 
 Sections run in order of value, each in its own time box (a deadline checked
 between measured iterations; a compile cannot be interrupted). A section that

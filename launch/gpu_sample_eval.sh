@@ -10,7 +10,8 @@ SCRIPT_USAGE="On one GPU machine (jax uses every local GPU; no distributed set-u
   3. sample --num-samples images  (config.mode=sample)   -> WORKDIR/samples/samples.npz
   4. FID / sFID / IS / precision / recall against an ADM reference batch
      (config.mode=evaluate, config.evaluate.kind=generation) -> WORKDIR/eval/metrics.json
-Sampling resumes where it stopped when re-run with the same --workdir.
+Sampling resumes where it stopped when re-run with the same --workdir; compiled
+programs are kept in WORKDIR/jax_cache (JAX_COMPILATION_CACHE_DIR overrides).
 Example (official RAR-XL weights):
   launch/gpu_sample_eval.sh --config=configs/rar_xl.py --workdir=/data/rar_xl_eval \\
       --rar-src=rar_xl.bin --tokenizer-src=maskgit-vqgan-imagenet-f16-256.bin \\
@@ -63,6 +64,10 @@ cd "$GENVIS_ROOT"
 venv="$GENVIS_VENV"
 py="$venv/bin/python"
 wd="${GENVIS_WORKDIR%/}"
+# XLA's compiled programs, kept across runs: the RAR-B sampler compiles for
+# ~110 s on an H200 (bench/RESULTS.md); a resumed or repeated run loads it.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$wd/jax_cache}"
+echo "compiled programs cached in $JAX_COMPILATION_CACHE_DIR" >&2
 
 if [[ "$GENVIS_SKIP_INSTALL" != 1 ]]; then
   [[ -x "$py" ]] || run "$GENVIS_PYTHON" -m venv "$venv"

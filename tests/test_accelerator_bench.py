@@ -219,3 +219,35 @@ def test_train_batch_search(monkeypatch, fails_above, want):
   # Largest power of two within 92% of memory (42 GiB + 0.3 GiB x b).
   if fails_above is None:
     assert max(2**i for i in range(11) if peak(2**i) <= 92 * gb) == want[-1]
+
+
+def test_size_overrides_are_literals_of_known_fields():
+  args = acc.parse_args(["--out=x", "--size", "rar_sizes=('b',)",
+                         "--size", "rar_decode=False", "--size", "iters=2"])
+  assert args.size == {"rar_sizes": ("b",), "rar_decode": False, "iters": 2}
+  assert dataclasses.replace(harness.REAL, **args.size).rar_sizes == ("b",)
+  for bad, says in (("rar_size=('b',)", "FIELD one of"),   # a typo
+                    ("iters", "FIELD=VALUE"),
+                    ("rar_batches=(64", "not a Python literal")):
+    with pytest.raises(SystemExit):
+      acc.parse_args(["--out=x", "--size", bad])
+    with pytest.raises(ValueError, match=says):
+      acc._size_override(bad)
+
+
+def test_host_random_params_follow_the_fan_in():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  abstract = {"dense": {"kernel": jax.ShapeDtypeStruct((512, 64), jnp.float32),
+                        "bias": jax.ShapeDtypeStruct((64,), jnp.float32)},
+              "norm": {"scale": jax.ShapeDtypeStruct((64,), jnp.bfloat16)},
+              "conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 8, 4),
+                                                      jnp.bfloat16)}}
+  p = harness.host_random_params(abstract)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), p) == jax.tree.map(
+      lambda a: (a.shape, np.dtype(a.dtype)), abstract)
+  k = p["dense"]["kernel"]
+  assert abs(k.std() * np.sqrt(512) - 1) < 0.05 and np.isfinite(k).all()
+  conv = p["conv"]["kernel"].astype(np.float32)
+  assert abs(conv.std() * np.sqrt(72) - 1) < 0.3
+  assert (p["dense"]["bias"] == 0).all() and (p["norm"]["scale"] == 1).all()

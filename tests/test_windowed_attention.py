@@ -5,6 +5,7 @@ custom-VJP backward kernels) and are lowered for TPU (Mosaic) and CUDA
 (Triton) through ``jax.export``, which needs no accelerator.
 """
 
+import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -289,11 +290,25 @@ def test_kernels_lower_for_their_platform(impl, platform, target, t):
               interpret=False, block_q=64, block_k=128)
     return out.astype(jnp.float32).sum()
 
-  exported = export.export(
-      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(target)],
-  )(x, x, x)
+  with _target_device(platform):
+    exported = export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(target)],
+    )(x, x, x)
   assert exported.mlir_module().count(target) >= 3  # fwd, dkv, dq
+
+
+def _target_device(platform: str):
+  """From jax 0.11 the Triton lowering reads the GPU it compiles for from the
+  device (none on a CPU host) or an abstract mesh's abstract device: name an
+  H100. Earlier jax needs nothing."""
+  if platform != "cuda" or not hasattr(jax.sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                       num_cores=None, platform="gpu")
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
 
 
 # ----------------------------------------------------------------------------
