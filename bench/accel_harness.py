@@ -338,7 +338,9 @@ class Sizes:
   rar_sizes: tuple
   rar_batches: tuple
   rar_decode: bool       # also time the MaskGIT VQGAN decode of the codes
-  rar_bucket: int | None  # the cached decoder's KV chunk (None: its default)
+  rar_buckets: tuple     # the cached decoder's KV chunks (None: its default)
+  sample_dtypes: tuple   # RAR / FAR sampler dtypes: the accelerator's (bf16)
+                         # first, the one to have if the time runs out
   train_probe: int       # per-device batch of the memory probe compile
   train_max: int         # largest batch tried
   train_remats: tuple
@@ -357,18 +359,18 @@ REAL = Sizes(
     attn_shape=(1, 16, 64), attn_window=512, attn_iters=10, dense_max_n=16384,
     attn_blocks=((32, 64), (64, 64), (64, 128), (128, 64), (128, 128)),
     rar_sizes=("b", "xl"), rar_batches=(64, 256), rar_decode=True,
-    rar_bucket=None, train_probe=32,
-    train_max=1024, train_remats=("none", "dots", "full"), train_steps=5,
-    far_batch=64, eq_batch=64, eq_columns=(16, 128), eq_flow_steps=100,
-    incep_batch=500, incep_image=256, iters=3)
+    rar_buckets=(None,), sample_dtypes=("bfloat16", "float32"),
+    train_probe=32, train_max=1024, train_remats=("none", "dots", "full"),
+    train_steps=5, far_batch=64, eq_batch=64, eq_columns=(16, 128),
+    eq_flow_steps=100, incep_batch=500, incep_image=256, iters=3)
 
 SMOKE = Sizes(
     attn_check=(1, 64, 2, 16, 16), attn_seqs=(64, 128), attn_shape=(1, 2, 16),
-    attn_window=16, attn_iters=2, dense_max_n=64,
-    attn_blocks=((16, 32),), rar_sizes=("b",),
-    rar_batches=(2,), rar_decode=True, rar_bucket=None, train_probe=2, train_max=8, train_remats=("full",),
-    train_steps=2, far_batch=2, eq_batch=2, eq_columns=(2, 4), eq_flow_steps=2,
-    incep_batch=2, incep_image=32, iters=1)
+    attn_window=16, attn_iters=2, dense_max_n=64, attn_blocks=((16, 32),),
+    rar_sizes=("b",), rar_batches=(2,), rar_decode=True, rar_buckets=(None, 0),
+    sample_dtypes=("bfloat16", "float32"), train_probe=2, train_max=8,
+    train_remats=("full",), train_steps=2, far_batch=2, eq_batch=2,
+    eq_columns=(2, 4), eq_flow_steps=2, incep_batch=2, incep_image=32, iters=1)
 
 # Tiny models for --smoke: the paper configs with their sizes overridden, so
 # the same builders, samplers and train step run.

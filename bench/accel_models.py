@@ -16,9 +16,6 @@ from bench.accel_harness import (SMOKE_EQ, SMOKE_FAR, SMOKE_RAR, Deadline,
                                  peak_flops, random_params, repeat_ms, shrink,
                                  timed)
 
-# Sampling rows per dtype: the accelerator mode first (it is the one to have
-# if the time runs out), then the fp32 reference.
-SAMPLE_DTYPES = ("bfloat16", "float32")
 WEIGHT_READ_NOTE = (
     "weight_gb_per_s = all parameter bytes (in dtype) / time per step: the "
     "rate at which a step that reads every weight once would stream them, to "
@@ -55,22 +52,19 @@ def weight_read_gbps(n_params: int, dtype: str, step_ms: float) -> float:
 
 def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
-  from bench import bench_rar_sampling as rar_bench  # pylint: disable=import-outside-toplevel
   from genvis_jax.sample import ar  # pylint: disable=import-outside-toplevel
-  from genvis_jax.sample import rar as rar_sample  # pylint: disable=import-outside-toplevel
   tok_cfg = load_config("configs/maskgit_vqgan.py").model
   if smoke:
     from configs import maskgit_vqgan  # pylint: disable=import-outside-toplevel
     tok_cfg = maskgit_vqgan.runlocal_model(tok_cfg)
   tok_cfg.dtype = "float32"   # decode in fp32 (the project's sampling rule)
   tok = models.build(tok_cfg)
-  tok_params = random_params(tok_cfg, 1) if sz.rar_decode else None
-  decode = jax.jit(lambda p, c: tok.apply({"params": p}, c, method="decode"))
-  decoded = {}   # batch -> (compile s, decode s)
+  decoder = None
+  if sz.rar_decode:
+    decoder = dict(params=random_params(tok_cfg, 1), done={}, fn=jax.jit(
+        lambda p, c: tok.apply({"params": p}, c, method="decode")))
   last_cost = 0.0
-  bucket = ar.DEFAULT_BUCKET if sz.rar_bucket is None else sz.rar_bucket
   for size in sz.rar_sizes:
     cfg = load_config(f"configs/rar_{size}.py")
     m = cfg.model
@@ -80,66 +74,86 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
     model = models.build(m)
     dl.check(f"RAR-{size} init")
     params = random_params(m)
-    n_params = models.count_params(params)
-    side = int(round(m.seq_len ** 0.5))
-    s = cfg.sample
     for batch in sz.rar_batches:
-      for dtype in SAMPLE_DTYPES:
-        # Expect about as long as the previous case; skip what would overrun.
-        dl.require(last_cost, f"RAR-{size} batch {batch} {dtype}")
-        t_case = time.perf_counter()
-        fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True,
-                                   dtype=dtype, bucket=sz.rar_bucket)
-        labels = jnp.arange(batch, dtype=jnp.int32) % m.num_classes
-        args = (params, labels, jax.random.key(batch), jnp.float32(
-            s.guidance_scale), jnp.float32(s.guidance_pow),
-                jnp.float32(s.temperature))
-        comp_s, compiled = aot(fn, *args)
-        sec.log(f"RAR-{size} batch {batch} {dtype}: compiled in {comp_s:.1f} s")
-        runs = []
-        for _ in range(sz.iters):
-          runs.append(timed(compiled, *args))
-          if dl.left() <= 0:
-            break
-        sample_s = statistics.median(t for t, _ in runs)
-        step_ms = 1e3 * sample_s / m.seq_len
-        # The row goes in now; the decode and floor columns follow if the
-        # time box allows.
-        row = dict(model=f"RAR-{size.upper()}", dtype=dtype,
-                   params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
-                   bucket=bucket,
-                   compile_s=comp_s, sample_s=sample_s, step_ms=step_ms,
-                   weight_gb_per_s=weight_read_gbps(n_params, dtype, step_ms),
-                   bytes_ratio=_bytes_ratio(rar_bench, model, params, batch,
-                                            dtype, bucket),
-                   images_per_s=batch / sample_s)
-        sec.rows.append(row)
-        sec.log(f"sampled in {sample_s:.3f} s ({len(runs)} runs)")
-        if sz.rar_decode:
-          codes = runs[-1][1].reshape(batch, side, side)
-          if batch not in decoded:   # decode cost does not depend on RAR size
-            dl.check(f"decode batch {batch}")
-            dcomp_s, dcompiled = aot(decode, tok_params, codes)
-            decoded[batch] = (dcomp_s, statistics.median(
-                timed(dcompiled, tok_params, codes)[0]
-                for _ in range(sz.iters)))
-          dcomp_s, dec_s = decoded[batch]
-          row.update(decode_compile_s=dcomp_s, decode_s=dec_s,
-                     images_per_s_decoded=batch / (sample_s + dec_s))
-        floor = rar_bench.floor_fn(model, m.seq_len, 2 * batch, adaln=True,
-                                   dtype=dtype)
-        floor_s = repeat_ms(floor, (params, None), dl, sz.iters,
-                            f"RAR-{size} batch {batch} {dtype} floor") / 1e3
-        row.update(floor_s=floor_s, x_floor=sample_s / floor_s)
-        sec.show(row)
-        last_cost = 0.8 * (time.perf_counter() - t_case)
+      for dtype in sz.sample_dtypes:
+        floor = {}   # the floor does not depend on the bucket: timed once
+        for bucket in sz.rar_buckets:
+          bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
+          what = f"RAR-{size} batch {batch} {dtype} bucket {bucket}"
+          # Expect about as long as the previous case; skip what would overrun.
+          dl.require(last_cost, what)
+          t_case = time.perf_counter()
+          _rar_case(sec, dl, sz, size, what, model, cfg, params, batch,
+                    dtype, bucket, decoder, floor)
+          last_cost = 0.8 * (time.perf_counter() - t_case)
     del params
   sec.note("CFG doubles the batch (cond + null class rows); guidance settings "
            "from the config; dtype = the sampler's dtype switch (bfloat16: "
            "parameters cast once, matmuls and KV cache bf16, logits and "
-           "sampling fp32); MaskGIT VQGAN decode in fp32; compile excluded "
-           "from images/s; random weights. " + WEIGHT_READ_NOTE + " "
-           + FLOOR_NOTE)
+           "sampling fp32); bucket = the KV-cache chunk of the cached decoder "
+           "(one compiled loop body per chunk; 0: one body over the whole "
+           "cache); MaskGIT VQGAN decode in fp32; compile excluded from "
+           "images/s; random weights. " + WEIGHT_READ_NOTE + " " + FLOOR_NOTE)
+
+
+def _rar_case(sec, dl, sz, size, what, model, cfg, params, batch, dtype,
+              bucket, decoder, floor):
+  """One RAR sampling row: compile, sample, then (time allowing) the VQGAN
+  decode and the matmul floor (``floor``: a dict caching floor_s)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from bench import bench_rar_sampling as rar_bench  # pylint: disable=import-outside-toplevel
+  from genvis_jax import models  # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import rar as rar_sample  # pylint: disable=import-outside-toplevel
+  m, s = cfg.model, cfg.sample
+  fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True, dtype=dtype,
+                             bucket=bucket)
+  labels = jnp.arange(batch, dtype=jnp.int32) % m.num_classes
+  args = (params, labels, jax.random.key(batch), jnp.float32(
+      s.guidance_scale), jnp.float32(s.guidance_pow), jnp.float32(
+          s.temperature))
+  comp_s, compiled = aot(fn, *args)
+  sec.log(f"{what}: compiled in {comp_s:.1f} s")
+  runs = []
+  for _ in range(sz.iters):
+    runs.append(timed(compiled, *args))
+    if dl.left() <= 0:
+      break
+  sample_s = statistics.median(t for t, _ in runs)
+  step_ms = 1e3 * sample_s / m.seq_len
+  n_params = models.count_params(params)
+  # The row goes in now; the decode and floor columns follow if the time box
+  # allows.
+  row = dict(model=f"RAR-{size.upper()}", dtype=dtype,
+             params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
+             bucket=bucket, compile_s=comp_s, sample_s=sample_s,
+             step_ms=step_ms,
+             weight_gb_per_s=weight_read_gbps(n_params, dtype, step_ms),
+             bytes_ratio=_bytes_ratio(rar_bench, model, params, batch, dtype,
+                                      bucket),
+             images_per_s=batch / sample_s)
+  sec.rows.append(row)
+  sec.log(f"sampled in {sample_s:.3f} s ({len(runs)} runs)")
+  if decoder is not None:
+    side = int(round(m.seq_len ** 0.5))
+    codes = runs[-1][1].reshape(batch, side, side)
+    done = decoder["done"]
+    if batch not in done:   # the decode's cost does not depend on the sampler
+      dl.check(f"decode batch {batch}")
+      dcomp_s, dcompiled = aot(decoder["fn"], decoder["params"], codes)
+      done[batch] = (dcomp_s, statistics.median(
+          timed(dcompiled, decoder["params"], codes)[0]
+          for _ in range(sz.iters)))
+    dcomp_s, dec_s = done[batch]
+    row.update(decode_compile_s=dcomp_s, decode_s=dec_s,
+               images_per_s_decoded=batch / (sample_s + dec_s))
+  if "s" not in floor:
+    fn = rar_bench.floor_fn(model, m.seq_len, 2 * batch, adaln=True,
+                            dtype=dtype)
+    floor["s"] = repeat_ms(fn, (params, None), dl, sz.iters,
+                           f"{what} floor") / 1e3
+  row.update(floor_s=floor["s"], x_floor=sample_s / floor["s"])
+  sec.show(row)
 
 
 def _rar_trainer(remat: str, batch: int, smoke: bool, devices):
@@ -352,7 +366,7 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   model = model.clone(dtype="float32")   # the sample dtype switch sets it
   n_params = models.count_params(params)
   steps = m.num_codebooks * m.grid ** 2
-  for dtype in SAMPLE_DTYPES:
+  for dtype in sz.sample_dtypes:
     dl.check(f"FAR {dtype}")
     run = lambda dt=dtype: far_sample.sample(
         model, params, labels, jax.random.key(0),

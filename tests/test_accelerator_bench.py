@@ -122,9 +122,15 @@ def test_smoke_numbers(smoke):
     assert all(r[key] > 0 for r in sec[name]["rows"]), name
   for name in ("rar_sampling", "far_sampling"):   # the sample dtype switch
     rows = sec[name]["rows"]
-    assert {r["dtype"] for r in rows} == set(accel_models.SAMPLE_DTYPES), name
+    assert {r["dtype"] for r in rows} == set(harness.SMOKE.sample_dtypes), name
     assert all(r["weight_gb_per_s"] > 0 and r["x_floor"] > 0
                and r["bytes_ratio"] > 0 for r in rows), name
+  # The RAR decoder's default KV chunking and one body over the whole cache,
+  # under one floor per dtype.
+  rar = sec["rar_sampling"]["rows"]
+  assert {r["bucket"] for r in rar} == {32, 0}
+  for dtype in harness.SMOKE.sample_dtypes:
+    assert len({r["floor_s"] for r in rar if r["dtype"] == dtype}) == 1
   train = sec["rar_train"]["rows"][0]
   assert np.isfinite(train["loss"]) and train["peak_gib_compiled"] > 0
 
