@@ -76,7 +76,7 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
     params = random_params(m)
     for batch in sz.rar_batches:
       for dtype in sz.sample_dtypes:
-        floor = {}   # the floor does not depend on the bucket: timed once
+        floor_cache = {}   # the floor does not depend on the bucket
         for bucket in sz.rar_buckets:
           bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
           what = f"RAR-{size} batch {batch} {dtype} bucket {bucket}"
@@ -84,7 +84,7 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
           dl.require(last_cost, what)
           t_case = time.perf_counter()
           _rar_case(sec, dl, sz, size, what, model, cfg, params, batch,
-                    dtype, bucket, decoder, floor)
+                    dtype, bucket, decoder, floor_cache)
           last_cost = 0.8 * (time.perf_counter() - t_case)
     del params
   sec.note("CFG doubles the batch (cond + null class rows); guidance settings "
@@ -97,22 +97,23 @@ def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
 
 
 def _rar_case(sec, dl, sz, size, what, model, cfg, params, batch, dtype,
-              bucket, decoder, floor):
-  """One RAR sampling row: compile, sample, then (time allowing) the VQGAN
-  decode and the matmul floor (``floor``: a dict caching floor_s)."""
+              bucket, decoder, floor_cache):
+  """One RAR sampling row: compile, sample, then (time allowing) the matmul
+  floor (``floor_cache``: floor_s per (batch, dtype), shared by the buckets)
+  and the VQGAN decode. The row is kept, and printed, whatever is cut."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from bench import bench_rar_sampling as rar_bench  # pylint: disable=import-outside-toplevel
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
   from genvis_jax.sample import rar as rar_sample  # pylint: disable=import-outside-toplevel
   m, s = cfg.model, cfg.sample
-  fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True, dtype=dtype,
-                             bucket=bucket)
+  sampler = rar_sample.sampler_fn(model, cached=True, use_cfg=True,
+                                  dtype=dtype, bucket=bucket)
   labels = jnp.arange(batch, dtype=jnp.int32) % m.num_classes
   args = (params, labels, jax.random.key(batch), jnp.float32(
       s.guidance_scale), jnp.float32(s.guidance_pow), jnp.float32(
           s.temperature))
-  comp_s, compiled = aot(fn, *args)
+  comp_s, compiled = aot(sampler, *args)
   sec.log(f"{what}: compiled in {comp_s:.1f} s")
   runs = []
   for _ in range(sz.iters):
@@ -122,8 +123,6 @@ def _rar_case(sec, dl, sz, size, what, model, cfg, params, batch, dtype,
   sample_s = statistics.median(t for t, _ in runs)
   step_ms = 1e3 * sample_s / m.seq_len
   n_params = models.count_params(params)
-  # The row goes in now; the decode and floor columns follow if the time box
-  # allows.
   row = dict(model=f"RAR-{size.upper()}", dtype=dtype,
              params_m=n_params / 1e6, batch=batch, tokens=m.seq_len,
              bucket=bucket, compile_s=comp_s, sample_s=sample_s,
@@ -134,26 +133,35 @@ def _rar_case(sec, dl, sz, size, what, model, cfg, params, batch, dtype,
              images_per_s=batch / sample_s)
   sec.rows.append(row)
   sec.log(f"sampled in {sample_s:.3f} s ({len(runs)} runs)")
-  if decoder is not None:
-    side = int(round(m.seq_len ** 0.5))
-    codes = runs[-1][1].reshape(batch, side, side)
-    done = decoder["done"]
-    if batch not in done:   # the decode's cost does not depend on the sampler
-      dl.check(f"decode batch {batch}")
-      dcomp_s, dcompiled = aot(decoder["fn"], decoder["params"], codes)
-      done[batch] = (dcomp_s, statistics.median(
-          timed(dcompiled, decoder["params"], codes)[0]
-          for _ in range(sz.iters)))
-    dcomp_s, dec_s = done[batch]
-    row.update(decode_compile_s=dcomp_s, decode_s=dec_s,
-               images_per_s_decoded=batch / (sample_s + dec_s))
-  if "s" not in floor:
-    fn = rar_bench.floor_fn(model, m.seq_len, 2 * batch, adaln=True,
-                            dtype=dtype)
-    floor["s"] = repeat_ms(fn, (params, None), dl, sz.iters,
-                           f"{what} floor") / 1e3
-  row.update(floor_s=floor["s"], x_floor=sample_s / floor["s"])
-  sec.show(row)
+  try:
+    if "s" not in floor_cache:
+      floor_fn = rar_bench.floor_fn(model, m.seq_len, 2 * batch, adaln=True,
+                                    dtype=dtype)
+      floor_cache["s"] = repeat_ms(floor_fn, (params, None), dl, sz.iters,
+                                   f"{what} floor") / 1e3
+    row.update(floor_s=floor_cache["s"], x_floor=sample_s / floor_cache["s"])
+    if decoder is not None:
+      _decode_columns(row, dl, sz, decoder, batch, m.seq_len, runs[-1][1],
+                      sample_s)
+  finally:
+    sec.show(row)
+
+
+def _decode_columns(row, dl, sz, decoder, batch, seq_len, codes, sample_s):
+  """The MaskGIT VQGAN decode's columns of a RAR row (timed once per batch:
+  its cost does not depend on the sampler)."""
+  done = decoder["done"]
+  if batch not in done:
+    dl.check(f"decode batch {batch}")
+    side = int(round(seq_len ** 0.5))
+    codes = codes.reshape(batch, side, side)
+    dcomp_s, dcompiled = aot(decoder["fn"], decoder["params"], codes)
+    done[batch] = (dcomp_s, statistics.median(
+        timed(dcompiled, decoder["params"], codes)[0]
+        for _ in range(sz.iters)))
+  dcomp_s, dec_s = done[batch]
+  row.update(decode_compile_s=dcomp_s, decode_s=dec_s,
+             images_per_s_decoded=batch / (sample_s + dec_s))
 
 
 def _rar_trainer(remat: str, batch: int, smoke: bool, devices):
@@ -390,11 +398,13 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
                sub_tokens_per_s=batch * steps / sec_s)
     sec.rows.append(row)   # the floor columns follow if the time box allows
     sec.log(f"sampled in {sec_s:.3f} s")
-    floor = far_bench.floor_fn(model, m.grid ** 2, 2 * batch, dtype=dtype)
-    floor_s = repeat_ms(floor, (params, None), dl, sz.iters,
-                        f"FAR {dtype} floor") / 1e3
-    row.update(floor_s=floor_s, x_floor=sec_s / floor_s)
-    sec.show(row)
+    try:
+      floor_fn = far_bench.floor_fn(model, m.grid ** 2, 2 * batch, dtype=dtype)
+      floor_s = repeat_ms(floor_fn, (params, None), dl, sz.iters,
+                          f"FAR {dtype} floor") / 1e3
+      row.update(floor_s=floor_s, x_floor=sec_s / floor_s)
+    finally:
+      sec.show(row)
   sec.note(f"guidance {s.guidance_scale} (CFG doubles the batch), codes only "
            "(no FQGAN decode); first_call_s includes compilation; dtype as in "
            "rar_sampling. " + WEIGHT_READ_NOTE + " " + FLOOR_NOTE)

@@ -5,9 +5,12 @@
       --size "far_batch=16"                         # a part, resized
   python bench/accelerator.py --smoke --out=/tmp/a  # CPU, tiny shapes (CI)
 
-Compiling dominates on a GPU (one H200: the RAR-B sampler 110 s, FAR-B 82 s,
-Equivariant-L ~30 s per width), so the whole default set needs ~25 minutes;
-with the default 8-minute budget the later sections time out in order.
+Compiling dominates on a GPU (one H200: the RAR-B sampler 110 s, FAR-B ~80 s,
+Equivariant-L ~25 s per width, a jitted RAR-XL train step over 100 s), so the
+whole default set needs about 35 minutes. Each section's time box is that
+estimate, in seconds; ``--budget_s`` caps the run (a budget above the boxes'
+sum stretches them), so with the default 8 minutes the sections after RAR
+sampling find no time left, in order of value.
 
 Sections run in order of value, each in its own time box (a deadline checked
 between measured iterations; a compile cannot be interrupted). A section that
@@ -20,13 +23,15 @@ stdout as markdown tables and, after every section, to ``OUT/results.json`` and
                 vs the XLA reference, fp32.
   attention     The kernel's ms, TFLOP/s and speed-up vs dense masked and banded
                 XLA attention at N = 4k, 16k, 64k, W = 512 tokens, bf16.
-  rar_sampling  RAR-B / RAR-XL KV-cache sampling, bf16, CFG, 256 tokens, batch
-                64 / 256: images/s without and with the MaskGIT VQGAN decode
-                (fp32), compile seconds apart.
+  rar_sampling  RAR-B / RAR-XL KV-cache sampling, CFG, 256 tokens, batch
+                64 / 256, sample dtype bf16 then fp32, per KV-chunk size:
+                images/s beside the matmul floor, then with the MaskGIT VQGAN
+                decode (fp32), compile seconds apart.
   rar_train     RAR-XL train step (bf16 compute, fp32 master weights, AdamW),
                 one device, largest batch that fits per remat policy: step time,
                 tokens/s, MFU, peak memory.
-  far_sampling  FAR-B (dual) KV-cache sampling images/s (codes, CFG 2.0).
+  far_sampling  FAR-B (dual) KV-cache sampling images/s (codes, CFG 2.0), bf16
+                then fp32, beside the matmul floor.
   eq_sampling   Equivariant-L column sampler (CFG, 100 flow steps): columns/s
                 at 16 and 128 columns.
   inception     FID Inception extractor images/s at batch 500 (256 px uint8).
@@ -79,28 +84,31 @@ from bench.accel_models import (section_eq_sampling,  # noqa: E402
                                 section_rar_sampling, section_rar_train)
 from genvis_jax.errors import UserError  # noqa: E402  (no dependencies)
 
-# name, function, time box (seconds of the full run), table columns.
+# name, function, time box (seconds the default sizes take on one H200, from
+# the compiles measured there: attention 67 s, the RAR-B sampler 110 s per
+# case, FAR-B ~80 s per dtype, Equivariant-L ~25 s per width; the train step's
+# and Inception's are estimates), table columns.
 SECTIONS = (
     ("attention_check", section_attention_check, 15,
      ("output", "shape", "dtype", "max_abs_err", "rel_err", "ok")),
     ("attention", section_attention, 85,
      ("N", "W", "mode", "impl", "ms", "tflops", "vs_dense", "vs_banded",
       "note")),
-    ("rar_sampling", section_rar_sampling, 130,
-     ("model", "dtype", "batch", "compile_s", "sample_s", "step_ms",
-      "weight_gb_per_s", "x_floor", "images_per_s", "decode_s",
+    ("rar_sampling", section_rar_sampling, 1000,
+     ("model", "dtype", "batch", "bucket", "compile_s", "sample_s", "step_ms",
+      "weight_gb_per_s", "x_floor", "bytes_ratio", "images_per_s", "decode_s",
       "images_per_s_decoded")),
-    ("rar_train", section_rar_train, 125,
+    ("rar_train", section_rar_train, 600,
      ("remat", "batch", "step_s", "tokens_per_s", "mfu", "mfu_6n",
       "peak_gib_compiled", "peak_gib_device")),
-    ("far_sampling", section_far_sampling, 50,
+    ("far_sampling", section_far_sampling, 220,
      ("model", "dtype", "batch", "sample_s", "position_ms", "weight_gb_per_s",
-      "x_floor", "images_per_s")),
-    ("eq_sampling", section_eq_sampling, 45,
+      "x_floor", "bytes_ratio", "images_per_s")),
+    ("eq_sampling", section_eq_sampling, 90,
      ("model", "batch", "columns", "sample_s", "columns_per_s")),
-    ("inception", section_inception, 30,
+    ("inception", section_inception, 60,
      ("batch", "batch_s", "images_per_s")),
-    ("attention_blocks", section_attention_blocks, 25,
+    ("attention_blocks", section_attention_blocks, 40,
      ("impl", "N", "block_q", "block_k", "mode", "ms", "note")),
 )
 
@@ -116,7 +124,8 @@ def parse_args(argv=None):
                  help="comma-separated subset, default all: "
                       + ",".join(s[0] for s in SECTIONS))
   p.add_argument("--budget_s", type=float, default=480.0,
-                 help="whole-run budget; section boxes are scaled to it")
+                 help="whole-run cap in seconds; a budget above the section "
+                      "boxes' sum stretches them")
   p.add_argument("--device_memory_gib", type=float, default=None,
                  help="memory the train batch is fitted to (default: the "
                       "device's bytes_limit)")
@@ -141,18 +150,29 @@ def parse_args(argv=None):
 
 
 def _size_override(text: str):
-  """'field=literal' -> (field, value); ValueError naming the problem."""
+  """'field=literal' -> (field, value): a value of the field's type (a
+  non-empty tuple, a bool, an int >= 1); ValueError naming the problem."""
   import ast  # pylint: disable=import-outside-toplevel
   fields = [f.name for f in dataclasses.fields(REAL)]
   key, sep, value = text.partition("=")
   if not sep or key not in fields:
     raise ValueError(f"--size {text!r}: expected FIELD=VALUE with FIELD one "
                      f"of {fields}")
+  example = 'rar_sizes="(\'b\',)"'
   try:
-    return key, ast.literal_eval(value)
+    parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError) as e:
     raise ValueError(f"--size {text!r}: {value!r} is not a Python literal "
-                     f"({e}); quote tuples, e.g. rar_batches=\"(64,)\"") from e
+                     f"(strings need Python quotes, e.g. {example})") from e
+  want = type(getattr(REAL, key))
+  if type(parsed) is not want:   # bool is not taken for int, nor 64 for (64,)
+    kind = {int: "an int", bool: "True or False", tuple: "a tuple"}[want]
+    raise ValueError(f"--size {text!r}: {key} takes {kind}, e.g. "
+                     f"{key}={getattr(REAL, key)!r}")
+  if parsed == () or want is int and parsed < 1:
+    raise ValueError(f"--size {text!r}: {key} must be "
+                     + ("non-empty" if want is tuple else "at least 1"))
+  return key, parsed
 
 
 def _version(dist: str) -> str:
@@ -211,13 +231,15 @@ def main(argv=None) -> int:
   print("# Accelerator suite\n" + "\n".join(f"- {k}: {v}" for k, v in hdr.items()),
         flush=True)
   plan = [s for s in SECTIONS if s[0] in args.sections]
-  scale = args.budget_s / sum(s[2] for s in plan)
+  # Boxes are seconds; a larger budget stretches them, a smaller one leaves
+  # the last sections without time (the most valuable run first).
+  scale = max(1.0, args.budget_s / sum(s[2] for s in plan))
   sections = [Section(name, cols) for name, _, _, cols in plan]
   write_results(args.out, hdr, sections)
   schedule = 0.0
   for sec, (name, fn, box, _) in zip(sections, plan):
     # Cumulative schedule: time a section leaves unused goes to later ones.
-    schedule += box * scale
+    schedule = min(schedule + box * scale, args.budget_s)
     end = t_start + schedule
     print(f"\n## {name} (until +{schedule:.0f} s)", flush=True)
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from bench import accel_attention
 from bench import accel_harness as harness
 from bench import accel_models
 from bench import accelerator as acc
+from genvis_jax.sample import ar
 from tests import CPU_COMPILE_FLAGS
 from tests.test_imports_no_tf import BLOCKER
 
@@ -128,7 +129,7 @@ def test_smoke_numbers(smoke):
   # The RAR decoder's default KV chunking and one body over the whole cache,
   # under one floor per dtype.
   rar = sec["rar_sampling"]["rows"]
-  assert {r["bucket"] for r in rar} == {32, 0}
+  assert {r["bucket"] for r in rar} == {ar.DEFAULT_BUCKET, 0}
   for dtype in harness.SMOKE.sample_dtypes:
     assert len({r["floor_s"] for r in rar if r["dtype"] == dtype}) == 1
   train = sec["rar_train"]["rows"][0]
@@ -234,7 +235,13 @@ def test_size_overrides_are_literals_of_known_fields():
   assert dataclasses.replace(harness.REAL, **args.size).rar_sizes == ("b",)
   for bad, says in (("rar_size=('b',)", "FIELD one of"),   # a typo
                     ("iters", "FIELD=VALUE"),
-                    ("rar_batches=(64", "not a Python literal")):
+                    ("rar_batches=(64", "not a Python literal"),
+                    ("rar_sizes=(b,)", "strings need Python quotes"),
+                    ("rar_batches=64", r"takes a tuple, e.g. rar_batches=\(64"),
+                    ("rar_decode=1", "takes True or False"),
+                    ("iters=True", "takes an int"),
+                    ("iters=0", "at least 1"),
+                    ("rar_sizes=()", "non-empty")):
     with pytest.raises(SystemExit):
       acc.parse_args(["--out=x", "--size", bad])
     with pytest.raises(ValueError, match=says):
@@ -257,3 +264,24 @@ def test_host_random_params_follow_the_fan_in():
   conv = p["conv"]["kernel"].astype(np.float32)
   assert abs(conv.std() * np.sqrt(72) - 1) < 0.3
   assert (p["dense"]["bias"] == 0).all() and (p["norm"]["scale"] == 1).all()
+
+
+def test_boxes_are_seconds_capped_by_the_budget(tmp_path, monkeypatch):
+  """A budget below the boxes' sum keeps the first sections' boxes whole and
+  ends the last ones at the budget (time the first leave unused flows on); a
+  larger budget stretches every box."""
+  ends = {}
+
+  def record(name):
+    def fn(sec, dl, sz, smoke):
+      ends[name] = dl.end
+      sec.add(x=1)
+    return fn
+  monkeypatch.setattr(acc, "SECTIONS", tuple(
+      (n, record(n), 100, ("x",)) for n in ("a", "b", "c")))
+  for budget, want in ((150, (100, 150, 150)), (600, (200, 400, 600))):
+    t0 = time.perf_counter()
+    assert acc.main([f"--out={tmp_path}", "--smoke",
+                     f"--budget_s={budget}"]) == 0
+    got = [ends[n] - t0 for n in "abc"]
+    assert all(w <= g < w + 5 for g, w in zip(got, want)), (budget, got)

@@ -316,6 +316,9 @@ def test_gpu_sample_eval_dry_run(tmp_path):
   wd = f"{tmp_path}/out"   # relative paths resolve against the caller's directory
   # Compiled programs persist in the workdir unless the caller chose a place.
   assert f"compiled programs cached in {wd}/jax_cache" in r.stderr, r.stderr
+  own = sh("gpu_sample_eval.sh", *args, cwd=tmp_path,
+           env={"JAX_COMPILATION_CACHE_DIR": f"{tmp_path}/cache"})
+  assert f"compiled programs cached in {tmp_path}/cache\n" in own.stderr
   assert any("pip install" in c and ".[gpu]" in c for c in cmds)
   conv = [c for c in cmds if "genvis_jax.convert" in c]
   assert f"--src={tmp_path}/rar_xl.bin" in conv[0] and "--config=configs/rar_xl.py" in conv[0]

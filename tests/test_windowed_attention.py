@@ -6,6 +6,7 @@ custom-VJP backward kernels) and are lowered for TPU (Mosaic) and CUDA
 """
 
 import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -299,9 +300,9 @@ def test_kernels_lower_for_their_platform(impl, platform, target, t):
 
 
 def _target_device(platform: str):
-  """From jax 0.11 the Triton lowering reads the GPU it compiles for from the
-  device (none on a CPU host) or an abstract mesh's abstract device: name an
-  H100. Earlier jax needs nothing."""
+  """The GPU the Triton lowering compiles for: from jax 0.11 it is read from
+  the device (none on a CPU host) or an abstract mesh's device, so name an
+  H100 (jax 0.10 ignores it; a jax without ``AbstractDevice`` gets none)."""
   if platform != "cuda" or not hasattr(jax.sharding, "AbstractDevice"):
     return contextlib.nullcontext()
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
