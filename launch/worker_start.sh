@@ -17,6 +17,7 @@ flag run-name GENVIS_RUN_NAME "" "run name (log / pid file names)"
 flag log-dir GENVIS_LOG_DIR "$HOME/genvis_logs" "log directory on this worker"
 flag python GENVIS_PYTHON_BIN "$HOME/genvis_venv/bin/python" "python of the project venv"
 flag coordinator-port JAX_COORDINATOR_PORT "8476" "jax.distributed coordinator port"
+flag compilation-cache JAX_COMPILATION_CACHE_DIR "$HOME/jax_cache" "XLA's compiled programs kept for the next run on this worker ('' = off)"
 bool_flag stop GENVIS_STOP "stop the run instead of starting it"
 parse_flags "$@"
 require run-name
@@ -45,6 +46,10 @@ metadata() {
 }
 
 env_args=(PYTHONUNBUFFERED=1)
+# A restarted or later run on this worker (resume, sampling after training)
+# loads its compiled programs instead of compiling for minutes again.
+[[ -n "$JAX_COMPILATION_CACHE_DIR" ]] \
+  && env_args+=(JAX_COMPILATION_CACHE_DIR="$JAX_COMPILATION_CACHE_DIR")
 if [[ -z "${JAX_COORDINATOR_ADDRESS:-}" ]]; then
   endpoints="${TPU_WORKER_ENDPOINTS-$(metadata worker-network-endpoints || true)}"
   IFS=',' read -r -a hosts <<< "$endpoints"

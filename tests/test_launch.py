@@ -341,7 +341,8 @@ def test_worker_start_runs_in_background_and_stops(tmp_path):
   fake = tmp_path / "python"
   fake.write_text("#!/usr/bin/env bash\n"
                   "echo \"ARGS $*\"; echo \"COORD $JAX_COORDINATOR_ADDRESS "
-                  "$JAX_NUM_PROCESSES $JAX_PROCESS_ID\"; exec sleep 30\n")
+                  "$JAX_NUM_PROCESSES $JAX_PROCESS_ID\"; "
+                  "echo \"CACHE $JAX_COMPILATION_CACHE_DIR\"; exec sleep 30\n")
   fake.chmod(0o755)
   env = {"TPU_WORKER_ENDPOINTS": "w-0:0:10.1.0.2,w-1:1:10.1.0.3,w-2:2:10.1.0.4",
          "TPU_WORKER_NUMBER": "2"}
@@ -353,12 +354,13 @@ def test_worker_start_runs_in_background_and_stops(tmp_path):
   try:
     log = tmp_path / "logs" / "latest.log"
     for _ in range(100):
-      if log.exists() and "COORD" in log.read_text():
+      if log.exists() and "CACHE" in log.read_text():
         break
       time.sleep(0.05)
     text = log.read_text()
     assert "ARGS -m genvis_jax.main --config=configs/rar_b.py --config.data.path=gs://b/t-*" in text
     assert "COORD 10.1.0.2:8476 3 2" in text
+    assert f"CACHE {os.path.expanduser('~')}/jax_cache\n" in text
     again = sh("worker_start.sh", *args, env=env)
     assert again.returncode != 0 and "already running" in again.stderr
     assert sh("worker_start.sh", *args, "--stop", env=env).returncode == 0
