@@ -227,17 +227,24 @@ def timed(fn, *args):
   return time.perf_counter() - t0, out
 
 
-def repeat_ms(fn, args, deadline: Deadline, iters: int, what: str):
-  """Median ms of up to ``iters`` calls after one warm-up; stops early (at
-  least one timed call) when the deadline passes."""
-  deadline.check(what)
-  block(fn(*args))  # warm-up (compile when not AOT)
-  times = []
+def timed_runs(fn, args, deadline: Deadline, iters: int) -> list:
+  """``(seconds, result)`` of up to ``iters`` blocking calls: at least one
+  (its compile is paid by now), then none once the deadline passes."""
+  runs = []
   for _ in range(iters):
-    times.append(timed(fn, *args)[0] * 1e3)
+    runs.append(timed(fn, *args))
     if deadline.left() <= 0:
       break
-  return statistics.median(times)
+  return runs
+
+
+def repeat_ms(fn, args, deadline: Deadline, iters: int, what: str):
+  """Median ms of ``timed_runs`` after one warm-up (the compile when not
+  AOT); none when the deadline has passed before the warm-up."""
+  deadline.check(what)
+  block(fn(*args))
+  return statistics.median(t for t, _ in timed_runs(fn, args, deadline,
+                                                    iters)) * 1e3
 
 
 def aot(fn, *args):

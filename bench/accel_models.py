@@ -14,7 +14,7 @@ from bench.accel_harness import (SMOKE_EQ, SMOKE_FAR, SMOKE_RAR, Deadline,
                                  cost_flops, device_memory, error_line, gib,
                                  host_random_params, load_config, memory_bytes,
                                  peak_flops, random_params, repeat_ms, shrink,
-                                 timed)
+                                 timed, timed_runs)
 
 WEIGHT_READ_NOTE = (
     "weight_gb_per_s = all parameter bytes (in dtype) / time per step: the "
@@ -115,11 +115,7 @@ def _rar_case(sec, dl, sz, size, what, model, cfg, params, batch, dtype,
           s.temperature))
   comp_s, compiled = aot(sampler, *args)
   sec.log(f"{what}: compiled in {comp_s:.1f} s")
-  runs = []
-  for _ in range(sz.iters):
-    runs.append(timed(compiled, *args))
-    if dl.left() <= 0:
-      break
+  runs = timed_runs(compiled, args, dl, sz.iters)
   sample_s = statistics.median(t for t, _ in runs)
   step_ms = 1e3 * sample_s / m.seq_len
   n_params = models.count_params(params)
@@ -382,12 +378,7 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
         top_k=s.top_k, top_p=s.top_p, dtype=dt)
     comp_s, _ = timed(run)   # first call compiles (cached jit afterwards)
     sec.log(f"FAR {dtype}: first call (compiles) {comp_s:.1f} s")
-    times = []
-    for _ in range(sz.iters):   # one timed call at least: the compile is paid
-      times.append(timed(run)[0])
-      if dl.left() <= 0:
-        break
-    sec_s = statistics.median(times)
+    sec_s = statistics.median(dt for dt, _ in timed_runs(run, (), dl, sz.iters))
     position_ms = 1e3 * sec_s / m.grid ** 2
     row = dict(model="FAR-B dual", dtype=dtype, batch=batch, sub_tokens=steps,
                first_call_s=comp_s, sample_s=sec_s, position_ms=position_ms,
@@ -425,12 +416,7 @@ def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
         num_steps=sz.eq_flow_steps)
     comp_s, _ = timed(run)
     sec.log(f"{cols} columns: first call (compiles) {comp_s:.1f} s")
-    times = []
-    for _ in range(sz.iters):
-      times.append(timed(run)[0])
-      if dl.left() <= 0:
-        break
-    t = statistics.median(times)
+    t = statistics.median(dt for dt, _ in timed_runs(run, (), dl, sz.iters))
     sec.add(model="Eq-L", dtype=m.dtype, batch=batch, columns=cols,
             flow_steps=sz.eq_flow_steps, first_call_s=comp_s, sample_s=t,
             columns_per_s=batch * cols / t, images_per_s=batch / t)
@@ -455,11 +441,8 @@ def section_inception(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   if out["pool"].shape != (sz.incep_batch, 2048) or not np.isfinite(
       out["pool"]).all():
     raise AssertionError(f"bad pool features {out['pool'].shape}")
-  times = []
-  for _ in range(sz.iters):
-    dl.check("Inception timed call")
-    times.append(timed(ext, images)[0])
-  t = statistics.median(times)
+  t = statistics.median(
+      dt for dt, _ in timed_runs(ext, (images,), dl, sz.iters))
   sec.add(batch=sz.incep_batch, image=sz.incep_image, first_call_s=comp_s,
           batch_s=t, images_per_s=sz.incep_batch / t)
   sec.note("uint8 host images -> device -> resize to 299 -> pool / spatial / "
