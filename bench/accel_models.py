@@ -5,6 +5,7 @@ weights: speed and memory numbers, not quality ones."""
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -130,17 +131,24 @@ def _rar_case(sec, dl, sz, size, what, model, cfg, params, batch, dtype,
   sec.rows.append(row)
   sec.log(f"sampled in {sample_s:.3f} s ({len(runs)} runs)")
   try:
-    if "s" not in floor_cache:
-      floor_fn = rar_bench.floor_fn(model, m.seq_len, 2 * batch, adaln=True,
-                                    dtype=dtype)
-      floor_cache["s"] = repeat_ms(floor_fn, (params, None), dl, sz.iters,
-                                   f"{what} floor") / 1e3
-    row.update(floor_s=floor_cache["s"], x_floor=sample_s / floor_cache["s"])
+    make = functools.partial(rar_bench.floor_fn, model, m.seq_len, 2 * batch,
+                             adaln=True, dtype=dtype)
+    _floor_columns(row, make, params, dl, sz, f"{what} floor", floor_cache)
     if decoder is not None:
       _decode_columns(row, dl, sz, decoder, batch, m.seq_len, runs[-1][1],
                       sample_s)
   finally:
     sec.show(row)
+
+
+def _floor_columns(row, make_floor, params, dl, sz, what, cache):
+  """Adds ``floor_s`` (the bench script's matmul floor, ``make_floor()``,
+  timed once per ``cache`` dict) and ``x_floor`` = the row's sample_s over
+  it."""
+  if "s" not in cache:
+    cache["s"] = repeat_ms(make_floor(), (params, None), dl, sz.iters,
+                           what) / 1e3
+  row.update(floor_s=cache["s"], x_floor=row["sample_s"] / cache["s"])
 
 
 def _decode_columns(row, dl, sz, decoder, batch, seq_len, codes, sample_s):
@@ -390,10 +398,9 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
     sec.rows.append(row)   # the floor columns follow if the time box allows
     sec.log(f"sampled in {sec_s:.3f} s")
     try:
-      floor_fn = far_bench.floor_fn(model, m.grid ** 2, 2 * batch, dtype=dtype)
-      floor_s = repeat_ms(floor_fn, (params, None), dl, sz.iters,
-                          f"FAR {dtype} floor") / 1e3
-      row.update(floor_s=floor_s, x_floor=sec_s / floor_s)
+      make = functools.partial(far_bench.floor_fn, model, m.grid ** 2,
+                               2 * batch, dtype=dtype)
+      _floor_columns(row, make, params, dl, sz, f"FAR {dtype} floor", {})
     finally:
       sec.show(row)
   sec.note(f"guidance {s.guidance_scale} (CFG doubles the batch), codes only "
