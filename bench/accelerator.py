@@ -41,8 +41,8 @@ All weights are random: these are speed and memory numbers, not quality ones.
 This file is the entry point (flags, the section table, the schedule); the
 harness (time boxes, result files, timing helpers, sizes) is
 ``bench/accel_harness.py`` and the sections are ``bench/accel_attention.py``
-(the Pallas kernel) and ``bench/accel_models.py`` (the generators, the train
-step, the Inception extractor).
+(the Pallas kernel), ``bench/accel_models.py`` (the generators' samplers, the
+Inception extractor) and ``bench/accel_train.py`` (the train step).
 
 Runs from a copy of the repository without installing it (the repository root
 goes on ``sys.path``). ``ml_collections`` is found on ``sys.path`` or, failing
@@ -71,7 +71,7 @@ if ROOT not in sys.path:   # run from a copy of the repository, not installed
 
 # pylint: disable=wrong-import-position
 # noqa: E402 below: these need ROOT on sys.path; none imports jax at import time.
-from bench import accel_models  # noqa: E402
+from bench import accel_train  # noqa: E402
 from bench.accel_attention import (section_attention,  # noqa: E402
                                    section_attention_blocks,
                                    section_attention_check)
@@ -81,7 +81,8 @@ from bench.accel_harness import (SMOKE, REAL, Deadline, Section,  # noqa: E402
                                  peak_flops, write_results)
 from bench.accel_models import (section_eq_sampling,  # noqa: E402
                                 section_far_sampling, section_inception,
-                                section_rar_sampling, section_rar_train)
+                                section_rar_sampling)
+from bench.accel_train import section_rar_train  # noqa: E402
 from genvis_jax.errors import UserError  # noqa: E402  (no dependencies)
 
 # name, function, time box (seconds the default sizes take on one H200, from
@@ -214,7 +215,7 @@ def header(smoke: bool) -> dict:
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.device_memory_gib:
-    accel_models.CAPACITY_OVERRIDE = int(args.device_memory_gib * 2**30)
+    accel_train.CAPACITY_OVERRIDE = int(args.device_memory_gib * 2**30)
   # GPU: let the allocator take 92% of the memory (jax's default is 75%) so
   # the train step's batch can grow; set before jax initialises the backend.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")

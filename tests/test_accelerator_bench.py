@@ -17,7 +17,7 @@ import pytest
 
 from bench import accel_attention
 from bench import accel_harness as harness
-from bench import accel_models
+from bench import accel_train
 from bench import accelerator as acc
 from genvis_jax.sample import ar
 from tests import CPU_COMPILE_FLAGS
@@ -145,11 +145,11 @@ def test_band_pairs_counts_the_mask():
 def test_fit_batch_is_largest_power_of_two_under_the_limit():
   cap, b0, b1 = 100 * 2**30, 32, 128
   intercept, slope = 20 * 2**30, 0.11 * 2**30      # bytes, bytes per example
-  got = accel_models._fit_batch(cap, b0, intercept + slope * b0, b1,
+  got = accel_train._fit_batch(cap, b0, intercept + slope * b0, b1,
                        intercept + slope * b1, 4096)
   fits = [2**i for i in range(13) if intercept + slope * 2**i <= 0.92 * cap]
   assert got == max(fits)
-  assert accel_models._fit_batch(cap, b0, intercept + slope * b0, b1,
+  assert accel_train._fit_batch(cap, b0, intercept + slope * b0, b1,
                         intercept + slope * b1, 256) == 256
 
 
@@ -211,17 +211,17 @@ def test_train_batch_search(monkeypatch, fails_above, want):
       raise MemoryError("RESOURCE_EXHAUSTED")
     return dict(remat=remat, batch=batch, tokens_per_s=float(batch),
                 _peak=peak(batch))
-  models = accel_models
-  monkeypatch.setattr(models, "CAPACITY_OVERRIDE", 100 * gb)
-  monkeypatch.setattr(models, "_rar_trainer",
+  train = accel_train
+  monkeypatch.setattr(train, "CAPACITY_OVERRIDE", 100 * gb)
+  monkeypatch.setattr(train, "_rar_trainer",
                       lambda remat, batch, *a: (None, batch))
-  monkeypatch.setattr(models, "_compile_step", lambda cfg, b: (0.0, b, None))
-  monkeypatch.setattr(models, "memory_bytes", lambda b: dict(
+  monkeypatch.setattr(train, "_compile_step", lambda cfg, b: (0.0, b, None))
+  monkeypatch.setattr(train, "memory_bytes", lambda b: dict(
       argument=fixed, generated_code=0, peak=peak(b)))
-  monkeypatch.setattr(models, "_measure_step", measure)
+  monkeypatch.setattr(train, "_measure_step", measure)
   sec = harness.Section("rar_train", ())
   sizes = dataclasses.replace(harness.REAL, train_remats=("none",))
-  models.section_rar_train(sec, harness.Deadline(float("inf")), sizes, False)
+  train.section_rar_train(sec, harness.Deadline(float("inf")), sizes, False)
   assert [r["batch"] for r in sec.rows] == want
   # Largest power of two within 92% of memory (42 GiB + 0.3 GiB x b).
   if fails_above is None:
