@@ -164,7 +164,7 @@ def test_far_logits_stay_fp32_in_a_bf16_model(far):
   model, params, labels, _ = far
   codes = jnp.zeros((2, model.num_codebooks, model.seq_len), jnp.int32)
   m16, p16 = common.for_decoding(model, params, "bfloat16")
-  logits = m16.apply({"params": p16}, codes, labels[:2])
+  logits = jax.jit(m16.apply)({"params": p16}, codes, labels[:2])
   assert logits.dtype == jnp.float32
   as_bf16 = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32))
   assert np.mean(as_bf16 != np.asarray(logits)) > 0.5

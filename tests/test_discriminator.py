@@ -2,6 +2,8 @@
 the DINO discriminator's per-replica BatchNormLocal and 'area' resize, and GAN
 loss values."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,20 +80,29 @@ def test_patchgan_batch_norm_is_per_group_train_mode_bn():
     norm.apply({"params": p}, x[:48])
 
   cfg = _cfg(image_size=8, ndf=4, n_layers=1, norm="batch", group_size=32)
-  params = models.init_params(cfg, jax.random.key(2))
+  params = _jit_init(cfg, jax.random.key(2))
   assert set(params["norm_1"]) == {"scale", "bias"}
   assert "bias" not in params["conv_1"]
-  model = models.build(cfg)
+  apply = _jit_apply(models.build(cfg), params)
   imgs = jax.random.uniform(jax.random.key(3), (64, 8, 8, 3), minval=-1,
                             maxval=1)
-  out = np.asarray(model.apply({"params": params}, imgs))
-  halves = [np.asarray(model.apply({"params": params}, imgs[i:i + 32]))
-            for i in (0, 32)]
+  out = np.asarray(apply(imgs))
+  halves = [np.asarray(apply(imgs[i:i + 32])) for i in (0, 32)]
   np.testing.assert_allclose(out, np.concatenate(halves), rtol=1e-5, atol=1e-6)
   one_group = models.build(_cfg(image_size=8, ndf=4, n_layers=1, norm="batch",
                                 group_size=64))
-  assert not np.allclose(out, one_group.apply({"params": params}, imgs),
-                         atol=1e-4)
+  assert not np.allclose(out, _jit_apply(one_group, params)(imgs), atol=1e-4)
+
+
+def _jit_init(cfg, key):
+  """``models.init_params`` as one program (eagerly, each op of the init
+  compiles on its own: hundreds of programs)."""
+  return jax.jit(lambda k: models.init_params(cfg, k))(key)
+
+
+def _jit_apply(model, params):
+  """The model's forward on ``params`` as one program per input shape."""
+  return jax.jit(lambda x: model.apply({"params": params}, x))
 
 
 def test_paper_configs_use_the_official_discriminator_statistics():
@@ -132,13 +143,11 @@ def test_dino_batch_norm_local_per_replica():
                                  num_heads=2, key_depths=(0,), head_kernel=3,
                                  image_size=16)
   assert cfg.replica_batch == 12
-  model = models.build(cfg)
-  params = models.init_params(cfg, jax.random.key(2))
+  apply = _jit_apply(models.build(cfg), _jit_init(cfg, jax.random.key(2)))
   imgs = jax.random.uniform(jax.random.key(3), (24, 16, 16, 3), minval=-1,
                             maxval=1)
-  out = np.asarray(model.apply({"params": params}, imgs))
-  halves = [np.asarray(model.apply({"params": params}, imgs[i:i + 12]))
-            for i in (0, 12)]
+  out = np.asarray(apply(imgs))
+  halves = [np.asarray(apply(imgs[i:i + 12])) for i in (0, 12)]
   np.testing.assert_allclose(out, np.concatenate(halves), rtol=1e-4, atol=1e-5)
 
 
@@ -149,15 +158,16 @@ def test_dino_heads_do_not_depend_on_the_spectral_estimate():
   the C x C convolutions, and the C -> 1 kernel's norm is exact at once."""
   feats = jax.random.normal(jax.random.key(0), (8, 16, 32)) * 2.0 + 0.5
   heads = {n: dino_disc.DiscHead(kernel_size=3, iterations=n) for n in (1, 50)}
-  params = nn.unbox(heads[1].init(jax.random.key(1), feats))["params"]
+  params = nn.unbox(jax.jit(heads[1].init)(jax.random.key(1), feats))["params"]
   k = params["res_conv"]["kernel"]
-  s1, s50 = (np.abs(np.asarray(k / dino_disc.spectral_normalize(k, n))).max()
-             for n in (1, 50))
+  normalize = jax.jit(dino_disc.spectral_normalize, static_argnums=1)
+  s1, s50 = (np.abs(np.asarray(k / normalize(k, n))).max() for n in (1, 50))
   assert s1 < 0.97 * s50           # one iteration underestimates sigma
-  def out(n):
+  @functools.partial(jax.jit, static_argnums=0)
+  def out(n, params):
     f = lambda p: heads[n].apply({"params": p}, feats)
     return f(params), jax.grad(lambda p: jnp.sum(jnp.sin(f(p))))(params)
-  (y1, g1), (y50, g50) = out(1), out(50)
+  (y1, g1), (y50, g50) = out(1, params), out(50, params)
   np.testing.assert_allclose(y1, y50, rtol=1e-4, atol=1e-5)
   # (The C x C biases get zero gradients, up to rounding: BN cancels them.)
   big = max(np.abs(g).max() for g in jax.tree_util.tree_leaves(g50))

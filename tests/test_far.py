@@ -304,9 +304,9 @@ def test_rope_tables_2d_are_llamagen_rows():
 def test_class_dropout(tiny):
   _, model, params = tiny
   labels = jnp.full((20000,), 3)
-  drop = lambda train: model.apply({"params": params}, labels, train,
-                                   method="class_labels",
-                                   rngs={"dropout": jax.random.key(0)})
+  drop = jax.jit(lambda train: model.apply(
+      {"params": params}, labels, train, method="class_labels",
+      rngs={"dropout": jax.random.key(0)}), static_argnums=0)
   dropped = np.asarray(drop(True))
   assert set(np.unique(dropped)) == {3, C}
   assert abs(np.mean(dropped == C) - 0.1) < 0.01
@@ -315,9 +315,11 @@ def test_class_dropout(tiny):
   all_drop = models.build(tiny_config(class_dropout=1.0, dropout=0.0,
                                       token_dropout=0.0).model)
   codes = jnp.zeros((2, 2, N), jnp.int32)
-  out = all_drop.apply({"params": params}, codes, jnp.array([1, 2]), train=True,
-                       rngs={"dropout": jax.random.key(1)})
-  null = all_drop.apply({"params": params}, codes, jnp.full((2,), C))
+  forward = jax.jit(lambda labels, train: all_drop.apply(
+      {"params": params}, codes, labels, train=train,
+      rngs={"dropout": jax.random.key(1)}), static_argnums=1)
+  out = forward(jnp.array([1, 2]), True)
+  null = forward(jnp.full((2,), C), False)
   np.testing.assert_allclose(out, null, atol=1e-5)
 
 
@@ -353,9 +355,9 @@ def test_task_loss_decreases():
   cfg = tiny_config()
   cfg.optimizer.lr = 3e-3
   task = get_task(cfg)
-  params = nn.unbox(task.init_params(jax.random.key(0)))
+  params = jax.jit(lambda k: nn.unbox(task.init_params(k)))(jax.random.key(0))
   tx = task.optimizers()["model"]
-  opt_state = tx.init(params["model"])
+  opt_state = jax.jit(tx.init)(params["model"])
   codes = jax.random.randint(jax.random.key(1), (4, 2, N), 0, V)
   batch = {"tokens": codes.reshape(4, 2 * N), "label": jnp.array([0, 1, 2, 3])}
 

@@ -1,6 +1,8 @@
 """Shared conv-tokenizer blocks (models/layers/resnet.py) and the official-name
 rename tables of the converters that feed them."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -136,18 +138,23 @@ def test_one_level_serves_each_family_with_and_without_remat(family, names,
   plain, remat = make(), make(remat="full")
   assert plain == make()   # equal settings, equal (hashable) modules
   hash(plain)
-  p = _randomize(plain.init(jax.random.key(0), x)["params"], 7)
+  p = _randomize(jax.jit(plain.init)(jax.random.key(0), x)["params"], 7)
   assert set(p) == names
-  y, pre = plain.apply({"params": p}, x)
+  y, pre = jax.jit(plain.apply)({"params": p}, x)
   assert y.shape == out_shape and pre.shape == (2, 8, 8, 64)
 
-  def loss(m, q):
-    return jnp.sum(jnp.square(m.apply({"params": q}, x, True)[0]))
-  np.testing.assert_allclose(remat.apply({"params": p}, x)[0], y, atol=1e-5)
-  g0, g1 = jax.grad(lambda q: loss(plain, q))(p), jax.grad(
-      lambda q: loss(remat, q))(p)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-4), g0, g1)
+  # One program per module (run eagerly, each op compiles on its own).
+  @functools.partial(jax.jit, static_argnums=0)
+  def out_and_grad(m, q):
+    loss = lambda q: jnp.sum(jnp.square(m.apply({"params": q}, x, True)[0]))
+    return m.apply({"params": q}, x)[0], jax.grad(loss)(q)
+  (_, g0), (y1, g1) = out_and_grad(plain, p), out_and_grad(remat, p)
+  # Two programs (remat or not) round differently: outputs are O(50), and
+  # gradients a norm cancels (~0) keep a residue of the largest ones' size.
+  np.testing.assert_allclose(y1, y, rtol=1e-5, atol=1e-4)
+  big = max(float(np.abs(g).max()) for g in jax.tree.leaves(g0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-5 * big), g0, g1)
 
 
 def test_level_resample_is_a_name_and_a_module():

@@ -1,5 +1,7 @@
 """MaskGIT VQGAN: shapes, encode/decode round trip, quirks, parameter count, gradients."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,15 +46,18 @@ def test_forward_encode_decode_shapes(tiny):
   for k in ("quantizer_loss", "codebook_loss", "commitment_loss", "usage",
             "perplexity"):
     assert aux[k].shape == () and np.isfinite(float(aux[k])), k
-  codes = model.apply({"params": params}, images, method="encode")
+  codes = jax.jit(functools.partial(model.apply, method="encode"))(
+      {"params": params}, images)
   assert codes.shape == (2, HW // 2, HW // 2) and codes.dtype == jnp.int32
   assert int(codes.min()) >= 0 and int(codes.max()) < 64
   np.testing.assert_array_equal(codes, aux["codes"])
-  out = model.apply({"params": params}, codes, method="decode")
+  out = jax.jit(functools.partial(model.apply, method="decode"))(
+      {"params": params}, codes)
   assert out.shape == images.shape
   assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
-  # decode(encode(x)) is the clamped quantized reconstruction of __call__.
-  np.testing.assert_allclose(out, jnp.clip(recon, 0, 1), atol=1e-5)
+  # decode(encode(x)) is the clamped quantized reconstruction of __call__
+  # (to the rounding of two compiled programs).
+  np.testing.assert_allclose(out, jnp.clip(recon, 0, 1), atol=5e-5)
 
 
 def test_logical_names_on_every_param(tiny):
@@ -105,24 +110,27 @@ def _conv(x, k):
 def test_resnet_block_applies_shortcut_to_post_conv2_features():
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 32))
   block = resnet.ResnetBlock(64, **mv.RES_BLOCK)
-  p = nn.unbox(block.init(jax.random.key(1), x)["params"])
+  p = nn.unbox(jax.jit(block.init)(jax.random.key(1), x)["params"])
   assert p["shortcut"]["kernel"].shape == (1, 1, 64, 64)
   # Random norm affines so they are exercised too.
   keys = iter(jax.random.split(jax.random.key(2), 4))
   for n in ("norm1", "norm2"):
     p[n] = {k: jax.random.normal(next(keys), v.shape) for k, v in p[n].items()}
-  y = block.apply({"params": p}, x)
-  h = jax.nn.silu(_group_norm(x, p["norm1"]["scale"], p["norm1"]["bias"]))
-  h = _conv(h, p["conv1"]["kernel"])
-  h = jax.nn.silu(_group_norm(h, p["norm2"]["scale"], p["norm2"]["bias"]))
-  h = _conv(h, p["conv2"]["kernel"])
-  want = h + _conv(h, p["shortcut"]["kernel"])
-  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+  y = jax.jit(block.apply)({"params": p}, x)
+
+  @jax.jit
+  def reference(p, x):
+    h = jax.nn.silu(_group_norm(x, p["norm1"]["scale"], p["norm1"]["bias"]))
+    h = _conv(h, p["conv1"]["kernel"])
+    h = jax.nn.silu(_group_norm(h, p["norm2"]["scale"], p["norm2"]["bias"]))
+    h = _conv(h, p["conv2"]["kernel"])
+    return h + _conv(h, p["shortcut"]["kernel"])
+  np.testing.assert_allclose(y, reference(p, x), rtol=1e-4, atol=1e-4)
   # Same width: identity residual, no shortcut parameter.
   same = resnet.ResnetBlock(32, **mv.RES_BLOCK)
-  ps = same.init(jax.random.key(3), x)["params"]
+  ps = jax.jit(same.init)(jax.random.key(3), x)["params"]
   assert "shortcut" not in ps
-  h2 = same.apply({"params": ps}, x) - x
+  h2 = jax.jit(same.apply)({"params": ps}, x) - x
   assert float(jnp.abs(h2).max()) > 0
 
 

@@ -354,12 +354,12 @@ def test_task_loss_decreases():
   cfg = tiny_config()
   task = get_task(cfg)
   assert isinstance(task, rar_task.RARTask)
-  params = nn.unbox(task.init_params(jax.random.key(0)))
+  params = jax.jit(lambda k: nn.unbox(task.init_params(k)))(jax.random.key(0))
   rng = np.random.RandomState(0)
   batch = {"tokens": jnp.asarray(rng.randint(0, 4, (8, L)), jnp.int32),
            "label": jnp.asarray(rng.randint(0, C, (8,)), jnp.int32)}
   opt = optax.adam(3e-3)
-  opt_state = opt.init(params)
+  opt_state = jax.jit(opt.init)(params)
 
   @jax.jit
   def step(params, opt_state, i):

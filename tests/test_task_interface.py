@@ -148,7 +148,7 @@ def test_adaptive_weight_matches_taming_formula_on_full_gradients():
   d rec + w * d adv."""
   task = get_task(_tiny_tokenizer_config())
   assert isinstance(task, GANTokenizerTask) and task.use_gan
-  params = nn.unbox(task.init_params(jax.random.key(0)))
+  params = jax.jit(lambda k: nn.unbox(task.init_params(k)))(jax.random.key(0))
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
   rng, step = jax.random.key(2), jnp.int32(3)
   grads, metrics = jax.jit(task.grads)(params, {}, {"image": images}, rng, step)

@@ -81,7 +81,7 @@ def test_gan_never_on_skips_discriminator_with_same_update():
   ref_cfg.train.num_steps = off_cfg.train.num_steps = 10
   ref, off = tok.TokenizerTask(ref_cfg), tok.TokenizerTask(off_cfg)
   assert ref.use_gan and not off.use_gan
-  params = nn.unbox(ref.init_params(jax.random.key(0)))
+  params = jax.jit(lambda k: nn.unbox(ref.init_params(k)))(jax.random.key(0))
   batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}
   args = (params, {}, batch, jax.random.key(1), jnp.asarray(0))
   g_ref, m_ref = jax.jit(ref.grads)(*args)
