@@ -83,15 +83,15 @@ def test_patchgan_batch_norm_is_per_group_train_mode_bn():
   params = _jit_init(cfg, jax.random.key(2))
   assert set(params["norm_1"]) == {"scale", "bias"}
   assert "bias" not in params["conv_1"]
-  apply = _jit_apply(models.build(cfg), params)
+  apply = _jit_apply(models.build(cfg))
   imgs = jax.random.uniform(jax.random.key(3), (64, 8, 8, 3), minval=-1,
                             maxval=1)
-  out = np.asarray(apply(imgs))
-  halves = [np.asarray(apply(imgs[i:i + 32])) for i in (0, 32)]
+  out = np.asarray(apply(params, imgs))
+  halves = [np.asarray(apply(params, imgs[i:i + 32])) for i in (0, 32)]
   np.testing.assert_allclose(out, np.concatenate(halves), rtol=1e-5, atol=1e-6)
   one_group = models.build(_cfg(image_size=8, ndf=4, n_layers=1, norm="batch",
                                 group_size=64))
-  assert not np.allclose(out, _jit_apply(one_group, params)(imgs), atol=1e-4)
+  assert not np.allclose(out, _jit_apply(one_group)(params, imgs), atol=1e-4)
 
 
 def _jit_init(cfg, key):
@@ -100,9 +100,9 @@ def _jit_init(cfg, key):
   return jax.jit(lambda k: models.init_params(cfg, k))(key)
 
 
-def _jit_apply(model, params):
-  """The model's forward on ``params`` as one program per input shape."""
-  return jax.jit(lambda x: model.apply({"params": params}, x))
+def _jit_apply(model):
+  """``(params, x) -> model's forward`` as one program per input shape."""
+  return jax.jit(lambda params, x: model.apply({"params": params}, x))
 
 
 def test_paper_configs_use_the_official_discriminator_statistics():
@@ -143,11 +143,12 @@ def test_dino_batch_norm_local_per_replica():
                                  num_heads=2, key_depths=(0,), head_kernel=3,
                                  image_size=16)
   assert cfg.replica_batch == 12
-  apply = _jit_apply(models.build(cfg), _jit_init(cfg, jax.random.key(2)))
+  apply = _jit_apply(models.build(cfg))
+  params = _jit_init(cfg, jax.random.key(2))
   imgs = jax.random.uniform(jax.random.key(3), (24, 16, 16, 3), minval=-1,
                             maxval=1)
-  out = np.asarray(apply(imgs))
-  halves = [np.asarray(apply(imgs[i:i + 12])) for i in (0, 12)]
+  out = np.asarray(apply(params, imgs))
+  halves = [np.asarray(apply(params, imgs[i:i + 12])) for i in (0, 12)]
   np.testing.assert_allclose(out, np.concatenate(halves), rtol=1e-4, atol=1e-5)
 
 
