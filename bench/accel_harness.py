@@ -240,7 +240,8 @@ def timed_runs(fn, args, deadline: Deadline, iters: int) -> list:
 
 def repeat_ms(fn, args, deadline: Deadline, iters: int, what: str):
   """Median ms of ``timed_runs`` after one warm-up (the compile when not
-  AOT); none when the deadline has passed before the warm-up."""
+  AOT). Raises SectionTimeout, before the warm-up, if the deadline has
+  passed."""
   deadline.check(what)
   block(fn(*args))
   return statistics.median(t for t, _ in timed_runs(fn, args, deadline,

@@ -11,7 +11,7 @@ import time
 from bench.accel_harness import (SMOKE_RAR, Deadline, Section,
                                  SectionTimeout, Sizes, block, cost_flops,
                                  device_memory, error_line, gib, load_config,
-                                 memory_bytes, peak_flops, shrink)
+                                 memory_bytes, peak_flops, shrink, timed_runs)
 
 
 def _rar_trainer(remat: str, batch: int, smoke: bool, devices):
@@ -60,11 +60,18 @@ def _pow2_floor(x: float, cap: int) -> int:
   return max(1, min(cap, 2 ** int(math.log2(max(1.0, x)))))
 
 
+# The share of device memory a train step's compiled peak may take (and, on a
+# GPU, the allocator's share: bench/accelerator.py sets it before jax starts).
+MEMORY_FRACTION = 0.92
+
+
 def _fit_batch(capacity, b0, peak0, b1, peak1, cap) -> int:
-  """Largest power-of-two batch whose compiled peak stays under 92% of the
-  device memory, from two (batch, peak bytes) points (peak ~ linear in batch)."""
+  """Largest power-of-two batch whose compiled peak stays under
+  ``MEMORY_FRACTION`` of the device memory, from two (batch, peak bytes)
+  points (peak ~ linear in batch)."""
   slope = max(1.0, (peak1 - peak0) / (b1 - b0))
-  return _pow2_floor((0.92 * capacity - (peak1 - slope * b1)) / slope, cap)
+  return _pow2_floor(
+      (MEMORY_FRACTION * capacity - (peak1 - slope * b1)) / slope, cap)
 
 
 # --device_memory_gib: plan the train batch for another memory size (also how
@@ -112,8 +119,8 @@ def section_rar_train(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
           # State (arguments) is fixed; count all temporaries as per-example.
           fixed = probe["argument"] + probe["generated_code"]
           per_example = max(1.0, (probe["peak"] - fixed) / sz.train_probe)
-          batch = _pow2_floor((0.92 * capacity - fixed) / per_example,
-                              sz.train_max)
+          batch = _pow2_floor(
+              (MEMORY_FRACTION * capacity - fixed) / per_example, sz.train_max)
       tried, row = set(), None
       while batch >= 1 and batch not in tried:
         tried.add(batch)
@@ -171,18 +178,16 @@ def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
   data = _random_batch(spec, config)
   state = tr.init_state()
   n_params = models.count_params(state.params)
-  state, metrics = compiled(state, data, tr.train_rng, tr.frozen)  # warm-up
-  block(metrics)
-  times = []
-  for _ in range(sz.train_steps):
-    t0 = time.perf_counter()
+
+  def step():   # one train step on the last one's state; its metrics
+    nonlocal state
     state, metrics = compiled(state, data, tr.train_rng, tr.frozen)
-    block(metrics)
-    times.append(time.perf_counter() - t0)
-    if dl.left() <= 0:
-      break
-  loss = float(metrics["loss"])
-  step_s = statistics.median(times)
+    return metrics
+
+  block(step())   # warm-up
+  runs = timed_runs(step, (), dl, sz.train_steps)
+  loss = float(runs[-1][1]["loss"])
+  step_s = statistics.median(t for t, _ in runs)
   tokens = batch * config.model.seq_len
   stats = device_memory(dev)
   del state
@@ -196,4 +201,4 @@ def _measure_step(remat, batch, smoke, dev, dl, sz, peak, capacity):
       peak_gib_compiled=gib(mem.get("peak")), _peak=mem.get("peak"),
       peak_gib_device=gib(stats.get("peak_bytes_in_use")),
       in_use_gib_device=gib(stats.get("bytes_in_use")),
-      loss=loss, steps_timed=len(times))
+      loss=loss, steps_timed=len(runs))

@@ -216,9 +216,10 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.device_memory_gib:
     accel_train.CAPACITY_OVERRIDE = int(args.device_memory_gib * 2**30)
-  # GPU: let the allocator take 92% of the memory (jax's default is 75%) so
-  # the train step's batch can grow; set before jax initialises the backend.
-  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  # GPU: let the allocator take the share the train step's batch is fitted
+  # to (jax's default is 75%); set before jax initialises the backend.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                        str(accel_train.MEMORY_FRACTION))
   src = ensure_ml_collections(
       [args.wheels, os.environ.get("GENVIS_WHEELS", "")])
   # A hung compile still leaves a stack trace (and the JSON written so far).
