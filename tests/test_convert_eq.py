@@ -1,9 +1,6 @@
 """Equivariant converters: from_torch on the official-named parity fixture, the
 Lightning EMA layout (dot-free ``ema_*`` buffers) and mismatch reports."""
 
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -11,10 +8,8 @@ import pytest
 from genvis_jax import convert, errors
 from genvis_jax.convert import eq as ceq
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_eq_tokenizer import (FIXTURE, assert_tokenizer_parity,  # noqa: E402
-                               fixture_state, parity_tokenizer_config)
+from tests.eq_parity import (FIXTURE, assert_tokenizer_parity, fixture_state,
+                             parity_tokenizer_config)
 
 
 @pytest.fixture(scope="module")

@@ -343,10 +343,7 @@ def test_logical_axes_map_to_the_mesh():
 def test_official_generator_parity():
   """Conditioning vectors (class and fake-latent), head velocity and one CFG
   Euler column against the official PyTorch model (fixture)."""
-  import os
-  import sys
-  sys.path.insert(0, os.path.dirname(__file__))
-  from test_eq_tokenizer import FIXTURE, fixture_params
+  from tests.eq_parity import FIXTURE, fixture_params
   f = np.load(FIXTURE)
   cfg = ml_collections.ConfigDict(dict(
       name="eq_generator", hidden_size=32, depth=2, num_heads=4, head_width=24,
