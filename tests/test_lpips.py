@@ -101,7 +101,8 @@ def test_metric_properties(setup):
 
 def test_matches_reference_on_torch_layout(setup):
   state, params, x, y, dist = setup
-  want = _reference(state, 2 * x - 1, 2 * y - 1)
+  # One program (the weights as its argument), not one per eager op.
+  want = jax.jit(_reference)(state, 2 * x - 1, 2 * y - 1)
   np.testing.assert_allclose(dist(params, x, y), want, rtol=1e-4)
 
 
