@@ -164,6 +164,14 @@ def test_maskgit_vqgan_matches_official_codes_and_reconstructions():
   assert len(np.unique(data["codes"])) > 8  # a real test of the code search
   assert _rel(recon, data["recon"]) <= TOL
   assert _rel(decoded, data["decoded"]) <= TOL
+  # Keys of other modules or kinds keep their names: one report lists all.
+  bad = {k: v for k, v in state.items() if k != "decoder.conv_out.bias"}
+  bad["discriminator.conv.weight"] = np.zeros((4, 3, 3, 3), np.float32)
+  bad["encoder.norm_out.running_mean"] = np.zeros(hid, np.float32)
+  with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): decoder/"
+                     r"conv_out/bias(.|\n)*unexpected \(2\): discriminator."
+                     r"conv.weight, encoder.norm_out.running_mean"):
+    convert.from_torch("maskgit_vqgan", bad, cfg)
 
 
 # --- LlamaGen VQ parity ---------------------------------------------------------

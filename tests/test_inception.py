@@ -18,6 +18,8 @@ import pytest
 from genvis_jax.convert.inception import (convert as convert_fid_inception,
                                          load_inception_params)
 from genvis_jax.evaluate.inception import InceptionExtractor
+from genvis_jax import convert
+from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
 from genvis_jax.models import inception as inc
 from genvis_jax.core import sharding
 from genvis_jax.core.checkpoint_fit import compare_trees
@@ -122,8 +124,14 @@ def test_converter_layout_and_errors(state):
   np.testing.assert_array_equal(params["fc"]["kernel"], state["fc.weight"].T)
   with pytest.raises(ValueError, match="auxiliary head"):
     convert_fid_inception({"AuxLogits.fc.weight": np.zeros((1008, 768))})
-  with pytest.raises(ValueError, match="Unexpected"):
-    convert_fid_inception({"Mixed_5b.branch1x1.conv.bias": np.zeros(64)})
+  # Unknown keys keep their names: one report lists them with the missing.
+  bad = {k: v for k, v in state.items() if k != "fc.bias"}
+  bad["Mixed_5b.branch1x1.conv.bias"] = np.zeros(64, np.float32)
+  bad["Mixed_5b.branch1x1.bn.extra"] = np.zeros(64, np.float32)
+  with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): fc/bias"
+                     r"(.|\n)*unexpected \(2\): Mixed_5b.branch1x1.bn.extra, "
+                     r"Mixed_5b.branch1x1.conv.bias"):
+    convert.from_torch("inception", bad, None)
 
 
 def test_load_inception_params_from_npz(tmp_path, state):

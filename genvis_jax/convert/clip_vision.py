@@ -29,6 +29,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from genvis_jax import convert as convert_lib
+from genvis_jax import errors
 from genvis_jax.convert import vit as cvit
 from genvis_jax.models import clip_vision
 
@@ -71,7 +72,7 @@ def named_module(model_config, build_named, from_fields, alias: tuple[str, str])
     return alias[1] + name[len(alias[0]):] if name.startswith(alias[0]) else name
 
   if model_config is None:
-    raise ValueError("Say which tower the checkpoint is: model_config='vit_l14' "
+    raise errors.ConfigError("Say which tower the checkpoint is: model_config='vit_l14' "
                      "(CLI: --config=genvis_jax/convert/<kind file>.py:NAME).")
   if isinstance(model_config, str):
     return build_named(resolve(model_config))
@@ -109,7 +110,7 @@ def write(dst: str, params, state_dict) -> None:
   """Teacher weights as the ``.npz`` that ``load_teacher_params`` reads."""
   del state_dict
   if not dst.endswith(".npz"):
-    raise ValueError(f"--dst for a teacher kind is an .npz file, got {dst!r}.")
+    raise errors.ConfigError(f"--dst for a teacher kind is an .npz file, got {dst!r}.")
   save_teacher_params(dst, params)
 
 

@@ -29,6 +29,7 @@ import re
 import numpy as np
 
 from genvis_jax.convert import llamagen_vq, tree
+from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
 from genvis_jax.models import fqgan
 
 # Adapter lists of the released Dual / Triple models (used without a config).
@@ -64,7 +65,7 @@ def _check_heads(state_dict, heads) -> None:
   present = {k.split(".", 1)[0] for k in state_dict if is_feat_head(k)}
   absent = sorted(heads - present)
   if absent:
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"The model config has feature heads {absent} but the checkpoint has "
         f"none of their weights (it has {sorted(present) or 'no heads'}). Set "
         "model.feat_heads=() to load the tokenizer without feature heads, or "

@@ -15,53 +15,43 @@ from __future__ import annotations
 import numpy as np
 
 from genvis_jax import convert as convert_lib
+from genvis_jax import errors
 from genvis_jax.convert import tree
 from genvis_jax.models import inception
 
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
        "running_var": "var"}
-_STEMS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1",
-          "Conv2d_4a_3x3")
 
 NEEDS_CONFIG = False  # one fixed architecture
 
 
-def _leaf(key: str, value: np.ndarray) -> tuple[list[str], np.ndarray]:
-  parts = key.split(".")
-  if key == "fc.weight":
-    return ["fc", "kernel"], value.T
-  if key == "fc.bias":
-    return ["fc", "bias"], value
-  if parts[0].startswith("AuxLogits"):
-    raise ValueError(f"{key!r}: the FID Inception has no auxiliary head; pass "
-                     "pytorch-fid's pt_inception state dict (aux_logits=False).")
-  if not (parts[0] in _STEMS or parts[0].startswith("Mixed_")):
-    raise ValueError(f"Unexpected key {key!r}: expected Conv2d_*, Mixed_* or fc.*"
-                     " names of pytorch-fid's FID Inception.")
-  *mods, layer, kind = parts
-  if layer == "conv" and kind == "weight":
-    if value.ndim != 4:
-      raise ValueError(f"{key!r} has shape {value.shape}; expected OIHW.")
-    return [*mods, "conv", "kernel"], value.transpose(2, 3, 1, 0)
+def _leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  if key.startswith("AuxLogits"):   # the whole file is another model's
+    raise errors.CheckpointFileError(
+        f"{key!r}: the FID Inception has no auxiliary head; pass pytorch-fid's "
+        "pt_inception state dict (aux_logits=False), not torchvision's "
+        "Inception3.")
+  if key in ("fc.weight", "fc.bias"):
+    return tree.convnet_leaf(key, value, ())
+  module, _, kind = key.rpartition(".")
+  *mods, layer = module.split(".")
+  if layer == "conv" and kind == "weight" and value.ndim == 4:
+    return "/".join([*mods, "conv", "kernel"]), tree.conv(value)
   if layer == "bn" and kind in _BN:
-    return [*mods, "bn", _BN[kind]], value
-  raise ValueError(f"Unexpected parameter {key!r}: expected *.conv.weight or "
-                   f"*.bn.{{{', '.join(_BN)}}}.")
+    return "/".join([*mods, "bn", _BN[kind]]), value
+  return key, value   # kept: reported as unexpected
 
 
-def convert(state_dict: dict[str, np.ndarray],
-                          model_config=None) -> dict:
+def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """Maps pytorch-fid key names (numpy arrays) to the FIDInceptionV3 params tree.
 
   ``model_config`` is unused (one architecture); accepted so the function fits
   ``genvis_jax.convert.from_torch``. Values come back as float32 numpy arrays.
   """
   del model_config
-  items = (_leaf(key, np.asarray(value, np.float32))
-           for key, value in state_dict.items()
-           if not key.endswith("num_batches_tracked"))
-  return tree.nest(("/".join(path), np.ascontiguousarray(leaf))
-                   for path, leaf in items)
+  return tree.nest(_leaf(key, np.asarray(value, np.float32))
+                   for key, value in state_dict.items()
+                   if not key.endswith("num_batches_tracked"))
 
 
 def expected(model_config=None):

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax import convert as convert_lib
+from genvis_jax import errors
+from genvis_jax.convert import tree
 from genvis_jax.models import lpips
 
 NEEDS_CONFIG = False  # one fixed architecture
@@ -26,36 +28,30 @@ NEEDS_CONFIG = False  # one fixed architecture
 _SLICE_KEY = re.compile(r"^net\.slice(\d)\.(\d+)\.(weight|bias)$")
 _TV_KEY = re.compile(r"^features\.(\d+)\.(weight|bias)$")
 _LIN_KEY = re.compile(r"^lin(\d)\.model\.1\.weight$")
+_VGG_IDX = {i for idxs in lpips.VGG_SLICES for i in idxs}
+
+
+def _leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
+  """Flax path and leaf of an official LPIPS / torchvision VGG16 key; None
+  for keys LPIPS does not use (torchvision's classifier, the scaling layer)."""
+  m = _SLICE_KEY.match(key) or _TV_KEY.match(key)
+  if m:
+    idx, kind = m.groups()[-2:]
+    if int(idx) not in _VGG_IDX:   # kept: reported as unexpected
+      return key, value
+    return ((f"features_{int(idx)}/kernel", tree.conv(value)) if kind == "weight"
+            else (f"features_{int(idx)}/bias", value))
+  m = _LIN_KEY.match(key)
+  return (f"lin_{int(m.group(1))}/kernel", tree.conv(value)) if m else None
 
 
 def convert_lpips_state(state: dict[str, np.ndarray]) -> dict:
-  """Official LPIPS / torchvision names (numpy, OIHW) -> LPIPS Flax params."""
-  vgg_idx = {i for idxs in lpips.VGG_SLICES for i in idxs}
-  params: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in state.items():
-    value = np.asarray(value, np.float32)
-    m = _SLICE_KEY.match(key) or _TV_KEY.match(key)
-    if m:
-      idx, kind = int(m.groups()[-2]), m.groups()[-1]
-      if idx not in vgg_idx:
-        raise ValueError(f"{key!r} is not a VGG16 conv (indices {sorted(vgg_idx)}).")
-      leaf = value.transpose(2, 3, 1, 0) if kind == "weight" else value
-      params.setdefault(f"features_{idx}", {})[
-          "kernel" if kind == "weight" else "bias"] = leaf
-      continue
-    m = _LIN_KEY.match(key)
-    if m:
-      params[f"lin_{int(m.group(1))}"] = {"kernel": value.transpose(2, 3, 1, 0)}
-  expected = {f"features_{i}" for i in vgg_idx} | {f"lin_{k}" for k in range(5)}
-  missing = sorted(expected - set(params))
-  missing += sorted(f"features_{i}/bias" for i in vgg_idx
-                    if "bias" not in params.get(f"features_{i}", {"bias": 0}))
-  if missing:
-    raise ValueError(f"LPIPS weights incomplete, missing {missing}. Expected keys "
-                     f"'net.slice{{s}}.{{idx}}.weight/bias' or "
-                     f"'features.{{idx}}.weight/bias' for idx in {sorted(vgg_idx)} "
-                     f"and 'lin{{k}}.model.1.weight' for k in 0..4.")
-  return params
+  """Official LPIPS / torchvision names (numpy, OIHW) -> LPIPS Flax params
+  (kernels HWIO, float32 views); other keys are ignored. Missing weights are
+  reported when the result is checked (``load_lpips_params``,
+  ``from_torch``)."""
+  items = (_leaf(k, np.asarray(v, np.float32)) for k, v in state.items())
+  return tree.nest(item for item in items if item is not None)
 
 
 def load_lpips_params(path: str) -> dict:
@@ -85,8 +81,7 @@ def _needed(key: str) -> bool:
 
 def convert(state_dict, model_config=None) -> dict:
   del model_config
-  return convert_lpips_state(
-      {k: v for k, v in state_dict.items() if _needed(k)})
+  return convert_lpips_state(state_dict)
 
 
 def expected(model_config=None):
@@ -98,6 +93,7 @@ def expected(model_config=None):
 def write(dst: str, params, state_dict) -> None:
   del params
   if not dst.endswith(".npz"):
-    raise ValueError(f"--dst for kind lpips is an .npz file, got {dst!r}.")
+    raise errors.ConfigError(
+        f"--dst for kind lpips is an .npz file, got {dst!r}.")
   np.savez(dst, **{k: np.asarray(v, np.float32) for k, v in state_dict.items()
                    if _needed(k)})

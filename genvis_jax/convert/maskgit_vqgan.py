@@ -24,29 +24,15 @@ _PREFIXES = ("encoder", "decoder", "quantize")
 RENAMES = {**tree.RESNET_RENAMES, "upsample_conv": "upsample/conv"}
 
 
-def _leaf(key: str, value: np.ndarray) -> tuple[list[str], np.ndarray]:
-  parts = key.split(".")
-  if parts[0] not in _PREFIXES:
-    raise ValueError(f"Unexpected key {key!r}: MaskGIT VQGAN keys start with "
-                     f"one of {_PREFIXES}.")
+def _leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   if key == "quantize.embedding.weight":
-    return ["quantize", "embedding"], value
-  module, _, kind = key.rpartition(".")
-  path = tree.rename_modules(tree.module_path(module, _LISTS), RENAMES)
-  if kind == "bias":
-    return path + ["bias"], value
-  if kind != "weight":
-    raise ValueError(f"Unexpected parameter kind in {key!r} (weight | bias).")
-  if value.ndim == 4:  # conv OIHW -> HWIO
-    return path + ["kernel"], value.transpose(2, 3, 1, 0)
-  if value.ndim == 1:  # GroupNorm affine
-    return path + ["scale"], value
-  raise ValueError(f"{key!r} has shape {value.shape}; expected a 4-D conv "
-                   f"weight or a 1-D GroupNorm weight.")
+    return "quantize/embedding", value
+  if key.split(".")[0] not in _PREFIXES:   # kept: reported as unexpected
+    return key, value
+  return tree.convnet_leaf(key, value, _LISTS, RENAMES)
 
 
-def convert(state_dict: dict[str, np.ndarray],
-                          model_config=None) -> dict:
+def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
   """Maps official keys (numpy arrays) to the ``params`` tree of MaskGITVQGAN.
 
   Values are float32 numpy arrays; check the result against
@@ -55,7 +41,5 @@ def convert(state_dict: dict[str, np.ndarray],
   ``model_config`` is unused (sizes come from the arrays).
   """
   del model_config
-  items = (_leaf(key, np.asarray(value, np.float32))
-           for key, value in state_dict.items())
-  return tree.nest(("/".join(path), np.ascontiguousarray(leaf))
-                   for path, leaf in items)
+  return tree.nest(_leaf(key, np.asarray(value, np.float32))
+                   for key, value in state_dict.items())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
+
 
 def linear(w: np.ndarray) -> np.ndarray:
   """torch Linear weight (out, in) -> Flax Dense kernel (in, out) (a view)."""
@@ -31,9 +33,10 @@ def nest(items) -> dict:
     for m in mods:
       node = node.setdefault(m, {})
       if not isinstance(node, dict):
-        raise ValueError(f"Two checkpoint keys collide at {path!r}.")
+        raise CheckpointMismatchError(
+            f"Two checkpoint keys collide at {path!r}.")
     if name in node:
-      raise ValueError(f"Two checkpoint keys map to {path!r}.")
+      raise CheckpointMismatchError(f"Two checkpoint keys map to {path!r}.")
     node[name] = leaf
   return tree
 

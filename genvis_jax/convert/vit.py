@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from genvis_jax.convert import tree
+from genvis_jax.core.checkpoint_fit import CheckpointMismatchError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ def squeeze_to(value: np.ndarray, rank: int, key: str) -> np.ndarray:
   """Drops leading 1-sized axes of ``value`` down to ``rank`` axes."""
   lead = value.shape[:value.ndim - rank]
   if value.ndim < rank or any(n != 1 for n in lead):
-    raise ValueError(f"{key}: expected {rank} axes after leading 1-sized "
+    raise CheckpointMismatchError(f"{key}: expected {rank} axes after leading 1-sized "
                      f"ones, got shape {value.shape}.")
   return value.reshape(value.shape[value.ndim - rank:])
 
