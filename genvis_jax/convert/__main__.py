@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import textwrap
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from genvis_jax import cli
-from genvis_jax import convert
+from genvis_jax import convert, models
 
 __doc__ = (__doc__ or "") + "\n" + textwrap.fill(   # pylint: disable=redefined-builtin
     f"Kinds here: {', '.join(convert.kinds())}.", 80) + "\n"
@@ -45,7 +44,7 @@ def main(argv):
   params = convert.convert_file(
       _KIND.value, _SRC.value, config.model if config is not None else None,
       _DST.value, key=_KEY.value, overwrite=_OVERWRITE.value, config=config)
-  count = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+  count = models.count_params(params)
   logging.info("Wrote %s (%d parameters, kind %s).", _DST.value, count, _KIND.value)
   print(f"Converted {_SRC.value} -> {_DST.value}: {count:,} parameters.")
 

@@ -68,7 +68,8 @@ def format_eta(seconds: float) -> str:
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-  """(N, H, W, 3) uint8 -> one (rows*(H+pad), cols*(W+pad), 3) uint8 grid."""
+  """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3)
+  uint8 grid on white, ``cols = ncols`` (default ceil(sqrt(N)))."""
   images = np.asarray(images)
   n, h, w, c = images.shape
   ncols = ncols or int(np.ceil(np.sqrt(n)))

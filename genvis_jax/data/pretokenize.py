@@ -18,9 +18,9 @@ A file is written under a temporary name and renamed when complete, with a
 an output written with the same settings and refuses to replace one written
 otherwise unless ``config.pretokenize.overwrite`` (``data/token_output.py``).
 
-Config: ``config.tokenizer.{model, checkpoint, value_range, dtype}`` and
-``config.pretokenize.{data, split, output, ten_crop, batch_size, device_batch,
-overwrite}``.
+Config: ``config.tokenizer.{model, checkpoint, dtype}`` (the pixel range is
+the model's, ``models.value_range``) and ``config.pretokenize.{data, split,
+output, ten_crop, batch_size, device_batch, overwrite}``.
 """
 
 from __future__ import annotations

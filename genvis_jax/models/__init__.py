@@ -166,6 +166,7 @@ def value_range(model_config, config=None,
 
 
 def count_params(params) -> int:
+  """Number of scalars in a params pytree (arrays or ShapeDtypeStructs)."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
 
 

@@ -38,15 +38,13 @@ the per-device batch is a multiple of the group size (e.g. of
 
 ``FrozenViT`` is the shared ViT (``models/layers/vit.py``) at timm / DINO
 settings; ``convert/dino_vit.py`` maps a timm-style PyTorch state dict (e.g.
-``dino_deitsmall16_pretrain.pth``) onto it. A stored position grid of another
-size is resized with JAX's cubic resize (the discriminator runs at the native
-224 / 16 = 14 grid, no resize).
+``dino_deitsmall16_pretrain.pth``) onto it. The discriminator resizes its
+inputs to ``img_size``, so the ViT always runs at its table's grid (224 / 16
+= 14); another grid is refused (``vit.Embed``), never resized.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -60,18 +58,6 @@ from genvis_jax.models import dinov2, layers
 from genvis_jax.models.layers import vit
 
 # --- frozen ViT ----------------------------------------------------------------
-
-def resize_pos_grid(pos, height: int, width: int, *, patch_size: int):
-  """(1 + g*g, C) table -> (1 + gh*gw, C) for an H x W input, JAX cubic
-  resize of the patch rows (the class row is kept)."""
-  g = math.isqrt(pos.shape[0] - 1)
-  gh, gw = height // patch_size, width // patch_size
-  if (gh, gw) == (g, g):
-    return pos
-  table = jax.image.resize(pos[1:].reshape(g, g, -1), (gh, gw, pos.shape[-1]),
-                           "cubic")
-  return jnp.concatenate([pos[:1], table.reshape(gh * gw, -1)], axis=0)
-
 
 class FrozenViT(nn.Module):
   """Normalised images (B, S, S, 3) -> token states; the shared ViT
@@ -101,8 +87,8 @@ class FrozenViT(nn.Module):
     if s % p or x.shape[2] != s:
       raise ValueError(f"FrozenViT needs square inputs divisible by the patch "
                        f"size {p}, got {x.shape[1:3]}.")
+    # The discriminator resizes its inputs to the table's grid (img_size).
     x = vit.Embed(self.dim, p, self.pos_grid, cls_init=layers.zeros,
-                  resize=functools.partial(resize_pos_grid, patch_size=p),
                   name="embed")(x)
     last = self.depth if (self.final or not self.taps) else max(self.taps) + 1
     states = vit.Encoder(

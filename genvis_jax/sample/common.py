@@ -4,7 +4,7 @@
   interleave each example's cond/null rows (a batch-sharded array stays
   sharded), ``twice`` feeds both rows the same input, ``guide`` mixes them;
 * the decoding dtype (``config.sample.dtype``): ``config_dtype``,
-  ``check_dtype``, ``cast_params``, ``for_decoding``;
+  ``check_dtype``, ``cast_params``, ``decoding_model``, ``for_decoding``;
 * one compiled program per static ``Options`` value (``options``,
   ``compiled``, ``call``);
 * the per-call checks (``check_labels``, ``check_temperature``,
@@ -104,18 +104,25 @@ def check_dtype(dtype):
   return jnp.dtype(name)
 
 
+def decoding_model(model, dtype=None):
+  """The module a cached sampler runs: no remat (nothing is differentiated)
+  and, when ``dtype`` (a ``check_dtype`` result) is set, that compute dtype;
+  ``model`` itself when it is already so."""
+  fields = {"remat": "none", **({} if dtype is None else {"dtype": dtype})}
+  if all(getattr(model, k) == v for k, v in fields.items()):
+    return model
+  return model.clone(**fields)
+
+
 def for_decoding(model, params, dtype):
-  """(model, params) that decode in ``dtype`` (``check_dtype``): None / ''
-  returns them as given (the model's configured compute dtype); 'float32' or
-  'bfloat16' clones the model with that compute dtype and casts the floating
-  parameters once (``cast_params``; bf16 halves the bytes each step reads).
-  Samplers keep logits, velocities and the sampling state in float32.
-  Raises ``ConfigError`` for another dtype."""
+  """(model, params) as a cached sampler with ``dtype`` (``check_dtype``)
+  runs them, for code that drives a model step by step (benchmarks): the
+  ``decoding_model`` and the floating parameters cast once (``cast_params``;
+  bf16 halves the bytes each step reads). None / '' keeps the configured
+  compute dtype. Samplers keep logits, velocities and the sampling state in
+  float32. Raises ``ConfigError`` for another dtype."""
   dt = check_dtype(dtype)
-  if dt is None:
-    return model, params
-  return (model if model.dtype == dt else model.clone(dtype=dt),
-          cast_params(params, dt))
+  return decoding_model(model, dt), cast_params(params, dt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +168,7 @@ def compiled(impl, model, opts: Options):
 @functools.lru_cache(maxsize=64)   # RAR, FAR and Equivariant programs
 def _compiled(impl, model, opts: Options):
   if opts.cached:
-    model = model.clone(remat="none",
-                        **({} if opts.dtype is None else {"dtype": opts.dtype}))
+    model = decoding_model(model, opts.dtype)
   return jax.jit(functools.partial(impl, model, opts))
 
 

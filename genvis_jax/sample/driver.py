@@ -263,11 +263,9 @@ def sample_and_save(config, workdir: str) -> dict:
   if s.num_samples < 1:
     raise errors.ConfigError(f"config.sample.num_samples={s.num_samples}: "
                              "set how many images to draw (at least 1).")
-  # Counts of the Equivariant sampler too, before anything is loaded.
-  for key in ("batch_size", "num_columns", "num_steps"):
-    if key in s and int(s[key]) < 1:
-      raise errors.ConfigError(f"config.sample.{key}={s[key]} must be at "
-                               "least 1.")
+  if int(s.batch_size) < 1:
+    raise errors.ConfigError(f"config.sample.batch_size={s.batch_size} must "
+                             "be at least 1.")
   if int(s.get("seed", 0)) < 0:   # jax takes any key, NumPy's label draw not
     raise errors.ConfigError(f"config.sample.seed={s.seed} must be 0 or more.")
   common.check_dtype(common.config_dtype(s))   # before the weights load

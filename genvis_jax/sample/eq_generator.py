@@ -192,7 +192,7 @@ def _cached_init(model, opts, params, labels):
 def _cached_columns(model, opts, params, state, start, rng, guidance_scale):
   """Columns start .. start + opts.chunk - 1 (start may be traced) -> new
   state."""
-  params = common.cast_params(params, opts.dtype)
+  params = common.cast_params(params, opts.dtype)   # once, not per column
   twice = functools.partial(common.twice, use_cfg=opts.use_cfg)
 
   def body(i, carry):
@@ -215,7 +215,6 @@ def _cached_columns(model, opts, params, state, start, rng, guidance_scale):
 
 
 def _cached_impl(model, opts, params, labels, rng, guidance_scale):
-  params = common.cast_params(params, opts.dtype)   # once, not per column
   state = _cached_init(model, opts, params, labels)
   whole = dataclasses.replace(opts, chunk=opts.num_columns)
   _, _, latents, conds = _cached_columns(model, whole, params, state, 0, rng,
@@ -257,14 +256,18 @@ def check_guidance(scale) -> float:
 def check_settings(s) -> None:
   """``config.sample`` (what the driver passes) through the checks
   ``sample`` makes, before anything loads (``common.check_configured``)."""
+  _check_counts(s.num_columns, s.num_steps, "config.sample.")
   check_guidance(s.guidance_scale)
 
 
+def _check_counts(num_columns, num_steps, prefix: str = "") -> None:
+  for name, value in (("num_columns", num_columns), ("num_steps", num_steps)):
+    if int(value) < 1:
+      raise ConfigError(f"{prefix}{name}={value} must be at least 1.")
+
+
 def _check(model, labels, num_columns, num_steps, guidance_scale):
-  if int(num_columns) < 1:
-    raise ConfigError(f"num_columns must be >= 1, got {num_columns}.")
-  if int(num_steps) < 1:
-    raise ConfigError(f"num_steps must be >= 1, got {num_steps}.")
+  _check_counts(num_columns, num_steps)
   labels = common.check_labels(labels, model.null_label)
   return labels, check_guidance(guidance_scale) != 1.0
 

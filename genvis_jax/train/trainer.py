@@ -18,7 +18,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from genvis_jax import errors
+from genvis_jax import errors, models
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import files
 from genvis_jax.core import metrics as metrics_lib
@@ -298,8 +298,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
   checks, grids, checkpoints and the stop on a signal. Returns the state."""
   start = int(jax.device_get(state.step))
   num_steps = int(config.train.num_steps)
-  n_params = {g: sum(x.size for x in jax.tree_util.tree_leaves(p))
-              for g, p in state.params.items()}
+  n_params = {g: models.count_params(p) for g, p in state.params.items()}
   logging.info("Parameters: %s; mesh %s; start step %d of %d", n_params,
                dict(trainer.mesh.shape), start, num_steps)
   if start >= num_steps:

@@ -13,7 +13,7 @@ from genvis_jax.convert import clip_vision as convert_clip
 from genvis_jax.convert import dino_vit
 from genvis_jax.models import dino_disc as dino_lib
 from genvis_jax.models import dinov2 as dinov2_lib
-from genvis_jax.models.eq_tokenizer import sample_posterior
+from genvis_jax.models.eq_tokenizer import kl_loss, sample_posterior
 from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks import join_groups
 from genvis_jax.train.tasks.eq import (FROZEN_IN_STAGE2, freeze_top_level,
@@ -160,8 +160,7 @@ class EqTokenizerTask(GANTokenizerTask):
       mean = jax.lax.stop_gradient(mean)
     z = sample_posterior(mean, k_post, self.model.std)
     recon, sem = apply(z, train, method="decode_all", rngs={"dropout": k_drop})
-    kl = jnp.mean(0.5 * jnp.sum(jnp.square(mean), axis=(1, 2)))
-    return recon, sem, kl
+    return recon, sem, jnp.mean(kl_loss(mean))   # fp32 also in bf16
 
   def generator_terms(self, gen, p_disc, frozen, images, rng, step):
     """rec = nll + KL + semantic (KL and the semantic map do not depend on the
