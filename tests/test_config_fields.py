@@ -62,6 +62,10 @@ def test_derived_and_ignored_keys_are_allowed_and_left_out():
 def test_bad_dtype_name():
   with pytest.raises(ConfigError, match="'floaty'.*dtype"):
     models.config_fields(_cfg(dtype="floaty"), _Toy)
+  # A dtype, but not one a model computes in.
+  with pytest.raises(ConfigError, match=r"config.model.dtype='int8' is not a "
+                     r"supported dtype here; use one of 'float32', 'bfloat16'"):
+    models.config_fields(_cfg(dtype="int8"), _Toy)
 
 
 def test_builder_rejects_misspelt_model_key():

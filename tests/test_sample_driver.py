@@ -271,7 +271,7 @@ def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):
     ("num_columns", 0, r"config.sample.num_columns=0 must be at least 1"),
     ("num_steps", 0, r"config.sample.num_steps=0 must be at least 1"),
     ("batch_size", 0, r"config.sample.batch_size=0 must be at least 1"),
-    ("dtype", "float16", r"'float16' \(config.sample.dtype\) is not supported")])
+    ("dtype", "float16", r"config.sample.dtype='float16' is not a supported dtype")])
 def test_bad_settings_are_refused_before_loading(key, value, message, tmp_path):
   """Named as the flag, before the weights load (init_from does not even
   exist here) and before settings.json is written."""

@@ -13,9 +13,9 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import dtypes
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
 from genvis_jax.core import sharding as shd
@@ -101,11 +101,7 @@ def _field_value(key, value, field):
   """A config value as module field ``key`` takes it (see config_fields)."""
   if key in ("dtype", "param_dtype") and isinstance(value, str) \
       and field.type not in ("str", str):
-    try:
-      return jnp.dtype(value)
-    except TypeError as e:
-      raise ConfigError(f"config.model.{key}={value!r} is not a dtype name; "
-                        f"use e.g. 'float32' or 'bfloat16'.") from e
+    return dtypes.parse(value, f"config.model.{key}")
   return _tuples(value)
 
 

@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from genvis_jax.core import dtypes
 from genvis_jax.errors import UserError
-
-# "" keeps the tokenizer model config's own dtype.
-DATA_DTYPES = ("float32", "bfloat16", "float16", "")
-
-
-class TokenizerDtypeError(UserError, ValueError):
-  """``config.tokenizer.dtype`` names no compute dtype."""
-
 
 def with_compute_dtype(model_config, dtype: str, setting: str
                        ) -> ml_collections.ConfigDict:
@@ -28,13 +21,11 @@ def with_compute_dtype(model_config, dtype: str, setting: str
   checkpoint loads.
 
   Raises:
-    TokenizerDtypeError: ``dtype`` (the value of ``setting``, which the
-      message names) is not one of ``DATA_DTYPES``.
+    ConfigError: ``dtype`` (the value of ``setting``, which the message
+      names) is neither '' nor one of ``core.dtypes.FLOAT_DTYPES``.
   """
-  if dtype not in DATA_DTYPES:
-    raise TokenizerDtypeError(
-        f"{setting}={dtype!r} is not a compute dtype; use one of "
-        f"{DATA_DTYPES[:-1]}, or '' to keep the model config's own dtype.")
+  dtypes.parse(dtype, setting, hint=", or '' to keep the model config's own "
+               "dtype")
   cfg = ml_collections.ConfigDict(model_config.to_dict())
   if dtype:
     cfg.dtype = dtype
@@ -51,7 +42,7 @@ def data_model_config(tok) -> ml_collections.ConfigDict:
   Returns:
     ``with_compute_dtype(tok.model, tok.dtype)``.
   Raises:
-    TokenizerDtypeError: ``tok.dtype`` is not one of ``DATA_DTYPES``.
+    ConfigError: ``tok.dtype`` is neither '' nor a float dtype name.
   """
   return with_compute_dtype(tok.model, tok.get("dtype", "float32"),
                             "config.tokenizer.dtype")

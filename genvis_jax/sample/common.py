@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax import errors
+from genvis_jax.core import dtypes
 
 
 def cfg_rows(own, null):
@@ -91,17 +92,13 @@ def config_dtype(sample_config) -> str:
 
 def check_dtype(dtype):
   """None or '' (the model's configured compute dtype, parameters as given),
-  'float32' or 'bfloat16' (or jnp dtypes) -> a jnp dtype or None."""
-  if dtype is None or (isinstance(dtype, str) and not dtype):
-    return None
-  name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
-  if name not in ("float32", "bfloat16"):
-    raise errors.ConfigError(
-        f"sample dtype {dtype!r} (config.sample.dtype) is not supported; use "
-        "'float32' (parity with the official code) or 'bfloat16' (weights, "
-        "activations and caches in bf16; logits, velocities and the "
-        "sampling state stay float32).")
-  return jnp.dtype(name)
+  'float32' or 'bfloat16' (or jnp dtypes) -> a jnp dtype or None. Raises
+  ``ConfigError`` naming config.sample.dtype for another dtype."""
+  return dtypes.parse(
+      dtype, "config.sample.dtype", ("float32", "bfloat16"),
+      " ('float32': parity with the official code; 'bfloat16': weights, "
+      "activations and caches in bf16, logits, velocities and the sampling "
+      "state float32)")
 
 
 def decoding_model(model, dtype=None):

@@ -128,7 +128,10 @@ class GeneratorTask(Task):
   def visualize(self, params, frozen, batch, rng):
     """Each grid of ``grid_configs``: ``grid_size`` samples of evenly spread
     classes (``grid_labels``), decoded: ``{name: uint8 (grid_size, H, W,
-    3)}``; {} without the tokenizer."""
+    3)}``; {} without the tokenizer. Every grid draws with ``rng`` (the
+    same noise per class): the Equivariant wide grid starts from the narrow
+    grid's noise, so the two show how one draw continues past the training
+    width."""
     if "tokenizer" not in frozen:
       return {}
     labels = grid_labels(self.grid_size, self.model.num_classes)
