@@ -208,8 +208,8 @@ def to_float(image: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
   u = pixels.bytes_to_unit(image)
   if (lo, hi) == (0.0, 1.0):
     return u
-  if (lo, hi) == (-1.0, 1.0):
-    return (u - np.float32(0.5)) / np.float32(0.5)
+  if (lo, hi) == (-1.0, 1.0):   # 2u - 1 == (u - 0.5) / 0.5 bit for bit
+    return pixels.unit_to_signed(u)
   return u * np.float32(hi - lo) + np.float32(lo)
 
 

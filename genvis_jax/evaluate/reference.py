@@ -42,6 +42,7 @@ from etils import epath
 
 from genvis_jax.core import files
 from genvis_jax.core import multihost
+from genvis_jax.core import pixels
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
@@ -270,7 +271,7 @@ def dataset_images(data_config, split: str, batch_size: int,
                                                setting, key="image",
                                                up_to=not num_images):
       # The pipeline's float conversion is x / 255: rounding back is exact.
-      yield np.round(images[:n] * 255.0).astype(np.uint8)
+      yield pixels.to_uint8(images[:n], pixels.UNIT, "round")
   return total, gen()
 
 
