@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.accel_harness import commit_id
 from bench.bench_eq_long import random_params  # std 0.02, no init compile
 from configs import eq_common
 from genvis_jax import models
@@ -233,14 +233,6 @@ def _timed(fn):
   return time.perf_counter() - t0
 
 
-def commit():
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-  except Exception:  # pylint: disable=broad-except
-    return "unknown"
-
-
 def run_dtype(model, params32, labels, args, dtype, widths):
   """One long stepped run; at each reported width the window's chunk, both
   floors (and the per-step head at the first width) are timed ``--repeats``
@@ -324,7 +316,7 @@ def main(argv=None):
   params = random_params(cfg)
   labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.num_classes
   b32 = byte_counts(params)
-  print(f"# commit {commit()}  jax {jax.__version__}  "
+  print(f"# commit {commit_id()}  jax {jax.__version__}  "
         f"device {jax.devices()[0].device_kind} ({os.cpu_count()} cpus)")
   print(f"# eq_{args.size}: params {models.count_params(params) / 1e6:.1f}M, "
         f"head {b32['head'] / 4e6:.1f}M (mod path {b32['head_mod'] / 4e6:.1f}M, "

@@ -34,8 +34,9 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
+from bench.accel_harness import commit_id
 from bench.bench_rar_sampling import (_aot, _opts, cache_bytes, chunked_steps,
-                                      commit, kv_stand_in, print_bytes,
+                                      kv_stand_in, print_bytes,
                                       print_floor_table, read_cache,
                                       time_interleaved, weight_bytes)
 from genvis_jax import models
@@ -166,7 +167,7 @@ def main():
         f"{positions} x k={model.num_codebooks} dtype={args.dtype} "
         f"bucket={args.bucket} | {dev.platform}:{getattr(dev, 'device_kind', '')} "
         f"{platform.processor() or platform.machine()} jax {jax.__version__} "
-        f"| commit {commit()}", flush=True)
+        f"| commit {commit_id()}", flush=True)
 
   runs, compile_s = {}, {}
   for mode in args.modes.split(","):

@@ -33,16 +33,21 @@ weights) ``cached`` equals ``sample_uncached``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
+
+# Run as a script from anywhere: the repository root is where ``bench`` lives.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bench.accel_harness import commit_id
 from genvis_jax import models
 from genvis_jax.models.rar import PREFIX
 from genvis_jax.sample import ar
@@ -63,14 +68,6 @@ def model_config(size: str, tokens: int, dtype: str = "float32"):
   c.dtype = dtype
   c.param_dtype = "float32"
   return c
-
-
-def commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "?"
 
 
 def kv_stand_in(depth: int, rows: int, heads: int, head_dim: int, length: int,
@@ -214,7 +211,7 @@ def reference_fn(model, seq_len: int, use_cfg: bool):
   def run(params, labels, rng, g, pw, temp):
     b = labels.shape[0]
     labels2 = common.batch_labels(labels, model.null_label, use_cfg)
-    draw = lambda lg, t: rar_sample._pick(  # pylint: disable=protected-access
+    draw = lambda lg, t: rar_sample.pick(
         lg, t, rng, model.seq_len, g, pw, temp, use_cfg)
     logits, state = model.apply({"params": params}, labels2, method="prefill",
                                 mutable=["cache"])
@@ -248,7 +245,7 @@ def bench_prefix(model, params, labels, key, bucket: int, g, pw, temp):
       logits = sub.apply({"params": params},
                          jnp.repeat(tokens[:, :k], 2, axis=0), labels2)
       logits = jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False)
-      return rar_sample._pick(  # pylint: disable=protected-access
+      return rar_sample.pick(
           logits, t, rng, n, g, pw, temp, True)
     return f
 
@@ -364,7 +361,7 @@ def main():
         f"dtype={args.dtype} bucket={args.bucket} | {dev.platform}:"
         f"{getattr(dev, 'device_kind', '')} "
         f"{platform.processor() or platform.machine()} jax {jax.__version__} "
-        f"| commit {commit()}", flush=True)
+        f"| commit {commit_id()}", flush=True)
 
   runs, compile_s = {}, {}
   for mode in args.modes.split(","):

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 # Run as a script from anywhere: the repository root is where ``bench`` lives.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
-from bench.bench_rar_sampling import (byte_counts, commit, floor_fn,  # noqa: E402
+from bench.accel_harness import commit_id  # noqa: E402
+from bench.bench_rar_sampling import (byte_counts, floor_fn,  # noqa: E402
                                       model_config)
 from genvis_jax import models  # noqa: E402
 from genvis_jax.sample import rar as rar_sample  # noqa: E402
@@ -161,7 +162,7 @@ def main():
   print(f"# RAR sampling profile | size={args.size} batch={args.batch} "
         f"(x2 CFG = {rows} rows) tokens={steps} fp32 | {dev.platform} "
         f"{platform.processor() or platform.machine()} jax {jax.__version__} "
-        f"| commit {commit()}")
+        f"| commit {commit_id()}")
   print(f"untraced: floor {plain['floor']:.2f} s, cached {plain['cached']:.2f} "
         f"s ({plain['cached'] / plain['floor']:.2f}x); traced: floor "
         f"{floor_wall:.2f} s, cached {wall:.2f} s ({wall / floor_wall:.2f}x)")

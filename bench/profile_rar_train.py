@@ -29,7 +29,8 @@ import optax
 
 # Run as a script from anywhere: the repository root is where ``bench`` lives.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_rar_sampling import commit, model_config  # pylint: disable=wrong-import-position
+from bench.accel_harness import commit_id  # pylint: disable=wrong-import-position
+from bench.bench_rar_sampling import model_config  # pylint: disable=wrong-import-position
 from genvis_jax import models
 from genvis_jax.train.tasks import rar as rar_task
 
@@ -97,7 +98,7 @@ def main():
   print(f"# RAR train step pieces | size={args.size} "
         f"({models.count_params(params) / 1e6:.1f}M) batch={b} fp32 | "
         f"{dev.platform} {platform.processor() or platform.machine()} "
-        f"jax {jax.__version__} | commit {commit()}")
+        f"jax {jax.__version__} | commit {commit_id()}")
   print("| piece | s (median) | runs | GFLOP | GFLOP/s | GB accessed | GB/s |")
   print("|---|---|---|---|---|---|---|")
   for name, (c, _) in compiled.items():

@@ -217,7 +217,7 @@ def test_cfg_pairs_and_guidance():
   np.testing.assert_array_equal(common.cfg_labels(jnp.array([4, 7]), C),
                                 [4, C, 7, C])
   logits = jnp.array([[1.0, 0.0], [3.0, 0.0]])  # one example: cond, uncond rows
-  pick = lambda g: int(far_sample._pick(  # pylint: disable=protected-access
+  pick = lambda g: int(far_sample.pick(
       logits, jax.random.key(0), 0, 0, g, 1e-3, True, 0, 1.0)[0])
   assert pick(1.0) == 0 and pick(2.0) == 1   # 3 + 2 * (1 - 3) = -1 < 0
 

@@ -241,7 +241,7 @@ def test_cfg_pick_combines_cond_and_null_rows():
   np.testing.assert_array_equal(labels2, [4, C, 7, C])
   cond, uncond = 5.0 * jnp.eye(V)[3], 5.0 * jnp.eye(V)[5]
   logits = jnp.stack([cond, uncond, uncond, cond])  # example 1 swapped
-  draw = lambda g: np.asarray(rar_sample._pick(  # pylint: disable=protected-access
+  draw = lambda g: np.asarray(rar_sample.pick(
       logits, 10, jax.random.key(0), L, g, 0.0, 0.05, True))
   np.testing.assert_array_equal(draw(3.0), [3, 5])   # guided towards cond
   np.testing.assert_array_equal(draw(-2.0), [5, 3])  # negative g: anti-guidance

@@ -33,7 +33,7 @@ class Options(ar.Options):
   top_p: float = 1.0
 
 
-def _pick(logits, rng, t, i, g, temp, use_cfg, top_k, top_p):
+def pick(logits, rng, t, i, g, temp, use_cfg, top_k, top_p):
   """``ar.draw`` of sub-token i of position t, key ``fold_in(fold_in(rng,
   t), i)``: (B, V) logits, or (2B, V) in ``common.cfg_labels`` order ->
   (B,) int32."""
@@ -54,7 +54,7 @@ def _cached_impl(model, opts, params, labels, rng, g, temp):
   params = common.cast_params(params, opts.dtype)
   twice = functools.partial(common.twice, use_cfg=use_cfg)
   labels2 = common.batch_labels(labels, model.null_label, use_cfg)
-  pick = functools.partial(_pick, rng=rng, g=g, temp=temp, use_cfg=use_cfg,
+  draw = functools.partial(pick, rng=rng, g=g, temp=temp, use_cfg=use_cfg,
                            top_k=opts.top_k, top_p=opts.top_p)
 
   def head(cache, h, t):
@@ -65,7 +65,7 @@ def _cached_impl(model, opts, params, labels, rng, g, temp):
       logits, state = model.apply(variables, h, None if z is None else twice(z),
                                   i, method="head_step", mutable=["cache"])
       cache = state["cache"]
-      z = pick(logits, t=t, i=i)
+      z = draw(logits, t=t, i=i)
       out.append(z)
     return cache, jnp.stack(out, axis=1)
 
@@ -97,7 +97,7 @@ def _uncached_impl(model, opts, params, labels, rng, g, temp):
     for i in range(k):
       logits = model.apply({"params": params}, twice(codes), labels2)[:, i]
       logits = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)
-      z = _pick(logits, rng, t, i, g, temp, use_cfg, top_k, top_p)
+      z = pick(logits, rng, t, i, g, temp, use_cfg, top_k, top_p)
       codes = codes.at[:, i].set(
           jax.lax.dynamic_update_index_in_dim(codes[:, i], z, t, axis=1))
     return codes

@@ -47,7 +47,7 @@ def cfg_scale(step, seq_len: int, guidance_scale, guidance_pow):
   return 1.0 + (guidance_scale - 1.0) * (1.0 - jnp.cos(jnp.pi * frac)) / 2.0
 
 
-def _pick(logits, step, rng, seq_len, g, pw, temperature, use_cfg):
+def pick(logits, step, rng, seq_len, g, pw, temperature, use_cfg):
   """``ar.draw`` at ``step`` with key ``fold_in(rng, step)`` and the guidance
   scale of ``cfg_scale(step, seq_len, g, pw)`` (``seq_len``: the model's).
 
@@ -82,7 +82,7 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
   params = common.cast_params(params, opts.dtype)
   null = jnp.full((1,), model.null_label, labels.dtype)
   # The schedule runs over the model's length: a shorter run is a prefix.
-  draw = functools.partial(_pick, rng=rng, seq_len=model.seq_len, g=g, pw=pw,
+  draw = functools.partial(pick, rng=rng, seq_len=model.seq_len, g=g, pw=pw,
                            temperature=temp, use_cfg=use_cfg)
 
   def tables(start, n):
@@ -139,7 +139,7 @@ def _uncached_impl(model, opts, params, labels, rng, g, pw, temp):
     logits = model.apply({"params": params}, common.twice(tokens, use_cfg),
                          labels2)
     logits = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)
-    tok = _pick(logits, t, rng, model.seq_len, g, pw, temp, use_cfg)
+    tok = pick(logits, t, rng, model.seq_len, g, pw, temp, use_cfg)
     return jax.lax.dynamic_update_index_in_dim(tokens, tok, t, axis=1)
 
   tokens = jnp.zeros((b, model.seq_len), jnp.int32)
