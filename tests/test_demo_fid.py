@@ -42,6 +42,18 @@ def test_demo_fid_orders_distributions(classifier):
     demo_fid(real[:1], real, params, cfg)
 
 
+def test_demo_fid_compiles_the_features_once(classifier):
+  """Samples and references go through one compiled features program, not
+  one built per set."""
+  from genvis_jax.evaluate import demo_fid as demo_fid_lib
+  params, cfg = classifier
+  a, _ = demo_shapes(9, seed=4)
+  b, _ = demo_shapes(9, seed=5)
+  before = demo_fid_lib._features._cache_size()
+  assert demo_fid(a, b, params, cfg, batch_size=7) > 0   # a shape of its own
+  assert demo_fid_lib._features._cache_size() == before + 1
+
+
 @pytest.mark.parametrize("batch", [4, 13])
 def test_demo_evaluators_cover_exact_count(classifier, tmp_path, monkeypatch,
                                           batch):

@@ -79,6 +79,39 @@ def test_exact_batches_counts_and_errors():
   assert issubclass(batching.NotEnoughImages, UserError)
 
 
+def test_map_padded_runs_one_program_ahead_of_reading_back(monkeypatch):
+  """23 rows in batches of 8: one traced shape, the rows back in order without
+  the padding's, a pytree of outputs, ``prepare`` on each host slice, the
+  weights uploaded once, and batch i + 1 dispatched before batch i is read
+  back (at most ``in_flight`` ahead)."""
+  from genvis_jax.core import padded
+  traces, events, weights = [], [], []
+
+  @jax.jit
+  def fn(p, x):
+    traces.append(x.shape)
+    return {"sum": x.sum(1) * p["w"], "first": x[:, 0]}
+
+  def run(p, x):
+    events.append("run")
+    weights.append(p["w"])
+    return fn(p, x)
+  get = jax.device_get
+  monkeypatch.setattr(padded.jax, "device_get",
+                      lambda tree: events.append("read") or get(tree))
+  x = np.arange(23 * 3).reshape(23, 3)
+  out = padded.map_padded(run, {"w": np.float32(2)}, x, 8, in_flight=1,
+                          prepare=lambda rows: rows.astype(np.float32) / 2)
+  np.testing.assert_array_equal(out["sum"], x.sum(1).astype(np.float32))
+  np.testing.assert_array_equal(out["first"], x[:, 0] / np.float32(2))
+  assert traces == [(8, 3)] and fn._cache_size() == 1
+  assert events == ["run", "run", "read", "run", "read", "read"]
+  assert isinstance(weights[0], jax.Array)
+  assert all(w is weights[0] for w in weights)
+  with pytest.raises(ValueError, match="0 rows"):
+    padded.map_padded(run, None, x[:0], 8)
+
+
 # --- generation metrics over exact counts -------------------------------------------------
 
 @pytest.fixture(scope="module")

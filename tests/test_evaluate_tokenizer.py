@@ -108,23 +108,49 @@ def tok_config(monkeypatch):
   return c, built, seen
 
 
+def _spy_pipeline(monkeypatch):
+  """Records "sent" as each batch leaves the data, "scored" as the host reads
+  one back, and the shardings of each batch's SSIM and LPIPS arrays."""
+  events, shardings = [], []
+  batches, add = tokenizer.batching.exact_batches, tokenizer._Scores.add
+
+  def sent(*args, **kwargs):
+    for batch in batches(*args, **kwargs):
+      events.append("sent")
+      yield batch
+
+  def scored(self, *args):
+    events.append("scored")
+    add(self, *args)
+    shardings.extend(a.sharding for a in self.on_device[-1][1:])
+  monkeypatch.setattr(tokenizer.batching, "exact_batches", sent)
+  monkeypatch.setattr(tokenizer._Scores, "add", scored)
+  return events, shardings
+
+
 @pytest.mark.parametrize("batch", [4, 13])
 def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch,
-                                           caplog):
+                                           caplog, monkeypatch):
   import logging  # pylint: disable=import-outside-toplevel
   from genvis_jax.data import DemoSource
   from genvis_jax.core import pixels
   config, built, seen = tok_config
   config.evaluate.batch_size = batch
   ENCODED_SHARDINGS.clear()
+  events, shardings = _spy_pipeline(monkeypatch)
   with caplog.at_level(logging.WARNING, logger="absl"):
     res = tokenizer.evaluate(config, str(tmp_path))
   # 13 images: an rFID not comparable with published ones, and said so.
   assert "rFID of only 13 images" in caplog.text
-  # Each batch is split over the 8 devices (4 images -> 8 rows, 13 -> 16).
+  # Each batch is split over the 8 devices (4 images -> 8 rows, 13 -> 16),
+  # and so are its per-image SSIM and LPIPS, computed there.
   assert ENCODED_SHARDINGS and all(
       len(sh.device_set) == 8 and not sh.is_fully_replicated
-      for sh in ENCODED_SHARDINGS)
+      for sh in ENCODED_SHARDINGS + shardings)
+  # Batch i + 1 goes to the devices before batch i is read back.
+  batches = -(-13 // (-(-batch // 8) * 8))   # batches of 8 or 16 rows
+  assert len(shardings) == 2 * batches
+  assert events == ["sent"] + ["sent", "scored"] * (batches - 1) + ["scored"]
   # The tokenizer computed in float32 although config.model says bfloat16.
   assert built[-1].dtype == "float32" and config.model.dtype == "bfloat16"
   assert res["dtype"] == "float32"
@@ -150,6 +176,45 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch,
   assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 13
   assert (tmp_path / "reconstructions.png").exists()
 
+
+
+def _batch_pair_distance(p, a, b, value_range):
+  """Stands in for LPIPS's layout: both images through one network along the
+  batch (concatenated), then compared pairwise."""
+  del value_range
+  n = len(a)
+  f = jnp.tanh(jnp.concatenate([a, b]) @ p["w"])
+  return jnp.mean(jnp.square(f[:n] - f[n:]), axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize("protocol", ["maskgit_vqgan", "fqgan"])
+def test_ssim_and_lpips_run_on_each_devices_own_rows(protocol, monkeypatch):
+  """A batch split over the 8 devices gets its per-image SSIM (the protocol's
+  recipe) and LPIPS split the same way, each device's values those of the
+  program on its rows alone; against the whole batch on one device (the
+  former path) only float32 summation order can differ."""
+  from genvis_jax.core import sharding
+  from genvis_jax.evaluate import image_metrics
+  params = {"w": np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)}
+  monkeypatch.setattr(tokenizer.convert_lpips, "load_lpips_params",
+                      lambda path: params)
+  monkeypatch.setattr(tokenizer.lpips_lib, "lpips_distance",
+                      _batch_pair_distance)
+  mesh = sharding.data_mesh(jax.devices())
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (16, 16, 16, 3)).astype(np.float32)
+  y = np.clip(x + 0.1 * rng.normal(size=x.shape), 0, 1).astype(np.float32)
+  ssim = lambda a, b: image_metrics.ssim(
+      a, b, **tokenizer.PROTOCOLS[protocol].ssim)
+  lpips = jax.jit(lambda a, b: _batch_pair_distance(params, a, b, None))
+  for sharded, fn in (
+      (tokenizer._on_own_rows(ssim, mesh, 0, 2)(x, y), jax.jit(ssim)),
+      (tokenizer._lpips_fn("/lpips.npz", (0.0, 1.0), mesh)(x, y), lpips)):
+    assert sharded.sharding == sharding.batch_sharding(mesh)
+    assert len(sharded.sharding.device_set) == 8
+    rows = np.concatenate([fn(x[i:i + 2], y[i:i + 2]) for i in range(0, 16, 2)])
+    np.testing.assert_array_equal(np.asarray(sharded), rows)
+    np.testing.assert_allclose(np.asarray(sharded), fn(x, y), rtol=2e-6)
 
 def _official_llamagen_bytes(x):
   """LlamaGen: ``clamp(127.5 x + 128, 0, 255).to(uint8)`` of [-1, 1] images."""

@@ -41,6 +41,7 @@ from etils import epath
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import multihost
+from genvis_jax.core import padded
 from genvis_jax.core import sharding
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
@@ -111,19 +112,15 @@ def check_tokens_fit(generator, encode, size: int) -> None:
       f"{want}: pass {hint}, or a generator config of {got} tokens.")
 
 
-def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
-  pad = (-len(x)) % multiple
-  return x if not pad else np.concatenate([x, np.repeat(x[-1:], pad, 0)])
-
-
 def encode_in_chunks(encode, images: np.ndarray, chunk: int) -> np.ndarray:
   """``encode`` over ``images`` (N, ...) in calls of exactly ``chunk`` images
-  (the last one padded), so one compiled program serves every batch and a
-  device never holds more than its share of ``chunk``: a batch of 256 images
-  is 2,560 ten-crop images, far more activation memory than one call fits."""
-  out = [np.asarray(encode(_pad_to(images[i:i + chunk], chunk)))
-         [:len(images[i:i + chunk])] for i in range(0, len(images), chunk)]
-  return np.concatenate(out)
+  (the last one zero-padded; the encoders treat images independently, so the
+  padding changes no code), so one compiled program serves every batch and a
+  device never encodes more than its share of ``chunk`` at once: a batch of
+  256 images is 2,560 ten-crop images, far more activation memory than one
+  call fits. Chunks are dispatched ahead of reading codes back, so uploads
+  and copies overlap the encoding."""
+  return padded.map_padded(lambda _, x: encode(x), None, images, chunk)
 
 
 def _reused(path: str, done: dict, settings: dict, pattern: str) -> dict:

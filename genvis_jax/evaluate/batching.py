@@ -6,7 +6,8 @@ and a boolean mask keeps the padding out of every statistic. A source with
 fewer images than requested is an error naming both counts, never a silent
 smaller evaluation or a bare ``StopIteration``. Only a request for all images
 (count 0) covers what the source yields, as an image folder skips files that
-do not decode; the evaluators log how many were skipped.
+do not decode; the evaluators log how many were skipped. (``pad_batch`` and
+``map_padded``, a jitted program over padded batches: ``core/padded.py``.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from genvis_jax.core.padded import pad_batch
 from genvis_jax.errors import UserError
 
 
@@ -49,18 +51,6 @@ def check_count(requested: int | None, available: int, what: str,
   if n == 0:
     raise NotEnoughImages(f"{what} has no images to evaluate.")
   return n
-
-
-def pad_batch(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(n <= size, ...) -> (zero-padded (size, ...), valid mask bool (size,))."""
-  x = np.asarray(x)
-  n = len(x)
-  if not 0 < n <= size:
-    raise ValueError(f"Batch of {n} rows; expected 1..{size}.")
-  mask = np.arange(size) < n
-  if n < size:
-    x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
-  return x, mask
 
 
 def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,

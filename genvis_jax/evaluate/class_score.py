@@ -3,14 +3,22 @@ sample was conditioned on (the demo's quality number; chance = 1 / classes)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
 from genvis_jax import models
+from genvis_jax.core import padded
 from genvis_jax.core import pixels
-from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import report
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(classifier, params, x):
+  """Predicted classes (B,); one program per classifier module and shape."""
+  return classifier.apply({"params": params}, x).argmax(-1)
 
 
 def conditioning_accuracy(classifier, params, images_uint8, labels,
@@ -23,15 +31,11 @@ def conditioning_accuracy(classifier, params, images_uint8, labels,
   if len(labels) != len(images_uint8) or not len(labels):
     raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels: "
                      "the samples file must hold one label per image.")
-  predict = jax.jit(lambda p, x: classifier.apply({"params": p}, x).argmax(-1))
-  size = min(batch_size, len(labels))
-  hits = 0
-  for i in range(0, len(labels), size):
-    x, mask = batching.pad_batch(
-        pixels.bytes_to_unit(np.asarray(images_uint8[i:i + size])), size)
-    pred = np.asarray(predict(params, x))[mask]
-    hits += int(np.sum(pred == labels[i:i + size]))
-  return hits / len(labels)
+  pred = padded.map_padded(
+      functools.partial(_predict, classifier), params, images_uint8,
+      min(batch_size, len(labels)),
+      prepare=lambda rows: pixels.bytes_to_unit(np.asarray(rows)))
+  return int(np.sum(pred == labels)) / len(labels)
 
 
 def evaluate(config, workdir: str) -> dict:

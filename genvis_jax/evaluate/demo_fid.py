@@ -10,12 +10,14 @@ the same classifier checkpoint and similar sample counts.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
 from genvis_jax import models
+from genvis_jax.core import padded
 from genvis_jax.core import pixels
-from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import reference as ref_lib
@@ -31,6 +33,13 @@ def _as_float01(images) -> np.ndarray:
   return images.astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _features(model, params, x):
+  """One program per classifier module (Linen modules hash by their fields)
+  and batch shape, whichever call asks for it."""
+  return model.apply({"params": params}, x, method="features")
+
+
 def classifier_features(images, classifier_params, classifier_config,
                         batch_size: int = 256) -> np.ndarray:
   """uint8 (or [0, 1] float) (N, H, W, 3) -> (N, widths[-1]) float32.
@@ -38,14 +47,9 @@ def classifier_features(images, classifier_params, classifier_config,
   Batches of ``batch_size`` (the last one zero-padded: one compiled shape, the
   padding's rows dropped), so exactly N rows come back for any batch size."""
   model = models.build(classifier_config)
-  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="features"))
   x = _as_float01(images)
-  size = min(batch_size, len(x))
-  feats = []
-  for i in range(0, len(x), size):
-    part, mask = batching.pad_batch(x[i:i + size], size)
-    feats.append(np.asarray(fn(classifier_params, part))[mask])
-  return np.concatenate(feats)
+  return padded.map_padded(functools.partial(_features, model),
+                           classifier_params, x, min(batch_size, len(x)))
 
 
 def demo_fid(samples_uint8, reference_images, classifier_params,
@@ -62,10 +66,10 @@ def demo_fid(samples_uint8, reference_images, classifier_params,
   """
   if len(samples_uint8) < 2 or len(reference_images) < 2:
     raise ValueError("demo_fid needs at least 2 samples and 2 reference images.")
-  a = classifier_features(samples_uint8, classifier_params, classifier_config,
+  params = jax.device_put(classifier_params)   # once for both sets
+  a = classifier_features(samples_uint8, params, classifier_config, batch_size)
+  b = classifier_features(reference_images, params, classifier_config,
                           batch_size)
-  b = classifier_features(reference_images, classifier_params,
-                          classifier_config, batch_size)
   return fid_lib.frechet_distance(*fid_lib.feature_stats(a),
                                   *fid_lib.feature_stats(b))
 

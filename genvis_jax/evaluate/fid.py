@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
+from genvis_jax.core import padded
 from genvis_jax.core import sharding
 
 
@@ -198,13 +199,7 @@ def _inside_block(rows, row_radii, cols, col_radii, col_valid, row_valid, *,
 def _blocks(x: np.ndarray, size: int):
   """Yields (start, zero-padded (size, D) block, valid mask (size,))."""
   for start in range(0, len(x), size):
-    part = x[start:start + size]
-    valid = np.zeros(size, bool)
-    valid[:len(part)] = True
-    if len(part) < size:
-      part = np.concatenate([part, np.zeros((size - len(part), x.shape[1]),
-                                            part.dtype)])
-    yield start, part, valid
+    yield start, *padded.pad_batch(x[start:start + size], size)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -268,7 +263,7 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
   b = _Blocks(len(sam), len(ref), row_block, col_block, mesh)
   sam_in = np.zeros(len(sam), bool)   # inside a reference ball: precision
   ref_in = np.zeros(len(ref), bool)   # inside a sample ball: recall
-  pad = lambda r, n: np.pad(r, (0, n - len(r)))
+  pad = lambda r, n: padded.pad_batch(r, n)[0]
   for s0, rows, rvalid in _blocks(sam, b.rows):
     rows_d = b.put_rows(rows)
     rrad = b.put_rows(pad(sam_r[s0:s0 + b.rows], b.rows))

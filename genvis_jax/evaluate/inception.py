@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from genvis_jax.core import padded
 from genvis_jax.core import sharding
 from genvis_jax.models.inception import (PREPROCESS, FIDInceptionV3,
                                          weights_fingerprint)
@@ -56,12 +57,8 @@ class InceptionExtractor:
   def __call__(self, images) -> dict[str, np.ndarray]:
     images = np.asarray(images)
     n = len(images)
-    if not 0 < n <= self.batch_size:
-      raise ValueError(f"Batch of {n} images; expected 1..{self.batch_size}.")
     if images.dtype != np.uint8:
       images = images.astype(np.float32)
-    if n < self.batch_size:
-      pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
-      images = np.concatenate([images, pad])
+    images, _ = padded.pad_batch(images, self.batch_size)   # n in 1..batch_size
     out = self._fn(self.params, jax.device_put(images, self.data))
     return {k: np.asarray(v)[:n] for k, v in out.items()}

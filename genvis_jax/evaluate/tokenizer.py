@@ -43,12 +43,28 @@ from genvis_jax.models import inference
 from genvis_jax.models import lpips as lpips_lib
 
 
-def _lpips_fn(lpips_path: str, value_range):
-  """jitted (B, H, W, 3) pair -> (B,) LPIPS (VGG, local weights)."""
-  params = convert_lpips.load_lpips_params(lpips_path)
-  fn = jax.jit(lambda p, a, b: lpips_lib.lpips_distance(
-      p, a, b, value_range=value_range))
-  return lambda a, b: np.asarray(fn(params, jnp.asarray(a), jnp.asarray(b)))
+def _on_own_rows(fn, mesh, replicated: int, batched: int):
+  """jit of ``fn(*replicated args, *batched args)`` -> (B,) per-image values,
+  in which each device of ``mesh`` runs ``fn`` on its own rows of the batch
+  (split as the roundtrip splits them) and keeps its values. Nothing crosses
+  devices: LPIPS concatenates its two images along the batch, which left to
+  the partitioner would move images between devices."""
+  rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  mapped = jax.shard_map(
+      fn, mesh=mesh, in_specs=(whole.spec,) * replicated + (rows.spec,) * batched,
+      out_specs=rows.spec)
+  return jax.jit(mapped, in_shardings=(whole,) * replicated + (rows,) * batched,
+                 out_shardings=rows)
+
+
+def _lpips_fn(lpips_path: str, value_range, mesh):
+  """(B, H, W, 3) pair on ``mesh`` -> (B,) LPIPS (VGG, local weights) there,
+  not read back. The weights go to the devices once."""
+  params = jax.device_put(convert_lpips.load_lpips_params(lpips_path),
+                          sharding.replicated(mesh))
+  fn = _on_own_rows(lambda p, a, b: lpips_lib.lpips_distance(
+      p, a, b, value_range=value_range), mesh, 1, 2)
+  return functools.partial(fn, params)
 
 
 def _rfid_extractor(inception_path: str, batch_size: int, preprocess: str):
@@ -168,6 +184,70 @@ def _to_unit(images, value_range) -> np.ndarray:
   return pixels.to_unit(images.astype(np.float32), value_range)
 
 
+class _Scores:
+  """The host half of the metrics, fed one batch at a time in order.
+
+  ``add`` reads a batch's reconstruction and codes back (the caller has
+  dispatched the next batch by then), makes the protocol's bytes and [0, 1]
+  images on the host (numpy, one operation at a time as the official code),
+  sums PSNR / MSE in float64 and sends SSIM to the devices; the per-image
+  SSIM and LPIPS arrays stay there until ``sums``.
+  """
+
+  def __init__(self, proto: Protocol, value_range, ssim_fn, extractor):
+    self.proto, self.value_range = proto, value_range
+    self.ssim_fn, self.extractor = ssim_fn, extractor
+    self.to_bytes = functools.partial(pixels.to_uint8, value_range=value_range,
+                                      method=proto.to_uint8)
+    self.psnr = self.sq = 0.0
+    self.on_device = []   # (mask, SSIM (B,), LPIPS (B,) or None) per batch
+    self.uniques, self.discrete, self.codes = None, True, None
+    self.rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
+    self.grid_x, self.grid_y = [], []
+    self.pixels = 0   # values per image
+
+  def add(self, images, mask, k, rec, codes, lpips) -> None:
+    """images (B, H, W, 3) host batch, ``k`` valid rows (``mask``); rec, codes
+    and lpips the devices' results for it."""
+    rec = np.asarray(rec)
+    x_bytes, y_bytes = self.to_bytes(images[:k]), self.to_bytes(rec[:k])
+    # PSNR / SSIM / MSE on [0, 1] images: the float reconstruction or its bytes.
+    x01 = _to_unit(images, self.value_range)
+    y01 = _to_unit(y_bytes if self.proto.scored == "bytes" else rec[:k],
+                   self.value_range)
+    self.psnr += float(np.sum(image_metrics.psnr(x01[:k], y01), dtype=np.float64))
+    y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
+    self.on_device.append((mask, self.ssim_fn(x01, y01), lpips))
+    self.sq += float(np.sum(np.square(x01[:k].astype(np.float64) - y01[:k])))
+    self.pixels = int(np.prod(images.shape[1:]))
+    self.codes = codes
+    maps = codes if isinstance(codes, (tuple, list)) else (codes,)
+    # Usage of discrete codes only (continuous latents have no codebook).
+    self.discrete = self.discrete and all(
+        jnp.issubdtype(m.dtype, jnp.integer) for m in maps)
+    if self.discrete:
+      u = [np.unique(np.asarray(m)[:k]) for m in maps]
+      self.uniques = u if self.uniques is None else [
+          np.union1d(a, b) for a, b in zip(self.uniques, u)]
+    if self.extractor is not None:
+      for acc, v in zip(self.rstats, (x_bytes, y_bytes)):
+        acc.update(self.extractor(v)["pool"])
+    if sum(len(g) for g in self.grid_x) < 32:
+      self.grid_x.append(x_bytes)
+      self.grid_y.append(y_bytes)
+
+  def sums(self) -> dict:
+    """{"psnr", "ssim", "sq", "lpips"}: float64 sums over the valid images,
+    batch by batch in order (LPIPS 0.0 without it)."""
+    masks, ssim, lpips = zip(*self.on_device)
+    ssim, lpips = jax.device_get((ssim, lpips))
+    total = lambda arrays: sum(
+        (float(np.sum(a[m], dtype=np.float64)) for a, m in zip(arrays, masks)),
+        0.0)
+    return dict(psnr=self.psnr, ssim=total(ssim), sq=self.sq,
+                lpips=0.0 if lpips[0] is None else total(lpips))
+
+
 def evaluate(config, workdir: str) -> dict:
   """Encodes/decodes exactly ``config.evaluate.num_images`` eval images (0 =
   the whole split) in batches of ``config.evaluate.batch_size`` (any size:
@@ -183,7 +263,9 @@ def evaluate(config, workdir: str) -> dict:
   ``PROTOCOLS``) decides the bytes, resize and pixel metrics, and
   ``preprocess`` ("auto" = the protocol's) overrides its Inception resize,
   ``config.data.center_crop`` ("" = the protocol's) its crop.
-  Metrics are streamed (nothing of size num_images x image is kept).
+  Metrics are streamed (nothing of size num_images x image is kept). Each
+  batch is sent to the devices before the previous one is read back; its
+  LPIPS and SSIM run there on each device's own rows, kept until the end.
 
   Raises ``batching.NotEnoughImages`` when the split has fewer images than
   ``num_images``, ``errors.ConfigError`` for a tokenizer with no known protocol.
@@ -216,54 +298,37 @@ def evaluate(config, workdir: str) -> dict:
                            setting, may_skip=data.source == "image_folder")
   seen = 0   # n, or fewer with "all" (0) where unreadable files are skipped
 
+  rows_sharding = sharding.batch_sharding(mesh)
+
   @functools.partial(jax.jit, in_shardings=(
-      sharding.replicated(mesh), sharding.batch_sharding(mesh)))
+      sharding.replicated(mesh), rows_sharding), out_shardings=rows_sharding)
   def roundtrip(p, images):
     codes = model.apply({"params": p}, images, method="encode")
     rec = model.apply({"params": p}, codes, method="decode")
     return rec.astype(jnp.float32), codes
 
-  ssim_fn = jax.jit(lambda a, b: image_metrics.ssim(a, b, **proto.ssim))
-  to_bytes = functools.partial(pixels.to_uint8, value_range=value_range,
-                               method=proto.to_uint8)
-  lpips_fn = _lpips_fn(ev.lpips_path, value_range) if ev.get("lpips_path") else None
+  ssim_fn = _on_own_rows(
+      lambda a, b: image_metrics.ssim(a, b, **proto.ssim), mesh, 0, 2)
+  lpips_fn = (_lpips_fn(ev.lpips_path, value_range, mesh)
+              if ev.get("lpips_path") else None)
   extractor = (_rfid_extractor(ev.inception, rows, preprocess)
                if ev.get("inception") else None)
-  rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
-  sums = dict(psnr=0.0, ssim=0.0, sq=0.0, lpips=0.0)
-  uniques, discrete, grid_x, grid_y = None, True, [], []
+  scores = _Scores(proto, value_range, ssim_fn, extractor)
+  pending = None   # the batch on the devices, scored once the next is sent
   for images, mask, k in batching.exact_batches(
       it, n, rows, what, setting, key="image",
       up_to=not ev.get("num_images", 0)):
     seen += k
-    rec, codes = roundtrip(params, images)
-    rec = np.asarray(rec)
-    x_bytes, y_bytes = to_bytes(images[:k]), to_bytes(rec[:k])
-    # PSNR / SSIM / MSE on [0, 1] images: the float reconstruction or its bytes.
-    x01 = _to_unit(images, value_range)
-    y01 = _to_unit(y_bytes if proto.scored == "bytes" else rec[:k], value_range)
-    sums["psnr"] += float(np.sum(image_metrics.psnr(x01[:k], y01), dtype=np.float64))
-    y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
-    sums["ssim"] += float(np.sum(np.asarray(ssim_fn(x01, y01))[mask],
-                                 dtype=np.float64))
-    sums["sq"] += float(np.sum(np.square(x01[:k].astype(np.float64) - y01[:k])))
-    maps = codes if isinstance(codes, (tuple, list)) else (codes,)
-    # Usage of discrete codes only (continuous latents have no codebook).
-    discrete = discrete and all(jnp.issubdtype(m.dtype, jnp.integer)
-                                for m in maps)
-    if discrete:
-      u = [np.unique(np.asarray(m)[:k]) for m in maps]
-      uniques = u if uniques is None else [np.union1d(a, b)
-                                           for a, b in zip(uniques, u)]
-    if lpips_fn is not None:
-      sums["lpips"] += float(np.sum(lpips_fn(images, rec)[mask],
-                                    dtype=np.float64))
-    if extractor is not None:
-      for acc, v in zip(rstats, (x_bytes, y_bytes)):
-        acc.update(extractor(v)["pool"])
-    if sum(len(g) for g in grid_x) < 32:
-      grid_x.append(x_bytes)
-      grid_y.append(y_bytes)
+    x = jax.device_put(images, rows_sharding)
+    rec, codes = roundtrip(params, x)
+    lpips = lpips_fn(x, rec) if lpips_fn is not None else None
+    for a in jax.tree.leaves((rec, codes)):   # read back by scores.add
+      a.copy_to_host_async()
+    if pending is not None:
+      scores.add(*pending)
+    pending = (images, mask, k, rec, codes, lpips)
+  if pending is not None:
+    scores.add(*pending)
   if seen < n:
     logging.warning("%s: %d of its %d files are unreadable and were skipped; "
                     "the metrics cover the %d that were read.", what, n - seen,
@@ -272,11 +337,12 @@ def evaluate(config, workdir: str) -> dict:
   if not n:
     raise batching.NotEnoughImages(f"{what} has no readable images to evaluate.")
   lo, hi = (float(v) for v in value_range)
+  sums = scores.sums()
   results = {
       "psnr": sums["psnr"] / n,
       "ssim": sums["ssim"] / n,
       # In the tokenizer's value range, of what PSNR / SSIM scored.
-      "mse": sums["sq"] * (hi - lo) ** 2 / (n * int(np.prod(images.shape[1:]))),
+      "mse": sums["sq"] * (hi - lo) ** 2 / (n * scores.pixels),
       "num_images": int(n),
       "dtype": str(model_config.get("dtype", "")),
       "protocol": proto_name,
@@ -284,15 +350,15 @@ def evaluate(config, workdir: str) -> dict:
       "scored": proto.scored,
   }
   num_codes = config.model.get("num_codes", None)
-  if num_codes and discrete:
-    single = not isinstance(codes, (tuple, list))
+  if num_codes and scores.discrete:
+    single = not isinstance(scores.codes, (tuple, list))
     results.update(image_metrics.codebook_usage(
-        uniques[0] if single else tuple(uniques), num_codes))
+        scores.uniques[0] if single else tuple(scores.uniques), num_codes))
   if lpips_fn is not None:
     results["lpips"] = sums["lpips"] / n
   if extractor is not None:
-    results["rfid"] = fid_lib.frechet_distance(*rstats[0].result(),
-                                               *rstats[1].result(), name="rFID")
+    results["rfid"] = fid_lib.frechet_distance(
+        *scores.rstats[0].result(), *scores.rstats[1].result(), name="rFID")
     results["rfid_preprocess"] = preprocess
     if n < fid_lib.FEATURE_DIM:
       logging.warning(
@@ -300,7 +366,8 @@ def evaluate(config, workdir: str) -> dict:
           "is rank-deficient, so it is not comparable with published numbers "
           "(the protocols use the 50,000 validation images).", n,
           fid_lib.FEATURE_DIM)
-  gx, gy = np.concatenate(grid_x)[:32], np.concatenate(grid_y)[:32]
+  gx = np.concatenate(scores.grid_x)[:32]
+  gy = np.concatenate(scores.grid_y)[:32]
   pairs = np.stack([gx, gy], 1).reshape(-1, *gx.shape[1:])
   grid = metrics_lib.make_grid(pairs, ncols=8)
   grid_path = os.path.join(workdir, "reconstructions.png")
