@@ -71,6 +71,15 @@ def bytes_to_unit(x):
   return x.astype(np.float32) / 255.0
 
 
+def as_unit(images, value_range=UNIT) -> np.ndarray:
+  """uint8 bytes (``bytes_to_unit``) or float images in ``value_range``
+  (``to_unit``; (0, 1): unchanged) -> float32 numpy [0, 1], shape kept."""
+  x = np.asarray(images)
+  if x.dtype == np.uint8:
+    return bytes_to_unit(x)
+  return to_unit(x.astype(np.float32), value_range)
+
+
 def _rescale(x: np.ndarray, value_range, target) -> np.ndarray:
   """Images in ``value_range`` -> ``target`` (``UNIT`` or ``SIGNED``): ``x``
   itself if the ranges are equal (no arithmetic over a whole sample set),

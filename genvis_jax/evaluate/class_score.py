@@ -33,8 +33,7 @@ def conditioning_accuracy(classifier, params, images_uint8, labels,
                      "the samples file must hold one label per image.")
   pred = padded.map_padded(
       functools.partial(_predict, classifier), params, images_uint8,
-      min(batch_size, len(labels)),
-      prepare=lambda rows: pixels.bytes_to_unit(np.asarray(rows)))
+      min(batch_size, len(labels)), prepare=pixels.as_unit)
   return int(np.sum(pred == labels)) / len(labels)
 
 

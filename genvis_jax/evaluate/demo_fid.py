@@ -28,9 +28,7 @@ def _as_float01(images) -> np.ndarray:
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Expected (N, H, W, 3) images, got {images.shape}.")
-  if images.dtype == np.uint8:
-    return pixels.bytes_to_unit(images)
-  return images.astype(np.float32)
+  return pixels.as_unit(images)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -227,7 +227,24 @@ class _Blocks:
 def manifold_radii(features: np.ndarray, k: int = 3, *, row_block: int = 10000,
                    col_block: int = 10000, distance_dtype: str = "float16",
                    mesh=None) -> np.ndarray:
-  """(N, D) -> (N,) squared distance of each point to its k-th neighbour."""
+  """Squared distance of each point to its k-th nearest other point: the
+  radius of its ball in ADM's ``ManifoldEstimator`` (itself at distance 0
+  is the 0-th neighbour).
+
+  Args:
+    features: (N, D) float array, N > k (e.g. Inception pool features).
+    k: the neighbour whose distance is the radius (ADM: 3).
+    row_block, col_block: rows / columns of one (rows, cols) distance block;
+      rows are split over the ``data`` axis of ``mesh`` (default: a data mesh
+      of the local devices), columns are replicated.
+    distance_dtype: "float16" (ADM's GPU graph: inputs and distances rounded
+      to half, products summed in float32) or "float32"; float16 blocks
+      that overflow are recomputed in float32.
+  Returns:
+    (N,) float32 squared distances.
+  Raises:
+    ValueError: N <= k.
+  """
   x = np.asarray(features, np.float32)
   if len(x) <= k:
     raise ValueError(f"Need more than k={k} feature vectors, got {len(x)}.")
@@ -249,7 +266,21 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
                      k: int = 3, *, row_block: int = 10000,
                      col_block: int = 10000, distance_dtype: str = "float16",
                      mesh=None) -> tuple[float, float]:
-  """ADM's ``compute_prec_recall``: (precision, recall) of samples vs refs."""
+  """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM's
+  ``evaluator.py`` computes them (``compute_prec_recall``): precision = the
+  fraction of samples inside the k-NN ball of some reference, recall = the
+  fraction of references inside the ball of some sample (a point on the
+  radius counts as inside).
+
+  Args:
+    ref_features, sample_features: (N_ref, D), (N_sample, D) float arrays
+      (Inception pool features), each N > k.
+    k, row_block, col_block, distance_dtype, mesh: as ``manifold_radii``.
+  Returns:
+    (precision, recall), floats in [0, 1].
+  Raises:
+    ValueError: not two (N, D) matrices of one D, or N <= k.
+  """
   ref = np.asarray(ref_features, np.float32)
   sam = np.asarray(sample_features, np.float32)
   if ref.ndim != 2 or sam.ndim != 2 or ref.shape[1] != sam.shape[1]:

@@ -177,13 +177,6 @@ def _eval_data(config, name: str, proto: Protocol):
   return data
 
 
-def _to_unit(images, value_range) -> np.ndarray:
-  """Float images in ``value_range`` or uint8 bytes -> float32 [0, 1]."""
-  if images.dtype == np.uint8:
-    return pixels.bytes_to_unit(images)
-  return pixels.to_unit(images.astype(np.float32), value_range)
-
-
 class _Scores:
   """The host half of the metrics, fed one batch at a time in order.
 
@@ -212,8 +205,8 @@ class _Scores:
     rec = np.asarray(rec)
     x_bytes, y_bytes = self.to_bytes(images[:k]), self.to_bytes(rec[:k])
     # PSNR / SSIM / MSE on [0, 1] images: the float reconstruction or its bytes.
-    x01 = _to_unit(images, self.value_range)
-    y01 = _to_unit(y_bytes if self.proto.scored == "bytes" else rec[:k],
+    x01 = pixels.as_unit(images, self.value_range)
+    y01 = pixels.as_unit(y_bytes if self.proto.scored == "bytes" else rec[:k],
                    self.value_range)
     self.psnr += float(np.sum(image_metrics.psnr(x01[:k], y01), dtype=np.float64))
     y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
