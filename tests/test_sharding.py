@@ -109,6 +109,17 @@ def test_batch_split_follows_the_rules_table():
   assert shd.num_batch_shards(mesh, cfg.sharding.rules) == 2
 
 
+def test_one_rules_table_in_the_package():
+  """configs/base.py takes its rules from core.sharding, and the fallbacks
+  without a table (BATCH_AXES, batch_axes(mesh)) read that same table."""
+  assert base.DEFAULT_RULES is shd.DEFAULT_RULES
+  assert shd.rules_tuple(base.get_config().sharding.rules) == shd.DEFAULT_RULES
+  assert shd.BATCH_AXES == dict(shd.DEFAULT_RULES)["batch"]
+  mesh = shd.create_mesh(_config(dict(data=2, fsdp=4, tensor=1)).mesh,
+                         jax.devices())
+  assert shd.batch_axes(mesh) == shd.batch_axes(mesh, shd.DEFAULT_RULES)
+
+
 def test_processes_holding_the_same_rows_form_one_data_group():
   """Which rows of a 16-row batch each process feeds (tests/test_multihost.py
   runs two real processes): its own on a data-parallel mesh (contiguous or

@@ -275,6 +275,21 @@ def test_kernel_spec_splits_batch_and_heads_only_where_they_divide():
                                                  None, None, None)
 
 
+def test_kernel_spec_without_a_rules_context_uses_the_package_table():
+  """Traced under a mesh alone, the kernel splits as the one default table
+  (core.sharding.DEFAULT_RULES, configs/base.py's) says, not by a copy."""
+  import flax.linen as nn
+  from genvis_jax.core import sharding
+  from genvis_jax.kernels.windowed_attention import kernel_spec
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  assert not nn.get_logical_axis_rules()
+  for shape in ((4, 16, 2, 8), (2, 16, 4, 8), (3, 16, 1, 8)):
+    bare = kernel_spec(shape, mesh)
+    with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+      assert bare == kernel_spec(shape, mesh), shape
+
+
 # ----------------------------------------------------------------------------
 # Lowering for the real targets (no accelerator needed).
 

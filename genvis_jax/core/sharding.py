@@ -1,9 +1,10 @@
 """Device mesh and logical-axis sharding.
 
-One rules table (``config.sharding.rules``) maps logical axis names (carried by
-every parameter, see ``models/layers/__init__.py``) to mesh axes. A mesh axis that does not
-divide a dimension is dropped for that dimension, so a 3-channel conv or a 48-wide
-norm stays replicated while the large matrices are split.
+One rules table (``config.sharding.rules``, default ``DEFAULT_RULES`` below)
+maps logical axis names (carried by every parameter, see
+``models/layers/__init__.py``) to mesh axes. A mesh axis that does not divide a
+dimension is dropped for that dimension, so a 3-channel conv or a 48-wide norm
+stays replicated while the large matrices are split.
 """
 
 from __future__ import annotations
@@ -18,7 +19,28 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from genvis_jax import errors
 
-BATCH_AXES = ("data", "fsdp")
+# Logical axis -> mesh axes: the package's one table. configs/base.py sets it
+# as config.sharding.rules (where a run may edit it); code that gets no table
+# (no rules argument, no ``nn.logical_axis_rules`` context) uses this one.
+DEFAULT_RULES = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),     # attention kernels' heads (Pallas shard_map)
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("pos", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+    ("codebook_dim", None),
+)
+
+BATCH_AXES = dict(DEFAULT_RULES)["batch"]   # the default table's batch split
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:

@@ -182,11 +182,17 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
 def kernel_spec(shape, mesh) -> P:
   """How a Pallas call's (B, N, H, D) operands are split over ``mesh``:
   logical axes ("batch", -, "act_heads", -) through the context's rules
-  table (without one: batch over ``data``, ``fsdp``, heads over ``tensor``),
-  each mesh axis kept only where it divides; the sequence and head_dim stay
-  whole (every query needs its window of keys)."""
-  rules = nn.get_logical_axis_rules() or (
-      ("batch", sharding.BATCH_AXES), ("act_heads", "tensor"))
+  table, each mesh axis kept only where it divides; the sequence and
+  head_dim stay whole (every query needs its window of keys).
+
+  The trainer traces under ``nn.logical_axis_rules(config.sharding.rules)``,
+  so a run's edited table applies here too. Without a rules context (a
+  model traced under ``jax.set_mesh`` alone; the samplers set no mesh) the
+  package's one table, ``sharding.DEFAULT_RULES``, applies, as in
+  ``sharding.batch_axes``: the kernel still runs per device, split as a
+  default config's run splits it, rather than on a gathered batch.
+  """
+  rules = nn.get_logical_axis_rules() or sharding.DEFAULT_RULES
   # Flax gives each mesh axis to one dimension at most (a table may give the
   # batch every axis, tensor included).
   spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None),
