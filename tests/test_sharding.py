@@ -8,6 +8,7 @@ import pytest
 
 from configs import base
 from genvis_jax.core import sharding as shd
+from genvis_jax.errors import ConfigError
 from genvis_jax.train import trainer as trainer_lib
 
 
@@ -173,13 +174,27 @@ def test_a_data_group_whose_processes_read_apart_stops(monkeypatch):
 
 
 def test_mesh_shape_errors():
-  with pytest.raises(ValueError, match="at most one axis"):
+  with pytest.raises(ConfigError, match=r"config.mesh.shape .*at most one "
+                     r"axis may be -1"):
     shd.mesh_shape(ml_collections.ConfigDict(
         dict(shape=dict(data=-1, fsdp=-1))), 8)
   with pytest.raises(ValueError, match="needs 6 devices"):
     shd.mesh_shape(ml_collections.ConfigDict(dict(shape=dict(data=2, fsdp=3))), 8)
   assert shd.mesh_shape(ml_collections.ConfigDict(
       dict(shape=dict(data=-1, fsdp=2, tensor=1))), 8) == dict(data=4, fsdp=2, tensor=1)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(data=-1, fsdp=-1, tensor=1), dict(data=0, fsdp=-1, tensor=1),
+    dict(data=-2, fsdp=1, tensor=1), dict(data="4", fsdp=2, tensor=1),
+    dict(data=3, fsdp=2, tensor=1)])
+def test_bad_mesh_shape_in_a_config_is_a_config_error(shape):
+  """Building the run's mesh (the trainer's first step, before any model is
+  traced) names config.mesh.shape; ConfigError is also a ValueError."""
+  cfg = _config(shape)
+  with pytest.raises(ConfigError, match=r"config\.mesh\.shape") as e:
+    shd.create_mesh(cfg.mesh, jax.devices())
+  assert isinstance(e.value, ValueError)
 
 
 def test_data_mesh_spans_exactly_the_given_devices():

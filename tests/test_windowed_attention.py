@@ -347,7 +347,7 @@ def test_dispatch_falls_back_to_reference_on_cpu():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(window=0), "window"),
     (dict(window=2, tokens_per_column=5), "whole number of columns"),
-    (dict(window=2, impl="flash"), "impl"),
+    (dict(window=2, impl="flash"), r"config.model.attn_impl='flash'.*auto"),
     (dict(window=2, impl="pallas_gpu", block_q=24), "power-of-two"),
     (dict(window=2, impl="pallas_tpu", block_k=12), "multiples of 8"),
 ])
@@ -357,3 +357,9 @@ def test_bad_arguments_are_named(kwargs, match):
     wca(q, k, v, **kwargs)
   with pytest.raises(ValueError, match="share one shape"):
     wca(q, k[:, :12], v, window=2)
+
+
+def test_unknown_impl_is_a_config_error():
+  from genvis_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="config.model.attn_impl"):
+    resolve_impl("flash")

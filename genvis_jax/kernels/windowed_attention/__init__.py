@@ -29,22 +29,29 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from genvis_jax.core import sharding
-
-from genvis_jax.kernels.windowed_attention import reference
+from genvis_jax.errors import ConfigError
 from genvis_jax.kernels.windowed_attention.reference import (
     banded_attention, dense_attention, window_mask)
 
 IMPLS = ("auto", "reference", "dense", "pallas_tpu", "pallas_gpu")
 DEFAULT_BLOCKS = {"pallas_tpu": (128, 128), "pallas_gpu": (64, 64)}
 
-__all__ = ["windowed_causal_attention", "resolve_impl", "banded_attention",
-           "dense_attention", "window_mask", "IMPLS"]
+__all__ = ["windowed_causal_attention", "resolve_impl", "check_impl",
+           "banded_attention", "dense_attention", "window_mask", "IMPLS"]
+
+
+def check_impl(impl) -> None:
+  """Raises ``ConfigError`` naming ``config.model.attn_impl`` (the setting
+  models take ``impl`` from) unless ``impl`` is one of ``IMPLS``."""
+  if impl not in IMPLS:
+    raise ConfigError(f"config.model.attn_impl={impl!r} (the windowed "
+                      f"attention's impl) is not one of {IMPLS}.")
 
 
 def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
-  """The implementation ``impl`` stands for on ``backend`` (default: jax's)."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} is not one of {IMPLS}.")
+  """The implementation ``impl`` stands for on ``backend`` (default: jax's).
+  Raises ``ConfigError`` (``check_impl``) for an unknown ``impl``."""
+  check_impl(impl)
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
