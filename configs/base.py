@@ -11,25 +11,9 @@ Usage in a config file::
 
 import ml_collections
 
-# Logical axis -> mesh axis rules (one table for the whole project). A mesh axis is
-# dropped for a dimension it does not divide, so small layers stay replicated.
-DEFAULT_RULES = (
-    # activations
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),     # attention kernels' heads (Pallas shard_map)
-    # parameters
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("pos", None),
-    ("conv_in", None),
-    ("conv_out", "fsdp"),
-    ("norm", None),
-    ("codebook_dim", None),
-)
+# Logical axis -> mesh axis rules: the package's one table, defined beside the
+# sharding code that also uses it when no config is at hand.
+from genvis_jax.core.sharding import DEFAULT_RULES
 
 
 # ImageNet-1k training images: the official recipes count an epoch as

@@ -98,3 +98,31 @@ def test_shared_base_keys_at_their_base_value_pass_a_class_without_them():
   assert models.config_fields(_cfg(remat="none"), _Toy) == {}
   with pytest.raises(ConfigError, match=r"\['remat'\]"):
     models.config_fields(_cfg(remat="full"), _Toy)
+
+
+@pytest.mark.parametrize("cfg,key", [
+    (dict(name="rar", remat="ful"), "config.model.remat='ful'"),
+    (dict(name="maskgit_vqgan", remat="dots_batch"),
+     "config.model.remat='dots_batch'"),
+    (dict(name="eq_generator", remat="Full"), "config.model.remat='Full'"),
+    (dict(name="eq_generator", attn_impl="flash"),
+     "config.model.attn_impl='flash'")])
+def test_bad_remat_or_attn_impl_fails_when_built(cfg, key):
+  """models.build (no tracing) names the key and its values, instead of
+  a bare ValueError from inside the first traced block."""
+  with pytest.raises(ConfigError) as e:
+    models.build(ml_collections.ConfigDict(cfg))
+  msg = str(e.value)
+  assert key in msg and isinstance(e.value, ValueError)
+  values = (("auto", "reference", "pallas_tpu", "pallas_gpu")
+            if "attn_impl" in key else ("none", "full", "dots"))
+  assert all(repr(v) in msg for v in values), msg
+
+
+def test_valid_remat_and_attn_impl_build():
+  for remat in ("none", "full", "dots", "dots_no_batch"):
+    assert models.build(ml_collections.ConfigDict(dict(
+        name="rar", remat=remat))).remat == remat
+  m = models.build(ml_collections.ConfigDict(dict(
+      name="eq_generator", attn_impl="pallas_gpu", remat="dots")))
+  assert (m.attn_impl, m.remat) == ("pallas_gpu", "dots")

@@ -116,6 +116,30 @@ def test_unknown_mask_is_named(data):
     attn_lib.Attention(H, mask="diagonal").init(jax.random.key(0), x)
 
 
+def test_windowed_attention_paths_agree_in_bf16():
+  """mask="window" runs the kernel dispatcher (here its banded XLA version),
+  or the dense attention when a mask is passed (or probabilities drop out).
+  In bf16 both take bf16 probabilities times bf16 values with fp32 sums, so
+  they agree up to summation order (fp32 probabilities on one path and bf16
+  on the other made ~40% of these outputs differ)."""
+  x = jax.random.normal(jax.random.key(0), (2, 48, 64))
+  mod = attn_lib.Attention(4, mask="window", window=3, tokens_per_column=2,
+                           attn_impl="reference", dtype=jnp.bfloat16)
+  p = mod.init(jax.random.key(1), x)
+  p = jax.tree_util.tree_map(lambda a: a * 20, p)   # O(1) logits and outputs
+  kernel = np.asarray(mod.apply(p, x).astype(jnp.float32))
+  dense = np.asarray(mod.apply(p, x, mask=jnp.ones((48, 48), bool))
+                     .astype(jnp.float32))
+  assert np.mean(kernel != dense) < 0.05
+
+
+def test_dense_attention_is_the_kernels_reference():
+  from genvis_jax.kernels import attention as kernel_attention
+  from genvis_jax.kernels.windowed_attention import reference as ref
+  assert attn_lib.dot_product_attention is kernel_attention.dot_product_attention
+  assert ref.MASK_VALUE == kernel_attention.MASK_VALUE
+
+
 def test_precomputed_kv_equals_cross_attention(data):
   """kv(context) once, then kv=: the cross-attention over the context
   (QK-norm on k, RoPE on the queries only)."""

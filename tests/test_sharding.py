@@ -8,6 +8,7 @@ import pytest
 
 from configs import base
 from genvis_jax.core import sharding as shd
+from genvis_jax.errors import ConfigError
 from genvis_jax.train import trainer as trainer_lib
 
 
@@ -109,6 +110,17 @@ def test_batch_split_follows_the_rules_table():
   assert shd.num_batch_shards(mesh, cfg.sharding.rules) == 2
 
 
+def test_one_rules_table_in_the_package():
+  """configs/base.py takes its rules from core.sharding, and the fallbacks
+  without a table (BATCH_AXES, batch_axes(mesh)) read that same table."""
+  assert base.DEFAULT_RULES is shd.DEFAULT_RULES
+  assert shd.rules_tuple(base.get_config().sharding.rules) == shd.DEFAULT_RULES
+  assert shd.BATCH_AXES == dict(shd.DEFAULT_RULES)["batch"]
+  mesh = shd.create_mesh(_config(dict(data=2, fsdp=4, tensor=1)).mesh,
+                         jax.devices())
+  assert shd.batch_axes(mesh) == shd.batch_axes(mesh, shd.DEFAULT_RULES)
+
+
 def test_processes_holding_the_same_rows_form_one_data_group():
   """Which rows of a 16-row batch each process feeds (tests/test_multihost.py
   runs two real processes): its own on a data-parallel mesh (contiguous or
@@ -162,13 +174,27 @@ def test_a_data_group_whose_processes_read_apart_stops(monkeypatch):
 
 
 def test_mesh_shape_errors():
-  with pytest.raises(ValueError, match="at most one axis"):
+  with pytest.raises(ConfigError, match=r"config.mesh.shape .*at most one "
+                     r"axis may be -1"):
     shd.mesh_shape(ml_collections.ConfigDict(
         dict(shape=dict(data=-1, fsdp=-1))), 8)
   with pytest.raises(ValueError, match="needs 6 devices"):
     shd.mesh_shape(ml_collections.ConfigDict(dict(shape=dict(data=2, fsdp=3))), 8)
   assert shd.mesh_shape(ml_collections.ConfigDict(
       dict(shape=dict(data=-1, fsdp=2, tensor=1))), 8) == dict(data=4, fsdp=2, tensor=1)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(data=-1, fsdp=-1, tensor=1), dict(data=0, fsdp=-1, tensor=1),
+    dict(data=-2, fsdp=1, tensor=1), dict(data="4", fsdp=2, tensor=1),
+    dict(data=3, fsdp=2, tensor=1)])
+def test_bad_mesh_shape_in_a_config_is_a_config_error(shape):
+  """Building the run's mesh (the trainer's first step, before any model is
+  traced) names config.mesh.shape; ConfigError is also a ValueError."""
+  cfg = _config(shape)
+  with pytest.raises(ConfigError, match=r"config\.mesh\.shape") as e:
+    shd.create_mesh(cfg.mesh, jax.devices())
+  assert isinstance(e.value, ValueError)
 
 
 def test_data_mesh_spans_exactly_the_given_devices():

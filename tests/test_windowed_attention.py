@@ -275,6 +275,21 @@ def test_kernel_spec_splits_batch_and_heads_only_where_they_divide():
                                                  None, None, None)
 
 
+def test_kernel_spec_without_a_rules_context_uses_the_package_table():
+  """Traced under a mesh alone, the kernel splits as the one default table
+  (core.sharding.DEFAULT_RULES, configs/base.py's) says, not by a copy."""
+  import flax.linen as nn
+  from genvis_jax.core import sharding
+  from genvis_jax.kernels.windowed_attention import kernel_spec
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  assert not nn.get_logical_axis_rules()
+  for shape in ((4, 16, 2, 8), (2, 16, 4, 8), (3, 16, 1, 8)):
+    bare = kernel_spec(shape, mesh)
+    with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+      assert bare == kernel_spec(shape, mesh), shape
+
+
 # ----------------------------------------------------------------------------
 # Lowering for the real targets (no accelerator needed).
 
@@ -332,7 +347,7 @@ def test_dispatch_falls_back_to_reference_on_cpu():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(window=0), "window"),
     (dict(window=2, tokens_per_column=5), "whole number of columns"),
-    (dict(window=2, impl="flash"), "impl"),
+    (dict(window=2, impl="flash"), r"config.model.attn_impl='flash'.*auto"),
     (dict(window=2, impl="pallas_gpu", block_q=24), "power-of-two"),
     (dict(window=2, impl="pallas_tpu", block_k=12), "multiples of 8"),
 ])
@@ -342,3 +357,9 @@ def test_bad_arguments_are_named(kwargs, match):
     wca(q, k, v, **kwargs)
   with pytest.raises(ValueError, match="share one shape"):
     wca(q, k[:, :12], v, window=2)
+
+
+def test_unknown_impl_is_a_config_error():
+  from genvis_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="config.model.attn_impl"):
+    resolve_impl("flash")

@@ -1,9 +1,10 @@
 """Device mesh and logical-axis sharding.
 
-One rules table (``config.sharding.rules``) maps logical axis names (carried by
-every parameter, see ``models/layers/__init__.py``) to mesh axes. A mesh axis that does not
-divide a dimension is dropped for that dimension, so a 3-channel conv or a 48-wide
-norm stays replicated while the large matrices are split.
+One rules table (``config.sharding.rules``, default ``DEFAULT_RULES`` below)
+maps logical axis names (carried by every parameter, see
+``models/layers/__init__.py``) to mesh axes. A mesh axis that does not divide a
+dimension is dropped for that dimension, so a 3-channel conv or a 48-wide norm
+stays replicated while the large matrices are split.
 """
 
 from __future__ import annotations
@@ -18,15 +19,51 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from genvis_jax import errors
 
-BATCH_AXES = ("data", "fsdp")
+# Logical axis -> mesh axes: the package's one table. configs/base.py sets it
+# as config.sharding.rules (where a run may edit it); code that gets no table
+# (no rules argument, no ``nn.logical_axis_rules`` context) uses this one.
+DEFAULT_RULES = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),     # attention kernels' heads (Pallas shard_map)
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("pos", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+    ("codebook_dim", None),
+)
+
+BATCH_AXES = dict(DEFAULT_RULES)["batch"]   # the default table's batch split
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """Resolves one ``-1`` entry of ``mesh_config.shape`` and validates the product."""
+  """Resolves one ``-1`` entry of ``mesh_config.shape`` (axis name -> size)
+  and validates the product.
+
+  Returns axis name -> size, sizes >= 1 multiplying to ``num_devices``.
+  Raises ``ConfigError`` naming ``config.mesh.shape``: a size that is neither
+  a positive int nor -1, more than one -1, or a product that does not fit.
+  """
   shape = dict(mesh_config.shape)
+  bad = {k: v for k, v in shape.items()
+         if not isinstance(v, (int, np.integer)) or isinstance(v, bool)
+         or v < -1 or v == 0}
+  if bad:
+    raise errors.ConfigError(
+        f"config.mesh.shape {shape}: sizes {bad} are not positive ints; give "
+        "each axis a size >= 1, or -1 (one axis) for the remaining devices.")
   free = [k for k, v in shape.items() if v == -1]
   if len(free) > 1:
-    raise ValueError(f"config.mesh.shape {shape}: at most one axis may be -1.")
+    raise errors.ConfigError(
+        f"config.mesh.shape {shape}: at most one axis may be -1 (the "
+        f"remaining devices); give the others of {free} fixed sizes.")
   fixed = math.prod(v for v in shape.values() if v != -1)
   if free:
     if num_devices % fixed:

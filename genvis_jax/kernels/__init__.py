@@ -2,6 +2,8 @@
 
 ``windowed_attention``: windowed causal self-attention over image columns
 (Equivariant image modeling generator).
+``attention``: the dense softmax attention (one formula, one mask value, one
+precision) that the model layers and the kernels' references share.
 """
 
 from genvis_jax.kernels.windowed_attention import windowed_causal_attention

@@ -20,6 +20,8 @@ from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
 from genvis_jax.core import sharding as shd
 from genvis_jax.errors import ConfigError
+from genvis_jax.kernels import windowed_attention
+from genvis_jax.models import layers
 
 
 def module(name: str):
@@ -47,6 +49,11 @@ def example_inputs(model_config, batch_size: int = 1) -> tuple:
 
 SHARED_DEFAULTS = {"dtype": "float32", "param_dtype": "float32", "remat": "none"}
 
+# Settings a module would only check once traced (deep inside a block): each
+# is checked when the model is built, by a ConfigError naming the key.
+CHECKS = {"remat": layers.check_remat,
+          "attn_impl": windowed_attention.check_impl}
+
 
 def config_fields(model_config, cls, *, derived=(), ignore=(),
                   **overrides) -> dict:
@@ -73,7 +80,8 @@ def config_fields(model_config, cls, *, derived=(), ignore=(),
   Raises:
     ConfigError: a key that is none of a field, ``derived`` or ``ignore``
       (a misspelt key would otherwise be silently dropped), naming the key and
-      the valid ones; or a dtype name that is not a dtype.
+      the valid ones; a dtype name that is not a dtype; a ``CHECKS`` setting
+      (``remat``, ``attn_impl``) outside its values.
   """
   fields = {f.name: f for f in dataclasses.fields(cls)
             if f.name not in ("name", "parent")}
@@ -99,6 +107,8 @@ def config_fields(model_config, cls, *, derived=(), ignore=(),
 
 def _field_value(key, value, field):
   """A config value as module field ``key`` takes it (see config_fields)."""
+  if key in CHECKS:
+    CHECKS[key](value)
   if key in ("dtype", "param_dtype") and isinstance(value, str) \
       and field.type not in ("str", str):
     return dtypes.parse(value, f"config.model.{key}")

@@ -29,22 +29,29 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from genvis_jax.core import sharding
-
-from genvis_jax.kernels.windowed_attention import reference
+from genvis_jax.errors import ConfigError
 from genvis_jax.kernels.windowed_attention.reference import (
     banded_attention, dense_attention, window_mask)
 
 IMPLS = ("auto", "reference", "dense", "pallas_tpu", "pallas_gpu")
 DEFAULT_BLOCKS = {"pallas_tpu": (128, 128), "pallas_gpu": (64, 64)}
 
-__all__ = ["windowed_causal_attention", "resolve_impl", "banded_attention",
-           "dense_attention", "window_mask", "IMPLS"]
+__all__ = ["windowed_causal_attention", "resolve_impl", "check_impl",
+           "banded_attention", "dense_attention", "window_mask", "IMPLS"]
+
+
+def check_impl(impl) -> None:
+  """Raises ``ConfigError`` naming ``config.model.attn_impl`` (the setting
+  models take ``impl`` from) unless ``impl`` is one of ``IMPLS``."""
+  if impl not in IMPLS:
+    raise ConfigError(f"config.model.attn_impl={impl!r} (the windowed "
+                      f"attention's impl) is not one of {IMPLS}.")
 
 
 def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
-  """The implementation ``impl`` stands for on ``backend`` (default: jax's)."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} is not one of {IMPLS}.")
+  """The implementation ``impl`` stands for on ``backend`` (default: jax's).
+  Raises ``ConfigError`` (``check_impl``) for an unknown ``impl``."""
+  check_impl(impl)
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
@@ -182,11 +189,17 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
 def kernel_spec(shape, mesh) -> P:
   """How a Pallas call's (B, N, H, D) operands are split over ``mesh``:
   logical axes ("batch", -, "act_heads", -) through the context's rules
-  table (without one: batch over ``data``, ``fsdp``, heads over ``tensor``),
-  each mesh axis kept only where it divides; the sequence and head_dim stay
-  whole (every query needs its window of keys)."""
-  rules = nn.get_logical_axis_rules() or (
-      ("batch", sharding.BATCH_AXES), ("act_heads", "tensor"))
+  table, each mesh axis kept only where it divides; the sequence and
+  head_dim stay whole (every query needs its window of keys).
+
+  The trainer traces under ``nn.logical_axis_rules(config.sharding.rules)``,
+  so a run's edited table applies here too. Without a rules context (a
+  model traced under ``jax.set_mesh`` alone; the samplers set no mesh) the
+  package's one table, ``sharding.DEFAULT_RULES``, applies, as in
+  ``sharding.batch_axes``: the kernel still runs per device, split as a
+  default config's run splits it, rather than on a gathered batch.
+  """
+  rules = nn.get_logical_axis_rules() or sharding.DEFAULT_RULES
   # Flax gives each mesh axis to one dimension at most (a table may give the
   # batch every axis, tensor included).
   spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None),

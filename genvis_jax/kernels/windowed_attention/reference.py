@@ -20,9 +20,13 @@ This file holds
     kernels use for their grids and masks, as pure functions on Python ints or
     traced int32 scalars, and ``Geometry``, the kernels' static problem
     description;
-  * ``dense_attention``: O(N^2) masked softmax attention, the spec in code;
+  * ``dense_attention``: O(N^2) masked softmax attention, the spec in code:
+    the models' own dense attention (``kernels/attention.py``) under the
+    band mask;
   * ``banded_attention``: an O(N x W) blocked XLA version (CPU fallback).
-Softmax statistics are fp32 everywhere.
+Every version keeps the precision rules of ``kernels/attention.py``: fp32
+softmax, probabilities rounded to the values' dtype for the PV product,
+fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Finite "minus infinity": a masked logit never makes exp() produce NaN.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from genvis_jax.kernels.attention import (
+    MASK_VALUE, dot_product_attention, weight_values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,16 +176,12 @@ def window_mask(seq_len: int, *, window: int, tokens_per_column: int = 1):
 
 def dense_attention(q, k, v, *, window: int, tokens_per_column: int = 1,
                     scale: float | None = None):
-  """O(N^2) masked attention. q, k, v: (B, N, H, D) -> (B, N, H, D)."""
+  """O(N^2) masked attention. q, k, v: (B, N, H, D) -> (B, N, H, D) in
+  q.dtype; ``scale`` defaults to ``1 / sqrt(D)``."""
   n, d = q.shape[1], q.shape[-1]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) * scale
   mask = window_mask(n, window=window, tokens_per_column=tokens_per_column)
-  logits = jnp.where(mask, logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32))
-  return out.astype(q.dtype)
+  return dot_product_attention(q, k, v, mask, scale=scale)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -230,5 +230,5 @@ def banded_attention(q, k, v, *, window: int, tokens_per_column: int = 1,
                       preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[None, :, None], logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bshqk,bskhd->bsqhd", probs, v.astype(jnp.float32))
+  out = weight_values("bshqk,bskhd->bsqhd", probs, v)
   return out.reshape(b, n_pad, h, d)[:, :n].astype(q.dtype)

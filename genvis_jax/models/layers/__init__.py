@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genvis_jax.errors import ConfigError
+
 Dtype = Any   # the annotation of the modules' dtype / param_dtype fields
 
 # The one N(0, 0.02) initializer of every model. PyTorch's
@@ -188,24 +190,32 @@ class RMSNorm(nn.Module):
     return y.astype(x.dtype) * scale
 
 
-def remat_policy(name: str):
-  """Maps a config string to a ``jax.checkpoint`` policy (None = save nothing)."""
-  policies = {
-      "full": None,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
-      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }
-  if name not in policies:
-    raise ValueError(f"Unknown remat policy {name!r}; choose one of "
-                     f"{['none', *policies]}.")
-  return policies[name]
+# ``config.model.remat``: "none" (no rematerialisation) or the name of a
+# ``jax.checkpoint`` policy (None = save nothing, recompute the whole block).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
+
+
+def check_remat(name) -> None:
+  """Raises ``ConfigError`` naming ``config.model.remat`` unless ``name`` is
+  one of ``REMAT_CHOICES``."""
+  if name not in REMAT_CHOICES:
+    raise ConfigError(f"config.model.remat={name!r} is not a remat policy; "
+                      f"use one of {REMAT_CHOICES}.")
 
 
 def maybe_remat(module_cls, policy: str = "none", static_argnums=()):
-  """Returns ``nn.remat(module_cls)`` unless ``policy == 'none'``."""
+  """``nn.remat(module_cls)`` with the ``REMAT_POLICIES`` entry ``policy``;
+  ``module_cls`` itself for "none" (or None / ""). Raises ``ConfigError``
+  for another name."""
   if policy in (None, "none", ""):
     return module_cls
-  return nn.remat(module_cls, policy=remat_policy(policy),
+  check_remat(policy)
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy],
                   static_argnums=static_argnums)
 
 

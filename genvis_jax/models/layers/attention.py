@@ -14,7 +14,10 @@ in and out (:func:`empty_window_cache`, :func:`rolling_window_attention`) and
 computes its cross-attention keys/values once per sample (:meth:`Attention.kv`).
 The windowed causal attention of long sequences runs in
 ``genvis_jax.kernels.windowed_attention`` (Pallas kernels with a pure-JAX
-reference beside them).
+reference beside them); every other path runs :func:`dot_product_attention`
+(``genvis_jax.kernels.attention``, the kernels' reference formula). All paths
+compute in one precision: fp32 logits and softmax, probabilities rounded to
+the values' dtype for the PV product, fp32 accumulation, output in q.dtype.
 """
 
 from __future__ import annotations
@@ -26,38 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The kernels' references' own dense attention: one formula (and mask value)
+# whichever path a layer takes.
+from genvis_jax.kernels.attention import (
+    MASK_VALUE, dot_product_attention, weight_values)
 from genvis_jax.kernels.windowed_attention import (
     window_mask, windowed_causal_attention)
 from genvis_jax.models import layers
 from genvis_jax.models.layers import Dtype
 
-NEG_INF = -1e30  # masked logit; exp underflows to exactly 0 in fp32
-
 
 def causal_mask(n: int):
   """bool (n, n): query i sees keys j <= i."""
   return jnp.tril(jnp.ones((n, n), bool))
-
-
-def dot_product_attention(q, k, v, mask=None, *, scale: float = 1.0,
-                          dropout: Callable | None = None):
-  """Softmax attention with fp32 logits.
-
-  q (B, N, H, D), k / v (B, M, H, D); ``mask`` bool broadcastable to
-  (B, H, N, M), True = visible; ``scale`` multiplies the logits (pass 1.0
-  when q is already scaled); ``dropout`` is applied to the probabilities.
-  Returns (B, N, H, D) in v.dtype.
-  """
-  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k,
-                      preferred_element_type=jnp.float32)
-  if scale != 1.0:
-    logits = logits * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if dropout is not None:
-    probs = dropout(probs)
-  return jnp.einsum("bhnm,bmhd->bnhd", probs.astype(v.dtype), v)
 
 
 def update_kv_cache(module: nn.Module, k, v, pos, length: int, dtype=None):
@@ -102,7 +86,8 @@ CACHE_AXIS = 2  # the position axis of cached_key / cached_value (B, H, M, D)
 
 
 def cached_attention(q, k, v, mask, *, scale: float = 1.0):
-  """Attention of a few new queries over a KV cache, fp32 logits.
+  """Attention of a few new queries over a KV cache (the precision of
+  :func:`dot_product_attention`).
 
   q (B, N, H, D); k / v (B, H, M, D) as :func:`update_kv_cache` stores them;
   mask bool (N, M) or broadcastable to (B, H, N, M), True = visible. Returns
@@ -118,10 +103,10 @@ def cached_attention(q, k, v, mask, *, scale: float = 1.0):
   qh = q.swapaxes(1, 2).astype(k.dtype)           # (B, H, N, D)
   logits = jax.lax.dot_general(k, qh, dims,
                                preferred_element_type=jnp.float32)  # (B,H,M,N)
-  logits = jnp.where(mask, logits.swapaxes(2, 3) * scale, NEG_INF)  # (B,H,N,M)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jax.lax.dot_general(probs, v, (((3,), (2,)), ((0, 1), (0, 1))),
-                            preferred_element_type=jnp.float32)  # (B,H,N,D)
+  logits = jnp.where(mask, logits.swapaxes(2, 3) * scale,
+                     MASK_VALUE)                                   # (B,H,N,M)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = weight_values("bhnm,bhmd->bhnd", probs, v)                # (B,H,N,D)
   return out.swapaxes(1, 2).astype(q.dtype)
 
 
@@ -302,7 +287,9 @@ class Attention(nn.Module):
     attn_dropout, proj_dropout: on the probabilities / the output.
     kernel_init, out_init: initialisers of the input / output projections.
 
-  Logits are computed in fp32 whatever ``dtype``.
+  Logits and softmax are fp32 whatever ``dtype``; the PV product takes
+  ``dtype`` probabilities and accumulates in fp32, on every path (dense,
+  banded, Pallas, cached), so a bf16 layer computes alike on all of them.
   """
   num_heads: int
   dim: int | None = None

@@ -93,7 +93,7 @@ class Block(nn.Module):
 
 class Encoder(Block):
   """``depth`` Blocks ``block_{i}``, each with this module's :class:`Block`
-  fields; ``remat`` is a ``layers.remat_policy`` name or "none".
+  fields; ``remat`` is one of ``layers.REMAT_CHOICES``.
 
   (B, N, d) -> list of depth + 1 arrays (B, N, d): the input, then the output
   of every block (HF ``hidden_states``; unused ones cost nothing under jit).
