@@ -145,6 +145,13 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
       capped by ``N``); for ``reference`` ``block_q`` is the query chunk.
     interpret: Pallas interpret mode; ``None`` = on when not on the kernel's
       platform (e.g. CPU tests). May be ``pltpu.InterpretParams()``.
+  Raises:
+    ValueError: q, k, v not of one 4-D shape; ``tokens_per_column`` not an
+      int >= 1 or not dividing N; ``window`` neither None nor an int >= 1;
+      tile sizes the chosen Pallas kernel cannot use (GPU: powers of two
+      >= 16; TPU: multiples of 8).
+    ConfigError: ``impl`` is not one of ``IMPLS`` (names
+      config.model.attn_impl).
   """
   _check(q, k, v, window, tokens_per_column)
   b, n, h, d = q.shape
