@@ -21,7 +21,7 @@ import numpy as np
 
 from genvis_jax.data import demo, skips, sources, token_origin, tokens, transforms
 
-SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
+SOURCES = sources.SOURCES
 
 
 # --- sources ---------------------------------------------------------------------

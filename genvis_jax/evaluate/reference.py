@@ -371,7 +371,13 @@ def evaluate(config, workdir: str) -> dict:
   from genvis_jax import errors  # pylint: disable=import-outside-toplevel
   from genvis_jax.convert import inception  # pylint: disable=import-outside-toplevel
   from genvis_jax.evaluate import report  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import sources  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
+  if config.data.get("source") not in sources.SOURCES:
+    sources.check_image_source(
+        config.data.get("source"), "config.data",
+        "config.evaluate.kind=reference computes Inception statistics of "
+        "images")
   if config.data.get("source") == "tokens":
     raise errors.ConfigError(
         "config.evaluate.kind=reference computes Inception statistics of "

@@ -62,8 +62,18 @@ def setup(config, *, mesh=None, devices=None):
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
   task = tasks_lib.get_task(config)
+  from genvis_jax.data import sources as data_sources  # pylint: disable=import-outside-toplevel
   source = config.data.source
-  if task.data_sources is not None and source not in task.data_sources:
+  if task.data_sources is None:
+    data_sources.check_image_source(source, "config.data",
+                                    f"the {config.task} task trains on images")
+  elif source not in data_sources.SOURCES:
+    raise data_sources.DataConfigError(
+        f"Unknown config.data.source {source!r}; the {config.task} task "
+        f"trains on pre-tokenized codes: set --config.data.source="
+        f"{task.data_sources[0]} and --config.data.path to the token files "
+        "--config.mode=pretokenize writes.")
+  elif source not in task.data_sources:
     raise errors.ConfigError(
         f"The {config.task} task trains on pre-tokenized codes "
         f"(config.data.source={task.data_sources[0]!r}), and "
