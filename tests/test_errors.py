@@ -446,7 +446,21 @@ CASES = {
     "evaluate_unset": (
         ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate"],
         r"config.evaluate.samples, config.evaluate.reference and "
-        r"config.evaluate.inception are not set"),
+        r"config.evaluate.inception are not set: .*: set "
+        r"--config.evaluate.samples=RUN/samples.npz, .*; set "
+        r"--config.evaluate.reference to ADM's reference batch .*; set "
+        r"--config.evaluate.inception=ckpt/inception after `python -m "
+        r"genvis_jax.convert --kind=inception "),
+    # The one path left out is named with the command that makes it.
+    "evaluate_inception_unset": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate",
+         "--config.evaluate.samples=/nowhere/s.npz",
+         "--config.evaluate.reference=/nowhere/r.npz"],
+        r"config.evaluate.inception is not set: .*: set "
+        r"--config.evaluate.inception=ckpt/inception after `python -m "
+        r"genvis_jax.convert --kind=inception --src=pt_inception-2015-12-05-"
+        r"6726825d.pth --dst=ckpt/inception` \(pytorch-fid.s weights; the "
+        r"\.pth itself works too\)\.$"),
     "mesh_devices": (CLASSIFIER + [
         "--config.stages.classifier.mesh.shape.data=3",
         "--config.stages.classifier.mesh.shape.fsdp=-1"],

@@ -387,9 +387,7 @@ def evaluate(config, workdir: str) -> dict:
   if not ev.get("inception"):
     raise errors.ConfigError(
         "config.evaluate.inception is not set: the reference statistics are "
-        "Inception features (pytorch-fid's pt_inception-2015-12-05-6726825d"
-        ".pth, or its conversion with `python -m genvis_jax.convert "
-        "--kind=inception`).")
+        f"Inception features; {inception.setting_howto()}.")
   preprocess = ev.get("preprocess", AUTO)
   preprocess = ADM_PREPROCESS if preprocess in ("", AUTO) else preprocess
   if preprocess not in PREPROCESS:
