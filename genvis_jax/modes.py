@@ -224,7 +224,10 @@ def run(config, workdir: str):
         return fn(config, workdir)
       held, top = lock_dir(config, workdir)
       made.append(top)
-      with workdir_lock.hold(held, LOCKED[config.mode]):
+      # Pre-tokenizing's lock sits among the token files, which are copied
+      # on as a folder: removed when the run ends.
+      with workdir_lock.hold(held, LOCKED[config.mode],
+                             remove=config.mode == "pretokenize"):
         return fn(config, workdir)
     except BaseException as e:
       # Refused as busy: the held folder's lock file is the other run's (and

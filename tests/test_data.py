@@ -436,6 +436,21 @@ def test_tfds_not_prepared_raises_how_to_build(tmp_path):
   assert not list(tmp_path.iterdir())       # nothing downloaded or prepared
 
 
+def test_a_name_tfds_does_not_know_is_not_told_to_tfds_build(tmp_path):
+  """'shapes' (the runlocal demo data's name) under source=tfds: `tfds build
+  shapes` fails too, so the message says the name must be a TFDS data set."""
+  c = _data_config(source="tfds", name="shapes", path=str(tmp_path))
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"^config.data.name='shapes' is not a TFDS data set"
+                           r".*Set --config.data.name to a TFDS data set, "
+                           r"e.g. imagenet2012.*`tfds build imagenet2012 "
+                     ) as e:
+    data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                        process_index=0, process_count=1)
+  assert "tfds build shapes" not in str(e.value)
+  assert not list(tmp_path.iterdir())
+
+
 def test_tfds_source_reads_a_prepared_array_record_data_set(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
 

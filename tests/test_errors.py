@@ -273,6 +273,63 @@ def test_a_token_generator_on_images_is_told_to_pretokenize(tmp_path):
   assert not (tmp_path / "wd").exists()
 
 
+IMAGES = "demo, demo_landscapes, image_folder, tfds"
+SOURCE_CASES = {
+    # RAR called 'bogus' images and told to pre-tokenize them.
+    "unknown_for_tokens": (
+        "rar_b.py:runlocal", {"data.source": "bogus"},
+        r"^Unknown config.data.source 'bogus'; the rar task trains on "
+        r"pre-tokenized codes: set --config.data.source=tokens and "
+        r"--config.data.path to the token files"),
+    "unknown_for_images": (
+        "maskgit_vqgan.py:runlocal", {"data.source": "bogus"},
+        rf"^Unknown config.data.source 'bogus'; the tokenizer task trains on "
+        rf"images: set --config.data.source to one of {IMAGES}\.$"),
+    # A tokenizer on tokens was told to set config.data.path to token files.
+    "tokenizer_on_tokens": (
+        "maskgit_vqgan.py:runlocal", {"data.source": "tokens"},
+        rf"^config.data.source='tokens' gives pre-tokenized codes, and the "
+        rf"tokenizer task trains on images: set --config.data.source to one "
+        rf"of {IMAGES}\.$"),
+    # Was told to pass --config.pretokenize.data.source=bogus.
+    "pretokenize_unknown_data": (
+        "rar_b.py:runlocal", {"mode": "pretokenize", "data.source": "bogus"},
+        rf"^Unknown config.data.source 'bogus'; config.data is the "
+        rf"generator's training input, its token files \(source 'tokens'\), "
+        rf"and pre-tokenizing reads the images of config.pretokenize.data "
+        rf"\(sources: {IMAGES}\)"),
+    "pretokenize_tokens": (
+        "rar_b.py:runlocal", {"mode": "pretokenize",
+                              "pretokenize.data.source": "tokens"},
+        r"^config.pretokenize.data.source='tokens' gives pre-tokenized codes, "
+        r"and pre-tokenizing encodes images: set "
+        r"--config.pretokenize.data.source to one of"),
+    "evaluate_tokenizer_on_tokens": (
+        "maskgit_vqgan.py:runlocal", {"mode": "evaluate",
+                                      "evaluate.kind": "tokenizer",
+                                      "data.source": "tokens"},
+        r"^config.data.source='tokens' gives pre-tokenized codes, and "
+        r"config.evaluate.kind=tokenizer reconstructs images"),
+    "evaluate_reference_unknown": (
+        "rar_b.py:runlocal", {"mode": "evaluate", "evaluate.kind": "reference",
+                              "data.source": "bogus"},
+        r"^Unknown config.data.source 'bogus'; config.evaluate.kind=reference "
+        r"computes Inception statistics of images"),
+}
+
+
+@pytest.mark.parametrize("name", list(SOURCE_CASES))
+def test_a_source_is_called_unknown_or_imageless_where_images_are_read(
+    name, tmp_path):
+  """Every mode names an unknown config.data.source as unknown, and a
+  'tokens' source where images are read as giving none, listing the valid
+  sources; before any data is opened (whose error would mislead)."""
+  from tests import pipeline_common as pc
+  spec, overrides, pattern = SOURCE_CASES[name]
+  with pytest.raises(UserError, match=pattern):
+    pc.run_mode(spec, tmp_path / "wd", **overrides)
+
+
 def test_missing_token_files_say_how_to_make_them(tmp_path):
   c = demo.rar_config()
   c.data.path = str(tmp_path / "tokens-*.array_record")
@@ -389,7 +446,21 @@ CASES = {
     "evaluate_unset": (
         ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate"],
         r"config.evaluate.samples, config.evaluate.reference and "
-        r"config.evaluate.inception are not set"),
+        r"config.evaluate.inception are not set: .*: set "
+        r"--config.evaluate.samples=RUN/samples.npz, .*; set "
+        r"--config.evaluate.reference to ADM's reference batch .*; set "
+        r"--config.evaluate.inception=ckpt/inception after `python -m "
+        r"genvis_jax.convert --kind=inception "),
+    # The one path left out is named with the command that makes it.
+    "evaluate_inception_unset": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate",
+         "--config.evaluate.samples=/nowhere/s.npz",
+         "--config.evaluate.reference=/nowhere/r.npz"],
+        r"config.evaluate.inception is not set: .*: set "
+        r"--config.evaluate.inception=ckpt/inception after `python -m "
+        r"genvis_jax.convert --kind=inception --src=pt_inception-2015-12-05-"
+        r"6726825d.pth --dst=ckpt/inception` \(pytorch-fid.s weights; the "
+        r"\.pth itself works too\)\.$"),
     "mesh_devices": (CLASSIFIER + [
         "--config.stages.classifier.mesh.shape.data=3",
         "--config.stages.classifier.mesh.shape.fsdp=-1"],

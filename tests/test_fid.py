@@ -391,8 +391,14 @@ def test_reference_kind_needs_inception_weights_and_a_known_resize(tmp_path):
   from genvis_jax.errors import ConfigError
   config = base.get_config()
   config.evaluate.kind = "reference"
-  with pytest.raises(ConfigError, match="config.evaluate.inception is not set"):
+  with pytest.raises(ConfigError, match=r"config.evaluate.inception is not "
+                     r"set: .*set --config.evaluate.inception=ckpt/inception "
+                     r"after `python -m genvis_jax.convert --kind=inception "):
     reference.evaluate(config, str(tmp_path))
+  with pytest.raises(npz.NpzFileError, match=r"config.evaluate.samples is not "
+                     r"set: set --config.evaluate.samples=RUN/samples.npz, "
+                     r"the file --config.mode=sample --workdir=RUN writes\.$"):
+    npz.load_samples("")
   config.evaluate.inception = str(tmp_path / "inception.npz")
   config.evaluate.preprocess = "bilinear"
   with pytest.raises(ConfigError, match="preprocess='bilinear'; use one of"):

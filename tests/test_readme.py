@@ -132,6 +132,19 @@ def test_settings_named_in_the_prose_exist(monkeypatch):
   assert not missing, missing
 
 
+def test_micro_batching_is_not_promised_to_give_the_same_update():
+  """Each micro-batch draws its own random numbers (train/step.py,
+  ``fold_in(rng, i)``; tests/test_task_interface.py): every passage on
+  ``micro_batches`` says the update matches in expectation, none that it is
+  the same."""
+  passages = [" ".join(p.split())
+              for p in re.split(r"\n(?=\* )|\n\n", _text())
+              if "micro_batches=K" in p]
+  assert passages
+  for p in passages:
+    assert "in expectation" in p and "same update" not in p, p
+
+
 # gpu_sample_eval.sh first checks that its input files exist.
 LAUNCHES = [c for c in _commands()
             if c[1].startswith("launch/") and c[1] != "launch/gpu_sample_eval.sh"]

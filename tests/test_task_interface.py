@@ -49,6 +49,45 @@ def test_train_step_passes_frozen_separately():
   np.testing.assert_allclose(float(new.params["model"]["w"]), want_w, rtol=1e-6)
 
 
+class _DropTask(Task):
+  """loss = mean(keep * (w - x)^2), ``keep`` a per-example draw from ``rng``
+  (like RAR's label dropout) unless ``self.p`` is 0."""
+  p = 0.5
+
+  def grads(self, params, frozen, batch, rng, step):
+    keep = jax.random.bernoulli(rng, 1.0 - self.p, batch["x"].shape)
+    f = lambda q: jnp.mean(keep * jnp.square(q["w"] - batch["x"]))
+    loss, g = jax.value_and_grad(f)(params["model"])
+    return {"model": g}, {"loss": loss}
+
+
+def test_micro_batches_match_the_full_batch_in_expectation_only():
+  """Micro-batch i draws with fold_in(rng, i), not the full batch's rows of
+  its draws (README: not the same update bit for bit); with nothing random
+  drawn, the same update up to float rounding."""
+  task, opt = _DropTask(None), {"model": optax.sgd(1.0)}
+  params = {"model": {"w": jnp.float32(0.0)}}
+  state = TrainState(step=jnp.int32(0), params=params,
+                     opt_state={"model": opt["model"].init(params["model"])},
+                     ema=None)
+  x = {"x": jnp.arange(16, dtype=jnp.float32)}
+
+  def w_after(k, keys, p=0.5):   # w after one step from each key, (n,)
+    task.p = p
+    cfg = ml_collections.ConfigDict(dict(micro_batches=k, ema_decay=0.0))
+    step = step_lib.make_train_step(task, opt, cfg, 1)
+    one = lambda key: step(state, x, key, {})[0].params["model"]["w"]
+    return np.asarray(jax.jit(jax.vmap(one))(keys))
+
+  keys = jax.random.split(jax.random.key(0), 2000)
+  micro, full = w_after(2, keys), w_after(1, keys)
+  assert (micro != full).mean() > 0.9
+  # Both average the update of keep = 1/2: w = mean(x) = 7.5.
+  np.testing.assert_allclose([micro.mean(), full.mean()], 7.5, rtol=0.03)
+  np.testing.assert_allclose(w_after(2, keys[:2], p=0.0),
+                             w_after(1, keys[:2], p=0.0), rtol=1e-6)
+
+
 def test_skipped_nonfinite_step_keeps_schedule_in_step():
   """A NaN step keeps the float state and still advances the step and the
   optimizer's counts together: the schedule is read at state.step."""

@@ -505,13 +505,40 @@ def test_labels_beyond_the_models_classes_are_refused(tmp_path, caplog):
                            r"--config.model.num_classes=11\."):
     trainer_lib.create_train_iterator(config, task)
   config.data.num_classes = 11
+  # The files record their labels: config.data.num_classes=10 is refused
+  # above, so it is no fix here.
   with pytest.raises(ConfigError,
                      match=r"11 classes \(labels 0...10\) but "
                            r"config.model.num_classes is 10: label 10 would "
                            r"train as the model's null.*"
-                           r"--config.model.num_classes=11"):
+                           r"--config.model.num_classes=11 \(the data's own "
+                           r"count, which config.data.num_classes cannot "
+                           r"lower\); a model of 10 classes needs other "
+                           r"data, with labels 0...9 only\.$") as e:
     trainer_lib.create_train_iterator(config, task)
-  config.model.num_classes = 11
+  assert "--config.data.num_classes" not in str(e.value)
+  # Files (labels 0..9) that do not record their labels:
+  # config.data.num_classes stands for them, and setting it as told trains.
+  data.write_token_records(str(tmp_path / "train"), np.arange(11) % 10,
+                           np.zeros((11, 4), np.int32))
+  with open(path + ".json", "w") as f:
+    json.dump({"settings": {"data": {"num_classes": 1000}}, "records": 11}, f)
+  with pytest.raises(ConfigError,
+                     match=r"^config.data.num_classes is 11 \(the data do "
+                           r"not record their classes; labels 0...10\) "
+                           r"but config.model.num_classes is 10: .*"
+                           r"--config.model.num_classes=11, or, if every "
+                           r"label of the data is below 10, "
+                           r"--config.data.num_classes=10\.$"):
+    trainer_lib.create_train_iterator(config, task)
+  config.data.num_classes = 10
+  trainer_lib.create_train_iterator(config, task)
+  data.write_token_records(str(tmp_path / "train"), np.arange(11),
+                           np.zeros((11, 4), np.int32))
+  with open(path + ".json", "w") as f:
+    json.dump({"settings": {"data": {"num_classes": 1000}}, "records": 11,
+               "max_label": 10}, f)
+  config.data.num_classes = config.model.num_classes = 11
   trainer_lib.create_train_iterator(config, task)
   # More model classes than the data hold: trains, and says which never do.
   config.model.num_classes = 1000

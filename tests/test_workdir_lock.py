@@ -81,3 +81,57 @@ def test_a_failed_pretokenize_leaves_no_folder_it_made_for_its_tokens(
   with pytest.raises(Exception, match="absent"):
     modes.run(c, str(tmp_path / "wd"))
   assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_pretokenizing_leaves_no_lock_among_its_token_files(tmp_path,
+                                                            monkeypatch):
+  """The token folder is copied on as a whole (``gcloud storage cp
+  tokens/*``): the lock that refuses a second run writing the same files
+  while one runs is removed when the run ends."""
+  c = rar_b.get_config("runlocal")
+  c.mode = "pretokenize"
+  wd = str(tmp_path / "wd")
+  tokens = os.path.join(wd, "tokens")
+  shard = "train-00000-of-00001.array_record"
+
+  def pretokenize(config, workdir):
+    assert workdir_lock.LOCK_NAME in os.listdir(tokens)
+    with pytest.raises(workdir_lock.WorkdirBusyError,
+                       match=r"in use by another run \(pre-tokenizing run: "):
+      modes.run(config, str(tmp_path / "other_wd"))   # same output folder
+    open(os.path.join(tokens, shard), "w").close()
+
+  monkeypatch.setattr(modes, "resolve", lambda mode: pretokenize)
+  c.pretokenize.output = os.path.join(tokens, "train")
+  modes.run(c, wd)
+  assert os.listdir(tokens) == [shard]
+  modes.run(c, wd)   # the next run takes the lock anew, and removes it too
+  assert os.listdir(tokens) == [shard]
+
+
+def test_a_lock_removed_as_it_is_taken_is_not_held_twice(tmp_path,
+                                                         monkeypatch):
+  """A run that opens the lock file just before its holder removes it
+  (``remove=True``) and locks the removed file must not run beside a third
+  run that locked the new file at that path: it looks again and is refused."""
+  import fcntl
+  real_open, third = os.open, []
+
+  def open_then_replaced(path, flags, mode=0o777):
+    fd = real_open(path, flags, mode)
+    if not third:   # the holder removes it; a third run locks a new one
+      os.remove(path)
+      third.append(real_open(path, os.O_RDWR | os.O_CREAT, 0o644))
+      fcntl.flock(third[0], fcntl.LOCK_EX)
+      os.write(third[0], b"pre-tokenizing run: the third")
+    return fd
+
+  with monkeypatch.context() as m:
+    m.setattr(workdir_lock.os, "open", open_then_replaced)
+    with pytest.raises(workdir_lock.WorkdirBusyError, match="the third"):
+      with workdir_lock.hold(str(tmp_path), remove=True):
+        pass
+  os.close(third[0])
+  with workdir_lock.hold(str(tmp_path), remove=True):
+    assert os.listdir(tmp_path) == [workdir_lock.LOCK_NAME]
+  assert not os.listdir(tmp_path)

@@ -25,6 +25,15 @@ _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
 NEEDS_CONFIG = False  # one fixed architecture
 
 
+def setting_howto(setting: str = "--config.evaluate.inception") -> str:
+  """The fix for an unset ``setting`` (modes that need the FID Inception):
+  where the weights come from and how to convert them."""
+  return (f"set {setting}=ckpt/inception after `python -m genvis_jax.convert "
+          "--kind=inception --src=pt_inception-2015-12-05-6726825d.pth "
+          "--dst=ckpt/inception` (pytorch-fid's weights; the .pth itself "
+          "works too)")
+
+
 def _leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   if key.startswith("AuxLogits"):   # the whole file is another model's
     raise errors.CheckpointFileError(

@@ -21,7 +21,7 @@ import numpy as np
 
 from genvis_jax.data import demo, skips, sources, token_origin, tokens, transforms
 
-SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
+SOURCES = sources.SOURCES
 
 
 # --- sources ---------------------------------------------------------------------
@@ -115,12 +115,17 @@ class PipelineInfo:
   split: str
   num_examples: int               # in the split, all processes together
   num_examples_per_process: int   # this process's shard
-  num_classes: int
+  num_classes: int                # the data's own count where known, else
+                                  # config.data.num_classes
   local_batch_size: int
   steps_per_epoch: int            # batches per pass over this process's shard
                                   # (>= 1 when training; see _steps_per_epoch)
   class_names: tuple[str, ...] | None = None
   token_shape: tuple[int, ...] | None = None
+  # Whether num_classes is the data's own (demo, image folders, TFDS class
+  # labels, token files recording their labels): config.data.num_classes
+  # cannot lower it.
+  classes_from_data: bool = False
   iterator: Any = dataclasses.field(default=None, repr=False)
 
   @property
@@ -205,6 +210,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   local_batch = global_batch_size // pc
   seed = int(seed) & 0xFFFFFFFF          # grain seeds are uint32
   source, num_classes, class_names = make_source(data_config, split, setting)
+  classes_from_data = num_classes is not None
   num_classes = _check_classes(num_classes, data_config, setting)
 
   # crops_per_epoch="one": an example is an image, whose pre-tokenized crops
@@ -292,6 +298,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       steps_per_epoch=_steps_per_epoch(shard, local_batch, train,
                                        drop_remainder),
       class_names=class_names, iterator=iterator,
+      classes_from_data=classes_from_data,
       token_shape=source.token_shape if is_tokens else None)
   logging.info("Input pipeline: %s", info)
   return iterator, info

@@ -148,6 +148,13 @@ def check_images_in_data(config) -> None:
     ConfigError: naming both and the flags to use.
   """
   d, p = config.data, config.pretokenize.data
+  if d.get("source", "tokens") not in sources.SOURCES:
+    raise sources.DataConfigError(
+        f"Unknown config.data.source {d.source!r}; config.data is the "
+        "generator's training input, its token files (source 'tokens'), and "
+        "pre-tokenizing reads the images of config.pretokenize.data (sources: "
+        f"{', '.join(sources.IMAGE_SOURCES)}). Leave config.data.source at "
+        "tokens and set --config.pretokenize.data.source.")
   if d.get("source", "tokens") == "tokens" or (
       (d.source, d.get("path", "")) == (p.source, p.get("path", ""))):
     return
@@ -170,6 +177,8 @@ def pretokenize(config, workdir: str) -> dict:
         "generator reads images, or the config is not a generator's. "
         "Pre-tokenize with a RAR or FAR config.")
   p, tok = config.pretokenize, config.tokenizer
+  sources.check_image_source(p.data.source, "config.pretokenize.data",
+                             "pre-tokenizing encodes images")
   check_images_in_data(config)
   # A bad crop is refused before an existing file is judged by its record.
   transforms.check_center_crop(

@@ -51,6 +51,31 @@ class DataConfigError(UserError, ValueError):
   """``config.data`` does not fit the data (split, classes, batch, source kind)."""
 
 
+# Every config.data.source; all but "tokens" (pre-tokenized codes) give images.
+SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
+IMAGE_SOURCES = tuple(s for s in SOURCES if s != "tokens")
+
+
+def check_image_source(source: str, setting: str, reader: str) -> None:
+  """Refuses a ``{setting}.source`` that is unknown or gives no images
+  ("tokens") where ``reader`` reads images (e.g. "the tokenizer task trains
+  on images"); before any data is opened, whose own error would mislead (an
+  empty token-file path).
+
+  Raises:
+    DataConfigError: naming the setting and the image sources.
+  """
+  if source in IMAGE_SOURCES:
+    return
+  choose = f"set --{setting}.source to one of {', '.join(IMAGE_SOURCES)}"
+  if source == "tokens":
+    raise DataConfigError(
+        f"{setting}.source='tokens' gives pre-tokenized codes, and {reader}: "
+        f"{choose}.")
+  raise DataConfigError(
+      f"Unknown {setting}.source {source!r}; {reader}: {choose}.")
+
+
 # --- image folder --------------------------------------------------------------
 
 def resolve_split_dir(path: str, split: str, setting: str = "config.data") -> str:
@@ -209,7 +234,17 @@ class TfdsSource:
     self.name, self.split, self.data_dir = name, split, data_dir or None
     try:
       builder = tfds.builder(name, data_dir=self.data_dir)
-    except Exception as e:  # unknown name or broken registry entry
+    except tfds.core.registered.DatasetNotFoundError as e:
+      # Neither prepared in data_dir nor a data set TFDS can build: `tfds
+      # build NAME` would fail too (e.g. the demo's name "shapes").
+      where = self.data_dir or "$TFDS_DATA_DIR (default ~/tensorflow_datasets)"
+      raise DataNotFoundError(
+          f"{setting}.name={name!r} is not a TFDS data set (none in TFDS's "
+          f"catalogue, https://www.tensorflow.org/datasets/catalog, and none "
+          f"prepared under that name in {where}). Set --{setting}.name to a "
+          f"TFDS data set, e.g. imagenet2012. "
+          f"{_tfds_howto('imagenet2012', self.data_dir, setting)}") from e
+    except Exception as e:  # broken registry entry, bad version
       raise DataNotFoundError(
           f"TFDS data set {name!r} could not be loaded from data_dir="
           f"{self.data_dir!r}: {str(e).splitlines()[0]} "

@@ -214,6 +214,17 @@ def format_metrics(m: dict) -> str:
           + "".join(f"; NOT comparable: {c}" for c in caveats))
 
 
+# The fix for each unset config.evaluate path.
+_UNSET_HOWTO = {
+    "samples": npz.samples_howto(),
+    "reference": ("set --config.evaluate.reference to ADM's reference batch "
+                  "(e.g. VIRTUAL_imagenet256_labeled.npz), or for other data "
+                  "to the reference.npz --config.evaluate.kind=reference "
+                  "writes"),
+    "inception": convert_inception.setting_howto(),
+}
+
+
 def evaluate(config, workdir: str) -> dict:
   """``config.evaluate.kind == "generation"``.
 
@@ -230,7 +241,8 @@ def evaluate(config, workdir: str) -> dict:
         f"{', '.join(missing[:-1])}{' and ' if len(missing) > 1 else ''}"
         f"{missing[-1]} {'is' if len(missing) == 1 else 'are'} not "
         "set: generation metrics need samples (npz), reference (ADM npz) and "
-        "inception (converted weights) paths.")
+        "inception (converted weights) paths: "
+        + "; ".join(_UNSET_HOWTO[m.rsplit(".", 1)[1]] for m in missing) + ".")
   params = convert_inception.load_inception_params(ev.inception)
   results = evaluate_samples(
       ev.samples, ev.reference, params, batch_size=ev.get("batch_size", 200),

@@ -159,13 +159,18 @@ def _read_header(f, version):
   raise ValueError(f"Unsupported .npy format version {version}.")
 
 
+def samples_howto(setting: str = "config.evaluate.samples") -> str:
+  """The fix for an unset ``setting`` naming a samples file."""
+  return (f"set --{setting}=RUN/samples.npz, the file --config.mode=sample "
+          "--workdir=RUN writes")
+
+
 def load_samples(path: str, setting: str = "config.evaluate.samples") -> dict:
   """Every array of the samples ``.npz`` at ``path`` (``arr_0``, ``labels``...),
   read at once; a clear error when ``setting`` is unset or the file is
   missing or not an ``.npz``."""
   if not path:
-    raise NpzFileError(f"{setting} is not set: point it at the samples .npz "
-                       "that --config.mode=sample writes (samples.npz).")
+    raise NpzFileError(f"{setting} is not set: {samples_howto(setting)}.")
   with open_npz(path, setting) as d:
     try:
       return {k: d[k] for k in d.files}

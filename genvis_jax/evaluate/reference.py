@@ -371,7 +371,13 @@ def evaluate(config, workdir: str) -> dict:
   from genvis_jax import errors  # pylint: disable=import-outside-toplevel
   from genvis_jax.convert import inception  # pylint: disable=import-outside-toplevel
   from genvis_jax.evaluate import report  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import sources  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
+  if config.data.get("source") not in sources.SOURCES:
+    sources.check_image_source(
+        config.data.get("source"), "config.data",
+        "config.evaluate.kind=reference computes Inception statistics of "
+        "images")
   if config.data.get("source") == "tokens":
     raise errors.ConfigError(
         "config.evaluate.kind=reference computes Inception statistics of "
@@ -381,9 +387,7 @@ def evaluate(config, workdir: str) -> dict:
   if not ev.get("inception"):
     raise errors.ConfigError(
         "config.evaluate.inception is not set: the reference statistics are "
-        "Inception features (pytorch-fid's pt_inception-2015-12-05-6726825d"
-        ".pth, or its conversion with `python -m genvis_jax.convert "
-        "--kind=inception`).")
+        f"Inception features; {inception.setting_howto()}.")
   preprocess = ev.get("preprocess", AUTO)
   preprocess = ADM_PREPROCESS if preprocess in ("", AUTO) else preprocess
   if preprocess not in PREPROCESS:

@@ -37,6 +37,7 @@ from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import image_metrics
 from genvis_jax.evaluate import inception as inception_lib
+from genvis_jax.data import sources as data_sources
 from genvis_jax.data import transforms
 from genvis_jax.models import inception as inception_model
 from genvis_jax.models import inference
@@ -264,6 +265,9 @@ def evaluate(config, workdir: str) -> dict:
   ``num_images``, ``errors.ConfigError`` for a tokenizer with no known protocol.
   """
   ev = config.evaluate
+  data_sources.check_image_source(
+      config.data.source, "config.data",
+      "config.evaluate.kind=tokenizer reconstructs images")
   proto_name, proto = protocol(config)
   value_range = models.value_range(config.model, config, ("data",))
   model_config = inference.with_compute_dtype(

@@ -23,7 +23,11 @@ def split_micro_batches(batch, k: int, num_shards: int):
 
 
 def accumulate_grads(grads_fn, params, batch, rng, step, k: int, num_shards: int):
-  """Mean of ``grads_fn`` over ``k`` equal micro-batches (a scan; one compile)."""
+  """Mean of ``grads_fn`` over ``k`` equal micro-batches (a scan; one compile).
+  Micro-batch i draws with ``fold_in(rng, i)``: its random numbers (RAR
+  orders, label dropout) are not the full batch's rows of them, so the mean
+  equals the full-batch gradient in expectation; with nothing random, up to
+  float rounding."""
   if k == 1:
     return grads_fn(params, batch, rng, step)
   micro = split_micro_batches(batch, k, num_shards)

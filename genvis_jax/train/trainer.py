@@ -62,8 +62,18 @@ def setup(config, *, mesh=None, devices=None):
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
   task = tasks_lib.get_task(config)
+  from genvis_jax.data import sources as data_sources  # pylint: disable=import-outside-toplevel
   source = config.data.source
-  if task.data_sources is not None and source not in task.data_sources:
+  if task.data_sources is None:
+    data_sources.check_image_source(source, "config.data",
+                                    f"the {config.task} task trains on images")
+  elif source not in data_sources.SOURCES:
+    raise data_sources.DataConfigError(
+        f"Unknown config.data.source {source!r}; the {config.task} task "
+        f"trains on pre-tokenized codes: set --config.data.source="
+        f"{task.data_sources[0]} and --config.data.path to the token files "
+        "--config.mode=pretokenize writes.")
+  elif source not in task.data_sources:
     raise errors.ConfigError(
         f"The {config.task} task trains on pre-tokenized codes "
         f"(config.data.source={task.data_sources[0]!r}), and "
@@ -107,16 +117,20 @@ def create_train_iterator(config, task, *, group=None, seed=None):
       global_batch_size=config.train.global_batch_size,
       seed=config.seed if seed is None else seed, train=True,
       value_range=task.value_range, process_index=index, process_count=count)
-  check_model_classes(config, info.num_classes)
+  check_model_classes(config, info.num_classes,
+                      from_data=info.classes_from_data)
   return data_iter, info
 
 
-def check_model_classes(config, data_classes: int | None) -> None:
+def check_model_classes(config, data_classes: int | None, *,
+                        from_data: bool = True) -> None:
   """Labels must stay below ``config.model.num_classes``: a class-conditional
   generator reads label ``num_classes`` as its null (unconditional) class and
   larger ones past its class table (NaN, or a silently wrong class). Raises
   ``ConfigError`` naming both counts; warns when the data have fewer classes
-  (the rest are never trained); a no-op for models without classes."""
+  (the rest are never trained); a no-op for models without classes.
+  ``from_data``: ``data_classes`` is the data's own count (which
+  config.data.num_classes cannot lower), not config.data.num_classes."""
   model_classes = config.get("model", {}).get("num_classes")
   if not model_classes or not data_classes or data_classes == model_classes:
     return
@@ -129,13 +143,22 @@ def check_model_classes(config, data_classes: int | None) -> None:
         "there is.", data_classes, data_classes - 1, model_classes,
         data_classes, model_classes - 1, data_classes)
     return
+  if from_data:
+    # The pipeline refuses a config.data.num_classes below the data's count.
+    what = f"The training data has {data_classes} classes (labels 0..."
+    other = (" (the data's own count, which config.data.num_classes cannot "
+             f"lower); a model of {model_classes} classes needs other data, "
+             f"with labels 0...{model_classes - 1} only")
+  else:
+    what = (f"config.data.num_classes is {data_classes} (the data do not "
+            "record their classes; labels 0...")
+    other = (f", or, if every label of the data is below {model_classes}, "
+             f"--config.data.num_classes={model_classes}")
   raise errors.ConfigError(
-      f"The training data has {data_classes} classes (labels 0..."
-      f"{data_classes - 1}) but config.model.num_classes is {model_classes}: "
-      f"label {model_classes} would train as the model's null (unconditional) "
-      "class and larger ones would read past its class table. Set "
-      f"--config.model.num_classes={data_classes}, or train on data of "
-      f"{model_classes} classes (config.data.num_classes={model_classes}).")
+      f"{what}{data_classes - 1}) but config.model.num_classes "
+      f"is {model_classes}: label {model_classes} would train as the model's "
+      "null (unconditional) class and larger ones would read past its class "
+      f"table. Set --config.model.num_classes={data_classes}{other}.")
 
 
 class Trainer:

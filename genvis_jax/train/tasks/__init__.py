@@ -114,8 +114,9 @@ class Task:
     a mean over the batch, so averaging over equal micro-batches equals the
     full-batch value except for terms the official code also computes per
     GPU batch (grouped: InfoNCE negatives, the entropy loss, BatchNorm
-    statistics). ``metrics`` must contain ``"loss"`` (checked for NaN/Inf by
-    the trainer).
+    statistics); ``rng`` differs per micro-batch, so what it draws matches
+    the full batch's in expectation only. ``metrics`` must contain
+    ``"loss"`` (checked for NaN/Inf by the trainer).
 
     A task with ``update_phases`` is called once per phase with
     ``groups=`` that phase's groups and returns their gradients only (and
