@@ -280,6 +280,65 @@ def test_missing_token_files_say_how_to_make_them(tmp_path):
     trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
 
 
+# Values no training can use, each named with its key before the workdir is
+# written (they trained on: an EMA of 1.5 saved NaN/Inf weights, a negative
+# lr ran gradient ascent).
+IMPOSSIBLE = {
+    "ema_above_1": ("classifier", "train.ema_decay", 1.5,
+                    r"config.train.ema_decay=1.5 must be in \[0, 1\)"),
+    "ema_negative": ("classifier", "train.ema_decay", -0.5,
+                     r"config.train.ema_decay=-0.5 must be in \[0, 1\)"),
+    "lr_negative": ("classifier", "optimizer.lr", -1.0,
+                    r"config.optimizer.lr=-1.0 must be finite and >= 0: a "
+                    r"negative learning rate climbs the loss"),
+    "warmup_negative": ("classifier", "optimizer.warmup_steps", -10,
+                        r"config.optimizer.warmup_steps=-10 must be >= 0"),
+    "weight_decay_negative": ("classifier", "optimizer.weight_decay", -0.1,
+                              r"config.optimizer.weight_decay=-0.1 must be"),
+    "disc_lr_negative": ("tokenizer", "disc.optimizer.lr", -1e-4,
+                         r"config.disc.optimizer.lr=-0.0001 must be finite"),
+}
+
+
+def _set(config, key, value):
+  *path, last = key.split(".")
+  for part in path:
+    config = config[part]
+  config[last] = value
+
+
+@pytest.mark.parametrize("name", list(IMPOSSIBLE))
+def test_impossible_training_values_are_refused_before_the_workdir(
+    name, tmp_path, monkeypatch):
+  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  job, key, value, pattern = IMPOSSIBLE[name]
+  c = getattr(demo, f"{job}_config")()
+  _set(c, key, value)
+
+  def read_data(*args, **kwargs):   # the step after the checks
+    raise AssertionError(f"{key}={value!r} passed the checks")
+
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", read_data)
+  with pytest.raises(ConfigError, match=pattern):
+    trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_the_edge_values_that_train_are_kept():
+  """ema_decay=0 (no EMA), lr=0 and end_lr=0 are settings, not mistakes."""
+  from genvis_jax import errors  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
+  c = demo.classifier_config()
+  c.train.ema_decay, c.optimizer.lr, c.optimizer.end_lr = 0.0, 0.0, 0.0
+  c.optimizer.schedule = "cosine"
+  trainer_lib.setup(c)
+  # Read only by that schedule, and checked with it (a division by zero).
+  c.optimizer.update(dict(schedule="step_decay", decay_every=0, decay_rate=0.5))
+  with pytest.raises(errors.ConfigError,
+                     match=r"config.optimizer.decay_every=0 must be at least 1"):
+    opt_lib.make_optimizer(c.optimizer, c.train)
+
+
 def test_indivisible_batch(tmp_path):
   c = demo.classifier_config()
   c.train.global_batch_size = 30      # 8 devices
@@ -397,6 +456,9 @@ CASES = {
     "checkpoint_every_zero": (CLASSIFIER + [
         "--config.stages.classifier.train.checkpoint_every=0"],
                               r"checkpoint_every=0 must be at least 1"),
+    "negative_lr": (["--config=configs/rar_b.py:runlocal",
+                     "--config.optimizer.lr=-1"],
+                    r"config.optimizer.lr=-1.0 must be finite and >= 0"),
     "workdir_is_a_file": (CLASSIFIER + ["--workdir={file}"],
                           r"--workdir=.*afile cannot be used as a directory"),
     "demo_config_other_mode": (DEMO + ["--config.mode=sample"],

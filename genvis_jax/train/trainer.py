@@ -55,13 +55,24 @@ def _check_intervals(train) -> None:
           "turns profiling off).")
 
 
+def _check_ema(train) -> None:
+  decay = float(train.get("ema_decay", 0.0))
+  if not 0 <= decay < 1:   # NaN too
+    raise errors.ConfigError(
+        f"config.train.ema_decay={decay:g} must be in [0, 1): each step "
+        "keeps this fraction of the EMA weights (e.g. 0.9999; at 1 or more "
+        "they never follow the model or blow up), and 0 turns the EMA off.")
+
+
 def setup(config, *, mesh=None, devices=None):
   """Everything that can fail on bad input, before any compilation."""
   _check_intervals(config.train)
+  _check_ema(config.train)
   mesh = mesh or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
   task = tasks_lib.get_task(config)
+  task.optimizers()   # bad optimizer settings fail here, naming the key
   source = config.data.source
   if task.data_sources is not None and source not in task.data_sources:
     raise errors.ConfigError(
