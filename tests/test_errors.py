@@ -282,7 +282,7 @@ def test_missing_token_files_say_how_to_make_them(tmp_path):
 
 # Values no training can use, each named with its key before the workdir is
 # written (they trained on: an EMA of 1.5 saved NaN/Inf weights, a negative
-# lr ran gradient ascent).
+# lr ran gradient ascent, float16 trained without loss scaling).
 IMPOSSIBLE = {
     "ema_above_1": ("classifier", "train.ema_decay", 1.5,
                     r"config.train.ema_decay=1.5 must be in \[0, 1\)"),
@@ -297,6 +297,11 @@ IMPOSSIBLE = {
                               r"config.optimizer.weight_decay=-0.1 must be"),
     "disc_lr_negative": ("tokenizer", "disc.optimizer.lr", -1e-4,
                          r"config.disc.optimizer.lr=-0.0001 must be finite"),
+    "model_float16": ("tokenizer", "model.dtype", "float16",
+                      r"config.model.dtype='float16': training has no loss "
+                      r"scaling.*--config.model.dtype=bfloat16"),
+    "disc_float16": ("tokenizer", "disc.dtype", "float16",
+                     r"config.disc.dtype='float16'.*bfloat16"),
 }
 
 
@@ -325,13 +330,18 @@ def test_impossible_training_values_are_refused_before_the_workdir(
 
 
 def test_the_edge_values_that_train_are_kept():
-  """ema_decay=0 (no EMA), lr=0 and end_lr=0 are settings, not mistakes."""
+  """ema_decay=0 (no EMA), lr=0 and end_lr=0 are settings, not mistakes;
+  float16 stays an inference precision (config.tokenizer.dtype)."""
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
   from genvis_jax import errors  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
   c = demo.classifier_config()
   c.train.ema_decay, c.optimizer.lr, c.optimizer.end_lr = 0.0, 0.0, 0.0
   c.optimizer.schedule = "cosine"
   trainer_lib.setup(c)
+  rar = rar_b.get_config("runlocal")
+  rar.tokenizer.dtype = "float16"
+  trainer_lib._check_precision(rar)   # pylint: disable=protected-access
   # Read only by that schedule, and checked with it (a division by zero).
   c.optimizer.update(dict(schedule="step_decay", decay_every=0, decay_rate=0.5))
   with pytest.raises(errors.ConfigError,
@@ -459,6 +469,10 @@ CASES = {
     "negative_lr": (["--config=configs/rar_b.py:runlocal",
                      "--config.optimizer.lr=-1"],
                     r"config.optimizer.lr=-1.0 must be finite and >= 0"),
+    "float16_training": (["--config=configs/rar_b.py:runlocal",
+                          "--config.model.dtype=float16"],
+                         r"config.model.dtype='float16': training has no "
+                         r"loss scaling"),
     "workdir_is_a_file": (CLASSIFIER + ["--workdir={file}"],
                           r"--workdir=.*afile cannot be used as a directory"),
     "demo_config_other_mode": (DEMO + ["--config.mode=sample"],

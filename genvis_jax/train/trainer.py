@@ -64,10 +64,35 @@ def _check_ema(train) -> None:
         "they never follow the model or blow up), and 0 turns the EMA off.")
 
 
+# The precision settings of the config groups whose weights training updates.
+TRAINED_DTYPES = ("model.dtype", "model.param_dtype", "disc.dtype",
+                  "disc.param_dtype")
+
+
+def _check_precision(config) -> None:
+  """float16 is refused: training has no loss scaling, so its small
+  gradients and updates underflow to zero. (Inference settings such as
+  ``config.tokenizer.dtype`` keep it.)"""
+  for key in TRAINED_DTYPES:
+    group, field = key.split(".")
+    value = (config.get(group) or {}).get(field)
+    try:
+      half = bool(value) and jnp.dtype(value) == jnp.float16
+    except TypeError:   # not a dtype: models.config_fields names it
+      continue
+    if half:
+      raise errors.ConfigError(
+          f"config.{key}={value!r}: training has no loss scaling, so float16 "
+          "gradients and updates underflow to zero. Use "
+          f"--config.{key}=bfloat16 (float32's range in half the memory) or "
+          "float32.")
+
+
 def setup(config, *, mesh=None, devices=None):
   """Everything that can fail on bad input, before any compilation."""
   _check_intervals(config.train)
   _check_ema(config.train)
+  _check_precision(config)
   mesh = mesh or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
