@@ -217,19 +217,22 @@ def user_errors_exit(main):
         fail(f"Out of device memory: {str(e).strip().splitlines()[0]} "
              f"{OOM_HINT}")
       except (errors.StoppedBySignal, KeyboardInterrupt) as e:
-        # Modes without a clean stop (pre-tokenizing, evaluation: Ctrl-C, or
-        # SIGTERM on one process); a second Ctrl-C in training or sampling
-        # ends in core.preemption's handler. Ends at once (os._exit) with
-        # 128 + the signal, as a shell reports it: an interpreter shutdown
-        # under a checkpoint save still writing in Orbax's threads crashed
-        # (a segfault, or their tracebacks); the next run removes what that
-        # save left.
+        # Modes without a clean stop (pre-tokenizing, evaluation), or any
+        # mode outside its loop (training before its first step): Ctrl-C,
+        # or SIGTERM on one process (``modes.run``); a second Ctrl-C in
+        # training or sampling ends in core.preemption's handler. Ends at
+        # once (os._exit) with 128 + the signal, as a shell reports it: an
+        # interpreter shutdown under a checkpoint save still writing in
+        # Orbax's threads crashed (a segfault, or their tracebacks); the next
+        # run removes what that save left.
         sys.stdout.flush()
         if verbose():
           traceback.print_exc()
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"Error: {errors.stopped_message(signum, getattr(e, 'mode', None))}",
-              file=sys.stderr)
+        message = errors.stopped_message(
+            signum, getattr(e, "mode", None), getattr(e, "resume", ""),
+            getattr(e, "what", ""))
+        print(f"Error: {message}", file=sys.stderr)
         exit_now(128 + signum)
     except BaseException as e:  # pylint: disable=broad-except
       if not _distributed():

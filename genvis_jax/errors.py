@@ -106,17 +106,20 @@ RESUMES = {
 
 
 def stopped_message(signum: int, mode: str | None = None,
-                    resume: str = "") -> str:
+                    resume: str = "", what: str = "") -> str:
   """What a run stopped at once by signal ``signum`` says (SIGINT: Ctrl-C);
   ``mode``: the ``config.mode`` stopped (None: unknown, every mode's);
   ``resume``: what running it again does, where the run knows (e.g. the
-  step training resumes from), instead of the mode's general words."""
+  step training resumes from), instead of the mode's general words;
+  ``what``: when it stopped and what it kept, where the run knows (e.g.
+  "before the first training step: ..."), instead of the general words."""
   by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
   resume = resume or RESUMES.get(mode) or (
       "training resumes from its last saved checkpoint, sampling after its "
       "last written batch")
-  return (f"Stopped by {by}. Nothing half-written is kept under its final "
-          f"name; run the same command again ({resume}).")
+  what = (f" {what}" if what else
+          ". Nothing half-written is kept under its final name")
+  return f"Stopped by {by}{what}; run the same command again ({resume})."
 
 
 class CleanStop(UserError, RuntimeError):
@@ -131,11 +134,16 @@ class CleanStop(UserError, RuntimeError):
 
 
 class StoppedBySignal(BaseException):
-  """SIGTERM in a mode without a clean stop (pre-tokenizing, evaluation):
-  unwinds like KeyboardInterrupt (not an ``Exception``), and the CLI exits
-  with 128 + the signal's number after one line."""
+  """SIGTERM on one process outside a clean stop (pre-tokenizing,
+  evaluation, and training or sampling while they start up): unwinds like
+  KeyboardInterrupt (not an ``Exception``), and the CLI exits with 128 + the
+  signal's number after one line."""
 
   def __init__(self, signum: int):
     super().__init__(signum)
     self.signum = signum
     self.mode: str | None = None   # set by the mode runner (messages)
+    # Set where the run knows better (``stopped_message``'s ``what`` and
+    # ``resume``), e.g. by training before its first step; also read from a
+    # KeyboardInterrupt.
+    self.what, self.resume = "", ""

@@ -158,9 +158,19 @@ def remove_empty_dirs(top: str) -> None:
 # when the call in progress returns), on several by the default action,
 # which does not wait for a collective that may never return (there
 # jax.distributed's preemption notifier would otherwise take the signal and
-# nothing would ever act on it). (The demo, a one-process laptop run, keeps
-# the notifier through all its stages.)
+# nothing would ever act on it). On one process the clean modes stop so too
+# outside their loops (start-up, a demo between stages), whose
+# ``StopRequest`` takes the signal meanwhile; on several they keep the
+# notifier throughout.
 STOPS_CLEANLY = ("train", "sample", "demo")
+
+
+def _sigterm_handler(mode: str):
+  """The SIGTERM handler ``run`` sets for ``mode``, or None to keep the one
+  set (jax.distributed's preemption notifier)."""
+  if jax.process_count() == 1:
+    return _stop_at_once
+  return None if mode in STOPS_CLEANLY else signal.SIG_DFL
 
 
 # Modes that hold a lock for the whole run (``core.workdir_lock``; the
@@ -211,11 +221,11 @@ def run(config, workdir: str):
   on a missing data set): the next attempt finds the path as it was.
   """
   fn = resolve(config.mode)
-  installed = (config.mode not in STOPS_CLEANLY and
-               threading.current_thread() is threading.main_thread())
+  handler = (_sigterm_handler(config.mode)
+             if threading.current_thread() is threading.main_thread() else None)
+  installed = handler is not None
   if installed:
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL
-                             if jax.process_count() > 1 else _stop_at_once)
+    previous = signal.signal(signal.SIGTERM, handler)
   try:
     made = [check_workdir(workdir)]
     held = workdir   # training locks its workdir itself

@@ -62,13 +62,15 @@ def test_failed_run_leaves_no_empty_workdir_it_created(tmp_path):
   assert (fresh / "a" / "note.txt").exists() and not (fresh / "a" / "b").exists()
 
 
-def test_sigterm_ends_modes_without_a_clean_stop_with_one_line(
+def test_sigterm_outside_a_clean_stop_ends_a_mode_with_one_line(
     tmp_path, monkeypatch, capsys):
   """jax.distributed's preemption notifier takes SIGTERM; only train, sample
-  and demo act on it. The other modes stop at once on it: on one process
-  with one line and 128 + 15 (they exited 143 without a word), on several by
-  the default action (no wait for a collective); the handler before is back
-  afterwards."""
+  and demo act on it, in their loops. Outside those, on one process, SIGTERM
+  stops a mode at once with one line and 128 + 15 (pre-tokenizing,
+  evaluation, and training or sampling while they started up exited 143
+  without a word); on several the modes without a clean stop end by the
+  default action (no wait for a collective) and the others keep the
+  notifier; the handler before is back afterwards."""
   seen = {}
 
   def fake_mode(config, workdir):
@@ -81,6 +83,12 @@ def test_sigterm_ends_modes_without_a_clean_stop_with_one_line(
   def notifier(*args):   # stands in for the handler that swallows it
     del args
 
+  def run_modes(modes_to_run):
+    for mode in modes_to_run:
+      cli.user_errors_exit(lambda argv, mode=mode: modes.run(
+          ml_collections.ConfigDict({"mode": mode}), str(tmp_path)))([])
+      assert signal.getsignal(signal.SIGTERM) is notifier
+
   previous = signal.getsignal(signal.SIGTERM)
   monkeypatch.setattr(modes, "resolve", lambda mode: fake_mode)
   monkeypatch.setattr(modes, "LOCKED", {})   # no workdir lock on 2 fake processes
@@ -88,22 +96,68 @@ def test_sigterm_ends_modes_without_a_clean_stop_with_one_line(
   monkeypatch.setattr(cli.os, "_exit", exits.append)
   try:
     signal.signal(signal.SIGTERM, notifier)
-    for mode in ("train", "sample", "pretokenize", "evaluate"):
-      cli.user_errors_exit(lambda argv, mode=mode: modes.run(
-          ml_collections.ConfigDict({"mode": mode}), str(tmp_path)))([])
-      assert signal.getsignal(signal.SIGTERM) is notifier
+    run_modes(("train", "sample", "pretokenize", "evaluate"))
+    assert all(seen[m] is modes._stop_at_once for m in seen), seen
+    assert exits == [143]
+    err = capsys.readouterr().err   # what a rerun of that mode does
+    assert err.startswith("Error: Stopped by SIGTERM. Nothing half-written")
+    assert err.rstrip().endswith("run the same command again (evaluation "
+                                 "starts over)."), err
+    monkeypatch.setattr(modes.jax, "process_count", lambda: 2)
+    run_modes(("train", "sample", "pretokenize"))
   finally:
     signal.signal(signal.SIGTERM, previous)
-  assert seen["train"] is notifier and seen["sample"] is notifier
-  assert seen["pretokenize"] is seen["evaluate"] is modes._stop_at_once
-  assert exits == [143]
-  err = capsys.readouterr().err   # what a rerun of that mode does
-  assert err.startswith("Error: Stopped by SIGTERM. Nothing half-written")
-  assert err.rstrip().endswith("run the same command again (evaluation "
-                               "starts over)."), err
-  monkeypatch.setattr(modes.jax, "process_count", lambda: 2)
-  modes.run(ml_collections.ConfigDict({"mode": "pretokenize"}), str(tmp_path))
+  assert seen["train"] is seen["sample"] is notifier
   assert seen["pretokenize"] == signal.SIG_DFL
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_training_starts_up_says_no_step_ran(
+    signum, tmp_path, monkeypatch, capsys):
+  """A stop before the first step (data checks, tokenizer loading, init):
+  SIGTERM ended the command with 143 and no word. Now one line for either
+  signal, saying no step ran and what a rerun resumes from, with the
+  signal's status; a workdir the run made is removed again."""
+  from genvis_jax.core import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  exits = []
+  monkeypatch.setattr(cli.os, "_exit", exits.append)
+  c = demo.classifier_config()
+  c.mode = "train"
+  wd = tmp_path / "wd"
+  if signum == signal.SIGTERM:   # a fresh run, stopped in its init
+    def init_state(self):
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)    # the handler raises before this ends
+      raise AssertionError("SIGTERM did not stop the start-up")
+
+    monkeypatch.setattr(trainer_lib.Trainer, "init_state", init_state)
+    resume = "no checkpoint is saved yet: training starts again from step 0"
+  else:   # Ctrl-C (Python's KeyboardInterrupt) in a run's data checks
+    def create_train_iterator(*args, **kwargs):
+      raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_lib, "create_train_iterator",
+                        create_train_iterator)
+    (wd / "checkpoints" / "3").mkdir(parents=True)   # a step saved before
+    resume = "training resumes from step 3, its last saved checkpoint"
+
+  def default_action(*args):   # stands in for SIG_DFL's silent exit 143
+    raise AssertionError("SIGTERM reached the handler set before the run")
+
+  previous = signal.signal(signal.SIGTERM, default_action)
+  try:
+    cli.user_errors_exit(lambda argv: modes.run(c, str(wd)))([])
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert exits == [128 + signum]
+  by = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+  lines = [l for l in capsys.readouterr().err.splitlines()
+           if l.startswith("Error:")]
+  assert lines == [f"Error: Stopped by {by} before the first training step: "
+                   f"this run saved no checkpoint; run the same command "
+                   f"again ({resume})."]
+  assert wd.exists() == (signum == signal.SIGINT)
+  assert ckpt_lib.resume_note(str(wd / "checkpoints")) == resume
 
 
 def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
@@ -337,6 +391,75 @@ def test_missing_token_files_say_how_to_make_them(tmp_path):
     trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
 
 
+# Values no training can use, each named with its key before the workdir is
+# written (they trained on: an EMA of 1.5 saved NaN/Inf weights, a negative
+# lr ran gradient ascent, float16 trained without loss scaling).
+IMPOSSIBLE = {
+    "ema_above_1": ("classifier", "train.ema_decay", 1.5,
+                    r"config.train.ema_decay=1.5 must be in \[0, 1\)"),
+    "ema_negative": ("classifier", "train.ema_decay", -0.5,
+                     r"config.train.ema_decay=-0.5 must be in \[0, 1\)"),
+    "lr_negative": ("classifier", "optimizer.lr", -1.0,
+                    r"config.optimizer.lr=-1.0 must be finite and >= 0: a "
+                    r"negative learning rate climbs the loss"),
+    "warmup_negative": ("classifier", "optimizer.warmup_steps", -10,
+                        r"config.optimizer.warmup_steps=-10 must be >= 0"),
+    "weight_decay_negative": ("classifier", "optimizer.weight_decay", -0.1,
+                              r"config.optimizer.weight_decay=-0.1 must be"),
+    "disc_lr_negative": ("tokenizer", "disc.optimizer.lr", -1e-4,
+                         r"config.disc.optimizer.lr=-0.0001 must be finite"),
+    "model_float16": ("tokenizer", "model.dtype", "float16",
+                      r"config.model.dtype='float16': training has no loss "
+                      r"scaling.*--config.model.dtype=bfloat16"),
+    "disc_float16": ("tokenizer", "disc.dtype", "float16",
+                     r"config.disc.dtype='float16'.*bfloat16"),
+}
+
+
+def _set(config, key, value):
+  *path, last = key.split(".")
+  for part in path:
+    config = config[part]
+  config[last] = value
+
+
+@pytest.mark.parametrize("name", list(IMPOSSIBLE))
+def test_impossible_training_values_are_refused_before_the_workdir(
+    name, tmp_path, monkeypatch):
+  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  job, key, value, pattern = IMPOSSIBLE[name]
+  c = getattr(demo, f"{job}_config")()
+  _set(c, key, value)
+
+  def read_data(*args, **kwargs):   # the step after the checks
+    raise AssertionError(f"{key}={value!r} passed the checks")
+
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", read_data)
+  with pytest.raises(ConfigError, match=pattern):
+    trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_the_edge_values_that_train_are_kept():
+  """ema_decay=0 (no EMA), lr=0 and end_lr=0 are settings, not mistakes;
+  float16 stays an inference precision (config.tokenizer.dtype)."""
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
+  from genvis_jax import errors  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
+  c = demo.classifier_config()
+  c.train.ema_decay, c.optimizer.lr, c.optimizer.end_lr = 0.0, 0.0, 0.0
+  c.optimizer.schedule = "cosine"
+  trainer_lib.setup(c)
+  rar = rar_b.get_config("runlocal")
+  rar.tokenizer.dtype = "float16"
+  trainer_lib._check_precision(rar)   # pylint: disable=protected-access
+  # Read only by that schedule, and checked with it (a division by zero).
+  c.optimizer.update(dict(schedule="step_decay", decay_every=0, decay_rate=0.5))
+  with pytest.raises(errors.ConfigError,
+                     match=r"config.optimizer.decay_every=0 must be at least 1"):
+    opt_lib.make_optimizer(c.optimizer, c.train)
+
+
 def test_indivisible_batch(tmp_path):
   c = demo.classifier_config()
   c.train.global_batch_size = 30      # 8 devices
@@ -468,6 +591,13 @@ CASES = {
     "checkpoint_every_zero": (CLASSIFIER + [
         "--config.stages.classifier.train.checkpoint_every=0"],
                               r"checkpoint_every=0 must be at least 1"),
+    "negative_lr": (["--config=configs/rar_b.py:runlocal",
+                     "--config.optimizer.lr=-1"],
+                    r"config.optimizer.lr=-1.0 must be finite and >= 0"),
+    "float16_training": (["--config=configs/rar_b.py:runlocal",
+                          "--config.model.dtype=float16"],
+                         r"config.model.dtype='float16': training has no "
+                         r"loss scaling"),
     "workdir_is_a_file": (CLASSIFIER + ["--workdir={file}"],
                           r"--workdir=.*afile cannot be used as a directory"),
     "demo_config_other_mode": (DEMO + ["--config.mode=sample"],

@@ -23,16 +23,23 @@ def step_3_run(tmp_path_factory):
   return str(wd)
 
 
-def test_exploding_run_stops_with_clear_error_and_keeps_checkpoint(step_3_run,
-                                                                   tmp_path):
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_exploding_run_stops_with_clear_error_and_keeps_checkpoint(
+    step_3_run, tmp_path, check_finite):
+  """With check_finite off the parameters still overflow (norm inf) while
+  the NaN updates after them are skipped: the run used to save that state
+  at step 6 and exit 0; the divergence check stops it."""
   wd = copy_run(step_3_run, tmp_path)
   c = config(6, lr=1e30)   # explodes on the first resumed steps
   c.train.grad_clip = 0.0   # the optimizer state layout does not depend on it
+  c.train.check_finite = check_finite
   with pytest.raises(trainer_lib.TrainingDivergedError) as e:
     trainer_lib.train_and_evaluate(c, wd)
   msg = str(e.value)
   assert "between steps 3 and 4" in msg and "newest checkpoint, step 3" in msg
   assert "config.train.grad_clip=1.0" in msg   # off here, so suggested
+  # Never a knob already turned: check_finite=False is suggested only when on.
+  assert ("set config.train.check_finite=False" in msg) == check_finite, msg
   # At once after a resume: the restored files are named as a likely cause
   # (a step damaged after it was written diverges just so).
   assert re.search(r"first updates after resuming from step 3: if its files "
@@ -41,12 +48,15 @@ def test_exploding_run_stops_with_clear_error_and_keeps_checkpoint(step_3_run,
   assert ckpt_lib.Checkpointer(wd).latest_step() == 3
 
 
-def test_exploding_fresh_run_writes_no_checkpoint(tmp_path):
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_exploding_fresh_run_writes_no_checkpoint(tmp_path, check_finite):
   """lr=1e30 from step 0: the parameters reach ~1e30 after one update; the
   run used to save them at step 3 and later call that checkpoint intact."""
   wd = str(tmp_path / "wd")
+  c = config(6, lr=1e30)
+  c.train.check_finite = check_finite
   with pytest.raises(trainer_lib.TrainingDivergedError) as e:
-    trainer_lib.train_and_evaluate(config(6, lr=1e30), wd)
+    trainer_lib.train_and_evaluate(c, wd)
   assert "between steps 0 and 2" in str(e.value)
   assert "no checkpoint was written" in str(e.value)
   assert ckpt_lib.Checkpointer(wd).latest_step() is None
@@ -165,6 +175,15 @@ def test_guard_loss_bound_uses_running_median():
   assert "parameter norm of group 'model'" in g.runaway(2.0, {"model": 51.0})
   assert g.nonfinite_params({"model": float("inf")})
   assert guard_lib.DivergenceGuard(0.0).runaway(1e30, {"model": 1e30}) is None
+  # A NaN/Inf parameter norm is far past any bound: a divergence with
+  # check_finite off too (which only skips NaN/Inf updates); both off: none.
+  lax = guard_lib.DivergenceGuard(10.0, check_finite=False)
+  lax.record(None, {"model": 5.0})
+  assert "group(s) model is NaN/Inf" in lax.nonfinite_params({"model": float("inf")})
+  assert "divergence_factor=10" in lax.nonfinite_params({"model": float("nan")})
+  assert lax.nonfinite_params({"model": 5.0}) is None
+  off = guard_lib.DivergenceGuard(0.0, check_finite=False)
+  assert off.nonfinite_params({"model": float("inf")}) is None
   # Fewer than MIN_HISTORY intervals: the loss bound does not apply yet.
   fresh = guard_lib.DivergenceGuard(10.0)
   fresh.record(1.0, {})

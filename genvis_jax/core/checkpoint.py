@@ -128,6 +128,17 @@ def unfinished_saves(directory) -> list[str]:
     return []
 
 
+def resume_note(directory) -> str:
+  """What running a training command again resumes from, by the finalized
+  steps under ``directory`` (a run's ``checkpoints/``) now: a save in
+  flight is not one yet."""
+  directory = epath.Path(directory)
+  saved = ckpt_files.saved_steps(directory) if directory.exists() else set()
+  if not saved:
+    return "no checkpoint is saved yet: training starts again from step 0"
+  return f"training resumes from step {max(saved)}, its last saved checkpoint"
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for training runs. Every
   process of a job builds it together: its steps are process 0's listing."""
@@ -139,13 +150,8 @@ class Checkpointer:
     self._pending = None  # step of a save whose outcome is not checked yet
 
   def resume_note(self) -> str:
-    """What running the same command again resumes from, by the finalized
-    steps on disk now (a save in flight is not one yet)."""
-    saved = (ckpt_files.saved_steps(self.directory)
-             if self.directory.exists() else set())
-    if not saved:
-      return "no checkpoint is saved yet: training starts again from step 0"
-    return f"training resumes from step {max(saved)}, its last saved checkpoint"
+    """:func:`resume_note` of this run's checkpoints."""
+    return resume_note(self.directory)
 
   def _new_manager(self) -> ocp.CheckpointManager:
     # grain lazily: sampling / evaluation / benchmarks import this module on

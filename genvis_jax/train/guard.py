@@ -11,7 +11,10 @@ those steps, so no step adds a device sync and no diverged state is saved.
   of an interval exceeds this multiple of the running median of earlier
   intervals (once ``MIN_HISTORY`` intervals are known and the median is
   positive), or a parameter group's norm exceeds this multiple of its running
-  median (seeded with the norm of the state the run starts from).
+  median (seeded with the norm of the state the run starts from). A NaN/Inf
+  parameter norm is past any such bound: it stops the run with
+  ``check_finite`` off too (an update with finite gradients can overflow the
+  parameters, which skipping NaN/Inf updates does not undo).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class TrainingDivergedError(UserError, FloatingPointError):
 
 
 class NonFiniteLossError(TrainingDivergedError):
-  """Loss, gradients or parameters became NaN/Inf (``train.check_finite``)."""
+  """Loss, gradients or parameters became NaN/Inf (``train.check_finite``;
+  NaN/Inf parameters also with ``train.divergence_factor``)."""
 
 
 class DivergenceError(TrainingDivergedError):
@@ -62,13 +66,21 @@ class DivergenceGuard:
         self._norms[g].append(float(v))
 
   def nonfinite_params(self, param_norms: dict[str, float]) -> str | None:
+    """Why the parameter norms count as NaN/Inf, or None: checked by
+    ``check_finite`` and, past any bound, by the divergence check."""
     bad = [g for g, v in param_norms.items() if not math.isfinite(v)]
-    if bad and self.check_finite:
-      return f"the parameter norm of group(s) {', '.join(bad)} is NaN/Inf"
-    return None
+    if not bad or not (self.check_finite or self.factor > 0):
+      return None
+    what = f"the parameter norm of group(s) {', '.join(bad)} is NaN/Inf"
+    if not self.check_finite:
+      what += (f" (config.train.divergence_factor={self.factor:g}; "
+               "config.train.check_finite=False skips only updates whose "
+               "loss or gradients are NaN/Inf)")
+    return what
 
   def runaway(self, loss: float, param_norms: dict[str, float]) -> str | None:
-    """Why the finite values count as divergence, or None."""
+    """Why the finite values count as divergence, or None (NaN/Inf norms
+    are ``nonfinite_params``')."""
     if self.factor <= 0:
       return None
     if len(self._loss) >= MIN_HISTORY and math.isfinite(loss):
@@ -97,8 +109,9 @@ def advice(config, *, nonfinite: bool) -> str:
   if dtype in ("bfloat16", "float16"):
     tips.append(f"compute in float32 (config.model.dtype=float32; now {dtype})")
   if nonfinite:
-    tips.append("or set config.train.check_finite=False to skip such updates "
-                "and keep training")
+    if config.train.get("check_finite", True):
+      tips.append("or set config.train.check_finite=False to skip such "
+                  "updates and keep training")
   else:
     tips.append("or, if this rise is expected, raise "
                 "config.train.divergence_factor (0 turns the check off)")

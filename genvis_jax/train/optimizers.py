@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -66,8 +67,68 @@ def make_schedule(opt_config, num_steps: int) -> optax.Schedule:
       "use 'constant', 'cosine' or 'step_decay'.")
 
 
-def make_optimizer(opt_config, train_config) -> optax.GradientTransformation:
-  """Gradient clipping + Adam(W) with the configured schedule and decay mask."""
+def _at_least_0(v):
+  return 0 <= v < math.inf     # False for NaN too
+
+
+def _below_1(v):
+  return 0 <= v < 1
+
+
+# Key -> (accepted, what it must be and why), for the keys an optimizer reads.
+RULES = {
+    "lr": (_at_least_0, "must be finite and >= 0: a negative learning rate "
+           "climbs the loss (gradient ascent); e.g. 1e-4"),
+    "end_lr": (_at_least_0, "must be finite and >= 0: the cosine schedule "
+               "ends there, and below 0 it climbs the loss; 0 decays to zero"),
+    "warmup_steps": (_at_least_0, "must be >= 0 (0: no warm-up)"),
+    "decay_every": (lambda v: 1 <= v < math.inf, "must be at least 1 (steps "
+                    "between two step_decay drops)"),
+    "decay_rate": (_at_least_0, "must be finite and >= 0: step_decay "
+                   "multiplies the learning rate by it, and below 0 flips its "
+                   "sign (gradient ascent)"),
+    "b1": (_below_1, "must be in [0, 1) (Adam's first-moment decay, e.g. 0.9)"),
+    "b2": (_below_1, "must be in [0, 1) (Adam's second-moment decay, e.g. "
+           "0.999)"),
+    "eps": (_at_least_0, "must be finite and >= 0 (e.g. 1e-8)"),
+    "weight_decay": (_at_least_0, "must be finite and >= 0: below 0 it pushes "
+                     "the weights away from zero; 0 turns it off"),
+    "momentum": (_below_1, "must be in [0, 1) (e.g. 0.9)"),
+}
+
+
+def _read_keys(opt_config) -> tuple[str, ...]:
+  """The numeric keys the schedule and optimizer of ``opt_config`` read."""
+  keys = ("lr", "warmup_steps")
+  keys += {"cosine": ("end_lr",),
+           "step_decay": ("decay_every", "decay_rate")}.get(
+               opt_config.schedule, ())
+  keys += {"adamw": ("b1", "b2", "eps", "weight_decay"),
+           "adam": ("b1", "b2", "eps"), "sgd": ("momentum",)}.get(
+               opt_config.name, ())
+  return keys
+
+
+def check_config(opt_config, setting: str = "config.optimizer") -> None:
+  """Raises ``ConfigError`` naming ``setting``'s key (e.g.
+  ``config.disc.optimizer.lr``) for a value no training can use: a negative
+  or non-finite learning rate, end_lr, warm-up, weight decay or step_decay
+  rate, Adam betas or momentum outside [0, 1). Keys the config lacks keep
+  their defaults and are not checked."""
+  for key in _read_keys(opt_config):
+    value = opt_config.get(key)
+    accepted, rule = RULES[key]
+    if value is not None and not accepted(float(value)):
+      raise errors.ConfigError(f"{setting}.{key}={value!r} {rule}.")
+
+
+def make_optimizer(opt_config, train_config,
+                   setting: str = "config.optimizer"
+                   ) -> optax.GradientTransformation:
+  """Gradient clipping + Adam(W) with the configured schedule and decay mask.
+  ``setting``: where ``opt_config`` is in the config, for messages
+  (``check_config``)."""
+  check_config(opt_config, setting)
   schedule = make_schedule(opt_config, int(train_config.num_steps))
   # Always present (inf = off) so the state layout does not depend on it and a
   # run can be resumed with a different clip value.

@@ -7,6 +7,7 @@ clu metrics, image grids and async Orbax checkpoints; resumes from ``workdir``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -55,13 +56,49 @@ def _check_intervals(train) -> None:
           "turns profiling off).")
 
 
+def _check_ema(train) -> None:
+  decay = float(train.get("ema_decay", 0.0))
+  if not 0 <= decay < 1:   # NaN too
+    raise errors.ConfigError(
+        f"config.train.ema_decay={decay:g} must be in [0, 1): each step "
+        "keeps this fraction of the EMA weights (e.g. 0.9999; at 1 or more "
+        "they never follow the model or blow up), and 0 turns the EMA off.")
+
+
+# The precision settings of the config groups whose weights training updates.
+TRAINED_DTYPES = ("model.dtype", "model.param_dtype", "disc.dtype",
+                  "disc.param_dtype")
+
+
+def _check_precision(config) -> None:
+  """float16 is refused: training has no loss scaling, so its small
+  gradients and updates underflow to zero. (Inference settings such as
+  ``config.tokenizer.dtype`` keep it.)"""
+  for key in TRAINED_DTYPES:
+    group, field = key.split(".")
+    value = (config.get(group) or {}).get(field)
+    try:
+      half = bool(value) and jnp.dtype(value) == jnp.float16
+    except TypeError:   # not a dtype: models.config_fields names it
+      continue
+    if half:
+      raise errors.ConfigError(
+          f"config.{key}={value!r}: training has no loss scaling, so float16 "
+          "gradients and updates underflow to zero. Use "
+          f"--config.{key}=bfloat16 (float32's range in half the memory) or "
+          "float32.")
+
+
 def setup(config, *, mesh=None, devices=None):
   """Everything that can fail on bad input, before any compilation."""
   _check_intervals(config.train)
+  _check_ema(config.train)
+  _check_precision(config)
   mesh = mesh or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
   task = tasks_lib.get_task(config)
+  task.optimizers()   # bad optimizer settings fail here, naming the key
   from genvis_jax.data import sources as data_sources  # pylint: disable=import-outside-toplevel
   source = config.data.source
   if task.data_sources is None:
@@ -271,20 +308,45 @@ def train_loop(config, workdir: str, on_log=None):
     WorkdirBusyError: another run trains in ``workdir``.
     TrainingStopped: a stop signal ended it after saving the step in flight.
   """
-  # Everything that can fail on bad input (mesh, batch split, data, task) runs
-  # before anything is compiled.
-  mesh, task = setup(config)
-  group = data_group(config, mesh)
-  data_iter, info = create_train_iterator(config, task, group=group)
-  files.makedirs(workdir)
-  with workdir_lock.hold(workdir):
-    trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    state, data_iter, info, data_seed = resume_lib.restore_or_init(
-        config, workdir, trainer, ckpt, data_iter, info,
-        lambda seed: create_train_iterator(config, task, group=group, seed=seed))
-    return _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
-                      data_seed, on_log)
+  with _StartUp(workdir) as start_up:
+    # Everything that can fail on bad input (mesh, batch split, data, task)
+    # runs before anything is compiled.
+    mesh, task = setup(config)
+    group = data_group(config, mesh)
+    data_iter, info = create_train_iterator(config, task, group=group)
+    files.makedirs(workdir)
+    with workdir_lock.hold(workdir):
+      trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
+      ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+      state, data_iter, info, data_seed = resume_lib.restore_or_init(
+          config, workdir, trainer, ckpt, data_iter, info,
+          lambda seed: create_train_iterator(config, task, group=group,
+                                             seed=seed))
+      return _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
+                        data_seed, on_log, start_up)
+
+
+class _StartUp(contextlib.AbstractContextManager):
+  """Names a stop signal that ends training before its loop (the CLI's
+  ``StoppedBySignal`` for SIGTERM, ``KeyboardInterrupt`` for Ctrl-C; the
+  loop's own ``StopRequest`` saves a step instead): the CLI's line says
+  that no step ran and what a rerun resumes from. ``started`` is set as the
+  loop takes over."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.started = workdir, False
+
+  def __exit__(self, kind, e, tb):
+    if self.started or not isinstance(
+        e, (errors.StoppedBySignal, KeyboardInterrupt)):
+      return None
+    e.what = "before the first training step: this run saved no checkpoint"
+    try:
+      e.resume = ckpt_lib.resume_note(os.path.join(self.workdir,
+                                                   "checkpoints"))
+    except Exception:  # pylint: disable=broad-except
+      pass   # a listing that fails must not hide the stop (general words)
+    return None
 
 
 class _Logger:
@@ -316,9 +378,10 @@ class _Logger:
 
 
 def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
-               data_seed, on_log):
+               data_seed, on_log, start_up):
   """Steps from ``state``'s to ``config.train.num_steps``: logs, health
-  checks, grids, checkpoints and the stop on a signal. Returns the state."""
+  checks, grids, checkpoints and the stop on a signal (``start_up``'s until
+  the loop begins). Returns the state."""
   start = int(jax.device_get(state.step))
   num_steps = int(config.train.num_steps)
   n_params = {g: models.count_params(p) for g, p in state.params.items()}
@@ -350,6 +413,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
   try:
     # SIGTERM / Ctrl-C: finish the step in flight, save it, stop.
     with preemption.StopRequest(resumes=ckpt.resume_note) as stop, profile:
+      start_up.started = True
       for step in range(start, num_steps):
         local = next(data_iter)
         group_check.update(local)

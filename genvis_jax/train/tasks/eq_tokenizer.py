@@ -92,7 +92,8 @@ class EqTokenizerTask(GANTokenizerTask):
     if c.loss.stage2:
       model_opt = freeze_top_level(model_opt, FROZEN_IN_STAGE2)
     opts = {"model": model_opt,
-            "disc": opt_lib.make_optimizer(c.disc.optimizer, c.train)}
+            "disc": opt_lib.make_optimizer(c.disc.optimizer, c.train,
+                                           "config.disc.optimizer")}
     if "logvar" in self.param_groups:
       opts["logvar"] = opt_lib.make_optimizer(c.optimizer, c.train)
     return opts

@@ -41,7 +41,8 @@ class TokenizerTask(GANTokenizerTask):
   def optimizers(self):
     c = self.config
     return {"model": opt_lib.make_optimizer(c.optimizer, c.train),
-            "disc": opt_lib.make_optimizer(c.disc.optimizer, c.train)}
+            "disc": opt_lib.make_optimizer(c.disc.optimizer, c.train,
+                                           "config.disc.optimizer")}
 
   # --- losses -------------------------------------------------------------
   def forward_kwargs(self) -> dict:
