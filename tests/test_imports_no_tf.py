@@ -24,6 +24,7 @@ MODULES = (
     "genvis_jax.train.state", "genvis_jax.train.optimizers",
     # What bench/accelerator.py builds the train step with.
     "genvis_jax.train.trainer", "genvis_jax.train.tasks.rar",
+    "genvis_jax.data.sources",   # the data-source checks of trainer.setup
 )
 
 # Shared with tests/test_accelerator_bench.py: prepended to a ``python -c``.
