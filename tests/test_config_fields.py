@@ -120,7 +120,7 @@ def test_bad_remat_or_attn_impl_fails_when_built(cfg, key):
 
 
 def test_valid_remat_and_attn_impl_build():
-  for remat in ("none", "full", "dots", "dots_no_batch"):
+  for remat in ("none", "full", "dots", "dots_no_batch", "", None):   # "", None: none
     assert models.build(ml_collections.ConfigDict(dict(
         name="rar", remat=remat))).remat == remat
   m = models.build(ml_collections.ConfigDict(dict(

@@ -458,6 +458,11 @@ def test_the_edge_values_that_train_are_kept():
   with pytest.raises(errors.ConfigError,
                      match=r"config.optimizer.decay_every=0 must be at least 1"):
     opt_lib.make_optimizer(c.optimizer, c.train)
+  # Not a number (a string in a config file): named too, not a bare float().
+  with pytest.raises(errors.ConfigError,
+                     match=r"config.optimizer.lr='1e-4x' must be finite"):
+    opt_lib.check_config(ml_collections.ConfigDict(dict(
+        name="adamw", schedule="constant", lr="1e-4x")))
 
 
 def test_indivisible_batch(tmp_path):

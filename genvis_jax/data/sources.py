@@ -234,7 +234,7 @@ class TfdsSource:
     self.name, self.split, self.data_dir = name, split, data_dir or None
     try:
       builder = tfds.builder(name, data_dir=self.data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
+    except tfds.core.DatasetNotFoundError as e:
       # Neither prepared in data_dir nor a data set TFDS can build: `tfds
       # build NAME` would fail too (e.g. the demo's name "shapes").
       where = self.data_dir or "$TFDS_DATA_DIR (default ~/tensorflow_datasets)"

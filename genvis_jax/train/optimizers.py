@@ -118,7 +118,13 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
   for key in _read_keys(opt_config):
     value = opt_config.get(key)
     accepted, rule = RULES[key]
-    if value is not None and not accepted(float(value)):
+    if value is None:
+      continue
+    try:
+      ok = accepted(float(value))
+    except (TypeError, ValueError):   # e.g. a string set in a config file
+      ok = False
+    if not ok:
       raise errors.ConfigError(f"{setting}.{key}={value!r} {rule}.")
 
 

@@ -202,8 +202,8 @@ REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
 def check_remat(name) -> None:
   """Raises ``ConfigError`` naming ``config.model.remat`` unless ``name`` is
-  one of ``REMAT_CHOICES``."""
-  if name not in REMAT_CHOICES:
+  one of ``REMAT_CHOICES`` (or None / "", which mean "none")."""
+  if name not in (None, "") and name not in REMAT_CHOICES:
     raise ConfigError(f"config.model.remat={name!r} is not a remat policy; "
                       f"use one of {REMAT_CHOICES}.")
 
