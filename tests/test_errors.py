@@ -18,6 +18,7 @@ from genvis_jax import cli
 from genvis_jax import modes
 from genvis_jax.data import DataNotFoundError
 from genvis_jax.errors import UserError
+from genvis_jax.train import checks
 from genvis_jax.train import trainer as trainer_lib
 from tests import xla_flags
 
@@ -315,14 +316,15 @@ def test_a_generator_that_encodes_its_images_needs_the_tokenizer(tmp_path):
 def test_a_token_generator_on_images_is_told_to_pretokenize(tmp_path):
   """FAR on an image folder was refused for crops_per_epoch first, and then,
   once that was set as told, failed with a KeyError after compiling."""
-  from genvis_jax.errors import ConfigError
+  from genvis_jax.data.sources import DataConfigError
   from genvis_jax.train import trainer as trainer_lib
   from tests import pipeline_common as pc
   c = pc.load_config("far_b.py:dual,runlocal")
   c.data.source, c.data.path = "image_folder", str(tmp_path / "images")
-  with pytest.raises(ConfigError, match=r"The far task trains on pre-tokenized "
-                     r"codes \(config.data.source='tokens'\), and config.data."
-                     r"source='image_folder' gives images. Pre-tokenize"):
+  with pytest.raises(DataConfigError, match=r"^config.data.source="
+                     r"'image_folder' gives images, and the far task trains on "
+                     r"pre-tokenized codes: pre-tokenize them first .* then "
+                     r"set --config.data.source=tokens and --config.data.path"):
     trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
   assert not (tmp_path / "wd").exists()
 
@@ -452,7 +454,7 @@ def test_the_edge_values_that_train_are_kept():
   trainer_lib.setup(c)
   rar = rar_b.get_config("runlocal")
   rar.tokenizer.dtype = "float16"
-  trainer_lib._check_precision(rar)   # pylint: disable=protected-access
+  checks.check_precision(rar)
   # Read only by that schedule, and checked with it (a division by zero).
   c.optimizer.update(dict(schedule="step_decay", decay_every=0, decay_rate=0.5))
   with pytest.raises(errors.ConfigError,

@@ -177,8 +177,8 @@ def pretokenize(config, workdir: str) -> dict:
         "generator reads images, or the config is not a generator's. "
         "Pre-tokenize with a RAR or FAR config.")
   p, tok = config.pretokenize, config.tokenizer
-  sources.check_image_source(p.data.source, "config.pretokenize.data",
-                             "pre-tokenizing encodes images")
+  sources.check_source(p.data.source, "config.pretokenize.data",
+                       "pre-tokenizing encodes images")
   check_images_in_data(config)
   # A bad crop is refused before an existing file is judged by its record.
   transforms.check_center_crop(

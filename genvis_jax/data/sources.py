@@ -56,24 +56,36 @@ SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
 IMAGE_SOURCES = tuple(s for s in SOURCES if s != "tokens")
 
 
-def check_image_source(source: str, setting: str, reader: str) -> None:
-  """Refuses a ``{setting}.source`` that is unknown or gives no images
-  ("tokens") where ``reader`` reads images (e.g. "the tokenizer task trains
-  on images"); before any data is opened, whose own error would mislead (an
-  empty token-file path).
+def check_source(source: str, setting: str, reader: str,
+                 allowed: tuple[str, ...] = IMAGE_SOURCES) -> None:
+  """Refuses a ``{setting}.source`` outside ``allowed`` (the image sources,
+  or ``("tokens",)`` where pre-tokenized codes are read), saying whether it
+  is unknown, gives codes or gives images; ``reader`` says what reads it
+  (e.g. "the tokenizer task trains on images"). Runs before any data is
+  opened, whose own error would mislead (an empty token-file path).
 
   Raises:
-    DataConfigError: naming the setting and the image sources.
+    DataConfigError: naming the setting, what the source gives and the
+      sources that fit.
   """
-  if source in IMAGE_SOURCES:
+  if source in allowed:
     return
-  choose = f"set --{setting}.source to one of {', '.join(IMAGE_SOURCES)}"
+  if tuple(allowed) == ("tokens",):
+    choose = (f"set --{setting}.source=tokens and --{setting}.path to the "
+              "token files --config.mode=pretokenize writes")
+  else:
+    choose = f"set --{setting}.source to one of {', '.join(allowed)}"
+  if source not in SOURCES:
+    raise DataConfigError(
+        f"Unknown {setting}.source {source!r}; {reader}: {choose}.")
   if source == "tokens":
     raise DataConfigError(
         f"{setting}.source='tokens' gives pre-tokenized codes, and {reader}: "
         f"{choose}.")
   raise DataConfigError(
-      f"Unknown {setting}.source {source!r}; {reader}: {choose}.")
+      f"{setting}.source={source!r} gives images, and {reader}: pre-tokenize "
+      "them first (--config.mode=pretokenize, with the images in "
+      f"config.pretokenize.data), then {choose}.")
 
 
 # --- image folder --------------------------------------------------------------

@@ -374,7 +374,7 @@ def evaluate(config, workdir: str) -> dict:
   from genvis_jax.data import sources  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
   if config.data.get("source") not in sources.SOURCES:
-    sources.check_image_source(
+    sources.check_source(
         config.data.get("source"), "config.data",
         "config.evaluate.kind=reference computes Inception statistics of "
         "images")

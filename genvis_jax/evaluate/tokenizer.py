@@ -265,7 +265,7 @@ def evaluate(config, workdir: str) -> dict:
   ``num_images``, ``errors.ConfigError`` for a tokenizer with no known protocol.
   """
   ev = config.evaluate
-  data_sources.check_image_source(
+  data_sources.check_source(
       config.data.source, "config.data",
       "config.evaluate.kind=tokenizer reconstructs images")
   proto_name, proto = protocol(config)

@@ -28,6 +28,7 @@ from genvis_jax.core import profiling
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import sharding as shd
 from genvis_jax.core import workdir_lock
+from genvis_jax.train import checks
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import replicas
 from genvis_jax.train import resume as resume_lib
@@ -42,90 +43,14 @@ DivergenceError = guard_lib.DivergenceError
 TrainingDivergedError = guard_lib.TrainingDivergedError
 
 
-def _check_intervals(train) -> None:
-  for key in ("num_steps", "log_every", "checkpoint_every"):
-    if int(train[key]) < 1:
-      raise errors.ConfigError(
-          f"config.train.{key}={train[key]} must be at least 1"
-          + (" (to save only at the end, set it to num_steps)."
-             if key == "checkpoint_every" else "."))
-  for key in ("profile_steps", "profile_skip_steps"):
-    if int(train.get(key, 0)) < 0:
-      raise errors.ConfigError(
-          f"config.train.{key}={train[key]} must be >= 0 (profile_steps=0 "
-          "turns profiling off).")
-
-
-def _check_ema(train) -> None:
-  decay = float(train.get("ema_decay", 0.0))
-  if not 0 <= decay < 1:   # NaN too
-    raise errors.ConfigError(
-        f"config.train.ema_decay={decay:g} must be in [0, 1): each step "
-        "keeps this fraction of the EMA weights (e.g. 0.9999; at 1 or more "
-        "they never follow the model or blow up), and 0 turns the EMA off.")
-
-
-# The precision settings of the config groups whose weights training updates.
-TRAINED_DTYPES = ("model.dtype", "model.param_dtype", "disc.dtype",
-                  "disc.param_dtype")
-
-
-def _check_precision(config) -> None:
-  """float16 is refused: training has no loss scaling, so its small
-  gradients and updates underflow to zero. (Inference settings such as
-  ``config.tokenizer.dtype`` keep it.)"""
-  for key in TRAINED_DTYPES:
-    group, field = key.split(".")
-    value = (config.get(group) or {}).get(field)
-    try:
-      half = bool(value) and jnp.dtype(value) == jnp.float16
-    except TypeError:   # not a dtype: models.config_fields names it
-      continue
-    if half:
-      raise errors.ConfigError(
-          f"config.{key}={value!r}: training has no loss scaling, so float16 "
-          "gradients and updates underflow to zero. Use "
-          f"--config.{key}=bfloat16 (float32's range in half the memory) or "
-          "float32.")
-
-
 def setup(config, *, mesh=None, devices=None):
-  """Everything that can fail on bad input, before any compilation."""
-  _check_intervals(config.train)
-  _check_ema(config.train)
-  _check_precision(config)
+  """Everything that can fail on bad input, before any compilation:
+  ``(mesh, task)``."""
+  task = tasks_lib.get_task(config)
+  checks.check_config(config, task)
   mesh = mesh or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
-  task = tasks_lib.get_task(config)
-  task.optimizers()   # bad optimizer settings fail here, naming the key
-  from genvis_jax.data import sources as data_sources  # pylint: disable=import-outside-toplevel
-  source = config.data.source
-  if task.data_sources is None:
-    data_sources.check_image_source(source, "config.data",
-                                    f"the {config.task} task trains on images")
-  elif source not in data_sources.SOURCES:
-    raise data_sources.DataConfigError(
-        f"Unknown config.data.source {source!r}; the {config.task} task "
-        f"trains on pre-tokenized codes: set --config.data.source="
-        f"{task.data_sources[0]} and --config.data.path to the token files "
-        "--config.mode=pretokenize writes.")
-  elif source not in task.data_sources:
-    raise errors.ConfigError(
-        f"The {config.task} task trains on pre-tokenized codes "
-        f"(config.data.source={task.data_sources[0]!r}), and "
-        f"config.data.source={source!r} gives images. Pre-tokenize them "
-        "first (--config.mode=pretokenize, with the images in "
-        "config.pretokenize.data), then point --config.data.path at the "
-        "token files it prints.")
-  if task.encodes_with_tokenizer and not config.tokenizer.get("checkpoint"):
-    # The data pipeline gives images, which the step encodes: without the
-    # tokenizer the first step would fail, after the workdir was written.
-    raise errors.ConfigError(
-        f"The {config.task} task trains on its images' latents from the "
-        "frozen tokenizer, and config.tokenizer.checkpoint is not set: set "
-        "--config.tokenizer.checkpoint to a genvis_jax.convert output or an "
-        "eq_tokenizer training workdir.")
   return mesh, task
 
 
@@ -154,48 +79,9 @@ def create_train_iterator(config, task, *, group=None, seed=None):
       global_batch_size=config.train.global_batch_size,
       seed=config.seed if seed is None else seed, train=True,
       value_range=task.value_range, process_index=index, process_count=count)
-  check_model_classes(config, info.num_classes,
+  checks.check_model_classes(config, info.num_classes,
                       from_data=info.classes_from_data)
   return data_iter, info
-
-
-def check_model_classes(config, data_classes: int | None, *,
-                        from_data: bool = True) -> None:
-  """Labels must stay below ``config.model.num_classes``: a class-conditional
-  generator reads label ``num_classes`` as its null (unconditional) class and
-  larger ones past its class table (NaN, or a silently wrong class). Raises
-  ``ConfigError`` naming both counts; warns when the data have fewer classes
-  (the rest are never trained); a no-op for models without classes.
-  ``from_data``: ``data_classes`` is the data's own count (which
-  config.data.num_classes cannot lower), not config.data.num_classes."""
-  model_classes = config.get("model", {}).get("num_classes")
-  if not model_classes or not data_classes or data_classes == model_classes:
-    return
-  if data_classes < model_classes:
-    logging.warning(
-        "The training data has %d classes (labels 0...%d) but "
-        "config.model.num_classes is %d: classes %d...%d are never trained, "
-        "and sampling draws them too unless config.sample.classes lists the "
-        "trained ones. Set --config.model.num_classes=%d if the data are all "
-        "there is.", data_classes, data_classes - 1, model_classes,
-        data_classes, model_classes - 1, data_classes)
-    return
-  if from_data:
-    # The pipeline refuses a config.data.num_classes below the data's count.
-    what = f"The training data has {data_classes} classes (labels 0..."
-    other = (" (the data's own count, which config.data.num_classes cannot "
-             f"lower); a model of {model_classes} classes needs other data, "
-             f"with labels 0...{model_classes - 1} only")
-  else:
-    what = (f"config.data.num_classes is {data_classes} (the data do not "
-            "record their classes; labels 0...")
-    other = (f", or, if every label of the data is below {model_classes}, "
-             f"--config.data.num_classes={model_classes}")
-  raise errors.ConfigError(
-      f"{what}{data_classes - 1}) but config.model.num_classes "
-      f"is {model_classes}: label {model_classes} would train as the model's "
-      "null (unconditional) class and larger ones would read past its class "
-      f"table. Set --config.model.num_classes={data_classes}{other}.")
 
 
 class Trainer:

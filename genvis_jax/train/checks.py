@@ -1,0 +1,136 @@
+"""Start-up checks of a training config: each refuses a setting that would
+fail (or silently mistrain) later, before any data opens or any compile, with
+a ``ConfigError`` that names the key and the fix.
+
+``check_config(config, task)`` runs the ones that need only the config;
+``check_model_classes`` runs once the data report their class count.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from absl import logging
+
+from genvis_jax import errors
+from genvis_jax.core import dtypes
+
+# The precision settings of the config groups whose weights training updates.
+TRAINED_DTYPES = ("model.dtype", "model.param_dtype", "disc.dtype",
+                  "disc.param_dtype")
+
+
+def check_config(config, task) -> None:
+  """Every check below that needs only ``config`` and its ``task``
+  (``tasks.get_task(config)``)."""
+  check_intervals(config.train)
+  check_ema(config.train)
+  check_precision(config)
+  task.optimizers()   # bad optimizer settings fail here, naming the key
+  check_data_source(config, task)
+  check_tokenizer(config, task)
+
+
+def check_intervals(train) -> None:
+  """``train.num_steps`` / ``log_every`` / ``checkpoint_every`` >= 1,
+  ``profile_steps`` / ``profile_skip_steps`` >= 0."""
+  for key in ("num_steps", "log_every", "checkpoint_every"):
+    if int(train[key]) < 1:
+      raise errors.ConfigError(
+          f"config.train.{key}={train[key]} must be at least 1"
+          + (" (to save only at the end, set it to num_steps)."
+             if key == "checkpoint_every" else "."))
+  for key in ("profile_steps", "profile_skip_steps"):
+    if int(train.get(key, 0)) < 0:
+      raise errors.ConfigError(
+          f"config.train.{key}={train[key]} must be >= 0 (profile_steps=0 "
+          "turns profiling off).")
+
+
+def check_ema(train) -> None:
+  """``train.ema_decay`` in [0, 1); 0 turns the EMA off."""
+  decay = float(train.get("ema_decay", 0.0))
+  if not 0 <= decay < 1:   # NaN too
+    raise errors.ConfigError(
+        f"config.train.ema_decay={decay:g} must be in [0, 1): each step "
+        "keeps this fraction of the EMA weights (e.g. 0.9999; at 1 or more "
+        "they never follow the model or blow up), and 0 turns the EMA off.")
+
+
+def check_precision(config) -> None:
+  """Every ``TRAINED_DTYPES`` setting names a float dtype, and not float16:
+  training has no loss scaling, so float16's small gradients and updates
+  underflow to zero. (Inference settings such as ``config.tokenizer.dtype``
+  keep float16.)"""
+  for key in TRAINED_DTYPES:
+    group, field = key.split(".")
+    value = (config.get(group) or {}).get(field)
+    if dtypes.parse(value, f"config.{key}") == jnp.float16:
+      raise errors.ConfigError(
+          f"config.{key}={value!r}: training has no loss scaling, so float16 "
+          "gradients and updates underflow to zero. Use "
+          f"--config.{key}=bfloat16 (float32's range in half the memory) or "
+          "float32.")
+
+
+def check_data_source(config, task) -> None:
+  """``config.data.source`` gives what ``task`` trains on: images, or the
+  pre-tokenized codes of ``task.data_sources``."""
+  from genvis_jax.data import sources  # pylint: disable=import-outside-toplevel
+  if task.data_sources is None:
+    sources.check_source(config.data.source, "config.data",
+                         f"the {config.task} task trains on images")
+  else:
+    sources.check_source(config.data.source, "config.data",
+                         f"the {config.task} task trains on pre-tokenized "
+                         "codes", allowed=task.data_sources)
+
+
+def check_tokenizer(config, task) -> None:
+  """A task that encodes its images in the step needs
+  ``config.tokenizer.checkpoint``: without it the first step would fail,
+  after the workdir was written."""
+  if task.encodes_with_tokenizer and not config.tokenizer.get("checkpoint"):
+    raise errors.ConfigError(
+        f"The {config.task} task trains on its images' latents from the "
+        "frozen tokenizer, and config.tokenizer.checkpoint is not set: set "
+        "--config.tokenizer.checkpoint to a genvis_jax.convert output or an "
+        "eq_tokenizer training workdir.")
+
+
+def check_model_classes(config, data_classes: int | None, *,
+                        from_data: bool = True) -> None:
+  """Labels must stay below ``config.model.num_classes``: a class-conditional
+  generator reads label ``num_classes`` as its null (unconditional) class and
+  larger ones past its class table (NaN, or a silently wrong class). Raises
+  ``ConfigError`` naming both counts; warns when the data have fewer classes
+  (the rest are never trained); a no-op for models without classes.
+  ``from_data``: ``data_classes`` is the data's own count (which
+  config.data.num_classes cannot lower), not config.data.num_classes."""
+  model_classes = config.get("model", {}).get("num_classes")
+  if not model_classes or not data_classes or data_classes == model_classes:
+    return
+  if data_classes < model_classes:
+    logging.warning(
+        "The training data has %d classes (labels 0...%d) but "
+        "config.model.num_classes is %d: classes %d...%d are never trained, "
+        "and sampling draws them too unless config.sample.classes lists the "
+        "trained ones. Set --config.model.num_classes=%d if the data are all "
+        "there is.", data_classes, data_classes - 1, model_classes,
+        data_classes, model_classes - 1, data_classes)
+    return
+  if from_data:
+    # The pipeline refuses a config.data.num_classes below the data's count.
+    what = f"The training data has {data_classes} classes (labels 0..."
+    other = (" (the data's own count, which config.data.num_classes cannot "
+             f"lower); a model of {model_classes} classes needs other data, "
+             f"with labels 0...{model_classes - 1} only")
+  else:
+    what = (f"config.data.num_classes is {data_classes} (the data do not "
+            "record their classes; labels 0...")
+    other = (f", or, if every label of the data is below {model_classes}, "
+             f"--config.data.num_classes={model_classes}")
+  raise errors.ConfigError(
+      f"{what}{data_classes - 1}) but config.model.num_classes "
+      f"is {model_classes}: label {model_classes} would train as the model's "
+      "null (unconditional) class and larger ones would read past its class "
+      f"table. Set --config.model.num_classes={data_classes}{other}.")
