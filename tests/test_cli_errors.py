@@ -1,0 +1,280 @@
+"""The command line: a user error prints one message (no traceback) and
+exits non-zero; --help and config arguments explain themselves."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import demo
+from genvis_jax import cli
+from genvis_jax import modes
+from genvis_jax.errors import UserError
+from tests import xla_flags
+
+
+def test_unknown_keys_are_named_by_their_override():
+  """The whole override, wherever its unknown part is; a demo config's
+  top-level key points at its stages."""
+  argv = ["main", "--config=configs/rar_b.py", "--config.trian.num_steps=5"]
+  assert cli.unknown_key_message(KeyError("'trian'"), argv).startswith(
+      "Unknown config key --config.trian.num_steps: an override must name")
+  argv = ["main", "--config=configs/demo_fqgan.py", "--config.mode=evaluate",
+          "--config.evaluate.samples=x"]
+  message = cli.unknown_key_message(KeyError("'evaluate'"), argv)
+  assert message.startswith("Unknown config key --config.evaluate.samples")
+  assert "A demo config runs stages: their settings are under " in message
+
+
+def test_a_flag_error_keeps_the_message_raised_from_none():
+  """``raise ... from None`` ends the chain: the config argument's message
+  (naming the argument), not the int() error under it."""
+  from configs import base   # pylint: disable=import-outside-toplevel
+  try:
+    try:
+      base.parse_arg("batch=abc", batch=2048)
+    except ValueError as inner:   # as absl wraps a config file's error
+      raise RuntimeError("Error whilst parsing config file") from inner
+  except RuntimeError as e:
+    message = cli.flag_error_message(e)
+  assert message.endswith("ValueError: Config argument 'batch=abc': batch "
+                          "takes an int (default 2048).")
+
+
+# --- the command line: one message, no traceback, non-zero exit -----------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = ["--config=configs/demo.py"]
+CLASSIFIER = DEMO + ["--config.only=classifier"]
+
+
+def _cli(args, verbose_env=False, timeout=120):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+         "XLA_FLAGS": xla_flags(8)}
+  env.pop("GENVIS_VERBOSE", None)
+  if verbose_env:
+    env["GENVIS_VERBOSE"] = "1"
+  return subprocess.run([sys.executable, "-m", "genvis_jax.main", *args],
+                        capture_output=True, text=True, timeout=timeout,
+                        cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def bad_params_dir(tmp_path_factory):
+  from genvis_jax.core.weights import save_params  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path_factory.mktemp("ck") / "bad")
+  save_params(path, {"dense": {"kernel": np.zeros((2, 3), np.float32)}})
+  return path
+
+
+CASES = {
+    "no_workdir": (["--config=configs/rar_xl.py"],
+                   "Missing required flag --workdir"),
+    "no_config": ([], "Missing required flag --config"),
+    "config_key": (DEMO + ["--config.stages.rar.train.num_step=3"],
+                   "Unknown config key.*num_steps"),
+    "config_value": (DEMO + ["--config.stages.rar.train.num_steps=abc"],
+                     "num_steps=abc: invalid literal for int"),
+    "config_arg": (["--config=configs/rar_b.py:bogus"],
+                   "Unknown config argument 'bogus'"),
+    # A misspelt flag where the config takes a precision first.
+    "config_arg_precision": (["--config=configs/fqgan_dual_ds16.py:runlcoal"],
+                             r"Unknown config argument 'runlcoal'; this config "
+                             r"takes a precision \(bf16 or fp32\) and the flag "
+                             r"runlocal"),
+    "config_index": (["--config=configs/fqgan_dual_ds16.py",
+                      "--config.teachers[1].path=x"],
+                     r"--config.teachers\[1\].path indexes past the end of "
+                     r"its list .*indices count from 0"),
+    "demo_stage_alone": (["--config=configs/far_demo.py"],
+                         r"config.data.path='\{workdir\}/fq_tokens/.*' holds "
+                         r"\{workdir\}, which a demo config .*fills in .*"
+                         r"or set --config.data.path"),
+    "no_config_file": (["--config=configs/nothere.py"],
+                       "configs/nothere.py.*does not exist in the current "
+                       "directory .*: run from the repository root"),
+    "no_data": (CLASSIFIER + [
+        "--config.stages.classifier.data.source=image_folder",
+        "--config.stages.classifier.data.path=/nowhere/images"],
+                "Image folder '/nowhere/images' does not exist"),
+    "indivisible_batch": (CLASSIFIER + [
+        "--config.stages.classifier.train.global_batch_size=30"],
+                          "does not divide across 8.*Use a multiple of 8"),
+    "checkpoint_mismatch": (DEMO + [
+        "--config.only=samples", "--config.stages.samples.sample.batch_size=8",
+        "--config.stages.samples.init_from={bad}"],
+                            r"does not match the configured model.*or point "
+                            r"--config.stages.samples.init_from at weights of "
+                            r"the configured model"),   # the demo's flag
+    "no_tokenizer_checkpoint": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=pretokenize"],
+        r"set --config.tokenizer.checkpoint=DIR"),
+    "missing_init_from": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=sample",
+         "--config.init_from=/nowhere/run"],
+        r"No checkpoint at /nowhere/run \(--config.init_from\)"),
+    # Raised while the model is built (in Flax's setup), named as a flag.
+    "model_setting": (DEMO + [
+        "--config.only=tokenizer",
+        "--config.stages.tokenizer.model.code_dim=16"],
+                      r"config.stages.tokenizer.model.code_dim \(16\) must "
+                      r"equal config.stages.tokenizer.model.z_channels"),
+    "unknown_model": (
+        ["--config=configs/rar_b.py:runlocal", "--config.model.name=rar_b"],
+        r"Unknown config.model.name='rar_b'.*choose one of .*'rar'"),
+    "missing_inception": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate",
+         "--config.evaluate.samples=/nowhere/s.npz",
+         "--config.evaluate.reference=/nowhere/r.npz",
+         "--config.evaluate.inception=/nowhere/inception.npz"],
+        r"No Inception weights at '/nowhere/inception.npz'"),
+    "evaluate_demo_kind": (
+        ["--config=configs/far_b.py:dual,runlocal", "--config.mode=evaluate",
+         "--config.evaluate.kind=class_score"],
+        r"kind='class_score' scores samples with the demo's classifier.*"
+        r"model is 'far'.*kind=generation"),
+    "evaluate_generator_as_tokenizer": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate",
+         "--config.evaluate.kind=tokenizer"],
+        r"kind='tokenizer' evaluates config.model .* model is 'rar', not a "
+        r"tokenizer. Evaluate its tokenizer 'maskgit_vqgan' .*"
+        r"--config=configs/maskgit_vqgan.py:runlocal --config.mode=evaluate "
+        r"--config.evaluate.checkpoint=DIR"),
+    "evaluate_unset": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate"],
+        r"config.evaluate.samples, config.evaluate.reference and "
+        r"config.evaluate.inception are not set: .*: set "
+        r"--config.evaluate.samples=RUN/samples.npz, .*; set "
+        r"--config.evaluate.reference to ADM's reference batch .*; set "
+        r"--config.evaluate.inception=ckpt/inception after `python -m "
+        r"genvis_jax.convert --kind=inception "),
+    # The one path left out is named with the command that makes it.
+    "evaluate_inception_unset": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=evaluate",
+         "--config.evaluate.samples=/nowhere/s.npz",
+         "--config.evaluate.reference=/nowhere/r.npz"],
+        r"config.evaluate.inception is not set: .*: set "
+        r"--config.evaluate.inception=ckpt/inception after `python -m "
+        r"genvis_jax.convert --kind=inception --src=pt_inception-2015-12-05-"
+        r"6726825d.pth --dst=ckpt/inception` \(pytorch-fid.s weights; the "
+        r"\.pth itself works too\)\.$"),
+    "mesh_devices": (CLASSIFIER + [
+        "--config.stages.classifier.mesh.shape.data=3",
+        "--config.stages.classifier.mesh.shape.fsdp=-1"],
+                     r"the fixed axes \(3\) do not divide the 8 devices"),
+    "checkpoint_every_zero": (CLASSIFIER + [
+        "--config.stages.classifier.train.checkpoint_every=0"],
+                              r"checkpoint_every=0 must be at least 1"),
+    "negative_lr": (["--config=configs/rar_b.py:runlocal",
+                     "--config.optimizer.lr=-1"],
+                    r"config.optimizer.lr=-1.0 must be finite and >= 0"),
+    "float16_training": (["--config=configs/rar_b.py:runlocal",
+                          "--config.model.dtype=float16"],
+                         r"config.model.dtype='float16': training has no "
+                         r"loss scaling"),
+    "workdir_is_a_file": (CLASSIFIER + ["--workdir={file}"],
+                          r"--workdir=.*afile cannot be used as a directory"),
+    "demo_config_other_mode": (DEMO + ["--config.mode=sample"],
+                               r"config.mode=sample runs one job's config, "
+                               r"and this is a demo config \(stages: "
+                               r"tokenizer, .*--config.only=NAME.* e.g. "
+                               r"configs/rar_b.py:runlocal\.$"),
+    "sample_a_tokenizer": (
+        ["--config=configs/eq_tokenizer.py:runlocal", "--config.mode=sample"],
+        r"config.mode=sample draws from a generator, and config.model.name="
+        r"'eq_tokenizer' is not one \(generators: eq_generator, far, rar\)"),
+    "eq_demo_config_other_mode": (
+        ["--config=configs/demo_eq.py", "--config.mode=sample"],
+        r"demo config \(stages: eq_tokenizer, .* configs/eq_s.py:runlocal\.$"),
+    "codebook_larger_than_tokenizer": (
+        ["--config=configs/rar_b.py:runlocal", "--config.mode=sample",
+         "--config.model.codebook_size=512"],
+        r"config.model.codebook_size=512 is larger than the tokenizer's "
+        r"config.tokenizer.model.num_codes=256: .*\(its config: "
+        r"configs/maskgit_vqgan.py:runlocal\)"),
+    "no_pretokenize_stage": (
+        ["--config=configs/eq_s.py:runlocal", "--config.mode=pretokenize"],
+        r"This config has no pretokenize stage"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir):
+  args, pattern = CASES[name]
+  (tmp_path / "afile").write_text("not a directory")
+  args = [a.replace("{bad}", bad_params_dir).replace(
+      "{file}", str(tmp_path / "afile")) for a in args]
+  if name != "no_workdir" and not any(a.startswith("--workdir=") for a in args):
+    args.append(f"--workdir={tmp_path / 'wd'}")
+  out = _cli(args)
+  assert out.returncode not in (0, None), out.stderr
+  assert "Traceback" not in out.stdout + out.stderr, out.stderr
+  err = out.stderr
+  assert "Error: " in err and re.search(pattern, err, re.S), err
+  # The error is the last thing printed: no log line or config dump after it.
+  tail = err[err.rindex("Error: "):]
+  assert not re.search(r"^[IWEF]\d{4} ", tail, re.M), err
+  assert "global_batch_size:" not in err     # the config is not dumped
+
+
+def test_cli_verbose_keeps_the_traceback(tmp_path):
+  args, pattern = CASES["no_data"]
+  out = _cli(args + [f"--workdir={tmp_path}", "--verbose"])
+  assert out.returncode != 0
+  assert "Traceback" in out.stderr and "DataNotFoundError" in out.stderr
+  out = _cli(["--config=configs/rar_xl.py"], verbose_env=True)
+  assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_help_lists_the_runnable_configs_and_their_arguments():
+  out = _cli(["--help"])   # absl's --help exits 1
+  assert "Error" not in out.stderr, out.stderr
+  listed = re.findall(r"^  (\w+\.py) ", out.stdout, re.M)
+  runnable = sorted(n for n in os.listdir(os.path.join(REPO, "configs"))
+                    if re.fullmatch(r"(rar|far|eq|fqgan|vq|maskgit|demo)\w*\.py",
+                                    n) and not n.endswith("_common.py"))
+  assert listed == runnable
+  assert "rar_xl.py              RAR-XL on ImageNet 256" in out.stdout
+  assert "runlocal" in out.stdout and "far_b.py:dual" in out.stdout
+  assert "--[no]verbose: Show Python tracebacks" in out.stdout
+  out = subprocess.run([sys.executable, "-m", "genvis_jax.convert", "--help"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert "Kinds here: clip_vision, dinov2, eq_generator," in out.stdout
+
+
+def test_a_config_argument_error_gives_an_example_for_that_file(tmp_path):
+  out = _cli(["--config=configs/demo.py:runlocal", f"--workdir={tmp_path}/w"])
+  assert out.returncode == 2
+  assert ("Unknown config argument 'runlocal'; this config takes smoke (a "
+          "flag), comma-separated (e.g. --config=configs/demo.py:smoke)"
+          in out.stderr), out.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_demo_mode_and_job_configs_are_not_mixed():
+  from configs import rar_b   # pylint: disable=import-outside-toplevel
+  job = rar_b.get_config()
+  job.mode = "demo"
+  with pytest.raises(UserError, match=r"mode=demo runs a demo config.*"
+                     r"configs/demo.py"):
+    modes.check_names(job)
+  runner = demo.get_config()
+  for mode in ("train", "evaluate"):
+    runner.mode = mode
+    with pytest.raises(UserError, match=f"config.mode={mode} runs one job"):
+      modes.check_names(runner)
+  runner.mode = "demo"
+  modes.check_names(runner)
+  # The shared defaults alone: no model to train (a traceback before).
+  from configs import base   # pylint: disable=import-outside-toplevel
+  for mode in ("train", "sample"):
+    defaults = base.get_config()
+    defaults.mode = mode
+    with pytest.raises(UserError, match=rf"config.mode={mode} needs a model.*"
+                       r"configs/base.py holds the defaults"):
+      modes.check_names(defaults)
+  defaults.mode = "pretokenize"    # a pre-tokenizing stage has no model
+  modes.check_names(defaults)
