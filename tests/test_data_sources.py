@@ -1,0 +1,299 @@
+"""Data sources: image folders, TFDS, small splits, token-file records; each
+bad input names its fix."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import base
+from genvis_jax import data
+from genvis_jax.data import sources
+from tests import data_common as dc
+
+
+# --- image folder ------------------------------------------------------------
+
+def _write_folder(root):
+  """b/ blue (3 PNG), a/ red (2 JPEG + 1 corrupt + 1 ignored .txt)."""
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    size = (40 + 7 * i, 36)
+    Image.new("RGB", size, (0, 0, 255)).save(root / "b" / f"{i}.png")
+  for i in range(2):
+    Image.new("RGB", (50, 40 + i), (255, 0, 0)).save(root / "a" / f"{i}.JPEG")
+  (root / "a" / "broken.jpg").write_bytes(rng.bytes(300))
+  (root / "a" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_decodes_labels_sorted_and_skips_corrupt(tmp_path):
+  root = tmp_path / "imgs"
+  (root / "a").mkdir(parents=True)
+  (root / "b").mkdir()
+  _write_folder(root)
+  c = dc.data_config(source="image_folder", path=str(root), image_size=16)
+  it, info = data.create_dataset(c, split="train", global_batch_size=5, seed=0,
+                                 train=False, process_index=0, process_count=1)
+  assert info.num_examples == 6 and info.class_names == ("a", "b")
+  b = next(it)                     # 6 records, one unreadable -> one batch of 5
+  assert b["image"].shape == (5, 16, 16, 3)
+  assert sorted(b["label"].tolist()) == [0, 0, 1, 1, 1]
+  red = b["image"][b["label"] == 0].mean((0, 1, 2))
+  blue = b["image"][b["label"] == 1].mean((0, 1, 2))
+  assert red[0] > 0.9 and red[2] < 0.1 and blue[2] > 0.9 and blue[0] < 0.1
+  assert info.num_skipped == 1
+  with pytest.raises(StopIteration):
+    next(it)
+  # The count is part of the iterator state (restored with a checkpoint).
+  it2, info2 = data.create_dataset(c, split="train", global_batch_size=5,
+                                   seed=0, train=False, process_index=0,
+                                   process_count=1)
+  it2.set_state(it.get_state())
+  assert info2.num_skipped == 1
+
+
+def test_image_folder_with_no_readable_file_raises_instead_of_spinning(tmp_path):
+  root = tmp_path / "bad"
+  for cls in ("a", "b"):
+    (root / cls).mkdir(parents=True)
+    for i in range(3):
+      (root / cls / f"{i}.jpg").write_bytes(b"not a jpeg")
+  c = dc.data_config(source="image_folder", path=str(root), image_size=16)
+  it, _ = data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                              train=True, process_index=0, process_count=1)
+  with pytest.raises(data.DataNotFoundError, match="No readable image in"):
+    next(it)
+
+
+def test_image_folder_missing_or_empty_raise_clear_errors(tmp_path):
+  kw = dict(split="train", global_batch_size=2, seed=0, process_index=0,
+            process_count=1)
+  c = dc.data_config(source="image_folder", path=str(tmp_path / "nope"))
+  with pytest.raises(data.DataNotFoundError, match="does not exist"):
+    data.create_dataset(c, **kw)
+  c.path = str(tmp_path)
+  with pytest.raises(data.DataNotFoundError, match="no class sub-folders"):
+    data.create_dataset(c, **kw)
+  (tmp_path / "cat").mkdir()
+  with pytest.raises(data.DataNotFoundError, match="no images"):
+    data.create_dataset(c, **kw)
+  # An empty class among full ones would shift the later classes' labels.
+  for name in ("bird", "dog"):
+    (tmp_path / name).mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / name / "a.png")
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"1 class folder\(s\) without an image file: "
+                           r"\['cat'\].*shifts every later class"):
+    data.create_dataset(c, **kw)
+  (tmp_path / "cat").rmdir()
+  data.create_dataset(c, **kw)
+
+
+# --- TFDS --------------------------------------------------------------------
+
+def test_tfds_not_prepared_raises_how_to_build(tmp_path):
+  c = dc.data_config(source="tfds", name="imagenet2012", path=str(tmp_path))
+  with pytest.raises(data.DataNotFoundError) as e:
+    data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                        process_index=0, process_count=1)
+  msg = str(e.value)
+  assert "imagenet2012" in msg and str(tmp_path) in msg
+  assert "tfds build imagenet2012" in msg and "array_record" in msg
+  assert not list(tmp_path.iterdir())       # nothing downloaded or prepared
+
+
+def test_a_name_tfds_does_not_know_is_not_told_to_tfds_build(tmp_path):
+  """'shapes' (the runlocal demo data's name) under source=tfds: `tfds build
+  shapes` fails too, so the message says the name must be a TFDS data set."""
+  c = dc.data_config(source="tfds", name="shapes", path=str(tmp_path))
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"^config.data.name='shapes' is not a TFDS data set"
+                           r".*Set --config.data.name to a TFDS data set, "
+                           r"e.g. imagenet2012.*`tfds build imagenet2012 "
+                     ) as e:
+    data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                        process_index=0, process_count=1)
+  assert "tfds build shapes" not in str(e.value)
+  assert not list(tmp_path.iterdir())
+
+
+def test_tfds_source_reads_a_prepared_array_record_data_set(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyGenvisImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(6),
+              "validation": self._generate_examples(2)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"image": np.full((20 + i, 24, 3), 40 * i, np.uint8),
+                  "label": i % 3}
+
+  TinyGenvisImages(data_dir=str(tmp_path), file_format="array_record"
+                   ).download_and_prepare()
+  c = dc.data_config(source="tfds", name="tiny_genvis_images", path=str(tmp_path),
+                   image_size=16)
+  it, info = data.create_dataset(c, split="train", global_batch_size=3, seed=0,
+                                 train=False, process_index=0, process_count=1)
+  batches = list(it)
+  assert info.num_examples == 6 and info.num_classes == 3 and len(batches) == 2
+  images = np.concatenate([b["image"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  assert images.shape == (6, 16, 16, 3)
+  # Each record's grey level 40 * i identifies it: labels must be i % 3.
+  i = np.rint(images[:, 0, 0, 0] * 255 / 40).astype(int)
+  assert sorted(i.tolist()) == list(range(6))
+  np.testing.assert_array_equal(labels, i % 3)
+
+
+# --- small splits, symlinks, TFDS channels, token records --------------------
+
+def test_more_processes_than_examples_raise_data_config_error():
+  """1 example on 2 processes: an empty shard raised a bare StopIteration
+  from the first next() of a training iterator."""
+  c = dc.data_config(num_examples=1)
+  for pi in range(2):
+    for train, drop in ((True, True), (False, True), (False, False)):
+      if (pi, drop) == (0, False):
+        continue      # keeping the remainder, process 0 holds the example
+      with pytest.raises(sources.DataConfigError,
+                         match=r"1 example\(s\) for 2 processes.*at most 1"):
+        data.create_dataset(c, split="validation", global_batch_size=2,
+                            seed=0, train=train, process_index=pi,
+                            process_count=2, drop_remainder=drop)
+
+
+def test_training_shard_smaller_than_a_batch_repeats_it(caplog):
+  import logging  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.WARNING, logger="absl")
+  c = dc.data_config(num_examples=3, random_flip=False)
+  it, info = data.create_dataset(c, split="validation", global_batch_size=8,
+                                 seed=0, process_index=0, process_count=1)
+  assert info.num_examples_per_process == 3 and info.steps_per_epoch == 1
+  assert any("fewer than one local batch of 8" in r.getMessage()
+             for r in caplog.records)
+  for batch in dc.take(it, 3):     # fills batches, does not spin or stop
+    assert batch["image"].shape == (8, 32, 32, 3)
+    assert len(set(dc.keys(batch))) == 3
+
+
+def test_image_folder_follows_symlinks_once(tmp_path):
+  """torchvision's ImageFolder walks with followlinks=True; a link loop or
+  a second link to one folder is listed once."""
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  for i in range(2):
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(outside / f"{i}.png")
+  root = tmp_path / "imgs"
+  (root / "a").mkdir(parents=True)
+  Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "a" / "x.png")
+  (root / "a" / "more").symlink_to(outside, target_is_directory=True)
+  (root / "a" / "again").symlink_to(outside, target_is_directory=True)
+  (root / "a" / "self").symlink_to(root / "a", target_is_directory=True)
+  (outside / "sub").mkdir()
+  (outside / "sub" / "up").symlink_to(outside, target_is_directory=True)
+  (root / "b").symlink_to(outside, target_is_directory=True)   # a class link
+  paths, labels = sources.list_images(str(root), ("a", "b"))
+  rel = [p[len(str(root)) + 1:] for p in paths]
+  assert rel == ["a/again/0.png", "a/again/1.png", "a/x.png",
+                 "b/0.png", "b/1.png"], rel
+  assert labels.tolist() == [0, 0, 0, 1, 1]
+
+
+def _fake_tfds(images):
+  src = object.__new__(sources.TfdsSource)
+  src.name = "fake"
+  src._source = [{"image": x, "label": i} for i, x in enumerate(images)]  # pylint: disable=protected-access
+  return src
+
+
+def test_tfds_grey_and_alpha_images_become_rgb_as_pil_converts():
+  rng = np.random.default_rng(0)
+  shapes = [(5, 6), (5, 6, 1), (5, 6, 2), (5, 6, 3), (5, 6, 4)]
+  arrays = [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes]
+  src = _fake_tfds(arrays)
+  modes = ["L", "L", "LA", "RGB", "RGBA"]
+  for i, (x, mode) in enumerate(zip(arrays, modes)):
+    got = src[i]["image"]
+    pil = Image.fromarray(x.reshape(5, 6) if mode == "L" else x, mode)
+    want = np.asarray(pil.convert("RGB"))   # alpha dropped, not composited
+    assert got.shape == (5, 6, 3) and got.dtype == np.uint8, mode
+    np.testing.assert_array_equal(got, want, err_msg=mode)
+  with pytest.raises(sources.DataConfigError, match="shape \\(5, 6, 5\\)"):
+    _fake_tfds([np.zeros((5, 6, 5), np.uint8)])[0]
+
+
+def _token_config(pattern):
+  c = base.get_config()
+  c.data.source, c.data.path = "tokens", pattern
+  return c
+
+
+def test_token_files_without_records_warn_once_with_the_copy_command(
+    tmp_path, caplog):
+  import json  # pylint: disable=import-outside-toplevel
+  import logging  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import token_origin, tokens  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.WARNING, logger="absl")
+  files = tokens.write_token_records(str(tmp_path / "train"), [0, 1, 2, 3],
+                                     np.zeros((4, 5), np.int32), num_shards=2)
+  # The first file keeps its record; the second lost it (copied without).
+  (tmp_path / (files[0].rsplit("/", 1)[1] + ".json")).write_text(
+      json.dumps({"settings": {}, "max_label": 1}))
+  pattern = str(tmp_path / "train-*.array_record")
+  for _ in range(3):   # a resumed run builds its iterator up to three times
+    token_origin.check_training_files(_token_config(pattern))
+  warned = [r.getMessage() for r in caplog.records
+            if "no readable record" in r.getMessage()]
+  assert len(warned) == 1, warned
+  msg = warned[0]
+  assert "1 of 2 token file(s)" in msg
+  assert "train-00001-of-00002.array_record.json is missing" in msg
+  assert "train-00000-of-00002.array_record.json" not in msg
+  assert "train-*.array_record.json" in msg and f"{tmp_path}/" in msg
+  assert token_origin.copy_command("gs://b/t/x-*.array_record").startswith(
+      "gcloud storage cp ")
+  # Every record there: no warning.
+  (tmp_path / (files[1].rsplit("/", 1)[1] + ".json")).write_text(
+      json.dumps({"settings": {}, "max_label": 3}))
+  caplog.clear()
+  token_origin.check_training_files(_token_config(pattern))
+  assert not [r for r in caplog.records if "no readable record" in r.getMessage()]
+
+
+def test_token_files_of_the_same_name_in_two_folders_warn_once(
+    tmp_path, caplog):
+  import logging  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import token_origin, tokens  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.WARNING, logger="absl")
+  for folder in ("a", "b"):   # two pre-tokenize outputs under one glob
+    (tmp_path / folder).mkdir()
+    tokens.write_token_records(str(tmp_path / folder / "train"), [0, 1],
+                               np.zeros((2, 5), np.int32), num_shards=1)
+  pattern = str(tmp_path / "*" / "train-*.array_record")
+  for _ in range(3):
+    token_origin.check_training_files(_token_config(pattern))
+  warned = [r.getMessage() for r in caplog.records
+            if "same name in several folders" in r.getMessage()]
+  assert len(warned) == 1, warned
+  assert "train-00000-of-00001.array_record" in warned[0]
+
+
+def test_an_image_folder_without_a_held_out_split_says_so(tmp_path, caplog):
+  (tmp_path / "cat").mkdir()
+  with caplog.at_level("WARNING"):
+    assert sources.resolve_split_dir(str(tmp_path), "validation") == str(
+        tmp_path)
+  assert ("has no 'validation' or 'val' sub-folder: split 'validation' reads "
+          "the same images as training") in caplog.text
+  assert f"{tmp_path / 'val'}/<class_name>/" in caplog.text
+  (tmp_path / "val" / "cat").mkdir(parents=True)
+  assert sources.resolve_split_dir(str(tmp_path), "validation") == str(
+      tmp_path / "val")
