@@ -10,7 +10,7 @@ import pytest
 from genvis_jax import data
 from genvis_jax import errors as errors_lib
 from genvis_jax.data import ten_crop, tokens
-from tests.test_data import _data_config
+from tests.data_common import data_config
 
 
 def test_centre_crop_records_add_mirror_images():
@@ -41,7 +41,7 @@ def test_one_crop_per_image_per_epoch(tmp_path):
   image once, each time with one of its ten crops drawn afresh; 'all'
   (RAR's) takes every record as an example."""
   pattern = _ten_crop_files(tmp_path / "tok", images=6, files=2)
-  c = _data_config(source="tokens", path=pattern, crops_per_epoch="one")
+  c = data_config(source="tokens", path=pattern, crops_per_epoch="one")
   make = lambda **kw: data.create_dataset(c, split="train", global_batch_size=6,
                                           seed=0, **kw)
   it, info = make(process_index=0, process_count=1)
@@ -67,7 +67,7 @@ def test_one_crop_per_image_per_epoch(tmp_path):
             for p in (0, 1)]
   # (Global batch 6 over 2 processes: 3 rows each, an epoch of its images.)
   assert sorted(np.concatenate(shards).tolist()) == list(range(6))
-  _, info = data.create_dataset(_data_config(source="tokens", path=pattern),
+  _, info = data.create_dataset(data_config(source="tokens", path=pattern),
                                 split="train", global_batch_size=6, seed=0,
                                 process_index=0, process_count=1)
   assert info.num_examples == 60                 # "all": every record
@@ -88,7 +88,7 @@ def test_one_crop_per_image_needs_the_crop_records(tmp_path):
     else:
       with open(first + ".json", "w") as f:
         f.write(json.dumps({"settings": settings, "records": records}))
-    c = _data_config(source="tokens", path=pattern, crops_per_epoch="one")
+    c = data_config(source="tokens", path=pattern, crops_per_epoch="one")
     with pytest.raises(tokens.TokenFileError, match=match):
       data.create_dataset(c, **kw)
   refused(_ten_crop_files(tmp_path / "a", 2, 2), r"no readable pretokenize "
@@ -102,10 +102,10 @@ def test_one_crop_per_image_needs_the_crop_records(tmp_path):
           r"record .* says 20", {"ten_crop": True}, 20)
   pattern = _ten_crop_files(tmp_path / "d", 2, 2)
   with pytest.raises(errors_lib.UserError, match="crops_per_epoch='some'"):
-    data.create_dataset(_data_config(source="tokens", path=pattern,
+    data.create_dataset(data_config(source="tokens", path=pattern,
                                      crops_per_epoch="some"), **kw)
   with pytest.raises(errors_lib.UserError, match="cropped afresh"):
-    data.create_dataset(_data_config(crops_per_epoch="one"), **kw)
+    data.create_dataset(data_config(crops_per_epoch="one"), **kw)
   from configs import far_common, far_demo, rar_common  # pylint: disable=import-outside-toplevel
   assert far_common.get_config("b", "dual").data.crops_per_epoch == "one"
   assert rar_common.get_config("b").data.crops_per_epoch == "all"

@@ -1,0 +1,216 @@
+"""--config.mode=pretokenize: which existing files it reuses, its settings
+checks and refusals, shards over processes, chunked encoding."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from genvis_jax import data
+from genvis_jax import errors as errors_lib
+from genvis_jax.data import pretokenize, token_output
+from tests.data_common import data_config
+
+
+def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
+    tmp_path, caplog):
+  import json
+  from genvis_jax import errors
+  from genvis_jax.data import tokens as tokens_lib
+  path = data.write_token_records(str(tmp_path / "t"), np.arange(4, dtype=np.int32),
+                                  np.zeros((4, 8), np.int32))[0]
+  now = {"weights": "w", "examples": {"count": 4}}
+
+  def record(settings, records=4, **more):
+    rec = {"settings": settings, "records": records, "images": 4, **more}
+    with open(path + ".json", "w") as f:
+      json.dump(rec, f)
+    return rec
+  rec = record(now)
+  assert token_output.existing_output(path, now, overwrite=False) == rec
+  assert token_output.existing_output(path, now, overwrite=True) is None
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"other settings \(weights: 'w' -> 'v'\)"):
+    token_output.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+  # A record from before the split's fingerprint: reused, with a warning.
+  rec = record({"weights": "w"})
+  assert token_output.existing_output(path, now, overwrite=False) == rec
+  assert "no fingerprint of its split" in caplog.text
+  with pytest.raises(errors.OutputExistsError, match=r"weights: 'w' -> 'v'"):
+    token_output.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+  # Damaged since it was written (or its record disagrees): not reused.
+  record(now, records=5)
+  with pytest.raises(errors.OutputExistsError, match="damaged since"):
+    token_output.existing_output(path, now, overwrite=False)
+  # The writer hashes the finished file (before renaming it into place).
+  with tokens_lib.TokenWriter(str(tmp_path / "w.array_record")) as w:
+    w.write(0, np.zeros(8, np.int32))
+  assert w.sha256 == tokens_lib.file_sha256(w.path)
+  # A changed byte the record count does not see: the recorded SHA-256 does.
+  rec = record(now, sha256=tokens_lib.file_sha256(path))
+  assert token_output.existing_output(path, now, overwrite=False) == rec
+  with open(path, "r+b") as f:
+    f.seek(100)
+    byte = f.read(1)
+    f.seek(100)
+    f.write(bytes([byte[0] ^ 1]))
+  assert tokens_lib.count_records(path) == 4
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"4 records, SHA-256 [0-9a-f]{12}\): damaged since"):
+    token_output.existing_output(path, now, overwrite=False)
+  record(now)
+  open(path, "r+b").truncate(1000)
+  with pytest.raises(errors.OutputExistsError, match="damaged since"):
+    token_output.existing_output(path, now, overwrite=False)
+
+
+def test_pretokenize_refuses_a_remote_output_before_encoding(tmp_path):
+  """The token writer writes local files: a gs:// output (or workdir, the
+  default's folder) is refused before any data or weights are read."""
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
+  config = rar_b.get_config("runlocal")
+  config.mode = "pretokenize"
+  config.tokenizer.checkpoint = str(tmp_path / "no_such_tokenizer")
+  for workdir, output in (("gs://b/runs/x", ""), (str(tmp_path), "gs://b/t")):
+    config.pretokenize.output = output
+    with pytest.raises(errors_lib.ConfigError,
+                       match=r"writes local files.*--config.pretokenize.output"):
+      pretokenize.pretokenize(config, workdir)
+  assert not os.listdir(tmp_path)
+
+
+def test_pretokenize_names_its_own_data_settings(tmp_path, caplog):
+  """Pre-tokenizing reads config.pretokenize.data: its errors name that
+  section, and images set in config.data (the training input) instead are
+  warned about (they encoded the demo shapes without a word)."""
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
+  config = rar_b.get_config("runlocal")
+  config.mode = "pretokenize"
+  config.tokenizer.checkpoint = str(tmp_path / "no_such_tokenizer")
+  config.pretokenize.data.source = "image_folder"
+  config.pretokenize.data.path = str(tmp_path / "nope")
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"Image folder '.*nope' does not exist "
+                           r"\(config.pretokenize.data.path\)"):
+    pretokenize.pretokenize(config, str(tmp_path / "wd"))
+  config.pretokenize.data.path = ""
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"^config.pretokenize.data.path is empty"):
+    pretokenize.pretokenize(config, str(tmp_path / "wd"))
+  pretokenize.check_images_in_data(config)
+  config.pretokenize.data.source = "demo"
+  config.data.source, config.data.path = "image_folder", "/my/images"
+  with pytest.raises(errors_lib.ConfigError,
+                     match=r"^config.data names images \(source 'image_folder', "
+                           r"path '/my/images'\), but pre-tokenizing reads "
+                           r"config.pretokenize.data \(source 'demo'.*"
+                           r"--config.pretokenize.data.path=/my/images"):
+    pretokenize.pretokenize(config, str(tmp_path / "wd"))
+
+
+def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
+                                                                  monkeypatch):
+  """Processes agree on reuse before the (collective) tokenizer load: one
+  refusing its shard, or failing to read its data, stops the others instead
+  of leaving them waiting; processes started with other settings stop."""
+  from configs import rar_b
+  from genvis_jax.core import multihost
+  from genvis_jax.data import pretokenize
+  c = rar_b.get_config("runlocal")
+  c.tokenizer.checkpoint = str(tmp_path / "tok")   # never read: stops before
+  wd = str(tmp_path / "wd")
+  sent = []
+  with monkeypatch.context() as m:
+    m.setattr(multihost, "gather_ints",
+              lambda v: sent.append(v) or np.array([v, -1]))
+    with pytest.raises(multihost.OtherProcessError,
+                       match=r"Processes \[1\] failed to start their shards"):
+      pretokenize.pretokenize(c, wd)
+
+    def no_data(*args):
+      raise data.DataNotFoundError("no images here")
+    m.setattr(token_output, "output_settings", no_data)
+    with pytest.raises(data.DataNotFoundError, match="no images here"):
+      pretokenize.pretokenize(c, wd)
+    assert sent == [1, -1]          # ... after telling the others it failed
+  # Process 1 computed other settings (flags, data, weights) than process 0.
+  with monkeypatch.context() as m:
+    m.setattr(multihost.jax, "process_count", lambda: 2)
+    m.setattr(multihost, "broadcast_strings", lambda strings, size=0: strings)
+    m.setattr(multihost, "gather_ints", lambda v: np.array([v, v ^ 1]))
+    with pytest.raises(multihost.OtherProcessError,
+                       match=r"Processes \[1\] run with other pre-tokenizing "
+                             r"settings"):
+      pretokenize.pretokenize(c, wd)
+
+
+def test_shards_written_before_the_remainder_was_kept_are_written_again(
+    monkeypatch):
+  """33 examples over 2 processes: process 0's shard now holds 17, but older
+  writers gave it 16; process 1's 16 are as before."""
+  settings = {"examples": {"count": 33}}
+  monkeypatch.setattr(token_output.jax, "process_count", lambda: 2)
+  for index, short in ((0, True), (1, False)):
+    monkeypatch.setattr(token_output.jax, "process_index", lambda: index)
+    assert token_output.lacks_remainder({"records": 160}, settings) == short
+    assert not token_output.lacks_remainder(
+        {"records": 170, "remainder_kept": True}, settings)
+  monkeypatch.setattr(token_output.jax, "process_count", lambda: 1)
+  assert not token_output.lacks_remainder({"records": 330}, settings)
+
+
+def test_pretokenize_class_error_names_its_own_setting():
+  import ml_collections
+  p = ml_collections.ConfigDict(dict(
+      data=data_config(source="demo", num_classes=5, num_examples=20),
+      split="train", batch_size=4, ten_crop=False))
+  with pytest.raises(data.sources.DataConfigError,
+                     match=r"config.pretokenize.data.num_classes is 5.*"
+                           r"Set --config.pretokenize.data.num_classes=10; "
+                           r"a job that reads these classes again .*: "
+                           r"--config.data.num_classes=10, "
+                           r"--config.model.num_classes=10\."):
+    pretokenize.image_batches(p, (0.0, 1.0), process_index=0, process_count=1)
+
+
+def test_pretokenize_refuses_a_bad_crop_before_judging_existing_files(tmp_path):
+  """An unknown crop is the error, not "the file was written with other
+  settings" (whose advice, overwrite, would only lead to it)."""
+  from configs import demo
+  from genvis_jax.data import pretokenize
+  c = demo.pretokenize_config()
+  c.pretokenize.data.center_crop = "bogus"
+  with pytest.raises(errors_lib.ConfigError,
+                     match=r"'bogus' \(config.pretokenize.data.center_crop\)"):
+    pretokenize.pretokenize(c, str(tmp_path))
+
+
+def test_encode_in_chunks_calls_one_shape_in_order():
+  """Ten-crop batches are encoded in calls of exactly ``chunk`` images (the
+  last padded and cut), in order: one compiled shape, bounded memory."""
+  shapes = []
+  def encode(x):
+    shapes.append(x.shape)
+    return x[:, 0] * 2
+  images = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
+  out = pretokenize.encode_in_chunks(encode, images, 8)
+  np.testing.assert_array_equal(out, images[:, 0] * 2)
+  assert shapes == [(8, 3)] * 3
+
+
+def test_pretokenize_refuses_images_of_another_token_count():
+  """Images whose codes are not as many as the generator reads are refused
+  before encoding (training stopped at its first batch), naming the size
+  that fits."""
+  encode = lambda x: jnp.zeros((x.shape[0], (x.shape[1] // 4) ** 2), jnp.int32)
+  pretokenize.check_tokens_fit({"seq_len": 64}, encode, 32)
+  pretokenize.check_tokens_fit({"grid": 8}, encode, 32)          # FAR
+  pretokenize.check_tokens_fit({}, encode, 64)   # no generator: nothing to fit
+  with pytest.raises(errors_lib.ConfigError,
+                     match=r"image_size=64 gives 256 tokens per image .* reads "
+                           r"64: pass --config.pretokenize.data.image_size=32"):
+    pretokenize.check_tokens_fit({"seq_len": 64}, encode, 64)
+  with pytest.raises(errors_lib.ConfigError, match=r"reads 50: pass the image "
+                     r"size this tokenizer encodes"):
+    pretokenize.check_tokens_fit({"seq_len": 50}, encode, 32)
