@@ -13,8 +13,7 @@ from scipy import linalg
 
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching, fid, generation, reference
-from tests.test_fid import (FakeExtractor, _images, _numpy_is,
-                            _numpy_precision_recall)
+from tests import metric_refs
 
 
 def _frechet_formula(mu1, s1, mu2, s2):
@@ -118,7 +117,7 @@ def test_map_padded_runs_one_program_ahead_of_reading_back(monkeypatch):
 def gen_files(tmp_path_factory):
   d = tmp_path_factory.mktemp("gen")
   rng = np.random.default_rng(5)
-  samples, other = _images(rng, 13), _images(rng, 11, shift=50)
+  samples, other = metric_refs.images(rng, 13), metric_refs.images(rng, 11, shift=50)
   np.savez(d / "samples.npz", samples)
   np.savez(d / "ref.npz", other)      # images only: stats computed here
   return d, samples, other
@@ -127,12 +126,12 @@ def gen_files(tmp_path_factory):
 @pytest.mark.parametrize("batch", [4, 13])
 def test_generation_metrics_cover_exact_count(gen_files, batch):
   d, samples, other = gen_files
-  ex = FakeExtractor(batch_size=batch)
+  ex = metric_refs.FakeExtractor(batch_size=batch)
   res = generation.evaluate_samples(str(d / "samples.npz"),
                                      str(d / "ref.npz"), extractor=ex,
                                      distance_dtype="float32")
   # The official formulas over exactly the 13 / 11 images' features.
-  fs, fr = FakeExtractor(13)(samples), FakeExtractor(13)(other)
+  fs, fr = metric_refs.FakeExtractor(13)(samples), metric_refs.FakeExtractor(13)(other)
   assert res["num_samples"] == 13 and res["num_reference"] == 11
   assert res["fid"] == pytest.approx(
       _frechet_formula(*_np_stats(fs["pool"]), *_np_stats(fr["pool"])), rel=1e-6)
@@ -140,8 +139,8 @@ def test_generation_metrics_cover_exact_count(gen_files, batch):
       _frechet_formula(*_np_stats(fs["spatial"]), *_np_stats(fr["spatial"])),
       rel=1e-6)
   assert res["inception_score"] == pytest.approx(
-      _numpy_is(fs["logits"].astype(np.float64), 5000), rel=1e-6)
-  p, r, _ = _numpy_precision_recall(fr["pool"], fs["pool"])
+      metric_refs.inception_score(fs["logits"].astype(np.float64), 5000), rel=1e-6)
+  p, r, _ = metric_refs.precision_recall(fr["pool"], fs["pool"])
   assert (res["precision"], res["recall"]) == pytest.approx((p, r))
   assert res["preprocess"] == "pytorch_fid"
   with pytest.raises(batching.NotEnoughImages,
@@ -158,14 +157,14 @@ def test_compute_reference_exact_count_and_record(tmp_path, batch):
   config.data.image_size = 32
   config.data.num_classes = 10
   config.data.num_examples = 20
-  ex = FakeExtractor(batch_size=batch)
+  ex = metric_refs.FakeExtractor(batch_size=batch)
   ex.preprocess, ex.weights_id = "adm_tf", "0123abcd"
   path = reference.compute_reference(config.data, None, str(tmp_path / "r.npz"),
                                      split="validation", num_images=13,
                                      num_stored_images=5, extractor=ex)
   ref = reference.load_reference(path)
   src = DemoSource("validation", num_examples=20)
-  want = FakeExtractor(13)(np.stack([src[i]["image"] for i in range(13)]))
+  want = metric_refs.FakeExtractor(13)(np.stack([src[i]["image"] for i in range(13)]))
   mu, sigma = _np_stats(want["pool"])
   np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
   np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-6, atol=1e-9)
@@ -192,12 +191,12 @@ def test_reference_of_all_images_skips_unreadable_files(tmp_path):
   config = base.get_config()
   config.data.update(dict(source="image_folder", path=str(tmp_path / "imgs"),
                           image_size=32, random_flip=False))
-  ex = FakeExtractor(batch_size=4)
+  ex = metric_refs.FakeExtractor(batch_size=4)
   path = reference.compute_reference(config.data, None, str(tmp_path / "r.npz"),
                                      split="validation", num_images=0,
                                      extractor=ex)
   ref = reference.load_reference(path)
-  mu, sigma = _np_stats(FakeExtractor(6)(images)["pool"])
+  mu, sigma = _np_stats(metric_refs.FakeExtractor(6)(images)["pool"])
   assert ref.num_images == 6
   np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
   np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-6, atol=1e-9)
@@ -273,15 +272,15 @@ def test_recorded_unknown_and_images_only_references(tmp_path, caplog):
 
 def test_evaluate_samples_follows_and_enforces_the_record(tmp_path):
   rng = np.random.default_rng(2)
-  samples, other = _images(rng, 12), _images(rng, 12, shift=40)
+  samples, other = metric_refs.images(rng, 12), metric_refs.images(rng, 12, shift=40)
   np.savez(tmp_path / "s.npz", samples)
-  feats = FakeExtractor(12)(other)
+  feats = metric_refs.FakeExtractor(12)(other)
   reference.save_reference(
       str(tmp_path / "r.npz"), images=other, preprocess="adm_tf",
       inception_weights="w1", num_images=12,
       **dict(zip(("mu", "sigma"), _np_stats(feats["pool"]))),
       **dict(zip(("mu_s", "sigma_s"), _np_stats(feats["spatial"]))))
-  ex = FakeExtractor()
+  ex = metric_refs.FakeExtractor()
   ex.preprocess, ex.weights_id = "adm_tf", "w1"
   res = generation.evaluate_samples(str(tmp_path / "s.npz"),
                                      str(tmp_path / "r.npz"), extractor=ex)
@@ -298,7 +297,7 @@ def test_evaluate_samples_follows_and_enforces_the_record(tmp_path):
   np.savez(tmp_path / "same.npz", samples)
   same = generation.evaluate_samples(str(tmp_path / "s.npz"),
                                       str(tmp_path / "same.npz"),
-                                      extractor=FakeExtractor())
+                                      extractor=metric_refs.FakeExtractor())
   assert same["fid"] >= 0.0 and same["sfid"] >= 0.0
 
 

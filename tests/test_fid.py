@@ -15,6 +15,7 @@ from scipy import linalg
 from genvis_jax.core import sharding
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import fid, generation, image_metrics, npz, reference, tokenizer
+from tests import metric_refs
 
 
 def _random_stats(rng, d, n=None):
@@ -70,22 +71,11 @@ def test_streaming_stats_equal_batch_stats():
 
 # --- Inception Score --------------------------------------------------------------------
 
-def _numpy_is(logits, split_size):
-  p = np.exp(logits - logits.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  scores = []
-  for i in range(0, len(p), split_size):
-    part = p[i:i + split_size]
-    kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
-    scores.append(np.exp(kl.sum(1).mean()))
-  return np.mean(scores)
-
-
 def test_inception_score_matches_numpy():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(1100, 30)) * 3
   got = fid.inception_score(logits, split_size=500)   # 3 splits, last partial
-  assert got == pytest.approx(_numpy_is(logits, 500), rel=1e-10)
+  assert got == pytest.approx(metric_refs.inception_score(logits, 500), rel=1e-10)
   assert fid.inception_score(np.zeros((100, 8))) == pytest.approx(1.0)
   # Confident, evenly spread predictions over C classes: IS -> C.
   peaked = np.full((400, 8), -50.0)
@@ -95,21 +85,11 @@ def test_inception_score_matches_numpy():
 
 # --- precision / recall -----------------------------------------------------------------
 
-def _numpy_precision_recall(ref, sam, k=3):
-  def d2(a, b):
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1), 0)
-  ref_r = np.sort(d2(ref, ref), 1)[:, k]
-  sam_r = np.sort(d2(sam, sam), 1)[:, k]
-  d = d2(sam, ref)
-  return (d <= ref_r[None]).any(1).mean(), (d <= sam_r[:, None]).any(0).mean(), ref_r
-
-
 def test_precision_recall_match_numpy():
   rng = np.random.default_rng(3)
   ref = rng.normal(size=(150, 12)).astype(np.float32)
   sam = (rng.normal(size=(130, 12)) * 1.3 + 0.4).astype(np.float32)
-  p_ref, r_ref, radii_ref = _numpy_precision_recall(ref, sam)
+  p_ref, r_ref, radii_ref = metric_refs.precision_recall(ref, sam)
   assert 0.1 < p_ref < 0.95 and 0.1 < r_ref < 0.99   # a non-trivial case
   mesh = sharding.data_mesh(jax.devices()[:4])
   # Blocks that do not divide the sets (padding, several row/col blocks).
@@ -199,7 +179,7 @@ def test_unreadable_npz_files_are_named_with_the_fix(tmp_path):
   Image.new("RGB", (4, 4)).save(tmp_path / "grid.png")
   with open(tmp_path / "pickled.npz", "wb") as f:
     pickle.dump({"arr_0": images}, f)
-  ex = FakeExtractor()
+  ex = metric_refs.FakeExtractor()
   for name, message in (("cut", "is not a readable .npz file .* cut short"),
                         ("one", r"holds a single array \(.npy\), not an .npz"),
                         ("objects", r"(holds a single array|is not a readable "
@@ -228,38 +208,12 @@ def test_unreadable_npz_files_are_named_with_the_fix(tmp_path):
 
 # --- the generation-metrics pipeline --------------------------------------------------------
 
-class FakeExtractor:
-  """Stands in for the Inception: fixed random projections of 4x4 pooled
-  pixels (pool 10-d, spatial 6-d, logits 5-d), split over a device mesh."""
-
-  def __init__(self, batch_size=6):
-    self.batch_size = batch_size
-    self.mesh = sharding.data_mesh(jax.devices()[:2])
-    rng = np.random.default_rng(0)
-    self.w = {k: rng.normal(size=(48, d)) for k, d in
-              (("pool", 10), ("spatial", 6), ("logits", 5))}
-    self.calls = 0
-
-  def __call__(self, images):
-    assert images.dtype == np.uint8 and len(images) <= self.batch_size
-    self.calls += 1
-    b, h, w, _ = images.shape
-    x = images.astype(np.float64).reshape(b, 4, h // 4, 4, w // 4, 3)
-    x = x.mean((2, 4)).reshape(b, -1) / 255.0
-    return {k: (x @ v).astype(np.float32) for k, v in self.w.items()}
-
-
-def _images(rng, n, shift=0):
-  base = rng.integers(0, 200, (n, 8, 8, 3))
-  return np.clip(base + shift, 0, 255).astype(np.uint8)
-
-
 def test_evaluate_samples_pipeline(tmp_path):
   rng = np.random.default_rng(5)
-  samples = _images(rng, 40)
+  samples = metric_refs.images(rng, 40)
   np.savez(tmp_path / "samples.npz", samples)
   np.savez(tmp_path / "same.npz", samples)            # images only: stats from them
-  ex = FakeExtractor()
+  ex = metric_refs.FakeExtractor()
   same = generation.evaluate_samples(str(tmp_path / "samples.npz"),
                                       str(tmp_path / "same.npz"), extractor=ex,
                                       distance_dtype="float32")
@@ -270,7 +224,7 @@ def test_evaluate_samples_pipeline(tmp_path):
   assert same["inception_score"] > 1.0
 
   # A shifted reference with stored ADM statistics of its own images.
-  other = _images(rng, 30, shift=60)
+  other = metric_refs.images(rng, 30, shift=60)
   out = [ex(other[i:i + 6]) for i in range(0, 30, 6)]
   cat = {k: np.concatenate([o[k] for o in out]) for k in feats}
   reference.save_reference(
@@ -309,12 +263,12 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   import ml_collections
   from genvis_jax.evaluate import driver
   rng = np.random.default_rng(6)
-  np.savez(tmp_path / "s.npz", _images(rng, 12))
-  np.savez(tmp_path / "r.npz", _images(rng, 12, shift=30))
+  np.savez(tmp_path / "s.npz", metric_refs.images(rng, 12))
+  np.savez(tmp_path / "r.npz", metric_refs.images(rng, 12, shift=30))
   monkeypatch.setattr(generation.convert_inception, "load_inception_params",
                       lambda path: {"path": path})
   monkeypatch.setattr(generation.inception_lib, "InceptionExtractor",
-                      lambda params, **kw: FakeExtractor())
+                      lambda params, **kw: metric_refs.FakeExtractor())
   config = ml_collections.ConfigDict(dict(evaluate=dict(
       kind="generation", samples=str(tmp_path / "s.npz"),
       reference=str(tmp_path / "r.npz"), inception="/weights", batch_size=6)))
@@ -412,7 +366,7 @@ def test_compute_reference_from_demo_split(tmp_path):
   config.data.image_size = 32
   config.data.num_classes = 10
   config.data.read_threads = 2
-  ex = FakeExtractor(batch_size=8)
+  ex = metric_refs.FakeExtractor(batch_size=8)
   path = reference.compute_reference(
       config.data, None, str(tmp_path / "demo_ref.npz"), split="validation",
       num_images=20, num_stored_images=12, extractor=ex)

@@ -1,0 +1,61 @@
+"""Reference formulas and stand-ins shared by the evaluation tests: NumPy
+Inception Score and precision / recall, a cheap feature network."""
+
+import jax
+import numpy as np
+
+from genvis_jax.core import sharding
+
+
+def inception_score(logits, split_size):
+  """The Inception Score as the ADM evaluator computes it (NumPy, per split
+  of ``split_size`` rows): exp(mean KL(p(y|x) || p(y)))."""
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  scores = []
+  for i in range(0, len(p), split_size):
+    part = p[i:i + split_size]
+    kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+    scores.append(np.exp(kl.sum(1).mean()))
+  return np.mean(scores)
+
+
+def precision_recall(ref, sam, k=3):
+  """Improved precision / recall (Kynkaanniemi et al. 2019) in float64 NumPy:
+  ``(precision, recall, ref_radii)``, the radii squared distances to the
+  k-th nearest other point, as in ADM's
+  ``ManifoldEstimator``."""
+  def d2(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1), 0)
+  ref_r = np.sort(d2(ref, ref), 1)[:, k]
+  sam_r = np.sort(d2(sam, sam), 1)[:, k]
+  d = d2(sam, ref)
+  return (d <= ref_r[None]).any(1).mean(), (d <= sam_r[:, None]).any(0).mean(), ref_r
+
+
+class FakeExtractor:
+  """Stands in for the Inception: fixed random projections of 4x4 pooled
+  pixels (pool 10-d, spatial 6-d, logits 5-d), split over a device mesh."""
+
+  def __init__(self, batch_size=6):
+    self.batch_size = batch_size
+    self.mesh = sharding.data_mesh(jax.devices()[:2])
+    rng = np.random.default_rng(0)
+    self.w = {k: rng.normal(size=(48, d)) for k, d in
+              (("pool", 10), ("spatial", 6), ("logits", 5))}
+    self.calls = 0
+
+  def __call__(self, images):
+    assert images.dtype == np.uint8 and len(images) <= self.batch_size
+    self.calls += 1
+    b, h, w, _ = images.shape
+    x = images.astype(np.float64).reshape(b, 4, h // 4, 4, w // 4, 3)
+    x = x.mean((2, 4)).reshape(b, -1) / 255.0
+    return {k: (x @ v).astype(np.float32) for k, v in self.w.items()}
+
+
+def images(rng, n, shift=0):
+  """n random uint8 (8, 8, 3) images, brightened by ``shift``."""
+  base = rng.integers(0, 200, (n, 8, 8, 3))
+  return np.clip(base + shift, 0, 255).astype(np.uint8)
