@@ -22,9 +22,8 @@ def inception_score(logits, split_size):
 
 def precision_recall(ref, sam, k=3):
   """Improved precision / recall (Kynkaanniemi et al. 2019) in float64 NumPy:
-  ``(precision, recall, ref_radii)``, the radii squared distances to the
-  k-th nearest other point, as in ADM's
-  ``ManifoldEstimator``."""
+  ``(precision, recall, ref_radii)``; the radii are squared distances to
+  the k-th nearest other point, as in ADM's ``ManifoldEstimator``."""
   def d2(a, b):
     a, b = a.astype(np.float64), b.astype(np.float64)
     return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1), 0)
