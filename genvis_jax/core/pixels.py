@@ -49,6 +49,7 @@ def to_unit(x, value_range):
   Args:
     x: floating numpy or jax array, any shape; integer images are cast by
       the caller first (``bytes_to_unit`` for bytes).
+    value_range: (lo, hi) with hi != lo, e.g. (0, 1) or (-1, 1).
   Returns:
     an array of ``x``'s shape and dtype. For (-1, 1) it is bit for bit
     ``(x + 1) / 2`` (subtracting -1 is adding 1); for (0, 1) it is ``x``.

@@ -32,7 +32,8 @@ def check_count(requested: int | None, available: int, what: str,
   unreadable when decoded (an image folder); the advice then says so.
 
   Raises ``NotEnoughImages`` naming both counts and ``setting`` (the config
-  key or argument that lowers the request) when ``requested > available``.
+  key or argument that lowers the request) when ``requested > available``,
+  and also for a negative ``requested`` or when there are no images at all.
   """
   if requested is None or requested == 0:
     n = available
@@ -69,7 +70,10 @@ def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,
       source may skip unreadable files): a source ending early ends the
       batches instead of raising. Callers count the rows they get.
   Yields:
-    (padded (batch_size, ...) batch, valid mask (batch_size,) bool, n_valid).
+    (padded (batch_size, ...) batch, valid mask (batch_size,) bool, n_valid),
+    the batch in the source's dtype, zeros in the padding rows.
+  Raises:
+    NotEnoughImages: the source ends before ``total`` rows (unless ``up_to``).
   """
   pending, have, done = [], 0, 0
   it = iter(batches)

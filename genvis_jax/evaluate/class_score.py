@@ -23,10 +23,12 @@ def _predict(classifier, params, x):
 
 def conditioning_accuracy(classifier, params, images_uint8, labels,
                           batch_size: int = 256) -> float:
-  """Fraction of ``images_uint8`` (N, H, W, 3) classified as ``labels`` (N,).
+  """Fraction in [0, 1] of ``images_uint8`` (N, H, W, 3) classified as
+  ``labels`` (N,) int.
 
   Batches of ``batch_size``; the last one is zero-padded (one compiled shape)
-  and its padding is masked out, so every one of the N images counts once."""
+  and its padding is masked out, so every one of the N images counts once.
+  Raises ``ValueError`` for no labels or a label count other than N."""
   labels = np.asarray(labels)
   if len(labels) != len(images_uint8) or not len(labels):
     raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels: "
@@ -38,7 +40,11 @@ def conditioning_accuracy(classifier, params, images_uint8, labels,
 
 
 def evaluate(config, workdir: str) -> dict:
-  """``config.evaluate``: samples (npz), classifier_checkpoint, min_accuracy."""
+  """``config.evaluate``: samples (npz), classifier_checkpoint, min_accuracy.
+
+  Returns (and writes to ``workdir/metrics.json``) {"conditioning_accuracy",
+  "chance", "num_samples"}. Raises ``RuntimeError`` when the accuracy is
+  below ``min_accuracy``, and the npz / checkpoint errors of the loads."""
   ev = config.evaluate
   d = npz.load_samples(ev.samples)
   images, labels = d["arr_0"], d["labels"]

@@ -43,7 +43,8 @@ def classifier_features(images, classifier_params, classifier_config,
   """uint8 (or [0, 1] float) (N, H, W, 3) -> (N, widths[-1]) float32.
 
   Batches of ``batch_size`` (the last one zero-padded: one compiled shape, the
-  padding's rows dropped), so exactly N rows come back for any batch size."""
+  padding's rows dropped), so exactly N rows come back for any batch size.
+  Raises ``ValueError`` for images that are not (N, H, W, 3) or N = 0."""
   model = models.build(classifier_config)
   x = _as_float01(images)
   return padded.map_padded(functools.partial(_features, model),
@@ -60,7 +61,9 @@ def demo_fid(samples_uint8, reference_images, classifier_params,
     classifier_params, classifier_config: the trained demo classifier
       (``config.model`` of its stage, name "classifier").
   Returns:
-    float >= 0 (0 for identical sets); N, M >= 2.
+    float >= 0 (0 for identical sets).
+  Raises:
+    ValueError: N < 2 or M < 2, images that are not (., H, W, 3).
   """
   if len(samples_uint8) < 2 or len(reference_images) < 2:
     raise ValueError("demo_fid needs at least 2 samples and 2 reference images.")
@@ -75,8 +78,10 @@ def demo_fid(samples_uint8, reference_images, classifier_params,
 def evaluate(config, workdir: str) -> dict:
   """``config.evaluate.kind == "demo_fid"``: samples (npz ``arr_0``),
   classifier_checkpoint; the reference is exactly ``num_reference`` images
-  (default: as many as samples; more than the split holds is an error) of
-  ``config.data.eval_split``; ``config.model`` is the classifier's."""
+  (default: as many as samples; more than the split holds is an error,
+  ``batching.NotEnoughImages``) of ``config.data.eval_split``;
+  ``config.model`` is the classifier's. Returns (and writes to
+  ``workdir/metrics.json``) {"demo_fid", "num_samples", "num_reference"}."""
   ev = config.evaluate
   samples = npz.load_samples(ev.samples)["arr_0"]
   params = models.load_params(

@@ -51,6 +51,11 @@ def _check_tokenizer_kind(config) -> None:
 
 
 def run(config, workdir: str):
+  """Runs ``genvis_jax.evaluate.<config.evaluate.kind>.evaluate(config,
+  workdir)`` and returns its results dict. Raises ``ConfigError`` for an
+  unknown kind, a classifier kind whose ``config.model`` is not the demo
+  classifier (or no ``classifier_checkpoint``), or kind "tokenizer" on a
+  model that is not an image tokenizer."""
   kind = config.evaluate.kind
   name = config.get("model", {}).get("name", "")
   if kind in CLASSIFIER_KINDS and (

@@ -43,6 +43,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
   slightly negative (-2e-13) for (near-)identical statistics, and a distance
   is never negative, so it is clamped at 0 (FID and sFID alike). ``name``
   (e.g. "sFID") starts the warnings about singular covariances.
+  mu1, mu2: (D,); sigma1, sigma2: (D, D) (any float dtype; scalars for
+  D = 1). Returns a Python float >= 0.
+
+  Raises:
+    ValueError: statistics of different sizes, or a square root with a
+      non-negligible imaginary diagonal (ill-conditioned statistics).
   """
   mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
   s1, s2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
@@ -81,7 +87,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(N, D) -> mean (D,), covariance (D, D) (N - 1 normalised), float64."""
+  """(N, D) -> mean (D,), covariance (D, D) (N - 1 normalised), float64.
+  Raises ``ValueError`` unless features are 2-D with N >= 2."""
   f = np.asarray(features, np.float64)
   if f.ndim != 2 or len(f) < 2:
     raise ValueError(f"Need (N >= 2, D) features, got shape {f.shape}.")
@@ -101,7 +108,9 @@ class StreamingStats:
 
   def update(self, features, mask=None) -> None:
     """Adds (B, D) ``features``; ``mask`` (B,) bool keeps only its True rows
-    (the padding of a fixed-size last batch stays out of the statistics)."""
+    (the padding of a fixed-size last batch stays out of the statistics).
+    Raises ``ValueError`` for features that are not 2-D, a mask of another
+    shape, or a D that differs from earlier batches."""
     f = np.asarray(features, np.float64)
     if f.ndim != 2:
       raise ValueError(f"features must be (B, D), got {f.shape}.")
@@ -125,7 +134,8 @@ class StreamingStats:
     self.count += len(f)
 
   def result(self) -> tuple[np.ndarray, np.ndarray]:
-    """(mu (D,), sigma (D, D)) like ``np.mean`` / ``np.cov(rowvar=False)``."""
+    """(mu (D,), sigma (D, D)) float64, like ``np.mean`` /
+    ``np.cov(rowvar=False)``. Raises ``ValueError`` below 2 rows."""
     if self.count < 2:
       raise ValueError(f"Need at least 2 feature vectors, got {self.count}.")
     m = self._sum / self.count
@@ -137,7 +147,8 @@ class StreamingStats:
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
   """ADM's IS from (N, C) logits: mean over consecutive ``split_size`` chunks of
-  exp(mean_i KL(p_i || mean_j p_j)); float64."""
+  exp(mean_i KL(p_i || mean_j p_j)), computed in float64; a Python float in
+  [1, C]. Raises ``ValueError`` unless logits are (N > 0, C)."""
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2 or not len(logits):
     raise ValueError(f"logits must be (N > 0, C), got {logits.shape}.")

@@ -41,7 +41,8 @@ def run_features(extractor, images: npz.NpzArray, what: str, *,
   ``batching.NotEnoughImages`` naming both counts and ``setting``.
 
   Returns {"pool": (N, 2048) float32, "logits": (N, 1008) float32 or None,
-  "pool_stats", "spatial_stats": StreamingStats, "count": N}.
+  "pool_stats", "spatial_stats": StreamingStats, "count": N}. Raises
+  ``RuntimeError`` when the extractor does not return one row per image.
   """
   n = batching.check_count(limit, len(images), f"{images.path}:{images.key}",
                            setting)
@@ -115,7 +116,16 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       the reference.
   Returns:
     {"fid", "sfid" (clamped at 0), "inception_score", "precision", "recall"
-     (floats), "num_samples", "num_reference" (ints), "preprocess" (str)}.
+     (floats), "num_samples", "num_reference" (ints), "preprocess" (str),
+     "sample_size" ([H, W]), "caveats" (list of str, ``warn_incomparable``)}.
+  Raises:
+    npz.NpzFileError / npz.NpzContentError: a missing or unreadable file,
+      samples that are not uint8 (N, H, W, 3) or hold reference statistics,
+      a reference without images.
+    reference.ProtocolMismatch: a preprocess or Inception weights that
+      contradict the reference's record.
+    batching.NotEnoughImages: ``num_samples`` above the file's count.
+    ValueError: neither ``inception_params`` nor ``extractor``.
   """
   # Before its images: a reference may hold none.
   with npz.open_npz(samples_npz, "config.evaluate.samples") as d:
@@ -205,6 +215,7 @@ def warn_incomparable(count: int, sample_shape, reference_shape=None) -> list[st
 
 
 def format_metrics(m: dict) -> str:
+  """One line of ``evaluate_samples``' results, with its caveats."""
   caveats = m.get("caveats") or []
   return (f"FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS "
           f"{m['inception_score']:.2f}  precision {m['precision']:.4f}  recall "
@@ -231,7 +242,9 @@ def evaluate(config, workdir: str) -> dict:
   Reads ``config.evaluate``: samples (npz), reference (npz), inception (params
   dir or npz), batch_size, and optionally num_samples, preprocess ("auto":
   follow the reference), distance_dtype. Writes ``workdir/metrics.json`` and
-  TensorBoard scalars.
+  TensorBoard scalars; returns ``evaluate_samples``' dict. Raises
+  ``ConfigError`` when samples, reference or inception is unset, and what
+  ``evaluate_samples`` raises.
   """
   ev = config.evaluate
   missing = [f"config.evaluate.{key}" for key in

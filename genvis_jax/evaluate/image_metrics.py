@@ -13,7 +13,8 @@ from genvis_jax.core import pixels
 
 def psnr(x: np.ndarray, y: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
   """Per-image PSNR in dB of images in ``value_range``, computed in float64
-  (skimage's ``peak_signal_noise_ratio``); (B, ...) -> (B,)."""
+  (skimage's ``peak_signal_noise_ratio``); (B, ...) pair -> (B,) float64, at
+  most 120 dB (the MSE is floored at 1e-12)."""
   scale = float(value_range[1]) - float(value_range[0])
   d = (np.asarray(x, np.float64) - np.asarray(y, np.float64)) / scale
   mse = np.mean(np.square(d), axis=tuple(range(1, d.ndim)))
@@ -43,6 +44,8 @@ def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11,
   ``sample_covariance`` scales the (co)variances by N / (N - 1), N =
   window^2: with ``window=7`` these are skimage's defaults, which LlamaGen's
   evaluation calls with ``data_range=2.0`` on [0, 1] images.
+  Returns float32 (B,). Raises ``ValueError`` for inputs that are
+  not (B, H, W, C) of one shape, or images smaller than ``window``.
   """
   # SSIM's luminance term is not shift-invariant: measure on [0, 1] images
   # whatever the model's range, so (0, 1) and (-1, 1) tokenizers compare.
@@ -84,7 +87,9 @@ def codebook_usage(codes, num_codes) -> dict:
   one map per sub-codebook). ``num_codes``: int or one per sub-codebook.
   Returns {"codebook_usage", "codes_used"} and, for tuples,
   "codebook_usage_{i}" / "codes_used_{i}" per sub-codebook (the overall
-  usage is then their mean).
+  usage is then their mean); usages are floats in [0, 1] for codes within
+  their codebooks. Raises ``ValueError`` when the number of code maps and of
+  codebook sizes differ.
   """
   maps = list(codes) if isinstance(codes, (tuple, list)) else [codes]
   sizes = (list(num_codes) if isinstance(num_codes, (tuple, list))

@@ -23,6 +23,9 @@ class InceptionExtractor:
   rows. Batches are zero-padded to ``batch_size`` (rounded up to a multiple of
   the device count) so one image size compiles once. Convolutions run at full
   float32 precision (no TF32 / bf16 passes) for reproducible statistics.
+  Outputs are float32: pool (n, 2048), spatial (n, 2023), logits (n, 1008).
+  Raises ``ValueError`` for an unknown ``preprocess`` (at construction) or
+  a call with 0 or more than ``batch_size`` images.
   """
 
   def __init__(self, params, *, batch_size: int = 200, mesh=None,

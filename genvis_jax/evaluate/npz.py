@@ -126,7 +126,9 @@ class NpzArray:
 
   def batches(self, batch_size: int, limit: int | None = None
               ) -> Iterator[np.ndarray]:
-    """Yields consecutive (<= batch_size, ...) slices of the first ``limit`` rows."""
+    """Yields consecutive (<= batch_size, ...) slices of the first ``limit``
+    rows (None: all), in the array's dtype. Raises ``NpzContentError`` for
+    an object array, ``NpzFileError`` for a file cut short."""
     n = len(self) if limit is None else min(limit, len(self))
     with _zip(self.path) as zf, zf.open(f"{self.key}.npy") as f:
       version = np.lib.format.read_magic(f)
@@ -167,8 +169,8 @@ def samples_howto(setting: str = "config.evaluate.samples") -> str:
 
 def load_samples(path: str, setting: str = "config.evaluate.samples") -> dict:
   """Every array of the samples ``.npz`` at ``path`` (``arr_0``, ``labels``...),
-  read at once; a clear error when ``setting`` is unset or the file is
-  missing or not an ``.npz``."""
+  read at once; ``NpzFileError`` when ``setting`` is unset or the file is
+  missing, unreadable or not an ``.npz``."""
   if not path:
     raise NpzFileError(f"{setting} is not set: {samples_howto(setting)}.")
   with open_npz(path, setting) as d:
@@ -180,7 +182,9 @@ def load_samples(path: str, setting: str = "config.evaluate.samples") -> dict:
 
 def open_npz_array(path: str, key: str = "arr_0", setting: str = "") -> NpzArray:
   """Reads the header of ``key`` in the ``.npz`` at ``path`` (``setting``
-  names it in messages)."""
+  names it in messages). Raises ``NpzFileError`` for a missing or unreadable
+  file, ``NpzContentError`` when it has no ``key`` array, ``ValueError``
+  for an unsupported ``.npy`` format version."""
   with _zip(path, setting) as zf:
     names = zf.namelist()
     if f"{key}.npy" not in names:
@@ -193,7 +197,8 @@ def open_npz_array(path: str, key: str = "arr_0", setting: str = "") -> NpzArray
 
 
 def open_images(path: str, key: str = "arr_0", setting: str = "") -> NpzArray:
-  """Like ``open_npz_array`` but checks for uint8 (N, H, W, 3) images."""
+  """Like ``open_npz_array`` but checks for uint8 (N, H, W, 3) images
+  (``NpzContentError`` otherwise)."""
   arr = open_npz_array(path, key, setting)
   if arr.dtype != np.uint8 or len(arr.shape) != 4 or arr.shape[-1] != 3:
     raise NpzContentError(f"{path}:{key} must be uint8 (N, H, W, 3) images in [0, "

@@ -79,6 +79,7 @@ class Reference:
 
   @property
   def has_stats(self) -> bool:
+    """Whether the file holds the statistics (mu, sigma, mu_s, sigma_s)."""
     return self.mu is not None and self.mu_s is not None
 
   @property
@@ -102,7 +103,10 @@ class Reference:
 
 
 def load_reference(path: str) -> Reference:
-  """Reads statistics (and the image header) of an ADM-format reference."""
+  """Reads statistics (float64) and the image header of an ADM-format
+  reference. Raises ``npz.NpzFileError`` for a missing or unreadable file,
+  ``npz.NpzContentError`` for some but not all of ``STAT_KEYS``, images that
+  are not uint8 (N, H, W, 3), or neither statistics nor images."""
   if not epath.Path(path).exists():
     raise npz.NpzFileError(
         f"No reference batch at {path!r}: download ADM's (e.g. "
@@ -145,7 +149,9 @@ def save_reference(path: str, *, mu, sigma, mu_s, sigma_s, images=None,
                    num_images: int | None = None) -> str:
   """Writes an ADM-format reference ``.npz`` (uncompressed, streamable) with
   the record of how it was made (``preprocess``, ``inception_weights``,
-  ``num_images``; see the module docstring)."""
+  ``num_images``; see the module docstring); returns ``path``. Raises
+  ``ValueError`` for an unknown ``preprocess`` or images that are not uint8
+  (N, H, W, 3)."""
   if preprocess is not None and preprocess not in PREPROCESS:
     raise ValueError(f"Unknown preprocess {preprocess!r}; choose one of "
                      f"{PREPROCESS}.")
@@ -181,7 +187,8 @@ def resolve_preprocess(ref: Reference, requested: str | None = AUTO,
   ``pytorch_fid`` for images-only files or, with a logged warning, files of
   unknown origin. An explicit value is used as given unless it contradicts a
   recorded or ADM preprocessing: then ``ProtocolMismatch`` names both and the
-  fix (``setting`` is the knob named in the message).
+  fix (``setting`` is the knob named in the message). A value that is none
+  of "auto", ``PREPROCESS`` raises ``ProtocolMismatch`` too.
   """
   requested = requested or AUTO
   if requested not in (AUTO,) + PREPROCESS:
@@ -215,7 +222,8 @@ def resolve_preprocess(ref: Reference, requested: str | None = AUTO,
 
 def check_inception_weights(ref: Reference, weights_id: str | None) -> None:
   """Refuses a reference recorded with other Inception weights than the ones
-  measuring the samples (when both fingerprints are known)."""
+  measuring the samples (when both fingerprints are known):
+  ``ProtocolMismatch``."""
   if ref.inception_weights is None or weights_id is None:
     return
   if ref.inception_weights != weights_id:
@@ -308,6 +316,8 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   their pool features (ADM's ImageNet batch keeps 10,000). The file records
   ``preprocess``, the Inception weights' fingerprint and the image count.
   ``extractor`` replaces the Inception (see ``generation.evaluate_samples``).
+  Returns ``out_path``. Raises ``batching.NotEnoughImages`` when the split
+  has fewer images than requested, or fewer than 2 readable ones.
   """
   split = split or data_config.eval_split
   if extractor is None:
@@ -364,8 +374,10 @@ def evaluate(config, workdir: str) -> dict:
   pipeline's eval transforms (``config.data.center_crop``, ADM's by default).
   Writes ``workdir/reference.npz`` (replacing one there: it is derived data)
   and ``workdir/metrics.json`` (its path, image count, preprocess). Raises
-  ``ConfigError`` without Inception weights, ``batching.NotEnoughImages``
-  when the split has fewer images than requested.
+  ``ConfigError`` without Inception weights, for token data, or a
+  preprocess outside "auto" / ``PREPROCESS``; ``DataConfigError`` for an
+  unknown ``config.data.source``; ``batching.NotEnoughImages`` when the
+  split has fewer images than requested.
   """
   # Imports what generation evaluation avoids (Grain; the converter).
   from genvis_jax import errors  # pylint: disable=import-outside-toplevel

@@ -91,6 +91,7 @@ class Protocol:
   inception: the Inception resize of rFID ("adm_tf": TF1's bilinear, as
     ADM's evaluator and torch-fidelity do; "pytorch_fid").
   source: the official code this follows.
+  A ``scored`` outside ``SCORED`` raises ``ValueError``.
   """
   to_uint8: str
   crop: str = "adm"
@@ -261,8 +262,16 @@ def evaluate(config, workdir: str) -> dict:
   batch is sent to the devices before the previous one is read back; its
   LPIPS and SSIM run there on each device's own rows, kept until the end.
 
+  Returns (and writes to ``workdir/metrics.json``) {"psnr" (dB), "ssim",
+  "mse" (in the tokenizer's value range), "num_images", "dtype", "protocol",
+  "center_crop", "scored"}, plus "codebook_usage" / "codes_used" (discrete
+  codes), "lpips", "rfid" / "rfid_preprocess" when enabled.
+
   Raises ``batching.NotEnoughImages`` when the split has fewer images than
-  ``num_images``, ``errors.ConfigError`` for a tokenizer with no known protocol.
+  ``num_images`` (or none readable), ``errors.ConfigError`` for a tokenizer
+  with no known protocol, a batch size <= 0, an unknown preprocess or
+  centre crop; ``DataConfigError`` for a ``config.data.source`` that gives
+  no images.
   """
   ev = config.evaluate
   data_sources.check_source(

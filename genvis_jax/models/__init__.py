@@ -36,7 +36,9 @@ def module(name: str):
 
 
 def build(model_config) -> nn.Module:
-  """Returns the Flax module described by ``model_config`` (has ``.name``)."""
+  """Returns the Flax module described by ``model_config`` (has ``.name``).
+  Raises ``ConfigError`` for an unknown name, or what the model's ``build``
+  raises (e.g. an unknown key, ``config_fields``)."""
   return module(model_config.name).build(model_config)
 
 
@@ -125,7 +127,8 @@ def init_params(model_config, rng, *, boxed: bool = False):
   """Initialises the parameter pytree of ``build(model_config)``.
 
   With ``boxed=True`` leaves stay ``nn.LogicallyPartitioned`` (for sharding);
-  otherwise plain arrays. Cheap under ``jax.eval_shape``.
+  otherwise plain arrays (in each module's ``param_dtype``, float32 by
+  default). Cheap under ``jax.eval_shape``. Raises what ``build`` raises.
   """
   model = build(model_config)
   # Dropout draws from its own stream (init runs deterministic layers, but

@@ -16,9 +16,9 @@ from genvis_jax.models import layers
 
 
 class Classifier(nn.Module):
-  """images (B, H, W, 3) in [0, 1] -> logits (B, num_classes).
+  """images (B, H, W, 3) in [0, 1] -> float32 logits (B, num_classes).
 
-  ``features(images)`` returns the pooled (B, widths[-1]) features.
+  ``features(images)`` returns the pooled (B, widths[-1]) float32 features.
   """
   num_classes: int = 10
   widths: tuple[int, ...] = (32, 64, 128)

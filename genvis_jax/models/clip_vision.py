@@ -58,7 +58,9 @@ def preprocess(images, value_range: Sequence[float] = (-1.0, 1.0), *,
   """FQGAN's teacher input: images (B, H, W, 3) in ``value_range`` -> [0, 1] ->
   nearest resize to ``size`` x ``size`` -> (x - mean) / std, float32.
 
-  Defaults are CLIP's; ``dinov2.preprocess`` passes the ImageNet statistics."""
+  Defaults are CLIP's; ``dinov2.preprocess`` passes the ImageNet statistics.
+  Returns (B, size, size, 3) float32. Raises ``ValueError`` for a
+  ``value_range`` with hi <= lo or images that are not (B, H, W, 3)."""
   lo, hi = (float(v) for v in value_range)
   if hi <= lo:
     raise ValueError(f"value_range must be (low, high) with low < high, got "
@@ -83,6 +85,8 @@ class CLIPVisionModel(nn.Module):
     hidden_states     tuple of num_hidden_layers + 1 (B, N, D), only if asked
       (HF's: after pre_layrnorm, then after every layer).
   With ``output`` one of ``OUTPUTS`` only that array is returned.
+  Raises ``ValueError`` for pixel_values not (B, image_size, image_size, 3)
+  or another ``output``.
   """
   hidden_size: int = 1024
   intermediate_size: int = 4096
@@ -141,7 +145,8 @@ def from_hf_config(cfg: dict, **overrides) -> CLIPVisionModel:
 
 
 def clip_vision(name: str = "vit_l14", **overrides) -> CLIPVisionModel:
-  """A released tower by name (``CONFIGS``); ``overrides`` are module fields."""
+  """A released tower by name (``CONFIGS``); ``overrides`` are module fields.
+  Raises ``ConfigError`` for another name."""
   if name not in CONFIGS:
     raise ConfigError(f"Unknown CLIP vision config {name!r}; use one of "
                       f"{sorted(CONFIGS)}.")
@@ -150,8 +155,8 @@ def clip_vision(name: str = "vit_l14", **overrides) -> CLIPVisionModel:
 
 def teacher(name: str, dtype="float32", **overrides):
   """FQGAN teacher ``"clip_vision:{name}"`` of ``teachers.get_teacher``:
-  ``(module -> (B, D) cls, preprocess)``; the CLS is taken before
-  post_layernorm."""
+  ``(module -> (B, D) float32 cls, preprocess)``; the CLS is taken before
+  post_layernorm. Raises ``ConfigError`` for a name not in ``CONFIGS``."""
   module = clip_vision(name, output="cls", dtype=jnp.dtype(dtype), **overrides)
   return module, lambda images, value_range=(-1.0, 1.0): preprocess(
       images, value_range, size=module.image_size)

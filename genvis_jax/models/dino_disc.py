@@ -64,11 +64,14 @@ class FrozenViT(nn.Module):
   (``models/layers/vit.py``: fused qkv, eps 1e-6, LayerScale init 1e-5 when
   ``layerscale``, GELU tanh unless ``gelu_approximate=False``).
 
-  Returns ``(readouts, patch_tokens)``: readouts ``x[:, 1:] + x[:, :1]`` (B, N, C)
-  after the embedding and after each block in ``taps`` (VAR / DINO-disc
-  convention), and ``norm(x)[:, 1:]`` after the last block (DINOv2
-  ``x_norm_patchtokens``). Only ``max(taps) + 1`` blocks run (and have
-  parameters) when ``taps`` is set and ``final`` is False.
+  Returns ``(readouts, patch_tokens)``: readouts, a list of ``x[:, 1:] +
+  x[:, :1]`` (B, N, C) after the embedding and after each block in ``taps``
+  (VAR / DINO-disc convention), and, when ``final``, ``norm(x)[:, 1:]``
+  (B, N, C) after the last block (DINOv2 ``x_norm_patchtokens``; None
+  otherwise). Only ``max(taps) + 1`` blocks run (and have parameters) when
+  ``taps`` is set and ``final`` is False. Raises ``ValueError`` unless the
+  input is square with ``patch_size`` dividing S (and ``vit.Embed``'s
+  ``ValueError`` unless S / patch_size = ``pos_grid``).
   """
   patch_size: int = 16
   dim: int = 384
@@ -202,7 +205,9 @@ class BatchNormLocal(nn.Module):
   The batch is cut into consecutive replicas of ``replica_batch`` samples
   (the per-GPU batch; ``0`` or a call with fewer samples: one replica), and
   each replica into ceil(replica / virtual_bs) equal groups, as the official
-  ``BatchNormLocal`` does on each GPU.
+  ``BatchNormLocal`` does on each GPU. Returns float32 (B, L, C). Raises
+  ``ConfigError`` when the batch does not split into replicas, or a replica
+  into equal groups.
   """
   virtual_bs: int = 8
   eps: float = 1e-6
@@ -257,7 +262,9 @@ class DiscHead(nn.Module):
 
 
 class DinoDiscriminator(nn.Module):
-  """Images (B, H, W, 3) in [-1, 1] -> (B, (len(key_depths) + 1) * N) logits."""
+  """Images (B, H, W, 3) in [-1, 1] -> (B, (T + 1) * N) float32 logits, T =
+  the ``key_depths`` below ``depth``, N = (img_size / patch_size)**2 patches.
+  ``rng``: the random crop's key (None: resize only)."""
   img_size: int = 224
   patch_size: int = 16
   dim: int = 384
@@ -290,7 +297,9 @@ class DinoDiscriminator(nn.Module):
 def diff_augment(x, rng, *, translation: float = 0.125, color: bool = True,
                  cutout: float = 0.2):
   """Differentiable augmentation of NHWC images in [-1, 1] (StyleGAN-T DiffAug
-  with probability 1), independent draws per sample; 0 disables a part."""
+  with probability 1), independent draws per sample; 0 disables a part.
+  ``translation`` / ``cutout``: fractions of the image side. (B, H, W, C) ->
+  (B, H, W, C) float32 (colour jitter may leave [-1, 1])."""
   b, h, w, c = x.shape
   r = jax.random.uniform(rng, (7, b), jnp.float32)
   x = x.astype(jnp.float32)

@@ -112,8 +112,10 @@ def resize_bicubic(x, height: int, width: int):
 
 def interpolate_pos_encoding(pos, height: int, width: int, patch_size: int, *,
                              offset: float = 0.0, antialias: bool = False):
-  """pos (1, 1 + G*G, D) -> (1, 1 + gh*gw, D) for an H x W input (HF
-  ``Dinov2Embeddings.interpolate_pos_encoding``; see the module docstring)."""
+  """pos (1, 1 + G*G, D) -> (1, 1 + gh*gw, D) in pos.dtype for an H x W input
+  (gh, gw = H // patch_size, W // patch_size; HF
+  ``Dinov2Embeddings.interpolate_pos_encoding``; see the module docstring).
+  Raises ``ValueError`` when the table's patch rows are not a square grid."""
   n = pos.shape[1] - 1
   g = math.isqrt(n)
   if g * g != n:
@@ -174,6 +176,9 @@ class Dinov2Model(nn.Module):
     hidden_states     tuple of num_hidden_layers + 1, before the final norm,
                       only if asked (HF's).
   With ``output`` one of ``OUTPUTS`` only that array is returned.
+  Raises ``ValueError`` for pixel_values that are not (B, H, W, 3) with
+  H, W >= patch_size, another ``output``, or a ``bool_masked_pos`` of
+  another shape.
   """
   hidden_size: int = 384
   num_hidden_layers: int = 12
@@ -238,7 +243,8 @@ def from_hf_config(cfg: dict, **overrides) -> Dinov2Model:
 
 
 def dinov2(name: str = "vit_s14", **overrides) -> Dinov2Model:
-  """A released tower by name (``CONFIGS``); ``overrides`` are module fields."""
+  """A released tower by name (``CONFIGS``); ``overrides`` are module fields.
+  Raises ``ConfigError`` for another name."""
   if name not in CONFIGS:
     raise ConfigError(f"Unknown DINOv2 config {name!r}; use one of "
                       f"{sorted(CONFIGS)}.")
@@ -249,7 +255,7 @@ def teacher(name: str, dtype="float32", **overrides):
   """``(module -> (B, D) cls, preprocess)``, the teacher ``"dinov2:{name}"``
   of ``teachers.get_teacher``, with the position-table resize of the project
   that used this tower (``TEACHER_INTERP``); pass ``output="patch_tokens"``
-  for patch features."""
+  for patch features. Raises ``ConfigError`` for a name not in ``CONFIGS``."""
   fields = {"output": "cls", **TEACHER_INTERP.get(name, {}), **overrides}
   module = dinov2(name, dtype=jnp.dtype(dtype), **fields)
   return module, preprocess

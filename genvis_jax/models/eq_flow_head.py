@@ -32,7 +32,9 @@ def dense(features, names, name, dtype, param_dtype,
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """t (...) raw times -> (..., dim) ``[cos, sin]`` sinusoidal features."""
+  """t (...) raw times -> (..., dim) float32 ``[cos, sin]`` sinusoidal
+  features at frequencies ``max_period ** (-k / (dim // 2))`` (a zero column
+  appended for odd ``dim``)."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
                   / half)
@@ -88,6 +90,7 @@ class ResBlock(nn.Module):
     return self.adaLN_modulation_1(nn.silu(y))
 
   def modulated(self, x, mod):
+    """x (..., width), mod (..., 3 width) -> (..., width)."""
     shift, scale, gate = jnp.split(mod, 3, axis=-1)
     h = layers.modulate(self.in_ln(x), shift, scale)
     h = self.mlp_2(nn.silu(self.mlp_0(h)))
@@ -98,7 +101,8 @@ class ResBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-  """adaLN (shift, scale) from y, parameter-free LayerNorm, linear to C."""
+  """adaLN (shift, scale) from y, parameter-free LayerNorm, linear to C:
+  x (..., width), y (..., width) -> (..., out_channels) in ``dtype``."""
   width: int
   out_channels: int
   dtype: Dtype = jnp.float32
@@ -118,6 +122,7 @@ class FinalLayer(nn.Module):
     return self.adaLN_modulation_1(nn.silu(y))
 
   def modulated(self, x, mod):
+    """x (..., width), mod (..., 2 width) -> (..., out_channels)."""
     shift, scale = jnp.split(mod, 2, axis=-1)
     return self.linear(layers.modulate(self.norm_final(x), shift, scale))
 
@@ -132,6 +137,7 @@ class FlowNet(nn.Module):
   (..., 3 width) per res block and (..., 2 width) for the final layer; t and z
   broadcast against each other (e.g. t (S, 1) with z (R, d) gives S x R rows);
   ``modulated(x, mods)`` runs the x path with them. ``__call__`` = both.
+  Outputs in ``dtype``.
   """
   channels: int
   width: int
@@ -164,7 +170,8 @@ class FlowNet(nn.Module):
 
 
 class DiffLoss(nn.Module):
-  """Holds the head as ``net`` (official ``diffloss.net``)."""
+  """Holds the head as ``net`` (official ``diffloss.net``); its methods are
+  ``FlowNet``'s (x_t (..., C), t (...), z (..., d) -> velocity (..., C))."""
   channels: int
   width: int
   depth: int

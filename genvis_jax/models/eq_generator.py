@@ -133,6 +133,10 @@ class EqGenerator(nn.Module):
   head_modulations(t, z))``); ``prefill(labels)`` ->
   (z for column 0 (B, d), cache); ``decode_step(latent, index, cache)`` feeds
   column ``index`` (B, C) and returns (z for column index + 1, cache).
+  z is in ``dtype``; velocities are float32.
+
+  Raises (``__call__`` / ``condition``): ``ValueError`` for latents that are
+  not (B, L, C) or labels not (B,); ``ConfigError`` for C != ``token_dim``.
   """
   hidden_size: int = 1024
   depth: int = 32
@@ -154,10 +158,12 @@ class EqGenerator(nn.Module):
 
   @property
   def null_label(self) -> int:
+    """The null-class label (uses ``fake_latent``): ``num_classes``."""
     return self.num_classes
 
   @property
   def head_dim(self) -> int:
+    """Attention head width: ``hidden_size // num_heads``."""
     return self.hidden_size // self.num_heads
 
   def setup(self):

@@ -138,7 +138,9 @@ class Decoder1D(nn.Module):
 
 
 class SemanticDecoder(nn.Module):
-  """Decoder feature map (B, h, w, C) -> (B, h, w, out_ch) semantic features.
+  """Decoder feature map (B, h, w, C) -> (B, h, w, out_ch) semantic features
+  in ``dtype`` (h and w halved at each of the first ``downsample_scale``
+  levels; 0 here).
 
   Level i: ``num_res_blocks`` res blocks to ``ch * mult_{i+1}`` channels, where
   the multipliers are ``ch_mult + (out_ch // ch,)``; then GN, swish, conv_out.
@@ -169,7 +171,8 @@ class SemanticDecoder(nn.Module):
 
 def sample_posterior(mean, rng, std: float = 2.5):
   """sigma-VAE sample: ``mean + s * eps``, one ``s ~ N(0, (std/0.8)^2)`` per
-  image clamped to ``[-std, std]``. mean (B, L, C) -> (B, L, C)."""
+  image clamped to ``[-std, std]``, eps ~ N(0, 1) per element. mean (B, L, C)
+  -> (B, L, C) (float32 for a float32 mean)."""
   k_s, k_e = jax.random.split(rng)
   s = jax.random.normal(k_s, (mean.shape[0],), jnp.float32) * (std / 0.8)
   s = jnp.clip(s, -std, std).reshape((-1,) + (1,) * (mean.ndim - 1))
@@ -177,7 +180,8 @@ def sample_posterior(mean, rng, std: float = 2.5):
 
 
 def kl_loss(mean):
-  """Per-image "KL" of the sigma-VAE: 0.5 * sum(mean^2). (B, L, C) -> (B,)."""
+  """Per-image "KL" of the sigma-VAE: 0.5 * sum(mean^2). (B, L, C) -> (B,)
+  float32, >= 0."""
   m = mean.astype(jnp.float32)
   return 0.5 * jnp.sum(jnp.square(m), axis=tuple(range(1, m.ndim)))
 
@@ -193,7 +197,13 @@ class EqTokenizer(nn.Module):
     ``latents`` (B, W', C) the decoded latents, plus ``semantic`` (B, h, w, 768)
     when the semantic decoder is on.
   ``encode(images)`` -> posterior mean (B, W / token_width, embed_dim) float32.
-  ``decode(latents)`` -> images (B, H, W' * token_width, 3) clipped to [-1, 1].
+  ``decode(latents)`` -> images (B, H, W' * token_width, 3) float32 clipped
+  to [-1, 1].
+
+  Raises ``ValueError`` for images that are not (B, H, W, 3) or latents not
+  (B, W', embed_dim); ``ConfigError`` for H != ``resolution``, W not a
+  multiple of ``token_width``, or a ``resolution`` that
+  2**(len(ch_mult) - 1) does not divide.
   """
   value_range = (-1.0, 1.0)  # pixels of encode inputs / decode outputs
   ch: int = 128
@@ -223,10 +233,12 @@ class EqTokenizer(nn.Module):
 
   @property
   def latent_height(self) -> int:
+    """Rows of the encoder's feature map: resolution / 2**(len(ch_mult) - 1)."""
     return self.resolution // 2 ** (len(self.ch_mult) - 1)
 
   @property
   def post_channels(self) -> int:
+    """Features per column of the Conv1d stack: z_channels * latent_height."""
     return self.z_channels * self.latent_height
 
   def setup(self):
@@ -274,6 +286,8 @@ class EqTokenizer(nn.Module):
                        f"{latents.shape}.")
 
   def encode(self, images, train: bool = False):
+    """images (B, H, W, 3) in [-1, 1] -> posterior mean (B, W / token_width,
+    embed_dim) float32."""
     self._check_images(images)
     h = self.encoder(images, train)
     return resample.conv1d(h, self.quant_layer).astype(jnp.float32)
@@ -293,6 +307,8 @@ class EqTokenizer(nn.Module):
     return recon, self.semantic_decoder(sem, train).astype(jnp.float32)
 
   def decode(self, latents):
+    """latents (B, W', embed_dim) -> images (B, H, W' * token_width, 3)
+    float32 in [-1, 1]."""
     return jnp.clip(self.decode_raw(latents)[0], -1.0, 1.0)
 
   def __call__(self, images, train: bool = False, rng=None):

@@ -89,7 +89,8 @@ class TransformerBlock(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-  """Class table with one extra row (index num_classes) for the null class."""
+  """Class table with one extra row (index num_classes) for the null class:
+  int labels (B,) in 0..num_classes -> (B, dim) in ``param_dtype``."""
   num_classes: int
   dim: int
   param_dtype: Dtype = jnp.float32
@@ -129,10 +130,12 @@ class FAR(nn.Module):
 
   @property
   def seq_len(self) -> int:
+    """Raster positions per image: ``grid ** 2``."""
     return self.grid * self.grid
 
   @property
   def null_label(self) -> int:
+    """The null-class label (CFG's unconditional row): ``num_classes``."""
     return self.num_classes
 
   def setup(self):
@@ -200,6 +203,10 @@ class FAR(nn.Module):
       fp32 logits (B, k, N, codebook_size): ``logits[:, i, t]`` predicts
       ``codes[:, i, t]`` from the class, all sub-tokens of positions < t and
       sub-tokens < i of position t. Targets are ``codes`` itself (no shift).
+    Raises:
+      ValueError: codes not 3-D, or labels not (B,).
+      ConfigError: k != ``num_codebooks`` or N != ``grid ** 2`` (naming the
+        config key to set).
     """
     b, k, n = self._check(codes, labels)
     cond = self.cls_embedding(self.class_labels(labels, train))      # (B, d)
@@ -280,7 +287,8 @@ class FAR(nn.Module):
     ``i == 0``: x is the backbone hidden h (B, d) and ``code`` is ignored;
     ``i > 0``: ``code`` int (B,) is the sampled sub-token i-1 (x ignored).
     Returns fp32 logits (B, codebook_size) for sub-token i. The head cache
-    (length k) is overwritten from slot 0 at every raster position.
+    (length k) is overwritten from slot 0 at every raster position. Raises
+    ``ValueError`` for ``i`` outside 0..k-1.
     """
     if not 0 <= i < self.num_codebooks:
       raise ValueError(f"head step i={i} must be in 0..{self.num_codebooks - 1}.")

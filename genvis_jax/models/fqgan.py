@@ -63,7 +63,8 @@ def disentangle_loss(quantized: Sequence[jax.Array]) -> jax.Array:
   averaged over all pairs i < j (Dual: one pair; Triple: three). 0 for k = 1.
 
   quantized: k arrays (..., D) (straight-through quantized features, so the
-  gradient reaches the encoder and not the codebooks).
+  gradient reaches the encoder and not the codebooks). Returns a float32
+  scalar in [0, 1].
   """
   pairs = list(itertools.combinations(range(len(quantized)), 2))
   if not pairs:
@@ -90,7 +91,9 @@ def transformer(x, *, num_layers, num_heads, mlp_ratio=4.0, remat="none",
 
 
 class FactorizedAdapter(nn.Module):
-  """(B, g, g, W) -> (B, g, g, W): + pos-embed, ln_pre, ViT, ln_post."""
+  """(B, g, g, W) -> (B, g, g, W) in ``dtype``: + pos-embed, ln_pre, ViT,
+  ln_post. Raises ``ConfigError`` unless the grid holds ``grid_size**2``
+  positions."""
   grid_size: int
   num_layers: int = 6
   num_heads: int = 8
@@ -121,7 +124,8 @@ class FactorizedAdapter(nn.Module):
 class FeatPredHead(nn.Module):
   """Quantized features (B, h, w, D) -> (B, 1 + h*w, width); [:, 0] is the
   predicted CLS. upscale (Linear D->W, ReLU, Linear W->W), prepend CLS, +
-  pos-embed, ln_pre, ViT, ln_post."""
+  pos-embed, ln_pre, ViT, ln_post. Output in ``dtype``; ``ConfigError``
+  unless h * w = ``grid_size**2``."""
   grid_size: int
   width: int = 1024
   num_layers: int = 3
@@ -200,6 +204,11 @@ class FQGAN(lg.VQBase):
   ``encode(images)`` -> tuple of k (B, h, w) int32 code maps, branch order
     (the decoder's concatenation order).
   ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [-1, 1].
+
+  Raises ``ConfigError`` for empty or repeated ``branches``, a feature head
+  on another branch, an ``image_size`` the downsampling factor does not
+  divide, or images of another size; ``ValueError`` for images that are not
+  (B, H, W, 3), or ``decode`` codes that are not a tuple of k (B, h, w) maps.
   """
   branches: Sequence[str] = ("vis", "sem")
   image_size: int = 256
@@ -212,6 +221,7 @@ class FQGAN(lg.VQBase):
 
   @property
   def grid_size(self) -> int:
+    """Side of the code maps: ``image_size // factor``."""
     return self.image_size // self.factor
 
   def _check_config(self):
@@ -253,13 +263,15 @@ class FQGAN(lg.VQBase):
                   for b, w in self.feat_heads}
 
   def encode_latents(self, images, train: bool = False):
-    """{branch: (B, h, w, code_dim)} pre-quantization latents."""
+    """images (B, image_size, image_size, 3) in [-1, 1] -> {branch: (B, h, w,
+    code_dim)} pre-quantization latents in ``dtype``."""
     lg.check_images(images, self.image_size, self.factor)
     z = self.encoder(images, train)
     return {b: self.quant_convs[b](z[b]) for b in self.branches}
 
   def decode_latents(self, quantized: Sequence[jax.Array], train: bool = False):
-    """k (B, h, w, code_dim) maps in branch order -> unclipped images."""
+    """k (B, h, w, code_dim) maps in branch order -> unclipped float32 images
+    (B, H, W, 3)."""
     z = jnp.concatenate([q.astype(self.dtype) for q in quantized], axis=-1)
     return self.decoder(self.post_quant_conv(z), train).astype(jnp.float32)
 

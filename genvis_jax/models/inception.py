@@ -65,7 +65,8 @@ def resize_matrix(in_size: int, out_size: int, half_pixel: bool) -> np.ndarray:
 
 
 def resize_bilinear(x: jax.Array, size: int, half_pixel: bool) -> jax.Array:
-  """(B, H, W, C) -> (B, size, size, C) separable bilinear (no antialias)."""
+  """(B, H, W, C) -> (B, size, size, C) separable bilinear (no antialias),
+  float32 for float32 x; x itself when already size x size."""
   _, h, w, _ = x.shape
   if (h, w) == (size, size):
     return x
@@ -78,7 +79,10 @@ def resize_bilinear(x: jax.Array, size: int, half_pixel: bool) -> jax.Array:
 
 def preprocess_images(images: jax.Array, size: int = 299,
                       mode: str = "pytorch_fid") -> jax.Array:
-  """[0, 1] float or uint8 (B, H, W, 3) -> network input (B, size, size, 3)."""
+  """[0, 1] float or uint8 (B, H, W, 3) -> network input (B, size, size, 3)
+  float32: [-1, 1] for "pytorch_fid", (v - 128) / 128 of v in [0, 255] for
+  "adm_tf". Raises ``ValueError`` for another ``mode`` or images that are
+  not (B, H, W, 3)."""
   if mode not in PREPROCESS:
     raise ValueError(f"Unknown Inception preprocess {mode!r}; choose one of "
                      f"{PREPROCESS}.")
@@ -146,6 +150,8 @@ def _max_pool_3x3_s2(x):
 # --- Inception blocks (torchvision names) ----------------------------------------
 
 class InceptionA(nn.Module):
+  """35x35 block (Mixed_5b-d): (B, h, w, C) -> (B, h, w, 224 +
+  pool_features)."""
   pool_features: int
 
   @nn.compact
@@ -160,7 +166,7 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-  """35 -> 17 reduction (Mixed_6a)."""
+  """35 -> 17 reduction (Mixed_6a): (B, 35, 35, C) -> (B, 17, 17, 480 + C)."""
 
   @nn.compact
   def __call__(self, x):
@@ -172,7 +178,8 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
-  """17x17 block; returns (output, branch1x1) since sFID taps Mixed_6d's 1x1."""
+  """17x17 block; returns (output (B, h, w, 768), branch1x1 (B, h, w, 192))
+  since sFID taps Mixed_6d's 1x1."""
   channels_7x7: int
 
   @nn.compact
@@ -192,7 +199,7 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-  """17 -> 8 reduction (Mixed_7a)."""
+  """17 -> 8 reduction (Mixed_7a): (B, 17, 17, C) -> (B, 8, 8, 512 + C)."""
 
   @nn.compact
   def __call__(self, x):
@@ -205,7 +212,8 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-  """8x8 block; ``max_pool=True`` is FIDInceptionE_2 (Mixed_7c)."""
+  """8x8 block; ``max_pool=True`` is FIDInceptionE_2 (Mixed_7c):
+  (B, h, w, C) -> (B, h, w, 2048)."""
   max_pool: bool = False
 
   @nn.compact
@@ -231,9 +239,11 @@ class InceptionE(nn.Module):
 class FIDInceptionV3(nn.Module):
   """images (B, H, W, 3) in [0, 1] (or uint8) -> {"pool", "spatial", "logits"}.
 
-  See the module docstring for the three outputs and ``preprocess``.
+  See the module docstring for the three outputs (float32 (B, 2048),
+  (B, 2023), (B, 1008) at 299 px) and ``preprocess``.
   ``resize`` is 299 for real use (smaller sizes >= 75 only for quick checks;
-  ``spatial`` then has a different length).
+  ``spatial`` then has a different length). Raises ``ValueError`` for an
+  unknown ``preprocess`` or images that are not (B, H, W, 3).
   """
   preprocess: str = "pytorch_fid"
   resize: int = 299
@@ -266,8 +276,9 @@ class FIDInceptionV3(nn.Module):
 
 
 class Logits(nn.Module):
-  """``pool @ kernel`` (2048, 1008). The bias is a parameter (complete
-  conversion) but not added: ADM's IS uses the TF graph's MatMul alone."""
+  """``pool @ kernel`` (2048, 1008): (B, 2048) -> (B, 1008) float32. The bias
+  is a parameter (complete conversion) but not added: ADM's IS uses the TF
+  graph's MatMul alone."""
 
   @nn.compact
   def __call__(self, pool):
@@ -301,6 +312,7 @@ def init_inception_params(rng=None, resize: int = 299) -> dict:
 
 
 def abstract_inception_params():
+  """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (no computation)."""
   return jax.eval_shape(init_inception_params)
 
 

@@ -41,7 +41,8 @@ def _conv3(features, name, kw, strides=1, padding=_PAD1):
 
 
 class Downsample(nn.Module):
-  """Zero-pad one row/column at the bottom/right, then conv3x3 stride 2."""
+  """Zero-pad one row/column at the bottom/right, then conv3x3 stride 2:
+  (B, H, W, C) -> (B, H/2, W/2, C) for even H, W."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -75,6 +76,7 @@ class CNNBase(nn.Module):
 
   @property
   def top_channels(self) -> int:
+    """Channels at the lowest resolution: hidden_channels * channel_mult[-1]."""
     return self.hidden_channels * self.channel_mult[-1]
 
   def _mid(self, x, train):
@@ -133,7 +135,11 @@ class Decoder(CNNBase):
 
 
 def check_images(images, image_size: int | None = None, factor: int = 1):
-  """Clear errors for non-NHWC-RGB inputs or sizes the model cannot take."""
+  """Clear errors for non-NHWC-RGB inputs or sizes the model cannot take.
+
+  Raises ``ValueError`` unless images are (B, H, W, 3) with ``factor``
+  dividing H and W; ``ConfigError`` unless H = W = ``image_size`` (when
+  given)."""
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Expected NHWC RGB images (B, H, W, 3), got shape "
                      f"{images.shape}.")
@@ -150,6 +156,8 @@ def check_images(images, image_size: int | None = None, factor: int = 1):
 
 
 def check_codes(codes, name="codes"):
+  """Raises ``ValueError`` unless ``codes`` is a (B, h, w) grid (``name`` is
+  named in the message)."""
   if codes.ndim != 3:
     raise ValueError(f"Expected a (B, h, w) code grid for {name}, got shape "
                      f"{codes.shape}; reshape flat tokens to (B, h, w).")
@@ -178,6 +186,7 @@ class VQBase(nn.Module):
 
   @property
   def factor(self) -> int:
+    """Downsampling factor: 2**(len(channel_mult) - 1) (16 for VQ-16)."""
     return 2 ** (len(self.channel_mult) - 1)
 
   def cnn_kwargs(self) -> dict:
@@ -209,7 +218,11 @@ class LlamaGenVQ(VQBase):
   ``encode(images)`` -> codes (B, h, w) int32, row-major token grid.
   ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [-1, 1].
   ``encode_latents(images)`` -> quant_conv output (B, h, w, code_dim).
-  ``decode_latents(z_q)`` -> unclipped images from (quantized) latents.
+  ``decode_latents(z_q)`` -> unclipped float32 images from (quantized)
+    latents (B, h, w, code_dim).
+  Raises ``ValueError`` for images that are not (B, H, W, 3) with H, W
+  divisible by the factor, or codes that are not (B, h, w); ``TypeError``
+  for non-integer codes (``VectorQuantizer.lookup``).
   """
 
   def setup(self):

@@ -45,7 +45,8 @@ class LPIPS(nn.Module):
   """(B, H, W, 3) pair in [-1, 1] -> (B,) float32 distances.
 
   Parameters: ``features_{idx}/{kernel,bias}`` (VGG16 convs, torchvision index)
-  and ``lin_{k}/kernel`` (1, 1, C_k, 1) for k = 0..4.
+  and ``lin_{k}/kernel`` (1, 1, C_k, 1) for k = 0..4. Raises ``ValueError``
+  unless x and y are NHWC RGB batches of one shape.
   """
   dtype: Dtype = jnp.float32
 
@@ -88,6 +89,8 @@ def lpips_distance(params, x: jax.Array, y: jax.Array, *,
     dtype: conv compute dtype (bfloat16 saves memory in training).
   Returns:
     (B,) float32.
+  Raises:
+    ValueError: another ``value_range``, or x, y not (B, H, W, 3) of one shape.
   """
   value_range = tuple(float(v) for v in value_range)
   if value_range not in _RANGES:

@@ -30,7 +30,8 @@ from genvis_jax.models.quantizers import VectorQuantizer
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
-  """(B, H, W, C) -> (B, H/2, W/2, C) mean of 2x2 blocks (torch avg_pool2d(2, 2))."""
+  """(B, H, W, C) -> (B, H/2, W/2, C) mean of 2x2 blocks (torch avg_pool2d(2, 2)).
+  Raises ``ConfigError`` for an odd H or W."""
   b, h, w, c = x.shape
   if h % 2 or w % 2:
     raise errors.ConfigError(
@@ -57,7 +58,8 @@ def res_blocks(x, train: bool, *, count: int, out_channels: int, dropout: float,
 
 
 class AvgPool(nn.Module):
-  """The downsampler: 2x2 average pool (no parameters)."""
+  """The downsampler: 2x2 average pool (no parameters), (B, H, W, C) ->
+  (B, H/2, W/2, C); ``ConfigError`` for an odd H or W."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -74,7 +76,8 @@ def level(out_channels: int, num_blocks: int, *, resample: str | None = None,
           **kw) -> resnet.Level:
   """A MaskGIT level: res blocks ``block_{j}``, then (``resample`` "up")
   ``upsample`` (nearest x2 + conv3x3) or ("down") the average pool; ``kw``:
-  the remaining ``resnet.Level`` fields."""
+  the remaining ``resnet.Level`` fields. Raises ``ValueError`` for another
+  ``resample``."""
   if resample not in (None, *RESAMPLERS):
     raise ValueError(f"resample={resample!r}; use None, 'down' or 'up'.")
   return resnet.Level(out_channels, num_blocks, block=RES_BLOCK,
@@ -148,7 +151,12 @@ class MaskGITVQGAN(nn.Module):
   ``encode(images)`` -> codes (B, h, w) int32, row-major token grid.
   ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [0, 1].
   ``encode_latents(images)`` -> pre-quantization latents (B, h, w, z_channels).
-  ``decode_latents(z_q)`` -> unclipped images from (quantized) latents.
+  ``decode_latents(z_q)`` -> unclipped float32 images from (quantized)
+    latents (B, h, w, z_channels).
+  Raises ``ConfigError`` when ``code_dim`` != ``z_channels`` (no quant_conv)
+  or an image side is not divisible by 2**(levels - 1); ``ValueError`` for
+  images that are not (B, H, W, 3) or codes that are not (B, h, w);
+  ``TypeError`` for non-integer codes.
   """
   value_range = (0.0, 1.0)  # pixels of encode inputs / decode outputs
   hidden_channels: int = 128

@@ -26,8 +26,8 @@ Normalisation (``norm``):
            group (what one GPU holding the whole batch computes);
            ``group_size <= 0`` always takes the whole call as one group. A
            batch that does not split into groups of ``group_size`` raises a
-           ValueError (the official per-GPU split requires the global batch
-           to divide by the number of GPUs).
+           ``ConfigError`` (a ValueError; the official per-GPU split requires
+           the global batch to divide by the number of GPUs).
            Sharding: groups are consecutive images, so each stays on one
            device (no collective) when the per-device batch is a multiple of
            ``group_size``; otherwise XLA all-reduces over the devices a group
@@ -65,8 +65,9 @@ def _torch_bn_weight_init(key, shape, dtype=jnp.float32):
 class GroupBatchNorm(nn.Module):
   """Train-mode BatchNorm over groups of ``group_size`` consecutive images.
 
-  (B, H, W, C) -> same shape; statistics in float32 per (group, channel) over
-  (images of the group, H, W), biased variance. See the module docstring.
+  (B, H, W, C) -> same shape in ``dtype``; statistics in float32 per (group,
+  channel) over (images of the group, H, W), biased variance. See the module
+  docstring. Raises ``ConfigError`` when the batch does not split into groups.
   """
   group_size: int = 32
   epsilon: float = 1e-5
@@ -96,7 +97,9 @@ class GroupBatchNorm(nn.Module):
 
 
 class NLayerDiscriminator(nn.Module):
-  """(B, H, W, C) images -> (B, H', W', 1) patch logits (float32)."""
+  """(B, H, W, C) images -> (B, H', W', 1) patch logits (float32); H' = H/8 - 2
+  for 3 layers (256 -> 30). Raises ``ConfigError`` for a ``norm`` outside
+  ("batch", "group", "none") or a batch ``GroupBatchNorm`` cannot group."""
   ndf: int = 64
   n_layers: int = 3
   norm: str = "group"

@@ -30,7 +30,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps), as ``torch.nn.functional.normalize``."""
+  """x / max(||x||, eps) along ``axis``, as ``torch.nn.functional.normalize``;
+  shape and dtype kept."""
   # max inside the sqrt: same value, finite gradient at x = 0.
   ss = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(ss, eps * eps))
@@ -76,7 +77,9 @@ def usage_stats(codes: jax.Array, num_codes: int) -> dict[str, jax.Array]:
   """Fraction of the codebook used by ``codes`` and the code perplexity.
 
   Perplexity is exp(entropy of the code histogram): num_codes when uniform, 1 when
-  every latent maps to one code.
+  every latent maps to one code. codes: int array of any shape, values in
+  0..num_codes-1. Returns float32 scalars {"usage" in [0, 1], "perplexity"
+  in [1, num_codes]}.
   """
   counts = jnp.zeros((num_codes,), jnp.float32).at[codes.reshape(-1)].add(1.0)
   probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
@@ -152,7 +155,8 @@ class VectorQuantizer(nn.Module):
     return l2_normalize(z) if self.l2_norm else z
 
   def nearest(self, z: jax.Array) -> jax.Array:
-    """Codes of latents: (..., D) -> (...) int32."""
+    """Codes of latents: (..., D) -> (...) int32 in 0..K-1. Raises
+    ``ConfigError`` when D != ``code_dim``."""
     self._check(z)
     zf = self._prepare(z).reshape(-1, self.code_dim)
     d = squared_distances(zf, self.codebook())
@@ -170,7 +174,8 @@ class VectorQuantizer(nn.Module):
     return batch // g
 
   def lookup(self, codes: jax.Array) -> jax.Array:
-    """Latents of codes: (...) int -> (..., D) float32."""
+    """Latents of codes: (...) int -> (..., D) float32 (normalised rows when
+    l2_norm). Raises ``TypeError`` for non-integer codes."""
     if not jnp.issubdtype(codes.dtype, jnp.integer):
       raise TypeError(f"codes must be integers, got dtype {codes.dtype}.")
     return jnp.take(self.codebook(), codes, axis=0)
@@ -191,6 +196,10 @@ class VectorQuantizer(nn.Module):
       aux: dict of float32 scalars: quantizer_loss, codebook_loss,
         commitment_loss (unweighted), entropy_loss (unweighted, 0 when
         entropy_weight == 0), usage, perplexity.
+
+    Raises:
+      ConfigError: D != ``code_dim``, or (training with an entropy loss) a
+        leading axis that ``entropy_group_size`` does not divide.
     """
     self._check(z)
     lead = z.shape[:-1]

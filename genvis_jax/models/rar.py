@@ -67,7 +67,9 @@ class Block(nn.Module):
   sample b uses row ``rows[b]`` (see ``RAR.adaln_table``). Decoding may pass
   the modulation itself, ``mod`` (B, N, 6d) (``c`` then unused), and with
   ``x=None`` the block returns its modulation of ``c`` instead (so a sampler
-  computes it once per condition, not once per step).
+  computes it once per condition, not once per step). Returns the updated
+  x (B, N, d), or, when ``x`` is None, the modulation (..., N, 6d) in
+  ``dtype``.
   """
   dim: int
   num_heads: int
@@ -105,7 +107,8 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
-  """Head adaLN: non-affine LN, modulation chunked (scale, shift) — reversed."""
+  """Head adaLN: non-affine LN, modulation chunked (scale, shift) — reversed.
+  x (..., d) -> float32 (..., d); modulation (..., 2d) float32."""
   dim: int
   param_dtype: Dtype = jnp.float32
 
@@ -154,10 +157,12 @@ class RAR(nn.Module):
 
   @property
   def null_label(self) -> int:
+    """The null-class label (CFG's unconditional row): ``num_classes``."""
     return self.num_classes
 
   @property
   def cache_len(self) -> int:
+    """KV-cache length: ``seq_len`` + the 2 prefix positions."""
     return self.seq_len + PREFIX
 
   def setup(self):
@@ -215,6 +220,10 @@ class RAR(nn.Module):
       (predicts the first token of the order), position 1 + j is the j-th
       permuted image token (predicts token j + 1). Targets for
       ``logits[:, :-1]`` are ``permute(tokens, orders)``.
+    Raises:
+      ConfigError: L != ``seq_len``, or (at setup) ``seq_len + 2`` above
+        ``max_pos`` or ``num_timesteps``.
+      ValueError: labels not (B,), or orders not (B, L).
     """
     b, n = tokens.shape
     if n != self.seq_len:

@@ -76,7 +76,8 @@ class ViTTeacher(nn.Module):
   """The shared pre-norm ViT (``models/layers/vit.py``): ``embed`` (patch conv,
   class token, position table) -> optional ``pre_norm`` -> ``encoder`` (torch
   LayerNorm eps 1e-5) -> CLS, through the final ``norm`` if ``final_norm``.
-  (B, S, S, 3) -> (B, width) float32."""
+  (B, S, S, 3) -> (B, width) float32, S = ``image_size`` (``ValueError``
+  otherwise)."""
   image_size: int = 224
   patch_size: int = 16
   width: int = 64

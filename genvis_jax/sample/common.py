@@ -44,7 +44,8 @@ def cfg_rows(own, null):
 
 
 def cfg_labels(labels, null_label: int):
-  """(B,) -> (2B,) ``[l0, null, l1, null, ...]`` (``cfg_rows`` of the labels)."""
+  """int (B,) -> (2B,) ``[l0, null, l1, null, ...]`` in the labels' dtype
+  (``cfg_rows`` of the labels)."""
   return cfg_rows(labels, jnp.full((1,), null_label, labels.dtype))
 
 
@@ -174,7 +175,8 @@ compiled.cache_clear = _compiled.cache_clear   # e.g. tests counting compiles
 
 def call(fn, params, labels, rng, *scalars):
   """Calls a ``compiled`` sampler with traced fp32 scalars (guidance,
-  temperature, ...), so changing them does not recompile."""
+  temperature, ...), so changing them does not recompile; returns what the
+  sampler returns."""
   return fn(params, labels, rng, *(jnp.asarray(v, jnp.float32) for v in scalars))
 
 

@@ -201,8 +201,10 @@ class Sampler:
 
 
 def make_sample_fn(config, mesh):
-  """Returns a ``Sampler`` (``f(labels (B,), rng) -> uint8 (B, H, W, 3)``)
-  of ``config`` and the batch sharding."""
+  """Returns ``(sampler, batch_sharding)``: the ``Sampler`` (``f(labels (B,),
+  rng) -> uint8 (B, H, W, 3)``) of ``config`` and the sharding of its
+  batches over ``mesh``. Raises ``inference.CodebookSizeError`` before any
+  weights load, and what the weight loads raise."""
   inference.check_codes_fit(config)   # before any weights are read
   gen_model = models.build(config.model)
   gen_params = models.load_params(
@@ -243,10 +245,11 @@ def sample_and_save(config, workdir: str) -> dict:
   Returns ``parts.assemble``'s dict: the ``npz`` and ``png`` paths and
   ``num_samples``.
   Raises:
-    ConfigError: a count < 1, a batch size that is not a multiple of the
-      device count, an unsupported ``config.sample.dtype``, settings the
-      sampler refuses (its ``check_settings``: guidance, temperature, ...)
-      or bad ``config.sample.classes`` / ``labels`` (before anything loads).
+    ConfigError: a count < 1, a negative seed, a batch size that is not a
+      multiple of the device count, an unsupported ``config.sample.dtype``,
+      settings the sampler refuses (its ``check_settings``: guidance,
+      temperature, ...) or bad ``config.sample.classes`` / ``labels``
+      (before anything loads).
     parts.TrainedWithError: the weights trained / converted with other
       model (or ``RUN_KEYS``) settings than the config samples with, or a
       generator run's samples decoded by other tokenizer weights than it

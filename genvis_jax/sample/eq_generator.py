@@ -77,7 +77,8 @@ class Options(common.Options):
 
 def cfg_scale(column, num_columns: int, guidance_scale):
   """Linear CFG ramp ``1 + (guidance_scale - 1) * (column + 1) /
-  num_columns``."""
+  num_columns`` (float32; 0-based ``column``, so the last column gets the
+  full scale)."""
   frac = (jnp.asarray(column, jnp.float32) + 1.0) / num_columns
   return 1.0 + (guidance_scale - 1.0) * frac
 
@@ -423,7 +424,8 @@ def _chunks(state, advance, num_columns, chunk):
 def generate(model, params, labels, rng, s):
   """Sampling-driver adapter (``genvis_jax.sample.driver``): ``config.sample``
   fields (guidance_scale, num_steps, num_columns, latent_scale, dtype) ->
-  tokenizer latents for ``decode`` (generator latents / latent_scale)."""
+  float32 tokenizer latents (B, num_columns, token_dim) for ``decode``
+  (generator latents / latent_scale). Raises what ``sample`` raises."""
   lat = sample(model, params, labels, rng, num_columns=int(s.num_columns),
                guidance_scale=float(s.guidance_scale),
                num_steps=int(s.num_steps),

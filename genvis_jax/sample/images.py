@@ -54,7 +54,8 @@ def _check_uint8(images):
 
 
 def make_grid(images_uint8, ncols: int | None = None, pad: int = 2):
-  """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) image."""
+  """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) uint8
+  image. Raises ``ValueError`` for images that are not uint8 (N, H, W, 3)."""
   return metrics.make_grid(_check_uint8(images_uint8), ncols, pad)
 
 
@@ -66,7 +67,8 @@ def grid_columns(height: int, width: int, square: int = 10) -> int:
 
 
 def save_grid(images_uint8, path: str, ncols: int | None = None) -> str:
-  """Writes a PNG grid of the images (local or ``gs://``); returns ``path``."""
+  """Writes a PNG grid of the uint8 (N, H, W, 3) images (local or ``gs://``);
+  returns ``path``. Raises ``ValueError`` for other images."""
   metrics.save_png(path, make_grid(images_uint8, ncols))
   return path
 
@@ -74,7 +76,8 @@ def save_grid(images_uint8, path: str, ncols: int | None = None) -> str:
 def save_npz(path: str, images_uint8, labels=None) -> str:
   """Saves ``arr_0`` = images (N, H, W, 3) uint8 (the ADM evaluator's key) and,
   if given, ``labels`` (N,), as ``np.savez`` lays them out; returns
-  ``path``."""
+  ``path``. Raises ``ValueError`` for images that are not uint8 (N, H, W, 3)
+  or labels not (N,)."""
   images = _check_uint8(images_uint8)
   return save_npz_parts(path, [images], images.shape, labels)
 

@@ -79,7 +79,9 @@ SAMPLE_GUARDS = ("allow_model_changes",)
 
 def sample_settings(config, pinned=None) -> dict:
   """What decides the images of a part file (flat, JSON-normalised); the
-  weights as the folders of ``pinned`` (``pin_weights(config)``) hold them."""
+  weights as the folders of ``pinned`` (``pin_weights(config)``) hold them.
+  Raises ``pixels.Uint8MethodError`` / ``ConfigError`` for a tokenizer
+  uint8 method or dtype that cannot be resolved."""
   pinned = config if pinned is None else pinned
   tok = config.tokenizer
   # Resolved, so a config without the keys still records what decoded.
@@ -275,7 +277,12 @@ def check_settings(parts_dir: str, settings: dict) -> None:
   """Writes ``settings.json`` on a fresh start; refuses a resume that differs
   (except in ``num_samples``, as a set can grow or shrink, and in the
   checkpoint paths while the weights they resolve to are the same). Process
-  0 checks and writes; its error stops every process."""
+  0 checks and writes; its error stops every process.
+
+  Raises:
+    SampleSettingsError: parts drawn with other settings, parts without a
+      readable ``settings.json``.
+  """
   multihost.on_process_0(lambda: _check_settings(parts_dir, settings))
 
 
@@ -363,7 +370,15 @@ def assemble(workdir: str, num_samples: int) -> dict:
   """Joins the part files into ``samples.npz`` + ``samples.png``; checks
   coverage first. Process 0 only (it wrote the parts); the others get the
   paths. The images are written part by part (``save_npz_parts``): one
-  part in memory, and a file cut short never lies under the final name."""
+  part in memory, and a file cut short never lies under the final name.
+
+  Returns:
+    {"npz": path, "png": path, "num_samples": int}.
+  Raises:
+    RuntimeError: the parts leave a gap or hold fewer than ``num_samples``
+      images.
+    PartUnreadableError: a part that is needed cannot be read.
+  """
   out = {"npz": os.path.join(workdir, "samples.npz"),
          "png": os.path.join(workdir, "samples.png"),
          "num_samples": int(num_samples)}

@@ -41,7 +41,8 @@ def cfg_scale(step, seq_len: int, guidance_scale, guidance_pow):
 
   ``t`` is the 0-based step and ``L`` the model's sequence length (official
   ``generate``: ``t / 256``), so a positive ``pow`` starts at 1 (no guidance)
-  and ``pow = 0`` gives the constant ``g``.
+  and ``pow = 0`` gives the constant ``g``. Returns a float32 scalar (or
+  ``step``'s shape).
   """
   frac = (jnp.asarray(step, jnp.float32) / seq_len) ** guidance_pow
   return 1.0 + (guidance_scale - 1.0) * (1.0 - jnp.cos(jnp.pi * frac)) / 2.0
@@ -161,7 +162,8 @@ def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,
   ``sample`` / ``sample_uncached`` call (for AOT ``lower().compile()``);
   ``dtype`` and ``bucket`` as in ``sample``; ``batch_shards``: devices the
   labels will be split over (``common.batch_shards(labels)``); all three
-  apply to the cached decoder only."""
+  apply to the cached decoder only. Raises ``ConfigError`` for a seq_len
+  outside 1..model.seq_len or a dtype ``common.check_dtype`` rejects."""
   extra = {"batch_shards": max(1, int(batch_shards))} if cached else {}
   opts = ar.options(Options, cached=cached, use_cfg=use_cfg, dtype=dtype,
                     bucket=bucket, seq_len=_check_len(model, seq_len), **extra)
@@ -239,7 +241,8 @@ def sample(model, params, labels, rng, *, guidance_scale: float,
     int32 (B, seq_len) image codes in raster order.
   Raises:
     ConfigError: labels not 1-D or out of range (``common.check_labels``),
-      a guidance_scale that is not finite, temperature <= 0, seq_len
+      a guidance_scale that is not finite, a guidance_pow that is negative
+      or not finite, a temperature that is not a finite number > 0, seq_len
       outside 1..model.seq_len, or a dtype other than float32 / bfloat16.
   """
   return _run(True, model, params, labels, rng, guidance_scale, guidance_pow,
@@ -257,7 +260,8 @@ def sample_uncached(model, params, labels, rng, *, guidance_scale: float,
 
 def generate(model, params, labels, rng, s):
   """Sampling-driver adapter (``genvis_jax.sample.driver``): ``config.sample``
-  fields -> (B, side, side) token maps for the tokenizer's ``decode``."""
+  fields -> int32 (B, side, side) token maps (side = sqrt(model.seq_len))
+  for the tokenizer's ``decode``. Raises what ``sample`` raises."""
   tokens = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,
                   guidance_pow=s.guidance_pow, temperature=s.temperature,
                   dtype=common.config_dtype(s))

@@ -47,7 +47,8 @@ G_LOSSES = {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}
 
 
 def gan_losses(kind: str):
-  """Returns ``(d_loss_fn, g_loss_fn)`` for ``kind`` in D_LOSSES."""
+  """Returns ``(d_loss_fn, g_loss_fn)`` for ``kind`` in D_LOSSES ("hinge",
+  "non_saturating"). Raises ``ConfigError`` for another ``kind``."""
   if kind not in D_LOSSES:
     raise errors.ConfigError(
         f"Unknown GAN loss {kind!r}; choose one of "

@@ -41,6 +41,8 @@ class Geometry(ref.Geometry):
   num_stages: int = 2
 
   def params(self, head_dim):
+    """Triton compiler parameters: ``num_warps`` (default 4 for head_dim <=
+    64, else 8) and ``num_stages``."""
     warps = self.num_warps or (4 if head_dim <= 64 else 8)
     return plgpu.CompilerParams(num_warps=warps, num_stages=self.num_stages)
 
@@ -92,7 +94,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, g: Geometry):
 
 
 def forward(q, k, v, g: Geometry):
-  """q, k, v: (B, Np, H, D) -> (out (B, Np, H, D), lse2 (B, H, Np) fp32, base 2)."""
+  """q, k, v: (B, Np, H, D) -> (out (B, Np, H, D) in q.dtype, lse2 (B, H, Np)
+  fp32, base 2)."""
   b, n, h, d = q.shape
   tile = pl.BlockSpec((None, g.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   full = pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
@@ -163,7 +166,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, *,
 
 
 def backward(q, k, v, out, lse, do, g: Geometry):
-  """Gradients (dq, dk, dv), each (B, Np, H, D), of ``forward``'s output."""
+  """Gradients (dq, dk, dv), each (B, Np, H, D) in its operand's dtype, of
+  ``forward``'s output; ``lse`` is ``forward``'s base-2 lse2."""
   b, n, h, d = q.shape
   di = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32),
                   do.astype(jnp.float32))

@@ -103,7 +103,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
 
 
 def forward(q, k, v, g: Geometry):
-  """q, k, v: (B, H, Np, D) -> (out (B, H, Np, D), lse (B, H, Np, 128) fp32)."""
+  """q, k, v: (B, H, Np, D) -> (out (B, H, Np, D) in q.dtype, lse (B, H, Np,
+  128) fp32, natural log, lane-replicated)."""
   b, h, n, d = q.shape
   steps = ref.max_kv_blocks(**g.band())
   grid = (b, h, n // g.block_q, steps)
@@ -190,7 +191,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *,
 
 
 def backward(q, k, v, out, lse, do, g: Geometry):
-  """Gradients (dq, dk, dv), each (B, H, Np, D), of ``forward``'s output."""
+  """Gradients (dq, dk, dv), each (B, H, Np, D) in its operand's dtype, of
+  ``forward``'s output."""
   b, h, n, d = q.shape
   di = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
   di = jnp.broadcast_to(di[..., None], lse.shape)

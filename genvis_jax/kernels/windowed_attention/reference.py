@@ -165,7 +165,8 @@ def tile_mask(q_start, k_start, shape, *, window: int, tokens_per_column: int):
 
 
 def window_mask(seq_len: int, *, window: int, tokens_per_column: int = 1):
-  """Boolean ``(seq_len, seq_len)`` numpy mask, ``[i, j]`` = query i sees key j."""
+  """Boolean ``(seq_len, seq_len)`` numpy mask, ``[i, j]`` = query i sees key j
+  (the band rule of the module docstring)."""
   c = np.arange(seq_len) // tokens_per_column
   return (c[None, :] <= c[:, None]) & (c[:, None] - c[None, :] < window)
 
@@ -202,11 +203,12 @@ def banded_chunk(seq_len: int, *, window: int, tokens_per_column: int,
 
 def banded_attention(q, k, v, *, window: int, tokens_per_column: int = 1,
                      scale: float | None = None, chunk: int | None = None):
-  """O(N x W) blocked attention in XLA. q, k, v: (B, N, H, D) -> (B, N, H, D).
+  """O(N x W) blocked attention in XLA. q, k, v: (B, N, H, D) -> (B, N, H, D)
+  in q.dtype; ``scale`` defaults to ``1 / sqrt(D)``.
 
   Queries are cut into chunks of ``C`` tokens (``banded_chunk``); chunk ``c``
   attends the ``2C`` keys of chunks ``c-1`` and ``c`` under the band mask, so
-  work and memory are ``N x 2C`` with ``C ~ max(W * T, chunk)``.
+  work and memory are ``N x 2C`` with ``C ~ max((W - 1) * T, chunk)``.
   """
   b, n, h, d = q.shape
   t = tokens_per_column

@@ -221,14 +221,16 @@ def maybe_remat(module_cls, policy: str = "none", static_argnums=()):
 
 def drop_labels(rng, labels, prob: float, null_label: int):
   """Classifier-free guidance training: replaces each label by ``null_label``
-  with probability ``prob`` (int labels of any shape)."""
+  with probability ``prob`` in [0, 1] (int labels of any shape; same shape
+  and dtype out)."""
   drop = jax.random.uniform(rng, labels.shape) < prob
   return jnp.where(drop, null_label, labels)
 
 
 def modulate(x, shift, scale):
   """adaLN modulation ``x * (1 + scale) + shift`` (DiT's ``modulate``; RAR's
-  blocks and the Equivariant flow head)."""
+  blocks and the Equivariant flow head): x (..., d), shift / scale
+  broadcastable to it -> x's broadcast shape, in the promoted dtype."""
   return x * (1 + scale) + shift
 
 

@@ -53,7 +53,8 @@ def update_kv_cache(module: nn.Module, k, v, pos, length: int, dtype=None):
   M = ``length`` on the first call; a cache passed in keeps its own M (a
   sampler may hand in a shorter one holding only the filled prefix, see
   :func:`resize_kv_cache`), which must exceed ``pos + N - 1``: a Python-int
-  ``pos`` past it raises ``ValueError``, a traced one is the caller's to
+  ``pos`` past it raises ``ValueError`` (as does a cache of length 0, i.e.
+  ``length`` 0 on the first call), a traced one is the caller's to
   keep in range (``dynamic_update_slice`` would clamp it and overwrite the
   last slots; the samplers' chunking guarantees it). Heads lead so
   the decode matmuls read the cache in place (no per-step transpose).
@@ -112,7 +113,8 @@ def cached_attention(q, k, v, mask, *, scale: float = 1.0):
 
 def resize_kv_cache(cache, length: int):
   """Pads with zeros or truncates every ``cached_key`` / ``cached_value`` leaf
-  of a ``"cache"`` collection (sub)tree to ``length`` positions.
+  of a ``"cache"`` collection (sub)tree to ``length`` positions: (B, H, M, D)
+  -> (B, H, length, D), dtype kept; other leaves unchanged.
 
   A decode loop that runs positions in chunks keeps the cache only as long as
   the chunk needs (the attention then reads the filled prefix, not the whole
@@ -147,7 +149,8 @@ def rolling_window_attention(q, k, v, cache, pos):
   ``p % W`` (zeros where nothing was written yet). Writes k / v at slot
   ``pos % W`` and attends every slot whose position is >= 0, i.e. keys
   ``pos - W + 1 .. pos`` (windowed causal attention with window W).
-  Returns ``(out (B, 1, H, D) in q.dtype, (ck, cv))``.
+  Returns ``(out (B, 1, H, D) in q.dtype, (ck, cv))``. Raises ``ValueError``
+  unless q holds exactly one position.
   """
   if q.shape[1] != 1:
     raise ValueError(f"A rolling window cache takes one position per call, got "
@@ -189,7 +192,7 @@ def rope_tables_2d(grid: int, head_dim: int, base: float = 10000.0,
   at frequencies ``base ** (-4k / head_dim)``. The class-token rows are
   zeros (cos too: q and k are zeroed there, as in LlamaGen). Computed in
   float64 NumPy and rounded once, as the official table. ``head_dim`` must
-  be divisible by 4.
+  be divisible by 4 (``ValueError`` otherwise).
   """
   if head_dim % 4:
     raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}.")
@@ -207,8 +210,8 @@ def rope_tables_2d(grid: int, head_dim: int, base: float = 10000.0,
 def apply_rope(x, cos, sin):
   """Rotates interleaved pairs (x[2k], x[2k+1]) by the position angle.
 
-  x (B, N, H, D); cos, sin (N, D/2) shared by the batch or (B, N, D/2) per
-  example -> (B, N, H, D) in x.dtype (math in fp32).
+  x (B, N, H, D), D even; cos, sin (N, D/2) shared by the batch or
+  (B, N, D/2) per example -> (B, N, H, D) in x.dtype (math in fp32).
   """
   xs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
   c, s = (t[..., None, :] if t.ndim == 3 else t[None, :, None]
@@ -265,7 +268,7 @@ class FusedQKV(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention, ``x (B, N, d) -> (B, N, d)``.
+  """Multi-head attention, ``x (B, N, d) -> (B, N, dim)`` (``dim`` default d).
 
   Options (fields):
     num_heads: heads; head_dim = d / num_heads (d = ``x.shape[-1]``, or
@@ -340,6 +343,10 @@ class Attention(nn.Module):
       ``(out, window_cache)`` with this position written.
     ``x=None``: returns :meth:`kv` of ``context``.
     Returns (B, N, dim) in ``dtype``.
+    Raises ``ValueError`` for a ``mask`` field not in ``MASKS``, ``cache_pos``
+    on anything but causal self-attention, ``window_cache`` without
+    ``mask="window"``, or a KV cache that cannot hold the positions
+    (:func:`update_kv_cache`).
     """
     is_self = context is None and kv is None
     dim = self.dim or (context if x is None else x).shape[-1]

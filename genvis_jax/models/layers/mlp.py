@@ -25,7 +25,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-  """The activation called ``name`` (a key of ``ACTIVATIONS``)."""
+  """The activation called ``name`` (a key of ``ACTIVATIONS``): an
+  elementwise function, shape and dtype kept. Raises ``ValueError`` for
+  another name."""
   if name not in ACTIVATIONS:
     raise ValueError(f"Unknown activation {name!r}; choose one of "
                      f"{sorted(ACTIVATIONS)}.")
@@ -45,7 +47,9 @@ class Mlp(nn.Module):
   ``FeedForward``): ``fc2(drop(act(fc1_g x) * fc1_x x))`` (timm ``SwiGLU``
   names). Kernels ``fc1*`` (d, hidden) and ``fc2`` (hidden, out), logical
   axes embed -> mlp -> embed. Dropout ``hidden_dropout`` (default
-  ``dropout``) after the activation, ``dropout`` after ``fc2``.
+  ``dropout``) after the activation, ``dropout`` after ``fc2``; ``train``
+  (Python bool) enables both (rng stream ``"dropout"``). Output in ``dtype``.
+  Raises ``ValueError`` for an ``activation`` not in ``ACTIVATIONS``.
   """
   hidden: int
   out: int | None = None

@@ -37,7 +37,8 @@ def reflect_pad(x, pad: int, axes: Sequence[int]):
 
 
 def pixel_unshuffle(x, factors=(2, 2)):
-  """(B, H, W, C) -> (B, H/fh, W/fw, C*fh*fw), channel order (c, i, j) as torch."""
+  """(B, H, W, C) -> (B, H/fh, W/fw, C*fh*fw), channel order (c, i, j) as
+  torch; fh, fw must divide H, W."""
   b, h, w, c = x.shape
   fh, fw = factors
   x = x.reshape(b, h // fh, fh, w // fw, fw, c)
@@ -87,7 +88,9 @@ class _ShuffleConv(nn.Module):
 
 
 class DownsampleResidual(nn.Module):
-  """conv(C -> C/f) then pixel-unshuffle, plus the f-pixel average of x."""
+  """conv(C -> C/f) then pixel-unshuffle, plus the f-pixel average of x:
+  (B, H, W, C) -> (B, H/fh, W/fw, C), f = fh * fw. Raises ``ValueError``
+  unless f divides C."""
   factors: tuple[int, int] = (2, 2)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -106,7 +109,8 @@ class DownsampleResidual(nn.Module):
 
 
 class UpsampleResidual(nn.Module):
-  """conv(C -> C*f) then pixel-shuffle, plus the nearest-neighbour upsample of x."""
+  """conv(C -> C*f) then pixel-shuffle, plus the nearest-neighbour upsample of
+  x: (B, H, W, C) -> (B, H*fh, W*fw, C), f = fh * fw."""
   factors: tuple[int, int] = (2, 2)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -141,14 +145,15 @@ def level(out_channels: int, num_blocks: int, *, attn: bool,
   """An Equivariant level: reflect-padded res blocks ``block_{j}`` (+
   ``attn_{j}``), then (``resample`` "down" / "up") ``DownsampleResidual`` /
   ``UpsampleResidual`` by ``factors``; ``kw``: the remaining
-  ``resnet.Level`` fields."""
+  ``resnet.Level`` fields. Raises ``ValueError`` for another ``resample``."""
   return resnet.Level(
       out_channels, num_blocks, attn=attn, block=REFLECT,
       resample=_shuffle(resample, tuple(factors)) if resample else None, **kw)
 
 
 class Mid(nn.Module):
-  """block_1 -> attn_1 -> block_2 at the lowest resolution."""
+  """block_1 -> attn_1 -> block_2 at the lowest resolution (reflect padding):
+  (B, H, W, C) -> (B, H, W, C) in ``dtype``."""
   dropout: float = 0.0
   remat: str = "none"
   dtype: Dtype = jnp.float32

@@ -56,7 +56,8 @@ def conv2d(x, features: int, name: str, *, kernel_size: int = 3,
 
   ``padding``: "same" (TF SAME; for odd kernels at stride 1 equal to torch's
   zero padding), "torch" (zero padding ``k // 2``) or "reflect" (torch
-  ``padding_mode="reflect"``: the edge pixel is not repeated).
+  ``padding_mode="reflect"``: the edge pixel is not repeated); another value
+  raises ``ConfigError``. Output in ``dtype``.
   """
   mode = conv_padding(padding, kernel_size)
   pad = kernel_size // 2
@@ -86,6 +87,9 @@ class ResnetBlock(nn.Module):
       shortcut(x) + h. "output" (MaskGIT's VQGAN quirk, needed for parity with
       its checkpoint): the 1x1 conv reads the post-conv2 features, returning
       h + shortcut(h). Equal widths: x + h either way.
+
+  Raises ``ConfigError`` for a ``padding`` or ``shortcut_from`` outside
+  ``PADDINGS`` / ``SHORTCUT_FROM``.
   """
   out_channels: int
   dropout: float = 0.0
@@ -159,7 +163,8 @@ class Upsample(nn.Module):
 
 
 def remat_block(cls, remat: str):
-  """``cls`` (a block called as ``block(x, train)``) under ``remat`` policy."""
+  """``cls`` (a block called as ``block(x, train)``) under ``remat`` policy
+  (``layers.maybe_remat``: ``ConfigError`` for an unknown one)."""
   # self=0, x=1, train=2: `train` is a Python bool and must stay static.
   return layers.maybe_remat(cls, remat, static_argnums=(2,))
 
@@ -194,12 +199,13 @@ class Level(nn.Module):
   Fields:
     block: ``ResnetBlock`` options (MaskGIT: ``padding="same",
       use_bias=False, shortcut_from="output"``; Equivariant:
-      ``padding="reflect"``; LlamaGen: the defaults).
+      ``padding="reflect", uniform_guard=True``; LlamaGen: the defaults).
     block_name: the res blocks' name prefix ("block"; LlamaGen's is "res").
     resample: None, or (submodule name, module class or partial taking
       ``name``, ``dtype`` and ``param_dtype``): each family's own resampler
       (MaskGIT's average pool, LlamaGen's strided conv, the Equivariant pixel
-      shuffles), e.g. ``("downsample", Downsample)``.
+      shuffles), e.g. ``("downsample", Downsample)``. Anything else raises
+      ``ValueError`` when the module is constructed.
   """
   out_channels: int
   num_blocks: int

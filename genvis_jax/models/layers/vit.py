@@ -42,7 +42,8 @@ def layer_norm(eps: float, *, name: str, dtype=None, param_dtype=jnp.float32):
 
 
 class LayerScale(nn.Module):
-  """(..., d) * ``scale`` (d,), initialised to ``init_value`` (CaiT / DINOv2)."""
+  """(..., d) * ``scale`` (d,), initialised to ``init_value`` (CaiT / DINOv2);
+  output in x.dtype."""
   init_value: float = 1.0
   param_dtype: Dtype = jnp.float32
 
@@ -58,7 +59,7 @@ class Block(nn.Module):
   """Pre-norm transformer block, (B, N, d) -> (B, N, d):
   x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x)).
 
-  num_heads: attention heads (must divide d).
+  num_heads: attention heads (must divide d, else ``ValueError``).
   mlp_dim: hidden width of the MLP (``activation``: a name of
     ``layers.mlp.ACTIVATIONS``, e.g. gelu, gelu_tanh, quick_gelu).
   norm_eps: eps of both LayerNorms (torch default 1e-5, timm / HF DINOv2 1e-6).
@@ -123,6 +124,9 @@ class Embed(nn.Module):
     e.g. DINOv2's bicubic); None = such inputs raise ValueError.
   mask_token: adds a learned ``mask_token`` (dim,) that replaces the patches
     where ``mask`` (B, num_patches) bool is True (DINOv2 / iBOT masking).
+  Output in ``dtype``. Raises ``ValueError`` for another patch grid without
+  ``resize``, a ``mask`` of another shape, or a ``mask`` without
+  ``mask_token``.
   """
   dim: int
   patch_size: int
