@@ -1,8 +1,10 @@
-"""Reference formulas and stand-ins shared by the evaluation tests: NumPy
-Inception Score and precision / recall, a cheap feature network."""
+"""Reference formulas and stand-ins shared by the evaluation tests: the
+textbook Frechet distance, NumPy Inception Score and precision / recall,
+skimage's SSIM, a cheap feature network."""
 
 import jax
 import numpy as np
+from scipy import linalg
 
 from genvis_jax.core import sharding
 
@@ -58,3 +60,27 @@ def images(rng, n, shift=0):
   """n random uint8 (8, 8, 3) images, brightened by ``shift``."""
   base = rng.integers(0, 200, (n, 8, 8, 3))
   return np.clip(base + shift, 0, 255).astype(np.uint8)
+
+
+def frechet_formula(mu1, s1, mu2, s2):
+  """The textbook formula, unclamped (scipy sqrtm, float64)."""
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+               - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
+
+
+def feature_stats(f):
+  """(N, D) features -> float64 mean (D,) and covariance (D, D), NumPy."""
+  f = np.asarray(f, np.float64)
+  return f.mean(0), np.cov(f, rowvar=False)
+
+
+def ssim(x, y, **recipe):
+  """skimage's ``structural_similarity`` per image (x, y in [0, 1]); the
+  default recipe is our ``ssim``'s (Gaussian sigma 1.5, population
+  covariance, data range 1), ``recipe`` overrides it."""
+  from skimage.metrics import structural_similarity
+  kw = dict(data_range=1.0, gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False)
+  kw.update(recipe)
+  return np.array([structural_similarity(a, b, channel_axis=-1, **kw)
+                   for a, b in zip(x.astype(np.float64), y.astype(np.float64))])

@@ -9,35 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import linalg
 
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching, fid, generation, reference
 from tests import metric_refs
 
 
-def _frechet_formula(mu1, s1, mu2, s2):
-  """The textbook formula, unclamped (scipy sqrtm, float64)."""
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
-               - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
-
-
-def _np_stats(f):
-  f = np.asarray(f, np.float64)
-  return f.mean(0), np.cov(f, rowvar=False)
-
-
 # --- distances and streaming statistics ---------------------------------------------------
 
 def test_frechet_distance_is_clamped_at_zero():
   f = np.random.default_rng(0).normal(size=(50, 8))
-  mu, s = _np_stats(f)
-  raw = _frechet_formula(mu, s, mu, s)
+  mu, s = metric_refs.feature_stats(f)
+  raw = metric_refs.frechet_formula(mu, s, mu, s)
   assert raw < 0          # rounding makes the formula negative for this set
   assert fid.frechet_distance(mu, s, mu, s) == 0.0
-  mu2, s2 = _np_stats(f[:40] + 0.3)
+  mu2, s2 = metric_refs.feature_stats(f[:40] + 0.3)
   assert fid.frechet_distance(mu, s, mu2, s2) == pytest.approx(
-      _frechet_formula(mu, s, mu2, s2), rel=1e-10)
+      metric_refs.frechet_formula(mu, s, mu2, s2), rel=1e-10)
 
 
 def test_streaming_stats_mask_keeps_padding_out():
@@ -134,9 +122,9 @@ def test_generation_metrics_cover_exact_count(gen_files, batch):
   fs, fr = metric_refs.FakeExtractor(13)(samples), metric_refs.FakeExtractor(13)(other)
   assert res["num_samples"] == 13 and res["num_reference"] == 11
   assert res["fid"] == pytest.approx(
-      _frechet_formula(*_np_stats(fs["pool"]), *_np_stats(fr["pool"])), rel=1e-6)
+      metric_refs.frechet_formula(*metric_refs.feature_stats(fs["pool"]), *metric_refs.feature_stats(fr["pool"])), rel=1e-6)
   assert res["sfid"] == pytest.approx(
-      _frechet_formula(*_np_stats(fs["spatial"]), *_np_stats(fr["spatial"])),
+      metric_refs.frechet_formula(*metric_refs.feature_stats(fs["spatial"]), *metric_refs.feature_stats(fr["spatial"])),
       rel=1e-6)
   assert res["inception_score"] == pytest.approx(
       metric_refs.inception_score(fs["logits"].astype(np.float64), 5000), rel=1e-6)
@@ -165,7 +153,7 @@ def test_compute_reference_exact_count_and_record(tmp_path, batch):
   ref = reference.load_reference(path)
   src = DemoSource("validation", num_examples=20)
   want = metric_refs.FakeExtractor(13)(np.stack([src[i]["image"] for i in range(13)]))
-  mu, sigma = _np_stats(want["pool"])
+  mu, sigma = metric_refs.feature_stats(want["pool"])
   np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
   np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-6, atol=1e-9)
   assert (ref.preprocess, ref.inception_weights, ref.num_images) == (
@@ -196,7 +184,7 @@ def test_reference_of_all_images_skips_unreadable_files(tmp_path):
                                      split="validation", num_images=0,
                                      extractor=ex)
   ref = reference.load_reference(path)
-  mu, sigma = _np_stats(metric_refs.FakeExtractor(6)(images)["pool"])
+  mu, sigma = metric_refs.feature_stats(metric_refs.FakeExtractor(6)(images)["pool"])
   assert ref.num_images == 6
   np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
   np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-6, atol=1e-9)
@@ -278,8 +266,8 @@ def test_evaluate_samples_follows_and_enforces_the_record(tmp_path):
   reference.save_reference(
       str(tmp_path / "r.npz"), images=other, preprocess="adm_tf",
       inception_weights="w1", num_images=12,
-      **dict(zip(("mu", "sigma"), _np_stats(feats["pool"]))),
-      **dict(zip(("mu_s", "sigma_s"), _np_stats(feats["spatial"]))))
+      **dict(zip(("mu", "sigma"), metric_refs.feature_stats(feats["pool"]))),
+      **dict(zip(("mu_s", "sigma_s"), metric_refs.feature_stats(feats["spatial"]))))
   ex = metric_refs.FakeExtractor()
   ex.preprocess, ex.weights_id = "adm_tf", "w1"
   res = generation.evaluate_samples(str(tmp_path / "s.npz"),

@@ -14,8 +14,7 @@ import pytest
 
 from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching, tokenizer
-from tests.test_evaluate_protocol import _frechet_formula, _np_stats
-from tests.test_fid import FakeExtractor, _ssim_reference
+from tests import metric_refs
 
 
 ENCODED_SHARDINGS = []   # FakeTokenizer.encode's input shardings, as traced
@@ -92,7 +91,7 @@ def tok_config(monkeypatch):
 
   def extractor(params, batch_size, preprocess):
     seen.resizes.append(preprocess)
-    return FakeExtractor(batch_size)
+    return metric_refs.FakeExtractor(batch_size)
   monkeypatch.setattr(tokenizer.inception_lib, "InceptionExtractor", extractor)
   c = base.get_config()
   c.model = ml_collections.ConfigDict(dict(
@@ -161,15 +160,15 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch,
   assert res["num_images"] == 13
   assert res["psnr"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
   assert res["mse"] == pytest.approx(np.mean(mse), rel=1e-5)
-  assert res["ssim"] == pytest.approx(np.mean(_ssim_reference(x, y)), abs=2e-5)
+  assert res["ssim"] == pytest.approx(np.mean(metric_refs.ssim(x, y)), abs=2e-5)
   assert res["lpips"] == pytest.approx(np.mean(np.abs(x - y)), rel=1e-5)
   assert res["codes_used_0"] == np.unique(codes).size
   assert res["codebook_usage_0"] == pytest.approx(np.unique(codes).size / 32)
   assert res["codes_used_1"] == np.unique(codes % 3).size
-  fx = FakeExtractor(13)(pixels.to_uint8(x, (0.0, 1.0), "round"))["pool"]
-  fy = FakeExtractor(13)(pixels.to_uint8(y, (0.0, 1.0), "round"))["pool"]
+  fx = metric_refs.FakeExtractor(13)(pixels.to_uint8(x, (0.0, 1.0), "round"))["pool"]
+  fy = metric_refs.FakeExtractor(13)(pixels.to_uint8(y, (0.0, 1.0), "round"))["pool"]
   assert res["rfid"] == pytest.approx(
-      _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
+      metric_refs.frechet_formula(*metric_refs.feature_stats(fx), *metric_refs.feature_stats(fy)), rel=1e-6, abs=1e-9)
   assert res["protocol"] == "maskgit_vqgan" and res["center_crop"] == "torchvision"
   assert len(seen.crops) >= 13 and set(seen.crops) == {"torchvision"}
   assert res["rfid_preprocess"] == seen.resizes[-1] == "adm_tf"
@@ -262,7 +261,7 @@ def test_signed_tokenizers_are_scored_by_their_protocol(tok_config, tmp_path,
   else:
     to_bytes = _official_equivariant_bytes
     psnr = 10 * np.log10(1 / np.mean(np.square(gt - y01), (1, 2, 3)))
-    ssim = _ssim_reference(gt, y01)
+    ssim = metric_refs.ssim(gt, y01)
     mse = np.mean(np.square(x - y))
   crop = "adm" if protocol == "fqgan" else "albumentations"
   assert res["protocol"] == protocol and res["center_crop"] == crop
@@ -271,10 +270,10 @@ def test_signed_tokenizers_are_scored_by_their_protocol(tok_config, tmp_path,
   assert res["ssim"] == pytest.approx(np.mean(ssim), abs=2e-5)
   assert res["mse"] == pytest.approx(mse, rel=1e-5)   # in [-1, 1] units
   np.testing.assert_array_equal(to_bytes(x), u)      # originals: their bytes
-  fx = FakeExtractor(13)(to_bytes(x))["pool"]
-  fy = FakeExtractor(13)(to_bytes(y))["pool"]
+  fx = metric_refs.FakeExtractor(13)(to_bytes(x))["pool"]
+  fy = metric_refs.FakeExtractor(13)(to_bytes(y))["pool"]
   assert res["rfid"] == pytest.approx(
-      _frechet_formula(*_np_stats(fx), *_np_stats(fy)), rel=1e-6, abs=1e-9)
+      metric_refs.frechet_formula(*metric_refs.feature_stats(fx), *metric_refs.feature_stats(fy)), rel=1e-6, abs=1e-9)
   assert res["rfid_preprocess"] == seen.resizes[-1] == "adm_tf"
   assert set(seen.crops) == {crop}
   # An explicit resize or crop wins over the protocol's.

@@ -291,24 +291,12 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
 
 # --- tokenizer metrics -----------------------------------------------------------------------
 
-def _ssim_reference(x, y, **recipe):
-  """skimage's ``structural_similarity`` per image (x, y in [0, 1]); the
-  default recipe is our ``ssim``'s (Gaussian sigma 1.5, population
-  covariance, data range 1), ``recipe`` overrides it."""
-  from skimage.metrics import structural_similarity
-  kw = dict(data_range=1.0, gaussian_weights=True, sigma=1.5,
-            use_sample_covariance=False)
-  kw.update(recipe)
-  return np.array([structural_similarity(a, b, channel_axis=-1, **kw)
-                   for a, b in zip(x.astype(np.float64), y.astype(np.float64))])
-
-
 def test_ssim_matches_skimage_and_is_range_independent():
   rng = np.random.default_rng(7)
   x = rng.uniform(0, 1, (3, 24, 20, 3)).astype(np.float32)
   y = np.clip(x + rng.normal(0, 0.15, x.shape), 0, 1).astype(np.float32)
   got = np.asarray(image_metrics.ssim(x, y))
-  np.testing.assert_allclose(got, _ssim_reference(x, y), atol=2e-5)
+  np.testing.assert_allclose(got, metric_refs.ssim(x, y), atol=2e-5)
   np.testing.assert_allclose(
       np.asarray(image_metrics.ssim(2 * x - 1, 2 * y - 1, (-1.0, 1.0))), got,
       atol=1e-5)
