@@ -1,0 +1,254 @@
+"""Signals and errors outside the training loop's own stops end a run with
+one line and lose no data: SIGTERM / Ctrl-C at any point, an error on
+several processes, out-of-device-memory, a failed run's workdir."""
+
+import os
+import signal
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from configs import demo
+from genvis_jax import cli
+from genvis_jax import modes
+from genvis_jax.data import DataNotFoundError
+from genvis_jax.train import trainer as trainer_lib
+
+
+def test_failed_run_leaves_no_empty_workdir_it_created(tmp_path):
+  c = demo.classifier_config()
+  c.mode = "train"
+  c.data.source = "image_folder"
+  c.data.path = str(tmp_path / "nowhere")
+  fresh = tmp_path / "new" / "wd"
+  with pytest.raises(DataNotFoundError):
+    modes.run(c, str(fresh))
+  assert not (tmp_path / "new").exists()   # nor the parent it made
+  # Failing once the workdir is locked: its lock file goes too.
+  from genvis_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+  locked = demo.classifier_config()
+  locked.mode, locked.init_from = "train", str(tmp_path / "no_such_run")
+  with pytest.raises(UserError, match="no_such_run"):
+    modes.run(locked, str(fresh))
+  assert not (tmp_path / "new").exists()
+  kept = tmp_path / "kept"            # the user's folder: stays, files and all
+  (kept / "empty").mkdir(parents=True)
+  with pytest.raises(DataNotFoundError):
+    modes.run(c, str(kept))
+  assert (kept / "empty").is_dir()
+  # Only empty folders go: one with a file in it stays.
+  (fresh / "a" / "b").mkdir(parents=True)
+  (fresh / "a" / "note.txt").write_text("x")
+  modes.remove_empty_dirs(str(fresh))
+  assert (fresh / "a" / "note.txt").exists() and not (fresh / "a" / "b").exists()
+
+
+def test_sigterm_outside_a_clean_stop_ends_a_mode_with_one_line(
+    tmp_path, monkeypatch, capsys):
+  """jax.distributed's preemption notifier takes SIGTERM; only train, sample
+  and demo act on it, in their loops. Outside those, on one process, SIGTERM
+  stops a mode at once with one line and 128 + 15 (pre-tokenizing,
+  evaluation, and training or sampling while they started up exited 143
+  without a word); on several the modes without a clean stop end by the
+  default action (no wait for a collective) and the others keep the
+  notifier; the handler before is back afterwards."""
+  seen = {}
+
+  def fake_mode(config, workdir):
+    del workdir
+    seen[config.mode] = signal.getsignal(signal.SIGTERM)
+    if config.mode == "evaluate":
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)    # the handler raises before this ends
+
+  def notifier(*args):   # stands in for the handler that swallows it
+    del args
+
+  def run_modes(modes_to_run):
+    for mode in modes_to_run:
+      cli.user_errors_exit(lambda argv, mode=mode: modes.run(
+          ml_collections.ConfigDict({"mode": mode}), str(tmp_path)))([])
+      assert signal.getsignal(signal.SIGTERM) is notifier
+
+  previous = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(modes, "resolve", lambda mode: fake_mode)
+  monkeypatch.setattr(modes, "LOCKED", {})   # no workdir lock on 2 fake processes
+  exits = []
+  monkeypatch.setattr(cli.os, "_exit", exits.append)
+  try:
+    signal.signal(signal.SIGTERM, notifier)
+    run_modes(("train", "sample", "pretokenize", "evaluate"))
+    assert all(seen[m] is modes._stop_at_once for m in seen), seen
+    assert exits == [143]
+    err = capsys.readouterr().err   # what a rerun of that mode does
+    assert err.startswith("Error: Stopped by SIGTERM. Nothing half-written")
+    assert err.rstrip().endswith("run the same command again (evaluation "
+                                 "starts over)."), err
+    monkeypatch.setattr(modes.jax, "process_count", lambda: 2)
+    run_modes(("train", "sample", "pretokenize"))
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert seen["train"] is seen["sample"] is notifier
+  assert seen["pretokenize"] == signal.SIG_DFL
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_training_starts_up_says_no_step_ran(
+    signum, tmp_path, monkeypatch, capsys):
+  """A stop before the first step (data checks, tokenizer loading, init):
+  SIGTERM ended the command with 143 and no word. Now one line for either
+  signal, saying no step ran and what a rerun resumes from, with the
+  signal's status; a workdir the run made is removed again."""
+  from genvis_jax.core import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  exits = []
+  monkeypatch.setattr(cli.os, "_exit", exits.append)
+  c = demo.classifier_config()
+  c.mode = "train"
+  wd = tmp_path / "wd"
+  if signum == signal.SIGTERM:   # a fresh run, stopped in its init
+    def init_state(self):
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)    # the handler raises before this ends
+      raise AssertionError("SIGTERM did not stop the start-up")
+
+    monkeypatch.setattr(trainer_lib.Trainer, "init_state", init_state)
+    resume = "no checkpoint is saved yet: training starts again from step 0"
+  else:   # Ctrl-C (Python's KeyboardInterrupt) in a run's data checks
+    def create_train_iterator(*args, **kwargs):
+      raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_lib, "create_train_iterator",
+                        create_train_iterator)
+    (wd / "checkpoints" / "3").mkdir(parents=True)   # a step saved before
+    resume = "training resumes from step 3, its last saved checkpoint"
+
+  def default_action(*args):   # stands in for SIG_DFL's silent exit 143
+    raise AssertionError("SIGTERM reached the handler set before the run")
+
+  previous = signal.signal(signal.SIGTERM, default_action)
+  try:
+    cli.user_errors_exit(lambda argv: modes.run(c, str(wd)))([])
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert exits == [128 + signum]
+  by = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+  lines = [l for l in capsys.readouterr().err.splitlines()
+           if l.startswith("Error:")]
+  assert lines == [f"Error: Stopped by {by} before the first training step: "
+                   f"this run saved no checkpoint; run the same command "
+                   f"again ({resume})."]
+  assert wd.exists() == (signum == signal.SIGINT)
+  assert ckpt_lib.resume_note(str(wd / "checkpoints")) == resume
+
+
+def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,
+                                                               capsys):
+  """No wait at the distributed shutdown barrier: the message (or the
+  traceback), then ``os._exit``."""
+  exits = []
+  monkeypatch.setattr(cli, "_distributed", lambda: True)
+  monkeypatch.setattr(cli.os, "_exit", exits.append)
+
+  def no_data(argv):
+    raise DataNotFoundError("no images here")
+
+  def bug(argv):
+    raise ZeroDivisionError("a bug")
+
+  def done(argv):
+    sys.exit()
+
+  def usage(argv):
+    sys.exit("usage: ...")
+
+  def ctrl_c(argv):
+    raise KeyboardInterrupt
+
+  def saved_stop(argv):   # training after saving the step in flight
+    from genvis_jax.core import preemption  # pylint: disable=import-outside-toplevel
+    raise preemption.TrainingStopped("Training stopped by SIGTERM after step 3")
+
+  for main in (no_data, bug, done, usage, ctrl_c, saved_stop):
+    cli.user_errors_exit(main)([])
+  assert exits == [1, 1, 0, 1, 130, 143]
+  exits.pop()
+  err = capsys.readouterr().err
+  assert "Error: no images here" in err and "ZeroDivisionError: a bug" in err
+  assert "usage: ..." in err
+  assert "Error: Stopped by Ctrl-C. Nothing half-written" in err
+  assert "Error: Training stopped by SIGTERM after step 3" in err
+  assert "KeyboardInterrupt" not in err
+  monkeypatch.setattr(cli, "_distributed", lambda: False)
+  # A saved stop exits as the signal would (the saves have finished).
+  with pytest.raises(SystemExit) as e:
+    cli.user_errors_exit(saved_stop)([])
+  assert e.value.code == 143
+  # Ctrl-C ends a one-process run at once too: its interpreter shutdown
+  # under a checkpoint save in flight crashed.
+  cli.user_errors_exit(ctrl_c)([])
+  assert exits == [1, 1, 0, 1, 130, 130]
+  assert "Stopped by Ctrl-C" in capsys.readouterr().err
+  # --verbose: the traceback too, and still no interpreter shutdown.
+  monkeypatch.setenv(cli.VERBOSE_ENV, "1")
+  cli.user_errors_exit(ctrl_c)([])
+  err = capsys.readouterr().err
+  assert exits[-1] == 130 and len(exits) == 7
+  assert "KeyboardInterrupt" in err and "Stopped by Ctrl-C" in err
+
+
+def test_a_second_ctrl_c_in_training_ends_the_command_at_once(monkeypatch,
+                                                             capsys):
+  """From the command line the process ends in the handler (one line, 130):
+  a KeyboardInterrupt unwound through a save in flight, whose threads logged
+  its traceback. Elsewhere (a notebook) it raises KeyboardInterrupt."""
+  import signal as signal_lib   # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import preemption   # pylint: disable=import-outside-toplevel
+  exits = []
+  monkeypatch.setattr(preemption.os, "_exit", exits.append)
+  stop = preemption.StopRequest()
+  stop._handle(signal_lib.SIGINT, None)     # first: stop after saving
+  assert stop.signal == "SIGINT" and not exits
+  with pytest.raises(KeyboardInterrupt):
+    stop._handle(signal_lib.SIGINT, None)
+  monkeypatch.setattr(preemption, "exit_on_second_interrupt", True)
+  stop._handle(signal_lib.SIGINT, None)
+  assert exits == [130]
+  err = capsys.readouterr().err
+  assert err.startswith("Error: Stopped by Ctrl-C.") and len(err.splitlines()) == 1
+  # Training names the step a rerun resumes from (steps may be lost).
+  stop = preemption.StopRequest(resumes=lambda: "training resumes from step 4")
+  stop._handle(signal_lib.SIGINT, None)
+  stop._handle(signal_lib.SIGINT, None)
+  assert capsys.readouterr().err.endswith(
+      "run the same command again (training resumes from step 4).\n")
+
+
+def test_the_resume_note_names_the_last_finalized_step(tmp_path):
+  from genvis_jax.core import checkpoint as ckpt_lib   # pylint: disable=import-outside-toplevel
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  assert ckpt.resume_note() == ("no checkpoint is saved yet: training starts "
+                                "again from step 0")
+  for step in (3, 6):
+    (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+  (tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1").mkdir()  # in flight
+  assert ckpt.resume_note() == ("training resumes from step 6, its last "
+                                "saved checkpoint")
+
+
+def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):
+  import jax.numpy as jnp
+
+  def too_wide(argv):   # as an Equivariant sample 100,000 columns wide
+    jnp.ones((1 << 42,), jnp.uint8).block_until_ready()
+
+  with pytest.raises(SystemExit) as e:
+    cli.user_errors_exit(too_wide)([])
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith("Error: Out of device memory: RESOURCE_EXHAUSTED: Out "
+                        "of memory allocating 4398046511104 bytes")
+  assert "config.sample.batch_size" in err and len(err.splitlines()) == 1
+  with pytest.raises(ZeroDivisionError):    # other runtime errors pass through
+    cli.user_errors_exit(lambda argv: 1 / 0)([])
