@@ -105,6 +105,27 @@ os.makedirs(listed, exist_ok=True)
 for name in ("t-0.array_record", "u-0.array_record"):
   open(os.path.join(listed, name), "a").close()
 token_integrity.check_same_listing(f"{listed}/[tu]-*.array_record")  # passes
+# An image folder whose copy on process 1 holds an image more.
+import types  # pylint: disable=g-import-not-at-top
+import ml_collections  # pylint: disable=g-import-not-at-top
+from PIL import Image  # pylint: disable=g-import-not-at-top
+from genvis_jax.data import sources  # pylint: disable=g-import-not-at-top
+from genvis_jax.train import checks  # pylint: disable=g-import-not-at-top
+folder = os.path.join(workdir, f"images{jax.process_index()}")
+for i in range(2 + jax.process_index()):
+  os.makedirs(os.path.join(folder, "a"), exist_ok=True)
+  Image.new("RGB", (4, 4)).save(os.path.join(folder, "a", f"{i}.png"))
+image_data = types.SimpleNamespace(fingerprint=lambda: sources.fingerprint(
+    sources.ImageFolderSource(folder)))
+image_config = ml_collections.ConfigDict(
+    {"data": {"source": "image_folder", "path": "/data/images"}})
+# Host weights placed whole on every device of a mesh over both processes.
+weights = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) + 1}
+placed = shd.put_replicated(weights, jax.make_mesh(
+    (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)))
+assert placed["w"].sharding.is_fully_replicated
+for shard in placed["w"].addressable_shards:
+  np.testing.assert_array_equal(np.asarray(shard.data), weights["w"])
 outcomes = []
 for check in (
     lambda: multihost.check_agree({"p": jax.process_index()}, "settings"),
@@ -114,7 +135,8 @@ for check in (
     lambda: token_integrity.check_same_listing(
         f"{listed}/{'[tu]' if jax.process_index() else 't'}-*.array_record"),
     lambda: token_integrity.check_same_listing(
-        f"{listed}/{'t' if jax.process_index() else '[tu]'}-*.array_record")):
+        f"{listed}/{'t' if jax.process_index() else '[tu]'}-*.array_record"),
+    lambda: checks.check_same_data(image_config, image_data)):
   try:
     check()
     outcomes.append("passed")

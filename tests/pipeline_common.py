@@ -67,15 +67,22 @@ def main_command(spec: str, workdir: str, **overrides) -> list[str]:
 
 
 def run_mode_on_processes(spec: str, workdir: str, num_processes: int = 2,
+                          late_output: str | None = None,
                           **overrides) -> list[str]:
   """One ``python -m genvis_jax.main`` call launched as on a pod:
   ``num_processes`` processes of ``8 // num_processes`` fake CPU devices
   each, joined by ``jax.distributed`` on localhost: the 8 devices of the
-  test process (``conftest``) split over them. Returns their logs."""
+  test process (``conftest``) split over them. Returns their logs.
+  ``late_output``: a file process 0 writes last, which it now writes 3 s
+  late; the others fail unless it is there when their mode returns
+  (``tests/late_writer.py``)."""
   assert 8 % num_processes == 0, num_processes
-  return multihost_common.run_processes(
-      [main_command(spec, workdir, **overrides)] * num_processes,
-      local_devices=8 // num_processes)
+  command = main_command(spec, workdir, **overrides)
+  if late_output:
+    command = [sys.executable, os.path.join(ROOT, "tests", "late_writer.py"),
+               late_output, "3"] + command[3:]
+  return multihost_common.run_processes([command] * num_processes,
+                                        local_devices=8 // num_processes)
 
 
 def token_records(pattern: str) -> list[tuple[int, bytes]]:

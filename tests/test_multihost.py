@@ -4,8 +4,8 @@ train, checkpoint, stop, restore and continue; losses and parameters equal
 load weights (also weights saved from one process's device 0), feed
 training batches by data group (a tensor axis across the processes), place
 sampling labels on a mesh that interleaves them, share the sample grids'
-inputs, refuse settings that differ between them and share process 0's
-failed write. A step one process cannot read is skipped by both
+inputs, place host weights on every device, refuse settings and image
+folders that differ between them and share process 0's failed write. A step one process cannot read is skipped by both
 (tests/restore_worker.py)."""
 
 import json
@@ -97,8 +97,15 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_array_equal(vis["image"], np.zeros((16, 2, 2, 3)))
     assert vis["image"].dtype == np.uint8
     np.testing.assert_array_equal(vis["label"], np.arange(16))
-  for i in range(2):   # settings that differ, a failed write on process 0, listings
-    differ, write, listing, lacking = json.load(open(f"{out}.agree{i}.json"))
+  for i in range(2):   # settings that differ, a failed write on process 0,
+    # listings, an image folder with another image on process 1
+    differ, write, listing, lacking, images = json.load(
+        open(f"{out}.agree{i}.json"))
+    assert images.startswith(
+        "OtherProcessError: Processes [1] run with other training data "
+        "(config.data: image_folder '/data/images') than process 0"), images
+    assert ("count: process 0 2 vs this process 3" in images) == (i == 1), (
+        images)
     assert differ.startswith("OtherProcessError: Processes [1] run with other "
                              "settings than process 0"), differ
     assert ("p: process 0 0 vs this process 1" in differ) == (i == 1), differ

@@ -1,11 +1,13 @@
 """RAR through the paper configs with ``runlocal``, every mode as the CLI runs it:
 MaskGIT VQGAN train -> rar_b ten-crop pretokenize -> train, killed and resumed
 -> sample (npz + grid) -> evaluate (FID, sFID, IS, precision, recall).
-Pre-tokenizing and sampling also run as on a pod, on 2 processes x 4 devices,
-and write what 1 process x 8 devices writes; training resumes on 2 processes
-from their token files."""
+Tokenizer evaluation, pre-tokenizing and sampling also run as on a pod, on 2
+processes x 4 devices, and give what 1 process x 8 devices gives (the
+processes that finish first wait for process 0's last write); training
+resumes on 2 processes from their token files."""
 
 import glob
+import json
 import os
 
 import jax
@@ -28,6 +30,18 @@ def test_rar_paper_pipeline(tmp_path):
   pc.run_mode("maskgit_vqgan.py:runlocal", tok,
               **pc.steps(4), **{"loss.disc_start": 2})
   assert pc.latest_step(os.path.join(tok, "checkpoints")) == 4
+  # Tokenizer evaluation: every process evaluates the whole split on its
+  # own devices; on 2 processes (host batches sent to the devices first)
+  # as on 1.
+  one = pc.run_mode("maskgit_vqgan.py:runlocal", os.path.join(w, "tok_eval"),
+                    **{"mode": "evaluate", "evaluate.checkpoint": tok})
+  pc.run_mode_on_processes(
+      "maskgit_vqgan.py:runlocal", os.path.join(w, "tok_eval_2p"),
+      **{"mode": "evaluate", "evaluate.checkpoint": tok})
+  with open(os.path.join(w, "tok_eval_2p", "metrics.json")) as f:
+    two = json.load(f)
+  for key in ("psnr", "ssim", "mse", "codebook_usage"):
+    assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
   pre = pc.run_mode("rar_b.py:runlocal", os.path.join(w, "pretokenize"),
                     **{"mode": "pretokenize", "tokenizer.checkpoint": tok})
@@ -47,6 +61,17 @@ def test_rar_paper_pipeline(tmp_path):
   assert [os.path.basename(f) for f in shards] == [
       "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
   assert [tokens_lib.count_records(f) for f in shards] == [5 * num_images] * 2
+  assert pc.token_records(os.path.join(
+      pre2, "tokens", "train-*-of-00002.array_record")) == (
+          pc.token_records(pre["pattern"]))
+  # Shard 0 written again while process 1 reuses its own: process 1 waits
+  # for it (it left at once, and was stopped at the shutdown barrier of a
+  # job whose slowest shard took 5 minutes longer).
+  for f in glob.glob(os.path.join(pre2, "tokens", "train-00000-of-00002*")):
+    os.remove(f)
+  pc.run_mode_on_processes(
+      "rar_b.py:runlocal", pre2, late_output=shards[0] + ".json",
+      **{"mode": "pretokenize", "tokenizer.checkpoint": tok})
   assert pc.token_records(os.path.join(
       pre2, "tokens", "train-*-of-00002.array_record")) == (
           pc.token_records(pre["pattern"]))
@@ -77,8 +102,10 @@ def test_rar_paper_pipeline(tmp_path):
   # writing): the same images as on this process's 8 devices, bit for bit.
   assert jax.device_count() == 8
   two = os.path.join(w, "samples_2p")
-  pc.run_mode_on_processes("rar_b.py:runlocal", two, **{
-      "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
+  # Process 1 waits while process 0 writes samples.npz.
+  pc.run_mode_on_processes("rar_b.py:runlocal", two, late_output=os.path.join(
+      two, "samples.npz"), **{"mode": "sample", "init_from": rar,
+                              "tokenizer.checkpoint": tok})
   np.testing.assert_array_equal(pc.check_samples({
       "npz": os.path.join(two, "samples.npz"),
       "png": os.path.join(two, "samples.png")}, (16, 32, 32, 3)), images)

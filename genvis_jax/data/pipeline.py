@@ -127,6 +127,12 @@ class PipelineInfo:
   # cannot lower it.
   classes_from_data: bool = False
   iterator: Any = dataclasses.field(default=None, repr=False)
+  data_source: Any = dataclasses.field(default=None, repr=False)
+
+  def fingerprint(self) -> dict:
+    """``sources.fingerprint`` of the split read (its size, an image
+    folder's files and labels)."""
+    return sources.fingerprint(self.data_source)
 
   @property
   def num_skipped(self) -> int:
@@ -297,7 +303,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       local_batch_size=local_batch,
       steps_per_epoch=_steps_per_epoch(shard, local_batch, train,
                                        drop_remainder),
-      class_names=class_names, iterator=iterator,
+      class_names=class_names, iterator=iterator, data_source=source,
       classes_from_data=classes_from_data,
       token_shape=source.token_shape if is_tokens else None)
   logging.info("Input pipeline: %s", info)

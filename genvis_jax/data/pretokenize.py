@@ -226,7 +226,6 @@ def pretokenize(config, workdir: str) -> dict:
                         "tokenizer weights)")
   if done is not None and (states == 0).all():
     return _reused(path, done, settings, pattern)
-  size = p.data.image_size
   value_range = models.value_range(tok.model, config, ("tokenizer",))
   mesh = sharding.data_mesh(jax.local_devices())
   model_cfg = inference.data_model_config(tok)
@@ -234,8 +233,23 @@ def pretokenize(config, workdir: str) -> dict:
   params = models.load_params(
       model_cfg, checkpoint, mesh, setting="--config.tokenizer.checkpoint")
   if done is not None:   # loaded with the others; this shard stays as it is
-    return _reused(path, done, settings, pattern)
-  encode = make_encoder(model, params, mesh)
+    write = lambda: _reused(path, done, settings, pattern)
+  else:
+    write = lambda: _write_shard(config, path, pattern, settings,
+                                 make_encoder(model, params, mesh), value_range)
+  # Every process waits here for the slowest shard: one that left first would
+  # wait at jax.distributed's shutdown barrier, which gives up after 5 minutes
+  # and stops the processes still encoding, leaving a .partial file.
+  return multihost.run_everywhere(
+      write, f"failed to write their shards of {output} (their logs say why).")
+
+
+def _write_shard(config, path: str, pattern: str, settings: dict, encode,
+                 value_range) -> dict:
+  """Encodes this process's share of ``config.pretokenize``'s split into the
+  token file ``path`` and its ``.json`` record."""
+  p = config.pretokenize
+  size = p.data.image_size
   check_tokens_fit(config.get("model") or {}, encode, size)
   it, info = image_batches(p, value_range)
   chunk = jax.local_device_count() * int(p.get("device_batch", 32))

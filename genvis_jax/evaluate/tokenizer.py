@@ -51,11 +51,14 @@ def _on_own_rows(fn, mesh, replicated: int, batched: int):
   devices: LPIPS concatenates its two images along the batch, which left to
   the partitioner would move images between devices."""
   rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  mapped = jax.shard_map(
-      fn, mesh=mesh, in_specs=(whole.spec,) * replicated + (rows.spec,) * batched,
-      out_specs=rows.spec)
-  return jax.jit(mapped, in_shardings=(whole,) * replicated + (rows,) * batched,
-                 out_shardings=rows)
+  shardings = (whole,) * replicated + (rows,) * batched
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(s.spec for s in shardings),
+                         out_specs=rows.spec)
+  jitted = jax.jit(mapped, in_shardings=shardings, out_shardings=rows)
+  # Host arrays go to the devices first: on several processes jit refuses
+  # numpy inputs for a sharded argument (each process holds the whole batch
+  # and evaluates on its own devices). Device arrays already there stay.
+  return lambda *args: jitted(*jax.device_put(args, shardings))
 
 
 def _lpips_fn(lpips_path: str, value_range, mesh):

@@ -373,9 +373,7 @@ def sample_and_save(config, workdir: str) -> dict:
       pending = (finish, start, labels)
     if pending:
       write(*pending)
-  if jax.process_count() > 1:   # the others wait for process 0's last part
-    multihost_utils.sync_global_devices("genvis_jax sample parts written")
-  return parts.assemble(workdir, s.num_samples)
+  return parts.assemble(workdir, s.num_samples)   # the others wait for it
 
 
 def global_labels(labels: np.ndarray, sharding) -> jax.Array:

@@ -368,9 +368,12 @@ def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
 
 def assemble(workdir: str, num_samples: int) -> dict:
   """Joins the part files into ``samples.npz`` + ``samples.png``; checks
-  coverage first. Process 0 only (it wrote the parts); the others get the
-  paths. The images are written part by part (``save_npz_parts``): one
-  part in memory, and a file cut short never lies under the final name.
+  coverage first. Process 0 writes them (it wrote the parts) while the
+  others wait for it (``multihost.on_process_0``: a process that exited
+  first would leave it to be stopped at ``jax.distributed``'s shutdown
+  barrier, 5 minutes on, mid-write on a 50k set), then all get the paths.
+  The images are written part by part (``save_npz_parts``): one part in
+  memory, and a file cut short never lies under the final name.
 
   Returns:
     {"npz": path, "png": path, "num_samples": int}.
@@ -378,12 +381,18 @@ def assemble(workdir: str, num_samples: int) -> dict:
     RuntimeError: the parts leave a gap or hold fewer than ``num_samples``
       images.
     PartUnreadableError: a part that is needed cannot be read.
+    multihost.OtherProcessError: on the other processes, where process 0
+      raised one of those.
   """
   out = {"npz": os.path.join(workdir, "samples.npz"),
          "png": os.path.join(workdir, "samples.png"),
          "num_samples": int(num_samples)}
-  if jax.process_index() != 0:
-    return out
+  multihost.on_process_0(lambda: _write_samples(workdir, num_samples, out))
+  return out
+
+
+def _write_samples(workdir: str, num_samples: int, out: dict) -> None:
+  """``assemble``'s work on process 0: ``out``'s files from the parts."""
   chosen, labels, held = [], [], 0
   for p in _listed(directory(workdir)):
     start = int(os.path.basename(p)[:9])
@@ -433,4 +442,3 @@ def assemble(workdir: str, num_samples: int) -> dict:
           f"images in {directory(workdir)}; --config.sample.num_samples="
           f"{held} writes them all again (nothing is drawn again).",
           flush=True)
-  return out

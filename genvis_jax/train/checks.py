@@ -3,16 +3,18 @@ fail (or silently mistrain) later, before any data opens or any compile, with
 a ``ConfigError`` that names the key and the fix.
 
 ``check_config(config, task)`` runs the ones that need only the config;
-``check_model_classes`` runs once the data report their class count.
+``check_model_classes`` and ``check_same_data`` run once the data are open.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from absl import logging
 
 from genvis_jax import errors
 from genvis_jax.core import dtypes
+from genvis_jax.core import multihost
 
 # The precision settings of the config groups whose weights training updates.
 TRAINED_DTYPES = ("model.dtype", "model.param_dtype", "disc.dtype",
@@ -95,6 +97,29 @@ def check_tokenizer(config, task) -> None:
         "frozen tokenizer, and config.tokenizer.checkpoint is not set: set "
         "--config.tokenizer.checkpoint to a genvis_jax.convert output or an "
         "eq_tokenizer training workdir.")
+
+
+def check_same_data(config, info) -> None:
+  """Every process of a multi-process job reads the same training split:
+  each lists an image folder on its own host and takes its rows from its
+  own listing, so a copy with images added or missing would duplicate or
+  skip examples, and one missing a class folder would shift the labels
+  after it, without a word. Compares ``info.fingerprint()`` (the split's
+  size and, for an image folder, its files and labels; ``PipelineInfo``)
+  across processes.
+
+  Raises:
+    multihost.OtherProcessError: on every process, naming the differences
+      from process 0's split.
+  """
+  if jax.process_count() == 1:
+    return
+  data = config.data
+  where = data.get("path") or data.get("name") or ""
+  multihost.check_agree(
+      info.fingerprint(),
+      f"training data (config.data: {data.source}"
+      f"{f' {where!r}' if where else ''})")
 
 
 def check_model_classes(config, data_classes: int | None, *,

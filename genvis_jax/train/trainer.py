@@ -23,6 +23,7 @@ from genvis_jax import errors, models
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import files
 from genvis_jax.core import metrics as metrics_lib
+from genvis_jax.core import multihost
 from genvis_jax.core import preemption
 from genvis_jax.core import profiling
 from genvis_jax.core import settings as settings_lib
@@ -80,7 +81,7 @@ def create_train_iterator(config, task, *, group=None, seed=None):
       seed=config.seed if seed is None else seed, train=True,
       value_range=task.value_range, process_index=index, process_count=count)
   checks.check_model_classes(config, info.num_classes,
-                      from_data=info.classes_from_data)
+                             from_data=info.classes_from_data)
   return data_iter, info
 
 
@@ -118,8 +119,7 @@ class Trainer:
         self.task, self.optimizers, config.train,
         shd.num_batch_shards(self.mesh, self.rules))
     # Non-trainable weights the losses use (LPIPS, teachers), replicated.
-    self.frozen = jax.device_put(self.task.frozen_params(),
-                                 shd.replicated(self.mesh))
+    self.frozen = shd.put_replicated(self.task.frozen_params(), self.mesh)
     self._step = step_lib.jit_train_step(
         step_fn, self.shardings, shd.batch_sharding(self.mesh, self.rules),
         shd.replicated(self.mesh))
@@ -199,7 +199,12 @@ def train_loop(config, workdir: str, on_log=None):
     # runs before anything is compiled.
     mesh, task = setup(config)
     group = data_group(config, mesh)
-    data_iter, info = create_train_iterator(config, task, group=group)
+    # Opened on every process, the outcome agreed: a host whose copy of the
+    # data is missing stops every process, not only itself.
+    data_iter, info = multihost.run_everywhere(
+        lambda: create_train_iterator(config, task, group=group),
+        "could not open the training data (their logs say why).")
+    checks.check_same_data(config, info)
     files.makedirs(workdir)
     with workdir_lock.hold(workdir):
       trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
