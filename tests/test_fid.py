@@ -208,6 +208,30 @@ def test_unreadable_npz_files_are_named_with_the_fix(tmp_path):
 
 # --- the generation-metrics pipeline --------------------------------------------------------
 
+def test_features_are_read_back_one_batch_behind(tmp_path):
+  """Batch i + 1 is on the devices before batch i's features are read back
+  (and folded into the statistics): the same features as one call each."""
+  events = []
+
+  class Recording(metric_refs.FakeExtractor):
+    def dispatch(self, images):
+      i = sum(e[0] == "sent" for e in events)
+      events.append(("sent", i))
+      out = self(images)
+      return lambda: events.append(("read", i)) or out
+
+  samples = metric_refs.images(np.random.default_rng(6), 20)   # 4 batches of 6
+  np.savez(tmp_path / "s.npz", samples)
+  ex = Recording(batch_size=6)
+  got = generation.run_features(ex, npz.open_images(str(tmp_path / "s.npz")),
+                                "samples")
+  assert events == [("sent", 0), ("sent", 1), ("read", 0), ("sent", 2),
+                    ("read", 1), ("sent", 3), ("read", 2), ("read", 3)]
+  np.testing.assert_array_equal(
+      got["pool"], metric_refs.FakeExtractor(batch_size=20)(samples)["pool"])
+  assert got["count"] == 20
+
+
 def test_evaluate_samples_pipeline(tmp_path):
   rng = np.random.default_rng(5)
   samples = metric_refs.images(rng, 40)

@@ -49,8 +49,8 @@ def run_features(extractor, images: npz.NpzArray, what: str, *,
   pool_stats, spatial_stats = fid_lib.StreamingStats(), fid_lib.StreamingStats()
   pools, logits = [], []
   progress = ref_lib.ProgressLog(what, n, log_every)
-  for batch in images.batches(extractor.batch_size, n):
-    out = extractor(batch)
+  for batch, out in inception_lib.pipelined(
+      extractor, images.batches(extractor.batch_size, n)):
     pool_stats.update(out["pool"])
     spatial_stats.update(out["spatial"])
     pools.append(out["pool"])

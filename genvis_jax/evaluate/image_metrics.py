@@ -17,7 +17,12 @@ def psnr(x: np.ndarray, y: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
   most 120 dB (the MSE is floored at 1e-12)."""
   scale = float(value_range[1]) - float(value_range[0])
   d = (np.asarray(x, np.float64) - np.asarray(y, np.float64)) / scale
-  mse = np.mean(np.square(d), axis=tuple(range(1, d.ndim)))
+  return psnr_of_mse(np.mean(np.square(d), axis=tuple(range(1, d.ndim))))
+
+
+def psnr_of_mse(mse: np.ndarray) -> np.ndarray:
+  """PSNR in dB of per-image MSEs of images in [0, 1] (``psnr``'s last
+  step): ``10 log10(1 / mse)``, the MSE floored at 1e-12 (at most 120 dB)."""
   return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Iterable, Iterator
+
 import jax
 import numpy as np
 
@@ -58,10 +60,44 @@ class InceptionExtractor:
     return self._weights_id
 
   def __call__(self, images) -> dict[str, np.ndarray]:
+    return self.dispatch(images)()
+
+  def dispatch(self, images) -> Callable[[], dict[str, np.ndarray]]:
+    """Sends a batch of 1..batch_size images to the devices and returns
+    ``finish() -> {"pool", "spatial", "logits"}`` host arrays of its rows
+    (``__call__``'s result): read back when called, so a caller that sends
+    batch i + 1 before it finishes batch i keeps the devices busy while
+    the host folds batch i into its statistics."""
     images = np.asarray(images)
     n = len(images)
     if images.dtype != np.uint8:
       images = images.astype(np.float32)
     images, _ = padded.pad_batch(images, self.batch_size)   # n in 1..batch_size
     out = self._fn(self.params, jax.device_put(images, self.data))
-    return {k: np.asarray(v)[:n] for k, v in out.items()}
+    for v in out.values():
+      v.copy_to_host_async()
+    return lambda: {k: np.asarray(v)[:n] for k, v in out.items()}
+
+
+def pipelined(extractor, batches: Iterable) -> Iterator[tuple]:
+  """``(batch, extractor(batch))`` for each of ``batches``, in order, one
+  batch behind: batch i + 1 is on the devices (``dispatch``) while the
+  caller folds batch i's features into its statistics and the next images
+  are read."""
+  pending = None
+  for batch in batches:
+    finish = dispatch(extractor, batch)
+    if pending is not None:
+      yield pending[0], pending[1]()
+    pending = (batch, finish)
+  if pending is not None:
+    yield pending[0], pending[1]()
+
+
+def dispatch(extractor, images) -> Callable[[], dict[str, np.ndarray]]:
+  """``extractor.dispatch(images)`` where it has one (``InceptionExtractor``);
+  otherwise ``extractor(images)`` now, returned by ``finish``."""
+  if hasattr(extractor, "dispatch"):
+    return extractor.dispatch(images)
+  out = extractor(images)
+  return lambda: out

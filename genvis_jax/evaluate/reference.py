@@ -47,7 +47,7 @@ from genvis_jax.errors import UserError
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.evaluate import npz
-from genvis_jax.evaluate.inception import InceptionExtractor
+from genvis_jax.evaluate import inception as inception_lib
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 AUTO = "auto"
@@ -321,8 +321,9 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   """
   split = split or data_config.eval_split
   if extractor is None:
-    extractor = InceptionExtractor(inception_params, batch_size=batch_size,
-                                   mesh=mesh, preprocess=preprocess)
+    extractor = inception_lib.InceptionExtractor(
+        inception_params, batch_size=batch_size, mesh=mesh,
+        preprocess=preprocess)
   preprocess = getattr(extractor, "preprocess", preprocess)
   pool, spatial = fid_lib.StreamingStats(), fid_lib.StreamingStats()
   kept_images, kept_feats = [], []
@@ -330,8 +331,7 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   total, batches = dataset_images(data_config, split, extractor.batch_size,
                                   num_images)
   progress = ProgressLog(f"reference {split}", total)
-  for images in batches:
-    out = extractor(images)
+  for images, out in inception_lib.pipelined(extractor, batches):
     pool.update(out["pool"])
     spatial.update(out["spatial"])
     if kept < num_stored_images:

@@ -201,6 +201,7 @@ class _Scores:
     self.on_device = []   # (mask, SSIM (B,), LPIPS (B,) or None) per batch
     self.uniques, self.discrete, self.codes = None, True, None
     self.rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
+    self.features_pending = []   # (real, reconstruction) Inception finishers
     self.grid_x, self.grid_y = [], []
     self.pixels = 0   # values per image
 
@@ -213,10 +214,14 @@ class _Scores:
     x01 = pixels.as_unit(images, self.value_range)
     y01 = pixels.as_unit(y_bytes if self.proto.scored == "bytes" else rec[:k],
                    self.value_range)
-    self.psnr += float(np.sum(image_metrics.psnr(x01[:k], y01), dtype=np.float64))
+    # One float64 squared error serves PSNR and MSE.
+    sq = np.square(x01[:k].astype(np.float64) - y01)
+    self.psnr += float(np.sum(image_metrics.psnr_of_mse(
+        np.mean(sq, axis=tuple(range(1, sq.ndim)))), dtype=np.float64))
+    self.sq += float(np.sum(sq))
+    del sq
     y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
     self.on_device.append((mask, self.ssim_fn(x01, y01), lpips))
-    self.sq += float(np.sum(np.square(x01[:k].astype(np.float64) - y01[:k])))
     self.pixels = int(np.prod(images.shape[1:]))
     self.codes = codes
     maps = codes if isinstance(codes, (tuple, list)) else (codes,)
@@ -228,11 +233,21 @@ class _Scores:
       self.uniques = u if self.uniques is None else [
           np.union1d(a, b) for a, b in zip(self.uniques, u)]
     if self.extractor is not None:
-      for acc, v in zip(self.rstats, (x_bytes, y_bytes)):
-        acc.update(self.extractor(v)["pool"])
+      # The Inception runs on this batch while the last one's features are
+      # folded into the float64 statistics.
+      sent = [inception_lib.dispatch(self.extractor, v)
+              for v in (x_bytes, y_bytes)]
+      self.fold_features()
+      self.features_pending = sent
     if sum(len(g) for g in self.grid_x) < 32:
       self.grid_x.append(x_bytes)
       self.grid_y.append(y_bytes)
+
+  def fold_features(self) -> None:
+    """Adds the Inception features of the batch sent last to ``rstats``."""
+    for acc, finish in zip(self.rstats, self.features_pending):
+      acc.update(finish()["pool"])
+    self.features_pending = []
 
   def sums(self) -> dict:
     """{"psnr", "ssim", "sq", "lpips"}: float64 sums over the valid images,
@@ -338,6 +353,7 @@ def evaluate(config, workdir: str) -> dict:
     pending = (images, mask, k, rec, codes, lpips)
   if pending is not None:
     scores.add(*pending)
+  scores.fold_features()
   if seen < n:
     logging.warning("%s: %d of its %d files are unreadable and were skipped; "
                     "the metrics cover the %d that were read.", what, n - seen,
