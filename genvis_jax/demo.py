@@ -10,6 +10,7 @@ import ml_collections
 from absl import logging
 
 from genvis_jax import errors
+from genvis_jax.core import files
 from genvis_jax.modes import resolve
 
 
@@ -73,7 +74,14 @@ def as_demo_fields(message: str, stage: str, config) -> str:
 
 def run(config, workdir: str) -> dict:
   """Runs every stage (or those named in ``config.only``, comma-separated, in
-  the config's order); returns {stage: its result}."""
+  the config's order); returns {stage: its result}. Raises ``ConfigError``
+  for a remote (``gs://``) workdir: the stages pre-tokenize into it, which
+  writes local files only."""
+  if files.is_remote(workdir):   # before any stage, not at the 4th
+    raise errors.ConfigError(
+        f"The demo runs on one machine and pre-tokenizes into its workdir, "
+        f"which must be local: --workdir={workdir} is remote. Use a local "
+        "folder (copy it to the bucket afterwards if you like).")
   os.makedirs(workdir, exist_ok=True)
   order = list(config.stage_order)
   if config.get("only"):

@@ -188,10 +188,10 @@ def lock_dir(config, workdir: str) -> tuple[str, str | None]:
   if config.mode != "pretokenize" or "pretokenize" not in config:
     return workdir, None
   from genvis_jax.data import pretokenize  # pylint: disable=import-outside-toplevel
-  folder = os.path.dirname(os.path.abspath(
-      pretokenize.output_prefix(config, workdir)))
-  if files.is_remote(folder):   # refused by the mode; no lock there anyway
-    return folder, None
+  prefix = pretokenize.output_prefix(config, workdir)
+  if files.is_remote(prefix):   # refused by the mode; no lock there anyway
+    return os.path.dirname(prefix), None
+  folder = os.path.dirname(os.path.abspath(prefix))
   return folder, _makedirs(folder)
 
 

@@ -3,6 +3,7 @@ is written or anything compiles, with a message that names the problem and
 the fix."""
 
 import errno
+import os
 
 import jax
 import ml_collections
@@ -218,3 +219,21 @@ def test_read_only_workdir_is_refused_before_any_compute(tmp_path, monkeypatch):
                      r"directory \(Read-only file system\); choose another"):
     modes.check_workdir(str(wd))
   assert modes.check_workdir(str(tmp_path / "new")) == str(tmp_path / "new")
+
+
+def test_remote_paths_that_must_be_local_say_so(tmp_path, monkeypatch):
+  """A gs:// workdir for the demo, image folder or pre-tokenizing output is
+  refused naming the fix, before any stage runs, and no local folder named
+  "gs:" is made (the demo made one, then failed at its 4th stage)."""
+  from genvis_jax import demo as demo_lib  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import sources  # pylint: disable=import-outside-toplevel
+  from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match=r"--workdir=gs://b/demo is remote"):
+    demo_lib.run(pc.load_config("demo.py"), "gs://b/demo")
+  with pytest.raises(UserError, match=r"config.data.path='gs://b/images' is "
+                     r"remote; image folders are read from local disk"):
+    sources.resolve_split_dir("gs://b/images", "train")
+  rar = pc.load_config("rar_b.py:runlocal", mode="pretokenize")
+  assert modes.lock_dir(rar, "gs://b/run") == ("gs://b/run/tokens", None)
+  assert not os.listdir(tmp_path)

@@ -110,3 +110,26 @@ def test_convert_cli_reports_a_truncated_file_without_traceback(tmp_path):
   assert f"Error: {path}: legacy torch.save" in run.stderr, run.stderr
   assert f"{full - 10} of {full} bytes" in run.stderr
   assert not (tmp_path / "out.npz").exists()
+
+
+def test_weight_files_and_converter_outputs_on_gcs(fake_gcs, tmp_path,
+                                                   monkeypatch):
+  """Teacher / LPIPS ``.npz`` files are written to and read from ``gs://``
+  (they were "not found"); a non-empty ``gs://`` --dst is refused without
+  --overwrite. Nothing lands in a local ``gs:`` folder."""
+  # pylint: disable=import-outside-toplevel
+  import os
+  from genvis_jax import convert as convert_lib
+  from genvis_jax.convert import clip_vision
+  from genvis_jax.errors import OutputExistsError
+  monkeypatch.chdir(tmp_path)
+  params = {"block": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  clip_vision.save_teacher_params("gs://bucket/weights/teacher.npz", params)
+  assert (fake_gcs / "bucket" / "weights" / "teacher.npz").is_file()
+  got = clip_vision.load_teacher_params("gs://bucket/weights/teacher.npz")
+  np.testing.assert_array_equal(got["block"]["kernel"],
+                                params["block"]["kernel"])
+  with pytest.raises(OutputExistsError, match="exists and is not empty"):
+    convert_lib._check_dst("gs://bucket/weights", overwrite=False)  # pylint: disable=protected-access
+  convert_lib._check_dst("gs://bucket/new", overwrite=False)  # pylint: disable=protected-access
+  assert not os.path.exists(tmp_path / "gs:")

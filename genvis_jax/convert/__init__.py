@@ -31,9 +31,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from genvis_jax import errors, models
 from genvis_jax.convert import io, tree
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import registry
 from genvis_jax.core import weights as weights_lib
@@ -99,7 +101,8 @@ def _check_dst(dst: str, overwrite: bool) -> None:
   if not dst:
     raise errors.ConfigError("--dst is required (where to write the converted weights).")
   full = os.fspath(dst)
-  non_empty = os.path.isfile(full) or (os.path.isdir(full) and os.listdir(full))
+  target = epath.Path(full)   # local or gs://
+  non_empty = target.is_file() or (target.is_dir() and any(target.iterdir()))
   if non_empty and not overwrite:
     raise errors.OutputExistsError(f"{full} exists and is not empty; pass "
                                    "--overwrite to replace it, or choose "
@@ -113,7 +116,8 @@ def load_sources(src: str | Sequence[str], key: str | None = None) -> dict:
     raise errors.ConfigError("--src is required (the official checkpoint file).")
   state: dict = {}
   for path in paths:
-    part = io.load_state_dict(path, key)
+    with files.local_copy(path) as local:   # a gs:// file is read from a copy
+      part = io.load_state_dict(local, key)
     clash = sorted(set(part) & set(state))
     if clash:
       raise errors.ConfigError(
@@ -175,7 +179,7 @@ def load_weights(path: str, expected=None, *,
   """
   # Process 0's view: every process then takes the same path (a directory
   # is read with collectives, a file without).
-  if multihost.decided_on_process_0(lambda: os.path.isdir(path)):
+  if multihost.decided_on_process_0(lambda: epath.Path(path).is_dir()):
     if expected is None:
       raise errors.CheckpointFileError(
           f"{path} ({setting}) is a directory; these {what} are read from one "
@@ -184,11 +188,12 @@ def load_weights(path: str, expected=None, *,
     return jax.tree_util.tree_map(
         jnp.asarray, weights_lib.restore_params(path, expected, setting=setting,
                                                 model_name=model_name))
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise errors.CheckpointFileNotFoundError(
         f"No {what} at {path!r} ({setting}): file not found. {fetch} and "
         f"point {setting} at it.")
-  flat = io.load_state_dict(path, setting=setting)
+  with files.local_copy(path) as local:   # a gs:// file is read from a copy
+    flat = io.load_state_dict(local, setting=setting)
   if not flat:
     raise errors.CheckpointFileError(f"{path} ({setting}) holds no arrays.")
   if all("/" in k for k in flat):   # Flax paths; official names use dots

@@ -31,6 +31,7 @@ from flax import traverse_util
 from genvis_jax import convert as convert_lib
 from genvis_jax import errors
 from genvis_jax.convert import vit as cvit
+from genvis_jax.core import files
 from genvis_jax.models import clip_vision
 
 _DROP_PREFIXES = ("text_model.", "visual_projection.", "text_projection.",
@@ -117,7 +118,8 @@ def write(dst: str, params, state_dict) -> None:
 def save_teacher_params(path: str, params) -> None:
   """Writes a params pytree as ``.npz`` with '/'-joined Flax paths as keys."""
   flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
-  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
+  arrays = {k: np.asarray(v) for k, v in flat.items()}
+  files.write_whole(path, lambda tmp: np.savez(tmp, **arrays))   # or gs://
 
 
 def load_teacher_params(path: str, setting: str = "config.teachers[i].path"):

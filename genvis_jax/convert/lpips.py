@@ -20,6 +20,7 @@ import numpy as np
 from genvis_jax import convert as convert_lib
 from genvis_jax import errors
 from genvis_jax.convert import tree
+from genvis_jax.core import files
 from genvis_jax.models import lpips
 
 NEEDS_CONFIG = False  # one fixed architecture
@@ -95,5 +96,6 @@ def write(dst: str, params, state_dict) -> None:
   if not dst.endswith(".npz"):
     raise errors.ConfigError(
         f"--dst for kind lpips is an .npz file, got {dst!r}.")
-  np.savez(dst, **{k: np.asarray(v, np.float32) for k, v in state_dict.items()
-                   if _needed(k)})
+  arrays = {k: np.asarray(v, np.float32) for k, v in state_dict.items()
+            if _needed(k)}
+  files.write_whole(dst, lambda tmp: np.savez(tmp, **arrays))   # or gs://

@@ -9,10 +9,11 @@ local folder named ``gs:`` on process 0's disk and report success.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import zipfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from etils import epath
 
@@ -66,6 +67,23 @@ def open_read(path) -> BinaryIO:
   """``path`` opened for binary reading (seekable: ``np.load`` and
   ``zipfile`` read ``.npz`` members from it)."""
   return epath.Path(path).open("rb")
+
+
+@contextlib.contextmanager
+def local_copy(path) -> Iterator[str]:
+  """``path`` itself where it is local; a remote file (``gs://``) copied to a
+  local temporary file for the ``with`` block (the weight readers need a
+  local file: torch's zip reader, safetensors, numpy). The copy is removed
+  after it; arrays still mapped from it stay readable (the file lives on
+  until they are freed)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="genvis_jax_download_") as tmp:
+    local = os.path.join(tmp, epath.Path(path).name)
+    epath.Path(path).copy(local)
+    yield local
 
 
 def makedirs(path) -> None:

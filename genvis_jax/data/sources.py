@@ -98,6 +98,11 @@ def resolve_split_dir(path: str, split: str, setting: str = "config.data") -> st
     raise DataNotFoundError(
         f"{setting}.path is empty: set it to an image folder laid out as "
         "<path>/<class_name>/*.jpg (or <path>/<split>/<class_name>/*.jpg).")
+  if "://" in path:
+    raise DataConfigError(
+        f"{setting}.path={path!r} is remote; image folders are read from "
+        "local disk. Copy the folder to each worker (e.g. `gcloud storage cp "
+        "-r`), or prepare the data set with TFDS (source 'tfds').")
   if not os.path.isdir(path):
     raise DataNotFoundError(
         f"Image folder {path!r} does not exist ({setting}.path). Expected "
