@@ -132,4 +132,14 @@ def test_weight_files_and_converter_outputs_on_gcs(fake_gcs, tmp_path,
   with pytest.raises(OutputExistsError, match="exists and is not empty"):
     convert_lib._check_dst("gs://bucket/weights", overwrite=False)  # pylint: disable=protected-access
   convert_lib._check_dst("gs://bucket/new", overwrite=False)  # pylint: disable=protected-access
+  # A missing or damaged gs:// file is named by its own path, not the copy.
+  from genvis_jax.errors import (CheckpointFileError,  # pylint: disable=import-outside-toplevel
+                                 CheckpointFileNotFoundError)
+  with pytest.raises(CheckpointFileNotFoundError,
+                     match=r"^Weights file gs://bucket/no\.pth not found"):
+    convert_lib.load_sources("gs://bucket/no.pth")
+  (fake_gcs / "bucket" / "bad.pth").write_bytes(b"not a checkpoint")
+  with pytest.raises(CheckpointFileError, match=r"^gs://bucket/bad\.pth: "
+                     r"unknown checkpoint format"):
+    convert_lib.load_sources("gs://bucket/bad.pth")
   assert not os.path.exists(tmp_path / "gs:")

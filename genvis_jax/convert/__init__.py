@@ -109,6 +109,23 @@ def _check_dst(dst: str, overwrite: bool) -> None:
                                    "another --dst.")
 
 
+def _read_state_dict(path: str, key: str | None = None,
+                     setting: str = "--src") -> dict:
+  """``io.load_state_dict`` of a local or ``gs://`` file (read from a local
+  copy, ``files.local_copy``); its errors name ``path``, not the copy."""
+  if files.is_remote(path) and not epath.Path(path).exists():
+    raise errors.CheckpointFileNotFoundError(
+        f"Weights file {path} not found; check the path ({setting}).")
+  with files.local_copy(path) as local:
+    try:
+      return io.load_state_dict(local, key, setting=setting)
+    except errors.UserError as e:
+      if local != path:
+        e.args = tuple(a.replace(local, path) if isinstance(a, str) else a
+                       for a in e.args)
+      raise
+
+
 def load_sources(src: str | Sequence[str], key: str | None = None) -> dict:
   """Reads and merges one or more files (a comma-separated string or a list)."""
   paths = [p for p in (src.split(",") if isinstance(src, str) else src) if p]
@@ -116,8 +133,7 @@ def load_sources(src: str | Sequence[str], key: str | None = None) -> dict:
     raise errors.ConfigError("--src is required (the official checkpoint file).")
   state: dict = {}
   for path in paths:
-    with files.local_copy(path) as local:   # a gs:// file is read from a copy
-      part = io.load_state_dict(local, key)
+    part = _read_state_dict(path, key)
     clash = sorted(set(part) & set(state))
     if clash:
       raise errors.ConfigError(
@@ -192,8 +208,7 @@ def load_weights(path: str, expected=None, *,
     raise errors.CheckpointFileNotFoundError(
         f"No {what} at {path!r} ({setting}): file not found. {fetch} and "
         f"point {setting} at it.")
-  with files.local_copy(path) as local:   # a gs:// file is read from a copy
-    flat = io.load_state_dict(local, setting=setting)
+  flat = _read_state_dict(path, setting=setting)
   if not flat:
     raise errors.CheckpointFileError(f"{path} ({setting}) holds no arrays.")
   if all("/" in k for k in flat):   # Flax paths; official names use dots

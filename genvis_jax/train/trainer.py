@@ -72,8 +72,6 @@ def create_train_iterator(config, task, *, group=None, seed=None):
   ``group``: its ``data_group`` on the training mesh; None: one group per
   process."""
   from genvis_jax import data as data_lib  # local: keeps trainer import light
-  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
-  token_origin.check_training_files(config)
   index, count = group or (None, None)
   data_iter, info = data_lib.create_dataset(
       config.data, split=config.data.split,
@@ -199,6 +197,10 @@ def train_loop(config, workdir: str, on_log=None):
     # runs before anything is compiled.
     mesh, task = setup(config)
     group = data_group(config, mesh)
+    # Token files: where they came from and the same listing on every
+    # process (agreed through its own collectives, so not inside the next).
+    from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+    token_origin.check_training_files(config)
     # Opened on every process, the outcome agreed: a host whose copy of the
     # data is missing stops every process, not only itself.
     data_iter, info = multihost.run_everywhere(
