@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gc
 import os
 import sys
 
@@ -47,6 +48,24 @@ def _imported(node: ast.AST, current: str, is_pkg: bool) -> list[str]:
   return []
 
 
+def _parse(path: str) -> ast.Module:
+  """``ast.parse`` with the garbage collector paused.
+
+  In CPython 3.11 a collection during parsing that runs a finalizer which
+  parses too (asyncio logging an unretrieved task's traceback) breaks the
+  outer parse with "AST constructor recursion depth mismatch" (gh-106905).
+  """
+  with open(path, encoding="utf-8") as f:
+    source = f.read()
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    return ast.parse(source, path)
+  finally:
+    if enabled:
+      gc.enable()
+
+
 def import_graph(root: str):
   """(module-level edges, function-level edges, function-level import count).
 
@@ -61,7 +80,7 @@ def import_graph(root: str):
   deferred: dict[str, set[str]] = {m: set() for m in mods}
   inner = 0
   for mod, path in mods.items():
-    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    tree = _parse(path)
     is_pkg = path.endswith("__init__.py")
 
     def visit(node, depth):
