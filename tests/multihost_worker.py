@@ -126,6 +126,7 @@ placed = shd.put_replicated(weights, jax.make_mesh(
 assert placed["w"].sharding.is_fully_replicated
 for shard in placed["w"].addressable_shards:
   np.testing.assert_array_equal(np.asarray(shard.data), weights["w"])
+checks.check_same_weights({"lpips": weights})       # the same: passes
 outcomes = []
 for check in (
     lambda: multihost.check_agree({"p": jax.process_index()}, "settings"),
@@ -136,7 +137,11 @@ for check in (
         f"{listed}/{'[tu]' if jax.process_index() else 't'}-*.array_record"),
     lambda: token_integrity.check_same_listing(
         f"{listed}/{'t' if jax.process_index() else '[tu]'}-*.array_record"),
-    lambda: checks.check_same_data(image_config, image_data)):
+    lambda: checks.check_same_data(image_config, image_data),
+    # Frozen weights: one leaf differs on process 1 (a stale copy there).
+    lambda: checks.check_same_weights(
+        {"lpips": {"w": weights["w"] + jax.process_index(),
+                   "b": weights["w"]}})):
   try:
     check()
     outcomes.append("passed")

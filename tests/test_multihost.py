@@ -98,9 +98,16 @@ def test_two_processes_match_one(tmp_path):
     assert vis["image"].dtype == np.uint8
     np.testing.assert_array_equal(vis["label"], np.arange(16))
   for i in range(2):   # settings that differ, a failed write on process 0,
-    # listings, an image folder with another image on process 1
-    differ, write, listing, lacking, images = json.load(
+    # listings, an image folder with another image on process 1, a frozen
+    # weight whose bytes differ there
+    differ, write, listing, lacking, images, weights = json.load(
         open(f"{out}.agree{i}.json"))
+    assert weights.startswith(
+        "OtherProcessError: Processes [1] run with other frozen weights than "
+        "process 0"), weights
+    assert "copy the same files to every host" in weights, weights
+    assert ("['lpips']['w']: process 0" in weights) == (i == 1), weights
+    assert "['lpips']['b']" not in weights, weights
     assert images.startswith(
         "OtherProcessError: Processes [1] run with other training data "
         "(config.data: image_folder '/data/images') than process 0"), images

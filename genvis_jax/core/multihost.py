@@ -148,12 +148,15 @@ def decided_on_process_0(fn: Callable[[], int]) -> int:
   return ints_on_process_0(lambda: [fn()])[0]
 
 
-def check_agree(settings, what: str) -> None:
+def check_agree(settings, what: str, fix: str = (
+    "every process of a job must get the same flags and see the same data "
+    "and weights. Compare their command lines, then run again.")) -> None:
   """Raises ``OtherProcessError`` on every process unless every process
   passes equal ``settings`` (JSON-serialisable), e.g. the settings that
   decide its output: one process started with other flags, or reading a
   data folder copied incompletely to its host, would otherwise write
-  something else than the rest without a word. ``what`` names them."""
+  something else than the rest without a word. ``what`` names them; ``fix``
+  ends the message."""
   if jax.process_count() == 1:
     return
   text = json.dumps(settings, sort_keys=True, default=str)
@@ -172,5 +175,4 @@ def check_agree(settings, what: str) -> None:
   detail = f" ({settings_lib.shorten(diff, 5)})" if diff else ""
   raise OtherProcessError(
       f"Processes {differ} run with other {what} than process 0{detail}; "
-      "every process of a job must get the same flags and see the same data "
-      "and weights. Compare their command lines, then run again.")
+      + fix)

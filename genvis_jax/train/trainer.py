@@ -116,8 +116,11 @@ class Trainer:
     step_fn = step_lib.make_train_step(
         self.task, self.optimizers, config.train,
         shd.num_batch_shards(self.mesh, self.rules))
-    # Non-trainable weights the losses use (LPIPS, teachers), replicated.
-    self.frozen = shd.put_replicated(self.task.frozen_params(), self.mesh)
+    # Non-trainable weights the losses use (LPIPS, teachers), replicated:
+    # each process places its own copy, so the copies are compared first.
+    frozen = self.task.frozen_params()
+    checks.check_same_weights(frozen)
+    self.frozen = shd.put_replicated(frozen, self.mesh)
     self._step = step_lib.jit_train_step(
         step_fn, self.shardings, shd.batch_sharding(self.mesh, self.rules),
         shd.replicated(self.mesh))
