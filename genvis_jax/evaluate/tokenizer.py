@@ -219,8 +219,8 @@ class _Scores:
                    self.value_range)
     # One float64 squared error serves PSNR and MSE.
     sq = np.square(x01[:k].astype(np.float64) - y01)
-    self.psnr += float(np.sum(image_metrics.psnr_of_mse(
-        np.mean(sq, axis=tuple(range(1, sq.ndim)))), dtype=np.float64))
+    self.psnr += float(np.sum(image_metrics.mse_and_psnr(sq)[1],
+                              dtype=np.float64))
     self.sq += float(np.sum(sq))
     del sq
     y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
