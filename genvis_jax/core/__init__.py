@@ -19,6 +19,8 @@ Runs:
   preemption        stopping cleanly on a signal or a request
   workdir_lock      one run per workdir
   profiling         a window of steps traced with ``jax.profiler``
+  overlap           work i + 1 sent to the devices before work i is read
+                    back (``ahead``, ``InFlight``)
   settings          the flat JSON records that guard a resume
   files             whole-file writes and reads, local or ``gs://``
   metrics           clu metric writers, progress, image grids

@@ -7,11 +7,12 @@ masked out of statistics by the caller).
 
 from __future__ import annotations
 
-import collections
 from typing import Callable
 
 import jax
 import numpy as np
+
+from genvis_jax.core import overlap
 
 
 def pad_batch(x, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,12 +59,11 @@ def map_padded(fn: Callable, params, x, batch_size: int, *,
     raise ValueError(f"map_padded needs rows and a batch size >= 1, got "
                      f"{n} rows in batches of {batch_size}.")
   params = jax.device_put(params)
-  pending, done = collections.deque(), []
-  for start in range(0, n, batch_size):
+
+  def send(start):
     rows = x[start:start + batch_size]
     rows = rows if prepare is None else prepare(rows)
-    pending.append(fn(params, pad_batch(rows, batch_size)[0]))
-    if len(pending) > in_flight:
-      done.append(jax.device_get(pending.popleft()))
-  done.extend(jax.device_get(list(pending)))
+    out = fn(params, pad_batch(rows, batch_size)[0])
+    return lambda: jax.device_get(out)
+  done = list(overlap.ahead(range(0, n, batch_size), send, depth=in_flight))
   return jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *done)

@@ -17,13 +17,16 @@ def psnr(x: np.ndarray, y: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
   most 120 dB (the MSE is floored at 1e-12)."""
   scale = float(value_range[1]) - float(value_range[0])
   d = (np.asarray(x, np.float64) - np.asarray(y, np.float64)) / scale
-  return psnr_of_mse(np.mean(np.square(d), axis=tuple(range(1, d.ndim))))
+  return mse_and_psnr(np.square(d))[1]
 
 
-def psnr_of_mse(mse: np.ndarray) -> np.ndarray:
-  """PSNR in dB of per-image MSEs of images in [0, 1] (``psnr``'s last
-  step): ``10 log10(1 / mse)``, the MSE floored at 1e-12 (at most 120 dB)."""
-  return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
+def mse_and_psnr(sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-image MSE and PSNR of images in [0, 1], from their elementwise
+  squared error ``sq`` (B, ...) (float64, so a caller summing it for its own
+  MSE shares it): ((B,) MSE, (B,) PSNR in dB, ``10 log10(1 / mse)`` with the
+  MSE floored at 1e-12, so at most 120 dB)."""
+  mse = np.mean(sq, axis=tuple(range(1, sq.ndim)))
+  return mse, 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
 
 
 def _gaussian_window(size: int, sigma: float) -> np.ndarray:

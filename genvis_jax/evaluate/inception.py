@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Iterator
 import jax
 import numpy as np
 
+from genvis_jax.core import overlap
 from genvis_jax.core import padded
 from genvis_jax.core import sharding
 from genvis_jax.models.inception import (PREPROCESS, FIDInceptionV3,
@@ -84,14 +85,10 @@ def pipelined(extractor, batches: Iterable) -> Iterator[tuple]:
   batch behind: batch i + 1 is on the devices (``dispatch``) while the
   caller folds batch i's features into its statistics and the next images
   are read."""
-  pending = None
-  for batch in batches:
+  def send(batch):
     finish = dispatch(extractor, batch)
-    if pending is not None:
-      yield pending[0], pending[1]()
-    pending = (batch, finish)
-  if pending is not None:
-    yield pending[0], pending[1]()
+    return lambda: (batch, finish())
+  return overlap.ahead(batches, send)
 
 
 def dispatch(extractor, images) -> Callable[[], dict[str, np.ndarray]]:

@@ -30,6 +30,7 @@ from genvis_jax.convert import inception as convert_inception
 from genvis_jax.convert import lpips as convert_lpips
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import multihost
+from genvis_jax.core import overlap
 from genvis_jax.core import pixels
 from genvis_jax.core import sharding
 from genvis_jax.evaluate import batching
@@ -201,7 +202,9 @@ class _Scores:
     self.on_device = []   # (mask, SSIM (B,), LPIPS (B,) or None) per batch
     self.uniques, self.discrete, self.codes = None, True, None
     self.rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
-    self.features_pending = []   # (real, reconstruction) Inception finishers
+    # Inception features of the batch sent last, folded into rstats once the
+    # next batch is sent (or by the caller's drain after the last).
+    self.features = overlap.InFlight(depth=1)
     self.grid_x, self.grid_y = [], []
     self.pixels = 0   # values per image
 
@@ -216,8 +219,8 @@ class _Scores:
                    self.value_range)
     # One float64 squared error serves PSNR and MSE.
     sq = np.square(x01[:k].astype(np.float64) - y01)
-    self.psnr += float(np.sum(image_metrics.psnr_of_mse(
-        np.mean(sq, axis=tuple(range(1, sq.ndim)))), dtype=np.float64))
+    self.psnr += float(np.sum(image_metrics.mse_and_psnr(sq)[1],
+                              dtype=np.float64))
     self.sq += float(np.sum(sq))
     del sq
     y01 = np.concatenate([y01, x01[k:]])   # the padding rows are masked out
@@ -237,17 +240,16 @@ class _Scores:
       # folded into the float64 statistics.
       sent = [inception_lib.dispatch(self.extractor, v)
               for v in (x_bytes, y_bytes)]
-      self.fold_features()
-      self.features_pending = sent
+      self.features.push(functools.partial(self._fold, sent))
     if sum(len(g) for g in self.grid_x) < 32:
       self.grid_x.append(x_bytes)
       self.grid_y.append(y_bytes)
 
-  def fold_features(self) -> None:
-    """Adds the Inception features of the batch sent last to ``rstats``."""
-    for acc, finish in zip(self.rstats, self.features_pending):
+  def _fold(self, sent) -> None:
+    """Adds one batch's (real, reconstruction) Inception features to
+    ``rstats``, reading them back through their finishers ``sent``."""
+    for acc, finish in zip(self.rstats, sent):
       acc.update(finish()["pool"])
-    self.features_pending = []
 
   def sums(self) -> dict:
     """{"psnr", "ssim", "sq", "lpips"}: float64 sums over the valid images,
@@ -338,7 +340,7 @@ def evaluate(config, workdir: str) -> dict:
   extractor = (_rfid_extractor(ev.inception, rows, preprocess)
                if ev.get("inception") else None)
   scores = _Scores(proto, value_range, ssim_fn, extractor)
-  pending = None   # the batch on the devices, scored once the next is sent
+  sent = overlap.InFlight(depth=1)   # scored once the next batch is sent
   for images, mask, k in batching.exact_batches(
       it, n, rows, what, setting, key="image",
       up_to=not ev.get("num_images", 0)):
@@ -348,12 +350,10 @@ def evaluate(config, workdir: str) -> dict:
     lpips = lpips_fn(x, rec) if lpips_fn is not None else None
     for a in jax.tree.leaves((rec, codes)):   # read back by scores.add
       a.copy_to_host_async()
-    if pending is not None:
-      scores.add(*pending)
-    pending = (images, mask, k, rec, codes, lpips)
-  if pending is not None:
-    scores.add(*pending)
-  scores.fold_features()
+    sent.push(functools.partial(scores.add, images, mask, k, rec, codes,
+                                lpips))
+  sent.drain()
+  scores.features.drain()
   if seen < n:
     logging.warning("%s: %d of its %d files are unreadable and were skipped; "
                     "the metrics cover the %d that were read.", what, n - seen,
