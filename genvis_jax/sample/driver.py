@@ -31,6 +31,7 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import files
 from genvis_jax.core import multihost
+from genvis_jax.core import overlap
 from genvis_jax.core import pixels
 from genvis_jax.core import preemption
 from genvis_jax.core import registry
@@ -359,7 +360,8 @@ def sample_and_save(config, workdir: str) -> dict:
   # next one, already dispatched, is dropped and drawn again on resume).
   with preemption.StopRequest("writing the batch of samples in flight",
                               "without writing the batch in flight") as stop:
-    pending = None
+    # The devices draw each batch while the one before it is written.
+    in_flight = overlap.InFlight(depth=1)
     for start in starts:
       if start in done:
         continue
@@ -368,11 +370,8 @@ def sample_and_save(config, workdir: str) -> dict:
       # The key depends only on the batch's first index: resumes draw the same.
       finish = sample_fn.dispatch(global_labels(padded, batch_sharding),
                                   jax.random.fold_in(key, start))
-      if pending:   # the devices draw this batch while the last one is written
-        write(*pending)
-      pending = (finish, start, labels)
-    if pending:
-      write(*pending)
+      in_flight.push(functools.partial(write, finish, start, labels))
+    in_flight.drain()
   return parts.assemble(workdir, s.num_samples)   # the others wait for it
 
 
