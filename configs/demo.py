@@ -41,7 +41,7 @@ def _demo_data(c):
 
 def tokenizer_config():
   """Tiny MaskGIT VQGAN: 32x32 -> 8x8 tokens, 256 codes of 32 dims."""
-  c = maskgit_vqgan.get_config()
+  c = maskgit_vqgan.get_config().unlock()   # a stage adds model fields
   m = c.model
   m.image_size = 32
   m.hidden_channels = 32
@@ -221,4 +221,4 @@ def get_config(arg=None):
     c.stages.samples.sample.batch_size = 8
     c.stages.score.evaluate.min_accuracy = 0.0
     c.stages.fid.evaluate.num_reference = 64
-  return c
+  return c.lock()

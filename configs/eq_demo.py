@@ -102,8 +102,8 @@ def eq_generator_demo_config(tokenizer_checkpoint: str = ""):
 
 def get_config(arg=None):
   if arg in (None, "", "tokenizer"):
-    return eq_tokenizer_demo_config()
+    return eq_tokenizer_demo_config().lock()
   if arg == "generator":
-    return eq_generator_demo_config()
+    return eq_generator_demo_config().lock()
   raise ValueError(f"configs/eq_demo.py takes 'tokenizer' or 'generator', got "
                    f"{arg!r}.")

@@ -4,4 +4,4 @@ from configs import eq_common
 
 
 def get_config(arg=None):
-  return eq_common.get_config("h", arg)
+  return eq_common.get_config("h", arg).lock()

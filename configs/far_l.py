@@ -5,4 +5,4 @@ from configs import far_common
 
 
 def get_config(arg=None):
-  return far_common.get_config("l", arg)
+  return far_common.get_config("l", arg).lock()

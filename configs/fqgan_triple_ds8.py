@@ -12,4 +12,4 @@ from configs import fqgan_common
 
 
 def get_config(arg=None):
-  return fqgan_common.fqgan_config("triple", 8, arg)
+  return fqgan_common.fqgan_config("triple", 8, arg).lock()

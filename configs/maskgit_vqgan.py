@@ -17,9 +17,12 @@ from configs import base
 
 
 def runlocal_model(m):
-  """The paper model shrunk for a laptop: 32 px -> 8x8 codes, 256 codes."""
-  m.update(dict(image_size=32, hidden_channels=32, channel_mult=(1, 2, 2),
-                num_res_blocks=1, z_channels=32, code_dim=32, num_codes=256))
+  """The paper model shrunk for a laptop: 32 px -> 8x8 codes, 256 codes
+  (``m`` may be locked: code_dim, at its default in the paper config, is
+  added)."""
+  with m.unlocked():
+    m.update(dict(image_size=32, hidden_channels=32, channel_mult=(1, 2, 2),
+                  num_res_blocks=1, z_channels=32, code_dim=32, num_codes=256))
   return m
 
 
@@ -94,4 +97,4 @@ def get_config(arg=None):
     o.warmup_steps = base.steps_fraction(t, 1, 4)
     config.evaluate.num_images = 64
     config.evaluate.batch_size = 16
-  return config
+  return config.lock()

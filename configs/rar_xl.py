@@ -4,4 +4,4 @@ from configs import rar_common
 
 
 def get_config(arg=None):
-  return rar_common.get_config("xl", arg)
+  return rar_common.get_config("xl", arg).lock()

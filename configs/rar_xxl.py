@@ -4,4 +4,4 @@ from configs import rar_common
 
 
 def get_config(arg=None):
-  return rar_common.get_config("xxl", arg)
+  return rar_common.get_config("xxl", arg).lock()

@@ -12,4 +12,4 @@ from configs import fqgan_common
 
 def get_config(arg=None):
   return fqgan_common.tokenizer_config(
-      fqgan_common.cnn_model("llamagen_vq", 8), arg)
+      fqgan_common.cnn_model("llamagen_vq", 8), arg).lock()

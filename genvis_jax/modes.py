@@ -214,12 +214,19 @@ def _stop_at_once(signum, frame):
   raise errors.StoppedBySignal(signum)
 
 
-def run(config, workdir: str):
-  """Runs ``config.mode`` on ``config`` (what ``python -m genvis_jax.main`` does).
+def run(config, workdir: str | os.PathLike):
+  """Runs ``config.mode`` on ``config`` (what ``python -m genvis_jax.main`` does,
+  its checks of the config's names included: ``check_names``).
 
   A run that fails leaves none of the folders it created empty behind (e.g.
   on a missing data set): the next attempt finds the path as it was.
+
+  Raises:
+    ConfigError: an unknown mode or registered name, a demo config outside
+      mode=demo (or the reverse), a ``{workdir}`` left in a field.
   """
+  workdir = os.fspath(workdir)
+  check_names(config)
   fn = resolve(config.mode)
   handler = (_sigterm_handler(config.mode)
              if threading.current_thread() is threading.main_thread() else None)

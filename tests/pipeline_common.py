@@ -56,9 +56,10 @@ def steps(n: int) -> dict:
           "train.image_every": n}
 
 
-def run_mode(spec: str, workdir: str, **overrides):
-  """One ``python -m genvis_jax.main`` call, in this process."""
-  return modes.run(load_config(spec, **overrides), str(workdir))
+def run_mode(spec: str, workdir: str | os.PathLike, **overrides):
+  """One ``python -m genvis_jax.main`` call, in this process (``workdir`` as
+  given: the tests pass ``pathlib.Path`` s too, as notebooks do)."""
+  return modes.run(load_config(spec, **overrides), workdir)
 
 
 def main_command(spec: str, workdir: str, **overrides) -> list[str]:

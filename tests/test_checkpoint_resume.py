@@ -351,7 +351,8 @@ def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path, caplog):
              r.getMessage() and "own step 3" in r.getMessage()
              for r in caplog.records)   # a resume says it is not loaded
   c.init_from = ""
-  full = trainer_lib.train_and_evaluate(c, str(tmp_path / "full"))
+  # A pathlib.Path workdir, as notebooks pass (clu's writer takes str only).
+  full = trainer_lib.train_and_evaluate(c, tmp_path / "full")
   assert int(resumed.step) == 6
   for a, b in zip(small_run.leaves(full), small_run.leaves(resumed)):
     np.testing.assert_array_equal(a, b)

@@ -254,13 +254,17 @@ def test_a_config_argument_error_gives_an_example_for_that_file(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
-def test_demo_mode_and_job_configs_are_not_mixed():
+def test_demo_mode_and_job_configs_are_not_mixed(tmp_path):
   from configs import rar_b   # pylint: disable=import-outside-toplevel
   job = rar_b.get_config()
   job.mode = "demo"
   with pytest.raises(UserError, match=r"mode=demo runs a demo config.*"
                      r"configs/demo.py"):
     modes.check_names(job)
+  # The Python API checks as the command line does, before any folder.
+  with pytest.raises(UserError, match=r"mode=demo runs a demo config"):
+    modes.run(job, tmp_path / "wd")
+  assert not (tmp_path / "wd").exists()
   runner = demo.get_config()
   for mode in ("train", "evaluate"):
     runner.mode = mode

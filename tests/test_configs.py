@@ -66,6 +66,27 @@ def test_demo_configs_refuse_arguments_they_do_not_take(name):
     module.get_config("runlocal")
 
 
+RUNNABLE = sorted(
+    name[:-3] for name in os.listdir(os.path.dirname(base.__file__))
+    if name.endswith(".py") and name not in ("__init__.py", "base.py")
+    and not name.endswith("_common.py"))
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_runnable_configs_refuse_a_misspelt_key(name):
+  """Built in Python (a notebook) a config refuses a key it does not have,
+  naming the near one, as ``--config.KEY`` does (a misspelt field set in
+  Python was ignored: the run trained with the default); its keys change."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  with pytest.raises(AttributeError, match='Did you mean "mode"'):
+    c.mdoe = "sample"
+  c.mode = c.mode
+  if "train" in c:
+    with pytest.raises(AttributeError, match='Did you mean "num_steps"'):
+      c.train.num_step = 2
+    c.train.num_steps = 2
+
+
 @pytest.mark.parametrize("spec,batch,steps,lr,warmup", [
     # Equivariant: lr = 1e-4 x batch / 256, 1200 epochs, 100 warm-up epochs.
     ("eq_s.py", 2048, 1200 * 625, 8e-4, 100 * 625),

@@ -150,7 +150,7 @@ def test_rar_linear_weights_are_transposed_not_reshaped(rar):
 def test_maskgit_vqgan_matches_official_codes_and_reconstructions():
   data, state = _fixture("maskgit_vqgan_parity.npz")
   hid, nrb, z, k, res, *mult = (int(v) for v in data["config"])
-  cfg = maskgit_config.get_config().model
+  cfg = maskgit_config.get_config().model.unlock()   # class-default fields too
   cfg.update(dict(hidden_channels=hid, channel_mult=tuple(mult), num_res_blocks=nrb,
                   z_channels=z, code_dim=z, num_codes=k, image_size=res))
   model = models.build(cfg)

@@ -8,6 +8,7 @@ resumes on 2 processes from their token files."""
 
 import glob
 import json
+import pathlib
 import os
 
 import jax
@@ -27,13 +28,14 @@ def test_rar_paper_pipeline(tmp_path):
   w = str(tmp_path)
   tok = os.path.join(w, "tokenizer")
   # A few steps with the GAN (adaptive weight) switched on from step 2.
-  pc.run_mode("maskgit_vqgan.py:runlocal", tok,
+  # Workdirs given as pathlib.Path here and there, as notebooks pass them.
+  pc.run_mode("maskgit_vqgan.py:runlocal", pathlib.Path(tok),
               **pc.steps(4), **{"loss.disc_start": 2})
   assert pc.latest_step(os.path.join(tok, "checkpoints")) == 4
   # Tokenizer evaluation: every process evaluates the whole split on its
   # own devices; on 2 processes (host batches sent to the devices first)
   # as on 1.
-  one = pc.run_mode("maskgit_vqgan.py:runlocal", os.path.join(w, "tok_eval"),
+  one = pc.run_mode("maskgit_vqgan.py:runlocal", tmp_path / "tok_eval",
                     **{"mode": "evaluate", "evaluate.checkpoint": tok})
   pc.run_mode_on_processes(
       "maskgit_vqgan.py:runlocal", os.path.join(w, "tok_eval_2p"),
@@ -43,7 +45,7 @@ def test_rar_paper_pipeline(tmp_path):
   for key in ("psnr", "ssim", "mse", "codebook_usage"):
     assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
-  pre = pc.run_mode("rar_b.py:runlocal", os.path.join(w, "pretokenize"),
+  pre = pc.run_mode("rar_b.py:runlocal", tmp_path / "pretokenize",
                     **{"mode": "pretokenize", "tokenizer.checkpoint": tok})
   cfg = pc.load_config("rar_b.py:runlocal")
   num_images = cfg.pretokenize.data.num_examples
@@ -94,7 +96,7 @@ def test_rar_paper_pipeline(tmp_path):
                                      "process_1-of-2.json"))
   assert os.listdir(os.path.join(rar, "images"))      # sample grids while training
 
-  out = pc.run_mode("rar_b.py:runlocal", os.path.join(w, "samples"), **{
+  out = pc.run_mode("rar_b.py:runlocal", tmp_path / "samples", **{
       "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
   images = pc.check_samples(out, (16, 32, 32, 3))
   assert images.std() > 0

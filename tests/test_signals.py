@@ -74,6 +74,7 @@ def test_sigterm_outside_a_clean_stop_ends_a_mode_with_one_line(
 
   previous = signal.getsignal(signal.SIGTERM)
   monkeypatch.setattr(modes, "resolve", lambda mode: fake_mode)
+  monkeypatch.setattr(modes, "check_names", lambda config: None)   # no model
   monkeypatch.setattr(modes, "LOCKED", {})   # no workdir lock on 2 fake processes
   exits = []
   monkeypatch.setattr(cli.os, "_exit", exits.append)

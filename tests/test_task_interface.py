@@ -221,10 +221,12 @@ def test_loss_hyperparameters_come_from_the_config_only():
   cfg = demo.get_config().stages.rar
   cfg.train.label_dropout = 0.25
   assert get_task(cfg).label_dropout == 0.25
-  del cfg.train["label_dropout"]
+  with cfg.unlocked():
+    del cfg.train["label_dropout"]
   with pytest.raises(ConfigError, match=r"config\.train\.label_dropout is not set"):
     get_task(cfg)
   tok = demo.get_config().stages.tokenizer
-  del tok.loss["adaptive_gan_weight"]
+  with tok.unlocked():
+    del tok.loss["adaptive_gan_weight"]
   with pytest.raises(ConfigError, match=r"config\.loss\.adaptive_gan_weight"):
     get_task(tok)

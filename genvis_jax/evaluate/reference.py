@@ -305,9 +305,14 @@ class ProgressLog:
 def compute_reference(data_config, inception_params, out_path: str, *,
                       split: str | None = None, num_images: int | None = None,
                       num_stored_images: int = 10000, batch_size: int = 200,
-                      preprocess: str = "pytorch_fid", mesh=None,
+                      preprocess: str = ADM_PREPROCESS, mesh=None,
                       extractor=None) -> str:
   """Writes an ADM-format reference of a data set split.
+
+  ``preprocess``: the Inception resize, ``adm_tf`` by default as
+  ``--config.evaluate.kind=reference`` (its ``auto``) and ADM's evaluator
+  and reference batches; ``pytorch_fid`` for a reference to compare with
+  pytorch-fid's numbers. The file records it and generation scoring follows.
 
   Statistics (mu, sigma, mu_s, sigma_s) cover exactly ``num_images`` images
   (None / 0 = every image of the split that decodes; more than the split has

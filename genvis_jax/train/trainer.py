@@ -175,8 +175,9 @@ class _Context:
     self._m.__exit__(*exc)
 
 
-def train_and_evaluate(config, workdir: str):
+def train_and_evaluate(config, workdir: str | os.PathLike):
   """Trains ``config.task`` for ``config.train.num_steps``; resumes from workdir."""
+  workdir = os.fspath(workdir)
   state = train_loop(config, workdir)
   if jax.process_index() == 0:   # the mode's last line, as the other modes'
     step = state.step   # replicated: this process's copy
@@ -187,7 +188,7 @@ def train_and_evaluate(config, workdir: str):
   return state
 
 
-def train_loop(config, workdir: str, on_log=None):
+def train_loop(config, workdir: str | os.PathLike, on_log=None):
   """The loop behind ``train_and_evaluate``; ``on_log(step, scalars)`` is called
   at every log step (all processes) — handy for tests and notebooks.
 
@@ -195,6 +196,7 @@ def train_loop(config, workdir: str, on_log=None):
     WorkdirBusyError: another run trains in ``workdir``.
     TrainingStopped: a stop signal ended it after saving the step in flight.
   """
+  workdir = os.fspath(workdir)   # clu's TensorBoard writer takes str only
   with _StartUp(workdir) as start_up:
     # Everything that can fail on bad input (mesh, batch split, data, task)
     # runs before anything is compiled.
