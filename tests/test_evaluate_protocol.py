@@ -164,6 +164,29 @@ def test_compute_reference_exact_count_and_record(tmp_path, batch):
                                 split="validation", num_images=21, extractor=ex)
 
 
+def test_python_reference_resizes_as_the_command_line(tmp_path, monkeypatch):
+  """compute_reference without a preprocess builds its Inception with the
+  command line's ``auto`` resize, ADM's ``adm_tf`` (pytorch_fid before: a
+  reference made in Python measured FID with another resize), and records it."""
+  from configs import base
+  made = {}
+
+  def extractor(params, **kw):
+    del params
+    ex = metric_refs.FakeExtractor(batch_size=kw["batch_size"])
+    ex.preprocess, ex.weights_id = kw["preprocess"], "0123abcd"
+    made.update(kw)
+    return ex
+  monkeypatch.setattr(reference.inception_lib, "InceptionExtractor", extractor)
+  config = base.get_config()
+  config.data.update(dict(image_size=32, num_classes=10, num_examples=8))
+  path = reference.compute_reference(config.data, None, str(tmp_path / "r.npz"),
+                                     split="validation", num_images=4,
+                                     batch_size=4)
+  assert made["preprocess"] == reference.ADM_PREPROCESS == "adm_tf"
+  assert reference.load_reference(path).preprocess == "adm_tf"
+
+
 def test_reference_of_all_images_skips_unreadable_files(tmp_path):
   """num_images=0 ("all") of a folder with an unreadable file: the statistics
   cover the images that decode, and the record says how many."""
