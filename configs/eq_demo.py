@@ -37,7 +37,9 @@ def tokenizer_model():
 
 
 def eq_tokenizer_demo_config():
-  c = eq_tokenizer.get_config()
+  # Unlocked: the sub-configs swapped in below are locked with the whole
+  # (ml_collections' lock() stops at a config already locked).
+  c = eq_tokenizer.get_config().unlock()
   c.model = tokenizer_model()
   _data(c)
   lo = c.loss

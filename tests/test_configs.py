@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import jax
+import ml_collections
 import pytest
 
 from configs import base
@@ -72,12 +73,24 @@ RUNNABLE = sorted(
     and not name.endswith("_common.py"))
 
 
+def _sub_configs(c, path="config"):
+  """(dotted path, ConfigDict) of ``c`` and every ConfigDict inside it."""
+  yield path, c
+  for key in c.keys():
+    if isinstance(c[key], ml_collections.ConfigDict):
+      yield from _sub_configs(c[key], f"{path}.{key}")
+
+
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_runnable_configs_refuse_a_misspelt_key(name):
   """Built in Python (a notebook) a config refuses a key it does not have,
   naming the near one, as ``--config.KEY`` does (a misspelt field set in
   Python was ignored: the run trained with the default); its keys change."""
   c = importlib.import_module(f"configs.{name}").get_config()
+  # Every nested config too (lock() stops at one already locked, so one
+  # swapped into a locked config stays open; the CLI's lock does the same).
+  open_ = [p for p, sub in _sub_configs(c) if not sub.is_locked]
+  assert not open_, open_
   with pytest.raises(AttributeError, match='Did you mean "mode"'):
     c.mdoe = "sample"
   c.mode = c.mode

@@ -48,9 +48,10 @@ def test_deeper_pipelines_keep_depth_sends_waiting():
   # Fewer items than the depth: all are sent, then read in order.
   assert _run(range(2), 4) == [("send", 0), ("send", 1), ("finish", 0),
                                ("got", 0), ("finish", 1), ("got", 10)]
-  # Depth 0: each finished as soon as it is sent.
-  assert _run(range(2), 0) == [("send", 0), ("finish", 0), ("got", 0),
-                               ("send", 1), ("finish", 1), ("got", 10)]
+  # Depth 0 (or below): each finished as soon as it is sent.
+  for depth in (0, -1):
+    assert _run(range(2), depth) == [("send", 0), ("finish", 0), ("got", 0),
+                                     ("send", 1), ("finish", 1), ("got", 10)]
 
 
 def test_items_are_taken_only_as_results_are_asked_for():

@@ -23,7 +23,7 @@ class InFlight:
   """
 
   def __init__(self, depth: int = 1):
-    self.depth = depth
+    self.depth = max(depth, 0)
     self._sent = collections.deque()
 
   def __len__(self) -> int:
