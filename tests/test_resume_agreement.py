@@ -52,9 +52,9 @@ def test_processes_agree_on_the_input_position(base_run, tmp_path, monkeypatch,
   data seed, makes every process draw the order afresh."""
   wd = copy_run(base_run, tmp_path)
   _saved_with_data_seed(os.path.join(wd, "checkpoints", "6"), 7)
-  # The first agrees that the data opened on both, the next two that step 6
-  # reads and restores on both.
-  answers, events = [None, None, None, *OTHER_PROCESS[case]], []
+  # The first two agree that the data and the frozen weights opened on both,
+  # the next two that step 6 reads and restores on both.
+  answers, events = [None, None, None, None, *OTHER_PROCESS[case]], []
 
   def gather_ints(v):
     events.append("gather")
@@ -74,7 +74,8 @@ def test_processes_agree_on_the_input_position(base_run, tmp_path, monkeypatch,
                        match=r"Processes \[1\] " + said):
       trainer_lib.train_and_evaluate(config(9), wd)
     # No iterator for seed 7 before the agreements that precede it.
-    assert events == ["iterator", "gather", "gather", "gather", "gather"] + (
+    assert events == ["iterator", "gather", "gather", "gather", "gather",
+                      "gather"] + (
         ["gather", "gather", "iterator", "gather"]
         if case == "cannot_build" else [])
     assert ckpt_lib.Checkpointer(wd).latest_step() == 6
@@ -104,9 +105,24 @@ def test_a_storage_error_reading_the_position_is_told_to_every_process(
                       lambda v: (told.append(v), np.array([v, 0]))[1])
   with pytest.raises(RuntimeError, match="503 reading step 6"):
     trainer_lib.train_and_evaluate(config(9), wd)
-  # The data opened; step 6 read and restored; its position not.
-  assert told == [0, 0, 0, -1]
+  # The data and frozen weights opened; step 6 read and restored; its
+  # position not.
+  assert told == [0, 0, 0, 0, -1]
   assert ckpt_lib.Checkpointer(wd).latest_step() == 6
+
+
+def test_frozen_weights_one_process_cannot_read_stop_every_process(
+    tmp_path, monkeypatch):
+  """Process 1 failing to read its LPIPS / teacher files (second agreement,
+  after the data's) stops this one too, before any checkpoint is read,
+  instead of leaving it waiting in the next collective."""
+  answers = [0, -1]
+  monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array(
+      [v, answers.pop(0) if answers else v]))
+  with pytest.raises(multihost.OtherProcessError,
+                     match=r"Processes \[1\] could not read the frozen weights"):
+    trainer_lib.train_and_evaluate(config(3), str(tmp_path / "wd"))
+  assert not answers
 
 
 @pytest.mark.parametrize("other", ["unreadable", "other_config"])
@@ -116,8 +132,8 @@ def test_processes_restore_the_same_step(base_run, tmp_path, monkeypatch,
   (a process falling back alone restored another step than the others); one
   that process 1 finds saved with another config stops every process."""
   wd = copy_run(base_run, tmp_path)
-  # Process 1: the data opened, then step 6.
-  answers = [0, 1 if other == "unreadable" else 2]
+  # Process 1: the data and frozen weights opened, then step 6.
+  answers = [0, 0, 1 if other == "unreadable" else 2]
 
   def gather_ints(v):
     return np.array([v, answers.pop(0) if answers else v])

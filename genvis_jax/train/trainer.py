@@ -117,8 +117,12 @@ class Trainer:
         self.task, self.optimizers, config.train,
         shd.num_batch_shards(self.mesh, self.rules))
     # Non-trainable weights the losses use (LPIPS, teachers), replicated:
-    # each process places its own copy, so the copies are compared first.
-    frozen = self.task.frozen_params()
+    # read on every process with the outcome agreed (a host missing a file
+    # stops all), and each places its own copy, so the copies are compared.
+    frozen = multihost.run_everywhere(
+        self.task.frozen_params,
+        "could not read the frozen weights (LPIPS, teachers, the tokenizer; "
+        "their logs say why).")
     checks.check_same_weights(frozen)
     self.frozen = shd.put_replicated(frozen, self.mesh)
     self._step = step_lib.jit_train_step(
