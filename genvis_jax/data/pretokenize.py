@@ -40,6 +40,7 @@ from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import padded
 from genvis_jax.core import sharding
@@ -185,7 +186,7 @@ def pretokenize(config, workdir: str) -> dict:
       p.data.get("center_crop", "") or "adm", p.data.image_size,
       p.data.get("image_width", 0), "config.pretokenize.data.center_crop")
   output = output_prefix(config, workdir)
-  if "://" in output:   # refused now, not after the whole split is encoded
+  if files.is_remote(output):   # refused now, not after the whole split is encoded
     raise errors.ConfigError(
         f"Pre-tokenizing writes local files, and its output {output!r} is "
         f"remote ({'--config.pretokenize.output' if p.output else 'the workdir'}"

@@ -21,6 +21,7 @@ import os
 import numpy as np
 from absl import logging
 
+from genvis_jax.core import files
 from genvis_jax.errors import UserError
 
 # PIL formats that are not images we can decode on their own: identify-only
@@ -98,7 +99,7 @@ def resolve_split_dir(path: str, split: str, setting: str = "config.data") -> st
     raise DataNotFoundError(
         f"{setting}.path is empty: set it to an image folder laid out as "
         "<path>/<class_name>/*.jpg (or <path>/<split>/<class_name>/*.jpg).")
-  if "://" in path:
+  if files.is_remote(path):
     raise DataConfigError(
         f"{setting}.path={path!r} is remote; image folders are read from "
         "local disk. Copy the folder to each worker (e.g. `gcloud storage cp "

@@ -19,6 +19,7 @@ import os
 from absl import logging
 from etils import epath
 
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import token_integrity
@@ -146,11 +147,11 @@ def check_training_files(config) -> str:
   multihost.on_process_0(check)
   # One listing for both checks: the files every process agreed on are the
   # ones hashed.
-  files = glob_files(pattern)
-  token_integrity.check_same_listing(pattern, files)
+  listed = glob_files(pattern)
+  token_integrity.check_same_listing(pattern, listed)
   if config.data.get("verify_checksums", True):
     multihost.run_everywhere(
-        lambda: token_integrity.verify_checksums(pattern, files),
+        lambda: token_integrity.verify_checksums(pattern, listed),
         "found token files whose bytes differ from the SHA-256 in their "
         "records (each names its files in its log)")
   return warning[0] if warning else ""
@@ -174,7 +175,7 @@ def copy_command(pattern: str) -> str:
   leaves the records behind."""
   folder = pattern.rsplit("/", 1)[0] if "/" in pattern else "."
   name = os.path.basename(pattern)
-  tool = "gcloud storage cp" if "://" in pattern else "cp"
+  tool = "gcloud storage cp" if files.is_remote(pattern) else "cp"
   return (f"{tool} <pretokenize output folder>/{name} "
           f"<pretokenize output folder>/{name}.json {folder}/")
 

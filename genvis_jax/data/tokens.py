@@ -27,6 +27,7 @@ from etils import epath
 import grain
 import numpy as np
 
+from genvis_jax.core import files
 from genvis_jax.data.sources import DataNotFoundError
 from genvis_jax.errors import UserError
 
@@ -164,7 +165,7 @@ def write_token_records(path_prefix: str, labels, tokens,
 def glob_files(pattern: str) -> list[str]:
   """Sorted paths matching ``pattern`` (local or ``gs://``), leaving out the
   ``.json`` records and ``.partial`` files beside token files; none -> []."""
-  if "://" in pattern:  # e.g. gs://bucket/tokens/train-*.array_record
+  if files.is_remote(pattern):  # e.g. gs://bucket/tokens/train-*.array_record
     parent, name = pattern.rsplit("/", 1)
     found = [str(p) for p in epath.Path(parent).glob(name)]
   else:
