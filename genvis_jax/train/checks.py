@@ -9,16 +9,14 @@ a ``ConfigError`` that names the key and the fix.
 
 from __future__ import annotations
 
-import hashlib
-
 import jax
-import numpy as np
 import jax.numpy as jnp
 from absl import logging
 
 from genvis_jax import errors
 from genvis_jax.core import dtypes
 from genvis_jax.core import multihost
+from genvis_jax.core import weights as weights_lib
 
 # The precision settings of the config groups whose weights training updates.
 TRAINED_DTYPES = ("model.dtype", "model.param_dtype", "disc.dtype",
@@ -127,17 +125,13 @@ def check_same_data(config, info) -> None:
 
 
 def weight_digests(tree) -> dict[str, str]:
-  """{leaf path: SHA-256 (16 hex digits) of its dtype, shape and bytes}."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    x = np.ascontiguousarray(leaf)
-    h = hashlib.sha256(f"{x.dtype.name}{x.shape}".encode())
-    h.update(x.reshape(-1).view(np.uint8))
-    out[jax.tree_util.keystr(path)] = h.hexdigest()[:16]
-  return out
+  """{leaf path: ``weights.params_digest`` of the leaf (its dtype, shape and
+  bytes; 16 hex digits)}: per leaf, so a difference names its leaves."""
+  return {jax.tree_util.keystr(path): weights_lib.params_digest(leaf)[:16]
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def check_same_weights(frozen, what: str = "frozen weights") -> None:
+def check_same_weights(frozen) -> None:
   """Every process of a multi-process job read the same frozen weights
   (LPIPS, teachers, the tokenizer): each reads its own host's files, and
   ``sharding.put_replicated`` places each process's copy on its own devices
@@ -153,7 +147,7 @@ def check_same_weights(frozen, what: str = "frozen weights") -> None:
   if jax.process_count() == 1 or not jax.tree_util.tree_leaves(frozen):
     return
   multihost.check_agree(
-      weight_digests(frozen), what,
+      weight_digests(frozen), "frozen weights",
       fix="each host reads its own copy of the weight files: copy the same "
       "files to every host (or read them from one gs:// path), then run "
       "again.")

@@ -181,7 +181,6 @@ class _Context:
 
 def train_and_evaluate(config, workdir: str | os.PathLike):
   """Trains ``config.task`` for ``config.train.num_steps``; resumes from workdir."""
-  workdir = os.fspath(workdir)
   state = train_loop(config, workdir)
   if jax.process_index() == 0:   # the mode's last line, as the other modes'
     step = state.step   # replicated: this process's copy
