@@ -203,8 +203,8 @@ class _Scores:
     self.uniques, self.discrete, self.codes = None, True, None
     self.rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
     # Inception features of the batch sent last, folded into rstats once the
-    # next batch is sent (or by the caller's drain after the last).
-    self.features = overlap.InFlight(depth=1)
+    # next batch is sent (the last one's by ``sums``).
+    self._features = overlap.InFlight(depth=1)
     self.grid_x, self.grid_y = [], []
     self.pixels = 0   # values per image
 
@@ -240,7 +240,7 @@ class _Scores:
       # folded into the float64 statistics.
       sent = [inception_lib.dispatch(self.extractor, v)
               for v in (x_bytes, y_bytes)]
-      self.features.push(functools.partial(self._fold, sent))
+      self._features.push(functools.partial(self._fold, sent))
     if sum(len(g) for g in self.grid_x) < 32:
       self.grid_x.append(x_bytes)
       self.grid_y.append(y_bytes)
@@ -253,7 +253,10 @@ class _Scores:
 
   def sums(self) -> dict:
     """{"psnr", "ssim", "sq", "lpips"}: float64 sums over the valid images,
-    batch by batch in order (LPIPS 0.0 without it)."""
+    batch by batch in order (LPIPS 0.0 without it). Called once, after the
+    last ``add``: it folds that batch's Inception features, so ``rstats``
+    is complete after it."""
+    self._features.drain()
     masks, ssim, lpips = zip(*self.on_device)
     ssim, lpips = jax.device_get((ssim, lpips))
     total = lambda arrays: sum(
@@ -353,7 +356,6 @@ def evaluate(config, workdir: str) -> dict:
     sent.push(functools.partial(scores.add, images, mask, k, rec, codes,
                                 lpips))
   sent.drain()
-  scores.features.drain()
   if seen < n:
     logging.warning("%s: %d of its %d files are unreadable and were skipped; "
                     "the metrics cover the %d that were read.", what, n - seen,
