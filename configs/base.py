@@ -6,7 +6,7 @@ Usage in a config file::
     def get_config(arg=None):
       config = base.get_config()
       config.model = ...
-      return config
+      return base.finish(config)
 """
 
 import ml_collections
@@ -14,6 +14,10 @@ import ml_collections
 # Logical axis -> mesh axis rules: the package's one table, defined beside the
 # sharding code that also uses it when no config is at hand.
 from genvis_jax.core.sharding import DEFAULT_RULES
+# Sections holding a model's settings (``name`` = a module of
+# genvis_jax.models), at any depth: config.model, config.disc,
+# config.tokenizer.model, config.stages.<stage>.model ...
+from genvis_jax.core.checkpoint_fit import MODEL_SECTIONS
 
 
 # ImageNet-1k training images: the official recipes count an epoch as
@@ -251,7 +255,8 @@ def get_config(arg=None):
 def model_config(name: str, **fields) -> ml_collections.ConfigDict:
   """``config.model`` of module ``name``: the shared precision / remat keys
   above plus ``fields``, the values that differ from the module class's
-  defaults (``genvis_jax.models.config_fields``)."""
+  defaults (``genvis_jax.models.config_fields``); ``finish`` adds the
+  others at those defaults."""
   m = ml_collections.ConfigDict(get_config().model.to_dict())
   m.name = name
   m.update(fields)
@@ -322,4 +327,36 @@ def add_pretokenize(c, image_data, *, ten_crop=True, batch_size=256):
   # encoder's activation memory (RAR's official script: 8 x 10 per GPU).
   p.device_batch = 32
   p.overwrite = False    # replace an output written with other settings
+  return c
+
+
+def finish(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The last step of every runnable ``get_config``: adds to each model
+  section the settings it leaves out, at their defaults
+  (``genvis_jax.models.config_defaults``: the module class's), so that each
+  can be set on the command line (``--config.model.dropout=0.0``) while a
+  config file states only what differs; then locks the whole config, every
+  nested section included, as ``--config`` does: a misspelt key set in
+  Python raises (``with c.unlocked():`` adds a key of one's own). Returns
+  ``c``."""
+  from genvis_jax import models  # pylint: disable=import-outside-toplevel
+  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+
+  def visit(node):
+    for key, value in node.items():
+      if not isinstance(value, ml_collections.ConfigDict):
+        continue
+      if key in MODEL_SECTIONS and isinstance(value.get("name"), str):
+        try:
+          missing = {k: v for k, v in models.config_defaults(value.name).items()
+                     if k not in value}
+        except ConfigError:   # not a buildable model (e.g. a teacher's name)
+          missing = {}
+        with value.unlocked():
+          value.update(missing)
+      visit(value)
+    # ml_collections' lock() skips what is locked already, with its children.
+    node.lock()
+
+  visit(c)
   return c

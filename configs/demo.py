@@ -221,4 +221,4 @@ def get_config(arg=None):
     c.stages.samples.sample.batch_size = 8
     c.stages.score.evaluate.min_accuracy = 0.0
     c.stages.fid.evaluate.num_reference = 64
-  return c.lock()
+  return base.finish(c)

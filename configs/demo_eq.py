@@ -43,4 +43,4 @@ def get_config(arg=None):
     c.stages.samples_wide.sample.num_samples = 8   # one per test device
     c.stages.samples_wide.sample.batch_size = 8
     c.stages.samples_wide.sample.num_steps = 2
-  return c.lock()
+  return base.finish(c)

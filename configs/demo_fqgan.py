@@ -98,4 +98,4 @@ def get_config(arg=None):
     c.stages.samples.sample.num_samples = 16
     c.stages.samples.sample.batch_size = 8
     c.stages.score.evaluate.min_accuracy = 0.0
-  return c.lock()
+  return base.finish(c)

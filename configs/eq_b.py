@@ -1,7 +1,8 @@
 """Equivariant generator B on ImageNet 256 (see configs/eq_common.py)."""
 
+from configs import base
 from configs import eq_common
 
 
 def get_config(arg=None):
-  return eq_common.get_config("b", arg).lock()
+  return base.finish(eq_common.get_config("b", arg))

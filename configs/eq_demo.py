@@ -16,6 +16,7 @@ training width (4 columns) and 8x wider (32 columns = 512 px).
 
 import ml_collections
 
+from configs import base
 from configs import eq_common
 from configs import eq_tokenizer
 
@@ -104,8 +105,8 @@ def eq_generator_demo_config(tokenizer_checkpoint: str = ""):
 
 def get_config(arg=None):
   if arg in (None, "", "tokenizer"):
-    return eq_tokenizer_demo_config().lock()
+    return base.finish(eq_tokenizer_demo_config())
   if arg == "generator":
-    return eq_generator_demo_config().lock()
+    return base.finish(eq_generator_demo_config())
   raise ValueError(f"configs/eq_demo.py takes 'tokenizer' or 'generator', got "
                    f"{arg!r}.")

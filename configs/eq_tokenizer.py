@@ -148,4 +148,4 @@ def get_config(arg=None):
     t.ema_warmup = False
   if arg.runlocal:
     runlocal(c)
-  return c.lock()
+  return base.finish(c)

@@ -46,4 +46,4 @@ def far_demo_config():
 
 def get_config(arg=None):
   base.parse_arg(arg)   # takes none: refuses e.g. "runlocal" (it is CPU-sized)
-  return far_demo_config().lock()
+  return base.finish(far_demo_config())

@@ -54,4 +54,4 @@ def fq_tokenizer_demo_config():
 
 def get_config(arg=None):
   base.parse_arg(arg)   # takes none: refuses e.g. "runlocal" (it is CPU-sized)
-  return fq_tokenizer_demo_config().lock()
+  return base.finish(fq_tokenizer_demo_config())

@@ -8,8 +8,9 @@ Official checkpoint fqgan_dual_ds8.pt; CLIP ViT-L/14 teacher on the sem head
       --config.teachers[0].path=TEACHER.npz
 """
 
+from configs import base
 from configs import fqgan_common
 
 
 def get_config(arg=None):
-  return fqgan_common.fqgan_config("dual", 8, arg).lock()
+  return base.finish(fqgan_common.fqgan_config("dual", 8, arg))

@@ -8,8 +8,9 @@ Official checkpoint fqgan_triple_ds8.pt; DINOv2-S teacher on sem_mid, CLIP ViT-B
       --config.teachers[0].path=TEACHER.npz
 """
 
+from configs import base
 from configs import fqgan_common
 
 
 def get_config(arg=None):
-  return fqgan_common.fqgan_config("triple", 8, arg).lock()
+  return base.finish(fqgan_common.fqgan_config("triple", 8, arg))

@@ -97,4 +97,4 @@ def get_config(arg=None):
     o.warmup_steps = base.steps_fraction(t, 1, 4)
     config.evaluate.num_images = 64
     config.evaluate.batch_size = 16
-  return config.lock()
+  return base.finish(config)

@@ -1,7 +1,8 @@
 """RAR-L on ImageNet 256 (MaskGIT-VQ tokens); see configs/rar_common.py."""
 
+from configs import base
 from configs import rar_common
 
 
 def get_config(arg=None):
-  return rar_common.get_config("l", arg).lock()
+  return base.finish(rar_common.get_config("l", arg))

@@ -7,9 +7,10 @@ checkpoint vq_ds8_c2i.pt. Trained with the FQGAN recipe (configs/fqgan_common.py
       --config.data.path=TFDS_DIR --config.loss.lpips_path=vgg_lpips.npz
 """
 
+from configs import base
 from configs import fqgan_common
 
 
 def get_config(arg=None):
-  return fqgan_common.tokenizer_config(
-      fqgan_common.cnn_model("llamagen_vq", 8), arg).lock()
+  return base.finish(fqgan_common.tokenizer_config(
+      fqgan_common.cnn_model("llamagen_vq", 8), arg))

@@ -2,6 +2,7 @@
 and without it, and loading from anywhere (``configs`` is an installed package)."""
 
 import importlib
+import json
 import os
 import pickle
 import subprocess
@@ -265,3 +266,135 @@ def test_tokenizer_config_file_holds_that_tokenizer(spec):
     tok = pc.load_config(where[len("configs/"):])
     assert tok.model.to_dict() == c.tokenizer.model.to_dict(), (name, where)
     assert tok.evaluate.kind == "tokenizer", (name, where)
+
+
+def _model_sections(c, path="config"):
+  """(dotted path, section) of every model section of ``c``
+  (``base.MODEL_SECTIONS`` naming a buildable model)."""
+  for p, sub in _sub_configs(c, path):
+    if p.rsplit(".", 1)[-1] in base.MODEL_SECTIONS and "name" in sub:
+      try:
+        models.module(sub.name)
+      except Exception:   # pylint: disable=broad-except
+        continue
+      yield p, sub
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_every_model_setting_is_in_the_config_at_its_default(name):
+  """Each model section lists every setting of its module (so the command
+  line can set it: ``--config.model.dropout`` was refused where the config
+  left it to the class), and a setting at the value ``base.finish`` gave it
+  builds the model it built left out: the class default, or the value
+  meaning "derive it" (``CONFIG_UNSET``: RAR's mlp_dim from mlp_ratio,
+  MaskGIT's code_dim from z_channels)."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  sections = list(_model_sections(c))
+  assert sections or name in ("demo_fqgan",), name
+  for path, sub in sections:
+    defaults = models.config_defaults(sub.name)
+    missing = sorted(set(defaults) - set(sub.keys()))
+    assert not missing, (path, missing)
+    built = models.build(sub)
+    for key, value in defaults.items():
+      if models._tuples(sub[key]) != value:   # pylint: disable=protected-access
+        continue                              # the config's own value
+      left_out = ml_collections.ConfigDict(
+          {k: v for k, v in sub.items() if k != key})
+      assert models.build(left_out) == built, (path, key)
+
+
+def test_a_model_setting_the_config_file_leaves_out_is_set_on_the_command_line():
+  c = pc.load_config("rar_b.py:runlocal", **{"model.dropout": 0.0,
+                                             "model.attn_dropout": 0.0,
+                                             "tokenizer.model.code_dim": 16})
+  m = models.build(c.model)
+  assert (m.dropout, m.attn_dropout) == (0.0, 0.0)
+  assert models.build(c.tokenizer.model).code_dim == 16
+  default = models.build(pc.load_config("rar_b.py:runlocal").model)
+  assert (default.dropout, default.attn_dropout) == (0.1, 0.1)   # RAR's own
+
+
+def test_records_without_the_listed_settings_match_their_defaults():
+  """A checkpoint's or sample parts' record written before the configs
+  listed every model setting still resumes / continues with a config that
+  lists them at their defaults; one that sets another value is refused,
+  naming it."""
+  from genvis_jax.core import checkpoint_fit as fit  # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import parts  # pylint: disable=import-outside-toplevel
+  config = pc.load_config("rar_b.py:runlocal")
+  listed = config.model.to_dict()
+  old = {k: v for k, v in json.loads(config.model.to_json()).items()
+         if k not in models.config_defaults("rar")
+         or listed[k] != models.config_defaults("rar")[k]}
+  assert "dropout" not in old and "name" in old
+  fit.check_config_matches({"model": old}, config)
+  assert fit.model_settings_note({"model": old}, config.model) == ""
+  flat = parts.sample_settings(config)
+  old_flat = {k: v for k, v in flat.items()
+              if not k.startswith("model.") or k[len("model."):] in old}
+  assert parts._with_model_defaults(old_flat) == flat   # pylint: disable=protected-access
+  changed = pc.load_config("rar_b.py:runlocal", **{"model.dropout": 0.0})
+  with pytest.raises(fit.CheckpointMismatchError,
+                     match=r"dropout: checkpoint 0\.1 vs config 0\.0"):
+    fit.check_config_matches({"model": old}, changed)
+  # A resume compares the other sections too: the tokenizer's model, the
+  # discriminator (a tokenizer run), a demo's stages.
+  from genvis_jax.train import resume  # pylint: disable=import-outside-toplevel
+  for spec in ("rar_b.py:runlocal", "vq_ds16.py:runlocal", "demo.py"):
+    now = json.loads(pc.load_config(spec).to_json_best_effort())
+    assert resume.resumed_differences(_unlisted(now), now) == [], spec
+  before = pc.load_config("vq_ds16.py:runlocal")
+  now = json.loads(pc.load_config(
+      "vq_ds16.py:runlocal", **{"disc.ndf": 8}).to_json_best_effort())
+  assert resume.resumed_differences(
+      _unlisted(json.loads(before.to_json_best_effort())), now) == [
+          f"disc.ndf: checkpoint {before.disc.ndf} vs this run 8"]
+
+
+def _unlisted(tree):
+  """A config record as written before the configs listed every model
+  setting: each model section without the settings at their defaults."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    v = _unlisted(v)
+    if k in base.MODEL_SECTIONS and isinstance(v, dict) and "name" in v:
+      try:
+        defaults = json.loads(json.dumps(models.config_defaults(v["name"])))
+      except Exception:   # pylint: disable=broad-except
+        defaults = {}
+      v = {f: x for f, x in v.items() if f not in defaults or defaults[f] != x}
+    out[k] = v
+  return out
+
+
+BUILDABLE = ("classifier", "dino_disc", "eq_generator", "eq_tokenizer", "far",
+             "fqgan", "inception", "llamagen_vq", "maskgit_vqgan", "patchgan",
+             "rar")
+
+
+@pytest.mark.parametrize("name", BUILDABLE)
+def test_settings_a_builder_derives_are_declared(name):
+  """A field the builder derives from another when left out (doubling each
+  int setting in turn shows which follow it) is in the module's
+  ``CONFIG_UNSET``: listed at its class default, it would stop following
+  (``--config.model.z_channels=64`` kept MaskGIT's 256-d codes)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  base_model = models.build(ml_collections.ConfigDict({"name": name}))
+  fields = [f.name for f in dataclasses.fields(base_model)
+            if f.name not in ("name", "parent")]
+  unset = getattr(models.module(name), "CONFIG_UNSET", {})
+  follows = set()
+  for g in fields:
+    value = getattr(base_model, g)
+    if isinstance(value, bool) or not isinstance(value, int) or not value:
+      continue
+    try:
+      m = models.build(ml_collections.ConfigDict({"name": name, g: 2 * value}))
+    except Exception:   # pylint: disable=broad-except
+      continue          # a value the model refuses
+    follows |= {f for f in fields if f != g and f not in models.SHARED_DEFAULTS
+                and getattr(m, f) != getattr(base_model, f)}
+  assert follows == set(unset), (follows, unset)

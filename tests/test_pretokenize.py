@@ -9,6 +9,7 @@ import pytest
 
 from genvis_jax import data
 from genvis_jax import errors as errors_lib
+from genvis_jax import models
 from genvis_jax.data import pretokenize, token_output
 from tests.data_common import data_config
 
@@ -39,6 +40,16 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
   assert "no fingerprint of its split" in caplog.text
   with pytest.raises(errors.OutputExistsError, match=r"weights: 'w' -> 'v'"):
     token_output.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+  # A record from before its config listed every tokenizer setting: the
+  # ones it leaves out count at their defaults (output_settings lists all).
+  listed = {**now, "tokenizer": json.loads(json.dumps(models.with_defaults(
+      {"name": "maskgit_vqgan", "num_codes": 16})))}
+  rec = record({**now, "tokenizer": {"name": "maskgit_vqgan", "num_codes": 16}})
+  assert token_output.existing_output(path, listed, overwrite=False) == rec
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"tokenizer.dropout: 0.0 -> 0.5"):
+    token_output.existing_output(path, {**listed, "tokenizer": {
+        **listed["tokenizer"], "dropout": 0.5}}, overwrite=False)
   # Damaged since it was written (or its record disagrees): not reused.
   record(now, records=5)
   with pytest.raises(errors.OutputExistsError, match="damaged since"):

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
+from genvis_jax import models
 from genvis_jax.core import sharding
 from genvis_jax.sample import driver
 from genvis_jax.sample import parts
@@ -483,8 +484,8 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
   """A window or latent scale other than the run's loads without an error
   (the weights' shapes are the same) and changes every image: refused,
   naming the setting and the run's value, unless named on purpose. Compute
-  settings, keys one side does not record, and weights with no record
-  pass; converted weights are held to the config they were converted with."""
+  settings, dropout rates, keys one side does not record (a model setting
+  at its default), and weights with no record pass; converted weights are held to the config they were converted with."""
   import copy
   from configs import eq_l
   config = eq_l.get_config("runlocal")
@@ -504,6 +505,7 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
 
   (step / "config" / "metadata").write_text(json.dumps(run))
   check(model__dtype="bfloat16", model__remat="full")
+  check(model__attn_dropout=0.5, model__proj_dropout=0.5)   # training only
   with pytest.raises(parts.TrainedWithError,
                      match=r"trained with other settings .*\n  model.window: "
                            r"run 2 vs config 4\n.*allow_model_changes="
@@ -522,9 +524,14 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
   with pytest.raises(parts.TrainedWithError,
                      match=r"sample.latent_scale: run 0.2 vs config 0.05"):
     check(sample__latent_scale=0.05)
-  del run["model"]["window"]           # a run recorded before the key existed
+  # A run recorded before its config listed the setting: the class default.
+  del run["model"]["window"]
   (step / "config" / "metadata").write_text(json.dumps(run))
-  check(model__window=4)
+  default = models.config_defaults("eq_generator")["window"]
+  check(model__window=default)
+  with pytest.raises(parts.TrainedWithError,
+                     match=rf"model.window: run {default} vs config 2"):
+    check(model__window=2)
   shutil.rmtree(step / "config")       # no record (an older version)
   check(model__window=4)
   # A parameter checkpoint records the config it was converted with.

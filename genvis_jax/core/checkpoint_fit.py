@@ -78,6 +78,40 @@ def compare_trees(expected, found, what: str,
     raise CheckpointMismatchError("\n".join(lines))
 
 
+# How a recorded model section reads with the settings it leaves out at
+# their defaults: ``genvis_jax.models.with_defaults``, which that package
+# registers when imported (core cannot import it). A record written before
+# a config listed a setting then matches a config listing it at its default.
+_with_defaults = [lambda section: section]
+
+
+def register_model_defaults(fn) -> None:
+  """Sets how recorded model sections are completed before comparing
+  (``genvis_jax.models`` calls it with ``with_defaults``)."""
+  _with_defaults[0] = fn
+
+
+def completed(section):
+  """A recorded model section (a dict with ``name``) with the settings it
+  leaves out at their defaults (``register_model_defaults``); anything else
+  as it is."""
+  return _with_defaults[0](section) if isinstance(section, dict) else section
+
+
+# Keys of the sections holding a model's settings, at any depth of a config:
+# config.model, config.disc, config.tokenizer.model, config.stages.X.model.
+MODEL_SECTIONS = ("model", "disc")
+
+
+def completed_config(tree):
+  """A recorded config (nested dicts) with every model section
+  (``MODEL_SECTIONS``) ``completed``."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: completed(completed_config(v)) if k in MODEL_SECTIONS
+          else completed_config(v) for k, v in tree.items()}
+
+
 # config.model fields that shape only a run's compute, not its weights or
 # what they draw (samplers decode in config.sample.dtype).
 COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat")
@@ -102,7 +136,8 @@ def model_settings_note(saved: dict | None, model_config,
   side = SIDE[made]
   lead = ("The run was trained with" if made == "trained"
           else "They were converted for")
-  diffs = settings_lib.differences({"model": saved["model"]}, {"model": now},
+  diffs = settings_lib.differences({"model": completed(saved["model"])},
+                                   {"model": completed(now)},
                                    ignore=COMPUTE_ONLY, names=(side, "config"))
   if not diffs:
     return ""
@@ -147,7 +182,8 @@ def check_config_matches(saved: dict | None, config) -> None:
         f"{saved['model'].get('name')!r}, and this config trains "
         f"{current.get('name')!r}: a workdir is one job's. Use a fresh "
         "--workdir.")
-  diffs = settings_lib.differences(saved["model"], current,
+  diffs = settings_lib.differences(completed(saved["model"]),
+                                   completed(current),
                                    ignore=("dtype", "remat"),
                                    names=("checkpoint", "config"))
   if diffs:

@@ -20,6 +20,7 @@ from absl import logging
 from etils import epath
 
 from genvis_jax import errors
+from genvis_jax import models
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
@@ -47,7 +48,8 @@ def output_settings(config, checkpoint: str | None = None) -> dict:
   data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS
           and v not in _ADDED_DEFAULTS.get(k, ())
           and (k != "exif_transpose" or p.data.source == "image_folder")}
-  keep = {"tokenizer": inference.data_model_config(tok).to_dict(),
+  keep = {"tokenizer": models.with_defaults(
+              inference.data_model_config(tok).to_dict()),
           "weights": weights_lib.params_source(
               tok.checkpoint if checkpoint is None else checkpoint),
           "data": data, "split": p.split, "ten_crop": p.ten_crop,
@@ -90,6 +92,10 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   except ValueError:   # a damaged record is no record
     old = None
   before = (old or {}).get("settings") or {}
+  if isinstance(before.get("tokenizer"), dict):
+    # Written before its config listed every tokenizer setting.
+    before = {**before, "tokenizer": json.loads(json.dumps(
+        models.with_defaults(before["tokenizer"])))}
   if old is not None and "examples" not in before and {
       **settings, "examples": None} == {**before, "examples": None}:
     # Written before records held the split's fingerprint: reuse, and say so.

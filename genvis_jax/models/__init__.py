@@ -10,11 +10,15 @@ Building blocks shared by the models live in ``genvis_jax/models/layers/``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 
 import flax.linen as nn
 import jax
+import ml_collections
 
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import checkpoint_fit
 from genvis_jax.core import dtypes
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import registry
@@ -61,8 +65,9 @@ def config_fields(model_config, cls, *, derived=(), ignore=(),
                   **overrides) -> dict:
   """``model_config``'s entries as keyword arguments of the Flax module class
   ``cls``, then ``overrides``: a builder passes these (``cls(**...)``) so a
-  field's default lives in one place, the class, and a config states only
-  what differs.
+  field's default lives in one place, the class, and a config file states
+  only what differs (``configs/base.finish`` lists the other fields at
+  ``config_defaults``).
 
   Values are made fit for a (hashable) module field: lists become tuples (at
   any depth), and a dtype name ("float32", "bfloat16") for a field named
@@ -105,6 +110,56 @@ def config_fields(model_config, cls, *, derived=(), ignore=(),
          if k in fields}
   out.update(overrides)
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(name: str) -> tuple:
+  module_ = module(name)
+  cls = type(module_.build(ml_collections.ConfigDict({"name": name})))
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in ("name", "parent") or f.name in SHARED_DEFAULTS:
+      continue
+    if f.default is not dataclasses.MISSING:
+      out[f.name] = _tuples(f.default)
+    elif f.default_factory is not dataclasses.MISSING:
+      out[f.name] = _tuples(f.default_factory())
+  out.update(getattr(module_, "CONFIG_UNSET", {}))
+  return tuple(out.items())
+
+
+def config_defaults(name: str) -> dict:
+  """Every setting of model ``name`` (``config.model.name``) a config may
+  leave out, at the value leaving it out means: {field: value} of the module
+  class's fields at their defaults, and each field its builder derives from
+  others when unset (the model module's ``CONFIG_UNSET``, e.g. RAR's
+  ``mlp_dim`` from ``mlp_ratio``) at its unset value. The shared keys
+  (``SHARED_DEFAULTS``) are left to the config.
+
+  ``configs/base.finish`` adds the missing ones to each model section, so
+  every field can be set on the command line (``--config.model.dropout=0.1``)
+  while its default stays in one place, the class. Values are plain Python
+  (tuples for sequences). Raises ``ConfigError`` for an unknown name.
+  """
+  return dict(_defaults(name))
+
+
+def with_defaults(recorded: dict) -> dict:
+  """A model section as recorded in JSON (a checkpoint's or sample parts'
+  config) with the settings it leaves out at ``config_defaults``: what it
+  ran with, comparable key by key with a config ``configs/base.finish``
+  completed (a record written before a config listed a setting matches a
+  config that lists it at its default). Sections of no buildable model are
+  returned as they are."""
+  name = recorded.get("name") if isinstance(recorded, dict) else None
+  try:
+    defaults = config_defaults(name) if name else {}
+  except ConfigError:
+    return recorded
+  return {**json.loads(json.dumps(defaults)), **recorded}
+
+
+checkpoint_fit.register_model_defaults(with_defaults)
 
 
 def _field_value(key, value, field):

@@ -309,6 +309,9 @@ def example_inputs(cfg, batch_size: int = 1):
 
 # Config keys of LlamaGen's SwiGLU width rule (ffn_hidden_dim's arguments).
 _FFN_RULE = ("multiple_of", "ffn_dim_multiplier")
+# Fields whose builder derives them from others when unset, at the config
+# value meaning unset (``models.config_defaults``).
+CONFIG_UNSET = {"ffn_dim": 0}
 
 
 def build(cfg) -> FAR:

@@ -327,6 +327,9 @@ def _feat_heads(cfg) -> dict:
   return {"feat_heads": tuple(out)}
 
 
+CONFIG_UNSET = lg.CONFIG_UNSET   # decoder_res_blocks, as LlamaGen's
+
+
 def build(cfg) -> FQGAN:
   """``config.model`` -> FQGAN; unset fields take the class defaults
   (FQGAN-Dual ds16). ``adapter_width``, when set, must equal the trunk's

@@ -258,10 +258,15 @@ class LlamaGenVQ(VQBase):
     return self.decode_latents(z_q, train), {**aux, "codes": codes}
 
 
+# Fields whose builder derives them from others when unset, at the config
+# value meaning unset (``models.config_defaults``); FQGAN's decoder too.
+CONFIG_UNSET = {"decoder_res_blocks": 0}
+
+
 def decoder_res_blocks(cfg, cls) -> dict:
-  """Unset ``decoder_res_blocks`` follows ``num_res_blocks`` + 1 (LlamaGen's
-  decoder has one more block per level)."""
-  if "decoder_res_blocks" in cfg:
+  """Unset (or 0) ``decoder_res_blocks`` follows ``num_res_blocks`` + 1
+  (LlamaGen's decoder has one more block per level)."""
+  if cfg.get("decoder_res_blocks"):
     return {}
   return {"decoder_res_blocks": cfg.get("num_res_blocks", cls.num_res_blocks) + 1}
 

@@ -208,12 +208,17 @@ class MaskGITVQGAN(nn.Module):
     return recon, {**aux, "codes": codes}
 
 
+# Fields whose builder derives them from others when unset, at the config
+# value meaning unset (``models.config_defaults``).
+CONFIG_UNSET = {"code_dim": 0}
+
+
 def build(cfg) -> MaskGITVQGAN:
   """``config.model`` -> MaskGITVQGAN; unset fields take the class defaults
-  (the official 256 px, f16, 1024-code model) and ``code_dim`` follows
-  ``z_channels`` (MaskGIT has no quant_conv). ``image_size`` is read by
+  (the official 256 px, f16, 1024-code model) and ``code_dim``, unset or
+  0, follows ``z_channels`` (MaskGIT has no quant_conv). ``image_size`` is read by
   ``example_inputs`` only. Raises ConfigError for an unknown key."""
-  code_dim = {} if "code_dim" in cfg else {
+  code_dim = {} if cfg.get("code_dim") else {
       "code_dim": cfg.get("z_channels", MaskGITVQGAN.z_channels)}
   return MaskGITVQGAN(**models.config_fields(
       cfg, MaskGITVQGAN, ignore=("image_size",), **code_dim))

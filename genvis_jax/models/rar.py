@@ -341,6 +341,11 @@ class RAR(nn.Module):
     return self._decode_modulated(x, mods, pos)
 
 
+# Fields whose builder derives them from others when unset, at the config
+# value meaning unset (``models.config_defaults``).
+CONFIG_UNSET = {"mlp_dim": 0}
+
+
 def _mlp_dim(cfg) -> dict:
   """``mlp_dim`` (when set, non-zero) or ``hidden_size * mlp_ratio``."""
   if cfg.get("mlp_dim"):

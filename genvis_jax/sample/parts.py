@@ -100,8 +100,26 @@ def sample_settings(config, pinned=None) -> dict:
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
           "tokenizer": tokenizer, "sample": sample,
           "devices": jax.device_count()}
-  return json.loads(json.dumps({**settings_lib.flatten(keep),
-                                **pinned_sources(pinned)}))
+  return _with_model_defaults(json.loads(json.dumps(
+      {**settings_lib.flatten(keep), **pinned_sources(pinned)})))
+
+
+# The model sections of a flat settings record.
+_MODEL_PREFIXES = ("model.", "tokenizer.model.")
+
+
+def _with_model_defaults(flat: dict) -> dict:
+  """A flat settings record with the settings its model sections leave out
+  at their defaults (``models.with_defaults``): records written before a
+  config listed a setting compare equal to those listing its default."""
+  out = dict(flat)
+  for prefix in _MODEL_PREFIXES:
+    name = flat.get(prefix + "name")
+    if isinstance(name, str):
+      for k, v in settings_lib.flatten(models.with_defaults(
+          {"name": name})).items():
+        out.setdefault(prefix + k, v)
+  return out
 
 
 # Settings a resume may change: the parts depend only on their start index;
@@ -196,9 +214,12 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   run's key, e.g. the Equivariant latent scale ``sample.latent_scale`` ->
   ``latents.scale``), than the run trained with. A change that leaves the
   weights' shapes alone (an attention window, a latent scale) loads without
-  an error and changes every image. Keys recorded on one side only (another code version) and
-  those named in ``config.sample.allow_model_changes`` (comma-separated) are
-  not compared. A parameter checkpoint is checked against the config it
+  an error and changes every image. Dropout rates (training only) pass.
+  A model setting the record (or the
+  config) leaves out counts at its default (``models.with_defaults``);
+  other keys recorded on one side only (another code version) and those
+  named in ``config.sample.allow_model_changes`` (comma-separated) are not
+  compared. A parameter checkpoint is checked against the config it
   was converted with, where ``python -m genvis_jax.convert --config``
   recorded it.
 
@@ -211,12 +232,17 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   if not saved or "model" not in saved:
     return
   now = json.loads(config.to_json_best_effort())
+  # Settings a record (or this config) leaves out, at their defaults.
+  saved = {**saved, "model": models.with_defaults(saved["model"])}
+  now["model"] = models.with_defaults(now["model"])
   keys = {k: k for k in settings_lib.flatten({"model": now["model"]})}
   keys.update(run_keys)
   allowed = _allowed_changes(config)
   flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
+  # Dropout rates act in training only (samplers run the model deterministic).
   differing = [(key, run) for key, run in sorted(keys.items())
                if key not in fit.COMPUTE_ONLY and key not in allowed
+               and not key.endswith("dropout")
                and key in flat_now and run in flat_saved
                and flat_saved[run] != flat_now[key]]
   if not differing or ("model.name", "model.name") in differing:
@@ -298,7 +324,7 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   settings = {**unset, **settings}
   recorded = _recorded_settings(path, found)
   if recorded is not None:
-    old = {**unset, **recorded}
+    old = {**unset, **_with_model_defaults(recorded)}
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
         "sample.num_samples", "devices") + WEIGHTS

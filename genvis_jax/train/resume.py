@@ -68,6 +68,9 @@ def resumed_differences(saved: dict, now: dict) -> list[str]:
   how it computes (``checkpoint_fit.COMPUTE_ONLY``: ``model.dtype``...)."""
   compute = lambda c: {k: settings_lib.get(c, k) for k in fit.COMPUTE_ONLY}
   names = ("checkpoint", "this run")
+  # Model settings a record (or this config) leaves out, at their defaults:
+  # a record written before the configs listed every one matches.
+  saved, now = fit.completed_config(saved), fit.completed_config(now)
   return sorted(
       settings_lib.differences(saved, now, ignore=("model",), names=names) +
       settings_lib.differences(compute(saved), compute(now), names=names))
