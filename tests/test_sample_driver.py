@@ -45,6 +45,23 @@ def test_resume_follows_the_weights_not_the_paths(tmp_path):
         "weights.generator": "step 600 committed 3"}))
 
 
+def test_parts_recorded_before_every_model_setting_was_listed_go_on(tmp_path):
+  """Parts recorded when the config listed only some model settings (and
+  recorded dropout rates, which decide no image) go on with a config that
+  lists every setting; a setting at another value than its default is
+  refused, named."""
+  now = parts._model_settings(_settings(**{   # pylint: disable=protected-access
+      "model.name": "rar", "model.depth": 2}))   # as sample_settings records
+  assert "model.num_timesteps" in now and "model.dropout" not in now
+  old = _settings(**{"model.name": "rar", "model.depth": 2,
+                     "model.dropout": 0.3})
+  parts.check_settings(_parts_dir(tmp_path, old), now)
+  with pytest.raises(parts.SampleSettingsError,
+                     match=r"model.num_timesteps: 7 -> \d+"):
+    parts.check_settings(_parts_dir(tmp_path, {
+        **old, "model.num_timesteps": 7}, "other"), now)
+
+
 def test_a_damaged_settings_record_is_refused_beside_parts(tmp_path):
   """A settings.json cut short cannot vouch for the parts beside it: one
   clear error; with no parts, a fresh start writes it again."""

@@ -100,7 +100,7 @@ def sample_settings(config, pinned=None) -> dict:
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
           "tokenizer": tokenizer, "sample": sample,
           "devices": jax.device_count()}
-  return _with_model_defaults(json.loads(json.dumps(
+  return _model_settings(json.loads(json.dumps(
       {**settings_lib.flatten(keep), **pinned_sources(pinned)})))
 
 
@@ -108,10 +108,17 @@ def sample_settings(config, pinned=None) -> dict:
 _MODEL_PREFIXES = ("model.", "tokenizer.model.")
 
 
-def _with_model_defaults(flat: dict) -> dict:
-  """A flat settings record with the settings its model sections leave out
-  at their defaults (``models.with_defaults``): records written before a
-  config listed a setting compare equal to those listing its default."""
+def _training_only(key: str) -> bool:
+  """A model setting that acts in training only: dropout rates (samplers
+  run the models deterministic)."""
+  return key.endswith("dropout")
+
+
+def _model_settings(flat: dict) -> dict:
+  """A flat settings record as compared: the settings its model sections
+  leave out at their defaults (``models.with_defaults``: a record written
+  before a config listed a setting equals one listing its default), and
+  without training-only ones."""
   out = dict(flat)
   for prefix in _MODEL_PREFIXES:
     name = flat.get(prefix + "name")
@@ -119,7 +126,8 @@ def _with_model_defaults(flat: dict) -> dict:
       for k, v in settings_lib.flatten(models.with_defaults(
           {"name": name})).items():
         out.setdefault(prefix + k, v)
-  return out
+  return {k: v for k, v in out.items()
+          if not (k.startswith(_MODEL_PREFIXES) and _training_only(k))}
 
 
 # Settings a resume may change: the parts depend only on their start index;
@@ -239,10 +247,9 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   keys.update(run_keys)
   allowed = _allowed_changes(config)
   flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
-  # Dropout rates act in training only (samplers run the model deterministic).
   differing = [(key, run) for key, run in sorted(keys.items())
                if key not in fit.COMPUTE_ONLY and key not in allowed
-               and not key.endswith("dropout")
+               and not _training_only(key)
                and key in flat_now and run in flat_saved
                and flat_saved[run] != flat_now[key]]
   if not differing or ("model.name", "model.name") in differing:
@@ -324,7 +331,7 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   settings = {**unset, **settings}
   recorded = _recorded_settings(path, found)
   if recorded is not None:
-    old = {**unset, **_with_model_defaults(recorded)}
+    old = {**unset, **_model_settings(recorded)}
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
         "sample.num_samples", "devices") + WEIGHTS
