@@ -36,7 +36,7 @@ def get_config(arg=None):
     for name in ("eq_tokenizer", "eq_generator"):
       t = c.stages[name].train
       t.num_steps, t.log_every, t.checkpoint_every, t.image_every = 2, 1, 2, 0
-    # GAN off in 2 steps (its step is tested in tests/test_eq_tokenizer.py).
+    # GAN off in 2 steps (its step is tested in tests/test_eq_tokenizer_task.py).
     c.stages.eq_tokenizer.loss.disc_start = 10**9
     c.stages.eq_generator.sample.num_steps = 2
     c.stages.eq_generator.sample.wide_columns = 8

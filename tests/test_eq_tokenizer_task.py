@@ -1,0 +1,240 @@
+"""Equivariant tokenizer training: its task (losses, GAN phases, the
+official step-decay optimizer, stage 2), the DINO discriminator with
+DiffAugment and the frozen ViT / teacher inputs (tiny configs on CPU)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import eq_demo
+from configs import eq_tokenizer as eq_tok_config
+from genvis_jax import models
+from genvis_jax.convert import dino_vit
+from genvis_jax.models import dino_disc
+from genvis_jax.train import optimizers as opt_lib
+from genvis_jax.train import step as step_lib
+from genvis_jax.train.state import TrainState
+from genvis_jax.train.tasks import eq as eq_task
+from genvis_jax.train.tasks import get_task
+from tests.test_eq_tokenizer import abstract_params, mini_model, np_init
+
+
+def test_step_decay_schedule_matches_official():
+  f = opt_lib.step_decay_schedule(1.0, warmup=10, every=5, rate=0.2)
+  got = [float(f(n)) for n in (0, 5, 9, 10, 14, 15, 20)]
+  np.testing.assert_allclose(got, [0, 0.5, 0.9, 0.9, 0.9, 0.18, 0.036], rtol=1e-6)
+
+
+def test_paper_optimizer_is_the_shared_one_with_its_step_decay():
+  """The paper config's Adam + step decay is ``opt_lib.make_optimizer``: its
+  state layout does not depend on grad_clip (a run resumes with another
+  clip), and its learning rate follows the official schedule."""
+  c = eq_tok_config.get_config()
+  params = {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
+  layouts = []
+  for clip in (0.0, 1.0):
+    c.train.grad_clip = clip
+    state = opt_lib.make_optimizer(c.optimizer, c.train).init(params)
+    layouts.append(jax.tree_util.tree_structure(state))
+  assert layouts[0] == layouts[1]
+  lr = opt_lib.make_schedule(c.optimizer, c.train.num_steps)
+  assert float(lr(3000)) == pytest.approx(1.92e-4 * 2999 / 3000)
+  assert float(lr(33_000)) == pytest.approx(1.92e-4 * 2999 / 3000 * 0.2)
+
+
+def _task_config(disc="patchgan", stage2=False):
+  c = eq_demo.eq_tokenizer_demo_config()
+  c.model = mini_model()
+  c.optimizer.warmup_steps = 0
+  c.loss.disc_start = 0
+  c.loss.stage2 = stage2
+  c.train.global_batch_size = 4
+  if disc == "dino":
+    c.disc = eq_tok_config.dino_disc(img_size=16, patch_size=8, dim=32, depth=1,
+                                      num_heads=2, key_depths=(0,),
+                                      image_size=32, image_width=64,
+                                      virtual_bs=2)
+    c.disc.optimizer = eq_tok_config.get_config().disc.optimizer
+  else:
+    c.disc.ndf, c.disc.n_layers = 8, 1
+  return c
+
+
+@pytest.mark.parametrize("disc,stage2", [("patchgan", False), ("dino", True)])
+def test_tokenizer_task_grads(disc, stage2):
+  c = _task_config(disc, stage2)
+  task = get_task(c)
+  params = np_init(jax.eval_shape(lambda k: nn.unbox(task.init_params(k)),
+                                  jax.random.key(0)))
+  frozen = task.frozen_params()
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 32, 32, 3),
+                                       minval=-1, maxval=1)}
+  grads, metrics = jax.jit(task.grads)(params, frozen, batch, jax.random.key(2),
+                                       jnp.int32(1))
+  assert set(grads) == {"model", "disc"}
+  for k in ("loss", "nll_loss", "kl_loss", "d_weight", "disc_loss", "g_loss"):
+    assert np.isfinite(float(metrics[k])), k
+  assert float(metrics["disc_factor"]) == 1.0 and float(metrics["d_weight"]) > 0
+  gn = lambda t: float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(t)))
+  assert gn(grads["model"]["decoder"]) > 0 and gn(grads["disc"]) > 0
+  assert (gn(grads["model"]["encoder"]) == 0) == stage2
+  if disc == "dino":
+    assert "vit" not in grads["disc"] and "dino_vit" in frozen
+    opt = task.optimizers()["model"]
+    upd, _ = jax.jit(lambda g, p: opt.update(g, opt.init(p), p))(
+        grads["model"], params["model"])
+    assert gn(upd["encoder"]) == 0 and gn(upd["decoder"]) > 0
+
+
+def test_discriminator_steps_on_the_updated_generator():
+  """Official PL 1.4 loop: the generator's optimizer steps first, then the
+  discriminator's step runs the updated generator again (fresh posterior
+  draw: key fold_in(step key, 1))."""
+  c = _task_config()
+  task = get_task(c)
+  assert task.update_phases == (("model",), ("disc",))
+  params = np_init(jax.eval_shape(lambda k: nn.unbox(task.init_params(k)),
+                                  jax.random.key(0)))
+  opt = task.optimizers()
+  opt_state = {g: opt[g].init(params[g]) for g in params}
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 32, 32, 3),
+                                       minval=-1, maxval=1)}
+  key, step = jax.random.key(2), jnp.int32(3)
+  state = TrainState(step=step, params=params, opt_state=opt_state,
+                     ema=params["model"])
+  new, m = jax.jit(step_lib.make_train_step(task, opt, c.train, 1))(
+      state, batch, key, {})
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["disc_loss"]))
+
+  @jax.jit
+  def by_hand(params, opt_state):
+    k = jax.random.fold_in(key, step)
+    g, _ = task.grads(params, {}, batch, k, step, groups=("model",))
+    u, _ = opt["model"].update(g["model"], opt_state["model"], params["model"])
+    model = optax.apply_updates(params["model"], u)
+    g, _ = task.grads({**params, "model": model}, {}, batch,
+                      jax.random.fold_in(k, 1), step, groups=("disc",))
+    u, _ = opt["disc"].update(g["disc"], opt_state["disc"], params["disc"])
+    # And the one-pass discriminator gradients (pre-update fakes).
+    one_pass = task.grads(params, {}, batch, k, step, groups=("disc",))[0]["disc"]
+    return model, optax.apply_updates(params["disc"], u), g["disc"], one_pass
+  model, disc, g_disc, g_one = by_hand(params, opt_state)
+  for a, b in zip(jax.tree_util.tree_leaves((new.params["model"], new.params["disc"])),
+                  jax.tree_util.tree_leaves((model, disc))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(g_disc), jax.tree_util.tree_leaves(g_one)))
+  assert diff > 1e-6
+
+
+def test_gan_never_on_compiles_no_discriminator():
+  """disc_start >= num_steps: the same model gradients as the GAN path before
+  disc_start (weight 0), zero disc gradients, fewer convolutions."""
+  on, off = _task_config(), _task_config()
+  on.loss.disc_start, off.loss.disc_start = 5, 10**9
+  on.train.num_steps = off.train.num_steps = 10
+  t_on, t_off = get_task(on), get_task(off)
+  assert t_on.use_gan and not t_off.use_gan
+  params = np_init(jax.eval_shape(lambda k: nn.unbox(t_on.init_params(k)),
+                                  jax.random.key(0)))
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 32, 32, 3),
+                                       minval=-1, maxval=1)}
+  args = (params, {}, batch, jax.random.key(2), jnp.int32(0))
+  # Each program traced and lowered once: run, and its text read below.
+  low_on, low_off = (jax.jit(t.grads).lower(*args) for t in (t_on, t_off))
+  g_on, m_on = low_on.compile()(*args)
+  g_off, m_off = low_off.compile()(*args)
+  np.testing.assert_allclose(float(m_off["loss"]), float(m_on["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g_on["model"]),
+                  jax.tree_util.tree_leaves(g_off["model"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  assert not any(np.any(np.asarray(g))
+                 for g in jax.tree_util.tree_leaves(g_off["disc"]))
+  count = lambda lowered: lowered.as_text().count("convolution")
+  assert count(low_off) < count(low_on)
+
+
+def test_dino_disc_and_diffaug():
+  cfg = eq_tok_config.dino_disc(img_size=32, patch_size=8, dim=32, depth=3,
+                                 num_heads=2, key_depths=(1, 2), image_size=48)
+  model = models.build(cfg)
+  params = np_init(abstract_params(cfg))
+  assert set(params) == {"vit", "heads_0", "heads_1", "heads_2"}
+  x = jax.random.uniform(jax.random.key(1), (4, 48, 48, 3), minval=-1, maxval=1)
+  out = jax.jit(model.apply)({"params": params}, x, jax.random.key(2))
+  assert out.shape == (4, 3 * 16)                     # 3 heads x 4x4 patches
+  # Spectral norm: the normalised kernel has top singular value ~1.
+  k = params["heads_0"]["res_conv"]["kernel"]
+  w = np.asarray(dino_disc.spectral_normalize(k, 50)).transpose(2, 1, 0)
+  np.testing.assert_allclose(np.linalg.norm(w.reshape(w.shape[0], -1), 2), 1.0,
+                             rtol=1e-2)
+  y = dino_disc.diff_augment(x, jax.random.key(3), translation=0, color=False,
+                             cutout=0.25)
+  zero = np.asarray(jnp.all(y == 0, axis=-1)).reshape(4, -1).mean(1)
+  assert np.all(zero > 0) and np.all(zero <= 0.0625 + 1e-6)   # <= 12x12 of 48x48
+
+
+def test_vit_params_from_state_dict_roundtrip(tmp_path):
+  vit = dino_disc.FrozenViT(patch_size=8, dim=16, depth=2, num_heads=2,
+                            pos_grid=2, final=True, layerscale=True)
+  x = jnp.zeros((1, 16, 16, 3))
+  p = np_init(nn.unbox(jax.eval_shape(vit.init, jax.random.key(0), x))["params"])
+  e = p["embed"]
+  sd = {"cls_token": np.asarray(e["cls_token"])[None, None],
+        "pos_embed": np.asarray(e["pos_embed"])[None],
+        "patch_embed.proj.weight": np.asarray(
+            e["patch_embed"]["kernel"]).transpose(3, 2, 0, 1),
+        "patch_embed.proj.bias": e["patch_embed"]["bias"],
+        "norm.weight": p["norm"]["scale"], "norm.bias": p["norm"]["bias"],
+        "head.weight": np.ones((3, 16), np.float32)}   # no place: skipped
+  for i in range(2):
+    b = p["encoder"][f"block_{i}"]
+    for n in ("norm1", "norm2"):
+      sd[f"blocks.{i}.{n}.weight"], sd[f"blocks.{i}.{n}.bias"] = (
+          b[n]["scale"], b[n]["bias"])
+    for n, q in (("attn.qkv", b["attn"]["qkv"]), ("attn.proj", b["attn"]["out"]),
+                 ("mlp.fc1", b["mlp"]["fc1"]), ("mlp.fc2", b["mlp"]["fc2"])):
+      sd[f"blocks.{i}.{n}.weight"] = np.asarray(q["kernel"]).T
+      sd[f"blocks.{i}.{n}.bias"] = q["bias"]
+    for n in ("ls1", "ls2"):
+      sd[f"blocks.{i}.{n}.gamma"] = b[n]["scale"]
+  back = dino_vit.convert_dino_vit(sd, zero_k_bias=True)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(p)
+  qb = back["encoder"]["block_0"]["attn"]["qkv"]["bias"]
+  assert np.all(qb[16:32] == 0)
+  np.testing.assert_array_equal(back["encoder"]["block_1"]["mlp"]["fc1"]["kernel"],
+                                p["encoder"]["block_1"]["mlp"]["fc1"]["kernel"])
+  np.savez(tmp_path / "vit.npz", **sd)           # read through convert.io
+  loaded = dino_vit.load_dino_vit(str(tmp_path / "vit.npz"))
+  np.testing.assert_array_equal(loaded["encoder"]["block_0"]["attn"]["qkv"]["bias"],
+                                p["encoder"]["block_0"]["attn"]["qkv"]["bias"])
+  with pytest.raises(FileNotFoundError, match="vit_path"):
+    dino_vit.load_dino_vit(str(tmp_path / "missing.pth"))
+
+
+def test_teacher_inputs_official_preprocess():
+  """[-1, 1] -> ImageNet-normalised, torch-bicubic 224 x 224 (a constant image
+  stays constant: the bicubic rows sum to 1)."""
+  x = jnp.full((1, 256, 256, 3), 0.5)
+  y = eq_task.teacher_inputs(x, 224)
+  assert y.shape == (1, 224, 224, 3)
+  expect = (0.75 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(y[0, 100, 7], expect, rtol=1e-5)
+
+
+def test_stage2_config_is_the_official_stage2_yaml():
+  """tokenizer_config_stage2.yaml differs from stage 1 in stage2: true and
+  semantic_loss_w: 0.0 only; its ckpt_path loads the whole state dict: the
+  discriminator too, and LitEma's update count (no second warm-up)."""
+  one, two = eq_tok_config.get_config(), eq_tok_config.get_config("stage2")
+  assert (one.loss.stage2, one.loss.semantic_weight) == (False, 5.0)
+  assert (two.loss.stage2, two.loss.semantic_weight) == (True, 0.0)
+  assert (one.init_groups, one.train.ema_warmup) == ((), True)
+  assert (two.init_groups, two.train.ema_warmup) == (("disc",), False)
+  two.loss.stage2, two.loss.semantic_weight = False, 5.0
+  two.init_groups, two.train.ema_warmup = (), True
+  assert two.to_dict() == one.to_dict()
+  assert eq_tok_config.get_config("stage2,runlocal").loss.semantic_weight == 0.0
