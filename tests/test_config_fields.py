@@ -126,3 +126,66 @@ def test_valid_remat_and_attn_impl_build():
   m = models.build(ml_collections.ConfigDict(dict(
       name="eq_generator", attn_impl="pallas_gpu", remat="dots")))
   assert (m.attn_impl, m.remat) == ("pallas_gpu", "dots")
+
+
+@pytest.mark.parametrize("spec,key,value,message", [
+    ("rar_b.py:runlocal", "model.num_heads", 0, r"num_heads=0 of RAR .*at least 1"),
+    ("rar_b.py:runlocal", "model.depth", -1, r"depth=-1 of RAR .*at least 1"),
+    ("rar_b.py:runlocal", "model.num_classes", 0, r"num_classes=0 .*at least 1"),
+    ("rar_b.py:runlocal", "model.mlp_dim", -1,
+     r"mlp_dim=-1 .*at least 0 \(0: derived from the other settings\)"),
+    ("rar_b.py:runlocal", "model.dropout", 10.0,
+     r"dropout=10.0 of RAR .*dropout rate: 0 <= rate <= 1"),
+    ("far_b.py:dual,runlocal", "model.class_dropout", -0.5, r"dropout rate"),
+    ("far_b.py:dual,runlocal", "model.rope_base", 0.0,
+     r"rope_base=0.0 of FAR .*finite number > 0"),
+    ("fqgan_dual_ds16.py:runlocal", "model.entropy_temperature", 0.0,
+     r"entropy_temperature=0.0 .*> 0"),
+    ("fqgan_dual_ds16.py:runlocal", "model.entropy_group_size", -1,
+     r"entropy_group_size=-1 .*at least 0"),
+    ("fqgan_dual_ds16.py:runlocal", "model.feat_heads", "(0,)",
+     r"feat_heads entries are \(branch, width >= 1\) pairs"),
+    ("fqgan_dual_ds16.py:runlocal", "model.feat_heads",
+     "(('sem', 8), ('sem', 8))", r"names a branch twice"),
+    ("eq_tokenizer.py:runlocal", "model.semantic_map", "bogus",
+     r"semantic_map='bogus' is not a decoder tap"),
+    ("eq_tokenizer.py:runlocal", "disc.head_kernel", 4,
+     r"disc.head_kernel=4 must be odd"),
+    ("eq_tokenizer.py:runlocal", "disc.virtual_bs", 0,
+     r"virtual_bs=0 of DinoDiscriminator .*at least 1"),
+    ("maskgit_vqgan.py:runlocal", "disc.n_layers", 4,
+     r"n_layers=4 leaves the PatchGAN no output pixel on 32-px images.*at "
+     r"most 3"),
+])
+def test_values_a_setting_cannot_take_are_refused_naming_it(spec, key, value,
+                                                             message):
+  """Set on the command line, a size of 0, a negative count, a dropout rate
+  given in percent, a zero RoPE base or temperature, a malformed feature
+  head list: each gave a deep traceback at init or trace time (a modulo by
+  zero, a reshape of negative size) or trained silently wrong (all
+  activations dropped, NaN in the first step)."""
+  from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
+  config = pc.load_config(spec, **{key: value})
+  section = config.disc if key.startswith("disc.") else config.model
+  with pytest.raises(ConfigError, match=message):
+    models.build(section)
+
+
+@pytest.mark.parametrize("spec,key,value", [
+    ("rar_b.py:runlocal", "model.dropout", 0.0),
+    ("rar_b.py:runlocal", "model.mlp_dim", 0),           # derived: ratio
+    ("eq_tokenizer.py:runlocal", "disc.replica_batch", 0),  # whole batch
+    ("fqgan_dual_ds16.py:runlocal", "model.feat_layers", 0),   # ZERO_OK
+    ("fqgan_dual_ds16.py:runlocal", "model.adapter_layers", 0),
+    ("maskgit_vqgan.py:runlocal", "disc.n_layers", 3),
+])
+def test_edge_values_with_a_meaning_build(spec, key, value):
+  from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
+  config = pc.load_config(spec, **{key: value})
+  section = config.disc if key.startswith("disc.") else config.model
+  field = key.split(".")[1]
+  built = getattr(models.build(section), field)
+  if field in getattr(models.module(section.name), "CONFIG_UNSET", {}):
+    assert built > 0, built           # derived from the other settings
+  else:
+    assert built == value

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import sys
 
 import flax.linen as nn
 import jax
@@ -106,10 +108,49 @@ def config_fields(model_config, cls, *, derived=(), ignore=(),
         f"(config.model.name={model_config.get('name', '')!r}); fix the "
         f"spelling or remove them. Valid keys: "
         f"{sorted(set(fields) | skip - {'name'})}.")
+  module_ = sys.modules.get(cls.__module__)
+  zero_ok = {*getattr(module_, "CONFIG_UNSET", {}),
+             *getattr(module_, "ZERO_OK", ())}
+  where = f"{cls.__name__} (model name {model_config.get('name', '')!r})"
+  for k, v in model_config.items():
+    if k in fields:
+      _check_range(k, v, fields[k].default, k in zero_ok, where)
   out = {k: _field_value(k, v, fields[k]) for k, v in model_config.items()
          if k in fields}
   out.update(overrides)
   return out
+
+
+# Float settings that must be positive (a zero or negative one gives NaN or
+# inf in the first step, which then reads as a diverged run).
+POSITIVE = ("rope_base", "entropy_temperature", "norm_eps")
+
+
+def _check_range(key: str, value, default, zero_ok: bool, where: str) -> None:
+  """Refuses values a setting cannot take, by what it is: a dropout rate
+  (``*dropout``) in [0, 1] (FAR's ``class_dropout`` 1 trains unconditional);
+  a ``POSITIVE`` float above 0; a size or count
+  (an int field whose class default is at least 1) at least 1, or at least
+  0 where the module gives 0 a meaning (``CONFIG_UNSET``: derived;
+  ``ZERO_OK``); an int field defaulting to 0, at least 0. Raises
+  ``ConfigError`` naming the setting and the model."""
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if key.endswith("dropout"):
+    if not (number and 0 <= value <= 1):
+      raise ConfigError(f"Model setting {key}={value!r} of {where} is a "
+                        "dropout rate: 0 <= rate <= 1 (0.1 drops 10%).")
+  elif key in POSITIVE:
+    if not (number and value > 0 and math.isfinite(value)):
+      raise ConfigError(f"Model setting {key}={value!r} of {where} must be "
+                        "a finite number > 0.")
+  elif (isinstance(default, int) and not isinstance(default, bool)
+        and isinstance(value, int) and not isinstance(value, bool)):
+    lowest = 0 if default < 1 or zero_ok else 1
+    if value < lowest:
+      raise ConfigError(
+          f"Model setting {key}={value} of {where} must be at least "
+          f"{lowest}" + (" (0: derived from the other settings)."
+                         if zero_ok and default >= 1 else "."))
 
 
 @functools.lru_cache(maxsize=None)

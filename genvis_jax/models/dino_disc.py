@@ -342,9 +342,14 @@ _OTHER_KEYS = ("image_size", "image_width", "vit_path", "diffaug",
 def build(cfg) -> DinoDiscriminator:
   """``config.disc`` -> DinoDiscriminator; unset fields take the class
   defaults (the official DINO ViT-S/16 discriminator). Raises ConfigError for
-  an unknown key."""
-  return DinoDiscriminator(**models.config_fields(
+  an unknown key, or an even ``head_kernel`` (the heads' 1-D convolutions
+  keep the token count with an odd kernel only)."""
+  model = DinoDiscriminator(**models.config_fields(
       cfg, DinoDiscriminator, ignore=_OTHER_KEYS))
+  if model.head_kernel % 2 == 0:
+    raise errors.ConfigError(f"config.disc.head_kernel={model.head_kernel} must be "
+                      "odd (the official heads use 9).")
+  return model
 
 
 def example_inputs(cfg, batch_size: int = 1):

@@ -325,9 +325,18 @@ def build(cfg) -> EqTokenizer:
   """``config.model`` -> EqTokenizer (fields named as in the official
   ddconfig; unset ones take the class defaults). ``image_width`` (0 or unset:
   square) is read by ``example_inputs`` only. Raises ConfigError for an
-  unknown key."""
-  return EqTokenizer(**models.config_fields(cfg, EqTokenizer,
-                                            ignore=("image_width",)))
+  unknown key or ``semantic_map``."""
+  model = EqTokenizer(**models.config_fields(cfg, EqTokenizer,
+                                             ignore=("image_width",)))
+  if model.semantic_map not in SEMANTIC_MAPS:
+    raise errors.ConfigError(
+        f"config.model.semantic_map={model.semantic_map!r} is not a decoder "
+        f"tap; use one of {SEMANTIC_MAPS}.")
+  return model
+
+
+# Where the semantic decoder taps the decoder (official semantic_map).
+SEMANTIC_MAPS = ("base", "mid", "res")
 
 
 def example_inputs(cfg, batch_size: int = 1):

@@ -315,19 +315,26 @@ class FQGAN(lg.VQBase):
 
 
 def _feat_heads(cfg) -> dict:
-  """``feat_heads`` as (branch name, int width) pairs."""
+  """``feat_heads`` as (branch name, int width >= 1) pairs, one per branch."""
   if "feat_heads" not in cfg:
     return {}
   out = []
   for h in cfg.feat_heads:
-    if len(h) != 2:
-      raise ConfigError(f"model.feat_heads entries are (branch, width) pairs, "
-                        f"got {h!r}.")
+    if (not isinstance(h, (tuple, list)) or len(h) != 2
+        or not isinstance(h[1], int) or h[1] < 1):
+      raise ConfigError(f"config.model.feat_heads entries are (branch, "
+                        f"width >= 1) pairs, e.g. (('sem', 1024),); got {h!r}.")
     out.append((str(h[0]), int(h[1])))
+  names = [b for b, _ in out]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"config.model.feat_heads names a branch twice: {names}.")
   return {"feat_heads": tuple(out)}
 
 
 CONFIG_UNSET = lg.CONFIG_UNSET   # decoder_res_blocks, as LlamaGen's
+# Settings for which 0 is a size: no transformer layers in the adapters / the
+# feature heads (models.config_fields).
+ZERO_OK = ("adapter_layers", "feat_layers")
 
 
 def build(cfg) -> FQGAN:

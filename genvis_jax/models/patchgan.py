@@ -141,10 +141,27 @@ def build(cfg) -> NLayerDiscriminator:
   """``config.disc`` -> NLayerDiscriminator; unset fields take the class
   defaults (taming's 3-layer, 64-filter PatchGAN). ``image_size``,
   ``image_width`` and ``in_channels`` are read by ``example_inputs``,
-  ``optimizer`` by the trainer. Raises ConfigError for an unknown key."""
-  return NLayerDiscriminator(**models.config_fields(
+  ``optimizer`` by the trainer. Raises ConfigError for an unknown key, or
+  for ``n_layers`` that leave no output pixel for the images."""
+  model = NLayerDiscriminator(**models.config_fields(
       cfg, NLayerDiscriminator,
       ignore=("image_size", "image_width", "in_channels", "optimizer")))
+  size = min(cfg.get("image_size", 256), cfg.get("image_width", 0) or 256)
+  if _output_size(size, model.n_layers) < 1:
+    most = max(n for n in range(model.n_layers) if _output_size(size, n) >= 1)
+    raise errors.ConfigError(
+        f"config.disc.n_layers={model.n_layers} leaves the PatchGAN no output "
+        f"pixel on {size}-px images (each layer but the last halves the "
+        f"size); use at most {most}.")
+  return model
+
+
+def _output_size(size: int, n_layers: int) -> int:
+  """Side of the logit map: 4x4 convolutions with padding 1, stride 2 for
+  the first ``n_layers``, then stride 1 twice."""
+  for _ in range(n_layers):
+    size = (size + 2 - 4) // 2 + 1
+  return size - 2
 
 
 def example_inputs(cfg, batch_size: int = 1):
