@@ -189,3 +189,43 @@ def test_edge_values_with_a_meaning_build(spec, key, value):
     assert built > 0, built           # derived from the other settings
   else:
     assert built == value
+
+
+@pytest.mark.parametrize("spec,key,value,message", [
+    ("maskgit_vqgan.py:runlocal", "model.image_size", 64,
+     r"config.model.image_size=64 but the images are 32 px "
+     r"\(config.data.image_size\).*--config.data.image_size=64"),
+    ("vq_ds16.py:runlocal", "model.image_size", 64, r"image_size=64"),
+    ("eq_tokenizer.py:runlocal", "model.image_width", 128,
+     r"config.model.image_width=128 but the images are 64 px"),
+])
+def test_a_model_image_size_other_than_the_data_is_refused(spec, key, value,
+                                                           message):
+  """The tokenizers are convolutional: a model image size other than the
+  data's sized only their initialisation, and they trained on the data's
+  images without a word."""
+  from genvis_jax.train import checks  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train.tasks import get_task  # pylint: disable=import-outside-toplevel
+  from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
+  checks.check_image_size(pc.load_config(spec), get_task(pc.load_config(spec)))
+  config = pc.load_config(spec, **{key: value})
+  with pytest.raises(ConfigError, match=message):
+    checks.check_image_size(config, get_task(config))
+
+
+@pytest.mark.parametrize("spec,key,value,message", [
+    ("maskgit_vqgan.py:runlocal", "model.hidden_channels", 48,
+     r"config.model.hidden_channels=48 x channel_mult\[0\]=1 = 48 channels, "
+     r"which GroupNorm's 32 groups do not divide"),
+    ("vq_ds16.py:runlocal", "model.hidden_channels", 40,
+     r"hidden_channels=40 x channel_mult\[0\]=1 = 40 channels"),
+    ("fqgan_dual_ds16.py:runlocal", "model.hidden_channels", 48, r"48 channels"),
+    ("eq_tokenizer.py:runlocal", "model.ch", 24, r"config.model.ch=24 x ch_mult"),
+])
+def test_channel_widths_groupnorm_cannot_split_are_refused(spec, key, value,
+                                                           message):
+  """Flax said only "Number of groups (32) does not divide the number of
+  channels (48)" when the weights were initialised."""
+  from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=message):
+    models.build(pc.load_config(spec, **{key: value}).model)

@@ -18,6 +18,7 @@ def _config(mesh_shape, micro_batches=1, opt="adamw"):
   c.model = ml_collections.ConfigDict(dict(
       name="classifier", num_classes=10, widths=(16, 32, 64), image_size=16,
       dtype="float32", param_dtype="float32", remat="none"))
+  c.data.image_size = 16
   c.mesh.shape = ml_collections.ConfigDict(mesh_shape)
   c.train.global_batch_size = 16
   c.train.micro_batches = micro_batches

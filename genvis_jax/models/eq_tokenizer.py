@@ -325,9 +325,13 @@ def build(cfg) -> EqTokenizer:
   """``config.model`` -> EqTokenizer (fields named as in the official
   ddconfig; unset ones take the class defaults). ``image_width`` (0 or unset:
   square) is read by ``example_inputs`` only. Raises ConfigError for an
-  unknown key or ``semantic_map``."""
+  unknown key, ``semantic_map`` or channel widths GroupNorm cannot split."""
   model = EqTokenizer(**models.config_fields(cfg, EqTokenizer,
                                              ignore=("image_width",)))
+  layers.check_groups("ch", model.ch, "ch_mult", model.ch_mult)
+  if model.semantic:   # its levels' widths: ch x ch_mult[1:], then out_ch
+    layers.check_groups("semantic_ch", model.semantic_ch, "semantic_ch_mult",
+                        model.semantic_ch_mult, first=1)
   if model.semantic_map not in SEMANTIC_MAPS:
     raise errors.ConfigError(
         f"config.model.semantic_map={model.semantic_map!r} is not a decoder "

@@ -341,10 +341,13 @@ def build(cfg) -> FQGAN:
   """``config.model`` -> FQGAN; unset fields take the class defaults
   (FQGAN-Dual ds16). ``adapter_width``, when set, must equal the trunk's
   output channels. Raises ConfigError for an unknown key or a wrong
-  adapter_width / feat_heads entry."""
+  adapter_width / feat_heads entry, or channel widths GroupNorm cannot
+  split."""
   model = FQGAN(**models.config_fields(
       cfg, FQGAN, derived=("adapter_width",), **_feat_heads(cfg),
       **lg.decoder_res_blocks(cfg, FQGAN)))
+  layers.check_groups("hidden_channels", model.hidden_channels,
+                      "channel_mult", model.channel_mult)
   top = model.hidden_channels * tuple(model.channel_mult)[-1]
   width = cfg.get("adapter_width", top)
   if width != top:

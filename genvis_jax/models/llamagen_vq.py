@@ -274,10 +274,14 @@ def decoder_res_blocks(cfg, cls) -> dict:
 def build(cfg) -> LlamaGenVQ:
   """``config.model`` -> LlamaGenVQ; unset fields take the class defaults
   (VQ-16: 16384 x 8 L2-normalised codes). ``image_size`` is read by
-  ``example_inputs`` only. Raises ConfigError for an unknown key."""
-  return LlamaGenVQ(**models.config_fields(
+  ``example_inputs`` only. Raises ConfigError for an unknown key or
+  channel widths GroupNorm cannot split."""
+  model = LlamaGenVQ(**models.config_fields(
       cfg, LlamaGenVQ, ignore=("image_size",),
       **decoder_res_blocks(cfg, LlamaGenVQ)))
+  layers.check_groups("hidden_channels", model.hidden_channels,
+                      "channel_mult", model.channel_mult)
+  return model
 
 
 def example_inputs(cfg, batch_size: int = 1):

@@ -216,12 +216,16 @@ CONFIG_UNSET = {"code_dim": 0}
 def build(cfg) -> MaskGITVQGAN:
   """``config.model`` -> MaskGITVQGAN; unset fields take the class defaults
   (the official 256 px, f16, 1024-code model) and ``code_dim``, unset or
-  0, follows ``z_channels`` (MaskGIT has no quant_conv). ``image_size`` is read by
-  ``example_inputs`` only. Raises ConfigError for an unknown key."""
+  0, follows ``z_channels`` (MaskGIT has no quant_conv). ``image_size`` is
+  read by ``example_inputs`` only. Raises ConfigError for an unknown key or
+  channel widths GroupNorm cannot split."""
   code_dim = {} if cfg.get("code_dim") else {
       "code_dim": cfg.get("z_channels", MaskGITVQGAN.z_channels)}
-  return MaskGITVQGAN(**models.config_fields(
+  model = MaskGITVQGAN(**models.config_fields(
       cfg, MaskGITVQGAN, ignore=("image_size",), **code_dim))
+  layers.check_groups("hidden_channels", model.hidden_channels,
+                      "channel_mult", model.channel_mult)
+  return model
 
 
 example_inputs = lg.example_inputs   # (B, image_size, image_size, 3) zeros

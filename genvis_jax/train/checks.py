@@ -31,7 +31,38 @@ def check_config(config, task) -> None:
   check_precision(config)
   task.optimizers()   # bad optimizer settings fail here, naming the key
   check_data_source(config, task)
+  check_image_size(config, task)
   check_tokenizer(config, task)
+
+
+# config.model keys sizing a model trained on images, with the config.data
+# key they must equal (read when the weights are initialised; a model that
+# is fully convolutional would train on the data's size without a word).
+_IMAGE_SIZES = (("image_size", "image_size"), ("resolution", "image_size"),
+                ("image_width", "image_width"))
+
+
+def check_image_size(config, task) -> None:
+  """A task training on images: the model's image sizes
+  (``config.model.image_size`` / ``resolution`` / ``image_width``, where
+  set) are the data's (``config.data.image_size`` / ``image_width``; an
+  unset or 0 width is the height). Raises ``ConfigError`` naming both."""
+  if task.data_sources is not None:
+    return   # trains on codes: their shapes are checked against the model
+  model, data = config.model, config.data
+  for key, data_key in _IMAGE_SIZES:
+    size = model.get(key, 0)
+    want = data.get(data_key, 0)
+    if data_key == "image_width":
+      size = size or model.get("image_size", 0) or model.get("resolution", 0)
+      want = want or data.get("image_size", 0)
+    if size and want and size != want:
+      raise errors.ConfigError(
+          f"config.model.{key}={size} but the images are {want} px "
+          f"(config.data.{data_key}): the model trains on the data's images "
+          f"and its {key} only sizes the initialisation. Set "
+          f"--config.data.{data_key}={size} to train at {size} px, or "
+          f"--config.model.{key}={want}.")
 
 
 def check_intervals(train) -> None:

@@ -137,6 +137,21 @@ class GroupNorm(nn.GroupNorm):
     return super().__call__(constant_map_grads(x), mask=mask)
 
 
+def check_groups(base_key: str, base: int, mult_key: str, mults, *,
+                 first: int = 0, num_groups: int = 32) -> None:
+  """The channel widths ``base * mults[i]`` (``i >= first``) of a CNN whose
+  norms are ``group_norm(num_groups)`` each split into the groups (Flax
+  said only "Number of groups (32) does not divide the number of channels
+  (48)", at init). Raises ``ConfigError`` naming ``config.model.<base_key>``
+  and ``<mult_key>``."""
+  for i, m in enumerate(mults):
+    if i >= first and (base * m) % num_groups:
+      raise ConfigError(
+          f"config.model.{base_key}={base} x {mult_key}[{i}]={m} = "
+          f"{base * m} channels, which GroupNorm's {num_groups} groups do not "
+          f"divide: use channel widths that are multiples of {num_groups}.")
+
+
 def group_norm(num_groups=32, epsilon=1e-6, *, dtype=None,
                param_dtype=jnp.float32, uniform_guard: bool = False,
                name=None) -> nn.GroupNorm:
