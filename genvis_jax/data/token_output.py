@@ -94,8 +94,7 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   before = (old or {}).get("settings") or {}
   if isinstance(before.get("tokenizer"), dict):
     # Written before its config listed every tokenizer setting.
-    before = {**before, "tokenizer": json.loads(json.dumps(
-        models.with_defaults(before["tokenizer"])))}
+    before = {**before, "tokenizer": models.with_defaults(before["tokenizer"])}
   if old is not None and "examples" not in before and {
       **settings, "examples": None} == {**before, "examples": None}:
     # Written before records held the split's fingerprint: reuse, and say so.

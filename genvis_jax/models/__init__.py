@@ -121,6 +121,13 @@ def config_fields(model_config, cls, *, derived=(), ignore=(),
   return out
 
 
+def is_dropout(key: str) -> bool:
+  """Whether model setting ``key`` (a field name, or a dotted path ending in
+  one) is a dropout rate: a probability in [0, 1] that acts in training
+  only (every model runs deterministic at inference)."""
+  return key.endswith("dropout")
+
+
 # Float settings that must be positive (a zero or negative one gives NaN or
 # inf in the first step, which then reads as a diverged run).
 POSITIVE = ("rope_base", "entropy_temperature", "norm_eps")
@@ -135,7 +142,7 @@ def _check_range(key: str, value, default, zero_ok: bool, where: str) -> None:
   ``ZERO_OK``); an int field defaulting to 0, at least 0. Raises
   ``ConfigError`` naming the setting and the model."""
   number = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if key.endswith("dropout"):
+  if is_dropout(key):
     if not (number and 0 <= value <= 1):
       raise ConfigError(f"Model setting {key}={value!r} of {where} is a "
                         "dropout rate: 0 <= rate <= 1 (0.1 drops 10%).")

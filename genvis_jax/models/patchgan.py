@@ -148,7 +148,8 @@ def build(cfg) -> NLayerDiscriminator:
       ignore=("image_size", "image_width", "in_channels", "optimizer")))
   size = min(cfg.get("image_size", 256), cfg.get("image_width", 0) or 256)
   if _output_size(size, model.n_layers) < 1:
-    most = max(n for n in range(model.n_layers) if _output_size(size, n) >= 1)
+    most = max((n for n in range(model.n_layers) if _output_size(size, n) >= 1),
+               default=0)
     raise errors.ConfigError(
         f"config.disc.n_layers={model.n_layers} leaves the PatchGAN no output "
         f"pixel on {size}-px images (each layer but the last halves the "

@@ -108,17 +108,11 @@ def sample_settings(config, pinned=None) -> dict:
 _MODEL_PREFIXES = ("model.", "tokenizer.model.")
 
 
-def _training_only(key: str) -> bool:
-  """A model setting that acts in training only: dropout rates (samplers
-  run the models deterministic)."""
-  return key.endswith("dropout")
-
-
 def _model_settings(flat: dict) -> dict:
   """A flat settings record as compared: the settings its model sections
   leave out at their defaults (``models.with_defaults``: a record written
   before a config listed a setting equals one listing its default), and
-  without training-only ones."""
+  without dropout rates (``models.is_dropout``: training only)."""
   out = dict(flat)
   for prefix in _MODEL_PREFIXES:
     name = flat.get(prefix + "name")
@@ -127,7 +121,7 @@ def _model_settings(flat: dict) -> dict:
           {"name": name})).items():
         out.setdefault(prefix + k, v)
   return {k: v for k, v in out.items()
-          if not (k.startswith(_MODEL_PREFIXES) and _training_only(k))}
+          if not (k.startswith(_MODEL_PREFIXES) and models.is_dropout(k))}
 
 
 # Settings a resume may change: the parts depend only on their start index;
@@ -249,7 +243,7 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
   differing = [(key, run) for key, run in sorted(keys.items())
                if key not in fit.COMPUTE_ONLY and key not in allowed
-               and not _training_only(key)
+               and not models.is_dropout(key)
                and key in flat_now and run in flat_saved
                and flat_saved[run] != flat_now[key]]
   if not differing or ("model.name", "model.name") in differing:
