@@ -78,16 +78,17 @@ def test_builder_rejects_misspelt_model_key():
   m = models.build(ml_collections.ConfigDict(dict(
       name="rar", hidden_size=64, num_heads=4, mlp_ratio=2.0, seq_len=16)))
   assert (m.mlp_dim, m.seq_len, m.depth) == (128, 16, rar.RAR.depth)
-  with pytest.raises(ConfigError, match=r"config.model.hidden_size=65 is not "
-                     r"divisible by config.model.num_heads=16"):
+  with pytest.raises(ConfigError, match=r"config.model.num_heads=16 does not "
+                     r"divide the attention width 65 \(config.model.hidden_size\)"
+                     r".*use one of \[1, 5, 13\]"):
     models.build(ml_collections.ConfigDict(dict(name="rar", hidden_size=65)))
   # Each generator names its settings as flags (the CLI's one line).
   for cfg, msg in ((dict(name="far", dim=65, n_head=4),
-                    r"config.model.dim=65 is not divisible by "
-                    r"config.model.n_head=4"),
+                    r"config.model.n_head=4 does not divide the attention "
+                    r"width 65 \(config.model.dim\)"),
                    (dict(name="eq_generator", hidden_size=65, num_heads=4),
-                    r"config.model.hidden_size=65 is not divisible by "
-                    r"config.model.num_heads=4")):
+                    r"config.model.num_heads=4 does not divide the attention "
+                    r"width 65 \(config.model.hidden_size\)")):
     with pytest.raises(ConfigError, match=msg):
       models.build(ml_collections.ConfigDict(cfg))
 
@@ -153,6 +154,20 @@ def test_valid_remat_and_attn_impl_build():
      r"disc.head_kernel=4 must be odd"),
     ("eq_tokenizer.py:runlocal", "disc.virtual_bs", 0,
      r"virtual_bs=0 of DinoDiscriminator .*at least 1"),
+    ("fqgan_dual_ds16.py:runlocal", "model.adapter_heads", 3,
+     r"model.adapter_heads=3 does not divide the attention width 32 "
+     r"\(hidden_channels \* channel_mult\[-1\]\).*\[1, 2, 4, 8, 16, 32\]"),
+    ("fqgan_dual_ds16.py:runlocal", "model.feat_num_heads", 3,
+     r"feat_num_heads=3 .*width of feat_heads entry 'sem'"),
+    ("eq_tokenizer.py:runlocal", "disc.num_heads", 5,
+     r"config.disc.num_heads=5 does not divide .*\(config.disc.dim\)"),
+    ("eq_tokenizer.py:runlocal", "model.attn_resolutions", "(3,)",
+     r"attn_resolutions=\(3,\) lists \[3\], which is no level's "
+     r"feature-map height.*the levels are \[32, 16, 8, 4, 2\]"),
+    ("eq_tokenizer.py:runlocal", "model.ch_mult", "()",
+     r"config.model.ch_mult is empty"),
+    ("maskgit_vqgan.py:runlocal", "model.channel_mult", "()",
+     r"config.model.channel_mult is empty"),
     ("maskgit_vqgan.py:runlocal", "disc.n_layers", 4,
      r"n_layers=4 leaves the PatchGAN no output pixel on 32-px images.*at "
      r"most 3"),
@@ -163,7 +178,11 @@ def test_values_a_setting_cannot_take_are_refused_naming_it(spec, key, value,
   given in percent, a zero RoPE base or temperature, a malformed feature
   head list: each gave a deep traceback at init or trace time (a modulo by
   zero, a reshape of negative size) or trained silently wrong (all
-  activations dropped, NaN in the first step)."""
+  activations dropped, NaN in the first step). A head count not dividing its
+  attention width said "ViT width 32 is not divisible by 3 heads" at init,
+  without the setting; an empty channel multiplier list raised an
+  ``IndexError``; an ``attn_resolutions`` entry no level has left the model
+  without attention silently."""
   from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
   config = pc.load_config(spec, **{key: value})
   section = config.disc if key.startswith("disc.") else config.model

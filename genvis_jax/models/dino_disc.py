@@ -342,13 +342,16 @@ _OTHER_KEYS = ("image_size", "image_width", "vit_path", "diffaug",
 def build(cfg) -> DinoDiscriminator:
   """``config.disc`` -> DinoDiscriminator; unset fields take the class
   defaults (the official DINO ViT-S/16 discriminator). Raises ConfigError for
-  an unknown key, or an even ``head_kernel`` (the heads' 1-D convolutions
-  keep the token count with an odd kernel only)."""
+  an unknown key, an even ``head_kernel`` (the heads' 1-D convolutions
+  keep the token count with an odd kernel only) or a ``num_heads`` that does
+  not divide ``dim``."""
   model = DinoDiscriminator(**models.config_fields(
       cfg, DinoDiscriminator, ignore=_OTHER_KEYS))
   if model.head_kernel % 2 == 0:
     raise errors.ConfigError(f"config.disc.head_kernel={model.head_kernel} must be "
                       "odd (the official heads use 9).")
+  layers.check_heads("config.disc.num_heads", model.num_heads, model.dim,
+                     "config.disc.dim")
   return model
 
 

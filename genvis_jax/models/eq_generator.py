@@ -287,9 +287,8 @@ def build(cfg) -> EqGenerator:
   heads do not divide, an odd head dimension (RoPE) or window < 1."""
   model = EqGenerator(**models.config_fields(cfg, EqGenerator,
                                              ignore=("seq_len",)))
-  if model.hidden_size % model.num_heads:
-    raise ConfigError(f"config.model.hidden_size={model.hidden_size} is not "
-                      f"divisible by config.model.num_heads={model.num_heads}.")
+  layers.check_heads("config.model.num_heads", model.num_heads,
+                     model.hidden_size, "config.model.hidden_size")
   if (model.hidden_size // model.num_heads) % 2:
     raise ConfigError(
         "RoPE needs an even head dimension; config.model.hidden_size / "

@@ -325,13 +325,23 @@ def build(cfg) -> EqTokenizer:
   """``config.model`` -> EqTokenizer (fields named as in the official
   ddconfig; unset ones take the class defaults). ``image_width`` (0 or unset:
   square) is read by ``example_inputs`` only. Raises ConfigError for an
-  unknown key, ``semantic_map`` or channel widths GroupNorm cannot split."""
+  unknown key, ``semantic_map``, channel widths GroupNorm cannot split, or an
+  ``attn_resolutions`` entry that is no level's height."""
   model = EqTokenizer(**models.config_fields(cfg, EqTokenizer,
                                              ignore=("image_width",)))
   layers.check_groups("ch", model.ch, "ch_mult", model.ch_mult)
   if model.semantic:   # its levels' widths: ch x ch_mult[1:], then out_ch
     layers.check_groups("semantic_ch", model.semantic_ch, "semantic_ch_mult",
                         model.semantic_ch_mult, first=1)
+  levels = [model.resolution // 2 ** i for i in range(len(model.ch_mult))]
+  stray = sorted(set(model.attn_resolutions) - set(levels))
+  if stray:   # matched no level: silently a model without attention there
+    raise errors.ConfigError(
+        f"config.model.attn_resolutions={tuple(model.attn_resolutions)} "
+        f"lists {stray}, which is no level's feature-map height: with "
+        f"resolution={model.resolution} and {len(levels)} levels (ch_mult) "
+        f"the levels are {levels}; list some of those, or () for no "
+        f"attention.")
   if model.semantic_map not in SEMANTIC_MAPS:
     raise errors.ConfigError(
         f"config.model.semantic_map={model.semantic_map!r} is not a decoder "

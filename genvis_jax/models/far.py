@@ -325,9 +325,8 @@ def build(cfg) -> FAR:
     ffn["ffn_dim"] = ffn_hidden_dim(cfg.get("dim", FAR.dim),
                                     **{k: cfg[k] for k in _FFN_RULE if k in cfg})
   model = FAR(**models.config_fields(cfg, FAR, derived=_FFN_RULE, **ffn))
-  if model.dim % model.n_head:
-    raise ConfigError(f"config.model.dim={model.dim} is not divisible by "
-                      f"config.model.n_head={model.n_head}.")
+  layers.check_heads("config.model.n_head", model.n_head, model.dim,
+                     "config.model.dim")
   head_dim = model.dim // model.n_head
   if head_dim % 4:
     raise ConfigError(

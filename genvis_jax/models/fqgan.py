@@ -341,8 +341,8 @@ def build(cfg) -> FQGAN:
   """``config.model`` -> FQGAN; unset fields take the class defaults
   (FQGAN-Dual ds16). ``adapter_width``, when set, must equal the trunk's
   output channels. Raises ConfigError for an unknown key or a wrong
-  adapter_width / feat_heads entry, or channel widths GroupNorm cannot
-  split."""
+  adapter_width / feat_heads entry, channel widths GroupNorm cannot
+  split, or head counts that do not divide their attention widths."""
   model = FQGAN(**models.config_fields(
       cfg, FQGAN, derived=("adapter_width",), **_feat_heads(cfg),
       **lg.decoder_res_blocks(cfg, FQGAN)))
@@ -354,6 +354,11 @@ def build(cfg) -> FQGAN:
     raise ConfigError(f"model.adapter_width ({width}) must equal the trunk's "
                       f"output channels hidden_channels * channel_mult[-1] = "
                       f"{top}: the adapters read the trunk features directly.")
+  layers.check_heads("model.adapter_heads", model.adapter_heads, top,
+                     "hidden_channels * channel_mult[-1]")
+  for branch, feat_width in model.feat_heads:
+    layers.check_heads("model.feat_num_heads", model.feat_num_heads,
+                       feat_width, f"the width of feat_heads entry {branch!r}")
   return model
 
 

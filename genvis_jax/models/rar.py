@@ -368,7 +368,6 @@ def build(cfg) -> RAR:
   unknown key or a width the heads do not divide."""
   model = RAR(**models.config_fields(cfg, RAR, derived=("mlp_ratio",),
                                      **_mlp_dim(cfg)))
-  if model.hidden_size % model.num_heads:
-    raise ConfigError(f"config.model.hidden_size={model.hidden_size} is not "
-                      f"divisible by config.model.num_heads={model.num_heads}.")
+  layers.check_heads("config.model.num_heads", model.num_heads,
+                     model.hidden_size, "config.model.hidden_size")
   return model

@@ -142,14 +142,33 @@ def check_groups(base_key: str, base: int, mult_key: str, mults, *,
   """The channel widths ``base * mults[i]`` (``i >= first``) of a CNN whose
   norms are ``group_norm(num_groups)`` each split into the groups (Flax
   said only "Number of groups (32) does not divide the number of channels
-  (48)", at init). Raises ``ConfigError`` naming ``config.model.<base_key>``
-  and ``<mult_key>``."""
+  (48)", at init), and there is at least one level (an empty tuple failed
+  with an ``IndexError``). Raises ``ConfigError`` naming
+  ``config.model.<base_key>`` and ``<mult_key>``."""
+  if not len(mults):
+    raise ConfigError(
+        f"config.model.{mult_key} is empty: it lists one channel multiplier "
+        f"per resolution level and needs at least one, e.g. (1, 1, 2, 2, 4).")
   for i, m in enumerate(mults):
     if i >= first and (base * m) % num_groups:
       raise ConfigError(
           f"config.model.{base_key}={base} x {mult_key}[{i}]={m} = "
           f"{base * m} channels, which GroupNorm's {num_groups} groups do not "
           f"divide: use channel widths that are multiples of {num_groups}.")
+
+
+def check_heads(heads_key: str, heads: int, width: int, width_of: str) -> None:
+  """Attention of ``heads`` heads splits a ``width``-wide stream into equal
+  heads (``vit.Block`` said only "ViT width 32 is not divisible by 3 heads",
+  at init, without the setting). ``heads_key`` is the full key, e.g.
+  ``config.model.adapter_heads``; ``width_of`` says where the width comes
+  from. Raises ``ConfigError`` unless ``heads`` divides ``width``."""
+  if heads >= 1 and width % heads:
+    divisors = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
+    raise ConfigError(
+        f"{heads_key}={heads} does not divide the attention width {width} "
+        f"({width_of}): each head takes width / heads channels; use one of "
+        f"{divisors[-6:]} or another divisor of {width}.")
 
 
 def group_norm(num_groups=32, epsilon=1e-6, *, dtype=None,
