@@ -90,7 +90,7 @@ def _check_tokenizer_origin(w, tok, gen):
   from genvis_jax.core import weights as weights_lib
   from genvis_jax.data import token_origin
   from genvis_jax.errors import ConfigError
-  from genvis_jax.sample import parts
+  from genvis_jax.sample import trained_with
   assert token_origin.run_token_weights(gen) == [weights_lib.params_source(tok)]
   other = os.path.join(w, "other_tokenizer")
   shutil.copytree(tok, other)
@@ -108,6 +108,6 @@ def _check_tokenizer_origin(w, tok, gen):
     pc.run_mode("eq_s.py:runlocal", gen, **{"tokenizer.checkpoint": other},
                 **pc.steps(6))
   config = pc.load_config("eq_s.py:runlocal")
-  with pytest.raises(parts.TrainedWithError,
+  with pytest.raises(trained_with.TrainedWithError,
                      match="would be decoded by another tokenizer"):
-    parts.check_tokenizer_origin(config, gen, source)
+    trained_with.check_tokenizer_origin(config, gen, source)

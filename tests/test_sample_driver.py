@@ -16,6 +16,7 @@ import pytest
 from genvis_jax.core import sharding
 from genvis_jax.sample import driver
 from genvis_jax.sample import parts
+from genvis_jax.sample import trained_with
 
 
 def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
@@ -50,8 +51,8 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
   sampler.dispatch = fake_sample_fn
   monkeypatch.setattr(driver, "make_sample_fn",
                       lambda *_: (sampler, batch_sharding))
-  monkeypatch.setattr(parts, "pin_weights", lambda c: c)
-  monkeypatch.setattr(parts, "pinned_sources", lambda _: {
+  monkeypatch.setattr(trained_with, "pin_weights", lambda c: c)
+  monkeypatch.setattr(trained_with, "pinned_sources", lambda _: {
       "weights.generator": "g", "weights.tokenizer": "t"})
   before = signal.getsignal(signal.SIGTERM)
   wd = str(tmp_path / "wd")
@@ -235,8 +236,8 @@ def _stand_in_sampler(monkeypatch, num_samples):
   monkeypatch.setattr(driver, "make_sample_fn", lambda *_: (
       sampler, jax.sharding.NamedSharding(mesh,
                                           jax.sharding.PartitionSpec("data"))))
-  monkeypatch.setattr(parts, "pin_weights", lambda c: c)
-  monkeypatch.setattr(parts, "pinned_sources", lambda _: {
+  monkeypatch.setattr(trained_with, "pin_weights", lambda c: c)
+  monkeypatch.setattr(trained_with, "pinned_sources", lambda _: {
       "weights.generator": "g", "weights.tokenizer": "t"})
   return config, drawn
 

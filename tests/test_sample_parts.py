@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from genvis_jax import models
 from genvis_jax.sample import driver
 from genvis_jax.sample import parts
+from genvis_jax.sample import trained_with
 
 
 def _settings(**over):
@@ -107,17 +109,17 @@ def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
   from genvis_jax.core import multihost
   assert multihost.broadcast_strings(paths) == paths
   newest = {"/runs/rar": "/runs/rar/checkpoints/480"}
-  monkeypatch.setattr(parts.weights_lib, "resolve", lambda d: newest.get(d, d))
-  monkeypatch.setattr(parts.weights_lib, "params_source",
+  monkeypatch.setattr(trained_with.weights_lib, "resolve", lambda d: newest.get(d, d))
+  monkeypatch.setattr(trained_with.weights_lib, "params_source",
                       lambda d: f"source of {d}" if d else "")
   config = ml_collections.ConfigDict(dict(
       init_from="/runs/rar", tokenizer=dict(checkpoint="/tok")))
-  pinned = parts.pin_weights(config)
+  pinned = trained_with.pin_weights(config)
   assert (pinned.init_from, pinned.tokenizer.checkpoint) == (
       "/runs/rar/checkpoints/480", "/tok")
   assert config.init_from == "/runs/rar"          # the user's config is kept
   newest["/runs/rar"] = "/runs/rar/checkpoints/600"  # saved meanwhile
-  assert parts.pinned_sources(pinned) == {
+  assert trained_with.pinned_sources(pinned) == {
       "weights.generator": "source of /runs/rar/checkpoints/480",
       "weights.tokenizer": "source of /tok"}
 
@@ -199,6 +201,52 @@ def test_assemble_joins_the_parts_or_writes_nothing(tmp_path):
   assert sorted(os.listdir(wd)) == ["sample_parts"]
 
 
+def test_a_part_with_damaged_images_is_drawn_again(tmp_path):
+  """A part whose labels read but whose images do not (a member cut short
+  inside an intact zip; a flipped byte the zip's CRC catches) counted as
+  drawn, and joining the parts then failed with numpy's bare ``ValueError``
+  / ``BadZipFile`` while the advice to run again drew nothing. The header
+  check finds the first kind on resume; the second, found only by reading
+  every byte, moves the part aside (kept) so the next run draws it."""
+  wd = tmp_path / "wd"
+  d = wd / "sample_parts"
+  d.mkdir(parents=True)
+  # 6 kB a part: the header read does not buffer the last image (zipfile
+  # reads 4 kB ahead; a flip there would be found on resume).
+  images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3),
+                                             np.uint8)
+  for start in (0, 8):
+    np.savez(parts.path(str(d), start), images=images[start:start + 8],
+             labels=np.arange(8))
+  assert parts.complete_parts(str(d), 16, 8) == {0, 8}
+  eight = parts.path(str(d), 8)
+  with zipfile.ZipFile(eight, "w") as z:   # the header says 8, 4 are there
+    with z.open("images.npy", "w") as f:
+      np.lib.format.write_array_header_1_0(
+          f, np.lib.format.header_data_from_array_1_0(images[8:16]))
+      f.write(images[8:12].tobytes())
+    with z.open("labels.npy", "w") as f:
+      np.lib.format.write_array(f, np.arange(8))
+  with pytest.raises(parts.PartUnreadableError,
+                     match=r"images are uint8 \(8, 16, 16, 3\) in \d+ bytes"):
+    parts.assemble(str(wd), 16)
+  assert parts.complete_parts(str(d), 16, 8) == {0}
+  np.savez(eight, images=images[8:16], labels=np.arange(8))
+  data = bytearray(open(eight, "rb").read())
+  at = data.index(images[15].tobytes())
+  data[at] ^= 0xFF
+  open(eight, "wb").write(bytes(data))
+  assert parts.complete_parts(str(d), 16, 8) == {0, 8}   # header intact
+  with pytest.raises(parts.PartUnreadableError,
+                     match=r"BadZipFile: Bad CRC-32.*; moved to "
+                           r".*000000008.npz.unreadable; run the same sample "
+                           r"command: it draws that batch again"):
+    parts.assemble(str(wd), 16)
+  assert parts.complete_parts(str(d), 16, 8) == {0}
+  assert sorted(os.listdir(d)) == ["000000000.npz", "000000008.npz.unreadable"]
+  assert sorted(os.listdir(wd)) == ["sample_parts"]
+
+
 def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
   """A window or latent scale other than the run's loads without an error
   (the weights' shapes are the same) and changes every image: refused,
@@ -219,20 +267,20 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
         section, name = key.split("__")
         c[section][name] = value
       c.init_from = str(init_from)
-    parts.check_trained_with(c, c, driver._sampler_module("eq_generator")
+    trained_with.check_trained_with(c, c, driver._sampler_module("eq_generator")
                              .RUN_KEYS)
 
   (step / "config" / "metadata").write_text(json.dumps(run))
   check(model__dtype="bfloat16", model__remat="full")
   check(model__attn_dropout=0.5, model__proj_dropout=0.5)   # training only
-  with pytest.raises(parts.TrainedWithError,
+  with pytest.raises(trained_with.TrainedWithError,
                      match=r"trained with other settings .*\n  model.window: "
                            r"run 2 vs config 4\n.*allow_model_changes="
                            r"model.window"):
     check(model__window=4)
   check(model__window=4, sample__allow_model_changes="model.window")
   # A setting that changes the shapes gets no such hint: it would not load.
-  with pytest.raises(parts.TrainedWithError) as e:
+  with pytest.raises(trained_with.TrainedWithError) as e:
     check(model__window=4, model__hidden_size=2 * config.model.hidden_size)
   assert re.search(r"These change the weights' shapes \(they would not "
                    r"load\):\n  model.hidden_size: run \d+ vs config \d+\n"
@@ -240,7 +288,7 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
                    r"run 2 vs config 4\n.*allow_model_changes=model.window\.$",
                    str(e.value), re.S), str(e.value)
   check(model__name="rar")   # another model: the weight loader names both
-  with pytest.raises(parts.TrainedWithError,
+  with pytest.raises(trained_with.TrainedWithError,
                      match=r"sample.latent_scale: run 0.2 vs config 0.05"):
     check(sample__latent_scale=0.05)
   # A run recorded before its config listed the setting: the class default.
@@ -248,7 +296,7 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
   (step / "config" / "metadata").write_text(json.dumps(run))
   default = models.config_defaults("eq_generator")["window"]
   check(model__window=default)
-  with pytest.raises(parts.TrainedWithError,
+  with pytest.raises(trained_with.TrainedWithError,
                      match=rf"model.window: run {default} vs config 2"):
     check(model__window=2)
   shutil.rmtree(step / "config")       # no record (an older version)
@@ -258,7 +306,7 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
   converted.mkdir()
   (converted / "config.json").write_text(
       json.dumps({**run, "model": {**run["model"], "window": 2}}))
-  with pytest.raises(parts.TrainedWithError,
+  with pytest.raises(trained_with.TrainedWithError,
                      match=r"converted with other settings .*\n  model.window: "
                            r"weights 2 vs config 4"):
     check(model__window=4, init_from=converted)

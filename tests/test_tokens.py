@@ -288,7 +288,7 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   import json
   import ml_collections
   from genvis_jax.data import token_origin
-  from genvis_jax.sample import parts
+  from genvis_jax.sample import trained_with
   path = data.write_token_records(str(tmp_path / "train"), np.arange(2, dtype=np.int32),
                                   np.zeros((2, 4), np.int32))[0]
   record = lambda w: open(path + ".json", "w").write(
@@ -313,9 +313,9 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   # Sampling the run (or one of its steps) with other tokenizer weights is
   # refused, unless named on purpose (then it warns).
   step = os.path.join(wd, "checkpoints", "5")
-  check = lambda *a: parts.check_tokenizer_origin(config, *a)
+  check = lambda *a: trained_with.check_tokenizer_origin(config, *a)
   assert check(step, "step 20 committed 1") == ""
-  with pytest.raises(parts.TrainedWithError,
+  with pytest.raises(trained_with.TrainedWithError,
                      match=r"trained on tokens of tokenizer weights \['step 20 "
                            r"committed 1'\].*allow_model_changes="
                            r"tokenizer.checkpoint"):

@@ -5,9 +5,10 @@ compiled program per static option set, label checks), ``ar`` (the KV-cache
 decode loop and the categorical draw of the token samplers RAR and FAR),
 ``rar``, ``far``, ``eq_generator`` (column-by-column flow sampling),
 ``driver`` (``mode=sample``: resumable sample parts, the ADM ``.npz``),
-``parts`` (the part files, their ``settings.json`` and the check against
-the weights' training settings) and ``images`` (grids and the official uint8
-conversion).
+``parts`` (the part files and their ``settings.json``), ``trained_with``
+(the weights pinned to their step folders, checked against the settings they
+trained with and the tokenizer their tokens came from) and ``images`` (grids
+and the official uint8 conversion).
 
 Submodules are imported explicitly (``from genvis_jax.sample import rar``) so that
 importing the package stays cheap.

@@ -41,14 +41,15 @@ from genvis_jax.models import inference
 from genvis_jax.sample import common
 from genvis_jax.sample import images as images_lib
 from genvis_jax.sample import parts
+from genvis_jax.sample import trained_with
 
 
 def _sampler_module(name: str):
   """``genvis_jax/sample/<config.model.name>.py``: its ``generate(model,
   params, labels, rng, sample_config)`` returns codes in the tokenizer's
   ``decode`` format; its optional ``RUN_KEYS`` maps sampling settings to the
-  run settings they must equal (``parts.check_trained_with``), its optional
-  ``check_settings(sample_config)`` refuses the settings its ``generate``
+  run settings they must equal (``trained_with.check_trained_with``), its
+  optional ``check_settings(sample_config)`` refuses the settings its ``generate``
   would refuse (or not apply as given) before anything loads. See
   ``genvis_jax.core.registry``."""
   return registry.module("genvis_jax.sample", name, ("generate",),
@@ -251,7 +252,7 @@ def sample_and_save(config, workdir: str) -> dict:
       settings the sampler refuses (its ``check_settings``: guidance,
       temperature, ...) or bad ``config.sample.classes`` / ``labels``
       (before anything loads).
-    parts.TrainedWithError: the weights trained / converted with other
+    trained_with.TrainedWithError: the weights trained / converted with other
       model (or ``RUN_KEYS``) settings than the config samples with, or a
       generator run's samples decoded by other tokenizer weights than it
       trained on.
@@ -284,23 +285,23 @@ def sample_and_save(config, workdir: str) -> dict:
   # Load exactly the steps recorded: a run's newest step is pinned to its
   # folder (no fallback to an older one), and the record is checked again
   # after loading (a step re-committed in place meanwhile).
-  pinned = parts.pin_weights(config)
-  parts.check_trained_with(
+  pinned = trained_with.pin_weights(config)
+  trained_with.check_trained_with(
       config, pinned, getattr(_sampler_module(config.model.name), "RUN_KEYS",
                               {}))
   settings = parts.sample_settings(config, pinned)
   # Before the (collective) loads: a process with other flags would fail or
   # load something else there while the others wait for it.
   multihost.check_agree(settings, "sampling settings")
-  recorded = {k: settings[k] for k in parts.WEIGHTS}
+  recorded = {k: settings[k] for k in trained_with.WEIGHTS}
   sample_fn, batch_sharding = make_sample_fn(pinned, mesh)
-  if parts.pinned_sources(pinned) != recorded:
+  if trained_with.pinned_sources(pinned) != recorded:
     raise parts.SampleSettingsError(
         f"The checkpoint changed while it was loaded ({config.init_from}, "
         f"{config.tokenizer.get('checkpoint', '')}); run again.")
   # After loading: a tokenizer of another shape is named by the loader first
   # (no allow_model_changes hint for weights that cannot decode these codes).
-  parts.check_tokenizer_origin(config, pinned.init_from,
+  trained_with.check_tokenizer_origin(config, pinned.init_from,
                                recorded["weights.tokenizer"])
   parts_dir = parts.directory(workdir)
   files.makedirs(parts_dir)

@@ -50,7 +50,7 @@ from genvis_jax.errors import ConfigError
 from genvis_jax.sample import common
 
 # The sampling settings that must equal the generator run's
-# (``parts.check_trained_with``): it modelled latents times this scale.
+# (``trained_with.check_trained_with``): it modelled latents times this scale.
 RUN_KEYS = {"sample.latent_scale": "latents.scale"}
 
 # Rows (Euler steps x head batch rows) of one batched adaLN matmul: bounds the

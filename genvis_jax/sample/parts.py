@@ -10,27 +10,25 @@ the parts into ``samples.npz`` (ADM layout) and a PNG grid.
 
 from __future__ import annotations
 
-import copy
 import json
+import math
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
-from genvis_jax.data import token_origin
 from genvis_jax.models import inference
 from genvis_jax.sample import common
 from genvis_jax.sample import images as images_lib
+from genvis_jax.sample import trained_with
 
 
 def directory(workdir: str) -> str:
@@ -51,19 +49,55 @@ def _listed(parts_dir: str) -> list[str]:
 
 
 def _labels(part: str) -> np.ndarray:
-  """The labels of a part file (its images are not read).
+  """The labels of a part file, once the header of its images agrees with
+  them (uint8 (n, H, W, 3) for n labels, every byte present); the images
+  themselves are not read.
 
   Raises:
     PartUnreadableError: the file is cut short or not a part file.
   """
   try:
     with files.open_read(part) as f, np.load(f) as d:
-      return d["labels"]
+      labels = d["labels"]
+      info = d.zip.getinfo("images.npy")
+      with d.zip.open(info) as m:
+        version = np.lib.format.read_magic(m)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0(m)
+                           if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0(m))
+        header = m.tell()
+    if (dtype != np.uint8 or len(shape) != 4 or shape[0] != len(labels)
+        or shape[-1] != 3 or info.file_size != header + math.prod(shape)):
+      raise ValueError(f"its images are {dtype} {shape} in {info.file_size} "
+                       f"bytes for {len(labels)} labels")
+    return labels
   except (*files.NPZ_READ_ERRORS, KeyError) as e:   # KeyError: not a part
-    raise PartUnreadableError(
-        f"Sample part {part} cannot be read ({type(e).__name__}: "
-        f"{str(e)[:200]}); run the same sample command: it draws that "
-        "batch again.") from e
+    raise _unreadable(part, e) from e
+
+
+def _unreadable(part: str, e: Exception, moved: str = "") -> PartUnreadableError:
+  return PartUnreadableError(
+      f"Sample part {part} cannot be read ({type(e).__name__}: "
+      f"{str(e)[:200]})" + (f"; moved to {moved}" if moved else "") +
+      "; run the same sample command: it draws that batch again.")
+
+
+def _images(part: str, n: int) -> np.ndarray:
+  """The first ``n`` images of a part file whose header ``_labels`` passed.
+  Damage only a whole read finds (a flipped byte the zip's CRC catches) moves
+  the part aside to ``<part>.unreadable`` (kept, out of the parts' listing),
+  so the next run draws that batch again.
+
+  Raises:
+    PartUnreadableError: naming the part, where it went and the fix.
+  """
+  try:
+    with files.open_read(part) as f, np.load(f) as d:
+      return d["images"][:n]
+  except files.NPZ_READ_ERRORS as e:
+    aside = part + ".unreadable"
+    epath.Path(part).rename(aside)
+    raise _unreadable(part, e, aside) from e
 
 
 class PartUnreadableError(errors.UserError, ValueError):
@@ -79,7 +113,7 @@ SAMPLE_GUARDS = ("allow_model_changes",)
 
 def sample_settings(config, pinned=None) -> dict:
   """What decides the images of a part file (flat, JSON-normalised); the
-  weights as the folders of ``pinned`` (``pin_weights(config)``) hold them.
+  weights as the folders of ``pinned`` (``trained_with.pin_weights(config)``) hold them.
   Raises ``pixels.Uint8MethodError`` / ``ConfigError`` for a tokenizer
   uint8 method or dtype that cannot be resolved."""
   pinned = config if pinned is None else pinned
@@ -101,7 +135,7 @@ def sample_settings(config, pinned=None) -> dict:
           "tokenizer": tokenizer, "sample": sample,
           "devices": jax.device_count()}
   return _model_settings(json.loads(json.dumps(
-      {**settings_lib.flatten(keep), **pinned_sources(pinned)})))
+      {**settings_lib.flatten(keep), **trained_with.pinned_sources(pinned)})))
 
 
 # The model sections of a flat settings record.
@@ -130,174 +164,10 @@ def _model_settings(flat: dict) -> dict:
 # (a warning: float rounding may flip a few tokens).
 MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint",
               "devices")
-WEIGHTS = ("weights.generator", "weights.tokenizer")
-
-
-def pin_weights(config):
-  """A copy of ``config`` whose ``init_from`` / ``tokenizer.checkpoint`` name
-  the exact folders they resolve to now (``core.weights.resolve``): a run's
-  newest step cannot change under the load. Process 0 resolves and every
-  process loads its folders, so all draw from the same step even if one is
-  saved while they start."""
-  paths = weights_lib.resolve_all(
-      [config.init_from, config.tokenizer.get("checkpoint", "")])
-  pinned = copy.deepcopy(config)
-  with pinned.unlocked():
-    pinned.init_from = paths[0]
-    if pinned.tokenizer.get("checkpoint"):
-      pinned.tokenizer.checkpoint = paths[1]
-  return pinned
-
-
-def pinned_sources(pinned) -> dict:
-  """``WEIGHTS`` of a pinned config, as ``sample_settings`` records them."""
-  return {"weights.generator": weights_lib.params_source(pinned.init_from),
-          "weights.tokenizer": weights_lib.params_source(
-              pinned.tokenizer.get("checkpoint", ""))}
-
-
-def check_tokenizer_origin(config, init_from: str,
-                           tokenizer_source: str) -> str:
-  """Refuses to decode the samples of the generator run ``init_from``
-  (pinned) with other tokenizer weights than those whose tokens (codes or
-  latents) it trained on: ``tokenizer_source`` (``core.weights.params_source``)
-  must be one of them. Passes where they match or the run recorded nothing
-  (a converted checkpoint); with ``tokenizer.checkpoint`` named in
-  ``config.sample.allow_model_changes`` (a decoder fine-tuned on purpose)
-  it warns instead, and returns the warning ("" otherwise).
-
-  Raises:
-    TrainedWithError: naming both weights and the fixes.
-  """
-  run = weights_lib.run_of(init_from)
-  trained_on = token_origin.run_token_weights(run)
-  if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
-    return ""
-  msg = weights_lib.readable(
-      f"The generator {run} trained on tokens of tokenizer weights "
-      f"{trained_on}, but config.tokenizer.checkpoint holds "
-      f"{tokenizer_source!r}: the samples would be decoded by another "
-      "tokenizer.")
-  if _TOKENIZER in _allowed_changes(config):
-    logging.warning(msg)
-    return msg
-  raise TrainedWithError(
-      f"{msg} Point config.tokenizer.checkpoint at the step the tokens came "
-      "from (<run>/checkpoints/<step>); to decode with these weights on "
-      "purpose (e.g. a decoder fine-tuned since), pass "
-      f"--config.sample.allow_model_changes={_TOKENIZER}.")
-
-
-# The allow_model_changes name that decodes with other tokenizer weights.
-_TOKENIZER = "tokenizer.checkpoint"
-
-
-def _allowed_changes(config) -> set[str]:
-  """The keys named in ``config.sample.allow_model_changes``."""
-  return {k.strip() for k in
-          str(config.sample.get("allow_model_changes", "")).split(",")
-          if k.strip()}
 
 
 class SampleSettingsError(errors.UserError, ValueError):
   """Sample parts in the workdir were drawn with other settings."""
-
-
-
-class TrainedWithError(errors.UserError, ValueError):
-  """A run's weights would be sampled with other model settings than it
-  trained with."""
-
-
-def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
-  """Refuses to sample a training run's weights (``pinned.init_from``, its
-  step's recorded config), or converted ones, with other ``config.model``
-  values, or other values of the sampler's ``run_keys`` (sampling key -> the
-  run's key, e.g. the Equivariant latent scale ``sample.latent_scale`` ->
-  ``latents.scale``), than the run trained with. A change that leaves the
-  weights' shapes alone (an attention window, a latent scale) loads without
-  an error and changes every image. Dropout rates (training only) pass.
-  A model setting the record (or the
-  config) leaves out counts at its default (``models.with_defaults``);
-  other keys recorded on one side only (another code version) and those
-  named in ``config.sample.allow_model_changes`` (comma-separated) are not
-  compared. A parameter checkpoint is checked against the config it
-  was converted with, where ``python -m genvis_jax.convert --config``
-  recorded it.
-
-  Raises:
-    TrainedWithError: naming each setting, the run's value and the fix.
-  """
-  if not pinned.init_from:
-    return
-  saved, made = weights_lib.recorded_config(pinned.init_from)
-  if not saved or "model" not in saved:
-    return
-  now = json.loads(config.to_json_best_effort())
-  # Settings a record (or this config) leaves out, at their defaults.
-  saved = {**saved, "model": models.with_defaults(saved["model"])}
-  now["model"] = models.with_defaults(now["model"])
-  keys = {k: k for k in settings_lib.flatten({"model": now["model"]})}
-  keys.update(run_keys)
-  allowed = _allowed_changes(config)
-  flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
-  differing = [(key, run) for key, run in sorted(keys.items())
-               if key not in fit.COMPUTE_ONLY and key not in allowed
-               and not models.is_dropout(key)
-               and key in flat_now and run in flat_saved
-               and flat_saved[run] != flat_now[key]]
-  if not differing or ("model.name", "model.name") in differing:
-    return   # another model: the weight loader names both
-  side = fit.SIDE[made]
-  reshaping = _reshaping(saved["model"], now["model"],
-                         [key for key, _ in differing])
-  reshaped = [(k, r) for k, r in differing if k in reshaping]
-  neutral = [(k, r) for k, r in differing if k not in reshaping]
-
-  def lines(pairs):
-    return "".join(f"\n  {key}: {side} {flat_saved[run]!r} vs config "
-                   f"{flat_now[key]!r}" for key, run in pairs)
-
-  msg = (f"{pinned.init_from} was {made} with other settings than this "
-         f"config samples it with. Pass the values it was {made} with.")
-  if reshaped:
-    msg += (" These change the weights' shapes (they would not load):"
-            + lines(reshaped))
-  if neutral:
-    names = ",".join(key for key, _ in neutral)
-    msg += ((" These" if not reshaped else "\nThese") + " leave the "
-            "weights' shapes alone, so they would load and change every "
-            "image:" + lines(neutral) + "\nTo change them on purpose, name "
-            f"them: --config.sample.allow_model_changes={names}.")
-  raise TrainedWithError(msg)
-
-
-def _reshaping(saved_model: dict, now_model: dict, keys) -> set[str]:
-  """The ``model.<field>`` among ``keys`` whose configured value alone,
-  put in the recorded model config, changes the parameter shapes (shapes
-  only: ``jax.eval_shape`` of the initialiser). Empty where the recorded
-  config no longer builds (another code version)."""
-  def shapes(model):
-    cfg = ml_collections.ConfigDict(model)
-    tree = jax.eval_shape(lambda r: models.init_params(cfg, r),
-                          jax.random.key(0))
-    return [(fit.key_path(p), a.shape)
-            for p, a in jax.tree_util.tree_leaves_with_path(tree)]
-  try:
-    recorded = shapes(saved_model)
-  except Exception:   # pylint: disable=broad-except
-    return set()
-  out = set()
-  for key in keys:
-    field = key.split(".", 1)[1] if key.startswith("model.") else ""
-    if not field or "." in field or field not in now_model:
-      continue
-    try:
-      if shapes({**saved_model, field: now_model[field]}) != recorded:
-        out.add(key)
-    except Exception:   # pylint: disable=broad-except
-      out.add(key)      # a value that does not build with the rest
-  return out
 
 
 def check_settings(parts_dir: str, settings: dict) -> None:
@@ -327,8 +197,8 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   if recorded is not None:
     old = {**unset, **_model_settings(recorded)}
     # Parts written before the weights were recorded: compare the paths.
-    may_change = MAY_CHANGE if all(k in old for k in WEIGHTS) else (
-        "sample.num_samples", "devices") + WEIGHTS
+    may_change = MAY_CHANGE if all(k in old for k in trained_with.WEIGHTS) else (
+        "sample.num_samples", "devices") + trained_with.WEIGHTS
     diff = settings_lib.differences(old, settings, ignore=may_change)
     if diff and found:
       raise SampleSettingsError(weights_lib.readable(
@@ -407,7 +277,8 @@ def assemble(workdir: str, num_samples: int) -> dict:
   Raises:
     RuntimeError: the parts leave a gap or hold fewer than ``num_samples``
       images.
-    PartUnreadableError: a part that is needed cannot be read.
+    PartUnreadableError: a part that is needed cannot be read (moved aside
+      when its images fail to read; the next run draws it again).
     multihost.OtherProcessError: on the other processes, where process 0
       raised one of those.
   """
@@ -443,16 +314,12 @@ def _write_samples(workdir: str, num_samples: int, out: dict) -> None:
     raise RuntimeError(f"{held} of {num_samples} samples present; re-run.")
   labels = np.concatenate(labels)
 
-  def read(p, n):
-    with files.open_read(p) as f, np.load(f) as d:
-      return d["images"][:n]
-
-  parts_images = [read(*chosen[0])]   # read once: it gives the shape too
+  parts_images = [_images(*chosen[0])]   # read once: it gives the shape too
   first = []   # the grid's images
 
   def images():
     for i, (p, n) in enumerate(chosen):
-      part = parts_images.pop() if i == 0 else read(p, n)
+      part = parts_images.pop() if i == 0 else _images(p, n)
       if sum(map(len, first)) < 100:
         first.append(part[:100 - sum(map(len, first))])
       yield part
