@@ -109,6 +109,15 @@ def test_batch_split_follows_the_rules_table():
   sharding = shd.batch_sharding(mesh, cfg.sharding.rules)
   assert sharding.spec == jax.sharding.PartitionSpec(("data",))
   assert shd.num_batch_shards(mesh, cfg.sharding.rules) == 2
+  # Without the entry Flax replicated the batch's activations while the
+  # inputs were split over BATCH_AXES; None (the whole batch everywhere) is
+  # said explicitly.
+  cfg.sharding.rules = tuple((k, v) for k, v in base.DEFAULT_RULES
+                             if k != "batch")
+  with pytest.raises(ConfigError, match=r'config.sharding.rules has no '
+                     r'"batch" entry.*\("batch", None\)'):
+    trainer_lib.setup(cfg, mesh=mesh)
+  assert shd.batch_axes(mesh, (("batch", None),) + cfg.sharding.rules) == ()
 
 
 def test_one_rules_table_in_the_package():

@@ -313,6 +313,9 @@ class Checkpointer:
     Raises:
       OSError: the file cannot be read (storage; not a reason to change the
         data order).
+      ValueError: its JSON is damaged, or ``data/`` lacks a process's file
+        or mixes process counts (``restore_latest(with_data=True)`` checks
+        the files before this reads them).
     """
     step_dir = self.directory / str(step)
     count = ckpt_files.saved_process_count(step_dir)

@@ -41,6 +41,8 @@ def load(run: epath.Path, abstract_params, where: str = "",
       not fit ``abstract_params``.
     CheckpointRestoreError: no step (or not ``step``) can be read; each
       step's reason is listed.
+    step_walk.CheckpointStorageError: reading a step failed in the storage
+      (unavailable, denied), not in its files: nothing is skipped.
     multihost.OtherProcessError: another process failed.
   """
   folder = run / "checkpoints"

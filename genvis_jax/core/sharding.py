@@ -2,9 +2,10 @@
 
 One rules table (``config.sharding.rules``, default ``DEFAULT_RULES`` below)
 maps logical axis names (carried by every parameter, see
-``models/layers/__init__.py``) to mesh axes. A mesh axis that does not divide a
-dimension is dropped for that dimension, so a 3-channel conv or a 48-wide norm
-stays replicated while the large matrices are split.
+``models/layers/__init__.py``) to mesh axes. A dimension keeps the longest
+leading run of its mesh axes whose sizes' product divides it (``fit_spec``),
+so a 3-channel conv or a 48-wide norm stays replicated while the large
+matrices are split.
 """
 
 from __future__ import annotations
@@ -116,8 +117,12 @@ def rules_tuple(rules) -> tuple:
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
-  """``spec`` without the mesh axes that do not evenly divide their
-  dimension, nor those of size 1 (``mesh``: a Mesh or AbstractMesh)."""
+  """``spec`` with, per dimension, the longest leading run of its mesh axes
+  whose sizes' product divides the dimension (an axis after one that does
+  not fit is dropped too, even if it divides alone: the order of a
+  dimension's axes is its device layout), then without axes of size 1.
+  ``mesh``: a Mesh or AbstractMesh; ``spec`` axes ``mesh`` lacks are
+  dropped."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axes is None:
@@ -165,8 +170,23 @@ def batch_axes(mesh, rules=None) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over: those of the rules
   table's ``"batch"`` entry (``BATCH_AXES`` without ``rules``) that ``mesh``
   has. The input batches, the micro-batch split and the activation
-  constraints all follow it, so they cannot disagree."""
-  axes = dict(rules_tuple(rules)).get("batch", BATCH_AXES) if rules else BATCH_AXES
+  constraints all follow it, so they cannot disagree.
+
+  Raises:
+    ConfigError: ``rules`` without a ``"batch"`` entry (Flax's constraints
+      would replicate the batch while the inputs were split).
+  """
+  if not rules:
+    axes = BATCH_AXES
+  else:
+    table = dict(rules_tuple(rules))
+    if "batch" not in table:
+      raise errors.ConfigError(
+          "config.sharding.rules has no \"batch\" entry: the inputs and the "
+          "activation constraints would split the batch differently. Add "
+          "(\"batch\", (\"data\", \"fsdp\")) (the default), or "
+          "(\"batch\", None) to give every device the whole batch.")
+    axes = table["batch"]
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   return tuple(a for a in axes if a in mesh.shape)
 

@@ -83,6 +83,9 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     CheckpointRestoreError: the step(s) to load are damaged, or a parameter
       checkpoint's files are, or its arrays do not match the SHA-256
       ``save_params`` recorded.
+    step_walk.CheckpointStorageError: reading a training run's steps
+      failed in the storage (unavailable, denied), not in its files:
+      nothing is skipped; the same command retries.
     multihost.OtherProcessError: loading failed on another process (every
       process must call this; all stop together).
   """
