@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 from genvis_jax.errors import UserError
 
@@ -139,22 +140,34 @@ class Deadline:
 
 @dataclasses.dataclass
 class Section:
-  """One section's results; rows are appended as they are measured."""
+  """One section's results; rows are appended as they are measured, and
+  ``save`` (the run's result files, set by ``accelerator.main``) is called
+  on every change: a run killed inside a section keeps its rows."""
   name: str
   columns: tuple
   rows: list = dataclasses.field(default_factory=list)
   notes: list = dataclasses.field(default_factory=list)
   status: str = "pending"
   seconds: float = 0.0
+  save: Callable[[], None] = dataclasses.field(default=lambda: None,
+                                               repr=False, compare=False)
 
   def add(self, **row):
     self.rows.append(row)
     self.show(row)
 
-  @staticmethod
-  def show(row: dict):
+  def keep(self, row: dict) -> dict:
+    """Keeps ``row`` (saved now) that later columns complete; ``show`` it
+    when done. Returns ``row``."""
+    self.rows.append(row)
+    self.save()
+    return row
+
+  def show(self, row: dict):
+    """Prints ``row`` (one of ``rows``) and saves the results."""
     print("  " + " | ".join(f"{k}={_fmt(v)}" for k, v in row.items()),
           flush=True)
+    self.save()
 
   def log(self, text: str):
     """A progress line (not kept): where a section's time goes, so a run cut
@@ -164,6 +177,7 @@ class Section:
   def note(self, text: str):
     self.notes.append(text)
     print(f"  note: {text}", flush=True)
+    self.save()
 
   def markdown(self) -> str:
     lines = [f"### {self.name}: {self.status} ({self.seconds:.0f} s)", ""]

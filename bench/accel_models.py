@@ -125,7 +125,7 @@ def _rar_case(sec, dl, sz, size, what, model, cfg, params, batch, dtype,
              bytes_ratio=_bytes_ratio(rar_bench, model, params, batch, dtype,
                                       bucket),
              images_per_s=batch / sample_s)
-  sec.rows.append(row)
+  sec.keep(row)   # the floor and decode columns follow, time allowing
   sec.log(f"sampled in {sample_s:.3f} s ({len(runs)} runs)")
   try:
     make = functools.partial(rar_bench.floor_fn, model, m.seq_len, 2 * batch,
@@ -207,7 +207,7 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
                                         dtype),
                images_per_s=batch / sec_s,
                sub_tokens_per_s=batch * steps / sec_s)
-    sec.rows.append(row)   # the floor columns follow if the time box allows
+    sec.keep(row)   # the floor columns follow if the time box allows
     sec.log(f"sampled in {sec_s:.3f} s")
     try:
       make = functools.partial(far_bench.floor_fn, model, m.grid ** 2,

@@ -15,8 +15,9 @@ sampling find no time left, in order of value.
 Sections run in order of value, each in its own time box (a deadline checked
 between measured iterations; a compile cannot be interrupted). A section that
 fails or runs out of time records why and the next one runs. Results go to
-stdout as markdown tables and, after every section, to ``OUT/results.json`` and
-``OUT/results.md`` (so a run killed at the command limit keeps what it measured).
+stdout as markdown tables and, as each row is measured, to ``OUT/results.json``
+and ``OUT/results.md`` (so a run killed at the command limit keeps what it
+measured; SIGTERM marks the running section "killed").
 
   attention_check  Pallas windowed causal attention (the backend's kernel; on
                 CPU the GPU kernel in interpret mode): forward / backward error
@@ -61,6 +62,7 @@ import dataclasses
 import faulthandler
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -237,30 +239,48 @@ def main(argv=None) -> int:
   # the last sections without time (the most valuable run first).
   scale = max(1.0, args.budget_s / sum(s[2] for s in plan))
   sections = [Section(name, cols) for name, _, _, cols in plan]
-  write_results(args.out, hdr, sections)
+  save = lambda: write_results(args.out, hdr, sections)
+  for sec in sections:
+    sec.save = save
+
+  def killed(signum, _):
+    # The command limit's SIGTERM: the running section's rows are on file;
+    # say it was stopped, not still running.
+    for sec in sections:
+      if sec.status == "running":
+        sec.status = f"killed ({signal.Signals(signum).name})"
+    save()
+    sys.exit(128 + signum)
+
+  before = signal.signal(signal.SIGTERM, killed)
+  save()
   schedule = 0.0
-  for sec, (name, fn, box, _) in zip(sections, plan):
-    # Cumulative schedule: time a section leaves unused goes to later ones.
-    schedule = min(schedule + box * scale, args.budget_s)
-    end = t_start + schedule
-    print(f"\n## {name} (until +{schedule:.0f} s)", flush=True)
-    t0 = time.perf_counter()
-    try:
-      if end - t0 <= 0:
-        raise SectionTimeout("no time left in the budget")
-      fn(sec, Deadline(end), sizes, args.smoke)
-      sec.status = "ok"
-    except SectionTimeout as e:
-      sec.status = "timeout"
-      sec.note(f"{e} (rows above were measured)")
-    except Exception as e:  # pylint: disable=broad-except
-      sec.status = "failed"
-      sec.note(f"failed: {error_line(e)}")
-      traceback.print_exc()
-    sec.seconds = time.perf_counter() - t0
-    print(f"{name}: {sec.status} ({sec.seconds:.0f} s)", flush=True)
-    write_results(args.out, hdr, sections)
-  faulthandler.cancel_dump_traceback_later()
+  try:
+    for sec, (name, fn, box, _) in zip(sections, plan):
+      # Cumulative schedule: time a section leaves unused goes to later ones.
+      schedule = min(schedule + box * scale, args.budget_s)
+      end = t_start + schedule
+      print(f"\n## {name} (until +{schedule:.0f} s)", flush=True)
+      t0 = time.perf_counter()
+      sec.status = "running"   # what the files say if the run dies here
+      try:
+        if end - t0 <= 0:
+          raise SectionTimeout("no time left in the budget")
+        fn(sec, Deadline(end), sizes, args.smoke)
+        sec.status = "ok"
+      except SectionTimeout as e:
+        sec.status = "timeout"
+        sec.note(f"{e} (rows above were measured)")
+      except Exception as e:  # pylint: disable=broad-except
+        sec.status = "failed"
+        sec.note(f"failed: {error_line(e)}")
+        traceback.print_exc()
+      sec.seconds = time.perf_counter() - t0
+      print(f"{name}: {sec.status} ({sec.seconds:.0f} s)", flush=True)
+      save()
+  finally:
+    signal.signal(signal.SIGTERM, before)
+    faulthandler.cancel_dump_traceback_later()
   total = time.perf_counter() - t_start
   # All tables once more at the end: what a log tail shows.
   print("\n" + "\n".join(s.markdown() for s in sections), flush=True)

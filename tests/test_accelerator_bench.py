@@ -189,6 +189,48 @@ def test_failing_and_slow_sections_do_not_stop_the_run(tmp_path, monkeypatch):
   assert sec["c"]["status"] == "ok" and sec["c"]["rows"] == [{"y": 3}]
 
 
+def test_rows_are_on_file_as_measured_and_a_kill_is_recorded(tmp_path,
+                                                             monkeypatch):
+  """The files were written between sections only: a run killed by the
+  command limit inside a section (RAR sampling's box is longer than one
+  command) lost every row of it. Rows are written as they are measured
+  (and again as later columns complete them); SIGTERM marks the section."""
+  import signal
+  on_file = lambda: json.loads((tmp_path / "results.json").read_text())[
+      "sections"]["a"]
+
+  def killed_inside(sec, dl, sz, smoke):
+    row = sec.keep({"x": 1})
+    assert on_file()["rows"] == [{"x": 1}] and on_file()["status"] == "running"
+    row["floor"] = 2.0
+    sec.show(row)
+    assert on_file()["rows"] == [{"x": 1, "floor": 2.0}]
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+
+  monkeypatch.setattr(acc, "SECTIONS", (("a", killed_inside, 100, ("x",)),
+                                        ("b", killed_inside, 100, ("x",))))
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(SystemExit) as stop:
+    acc.main([f"--out={tmp_path}", "--smoke"])
+  assert stop.value.code == 128 + signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is before
+  sec = json.loads((tmp_path / "results.json").read_text())["sections"]
+  assert sec["a"] == {"status": "killed (SIGTERM)", "seconds": 0.0,
+                      "rows": [{"x": 1, "floor": 2.0}], "notes": []}
+  assert sec["b"]["status"] == "pending"
+  assert "### a: killed (SIGTERM)" in (tmp_path / "results.md").read_text()
+
+
+def test_the_readme_budget_for_everything_is_the_boxes_sum():
+  """The README's whole-suite command gave the last section 10 s less than
+  its box."""
+  import re
+  readme = (ROOT / "README.md").read_text()
+  budget = int(re.search(r"--budget_s=(\d+) +# everything", readme)[1])
+  assert budget == sum(box for _, _, box, _ in acc.SECTIONS)
+
+
 def test_missing_ml_collections_says_how_to_carry_it(tmp_path, monkeypatch):
   from genvis_jax.errors import UserError
   monkeypatch.setitem(sys.modules, "ml_collections", None)  # import fails
