@@ -16,7 +16,9 @@ State bytes follow from the shardings alone and hold on any backend. Compiled
 numbers come from XLA for the backend that compiled the step: CPU temporaries,
 fusion and layout differ from TPU / GPU, so run the script on the target to
 plan its memory (with ``--devices=0``). Frozen loss weights (LPIPS, teachers)
-are only counted when their paths are set in the config.
+are only counted when their paths are set in the config; the Equivariant
+generator's frozen tokenizer is counted by its shapes when no checkpoint is
+set (no weights are read).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ PAPER_CONFIGS = (
     "configs/rar_xxl.py", "configs/maskgit_vqgan.py",
     "configs/far_b.py:dual", "configs/far_b.py:triple", "configs/far_l.py:dual",
     "configs/fqgan_dual_ds16.py", "configs/fqgan_triple_ds16.py",
-    "configs/eq_b.py", "configs/eq_l.py", "configs/eq_tokenizer.py",
+    "configs/eq_s.py", "configs/eq_b.py", "configs/eq_l.py", "configs/eq_h.py",
+    "configs/eq_tokenizer.py",
 )
 
 
@@ -136,19 +139,11 @@ def batch_spec(config, task, batch: int, sharding) -> dict:
     n = model.seq_len
     spec["tokens"] = sds((batch, k, n) if k else (batch, n), jnp.int32)
     return spec
+  # Images, also for the Equivariant generator: its step encodes them with
+  # the frozen tokenizer (whose activations count).
   h = config.data.image_size
   w = config.data.get("image_width", 0) or h
-  image = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
-  if config.task == "eq_generator":   # trains on tokenizer latents
-    from genvis_jax import models  # pylint: disable=import-outside-toplevel
-    tok_cfg = config.tokenizer.model
-    params = jax.eval_shape(lambda k: models.init_params(tok_cfg, k),
-                            jax.random.key(0))
-    lat = jax.eval_shape(lambda p, x: task.tokenizer.apply(
-        {"params": p}, x, method="encode"), params, image)
-    spec["latents"] = sds(lat.shape, jnp.float32)
-    return spec
-  spec["image"] = sds(image.shape, jnp.float32)
+  spec["image"] = sds((batch, h, w, 3), jnp.float32)
   return spec
 
 
@@ -188,8 +183,13 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True) -> 
   """Plans ``config`` (mesh / batch / knobs already set) on ``devices``."""
   from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  mesh = shd.create_mesh(config.mesh, devices)
-  tr = trainer_lib.Trainer(config, mesh=mesh)
+  from genvis_jax.train import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  task = tasks_lib.get_task(config)
+  frozen = _tokenizer_shapes(config, task)
+  mesh, task = trainer_lib.setup(config, mesh=shd.create_mesh(config.mesh,
+                                                              devices),
+                                 task=task)
+  tr = trainer_lib.Trainer(config, mesh=mesh, task=task)
   st, sh = tr.abstract, tr.shardings
   params = sum(int(a.size) for a in jax.tree_util.tree_leaves(st.params))
   model = getattr(tr.task, "model", None)
@@ -202,20 +202,41 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True) -> 
       ema_bytes=sharded_bytes(st.ema, sh.ema) if st.ema is not None else 0,
       state_bytes_total=total_bytes(st))
   if compile_step:
-    p.compiled = compiled_memory(tr, config)
+    p.compiled = compiled_memory(tr, config, frozen)
   return p
 
 
-def compiled_memory(tr, config) -> dict:
-  """Lowers and compiles the donated train step with abstract arguments."""
+def _tokenizer_shapes(config, task):
+  """A task encoding its images with a frozen tokenizer in the step (the
+  Equivariant generator) whose config names no checkpoint: the tokenizer's
+  parameter shapes, which the step is compiled with (no weights are read:
+  ``task`` is set to need none); None for every other config."""
+  if not task.encodes_with_tokenizer or config.tokenizer.get("checkpoint"):
+    return None
+  from genvis_jax import models  # pylint: disable=import-outside-toplevel
+  from genvis_jax.models import inference  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(lambda k: models.init_params(
+      inference.data_model_config(config.tokenizer), k), jax.random.key(0))
+  task.encodes_with_tokenizer = False   # this instance: no checkpoint needed
+  task.frozen_params = lambda: {}
+  return {"tokenizer": shapes}
+
+
+def compiled_memory(tr, config, frozen=None) -> dict:
+  """Lowers and compiles the donated train step with abstract arguments
+  (``frozen``: abstract frozen weights in place of ``tr.frozen``)."""
   from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   batch = batch_spec(config, tr.task, config.train.global_batch_size,
                      shd.batch_sharding(tr.mesh, tr.rules))
   rng = jax.ShapeDtypeStruct(tr.train_rng.shape, tr.train_rng.dtype,
                              sharding=shd.replicated(tr.mesh))
+  if frozen is not None:
+    frozen = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=shd.replicated(tr.mesh)), frozen)
   with tr.context():
     compiled = tr._step.lower(  # pylint: disable=protected-access
-        tr.abstract_state(), batch, rng, tr.frozen).compile()
+        tr.abstract_state(), batch, rng,
+        tr.frozen if frozen is None else frozen).compile()
   m = compiled.memory_analysis()
   return {"argument": int(m.argument_size_in_bytes),
           "output": int(m.output_size_in_bytes),

@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from configs import demo
+from genvis_jax.train.tasks import get_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,6 +57,26 @@ def test_compiled_step_memory_and_table():
   assert c["temp"] > 0 and p.peak_bytes > c["argument"]
   table = pm.format_table([p])
   assert "| demo_rar |" in table and "data=2,fsdp=2" in table and "8 / 2" in table
+
+
+def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes():
+  """The Equivariant generator encodes its images with a frozen tokenizer:
+  without a checkpoint the planner failed at the trainer's check (the
+  state-bytes table's Equivariant rows could not be reproduced). It plans
+  with the tokenizer's shapes, counted in the step's arguments."""
+  config = pm.apply_overrides(pm.load_config("configs/eq_s.py:runlocal"),
+                              mesh=pm.parse_mesh("data=2"), batch=4,
+                              micro_batches=1, remat=None, dtype=None)
+  assert not config.tokenizer.get("checkpoint")
+  p = pm.plan(config, devices=jax.devices()[:2])
+  shapes = pm._tokenizer_shapes(config, get_task(config))["tokenizer"]
+  size = lambda tree: sum(a.size * a.dtype.itemsize
+                          for a in jax.tree_util.tree_leaves(tree))
+  # The step reads the encoder's weights (the decoder's are pruned).
+  encoder = size(shapes["encoder"]) + size(shapes["quant_layer"])
+  assert p.params > 0
+  assert (p.state_bytes + encoder <= p.compiled["argument"]
+          < p.state_bytes + size(shapes) + 100_000)
 
 
 def test_bad_mesh_flag():

@@ -44,10 +44,10 @@ DivergenceError = guard_lib.DivergenceError
 TrainingDivergedError = guard_lib.TrainingDivergedError
 
 
-def setup(config, *, mesh=None, devices=None):
+def setup(config, *, mesh=None, devices=None, task=None):
   """Everything that can fail on bad input, before any compilation:
-  ``(mesh, task)``."""
-  task = tasks_lib.get_task(config)
+  ``(mesh, task)`` (``task``: ``tasks.get_task(config)`` unless given)."""
+  task = task or tasks_lib.get_task(config)
   checks.check_config(config, task)
   mesh = mesh or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
