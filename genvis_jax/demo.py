@@ -26,9 +26,11 @@ def _format(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
   """A copy of ``config.stages[name]`` with ``{workdir}`` (the demo's
-  workdir) filled in: what the stage runs with."""
+  workdir) filled in: what the stage runs with; locked, as the config files'
+  ``get_config()`` (a misspelt key raises)."""
   stage = ml_collections.ConfigDict(config.stages[name].to_dict())
   _format(stage, workdir)
+  stage.lock()
   return stage
 
 

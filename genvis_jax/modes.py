@@ -223,8 +223,15 @@ def run(config, workdir: str | os.PathLike):
 
   Raises:
     ConfigError: an unknown mode or registered name, a demo config outside
-      mode=demo (or the reverse), a ``{workdir}`` left in a field.
+      mode=demo (or the reverse), a ``{workdir}`` left in a field, an empty
+      or None ``workdir``.
   """
+  if workdir is None or not os.fspath(workdir):
+    # The CLI requires --workdir; from Python an unset variable wrote an
+    # evaluation's files into the current folder.
+    raise ConfigError(
+        f"workdir is {workdir!r}: pass the folder the run writes to (a local "
+        "path or gs:// URL; python -m genvis_jax.main's --workdir).")
   workdir = os.fspath(workdir)
   check_names(config)
   fn = resolve(config.mode)

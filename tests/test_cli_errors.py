@@ -282,3 +282,19 @@ def test_demo_mode_and_job_configs_are_not_mixed(tmp_path):
       modes.check_names(defaults)
   defaults.mode = "pretokenize"    # a pre-tokenizing stage has no model
   modes.check_names(defaults)
+
+
+def test_the_python_api_refuses_an_empty_workdir(tmp_path, monkeypatch):
+  """An unset variable passed as the workdir: evaluation wrote its files
+  and a lock into the current folder, training failed with a bare
+  ``FileNotFoundError: ''`` (None: a ``TypeError``)."""
+  from configs import maskgit_vqgan   # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  config = maskgit_vqgan.get_config("runlocal")
+  for mode in ("evaluate", "train"):
+    config.mode = mode
+    for workdir in ("", None):
+      with pytest.raises(UserError, match=r"workdir is (''|None): pass the "
+                         r"folder the run writes to"):
+        modes.run(config, workdir)
+  assert not list(tmp_path.iterdir())

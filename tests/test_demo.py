@@ -127,6 +127,12 @@ def test_stage_errors_name_the_demos_flags():
   # Not another stage's field of that name (the fid stage has no num_images).
   assert demo_run.as_demo_fields("config.evaluate.num_images", "fid", cfg) == (
       "config.evaluate.num_images")
+  # A stage's config, as a notebook edits it, is locked as the config files'
+  # (a misspelt key was added silently).
+  stage = demo_run.stage_config(cfg, "samples", "/tmp/demo_wd")
+  assert stage.init_from == "/tmp/demo_wd/rar"
+  with pytest.raises(AttributeError, match="guidance_scael"):
+    stage.sample.guidance_scael = 1.0
 
 
 @pytest.mark.slow

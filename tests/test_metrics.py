@@ -8,7 +8,9 @@ from genvis_jax.core import metrics as metrics_lib
 
 
 def test_hyperparameters_go_to_tensorboard_not_the_log(tmp_path, caplog):
-  writer = metrics_lib.create_writer(str(tmp_path))
+  # A pathlib.Path, as a notebook passes a workdir (TensorFlow's writer
+  # refused it after a whole generation evaluation).
+  writer = metrics_lib.create_writer(tmp_path)
   with caplog.at_level(logging.INFO):
     writer.write_hparams({"model.name": "far", "train.num_steps": 20})
     writer.write_scalars(3, {"loss": 1.5})

@@ -100,6 +100,20 @@ def test_rar_paper_pipeline(tmp_path):
       "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
   images = pc.check_samples(out, (16, 32, 32, 3))
   assert images.std() > 0
+  # From Python with the mesh typed by hand: jax.make_mesh's default
+  # Explicit axes failed in the model's label gather; the first batch again.
+  config = pc.load_config("rar_b.py:runlocal", **{
+      "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  assert mesh.axis_types[0] == jax.sharding.AxisType.Explicit
+  sample_fn, rows = driver.make_sample_fn(config, mesh)
+  s = config.sample
+  labels = driver.class_labels(s.num_samples, config.model.num_classes,
+                               s.get("classes", ()), s.get("labels", "balanced"),
+                               s.seed)
+  first = sample_fn(driver.global_labels(labels[:s.batch_size], rows),
+                    jax.random.fold_in(jax.random.key(s.seed), 0))
+  np.testing.assert_array_equal(np.asarray(first), images[:s.batch_size])
   # On 2 processes x 4 devices (the batch split over both, process 0
   # writing): the same images as on this process's 8 devices, bit for bit.
   assert jax.device_count() == 8

@@ -29,7 +29,7 @@ def create_writer(workdir: str):
 
   writers = [ConsoleWriter()]
   if jax.process_index() == 0:
-    writers.append(metric_writers.SummaryWriter(workdir))
+    writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
   return metric_writers.AsyncMultiWriter(writers)
 
 

@@ -93,6 +93,19 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mes
                        axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
+def auto_axes(mesh: Mesh | None) -> Mesh | None:
+  """``mesh`` with ``Auto`` axes (same devices, names and shape; None stays
+  None), as ``create_mesh`` makes them. The entry points that take a
+  caller's mesh pass it through this: ``jax.make_mesh``'s default Explicit
+  axes made the models' gathers fail deep in tracing ("Use
+  ``.at[...].get(out_sharding=)``"), as every sharding here is chosen for
+  GSPMD propagation."""
+  if mesh is None or all(t == AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def data_mesh(devices: Sequence[jax.Device]) -> Mesh:
   """1-D ``("data",)`` mesh (``Auto`` axis) for inference: batches split, weights
   replicated.

@@ -75,6 +75,7 @@ def flatten_codes(codes) -> jax.Array:
 
 def make_encoder(model, params, mesh):
   """Jitted images -> flat codes, batch split over ``mesh``'s devices."""
+  mesh = sharding.auto_axes(mesh)
   batch_sh = sharding.batch_sharding(mesh)
 
   # The weights are an argument, not a closed-over constant: a constant is

@@ -38,7 +38,8 @@ class InceptionExtractor:
                        f"one of {PREPROCESS}.")
     self.preprocess = preprocess
     self._weights_id = None
-    self.mesh = mesh or sharding.data_mesh(jax.local_devices())
+    self.mesh = sharding.auto_axes(mesh) or sharding.data_mesh(
+        jax.local_devices())
     shards = self.mesh.size
     self.batch_size = -(-batch_size // shards) * shards
     self.data = sharding.batch_sharding(self.mesh)

@@ -307,7 +307,7 @@ def load_params(model_config, directory: str, mesh=None, *,
   abstract = jax.eval_shape(
       lambda r: init_params(model_config, r), jax.random.key(0))
   if mesh is not None:
-    sharding = shd.replicated(mesh)
+    sharding = shd.replicated(shd.auto_axes(mesh))
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         abstract)

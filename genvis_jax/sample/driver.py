@@ -160,6 +160,7 @@ def make_decode_fn(tok, mesh) -> Decoder:
   3)``, a jax array sharded like the decoded images): decode in
   ``inference.data_model_config`` (fp32 by default), then the official uint8
   conversion (``uint8_method``)."""
+  mesh = sharding.auto_axes(mesh)
   model_cfg = inference.data_model_config(tok)
   method = images_lib.uint8_method(tok)
   tok_model = models.build(model_cfg)
@@ -208,6 +209,7 @@ def make_sample_fn(config, mesh):
   batches over ``mesh``. Raises ``inference.CodebookSizeError`` before any
   weights load, and what the weight loads raise."""
   inference.check_codes_fit(config)   # before any weights are read
+  mesh = sharding.auto_axes(mesh)
   gen_model = models.build(config.model)
   gen_params = models.load_params(
       config.model, config.init_from, mesh, setting="--config.init_from")

@@ -49,7 +49,7 @@ def setup(config, *, mesh=None, devices=None, task=None):
   ``(mesh, task)`` (``task``: ``tasks.get_task(config)`` unless given)."""
   task = task or tasks_lib.get_task(config)
   checks.check_config(config, task)
-  mesh = mesh or shd.create_mesh(config.mesh, devices)
+  mesh = shd.auto_axes(mesh) or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
   return mesh, task
@@ -95,7 +95,7 @@ class Trainer:
     self.workdir = workdir
     if task is None:
       mesh, task = setup(config, mesh=mesh)
-    self.mesh, self.task = mesh, task
+    self.mesh, self.task = shd.auto_axes(mesh), task
     self.rules = shd.rules_tuple(config.sharding.rules)
     self.optimizers = self.task.optimizers()
     # Three streams: init, training (step s draws fold_in(train_rng, s)) and
