@@ -9,6 +9,7 @@ import tempfile
 import threading
 
 import jax
+import ml_collections
 
 from genvis_jax import errors
 from genvis_jax.core import files
@@ -224,8 +225,15 @@ def run(config, workdir: str | os.PathLike):
   Raises:
     ConfigError: an unknown mode or registered name, a demo config outside
       mode=demo (or the reverse), a ``{workdir}`` left in a field, an empty
-      or None ``workdir``.
+      or None ``workdir``, a ``config`` that is not a ``ConfigDict``.
   """
+  if not isinstance(config, ml_collections.ConfigDict):
+    # A plain dict (e.g. config.to_dict()) failed as "'dict' object has no
+    # attribute 'mode'".
+    raise ConfigError(
+        f"config is a {type(config).__name__}, not an ml_collections "
+        "ConfigDict: pass get_config() of a configs/ file, or wrap a dict as "
+        "ml_collections.ConfigDict(d).")
   if workdir is None or not os.fspath(workdir):
     # The CLI requires --workdir; from Python an unset variable wrote an
     # evaluation's files into the current folder.

@@ -298,3 +298,6 @@ def test_the_python_api_refuses_an_empty_workdir(tmp_path, monkeypatch):
                          r"folder the run writes to"):
         modes.run(config, workdir)
   assert not list(tmp_path.iterdir())
+  with pytest.raises(UserError, match=r"config is a dict, not an "
+                     r"ml_collections ConfigDict.*ConfigDict\(d\)"):
+    modes.run(config.to_dict(), tmp_path / "wd")
