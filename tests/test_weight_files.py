@@ -1,7 +1,7 @@
 """Truncated or damaged weight files: one clear UserError naming path, format, size.
 
 The intact files are the torch-written fixtures in tests/fixtures/io (see
-test_convert.py) and an ``np.savez`` archive; each test cuts a copy short.
+test_convert_io.py) and an ``np.savez`` archive; each test cuts a copy short.
 """
 
 import os

@@ -1,0 +1,118 @@
+"""Reading checkpoint files without torch (``genvis_jax.convert.io``):
+torch zip / legacy pickles and safetensors, nested checkpoints, unsafe
+pickles refused, a parameters folder, another model's file named so.
+
+Fixtures: ``tests/fixtures/io`` (see tests/fixtures/README.md).
+"""
+
+import os
+import pickle
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from genvis_jax import convert, errors
+from genvis_jax.convert import io as cio
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="module")
+def expected_io():
+  with np.load(os.path.join(FIX, "io", "expected.npz")) as f:
+    return {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith("value/")}, \
+           {k.split("/", 1)[1]: str(f[k]) for k in f.files if k.startswith("dtype/")}
+
+
+def _assert_state(state, expected_io):
+  values, dtypes = expected_io
+  assert sorted(state) == sorted(values)
+  for k, v in values.items():
+    assert str(state[k].dtype) == dtypes[k], k  # torch and numpy names agree
+    assert state[k].shape == v.shape, k
+    np.testing.assert_array_equal(state[k].astype(np.float32), v, err_msg=k)
+
+
+@pytest.mark.parametrize("name,key", [("nested.pt", "model"), ("legacy.pth", None),
+                                      ("weights.safetensors", None)])
+def test_io_reads_torch_and_safetensors_files(name, key, expected_io):
+  state = cio.load_state_dict(os.path.join(FIX, "io", name), key=key)
+  _assert_state(state, expected_io)
+  assert state["layer.bias"].dtype == ml_dtypes.bfloat16
+  assert state["half"].dtype == np.float16 and state["count"].dtype == np.int64
+
+
+def test_io_nested_checkpoint_selection():
+  path = os.path.join(FIX, "io", "nested.pt")
+  obj = cio.read_file(path)
+  assert obj["step"] == 3 and obj["args"].lr == 1e-4 and obj["best"] == 2.5
+  with pytest.raises(ValueError, match="several weight dicts.*--key"):
+    cio.load_state_dict(path)
+  ema = cio.load_state_dict(path, key="ema")
+  assert all((v.astype(np.float32) == 1).all() for v in ema.values())
+  with pytest.raises(KeyError, match="no entry 'nope'"):
+    cio.load_state_dict(path, key="nope")
+
+
+def _torch_like_zip(path, payload: bytes):
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("archive/data.pkl", payload)
+    zf.writestr("archive/version", "3\n")
+
+
+def test_io_refuses_pickles_with_disallowed_globals(tmp_path):
+  evil = tmp_path / "evil.pt"
+  # GLOBAL os.system, then a call: plain pickle.load would run the command.
+  _torch_like_zip(evil, b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode()
+                  + b"'\ntR.")
+  with pytest.raises(errors.UnsafeCheckpointError, match="'os.system'.*refusing"):
+    cio.load_state_dict(str(evil))
+  assert not (tmp_path / "pwned").exists()
+  # A model class is refused too, and pickle.UnpicklingError catches it.
+  _torch_like_zip(evil, pickle.dumps({"m": zipfile.ZipInfo()}))
+  with pytest.raises(pickle.UnpicklingError, match="zipfile.ZipInfo"):
+    cio.read_file(str(evil))
+
+
+def test_io_unknown_format_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown checkpoint format"):
+    cio.read_file(__file__)
+
+
+def test_load_weights_from_a_params_folder_gives_jax_arrays(tmp_path):
+  """An Orbax ``params`` folder (saved here from device arrays) loads as the
+  jax arrays ``load_weights`` promises, in the expected dtypes."""
+  from genvis_jax.core import weights  # pylint: disable=import-outside-toplevel
+  tree = {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  weights.save_params(str(tmp_path / "w"), jax.device_put(tree, jax.devices()[1]))
+  expected = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  got = convert.load_weights(str(tmp_path / "w"), expected)
+  leaf = got["dense"]["kernel"]
+  assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32
+  np.testing.assert_array_equal(leaf, tree["dense"]["kernel"])
+
+
+def test_a_file_of_another_model_is_named_so(tmp_path):
+  """A file whose names the converter does not know (e.g. a tokenizer given
+  as the DINO discriminator's ViT) is another model's file, with the fix:
+  not "it holds 0 parameters" against the expected tree."""
+  from genvis_jax.convert import dino_vit   # pylint: disable=import-outside-toplevel
+  np.savez(tmp_path / "tok.npz", **{f"encoder.conv_{i}.weight": np.zeros(2)
+                                    for i in range(30)})
+  with pytest.raises(errors.CheckpointFileError,
+                     match=r"tok.npz \(config.disc.vit_path\) holds 30 arrays, "
+                           r"none of them DINO ViT weights \(e.g. 'encoder.conv"
+                           r"_0.weight'\): another model's file\? Download .* "
+                           r"dino_deitsmall16_pretrain.pth"):
+    dino_vit.load_dino_vit(str(tmp_path / "tok.npz"))
+  # --key naming no entry: the message as written, the entries capped.
+  with pytest.raises(errors.WeightKeyError) as e:
+    cio.select_state_dict({f"k{i}": {} for i in range(30)}, "model", "x.pt")
+  assert str(e.value) == ("x.pt: no entry 'model' (from key='model'); it holds "
+                          + ", ".join(f"'k{i}' (dict)" for i in range(8))
+                          + ", ... 22 more.")
