@@ -205,6 +205,45 @@ def test_draw_marks_examples_with_nan_logits():
   assert got[3] == -1 and got[:3].min() >= 0
 
 
+def test_a_tiny_temperature_draws_the_most_likely_code():
+  """Logits / 1e-38 overflowed to several +Inf, drawn as the lowest such
+  code (code 0 in most rows of a RAR / FAR sample); relative to the row's
+  largest logit the division gives the argmax, CFG-guided too."""
+  logits = jnp.array([[5.0, 10.0, 1.0], [3.0, -2.0, 7.0]])
+  for t in (1e-3, 1e-30, 1e-38, 1e-45):
+    for seed in range(4):
+      got = ar.draw(logits, jax.random.key(seed), 1.0, jnp.float32(t), False)
+      assert got.tolist() == [1, 2], (t, seed)
+  # CFG rows [cond, uncond]: guided = uncond + 16 (cond - uncond).
+  pair = jnp.array([[20.0, 40.0, 30.0], [0.0, 30.0, 0.0]])
+  guided = np.argmax(pair[1] + 16 * (pair[0] - pair[1]))
+  assert ar.draw(pair, jax.random.key(0), 16.0, jnp.float32(1e-38),
+                 True).tolist() == [guided]
+
+
+def test_a_top_k_that_is_not_a_whole_number_is_refused():
+  """From Python, top_k=1.7 ran as 1 and NaN failed in ``int()``."""
+  for top_k in (1.7, float("nan"), "3"):
+    with pytest.raises(errors.ConfigError, match=r"config.sample.top_k\) must "
+                       r"be a whole number"):
+      far_sample.check_filters(top_k, 1.0)
+  far_sample.check_filters(5.0, 0.9)
+  far_sample.check_filters(np.int64(5), 1.0)
+
+
+def test_labels_sharded_on_a_mesh_with_explicit_axes_sample(rar):
+  """Labels put on ``jax.make_mesh``'s default mesh (Explicit axes) failed
+  in every sampler's class-table gather (``common.check_labels``, shared);
+  they draw what host labels draw."""
+  model, params, labels, ref = rar
+  mesh = jax.make_mesh((8,), ("data",))
+  assert mesh.axis_types[0] == jax.sharding.AxisType.Explicit
+  sharded = jax.device_put(labels, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  out = rar_sample.sample(model, params, sharded, jax.random.key(7), **RAR_KW)
+  np.testing.assert_array_equal(out, ref)
+
+
 def test_rar_sampling_of_nan_weights_draws_no_code(rar):
   model, params, labels, _ = rar
   nan = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), params)

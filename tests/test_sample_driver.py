@@ -167,9 +167,11 @@ G = "guidance_scale"
     (FAR, G, -1, r"guidance_scale=-1.0 .*at least 1.0; 1.0 means no guidance"),
     (FAR, G, 0.5, r"guidance_scale=0.5 .*at least 1.0"),
     (FAR, G, "nan", r"guidance_scale=nan .*at least 1.0"),
-    (FAR, "top_k", -1, r"top_k >= 0 and 0 < top_p <= 1, got top_k=-1"),
+    (FAR, "top_k", -1, r"top_k >= 0 and 0 < top_p <= 1 \(config.sample.top_k"
+                       r" / config.sample.top_p\), got top_k=-1"),
     (FAR, "top_p", 0.0, r"got top_k=0, top_p=0.0"),
-    (FAR, "temperature", 0.0, r"temperature must be a finite number > 0"),
+    (FAR, "temperature", 0.0, r"temperature must be a finite number > 0, "
+                              r"got 0.0 \(config.sample.temperature"),
     (RAR, G, "nan", r"guidance_scale=nan .*must be a finite number; 0.0 means "
                     r"no guidance"),
     (RAR, G, "inf", r"guidance_scale=inf .*a finite number"),
@@ -343,12 +345,23 @@ def test_two_processes_writing_one_file_do_not_share_its_temporary_file(
   assert os.listdir(tmp_path) == ["samples.png"]
 
 
-def test_a_negative_sampling_seed_is_refused_before_anything_loads(tmp_path):
+def test_a_seed_outside_32_bits_is_refused_before_anything_loads(tmp_path):
   """jax takes any key but NumPy's label draw refuses a negative seed (a
-  traceback after the weights had loaded)."""
+  traceback after the weights had loaded); a seed of 2**32 drew seed 0's
+  images under another record, 2**64 overflowed after the loads. Training's
+  config.seed likewise."""
   from configs import rar_b
   from genvis_jax.errors import ConfigError
+  from genvis_jax.train import trainer
   config = rar_b.get_config("runlocal")
-  config.sample.seed = -1
-  with pytest.raises(ConfigError, match=r"config.sample.seed=-1 must be 0"):
-    driver.sample_and_save(config, str(tmp_path / "wd"))
+  for seed in (-1, 2**32, 2**64):
+    config.sample.seed = seed
+    with pytest.raises(ConfigError, match=rf"config.sample.seed={seed} must "
+                       r"be in \[0, 2\*\*32\)"):
+      driver.sample_and_save(config, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+  config.sample.seed = 2**32 - 1
+  config.seed = 2**32
+  with pytest.raises(ConfigError, match=r"config.seed=4294967296 must be an "
+                     r"integer in \[0, 2\*\*32\)"):
+    trainer.setup(config)

@@ -65,7 +65,8 @@ def draw(logits, key, scale, temperature, use_cfg: bool, top_k: int = 0,
          top_p: float = 1.0):
   """One categorical draw per example from (B, V) logits, or (2B, V) in
   ``common.cfg_labels`` order under CFG: guided with ``scale``
-  (``common.guide``, fp32), divided by ``temperature``, then filtered
+  (``common.guide``, fp32), divided by ``temperature`` (relative to the
+  row's largest logit, so a tiny temperature draws the argmax), then filtered
   (``top_k_top_p``), the official order of both samplers. Returns int32
   (B,): -1 for an example whose logits hold NaN or +Inf (damaged or
   diverged weights, an overflowing dtype), or NaN once guided (-Inf in the
@@ -77,8 +78,13 @@ def draw(logits, key, scale, temperature, use_cfg: bool, top_k: int = 0,
   broken = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
   if use_cfg:
     broken = broken.reshape(-1, 2).any(-1)
-  logits = common.guide(logits, scale, use_cfg) / temperature
+  logits = common.guide(logits, scale, use_cfg)
   broken |= jnp.any(jnp.isnan(logits), axis=-1)
+  # Relative to each row's largest logit before the division: the same
+  # distribution, and a tiny temperature gives the argmax (logits / 1e-38
+  # overflowed to several +Inf, drawn as the lowest such code).
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  logits = (logits - jnp.where(jnp.isfinite(top), top, 0.0)) / temperature
   codes = jax.random.categorical(key, top_k_top_p(logits, top_k, top_p))
   return jnp.where(broken, -1, codes).astype(jnp.int32)
 

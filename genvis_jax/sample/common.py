@@ -28,6 +28,7 @@ import numpy as np
 
 from genvis_jax import errors
 from genvis_jax.core import dtypes
+from genvis_jax.core import sharding
 
 
 def cfg_rows(own, null):
@@ -191,7 +192,8 @@ def _concrete_values(x) -> list[np.ndarray] | None:
 
 
 def check_labels(labels, null_label: int):
-  """int (B,) class labels -> int32 (B,) (a jax array keeps its sharding).
+  """int (B,) class labels -> int32 (B,) (a jax array keeps its sharding, on
+  Auto axes: ``_on_auto_axes``).
 
   Valid labels are the classes 0..null_label - 1 and ``null_label`` itself
   (the null class: unconditional samples). Out of range, a label would read
@@ -202,7 +204,7 @@ def check_labels(labels, null_label: int):
   range.
   """
   values = _concrete_values(labels)
-  labels = jnp.asarray(labels, jnp.int32)
+  labels = _on_auto_axes(jnp.asarray(labels, jnp.int32))
   if labels.ndim != 1:
     raise errors.ConfigError(
         f"labels must be a 1-D class array, got shape {labels.shape}.")
@@ -218,13 +220,28 @@ def check_labels(labels, null_label: int):
   return labels
 
 
+def _on_auto_axes(labels):
+  """Labels sharded on a mesh with Explicit axes (``jax.make_mesh``'s
+  default) moved to the same mesh with Auto axes (``sharding.auto_axes``):
+  the samplers' shardings are chosen for GSPMD, and the class-table gather
+  failed in tracing ("Use ``.at[...].get(out_sharding=)``")."""
+  s = getattr(labels, "sharding", None)
+  if not isinstance(s, jax.sharding.NamedSharding) or isinstance(
+      labels, jax.core.Tracer):
+    return labels
+  mesh = sharding.auto_axes(s.mesh)
+  if mesh is s.mesh:
+    return labels
+  return jax.device_put(labels, jax.sharding.NamedSharding(mesh, s.spec))
+
+
 def check_temperature(temperature) -> float:
   """A token sampler's temperature as a float: a finite number > 0 (NaN
   would draw from NaN logits: noise, no error). Raises ``ConfigError``."""
   if not 0.0 < float(temperature) < math.inf:
     raise errors.ConfigError(
-        f"temperature must be a finite number > 0, got {temperature} (1.0 = "
-        "the model's distribution).")
+        f"temperature must be a finite number > 0, got {temperature} "
+        "(config.sample.temperature; 1.0 = the model's distribution).")
   return float(temperature)
 
 

@@ -273,8 +273,12 @@ def sample_and_save(config, workdir: str) -> dict:
   if int(s.batch_size) < 1:
     raise errors.ConfigError(f"config.sample.batch_size={s.batch_size} must "
                              "be at least 1.")
-  if int(s.get("seed", 0)) < 0:   # jax takes any key, NumPy's label draw not
-    raise errors.ConfigError(f"config.sample.seed={s.seed} must be 0 or more.")
+  # jax keys keep the low 32 bits (x64 off): seed 2**32 drew seed 0's images
+  # under another record; NumPy's label draw refuses a negative one.
+  if not 0 <= int(s.get("seed", 0)) < 2**32:
+    raise errors.ConfigError(
+        f"config.sample.seed={s.seed} must be in [0, 2**32): a larger seed "
+        "draws the images of its low 32 bits.")
   common.check_dtype(common.config_dtype(s))   # before the weights load
   common.check_configured(_sampler_module(config.model.name), s)
   if s.batch_size % jax.device_count():

@@ -19,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genvis_jax import errors
 from genvis_jax.models.layers.attention import resize_kv_cache
@@ -106,11 +107,19 @@ def _uncached_impl(model, opts, params, labels, rng, g, temp):
 
 
 def check_filters(top_k, top_p) -> None:
-  """Refuses top_k < 0 or top_p outside (0, 1] (``ConfigError``)."""
+  """Refuses a ``top_k`` that is not an integer >= 0 (1.7 ran as 1, NaN
+  failed in ``int()``) or a ``top_p`` outside (0, 1] (``ConfigError``
+  naming ``config.sample.top_k`` / ``top_p``)."""
+  whole = isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool)
+  if not (whole or (isinstance(top_k, float) and top_k.is_integer())):
+    raise errors.ConfigError(
+        f"top_k={top_k!r} (config.sample.top_k) must be a whole number of "
+        "codes, >= 0 (0 disables it).")
   if top_k < 0 or not 0.0 < top_p <= 1.0:
     raise errors.ConfigError(
-        f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, "
-        f"top_p={top_p} (0 / 1.0 disable them).")
+        f"need top_k >= 0 and 0 < top_p <= 1 (config.sample.top_k / "
+        f"config.sample.top_p), got top_k={top_k}, top_p={top_p} (0 / 1.0 "
+        "disable them).")
 
 
 def sampler_fn(model, *, cached: bool = True, use_cfg: bool = True,

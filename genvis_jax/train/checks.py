@@ -26,6 +26,7 @@ TRAINED_DTYPES = ("model.dtype", "model.param_dtype", "disc.dtype",
 def check_config(config, task) -> None:
   """Every check below that needs only ``config`` and its ``task``
   (``tasks.get_task(config)``)."""
+  check_seed(config)
   check_intervals(config.train)
   check_ema(config.train)
   check_precision(config)
@@ -79,6 +80,17 @@ def check_intervals(train) -> None:
       raise errors.ConfigError(
           f"config.train.{key}={train[key]} must be >= 0 (profile_steps=0 "
           "turns profiling off).")
+
+
+def check_seed(config) -> None:
+  """``config.seed`` in [0, 2**32): jax's keys (x64 off) and Grain's seeds
+  keep 32 bits, so seed 2**32 trained exactly as seed 0."""
+  seed = config.get("seed", 0)
+  if not (isinstance(seed, int) and 0 <= seed < 2**32):
+    raise errors.ConfigError(
+        f"config.seed={seed!r} must be an integer in [0, 2**32): the PRNG "
+        "keys and the data order keep its low 32 bits, so a larger seed "
+        "repeats a smaller one's run.")
 
 
 def check_ema(train) -> None:
