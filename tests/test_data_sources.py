@@ -1,6 +1,8 @@
 """Data sources: image folders, TFDS, small splits, token-file records; each
 bad input names its fix."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -286,14 +288,93 @@ def test_token_files_of_the_same_name_in_two_folders_warn_once(
   assert "train-00000-of-00001.array_record" in warned[0]
 
 
-def test_an_image_folder_without_a_held_out_split_says_so(tmp_path, caplog):
-  (tmp_path / "cat").mkdir()
+def _image(path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.new("RGB", (4, 4), (200, 10, 10)).save(path)
+
+
+def test_an_image_folder_is_one_layout_split_or_class_folders(tmp_path,
+                                                            caplog):
+  """The warning told a user with class folders only to add
+  ``<path>/val/<class>/``, which then trained as a class "val" (held-out
+  images trained on); a class named ``train`` was read as the split,
+  dropping the others; ``train/`` without ``val/`` failed evaluation with
+  "classes ['train'] that the training split does not have". One layout
+  per folder now, and a split without its folder reads training's."""
+  resolve = lambda root, split: sources.resolve_split_dir(str(root), split)
+  flat = tmp_path / "flat"
+  _image(flat / "cat" / "a.png")
   with caplog.at_level("WARNING"):
-    assert sources.resolve_split_dir(str(tmp_path), "validation") == str(
-        tmp_path)
-  assert ("has no 'validation' or 'val' sub-folder: split 'validation' reads "
-          "the same images as training") in caplog.text
-  assert f"{tmp_path / 'val'}/<class_name>/" in caplog.text
-  (tmp_path / "val" / "cat").mkdir(parents=True)
-  assert sources.resolve_split_dir(str(tmp_path), "validation") == str(
-      tmp_path / "val")
+    assert resolve(flat, "validation") == str(flat)
+  assert ("holds class folders only: split 'validation' reads the same "
+          "images as training") in caplog.text
+  assert f"{flat}/train/<class_name>/ and {flat}/val/<class_name>/" in (
+      caplog.text)
+  _image(flat / "val" / "cat" / "held.png")      # as the old advice said
+  for split in ("train", "validation"):
+    with pytest.raises(sources.DataConfigError,
+                       match=r"holds split folders \['val'\] beside class "
+                             r"folders \['cat'\].*move the class folders "
+                             r"into train/"):
+      resolve(flat, split)
+  voc = tmp_path / "voc"                         # a class named "train"
+  for name in ("bus", "train"):
+    _image(voc / name / "a.png")
+  with pytest.raises(sources.DataConfigError, match=r"\['train'\] beside "
+                     r"class folders \['bus'\]"):
+    resolve(voc, "train")
+  split = tmp_path / "split"
+  for name in ("bird", "apple"):
+    _image(split / "train" / name / "a.png")
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert resolve(split, "validation") == str(split / "train")
+  assert "has no 'val' folder: split 'validation' reads the training" in (
+      caplog.text)
+  c = dc.data_config(source="image_folder", path=str(split), image_size=4)
+  _, info = data.create_dataset(c, split="validation", global_batch_size=1,
+                                seed=0, train=False, process_index=0,
+                                process_count=1)
+  assert info.class_names == ("apple", "bird") and info.num_examples == 2
+  _image(split / "val" / "bird" / "b.png")
+  assert resolve(split, "validation") == str(split / "val")
+  only_val = tmp_path / "only_val"
+  _image(only_val / "val" / "cat" / "a.png")
+  with pytest.raises(data.DataNotFoundError, match=r"holds split folders "
+                     r"\['val'\] but none for the training split 'train'"):
+    resolve(only_val, "train")
+
+
+def test_an_image_folder_lists_what_it_leaves_out(tmp_path, caplog,
+                                                  monkeypatch):
+  """macOS zips leave ``__MACOSX/`` (a class before) and ``._*`` files; a
+  file without an image suffix is left out with a warning, not silently;
+  a sub-folder that cannot be listed stops the run (``os.walk`` skipped it);
+  a file name that is not UTF-8 fingerprints (it raised
+  ``UnicodeEncodeError`` in pre-tokenizing and multi-process training)."""
+  root = tmp_path / "imgs"
+  _image(root / "cat" / "a.png")
+  _image(root / "dog" / "b.png")
+  _image(root / "__MACOSX" / "cat" / "._a.png")
+  (root / "cat" / "._a.png").write_bytes(b"AppleDouble")
+  (root / "cat" / "c.jpg_large").write_bytes(b"x")
+  with open(os.fsencode(root / "dog") + b"/caf\xe9.png", "wb") as f:
+    Image.new("RGB", (4, 4)).save(f, format="PNG")
+  assert sources.list_classes(str(root)) == ("cat", "dog")
+  with caplog.at_level("WARNING"):
+    src = sources.ImageFolderSource(str(root))
+  assert [os.path.basename(p) for p in src.paths] == [
+      "a.png", "b.png", "caf\udce9.png"]
+  assert "1 file(s) without an image suffix are not listed, e.g. " in (
+      caplog.text) and "c.jpg_large" in caplog.text
+  assert len(sources.fingerprint(src)["files_sha256"]) == 64
+  real_walk = os.walk
+
+  def walk(top, **kw):
+    kw["onerror"](PermissionError(13, "Permission denied", str(top) + "/x"))
+    return real_walk(top, **kw)
+  monkeypatch.setattr(sources.os, "walk", walk)
+  with pytest.raises(data.DataNotFoundError, match=r"cannot list .*cat/x "
+                     r"\(PermissionError: Permission denied\); its images "
+                     r"would be left out"):
+    sources.ImageFolderSource(str(root))

@@ -41,9 +41,10 @@ def make_source(data_config, split: str, setting: str = "config.data"):
   if kind == "image_folder":
     # Labels come from the training split's folders so all splits agree.
     classes = sources.list_classes(
-        sources.resolve_split_dir(path, data_config.split, setting))
-    src = sources.ImageFolderSource(
-        sources.resolve_split_dir(path, split, setting), classes)
+        sources.resolve_split_dir(path, data_config.split, setting,
+                                  train_split=data_config.split))
+    src = sources.ImageFolderSource(sources.resolve_split_dir(
+        path, split, setting, train_split=data_config.split), classes)
     return src, len(classes), classes
   if kind == "tfds":
     src = sources.TfdsSource(data_config.name, split, path or None, setting)

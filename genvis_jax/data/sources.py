@@ -92,9 +92,33 @@ def check_source(source: str, setting: str, reader: str,
 
 # --- image folder --------------------------------------------------------------
 
-def resolve_split_dir(path: str, split: str, setting: str = "config.data") -> str:
-  """``path/<split>`` (``val`` also for ``validation``) if it exists, else
-  ``path``; ``setting``: the config section naming it, for the messages."""
+# Sub-folder names that are splits, not classes (``validation`` also reads
+# ``val``); folders a class listing skips besides hidden ones (macOS zips
+# leave ``__MACOSX/`` beside the class folders).
+SPLIT_FOLDERS = ("train", "validation", "val", "test")
+NOT_CLASSES = ("__MACOSX",)
+
+
+def _folders(path: str) -> list[str]:
+  return sorted(e.name for e in os.scandir(path) if e.is_dir()
+                and not e.name.startswith(".") and e.name not in NOT_CLASSES)
+
+
+def resolve_split_dir(path: str, split: str, setting: str = "config.data",
+                      train_split: str = "train") -> str:
+  """The folder holding ``split``'s class folders: ``path`` itself
+  (``path/<class_name>/``), or ``path/<split>`` where ``path`` holds split
+  folders only (``train``, ``val`` / ``validation``, ``test``). A split
+  without its folder reads ``train_split``'s (with a warning: its metrics
+  are not held-out ones). ``setting``: the config section naming ``path``.
+
+  Raises:
+    DataNotFoundError: an empty or missing ``path``; split folders without
+      ``train_split``'s.
+    DataConfigError: a remote ``path``, or one holding split folders beside
+      class folders (a class named ``train``, or held-out images put beside
+      the classes, would be read as the other: refused, naming both).
+  """
   if not path:
     raise DataNotFoundError(
         f"{setting}.path is empty: set it to an image folder laid out as "
@@ -108,24 +132,55 @@ def resolve_split_dir(path: str, split: str, setting: str = "config.data") -> st
     raise DataNotFoundError(
         f"Image folder {path!r} does not exist ({setting}.path). Expected "
         "<path>/<class_name>/*.jpg or <path>/<split>/<class_name>/*.jpg.")
-  names = [split] + (["val"] if split == "validation" else [])
-  for name in names:
-    if os.path.isdir(os.path.join(path, name)):
-      return os.path.join(path, name)
-  if split != "train":
-    logging.warning(
-        "Image folder %r has no %s sub-folder: split %r reads the same images "
-        "as training, so its metrics are not held-out ones. Put held-out "
-        "images under %s/<class_name>/ to evaluate on them.", path,
-        " or ".join(repr(n) for n in names), split,
-        os.path.join(path, names[-1]))
-  return path
+  folders = _folders(path)
+  splits = [f for f in folders if f in SPLIT_FOLDERS]
+  if not splits:
+    if split != train_split:
+      logging.warning(
+          "Image folder %r holds class folders only: split %r reads the same "
+          "images as training, so its metrics are not held-out ones. For "
+          "held-out images use %s/train/<class_name>/ and "
+          "%s/val/<class_name>/.", path, split, path, path)
+    return path
+  classes = [f for f in folders if f not in SPLIT_FOLDERS]
+  if classes:
+    raise DataConfigError(
+        f"Image folder {path!r} ({setting}.path) holds split folders "
+        f"{splits} beside class folders {classes[:5]}: the split folders "
+        "would be read as classes (held-out images trained on), or a class "
+        "named like a split as the split. Use one layout: "
+        "<path>/<class_name>/ for one split, or <path>/train/<class_name>/ "
+        "and <path>/val/<class_name>/ (move the class folders into "
+        "train/).")
+
+  def folder(name):
+    for f in [name] + (["val"] if name == "validation" else []):
+      if f in splits:
+        return os.path.join(path, f)
+    return None
+
+  found = folder(split)
+  if found:
+    return found
+  train = folder(train_split)
+  if train is None:
+    raise DataNotFoundError(
+        f"Image folder {path!r} ({setting}.path) holds split folders "
+        f"{splits} but none for the training split {train_split!r}: put its "
+        f"class folders in {os.path.join(path, train_split)}/.")
+  logging.warning(
+      "Image folder %r has no %r folder: split %r reads the training split's "
+      "images (%s), so its metrics are not held-out ones. Put held-out "
+      "images under %s/<class_name>/ to evaluate on them.", path,
+      "val" if split == "validation" else split, split, train,
+      os.path.join(path, "val" if split == "validation" else split))
+  return train
 
 
 def list_classes(root: str) -> tuple[str, ...]:
-  """Sorted names of the class sub-folders of ``root``; labels are their indices."""
-  classes = tuple(sorted(e.name for e in os.scandir(root)
-                         if e.is_dir() and not e.name.startswith(".")))
+  """Sorted names of the class sub-folders of ``root`` (not hidden ones, nor
+  ``NOT_CLASSES``); labels are their indices."""
+  classes = tuple(_folders(root))
   if not classes:
     raise DataNotFoundError(
         f"Image folder {root!r} has no class sub-folders. Put the images of "
@@ -134,14 +189,26 @@ def list_classes(root: str) -> tuple[str, ...]:
   return classes
 
 
-def _walk_images(class_dir: str) -> list[str]:
+def _unlistable(e: OSError):
+  raise DataNotFoundError(
+      f"Image folder: cannot list {e.filename} ({type(e).__name__}: "
+      f"{e.strerror or e}); its images would be left out without a word. "
+      "Fix its permissions (or the mount), or move it out of the class "
+      "folder.") from e
+
+
+def _walk_images(class_dir: str) -> tuple[list[str], list[str]]:
   """Sorted image paths under ``class_dir`` (recursive), following symbolic
   links to folders as torchvision's ``ImageFolder`` does (``os.walk(...,
-  followlinks=True)``, the official loaders). A folder reached again (a link
-  to one of its ancestors, or a second link to the same folder) is walked
-  once: its real path is remembered, so a link loop cannot recurse forever."""
-  found, seen = [], {os.path.realpath(class_dir)}
-  for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+  followlinks=True)``, the official loaders), and the other files found
+  (not hidden, not macOS ``._*`` companions), which are not listed. A folder
+  reached again (a link to one of its ancestors, or a second link to the
+  same folder) is walked once: its real path is remembered, so a link loop
+  cannot recurse forever. Raises ``DataNotFoundError`` for a sub-folder
+  that cannot be listed (``os.walk`` skipped it silently)."""
+  found, other, seen = [], [], {os.path.realpath(class_dir)}
+  for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True,
+                                              onerror=_unlistable):
     kept = []
     for d in sorted(dirnames):
       real = os.path.realpath(os.path.join(dirpath, d))
@@ -153,9 +220,12 @@ def _walk_images(class_dir: str) -> list[str]:
       seen.add(real)
       kept.append(d)
     dirnames[:] = kept
-    found += [os.path.join(dirpath, f) for f in filenames
-              if f.lower().endswith(IMAGE_EXTENSIONS)]
-  return sorted(found)
+    for f in filenames:
+      if f.startswith("."):   # hidden, and macOS's ._<name> companions
+        continue
+      (found if f.lower().endswith(IMAGE_EXTENSIONS) else other).append(
+          os.path.join(dirpath, f))
+  return sorted(found), sorted(other)
 
 
 def list_images(root: str, classes: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
@@ -168,16 +238,22 @@ def list_images(root: str, classes: tuple[str, ...]) -> tuple[list[str], np.ndar
       torchvision's ``ImageFolder`` refuses it too). A class folder a split
       does not have is allowed (an evaluation split may lack classes).
   """
-  paths, labels, empty = [], [], []
+  paths, labels, empty, other = [], [], [], []
   for label, name in enumerate(classes):
     class_dir = os.path.join(root, name)
     if not os.path.isdir(class_dir):
       continue  # a split may lack a class of the training split
-    found = _walk_images(class_dir)
+    found, not_images = _walk_images(class_dir)
     if not found:
       empty.append(name)
     paths += found
+    other += not_images
     labels += [label] * len(found)
+  if other:   # as torchvision's ImageFolder, by suffix; said, not silent
+    logging.warning(
+        "Image folder %r: %d file(s) without an image suffix are not listed, "
+        "e.g. %s (suffixes read: %s).", root, len(other),
+        ", ".join(other[:3]), ", ".join(IMAGE_EXTENSIONS))
   if paths and empty:
     raise DataNotFoundError(
         f"Image folder {root!r} has {len(empty)} class folder(s) without an "
@@ -233,7 +309,10 @@ def fingerprint(source) -> dict:
   if isinstance(source, ImageFolderSource):
     digest, cut = hashlib.sha256(), len(os.path.join(source.root, ""))
     for path, label in zip(source.paths, source.labels):
-      digest.update(f"{path[cut:]}\t{label}\n".encode())
+      # surrogateescape: a name that is not UTF-8 (an old Latin-1 zip) as
+      # its bytes on disk.
+      digest.update(f"{path[cut:]}\t{label}\n".encode("utf-8",
+                                                       "surrogateescape"))
     out["files_sha256"] = digest.hexdigest()
   return out
 
