@@ -191,8 +191,11 @@ class EqGenerator(nn.Module):
   def _cond_tokens(self, labels):
     """labels (B,) -> normalised condition tokens (B, M, d)."""
     emb = self.class_emb(jnp.clip(labels, 0, self.num_classes - 1))
+    # float32 (as the sum with the position table gives): the fake latent's
+    # gradient sums the batch's null rows.
     emb = jnp.where((labels == self.null_label)[:, None],
-                    self.fake_latent.astype(emb.dtype), emb)
+                    self.fake_latent.astype(jnp.float32),
+                    emb.astype(jnp.float32))
     return self.z_proj_ln(emb[:, None] + self.encoder_pos_embed_learned)
 
   def _rope(self, positions):

@@ -113,7 +113,7 @@ class FactorizedAdapter(nn.Module):
     pos = self.param("positional_embedding",
                      layers.named(_pos_init(c), ("pos", "embed")),
                      (self.grid_size ** 2, c), self.param_dtype)
-    x = x.reshape(b, h * w, c).astype(self.dtype) + pos.astype(self.dtype)
+    x = layers.add_bias(x.reshape(b, h * w, c).astype(self.dtype), pos)
     x = vit.layer_norm(_LN_EPS, name="ln_pre", **kw)(x)
     x = transformer(x, num_layers=self.num_layers, num_heads=self.num_heads,
                     mlp_ratio=self.mlp_ratio, remat=self.remat, **kw)

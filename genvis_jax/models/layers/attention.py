@@ -262,8 +262,8 @@ class FusedQKV(nn.Module):
     if self.use_bias:
       bias = self.param("bias", layers.named(layers.zeros, ("heads",)),
                         (3 * self.dim,), self.param_dtype)
-      y = y + nn.with_logical_constraint(
-          bias.reshape(split), (None, "heads", None)).astype(self.dtype)
+      y = layers.add_bias(y, nn.with_logical_constraint(
+          bias.reshape(split), (None, "heads", None)))
     return y[..., 0, :, :], y[..., 1, :, :], y[..., 2, :, :]
 
 

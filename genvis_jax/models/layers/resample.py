@@ -62,15 +62,17 @@ conv2d = functools.partial(resnet.conv2d, padding="reflect")
 
 
 def conv1d_layer(features: int, name: str, *, kernel_size: int = 3,
-                 dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Conv:
+                 dtype=jnp.float32, param_dtype=jnp.float32) -> layers.Conv:
   """Conv1d over tokens, kernel (k, in, out); call on reflect-padded input."""
-  return nn.Conv(features, (kernel_size,), padding="VALID", dtype=dtype,
-                 param_dtype=param_dtype,
-                 kernel_init=layers.named(layers.conv_kernel_init, CONV1D_NAMES),
-                 bias_init=layers.named(layers.zeros, ("conv_out",)), name=name)
+  return layers.Conv(features, (kernel_size,), padding="VALID", dtype=dtype,
+                     param_dtype=param_dtype, use_bias=False,
+                     kernel_init=layers.named(layers.conv_kernel_init,
+                                              CONV1D_NAMES),
+                     bias_init=layers.named(layers.zeros, ("conv_out",)),
+                     name=name)
 
 
-def conv1d(x, layer: nn.Conv, kernel_size: int = 3):
+def conv1d(x, layer: layers.Conv, kernel_size: int = 3):
   """(B, L, C) -> (B, L, C'): ``layer`` after reflect padding along L."""
   return layer(reflect_pad(x, kernel_size // 2, (1,)))
 
