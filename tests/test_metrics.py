@@ -36,3 +36,38 @@ def test_progress_rates_count_from_a_restart(monkeypatch):
   assert abs(got["eta_sec"] - 90.0) < 1e-9
   assert metrics_lib.format_eta(got["eta_sec"]) == "0:01:30"
   assert metrics_lib.format_eta(float("inf")) == "?"
+  # A sample grid (its first draw compiles the sampler) is not training
+  # time: steps/s read 0.56 around one, against 22 either side.
+  now[0] += 2.0                                  # 20 steps
+  now[0] += 30.0                                 # the grid
+  progress.exclude(30.0)
+  assert abs(progress(120)["steps_per_sec"] - 10.0) < 1e-9
+  # A log at the compiled first step has no rate (it read 0.08 steps/s and
+  # an ETA of 7 hours).
+  first = metrics_lib.Progress(0, 10)
+  now[0] += 60.0
+  first.restart(1)
+  assert first(1) == {}
+
+
+def test_a_resumed_run_replaces_the_steps_it_redoes_in_tensorboard(tmp_path):
+  """A run killed at step 70 resumes from its step-50 checkpoint: every tag
+  held 5..70 then 55..70 again (TensorBoard kept both: the curves doubled
+  back). The restart mark makes it drop the old 55..70."""
+  import time  # pylint: disable=import-outside-toplevel
+  from tensorboard.backend.event_processing import plugin_event_accumulator as pea  # pylint: disable=import-outside-toplevel
+
+  def run(start, steps):    # as the trainer starts its writer
+    metrics_lib.mark_start(tmp_path, start)
+    writer = metrics_lib.create_writer(tmp_path)
+    for s in steps:
+      writer.write_scalars(s, {"loss": float(s)})
+    writer.flush()
+    writer.close()
+  run(0, range(5, 75, 5))
+  time.sleep(1.0)     # a crashed run's restart takes longer than this
+  run(50, range(55, 105, 5))
+  acc = pea.EventAccumulator(str(tmp_path), size_guidance={pea.TENSORS: 0})
+  acc.Reload()
+  steps = [e.step for e in acc.Tensors("loss")]
+  assert steps == list(range(5, 105, 5)), steps

@@ -13,6 +13,29 @@ from PIL import Image
 from genvis_jax.core import files
 
 
+def mark_start(workdir, step: int) -> None:
+  """Marks in ``workdir``'s TensorBoard files that a run starts after
+  ``step`` (process 0): a ``SessionLog.START`` event at ``step + 1``.
+  TensorBoard takes a run's first such event as its start and each later
+  one as a restart, dropping the points of steps >= its step read before: a
+  run resumed from an earlier checkpoint redoes those steps, and their
+  curves doubled back. Its own event file; on a resume (``step`` > 0) one
+  second passes before the writer's file is made, so the files (named by
+  whole seconds) are read in this order."""
+  if jax.process_index() != 0:
+    return
+  # pylint: disable=import-outside-toplevel
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.summary.writer.event_file_writer import EventFileWriter
+  writer = EventFileWriter(os.fspath(workdir))
+  writer.add_event(event_pb2.Event(
+      step=step + 1, wall_time=time.time(),
+      session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+  writer.close()
+  if step:
+    time.sleep(1.0)
+
+
 def create_writer(workdir: str):
   """TensorBoard + console on process 0; console-only elsewhere (clu's
   default writer, asynchronous). Hyperparameters go to TensorBoard only: in
@@ -37,7 +60,10 @@ class Progress:
   """Steps/s over the last interval and ETA to ``num_steps``.
 
   ``restart(step)`` starts the interval afresh, e.g. once the run's first
-  step (its compilation) is done, so the first ETA is not inflated by it."""
+  step (its compilation) is done, so the first ETA is not inflated by it;
+  ``exclude(seconds)`` leaves out work that is not training (the sample
+  grids, whose first draw compiles the sampler). An interval without a
+  step (a log at the compiled first step) gives no rate."""
 
   def __init__(self, start_step: int, num_steps: int):
     self.num_steps = num_steps
@@ -50,7 +76,15 @@ class Progress:
     self._t0, self._s0 = t, step
     return since
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` just spent on other work out of the interval."""
+    self._t0 += seconds
+
   def __call__(self, step: int) -> dict[str, float]:
+    """``steps_per_sec`` / ``eta_sec`` over the interval up to ``step``
+    (then restarted there); {} when the interval holds no step."""
+    if step == self._s0:
+      return {}
     t = time.perf_counter()
     rate = (step - self._s0) / max(t - self._t0, 1e-9)
     self._t0, self._s0 = t, step

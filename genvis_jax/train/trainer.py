@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -273,9 +274,11 @@ class _Logger:
     self.writer.write_scalars(done, scalars)
     if self.on_log is not None:
       self.on_log(done, scalars)
-    logging.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", done,
-                 self.num_steps, scalars["loss"], scalars["steps_per_sec"],
-                 metrics_lib.format_eta(scalars["eta_sec"]))
+    rate = scalars.get("steps_per_sec")
+    logging.info("step %d/%d loss %.4f  %s steps/s  ETA %s", done,
+                 self.num_steps, scalars["loss"],
+                 "-" if rate is None else f"{rate:.2f}",
+                 metrics_lib.format_eta(scalars.get("eta_sec", float("inf"))))
 
 
 def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
@@ -293,11 +296,14 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
                     "config.train.num_steps=%d. Raise --config.train.num_steps "
                     "to train further.", ckpt.directory, start, num_steps)
 
+  # TensorBoard drops the points of the steps a resume redoes.
+  metrics_lib.mark_start(workdir, start)
   writer = metrics_lib.create_writer(workdir)
-  if start == 0:
-    hparams = settings_lib.flatten(config.to_dict())
-    writer.write_hparams({k: v for k, v in hparams.items()
-                          if isinstance(v, (int, float, str, bool))})
+  # At every start (a resume may change num_steps, the schedule ...);
+  # sequences as text (they were left out).
+  writer.write_hparams({
+      k: v if isinstance(v, (int, float, str, bool)) else str(v)
+      for k, v in settings_lib.flatten(config.to_dict()).items()})
   progress = metrics_lib.Progress(start, num_steps)
   guard = guard_lib.DivergenceGuard(
       config.train.get("divergence_factor", guard_lib.DEFAULT_DIVERGENCE_FACTOR),
@@ -324,8 +330,9 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           state, metrics = trainer.step(state, local)
         profile.done(step, metrics)
         done = step + 1
-        if step == start and done % config.train.log_every and done < num_steps:
-          # Rates and ETAs count from here: the first step compiled.
+        if step == start:
+          # Rates and ETAs count from here: the first step compiled (a log
+          # at this step gives none).
           jax.block_until_ready(metrics)
           logging.info("First step (compilation included) took %.1f s.",
                        progress.restart(done))
@@ -356,7 +363,9 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           acc, acc_n = None, 0
         if config.train.image_every and not stop_now and (
             done % config.train.image_every == 0 or done == num_steps):
+          t_vis = time.perf_counter()
           _write_visuals(trainer, state, vis_batch, writer, workdir, done)
+          progress.exclude(time.perf_counter() - t_vis)   # not training time
         if save_now:
           ckpt.save(done, state, data_iter, config, data_seed=data_seed,
                     data_group=trainer.data_group)

@@ -217,11 +217,13 @@ class GANTokenizerTask(Task):
     return self.model.apply({"params": p_model}, codes, method="decode"), codes
 
   def visualize(self, params, frozen, batch, rng):
-    """{"reconstruction": uint8 (2N, H, W, 3)}: originals and reconstructions
-    side by side, one pair per row."""
+    """{"reconstruction": uint8 (N, H, 2W, 3)}: each original with its
+    reconstruction to its right, one cell of the grid per pair (2N
+    interleaved images split pairs across the grid's rows whenever its
+    column count was odd)."""
     del frozen, rng
     images = batch["image"]
     recon, _ = self._reconstruct(params["model"], images)
     recon = jnp.clip(recon, *self.value_range)
-    pairs = jnp.stack([images, recon], axis=1).reshape(-1, *images.shape[1:])
+    pairs = jnp.concatenate([images, recon], axis=2)
     return {"reconstruction": self.grid_uint8(pairs)}
