@@ -113,10 +113,20 @@ def test_nan_loss_honours_check_finite(tmp_path, nan_at_step_4, check_finite):
     assert "after resuming" not in msg   # a fresh run
     assert ckpt_lib.Checkpointer(wd).latest_step() == 3
   else:
+    c.optimizer.warmup_steps = 4
     state = trainer_lib.train_loop(c, wd, on_log=logs.__setitem__)
     assert int(state.step) == 6
     assert logs[4]["nonfinite_steps"] == 1.0 and logs[6]["nonfinite_steps"] == 0.0
     assert all(np.isfinite(x).all() for x in leaves(state.params))
+    # The learning rate of each log step's last update, and examples/s (a
+    # warm-up or decay could not be seen).
+    from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
+    schedule = opt_lib.make_schedule(c.optimizer, 6)
+    for step, scalars in logs.items():
+      assert scalars["lr/model"] == pytest.approx(float(schedule(step - 1)))
+      assert scalars["examples_per_sec"] == pytest.approx(
+          scalars["steps_per_sec"] * c.train.global_batch_size)
+    assert len({s["lr/model"] for s in logs.values()}) > 1   # it moves
 
 
 def test_an_error_waits_for_the_save_in_flight(tmp_path, monkeypatch):

@@ -254,9 +254,11 @@ class _StartUp(contextlib.AbstractContextManager):
 class _Logger:
   """Writes a log step's scalars (TensorBoard, ``on_log``, one log line)."""
 
-  def __init__(self, writer, guard, progress, info, num_steps, on_log):
+  def __init__(self, writer, guard, progress, info, num_steps, on_log, task,
+               batch_size):
     self.writer, self.guard, self.progress = writer, guard, progress
     self.info, self.num_steps, self.on_log = info, num_steps, on_log
+    self.task, self.batch_size = task, batch_size
 
   def __call__(self, done: int, means: dict, norms: dict, count: int) -> None:
     """``means`` of the ``count`` steps up to ``done``; ``norms``: the
@@ -270,6 +272,11 @@ class _Logger:
     scalars["nonfinite_steps"] = float(nonfinite_steps)
     scalars.update({f"param_norm/{g}": v for g, v in norms.items()})
     scalars.update(self.progress(done))
+    if "steps_per_sec" in scalars:
+      scalars["examples_per_sec"] = scalars["steps_per_sec"] * self.batch_size
+    # The last update's rate (update done - 1; a warm-up starts at 0).
+    scalars.update({f"lr/{g}": v for g, v in
+                    self.task.learning_rates(done - 1).items()})
     scalars["skipped_records"] = float(self.info.num_skipped)
     self.writer.write_scalars(done, scalars)
     if self.on_log is not None:
@@ -309,7 +316,8 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
       config.train.get("divergence_factor", guard_lib.DEFAULT_DIVERGENCE_FACTOR),
       config.train.get("check_finite", True))
   guard.record(None, trainer.param_norms(state))
-  log = _Logger(writer, guard, progress, info, num_steps, on_log)
+  log = _Logger(writer, guard, progress, info, num_steps, on_log, trainer.task,
+                int(config.train.global_batch_size))
   group_check = replicas.GroupCheck(trainer.data_group)
   checked = start   # last step whose state passed the health checks
   acc, acc_n = None, 0

@@ -88,11 +88,25 @@ class Task:
     By default one group, "model", of ``config.model``."""
     return {"model": models.init_params(self.config.model, rng, boxed=True)}
 
-  def optimizers(self) -> Mapping[str, optax.GradientTransformation]:
-    """One optax transformation per group (clipping included). By default
+  def optimizer_configs(self) -> Mapping[str, tuple]:
+    """{group: (its optimizer's config section, that section's key)}: what
+    ``optimizers`` builds and ``learning_rates`` reads. By default
     ``config.optimizer`` for the "model" group."""
-    return {"model": opt_lib.make_optimizer(self.config.optimizer,
-                                            self.config.train)}
+    return {"model": (self.config.optimizer, "config.optimizer")}
+
+  def optimizers(self) -> Mapping[str, optax.GradientTransformation]:
+    """One optax transformation per group (clipping included), from
+    ``optimizer_configs``."""
+    return {group: opt_lib.make_optimizer(section, self.config.train, key)
+            for group, (section, key) in self.optimizer_configs().items()}
+
+  def learning_rates(self, step: int) -> dict[str, float]:
+    """{group: the learning rate of update ``step``} (0-based: the update
+    made after ``step`` done), from each group's schedule
+    (``optimizers.make_schedule``); the trainer logs it as ``lr/<group>``."""
+    n = int(self.config.train.num_steps)
+    return {group: float(opt_lib.make_schedule(section, n)(step))
+            for group, (section, _) in self.optimizer_configs().items()}
 
   def frozen_params(self) -> Mapping[str, PyTree]:
     """Non-trainable groups the losses read (e.g. ``{"lpips": ...}``).

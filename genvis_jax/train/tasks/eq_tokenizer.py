@@ -14,7 +14,6 @@ from genvis_jax.convert import dino_vit
 from genvis_jax.models import dino_disc as dino_lib
 from genvis_jax.models import dinov2 as dinov2_lib
 from genvis_jax.models.eq_tokenizer import kl_loss, sample_posterior
-from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks import join_groups
 from genvis_jax.train.tasks.eq import (FROZEN_IN_STAGE2, freeze_top_level,
                                        nll_loss, teacher_inputs)
@@ -86,16 +85,18 @@ class EqTokenizerTask(GANTokenizerTask):
                                           jnp.float32)}
     return out
 
-  def optimizers(self):
+  def optimizer_configs(self):
     c = self.config
-    model_opt = opt_lib.make_optimizer(c.optimizer, c.train)
-    if c.loss.stage2:
-      model_opt = freeze_top_level(model_opt, FROZEN_IN_STAGE2)
-    opts = {"model": model_opt,
-            "disc": opt_lib.make_optimizer(c.disc.optimizer, c.train,
-                                           "config.disc.optimizer")}
+    out = {"model": (c.optimizer, "config.optimizer"),
+           "disc": (c.disc.optimizer, "config.disc.optimizer")}
     if "logvar" in self.param_groups:
-      opts["logvar"] = opt_lib.make_optimizer(c.optimizer, c.train)
+      out["logvar"] = (c.optimizer, "config.optimizer")
+    return out
+
+  def optimizers(self):
+    opts = dict(super().optimizers())
+    if self.config.loss.stage2:
+      opts["model"] = freeze_top_level(opts["model"], FROZEN_IN_STAGE2)
     return opts
 
   def frozen_params(self):

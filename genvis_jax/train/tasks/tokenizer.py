@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax import errors
-from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
 def reconstruction_loss(kind: str, x, y):
@@ -38,11 +37,10 @@ class TokenizerTask(GANTokenizerTask):
     self.reconstruction_weight = float(self.hparam("loss.reconstruction_weight"))
     self.quantizer_weight = float(self.hparam("loss.quantizer_weight"))
 
-  def optimizers(self):
+  def optimizer_configs(self):
     c = self.config
-    return {"model": opt_lib.make_optimizer(c.optimizer, c.train),
-            "disc": opt_lib.make_optimizer(c.disc.optimizer, c.train,
-                                           "config.disc.optimizer")}
+    return {"model": (c.optimizer, "config.optimizer"),
+            "disc": (c.disc.optimizer, "config.disc.optimizer")}
 
   # --- losses -------------------------------------------------------------
   def forward_kwargs(self) -> dict:
