@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -19,9 +20,9 @@ def mark_start(workdir, step: int) -> None:
   TensorBoard takes a run's first such event as its start and each later
   one as a restart, dropping the points of steps >= its step read before: a
   run resumed from an earlier checkpoint redoes those steps, and their
-  curves doubled back. Its own event file; on a resume (``step`` > 0) one
-  second passes before the writer's file is made, so the files (named by
-  whole seconds) are read in this order."""
+  curves doubled back. Its own event file; on a resume (``step`` > 0) the
+  next whole second comes before the writer's file is made, so the files
+  (named by whole seconds) are read in this order."""
   if jax.process_index() != 0:
     return
   # pylint: disable=import-outside-toplevel
@@ -32,8 +33,8 @@ def mark_start(workdir, step: int) -> None:
       step=step + 1, wall_time=time.time(),
       session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
   writer.close()
-  if step:
-    time.sleep(1.0)
+  if step:   # into the next whole second
+    time.sleep(max(0.0, math.floor(time.time()) + 1.001 - time.time()))
 
 
 def create_writer(workdir: str):
