@@ -7,10 +7,6 @@ bf16 (Flax's ``Dense`` / ``Conv``): XLA:CPU gave a decoder's output-bias
 gradient 2.6x-9x too small at 65k rows. ``layers.add_bias`` adds in float32;
 this test finds a new place that does not."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,20 +16,11 @@ from genvis_jax.core import sharding as shd
 from genvis_jax.models import layers
 from genvis_jax.train import tasks as tasks_lib
 from genvis_jax.train import trainer as trainer_lib
+from tests.test_plan_memory import pm   # bench/plan_memory.py, loaded once
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A sum over this many elements or fewer (a 2x2 unpool's backward, the
 # flow head's 4 noise draws per token) loses nothing in bf16.
 SMALL = 4
-
-
-def _planner():
-  spec = importlib.util.spec_from_file_location(
-      "plan_memory_bf16", ROOT / "bench" / "plan_memory.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
 
 
 def _bf16_sums(jaxpr, found):
@@ -60,7 +47,6 @@ def _bf16_sums(jaxpr, found):
     "configs/far_b.py:dual,runlocal",        # factorized head
 ])
 def test_the_bf16_train_step_sums_the_batch_in_float32(spec):
-  pm = _planner()
   config = pm.apply_overrides(pm.load_config(spec), mesh={"data": 1},
                               batch=4, micro_batches=1, remat=None,
                               dtype="bfloat16")
@@ -77,8 +63,8 @@ def test_the_bf16_train_step_sums_the_batch_in_float32(spec):
         abstract(tr.abstract), abstract(batch),
         jax.ShapeDtypeStruct(tr.train_rng.shape, tr.train_rng.dtype),
         abstract(tr.frozen if frozen is None else frozen))
-  assert not _bf16_sums(closed.jaxpr, []), "\n".join(
-      _bf16_sums(closed.jaxpr, []))
+  found = _bf16_sums(closed.jaxpr, [])
+  assert not found, "\n".join(found)
 
 
 def test_add_bias_sums_its_gradient_in_float32():
