@@ -8,6 +8,7 @@ models and losses. ``config.task`` names the module that defines it
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -104,8 +105,14 @@ class Task:
     """{group: the learning rate of update ``step``} (0-based: the update
     made after ``step`` done), from each group's schedule
     (``optimizers.make_schedule``); the trainer logs it as ``lr/<group>``."""
+    return {group: float(schedule(step))
+            for group, schedule in self._schedules.items()}
+
+  @functools.cached_property
+  def _schedules(self) -> dict:
+    """{group: optax schedule}, built once (read at every log step)."""
     n = int(self.config.train.num_steps)
-    return {group: float(opt_lib.make_schedule(section, n)(step))
+    return {group: opt_lib.make_schedule(section, n)
             for group, (section, _) in self.optimizer_configs().items()}
 
   def frozen_params(self) -> Mapping[str, PyTree]:
