@@ -13,7 +13,7 @@ Example:
 tpu_common_flags
 flag accelerator-type TPU_ACCELERATOR_TYPE "" "e.g. v4-8, v4-256, v5litepod-256, v5p-128, v6e-64"
 flag version TPU_VERSION "" "TPU software version (default: from the accelerator type)"
-bool_flag spot TPU_SPOT "Spot VM (cheaper, can be reclaimed; restart with tpu_run.sh to resume)"
+bool_flag spot TPU_SPOT "Spot VM (cheaper, can be reclaimed: then tpu_delete.sh, tpu_create.sh, tpu_setup.sh and the same tpu_run.sh resume)"
 bool_flag preemptible TPU_PREEMPTIBLE "preemptible VM (older form of --spot)"
 flag network TPU_NETWORK "" "VPC network (default: gcloud's default)"
 parse_flags "$@"

@@ -9,6 +9,10 @@ SCRIPT_USAGE="Runs the same command on every worker, in the background (nohup):
 Each worker logs to LOG_DIR/RUN.log on its own disk (follow with tpu_logs.sh).
 The workdir must be a gs:// path all workers share; re-running the same command
 resumes from the latest checkpoint there (e.g. after a spot VM was reclaimed).
+It first asks every worker whether the run is still going (then it starts
+nothing: stop it with --stop, which waits for the clean-stop save), and after the
+start it watches each worker for --start-check seconds and fails, with the log's
+last lines, if the run exited there.
 WORKDIR defaults to gs://BUCKET/runs/RUN.
 $RUN_NAME_RULE
 Example:
@@ -25,6 +29,10 @@ flag worker TPU_WORKER "all" "workers to start on: all (multi-host runs need all
 flag remote-dir GENVIS_REMOTE_DIR "genvis_jax" "checkout on the workers (relative: under \$HOME)"
 flag venv GENVIS_VENV "genvis_venv" "virtualenv on the workers (relative: under \$HOME)"
 flag log-dir GENVIS_LOG_DIR "genvis_logs" "log directory on the workers (relative: under \$HOME)"
+flag compilation-cache GENVIS_COMPILATION_CACHE "" "XLA's compiled programs for the next run, shared by the workers (default WORKDIR/jax_cache; 'off' = none)"
+flag tmpdir GENVIS_TMPDIR "" "TMPDIR on the workers (a disk with room for samples.npz twice; default: theirs)"
+flag coordinator-port JAX_COORDINATOR_PORT "8476" "jax.distributed coordinator port on worker 0"
+flag start-check GENVIS_START_CHECK "30" "seconds to watch the started run for an early exit (0 = do not wait)"
 bool_flag stop GENVIS_STOP "stop the run (kills the recorded pid on each worker)"
 bool_flag allow-local-workdir GENVIS_ALLOW_LOCAL "accept a non-gs:// workdir (single-host VM only)"
 parse_flags "$@"
@@ -56,21 +64,42 @@ if [[ "$GENVIS_STOP" == 1 ]]; then
   tpu_ssh "$TPU_WORKER" "cd $dir && ${start[*]} --stop"
   exit 0
 fi
+[[ "$GENVIS_START_CHECK" =~ ^[0-9]+$ ]] || die "--start-check=$GENVIS_START_CHECK is not a whole number of seconds"
+[[ "$JAX_COORDINATOR_PORT" =~ ^[0-9]+$ ]] || die "--coordinator-port=$JAX_COORDINATOR_PORT is not a port number"
 
 require config
 [[ -f "$GENVIS_ROOT/$config_file" ]] \
   || die "--config=$GENVIS_CONFIG: no file $config_file in $GENVIS_ROOT (paths are relative to the repo root)"
 if [[ -z "$GENVIS_WORKDIR" ]]; then
   [[ -n "$GCS_BUCKET" ]] || die "--workdir=gs://... or --bucket=NAME is required"
-  GENVIS_WORKDIR="gs://${GCS_BUCKET#gs://}/runs/$GENVIS_RUN_NAME"
+  bucket="${GCS_BUCKET#gs://}"
+  GENVIS_WORKDIR="gs://${bucket%/}/runs/$GENVIS_RUN_NAME"
 fi
 [[ "$GENVIS_ALLOW_LOCAL" == 1 ]] || check_gs "$GENVIS_WORKDIR" workdir
+GENVIS_WORKDIR="${GENVIS_WORKDIR%/}"
+# JAX writes cache entries from process 0 only: a cache on each worker's own
+# disk would spare a restart's compile on worker 0 alone, and every worker
+# waits for the slowest; the bucket is read by all.
+case "$GENVIS_COMPILATION_CACHE" in
+  '') GENVIS_COMPILATION_CACHE="$GENVIS_WORKDIR/jax_cache" ;;
+  off) GENVIS_COMPILATION_CACHE="" ;;
+esac
+start+=(--compilation-cache="$GENVIS_COMPILATION_CACHE" --tmpdir="$GENVIS_TMPDIR"
+        --coordinator-port="$JAX_COORDINATOR_PORT" --start-check="$GENVIS_START_CHECK")
 # The token writer writes local files only (its default, <workdir>/tokens, is
 # the bucket here): refused now rather than after the whole data set encoded.
 if [[ "$mode" == pretokenize && ( -z "$tokens" || "$tokens" == *://* ) ]]; then
   die "--config.mode=pretokenize writes local files on each worker: add -- --config.pretokenize.output=/tmp/tokens/NAME (not gs://), then copy the files and their .json records to the bucket (README, pre-tokenize on a pod)"
 fi
 
+# A run still going on any worker (a peer that crashed left the others
+# waiting; a --stop still saving) would make this start a second, partial run.
+if ! check_out="$(tpu_ssh "$TPU_WORKER" "cd $dir && ${start[*]} --check" 2>&1)" \
+    || grep -q "is already running" <<< "$check_out"; then
+  echo "$check_out" >&2
+  die "run $GENVIS_RUN_NAME is still running on a worker, or a worker could not be asked (above); stop it on every worker first: launch/tpu_run.sh --name=$TPU_NAME --zone=$TPU_ZONE --run-name=$GENVIS_RUN_NAME --stop"
+fi
+[[ "$DRY_RUN" == 1 ]] && echo "$check_out"
 main_args=(--config="$GENVIS_CONFIG" --workdir="$GENVIS_WORKDIR" "${EXTRA_ARGS[@]}")
 # The remote shell must expand $HOME in the paths but not touch the run's arguments.
 tpu_ssh "$TPU_WORKER" "cd $dir && ${start[*]} -- $(quote "${main_args[@]}")"

@@ -6,7 +6,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SCRIPT_USAGE="Installs the project on every worker: copies this checkout (a tarball of the
 git-tracked and untracked-but-not-ignored files, via gcloud ... scp --worker=all) or
 clones --git-url, creates a venv and runs pip install -e '.[tpu]', then prints
-each worker's JAX devices. Re-running updates the code in place.
+each worker's JAX devices. Re-running replaces the copied code with this checkout's
+(files deleted or renamed here go there too; the venv is kept).
 Example:
   launch/tpu_setup.sh --name=rar-xl --zone=us-central2-b"
 
@@ -30,14 +31,23 @@ if [[ -n "$GENVIS_GIT_URL" ]]; then
   tpu_ssh "$TPU_WORKER" "$fetch"
 else
   tarball="${TMPDIR:-/tmp}/genvis_jax_src.tar.gz"
-  # Tracked + untracked-not-ignored files: no venvs, caches or build outputs.
+  [[ "${dir%/}" =~ ^/[^/]*$ ]] && die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
+  case "${dir%/}" in   # re-running setup replaces this folder
+    '$HOME'|'$HOME/.'|'~'|''|*/..|*/.)
+      die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it" ;;
+  esac
+  # Tracked + untracked-not-ignored files (no venvs, caches or build outputs),
+  # less those deleted here but not yet committed.
   if [[ "$DRY_RUN" == 1 ]]; then
-    echo "+ (cd $GENVIS_ROOT && git ls-files -co --exclude-standard -z | tar czf $tarball --null -T -)"
+    echo "+ (cd $GENVIS_ROOT && git ls-files -co --exclude-standard -z | (existing files) | tar czf $tarball --null -T -)"
   else
-    (cd "$GENVIS_ROOT" && git ls-files -co --exclude-standard -z | tar czf "$tarball" --null -T -)
+    (cd "$GENVIS_ROOT" && git ls-files -co --exclude-standard -z \
+       | while IFS= read -r -d '' f; do if [[ -e "$f" || -L "$f" ]]; then printf '%s\0' "$f"; fi; done \
+       | tar czf "$tarball" --null -T -)
   fi
   gcloud_tpu scp "$tarball" "$TPU_NAME:genvis_jax_src.tar.gz" --worker="$TPU_WORKER"
-  tpu_ssh "$TPU_WORKER" "mkdir -p $dir && tar xzf \$HOME/genvis_jax_src.tar.gz -C $dir && rm \$HOME/genvis_jax_src.tar.gz"
+  # Unpacked beside the old copy, then swapped in: no stale files survive.
+  tpu_ssh "$TPU_WORKER" "rm -rf $dir.new $dir.old && mkdir -p $dir.new && tar xzf \$HOME/genvis_jax_src.tar.gz -C $dir.new && rm \$HOME/genvis_jax_src.tar.gz && (test ! -e $dir || mv $dir $dir.old) && mv $dir.new $dir && rm -rf $dir.old"
 fi
 
 py="$GENVIS_PYTHON"

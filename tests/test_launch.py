@@ -142,12 +142,20 @@ def test_run_dry_run_has_config_workdir_and_overrides():
          "--config.data.path=gs://my-bucket/tokens/train-*",
          "--config.mesh.shape.fsdp=8")
   assert r.returncode == 0, r.stderr
-  [cmd] = commands(r.stdout)
+  check, cmd = commands(r.stdout)   # every worker is asked first
+  assert "worker_start.sh" in check and "--start-check=30 --check" in check
   assert "ssh pod --worker=all" in cmd and "--zone=us-east5-a" in cmd
   for part in ("worker_start.sh", "--config=configs/rar_xl.py",
                "--workdir=gs://my-bucket/runs/rar_xl", "--run-name=rar_xl",
-               "gs://my-bucket/tokens/train-*", "--config.mesh.shape.fsdp=8"):
+               "gs://my-bucket/tokens/train-*", "--config.mesh.shape.fsdp=8",
+               "--compilation-cache=gs://my-bucket/runs/rar_xl/jax_cache"):
     assert part in cmd, part
+  # A bucket given with a trailing slash: the same workdir.
+  r = sh("tpu_run.sh", "--name=pod", "--zone=z", "--config=configs/rar_xl.py",
+         "--bucket=gs://my-bucket/", "--compilation-cache=off", "--dry-run")
+  cmd = commands(r.stdout)[-1]
+  assert "--workdir=gs://my-bucket/runs/rar_xl'" in cmd
+  assert "--compilation-cache= " in cmd
   r = sh("tpu_run.sh", "--name=pod", "--zone=z", "--run-name=rar_xl", "--stop",
          "--dry-run")
   [cmd] = commands(r.stdout)
@@ -162,8 +170,11 @@ def test_logs_copy_delete_dry_run():
                      "--step=5000", "--dest=/tmp/ck", "--dry-run").stdout)
   assert cmds[-1] == "gcloud storage cp -r gs://bk/runs/r/checkpoints/5000 /tmp/ck/checkpoints/"
   cmds = commands(sh("tpu_copy_ckpt.sh", "--workdir=gs://bk/x", "--tool=gsutil",
-                     "--dry-run").stdout)
+                     "--step=all", "--dry-run").stdout)
   assert cmds[-1] == "gsutil -m cp -r 'gs://bk/x/checkpoints/*' checkpoints/x/checkpoints/"
+  cmds = commands(sh("tpu_copy_ckpt.sh", "--workdir=gs://bk/x", "--dry-run").stdout)
+  assert cmds[0] == "gcloud storage ls gs://bk/x/checkpoints/"   # the newest step
+  assert cmds[-1] == "gcloud storage cp -r gs://bk/x/checkpoints/NEWEST checkpoints/x/checkpoints/"
   [cmd] = commands(sh("tpu_delete.sh", "--name=n", "--zone=z", "--yes",
                       "--dry-run").stdout)
   assert cmd == "gcloud compute tpus tpu-vm delete n --quiet --zone=z"
@@ -346,7 +357,8 @@ def test_worker_start_runs_in_background_and_stops(tmp_path):
   fake.chmod(0o755)
   env = {"TPU_WORKER_ENDPOINTS": "w-0:0:10.1.0.2,w-1:1:10.1.0.3,w-2:2:10.1.0.4",
          "TPU_WORKER_NUMBER": "2"}
-  args = ["--run-name=r1", f"--log-dir={tmp_path}/logs", f"--python={fake}"]
+  args = ["--run-name=r1", f"--log-dir={tmp_path}/logs", f"--python={fake}",
+          "--start-check=1"]
   r = sh("worker_start.sh", *args, "--", "--config=configs/rar_b.py",
          "--config.data.path=gs://b/t-*", env=env)
   assert r.returncode == 0, r.stderr
@@ -377,3 +389,92 @@ def test_worker_start_runs_in_background_and_stops(tmp_path):
          "--dry-run", "--", "--config=c.py", env={"TPU_WORKER_ENDPOINTS": ""})
   [cmd] = commands(r.stdout)
   assert "JAX_COORDINATOR_ADDRESS" not in cmd and "--config=c.py" in cmd
+
+
+# A stand-in for gcloud on one machine: `ssh` runs --command in bash under the
+# fake $HOME (skipping the pip install and the device check), `scp` copies.
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}" ;; esac; done
+case "$4" in
+  ssh) [[ "$cmd" == *"pip install"* || "$cmd" == *"import jax"* ]] && exit 0
+       cd "$HOME" && exec bash -c "$cmd" ;;
+  scp) cp "$5" "$HOME/${6#*:}" ;;
+esac
+"""
+
+
+def fake_tpu(tmp_path, python_body):
+  """A fake $HOME with the checkout, a venv whose python runs python_body, and
+  gcloud on PATH; returns the environment for the launch scripts."""
+  home = tmp_path / "home"
+  (home / "genvis_venv" / "bin").mkdir(parents=True)
+  (home / "genvis_jax").symlink_to(LAUNCH.parent)
+  py = home / "genvis_venv" / "bin" / "python"
+  py.write_text("#!/usr/bin/env bash\n" + python_body)
+  gcloud = tmp_path / "bin" / "gcloud"
+  gcloud.parent.mkdir()
+  gcloud.write_text(FAKE_GCLOUD)
+  for f in (py, gcloud):
+    f.chmod(0o755)
+  return {"HOME": str(home), "PATH": f"{gcloud.parent}:{ENV['PATH']}",
+          "TPU_WORKER_ENDPOINTS": "", "TPU_NAME": "pod", "TPU_ZONE": "z"}
+
+
+def test_tpu_run_reports_a_failed_start_keeps_its_log_and_refuses_a_second_run(tmp_path):
+  """A run that exits at once fails tpu_run.sh with its status and log; a re-run
+  appends to the log; a run still going (on any worker) is not started twice;
+  --stop waits for it to end; the compile cache is shared (the workdir's)."""
+  mode = tmp_path / "mode"
+  env = fake_tpu(tmp_path, f'echo "CACHE $JAX_COMPILATION_CACHE_DIR TMP $TMPDIR"\n'
+                           f'[[ $(cat {mode}) == fail ]] && {{ echo "Error: boom"; exit 3; }}\n'
+                           'exec sleep 60\n')
+  run = ["--config=configs/rar_b.py", "--workdir=gs://bk/r/", "--start-check=2",
+         "--tmpdir=/mnt/big"]
+  log = pathlib.Path(env["HOME"]) / "genvis_logs" / "rar_b.log"
+  mode.write_text("fail")
+  r = sh("tpu_run.sh", *run, env=env)
+  assert r.returncode != 0 and "exited with status 3" in r.stderr, r.stderr
+  assert "Error: boom" in r.stderr
+  mode.write_text("run")
+  r = sh("tpu_run.sh", *run, env=env)
+  assert r.returncode == 0, r.stderr
+  text = log.read_text()
+  assert text.count("==== start") == 2 and "Error: boom" in text
+  assert "CACHE gs://bk/r/jax_cache TMP /mnt/big" in text
+  pid = int(log.with_suffix(".pid").read_text())
+  try:
+    r = sh("tpu_run.sh", *run, env=env)
+    assert r.returncode != 0 and "still running" in r.stderr, r.stderr
+    assert log.read_text().count("==== start") == 2
+    r = sh("tpu_run.sh", "--run-name=rar_b", "--stop", env=env)
+    assert r.returncode == 0 and "stopped" in r.stdout, r.stderr
+    assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode
+  finally:
+    subprocess.run(["kill", str(pid)], capture_output=True)
+
+
+def test_tpu_setup_copy_replaces_the_old_code(tmp_path):
+  """The copied checkout is this one's files: a file deleted here (not yet
+  committed) neither fails the tarball nor survives from an earlier copy."""
+  repo = tmp_path / "repo"
+  (repo / "launch").mkdir(parents=True)
+  for name in ("common.sh", "tpu_setup.sh"):
+    (repo / "launch" / name).write_text((LAUNCH / name).read_text())
+  for name in ("a.py", "b.py"):
+    (repo / name).write_text(name)
+  git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+  subprocess.run(git + ["init", "-q"], check=True)
+  subprocess.run(git + ["add", "."], check=True)
+  subprocess.run(git + ["commit", "-qm", "x"], check=True)
+  (repo / "b.py").unlink()
+  (repo / "c.py").write_text("c")
+  env = fake_tpu(tmp_path, "")
+  old = pathlib.Path(env["HOME"]) / "genvis_jax"
+  old.unlink()
+  old.mkdir()
+  (old / "stale.py").write_text("old")
+  r = subprocess.run(["bash", str(repo / "launch" / "tpu_setup.sh"), "--skip-check"],
+                     capture_output=True, text=True, env={**ENV, **env}, timeout=60)
+  assert r.returncode == 0, r.stderr
+  assert sorted(p.name for p in old.iterdir() if p.is_file()) == ["a.py", "c.py"]
+  assert not (pathlib.Path(env["HOME"]) / "genvis_jax.old").exists()
