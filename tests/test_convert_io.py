@@ -10,6 +10,7 @@ import pickle
 import zipfile
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -116,3 +117,71 @@ def test_a_file_of_another_model_is_named_so(tmp_path):
   assert str(e.value) == ("x.pt: no entry 'model' (from key='model'); it holds "
                           + ", ".join(f"'k{i}' (dict)" for i in range(8))
                           + ", ... 22 more.")
+
+
+def test_io_says_what_a_file_is_when_it_holds_no_weights(tmp_path):
+  """A safetensors file under another suffix is read by its content; a Git
+  LFS pointer, a folder and an EMA copy beside the raw weights are named."""
+  st = tmp_path / "model.bin"   # a safetensors file, renamed
+  with open(os.path.join(FIX, "io", "weights.safetensors"), "rb") as f:
+    st.write_bytes(f.read())
+  assert sorted(cio.load_state_dict(str(st))) == sorted(
+      cio.load_state_dict(os.path.join(FIX, "io", "weights.safetensors")))
+  lfs = tmp_path / "lfs.bin"
+  lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\n"
+                 "size 123\n")
+  with pytest.raises(errors.CheckpointFileError, match="Git LFS pointer.*lfs pull"):
+    cio.read_file(str(lfs))
+  (tmp_path / "conv" / "params").mkdir(parents=True)
+  with pytest.raises(errors.CheckpointFileError,
+                     match=r"is a folder; --src takes the weight file.*converted "
+                           "weights already"):
+    cio.read_file(str(tmp_path / "conv"))
+  raw = {"w": np.zeros(2, np.float32)}
+  with pytest.raises(errors.CheckpointFileError,
+                     match=r"several weight dicts \('state_dict', 'state_dict_ema'\)"):
+    cio.select_state_dict({"state_dict": raw, "state_dict_ema": raw, "epoch": 3})
+
+
+def test_convert_names_a_wrong_kind_or_output_before_reading(tmp_path):
+  """A kind of another model than --config's, a file or a training run as
+  --dst, and advice for the kinds without a config (no --src is read)."""
+  from configs import rar_b   # pylint: disable=import-outside-toplevel
+  config = rar_b.get_config("runlocal")
+  with pytest.raises(errors.ConfigError,
+                     match=r"--kind=maskgit_vqgan converts 'maskgit_vqgan' weights, "
+                           r"but the --config model is 'rar': this config's "
+                           r"tokenizer .*--config=configs/maskgit_vqgan.py"):
+    convert.convert_file("maskgit_vqgan", "none.bin", config.model, str(tmp_path / "o"),
+                         config=config)
+  with pytest.raises(errors.ConfigError, match=r"--kind=far if the file holds 'far'"):
+    convert.check_kind("rar", ml_collections.ConfigDict({"name": "far"}))
+  with pytest.raises(errors.ConfigError,
+                     match=r"--config=genvis_jax/convert/clip_vision.py:NAME"):
+    convert.check_kind("clip_vision", None)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(errors.OutputExistsError, match="is a file; this kind writes a folder"):
+    convert.convert_file("rar", "none.bin", config.model, str(tmp_path / "file"),
+                         overwrite=True)
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(errors.OutputExistsError, match="training run's workdir"):
+    convert.convert_file("rar", "none.bin", config.model, str(tmp_path / "run"),
+                         overwrite=True)
+  with pytest.raises(convert.CheckpointMismatchError,
+                     match=r"\n  LPIPS takes both official files.*vgg.pth"):
+    convert.from_torch("lpips", {}, None)
+
+
+def test_converted_weights_of_another_model_are_named_so(tmp_path):
+  """A tokenizer's converted folder given where a generator's is expected
+  (or the reverse) is refused naming both models, not by its key names."""
+  from genvis_jax.core import weights  # pylint: disable=import-outside-toplevel
+  tree = {"dense": {"kernel": np.zeros((2, 3), np.float32)}}
+  weights.save_params(str(tmp_path / "tok"), tree, ml_collections.ConfigDict(
+      {"model": {"name": "maskgit_vqgan"}}))
+  expected = {"other": {"kernel": jax.ShapeDtypeStruct((4,), jnp.float32)}}
+  with pytest.raises(convert.CheckpointMismatchError,
+                     match=r"tok \(config.init_from\) holds weights converted for "
+                           r"model 'maskgit_vqgan'; model 'rar' is expected here"):
+    weights.restore_params(str(tmp_path / "tok"), expected,
+                           setting="config.init_from", model_name="rar")

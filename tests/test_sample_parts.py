@@ -312,3 +312,13 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
     check(model__window=4, init_from=converted)
   (converted / "config.json").unlink()     # converted without --config
   check(model__window=4, init_from=converted)
+  # RAR's adaLN table computes the same values once: not a change of images.
+  from configs import rar_b
+  rar = rar_b.get_config("runlocal")
+  (step / "config").mkdir()
+  recorded = json.loads(rar.to_json_best_effort())
+  recorded["model"]["adaln_table"] = False
+  (step / "config" / "metadata").write_text(json.dumps(recorded))
+  with rar.unlocked():
+    rar.model.adaln_table, rar.init_from = True, str(step)
+  trained_with.check_trained_with(rar, rar, {})

@@ -17,8 +17,12 @@ A kind is a module of this package named by ``--kind`` (see
 ``genvis_jax.core.registry``) that defines ``convert(state_dict, model_config)
 -> params`` and, where the defaults do not fit, ``expected(model_config)``
 (abstract params), ``write(dst, params, state_dict)`` (default: an Orbax
-``params`` directory) and ``NEEDS_CONFIG = False`` (kinds of one fixed
-architecture). Adding a kind is adding its file.
+``params`` directory), ``NEEDS_CONFIG = False`` (kinds of one fixed
+architecture), ``CONFIG_FORM`` (the ``--config`` a kind takes, when not a
+``configs/`` file) and ``ADVICE`` (what to check when a file does not fit,
+when not the config). A kind named like a model (``config.model.name``:
+rar, maskgit_vqgan, ...) converts that model's weights only. Adding a kind
+is adding its file.
 """
 
 from __future__ import annotations
@@ -71,37 +75,79 @@ def model_shapes(model_config):
 
 
 
+def check_kind(kind: str, model_config, config=None):
+  """Refuses a ``model_config`` that ``kind`` cannot fit: none where the kind
+  needs one, or another model's (``--kind=maskgit_vqgan`` with a RAR config)
+  whose ``name`` is itself a kind. ``config`` (the whole config) lets the
+  message name the config file of its tokenizer. Raises ``ConfigError``."""
+  mod = kind_module(kind)
+  form = getattr(mod, "CONFIG_FORM", "configs/X.py")
+  if getattr(mod, "NEEDS_CONFIG", True) and model_config is None:
+    raise errors.ConfigError(f"Kind {kind!r} needs the model config the "
+                             f"checkpoint must fit (--config={form}).")
+  name = getattr(model_config, "get", lambda *_: None)("name")
+  if name and name != kind and name in kinds():
+    tokenizer = (config or {}).get("tokenizer") or {}
+    if (tokenizer.get("model") or {}).get("name") == kind and tokenizer.get(
+        "config_file"):
+      hint = (f"this config's tokenizer is {kind!r}: convert it with "
+              f"--config={tokenizer.config_file}")
+    elif hasattr(mod, "CONFIG_FORM"):
+      hint = f"pass --config={form}"
+    else:
+      hint = (f"pass the config of the {kind!r} model the checkpoint was "
+              f"released for, or --kind={name} if the file holds {name!r} "
+              "weights")
+    raise errors.ConfigError(
+        f"--kind={kind} converts {kind!r} weights, but the --config model is "
+        f"{name!r}: {hint}.")
+
+
 def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
   """Official ``{name: array}`` -> Flax params of ``kind`` fitting ``model_config``.
 
   Returns numpy leaves (possibly transposed views) in the model's parameter
-  dtypes; ``jax.device_put`` them before ``apply``. Raises
-  ``CheckpointMismatchError`` (missing / unexpected / mis-shaped keys, in Flax
-  naming; unrecognised official keys keep their official name).
+  dtypes; ``jax.device_put`` them before ``apply``. Raises ``ConfigError``
+  (``check_kind``) and ``CheckpointMismatchError`` (missing / unexpected /
+  mis-shaped keys, in Flax naming; unrecognised official keys keep their
+  official name).
   """
   mod = kind_module(kind)
-  if getattr(mod, "NEEDS_CONFIG", True) and model_config is None:
-    raise errors.ConfigError(f"Kind {kind!r} needs the model config the "
-                             "checkpoint must fit (--config=configs/X.py).")
+  check_kind(kind, model_config)
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
   params = mod.convert(state_dict, model_config)
   expected = getattr(mod, "expected", model_shapes)(model_config)
   return _fit(expected, params, f"The {kind!r} checkpoint",
-              "i.e. the config of the model the checkpoint was released for")
+              "i.e. the config of the model the checkpoint was released for",
+              getattr(mod, "ADVICE", None))
 
 
 def _fit(expected, params, what: str,
-         fix: str = "or convert the released weights again"):
-  compare_trees(expected, params, what, fix)
+         fix: str = "or convert the released weights again",
+         advice: str | None = None):
+  compare_trees(expected, params, what, fix, advice)
   return jax.tree_util.tree_map(
       lambda e, p: np.asarray(p).astype(e.dtype, copy=False), expected, params)
 
 
-def _check_dst(dst: str, overwrite: bool) -> None:
+def _check_dst(dst: str, overwrite: bool, folder: bool = True) -> None:
+  """Refuses a ``dst`` with something in it (unless ``overwrite``), a file
+  where a kind writes a ``folder``, and a training run's workdir (its
+  checkpoints would be hidden behind the converted ``params``, not
+  replaced)."""
   if not dst:
     raise errors.ConfigError("--dst is required (where to write the converted weights).")
   full = os.fspath(dst)
   target = epath.Path(full)   # local or gs://
+  if folder and target.is_file():
+    raise errors.OutputExistsError(
+        f"--dst={full} is a file; this kind writes a folder (a parameter "
+        "checkpoint): choose another --dst.")
+  if target.is_dir() and (target / "checkpoints").exists():
+    raise errors.OutputExistsError(
+        f"--dst={full} is a training run's workdir (it holds checkpoints/); "
+        "converted weights written there would hide its checkpoints from "
+        "init_from: choose another --dst.")
   non_empty = target.is_file() or (target.is_dir() and any(target.iterdir()))
   if non_empty and not overwrite:
     raise errors.OutputExistsError(f"{full} exists and is not empty; pass "
@@ -156,7 +202,8 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
   ``overwrite``.
   """
   mod = kind_module(kind)
-  _check_dst(dst, overwrite)
+  check_kind(kind, model_config, config)
+  _check_dst(dst, overwrite, folder=not hasattr(mod, "write"))
   state = load_sources(src, key)
   params = from_torch(kind, state, model_config)
   if hasattr(mod, "write"):

@@ -50,6 +50,11 @@ NAMES = cvit.Names(
            "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"})
 
 
+CONFIG_FORM = "genvis_jax/convert/clip_vision.py:NAME"
+ADVICE = (f"Check that --config={CONFIG_FORM} names the tower the checkpoint "
+          f"holds (NAME one of {sorted(clip_vision.CONFIGS)}).")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """CLI config: ``--config=genvis_jax/convert/clip_vision.py:vit_b16`` (the tower's
   fields, overridable with ``--config.model.FIELD=...``)."""

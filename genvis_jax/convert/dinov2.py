@@ -33,6 +33,11 @@ from genvis_jax.convert.clip_vision import named_module, tower_config
 from genvis_jax.models import dinov2
 
 
+CONFIG_FORM = "genvis_jax/convert/dinov2.py:NAME"
+ADVICE = (f"Check that --config={CONFIG_FORM} names the tower the checkpoint "
+          f"holds (NAME one of {sorted(dinov2.CONFIGS)}).")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """CLI config: ``--config=genvis_jax/convert/dinov2.py:vit_b14`` (the tower's
   fields, overridable with ``--config.model.FIELD=...``)."""

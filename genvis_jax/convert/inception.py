@@ -23,6 +23,8 @@ _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean",
        "running_var": "var"}
 
 NEEDS_CONFIG = False  # one fixed architecture
+ADVICE = ("--src must be pytorch-fid's FID Inception, "
+          "pt_inception-2015-12-05-6726825d.pth; no --config.")
 
 
 def setting_howto(setting: str = "--config.evaluate.inception") -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from absl import logging
 
 from genvis_jax.convert import torch_pickle
 from genvis_jax.errors import (CheckpointFileError, CheckpointFileNotFoundError,
@@ -118,8 +119,11 @@ def _zip64_compressed_size(extra: bytes) -> int | None:
   return None
 
 
-def _sniff(path: str, head: bytes) -> str | None:
-  if path.endswith(".safetensors"):
+def _sniff(path: str, head: bytes, size: int) -> str | None:
+  # safetensors: a little-endian u64 header length, then the JSON header.
+  if path.endswith(".safetensors") or (
+      len(head) > 8 and head[8:9] == b"{"
+      and 0 < struct.unpack("<Q", head[:8])[0] < size):
     return _SAFETENSORS
   if head[:4] == b"PK\x03\x04":
     return _ZIP
@@ -145,13 +149,26 @@ def read_file(path: str, setting: str = "--src") -> Any:
   the path came from (for the messages).
   """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    converted = os.path.isdir(os.path.join(path, "params"))
+    raise CheckpointFileError(
+        f"{path} ({setting}) is a folder; {setting} takes the weight file "
+        "itself (e.g. FOLDER/model.safetensors or FOLDER/pytorch_model.bin)" +
+        ("; this folder holds converted weights already: point init_from "
+         "(or the tokenizer / teacher setting) at it instead." if converted
+         else "."))
   if not os.path.isfile(path):
     raise CheckpointFileNotFoundError(
         f"Weights file {path} not found; check the path ({setting}).")
   size = os.path.getsize(path)
   with open(path, "rb") as f:
-    head = f.read(8)
-  fmt = _sniff(path, head)
+    head = f.read(24)
+  if head.startswith(b"version https://git-lfs"):
+    raise CheckpointFileError(
+        f"{path} ({setting}) is a Git LFS pointer ({size} bytes), not the "
+        "weights: fetch the file itself (`git lfs pull` in its clone, or "
+        "`hf download`).")
+  fmt = _sniff(path, head, size)
   if fmt is None:
     raise CheckpointFileError(
         f"{path}: unknown checkpoint format ({size} bytes, starts with "
@@ -220,11 +237,18 @@ def select_state_dict(obj, key: str | None = None, source: str = "checkpoint"):
       raise CheckpointFileError(
           f"{source} holds a {type(obj).__name__}, not a dict of tensors.")
     found = [k for k in WEIGHT_KEYS if _is_state_dict(obj.get(k))]
+    # An EMA copy under another name (timm's state_dict_ema): never passed
+    # over for the raw weights beside it without a word.
+    found += [k for k in obj if isinstance(k, str) and "ema" in k.lower()
+              and k not in found and _is_state_dict(obj[k])]
     if len(found) != 1:
-      why = "several weight dicts" if found else "no flat dict of tensors"
+      why = (f"several weight dicts ({', '.join(map(repr, found))})" if found
+             else "no flat dict of tensors")
       raise CheckpointFileError(
           f"{source} holds {why} ({_describe(obj)}); choose one with "
           "--key=NAME (e.g. --key=model or --key=ema).")
+    logging.info("%s: reading the weights in its entry %r (--key=NAME "
+                 "chooses another).", source, found[0])
     obj = obj[found[0]]
   if not _is_state_dict(obj):
     raise CheckpointFileError(

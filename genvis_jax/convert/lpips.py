@@ -24,6 +24,9 @@ from genvis_jax.core import files
 from genvis_jax.models import lpips
 
 NEEDS_CONFIG = False  # one fixed architecture
+ADVICE = ("LPIPS takes both official files, comma-separated: --src="
+          "vgg16-397923af.pth,vgg.pth (torchvision's VGG16 weights and the "
+          "LPIPS v0.1 lin weights); no --config.")
 
 
 _SLICE_KEY = re.compile(r"^net\.slice(\d)\.(\d+)\.(weight|bias)$")

@@ -52,9 +52,11 @@ def weights_fix(where: str) -> str:
 
 
 def compare_trees(expected, found, what: str,
-                  fix: str = "or start from a fresh --workdir") -> None:
+                  fix: str = "or start from a fresh --workdir",
+                  advice: str | None = None) -> None:
   """Raises one clear error listing missing, unexpected and mis-shaped keys;
-  ``fix`` ends its advice."""
+  ``fix`` ends its advice, or ``advice`` replaces it (weights whose fit
+  does not hang on a config: LPIPS's two files)."""
   exp, got = _shape_table(expected), _shape_table(found)
   missing = sorted(set(exp) - set(got))
   unexpected = sorted(set(got) - set(exp))
@@ -73,8 +75,8 @@ def compare_trees(expected, found, what: str,
     if misshaped:
       lines.append(f"  mis-shaped ({len(misshaped)}): " + settings_lib.shorten(
           [f"{k} expected {exp[k]} found {got[k]}" for k in misshaped], 5))
-    lines.append("  Check that --config matches the checkpoint (model size, "
-                 f"codebook, image size), {fix}.")
+    lines.append("  " + (advice or "Check that --config matches the checkpoint "
+                         f"(model size, codebook, image size), {fix}."))
     raise CheckpointMismatchError("\n".join(lines))
 
 
@@ -114,7 +116,8 @@ def completed_config(tree):
 
 # config.model fields that shape only a run's compute, not its weights or
 # what they draw (samplers decode in config.sample.dtype).
-COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat")
+COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat",
+                "model.adaln_table")   # RAR: the same values, computed once
 
 
 # How messages name the side a recorded config belongs to, by how the

@@ -84,7 +84,7 @@ def saved_config(directory: epath.Path) -> dict | None:
 
 
 def load(path: epath.Path, abstract_params, where: str = "",
-         model_config=None):
+         model_config=None, model_name: str = ""):
   """``path/params`` on ``abstract_params``' shardings, its files checked
   before Orbax reads them and its digest after. Every process reads it; a
   failure on any stops all (``multihost.run_everywhere``) instead of
@@ -93,7 +93,9 @@ def load(path: epath.Path, abstract_params, where: str = "",
   weights were converted for, where ``save_params`` recorded them.
 
   Raises:
-    CheckpointMismatchError: the saved tree does not fit ``abstract_params``.
+    CheckpointMismatchError: the saved tree does not fit ``abstract_params``,
+      or the weights were converted for a model other than ``model_name``
+      (any, if empty).
     CheckpointRestoreError: the files are damaged or cannot be read, or the
       arrays do not match the recorded digest.
     multihost.OtherProcessError: another process failed.
@@ -107,6 +109,13 @@ def load(path: epath.Path, abstract_params, where: str = "",
         "copy) the weights again.")
 
   def check():
+    saved_name = ((saved_config(path) or {}).get("model") or {}).get("name")
+    if model_name and saved_name and saved_name != model_name:
+      raise fit.CheckpointMismatchError(
+          f"{path}{where} holds weights converted for model {saved_name!r}; "
+          f"model {model_name!r} is expected here. Point the setting at "
+          f"weights of model {model_name!r} (a tokenizer's and a generator's "
+          "folders swapped?).")
     if not ocp.step.is_path_finalized(path / "params"):
       raise damaged("its save did not finish (Orbax never finalized it)")
     ckpt_files.check_ocdbt(path / "params", multihost.share())

@@ -61,7 +61,8 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     setting: the config field that named ``directory`` (e.g.
       ``config.tokenizer.checkpoint``), for the messages.
     model_name: the expected ``config.model.name``; a training run of another
-      model is refused before its arrays are read.
+      model, or weights converted for one, are refused before their arrays
+      are read.
     group: read this parameter group of a training run's step (e.g.
       ``"disc"``, a GAN's discriminator) instead of its model's weights; a
       parameter checkpoint holds none.
@@ -103,7 +104,8 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
         "at the training run (its workdir or checkpoints/<step>), or leave "
         f"{group!r} out of config.init_groups to start it afresh.")
   if kind == _PARAMS:
-    return param_checkpoint.load(path, abstract_params, where, model_config)
+    return param_checkpoint.load(path, abstract_params, where, model_config,
+                                 model_name)
   if kind in (_RUN, _IN_RUN):
     run, step = (path, None) if kind == _RUN else _split_names(path)
     return run_weights.load(run, abstract_params, where, model_name, step,
