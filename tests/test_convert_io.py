@@ -185,3 +185,9 @@ def test_converted_weights_of_another_model_are_named_so(tmp_path):
                            r"model 'maskgit_vqgan'; model 'rar' is expected here"):
     weights.restore_params(str(tmp_path / "tok"), expected,
                            setting="config.init_from", model_name="rar")
+  # Its inner params/ folder named: the hint points at the folder itself.
+  with pytest.raises(FileNotFoundError,
+                     match=r"tok/params is the inside of a parameter checkpoint: "
+                           r"point the setting at its folder, .*tok\.$"):
+    weights.restore_params(str(tmp_path / "tok" / "params"), expected,
+                           setting="config.init_from", model_name="rar")

@@ -299,7 +299,11 @@ def _unfinished_save_hint(path: epath.Path) -> str:
 
 def _inside_run_hint(path: epath.Path) -> str:
   """Points at the training run ``path`` lies inside (e.g. a step's
-  ``state/`` or a ``corrupt-<step>`` folder), else "Check the path."."""
+  ``state/`` or a ``corrupt-<step>`` folder), or the parameter checkpoint
+  whose ``params/`` it is, else "Check the path."."""
+  if path.name == "params" and _folder_kind(path.parent) == _PARAMS:
+    return (f"{path} is the inside of a parameter checkpoint: point the "
+            f"setting at its folder, {path.parent}.")
   for parent in path.parents:
     if parent.name.isdigit() and parent.parent.name == "checkpoints" and (
         parent / "state").exists():
