@@ -35,10 +35,10 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
 
   def fake_sample_fn(labels, key):
     calls.append(len(calls))
-    if len(calls) == 1:
+    if len(calls) in (1, 5):
       os.kill(os.getpid(), signal.SIGTERM)
     # The batch's first index, from its key (fold_in(seed key, start)).
-    start = [b for b in (0, 8, 16, 24) if np.array_equal(
+    start = [b for b in (0, 8, 16, 24, 32) if np.array_equal(
         jax.random.key_data(key), jax.random.key_data(jax.random.fold_in(
             jax.random.key(config.sample.seed), b)))][0]
     events.append(("dispatch", start))
@@ -78,6 +78,15 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
               if " images/s" in l]
   assert [l.split(",")[0] for l in progress] == ["[sample] 16/24 images",
                                                  "[sample] 24/24 images"]
+  # A larger set stopped half-way: the 24 images' samples.npz is gone, not
+  # left to pass for this run's 40 (its images are in the parts).
+  assert os.path.exists(os.path.join(wd, "samples.npz"))
+  config.sample.num_samples = 5 * 8
+  with pytest.raises(driver.SamplingStopped):
+    driver.sample_and_save(config, wd)
+  assert not {"samples.npz", "samples.png"} & set(os.listdir(wd))
+  assert "removed samples.npz and samples.png of the earlier set" in (
+      capsys.readouterr().out)
   shutil.rmtree(os.path.join(wd, "sample_parts"))
   monkeypatch.setattr(driver, "PROGRESS_EVERY_S", 1e9)
   config.sample.num_samples = 4 * 8

@@ -329,6 +329,8 @@ def sample_and_save(config, workdir: str) -> dict:
     have = sum(min(s.batch_size, s.num_samples - d) for d in done)
     print(f"[sample] resuming: {have} of {s.num_samples} images already in "
           f"{parts_dir}", flush=True)
+  if len(done) < len(starts):
+    parts.drop_earlier_outputs(workdir, s.num_samples)
   t0, made = time.perf_counter(), 0
   written, said_at = 0, -float("inf")
 

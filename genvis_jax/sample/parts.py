@@ -263,6 +263,31 @@ def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
   return done
 
 
+OUTPUTS = ("samples.npz", "samples.png")
+
+
+def drop_earlier_outputs(workdir: str, num_samples: int) -> None:
+  """Removes an earlier run's ``samples.npz`` / ``samples.png`` before this
+  one draws more: until ``assemble`` writes the new ones (a run stopped
+  half-way never does) they would pass for this run's ``num_samples``. Their
+  images stay in the parts, which the next ``samples.npz`` holds again.
+  Process 0 removes them; the others wait."""
+
+  def drop():
+    gone = []
+    for name in OUTPUTS:
+      path = epath.Path(workdir) / name   # local or gs://
+      if path.exists():
+        path.unlink()
+        gone.append(name)
+    if gone:
+      print(f"[sample] removed {' and '.join(gone)} of the earlier set "
+            f"(its images are in {directory(workdir)}); the new ones, of "
+            f"{num_samples} images, are written when every part is drawn",
+            flush=True)
+  multihost.on_process_0(drop)
+
+
 def assemble(workdir: str, num_samples: int) -> dict:
   """Joins the part files into ``samples.npz`` + ``samples.png``; checks
   coverage first. Process 0 writes them (it wrote the parts) while the
