@@ -52,6 +52,9 @@ def test_frechet_distance_diagonal_closed_form_and_errors():
   assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want)
   with pytest.raises(ValueError, match="same feature layer"):
     fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+  # max(0, nan) is 0: NaN statistics must not score a perfect FID.
+  with pytest.raises(ValueError, match="second statistics' mean hold NaN"):
+    fid.frechet_distance(mu1, np.diag(a), np.array([0.0, np.nan, 0.0]), np.diag(b))
 
 
 def test_streaming_stats_equal_batch_stats():
@@ -152,6 +155,10 @@ def test_reference_errors(tmp_path):
     reference.load_reference(str(tmp_path / "partial.npz"))
   with pytest.raises(FileNotFoundError, match="kind=reference"):
     reference.load_reference(str(tmp_path / "missing.npz"))
+  stats = dict(mu=np.zeros(3), sigma=np.eye(3), mu_s=np.zeros(2), sigma_s=np.eye(2))
+  np.savez(tmp_path / "nan.npz", **{**stats, "mu": np.array([0.0, np.nan, 0.0])})
+  with pytest.raises(npz.NpzContentError, match=r"'mu' holds NaN or Inf"):
+    reference.load_reference(str(tmp_path / "nan.npz"))
   # A sampling workdir named instead of its samples.npz: the file suggested.
   (tmp_path / "run").mkdir()
   np.savez(tmp_path / "run" / "samples.npz", np.zeros((2, 4, 4, 3), np.uint8))

@@ -47,7 +47,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
   D = 1). Returns a Python float >= 0.
 
   Raises:
-    ValueError: statistics of different sizes, or a square root with a
+    ValueError: statistics of different sizes or with NaN / Inf entries
+      (``max(0, nan)`` would report a perfect 0), or a square root with a
       non-negligible imaginary diagonal (ill-conditioned statistics).
   """
   mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
@@ -56,6 +57,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
     raise ValueError(f"Statistics of different sizes: mu {mu1.shape} vs "
                      f"{mu2.shape}, sigma {s1.shape} vs {s2.shape}. Both sides "
                      "must come from the same feature layer.")
+  for side, arrays in (("first", (mu1, s1)), ("second", (mu2, s2))):
+    bad = [n for n, a in zip(("mean", "covariance"), arrays)
+           if not np.isfinite(a).all()]
+    if bad:
+      raise ValueError(f"{name}: the {side} statistics' {' and '.join(bad)} "
+                       "hold NaN or Inf; no distance can be computed from "
+                       "them.")
   diff = mu1 - mu2
   with warnings.catch_warnings(record=True) as scipy_warnings:
     # scipy's own warning prints its source line; said here in FID's words.

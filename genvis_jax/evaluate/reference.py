@@ -126,6 +126,12 @@ def load_reference(path: str) -> Reference:
           "--config.evaluate.kind=reference.")
     for k in present:
       setattr(ref, k, np.asarray(data[k], np.float64))
+      if not np.isfinite(getattr(ref, k)).all():
+        raise npz.NpzContentError(
+            f"{path} (config.evaluate.reference): {k!r} holds NaN or Inf, so "
+            "no FID can be computed against it: the file is damaged or was "
+            "written from non-finite features. Fetch it again or write a new "
+            "one with --config.evaluate.kind=reference.")
     if "pool_features" in keys:
       ref.pool_features = np.asarray(data["pool_features"], np.float32)
     if "preprocess" in keys:
