@@ -172,8 +172,12 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch,
   assert res["protocol"] == "maskgit_vqgan" and res["center_crop"] == "torchvision"
   assert len(seen.crops) >= 13 and set(seen.crops) == {"torchvision"}
   assert res["rfid_preprocess"] == seen.resizes[-1] == "adm_tf"
-  assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 13
-  assert (tmp_path / "reconstructions.png").exists()
+  saved = json.loads((tmp_path / "metrics.json").read_text())
+  assert saved["num_images"] == 13 and (tmp_path / "reconstructions.png").exists()
+  # The record says why its rFID is not comparable, and what was scored.
+  assert len(saved["caveats"]) == 1 and saved["caveats"][0].startswith(
+      "rFID of only 13 images")
+  assert saved["checkpoint"] == config.evaluate.checkpoint
 
 
 

@@ -296,6 +296,11 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   rng = np.random.default_rng(6)
   np.savez(tmp_path / "s.npz", metric_refs.images(rng, 12))
   np.savez(tmp_path / "r.npz", metric_refs.images(rng, 12, shift=30))
+  # The sampling run's record beside the samples names their weights.
+  (tmp_path / "sample_parts").mkdir()
+  (tmp_path / "sample_parts" / "settings.json").write_text(json.dumps(
+      {"weights.generator": "step 20 committed 1", "init_from": "/run",
+       "sample.cfg": 2.0}))
   monkeypatch.setattr(generation.convert_inception, "load_inception_params",
                       lambda path: {"path": path})
   monkeypatch.setattr(generation.inception_lib, "InceptionExtractor",
@@ -308,6 +313,11 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   assert not [n for n in os.listdir(tmp_path / "out") if ".tmp" in n]
   assert set(generation.METRICS) <= set(saved)
   assert saved["fid"] == pytest.approx(res["fid"])
+  # What was scored: the files, all 12 of the file's images, the weights.
+  assert saved["samples"] == str(tmp_path / "s.npz") and saved["inception"] == "/weights"
+  assert saved["reference"] == str(tmp_path / "r.npz") and saved["samples_in_file"] == 12
+  assert saved["sampled_with"] == {"weights.generator": "step 20 committed 1",
+                                   "init_from": "/run"}
   printed = capsys.readouterr().out
   for word in ("FID", "sFID", "IS", "precision", "recall"):
     assert word in printed

@@ -14,8 +14,12 @@ openai/guided-diffusion's ``evaluations/evaluator.py``:
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 from absl import logging
+from etils import epath
 
 from genvis_jax import errors
 from genvis_jax.evaluate import batching
@@ -26,6 +30,7 @@ from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import reference as ref_lib
 from genvis_jax.evaluate import report
+from genvis_jax.sample import parts
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
@@ -182,7 +187,9 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       "precision": precision,
       "recall": recall,
       "num_samples": int(sam["count"]),
+      "samples_in_file": int(samples.shape[0]),
       "num_reference": int(len(ref_feats)),
+      "inception_weights": getattr(extractor, "weights_id", None),
       "preprocess": chosen,
       "sample_size": [int(d) for d in samples.shape[1:3]],
       # Why the numbers are not comparable with published ones ([] if they
@@ -225,6 +232,21 @@ def format_metrics(m: dict) -> str:
           + "".join(f"; NOT comparable: {c}" for c in caveats))
 
 
+def sampled_with(samples_npz: str) -> dict:
+  """The generator / tokenizer weights (``weights.*``) and paths the
+  sampling run beside ``samples_npz`` recorded (its
+  ``sample_parts/settings.json``); {} for samples from elsewhere."""
+  path = epath.Path(parts.directory(os.path.dirname(samples_npz))) / (
+      parts.SETTINGS_FILE)
+  try:
+    recorded = json.loads(path.read_text())
+  except (OSError, ValueError):   # none (samples from elsewhere) or damaged
+    return {}
+  return {k: v for k, v in recorded.items()
+          if k.startswith("weights.") or k in ("init_from",
+                                               "tokenizer.checkpoint")}
+
+
 # The fix for each unset config.evaluate path.
 _UNSET_HOWTO = {
     "samples": npz.samples_howto(),
@@ -262,6 +284,10 @@ def evaluate(config, workdir: str) -> dict:
       num_samples=ev.get("num_samples", None) or None,
       preprocess=ev.get("preprocess", ref_lib.AUTO),
       distance_dtype=ev.get("distance_dtype", "float16"))
+  # What was scored, with the weights the samples' run recorded drawing them.
+  results.update(samples=ev.samples, reference=ev.reference,
+                 inception=ev.inception,
+                 sampled_with=sampled_with(ev.samples))
   report.write(workdir, results, format_metrics(results))
   writer = metrics_lib.create_writer(workdir)
   writer.write_scalars(0, {f"eval/{k}": results[k] for k in METRICS})

@@ -33,6 +33,7 @@ from genvis_jax.core import multihost
 from genvis_jax.core import overlap
 from genvis_jax.core import pixels
 from genvis_jax.core import sharding
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
@@ -312,7 +313,9 @@ def evaluate(config, workdir: str) -> dict:
   preprocess = _rfid_preprocess(ev, proto)
   data = _eval_data(config, proto_name, proto)
   mesh = sharding.data_mesh(jax.local_devices())
-  params = models.load_params(model_config, ev.checkpoint, mesh,
+  # The step a run resolves to, pinned: metrics.json names what was scored.
+  checkpoint = weights_lib.resolve_all([ev.checkpoint])[0]
+  params = models.load_params(model_config, checkpoint, mesh,
                               setting="--config.evaluate.checkpoint")
   rows = -(-batch_size // mesh.size) * mesh.size
   split = config.data.eval_split
@@ -375,6 +378,10 @@ def evaluate(config, workdir: str) -> dict:
       "protocol": proto_name,
       "center_crop": data.center_crop,
       "scored": proto.scored,
+      # What was scored: the folder read (a run's step) and its weights.
+      "checkpoint": checkpoint,
+      "weights": weights_lib.readable(weights_lib.params_source(checkpoint)),
+      "caveats": [],
   }
   num_codes = config.model.get("num_codes", None)
   if num_codes and scores.discrete:
@@ -388,11 +395,12 @@ def evaluate(config, workdir: str) -> dict:
         *scores.rstats[0].result(), *scores.rstats[1].result(), name="rFID")
     results["rfid_preprocess"] = preprocess
     if n < fid_lib.FEATURE_DIM:
-      logging.warning(
-          "rFID of only %d images: with fewer than %d the feature covariance "
-          "is rank-deficient, so it is not comparable with published numbers "
-          "(the protocols use the 50,000 validation images).", n,
-          fid_lib.FEATURE_DIM)
+      results["caveats"].append(
+          f"rFID of only {n} images: with fewer than {fid_lib.FEATURE_DIM} "
+          "the feature covariance is rank-deficient, so it is not comparable "
+          "with published numbers (the protocols use the 50,000 validation "
+          "images)")
+      logging.warning("%s.", results["caveats"][-1])
   gx = np.concatenate(scores.grid_x)[:32]
   gy = np.concatenate(scores.grid_y)[:32]
   pairs = np.stack([gx, gy], 1).reshape(-1, *gx.shape[1:])

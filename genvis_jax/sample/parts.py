@@ -106,6 +106,7 @@ class PartUnreadableError(errors.UserError, ValueError):
 
 # config.tokenizer keys that only messages read (configs/base.py add_tokenizer):
 # parts drawn before they existed, or with other values, still resume.
+SETTINGS_FILE = "settings.json"
 MESSAGE_ONLY = ("config_file",)
 # config.sample keys that guard the run without deciding its images.
 SAMPLE_GUARDS = ("allow_model_changes",)
@@ -184,7 +185,7 @@ def check_settings(parts_dir: str, settings: dict) -> None:
 
 
 def _check_settings(parts_dir: str, settings: dict) -> None:
-  path = os.path.join(parts_dir, "settings.json")
+  path = os.path.join(parts_dir, SETTINGS_FILE)
   found = _listed(parts_dir)
   # A config without config.sample.seed (or parts drawn before it was a
   # setting) draws with seed 0; parts recorded before the dtype was drew in
