@@ -330,7 +330,8 @@ def _encode(model_cfg, params, images):
   return np.asarray(fn(params, images))
 
 
-def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys):
+def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys,
+                                                        monkeypatch):
   m = _tiny_fqgan_bf16()
   params = _random_params(m, 0)
   weights_lib.save_params(str(tmp_path / "tok"), params)
@@ -371,6 +372,18 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys):
     pretokenize.pretokenize(c, str(tmp_path))
   assert open(path, "rb").read() == before
   c.pretokenize.overwrite = True
+  # An overwrite stopped part-way leaves the old file with its own record
+  # (not the old tokens without one, which training would read unchecked).
+  with open(path + ".json") as f:
+    record = f.read()
+  with monkeypatch.context() as m:
+    m.setattr(pretokenize, "encode_in_chunks", lambda *_: (_ for _ in ()).throw(
+        RuntimeError("stopped")))
+    with pytest.raises(RuntimeError, match="stopped"):
+      pretokenize.pretokenize(c, str(tmp_path))
+  with open(path + ".json") as f:
+    assert f.read() == record and open(path, "rb").read() == before
+  assert not list(tmp_path.glob("tokens/*.partial"))
   assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 40
   assert open(path, "rb").read() != before
   # An image added to the folder since: the file is stale, refused by name.
