@@ -166,6 +166,14 @@ def test_reference_errors(tmp_path):
                      match=r"'.*run' \(config.evaluate.samples\) is a folder, "
                            r"not an .npz file; did you mean '.*run/samples.npz'"):
     npz.open_images(str(tmp_path / "run"), setting="config.evaluate.samples")
+  # Class scores need the labels: a file without them is named, not a KeyError.
+  import ml_collections   # pylint: disable=import-outside-toplevel
+  from genvis_jax.evaluate import class_score   # pylint: disable=import-outside-toplevel
+  np.savez(tmp_path / "unlabelled.npz", np.zeros((2, 4, 4, 3), np.uint8))
+  with pytest.raises(npz.NpzContentError, match=r"holds no class labels \('labels' "
+                     r"or 'arr_1'; it has \['arr_0'\]\)"):
+    class_score.evaluate(ml_collections.ConfigDict({"evaluate": {
+        "samples": str(tmp_path / "unlabelled.npz")}}), str(tmp_path))
   # The errors a user causes are UserErrors: one line, no traceback.
   with pytest.raises(UserError, match="not an ADM reference batch"):
     reference.load_reference(str(tmp_path / "other.npz"))
@@ -325,6 +333,15 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   assert saved["sample_size"] == [8, 8] and len(saved["caveats"]) == 1
   assert "only 12 samples" in saved["caveats"][0]
   assert "; NOT comparable: only 12 samples" in printed
+  # Evaluated again into the same workdir: TensorBoard shows that one point,
+  # as metrics.json holds that one result (not both runs' at step 0).
+  import time   # pylint: disable=import-outside-toplevel
+  from tensorboard.backend.event_processing import plugin_event_accumulator as pea  # pylint: disable=import-outside-toplevel
+  time.sleep(1.0)
+  driver.run(config, str(tmp_path / "out"))
+  acc = pea.EventAccumulator(str(tmp_path / "out"), size_guidance={pea.TENSORS: 0})
+  acc.Reload()
+  assert [e.step for e in acc.Tensors("eval/fid")] == [0]
   config.evaluate.reference = ""
   with pytest.raises(ValueError, match="config.evaluate.reference"):
     driver.run(config, str(tmp_path / "out2"))

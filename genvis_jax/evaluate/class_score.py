@@ -47,7 +47,15 @@ def evaluate(config, workdir: str) -> dict:
   below ``min_accuracy``, and the npz / checkpoint errors of the loads."""
   ev = config.evaluate
   d = npz.load_samples(ev.samples)
-  images, labels = d["arr_0"], d["labels"]
+  # Ours write "labels"; ADM's labelled batches "arr_1".
+  label_key = next((k for k in ("labels", "arr_1") if k in d), None)
+  if label_key is None:
+    raise npz.NpzContentError(
+        f"{ev.samples} (config.evaluate.samples) holds no class labels "
+        f"('labels' or 'arr_1'; it has {sorted(d)}): the conditioning "
+        "accuracy needs the class each image was drawn for. Use a samples.npz "
+        "written by --config.mode=sample.")
+  images, labels = d["arr_0"], d[label_key]
   classifier = models.build(config.model)
   params = models.load_params(
       config.model, ev.classifier_checkpoint,

@@ -289,6 +289,9 @@ def evaluate(config, workdir: str) -> dict:
                  inception=ev.inception,
                  sampled_with=sampled_with(ev.samples))
   report.write(workdir, results, format_metrics(results))
+  # A re-run into this workdir replaces metrics.json: its TensorBoard points
+  # replace the earlier run's too (a restart at step 0), not sit beside them.
+  metrics_lib.mark_start(workdir, -1)
   writer = metrics_lib.create_writer(workdir)
   writer.write_scalars(0, {f"eval/{k}": results[k] for k in METRICS})
   writer.flush()
