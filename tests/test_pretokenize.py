@@ -225,3 +225,11 @@ def test_pretokenize_refuses_images_of_another_token_count():
   with pytest.raises(errors_lib.ConfigError, match=r"reads 50: pass the image "
                      r"size this tokenizer encodes"):
     pretokenize.check_tokens_fit({"seq_len": 50}, encode, 32)
+  # The paper config's own tokenizer on its abstract weights (nothing read):
+  # 256 px MaskGIT codes fit RAR's 256 tokens, 128 px ones do not.
+  from configs import rar_b
+  config = rar_b.get_config()
+  encode = pretokenize.abstract_encoder(config.tokenizer)
+  pretokenize.check_tokens_fit(config.model, encode, 256)
+  with pytest.raises(errors_lib.ConfigError, match=r"image_size=128 gives 64 tokens"):
+    pretokenize.check_tokens_fit(config.model, encode, 128)

@@ -69,10 +69,11 @@ def test_training_checks_where_the_token_files_came_from(tmp_path, caplog):
       tokenizer=dict(checkpoint=str(tmp_path / "tok"))))
   check = lambda: token_origin.check_training_files(config)
 
-  def record(path, weights_source, num_codes=256):
+  def record(path, weights_source, num_codes=256, **settings):
     with open(path + ".json", "w") as f:
       json.dump({"settings": {"weights": weights_source,
-                              "tokenizer": {"num_codes": num_codes}},
+                              "tokenizer": {"num_codes": num_codes},
+                              **settings},
                  "records": 2}, f)
   assert check() == ""       # nothing recorded
   for written, warns in ((now, False), ("step 4 committed 1", True)):
@@ -109,8 +110,23 @@ def test_training_checks_where_the_token_files_came_from(tmp_path, caplog):
                      match=r"2 different tokenizer weights .*step 9 committed "
                            r"2': 1 file.*one pre-tokenize run"):
     check()
-  # ... of the same weights: a warning that examples may count twice.
+  # ... of the same weights and settings: the same images twice, refused.
   record(paths[1], now)
+  with pytest.raises(data.TokenFileError,
+                     match=r"2 pre-tokenize outputs written with the same "
+                           r"settings .*read once per output"):
+    check()
+  # ... of another split, or ten crops beside centre crops: refused.
+  for other in (dict(split="validation"), dict(ten_crop=False, mirrored=True)):
+    record(paths[0], now, split="train", ten_crop=True)
+    record(paths[1], now, **{"split": "train", "ten_crop": True, **other})
+    with pytest.raises(data.TokenFileError,
+                       match=r"2 different pre-tokenize settings \(.*split='train', "
+                             r"ten_crop=True: 1 file"):
+      check()
+  # ... of other data (another folder): a warning that examples may count twice.
+  record(paths[0], now, data={"path": "/x"})
+  record(paths[1], now, data={"path": "/y"})
   with caplog.at_level(logging.WARNING):
     assert check() == ""
   assert any("each example is seen twice" in r.getMessage()

@@ -87,6 +87,22 @@ def make_encoder(model, params, mesh):
   return functools.partial(encode, params)
 
 
+def abstract_encoder(tok):
+  """Images -> flat codes of the tokenizer ``config.tokenizer`` (``tok``) on
+  zero weights of its shapes: for ``jax.eval_shape`` only (inside a trace
+  the weights are never allocated), before its checkpoint is read."""
+  model_cfg = inference.data_model_config(tok)
+  model = models.build(model_cfg)
+  shapes = jax.eval_shape(lambda r: models.init_params(model_cfg, r),
+                          jax.random.key(0))
+
+  def encode(images):
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return flatten_codes(model.apply({"params": params}, images,
+                                     method="encode"))
+  return encode
+
+
 def check_tokens_fit(generator, encode, size: int) -> None:
   """Refuses, before encoding anything, images of ``size`` px whose codes
   (``encode``'s shape, traced only) are not as many per image as the
@@ -186,6 +202,9 @@ def pretokenize(config, workdir: str) -> dict:
   transforms.check_center_crop(
       p.data.get("center_crop", "") or "adm", p.data.image_size,
       p.data.get("image_width", 0), "config.pretokenize.data.center_crop")
+  # Before an existing output is reused or any weights load (shapes only).
+  check_tokens_fit(config.get("model") or {}, abstract_encoder(tok),
+                   p.data.image_size)
   output = output_prefix(config, workdir)
   if files.is_remote(output):   # refused now, not after the whole split is encoded
     raise errors.ConfigError(
@@ -252,7 +271,6 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
   token file ``path`` and its ``.json`` record."""
   p = config.pretokenize
   size = p.data.image_size
-  check_tokens_fit(config.get("model") or {}, encode, size)
   it, info = image_batches(p, value_range)
   chunk = jax.local_device_count() * int(p.get("device_batch", 32))
   t0, n_images, max_label = time.perf_counter(), 0, -1

@@ -21,10 +21,12 @@ from etils import epath
 
 from genvis_jax.core import files
 from genvis_jax.core import multihost
+from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import token_integrity
 from genvis_jax.data.tokens import (TokenFileError, check_shard_sets,
-                                    count_records, glob_files, read_records)
+                                    count_records, glob_files, read_records,
+                                    shard_sets)
 from genvis_jax.errors import ConfigError
 
 
@@ -116,7 +118,9 @@ def check_training_files(config) -> str:
       (:func:`tokens.check_shard_sets`).
     TokenFileError: the files were written with different tokenizer weights
       (e.g. a glob over two pre-tokenize outputs): codes of two tokenizers
-      cannot train one generator; or with a tokenizer whose codes are laid
+      cannot train one generator; of two splits, crop modes or image sizes,
+      or by two outputs of the same settings (``SET_FIELDS``); or with a
+      tokenizer whose codes are laid
       out otherwise than ``config.tokenizer.model``'s (another model, branch
       count, image size or downsampling).
     ConfigError: the tokenizer has more codes (``tokenizer.num_codes``) than
@@ -138,6 +142,7 @@ def check_training_files(config) -> str:
     _warn_missing_records(pattern, found)
     records = _settings(found)
     _check_one_tokenizer(pattern, records)
+    _check_one_set(pattern, records)
     _check_tokenizer_layout(pattern, records,
                             (config.get("tokenizer") or {}).get("model"))
     _check_codes(pattern, records, config.get("model", {}).get("codebook_size"))
@@ -223,6 +228,46 @@ def _check_one_tokenizer(pattern: str, records: dict[str, dict]) -> None:
       f"{len(by_weights)} different tokenizer weights ({groups}). Codes of two "
       "tokenizers cannot train one generator: point config.data.path at the "
       "files of one pre-tokenize run.")
+
+
+# Settings the token files of one training set agree in: files of two
+# splits mix held-out images in, ten crops beside centre crops read the
+# images twice, two image sizes give codes of two lengths (no batch holds
+# both). Other data (another folder) with the same tokenizer may be mixed.
+SET_FIELDS = ("split", "ten_crop", "mirrored", "data.image_size")
+
+
+def _check_one_set(pattern: str, records: dict[str, dict]) -> None:
+  """Refuses token files that differ in ``SET_FIELDS``, and two pre-tokenize
+  outputs (file prefixes) written with the same settings: the same images
+  read twice (e.g. an output written again under another name)."""
+  by_fields = collections.defaultdict(list)
+  by_settings = collections.defaultdict(set)
+  for path, settings in records.items():
+    key = tuple(json.dumps(settings_lib.get(settings, f)) for f in SET_FIELDS)
+    by_fields[key].append(path)
+    prefix = next(iter(shard_sets([path])), None)
+    if prefix is not None:
+      by_settings[json.dumps(settings, sort_keys=True)].add(prefix)
+  if len(by_fields) > 1:
+    groups = "; ".join(
+        ", ".join(f"{f}={json.loads(v)!r}" for f, v in zip(SET_FIELDS, key)
+                  if v != "null") + f": {len(p)} file(s), e.g. {p[0]}"
+        for key, p in sorted(by_fields.items()))
+    raise TokenFileError(
+        f"config.data.path={pattern!r} matches token files of "
+        f"{len(by_fields)} different pre-tokenize settings ({groups}): "
+        "another split would train on held-out images, ten crops beside "
+        "centre crops read each image twice, and codes of two image sizes "
+        "cannot share a batch. Point config.data.path at the files of one "
+        "pre-tokenize run (e.g. its <output>-*.array_record).")
+  for prefixes in by_settings.values():
+    if len(prefixes) > 1:
+      raise TokenFileError(
+          f"config.data.path={pattern!r} matches {len(prefixes)} pre-tokenize "
+          f"outputs written with the same settings ({', '.join(sorted(prefixes))}): "
+          "every image would be read once per output. Point config.data.path "
+          "at one of them, or delete the copies.")
 
 
 # Tokenizer config fields that decide the layout of its codes.

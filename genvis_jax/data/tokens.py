@@ -187,9 +187,10 @@ def find_token_files(pattern: str) -> list[str]:
   if not token_files_exist(pattern):
     raise DataNotFoundError(
         f"No pre-tokenized files match {pattern!r} (config.data.path). Write "
-        "them first with the pre-tokenize mode: `python -m genvis_jax.main "
-        "--config=<tokenizer or generator config> --config.mode=pretokenize "
-        "--workdir=<dir>`, then point config.data.path at the written "
+        "them first with the pre-tokenize mode of this generator's config: "
+        "`python -m genvis_jax.main --config=<this RAR / FAR config> "
+        "--config.mode=pretokenize --config.tokenizer.checkpoint=<tokenizer "
+        "weights> --workdir=<dir>`, then point config.data.path at the written "
         "'<prefix>-*.array_record' files.")
   found = glob_files(pattern)
   folders = [f for f in found
