@@ -289,6 +289,21 @@ def test_resume_with_unfitting_input_position_keeps_state(runs, tmp_path,
   assert resume_lib.resume_seed(0, 6) != resume_lib.resume_seed(0, 3)
 
 
+def test_resume_on_token_files_written_again_draws_afresh(runs, tmp_path,
+                                                         caplog, monkeypatch):
+  """Token files written again with the same tokenizer weights (centre crops
+  for ten crops, images added): the saved position counts in the old files,
+  so the order is drawn afresh (``token_origin.files_changed`` says so)."""
+  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  wd = copy_run(runs[1], tmp_path)
+  monkeypatch.setattr(token_origin, "files_changed",
+                      lambda c, w: "counts examples of other token files")
+  with caplog.at_level(logging.WARNING):
+    trainer_lib.train_loop(config(9), wd)
+  assert any("saved with step 6 counts examples of other token files"
+             in r.getMessage() for r in caplog.records)
+
+
 def test_order_drawn_afresh_survives_later_resumes(runs, tmp_path):
   """After a resume on another process count, resuming again (on the same
   count) continues the redrawn order: the same as not stopping at all."""

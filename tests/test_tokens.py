@@ -307,8 +307,8 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   from genvis_jax.sample import trained_with
   path = data.write_token_records(str(tmp_path / "train"), np.arange(2, dtype=np.int32),
                                   np.zeros((2, 4), np.int32))[0]
-  record = lambda w: open(path + ".json", "w").write(
-      json.dumps({"settings": {"weights": w}, "records": 2}))
+  record = lambda w, sha="a": open(path + ".json", "w").write(
+      json.dumps({"settings": {"weights": w}, "records": 2, "sha256": sha}))
   config = ml_collections.ConfigDict(dict(data=dict(
       source="tokens", path=str(tmp_path / "{split}-*"), split="train"),
       sample=dict(allow_model_changes="")))
@@ -319,7 +319,16 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   assert not os.listdir(wd)                          # ... and nothing written
   token_origin.record(config, wd, None)              # recorded once restored
   token_origin.check(config, wd, 5)                  # resume, same files
+  assert token_origin.files_changed(config, wd) == ""
   token_origin.record(config, wd, 5)
+  # The same weights, the files written again (e.g. centre crops for ten):
+  # the saved input position counts in the old files, so it is not used.
+  record("step 20 committed 1", sha="b")
+  token_origin.check(config, wd, 5)
+  assert "other token files than config.data.path" in token_origin.files_changed(
+      config, wd)
+  token_origin.record(config, wd, 5)                 # the next saves count in these
+  assert token_origin.files_changed(config, wd) == ""
   record("step 30 committed 2")                      # written again since
   with pytest.raises(data.TokenFileError,
                      match=r"trained to step 5 on token files written with "

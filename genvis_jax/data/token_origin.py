@@ -13,8 +13,11 @@ their records' SHA-256 was computed on.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
+
+import jax
 
 from absl import logging
 from etils import epath
@@ -373,6 +376,41 @@ def written_weights(config, encodes: bool = False) -> list[str]:
   return sorted(w for w in found if w)
 
 
+def files_fingerprint(config) -> str:
+  """SHA-256 over the names, record counts and recorded SHA-256s of
+  ``config.data``'s token files: what a saved input position counts in.
+  "" without token files, or where a file has no record with its hash."""
+  pattern = _pattern(config.data)
+  if not pattern:
+    return ""
+  rows = []
+  for path, r in sorted(_records(pattern).items()):
+    if not r or not r.get("sha256"):
+      return ""
+    rows.append([os.path.basename(path), r.get("records"), r["sha256"]])
+  return hashlib.sha256(json.dumps(rows).encode()).hexdigest() if rows else ""
+
+
+def files_changed(config, workdir: str) -> str:
+  """Why the position a run saved cannot be used on its token files now:
+  they are not the files it recorded (written again with the same tokenizer
+  weights, e.g. centre crops for ten crops or images added), "" if they are
+  or nothing was recorded. Process 0 reads; "" on the others (the resume
+  agrees on any process's reason)."""
+  def read():
+    try:
+      before = json.loads((epath.Path(workdir) / ORIGIN_FILE).read_text()
+                          ).get("files", "")
+    except (OSError, ValueError, AttributeError):
+      return ""
+    now = files_fingerprint(config)
+    if before and now and before != now:
+      return (f"counts examples of other token files than config.data.path "
+              f"({config.data.path}) holds now (written again since)")
+    return ""
+  return read() if jax.process_index() == 0 else ""
+
+
 def check(config, workdir: str, resumed_step: int | None,
           encodes: bool = False) -> None:
   """Before a resume reads any state: raises ``TokenFileError`` when the
@@ -421,14 +459,23 @@ def _check(config, workdir: str, resumed_step: int | None,
 def _record(config, workdir: str, resumed_step: int | None,
             encodes: bool) -> None:
   now = written_weights(config, encodes)
-  if not now or (resumed_step is not None and run_token_weights(workdir)):
-    return
   path = epath.Path(workdir) / ORIGIN_FILE
+  # The token files too: the input position the next checkpoint saves
+  # counts in these (a resume on files written again draws afresh).
+  files = files_fingerprint(config)
+  if resumed_step is not None and run_token_weights(workdir):
+    before = json.loads(path.read_text())
+    if files and before.get("files") != files:
+      path.write_text(json.dumps({**before, "files": files}))
+    return
+  if not now:
+    return
   if resumed_step is not None:   # a run from before this record existed
     logging.warning("Recording the training data's tokenizer weights %s in %s; "
                     "the steps up to %d were trained before such a record "
                     "existed and are not checked.", now, path, resumed_step)
-  path.write_text(json.dumps({"weights": now}))
+  path.write_text(json.dumps({"weights": now, **({"files": files} if files
+                                                 else {})}))
 
 
 def run_token_weights(run: str) -> list[str]:

@@ -32,6 +32,8 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
   from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
   encodes = task.encodes_with_tokenizer
   token_origin.check(config, workdir, ckpt.latest_step(), encodes)
+  # Before the record below takes the files of now.
+  tokens_changed = token_origin.files_changed(config, workdir)
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state, saved_config = ckpt.restore_latest(
       trainer.abstract_state(), config, with_data=True)
@@ -53,7 +55,7 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
         "this run's values:\n  %s", settings_lib.shorten(changed, 20, "\n  "))
   data_iter, info, data_seed = resume_input(
       ckpt, latest, saved_config, config, data_iter, info, make_iterator,
-      trainer.data_group)
+      trainer.data_group, tokens_changed)
   if config.init_from:
     logging.warning(
         "config.init_from=%s is not loaded: it initialises a fresh run, and "
@@ -111,17 +113,20 @@ def _check_newest_config(ckpt, config) -> None:
 
 
 def resume_input(ckpt, step: int, saved_config: dict | None, config,
-                 data_iter, info, make_iterator, data_group=None):
+                 data_iter, info, make_iterator, data_group=None,
+                 unusable: str = ""):
   """Moves the input pipeline to the position saved with ``step`` (whose run
   config was ``saved_config``); returns ``(data_iter, info, data seed)``.
   ``make_iterator(seed)`` builds the input in another data order;
   ``data_group``: this process's ``(group, count)`` of the data
-  (``sharding.data_groups``).
+  (``sharding.data_groups``); ``unusable``: why the position cannot be used
+  whatever it holds ("" if it may; e.g. token files written again since).
 
   The saved order's seed is the one recorded with the position (a run that
   once drew its order afresh keeps that order on later resumes). Where the
   position cannot be used on any process (another process count, data group
-  or ``config.data.num_workers``, a state that does not fit this pipeline), all
+  or ``config.data.num_workers``, a state that does not fit this pipeline,
+  ``unusable``), all
   processes draw the order afresh from :func:`resume_seed`, with a warning;
   the train state is resumed either way.
 
@@ -140,7 +145,7 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config,
   except Exception as e:  # pylint: disable=broad-except
     error = e   # storage (OSError, or a file-system backend's own errors)
   why = pos.why if pos is not None else None
-  why = why or order_setting_changed(saved_config, config)
+  why = why or unusable or order_setting_changed(saved_config, config)
   unfit = multihost.gather_or_raise(
       int(bool(why)), error, "could not read their input position saved "
       f"with step {step} (their logs say why); run the same command again.")
