@@ -72,7 +72,14 @@ def parse_arg(arg, *, positional=(), **defaults) -> ml_collections.ConfigDict:
           f"--config=configs/X.py:{','.join(example)}).")
     default = defaults[key]
     if isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes")
+      # runlocal=on must not run the paper config: only these are read.
+      words = {"1": True, "true": True, "yes": True, "on": True,
+               "0": False, "false": False, "no": False, "off": False}
+      if value.lower() not in words:
+        raise ValueError(
+            f"Config argument {token!r}: {key} is a flag: give it bare "
+            f"({key}) or as {key}=true / {key}=false.")
+      out[key] = words[value.lower()]
     elif default is None:
       out[key] = value
     else:

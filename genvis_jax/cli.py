@@ -94,8 +94,12 @@ def flag_error_message(e: BaseException) -> str:
 
 
 def _config_paths(argv):
-  return [a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
-          if a.startswith("--config=")]
+  """The config file paths of ``--config=PATH[:ARG]`` and ``--config PATH``."""
+  args = list(argv[1:])
+  return [(a.split("=", 1)[1] if a.startswith("--config=") else nxt)
+          .split(":", 1)[0]
+          for a, nxt in zip(args, args[1:] + [""])
+          if a.startswith("--config=") or (a == "--config" and nxt)]
 
 
 def unknown_key_message(error: Exception, argv) -> str:
@@ -160,7 +164,17 @@ def flags_parser(usage: str):
              f"configs/ holds the paper, runlocal and demo configs, e.g. "
              f"configs/demo.py.\n{usage}", 2)
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
+      # ml_collections keeps some load failures (a --flagfile's missing
+      # config) for the first read, as a traceback in main: said here.
+      value = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+      if type(value).__name__ == "_ErrorConfig":
+        error = object.__getattribute__(value, "_error")
+        if verbose(argv):
+          raise error
+        fail(f"Loading the config (--config) failed: "
+             f"{' '.join(str(error).split())}\n{usage}", 2)
+      return rest
     except (AttributeError, KeyError) as e:   # ml_collections: unknown key
       if verbose(argv):
         raise

@@ -29,6 +29,14 @@ def test_unknown_keys_are_named_by_their_override():
   assert "A demo config runs stages: their settings are under " in message
 
 
+def test_config_paths_of_both_flag_forms():
+  """``--config PATH`` (absl's space form) is checked as ``--config=PATH``."""
+  assert cli._config_paths(["main", "--config", "configs/x.py:runlocal",   # pylint: disable=protected-access
+                            "--workdir=/w", "--config=configs/y.py",
+                            "--config.mode=sample", "--config"]) == [
+                                "configs/x.py", "configs/y.py"]
+
+
 def test_a_flag_error_keeps_the_message_raised_from_none():
   """``raise ... from None`` ends the chain: the config argument's message
   (naming the argument), not the int() error under it."""
@@ -198,6 +206,11 @@ CASES = {
     "no_pretokenize_stage": (
         ["--config=configs/eq_s.py:runlocal", "--config.mode=pretokenize"],
         r"This config has no pretokenize stage"),
+    # ml_collections keeps this load failure for the first read of the config.
+    "flagfile_missing_config": (
+        ["--flagfile={flagfile}"],
+        r"Loading the config \(--config\) failed: .*No such file or directory: "
+        r"'configs/nope.py'"),
 }
 
 
@@ -205,8 +218,10 @@ CASES = {
 def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir):
   args, pattern = CASES[name]
   (tmp_path / "afile").write_text("not a directory")
+  (tmp_path / "flags").write_text("--config=configs/nope.py\n")
   args = [a.replace("{bad}", bad_params_dir).replace(
-      "{file}", str(tmp_path / "afile")) for a in args]
+      "{file}", str(tmp_path / "afile")).replace(
+          "{flagfile}", str(tmp_path / "flags")) for a in args]
   if name != "no_workdir" and not any(a.startswith("--workdir=") for a in args):
     args.append(f"--workdir={tmp_path / 'wd'}")
   out = _cli(args)

@@ -44,6 +44,10 @@ def test_parse_arg():
   a = base.parse_arg("", positional=("variant",), variant="dual", runlocal=False)
   assert (a.variant, a.runlocal) == ("dual", False)
   assert base.parse_arg("runlocal=false,n=3", runlocal=True, n=1).n == 3
+  assert base.parse_arg("runlocal=on", runlocal=False).runlocal
+  # runlocal=maybe ran the paper-size config (read as False).
+  with pytest.raises(ValueError, match=r"'runlocal=maybe': runlocal is a flag"):
+    base.parse_arg("runlocal=maybe", runlocal=False)
   with pytest.raises(ValueError, match="runlcal"):
     base.parse_arg("runlcal", runlocal=False)
   with pytest.raises(ValueError, match="'quad'"):   # no positional left
@@ -400,3 +404,17 @@ def test_settings_a_builder_derives_are_declared(name):
     follows |= {f for f in fields if f != g and f not in models.SHARED_DEFAULTS
                 and getattr(m, f) != getattr(base_model, f)}
   assert follows == set(unset), (follows, unset)
+
+
+def test_fqgan_demo_stage_configs_run_on_their_own():
+  """``fqgan_demo.py --config.mode=pretokenize`` encodes the demo images as
+  the demo's stage does (it read ImageNet at 256 px), and ``far_demo.py``
+  decodes with the demo tokenizer (it named the paper FQGAN)."""
+  from configs import demo_fqgan, far_demo, fqgan_demo  # pylint: disable=import-outside-toplevel
+  stages = demo_fqgan.get_config().stages
+  alone = fqgan_demo.get_config().pretokenize
+  staged = stages.pretokenize.pretokenize
+  for key in ("source", "name", "image_size", "num_classes"):
+    assert alone.data[key] == staged.data[key], key
+  assert alone.ten_crop == staged.ten_crop
+  assert far_demo.get_config().tokenizer.model == stages.far.tokenizer.model

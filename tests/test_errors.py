@@ -144,6 +144,10 @@ IMPOSSIBLE = {
                       r"scaling.*--config.model.dtype=bfloat16"),
     "disc_float16": ("tokenizer", "disc.dtype", "float16",
                      r"config.disc.dtype='float16'.*bfloat16"),
+    # --config.optimizer.no_decay= : every parameter exempt, silently.
+    "no_decay_empty": ("classifier", "optimizer.no_decay", ("",),
+                       r"config.optimizer.no_decay entry '' is empty: it "
+                       r"matches every parameter"),
 }
 
 
@@ -194,6 +198,23 @@ def test_the_edge_values_that_train_are_kept():
                      match=r"config.optimizer.lr='1e-4x' must be finite"):
     opt_lib.check_config(ml_collections.ConfigDict(dict(
         name="adamw", schedule="constant", lr="1e-4x")))
+
+
+def test_a_no_decay_pattern_matching_nothing_is_named(caplog):
+  """``--config.optimizer.no_decay=bias,scale`` is one pattern that matches
+  no parameter: every weight decays. Warned once, with the tuple form."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
+  params = {"dense": {"bias": 0.0, "kernel": 0.0}}
+  with caplog.at_level(logging.WARNING):
+    for _ in range(2):
+      mask = opt_lib.decay_mask(params, ("bias,scale", "bias"))
+  assert mask == {"dense": {"bias": False, "kernel": True}}
+  said = [r.getMessage() for r in caplog.records if "matches no" in r.getMessage()]
+  assert said == ["config.optimizer.no_decay: pattern 'bias,scale' matches no "
+                  "parameter (e.g. 'dense/bias'), so it exempts none from weight "
+                  "decay: each pattern is its own entry, e.g. --config.optimizer."
+                  "no_decay='(\"bias\",\"scale\")'."]
 
 
 def test_indivisible_batch(tmp_path):

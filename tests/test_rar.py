@@ -333,6 +333,22 @@ def test_randomness_ratio():
   assert r(187_500) == 0.0 and r(249_999) == 0.0
 
 
+def test_anneal_points_past_the_last_step_are_named(caplog):
+  """``--config.train.num_steps`` shortened alone: the paper's anneal points
+  (absolute steps) lie past the end, and the run never trains on the raster
+  order it samples in."""
+  import logging  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config()
+  cfg.train.update(num_steps=100, randomness_anneal_start=125,
+                   randomness_anneal_end=200)
+  with caplog.at_level(logging.WARNING):
+    get_task(cfg)
+  assert ("randomness_anneal_end=200 is past config.train.num_steps=100: the "
+          "run ends on 100% random orders") in caplog.text
+  assert "randomness_anneal_start=50 --config.train.randomness_anneal_end=75" in (
+      caplog.text)
+
+
 def test_sample_orders_and_label_dropout():
   key = jax.random.key(0)
   perm = np.asarray(rar_task.sample_orders(key, 16, L, 1.0))

@@ -107,6 +107,12 @@ def test_class_labels_are_balanced_and_refuse_classes_the_model_lacks():
                      match=r"config.sample.classes holds \[-1, 10\], not "
                            r"classes of this model: use 0..9"):
     driver.class_labels(4, 10, (3, 10, -1))
+  # --config.sample.classes= / =cat / =1.5: not class numbers, said so.
+  for given in (("",), ("cat",), (1.5,), (True,)):
+    with pytest.raises(errors.ConfigError,
+                       match=r"config.sample.classes holds .*, not class numbers"):
+      driver.class_labels(4, 10, given)
+  np.testing.assert_array_equal(driver.class_labels(2, 10, (np.int64(3),)), [3, 3])
 
 
 def test_uniform_labels_are_iid_seeded_and_keep_their_prefix():

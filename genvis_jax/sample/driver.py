@@ -79,9 +79,18 @@ def class_labels(num_samples: int, num_classes: int, classes=(),
   ``num_samples``, so a resumed run that asks for more images keeps them.
 
   Raises:
-    ConfigError: a class outside 0..num_classes - 1 (naming
-      ``config.sample.classes``), or another ``draw``.
+    ConfigError: an entry that is not a whole number or a class outside
+      0..num_classes - 1 (naming ``config.sample.classes``), or another
+      ``draw``.
   """
+  # --config.sample.classes= gives ('',), =cat ('cat',), =1.5 (1.5,).
+  odd = [c for c in classes if isinstance(c, (bool, np.bool_))
+         or not isinstance(c, (int, np.integer))]
+  if odd:
+    raise errors.ConfigError(
+        f"config.sample.classes holds {odd[:5]}, not class numbers: give a "
+        "tuple of whole numbers, e.g. --config.sample.classes='(207,360)', or "
+        "--config.sample.classes='()' for all classes.")
   classes = np.asarray(list(classes) or range(num_classes), np.int64)
   bad = classes[(classes < 0) | (classes >= num_classes)]
   if bad.size:

@@ -9,6 +9,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from genvis_jax import errors
 
@@ -18,11 +19,31 @@ def param_path(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def decay_mask(params, no_decay: Sequence[str]):
-  """True where weight decay applies: no regex of ``no_decay`` matches the path."""
+def decay_mask(params, no_decay: Sequence[str],
+               setting: str = "config.optimizer.no_decay"):
+  """True where weight decay applies: no regex of ``no_decay`` matches the
+  path. A pattern with a comma that matches no parameter is warned about
+  once, naming ``setting``: ``--config...no_decay=bias,scale`` gives the one
+  pattern ``"bias,scale"``, which exempts nothing. (The shared defaults name
+  parameters some models lack, e.g. ``embedding``: not warned about.)"""
   pats = [re.compile(p) for p in no_decay]
+  paths = [param_path(path) for path, _ in
+           jax.tree_util.tree_leaves_with_path(params)]
+  for p in pats:
+    if ("," in p.pattern and paths
+        and not any(p.search(path) for path in paths)):
+      message = (f"{setting}: pattern {p.pattern!r} matches no parameter "
+                 f"(e.g. {paths[0]!r}), so it exempts none from weight decay: "
+                 "each pattern is its own entry, e.g. --config.optimizer."
+                 "no_decay='(\"bias\",\"scale\")'")
+      if message not in _WARNED:
+        _WARNED.add(message)
+        logging.warning("%s.", message)
   return jax.tree_util.tree_map_with_path(
       lambda path, _: not any(p.search(param_path(path)) for p in pats), params)
+
+
+_WARNED: set[str] = set()   # a mask is built for each optimizer state made
 
 
 def step_decay_schedule(lr: float, warmup: int, every: int, rate: float):
@@ -113,8 +134,21 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
   """Raises ``ConfigError`` naming ``setting``'s key (e.g.
   ``config.disc.optimizer.lr``) for a value no training can use: a negative
   or non-finite learning rate, end_lr, warm-up, weight decay or step_decay
-  rate, Adam betas or momentum outside [0, 1). Keys the config lacks keep
-  their defaults and are not checked."""
+  rate, Adam betas or momentum outside [0, 1), or a ``no_decay`` entry that
+  is not a regular expression (an empty one, from ``--config...no_decay=``,
+  would exempt every parameter). Keys the config lacks keep their defaults
+  and are not checked."""
+  for pattern in opt_config.get("no_decay", None) or ():
+    why = ("is empty: it matches every parameter, so none would decay (for "
+           "no exemption set the tuple empty, --config.optimizer.no_decay='()')"
+           if pattern == "" else "")
+    if not why:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        why = f"is not a regular expression ({e})"
+    if why:
+      raise errors.ConfigError(f"{setting}.no_decay entry {pattern!r} {why}.")
   for key in _read_keys(opt_config):
     value = opt_config.get(key)
     accepted, rule = RULES[key]
@@ -146,7 +180,8 @@ def make_optimizer(opt_config, train_config,
     chain.append(optax.adamw(
         schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
         weight_decay=wd,
-        mask=lambda p: decay_mask(p, tuple(opt_config.no_decay))))
+        mask=lambda p: decay_mask(p, tuple(opt_config.no_decay),
+                                  f"{setting}.no_decay")))
   elif name == "sgd":
     chain.append(optax.sgd(schedule, momentum=opt_config.get("momentum", 0.9)))
   else:

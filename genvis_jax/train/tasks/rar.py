@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from genvis_jax import errors
 from genvis_jax.models.layers import drop_labels
@@ -59,6 +60,16 @@ class RARTask(GeneratorTask):
     super().__init__(config)
     self.anneal = (int(self.hparam("train.randomness_anneal_start")),
                    int(self.hparam("train.randomness_anneal_end")))
+    num_steps = int(self.hparam("train.num_steps"))
+    if self.anneal[1] > num_steps:   # e.g. --config.train.num_steps alone
+      logging.warning(
+          "config.train.randomness_anneal_end=%d is past config.train."
+          "num_steps=%d: the run ends on %.0f%% random orders, but sampling "
+          "decodes in raster order. Set the anneal points with the steps (the "
+          "paper's: 50%% and 75%% of them, --config.train.randomness_anneal_"
+          "start=%d --config.train.randomness_anneal_end=%d).", self.anneal[1],
+          num_steps, 100 * float(randomness_ratio(num_steps, *self.anneal)),
+          num_steps // 2, num_steps * 3 // 4)
     self.label_dropout = float(self.hparam("train.label_dropout"))
 
   def grads(self, params, frozen, batch, rng, step):
