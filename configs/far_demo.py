@@ -8,6 +8,7 @@ tokenizer's pre-tokenized codes (``data.source = "tokens"``, records of shape
 
 from configs import base
 from configs import far_common
+from configs import fqgan_demo
 
 
 def far_demo_config():
@@ -41,6 +42,10 @@ def far_demo_config():
   s.num_samples = 64
   s.batch_size = 32
   s.labels = "balanced"   # the score stage counts the same images per class
+  # Its tokenizer is the demo's (configs/fqgan_demo.py), not the paper FQGAN:
+  # --config.tokenizer.checkpoint=<that run> decodes its sample grids.
+  base.add_tokenizer(c, fqgan_demo.fq_tokenizer_demo_config().model,
+                     config_file="configs/fqgan_demo.py")
   return c
 
 

@@ -3,11 +3,15 @@
   python -m genvis_jax.main --config=configs/fqgan_demo.py --workdir=/tmp/fq_tok
   python -m genvis_jax.main --config=configs/fqgan_demo.py --workdir=/tmp/fq_eval \
       --config.mode=evaluate --config.evaluate.checkpoint=/tmp/fq_tok
+  python -m genvis_jax.main --config=configs/fqgan_demo.py --workdir=/tmp/fq_pre \
+      --config.mode=pretokenize --config.tokenizer.checkpoint=/tmp/fq_tok
 
 Trunk: 32 channels, three levels (32x32 -> 8x8 grid), one res block each;
 adapters: 1 layer of width 32 (4 heads); two sub-codebooks (vis, sem) of
 64 x 8; a 1-layer feature head on sem (active only with a teacher file).
 """
+
+import ml_collections
 
 from configs import base
 from configs import fqgan_common
@@ -49,6 +53,13 @@ def fq_tokenizer_demo_config():
   # reconstructions stage, not the paper's 50k.
   c.evaluate.num_images = 256
   c.evaluate.batch_size = 64
+  # --config.mode=pretokenize (--config.tokenizer.checkpoint=DIR): the demo
+  # images, centre crop + mirror, as the demo's pretokenize stage writes them
+  # for configs/far_demo.py (the paper's section reads ImageNet at 256 px).
+  images = ml_collections.ConfigDict(d.to_dict())
+  images.random_flip = False
+  c.pretokenize.data = images
+  c.pretokenize.ten_crop = False
   return c
 
 

@@ -344,6 +344,13 @@ def test_cli_converts_with_config_overrides(rar, tmp_path):
   assert "parameters" in run.stdout and (dst / "params").is_dir()
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert again.returncode != 0 and "--overwrite" in again.stderr
+  # A demo config (stages, no config.model): one message, not a traceback.
+  demo = [a if not a.startswith("--config") else f"--config={REPO}/configs/demo.py"
+          for a in cmd if not a.startswith("--config.")]
+  out = subprocess.run(demo + ["--overwrite"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "Error: --config has no config.model (a demo config runs stages" in out.stderr
 
 
 # --- LPIPS (torchvision vgg16 + LPIPS lin weights -> .npz) ---------------------

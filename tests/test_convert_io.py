@@ -159,6 +159,8 @@ def test_convert_names_a_wrong_kind_or_output_before_reading(tmp_path):
   with pytest.raises(errors.ConfigError,
                      match=r"--config=genvis_jax/convert/clip_vision.py:NAME"):
     convert.check_kind("clip_vision", None)
+  with pytest.raises(errors.ConfigError, match=r"'lpips' is one fixed .* takes no --config"):
+    convert.check_kind("lpips", config.model)
   (tmp_path / "file").write_text("x")
   with pytest.raises(errors.OutputExistsError, match="is a file; this kind writes a folder"):
     convert.convert_file("rar", "none.bin", config.model, str(tmp_path / "file"),

@@ -82,9 +82,13 @@ def check_kind(kind: str, model_config, config=None):
   message name the config file of its tokenizer. Raises ``ConfigError``."""
   mod = kind_module(kind)
   form = getattr(mod, "CONFIG_FORM", "configs/X.py")
-  if getattr(mod, "NEEDS_CONFIG", True) and model_config is None:
+  needs = getattr(mod, "NEEDS_CONFIG", True)
+  if needs and model_config is None:
     raise errors.ConfigError(f"Kind {kind!r} needs the model config the "
                              f"checkpoint must fit (--config={form}).")
+  if not needs and model_config is not None:
+    raise errors.ConfigError(f"Kind {kind!r} is one fixed architecture and "
+                             "takes no --config: leave it out.")
   name = getattr(model_config, "get", lambda *_: None)("name")
   if name and name != kind and name in kinds():
     tokenizer = (config or {}).get("tokenizer") or {}

@@ -1,4 +1,4 @@
-"""CLI: convert an official PyTorch checkpoint into a Flax/Orbax one.
+r"""CLI: convert an official PyTorch checkpoint into a Flax/Orbax one.
 
   python -m genvis_jax.convert --kind=rar --src=rar_b.bin \
       --config=configs/rar_b.py --dst=/ckpt/rar_b
@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from genvis_jax import cli
-from genvis_jax import convert, models
+from genvis_jax import convert, errors, models
 
 __doc__ = (__doc__ or "") + "\n" + textwrap.fill(   # pylint: disable=redefined-builtin
     f"Kinds here: {', '.join(convert.kinds())}.", 80) + "\n"
@@ -38,9 +38,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.fail(f"Unexpected arguments {argv[1:]}; flags are written "
+             f"--name=value.\n{USAGE}", 2)
   cli.quiet_library_logs()
   config = _CONFIG.value
+  if config is not None and "model" not in config:
+    raise errors.ConfigError(
+        "--config has no config.model (a demo config runs stages, each with "
+        "its own): pass the config file of the model the checkpoint holds, "
+        "e.g. --config=configs/maskgit_vqgan.py.")
   params = convert.convert_file(
       _KIND.value, _SRC.value, config.model if config is not None else None,
       _DST.value, key=_KEY.value, overwrite=_OVERWRITE.value, config=config)
@@ -49,8 +55,10 @@ def main(argv):
   print(f"Converted {_SRC.value} -> {_DST.value}: {count:,} parameters.")
 
 
+USAGE = ("usage: python -m genvis_jax.convert --kind=K --src=FILE[,FILE] "
+         "--dst=DIR [--config=configs/X.py] [--key=NAME] [--overwrite]")
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["kind", "src", "dst"])
-  app.run(cli.user_errors_exit(main), flags_parser=cli.flags_parser(
-      "usage: python -m genvis_jax.convert --kind=K --src=FILE[,FILE] "
-      "--dst=DIR [--config=configs/X.py] [--key=NAME] [--overwrite]"))
+  app.run(cli.user_errors_exit(main), flags_parser=cli.flags_parser(USAGE))
