@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -10,7 +11,9 @@ import ml_collections
 from absl import logging
 
 from genvis_jax import errors
+from genvis_jax import models
 from genvis_jax.core import files
+from genvis_jax.core import settings as settings_lib
 from genvis_jax.modes import resolve
 
 
@@ -74,6 +77,55 @@ def as_demo_fields(message: str, stage: str, config) -> str:
   return _FIELD.sub(field, message)
 
 
+# A stage's settings that name another stage's output ("{workdir}/<stage>"),
+# and the section of its config that describes that output's model.
+READS = (("tokenizer.checkpoint", "tokenizer.model"), ("init_from", "model"),
+         ("evaluate.checkpoint", "model"),
+         ("evaluate.classifier_checkpoint", "model"))
+# Model settings that leave the weights as they are (a stage decodes in fp32).
+_SAME_WEIGHTS = ("dtype", "param_dtype", "remat")
+
+
+def check_stage_models(config, stages) -> None:
+  """Refuses, before any stage runs, a stage of ``stages`` (or one reading
+  it) whose config describes another stage's model otherwise than that
+  stage trains it: an override of one stage's model (e.g.
+  ``--config.stages.tokenizer.model.num_codes=128``) not repeated where the
+  others read it stopped the demo after the first stage had trained.
+
+  Raises:
+    ConfigError: naming each differing setting on both sides.
+  """
+  found = []
+  plain = {name: json.loads(config.stages[name].to_json_best_effort())
+           for name in config.stage_order}
+  for reader in config.stage_order:
+    cfg = plain[reader]
+    for ref, section in READS:
+      path = settings_lib.get(cfg, ref)
+      if not (isinstance(path, str) and path.startswith("{workdir}/")):
+        continue
+      writer = path[len("{workdir}/"):].split("/")[0]
+      if writer not in plain or not {reader, writer} & set(stages):
+        continue
+      model = plain[writer].get("model")
+      read = settings_lib.get(cfg, section)
+      if model is None or read is None:
+        continue
+      a, b = settings_lib.flatten(model), settings_lib.flatten(read)
+      found += [
+          f"--config.stages.{writer}.model.{k}={a.get(k)!r} but "
+          f"--config.stages.{reader}.{section}.{k}={b.get(k)!r}"
+          for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and k not in _SAME_WEIGHTS
+          and not models.is_dropout(f"model.{k}")]
+  if found:
+    raise errors.ConfigError(
+        "The demo's stages describe one model two ways, so a stage would "
+        "fail on the weights another writes (after that one trained): give "
+        "each setting the same value in both stages.\n  " + "\n  ".join(found))
+
+
 def run(config, workdir: str) -> dict:
   """Runs every stage (or those named in ``config.only``, comma-separated, in
   the config's order); returns {stage: its result}. Raises ``ConfigError``
@@ -93,6 +145,7 @@ def run(config, workdir: str) -> dict:
       raise errors.ConfigError(f"Unknown demo stage(s) {unknown} in config.only; "
                        f"stages: {order}.")
     order = [s for s in order if s in only]
+  check_stage_models(config, order)
   results, start = {}, time.perf_counter()
   for name in order:
     stage = stage_config(config, name, workdir)

@@ -199,3 +199,20 @@ def test_a_stage_run_alone_names_the_earlier_stages_it_needs(tmp_path):
                            r"--config.only, .* run them first \(--config.only=tokenizer,"
                            r"reconstructions,classifier,pretokenize,rar\)"):
     demo_run.run(cfg, str(tmp_path))
+
+
+def test_a_stage_model_override_not_repeated_is_refused_before_training(tmp_path):
+  """``--config.stages.tokenizer.model.num_codes=128`` alone: the tokenizer
+  trained, then the stages reading it failed on its weights. Named up front,
+  with every stage that reads the model."""
+  from genvis_jax import demo as demo_run
+  from genvis_jax.errors import ConfigError
+  cfg = demo.get_config("smoke")
+  cfg.stages.tokenizer.model.num_codes = 128
+  cfg.only = "tokenizer"
+  with pytest.raises(ConfigError, match=r"describe one model two ways") as e:
+    demo_run.run(cfg, str(tmp_path))
+  assert str(e.value).count("--config.stages.tokenizer.model.num_codes=128 but "
+                            "--config.stages.") == 4
+  assert "--config.stages.rar.tokenizer.model.num_codes=256" in str(e.value)
+  assert not os.listdir(tmp_path)    # nothing trained
