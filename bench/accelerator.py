@@ -138,7 +138,17 @@ def parse_args(argv=None):
                       "repeatable; fields: bench/accel_harness.py's Sizes")
   p.add_argument("--wheels", default=os.path.join(ROOT, "wheels"),
                  help="where to find a carried ml_collections wheel")
+  p.add_argument("--force", action="store_true",
+                 help="replace the results.json / results.md already in --out")
+  p.add_argument("--allow_cpu", action="store_true",
+                 help="run the full sizes on a CPU backend (minutes per "
+                      "section, numbers of no use; --smoke is the CPU check)")
   args = p.parse_args(argv)
+  if not args.budget_s > 0:
+    p.error(f"--budget_s={args.budget_s:g}: give the run's seconds (> 0)")
+  if not args.force and os.path.exists(os.path.join(args.out, "results.json")):
+    p.error(f"{args.out}/results.json holds an earlier run's rows: choose "
+            "another --out, or pass --force to replace them")
   names = [s[0] for s in SECTIONS]
   chosen = [s for s in args.sections.split(",") if s]
   unknown = sorted(set(chosen) - set(names))
@@ -222,6 +232,12 @@ def main(argv=None) -> int:
   # to (jax's default is 75%); set before jax initialises the backend.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
                         str(accel_train.MEMORY_FRACTION))
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "cpu" and not (args.smoke or args.allow_cpu):
+    raise UserError(
+        "the backend is CPU: the full sizes (paper-size models) would take "
+        "minutes per section and measure nothing of use. Run on a GPU / TPU, "
+        "or pass --smoke (tiny shapes: checks every section) or --allow_cpu.")
   src = ensure_ml_collections(
       [args.wheels, os.environ.get("GENVIS_WHEELS", "")])
   # A hung compile still leaves a stack trace (and the JSON written so far).
@@ -250,7 +266,10 @@ def main(argv=None) -> int:
       if sec.status == "running":
         sec.status = f"killed ({signal.Signals(signum).name})"
     save()
-    sys.exit(128 + signum)
+    # Not sys.exit: the interpreter's shutdown under XLA's running threads
+    # crashed (a segfault, exit 139) after the rows were on file.
+    sys.stdout.flush()
+    os._exit(128 + signum)  # pylint: disable=protected-access
 
   before = signal.signal(signal.SIGTERM, killed)
   save()
@@ -270,7 +289,7 @@ def main(argv=None) -> int:
         sec.status = "ok"
       except SectionTimeout as e:
         sec.status = "timeout"
-        sec.note(f"{e} (rows above were measured)")
+        sec.note(f"{e} (rows above were measured)" if sec.rows else str(e))
       except Exception as e:  # pylint: disable=broad-except
         sec.status = "failed"
         sec.note(f"failed: {error_line(e)}")

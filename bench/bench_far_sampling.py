@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.accel_harness import commit_id
-from bench.bench_rar_sampling import (_aot, _opts, cache_bytes, chunked_steps,
-                                      kv_stand_in, print_bytes,
-                                      print_floor_table, read_cache,
-                                      time_interleaved, weight_bytes)
+from bench.bench_rar_sampling import (DTYPES, _aot, _opts, cache_bytes,
+                                      check_args, chunked_steps, kv_stand_in,
+                                      parser, print_bytes, print_floor_table,
+                                      read_cache, time_interleaved,
+                                      weight_bytes)
 from genvis_jax import models
 from genvis_jax.sample import ar
 from genvis_jax.sample import common
@@ -133,19 +134,25 @@ def floor_fn(model, positions: int, rows: int, dtype=None, with_kv: bool = False
   return jax.jit(run)
 
 
+MODES = ("floor", "floor_kv", "cached", "cached_full")
+
+
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = parser(__doc__)
   p.add_argument("--size", default="small", choices=["small", "b", "l"])
   p.add_argument("--variant", default="dual", choices=["dual", "triple"])
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--grid", type=int, default=None, help="default: the config's")
-  p.add_argument("--modes", default="floor,cached")
-  p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--modes", default="floor,cached",
+                 help=f"comma-separated, of: {', '.join(MODES)}")
+  p.add_argument("--repeats", type=int, default=2, help="timed runs per mode")
+  p.add_argument("--dtype", default="float32", choices=DTYPES)
   p.add_argument("--bucket", type=int, default=None)
-  p.add_argument("--check", action="store_true")
+  p.add_argument("--check", action="store_true",
+                 help="also compare the cached sampler with the uncached one")
   p.add_argument("--check_grid", type=int, default=4)
   args = p.parse_args()
+  check_args(p, args, MODES)
 
   cfg = model_config(args.size, args.variant, args.grid)
   model = models.build(cfg)

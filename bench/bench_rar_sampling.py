@@ -301,9 +301,9 @@ def print_floor_table(times: dict, compile_s: dict, unit: str, units: int,
   print("|---|---|---|---|---|---|---|")
   for mode in times:
     ratio = f"{sec[mode] / base:.2f}" if base else "-"
-    each = " / ".join(f"{t:.1f}" for t in times[mode])
-    print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.2f} | {each} | "
-          f"{1e3 * sec[mode] / units:.0f} | {batch / sec[mode]:.3f} | "
+    each = " / ".join(f"{t:.3g}" for t in times[mode])
+    print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.3g} | {each} | "
+          f"{1e3 * sec[mode] / units:.3g} | {batch / sec[mode]:.4g} | "
           f"{ratio} |")
   for floor in (m for m in times if m.startswith("floor")):
     if "cached" in times:
@@ -324,22 +324,53 @@ def check_tokens(model, params, labels, key, sargs, n: int, dtype, bucket):
   return float(np.mean(np.asarray(ours) == np.asarray(ref)))
 
 
+MODES = ("floor", "floor_noada", "floor_kv", "cached", "cached_bN",
+         "reference", "full", "prefix")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_args(p: argparse.ArgumentParser, args, modes=MODES) -> None:
+  """Refuses, before a model is built (minutes at paper size), what would
+  fail after it: an unknown mode (``cached_bN`` is ``cached`` with bucket
+  N), a batch or repeat count below 1."""
+  known = lambda m: m in modes or ("cached_bN" in modes
+                                   and m[len("cached_b"):].isdigit()
+                                   and m.startswith("cached_b"))
+  bad = [m for m in args.modes.split(",") if not known(m)]
+  if bad:
+    p.error(f"--modes: unknown {bad}; choose from {', '.join(modes)}")
+  for flag in ("batch", "repeats"):
+    if getattr(args, flag) < 1:
+      p.error(f"--{flag}={getattr(args, flag)} must be at least 1")
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+  """The scripts' parser: ``--help`` prints their docstring."""
+  return argparse.ArgumentParser(
+      description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = parser(__doc__)
   p.add_argument("--size", default="small", choices=["small", "b", "l", "xl", "xxl"])
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--tokens", type=int, default=256, help="sequence length L")
-  p.add_argument("--modes", default="floor,floor_noada,cached")
-  p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--dtype", default="float32", help="cached/floor decode dtype")
+  p.add_argument("--modes", default="floor,floor_noada,cached",
+                 help=f"comma-separated, of: {', '.join(MODES)}")
+  p.add_argument("--repeats", type=int, default=2, help="timed runs per mode")
+  p.add_argument("--dtype", default="float32", choices=DTYPES,
+                 help="cached/floor decode dtype")
   p.add_argument("--bucket", type=int, default=None,
                  help="cached: kv_len chunk granularity (default the sampler's)")
   p.add_argument("--table_bytes", type=int, default=None,
                  help="cached: modulation-table cap (0 = per-step modulation)")
   p.add_argument("--prefix_bucket", type=int, default=32)
-  p.add_argument("--check", action="store_true")
+  p.add_argument("--check", action="store_true",
+                 help="also compare the cached sampler's tokens with the "
+                      "uncached reference")
   p.add_argument("--check_tokens", type=int, default=16)
   args = p.parse_args()
+  check_args(p, args)
   if args.table_bytes is not None:
     rar_sample.TABLE_BYTES = args.table_bytes
 

@@ -3,7 +3,8 @@
 Times the forward pass and forward + backward (grads of q, k, v) as the
 sequence grows at a fixed window, and prints one row per (N, impl, mode):
 milliseconds (median of ``--iters``) and the time relative to dense attention
-(``vs_dense`` < 1 is faster).
+(``time_x_dense``: its time over dense's, < 1 is faster; ``W``: the window
+in columns of ``--tokens_per_column`` tokens).
 
   python bench/bench_windowed_attention.py              # CPU-sized defaults
   python -m bench.bench_windowed_attention               # same, not installed
@@ -97,8 +98,8 @@ def run(args):
   print(f"backend={jax.default_backend()} batch={args.batch} heads="
         f"{args.heads} head_dim={args.head_dim} window={args.window} "
         f"tokens_per_column={args.tokens_per_column} dtype={args.dtype}")
-  print(f"{'N':>7} {'W':>4} {'mode':>8} {'impl':>11} {'ms':>10} "
-        f"{'vs_dense':>9}")
+  print(f"{'N':>7} {'W(col)':>6} {'mode':>8} {'impl':>11} {'ms':>10} "
+        f"{'time_x_dense':>12}")
   rows = []
   for n in (int(s) for s in args.seqs.split(",")):
     keys = jax.random.split(jax.random.key(n), 4)
@@ -111,13 +112,13 @@ def run(args):
           ms = time_ms(make_fn(impl, mode, args), inputs, args.warmup,
                        args.iters)
         except Exception as e:  # e.g. dense O(N^2) logits out of memory
-          print(f"{n:>7} {args.window:>4} {mode:>8} {impl:>11} "
+          print(f"{n:>7} {args.window:>6} {mode:>8} {impl:>11} "
                 f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
           continue
         if impl == "dense":
           dense_ms = ms
-        ratio = f"{ms / dense_ms:9.3f}" if dense_ms else f"{'-':>9}"
-        print(f"{n:>7} {args.window:>4} {mode:>8} {impl:>11} {ms:10.2f} "
+        ratio = f"{ms / dense_ms:12.3f}" if dense_ms else f"{'-':>12}"
+        print(f"{n:>7} {args.window:>6} {mode:>8} {impl:>11} {ms:10.2f} "
               f"{ratio}", flush=True)
         rows.append((n, args.window, mode, impl, ms))
   return rows

@@ -158,6 +158,8 @@ def main(argv=None):
   p.add_argument("--root", default=os.path.join(
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "genvis_jax"))
   args = p.parse_args(argv)
+  if not os.path.isdir(args.root):
+    p.error(f"--root={args.root}: no such folder")
   files = python_files(args.root)
   lines = {f: sum(1 for _ in open(f, encoding="utf-8")) for f in files}
   edges, deferred, inner = import_graph(args.root)

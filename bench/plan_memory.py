@@ -46,7 +46,7 @@ def _force_host_devices(argv) -> None:
   for i, a in enumerate(argv):
     value = a.split("=", 1)[1] if a.startswith("--devices=") else (
         argv[i + 1] if a == "--devices" and i + 1 < len(argv) else None)
-    if value is not None and int(value) > 0:
+    if value is not None and value.isdigit() and int(value) > 0:
       flags = os.environ.get("XLA_FLAGS", "")
       flags = " ".join(f for f in flags.split()
                        if not f.startswith("--xla_force_host_platform_device_count"))
@@ -88,7 +88,11 @@ def parse_mesh(text: str) -> dict[str, int]:
     if not sep or key.strip() not in shape:
       raise ValueError(f"--mesh={text!r}: expected comma-separated AXIS=SIZE with "
                        f"AXIS in {sorted(shape)}, e.g. data=2,fsdp=4.")
-    shape[key.strip()] = int(value)
+    try:
+      shape[key.strip()] = int(value)
+    except ValueError:
+      raise ValueError(f"--mesh={text!r}: {key.strip()}={value!r} is not a "
+                       "whole number (-1: the devices left).") from None
   return shape
 
 
@@ -257,8 +261,8 @@ def format_table(plans) -> str:
   rows = [head, "|" + "---|" * (head.count("|") - 1)]
   for p in plans:
     mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
-    if p.error:
-      rows.append(f"| {p.config} | error: {p.error} |" + " |" * 13)
+    if p.error:   # the whole message (its fix) is printed below the table
+      rows.append(f"| {p.config} | error (below) |" + " |" * 13)
       continue
     c = p.compiled or {}
     remat = p.remat if p.remat_honored else f"{p.remat} (ignored)"
@@ -278,7 +282,7 @@ def _error_plan(name, config, err) -> Plan:
               micro_batches=config.train.micro_batches, remat=config.model.remat,
               remat_honored=False, dtype=config.model.dtype, params=0,
               param_bytes=0, opt_bytes=0, ema_bytes=0, state_bytes_total=0,
-              error=f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
+              error=f"{type(err).__name__}: {' '.join(str(err).split())}")
 
 
 def main(argv=None) -> list[Plan]:
@@ -299,12 +303,22 @@ def main(argv=None) -> list[Plan]:
                   help="state bytes only (no step compile)")
   args = ap.parse_args(argv)
   specs = args.config or ["configs/rar_b.py"]
-  if specs == ["paper"]:
-    specs = list(PAPER_CONFIGS)
-  mesh = parse_mesh(args.mesh)
+  specs = [s for spec in specs
+           for s in (PAPER_CONFIGS if spec == "paper" else [spec])]
+  for flag, value in (("--devices", args.devices), ("--batch", args.batch),
+                      ("--micro_batches", args.micro_batches)):
+    if value is not None and value < (0 if flag == "--devices" else 1):
+      ap.error(f"{flag}={value}: give a positive number"
+               + (" (0: this machine's devices)" if flag == "--devices" else
+                  " (leave it out for the config's)"))
+  try:
+    mesh = parse_mesh(args.mesh)
+    configs = [(spec, load_config(spec)) for spec in specs]
+  except (ValueError, FileNotFoundError) as e:
+    ap.error(str(e))
   plans = []
-  for spec in specs:
-    config = apply_overrides(load_config(spec), mesh=mesh, batch=args.batch,
+  for spec, loaded in configs:
+    config = apply_overrides(loaded, mesh=mesh, batch=args.batch,
                              micro_batches=args.micro_batches, remat=args.remat,
                              dtype=args.dtype)
     name = spec.replace("configs/", "")
@@ -316,8 +330,11 @@ def main(argv=None) -> list[Plan]:
   print(f"backend={jax.default_backend()} devices={jax.device_count()} "
         f"({jax.devices()[0].device_kind}); GiB per device\n")
   print(format_table(plans))
+  for p in plans:
+    if p.error:
+      print(f"\n{p.config}: {p.error}")
   return plans
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(1 if any(p.error for p in main()) else 0)

@@ -3,7 +3,8 @@
 Times, in one process and interleaved, the jitted pieces of the step the RAR
 task runs (random orders, label dropout, teacher-forced forward with dropout,
 cross-entropy): forward + loss, forward + backward (``value_and_grad``), the
-AdamW update alone, and the whole step (grads + update, donated state), and
+AdamW update alone, and the whole step (grads + update; timed without
+donation, so each call keeps its inputs), and
 reads XLA's cost analysis (FLOPs, bytes accessed) of each to give the achieved
 GFLOP/s and GB/s.
 

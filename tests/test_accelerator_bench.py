@@ -211,6 +211,10 @@ def test_rows_are_on_file_as_measured_and_a_kill_is_recorded(tmp_path,
   monkeypatch.setattr(acc, "SECTIONS", (("a", killed_inside, 100, ("x",)),
                                         ("b", killed_inside, 100, ("x",))))
   before = signal.getsignal(signal.SIGTERM)
+  # The handler ends the process with os._exit (an exit under XLA's threads
+  # crashed): raised here instead, to see the code.
+  monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(
+      SystemExit(code)))
   with pytest.raises(SystemExit) as stop:
     acc.main([f"--out={tmp_path}", "--smoke"])
   assert stop.value.code == 128 + signal.SIGTERM
@@ -270,6 +274,23 @@ def test_train_batch_search(monkeypatch, fails_above, want):
     assert max(2**i for i in range(11) if peak(2**i) <= 92 * gb) == want[-1]
 
 
+def test_a_run_keeps_earlier_results_and_refuses_what_measures_nothing(
+    tmp_path, capsys):
+  """An --out holding results.json was overwritten in 2 s; the full sizes
+  on a CPU backend ran paper-size models for minutes; a budget of 0 marked
+  every section "timeout" with "rows above were measured" (none were)."""
+  from genvis_jax.errors import UserError
+  (tmp_path / "results.json").write_text("{}")
+  with pytest.raises(SystemExit):
+    acc.parse_args([f"--out={tmp_path}"])
+  assert "holds an earlier run's rows" in capsys.readouterr().err
+  assert acc.parse_args([f"--out={tmp_path}", "--force"]).force
+  with pytest.raises(SystemExit):
+    acc.parse_args([f"--out={tmp_path / 'new'}", "--budget_s=0"])
+  with pytest.raises(UserError, match="the backend is CPU"):
+    acc.main([f"--out={tmp_path / 'cpu'}", "--sections=rar_sampling"])
+
+
 def test_size_overrides_are_literals_of_known_fields():
   args = acc.parse_args(["--out=x", "--size", "rar_sizes=('b',)",
                          "--size", "rar_decode=False", "--size", "iters=2"])
@@ -323,7 +344,22 @@ def test_boxes_are_seconds_capped_by_the_budget(tmp_path, monkeypatch):
       (n, record(n), 100, ("x",)) for n in ("a", "b", "c")))
   for budget, want in ((150, (100, 150, 150)), (600, (200, 400, 600))):
     t0 = time.perf_counter()
-    assert acc.main([f"--out={tmp_path}", "--smoke",
+    assert acc.main([f"--out={tmp_path}", "--smoke", "--force",
                      f"--budget_s={budget}"]) == 0
     got = [ends[n] - t0 for n in "abc"]
     assert all(w <= g < w + 5 for g, w in zip(got, want)), (budget, got)
+
+
+def test_sampling_bench_flags_are_checked_before_a_model_is_built():
+  """An unknown mode failed after the model was built and the first mode
+  compiled (minutes at paper size); --repeats=0 in statistics.median."""
+  import argparse
+  from bench import bench_rar_sampling as b
+  p = argparse.ArgumentParser()
+  for flag, default in (("--modes", "floor"), ("--batch", 1), ("--repeats", 1)):
+    p.add_argument(flag, type=type(default), default=default)
+  b.check_args(p, p.parse_args(["--modes=floor,cached,cached_b32"]))
+  for argv in (["--modes=floor,bogus"], ["--modes=cached_bx"], ["--repeats=0"],
+               ["--batch=0"]):
+    with pytest.raises(SystemExit):
+      b.check_args(p, p.parse_args(argv))

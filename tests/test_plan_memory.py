@@ -82,3 +82,21 @@ def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes():
 def test_bad_mesh_flag():
   with pytest.raises(ValueError, match="AXIS=SIZE"):
     pm.parse_mesh("data:2")
+  with pytest.raises(ValueError, match=r"fsdp='x' is not a whole number"):
+    pm.parse_mesh("fsdp=x")
+
+
+def test_a_config_that_cannot_run_is_reported_whole(capsys):
+  """The planner cut each error at 120 characters, losing the fix ("Use a
+  multiple of ..."), and printed it in a table row; bad flags were tracebacks
+  or silently the config's values."""
+  plans = pm.main(["--config=configs/rar_b.py:runlocal", "--mesh=data=3",
+                   "--no_compile"])
+  out = capsys.readouterr().out
+  assert plans[0].error and "| rar_b.py:runlocal | error (below) |" in out
+  assert out.rstrip().endswith(plans[0].error) and len(plans[0].error) > 120
+  for bad in (["--batch=0"], ["--devices=-4"], ["--mesh=dp=8"],
+              ["--config=configs/nope.py"]):
+    with pytest.raises(SystemExit):
+      pm.main(bad)
+  assert "give a positive number" in capsys.readouterr().err
