@@ -22,7 +22,6 @@ below 1 exits with status 1 (with ``--dtype`` it is reported only).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
