@@ -151,23 +151,23 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_refuses_a_different_model(tmp_path, monkeypatch):
-  from genvis_jax.data import token_origin
+  from genvis_jax.data import run_origin
   wd = str(tmp_path / "wd")
   trainer_lib.train_and_evaluate(small_run.config(3), wd)
   other = small_run.config(6)
   other.model.widths = (8, 32)
   # As if `other` trained on token files: the refused run must not leave
   # its token record in this (another run's) workdir.
-  monkeypatch.setattr(token_origin, "written_weights",
+  monkeypatch.setattr(run_origin, "written_weights",
                       lambda c, encodes=False: ["other"])
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="widths"):
     trainer_lib.train_and_evaluate(other, wd)
-  assert not os.path.exists(os.path.join(wd, token_origin.ORIGIN_FILE))
+  assert not os.path.exists(os.path.join(wd, run_origin.ORIGIN_FILE))
   # The model's difference is named before the token files are judged (a
   # dual FAR run resumed as triple was told its tokens were rewritten).
   def tokens_blamed(*args, **kwargs):
     raise AssertionError("the token files were judged first")
-  monkeypatch.setattr(token_origin, "check", tokens_blamed)
+  monkeypatch.setattr(run_origin, "check", tokens_blamed)
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="widths"):
     trainer_lib.train_and_evaluate(other, wd)
   monkeypatch.undo()

@@ -88,10 +88,10 @@ def _check_tokenizer_origin(w, tok, gen):
   as a tokenizer trained further) is refused before any state is read, and
   so is sampling with them."""
   from genvis_jax.core import weights as weights_lib
-  from genvis_jax.data import token_origin
+  from genvis_jax.data import run_origin
   from genvis_jax.errors import ConfigError
   from genvis_jax.sample import trained_with
-  assert token_origin.run_token_weights(gen) == [weights_lib.params_source(tok)]
+  assert run_origin.run_token_weights(gen) == [weights_lib.params_source(tok)]
   other = os.path.join(w, "other_tokenizer")
   shutil.copytree(tok, other)
   meta = max(glob.glob(os.path.join(other, "checkpoints", "[0-9]*",

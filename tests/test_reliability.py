@@ -293,10 +293,10 @@ def test_resume_on_token_files_written_again_draws_afresh(runs, tmp_path,
                                                          caplog, monkeypatch):
   """Token files written again with the same tokenizer weights (centre crops
   for ten crops, images added): the saved position counts in the old files,
-  so the order is drawn afresh (``token_origin.files_changed`` says so)."""
-  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  so the order is drawn afresh (``run_origin.files_changed`` says so)."""
+  from genvis_jax.data import run_origin  # pylint: disable=import-outside-toplevel
   wd = copy_run(runs[1], tmp_path)
-  monkeypatch.setattr(token_origin, "files_changed",
+  monkeypatch.setattr(run_origin, "files_changed",
                       lambda c, w: "counts examples of other token files")
   with caplog.at_level(logging.WARNING):
     trainer_lib.train_loop(config(9), wd)

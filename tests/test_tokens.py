@@ -303,7 +303,7 @@ def test_incomplete_or_doubled_shard_sets_are_refused(tmp_path, caplog):
 def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   import json
   import ml_collections
-  from genvis_jax.data import token_origin
+  from genvis_jax.data import run_origin
   from genvis_jax.sample import trained_with
   path = data.write_token_records(str(tmp_path / "train"), np.arange(2, dtype=np.int32),
                                   np.zeros((2, 4), np.int32))[0]
@@ -315,26 +315,26 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   wd = str(tmp_path / "run")
   os.makedirs(wd)
   record("step 20 committed 1")
-  token_origin.check(config, wd, None)               # fresh run: nothing to check
+  run_origin.check(config, wd, None)               # fresh run: nothing to check
   assert not os.listdir(wd)                          # ... and nothing written
-  token_origin.record(config, wd, None)              # recorded once restored
-  token_origin.check(config, wd, 5)                  # resume, same files
-  assert token_origin.files_changed(config, wd) == ""
-  token_origin.record(config, wd, 5)
+  run_origin.record(config, wd, None)              # recorded once restored
+  run_origin.check(config, wd, 5)                  # resume, same files
+  assert run_origin.files_changed(config, wd) == ""
+  run_origin.record(config, wd, 5)
   # The same weights, the files written again (e.g. centre crops for ten):
   # the saved input position counts in the old files, so it is not used.
   record("step 20 committed 1", sha="b")
-  token_origin.check(config, wd, 5)
-  assert "other token files than config.data.path" in token_origin.files_changed(
+  run_origin.check(config, wd, 5)
+  assert "other token files than config.data.path" in run_origin.files_changed(
       config, wd)
-  token_origin.record(config, wd, 5)                 # the next saves count in these
-  assert token_origin.files_changed(config, wd) == ""
+  run_origin.record(config, wd, 5)                 # the next saves count in these
+  assert run_origin.files_changed(config, wd) == ""
   record("step 30 committed 2")                      # written again since
   with pytest.raises(data.TokenFileError,
                      match=r"trained to step 5 on token files written with "
                            r"tokenizer weights \['step 20 committed 1'\].*now "
                            r"hold \['step 30 committed 2'\]"):
-    token_origin.check(config, wd, 5)
+    run_origin.check(config, wd, 5)
   # Sampling the run (or one of its steps) with other tokenizer weights is
   # refused, unless named on purpose (then it warns).
   step = os.path.join(wd, "checkpoints", "5")

@@ -7,17 +7,15 @@ config (``tokenizer``), the weights it loaded (``weights``, see
 :func:`check_training_files` reads those small records and refuses files that
 cannot train the configured generator together; ``token_integrity`` then
 checks that every process lists the same files and that they hold the bytes
-their records' SHA-256 was computed on.
+their records' SHA-256 was computed on. A training run's own record of its
+codes' origin is ``run_origin``.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
-
-import jax
 
 from absl import logging
 from etils import epath
@@ -33,7 +31,7 @@ from genvis_jax.data.tokens import (TokenFileError, check_shard_sets,
 from genvis_jax.errors import ConfigError
 
 
-def _records(pattern: str) -> dict[str, dict | None]:
+def file_records(pattern: str) -> dict[str, dict | None]:
   """``{file: its record}`` for the files matching ``pattern`` (each
   ``<file>.json``; None where there is no readable record)."""
   return read_records(glob_files(pattern))
@@ -50,7 +48,7 @@ def crops_per_image(pattern: str) -> int:
       records are not neighbours); or a file holds another number of records
       than its record says, or not whole groups of ten.
   """
-  found = _records(pattern)
+  found = file_records(pattern)
   fix = ("re-run the pre-tokenize mode with ten-crop "
          "(config.pretokenize.ten_crop=True), or train on every record "
          "(--config.data.crops_per_epoch=all)")
@@ -83,7 +81,7 @@ def _settings(records: dict[str, dict | None]) -> dict[str, dict]:
 def recorded_settings(pattern: str) -> dict[str, dict]:
   """``{file: settings}`` recorded beside the files matching ``pattern``
   (files without a readable record are left out)."""
-  return _settings(_records(pattern))
+  return _settings(file_records(pattern))
 
 
 def recorded_num_classes(pattern: str) -> int | None:
@@ -91,13 +89,13 @@ def recorded_num_classes(pattern: str) -> int | None:
   record's ``max_label``, written by pretokenize): every label is below it.
   None when a file's record lacks it (written before labels were recorded)
   or there is no file (or no label)."""
-  labels = [(r or {}).get("max_label") for r in _records(pattern).values()]
+  labels = [(r or {}).get("max_label") for r in file_records(pattern).values()]
   if not labels or not all(isinstance(m, int) for m in labels):
     return None
   return max(labels) + 1 if max(labels) >= 0 else None
 
 
-def _pattern(data) -> str:
+def token_pattern(data) -> str:
   """The token-file glob of ``config.data``; "" unless it reads tokens."""
   if data.get("source") != "tokens" or not data.get("path"):
     return ""
@@ -134,14 +132,14 @@ def check_training_files(config) -> str:
   Returns:
     The warning of :func:`check_origin` ("" when none).
   """
-  pattern = _pattern(config.data)
+  pattern = token_pattern(config.data)
   if not pattern:
     return ""
   warning = []
 
   def check():
     check_shard_sets(pattern, glob_files(pattern))
-    found = _records(pattern)
+    found = file_records(pattern)
     _warn_missing_records(pattern, found)
     records = _settings(found)
     _check_one_tokenizer(pattern, records)
@@ -354,136 +352,3 @@ def check_origin(pattern: str, records: dict[str, dict],
       "tokens came from (<run>/checkpoints/<step>), or pre-tokenize again.")
   _warn_once(msg)
   return msg
-
-
-# A training run's record of the tokenizer weights its token files came from
-# (or, for a task that encodes its images in the loss, of the tokenizer it
-# encodes with), in its workdir: a resume on other codes is refused, and
-# sampling warns when it decodes with other weights.
-ORIGIN_FILE = "token_origin.json"
-
-
-def written_weights(config, encodes: bool = False) -> list[str]:
-  """Sorted tokenizer weights the training data's codes come from: those
-  the token files of ``config.data`` record, or with ``encodes`` (the task
-  encodes images with ``config.tokenizer``) the weights its checkpoint
-  holds now. [] when neither applies or nothing is recorded."""
-  pattern = _pattern(config.data)
-  if not pattern:
-    path = config.get("tokenizer", {}).get("checkpoint", "") if encodes else ""
-    return [w for w in [weights_lib.params_source(path)] if w] if path else []
-  found = {s.get("weights") for s in recorded_settings(pattern).values()}
-  return sorted(w for w in found if w)
-
-
-def files_fingerprint(config) -> str:
-  """SHA-256 over the names, record counts and recorded SHA-256s of
-  ``config.data``'s token files: what a saved input position counts in.
-  "" without token files, or where a file has no record with its hash."""
-  pattern = _pattern(config.data)
-  if not pattern:
-    return ""
-  rows = []
-  for path, r in sorted(_records(pattern).items()):
-    if not r or not r.get("sha256"):
-      return ""
-    rows.append([os.path.basename(path), r.get("records"), r["sha256"]])
-  return hashlib.sha256(json.dumps(rows).encode()).hexdigest() if rows else ""
-
-
-def files_changed(config, workdir: str) -> str:
-  """Why the position a run saved cannot be used on its token files now:
-  they are not the files it recorded (written again with the same tokenizer
-  weights, e.g. centre crops for ten crops or images added), "" if they are
-  or nothing was recorded. Process 0 reads; "" on the others (the resume
-  agrees on any process's reason)."""
-  def read():
-    try:
-      before = json.loads((epath.Path(workdir) / ORIGIN_FILE).read_text()
-                          ).get("files", "")
-    except (OSError, ValueError, AttributeError):
-      return ""
-    now = files_fingerprint(config)
-    if before and now and before != now:
-      return (f"counts examples of other token files than config.data.path "
-              f"({config.data.path}) holds now (written again since)")
-    return ""
-  return read() if jax.process_index() == 0 else ""
-
-
-def check(config, workdir: str, resumed_step: int | None,
-          encodes: bool = False) -> None:
-  """Before a resume reads any state: raises ``TokenFileError`` when the
-  token files now come from other tokenizer weights than the run trained on
-  (the record ``record`` wrote), ``ConfigError`` when a task that encodes
-  its images (``encodes``) would now encode with other tokenizer weights.
-  Writes nothing."""
-  multihost.on_process_0(lambda: _check(config, workdir, resumed_step,
-                                        encodes))
-
-
-def record(config, workdir: str, resumed_step: int | None,
-           encodes: bool = False) -> None:
-  """After the run's state is restored (or initialised): records
-  ``written_weights(config, encodes)`` in ``workdir`` unless a record is
-  there. A workdir whose checkpoint is refused (another config) gets no
-  file."""
-  multihost.on_process_0(lambda: _record(config, workdir, resumed_step,
-                                         encodes))
-
-
-def _check(config, workdir: str, resumed_step: int | None,
-           encodes: bool) -> None:
-  now = written_weights(config, encodes)
-  before = run_token_weights(workdir) if resumed_step is not None else []
-  if before and now and before != now and not _pattern(config.data):
-    raise ConfigError(weights_lib.readable(
-        f"This run trained to step {resumed_step} on latents of tokenizer "
-        f"weights {before}, but config.tokenizer.checkpoint "
-        f"({config.tokenizer.checkpoint}) now holds {now}: it would go on "
-        "training on another tokenizer's latents. Resume with the tokenizer "
-        "it trained on (<run>/checkpoints/<step>), or start a new --workdir "
-        "(--config.init_from=<this run> keeps the weights)."))
-  if before and now and before != now:
-    path = epath.Path(workdir) / ORIGIN_FILE
-    raise TokenFileError(weights_lib.readable(
-        f"This run trained to step {resumed_step} on token files written with "
-        f"tokenizer weights {before}; the files of config.data.path "
-        f"({config.data.path}) now hold {now} (written again, or another "
-        "output). Resume on the tokens it trained on, or start a new "
-        "--workdir (--config.init_from=<this run> keeps the weights). If the "
-        "weights are the same (converted again, where the first conversion "
-        f"recorded no {weights_lib.DIGEST_FILE}), delete {path} and resume."))
-
-
-def _record(config, workdir: str, resumed_step: int | None,
-            encodes: bool) -> None:
-  now = written_weights(config, encodes)
-  path = epath.Path(workdir) / ORIGIN_FILE
-  # The token files too: the input position the next checkpoint saves
-  # counts in these (a resume on files written again draws afresh).
-  files = files_fingerprint(config)
-  if resumed_step is not None and run_token_weights(workdir):
-    before = json.loads(path.read_text())
-    if files and before.get("files") != files:
-      path.write_text(json.dumps({**before, "files": files}))
-    return
-  if not now:
-    return
-  if resumed_step is not None:   # a run from before this record existed
-    logging.warning("Recording the training data's tokenizer weights %s in %s; "
-                    "the steps up to %d were trained before such a record "
-                    "existed and are not checked.", now, path, resumed_step)
-  path.write_text(json.dumps({"weights": now, **({"files": files} if files
-                                                 else {})}))
-
-
-def run_token_weights(run: str) -> list[str]:
-  """The tokenizer weights a training run's codes came from (its token files,
-  or the tokenizer that encoded its images); [] when not recorded, e.g. a
-  converted checkpoint or a run of images without a tokenizer."""
-  try:
-    return list(json.loads((epath.Path(run) / ORIGIN_FILE).read_text())
-                .get("weights") or [])
-  except (OSError, ValueError, AttributeError):
-    return []

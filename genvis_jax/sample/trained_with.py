@@ -23,7 +23,7 @@ from genvis_jax import models
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
-from genvis_jax.data import token_origin
+from genvis_jax.data import run_origin
 
 
 class TrainedWithError(errors.UserError, ValueError):
@@ -72,7 +72,7 @@ def check_tokenizer_origin(config, init_from: str,
     TrainedWithError: naming both weights and the fixes.
   """
   run = weights_lib.run_of(init_from)
-  trained_on = token_origin.run_token_weights(run)
+  trained_on = run_origin.run_token_weights(run)
   if not trained_on or not tokenizer_source or tokenizer_source in trained_on:
     return ""
   msg = weights_lib.readable(

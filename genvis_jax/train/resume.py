@@ -29,16 +29,16 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
   # below would otherwise blame the token files for it.
   multihost.on_process_0(lambda: _check_newest_config(ckpt, config))
   # Before restoring: a resume on other tokens is refused without reading state.
-  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import run_origin  # pylint: disable=import-outside-toplevel
   encodes = task.encodes_with_tokenizer
-  token_origin.check(config, workdir, ckpt.latest_step(), encodes)
+  run_origin.check(config, workdir, ckpt.latest_step(), encodes)
   # Before the record below takes the files of now.
-  tokens_changed = token_origin.files_changed(config, workdir)
+  tokens_changed = run_origin.files_changed(config, workdir)
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state, saved_config = ckpt.restore_latest(
       trainer.abstract_state(), config, with_data=True)
   # After the config check: a refused workdir (another run's) gets no record.
-  token_origin.record(config, workdir, latest, encodes)
+  run_origin.record(config, workdir, latest, encodes)
   if latest is None:
     state = trainer.init_state()
     if config.init_from:
