@@ -298,10 +298,16 @@ def test_resume_on_token_files_written_again_draws_afresh(runs, tmp_path,
   wd = copy_run(runs[1], tmp_path)
   monkeypatch.setattr(run_origin, "files_changed",
                       lambda c, w: "counts examples of other token files")
+  made, create = [], trainer_lib.create_train_iterator
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", lambda *a, **k: (
+      made.append(create(*a, **k)) or made[-1]))
   with caplog.at_level(logging.WARNING):
     trainer_lib.train_loop(config(9), wd)
   assert any("saved with step 6 counts examples of other token files"
              in r.getMessage() for r in caplog.records)
+  # The input it replaced and the one it trained on are closed (left to the
+  # garbage collector, a closing iterator could deadlock the next one).
+  assert len(made) == 2 and all(it._closed for it, _ in made)   # pylint: disable=protected-access
 
 
 def test_order_drawn_afresh_survives_later_resumes(runs, tmp_path):

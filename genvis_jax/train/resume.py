@@ -161,7 +161,8 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config,
     else:
       try:
         if saved_seed != seed:
-          data_iter, info = make_iterator(saved_seed)
+          data_iter, info = replace_iterator(data_iter, make_iterator,
+                                             saved_seed)
           seed = saved_seed
       except Exception as e:  # pylint: disable=broad-except
         error = e
@@ -183,8 +184,24 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config,
         "%d from config.seed and the step, kept in later checkpoints): "
         "examples of the epoch in progress may be seen once more or once less.",
         step, why, step, seed)
-    data_iter, info = make_iterator(seed)
+    data_iter, info = replace_iterator(data_iter, make_iterator, seed)
   return data_iter, info, seed
+
+
+def close_iterator(data_iter) -> None:
+  """Stops ``data_iter``'s prefetch threads and workers (Grain's ``close``).
+  Left to the garbage collector, a dropped iterator's close ran inside the
+  next pipeline's prefetch thread and could deadlock it (a second pipeline
+  in one process: a resume that rebuilds its input, a notebook's stages)."""
+  close = getattr(data_iter, "close", None)
+  if close is not None:
+    close()
+
+
+def replace_iterator(old, make_iterator, seed: int):
+  """``make_iterator(seed)`` after closing ``old`` (``close_iterator``)."""
+  close_iterator(old)
+  return make_iterator(seed)
 
 
 def resume_seed(seed: int, step: int) -> int:

@@ -215,17 +215,21 @@ def train_loop(config, workdir: str | os.PathLike, on_log=None):
     data_iter, info = multihost.run_everywhere(
         lambda: create_train_iterator(config, task, group=group),
         "could not open the training data (their logs say why).")
-    checks.check_same_data(config, info)
-    files.makedirs(workdir)
-    with workdir_lock.hold(workdir):
-      trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
-      ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-      state, data_iter, info, data_seed = resume_lib.restore_or_init(
-          config, workdir, trainer, ckpt, data_iter, info,
-          lambda seed: create_train_iterator(config, task, group=group,
-                                             seed=seed))
-      return _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
-                        data_seed, on_log, start_up)
+    try:
+      checks.check_same_data(config, info)
+      files.makedirs(workdir)
+      with workdir_lock.hold(workdir):
+        trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
+        ckpt = ckpt_lib.Checkpointer(workdir,
+                                     keep=config.train.keep_checkpoints)
+        state, data_iter, info, data_seed = resume_lib.restore_or_init(
+            config, workdir, trainer, ckpt, data_iter, info,
+            lambda seed: create_train_iterator(config, task, group=group,
+                                               seed=seed))
+        return _run_steps(config, workdir, trainer, ckpt, state, data_iter,
+                          info, data_seed, on_log, start_up)
+    finally:   # the one in use (resume_lib closes those it replaced)
+      resume_lib.close_iterator(data_iter)
 
 
 class _StartUp(contextlib.AbstractContextManager):
