@@ -179,10 +179,17 @@ def test_pretokenize_class_error_names_its_own_setting():
   with pytest.raises(data.sources.DataConfigError,
                      match=r"config.pretokenize.data.num_classes is 5.*"
                            r"Set --config.pretokenize.data.num_classes=10; "
-                           r"a job that reads these classes again .*: "
-                           r"--config.data.num_classes=10, "
+                           r"the generator trained on these tokens needs the "
+                           r"same: --config.data.num_classes=10 "
                            r"--config.model.num_classes=10\."):
     pretokenize.image_batches(p, (0.0, 1.0), process_index=0, process_count=1)
+  # A tokenizer's config (config.data) names no flag it lacks
+  # (--config.pretokenize.data... was refused as an unknown key there).
+  from genvis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  with pytest.raises(data.sources.DataConfigError) as e:
+    pipeline._check_classes(1000, p.data, "config.data")   # pylint: disable=protected-access
+  assert "Set --config.data.num_classes=1000; the jobs" in str(e.value)
+  assert "--config.pretokenize" not in str(e.value)
 
 
 def test_pretokenize_refuses_a_bad_crop_before_judging_existing_files(tmp_path):

@@ -326,14 +326,17 @@ def _check_classes(num_classes, data_config, setting: str) -> int:
   if num_classes is None:
     return configured
   if num_classes > configured:
-    others = [s for s in ("config.pretokenize.data", "config.data")
-              if s != setting] + ["config.model"]
+    # Pre-tokenizing runs a generator's config, which has both sections; a
+    # config reading images (a tokenizer's) may have neither.
+    later = ("the generator trained on these tokens needs the same: "
+             f"--config.data.num_classes={num_classes} --config.model."
+             f"num_classes={num_classes}" if setting == "config.pretokenize.data"
+             else "the jobs that read these classes later (pre-tokenizing, "
+             "the generator) need the same num_classes in their configs' data "
+             "and model sections")
     raise sources.DataConfigError(
         f"The {data_config.source!r} data has {num_classes} classes but "
         f"{setting}.num_classes is {configured}: labels would overflow the "
-        f"class embedding. Set --{setting}.num_classes={num_classes}; a job "
-        f"that reads these classes again (pre-tokenizing, training on the "
-        f"tokens, a generator) needs the same in its settings of them: "
-        + ", ".join(f"--{o}.num_classes={num_classes}" for o in others)
-        + ".")
+        f"class embedding. Set --{setting}.num_classes={num_classes}; "
+        f"{later}.")
   return num_classes
