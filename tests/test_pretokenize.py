@@ -240,3 +240,24 @@ def test_pretokenize_refuses_images_of_another_token_count():
   pretokenize.check_tokens_fit(config.model, encode, 256)
   with pytest.raises(errors_lib.ConfigError, match=r"image_size=128 gives 64 tokens"):
     pretokenize.check_tokens_fit(config.model, encode, 128)
+
+
+def test_labels_beyond_num_classes_stop_pretokenizing(tmp_path, monkeypatch):
+  """A source that states no class count (TFDS integer labels) wrote tokens
+  of label 5019 for num_classes=10; only the generator's run refused them."""
+  import types
+  import ml_collections
+  p = ml_collections.ConfigDict(dict(
+      data=data_config(source="demo", num_classes=10, image_size=8),
+      split="train", batch_size=2, ten_crop=False, device_batch=2))
+  batch = {"image": np.zeros((2, 8, 8, 3), np.float32), "label": np.array([3, 12])}
+  info = types.SimpleNamespace(num_examples_per_process=2, num_skipped=0)
+  monkeypatch.setattr(pretokenize, "image_batches", lambda *_: (iter([batch]), info))
+  encode = lambda x: jnp.zeros((x.shape[0], 4), jnp.int32)
+  path = str(tmp_path / "train-00000-of-00001.array_record")
+  with pytest.raises(data.sources.DataConfigError,
+                     match=r"holds label 12, not below its num_classes=10.*at "
+                           r"least 13; nothing was written"):
+    pretokenize._write_shard(ml_collections.ConfigDict({"pretokenize": p}),   # pylint: disable=protected-access
+                             path, "x", {}, encode, (0.0, 1.0))
+  assert not list(tmp_path.iterdir())

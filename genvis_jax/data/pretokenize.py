@@ -283,6 +283,15 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
       writer.write_batch(labels, codes)
       n_images += len(batch["label"])
       max_label = max(max_label, int(np.max(labels)))
+      # Labels of a source that states no class count (TFDS integer labels)
+      # are checked here, not by the generator's first run on the tokens.
+      if max_label >= p.data.num_classes:
+        raise sources.DataConfigError(
+            f"config.pretokenize.data holds label {max_label}, not below its "
+            f"num_classes={p.data.num_classes}: labels would overflow the "
+            "class embedding. Set --config.pretokenize.data.num_classes and "
+            "the generator's --config.data.num_classes / --config.model."
+            f"num_classes to at least {max_label + 1}; nothing was written.")
       if writer.count % (50 * n) < n:
         rate = n_images / (time.perf_counter() - t0)
         logging.info("pretokenize: %d / %d images (%.1f img/s)", n_images,
