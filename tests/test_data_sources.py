@@ -213,7 +213,7 @@ def test_image_folder_follows_symlinks_once(tmp_path):
 
 def _fake_tfds(images):
   src = object.__new__(sources.TfdsSource)
-  src.name = "fake"
+  src.name, src.labelled = "fake", True
   src._source = [{"image": x, "label": i} for i, x in enumerate(images)]  # pylint: disable=protected-access
   return src
 
@@ -396,6 +396,20 @@ def test_prepare_tfds_writes_what_the_tfds_source_reads(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from genvis_jax.data import prepare_tfds  # pylint: disable=import-outside-toplevel
 
+  class GenvisUnlabelled(tfds.core.GeneratorBasedBuilder):   # pylint: disable=unused-variable
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(8, 8, 3))}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(2):
+        yield i, {"image": np.zeros((8, 8, 3), np.uint8)}
+
   class GenvisTinyImages(tfds.core.GeneratorBasedBuilder):   # pylint: disable=unused-variable
     VERSION = tfds.core.Version("1.0.0")
 
@@ -427,3 +441,7 @@ def test_prepare_tfds_writes_what_the_tfds_source_reads(tmp_path):
   assert len(sources.TfdsSource("genvis_tiny_images", "train[:3]", str(tmp_path))) == 3
   with pytest.raises(sources.DataConfigError, match=r"has no split 'val'"):
     sources.TfdsSource("genvis_tiny_images", "val", str(tmp_path))
+  # Images without labels (tokenizers and references need none): class 0.
+  prepare_tfds.prepare("genvis_unlabelled", str(tmp_path))
+  plain = sources.TfdsSource("genvis_unlabelled", "train", str(tmp_path))
+  assert plain.num_classes == 1 and int(plain[1]["label"]) == 0

@@ -394,11 +394,17 @@ class TfdsSource:
                        f"{list(builder.info.splits)} (and TFDS slices of them, "
                        f"e.g. 'train[:5%]'). Set {setting}.split / "
                        "eval_split.") from e
-    if "image" not in builder.info.features or "label" not in builder.info.features:
+    if "image" not in builder.info.features:
       raise DataConfigError(f"TFDS data set {name!r} has features "
                        f"{list(builder.info.features)}; an image data set with "
-                       "'image' and 'label' features is needed.")
-    self.num_classes = _num_classes(builder.info.features)
+                       "an 'image' feature (and 'label' for classes) is needed.")
+    # Images only (tokenizers, references need no class): all of class 0.
+    self.labelled = "label" in builder.info.features
+    if not self.labelled:
+      logging.warning("TFDS data set %r has no 'label' feature: every image is "
+                      "read as class 0 (one class).", name)
+    self.num_classes = (_num_classes(builder.info.features) if self.labelled
+                        else 1)
     self._source = tfds.data_source(name, split=split, data_dir=self.data_dir,
                                     download=False)
 
@@ -408,7 +414,8 @@ class TfdsSource:
   def __getitem__(self, index):
     record = self._source[int(index)]
     image = to_rgb(record["image"], f"TFDS data set {self.name!r}")
-    return {"image": image, "label": np.int32(record["label"])}
+    return {"image": image,
+            "label": np.int32(record["label"] if self.labelled else 0)}
 
   def __repr__(self):
     return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
