@@ -125,11 +125,10 @@ CASES = {
          "--config.init_from=/nowhere/run"],
         r"No checkpoint at /nowhere/run \(--config.init_from\)"),
     # Raised while the model is built (in Flax's setup), named as a flag.
-    "model_setting": (DEMO + [
-        "--config.only=tokenizer",
-        "--config.stages.tokenizer.model.code_dim=16"],
-                      r"config.stages.tokenizer.model.code_dim \(16\) must "
-                      r"equal config.stages.tokenizer.model.z_channels"),
+    "model_setting": (["--config=configs/maskgit_vqgan.py:runlocal",
+                       "--config.model.code_dim=16"],
+                      r"config.model.code_dim \(16\) must equal "
+                      r"config.model.z_channels"),
     "unknown_model": (
         ["--config=configs/rar_b.py:runlocal", "--config.model.name=rar_b"],
         r"Unknown config.model.name='rar_b'.*choose one of .*'rar'"),

@@ -30,7 +30,6 @@ from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import reference as ref_lib
 from genvis_jax.evaluate import report
-from genvis_jax.sample import parts
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
@@ -236,6 +235,9 @@ def sampled_with(samples_npz: str) -> dict:
   """The generator / tokenizer weights (``weights.*``) and paths the
   sampling run beside ``samples_npz`` recorded (its
   ``sample_parts/settings.json``); {} for samples from elsewhere."""
+  # Here, not at the top: sample.parts imports the token files' readers
+  # (array_record), which a GPU machine that only evaluates may lack.
+  from genvis_jax.sample import parts  # pylint: disable=import-outside-toplevel
   path = epath.Path(parts.directory(os.path.dirname(samples_npz))) / (
       parts.SETTINGS_FILE)
   try:
