@@ -333,9 +333,9 @@ def check_args(p: argparse.ArgumentParser, args, modes=MODES) -> None:
   """Refuses, before a model is built (minutes at paper size), what would
   fail after it: an unknown mode (``cached_bN`` is ``cached`` with bucket
   N), a batch or repeat count below 1."""
-  known = lambda m: m in modes or ("cached_bN" in modes
-                                   and m[len("cached_b"):].isdigit()
-                                   and m.startswith("cached_b"))
+  known = lambda m: (m in modes and m != "cached_bN") or (
+      "cached_bN" in modes and m.startswith("cached_b")
+      and m[len("cached_b"):].isdigit())
   bad = [m for m in args.modes.split(",") if not known(m)]
   if bad:
     p.error(f"--modes: unknown {bad}; choose from {', '.join(modes)}")

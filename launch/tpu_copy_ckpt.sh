@@ -38,16 +38,19 @@ case "$GENVIS_GCS_TOOL" in
   *) die "--tool=$GENVIS_GCS_TOOL: choose gcloud or gsutil" ;;
 esac
 case "$GENVIS_STEP" in
-  all) GENVIS_STEP="*" ;;   # every kept step (not the corrupt-<step> folders kept aside)
+  all) GENVIS_STEP="[0-9]*" ;;   # every kept step, not the corrupt-<step> folders
   latest)
+    # The newest finished save: on gs:// Orbax writes a step in its folder
+    # and adds commit_success.txt last (a save cut short has none).
+    done_files="$GENVIS_WORKDIR/checkpoints/*/commit_success.txt"
     if [[ "$DRY_RUN" == 1 ]]; then
-      run "${list[@]}" "$GENVIS_WORKDIR/checkpoints/"
+      run "${list[@]}" "$done_files"
       GENVIS_STEP=NEWEST
     else
-      steps="$("${list[@]}" "$GENVIS_WORKDIR/checkpoints/")" \
-        || die "cannot list $GENVIS_WORKDIR/checkpoints/ (above)"
-      GENVIS_STEP="$(sed -nE 's#.*/checkpoints/([0-9]+)/?$#\1#p' <<< "$steps" | sort -n | tail -n 1)"
-      [[ -n "$GENVIS_STEP" ]] || die "no saved step in $GENVIS_WORKDIR/checkpoints/"
+      steps="$("${list[@]}" "$done_files")" \
+        || die "cannot list $done_files (above): no finished step, or the bucket cannot be read"
+      GENVIS_STEP="$(sed -nE 's#.*/checkpoints/([0-9]+)/commit_success\.txt$#\1#p' <<< "$steps" | sort -n | tail -n 1)"
+      [[ -n "$GENVIS_STEP" ]] || die "no finished step in $GENVIS_WORKDIR/checkpoints/"
     fi ;;
 esac
 

@@ -97,6 +97,8 @@ fi
 if ! check_out="$(tpu_ssh "$TPU_WORKER" "cd $dir && ${start[*]} --check" 2>&1)" \
     || grep -q "is already running" <<< "$check_out"; then
   echo "$check_out" >&2
+  grep -q "unknown flag" <<< "$check_out" \
+    && die "the workers' copy of launch/worker_start.sh is older than this one: run launch/tpu_setup.sh first"
   die "run $GENVIS_RUN_NAME is still running on a worker, or a worker could not be asked (above); stop it on every worker first: launch/tpu_run.sh --name=$TPU_NAME --zone=$TPU_ZONE --run-name=$GENVIS_RUN_NAME --stop"
 fi
 [[ "$DRY_RUN" == 1 ]] && echo "$check_out"

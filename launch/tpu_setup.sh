@@ -19,11 +19,13 @@ flag remote-dir GENVIS_REMOTE_DIR "genvis_jax" "checkout on the workers (relativ
 flag venv GENVIS_VENV "genvis_venv" "virtualenv on the workers (relative: under \$HOME)"
 flag extras GENVIS_EXTRAS "tpu" "pip extras to install"
 flag python GENVIS_PYTHON "python3.11" "python (>= 3.11) for the venv; apt-installed if missing"
+flag log-dir GENVIS_LOG_DIR "genvis_logs" "tpu_run.sh's log directory on the workers: a run recorded there as running stops a copy"
 bool_flag skip-check GENVIS_SKIP_CHECK "do not run the jax device check"
 parse_flags "$@"
 require name zone
 
 dir="$(remote_path "$GENVIS_REMOTE_DIR")"
+dir="${dir%/}"
 venv="$(remote_path "$GENVIS_VENV")"
 
 if [[ -n "$GENVIS_GIT_URL" ]]; then
@@ -46,8 +48,12 @@ else
        | tar czf "$tarball" --null -T -)
   fi
   gcloud_tpu scp "$tarball" "$TPU_NAME:genvis_jax_src.tar.gz" --worker="$TPU_WORKER"
+  # A run started from the checkout works in it: replacing it under the run
+  # would pull its working directory away.
+  logs="$(remote_path "$GENVIS_LOG_DIR")"
+  live="for p in $logs/*.pid; do if [ -f \"\$p\" ] && kill -0 \"\$(cat \"\$p\")\" 2>/dev/null; then echo \"\$(hostname): a run is going (\$p); stop it first (tpu_run.sh --stop)\" >&2; exit 3; fi; done"
   # Unpacked beside the old copy, then swapped in: no stale files survive.
-  tpu_ssh "$TPU_WORKER" "rm -rf $dir.new $dir.old && mkdir -p $dir.new && tar xzf \$HOME/genvis_jax_src.tar.gz -C $dir.new && rm \$HOME/genvis_jax_src.tar.gz && (test ! -e $dir || mv $dir $dir.old) && mv $dir.new $dir && rm -rf $dir.old"
+  tpu_ssh "$TPU_WORKER" "$live; rm -rf $dir.new $dir.old && mkdir -p $dir.new && tar xzf \$HOME/genvis_jax_src.tar.gz -C $dir.new && rm \$HOME/genvis_jax_src.tar.gz && (test ! -e $dir || mv $dir $dir.old) && mv $dir.new $dir && rm -rf $dir.old"
 fi
 
 py="$GENVIS_PYTHON"

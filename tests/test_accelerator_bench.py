@@ -359,7 +359,8 @@ def test_sampling_bench_flags_are_checked_before_a_model_is_built():
   for flag, default in (("--modes", "floor"), ("--batch", 1), ("--repeats", 1)):
     p.add_argument(flag, type=type(default), default=default)
   b.check_args(p, p.parse_args(["--modes=floor,cached,cached_b32"]))
-  for argv in (["--modes=floor,bogus"], ["--modes=cached_bx"], ["--repeats=0"],
+  for argv in (["--modes=floor,bogus"], ["--modes=cached_bx"], ["--modes=cached_bN"],
+               ["--repeats=0"],
                ["--batch=0"]):
     with pytest.raises(SystemExit):
       b.check_args(p, p.parse_args(argv))

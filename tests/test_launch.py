@@ -171,9 +171,10 @@ def test_logs_copy_delete_dry_run():
   assert cmds[-1] == "gcloud storage cp -r gs://bk/runs/r/checkpoints/5000 /tmp/ck/checkpoints/"
   cmds = commands(sh("tpu_copy_ckpt.sh", "--workdir=gs://bk/x", "--tool=gsutil",
                      "--step=all", "--dry-run").stdout)
-  assert cmds[-1] == "gsutil -m cp -r 'gs://bk/x/checkpoints/*' checkpoints/x/checkpoints/"
+  assert cmds[-1] == "gsutil -m cp -r 'gs://bk/x/checkpoints/[0-9]*' checkpoints/x/checkpoints/"
   cmds = commands(sh("tpu_copy_ckpt.sh", "--workdir=gs://bk/x", "--dry-run").stdout)
-  assert cmds[0] == "gcloud storage ls gs://bk/x/checkpoints/"   # the newest step
+  # The newest finished step (a save cut short has no commit file).
+  assert cmds[0] == "gcloud storage ls 'gs://bk/x/checkpoints/*/commit_success.txt'"
   assert cmds[-1] == "gcloud storage cp -r gs://bk/x/checkpoints/NEWEST checkpoints/x/checkpoints/"
   [cmd] = commands(sh("tpu_delete.sh", "--name=n", "--zone=z", "--yes",
                       "--dry-run").stdout)
@@ -473,8 +474,56 @@ def test_tpu_setup_copy_replaces_the_old_code(tmp_path):
   old.unlink()
   old.mkdir()
   (old / "stale.py").write_text("old")
-  r = subprocess.run(["bash", str(repo / "launch" / "tpu_setup.sh"), "--skip-check"],
-                     capture_output=True, text=True, env={**ENV, **env}, timeout=60)
+  setup = lambda *a: subprocess.run(
+      ["bash", str(repo / "launch" / "tpu_setup.sh"), "--skip-check", *a],
+      capture_output=True, text=True, env={**ENV, **env}, timeout=60)
+  r = setup("--remote-dir=genvis_jax/")     # a trailing slash: the same folder
   assert r.returncode == 0, r.stderr
   assert sorted(p.name for p in old.iterdir() if p.is_file()) == ["a.py", "c.py"]
   assert not (pathlib.Path(env["HOME"]) / "genvis_jax.old").exists()
+  # A run going from the checkout (its pid file names a live process): the
+  # copy would pull its working directory away; nothing is replaced.
+  logs = pathlib.Path(env["HOME"]) / "genvis_logs"
+  logs.mkdir()
+  (logs / "r.pid").write_text(str(os.getpid()))
+  (repo / "d.py").write_text("d")
+  r = setup()
+  assert r.returncode != 0 and "a run is going" in r.stderr, r.stderr
+  assert not (old / "d.py").exists()
+
+
+def test_workers_with_older_launch_scripts_are_told_to_run_setup(tmp_path):
+  """The local tpu_run.sh passes flags a worker's older worker_start.sh does
+  not know: the fix is tpu_setup.sh, not "stop the run"."""
+  env = fake_tpu(tmp_path, "exec sleep 60\n")
+  checkout = pathlib.Path(env["HOME"]) / "genvis_jax"
+  checkout.unlink()
+  (checkout / "launch").mkdir(parents=True)
+  (checkout / "configs").mkdir()
+  for name in ("common.sh", "worker_start.sh"):   # an older worker_start.sh
+    text = (LAUNCH / name).read_text()
+    if name == "worker_start.sh":
+      text = text.replace('flag tmpdir GENVIS_TMPDIR', 'flag tmpdir_old GENVIS_TMPDIR')
+    (checkout / "launch" / name).write_text(text)
+  r = sh("tpu_run.sh", "--config=configs/rar_b.py", "--workdir=gs://bk/r", env=env)
+  assert r.returncode != 0
+  assert "older than this one: run launch/tpu_setup.sh first" in r.stderr, r.stderr
+
+
+def test_copy_ckpt_takes_the_newest_finished_step(tmp_path):
+  """A save cut short (a reclaimed VM) leaves a step folder without Orbax's
+  commit file; the newest step copied alone would be one nothing can read."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(
+      "#!/usr/bin/env bash\n"
+      "case \"$2\" in\n"
+      "  ls) printf 'gs://bk/r/checkpoints/1000/commit_success.txt\\n"
+      "gs://bk/r/checkpoints/9000/commit_success.txt\\n' ;;\n"
+      "  cp) echo \"COPY $4 $5\" ;;\n"
+      "esac\n")
+  (bin_dir / "gcloud").chmod(0o755)
+  r = sh("tpu_copy_ckpt.sh", "--workdir=gs://bk/r", f"--dest={tmp_path}/d",
+         env={"PATH": f"{bin_dir}:{ENV['PATH']}"})
+  assert r.returncode == 0, r.stderr
+  assert f"COPY gs://bk/r/checkpoints/9000 {tmp_path}/d/checkpoints/" in r.stdout
