@@ -376,13 +376,14 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys,
   # (not the old tokens without one, which training would read unchecked).
   with open(path + ".json") as f:
     record = f.read()
-  with monkeypatch.context() as m:
-    m.setattr(pretokenize, "encode_in_chunks", lambda *_: (_ for _ in ()).throw(
-        RuntimeError("stopped")))
-    with pytest.raises(RuntimeError, match="stopped"):
-      pretokenize.pretokenize(c, str(tmp_path))
-  with open(path + ".json") as f:
-    assert f.read() == record and open(path, "rb").read() == before
+  for where, target in (("encoding", (pretokenize, "encode_in_chunks")),
+                        ("hashing the new file", (tokens, "file_sha256"))):
+    with monkeypatch.context() as m:
+      m.setattr(*target, lambda *_: (_ for _ in ()).throw(RuntimeError(where)))
+      with pytest.raises(RuntimeError, match=where):
+        pretokenize.pretokenize(c, str(tmp_path))
+    with open(path + ".json") as f:
+      assert f.read() == record and open(path, "rb").read() == before, where
   assert not list(tmp_path.glob("tokens/*.partial"))
   assert pretokenize.pretokenize(c, str(tmp_path))["records"] == 40
   assert open(path, "rb").read() != before

@@ -274,7 +274,13 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
   it, info = image_batches(p, value_range)
   chunk = jax.local_device_count() * int(p.get("device_batch", 32))
   t0, n_images, max_label = time.perf_counter(), 0, -1
-  with tokens_lib.TokenWriter(path) as writer:   # into path.partial
+  # A file being replaced (overwrite) and its record stay whole until the new
+  # one is written and hashed: a run stopped before leaves the old pair,
+  # still consistent (its record names its tokenizer), never the old file
+  # without its record; the record goes just before the rename, so no record
+  # is ever beside another file's tokens.
+  drop_record = lambda: epath.Path(path + ".json").unlink(missing_ok=True)
+  with tokens_lib.TokenWriter(path, before_replace=drop_record) as writer:
     for batch in it:
       images, labels = ten_crop.model_inputs(np.asarray(batch["image"]),
                                     np.asarray(batch["label"]), size, p.ten_crop)
@@ -296,12 +302,6 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
         rate = n_images / (time.perf_counter() - t0)
         logging.info("pretokenize: %d / %d images (%.1f img/s)", n_images,
                      info.num_examples_per_process, rate)
-    # A file being replaced (overwrite) and its record stay whole until the
-    # new one is: a run stopped before here leaves the old pair, still
-    # consistent (its record names its tokenizer), never the old file
-    # without its record; the record goes first, so no record is ever
-    # beside another file's tokens.
-    epath.Path(path + ".json").unlink(missing_ok=True)
   # The file's hash, so a later run reuses it only if no byte changed; its
   # largest label, checked against the classes of the model it trains.
   skipped = info.num_skipped

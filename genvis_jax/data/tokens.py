@@ -106,10 +106,12 @@ class TokenWriter:
   training glob would read as a complete (but short) data set; on an
   exception the partial file is removed. ``sha256``: the finished file's
   hash (hashed before the rename, so the file and its record appear
-  together), None until then.
+  together), None until then. ``before_replace`` runs between the hash and
+  the rename (pre-tokenizing removes the replaced file's record there: the
+  old file keeps it until the new one is whole and hashed).
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, before_replace=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self.path = path
     self._partial = path + ".partial"
@@ -117,6 +119,7 @@ class TokenWriter:
                                                          WRITER_OPTIONS)
     self.count = 0
     self.sha256 = None
+    self._before_replace = before_replace
 
   def write(self, label: int, tokens: np.ndarray):
     self._writer.write(encode_record(int(label), tokens))
@@ -131,10 +134,13 @@ class TokenWriter:
     """Finishes the file; renames it to ``path`` (``complete``) or deletes it."""
     self._writer.close()
     partial = epath.Path(self._partial)
-    if complete:
-      self.sha256 = file_sha256(self._partial)
-      partial.replace(self.path)
-    else:
+    try:
+      if complete:
+        self.sha256 = file_sha256(self._partial)
+        if self._before_replace is not None:
+          self._before_replace()
+        partial.replace(self.path)
+    finally:   # not renamed (or not asked to be): nothing partial is left
       partial.unlink(missing_ok=True)
 
   def __enter__(self):
