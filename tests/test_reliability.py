@@ -297,7 +297,7 @@ def test_resume_on_token_files_written_again_draws_afresh(runs, tmp_path,
   from genvis_jax.data import run_origin  # pylint: disable=import-outside-toplevel
   wd = copy_run(runs[1], tmp_path)
   monkeypatch.setattr(run_origin, "files_changed",
-                      lambda c, w: "counts examples of other token files")
+                      lambda c, w, s: "counts examples of other token files")
   made, create = [], trainer_lib.create_train_iterator
   monkeypatch.setattr(trainer_lib, "create_train_iterator", lambda *a, **k: (
       made.append(create(*a, **k)) or made[-1]))

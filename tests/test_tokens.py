@@ -319,16 +319,23 @@ def test_a_run_remembers_where_its_tokens_came_from(tmp_path):
   assert not os.listdir(wd)                          # ... and nothing written
   run_origin.record(config, wd, None)              # recorded once restored
   run_origin.check(config, wd, 5)                  # resume, same files
-  assert run_origin.files_changed(config, wd) == ""
+  assert run_origin.files_changed(config, wd, 5) == ""
   run_origin.record(config, wd, 5)
   # The same weights, the files written again (e.g. centre crops for ten):
   # the saved input position counts in the old files, so it is not used.
   record("step 20 committed 1", sha="b")
   run_origin.check(config, wd, 5)
-  assert "other token files than config.data.path" in run_origin.files_changed(
-      config, wd)
+  changed = lambda step: run_origin.files_changed(config, wd, step)
+  assert "other token files than config.data.path" in changed(5)
   run_origin.record(config, wd, 5)                 # the next saves count in these
-  assert run_origin.files_changed(config, wd) == ""
+  # Stopped before its next save: step 5's position still counts the old
+  # files; a checkpoint saved after the switch counts these.
+  assert "other token files" in changed(5) and changed(10) == ""
+  run_origin.record(config, wd, 5)
+  assert "other token files" in changed(5)
+  run_origin.record(config, wd, 10)
+  assert changed(10) == "" and "pending" not in json.loads(
+      open(os.path.join(wd, run_origin.ORIGIN_FILE)).read())
   record("step 30 committed 2")                      # written again since
   with pytest.raises(data.TokenFileError,
                      match=r"trained to step 5 on token files written with "

@@ -58,18 +58,29 @@ def files_fingerprint(config) -> str:
   return hashlib.sha256(json.dumps(rows).encode()).hexdigest() if rows else ""
 
 
-def files_changed(config, workdir: str) -> str:
-  """Why the position a run saved cannot be used on its token files now:
-  they are not the files it recorded (written again with the same tokenizer
-  weights, e.g. centre crops for ten crops or images added), "" if they are
-  or nothing was recorded. Process 0 reads; "" on the others (the resume
-  agrees on any process's reason)."""
+def _files_at(record: dict, step: int | None) -> str:
+  """The token files the input position saved with ``step`` counts in: those
+  a start after an earlier step switched to (``pending``, recorded with that
+  step as ``after``) once a checkpoint was saved on them, else ``files``."""
+  pending = record.get("pending") or {}
+  if (pending.get("files") and step is not None
+      and step > int(pending.get("after", step))):
+    return pending["files"]
+  return record.get("files", "")
+
+
+def files_changed(config, workdir: str, step: int | None) -> str:
+  """Why the position saved with ``step`` (the step a resume restored)
+  cannot be used on the token files now: it counts in other files (written
+  again with the same tokenizer weights, e.g. centre crops for ten crops or
+  images added), "" if not or nothing was recorded. Process 0 reads; "" on
+  the others (the resume agrees on any process's reason)."""
   def read():
     try:
-      before = json.loads((epath.Path(workdir) / ORIGIN_FILE).read_text()
-                          ).get("files", "")
+      record = json.loads((epath.Path(workdir) / ORIGIN_FILE).read_text())
     except (OSError, ValueError, AttributeError):
       return ""
+    before = _files_at(record, step) if isinstance(record, dict) else ""
     now = files_fingerprint(config)
     if before and now and before != now:
       return (f"counts examples of other token files than config.data.path "
@@ -127,13 +138,20 @@ def _record(config, workdir: str, resumed_step: int | None,
             encodes: bool) -> None:
   now = written_weights(config, encodes)
   path = epath.Path(workdir) / ORIGIN_FILE
-  # The token files too: the input position the next checkpoint saves
-  # counts in these (a resume on files written again draws afresh).
+  # The token files too: the input positions of the checkpoints saved from
+  # here on count in these ("pending" until one is: a run stopped before its
+  # next save leaves the restored step's position counting the old files).
   files = files_fingerprint(config)
   if resumed_step is not None and run_token_weights(workdir):
     before = json.loads(path.read_text())
-    if files and before.get("files") != files:
-      path.write_text(json.dumps({**before, "files": files}))
+    was = _files_at(before, resumed_step)
+    after = {k: v for k, v in before.items() if k != "pending"}
+    if was:
+      after["files"] = was
+    if files and files != was:
+      after["pending"] = {"files": files, "after": int(resumed_step)}
+    if after != before:
+      path.write_text(json.dumps(after))
     return
   if not now:
     return

@@ -32,11 +32,11 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
   from genvis_jax.data import run_origin  # pylint: disable=import-outside-toplevel
   encodes = task.encodes_with_tokenizer
   run_origin.check(config, workdir, ckpt.latest_step(), encodes)
-  # Before the record below takes the files of now.
-  tokens_changed = run_origin.files_changed(config, workdir)
   # The newest step that loads; damaged newer ones are moved aside.
   latest, state, saved_config = ckpt.restore_latest(
       trainer.abstract_state(), config, with_data=True)
+  # Of the step restored, before the record below takes the files of now.
+  tokens_changed = run_origin.files_changed(config, workdir, latest)
   # After the config check: a refused workdir (another run's) gets no record.
   run_origin.record(config, workdir, latest, encodes)
   if latest is None:
