@@ -12,6 +12,7 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.modes import resolve
@@ -82,8 +83,9 @@ def as_demo_fields(message: str, stage: str, config) -> str:
 READS = (("tokenizer.checkpoint", "tokenizer.model"), ("init_from", "model"),
          ("evaluate.checkpoint", "model"),
          ("evaluate.classifier_checkpoint", "model"))
-# Model settings that leave the weights as they are (a stage decodes in fp32).
-_SAME_WEIGHTS = ("dtype", "param_dtype", "remat")
+# Model settings that leave the weights and what they draw as they are (a
+# stage decodes in fp32), as the samplers' own check has them.
+_SAME_WEIGHTS = tuple(k.split(".", 1)[1] for k in fit.COMPUTE_ONLY)
 
 
 def check_stage_models(config, stages) -> None:
@@ -113,11 +115,15 @@ def check_stage_models(config, stages) -> None:
       if model is None or read is None:
         continue
       a, b = settings_lib.flatten(model), settings_lib.flatten(read)
+      # Named on purpose where the reading stage samples (as sampling does).
+      allowed = {k.strip() for k in str(settings_lib.get(
+          cfg, "sample.allow_model_changes") or "").split(",")}
       found += [
           f"--config.stages.{writer}.model.{k}={a.get(k)!r} but "
           f"--config.stages.{reader}.{section}.{k}={b.get(k)!r}"
           for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k) and k not in _SAME_WEIGHTS
+          and f"{section}.{k}" not in allowed
           and not models.is_dropout(f"model.{k}")]
   if found:
     raise errors.ConfigError(

@@ -216,3 +216,7 @@ def test_a_stage_model_override_not_repeated_is_refused_before_training(tmp_path
                             "--config.stages.") == 4
   assert "--config.stages.rar.tokenizer.model.num_codes=256" in str(e.value)
   assert not os.listdir(tmp_path)    # nothing trained
+  # Settings that leave the weights and images alone pass, as sampling has it.
+  cfg.stages.tokenizer.model.num_codes = 256
+  cfg.stages.samples.model.adaln_table = False
+  demo_run.check_stage_models(cfg, ["samples"])

@@ -242,6 +242,14 @@ def test_pretokenize_refuses_images_of_another_token_count():
     pretokenize.check_tokens_fit(config.model, encode, 128)
 
 
+def test_a_split_slice_names_files_a_glob_can_find():
+  """``train[:50%]`` in the file names made the printed training pattern a
+  glob character class that matched nothing."""
+  import ml_collections
+  c = ml_collections.ConfigDict({"pretokenize": {"output": "", "split": "train[:50%]"}})
+  assert pretokenize.output_prefix(c, "/w") == "/w/tokens/train__50__"
+
+
 def test_labels_beyond_num_classes_stop_pretokenizing(tmp_path, monkeypatch):
   """A source that states no class count (TFDS integer labels) wrote tokens
   of label 5019 for num_classes=10; only the generator's run refused them."""

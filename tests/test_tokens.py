@@ -124,6 +124,10 @@ def test_training_checks_where_the_token_files_came_from(tmp_path, caplog):
                        match=r"2 different pre-tokenize settings \(.*split='train', "
                              r"ten_crop=True: 1 file"):
       check()
+  # ... two slices of one split (TFDS "train[:50%]" / "train[50%:]"): one split.
+  record(paths[0], now, split="train[:50%]", ten_crop=True)
+  record(paths[1], now, split="train[50%:]", ten_crop=True)
+  check()
   # ... of other data (another folder): a warning that examples may count twice.
   record(paths[0], now, data={"path": "/x"})
   record(paths[1], now, data={"path": "/y"})

@@ -37,7 +37,13 @@ def main(argv=None) -> None:
   p.add_argument("--manual_dir", default=None,
                  help="the downloaded files a manual data set is built from")
   args = p.parse_args(argv)
-  where = prepare(args.name, args.data_dir, args.manual_dir)
+  try:
+    where = prepare(args.name, args.data_dir, args.manual_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    # TFDS's message says what is missing (a name, the manual files); its
+    # traceback would bury it.
+    raise SystemExit(f"Error: preparing {args.name!r} in {args.data_dir} "
+                     f"failed: {type(e).__name__}: {e}") from e
   print(f"Prepared {where}. Train on it with --config.data.source=tfds "
         f"--config.data.name={args.name.split(':')[0]} "
         f"--config.data.path={args.data_dir}")

@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -153,7 +154,10 @@ def output_prefix(config, workdir: str) -> str:
   """Where the token files go: ``config.pretokenize.output``, by default
   ``<workdir>/tokens/<split>`` (files ``<prefix>-<i>-of-<n>.array_record``)."""
   p = config.pretokenize
-  return p.output or os.path.join(workdir, "tokens", p.split)
+  # A TFDS slice ("train[:50%]") would be a glob's character class in the
+  # training pattern: file names keep letters, digits and . _ + - only.
+  return p.output or os.path.join(workdir, "tokens",
+                                  re.sub(r"[^\w.+-]", "_", p.split))
 
 
 def check_images_in_data(config) -> None:

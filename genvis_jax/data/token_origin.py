@@ -245,7 +245,9 @@ def _check_one_set(pattern: str, records: dict[str, dict]) -> None:
   by_fields = collections.defaultdict(list)
   by_settings = collections.defaultdict(set)
   for path, settings in records.items():
-    key = tuple(json.dumps(settings_lib.get(settings, f)) for f in SET_FIELDS)
+    # Slices of one split ("train[:50%]", "train[50%:]") are one split.
+    key = tuple(json.dumps(str(v).split("[")[0] if f == "split" and v else v)
+                for f in SET_FIELDS for v in [settings_lib.get(settings, f)])
     by_fields[key].append(path)
     prefix = next(iter(shard_sets([path])), None)
     if prefix is not None:
