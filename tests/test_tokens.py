@@ -128,6 +128,12 @@ def test_training_checks_where_the_token_files_came_from(tmp_path, caplog):
   record(paths[0], now, split="train[:50%]", ten_crop=True)
   record(paths[1], now, split="train[50%:]", ten_crop=True)
   check()
+  # ... the first 32 and the first 48 images of one split: a warning.
+  for path, n in zip(paths, (32, 48)):
+    record(path, now, split="train", data={"path": "/x", "num_examples": n})
+  with caplog.at_level(logging.WARNING):
+    check()
+  assert "2 pre-tokenize outputs of the same data and split train" in caplog.text
   # ... of other data (another folder): a warning that examples may count twice.
   record(paths[0], now, data={"path": "/x"})
   record(paths[1], now, data={"path": "/y"})

@@ -264,6 +264,24 @@ def _check_one_set(pattern: str, records: dict[str, dict]) -> None:
         "centre crops read each image twice, and codes of two image sizes "
         "cannot share a batch. Point config.data.path at the files of one "
         "pre-tokenize run (e.g. its <output>-*.array_record).")
+  # Outputs of one data set and split written with other settings (e.g.
+  # another number of images): the images they share are read twice.
+  by_data = collections.defaultdict(set)
+  for path, settings in records.items():
+    prefix = next(iter(shard_sets([path])), None)
+    split = str(settings.get("split") or "")
+    if prefix is not None and "[" not in split:   # slices may be disjoint
+      data = settings.get("data") or {}
+      by_data[json.dumps([data.get("source"), data.get("name"),
+                          data.get("path"), split])].add(prefix)
+  for key, prefixes in by_data.items():
+    if len(prefixes) > 1 and prefixes not in by_settings.values():
+      _warn_once(
+          "config.data.path=%r matches %d pre-tokenize outputs of the same "
+          "data and split %s (%s), written with other settings: the images "
+          "they share are read once per output. Point config.data.path at "
+          "one of them unless that is meant.", pattern, len(prefixes),
+          json.loads(key)[3], ", ".join(sorted(prefixes)))
   for prefixes in by_settings.values():
     if len(prefixes) > 1:
       raise TokenFileError(
