@@ -328,12 +328,16 @@ def _check_classes(num_classes, data_config, setting: str) -> int:
   if num_classes > configured:
     # Pre-tokenizing runs a generator's config, which has both sections; a
     # config reading images (a tokenizer's) may have neither.
-    later = ("the generator trained on these tokens needs the same: "
-             f"--config.data.num_classes={num_classes} --config.model."
-             f"num_classes={num_classes}" if setting == "config.pretokenize.data"
-             else "the jobs that read these classes later (pre-tokenizing, "
-             "the generator) need the same num_classes in their configs' data "
-             "and model sections")
+    if setting == "config.pretokenize.data":
+      later = ("the generator trained on these tokens needs the same: "
+               f"--config.data.num_classes={num_classes} --config.model."
+               f"num_classes={num_classes}")
+    elif data_config.source == "tokens":   # a generator's own training data
+      later = f"and its class embedding: --config.model.num_classes={num_classes}"
+    else:
+      later = ("the jobs that read these classes later (pre-tokenizing, the "
+               "generator) need the same num_classes in their configs' data "
+               "and model sections")
     raise sources.DataConfigError(
         f"The {data_config.source!r} data has {num_classes} classes but "
         f"{setting}.num_classes is {configured}: labels would overflow the "
