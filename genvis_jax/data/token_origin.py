@@ -241,17 +241,27 @@ SET_FIELDS = ("split", "ten_crop", "mirrored", "data.image_size")
 def _check_one_set(pattern: str, records: dict[str, dict]) -> None:
   """Refuses token files that differ in ``SET_FIELDS``, and two pre-tokenize
   outputs (file prefixes) written with the same settings: the same images
-  read twice (e.g. an output written again under another name)."""
+  read twice (e.g. an output written again under another name). Warns about
+  two outputs of one data set and split written with other settings (e.g.
+  another number of images): the images they share are read twice."""
   by_fields = collections.defaultdict(list)
   by_settings = collections.defaultdict(set)
+  by_data = collections.defaultdict(set)
   for path, settings in records.items():
+    split = str(settings.get("split") or "")
     # Slices of one split ("train[:50%]", "train[50%:]") are one split.
-    key = tuple(json.dumps(str(v).split("[")[0] if f == "split" and v else v)
-                for f in SET_FIELDS for v in [settings_lib.get(settings, f)])
+    key = tuple(json.dumps(split.split("[")[0] if f == "split" and split
+                           else settings_lib.get(settings, f))
+                for f in SET_FIELDS)
     by_fields[key].append(path)
     prefix = next(iter(shard_sets([path])), None)
-    if prefix is not None:
-      by_settings[json.dumps(settings, sort_keys=True)].add(prefix)
+    if prefix is None:
+      continue
+    by_settings[json.dumps(settings, sort_keys=True)].add(prefix)
+    if "[" not in split:   # slices of one split may be disjoint
+      data = settings.get("data") or {}
+      by_data[(data.get("source"), data.get("name"), data.get("path"),
+               split)].add(prefix)
   if len(by_fields) > 1:
     groups = "; ".join(
         ", ".join(f"{f}={json.loads(v)!r}" for f, v in zip(SET_FIELDS, key)
@@ -264,24 +274,6 @@ def _check_one_set(pattern: str, records: dict[str, dict]) -> None:
         "centre crops read each image twice, and codes of two image sizes "
         "cannot share a batch. Point config.data.path at the files of one "
         "pre-tokenize run (e.g. its <output>-*.array_record).")
-  # Outputs of one data set and split written with other settings (e.g.
-  # another number of images): the images they share are read twice.
-  by_data = collections.defaultdict(set)
-  for path, settings in records.items():
-    prefix = next(iter(shard_sets([path])), None)
-    split = str(settings.get("split") or "")
-    if prefix is not None and "[" not in split:   # slices may be disjoint
-      data = settings.get("data") or {}
-      by_data[json.dumps([data.get("source"), data.get("name"),
-                          data.get("path"), split])].add(prefix)
-  for key, prefixes in by_data.items():
-    if len(prefixes) > 1 and prefixes not in by_settings.values():
-      _warn_once(
-          "config.data.path=%r matches %d pre-tokenize outputs of the same "
-          "data and split %s (%s), written with other settings: the images "
-          "they share are read once per output. Point config.data.path at "
-          "one of them unless that is meant.", pattern, len(prefixes),
-          json.loads(key)[3], ", ".join(sorted(prefixes)))
   for prefixes in by_settings.values():
     if len(prefixes) > 1:
       raise TokenFileError(
@@ -289,6 +281,14 @@ def _check_one_set(pattern: str, records: dict[str, dict]) -> None:
           f"outputs written with the same settings ({', '.join(sorted(prefixes))}): "
           "every image would be read once per output. Point config.data.path "
           "at one of them, or delete the copies.")
+  for (*_, split), prefixes in by_data.items():
+    if len(prefixes) > 1:
+      _warn_once(
+          "config.data.path=%r matches %d pre-tokenize outputs of the same "
+          "data and split %s (%s), written with other settings: the images "
+          "they share are read once per output. Point config.data.path at "
+          "one of them unless that is meant.", pattern, len(prefixes), split,
+          ", ".join(sorted(prefixes)))
 
 
 # Tokenizer config fields that decide the layout of its codes.
