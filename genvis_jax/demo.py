@@ -103,6 +103,9 @@ def check_stage_models(config, stages) -> None:
            for name in config.stage_order}
   for reader in config.stage_order:
     cfg = plain[reader]
+    # Named on purpose where the reading stage samples (as sampling does).
+    allowed = {k.strip() for k in str(settings_lib.get(
+        cfg, "sample.allow_model_changes") or "").split(",")}
     for ref, section in READS:
       path = settings_lib.get(cfg, ref)
       if not (isinstance(path, str) and path.startswith("{workdir}/")):
@@ -115,9 +118,6 @@ def check_stage_models(config, stages) -> None:
       if model is None or read is None:
         continue
       a, b = settings_lib.flatten(model), settings_lib.flatten(read)
-      # Named on purpose where the reading stage samples (as sampling does).
-      allowed = {k.strip() for k in str(settings_lib.get(
-          cfg, "sample.allow_model_changes") or "").split(",")}
       found += [
           f"--config.stages.{writer}.model.{k}={a.get(k)!r} but "
           f"--config.stages.{reader}.{section}.{k}={b.get(k)!r}"
