@@ -9,7 +9,7 @@ and the one reader of every weight file.
 ``state_dict`` maps official key names to numpy arrays (``io.load_state_dict``
 reads .bin/.pt/.pth/.ckpt without torch, .safetensors and .npz). Every result is
 checked against the parameters the kind expects (by default
-``jax.eval_shape(models.init_params(model_config))``): a checkpoint that does
+``models.param_shapes(model_config)``): a checkpoint that does
 not fit raises one ``CheckpointMismatchError`` listing the missing, unexpected
 and mis-shaped keys, and nothing is written.
 
@@ -67,12 +67,6 @@ def module_shapes(module, *inputs):
                         jax.random.key(0))
 
 
-def model_shapes(model_config):
-  """Abstract (ShapeDtypeStruct) params of ``models.build(model_config)``."""
-  return jax.eval_shape(lambda r: models.init_params(model_config, r),
-                        jax.random.key(0))
-
-
 
 
 def check_kind(kind: str, model_config, config=None):
@@ -120,7 +114,7 @@ def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
   check_kind(kind, model_config)
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
   params = mod.convert(state_dict, model_config)
-  expected = getattr(mod, "expected", model_shapes)(model_config)
+  expected = getattr(mod, "expected", models.param_shapes)(model_config)
   return _fit(expected, params, f"The {kind!r} checkpoint",
               "i.e. the config of the model the checkpoint was released for",
               getattr(mod, "ADVICE", None))

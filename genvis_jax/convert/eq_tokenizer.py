@@ -11,7 +11,7 @@ import re
 
 import jax
 
-from genvis_jax import convert as convert_lib
+from genvis_jax import models
 from genvis_jax.convert import eq
 
 _UNUSED_SEMANTIC = re.compile(r"^semantic_decoder\.down\.\d+\.block\.2\.")
@@ -20,7 +20,7 @@ _LITEMA_BUFFERS = ("decay", "num_updates")
 
 def _model_official_names(model_config) -> dict[str, str]:
   """Dot-free official name -> dotted official name, for the model's params."""
-  shapes = convert_lib.model_shapes(model_config)
+  shapes = models.param_shapes(model_config)
   out = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     for name in eq.official_names(tuple(str(p.key) for p in path)):

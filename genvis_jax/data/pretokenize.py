@@ -94,8 +94,7 @@ def abstract_encoder(tok):
   the weights are never allocated), before its checkpoint is read."""
   model_cfg = inference.data_model_config(tok)
   model = models.build(model_cfg)
-  shapes = jax.eval_shape(lambda r: models.init_params(model_cfg, r),
-                          jax.random.key(0))
+  shapes = models.param_shapes(model_cfg)
 
   def encode(images):
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

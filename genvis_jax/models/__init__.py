@@ -243,6 +243,13 @@ def init_params(model_config, rng, *, boxed: bool = False):
   return params if boxed else nn.unbox(params)
 
 
+def param_shapes(model_config):
+  """Abstract (``ShapeDtypeStruct``) parameters of ``build(model_config)``:
+  ``init_params`` under ``jax.eval_shape``, nothing allocated."""
+  return jax.eval_shape(lambda r: init_params(model_config, r),
+                        jax.random.key(0))
+
+
 def is_image_tokenizer(model_config) -> bool:
   """Whether ``model_config`` builds an image tokenizer: a module with
   ``encode`` / ``decode`` and its pixel ``value_range`` class attribute."""

@@ -171,8 +171,7 @@ def _reshaping(saved_model: dict, now_model: dict, keys) -> set[str]:
   config no longer builds (another code version)."""
   def shapes(model):
     cfg = ml_collections.ConfigDict(model)
-    tree = jax.eval_shape(lambda r: models.init_params(cfg, r),
-                          jax.random.key(0))
+    tree = models.param_shapes(cfg)
     return [(fit.key_path(p), a.shape)
             for p, a in jax.tree_util.tree_leaves_with_path(tree)]
   try:
