@@ -76,11 +76,9 @@ def files_changed(config, workdir: str, step: int | None) -> str:
   images added), "" if not or nothing was recorded. Process 0 reads; "" on
   the others (the resume agrees on any process's reason)."""
   def read():
-    try:
-      record = json.loads((epath.Path(workdir) / ORIGIN_FILE).read_text())
-    except (OSError, ValueError, AttributeError):
+    before = _files_at(_read(epath.Path(workdir) / ORIGIN_FILE), step)
+    if not before:
       return ""
-    before = _files_at(record, step) if isinstance(record, dict) else ""
     now = files_fingerprint(config)
     if before and now and before != now:
       return (f"counts examples of other token files than config.data.path "
@@ -136,14 +134,13 @@ def _check(config, workdir: str, resumed_step: int | None,
 
 def _record(config, workdir: str, resumed_step: int | None,
             encodes: bool) -> None:
-  now = written_weights(config, encodes)
   path = epath.Path(workdir) / ORIGIN_FILE
   # The token files too: the input positions of the checkpoints saved from
   # here on count in these ("pending" until one is: a run stopped before its
   # next save leaves the restored step's position counting the old files).
   files = files_fingerprint(config)
-  if resumed_step is not None and run_token_weights(workdir):
-    before = json.loads(path.read_text())
+  before = _read(path) if resumed_step is not None else {}
+  if before.get("weights"):
     was = _files_at(before, resumed_step)
     after = {k: v for k, v in before.items() if k != "pending"}
     if was:
@@ -153,6 +150,7 @@ def _record(config, workdir: str, resumed_step: int | None,
     if after != before:
       path.write_text(json.dumps(after))
     return
+  now = written_weights(config, encodes)
   if not now:
     return
   if resumed_step is not None:   # a run from before this record existed
@@ -163,12 +161,17 @@ def _record(config, workdir: str, resumed_step: int | None,
                                                  else {})}))
 
 
+def _read(path: epath.Path) -> dict:
+  """The record at ``path``; {} where there is none or it does not read."""
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
 def run_token_weights(run: str) -> list[str]:
   """The tokenizer weights a training run's codes came from (its token files,
   or the tokenizer that encoded its images); [] when not recorded, e.g. a
   converted checkpoint or a run of images without a tokenizer."""
-  try:
-    return list(json.loads((epath.Path(run) / ORIGIN_FILE).read_text())
-                .get("weights") or [])
-  except (OSError, ValueError, AttributeError):
-    return []
+  return list(_read(epath.Path(run) / ORIGIN_FILE).get("weights") or [])
