@@ -10,6 +10,7 @@ from PIL import Image
 from configs import base
 from genvis_jax import data
 from genvis_jax.data import sources
+from genvis_jax.data import tfds_source
 from tests import data_common as dc
 
 
@@ -212,7 +213,7 @@ def test_image_folder_follows_symlinks_once(tmp_path):
 
 
 def _fake_tfds(images):
-  src = object.__new__(sources.TfdsSource)
+  src = object.__new__(tfds_source.TfdsSource)
   src.name, src.labelled = "fake", True
   src._source = [{"image": x, "label": i} for i, x in enumerate(images)]  # pylint: disable=protected-access
   return src
@@ -427,7 +428,7 @@ def test_prepare_tfds_writes_what_the_tfds_source_reads(tmp_path):
 
   where = prepare_tfds.prepare("genvis_tiny_images", str(tmp_path))
   assert where.startswith(str(tmp_path))
-  src = sources.TfdsSource("genvis_tiny_images", "train", str(tmp_path))
+  src = tfds_source.TfdsSource("genvis_tiny_images", "train", str(tmp_path))
   assert len(src) == 5 and src.num_classes == 3
   assert sorted(int(src[i]["image"][0, 0, 0]) for i in range(5)) == [0, 40, 80, 120, 160]
   # config.data.path at the data set's own folder (or its version folder):
@@ -436,12 +437,12 @@ def test_prepare_tfds_writes_what_the_tfds_source_reads(tmp_path):
     with pytest.raises(data.DataNotFoundError,
                        match=rf"path='{inner}' is the folder of the data set "
                              rf"'genvis_tiny_images' itself.*set it to '{tmp_path}'"):
-      sources.TfdsSource("genvis_tiny_images", "train", str(inner))
+      tfds_source.TfdsSource("genvis_tiny_images", "train", str(inner))
   # TFDS slices of a split read as TFDS reads them.
-  assert len(sources.TfdsSource("genvis_tiny_images", "train[:3]", str(tmp_path))) == 3
+  assert len(tfds_source.TfdsSource("genvis_tiny_images", "train[:3]", str(tmp_path))) == 3
   with pytest.raises(sources.DataConfigError, match=r"has no split 'val'"):
-    sources.TfdsSource("genvis_tiny_images", "val", str(tmp_path))
+    tfds_source.TfdsSource("genvis_tiny_images", "val", str(tmp_path))
   # Images without labels (tokenizers and references need none): class 0.
   prepare_tfds.prepare("genvis_unlabelled", str(tmp_path))
-  plain = sources.TfdsSource("genvis_unlabelled", "train", str(tmp_path))
+  plain = tfds_source.TfdsSource("genvis_unlabelled", "train", str(tmp_path))
   assert plain.num_classes == 1 and int(plain[1]["label"]) == 0

@@ -13,7 +13,8 @@ import importlib
 _EXPORTS = {
     "demo": ("DemoSource", "demo_landscapes", "demo_shapes"),
     "pipeline": ("PipelineInfo", "create_dataset", "make_source"),
-    "sources": ("DataNotFoundError", "ImageFolderSource", "TfdsSource"),
+    "sources": ("DataNotFoundError", "ImageFolderSource"),
+    "tfds_source": ("TfdsSource",),
     "tokens": ("TokenFileError", "TokenSource", "TokenWriter",
                "find_token_files", "token_files_exist", "write_token_records"),
 }

@@ -19,7 +19,8 @@ from absl import logging
 import grain
 import numpy as np
 
-from genvis_jax.data import demo, skips, sources, token_origin, tokens, transforms
+from genvis_jax.data import (demo, skips, sources, tfds_source, token_origin,
+                             tokens, transforms)
 
 SOURCES = sources.SOURCES
 
@@ -47,7 +48,7 @@ def make_source(data_config, split: str, setting: str = "config.data"):
         path, split, setting, train_split=data_config.split), classes)
     return src, len(classes), classes
   if kind == "tfds":
-    src = sources.TfdsSource(data_config.name, split, path or None, setting)
+    src = tfds_source.TfdsSource(data_config.name, split, path or None, setting)
     return src, src.num_classes, None
   if kind == "tokens":
     # A "{split}" in the pattern selects per-split files.
