@@ -199,6 +199,13 @@ resolve_run_name() {
     || die "--run-name=$GENVIS_RUN_NAME: use letters, digits, '.', '_' and '-' only"
 }
 
+# run_workdir BUCKET RUN: tpu_run.sh's default workdir gs://BUCKET/runs/RUN
+# (BUCKET with or without gs:// and a trailing slash).
+run_workdir() {
+  local bucket="${1#gs://}"
+  echo "gs://${bucket%/}/runs/$2"
+}
+
 # remote_path P: P for the worker's shell; relative paths are under $HOME there.
 remote_path() {
   case "$1" in

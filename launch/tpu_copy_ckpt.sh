@@ -24,8 +24,7 @@ resolve_run_name
 if [[ -z "$GENVIS_WORKDIR" ]]; then
   [[ -n "$GCS_BUCKET" && -n "$GENVIS_RUN_NAME" ]] \
     || die "--workdir=gs://... (or --bucket and --run-name or --config) is required"
-  bucket="${GCS_BUCKET#gs://}"
-  GENVIS_WORKDIR="gs://${bucket%/}/runs/$GENVIS_RUN_NAME"
+  GENVIS_WORKDIR="$(run_workdir "$GCS_BUCKET" "$GENVIS_RUN_NAME")"
 fi
 check_gs "$GENVIS_WORKDIR" workdir
 GENVIS_WORKDIR="${GENVIS_WORKDIR%/}"

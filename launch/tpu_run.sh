@@ -72,8 +72,7 @@ require config
   || die "--config=$GENVIS_CONFIG: no file $config_file in $GENVIS_ROOT (paths are relative to the repo root)"
 if [[ -z "$GENVIS_WORKDIR" ]]; then
   [[ -n "$GCS_BUCKET" ]] || die "--workdir=gs://... or --bucket=NAME is required"
-  bucket="${GCS_BUCKET#gs://}"
-  GENVIS_WORKDIR="gs://${bucket%/}/runs/$GENVIS_RUN_NAME"
+  GENVIS_WORKDIR="$(run_workdir "$GCS_BUCKET" "$GENVIS_RUN_NAME")"
 fi
 [[ "$GENVIS_ALLOW_LOCAL" == 1 ]] || check_gs "$GENVIS_WORKDIR" workdir
 GENVIS_WORKDIR="${GENVIS_WORKDIR%/}"
