@@ -3,12 +3,14 @@ bad input names its fix."""
 
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import base
 from genvis_jax import data
+from genvis_jax.data import pipeline
 from genvis_jax.data import sources
 from genvis_jax.data import tfds_source
 from tests import data_common as dc
@@ -442,6 +444,17 @@ def test_prepare_tfds_writes_what_the_tfds_source_reads(tmp_path):
   assert len(tfds_source.TfdsSource("genvis_tiny_images", "train[:3]", str(tmp_path))) == 3
   with pytest.raises(sources.DataConfigError, match=r"has no split 'val'"):
     tfds_source.TfdsSource("genvis_tiny_images", "val", str(tmp_path))
+  # The message names the key that holds the missing split.
+  cfg = ml_collections.ConfigDict(dict(source="tfds", name="genvis_tiny_images",
+                                       path=str(tmp_path), split="train",
+                                       eval_split="validation"))
+  with pytest.raises(sources.DataConfigError,
+                     match=r"no split 'validation'.*--config.data.eval_split to"):
+    pipeline.make_source(cfg, "validation")
+  cfg.split = "training"
+  with pytest.raises(sources.DataConfigError,
+                     match=r"no split 'training'.*--config.data.split to"):
+    pipeline.make_source(cfg, "training")
   # Images without labels (tokenizers and references need none): class 0.
   prepare_tfds.prepare("genvis_unlabelled", str(tmp_path))
   plain = tfds_source.TfdsSource("genvis_unlabelled", "train", str(tmp_path))

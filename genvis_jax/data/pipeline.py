@@ -48,7 +48,11 @@ def make_source(data_config, split: str, setting: str = "config.data"):
         path, split, setting, train_split=data_config.split), classes)
     return src, len(classes), classes
   if kind == "tfds":
-    src = tfds_source.TfdsSource(data_config.name, split, path or None, setting)
+    # The key holding ``split``, named if TFDS has no such split.
+    key = ("split" if split == data_config.split else "eval_split"
+           if split == data_config.get("eval_split") else "split / eval_split")
+    src = tfds_source.TfdsSource(data_config.name, split, path or None, setting,
+                                 split_key=key)
     return src, src.num_classes, None
   if kind == "tokens":
     # A "{split}" in the pattern selects per-split files.

@@ -35,8 +35,9 @@ class TfdsSource:
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
-               setting: str = "config.data"):
-    """``setting``: the config section naming the data set (messages)."""
+               setting: str = "config.data", split_key: str = "split"):
+    """``setting``: the config section naming the data set, ``split_key`` its
+    key holding ``split`` (``split`` or ``eval_split``; both for messages)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if not name:
       raise DataConfigError(f"{setting}.name is empty: set the TFDS data set "
@@ -88,8 +89,8 @@ class TfdsSource:
     except (KeyError, ValueError, AssertionError) as e:
       raise DataConfigError(f"TFDS data set {name!r} has no split {split!r}; it has "
                        f"{list(builder.info.splits)} (and TFDS slices of them, "
-                       f"e.g. 'train[:5%]'). Set {setting}.split / "
-                       "eval_split.") from e
+                       f"e.g. 'train[:5%]'). Set --{setting}.{split_key} to one "
+                       "of them.") from e
     if "image" not in builder.info.features:
       raise DataConfigError(f"TFDS data set {name!r} has features "
                        f"{list(builder.info.features)}; an image data set with "
