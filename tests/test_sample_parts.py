@@ -45,6 +45,29 @@ def test_resume_follows_the_weights_not_the_paths(tmp_path):
         "weights.generator": "step 600 committed 3"}))
 
 
+def test_settings_that_leave_the_images_alone_resume(tmp_path):
+  """How the models compute (remat, the attention kernel, the generator's
+  dtype while sample.dtype replaces it) and the training grids' width
+  decide no image: a resume with other values goes on. The generator's
+  dtype decides them where sample.dtype is '' (the model's own)."""
+  old = _settings(**{"sample.dtype": "float32", "model.remat": "none",
+                     "model.attn_impl": "pallas_tpu", "model.dtype": "bfloat16",
+                     "tokenizer.model.remat": "none",
+                     "sample.wide_columns": 32})
+  d = _parts_dir(tmp_path, old)
+  parts.check_settings(d, {**old, "model.remat": "full",
+                           "model.attn_impl": "auto", "model.dtype": "float32",
+                           "tokenizer.model.remat": "full",
+                           "sample.wide_columns": 0})
+  own = _parts_dir(tmp_path, {**old, "sample.dtype": ""}, "own_dtype")
+  with pytest.raises(parts.SampleSettingsError,
+                     match=r"model.dtype: 'bfloat16' -> 'float32'"):
+    parts.check_settings(own, {**old, "sample.dtype": "",
+                               "model.dtype": "float32"})
+  with pytest.raises(parts.SampleSettingsError, match=r"model.window: \(absent\) -> 4"):
+    parts.check_settings(d, {**old, "model.window": 4})
+
+
 def test_parts_recorded_before_every_model_setting_was_listed_go_on(tmp_path):
   """Parts recorded when the config listed only some model settings (and
   recorded dropout rates, which decide no image) go on with a config that
@@ -272,6 +295,7 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
 
   (step / "config" / "metadata").write_text(json.dumps(run))
   check(model__dtype="bfloat16", model__remat="full")
+  check(model__attn_impl="pallas_gpu")   # trained with another kernel
   check(model__attn_dropout=0.5, model__proj_dropout=0.5)   # training only
   with pytest.raises(trained_with.TrainedWithError,
                      match=r"trained with other settings .*\n  model.window: "

@@ -115,9 +115,12 @@ def completed_config(tree):
 
 
 # config.model fields that shape only a run's compute, not its weights or
-# what they draw (samplers decode in config.sample.dtype).
+# what they draw (samplers decode in config.sample.dtype). adaln_table (RAR):
+# the same values, computed once; attn_impl (Equivariant): the windowed
+# attention's implementations agree to float rounding (tests/
+# test_windowed_attention.py), and the cached sampler uses none of them.
 COMPUTE_ONLY = ("model.dtype", "model.param_dtype", "model.remat",
-                "model.adaln_table")   # RAR: the same values, computed once
+                "model.adaln_table", "model.attn_impl")
 
 
 # How messages name the side a recorded config belongs to, by how the

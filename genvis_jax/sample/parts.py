@@ -21,6 +21,7 @@ from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
@@ -167,14 +168,28 @@ MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint",
               "devices")
 
 
+def same_images(settings: dict) -> tuple[str, ...]:
+  """Recorded settings (flat) that leave the images as they are: how the
+  models compute (``checkpoint_fit.COMPUTE_ONLY``; the generator's dtypes
+  only while ``sample.dtype`` replaces them, the tokenizer's always, as its
+  resolved dtype is recorded) and the training grids' width."""
+  keep = () if settings.get("sample.dtype") else ("model.dtype",
+                                                  "model.param_dtype")
+  return (("sample.wide_columns",) +
+          tuple(k for k in fit.COMPUTE_ONLY if k not in keep) +
+          tuple("tokenizer." + k for k in fit.COMPUTE_ONLY
+                if k != "model.param_dtype"))
+
+
 class SampleSettingsError(errors.UserError, ValueError):
   """Sample parts in the workdir were drawn with other settings."""
 
 
 def check_settings(parts_dir: str, settings: dict) -> None:
   """Writes ``settings.json`` on a fresh start; refuses a resume that differs
-  (except in ``num_samples``, as a set can grow or shrink, and in the
-  checkpoint paths while the weights they resolve to are the same). Process
+  (except in ``num_samples``, as a set can grow or shrink, in the
+  checkpoint paths while the weights they resolve to are the same, and in
+  ``same_images``: how the models compute). Process
   0 checks and writes; its error stops every process.
 
   Raises:
@@ -200,7 +215,8 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in trained_with.WEIGHTS) else (
         "sample.num_samples", "devices") + trained_with.WEIGHTS
-    diff = settings_lib.differences(old, settings, ignore=may_change)
+    diff = settings_lib.differences(
+        old, settings, ignore=may_change + same_images(settings))
     if diff and found:
       raise SampleSettingsError(weights_lib.readable(
           f"{parts_dir} holds {len(found)} sample parts drawn with other "
