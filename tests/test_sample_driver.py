@@ -380,3 +380,19 @@ def test_a_seed_outside_32_bits_is_refused_before_anything_loads(tmp_path):
   with pytest.raises(ConfigError, match=r"config.seed=4294967296 must be an "
                      r"integer in \[0, 2\*\*32\)"):
     trainer.setup(config)
+
+
+def test_latents_the_tokenizer_cannot_decode_are_refused_before_loading(
+    tmp_path):
+  """An Equivariant generator whose latent width is not the tokenizer's
+  would load, compile and fail at the first decode without naming a
+  setting: refused first, naming both."""
+  from genvis_jax.models import inference
+  from tests import pipeline_common as pc
+  config = pc.load_config("eq_s.py:runlocal", **{
+      "mode": "sample", "init_from": "/nowhere/run",
+      "tokenizer.checkpoint": "/nowhere/tok", "model.token_dim": 8})
+  with pytest.raises(inference.CodebookSizeError,
+                     match=r"config.model.token_dim=8 differs from the "
+                           r"tokenizer's config.tokenizer.model.embed_dim=16"):
+    driver.sample_and_save(config, str(tmp_path))

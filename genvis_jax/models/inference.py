@@ -49,20 +49,30 @@ def data_model_config(tok) -> ml_collections.ConfigDict:
 
 
 class CodebookSizeError(UserError, ValueError):
-  """A generator draws more codes than its tokenizer decodes."""
+  """A generator draws more codes than its tokenizer decodes (or latents of
+  another width)."""
 
 
 def check_codes_fit(config) -> None:
   """Refuses a generator (``config.model.codebook_size``) that can draw codes
   its tokenizer (``config.tokenizer.model.num_codes``) does not have: the
-  decode's embedding lookup would clamp them into other codes silently.
-  Models without either key (a continuous-token generator) pass.
+  decode's embedding lookup would clamp them into other codes silently; and
+  a continuous-token generator (``config.model.token_dim``) whose latents
+  are not the tokenizer's width (``config.tokenizer.model.embed_dim``).
+  Models without the keys pass.
 
   Raises:
     CodebookSizeError: naming both settings and the fix.
   """
   size = (config.get("model") or {}).get("codebook_size")
   tok = (config.get("tokenizer") or {}).get("model") or {}
+  dim, latent = (config.get("model") or {}).get("token_dim"), tok.get("embed_dim")
+  if dim and latent and dim != latent:
+    raise CodebookSizeError(
+        f"config.model.token_dim={dim} differs from the tokenizer's "
+        f"config.tokenizer.model.embed_dim={latent}: the generator draws "
+        "latents the tokenizer cannot decode. Pass the tokenizer the generator "
+        "was trained with, or set both to its latent width.")
   codes = tok.get("num_codes")
   if size and codes and size > codes:
     where = (config.tokenizer.get("config_file") or "")
