@@ -1,6 +1,8 @@
 """Sharded training on 8 fake CPU devices: data x fsdp == 1 device; fsdp really
 splits parameters; k micro-batches == one full batch."""
 
+import re
+
 import jax
 import ml_collections
 import numpy as np
@@ -259,3 +261,31 @@ def test_fused_qkv_splits_by_heads_under_tensor_parallelism():
       v_ref = (x @ k + p["qkv"]["bias"])[..., 128:].reshape(8, 16, 8, 8)
       np.testing.assert_allclose(v, v_ref, rtol=1e-5, atol=1e-5)
   assert ops[True] == ops[False] == ["all-gather", "all-reduce"], ops
+
+
+def test_an_axis_that_divides_too_few_widths_is_told():
+  """``fit_spec`` leaves a dimension the axis does not divide whole: with
+  fsdp=12 and widths of 1408 every kernel stayed whole on every device, with
+  no word. The note names the axis, the bytes, a parameter and sizes that
+  divide; an axis splitting most bytes (a 3-channel conv aside) is quiet."""
+  from flax import linen as nn
+  mesh = jax.sharding.AbstractMesh((2, 12, 1), ("data", "fsdp", "tensor"))
+
+  def boxed(*shapes):
+    return {"model": {f"layer_{i}": {"kernel": nn.LogicallyPartitioned(
+        jax.ShapeDtypeStruct(s, np.float32), n)} for i, (s, n) in
+        enumerate(shapes)}}
+  rules = shd.DEFAULT_RULES
+  tree = boxed(((1408, 4224), ("embed", "mlp")), ((1408,), ("norm",)))
+  note = shd.unsplit_note(tree, mesh, rules)
+  assert re.fullmatch(
+      r"config.mesh.shape.fsdp=12 divides too few parameter dimensions: 0.02 "
+      r"of the 0.02 GiB .*'fsdp' stay whole on every device.*\(e.g. "
+      r"model/layer_0/kernel \(1408, 4224\), dimension 1408\)\. Sizes up to "
+      r"the 24 devices that divide most of them: \[2, 4, 8, 11, 16, 22\]\.",
+      note), note
+  # Split: 1536 = 12 x 128; the output conv's 3 channels stay whole, quietly.
+  assert shd.unsplit_note(boxed(((1536, 4224), ("embed", "mlp")),
+                                ((3, 3, 1536, 3), (None, None, "conv_in",
+                                                    "conv_out"))),
+                          mesh, rules) == ""

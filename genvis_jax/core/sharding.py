@@ -179,6 +179,66 @@ def tree_shardings(abstract_boxed, mesh: Mesh, rules):
       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+# Parameter bytes left whole on an axis the rules split them over, as a
+# share of the bytes they split over it, above which a run is told.
+UNSPLIT_SHARE = 0.25
+
+
+def unsplit_note(abstract_boxed, mesh: Mesh, rules) -> str:
+  """Why a mesh axis (size > 1) shards less than the rules ask: the share
+  of the parameter bytes the rules split over it that ``fit_spec`` leaves
+  whole there, as the axis does not divide their dimensions (``fsdp=12``
+  and a width of 1408: every kernel and its optimizer state whole on
+  every device). "" where each axis splits more than
+  ``1 - UNSPLIT_SHARE`` of its bytes. Names the largest such parameter and
+  the sizes (up to the device count) that divide the dimensions of 95% of
+  the bytes."""
+  asked = {}   # mesh axis -> [(bytes, dimension, kept, name, shape)]
+  table = rules_tuple(rules)
+  flat = jax.tree_util.tree_flatten_with_path(
+      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  for path, x in flat:
+    if not isinstance(x, nn.LogicallyPartitioned) or not x.names:
+      continue
+    shape, nbytes = x.value.shape, x.value.size * x.value.dtype.itemsize
+    spec = nn.logical_to_mesh_axes(tuple(x.names), table)
+    kept = tuple(fit_spec(spec, shape, mesh)) + (None,) * len(shape)
+    for dim, want, got in zip(shape, spec, kept):
+      want = () if want is None else (want,) if isinstance(want, str) else want
+      got = () if got is None else (got,) if isinstance(got, str) else got
+      for a in want:
+        if a in mesh.shape and mesh.shape[a] > 1:
+          asked.setdefault(a, []).append(
+              (nbytes, dim, a in got, _path_name(path), shape))
+  notes = []
+  for a, rows in sorted(asked.items()):
+    total = sum(r[0] for r in rows)
+    whole = sorted((r for r in rows if not r[2]), key=lambda r: -r[0])
+    if sum(r[0] for r in whole) <= UNSPLIT_SHARE * total:
+      continue
+    common, covered = 0, 0
+    for nbytes, dim, *_ in sorted(rows, key=lambda r: -r[0]):
+      if covered >= 0.95 * total:
+        break
+      common, covered = math.gcd(common, dim), covered + nbytes
+    fits = [d for d in range(2, min(common, mesh.size) + 1) if common % d == 0]
+    _, dim, _, name, shape = whole[0]
+    notes.append(
+        f"config.mesh.shape.{a}={mesh.shape[a]} divides too few parameter "
+        f"dimensions: {sum(r[0] for r in whole) / 2**30:.2f} of the "
+        f"{total / 2**30:.2f} GiB of parameters the rules split over '{a}' "
+        f"stay whole on every device, and their optimizer state (e.g. "
+        f"{name} {tuple(shape)}, dimension {dim}). Sizes up to the "
+        f"{mesh.size} devices that divide most of them: {fits[-6:] or 'none'}.")
+  return " ".join(notes)
+
+
+def _path_name(path) -> str:
+  """A tree path as ``model/blocks_0/attn/kernel``."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
 def batch_axes(mesh, rules=None) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over: those of the rules
   table's ``"batch"`` entry (``BATCH_AXES`` without ``rules``) that ``mesh``

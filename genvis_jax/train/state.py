@@ -99,6 +99,9 @@ def state_shardings(task, optimizers, mesh, rules, rng):
   """
   boxed = jax.eval_shape(task.init_params, rng)
   param_sh = shd.tree_shardings(boxed, mesh, rules)
+  note = shd.unsplit_note(boxed, mesh, rules)
+  if note:
+    logging.warning("%s", note)
   abstract = jax.eval_shape(lambda r: init_state(task, optimizers, r), rng)
 
   def opt_sh(group):
