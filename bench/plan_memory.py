@@ -81,8 +81,10 @@ def load_config(spec: str):
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """``"data=2,fsdp=4"`` -> {"data": 2, "fsdp": 4, "tensor": 1} (-1 = the rest)."""
-  shape = {"data": 1, "fsdp": 1, "tensor": 1}
+  """``"data=2,fsdp=4"`` -> {"data": 2, "fsdp": 4, "tensor": 1} (-1 = the
+  rest). An axis left out is 1, except ``data``: the devices the others
+  leave (-1), as in ``configs/base.py``, unless another axis is -1."""
+  shape = {"data": None, "fsdp": 1, "tensor": 1}
   for part in filter(None, text.split(",")):
     key, sep, value = part.partition("=")
     if not sep or key.strip() not in shape:
@@ -93,6 +95,8 @@ def parse_mesh(text: str) -> dict[str, int]:
     except ValueError:
       raise ValueError(f"--mesh={text!r}: {key.strip()}={value!r} is not a "
                        "whole number (-1: the devices left).") from None
+  if shape["data"] is None:
+    shape["data"] = 1 if -1 in shape.values() else -1
   return shape
 
 
@@ -293,7 +297,9 @@ def main(argv=None) -> list[Plan]:
                   + ", ".join(PAPER_CONFIGS))
   ap.add_argument("--devices", type=int, default=8,
                   help="N > 0: N fake CPU devices; 0: this machine's devices")
-  ap.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=4")
+  ap.add_argument("--mesh", default="data=-1",
+                  help="e.g. data=2,fsdp=4 (data left out: the devices the "
+                       "others leave)")
   ap.add_argument("--batch", type=int, default=None,
                   help="global batch per step (default: the config's)")
   ap.add_argument("--micro_batches", type=int, default=None)

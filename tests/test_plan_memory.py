@@ -84,6 +84,9 @@ def test_bad_mesh_flag():
     pm.parse_mesh("data:2")
   with pytest.raises(ValueError, match=r"fsdp='x' is not a whole number"):
     pm.parse_mesh("fsdp=x")
+  # data left out takes the devices the others leave, as the configs' -1.
+  assert pm.parse_mesh("fsdp=8") == {"data": -1, "fsdp": 8, "tensor": 1}
+  assert pm.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
 
 
 def test_a_config_that_cannot_run_is_reported_whole(capsys):
