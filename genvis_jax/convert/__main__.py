@@ -26,7 +26,9 @@ _KIND = flags.DEFINE_string(
     "kind", None, "Checkpoint kind: a module of genvis_jax/convert/ that "
     "defines convert (an unknown kind lists them).")
 _SRC = flags.DEFINE_string("src", None, "Official checkpoint file(s), comma-separated.")
-_DST = flags.DEFINE_string("dst", None, "Output: Orbax directory (lpips: an .npz file).")
+_DST = flags.DEFINE_string(
+    "dst", None, "Output: Orbax directory (lpips, clip_vision, dinov2: an .npz "
+    "file).")
 _KEY = flags.DEFINE_string(
     "key", None, "Entry holding the weights in a training checkpoint "
     "(e.g. model, ema, state_dict); default: the flat dict or the only one.")

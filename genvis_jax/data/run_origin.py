@@ -3,7 +3,8 @@ in its workdir holds the tokenizer weights its token files were written with
 (or, for a task that encodes its images in the loss, the tokenizer it encodes
 with) and a fingerprint of those files. A resume on codes of other weights is
 refused, one on the files written again draws its data order afresh, and
-sampling warns when it decodes with other weights than the codes came from.
+sampling refuses to decode with other weights than the codes came from
+(``sample.trained_with.check_tokenizer_origin``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from genvis_jax.errors import ConfigError
 
 # A training run's record of the tokenizer weights its token files came from
 # (or, for a task that encodes its images in the loss, of the tokenizer it
-# encodes with), in its workdir: a resume on other codes is refused, and
-# sampling warns when it decodes with other weights.
+# encodes with), in its workdir: a resume on other codes is refused, and so
+# is sampling that decodes with other weights.
 ORIGIN_FILE = "token_origin.json"
 
 
