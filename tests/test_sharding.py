@@ -289,3 +289,30 @@ def test_an_axis_that_divides_too_few_widths_is_told():
                                 ((3, 3, 1536, 3), (None, None, "conv_in",
                                                     "conv_out"))),
                           mesh, rules) == ""
+
+
+def test_conv_feature_maps_stay_split_over_the_batch():
+  """The conv kernels' output channels are split over fsdp; without a
+  constraint on the feature maps GSPMD split some by channel instead and
+  gathered the whole global batch onto every device (the tokenizers' steps
+  at data=2, fsdp=4: twice data=8's temporaries)."""
+  from flax import linen as nn
+  from configs import maskgit_vqgan
+  from genvis_jax import models
+  config = maskgit_vqgan.get_config("runlocal")
+  mesh = shd.create_mesh(ml_collections.ConfigDict(
+      {"shape": dict(data=2, fsdp=4, tensor=1)}), jax.devices()[:8])
+  model = models.build(config.model)
+  size = config.data.image_size
+  x = jax.ShapeDtypeStruct((16, size, size, 3), np.float32)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), x)
+  rules = shd.DEFAULT_RULES
+  params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.unbox(boxed), shd.tree_shardings(boxed, mesh, rules))
+  x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.batch_sharding(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    hlo = jax.jit(model.apply).lower(params, x).compile().as_text()
+  assert "all-gather" in hlo   # the kernels are gathered (FSDP) ...
+  # ... never a feature map of the global batch.
+  assert not re.findall(r"= \w+\[16,\d+,\d+,\d+\]\S* all-gather\(", hlo)
