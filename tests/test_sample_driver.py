@@ -360,6 +360,39 @@ def test_two_processes_writing_one_file_do_not_share_its_temporary_file(
   assert os.listdir(tmp_path) == ["samples.png"]
 
 
+def test_a_writer_killed_mid_write_leaves_nothing_for_long(tmp_path,
+                                                          monkeypatch):
+  """A process killed inside ``write_whole`` (an OOM kill, a preemption)
+  leaves its temporary file, 9.8 GB for a 50k samples.npz, one more per
+  crash: the next sampling run removes those of writers no longer
+  running, not a live one's or a file of another name."""
+  from genvis_jax.core import files
+  code = textwrap.dedent("""
+      import os, signal, sys
+      from genvis_jax.core import files
+      def write(tmp):
+        open(tmp, "wb").write(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)
+      files.write_whole(sys.argv[1], write)
+      """)
+  wd = tmp_path / "wd"
+  for target in (wd / "samples.npz", wd / "sample_parts" / "000000000.npz"):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-c", code, str(target)])
+    assert r.returncode == -9
+  left = sorted(str(p.relative_to(wd)) for p in wd.rglob("*.tmp.*"))
+  assert len(left) == 2, left
+  live = wd / f"grid.{os.getpid()}.tmp.png"     # this process's: writing
+  live.write_bytes(b"y")
+  (wd / "notes.99999999.tmp.txt.keep").write_text("a user's")
+  config, drawn = _stand_in_sampler(monkeypatch, num_samples=8)
+  driver.sample_and_save(config, str(wd))
+  assert drawn == [0]
+  assert sorted(str(p.relative_to(wd)) for p in wd.rglob("*.tmp.*")) == [
+      live.name, "notes.99999999.tmp.txt.keep"]
+  assert files.remove_stale_temporaries(str(wd)) == []
+
+
 def test_a_seed_outside_32_bits_is_refused_before_anything_loads(tmp_path):
   """jax takes any key but NumPy's label draw refuses a negative seed (a
   traceback after the weights had loaded); a seed of 2**32 drew seed 0's

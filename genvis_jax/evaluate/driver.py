@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import files
+from genvis_jax.core import multihost
 from genvis_jax.core import registry
 
 # Kinds that score samples with the demo's small classifier (``configs/demo.py``
@@ -71,4 +73,5 @@ def run(config, workdir: str):
     _check_tokenizer_kind(config)
   mod = registry.module("genvis_jax.evaluate", config.evaluate.kind,
                         ("evaluate",), setting="config.evaluate.kind")
+  multihost.on_process_0(lambda: files.remove_stale_temporaries(workdir))
   return mod.evaluate(config, workdir)

@@ -321,6 +321,8 @@ def sample_and_save(config, workdir: str) -> dict:
   parts_dir = parts.directory(workdir)
   files.makedirs(parts_dir)
   parts.check_settings(parts_dir, settings)
+  multihost.on_process_0(lambda: [files.remove_stale_temporaries(d)
+                                  for d in (workdir, parts_dir)])
   print(f"[sample] generator: {config.init_from} "
         f"({weights_lib.readable(settings['weights.generator'])}); tokenizer: "
         f"{config.tokenizer.get('checkpoint', '')} "
