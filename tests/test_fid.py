@@ -405,6 +405,38 @@ def test_reference_kind_needs_inception_weights_and_a_known_resize(tmp_path):
     reference.evaluate(config, str(tmp_path))
 
 
+def test_reference_kind_on_a_host_whose_workdir_holds_no_file(tmp_path,
+                                                             monkeypatch):
+  """Each host with a workdir of its own: process 0 writes reference.npz
+  on its disk only, so process 1 read a file it did not have (after the
+  whole Inception pass) and told the user to run what just failed. The
+  summary comes from process 0."""
+  from configs import base
+  from genvis_jax.core import multihost
+  from genvis_jax.convert import inception
+  config = base.get_config()
+  config.evaluate.kind = "reference"
+  config.evaluate.inception = "/weights/inception"
+  host0 = tmp_path / "host0" / "reference.npz"
+  reference.save_reference(str(host0), mu=np.zeros(4), sigma=np.eye(4),
+                           mu_s=np.zeros(2), sigma_s=np.eye(2), num_images=7)
+  monkeypatch.setattr(inception, "load_inception_params", lambda path: {})
+  monkeypatch.setattr(reference, "compute_reference",
+                      lambda data, params, path, **kw: path)   # wrote nothing
+  monkeypatch.setattr(multihost.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost.jax, "process_index", lambda: 1)
+  said = json.dumps([7, reference.describe(reference.load_reference(str(host0)))])
+  sent = []    # process 0's: no error (on_process_0), the summary, no error
+
+  def broadcast(strings, size=0):
+    sent.append(strings)
+    return [said if len(sent) == 2 else ""]
+  monkeypatch.setattr(multihost, "broadcast_strings", broadcast)
+  res = reference.evaluate(config, str(tmp_path / "host1"))
+  assert res["num_images"] == 7
+  assert not (tmp_path / "host1" / "reference.npz").exists()
+
+
 def test_compute_reference_from_demo_split(tmp_path):
   from configs import base
   from genvis_jax.data import DemoSource

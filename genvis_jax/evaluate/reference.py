@@ -32,6 +32,7 @@ Sample files use the same layout (``arr_0`` uint8), streamed by ``npz`` so
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Iterator
@@ -424,8 +425,16 @@ def evaluate(config, workdir: str) -> dict:
       num_images=ev.get("num_images", 0) or None,
       num_stored_images=int(ev.get("num_stored_images", 10_000)),
       batch_size=int(ev.get("batch_size", 200)), preprocess=preprocess)
-  ref = load_reference(path)
-  results = {"reference": path, "num_images": int(ref.num_images or 0),
+  # Read back where it was written: a workdir of each host's own holds it on
+  # process 0's only.
+  summary = [""]
+
+  def read():
+    ref = load_reference(path)
+    summary[0] = json.dumps([int(ref.num_images or 0), describe(ref)])
+  multihost.on_process_0(read)
+  count, line = json.loads(multihost.broadcast_strings(summary)[0])
+  results = {"reference": path, "num_images": count,
              "preprocess": preprocess, "split": config.data.eval_split}
-  return report.write(workdir, results, f"reference: {describe(ref)}; use "
+  return report.write(workdir, results, f"reference: {line}; use "
                       f"--config.evaluate.reference={path}")
