@@ -29,7 +29,7 @@ def get_config(arg=None):
   wide.init_from = "{workdir}/eq_generator"
   wide.sample.num_columns = wide.sample.wide_columns
   wide.sample.num_samples = 10
-  wide.sample.batch_size = 10
+  wide.sample.batch_size = 16   # a multiple of 8 devices (a TPU v2-8)
   c.stages.samples_wide = wide
   c.stage_order = ("eq_tokenizer", "eq_generator", "samples_wide")
   if arg.smoke:

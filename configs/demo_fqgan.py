@@ -59,7 +59,8 @@ def far_config():
   c.train.checkpoint_every = 500
   c.train.image_every = 0
   c.sample.num_samples = 100
-  c.sample.batch_size = 100
+  # One batch of the 100, padded to a multiple of 8 devices (a TPU v2-8).
+  c.sample.batch_size = 104
   return c
 
 

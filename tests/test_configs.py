@@ -72,6 +72,21 @@ def test_demo_configs_refuse_arguments_they_do_not_take(name):
     module.get_config("runlocal")
 
 
+@pytest.mark.parametrize("name", ["demo", "demo_eq", "demo_fqgan"])
+def test_demo_batches_split_over_8_devices(name):
+  """A Colab TPU v2-8 runtime has 8 devices: the demo's sampling stage
+  (batch 100) stopped there after its trainers had run. Every stage's batch
+  splits over 8 (evaluation pads its own)."""
+  stages = importlib.import_module(f"configs.{name}").get_config().stages
+  for stage in stages.keys():
+    c = stages[stage]
+    if c.mode == "sample":
+      assert c.sample.batch_size % 8 == 0, (stage, c.sample.batch_size)
+    elif c.mode == "train":
+      assert c.train.global_batch_size % 8 == 0, (stage,
+                                                  c.train.global_batch_size)
+
+
 RUNNABLE = sorted(
     name[:-3] for name in os.listdir(os.path.dirname(base.__file__))
     if name.endswith(".py") and name not in ("__init__.py", "base.py")
