@@ -60,3 +60,30 @@ def run_notebook(name):
   NotebookClient(nb, timeout=240, kernel_name="python3",
                  resources={"metadata": {"path": str(COLABS)}}).execute()
   return nb
+
+
+def test_setup_cells_are_one_and_say_when_a_clone_fails(tmp_path, monkeypatch):
+  """The notebooks share one setup cell. Run from a folder without a
+  checkout: a clone that fails stops it (it went on with whatever
+  genvis_jax was installed), and a re-run finds its clone instead of
+  cloning again over it."""
+  from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
+  from nbclient.exceptions import CellExecutionError  # pylint: disable=import-outside-toplevel
+  setups = {load_notebook(n).cells[1].source for n in NOTEBOOKS}
+  assert len(setups) == 1
+  cell = setups.pop()
+
+  def run(url, cells=1):
+    monkeypatch.setenv("GENVIS_REPO_URL", url)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)
+                                         for _ in range(cells)])
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return notebook_text(nb)
+
+  with pytest.raises(CellExecutionError, match=r"Cloning '.*nowhere' into "
+                     r".*genvis_jax_repo failed"):
+    run(str(tmp_path / "nowhere"))
+  out = run(str(COLABS.parent), cells=2)     # the cell run twice: one clone
+  assert "already exists" not in out
+  assert out.count("genvis_jax from") == 2
