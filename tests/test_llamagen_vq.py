@@ -174,6 +174,13 @@ def test_bad_inputs_raise_clear_errors():
     jax.eval_shape(lambda p: model.apply({"params": p},
                                          jnp.zeros((1, 256), jnp.int32),
                                          method="decode"), params)
+  # An image side the downsampling does not divide: a config error, as
+  # MaskGIT's and the Equivariant tokenizer's.
+  from genvis_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"Image size 31x32 is not divisible by "
+                     r"the downsampling factor 2; .*config.data.image_size"):
+    jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((1, 31, 32, 3)),
+                                         method="encode"), params)
 
 
 def test_trains_through_fq_tokenizer_task():

@@ -108,6 +108,7 @@ def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
 
 
 def expected(model_config):
+  """The converted tree's shapes: the tower ``model_config`` names, abstract."""
   module = clip_module(model_config)
   return convert_lib.module_shapes(module, *clip_vision.example_inputs(module))
 

@@ -86,6 +86,7 @@ def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:
 
 
 def expected(model_config):
+  """The converted tree's shapes: the tower ``model_config`` names, abstract."""
   module = dinov2_module(model_config)
   return convert_lib.module_shapes(
       module, *dinov2.example_inputs(module, 1, module.image_size))

@@ -89,6 +89,7 @@ def convert(state_dict, model_config=None) -> dict:
 
 
 def expected(model_config=None):
+  """The converted tree's shapes (LPIPS has one architecture), abstract."""
   del model_config
   x = jnp.zeros((1, 32, 32, 3), jnp.float32)
   return convert_lib.module_shapes(lpips.LPIPS(), x, x)

@@ -88,7 +88,7 @@ def evaluate(config, workdir: str) -> dict:
       config.model, ev.classifier_checkpoint,
       setting="--config.evaluate.classifier_checkpoint")
   num_ref = ev.get("num_reference", 0) or len(samples)
-  batch_size = ev.get("batch_size", 256)
+  batch_size = ev.get("batch_size", 200)   # configs/base.py's
   _, batches = ref_lib.dataset_images(config.data, config.data.eval_split,
                                       batch_size, num_ref,
                                       "config.evaluate.num_reference")

@@ -311,8 +311,7 @@ def load_params(model_config, directory: str, mesh=None, *,
         f"{setting}=DIR (a converted checkpoint from `python -m "
         "genvis_jax.convert`, a training workdir or one of its "
         "checkpoints/<step> folders).")
-  abstract = jax.eval_shape(
-      lambda r: init_params(model_config, r), jax.random.key(0))
+  abstract = param_shapes(model_config)
   if mesh is not None:
     sharding = shd.replicated(shd.auto_axes(mesh))
     abstract = jax.tree_util.tree_map(

@@ -137,8 +137,8 @@ class Decoder(CNNBase):
 def check_images(images, image_size: int | None = None, factor: int = 1):
   """Clear errors for non-NHWC-RGB inputs or sizes the model cannot take.
 
-  Raises ``ValueError`` unless images are (B, H, W, 3) with ``factor``
-  dividing H and W; ``ConfigError`` unless H = W = ``image_size`` (when
+  Raises ``ValueError`` unless images are (B, H, W, 3); ``ConfigError``
+  unless ``factor`` divides H and W and H = W = ``image_size`` (when
   given)."""
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Expected NHWC RGB images (B, H, W, 3), got shape "
@@ -151,8 +151,9 @@ def check_images(images, image_size: int | None = None, factor: int = 1):
         f"{image_size // factor}^2 grid), got {h}x{w}; resize or "
         f"crop the images, or set model.image_size.")
   if h % factor or w % factor:
-    raise ValueError(f"Image size {h}x{w} is not divisible by the downsampling "
-                     f"factor {factor}.")
+    raise errors.ConfigError(
+        f"Image size {h}x{w} is not divisible by the downsampling factor "
+        f"{factor}; crop or resize to a multiple of it (config.data.image_size).")
 
 
 def check_codes(codes, name="codes"):
@@ -220,8 +221,9 @@ class LlamaGenVQ(VQBase):
   ``encode_latents(images)`` -> quant_conv output (B, h, w, code_dim).
   ``decode_latents(z_q)`` -> unclipped float32 images from (quantized)
     latents (B, h, w, code_dim).
-  Raises ``ValueError`` for images that are not (B, H, W, 3) with H, W
-  divisible by the factor, or codes that are not (B, h, w); ``TypeError``
+  Raises ``ValueError`` for images that are not (B, H, W, 3) or codes that
+  are not (B, h, w), ``ConfigError`` for H, W not divisible by the factor
+  (as the other tokenizers); ``TypeError``
   for non-integer codes (``VectorQuantizer.lookup``).
   """
 

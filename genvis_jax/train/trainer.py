@@ -328,7 +328,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
   vis_batch = None
   profile = profiling.StepWindow(
       workdir, start, int(config.train.get("profile_steps", 0)),
-      int(config.train.get("profile_skip_steps", 0)), settle=ckpt.wait)
+      int(config.train.get("profile_skip_steps", 5)), settle=ckpt.wait)
   try:
     # SIGTERM / Ctrl-C: finish the step in flight, save it, stop.
     with preemption.StopRequest(resumes=ckpt.resume_note) as stop, profile:

@@ -20,6 +20,9 @@ from genvis_jax import errors
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
 def reconstruction_loss(kind: str, x, y):
+  """Mean pixel loss of ``x`` against ``y`` (same shapes, any float dtype)
+  -> scalar: "l1" (MaskGIT) or "l2" (LlamaGen / FQGAN),
+  ``config.loss.reconstruction``. Raises ``ConfigError`` for another."""
   if kind == "l1":
     return jnp.mean(jnp.abs(x - y))
   if kind == "l2":
