@@ -14,7 +14,8 @@ import pytest
 from configs import eq_tokenizer as eq_tok_config
 from configs import fqgan_dual_ds16
 from genvis_jax import models
-from genvis_jax.models import dino_disc, dinov2, patchgan
+from genvis_jax.models import dino_disc, patchgan
+from genvis_jax.models.layers import images as images_lib
 from genvis_jax.train import losses
 
 
@@ -193,20 +194,20 @@ def _np_adaptive_avg_pool(x, out_h, out_w):
                                           ((6, 6), (6, 6))])
 def test_dino_area_resize_is_adaptive_average_pooling(in_hw, out_hw):
   x = np.asarray(jax.random.normal(jax.random.key(0), (2, *in_hw, 3)))
-  y = np.asarray(dino_disc.resize_area(jnp.asarray(x), *out_hw))
+  y = np.asarray(images_lib.resize_area(jnp.asarray(x), *out_hw))
   np.testing.assert_allclose(y, _np_adaptive_avg_pool(x, *out_hw), rtol=1e-5,
                              atol=1e-6)
   if in_hw == out_hw:
-    np.testing.assert_array_equal(dino_disc.area_matrix(6, 6), np.eye(6))
+    np.testing.assert_array_equal(images_lib.area_matrix(6, 6), np.eye(6))
   if in_hw == (32, 32):   # the discriminator's input path (256 -> 224 at scale)
     imgs = jnp.asarray(x[..., :3].clip(-1, 1))
     norm = (((x.clip(-1, 1) + 1) / 2
-             - np.asarray(dinov2.IMAGENET_MEAN, np.float32))
-            / np.asarray(dinov2.IMAGENET_STD, np.float32))
+             - np.asarray(images_lib.IMAGENET_MEAN, np.float32))
+            / np.asarray(images_lib.IMAGENET_STD, np.float32))
     np.testing.assert_allclose(np.asarray(dino_disc.preprocess(imgs, 28)),
                                _np_adaptive_avg_pool(norm, 28, 28),
                                rtol=1e-5, atol=1e-5)
-  m = dino_disc.area_matrix(256, 224)
+  m = images_lib.area_matrix(256, 224)
   np.testing.assert_allclose(m.sum(1), 1.0)
   assert np.count_nonzero(m[0]) == 2 and np.count_nonzero(m[6]) == 2
 

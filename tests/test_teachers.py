@@ -22,6 +22,7 @@ from genvis_jax.convert import clip_vision as cclip
 from genvis_jax.convert import dinov2 as cdino
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import clip_vision, dinov2, teachers
+from genvis_jax.models.layers import images as images_lib
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "teachers_parity.npz")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,14 +132,14 @@ def test_position_table_resize_of_the_released_37x37_grid(fx, key, kw):
 
 
 def test_bicubic_matrix_identities():
-  assert np.allclose(dinov2.bicubic_matrix(7, 7), np.eye(7))
+  assert np.allclose(images_lib.bicubic_matrix(7, 7), np.eye(7))
   for aa in (False, True):
     for n_in, n_out in ((37, 16), (5, 9)):
-      assert np.allclose(dinov2.bicubic_matrix(n_in, n_out, antialias=aa).sum(1), 1)
+      assert np.allclose(images_lib.bicubic_matrix(n_in, n_out, antialias=aa).sum(1), 1)
   # Antialiasing widens the filter when shrinking: more taps per row.
   taps = lambda m: int((np.abs(m) > 0).sum(1).max())
-  assert taps(dinov2.bicubic_matrix(37, 16)) == 4
-  assert taps(dinov2.bicubic_matrix(37, 16, antialias=True)) > 4
+  assert taps(images_lib.bicubic_matrix(37, 16)) == 4
+  assert taps(images_lib.bicubic_matrix(37, 16, antialias=True)) > 4
 
 
 # --- preprocessing -------------------------------------------------------------------

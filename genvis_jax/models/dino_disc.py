@@ -54,7 +54,8 @@ import numpy as np
 
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.models import dinov2, layers
+from genvis_jax.models import layers
+from genvis_jax.models.layers import images as images_lib
 from genvis_jax.models.layers import vit
 
 # --- frozen ViT ----------------------------------------------------------------
@@ -107,24 +108,6 @@ class FrozenViT(nn.Module):
     return outs, tokens
 
 
-def area_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) float64 matrix M with ``M @ v`` = torch's 1-D
-  ``F.interpolate(mode='area')`` (adaptive average pooling) of v: output i
-  averages inputs floor(i * in / out) .. ceil((i + 1) * in / out) - 1."""
-  m = np.zeros((out_size, in_size))
-  for i in range(out_size):
-    lo, hi = (i * in_size) // out_size, -(-((i + 1) * in_size) // out_size)
-    m[i, lo:hi] = 1.0 / (hi - lo)
-  return m
-
-
-def resize_area(x, height: int, width: int):
-  """(B, H, W, C) -> (B, height, width, C) torch 'area' resize, float32 (one
-  box matrix per axis; identity where a size does not change)."""
-  return dinov2.resize_separable(x, area_matrix(x.shape[1], height),
-                                 area_matrix(x.shape[2], width))
-
-
 def preprocess(images, size: int, rng=None, random_crop: bool = True):
   """[-1, 1] NHWC -> ImageNet-normalised (B, size, size, 3), float32.
 
@@ -136,11 +119,11 @@ def preprocess(images, size: int, rng=None, random_crop: bool = True):
   seeds every rank alike (Lightning ``seed_everything``), so its per-call
   coin and crop offsets agree across GPUs: one draw per call, as here.
   """
-  x = dinov2.normalize_signed(images)
+  x = images_lib.normalize_signed(images)
   b, h, w, c = x.shape
   if (h, w) == (size, size):
     return x
-  resize = resize_area if h > size else dinov2.resize_bicubic
+  resize = images_lib.resize_area if h > size else images_lib.resize_bicubic
   resized = resize(x, size, size)
   if rng is None or not random_crop or h <= size or w <= size:
     return resized

@@ -30,16 +30,12 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from genvis_jax.core import pixels
 from genvis_jax.errors import ConfigError
 from genvis_jax.models.clip_vision import preprocess as _preprocess
 from genvis_jax.models.layers import Dtype
+from genvis_jax.models.layers import images as images_lib
 from genvis_jax.models.layers import vit
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # HF Dinov2Config field names; the released facebook/dinov2-* towers.
 CONFIGS = {
@@ -51,64 +47,6 @@ TEACHER_INTERP = {"vit_s14": dict(interpolate_offset=0.1),     # FQGAN-Triple
                   "vit_b14": dict(interpolate_antialias=True)}  # Equivariant
 OUTPUTS = ("last_hidden_state", "cls", "patch_tokens")
 
-
-# --- torch bicubic as matrices ------------------------------------------------------
-
-def _cubic(x, a):
-  x = np.abs(x)
-  return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                  np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
-
-
-def bicubic_matrix(in_size: int, out_size: int, *, scale_factor=None,
-                   antialias: bool = False) -> np.ndarray:
-  """(out, in) float64 matrix M with ``M @ v`` = torch's 1-D
-  ``F.interpolate(mode="bicubic", align_corners=False)`` of v.
-
-  ``scale_factor`` (when given) maps coordinates as torch does for a given
-  scale factor: src = (dst + 0.5) / scale_factor - 0.5. Without antialias:
-  Keys cubic a = -0.75, 4 taps, out-of-range taps clamped to the border. With
-  antialias: a = -0.5 filter stretched by the scale when shrinking, taps
-  inside the input only, weights normalised to sum 1 (torch's AA kernel, which
-  copies an axis whose size does not change, whatever the scale factor).
-  """
-  scale = 1.0 / scale_factor if scale_factor else in_size / out_size
-  m = np.zeros((out_size, in_size))
-  dst = np.arange(out_size)
-  if not antialias:
-    src = scale * (dst + 0.5) - 0.5
-    x0 = np.floor(src)
-    t = src - x0
-    for k, w in enumerate(_cubic(np.stack([t + 1, t, 1 - t, 2 - t]), -0.75)):
-      np.add.at(m, (dst, np.clip(x0.astype(int) - 1 + k, 0, in_size - 1)), w)
-    return m
-  if in_size == out_size:
-    return np.eye(in_size)
-  support = 2.0 * scale if scale >= 1.0 else 2.0
-  inv = 1.0 / scale if scale >= 1.0 else 1.0
-  for i in dst:
-    center = scale * (i + 0.5)
-    lo = max(int(center - support + 0.5), 0)
-    hi = min(int(center + support + 0.5), in_size)
-    w = _cubic((np.arange(lo, hi) - center + 0.5) * inv, -0.5)
-    m[i, lo:hi] = w / w.sum()
-  return m
-
-
-
-def resize_separable(x, mh, mw):
-  """(B, H, W, C) -> (B, h, w, C) float32 through per-axis matrices mh (h, H)
-  and mw (w, W), at HIGHEST precision (e.g. :func:`bicubic_matrix`)."""
-  mh, mw = (jnp.asarray(m, jnp.float32) for m in (mh, mw))
-  return jnp.einsum("ih,bhwc,jw->bijc", mh, x.astype(jnp.float32), mw,
-                    precision=jax.lax.Precision.HIGHEST)
-
-
-def resize_bicubic(x, height: int, width: int):
-  """torch ``F.interpolate(mode='bicubic', align_corners=False)`` (a = -0.75,
-  no antialias) of (B, H, W, C) to (B, height, width, C), float32."""
-  return resize_separable(x, bicubic_matrix(x.shape[1], height),
-                          bicubic_matrix(x.shape[2], width))
 
 def interpolate_pos_encoding(pos, height: int, width: int, patch_size: int, *,
                              offset: float = 0.0, antialias: bool = False):
@@ -124,8 +62,8 @@ def interpolate_pos_encoding(pos, height: int, width: int, patch_size: int, *,
   if gh * gw == n and height == width:
     return pos
   sf = lambda o: (o + offset) / g if offset else None
-  mh = bicubic_matrix(g, gh, scale_factor=sf(gh), antialias=antialias)
-  mw = bicubic_matrix(g, gw, scale_factor=sf(gw), antialias=antialias)
+  mh = images_lib.bicubic_matrix(g, gh, scale_factor=sf(gh), antialias=antialias)
+  mw = images_lib.bicubic_matrix(g, gw, scale_factor=sf(gw), antialias=antialias)
   table = pos[0, 1:].reshape(g, g, -1).astype(jnp.float32)
   table = jnp.einsum("ia,abd,jb->ijd", jnp.asarray(mh, jnp.float32), table,
                      jnp.asarray(mw, jnp.float32),
@@ -134,23 +72,12 @@ def interpolate_pos_encoding(pos, height: int, width: int, patch_size: int, *,
   return jnp.concatenate([pos[:, :1], table], axis=1)
 
 
-def normalize_signed(images):
-  """[-1, 1] images (B, H, W, 3) -> [0, 1] -> ImageNet mean/std, float32,
-  ``((x + 1) / 2 - mean) / std`` in that order: the input of the
-  Equivariant DINOv2 teacher (official ``preprocess_raw_image``) and of the
-  DINO discriminator (``FrozenDINOSmallNoDrop.forward``) before their
-  resizes."""
-  x = pixels.to_unit(images.astype(jnp.float32), pixels.SIGNED)
-  return ((x - jnp.asarray(IMAGENET_MEAN, jnp.float32))
-          / jnp.asarray(IMAGENET_STD, jnp.float32))
-
-
 def preprocess(images, value_range: Sequence[float] = (-1.0, 1.0), *,
                size: int = 224):
   """FQGAN's DINOv2 input: [lo, hi] -> [0, 1] -> nearest resize -> ImageNet
   mean/std. (B, H, W, 3) -> (B, size, size, 3) float32."""
-  return _preprocess(images, value_range, size=size, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD)
+  return _preprocess(images, value_range, size=size, mean=images_lib.IMAGENET_MEAN,
+                     std=images_lib.IMAGENET_STD)
 
 
 def _resize_table(pos, height: int, width: int, *, patch_size: int,

@@ -34,6 +34,7 @@ from genvis_jax.errors import ConfigError
 from genvis_jax.models import layers
 from genvis_jax.models import llamagen_vq as lg
 from genvis_jax.models.layers import Dtype
+from genvis_jax.models.layers import images as images_lib
 from genvis_jax.models.layers import vit
 from genvis_jax.models.quantizers import l2_normalize
 
@@ -265,7 +266,7 @@ class FQGAN(lg.VQBase):
   def encode_latents(self, images, train: bool = False):
     """images (B, image_size, image_size, 3) in [-1, 1] -> {branch: (B, h, w,
     code_dim)} pre-quantization latents in ``dtype``."""
-    lg.check_images(images, self.image_size, self.factor)
+    images_lib.check_images(images, self.image_size, self.factor)
     z = self.encoder(images, train)
     return {b: self.quant_convs[b](z[b]) for b in self.branches}
 
@@ -286,7 +287,7 @@ class FQGAN(lg.VQBase):
                        f"{type(codes).__name__} of length "
                        f"{len(codes) if isinstance(codes, (tuple, list)) else '-'}.")
     for b, c in zip(self.branches, codes):
-      lg.check_codes(c, f"codes[{b!r}]")
+      images_lib.check_codes(c, f"codes[{b!r}]")
     quantized = [self.quantizers[b].lookup(c)
                  for b, c in zip(self.branches, codes)]
     return jnp.clip(self.decode_latents(quantized), -1.0, 1.0)
@@ -362,5 +363,5 @@ def build(cfg) -> FQGAN:
   return model
 
 
-example_inputs = lg.example_inputs   # (B, image_size, image_size, 3) zeros
+example_inputs = images_lib.square_inputs   # (B, image_size, image_size, 3) zeros
 

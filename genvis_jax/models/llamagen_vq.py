@@ -25,10 +25,10 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models.layers import Dtype
+from genvis_jax.models.layers import images as images_lib
 from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
@@ -134,36 +134,6 @@ class Decoder(CNNBase):
     return _conv3(self.out_channels, "conv_out", self._kw)(x)
 
 
-def check_images(images, image_size: int | None = None, factor: int = 1):
-  """Clear errors for non-NHWC-RGB inputs or sizes the model cannot take.
-
-  Raises ``ValueError`` unless images are (B, H, W, 3); ``ConfigError``
-  unless ``factor`` divides H and W and H = W = ``image_size`` (when
-  given)."""
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"Expected NHWC RGB images (B, H, W, 3), got shape "
-                     f"{images.shape}.")
-  h, w = images.shape[1:3]
-  if image_size is not None and (h, w) != (image_size, image_size):
-    raise errors.ConfigError(
-        f"This tokenizer takes {image_size}x{image_size} images "
-        f"(its adapters' positional tables are sized to the "
-        f"{image_size // factor}^2 grid), got {h}x{w}; resize or "
-        f"crop the images, or set model.image_size.")
-  if h % factor or w % factor:
-    raise errors.ConfigError(
-        f"Image size {h}x{w} is not divisible by the downsampling factor "
-        f"{factor}; crop or resize to a multiple of it (config.data.image_size).")
-
-
-def check_codes(codes, name="codes"):
-  """Raises ``ValueError`` unless ``codes`` is a (B, h, w) grid (``name`` is
-  named in the message)."""
-  if codes.ndim != 3:
-    raise ValueError(f"Expected a (B, h, w) code grid for {name}, got shape "
-                     f"{codes.shape}; reshape flat tokens to (B, h, w).")
-
-
 class VQBase(nn.Module):
   """The settings LlamaGen VQ and FQGAN share: the LlamaGen CNN, the
   L2-normalised codebook(s) and the compute dtypes (defaults: VQ-16)."""
@@ -240,7 +210,7 @@ class LlamaGenVQ(VQBase):
                            out_channels=3, **kw)
 
   def encode_latents(self, images, train: bool = False):
-    check_images(images, factor=self.factor)
+    images_lib.check_images(images, factor=self.factor)
     return self.quant_conv(self.encoder(images, train))
 
   def decode_latents(self, z_q, train: bool = False):
@@ -251,7 +221,7 @@ class LlamaGenVQ(VQBase):
     return self.quantize.nearest(self.encode_latents(images))
 
   def decode(self, codes):
-    check_codes(codes)
+    images_lib.check_codes(codes)
     return jnp.clip(self.decode_latents(self.quantize.lookup(codes)), -1.0, 1.0)
 
   def __call__(self, images, train: bool = False):
@@ -286,9 +256,4 @@ def build(cfg) -> LlamaGenVQ:
   return model
 
 
-def example_inputs(cfg, batch_size: int = 1):
-  """(zeros (batch_size, image_size, image_size, 3) float32,): the input of
-  every square-image tokenizer (LlamaGen, FQGAN, MaskGIT)."""
-  size = cfg.get("image_size", 256)
-  return (jnp.zeros((batch_size, size, size, 3), jnp.float32),)
-
+example_inputs = images_lib.square_inputs   # (B, image_size, image_size, 3) zeros

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
-from genvis_jax.models import llamagen_vq as lg
 from genvis_jax.models.layers import Dtype
+from genvis_jax.models.layers import images as images_lib
 from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
@@ -188,7 +188,7 @@ class MaskGITVQGAN(nn.Module):
     self.decoder = Decoder(out_channels=3, **kw)
 
   def encode_latents(self, images, train: bool = False):
-    lg.check_images(images)
+    images_lib.check_images(images)
     return self.encoder(images, train)
 
   def decode_latents(self, z_q, train: bool = False):
@@ -198,7 +198,7 @@ class MaskGITVQGAN(nn.Module):
     return self.quantize.nearest(self.encode_latents(images))
 
   def decode(self, codes):
-    lg.check_codes(codes)
+    images_lib.check_codes(codes)
     return jnp.clip(self.decode_latents(self.quantize.lookup(codes)), 0.0, 1.0)
 
   def __call__(self, images, train: bool = False):
@@ -228,5 +228,5 @@ def build(cfg) -> MaskGITVQGAN:
   return model
 
 
-example_inputs = lg.example_inputs   # (B, image_size, image_size, 3) zeros
+example_inputs = images_lib.square_inputs   # (B, image_size, image_size, 3) zeros
 

@@ -35,12 +35,13 @@ import jax.numpy as jnp
 
 from genvis_jax.core import registry
 from genvis_jax.errors import ConfigError
-from genvis_jax.models import clip_vision, dinov2
+from genvis_jax.models import clip_vision
 from genvis_jax.models.layers import Dtype
+from genvis_jax.models.layers import images as images_lib
 from genvis_jax.models.layers import vit
 
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = clip_vision.CLIP_MEAN, clip_vision.CLIP_STD
-IMAGENET_MEAN, IMAGENET_STD = dinov2.IMAGENET_MEAN, dinov2.IMAGENET_STD
+IMAGENET_MEAN, IMAGENET_STD = images_lib.IMAGENET_MEAN, images_lib.IMAGENET_STD
 _LN_EPS = 1e-5  # torch nn.LayerNorm default
 
 _FORM = ("config.teachers[i].name is '<module>:<variant>' where "

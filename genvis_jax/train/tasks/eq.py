@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genvis_jax.models import dinov2 as dinov2_lib
+from genvis_jax.models.layers import images as images_lib
 
 
 FROZEN_IN_STAGE2 = ("encoder", "quant_layer")
@@ -93,7 +93,7 @@ def flow_loss(velocity, noise, latents):
 def teacher_inputs(images, size: int):
   """Official ``preprocess_raw_image(x, "dinov2-vit-b")``: [-1, 1] -> [0, 1] ->
   ImageNet mean/std -> torch bicubic resize (no antialias) to size x size."""
-  return dinov2_lib.resize_bicubic(dinov2_lib.normalize_signed(images), size,
+  return images_lib.resize_bicubic(images_lib.normalize_signed(images), size,
                                    size)
 
 
