@@ -303,6 +303,40 @@ def test_a_smaller_then_larger_set_draws_no_batch_again(tmp_path,
   assert drawn == [16]
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_parts_are_written_while_the_next_batch_is_drawn(tmp_path, monkeypatch,
+                                                         processes):
+  """One process: each batch is dispatched before the one before it is read
+  back. Across processes the gather is a program of the devices too, and
+  queued behind the next batch it wrote each part only once that batch was
+  drawn (devices idle through every write): there a batch is gathered before
+  the next is dispatched, and written while that one is drawn."""
+  config, drawn = _stand_in_sampler(monkeypatch, num_samples=24)
+  events = []
+  real_gather = driver.multihost_utils.process_allgather
+  monkeypatch.setattr(driver, "gathers_on_devices", lambda: processes > 1)
+  monkeypatch.setattr(driver.multihost_utils, "process_allgather",
+                      lambda x, **kw: events.append("gather") or
+                      real_gather(x, **kw))
+  real_write = driver.multihost.write_on_process_0
+  monkeypatch.setattr(driver.multihost, "write_on_process_0",
+                      lambda path, w: events.append("write") or
+                      real_write(path, w))
+  sampler = driver.make_sample_fn(config, None)[0]
+  dispatch = sampler.dispatch
+  sampler.dispatch = lambda *a: events.append("dispatch") or dispatch(*a)
+  out = driver.sample_and_save(config, str(tmp_path))
+  assert drawn == [0, 8, 16]
+  if processes == 1:
+    assert events[:7] == ["dispatch", "dispatch", "gather", "write",
+                          "dispatch", "gather", "write"]
+  else:
+    assert events[:7] == ["dispatch", "gather", "dispatch", "write",
+                          "gather", "dispatch", "write"]
+  with np.load(out["npz"]) as d:
+    assert len(d["arr_0"]) == 24
+
+
 def test_a_gs_workdir_holds_the_parts_samples_and_metrics(
     fake_gcs, tmp_path, monkeypatch):
   """On a TPU VM the workdir is a ``gs://`` URL: the parts, their settings,

@@ -31,7 +31,6 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import files
 from genvis_jax.core import multihost
-from genvis_jax.core import overlap
 from genvis_jax.core import pixels
 from genvis_jax.core import preemption
 from genvis_jax.core import registry
@@ -345,19 +344,22 @@ def sample_and_save(config, workdir: str) -> dict:
   t0, made = time.perf_counter(), 0
   written, said_at = 0, -float("inf")
 
-  def write(finish, start, labels):
-    """Waits for a dispatched batch, writes its part; stops when asked."""
-    nonlocal made, written, said_at
-    written += 1
-    n = len(labels)
+  def gather(finish, start, n):
+    """Waits for a dispatched batch: its n images on every process's host."""
     try:
       images = finish()
     except NonFiniteSamplesError as e:
       raise NonFiniteSamplesError(
           f"{e} Nothing of the batch of images {start}..{start + n - 1} was "
           f"written; the parts before it are in {parts_dir}.") from None
-    images = np.asarray(multihost_utils.process_allgather(
+    return np.asarray(multihost_utils.process_allgather(
         images, tiled=True))[:n]
+
+  def write(images, start, labels):
+    """Writes a batch's part (process 0); stops when asked."""
+    nonlocal made, written, said_at
+    written += 1
+    n = len(labels)
     multihost.write_on_process_0(
         parts.path(parts_dir, start),
         functools.partial(np.savez, images=images, labels=labels))
@@ -376,23 +378,48 @@ def sample_and_save(config, workdir: str) -> dict:
           f"{parts_dir}. Run the same command to resume from them.",
           stop.signum)
 
+  # The devices draw each batch while the one before it is written. Across
+  # processes the gather (and process 0's write agreement) are programs of
+  # the devices too, which would queue behind the next batch and write each
+  # part only once that batch is drawn: there a batch is gathered before the
+  # next is dispatched, and written while it is drawn.
+  gather_first = gathers_on_devices()
   # SIGTERM / Ctrl-C: finish and write the batch in flight, then stop (the
   # next one, already dispatched, is dropped and drawn again on resume).
   with preemption.StopRequest("writing the batch of samples in flight",
                               "without writing the batch in flight") as stop:
-    # The devices draw each batch while the one before it is written.
-    in_flight = overlap.InFlight(depth=1)
+    pending = None   # (finish or host images, start, labels) of the last batch
     for start in starts:
       if start in done:
         continue
       labels = labels_all[start:start + s.batch_size]
       padded = np.resize(labels, s.batch_size)        # pad the last batch
+      if pending is not None and gather_first:
+        pending = (gather(pending[0], pending[1], len(pending[2])),
+                   *pending[1:])
       # The key depends only on the batch's first index: resumes draw the same.
       finish = sample_fn.dispatch(global_labels(padded, batch_sharding),
                                   jax.random.fold_in(key, start))
-      in_flight.push(functools.partial(write, finish, start, labels))
-    in_flight.drain()
+      if pending is not None:
+        _write_pending(pending, gather, write)
+      pending = (finish, start, labels)
+    if pending is not None:
+      _write_pending(pending, gather, write)
   return parts.assemble(workdir, s.num_samples)   # the others wait for it
+
+
+def gathers_on_devices() -> bool:
+  """Whether gathering a batch's images onto the host (and agreeing on its
+  write) runs programs on the devices: with more than one process."""
+  return jax.process_count() > 1
+
+
+def _write_pending(pending, gather, write) -> None:
+  """``write`` the (finish or gathered images, start, labels) of a batch."""
+  images, start, labels = pending
+  if callable(images):
+    images = gather(images, start, len(labels))
+  write(images, start, labels)
 
 
 def global_labels(labels: np.ndarray, sharding) -> jax.Array:
