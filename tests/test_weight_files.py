@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from etils import epath
 
 from genvis_jax.convert import io as cio
 from genvis_jax.errors import UserError
@@ -143,3 +144,27 @@ def test_weight_files_and_converter_outputs_on_gcs(fake_gcs, tmp_path,
                      r"unknown checkpoint format"):
     convert_lib.load_sources("gs://bucket/bad.pth")
   assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_steps_of_a_gs_workdir_are_listed(fake_gcs, monkeypatch):
+  """Orbax asks the bucket whether it has hierarchical namespaces before it
+  lists or deletes a gs:// run's steps, through the GCS client it does not
+  declare: without it every run on a bucket stopped at start-up with
+  "cannot import name 'storage' from 'google.cloud'"."""
+  from google.cloud import storage
+  from genvis_jax.core import checkpoint_files
+  asked = []
+
+  class Client:
+    def get_bucket(self, name):
+      asked.append(name)
+      return type("Bucket", (), {"hierarchical_namespace_enabled": False})()
+  monkeypatch.setattr(storage, "Client", Client)
+  for step in ("3", "6", "9"):   # 9: not finished (no commit file)
+    folder = fake_gcs / "bucket" / "run" / "checkpoints" / step
+    folder.mkdir(parents=True)
+    if step != "9":
+      (folder / "commit_success.txt").write_text("done")
+  assert checkpoint_files.saved_steps(
+      epath.Path("gs://bucket/run/checkpoints")) == {3, 6}
+  assert asked == ["bucket"]
