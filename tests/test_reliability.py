@@ -40,6 +40,10 @@ DAMAGES = {
     "no_iterator_json": lambda s: os.remove(
         os.path.join(s, "data", "process_0-of-1.json")),
     "no_state_dir": lambda s: shutil.rmtree(os.path.join(s, "state")),
+    # An item the step lists gone (a copy that stopped): it resumed as if
+    # never saved, the data order drawn afresh, while step 3 had it.
+    "no_data_dir": lambda s: shutil.rmtree(os.path.join(s, "data")),
+    "no_config_dir": lambda s: shutil.rmtree(os.path.join(s, "config")),
 }
 
 

@@ -97,7 +97,9 @@ def validate_step(step_dir: epath.Path, with_data: bool = True,
   """Cheap checks that ``checkpoints/<step>`` can be read, before reading it.
 
   Raises ValueError (or the underlying JSON / TensorStore error) naming the
-  first damaged file: missing ``state/`` or ``state/_METADATA``, unparsable
+  first damaged file: missing ``state/`` or ``state/_METADATA``, an item
+  ``_CHECKPOINT_METADATA`` lists missing (``config/``, and with ``with_data``
+  ``data/``), unparsable
   JSON metadata (``state/_METADATA``, ``state/_sharding``,
   ``_CHECKPOINT_METADATA``) or data-iterator state, truncated or missing
   OCDBT files (this process's ``share`` of them: ``check_ocdbt``; with
@@ -117,6 +119,14 @@ def validate_step(step_dir: epath.Path, with_data: bool = True,
       except ValueError as e:
         raise ValueError(f"{meta.relative_to(step_dir)} is not valid JSON "
                          f"({e})") from e
+  # The items the step was saved with: one gone (a copy that stopped, a
+  # deleted folder) resumed as if never saved (no config check, the data
+  # order drawn afresh) while an older step had them.
+  items = _saved_items(step_dir)
+  for item in sorted(items - ({"state"} if with_data else {"state", "data",
+                                                            "config"})):
+    if not (step_dir / item).exists():
+      raise ValueError(f"{item}/ is missing (_CHECKPOINT_METADATA lists it)")
   for item in ("config", "data"):
     if item == "data" and not with_data:
       continue
@@ -129,6 +139,16 @@ def validate_step(step_dir: epath.Path, with_data: bool = True,
   if with_data:
     saved_process_count(step_dir)
   check_ocdbt(state, share, WEIGHTS if weights_only else ())
+
+
+def _saved_items(step_dir: epath.Path) -> set[str]:
+  """The items Orbax saved in ``step_dir`` (``_CHECKPOINT_METADATA``'s
+  ``item_handlers``); empty where it is absent or names none."""
+  meta = step_dir / "_CHECKPOINT_METADATA"
+  if not meta.exists():
+    return set()
+  handlers = json.loads(meta.read_text()).get("item_handlers")
+  return set(handlers) if isinstance(handlers, dict) else set()
 
 
 def saved_config(step_dir: epath.Path) -> dict | None:
