@@ -135,3 +135,94 @@ def test_a_lock_removed_as_it_is_taken_is_not_held_twice(tmp_path,
   with workdir_lock.hold(str(tmp_path), remove=True):
     assert os.listdir(tmp_path) == [workdir_lock.LOCK_NAME]
   assert not os.listdir(tmp_path)
+
+
+def _bucket(tmp_path, monkeypatch):
+  """gs:// workdirs whose lease TensorStore writes under tmp_path/gcs."""
+  from genvis_jax.core import files
+  root = tmp_path / "gcs"
+  root.mkdir()
+  monkeypatch.setattr(files, "kvstore_url", lambda folder: "file://" + str(
+      root / str(folder).removeprefix("gs://").rstrip("/")) + "/")
+  return root
+
+
+def test_an_object_store_workdir_is_held_by_a_lease(tmp_path, monkeypatch,
+                                                    caplog):
+  """gs:// has no file locks: two runs on one bucket workdir wrote each
+  other's steps (one run's work silently lost). Process 0 creates a lease
+  object only where none is, renews it and deletes it at the end; a fresh
+  one refuses a second run naming its holder, a stale one (its run killed)
+  is taken over with a warning."""
+  import json
+  import logging
+  import time
+  from genvis_jax.core import lease as lease_lib
+  root = _bucket(tmp_path, monkeypatch)
+  wd, lease = "gs://bucket/runs/rar_xl", root / "bucket" / "runs" / "rar_xl"
+  lease = lease / lease_lib.LEASE_NAME
+  with workdir_lock.hold(wd, "training run"):
+    assert json.loads(lease.read_text())["pid"] == os.getpid()
+    with pytest.raises(workdir_lock.WorkdirBusyError,
+                       match=rf"{wd} is in use by another run \(training run: "
+                             rf"process {os.getpid()} on .*, since 20.*, "
+                             rf"renewed \d+ s ago; {wd}/\.genvis_lease\)\. "
+                             r"Wait for it to end.* delete "):
+      with workdir_lock.hold(wd, "sampling run"):
+        pass
+  assert not lease.exists()        # deleted at the end
+  # A run killed while holding it: taken over once it was not renewed for
+  # STALE_S.
+  lease.write_text(json.dumps({"what": "training run", "pid": 1, "host": "w-3",
+                               "renewed": time.time() - 60}))
+  with pytest.raises(workdir_lock.WorkdirBusyError, match=r"process 1 on w-3"):
+    with workdir_lock.hold(wd):
+      pass
+  lease.write_text(json.dumps({"what": "training run", "pid": 1, "host": "w-3",
+                               "renewed": time.time() - lease_lib.STALE_S - 1}))
+  with caplog.at_level(logging.WARNING):
+    with workdir_lock.hold(wd):
+      assert json.loads(lease.read_text())["pid"] == os.getpid()
+  assert "Taking over" in caplog.text and "process 1 on w-3" in caplog.text
+  assert not lease.exists()
+
+
+def test_a_lease_is_renewed_and_a_lost_one_is_left_alone(tmp_path, monkeypatch,
+                                                         caplog):
+  import json
+  import logging
+  import time
+  from genvis_jax.core import lease as lease_lib
+  root = _bucket(tmp_path, monkeypatch)
+  path = root / "b" / "wd" / lease_lib.LEASE_NAME
+  held = lease_lib.Lease("gs://b/wd", "training run", heartbeat_s=0.05)
+  held.take()
+  first = json.loads(path.read_text())["renewed"]
+  deadline = time.time() + 10
+  while json.loads(path.read_text())["renewed"] == first:
+    assert time.time() < deadline, "not renewed"
+    time.sleep(0.05)
+  # Another run took it over (this one was taken to be gone): this one says
+  # so, stops renewing, and does not delete the other's lease.
+  with caplog.at_level(logging.ERROR):
+    path.write_text(json.dumps({"what": "other", "renewed": time.time()}))
+    time.sleep(0.5)
+    held.release()
+  assert "was taken over by another run" in caplog.text
+  assert json.loads(path.read_text())["what"] == "other"
+  # Two runs creating it at the same moment: the second's write finds the
+  # first's lease and is refused.
+  path.unlink()
+  racing = lease_lib.Lease("gs://b/wd", "sampling run")
+  read = racing._kv.read   # pylint: disable=protected-access
+
+  class Kv:
+    def read(self, key):
+      found = read(key).result()
+      path.write_text(json.dumps({"what": "first", "renewed": time.time()}))
+      return type("Done", (), {"result": lambda self: found})()
+    write = racing._kv.write   # pylint: disable=protected-access
+  racing._kv = Kv()   # pylint: disable=protected-access
+  with pytest.raises(lease_lib.LeaseBusyError,
+                     match=r"taken by another run at the same moment"):
+    racing.take()

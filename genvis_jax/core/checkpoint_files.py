@@ -11,13 +11,13 @@ handler writes for process i of n (:func:`data_file`).
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 
 
@@ -26,11 +26,6 @@ def absolute(directory: str) -> epath.Path:
   refuses relative paths."""
   path = epath.Path(directory)
   return path if "://" in str(directory) else path.absolute()
-
-
-def _kvstore_url(path: epath.Path) -> str:
-  text = str(path).rstrip("/") + "/"
-  return text if "://" in text else "file://" + os.path.abspath(text) + "/"
 
 
 def _saved_with_ocdbt(state_dir: epath.Path) -> bool:
@@ -67,7 +62,7 @@ def check_ocdbt(state_dir: epath.Path, share: tuple[int, int] = (0, 1),
       raise ValueError(f"{name}/manifest.ocdbt is missing")
     return  # not an OCDBT checkpoint
   kv = ts.KvStore.open({"driver": "ocdbt",
-                        "base": _kvstore_url(state_dir)}).result()
+                        "base": files.kvstore_url(state_dir)}).result()
   keys = kv.list().result()
   if prefixes:
     under = tuple(p.encode() for p in prefixes)

@@ -25,6 +25,13 @@ def is_remote(path) -> bool:
   return "://" in os.fspath(path)
 
 
+def kvstore_url(folder) -> str:
+  """TensorStore's URL of the folder ``folder`` (``gs://.../``, or
+  ``file://`` and the absolute local path), ending in "/"."""
+  text = os.fspath(folder).rstrip("/") + "/"
+  return text if is_remote(text) else "file://" + os.path.abspath(text) + "/"
+
+
 def write_whole(path, write: Callable[[str], object]) -> None:
   """Writes ``path`` whole or not at all: ``write(tmp)`` fills a local file,
   which becomes ``path`` once complete. Creates the folder.

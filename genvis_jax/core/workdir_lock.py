@@ -10,7 +10,8 @@ the operating system releases it when the process ends, however it ends, so
 a crashed run leaves no stale lock behind. A lock in a folder of outputs
 (the token files, which are copied on as a folder) is removed when its run
 ends (``hold(..., remove=True)``). Object stores (``gs://``) have no such
-lock: there the launcher's run names keep runs apart.
+lock: there process 0 holds a lease object (``core.lease``), renewed while
+the run lives and deleted when it ends.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax.core import files
+from genvis_jax.core import lease as lease_lib
 from genvis_jax.core import multihost
 
 LOCK_NAME = ".genvis_lock"
@@ -46,8 +48,9 @@ def hold(workdir: str, what: str = "training run", *, remove: bool = False):
   Raises:
     WorkdirBusyError: another process holds it; names that process.
   """
-  if files.is_remote(workdir):   # an object store: no file locks
-    yield
+  if files.is_remote(workdir):   # an object store: no file locks, a lease
+    with _leased(workdir, what):
+      yield
     return
   path = os.path.join(workdir, LOCK_NAME)
   held = []
@@ -93,6 +96,27 @@ def hold(workdir: str, what: str = "training run", *, remove: bool = False):
         with contextlib.suppress(OSError):
           os.remove(path)
       os.close(fd)   # releases the lock
+
+
+@contextlib.contextmanager
+def _leased(workdir: str, what: str):
+  """``hold`` on an object store: process 0 holds ``lease.Lease``."""
+  held = []
+
+  def take():
+    leased = lease_lib.Lease(workdir, what)
+    try:
+      leased.take()
+    except lease_lib.LeaseBusyError as e:
+      raise WorkdirBusyError(str(e)) from None
+    held.append(leased)
+
+  multihost.on_process_0(take)
+  try:
+    yield
+  finally:
+    for leased in held:
+      leased.release()
 
 
 def _is_file_at(fd: int, path: str) -> bool:
