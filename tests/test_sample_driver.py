@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import shutil
 
@@ -425,6 +426,26 @@ def test_a_writer_killed_mid_write_leaves_nothing_for_long(tmp_path,
   assert sorted(str(p.relative_to(wd)) for p in wd.rglob("*.tmp.*")) == [
       live.name, "notes.99999999.tmp.txt.keep"]
   assert files.remove_stale_temporaries(str(wd)) == []
+  # Named otherwise than write_whole names its files, a folder, a number no
+  # pid can be: a user's, left alone (one crashed the run).
+  for name in ("backup.20240501.tmp", "export.123456789012345678901.tmp.npz",
+               "notes.4000.tmp.txt"):
+    (wd / name).write_text("a user's")
+  (wd / "scratch.4001.tmp.npz").mkdir()
+  assert files.remove_stale_temporaries(str(wd)) == []
+  # A gs:// write's temporary folder in TMPDIR (a full copy of the file).
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  monkeypatch.setenv("TMPDIR", str(tmp))
+  monkeypatch.setattr(tempfile, "tempdir", None)
+  r = subprocess.run([sys.executable, "-c", code.replace(
+      "files.write_whole(sys.argv[1], write)",
+      "files.write_whole('gs://bucket/samples.npz', write)")])
+  assert r.returncode == -9 and len(os.listdir(tmp)) == 1
+  (tmp / f"genvis_jax_upload_{os.getpid()}_x").mkdir()    # this process's
+  killed = [n for n in os.listdir(tmp) if str(os.getpid()) not in n]
+  assert files.remove_stale_transfers() == killed
+  assert os.listdir(tmp) == [f"genvis_jax_upload_{os.getpid()}_x"]
 
 
 def test_a_seed_outside_32_bits_is_refused_before_anything_loads(tmp_path):

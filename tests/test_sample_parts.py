@@ -66,6 +66,12 @@ def test_settings_that_leave_the_images_alone_resume(tmp_path):
                                "model.dtype": "float32"})
   with pytest.raises(parts.SampleSettingsError, match=r"model.window: \(absent\) -> 4"):
     parts.check_settings(d, {**old, "model.window": 4})
+  # The weights are loaded in param_dtype: bf16-rounded ones draw others.
+  with pytest.raises(parts.SampleSettingsError,
+                     match=r"model.param_dtype: 'float32' -> 'bfloat16'"):
+    parts.check_settings(_parts_dir(tmp_path, {
+        **old, "model.param_dtype": "float32"}, "param_dtype"),
+        {**old, "model.param_dtype": "bfloat16"})
 
 
 def test_parts_recorded_before_every_model_setting_was_listed_go_on(tmp_path):

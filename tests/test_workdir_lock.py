@@ -178,6 +178,20 @@ def test_an_object_store_workdir_is_held_by_a_lease(tmp_path, monkeypatch,
   with pytest.raises(workdir_lock.WorkdirBusyError, match=r"process 1 on w-3"):
     with workdir_lock.hold(wd):
       pass
+  # Its process killed on this host (no unwinding deleted the lease, as a
+  # local lock is released): taken over at once, not after STALE_S.
+  import socket
+  import subprocess
+  import sys
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  lease.write_text(json.dumps({"what": "evaluation run", "pid": int(gone.stdout),
+                               "host": socket.gethostname(),
+                               "renewed": time.time()}))
+  with caplog.at_level(logging.WARNING):
+    with workdir_lock.hold(wd):
+      pass
+  assert "no longer runs on this host" in caplog.text
   lease.write_text(json.dumps({"what": "training run", "pid": 1, "host": "w-3",
                                "renewed": time.time() - lease_lib.STALE_S - 1}))
   with caplog.at_level(logging.WARNING):

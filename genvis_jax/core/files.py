@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from typing import BinaryIO, Callable, Iterator
@@ -48,7 +49,8 @@ def write_whole(path, write: Callable[[str], object]) -> None:
   path = os.fspath(path)
   if is_remote(path):
     target = epath.Path(path)
-    with tempfile.TemporaryDirectory(prefix="genvis_jax_upload_") as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix=f"genvis_jax_upload_{os.getpid()}_") as tmp:
       local = os.path.join(tmp, target.name)
       write(local)
       epath.Path(local).copy(target, overwrite=True)
@@ -66,40 +68,70 @@ def write_whole(path, write: Callable[[str], object]) -> None:
     raise
 
 
-# ``write_whole``'s local temporary file: ``name.<pid>.tmp[.ext]``.
-_TEMPORARY = re.compile(r"^.+\.(\d+)\.tmp(\.[^.]*)?$")
+# ``write_whole``'s local temporary file of the outputs it writes beside
+# themselves: ``name.<pid>.tmp.<npz|png|json>`` (pid_max is at most 2**22).
+_TEMPORARY = re.compile(r"^.+\.(\d{1,7})\.tmp\.(npz|png|json)$")
+# Its (and ``local_copy``'s) folders in TMPDIR: ``genvis_jax_<kind>_<pid>_*``.
+_TRANSFER = re.compile(r"^genvis_jax_(upload|download)_(\d{1,7})_")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` runs on this host (unknown: alive)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:   # another user's live process
+  except (PermissionError, OverflowError):   # another user's; not a pid
     return True
   return True
+
+
+def _stale(pid: str) -> bool:
+  return int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def remove_stale_temporaries(folder) -> list[str]:
   """Removes ``write_whole``'s temporary files in the local ``folder`` whose
   writer is no longer running (a process killed mid-write, by an OOM kill
   or a preemption: 9.8 GB for a 50k ``samples.npz``, one more per crash);
-  returns their names. Call it under the workdir's lock (no other run
-  writes there), on the host that writes. Nothing on an object store,
-  where the temporary files are in ``TMPDIR``'s own folders."""
+  returns their names. Only regular files named as ``write_whole`` names
+  them, of the outputs it writes (``.npz``, ``.png``, ``.json``). Call it
+  under the workdir's lock (no other run writes there), on the host that
+  writes there (process 0). Nothing on an object store, whose temporary
+  files are in ``TMPDIR`` (``remove_stale_transfers``)."""
   folder = os.fspath(folder)
   if is_remote(folder) or not os.path.isdir(folder):
     return []
   gone = []
   for name in sorted(os.listdir(folder)):
-    m = _TEMPORARY.match(name)
-    if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+    m, path = _TEMPORARY.match(name), os.path.join(folder, name)
+    if (m and _stale(m.group(1)) and os.path.isfile(path)
+        and not os.path.islink(path)):
       with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(folder, name))
+        os.remove(path)
         gone.append(name)
   if gone:
     logging.warning("Removed %d temporary file(s) that a run killed while "
                     "writing left in %s: %s", len(gone), folder,
+                    ", ".join(gone[:3]))
+  return gone
+
+
+def remove_stale_transfers() -> list[str]:
+  """Removes the folders in ``TMPDIR`` that ``write_whole`` (uploads to an
+  object store) and ``local_copy`` (downloads) made for processes of this
+  host no longer running; returns their names. Each host calls it for its
+  own ``TMPDIR``."""
+  root = tempfile.gettempdir()
+  gone = []
+  for name in sorted(os.listdir(root)):
+    m, path = _TRANSFER.match(name), os.path.join(root, name)
+    if m and _stale(m.group(2)) and os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+      gone.append(name)
+  if gone:
+    logging.warning("Removed %d temporary folder(s) of transfers that a run "
+                    "killed midway left in %s: %s", len(gone), root,
                     ", ".join(gone[:3]))
   return gone
 
@@ -127,7 +159,8 @@ def local_copy(path) -> Iterator[str]:
   if not is_remote(path):
     yield path
     return
-  with tempfile.TemporaryDirectory(prefix="genvis_jax_download_") as tmp:
+  with tempfile.TemporaryDirectory(
+      prefix=f"genvis_jax_download_{os.getpid()}_") as tmp:
     local = os.path.join(tmp, epath.Path(path).name)
     epath.Path(path).copy(local)
     yield local

@@ -7,8 +7,9 @@ with errors blaming the disk. A run creates the lease only where none
 exists (a conditional write, TensorStore's ``if_equal``: GCS's
 ``ifGenerationMatch``), renews it every ``HEARTBEAT_S`` and deletes it when
 it ends. Another run finds it fresh and is refused, naming the holder; a
-lease not renewed for ``STALE_S`` (its run was killed: a Spot slice taken
-back, an OOM kill) is taken over with a warning.
+lease whose process no longer runs on this host (killed: a second Ctrl-C,
+an OOM kill, ``kill -9``), or not renewed for ``STALE_S`` (its host gone: a
+Spot slice taken back), is taken over with a warning.
 """
 
 from __future__ import annotations
@@ -71,7 +72,13 @@ class Lease:
     if found.state == "value":
       holder = _parse(found.value)
       age = self.clock() - float(holder.get("renewed", 0) or 0)
-      if age < self.stale_s:
+      # Its holder on this host and gone (killed: no unwinding deleted it,
+      # as a local lock is released): no need to wait until it is stale.
+      gone_here = (holder.get("host") == socket.gethostname()
+                   and isinstance(holder.get("pid"), int)
+                   and holder["pid"] != os.getpid()
+                   and not files.pid_alive(holder["pid"]))
+      if age < self.stale_s and not gone_here:
         raise LeaseBusyError(
             f"{self.folder} is in use by another run ({_describe(holder)}, "
             f"renewed {age:.0f} s ago; {self.path}). Wait for it to end (or "
@@ -79,8 +86,9 @@ class Lease:
             f"lease is taken over {self.stale_s:.0f} s after its last renewal, "
             f"or delete {self.path}.")
       logging.warning("Taking over %s: its run (%s) last renewed it %.0f s "
-                      "ago and is taken to be gone.", self.path,
-                      _describe(holder), age)
+                      "ago and %s.", self.path, _describe(holder), age,
+                      "no longer runs on this host" if gone_here
+                      else "is taken to be gone")
     written = self._kv.write(LEASE_NAME, self._record(),
                              if_equal=found.stamp.generation).result()
     if not written.generation:   # the condition failed: another run won

@@ -74,4 +74,5 @@ def run(config, workdir: str):
   mod = registry.module("genvis_jax.evaluate", config.evaluate.kind,
                         ("evaluate",), setting="config.evaluate.kind")
   multihost.on_process_0(lambda: files.remove_stale_temporaries(workdir))
+  files.remove_stale_transfers()   # each host's own TMPDIR
   return mod.evaluate(config, workdir)

@@ -322,6 +322,7 @@ def sample_and_save(config, workdir: str) -> dict:
   parts.check_settings(parts_dir, settings)
   multihost.on_process_0(lambda: [files.remove_stale_temporaries(d)
                                   for d in (workdir, parts_dir)])
+  files.remove_stale_transfers()   # each host's own TMPDIR
   print(f"[sample] generator: {config.init_from} "
         f"({weights_lib.readable(settings['weights.generator'])}); tokenizer: "
         f"{config.tokenizer.get('checkpoint', '')} "

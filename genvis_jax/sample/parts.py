@@ -170,11 +170,12 @@ MAY_CHANGE = ("sample.num_samples", "init_from", "tokenizer.checkpoint",
 
 def same_images(settings: dict) -> tuple[str, ...]:
   """Recorded settings (flat) that leave the images as they are: how the
-  models compute (``checkpoint_fit.COMPUTE_ONLY``; the generator's dtypes
-  only while ``sample.dtype`` replaces them, the tokenizer's always, as its
-  resolved dtype is recorded) and the training grids' width."""
-  keep = () if settings.get("sample.dtype") else ("model.dtype",
-                                                  "model.param_dtype")
+  models compute (``checkpoint_fit.COMPUTE_ONLY``; the compute dtype only
+  while ``sample.dtype`` / the recorded resolved ``tokenizer.dtype``
+  replaces it) and the training grids' width. Never ``param_dtype``: the
+  weights are loaded in it (bf16-rounded weights draw other images)."""
+  keep = {"model.param_dtype"} | (set() if settings.get("sample.dtype")
+                                  else {"model.dtype"})
   return (("sample.wide_columns",) +
           tuple(k for k in fit.COMPUTE_ONLY if k not in keep) +
           tuple("tokenizer." + k for k in fit.COMPUTE_ONLY
