@@ -10,6 +10,7 @@ local folder named ``gs:`` on process 0's disk and report success.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -86,8 +87,25 @@ def pid_alive(pid: int) -> bool:
   return True
 
 
-def _stale(pid: str) -> bool:
-  return int(pid) != os.getpid() and not pid_alive(int(pid))
+def _remove_stale(folder: str, pattern: re.Pattern, group: int,
+                  is_kind: Callable[[str], bool], remove: Callable[[str], object],
+                  what: str) -> list[str]:
+  """Removes the entries of ``folder`` matching ``pattern`` whose pid
+  (``group``) is no process of this host but this one, and ``is_kind``
+  (not links); their names."""
+  gone = []
+  for name in sorted(os.listdir(folder)):
+    m, path = pattern.match(name), os.path.join(folder, name)
+    if (m and int(m.group(group)) != os.getpid()
+        and not pid_alive(int(m.group(group))) and is_kind(path)
+        and not os.path.islink(path)):
+      with contextlib.suppress(FileNotFoundError):
+        remove(path)
+        gone.append(name)
+  if gone:
+    logging.warning("Removed %d %s that a run killed midway left in %s: %s",
+                    len(gone), what, folder, ", ".join(gone[:3]))
+  return gone
 
 
 def remove_stale_temporaries(folder) -> list[str]:
@@ -102,19 +120,8 @@ def remove_stale_temporaries(folder) -> list[str]:
   folder = os.fspath(folder)
   if is_remote(folder) or not os.path.isdir(folder):
     return []
-  gone = []
-  for name in sorted(os.listdir(folder)):
-    m, path = _TEMPORARY.match(name), os.path.join(folder, name)
-    if (m and _stale(m.group(1)) and os.path.isfile(path)
-        and not os.path.islink(path)):
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-        gone.append(name)
-  if gone:
-    logging.warning("Removed %d temporary file(s) that a run killed while "
-                    "writing left in %s: %s", len(gone), folder,
-                    ", ".join(gone[:3]))
-  return gone
+  return _remove_stale(folder, _TEMPORARY, 1, os.path.isfile, os.remove,
+                       "temporary file(s)")
 
 
 def remove_stale_transfers() -> list[str]:
@@ -122,18 +129,9 @@ def remove_stale_transfers() -> list[str]:
   object store) and ``local_copy`` (downloads) made for processes of this
   host no longer running; returns their names. Each host calls it for its
   own ``TMPDIR``."""
-  root = tempfile.gettempdir()
-  gone = []
-  for name in sorted(os.listdir(root)):
-    m, path = _TRANSFER.match(name), os.path.join(root, name)
-    if m and _stale(m.group(2)) and os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path, ignore_errors=True)
-      gone.append(name)
-  if gone:
-    logging.warning("Removed %d temporary folder(s) of transfers that a run "
-                    "killed midway left in %s: %s", len(gone), root,
-                    ", ".join(gone[:3]))
-  return gone
+  return _remove_stale(tempfile.gettempdir(), _TRANSFER, 2, os.path.isdir,
+                       functools.partial(shutil.rmtree, ignore_errors=True),
+                       "transfer folder(s)")
 
 
 # What reading a damaged ``.npz`` raises: cut short (``BadZipFile``,
