@@ -99,3 +99,23 @@ def test_gan_never_on_skips_discriminator_with_same_update():
   # The GAN-off program has no discriminator convolutions.
   count = lambda lowered: lowered.as_text().count("convolution")
   assert count(low_off) < count(low_ref)
+
+
+def test_codebook_usage_is_the_whole_batch_s_at_any_micro_batch_count():
+  """usage / perplexity averaged over micro-batches fell as micro_batches
+  grew at the same global batch (each half uses fewer distinct codes):
+  they come from the batch's code histogram, which no metric shows."""
+  runs = []
+  for k in (1, 2):
+    cfg = _config(disc_start=10**9)
+    cfg.train.micro_batches = k
+    cfg.mesh.shape = ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=1))
+    tr = trainer_lib.Trainer(cfg, mesh=shd.create_mesh(cfg.mesh,
+                                                       jax.devices()[:4]))
+    _, metrics = tr.step(tr.init_state(), _batch(0))
+    assert not [key for key in metrics if key.startswith("code_counts")]
+    runs.append({key: float(metrics[key]) for key in ("usage", "perplexity")})
+  one, two = runs
+  assert 0 < one["usage"] <= 1
+  np.testing.assert_allclose(two["usage"], one["usage"], rtol=1e-6)
+  np.testing.assert_allclose(two["perplexity"], one["perplexity"], rtol=1e-5)

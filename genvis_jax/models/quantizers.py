@@ -73,16 +73,31 @@ def entropy_loss(affinity: jax.Array, temperature: float = 0.01,
   return sample_entropy - avg_entropy
 
 
+# The aux key of a quantizer's code histogram (FQGAN: ``code_counts/<branch>``).
+COUNTS = "code_counts"
+
+
+def code_counts(codes: jax.Array, num_codes: int) -> jax.Array:
+  """The histogram of ``codes`` (int, any shape, values in 0..num_codes-1):
+  float32 (num_codes,)."""
+  return jnp.zeros((num_codes,), jnp.float32).at[codes.reshape(-1)].add(1.0)
+
+
 def usage_stats(codes: jax.Array, num_codes: int) -> dict[str, jax.Array]:
-  """Fraction of the codebook used by ``codes`` and the code perplexity.
+  """Fraction of the codebook used by ``codes`` and the code perplexity
+  (``usage_from_counts`` of their histogram)."""
+  return usage_from_counts(code_counts(codes, num_codes))
+
+
+def usage_from_counts(counts: jax.Array) -> dict[str, jax.Array]:
+  """Codebook usage and perplexity of a code histogram ``counts`` (float
+  (num_codes,), any positive scale: a mean of histograms gives the same).
 
   Perplexity is exp(entropy of the code histogram): num_codes when uniform, 1 when
-  every latent maps to one code. codes: int array of any shape, values in
-  0..num_codes-1. Returns float32 scalars {"usage" in [0, 1], "perplexity"
-  in [1, num_codes]}.
+  every latent maps to one code. Returns float32 scalars {"usage" in [0, 1],
+  "perplexity" in [1, num_codes]}.
   """
-  counts = jnp.zeros((num_codes,), jnp.float32).at[codes.reshape(-1)].add(1.0)
-  probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  probs = counts / jnp.maximum(jnp.sum(counts), 1e-30)
   entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0))
   return {"usage": jnp.mean((counts > 0).astype(jnp.float32)),
           "perplexity": jnp.exp(entropy)}
@@ -195,7 +210,8 @@ class VectorQuantizer(nn.Module):
       codes: (...) int32.
       aux: dict of float32 scalars: quantizer_loss, codebook_loss,
         commitment_loss (unweighted), entropy_loss (unweighted, 0 when
-        entropy_weight == 0), usage, perplexity.
+        entropy_weight == 0), usage, perplexity, and the codes' histogram
+        code_counts (num_codes,) float32 (training sums it over micro-batches).
 
     Raises:
       ConfigError: D != ``code_dim``, or (training with an entropy loss) a
@@ -218,8 +234,9 @@ class VectorQuantizer(nn.Module):
       ent = entropy_loss(-d, self.entropy_temperature,
                          self._entropy_groups(lead[0] if lead else 1, train))
       total = total + self.entropy_weight * ent
+    counts = code_counts(codes, self.num_codes)
     aux = {"quantizer_loss": total, "codebook_loss": codebook_loss,
            "commitment_loss": commitment_loss, "entropy_loss": ent,
-           **usage_stats(codes, self.num_codes)}
+           COUNTS: counts, **usage_from_counts(counts)}
     z_st = zn + jax.lax.stop_gradient(z_q - zn)
     return z_st, codes, aux

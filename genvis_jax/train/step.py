@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from genvis_jax.models import quantizers
 from genvis_jax.train.state import TrainState
 
 
@@ -109,9 +110,31 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
         lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer)
         else jnp.where(finite, n, o), new_state, state)
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    return new_state, metrics
+    return new_state, usage_of_batch(metrics)
 
   return step_fn
+
+
+def usage_of_batch(metrics: dict) -> dict:
+  """``metrics`` with each code histogram (``code_counts[/b]``, float
+  (num_codes,): a mean over micro-batches) replaced by the codebook usage
+  and perplexity of the whole batch (``usage[/b]``, ``perplexity[/b]``;
+  unsuffixed ones the mean over sub-codebooks where only per-branch
+  histograms exist). The quantizers' own per-micro-batch values, averaged,
+  fell as micro_batches grew at the same global batch (fewer tokens each)."""
+  counts_key = quantizers.COUNTS
+  out = {k: v for k, v in metrics.items() if not k.startswith(counts_key)}
+  branches = []
+  for key, counts in metrics.items():
+    if key.startswith(counts_key):
+      suffix = key[len(counts_key):]
+      out.update({name + suffix: v for name, v in
+                  quantizers.usage_from_counts(counts).items()})
+      branches += [suffix] if suffix else []
+  if branches and counts_key not in metrics:
+    for name in ("usage", "perplexity"):
+      out[name] = sum(out[name + b] for b in branches) / len(branches)
+  return out
 
 
 def jit_train_step(step_fn, state_shardings, batch_sharding, replicated):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from genvis_jax import errors
+from genvis_jax.models import quantizers
 from genvis_jax.train.tasks.gan_tokenizer import GANTokenizerTask
 
 def reconstruction_loss(kind: str, x, y):
@@ -69,8 +70,10 @@ class TokenizerTask(GANTokenizerTask):
       total = total + self.perceptual_weight * perc
       metrics["lpips"] = perc
     adv = self.adversarial(p_disc, frozen, recon, None)
-    scalars = {k: v for k, v in aux.items()
-               if isinstance(v, jax.Array) and v.ndim == 0}
+    # Scalars, and the code histograms the step turns into the whole batch's
+    # usage (``step.usage_of_batch``).
+    scalars = {k: v for k, v in aux.items() if isinstance(v, jax.Array) and (
+        v.ndim == 0 or k.startswith(quantizers.COUNTS))}
     return (total, adv), (recon, {**metrics, **scalars, "gen_loss": total})
 
 
