@@ -375,6 +375,10 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           acc, acc_n = None, 0
         if config.train.image_every and not stop_now and (
             done % config.train.image_every == 0 or done == num_steps):
+          # The step in flight is training time: waited for before the
+          # grid's time is taken out (on a step that did not log, the grid
+          # waited for it, and steps/s counted half the steps' time).
+          jax.block_until_ready(state)
           t_vis = time.perf_counter()
           _write_visuals(trainer, state, vis_batch, writer, workdir, done)
           progress.exclude(time.perf_counter() - t_vis)   # not training time
