@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from genvis_jax import errors
+from genvis_jax.core import checkpoint_fit as fit
 
 # Logical axis -> mesh axes: the package's one table. configs/base.py sets it
 # as config.sharding.rules (where a run may edit it); code that gets no table
@@ -141,8 +142,7 @@ def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
     if axes is None:
       fitted.append(None)
       continue
-    axes_t = axes if isinstance(axes, tuple) else (axes,)
-    axes_t = tuple(a for a in axes_t if a in mesh.shape)
+    axes_t = tuple(a for a in _axes(axes) if a in mesh.shape)
     # Keep the longest prefix of axes whose product divides the dimension.
     keep = []
     for a in axes_t:
@@ -154,6 +154,12 @@ def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
     fitted.append(None if keep is None else
                   (keep[0] if len(keep) == 1 else tuple(keep)))
   return P(*fitted)
+
+
+def _axes(entry) -> tuple:
+  """A spec entry's mesh axes: None -> (), "data" -> ("data",), a tuple
+  as it is."""
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
 def logical_sharding(names: Sequence[str | None] | None, shape: Sequence[int],
@@ -204,12 +210,10 @@ def unsplit_note(abstract_boxed, mesh: Mesh, rules) -> str:
     spec = nn.logical_to_mesh_axes(tuple(x.names), table)
     kept = tuple(fit_spec(spec, shape, mesh)) + (None,) * len(shape)
     for dim, want, got in zip(shape, spec, kept):
-      want = () if want is None else (want,) if isinstance(want, str) else want
-      got = () if got is None else (got,) if isinstance(got, str) else got
-      for a in want:
+      for a in _axes(want):
         if a in mesh.shape and mesh.shape[a] > 1:
           asked.setdefault(a, []).append(
-              (nbytes, dim, a in got, _path_name(path), shape))
+              (nbytes, dim, a in _axes(got), fit.key_path(path), shape))
   notes = []
   for a, rows in sorted(asked.items()):
     total = sum(r[0] for r in rows)
@@ -231,12 +235,6 @@ def unsplit_note(abstract_boxed, mesh: Mesh, rules) -> str:
         f"{name} {tuple(shape)}, dimension {dim}). Sizes up to the "
         f"{mesh.size} devices that divide most of them: {fits[-6:] or 'none'}.")
   return " ".join(notes)
-
-
-def _path_name(path) -> str:
-  """A tree path as ``model/blocks_0/attn/kernel``."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in path)
 
 
 def batch_axes(mesh, rules=None) -> tuple[str, ...]:

@@ -12,11 +12,11 @@ import optax
 from absl import logging
 
 from genvis_jax import errors
+from genvis_jax.core import checkpoint_fit as fit
 
 
-def param_path(path) -> str:
-  """'/'-joined parameter path, e.g. ``blocks_0/attn/qkv/kernel``."""
-  return jax.tree_util.keystr(path, simple=True, separator="/")
+# '/'-joined parameter path, e.g. ``blocks_0/attn/qkv/kernel``.
+param_path = fit.key_path
 
 
 def decay_mask(params, no_decay: Sequence[str],
