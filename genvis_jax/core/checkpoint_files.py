@@ -25,7 +25,7 @@ def absolute(directory: str) -> epath.Path:
   """``directory`` as an absolute path (a ``gs://`` URL as it is): Orbax
   refuses relative paths."""
   path = epath.Path(directory)
-  return path if "://" in str(directory) else path.absolute()
+  return path if files.is_remote(directory) else path.absolute()
 
 
 def _saved_with_ocdbt(state_dir: epath.Path) -> bool:

@@ -76,7 +76,7 @@ _TEMPORARY = re.compile(r"^.+\.(\d{1,7})\.tmp\.(npz|png|json)$")
 _TRANSFER = re.compile(r"^genvis_jax_(upload|download)_(\d{1,7})_")
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
   """Whether process ``pid`` runs on this host (unknown: alive)."""
   try:
     os.kill(pid, 0)
@@ -85,6 +85,12 @@ def pid_alive(pid: int) -> bool:
   except (PermissionError, OverflowError):   # another user's; not a pid
     return True
   return True
+
+
+def pid_gone(pid: int) -> bool:
+  """Whether ``pid`` is another process than this one and runs on this host
+  no longer (a killed writer or lease holder)."""
+  return pid != os.getpid() and not _pid_alive(pid)
 
 
 def _remove_stale(folder: str, pattern: re.Pattern, group: int,
@@ -96,8 +102,7 @@ def _remove_stale(folder: str, pattern: re.Pattern, group: int,
   gone = []
   for name in sorted(os.listdir(folder)):
     m, path = pattern.match(name), os.path.join(folder, name)
-    if (m and int(m.group(group)) != os.getpid()
-        and not pid_alive(int(m.group(group))) and is_kind(path)
+    if (m and pid_gone(int(m.group(group))) and is_kind(path)
         and not os.path.islink(path)):
       with contextlib.suppress(FileNotFoundError):
         remove(path)

@@ -76,8 +76,7 @@ class Lease:
       # as a local lock is released): no need to wait until it is stale.
       gone_here = (holder.get("host") == socket.gethostname()
                    and isinstance(holder.get("pid"), int)
-                   and holder["pid"] != os.getpid()
-                   and not files.pid_alive(holder["pid"]))
+                   and files.pid_gone(holder["pid"]))
       if age < self.stale_s and not gone_here:
         raise LeaseBusyError(
             f"{self.folder} is in use by another run ({_describe(holder)}, "

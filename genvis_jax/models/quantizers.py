@@ -83,12 +83,6 @@ def code_counts(codes: jax.Array, num_codes: int) -> jax.Array:
   return jnp.zeros((num_codes,), jnp.float32).at[codes.reshape(-1)].add(1.0)
 
 
-def usage_stats(codes: jax.Array, num_codes: int) -> dict[str, jax.Array]:
-  """Fraction of the codebook used by ``codes`` and the code perplexity
-  (``usage_from_counts`` of their histogram)."""
-  return usage_from_counts(code_counts(codes, num_codes))
-
-
 def usage_from_counts(counts: jax.Array) -> dict[str, jax.Array]:
   """Codebook usage and perplexity of a code histogram ``counts`` (float
   (num_codes,), any positive scale: a mean of histograms gives the same).
