@@ -143,6 +143,18 @@ def ints_on_process_0(fn: Callable[[], list[int]]) -> list[int]:
   return broadcast_ints(out)
 
 
+def string_on_process_0(fn: Callable[[], str]) -> str:
+  """``fn()`` (a string of under 4 KB) as process 0 computes it, on every
+  process (e.g. what it reads of a file only its disk holds). Its error
+  stops every process (:func:`on_process_0`)."""
+  out = [""]
+
+  def run():
+    out[0] = fn()
+  on_process_0(run)
+  return broadcast_strings(out)[0]
+
+
 def decided_on_process_0(fn: Callable[[], int]) -> int:
   """:func:`ints_on_process_0` of one int."""
   return ints_on_process_0(lambda: [fn()])[0]

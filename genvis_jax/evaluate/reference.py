@@ -427,13 +427,10 @@ def evaluate(config, workdir: str) -> dict:
       batch_size=int(ev.get("batch_size", 200)), preprocess=preprocess)
   # Read back where it was written: a workdir of each host's own holds it on
   # process 0's only.
-  summary = [""]
-
-  def read():
+  def summary():
     ref = load_reference(path)
-    summary[0] = json.dumps([int(ref.num_images or 0), describe(ref)])
-  multihost.on_process_0(read)
-  count, line = json.loads(multihost.broadcast_strings(summary)[0])
+    return json.dumps([int(ref.num_images or 0), describe(ref)])
+  count, line = json.loads(multihost.string_on_process_0(summary))
   results = {"reference": path, "num_images": count,
              "preprocess": preprocess, "split": config.data.eval_split}
   return report.write(workdir, results, f"reference: {line}; use "
