@@ -389,23 +389,24 @@ def sample_and_save(config, workdir: str) -> dict:
   # next one, already dispatched, is dropped and drawn again on resume).
   with preemption.StopRequest("writing the batch of samples in flight",
                               "without writing the batch in flight") as stop:
-    pending = None   # (finish or host images, start, labels) of the last batch
+    pending = None   # (images(): host images, start, labels) of the last batch
     for start in starts:
       if start in done:
         continue
       labels = labels_all[start:start + s.batch_size]
       padded = np.resize(labels, s.batch_size)        # pad the last batch
       if pending is not None and gather_first:
-        pending = (gather(pending[0], pending[1], len(pending[2])),
-                   *pending[1:])
+        images = pending[0]()
+        pending = (lambda images=images: images, *pending[1:])
       # The key depends only on the batch's first index: resumes draw the same.
       finish = sample_fn.dispatch(global_labels(padded, batch_sharding),
                                   jax.random.fold_in(key, start))
       if pending is not None:
-        _write_pending(pending, gather, write)
-      pending = (finish, start, labels)
+        write(pending[0](), *pending[1:])
+      pending = (functools.partial(gather, finish, start, len(labels)), start,
+                 labels)
     if pending is not None:
-      _write_pending(pending, gather, write)
+      write(pending[0](), *pending[1:])
   return parts.assemble(workdir, s.num_samples)   # the others wait for it
 
 
@@ -413,14 +414,6 @@ def gathers_on_devices() -> bool:
   """Whether gathering a batch's images onto the host (and agreeing on its
   write) runs programs on the devices: with more than one process."""
   return jax.process_count() > 1
-
-
-def _write_pending(pending, gather, write) -> None:
-  """``write`` the (finish or gathered images, start, labels) of a batch."""
-  images, start, labels = pending
-  if callable(images):
-    images = gather(images, start, len(labels))
-  write(images, start, labels)
 
 
 def global_labels(labels: np.ndarray, sharding) -> jax.Array:
