@@ -16,6 +16,7 @@ from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.modes import resolve
+from genvis_jax.sample import trained_with
 
 
 def _format(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -104,8 +105,7 @@ def check_stage_models(config, stages) -> None:
   for reader in config.stage_order:
     cfg = plain[reader]
     # Named on purpose where the reading stage samples (as sampling does).
-    allowed = {k.strip() for k in str(settings_lib.get(
-        cfg, "sample.allow_model_changes") or "").split(",")}
+    allowed = trained_with.allowed_changes(cfg)
     for ref, section in READS:
       path = settings_lib.get(cfg, ref)
       if not (isinstance(path, str) and path.startswith("{workdir}/")):

@@ -80,7 +80,7 @@ def check_tokenizer_origin(config, init_from: str,
       f"{trained_on}, but config.tokenizer.checkpoint holds "
       f"{tokenizer_source!r}: the samples would be decoded by another "
       "tokenizer.")
-  if _TOKENIZER in _allowed_changes(config):
+  if _TOKENIZER in allowed_changes(config):
     logging.warning(msg)
     return msg
   raise TrainedWithError(
@@ -94,11 +94,11 @@ def check_tokenizer_origin(config, init_from: str,
 _TOKENIZER = "tokenizer.checkpoint"
 
 
-def _allowed_changes(config) -> set[str]:
-  """The keys named in ``config.sample.allow_model_changes``."""
-  return {k.strip() for k in
-          str(config.sample.get("allow_model_changes", "")).split(",")
-          if k.strip()}
+def allowed_changes(config) -> set[str]:
+  """The keys named in ``config.sample.allow_model_changes`` (a ConfigDict
+  or nested dicts; none where unset)."""
+  value = (config.get("sample") or {}).get("allow_model_changes") or ""
+  return {k.strip() for k in str(value).split(",") if k.strip()}
 
 
 def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
@@ -131,7 +131,7 @@ def check_trained_with(config, pinned, run_keys: dict[str, str]) -> None:
   now["model"] = models.with_defaults(now["model"])
   keys = {k: k for k in settings_lib.flatten({"model": now["model"]})}
   keys.update(run_keys)
-  allowed = _allowed_changes(config)
+  allowed = allowed_changes(config)
   flat_saved, flat_now = settings_lib.flatten(saved), settings_lib.flatten(now)
   differing = [(key, run) for key, run in sorted(keys.items())
                if key not in fit.COMPUTE_ONLY and key not in allowed
