@@ -1,0 +1,126 @@
+"""Where sampling's files go and what it leaves: a ``gs://`` workdir holds
+the parts, samples and metrics; two processes writing one file; the
+temporary files and transfer folders a writer killed mid-write left
+(no model runs)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numpy as np
+
+from genvis_jax.sample import driver
+from tests import sample_common as sc
+
+
+def test_a_gs_workdir_holds_the_parts_samples_and_metrics(
+    fake_gcs, tmp_path, monkeypatch):
+  """On a TPU VM the workdir is a ``gs://`` URL: the parts, their settings,
+  ``samples.npz`` / ``.png`` and the evaluation's report go to the bucket
+  (they went to a local folder named ``gs:``), and a second run resumes
+  from the bucket's parts (no model: the sampler is a stand-in)."""
+  from genvis_jax.evaluate import npz, report
+  config, drawn = sc.stand_in_sampler(monkeypatch, num_samples=12)
+  local = tmp_path / "cwd"
+  local.mkdir()
+  monkeypatch.chdir(local)
+  out = driver.sample_and_save(config, "gs://bucket/run")
+  assert out["npz"] == "gs://bucket/run/samples.npz"
+  bucket = fake_gcs / "bucket" / "run"
+  assert sorted(os.listdir(bucket)) == ["sample_parts", "samples.npz",
+                                        "samples.png"]
+  assert sorted(os.listdir(bucket / "sample_parts")) == [
+      "000000000.npz", "000000008.npz", "settings.json"]
+  with np.load(bucket / "samples.npz") as d:
+    labels = d["labels"]
+    assert d["arr_0"].shape == (12, 4, 6, 3) and labels.shape == (12,)
+    np.testing.assert_array_equal(d["arr_0"][:, 0, 0, 0], labels)
+  drawn.clear()
+  driver.sample_and_save(config, "gs://bucket/run")   # nothing left to draw
+  assert not drawn
+  images = npz.open_images(out["npz"], setting="config.evaluate.samples")
+  assert [len(b) for b in images.batches(5)] == [5, 5, 2]
+  report.write("gs://bucket/run/eval", {"fid": 1.5}, "FID 1.5")
+  assert json.loads((bucket / "eval" / "metrics.json").read_text()) == {
+      "fid": 1.5}
+  assert not os.listdir(local)      # nothing under the working directory
+
+
+def test_two_processes_writing_one_file_do_not_share_its_temporary_file(
+    tmp_path):
+  """Two sample (or evaluate) runs finishing together in one workdir: each
+  writes its own temporary file, and the last rename wins whole."""
+  code = textwrap.dedent("""
+      import sys, time
+      from genvis_jax.core import files
+      def write(tmp):
+        with open(tmp, "w") as f:
+          f.write(sys.argv[2] * 1000)
+          f.flush()
+          time.sleep(1.0)      # the other process writes meanwhile
+      files.write_whole(sys.argv[1], write)
+      """)
+  target = str(tmp_path / "samples.png")
+  runs = [subprocess.Popen([sys.executable, "-c", code, target, c],
+                           stderr=subprocess.PIPE, text=True) for c in "ab"]
+  for r in runs:
+    assert r.wait(timeout=60) == 0, r.stderr.read()
+  with open(target) as f:
+    assert f.read() in ("a" * 1000, "b" * 1000)
+  assert os.listdir(tmp_path) == ["samples.png"]
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_for_long(tmp_path,
+                                                          monkeypatch):
+  """A process killed inside ``write_whole`` (an OOM kill, a preemption)
+  leaves its temporary file, 9.8 GB for a 50k samples.npz, one more per
+  crash: the next sampling run removes those of writers no longer
+  running, not a live one's or a file of another name."""
+  from genvis_jax.core import files
+  code = textwrap.dedent("""
+      import os, signal, sys
+      from genvis_jax.core import files
+      def write(tmp):
+        open(tmp, "wb").write(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)
+      files.write_whole(sys.argv[1], write)
+      """)
+  wd = tmp_path / "wd"
+  for target in (wd / "samples.npz", wd / "sample_parts" / "000000000.npz"):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-c", code, str(target)])
+    assert r.returncode == -9
+  left = sorted(str(p.relative_to(wd)) for p in wd.rglob("*.tmp.*"))
+  assert len(left) == 2, left
+  live = wd / f"grid.{os.getpid()}.tmp.png"     # this process's: writing
+  live.write_bytes(b"y")
+  (wd / "notes.99999999.tmp.txt.keep").write_text("a user's")
+  config, drawn = sc.stand_in_sampler(monkeypatch, num_samples=8)
+  driver.sample_and_save(config, str(wd))
+  assert drawn == [0]
+  assert sorted(str(p.relative_to(wd)) for p in wd.rglob("*.tmp.*")) == [
+      live.name, "notes.99999999.tmp.txt.keep"]
+  assert files.remove_stale_temporaries(str(wd)) == []
+  # Named otherwise than write_whole names its files, a folder, a number no
+  # pid can be: a user's, left alone (one crashed the run).
+  for name in ("backup.20240501.tmp", "export.123456789012345678901.tmp.npz",
+               "notes.4000.tmp.txt"):
+    (wd / name).write_text("a user's")
+  (wd / "scratch.4001.tmp.npz").mkdir()
+  assert files.remove_stale_temporaries(str(wd)) == []
+  # A gs:// write's temporary folder in TMPDIR (a full copy of the file).
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  monkeypatch.setenv("TMPDIR", str(tmp))
+  monkeypatch.setattr(tempfile, "tempdir", None)
+  r = subprocess.run([sys.executable, "-c", code.replace(
+      "files.write_whole(sys.argv[1], write)",
+      "files.write_whole('gs://bucket/samples.npz', write)")])
+  assert r.returncode == -9 and len(os.listdir(tmp)) == 1
+  (tmp / f"genvis_jax_upload_{os.getpid()}_x").mkdir()    # this process's
+  killed = [n for n in os.listdir(tmp) if str(os.getpid()) not in n]
+  assert files.remove_stale_transfers() == killed
+  assert os.listdir(tmp) == [f"genvis_jax_upload_{os.getpid()}_x"]
