@@ -84,3 +84,10 @@ def ssim(x, y, **recipe):
   kw.update(recipe)
   return np.array([structural_similarity(a, b, channel_axis=-1, **kw)
                    for a, b in zip(x.astype(np.float64), y.astype(np.float64))])
+
+
+def random_stats(rng, d, n=None):
+  """(mu (d,), sigma (d, d)) of n (default 3d) correlated normal features."""
+  n = n or 3 * d
+  a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+  return a.mean(0) + rng.normal(size=d), np.cov(a, rowvar=False)
