@@ -220,7 +220,8 @@ def test_a_lease_is_renewed_and_a_lost_one_is_left_alone(tmp_path, monkeypatch,
   # so, stops renewing, and does not delete the other's lease.
   with caplog.at_level(logging.ERROR):
     path.write_text(json.dumps({"what": "other", "renewed": time.time()}))
-    time.sleep(0.5)
+    held._thread.join(timeout=30)   # pylint: disable=protected-access
+    assert not held._thread.is_alive(), "the lost lease was not noticed"  # pylint: disable=protected-access
     held.release()
   assert "was taken over by another run" in caplog.text
   assert json.loads(path.read_text())["what"] == "other"
