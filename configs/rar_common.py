@@ -85,8 +85,9 @@ def get_config(size: str = "b", arg=None):
   o.no_decay = NO_DECAY
 
   # The official sampler runs in fp32 (TF32 matmuls, no autocast), 50 images
-  # per class.
-  base.add_sample(c, batch_size=250, guidance_scale=s["guidance_scale"],
+  # per class. 256 splits over any power-of-two device count up to 256 (250
+  # stopped an 8-GPU or TPU-slice run at start); the last batch is padded.
+  base.add_sample(c, batch_size=256, guidance_scale=s["guidance_scale"],
                   guidance_pow=s["guidance_pow"], temperature=s["temperature"])
 
   # MaskGIT VQGAN: what pretokenize encodes with and samples decode with

@@ -93,6 +93,20 @@ RUNNABLE = sorted(
     and not name.endswith("_common.py"))
 
 
+@pytest.mark.parametrize("spec", PAPER)
+def test_paper_batches_split_over_64_devices(spec):
+  """The paper configs' batches split over every power-of-two device count
+  up to 64 (a TPU v4-128 slice, 8 GPUs): RAR's sampling batch of 250 stopped
+  `mode=sample` at start on 4 devices or more. Evaluation pads its own."""
+  c = pc.load_config(spec)
+  batches = {"train.global_batch_size": c.train.global_batch_size}
+  for section in ("sample", "pretokenize"):
+    if section in c:
+      batches[f"{section}.batch_size"] = c[section].batch_size
+  for key, batch in batches.items():
+    assert batch % 64 == 0, (key, batch)
+
+
 def _sub_configs(c, path="config"):
   """(dotted path, ConfigDict) of ``c`` and every ConfigDict inside it."""
   yield path, c
