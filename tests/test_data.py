@@ -157,3 +157,25 @@ def test_in_process_and_one_worker_process_agree():
   for g, w in zip(got, want):
     assert type(g["label"]) is np.ndarray
     np.testing.assert_array_equal(g["image"], w["image"])
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_one_pass_in_order_with_worker_processes(drop_remainder):
+  """A one-pass reader (evaluation's first ``num_images``, pre-tokenizing)
+  gets the source order with worker processes too: batched in the workers,
+  the first batches held every other image and each worker dropped its own
+  remainder (12 of 14 examples in 2 batches instead of 3)."""
+  kw = dict(split="validation", global_batch_size=4, seed=0, train=False,
+            process_index=0, process_count=1, drop_remainder=drop_remainder)
+  c = dc.data_config(source="demo", num_examples=14)
+  want = list(data.create_dataset(c, **kw)[0])
+  it, info = data.create_dataset(dc.data_config(source="demo", num_examples=14,
+                                                num_workers=2), **kw)
+  got = list(it)
+  it.close()
+  assert [len(b["label"]) for b in want] == (
+      [4, 4, 4] if drop_remainder else [4, 4, 4, 2])
+  assert len(got) == len(want) == info.steps_per_epoch
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g["image"], w["image"])
+    np.testing.assert_array_equal(g["label"], w["label"])

@@ -9,6 +9,7 @@ from PIL import Image
 
 from configs import base
 from genvis_jax import data
+from genvis_jax import errors
 from genvis_jax.data import sources
 from tests import data_common as dc
 
@@ -63,6 +64,25 @@ def test_image_folder_with_no_readable_file_raises_instead_of_spinning(tmp_path)
   it, _ = data.create_dataset(c, split="train", global_batch_size=2, seed=0,
                               train=True, process_index=0, process_count=1)
   with pytest.raises(data.DataNotFoundError, match="No readable image in"):
+    next(it)
+
+
+def test_a_crop_an_image_cannot_give_names_the_file(tmp_path):
+  """torchvision's Resize + RandomCrop to a 2:1 crop cannot cut a squarish
+  image (torchvision raises too): the error named neither the file nor was
+  a ``UserError`` (a traceback at whatever step first read one)."""
+  root = tmp_path / "wide"
+  (root / "a").mkdir(parents=True)
+  Image.new("RGB", (80, 36), (0, 0, 255)).save(root / "a" / "wide.png")
+  Image.new("RGB", (50, 40), (255, 0, 0)).save(root / "a" / "square.png")
+  c = dc.data_config(source="image_folder", path=str(root), image_size=16,
+                     image_width=32, random_crop_method="torchvision_bilinear")
+  it, _ = data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                              train=True, process_index=0, process_count=1)
+  with pytest.raises(errors.ConfigError,
+                     match=r"square\.png: A 50x40 image resized to 20x16 is "
+                           r"smaller than the 32x16 crop: every image needs a "
+                           r"width / height of at least 2\. Use the 'adm'"):
     next(it)
 
 

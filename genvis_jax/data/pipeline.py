@@ -1,12 +1,14 @@
 """Grain input pipeline: source -> shard -> shuffle/repeat -> per-record
-transforms -> batch -> (worker processes) -> float conversion -> prefetch.
+transforms -> batch -> (worker processes) -> float conversion -> prefetch
+(one pass, not training: the workers before the batching, keeping the order).
 
 ``create_dataset`` returns a grain ``DatasetIterator`` of process-local batches
-(numpy) and a ``PipelineInfo``. Determinism: the order depends only on the seed,
-the process index/count and ``num_workers``; every random augmentation draws
-from grain's per-record generator, so a restored iterator (``get_state`` /
-``set_state``, or ``grain.checkpoint.CheckpointSave/Restore`` inside an Orbax
-``CheckpointManager``) yields exactly the batches an uninterrupted one would.
+(numpy) and a ``PipelineInfo``. Determinism: the order depends only on the
+seed, the process index/count and (training) ``num_workers``; every random
+augmentation draws from grain's per-record generator, so a restored iterator
+(``get_state`` / ``set_state``, or ``grain.checkpoint.CheckpointSave/Restore``
+inside an Orbax ``CheckpointManager``) yields exactly the batches an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ from genvis_jax.data import (demo, skips, sources, tfds_source, token_origin,
                              tokens, transforms)
 
 SOURCES = sources.SOURCES
+
+
+def _worker_processes(it_ds, num_workers: int, prefetch: int):
+  """``it_ds`` run in ``num_workers`` grain worker processes (0: in this one)."""
+  if num_workers <= 0:
+    return it_ds
+  # grain's workers read absl flags; outside absl.app (tests, colabs) use
+  # their defaults instead of failing in the worker.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it_ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)))
 
 
 # --- sources ---------------------------------------------------------------------
@@ -287,15 +301,18 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       allow_nones=True)
   it_ds = skips.SkipIterDataset(it_ds, limit=2 * shard,
                            where=f"{data_config.path} (split {split!r})")
-  it_ds = it_ds.batch(local_batch, drop_remainder=drop_remainder)
-  if data_config.num_workers > 0:
-    # grain's workers read absl flags; outside absl.app (tests, colabs) use
-    # their defaults instead of failing in the worker.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data_config.num_workers,
-        per_worker_buffer_size=max(prefetch, 1)))
+  if train:
+    # Workers batch (grain's way: one transfer per batch). Each worker
+    # reads every num_workers-th record of the endless stream, so the
+    # batches differ from those of 0 workers.
+    it_ds = it_ds.batch(local_batch, drop_remainder=drop_remainder)
+  it_ds = _worker_processes(it_ds, data_config.num_workers, prefetch)
+  if not train:
+    # One pass in order: workers hand over records, interleaved back into
+    # the source order, and batches form here; batched in the workers, the
+    # first num_images were every num_workers-th image, and each worker
+    # dropped its own remainder.
+    it_ds = it_ds.batch(local_batch, drop_remainder=drop_remainder)
   # uint8 crosses process boundaries; float only at the end.
   it_ds = it_ds.map(_FinalizeBatch(None if is_tokens else value_range))
   if prefetch > 0:

@@ -78,8 +78,9 @@ def _torchvision_resize(image: np.ndarray, height: int, width: int, resample,
                         instead: str) -> np.ndarray:
   """torchvision ``Resize(height)`` of a PIL image: the short side to
   ``height``, the long side ``int(height * long / short)`` (truncated), PIL's
-  ``resample`` filter. Raises ValueError naming ``instead`` when the result
-  cannot hold a (height, width) crop (torchvision would pad with zeros)."""
+  ``resample`` filter. Raises ``ConfigError`` naming ``instead`` when the
+  result cannot hold a (height, width) crop (torchvision's ``RandomCrop``
+  raises there too; its ``CenterCrop`` would pad with zeros)."""
   h, w = image.shape[:2]
   short, long = (w, h) if w <= h else (h, w)
   new_short, new_long = height, int(height * long / short)
@@ -88,9 +89,10 @@ def _torchvision_resize(image: np.ndarray, height: int, width: int, resample,
     image = np.asarray(Image.fromarray(image).resize((new_w, new_h),
                                                      resample=resample))
   if new_w < width or new_h < height:
-    raise ValueError(f"A {w}x{h} image resized to {new_w}x{new_h} is smaller "
-                     f"than the {width}x{height} crop; use {instead} for this "
-                     "shape.")
+    raise ConfigError(f"A {w}x{h} image resized to {new_w}x{new_h} is smaller "
+                      f"than the {width}x{height} crop: every image needs a "
+                      f"width / height of at least {width / height:.3g}. Use "
+                      f"{instead}, or leave such images out of the data.")
   return image
 
 
@@ -102,8 +104,8 @@ def torchvision_center_crop(image: np.ndarray, height: int,
   1d-tokenizer's eval transform (``data/webdataset_reader.py``). Unlike ADM's
   crop: no BOX halving, the long side truncated (``int(height * long /
   short)``), and the offsets ``int(round((H - height) / 2.0))`` (halves to
-  even). Raises ValueError when the resized image is narrower than ``width``
-  (torchvision would pad it with zeros).
+  even). Raises ``ConfigError`` when the resized image is narrower than
+  ``width`` (torchvision would pad it with zeros).
   """
   width = width or height
   image = _torchvision_resize(image, height, width, Image.BICUBIC,
@@ -183,7 +185,8 @@ def torchvision_random_crop(image: np.ndarray, height: int, width: int | None,
   """torchvision ``Resize(height)`` (PIL BILINEAR, antialiased) then
   ``RandomCrop((height, width))`` at uniform offsets: uint8 (h, w, 3) ->
   (height, width, 3). The Equivariant generator's training transform
-  (``scripts/train_generator.py``)."""
+  (``scripts/train_generator.py``). Raises ``ConfigError`` for an image
+  narrower than ``width / height`` (as torchvision's ``RandomCrop``)."""
   width = width or height
   image = _torchvision_resize(image, height, width, Image.BILINEAR,
                               "the 'adm' random crop (config.data.random_crop_method)")
@@ -266,8 +269,9 @@ SKIPPED = "skipped_path"   # the key of the record an unreadable file becomes
 
 
 class DecodeImage(grain.transforms.Map):
-  """``{"path", "label"}`` -> ``{"image", "label"}``; an unreadable file ->
-  ``{SKIPPED: path, "error": "Type: message"}``.
+  """``{"path", "label"}`` -> ``{"image", "label", "path"}``; an unreadable
+  file -> ``{SKIPPED: path, "error": "Type: message"}``. The crops drop the
+  path (after naming it in their errors).
 
   The pipeline passes these markers through the crops, drops them and counts
   the distinct paths (``PipelineInfo.num_skipped``). ``exif_transpose``: see
@@ -282,7 +286,8 @@ class DecodeImage(grain.transforms.Map):
       image = decode_image(record["path"], self.exif_transpose)
     except Exception as e:  # pylint: disable=broad-exception-caught
       return {SKIPPED: record["path"], "error": f"{type(e).__name__}: {e}"}
-    return {"image": image, "label": np.int32(record["label"])}
+    return {"image": image, "label": np.int32(record["label"]),
+            "path": record["path"]}
 
 
 def check_center_crop(method: str, size: int, width: int | None = None,
@@ -302,6 +307,19 @@ def check_center_crop(method: str, size: int, width: int | None = None,
                       f"one: pass --{setting}=adm.")
 
 
+def _cropped(record, crop, *args):
+  """``record`` with ``crop(record["image"], *args)`` as its image and without
+  the decoded file's ``path``; a crop the image cannot give names the file."""
+  out = {k: v for k, v in record.items() if k != "path"}
+  try:
+    out["image"] = crop(record["image"], *args)
+  except ConfigError as e:
+    if "path" not in record:
+      raise
+    raise ConfigError(f"{record['path']}: {e}") from None
+  return out
+
+
 class CenterCrop(grain.transforms.Map):
   """Centre crop to (size, width or size): ADM's (``method="adm"``),
   torchvision's Resize + CenterCrop (``"torchvision"``) or albumentations'
@@ -314,8 +332,7 @@ class CenterCrop(grain.transforms.Map):
     self.crop = CENTER_CROPS[method]
 
   def map(self, record):
-    return {**record, "image": self.crop(record["image"], self.size,
-                                         self.width)}
+    return _cropped(record, self.crop, self.size, self.width)
 
 
 class RandomCrop(grain.transforms.RandomMap):
@@ -345,8 +362,7 @@ class RandomCrop(grain.transforms.RandomMap):
                                     max_frac=max_frac)
 
   def random_map(self, record, rng: np.random.Generator):
-    return {**record,
-            "image": self.crop(record["image"], self.size, self.width, rng)}
+    return _cropped(record, self.crop, self.size, self.width, rng)
 
 
 class RandomFlip(grain.transforms.RandomMap):
