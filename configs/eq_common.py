@@ -5,7 +5,7 @@ of 4 columns (``cond_length 3``), RoPE shift augmentation 0..15, 12-block flow
 head, rectified flow with 4 noise draws per token, latents = tokenizer
 posterior sample x 0.05493, AdamW (0.9, 0.95) wd 0.02 (none on 1-D params and
 the head), lr 1e-4 x batch / 256, 100 warm-up epochs then constant, clip 3.0,
-EMA 0.9999, 1200 epochs, fp32.
+EMA 0.9999, 1200 epochs, fp32 (matmuls too: ``config.matmul_precision``).
 
 The batch is a config argument (``--config=configs/eq_s.py:batch=1024``): the
 learning rate, step count and warm-up follow it as the official script scales
@@ -56,6 +56,12 @@ def get_config(size: str = "l", arg=None):
                      f"of {sorted(SIZES)}.")
   c = base.get_config()
   c.task = "eq_generator"
+  # The official trains (--float32) and samples in full fp32: PyTorch 2.2
+  # keeps TF32 off for matmuls. XLA's default fp32 dot is one bf16 pass on
+  # TPU (bf16 training, which the official README warns harms stability)
+  # and TF32 on GPUs; "" trades exactness for speed (full fp32 takes 6 bf16
+  # passes on TPU, and no tensor cores on GPUs).
+  c.matmul_precision = "float32"
   c.model = generator_model(size)
 
   d = c.data

@@ -315,3 +315,34 @@ def test_the_python_api_refuses_an_empty_workdir(tmp_path, monkeypatch):
   with pytest.raises(UserError, match=r"config is a dict, not an "
                      r"ml_collections ConfigDict.*ConfigDict\(d\)"):
     modes.run(config.to_dict(), tmp_path / "wd")
+
+
+@pytest.mark.parametrize("mode", ["train", "evaluate"])
+def test_a_job_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch,
+                                                    mode):
+  """``config.matmul_precision`` is what the job's fp32 dots compute in
+  (the Equivariant generators: full fp32, as the official, where XLA's
+  default on a TPU is one bf16 pass); a value jax does not take is refused
+  before any work."""
+  from configs import eq_s   # pylint: disable=import-outside-toplevel
+  import jax   # pylint: disable=import-outside-toplevel
+  config = eq_s.get_config("runlocal")
+  assert config.matmul_precision == "float32"
+  config.mode = mode
+
+  def job(c, workdir):
+    del c, workdir
+    dot = jax.jit(lambda a: a @ a).lower(np.ones((2, 2), np.float32))
+    return jax.config.jax_default_matmul_precision, dot.as_text()
+
+  monkeypatch.setattr(modes, "resolve", lambda m: job)
+  setting, hlo = modes.run(config, tmp_path / "wd")
+  assert setting == "float32" and "HIGHEST" in hlo, hlo
+  config.matmul_precision = ""
+  setting, hlo = modes.run(config, tmp_path / "wd")
+  assert setting is None and "HIGHEST" not in hlo
+  config.matmul_precision = "fp32"
+  with pytest.raises(UserError, match=r"config.matmul_precision='fp32'; "
+                     r"choose one of \['', 'bfloat16', 'tensorfloat32', "
+                     r"'float32'\]"):
+    modes.check_names(config)
