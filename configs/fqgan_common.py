@@ -108,7 +108,7 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
   dc.n_layers = 3
   dc.norm = "batch"               # official train-mode BatchNorm2d, per GPU
   dc.group_size = 32              # images per BN batch (official: 256 / 8 GPUs)
-  dc.dtype = c.model.dtype
+  dc.dtype = c.model.get_ref("dtype")   # follows --config.model.dtype
   dc.param_dtype = "float32"
   dc.optimizer = _adam(2e-4)
 

@@ -447,3 +447,12 @@ def test_fqgan_demo_stage_configs_run_on_their_own():
     assert alone.data[key] == staged.data[key], key
   assert alone.ten_crop == staged.ten_crop
   assert far_demo.get_config().tokenizer.model == stages.far.tokenizer.model
+
+
+@pytest.mark.parametrize("spec", ["fqgan_dual_ds16.py", "vq_ds16.py"])
+def test_the_discriminator_computes_in_the_models_dtype(spec):
+  """FQGAN's PatchGAN runs under the official autocast with the tokenizer:
+  ``--config.model.dtype=float32`` left it in bf16 (a copy, not a link)."""
+  c = pc.load_config(spec, **{"model.dtype": "float32"})
+  assert c.model.dtype == c.disc.dtype == "float32"
+  assert pc.load_config(spec).disc.dtype == "bfloat16"

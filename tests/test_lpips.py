@@ -126,3 +126,22 @@ def test_bad_inputs_raise(setup, tmp_path):
     lpips.lpips_distance(params, x, y, value_range=(0, 255))
   with pytest.raises(ValueError, match="one shape"):
     lpips.lpips_distance(params, x, y[:1])
+
+
+def test_tokenizer_training_runs_lpips_in_the_models_dtype(setup):
+  """A bf16 tokenizer's LPIPS ran its VGG in fp32 (a tenth of FQGAN's step
+  FLOPs and twice the activation memory), where the official recipes run it
+  under their bf16 autocast; the distance stays float32."""
+  from configs import demo   # pylint: disable=import-outside-toplevel
+  from genvis_jax.train.tasks import tokenizer as tok   # pylint: disable=import-outside-toplevel
+  _, params, x, y, _ = setup
+  for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")):
+    c = demo.tokenizer_config()
+    c.model.dtype = dtype
+    task = tok.TokenizerTask(c)
+    jaxpr = str(jax.make_jaxpr(task.perceptual)({"lpips": params}, x, y))
+    convs = [l for l in jaxpr.splitlines() if "conv_general_dilated" in l]
+    assert convs and all(f":{short}[" in l.split("=")[0] for l in convs), (
+        dtype, convs[:2])
+    out = task.perceptual({"lpips": params}, x, y)
+    assert out.dtype == jnp.float32 and out.shape == (3,)

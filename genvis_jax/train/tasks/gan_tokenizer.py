@@ -31,6 +31,7 @@ from absl import logging
 
 from genvis_jax import models
 from genvis_jax.convert import lpips as convert_lpips
+from genvis_jax.core import dtypes
 from genvis_jax.models import lpips as lpips_lib
 from genvis_jax.train import losses as gan_lib
 from genvis_jax.train.tasks import Task
@@ -119,9 +120,14 @@ class GANTokenizerTask(Task):
 
   # --- pieces ---------------------------------------------------------------
   def perceptual(self, frozen, x, y):
-    """(B,) LPIPS distances of images in ``value_range`` (frozen weights)."""
+    """(B,) float32 LPIPS distances of images in ``value_range`` (frozen
+    weights). The VGG runs in ``config.model.dtype``, as under the official
+    recipes' autocast (FQGAN / LlamaGen's ``vq_loss`` inside
+    ``autocast(bfloat16)``); its distances are summed in float32."""
+    dtype = dtypes.parse(self.config.model.get("dtype"), "config.model.dtype")
     return lpips_lib.lpips_distance(jax.lax.stop_gradient(frozen["lpips"]), x, y,
-                                    value_range=self.value_range)
+                                    value_range=self.value_range,
+                                    dtype=dtype or jnp.float32)
 
   def disc_logits(self, p_disc, frozen, images, rng):
     del frozen, rng
