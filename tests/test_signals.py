@@ -12,6 +12,7 @@ import pytest
 
 from configs import demo
 from genvis_jax import cli
+from genvis_jax import errors
 from genvis_jax import modes
 from genvis_jax.data import DataNotFoundError
 from genvis_jax.train import trainer as trainer_lib
@@ -142,6 +143,34 @@ def test_a_stop_while_training_starts_up_says_no_step_ran(
                    f"again ({resume})."]
   assert wd.exists() == (signum == signal.SIGINT)
   assert ckpt_lib.resume_note(str(wd / "checkpoints")) == resume
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_start_up_stop_raised_where_python_only_prints_it_still_stops(
+    signum, tmp_path, monkeypatch):
+  """Ctrl-C landing in jax's garbage-collection hook ("Exception ignored
+  in: <function _xla_gc_callback>") was lost: the run trained to the end.
+  The start-up notes the signal and stops before the first step."""
+  c = demo.classifier_config()
+  c.mode = "train"
+  init_state = trainer_lib.Trainer.init_state
+
+  def swallowed(self):
+    try:   # as a callback whose errors Python only prints
+      os.kill(os.getpid(), signum)
+      time.sleep(5)
+    except BaseException:  # pylint: disable=broad-except
+      pass
+    return init_state(self)
+
+  monkeypatch.setattr(trainer_lib.Trainer, "init_state", swallowed)
+  monkeypatch.setattr(trainer_lib.Trainer, "step", lambda *a: (
+      pytest.fail("a step ran after the stop")))
+  with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT
+                     else errors.StoppedBySignal) as e:
+    modes.run(c, str(tmp_path / "wd"))
+  assert e.value.what.startswith("before the first training step")
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_an_error_on_several_processes_ends_the_process_at_once(monkeypatch,

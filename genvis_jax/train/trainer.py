@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
+import threading
 import time
 
 import flax.linen as nn
@@ -236,13 +238,48 @@ class _StartUp(contextlib.AbstractContextManager):
   """Names a stop signal that ends training before its loop (the CLI's
   ``StoppedBySignal`` for SIGTERM, ``KeyboardInterrupt`` for Ctrl-C; the
   loop's own ``StopRequest`` saves a step instead): the CLI's line says
-  that no step ran and what a rerun resumes from. ``started`` is set as the
-  loop takes over."""
+  that no step ran and what a rerun resumes from. ``take_over()`` marks the
+  loop taking over.
+
+  The signals are noted as they arrive: an exception a handler raises
+  inside a callback whose errors Python only prints (jax's garbage
+  collection hook, a ``__del__``) was lost, and the run trained to the end
+  after "Exception ignored ... KeyboardInterrupt"; ``take_over`` raises it
+  again."""
 
   def __init__(self, workdir: str):
     self.workdir, self.started = workdir, False
+    self.signum, self._previous = None, {}
+
+  def __enter__(self):
+    # One process, main thread: where the handlers raise (jax.distributed's
+    # preemption notifier takes SIGTERM on several).
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+          self._previous[sig] = handler
+          signal.signal(sig, functools.partial(self._noted, handler))
+    return self
+
+  def _noted(self, handler, signum, frame):
+    self.signum = signum
+    handler(signum, frame)
+
+  def take_over(self) -> None:
+    """Raises the stop a signal asked for during start-up whose exception
+    was lost; otherwise the loop (its ``StopRequest``) takes over."""
+    if self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is not None:
+      raise errors.StoppedBySignal(self.signum)
+    self.started = True
 
   def __exit__(self, kind, e, tb):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
     if self.started or not isinstance(
         e, (errors.StoppedBySignal, KeyboardInterrupt)):
       return None
@@ -332,7 +369,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
   try:
     # SIGTERM / Ctrl-C: finish the step in flight, save it, stop.
     with preemption.StopRequest(resumes=ckpt.resume_note) as stop, profile:
-      start_up.started = True
+      start_up.take_over()
       for step in range(start, num_steps):
         local = next(data_iter)
         group_check.update(local)
