@@ -198,3 +198,24 @@ def test_guard_loss_bound_uses_running_median():
   fresh = guard_lib.DivergenceGuard(10.0)
   fresh.record(1.0, {})
   assert fresh.runaway(1e6, {}) is None
+
+
+def test_a_blown_up_group_is_named_with_its_own_learning_rate(tmp_path):
+  """A discriminator learning rate that blows the run up: the advice was to
+  lower config.optimizer.lr (the tokenizer's, which was fine). The message
+  names the group and that group's own setting."""
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  c = demo.tokenizer_config()
+  c.model.update(hidden_channels=32, channel_mult=(1, 2), z_channels=32,
+                 code_dim=32, num_codes=64)
+  c.disc.n_layers = 1
+  c.loss.disc_start = 0
+  c.train.update(global_batch_size=8, num_steps=6, log_every=3,
+                 checkpoint_every=3, image_every=0)
+  c.disc.optimizer.lr = 1e30
+  with pytest.raises(guard_lib.NonFiniteLossError) as e:
+    trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
+  msg = str(e.value)
+  assert "in parameter group(s) disc." in msg, msg
+  assert "To fix: lower config.disc.optimizer.lr (now 1e+30);" in msg, msg
+  assert "config.optimizer.lr" not in msg, msg

@@ -88,19 +88,52 @@ class DivergenceGuard:
       if med > 0 and loss > self.factor * med:
         return (f"the loss {loss:.4g} is {loss / med:.3g}x its running median "
                 f"{med:.4g} (config.train.divergence_factor={self.factor:g})")
-    for g, v in param_norms.items():
-      if math.isfinite(v) and self._norms[g]:
-        med = float(np.median(self._norms[g]))
-        if med > 0 and v > self.factor * med:
-          return (f"the parameter norm of group {g!r} is {v:.4g}, {v / med:.3g}x "
-                  f"its running median {med:.4g} "
-                  f"(config.train.divergence_factor={self.factor:g})")
+    for g in self.runaway_groups(param_norms):
+      v, med = param_norms[g], float(np.median(self._norms[g]))
+      return (f"the parameter norm of group {g!r} is {v:.4g}, {v / med:.3g}x "
+              f"its running median {med:.4g} "
+              f"(config.train.divergence_factor={self.factor:g})")
     return None
 
+  def runaway_groups(self, param_norms: dict[str, float]) -> list[str]:
+    """The groups whose finite parameter norm is past ``factor`` times its
+    running median."""
+    out = []
+    for g, v in param_norms.items():
+      if self.factor > 0 and math.isfinite(v) and self._norms[g]:
+        med = float(np.median(self._norms[g]))
+        if med > 0 and v > self.factor * med:
+          out.append(g)
+    return out
 
-def advice(config, *, nonfinite: bool) -> str:
-  """The knobs worth turning for this config (never one already turned)."""
-  tips = [f"lower config.optimizer.lr (now {config.optimizer.lr:g})"]
+
+def blamed_groups(guard: DivergenceGuard, means: dict,
+                  norms: dict) -> tuple[list[str], str]:
+  """The parameter groups the numbers point at and why, first found of:
+  NaN/Inf parameter norms, runaway parameter norms (one group's blown-up
+  weights make every group's gradients NaN/Inf), NaN/Inf gradient norms
+  (``grad_norm/<group>`` of the interval); ([], "") when none stands out."""
+  for groups, why in (
+      ([g for g, v in norms.items() if not math.isfinite(v)],
+       "NaN/Inf parameters"),
+      (guard.runaway_groups(norms),
+       f"a parameter norm over {guard.factor:g}x its running median"),
+      ([g for g in norms
+        if not math.isfinite(means.get(f"grad_norm/{g}", 0.0))],
+       "NaN/Inf gradients")):
+    if groups:
+      return groups, why
+  return [], ""
+
+
+def advice(config, *, nonfinite: bool, lrs=()) -> str:
+  """The knobs worth turning for this config (never one already turned).
+  ``lrs``: the (optimizer section, its config key) of the groups to blame
+  (default ``config.optimizer``'s)."""
+  keys = {key: section for section, key in
+          (lrs or [(config.optimizer, "config.optimizer")])}
+  tips = [f"lower {key}.lr (now {section.lr:g})"
+          for key, section in keys.items()]
   if not float(config.train.get("grad_clip", 0.0)) > 0:
     tips.append("enable gradient clipping (config.train.grad_clip=1.0)")
   if not int(config.optimizer.get("warmup_steps", 0) or 0):
@@ -126,14 +159,16 @@ def diverged_message(what: str, first: int, last: int, checkpoint: str) -> str:
 
 def check_health(config, guard: DivergenceGuard, means: dict, norms: dict,
                  acc_n: int, checked: int, done: int, ckpt,
-                 resumed: int | None = None) -> None:
+                 resumed: int | None = None, optimizers=None) -> None:
   """Raises a TrainingDivergedError (NaN/Inf or runaway) for steps
   ``checked+1..done`` from the interval's mean metrics ``means`` (over
   ``acc_n`` steps) and parameter-group norms, naming the checkpoint of
   ``ckpt`` (a ``core.checkpoint.Checkpointer``) to restart from and the
   knobs. ``resumed``: the step this run resumed from (None: a fresh run);
   a divergence in the first updates after it names that step's files as a
-  likely cause."""
+  likely cause. ``optimizers``: the task's ``optimizer_configs()`` (group ->
+  (section, key)), so the advice names the learning rate of the group that
+  blew up (a discriminator's own, say)."""
   nonfinite = round(means.get("nonfinite", 0.0) * acc_n)
   what, cls = None, NonFiniteLossError
   if nonfinite and guard.check_finite:
@@ -161,5 +196,9 @@ def check_health(config, guard: DivergenceGuard, means: dict, norms: dict,
                 f"written (a bad copy, a disk fault), move "
                 f"{ckpt.directory / str(latest)} out of checkpoints/ and rerun "
                 "(the run then resumes from the step before)")
+  groups, why = blamed_groups(guard, means, norms) if len(norms) > 1 else ([], "")
+  if groups and "group" not in what:
+    what += f"; {why} in parameter group(s) {', '.join(groups)}"
+  lrs = [optimizers[g] for g in groups if g in (optimizers or {})]
   raise cls(diverged_message(what, checked, done, where) + " To fix: " +
-            advice(config, nonfinite=cls is NonFiniteLossError))
+            advice(config, nonfinite=cls is NonFiniteLossError, lrs=lrs))

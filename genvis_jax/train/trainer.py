@@ -405,7 +405,8 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           norms = trainer.param_norms(state)
           guard_lib.check_health(config, guard, means, norms, acc_n,
                                  checked, done, ckpt,
-                                 resumed=start if start else None)
+                                 resumed=start if start else None,
+                                 optimizers=trainer.task.optimizer_configs())
           checked = done
         if log_now:
           log(done, means, norms, acc_n)
