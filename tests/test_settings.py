@@ -49,7 +49,7 @@ def test_mismatch_messages_lead_with_the_model_and_say_what_is_cut():
   # The same model: the first 12 differences, then how many more.
   config.model.name = "fqgan"
   with pytest.raises(fit.CheckpointMismatchError,
-                     match=r"a11: checkpoint 11 vs config \(absent\)\n  \.\.\. 13 "
+                     match=r"model\.a11: checkpoint 11 vs config \(absent\)\n  \.\.\. 13 "
                            r"more\nUse a fresh --workdir"):
     fit.check_config_matches(saved, config)
   expected = {f"k{i:02d}": np.zeros((2, 3)) for i in range(25)}
@@ -58,3 +58,24 @@ def test_mismatch_messages_lead_with_the_model_and_say_what_is_cut():
                            r"parameters in 25 arrays\.\n  missing \(25\): "
                            r"k00, .*, k04, \.\.\. 20 more"):
     fit.compare_trees(expected, {}, "A checkpoint")
+
+
+def test_a_resume_names_a_discriminator_of_another_size():
+  """A tokenizer run resumed with another ``disc.ndf`` failed in Orbax's
+  restore ("mis-shaped opt_state/disc/..."), blaming the optimizer / EMA
+  settings that runlocal derives from the step count."""
+  import json
+  import pytest
+  from configs import demo
+  from genvis_jax.core import checkpoint_fit as fit
+  config = demo.tokenizer_config()
+  saved = json.loads(config.to_json_best_effort())
+  fit.check_config_matches(saved, config)
+  config.disc.ndf = config.disc.ndf // 2
+  config.disc.dtype = "bfloat16"      # compute only: not named
+  with pytest.raises(fit.CheckpointMismatchError) as e:
+    fit.check_config_matches(saved, config)
+  assert str(e.value).splitlines()[1] == (
+      f"  disc.ndf: checkpoint {2 * config.disc.ndf} vs config "
+      f"{config.disc.ndf}")
+  assert "dtype" not in str(e.value)

@@ -176,7 +176,9 @@ def state_settings_note(saved: dict | None, config) -> str:
 
 
 def check_config_matches(saved: dict | None, config) -> None:
-  """Refuses to resume a workdir written with a different model config."""
+  """Refuses to resume a workdir written with a different model config
+  (``config.model``, and ``config.disc`` where both have one), naming the
+  settings that differ (``model.ndf: checkpoint 16 vs config 8``)."""
   if not saved or "model" not in saved:
     return
   current = json.loads(config.model.to_json_best_effort())
@@ -188,10 +190,16 @@ def check_config_matches(saved: dict | None, config) -> None:
         f"{saved['model'].get('name')!r}, and this config trains "
         f"{current.get('name')!r}: a workdir is one job's. Use a fresh "
         "--workdir.")
-  diffs = settings_lib.differences(completed(saved["model"]),
-                                   completed(current),
-                                   ignore=("dtype", "remat"),
-                                   names=("checkpoint", "config"))
+  # Every model section both sides have: a discriminator of another size
+  # failed in Orbax's restore, blaming the optimizer settings.
+  sections = [k for k in MODEL_SECTIONS
+              if isinstance(saved.get(k), dict) and k in config]
+  diffs = settings_lib.differences(
+      {k: completed(saved[k]) for k in sections},
+      {k: completed(json.loads(config[k].to_json_best_effort()))
+       for k in sections},
+      ignore=tuple(f"{k}.{f}" for k in sections for f in ("dtype", "remat")),
+      names=("checkpoint", "config"))
   if diffs:
     raise CheckpointMismatchError(
         "The workdir holds a checkpoint of a different model config:\n  " +
