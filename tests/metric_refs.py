@@ -22,6 +22,28 @@ def inception_score(logits, split_size):
   return np.mean(scores)
 
 
+def tokenizer_inception_score(logits, eps=1e-16):
+  """1d-tokenizer's evaluator (``evaluator/evaluator.py``): one split of
+  all images, float32 softmax, float64 sums of p and p log(p + eps), then
+  exp((sum p log p - sum_c P_c log(P_c / N + eps)) / N)."""
+  p = np.exp(logits - logits.max(1, keepdims=True)).astype(np.float32)
+  p /= p.sum(1, keepdims=True)
+  total = p.sum(0, dtype=np.float64)
+  kl = (p * np.log(p + np.float32(eps))).sum(0, dtype=np.float64)
+  return float(np.exp(np.sum(kl - total * np.log(total / len(p) + eps))
+                      / len(p)))
+
+
+def codebook_entropy(codes, num_codes):
+  """1d-tokenizer's ``CodebookEntropy``: -sum p log2(p + 1e-8) of the code
+  frequencies (index_add of counts into a codebook-sized vector)."""
+  freq = np.zeros(num_codes, np.float64)
+  entries, counts = np.unique(codes, return_counts=True)
+  np.add.at(freq, entries, counts)
+  probs = freq / freq.sum()
+  return float((-np.log2(probs + 1e-8) * probs).sum())
+
+
 def precision_recall(ref, sam, k=3):
   """Improved precision / recall (Kynkaanniemi et al. 2019) in float64 NumPy:
   ``(precision, recall, ref_radii)``; the radii are squared distances to

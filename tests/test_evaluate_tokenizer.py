@@ -169,6 +169,13 @@ def test_tokenizer_eval_covers_exact_count(tok_config, tmp_path, batch,
   fy = metric_refs.FakeExtractor(13)(pixels.to_uint8(y, (0.0, 1.0), "round"))["pool"]
   assert res["rfid"] == pytest.approx(
       metric_refs.frechet_formula(*metric_refs.feature_stats(fx), *metric_refs.feature_stats(fy)), rel=1e-6, abs=1e-9)
+  # 1d-tokenizer's evaluator also reports the reconstructions' IS and the
+  # code frequencies' entropy.
+  ly = metric_refs.FakeExtractor(13)(pixels.to_uint8(y, (0.0, 1.0), "round"))["logits"]
+  assert res["inception_score"] == pytest.approx(
+      metric_refs.tokenizer_inception_score(ly), rel=1e-6)
+  assert res["codebook_entropy_0"] == pytest.approx(
+      metric_refs.codebook_entropy(codes, 32), rel=1e-9)
   assert res["protocol"] == "maskgit_vqgan" and res["center_crop"] == "torchvision"
   assert len(seen.crops) >= 13 and set(seen.crops) == {"torchvision"}
   assert res["rfid_preprocess"] == seen.resizes[-1] == "adm_tf"
@@ -280,6 +287,14 @@ def test_signed_tokenizers_are_scored_by_their_protocol(tok_config, tmp_path,
       metric_refs.frechet_formula(*metric_refs.feature_stats(fx), *metric_refs.feature_stats(fy)), rel=1e-6, abs=1e-9)
   assert res["rfid_preprocess"] == seen.resizes[-1] == "adm_tf"
   assert set(seen.crops) == {crop}
+  # ADM's evaluator scores LlamaGen / FQGAN's npz of reconstructions; the
+  # Equivariant code has no tokenizer evaluation to take an IS from.
+  ly = metric_refs.FakeExtractor(13)(to_bytes(y))["logits"].astype(np.float64)
+  if protocol == "fqgan":
+    assert res["inception_score"] == pytest.approx(
+        metric_refs.inception_score(ly, 5000), rel=1e-6)
+  else:
+    assert "inception_score" not in res
   # An explicit resize or crop wins over the protocol's.
   config.evaluate.preprocess = "pytorch_fid"
   config.data.center_crop = "torchvision"

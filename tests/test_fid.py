@@ -79,6 +79,25 @@ def test_inception_score_matches_numpy():
   assert fid.inception_score(peaked) == pytest.approx(8.0, rel=1e-6)
 
 
+def test_streaming_inception_score_matches_both_protocols():
+  """Batch by batch, across split boundaries: ADM's splits (the generation
+  evaluation's formula) and 1d-tokenizer's one split with eps 1e-16."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(23, 30)) * 3
+  adm, one = fid.StreamingInceptionScore(7), fid.StreamingInceptionScore(0, 1e-16)
+  for i in range(0, 23, 5):          # batches of 5 straddle the splits of 7
+    adm.update(logits[i:i + 5])
+    one.update(logits[i:i + 5])
+    assert adm.result() == pytest.approx(      # so far, a partial split too
+        metric_refs.inception_score(logits[:i + 5], 7), rel=1e-10)
+  assert adm.result() == pytest.approx(fid.inception_score(logits, 7),
+                                       rel=1e-10)
+  assert one.result() == pytest.approx(
+      metric_refs.tokenizer_inception_score(logits), rel=1e-6)
+  with pytest.raises(ValueError, match="No logits"):
+    fid.StreamingInceptionScore().result()
+
+
 # --- precision / recall -----------------------------------------------------------------
 
 def test_precision_recall_match_numpy():
@@ -299,8 +318,15 @@ def test_ssim_matches_skimage_and_is_range_independent():
 
 def test_codebook_usage_single_and_factorized():
   codes = np.array([[0, 1, 1], [3, 3, 0]])
-  assert image_metrics.codebook_usage(codes, 8) == {"codebook_usage": 3 / 8,
-                                                "codes_used": 3}
+  assert image_metrics.codebook_usage(codes, 8) == {
+      "codebook_usage": 3 / 8, "codes_used": 3,
+      "codebook_entropy": pytest.approx(metric_refs.codebook_entropy(codes, 8),
+                                        rel=1e-12)}
+  # Counts summed over batches are the whole set's.
+  halves = image_metrics.add_counts(image_metrics.code_counts([codes[:1]]),
+                                    image_metrics.code_counts([codes[1:]]))
+  assert image_metrics.codebook_stats(halves, 8, factorized=False) == (
+      image_metrics.codebook_usage(codes, 8))
   fq = (np.array([[0, 1], [2, 3]]), np.array([[5, 5], [5, 5]]))
   u = image_metrics.codebook_usage(fq, 16)
   assert u["codebook_usage_0"] == 4 / 16 and u["codebook_usage_1"] == 1 / 16

@@ -172,6 +172,65 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
   return float(np.mean(scores))
 
 
+class StreamingInceptionScore:
+  """``inception_score`` of logits seen batch by batch (nothing of size N
+  kept): exp of the mean KL(p_i || mean_j p_j) over consecutive splits of
+  ``split_size`` images, averaged over the splits (0: one split of all the
+  images, 1d-tokenizer's evaluator). Sums in float64; ``eps`` is added to
+  the probabilities inside both logs (1d-tokenizer: 1e-16; 0 takes the
+  exact log-softmax, as ADM's)."""
+
+  def __init__(self, split_size: int = 5000, eps: float = 0.0):
+    self.split_size, self.eps = int(split_size), float(eps)
+    self.scores: list[float] = []
+    self._reset()
+
+  def _reset(self):
+    self._n, self._p = 0, None
+    self._plogp = None
+
+  def update(self, logits) -> None:
+    """Adds (B, C) logits (in order). Raises ``ValueError`` unless 2-D."""
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2:
+      raise ValueError(f"logits must be (B, C), got {logits.shape}.")
+    while len(logits):
+      room = (self.split_size - self._n) if self.split_size else len(logits)
+      part, logits = logits[:room], logits[room:]
+      logp = part - part.max(1, keepdims=True)
+      logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+      p = np.exp(logp)
+      if self.eps:
+        logp = np.log(p + self.eps)
+      if self._p is None:
+        self._p, self._plogp = np.zeros(p.shape[1]), np.zeros(p.shape[1])
+      self._p += p.sum(0)
+      self._plogp += (p * logp).sum(0)
+      self._n += len(part)
+      if self.split_size and self._n == self.split_size:
+        self._close()
+
+  def _close(self):
+    log_mean = np.log(self._p / self._n + self.eps)
+    self.scores.append(float(np.exp(
+        (self._plogp.sum() - (self._p * log_mean).sum()) / self._n)))
+    self._reset()
+
+  def result(self) -> float:
+    """The score, a float in [1, C], of everything added so far (the last,
+    partial split included). Raises ``ValueError`` with nothing added."""
+    scores = list(self.scores)
+    if self._n:
+      last = (self._n, self._p, self._plogp)
+      self._close()
+      scores = list(self.scores)
+      self.scores.pop()
+      self._n, self._p, self._plogp = last
+    if not scores:
+      raise ValueError("No logits were added.")
+    return float(np.mean(scores))
+
+
 # --- k-NN precision / recall -------------------------------------------------------
 
 def _sq_dists(u, v, dtype):

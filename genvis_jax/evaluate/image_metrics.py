@@ -1,6 +1,6 @@
 """Reconstruction metrics of tokenizer evaluation: PSNR, SSIM (both
-recipes the official code bases use) and codebook usage, on batches of
-images or codes."""
+recipes the official code bases use) and codebook usage / entropy, on
+batches of images or codes."""
 
 from __future__ import annotations
 
@@ -88,27 +88,62 @@ def ssim(x, y, value_range=(0.0, 1.0), *, window: int = 11,
   return jnp.mean(num / den, axis=(1, 2, 3))
 
 
+def code_counts(codes) -> list[np.ndarray]:
+  """How often each code occurs: one int64 ``np.bincount`` per code map of
+  ``codes`` (an int array, or a tuple of them for factorized tokenizers)."""
+  maps = list(codes) if isinstance(codes, (tuple, list)) else [codes]
+  return [np.bincount(np.asarray(m).ravel()).astype(np.int64) for m in maps]
+
+
+def add_counts(a: list[np.ndarray] | None, b: list[np.ndarray]):
+  """Elementwise sum of two ``code_counts`` results (None: nothing yet)."""
+  if a is None:
+    return b
+  out = []
+  for x, y in zip(a, b):
+    n = max(len(x), len(y))
+    out.append(np.pad(x, (0, n - len(x))) + np.pad(y, (0, n - len(y))))
+  return out
+
+
 def codebook_usage(codes, num_codes) -> dict:
-  """Fraction of codebook entries used by ``codes``.
+  """Fraction of codebook entries used by ``codes`` and the entropy of
+  their frequencies.
 
   ``codes``: an int array, or a tuple of k int arrays (factorized tokenizers,
   one map per sub-codebook). ``num_codes``: int or one per sub-codebook.
-  Returns {"codebook_usage", "codes_used"} and, for tuples,
-  "codebook_usage_{i}" / "codes_used_{i}" per sub-codebook (the overall
-  usage is then their mean); usages are floats in [0, 1] for codes within
-  their codebooks. Raises ``ValueError`` when the number of code maps and of
-  codebook sizes differ.
-  """
-  maps = list(codes) if isinstance(codes, (tuple, list)) else [codes]
+  Returns ``codebook_stats`` of their ``code_counts``."""
+  return codebook_stats(code_counts(codes), num_codes,
+                        factorized=isinstance(codes, (tuple, list)))
+
+
+def codebook_stats(counts: list[np.ndarray], num_codes, *,
+                   factorized: bool) -> dict:
+  """{"codebook_usage", "codes_used", "codebook_entropy"} of per-map code
+  ``counts`` (``code_counts``) and, ``factorized``, "codebook_usage_{i}" /
+  "codes_used_{i}" / "codebook_entropy_{i}" per sub-codebook (the overall
+  usage and entropy are then their means). Usage: distinct codes over the
+  images / codebook size, a float in [0, 1] (1d-tokenizer's
+  ``CodebookUsage``; LlamaGen / FQGAN publish a training-time window of the
+  last 65,536 codes instead). Entropy: ``-sum(p log2(p + 1e-8))`` of the
+  code frequencies, in bits (1d-tokenizer's ``CodebookEntropy``; at most
+  log2 of the codebook size). Raises ``ValueError`` when the number of code
+  maps and of codebook sizes differ."""
   sizes = (list(num_codes) if isinstance(num_codes, (tuple, list))
-           else [num_codes] * len(maps))
-  if len(sizes) != len(maps):
-    raise ValueError(f"{len(maps)} code maps but {len(sizes)} codebook sizes.")
-  used = [int(np.unique(np.asarray(m)).size) for m in maps]
+           else [num_codes] * len(counts))
+  if len(sizes) != len(counts):
+    raise ValueError(f"{len(counts)} code maps but {len(sizes)} codebook sizes.")
+  used = [int(np.count_nonzero(c)) for c in counts]
+  entropy = []
+  for c in counts:
+    prob = c / max(int(c.sum()), 1)
+    entropy.append(float(-np.sum(np.log2(prob + 1e-8) * prob)))
   out = {"codebook_usage": float(np.mean([u / n for u, n in zip(used, sizes)])),
-         "codes_used": int(sum(used))}
-  if isinstance(codes, (tuple, list)):
+         "codes_used": int(sum(used)),
+         "codebook_entropy": float(np.mean(entropy))}
+  if factorized:
     for i, (u, n) in enumerate(zip(used, sizes)):
       out[f"codebook_usage_{i}"] = u / n
       out[f"codes_used_{i}"] = u
+      out[f"codebook_entropy_{i}"] = entropy[i]
   return out

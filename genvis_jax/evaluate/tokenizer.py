@@ -95,6 +95,9 @@ class Protocol:
   ssim: keyword arguments of ``ssim`` (its recipe).
   inception: the Inception resize of rFID ("adm_tf": TF1's bilinear, as
     ADM's evaluator and torch-fidelity do; "pytorch_fid").
+  inception_score: (split size, eps) of the reconstructions' Inception
+    Score (``fid.StreamingInceptionScore``), None where the official
+    evaluation has none.
   source: the official code this follows.
   A ``scored`` outside ``SCORED`` raises ``ValueError``.
   """
@@ -103,6 +106,7 @@ class Protocol:
   scored: str = "float"
   ssim: FrozenDict = FrozenDict()
   inception: str = "adm_tf"
+  inception_score: tuple[int, float] | None = None
   source: str = ""
 
   def __post_init__(self):
@@ -114,6 +118,7 @@ _LLAMAGEN = Protocol(
     "llamagen", scored="bytes",
     ssim=FrozenDict(window=7, gaussian=False, sample_covariance=True,
                     data_range=2.0),
+    inception_score=(5000, 0.0),   # ADM's evaluator, which scores the npz
     source="LlamaGen tokenizer/tokenizer_image/reconstruction_vq_ddp.py "
            "(FQGAN tokenizer/reconstruction_vq_ddp_{dual,triple}.py): "
            "clamp(127.5 x + 128) bytes; skimage PSNR and SSIM(data_range=2) "
@@ -125,7 +130,7 @@ PROTOCOLS = {
     # reconstructions and of originals on the byte grid: both exact, so the
     # bytes are the rounded ones. It has no PSNR / SSIM; ours score floats.
     "maskgit_vqgan": Protocol(
-        "round", crop="torchvision",
+        "round", crop="torchvision", inception_score=(0, 1e-16),
         source="1d-tokenizer utils/train_utils.py eval_reconstruction, "
                "evaluator/ and data/webdataset_reader.py: Resize + "
                "CenterCrop, round(clamp(x, 0, 1) * 255) bytes, rFID with "
@@ -201,8 +206,11 @@ class _Scores:
                                       method=proto.to_uint8)
     self.psnr = self.sq = 0.0
     self.on_device = []   # (mask, SSIM (B,), LPIPS (B,) or None) per batch
-    self.uniques, self.discrete, self.codes = None, True, None
+    self.counts, self.discrete, self.codes = None, True, None
     self.rstats = [fid_lib.StreamingStats(), fid_lib.StreamingStats()]
+    self.iscore = (fid_lib.StreamingInceptionScore(*proto.inception_score)
+                   if extractor is not None and proto.inception_score
+                   else None)
     # Inception features of the batch sent last, folded into rstats once the
     # next batch is sent (the last one's by ``sums``).
     self._features = overlap.InFlight(depth=1)
@@ -233,9 +241,9 @@ class _Scores:
     self.discrete = self.discrete and all(
         jnp.issubdtype(m.dtype, jnp.integer) for m in maps)
     if self.discrete:
-      u = [np.unique(np.asarray(m)[:k]) for m in maps]
-      self.uniques = u if self.uniques is None else [
-          np.union1d(a, b) for a, b in zip(self.uniques, u)]
+      self.counts = image_metrics.add_counts(self.counts, image_metrics
+                                             .code_counts([np.asarray(m)[:k]
+                                                           for m in maps]))
     if self.extractor is not None:
       # The Inception runs on this batch while the last one's features are
       # folded into the float64 statistics.
@@ -248,9 +256,13 @@ class _Scores:
 
   def _fold(self, sent) -> None:
     """Adds one batch's (real, reconstruction) Inception features to
-    ``rstats``, reading them back through their finishers ``sent``."""
+    ``rstats`` (and the reconstructions' logits to ``iscore``), reading them
+    back through their finishers ``sent``."""
     for acc, finish in zip(self.rstats, sent):
-      acc.update(finish()["pool"])
+      out = finish()
+      acc.update(out["pool"])
+    if self.iscore is not None:
+      self.iscore.update(out["logits"])
 
   def sums(self) -> dict:
     """{"psnr", "ssim", "sq", "lpips"}: float64 sums over the valid images,
@@ -288,8 +300,10 @@ def evaluate(config, workdir: str) -> dict:
 
   Returns (and writes to ``workdir/metrics.json``) {"psnr" (dB), "ssim",
   "mse" (in the tokenizer's value range), "num_images", "dtype", "protocol",
-  "center_crop", "scored"}, plus "codebook_usage" / "codes_used" (discrete
-  codes), "lpips", "rfid" / "rfid_preprocess" when enabled.
+  "center_crop", "scored"}, plus "codebook_usage" / "codes_used" /
+  "codebook_entropy" (discrete codes, ``image_metrics.codebook_stats``),
+  "lpips", "rfid" / "rfid_preprocess" and, where the protocol has one,
+  "inception_score" of the reconstructions when enabled.
 
   Raises ``batching.NotEnoughImages`` when the split has fewer images than
   ``num_images`` (or none readable), ``errors.ConfigError`` for a tokenizer
@@ -385,15 +399,17 @@ def evaluate(config, workdir: str) -> dict:
   }
   num_codes = config.model.get("num_codes", None)
   if num_codes and scores.discrete:
-    single = not isinstance(scores.codes, (tuple, list))
-    results.update(image_metrics.codebook_usage(
-        scores.uniques[0] if single else tuple(scores.uniques), num_codes))
+    results.update(image_metrics.codebook_stats(
+        scores.counts, num_codes,
+        factorized=isinstance(scores.codes, (tuple, list))))
   if lpips_fn is not None:
     results["lpips"] = sums["lpips"] / n
   if extractor is not None:
     results["rfid"] = fid_lib.frechet_distance(
         *scores.rstats[0].result(), *scores.rstats[1].result(), name="rFID")
     results["rfid_preprocess"] = preprocess
+    if scores.iscore is not None:
+      results["inception_score"] = scores.iscore.result()
     if n < fid_lib.FEATURE_DIM:
       results["caveats"].append(
           f"rFID of only {n} images: with fewer than {fid_lib.FEATURE_DIM} "
@@ -419,6 +435,8 @@ def _summary(r: dict, num_codes) -> str:
     parts.append(f"LPIPS {r['lpips']:.4f}")
   if "rfid" in r:
     parts.append(f"rFID {r['rfid']:.2f}")
+  if "inception_score" in r:
+    parts.append(f"IS {r['inception_score']:.2f}")
   if "codebook_usage" in r:
     subs = [f"{100 * r[k]:.1f}%" for k in sorted(r)
             if k.startswith("codebook_usage_")]
@@ -428,5 +446,5 @@ def _summary(r: dict, num_codes) -> str:
     else:
       of = f"{len(subs)} x {num_codes}" if subs else str(num_codes)
     parts.append(f"codebook usage {100 * r['codebook_usage']:.1f}% of "
-                 f"{of}{detail}")
+                 f"{of}{detail}, entropy {r['codebook_entropy']:.2f} bits")
   return ", ".join(parts)
