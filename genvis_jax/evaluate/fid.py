@@ -160,16 +160,9 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2 or not len(logits):
     raise ValueError(f"logits must be (N > 0, C), got {logits.shape}.")
-  scores = []
-  for i in range(0, len(logits), split_size):
-    part = logits[i:i + split_size]
-    logp = part - part.max(1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-    p = np.exp(logp)
-    log_marginal = np.log(p.mean(0, keepdims=True))
-    kl = np.sum(p * (logp - log_marginal), axis=1).mean()
-    scores.append(np.exp(kl))
-  return float(np.mean(scores))
+  score = StreamingInceptionScore(split_size)
+  score.update(logits)
+  return score.result()
 
 
 class StreamingInceptionScore:
