@@ -242,6 +242,31 @@ def test_only_process_0_writes_the_report(tmp_path, monkeypatch, capsys):
           in capsys.readouterr().out)
 
 
+def test_untrained_inception_weights_are_a_caveat(tmp_path):
+  """The README's runlocal FID uses a random-weight Inception: its record
+  had no caveat, so 50,000 samples would have read as a publishable FID."""
+  from genvis_jax.convert import inception as convert_inception
+  from genvis_jax.models import inception as inception_model
+  from tests import pipeline_common as pc
+  params = convert_inception.load_inception_params(
+      pc.write_random_inception(str(tmp_path / "inception.npz")))
+  assert inception_model.untrained(params)
+  trained = jax.tree_util.tree_map(lambda x: x, params)
+  trained["Mixed_5b"]["branch1x1"]["bn"]["mean"] = np.full_like(
+      trained["Mixed_5b"]["branch1x1"]["bn"]["mean"], 0.1)
+  assert not inception_model.untrained(trained)
+  rng = np.random.default_rng(6)
+  np.savez(tmp_path / "s.npz", metric_refs.images(rng, 12))
+  np.savez(tmp_path / "r.npz", metric_refs.images(rng, 12, shift=30))
+  extractor = metric_refs.FakeExtractor()
+  extractor.untrained = True
+  res = generation.evaluate_samples(str(tmp_path / "s.npz"),
+                                    str(tmp_path / "r.npz"),
+                                    extractor=extractor)
+  assert res["caveats"][0] == generation.UNTRAINED_NOTE
+  assert "untrained" in generation.format_metrics(res)
+
+
 def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   import ml_collections
   from genvis_jax.evaluate import driver

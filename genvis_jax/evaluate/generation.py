@@ -173,7 +173,8 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
   ref_feats, ref_pool, ref_spatial = _reference_features(extractor, ref,
                                                          log_every)
   caveats = warn_incomparable(sam["count"], samples.shape,
-                              None if ref.images is None else ref.images.shape)
+                              None if ref.images is None else ref.images.shape,
+                              untrained=getattr(extractor, "untrained", False))
   logging.info("computing FID / sFID / IS / precision / recall")
   precision, recall = fid_lib.precision_recall(
       ref_feats, sam["pool"], nearest_k, distance_dtype=distance_dtype,
@@ -200,11 +201,19 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
 MIN_COMPARABLE = fid_lib.FEATURE_DIM
 
 
-def warn_incomparable(count: int, sample_shape, reference_shape=None) -> list[str]:
+UNTRAINED_NOTE = (
+    "the Inception weights are untrained (every batch-norm statistic at 0 / "
+    "1, as write_random_inception's): the numbers only exercise the "
+    "pipeline; measure with pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+
+
+def warn_incomparable(count: int, sample_shape, reference_shape=None, *,
+                      untrained: bool = False) -> list[str]:
   """Logs (and returns) why these numbers are not comparable with published
-  ones: fewer samples than feature dimensions (FID ~0 on tiny sets means
-  nothing), or samples and reference images of different sizes."""
-  notes = []
+  ones: random stand-in Inception weights (``untrained``), fewer samples
+  than feature dimensions (FID ~0 on tiny sets means nothing), or samples
+  and reference images of different sizes."""
+  notes = [UNTRAINED_NOTE] if untrained else []
   if count < MIN_COMPARABLE:
     notes.append(f"only {count} samples: with fewer than {MIN_COMPARABLE} the "
                  "feature covariance is rank-deficient, so FID / sFID are not "

@@ -13,7 +13,7 @@ from genvis_jax.core import overlap
 from genvis_jax.core import padded
 from genvis_jax.core import sharding
 from genvis_jax.models.inception import (PREPROCESS, FIDInceptionV3,
-                                         weights_fingerprint)
+                                         untrained, weights_fingerprint)
 
 
 # --- batched, sharded feature extraction -------------------------------------------
@@ -53,6 +53,13 @@ class InceptionExtractor:
 
     self._fn = jax.jit(apply, in_shardings=(repl, self.data),
                        out_shardings=self.data)
+
+  @property
+  def untrained(self) -> bool:
+    """``models.inception.untrained`` of the parameters: random stand-ins."""
+    if getattr(self, "_untrained", None) is None:
+      self._untrained = untrained(jax.device_get(self.params))
+    return self._untrained
 
   @property
   def weights_id(self) -> str:

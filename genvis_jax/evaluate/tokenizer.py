@@ -37,6 +37,7 @@ from genvis_jax.core import weights as weights_lib
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import report
 from genvis_jax.evaluate import fid as fid_lib
+from genvis_jax.evaluate import generation
 from genvis_jax.evaluate import image_metrics
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.data import sources as data_sources
@@ -410,6 +411,9 @@ def evaluate(config, workdir: str) -> dict:
     results["rfid_preprocess"] = preprocess
     if scores.iscore is not None:
       results["inception_score"] = scores.iscore.result()
+    if getattr(extractor, "untrained", False):
+      results["caveats"].append(generation.UNTRAINED_NOTE)
+      logging.warning("%s.", results["caveats"][-1])
     if n < fid_lib.FEATURE_DIM:
       results["caveats"].append(
           f"rFID of only {n} images: with fewer than {fid_lib.FEATURE_DIM} "

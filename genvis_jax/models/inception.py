@@ -324,6 +324,18 @@ def flatten_params(params) -> dict[str, np.ndarray]:
   return out
 
 
+def untrained(params) -> bool:
+  """True when every batch-norm statistic of Inception ``params`` is at its
+  initial value (means 0, variances 1): random stand-in weights (the tests'
+  and the README's ``write_random_inception``), never pytorch-fid's FID
+  Inception, whose running statistics are trained."""
+  flat = flatten_params(params)
+  stats = [(k, v) for k, v in flat.items() if k.endswith(("/mean", "/var"))]
+  return bool(stats) and all(
+      np.all(np.asarray(v) == (0.0 if k.endswith("/mean") else 1.0))
+      for k, v in stats)
+
+
 def weights_fingerprint(params) -> str:
   """A short hex id of Inception parameters (sha256 of names, shapes and
   float32 bytes in sorted order): equal for the same weights however they were
