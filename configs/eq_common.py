@@ -115,7 +115,10 @@ def get_config(size: str = "l", arg=None):
       num_steps=100,            # Euler steps of the flow head per column
       num_columns=16,           # 16 = 256 px; e.g. 128 for 8x width
       wide_columns=0,           # training grids also this wide (0 = off)
-      latent_scale=lt.get_ref("scale"))   # samples / scale -> tokenizer.decode
+      # samples / scale -> tokenizer.decode; derived ("* 1.0"): a bare
+      # reference would make --config.sample.latent_scale set the training
+      # latents' scale too.
+      latent_scale=lt.get_ref("scale") * 1.0)
   if arg.runlocal:
     # A batch=N given with runlocal is kept.
     runlocal(c, arg.batch if "batch" in arg.given else 16)

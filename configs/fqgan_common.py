@@ -108,7 +108,10 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
   dc.n_layers = 3
   dc.norm = "batch"               # official train-mode BatchNorm2d, per GPU
   dc.group_size = 32              # images per BN batch (official: 256 / 8 GPUs)
-  dc.dtype = c.model.get_ref("dtype")   # follows --config.model.dtype
+  # Follows --config.model.dtype; a derived reference ("+ ''"), so that
+  # --config.disc.dtype sets the discriminator's alone (the bare reference
+  # is one field shared by both sections).
+  dc.dtype = c.model.get_ref("dtype") + ""
   dc.param_dtype = "float32"
   dc.optimizer = _adam(2e-4)
 

@@ -456,3 +456,15 @@ def test_the_discriminator_computes_in_the_models_dtype(spec):
   c = pc.load_config(spec, **{"model.dtype": "float32"})
   assert c.model.dtype == c.disc.dtype == "float32"
   assert pc.load_config(spec).disc.dtype == "bfloat16"
+  # One way only: the discriminator's own setting leaves the tokenizer's.
+  c = pc.load_config(spec, **{"disc.dtype": "float32"})
+  assert (c.model.dtype, c.disc.dtype) == ("bfloat16", "float32")
+
+
+def test_the_sampling_latent_scale_leaves_the_training_latents():
+  """``sample.latent_scale`` follows ``latents.scale``; a bare reference
+  made ``--config.sample.latent_scale`` set the training latents' too."""
+  c = pc.load_config("eq_s.py:runlocal", **{"latents.scale": 0.5})
+  assert c.sample.latent_scale == c.latents.scale == 0.5
+  c = pc.load_config("eq_s.py:runlocal", **{"sample.latent_scale": 0.1})
+  assert (c.latents.scale, c.sample.latent_scale) == (0.2, 0.1)
