@@ -120,6 +120,24 @@ def test_pretokenize_names_its_own_data_settings(tmp_path, caplog):
     pretokenize.pretokenize(config, str(tmp_path / "wd"))
 
 
+def test_a_tokenizer_config_encodes_at_its_own_image_size():
+  """A tokenizer's config pre-tokenizing its own images: the copy in
+  config.pretokenize.data kept the size the file set, so a tokenizer
+  trained with --config.data.image_size=64 encoded 32 px images (8x8 codes,
+  not 16x16) without a word, and a generator trained on them."""
+  from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
+  flags = {"mode": "pretokenize", "data.image_size": 64,
+           "model.image_size": 64}
+  config = pc.load_config("vq_ds16.py:runlocal", **flags)
+  with pytest.raises(errors_lib.ConfigError,
+                     match=r"^config.data.image_size=64 but pre-tokenizing "
+                           r"encodes config.pretokenize.data at image_size="
+                           r"32: pass --config.pretokenize.data.image_size=64"):
+    pretokenize.check_images_in_data(config)
+  pretokenize.check_images_in_data(pc.load_config(
+      "vq_ds16.py:runlocal", **flags, **{"pretokenize.data.image_size": 64}))
+
+
 def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
                                                                   monkeypatch):
   """Processes agree on reuse before the (collective) tokenizer load: one

@@ -163,7 +163,8 @@ def check_images_in_data(config) -> None:
   """Refuses a ``config.data`` (the generator's training input: token files)
   that names images ``config.pretokenize.data`` does not: pre-tokenizing
   reads the latter, so ``--config.data.*`` flags meant for it would encode
-  other images (the demo's, by default) without a word.
+  other images (the demo's, by default) without a word; and, where both
+  name the same images (a tokenizer's config), another image size.
 
   Raises:
     ConfigError: naming both and the flags to use.
@@ -176,8 +177,21 @@ def check_images_in_data(config) -> None:
         "pre-tokenizing reads the images of config.pretokenize.data (sources: "
         f"{', '.join(sources.IMAGE_SOURCES)}). Leave config.data.source at "
         "tokens and set --config.pretokenize.data.source.")
-  if d.get("source", "tokens") == "tokens" or (
-      (d.source, d.get("path", "")) == (p.source, p.get("path", ""))):
+  if d.get("source", "tokens") == "tokens":
+    return
+  if (d.source, d.get("path", "")) == (p.source, p.get("path", "")):
+    # A tokenizer's config encoding its own images: pretokenize.data is a
+    # copy made when the config was built, so a --config.data.image_size
+    # flag (a tokenizer trained at another size) did not reach it.
+    tokenizer = (config.get("tokenizer") or {}).get("model") or {}
+    own = config.get("model", {}).get("name") == tokenizer.get("name")
+    if own and d.get("image_size") != p.get("image_size"):
+      raise errors.ConfigError(
+          f"config.data.image_size={d.get('image_size')} but pre-tokenizing "
+          f"encodes config.pretokenize.data at image_size="
+          f"{p.get('image_size')}: pass --config.pretokenize.data.image_size="
+          f"{d.get('image_size')} to encode at the size the tokenizer trains "
+          "at (or set both to the one you mean).")
     return
   raise errors.ConfigError(
       f"config.data names images (source {d.source!r}, path "
