@@ -14,6 +14,7 @@ from genvis_jax import modes
 from genvis_jax.data import DataNotFoundError
 from genvis_jax.errors import UserError
 from genvis_jax.train import checks
+from tests import pipeline_common as pc
 from genvis_jax.train import trainer as trainer_lib
 
 
@@ -215,6 +216,28 @@ def test_a_no_decay_pattern_matching_nothing_is_named(caplog):
                   "parameter (e.g. 'dense/bias'), so it exempts none from weight "
                   "decay: each pattern is its own entry, e.g. --config.optimizer."
                   "no_decay='(\"bias\",\"scale\")'."]
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned(caplog):
+  """``rar_b.py --config.train.num_steps=50000`` kept the recipe's 62,500
+  warm-up steps: the learning rate never reached its peak and the cosine
+  decay never began, with no word (the anneal points were warned about)."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
+  c = pc.load_config("rar_b.py", **{"train.num_steps": 50_000})
+  with caplog.at_level(logging.WARNING):
+    opt_lib.make_optimizer(c.optimizer, c.train)
+  said = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
+  assert said == [
+      "config.optimizer.warmup_steps=62500 is not below config.train."
+      "num_steps=50000: the learning rate never reaches config.optimizer.lr="
+      "0.0004 (it ends near 0.00032, and the cosine decay never starts). Set "
+      "the warm-up with the steps, e.g. --config.optimizer.warmup_steps=12500."]
+  caplog.clear()
+  paper = pc.load_config("rar_b.py")    # 62,500 of 250,000 steps
+  with caplog.at_level(logging.WARNING):
+    opt_lib.make_optimizer(paper.optimizer, paper.train)
+  assert not [r for r in caplog.records if "warmup" in r.getMessage()]
 
 
 def test_indivisible_batch(tmp_path):
