@@ -10,7 +10,10 @@ demo shapes) for a laptop CPU.
 
 ``batch=N`` (``far_b.py:dual,batch=512``) sets the global batch; the step
 count follows it (300 epochs), the learning rate stays 1e-4 as in the official
-script. With ``runlocal`` it replaces runlocal's batch of 16.
+script. With ``runlocal`` it replaces runlocal's batch of 16. Overriding
+``--config.train.global_batch_size`` alone keeps the batch-256 step count
+(1,501,200 steps: 600 epochs at batch 512); the trainer's first log line
+says how many epochs a run's steps are.
 
 ``config.tokenizer`` is the FQGAN tokenizer that pre-tokenizes (``mode=
 pretokenize``) and decodes samples: ``--config.tokenizer.checkpoint=DIR``.

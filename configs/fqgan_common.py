@@ -4,7 +4,9 @@ specs/fqgan.md: ImageNet 256, random crop 80-100% + flip, pixels in [-1, 1];
 batch 256; Adam lr 2e-4 constant, betas (0.9, 0.95), no weight decay; clip 1.0
 (both optimizers); pixel L2 x1 + LPIPS x1 + VQ; hinge PatchGAN, weight 0.5 from
 step 20k, no adaptive weight (the official D loss is scaled by 0.5 as well:
-``loss.disc_loss_weight``); 40 epochs = 40 * 5004 steps; no EMA; bf16.
+``loss.disc_loss_weight``); 40 epochs = 40 * 5004 steps; no EMA; bf16. The
+steps are batch 256's: ``--config.train.global_batch_size`` alone changes
+the epochs (the trainer's first log line says how many).
 
 ``get_config`` argument (``--config=configs/X.py:ARG``, comma-separated):
 "bf16" (default, the official mixed precision) or "fp32" (e.g. to compare with

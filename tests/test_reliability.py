@@ -608,9 +608,13 @@ def ml_collections_copy(cfg, **changes):
 
 def test_a_finished_run_says_so(runs, tmp_path, caplog):
   wd = copy_run(runs[1], tmp_path)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.INFO):
     state = trainer_lib.train_and_evaluate(config(6), wd)
   assert int(state.step) == 6
+  # What the steps amount to (a batch override keeps a recipe's steps):
+  # the demo set's 10,000 images, 625 batches of 16.
+  assert ("start step 6 of 6 (0.0096 epochs of 10000 examples at global "
+          "batch 16)") in caplog.text
   assert "Training already finished" in caplog.text
   assert "holds step 6 of config.train.num_steps=6" in caplog.text
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]

@@ -337,8 +337,13 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
   start = int(jax.device_get(state.step))
   num_steps = int(config.train.num_steps)
   n_params = {g: models.count_params(p) for g, p in state.params.items()}
-  logging.info("Parameters: %s; mesh %s; start step %d of %d", n_params,
-               dict(trainer.mesh.shape), start, num_steps)
+  # Epochs as the data counts them: a batch override keeps the recipe's
+  # steps (FAR's 300 epochs at batch 256), so say what the run amounts to.
+  epochs = num_steps / max(int(info.steps_per_epoch), 1)
+  logging.info("Parameters: %s; mesh %s; start step %d of %d (%.4g epochs of "
+               "%d examples at global batch %d)", n_params,
+               dict(trainer.mesh.shape), start, num_steps, epochs,
+               info.num_examples, int(config.train.global_batch_size))
   if start >= num_steps:
     logging.warning("Training already finished: %s holds step %d of "
                     "config.train.num_steps=%d. Raise --config.train.num_steps "
