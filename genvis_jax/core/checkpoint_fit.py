@@ -194,12 +194,18 @@ def check_config_matches(saved: dict | None, config) -> None:
   # failed in Orbax's restore, blaming the optimizer settings.
   sections = [k for k in MODEL_SECTIONS
               if isinstance(saved.get(k), dict) and k in config]
+  old = {k: completed(saved[k]) for k in sections}
+  new = {k: completed(json.loads(config[k].to_json_best_effort()))
+         for k in sections}
+  # Not the model's shape: how it computes, the discriminator's optimizer
+  # (a resume with a lower disc lr is the divergence advice), and where a
+  # frozen part's weights are read from (a moved file).
+  paths = [k for k in {**settings_lib.flatten(old), **settings_lib.flatten(new)}
+           if k.rsplit(".", 1)[-1] == "path" or k.endswith("_path")]
   diffs = settings_lib.differences(
-      {k: completed(saved[k]) for k in sections},
-      {k: completed(json.loads(config[k].to_json_best_effort()))
-       for k in sections},
-      ignore=tuple(f"{k}.{f}" for k in sections for f in ("dtype", "remat")),
-      names=("checkpoint", "config"))
+      old, new, names=("checkpoint", "config"),
+      ignore=tuple(f"{k}.{f}" for k in sections
+                   for f in ("dtype", "remat", "optimizer")) + tuple(paths))
   if diffs:
     raise CheckpointMismatchError(
         "The workdir holds a checkpoint of a different model config:\n  " +
