@@ -15,7 +15,7 @@ from genvis_jax import models
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import settings as settings_lib
-from genvis_jax.modes import matmul_precision, resolve
+from genvis_jax.modes import resolve
 from genvis_jax.sample import trained_with
 
 
@@ -158,8 +158,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     logging.info("=== demo stage %s (mode=%s) ===", name, stage.mode)
     try:
-      with matmul_precision(stage):
-        results[name] = resolve(stage.mode)(stage, os.path.join(workdir, name))
+      results[name] = resolve(stage.mode)(stage, os.path.join(workdir, name))
     except errors.UserError as e:
       # The stage's advice names its own config's flags; say the demo's.
       if e.args and isinstance(e.args[0], str):

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from genvis_jax import errors
+from genvis_jax.core import dtypes
 from genvis_jax.core import files
 from genvis_jax.core import registry
 from genvis_jax.core import workdir_lock
@@ -44,33 +45,13 @@ _NAMED = {
 }
 
 
-# config.matmul_precision -> what fp32 matmuls and convolutions compute in.
-MATMUL_PRECISIONS = ("", "bfloat16", "tensorfloat32", "float32")
-
-
-def matmul_precision(config):
-  """The context ``config.mode``'s job runs in: fp32 dots and convolutions
-  at ``config.matmul_precision`` ("float32": full fp32; "tensorfloat32": 3
-  bf16 passes on TPU, TF32 on NVIDIA GPUs; "bfloat16": one bf16 pass; "":
-  XLA's default, which is one bf16 pass on TPU and TF32 on recent NVIDIA
-  GPUs, full fp32 on CPU). bf16 operands are unaffected. Raises
-  ``ConfigError`` for another value."""
-  value = config.get("matmul_precision", "") or ""
-  if value not in MATMUL_PRECISIONS:
-    raise ConfigError(f"config.matmul_precision={value!r}; choose one of "
-                      f"{list(MATMUL_PRECISIONS)} ('' = XLA's default).")
-  if not value:
-    return contextlib.nullcontext()
-  return jax.default_matmul_precision(value)
-
-
 def check_names(config) -> None:
   """The config strings ``config.mode`` will resolve to modules, checked
   before any device starts (so a misspelt name is the first and only
   message). Raises ``ConfigError`` naming the choices."""
   resolve(config.get("mode"))
   check_config_kind(config)
-  matmul_precision(config)
+  dtypes.matmul_precision(config)   # a value jax does not take
   name = (config.get("model") or {}).get("name")
   if config.mode == "sample" and name:
     generators = registry.available("genvis_jax.sample", ("generate",))
@@ -274,15 +255,13 @@ def run(config, workdir: str | os.PathLike):
     held = workdir   # training locks its workdir itself
     try:
       if config.mode not in LOCKED:
-        with matmul_precision(config):
-          return fn(config, workdir)
+        return fn(config, workdir)
       held, top = lock_dir(config, workdir)
       made.append(top)
       # Pre-tokenizing's lock sits among the token files, which are copied
       # on as a folder: removed when the run ends.
       with workdir_lock.hold(held, LOCKED[config.mode],
-                             remove=config.mode == "pretokenize"), \
-          matmul_precision(config):
+                             remove=config.mode == "pretokenize"):
         return fn(config, workdir)
     except BaseException as e:
       # Refused as busy: the held folder's lock file is the other run's (and

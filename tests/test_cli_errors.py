@@ -317,30 +317,43 @@ def test_the_python_api_refuses_an_empty_workdir(tmp_path, monkeypatch):
     modes.run(config.to_dict(), tmp_path / "wd")
 
 
-@pytest.mark.parametrize("mode", ["train", "evaluate"])
-def test_a_job_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch,
-                                                    mode):
-  """``config.matmul_precision`` is what the job's fp32 dots compute in
-  (the Equivariant generators: full fp32, as the official, where XLA's
-  default on a TPU is one bf16 pass); a value jax does not take is refused
-  before any work."""
+def test_a_job_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch):
+  """``config.matmul_precision`` is what a job's fp32 dots compute in (the
+  Equivariant generators: full fp32, as the official, where XLA's default
+  on a TPU is one bf16 pass), through the command line and the Python API
+  alike (the entry points and the sampler a notebook calls apply it); a
+  value jax does not take is refused before any work."""
   from configs import eq_s   # pylint: disable=import-outside-toplevel
   import jax   # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import driver   # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import trainer   # pylint: disable=import-outside-toplevel
   config = eq_s.get_config("runlocal")
   assert config.matmul_precision == "float32"
-  config.mode = mode
+  for mode in ("train", "sample", "evaluate", "pretokenize"):
+    assert getattr(modes.resolve(mode), "at_matmul_precision", False), mode
 
-  def job(c, workdir):
-    del c, workdir
+  def traced(*args):
+    del args
     dot = jax.jit(lambda a: a @ a).lower(np.ones((2, 2), np.float32))
     return jax.config.jax_default_matmul_precision, dot.as_text()
 
-  monkeypatch.setattr(modes, "resolve", lambda m: job)
-  setting, hlo = modes.run(config, tmp_path / "wd")
-  assert setting == "float32" and "HIGHEST" in hlo, hlo
-  config.matmul_precision = ""
-  setting, hlo = modes.run(config, tmp_path / "wd")
-  assert setting is None and "HIGHEST" not in hlo
+  class Seen(Exception):
+    pass
+
+  def setup(c):
+    raise Seen(traced())
+  monkeypatch.setattr(trainer, "setup", setup)
+  for precision, highest in (("float32", True), ("", False)):
+    config.matmul_precision = precision
+    with pytest.raises(Seen) as e:
+      trainer.train_and_evaluate(config, tmp_path / "wd")
+    setting, hlo = e.value.args[0]
+    assert (setting == "float32") == highest and ("HIGHEST" in hlo) == highest
+    decoder = type("Decoder", (), {"dispatch": staticmethod(lambda x: x),
+                                   "to_uint8": staticmethod(lambda x: x)})
+    sampler = driver.Sampler(traced, decoder, precision=lambda: (
+        modes.dtypes.matmul_precision(config)))
+    assert ("HIGHEST" in sampler(None, None)[1]) == highest
   config.matmul_precision = "fp32"
   with pytest.raises(UserError, match=r"config.matmul_precision='fp32'; "
                      r"choose one of \['', 'bfloat16', 'tensorfloat32', "

@@ -1,8 +1,13 @@
 """Dtype names of configs (``model.dtype``, ``tokenizer.dtype``,
-``sample.dtype``) -> jnp dtypes, one check with one message shape."""
+``sample.dtype``) -> jnp dtypes, one check with one message shape; and
+``config.matmul_precision``, what float32 matmuls compute in."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from genvis_jax.errors import ConfigError
@@ -30,3 +35,36 @@ def parse(value, setting: str, allowed: tuple[str, ...] = FLOAT_DTYPES,
     raise ConfigError(f"{setting}={value!r} is not a supported dtype here; "
                       f"use one of {', '.join(map(repr, allowed))}{hint}.")
   return dtype
+
+
+# config.matmul_precision -> what fp32 matmuls and convolutions compute in.
+MATMUL_PRECISIONS = ("", "bfloat16", "tensorfloat32", "float32")
+
+
+def matmul_precision(config):
+  """The context a job of ``config`` computes in: fp32 dots and
+  convolutions at ``config.matmul_precision`` ("float32": full fp32;
+  "tensorfloat32": 3 bf16 passes on TPU, TF32 on NVIDIA GPUs; "bfloat16":
+  one bf16 pass; "" or absent: XLA's default, one bf16 pass on TPU and TF32
+  on recent NVIDIA GPUs, full fp32 on CPU). bf16 operands are unaffected;
+  jit traces (and caches) under it. Raises ``ConfigError`` for another
+  value."""
+  value = config.get("matmul_precision", "") or ""
+  if value not in MATMUL_PRECISIONS:
+    raise ConfigError(f"config.matmul_precision={value!r}; choose one of "
+                      f"{list(MATMUL_PRECISIONS)} ('' = XLA's default).")
+  if not value:
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(value)
+
+
+def at_matmul_precision(fn):
+  """``fn(config, ...)`` run inside ``matmul_precision(config)``: the
+  entry points of the modes (train, sample, evaluate, pretokenize), so the
+  Python API and notebooks compute as the command line does."""
+  @functools.wraps(fn)
+  def wrapped(config, *args, **kwargs):
+    with matmul_precision(config):
+      return fn(config, *args, **kwargs)
+  wrapped.at_matmul_precision = True
+  return wrapped

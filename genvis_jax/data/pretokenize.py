@@ -41,6 +41,7 @@ from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import dtypes
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import padded
@@ -204,6 +205,7 @@ def check_images_in_data(config) -> None:
       "--config.data flags.")
 
 
+@dtypes.at_matmul_precision
 def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
   if "pretokenize" not in config:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import dtypes
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import registry
@@ -52,6 +53,7 @@ def _check_tokenizer_kind(config) -> None:
       "--config.evaluate.kind=generation.")
 
 
+@dtypes.at_matmul_precision
 def run(config, workdir: str):
   """Runs ``genvis_jax.evaluate.<config.evaluate.kind>.evaluate(config,
   workdir)`` and returns its results dict. Raises ``ConfigError`` for an

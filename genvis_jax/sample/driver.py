@@ -18,6 +18,7 @@ with other settings (weights, model, sampler) is refused instead of mixing
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -29,6 +30,7 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import dtypes
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import pixels
@@ -200,11 +202,15 @@ class Sampler:
   before it finishes and writes this one, so the host's uint8 conversion and
   file writes overlap the devices' work."""
 
-  def __init__(self, generate, decode: Decoder):
+  def __init__(self, generate, decode: Decoder, precision=None):
+    """``precision()``: the context both run in (jit traces under it),
+    ``dtypes.matmul_precision`` of the config; default XLA's."""
     self._generate, self._decode = generate, decode
+    self._precision = precision or contextlib.nullcontext
 
   def dispatch(self, labels, rng):
-    decoded = self._decode.dispatch(self._generate(labels, rng))
+    with self._precision():
+      decoded = self._decode.dispatch(self._generate(labels, rng))
     return functools.partial(self._decode.to_uint8, decoded)
 
   def __call__(self, labels, rng) -> jax.Array:
@@ -225,9 +231,10 @@ def make_sample_fn(config, mesh):
   generate = _generator(config.model.name)
   s = config.sample
 
+  # At config.matmul_precision also where a notebook calls it directly.
   sample_fn = Sampler(
       lambda labels, rng: generate(gen_model, gen_params, labels, rng, s),
-      decode)
+      decode, precision=lambda: dtypes.matmul_precision(config))
   return sample_fn, sharding.batch_sharding(mesh)
 
 
@@ -239,6 +246,7 @@ class SamplingStopped(errors.CleanStop):
 PROGRESS_EVERY_S = 30.0   # at most one progress line this often (and the last)
 
 
+@dtypes.at_matmul_precision
 def sample_and_save(config, workdir: str) -> dict:
   """``mode=sample``: draws ``config.sample.num_samples`` images of the
   generator ``config.init_from`` decoded by ``config.tokenizer``, in global

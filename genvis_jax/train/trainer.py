@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from genvis_jax import errors, models
 from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import dtypes
 from genvis_jax.core import files
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import multihost
@@ -182,6 +183,7 @@ class _Context:
     self._m.__exit__(*exc)
 
 
+@dtypes.at_matmul_precision
 def train_and_evaluate(config, workdir: str | os.PathLike):
   """Trains ``config.task`` for ``config.train.num_steps``; resumes from workdir."""
   state = train_loop(config, workdir)
@@ -194,6 +196,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike):
   return state
 
 
+@dtypes.at_matmul_precision
 def train_loop(config, workdir: str | os.PathLike, on_log=None):
   """The loop behind ``train_and_evaluate``; ``on_log(step, scalars)`` is called
   at every log step (all processes) — handy for tests and notebooks.
