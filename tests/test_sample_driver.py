@@ -95,6 +95,37 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
                                                  "[sample] 32/32 images"]
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_start_up_stop_whose_exception_was_lost_draws_nothing(
+    tmp_path, monkeypatch, signum):
+  """A signal during the loading / compiling whose exception landed where
+  Python only prints it (jax's GC hook) was lost: sampling then drew every
+  batch (hours for 50,000 images). It stops before the first batch."""
+  import signal
+  import time
+  from genvis_jax import errors
+  from genvis_jax import modes
+  signum = getattr(signal, signum)
+  config, drawn = sc.stand_in_sampler(monkeypatch, 32)
+  config.mode = "sample"
+  made = driver.make_sample_fn
+
+  def swallowed(*args):
+    try:   # as a callback whose errors Python only prints
+      os.kill(os.getpid(), signum)
+      time.sleep(5)
+    except BaseException:  # pylint: disable=broad-except
+      pass
+    return made(*args)
+
+  monkeypatch.setattr(driver, "make_sample_fn", swallowed)
+  with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT
+                     else errors.StoppedBySignal):
+    modes.run(config, str(tmp_path / "wd"))
+  assert drawn == []
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_class_labels_are_balanced_and_refuse_classes_the_model_lacks():
   np.testing.assert_array_equal(driver.class_labels(7, 3), [0, 1, 2, 0, 1, 2, 0])
   np.testing.assert_array_equal(driver.class_labels(5, 10, (9, 4)),

@@ -44,6 +44,52 @@ class TrainingStopped(errors.CleanStop):
   """A stop signal ended training after saving a checkpoint."""
 
 
+class NotedSignals:
+  """Context manager that notes SIGINT / SIGTERM as they arrive while the
+  handlers set before it go on acting (one process, main thread: where
+  they raise ``KeyboardInterrupt`` / ``errors.StoppedBySignal``).
+
+  A run's start-up (loading, compiling) before its ``StopRequest``: an
+  exception a handler raises inside a callback whose errors Python only
+  prints (jax's garbage-collection hook, a ``__del__``) was lost there, and
+  the run went on to the end after "Exception ignored ...
+  KeyboardInterrupt". ``raise_noted()``, called as the loop's
+  ``StopRequest`` takes over, raises it again."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+          self._previous[sig] = handler
+          signal.signal(sig, self._noting(handler))
+    return self
+
+  def _noting(self, handler):
+    def noted(signum, frame):
+      self.signum = signum
+      handler(signum, frame)
+    return noted
+
+  def raise_noted(self) -> None:
+    """Raises the stop a signal asked for since ``__enter__`` (its own
+    exception was lost, or the caller would not be here); else nothing."""
+    if self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is not None:
+      raise errors.StoppedBySignal(self.signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
 class StopRequest:
   """Context manager that turns SIGTERM / SIGINT into a request to stop.
 

@@ -281,6 +281,13 @@ def sample_and_save(config, workdir: str) -> dict:
     NonFiniteSamplesError: a batch holds NaN / Inf (nothing of it written).
     SamplingStopped: a stop signal, after writing the batch in flight.
   """
+  # A signal in the start-up (loading, compiling) whose exception was lost
+  # stops before the first batch (preemption.NotedSignals).
+  with preemption.NotedSignals() as noted:
+    return _sample_and_save(config, workdir, noted)
+
+
+def _sample_and_save(config, workdir: str, noted) -> dict:
   s = config.sample
   mesh = sharding.data_mesh(jax.devices())
   if s.num_samples < 1:
@@ -397,6 +404,7 @@ def sample_and_save(config, workdir: str) -> dict:
   # next one, already dispatched, is dropped and drawn again on resume).
   with preemption.StopRequest("writing the batch of samples in flight",
                               "without writing the batch in flight") as stop:
+    noted.raise_noted()
     pending = None   # (images(): host images, start, labels) of the last batch
     for start in starts:
       if start in done:

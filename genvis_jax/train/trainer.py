@@ -7,11 +7,8 @@ clu metrics, image grids and async Orbax checkpoints; resumes from ``workdir``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import signal
-import threading
 import time
 
 import flax.linen as nn
@@ -237,52 +234,24 @@ def train_loop(config, workdir: str | os.PathLike, on_log=None):
       resume_lib.close_iterator(data_iter)
 
 
-class _StartUp(contextlib.AbstractContextManager):
+class _StartUp(preemption.NotedSignals):
   """Names a stop signal that ends training before its loop (the CLI's
   ``StoppedBySignal`` for SIGTERM, ``KeyboardInterrupt`` for Ctrl-C; the
   loop's own ``StopRequest`` saves a step instead): the CLI's line says
   that no step ran and what a rerun resumes from. ``take_over()`` marks the
-  loop taking over.
-
-  The signals are noted as they arrive: an exception a handler raises
-  inside a callback whose errors Python only prints (jax's garbage
-  collection hook, a ``__del__``) was lost, and the run trained to the end
-  after "Exception ignored ... KeyboardInterrupt"; ``take_over`` raises it
-  again."""
+  loop taking over, raising first a stop whose exception was lost during
+  start-up (``NotedSignals``)."""
 
   def __init__(self, workdir: str):
+    super().__init__()
     self.workdir, self.started = workdir, False
-    self.signum, self._previous = None, {}
-
-  def __enter__(self):
-    # One process, main thread: where the handlers raise (jax.distributed's
-    # preemption notifier takes SIGTERM on several).
-    if (jax.process_count() == 1
-        and threading.current_thread() is threading.main_thread()):
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if callable(handler):
-          self._previous[sig] = handler
-          signal.signal(sig, functools.partial(self._noted, handler))
-    return self
-
-  def _noted(self, handler, signum, frame):
-    self.signum = signum
-    handler(signum, frame)
 
   def take_over(self) -> None:
-    """Raises the stop a signal asked for during start-up whose exception
-    was lost; otherwise the loop (its ``StopRequest``) takes over."""
-    if self.signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    if self.signum is not None:
-      raise errors.StoppedBySignal(self.signum)
+    self.raise_noted()
     self.started = True
 
   def __exit__(self, kind, e, tb):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
+    super().__exit__(kind, e, tb)
     if self.started or not isinstance(
         e, (errors.StoppedBySignal, KeyboardInterrupt)):
       return None
