@@ -67,6 +67,33 @@ def test_image_folder_with_no_readable_file_raises_instead_of_spinning(tmp_path)
     next(it)
 
 
+def test_one_pass_with_workers_keeps_the_order_past_unreadable_files(
+    tmp_path):
+  """Evaluation's first images with worker processes: a worker that dropped
+  an unreadable file's marker itself ran ahead of the others, so the first
+  batch was images 4 and 1 where 1 and 3 were due."""
+  root = tmp_path / "imgs"
+  (root / "a").mkdir(parents=True)
+  for i in range(8):
+    path = root / "a" / f"{i}.png"
+    if i in (0, 2):
+      path.write_bytes(b"not a png")
+    else:
+      Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(path)
+
+  def order(workers):
+    c = dc.data_config(source="image_folder", path=str(root), image_size=16,
+                       num_workers=workers)
+    it, info = data.create_dataset(c, split="train", global_batch_size=2,
+                                   seed=0, train=False, process_index=0,
+                                   process_count=1, drop_remainder=False)
+    red = [round(float(v) * 255 / 30) for b in it for v in b["image"][:, 0, 0, 0]]
+    it.close()
+    return red, info.num_skipped
+
+  assert order(0) == order(2) == ([1, 3, 4, 5, 6, 7], 2)
+
+
 def test_a_crop_an_image_cannot_give_names_the_file(tmp_path):
   """torchvision's Resize + RandomCrop to a 2:1 crop cannot cut a squarish
   image (torchvision raises too): the error named neither the file nor was

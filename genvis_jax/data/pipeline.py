@@ -14,6 +14,7 @@ uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from absl import flags
@@ -299,20 +300,22 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       grain.ReadOptions(num_threads=threads,
                         prefetch_buffer_size=max(2 * local_batch, threads)),
       allow_nones=True)
-  it_ds = skips.SkipIterDataset(it_ds, limit=2 * shard,
-                           where=f"{data_config.path} (split {split!r})")
+  skipped = functools.partial(skips.SkipIterDataset, limit=2 * shard,
+                              where=f"{data_config.path} (split {split!r})")
   if train:
     # Workers batch (grain's way: one transfer per batch). Each worker
     # reads every num_workers-th record of the endless stream, so the
     # batches differ from those of 0 workers.
-    it_ds = it_ds.batch(local_batch, drop_remainder=drop_remainder)
-  it_ds = _worker_processes(it_ds, data_config.num_workers, prefetch)
-  if not train:
-    # One pass in order: workers hand over records, interleaved back into
-    # the source order, and batches form here; batched in the workers, the
-    # first num_images were every num_workers-th image, and each worker
-    # dropped its own remainder.
-    it_ds = it_ds.batch(local_batch, drop_remainder=drop_remainder)
+    it_ds = skipped(it_ds).batch(local_batch, drop_remainder=drop_remainder)
+    it_ds = _worker_processes(it_ds, data_config.num_workers, prefetch)
+  else:
+    # One pass in order: workers hand over records (unreadable files' skip
+    # markers too), interleaved back into the source order, and the markers
+    # are dropped and batches formed here. Batched in the workers, the first
+    # num_images were every num_workers-th image and each worker dropped its
+    # own remainder; a worker dropping markers itself ran ahead of the others.
+    it_ds = _worker_processes(it_ds, data_config.num_workers, prefetch)
+    it_ds = skipped(it_ds).batch(local_batch, drop_remainder=drop_remainder)
   # uint8 crosses process boundaries; float only at the end.
   it_ds = it_ds.map(_FinalizeBatch(None if is_tokens else value_range))
   if prefetch > 0:
