@@ -226,7 +226,7 @@ def test_a_warm_up_as_long_as_the_run_is_warned(caplog):
   from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
   c = pc.load_config("rar_b.py", **{"train.num_steps": 50_000})
   with caplog.at_level(logging.WARNING):
-    opt_lib.make_optimizer(c.optimizer, c.train)
+    opt_lib.warn_long_warmup(c.optimizer, c.train.num_steps)
   said = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
   assert said == [
       "config.optimizer.warmup_steps=62500 is not below config.train."
@@ -236,8 +236,16 @@ def test_a_warm_up_as_long_as_the_run_is_warned(caplog):
   caplog.clear()
   paper = pc.load_config("rar_b.py")    # 62,500 of 250,000 steps
   with caplog.at_level(logging.WARNING):
-    opt_lib.make_optimizer(paper.optimizer, paper.train)
-  assert not [r for r in caplog.records if "warmup" in r.getMessage()]
+    opt_lib.warn_long_warmup(paper.optimizer, paper.train.num_steps)
+  assert not caplog.records
+  # A training run's checks say it once, for each group's own optimizer.
+  c = pc.load_config("fqgan_dual_ds16.py:runlocal", **{
+      "train.num_steps": 20, "disc.optimizer.warmup_steps": 30})
+  with caplog.at_level(logging.WARNING):
+    trainer_lib.setup(c)
+  said = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
+  assert len(said) == 1 and said[0].startswith(
+      "config.disc.optimizer.warmup_steps=30 is not below"), said
 
 
 def test_indivisible_batch(tmp_path):

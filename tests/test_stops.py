@@ -213,9 +213,11 @@ def test_a_blown_up_group_is_named_with_its_own_learning_rate(tmp_path):
   c.train.update(global_batch_size=8, num_steps=6, log_every=3,
                  checkpoint_every=3, image_every=0)
   c.disc.optimizer.lr = 1e30
+  c.optimizer.warmup_steps = 0      # neither group has a warm-up
   with pytest.raises(guard_lib.NonFiniteLossError) as e:
     trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
   msg = str(e.value)
   assert "in parameter group(s) disc." in msg, msg
   assert "To fix: lower config.disc.optimizer.lr (now 1e+30);" in msg, msg
-  assert "config.optimizer.lr" not in msg, msg
+  assert "add a warm-up (config.disc.optimizer.warmup_steps)" in msg, msg
+  assert "config.optimizer." not in msg, msg   # nor the model's warm-up

@@ -17,6 +17,7 @@ from genvis_jax import errors
 from genvis_jax.core import dtypes
 from genvis_jax.core import multihost
 from genvis_jax.core import weights as weights_lib
+from genvis_jax.train import optimizers as opt_lib
 
 # The precision settings of the config groups whose weights training updates.
 TRAINED_DTYPES = ("model.dtype", "model.param_dtype", "disc.dtype",
@@ -31,6 +32,9 @@ def check_config(config, task) -> None:
   check_ema(config.train)
   check_precision(config)
   task.optimizers()   # bad optimizer settings fail here, naming the key
+  sections = {key: section for section, key in task.optimizer_configs().values()}
+  for key, section in sections.items():
+    opt_lib.warn_long_warmup(section, int(config.train.num_steps), key)
   check_data_source(config, task)
   check_image_size(config, task)
   check_tokenizer(config, task)

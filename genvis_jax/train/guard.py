@@ -136,8 +136,9 @@ def advice(config, *, nonfinite: bool, lrs=()) -> str:
           for key, section in keys.items()]
   if not float(config.train.get("grad_clip", 0.0)) > 0:
     tips.append("enable gradient clipping (config.train.grad_clip=1.0)")
-  if not int(config.optimizer.get("warmup_steps", 0) or 0):
-    tips.append("add a warm-up (config.optimizer.warmup_steps)")
+  tips += [f"add a warm-up ({key}.warmup_steps)"
+           for key, section in keys.items()
+           if not int(section.get("warmup_steps", 0) or 0)]
   dtype = str(config.get("model", {}).get("dtype", "float32"))
   if dtype in ("bfloat16", "float16"):
     tips.append(f"compute in float32 (config.model.dtype=float32; now {dtype})")

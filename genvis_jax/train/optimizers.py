@@ -162,6 +162,23 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
       raise errors.ConfigError(f"{setting}.{key}={value!r} {rule}.")
 
 
+def warn_long_warmup(opt_config, num_steps: int,
+                     setting: str = "config.optimizer") -> None:
+  """Warns when ``opt_config``'s warm-up is not shorter than the run (e.g.
+  a paper config with ``--config.train.num_steps`` alone): the learning
+  rate would never reach its peak."""
+  warmup = int(opt_config.get("warmup_steps", 0) or 0)
+  if 0 < num_steps <= warmup:
+    logging.warning(
+        "%s.warmup_steps=%d is not below config.train.num_steps=%d: the "
+        "learning rate never reaches %s.lr=%g (it ends near %.3g%s). Set the "
+        "warm-up with the steps, e.g. --%s.warmup_steps=%d.", setting,
+        warmup, num_steps, setting, opt_config.lr,
+        opt_config.lr * num_steps / warmup,
+        "" if opt_config.schedule != "cosine" else ", and the cosine decay "
+        "never starts", setting, num_steps // 4)
+
+
 def make_optimizer(opt_config, train_config,
                    setting: str = "config.optimizer"
                    ) -> optax.GradientTransformation:
@@ -169,18 +186,7 @@ def make_optimizer(opt_config, train_config,
   ``setting``: where ``opt_config`` is in the config, for messages
   (``check_config``)."""
   check_config(opt_config, setting)
-  num_steps = int(train_config.num_steps)
-  warmup = int(opt_config.get("warmup_steps", 0) or 0)
-  if 0 < num_steps <= warmup:   # e.g. --config.train.num_steps alone
-    logging.warning(
-        "%s.warmup_steps=%d is not below config.train.num_steps=%d: the "
-        "learning rate never reaches %s.lr=%g (it ends near %.3g%s). Set the "
-        "warm-up with the steps, e.g. --%s.warmup_steps=%d.", setting,
-        warmup, num_steps, setting,
-        opt_config.lr, opt_config.lr * num_steps / warmup,
-        "" if opt_config.schedule != "cosine" else ", and the cosine decay "
-        "never starts", setting, num_steps // 4)
-  schedule = make_schedule(opt_config, num_steps)
+  schedule = make_schedule(opt_config, int(train_config.num_steps))
   # Always present (inf = off) so the state layout does not depend on it and a
   # run can be resumed with a different clip value.
   clip = train_config.grad_clip if train_config.grad_clip > 0 else float("inf")
