@@ -203,22 +203,20 @@ class StreamingInceptionScore:
       if self.split_size and self._n == self.split_size:
         self._close()
 
-  def _close(self):
+  def _split_score(self) -> float:
+    """The score of the split being filled, from its sums."""
     log_mean = np.log(self._p / self._n + self.eps)
-    self.scores.append(float(np.exp(
-        (self._plogp.sum() - (self._p * log_mean).sum()) / self._n)))
+    return float(np.exp(
+        (self._plogp.sum() - (self._p * log_mean).sum()) / self._n))
+
+  def _close(self):
+    self.scores.append(self._split_score())
     self._reset()
 
   def result(self) -> float:
     """The score, a float in [1, C], of everything added so far (the last,
     partial split included). Raises ``ValueError`` with nothing added."""
-    scores = list(self.scores)
-    if self._n:
-      last = (self._n, self._p, self._plogp)
-      self._close()
-      scores = list(self.scores)
-      self.scores.pop()
-      self._n, self._p, self._plogp = last
+    scores = self.scores + ([self._split_score()] if self._n else [])
     if not scores:
       raise ValueError("No logits were added.")
     return float(np.mean(scores))
