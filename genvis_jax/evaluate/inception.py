@@ -37,7 +37,7 @@ class InceptionExtractor:
       raise ValueError(f"Unknown Inception preprocess {preprocess!r}; choose "
                        f"one of {PREPROCESS}.")
     self.preprocess = preprocess
-    self._weights_id = None
+    self._weights_id = self._untrained = None
     self.mesh = sharding.auto_axes(mesh) or sharding.data_mesh(
         jax.local_devices())
     shards = self.mesh.size
@@ -57,7 +57,7 @@ class InceptionExtractor:
   @property
   def untrained(self) -> bool:
     """``models.inception.untrained`` of the parameters: random stand-ins."""
-    if getattr(self, "_untrained", None) is None:
+    if self._untrained is None:
       self._untrained = untrained(jax.device_get(self.params))
     return self._untrained
 

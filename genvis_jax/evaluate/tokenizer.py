@@ -259,11 +259,11 @@ class _Scores:
     """Adds one batch's (real, reconstruction) Inception features to
     ``rstats`` (and the reconstructions' logits to ``iscore``), reading them
     back through their finishers ``sent``."""
-    for acc, finish in zip(self.rstats, sent):
-      out = finish()
-      acc.update(out["pool"])
+    real, rec = (finish() for finish in sent)
+    self.rstats[0].update(real["pool"])
+    self.rstats[1].update(rec["pool"])
     if self.iscore is not None:
-      self.iscore.update(out["logits"])
+      self.iscore.update(rec["logits"])
 
   def sums(self) -> dict:
     """{"psnr", "ssim", "sq", "lpips"}: float64 sums over the valid images,

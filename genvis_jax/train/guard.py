@@ -88,12 +88,14 @@ class DivergenceGuard:
       if med > 0 and loss > self.factor * med:
         return (f"the loss {loss:.4g} is {loss / med:.3g}x its running median "
                 f"{med:.4g} (config.train.divergence_factor={self.factor:g})")
-    for g in self.runaway_groups(param_norms):
-      v, med = param_norms[g], float(np.median(self._norms[g]))
-      return (f"the parameter norm of group {g!r} is {v:.4g}, {v / med:.3g}x "
-              f"its running median {med:.4g} "
-              f"(config.train.divergence_factor={self.factor:g})")
-    return None
+    groups = self.runaway_groups(param_norms)
+    if not groups:
+      return None
+    g = groups[0]
+    v, med = param_norms[g], float(np.median(self._norms[g]))
+    return (f"the parameter norm of group {g!r} is {v:.4g}, {v / med:.3g}x "
+            f"its running median {med:.4g} "
+            f"(config.train.divergence_factor={self.factor:g})")
 
   def runaway_groups(self, param_norms: dict[str, float]) -> list[str]:
     """The groups whose finite parameter norm is past ``factor`` times its
