@@ -243,7 +243,7 @@ def get_config(arg=None):
   # kind=tokenizer: auto = the protocol's (adm_tf for all official ones).
   c.evaluate.preprocess = "auto"
   # kind=tokenizer: whose official evaluation to follow ("" = config.model.name's;
-  # see genvis_jax.evaluate.tokenizer.PROTOCOLS).
+  # see genvis_jax.evaluate.protocols.PROTOCOLS).
   c.evaluate.protocol = ""
   c.evaluate.distance_dtype = "float16"   # precision/recall distances, as ADM
   c.evaluate.dtype = "float32"   # tokenizer compute dtype in kind=tokenizer ("" = config.model.dtype)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from genvis_jax.errors import UserError
-from genvis_jax.evaluate import batching, tokenizer
+from genvis_jax.evaluate import batching, protocols, tokenizer
 from tests import metric_refs
 
 
@@ -215,7 +215,7 @@ def test_ssim_and_lpips_run_on_each_devices_own_rows(protocol, monkeypatch):
   x = rng.uniform(0, 1, (16, 16, 16, 3)).astype(np.float32)
   y = np.clip(x + 0.1 * rng.normal(size=x.shape), 0, 1).astype(np.float32)
   ssim = lambda a, b: image_metrics.ssim(
-      a, b, **tokenizer.PROTOCOLS[protocol].ssim)
+      a, b, **protocols.PROTOCOLS[protocol].ssim)
   lpips = jax.jit(lambda a, b: _batch_pair_distance(params, a, b, None))
   for sharded, fn in (
       (tokenizer._on_own_rows(ssim, mesh, 0, 2)(x, y), jax.jit(ssim)),
@@ -313,7 +313,7 @@ def test_each_paper_tokenizer_has_its_protocol(tok_config, tmp_path):
           "eq_tokenizer": ("round", "albumentations", "float")}
   for mod in (eq_tokenizer, fqgan_dual_ds16, maskgit_vqgan, vq_ds16):
     config.model.name, config.evaluate.protocol = mod.get_config().model.name, ""
-    name, p = tokenizer.protocol(config)
+    name, p = protocols.protocol(config)
     assert name == config.model.name
     assert (p.to_uint8, p.crop, p.scored, p.inception) == (*want[name], "adm_tf")
   config.model.name = "fake"

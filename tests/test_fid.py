@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import linalg
 
 from genvis_jax.core import sharding
-from genvis_jax.evaluate import fid, generation, image_metrics, npz, reference, tokenizer
+from genvis_jax.evaluate import fid, generation, image_metrics, npz, protocols, reference
 from tests import metric_refs
 
 
@@ -330,7 +330,7 @@ def test_ssim_matches_skimage_and_is_range_independent():
   np.testing.assert_allclose(np.asarray(image_metrics.ssim(x, x)), 1.0, atol=1e-5)
   # LlamaGen's call: skimage's defaults (7 x 7 mean, sample covariance) with
   # data_range=2 on [0, 1] images.
-  recipe = dict(tokenizer.PROTOCOLS["fqgan"].ssim)
+  recipe = dict(protocols.PROTOCOLS["fqgan"].ssim)
   llamagen = np.asarray(image_metrics.ssim(x, y, **recipe))
   from skimage.metrics import structural_similarity
   official = [structural_similarity(a, b, channel_axis=-1, data_range=2.0)
