@@ -31,7 +31,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from jax.experimental import multihost_utils
 
-from genvis_jax.train import distributed, trainer  # pylint: disable=g-import-not-at-top
+from genvis_jax.train import distributed, grids, trainer  # pylint: disable=g-import-not-at-top
 from tests import multihost_common
 
 distributed.maybe_initialize()
@@ -92,7 +92,7 @@ for name, devices, axes in (
 with open(f"{out}.groups{jax.process_index()}.json", "w") as f:
   json.dump(groups, f)
 # Sample grids' inputs: process 0's first examples on every process.
-vis = trainer.visual_batch({
+vis = grids.visual_batch({
     "image": np.full((20, 2, 2, 3), jax.process_index(), np.uint8),
     "label": np.arange(20, dtype=np.int32) + 100 * jax.process_index()})
 np.savez(f"{out}.vis{jax.process_index()}.npz", **vis)

@@ -14,10 +14,8 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from genvis_jax import errors, models
 from genvis_jax.core import checkpoint as ckpt_lib
@@ -31,6 +29,7 @@ from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import sharding as shd
 from genvis_jax.core import workdir_lock
 from genvis_jax.train import checks
+from genvis_jax.train import grids
 from genvis_jax.train import guard as guard_lib
 from genvis_jax.train import replicas
 from genvis_jax.train import resume as resume_lib
@@ -351,7 +350,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
         local = next(data_iter)
         group_check.update(local)
         if vis_batch is None and config.train.image_every:
-          vis_batch = visual_batch(local)
+          vis_batch = grids.visual_batch(local)
         with profile.step(step):
           state, metrics = trainer.step(state, local)
         profile.done(step, metrics)
@@ -395,7 +394,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           # waited for it, and steps/s counted half the steps' time).
           jax.block_until_ready(state)
           t_vis = time.perf_counter()
-          _write_visuals(trainer, state, vis_batch, writer, workdir, done)
+          grids.write_visuals(trainer, state, vis_batch, writer, workdir, done)
           progress.exclude(time.perf_counter() - t_vis)   # not training time
         if save_now:
           ckpt.save(done, state, data_iter, config, data_seed=data_seed,
@@ -434,29 +433,3 @@ def _finish_saves(ckpt, writer) -> None:
     logging.error("The checkpoint save in flight failed too: %s",
                   errors.first_line(e))
   writer.flush()
-
-
-def visual_batch(local: dict, size: int = 16) -> dict:
-  """The first ``size`` examples of process 0's ``local`` batch (host arrays),
-  the same on every process: the sample grids feed them to jitted code as
-  replicated values, which must not differ between processes (each would
-  otherwise pair its own originals with reconstructions computed from
-  others'). A collective: every process calls it at the same step."""
-  first = jax.tree_util.tree_map(lambda x: np.asarray(x)[:size], local)
-  if jax.process_count() == 1:
-    return first
-  return jax.tree_util.tree_map(
-      np.asarray, multihost_utils.broadcast_one_to_all(first))
-
-
-def _write_visuals(trainer, state, batch, writer, workdir, step):
-  task = trainer.task
-  params = dict(state.params)
-  if state.ema is not None:
-    params[task.ema_group] = state.ema
-  with trainer.context():
-    images = task.visualize(params, trainer.frozen, batch,
-                            jax.random.fold_in(trainer.visual_rng, step))
-  if images:
-    images = {k: np.asarray(jax.device_get(v)) for k, v in images.items()}
-    metrics_lib.write_images(writer, workdir, step, images)

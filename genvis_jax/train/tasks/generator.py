@@ -121,7 +121,7 @@ class GeneratorTask(Task):
   def grid_configs(self, batch) -> tuple[tuple[str, object], ...]:
     """``(name, sample_config)`` of each grid: ``config.sample`` as
     "samples". ``batch``: the visual batch, the same on every process
-    (``trainer.visual_batch``)."""
+    (``grids.visual_batch``)."""
     del batch
     return (("samples", self.config.sample),)
 
