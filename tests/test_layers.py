@@ -180,6 +180,11 @@ def test_rolling_window_cache_decoding_equals_windowed_attention(data):
   causal = attn_lib.Attention(H, mask="causal")
   with pytest.raises(ValueError, match="needs mask='window'"):
     causal.apply({"params": p}, x[:, :1], cache_pos=0, window_cache=cache)
+  # Columns of two tokens are not what the cache decodes (it gave other
+  # outputs than the full forward, silently).
+  columns = attn_lib.Attention(H, mask="window", window=w, tokens_per_column=2)
+  with pytest.raises(ValueError, match="tokens_per_column=2"):
+    columns.apply({"params": p}, x[:, :1], cache_pos=0, window_cache=cache)
 
 
 def _np_silu(a):

@@ -16,6 +16,7 @@ from jax.extend.core import jaxprs_in_params
 
 from genvis_jax.kernels import windowed_causal_attention as wca
 from genvis_jax.kernels.windowed_attention import reference as ref
+from genvis_jax.kernels import windowed_attention as wa
 from genvis_jax.kernels.windowed_attention import resolve_impl
 
 # (seq, window, tokens_per_column, block_q, block_k): seq not a multiple of
@@ -25,6 +26,7 @@ EDGE_CASES = [
     (48, 3, 4, 16, 32),
     (20, 50, 2, 16, 16),
     (45, 2, 3, 32, 16),
+    (20, 3, 1, 32, 16),     # TPU: block_q cut to the sequence (24), see _layout
 ]
 
 
@@ -357,6 +359,26 @@ def test_bad_arguments_are_named(kwargs, match):
     wca(q, k, v, **kwargs)
   with pytest.raises(ValueError, match="share one shape"):
     wca(q, k[:, :12], v, window=2)
+
+
+@pytest.mark.parametrize("n,bq,bk", [(100, 128, 64), (200, 256, 128),
+                                     (300, 512, 256), (20, 32, 16)])
+def test_tiles_cut_to_a_short_sequence_pad_it_by_less_than_a_tile(n, bq, bk):
+  # A tile cut to the sequence beside an uncut one: their lcm (104 beside 64
+  # is 832) padded 100 tokens to 832.
+  got_q, got_k, n_pad = wa._layout("pallas_tpu", n, bq, bk)
+  assert got_q % 8 == 0 and got_k % 8 == 0
+  assert n <= n_pad < n + max(got_q, got_k), (got_q, got_k, n_pad)
+  # Tiles that fit the sequence are the user's, whatever their lcm.
+  assert wa._layout("pallas_tpu", 1000, 96, 64) == (96, 64, 1152)
+
+
+def test_pallas_gpu_refuses_tpu_interpret_params():
+  from jax.experimental.pallas import tpu as pltpu
+  q, k, v, _ = _qkv(16)
+  with pytest.raises(ValueError, match="InterpretParams are pallas_tpu's"):
+    wca(q, k, v, window=2, impl="pallas_gpu",
+        interpret=pltpu.InterpretParams())
 
 
 def test_unknown_impl_is_a_config_error():

@@ -92,7 +92,24 @@ def _blocks(impl, n, block_q, block_k):
     cap = max(16, _next_pow2(n))
   else:
     cap = -(-n // 8) * 8
-  return min(bq, cap), min(bk, cap)
+  capped = min(bq, cap), min(bk, cap)
+  if capped != (bq, bk) and capped[0] != capped[1]:
+    # One tile cut to the sequence: the sequence is padded to the tiles'
+    # lcm, which for a cut tile (104 beside 64) is many times the sequence
+    # (832 for 100 tokens). Rounding the cut tile up to a multiple of the
+    # other keeps the padded length under the sequence plus one tile.
+    small, big = sorted(capped)
+    big = -(-big // small) * small
+    capped = (big, small) if capped[0] > capped[1] else (small, big)
+  return capped
+
+
+def _layout(impl, n, block_q, block_k) -> tuple[int, int, int]:
+  """(block_q, block_k, padded sequence length) of a Pallas kernel for ``n``
+  tokens: the tiles of ``_blocks`` and ``n`` rounded up to their lcm."""
+  bq, bk = _blocks(impl, n, block_q, block_k)
+  span = math.lcm(bq, bk)
+  return bq, bk, -(-n // span) * span
 
 
 def _next_pow2(n: int) -> int:
@@ -144,12 +161,14 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
     block_q, block_k: Pallas tile sizes (defaults TPU 128/128, GPU 64/64,
       capped by ``N``); for ``reference`` ``block_q`` is the query chunk.
     interpret: Pallas interpret mode; ``None`` = on when not on the kernel's
-      platform (e.g. CPU tests). May be ``pltpu.InterpretParams()``.
+      platform (e.g. CPU tests). ``pallas_tpu`` also takes
+      ``pltpu.InterpretParams()``; ``pallas_gpu`` a bool only.
   Raises:
     ValueError: q, k, v not of one 4-D shape; ``tokens_per_column`` not an
       int >= 1 or not dividing N; ``window`` neither None nor an int >= 1;
       tile sizes the chosen Pallas kernel cannot use (GPU: powers of two
-      >= 16; TPU: multiples of 8).
+      >= 16; TPU: multiples of 8); ``interpret`` neither None nor a bool
+      for ``pallas_gpu``.
     ConfigError: ``impl`` is not one of ``IMPLS`` (names
       config.model.attn_impl).
   """
@@ -165,8 +184,7 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
   if impl == "reference":
     return banded_attention(q, k, v, chunk=block_q, **kw)
 
-  bq, bk = _blocks(impl, n, block_q, block_k)
-  n_pad = -(-n // math.lcm(bq, bk)) * math.lcm(bq, bk)
+  bq, bk, n_pad = _layout(impl, n, block_q, block_k)
   backend = jax.default_backend()
   geom = dict(window=window, tokens_per_column=t, block_q=bq, block_k=bk,
               padded_len=n_pad, scale=scale)
@@ -182,6 +200,11 @@ def windowed_causal_attention(q, k, v, *, window: int | None,
     return _per_shard(run, q, k, v)
 
   from genvis_jax.kernels.windowed_attention import pallas_gpu
+  if interpret is not None and not isinstance(interpret, bool):
+    # Triton's interpreter takes a bool; Mosaic's InterpretParams would fail
+    # deep inside jax with a bare AssertionError.
+    raise ValueError(f"pallas_gpu takes interpret=None, True or False, got "
+                     f"{interpret!r} (InterpretParams are pallas_tpu's).")
   g = pallas_gpu.Geometry(
       **geom, interpret=(backend != "gpu") if interpret is None else interpret)
   d_pad = _next_pow2(d)  # Triton tiles need power-of-two sizes

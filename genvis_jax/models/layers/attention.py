@@ -379,6 +379,13 @@ class Attention(nn.Module):
     if window_cache is not None:
       if self.mask != "window":
         raise ValueError(f"window_cache needs mask='window', got {self.mask!r}.")
+      if self.tokens_per_column != 1:
+        # The rolling cache counts its window in positions, one per call;
+        # columns of several tokens (each seeing its whole column) are not
+        # what it decodes.
+        raise ValueError(
+            "window_cache decodes one token per column; this attention has "
+            f"tokens_per_column={self.tokens_per_column}.")
       out, window_cache = rolling_window_attention(
           q * q.shape[-1] ** -0.5, k, v, window_cache, cache_pos)
     else:
