@@ -183,6 +183,20 @@ def test_training_loss_finite_and_decreasing():
   assert 0 <= float(m["shift"]) < cfg.flow.shift_num
 
 
+def test_training_with_attention_dropout_says_the_kernel_is_not_used(caplog):
+  """The windowed kernels take no dropout: with the official attn_dropout 0.1
+  training attends densely whatever attn_impl says, and the log says so."""
+  for impl, dropout, said in (("pallas_tpu", 0.1, True),
+                              ("pallas_gpu", 0.1, True),
+                              ("pallas_tpu", 0.0, False),
+                              ("reference", 0.1, False)):
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      get_task(tiny_config(attn_impl=impl, attn_dropout=dropout))
+    assert ("takes no attention dropout" in caplog.text) == said, impl
+    assert (f"({impl}, config.model.attn_impl)" in caplog.text) == said
+
+
 def test_training_grids_draw_as_the_sampling_driver(monkeypatch, caplog):
   """The sample grids go through the sampling driver's adapter
   (``eq_generator.generate``) with config.sample, dtype included, at the

@@ -151,6 +151,8 @@ class EqGenerator(nn.Module):
   proj_dropout: float = 0.1
   head_width: int = 1280
   head_depth: int = 12
+  # The windowed kernel (``windowed_attention.IMPLS``) of forwards without
+  # attention dropout; training with attn_dropout > 0 attends densely.
   attn_impl: str = "auto"
   remat: str = "none"
   dtype: Dtype = jnp.float32

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from genvis_jax import errors
+from genvis_jax.kernels import windowed_attention
 from genvis_jax.models.eq_tokenizer import sample_posterior
 from genvis_jax.models.layers import drop_labels
 from genvis_jax.train.tasks.eq import flow_loss, flow_targets, rope_shifts
@@ -32,6 +34,16 @@ class EqGeneratorTask(GeneratorTask):
     self.label_dropout = float(self.hparam("train.label_dropout"))
     self.shift_num = int(self.hparam("flow.shift_num"))
     self.shift_group = int(self.hparam("flow.shift_group"))
+    impl = windowed_attention.resolve_impl(self.model.attn_impl)
+    if self.model.attn_dropout > 0 and impl.startswith("pallas"):
+      # The kernels take no dropout: a setting that silently did nothing.
+      logging.info(
+          "Training steps attend with dense masked attention: the windowed "
+          "kernel (%s, config.model.attn_impl) takes no attention dropout "
+          "and config.model.attn_dropout=%g (the official 0.1). The kernel "
+          "serves the forwards without dropout (evaluation); sampling "
+          "decodes with the rolling window cache.", impl,
+          self.model.attn_dropout)
 
   def encode(self, frozen, batch):
     """Posterior means (B, L, C) from ``batch`` (pre-computed or encoded by
