@@ -356,7 +356,7 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
     print(f"[sample] resuming: {have} of {s.num_samples} images already in "
           f"{parts_dir}", flush=True)
   if len(done) < len(starts):
-    parts.drop_earlier_outputs(workdir, s.num_samples)
+    parts.drop_earlier_outputs(workdir, s.num_samples, s.batch_size)
   t0, made = time.perf_counter(), 0
   written, said_at = 0, -float("inf")
 
