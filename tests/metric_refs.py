@@ -60,6 +60,7 @@ def precision_recall(ref, sam, k=3):
 class FakeExtractor:
   """Stands in for the Inception: fixed random projections of 4x4 pooled
   pixels (pool 10-d, spatial 6-d, logits 5-d), split over a device mesh."""
+  feature_dims = (10, 6)
 
   def __init__(self, batch_size=6):
     self.batch_size = batch_size

@@ -13,7 +13,8 @@ from PIL import Image
 from scipy import linalg
 
 from genvis_jax.core import sharding
-from genvis_jax.evaluate import fid, generation, image_metrics, npz, protocols, reference
+from genvis_jax.evaluate import (batching, fid, generation, image_metrics, npz,
+                                 protocols, reference)
 from tests import metric_refs
 
 
@@ -150,8 +151,9 @@ def test_unreadable_npz_files_are_named_with_the_fix(tmp_path):
                        match=r"\(config.evaluate.samples\) " + message):
       generation.evaluate_samples(bad, str(tmp_path / "whole.npz"), extractor=ex)
     with pytest.raises(npz.NpzFileError,
-                       match=r"\(config.evaluate.reference\) " + message):
+                       match=r"\(config.evaluate.reference\) " + message) as e:
       generation.evaluate_samples(str(tmp_path / "whole.npz"), bad, extractor=ex)
+    assert "mode=sample" not in str(e.value)   # a reference's fix, not samples'
     with pytest.raises(npz.NpzFileError, match=message):
       npz.open_images(bad)
   # Statistics without images: refused before the samples' features (50,000
@@ -162,6 +164,26 @@ def test_unreadable_npz_files_are_named_with_the_fix(tmp_path):
                      r"precision and recall need the reference images"):
     generation.evaluate_samples(str(tmp_path / "whole.npz"),
                                 str(tmp_path / "stats.npz"), extractor=ex)
+  # Statistics of another network, too few samples or reference images for
+  # precision / recall (k = 3): refused before any image is measured, where
+  # they failed after all of them with a traceback.
+  stats = dict(mu=np.zeros(768), sigma=np.eye(768), mu_s=np.zeros(6),
+               sigma_s=np.eye(6))
+  np.savez(tmp_path / "other_net.npz", images, **stats)
+  with pytest.raises(npz.NpzContentError,
+                     match=r"statistics of 768 pool and 6 spatial features, "
+                           r"but the FID Inception computes 10 and 6"):
+    generation.evaluate_samples(str(tmp_path / "whole.npz"),
+                                str(tmp_path / "other_net.npz"), extractor=ex)
+  with pytest.raises(batching.NotEnoughImages,
+                     match=r"^3 samples: .* need at least 4 .*num_samples"):
+    generation.evaluate_samples(str(tmp_path / "whole.npz"),
+                                str(tmp_path / "whole.npz"), extractor=ex,
+                                num_samples=3)
+  np.savez(tmp_path / "three.npz", images[:3])
+  with pytest.raises(batching.NotEnoughImages, match=r"^3 reference images"):
+    generation.evaluate_samples(str(tmp_path / "whole.npz"),
+                                str(tmp_path / "three.npz"), extractor=ex)
   assert ex.calls == 0
 
 

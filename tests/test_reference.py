@@ -60,6 +60,10 @@ def test_reference_errors(tmp_path):
   np.savez(tmp_path / "nan.npz", **{**stats, "mu": np.array([0.0, np.nan, 0.0])})
   with pytest.raises(npz.NpzContentError, match=r"'mu' holds NaN or Inf"):
     reference.load_reference(str(tmp_path / "nan.npz"))
+  np.savez(tmp_path / "square.npz", **{**stats, "sigma_s": np.eye(3)})
+  with pytest.raises(npz.NpzContentError, match=r"mu_s \(2,\) and sigma_s "
+                     r"\(3, 3\) are not a mean vector and its covariance"):
+    reference.load_reference(str(tmp_path / "square.npz"))
   # A sampling workdir named instead of its samples.npz: the file suggested.
   (tmp_path / "run").mkdir()
   np.savez(tmp_path / "run" / "samples.npz", np.zeros((2, 4, 4, 3), np.uint8))

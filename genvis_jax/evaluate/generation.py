@@ -125,10 +125,13 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
   Raises:
     npz.NpzFileError / npz.NpzContentError: a missing or unreadable file,
       samples that are not uint8 (N, H, W, 3) or hold reference statistics,
-      a reference without images.
+      a reference without images or with statistics of other feature sizes
+      than the extractor's ``feature_dims`` (if it has them).
     reference.ProtocolMismatch: a preprocess or Inception weights that
       contradict the reference's record.
-    batching.NotEnoughImages: ``num_samples`` above the file's count.
+    batching.NotEnoughImages: ``num_samples`` above the file's count; at
+      most ``nearest_k`` samples or reference images (checked before any
+      image is measured).
     ValueError: neither ``inception_params`` nor ``extractor``.
   """
   # Before its images: a reference may hold none.
@@ -167,6 +170,9 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
   if ref.inception_weights is not None:   # fingerprinting hashes ~95 MB
     ref_lib.check_inception_weights(ref, getattr(extractor, "weights_id",
                                                  None))
+  ref_lib.check_feature_dims(ref, getattr(extractor, "feature_dims", None),
+                             reference_npz)
+  _check_neighbours(samples, num_samples, ref, nearest_k)
   logging.info("Inception preprocess %s", chosen)
   sam = run_features(extractor, samples, "samples", limit=num_samples,
                      log_every=log_every)
@@ -196,6 +202,25 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       # are): in the record itself, not only in the log.
       "caveats": caveats,
   }
+
+
+def _check_neighbours(samples: npz.NpzArray, num_samples, ref, k: int) -> None:
+  """Raises ``batching.NotEnoughImages`` before any image is measured when
+  the samples or the reference images are too few for precision / recall
+  (each image's k-th nearest neighbour among the others of its set)."""
+  n = batching.check_count(num_samples, len(samples),
+                           f"{samples.path}:{samples.key}",
+                           "config.evaluate.num_samples")
+  for count, what, fix in (
+      (n, "samples", "evaluate more (config.evaluate.num_samples, or sample "
+       "more with config.sample.num_samples)"),
+      (len(ref.images), "reference images", "use a larger reference")):
+    if count <= k:
+      raise batching.NotEnoughImages(
+          f"{count} {what}: precision and recall measure each image against "
+          f"its {k} nearest neighbours in its set, so they need at least "
+          f"{k + 1} (and FID thousands: the papers use 50,000 samples); "
+          f"{fix}.")
 
 
 MIN_COMPARABLE = fid_lib.FEATURE_DIM

@@ -31,6 +31,9 @@ class InceptionExtractor:
   a call with 0 or more than ``batch_size`` images.
   """
 
+  # (pool, spatial) feature sizes: what reference statistics must match.
+  feature_dims = (2048, 2023)
+
   def __init__(self, params, *, batch_size: int = 200, mesh=None,
                preprocess: str = "pytorch_fid"):
     if preprocess not in PREPROCESS:

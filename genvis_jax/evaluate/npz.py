@@ -43,11 +43,13 @@ def check_file(path: str, setting: str = "") -> None:
 
 def _unreadable(path: str, setting: str, error: Exception) -> NpzFileError:
   where = f" ({setting})" if setting else ""
+  again = ("write one with --config.evaluate.kind=reference"
+           if _is_reference(setting) else "write it again "
+           "(`--config.mode=sample` re-assembles samples.npz from its parts)")
   return NpzFileError(
       f"{path!r}{where} is not a readable .npz file ({type(error).__name__}: "
       f"{str(error)[:200]}): it is cut short (a copy or write that did not "
-      "finish) or was not written by numpy.savez. Copy it again, or write it "
-      "again (`--config.mode=sample` re-assembles samples.npz from its parts).")
+      f"finish) or was not written by numpy.savez. Copy it again, or {again}.")
 
 
 # Leading bytes of files given by mistake, named in the message.
@@ -69,10 +71,17 @@ def _check_head(f, path: str, setting: str) -> None:
   what = next((name for magic, name in _KNOWN_FILES
                if head.startswith(magic)), "no zip archive")
   where = f" ({setting})" if setting else ""
+  which = ("an ADM reference batch, or what --config.evaluate.kind=reference "
+           "writes" if _is_reference(setting) else
+           "samples: what --config.mode=sample writes, samples.npz")
   raise NpzFileError(
       f"{path!r}{where} is not an .npz file: it is {what}. Pass the .npz "
-      "(numpy.savez; samples: what --config.mode=sample writes, "
-      "samples.npz).")
+      f"(numpy.savez; {which}).")
+
+
+def _is_reference(setting: str) -> bool:
+  """Whether ``setting`` names a reference batch (its fixes differ)."""
+  return "reference" in setting
 
 
 def _single_array(path: str, setting: str) -> NpzFileError:

@@ -133,6 +133,8 @@ def load_reference(path: str) -> Reference:
             "no FID can be computed against it: the file is damaged or was "
             "written from non-finite features. Fetch it again or write a new "
             "one with --config.evaluate.kind=reference.")
+    if present:
+      _check_stat_shapes(path, ref)
     if "pool_features" in keys:
       ref.pool_features = np.asarray(data["pool_features"], np.float32)
     if "preprocess" in keys:
@@ -148,6 +150,37 @@ def load_reference(path: str) -> Reference:
         f"{path}: neither statistics ({STAT_KEYS}) nor images ('arr_0'): not "
         "an ADM reference batch (config.evaluate.reference).")
   return ref
+
+
+def _check_stat_shapes(path: str, ref: Reference) -> None:
+  """Raises ``npz.NpzContentError`` unless mu / mu_s are vectors and sigma /
+  sigma_s the square matrices of their sizes (a damaged or hand-made file
+  failed only after every feature was computed)."""
+  for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
+    mu, sigma = getattr(ref, m), getattr(ref, s)
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+      raise npz.NpzContentError(
+          f"{path} (config.evaluate.reference): {m} {mu.shape} and {s} "
+          f"{sigma.shape} are not a mean vector and its covariance: the file "
+          "is damaged or not a reference batch. Fetch it again or write one "
+          "with --config.evaluate.kind=reference.")
+
+
+def check_feature_dims(ref: Reference, dims, path: str) -> None:
+  """Raises ``npz.NpzContentError`` when the reference's statistics are not
+  of the (pool, spatial) feature sizes ``dims`` the extractor computes (None:
+  unknown, not checked): statistics of another network or layer, refused
+  before any image is measured."""
+  if dims is None or not ref.has_stats:
+    return
+  got = (ref.mu.shape[0], ref.mu_s.shape[0])
+  if got != tuple(dims):
+    raise npz.NpzContentError(
+        f"{path} (config.evaluate.reference) holds statistics of {got[0]} "
+        f"pool and {got[1]} spatial features, but the FID Inception computes "
+        f"{dims[0]} and {dims[1]}: they come from another network or layer. "
+        "Use ADM's reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or "
+        "write one with --config.evaluate.kind=reference.")
 
 
 def save_reference(path: str, *, mu, sigma, mu_s, sigma_s, images=None,
