@@ -11,6 +11,7 @@ import tempfile
 import textwrap
 
 import numpy as np
+import pytest
 
 from genvis_jax.sample import driver
 from tests import sample_common as sc
@@ -124,3 +125,50 @@ def test_a_writer_killed_mid_write_leaves_nothing_for_long(tmp_path,
   killed = [n for n in os.listdir(tmp) if str(os.getpid()) not in n]
   assert files.remove_stale_transfers() == killed
   assert os.listdir(tmp) == [f"genvis_jax_upload_{os.getpid()}_x"]
+
+
+def test_a_full_disk_stops_with_the_fix_and_keeps_what_was_made(
+    tmp_path, monkeypatch):
+  """ENOSPC writing a part, joining the parts or writing an evaluation's
+  metrics.json: one UserError naming the file and the fix (the parts kept;
+  the evaluation's numbers logged and printed first), where they ended in
+  chained OSError tracebacks and the evaluation's numbers were lost."""
+  import errno
+  from genvis_jax import errors
+  from genvis_jax.core import files
+  from genvis_jax.evaluate import report
+  from genvis_jax.sample import images as images_lib
+  config, drawn = sc.stand_in_sampler(monkeypatch, num_samples=24)
+  wd = str(tmp_path / "wd")
+  full = OSError(errno.ENOSPC, "No space left on device")
+  write_whole = files.write_whole
+
+  def fills_at_part_8(path, write):
+    if path.endswith("000000008.npz"):
+      raise full
+    return write_whole(path, write)
+  monkeypatch.setattr(files, "write_whole", fills_at_part_8)
+  with pytest.raises(errors.UserError,
+                     match=r"Writing the part of images 8..15 in .*sample_parts "
+                           r"failed \(.*No space left.*\); the parts written "
+                           r"before it are kept there.*run the same command"):
+    driver.sample_and_save(config, wd)
+  assert os.path.exists(os.path.join(wd, "sample_parts", "000000000.npz"))
+
+  monkeypatch.setattr(files, "write_whole", write_whole)
+  def no_room(*args, **kwargs):
+    raise full
+  monkeypatch.setattr(images_lib, "save_npz_parts", no_room)
+  with pytest.raises(errors.UserError,
+                     match=r"Joining the sample parts into .*samples.npz "
+                           r"failed .*every part is kept .*drawing nothing"):
+    driver.sample_and_save(config, wd)
+  assert sorted(os.listdir(os.path.join(wd, "sample_parts"))) == [
+      "000000000.npz", "000000008.npz", "000000016.npz", "settings.json"]
+  monkeypatch.undo()
+
+  monkeypatch.setattr(report.multihost, "write_on_process_0", no_room)
+  with pytest.raises(errors.UserError,
+                     match=r"metrics.json could not be written .*Its numbers: "
+                           r"FID 1.23"):
+    report.write(str(tmp_path / "eval"), {"fid": 1.23}, "FID 1.23")

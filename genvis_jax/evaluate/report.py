@@ -7,6 +7,7 @@ import os
 
 from absl import logging
 
+from genvis_jax import errors
 from genvis_jax.core import multihost
 
 
@@ -23,7 +24,18 @@ def write(workdir: str, results: dict, msg: str) -> dict:
       json.dump(results, f, indent=2)
 
   path = os.path.join(workdir, "metrics.json")
-  multihost.write_on_process_0(path, write)
+  # The numbers first: a write that fails (a full disk) after hours of
+  # features must not take them with it.
   logging.info(msg)
+  try:
+    multihost.write_on_process_0(path, write)
+  except OSError as e:
+    logging.error("The results not written to %s: %s", path,
+                  json.dumps(results, sort_keys=True))
+    raise errors.UserError(
+        f"The evaluation finished but {path} could not be written "
+        f"({errors.first_line(e)}). Its numbers: {msg}; every result is in "
+        "the log. Free space (or fix the folder) and run the same command "
+        "to write the file.") from e
   print(f"[eval] {msg} (in {path})", flush=True)
   return results

@@ -376,9 +376,16 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
     nonlocal made, written, said_at
     written += 1
     n = len(labels)
-    multihost.write_on_process_0(
-        parts.path(parts_dir, start),
-        functools.partial(np.savez, images=images, labels=labels))
+    try:
+      multihost.write_on_process_0(
+          parts.path(parts_dir, start),
+          functools.partial(np.savez, images=images, labels=labels))
+    except OSError as e:   # a full disk, a read-only or vanished folder
+      raise errors.UserError(
+          f"Writing the part of images {start}..{start + n - 1} in "
+          f"{parts_dir} failed ({errors.first_line(e)}); the parts written "
+          "before it are kept there. Free space (or fix the folder) and run "
+          "the same command to resume from them.") from e
     made += n
     now = time.perf_counter()
     if now - said_at >= PROGRESS_EVERY_S or start + n >= s.num_samples:

@@ -353,13 +353,22 @@ def assemble(workdir: str, num_samples: int) -> dict:
       images.
     PartUnreadableError: a part that is needed cannot be read (moved aside
       when its images fail to read; the next run draws it again).
+    errors.UserError: the files cannot be written (a full disk); the parts
+      are kept.
     multihost.OtherProcessError: on the other processes, where process 0
       raised one of those.
   """
   out = {"npz": os.path.join(workdir, "samples.npz"),
          "png": os.path.join(workdir, "samples.png"),
          "num_samples": int(num_samples)}
-  multihost.on_process_0(lambda: _write_samples(workdir, num_samples, out))
+  try:
+    multihost.on_process_0(lambda: _write_samples(workdir, num_samples, out))
+  except OSError as e:
+    raise errors.UserError(
+        f"Joining the sample parts into {out['npz']} failed "
+        f"({errors.first_line(e)}); every part is kept in "
+        f"{directory(workdir)}. Free space (or fix the folder) and run the "
+        "same command: it joins them again, drawing nothing.") from e
   return out
 
 
