@@ -188,3 +188,13 @@ def test_bench_byte_accounting_of_eq_s(bench):
   assert b["column"] == 4 * col
   assert bench.floor_bytes_per_column(shapes, 100, 2, False) == (
       100 * b["head"] + b["column"])
+
+
+def test_counts_that_are_not_whole_numbers_are_refused(tiny):
+  """A notebook's num_columns=2.7 drew 2 columns without a word."""
+  model, params = tiny[:2]
+  labels = jnp.zeros((1,), jnp.int32)
+  for kw, name in ((dict(num_columns=2.7), "num_columns=2.7"),
+                   (dict(num_columns=2, num_steps=3.5), "num_steps=3.5")):
+    with pytest.raises(UserError, match=f"{name} must be a whole number"):
+      eq_sample.sample(model, params, labels, jax.random.key(0), **kw)

@@ -187,6 +187,10 @@ def test_bad_inputs_name_the_fix(tiny):
     model.apply({"params": params}, jnp.zeros((1, 32, 40, 3)), method="encode")
   with pytest.raises(ValueError, match="resolution 32"):
     model.apply({"params": params}, jnp.zeros((1, 48, 64, 3)), method="encode")
+  # uint8 bytes were encoded as values up to 255, without a word.
+  with pytest.raises(TypeError, match="float images, got uint8.*bytes_to_unit"):
+    model.apply({"params": params}, jnp.zeros((1, 32, 64, 3), jnp.uint8),
+                method="encode")
 
 
 def test_paper_param_counts():

@@ -78,6 +78,8 @@ def test_inception_score_matches_numpy():
   peaked = np.full((400, 8), -50.0)
   peaked[np.arange(400), np.arange(400) % 8] = 50.0
   assert fid.inception_score(peaked) == pytest.approx(8.0, rel=1e-6)
+  with pytest.raises(ValueError, match="split_size must be >= 0"):
+    fid.inception_score(logits, split_size=-1)   # looped forever
 
 
 def test_streaming_inception_score_matches_both_protocols():
@@ -120,6 +122,11 @@ def test_precision_recall_match_numpy():
   assert abs(p16 - p_ref) <= 0.02 and abs(r16 - r_ref) <= 0.02
   assert fid.precision_recall(ref, ref, distance_dtype="float32",
                               mesh=mesh) == (1.0, 1.0)
+  # Another dtype (int8, bf16) gave other numbers without a word.
+  from genvis_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"config.evaluate.distance_dtype="
+                                        r"'bfloat16' is not one of"):
+    fid.precision_recall(ref, sam, distance_dtype="bfloat16", mesh=mesh)
 
 
 # --- sample and feature files ------------------------------------------------------------

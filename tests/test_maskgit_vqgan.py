@@ -195,6 +195,9 @@ def test_bad_config_and_inputs_raise(tiny):
   _, model, params, _ = tiny
   with pytest.raises(ValueError, match="NHWC"):
     model.apply({"params": params}, jnp.zeros((1, 3, HW, HW)), method="encode")
+  with pytest.raises(TypeError, match="float images, got uint8"):
+    model.apply({"params": params}, jnp.zeros((1, HW, HW, 3), jnp.uint8),
+                method="encode")
   with pytest.raises(ValueError, match=r"\(B, h, w\)"):
     model.apply({"params": params}, jnp.zeros((1, 64), jnp.int32),
                 method="decode")

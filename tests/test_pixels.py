@@ -81,6 +81,14 @@ def test_bytes_to_unit_divides_by_255_in_float32():
              jax.jit(lambda v: v.astype(jnp.float32) / 255.0)(jnp.asarray(k)))
 
 
+def test_to_uint8_refuses_bytes():
+  # Scaled again, bytes saturated: [0, 10, 128, 255] -> [0, 255, 255, 255].
+  with pytest.raises(TypeError, match="float images, got uint8"):
+    pixels.to_uint8(np.array([0, 10, 128, 255], np.uint8), (0, 1), "truncate")
+  assert pixels.to_uint8(np.ones(2, jnp.bfloat16), (0, 1), "round").tolist() == [
+      255, 255]
+
+
 @pytest.mark.parametrize("value_range", [(0.0, 1.0), (-1.0, 1.0)])
 def test_training_grids_show_the_nearest_byte(value_range):
   """``Task.grid_uint8``: the image mapped onto [0, 1], times 255, rounded

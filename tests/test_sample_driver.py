@@ -162,6 +162,12 @@ def test_class_labels_are_balanced_and_refuse_classes_the_model_lacks():
                        match=r"config.sample.classes holds .*, not class numbers"):
       driver.class_labels(4, 10, given)
   np.testing.assert_array_equal(driver.class_labels(2, 10, (np.int64(3),)), [3, 3])
+  # The samplers' own check (a notebook passes labels directly): 1.7 was
+  # cast to class 1 without a word.
+  from genvis_jax.sample import common
+  with pytest.raises(errors.ConfigError, match="integer classes, got float32"):
+    common.check_labels(np.array([1.7, 0.2], np.float32), 10)
+  assert common.check_labels([3, 10], 10).tolist() == [3, 10]
 
 
 def test_uniform_labels_are_iid_seeded_and_keep_their_prefix():

@@ -108,8 +108,14 @@ def to_uint8(images, value_range, method: str) -> np.ndarray:
     uint8 numpy array of the same shape.
   Raises:
     Uint8MethodError: unknown ``method``.
+    TypeError: integer images (already bytes: scaling them again saturated
+      every pixel above 0).
   """
-  x = np.asarray(images).astype(np.float32)
+  x = np.asarray(images)
+  if x.dtype.kind in "iub":   # bf16 is kind "V"
+    raise TypeError(f"to_uint8 takes float images, got {x.dtype} (already "
+                    "bytes?).")
+  x = x.astype(np.float32)
   if method == "truncate":
     x = _rescale(x, value_range, UNIT)
     return (np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import linalg
 
 from genvis_jax.core import padded
+from genvis_jax.errors import ConfigError
 from genvis_jax.core import sharding
 
 
@@ -174,6 +175,9 @@ class StreamingInceptionScore:
   exact log-softmax, as ADM's)."""
 
   def __init__(self, split_size: int = 5000, eps: float = 0.0):
+    if int(split_size) < 0:   # no split would ever fill: update looped forever
+      raise ValueError(f"split_size must be >= 0 (0: one split of all the "
+                       f"images), got {split_size}.")
     self.split_size, self.eps = int(split_size), float(eps)
     self.scores: list[float] = []
     self._reset()
@@ -296,6 +300,19 @@ class _Blocks:
     return jax.device_put(x, self.replicated)
 
 
+DISTANCE_DTYPES = ("float16", "float32")
+
+
+def check_distance_dtype(name: str) -> np.dtype:
+  """The dtype of precision / recall distances ``name`` (one of
+  ``DISTANCE_DTYPES``); ``ConfigError`` naming config.evaluate.distance_dtype
+  otherwise (another dtype gave other numbers without a word)."""
+  if name not in DISTANCE_DTYPES:
+    raise ConfigError(f"config.evaluate.distance_dtype={name!r} is not one of "
+                      f"{DISTANCE_DTYPES} (float16: ADM's evaluator).")
+  return jnp.dtype(name)
+
+
 def manifold_radii(features: np.ndarray, k: int = 3, *, row_block: int = 10000,
                    col_block: int = 10000, distance_dtype: str = "float16",
                    mesh=None) -> np.ndarray:
@@ -317,11 +334,12 @@ def manifold_radii(features: np.ndarray, k: int = 3, *, row_block: int = 10000,
     (N,) float32 squared distances.
   Raises:
     ValueError: N <= k.
+    ConfigError: ``distance_dtype`` not one of ``DISTANCE_DTYPES``.
   """
   x = np.asarray(features, np.float32)
   if len(x) <= k:
     raise ValueError(f"Need more than k={k} feature vectors, got {len(x)}.")
-  dtype = jnp.dtype(distance_dtype)
+  dtype = check_distance_dtype(distance_dtype)
   b = _Blocks(len(x), len(x), row_block, col_block, mesh)
   radii = np.zeros(len(x), np.float32)
   for r0, rows, _ in _blocks(x, b.rows):
@@ -353,7 +371,9 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
     (precision, recall), floats in [0, 1].
   Raises:
     ValueError: not two (N, D) matrices of one D, or N <= k.
+    ConfigError: ``distance_dtype`` not one of ``DISTANCE_DTYPES``.
   """
+  check_distance_dtype(distance_dtype)
   ref = np.asarray(ref_features, np.float32)
   sam = np.asarray(sample_features, np.float32)
   if ref.ndim != 2 or sam.ndim != 2 or ref.shape[1] != sam.shape[1]:

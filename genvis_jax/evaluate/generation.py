@@ -134,6 +134,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       image is measured).
     ValueError: neither ``inception_params`` nor ``extractor``.
   """
+  fid_lib.check_distance_dtype(distance_dtype)
   # Before its images: a reference may hold none.
   with npz.open_npz(samples_npz, "config.evaluate.samples") as d:
     if set(ref_lib.STAT_KEYS) & set(d.files):

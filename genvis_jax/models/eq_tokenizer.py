@@ -38,6 +38,7 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.models import layers
 from genvis_jax.models.layers import Dtype
+from genvis_jax.models.layers import images as images_lib
 from genvis_jax.models.layers import resample
 
 
@@ -265,9 +266,7 @@ class EqTokenizer(nn.Module):
           **kw)
 
   def _check_images(self, images):
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"Expected NHWC RGB images (B, H, W, 3), got "
-                       f"{images.shape}.")
+    images_lib.check_images(images)
     _, h, w, _ = images.shape
     if h != self.resolution:
       raise errors.ConfigError(

@@ -56,7 +56,7 @@ class CodebookSizeError(UserError, ValueError):
 def check_codes_fit(config) -> None:
   """Refuses a generator (``config.model.codebook_size``) that can draw codes
   its tokenizer (``config.tokenizer.model.num_codes``) does not have: the
-  decode's embedding lookup would clamp them into other codes silently; and
+  decode's embedding lookup fills them with NaN (whole images of NaN); and
   a continuous-token generator (``config.model.token_dim``) whose latents
   are not the tokenizer's width (``config.tokenizer.model.embed_dim``).
   Models without the keys pass.

@@ -149,7 +149,8 @@ class MaskGITVQGAN(nn.Module):
     aux: quantizer_loss (total VQ loss to add), codebook_loss, commitment_loss,
       entropy_loss, usage, perplexity (float32 scalars) and codes (B, h, w) int32.
   ``encode(images)`` -> codes (B, h, w) int32, row-major token grid.
-  ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [0, 1].
+  ``decode(codes)`` -> images (B, H, W, 3) float32 clipped to [0, 1]; codes
+  outside 0..num_codes-1 read no row (jnp.take fills NaN): NaN images.
   ``encode_latents(images)`` -> pre-quantization latents (B, h, w, z_channels).
   ``decode_latents(z_q)`` -> unclipped float32 images from (quantized)
     latents (B, h, w, z_channels).

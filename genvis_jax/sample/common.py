@@ -200,9 +200,13 @@ def check_labels(labels, null_label: int):
   past the class table (NaN, or an image-code embedding for a negative
   one) and give garbage images without an error, so concrete labels are
   checked (one small read per call; traced ones are not). Raises
-  ``ConfigError`` (a ``ValueError``) for labels that are not 1-D or out of
-  range.
+  ``ConfigError`` (a ``ValueError``) for labels that are not integers, not
+  1-D or out of range.
   """
+  dtype = getattr(labels, "dtype", None) or np.asarray(labels).dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    # A cast would truncate 1.7 to class 1 without a word.
+    raise errors.ConfigError(f"labels must be integer classes, got {dtype}.")
   values = _concrete_values(labels)
   labels = _on_auto_axes(jnp.asarray(labels, jnp.int32))
   if labels.ndim != 1:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +264,12 @@ def check_settings(s) -> None:
 
 def _check_counts(num_columns, num_steps, prefix: str = "") -> None:
   for name, value in (("num_columns", num_columns), ("num_steps", num_steps)):
-    if int(value) < 1:
+    try:
+      whole = operator.index(value)   # ints and numpy ints, not 2.7 -> 2
+    except TypeError:
+      raise ConfigError(f"{prefix}{name}={value!r} must be a whole number."
+                        ) from None
+    if whole < 1:
       raise ConfigError(f"{prefix}{name}={value} must be at least 1.")
 
 

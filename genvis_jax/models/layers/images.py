@@ -22,9 +22,15 @@ from genvis_jax.core import pixels
 def check_images(images, image_size: int | None = None, factor: int = 1):
   """Clear errors for non-NHWC-RGB inputs or sizes the model cannot take.
 
-  Raises ``ValueError`` unless images are (B, H, W, 3); ``ConfigError``
-  unless ``factor`` divides H and W and H = W = ``image_size`` (when
-  given)."""
+  Raises ``TypeError`` for integer images (uint8 bytes read as values up to
+  255 gave codes without a word); ``ValueError`` unless images are (B, H, W,
+  3); ``ConfigError`` unless ``factor`` divides H and W and H = W =
+  ``image_size`` (when given)."""
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(
+        f"Expected float images, got {images.dtype}: convert bytes first "
+        "(genvis_jax.core.pixels.bytes_to_unit -> [0, 1], then "
+        "unit_to_signed for the tokenizers that take [-1, 1]).")
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Expected NHWC RGB images (B, H, W, 3), got shape "
                      f"{images.shape}.")
