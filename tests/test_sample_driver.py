@@ -206,12 +206,15 @@ def test_paper_configs_sample_as_the_official_samplers():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("num_columns", 0, r"config.sample.num_columns=0 must be at least 1"),
-    ("num_steps", 0, r"config.sample.num_steps=0 must be at least 1"),
-    ("batch_size", 0, r"config.sample.batch_size=0 must be at least 1"),
-    ("dtype", "float16", r"config.sample.dtype='float16' is not a supported dtype")])
-
-
+    ("sample.num_columns", 0, r"config.sample.num_columns=0 must be at least 1"),
+    ("sample.num_steps", 0, r"config.sample.num_steps=0 must be at least 1"),
+    ("sample.batch_size", 0, r"config.sample.batch_size=0 must be at least 1"),
+    ("sample.dtype", "float16",
+     r"config.sample.dtype='float16' is not a supported dtype"),
+    # Sampling reads no data.* size: 64 drew the tokenizer's 32 px silently.
+    ("data.image_size", 64, r"config.data.image_size=64, but the tokenizer "
+     r"decodes 32 px images \(config.tokenizer.model.resolution\).*"
+     r"config.sample.num_columns")])
 def test_bad_settings_are_refused_before_loading(key, value, message, tmp_path):
   """Named as the flag, before the weights load (init_from does not even
   exist here) and before settings.json is written."""
@@ -219,7 +222,7 @@ def test_bad_settings_are_refused_before_loading(key, value, message, tmp_path):
   from tests import pipeline_common as pc
   config = pc.load_config("eq_s.py:runlocal", **{
       "mode": "sample", "init_from": "/nowhere/run",
-      "tokenizer.checkpoint": "/nowhere/tok", f"sample.{key}": value})
+      "tokenizer.checkpoint": "/nowhere/tok", key: value})
   with pytest.raises(ConfigError, match=message):
     driver.sample_and_save(config, str(tmp_path))
   assert not os.listdir(tmp_path)
