@@ -232,6 +232,25 @@ def test_a_model_image_size_other_than_the_data_is_refused(spec, key, value,
     checks.check_image_size(config, get_task(config))
 
 
+@pytest.mark.parametrize("spec", ["eq_tokenizer.py:runlocal", "eq_s.py:runlocal"])
+def test_a_width_of_part_of_a_token_column_is_refused_at_start(spec):
+  """Found at the first step, after a crop error that did not name the
+  cause (the column tokenizer encodes 16-px columns); a generator on
+  pre-computed latents reads no image."""
+  from genvis_jax.train import checks  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train.tasks import get_task  # pylint: disable=import-outside-toplevel
+  from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
+  overrides = {"data.image_width": 72}
+  if spec.startswith("eq_tokenizer"):
+    overrides["model.image_width"] = 72
+  config = pc.load_config(spec, **overrides)
+  with pytest.raises(ConfigError, match=r"config.data.image_width=72 is not a "
+                     r"multiple of the token width 16 px.*use 64 or 80"):
+    checks.check_token_width(config, get_task(config))
+  config = pc.load_config(spec, **{"data.image_width": 80})
+  checks.check_token_width(config, get_task(config))
+
+
 @pytest.mark.parametrize("spec,key,value,message", [
     ("maskgit_vqgan.py:runlocal", "model.hidden_channels", 48,
      r"config.model.hidden_channels=48 x channel_mult\[0\]=1 = 48 channels, "

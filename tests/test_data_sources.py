@@ -108,8 +108,9 @@ def test_a_crop_an_image_cannot_give_names_the_file(tmp_path):
                               train=True, process_index=0, process_count=1)
   with pytest.raises(errors.ConfigError,
                      match=r"square\.png: A 50x40 image resized to 20x16 is "
-                           r"smaller than the 32x16 crop: every image needs a "
-                           r"width / height of at least 2\. Use the 'adm'"):
+                           r"smaller than the 32x16 crop: every image needs an "
+                           r"aspect ratio \(width / height\) of at least 2\. "
+                           r"Use the 'adm'"):
     next(it)
 
 

@@ -90,8 +90,9 @@ def _torchvision_resize(image: np.ndarray, height: int, width: int, resample,
                                                      resample=resample))
   if new_w < width or new_h < height:
     raise ConfigError(f"A {w}x{h} image resized to {new_w}x{new_h} is smaller "
-                      f"than the {width}x{height} crop: every image needs a "
-                      f"width / height of at least {width / height:.3g}. Use "
+                      f"than the {width}x{height} crop: every image needs an "
+                      f"aspect ratio (width / height) of at least "
+                      f"{width / height:.3g}. Use "
                       f"{instead}, or leave such images out of the data.")
   return image
 

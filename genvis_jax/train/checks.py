@@ -37,6 +37,7 @@ def check_config(config, task) -> None:
     opt_lib.warn_long_warmup(section, int(config.train.num_steps), key)
   check_data_source(config, task)
   check_image_size(config, task)
+  check_token_width(config, task)
   check_tokenizer(config, task)
 
 
@@ -68,6 +69,25 @@ def check_image_size(config, task) -> None:
           f"and its {key} only sizes the initialisation. Set "
           f"--config.data.{data_key}={size} to train at {size} px, or "
           f"--config.model.{key}={want}.")
+
+
+def check_token_width(config, task) -> None:
+  """A column tokenizer trained on images, or encoding a generator's images:
+  the data's width (``config.data.image_width``, 0 = the height) a multiple
+  of its ``token_width``. Raises ``ConfigError`` at start-up, where the
+  model's own check came at the first step, after a crop error that did
+  not name the cause."""
+  if task.data_sources is not None:
+    return   # trains on codes
+  model = task.model if hasattr(task.model, "token_width") else (
+      getattr(task, "tokenizer", None))
+  unit = getattr(model, "token_width", None)
+  width = config.data.get("image_width", 0) or config.data.get("image_size", 0)
+  if unit and width and width % unit:
+    raise errors.ConfigError(
+        f"config.data.image_width={width} is not a multiple of the token "
+        f"width {unit} px (one token per {unit}-px column): use "
+        f"{width // unit * unit or unit} or {(width // unit + 1) * unit}.")
 
 
 def check_intervals(train) -> None:
