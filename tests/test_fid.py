@@ -305,7 +305,8 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   # The sampling run's record beside the samples names their weights.
   (tmp_path / "sample_parts").mkdir()
   (tmp_path / "sample_parts" / "settings.json").write_text(json.dumps(
-      {"weights.generator": "step 20 committed 1", "init_from": "/run",
+      {"weights.generator": "step 20 committed 1796504306940177855",
+       "init_from": "/run",
        "sample.cfg": 2.0}))
   monkeypatch.setattr(generation.convert_inception, "load_inception_params",
                       lambda path: {"path": path})
@@ -322,8 +323,10 @@ def test_generation_driver_writes_metrics(tmp_path, monkeypatch, capsys):
   # What was scored: the files, all 12 of the file's images, the weights.
   assert saved["samples"] == str(tmp_path / "s.npz") and saved["inception"] == "/weights"
   assert saved["reference"] == str(tmp_path / "r.npz") and saved["samples_in_file"] == 12
-  assert saved["sampled_with"] == {"weights.generator": "step 20 committed 1",
-                                   "init_from": "/run"}
+  # Commit times as dates, as the sampling log prints them (not ns).
+  assert saved["sampled_with"] == {
+      "weights.generator": "step 20 committed 2026-12-05 20:58:26.940 UTC",
+      "init_from": "/run"}
   printed = capsys.readouterr().out
   for word in ("FID", "sFID", "IS", "precision", "recall"):
     assert word in printed

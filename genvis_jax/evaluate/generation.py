@@ -26,6 +26,7 @@ from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.convert import inception as convert_inception
 from genvis_jax.core import metrics as metrics_lib
+from genvis_jax.core import weights as weights_lib
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.evaluate import npz
 from genvis_jax.evaluate import reference as ref_lib
@@ -269,7 +270,8 @@ def format_metrics(m: dict) -> str:
 def sampled_with(samples_npz: str) -> dict:
   """The generator / tokenizer weights (``weights.*``) and paths the
   sampling run beside ``samples_npz`` recorded (its
-  ``sample_parts/settings.json``); {} for samples from elsewhere."""
+  ``sample_parts/settings.json``), commit times as dates
+  (``weights.readable``); {} for samples from elsewhere."""
   # Here, not at the top: sample.parts imports the token files' readers
   # (array_record), which a GPU machine that only evaluates may lack.
   from genvis_jax.sample import parts  # pylint: disable=import-outside-toplevel
@@ -279,7 +281,8 @@ def sampled_with(samples_npz: str) -> dict:
     recorded = json.loads(path.read_text())
   except (OSError, ValueError):   # none (samples from elsewhere) or damaged
     return {}
-  return {k: v for k, v in recorded.items()
+  return {k: weights_lib.readable(v) if k.startswith("weights.") else v
+          for k, v in recorded.items()
           if k.startswith("weights.") or k in ("init_from",
                                                "tokenizer.checkpoint")}
 
