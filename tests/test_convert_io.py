@@ -7,6 +7,7 @@ Fixtures: ``tests/fixtures/io`` (see tests/fixtures/README.md).
 
 import os
 import pickle
+import pathlib
 import zipfile
 
 import jax
@@ -172,6 +173,20 @@ def test_convert_names_a_wrong_kind_or_output_before_reading(tmp_path):
   with pytest.raises(convert.CheckpointMismatchError,
                      match=r"\n  LPIPS takes both official files.*vgg.pth"):
     convert.from_torch("lpips", {}, None)
+  # A --src that is not there: where the kind's official files come from.
+  with pytest.raises(errors.CheckpointFileNotFoundError,
+                     match=r"none.bin not found.*The official rar weights: e.g. "
+                           r"`hf download yucornetto/RAR rar_b.bin --local-dir "
+                           r"weights`; README.md"):
+    convert.convert_file("rar", "none.bin", config.model, str(tmp_path / "o"))
+
+
+def test_each_kinds_source_is_the_readmes():
+  """The commands a missing --src names are the README's, verbatim."""
+  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  assert set(convert.SOURCES) <= set(convert.kinds())
+  for kind, command in convert.SOURCES.items():
+    assert command in readme, kind
 
 
 def test_converted_weights_of_another_model_are_named_so(tmp_path):

@@ -170,6 +170,35 @@ def _read_state_dict(path: str, key: str | None = None,
       raise
 
 
+# How to fetch each kind's official files (the commands of the README's
+# "Where the files come from"), named when --src is missing.
+SOURCES = {
+    "rar": "hf download yucornetto/RAR rar_b.bin --local-dir weights",
+    "maskgit_vqgan": "hf download fun-research/TiTok "
+                     "maskgit-vqgan-imagenet-f16-256.bin --local-dir weights",
+    "llamagen_vq": "hf download FoundationVision/LlamaGen vq_ds16_c2i.pt "
+                   "--local-dir weights",
+    "fqgan": "hf download showlab/FQGAN fqgan_dual_ds16.pt --local-dir weights",
+    "eq_tokenizer": "hf download UmiSonoda16/EquivariantModeling "
+                    "tokenizer.ckpt places_large.ckpt --local-dir weights",
+    "clip_vision": "hf download openai/clip-vit-large-patch14 "
+                   "model.safetensors --local-dir weights/clip-vit-large-patch14",
+    "dinov2": "hf download facebook/dinov2-base model.safetensors "
+              "--local-dir weights/dinov2-base",
+    "inception": "curl -L -o weights/pt_inception-2015-12-05-6726825d.pth",
+    "lpips": "curl -L -o weights/vgg16-397923af.pth",
+}
+SOURCES["eq_generator"] = SOURCES["eq_tokenizer"]
+
+
+def _missing_source(kind: str, error: errors.CheckpointFileNotFoundError):
+  """``error`` with where ``kind``'s official files come from."""
+  how = (f"e.g. `{SOURCES[kind]}`; " if kind in SOURCES else "")
+  return errors.CheckpointFileNotFoundError(
+      f"{error} The official {kind} weights: {how}README.md, \"Where the "
+      "files come from\".")
+
+
 def load_sources(src: str | Sequence[str], key: str | None = None) -> dict:
   """Reads and merges one or more files (a comma-separated string or a list)."""
   paths = [p for p in (src.split(",") if isinstance(src, str) else src) if p]
@@ -202,7 +231,10 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
   mod = kind_module(kind)
   check_kind(kind, model_config, config)
   _check_dst(dst, overwrite, folder=not hasattr(mod, "write"))
-  state = load_sources(src, key)
+  try:
+    state = load_sources(src, key)
+  except errors.CheckpointFileNotFoundError as e:
+    raise _missing_source(kind, e) from None
   params = from_torch(kind, state, model_config)
   if hasattr(mod, "write"):
     mod.write(dst, params, state)
