@@ -159,7 +159,8 @@ def spectral_normalize(kernel, iterations: int = 5):
 
 class SNConv1d(nn.Module):
   """Conv1d (B, L, C) -> (B, L, out) with optional spectral norm and circular
-  padding ``k // 2`` (torch ``padding_mode='circular'``)."""
+  padding ``k // 2`` (torch ``padding_mode='circular'``); PyTorch's
+  ``nn.Conv1d`` default init, as the official heads keep."""
   features: int
   kernel_size: int = 1
   spectral: bool = True
@@ -168,11 +169,11 @@ class SNConv1d(nn.Module):
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    kernel = self.param("kernel", layers.named(layers.conv_kernel_init,
+    kernel = self.param("kernel", layers.named(layers.torch_kernel_init,
                                                (None, "conv_in", "conv_out")),
                         (k, x.shape[-1], self.features))
-    bias = self.param("bias", layers.named(layers.zeros, ("conv_out",)),
-                      (self.features,))
+    bias = self.param("bias", layers.named(layers.torch_bias_init, ("conv_out",)),
+                      (self.features,), jnp.float32, k * x.shape[-1])
     if self.spectral:
       kernel = spectral_normalize(kernel, self.iterations)
     if k > 1:

@@ -85,10 +85,12 @@ def transformer(x, *, num_layers, num_heads, mlp_ratio=4.0, remat="none",
                 dtype=jnp.float32, param_dtype=jnp.float32):
   """open_clip ``Transformer`` (B, N, W) -> (B, N, W): the shared ViT tower
   ``transformer`` (``vit.Encoder``: pre-norm blocks, torch LayerNorm eps 1e-5,
-  exact GELU, fused qkv); call inside a compact method."""
+  exact GELU, fused qkv, PyTorch's default init as the official trains it);
+  call inside a compact method."""
   return vit.Encoder(num_heads, int(x.shape[-1] * mlp_ratio), "gelu", _LN_EPS,
-                     depth=num_layers, remat=remat, dtype=dtype,
-                     param_dtype=param_dtype, name="transformer")(x)[-1]
+                     torch_init=True, depth=num_layers, remat=remat,
+                     dtype=dtype, param_dtype=param_dtype,
+                     name="transformer")(x)[-1]
 
 
 class FactorizedAdapter(nn.Module):
@@ -144,10 +146,13 @@ class FeatPredHead(nn.Module):
           f"+ 1, got a {h}x{w} grid.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.reshape(b, h * w, d).astype(self.dtype)
+    # nn.Linear's default init (the official sets none).
+    init = dict(kernel_init=layers.torch_kernel_init,
+                bias_init=layers.torch_bias_init)
     x = layers.dense(self.width, ("codebook_dim", "embed"), name="upscale_0",
-                     **kw)(x)
+                     **init, **kw)(x)
     x = layers.dense(self.width, ("mlp", "embed"), name="upscale_2",
-                     **kw)(nn.relu(x))
+                     **init, **kw)(nn.relu(x))
     cls = self.param("class_embedding",
                      layers.named(_pos_init(self.width), ("pos", "embed")),
                      (1, self.width), self.param_dtype)
@@ -250,12 +255,11 @@ class FQGAN(lg.VQBase):
         grid_size=self.grid_size, z_channels=self.z_channels,
         adapter_layers=self.adapter_layers, adapter_heads=self.adapter_heads,
         adapter_mlp_ratio=self.adapter_mlp_ratio, **kw)
-    self.quant_convs = {b: layers.conv(self.code_dim, 1, name=f"quant_conv_{b}",
-                                       **pk) for b in self.branches}
+    self.quant_convs = {b: lg.conv1x1(self.code_dim, f"quant_conv_{b}", pk)
+                        for b in self.branches}
     self.quantizers = {b: self.codebook(f"quantize_{b}")
                        for b in self.branches}
-    self.post_quant_conv = layers.conv(self.z_channels, 1,
-                                       name="post_quant_conv", **pk)
+    self.post_quant_conv = lg.conv1x1(self.z_channels, "post_quant_conv", pk)
     self.decoder = lg.Decoder(num_res_blocks=self.decoder_res_blocks,
                               out_channels=3, **kw)
     self.heads = {b: FeatPredHead(self.grid_size, int(w), self.feat_layers,

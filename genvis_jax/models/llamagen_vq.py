@@ -23,6 +23,7 @@ import functools
 from typing import Sequence
 
 import flax.linen as nn
+from flax.core import FrozenDict
 import jax.numpy as jnp
 
 from genvis_jax import models
@@ -33,11 +34,22 @@ from genvis_jax.models.layers import resnet
 from genvis_jax.models.quantizers import VectorQuantizer
 
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1
+# The official sets no init of its own: every conv starts from PyTorch's
+# default (``layers.torch_kernel_init`` / ``torch_bias_init``).
+TORCH_INIT = layers.conv_inits("torch")
+# ResnetBlock's other defaults are LlamaGen's: torch zero padding, biases,
+# the 1x1 shortcut on the block input.
+BLOCK = FrozenDict(conv_init="torch")
 
 
 def _conv3(features, name, kw, strides=1, padding=_PAD1):
   return layers.conv(features, 3, strides=strides, padding=padding, name=name,
-                     **kw)
+                     **kw, **TORCH_INIT)
+
+
+def conv1x1(features, name, kw):
+  """A 1x1 conv of this family (``quant_conv``, ``post_quant_conv``)."""
+  return layers.conv(features, 1, name=name, **kw, **TORCH_INIT)
 
 
 class Downsample(nn.Module):
@@ -56,7 +68,8 @@ class Downsample(nn.Module):
 
 # The levels' resamplers: (submodule name, module).
 _DOWNSAMPLE = ("downsample", Downsample)
-_UPSAMPLE = ("upsample", functools.partial(resnet.Upsample, "torch"))
+_UPSAMPLE = ("upsample", functools.partial(resnet.Upsample, padding="torch",
+                                           conv_init="torch"))
 
 
 class CNNBase(nn.Module):
@@ -80,10 +93,8 @@ class CNNBase(nn.Module):
     return self.hidden_channels * self.channel_mult[-1]
 
   def _mid(self, x, train):
-    # ResnetBlock's defaults are LlamaGen's: torch zero padding, biases, the
-    # 1x1 shortcut on the block input.
-    return resnet.mid_stack(x, train, dropout=self.dropout, remat=self.remat,
-                            **self._kw)
+    return resnet.mid_stack(x, train, block=BLOCK, dropout=self.dropout,
+                            remat=self.remat, **self._kw)
 
   def _trunk(self, x, train):
     """Encoder up to and including mid: (B, H, W, 3) -> (B, H/f, W/f, top)."""
@@ -92,7 +103,7 @@ class CNNBase(nn.Module):
     for i, mult in enumerate(self.channel_mult):
       last = i == n - 1
       x = resnet.Level(self.hidden_channels * mult, self.num_res_blocks,
-                       attn=last, block_name="res",
+                       attn=last, block=BLOCK, block_name="res",
                        resample=None if last else _DOWNSAMPLE,
                        dropout=self.dropout, remat=self.remat,
                        name=f"conv_blocks_{i}", **self._kw)(x, train)[0]
@@ -126,7 +137,8 @@ class Decoder(CNNBase):
     n = len(self.channel_mult)
     for idx, level in enumerate(reversed(range(n))):
       x = resnet.Level(self.hidden_channels * self.channel_mult[level],
-                       self.num_res_blocks, attn=idx == 0, block_name="res",
+                       self.num_res_blocks, attn=idx == 0, block=BLOCK,
+                       block_name="res",
                        resample=_UPSAMPLE if level else None,
                        dropout=self.dropout, remat=self.remat,
                        name=f"conv_blocks_{idx}", **self._kw)(x, train)[0]
@@ -202,10 +214,9 @@ class LlamaGenVQ(VQBase):
     pk = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = Encoder(num_res_blocks=self.num_res_blocks,
                            z_channels=self.z_channels, **kw)
-    self.quant_conv = layers.conv(self.code_dim, 1, name="quant_conv", **pk)
+    self.quant_conv = conv1x1(self.code_dim, "quant_conv", pk)
     self.quantize = self.codebook()
-    self.post_quant_conv = layers.conv(self.z_channels, 1,
-                                       name="post_quant_conv", **pk)
+    self.post_quant_conv = conv1x1(self.z_channels, "post_quant_conv", pk)
     self.decoder = Decoder(num_res_blocks=self.decoder_res_blocks,
                            out_channels=3, **kw)
 

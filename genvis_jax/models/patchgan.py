@@ -114,8 +114,11 @@ class NLayerDiscriminator(nn.Module):
       raise errors.ConfigError(
           f"Unknown discriminator norm {self.norm!r}; choose one "
           f"of {_NORMS}.")
+    # taming's weights_init: N(0, 0.02) kernels; the biases (first and last
+    # conv) keep PyTorch's default.
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=layers.default_kernel_init, padding=_PAD1)
+              kernel_init=layers.default_kernel_init,
+              bias_init=layers.torch_bias_init, padding=_PAD1)
     use_norm = self.norm != "none"
     x = layers.conv(self.ndf, 4, strides=2, name="conv_0", **kw)(x)
     x = nn.leaky_relu(x, 0.2)

@@ -28,6 +28,7 @@ act_heads (the heads of a Pallas attention call, ``kernels``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -51,6 +52,37 @@ xavier_uniform = nn.initializers.xavier_uniform()
 conv_kernel_init = nn.initializers.lecun_normal()
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
+# PyTorch's nn.Linear / nn.Conv*d default (``kaiming_uniform_(a=sqrt(5))``):
+# kernel U(+-1/sqrt(fan_in)), variance 1/(3 fan_in), fan_in = in x kernel
+# size as flax counts it; bias U(+-1/sqrt(fan_in)) of the same fan_in
+# (``torch_bias_init``). The official LlamaGen / FQGAN VQ and Equivariant
+# tokenizers set no init of their own, so they train from this.
+torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_bias_init(key, shape, dtype=jnp.float32, fan_in: int = 1):
+  """PyTorch's default bias, U(+-1/sqrt(fan_in)); ``Dense`` / ``Conv`` pass
+  their kernel's ``fan_in`` (``takes_fan_in``)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+torch_bias_init.takes_fan_in = True   # functools.wraps keeps it on `named`
+
+# The conv initialisers by family: "lecun" (flax's default: MaskGIT's JAX
+# VQGAN) or "torch" (PyTorch's default, above).
+CONV_INITS = {"lecun": dict(kernel_init=conv_kernel_init, bias_init=zeros),
+              "torch": dict(kernel_init=torch_kernel_init,
+                            bias_init=torch_bias_init)}
+
+
+def conv_inits(init: str) -> dict:
+  """``kernel_init`` / ``bias_init`` of the conv family ``init`` (a key of
+  ``CONV_INITS``); ``ConfigError`` otherwise."""
+  if init not in CONV_INITS:
+    raise ConfigError(f"Unknown conv init {init!r}; choose one of "
+                      f"{tuple(CONV_INITS)}.")
+  return CONV_INITS[init]
 
 CONV_NAMES = (None, None, "conv_in", "conv_out")
 
@@ -72,13 +104,16 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
   return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
 
 
-def _biased(module, y):
+def _biased(module, y, fan_in: int):
   """``y`` plus ``module``'s ``bias`` parameter (created here, after the
-  kernel: the same tree and initial values as Flax's) by ``add_bias``."""
+  kernel: the same tree and initial values as Flax's) by ``add_bias``; a
+  ``bias_init`` that ``takes_fan_in`` gets the kernel's ``fan_in``."""
   if not module.with_bias:
     return y
+  extra = (fan_in,) if getattr(module.bias_init, "takes_fan_in", False) else ()
   return add_bias(y, module.param("bias", module.bias_init,
-                                  (module.features,), module.param_dtype))
+                                  (module.features,), module.param_dtype,
+                                  *extra))
 
 
 class Dense(nn.Dense):
@@ -88,7 +123,7 @@ class Dense(nn.Dense):
 
   @nn.compact
   def __call__(self, inputs):
-    return _biased(self, super().__call__(inputs))
+    return _biased(self, super().__call__(inputs), inputs.shape[-1])
 
 
 class Conv(nn.Conv):
@@ -99,7 +134,9 @@ class Conv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs):
-    y = _biased(self, super().__call__(inputs))
+    fan_in = (math.prod(self.kernel_size) * inputs.shape[-1]
+              // self.feature_group_count)
+    y = _biased(self, super().__call__(inputs), fan_in)
     return constrain_images(y) if y.ndim == 4 else y
 
 
@@ -116,18 +153,20 @@ def dense(features: int, names=("embed", "mlp"), *, use_bias=True,
 
 def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides=1,
          padding: Any = "SAME", use_bias=True, kernel_init=conv_kernel_init,
-         dtype=None, param_dtype=jnp.float32, name=None) -> Conv:
+         bias_init=zeros, dtype=None, param_dtype=jnp.float32,
+         name=None) -> Conv:
   """NHWC ``Conv``; kernel (kh, kw, in, out); bias added in float32.
 
   ``padding="SAME"`` is TensorFlow SAME: the extra pixel of an odd total pad
-  goes bottom/right (what MaskGIT's VQGAN was trained with).
+  goes bottom/right (what MaskGIT's VQGAN was trained with). Initialisers:
+  ``conv_inits`` names the families (PyTorch's: ``**conv_inits("torch")``).
   """
   ks = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
   st = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
   return Conv(features, ks, strides=st, padding=padding, use_bias=False,
               with_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
               kernel_init=named(kernel_init, CONV_NAMES),
-              bias_init=named(zeros, ("conv_out",)), name=name)
+              bias_init=named(bias_init, ("conv_out",)), name=name)
 
 
 # GroupNorm on a map that is spatially constant per channel: along spatially

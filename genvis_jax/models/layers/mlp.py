@@ -59,13 +59,15 @@ class Mlp(nn.Module):
   hidden_dropout: float | None = None
   use_bias: bool = True
   kernel_init: Callable = layers.default_kernel_init
+  bias_init: Callable = layers.zeros
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     kw = dict(use_bias=self.use_bias, kernel_init=self.kernel_init,
-              dtype=self.dtype, param_dtype=self.param_dtype)
+              bias_init=self.bias_init, dtype=self.dtype,
+              param_dtype=self.param_dtype)
     act = activation(self.activation)
     fc1 = lambda name: layers.dense(self.hidden, ("embed", "mlp"), name=name,
                                     **kw)(x)

@@ -56,19 +56,22 @@ def pixel_shuffle(x, factors=(2, 2)):
   return x.reshape(b, h * fh, w * fw, c)
 
 
-# Stride-1 conv with torch ``padding=k//2, padding_mode='reflect'``:
+# Stride-1 conv with torch ``padding=k//2, padding_mode='reflect'`` and
+# PyTorch's default init (the official sets none):
 # conv2d(x, features, name, kernel_size=3, dtype=, param_dtype=).
-conv2d = functools.partial(resnet.conv2d, padding="reflect")
+conv2d = functools.partial(resnet.conv2d, padding="reflect", conv_init="torch")
 
 
 def conv1d_layer(features: int, name: str, *, kernel_size: int = 3,
                  dtype=jnp.float32, param_dtype=jnp.float32) -> layers.Conv:
-  """Conv1d over tokens, kernel (k, in, out); call on reflect-padded input."""
+  """Conv1d over tokens, kernel (k, in, out), PyTorch's default init; call
+  on reflect-padded input."""
+  init = layers.conv_inits("torch")
   return layers.Conv(features, (kernel_size,), padding="VALID", dtype=dtype,
                      param_dtype=param_dtype, use_bias=False,
-                     kernel_init=layers.named(layers.conv_kernel_init,
+                     kernel_init=layers.named(init["kernel_init"],
                                               CONV1D_NAMES),
-                     bias_init=layers.named(layers.zeros, ("conv_out",)),
+                     bias_init=layers.named(init["bias_init"], ("conv_out",)),
                      name=name)
 
 
@@ -127,7 +130,8 @@ class UpsampleResidual(nn.Module):
 
 # The ResnetBlock options of this CNN. Reflect padding keeps a uniform image's
 # maps constant: its GroupNorms guard their gradients (layers.GroupNorm).
-REFLECT = FrozenDict(padding="reflect", uniform_guard=True)
+REFLECT = FrozenDict(padding="reflect", uniform_guard=True,
+                     conv_init="torch")
 
 
 @functools.lru_cache(maxsize=None)

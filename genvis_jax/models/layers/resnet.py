@@ -49,22 +49,25 @@ def conv_padding(padding: str, kernel_size: int):
 
 
 def conv2d(x, features: int, name: str, *, kernel_size: int = 3,
-           padding: str = "torch", use_bias: bool = True, dtype=jnp.float32,
-           param_dtype=jnp.float32):
+           padding: str = "torch", use_bias: bool = True,
+           conv_init: str = "lecun",
+           dtype=jnp.float32, param_dtype=jnp.float32):
   """Stride-1 conv (B, H, W, C) -> (B, H, W, features); call inside a compact
   method (the conv becomes the caller's submodule ``name``).
 
   ``padding``: "same" (TF SAME; for odd kernels at stride 1 equal to torch's
   zero padding), "torch" (zero padding ``k // 2``) or "reflect" (torch
   ``padding_mode="reflect"``: the edge pixel is not repeated); another value
-  raises ``ConfigError``. Output in ``dtype``.
+  raises ``ConfigError``. ``conv_init``: the initialiser family
+  (``layers.conv_inits``). Output in ``dtype``.
   """
   mode = conv_padding(padding, kernel_size)
   pad = kernel_size // 2
   if padding == "reflect" and pad:
     x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
   return layers.conv(features, kernel_size, padding=mode, use_bias=use_bias,
-                     dtype=dtype, param_dtype=param_dtype, name=name)(x)
+                     dtype=dtype, param_dtype=param_dtype, name=name,
+                     **layers.conv_inits(conv_init))(x)
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
@@ -82,6 +85,8 @@ class ResnetBlock(nn.Module):
   Fields:
     padding: "same" | "torch" | "reflect" for the 3x3 convs (see ``conv2d``).
     use_bias: biases on conv1, conv2 and shortcut (MaskGIT: False).
+    conv_init: the convs' initialisers, ``layers.conv_inits`` (MaskGIT's JAX
+      VQGAN: "lecun"; the PyTorch tokenizers: "torch").
     shortcut_from: when C_in != out_channels a 1x1 conv ``shortcut`` makes the
       residual. "input" (taming / LDM / LlamaGen / Equivariant): returns
       shortcut(x) + h. "output" (MaskGIT's VQGAN quirk, needed for parity with
@@ -97,6 +102,7 @@ class ResnetBlock(nn.Module):
   use_bias: bool = True
   shortcut_from: str = "input"
   uniform_guard: bool = False     # layers.group_norm's (reflect padding)
+  conv_init: str = "lecun"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -108,7 +114,7 @@ class ResnetBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv = lambda t, name, k=3: conv2d(
         t, self.out_channels, name, kernel_size=k, padding=self.padding,
-        use_bias=self.use_bias, **kw)
+        use_bias=self.use_bias, conv_init=self.conv_init, **kw)
     norm = functools.partial(layers.group_norm,
                              uniform_guard=self.uniform_guard, **kw)
     h = nn.swish(norm(name="norm1")(x))
@@ -129,9 +135,11 @@ class AttnBlock(nn.Module):
   ``__call__(x, train=False)``: x (B, H, W, C) -> (B, H, W, C). GN(32) ``norm``,
   1x1-conv projections ``q`` / ``k`` / ``v``, softmax(q k^T / sqrt(C)) v with
   fp32 logits, 1x1-conv ``proj_out``. ``train`` is unused (no dropout); it keeps
-  the signature of ``ResnetBlock`` so both remat alike.
+  the signature of ``ResnetBlock`` so both remat alike. ``conv_init`` as
+  ``ResnetBlock``'s.
   """
   uniform_guard: bool = False     # layers.group_norm's (reflect padding)
+  conv_init: str = "lecun"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -142,6 +150,7 @@ class AttnBlock(nn.Module):
     b, h, w, c = x.shape
     y = layers.group_norm(uniform_guard=self.uniform_guard, name="norm",
                           **kw)(x)
+    kw.update(layers.conv_inits(self.conv_init))
     q, k, v = (layers.conv(c, 1, name=n, **kw)(y).reshape(b, h * w, 1, c)
                for n in ("q", "k", "v"))
     out = dot_product_attention(q, k, v, scale=c ** -0.5).reshape(b, h, w, c)
@@ -150,15 +159,16 @@ class AttnBlock(nn.Module):
 
 class Upsample(nn.Module):
   """Nearest x2 then a 3x3 ``conv`` keeping the width: (B, H, W, C) ->
-  (B, 2H, 2W, C). ``padding`` as in ``conv2d``."""
+  (B, 2H, 2W, C). ``padding`` and ``conv_init`` as in ``conv2d``."""
   padding: str = "torch"
+  conv_init: str = "lecun"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return conv2d(upsample_nearest_2x(x), x.shape[-1], "conv",
-                  padding=self.padding, dtype=self.dtype,
+                  padding=self.padding, conv_init=self.conv_init, dtype=self.dtype,
                   param_dtype=self.param_dtype)
 
 
@@ -182,7 +192,8 @@ def mid_stack(x: jax.Array, train: bool, *, block=FrozenDict(),
   c = x.shape[-1]
   x = res(c, dropout, **block, name=names[0], **kw)(x, train)
   x = remat_block(AttnBlock, remat)(
-      uniform_guard=block.get("uniform_guard", False), name=names[1],
+      uniform_guard=block.get("uniform_guard", False),
+      conv_init=block.get("conv_init", "lecun"), name=names[1],
       **kw)(x, train)
   return res(c, dropout, **block, name=names[2], **kw)(x, train)
 
@@ -199,7 +210,10 @@ class Level(nn.Module):
   Fields:
     block: ``ResnetBlock`` options (MaskGIT: ``padding="same",
       use_bias=False, shortcut_from="output"``; Equivariant:
-      ``padding="reflect", uniform_guard=True``; LlamaGen: the defaults).
+      ``padding="reflect", uniform_guard=True, conv_init="torch"``;
+      LlamaGen: ``conv_init="torch"``); ``uniform_guard`` and
+      ``conv_init`` reach the
+      ``AttnBlock`` s too.
     block_name: the res blocks' name prefix ("block"; LlamaGen's is "res").
     resample: None, or (submodule name, module class or partial taking
       ``name``, ``dtype`` and ``param_dtype``): each family's own resampler
@@ -236,7 +250,9 @@ class Level(nn.Module):
               name=f"{self.block_name}_{j}", **kw)(x, train)
       if self.attn:
         x = attn(uniform_guard=self.block.get("uniform_guard", False),
-                 name=f"attn_{j}", **kw)(x, train)
+                 conv_init=self.block.get("conv_init", "lecun"),
+                 name=f"attn_{j}",
+                 **kw)(x, train)
     if self.resample is None:
       return x, x
     name, resampler = self.resample

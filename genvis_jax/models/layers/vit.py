@@ -65,6 +65,12 @@ class Block(nn.Module):
   norm_eps: eps of both LayerNorms (torch default 1e-5, timm / HF DINOv2 1e-6).
   layerscale: init value of ``ls1`` / ``ls2``; None = no LayerScale.
   fused_qkv: one ``qkv`` projection (timm, open_clip) or ``q``/``k``/``v`` (HF).
+  torch_init: PyTorch's defaults for a block built of ``nn.MultiheadAttention``
+    and ``nn.Linear`` (open_clip's, as FQGAN trains its heads from scratch):
+    xavier-uniform qkv, the ``nn.Linear`` default for the output projection
+    and the MLP (``layers.torch_kernel_init``; MLP biases
+    ``torch_bias_init``), attention biases 0. Default: N(0, 0.02) kernels,
+    zero biases (the initialisers of the loaded ViTs do not matter).
   """
   num_heads: int
   mlp_dim: int
@@ -72,6 +78,7 @@ class Block(nn.Module):
   norm_eps: float = 1e-6
   layerscale: float | None = None
   fused_qkv: bool = True
+  torch_init: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -84,11 +91,18 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     scaled = lambda name, y: (y if self.layerscale is None else LayerScale(
         self.layerscale, self.param_dtype, name=name)(y))
-    y = Attention(self.num_heads, fused_qkv=self.fused_qkv, name="attn", **kw)(
+    attn_init, mlp_init = {}, {}
+    if self.torch_init:
+      attn_init = dict(kernel_init=layers.xavier_uniform,
+                       out_init=layers.torch_kernel_init)
+      mlp_init = dict(kernel_init=layers.torch_kernel_init,
+                      bias_init=layers.torch_bias_init)
+    y = Attention(self.num_heads, fused_qkv=self.fused_qkv, name="attn",
+                  **attn_init, **kw)(
         layer_norm(self.norm_eps, name="norm1", **kw)(x))
     x = x + scaled("ls1", y)
-    y = Mlp(self.mlp_dim, activation=self.activation, name="mlp", **kw)(
-        layer_norm(self.norm_eps, name="norm2", **kw)(x))
+    y = Mlp(self.mlp_dim, activation=self.activation, name="mlp", **mlp_init,
+            **kw)(layer_norm(self.norm_eps, name="norm2", **kw)(x))
     return x + scaled("ls2", y)
 
 
