@@ -357,7 +357,7 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
     print(f"[sample] resuming: {have} of {s.num_samples} images already in "
           f"{parts_dir}", flush=True)
   if len(done) < len(starts):
-    parts.drop_earlier_outputs(workdir, s.num_samples, s.batch_size)
+    parts.drop_earlier_outputs(workdir, s.num_samples)
   t0, made = time.perf_counter(), 0
   written, said_at = 0, -float("inf")
 
@@ -435,12 +435,15 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
 
 
 def _check_image_size(config) -> None:
-  """Raises ``ConfigError`` when ``config.data.image_size`` is not the size
-  the tokenizer decodes: sampling draws at the tokenizer's size and reads no
-  ``data.*`` setting, so a 64 px request drew 32 px images without a word."""
+  """Raises ``ConfigError`` when ``config.data.image_size`` of a generator
+  trained on images (the Equivariant one encodes them) is not the size the
+  tokenizer decodes: sampling draws at the tokenizer's size and reads no
+  ``data.*`` setting, so a 64 px request drew 32 px images without a word.
+  (Token data carries no image size: its ``data.image_size`` is unread.)"""
   tok = (config.get("tokenizer") or {}).get("model") or {}
   key = next((k for k in ("image_size", "resolution") if tok.get(k)), None)
-  asked = (config.get("data") or {}).get("image_size")
+  data = config.get("data") or {}
+  asked = data.get("image_size") if data.get("source") != "tokens" else None
   if key and asked and asked != tok[key]:
     width = (" (the width: config.sample.num_columns)"
              if "num_columns" in config.sample else "")

@@ -284,22 +284,22 @@ def complete_parts(parts_dir: str, num_samples: int, batch: int) -> set[int]:
 OUTPUTS = ("samples.npz", "samples.png")
 
 
-def drop_earlier_outputs(workdir: str, num_samples: int, batch: int) -> None:
+def drop_earlier_outputs(workdir: str, num_samples: int) -> None:
   """Removes an earlier run's ``samples.npz`` / ``samples.png`` before this
   one draws more: until ``assemble`` writes the new ones (a run stopped
   half-way never does) they would pass for this run's ``num_samples``. Their
-  images stay in the parts (``batch`` images each), which the next
+  images stay in the parts (or are drawn again alike), which the next
   ``samples.npz`` holds again. Process 0 removes them; the others wait.
 
   Raises:
-    OutputExistsError: ``samples.npz`` holds images the parts do not (a file
-      copied in, parts deleted): it is kept, and the run stops before
+    OutputExistsError: a ``samples.npz`` beside no sample parts (a file
+      copied in, its parts deleted): it is kept, and the run stops before
       drawing.
   """
 
   def drop():
     _check_held_in_parts(os.path.join(workdir, OUTPUTS[0]),
-                         directory(workdir), batch)
+                         directory(workdir))
     gone = []
     for name in OUTPUTS:
       path = epath.Path(workdir) / name   # local or gs://
@@ -314,27 +314,16 @@ def drop_earlier_outputs(workdir: str, num_samples: int, batch: int) -> None:
   multihost.on_process_0(drop)
 
 
-def _check_held_in_parts(npz_path: str, parts_dir: str, batch: int) -> None:
-  """Raises ``OutputExistsError`` unless ``npz_path`` is missing or
-  ``parts_dir`` has a part file for each of its batches (what ``assemble``
-  wrote it from), so removing it loses nothing."""
-  if not epath.Path(npz_path).exists():
-    return
-  from genvis_jax.evaluate import npz as npz_lib  # pylint: disable=import-outside-toplevel
-  try:
-    n = len(npz_lib.open_npz_array(npz_path))
-  except (errors.UserError, ValueError) as e:
-    held, why = False, f"cannot be read ({errors.first_line(e)[:200]})"
-  else:
-    # A part damaged since is drawn again with the same key: still held.
-    listed = {int(os.path.basename(p)[:9]) for p in _listed(parts_dir)}
-    held = set(range(0, n, batch)) <= listed
-    why = (f"holds {n} images that the sample parts in {parts_dir} do not "
-           "(it was not assembled from them)")
-  if not held:
+def _check_held_in_parts(npz_path: str, parts_dir: str) -> None:
+  """Raises ``OutputExistsError`` when ``npz_path`` exists but ``parts_dir``
+  holds no part (a file copied in, or its parts deleted): nothing would
+  draw its images again. (Parts drawn with this run's settings, which
+  ``check_settings`` verified, hold or redraw the earlier set's images.)"""
+  if epath.Path(npz_path).exists() and not _listed(parts_dir):
     raise errors.OutputExistsError(
-        f"{npz_path} {why}, and this run would replace it. Move it out of "
-        "the workdir (or delete it), or sample into another --workdir.")
+        f"{npz_path} was not assembled from sample parts of this workdir "
+        f"({parts_dir} holds none), and this run would replace it. Move it "
+        "out of the workdir (or delete it), or sample into another --workdir.")
 
 
 def assemble(workdir: str, num_samples: int) -> dict:
