@@ -10,9 +10,11 @@ the epochs (the trainer's first log line says how many).
 
 ``get_config`` argument (``--config=configs/X.py:ARG``, comma-separated):
 "bf16" (default, the official mixed precision) or "fp32" (e.g. to compare with
-the official checkpoints), and "runlocal": the same recipe (losses, GAN from a
+the official checkpoints), "runlocal": the same recipe (losses, GAN from a
 few steps in, optimizers) with the model, steps, batch and data (the embedded
-demo shapes, 32 px -> 8x8 codes) shrunk for a laptop. The tokenizer configs
+demo shapes, 32 px -> 8x8 codes) shrunk for a laptop, and for the
+single-codebook VQ "llamagen": LlamaGen's own launch instead of FQGAN's
+(lr 1e-4, batch 128, 40 x 10,009 steps). The tokenizer configs
 pick the model in vq_ds{16,8}.py and fqgan_{dual,triple}_ds{16,8}.py.
 
 Every tokenizer config also pre-tokenizes with itself (``mode=pretokenize``,
@@ -29,15 +31,17 @@ PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def parse_arg(arg):
-  """"bf16" | "fp32", optionally with "runlocal" (e.g. ``fp32,runlocal``)."""
+  """"bf16" | "fp32", optionally with "runlocal" and (the single-codebook
+  VQ) "llamagen" (e.g. ``fp32,runlocal``)."""
   a = base.parse_arg(arg, positional=("precision",), precision="bf16",
-                     runlocal=False)
+                     runlocal=False, llamagen=False)
   a.precision = a.precision.lower()
   if a.precision not in PRECISIONS:
     raise ValueError(
         f"Unknown config argument {a.precision!r}; this config takes a "
-        f"precision ({' or '.join(sorted(PRECISIONS))}) and the flag runlocal, "
-        "comma-separated (e.g. --config=configs/X.py:fp32,runlocal).")
+        f"precision ({' or '.join(sorted(PRECISIONS))}) and the flags "
+        "runlocal and (vq_ds16 / vq_ds8) llamagen, comma-separated (e.g. "
+        "--config=configs/X.py:fp32,runlocal).")
   return a
 
 
@@ -126,6 +130,17 @@ def tokenizer_config(model: ml_collections.ConfigDict, arg=None):
   t.ema_decay = 0.0
   t.grad_clip = 1.0
   t.checkpoint_every = 5000
+  if arg.llamagen:
+    # LlamaGen's own launch (train_vq.sh: vq_train.py's defaults): lr 1e-4
+    # for both optimizers, batch 128, 40 epochs of 10,009 steps; the GAN
+    # still from the 20,000th update (2.56M images, not 5.12M).
+    if "branches" in model:
+      raise ValueError(
+          "The config argument llamagen is LlamaGen's recipe for its single-"
+          "codebook VQ (vq_ds16 / vq_ds8); FQGAN trains with its own.")
+    c.optimizer.lr = dc.optimizer.lr = 1e-4
+    t.global_batch_size = 128
+    t.num_steps = 40 * (1_281_167 // 128)
 
   c.evaluate.kind = "tokenizer"   # mode=evaluate: PSNR, SSIM, usage, rFID
   # mode=pretokenize with this tokenizer (run in float32, see base.add_tokenizer).

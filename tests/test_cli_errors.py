@@ -91,8 +91,8 @@ CASES = {
     # A misspelt flag where the config takes a precision first.
     "config_arg_precision": (["--config=configs/fqgan_dual_ds16.py:runlcoal"],
                              r"Unknown config argument 'runlcoal'; this config "
-                             r"takes a precision \(bf16 or fp32\) and the flag "
-                             r"runlocal"),
+                             r"takes a precision \(bf16 or fp32\) and the flags "
+                             r"runlocal and"),
     "config_index": (["--config=configs/fqgan_dual_ds16.py",
                       "--config.teachers[1].path=x"],
                      r"--config.teachers\[1\].path indexes past the end of "

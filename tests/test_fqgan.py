@@ -390,3 +390,20 @@ def test_paper_config_hyper_parameters():
       "sem_mid", "sem_high"]
   with pytest.raises(ValueError, match="fp32"):
     fqgan_dual_ds16.get_config("fp16")
+
+
+def test_the_single_codebook_vq_takes_llamagens_own_launch():
+  """vq_ds16 / vq_ds8 train with FQGAN's recipe; ``:llamagen`` is LlamaGen's
+  train_vq.sh (vq_train.py's defaults: lr 1e-4 for both optimizers, batch
+  128, 40 epochs of 1,281,167 // 128 steps), the rest unchanged."""
+  from configs import vq_ds8, vq_ds16  # pylint: disable=import-outside-toplevel
+  for mod in (vq_ds16, vq_ds8):
+    fq, lg = mod.get_config(), mod.get_config("llamagen")
+    assert (fq.optimizer.lr, fq.train.global_batch_size) == (2e-4, 256)
+    assert (lg.optimizer.lr, lg.disc.optimizer.lr) == (1e-4, 1e-4)
+    assert (lg.train.global_batch_size, lg.train.num_steps) == (128, 400_360)
+    assert lg.loss.to_dict() == fq.loss.to_dict()
+    assert lg.model.to_dict() == fq.model.to_dict()
+    assert mod.get_config("fp32,llamagen").model.dtype == "float32"
+  with pytest.raises(ValueError, match="llamagen is LlamaGen's recipe"):
+    fqgan_dual_ds16.get_config("llamagen")
