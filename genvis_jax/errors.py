@@ -52,6 +52,20 @@ class OutputExistsError(UserError, FileExistsError):
   """An output path already holds data that would be replaced."""
 
 
+class OutputWriteError(UserError, OSError):
+  """An output could not be written (a full disk, a read-only or vanished
+  folder); an ``OSError`` still, so callers that add what was kept catch it
+  (``write_cause`` gives the system's own error to name)."""
+
+
+def write_cause(e: BaseException) -> str:
+  """The first line of the system error behind a failed write ``e`` (the
+  ``OSError`` an ``OutputWriteError`` was raised from, else ``e``)."""
+  if isinstance(e, OutputWriteError) and e.__cause__ is not None:
+    e = e.__cause__
+  return first_line(e)
+
+
 # Weight files (``genvis_jax.convert``): read without torch, so the messages
 # name the path, the format seen and what to do instead.
 

@@ -245,7 +245,12 @@ def test_a_width_of_part_of_a_token_column_is_refused_at_start(spec):
     overrides["model.image_width"] = 72
   config = pc.load_config(spec, **overrides)
   with pytest.raises(ConfigError, match=r"config.data.image_width=72 is not a "
-                     r"multiple of the token width 16 px.*use 64 or 80"):
+                     r"multiple of the token width 16 px.*to 64 or 80"):
+    checks.check_token_width(config, get_task(config))
+  # An unset width is the height: named as the key it came from.
+  config = pc.load_config(spec, **{"data.image_size": 40, "data.image_width": 0})
+  with pytest.raises(ConfigError, match=r"config.data.image_size=40 \(the width: "
+                     r"config.data.image_width is 0, the height\)"):
     checks.check_token_width(config, get_task(config))
   config = pc.load_config(spec, **{"data.image_width": 80})
   checks.check_token_width(config, get_task(config))

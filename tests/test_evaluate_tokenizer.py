@@ -349,7 +349,8 @@ def test_bad_evaluation_settings_are_refused_up_front(tok_config, tmp_path,
     tokenizer.evaluate(config, str(tmp_path))
 
 
-def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path):
+def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path,
+                                                           monkeypatch):
   config, _, seen = tok_config
   config.evaluate.update(dict(num_images=21, batch_size=4))
   with pytest.raises(batching.NotEnoughImages,
@@ -357,6 +358,18 @@ def test_tokenizer_eval_refuses_more_images_than_the_split(tok_config, tmp_path)
     tokenizer.evaluate(config, str(tmp_path))
   config.evaluate.update(dict(num_images=5, dtype=""))   # keep the model's dtype
   tokenizer.evaluate(config, str(tmp_path))
+  # A full disk at the grid: the numbers are written first, not lost with it.
+  import errno  # pylint: disable=import-outside-toplevel
+  from genvis_jax import errors  # pylint: disable=import-outside-toplevel
+  (tmp_path / "metrics.json").unlink()
+  def full(*_):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(tokenizer.metrics_lib, "save_png", full)
+  with pytest.raises(errors.OutputWriteError,
+                     match=r"reconstructions.png failed \(.*No space left.*\); "
+                           r"the numbers are in metrics.json"):
+    tokenizer.evaluate(config, str(tmp_path))
+  assert (tmp_path / "metrics.json").exists()
 
 
 def test_tokenizer_eval_of_all_images_skips_unreadable_files(tok_config, tmp_path):

@@ -103,8 +103,8 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
   shutil.rmtree(os.path.join(wd, "sample_parts"))
   events.clear()
   with pytest.raises(errors.OutputExistsError,
-                     match=r"samples.npz was not assembled from sample parts "
-                           r"of this workdir \(.*sample_parts holds none\)"):
+                     match=r"samples.npz lies beside no sample parts "
+                           r"\(.*sample_parts holds none"):
     driver.sample_and_save(config, wd)
   with open(npz, "rb") as f:
     assert f.read() == kept

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from genvis_jax.core import files
 from genvis_jax.core import settings as settings_lib
-from genvis_jax.errors import UserError
+from genvis_jax.errors import OutputWriteError, UserError, first_line
 
 
 class OtherProcessError(UserError, RuntimeError):
@@ -85,8 +85,17 @@ def write_on_process_0(path: str, write: Callable[[str], object]) -> None:
   """Process 0 writes ``path`` (local or ``gs://``) whole or not at all:
   ``write(tmp)`` fills a local temporary file that then becomes ``path``
   (``files.write_whole``; ``on_process_0``: a failure stops every process).
-  Creates the folder."""
-  on_process_0(lambda: files.write_whole(path, write))
+  Creates the folder. Raises ``errors.OutputWriteError`` (an ``OSError``)
+  naming ``path`` when it cannot be written (a full disk)."""
+
+  def whole():
+    try:
+      files.write_whole(path, write)
+    except OSError as e:
+      raise OutputWriteError(
+          f"Writing {path} failed ({first_line(e)}). Free space (or fix the "
+          "folder) and run the same command.") from e
+  on_process_0(whole)
 
 
 def gather_ints(value: int) -> np.ndarray:

@@ -32,9 +32,9 @@ def write(workdir: str, results: dict, msg: str) -> dict:
   except OSError as e:
     logging.error("The results not written to %s: %s", path,
                   json.dumps(results, sort_keys=True))
-    raise errors.UserError(
+    raise errors.OutputWriteError(
         f"The evaluation finished but {path} could not be written "
-        f"({errors.first_line(e)}). Its numbers: {msg}; every result is in "
+        f"({errors.write_cause(e)}). Its numbers: {msg}; every result is in "
         "the log. Free space (or fix the folder) and run the same command "
         "to write the file.") from e
   print(f"[eval] {msg} (in {path})", flush=True)

@@ -311,9 +311,17 @@ def evaluate(config, workdir: str) -> dict:
   pairs = np.stack([gx, gy], 1).reshape(-1, *gx.shape[1:])
   grid = metrics_lib.make_grid(pairs, ncols=8)
   grid_path = os.path.join(workdir, "reconstructions.png")
-  multihost.on_process_0(lambda: metrics_lib.save_png(grid_path, grid))
-  return report.write(workdir, results,
-                      f"{_summary(results, num_codes)}; grid: {grid_path}")
+  # The numbers first: a grid that cannot be written (a full disk) must not
+  # take them with it.
+  out = report.write(workdir, results,
+                     f"{_summary(results, num_codes)}; grid: {grid_path}")
+  try:
+    multihost.on_process_0(lambda: metrics_lib.save_png(grid_path, grid))
+  except OSError as e:
+    raise errors.OutputWriteError(
+        f"Writing {grid_path} failed ({errors.write_cause(e)}); the numbers "
+        "are in metrics.json beside it.") from e
+  return out
 
 
 def _summary(r: dict, num_codes) -> str:

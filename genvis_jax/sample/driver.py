@@ -382,9 +382,9 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
           parts.path(parts_dir, start),
           functools.partial(np.savez, images=images, labels=labels))
     except OSError as e:   # a full disk, a read-only or vanished folder
-      raise errors.UserError(
+      raise errors.OutputWriteError(
           f"Writing the part of images {start}..{start + n - 1} in "
-          f"{parts_dir} failed ({errors.first_line(e)}); the parts written "
+          f"{parts_dir} failed ({errors.write_cause(e)}); the parts written "
           "before it are kept there. Free space (or fix the folder) and run "
           "the same command to resume from them.") from e
     made += n

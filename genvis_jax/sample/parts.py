@@ -222,7 +222,8 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
       raise SampleSettingsError(weights_lib.readable(
           f"{parts_dir} holds {len(found)} sample parts drawn with other "
           f"settings ({settings_lib.shorten(diff, 5)}). Use a new workdir, or "
-          "delete that folder to start over."))
+          "delete that folder (and the samples.npz / samples.png beside it, "
+          "made from it) to start over."))
     if found and old.get("devices") not in (None, settings.get("devices")):
       logging.warning(
           "%s holds %d sample parts drawn on %d device(s) and this run has %d: "
@@ -321,9 +322,10 @@ def _check_held_in_parts(npz_path: str, parts_dir: str) -> None:
   ``check_settings`` verified, hold or redraw the earlier set's images.)"""
   if epath.Path(npz_path).exists() and not _listed(parts_dir):
     raise errors.OutputExistsError(
-        f"{npz_path} was not assembled from sample parts of this workdir "
-        f"({parts_dir} holds none), and this run would replace it. Move it "
-        "out of the workdir (or delete it), or sample into another --workdir.")
+        f"{npz_path} lies beside no sample parts ({parts_dir} holds none: a "
+        "file copied in, or its parts deleted), so nothing would draw its "
+        "images again, and this run would replace it. Move it out of the "
+        "workdir (or delete it), or sample into another --workdir.")
 
 
 def assemble(workdir: str, num_samples: int) -> dict:
@@ -353,9 +355,9 @@ def assemble(workdir: str, num_samples: int) -> dict:
   try:
     multihost.on_process_0(lambda: _write_samples(workdir, num_samples, out))
   except OSError as e:
-    raise errors.UserError(
+    raise errors.OutputWriteError(
         f"Joining the sample parts into {out['npz']} failed "
-        f"({errors.first_line(e)}); every part is kept in "
+        f"({errors.write_cause(e)}); every part is kept in "
         f"{directory(workdir)}. Free space (or fix the folder) and run the "
         "same command: it joins them again, drawing nothing.") from e
   return out

@@ -82,12 +82,18 @@ def check_token_width(config, task) -> None:
   model = task.model if hasattr(task.model, "token_width") else (
       getattr(task, "tokenizer", None))
   unit = getattr(model, "token_width", None)
-  width = config.data.get("image_width", 0) or config.data.get("image_size", 0)
+  key = "image_width" if config.data.get("image_width", 0) else "image_size"
+  width = config.data.get(key, 0)
   if unit and width and width % unit:
+    where = ("" if key == "image_width" else
+             " (the width: config.data.image_width is 0, the height)")
+    also = (" (and config.model.image_width to match)"
+            if "image_width" in config.model else "")
     raise errors.ConfigError(
-        f"config.data.image_width={width} is not a multiple of the token "
-        f"width {unit} px (one token per {unit}-px column): use "
-        f"{width // unit * unit or unit} or {(width // unit + 1) * unit}.")
+        f"config.data.{key}={width}{where} is not a multiple of the token "
+        f"width {unit} px (one token per {unit}-px column): set "
+        f"config.data.image_width{also} to {width // unit * unit or unit} or "
+        f"{(width // unit + 1) * unit}.")
 
 
 def check_intervals(train) -> None:
