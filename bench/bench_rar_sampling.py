@@ -279,7 +279,11 @@ def _aot(fn, *args):
 
 def time_interleaved(runs: dict, repeats: int):
   """Runs every compiled ``runs[mode]()`` once per repeat, modes interleaved
-  (so load drift hits them alike); returns ``(times, last outputs)``."""
+  (so load drift hits them alike), after one untimed run each (a first run
+  carries one-off costs: 1.35x the floor where warm runs gave 0.92x);
+  returns ``(times, last outputs)``."""
+  for f in runs.values():
+    jax.block_until_ready(f())
   times, outs = {m: [] for m in runs}, {}
   for r in range(repeats):
     for mode, f in runs.items():

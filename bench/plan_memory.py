@@ -77,7 +77,13 @@ def load_config(spec: str):
   module_spec = importlib.util.spec_from_file_location(name, full)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  config = module.get_config(arg or None)
+  if "stages" in config:   # a demo: no one model, mesh or batch to plan
+    raise ValueError(
+        f"{spec} runs stages ({', '.join(config.stages)}), each its own "
+        "config: plan a single-model config instead (e.g. configs/far_demo.py, "
+        "configs/eq_demo.py), or the paper config a stage shrinks.")
+  return config
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -87,6 +87,10 @@ def test_bad_mesh_flag():
   # data left out takes the devices the others leave, as the configs' -1.
   assert pm.parse_mesh("fsdp=8") == {"data": -1, "fsdp": 8, "tensor": 1}
   assert pm.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
+  # A demo of stages has no one model to plan: said, not a traceback.
+  with pytest.raises(ValueError, match=r"configs/demo.py runs stages .*"
+                                       r"plan a single-model config"):
+    pm.load_config("configs/demo.py")
 
 
 def test_a_config_that_cannot_run_is_reported_whole(capsys):
