@@ -206,6 +206,7 @@ def test_a_lease_is_renewed_and_a_lost_one_is_left_alone(tmp_path, monkeypatch,
   import json
   import logging
   import time
+  from genvis_jax.core import files
   from genvis_jax.core import lease as lease_lib
   root = _bucket(tmp_path, monkeypatch)
   path = root / "b" / "wd" / lease_lib.LEASE_NAME
@@ -219,7 +220,13 @@ def test_a_lease_is_renewed_and_a_lost_one_is_left_alone(tmp_path, monkeypatch,
   # Another run took it over (this one was taken to be gone): this one says
   # so, stops renewing, and does not delete the other's lease.
   with caplog.at_level(logging.ERROR):
-    path.write_text(json.dumps({"what": "other", "renewed": time.time()}))
+    # Written through TensorStore, as a run writes it: its file store takes
+    # a lock around each write, where a plain file write could land between
+    # a renewal's check and its rename and be overwritten (a loaded machine
+    # did that; a bucket's conditional writes are atomic).
+    other = lease_lib.ts.KvStore.open(files.kvstore_url("gs://b/wd")).result()
+    other.write(lease_lib.LEASE_NAME, json.dumps(
+        {"what": "other", "renewed": time.time()}).encode()).result()
     held._thread.join(timeout=30)   # pylint: disable=protected-access
     assert not held._thread.is_alive(), "the lost lease was not noticed"  # pylint: disable=protected-access
     held.release()
