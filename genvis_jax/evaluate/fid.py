@@ -373,7 +373,7 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
     ValueError: not two (N, D) matrices of one D, or N <= k.
     ConfigError: ``distance_dtype`` not one of ``DISTANCE_DTYPES``.
   """
-  check_distance_dtype(distance_dtype)
+  dtype = check_distance_dtype(distance_dtype)   # before any distance
   ref = np.asarray(ref_features, np.float32)
   sam = np.asarray(sample_features, np.float32)
   if ref.ndim != 2 or sam.ndim != 2 or ref.shape[1] != sam.shape[1]:
@@ -383,7 +383,6 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
             distance_dtype=distance_dtype, mesh=mesh)
   ref_r = manifold_radii(ref, k, **kw)
   sam_r = manifold_radii(sam, k, **kw)
-  dtype = jnp.dtype(distance_dtype)
   b = _Blocks(len(sam), len(ref), row_block, col_block, mesh)
   sam_in = np.zeros(len(sam), bool)   # inside a reference ball: precision
   ref_in = np.zeros(len(ref), bool)   # inside a sample ball: recall

@@ -146,9 +146,7 @@ class FeatPredHead(nn.Module):
           f"+ 1, got a {h}x{w} grid.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.reshape(b, h * w, d).astype(self.dtype)
-    # nn.Linear's default init (the official sets none).
-    init = dict(kernel_init=layers.torch_kernel_init,
-                bias_init=layers.torch_bias_init)
+    init = layers.inits("torch")   # nn.Linear's default (the official sets none)
     x = layers.dense(self.width, ("codebook_dim", "embed"), name="upscale_0",
                      **init, **kw)(x)
     x = layers.dense(self.width, ("mlp", "embed"), name="upscale_2",

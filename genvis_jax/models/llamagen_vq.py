@@ -36,7 +36,7 @@ from genvis_jax.models.quantizers import VectorQuantizer
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1
 # The official sets no init of its own: every conv starts from PyTorch's
 # default (``layers.torch_kernel_init`` / ``torch_bias_init``).
-TORCH_INIT = layers.conv_inits("torch")
+TORCH_INIT = layers.inits("torch")
 # ResnetBlock's other defaults are LlamaGen's: torch zero padding, biases,
 # the 1x1 shortcut on the block input.
 BLOCK = FrozenDict(conv_init="torch")

@@ -191,6 +191,26 @@ def _concrete_values(x) -> list[np.ndarray] | None:
   return [np.asarray(x)]
 
 
+def check_image_size(config) -> None:
+  """Raises ``ConfigError`` when ``config.data.image_size`` of a generator
+  trained on images (the Equivariant one encodes them) is not the size the
+  tokenizer decodes: sampling draws at the tokenizer's size and reads no
+  ``data.*`` setting, so a 64 px request drew 32 px images without a word.
+  (Token data carries no image size: its ``data.image_size`` is unread.)"""
+  tok = (config.get("tokenizer") or {}).get("model") or {}
+  key = next((k for k in ("image_size", "resolution") if tok.get(k)), None)
+  data = config.get("data") or {}
+  asked = data.get("image_size") if data.get("source") != "tokens" else None
+  if key and asked and asked != tok[key]:
+    width = (" (the width: config.sample.num_columns)"
+             if "num_columns" in config.sample else "")
+    raise errors.ConfigError(
+        f"config.data.image_size={asked}, but the tokenizer decodes "
+        f"{tok[key]} px images (config.tokenizer.model.{key}): samples are "
+        f"drawn at the size the models were trained at{width}. Leave "
+        f"config.data.image_size at {tok[key]}.")
+
+
 def check_labels(labels, null_label: int):
   """int (B,) class labels -> int32 (B,) (a jax array keeps its sharding, on
   Auto axes: ``_on_auto_axes``).
@@ -203,7 +223,7 @@ def check_labels(labels, null_label: int):
   ``ConfigError`` (a ``ValueError``) for labels that are not integers, not
   1-D or out of range.
   """
-  dtype = getattr(labels, "dtype", None) or np.asarray(labels).dtype
+  dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
   if not jnp.issubdtype(dtype, jnp.integer):
     # A cast would truncate 1.7 to class 1 without a word.
     raise errors.ConfigError(f"labels must be integer classes, got {dtype}.")

@@ -304,7 +304,7 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
         "draws the images of its low 32 bits.")
   common.check_dtype(common.config_dtype(s))   # before the weights load
   common.check_configured(_sampler_module(config.model.name), s)
-  _check_image_size(config)
+  common.check_image_size(config)
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
@@ -432,26 +432,6 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
     if pending is not None:
       write(pending[0](), *pending[1:])
   return parts.assemble(workdir, s.num_samples)   # the others wait for it
-
-
-def _check_image_size(config) -> None:
-  """Raises ``ConfigError`` when ``config.data.image_size`` of a generator
-  trained on images (the Equivariant one encodes them) is not the size the
-  tokenizer decodes: sampling draws at the tokenizer's size and reads no
-  ``data.*`` setting, so a 64 px request drew 32 px images without a word.
-  (Token data carries no image size: its ``data.image_size`` is unread.)"""
-  tok = (config.get("tokenizer") or {}).get("model") or {}
-  key = next((k for k in ("image_size", "resolution") if tok.get(k)), None)
-  data = config.get("data") or {}
-  asked = data.get("image_size") if data.get("source") != "tokens" else None
-  if key and asked and asked != tok[key]:
-    width = (" (the width: config.sample.num_columns)"
-             if "num_columns" in config.sample else "")
-    raise errors.ConfigError(
-        f"config.data.image_size={asked}, but the tokenizer decodes "
-        f"{tok[key]} px images (config.tokenizer.model.{key}): samples are "
-        f"drawn at the size the models were trained at{width}. Leave "
-        f"config.data.image_size at {tok[key]}.")
 
 
 def gathers_on_devices() -> bool:

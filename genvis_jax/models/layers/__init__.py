@@ -69,20 +69,20 @@ def torch_bias_init(key, shape, dtype=jnp.float32, fan_in: int = 1):
 
 torch_bias_init.takes_fan_in = True   # functools.wraps keeps it on `named`
 
-# The conv initialisers by family: "lecun" (flax's default: MaskGIT's JAX
-# VQGAN) or "torch" (PyTorch's default, above).
-CONV_INITS = {"lecun": dict(kernel_init=conv_kernel_init, bias_init=zeros),
-              "torch": dict(kernel_init=torch_kernel_init,
-                            bias_init=torch_bias_init)}
+# The Dense / Conv initialisers by family: "lecun" (flax's default: MaskGIT's
+# JAX VQGAN) or "torch" (PyTorch's nn.Linear / nn.Conv default, above).
+INITS = {"lecun": dict(kernel_init=conv_kernel_init, bias_init=zeros),
+         "torch": dict(kernel_init=torch_kernel_init,
+                       bias_init=torch_bias_init)}
 
 
-def conv_inits(init: str) -> dict:
-  """``kernel_init`` / ``bias_init`` of the conv family ``init`` (a key of
-  ``CONV_INITS``); ``ConfigError`` otherwise."""
-  if init not in CONV_INITS:
-    raise ConfigError(f"Unknown conv init {init!r}; choose one of "
-                      f"{tuple(CONV_INITS)}.")
-  return CONV_INITS[init]
+def inits(family: str) -> dict:
+  """``kernel_init`` / ``bias_init`` of a ``Dense`` / ``Conv`` of ``family``
+  (a key of ``INITS``); ``ConfigError`` otherwise."""
+  if family not in INITS:
+    raise ConfigError(f"Unknown initialiser family {family!r}; choose one of "
+                      f"{tuple(INITS)}.")
+  return INITS[family]
 
 CONV_NAMES = (None, None, "conv_in", "conv_out")
 
@@ -159,7 +159,7 @@ def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides=1,
 
   ``padding="SAME"`` is TensorFlow SAME: the extra pixel of an odd total pad
   goes bottom/right (what MaskGIT's VQGAN was trained with). Initialisers:
-  ``conv_inits`` names the families (PyTorch's: ``**conv_inits("torch")``).
+  ``inits`` names the families (PyTorch's: ``**inits("torch")``).
   """
   ks = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
   st = (strides,) * 2 if isinstance(strides, int) else tuple(strides)

@@ -66,7 +66,7 @@ def conv1d_layer(features: int, name: str, *, kernel_size: int = 3,
                  dtype=jnp.float32, param_dtype=jnp.float32) -> layers.Conv:
   """Conv1d over tokens, kernel (k, in, out), PyTorch's default init; call
   on reflect-padded input."""
-  init = layers.conv_inits("torch")
+  init = layers.inits("torch")
   return layers.Conv(features, (kernel_size,), padding="VALID", dtype=dtype,
                      param_dtype=param_dtype, use_bias=False,
                      kernel_init=layers.named(init["kernel_init"],

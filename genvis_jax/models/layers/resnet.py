@@ -59,7 +59,7 @@ def conv2d(x, features: int, name: str, *, kernel_size: int = 3,
   zero padding), "torch" (zero padding ``k // 2``) or "reflect" (torch
   ``padding_mode="reflect"``: the edge pixel is not repeated); another value
   raises ``ConfigError``. ``conv_init``: the initialiser family
-  (``layers.conv_inits``). Output in ``dtype``.
+  (``layers.inits``). Output in ``dtype``.
   """
   mode = conv_padding(padding, kernel_size)
   pad = kernel_size // 2
@@ -67,7 +67,7 @@ def conv2d(x, features: int, name: str, *, kernel_size: int = 3,
     x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
   return layers.conv(features, kernel_size, padding=mode, use_bias=use_bias,
                      dtype=dtype, param_dtype=param_dtype, name=name,
-                     **layers.conv_inits(conv_init))(x)
+                     **layers.inits(conv_init))(x)
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
@@ -85,7 +85,7 @@ class ResnetBlock(nn.Module):
   Fields:
     padding: "same" | "torch" | "reflect" for the 3x3 convs (see ``conv2d``).
     use_bias: biases on conv1, conv2 and shortcut (MaskGIT: False).
-    conv_init: the convs' initialisers, ``layers.conv_inits`` (MaskGIT's JAX
+    conv_init: the convs' initialisers, ``layers.inits`` (MaskGIT's JAX
       VQGAN: "lecun"; the PyTorch tokenizers: "torch").
     shortcut_from: when C_in != out_channels a 1x1 conv ``shortcut`` makes the
       residual. "input" (taming / LDM / LlamaGen / Equivariant): returns
@@ -150,7 +150,7 @@ class AttnBlock(nn.Module):
     b, h, w, c = x.shape
     y = layers.group_norm(uniform_guard=self.uniform_guard, name="norm",
                           **kw)(x)
-    kw.update(layers.conv_inits(self.conv_init))
+    kw.update(layers.inits(self.conv_init))
     q, k, v = (layers.conv(c, 1, name=n, **kw)(y).reshape(b, h * w, 1, c)
                for n in ("q", "k", "v"))
     out = dot_product_attention(q, k, v, scale=c ** -0.5).reshape(b, h, w, c)
@@ -168,8 +168,15 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return conv2d(upsample_nearest_2x(x), x.shape[-1], "conv",
-                  padding=self.padding, conv_init=self.conv_init, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  padding=self.padding, conv_init=self.conv_init,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+def attn_options(block) -> dict:
+  """The ``AttnBlock`` fields a level's ``ResnetBlock`` options ``block``
+  decide too (its norms' guard, its convs' initialisers)."""
+  return dict(uniform_guard=block.get("uniform_guard", False),
+              conv_init=block.get("conv_init", "lecun"))
 
 
 def remat_block(cls, remat: str):
@@ -191,10 +198,8 @@ def mid_stack(x: jax.Array, train: bool, *, block=FrozenDict(),
   res = remat_block(ResnetBlock, remat)
   c = x.shape[-1]
   x = res(c, dropout, **block, name=names[0], **kw)(x, train)
-  x = remat_block(AttnBlock, remat)(
-      uniform_guard=block.get("uniform_guard", False),
-      conv_init=block.get("conv_init", "lecun"), name=names[1],
-      **kw)(x, train)
+  x = remat_block(AttnBlock, remat)(**attn_options(block), name=names[1],
+                                    **kw)(x, train)
   return res(c, dropout, **block, name=names[2], **kw)(x, train)
 
 
@@ -211,9 +216,8 @@ class Level(nn.Module):
     block: ``ResnetBlock`` options (MaskGIT: ``padding="same",
       use_bias=False, shortcut_from="output"``; Equivariant:
       ``padding="reflect", uniform_guard=True, conv_init="torch"``;
-      LlamaGen: ``conv_init="torch"``); ``uniform_guard`` and
-      ``conv_init`` reach the
-      ``AttnBlock`` s too.
+      LlamaGen: ``conv_init="torch"``); ``attn_options`` takes the
+      ``AttnBlock`` s' from them.
     block_name: the res blocks' name prefix ("block"; LlamaGen's is "res").
     resample: None, or (submodule name, module class or partial taking
       ``name``, ``dtype`` and ``param_dtype``): each family's own resampler
@@ -249,10 +253,7 @@ class Level(nn.Module):
       x = res(self.out_channels, self.dropout, **self.block,
               name=f"{self.block_name}_{j}", **kw)(x, train)
       if self.attn:
-        x = attn(uniform_guard=self.block.get("uniform_guard", False),
-                 conv_init=self.block.get("conv_init", "lecun"),
-                 name=f"attn_{j}",
-                 **kw)(x, train)
+        x = attn(**attn_options(self.block), name=f"attn_{j}", **kw)(x, train)
     if self.resample is None:
       return x, x
     name, resampler = self.resample

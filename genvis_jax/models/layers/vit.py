@@ -95,8 +95,7 @@ class Block(nn.Module):
     if self.torch_init:
       attn_init = dict(kernel_init=layers.xavier_uniform,
                        out_init=layers.torch_kernel_init)
-      mlp_init = dict(kernel_init=layers.torch_kernel_init,
-                      bias_init=layers.torch_bias_init)
+      mlp_init = layers.inits("torch")
     y = Attention(self.num_heads, fused_qkv=self.fused_qkv, name="attn",
                   **attn_init, **kw)(
         layer_norm(self.norm_eps, name="norm1", **kw)(x))
