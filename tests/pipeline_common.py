@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from genvis_jax import modes
+from genvis_jax.evaluate import adm_reference
 from tests import multihost_common
 
 ROOT = multihost_common.ROOT
@@ -176,8 +177,7 @@ def evaluate_generation(spec: str, workdir: str, samples_npz: str,
       "evaluate.inception": inception, "evaluate.num_images": 32,
       "evaluate.batch_size": 16})
   reference = made["reference"]
-  from genvis_jax.evaluate import reference as ref_lib  # pylint: disable=import-outside-toplevel
-  ref = ref_lib.load_reference(reference)
+  ref = adm_reference.load_reference(reference)
   assert (ref.num_images, len(ref.images), ref.preprocess) == (32, 32, "adm_tf")
   m = run_mode(spec, os.path.join(workdir, "eval"), **{
       "mode": "evaluate", "evaluate.kind": "generation",

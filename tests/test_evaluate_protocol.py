@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from genvis_jax.errors import UserError
-from genvis_jax.evaluate import batching, fid, generation, reference
+from genvis_jax.evaluate import (adm_reference, batching, fid, generation,
+                                 reference)
 from tests import metric_refs
 
 
@@ -150,7 +151,7 @@ def test_compute_reference_exact_count_and_record(tmp_path, batch):
   path = reference.compute_reference(config.data, None, str(tmp_path / "r.npz"),
                                      split="validation", num_images=13,
                                      num_stored_images=5, extractor=ex)
-  ref = reference.load_reference(path)
+  ref = adm_reference.load_reference(path)
   src = DemoSource("validation", num_examples=20)
   want = metric_refs.FakeExtractor(13)(np.stack([src[i]["image"] for i in range(13)]))
   mu, sigma = metric_refs.feature_stats(want["pool"])
@@ -183,8 +184,8 @@ def test_python_reference_resizes_as_the_command_line(tmp_path, monkeypatch):
   path = reference.compute_reference(config.data, None, str(tmp_path / "r.npz"),
                                      split="validation", num_images=4,
                                      batch_size=4)
-  assert made["preprocess"] == reference.ADM_PREPROCESS == "adm_tf"
-  assert reference.load_reference(path).preprocess == "adm_tf"
+  assert made["preprocess"] == adm_reference.ADM_PREPROCESS == "adm_tf"
+  assert adm_reference.load_reference(path).preprocess == "adm_tf"
 
 
 def test_reference_of_all_images_skips_unreadable_files(tmp_path):
@@ -206,7 +207,7 @@ def test_reference_of_all_images_skips_unreadable_files(tmp_path):
   path = reference.compute_reference(config.data, None, str(tmp_path / "r.npz"),
                                      split="validation", num_images=0,
                                      extractor=ex)
-  ref = reference.load_reference(path)
+  ref = adm_reference.load_reference(path)
   mu, sigma = metric_refs.feature_stats(metric_refs.FakeExtractor(6)(images)["pool"])
   assert ref.num_images == 6
   np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
@@ -225,59 +226,60 @@ def _save_stats(path, d_pool, d_spatial, images=True, **record):
             sigma_s=np.eye(d_spatial))
   if images:
     kw["images"] = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
-  return reference.load_reference(reference.save_reference(str(path), **kw,
-                                                           **record))
+  return adm_reference.load_reference(
+      adm_reference.save_reference(str(path), **kw, **record))
 
 
 def test_adm_format_reference_selects_adm_tf(tmp_path):
   # ADM's layout: arr_0 + 2048-d mu/sigma + 2023-d mu_s/sigma_s, no record.
   ref = _save_stats(tmp_path / "VIRTUAL_imagenet256_labeled.npz", 2048, 2023)
   assert ref.origin == "adm"
-  assert reference.resolve_preprocess(ref, "auto") == "adm_tf"
-  assert reference.resolve_preprocess(ref, "adm_tf") == "adm_tf"
-  with pytest.raises(reference.ProtocolMismatch) as e:
-    reference.resolve_preprocess(ref, "pytorch_fid")
+  assert adm_reference.resolve_preprocess(ref, "auto") == "adm_tf"
+  assert adm_reference.resolve_preprocess(ref, "adm_tf") == "adm_tf"
+  with pytest.raises(adm_reference.ProtocolMismatch) as e:
+    adm_reference.resolve_preprocess(ref, "pytorch_fid")
   msg = str(e.value)
   for word in ("adm_tf", "pytorch_fid", "ADM", "config.evaluate.preprocess=auto"):
     assert word in msg
   assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
   # The same statistics without the images: still ADM's layers (2023-d sFID).
-  stats_only = reference.Reference(
+  stats_only = adm_reference.Reference(
       "adm_stats.npz", mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s,
       sigma_s=ref.sigma_s)
   assert stats_only.origin == "adm"
-  assert reference.resolve_preprocess(stats_only) == "adm_tf"
+  assert adm_reference.resolve_preprocess(stats_only) == "adm_tf"
 
 
 def test_recorded_unknown_and_images_only_references(tmp_path, caplog):
   rec = _save_stats(tmp_path / "rec.npz", 6, 3, preprocess="pytorch_fid",
                     inception_weights="aa11", num_images=50)
   assert rec.origin == "recorded" and rec.num_images == 50
-  assert reference.resolve_preprocess(rec, "auto") == "pytorch_fid"
-  with pytest.raises(reference.ProtocolMismatch, match=r"'pytorch_fid'.*'adm_tf'"):
-    reference.resolve_preprocess(rec, "adm_tf")
-  reference.check_inception_weights(rec, "aa11")
-  reference.check_inception_weights(rec, None)     # weights not known: no check
-  with pytest.raises(reference.ProtocolMismatch, match=r"aa11.*bb22"):
-    reference.check_inception_weights(rec, "bb22")
-  with pytest.raises(reference.ProtocolMismatch, match="Unknown"):
-    reference.resolve_preprocess(rec, "bicubic")
+  assert adm_reference.resolve_preprocess(rec, "auto") == "pytorch_fid"
+  with pytest.raises(adm_reference.ProtocolMismatch,
+                     match=r"'pytorch_fid'.*'adm_tf'"):
+    adm_reference.resolve_preprocess(rec, "adm_tf")
+  adm_reference.check_inception_weights(rec, "aa11")
+  adm_reference.check_inception_weights(rec, None)  # weights unknown: no check
+  with pytest.raises(adm_reference.ProtocolMismatch, match=r"aa11.*bb22"):
+    adm_reference.check_inception_weights(rec, "bb22")
+  with pytest.raises(adm_reference.ProtocolMismatch, match="Unknown"):
+    adm_reference.resolve_preprocess(rec, "bicubic")
 
   unknown = _save_stats(tmp_path / "unknown.npz", 6, 3)   # no record, not ADM
   assert unknown.origin == "unknown"
   caplog.set_level(logging.WARNING)
-  assert reference.resolve_preprocess(unknown, "auto") == "pytorch_fid"
+  assert adm_reference.resolve_preprocess(unknown, "auto") == "pytorch_fid"
   assert "unknown origin" in caplog.text
   caplog.clear()
-  assert reference.resolve_preprocess(unknown, "adm_tf") == "adm_tf"
+  assert adm_reference.resolve_preprocess(unknown, "adm_tf") == "adm_tf"
   assert "unknown origin" in caplog.text
 
   caplog.clear()
   np.savez(tmp_path / "imgs.npz", np.zeros((3, 8, 8, 3), np.uint8))
-  imgs = reference.load_reference(str(tmp_path / "imgs.npz"))
+  imgs = adm_reference.load_reference(str(tmp_path / "imgs.npz"))
   assert imgs.origin == "images"
-  assert reference.resolve_preprocess(imgs, "auto") == "pytorch_fid"
-  assert reference.resolve_preprocess(imgs, "adm_tf") == "adm_tf"
+  assert adm_reference.resolve_preprocess(imgs, "auto") == "pytorch_fid"
+  assert adm_reference.resolve_preprocess(imgs, "adm_tf") == "adm_tf"
   assert "unknown origin" not in caplog.text
 
 
@@ -286,7 +288,7 @@ def test_evaluate_samples_follows_and_enforces_the_record(tmp_path):
   samples, other = metric_refs.images(rng, 12), metric_refs.images(rng, 12, shift=40)
   np.savez(tmp_path / "s.npz", samples)
   feats = metric_refs.FakeExtractor(12)(other)
-  reference.save_reference(
+  adm_reference.save_reference(
       str(tmp_path / "r.npz"), images=other, preprocess="adm_tf",
       inception_weights="w1", num_images=12,
       **dict(zip(("mu", "sigma"), metric_refs.feature_stats(feats["pool"]))),
@@ -296,12 +298,12 @@ def test_evaluate_samples_follows_and_enforces_the_record(tmp_path):
   res = generation.evaluate_samples(str(tmp_path / "s.npz"),
                                      str(tmp_path / "r.npz"), extractor=ex)
   assert res["preprocess"] == "adm_tf" and res["fid"] > 0
-  with pytest.raises(reference.ProtocolMismatch, match="pytorch_fid"):
+  with pytest.raises(adm_reference.ProtocolMismatch, match="pytorch_fid"):
     generation.evaluate_samples(str(tmp_path / "s.npz"),
                                  str(tmp_path / "r.npz"), extractor=ex,
                                  preprocess="pytorch_fid")
   ex.weights_id = "w2"
-  with pytest.raises(reference.ProtocolMismatch, match="w1"):
+  with pytest.raises(adm_reference.ProtocolMismatch, match="w1"):
     generation.evaluate_samples(str(tmp_path / "s.npz"),
                                  str(tmp_path / "r.npz"), extractor=ex)
   # A set against itself: exactly 0, never negative.

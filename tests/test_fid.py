@@ -13,8 +13,8 @@ from PIL import Image
 from scipy import linalg
 
 from genvis_jax.core import sharding
-from genvis_jax.evaluate import (batching, fid, generation, image_metrics, npz,
-                                 protocols, reference)
+from genvis_jax.evaluate import (adm_reference, batching, fid, generation,
+                                 image_metrics, npz, protocols)
 from tests import metric_refs
 
 
@@ -239,7 +239,7 @@ def test_evaluate_samples_pipeline(tmp_path):
   other = metric_refs.images(rng, 30, shift=60)
   out = [ex(other[i:i + 6]) for i in range(0, 30, 6)]
   cat = {k: np.concatenate([o[k] for o in out]) for k in feats}
-  reference.save_reference(
+  adm_reference.save_reference(
       str(tmp_path / "ref.npz"), images=other,
       **dict(zip(("mu", "sigma"), fid.feature_stats(cat["pool"]))),
       **dict(zip(("mu_s", "sigma_s"), fid.feature_stats(cat["spatial"]))))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from genvis_jax.errors import UserError
-from genvis_jax.evaluate import npz, reference
+from genvis_jax.evaluate import adm_reference, npz, reference
 from tests import metric_refs
 
 
@@ -17,11 +17,11 @@ def test_reference_npz_roundtrip_and_streaming(tmp_path):
   images = rng.integers(0, 256, (10, 6, 5, 3), dtype=np.uint8)
   mu, sigma = metric_refs.random_stats(rng, 4)
   mu_s, sigma_s = metric_refs.random_stats(rng, 3)
-  path = reference.save_reference(str(tmp_path / "ref.npz"), mu=mu, sigma=sigma,
-                                  mu_s=mu_s, sigma_s=sigma_s, images=images,
-                                  pool_features=np.ones((10, 4)),
-                                  preprocess="adm_tf")
-  ref = reference.load_reference(path)
+  path = adm_reference.save_reference(
+      str(tmp_path / "ref.npz"), mu=mu, sigma=sigma, mu_s=mu_s,
+      sigma_s=sigma_s, images=images, pool_features=np.ones((10, 4)),
+      preprocess="adm_tf")
+  ref = adm_reference.load_reference(path)
   np.testing.assert_array_equal(ref.mu, mu)
   np.testing.assert_array_equal(ref.sigma_s, sigma_s)
   assert ref.preprocess == "adm_tf" and ref.pool_features.shape == (10, 4)
@@ -49,21 +49,21 @@ def test_reference_errors(tmp_path):
   with pytest.raises(ValueError, match="arr_0"):
     npz.open_images(str(tmp_path / "other.npz"))
   with pytest.raises(ValueError, match="not an ADM reference"):
-    reference.load_reference(str(tmp_path / "other.npz"))
+    adm_reference.load_reference(str(tmp_path / "other.npz"))
   np.savez(tmp_path / "partial.npz", mu=np.zeros(3), sigma=np.eye(3))
   with pytest.raises(ValueError, match=r"not all of .* a pytorch-fid / "
                      r"torch-fidelity file of mu and sigma .*kind=reference"):
-    reference.load_reference(str(tmp_path / "partial.npz"))
+    adm_reference.load_reference(str(tmp_path / "partial.npz"))
   with pytest.raises(FileNotFoundError, match="kind=reference"):
-    reference.load_reference(str(tmp_path / "missing.npz"))
+    adm_reference.load_reference(str(tmp_path / "missing.npz"))
   stats = dict(mu=np.zeros(3), sigma=np.eye(3), mu_s=np.zeros(2), sigma_s=np.eye(2))
   np.savez(tmp_path / "nan.npz", **{**stats, "mu": np.array([0.0, np.nan, 0.0])})
   with pytest.raises(npz.NpzContentError, match=r"'mu' holds NaN or Inf"):
-    reference.load_reference(str(tmp_path / "nan.npz"))
+    adm_reference.load_reference(str(tmp_path / "nan.npz"))
   np.savez(tmp_path / "square.npz", **{**stats, "sigma_s": np.eye(3)})
   with pytest.raises(npz.NpzContentError, match=r"mu_s \(2,\) and sigma_s "
                      r"\(3, 3\) are not a mean vector and its covariance"):
-    reference.load_reference(str(tmp_path / "square.npz"))
+    adm_reference.load_reference(str(tmp_path / "square.npz"))
   # A sampling workdir named instead of its samples.npz: the file suggested.
   (tmp_path / "run").mkdir()
   np.savez(tmp_path / "run" / "samples.npz", np.zeros((2, 4, 4, 3), np.uint8))
@@ -81,7 +81,7 @@ def test_reference_errors(tmp_path):
         "samples": str(tmp_path / "unlabelled.npz")}}), str(tmp_path))
   # The errors a user causes are UserErrors: one line, no traceback.
   with pytest.raises(UserError, match="not an ADM reference batch"):
-    reference.load_reference(str(tmp_path / "other.npz"))
+    adm_reference.load_reference(str(tmp_path / "other.npz"))
 
 
 def test_reference_kind_needs_inception_weights_and_a_known_resize(tmp_path):
@@ -116,14 +116,16 @@ def test_reference_kind_on_a_host_whose_workdir_holds_no_file(tmp_path,
   config.evaluate.kind = "reference"
   config.evaluate.inception = "/weights/inception"
   host0 = tmp_path / "host0" / "reference.npz"
-  reference.save_reference(str(host0), mu=np.zeros(4), sigma=np.eye(4),
-                           mu_s=np.zeros(2), sigma_s=np.eye(2), num_images=7)
+  adm_reference.save_reference(str(host0), mu=np.zeros(4), sigma=np.eye(4),
+                               mu_s=np.zeros(2), sigma_s=np.eye(2),
+                               num_images=7)
   monkeypatch.setattr(inception, "load_inception_params", lambda path: {})
   monkeypatch.setattr(reference, "compute_reference",
                       lambda data, params, path, **kw: path)   # wrote nothing
   monkeypatch.setattr(multihost.jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost.jax, "process_index", lambda: 1)
-  said = json.dumps([7, reference.describe(reference.load_reference(str(host0)))])
+  said = json.dumps(
+      [7, adm_reference.describe(adm_reference.load_reference(str(host0)))])
   sent = []    # process 0's: no error (on_process_0), the summary, no error
 
   def broadcast(strings, size=0):
@@ -146,7 +148,7 @@ def test_compute_reference_from_demo_split(tmp_path):
   path = reference.compute_reference(
       config.data, None, str(tmp_path / "demo_ref.npz"), split="validation",
       num_images=20, num_stored_images=12, extractor=ex)
-  ref = reference.load_reference(path)
+  ref = adm_reference.load_reference(path)
   src = DemoSource("validation")
   want = np.stack([src[i]["image"] for i in range(20)])
   stored = np.concatenate(list(ref.images.batches(5)))

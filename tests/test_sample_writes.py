@@ -169,16 +169,16 @@ def test_a_full_disk_stops_with_the_fix_and_keeps_what_was_made(
 
   # Any writer through multihost.write_on_process_0 (reference.npz after a
   # pass over the split) names the file and the fix.
-  from genvis_jax.evaluate import reference
+  from genvis_jax.evaluate import adm_reference
   def fills(*_, **__):
     raise full
-  monkeypatch.setattr(reference.np, "savez", fills)
+  monkeypatch.setattr(adm_reference.np, "savez", fills)
   with pytest.raises(errors.OutputWriteError,
                      match=r"Writing .*ref.npz failed \(.*No space left.*\)\. "
                            r"Free space"):
-    reference.save_reference(str(tmp_path / "ref.npz"), mu=np.zeros(2),
-                             sigma=np.eye(2), mu_s=np.zeros(2),
-                             sigma_s=np.eye(2))
+    adm_reference.save_reference(str(tmp_path / "ref.npz"), mu=np.zeros(2),
+                                 sigma=np.eye(2), mu_s=np.zeros(2),
+                                 sigma_s=np.eye(2))
   monkeypatch.undo()
   monkeypatch.setattr(report.multihost, "write_on_process_0", no_room)
   with pytest.raises(errors.UserError,

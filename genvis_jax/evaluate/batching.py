@@ -8,13 +8,16 @@ smaller evaluation or a bare ``StopIteration``. Only a request for all images
 (count 0) covers what the source yields, as an image folder skips files that
 do not decode; the evaluators log how many were skipped. (``pad_batch`` and
 ``map_padded``, a jitted program over padded batches: ``core/padded.py``.)
+``ProgressLog`` logs the rate and ETA of a long pass.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Iterator
 
 import numpy as np
+from absl import logging
 
 from genvis_jax.core.padded import pad_batch
 from genvis_jax.errors import UserError
@@ -104,3 +107,22 @@ def exact_batches(batches: Iterable, total: int, batch_size: int, what: str,
     padded, mask = pad_batch(rows, batch_size)
     done += want
     yield padded, mask, want
+
+
+class ProgressLog:
+  """Logs images done, images/s and ETA every ``every`` batches."""
+
+  def __init__(self, what: str, total: int, every: int = 20):
+    self.what, self.total, self.every = what, total, every
+    self.t0, self.calls, self.done = time.perf_counter(), 0, 0
+
+  def __call__(self, n: int) -> None:
+    self.done += n
+    self.calls += 1
+    if self.calls % self.every and self.done < self.total:
+      return
+    dt = max(time.perf_counter() - self.t0, 1e-9)
+    rate = self.done / dt
+    eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+    logging.info("%s: %d/%d images, %.1f img/s, ETA %.0f s", self.what,
+                 self.done, self.total, rate, eta)

@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from genvis_jax import errors
+from genvis_jax.evaluate import adm_reference as ref_lib
 from genvis_jax.evaluate import batching
 from genvis_jax.evaluate import fid as fid_lib
 from genvis_jax.convert import inception as convert_inception
@@ -29,7 +30,6 @@ from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.evaluate import inception as inception_lib
 from genvis_jax.evaluate import npz
-from genvis_jax.evaluate import reference as ref_lib
 from genvis_jax.evaluate import report
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -53,7 +53,7 @@ def run_features(extractor, images: npz.NpzArray, what: str, *,
                            setting)
   pool_stats, spatial_stats = fid_lib.StreamingStats(), fid_lib.StreamingStats()
   pools, logits = [], []
-  progress = ref_lib.ProgressLog(what, n, log_every)
+  progress = batching.ProgressLog(what, n, log_every)
   for batch, out in inception_lib.pipelined(
       extractor, images.batches(extractor.batch_size, n)):
     pool_stats.update(out["pool"])
@@ -104,7 +104,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
 
   Args:
     samples_npz: ``arr_0`` uint8 (N, H, W, 3).
-    reference_npz: ADM reference batch (see ``reference.py``).
+    reference_npz: ADM reference batch (see ``adm_reference.py``).
     inception_params: FID Inception params (``load_inception_params``).
     batch_size: images per step over all local devices (any value: the last
       batch is padded and masked).
