@@ -1,8 +1,8 @@
 """FAR sampling throughput against the floor its weights impose.
 
-Same method as ``bench_rar_sampling.py``: a *floor* measured in the same
-process (a bare chain of matmuls over the same model's parameter arrays,
-nothing else) and the sampler, interleaved ``--repeats`` times, compile time
+Same method as ``bench_rar_sampling.py`` (pieces in ``sampling_floor.py``):
+a *floor* measured in the same process (a bare chain of matmuls over the same
+model's parameter arrays, nothing else) and the sampler, interleaved ``--repeats`` times, compile time
 excluded, CFG as a doubled batch, random weights. Per raster position the
 floor reads what a step must: ``aggregation_layer``, every backbone layer
 (qkv, out, fc1_g, fc1_x, fc2), then for each of the k sub-tokens every head layer
@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.accel_harness import commit_id
-from bench.bench_rar_sampling import (DTYPES, _aot, _opts, cache_bytes,
-                                      check_args, chunked_steps, kv_stand_in,
-                                      parser, print_bytes, print_floor_table,
-                                      read_cache, time_interleaved,
-                                      weight_bytes)
+from bench.sampling_floor import (DTYPES, aot, cache_bytes, check_args,
+                                  chunked_steps, kv_stand_in, parser,
+                                  print_bytes, print_floor_table, read_cache,
+                                  sampler_opts, time_interleaved,
+                                  weight_bytes)
 from genvis_jax import models
 from genvis_jax.sample import ar
 from genvis_jax.sample import common
@@ -182,12 +182,13 @@ def main():
       kv = kv_stand_in(model.n_layer, rows, model.n_head,
                        model.dim // model.n_head, positions + 1,
                        dtype) if mode == "floor_kv" else None
-      c, f = _aot(floor_fn(model, positions, rows, dtype, kv is not None,
-                           args.bucket), params, kv)
+      c, f = aot(floor_fn(model, positions, rows, dtype, kv is not None,
+                          args.bucket), params, kv)
     elif mode in ("cached", "cached_full"):
-      fn = far_sample.sampler_fn(model, cached=True, use_cfg=True, **_opts(
-          dtype, 0 if mode == "cached_full" else args.bucket))
-      c, f = _aot(fn, params, labels, key, jnp.float32(g), jnp.float32(temp))
+      fn = far_sample.sampler_fn(
+          model, cached=True, use_cfg=True, **sampler_opts(
+              dtype, 0 if mode == "cached_full" else args.bucket))
+      c, f = aot(fn, params, labels, key, jnp.float32(g), jnp.float32(temp))
     else:
       raise ValueError(f"Unknown mode {mode!r}; use floor, floor_kv, cached, "
                        "cached_full.")

@@ -33,10 +33,8 @@ status 1 (with ``--dtype`` the fractions are reported only).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -48,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bench import sampling_floor as floor
 from bench.accel_harness import commit_id
 from genvis_jax import models
 from genvis_jax.models.rar import PREFIX
@@ -69,75 +68,6 @@ def model_config(size: str, tokens: int, dtype: str = "float32"):
   c.dtype = dtype
   c.param_dtype = "float32"
   return c
-
-
-def kv_stand_in(depth: int, rows: int, heads: int, head_dim: int, length: int,
-                dtype=None):
-  """Per layer a (k, v) pair of (rows, heads, length, head_dim) arrays: what
-  a floor that also reads the KV cache reads (values are irrelevant)."""
-  dtype = dtype or jnp.float32
-  return [tuple(jnp.full((rows, heads, length, head_dim), 1e-2, dtype)
-                for _ in range(2)) for _ in range(depth)]
-
-
-def read_cache(x, kv):
-  """The bytes attention over a cache must read, bare: q.K then s.V (no
-  mask, no softmax). x (R, d); kv (k, v) each (R, H, M, Dh) -> (R, d)."""
-  k, v = kv
-  r, h = x.shape[0], k.shape[1]
-  s = jax.lax.dot_general(k, x.reshape(r, h, -1).astype(k.dtype),
-                          (((3,), (2,)), ((0, 1), (0, 1))))       # (R, H, M)
-  o = jax.lax.dot_general(s, v, (((2,), (2,)), ((0, 1), (0, 1))))  # (R, H, Dh)
-  return o.reshape(r, -1).astype(x.dtype)
-
-
-def chunked_steps(step, x0, steps: int, kv, pos_offset: int, bucket: int):
-  """Runs ``step(kv_or_None) -> fori_loop body`` for steps 0..steps-1: one
-  loop without ``kv``, else one loop per decode chunk of the sampler
-  (``ar.kv_chunks``; step 0 is the prefill) over the stand-in cache cut to
-  the chunk's kv_len once per chunk, as the sampler resizes its cache."""
-  if kv is None:
-    return jax.lax.fori_loop(0, steps, step(None), x0)
-  chunks = [(0, 1, pos_offset)] + ar.kv_chunks(steps, pos_offset, bucket)
-  for start, stop, kv_len in chunks:
-    cut = [(k[:, :, :kv_len], v[:, :, :kv_len]) for k, v in kv]
-    x0 = jax.lax.fori_loop(start, stop, step(cut), x0)
-  return x0
-
-
-def cache_bytes(layers: int, rows: int, width: int, item: int, steps: int,
-                pos_offset: int, bucket: int | None) -> float:
-  """Mean bytes of keys + values one decode step reads from its cache: every
-  layer's filled prefix as the sampler's chunks (``ar.kv_chunks``) cut it.
-  Left out (under a few percent): the prefill reading the full-length cache
-  it creates, and the once-per-chunk resize copies."""
-  bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
-  chunks = [(0, 1, pos_offset)] + ar.kv_chunks(steps, pos_offset, bucket)
-  positions = sum((stop - start) * kv_len for start, stop, kv_len in chunks)
-  return positions * 2 * layers * rows * width * item / steps
-
-
-def print_bytes(floor: float, weights: float, cache: float,
-                unit: str = "step") -> None:
-  """The byte count behind the floors: what ``floor`` reads per step, what an
-  exact cached step must read (its weights once, its cache once) and their
-  ratio, the least ``cached / floor`` can be where both stream at one rate."""
-  print(f"bytes per {unit}: floor {floor / 1e6:.0f} MB of weights; a cached "
-        f"{unit} {weights / 1e6:.0f} MB of weights + {cache / 1e6:.0f} MB of KV "
-        f"cache (mean over the chunks) = {(weights + cache) / floor:.2f}x the "
-        "floor's bytes")
-
-
-def weight_bytes(tree, paths, item: int) -> int:
-  """Bytes of the ``paths`` (tuples of keys) of ``tree`` at ``item`` bytes
-  per element (the decode dtype's)."""
-  total = 0
-  for path in paths:
-    x = tree
-    for k in path:
-      x = x[k]
-    total += x.size
-  return total * item
 
 
 def floor_paths(model, adaln: bool):
@@ -164,10 +94,10 @@ def byte_counts(model, params, rows: int, dtype=None,
   per_step = sum(stop - start for start, stop, _ in ar.kv_chunks(
       steps, PREFIX, bucket) if rar_sample.table_bytes(
           model, rows // 2 + 1, stop - start, dtype) > rar_sample.TABLE_BYTES)
-  weights = (weight_bytes(params, floor_paths(model, False), item)
-             + weight_bytes(params, adaln, item) * per_step / steps)
-  return (weight_bytes(params, floor_paths(model, True), item), weights,
-          cache_bytes(model.depth, rows, model.hidden_size, item, steps,
+  weights = (floor.weight_bytes(params, floor_paths(model, False), item)
+             + floor.weight_bytes(params, adaln, item) * per_step / steps)
+  return (floor.weight_bytes(params, floor_paths(model, True), item), weights,
+          floor.cache_bytes(model.depth, rows, model.hidden_size, item, steps,
                       PREFIX, bucket))
 
 
@@ -176,8 +106,9 @@ def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
   """Jitted ``f(params, kv) -> x``: ``steps`` dependent matmul chains over
   the block weights (and lm_head) at ``rows`` rows; the weights are cast to
   ``dtype`` once before the loop, as the sampler does. ``with_kv`` adds each
-  layer's bare cache reads (``read_cache``) over ``kv`` (``kv_stand_in``)
-  in the sampler's chunks (``bucket``); otherwise ``kv`` is ignored."""
+  layer's bare cache reads (``floor.read_cache``) over ``kv``
+  (``floor.kv_stand_in``) in the sampler's chunks (``bucket``); otherwise
+  ``kv`` is ignored."""
   d = model.hidden_size
   bucket = ar.DEFAULT_BUCKET if bucket is None else bucket
 
@@ -192,7 +123,7 @@ def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
         for i, blk in enumerate(blocks):
           h = x @ blk["attn"]["qkv"]["kernel"]
           if cache is not None:
-            h = h[:, :d] + read_cache(h[:, :d], cache[i])
+            h = h[:, :d] + floor.read_cache(h[:, :d], cache[i])
           x = x + h[:, :d] @ blk["attn"]["out"]["kernel"]
           h = x @ blk["mlp"]["fc1"]["kernel"]
           x = x + h @ blk["mlp"]["fc2"]["kernel"]
@@ -202,8 +133,8 @@ def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
         reps = -(-d // logits.shape[1])
         return x + jnp.tile(logits, (1, reps))[:, :d]
       return body
-    return chunked_steps(step, x0, steps, kv if with_kv else None, PREFIX,
-                         bucket)
+    return floor.chunked_steps(step, x0, steps, kv if with_kv else None,
+                               PREFIX, bucket)
   return jax.jit(run)
 
 
@@ -265,58 +196,6 @@ def bench_prefix(model, params, labels, key, bucket: int, g, pw, temp):
   return time.perf_counter() - t0, run
 
 
-def _opts(dtype, bucket):
-  """Sampler keywords, only those set (so an older sampler runs too)."""
-  kw = {} if dtype is None else {"dtype": dtype}
-  return kw if bucket is None else dict(kw, bucket=bucket)
-
-
-def _aot(fn, *args):
-  t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return time.perf_counter() - t0, lambda: compiled(*args)
-
-
-def time_interleaved(runs: dict, repeats: int):
-  """Runs every compiled ``runs[mode]()`` once per repeat, modes interleaved
-  (so load drift hits them alike), after one untimed run each (a first run
-  carries one-off costs: 1.35x the floor where warm runs gave 0.92x);
-  returns ``(times, last outputs)``."""
-  for f in runs.values():
-    jax.block_until_ready(f())
-  times, outs = {m: [] for m in runs}, {}
-  for r in range(repeats):
-    for mode, f in runs.items():
-      t0 = time.perf_counter()
-      outs[mode] = jax.block_until_ready(f())
-      times[mode].append(time.perf_counter() - t0)
-      print(f"repeat {r}: {mode} {times[mode][-1]:.2f} s", flush=True)
-  return times, outs
-
-
-def print_floor_table(times: dict, compile_s: dict, unit: str, units: int,
-                      batch: int) -> None:
-  """Markdown table of median times, ms per ``unit`` and the ratio to the
-  ``floor`` mode, then cached / each floor mode per repeat."""
-  sec = {m: statistics.median(t) for m, t in times.items()}
-  base = sec.get("floor")
-  print(f"| mode | compile s | sample s (median) | runs | ms/{unit} | "
-        "images/s | x floor |")
-  print("|---|---|---|---|---|---|---|")
-  for mode in times:
-    ratio = f"{sec[mode] / base:.2f}" if base else "-"
-    each = " / ".join(f"{t:.3g}" for t in times[mode])
-    print(f"| {mode} | {compile_s[mode]:.1f} | {sec[mode]:.3g} | {each} | "
-          f"{1e3 * sec[mode] / units:.3g} | {batch / sec[mode]:.4g} | "
-          f"{ratio} |")
-  for floor in (m for m in times if m.startswith("floor")):
-    if "cached" in times:
-      pairs = [c / f for c, f in zip(times["cached"], times[floor])]
-      print(f"cached / {floor} per repeat: "
-            f"{', '.join(f'{x:.2f}' for x in pairs)} (of medians "
-            f"{sec['cached'] / sec[floor]:.2f})")
-
-
 def check_tokens(model, params, labels, key, sargs, n: int, dtype, bucket):
   """``cached`` == ``sample_uncached`` on the model cut to n tokens."""
   sub = model.clone(seq_len=n)
@@ -330,39 +209,17 @@ def check_tokens(model, params, labels, key, sargs, n: int, dtype, bucket):
 
 MODES = ("floor", "floor_noada", "floor_kv", "cached", "cached_bN",
          "reference", "full", "prefix")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_args(p: argparse.ArgumentParser, args, modes=MODES) -> None:
-  """Refuses, before a model is built (minutes at paper size), what would
-  fail after it: an unknown mode (``cached_bN`` is ``cached`` with bucket
-  N), a batch or repeat count below 1."""
-  known = lambda m: (m in modes and m != "cached_bN") or (
-      "cached_bN" in modes and m.startswith("cached_b")
-      and m[len("cached_b"):].isdigit())
-  bad = [m for m in args.modes.split(",") if not known(m)]
-  if bad:
-    p.error(f"--modes: unknown {bad}; choose from {', '.join(modes)}")
-  for flag in ("batch", "repeats"):
-    if getattr(args, flag) < 1:
-      p.error(f"--{flag}={getattr(args, flag)} must be at least 1")
-
-
-def parser(doc: str) -> argparse.ArgumentParser:
-  """The scripts' parser: ``--help`` prints their docstring."""
-  return argparse.ArgumentParser(
-      description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main():
-  p = parser(__doc__)
+  p = floor.parser(__doc__)
   p.add_argument("--size", default="small", choices=["small", "b", "l", "xl", "xxl"])
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--tokens", type=int, default=256, help="sequence length L")
   p.add_argument("--modes", default="floor,floor_noada,cached",
                  help=f"comma-separated, of: {', '.join(MODES)}")
   p.add_argument("--repeats", type=int, default=2, help="timed runs per mode")
-  p.add_argument("--dtype", default="float32", choices=DTYPES,
+  p.add_argument("--dtype", default="float32", choices=floor.DTYPES,
                  help="cached/floor decode dtype")
   p.add_argument("--bucket", type=int, default=None,
                  help="cached: kv_len chunk granularity (default the sampler's)")
@@ -374,7 +231,7 @@ def main():
                       "uncached reference")
   p.add_argument("--check_tokens", type=int, default=16)
   args = p.parse_args()
-  check_args(p, args)
+  floor.check_args(p, args, MODES)
   if args.table_bytes is not None:
     rar_sample.TABLE_BYTES = args.table_bytes
 
@@ -402,22 +259,23 @@ def main():
   runs, compile_s = {}, {}
   for mode in args.modes.split(","):
     if mode in ("floor", "floor_noada", "floor_kv"):
-      kv = kv_stand_in(model.depth, rows, model.num_heads,
-                       model.hidden_size // model.num_heads,
-                       steps + PREFIX, dtype) if mode == "floor_kv" else None
-      c, f = _aot(floor_fn(model, steps, rows, mode == "floor", dtype,
-                           with_kv=kv is not None, bucket=args.bucket),
-                  params, kv)
+      kv = None if mode != "floor_kv" else floor.kv_stand_in(
+          model.depth, rows, model.num_heads,
+          model.hidden_size // model.num_heads, steps + PREFIX, dtype)
+      c, f = floor.aot(floor_fn(model, steps, rows, mode == "floor", dtype,
+                                with_kv=kv is not None, bucket=args.bucket),
+                       params, kv)
     elif mode == "cached" or mode.startswith("cached_b"):
       bucket = int(mode[len("cached_b"):]) if mode != "cached" else args.bucket
       fn = rar_sample.sampler_fn(model, cached=True, use_cfg=True,
-                                 **_opts(dtype, bucket))
-      c, f = _aot(fn, params, labels, key, *sargs)
+                                 **floor.sampler_opts(dtype, bucket))
+      c, f = floor.aot(fn, params, labels, key, *sargs)
     elif mode == "reference":
-      c, f = _aot(reference_fn(model, steps, True), params, labels, key, *sargs)
+      c, f = floor.aot(reference_fn(model, steps, True), params, labels, key,
+                       *sargs)
     elif mode == "full":
       fn = rar_sample.sampler_fn(model, cached=False, use_cfg=True)
-      c, f = _aot(fn, params, labels, key, *sargs)
+      c, f = floor.aot(fn, params, labels, key, *sargs)
     elif mode == "prefix":
       c, f = bench_prefix(model, params, labels, key, args.prefix_bucket,
                           g, pw, temp)
@@ -427,9 +285,9 @@ def main():
     runs[mode], compile_s[mode] = f, c
     print(f"compiled {mode} in {c:.1f} s", flush=True)
 
-  times, outs = time_interleaved(runs, args.repeats)
-  print_floor_table(times, compile_s, "step", steps, args.batch)
-  print_bytes(*byte_counts(model, params, rows, dtype, args.bucket))
+  times, outs = floor.time_interleaved(runs, args.repeats)
+  floor.print_floor_table(times, compile_s, "step", steps, args.batch)
+  floor.print_bytes(*byte_counts(model, params, rows, dtype, args.bucket))
 
   if args.check:
     same_ref = None

@@ -353,7 +353,7 @@ def test_boxes_are_seconds_capped_by_the_budget(tmp_path, monkeypatch):
 def test_sampling_benches_time_warm_runs_only():
   """Each compiled mode runs once untimed first: the timed first run carried
   one-off costs (1.35x the floor at one repeat where warm runs were 0.92x)."""
-  from bench import bench_rar_sampling as b
+  from bench import sampling_floor as b
   calls = {"floor": 0, "cached": 0}
   def run(mode):
     def f():
@@ -370,13 +370,14 @@ def test_sampling_bench_flags_are_checked_before_a_model_is_built():
   """An unknown mode failed after the model was built and the first mode
   compiled (minutes at paper size); --repeats=0 in statistics.median."""
   import argparse
-  from bench import bench_rar_sampling as b
+  from bench import bench_rar_sampling as rar
+  from bench import sampling_floor as b
   p = argparse.ArgumentParser()
   for flag, default in (("--modes", "floor"), ("--batch", 1), ("--repeats", 1)):
     p.add_argument(flag, type=type(default), default=default)
-  b.check_args(p, p.parse_args(["--modes=floor,cached,cached_b32"]))
+  b.check_args(p, p.parse_args(["--modes=floor,cached,cached_b32"]), rar.MODES)
   for argv in (["--modes=floor,bogus"], ["--modes=cached_bx"], ["--modes=cached_bN"],
                ["--repeats=0"],
                ["--batch=0"]):
     with pytest.raises(SystemExit):
-      b.check_args(p, p.parse_args(argv))
+      b.check_args(p, p.parse_args(argv), rar.MODES)
