@@ -23,6 +23,7 @@ from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import preemption
 from genvis_jax.core import run_weights
+from genvis_jax.train import resume as resume_lib
 from genvis_jax.train import trainer as trainer_lib
 from tests import small_run
 
@@ -401,3 +402,34 @@ def test_sample_grids_draw_from_their_own_key():
       grids = {data(jax.random.fold_in(tr.visual_rng, s)) for s in range(100)}
       assert data(tr.visual_rng) not in {data(init), data(train)}
       assert not steps & grids
+
+
+def test_a_changed_order_setting_draws_the_data_order_afresh():
+  """The settings whose saved positions another pipeline would misread;
+  a run saved before crops_per_epoch existed took every record."""
+  c = small_run.config(9)
+  assert resume_lib.order_setting_changed(c.to_dict(), c) == ""
+  assert resume_lib.order_setting_changed(None, c) == ""
+  old = c.to_dict()
+  del old["data"]["crops_per_epoch"]
+  assert resume_lib.order_setting_changed(old, c) == ""
+  c.data.crops_per_epoch = "one"
+  assert resume_lib.order_setting_changed(old, c) == (
+      "was saved with config.data.crops_per_epoch='all' and this run has 'one'")
+  del old["data"]["num_workers"]       # unknown: no claim
+  c.data.crops_per_epoch = "all"
+  c.data.num_workers = 2
+  assert resume_lib.order_setting_changed(old, c) == ""
+
+
+def test_a_resume_lists_the_compute_settings_it_changes():
+  """How the model computes may change on resume (it loads the same
+  weights) and is listed with the rest; other model settings were refused
+  before, so they are not."""
+  saved = {"model": {"dtype": "float32", "hidden_size": 64},
+           "train": {"num_steps": 6}}
+  now = {"model": {"dtype": "bfloat16", "hidden_size": 64},
+         "train": {"num_steps": 9}}
+  assert resume_lib.resumed_differences(saved, now) == [
+      "model.dtype: checkpoint 'float32' vs this run 'bfloat16'",
+      "train.num_steps: checkpoint 6 vs this run 9"]

@@ -1,17 +1,15 @@
 """Reliability of the real training loop: damaged checkpoints fall back to the
 previous step (then match an uninterrupted run bit for bit), an input position
 saved by another process count or pipeline is drawn afresh (the state still
-resumes), failed saves stop the run with one message, and loading weights
-from a damaged run skips the damaged steps; a save cut short by a kill is
-removed. (Processes agreeing on all this:
-test_resume_agreement.py; divergence and errors: test_stops.py.)"""
+resumes), and loading weights from a damaged run skips the damaged steps; a
+save cut short by a kill is removed. (Failed and overlapping saves:
+test_saves.py; processes agreeing on all this: test_resume_agreement.py;
+divergence and errors: test_stops.py.)"""
 
 import collections
-import errno
 import json
 import logging
 import os
-import re
 import shutil
 
 import jax
@@ -21,7 +19,6 @@ import pytest
 from etils import epath
 
 from genvis_jax import models
-from genvis_jax import errors as errors_lib
 from genvis_jax.errors import UserError
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
@@ -148,32 +145,6 @@ def test_a_weight_load_checks_the_weights_once_when_pinned_and_loaded(
   assert set(checked) == weights and set(checked.values()) == {2}
 
 
-def test_storage_errors_are_told_from_damage(monkeypatch):
-  storage = [OSError("503 Service Unavailable"), TimeoutError("read"),
-             PermissionError(13, "denied"),
-             ValueError("DEADLINE_EXCEEDED: reading gs://b/x"),
-             type("PermissionDeniedError", (Exception,), {})("gs://b")]
-  damage = [FileNotFoundError("state/_METADATA"), ValueError("x is empty"),
-            json.JSONDecodeError("Expecting value", "", 0),
-            ValueError("DATA_LOSS: Error reading ... truncated"),
-            OSError(errno.EIO, "Input/output error")]   # a bad sector
-  wrapped = ValueError("state/d/1 is unreadable")
-  wrapped.__cause__ = ConnectionResetError("reset by peer")
-  assert all(step_walk.is_storage_error(e) for e in storage + [wrapped])
-  assert not any(step_walk.is_storage_error(e) for e in damage)
-  # Device memory running out under a library's wrapper is neither.
-  oom = type("JaxRuntimeError", (RuntimeError,), {})(
-      "RESOURCE_EXHAUSTED: Out of memory allocating 4294967296 bytes")
-  wrapped_oom = ValueError("restore failed")
-  wrapped_oom.__cause__ = oom
-  assert errors_lib.out_of_memory(
-      wrapped_oom, chain=True) and not errors_lib.out_of_memory(wrapped_oom)
-  monkeypatch.setattr(step_walk.multihost, "gather_ints",
-                      lambda v: np.array([v]))
-  with pytest.raises(ValueError, match="restore failed"):
-    step_walk.agreed_outcome(6, wrapped_oom)
-
-
 def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path,
                                                           caplog):
   """kill -9 (or a reclaimed VM) during the save of step 9 leaves its folder
@@ -195,24 +166,6 @@ def test_a_save_cut_short_by_a_kill_is_removed_on_resume(runs, tmp_path,
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6", "9"]
   for a, b in zip(full, leaves(resumed)):
     np.testing.assert_array_equal(a, b)
-
-
-def test_unfinished_saves_are_named_as_orbax_finalizes_them(tmp_path,
-                                                            monkeypatch):
-  """Local saves are renamed from a temporary folder; gs:// saves are
-  written in place and finalized by a commit file (Orbax's
-  is_path_finalized, emulated here)."""
-  folder = tmp_path / "checkpoints"
-  for name in ("3", "6", "9.orbax-checkpoint-tmp-1700000000", "corrupt-6"):
-    (folder / name).mkdir(parents=True)
-  assert ckpt_lib.unfinished_saves(folder) == [
-      "9.orbax-checkpoint-tmp-1700000000"]
-  (folder / "3" / "commit_success.txt").write_text("")
-  monkeypatch.setattr(ckpt_lib.ocp.step, "is_path_finalized",
-                      lambda p: (p / "commit_success.txt").exists())
-  assert ckpt_lib.unfinished_saves(folder) == [
-      "6", "9.orbax-checkpoint-tmp-1700000000"]
-  assert ckpt_lib.unfinished_saves(tmp_path / "none") == []
 
 
 def _as_if_two_processes_wrote(step_dir):
@@ -371,102 +324,6 @@ def test_no_loadable_checkpoint_lists_what_was_tried(runs, tmp_path):
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
 
 
-class _NoSpaceFuture:
-  """A background write that fails the way TensorStore reports a full disk."""
-
-  def result(self, timeout=None):
-    del timeout
-    raise ValueError(
-        'RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed '
-        "to write 14723 bytes to file 5: No space left on device "
-        "[os_error_code='28']")
-
-
-@pytest.mark.parametrize("where", [
-    "background", "foreground", "foreground_after_write"])
-def test_failed_save_stops_training_with_one_message(tmp_path, monkeypatch,
-                                                      where):
-  orig = ocp.PyTreeCheckpointHandler.async_save
-  calls = []
-
-  async def failing_second_save(self, *args, **kwargs):
-    calls.append(1)
-    if len(calls) >= 2 and where == "foreground":
-      # Before Orbax starts writing: no commit thread of this save outlives
-      # the failure (one would call into Orbax's closed event loop).
-      raise OSError(28, "No space left on device")
-    futures = await orig(self, *args, **kwargs)
-    if len(calls) < 2:
-      return futures
-    if where == "foreground_after_write":
-      # The writes end before the failure is reported: left running, they
-      # would fail into the removed tmp folder some tests later, and their
-      # unretrieved exceptions are logged from the garbage collector (in
-      # CPython 3.11 that can break an ast.parse running at that moment,
-      # gh-106905).
-      for f in futures or []:
-        f.result()
-      raise OSError(28, "No space left on device")
-    return list(futures or []) + [_NoSpaceFuture()]
-
-  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save",
-                      failing_second_save)
-  seen = []
-  wd = str(tmp_path / "wd")
-  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
-    trainer_lib.train_loop(config(9), wd,
-                           on_log=lambda s, _: seen.append(s))
-  msg = str(e.value)
-  assert isinstance(e.value, UserError)
-  assert "step 6" in msg and "no space left on device" in msg, msg
-  assert str(tmp_path / "wd" / "checkpoints") in msg
-  assert "newest complete checkpoint is step 3" in msg
-  # Stopped at the failing save itself (foreground), or at the first step
-  # after its background write ended (by the next save's, step 9, at the latest).
-  stop = re.search(r"stopped at step (\d+);", msg)
-  assert stop and (7 <= int(stop[1]) <= 9 if where == "background"
-                   else int(stop[1]) == 6), msg
-  assert max(seen) >= 6, (seen, msg)
-  names = os.listdir(os.path.join(wd, "checkpoints"))
-  assert not [n for n in names if "tmp" in n], names
-  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
-
-
-
-
-def test_a_save_writes_while_the_next_steps_run(tmp_path, monkeypatch):
-  """The background write of step 3 overlaps steps 4, 5, ...: here it can
-  only finish once step 4 is logged (a loop that waited for it after the
-  next step would wait out the 60 s), and both saves are kept."""
-  import threading  # pylint: disable=import-outside-toplevel
-  step_4_logged, waited_out = threading.Event(), []
-
-  class WriteUntilStep4:
-    def result(self, timeout=None):
-      del timeout
-      waited_out.append(not step_4_logged.wait(60))
-
-  orig = ocp.PyTreeCheckpointHandler.async_save
-
-  async def slow_first_save(self, *args, **kwargs):
-    futures = list(await orig(self, *args, **kwargs) or [])
-    return futures + ([WriteUntilStep4()] if not waited_out else [])
-
-  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save",
-                      slow_first_save)
-
-  def on_log(step, _):
-    if step == 4:
-      step_4_logged.set()
-
-  wd = str(tmp_path / "wd")
-  c = config(6)
-  c.train.profile_steps = 0   # a profile window waits for the write by design
-  trainer_lib.train_loop(c, wd, on_log=on_log)
-  assert waited_out[:1] == [False]
-  assert ckpt_lib.Checkpointer(wd).manager.all_steps() == [3, 6]
-
-
 def _state_of_step(wd, step):
   """The train state Orbax holds for ``step`` (restored directly)."""
   ckpt = ckpt_lib.Checkpointer(wd, async_save=False)
@@ -618,35 +475,3 @@ def test_a_finished_run_says_so(runs, tmp_path, caplog):
   assert "Training already finished" in caplog.text
   assert "holds step 6 of config.train.num_steps=6" in caplog.text
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3", "6"]
-
-
-def test_a_changed_order_setting_draws_the_data_order_afresh():
-  """The settings whose saved positions another pipeline would misread;
-  a run saved before crops_per_epoch existed took every record."""
-  c = config(9)
-  assert resume_lib.order_setting_changed(c.to_dict(), c) == ""
-  assert resume_lib.order_setting_changed(None, c) == ""
-  old = c.to_dict()
-  del old["data"]["crops_per_epoch"]
-  assert resume_lib.order_setting_changed(old, c) == ""
-  c.data.crops_per_epoch = "one"
-  assert resume_lib.order_setting_changed(old, c) == (
-      "was saved with config.data.crops_per_epoch='all' and this run has 'one'")
-  del old["data"]["num_workers"]       # unknown: no claim
-  c.data.crops_per_epoch = "all"
-  c.data.num_workers = 2
-  assert resume_lib.order_setting_changed(old, c) == ""
-
-
-def test_a_resume_lists_the_compute_settings_it_changes():
-  """How the model computes may change on resume (it loads the same
-  weights) and is listed with the rest; other model settings were refused
-  before, so they are not."""
-  from genvis_jax.train import resume
-  saved = {"model": {"dtype": "float32", "hidden_size": 64},
-           "train": {"num_steps": 6}}
-  now = {"model": {"dtype": "bfloat16", "hidden_size": 64},
-         "train": {"num_steps": 9}}
-  assert resume.resumed_differences(saved, now) == [
-      "model.dtype: checkpoint 'float32' vs this run 'bfloat16'",
-      "train.num_steps: checkpoint 6 vs this run 9"]

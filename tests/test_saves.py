@@ -1,0 +1,159 @@
+"""Saving checkpoints in the real training loop: a failed save (full disk,
+in the foreground or the background write) stops the run with one message
+and keeps the newest complete step; a save's background write overlaps the
+next steps; unfinished saves are named as Orbax finalizes them; storage
+errors are told from damage (damage falls back: test_reliability.py)."""
+
+import errno
+import json
+import os
+import re
+import threading
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from genvis_jax import errors as errors_lib
+from genvis_jax.core import checkpoint as ckpt_lib
+from genvis_jax.core import step_walk
+from genvis_jax.errors import UserError
+from genvis_jax.train import trainer as trainer_lib
+from tests.small_run import config
+
+
+def test_storage_errors_are_told_from_damage(monkeypatch):
+  storage = [OSError("503 Service Unavailable"), TimeoutError("read"),
+             PermissionError(13, "denied"),
+             ValueError("DEADLINE_EXCEEDED: reading gs://b/x"),
+             type("PermissionDeniedError", (Exception,), {})("gs://b")]
+  damage = [FileNotFoundError("state/_METADATA"), ValueError("x is empty"),
+            json.JSONDecodeError("Expecting value", "", 0),
+            ValueError("DATA_LOSS: Error reading ... truncated"),
+            OSError(errno.EIO, "Input/output error")]   # a bad sector
+  wrapped = ValueError("state/d/1 is unreadable")
+  wrapped.__cause__ = ConnectionResetError("reset by peer")
+  assert all(step_walk.is_storage_error(e) for e in storage + [wrapped])
+  assert not any(step_walk.is_storage_error(e) for e in damage)
+  # Device memory running out under a library's wrapper is neither.
+  oom = type("JaxRuntimeError", (RuntimeError,), {})(
+      "RESOURCE_EXHAUSTED: Out of memory allocating 4294967296 bytes")
+  wrapped_oom = ValueError("restore failed")
+  wrapped_oom.__cause__ = oom
+  assert errors_lib.out_of_memory(
+      wrapped_oom, chain=True) and not errors_lib.out_of_memory(wrapped_oom)
+  monkeypatch.setattr(step_walk.multihost, "gather_ints",
+                      lambda v: np.array([v]))
+  with pytest.raises(ValueError, match="restore failed"):
+    step_walk.agreed_outcome(6, wrapped_oom)
+
+
+def test_unfinished_saves_are_named_as_orbax_finalizes_them(tmp_path,
+                                                            monkeypatch):
+  """Local saves are renamed from a temporary folder; gs:// saves are
+  written in place and finalized by a commit file (Orbax's
+  is_path_finalized, emulated here)."""
+  folder = tmp_path / "checkpoints"
+  for name in ("3", "6", "9.orbax-checkpoint-tmp-1700000000", "corrupt-6"):
+    (folder / name).mkdir(parents=True)
+  assert ckpt_lib.unfinished_saves(folder) == [
+      "9.orbax-checkpoint-tmp-1700000000"]
+  (folder / "3" / "commit_success.txt").write_text("")
+  monkeypatch.setattr(ckpt_lib.ocp.step, "is_path_finalized",
+                      lambda p: (p / "commit_success.txt").exists())
+  assert ckpt_lib.unfinished_saves(folder) == [
+      "6", "9.orbax-checkpoint-tmp-1700000000"]
+  assert ckpt_lib.unfinished_saves(tmp_path / "none") == []
+
+
+class _NoSpaceFuture:
+  """A background write that fails the way TensorStore reports a full disk."""
+
+  def result(self, timeout=None):
+    del timeout
+    raise ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed '
+        "to write 14723 bytes to file 5: No space left on device "
+        "[os_error_code='28']")
+
+
+@pytest.mark.parametrize("where", [
+    "background", "foreground", "foreground_after_write"])
+def test_failed_save_stops_training_with_one_message(tmp_path, monkeypatch,
+                                                      where):
+  orig = ocp.PyTreeCheckpointHandler.async_save
+  calls = []
+
+  async def failing_second_save(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) >= 2 and where == "foreground":
+      # Before Orbax starts writing: no commit thread of this save outlives
+      # the failure (one would call into Orbax's closed event loop).
+      raise OSError(28, "No space left on device")
+    futures = await orig(self, *args, **kwargs)
+    if len(calls) < 2:
+      return futures
+    if where == "foreground_after_write":
+      # The writes end before the failure is reported: left running, they
+      # would fail into the removed tmp folder some tests later, and their
+      # unretrieved exceptions are logged from the garbage collector (in
+      # CPython 3.11 that can break an ast.parse running at that moment,
+      # gh-106905).
+      for f in futures or []:
+        f.result()
+      raise OSError(28, "No space left on device")
+    return list(futures or []) + [_NoSpaceFuture()]
+
+  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save",
+                      failing_second_save)
+  seen = []
+  wd = str(tmp_path / "wd")
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
+    trainer_lib.train_loop(config(9), wd,
+                           on_log=lambda s, _: seen.append(s))
+  msg = str(e.value)
+  assert isinstance(e.value, UserError)
+  assert "step 6" in msg and "no space left on device" in msg, msg
+  assert str(tmp_path / "wd" / "checkpoints") in msg
+  assert "newest complete checkpoint is step 3" in msg
+  # Stopped at the failing save itself (foreground), or at the first step
+  # after its background write ended (by the next save's, step 9, at the latest).
+  stop = re.search(r"stopped at step (\d+);", msg)
+  assert stop and (7 <= int(stop[1]) <= 9 if where == "background"
+                   else int(stop[1]) == 6), msg
+  assert max(seen) >= 6, (seen, msg)
+  names = os.listdir(os.path.join(wd, "checkpoints"))
+  assert not [n for n in names if "tmp" in n], names
+  assert ckpt_lib.Checkpointer(wd).latest_step() == 3
+
+
+def test_a_save_writes_while_the_next_steps_run(tmp_path, monkeypatch):
+  """The background write of step 3 overlaps steps 4, 5, ...: here it can
+  only finish once step 4 is logged (a loop that waited for it after the
+  next step would wait out the 60 s), and both saves are kept."""
+  step_4_logged, waited_out = threading.Event(), []
+
+  class WriteUntilStep4:
+    def result(self, timeout=None):
+      del timeout
+      waited_out.append(not step_4_logged.wait(60))
+
+  orig = ocp.PyTreeCheckpointHandler.async_save
+
+  async def slow_first_save(self, *args, **kwargs):
+    futures = list(await orig(self, *args, **kwargs) or [])
+    return futures + ([WriteUntilStep4()] if not waited_out else [])
+
+  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save",
+                      slow_first_save)
+
+  def on_log(step, _):
+    if step == 4:
+      step_4_logged.set()
+
+  wd = str(tmp_path / "wd")
+  c = config(6)
+  c.train.profile_steps = 0   # a profile window waits for the write by design
+  trainer_lib.train_loop(c, wd, on_log=on_log)
+  assert waited_out[:1] == [False]
+  assert ckpt_lib.Checkpointer(wd).manager.all_steps() == [3, 6]
