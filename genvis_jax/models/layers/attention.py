@@ -141,11 +141,11 @@ def empty_window_cache(batch: int, window: int, num_heads: int, head_dim: int,
   return zeros, zeros
 
 
-def rolling_window_attention(q, k, v, cache, pos):
+def rolling_window_attention(q, k, v, cache, pos, *, scale: float = 1.0):
   """One new position over a rolling cache of the last W positions.
 
-  q, k, v (B, 1, H, D) of position ``pos`` (int, may be traced; q already
-  scaled); cache ``(ck, cv)`` each (B, W, H, D) holding position p at slot
+  q, k, v (B, 1, H, D) of position ``pos`` (int, may be traced); ``scale``
+  multiplies the float32 logits; cache ``(ck, cv)`` each (B, W, H, D) holding position p at slot
   ``p % W`` (zeros where nothing was written yet). Writes k / v at slot
   ``pos % W`` and attends every slot whose position is >= 0, i.e. keys
   ``pos - W + 1 .. pos`` (windowed causal attention with window W).
@@ -163,7 +163,7 @@ def rolling_window_attention(q, k, v, cache, pos):
   # Slot s holds position pos - ((pos - s) mod W); < 0: never written.
   slot_pos = pos - jnp.mod(pos - jnp.arange(w), w)
   out = dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype),
-                              slot_pos >= 0)
+                              slot_pos >= 0, scale=scale)
   return out, (ck, cv)
 
 
@@ -387,7 +387,7 @@ class Attention(nn.Module):
             "window_cache decodes one token per column; this attention has "
             f"tokens_per_column={self.tokens_per_column}.")
       out, window_cache = rolling_window_attention(
-          q * q.shape[-1] ** -0.5, k, v, window_cache, cache_pos)
+          q, k, v, window_cache, cache_pos, scale=q.shape[-1] ** -0.5)
     else:
       out = self._attend(q, k, v, mask, train, cache_pos, is_self)
     out = self._dense(dim, ("heads", "embed"), "out", self.out_bias,
@@ -407,6 +407,8 @@ class Attention(nn.Module):
   def _attend(self, q, k, v, mask, train, cache_pos, is_self):
     if self.mask not in MASKS:
       raise ValueError(f"Attention mask {self.mask!r} is not one of {MASKS}.")
+    # Applied to the float32 logits: q * scale on a bf16 q rounds q again
+    # wherever sqrt(head_dim) is no power of two (RAR-XL's 80, RAR-XXL's 88).
     scale = q.shape[-1] ** -0.5
     drop = nn.Dropout(self.attn_dropout, deterministic=not train)
     dropping = train and self.attn_dropout > 0
@@ -421,7 +423,7 @@ class Attention(nn.Module):
                                       self.dtype)
       if mask is not None:
         visible = visible & mask
-      return cached_attention(q * scale, k, v, visible)
+      return cached_attention(q, k, v, visible, scale=scale)
     own = None
     if is_self and self.mask == "causal":
       own = causal_mask(n)
@@ -434,5 +436,5 @@ class Attention(nn.Module):
                         tokens_per_column=self.tokens_per_column)
     if own is not None:
       mask = own if mask is None else mask & own
-    return dot_product_attention(q * scale, k, v, mask,
+    return dot_product_attention(q, k, v, mask, scale=scale,
                                  dropout=drop if dropping else None)
