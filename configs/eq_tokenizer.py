@@ -5,6 +5,8 @@
 semantic decoder). Losses: L1 + LPIPS over a logvar, KL 0.01, hinge GAN with the
 frozen DINO ViT-S/16 discriminator (adaptive weight x 0.5 from step 5001),
 semantic alignment to DINOv2-B/14 patch tokens (x 5.0 from step 20001).
+fp32, matmuls and convolutions too (``config.matmul_precision``), as the
+official trains.
 Stage 2 (``--config=configs/eq_tokenizer.py:stage2 --config.init_from=STAGE1``,
 the official ``tokenizer_config_stage2.yaml``) trains the decoder, post-quant
 layer and semantic decoder only, with the semantic loss off. As the
@@ -85,6 +87,12 @@ def get_config(arg=None):
   c = base.get_config()
   c.task = "eq_tokenizer"
   c.model = tokenizer_model()
+  # The official trains in fp32 (Lightning's default precision 32): PyTorch
+  # keeps TF32 off for its matmuls (its convolutions take TF32). XLA's
+  # default, one bf16 pass on a TPU, is 8x TF32's error on a 3x3 conv;
+  # "tensorfloat32" (3 bf16 passes on a TPU, TF32 on GPUs) trades a little
+  # of full fp32's exactness for speed, as the generators' configs say.
+  c.matmul_precision = "float32"
 
   d = c.data
   d.source = "tfds"
