@@ -151,9 +151,11 @@ def get_config(arg=None):
   c.mode = "train"          # train | sample | evaluate | pretokenize
   c.task = "tokenizer"      # trainer task, see genvis_jax/train/tasks
   c.seed = 0
-  # What fp32 matmuls / convolutions compute in ("" = XLA's default: one bf16
-  # pass on TPU, TF32 on recent NVIDIA GPUs; "float32" | "tensorfloat32" |
-  # "bfloat16"); bf16 operands (model.dtype) are unaffected.
+  # What fp32 matmuls / convolutions compute in ("" = in training XLA's
+  # default: one bf16 pass on TPU, TF32 on recent NVIDIA GPUs; in
+  # pre-tokenizing, sampling and evaluation "tensorfloat32", as the official
+  # scripts; "float32" | "tensorfloat32" | "bfloat16"); bf16 operands
+  # (model.dtype) are unaffected.
   c.matmul_precision = ""
   c.init_from = ""          # convert output, a run or <run>/checkpoints/<step>
   c.init_groups = ()        # groups besides the model init_from's run gives

@@ -59,8 +59,8 @@ def get_config(size: str = "l", arg=None):
   # The official trains (--float32) and samples in full fp32: PyTorch 2.2
   # keeps TF32 off for matmuls. XLA's default fp32 dot is one bf16 pass on
   # TPU (bf16 training, which the official README warns harms stability)
-  # and TF32 on GPUs; "" trades exactness for speed (full fp32 takes 6 bf16
-  # passes on TPU, and no tensor cores on GPUs).
+  # and TF32 on GPUs; "tensorfloat32" trades exactness for speed (full fp32
+  # takes 6 bf16 passes on TPU, and no tensor cores on GPUs).
   c.matmul_precision = "float32"
   c.model = generator_model(size)
 

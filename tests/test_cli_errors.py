@@ -319,18 +319,25 @@ def test_the_python_api_refuses_an_empty_workdir(tmp_path, monkeypatch):
 
 def test_a_job_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch):
   """``config.matmul_precision`` is what a job's fp32 dots compute in (the
-  Equivariant generators: full fp32, as the official, where XLA's default
-  on a TPU is one bf16 pass), through the command line and the Python API
-  alike (the entry points and the sampler a notebook calls apply it); a
-  value jax does not take is refused before any work."""
+  Equivariant generators and tokenizer: full fp32, as the official, where
+  XLA's default on a TPU is one bf16 pass), through the command line and
+  the Python API alike (the entry points and the sampler a notebook calls
+  apply it); a value jax does not take is refused before any work."""
   from configs import eq_s   # pylint: disable=import-outside-toplevel
   import jax   # pylint: disable=import-outside-toplevel
   from genvis_jax.sample import driver   # pylint: disable=import-outside-toplevel
   from genvis_jax.train import trainer   # pylint: disable=import-outside-toplevel
+  from configs import eq_tokenizer   # pylint: disable=import-outside-toplevel
   config = eq_s.get_config("runlocal")
   assert config.matmul_precision == "float32"
-  for mode in ("train", "sample", "evaluate", "pretokenize"):
-    assert getattr(modes.resolve(mode), "at_matmul_precision", False), mode
+  # The official trains its tokenizer in fp32 too (was XLA's default).
+  for arg in ("", "stage2", "runlocal"):
+    assert eq_tokenizer.get_config(arg).matmul_precision == "float32", arg
+  # The modes that produce data or numbers run '' at TF32 or better, as the
+  # official scripts (allow_tf32); XLA's default on a TPU is one bf16 pass.
+  for mode, kind in (("train", "train"), ("sample", "inference"),
+                     ("evaluate", "inference"), ("pretokenize", "inference")):
+    assert getattr(modes.resolve(mode), "at_matmul_precision", "") == kind, mode
 
   def traced(*args):
     del args
@@ -349,11 +356,13 @@ def test_a_job_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch):
       trainer.train_and_evaluate(config, tmp_path / "wd")
     setting, hlo = e.value.args[0]
     assert (setting == "float32") == highest and ("HIGHEST" in hlo) == highest
+    assert "HIGH, HIGH" not in hlo      # training keeps XLA's default
     decoder = type("Decoder", (), {"dispatch": staticmethod(lambda x: x),
                                    "to_uint8": staticmethod(lambda x: x)})
     sampler = driver.Sampler(traced, decoder, precision=lambda: (
-        modes.dtypes.matmul_precision(config)))
-    assert ("HIGHEST" in sampler(None, None)[1]) == highest
+        modes.dtypes.matmul_precision(config, inference=True)))
+    want = "HIGHEST, HIGHEST" if highest else "HIGH, HIGH"
+    assert f"precision = [{want}]" in sampler(None, None)[1]
   config.matmul_precision = "fp32"
   with pytest.raises(UserError, match=r"config.matmul_precision='fp32'; "
                      r"choose one of \['', 'bfloat16', 'tensorfloat32', "

@@ -39,32 +39,44 @@ def parse(value, setting: str, allowed: tuple[str, ...] = FLOAT_DTYPES,
 
 # config.matmul_precision -> what fp32 matmuls and convolutions compute in.
 MATMUL_PRECISIONS = ("", "bfloat16", "tensorfloat32", "float32")
+# What "" is where a mode produces data or numbers (pre-tokenizing,
+# sampling, evaluating): at least TF32, as the official scripts run them
+# (torch.backends.*.allow_tf32 = True). On NVIDIA GPUs that is XLA's
+# default; on a TPU it is 3 bf16 passes where the default is one.
+INFERENCE_DEFAULT = "tensorfloat32"
 
 
-def matmul_precision(config):
+def matmul_precision(config, inference: bool = False):
   """The context a job of ``config`` computes in: fp32 dots and
   convolutions at ``config.matmul_precision`` ("float32": full fp32;
   "tensorfloat32": 3 bf16 passes on TPU, TF32 on NVIDIA GPUs; "bfloat16":
-  one bf16 pass; "" or absent: XLA's default, one bf16 pass on TPU and TF32
-  on recent NVIDIA GPUs, full fp32 on CPU). bf16 operands are unaffected;
+  one bf16 pass; "" or absent: XLA's default in training, one bf16 pass on
+  TPU and TF32 on recent NVIDIA GPUs, full fp32 on CPU, and
+  ``INFERENCE_DEFAULT`` where ``inference``). bf16 operands are unaffected;
   jit traces (and caches) under it. Raises ``ConfigError`` for another
   value."""
   value = config.get("matmul_precision", "") or ""
   if value not in MATMUL_PRECISIONS:
     raise ConfigError(f"config.matmul_precision={value!r}; choose one of "
-                      f"{list(MATMUL_PRECISIONS)} ('' = XLA's default).")
+                      f"{list(MATMUL_PRECISIONS)} ('' = XLA's default in "
+                      f"training, {INFERENCE_DEFAULT!r} in inference).")
+  value = value or (INFERENCE_DEFAULT if inference else "")
   if not value:
     return contextlib.nullcontext()
   return jax.default_matmul_precision(value)
 
 
-def at_matmul_precision(fn):
-  """``fn(config, ...)`` run inside ``matmul_precision(config)``: the
-  entry points of the modes (train, sample, evaluate, pretokenize), so the
-  Python API and notebooks compute as the command line does."""
+def at_matmul_precision(fn=None, *, inference: bool = False):
+  """``fn(config, ...)`` run inside ``matmul_precision(config, inference)``:
+  the entry points of the modes (train; with ``inference``: sample,
+  evaluate, pretokenize), so the Python API and notebooks compute as the
+  command line does."""
+  if fn is None:
+    return functools.partial(at_matmul_precision, inference=inference)
+
   @functools.wraps(fn)
   def wrapped(config, *args, **kwargs):
-    with matmul_precision(config):
+    with matmul_precision(config, inference):
       return fn(config, *args, **kwargs)
-  wrapped.at_matmul_precision = True
+  wrapped.at_matmul_precision = "inference" if inference else "train"
   return wrapped

@@ -205,7 +205,7 @@ def check_images_in_data(config) -> None:
       "--config.data flags.")
 
 
-@dtypes.at_matmul_precision
+@dtypes.at_matmul_precision(inference=True)
 def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
   if "pretokenize" not in config:

@@ -53,7 +53,7 @@ def _check_tokenizer_kind(config) -> None:
       "--config.evaluate.kind=generation.")
 
 
-@dtypes.at_matmul_precision
+@dtypes.at_matmul_precision(inference=True)
 def run(config, workdir: str):
   """Runs ``genvis_jax.evaluate.<config.evaluate.kind>.evaluate(config,
   workdir)`` and returns its results dict. Raises ``ConfigError`` for an

@@ -204,7 +204,7 @@ class Sampler:
 
   def __init__(self, generate, decode: Decoder, precision=None):
     """``precision()``: the context both run in (jit traces under it),
-    ``dtypes.matmul_precision`` of the config; default XLA's."""
+    ``dtypes.matmul_precision(config, inference=True)``; default XLA's."""
     self._generate, self._decode = generate, decode
     self._precision = precision or contextlib.nullcontext
 
@@ -234,7 +234,7 @@ def make_sample_fn(config, mesh):
   # At config.matmul_precision also where a notebook calls it directly.
   sample_fn = Sampler(
       lambda labels, rng: generate(gen_model, gen_params, labels, rng, s),
-      decode, precision=lambda: dtypes.matmul_precision(config))
+      decode, precision=lambda: dtypes.matmul_precision(config, True))
   return sample_fn, sharding.batch_sharding(mesh)
 
 
@@ -246,7 +246,7 @@ class SamplingStopped(errors.CleanStop):
 PROGRESS_EVERY_S = 30.0   # at most one progress line this often (and the last)
 
 
-@dtypes.at_matmul_precision
+@dtypes.at_matmul_precision(inference=True)
 def sample_and_save(config, workdir: str) -> dict:
   """``mode=sample``: draws ``config.sample.num_samples`` images of the
   generator ``config.init_from`` decoded by ``config.tokenizer``, in global
