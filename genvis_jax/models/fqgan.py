@@ -94,8 +94,9 @@ def transformer(x, *, num_layers, num_heads, mlp_ratio=4.0, remat="none",
 
 
 class FactorizedAdapter(nn.Module):
-  """(B, g, g, W) -> (B, g, g, W) in ``dtype``: + pos-embed, ln_pre, ViT,
-  ln_post. Raises ``ConfigError`` unless the grid holds ``grid_size**2``
+  """(B, g, g, W) -> (B, g, g, W): + pos-embed, ln_pre, ViT, ln_post. The
+  residual stream and output are float32 in a bf16 model
+  (``layers.norm_dtype``), as autocast's are: ln_pre returns float32. Raises ``ConfigError`` unless the grid holds ``grid_size**2``
   positions."""
   grid_size: int
   num_layers: int = 6
@@ -127,8 +128,9 @@ class FactorizedAdapter(nn.Module):
 class FeatPredHead(nn.Module):
   """Quantized features (B, h, w, D) -> (B, 1 + h*w, width); [:, 0] is the
   predicted CLS. upscale (Linear D->W, ReLU, Linear W->W), prepend CLS, +
-  pos-embed, ln_pre, ViT, ln_post. Output in ``dtype``; ``ConfigError``
-  unless h * w = ``grid_size**2``."""
+  pos-embed, ln_pre, ViT, ln_post. Stream and output in
+  ``layers.norm_dtype(dtype)`` (float32 in a bf16 model, as under autocast);
+  ``ConfigError`` unless h * w = ``grid_size**2``."""
   grid_size: int
   width: int = 1024
   num_layers: int = 3

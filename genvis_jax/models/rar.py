@@ -92,19 +92,16 @@ class Block(nn.Module):
       return mod
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         jnp.split(mod, 6, axis=-1))
-    # The norms return float32, so modulate runs in float32 and the bf16
-    # matmuls round its result once, as under torch autocast, whose LayerNorm
-    # returns float32 (bf16 norms rounded h, the product and the sum again:
-    # 35% of the qkv inputs differed).
-    norm = dict(kw, dtype=jnp.float32)
-    h = layers.layer_norm(1e-6, name="norm1", **norm)(x)
+    # The norms return float32 (layers.norm_dtype), so modulate runs in
+    # float32 and the bf16 qkv / fc1 round its result once, as under autocast.
+    h = layers.layer_norm(1e-6, name="norm1", **kw)(x)
     h = Attention(self.num_heads, qk_norm=True, mask="causal",
                   cache_len=self.cache_len, attn_dropout=self.attn_dropout,
                   proj_dropout=self.dropout, name="attn", **kw)(
                       layers.modulate(h, shift_msa, scale_msa), train=train,
                       cache_pos=cache_pos)
     x = x + gate_msa * h
-    h = layers.layer_norm(1e-6, name="norm2", **norm)(x)
+    h = layers.layer_norm(1e-6, name="norm2", **kw)(x)
     h = Mlp(self.mlp_dim, dropout=self.dropout, name="mlp", **kw)(
         layers.modulate(h, shift_mlp, scale_mlp), train)
     x = x + gate_mlp * h

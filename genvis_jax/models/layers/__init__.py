@@ -257,13 +257,25 @@ def check_heads(heads_key: str, heads: int, width: int, width_of: str) -> None:
         f"{divisors[-6:]} or another divisor of {width}.")
 
 
+def norm_dtype(dtype):
+  """The output dtype of a norm in a model computing in ``dtype``: at least
+  float32 (None: the promoted input and parameter dtype). torch autocast
+  runs group_norm / layer_norm in float32 and returns float32, so what
+  follows a norm in a bf16 model (swish, adaLN's modulate, a residual
+  stream begun by ``ln_pre``) computes in float32 and the next matmul or
+  conv, which casts to ``dtype``, rounds once (a bf16 norm rounded the
+  ResnetBlock's conv inputs two more times: 45% of them differed)."""
+  return None if dtype is None else jnp.promote_types(dtype, jnp.float32)
+
+
 def group_norm(num_groups=32, epsilon=1e-6, *, dtype=None,
                param_dtype=jnp.float32, uniform_guard: bool = False,
                name=None) -> nn.GroupNorm:
-  """``nn.GroupNorm`` (torch's defaults of the tokenizers' CNNs);
-  ``uniform_guard``: the ``GroupNorm`` above, same parameters and outputs."""
+  """``nn.GroupNorm`` (torch's defaults of the tokenizers' CNNs), returning
+  ``norm_dtype(dtype)``; ``uniform_guard``: the ``GroupNorm`` above, same
+  parameters and outputs."""
   cls = GroupNorm if uniform_guard else nn.GroupNorm
-  return cls(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+  return cls(num_groups=num_groups, epsilon=epsilon, dtype=norm_dtype(dtype),
              param_dtype=param_dtype, scale_init=named(ones, ("norm",)),
              bias_init=named(zeros, ("norm",)), name=name)
 
@@ -271,12 +283,13 @@ def group_norm(num_groups=32, epsilon=1e-6, *, dtype=None,
 def layer_norm(epsilon=1e-6, *, use_scale=True, use_bias=True,
                use_fast_variance=True, dtype=None, param_dtype=jnp.float32,
                name=None) -> nn.LayerNorm:
-  """``nn.LayerNorm``; ``use_fast_variance=False`` computes E[(x - mu)^2] in
-  two passes, as torch does (needed where activations have outlier channels,
-  e.g. released ViTs' residual streams, see ``layers/vit.py``)."""
+  """``nn.LayerNorm`` returning ``norm_dtype(dtype)``;
+  ``use_fast_variance=False`` computes E[(x - mu)^2] in two passes, as torch
+  does (needed where activations have outlier channels, e.g. released ViTs'
+  residual streams, see ``layers/vit.py``)."""
   return nn.LayerNorm(epsilon=epsilon, use_scale=use_scale, use_bias=use_bias,
                       use_fast_variance=use_fast_variance,
-                      dtype=dtype, param_dtype=param_dtype,
+                      dtype=norm_dtype(dtype), param_dtype=param_dtype,
                       scale_init=named(ones, ("norm",)),
                       bias_init=named(zeros, ("norm",)), name=name)
 

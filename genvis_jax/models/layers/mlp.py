@@ -15,12 +15,21 @@ import jax.numpy as jnp
 from genvis_jax.models import layers
 from genvis_jax.models.layers import Dtype
 
+def _rounded_once(fn):
+  """``fn`` computed in float32 and cast back to x's dtype: torch's GELU and
+  SiLU kernels compute a bf16 tensor in float32 and round once (in bf16,
+  jax's gelu rounds each of its four steps: 35% of outputs differed)."""
+  return lambda x: fn(x.astype(jnp.promote_types(x.dtype, jnp.float32))
+                      ).astype(x.dtype)
+
+
 # name -> elementwise function; each says which official code it stands for.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),        # torch nn.GELU()
-    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),    # GELU('tanh')
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
-    "silu": nn.silu,
+    "gelu": _rounded_once(lambda x: nn.gelu(x, approximate=False)),  # nn.GELU()
+    "gelu_tanh": _rounded_once(lambda x: nn.gelu(x, approximate=True)),
+    # OpenAI CLIP / HF's x * sigmoid(1.702 x): two ops, each rounded.
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": _rounded_once(nn.silu),                          # F.silu
 }
 
 
