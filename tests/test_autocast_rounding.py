@@ -171,3 +171,24 @@ def test_attention_scales_the_float32_logits():
   np.testing.assert_array_equal(dense, want)
   np.testing.assert_array_equal(cached, want)
   np.testing.assert_array_equal(rolling, want)
+
+
+def test_vit_teachers_stream_is_float32_in_bf16():
+  """HF DINOv2 / CLIP under autocast: cat(float32 class token, bf16 patches)
+  and + the float32 position table promote, and LayerScale's float32 gamma
+  keeps each branch float32, so the stream is float32 from the embedding
+  on (ours was bf16: 37% of the first qkv inputs differed, and the teacher's
+  CLS feature had twice autocast's error against float32)."""
+  from genvis_jax.models import dinov2
+  from genvis_jax.models.layers import vit
+  model = dinov2.Dinov2Model(hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, image_size=28,
+                             patch_size=14, dtype=BF)
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+  params = model.init(jax.random.key(1), x)
+  seen, grab = _capture(vit.Block)
+  ls, grab_ls = _capture(vit.LayerScale)
+  with nn.intercept_methods(grab), nn.intercept_methods(grab_ls):
+    model.apply(params, x)
+  assert [s[0].dtype for s in seen.values()] == [jnp.float32] * 2
+  assert {s[1].dtype for s in ls.values()} == {jnp.dtype(jnp.float32)}

@@ -43,7 +43,8 @@ def layer_norm(eps: float, *, name: str, dtype=None, param_dtype=jnp.float32):
 
 class LayerScale(nn.Module):
   """(..., d) * ``scale`` (d,), initialised to ``init_value`` (CaiT / DINOv2);
-  output in x.dtype."""
+  output in the promoted dtype, as torch's ``x * gamma``: float32 for a bf16
+  x and float32 scale, so a bf16 model's residual add is not rounded first."""
   init_value: float = 1.0
   param_dtype: Dtype = jnp.float32
 
@@ -52,7 +53,7 @@ class LayerScale(nn.Module):
     scale = self.param("scale", layers.named(
         nn.initializers.constant(self.init_value), ("norm",)),
                        (x.shape[-1],), self.param_dtype)
-    return x * scale.astype(x.dtype)
+    return x * scale
 
 
 class Block(nn.Module):
@@ -137,7 +138,10 @@ class Embed(nn.Module):
     e.g. DINOv2's bicubic); None = such inputs raise ValueError.
   mask_token: adds a learned ``mask_token`` (dim,) that replaces the patches
     where ``mask`` (B, num_patches) bool is True (DINOv2 / iBOT masking).
-  Output in ``dtype``. Raises ``ValueError`` for another patch grid without
+  Output in ``dtype`` promoted with ``param_dtype``, as torch's ``cat`` of its
+  float32 class token with bf16 patches and ``+`` of the float32 table: a
+  bf16 model's residual stream starts float32 here, as under autocast (HF
+  DINOv2 / CLIP, timm). Raises ``ValueError`` for another patch grid without
   ``resize``, a ``mask`` of another shape, or a ``mask`` without
   ``mask_token``.
   """
@@ -181,6 +185,7 @@ class Embed(nn.Module):
                        f"patches; this ViT's position table is {self.grid}x"
                        f"{self.grid}: use {self.grid * p}x{self.grid * p} "
                        "images.")
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d))
-    return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)[None]
+    dt = jnp.promote_types(x.dtype, self.param_dtype)
+    cls = jnp.broadcast_to(cls.astype(dt), (b, 1, d))
+    return jnp.concatenate([cls, x.astype(dt)], axis=1) + pos.astype(dt)[None]
 
