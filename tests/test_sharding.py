@@ -209,6 +209,25 @@ def test_bad_mesh_shape_in_a_config_is_a_config_error(shape):
   assert isinstance(e.value, ValueError)
 
 
+def test_a_mesh_axis_the_rules_do_not_use_is_refused():
+  """A config's ``model`` axis (t5x / MaxText's name for 'tensor') built a
+  mesh on which every parameter and Adam moment stayed whole and those
+  devices repeated the same work, without a word; so did a rule naming a
+  misspelt axis (RAR-XL's state 10.68 GiB per device instead of 2.68)."""
+  with pytest.raises(ConfigError, match=r"config.mesh.shape names axis "
+                     r"'model' \(size 4\), which no rule .*'tensor'"):
+    trainer_lib.setup(_config(dict(data=2, model=4)))
+  cfg = _config(dict(data=2, fsdp=4, tensor=1))
+  cfg.sharding.rules = [(n, "model" if n == "embed" else a)
+                        for n, a in shd.DEFAULT_RULES]
+  with pytest.raises(ConfigError, match=r"config.sharding.rules splits over "
+                     r"axis 'model', which config.mesh.shape .* does not"):
+    trainer_lib.setup(cfg)
+  # A default axis the mesh leaves out only turns its split off; size 1 too.
+  trainer_lib.setup(_config(dict(data=-1)))
+  trainer_lib.setup(_config(dict(data=-1, fsdp=1, tensor=1, model=1)))
+
+
 def test_data_mesh_spans_exactly_the_given_devices():
   devices = jax.devices()[::-1][:4]
   mesh = shd.data_mesh(devices)
@@ -284,6 +303,15 @@ def test_an_axis_that_divides_too_few_widths_is_told():
       r"model/layer_0/kernel \(1408, 4224\), dimension 1408\)\. Sizes up to "
       r"the 24 devices that divide most of them: \[2, 4, 8, 11, 16, 22\]\.",
       note), note
+  # The sizes dividing 95% of the bytes, not a gcd over the largest leaves:
+  # RAR-XL's 2026-row token table (0.3% of the bytes over 'tensor') made
+  # that [2] where 4, 5, 8 and 10 split 99.6%.
+  mesh_t = jax.sharding.AbstractMesh((4, 1, 3), ("data", "fsdp", "tensor"))
+  small = [((128, 320), ("embed", "mlp"))] * 10     # each under the table
+  note = shd.unsplit_note(boxed(((1280, 5120), ("embed", "mlp")),
+                                ((2026, 64), ("vocab", "embed")), *small),
+                          mesh_t, rules)
+  assert note.endswith("that divide most of them: [2, 4, 5, 8, 10]."), note
   # Split: 1536 = 12 x 128; the output conv's 3 channels stay whole, quietly.
   assert shd.unsplit_note(boxed(((1536, 4224), ("embed", "mlp")),
                                 ((3, 3, 1536, 3), (None, None, "conv_in",

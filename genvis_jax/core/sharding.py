@@ -220,12 +220,10 @@ def unsplit_note(abstract_boxed, mesh: Mesh, rules) -> str:
     whole = sorted((r for r in rows if not r[2]), key=lambda r: -r[0])
     if sum(r[0] for r in whole) <= UNSPLIT_SHARE * total:
       continue
-    common, covered = 0, 0
-    for nbytes, dim, *_ in sorted(rows, key=lambda r: -r[0]):
-      if covered >= 0.95 * total:
-        break
-      common, covered = math.gcd(common, dim), covered + nbytes
-    fits = [d for d in range(2, min(common, mesh.size) + 1) if common % d == 0]
+    # Each size whose dividing dimensions hold 95% of the bytes (a gcd over
+    # the largest leaves let one small odd table, 2026 rows, rule out 4-10).
+    fits = [d for d in range(2, mesh.size + 1)
+            if sum(r[0] for r in rows if r[1] % d == 0) >= 0.95 * total]
     _, dim, _, name, shape = whole[0]
     notes.append(
         f"config.mesh.shape.{a}={mesh.shape[a]} divides too few parameter "
@@ -235,6 +233,39 @@ def unsplit_note(abstract_boxed, mesh: Mesh, rules) -> str:
         f"{name} {tuple(shape)}, dimension {dim}). Sizes up to the "
         f"{mesh.size} devices that divide most of them: {fits[-6:] or 'none'}.")
   return " ".join(notes)
+
+
+def check_mesh_axes(mesh, rules) -> None:
+  """Refuses a mesh the rules table cannot use: an axis of size > 1 that no
+  rule names (its devices would each hold whole copies of every parameter
+  and repeat one another's work; t5x / MaxText's ``model`` axis is
+  ``tensor`` here), and a rule naming an axis that is neither in the mesh
+  nor one of the default table's (a misspelt axis silently turns its split
+  off). A default-table axis the mesh lacks is fine: those splits are off.
+
+  Raises:
+    ConfigError: naming the axis, ``config.mesh.shape`` /
+      ``config.sharding.rules`` and the axes the other side knows.
+  """
+  table = rules_tuple(rules)
+  named = {a for _, axes in table for a in _axes(axes)}
+  known = {a for _, axes in DEFAULT_RULES for a in _axes(axes)}
+  idle = [a for a, n in mesh.shape.items() if n > 1 and a not in named]
+  if idle:
+    raise errors.ConfigError(
+        f"config.mesh.shape names axis {idle[0]!r} (size "
+        f"{mesh.shape[idle[0]]}), which no rule of config.sharding.rules "
+        f"splits over: its devices would hold whole copies of every "
+        f"parameter and repeat the same work. The rules split over "
+        f"{sorted(named)}; rename the axis (tensor parallelism is 'tensor') "
+        "or add a rule that uses it.")
+  stray = sorted(named - set(mesh.shape) - known)
+  if stray:
+    raise errors.ConfigError(
+        f"config.sharding.rules splits over axis {stray[0]!r}, which "
+        f"config.mesh.shape {dict(mesh.shape)} does not have, so that split "
+        f"is silently off. Use one of the mesh's axes {list(mesh.shape)} or "
+        "add the axis to config.mesh.shape.")
 
 
 def batch_axes(mesh, rules=None) -> tuple[str, ...]:

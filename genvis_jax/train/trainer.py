@@ -52,6 +52,7 @@ def setup(config, *, mesh=None, devices=None, task=None):
   mesh = shd.auto_axes(mesh) or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
+  shd.check_mesh_axes(mesh, config.sharding.rules)
   return mesh, task
 
 
