@@ -2,12 +2,16 @@
 in the foreground or the background write) stops the run with one message
 and keeps the newest complete step; a save's background write overlaps the
 next steps; unfinished saves are named as Orbax finalizes them; storage
-errors are told from damage (damage falls back: test_reliability.py)."""
+errors are told from damage (damage falls back: test_reliability.py); a grid
+PNG's temporary left by a killed run is removed on resume."""
 
 import errno
 import json
+import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -157,3 +161,19 @@ def test_a_save_writes_while_the_next_steps_run(tmp_path, monkeypatch):
   trainer_lib.train_loop(c, wd, on_log=on_log)
   assert waited_out[:1] == [False]
   assert ckpt_lib.Checkpointer(wd).manager.all_steps() == [3, 6]
+
+
+def test_a_resume_removes_a_killed_writers_grid_temporary(tmp_path, caplog):
+  """A run killed while writing a grid PNG leaves ``write_whole``'s
+  temporary beside it; sampling and evaluation removed theirs at start,
+  training kept its own through every resume."""
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  wd = tmp_path / "wd"
+  (wd / "images").mkdir(parents=True)
+  left = wd / "images" / f"samples_0000020.{int(gone.stdout)}.tmp.png"
+  left.write_bytes(b"\0" * 5000)
+  with caplog.at_level(logging.WARNING):
+    trainer_lib.train_loop(config(3), str(wd))
+  assert not left.exists()
+  assert "that a run killed midway left in" in caplog.text

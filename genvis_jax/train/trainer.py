@@ -221,6 +221,10 @@ def train_loop(config, workdir: str | os.PathLike, on_log=None):
       checks.check_same_data(config, info)
       files.makedirs(workdir)
       with workdir_lock.hold(workdir):
+        # A grid PNG half-written by a killed run (write_whole's temporary).
+        multihost.on_process_0(lambda: files.remove_stale_temporaries(
+            os.path.join(workdir, "images")))
+        files.remove_stale_transfers()   # each host's own TMPDIR
         trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
         ckpt = ckpt_lib.Checkpointer(workdir,
                                      keep=config.train.keep_checkpoints)
