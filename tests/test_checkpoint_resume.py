@@ -433,3 +433,22 @@ def test_a_resume_lists_the_compute_settings_it_changes():
   assert resume_lib.resumed_differences(saved, now) == [
       "model.dtype: checkpoint 'float32' vs this run 'bfloat16'",
       "train.num_steps: checkpoint 6 vs this run 9"]
+
+
+def test_a_finished_run_names_the_command_its_weights_are_for():
+  """A tokenizer's last line names its evaluation and the generator flag
+  that takes it; a generator's, its sampling; the demo classifier's neither
+  (pre-tokenizing and sampling name theirs)."""
+  from configs import maskgit_vqgan, rar_b
+  tok = trainer_lib.next_command(maskgit_vqgan.get_config("runlocal"), "/w/t")
+  assert tok == ("; evaluate it with --config.mode=evaluate "
+                 "--config.evaluate.checkpoint=/w/t, or give it to a "
+                 "generator's config as --config.tokenizer.checkpoint=/w/t")
+  gen = rar_b.get_config("runlocal")
+  assert trainer_lib.next_command(gen, "/w/g") == (
+      "; sample with --config.mode=sample --config.init_from=/w/g "
+      "--config.tokenizer.checkpoint=TOKENIZER")
+  gen.tokenizer.checkpoint = "/w/t"
+  assert trainer_lib.next_command(gen, "/w/g").endswith(
+      "--config.tokenizer.checkpoint=/w/t")
+  assert trainer_lib.next_command(small_run.config(6), "/w/c") == ""

@@ -72,10 +72,16 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
                     ("finish", 16)]
   # Progress: the first batch's line, then at most one per PROGRESS_EVERY_S
   # and the last (a line per batch filled the log).
-  progress = [l for l in capsys.readouterr().out.splitlines()
-              if " images/s" in l]
+  lines = capsys.readouterr().out.splitlines()
+  progress = [l for l in lines if " images/s" in l]
   assert [l.split(",")[0] for l in progress] == ["[sample] 16/24 images",
                                                  "[sample] 24/24 images"]
+  # The last line names what the samples are for, as pre-tokenizing does.
+  npz = os.path.join(wd, "samples.npz")
+  assert lines[-1].endswith(
+      f"; score them with --config.mode=evaluate --config.evaluate.kind="
+      f"generation --config.evaluate.samples={npz} --config.evaluate."
+      "reference=REF.npz (an ADM batch, or one of your data: kind=reference)")
   # A larger set stopped half-way: the 24 images' samples.npz is gone, not
   # left to pass for this run's 40 (its images are in the parts).
   assert os.path.exists(os.path.join(wd, "samples.npz"))

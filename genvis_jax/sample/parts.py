@@ -404,7 +404,11 @@ def _write_samples(workdir: str, num_samples: int, out: dict) -> None:
   order = np.argsort(labels[:len(grid)], kind="stable")
   images_lib.save_grid(grid[order], out["png"],
                        ncols=images_lib.grid_columns(*shape[1:3]))
-  print(f"[sample] wrote {out['npz']} and {out['png']}", flush=True)
+  print(f"[sample] wrote {out['npz']} and {out['png']}; score them with "
+        f"--config.mode=evaluate --config.evaluate.kind=generation "
+        f"--config.evaluate.samples={out['npz']} --config.evaluate.reference="
+        "REF.npz (an ADM batch, or one of your data: kind=reference)",
+        flush=True)
   if held > num_samples:   # e.g. a quick look at the first images of a set
     print(f"[sample] {out['npz']} holds the first {num_samples} of the {held} "
           f"images in {directory(workdir)}; --config.sample.num_samples="

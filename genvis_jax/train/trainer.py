@@ -189,8 +189,26 @@ def train_and_evaluate(config, workdir: str | os.PathLike):
     step = step.addressable_data(0) if isinstance(step, jax.Array) else step
     print(f"[train] done at step {int(step)}: "
           f"checkpoints in {os.path.join(workdir, 'checkpoints')}, TensorBoard "
-          f"logs and grids in {workdir}", flush=True)
+          f"logs and grids in {workdir}{next_command(config, workdir)}",
+          flush=True)
   return state
+
+
+def next_command(config, workdir) -> str:
+  """What a finished run's weights are for, as the flags that use them
+  (pre-tokenizing names its next command too): "" for a model that is
+  neither a tokenizer nor a generator with a tokenizer (the demo's
+  classifier)."""
+  model = config.get("model") or {}
+  if models.is_image_tokenizer(model):
+    return (f"; evaluate it with --config.mode=evaluate "
+            f"--config.evaluate.checkpoint={workdir}, or give it to a "
+            f"generator's config as --config.tokenizer.checkpoint={workdir}")
+  tokenizer = (config.get("tokenizer") or {}).get("checkpoint", "")
+  if not (config.get("tokenizer") or {}).get("model"):
+    return ""
+  return (f"; sample with --config.mode=sample --config.init_from={workdir}"
+          f" --config.tokenizer.checkpoint={tokenizer or 'TOKENIZER'}")
 
 
 @dtypes.at_matmul_precision
