@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -177,3 +178,20 @@ def test_a_resume_removes_a_killed_writers_grid_temporary(tmp_path, caplog):
     trainer_lib.train_loop(config(3), str(wd))
   assert not left.exists()
   assert "that a run killed midway left in" in caplog.text
+
+
+def test_steps_per_sec_leaves_the_saves_out(tmp_path, monkeypatch):
+  """A save's foreground time is not training time, as the grids' is not:
+  with each save taking 3 s, the interval holding one logged at most
+  2 steps / 3 s."""
+  orig = ckpt_lib.Checkpointer.save
+
+  def slow_save(self, *args, **kwargs):
+    time.sleep(3.0)
+    return orig(self, *args, **kwargs)
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", slow_save)
+  logs = {}
+  c = config(6)
+  c.train.profile_steps = 0
+  trainer_lib.train_loop(c, str(tmp_path / "wd"), on_log=logs.__setitem__)
+  assert logs[4]["steps_per_sec"] > 2 / 3.0, logs[4]   # save of step 3 inside

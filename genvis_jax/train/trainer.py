@@ -420,8 +420,14 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           grids.write_visuals(trainer, state, vis_batch, writer, workdir, done)
           progress.exclude(time.perf_counter() - t_vis)   # not training time
         if save_now:
+          # As the grids: the step in flight is training time, the save's
+          # foreground (copying the state off the devices, waiting for the
+          # previous write) is not.
+          jax.block_until_ready(state)
+          t_save = time.perf_counter()
           ckpt.save(done, state, data_iter, config, data_seed=data_seed,
                     data_group=trainer.data_group)
+          progress.exclude(time.perf_counter() - t_save)
         if stop_now and done < num_steps:
           ckpt.close()
           writer.flush()
