@@ -150,6 +150,11 @@ def test_bf16_decoding_close_to_fp32(tiny, fp32_latents):
   # "" keeps the configured dtype, as for RAR / FAR.
   assert common.for_decoding(m16, params, "float32")[0].dtype == jnp.float32
   assert common.for_decoding(m16, p16, "") == (m16, p16)
+  # The caches hold bf16 keys and values (the norm before them returns
+  # float32: a rolling cache made in its dtype doubled its bytes).
+  _, cache = m16.apply({"params": p16}, jnp.asarray(LABELS), method="prefill")
+  assert {a.dtype for a in jax.tree_util.tree_leaves(cache)} == {
+      jnp.dtype(jnp.bfloat16)}
   labels, key, kw, lat32 = LABELS, jax.random.key(5), KW, fp32_latents
   lat16 = eq_sample.sample(model, params, labels, key, dtype="bfloat16", **kw)
   assert lat16.dtype == jnp.float32

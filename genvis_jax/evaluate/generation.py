@@ -111,7 +111,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
     num_samples: evaluate exactly the first ``num_samples`` (None / 0 = all;
       more than the file holds is an error).
     preprocess: "auto" (follow the reference, see
-      ``reference.resolve_preprocess``), "pytorch_fid" or "adm_tf"; a value
+      ``adm_reference.resolve_preprocess``), "pytorch_fid" or "adm_tf"; a value
       contradicting the reference's record raises ``ProtocolMismatch``.
     mesh: 1-D ``("data",)`` mesh; default all local devices.
     extractor: replaces the Inception (then ``inception_params`` is unused):
@@ -128,7 +128,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       samples that are not uint8 (N, H, W, 3) or hold reference statistics,
       a reference without images or with statistics of other feature sizes
       than the extractor's ``feature_dims`` (if it has them).
-    reference.ProtocolMismatch: a preprocess or Inception weights that
+    adm_reference.ProtocolMismatch: a preprocess or Inception weights that
       contradict the reference's record.
     batching.NotEnoughImages: ``num_samples`` above the file's count; at
       most ``nearest_k`` samples or reference images (checked before any

@@ -133,7 +133,8 @@ class EqGenerator(nn.Module):
   head_modulations(t, z))``); ``prefill(labels)`` ->
   (z for column 0 (B, d), cache); ``decode_step(latent, index, cache)`` feeds
   column ``index`` (B, C) and returns (z for column index + 1, cache).
-  z is in ``dtype``; velocities are float32.
+  z is in ``layers.norm_dtype(dtype)`` (float32: it leaves a norm);
+  velocities are float32.
 
   Raises (``__call__`` / ``condition``): ``ValueError`` for latents that are
   not (B, L, C) or labels not (B,); ``ConfigError`` for C != ``token_dim``.
@@ -267,8 +268,10 @@ class EqGenerator(nn.Module):
     b = labels.shape[0]
     cond = self._cond_tokens(labels)
     caches = []
+    # Keys and values are rounded to dtype (the projections'), so the cache
+    # holds them in it, as the cross-attention's.
     k, v = empty_window_cache(b, self.window, self.num_heads, self.head_dim,
-                              cond.dtype)
+                              self.dtype)
     for blk in self.encoder_blocks:
       cond, (ck, cv) = blk.prefill(cond)
       caches.append({"k": k, "v": v, "ck": ck, "cv": cv})

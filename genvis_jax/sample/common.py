@@ -99,8 +99,8 @@ def check_dtype(dtype):
   return dtypes.parse(
       dtype, "config.sample.dtype", ("float32", "bfloat16"),
       " ('float32': parity with the official code; 'bfloat16': weights, "
-      "activations and caches in bf16, logits, velocities and the sampling "
-      "state float32)")
+      "matmuls and caches in bf16; norms' outputs, logits, velocities and "
+      "the sampling state float32)")
 
 
 def decoding_model(model, dtype=None):
