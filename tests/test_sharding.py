@@ -223,6 +223,24 @@ def test_a_mesh_axis_the_rules_do_not_use_is_refused():
   with pytest.raises(ConfigError, match=r"config.sharding.rules splits over "
                      r"axis 'model', which config.mesh.shape .* does not"):
     trainer_lib.setup(cfg)
+  # A rule may name the axis while the model hardly has its dimensions: a
+  # CNN tokenizer on tensor=4 split only its codebook (0.3% of the bytes),
+  # its 4 devices repeating the same work, with no word.
+  from flax import linen as nn
+  boxed = lambda shape, names: nn.LogicallyPartitioned(
+      jax.ShapeDtypeStruct(shape, np.float32), names)
+  cnn = {"conv": boxed((3, 3, 512, 512), (None, None, "conv_in", "conv_out")),
+         "codebook": boxed((1024, 8), ("vocab", "codebook_dim"))}
+  rules = shd.DEFAULT_RULES
+  mesh = jax.sharding.AbstractMesh((2, 1, 4), ("data", "fsdp", "tensor"))
+  with pytest.raises(ConfigError, match=r"config.mesh.shape.tensor=4 splits "
+                     r"0.3% of this model's parameter bytes and not the "
+                     r"batch.*--config.mesh.shape.tensor=1"):
+    shd.check_axes_split(cnn, mesh, rules)
+  cnn["mlp"] = boxed((512, 2048), ("embed", "mlp"))
+  shd.check_axes_split(cnn, mesh, rules)      # a transformer's share: fine
+  shd.check_axes_split({"conv": cnn["conv"]}, jax.sharding.AbstractMesh(
+      (2, 4, 1), ("data", "fsdp", "tensor")), rules)   # fsdp splits the batch
   # A default axis the mesh leaves out only turns its split off; size 1 too.
   trainer_lib.setup(_config(dict(data=-1)))
   trainer_lib.setup(_config(dict(data=-1, fsdp=1, tensor=1, model=1)))

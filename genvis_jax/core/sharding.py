@@ -235,6 +235,51 @@ def unsplit_note(abstract_boxed, mesh: Mesh, rules) -> str:
   return " ".join(notes)
 
 
+IDLE_SHARE = 0.01   # below this share of the parameter bytes an axis idles
+
+
+def check_axes_split(abstract_boxed, mesh: Mesh, rules) -> None:
+  """Refuses a mesh axis of size > 1 that splits neither the batch nor at
+  least ``IDLE_SHARE`` of this model's parameter bytes: the rules may name
+  it (``tensor`` splits ``mlp`` / ``heads`` / ``vocab``) while the model
+  hardly has such dimensions (a CNN tokenizer: only its codebook), so its
+  devices would hold whole copies and repeat the same work.
+
+  Raises:
+    ConfigError: naming ``config.mesh.shape.<axis>``, the share it splits
+      and the fix.
+  """
+  table = rules_tuple(rules)
+  idle = [a for a, n in mesh.shape.items()
+          if n > 1 and a not in batch_axes(mesh, rules)]
+  if not idle:
+    return
+  total, split = 0, dict.fromkeys(idle, 0)
+  flat = jax.tree_util.tree_leaves(
+      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  for x in flat:
+    value = x.value if isinstance(x, nn.LogicallyPartitioned) else x
+    nbytes = value.size * value.dtype.itemsize
+    total += nbytes
+    if isinstance(x, nn.LogicallyPartitioned) and x.names:
+      spec = nn.logical_to_mesh_axes(tuple(x.names), table)
+      kept = {a for entry in fit_spec(spec, value.shape, mesh)
+              for a in _axes(entry)}
+      for a in idle:
+        split[a] += nbytes if a in kept else 0
+  for a in idle:
+    if split[a] < IDLE_SHARE * total:
+      raise errors.ConfigError(
+          f"config.mesh.shape.{a}={mesh.shape[a]} splits "
+          f"{split[a] / max(total, 1):.1%} of this model's parameter bytes "
+          f"and not the batch: its {mesh.shape[a]} devices would each hold "
+          "whole copies and repeat the same work (the rules split "
+          f"{sorted(n for n, axes in table if a in _axes(axes))} over it, "
+          "dimensions this model hardly has). Give those devices to the "
+          f"batch or to fsdp: --config.mesh.shape.{a}=1 with data or fsdp "
+          "larger.")
+
+
 def check_mesh_axes(mesh, rules) -> None:
   """Refuses a mesh the rules table cannot use: an axis of size > 1 that no
   rule names (its devices would each hold whole copies of every parameter

@@ -98,6 +98,7 @@ def state_shardings(task, optimizers, mesh, rules, rng):
   parameter's sharding; scalars (counts) are replicated.
   """
   boxed = jax.eval_shape(task.init_params, rng)
+  shd.check_axes_split(boxed, mesh, rules)
   param_sh = shd.tree_shardings(boxed, mesh, rules)
   note = shd.unsplit_note(boxed, mesh, rules)
   if note:
