@@ -48,6 +48,24 @@ def weight_read_gbps(n_params: int, dtype: str, step_ms: float) -> float:
   return n_params * item / (step_ms * 1e-3) / 1e9
 
 
+def _at_sampling_precision(spec: str):
+  """Runs a section at the fp32 matmul precision ``mode=sample`` runs the
+  config ``spec`` at (``dtypes.precision_name(config, inference=True)``), so
+  its rows time what sampling computes; the section logs it."""
+  def wrap(fn):
+    @functools.wraps(fn)
+    def run(sec, *args, **kwargs):
+      import jax  # pylint: disable=import-outside-toplevel
+      from genvis_jax.core import dtypes  # pylint: disable=import-outside-toplevel
+      name = dtypes.precision_name(load_config(spec), inference=True)
+      sec.log(f"fp32 matmuls at {name!r}, as mode=sample")
+      with jax.default_matmul_precision(name):
+        return fn(sec, *args, **kwargs)
+    return run
+  return wrap
+
+
+@_at_sampling_precision("configs/rar_b.py")
 def section_rar_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
@@ -178,6 +196,7 @@ def _random_generator(spec: str, smoke_sizes: dict, smoke: bool, batch: int):
   return cfg, models.build(cfg.model), random_params(cfg.model), labels
 
 
+@_at_sampling_precision("configs/far_b.py:dual")
 def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   from bench import bench_far_sampling as far_bench  # pylint: disable=import-outside-toplevel
@@ -220,6 +239,7 @@ def section_far_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
            "rar_sampling. " + WEIGHT_READ_NOTE + " " + FLOOR_NOTE)
 
 
+@_at_sampling_precision("configs/eq_l.py")
 def section_eq_sampling(sec: Section, dl: Deadline, sz: Sizes, smoke: bool):
   import jax  # pylint: disable=import-outside-toplevel
   from genvis_jax.sample import eq_generator as eq_sample  # pylint: disable=import-outside-toplevel

@@ -41,6 +41,7 @@ import numpy as np
 
 from bench.accel_harness import commit_id
 from bench.bench_eq_long import random_params  # std 0.02, no init compile
+from bench.sampling_floor import sampling_precision
 from configs import eq_common
 from genvis_jax import models
 from genvis_jax.sample import common
@@ -311,13 +312,16 @@ def main(argv=None):
                                        or w <= args.window for w in widths):
     raise SystemExit("--widths must be multiples of --window, above it and "
                      "at most --columns")
+  precision = sampling_precision(eq_common.get_config(
+      "s" if args.size == "tiny" else args.size))
   cfg = model_config(args.size)
   model = models.build(cfg)
   params = random_params(cfg)
   labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.num_classes
   b32 = byte_counts(params)
   print(f"# commit {commit_id()}  jax {jax.__version__}  "
-        f"device {jax.devices()[0].device_kind} ({os.cpu_count()} cpus)")
+        f"device {jax.devices()[0].device_kind} ({os.cpu_count()} cpus)  "
+        f"matmuls {precision}")
   print(f"# eq_{args.size}: params {models.count_params(params) / 1e6:.1f}M, "
         f"head {b32['head'] / 4e6:.1f}M (mod path {b32['head_mod'] / 4e6:.1f}M, "
         f"x path {b32['head_x'] / 4e6:.1f}M), transformer per column "

@@ -38,8 +38,8 @@ from bench.accel_harness import commit_id
 from bench.sampling_floor import (DTYPES, aot, cache_bytes, check_args,
                                   chunked_steps, kv_stand_in, parser,
                                   print_bytes, print_floor_table, read_cache,
-                                  sampler_opts, time_interleaved,
-                                  weight_bytes)
+                                  sampler_opts, sampling_precision,
+                                  time_interleaved, weight_bytes)
 from genvis_jax import models
 from genvis_jax.sample import ar
 from genvis_jax.sample import common
@@ -151,6 +151,9 @@ def main():
                  help="also compare the cached sampler with the uncached one")
   p.add_argument("--check_grid", type=int, default=4)
   args = p.parse_args()
+  from configs import far_common  # pylint: disable=import-outside-toplevel
+  precision = sampling_precision(far_common.get_config(
+      "b" if args.size == "small" else args.size, args.variant))
   check_args(p, args, MODES)
 
   cfg = model_config(args.size, args.variant, args.grid)
@@ -172,7 +175,8 @@ def main():
   print(f"# FAR sampling | size={args.size}:{args.variant} ({n_params:.1f}M "
         f"params) batch={args.batch} (x2 CFG = {rows} rows) positions="
         f"{positions} x k={model.num_codebooks} dtype={args.dtype} "
-        f"bucket={args.bucket} | {dev.platform}:{getattr(dev, 'device_kind', '')} "
+        f"bucket={args.bucket} matmuls {precision} | "
+        f"{dev.platform}:{getattr(dev, 'device_kind', '')} "
         f"{platform.processor() or platform.machine()} jax {jax.__version__} "
         f"| commit {commit_id()}", flush=True)
 

@@ -232,6 +232,9 @@ def main():
   p.add_argument("--check_tokens", type=int, default=16)
   args = p.parse_args()
   floor.check_args(p, args, MODES)
+  from configs import rar_common  # pylint: disable=import-outside-toplevel
+  precision = floor.sampling_precision(rar_common.get_config(
+      "b" if args.size == "small" else args.size))
   if args.table_bytes is not None:
     rar_sample.TABLE_BYTES = args.table_bytes
 
@@ -251,7 +254,8 @@ def main():
   dev = jax.devices()[0]
   print(f"# RAR sampling | size={args.size} ({n_params:.1f}M params) "
         f"batch={args.batch} (x2 CFG = {rows} rows) tokens={args.tokens} "
-        f"dtype={args.dtype} bucket={args.bucket} | {dev.platform}:"
+        f"dtype={args.dtype} bucket={args.bucket} matmuls {precision} | "
+        f"{dev.platform}:"
         f"{getattr(dev, 'device_kind', '')} "
         f"{platform.processor() or platform.machine()} jax {jax.__version__} "
         f"| commit {commit_id()}", flush=True)

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.accel_harness import commit_id  # noqa: E402
 from bench.bench_rar_sampling import (byte_counts, floor_fn,  # noqa: E402
                                       model_config)
+from bench.sampling_floor import sampling_precision  # noqa: E402
 from genvis_jax import models  # noqa: E402
 from genvis_jax.sample import rar as rar_sample  # noqa: E402
 
@@ -121,6 +122,9 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--tokens", type=int, default=256)
   args = p.parse_args()
+  from configs import rar_common  # pylint: disable=import-outside-toplevel
+  precision = sampling_precision(rar_common.get_config(
+      "b" if args.size == "small" else args.size))
 
   cfg = model_config(args.size, args.tokens)
   model = models.build(cfg)
@@ -160,7 +164,8 @@ def main():
              ("cached", TABLE): (table_flops, "GFLOP")}
   dev = jax.devices()[0]
   print(f"# RAR sampling profile | size={args.size} batch={args.batch} "
-        f"(x2 CFG = {rows} rows) tokens={steps} fp32 | {dev.platform} "
+        f"(x2 CFG = {rows} rows) tokens={steps} fp32, matmuls {precision} | "
+        f"{dev.platform} "
         f"{platform.processor() or platform.machine()} jax {jax.__version__} "
         f"| commit {commit_id()}")
   print(f"untraced: floor {plain['floor']:.2f} s, cached {plain['cached']:.2f} "

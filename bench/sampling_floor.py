@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from genvis_jax.core import dtypes
 from genvis_jax.sample import ar
 
 
@@ -87,6 +88,17 @@ def weight_bytes(tree, paths, item: int) -> int:
       x = x[k]
     total += x.size
   return total * item
+
+
+def sampling_precision(config) -> str:
+  """Sets this process's fp32 matmul precision to the one ``mode=sample``
+  runs ``config`` at (``dtypes.precision_name(config, inference=True)``:
+  "tensorfloat32" for the RAR / FAR configs, "float32" for the Equivariant
+  ones), so the sampler and its floor are timed as sampling computes (on a
+  TPU XLA's default is one bf16 pass); returns the name, for the header."""
+  name = dtypes.precision_name(config, inference=True)
+  jax.config.update("jax_default_matmul_precision", name)
+  return name
 
 
 def sampler_opts(dtype, bucket):

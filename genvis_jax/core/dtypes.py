@@ -46,21 +46,28 @@ MATMUL_PRECISIONS = ("", "bfloat16", "tensorfloat32", "float32")
 INFERENCE_DEFAULT = "tensorfloat32"
 
 
-def matmul_precision(config, inference: bool = False):
-  """The context a job of ``config`` computes in: fp32 dots and
-  convolutions at ``config.matmul_precision`` ("float32": full fp32;
+def precision_name(config, inference: bool = False) -> str:
+  """The name of the precision a job of ``config`` computes fp32 dots and
+  convolutions at: ``config.matmul_precision`` ("float32": full fp32;
   "tensorfloat32": 3 bf16 passes on TPU, TF32 on NVIDIA GPUs; "bfloat16":
-  one bf16 pass; "" or absent: XLA's default in training, one bf16 pass on
-  TPU and TF32 on recent NVIDIA GPUs, full fp32 on CPU, and
-  ``INFERENCE_DEFAULT`` where ``inference``). bf16 operands are unaffected;
-  jit traces (and caches) under it. Raises ``ConfigError`` for another
-  value."""
+  one bf16 pass), or for "" / absent ``INFERENCE_DEFAULT`` where
+  ``inference`` and "" (XLA's default: one bf16 pass on TPU, TF32 on recent
+  NVIDIA GPUs, full fp32 on CPU) in training. Raises ``ConfigError`` for
+  another value."""
   value = config.get("matmul_precision", "") or ""
   if value not in MATMUL_PRECISIONS:
     raise ConfigError(f"config.matmul_precision={value!r}; choose one of "
                       f"{list(MATMUL_PRECISIONS)} ('' = XLA's default in "
                       f"training, {INFERENCE_DEFAULT!r} in inference).")
-  value = value or (INFERENCE_DEFAULT if inference else "")
+  return value or (INFERENCE_DEFAULT if inference else "")
+
+
+def matmul_precision(config, inference: bool = False):
+  """The context a job of ``config`` computes in: fp32 dots and
+  convolutions at ``precision_name(config, inference)``. bf16 operands are
+  unaffected; jit traces (and caches) under it. Raises ``ConfigError`` for
+  a value jax does not take."""
+  value = precision_name(config, inference)
   if not value:
     return contextlib.nullcontext()
   return jax.default_matmul_precision(value)
