@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -381,3 +382,20 @@ def test_sampling_bench_flags_are_checked_before_a_model_is_built():
                ["--batch=0"]):
     with pytest.raises(SystemExit):
       b.check_args(p, p.parse_args(argv), rar.MODES)
+
+
+def test_input_bench_times_a_configs_image_pipeline(capsys):
+  """bench/bench_input.py runs a config's own training pipeline over
+  synthetic JPEGs and prints images/s per worker count; a config training
+  on token files is refused by name."""
+  from bench import bench_input
+  bench_input.main(["--config=configs/eq_tokenizer.py:runlocal", "--batch=4",
+                    "--batches=1", "--images=8", "--image_shape=48x40",
+                    "--workers=0"])
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("# configs/eq_tokenizer.py:runlocal: 32 px, crops "
+                           "albumentations, 8 JPEGs of 48x40")
+  assert re.fullmatch(r"\| 0 \| [\d.]+ \| \d+ \| \d+ \|", out[-1]), out
+  with pytest.raises(SystemExit):
+    bench_input.main(["--config=configs/rar_b.py:runlocal"])
+  assert "trains on token files" in capsys.readouterr().err
