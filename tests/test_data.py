@@ -1,6 +1,12 @@
 """Grain input pipeline: batches, sharding over processes, shuffling,
 iterator checkpoints."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import grain
 import numpy as np
 import pytest
@@ -179,3 +185,50 @@ def test_one_pass_in_order_with_worker_processes(drop_remainder):
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g["image"], w["image"])
     np.testing.assert_array_equal(g["label"], w["label"])
+
+
+_WORKERS_THEN_WAIT = r"""
+import os, sys, time
+from configs import base
+from genvis_jax import data
+c = base.get_config()
+c.data.update(source="demo", image_size=16, num_classes=10, num_workers=2)
+it, _ = data.create_dataset(c.data, split="train", global_batch_size=4,
+                            seed=0, process_index=0, process_count=1)
+next(it)
+while True:   # both workers up: print their pids
+  kids = []
+  for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+      cmd = open(f"/proc/{p}/cmdline").read()
+    except OSError:
+      continue
+    if ppid == os.getpid() and "spawn_main" in cmd:
+      kids.append(p)
+  if len(kids) == 2:
+    break
+  time.sleep(0.2)
+print(" ".join(kids), flush=True)
+time.sleep(600)
+"""
+
+
+def test_grain_workers_end_with_a_killed_run():
+  """kill -9 of a run with ``data.num_workers`` > 0 left grain's workers
+  looping under init (214 MB each, one set per kill): they end with it."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, "-c", _WORKERS_THEN_WAIT],
+                          stdout=subprocess.PIPE, text=True, cwd=root)
+  kids = proc.stdout.readline().split()
+  assert len(kids) == 2, kids
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 20
+  while time.time() < deadline and any(os.path.exists(f"/proc/{k}")
+                                       for k in kids):
+    time.sleep(0.2)
+  alive = [k for k in kids if os.path.exists(f"/proc/{k}")]
+  for k in alive:   # leave no orphan behind a failure
+    os.kill(int(k), signal.SIGKILL)
+  assert not alive, f"workers {alive} outlived their run"
