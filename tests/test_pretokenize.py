@@ -287,3 +287,32 @@ def test_labels_beyond_num_classes_stop_pretokenizing(tmp_path, monkeypatch):
     pretokenize._write_shard(ml_collections.ConfigDict({"pretokenize": p}),   # pylint: disable=protected-access
                              path, "x", {}, encode, (0.0, 1.0))
   assert not list(tmp_path.iterdir())
+
+
+def test_a_record_left_pending_by_a_killed_run_is_completed(tmp_path, caplog):
+  """A run killed between renaming its token file into place and writing
+  the record left a file the same command refused ('no record of their
+  settings': the whole split encoded again). The record is written whole
+  as <file>.json.partial before the rename; a rerun completes it when the
+  hashes agree, and drops another file's."""
+  import json
+  from genvis_jax.data import tokens as tokens_lib
+  path = data.write_token_records(str(tmp_path / "t"), np.arange(4, dtype=np.int32),
+                                  np.zeros((4, 8), np.int32))[0]
+  now = {"weights": "w", "examples": {"count": 4}}
+  rec = {"settings": now, "records": 4, "images": 4,
+         "sha256": tokens_lib.file_sha256(path)}
+  pending = token_output.pending_record(path)
+  with open(pending, "w") as f:
+    json.dump(rec, f)
+  assert token_output.existing_output(path, now, overwrite=False) == rec
+  assert os.path.exists(path + ".json") and not os.path.exists(pending)
+  assert "completed the record a run stopped before writing" in caplog.text
+  # Another file's pending record (another hash) is not this file's.
+  os.remove(path + ".json")
+  with open(pending, "w") as f:
+    json.dump({**rec, "sha256": "0" * 64}, f)
+  with pytest.raises(errors_lib.OutputExistsError,
+                     match="with no record of their settings"):
+    token_output.existing_output(path, now, overwrite=False)
+  assert not os.path.exists(pending)

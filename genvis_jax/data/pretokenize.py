@@ -296,10 +296,23 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
   # A file being replaced (overwrite) and its record stay whole until the new
   # one is written and hashed: a run stopped before leaves the old pair,
   # still consistent (its record names its tokenizer), never the old file
-  # without its record; the record goes just before the rename, so no record
-  # is ever beside another file's tokens.
-  drop_record = lambda: epath.Path(path + ".json").unlink(missing_ok=True)
-  with tokens_lib.TokenWriter(path, before_replace=drop_record) as writer:
+  # without its record. Just before the rename the new record is written
+  # whole as <file>.json.partial and the old one goes, so no record is ever
+  # beside another file's tokens; a run killed between the rename and the
+  # record's leaves the pending record, which the same command completes
+  # (token_output.existing_output) instead of refusing the file.
+  record = epath.Path(path + ".json")
+  pending = epath.Path(token_output.pending_record(path))
+
+  def before_replace():
+    pending.write_text(json.dumps(
+        {"settings": settings, "records": writer.count, "images": n_images,
+         "remainder_kept": True, "sha256": writer.sha256,
+         "max_label": int(max_label), "skipped_files": info.num_skipped},
+        indent=1, sort_keys=True))
+    record.unlink(missing_ok=True)
+
+  with tokens_lib.TokenWriter(path, before_replace=before_replace) as writer:
     for batch in it:
       images, labels = ten_crop.model_inputs(np.asarray(batch["image"]),
                                     np.asarray(batch["label"]), size, p.ten_crop)
@@ -321,14 +334,11 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
         rate = n_images / (time.perf_counter() - t0)
         logging.info("pretokenize: %d / %d images (%.1f img/s)", n_images,
                      info.num_examples_per_process, rate)
-  # The file's hash, so a later run reuses it only if no byte changed; its
-  # largest label, checked against the classes of the model it trains.
+  # The record holds the file's hash, so a later run reuses it only if no
+  # byte changed, and its largest label, checked against the classes of the
+  # model it trains.
+  pending.replace(record)
   skipped = info.num_skipped
-  epath.Path(path + ".json").write_text(json.dumps(
-      {"settings": settings, "records": writer.count, "images": n_images,
-       "remainder_kept": True, "sha256": writer.sha256,
-       "max_label": int(max_label), "skipped_files": skipped},
-      indent=1, sort_keys=True))
   # Which images: a run that read other data than meant says so here.
   source = p.data.source
   where = {"image_folder": p.data.get("path", ""),

@@ -79,6 +79,32 @@ def _reads_as_recorded(path: str, record: dict) -> bool:
   return want is None or want == tokens_lib.file_sha256(path)
 
 
+def pending_record(path: str) -> str:
+  """Where pre-tokenizing writes the record of the token file ``path``
+  before the file takes its name (renamed to ``<path>.json`` after)."""
+  return path + ".json.partial"
+
+
+def _complete_pending_record(path: str) -> None:
+  """A run killed between renaming the token file ``path`` into place and
+  renaming its record after it left the record pending: it is the file's
+  if the hashes agree, and takes its name (else it is another file's and
+  goes)."""
+  pending = epath.Path(pending_record(path))
+  if not pending.exists() or epath.Path(path + ".json").exists():
+    return
+  try:
+    sha = json.loads(pending.read_text()).get("sha256")
+  except ValueError:
+    sha = None
+  if sha and sha == tokens_lib.file_sha256(path):
+    pending.replace(path + ".json")
+    logging.warning("%s: completed the record a run stopped before writing "
+                    "(its hash matches the file).", path)
+  else:
+    pending.unlink(missing_ok=True)
+
+
 def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   """The record of a complete, readable token file at ``path`` written with
   ``settings`` (to reuse), else None (write it): always None with
@@ -86,6 +112,7 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   or one that no longer reads as its record says (damaged since)."""
   if not epath.Path(path).exists() or overwrite:
     return None
+  _complete_pending_record(path)
   record = epath.Path(path + ".json")
   try:
     old = json.loads(record.read_text()) if record.exists() else None
