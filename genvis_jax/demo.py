@@ -14,6 +14,7 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
+from genvis_jax.core import hints
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.modes import resolve
 from genvis_jax.sample import trained_with
@@ -158,7 +159,10 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     logging.info("=== demo stage %s (mode=%s) ===", name, stage.mode)
     try:
-      results[name] = resolve(stage.mode)(stage, os.path.join(workdir, name))
+      # A stage's last line names no next command: the demo runs it (and
+      # its flags are the demo's, --config.stages.<stage>.*).
+      with hints.quiet():
+        results[name] = resolve(stage.mode)(stage, os.path.join(workdir, name))
     except errors.UserError as e:
       # The stage's advice names its own config's flags; say the demo's.
       if e.args and isinstance(e.args[0], str):

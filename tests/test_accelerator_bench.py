@@ -399,3 +399,26 @@ def test_input_bench_times_a_configs_image_pipeline(capsys):
   with pytest.raises(SystemExit):
     bench_input.main(["--config=configs/rar_b.py:runlocal"])
   assert "trains on token files" in capsys.readouterr().err
+
+
+def test_input_bench_times_after_every_worker_started(monkeypatch):
+  """Grain starts its workers one at a time, as each is first asked for a
+  batch: the second of 2 workers' start (1.5 s here) landed in the timed
+  batches and made 2 workers read 3x slower than 1."""
+  import ml_collections
+  from bench import bench_input
+  from genvis_jax import data as data_lib
+  calls = []
+
+  def fake_dataset(*_, **__):
+    def batches():
+      while True:
+        calls.append(1)
+        if len(calls) == 2:
+          time.sleep(1.0)      # the second worker starting
+        yield {}
+    return batches(), None
+  monkeypatch.setattr(data_lib, "create_dataset", fake_dataset)
+  config = ml_collections.ConfigDict(dict(num_workers=2))
+  start, each = bench_input.time_pipeline(config, 4, 3, (0.0, 1.0))
+  assert start >= 1.0 and each < 0.1, (start, each)

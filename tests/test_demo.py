@@ -220,3 +220,19 @@ def test_a_stage_model_override_not_repeated_is_refused_before_training(tmp_path
   cfg.stages.tokenizer.model.num_codes = 256
   cfg.stages.samples.model.adaln_table = False
   demo_run.check_stage_models(cfg, ["samples"])
+
+
+def test_demo_stages_name_no_next_command(tmp_path, monkeypatch):
+  """A mode's last line names its next command as a plain config's flags
+  (the demo's are --config.stages.<stage>.*, and it runs the next stage
+  itself): inside the demo's stages, none is named."""
+  from genvis_jax import demo as demo_run
+  from genvis_jax.core import hints
+  seen = []
+  monkeypatch.setattr(demo_run, "resolve", lambda mode: lambda c, wd: (
+      seen.append(hints.next_step("; sample with ...")) or {}))
+  config = demo.get_config("smoke")
+  config.only = "score"
+  modes.run(config, str(tmp_path))
+  assert seen == [""]
+  assert hints.next_step("; sample with ...") == "; sample with ..."

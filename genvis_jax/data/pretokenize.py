@@ -43,6 +43,7 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import dtypes
 from genvis_jax.core import files
+from genvis_jax.core import hints
 from genvis_jax.core import multihost
 from genvis_jax.core import padded
 from genvis_jax.core import sharding
@@ -145,8 +146,9 @@ def encode_in_chunks(encode, images: np.ndarray, chunk: int) -> np.ndarray:
 def _reused(path: str, done: dict, settings: dict, pattern: str) -> dict:
   print(f"[pretokenize] reusing {path} ({done['records']} records, written "
         f"with these settings, tokenizer "
-        f"{weights_lib.readable(settings['weights'])}); train with "
-        f"--config.data.path='{pattern}'", flush=True)
+        f"{weights_lib.readable(settings['weights'])})"
+        + hints.next_step(f"; train with --config.data.path='{pattern}'"),
+        flush=True)
   return {"files": [path], "records": done["records"], "pattern": pattern}
 
 
@@ -346,8 +348,8 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
   msg = (f"wrote {writer.count} token records ({n_images} images of "
          f"{source}{f' {where!r}' if where else ''}, "
          f"{f'{skipped} unreadable files skipped, ' if skipped else ''}"
-         f"{'ten-crop' if p.ten_crop else 'centre crop + mirror'}) to {path}; "
-         f"train with --config.data.path='{pattern}'")
+         f"{'ten-crop' if p.ten_crop else 'centre crop + mirror'}) to {path}"
+         + hints.next_step(f"; train with --config.data.path='{pattern}'"))
   logging.info(msg)
   print(f"[pretokenize] {msg}", flush=True)
   return {"files": [path], "records": writer.count, "pattern": pattern}

@@ -23,6 +23,7 @@ from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
+from genvis_jax.core import hints
 from genvis_jax.core import multihost
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
@@ -404,10 +405,10 @@ def _write_samples(workdir: str, num_samples: int, out: dict) -> None:
   order = np.argsort(labels[:len(grid)], kind="stable")
   images_lib.save_grid(grid[order], out["png"],
                        ncols=images_lib.grid_columns(*shape[1:3]))
-  print(f"[sample] wrote {out['npz']} and {out['png']}; score them with "
-        f"--config.mode=evaluate --config.evaluate.kind=generation "
-        f"--config.evaluate.samples={out['npz']} --config.evaluate.reference="
-        "REF.npz (an ADM batch, or one of your data: kind=reference)",
+  print(f"[sample] wrote {out['npz']} and {out['png']}" + hints.next_step(
+      f"; score them with --config.mode=evaluate --config.evaluate.kind="
+      f"generation --config.evaluate.samples={out['npz']} --config.evaluate."
+      "reference=REF.npz (an ADM batch, or one of your data: kind=reference)"),
         flush=True)
   if held > num_samples:   # e.g. a quick look at the first images of a set
     print(f"[sample] {out['npz']} holds the first {num_samples} of the {held} "

@@ -21,6 +21,7 @@ from genvis_jax import errors, models
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import dtypes
 from genvis_jax.core import files
+from genvis_jax.core import hints
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import multihost
 from genvis_jax.core import preemption
@@ -189,7 +190,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike):
     step = step.addressable_data(0) if isinstance(step, jax.Array) else step
     print(f"[train] done at step {int(step)}: "
           f"checkpoints in {os.path.join(workdir, 'checkpoints')}, TensorBoard "
-          f"logs and grids in {workdir}{next_command(config, workdir)}",
+          f"logs and grids in {workdir}"
+          f"{hints.next_step(next_command(config, workdir))}",
           flush=True)
   return state
 
