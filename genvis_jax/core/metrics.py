@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -62,8 +63,9 @@ class Progress:
 
   ``restart(step)`` starts the interval afresh, e.g. once the run's first
   step (its compilation) is done, so the first ETA is not inflated by it;
-  ``exclude(seconds)`` leaves out work that is not training (the sample
-  grids, whose first draw compiles the sampler). An interval without a
+  ``exclude(seconds)`` / ``off_the_clock()`` leave out work that is not
+  training (the sample grids, whose first draw compiles the sampler; the
+  checkpoint saves). An interval without a
   step (a log at the compiled first step) gives no rate."""
 
   def __init__(self, start_step: int, num_steps: int):
@@ -80,6 +82,15 @@ class Progress:
   def exclude(self, seconds: float) -> None:
     """Leaves ``seconds`` just spent on other work out of the interval."""
     self._t0 += seconds
+
+  @contextlib.contextmanager
+  def off_the_clock(self, in_flight=None):
+    """Leaves the work inside out of the interval, once ``in_flight`` (the
+    step being computed: training time) is done."""
+    jax.block_until_ready(in_flight)
+    t = time.perf_counter()
+    yield
+    self.exclude(time.perf_counter() - t)
 
   def __call__(self, step: int) -> dict[str, float]:
     """``steps_per_sec`` / ``eta_sec`` over the interval up to ``step``

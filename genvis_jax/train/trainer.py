@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -201,16 +200,16 @@ def next_command(config, workdir) -> str:
   (pre-tokenizing names its next command too): "" for a model that is
   neither a tokenizer nor a generator with a tokenizer (the demo's
   classifier)."""
-  model = config.get("model") or {}
-  if models.is_image_tokenizer(model):
+  if models.is_image_tokenizer(config.get("model") or {}):
     return (f"; evaluate it with --config.mode=evaluate "
             f"--config.evaluate.checkpoint={workdir}, or give it to a "
             f"generator's config as --config.tokenizer.checkpoint={workdir}")
-  tokenizer = (config.get("tokenizer") or {}).get("checkpoint", "")
-  if not (config.get("tokenizer") or {}).get("model"):
+  tokenizer = config.get("tokenizer") or {}
+  if not tokenizer.get("model"):
     return ""
   return (f"; sample with --config.mode=sample --config.init_from={workdir}"
-          f" --config.tokenizer.checkpoint={tokenizer or 'TOKENIZER'}")
+          f" --config.tokenizer.checkpoint="
+          f"{tokenizer.get('checkpoint', '') or 'TOKENIZER'}")
 
 
 @dtypes.at_matmul_precision
@@ -417,19 +416,15 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           # The step in flight is training time: waited for before the
           # grid's time is taken out (on a step that did not log, the grid
           # waited for it, and steps/s counted half the steps' time).
-          jax.block_until_ready(state)
-          t_vis = time.perf_counter()
-          grids.write_visuals(trainer, state, vis_batch, writer, workdir, done)
-          progress.exclude(time.perf_counter() - t_vis)   # not training time
+          with progress.off_the_clock(state):
+            grids.write_visuals(trainer, state, vis_batch, writer, workdir,
+                                done)
         if save_now:
-          # As the grids: the step in flight is training time, the save's
-          # foreground (copying the state off the devices, waiting for the
-          # previous write) is not.
-          jax.block_until_ready(state)
-          t_save = time.perf_counter()
-          ckpt.save(done, state, data_iter, config, data_seed=data_seed,
-                    data_group=trainer.data_group)
-          progress.exclude(time.perf_counter() - t_save)
+          # As the grids: the save's foreground (copying the state off the
+          # devices, waiting for the previous write) is not training time.
+          with progress.off_the_clock(state):
+            ckpt.save(done, state, data_iter, config, data_seed=data_seed,
+                      data_group=trainer.data_group)
         if stop_now and done < num_steps:
           ckpt.close()
           writer.flush()
