@@ -190,6 +190,26 @@ def tree_shardings(abstract_boxed, mesh: Mesh, rules):
 UNSPLIT_SHARE = 0.25
 
 
+def _leaf_splits(abstract_boxed, mesh: Mesh, rules):
+  """Per parameter leaf of ``abstract_boxed``: ``(path, shape, bytes, want,
+  got)``, per dimension the mesh axes the rules ask for (``want``) and
+  those ``fit_spec`` keeps on ``mesh`` (``got``); a leaf without logical
+  names asks for none."""
+  table = rules_tuple(rules)
+  flat = jax.tree_util.tree_flatten_with_path(
+      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  for path, x in flat:
+    named = isinstance(x, nn.LogicallyPartitioned) and x.names
+    value = x.value if isinstance(x, nn.LogicallyPartitioned) else x
+    shape, none = value.shape, (None,) * value.ndim
+    want = got = none
+    if named:
+      spec = nn.logical_to_mesh_axes(tuple(x.names), table)
+      want = tuple(spec)
+      got = (tuple(fit_spec(spec, shape, mesh)) + none)[:len(shape)]
+    yield path, shape, value.size * value.dtype.itemsize, want, got
+
+
 def unsplit_note(abstract_boxed, mesh: Mesh, rules) -> str:
   """Why a mesh axis (size > 1) shards less than the rules ask: the share
   of the parameter bytes the rules split over it that ``fit_spec`` leaves
@@ -200,16 +220,9 @@ def unsplit_note(abstract_boxed, mesh: Mesh, rules) -> str:
   the sizes (up to the device count) that divide the dimensions of 95% of
   the bytes."""
   asked = {}   # mesh axis -> [(bytes, dimension, kept, name, shape)]
-  table = rules_tuple(rules)
-  flat = jax.tree_util.tree_flatten_with_path(
-      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
-  for path, x in flat:
-    if not isinstance(x, nn.LogicallyPartitioned) or not x.names:
-      continue
-    shape, nbytes = x.value.shape, x.value.size * x.value.dtype.itemsize
-    spec = nn.logical_to_mesh_axes(tuple(x.names), table)
-    kept = tuple(fit_spec(spec, shape, mesh)) + (None,) * len(shape)
-    for dim, want, got in zip(shape, spec, kept):
+  for path, shape, nbytes, wants, gots in _leaf_splits(abstract_boxed, mesh,
+                                                       rules):
+    for dim, want, got in zip(shape, wants, gots):
       for a in _axes(want):
         if a in mesh.shape and mesh.shape[a] > 1:
           asked.setdefault(a, []).append(
@@ -255,18 +268,11 @@ def check_axes_split(abstract_boxed, mesh: Mesh, rules) -> None:
   if not idle:
     return
   total, split = 0, dict.fromkeys(idle, 0)
-  flat = jax.tree_util.tree_leaves(
-      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  for x in flat:
-    value = x.value if isinstance(x, nn.LogicallyPartitioned) else x
-    nbytes = value.size * value.dtype.itemsize
+  for _, _, nbytes, _, got in _leaf_splits(abstract_boxed, mesh, rules):
     total += nbytes
-    if isinstance(x, nn.LogicallyPartitioned) and x.names:
-      spec = nn.logical_to_mesh_axes(tuple(x.names), table)
-      kept = {a for entry in fit_spec(spec, value.shape, mesh)
-              for a in _axes(entry)}
-      for a in idle:
-        split[a] += nbytes if a in kept else 0
+    kept = {a for entry in got for a in _axes(entry)}
+    for a in idle:
+      split[a] += nbytes if a in kept else 0
   for a in idle:
     if split[a] < IDLE_SHARE * total:
       raise errors.ConfigError(
