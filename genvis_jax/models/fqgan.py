@@ -96,8 +96,8 @@ def transformer(x, *, num_layers, num_heads, mlp_ratio=4.0, remat="none",
 class FactorizedAdapter(nn.Module):
   """(B, g, g, W) -> (B, g, g, W): + pos-embed, ln_pre, ViT, ln_post. The
   residual stream and output are float32 in a bf16 model
-  (``layers.norm_dtype``), as autocast's are: ln_pre returns float32. Raises ``ConfigError`` unless the grid holds ``grid_size**2``
-  positions."""
+  (``layers.norm_dtype``), as autocast's are: ln_pre returns float32.
+  Raises ``ConfigError`` unless the grid holds ``grid_size**2`` positions."""
   grid_size: int
   num_layers: int = 6
   num_heads: int = 8
