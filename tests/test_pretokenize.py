@@ -76,6 +76,40 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
     token_output.existing_output(path, now, overwrite=False)
 
 
+@pytest.mark.parametrize("fails_at", ["write", "close"])
+def test_token_writer_full_disk_names_the_file_and_leaves_nothing(
+    tmp_path, monkeypatch, fails_at):
+  """A full disk (ArrayRecord raises RuntimeError from a write or from the
+  close that flushes the last chunk) is an OutputWriteError naming the file,
+  and no .partial file is left beside finished ones."""
+  from genvis_jax.data import tokens as tokens_lib
+  real = tokens_lib.array_record_module.ArrayRecordWriter
+
+  class FullDisk:
+    def __init__(self, path, options):
+      self._w = real(path, options)
+
+    def write(self, record):
+      if fails_at == "write":
+        raise RuntimeError("write() failed: No space left on device")
+      self._w.write(record)
+
+    def close(self):
+      self._w.close()
+      raise RuntimeError("write() failed: No space left on device; "
+                         "Failed to close chunk_writer")
+
+  monkeypatch.setattr(tokens_lib.array_record_module, "ArrayRecordWriter",
+                      FullDisk)
+  path = str(tmp_path / "t.array_record")
+  with pytest.raises(errors_lib.OutputWriteError,
+                     match=r"t\.array_record failed \(RuntimeError: write\(\) "
+                           r"failed: No space left.*run the same command"):
+    with tokens_lib.TokenWriter(path) as w:
+      w.write(0, np.zeros(8, np.int32))
+  assert os.listdir(tmp_path) == []
+
+
 def test_pretokenize_refuses_a_remote_output_before_encoding(tmp_path):
   """The token writer writes local files: a gs:// output (or workdir, the
   default's folder) is refused before any data or weights are read."""

@@ -29,6 +29,7 @@ import numpy as np
 
 from genvis_jax.core import files
 from genvis_jax.data.sources import DataNotFoundError
+from genvis_jax import errors
 from genvis_jax.errors import UserError
 
 MAGIC = b"GVT1"
@@ -109,20 +110,30 @@ class TokenWriter:
   together), None until then. ``before_replace`` runs between the hash and
   the rename (pre-tokenizing removes the replaced file's record there: the
   old file keeps it until the new one is whole and hashed).
+
+  Raises ``errors.OutputWriteError`` naming the file where a write, the
+  hash or the rename fails (a full disk: ArrayRecord raises RuntimeError),
+  after removing the partial file.
   """
 
   def __init__(self, path: str, before_replace=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self.path = path
     self._partial = path + ".partial"
-    self._writer = array_record_module.ArrayRecordWriter(self._partial,
-                                                         WRITER_OPTIONS)
+    try:
+      self._writer = array_record_module.ArrayRecordWriter(self._partial,
+                                                           WRITER_OPTIONS)
+    except (OSError, RuntimeError) as e:
+      raise self._write_failed(e) from e
     self.count = 0
     self.sha256 = None
     self._before_replace = before_replace
 
   def write(self, label: int, tokens: np.ndarray):
-    self._writer.write(encode_record(int(label), tokens))
+    try:
+      self._writer.write(encode_record(int(label), tokens))
+    except (OSError, RuntimeError) as e:
+      raise self._write_failed(e) from e
     self.count += 1
 
   def write_batch(self, labels: Sequence[int], tokens: Iterable[np.ndarray]):
@@ -132,16 +143,31 @@ class TokenWriter:
 
   def close(self, complete: bool = True):
     """Finishes the file; renames it to ``path`` (``complete``) or deletes it."""
-    self._writer.close()
     partial = epath.Path(self._partial)
     try:
+      try:
+        self._writer.close()   # flushes the last chunk: a full disk shows here
+      except (OSError, RuntimeError) as e:
+        if complete:
+          raise self._write_failed(e) from e
+        # Dropped anyway: the error that stopped the block is the one to see.
       if complete:
         self.sha256 = file_sha256(self._partial)
         if self._before_replace is not None:
           self._before_replace()
         partial.replace(self.path)
+    except OSError as e:
+      if isinstance(e, errors.OutputWriteError):
+        raise
+      raise self._write_failed(e) from e
     finally:   # not renamed (or not asked to be): nothing partial is left
       partial.unlink(missing_ok=True)
+
+  def _write_failed(self, e: BaseException) -> errors.OutputWriteError:
+    return errors.OutputWriteError(
+        f"Writing the token file {self.path} failed ({errors.first_line(e)}); "
+        "its partial file is removed and finished files are kept. Free space "
+        "(or fix the folder) and run the same command.")
 
   def __enter__(self):
     return self
