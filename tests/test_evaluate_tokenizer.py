@@ -4,6 +4,7 @@ sizes that do and do not divide the count, unreadable files skipped, and
 codes computed in fp32 whatever dtype the tokenizer trains in."""
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -386,6 +387,15 @@ def test_tokenizer_eval_of_all_images_skips_unreadable_files(tok_config, tmp_pat
   config.evaluate.update(dict(num_images=0, batch_size=4))
   res = tokenizer.evaluate(config, str(tmp_path / "out"))
   assert res["num_images"] == 6
+  # metrics.json says why its numbers are not comparable (warned of in the
+  # log only before): the validation split reads the training images (class
+  # folders only), and one unreadable file was skipped.
+  saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  assert [c.split(":")[0] for c in saved["caveats"][:1]] == [
+      f"Image folder {str(tmp_path / 'imgs')!r} holds class folders only"]
+  assert re.search(r"1 of its 7 files are unreadable and were skipped; the "
+                   r"metrics cover the 6", saved["caveats"][1])
+  assert len(saved["caveats"]) == 3   # and rFID of too few images
   config.evaluate.num_images = 5
   assert tokenizer.evaluate(config, str(tmp_path / "out"))["num_images"] == 5
   # Asking for more: the folder's 7 files bound the count, the advice says

@@ -119,6 +119,23 @@ def resolve_split_dir(path: str, split: str, setting: str = "config.data",
       class folders (a class named ``train``, or held-out images put beside
       the classes, would be read as the other: refused, naming both).
   """
+  folder, note = _resolve_split_dir(path, split, setting, train_split)
+  if note:
+    logging.warning("%s.", note)
+  return folder
+
+
+def held_out_note(path: str, split: str, setting: str = "config.data",
+                  train_split: str = "train") -> str:
+  """Why ``split`` of image folder ``path`` is not held out from
+  ``train_split`` (it reads the training images), or "" where it is: a
+  caveat of metrics measured on it. Raises as ``resolve_split_dir``."""
+  return _resolve_split_dir(path, split, setting, train_split)[1]
+
+
+def _resolve_split_dir(path: str, split: str, setting: str,
+                       train_split: str) -> tuple[str, str]:
+  """``resolve_split_dir``'s folder and ``held_out_note``."""
   if not path:
     raise DataNotFoundError(
         f"{setting}.path is empty: set it to an image folder laid out as "
@@ -135,13 +152,13 @@ def resolve_split_dir(path: str, split: str, setting: str = "config.data",
   folders = _folders(path)
   splits = [f for f in folders if f in SPLIT_FOLDERS]
   if not splits:
-    if split != train_split:
-      logging.warning(
-          "Image folder %r holds class folders only: split %r reads the same "
-          "images as training, so its metrics are not held-out ones. For "
-          "held-out images use %s/train/<class_name>/ and "
-          "%s/val/<class_name>/.", path, split, path, path)
-    return path
+    if split == train_split:
+      return path, ""
+    return path, (
+        f"Image folder {path!r} holds class folders only: split {split!r} "
+        "reads the same images as training, so its metrics are not held-out "
+        f"ones. For held-out images use {path}/train/<class_name>/ and "
+        f"{path}/val/<class_name>/")
   classes = [f for f in folders if f not in SPLIT_FOLDERS]
   if classes:
     raise DataConfigError(
@@ -161,20 +178,19 @@ def resolve_split_dir(path: str, split: str, setting: str = "config.data",
 
   found = folder(split)
   if found:
-    return found
+    return found, ""
   train = folder(train_split)
   if train is None:
     raise DataNotFoundError(
         f"Image folder {path!r} ({setting}.path) holds split folders "
         f"{splits} but none for the training split {train_split!r}: put its "
         f"class folders in {os.path.join(path, train_split)}/.")
-  logging.warning(
-      "Image folder %r has no %r folder: split %r reads the training split's "
-      "images (%s), so its metrics are not held-out ones. Put held-out "
-      "images under %s/<class_name>/ to evaluate on them.", path,
-      "val" if split == "validation" else split, split, train,
-      os.path.join(path, "val" if split == "validation" else split))
-  return train
+  name = "val" if split == "validation" else split
+  return train, (
+      f"Image folder {path!r} has no {name!r} folder: split {split!r} reads "
+      f"the training split's images ({train}), so its metrics are not "
+      "held-out ones. Put held-out images under "
+      f"{os.path.join(path, name)}/<class_name>/ to evaluate on them")
 
 
 def list_classes(root: str) -> tuple[str, ...]:

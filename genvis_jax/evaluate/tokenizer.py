@@ -259,10 +259,16 @@ def evaluate(config, workdir: str) -> dict:
     sent.push(functools.partial(scores.add, images, mask, k, rec, codes,
                                 lpips))
   sent.drain()
+  # Said in metrics.json too: a reader of the numbers sees why they are not
+  # comparable without the log.
+  caveats = []
+  if data.source == "image_folder":   # warned of when the data was opened
+    caveats.append(data_sources.held_out_note(
+        data.path, split, "config.data", train_split=data.split))
   if seen < n:
-    logging.warning("%s: %d of its %d files are unreadable and were skipped; "
-                    "the metrics cover the %d that were read.", what, n - seen,
-                    n, seen)
+    caveats.append(f"{what}: {n - seen} of its {n} files are unreadable and "
+                   f"were skipped; the metrics cover the {seen} that were read")
+    logging.warning("%s.", caveats[-1])
     n = seen
   if not n:
     raise batching.NotEnoughImages(f"{what} has no readable images to evaluate.")
@@ -281,7 +287,7 @@ def evaluate(config, workdir: str) -> dict:
       # What was scored: the folder read (a run's step) and its weights.
       "checkpoint": checkpoint,
       "weights": weights_lib.readable(weights_lib.params_source(checkpoint)),
-      "caveats": [],
+      "caveats": [c for c in caveats if c],
   }
   num_codes = config.model.get("num_codes", None)
   if num_codes and scores.discrete:
