@@ -134,6 +134,12 @@ IMPOSSIBLE = {
     "lr_negative": ("classifier", "optimizer.lr", -1.0,
                     r"config.optimizer.lr=-1.0 must be finite and >= 0: a "
                     r"negative learning rate climbs the loss"),
+    # NaN or a negative clip turned clipping off without a word.
+    "grad_clip_nan": ("classifier", "train.grad_clip", float("nan"),
+                      r"config.train.grad_clip=nan must be finite and >= 0"),
+    "grad_clip_negative": ("tokenizer", "train.grad_clip", -1.0,
+                           r"config.train.grad_clip=-1.0 must be finite and "
+                           r">= 0: .*0 turns clipping off"),
     "warmup_negative": ("classifier", "optimizer.warmup_steps", -10,
                         r"config.optimizer.warmup_steps=-10 must be >= 0"),
     "weight_decay_negative": ("classifier", "optimizer.weight_decay", -0.1,

@@ -162,6 +162,23 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
       raise errors.ConfigError(f"{setting}.{key}={value!r} {rule}.")
 
 
+def grad_clip(train_config) -> float:
+  """``train_config.grad_clip``, the global gradient norm clipped to (0 =
+  off). Raises ``ConfigError`` for a value that is not finite and >= 0 (NaN
+  or a negative one would turn clipping off without a word)."""
+  value = train_config.get("grad_clip", 0.0)
+  try:
+    ok = _at_least_0(float(value))
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise errors.ConfigError(
+        f"config.train.grad_clip={value!r} must be finite and >= 0: the "
+        "global gradient norm is clipped to it, and 0 turns clipping off "
+        "(e.g. 1.0).")
+  return float(value)
+
+
 def warn_long_warmup(opt_config, num_steps: int,
                      setting: str = "config.optimizer") -> None:
   """Warns when ``opt_config``'s warm-up is not shorter than the run (e.g.
@@ -189,7 +206,8 @@ def make_optimizer(opt_config, train_config,
   schedule = make_schedule(opt_config, int(train_config.num_steps))
   # Always present (inf = off) so the state layout does not depend on it and a
   # run can be resumed with a different clip value.
-  clip = train_config.grad_clip if train_config.grad_clip > 0 else float("inf")
+  clip = grad_clip(train_config)
+  clip = clip if clip > 0 else float("inf")
   chain = [optax.clip_by_global_norm(clip)]
   name = opt_config.name
   if name in ("adamw", "adam"):
