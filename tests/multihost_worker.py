@@ -100,6 +100,7 @@ np.savez(f"{out}.vis{jax.process_index()}.npz", **vis)
 from genvis_jax.core import multihost  # pylint: disable=g-import-not-at-top
 from genvis_jax.data import token_integrity  # pylint: disable=g-import-not-at-top
 multihost.check_agree({"steps": steps}, "settings")      # the same: passes
+multihost.console(f"[console] said by process {jax.process_index()}")
 listed = os.path.join(workdir, "listing")
 os.makedirs(listed, exist_ok=True)
 for name in ("t-0.array_record", "u-0.array_record"):

@@ -267,6 +267,10 @@ def test_only_process_0_writes_the_report(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(multihost, "broadcast_strings", lambda s, size=0: s)
   report.write(str(tmp_path / "eval"), {"fid": 1.0}, "FID 1.0")
   assert not (tmp_path / "eval").exists()      # process 0 writes it
+  # ... and says where on the console (its log line is each process's own).
+  assert "[eval]" not in capsys.readouterr().out
+  monkeypatch.setattr(multihost.jax, "process_index", lambda: 0)
+  report.write(str(tmp_path / "eval"), {"fid": 1.0}, "FID 1.0")
   assert (f"[eval] FID 1.0 (in {tmp_path / 'eval' / 'metrics.json'})"
           in capsys.readouterr().out)
 

@@ -65,7 +65,10 @@ def test_two_processes_match_one(tmp_path):
   _run_two_processes(wd, 2, out)                   # train to 2, checkpoint, exit
   assert os.path.exists(os.path.join(wd, "checkpoints", "2", "data",
                                      "process_1-of-2.json"))
-  _run_two_processes(wd, 4, out)                   # both processes restore
+  logs = _run_two_processes(wd, 4, out)            # both processes restore
+  # A mode's console lines are said once, by process 0.
+  assert [log.count("[console] said by process") for log in logs] == [1, 0]
+  assert "[console] said by process 0" in logs[0]
   ref_losses, ref_params = _reference(4)
   losses = json.load(open(out + ".json"))
   assert sorted(losses) == ["3", "4"]              # resumed at step 2

@@ -59,6 +59,14 @@ def broadcast_ints(values: list[int]) -> list[int]:
       -1).tolist()
 
 
+def console(text: str) -> None:
+  """Prints ``text`` (a mode's console line) on process 0 only: a pod's
+  processes, whose output a launcher gathers, each say it otherwise. Each
+  process's log keeps its own lines."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
 def on_process_0(fn: Callable[[], object]) -> None:
   """Runs ``fn`` (a check of shared storage, or a write to it) on process 0
   only; if it raises, process 0 re-raises its error and every other process

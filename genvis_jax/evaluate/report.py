@@ -14,7 +14,7 @@ from genvis_jax.core import multihost
 def write(workdir: str, results: dict, msg: str) -> dict:
   """Writes ``results`` (JSON-serialisable) to ``workdir/metrics.json``
   (creating ``workdir``), logs ``msg`` and prints it as
-  ``[eval] msg (in <path>)``. Returns ``results``.
+  ``[eval] msg (in <path>)`` (process 0). Returns ``results``.
 
   Every process of a multi-host job evaluates the same images; process 0
   writes the file, whole or not at all (a temporary file renamed into place).
@@ -37,5 +37,5 @@ def write(workdir: str, results: dict, msg: str) -> dict:
         f"({errors.write_cause(e)}). Its numbers: {msg}; every result is in "
         "the log. Free space (or fix the folder) and run the same command "
         "to write the file.") from e
-  print(f"[eval] {msg} (in {path})", flush=True)
+  multihost.console(f"[eval] {msg} (in {path})")
   return results

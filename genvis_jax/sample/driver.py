@@ -339,10 +339,11 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
   multihost.on_process_0(lambda: [files.remove_stale_temporaries(d)
                                   for d in (workdir, parts_dir)])
   files.remove_stale_transfers()   # each host's own TMPDIR
-  print(f"[sample] generator: {config.init_from} "
-        f"({weights_lib.readable(settings['weights.generator'])}); tokenizer: "
-        f"{config.tokenizer.get('checkpoint', '')} "
-        f"({weights_lib.readable(settings['weights.tokenizer'])})", flush=True)
+  multihost.console(
+      f"[sample] generator: {config.init_from} "
+      f"({weights_lib.readable(settings['weights.generator'])}); tokenizer: "
+      f"{config.tokenizer.get('checkpoint', '')} "
+      f"({weights_lib.readable(settings['weights.tokenizer'])})")
   key = jax.random.key(s.get("seed", 0))
   starts = range(0, s.num_samples, s.batch_size)
   # Process 0 writes the parts: its view counts (the others read none).
@@ -354,8 +355,8 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
     done = {start for start, m in zip(starts, mask) if m}
   if done:
     have = sum(min(s.batch_size, s.num_samples - d) for d in done)
-    print(f"[sample] resuming: {have} of {s.num_samples} images already in "
-          f"{parts_dir}", flush=True)
+    multihost.console(f"[sample] resuming: {have} of {s.num_samples} images "
+                      f"already in {parts_dir}")
   if len(done) < len(starts):
     parts.drop_earlier_outputs(workdir, s.num_samples)
   t0, made = time.perf_counter(), 0
@@ -393,8 +394,8 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
       said_at, rate = now, made / (now - t0)
       logging.info("sampled %d / %d (%.2f images/s)", start + n,
                    s.num_samples, rate)
-      print(f"[sample] {start + n}/{s.num_samples} images, {rate:.2f} "
-            "images/s", flush=True)
+      multihost.console(f"[sample] {start + n}/{s.num_samples} images, "
+                        f"{rate:.2f} images/s")
     if stop.should_stop(written) and start + n < s.num_samples:
       raise SamplingStopped(
           f"Sampling stopped by {stop.signal} after the batch of images "

@@ -184,14 +184,13 @@ class _Context:
 def train_and_evaluate(config, workdir: str | os.PathLike):
   """Trains ``config.task`` for ``config.train.num_steps``; resumes from workdir."""
   state = train_loop(config, workdir)
-  if jax.process_index() == 0:   # the mode's last line, as the other modes'
-    step = state.step   # replicated: this process's copy
-    step = step.addressable_data(0) if isinstance(step, jax.Array) else step
-    print(f"[train] done at step {int(step)}: "
-          f"checkpoints in {os.path.join(workdir, 'checkpoints')}, TensorBoard "
-          f"logs and grids in {workdir}"
-          f"{hints.next_step(next_command(config, workdir))}",
-          flush=True)
+  step = state.step   # replicated: this process's copy
+  step = step.addressable_data(0) if isinstance(step, jax.Array) else step
+  multihost.console(   # the mode's last line, as the other modes'
+      f"[train] done at step {int(step)}: "
+      f"checkpoints in {os.path.join(workdir, 'checkpoints')}, TensorBoard "
+      f"logs and grids in {workdir}"
+      f"{hints.next_step(next_command(config, workdir))}")
   return state
 
 
