@@ -40,6 +40,26 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
   assert "no fingerprint of its split" in caplog.text
   with pytest.raises(errors.OutputExistsError, match=r"weights: 'w' -> 'v'"):
     token_output.existing_output(path, {**now, "weights": "v"}, overwrite=False)
+  # Records from before the precision was named: written at XLA's default,
+  # reused (said: a TPU's is one bf16 pass), alone or with older gaps; a
+  # named other precision, or a 16-bit encoder that rounded each op (no
+  # bf16_rounding), wrote other codes: refused.
+  caplog.clear()
+  tf32 = {**now, "precision": "tensorfloat32"}
+  for old in (now, {"weights": "w"}):
+    rec = record(old)
+    assert token_output.existing_output(path, tf32, overwrite=False) == rec
+  assert "records no matmul precision" in caplog.text
+  record({**now, "precision": "float32"})
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"precision: 'float32' -> 'tensorfloat32'"):
+    token_output.existing_output(path, tf32, overwrite=False)
+  record(tf32)
+  with pytest.raises(errors.OutputExistsError,
+                     match=r"bf16_rounding: \(absent\) -> 'autocast'; "
+                           r"bf16_rounding: this version's 16-bit models"):
+    token_output.existing_output(path, {**tf32, "bf16_rounding": "autocast"},
+                                 overwrite=False)
   # A record from before its config listed every tokenizer setting: the
   # ones it leaves out count at their defaults (output_settings lists all).
   listed = {**now, "tokenizer": json.loads(json.dumps(models.with_defaults(
@@ -108,6 +128,20 @@ def test_token_writer_full_disk_names_the_file_and_leaves_nothing(
     with tokens_lib.TokenWriter(path) as w:
       w.write(0, np.zeros(8, np.int32))
   assert os.listdir(tmp_path) == []
+
+
+def test_token_records_name_the_precision_and_bf16_rounding():
+  """The encoder's matmul precision and, for a 16-bit encoder, its
+  rounding decide the codes: both are in a token file's record."""
+  from configs import demo
+  c = demo.pretokenize_config()
+  c.tokenizer.checkpoint = "/ckpt/tokenizer"
+  now = token_output.output_settings(c)
+  assert now["precision"] == "tensorfloat32" and "bf16_rounding" not in now
+  c.matmul_precision = "float32"
+  c.tokenizer.dtype = "bfloat16"
+  now = token_output.output_settings(c)
+  assert now["precision"] == "float32" and now["bf16_rounding"] == "autocast"
 
 
 def test_pretokenize_refuses_a_remote_output_before_encoding(tmp_path):

@@ -153,9 +153,7 @@ def test_pinned_weights_are_recorded_and_shared(tmp_path, monkeypatch):
       "weights.tokenizer": "source of /tok"}
 
 
-def test_tokenizer_config_file_is_not_a_setting(tmp_path):
-  """``config.tokenizer.config_file`` is named by messages only: parts drawn
-  before configs recorded it, or with another file name, still resume."""
+def _sample_config():
   import ml_collections  # pylint: disable=import-outside-toplevel
   from configs import base  # pylint: disable=import-outside-toplevel
   c = base.add_tokenizer(
@@ -164,6 +162,13 @@ def test_tokenizer_config_file_is_not_a_setting(tmp_path):
       config_file="configs/maskgit_vqgan.py")
   c.model = ml_collections.ConfigDict({"name": "rar"})
   c.sample = ml_collections.ConfigDict({"num_samples": 8})
+  return c
+
+
+def test_tokenizer_config_file_is_not_a_setting(tmp_path):
+  """``config.tokenizer.config_file`` is named by messages only: parts drawn
+  before configs recorded it, or with another file name, still resume."""
+  c = _sample_config()
   now = parts.sample_settings(c)
   del c.tokenizer["config_file"]
   before = parts.sample_settings(c)
@@ -180,6 +185,50 @@ def test_tokenizer_config_file_is_not_a_setting(tmp_path):
   with pytest.raises(parts.SampleSettingsError,
                      match=r"sample.dtype: 'float32' -> 'bfloat16'"):
     parts.check_settings(d, parts.sample_settings(c))
+
+
+def test_the_precision_and_bf16_rounding_are_settings(tmp_path, monkeypatch,
+                                                      caplog):
+  """Parts drawn at another matmul precision, or by a 16-bit model that
+  rounded each op (before bf16 rounded as torch autocast), are other images:
+  a resume was not refused (a set mixed both). float32 parts recorded before
+  either was recorded resume (they draw the same images)."""
+  import logging
+  c = _sample_config()
+  now = parts.sample_settings(c)
+  assert now["precision"] == "tensorfloat32" and "bf16_rounding" not in now
+  older = {k: v for k, v in now.items() if k != "precision"}
+  parts.check_settings(_parts_dir(tmp_path, older, "fp32"), now)
+  c.matmul_precision = "float32"
+  with pytest.raises(parts.SampleSettingsError,
+                     match=r"precision: 'tensorfloat32' -> 'float32'"):
+    parts.check_settings(_parts_dir(tmp_path, now, "tf32"),
+                         parts.sample_settings(c))
+  c.matmul_precision = ""
+  with c.sample.unlocked():
+    c.sample.dtype = "bfloat16"
+  bf16 = parts.sample_settings(c)
+  assert bf16["bf16_rounding"] == "autocast"
+  before = {k: v for k, v in bf16.items()
+            if k not in ("precision", "bf16_rounding")}
+  with pytest.raises(parts.SampleSettingsError,
+                     match=r"bf16_rounding: \(absent\) -> 'autocast'; "
+                           r"bf16_rounding: this version's 16-bit models "
+                           r"round as torch autocast, those outputs were "
+                           r"written rounding each op"):
+    parts.check_settings(_parts_dir(tmp_path, before, "bf16"), bf16)
+  parts.check_settings(_parts_dir(tmp_path, bf16, "bf16_now"), bf16)
+  # A bf16 tokenizer decode alone records it too.
+  with c.sample.unlocked():
+    c.sample.dtype = "float32"
+  c.tokenizer.dtype = "bfloat16"
+  assert parts.sample_settings(c)["bf16_rounding"] == "autocast"
+  # On a TPU, parts recorded before the precision was were drawn at XLA's
+  # default there (one bf16 pass): said.
+  monkeypatch.setattr(parts.jax, "default_backend", lambda: "tpu")
+  with caplog.at_level(logging.WARNING):
+    parts.check_settings(_parts_dir(tmp_path, older, "tpu"), now)
+  assert "recorded before their matmul precision was" in caplog.text
 
 
 def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):

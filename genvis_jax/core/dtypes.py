@@ -87,3 +87,30 @@ def at_matmul_precision(fn=None, *, inference: bool = False):
       return fn(config, *args, **kwargs)
   wrapped.at_matmul_precision = "inference" if inference else "train"
   return wrapped
+
+
+# How a 16-bit model rounds: "autocast" since norms return float32, GELU /
+# SiLU round once and the attention scale multiplies float32 logits, as
+# under torch.autocast (layers.norm_dtype); before, each op rounded to the
+# model's dtype. The outputs a 16-bit model writes (token files, sample
+# parts) record it, so a run does not reuse or continue a set written with
+# the other rounding (float32 models compute as before).
+BF16_ROUNDING = "autocast"
+
+
+def rounding_record(*dtype_names) -> dict:
+  """``{"bf16_rounding": BF16_ROUNDING}`` where one of ``dtype_names``
+  (resolved compute dtypes, e.g. ``sample.dtype``, ``tokenizer.dtype``) is
+  16-bit, else ``{}``: records of float32 outputs read as before."""
+  if any(str(d) in ("bfloat16", "float16") for d in dtype_names):
+    return {"bf16_rounding": BF16_ROUNDING}
+  return {}
+
+
+def rounding_note(diff: list[str]) -> str:
+  """"; why" for a record's differences (``settings.differences`` lines)
+  that name ``bf16_rounding``, else ""."""
+  if any(line.startswith("bf16_rounding") for line in diff):
+    return ("; bf16_rounding: this version's 16-bit models round as torch "
+            "autocast, those outputs were written rounding each op")
+  return ""

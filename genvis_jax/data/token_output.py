@@ -21,6 +21,7 @@ from etils import epath
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax.core import dtypes
 from genvis_jax.core import settings as settings_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
@@ -53,6 +54,10 @@ def output_settings(config, checkpoint: str | None = None) -> dict:
           "weights": weights_lib.params_source(
               tok.checkpoint if checkpoint is None else checkpoint),
           "data": data, "split": p.split, "ten_crop": p.ten_crop,
+          # How the encoder computes: either writes other codes.
+          "precision": dtypes.precision_name(config, inference=True),
+          **dtypes.rounding_record(inference.data_model_config(tok).get(
+              "dtype", "")),
           # Centre-crop files hold mirror images too (written since then).
           **({} if p.ten_crop else {"mirrored": True}),
           "examples": source_fingerprint(p)}
@@ -122,6 +127,11 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
   if isinstance(before.get("tokenizer"), dict):
     # Written before its config listed every tokenizer setting.
     before = {**before, "tokenizer": models.with_defaults(before["tokenizer"])}
+  # Written before records named the precision: at XLA's default.
+  unrecorded_precision = (old is not None and "precision" in settings
+                          and "precision" not in before)
+  if unrecorded_precision:
+    before = {**before, "precision": settings["precision"]}
   if old is not None and "examples" not in before and {
       **settings, "examples": None} == {**before, "examples": None}:
     # Written before records held the split's fingerprint: reuse, and say so.
@@ -132,6 +142,13 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
     before = settings
   if old is not None and before == settings:
     if _reads_as_recorded(path, old):
+      if unrecorded_precision:
+        logging.warning(
+            "%s records no matmul precision (an older writer): written at "
+            "XLA's default, the same as this run's %r on GPUs and CPUs but "
+            "one bf16 pass on a TPU. Reusing it; pass --config.pretokenize."
+            "overwrite=True if it was written on a TPU.", path,
+            settings["precision"])
       return old
     why = (f"with these settings, but they no longer read as its record "
            f"says ({old.get('records')} records"
@@ -141,7 +158,8 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
     why = "with no record of their settings"
   else:
     diff = settings_lib.differences(before, settings)
-    why = f"with other settings ({settings_lib.shorten(diff, 5)})"
+    why = (f"with other settings ({settings_lib.shorten(diff, 5)}"
+           f"{dtypes.rounding_note(diff)})")
   raise errors.OutputExistsError(weights_lib.readable(
       f"{path} already holds token records written {why}. Pass "
       "--config.pretokenize.overwrite=True to replace them, or write "

@@ -22,6 +22,7 @@ from etils import epath
 from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import checkpoint_fit as fit
+from genvis_jax.core import dtypes
 from genvis_jax.core import files
 from genvis_jax.core import hints
 from genvis_jax.core import multihost
@@ -134,9 +135,15 @@ def sample_settings(config, pinned=None) -> dict:
   # The weights each path resolves to (a training workdir's newest step), not
   # the paths: a run trained further since is other weights, a copied folder
   # the same ones.
+  # The precision of float32 dots, and how 16-bit models round (recorded
+  # where one computes): either draws other images.
+  computes = (sample["dtype"] or config.model.get("dtype", "float32"),
+              tokenizer["dtype"])
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
           "tokenizer": tokenizer, "sample": sample,
-          "devices": jax.device_count()}
+          "devices": jax.device_count(),
+          "precision": dtypes.precision_name(config, inference=True),
+          **dtypes.rounding_record(*computes)}
   return _model_settings(json.loads(json.dumps(
       {**settings_lib.flatten(keep), **trained_with.pinned_sources(pinned)})))
 
@@ -208,10 +215,20 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   # setting) draws with seed 0; parts recorded before the dtype was drew in
   # float32 where the config left it unset (the samplers' default then), and
   # before every config declared them, balanced labels of all classes.
+  # Parts recorded before the precision was drew at XLA's default: the
+  # same as now on GPUs and CPUs (said below on a TPU, where it is not).
   unset = {"sample.seed": 0, "sample.dtype": common.DEFAULT_DTYPE,
-           "sample.labels": "balanced", "sample.classes": []}
+           "sample.labels": "balanced", "sample.classes": [],
+           "precision": dtypes.INFERENCE_DEFAULT}
   settings = {**unset, **settings}
   recorded = _recorded_settings(path, found)
+  if (recorded is not None and found and "precision" not in recorded
+      and jax.default_backend() == "tpu"):
+    logging.warning(
+        "%s holds %d sample parts recorded before their matmul precision "
+        "was: on a TPU they were drawn at XLA's default (one bf16 pass), "
+        "this run draws at %r. Use a new workdir for a set of one precision.",
+        parts_dir, len(found), settings["precision"])
   if recorded is not None:
     old = {**unset, **_model_settings(recorded)}
     # Parts written before the weights were recorded: compare the paths.
@@ -222,7 +239,8 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
     if diff and found:
       raise SampleSettingsError(weights_lib.readable(
           f"{parts_dir} holds {len(found)} sample parts drawn with other "
-          f"settings ({settings_lib.shorten(diff, 5)}). Use a new workdir, or "
+          f"settings ({settings_lib.shorten(diff, 5)}"
+          f"{dtypes.rounding_note(diff)}). Use a new workdir, or "
           "delete that folder (and the samples.npz / samples.png beside it, "
           "made from it) to start over."))
     if found and old.get("devices") not in (None, settings.get("devices")):
