@@ -362,3 +362,31 @@ def test_conv_feature_maps_stay_split_over_the_batch():
   assert "all-gather" in hlo   # the kernels are gathered (FSDP) ...
   # ... never a feature map of the global batch.
   assert not re.findall(r"= \w+\[16,\d+,\d+,\d+\]\S* all-gather\(", hlo)
+
+
+@pytest.mark.parametrize("spec", ["rar_b:runlocal", "far_b:dual,runlocal"])
+def test_embedding_lookups_do_not_gather_the_global_batch(spec):
+  """The token, class and position tables are split over fsdp on the embed
+  axis: a lookup from the split table made GSPMD gather the whole global
+  batch's (B, L, d) cotangent onto every device for the backward's scatter
+  ("Involuntary full rematerialization"; bytes that grow with the global
+  batch). The tables are read whole (layers.whole): nothing of the global
+  batch is gathered, the table gradients are summed over the devices."""
+  import importlib
+  from bench import plan_memory as pm
+  name, arg = spec.split(":")
+  config = importlib.import_module("configs." + name).get_config(arg)
+  config.mesh.shape = ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1))
+  config.train.global_batch_size = 16
+  tr = trainer_lib.Trainer(config, mesh=shd.create_mesh(config.mesh,
+                                                        jax.devices()[:8]))
+  batch = pm.batch_spec(config, tr.task, 16, shd.batch_sharding(tr.mesh,
+                                                                tr.rules))
+  with tr.context():
+    hlo = tr._step.lower(  # pylint: disable=protected-access
+        tr.abstract_state(), batch, tr.train_rng, tr.frozen).compile().as_text()
+  gathers = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", hlo)
+  assert gathers    # the split parameters are gathered (FSDP) ...
+  # ... never an activation of the global batch.
+  assert not [g for g in gathers if g.startswith("16,")], gathers
+

@@ -52,6 +52,7 @@ def position_embeddings(pos_embed, ta_embed, orders):
   """
   b, n = orders.shape
   d = pos_embed.shape[-1]
+  pos_embed, ta_embed = layers.whole(pos_embed), layers.whole(ta_embed)
   img_pos = pos_embed[PREFIX:PREFIX + n][orders]                 # (B, L, d)
   pos = jnp.concatenate(
       [jnp.broadcast_to(pos_embed[:PREFIX], (b, PREFIX, d)), img_pos], axis=1)

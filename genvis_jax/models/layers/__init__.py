@@ -294,15 +294,37 @@ def layer_norm(epsilon=1e-6, *, use_scale=True, use_bias=True,
                       bias_init=named(zeros, ("norm",)), name=name)
 
 
+def whole(table):
+  """``table`` (rows, ...) unsplit on every device, for a lookup of its rows
+  by a batch of ids (an embedding, a position table): each device gathers its
+  own examples' rows, and the backward scatter-adds their cotangents into
+  each device's copy, summed over the devices (one table's bytes). Left split
+  (``embed`` -> ``fsdp``), GSPMD gathered the whole global batch's (B, L, d)
+  cotangent onto every device for the scatter ("Involuntary full
+  rematerialization"): bytes that grew with the global batch. Outside a mesh
+  (no rules in context): ``table``."""
+  return nn.with_logical_constraint(table, (None,) * table.ndim)
+
+
+class Embed(nn.Embed):
+  """``nn.Embed`` whose lookup reads the table ``whole``."""
+
+  def __call__(self, inputs):
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError(f"Embed takes integer ids, got {inputs.dtype}.")
+    (table,) = self.promote_dtype(whole(self.embedding), dtype=self.dtype,
+                                  inexact=False)
+    return jnp.take(table, inputs, axis=0)
+
+
 def embed(num_embeddings: int, features: int, *, init=default_kernel_init,
           names=("vocab", "embed"), dtype=None, param_dtype=jnp.float32,
-          name=None) -> nn.Embed:
-  """``nn.Embed``: table ``embedding`` (num_embeddings, features) initialised
+          name=None) -> Embed:
+  """``Embed``: table ``embedding`` (num_embeddings, features) initialised
   with ``init`` and named ``names``; int ids (...) -> (..., features) in
   ``dtype`` (None: the table's ``param_dtype``)."""
-  return nn.Embed(num_embeddings, features, dtype=dtype,
-                  param_dtype=param_dtype,
-                  embedding_init=named(init, names), name=name)
+  return Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+               embedding_init=named(init, names), name=name)
 
 
 class RMSNorm(nn.Module):
