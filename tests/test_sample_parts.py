@@ -214,8 +214,9 @@ def test_the_precision_and_bf16_rounding_are_settings(tmp_path, monkeypatch,
   with pytest.raises(parts.SampleSettingsError,
                      match=r"bf16_rounding: \(absent\) -> 'autocast'; "
                            r"bf16_rounding: this version's 16-bit models "
-                           r"round as torch autocast, those outputs were "
-                           r"written rounding each op"):
+                           r"round as torch autocast and record it; those "
+                           r"outputs record no rounding, so an earlier "
+                           r"version may have written them rounding each op"):
     parts.check_settings(_parts_dir(tmp_path, before, "bf16"), bf16)
   parts.check_settings(_parts_dir(tmp_path, bf16, "bf16_now"), bf16)
   # A bf16 tokenizer decode alone records it too.
@@ -223,12 +224,22 @@ def test_the_precision_and_bf16_rounding_are_settings(tmp_path, monkeypatch,
     c.sample.dtype = "float32"
   c.tokenizer.dtype = "bfloat16"
   assert parts.sample_settings(c)["bf16_rounding"] == "autocast"
-  # On a TPU, parts recorded before the precision was were drawn at XLA's
-  # default there (one bf16 pass): said.
+  # On a TPU, parts recorded before the precision was may have been drawn
+  # at XLA's default there (one bf16 pass): said.
   monkeypatch.setattr(parts.jax, "default_backend", lambda: "tpu")
   with caplog.at_level(logging.WARNING):
     parts.check_settings(_parts_dir(tmp_path, older, "tpu"), now)
   assert "recorded before their matmul precision was" in caplog.text
+  # A config that sets the precision (the Equivariant ones: float32) drew
+  # at it before it was recorded too: its parts resume, without a word.
+  caplog.clear()
+  c.matmul_precision = "float32"
+  c.tokenizer.dtype = "float32"
+  fp32 = parts.sample_settings(c)
+  unrecorded = {k: v for k, v in fp32.items() if k != "precision"}
+  with caplog.at_level(logging.WARNING):
+    parts.check_settings(_parts_dir(tmp_path, unrecorded, "eq"), fp32)
+  assert "matmul precision" not in caplog.text
 
 
 def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):

@@ -110,7 +110,8 @@ def rounding_record(*dtype_names) -> dict:
 def rounding_note(diff: list[str]) -> str:
   """"; why" for a record's differences (``settings.differences`` lines)
   that name ``bf16_rounding``, else ""."""
-  if any(line.startswith("bf16_rounding") for line in diff):
+  if any(line.startswith("bf16_rounding: (absent)") for line in diff):
     return ("; bf16_rounding: this version's 16-bit models round as torch "
-            "autocast, those outputs were written rounding each op")
+            "autocast and record it; those outputs record no rounding, so "
+            "an earlier version may have written them rounding each op")
   return ""

@@ -215,22 +215,25 @@ def _check_settings(parts_dir: str, settings: dict) -> None:
   # setting) draws with seed 0; parts recorded before the dtype was drew in
   # float32 where the config left it unset (the samplers' default then), and
   # before every config declared them, balanced labels of all classes.
-  # Parts recorded before the precision was drew at XLA's default: the
-  # same as now on GPUs and CPUs (said below on a TPU, where it is not).
   unset = {"sample.seed": 0, "sample.dtype": common.DEFAULT_DTYPE,
-           "sample.labels": "balanced", "sample.classes": [],
-           "precision": dtypes.INFERENCE_DEFAULT}
+           "sample.labels": "balanced", "sample.classes": []}
   settings = {**unset, **settings}
   recorded = _recorded_settings(path, found)
-  if (recorded is not None and found and "precision" not in recorded
-      and jax.default_backend() == "tpu"):
-    logging.warning(
-        "%s holds %d sample parts recorded before their matmul precision "
-        "was: on a TPU they were drawn at XLA's default (one bf16 pass), "
-        "this run draws at %r. Use a new workdir for a set of one precision.",
-        parts_dir, len(found), settings["precision"])
   if recorded is not None:
     old = {**unset, **_model_settings(recorded)}
+    if "precision" in settings and "precision" not in old:
+      # Recorded before the precision was: drawn at the config's precision
+      # as now, or where it was "" by a version that drew at XLA's default
+      # (the same on GPUs and CPUs; one bf16 pass on a TPU: said there).
+      old["precision"] = settings["precision"]
+      if (found and settings["precision"] == dtypes.INFERENCE_DEFAULT
+          and jax.default_backend() == "tpu"):
+        logging.warning(
+            "%s holds %d sample parts recorded before their matmul precision "
+            "was: an earlier version may have drawn them at XLA's default "
+            "(one bf16 pass on a TPU), this run draws at %r. Use a new "
+            "workdir for a set of one precision.", parts_dir, len(found),
+            settings["precision"])
     # Parts written before the weights were recorded: compare the paths.
     may_change = MAY_CHANGE if all(k in old for k in trained_with.WEIGHTS) else (
         "sample.num_samples", "devices") + trained_with.WEIGHTS
