@@ -50,6 +50,12 @@ def test_pretokenize_reuses_only_a_readable_file_of_the_same_settings(
     rec = record(old)
     assert token_output.existing_output(path, tf32, overwrite=False) == rec
   assert "records no matmul precision" in caplog.text
+  # A config that sets the precision wrote at it then too: no warning.
+  caplog.clear()
+  rec = record(now)
+  fp32 = {**now, "precision": "float32"}
+  assert token_output.existing_output(path, fp32, overwrite=False) == rec
+  assert "matmul precision" not in caplog.text
   record({**now, "precision": "float32"})
   with pytest.raises(errors.OutputExistsError,
                      match=r"precision: 'float32' -> 'tensorfloat32'"):

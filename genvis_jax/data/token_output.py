@@ -142,13 +142,14 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
     before = settings
   if old is not None and before == settings:
     if _reads_as_recorded(path, old):
-      if unrecorded_precision:
+      if (unrecorded_precision
+          and settings["precision"] == dtypes.INFERENCE_DEFAULT):
         logging.warning(
-            "%s records no matmul precision (an older writer): written at "
-            "XLA's default, the same as this run's %r on GPUs and CPUs but "
-            "one bf16 pass on a TPU. Reusing it; pass --config.pretokenize."
-            "overwrite=True if it was written on a TPU.", path,
-            settings["precision"])
+            "%s records no matmul precision (an older writer): it may have "
+            "been written at XLA's default, the same as this run's %r on "
+            "GPUs and CPUs but one bf16 pass on a TPU. Reusing it; pass "
+            "--config.pretokenize.overwrite=True if it was written on a "
+            "TPU.", path, settings["precision"])
       return old
     why = (f"with these settings, but they no longer read as its record "
            f"says ({old.get('records')} records"
