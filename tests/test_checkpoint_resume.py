@@ -335,13 +335,19 @@ def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path, caplog):
   wd = str(tmp_path / "wd")
   before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
+  logged = []
+
   def on_log(step, _):
+    logged.append(step)
     if step == 2:
       os.kill(os.getpid(), signal.SIGTERM)
 
   with pytest.raises(preemption.TrainingStopped,
                      match="stopped by SIGTERM after step 3 of 6") as stopped:
     trainer_lib.train_loop(c, wd, on_log=on_log)
+  # The stop logs step 3 (log_every=2): the resume's first log covers only
+  # steps 4 and 5, so step 3's metrics were lost.
+  assert logged == [2, 3]
   assert stopped.value.exit_code == 143    # the command exits as SIGTERM would
   assert ckpt_lib.Checkpointer(wd).latest_step() == 3
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

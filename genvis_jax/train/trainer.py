@@ -386,8 +386,11 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
                        progress.restart(done))
         acc = metrics if acc is None else _add_metrics(acc, metrics)
         acc_n += 1
-        log_now = done % config.train.log_every == 0 or done == num_steps
         stop_now = stop.should_stop(done)     # every step, on every process
+        # A stop logs the steps since the last log: the resume's first log
+        # covers only its own, so nothing else would.
+        log_now = (done % config.train.log_every == 0 or done == num_steps
+                   or stop_now)
         save_now = (done % config.train.checkpoint_every == 0 or done == num_steps
                     or stop_now)
         # A failed background save stops the run at the first step after its
