@@ -132,13 +132,13 @@ def sample_settings(config, pinned=None) -> dict:
   sample = {**{k: v for k, v in config.sample.to_dict().items()
               if k not in SAMPLE_GUARDS},
             "dtype": common.config_dtype(config.sample)}
-  # The weights each path resolves to (a training workdir's newest step), not
-  # the paths: a run trained further since is other weights, a copied folder
-  # the same ones.
   # The precision of float32 dots, and how 16-bit models round (recorded
   # where one computes): either draws other images.
   computes = (sample["dtype"] or config.model.get("dtype", "float32"),
               tokenizer["dtype"])
+  # The weights each path resolves to (a training workdir's newest step), not
+  # the paths: a run trained further since is other weights, a copied folder
+  # the same ones.
   keep = {"init_from": config.init_from, "model": config.model.to_dict(),
           "tokenizer": tokenizer, "sample": sample,
           "devices": jax.device_count(),

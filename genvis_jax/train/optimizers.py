@@ -96,6 +96,15 @@ def _below_1(v):
   return 0 <= v < 1
 
 
+def _accepts(accepted, value) -> bool:
+  """``accepted(float(value))``; False for a value that is no number (e.g. a
+  string set in a config file)."""
+  try:
+    return accepted(float(value))
+  except (TypeError, ValueError):
+    return False
+
+
 # Key -> (accepted, what it must be and why), for the keys an optimizer reads.
 RULES = {
     "lr": (_at_least_0, "must be finite and >= 0: a negative learning rate "
@@ -154,11 +163,7 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
     accepted, rule = RULES[key]
     if value is None:
       continue
-    try:
-      ok = accepted(float(value))
-    except (TypeError, ValueError):   # e.g. a string set in a config file
-      ok = False
-    if not ok:
+    if not _accepts(accepted, value):
       raise errors.ConfigError(f"{setting}.{key}={value!r} {rule}.")
 
 
@@ -167,11 +172,7 @@ def grad_clip(train_config) -> float:
   off). Raises ``ConfigError`` for a value that is not finite and >= 0 (NaN
   or a negative one would turn clipping off without a word)."""
   value = train_config.get("grad_clip", 0.0)
-  try:
-    ok = _at_least_0(float(value))
-  except (TypeError, ValueError):
-    ok = False
-  if not ok:
+  if not _accepts(_at_least_0, value):
     raise errors.ConfigError(
         f"config.train.grad_clip={value!r} must be finite and >= 0: the "
         "global gradient norm is clipped to it, and 0 turns clipping off "
