@@ -147,9 +147,9 @@ def rolling_window_attention(q, k, v, cache, pos, *, scale: float = 1.0):
   q, k, v (B, 1, H, D) of position ``pos`` (int, may be traced); ``scale``
   multiplies the float32 logits; cache ``(ck, cv)`` each (B, W, H, D)
   holding position p at slot ``p % W`` (zeros where nothing was written
-  yet). Writes k / v at slot
-  ``pos % W`` and attends every slot whose position is >= 0, i.e. keys
-  ``pos - W + 1 .. pos`` (windowed causal attention with window W).
+  yet). Writes k / v at slot ``pos % W`` and attends every slot whose
+  position is >= 0, i.e. keys ``pos - W + 1 .. pos`` (windowed causal
+  attention with window W).
   Returns ``(out (B, 1, H, D) in q.dtype, (ck, cv))``. Raises ``ValueError``
   unless q holds exactly one position.
   """
