@@ -96,6 +96,13 @@ vis = grids.visual_batch({
     "image": np.full((20, 2, 2, 3), jax.process_index(), np.uint8),
     "label": np.arange(20, dtype=np.int32) + 100 * jax.process_index()})
 np.savez(f"{out}.vis{jax.process_index()}.npz", **vis)
+# ... and a resume's: the batch process 0 kept in the workdir, on both.
+kept_in = os.path.join(workdir, "vis")
+for offset in (0, 7):
+  vis = grids.visual_batch({
+      "image": np.full((20, 2, 2, 3), offset + jax.process_index(), np.uint8),
+      "label": np.arange(20, dtype=np.int32)}, kept_in)
+np.savez(f"{out}.kept{jax.process_index()}.npz", **vis)
 # Agreement and process-0 writes: an outcome on every process, none waiting.
 from genvis_jax.core import multihost  # pylint: disable=g-import-not-at-top
 from genvis_jax.data import token_integrity  # pylint: disable=g-import-not-at-top

@@ -95,9 +95,12 @@ def test_two_processes_match_one(tmp_path):
     groups = json.load(open(f"{out}.groups{i}.json"))
     assert groups["tensor_across"] == [0, 1, list(range(16))], groups
     assert groups["data"] == [i, 2, list(range(16))], groups
-  for i in range(2):   # the sample grids' inputs: process 0's, on both
+  for i in range(2):   # the sample grids' inputs: process 0's, on both;
+    # a resume's: the ones process 0 kept before
     vis = np.load(f"{out}.vis{i}.npz")
     np.testing.assert_array_equal(vis["image"], np.zeros((16, 2, 2, 3)))
+    np.testing.assert_array_equal(np.load(f"{out}.kept{i}.npz")["image"],
+                                  np.zeros((16, 2, 2, 3)))
     assert vis["image"].dtype == np.uint8
     np.testing.assert_array_equal(vis["label"], np.arange(16))
   for i in range(2):   # settings that differ, a failed write on process 0,

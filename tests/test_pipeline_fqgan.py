@@ -26,6 +26,10 @@ def test_fqgan_far_paper_pipeline(tmp_path, variant, k):
   # branch is what differs (a smaller step to compile).
   pc.run_mode(tok_spec, tok, **pc.steps(4), **{
       "loss.disc_start": 2 if variant == "dual" else 10**9})
+  # Reconstructions of a batch kept for a resume's grids (a generator's
+  # grids show samples: nothing kept, below).
+  assert sorted(os.listdir(os.path.join(tok, "images"))) == [
+      "reconstruction_0000004.png", "visual_batch.npz"]
 
   pre = pc.run_mode(tok_spec, os.path.join(w, "pretokenize"),
                     **{"mode": "pretokenize", "tokenizer.checkpoint": tok})

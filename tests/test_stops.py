@@ -1,8 +1,10 @@
 """How a training run stops: an exploding, NaN or runaway loss stops before a
-diverged state is saved (the newest good checkpoint is named), and an error
-mid-run waits for the save in flight."""
+diverged state is saved (the newest good checkpoint is named), an error
+mid-run waits for the save in flight, and a stop's skipped grid is drawn."""
 
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -10,7 +12,10 @@ import pytest
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.errors import UserError
 from genvis_jax.train import guard as guard_lib
+from genvis_jax.core import preemption
+from genvis_jax.train import grids
 from genvis_jax.train import trainer as trainer_lib
+from genvis_jax.train.tasks.classifier import ClassifierTask
 from tests import small_run
 from tests.small_run import config, copy_run, leaves
 
@@ -221,3 +226,64 @@ def test_a_blown_up_group_is_named_with_its_own_learning_rate(tmp_path):
   assert "To fix: lower config.disc.optimizer.lr (now 1e+30);" in msg, msg
   assert "add a warm-up (config.disc.optimizer.warmup_steps)" in msg, msg
   assert "config.optimizer." not in msg, msg   # nor the model's warm-up
+
+
+def _inputs_grid(self, params, frozen, batch, rng):
+  """The grids' batch itself as a grid (the classifier draws none)."""
+  del params, frozen, rng
+  return {"inputs": self.grid_uint8(batch["image"])}
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])
+def test_a_stops_grid_is_drawn_later_from_the_runs_first_batch(
+    tmp_path, monkeypatch, stop_at):
+  """A stop skips its step's grid, so the save comes first in a grace
+  period. That grid was never drawn: the resume draws it (a stop on the
+  last step, after the save). The resume's grids show the batch the run
+  began with: they showed its own first batch, so a tokenizer's
+  reconstructions changed images at every resume."""
+  monkeypatch.setattr(ClassifierTask, "visualize", _inputs_grid)
+  monkeypatch.setattr(ClassifierTask, "grids_show_batch", True)
+  c = small_run.config(6)
+  c.train.image_every, c.train.log_every = 3, 1
+  c.train.checkpoint_every = 100     # only the stop and the end save
+  wd = tmp_path / "wd"
+
+  def on_log(step, _):
+    if step == stop_at - 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  png = lambda step: wd / "images" / f"inputs_{step:07d}.png"
+  kept = wd / "images" / grids.KEPT_BATCH
+  if stop_at < 6:
+    with pytest.raises(preemption.TrainingStopped, match="after step 3 of 6"):
+      trainer_lib.train_loop(c, str(wd), on_log=on_log)
+    assert not png(3).exists() and kept.exists()
+    before = kept.read_bytes()
+    trainer_lib.train_and_evaluate(c, str(wd))
+    assert kept.read_bytes() == before
+  else:
+    trainer_lib.train_loop(c, str(wd), on_log=on_log)   # ends: the last step
+  assert png(3).read_bytes() == png(6).read_bytes()
+
+
+def test_a_kept_grid_batch_of_another_layout_or_unreadable_is_replaced(
+    tmp_path):
+  """A resume with another image size (or a damaged file) keeps this run's
+  first batch instead, with a warning, not an error."""
+  local = {"image": np.ones((20, 4, 4, 3), np.float32),
+           "label": np.arange(20, dtype=np.int32)}
+  path = tmp_path / "images" / grids.KEPT_BATCH
+  path.parent.mkdir()
+  for old in (b"not a zip", None):
+    if old is None:
+      np.savez(path, image=np.zeros((16, 8, 8, 3), np.float32),
+               label=np.zeros(16, np.int32))
+    else:
+      path.write_bytes(old)
+    got = grids.visual_batch(local, tmp_path)
+    np.testing.assert_array_equal(got["image"], local["image"][:16])
+    with np.load(path) as z:
+      np.testing.assert_array_equal(z["image"], local["image"][:16])
+  local["image"] = local["image"] * 0   # the kept one is used from now on
+  assert grids.visual_batch(local, tmp_path)["image"].max() == 1

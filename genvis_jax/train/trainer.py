@@ -361,7 +361,8 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
   group_check = replicas.GroupCheck(trainer.data_group)
   checked = start   # last step whose state passed the health checks
   acc, acc_n = None, 0
-  vis_batch = None
+  visuals = grids.Schedule(trainer, writer, workdir, config.train.image_every,
+                           num_steps)
   profile = profiling.StepWindow(
       workdir, start, int(config.train.get("profile_steps", 0)),
       int(config.train.get("profile_skip_steps", 5)), settle=ckpt.wait)
@@ -372,8 +373,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
       for step in range(start, num_steps):
         local = next(data_iter)
         group_check.update(local)
-        if vis_batch is None and config.train.image_every:
-          vis_batch = grids.visual_batch(local)
+        visuals.start(state, local, step)
         with profile.step(step):
           state, metrics = trainer.step(state, local)
         profile.done(step, metrics)
@@ -413,14 +413,14 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
         if log_now:
           log(done, means, norms, acc_n)
           acc, acc_n = None, 0
-        if config.train.image_every and not stop_now and (
-            done % config.train.image_every == 0 or done == num_steps):
+        if stop_now:
+          visuals.skip(done)
+        elif visuals.due(done):
           # The step in flight is training time: waited for before the
           # grid's time is taken out (on a step that did not log, the grid
           # waited for it, and steps/s counted half the steps' time).
           with progress.off_the_clock(state):
-            grids.write_visuals(trainer, state, vis_batch, writer, workdir,
-                                done)
+            visuals.draw(state, done)
         if save_now:
           # As the grids: the save's foreground (copying the state off the
           # devices, waiting for the previous write) is not training time.
@@ -441,6 +441,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
     _finish_saves(ckpt, writer)
     raise
   ckpt.close()
+  visuals.finish(state)
   writer.flush()
   return state
 

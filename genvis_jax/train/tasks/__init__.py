@@ -56,6 +56,10 @@ class Task:
   # stepped on the updated generator's output, as PyTorch Lightning's
   # one-optimizer-at-a-time loop does). None: one phase, every group at once.
   update_phases: tuple[tuple[str, ...], ...] | None = None
+  # Whether ``visualize`` shows the batch's examples (a tokenizer's
+  # reconstructions): the batch is then kept in the workdir, and a resume's
+  # grids show the same ones (``grids.visual_batch``).
+  grids_show_batch: bool = False
 
   def __init__(self, config):
     self.config = config

@@ -68,6 +68,7 @@ class GANTokenizerTask(Task):
   """
   param_groups = ("model", "disc")
   ema_group = "model"
+  grids_show_batch = True
   # Groups the generator loss differentiates (a subclass may add e.g. logvar).
   generator_groups = ("model",)
   # config.loss key of the GAN weight (taming: disc_weight).
