@@ -55,6 +55,21 @@ def dataset_images(data_config, split: str, batch_size: int,
   return total, gen()
 
 
+def stored_indices(total: int, num_stored: int, seed: int = 0) -> np.ndarray:
+  """The positions (sorted int64) of the ``min(num_stored, total)`` images a
+  reference keeps for precision / recall: a seeded uniform subset of the
+  split. Not its first images: an image folder (and most splits) lists its
+  images class by class, and the first 10,000 of ImageNet's 50 per class
+  are its first 200 classes, whose manifold leaves samples of the other
+  800 outside (precision 0.375 for samples drawn as the data, 2 classes of
+  5 stored)."""
+  n = min(int(num_stored), int(total))
+  if n >= total:
+    return np.arange(total, dtype=np.int64)
+  chosen = np.random.default_rng(seed).choice(total, size=n, replace=False)
+  return np.sort(chosen).astype(np.int64)
+
+
 def compute_reference(data_config, inception_params, out_path: str, *,
                       split: str | None = None, num_images: int | None = None,
                       num_stored_images: int = 10000, batch_size: int = 200,
@@ -70,8 +85,9 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   Statistics (mu, sigma, mu_s, sigma_s) cover exactly ``num_images`` images
   (None / 0 = every image of the split that decodes; more than the split has
   is an error), at any
-  ``batch_size``; the first ``num_stored_images`` are kept as ``arr_0`` with
-  their pool features (ADM's ImageNet batch keeps 10,000). The file records
+  ``batch_size``; ``num_stored_images`` of them are kept as ``arr_0`` with
+  their pool features (ADM's ImageNet batch keeps 10,000), a seeded subset
+  spread over the split (``stored_indices``) in split order. The file records
   ``preprocess``, the Inception weights' fingerprint and the image count.
   ``extractor`` replaces the Inception (see ``generation.evaluate_samples``).
   Returns ``out_path``. Raises ``batching.NotEnoughImages`` when the split
@@ -85,19 +101,18 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   preprocess = getattr(extractor, "preprocess", preprocess)
   pool, spatial = fid_lib.StreamingStats(), fid_lib.StreamingStats()
   kept_images, kept_feats = [], []
-  kept = 0
   total, batches = dataset_images(data_config, split, extractor.batch_size,
                                   num_images)
+  chosen = stored_indices(total, num_stored_images)
   progress = batching.ProgressLog(f"reference {split}", total)
   for images, out in inception_lib.pipelined(extractor, batches):
+    take = np.isin(np.arange(pool.count, pool.count + len(images)), chosen)
     pool.update(out["pool"])
     spatial.update(out["spatial"])
-    if kept < num_stored_images:
-      take = min(num_stored_images - kept, len(images))
-      kept_images.append(images[:take])
-      kept_feats.append(out["pool"][:take])
-      kept += take
+    kept_images.append(images[take])
+    kept_feats.append(out["pool"][take])
     progress(len(images))
+  kept = sum(map(len, kept_images))
   if pool.count < total:
     logging.warning("reference %s: %d of its %d files are unreadable and were "
                     "skipped; the statistics cover the %d that were read.",
@@ -112,8 +127,8 @@ def compute_reference(data_config, inception_params, out_path: str, *,
                pool.count, kept)
   return ref_lib.save_reference(
       out_path, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
-      images=np.concatenate(kept_images) if kept_images else None,
-      pool_features=np.concatenate(kept_feats) if kept_feats else None,
+      images=np.concatenate(kept_images) if kept else None,
+      pool_features=np.concatenate(kept_feats) if kept else None,
       preprocess=preprocess,
       inception_weights=getattr(extractor, "weights_id", None),
       num_images=pool.count)
@@ -128,7 +143,8 @@ def evaluate(config, workdir: str) -> dict:
   num_images (0 = every readable image of the split), batch_size, preprocess
   ("auto" = ``adm_tf``, the resize of ADM's evaluator and its reference
   batches) and num_stored_images (images kept as ``arr_0`` for precision /
-  recall; default 10,000 as ADM's ImageNet batch). Images go through the
+  recall; default 10,000 as ADM's ImageNet batch; a seeded subset spread
+  over the split, ``stored_indices``). Images go through the
   pipeline's eval transforms (``config.data.center_crop``, ADM's by default).
   Writes ``workdir/reference.npz`` (replacing one there: it is derived data)
   and ``workdir/metrics.json`` (its path, image count, preprocess). Raises
