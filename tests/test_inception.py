@@ -98,6 +98,23 @@ def test_resize_matches_torch_and_tf1(golden):
       _resize(x[:, :13, :13], (29, 29), True), atol=1e-6)
 
 
+def test_adm_tf_input_matches_tensorflows_legacy_resize():
+  """ADM's graph resizes the bytes with TF1's ResizeBilinear, whose source
+  coordinates are float32: ours were float64 (weights off by up to 9e-6)
+  and went through x / 255 and back, 2.6e-5 (256 px) to 1.4e-4 (256 x 2048)
+  off in the network's input units; now float32 rounding."""
+  tf = pytest.importorskip("tensorflow")
+  rng = np.random.default_rng(0)
+  for h, w in ((256, 256), (64, 2048)):
+    x = rng.integers(0, 256, (1, h, w, 3)).astype(np.uint8)
+    want = tf.compat.v1.image.resize_bilinear(
+        x.astype(np.float32), [299, 299], align_corners=False,
+        half_pixel_centers=False).numpy()
+    got = np.asarray(inc.preprocess_images(jnp.asarray(x), 299, "adm_tf"))
+    np.testing.assert_allclose(got, (want - 128.0) / 128.0, rtol=0, atol=1e-6,
+                               err_msg=f"{h}x{w}")
+
+
 def test_preprocess_ranges():
   img = jnp.full((1, 4, 4, 3), 0.5)
   assert np.allclose(inc.preprocess_images(img, 8, "pytorch_fid"), 0.0)

@@ -49,15 +49,20 @@ def resize_matrix(in_size: int, out_size: int, half_pixel: bool) -> np.ndarray:
 
   ``half_pixel=True``: PyTorch ``align_corners=False`` (source coordinate
   ``(i + 0.5) * in / out - 0.5`` clamped at 0). ``False``: TF1's legacy
-  ``ResizeBilinear`` (source ``i * in / out``). Both clamp the upper neighbour.
+  ``ResizeBilinear`` (source ``i * in / out``). Both clamp the upper neighbour
+  and compute the coordinate and its fraction in float32, as both kernels
+  do (``scale = (float) in / out``: TF's ``resize_bilinear_op.cc``
+  ``LegacyScaler``, PyTorch's ``area_pixel_compute_source_index``); in
+  float64 the weights differed from TF's by up to 9e-6.
   """
-  scale = in_size / out_size
-  dst = np.arange(out_size, dtype=np.float64)
-  src = (dst + 0.5) * scale - 0.5 if half_pixel else dst * scale
-  src = np.maximum(src, 0.0)
+  f32 = np.float32
+  scale = f32(in_size) / f32(out_size)
+  dst = np.arange(out_size, dtype=f32)
+  src = (dst + f32(0.5)) * scale - f32(0.5) if half_pixel else dst * scale
+  src = np.maximum(src, f32(0.0))
   lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   hi = np.minimum(lo + 1, in_size - 1)
-  frac = src - lo
+  frac = (src - lo.astype(f32)).astype(np.float64)
   m = np.zeros((out_size, in_size), np.float64)
   np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
   np.add.at(m, (np.arange(out_size), hi), frac)
@@ -81,19 +86,21 @@ def preprocess_images(images: jax.Array, size: int = 299,
                       mode: str = "pytorch_fid") -> jax.Array:
   """[0, 1] float or uint8 (B, H, W, 3) -> network input (B, size, size, 3)
   float32: [-1, 1] for "pytorch_fid", (v - 128) / 128 of v in [0, 255] for
-  "adm_tf". Raises ``ValueError`` for another ``mode`` or images that are
-  not (B, H, W, 3)."""
+  "adm_tf" (resized in [0, 255], as ADM's graph: uint8 bytes exactly, not
+  through x / 255 and back). Raises ``ValueError`` for another ``mode`` or
+  images that are not (B, H, W, 3)."""
   if mode not in PREPROCESS:
     raise ValueError(f"Unknown Inception preprocess {mode!r}; choose one of "
                      f"{PREPROCESS}.")
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Inception needs NHWC RGB images, got shape {images.shape}.")
+  if mode == "adm_tf":
+    x = (images.astype(jnp.float32) if images.dtype == jnp.uint8
+         else images.astype(jnp.float32) * 255.0)
+    return (resize_bilinear(x, size, half_pixel=False) - 128.0) / 128.0
   x = (pixels.bytes_to_unit(images) if images.dtype == jnp.uint8
        else images.astype(jnp.float32))
-  x = resize_bilinear(x, size, half_pixel=mode == "pytorch_fid")
-  if mode == "pytorch_fid":
-    return pixels.unit_to_signed(x)
-  return (x * 255.0 - 128.0) / 128.0
+  return pixels.unit_to_signed(resize_bilinear(x, size, half_pixel=True))
 
 
 # --- layers --------------------------------------------------------------------
