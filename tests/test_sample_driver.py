@@ -81,7 +81,9 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
   assert lines[-1].endswith(
       f"; score them with --config.mode=evaluate --config.evaluate.kind="
       f"generation --config.evaluate.samples={npz} --config.evaluate."
-      "reference=REF.npz (an ADM batch, or one of your data: kind=reference)")
+      "reference=REF.npz --config.evaluate.inception=ckpt/inception (REF: "
+      "an ADM batch, or one of your data: kind=reference; ckpt/inception: "
+      "python -m genvis_jax.convert --kind=inception)")
   # A larger set stopped half-way: the 24 images' samples.npz is gone, not
   # left to pass for this run's 40 (its images are in the parts).
   assert os.path.exists(os.path.join(wd, "samples.npz"))

@@ -429,7 +429,9 @@ def _write_samples(workdir: str, num_samples: int, out: dict) -> None:
   print(f"[sample] wrote {out['npz']} and {out['png']}" + hints.next_step(
       f"; score them with --config.mode=evaluate --config.evaluate.kind="
       f"generation --config.evaluate.samples={out['npz']} --config.evaluate."
-      "reference=REF.npz (an ADM batch, or one of your data: kind=reference)"),
+      "reference=REF.npz --config.evaluate.inception=ckpt/inception (REF: "
+      "an ADM batch, or one of your data: kind=reference; ckpt/inception: "
+      "python -m genvis_jax.convert --kind=inception)"),
         flush=True)
   if held > num_samples:   # e.g. a quick look at the first images of a set
     print(f"[sample] {out['npz']} holds the first {num_samples} of the {held} "
