@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import os
 import re
 import time
@@ -133,6 +135,28 @@ def check_stage_models(config, stages) -> None:
         "each setting the same value in both stages.\n  " + "\n  ".join(found))
 
 
+@contextlib.contextmanager
+def _demo_flags_in_logs(stage: str, config):
+  """A stage's log lines name the demo's flags, as its errors do
+  (``as_demo_fields``): "Raise --config.train.num_steps" failed as given."""
+
+  class Rewrite(std_logging.Filter):
+
+    def filter(self, record):
+      text = record.getMessage()
+      demo_text = as_demo_fields(text, stage, config)
+      if demo_text != text:
+        record.msg, record.args = demo_text, None
+      return True
+
+  rewrite, logger = Rewrite(), logging.get_absl_logger()
+  logger.addFilter(rewrite)
+  try:
+    yield
+  finally:
+    logger.removeFilter(rewrite)
+
+
 def run(config, workdir: str) -> dict:
   """Runs every stage (or those named in ``config.only``, comma-separated, in
   the config's order); returns {stage: its result}. Raises ``ConfigError``
@@ -161,7 +185,7 @@ def run(config, workdir: str) -> dict:
     try:
       # A stage's last line names no next command: the demo runs it (and
       # its flags are the demo's, --config.stages.<stage>.*).
-      with hints.quiet():
+      with hints.quiet(), _demo_flags_in_logs(name, config):
         results[name] = resolve(stage.mode)(stage, os.path.join(workdir, name))
     except errors.UserError as e:
       # The stage's advice names its own config's flags; say the demo's.

@@ -4,6 +4,7 @@ two notebooks (colabs/) run top to bottom over that trained demo."""
 
 import glob
 import json
+import logging
 import os
 import pathlib
 
@@ -102,6 +103,20 @@ def test_sampling_resumes_and_refuses_other_settings_or_weights(trained_demo):
   finally:
     with open(meta_path, "w") as f:
       f.write(original)
+
+
+def test_a_stages_warnings_name_the_demos_flags(trained_demo, caplog):
+  """A re-run's "Training already finished ... Raise
+  --config.train.num_steps" named a flag the demo refuses."""
+  wd, _ = trained_demo
+  cfg = demo.get_config("smoke")
+  cfg.only = "rar"
+  with caplog.at_level(logging.WARNING):
+    modes.run(cfg, wd)
+  finished = [r.getMessage() for r in caplog.records
+              if "Training already finished" in r.getMessage()]
+  assert len(finished) == 1, caplog.text
+  assert "Raise --config.stages.rar.train.num_steps to train" in finished[0]
 
 
 def test_stage_errors_name_the_demos_flags():
