@@ -151,6 +151,15 @@ IMPOSSIBLE = {
                       r"scaling.*--config.model.dtype=bfloat16"),
     "disc_float16": ("tokenizer", "disc.dtype", "float16",
                      r"config.disc.dtype='float16'.*bfloat16"),
+    # Read by another optimizer / schedule only: ignored without a word.
+    "weight_decay_under_adam": ("rar", "optimizer.name", "adam",
+                                r"config.optimizer.weight_decay=0.03 is read "
+                                r"only with config.optimizer.name='adamw', "
+                                r"and config.optimizer.name='adam' would "
+                                r"ignore it"),
+    "end_lr_under_constant": ("classifier", "optimizer.end_lr", 1e-5,
+                              r"config.optimizer.end_lr=1e-05 is read only "
+                              r"with config.optimizer.schedule='cosine'"),
     # --config.optimizer.no_decay= : every parameter exempt, silently.
     "no_decay_empty": ("classifier", "optimizer.no_decay", ("",),
                        r"config.optimizer.no_decay entry '' is empty: it "

@@ -127,6 +127,14 @@ RULES = {
 }
 
 
+# Keys only some optimizers or schedules read: (the value that does nothing,
+# the key choosing the reader, the readers). Another value under another
+# reader was ignored without a word (weight decay under Adam, an end_lr
+# under a constant schedule).
+_READ_ONLY_BY = {"weight_decay": (0.0, "name", ("adamw",)),
+                 "end_lr": (0.0, "schedule", ("cosine",))}
+
+
 def _read_keys(opt_config) -> tuple[str, ...]:
   """The numeric keys the schedule and optimizer of ``opt_config`` read."""
   keys = ("lr", "warmup_steps")
@@ -145,8 +153,9 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
   or non-finite learning rate, end_lr, warm-up, weight decay or step_decay
   rate, Adam betas or momentum outside [0, 1), or a ``no_decay`` entry that
   is not a regular expression (an empty one, from ``--config...no_decay=``,
-  would exempt every parameter). Keys the config lacks keep their defaults
-  and are not checked."""
+  would exempt every parameter), or a weight decay or end_lr that this
+  optimizer or schedule would ignore (``_READ_ONLY_BY``). Keys the config
+  lacks keep their defaults and are not checked."""
   for pattern in opt_config.get("no_decay", None) or ():
     why = ("is empty: it matches every parameter, so none would decay (for "
            "no exemption set the tuple empty, --config.optimizer.no_decay='()')"
@@ -158,6 +167,14 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
         why = f"is not a regular expression ({e})"
     if why:
       raise errors.ConfigError(f"{setting}.no_decay entry {pattern!r} {why}.")
+  for key, (no_effect, chooser, readers) in _READ_ONLY_BY.items():
+    value, chosen = opt_config.get(key), opt_config.get(chooser)
+    if value not in (None, no_effect) and chosen not in readers:
+      raise errors.ConfigError(
+          f"{setting}.{key}={value!r} is read only with {setting}.{chooser}="
+          f"{readers[0]!r}, and {setting}.{chooser}={chosen!r} would ignore "
+          f"it: set --{setting}.{chooser}={readers[0]}, or {key} to "
+          f"{no_effect}.")
   for key in _read_keys(opt_config):
     value = opt_config.get(key)
     accepted, rule = RULES[key]
