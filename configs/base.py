@@ -332,6 +332,8 @@ def add_pretokenize(c, image_data, *, ten_crop=True, batch_size=256):
   config) with ``config.tokenizer`` into token files at ``output``."""
   p = c.pretokenize = ml_collections.ConfigDict()
   p.data = image_data
+  # Centre crops (ten_crop: their flips too), never training augmentations.
+  p.data.random_crop = p.data.random_flip = False
   p.split = "train"
   p.output = ""          # default: <workdir>/tokens/<split>
   p.ten_crop = ten_crop  # 1.1x centre crop -> 5 crops + flips (official recipe)

@@ -390,3 +390,41 @@ def test_a_record_left_pending_by_a_killed_run_is_completed(tmp_path, caplog):
                      match="with no record of their settings"):
     token_output.existing_output(path, now, overwrite=False)
   assert not os.path.exists(pending)
+
+
+def test_data_settings_pretokenizing_does_not_apply_are_refused_or_unrecorded(
+    tmp_path):
+  """``--config.pretokenize.data.split=validation`` encoded the train split,
+  and ``random_flip=True`` / ``random_crop=True`` did nothing: refused, each
+  naming what to set. Keys it does not read are not recorded, so a file
+  written with another value of one (or before they were left out) is
+  reused, not encoded again into the same codes."""
+  import json
+  from configs import rar_b  # pylint: disable=import-outside-toplevel
+  config = rar_b.get_config("runlocal")
+  pretokenize.check_images_in_data(config)
+  for key, value, pattern in (
+      ("split", "validation", r"^config.pretokenize.data.split='validation' "
+       r"is not the split encoded: .*--config.pretokenize.split=validation"),
+      ("random_flip", True, r"^config.pretokenize.data.random_flip=True: "
+       r"pre-tokenizing encodes centre crops"),
+      ("random_crop", True, r"random_crop=True.*Leave it False")):
+    bad = rar_b.get_config("runlocal")
+    bad.pretokenize.data[key] = value
+    with pytest.raises(errors_lib.ConfigError, match=pattern):
+      pretokenize.check_images_in_data(bad)
+  # Another split encoded, labels numbered by the training split's folders.
+  config.pretokenize.split = "validation"
+  pretokenize.check_images_in_data(config)
+  # An older record holding the unread keys, at other values, still matches.
+  config.tokenizer.checkpoint = "/ckpt/tok"
+  settings = token_output.output_settings(config, "/ckpt/tok")
+  assert not set(settings["data"]) & {"random_flip", "crop_min_frac",
+                                       "eval_split"}
+  path = data.write_token_records(str(tmp_path / "t"), np.arange(4, dtype=np.int32),
+                                  np.zeros((4, 8), np.int32))[0]
+  old = {**settings, "data": {**settings["data"], "random_flip": True,
+                              "crop_min_frac": 0.8, "eval_split": "val"}}
+  with open(path + ".json", "w") as f:
+    json.dump({"settings": old, "records": 4, "images": 4}, f)
+  assert token_output.existing_output(path, settings, overwrite=False)

@@ -163,7 +163,9 @@ def output_prefix(config, workdir: str) -> str:
 
 
 def check_images_in_data(config) -> None:
-  """Refuses a ``config.data`` (the generator's training input: token files)
+  """Refuses ``config.pretokenize.data`` settings pre-tokenizing would not
+  apply (augmentations; a ``split`` meant as the one encoded), and a
+  ``config.data`` (the generator's training input: token files)
   that names images ``config.pretokenize.data`` does not: pre-tokenizing
   reads the latter, so ``--config.data.*`` flags meant for it would encode
   other images (the demo's, by default) without a word; and, where both
@@ -173,6 +175,22 @@ def check_images_in_data(config) -> None:
     ConfigError: naming both and the flags to use.
   """
   d, p = config.data, config.pretokenize.data
+  for key in ("random_crop", "random_flip"):
+    if p.get(key):
+      raise errors.ConfigError(
+          f"config.pretokenize.data.{key}=True: pre-tokenizing encodes centre "
+          "crops, never training augmentations (with config.pretokenize."
+          "ten_crop, a 1.1x centre crop's five crops and their flips; else "
+          "a centre crop and its mirror image). Leave it False.")
+  if p.get("split", "train") not in (config.pretokenize.split,
+                                     d.get("split", "train")):
+    raise errors.ConfigError(
+        f"config.pretokenize.data.split={p.split!r} is not the split "
+        f"encoded: that is config.pretokenize.split={config.pretokenize.split!r}"
+        f", and config.pretokenize.data.split names the training split whose "
+        f"class folders number the labels (as config.data.split="
+        f"{d.get('split', 'train')!r}). To encode {p.split!r}, pass "
+        f"--config.pretokenize.split={p.split} instead.")
   if d.get("source", "tokens") not in sources.SOURCES:
     raise sources.DataConfigError(
         f"Unknown config.data.source {d.source!r}; config.data is the "

@@ -31,6 +31,24 @@ from genvis_jax.data.tokens import (TokenFileError, check_shard_sets,
 from genvis_jax.errors import ConfigError
 
 
+# ``config.pretokenize.data`` settings pre-tokenizing does not read (the
+# training augmentations, the eval split, token sampling): left out of the
+# records written and compared (older records hold them), so a value there
+# neither forces a re-encode giving the same codes nor makes files of the
+# same images look like two sets.
+UNREAD_DATA_KEYS = ("eval_split", "random_crop", "random_flip",
+                    "crop_min_frac", "random_crop_method", "crops_per_epoch")
+
+
+def comparable(settings: dict) -> dict:
+  """A token file's recorded ``settings`` without ``UNREAD_DATA_KEYS``."""
+  data = settings.get("data")
+  if not isinstance(data, dict):
+    return settings
+  return {**settings, "data": {k: v for k, v in data.items()
+                               if k not in UNREAD_DATA_KEYS}}
+
+
 def file_records(pattern: str) -> dict[str, dict | None]:
   """``{file: its record}`` for the files matching ``pattern`` (each
   ``<file>.json``; None where there is no readable record)."""
@@ -74,7 +92,7 @@ def crops_per_image(pattern: str) -> int:
 
 
 def _settings(records: dict[str, dict | None]) -> dict[str, dict]:
-  return {path: r["settings"] for path, r in records.items()
+  return {path: comparable(r["settings"]) for path, r in records.items()
           if r is not None and isinstance(r.get("settings"), dict)}
 
 

@@ -27,6 +27,7 @@ from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import pipeline
 from genvis_jax.data import sources
 from genvis_jax.data import ten_crop
+from genvis_jax.data import token_origin
 from genvis_jax.data import tokens as tokens_lib
 from genvis_jax.models import inference
 
@@ -47,6 +48,7 @@ def output_settings(config, checkpoint: str | None = None) -> dict:
   # EXIF orientation changes only image-folder decodes (files written before
   # the setting applied it: True); TFDS and demo records leave it out.
   data = {k: v for k, v in p.data.to_dict().items() if k not in _READER_KEYS
+          and k not in token_origin.UNREAD_DATA_KEYS
           and v not in _ADDED_DEFAULTS.get(k, ())
           and (k != "exif_transpose" or p.data.source == "image_folder")}
   keep = {"tokenizer": models.with_defaults(
@@ -123,7 +125,7 @@ def existing_output(path: str, settings: dict, overwrite: bool) -> dict | None:
     old = json.loads(record.read_text()) if record.exists() else None
   except ValueError:   # a damaged record is no record
     old = None
-  before = (old or {}).get("settings") or {}
+  before = token_origin.comparable((old or {}).get("settings") or {})
   if isinstance(before.get("tokenizer"), dict):
     # Written before its config listed every tokenizer setting.
     before = {**before, "tokenizer": models.with_defaults(before["tokenizer"])}
