@@ -39,11 +39,13 @@ from etils import epath
 
 from genvis_jax import errors, models
 from genvis_jax.convert import io, tree
+from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import registry
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError, compare_trees
+from genvis_jax.core.param_checkpoint import CONFIG_FILE, DIGEST_FILE, STAGING
 
 __all__ = ["kind_module", "kinds", "from_torch", "convert_file", "load_weights",
            "CheckpointMismatchError"]
@@ -146,11 +148,33 @@ def _check_dst(dst: str, overwrite: bool, folder: bool = True) -> None:
         f"--dst={full} is a training run's workdir (it holds checkpoints/); "
         "converted weights written there would hide its checkpoints from "
         "init_from: choose another --dst.")
-  non_empty = target.is_file() or (target.is_dir() and any(target.iterdir()))
-  if non_empty and not overwrite:
-    raise errors.OutputExistsError(f"{full} exists and is not empty; pass "
-                                   "--overwrite to replace it, or choose "
-                                   "another --dst.")
+  held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+  if (target.is_file() or held) and not overwrite:
+    unfinished = held and "params" not in held and all(
+        n.startswith(("params.orbax-checkpoint-tmp", STAGING, DIGEST_FILE,
+                      CONFIG_FILE)) for n in held)
+    raise errors.OutputExistsError(
+        f"{full} holds an unfinished conversion ({', '.join(held)}: the "
+        "write stopped before the weights were whole); pass --overwrite to "
+        "write it again." if unfinished else
+        f"{full} exists and is not empty; pass --overwrite to replace it, or "
+        "choose another --dst.")
+  _check_writable(full)
+
+
+def _check_writable(dst: str) -> None:
+  """Refuses a local ``dst`` whose nearest existing folder cannot be written
+  (read-only, not ours) before ``--src`` is read and converted: the write
+  failed after that, with a traceback."""
+  if files.is_remote(dst):
+    return
+  folder = os.path.abspath(dst)
+  while not os.path.isdir(folder):
+    folder = os.path.dirname(folder)
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise errors.OutputWriteError(
+        f"Cannot write --dst={dst}: {folder} is not writable (read-only or "
+        "not yours). Choose a writable --dst.")
 
 
 def _read_state_dict(path: str, key: str | None = None,
@@ -236,10 +260,20 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
   except errors.CheckpointFileNotFoundError as e:
     raise _missing_source(kind, e) from None
   params = from_torch(kind, state, model_config)
-  if hasattr(mod, "write"):
-    mod.write(dst, params, state)
-  else:
-    weights_lib.save_params(dst, params, config)
+  try:
+    if hasattr(mod, "write"):
+      mod.write(dst, params, state)
+    else:
+      weights_lib.save_params(dst, params, config)
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax / TensorStore report a full disk in a ValueError, deep inside.
+    raise errors.OutputWriteError(
+        f"Could not write the converted weights to {dst}: "
+        f"{ckpt_lib.save_error_cause(e)}. Weights already there are kept. "
+        "Free space (or fix the folder) and run the same command with "
+        "--overwrite.") from e
   return params
 
 

@@ -25,6 +25,7 @@ from genvis_jax import errors
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
+from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import pytree_io
 from genvis_jax.errors import UserError
@@ -49,25 +50,68 @@ def params_digest(params) -> str:
   return h.hexdigest()
 
 
+# Inside ``DIR``: where ``save_params`` writes weights that replace others,
+# moved into place once whole.
+STAGING = ".params_partial"
+
+
 def save_params(directory: str, params, config=None) -> None:
   """Writes a parameter checkpoint ``directory/params`` (what ``init_from``
   loads) and its ``params_digest`` beside it; replaces one already there.
   ``config`` (an ``ml_collections.ConfigDict``, e.g. convert's ``--config``)
   is recorded beside them (``saved_config``): sampling then refuses other
-  model settings, and a mismatch names them, as for a training run."""
+  model settings, and a mismatch names them, as for a training run.
+
+  The records are written before the arrays, whose folder Orbax finalizes
+  last: a save stopped after the arrays left weights that loaded with no
+  digest or model check. Weights replacing others (one local process) are
+  written whole in ``directory/STAGING`` first and then moved into place, so
+  a failed write (a full disk, Ctrl-C) keeps the old ones: Orbax's
+  ``force`` deleted them before writing."""
   path = ckpt_files.absolute(directory)
+  digest = params_digest(params) if _on_this_host(params) else None
+  in_place = (files.is_remote(path) or jax.process_count() > 1
+              or not (path / "params").exists())
+  target = path if in_place else path / STAGING
+  if not in_place and target.exists():
+    target.rmtree()   # a replacement a killed run left unfinished
+  target.mkdir(parents=True, exist_ok=True)
   for name in (DIGEST_FILE, CONFIG_FILE):   # never beside other weights
-    (path / name).unlink(missing_ok=True)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path / "params", {"params": params}, force=True)
-  ckptr.wait_until_finished()
-  # Sharded over several hosts, no process holds the bytes: the commit time
-  # names these weights then.
-  if _on_this_host(params) and jax.process_index() == 0:
-    (path / DIGEST_FILE).write_text(
-        json.dumps({"sha256": params_digest(params)}))
-  if config is not None and jax.process_index() == 0:
-    (path / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    (target / name).unlink(missing_ok=True)
+  if jax.process_index() == 0:
+    # Sharded over several hosts, no process holds the bytes: the commit
+    # time names these weights then.
+    if digest is not None:
+      (target / DIGEST_FILE).write_text(json.dumps({"sha256": digest}))
+    if config is not None:
+      (target / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+  # Synchronous: after a failed write no background thread is left waiting
+  # at Orbax's barrier (the command hung 5 minutes after its error).
+  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  try:
+    ckptr.save(target / "params",
+               args=ocp.args.StandardSave({"params": params}), force=True)
+  except BaseException:
+    if jax.process_index() == 0:   # what this save wrote, not the old weights
+      if not in_place:
+        target.rmtree()
+      else:
+        for name in (DIGEST_FILE, CONFIG_FILE):
+          (target / name).unlink(missing_ok=True)
+        for tmp in target.glob("params.orbax-checkpoint-tmp*"):
+          tmp.rmtree()
+    raise
+  if in_place:
+    return
+  for name in ("params", DIGEST_FILE, CONFIG_FILE):
+    old = path / name
+    if old.is_dir():
+      old.rmtree()
+    else:
+      old.unlink(missing_ok=True)
+    if (target / name).exists():
+      (target / name).rename(old)
+  target.rmdir()
 
 
 def saved_config(directory: epath.Path) -> dict | None:
