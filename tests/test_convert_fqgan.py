@@ -123,6 +123,17 @@ def test_fqgan_config_with_heads_needs_them_in_the_checkpoint(data):
   bare = {k: v for k, v in state.items() if not k.startswith("feat_pred_head.")}
   with pytest.raises(ValueError, match=r"feat_pred_head.*model.feat_heads=\(\)"):
     convert.from_torch("fqgan", bare, cfg)
+  # Triple's heads under Dual's config: the other variant, not "drop the
+  # heads" (which led to a second mismatch).
+  with pytest.raises(ValueError, match=r"checkpoint has others, \['high_sem_"
+                     r"feat_pred', 'mid_sem_feat_pred'\]: it is the other "
+                     r"FQGAN variant's"):
+    convert.from_torch("fqgan", _state(data, "triple"), cfg)
+  # Another model's file: the full comparison, not a head to drop.
+  with pytest.raises(ValueError, match=r"missing") as e:
+    convert.from_torch("fqgan", {"tok_embeddings.weight": np.zeros((4, 2))},
+                       cfg)
+  assert "feat_heads" not in str(e.value)
 
 
 def test_fqgan_attention_weights_are_transposed_not_reshaped(data):
