@@ -294,6 +294,30 @@ def test_mismatching_checkpoint_lists_keys_and_writes_nothing(rar, tmp_path):
   assert not dst.exists()
 
 
+def test_training_wrapper_prefixes_are_dropped_or_named(rar, tmp_path):
+  """DDP, AveragedModel and torch.compile prefixes are dropped (only a whole
+  ``module.`` was); another prefix on every key is named, where the report
+  blamed --config alone."""
+  _, state, cfg, _, params = rar
+  for wrapped in ({f"module._orig_mod.{k}": v for k, v in state.items()},
+                  {**{f"module.{k}": v for k, v in state.items()},
+                   "n_averaged": np.array(3)}):
+    got = convert.convert_file(
+        "rar", _write_npz(tmp_path / "w.npz", wrapped), cfg,
+        str(tmp_path / "out"), overwrite=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
+  lightning = {f"model.{k}": v for k, v in state.items()}
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"Every key of the file starts with 'model.': a "
+                           r"training wrapper's name"):
+    convert.convert_file("rar", _write_npz(tmp_path / "l.npz", lightning),
+                         cfg, str(tmp_path / "l"))
+  own = {k: v for k, v in state.items() if k != "lm_head.bias"}
+  with pytest.raises(CheckpointMismatchError) as e:   # no shared prefix
+    convert.from_torch("rar", own, cfg)
+  assert "Every key" not in str(e.value)
+
+
 def test_convert_file_writes_what_init_from_loads(rar, tmp_path):
   """The weights load back equal; the convert config recorded beside them
   names the model settings a mismatching config differs in, and an

@@ -117,9 +117,20 @@ def from_torch(kind: str, state_dict: dict[str, Any], model_config) -> dict:
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
   params = mod.convert(state_dict, model_config)
   expected = getattr(mod, "expected", models.param_shapes)(model_config)
-  return _fit(expected, params, f"The {kind!r} checkpoint",
-              "i.e. the config of the model the checkpoint was released for",
-              getattr(mod, "ADVICE", None))
+  try:
+    return _fit(expected, params, f"The {kind!r} checkpoint",
+                "i.e. the config of the model the checkpoint was released for",
+                getattr(mod, "ADVICE", None))
+  except CheckpointMismatchError as e:
+    first = {k.split(".", 1)[0] for k in state_dict if "." in k}
+    if len(first) == 1 and len(state_dict) > 1 and all("." in k
+                                                       for k in state_dict):
+      prefix = f"{first.pop()}."
+      e.args = (f"{e.args[0]}\nEvery key of the file starts with {prefix!r}: "
+                "a training wrapper's name (e.g. a LightningModule's "
+                "attribute)? Save the wrapped model's own state_dict, or "
+                "choose the entry holding it with --key.",) + e.args[1:]
+    raise
 
 
 def _fit(expected, params, what: str,

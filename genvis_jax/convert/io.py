@@ -254,9 +254,24 @@ def select_state_dict(obj, key: str | None = None, source: str = "checkpoint"):
     raise CheckpointFileError(
         f"{source}: the selected entry is not a flat dict of tensors "
         f"({_describe(obj) if isinstance(obj, dict) else type(obj).__name__}).")
-  if all(k.startswith("module.") for k in obj):
-    obj = {k[len("module."):]: v for k, v in obj.items()}
-  return dict(obj)
+  return _unwrapped(dict(obj))
+
+
+# Prefixes a training wrapper gives every key: DDP / AveragedModel
+# (``module.``), torch.compile (``_orig_mod.``).
+WRAPPERS = ("module.", "_orig_mod.")
+
+
+def _unwrapped(state: dict) -> dict:
+  """``state`` without the ``WRAPPERS`` prefixes every key shares (in any
+  nesting), and AveragedModel's ``n_averaged`` count beside them."""
+  if "n_averaged" in state and len(state) > 1 and all(
+      k.startswith("module.") for k in state if k != "n_averaged"):
+    state = {k: v for k, v in state.items() if k != "n_averaged"}
+  while state and (prefix := next((w for w in WRAPPERS if all(
+      k.startswith(w) for k in state)), None)):
+    state = {k[len(prefix):]: v for k, v in state.items()}
+  return state
 
 
 def load_state_dict(path: str, key: str | None = None,
