@@ -203,3 +203,19 @@ def test_counts_that_are_not_whole_numbers_are_refused(tiny):
                    (dict(num_columns=2, num_steps=3.5), "num_steps=3.5")):
     with pytest.raises(UserError, match=f"{name} must be a whole number"):
       eq_sample.sample(model, params, labels, jax.random.key(0), **kw)
+
+
+def test_a_guidance_scale_below_one_is_warned_about(caplog):
+  """RAR's 0.0 means no guidance; here 0 guides the last column to the
+  unconditional draw, which a user moving from RAR got without a word."""
+  import logging   # pylint: disable=import-outside-toplevel
+  import ml_collections   # pylint: disable=import-outside-toplevel
+  s = ml_collections.ConfigDict(dict(num_columns=4, num_steps=2,
+                                     guidance_scale=1.0))
+  with caplog.at_level(logging.WARNING):
+    eq_sample.check_settings(s)
+    assert not caplog.records
+    s.guidance_scale = 0.0
+    eq_sample.check_settings(s)
+  assert "guidance_scale=0.0 is below 1.0" in caplog.text
+  assert "1.0 means no guidance" in caplog.text

@@ -46,6 +46,7 @@ import operator
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from genvis_jax.errors import ConfigError
 from genvis_jax.sample import common
@@ -257,9 +258,17 @@ def check_guidance(scale) -> float:
 
 def check_settings(s) -> None:
   """``config.sample`` (what the driver passes) through the checks
-  ``sample`` makes, before anything loads (``common.check_configured``)."""
+  ``sample`` makes, before anything loads (``common.check_configured``). A
+  guidance scale below 1.0 is warned about: the ramp (``cfg_scale``) then
+  guides away from the class, to the unconditional draw at 0 (where RAR's
+  0.0 means no guidance)."""
   _check_counts(s.num_columns, s.num_steps, "config.sample.")
-  check_guidance(s.guidance_scale)
+  if check_guidance(s.guidance_scale) < 1.0:
+    logging.warning(
+        "config.sample.guidance_scale=%s is below 1.0: the Equivariant "
+        "sampler ramps the scale from about 1 to it across the columns, "
+        "guiding away from the class (0 draws the last column "
+        "unconditionally). 1.0 means no guidance.", s.guidance_scale)
 
 
 def _check_counts(num_columns, num_steps, prefix: str = "") -> None:
