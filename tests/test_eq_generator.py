@@ -33,6 +33,7 @@ def tiny_config(**model):
                       num_cond_tokens=3, window=3, seq_len=L,
                       attn_dropout=0.1, proj_dropout=0.1, attn_impl="reference"))
   c.model.update(model)
+  c.data.image_width = 16 * L   # L columns of the tokenizer's 16 px
   c.train.global_batch_size = 4
   c.optimizer.warmup_steps = 0
   return c
@@ -388,3 +389,18 @@ def test_official_generator_parity():
   assert rel(zu, f["gen/z_uncond"]) < 1e-5
   assert rel(v, f["gen/velocity"]) < 1e-5
   assert rel(col, f["gen/column4_cfg2.5_euler6"]) < 1e-5
+
+
+def test_a_seq_len_other_than_the_training_columns_is_refused():
+  """The weights do not depend on seq_len (RoPE): --config.model.seq_len=9
+  trained on the data's 4 columns without a word."""
+  from configs import eq_s   # pylint: disable=import-outside-toplevel
+  from genvis_jax.errors import ConfigError   # pylint: disable=import-outside-toplevel
+  from genvis_jax.train.tasks import eq_generator as eq_task   # pylint: disable=import-outside-toplevel
+  config = eq_s.get_config("runlocal")
+  eq_task.EqGeneratorTask(config)
+  config.model.seq_len = 9
+  with pytest.raises(ConfigError, match=r"^config.model.seq_len=9, but the "
+                     r"training images are 4 columns .*--config.model.seq_len"
+                     r"=4, or the data width \(--config.data.image_width=144"):
+    eq_task.EqGeneratorTask(config)
