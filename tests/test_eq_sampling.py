@@ -203,6 +203,10 @@ def test_counts_that_are_not_whole_numbers_are_refused(tiny):
                    (dict(num_columns=2, num_steps=3.5), "num_steps=3.5")):
     with pytest.raises(UserError, match=f"{name} must be a whole number"):
       eq_sample.sample(model, params, labels, jax.random.key(0), **kw)
+  with pytest.raises(UserError, match=r"chunk must be a whole number >= 1 "
+                     r"dividing num_columns \(3\); got 1.5"):   # not 1
+    eq_sample.column_stepper(model, params, labels, jax.random.key(0),
+                             num_columns=3, chunk=1.5)
 
 
 def test_a_guidance_scale_below_one_is_warned_about(caplog):

@@ -293,7 +293,10 @@ def test_sampler_rejects_bad_input(tiny):
   for pow_, temp, match in [(-1.0, 1.0, "guidance_pow=-1.0 .*>= 0"),
                             (float("nan"), 1.0, "guidance_pow=nan"),
                             (0.0, float("nan"), "temperature must be a finite"),
-                            (0.0, 0.0, "temperature must be")]:
+                            (0.0, 0.0, "temperature must be"),
+                            # None / a string: no bare TypeError / ValueError
+                            (None, 1.0, "guidance_pow=None must be a number"),
+                            (0.0, "x", "temperature='x' must be a number")]:
     with pytest.raises(ValueError, match=match):
       rar_sample.sample_uncached(model, params, jnp.zeros((2,), jnp.int32),
                                  jax.random.key(0), guidance_scale=2.0,

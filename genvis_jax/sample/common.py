@@ -259,10 +259,20 @@ def _on_auto_axes(labels):
   return jax.device_put(labels, jax.sharding.NamedSharding(mesh, s.spec))
 
 
+def as_number(value, setting: str) -> float:
+  """``float(value)``, or ``ConfigError`` naming ``setting`` where it is no
+  number (None, a string: a bare TypeError / ValueError before)."""
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise errors.ConfigError(
+        f"{setting}={value!r} must be a number.") from None
+
+
 def check_temperature(temperature) -> float:
   """A token sampler's temperature as a float: a finite number > 0 (NaN
   would draw from NaN logits: noise, no error). Raises ``ConfigError``."""
-  if not 0.0 < float(temperature) < math.inf:
+  if not 0.0 < as_number(temperature, "config.sample.temperature") < math.inf:
     raise errors.ConfigError(
         f"temperature must be a finite number > 0, got {temperature} "
         "(config.sample.temperature; 1.0 = the model's distribution).")
@@ -287,7 +297,7 @@ def check_guidance(scale, *, no_guidance: float,
     ConfigError: NaN or infinite (every guided logit or velocity would be
       NaN: noise images, no error), or below ``minimum``.
   """
-  value = float(scale)
+  value = as_number(scale, "config.sample.guidance_scale")
   if math.isfinite(value) and (minimum is None or value >= minimum):
     return value
   want = "a finite number" if minimum is None else f"at least {minimum}"

@@ -391,9 +391,13 @@ def column_stepper(model, params, labels, rng, *, num_columns: int,
   """
   labels, use_cfg = _check(model, labels, num_columns, num_steps,
                            guidance_scale)
-  if int(chunk) < 1 or int(num_columns) % int(chunk):
-    raise ConfigError(f"chunk must be >= 1 and divide num_columns "
-                      f"({num_columns}); got {chunk}.")
+  try:
+    whole = operator.index(chunk)   # not 1.5 -> 1
+  except TypeError:
+    whole = 0
+  if whole < 1 or int(num_columns) % whole:
+    raise ConfigError(f"chunk must be a whole number >= 1 dividing "
+                      f"num_columns ({num_columns}); got {chunk!r}.")
   opts = _options(cached=True, use_cfg=use_cfg, num_columns=num_columns,
                   num_steps=num_steps, hoist_modulations=hoist_modulations,
                   batch_shards=common.batch_shards(labels), dtype=dtype,

@@ -181,7 +181,8 @@ def check_guidance_pow(guidance_pow) -> float:
   """The cosine schedule's power as a float: a finite number >= 0 (a
   negative one is ``0 ** pow`` = inf at step 0: NaN logits). Raises
   ``ConfigError``."""
-  if not 0.0 <= float(guidance_pow) < math.inf:
+  if not 0.0 <= common.as_number(guidance_pow,
+                                 "config.sample.guidance_pow") < math.inf:
     raise errors.ConfigError(
         f"guidance_pow={guidance_pow} (config.sample.guidance_pow) must be a "
         "finite number >= 0; 0 keeps the scale constant.")
