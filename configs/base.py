@@ -248,6 +248,9 @@ def get_config(arg=None):
   # see genvis_jax.evaluate.protocols.PROTOCOLS).
   c.evaluate.protocol = ""
   c.evaluate.distance_dtype = "float16"   # precision/recall distances, as ADM
+  # IS from the samples' logits: "adm" (ADM's evaluator: consecutive 5,000-image
+  # splits) or "torch_fidelity" (10 splits of the shuffled set: Equivariant's).
+  c.evaluate.inception_score = "adm"
   c.evaluate.dtype = "float32"   # tokenizer compute dtype in kind=tokenizer ("" = config.model.dtype)
 
   c.optimizer = ml_collections.ConfigDict()

@@ -119,6 +119,9 @@ def get_config(size: str = "l", arg=None):
       # reference would make --config.sample.latent_scale set the training
       # latents' scale too.
       latent_scale=lt.get_ref("scale") * 1.0)
+  # The official engine_generator.py scores with torch-fidelity: FID against
+  # fid_stats/adm_in256_stats.npz (mu, sigma), IS over 10 shuffled splits.
+  c.evaluate.inception_score = "torch_fidelity"
   if arg.runlocal:
     # A batch=N given with runlocal is kept.
     runlocal(c, arg.batch if "batch" in arg.given else 16)

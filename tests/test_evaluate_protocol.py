@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from genvis_jax.errors import UserError
-from genvis_jax.evaluate import (adm_reference, batching, fid, generation,
+from genvis_jax.evaluate import (adm_reference, batching, fid, generation, npz,
                                  reference)
 from tests import metric_refs
 
@@ -216,6 +216,40 @@ def test_reference_of_all_images_skips_unreadable_files(tmp_path):
                      match=r"ended after 6 images but 7 .*unreadable files"):
     reference.compute_reference(config.data, None, str(tmp_path / "x.npz"),
                                 split="validation", num_images=7, extractor=ex)
+
+
+def test_a_reference_of_mu_and_sigma_alone_gives_fid_and_is(gen_files,
+                                                             tmp_path):
+  """The Equivariant repository scores with torch-fidelity against
+  fid_stats/adm_in256_stats.npz, mu and sigma alone: refused before; now FID
+  and its IS (shuffled splits), the metrics it cannot give named."""
+  d, samples, other = gen_files
+  mu, sigma = metric_refs.feature_stats(
+      metric_refs.FakeExtractor(13)(other)["pool"])
+  np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+  res = generation.evaluate_samples(
+      str(d / "samples.npz"), str(tmp_path / "stats.npz"),
+      extractor=metric_refs.FakeExtractor(batch_size=4),
+      inception_score="torch_fidelity")
+  fs = metric_refs.FakeExtractor(13)(samples)
+  assert res["fid"] == pytest.approx(metric_refs.frechet_formula(
+      *metric_refs.feature_stats(fs["pool"]), mu, sigma), rel=1e-6)
+  assert res["inception_score"] == pytest.approx(
+      fid.inception_score_shuffled(fs["logits"]), rel=1e-6)
+  assert (res["sfid"], res["precision"], res["recall"]) == (None,) * 3
+  assert res["not_computed"] == ["sfid", "precision", "recall"]
+  assert (res["preprocess"], res["num_reference"]) == ("adm_tf", None)
+  assert "sFID n/a" in generation.format_metrics(res)
+  np.savez(tmp_path / "half.npz", mu=mu, sigma=sigma, mu_s=np.zeros(6))
+  with pytest.raises(npz.NpzContentError, match=r"nor mu and sigma alone"):
+    generation.evaluate_samples(str(d / "samples.npz"),
+                                str(tmp_path / "half.npz"),
+                                extractor=metric_refs.FakeExtractor(4))
+  with pytest.raises(ValueError, match=r"inception_score='tf'"):
+    generation.evaluate_samples(str(d / "samples.npz"),
+                                str(tmp_path / "stats.npz"),
+                                extractor=metric_refs.FakeExtractor(4),
+                                inception_score="tf")
 
 
 # --- the preprocessing protocol -------------------------------------------------------------

@@ -396,3 +396,31 @@ def test_codebook_usage_single_and_factorized():
   assert image_metrics.codebook_usage(fq, (4, 2))["codebook_usage"] == pytest.approx(0.75)
   with pytest.raises(ValueError, match="codebook sizes"):
     image_metrics.codebook_usage(fq, (4, 2, 2))
+
+
+def _torch_fidelity_isc(logits, splits=10, seed=2020):
+  """torch-fidelity's isc_features_to_metric (its defaults), in NumPy."""
+  n = len(logits)
+  x = np.asarray(logits, np.float64)[np.random.RandomState(seed).permutation(n)]
+  logp = x - x.max(1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+  p = np.exp(logp)
+  scores = []
+  for i in range(splits):
+    pc, lpc = p[i * n // splits:(i + 1) * n // splits], logp[
+        i * n // splits:(i + 1) * n // splits]
+    kl = (pc * (lpc - np.log(pc.mean(0, keepdims=True)))).sum(1).mean()
+    scores.append(np.exp(kl))
+  return float(np.mean(scores))
+
+
+def test_torch_fidelity_inception_score_shuffles_then_splits():
+  """The Equivariant repository's IS: torch-fidelity permutes the rows
+  (RandomState(2020)) before its 10 splits; ADM's takes them in order."""
+  logits = np.random.default_rng(3).normal(size=(103, 9)) * 3
+  logits[:50] += np.eye(9)[0] * 8   # class-sorted rows: the splits differ
+  got = fid.inception_score_shuffled(logits)
+  assert got == pytest.approx(_torch_fidelity_isc(logits), rel=1e-12)
+  assert got != pytest.approx(fid.inception_score(logits, 11), rel=1e-3)
+  with pytest.raises(ValueError, match=r"N >= 10"):
+    fid.inception_score_shuffled(logits[:9])

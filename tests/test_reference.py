@@ -50,9 +50,16 @@ def test_reference_errors(tmp_path):
     npz.open_images(str(tmp_path / "other.npz"))
   with pytest.raises(ValueError, match="not an ADM reference"):
     adm_reference.load_reference(str(tmp_path / "other.npz"))
-  np.savez(tmp_path / "partial.npz", mu=np.zeros(3), sigma=np.eye(3))
-  with pytest.raises(ValueError, match=r"not all of .* a pytorch-fid / "
-                     r"torch-fidelity file of mu and sigma .*kind=reference"):
+  # mu and sigma alone are a torch-fidelity / pytorch-fid file (FID only);
+  # other partial sets are damage.
+  np.savez(tmp_path / "fid.npz", mu=np.zeros(3), sigma=np.eye(3))
+  ref = adm_reference.load_reference(str(tmp_path / "fid.npz"))
+  assert ref.fid_only and ref.origin == "fid_stats"
+  np.savez(tmp_path / "partial.npz", mu=np.zeros(3), sigma=np.eye(3),
+           sigma_s=np.eye(2))
+  with pytest.raises(ValueError, match=r"not all of .* nor mu and sigma alone "
+                     r"\(a pytorch-fid / torch-fidelity file: FID only\)"
+                     r".*kind=reference"):
     adm_reference.load_reference(str(tmp_path / "partial.npz"))
   with pytest.raises(FileNotFoundError, match="kind=reference"):
     adm_reference.load_reference(str(tmp_path / "missing.npz"))

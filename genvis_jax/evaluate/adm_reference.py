@@ -8,6 +8,9 @@ Format of openai/guided-diffusion's reference batches (e.g.
                                       their Inception pool features
   mu, sigma      float64 (2048,), (2048, 2048)   pool statistics (FID)
   mu_s, sigma_s  float64 (2023,), (2023, 2023)   spatial statistics (sFID)
+A file of mu and sigma alone (torch-fidelity's ``fid_statistics_file``,
+pytorch-fid's ``.npz``; e.g. the Equivariant repository's
+``fid_stats/adm_in256_stats.npz``) gives FID and IS only.
 ADM computed these statistics with TensorFlow's Inception graph, whose resize is
 TF1's legacy bilinear one: our ``adm_tf`` preprocessing (``models/inception.py``).
 
@@ -76,6 +79,11 @@ class Reference:
     return self.mu is not None and self.mu_s is not None
 
   @property
+  def fid_only(self) -> bool:
+    """Whether the file holds the pool statistics alone (mu, sigma)."""
+    return self.mu is not None and self.mu_s is None
+
+  @property
   def origin(self) -> str:
     """How the statistics were made, as far as the file tells:
       "recorded"  written here: ``preprocess`` (and weights, count) recorded;
@@ -84,10 +92,13 @@ class Reference:
                   made by ADM's TF graph (adm_tf);
       "images"    images only: statistics are computed here from them, with
                   the samples' own preprocessing (consistent by construction);
+      "fid_stats" mu and sigma alone (``fid_only``), of no recorded making;
       "unknown"   statistics of no known making.
     """
     if self.preprocess is not None:
       return "recorded"
+    if self.fid_only:
+      return "fid_stats"
     if not self.has_stats:
       return "images"
     if (self.mu.shape[0], self.mu_s.shape[0]) == ADM_DIMS:
@@ -109,13 +120,13 @@ def load_reference(path: str) -> Reference:
   with npz.open_npz(path, "config.evaluate.reference") as data:
     keys = set(data.files)
     present = [k for k in STAT_KEYS if k in keys]
-    if present and len(present) != len(STAT_KEYS):
+    if present and present not in (list(STAT_KEYS), ["mu", "sigma"]):
       raise npz.NpzContentError(
           f"{path} (config.evaluate.reference) has {present} but not all of "
-          f"{STAT_KEYS}: ADM's evaluator needs the pool statistics (FID) and "
-          "the spatial ones (sFID); a pytorch-fid / torch-fidelity file of "
-          "mu and sigma holds only the first. Use ADM's reference batch "
-          "(e.g. VIRTUAL_imagenet256_labeled.npz) or one written by "
+          f"{STAT_KEYS}, nor mu and sigma alone (a pytorch-fid / "
+          "torch-fidelity file: FID only): the file is damaged or not a "
+          "reference. Use ADM's reference batch (e.g. "
+          "VIRTUAL_imagenet256_labeled.npz) or one written by "
           "--config.evaluate.kind=reference.")
     for k in present:
       setattr(ref, k, np.asarray(data[k], np.float64))
@@ -137,7 +148,7 @@ def load_reference(path: str) -> Reference:
       ref.num_images = int(data["num_images"])
   if "arr_0" in keys:
     ref.images = npz.open_images(path, setting="config.evaluate.reference")
-  if not ref.has_stats and ref.images is None:
+  if ref.mu is None and ref.images is None:
     raise npz.NpzContentError(
         f"{path}: neither statistics ({STAT_KEYS}) nor images ('arr_0'): not "
         "an ADM reference batch (config.evaluate.reference).")
@@ -150,6 +161,8 @@ def _check_stat_shapes(path: str, ref: Reference) -> None:
   failed only after every feature was computed)."""
   for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
     mu, sigma = getattr(ref, m), getattr(ref, s)
+    if mu is None:   # a FID-only file
+      continue
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
       raise npz.NpzContentError(
           f"{path} (config.evaluate.reference): {m} {mu.shape} and {s} "
@@ -163,9 +176,9 @@ def check_feature_dims(ref: Reference, dims, path: str) -> None:
   of the (pool, spatial) feature sizes ``dims`` the extractor computes (None:
   unknown, not checked): statistics of another network or layer, refused
   before any image is measured."""
-  if dims is None or not ref.has_stats:
+  if dims is None or ref.mu is None:
     return
-  got = (ref.mu.shape[0], ref.mu_s.shape[0])
+  got = (ref.mu.shape[0], ref.mu_s.shape[0] if ref.has_stats else dims[1])
   if got != tuple(dims):
     raise npz.NpzContentError(
         f"{path} (config.evaluate.reference) holds statistics of {got[0]} "
@@ -217,7 +230,9 @@ def resolve_preprocess(ref: Reference, requested: str | None = AUTO,
   ``requested`` "auto" (or None / "") follows the reference: its recorded
   preprocessing, ``adm_tf`` for an ADM-format file (ADM's TF graph), and
   ``pytorch_fid`` for images-only files or, with a logged warning, files of
-  unknown origin. An explicit value is used as given unless it contradicts a
+  unknown origin, and ``adm_tf`` with a logged note for a file of mu and sigma
+  alone (torch-fidelity measures with TF1's resize, and the published
+  statistics files come from TensorFlow's graph). An explicit value is used as given unless it contradicts a
   recorded or ADM preprocessing: then ``ProtocolMismatch`` names both and the
   fix (``setting`` is the knob named in the message). A value that is none
   of "auto", ``PREPROCESS`` raises ``ProtocolMismatch`` too.
@@ -241,6 +256,15 @@ def resolve_preprocess(ref: Reference, requested: str | None = AUTO,
           f"preprocess={requested!r} (--config.evaluate.kind=reference with "
           f"{setting}={requested}).")
     return expected
+  if origin == "fid_stats":
+    chosen = ADM_PREPROCESS if requested == AUTO else requested
+    logging.info(
+        "%s holds mu and sigma alone (FID and IS only; no sFID, precision or "
+        "recall) and no record of their making: measuring samples with "
+        "preprocess %r (TF1's resize: torch-fidelity's and TensorFlow's "
+        "graph's). For statistics made with pytorch-fid set %s=pytorch_fid.",
+        ref.path, chosen, setting)
+    return chosen
   if origin == "unknown":
     chosen = DEFAULT_PREPROCESS if requested == AUTO else requested
     logging.warning(
@@ -271,7 +295,7 @@ def check_inception_weights(ref: Reference, weights_id: str | None) -> None:
 def describe(ref: Reference) -> str:
   """One line on where a reference's statistics come from (for logs)."""
   count = (ref.num_images if ref.num_images is not None else
-           len(ref.images) if ref.images is not None and not ref.has_stats
+           len(ref.images) if ref.images is not None and ref.mu is None
            else "?")
   return (f"{ref.path}: origin {ref.origin}, statistics of {count} images, "
           f"{len(ref.images) if ref.images is not None else 0} stored images, "

@@ -166,6 +166,32 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
   return score.result()
 
 
+def inception_score_shuffled(logits: np.ndarray, splits: int = 10,
+                             seed: int = 2020) -> float:
+  """torch-fidelity's IS (``isc_features_to_metric`` at its defaults, the
+  Equivariant repository's metric): the (N, C) logits' rows permuted by
+  ``np.random.RandomState(seed).permutation(N)``, cut into ``splits`` chunks
+  ``[i N // splits, (i + 1) N // splits)``, each exp(mean_i KL(p_i ||
+  mean_j p_j)) in float64, averaged: a Python float in [1, C]. ADM's
+  (``inception_score``) takes consecutive 5,000-image chunks unshuffled.
+  Raises ``ValueError`` unless logits are (N >= splits, C)."""
+  logits = np.asarray(logits, np.float64)
+  if logits.ndim != 2 or len(logits) < max(int(splits), 1):
+    raise ValueError(f"logits must be (N >= {splits}, C), got {logits.shape}.")
+  n = len(logits)
+  logits = logits[np.random.RandomState(seed).permutation(n)]
+  scores = []
+  for i in range(splits):
+    score = StreamingInceptionScore(0)   # one split: the chunk
+    score.update(logits[i * n // splits:(i + 1) * n // splits])
+    scores.append(score.result())
+  return float(np.mean(scores))
+
+
+# config.evaluate.inception_score -> how IS is computed from the logits.
+IS_PROTOCOLS = ("adm", "torch_fidelity")
+
+
 class StreamingInceptionScore:
   """``inception_score`` of logits seen batch by batch (nothing of size N
   kept): exp of the mean KL(p_i || mean_j p_j) over consecutive splits of

@@ -7,14 +7,17 @@ both in batches split across the local devices, and compares them like
 openai/guided-diffusion's ``evaluations/evaluator.py``:
   FID        pool features: samples' stats vs the reference's stored mu/sigma
   sFID       spatial features: samples' stats vs the stored mu_s/sigma_s
-  IS         samples' logits, 5000-sample splits
+  IS         samples' logits, 5000-sample splits (torch-fidelity's shuffled
+             10 splits with ``inception_score="torch_fidelity"``)
   precision, recall   k=3 manifolds of sample vs reference pool features
-(reference stats come from its images when the file has no mu/sigma).
+(reference stats come from its images when the file has no mu/sigma; a file
+of mu and sigma alone, torch-fidelity's, gives FID and IS only).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -73,8 +76,11 @@ def run_features(extractor, images: npz.NpzArray, what: str, *,
 def _reference_features(extractor, ref: ref_lib.Reference, log_every: int):
   """Pool features of the reference images (stored ones if they were made the
   way the samples are measured) and the reference statistics
-  ((mu, sigma), (mu_s, sigma_s)). Call after ``resolve_preprocess`` /
-  ``check_inception_weights`` accepted the pair."""
+  ((mu, sigma), (mu_s, sigma_s)); for a file of mu and sigma alone
+  (``fid_only``) without images, (None, (mu, sigma), None). Call after
+  ``resolve_preprocess`` / ``check_inception_weights`` accepted the pair."""
+  if ref.images is None:
+    return None, (ref.mu, ref.sigma), None
   stored = ref.pool_features
   usable = (stored is not None and ref.images is not None
             and len(stored) == len(ref.images) and ref.has_stats
@@ -86,11 +92,12 @@ def _reference_features(extractor, ref: ref_lib.Reference, log_every: int):
     out = run_features(extractor, ref.images, "reference", keep_logits=False,
                        log_every=log_every)
     feats = out["pool"]
-    if not ref.has_stats:
+    if ref.mu is None:
       logging.info("reference: no stored mu/sigma, using its %d images",
                    out["count"])
       return feats, out["pool_stats"].result(), out["spatial_stats"].result()
-  return feats, (ref.mu, ref.sigma), (ref.mu_s, ref.sigma_s)
+  return feats, (ref.mu, ref.sigma), (
+      (ref.mu_s, ref.sigma_s) if ref.has_stats else None)
 
 
 def evaluate_samples(samples_npz: str, reference_npz: str,
@@ -99,6 +106,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
                      preprocess: str = ref_lib.AUTO, mesh=None,
                      is_split_size: int = 5000, nearest_k: int = 3,
                      distance_dtype: str = "float16",
+                     inception_score: str = "adm",
                      log_every: int = 20) -> dict:
   """FID, sFID, IS, precision and recall of samples against a reference.
 
@@ -119,10 +127,15 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
       -> {"pool", "spatial", "logits"}`` like ``InceptionExtractor``;
       optional ``preprocess`` / ``weights_id`` attributes are checked against
       the reference.
+    inception_score: "adm" (consecutive ``is_split_size`` splits, ADM's
+      evaluator) or "torch_fidelity" (``fid.inception_score_shuffled``).
   Returns:
     {"fid", "sfid" (clamped at 0), "inception_score", "precision", "recall"
-     (floats), "num_samples", "num_reference" (ints), "preprocess" (str),
-     "sample_size" ([H, W]), "caveats" (list of str, ``warn_incomparable``)}.
+     (floats; sfid, precision and recall None against a file of mu and sigma
+     alone, listed in "not_computed"), "num_samples", "num_reference" (ints;
+     the latter None without reference images), "preprocess",
+     "inception_score_protocol" (str), "sample_size" ([H, W]), "caveats"
+     (list of str, ``warn_incomparable``)}.
   Raises:
     npz.NpzFileError / npz.NpzContentError: a missing or unreadable file,
       samples that are not uint8 (N, H, W, 3) or hold reference statistics,
@@ -133,9 +146,15 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
     batching.NotEnoughImages: ``num_samples`` above the file's count; at
       most ``nearest_k`` samples or reference images (checked before any
       image is measured).
-    ValueError: neither ``inception_params`` nor ``extractor``.
+    ValueError: neither ``inception_params`` nor ``extractor``, or an
+      unknown ``inception_score``.
   """
   fid_lib.check_distance_dtype(distance_dtype)
+  if inception_score not in fid_lib.IS_PROTOCOLS:
+    raise errors.ConfigError(
+        f"config.evaluate.inception_score={inception_score!r}; one of "
+        f"{fid_lib.IS_PROTOCOLS} (ADM's evaluator; torch-fidelity's, the "
+        "Equivariant repository's).")
   # Before its images: a reference may hold none.
   with npz.open_npz(samples_npz, "config.evaluate.samples") as d:
     if set(ref_lib.STAT_KEYS) & set(d.files):
@@ -146,7 +165,7 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
           "config.evaluate.reference swapped?")
   samples = npz.open_images(samples_npz, setting="config.evaluate.samples")
   ref = ref_lib.load_reference(reference_npz)
-  if ref.images is None:   # before the samples' features are computed
+  if ref.images is None and not ref.fid_only:   # before any feature
     raise npz.NpzContentError(
         f"{reference_npz} (config.evaluate.reference) has statistics but no "
         "images ('arr_0'): precision and recall need the reference images. "
@@ -183,22 +202,34 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
   caveats = warn_incomparable(sam["count"], samples.shape,
                               None if ref.images is None else ref.images.shape,
                               untrained=getattr(extractor, "untrained", False))
+  not_computed = ([] if ref_spatial is not None else ["sfid"]) + (
+      [] if ref_feats is not None else ["precision", "recall"])
+  if not_computed:
+    logging.info("%s holds mu and sigma alone: FID and IS only, no %s.",
+                 reference_npz, ", ".join(not_computed))
   logging.info("computing FID / sFID / IS / precision / recall")
-  precision, recall = fid_lib.precision_recall(
-      ref_feats, sam["pool"], nearest_k, distance_dtype=distance_dtype,
-      mesh=extractor.mesh)
+  precision = recall = None
+  if ref_feats is not None:
+    precision, recall = fid_lib.precision_recall(
+        ref_feats, sam["pool"], nearest_k, distance_dtype=distance_dtype,
+        mesh=extractor.mesh)
   return {
       "fid": fid_lib.frechet_distance(*sam["pool_stats"].result(), *ref_pool),
-      "sfid": fid_lib.frechet_distance(*sam["spatial_stats"].result(),
-                                       *ref_spatial, name="sFID"),
-      "inception_score": fid_lib.inception_score(sam["logits"], is_split_size),
+      "sfid": None if ref_spatial is None else fid_lib.frechet_distance(
+          *sam["spatial_stats"].result(), *ref_spatial, name="sFID"),
+      "inception_score": (
+          fid_lib.inception_score(sam["logits"], is_split_size)
+          if inception_score == "adm" else
+          fid_lib.inception_score_shuffled(sam["logits"])),
       "precision": precision,
       "recall": recall,
+      "not_computed": not_computed,
       "num_samples": int(sam["count"]),
       "samples_in_file": int(samples.shape[0]),
-      "num_reference": int(len(ref_feats)),
+      "num_reference": None if ref_feats is None else int(len(ref_feats)),
       "inception_weights": getattr(extractor, "weights_id", None),
       "preprocess": chosen,
+      "inception_score_protocol": inception_score,
       "sample_size": [int(d) for d in samples.shape[1:3]],
       # Why the numbers are not comparable with published ones ([] if they
       # are): in the record itself, not only in the log.
@@ -216,7 +247,8 @@ def _check_neighbours(samples: npz.NpzArray, num_samples, ref, k: int) -> None:
   for count, what, fix in (
       (n, "samples", "evaluate more (config.evaluate.num_samples, or sample "
        "more with config.sample.num_samples)"),
-      (len(ref.images), "reference images", "use a larger reference")):
+      (math.inf if ref.images is None else len(ref.images),
+       "reference images", "use a larger reference")):
     if count <= k:
       raise batching.NotEnoughImages(
           f"{count} {what}: precision and recall measure each image against "
@@ -259,10 +291,13 @@ def warn_incomparable(count: int, sample_shape, reference_shape=None, *,
 def format_metrics(m: dict) -> str:
   """One line of ``evaluate_samples``' results, with its caveats."""
   caveats = m.get("caveats") or []
-  return (f"FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS "
-          f"{m['inception_score']:.2f}  precision {m['precision']:.4f}  recall "
-          f"{m['recall']:.4f}  ({m['num_samples']} samples vs "
-          f"{m['num_reference']} reference images"
+  num = lambda k, f: "n/a" if m.get(k) is None else format(m[k], f)
+  against = ("FID statistics" if m.get("num_reference") is None else
+             f"{m['num_reference']} reference images")
+  return (f"FID {m['fid']:.3f}  sFID {num('sfid', '.3f')}  IS "
+          f"{m['inception_score']:.2f}  precision {num('precision', '.4f')}  "
+          f"recall {num('recall', '.4f')}  ({m['num_samples']} samples vs "
+          f"{against}"
           f"{', preprocess ' + m['preprocess'] if 'preprocess' in m else ''})"
           + "".join(f"; NOT comparable: {c}" for c in caveats))
 
@@ -323,7 +358,8 @@ def evaluate(config, workdir: str) -> dict:
       ev.samples, ev.reference, params, batch_size=ev.get("batch_size", 200),
       num_samples=ev.get("num_samples", None) or None,
       preprocess=ev.get("preprocess", ref_lib.AUTO),
-      distance_dtype=ev.get("distance_dtype", "float16"))
+      distance_dtype=ev.get("distance_dtype", "float16"),
+      inception_score=ev.get("inception_score", "adm"))
   # What was scored, with the weights the samples' run recorded drawing them.
   results.update(samples=ev.samples, reference=ev.reference,
                  inception=ev.inception,
@@ -333,6 +369,7 @@ def evaluate(config, workdir: str) -> dict:
   # replace the earlier run's too (a restart at step 0), not sit beside them.
   metrics_lib.mark_start(workdir, -1)
   writer = metrics_lib.create_writer(workdir)
-  writer.write_scalars(0, {f"eval/{k}": results[k] for k in METRICS})
+  writer.write_scalars(0, {f"eval/{k}": results[k] for k in METRICS
+                           if results[k] is not None})
   writer.flush()
   return results
