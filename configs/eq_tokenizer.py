@@ -103,6 +103,7 @@ def get_config(arg=None):
   # + CenterCrop for validation.
   d.random_crop_method = "albumentations"
   d.center_crop = "albumentations"
+  d.to_float = "taming"   # its (x / 127.5 - 1) in float64, not ToTensor's
 
   lo = c.loss = ml_collections.ConfigDict()
   # The L1 term has weight 1: the official loss stores a pixelloss_weight

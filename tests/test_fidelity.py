@@ -197,6 +197,34 @@ def test_pipeline_floats_are_torchvision_totensor_normalize():
   np.testing.assert_array_equal(transforms.to_float(k, (-1, 1)), normalized)
 
 
+def test_the_equivariant_tokenizers_floats_are_taming_imagepaths():
+  """Its ImagePaths: (image / 127.5 - 1.0).astype(np.float32) on the uint8
+  array (a float64 division). Through ToTensor / Normalize, half the byte
+  values were one ulp off; the eq_tokenizer config reads them as taming does,
+  in training and evaluation alike (the pipeline)."""
+  from genvis_jax import data as data_lib   # pylint: disable=import-outside-toplevel
+  k = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  taming = (k / 127.5 - 1.0).astype(np.float32)
+  np.testing.assert_array_equal(transforms.to_float(k, (-1, 1), "taming"),
+                                taming)
+  assert (transforms.to_float(k, (-1, 1)) != taming).sum() == 128
+  c = eq_tokenizer.get_config("runlocal")
+  assert c.data.to_float == "taming"
+  it, _ = data_lib.create_dataset(c.data, split="train", global_batch_size=2,
+                                  seed=0, train=False, value_range=(-1, 1))
+  img = next(iter(it))["image"]
+  from genvis_jax.data import pipeline   # pylint: disable=import-outside-toplevel
+  src, _, _ = pipeline.make_source(c.data, "train")
+  raw = transforms.CENTER_CROPS["albumentations"](
+      src[0]["image"], c.data.image_size, c.data.image_width)
+  np.testing.assert_array_equal(img[0], transforms.to_float(raw, (-1, 1),
+                                                            "taming"))
+  with pytest.raises(ValueError, match=r"to_float='tv'; one of"):
+    c.data.to_float = "tv"
+    data_lib.create_dataset(c.data, split="train", global_batch_size=2,
+                            seed=0, train=False, value_range=(-1, 1))
+
+
 # --- uint8 conversion ------------------------------------------------------------
 
 def _edge_values(lo, hi):

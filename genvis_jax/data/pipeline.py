@@ -138,8 +138,8 @@ def _crops_per_example(data_config, split: str, train: bool,
 class _FinalizeBatch(grain.transforms.Map):
   """Plain numpy leaves (not worker shared-memory views); image -> float32."""
 
-  def __init__(self, value_range):
-    self.to_float = value_range and transforms.ToFloat(value_range)
+  def __init__(self, value_range, formula: str = "torchvision"):
+    self.to_float = value_range and transforms.ToFloat(value_range, formula)
 
   def map(self, batch):
     batch = {k: np.asarray(v) for k, v in batch.items()}
@@ -336,7 +336,12 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
     it_ds = _worker_processes(it_ds, data_config.num_workers, prefetch)
     it_ds = skipped(it_ds).batch(local_batch, drop_remainder=drop_remainder)
   # uint8 crosses process boundaries; float only at the end.
-  it_ds = it_ds.map(_FinalizeBatch(None if is_tokens else value_range))
+  formula = data_config.get("to_float", "torchvision")
+  if formula not in transforms.TO_FLOAT:
+    raise sources.DataConfigError(
+        f"{setting}.to_float={formula!r}; one of {transforms.TO_FLOAT}.")
+  it_ds = it_ds.map(_FinalizeBatch(None if is_tokens else value_range,
+                                   formula))
   if prefetch > 0:
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
         it_ds, prefetch_buffer_size=prefetch)

@@ -201,14 +201,29 @@ RANDOM_CROPS = {"adm": random_crop,
                 "albumentations": albumentations_random_crop}
 
 
-def to_float(image: np.ndarray, value_range=(0.0, 1.0)) -> np.ndarray:
+# config.data.to_float: how uint8 bytes become floats (``to_float``).
+TO_FLOAT = ("torchvision", "taming")
+
+
+def to_float(image: np.ndarray, value_range=(0.0, 1.0),
+             formula: str = "torchvision") -> np.ndarray:
   """uint8 [0, 255] (any shape) -> float32 in ``value_range`` (e.g. (-1, 1)).
 
-  Bit-identical to the official loaders: torchvision ``ToTensor`` (``x / 255``
-  in float32) for (0, 1), then ``Normalize(0.5, 0.5)`` (``(u - 0.5) / 0.5``)
-  for (-1, 1); multiplying by a rounded ``2 / 255`` differs in the last bit
-  for about half the byte values, which can flip a tokenizer's code."""
+  ``formula`` (``TO_FLOAT``) picks the official loader it is bit-identical
+  to: "torchvision", ``ToTensor`` (``x / 255`` in float32) for (0, 1), then
+  ``Normalize(0.5, 0.5)`` (``(u - 0.5) / 0.5``) for (-1, 1) (multiplying by a
+  rounded ``2 / 255`` differs in the last bit for about half the byte
+  values, which can flip a tokenizer's code); "taming", taming-transformers'
+  ``ImagePaths`` (the Equivariant tokenizer's loader): ``x / 127.5 - 1`` in
+  float64, then float32, one ulp off the first for half the bytes; (-1, 1)
+  only. Raises ``ValueError`` for another formula or range."""
   lo, hi = (float(v) for v in value_range)
+  if formula == "taming" and (lo, hi) == (-1.0, 1.0):
+    return (image.astype(np.float64) / 127.5 - 1.0).astype(np.float32)
+  if formula != "torchvision":
+    raise ValueError(f"to_float formula {formula!r} with value_range "
+                     f"{value_range}: one of {TO_FLOAT}, 'taming' for (-1, 1) "
+                     "only.")
   u = pixels.bytes_to_unit(image)
   if (lo, hi) == (0.0, 1.0):
     return u
@@ -378,8 +393,11 @@ class RandomFlip(grain.transforms.RandomMap):
 class ToFloat(grain.transforms.Map):
   """``image`` uint8 -> float32 in ``value_range``; works on records and batches."""
 
-  def __init__(self, value_range=(0.0, 1.0)):
+  def __init__(self, value_range=(0.0, 1.0), formula: str = "torchvision"):
     self.value_range = tuple(float(v) for v in value_range)
+    self.formula = formula
+    to_float(np.zeros(1, np.uint8), self.value_range, formula)   # refused now
 
   def map(self, record):
-    return {**record, "image": to_float(record["image"], self.value_range)}
+    return {**record, "image": to_float(record["image"], self.value_range,
+                                        self.formula)}
