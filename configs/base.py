@@ -213,7 +213,7 @@ def get_config(arg=None):
   c.train.num_steps = 100_000
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3   # multiples of checkpoint_every; + the newest step
   c.train.image_every = 5000     # sample / reconstruction grids
   c.train.ema_decay = 0.0        # 0 = no EMA
   # LitEma's warm-up: update n uses min(ema_decay, (1 + n) / (10 + n)).

@@ -262,6 +262,9 @@ def test_a_stops_grid_is_drawn_later_from_the_runs_first_batch(
     before = kept.read_bytes()
     trainer_lib.train_and_evaluate(c, str(wd))
     assert kept.read_bytes() == before
+    # The stop's save, superseded, is not kept (keep_checkpoints counts the
+    # multiples of checkpoint_every, and the newest step).
+    assert ckpt_lib.Checkpointer(str(wd)).manager.all_steps() == [6]
   else:
     trainer_lib.train_loop(c, str(wd), on_log=on_log)   # ends: the last step
   assert png(3).read_bytes() == png(6).read_bytes()
@@ -287,3 +290,18 @@ def test_a_kept_grid_batch_of_another_layout_or_unreadable_is_replaced(
       np.testing.assert_array_equal(z["image"], local["image"][:16])
   local["image"] = local["image"] * 0   # the kept one is used from now on
   assert grids.visual_batch(local, tmp_path)["image"].max() == 1
+
+
+def test_stop_saves_do_not_push_out_the_checkpoints_of_the_cadence(tmp_path):
+  """keep_checkpoints counted a stop's save: three stops within one
+  checkpoint_every interval left steps 34, 36 and 38 alone (a FAR run's step
+  1,500,000, which its official evaluation reads, went with two). Kept now:
+  the newest multiples of checkpoint_every, and the newest step."""
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=3, async_save=False, every=10)
+  kept = []
+  for step in (10, 20, 30, 34, 36, 38, 40):
+    ck.save(step, {"w": np.ones(2, np.float32)})
+    kept.append(ck.manager.all_steps())
+  ck.close()
+  assert kept[3:] == [[10, 20, 30, 34], [10, 20, 30, 36], [10, 20, 30, 38],
+                      [20, 30, 40]]

@@ -143,9 +143,15 @@ class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for training runs. Every
   process of a job builds it together: its steps are process 0's listing."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               every: int | None = None):
+    """``keep``: the newest steps kept; with ``every`` (the run's
+    ``checkpoint_every``), the newest ``keep`` multiples of it plus the
+    newest step: a stop's save (SIGTERM, a preemption) then replaces none of
+    them, where a few stops within one interval left only steps a few
+    apart (a run's step 1,500,000 deleted by two stops after it)."""
     self.directory = epath.Path(workdir) / "checkpoints"
-    self._keep, self._async_save = keep, async_save
+    self._keep, self._async_save, self._every = keep, async_save, every
     self.manager = self._new_manager()
     self._pending = None  # step of a save whose outcome is not checked yet
 
@@ -166,7 +172,7 @@ class Checkpointer:
     manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=self._keep, create=True,
+            **self._retention(), create=True,
             enable_async_checkpointing=self._async_save,
             # A save cut short by a kill (-9, a reclaimed VM) leaves a whole
             # state in <step>.orbax-checkpoint-tmp*; the next run removes it.
@@ -193,6 +199,15 @@ class Checkpointer:
                       "under %s (%s); they take space but do not stop the run.",
                       self.directory, e)
     return manager
+
+  def _retention(self) -> dict:
+    if not self._every:
+      return {"max_to_keep": self._keep}
+    policies = ocp.checkpoint_managers
+    return {"preservation_policy": policies.AnyPreservationPolicy([
+        policies.LatestN(n=1),
+        policies.EveryNSteps(interval_steps=int(self._every),
+                             max_to_keep=self._keep)])}
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

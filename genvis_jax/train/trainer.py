@@ -245,7 +245,8 @@ def train_loop(config, workdir: str | os.PathLike, on_log=None):
         files.remove_stale_transfers()   # each host's own TMPDIR
         trainer = Trainer(config, workdir, mesh=mesh, task=task, group=group)
         ckpt = ckpt_lib.Checkpointer(workdir,
-                                     keep=config.train.keep_checkpoints)
+                                     keep=config.train.keep_checkpoints,
+                                     every=config.train.checkpoint_every)
         state, data_iter, info, data_seed = resume_lib.restore_or_init(
             config, workdir, trainer, ckpt, data_iter, info,
             lambda seed: create_train_iterator(config, task, group=group,
