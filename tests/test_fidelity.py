@@ -430,6 +430,15 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys,
           "skipped, ten-crop)" in capsys.readouterr().out)
   with open(path + ".json") as f:
     assert json.load(f)["skipped_files"] == 1
+  # One read after the last batch (the images fill whole batches) was not
+  # counted: the iterator's state is the last batch's.
+  (root / "a" / "zz_broken.png").write_bytes(b"not an image")
+  c.pretokenize.batch_size = 5
+  capsys.readouterr()
+  pretokenize.pretokenize(c, str(tmp_path))
+  assert "2 unreadable files skipped" in capsys.readouterr().out
+  with open(path + ".json") as f:
+    assert json.load(f)["skipped_files"] == 2
   with pytest.raises(KeyboardInterrupt):
     with tokens.TokenWriter(str(tmp_path / "cut.array_record")) as w:
       w.write(0, np.zeros(4, np.int32))

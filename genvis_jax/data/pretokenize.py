@@ -324,11 +324,17 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
   record = epath.Path(path + ".json")
   pending = epath.Path(token_output.pending_record(path))
 
+  def skipped() -> int:
+    # One pass: every record of the shard is an image or a skipped file.
+    # The iterator's count is the last batch's state, without files read
+    # after it (where the images fill whole batches).
+    return max(info.num_skipped, info.num_examples_per_process - n_images)
+
   def before_replace():
     pending.write_text(json.dumps(
         {"settings": settings, "records": writer.count, "images": n_images,
          "remainder_kept": True, "sha256": writer.sha256,
-         "max_label": int(max_label), "skipped_files": info.num_skipped},
+         "max_label": int(max_label), "skipped_files": skipped()},
         indent=1, sort_keys=True))
     record.unlink(missing_ok=True)
 
@@ -358,14 +364,14 @@ def _write_shard(config, path: str, pattern: str, settings: dict, encode,
   # byte changed, and its largest label, checked against the classes of the
   # model it trains.
   pending.replace(record)
-  skipped = info.num_skipped
+  n_skipped = skipped()
   # Which images: a run that read other data than meant says so here.
   source = p.data.source
   where = {"image_folder": p.data.get("path", ""),
            "tfds": p.data.get("name", "")}.get(source, "")
   msg = (f"wrote {writer.count} token records ({n_images} images of "
          f"{source}{f' {where!r}' if where else ''}, "
-         f"{f'{skipped} unreadable files skipped, ' if skipped else ''}"
+         f"{f'{n_skipped} unreadable files skipped, ' if n_skipped else ''}"
          f"{'ten-crop' if p.ten_crop else 'centre crop + mirror'}) to {path}"
          + hints.next_step(f"; train with --config.data.path='{pattern}'"))
   logging.info(msg)
