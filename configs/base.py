@@ -196,6 +196,10 @@ def get_config(arg=None):
   # Image folders: apply EXIF orientation. The official loaders (torchvision
   # pil_loader) and the TFDS path ignore it, so the default does too.
   c.data.exif_transpose = False
+  # Image folders: the suffixes listed. "torchvision": ImageFolder's (.jpg .jpeg
+  # .png .ppm .bmp .pgm .tif .tiff .webp), as the official loaders; "pil": every
+  # format PIL decodes (.gif, .jfif, ...).
+  c.data.extensions = "torchvision"
   c.data.read_threads = 16   # grain reader threads (per worker process)
   c.data.num_workers = 0     # grain worker processes (0 = in-process)
   c.data.prefetch = 2

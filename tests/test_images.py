@@ -161,6 +161,13 @@ def test_folder_pipeline_counts_distinct_skipped_files(odd_folder, caplog,
   c.update(source="image_folder", path=str(root), image_size=16, prefetch=2,
            read_threads=2, random_flip=True, random_crop=True)
   caplog.set_level(logging.INFO, logger="absl")
+  # torchvision's suffixes by default, as the official loaders: no .gif.
+  _, info = data.create_dataset(c, split="train", global_batch_size=4, seed=0,
+                                process_index=0, process_count=1)
+  assert info.num_examples == 14
+  assert ("1 of them are images of other formats (e.g. " in caplog.text
+          and "config.data.extensions=pil reads them" in caplog.text)
+  c.extensions = "pil"
   it, info = data.create_dataset(c, split="train", global_batch_size=4, seed=0,
                                  process_index=0, process_count=1)
   assert info.num_examples == len(want) + 3 == 15   # .txt not listed

@@ -79,7 +79,8 @@ def make_source(data_config, split: str, setting: str = "config.data"):
         sources.resolve_split_dir(path, data_config.split, setting,
                                   train_split=data_config.split))
     src = sources.ImageFolderSource(sources.resolve_split_dir(
-        path, split, setting, train_split=data_config.split), classes)
+        path, split, setting, train_split=data_config.split), classes,
+        data_config.get("extensions", "torchvision"))
     return src, len(classes), classes
   if kind == "tfds":
     # The key holding ``split``, named if TFDS has no such split.

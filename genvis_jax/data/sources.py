@@ -43,6 +43,12 @@ def image_extensions() -> tuple[str, ...]:
 
 
 IMAGE_EXTENSIONS = image_extensions()
+# torchvision's IMG_EXTENSIONS: what ImageFolder lists, as the official RAR,
+# LlamaGen / FQGAN and Equivariant loaders do.
+TORCHVISION_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm",
+                          ".tif", ".tiff", ".webp")
+# config.data.extensions -> the suffixes an image folder lists.
+EXTENSIONS = {"torchvision": TORCHVISION_EXTENSIONS, "pil": IMAGE_EXTENSIONS}
 
 
 class DataNotFoundError(UserError, FileNotFoundError):
@@ -213,7 +219,8 @@ def _unlistable(e: OSError):
       "folder.") from e
 
 
-def _walk_images(class_dir: str) -> tuple[list[str], list[str]]:
+def _walk_images(class_dir: str,
+                 suffixes: tuple[str, ...]) -> tuple[list[str], list[str]]:
   """Sorted image paths under ``class_dir`` (recursive), following symbolic
   links to folders as torchvision's ``ImageFolder`` does (``os.walk(...,
   followlinks=True)``, the official loaders), and the other files found
@@ -239,14 +246,17 @@ def _walk_images(class_dir: str) -> tuple[list[str], list[str]]:
     for f in filenames:
       if f.startswith("."):   # hidden, and macOS's ._<name> companions
         continue
-      (found if f.lower().endswith(IMAGE_EXTENSIONS) else other).append(
+      (found if f.lower().endswith(suffixes) else other).append(
           os.path.join(dirpath, f))
   return sorted(found), sorted(other)
 
 
-def list_images(root: str, classes: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
+def list_images(root: str, classes: tuple[str, ...],
+                extensions: str = "torchvision") -> tuple[list[str], np.ndarray]:
   """Sorted image paths under ``root/<class>/`` (recursive, following
-  symbolic links to folders) and int32 labels.
+  symbolic links to folders) and int32 labels: files with the suffixes of
+  ``EXTENSIONS[extensions]`` (torchvision's by default, as the official
+  loaders list; "pil": every format PIL decodes), any case.
 
   Raises:
     DataNotFoundError: no image at all, or a class folder without an image
@@ -254,45 +264,56 @@ def list_images(root: str, classes: tuple[str, ...]) -> tuple[list[str], np.ndar
       torchvision's ``ImageFolder`` refuses it too). A class folder a split
       does not have is allowed (an evaluation split may lack classes).
   """
+  suffixes = EXTENSIONS[extensions]
   paths, labels, empty, other = [], [], [], []
   for label, name in enumerate(classes):
     class_dir = os.path.join(root, name)
     if not os.path.isdir(class_dir):
       continue  # a split may lack a class of the training split
-    found, not_images = _walk_images(class_dir)
+    found, not_images = _walk_images(class_dir, suffixes)
     if not found:
       empty.append(name)
     paths += found
     other += not_images
     labels += [label] * len(found)
   if other:   # as torchvision's ImageFolder, by suffix; said, not silent
+    decodable = [f for f in other if f.lower().endswith(IMAGE_EXTENSIONS)]
     logging.warning(
         "Image folder %r: %d file(s) without an image suffix are not listed, "
-        "e.g. %s (suffixes read: %s).", root, len(other),
-        ", ".join(other[:3]), ", ".join(IMAGE_EXTENSIONS))
+        "e.g. %s (suffixes read: %s).%s", root, len(other),
+        ", ".join(other[:3]), ", ".join(suffixes),
+        f" {len(decodable)} of them are images of other formats (e.g. "
+        f"{decodable[0]}), which the official loaders leave out too: "
+        "config.data.extensions=pil reads them." if decodable else "")
   if paths and empty:
     raise DataNotFoundError(
         f"Image folder {root!r} has {len(empty)} class folder(s) without an "
         f"image file: {empty[:5]}. Each class folder takes a label, so an "
         "empty one shifts every later class by one. Put its images in it or "
-        f"remove it (image suffixes: {', '.join(IMAGE_EXTENSIONS)}).")
+        f"remove it (image suffixes: {', '.join(suffixes)}).")
   if not paths:
     raise DataNotFoundError(
         f"Image folder {root!r} has class folders {list(classes)[:5]}... but "
-        "no images in them (looked for the suffixes PIL decodes: "
-        f"{', '.join(IMAGE_EXTENSIONS)}).")
+        f"no images in them (looked for the suffixes {', '.join(suffixes)}"
+        f"{'' if extensions == 'pil' else '; config.data.extensions=pil reads every format PIL decodes'}).")
   return paths, np.asarray(labels, np.int32)
 
 
 class ImageFolderSource:
-  """``root/<class_name>/**/*.<IMAGE_EXTENSIONS>`` (any case) as records.
+  """``root/<class_name>/**/*.<suffix>`` (any case; ``list_images``'s
+  ``extensions``) as records.
 
   ``class_names`` fixes the label order (pass the training split's classes to
   the evaluation split so the labels agree); default: sorted sub-folders.
   ``source[i]`` -> ``{"path": str, "label": int32}``.
   """
 
-  def __init__(self, root: str, class_names: tuple[str, ...] | None = None):
+  def __init__(self, root: str, class_names: tuple[str, ...] | None = None,
+               extensions: str = "torchvision"):
+    if extensions not in EXTENSIONS:
+      raise DataConfigError(
+          f"config.data.extensions={extensions!r}; one of {sorted(EXTENSIONS)} "
+          "(torchvision's ImageFolder suffixes, or every format PIL decodes).")
     self.root = root
     self.class_names = tuple(class_names or list_classes(root))
     unknown = set(list_classes(root)) - set(self.class_names)
@@ -301,7 +322,7 @@ class ImageFolderSource:
           f"Image folder {root!r} has classes {sorted(unknown)[:5]} that the "
           "training split does not have; labels would disagree. Make both "
           "splits use the same class folders.")
-    self.paths, self.labels = list_images(root, self.class_names)
+    self.paths, self.labels = list_images(root, self.class_names, extensions)
 
   def __len__(self) -> int:
     return len(self.paths)

@@ -38,7 +38,8 @@ _READER_KEYS = ("read_threads", "num_workers", "prefetch")
 # mean what those files were made with: left out of the record at those
 # values, so the older files' records still match.
 _ADDED_DEFAULTS = {"center_crop": ("", "adm"), "exif_transpose": (True,),
-                   "random_crop_method": ("adm",)}
+                   "random_crop_method": ("adm",),
+                   "extensions": ("torchvision",)}
 
 
 def output_settings(config, checkpoint: str | None = None) -> dict:
