@@ -2,7 +2,9 @@
 
 ``config.train.profile_steps`` steps (0 = off), after the first
 ``config.train.profile_skip_steps`` of the run (compilation and warm-up; a
-resumed run counts from its own start), are traced on process 0 into
+resumed run counts from its own start; a resume whose workdir already holds
+a trace traces none: rerunning "the same command" after each preemption
+added a trace and its time per start), are traced on process 0 into
 ``workdir/plugins/profile/<time>/`` (``<host>.xplane.pb`` for TensorBoard's
 Profile tab, which needs ``tensorboard-plugin-profile``; ``<host>.trace.json.gz``
 for Perfetto). Process 0 only, like maxtext's default: on a pod its trace shows
@@ -34,6 +36,13 @@ class StepWindow(contextlib.AbstractContextManager):
     self.logdir = logdir
     self.first, self.last = start + skip, start + skip + num - 1
     self.enabled = num > 0 and jax.process_index() == 0
+    traces = (sorted(str(p) for p in epath.Path(logdir).glob(
+        "plugins/profile/*")) if self.enabled and start else [])
+    if traces:
+      self.enabled = False
+      logging.info("Not tracing steps again: %s holds this run's profile "
+                   "(config.train.profile_steps); delete it to trace the "
+                   "resumed run.", traces[-1])
     self._active = False
     self._settle = settle or (lambda: None)
 
