@@ -5,6 +5,7 @@ or shrunk (no model runs; the settings record and parts:
 leaves: ``test_sample_writes.py``)."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -84,6 +85,10 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
       "reference=REF.npz --config.evaluate.inception=ckpt/inception (REF: "
       "an ADM batch, or one of your data: kind=reference; ckpt/inception: "
       "python -m genvis_jax.convert --kind=inception)")
+  # ... after saying that the parts hold the images again (and how much).
+  assert re.fullmatch(r"\[sample\] .*/sample_parts holds these images again "
+                      r"\(0\.\d MiB\), .* delete it once the set is final\.",
+                      lines[-2]), lines[-2]
   # A larger set stopped half-way: the 24 images' samples.npz is gone, not
   # left to pass for this run's 40 (its images are in the parts).
   assert os.path.exists(os.path.join(wd, "samples.npz"))
