@@ -57,6 +57,8 @@ def test_damaged_latest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
   # Moved aside, not deleted; training redid steps 4..9 from step 3 and
   # saved step 6 again (Orbax skips a step it still lists).
   assert os.path.isdir(os.path.join(wd, "checkpoints", "corrupt-6"))
+  assert "outside config.train.keep_checkpoints (nothing deletes it" in (
+      caplog.text)   # a whole checkpoint's size, for good
   assert ckpt_lib.Checkpointer(wd).manager.all_steps() == [3, 6, 9]
   for a, b in zip(full, leaves(resumed)):
     np.testing.assert_array_equal(a, b)

@@ -430,7 +430,11 @@ class Checkpointer:
         n += 1
         dst = self.directory / f"corrupt-{step}.{n}"
       src.rename(dst)
-      logging.warning("Moved damaged checkpoint %s to %s.", src, dst)
+      logging.warning(
+          "Moved damaged checkpoint %s to %s: kept for inspection, outside "
+          "config.train.keep_checkpoints (nothing deletes it; it is about a "
+          "whole checkpoint's size). Delete it when you no longer need it.",
+          src, dst)
     # A failed rename stops every process (the others wait for process 0).
     multihost.on_process_0(move)
 
