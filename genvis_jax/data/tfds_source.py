@@ -125,7 +125,10 @@ def to_rgb(image, where: str = "an image data set") -> np.ndarray:
   alpha without compositing it onto any background. 16-bit values keep their
   high byte (``v >> 8``), as image folders' 16-bit files do
   (``transforms._to_8bit_rgb``, PIL's own 16-bit RGB decode); the result is
-  uint8.
+  uint8. That holds for a feature declared ``dtype=tf.uint16``: one declared
+  uint8 (the default) holding 16-bit PNGs reaches us already cast by TFDS's
+  decoder, which keeps the low byte (``astype``), so those pixels differ from
+  the same files read as an image folder.
 
   Raises ``DataConfigError`` naming ``where`` for any other shape or dtype
   (float images: their range is unknown).
