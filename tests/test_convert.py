@@ -7,6 +7,7 @@ configs, inputs and the official outputs; no torch is needed here.
 """
 
 import importlib
+import hashlib
 import json
 import os
 import subprocess
@@ -332,6 +333,12 @@ def test_convert_file_writes_what_init_from_loads(rar, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
   assert weights.recorded_config(dst) == (
       json.loads(config.to_json_best_effort()), "converted")
+  # Which official file they are: path, bytes and SHA-256 of what was read.
+  with open(os.path.join(dst, "converted_from.json")) as f:
+    read = json.load(f)
+  assert read == {"key": None, "files": [{
+      "path": src, "bytes": os.path.getsize(src),
+      "sha256": hashlib.sha256(open(src, "rb").read()).hexdigest()}]}
   other = _rar_config(data)
   other.mlp_dim = 96
   wrong = jax.eval_shape(lambda r: models.init_params(other, r), jax.random.key(0))
@@ -357,8 +364,8 @@ def test_a_failed_write_keeps_the_weights_there_and_says_why(rar, tmp_path,
   dst = tmp_path / "ckpt"
   config = ml_collections.ConfigDict({"model": cfg})
   convert.convert_file("rar", src, cfg, str(dst), config=config)
-  before = {n: (dst / n).read_bytes() for n in ("params_sha256.json",
-                                                 "config.json")}
+  before = {n: (dst / n).read_bytes() for n in (
+      "params_sha256.json", "config.json", "converted_from.json")}
 
   async def full_disk(self, *args, **kwargs):
     raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on "
@@ -373,8 +380,8 @@ def test_a_failed_write_keeps_the_weights_there_and_says_why(rar, tmp_path,
         convert.convert_file("rar", src, cfg, str(target), config=config,
                              overwrite=overwrite)
   # The old weights, whole, with their records; nothing of the new.
-  assert sorted(os.listdir(dst)) == ["config.json", "params",
-                                     "params_sha256.json"]
+  assert sorted(os.listdir(dst)) == ["config.json", "converted_from.json",
+                                     "params", "params_sha256.json"]
   assert before == {n: (dst / n).read_bytes() for n in before}
   abstract = jax.eval_shape(lambda r: models.init_params(cfg, r),
                             jax.random.key(0))
@@ -395,6 +402,15 @@ def test_a_failed_write_keeps_the_weights_there_and_says_why(rar, tmp_path,
                            r"writable"):
     convert.convert_file("rar", "/no/such/src.bin", cfg,
                          str(tmp_path / "ro" / "out"))
+
+
+def test_an_npz_kind_refuses_another_dst_before_reading(tmp_path):
+  """A teacher / LPIPS --dst without .npz failed after the whole source was
+  read and converted."""
+  with pytest.raises(ValueError, match=r"--dst=.*/out: this kind writes one "
+                     r"\.npz file"):
+    convert.convert_file("lpips", "/no/such/vgg.pth", None,
+                         str(tmp_path / "out"))
 
 
 def test_unknown_kind_and_missing_config_are_clear_errors():

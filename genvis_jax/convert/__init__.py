@@ -45,7 +45,7 @@ from genvis_jax.core import multihost
 from genvis_jax.core import registry
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError, compare_trees
-from genvis_jax.core.param_checkpoint import CONFIG_FILE, DIGEST_FILE, STAGING
+from genvis_jax.core.param_checkpoint import RECORDS, STAGING
 
 __all__ = ["kind_module", "kinds", "from_torch", "convert_file", "load_weights",
            "CheckpointMismatchError"]
@@ -150,6 +150,9 @@ def _check_dst(dst: str, overwrite: bool, folder: bool = True) -> None:
     raise errors.ConfigError("--dst is required (where to write the converted weights).")
   full = os.fspath(dst)
   target = epath.Path(full)   # local or gs://
+  if not folder and not full.endswith(".npz"):   # before --src is read
+    raise errors.ConfigError(
+        f"--dst={full}: this kind writes one .npz file; end --dst in .npz.")
   if folder and target.is_file():
     raise errors.OutputExistsError(
         f"--dst={full} is a file; this kind writes a folder (a parameter "
@@ -162,8 +165,8 @@ def _check_dst(dst: str, overwrite: bool, folder: bool = True) -> None:
   held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
   if (target.is_file() or held) and not overwrite:
     unfinished = held and "params" not in held and all(
-        n.startswith(("params.orbax-checkpoint-tmp", STAGING, DIGEST_FILE,
-                      CONFIG_FILE)) for n in held)
+        n.startswith(("params.orbax-checkpoint-tmp", STAGING) + RECORDS)
+        for n in held)
     raise errors.OutputExistsError(
         f"{full} holds an unfinished conversion ({', '.join(held)}: the "
         "write stopped before the weights were whole); pass --overwrite to "
@@ -275,7 +278,8 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
     if hasattr(mod, "write"):
       mod.write(dst, params, state)
     else:
-      weights_lib.save_params(dst, params, config)
+      weights_lib.save_params(dst, params, config,
+                              source=_source_record(src, key))
   except errors.UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -286,6 +290,17 @@ def convert_file(kind: str, src: str | Sequence[str], model_config, dst: str, *,
         "Free space (or fix the folder) and run the same command with "
         "--overwrite.") from e
   return params
+
+
+def _source_record(src, key) -> dict:
+  """What a conversion read: each ``--src`` file's path, bytes and SHA-256,
+  and ``--key`` (recorded beside the weights: which official file they
+  are)."""
+  paths = [p for p in (src.split(",") if isinstance(src, str) else src) if p]
+  return {"key": key, "files": [
+      {"path": os.path.abspath(p) if not files.is_remote(p) else p,
+       "bytes": epath.Path(p).stat().length,
+       "sha256": files.file_sha256(p)} for p in paths]}
 
 
 def load_weights(path: str, expected=None, *,

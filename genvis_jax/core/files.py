@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -143,6 +144,15 @@ def remove_stale_transfers() -> list[str]:
 # ``EOFError``), a failed read (``OSError``), a damaged member or header
 # (``ValueError``).
 NPZ_READ_ERRORS = (zipfile.BadZipFile, EOFError, OSError, ValueError)
+
+
+def file_sha256(path, block: int = 1 << 24) -> str:
+  """Hex SHA-256 of a local or ``gs://`` file's bytes (16 MiB blocks)."""
+  h = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    for chunk in iter(lambda: f.read(block), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def open_read(path) -> BinaryIO:

@@ -36,6 +36,10 @@ DIGEST_FILE = "params_sha256.json"
 # Beside ``DIR/params``: the config they were converted to fit (convert's
 # ``--config``), as a training step records its run's config.
 CONFIG_FILE = "config.json"
+# Beside ``DIR/params``: the official files a conversion read (path, bytes,
+# SHA-256) and its ``--key``.
+SOURCE_FILE = "converted_from.json"
+RECORDS = (DIGEST_FILE, CONFIG_FILE, SOURCE_FILE)
 
 
 def params_digest(params) -> str:
@@ -55,12 +59,14 @@ def params_digest(params) -> str:
 STAGING = ".params_partial"
 
 
-def save_params(directory: str, params, config=None) -> None:
+def save_params(directory: str, params, config=None,
+                source: dict | None = None) -> None:
   """Writes a parameter checkpoint ``directory/params`` (what ``init_from``
   loads) and its ``params_digest`` beside it; replaces one already there.
   ``config`` (an ``ml_collections.ConfigDict``, e.g. convert's ``--config``)
   is recorded beside them (``saved_config``): sampling then refuses other
   model settings, and a mismatch names them, as for a training run.
+  ``source`` (JSON-able: what a conversion read) goes to ``SOURCE_FILE``.
 
   The records are written before the arrays, whose folder Orbax finalizes
   last: a save stopped after the arrays left weights that loaded with no
@@ -76,7 +82,7 @@ def save_params(directory: str, params, config=None) -> None:
   if not in_place and target.exists():
     target.rmtree()   # a replacement a killed run left unfinished
   target.mkdir(parents=True, exist_ok=True)
-  for name in (DIGEST_FILE, CONFIG_FILE):   # never beside other weights
+  for name in RECORDS:   # never beside other weights
     (target / name).unlink(missing_ok=True)
   if jax.process_index() == 0:
     # Sharded over several hosts, no process holds the bytes: the commit
@@ -85,6 +91,8 @@ def save_params(directory: str, params, config=None) -> None:
       (target / DIGEST_FILE).write_text(json.dumps({"sha256": digest}))
     if config is not None:
       (target / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    if source is not None:
+      (target / SOURCE_FILE).write_text(json.dumps(source, indent=1))
   # Synchronous: after a failed write no background thread is left waiting
   # at Orbax's barrier (the command hung 5 minutes after its error).
   ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
@@ -96,14 +104,14 @@ def save_params(directory: str, params, config=None) -> None:
       if not in_place:
         target.rmtree()
       else:
-        for name in (DIGEST_FILE, CONFIG_FILE):
+        for name in RECORDS:
           (target / name).unlink(missing_ok=True)
         for tmp in target.glob("params.orbax-checkpoint-tmp*"):
           tmp.rmtree()
     raise
   if in_place:
     return
-  for name in ("params", DIGEST_FILE, CONFIG_FILE):
+  for name in ("params",) + RECORDS:
     old = path / name
     if old.is_dir():
       old.rmtree()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob as glob_lib
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import grain
 import numpy as np
 
 from genvis_jax.core import files
+from genvis_jax.core.files import file_sha256  # the token files' hash
 from genvis_jax.data.sources import DataNotFoundError
 from genvis_jax import errors
 from genvis_jax.errors import UserError
@@ -88,15 +88,6 @@ def read_records(paths) -> dict[str, dict | None]:
       record = None
     out[path] = record if isinstance(record, dict) else None
   return out
-
-
-def file_sha256(path: str, block: int = 1 << 24) -> str:
-  """Hex SHA-256 of a file's bytes (read in 16 MiB blocks)."""
-  h = hashlib.sha256()
-  with epath.Path(path).open("rb") as f:
-    for chunk in iter(lambda: f.read(block), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 class TokenWriter:
