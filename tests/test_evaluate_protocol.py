@@ -212,6 +212,14 @@ def test_reference_of_all_images_skips_unreadable_files(tmp_path):
   assert ref.num_images == 6
   np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
   np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-6, atol=1e-9)
+  # The stored subset is chosen among the images read: chosen among the
+  # split's 7 files, one position fell on no image and 4 of 5 were kept.
+  five = adm_reference.load_reference(reference.compute_reference(
+      config.data, None, str(tmp_path / "r5.npz"), split="validation",
+      num_images=0, num_stored_images=5, extractor=ex))
+  stored = np.concatenate(list(five.images.batches(5)))
+  assert len(stored) == 5
+  np.testing.assert_array_equal(stored, images[reference.stored_indices(6, 5)])
   with pytest.raises(batching.NotEnoughImages,
                      match=r"ended after 6 images but 7 .*unreadable files"):
     reference.compute_reference(config.data, None, str(tmp_path / "x.npz"),

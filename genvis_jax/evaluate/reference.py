@@ -55,19 +55,58 @@ def dataset_images(data_config, split: str, batch_size: int,
   return total, gen()
 
 
+class StoredSubset:
+  """A seeded uniform subset of ``n`` of the rows streamed past it
+  (reservoir sampling, Vitter's Algorithm R): what a reference keeps for
+  precision / recall. Not the first images: an image folder (and most
+  splits) lists its images class by class, and the first 10,000 of
+  ImageNet's 50 per class are its first 200 classes, whose manifold leaves
+  samples of the other 800 outside (precision 0.375 for samples drawn as
+  the data, 2 classes of 5 stored). Chosen among the rows read, so
+  unreadable files skipped leave it full."""
+
+  def __init__(self, n: int, seed: int = 0):
+    self.n, self.seen = max(int(n), 0), 0
+    self._rng = np.random.default_rng(seed)
+    self._slots: dict[str, np.ndarray] = {}
+    self._index = np.zeros(self.n, np.int64)
+
+  def offer(self, **rows) -> None:
+    """Streams ``rows`` (arrays of one length B, aligned) past the subset."""
+    b = len(next(iter(rows.values())))
+    pos = np.arange(self.seen, self.seen + b)
+    self.seen += b
+    if not self.n:
+      return
+    for k, v in rows.items():   # zeros: pages never filled are not touched
+      self._slots.setdefault(k, np.zeros((self.n, *v.shape[1:]), v.dtype))
+    fill = pos < self.n   # the first n rows go in as they come
+    for k, v in rows.items():
+      self._slots[k][pos[fill]] = v[fill]
+    self._index[pos[fill]] = pos[fill]
+    later = np.flatnonzero(~fill)
+    if not len(later):
+      return
+    # Row i (0-based) replaces slot j ~ U{0..i} when j < n, in order.
+    slot = self._rng.integers(0, pos[later] + 1)
+    for i, j in zip(later[slot < self.n], slot[slot < self.n]):
+      for k, v in rows.items():
+        self._slots[k][j] = v[i]
+      self._index[j] = pos[i]
+
+  def result(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({name: the kept rows in stream order}, their positions)."""
+    k = min(self.seen, self.n)
+    order = np.argsort(self._index[:k], kind="stable")
+    return ({name: a[:k][order] for name, a in self._slots.items()},
+            self._index[:k][order])
+
+
 def stored_indices(total: int, num_stored: int, seed: int = 0) -> np.ndarray:
-  """The positions (sorted int64) of the ``min(num_stored, total)`` images a
-  reference keeps for precision / recall: a seeded uniform subset of the
-  split. Not its first images: an image folder (and most splits) lists its
-  images class by class, and the first 10,000 of ImageNet's 50 per class
-  are its first 200 classes, whose manifold leaves samples of the other
-  800 outside (precision 0.375 for samples drawn as the data, 2 classes of
-  5 stored)."""
-  n = min(int(num_stored), int(total))
-  if n >= total:
-    return np.arange(total, dtype=np.int64)
-  chosen = np.random.default_rng(seed).choice(total, size=n, replace=False)
-  return np.sort(chosen).astype(np.int64)
+  """The sorted positions ``StoredSubset`` keeps of ``total`` rows."""
+  subset = StoredSubset(num_stored, seed)
+  subset.offer(row=np.zeros(total, np.int8))
+  return subset.result()[1]
 
 
 def compute_reference(data_config, inception_params, out_path: str, *,
@@ -87,7 +126,7 @@ def compute_reference(data_config, inception_params, out_path: str, *,
   is an error), at any
   ``batch_size``; ``num_stored_images`` of them are kept as ``arr_0`` with
   their pool features (ADM's ImageNet batch keeps 10,000), a seeded subset
-  spread over the split (``stored_indices``) in split order. The file records
+  spread over the images read (``StoredSubset``) in split order. The file records
   ``preprocess``, the Inception weights' fingerprint and the image count.
   ``extractor`` replaces the Inception (see ``generation.evaluate_samples``).
   Returns ``out_path``. Raises ``batching.NotEnoughImages`` when the split
@@ -100,19 +139,17 @@ def compute_reference(data_config, inception_params, out_path: str, *,
         preprocess=preprocess)
   preprocess = getattr(extractor, "preprocess", preprocess)
   pool, spatial = fid_lib.StreamingStats(), fid_lib.StreamingStats()
-  kept_images, kept_feats = [], []
+  stored = StoredSubset(num_stored_images)
   total, batches = dataset_images(data_config, split, extractor.batch_size,
                                   num_images)
-  chosen = stored_indices(total, num_stored_images)
   progress = batching.ProgressLog(f"reference {split}", total)
   for images, out in inception_lib.pipelined(extractor, batches):
-    take = np.isin(np.arange(pool.count, pool.count + len(images)), chosen)
     pool.update(out["pool"])
     spatial.update(out["spatial"])
-    kept_images.append(images[take])
-    kept_feats.append(out["pool"][take])
+    stored.offer(images=images, pool=out["pool"])
     progress(len(images))
-  kept = sum(map(len, kept_images))
+  kept_rows, _ = stored.result()
+  kept = len(kept_rows.get("images", ()))
   if pool.count < total:
     logging.warning("reference %s: %d of its %d files are unreadable and were "
                     "skipped; the statistics cover the %d that were read.",
@@ -127,8 +164,8 @@ def compute_reference(data_config, inception_params, out_path: str, *,
                pool.count, kept)
   return ref_lib.save_reference(
       out_path, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
-      images=np.concatenate(kept_images) if kept else None,
-      pool_features=np.concatenate(kept_feats) if kept else None,
+      images=kept_rows["images"] if kept else None,
+      pool_features=kept_rows["pool"] if kept else None,
       preprocess=preprocess,
       inception_weights=getattr(extractor, "weights_id", None),
       num_images=pool.count)
@@ -144,7 +181,7 @@ def evaluate(config, workdir: str) -> dict:
   ("auto" = ``adm_tf``, the resize of ADM's evaluator and its reference
   batches) and num_stored_images (images kept as ``arr_0`` for precision /
   recall; default 10,000 as ADM's ImageNet batch; a seeded subset spread
-  over the split, ``stored_indices``). Images go through the
+  over the split, ``StoredSubset``). Images go through the
   pipeline's eval transforms (``config.data.center_crop``, ADM's by default).
   Writes ``workdir/reference.npz`` (replacing one there: it is derived data)
   and ``workdir/metrics.json`` (its path, image count, preprocess). Raises
