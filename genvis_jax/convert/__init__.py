@@ -45,7 +45,7 @@ from genvis_jax.core import multihost
 from genvis_jax.core import registry
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError, compare_trees
-from genvis_jax.core.param_checkpoint import RECORDS, STAGING
+from genvis_jax.core.param_checkpoint import RECORDS, REPLACED, STAGING
 
 __all__ = ["kind_module", "kinds", "from_torch", "convert_file", "load_weights",
            "CheckpointMismatchError"]
@@ -165,12 +165,15 @@ def _check_dst(dst: str, overwrite: bool, folder: bool = True) -> None:
   held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
   if (target.is_file() or held) and not overwrite:
     unfinished = held and "params" not in held and all(
-        n.startswith(("params.orbax-checkpoint-tmp", STAGING) + RECORDS)
+        n.startswith(("params.orbax-checkpoint-tmp", STAGING, REPLACED)
+                     + RECORDS)
         for n in held)
+    kept = (f" The weights it was replacing are in {full}/{REPLACED}/params."
+            if REPLACED in held else "")
     raise errors.OutputExistsError(
         f"{full} holds an unfinished conversion ({', '.join(held)}: the "
         "write stopped before the weights were whole); pass --overwrite to "
-        "write it again." if unfinished else
+        f"write it again.{kept}" if unfinished else
         f"{full} exists and is not empty; pass --overwrite to replace it, or "
         "choose another --dst.")
   _check_writable(full)

@@ -57,6 +57,9 @@ def params_digest(params) -> str:
 # Inside ``DIR``: where ``save_params`` writes weights that replace others,
 # moved into place once whole.
 STAGING = ".params_partial"
+# Inside ``DIR``: the weights a replacement sets aside until the new ones
+# are in place.
+REPLACED = ".params_replaced"
 
 
 def save_params(directory: str, params, config=None,
@@ -109,17 +112,35 @@ def save_params(directory: str, params, config=None,
         for tmp in target.glob("params.orbax-checkpoint-tmp*"):
           tmp.rmtree()
     raise
-  if in_place:
-    return
-  for name in ("params",) + RECORDS:
-    old = path / name
-    if old.is_dir():
-      old.rmtree()
-    else:
-      old.unlink(missing_ok=True)
-    if (target / name).exists():
-      (target / name).rename(old)
-  target.rmdir()
+  if not in_place:
+    _swap_in(path, target)
+  elif not files.is_remote(path) and jax.process_index() == 0:
+    for left in (STAGING, REPLACED):   # of a replacement stopped earlier
+      if (path / left).exists():
+        (path / left).rmtree()
+
+
+def _swap_in(path: epath.Path, staged: epath.Path) -> None:
+  """Moves the weights staged whole in ``staged`` into ``path``, replacing
+  the old ones. Renames only, ordered so that a stop anywhere leaves either
+  the old or the new weights each with their own records, or no
+  ``params`` (a loud error; the old weights set aside in ``REPLACED``), never
+  weights beside another conversion's records, which would load with the
+  wrong checks or none."""
+  aside = path / REPLACED
+  if aside.exists():
+    aside.rmtree()   # what a stopped swap set aside
+  aside.mkdir()
+  (path / "params").rename(aside / "params")   # one rename: no weights now
+  for name in RECORDS:
+    if (path / name).exists():
+      (path / name).rename(aside / name)
+  for name in RECORDS:
+    if (staged / name).exists():
+      (staged / name).rename(path / name)
+  (staged / "params").rename(path / "params")  # the new ones, whole
+  staged.rmdir()
+  aside.rmtree()
 
 
 def saved_config(directory: epath.Path) -> dict | None:
