@@ -39,6 +39,8 @@ _READER_KEYS = ("read_threads", "num_workers", "prefetch")
 # values, so the older files' records still match.
 _ADDED_DEFAULTS = {"center_crop": ("", "adm"), "exif_transpose": (True,),
                    "random_crop_method": ("adm",),
+                   # Older files listed every PIL format: where that read
+                   # other files, the split's fingerprint differs.
                    "extensions": ("torchvision",)}
 
 
