@@ -248,6 +248,7 @@ def test_a_reference_of_mu_and_sigma_alone_gives_fid_and_is(gen_files,
   assert res["not_computed"] == ["sfid", "precision", "recall"]
   assert (res["preprocess"], res["num_reference"]) == ("adm_tf", None)
   assert "sFID n/a" in generation.format_metrics(res)
+  assert any("so FID is not comparable" in c for c in res["caveats"])
   np.savez(tmp_path / "half.npz", mu=mu, sigma=sigma, mu_s=np.zeros(6))
   with pytest.raises(npz.NpzContentError, match=r"nor mu and sigma alone"):
     generation.evaluate_samples(str(d / "samples.npz"),

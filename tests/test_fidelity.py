@@ -205,6 +205,7 @@ def test_the_equivariant_tokenizers_floats_are_taming_imagepaths():
   from genvis_jax import data as data_lib   # pylint: disable=import-outside-toplevel
   k = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
   taming = (k / 127.5 - 1.0).astype(np.float32)
+  to_tensor = k.astype(np.float32) / np.float32(255)
   np.testing.assert_array_equal(transforms.to_float(k, (-1, 1), "taming"),
                                 taming)
   assert (transforms.to_float(k, (-1, 1)) != taming).sum() == 128
@@ -219,6 +220,13 @@ def test_the_equivariant_tokenizers_floats_are_taming_imagepaths():
       src[0]["image"], c.data.image_size, c.data.image_width)
   np.testing.assert_array_equal(img[0], transforms.to_float(raw, (-1, 1),
                                                             "taming"))
+  # Images read in (0, 1) (a reference's, rFID's): ToTensor's, as before
+  # (kind=reference with this config failed with a ValueError).
+  np.testing.assert_array_equal(transforms.to_float(k, (0, 1), "taming"),
+                                to_tensor)
+  from genvis_jax.evaluate import reference   # pylint: disable=import-outside-toplevel
+  _, batches = reference.dataset_images(c.data, "validation", 4, 4)
+  assert next(batches).dtype == np.uint8
   with pytest.raises(ValueError, match=r"to_float='tv'; one of"):
     c.data.to_float = "tv"
     data_lib.create_dataset(c.data, split="train", global_batch_size=2,

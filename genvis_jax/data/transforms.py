@@ -215,15 +215,14 @@ def to_float(image: np.ndarray, value_range=(0.0, 1.0),
   rounded ``2 / 255`` differs in the last bit for about half the byte
   values, which can flip a tokenizer's code); "taming", taming-transformers'
   ``ImagePaths`` (the Equivariant tokenizer's loader): ``x / 127.5 - 1`` in
-  float64, then float32, one ulp off the first for half the bytes; (-1, 1)
-  only. Raises ``ValueError`` for another formula or range."""
+  float64, then float32, one ulp off the first for half the bytes, in
+  (-1, 1); other ranges (e.g. (0, 1) for Inception features of the same
+  images) as "torchvision". Raises ``ValueError`` for another formula."""
   lo, hi = (float(v) for v in value_range)
+  if formula not in TO_FLOAT:
+    raise ValueError(f"to_float formula {formula!r}; one of {TO_FLOAT}.")
   if formula == "taming" and (lo, hi) == (-1.0, 1.0):
     return (image.astype(np.float64) / 127.5 - 1.0).astype(np.float32)
-  if formula != "torchvision":
-    raise ValueError(f"to_float formula {formula!r} with value_range "
-                     f"{value_range}: one of {TO_FLOAT}, 'taming' for (-1, 1) "
-                     "only.")
   u = pixels.bytes_to_unit(image)
   if (lo, hi) == (0.0, 1.0):
     return u

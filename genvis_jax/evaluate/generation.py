@@ -201,13 +201,17 @@ def evaluate_samples(samples_npz: str, reference_npz: str,
                                                          log_every)
   caveats = warn_incomparable(sam["count"], samples.shape,
                               None if ref.images is None else ref.images.shape,
-                              untrained=getattr(extractor, "untrained", False))
+                              untrained=getattr(extractor, "untrained", False),
+                              spatial=ref_spatial is not None)
   not_computed = ([] if ref_spatial is not None else ["sfid"]) + (
       [] if ref_feats is not None else ["precision", "recall"])
   if not_computed:
     logging.info("%s holds mu and sigma alone: FID and IS only, no %s.",
                  reference_npz, ", ".join(not_computed))
-  logging.info("computing FID / sFID / IS / precision / recall")
+  logging.info("computing %s", " / ".join(
+      name for key, name in (("fid", "FID"), ("sfid", "sFID"), ("is", "IS"),
+                             ("precision", "precision"), ("recall", "recall"))
+      if key not in not_computed))
   precision = recall = None
   if ref_feats is not None:
     precision, recall = fid_lib.precision_recall(
@@ -267,15 +271,18 @@ UNTRAINED_NOTE = (
 
 
 def warn_incomparable(count: int, sample_shape, reference_shape=None, *,
-                      untrained: bool = False) -> list[str]:
+                      untrained: bool = False,
+                      spatial: bool = True) -> list[str]:
   """Logs (and returns) why these numbers are not comparable with published
   ones: random stand-in Inception weights (``untrained``), fewer samples
-  than feature dimensions (FID ~0 on tiny sets means nothing), or samples
-  and reference images of different sizes."""
+  than feature dimensions (FID ~0 on tiny sets means nothing; ``spatial``:
+  whether sFID was computed too), or samples and reference images of
+  different sizes."""
   notes = [UNTRAINED_NOTE] if untrained else []
   if count < MIN_COMPARABLE:
     notes.append(f"only {count} samples: with fewer than {MIN_COMPARABLE} the "
-                 "feature covariance is rank-deficient, so FID / sFID are not "
+                 f"feature covariance is rank-deficient, so "
+                 f"{'FID / sFID are' if spatial else 'FID is'} not "
                  "comparable with published numbers (use 50,000)")
   if reference_shape is not None and tuple(sample_shape[1:3]) != tuple(
       reference_shape[1:3]):
