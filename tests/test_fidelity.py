@@ -25,7 +25,7 @@ from PIL import Image
 from configs import base, eq_tokenizer, fqgan_demo
 from genvis_jax import errors
 from genvis_jax import models
-from genvis_jax.data import pretokenize, ten_crop, tokens, transforms
+from genvis_jax.data import pretokenize, ten_crop, tokens
 from genvis_jax.errors import UserError
 from genvis_jax.models import inference
 from genvis_jax.sample import driver
@@ -185,52 +185,6 @@ def test_eval_center_crops_match_official_recipes(tmp_path, method, official):
                      "--config.pretokenize.data.center_crop=adm"):
     data_lib.create_dataset(c, split="train", global_batch_size=3, seed=0,
                             train=False, setting="config.pretokenize.data")
-
-
-def test_pipeline_floats_are_torchvision_totensor_normalize():
-  """RAR feeds ToTensor (x / 255), LlamaGen / FQGAN then Normalize(0.5, 0.5):
-  the exact float32 inputs, for every byte value."""
-  k = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-  to_tensor = k.astype(np.float32) / np.float32(255)
-  normalized = (to_tensor - np.float32(0.5)) / np.float32(0.5)
-  np.testing.assert_array_equal(transforms.to_float(k, (0.0, 1.0)), to_tensor)
-  np.testing.assert_array_equal(transforms.to_float(k, (-1, 1)), normalized)
-
-
-def test_the_equivariant_tokenizers_floats_are_taming_imagepaths():
-  """Its ImagePaths: (image / 127.5 - 1.0).astype(np.float32) on the uint8
-  array (a float64 division). Through ToTensor / Normalize, half the byte
-  values were one ulp off; the eq_tokenizer config reads them as taming does,
-  in training and evaluation alike (the pipeline)."""
-  from genvis_jax import data as data_lib   # pylint: disable=import-outside-toplevel
-  k = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-  taming = (k / 127.5 - 1.0).astype(np.float32)
-  to_tensor = k.astype(np.float32) / np.float32(255)
-  np.testing.assert_array_equal(transforms.to_float(k, (-1, 1), "taming"),
-                                taming)
-  assert (transforms.to_float(k, (-1, 1)) != taming).sum() == 128
-  c = eq_tokenizer.get_config("runlocal")
-  assert c.data.to_float == "taming"
-  it, _ = data_lib.create_dataset(c.data, split="train", global_batch_size=2,
-                                  seed=0, train=False, value_range=(-1, 1))
-  img = next(iter(it))["image"]
-  from genvis_jax.data import pipeline   # pylint: disable=import-outside-toplevel
-  src, _, _ = pipeline.make_source(c.data, "train")
-  raw = transforms.CENTER_CROPS["albumentations"](
-      src[0]["image"], c.data.image_size, c.data.image_width)
-  np.testing.assert_array_equal(img[0], transforms.to_float(raw, (-1, 1),
-                                                            "taming"))
-  # Images read in (0, 1) (a reference's, rFID's): ToTensor's, as before
-  # (kind=reference with this config failed with a ValueError).
-  np.testing.assert_array_equal(transforms.to_float(k, (0, 1), "taming"),
-                                to_tensor)
-  from genvis_jax.evaluate import reference   # pylint: disable=import-outside-toplevel
-  _, batches = reference.dataset_images(c.data, "validation", 4, 4)
-  assert next(batches).dtype == np.uint8
-  with pytest.raises(ValueError, match=r"to_float='tv'; one of"):
-    c.data.to_float = "tv"
-    data_lib.create_dataset(c.data, split="train", global_batch_size=2,
-                            seed=0, train=False, value_range=(-1, 1))
 
 
 # --- uint8 conversion ------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Demo data and image transforms (crops, flips, resizes) against the official
-recipes."""
+"""Demo data and image transforms (crops, flips, resizes, bytes to floats)
+against the official recipes."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from configs import eq_tokenizer
 from genvis_jax.data import demo, transforms
 from genvis_jax.errors import ConfigError
 from tests import pipeline_common as pc
@@ -173,3 +174,49 @@ def test_albumentations_random_crop_is_the_equivariant_tokenizer_recipe():
     transforms.RandomCrop(256, min_frac=0.8, method="albumentations")
   d = pc.load_config("eq_tokenizer.py").data
   assert (d.random_crop_method, d.center_crop) == ("albumentations",) * 2
+
+
+def test_pipeline_floats_are_torchvision_totensor_normalize():
+  """RAR feeds ToTensor (x / 255), LlamaGen / FQGAN then Normalize(0.5, 0.5):
+  the exact float32 inputs, for every byte value."""
+  k = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  to_tensor = k.astype(np.float32) / np.float32(255)
+  normalized = (to_tensor - np.float32(0.5)) / np.float32(0.5)
+  np.testing.assert_array_equal(transforms.to_float(k, (0.0, 1.0)), to_tensor)
+  np.testing.assert_array_equal(transforms.to_float(k, (-1, 1)), normalized)
+
+
+def test_the_equivariant_tokenizers_floats_are_taming_imagepaths():
+  """Its ImagePaths: (image / 127.5 - 1.0).astype(np.float32) on the uint8
+  array (a float64 division). Through ToTensor / Normalize, half the byte
+  values were one ulp off; the eq_tokenizer config reads them as taming does,
+  in training and evaluation alike (the pipeline)."""
+  from genvis_jax import data as data_lib   # pylint: disable=import-outside-toplevel
+  k = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  taming = (k / 127.5 - 1.0).astype(np.float32)
+  to_tensor = k.astype(np.float32) / np.float32(255)
+  np.testing.assert_array_equal(transforms.to_float(k, (-1, 1), "taming"),
+                                taming)
+  assert (transforms.to_float(k, (-1, 1)) != taming).sum() == 128
+  c = eq_tokenizer.get_config("runlocal")
+  assert c.data.to_float == "taming"
+  it, _ = data_lib.create_dataset(c.data, split="train", global_batch_size=2,
+                                  seed=0, train=False, value_range=(-1, 1))
+  img = next(iter(it))["image"]
+  from genvis_jax.data import pipeline   # pylint: disable=import-outside-toplevel
+  src, _, _ = pipeline.make_source(c.data, "train")
+  raw = transforms.CENTER_CROPS["albumentations"](
+      src[0]["image"], c.data.image_size, c.data.image_width)
+  np.testing.assert_array_equal(img[0], transforms.to_float(raw, (-1, 1),
+                                                            "taming"))
+  # Images read in (0, 1) (a reference's, rFID's): ToTensor's, as before
+  # (kind=reference with this config failed with a ValueError).
+  np.testing.assert_array_equal(transforms.to_float(k, (0, 1), "taming"),
+                                to_tensor)
+  from genvis_jax.evaluate import reference   # pylint: disable=import-outside-toplevel
+  _, batches = reference.dataset_images(c.data, "validation", 4, 4)
+  assert next(batches).dtype == np.uint8
+  with pytest.raises(ValueError, match=r"to_float='tv'; one of"):
+    c.data.to_float = "tv"
+    data_lib.create_dataset(c.data, split="train", global_batch_size=2,
+                            seed=0, train=False, value_range=(-1, 1))
