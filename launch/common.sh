@@ -186,6 +186,19 @@ config_run_name() {
   LC_ALL=C sed 's/[^A-Za-z0-9_-]/_/g' <<< "$name"
 }
 
+# extra_mode: the last --config.mode among the program's flags (after --),
+# default train: the mode part of the run name tpu_run.sh gives the run.
+extra_mode() {
+  local mode=train i
+  for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
+    case "${EXTRA_ARGS[i]}" in
+      --config.mode=*) mode="${EXTRA_ARGS[i]#--config.mode=}" ;;
+      --config.mode) mode="${EXTRA_ARGS[i + 1]:-}" ;;
+    esac
+  done
+  echo "$mode"
+}
+
 # resolve_run_name [MODE]: GENVIS_RUN_NAME (--run-name) as given, else from
 # GENVIS_CONFIG (--config) when set, with "_MODE" for a MODE other than train,
 # else left empty; a given name must be a safe file name.

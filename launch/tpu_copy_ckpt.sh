@@ -19,7 +19,9 @@ flag dest GENVIS_DEST "" "local directory (default: checkpoints/RUN)"
 flag step GENVIS_STEP "latest" "the step to copy: a number, latest (the newest saved) or all (every kept step)"
 flag tool GENVIS_GCS_TOOL "gcloud" "gcloud (gcloud storage cp) or gsutil (gsutil -m cp)"
 parse_flags "$@"
-resolve_run_name
+# A run of another mode (-- --config.mode=sample) has its own name, as
+# tpu_run.sh gives it.
+resolve_run_name "$(extra_mode)"
 
 if [[ -z "$GENVIS_WORKDIR" ]]; then
   [[ -n "$GCS_BUCKET" && -n "$GENVIS_RUN_NAME" ]] \

@@ -21,7 +21,9 @@ parse_flags "$@"
 require name zone
 [[ "$TPU_LOG_WORKER" =~ ^([0-9]+|all)$ ]] || die "--worker=$TPU_LOG_WORKER: use an index (0, 1, ...) or all"
 [[ "$GENVIS_LOG_LINES" =~ ^[0-9]+$ ]] || die "--lines=$GENVIS_LOG_LINES is not a number"
-resolve_run_name
+# A run of another mode (-- --config.mode=sample) has its own name, as
+# tpu_run.sh gives it.
+resolve_run_name "$(extra_mode)"
 
 log="$(remote_path "$GENVIS_LOG_DIR")/${GENVIS_RUN_NAME:-latest}.log"
 tail_cmd="tail -n $GENVIS_LOG_LINES"

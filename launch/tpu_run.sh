@@ -43,12 +43,10 @@ config_file="${GENVIS_CONFIG%%:*}"
   || die "--config (or --run-name with --stop) is required"
 # The run's mode: the last --config.mode given (default train). Other modes
 # get their own run name (and so log file and default workdir).
-mode=train
+mode="$(extra_mode)"
 tokens=""
 for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
   case "${EXTRA_ARGS[i]}" in
-    --config.mode=*) mode="${EXTRA_ARGS[i]#--config.mode=}" ;;
-    --config.mode) mode="${EXTRA_ARGS[i + 1]:-}" ;;
     --config.pretokenize.output=*) tokens="${EXTRA_ARGS[i]#*=}" ;;
     --config.pretokenize.output) tokens="${EXTRA_ARGS[i + 1]:-}" ;;
   esac

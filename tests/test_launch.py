@@ -240,6 +240,12 @@ def test_run_names_differ_and_run_name_overrides():
     assert got[0] == "mine", (script, got)
   assert run_name_of("tpu_run.sh", "--config=configs/far_b.py:dual", "--run-name=mine",
                      "--workdir=gs://x/y")[1] == "gs://x/y"
+  # A run of another mode (-- --config.mode=sample) is found as tpu_run.sh
+  # names it: tpu_logs.sh and tpu_copy_ckpt.sh followed the training run's.
+  for script in ("tpu_run.sh", "tpu_logs.sh", "tpu_copy_ckpt.sh"):
+    got = run_name_of(script, "--config=configs/rar_xl.py", "--",
+                      "--config.mode=sample")
+    assert got[0] == "rar_xl_sample", (script, got)
   # Without either, tpu_logs.sh follows the latest run.
   assert run_name_of("tpu_logs.sh")[0] == "latest"
   r = sh("tpu_logs.sh", "--run-name=a/b", env=TPU)
