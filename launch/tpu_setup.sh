@@ -28,9 +28,15 @@ dir="$(remote_path "$GENVIS_REMOTE_DIR")"
 dir="${dir%/}"
 venv="$(remote_path "$GENVIS_VENV")"
 
+# A run started from the checkout works in it: replacing or updating it under
+# the run would pull its code away. A run's pid file (worker_start.sh) holds
+# its pid and start time; a pid alone (an older file) is trusted as it is.
+logs="$(remote_path "$GENVIS_LOG_DIR")"
+live="for p in $logs/*.pid; do [ -f \"\$p\" ] || continue; read -r pid started < \"\$p\"; if kill -0 \"\$pid\" 2>/dev/null && { [ -z \"\$started\" ] || [ \"\$(sed 's/.*) //' /proc/\$pid/stat | cut -d' ' -f20)\" = \"\$started\" ]; }; then echo \"\$(hostname): a run is going (\$p); stop it first (tpu_run.sh --stop)\" >&2; exit 3; fi; done"
+
 if [[ -n "$GENVIS_GIT_URL" ]]; then
-  fetch="if [ -d $dir/.git ]; then git -C $dir fetch --quiet origin; else git clone --quiet $(quote "$GENVIS_GIT_URL") $dir; fi && git -C $dir checkout --quiet $(quote "$GENVIS_GIT_REF") && (git -C $dir pull --quiet --ff-only 2>/dev/null || true)"
-  tpu_ssh "$TPU_WORKER" "$fetch"
+  fetch="if [ -d $dir/.git ]; then git -C $dir fetch --quiet origin; elif [ -e $dir ]; then echo \"\$(hostname): $dir holds a copied checkout, not a git one: remove it (rm -rf $dir) or set it up without --git-url\" >&2; exit 3; else git clone --quiet $(quote "$GENVIS_GIT_URL") $dir; fi && git -C $dir checkout --quiet $(quote "$GENVIS_GIT_REF") && (git -C $dir pull --quiet --ff-only 2>/dev/null || true)"
+  tpu_ssh "$TPU_WORKER" "$live; $fetch"
 else
   tarball="${TMPDIR:-/tmp}/genvis_jax_src.tar.gz"
   [[ "${dir%/}" =~ ^/[^/]*$ ]] && die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
@@ -48,10 +54,6 @@ else
        | tar czf "$tarball" --null -T -)
   fi
   gcloud_tpu scp "$tarball" "$TPU_NAME:genvis_jax_src.tar.gz" --worker="$TPU_WORKER"
-  # A run started from the checkout works in it: replacing it under the run
-  # would pull its working directory away.
-  logs="$(remote_path "$GENVIS_LOG_DIR")"
-  live="for p in $logs/*.pid; do if [ -f \"\$p\" ] && kill -0 \"\$(cat \"\$p\")\" 2>/dev/null; then echo \"\$(hostname): a run is going (\$p); stop it first (tpu_run.sh --stop)\" >&2; exit 3; fi; done"
   # Unpacked beside the old copy, then swapped in: no stale files survive.
   tpu_ssh "$TPU_WORKER" "$live; rm -rf $dir.new $dir.old && mkdir -p $dir.new && tar xzf \$HOME/genvis_jax_src.tar.gz -C $dir.new && rm \$HOME/genvis_jax_src.tar.gz && (test ! -e $dir || mv $dir $dir.old) && mv $dir.new $dir && rm -rf $dir.old"
 fi

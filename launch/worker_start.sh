@@ -38,8 +38,20 @@ done
 
 log="$GENVIS_LOG_DIR/$GENVIS_RUN_NAME.log"
 pidfile="$GENVIS_LOG_DIR/$GENVIS_RUN_NAME.pid"
+# A process's start time (clock ticks after boot; /proc/PID/stat field 22,
+# counted after the command name, which may hold spaces): with its pid it
+# names the process, where a pid alone may have been reused since the run
+# ended (or in another boot).
+start_time() {
+  sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20
+}
 running_pid() {
-  [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null && cat "$pidfile"
+  local pid="" started=""
+  [[ -f "$pidfile" ]] && read -r pid started < "$pidfile" || true
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  # An older starter's file holds the pid alone: trusted as before.
+  [[ -z "$started" || "$(start_time "$pid")" == "$started" ]] || return 1
+  echo "$pid"
 }
 
 if [[ "$GENVIS_STOP" == 1 ]]; then
@@ -96,7 +108,7 @@ cd "$GENVIS_ROOT"
 echo "==== start $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname): $(quote "${cmd[@]}")" >> "$log"
 nohup "${cmd[@]}" >> "$log" 2>&1 < /dev/null &
 pid=$!
-echo "$pid" > "$pidfile"
+echo "$pid $(start_time "$pid")" > "$pidfile"
 ln -sf "$log" "$GENVIS_LOG_DIR/latest.log"
 echo "$(hostname): started pid $pid (log $log)"
 # A run that ends this early failed to start (or was a tiny one): say so here,

@@ -28,7 +28,7 @@ def test_worker_start_runs_in_background_and_stops(tmp_path):
   r = sh("worker_start.sh", *args, "--", "--config=configs/rar_b.py",
          "--config.data.path=gs://b/t-*", env=env)
   assert r.returncode == 0, r.stderr
-  pid = int((tmp_path / "logs" / "r1.pid").read_text())
+  pid = int((tmp_path / "logs" / "r1.pid").read_text().split()[0])
   try:
     log = tmp_path / "logs" / "latest.log"
     for _ in range(100):
@@ -107,7 +107,7 @@ def test_tpu_run_reports_a_failed_start_keeps_its_log_and_refuses_a_second_run(t
   text = log.read_text()
   assert text.count("==== start") == 2 and "Error: boom" in text
   assert "CACHE gs://bk/r/jax_cache TMP /mnt/big" in text
-  pid = int(log.with_suffix(".pid").read_text())
+  pid = int(log.with_suffix(".pid").read_text().split()[0])
   try:
     r = sh("tpu_run.sh", *run, env=env)
     assert r.returncode != 0 and "still running" in r.stderr, r.stderr
@@ -150,11 +150,65 @@ def test_tpu_setup_copy_replaces_the_old_code(tmp_path):
   # copy would pull its working directory away; nothing is replaced.
   logs = pathlib.Path(env["HOME"]) / "genvis_logs"
   logs.mkdir()
-  (logs / "r.pid").write_text(str(os.getpid()))
+  (logs / "r.pid").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
   (repo / "d.py").write_text("d")
   r = setup()
   assert r.returncode != 0 and "a run is going" in r.stderr, r.stderr
   assert not (old / "d.py").exists()
+  # Its pid taken since by another process (another start time): no run.
+  (logs / "r.pid").write_text(f"{os.getpid()} 1\n")
+  assert setup().returncode == 0 and (old / "d.py").exists()
+
+
+def test_tpu_setup_from_git_checks_for_a_live_run_and_a_copied_checkout(
+    tmp_path):
+  """--git-url updated the checkout under a live run (only the copy checked),
+  and over a copied (non-git) checkout git refused with its own words."""
+  env = fake_tpu(tmp_path, "")
+  home = pathlib.Path(env["HOME"])
+  (home / "genvis_jax").unlink()
+  (home / "genvis_jax").mkdir()   # a copied checkout
+  setup = lambda: subprocess.run(
+      ["bash", str(LAUNCH / "tpu_setup.sh"), "--skip-check",
+       f"--git-url={LAUNCH.parent}"], capture_output=True, text=True,
+      env={**ENV, **env}, timeout=60)
+  r = setup()
+  assert r.returncode != 0 and "holds a copied checkout, not a git one" in (
+      r.stderr), r.stderr
+  (home / "genvis_logs").mkdir()
+  (home / "genvis_logs" / "r.pid").write_text(
+      f"{os.getpid()} {_start_time(os.getpid())}\n")
+  r = setup()
+  assert r.returncode != 0 and "a run is going" in r.stderr, r.stderr
+
+
+def _start_time(pid: int) -> str:
+  """/proc/PID/stat's field 22 (start time), as worker_start.sh reads it."""
+  with open(f"/proc/{pid}/stat") as f:
+    return f.read().rsplit(") ", 1)[1].split()[19]
+
+
+def test_a_stale_pid_file_names_no_run_and_stop_kills_nothing(tmp_path):
+  """A run's pid file outlives it: once another process has that pid, the
+  run was taken as running (a start refused) and --stop killed that
+  process."""
+  other = subprocess.Popen(["sleep", "30"])
+  try:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "r.pid").write_text(f"{other.pid} {int(_start_time(other.pid)) - 1}\n")
+    args = ["--run-name=r", f"--log-dir={logs}"]
+    r = sh("worker_start.sh", *args, "--check")
+    assert r.returncode == 0 and "is not running" in r.stdout, r.stderr
+    r = sh("worker_start.sh", *args, "--stop")
+    assert r.returncode == 0 and "is not running" in r.stdout, r.stderr
+    assert other.poll() is None   # still alive
+    # The run's own start time: running.
+    (logs / "r.pid").write_text(f"{other.pid} {_start_time(other.pid)}\n")
+    r = sh("worker_start.sh", *args, "--check")
+    assert r.returncode != 0 and "already running" in r.stderr, r.stderr
+  finally:
+    other.kill()
 
 
 def test_workers_with_older_launch_scripts_are_told_to_run_setup(tmp_path):
