@@ -135,6 +135,9 @@ assert placed["w"].sharding.is_fully_replicated
 for shard in placed["w"].addressable_shards:
   np.testing.assert_array_equal(np.asarray(shard.data), weights["w"])
 checks.check_same_weights({"lpips": weights})       # the same: passes
+blocked = os.path.join(workdir, "blocked")   # a folder where the kept batch goes
+os.makedirs(os.path.join(blocked, "images", "visual_batch.npz", "x"),
+            exist_ok=True)
 outcomes = []
 for check in (
     lambda: multihost.check_agree({"p": jax.process_index()}, "settings"),
@@ -149,7 +152,10 @@ for check in (
     # Frozen weights: one leaf differs on process 1 (a stale copy there).
     lambda: checks.check_same_weights(
         {"lpips": {"w": weights["w"] + jax.process_index(),
-                   "b": weights["w"]}})):
+                   "b": weights["w"]}}),
+    # The grids' kept batch process 0 cannot write.
+    lambda: grids.visual_batch({"image": np.zeros((4, 2, 2, 3), np.uint8)},
+                               blocked)):
   try:
     check()
     outcomes.append("passed")

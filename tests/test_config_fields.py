@@ -252,7 +252,16 @@ def test_a_width_of_part_of_a_token_column_is_refused_at_start(spec):
   with pytest.raises(ConfigError, match=r"config.data.image_size=40 \(the width: "
                      r"config.data.image_width is 0, the height\)"):
     checks.check_token_width(config, get_task(config))
-  config = pc.load_config(spec, **{"data.image_width": 80})
+  # A width of whole columns: the generator's seq_len follows it (refused
+  # apart: its weights do not depend on it).
+  wide = {"data.image_width": 80}
+  if not spec.startswith("eq_tokenizer"):
+    config = pc.load_config(spec, **wide)
+    with pytest.raises(ConfigError, match=r"config.model.seq_len=4, but the "
+                       r"training images are 5 columns"):
+      checks.check_token_width(config, get_task(config))
+    wide["model.seq_len"] = 5
+  config = pc.load_config(spec, **wide)
   checks.check_token_width(config, get_task(config))
 
 

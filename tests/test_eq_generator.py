@@ -396,11 +396,11 @@ def test_a_seq_len_other_than_the_training_columns_is_refused():
   trained on the data's 4 columns without a word."""
   from configs import eq_s   # pylint: disable=import-outside-toplevel
   from genvis_jax.errors import ConfigError   # pylint: disable=import-outside-toplevel
-  from genvis_jax.train.tasks import eq_generator as eq_task   # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import checks   # pylint: disable=import-outside-toplevel
   config = eq_s.get_config("runlocal")
-  eq_task.EqGeneratorTask(config)
+  checks.check_token_width(config, get_task(config))
   config.model.seq_len = 9
   with pytest.raises(ConfigError, match=r"^config.model.seq_len=9, but the "
                      r"training images are 4 columns .*--config.model.seq_len"
                      r"=4, or the data width \(--config.data.image_width=144"):
-    eq_task.EqGeneratorTask(config)
+    checks.check_token_width(config, get_task(config))

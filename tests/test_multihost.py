@@ -106,8 +106,12 @@ def test_two_processes_match_one(tmp_path):
   for i in range(2):   # settings that differ, a failed write on process 0,
     # listings, an image folder with another image on process 1, a frozen
     # weight whose bytes differ there
-    differ, write, listing, lacking, images, weights = json.load(
+    differ, write, listing, lacking, images, weights, kept = json.load(
         open(f"{out}.agree{i}.json"))
+    # The grids' kept batch: process 0's failure, named on process 1 too
+    # (a bare collective error there before).
+    assert kept.startswith(("IsADirectoryError", "OtherProcessError: On "
+                            "process 0: IsADirectoryError")[i]), kept
     assert weights.startswith(
         "OtherProcessError: Processes [1] run with other frozen weights than "
         "process 0"), weights

@@ -28,7 +28,7 @@ def _config(mesh_shape, micro_batches=1, opt="adamw"):
   c.train.ema_decay = 0.9
   c.optimizer.name = opt
   c.optimizer.lr = 1e-2
-  c.optimizer.weight_decay = 1e-4
+  c.optimizer.weight_decay = 1e-4 if opt == "adamw" else 0.0   # sgd reads none
   return c
 
 

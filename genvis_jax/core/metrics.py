@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from genvis_jax.core import files
+from genvis_jax.core import multihost
 
 
 def mark_start(workdir, step: int) -> None:
@@ -145,15 +146,17 @@ def save_png(path: str, image: np.ndarray) -> None:
 
 def write_images(writer, workdir: str, step: int, images: dict[str, np.ndarray],
                  ncols: int | None = None) -> list[str]:
-  """Writes each (N, H, W, 3) uint8 batch as a PNG grid and a TensorBoard image."""
-  paths = []
-  grids = {}
-  for name, batch in images.items():
-    grid = make_grid(batch, ncols)
-    grids[name] = grid[None]
-    if jax.process_index() == 0:
-      path = os.path.join(workdir, "images", f"{name}_{step:07d}.png")
-      save_png(path, grid)
-      paths.append(path)
+  """Writes each (N, H, W, 3) uint8 batch as a PNG grid and a TensorBoard
+  image. Every process calls it; process 0 writes the PNGs, and a failed
+  write stops every process with its message (``multihost.on_process_0``)."""
+  grids = {name: make_grid(batch, ncols)[None]
+           for name, batch in images.items()}
+  paths = [os.path.join(workdir, "images", f"{name}_{step:07d}.png")
+           for name in grids]
+
+  def save():
+    for path, grid in zip(paths, grids.values()):
+      save_png(path, grid[0])
+  multihost.on_process_0(save)
   writer.write_images(step, grids)
-  return paths
+  return paths if jax.process_index() == 0 else []

@@ -76,7 +76,10 @@ def check_token_width(config, task) -> None:
   the data's width (``config.data.image_width``, 0 = the height) a multiple
   of its ``token_width``. Raises ``ConfigError`` at start-up, where the
   model's own check came at the first step, after a crop error that did
-  not name the cause."""
+  not name the cause. A generator's ``config.model.seq_len`` (columns per
+  training image) must be the data's column count: its weights do not
+  depend on it (RoPE), so another value trained on the data's columns
+  without a word (the run records it, and sampling checks it)."""
   if task.data_sources is not None:
     return   # trains on codes
   model = task.model if hasattr(task.model, "token_width") else (
@@ -94,6 +97,14 @@ def check_token_width(config, task) -> None:
         f"width {unit} px (one token per {unit}-px column): set "
         f"config.data.image_width{also} to {width // unit * unit or unit} or "
         f"{(width // unit + 1) * unit}.")
+  seq_len = config.model.get("seq_len") if model is not task.model else None
+  if unit and width and seq_len and width // unit != seq_len:
+    raise errors.ConfigError(
+        f"config.model.seq_len={seq_len}, but the training images are "
+        f"{width // unit} columns (config.data.{key}={width} px / the "
+        f"tokenizer's {unit} px per column). The columns come from the data: "
+        f"set --config.model.seq_len={width // unit}, or the data width "
+        f"(--config.data.image_width={seq_len * unit}).")
 
 
 def check_intervals(train) -> None:

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from genvis_jax import errors
 from genvis_jax.core import files
 from genvis_jax.core import metrics as metrics_lib
+from genvis_jax.core import multihost
 
 # The grids' inputs, kept beside the grid PNGs (``workdir/images/``).
 KEPT_BATCH = "visual_batch.npz"
@@ -33,9 +34,13 @@ def visual_batch(local: dict, workdir=None, size: int = 16) -> dict:
   other images from the resume on. A collective: every process calls it at
   the same step."""
   first = jax.tree_util.tree_map(lambda x: np.asarray(x)[:size], local)
-  if workdir is not None and jax.process_index() == 0:
-    first = _kept(first, os.path.join(os.fspath(workdir), "images",
-                                      KEPT_BATCH))
+  if workdir is not None:
+    path = os.path.join(os.fspath(workdir), "images", KEPT_BATCH)
+    kept = {}
+    # Process 0 reads / writes it; a failure stops every process with its
+    # message (not a bare collective error on the others).
+    multihost.on_process_0(lambda: kept.update(_kept(first, path)))
+    first = kept or first
   if jax.process_count() == 1:
     return first
   return jax.tree_util.tree_map(

@@ -34,7 +34,6 @@ class EqGeneratorTask(GeneratorTask):
     self.label_dropout = float(self.hparam("train.label_dropout"))
     self.shift_num = int(self.hparam("flow.shift_num"))
     self.shift_group = int(self.hparam("flow.shift_group"))
-    self._check_columns(config)
     impl = windowed_attention.resolve_impl(self.model.attn_impl)
     if self.model.attn_dropout > 0 and impl.startswith("pallas"):
       # The kernels take no dropout: a setting that silently did nothing.
@@ -45,25 +44,6 @@ class EqGeneratorTask(GeneratorTask):
           "serves the forwards without dropout (evaluation); sampling "
           "decodes with the rolling window cache.", impl,
           self.model.attn_dropout)
-
-  def _check_columns(self, config) -> None:
-    """Refuses a ``config.model.seq_len`` other than the training images'
-    column count: the weights do not depend on it (RoPE), so a value set to
-    train on other widths changed nothing; the run records it, and
-    sampling checks it."""
-    seq_len = config.model.get("seq_len")
-    width = config.data.get("image_width", 0) or config.data.get("image_size")
-    if not (seq_len and width) or config.get("tokenizer") is None:
-      return
-    token_width = self.tokenizer.token_width
-    if width // token_width != seq_len:
-      raise errors.ConfigError(
-          f"config.model.seq_len={seq_len}, but the training images are "
-          f"{width // token_width} columns (config.data width {width} px / "
-          f"the tokenizer's {token_width} px per column). The columns come "
-          "from the data: set --config.model.seq_len="
-          f"{width // token_width}, or the data width "
-          f"(--config.data.image_width={seq_len * token_width}).")
 
   def encode(self, frozen, batch):
     """Posterior means (B, L, C) from ``batch`` (pre-computed or encoded by
