@@ -428,3 +428,16 @@ def test_data_settings_pretokenizing_does_not_apply_are_refused_or_unrecorded(
   with open(path + ".json", "w") as f:
     json.dump({"settings": old, "records": 4, "images": 4}, f)
   assert token_output.existing_output(path, settings, overwrite=False)
+
+
+def test_a_partial_shard_of_another_process_count_is_removed(tmp_path):
+  """A shard killed mid-write on 2 processes, rerun on 1, stayed for good
+  (nothing wrote that name again)."""
+  out = str(tmp_path / "tokens" / "train")
+  (tmp_path / "tokens").mkdir()
+  stale = f"{out}-00001-of-00002.array_record.partial"
+  ours = f"{out}-00000-of-00001.array_record.partial"   # this count's own
+  for path in (stale, ours):
+    open(path, "w").close()
+  assert token_output.remove_stale_partials(out) == [stale]
+  assert sorted(os.listdir(tmp_path / "tokens")) == [os.path.basename(ours)]

@@ -256,6 +256,7 @@ def pretokenize(config, workdir: str) -> dict:
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
   if jax.process_index() == 0:
     token_output.warn_other_sets(output)
+  token_output.remove_stale_partials(output)   # each machine's own disk
   # The tokenizer run's newest step, pinned: the step recorded is the one read.
   checkpoint = weights_lib.resolve_all([tok.checkpoint])[0]
   # Each process reads its data and checks its own shard; all agree before

@@ -12,8 +12,10 @@ without being asked.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 
 import jax
 from absl import logging
@@ -179,6 +181,25 @@ def lacks_remainder(record: dict, settings: dict) -> bool:
   0 .. n % count - 1."""
   n, count = settings["examples"]["count"], jax.process_count()
   return not record.get("remainder_kept") and jax.process_index() < n % count
+
+
+def remove_stale_partials(output: str) -> list[str]:
+  """Removes this machine's ``{output}-PPPPP-of-NNNNN.array_record.partial``
+  files of another process count NNNNN: a shard killed mid-write on one
+  process count, rerun on another, was never written again, so nothing
+  removed it (training globs skip it; it took the disk). Returns them."""
+  count = jax.process_count()
+  gone = []
+  for path in glob.glob(f"{glob.escape(output)}-*-of-*.array_record.partial"):
+    m = re.search(r"-\d+-of-(\d+)\.array_record\.partial$", path)
+    if m and int(m.group(1)) != count:
+      os.remove(path)
+      gone.append(path)
+  if gone:
+    logging.warning("Removed %d unfinished token file(s) of a run on another "
+                    "process count (killed while writing): %s", len(gone),
+                    ", ".join(gone[:3]))
+  return gone
 
 
 def warn_other_sets(output: str) -> None:
