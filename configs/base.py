@@ -200,6 +200,9 @@ def get_config(arg=None):
   # .png .ppm .bmp .pgm .tif .tiff .webp), as the official loaders; "pil": every
   # format PIL decodes (.gif, .jfif, ...).
   c.data.extensions = "torchvision"
+  # Bytes to floats: "torchvision" (ToTensor / Normalize); "taming" (x / 127.5 - 1
+  # in float64, the Equivariant tokenizer's ImagePaths; (-1, 1) reads only).
+  c.data.to_float = "torchvision"
   c.data.read_threads = 16   # grain reader threads (per worker process)
   c.data.num_workers = 0     # grain worker processes (0 = in-process)
   c.data.prefetch = 2

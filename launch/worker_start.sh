@@ -108,7 +108,9 @@ cd "$GENVIS_ROOT"
 echo "==== start $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname): $(quote "${cmd[@]}")" >> "$log"
 nohup "${cmd[@]}" >> "$log" 2>&1 < /dev/null &
 pid=$!
-echo "$pid $(start_time "$pid")" > "$pidfile"
+started="$(start_time "$pid" || true)"   # gone already: no stat
+# A run gone before its start time was read: no start time to trust the pid by.
+echo "$pid ${started:-exited}" > "$pidfile"
 ln -sf "$log" "$GENVIS_LOG_DIR/latest.log"
 echo "$(hostname): started pid $pid (log $log)"
 # A run that ends this early failed to start (or was a tiny one): say so here,

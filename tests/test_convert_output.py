@@ -121,6 +121,8 @@ def test_a_replacement_stopped_between_its_renames_mixes_nothing(
   w = lambda v: {"w": np.full((4,), v, np.float32)}
   config = lambda name: ml_collections.ConfigDict({"model": {"name": name}})
   param_checkpoint.save_params(d, w(0.0), config("old"))
+  with open(os.path.join(d, "NOTES.txt"), "w") as f:   # a user's own file
+    f.write("kept")
   path_type = type(param_checkpoint.epath.Path(d))
   rename, calls = path_type.rename, []
 
@@ -146,6 +148,12 @@ def test_a_replacement_stopped_between_its_renames_mixes_nothing(
   except errors.UserError:
     assert stopped   # no weights: said; the old kept aside
     assert os.path.isdir(os.path.join(d, param_checkpoint.REPLACED, "params"))
+    # The rerun says so, whatever else the folder holds.
+    with pytest.raises(errors.OutputExistsError,
+                       match=r"holds an unfinished conversion .* The weights "
+                             r"it was replacing are in .*/\.params_replaced/"
+                             r"params"):
+      convert._check_dst(d, overwrite=False)   # pylint: disable=protected-access
     return
   recorded = weights.recorded_config(d)[0]
   assert recorded and recorded["model"]["name"] == {0.0: "old",

@@ -50,6 +50,13 @@ def test_worker_start_runs_in_background_and_stops(tmp_path):
       pytest.fail("worker_start.sh --stop left the process running")
   finally:
     subprocess.run(["kill", str(pid)], capture_output=True)
+  # A run gone before its start time was read still gets one: an empty one
+  # trusted the pid alone, which a later process may take.
+  for name in ("g1", "g2", "g3", "g4", "g5"):
+    sh("worker_start.sh", f"--run-name={name}", f"--log-dir={tmp_path}/logs",
+       "--python=/nonexistent/python", "--start-check=0", env=env)
+    fields = (tmp_path / "logs" / f"{name}.pid").read_text().split()
+    assert len(fields) == 2, fields
   # A single host exports nothing: jax needs no distributed set-up there.
   r = sh("worker_start.sh", "--run-name=r2", f"--log-dir={tmp_path}/logs",
          "--dry-run", "--", "--config=c.py", env={"TPU_WORKER_ENDPOINTS": ""})

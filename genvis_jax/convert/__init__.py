@@ -164,10 +164,12 @@ def _check_dst(dst: str, overwrite: bool, folder: bool = True) -> None:
         "init_from: choose another --dst.")
   held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
   if (target.is_file() or held) and not overwrite:
-    unfinished = held and "params" not in held and all(
-        n.startswith(("params.orbax-checkpoint-tmp", STAGING, REPLACED)
-                     + RECORDS)
-        for n in held)
+    # Only what a conversion writes, or a replacement stopped part-way
+    # (whatever else the folder holds).
+    unfinished = held and "params" not in held and (
+        STAGING in held or REPLACED in held or all(
+            n.startswith(("params.orbax-checkpoint-tmp", STAGING, REPLACED)
+                         + RECORDS) for n in held))
     kept = (f" The weights it was replacing are in {full}/{REPLACED}/params."
             if REPLACED in held else "")
     raise errors.OutputExistsError(

@@ -43,7 +43,8 @@ _ADDED_DEFAULTS = {"center_crop": ("", "adm"), "exif_transpose": (True,),
                    "random_crop_method": ("adm",),
                    # Older files listed every PIL format: where that read
                    # other files, the split's fingerprint differs.
-                   "extensions": ("torchvision",)}
+                   "extensions": ("torchvision",),
+                   "to_float": ("torchvision",)}
 
 
 def output_settings(config, checkpoint: str | None = None) -> dict:
