@@ -242,9 +242,14 @@ def _missing_source(kind: str, error: errors.CheckpointFileNotFoundError):
       "files come from\".")
 
 
+def source_paths(src: str | Sequence[str]) -> list[str]:
+  """``--src``'s files: a comma-separated string or a list, empties dropped."""
+  return [p for p in (src.split(",") if isinstance(src, str) else src) if p]
+
+
 def load_sources(src: str | Sequence[str], key: str | None = None) -> dict:
   """Reads and merges one or more files (a comma-separated string or a list)."""
-  paths = [p for p in (src.split(",") if isinstance(src, str) else src) if p]
+  paths = source_paths(src)
   if not paths:
     raise errors.ConfigError("--src is required (the official checkpoint file).")
   state: dict = {}
@@ -301,11 +306,10 @@ def _source_record(src, key) -> dict:
   """What a conversion read: each ``--src`` file's path, bytes and SHA-256,
   and ``--key`` (recorded beside the weights: which official file they
   are)."""
-  paths = [p for p in (src.split(",") if isinstance(src, str) else src) if p]
   return {"key": key, "files": [
       {"path": os.path.abspath(p) if not files.is_remote(p) else p,
        "bytes": epath.Path(p).stat().length,
-       "sha256": files.file_sha256(p)} for p in paths]}
+       "sha256": files.file_sha256(p)} for p in source_paths(src)]}
 
 
 def load_weights(path: str, expected=None, *,

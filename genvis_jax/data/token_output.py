@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 
 import jax
 from absl import logging
@@ -189,13 +188,13 @@ def remove_stale_partials(output: str) -> list[str]:
   files of another process count NNNNN: a shard killed mid-write on one
   process count, rerun on another, was never written again, so nothing
   removed it (training globs skip it; it took the disk). Returns them."""
-  count = jax.process_count()
-  gone = []
-  for path in glob.glob(f"{glob.escape(output)}-*-of-*.array_record.partial"):
-    m = re.search(r"-\d+-of-(\d+)\.array_record\.partial$", path)
-    if m and int(m.group(1)) != count:
-      os.remove(path)
-      gone.append(path)
+  partials = glob.glob(f"{glob.escape(output)}-*-of-*.array_record.partial")
+  sets = tokens_lib.shard_sets(p[:-len(".partial")] for p in partials)
+  gone = sorted(tokens_lib.shard_path(output, i, n) + ".partial"
+                for n, indices in sets.get(output, {}).items()
+                if n != jax.process_count() for i in indices)
+  for path in gone:
+    os.remove(path)
   if gone:
     logging.warning("Removed %d unfinished token file(s) of a run on another "
                     "process count (killed while writing): %s", len(gone),

@@ -395,7 +395,6 @@ class ToFloat(grain.transforms.Map):
   def __init__(self, value_range=(0.0, 1.0), formula: str = "torchvision"):
     self.value_range = tuple(float(v) for v in value_range)
     self.formula = formula
-    to_float(np.zeros(1, np.uint8), self.value_range, formula)   # refused now
 
   def map(self, record):
     return {**record, "image": to_float(record["image"], self.value_range,

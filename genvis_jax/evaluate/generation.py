@@ -82,8 +82,8 @@ def _reference_features(extractor, ref: ref_lib.Reference, log_every: int):
   if ref.images is None:
     return None, (ref.mu, ref.sigma), None
   stored = ref.pool_features
-  usable = (stored is not None and ref.images is not None
-            and len(stored) == len(ref.images) and ref.has_stats
+  usable = (stored is not None and len(stored) == len(ref.images)
+            and ref.has_stats
             and ref.origin == "recorded")
   if usable:
     logging.info("reference: using %d stored pool features", len(stored))

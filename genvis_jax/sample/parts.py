@@ -388,7 +388,8 @@ def assemble(workdir: str, num_samples: int) -> dict:
 def _write_samples(workdir: str, num_samples: int, out: dict) -> None:
   """``assemble``'s work on process 0: ``out``'s files from the parts."""
   chosen, labels, held = [], [], 0
-  for p in _listed(directory(workdir)):
+  listed = _listed(directory(workdir))
+  for p in listed:
     start = int(os.path.basename(p)[:9])
     if start != held:
       if start < num_samples:
@@ -428,8 +429,7 @@ def _write_samples(workdir: str, num_samples: int, out: dict) -> None:
                        ncols=images_lib.grid_columns(*shape[1:3]))
   # The parts hold every image again (9.8 GB for 50,000 at 256 px), kept so
   # a larger set draws only the rest: said, with what they take.
-  size = sum(epath.Path(p).stat().length
-             for p in _listed(directory(workdir)))
+  size = sum(epath.Path(p).stat().length for p in listed)
   print(f"[sample] {directory(workdir)} holds these images again "
         f"({size / 2**20:,.1f} MiB), kept so that a larger "
         "--config.sample.num_samples draws only the rest: delete it once the "

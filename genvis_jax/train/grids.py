@@ -73,13 +73,9 @@ def _kept(first: dict, path: str) -> dict:
 def drawn(workdir, step: int) -> bool:
   """Whether ``workdir/images`` holds a grid of ``step`` (as process 0 sees
   it; a collective)."""
-  found = False
-  if jax.process_index() == 0:
-    folder = epath.Path(os.fspath(workdir)) / "images"
-    found = folder.exists() and any(folder.glob(f"*_{step:07d}.png"))
-  if jax.process_count() > 1:
-    found = bool(multihost_utils.broadcast_one_to_all(np.bool_(found)))
-  return found
+  folder = epath.Path(os.fspath(workdir)) / "images"
+  return bool(multihost.decided_on_process_0(
+      lambda: folder.exists() and any(folder.glob(f"*_{step:07d}.png"))))
 
 
 def write_visuals(trainer, state, batch, writer, workdir, step) -> None:
