@@ -7,7 +7,13 @@ Usage in a config file::
       config = base.get_config()
       config.model = ...
       return base.finish(config)
+
+``finish`` locks the config and refuses a key that resembles one the configs
+use (``config.train.ema_decy``), naming it; a key of one's own goes in after
+it, under ``with config.unlocked():``.
 """
+
+import difflib
 
 import ml_collections
 
@@ -275,6 +281,76 @@ def get_config(arg=None):
   return c
 
 
+# Keys configs add beyond ``get_config``'s defaults, by section: in its
+# sections, and the whole of those that ``add_sample`` / ``add_tokenizer`` /
+# ``add_pretokenize`` and the tasks' configs make; so that ``finish`` can tell
+# a key from a misspelt one (tests/test_config_fields.py holds every shipped
+# config's keys to this table).
+ADDED_KEYS = {
+    "": ("disc", "flow", "latents", "loss", "only", "pretokenize", "sample",
+         "stage_order", "stages", "teachers", "tokenizer"),
+    "data": ("num_examples",),                    # the demo sources
+    "train": ("label_dropout",                    # generators
+              "randomness_anneal_start", "randomness_anneal_end"),   # RAR
+    "optimizer": ("decay_every", "decay_rate",    # Equivariant step decay
+                  "momentum"),                    # sgd
+    "evaluate": ("classifier_checkpoint", "min_accuracy",   # demo_fid
+                 "num_reference"),
+    "sample": ("allow_model_changes", "batch_size", "classes", "dtype",
+               "guidance_pow", "guidance_scale", "labels", "latent_scale",
+               "num_columns", "num_samples", "num_steps", "seed",
+               "temperature", "top_k", "top_p", "wide_columns"),
+    "tokenizer": ("checkpoint", "config_file", "dtype", "model", "uint8"),
+    "pretokenize": ("batch_size", "data", "device_batch", "output",
+                    "overwrite", "split", "ten_crop"),
+    "loss": ("adaptive_gan_weight", "disc_loss_weight", "disc_start",
+             "disc_weight", "disentangle_weight", "gan", "gan_weight",
+             "kl_weight", "learn_logvar", "logvar_init", "lpips_path",
+             "perceptual_weight", "quantizer_weight", "reconstruction",
+             "reconstruction_weight", "rep_group_size", "rep_weight",
+             "semantic_start", "semantic_weight", "stage2", "teacher",
+             "teacher_path"),
+    "flow": ("diffusion_batch_mul", "shift_group", "shift_num", "t_eps"),
+    "latents": ("posterior_noise", "scale"),
+}
+
+
+def known_keys() -> dict[str, set[str]]:
+  """Section name ("" = the root) -> the keys configs may set there:
+  ``get_config``'s defaults plus ``ADDED_KEYS``."""
+  schema = get_config()
+  known = {name: set(keys) for name, keys in ADDED_KEYS.items()}
+  known[""] |= set(schema.keys())
+  for name, section in schema.items():
+    if isinstance(section, ml_collections.ConfigDict):
+      known.setdefault(name, set()).update(section.keys())
+  return known
+
+
+def _misspelt_keys(c) -> list[str]:
+  """``section.key (did you mean X?)`` for each key of a section of
+  ``known_keys`` (at any depth: ``stages.<stage>.train`` too) that is not
+  one of its keys but close to one (difflib ratio >= 0.8):
+  ``train.ema_decy`` beside ``train.ema_decay``."""
+  known = known_keys()
+  found = []
+
+  def visit(node, path, name):
+    if name in known:
+      for key in sorted(set(node.keys()) - known[name]):
+        close = difflib.get_close_matches(key, sorted(known[name]), n=1,
+                                          cutoff=0.8)
+        if close:
+          found.append(f"{path}{key} (did you mean {close[0]}?)")
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict) and key not in MODEL_SECTIONS:
+        # A demo stage is a whole config: its keys are a root's.
+        visit(value, f"{path}{key}.", "" if name == "stages" else key)
+
+  visit(c, "", "")
+  return found
+
+
 def model_config(name: str, **fields) -> ml_collections.ConfigDict:
   """``config.model`` of module ``name``: the shared precision / remat keys
   above plus ``fields``, the values that differ from the module class's
@@ -383,5 +459,12 @@ def finish(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # ml_collections' lock() skips what is locked already, with its children.
     node.lock()
 
+  misspelt = _misspelt_keys(c)
+  if misspelt:
+    raise ConfigError(
+        f"Config key(s) {', '.join(misspelt)} look misspelt: nothing reads "
+        "them, so the setting would be ignored. Fix the name in the config "
+        "file (a key of your own that only resembles one: add it after "
+        "finish(), in `with config.unlocked():`).")
   visit(c)
   return c

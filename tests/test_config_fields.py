@@ -281,3 +281,59 @@ def test_channel_widths_groupnorm_cannot_split_are_refused(spec, key, value,
   from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
   with pytest.raises(ConfigError, match=message):
     models.build(pc.load_config(spec, **{key: value}).model)
+
+
+def test_finish_refuses_a_misspelt_key_of_a_derived_config():
+  """A config file built on ``base.get_config()`` that misspells a key of a
+  section (``train.ema_decy``) failed nothing: the run trained with the
+  default. ``finish`` names the key and the one it resembles, in a demo's
+  stages too, and leaves keys of one's own that resemble none alone."""
+  from configs import base, demo
+  c = base.get_config()
+  c.train.ema_decy = 0.9999
+  c.data.random_flp = False
+  with pytest.raises(ConfigError, match=r"data\.random_flp \(did you mean "
+                     r"random_flip\?\), train\.ema_decy \(did you mean "
+                     r"ema_decay\?\)"):
+    base.finish(c)
+  c = demo.get_config()
+  with c.stages.rar.unlocked():
+    c.stages.rar.smaple = c.stages.rar.sample
+  with pytest.raises(ConfigError, match=r"stages\.rar\.smaple \(did "
+                     r"you mean sample\?\)"):
+    base.finish(c)
+  c = base.get_config()
+  c.train.my_own_weight = 0.5
+  assert base.finish(c).train.my_own_weight == 0.5
+
+
+def test_every_shipped_config_key_is_declared():
+  """``base.ADDED_KEYS`` (the keys ``finish`` tells misspellings from)
+  holds every key the shipped configs set, paper and runlocal, each demo
+  stage included: a key left out of it would go unchecked."""
+  import importlib
+  import os
+  from configs import base
+  known = base.known_keys()
+  undeclared = set()
+
+  def visit(node, path, name):
+    if name in known:
+      undeclared.update(f"{path}{k}" for k in set(node.keys()) - known[name])
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict) and key not in (
+          "model", "disc"):
+        visit(value, f"{path}{key}.", "" if name == "stages" else key)
+
+  folder = os.path.dirname(base.__file__)
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith(".py") or name in ("__init__.py", "base.py") or (
+        name.endswith("_common.py")):
+      continue
+    module = importlib.import_module(f"configs.{name[:-3]}")
+    for arg in (None, "runlocal", "triple", "stage2", "tokenizer"):
+      try:
+        visit(module.get_config(arg), f"{name}:{arg} ", "")
+      except ValueError:   # an argument this config does not take
+        continue
+  assert not undeclared, sorted(undeclared)
