@@ -55,6 +55,8 @@ def main(argv):
              f"--name=value.\n{USAGE}", 2)
   config = FLAGS.config
   modes.check_names(config)
+  modes.check_overrides(
+      config, config_flags.get_override_values(FLAGS["config"]))
   preemption.exit_on_second_interrupt = True
   from genvis_jax.train import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize()

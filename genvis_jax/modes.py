@@ -70,6 +70,41 @@ def check_names(config) -> None:
       registry.module(package, node, attrs, setting=f"config.{key}")
 
 
+def check_overrides(config, names) -> None:
+  """Command-line overrides (``names``: ``"data.random_flip"``, ... as
+  ml_collections' ``get_override_values`` gives them; a demo's
+  ``"stages.<stage>.data...."`` for that stage) that nothing would read: a
+  ``config.data`` key of image data when ``config.data.source`` is
+  ``tokens`` (the crops and flips were fixed when pre-tokenizing), or one of
+  token files for image data. The same keys in a config file are its
+  defaults and pass. Raises ``ConfigError`` naming the flags."""
+  from genvis_jax.data import sources   # pylint: disable=import-outside-toplevel
+  by_job = {}   # prefix -> the data keys overridden there
+  for name in names:
+    prefix, _, key = name.rpartition("data.")
+    if not prefix or (prefix.startswith("stages.") and prefix.endswith(".")
+                      and prefix.count(".") == 2):
+      by_job.setdefault(prefix, []).append(key)
+  for prefix, keys in by_job.items():
+    job = config.stages[prefix.split(".")[1]] if prefix else config
+    source = (job.get("data") or {}).get("source")
+    unread = (sources.IMAGE_ONLY_KEYS if source == "tokens"
+              else sources.TOKEN_ONLY_KEYS)
+    flags_ = [f"--config.{prefix}data.{k}" for k in keys if k in unread]
+    if not flags_:
+      continue
+    if source == "tokens":
+      why = (f"config.{prefix}data.source='tokens' reads pre-tokenized "
+             "codes, whose crops and flips pre-tokenizing fixed "
+             "(config.pretokenize.ten_crop)")
+    else:
+      why = (f"config.{prefix}data.source={source!r} reads images, and these "
+             "settings are read for token files (data.source=tokens) alone")
+    raise ConfigError(
+        f"{', '.join(flags_)} would be read by nothing: {why}. Drop "
+        f"{'it' if len(flags_) == 1 else 'them'}.")
+
+
 DEMO_CONFIGS = "configs/demo.py, configs/demo_fqgan.py, configs/demo_eq.py"
 
 

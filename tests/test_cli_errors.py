@@ -37,6 +37,32 @@ def test_config_paths_of_both_flag_forms():
                                 "configs/x.py", "configs/y.py"]
 
 
+def test_overrides_that_nothing_reads_are_refused():
+  """A data key of the other kind of source, given on the command line;
+  the config file's own values (its defaults) and read keys pass."""
+  from configs import maskgit_vqgan, rar_b   # pylint: disable=import-outside-toplevel
+  tokens, images = rar_b.get_config("runlocal"), maskgit_vqgan.get_config(
+      "runlocal")
+  modes.check_overrides(tokens, ["data.path", "data.verify_checksums",
+                                 "train.num_steps"])
+  modes.check_overrides(images, ["data.random_flip", "data.to_float"])
+  with pytest.raises(UserError, match=r"--config.data.crop_min_frac, "
+                     r"--config.data.to_float would be read by nothing"):
+    modes.check_overrides(tokens, ["data.crop_min_frac", "data.path",
+                                   "data.to_float"])
+  with pytest.raises(UserError, match=r"--config.data.verify_checksums would "
+                     r"be read by nothing: config.data.source='demo' reads "
+                     r"images"):
+    modes.check_overrides(images, ["data.verify_checksums"])
+  stages = demo.get_config()   # the RAR stage trains on tokens
+  modes.check_overrides(stages, ["stages.tokenizer.data.random_flip",
+                                 "stages.rar.pretokenize.data.random_flip"])
+  with pytest.raises(UserError, match=r"--config.stages.rar.data.random_flip "
+                     r"would be read by nothing: config.stages.rar.data.source"
+                     r"='tokens'"):
+    modes.check_overrides(stages, ["stages.rar.data.random_flip"])
+
+
 def test_a_flag_error_keeps_the_message_raised_from_none():
   """``raise ... from None`` ends the chain: the config argument's message
   (naming the argument), not the int() error under it."""
@@ -205,6 +231,14 @@ CASES = {
     "no_pretokenize_stage": (
         ["--config=configs/eq_s.py:runlocal", "--config.mode=pretokenize"],
         r"This config has no pretokenize stage"),
+    # A token-data run trained with the flips pre-tokenizing wrote.
+    "unread_data_key": (
+        ["--config=configs/rar_b.py:runlocal",
+         "--config.data.random_flip=False"],
+        r"--config.data.random_flip would be read by nothing: "
+        r"config.data.source='tokens' reads pre-tokenized codes, whose crops "
+        r"and flips pre-tokenizing fixed \(config.pretokenize.ten_crop\)\. "
+        r"Drop it\.$"),
     # ml_collections keeps this load failure for the first read of the config.
     "flagfile_missing_config": (
         ["--flagfile={flagfile}"],

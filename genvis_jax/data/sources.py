@@ -62,6 +62,14 @@ class DataConfigError(UserError, ValueError):
 # Every config.data.source; all but "tokens" (pre-tokenized codes) give images.
 SOURCES = ("demo", "demo_landscapes", "image_folder", "tfds", "tokens")
 IMAGE_SOURCES = tuple(s for s in SOURCES if s != "tokens")
+# config.data keys that one kind of source alone reads: the image reading and
+# augmentation (token files hold codes of crops made when pre-tokenizing), and
+# the token files' own (``modes.check_overrides`` refuses them on the command
+# line for the other kind).
+IMAGE_ONLY_KEYS = ("center_crop", "crop_min_frac", "exif_transpose",
+                   "extensions", "random_crop", "random_crop_method",
+                   "random_flip", "to_float")
+TOKEN_ONLY_KEYS = ("crops_per_epoch", "verify_checksums")
 
 
 def check_source(source: str, setting: str, reader: str,
