@@ -122,6 +122,12 @@ def test_nan_loss_honours_check_finite(tmp_path, nan_at_step_4, check_finite):
     state = trainer_lib.train_loop(c, wd, on_log=logs.__setitem__)
     assert int(state.step) == 6
     assert logs[4]["nonfinite_steps"] == 1.0 and logs[6]["nonfinite_steps"] == 0.0
+    # The skipped update's NaN is left out of its interval's means (it made
+    # the interval's loss and gradient norm NaN), and no per-group flag is
+    # logged.
+    assert np.isfinite(logs[4]["loss"]) and np.isfinite(
+        logs[4]["grad_norm/model"]), logs[4]
+    assert not any(k.startswith("nonfinite/") for k in logs[4]), logs[4]
     assert all(np.isfinite(x).all() for x in leaves(state.params))
     # The learning rate of each log step's last update, and examples/s (a
     # warm-up or decay could not be seen).

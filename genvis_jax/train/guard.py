@@ -114,14 +114,13 @@ def blamed_groups(guard: DivergenceGuard, means: dict,
   """The parameter groups the numbers point at and why, first found of:
   NaN/Inf parameter norms, runaway parameter norms (one group's blown-up
   weights make every group's gradients NaN/Inf), NaN/Inf gradient norms
-  (``grad_norm/<group>`` of the interval); ([], "") when none stands out."""
+  (``nonfinite/<group>`` of the interval); ([], "") when none stands out."""
   for groups, why in (
       ([g for g, v in norms.items() if not math.isfinite(v)],
        "NaN/Inf parameters"),
       (guard.runaway_groups(norms),
        f"a parameter norm over {guard.factor:g}x its running median"),
-      ([g for g in norms
-        if not math.isfinite(means.get(f"grad_norm/{g}", 0.0))],
+      ([g for g in norms if means.get(f"nonfinite/{g}", 0.0) > 0],
        "NaN/Inf gradients")):
     if groups:
       return groups, why

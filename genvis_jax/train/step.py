@@ -68,7 +68,11 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
   loss or gradient leaves the float state (params, moments, EMA) untouched,
   advances the step and the optimizer's counts, and is reported as
   ``metrics["nonfinite"] = 1`` (the loop stops with a clear error when
-  ``train.check_finite``, else counts it; see train/guard.py).
+  ``train.check_finite``, else counts it; see train/guard.py), with
+  ``metrics["nonfinite/<group>"] = 1`` for each group whose gradients were
+  NaN/Inf, and every other float metric of that step 0: a log interval's
+  means are over its finite steps (``interval_means``), where one skipped
+  step's NaN made the whole interval's loss and gradient norms NaN.
   """
   k = int(train_config.micro_batches)
   ema_decay = float(train_config.ema_decay)
@@ -97,9 +101,11 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
       decay = ema_decay_at(state.step, ema_decay, ema_warmup)
       ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
                                    ema, new_params[task.ema_group])
+    finite_grads = {g: jnp.isfinite(metrics[f"grad_norm/{g}"])
+                    for g in task.param_groups}
     finite = jnp.isfinite(metrics["loss"])
     for g in task.param_groups:
-      finite &= jnp.isfinite(metrics[f"grad_norm/{g}"])
+      finite &= finite_grads[g]
     new_state = TrainState(step=state.step + 1, params=new_params,
                            opt_state=new_opt, ema=ema)
     # Keep the last good parameters, moments and EMA when the loss or
@@ -109,10 +115,26 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
     new_state = jax.tree_util.tree_map(
         lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer)
         else jnp.where(finite, n, o), new_state, state)
+    metrics = {k: jnp.where(finite, v, jnp.zeros_like(v))
+               if jnp.issubdtype(v.dtype, jnp.floating) else v
+               for k, v in metrics.items()}
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    metrics.update({f"nonfinite/{g}": 1.0 - f.astype(jnp.float32)
+                    for g, f in finite_grads.items()})
     return new_state, usage_of_batch(metrics)
 
   return step_fn
+
+
+def interval_means(sums: dict, count: int) -> dict:
+  """A log interval's means from the sums of ``count`` steps' metrics:
+  ``nonfinite`` and ``nonfinite/<group>`` (fractions of the steps), the
+  others over the finite steps alone (``make_train_step`` zeroes a skipped
+  step's), NaN where every step was skipped."""
+  good = count - round(float(sums.get("nonfinite", 0.0)))
+  return {k: float(v) / count if k.split("/")[0] == "nonfinite"
+          else float(v) / good if good else float("nan")
+          for k, v in sums.items()}
 
 
 def usage_of_batch(metrics: dict) -> dict:

@@ -301,6 +301,8 @@ class _Logger:
     parameter groups' norms at ``done``."""
     scalars = dict(means)
     nonfinite_steps = round(scalars.pop("nonfinite") * count)
+    for key in [k for k in scalars if k.startswith("nonfinite/")]:
+      del scalars[key]   # the guard's, to blame a group
     self.guard.record(scalars["loss"], norms)
     if nonfinite_steps:   # only reached with check_finite off
       logging.warning("%d update(s) with NaN/Inf loss or gradients skipped "
@@ -404,7 +406,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           group_check.check(done)
           # Health checks on what logging fetches anyway, and always right before
           # a save, so a diverged state is never written as a checkpoint.
-          means = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
+          means = step_lib.interval_means(jax.device_get(acc), acc_n)
           norms = trainer.param_norms(state)
           guard_lib.check_health(config, guard, means, norms, acc_n,
                                  checked, done, ckpt,
