@@ -311,3 +311,24 @@ def test_stop_saves_do_not_push_out_the_checkpoints_of_the_cadence(tmp_path):
   ck.close()
   assert kept[3:] == [[10, 20, 30, 34], [10, 20, 30, 36], [10, 20, 30, 38],
                       [20, 30, 40]]
+
+
+def test_skipped_records_count_every_process_files(monkeypatch):
+  """``skipped_records`` is the sum over processes (each reads its own
+  share of the files); it was process 0's count alone."""
+  from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
+  written = {}
+
+  class Stub:   # the writer, guard, progress, pipeline info and task
+    num_skipped = 2
+    write_scalars = staticmethod(lambda step, scalars: written.update(scalars))
+    record = staticmethod(lambda loss, norms: None)
+    learning_rates = staticmethod(lambda step: {"model": 0.1})
+    __call__ = lambda self, done: {}
+
+  monkeypatch.setattr(multihost, "gather_ints",
+                      lambda value: np.array([value, 5]))
+  stub = Stub()
+  trainer_lib._Logger(stub, stub, stub, stub, 10, None, stub, 8)(   # pylint: disable=protected-access
+      4, {"loss": 1.0, "nonfinite": 0.0}, {"model": 1.0}, 4)
+  assert written["skipped_records"] == 7.0

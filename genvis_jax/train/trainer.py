@@ -315,7 +315,10 @@ class _Logger:
     # The last update's rate (update done - 1; a warm-up starts at 0).
     scalars.update({f"lr/{g}": v for g, v in
                     self.task.learning_rates(done - 1).items()})
-    scalars["skipped_records"] = float(self.info.num_skipped)
+    # Every process's unreadable files (each reads its own share); all
+    # processes log at the same steps.
+    scalars["skipped_records"] = float(
+        multihost.gather_ints(self.info.num_skipped).sum())
     self.writer.write_scalars(done, scalars)
     if self.on_log is not None:
       self.on_log(done, scalars)
