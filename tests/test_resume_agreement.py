@@ -273,3 +273,50 @@ def test_processes_agree_on_a_background_save(monkeypatch, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointSaveError, match="stopped at step 9"):
     ckpt.check(at_step=9, agree=True)
   assert told == [1, -1]                       # the others were told
+
+
+def test_a_resume_on_a_changed_image_folder(tmp_path, caplog):
+  """The listing of an image folder is saved with each input position. A
+  resume after images were added draws the order afresh (the saved position
+  would repeat and skip images of the epoch in progress), and one after a
+  class folder was added before others is refused: every later class's label
+  moved, and the run went on training on the new labels without a word."""
+  from PIL import Image   # pylint: disable=import-outside-toplevel
+  from genvis_jax.errors import ConfigError   # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+
+  def add(cls, n, start=0):
+    os.makedirs(tmp_path / "img" / cls, exist_ok=True)
+    for i in range(start, start + n):
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(
+          tmp_path / "img" / cls / f"{cls}{i}.png")
+
+  for cls in ("cat", "dog", "emu"):
+    add(cls, 8)
+  wd = str(tmp_path / "wd")
+
+  def train(steps):
+    c = config(steps)
+    c.data.update(source="image_folder", path=str(tmp_path / "img"),
+                  random_crop=False, read_threads=1)
+    c.model.num_classes = c.data.num_classes = 4
+    c.train.update(profile_steps=0, ema_decay=0.0)
+    return trainer_lib.train_and_evaluate(c, wd)
+
+  train(3)
+  with open(os.path.join(wd, "checkpoints", "3", "data",
+                         "process_0-of-1.json")) as f:
+    listing = json.load(f)["data_listing"]
+  assert listing["count"] == 24 and listing["classes"] == ["cat", "dog", "emu"]
+  add("dog", 4, start=8)
+  with caplog.at_level(logging.WARNING):
+    assert int(train(6).step) == 6
+  assert any("counts examples of another listing of the image folder" in
+             r.getMessage() and "(24 images then, 28 now" in r.getMessage()
+             for r in caplog.records), caplog.text
+  add("bird", 2)
+  with pytest.raises(ConfigError, match=r"class folders of the image folder "
+                     r".* changed since step 6 was saved \(added: bird; "
+                     r"removed: none\).* 3 class\(es\) now have other labels "
+                     r"\('cat' 0 -> 1, 'dog' 1 -> 2, 'emu' 2 -> 3\)"):
+    train(9)

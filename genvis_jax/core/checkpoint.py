@@ -75,16 +75,19 @@ class CheckpointSaveError(UserError, OSError):
 class _IteratorSnapshot:
   """Freezes a Grain iterator's state now: an async save may run after the loop
   has already pulled the next batch. With ``seed``, the file also records the
-  data seed the order was drawn with (``{"data_seed", "iterator"}``), and
-  with ``group`` the process's data group ``[group, count]``
-  (``sharding.data_groups``: which shard of the data it read)."""
+  data seed the order was drawn with (``{"data_seed", "iterator"}``), with
+  ``group`` the process's data group ``[group, count]``
+  (``sharding.data_groups``: which shard of the data it read), and with
+  ``listing`` an image folder's listing (``PipelineInfo.listing``)."""
 
-  def __init__(self, it, seed=None, group=None):
+  def __init__(self, it, seed=None, group=None, listing=None):
     state = it.get_state()
     if seed is not None:
       state = {"data_seed": int(seed), "iterator": state}
       if group is not None:
         state["data_group"] = [int(g) for g in group]
+      if listing is not None:
+        state["data_listing"] = listing
     self._state = json.dumps(state, indent=1).encode()
 
   def get_state(self) -> bytes:
@@ -95,10 +98,13 @@ class _IteratorSnapshot:
 class SavedPosition:
   """An input position saved with a step: this process's Grain iterator
   ``state``, the data ``seed`` its order was drawn with (None: not recorded,
-  i.e. ``config.seed``), or ``why`` it cannot be used here (state None)."""
+  i.e. ``config.seed``), or ``why`` it cannot be used here (state None);
+  ``listing``: the image folder's listing it counts in, where recorded
+  (also when ``why`` is set, from process 0's file)."""
   state: Any = None
   seed: int | None = None
   why: str | None = None
+  listing: dict | None = None
 
 
 class Restored(NamedTuple):
@@ -213,12 +219,13 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter=None, config=None, force=False,
-           data_seed=None, data_group=None):
+           data_seed=None, data_group=None, data_listing=None):
     """Starts an (async) save of ``step``; raises :class:`CheckpointSaveError`
     for this save's synchronous part or an earlier save that failed.
-    ``data_seed``: the seed ``data_iter``'s order was drawn with, and
-    ``data_group``: this process's ``(group, count)`` of the data, kept beside
-    its position (see :meth:`saved_position`)."""
+    ``data_seed``: the seed ``data_iter``'s order was drawn with,
+    ``data_group``: this process's ``(group, count)`` of the data, and
+    ``data_listing``: an image folder's listing, kept beside its position
+    (see :meth:`saved_position`)."""
     # Orbax waits for the previous save anyway; a failed one stops here
     # (on every process: all save at the same steps).
     self.check(block=True, at_step=step, agree=True)
@@ -226,7 +233,7 @@ class Checkpointer:
     if data_iter is not None:
       import grain  # pylint: disable=import-outside-toplevel
       items["data"] = grain.checkpoint.CheckpointSave(
-          _IteratorSnapshot(data_iter, data_seed, data_group))
+          _IteratorSnapshot(data_iter, data_seed, data_group, data_listing))
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
     try:
@@ -336,21 +343,28 @@ class Checkpointer:
     count = ckpt_files.saved_process_count(step_dir)
     if count is None:
       return SavedPosition(why="was not saved")
+    read = lambda i: json.loads(ckpt_files.data_file(step_dir, i, count)
+                                .read_text())
     if count != jax.process_count():
+      try:   # the listing alone, of any process (one folder)
+        listing = _recorded(read(0)).get("data_listing")
+      except (OSError, ValueError):
+        listing = None
       return SavedPosition(why=f"was written by {count} process(es) and this "
-                           f"job has {jax.process_count()}")
-    saved = json.loads(ckpt_files.data_file(step_dir, jax.process_index(),
-                                       count).read_text())
-    recorded = isinstance(saved, dict) and {"data_seed", "iterator"} <= set(
-        saved) and set(saved) <= {"data_seed", "iterator", "data_group"}
-    group = tuple(saved.get("data_group", ())) if recorded else ()
-    group = group or (jax.process_index(), count)
+                           f"job has {jax.process_count()}", listing=listing)
+    saved = read(jax.process_index())
+    recorded = _recorded(saved)
+    group = tuple(recorded.get("data_group", ())) or (jax.process_index(),
+                                                      count)
+    listing = recorded.get("data_listing")
     if data_group is not None and group != tuple(data_group):
       return SavedPosition(why=f"was read as data group {group[0]} of "
                            f"{group[1]}, and this run's mesh makes this process "
-                           f"group {data_group[0]} of {data_group[1]}")
+                           f"group {data_group[0]} of {data_group[1]}",
+                           listing=listing)
     if recorded:
-      return SavedPosition(saved["iterator"], int(saved["data_seed"]))
+      return SavedPosition(saved["iterator"], int(saved["data_seed"]),
+                           listing=listing)
     return SavedPosition(saved)   # written before the seed was recorded
 
   def restore_latest(self, abstract_state, config=None, with_data=False):
@@ -447,6 +461,17 @@ class Checkpointer:
     """Waits for the save in flight and closes; every process calls it."""
     self.check(block=True, agree=True)
     self.manager.close()
+
+
+def _recorded(saved) -> dict:
+  """A position file's records beside the Grain state (``_IteratorSnapshot``:
+  ``data_seed``, ``iterator`` and, where saved, ``data_group`` /
+  ``data_listing``); {} for a file of the Grain state alone (written before
+  the seed was recorded)."""
+  keys = {"data_seed", "iterator", "data_group", "data_listing"}
+  if isinstance(saved, dict) and {"data_seed", "iterator"} <= set(saved) <= keys:
+    return saved
+  return {}
 
 
 def save_error_cause(error: BaseException) -> str:

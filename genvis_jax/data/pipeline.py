@@ -169,11 +169,25 @@ class PipelineInfo:
   classes_from_data: bool = False
   iterator: Any = dataclasses.field(default=None, repr=False)
   data_source: Any = dataclasses.field(default=None, repr=False)
+  _memo: dict = dataclasses.field(default_factory=dict, repr=False,
+                                  compare=False)
 
   def fingerprint(self) -> dict:
     """``sources.fingerprint`` of the split read (its size, an image
-    folder's files and labels)."""
-    return sources.fingerprint(self.data_source)
+    folder's files and labels); computed once."""
+    if "fingerprint" not in self._memo:
+      self._memo["fingerprint"] = sources.fingerprint(self.data_source)
+    return self._memo["fingerprint"]
+
+  def listing(self) -> dict | None:
+    """An image folder's listing, saved with each input position so that a
+    resume can compare (``train.resume.listing_changed``): its
+    ``fingerprint`` and ``classes`` (the class names in label order). None
+    for other sources (token files are compared by ``data.run_origin``)."""
+    found = self.fingerprint()
+    if self.class_names is None or "files_sha256" not in found:
+      return None
+    return {**found, "classes": list(self.class_names)}
 
   @property
   def num_skipped(self) -> int:

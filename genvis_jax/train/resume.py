@@ -99,6 +99,43 @@ def order_setting_changed(saved_config: dict | None, config) -> str:
   return ""
 
 
+def listing_changed(saved: dict, now: dict | None, step: int,
+                    path: str) -> str:
+  """Why an input position saved with ``step`` over the image folder listing
+  ``saved`` cannot be used on the folder's listing ``now``
+  (``PipelineInfo.listing``): "" if the same; the reason if images were
+  added, removed or renamed since (the saved position would repeat some of
+  the epoch's images and skip others).
+
+  Raises:
+    ConfigError: a class folder was removed, or one added before others: a
+      class's label is its place in the sorted class list, so labels moved
+      and the run would go on training on other labels (classes added after
+      all others move none: the order is drawn afresh).
+  """
+  if now is None or saved == now:
+    return ""
+  before, after = list(saved.get("classes") or ()), list(now.get("classes") or ())
+  added = sorted(set(after) - set(before))
+  removed = sorted(set(before) - set(after))
+  moved = [f"{c!r} {before.index(c)} -> {after.index(c)}" for c in before
+           if c in after and before.index(c) != after.index(c)]
+  if moved or removed:
+    raise errors.ConfigError(
+        f"The class folders of the image folder {path!r} changed since step "
+        f"{step} was saved (added: {', '.join(added) or 'none'}; removed: "
+        f"{', '.join(removed) or 'none'}). A class's label is its place in the "
+        f"sorted class list, so {len(moved)} class(es) now have other labels "
+        f"({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}) and "
+        "the run would go on training on them. Restore the folder's classes "
+        "to resume, or start a new --workdir (--config.init_from=<this run> "
+        "keeps the weights).")
+  also = f"; classes added after the others: {', '.join(added)}" if added else ""
+  return (f"counts examples of another listing of the image folder {path!r} "
+          f"({saved.get('count')} images then, {now.get('count')} now: "
+          f"images added, removed or renamed since{also})")
+
+
 def _check_newest_config(ckpt, config) -> None:
   """Raises CheckpointMismatchError if the newest step was saved with another
   model config; a config it cannot read is left to the restore (damage)."""
@@ -145,6 +182,12 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config,
   except Exception as e:  # pylint: disable=broad-except
     error = e   # storage (OSError, or a file-system backend's own errors)
   why = pos.why if pos is not None else None
+  if error is None and pos is not None and pos.listing is not None:
+    try:   # labels that moved stop here; other files redraw the order
+      why = why or listing_changed(pos.listing, info.listing(), step,
+                                   config.data.get("path", ""))
+    except errors.ConfigError as e:
+      error = e
   why = why or unusable or order_setting_changed(saved_config, config)
   unfit = multihost.gather_or_raise(
       int(bool(why)), error, "could not read their input position saved "

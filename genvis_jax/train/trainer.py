@@ -432,7 +432,8 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
           # devices, waiting for the previous write) is not training time.
           with progress.off_the_clock(state):
             ckpt.save(done, state, data_iter, config, data_seed=data_seed,
-                      data_group=trainer.data_group)
+                      data_group=trainer.data_group,
+                      data_listing=info.listing())
         if stop_now and done < num_steps:
           ckpt.close()
           writer.flush()
