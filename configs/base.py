@@ -13,8 +13,6 @@ use (``config.train.ema_decy``), naming it; a key of one's own goes in after
 it, under ``with config.unlocked():``.
 """
 
-import difflib
-
 import ml_collections
 
 # Logical axis -> mesh axis rules: the package's one table, defined beside the
@@ -327,30 +325,6 @@ def known_keys() -> dict[str, set[str]]:
   return known
 
 
-def _misspelt_keys(c) -> list[str]:
-  """``section.key (did you mean X?)`` for each key of a section of
-  ``known_keys`` (at any depth: ``stages.<stage>.train`` too) that is not
-  one of its keys but close to one (difflib ratio >= 0.8):
-  ``train.ema_decy`` beside ``train.ema_decay``."""
-  known = known_keys()
-  found = []
-
-  def visit(node, path, name):
-    if name in known:
-      for key in sorted(set(node.keys()) - known[name]):
-        close = difflib.get_close_matches(key, sorted(known[name]), n=1,
-                                          cutoff=0.8)
-        if close:
-          found.append(f"{path}{key} (did you mean {close[0]}?)")
-    for key, value in node.items():
-      if isinstance(value, ml_collections.ConfigDict) and key not in MODEL_SECTIONS:
-        # A demo stage is a whole config: its keys are a root's.
-        visit(value, f"{path}{key}.", "" if name == "stages" else key)
-
-  visit(c, "", "")
-  return found
-
-
 def model_config(name: str, **fields) -> ml_collections.ConfigDict:
   """``config.model`` of module ``name``: the shared precision / remat keys
   above plus ``fields``, the values that differ from the module class's
@@ -459,7 +433,8 @@ def finish(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # ml_collections' lock() skips what is locked already, with its children.
     node.lock()
 
-  misspelt = _misspelt_keys(c)
+  from genvis_jax.core import settings  # pylint: disable=import-outside-toplevel
+  misspelt = settings.misspelt_keys(c, known_keys(), skip=MODEL_SECTIONS)
   if misspelt:
     raise ConfigError(
         f"Config key(s) {', '.join(misspelt)} look misspelt: nothing reads "

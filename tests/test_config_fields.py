@@ -314,17 +314,8 @@ def test_every_shipped_config_key_is_declared():
   import importlib
   import os
   from configs import base
-  known = base.known_keys()
+  from genvis_jax.core import settings
   undeclared = set()
-
-  def visit(node, path, name):
-    if name in known:
-      undeclared.update(f"{path}{k}" for k in set(node.keys()) - known[name])
-    for key, value in node.items():
-      if isinstance(value, ml_collections.ConfigDict) and key not in (
-          "model", "disc"):
-        visit(value, f"{path}{key}.", "" if name == "stages" else key)
-
   folder = os.path.dirname(base.__file__)
   for name in sorted(os.listdir(folder)):
     if not name.endswith(".py") or name in ("__init__.py", "base.py") or (
@@ -333,7 +324,10 @@ def test_every_shipped_config_key_is_declared():
     module = importlib.import_module(f"configs.{name[:-3]}")
     for arg in (None, "runlocal", "triple", "stage2", "tokenizer"):
       try:
-        visit(module.get_config(arg), f"{name}:{arg} ", "")
+        config = module.get_config(arg)
       except ValueError:   # an argument this config does not take
         continue
+      undeclared.update(f"{name}:{arg} {path}" for path, _ in
+                        settings.unknown_keys(config, base.known_keys(),
+                                              base.MODEL_SECTIONS))
   assert not undeclared, sorted(undeclared)

@@ -21,7 +21,6 @@ model settings) is ``core.checkpoint_fit``.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import time
@@ -70,41 +69,6 @@ class CheckpointRestoreError(UserError, RuntimeError):
 
 class CheckpointSaveError(UserError, OSError):
   """Writing a checkpoint failed (e.g. no space left); training stops."""
-
-
-class _IteratorSnapshot:
-  """Freezes a Grain iterator's state now: an async save may run after the loop
-  has already pulled the next batch. With ``seed``, the file also records the
-  data seed the order was drawn with (``{"data_seed", "iterator"}``), with
-  ``group`` the process's data group ``[group, count]``
-  (``sharding.data_groups``: which shard of the data it read), and with
-  ``listing`` an image folder's listing (``PipelineInfo.listing``)."""
-
-  def __init__(self, it, seed=None, group=None, listing=None):
-    state = it.get_state()
-    if seed is not None:
-      state = {"data_seed": int(seed), "iterator": state}
-      if group is not None:
-        state["data_group"] = [int(g) for g in group]
-      if listing is not None:
-        state["data_listing"] = listing
-    self._state = json.dumps(state, indent=1).encode()
-
-  def get_state(self) -> bytes:
-    return self._state
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedPosition:
-  """An input position saved with a step: this process's Grain iterator
-  ``state``, the data ``seed`` its order was drawn with (None: not recorded,
-  i.e. ``config.seed``), or ``why`` it cannot be used here (state None);
-  ``listing``: the image folder's listing it counts in, where recorded
-  (also when ``why`` is set, from process 0's file)."""
-  state: Any = None
-  seed: int | None = None
-  why: str | None = None
-  listing: dict | None = None
 
 
 class Restored(NamedTuple):
@@ -233,7 +197,8 @@ class Checkpointer:
     if data_iter is not None:
       import grain  # pylint: disable=import-outside-toplevel
       items["data"] = grain.checkpoint.CheckpointSave(
-          _IteratorSnapshot(data_iter, data_seed, data_group, data_listing))
+          ckpt_files.IteratorSnapshot(data_iter, data_seed, data_group,
+                                     data_listing))
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
     try:
@@ -317,55 +282,14 @@ class Checkpointer:
     return pytree_io.restore_item(self.directory / str(step) / "state",
                                   pytree_io.onto(abstract_state))
 
-  def saved_position(self, step: int,
-                     data_group: tuple[int, int] | None = None) -> SavedPosition:
-    """This process's input position saved with ``step``, read directly (no
-    Orbax barrier: a process whose position does not fit must not leave the
-    others waiting in one).
-
-    The Grain state is per process (``data/process_<i>-of-<n>.json``); a step
-    written by another number of processes (a job resumed on a bigger or
-    smaller slice: the shards are cut differently), or one without ``data/``,
-    has none for this one, and ``why`` says so. So has one read as another
-    data group than ``data_group``, this run's (another mesh at the same
-    process count can group the processes otherwise: another shard of the
-    data, and processes of one group must hold one position); positions
-    saved before groups were recorded were read as group = process.
-
-    Raises:
-      OSError: the file cannot be read (storage; not a reason to change the
-        data order).
-      ValueError: its JSON is damaged, or ``data/`` lacks a process's file
-        or mixes process counts (``restore_latest(with_data=True)`` checks
-        the files before this reads them).
-    """
-    step_dir = self.directory / str(step)
-    count = ckpt_files.saved_process_count(step_dir)
-    if count is None:
-      return SavedPosition(why="was not saved")
-    read = lambda i: json.loads(ckpt_files.data_file(step_dir, i, count)
-                                .read_text())
-    if count != jax.process_count():
-      try:   # the listing alone, of any process (one folder)
-        listing = _recorded(read(0)).get("data_listing")
-      except (OSError, ValueError):
-        listing = None
-      return SavedPosition(why=f"was written by {count} process(es) and this "
-                           f"job has {jax.process_count()}", listing=listing)
-    saved = read(jax.process_index())
-    recorded = _recorded(saved)
-    group = tuple(recorded.get("data_group", ())) or (jax.process_index(),
-                                                      count)
-    listing = recorded.get("data_listing")
-    if data_group is not None and group != tuple(data_group):
-      return SavedPosition(why=f"was read as data group {group[0]} of "
-                           f"{group[1]}, and this run's mesh makes this process "
-                           f"group {data_group[0]} of {data_group[1]}",
-                           listing=listing)
-    if recorded:
-      return SavedPosition(saved["iterator"], int(saved["data_seed"]),
-                           listing=listing)
-    return SavedPosition(saved)   # written before the seed was recorded
+  def saved_position(self, step: int, data_group: tuple[int, int] | None = None
+                     ) -> ckpt_files.SavedPosition:
+    """This process's input position saved with ``step``
+    (``checkpoint_files.saved_position``: the reasons it may not fit, the
+    errors raised)."""
+    return ckpt_files.saved_position(self.directory / str(step),
+                                     jax.process_index(), jax.process_count(),
+                                     data_group)
 
   def restore_latest(self, abstract_state, config=None, with_data=False):
     """Restores the newest step that loads as :class:`Restored` (all None
@@ -461,17 +385,6 @@ class Checkpointer:
     """Waits for the save in flight and closes; every process calls it."""
     self.check(block=True, agree=True)
     self.manager.close()
-
-
-def _recorded(saved) -> dict:
-  """A position file's records beside the Grain state (``_IteratorSnapshot``:
-  ``data_seed``, ``iterator`` and, where saved, ``data_group`` /
-  ``data_listing``); {} for a file of the Grain state alone (written before
-  the seed was recorded)."""
-  keys = {"data_seed", "iterator", "data_group", "data_listing"}
-  if isinstance(saved, dict) and {"data_seed", "iterator"} <= set(saved) <= keys:
-    return saved
-  return {}
 
 
 def save_error_cause(error: BaseException) -> str:

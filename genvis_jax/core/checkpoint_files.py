@@ -10,8 +10,10 @@ handler writes for process i of n (:func:`data_file`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from typing import Any
 
 import orbax.checkpoint as ocp
 import tensorstore as ts
@@ -226,3 +228,101 @@ class StepsOfProcess0:
     steps = multihost.ints_on_process_0(lambda: sorted(saved_steps(base)))
     return [ocp.step.Metadata(step=s, path=base / self.build_name(s))
             for s in steps]
+
+
+# --- input positions (data/process_<i>-of-<n>.json) ----------------------------
+
+class IteratorSnapshot:
+  """Freezes a Grain iterator's state now: an async save may run after the loop
+  has already pulled the next batch. With ``seed``, the file also records the
+  data seed the order was drawn with (``{"data_seed", "iterator"}``), with
+  ``group`` the process's data group ``[group, count]``
+  (``sharding.data_groups``: which shard of the data it read), and with
+  ``listing`` an image folder's listing (``PipelineInfo.listing``)."""
+
+  def __init__(self, it, seed=None, group=None, listing=None):
+    state = it.get_state()
+    if seed is not None:
+      state = {"data_seed": int(seed), "iterator": state}
+      if group is not None:
+        state["data_group"] = [int(g) for g in group]
+      if listing is not None:
+        state["data_listing"] = listing
+    self._state = json.dumps(state, indent=1).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedPosition:
+  """An input position saved with a step: this process's Grain iterator
+  ``state``, the data ``seed`` its order was drawn with (None: not recorded,
+  i.e. ``config.seed``), or ``why`` it cannot be used here (state None);
+  ``listing``: the image folder's listing it counts in, where recorded
+  (also when ``why`` is set, from process 0's file)."""
+  state: Any = None
+  seed: int | None = None
+  why: str | None = None
+  listing: dict | None = None
+
+
+def saved_position(step_dir: epath.Path, process_index: int,
+                   process_count: int,
+                   data_group: tuple[int, int] | None = None) -> SavedPosition:
+  """Process ``process_index``'s (of ``process_count``) input position saved
+  in ``step_dir``, read directly (no
+  Orbax barrier: a process whose position does not fit must not leave the
+  others waiting in one).
+
+  The Grain state is per process (``data/process_<i>-of-<n>.json``); a step
+  written by another number of processes (a job resumed on a bigger or
+  smaller slice: the shards are cut differently), or one without ``data/``,
+  has none for this one, and ``why`` says so. So has one read as another
+  data group than ``data_group``, this run's (another mesh at the same
+  process count can group the processes otherwise: another shard of the
+  data, and processes of one group must hold one position); positions
+  saved before groups were recorded were read as group = process.
+
+  Raises:
+    OSError: the file cannot be read (storage; not a reason to change the
+      data order).
+    ValueError: its JSON is damaged, or ``data/`` lacks a process's file
+      or mixes process counts (``restore_latest(with_data=True)`` checks
+      the files before this reads them).
+  """
+  count = saved_process_count(step_dir)
+  if count is None:
+    return SavedPosition(why="was not saved")
+  read = lambda i: json.loads(data_file(step_dir, i, count).read_text())
+  if count != process_count:
+    try:   # the listing alone, of any process (one folder)
+      listing = _recorded(read(0)).get("data_listing")
+    except (OSError, ValueError):
+      listing = None
+    return SavedPosition(why=f"was written by {count} process(es) and this "
+                         f"job has {process_count}", listing=listing)
+  saved = read(process_index)
+  recorded = _recorded(saved)
+  group = tuple(recorded.get("data_group", ())) or (process_index, count)
+  listing = recorded.get("data_listing")
+  if data_group is not None and group != tuple(data_group):
+    return SavedPosition(why=f"was read as data group {group[0]} of "
+                         f"{group[1]}, and this run's mesh makes this process "
+                         f"group {data_group[0]} of {data_group[1]}",
+                         listing=listing)
+  if recorded:
+    return SavedPosition(saved["iterator"], int(saved["data_seed"]),
+                         listing=listing)
+  return SavedPosition(saved)   # written before the seed was recorded
+
+
+def _recorded(saved) -> dict:
+  """A position file's records beside the Grain state (``IteratorSnapshot``:
+  ``data_seed``, ``iterator`` and, where saved, ``data_group`` /
+  ``data_listing``); {} for a file of the Grain state alone (written before
+  the seed was recorded)."""
+  keys = {"data_seed", "iterator", "data_group", "data_listing"}
+  if isinstance(saved, dict) and {"data_seed", "iterator"} <= set(saved) <= keys:
+    return saved
+  return {}

@@ -8,6 +8,7 @@ what changed in one format for all three.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Iterable, Mapping
 
 
@@ -65,3 +66,37 @@ def get(tree: Any, dotted: str) -> Any:
   for part in dotted.split("."):
     tree = tree.get(part) if isinstance(tree, Mapping) else None
   return tree
+
+
+def unknown_keys(config, known: Mapping[str, set], skip=()) -> list[tuple]:
+  """``(dotted path, section name)`` of each key of a section of ``config``
+  (a ConfigDict, at any depth) named in ``known`` (section name -> its keys;
+  "" = the root) that is not one of its keys. The sections under ``stages``
+  are roots (a demo's whole configs); those named in ``skip`` are not
+  read."""
+  found = []
+
+  def visit(node, path, name):
+    if name in known:
+      found.extend((f"{path}{key}", name)
+                   for key in sorted(set(node.keys()) - set(known[name])))
+    for key, value in node.items():
+      if hasattr(value, "keys") and not isinstance(value, dict) and (
+          key not in skip):
+        visit(value, f"{path}{key}.", "" if name == "stages" else key)
+
+  visit(config, "", "")
+  return found
+
+
+def misspelt_keys(config, known: Mapping[str, set], skip=()) -> list[str]:
+  """``path.key (did you mean X?)`` for each of ``unknown_keys`` close to a
+  key of its section (difflib ratio >= 0.8): ``train.ema_decy`` beside
+  ``train.ema_decay``."""
+  found = []
+  for path, name in unknown_keys(config, known, skip):
+    close = difflib.get_close_matches(path.rsplit(".", 1)[-1],
+                                      sorted(known[name]), n=1, cutoff=0.8)
+    if close:
+      found.append(f"{path} (did you mean {close[0]}?)")
+  return found
