@@ -2,6 +2,9 @@
 
 Loads the official checkpoint via ``genvis_jax.convert`` (``--config.init_from``)
 or trains from scratch with taming-style losses: L1 + LPIPS + VQ + PatchGAN hinge.
+No official training recipe is published for this tokenizer (MaskGIT releases
+inference code, 1d-tokenizer the converted weights), so the losses and numbers
+below are our choices: a tokenizer trained with them is not RAR's.
 
   python -m genvis_jax.main --config=configs/maskgit_vqgan.py --workdir=DIR \
       --config.data.path=TFDS_DIR --config.loss.lpips_path=vgg_lpips.npz
