@@ -10,7 +10,7 @@ import statistics
 import time
 
 from bench.accel_harness import (SMOKE_EQ, SMOKE_FAR, SMOKE_RAR, Deadline,
-                                 Section, Sizes, aot, host_random_params,
+                                 Section, Sizes, aot, block, host_random_params,
                                  load_config, random_params, repeat_ms, shrink,
                                  timed, timed_runs)
 
@@ -25,7 +25,8 @@ WEIGHT_READ_NOTE = (
 FLOOR_NOTE = (
     "floor_s = the bare matmul chain over the same weights at the same rows "
     "and dtype, one chain per step and nothing else (bench/bench_*_sampling.py"
-    "'s `floor`: RAR every block's qkv, out, fc1, fc2 and adaLN, then lm_head; "
+    "'s `floor`: RAR every block's qkv, out, fc1, fc2 and adaLN, the head's "
+    "adaLN, then lm_head; "
     "FAR aggregation, backbone, per sub-token the head and its output); "
     "x_floor = sample_s / floor_s, both timed here. bytes_ratio = the bytes "
     "an exact cached step must read (its weights once, its KV cache over the "
@@ -131,6 +132,9 @@ def _rar_case(sec, dl, sz, size, what, model, cfg, params, batch, dtype,
           s.temperature))
   comp_s, compiled = aot(sampler, *args)
   sec.log(f"{what}: compiled in {comp_s:.1f} s")
+  # A first run carries one-off costs (1.3-1.5x the next ones on a CPU); the
+  # floor has its warm-up too (repeat_ms).
+  block(compiled(*args))
   runs = timed_runs(compiled, args, dl, sz.iters)
   sample_s = statistics.median(t for t, _ in runs)
   step_ms = 1e3 * sample_s / m.seq_len
@@ -175,6 +179,7 @@ def _decode_columns(row, dl, sz, decoder, batch, seq_len, codes, sample_s):
     side = int(round(seq_len ** 0.5))
     codes = codes.reshape(batch, side, side)
     dcomp_s, dcompiled = aot(decoder["fn"], decoder["params"], codes)
+    block(dcompiled(decoder["params"], codes))   # warm-up, as above
     done[batch] = (dcomp_s, statistics.median(
         timed(dcompiled, decoder["params"], codes)[0]
         for _ in range(sz.iters)))

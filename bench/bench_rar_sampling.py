@@ -71,11 +71,13 @@ def model_config(size: str, tokens: int, dtype: str = "float32"):
 
 
 def floor_paths(model, adaln: bool):
-  """The kernels one ``floor_fn`` step multiplies, as paths into params."""
+  """The kernels one ``floor_fn`` step multiplies, as paths into params
+  (``adaln``: each block's modulation and the head's)."""
   names = [("attn", "qkv"), ("attn", "out"), ("mlp", "fc1"), ("mlp", "fc2")]
   names += [("adaLN_modulation",)] if adaln else []
+  head = [("adaln_before_head", "adaLN_modulation", "kernel")] if adaln else []
   return [(f"blocks_{i}",) + n + ("kernel",) for i in range(model.depth)
-          for n in names] + [("lm_head", "kernel")]
+          for n in names] + head + [("lm_head", "kernel")]
 
 
 def byte_counts(model, params, rows: int, dtype=None,
@@ -104,7 +106,8 @@ def byte_counts(model, params, rows: int, dtype=None,
 def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
              with_kv: bool = False, bucket: int | None = None):
   """Jitted ``f(params, kv) -> x``: ``steps`` dependent matmul chains over
-  the block weights (and lm_head) at ``rows`` rows; the weights are cast to
+  the block weights (``adaln``: with the blocks' and the head's modulation)
+  and lm_head at ``rows`` rows; the weights are cast to
   ``dtype`` once before the loop, as the sampler does. ``with_kv`` adds each
   layer's bare cache reads (``floor.read_cache``) over ``kv``
   (``floor.kv_stand_in``) in the sampler's chunks (``bucket``); otherwise
@@ -129,6 +132,9 @@ def floor_fn(model, steps: int, rows: int, adaln: bool, dtype=None,
           x = x + h @ blk["mlp"]["fc2"]["kernel"]
           if adaln:
             x = x + (x @ blk["adaLN_modulation"]["kernel"])[:, :d]
+        if adaln:
+          x = x + (x @ params["adaln_before_head"]["adaLN_modulation"][
+              "kernel"])[:, :d]
         logits = x @ head                       # (rows, V); V may be < d
         reps = -(-d // logits.shape[1])
         return x + jnp.tile(logits, (1, reps))[:, :d]

@@ -422,3 +422,23 @@ def test_input_bench_times_after_every_worker_started(monkeypatch):
   config = ml_collections.ConfigDict(dict(num_workers=2))
   start, each = bench_input.time_pipeline(config, 4, 3, (0.0, 1.0))
   assert start >= 1.0 and each < 0.1, (start, each)
+
+
+def test_the_rar_floor_reads_every_modulation_weight():
+  """The floor with adaLN multiplies every adaLN modulation kernel a step
+  without tables reads, the blocks' and the head's: it left the head's out,
+  so such a step read more weights than the floor it is held to."""
+  import jax   # pylint: disable=import-outside-toplevel
+  from bench import bench_rar_sampling as rar_bench   # pylint: disable=import-outside-toplevel
+  from genvis_jax import models   # pylint: disable=import-outside-toplevel
+  cfg = rar_bench.model_config("small", 16)
+  model = models.build(cfg)
+  params = jax.eval_shape(lambda k: models.init_params(cfg, k),
+                          jax.random.key(0))
+  modulation = {jax.tree_util.keystr(path) for path, _ in
+                jax.tree_util.tree_leaves_with_path(params)
+                if "adaLN_modulation" in jax.tree_util.keystr(path)
+                and "kernel" in jax.tree_util.keystr(path)}
+  added = (set(rar_bench.floor_paths(model, True))
+           - set(rar_bench.floor_paths(model, False)))
+  assert {"".join(f"['{p}']" for p in path) for path in added} == modulation
