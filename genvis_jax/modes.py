@@ -76,8 +76,9 @@ def check_overrides(config, names) -> None:
   ``"stages.<stage>.data...."`` for that stage) that nothing would read: a
   ``config.data`` key of image data when ``config.data.source`` is
   ``tokens`` (the crops and flips were fixed when pre-tokenizing), or one of
-  token files for image data. The same keys in a config file are its
-  defaults and pass. Raises ``ConfigError`` naming the flags."""
+  token files for image data, or either kind in a pre-tokenizing job
+  (which reads ``config.pretokenize.data``). The same keys in a config file
+  are its defaults and pass. Raises ``ConfigError`` naming the flags."""
   from genvis_jax.data import sources   # pylint: disable=import-outside-toplevel
   by_job = {}   # prefix -> the data keys overridden there
   for name in names:
@@ -88,12 +89,21 @@ def check_overrides(config, names) -> None:
   for prefix, keys in by_job.items():
     job = config.stages[prefix.split(".")[1]] if prefix else config
     source = (job.get("data") or {}).get("source")
-    unread = (sources.IMAGE_ONLY_KEYS if source == "tokens"
+    encodes = job.get("mode") == "pretokenize"
+    unread = (sources.IMAGE_ONLY_KEYS + sources.TOKEN_ONLY_KEYS if encodes
+              else sources.IMAGE_ONLY_KEYS if source == "tokens"
               else sources.TOKEN_ONLY_KEYS)
     flags_ = [f"--config.{prefix}data.{k}" for k in keys if k in unread]
     if not flags_:
       continue
-    if source == "tokens":
+    fix = f"Drop {'it' if len(flags_) == 1 else 'them'}."
+    if encodes:
+      why = (f"config.{prefix}mode=pretokenize encodes the images of "
+             f"config.{prefix}pretokenize.data and reads no such key of "
+             f"config.{prefix}data")
+      fix = (f"Set them under --config.{prefix}pretokenize.data instead "
+             "(crops and flips excepted: pre-tokenizing makes its own).")
+    elif source == "tokens":
       why = (f"config.{prefix}data.source='tokens' reads pre-tokenized "
              "codes, whose crops and flips pre-tokenizing fixed "
              "(config.pretokenize.ten_crop)")
@@ -101,8 +111,7 @@ def check_overrides(config, names) -> None:
       why = (f"config.{prefix}data.source={source!r} reads images, and these "
              "settings are read for token files (data.source=tokens) alone")
     raise ConfigError(
-        f"{', '.join(flags_)} would be read by nothing: {why}. Drop "
-        f"{'it' if len(flags_) == 1 else 'them'}.")
+        f"{', '.join(flags_)} would be read by nothing: {why}. {fix}")
 
 
 DEMO_CONFIGS = "configs/demo.py, configs/demo_fqgan.py, configs/demo_eq.py"

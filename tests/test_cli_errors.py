@@ -61,6 +61,12 @@ def test_overrides_that_nothing_reads_are_refused():
                      r"would be read by nothing: config.stages.rar.data.source"
                      r"='tokens'"):
     modes.check_overrides(stages, ["stages.rar.data.random_flip"])
+  # Pre-tokenizing reads config.pretokenize.data.
+  with pytest.raises(UserError, match=r"--config.stages.pretokenize.data."
+                     r"center_crop would be read by nothing: config.stages."
+                     r"pretokenize.mode=pretokenize encodes the images of "
+                     r"config.stages.pretokenize.pretokenize.data"):
+    modes.check_overrides(stages, ["stages.pretokenize.data.center_crop"])
 
 
 def test_a_flag_error_keeps_the_message_raised_from_none():

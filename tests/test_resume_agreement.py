@@ -7,6 +7,7 @@ an error on one stops all instead of leaving the others waiting."""
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -315,6 +316,13 @@ def test_a_resume_on_a_changed_image_folder(tmp_path, caplog):
              r.getMessage() and "(24 images then, 28 now" in r.getMessage()
              for r in caplog.records), caplog.text
   add("bird", 2)
+  # Checked on another process count too (the position itself is unusable
+  # there): step 6's position as two processes write it.
+  data = os.path.join(wd, "checkpoints", "6", "data")
+  for i in range(2):
+    shutil.copy(os.path.join(data, "process_0-of-1.json"),
+                os.path.join(data, f"process_{i}-of-2.json"))
+  os.remove(os.path.join(data, "process_0-of-1.json"))
   with pytest.raises(ConfigError, match=r"class folders of the image folder "
                      r".* changed since step 6 was saved \(added: bird; "
                      r"removed: none\).* 3 class\(es\) now have other labels "

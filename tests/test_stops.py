@@ -314,8 +314,8 @@ def test_stop_saves_do_not_push_out_the_checkpoints_of_the_cadence(tmp_path):
 
 
 def test_skipped_records_count_every_process_files(monkeypatch):
-  """``skipped_records`` is the sum over processes (each reads its own
-  share of the files); it was process 0's count alone."""
+  """``skipped_records`` is the sum over the data groups (each reads its
+  own share of the files); it was process 0's count alone."""
   from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
   written = {}
 
@@ -332,3 +332,8 @@ def test_skipped_records_count_every_process_files(monkeypatch):
   trainer_lib._Logger(stub, stub, stub, stub, 10, None, stub, 8)(   # pylint: disable=protected-access
       4, {"loss": 1.0, "nonfinite": 0.0}, {"model": 1.0}, 4)
   assert written["skipped_records"] == 7.0
+  # Processes of one data group read one shard: their files count once.
+  monkeypatch.setattr(multihost, "gather_ints", lambda value: np.array(
+      [2, 2, 5, 5] if value == 2 else [0, 0, 1, 1]))
+  assert trainer_lib.skipped_records(stub, (0, 2)) == 7
+  assert trainer_lib.skipped_records(stub, None) == 14

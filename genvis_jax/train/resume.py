@@ -183,11 +183,15 @@ def resume_input(ckpt, step: int, saved_config: dict | None, config,
     error = e   # storage (OSError, or a file-system backend's own errors)
   why = pos.why if pos is not None else None
   if error is None and pos is not None and pos.listing is not None:
-    try:   # labels that moved stop here; other files redraw the order
-      why = why or listing_changed(pos.listing, info.listing(), step,
-                                   config.data.get("path", ""))
+    # Also where the position is unusable anyway (another process count or
+    # mesh): labels that moved stop the run; other files redraw the order.
+    try:
+      changed = listing_changed(pos.listing, info.listing(), step,
+                                config.data.get("path", ""))
     except errors.ConfigError as e:
       error = e
+    else:
+      why = why or changed
   why = why or unusable or order_setting_changed(saved_config, config)
   unfit = multihost.gather_or_raise(
       int(bool(why)), error, "could not read their input position saved "

@@ -13,6 +13,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -287,14 +288,29 @@ class _StartUp(preemption.NotedSignals):
     return None
 
 
+def skipped_records(info, group=None) -> int:
+  """Distinct unreadable files of the whole job: each data group's
+  (``sharding.data_groups``: processes of one group read one shard, so
+  their counts are the same files) summed once. A collective: every process
+  calls it at the same step (all log at the same steps). ``group``: this
+  process's ``(group, count)``; None: one group per process."""
+  counts = multihost.gather_ints(info.num_skipped)
+  if group is None or len(counts) == 1:
+    return int(counts.sum())
+  groups = multihost.gather_ints(int(group[0]))
+  _, first = np.unique(groups, return_index=True)
+  return int(counts[first].sum())
+
+
 class _Logger:
   """Writes a log step's scalars (TensorBoard, ``on_log``, one log line)."""
 
   def __init__(self, writer, guard, progress, info, num_steps, on_log, task,
-               batch_size):
+               batch_size, data_group=None):
     self.writer, self.guard, self.progress = writer, guard, progress
     self.info, self.num_steps, self.on_log = info, num_steps, on_log
     self.task, self.batch_size = task, batch_size
+    self.data_group = data_group
 
   def __call__(self, done: int, means: dict, norms: dict, count: int) -> None:
     """``means`` of the ``count`` steps up to ``done``; ``norms``: the
@@ -315,10 +331,8 @@ class _Logger:
     # The last update's rate (update done - 1; a warm-up starts at 0).
     scalars.update({f"lr/{g}": v for g, v in
                     self.task.learning_rates(done - 1).items()})
-    # Every process's unreadable files (each reads its own share); all
-    # processes log at the same steps.
-    scalars["skipped_records"] = float(
-        multihost.gather_ints(self.info.num_skipped).sum())
+    scalars["skipped_records"] = float(skipped_records(self.info,
+                                                       self.data_group))
     self.writer.write_scalars(done, scalars)
     if self.on_log is not None:
       self.on_log(done, scalars)
@@ -363,7 +377,7 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
       config.train.get("check_finite", True))
   guard.record(None, trainer.param_norms(state))
   log = _Logger(writer, guard, progress, info, num_steps, on_log, trainer.task,
-                int(config.train.global_batch_size))
+                int(config.train.global_batch_size), trainer.data_group)
   group_check = replicas.GroupCheck(trainer.data_group)
   checked = start   # last step whose state passed the health checks
   acc, acc_n = None, 0
