@@ -8,6 +8,7 @@ Fixtures: ``tests/fixtures/io`` (see tests/fixtures/README.md).
 import os
 import pickle
 import pathlib
+import re
 import zipfile
 
 import jax
@@ -182,11 +183,19 @@ def test_convert_names_a_wrong_kind_or_output_before_reading(tmp_path):
 
 
 def test_each_kinds_source_is_the_readmes():
-  """The commands a missing --src names are the README's, verbatim."""
+  """The commands a missing --src names are the README's, verbatim (its
+  continued lines joined), each runnable as printed: a download named
+  without its URL (Inception, LPIPS) could not run, and LPIPS named one of
+  its two files."""
   readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  flat = re.sub(r"\s*\\\n\s*", " ", readme)
   assert set(convert.SOURCES) <= set(convert.kinds())
   for kind, command in convert.SOURCES.items():
-    assert command in readme, kind
+    for part in command.split(" && "):
+      assert part in flat, (kind, part)
+      assert part.startswith("hf download ") or re.fullmatch(
+          r"curl -L -o \S+ https://\S+", part), (kind, part)
+  assert convert.SOURCES["lpips"].count("curl") == 2
 
 
 def test_converted_weights_of_another_model_are_named_so(tmp_path):

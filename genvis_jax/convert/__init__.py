@@ -228,8 +228,14 @@ SOURCES = {
                    "model.safetensors --local-dir weights/clip-vit-large-patch14",
     "dinov2": "hf download facebook/dinov2-base model.safetensors "
               "--local-dir weights/dinov2-base",
-    "inception": "curl -L -o weights/pt_inception-2015-12-05-6726825d.pth",
-    "lpips": "curl -L -o weights/vgg16-397923af.pth",
+    "inception": "curl -L -o weights/pt_inception-2015-12-05-6726825d.pth "
+                 "https://github.com/mseitzer/pytorch-fid/releases/download/"
+                 "fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    # Two files: torchvision's VGG16 and the LPIPS linear layers.
+    "lpips": "curl -L -o weights/vgg16-397923af.pth https://download.pytorch."
+             "org/models/vgg16-397923af.pth && curl -L -o weights/vgg.pth "
+             "https://github.com/richzhang/PerceptualSimilarity/raw/master/"
+             "lpips/weights/v0.1/vgg.pth",
 }
 SOURCES["eq_generator"] = SOURCES["eq_tokenizer"]
 

@@ -97,8 +97,11 @@ class GANTokenizerTask(Task):
     if self.perceptual_weight and not lo.lpips_path:
       logging.warning(
           "LPIPS perceptual loss is OFF: config.loss.lpips_path is empty. Convert "
-          "the LPIPS VGG weights with `python -m genvis_jax.convert --kind=lpips` "
-          "and set --config.loss.lpips_path=FILE.npz to enable it.")
+          "the LPIPS VGG weights (two files; README.md, \"Where the files come "
+          "from\") with `python -m genvis_jax.convert --kind=lpips "
+          "--src=weights/vgg16-397923af.pth,weights/vgg.pth "
+          "--dst=weights/vgg_lpips.npz` and set "
+          "--config.loss.lpips_path=weights/vgg_lpips.npz to enable it.")
     self._lpips_params = None
     self._reconstruct = jax.jit(self.reconstruct)
 
