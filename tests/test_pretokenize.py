@@ -275,6 +275,18 @@ def test_pretokenize_class_error_names_its_own_setting():
                            r"same: --config.data.num_classes=10 "
                            r"--config.model.num_classes=10\."):
     pretokenize.image_batches(p, (0.0, 1.0), process_index=0, process_count=1)
+  # A batch of 0 names the key it came from, not the training batch.
+  zero = ml_collections.ConfigDict(dict(
+      data=data_config(source="demo", num_examples=20), split="train",
+      batch_size=0, ten_crop=False))
+  with pytest.raises(data.sources.DataConfigError,
+                     match=r"change config.pretokenize.batch_size"):
+    pretokenize.image_batches(zero, (0.0, 1.0), process_index=0,
+                              process_count=1)
+  from genvis_jax.evaluate import reference   # pylint: disable=import-outside-toplevel
+  with pytest.raises(data.sources.DataConfigError,
+                     match=r"change config.evaluate.batch_size\.$"):
+    reference.dataset_images(zero.data, "train", 0)
   # A tokenizer's config (config.data) names no flag it lacks
   # (--config.pretokenize.data... was refused as an unknown key there).
   from genvis_jax.data import pipeline  # pylint: disable=import-outside-toplevel

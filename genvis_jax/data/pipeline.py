@@ -237,7 +237,8 @@ def _image_transforms(ds, data_config, train, aug_seeds, setting):
 def create_dataset(data_config, *, split: str, global_batch_size: int,
                    seed: int, train: bool = True, process_index=None,
                    process_count=None, value_range=(0.0, 1.0),
-                   drop_remainder: bool = True, setting: str = "config.data"):
+                   drop_remainder: bool = True, setting: str = "config.data",
+                   batch_setting: str = "config.train.global_batch_size"):
   """Builds the input pipeline of ``split`` for this process.
 
   Args:
@@ -254,6 +255,8 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       pre-tokenizing, which has no collective per batch).
     setting: the config section ``data_config`` is, for the messages (e.g.
       ``config.pretokenize.data``).
+    batch_setting: the config key ``global_batch_size`` comes from, named
+      when it does not split across the processes.
 
   Returns:
     ``(iterator, info)``: a grain ``DatasetIterator`` yielding process-local
@@ -265,7 +268,7 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
   if global_batch_size <= 0 or global_batch_size % pc:
     raise sources.DataConfigError(
         f"Global batch size {global_batch_size} must be a positive multiple of "
-        f"the process count {pc}; change config.train.global_batch_size.")
+        f"the process count {pc}; change {batch_setting}.")
   if len(value_range) != 2:
     raise ValueError(f"value_range must be (lo, hi), got {value_range!r}.")
   local_batch = global_batch_size // pc

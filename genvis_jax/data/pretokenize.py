@@ -65,7 +65,8 @@ def image_batches(p, value_range, process_index=None, process_count=None):
       global_batch_size=p.batch_size * (process_count or jax.process_count()),
       seed=0, train=False, value_range=value_range, drop_remainder=False,
       process_index=process_index, process_count=process_count,
-      setting="config.pretokenize.data")
+      setting="config.pretokenize.data",
+      batch_setting="config.pretokenize.batch_size (images per process)")
 
 
 def flatten_codes(codes) -> jax.Array:

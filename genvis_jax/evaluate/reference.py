@@ -41,7 +41,7 @@ def dataset_images(data_config, split: str, batch_size: int,
   it, info = data_lib.create_dataset(
       data_config, split=split, global_batch_size=batch_size, seed=0,
       train=False, process_index=0, process_count=1, value_range=(0.0, 1.0),
-      drop_remainder=False)
+      drop_remainder=False, batch_setting="config.evaluate.batch_size")
   what = f"split {split!r} of the {data_config.source!r} data"
   total = batching.check_count(num_images, info.num_examples, what, setting,
                                may_skip=data_config.source == "image_folder")
