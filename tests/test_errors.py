@@ -216,6 +216,25 @@ def test_the_edge_values_that_train_are_kept():
         name="adamw", schedule="constant", lr="1e-4x")))
 
 
+def test_a_discriminators_optimizer_is_named_in_its_errors():
+  """A bad schedule or optimizer name under config.disc.optimizer blamed
+  config.optimizer, whose values were fine."""
+  from genvis_jax import errors  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
+  c = demo.classifier_config()
+  disc = "config.disc.optimizer"
+  for key, bad in (("schedule", "cosin"), ("name", "adamww")):
+    wrong = ml_collections.ConfigDict(c.optimizer.to_dict())
+    wrong.update({"schedule": "constant", key: bad})
+    with pytest.raises(errors.ConfigError,
+                       match=rf"Unknown {disc}.{key} '{bad}'"):
+      opt_lib.make_optimizer(wrong, c.train, disc)
+  with pytest.raises(errors.ConfigError,
+                     match=rf"--{disc}.no_decay='\(\)'"):
+    opt_lib.check_config(ml_collections.ConfigDict(dict(no_decay=("",))),
+                         disc)
+
+
 def test_a_no_decay_pattern_matching_nothing_is_named(caplog):
   """``--config.optimizer.no_decay=bias,scale`` is one pattern that matches
   no parameter: every weight decays. Warned once, with the tuple form."""

@@ -60,14 +60,15 @@ def step_decay_schedule(lr: float, warmup: int, every: int, rate: float):
   return schedule
 
 
-def make_schedule(opt_config, num_steps: int) -> optax.Schedule:
+def make_schedule(opt_config, num_steps: int,
+                  setting: str = "config.optimizer") -> optax.Schedule:
   """Learning rate per step from ``opt_config.schedule``:
     * ``constant``: ``lr``, after a linear warm-up from 0 over ``warmup_steps``;
     * ``cosine``: that warm-up, then cosine from ``lr`` to ``end_lr`` at
       ``num_steps``;
     * ``step_decay``: ``step_decay_schedule`` with ``decay_every`` and
       ``decay_rate``.
-  Raises ``ValueError`` for another schedule."""
+  Raises ``ConfigError`` naming ``setting``'s key for another schedule."""
   lr, warmup = opt_config.lr, int(opt_config.warmup_steps)
   if opt_config.schedule == "constant":
     if warmup:
@@ -84,7 +85,7 @@ def make_schedule(opt_config, num_steps: int) -> optax.Schedule:
     return step_decay_schedule(lr, warmup, int(opt_config.decay_every),
                                float(opt_config.decay_rate))
   raise errors.ConfigError(
-      f"Unknown config.optimizer.schedule {opt_config.schedule!r}; "
+      f"Unknown {setting}.schedule {opt_config.schedule!r}; "
       "use 'constant', 'cosine' or 'step_decay'.")
 
 
@@ -158,7 +159,7 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
   lacks keep their defaults and are not checked."""
   for pattern in opt_config.get("no_decay", None) or ():
     why = ("is empty: it matches every parameter, so none would decay (for "
-           "no exemption set the tuple empty, --config.optimizer.no_decay='()')"
+           f"no exemption set the tuple empty, --{setting}.no_decay='()')"
            if pattern == "" else "")
     if not why:
       try:
@@ -221,7 +222,7 @@ def make_optimizer(opt_config, train_config,
   ``setting``: where ``opt_config`` is in the config, for messages
   (``check_config``)."""
   check_config(opt_config, setting)
-  schedule = make_schedule(opt_config, int(train_config.num_steps))
+  schedule = make_schedule(opt_config, int(train_config.num_steps), setting)
   # Always present (inf = off) so the state layout does not depend on it and a
   # run can be resumed with a different clip value.
   clip = grad_clip(train_config)
@@ -239,5 +240,5 @@ def make_optimizer(opt_config, train_config,
     chain.append(optax.sgd(schedule, momentum=opt_config.get("momentum", 0.9)))
   else:
     raise errors.ConfigError(
-        f"Unknown config.optimizer.name {name!r}; use adamw | adam | sgd.")
+        f"Unknown {setting}.name {name!r}; use adamw | adam | sgd.")
   return optax.chain(*chain)

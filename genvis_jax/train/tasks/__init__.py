@@ -116,8 +116,8 @@ class Task:
   def _schedules(self) -> dict:
     """{group: optax schedule}, built once (read at every log step)."""
     n = int(self.config.train.num_steps)
-    return {group: opt_lib.make_schedule(section, n)
-            for group, (section, _) in self.optimizer_configs().items()}
+    return {group: opt_lib.make_schedule(section, n, key)
+            for group, (section, key) in self.optimizer_configs().items()}
 
   def frozen_params(self) -> Mapping[str, PyTree]:
     """Non-trainable groups the losses read (e.g. ``{"lpips": ...}``).
