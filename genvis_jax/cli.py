@@ -93,13 +93,55 @@ def flag_error_message(e: BaseException) -> str:
   return f"{first} {type(root).__name__}: {root}"
 
 
-def _config_paths(argv):
-  """The config file paths of ``--config=PATH[:ARG]`` and ``--config PATH``."""
+def _config_specs(argv) -> list[str]:
+  """The ``PATH[:ARG]`` of ``--config=PATH[:ARG]`` and ``--config PATH``."""
   args = list(argv[1:])
-  return [(a.split("=", 1)[1] if a.startswith("--config=") else nxt)
-          .split(":", 1)[0]
+  return [a.split("=", 1)[1] if a.startswith("--config=") else nxt
           for a, nxt in zip(args, args[1:] + [""])
           if a.startswith("--config=") or (a == "--config" and nxt)]
+
+
+def _config_paths(argv):
+  """The config file paths of ``--config=PATH[:ARG]`` and ``--config PATH``."""
+  return [spec.split(":", 1)[0] for spec in _config_specs(argv)]
+
+
+def _demo_stages(argv):
+  """The ``stages`` of the (last) config file named in ``argv``, loaded
+  afresh without its overrides; None where it does not load or has none
+  (a message's hint must not fail)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  specs = _config_specs(argv)
+  if not specs:
+    return None
+  path, _, arg = specs[-1].partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_genvis_hint_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None).get("stages")
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _stage_hint(stages, override: str) -> str:
+  """Where a demo's stage keeps ``override`` (``--config.KEY``): the stages
+  whose config has KEY, or the stage names."""
+  key = override[len("--config."):]
+  has = [name for name, stage in stages.items()
+         if _has_path(stage, key.split("."))]
+  if has:
+    return ("e.g. " + ", ".join(f"--config.stages.{n}.{key}" for n in has[:3]))
+  return f"this demo's stages: {', '.join(stages.keys())}"
+
+
+def _has_path(node, parts) -> bool:
+  for part in parts:
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      return False
+  return True
 
 
 def unknown_key_message(error: Exception, argv) -> str:
@@ -113,12 +155,14 @@ def unknown_key_message(error: Exception, argv) -> str:
          and key in a.split("=")[0].split(".")[1:]] or [key]
   hint = re.search(r'Did you mean "([\w.]+)"', text)
   hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
-  demo = any(os.path.basename(p).startswith("demo")
-             for p in _config_paths(argv))
-  staged = (" A demo config runs stages: their settings are under "
-            "--config.stages.<stage> (e.g. --config.stages.samples.sample."
-            "num_samples), and --config.only=<stage> runs one."
-            if demo and not bad[0].startswith("--config.stages.") else "")
+  stages = _demo_stages(argv)
+  staged = ""
+  if stages and not bad[0].startswith("--config.stages."):
+    staged = (" A demo config runs stages: their settings are under "
+              f"--config.stages.<stage> ({_stage_hint(stages, bad[0])}), and "
+              "--config.only=<stage> runs one.")
+  elif stages and bad[0].split(".")[2] not in stages:
+    staged = f" This demo's stages: {', '.join(stages.keys())}."
   return (f"Unknown config key {bad[0]}{hint}: an override must name a field "
           f"the config file has; add new fields to the config file first."
           f"{staged}")

@@ -27,6 +27,18 @@ def test_unknown_keys_are_named_by_their_override():
   message = cli.unknown_key_message(KeyError("'evaluate'"), argv)
   assert message.startswith("Unknown config key --config.evaluate.samples")
   assert "A demo config runs stages: their settings are under " in message
+  # The example is a stage of that demo holding the key (demo_eq has no
+  # "samples" stage, which the example named), or the demo's stages.
+  demo_eq = os.path.join(REPO, "configs", "demo_eq.py")
+  message = cli.unknown_key_message(KeyError("'sample'"), [
+      "main", f"--config={demo_eq}", "--config.sample.num_samples=4"])
+  assert ("(e.g. --config.stages.eq_generator.sample.num_samples, "
+          "--config.stages.samples_wide.sample.num_samples)") in message
+  message = cli.unknown_key_message(KeyError("'samples'"), [
+      "main", f"--config={demo_eq}",
+      "--config.stages.samples.sample.num_samples=4"])
+  assert message.endswith(
+      " This demo's stages: eq_generator, eq_tokenizer, samples_wide.")
 
 
 def test_config_paths_of_both_flag_forms():
