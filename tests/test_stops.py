@@ -317,6 +317,7 @@ def test_skipped_records_count_every_process_files(monkeypatch):
   """``skipped_records`` is the sum over the data groups (each reads its
   own share of the files); it was process 0's count alone."""
   from genvis_jax.core import multihost  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import log_step  # pylint: disable=import-outside-toplevel
   written = {}
 
   class Stub:   # the writer, guard, progress, pipeline info and task
@@ -329,11 +330,11 @@ def test_skipped_records_count_every_process_files(monkeypatch):
   monkeypatch.setattr(multihost, "gather_ints",
                       lambda value: np.array([value, 5]))
   stub = Stub()
-  trainer_lib._Logger(stub, stub, stub, stub, 10, None, stub, 8)(   # pylint: disable=protected-access
+  log_step.Logger(stub, stub, stub, stub, 10, None, stub, 8)(
       4, {"loss": 1.0, "nonfinite": 0.0}, {"model": 1.0}, 4)
   assert written["skipped_records"] == 7.0
   # Processes of one data group read one shard: their files count once.
   monkeypatch.setattr(multihost, "gather_ints", lambda value: np.array(
       [2, 2, 5, 5] if value == 2 else [0, 0, 1, 1]))
-  assert trainer_lib.skipped_records(stub, (0, 2)) == 7
-  assert trainer_lib.skipped_records(stub, None) == 14
+  assert log_step.skipped_records(stub, (0, 2)) == 7
+  assert log_step.skipped_records(stub, None) == 14
