@@ -1,7 +1,9 @@
 """Data sources: image folders, small splits, token-file records; each bad
 input names its fix (TFDS: ``test_tfds_source.py``)."""
 
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +11,6 @@ from PIL import Image
 
 from configs import base
 from genvis_jax import data
-from genvis_jax import errors
 from genvis_jax.data import sources
 from tests import data_common as dc
 
@@ -94,24 +95,28 @@ def test_one_pass_with_workers_keeps_the_order_past_unreadable_files(
   assert order(0) == order(2) == ([1, 3, 4, 5, 6, 7], 2)
 
 
-def test_a_crop_an_image_cannot_give_names_the_file(tmp_path):
+def test_a_crop_an_image_cannot_give_names_the_file(tmp_path, caplog):
   """torchvision's Resize + RandomCrop to a 2:1 crop cannot cut a squarish
-  image (torchvision raises too): the error named neither the file nor was
-  a ``UserError`` (a traceback at whatever step first read one)."""
+  image (torchvision raises too). Training skips it like an unreadable file,
+  named and counted: raised, it stopped a long run at whatever step first
+  drew it, and every resume again."""
   root = tmp_path / "wide"
   (root / "a").mkdir(parents=True)
   Image.new("RGB", (80, 36), (0, 0, 255)).save(root / "a" / "wide.png")
   Image.new("RGB", (50, 40), (255, 0, 0)).save(root / "a" / "square.png")
   c = dc.data_config(source="image_folder", path=str(root), image_size=16,
                      image_width=32, random_crop_method="torchvision_bilinear")
-  it, _ = data.create_dataset(c, split="train", global_batch_size=2, seed=0,
-                              train=True, process_index=0, process_count=1)
-  with pytest.raises(errors.ConfigError,
-                     match=r"square\.png: A 50x40 image resized to 20x16 is "
-                           r"smaller than the 32x16 crop: every image needs an "
-                           r"aspect ratio \(width / height\) of at least 2\. "
-                           r"Use the 'adm'"):
-    next(it)
+  it, info = data.create_dataset(c, split="train", global_batch_size=2,
+                                 seed=0, train=True, process_index=0,
+                                 process_count=1)
+  with caplog.at_level(logging.WARNING):
+    for _ in range(3):
+      assert next(it)["image"].shape == (2, 16, 32, 3)
+  assert info.num_skipped == 1
+  assert re.search(r"Skipping image .*square\.png \(A 50x40 image resized to "
+                   r"20x16 is smaller than the 32x16 crop: every image needs "
+                   r"an aspect ratio \(width / height\) of at least 2\. Use "
+                   r"the 'adm'", caplog.text), caplog.text
 
 
 def test_image_folder_missing_or_empty_raise_clear_errors(tmp_path):

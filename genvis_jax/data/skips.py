@@ -1,6 +1,7 @@
 """Unreadable records in the input pipeline, counted and survived.
 
-An image file that fails to decode becomes a skip marker record
+An image file that fails to decode (or, in training, to give the random
+crop) becomes a skip marker record
 (``transforms.SKIPPED``) instead of an error: the per-record transforms pass
 markers through (``PassSkipped``), ``SkipIterDataset`` drops them and keeps
 the distinct paths and the records read in the iterator state (so counts
@@ -70,13 +71,14 @@ class _SkipIterator(grain.DatasetIterator):
       if self._limit and run >= self._limit:
         raise sources.DataNotFoundError(
             f"No readable image in {self._where}: the last {run} records read "
-            f"(every file of this process's shard, twice) failed to decode; "
+            f"(every file of this process's shard, twice) failed to decode "
+            f"(or to crop: the warnings above say why); "
             f"{len(self._files)} distinct file(s) skipped, e.g. "
             f"{sorted(self._files)[:3]}. Check that config.data.path holds "
             "images PIL can open.")
       if record is not None and record[SKIPPED] not in self._files:
         self._files.add(record[SKIPPED])
-        logging.warning("Skipping unreadable image %s (%s); %d distinct "
+        logging.warning("Skipping image %s (%s); %d distinct "
                         "file(s) skipped so far.", record[SKIPPED],
                         record["error"], len(self._files))
 

@@ -377,7 +377,16 @@ class RandomCrop(grain.transforms.RandomMap):
                                     max_frac=max_frac)
 
   def random_map(self, record, rng: np.random.Generator):
-    return _cropped(record, self.crop, self.size, self.width, rng)
+    # A training image the crop cannot cut (too narrow for torchvision's
+    # RandomCrop, which raises) is skipped and counted like an unreadable
+    # file: raised, it stopped a long run at whatever step first drew it,
+    # and every resume again.
+    try:
+      return _cropped(record, self.crop, self.size, self.width, rng)
+    except ConfigError as e:
+      if "path" not in record:
+        raise
+      return {SKIPPED: record["path"], "error": str(e).split(": ", 1)[-1]}
 
 
 class RandomFlip(grain.transforms.RandomMap):
