@@ -453,3 +453,30 @@ def test_a_partial_shard_of_another_process_count_is_removed(tmp_path):
     open(path, "w").close()
   assert token_output.remove_stale_partials(out) == [stale]
   assert sorted(os.listdir(tmp_path / "tokens")) == [os.path.basename(ours)]
+
+
+def test_encoding_at_another_size_than_the_tokenizer_trained_at_is_warned(
+    monkeypatch, caplog):
+  """A tokenizer trained at 64 px read by a generator config that encodes
+  32 px images wrote codes of another size without a word (the generator
+  checks only the token count)."""
+  import logging   # pylint: disable=import-outside-toplevel
+  import ml_collections   # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import weights   # pylint: disable=import-outside-toplevel
+  recorded = {"run": ({"data": {"image_size": 64, "image_width": 0}},
+                      "trained"),
+              "converted": ({"data": {"image_size": 64}}, "converted")}
+  monkeypatch.setattr(weights, "recorded_config", recorded.__getitem__)
+  data_32 = ml_collections.ConfigDict(dict(image_size=32, image_width=0))
+  with caplog.at_level(logging.WARNING):
+    pretokenize.warn_other_trained_size("converted", data_32)
+    assert not caplog.records
+    pretokenize.warn_other_trained_size(
+        "run", ml_collections.ConfigDict(dict(image_size=64, image_width=64)))
+    assert not caplog.records
+    pretokenize.warn_other_trained_size("run", data_32)
+  assert caplog.records[0].getMessage() == (
+      "The tokenizer at run trained on 64x64 images, and pre-tokenizing "
+      "encodes 32x32 ones (config.pretokenize.data.image_size / image_width):"
+      " set --config.pretokenize.data.image_size=64 to encode at its training"
+      " size, unless the other size is what you mean.")

@@ -226,6 +226,27 @@ def check_images_in_data(config) -> None:
       "--config.data flags.")
 
 
+def warn_other_trained_size(checkpoint: str, data) -> None:
+  """Warns when the tokenizer run at ``checkpoint`` (a training step, whose
+  run config is recorded) trained on images of another size than
+  ``data`` (``config.pretokenize.data``) encodes: codes of other sizes are
+  not the ones it learned, and nothing else notices (a generator checks only
+  the token count)."""
+  saved, made = weights_lib.recorded_config(checkpoint)
+  if made != "trained":
+    return
+  trained = saved.get("data") or {}
+  size = lambda d: (int(d.get("image_width", 0) or d.get("image_size", 0)),
+                    int(d.get("image_size", 0)))
+  if trained.get("image_size") and size(trained) != size(data):
+    logging.warning(
+        "The tokenizer at %s trained on %dx%d images, and pre-tokenizing "
+        "encodes %dx%d ones (config.pretokenize.data.image_size / "
+        "image_width): set --config.pretokenize.data.image_size=%d to encode "
+        "at its training size, unless the other size is what you mean.",
+        checkpoint, *size(trained), *size(data), size(trained)[1])
+
+
 @dtypes.at_matmul_precision(inference=True)
 def pretokenize(config, workdir: str) -> dict:
   """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
@@ -260,6 +281,8 @@ def pretokenize(config, workdir: str) -> dict:
   token_output.remove_stale_partials(output)   # each machine's own disk
   # The tokenizer run's newest step, pinned: the step recorded is the one read.
   checkpoint = weights_lib.resolve_all([tok.checkpoint])[0]
+  if jax.process_index() == 0:
+    warn_other_trained_size(checkpoint, p.data)
   # Each process reads its data and checks its own shard; all agree before
   # the collective load, so a process that fails here (no data, a shard
   # written otherwise) or reuses its shard leaves none waiting there.
