@@ -209,6 +209,13 @@ def test_the_edge_values_that_train_are_kept():
   with pytest.raises(errors.ConfigError,
                      match=r"config.optimizer.decay_every=0 must be at least 1"):
     opt_lib.make_optimizer(c.optimizer, c.train)
+  # Its warm-up of 1 leaves a learning rate of 0 (eq_tokenizer.py:runlocal
+  # at 4 steps trained nothing, without a word).
+  c.optimizer.update(dict(decay_every=3, warmup_steps=1))
+  with pytest.raises(errors.ConfigError,
+                     match=r"config.optimizer.warmup_steps=1 with the "
+                           r"step_decay schedule: .* would never update"):
+    opt_lib.make_optimizer(c.optimizer, c.train)
   # Not a number (a string in a config file): named too, not a bare float().
   with pytest.raises(errors.ConfigError,
                      match=r"config.optimizer.lr='1e-4x' must be finite"):

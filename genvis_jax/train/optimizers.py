@@ -155,7 +155,8 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
   rate, Adam betas or momentum outside [0, 1), or a ``no_decay`` entry that
   is not a regular expression (an empty one, from ``--config...no_decay=``,
   would exempt every parameter), or a weight decay or end_lr that this
-  optimizer or schedule would ignore (``_READ_ONLY_BY``). Keys the config
+  optimizer or schedule would ignore (``_READ_ONLY_BY``), or a step_decay
+  warm-up of 1 step (its learning rate is 0 after it). Keys the config
   lacks keep their defaults and are not checked."""
   for pattern in opt_config.get("no_decay", None) or ():
     why = ("is empty: it matches every parameter, so none would decay (for "
@@ -183,6 +184,13 @@ def check_config(opt_config, setting: str = "config.optimizer") -> None:
       continue
     if not _accepts(accepted, value):
       raise errors.ConfigError(f"{setting}.{key}={value!r} {rule}.")
+  if (opt_config.get("schedule") == "step_decay"
+      and int(opt_config.get("warmup_steps", 0) or 0) == 1):
+    raise errors.ConfigError(
+        f"{setting}.warmup_steps=1 with the step_decay schedule: after its "
+        "warm-up the official schedule holds (warmup - 1) / warmup x lr, 0 "
+        "here, so the run would never update. Use a warm-up of 0 or at least "
+        "2 (a runlocal config's is a quarter of config.train.num_steps).")
 
 
 def grad_clip(train_config) -> float:
