@@ -411,3 +411,29 @@ def test_latents_the_tokenizer_cannot_decode_are_refused_before_loading(
                      match=r"config.model.token_dim=8 differs from the "
                            r"tokenizer's config.tokenizer.model.embed_dim=16"):
     driver.sample_and_save(config, str(tmp_path))
+
+
+def test_classes_the_generator_never_trained_are_warned(tmp_path,
+                                                        monkeypatch, caplog):
+  """A RAR run trained on 4 classes of one's own images (config.model.
+  num_classes left at 10) sampled labels 4...9 without a word: its token
+  files' records say the trained labels."""
+  import json
+  import logging
+  config, _ = sc.stand_in_sampler(monkeypatch, num_samples=8)
+  tokens = tmp_path / "tokens"
+  tokens.mkdir()
+  (tokens / "train-00000-of-00001.array_record").write_bytes(b"")
+  (tokens / "train-00000-of-00001.array_record.json").write_text(
+      json.dumps({"max_label": 3}))
+  config.data.path = str(tokens / "train-*.array_record")
+  with caplog.at_level(logging.WARNING):
+    driver.sample_and_save(config, str(tmp_path / "wd"))
+  assert ("Sampling draws 4 class(es) the generator never trained (e.g. "
+          "[4, 5, 6, 7]): its token files (config.data.path=") in caplog.text
+  assert "--config.sample.classes='(0,1,2,3)'" in caplog.text
+  caplog.clear()
+  config.sample.classes = (0, 3)
+  with caplog.at_level(logging.WARNING):
+    driver.sample_and_save(config, str(tmp_path / "wd2"))
+  assert "never trained" not in caplog.text

@@ -312,6 +312,8 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
   labels_all = class_labels(s.num_samples, config.model.num_classes,
                             s.get("classes", ()), s.get("labels", "balanced"),
                             s.seed)
+  multihost.on_process_0(
+      lambda: trained_with.warn_untrained_classes(config, labels_all))
   # Load exactly the steps recorded: a run's newest step is pinned to its
   # folder (no fallback to an older one), and the record is checked again
   # after loading (a step re-committed in place meanwhile).

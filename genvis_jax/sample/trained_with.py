@@ -189,3 +189,28 @@ def _reshaping(saved_model: dict, now_model: dict, keys) -> set[str]:
     except Exception:   # pylint: disable=broad-except
       out.add(key)      # a value that does not build with the rest
   return out
+
+
+def warn_untrained_classes(config, labels) -> None:
+  """Warns when ``labels`` (the classes sampling draws) reach past the
+  labels of the generator's token files (their records' ``max_label``):
+  those classes were never trained (the training run warned too, once).
+  Silent where the files or their records are not on this machine."""
+  from genvis_jax.data import token_origin  # pylint: disable=import-outside-toplevel
+  pattern = token_origin.token_pattern(config.get("data") or {})
+  if not pattern:
+    return
+  try:
+    trained = token_origin.recorded_num_classes(pattern)
+  except Exception:  # pylint: disable=broad-except
+    return   # storage: a hint must not stop sampling
+  beyond = sorted({int(c) for c in labels} - set(range(trained or 0)))
+  if not trained or not beyond:
+    return
+  fix = (f"--config.sample.classes='({','.join(map(str, range(trained)))})'"
+         if trained <= 16 else "config.sample.classes (the trained ones)")
+  logging.warning(
+      "Sampling draws %d class(es) the generator never trained (e.g. %s): its "
+      "token files (config.data.path=%s) hold labels 0...%d only. Set %s to "
+      "draw trained classes alone.", len(beyond), beyond[:5], config.data.path,
+      trained - 1, fix)

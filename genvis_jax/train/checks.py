@@ -250,13 +250,14 @@ def check_model_classes(config, data_classes: int | None, *,
   if not model_classes or not data_classes or data_classes == model_classes:
     return
   if data_classes < model_classes:
+    untrained = (f"class {data_classes} is" if model_classes - data_classes
+                 == 1 else f"classes {data_classes}...{model_classes - 1} are")
     logging.warning(
         "The training data has %d classes (labels 0...%d) but "
-        "config.model.num_classes is %d: classes %d...%d are never trained, "
-        "and sampling draws them too unless config.sample.classes lists the "
-        "trained ones. Set --config.model.num_classes=%d if the data are all "
-        "there is.", data_classes, data_classes - 1, model_classes,
-        data_classes, model_classes - 1, data_classes)
+        "config.model.num_classes is %d: %s never trained, and sampling draws "
+        "them too unless config.sample.classes lists the trained ones. Set "
+        "--config.model.num_classes=%d if the data are all there is.",
+        data_classes, data_classes - 1, model_classes, untrained, data_classes)
     return
   if from_data:
     # The pipeline refuses a config.data.num_classes below the data's count.
