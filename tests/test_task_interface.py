@@ -117,6 +117,36 @@ def test_skipped_nonfinite_step_keeps_schedule_in_step():
   assert float(nan_m["nonfinite"]) == 1.0
 
 
+def test_a_skipped_steps_metrics_leave_its_intervals_means():
+  """A NaN step's metrics count as nothing in its log interval's means (its
+  NaN loss made the whole interval's NaN), its code histogram included (an
+  empty one has perplexity 1, which lifted a 4-code interval's to 4.33)."""
+  from genvis_jax.models import quantizers  # pylint: disable=import-outside-toplevel
+
+  class Codes(_ScaleTask):
+    def grads(self, params, frozen, batch, rng, step):
+      g, m = super().grads(params, frozen, batch, rng, step)
+      return g, {**m, quantizers.COUNTS: jnp.ones((4,), jnp.float32)}
+
+  cfg = ml_collections.ConfigDict(dict(micro_batches=1, ema_decay=0.0))
+  opt = {"model": optax.sgd(0.1)}
+  params = {"model": {"w": jnp.float32(1.0)}}
+  state = TrainState(step=jnp.int32(0), params=params,
+                     opt_state={"model": opt["model"].init(params["model"])},
+                     ema=None)
+  step = jax.jit(step_lib.make_train_step(Codes(None), opt, cfg, 1))
+  sums = None
+  for x in (1.0, np.nan, 1.0, 1.0):
+    state, m = step(state, {"x": jnp.full((4,), x)}, jax.random.key(0),
+                    {"model": jnp.float32(1.0)})
+    sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)
+  means = step_lib.interval_means(jax.device_get(sums), 4)
+  assert means["nonfinite"] == 0.25
+  assert np.isfinite(means["loss"]) and np.isfinite(means["grad_norm/model"])
+  assert means["perplexity"] == pytest.approx(4.0)
+  assert means["usage"] == pytest.approx(1.0)
+
+
 def test_ema_warmup_is_litema():
   """ema_warmup: the decay LitEma(use_num_upates=True) uses, counting updates
   from 1; the step's EMA takes it."""

@@ -115,13 +115,15 @@ def make_train_step(task, optimizers, train_config, num_shards: int):
     new_state = jax.tree_util.tree_map(
         lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer)
         else jnp.where(finite, n, o), new_state, state)
+    # Zeroed after the histograms become usage / perplexity (an all-zero
+    # histogram has perplexity 1, which the interval's mean would count).
     metrics = {k: jnp.where(finite, v, jnp.zeros_like(v))
                if jnp.issubdtype(v.dtype, jnp.floating) else v
-               for k, v in metrics.items()}
+               for k, v in usage_of_batch(metrics).items()}
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     metrics.update({f"nonfinite/{g}": 1.0 - f.astype(jnp.float32)
                     for g, f in finite_grads.items()})
-    return new_state, usage_of_batch(metrics)
+    return new_state, metrics
 
   return step_fn
 
