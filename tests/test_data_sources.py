@@ -11,6 +11,7 @@ from PIL import Image
 
 from configs import base
 from genvis_jax import data
+from genvis_jax import errors
 from genvis_jax.data import sources
 from tests import data_common as dc
 
@@ -117,6 +118,29 @@ def test_a_crop_an_image_cannot_give_names_the_file(tmp_path, caplog):
                    r"20x16 is smaller than the 32x16 crop: every image needs "
                    r"an aspect ratio \(width / height\) of at least 2\. Use "
                    r"the 'adm'", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_crop_most_images_cannot_give_stops_the_run(tmp_path, caplog,
+                                                      workers):
+  """Square images with a 2:1 crop (a misconfigured run): all skipped, the
+  shard read twice and a warning per file before an error that named PIL.
+  Now a ConfigError naming the crop, after a few."""
+  root = tmp_path / "square"
+  (root / "a").mkdir(parents=True)
+  for i in range(40):
+    Image.new("RGB", (40, 40), (i, 0, 0)).save(root / "a" / f"{i}.png")
+  c = dc.data_config(source="image_folder", path=str(root), image_size=16,
+                     image_width=32, random_crop_method="torchvision_bilinear",
+                     num_workers=workers)
+  it, _ = data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                              train=True, process_index=0, process_count=1)
+  with caplog.at_level(logging.WARNING), pytest.raises(
+      errors.ConfigError, match=r"Most images of .* cannot give the training "
+      r"crop: 16 of the first 16 read were skipped, e\.g\. .*\.png: A 40x40 "
+      r"image resized to 16x16 is smaller than the 32x16 crop"):
+    next(it)
+  it.close()
 
 
 def test_image_folder_missing_or_empty_raise_clear_errors(tmp_path):

@@ -19,9 +19,13 @@ import grain
 import numpy as np
 
 from genvis_jax.data import sources, transforms
+from genvis_jax.errors import ConfigError
 
 SKIPPED = transforms.SKIPPED      # marker key of an unreadable file's record
 FILES_KEY = "skipped_files"       # iterator state: distinct unreadable paths
+# Crop misfits that stop the run when they are most records read: enough that
+# a few odd images among the first cannot.
+UNFIT_LIMIT = 16
 READ_KEY = "records_read"         # iterator state: records read, skips included
 
 
@@ -52,12 +56,16 @@ class _SkipIterator(grain.DatasetIterator):
   ``limit`` consecutive skipped records (two passes over a shard, so a
   reshuffled epoch cannot hide its one readable file) mean nothing in the
   shard is readable: a ``DataNotFoundError`` instead of an endless loop.
+  Images the training crop cannot cut (``transforms.UNFIT``) making most of
+  the first ones read mean a crop setting that does not fit the data: a
+  ``ConfigError`` naming it, before every file is read twice.
   """
 
   def __init__(self, parent, limit: int = 0, where: str = ""):
     super().__init__(parent)
     self._files: set[str] = set()
     self._read = 0
+    self._unfit = 0   # this iterator's, from its start (not restored)
     self._limit, self._where = limit, where
 
   def __next__(self):
@@ -68,6 +76,13 @@ class _SkipIterator(grain.DatasetIterator):
       if record is not None and SKIPPED not in record:
         return record
       run += 1
+      if record is not None and record.get(transforms.UNFIT):
+        self._unfit += 1
+        if self._unfit >= UNFIT_LIMIT and 2 * self._unfit > self._read:
+          raise ConfigError(
+              f"Most images of {self._where} cannot give the training crop: "
+              f"{self._unfit} of the first {self._read} read were skipped, "
+              f"e.g. {record[SKIPPED]}: {record['error']}")
       if self._limit and run >= self._limit:
         raise sources.DataNotFoundError(
             f"No readable image in {self._where}: the last {run} records read "

@@ -281,6 +281,7 @@ def decode_image(path: str, exif_transpose: bool = False) -> np.ndarray:
 # --- grain transforms ----------------------------------------------------------
 
 SKIPPED = "skipped_path"   # the key of the record an unreadable file becomes
+UNFIT = "unfit"            # ... and of one a training crop could not cut
 
 
 class DecodeImage(grain.transforms.Map):
@@ -386,7 +387,8 @@ class RandomCrop(grain.transforms.RandomMap):
     except ConfigError as e:
       if "path" not in record:
         raise
-      return {SKIPPED: record["path"], "error": str(e).split(": ", 1)[-1]}
+      return {SKIPPED: record["path"], "error": str(e).split(": ", 1)[-1],
+              UNFIT: True}
 
 
 class RandomFlip(grain.transforms.RandomMap):
