@@ -475,6 +475,12 @@ def test_encoding_at_another_size_than_the_tokenizer_trained_at_is_warned(
         "run", ml_collections.ConfigDict(dict(image_size=64, image_width=64)))
     assert not caplog.records
     pretokenize.warn_other_trained_size("run", data_32)
+  # A width alone that differs is named as such.
+  recorded["wide"] = ({"data": {"image_size": 32, "image_width": 64}},
+                      "trained")
+  pretokenize.warn_other_trained_size("wide", data_32)
+  assert "set --config.pretokenize.data.image_width=64 to encode" in (
+      caplog.records[-1].getMessage())
   assert caplog.records[0].getMessage() == (
       "The tokenizer at run trained on 64x64 images, and pre-tokenizing "
       "encodes 32x32 ones (config.pretokenize.data.image_size / image_width):"

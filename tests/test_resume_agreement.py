@@ -328,3 +328,11 @@ def test_a_resume_on_a_changed_image_folder(tmp_path, caplog):
                      r"removed: none\).* 3 class\(es\) now have other labels "
                      r"\('cat' 0 -> 1, 'dog' 1 -> 2, 'emu' 2 -> 3\)"):
     train(9)
+  # The last class removed, or one renamed in its place, moves no label:
+  # the order is drawn afresh, naming them.
+  from genvis_jax.train import resume   # pylint: disable=import-outside-toplevel
+  for classes, said in ((["cat", "dog"], "added: none; removed: emu"),
+                        (["cat", "dogs", "emu"], "added: dogs; removed: dog")):
+    why = resume.listing_changed(listing, {**listing, "classes": classes}, 3,
+                                 "img")
+    assert why.endswith(f"since; class folders {said})"), why

@@ -238,13 +238,16 @@ def warn_other_trained_size(checkpoint: str, data) -> None:
   trained = saved.get("data") or {}
   size = lambda d: (int(d.get("image_width", 0) or d.get("image_size", 0)),
                     int(d.get("image_size", 0)))
-  if trained.get("image_size") and size(trained) != size(data):
-    logging.warning(
-        "The tokenizer at %s trained on %dx%d images, and pre-tokenizing "
-        "encodes %dx%d ones (config.pretokenize.data.image_size / "
-        "image_width): set --config.pretokenize.data.image_size=%d to encode "
-        "at its training size, unless the other size is what you mean.",
-        checkpoint, *size(trained), *size(data), size(trained)[1])
+  if not trained.get("image_size") or size(trained) == size(data):
+    return
+  flags = [f"--config.pretokenize.data.{key}={int(trained.get(key, 0) or 0)}"
+           for key in ("image_size", "image_width")
+           if int(trained.get(key, 0) or 0) != int(data.get(key, 0) or 0)]
+  logging.warning(
+      "The tokenizer at %s trained on %dx%d images, and pre-tokenizing "
+      "encodes %dx%d ones (config.pretokenize.data.image_size / image_width): "
+      "set %s to encode at its training size, unless the other size is what "
+      "you mean.", checkpoint, *size(trained), *size(data), " ".join(flags))
 
 
 @dtypes.at_matmul_precision(inference=True)

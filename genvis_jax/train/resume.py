@@ -103,34 +103,33 @@ def listing_changed(saved: dict, now: dict | None, step: int,
                     path: str) -> str:
   """Why an input position saved with ``step`` over the image folder listing
   ``saved`` cannot be used on the folder's listing ``now``
-  (``PipelineInfo.listing``): "" if the same; the reason if images were
-  added, removed or renamed since (the saved position would repeat some of
-  the epoch's images and skip others).
+  (``PipelineInfo.listing``): "" if the same; the reason if images or class
+  folders were added, removed or renamed since without moving a label (the
+  saved position would repeat some of the epoch's images and skip others).
 
   Raises:
-    ConfigError: a class folder was removed, or one added before others: a
-      class's label is its place in the sorted class list, so labels moved
-      and the run would go on training on other labels (classes added after
-      all others move none: the order is drawn afresh).
+    ConfigError: a class kept its name but not its label (a class folder
+      removed or added before it: a label is the class's place in the sorted
+      list), so the run would go on training on other labels.
   """
   if now is None or saved == now:
     return ""
   before, after = list(saved.get("classes") or ()), list(now.get("classes") or ())
   added = sorted(set(after) - set(before))
   removed = sorted(set(before) - set(after))
+  classes = (f"added: {', '.join(added) or 'none'}; removed: "
+             f"{', '.join(removed) or 'none'}")
   moved = [f"{c!r} {before.index(c)} -> {after.index(c)}" for c in before
            if c in after and before.index(c) != after.index(c)]
-  if moved or removed:
+  if moved:
     raise errors.ConfigError(
         f"The class folders of the image folder {path!r} changed since step "
-        f"{step} was saved (added: {', '.join(added) or 'none'}; removed: "
-        f"{', '.join(removed) or 'none'}). A class's label is its place in the "
+        f"{step} was saved ({classes}). A class's label is its place in the "
         f"sorted class list, so {len(moved)} class(es) now have other labels "
-        f"({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}) and "
-        "the run would go on training on them. Restore the folder's classes "
-        "to resume, or start a new --workdir (--config.init_from=<this run> "
-        "keeps the weights).")
-  also = f"; classes added after the others: {', '.join(added)}" if added else ""
+        f"({settings_lib.shorten(moved, 3)}) and the run would go on training "
+        "on them. Restore the folder's classes to resume, or start a new "
+        "--workdir (--config.init_from=<this run> keeps the weights).")
+  also = f"; class folders {classes}" if added or removed else ""
   return (f"counts examples of another listing of the image folder {path!r} "
           f"({saved.get('count')} images then, {now.get('count')} now: "
           f"images added, removed or renamed since{also})")
