@@ -13,6 +13,7 @@ still compiled once per run, and it is deleted at the end. An existing
 """
 
 import os
+import signal
 import shutil
 import sys
 import tempfile
@@ -88,6 +89,17 @@ def runs(tmp_path_factory, base_run):
   from tests import small_run  # pylint: disable=import-outside-toplevel
   full = small_run.train(9, tmp_path_factory.mktemp("full_run") / "wd")
   return small_run.leaves(full), base_run
+
+
+@pytest.fixture
+def sigint_default():
+  """SIGINT as a foreground process has it (Python's KeyboardInterrupt
+  handler) for the test: one run as a background job inherits it ignored,
+  which the library keeps (a stop restores the handler it found)."""
+  before = signal.getsignal(signal.SIGINT)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture

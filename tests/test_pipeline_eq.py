@@ -20,9 +20,11 @@ pytestmark = pytest.mark.slow
 def test_equivariant_paper_pipeline(tmp_path, monkeypatch):
   w = str(tmp_path)
   tok = os.path.join(w, "tokenizer")
-  # The DINO discriminator (adaptive weight) switches on at step 2.
-  stage1 = pc.run_mode("eq_tokenizer.py:runlocal", tok,
-                       **pc.steps(4), **{"loss.disc_start": 2})
+  # The DINO discriminator (adaptive weight) switches on at step 2; a
+  # 2-step warm-up (runlocal's is a quarter of the steps: 1, whose step
+  # decay plateau is a learning rate of 0).
+  stage1 = pc.run_mode("eq_tokenizer.py:runlocal", tok, **pc.steps(4),
+                       **{"loss.disc_start": 2, "optimizer.warmup_steps": 2})
   _check_stage2_goes_on_from_stage1(tok, stage1)
 
   gen = os.path.join(w, "generator")

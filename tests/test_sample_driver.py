@@ -126,7 +126,7 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_a_start_up_stop_whose_exception_was_lost_draws_nothing(
-    tmp_path, monkeypatch, signum):
+    tmp_path, monkeypatch, signum, sigint_default):
   """A signal during the loading / compiling whose exception landed where
   Python only prints it (jax's GC hook) was lost: sampling then drew every
   batch (hours for 50,000 images). It stops before the first batch."""

@@ -147,7 +147,7 @@ def test_a_stop_while_training_starts_up_says_no_step_ran(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_start_up_stop_raised_where_python_only_prints_it_still_stops(
-    signum, tmp_path, monkeypatch):
+    signum, tmp_path, monkeypatch, sigint_default):
   """Ctrl-C landing in jax's garbage-collection hook ("Exception ignored
   in: <function _xla_gc_callback>") was lost: the run trained to the end.
   The start-up notes the signal and stops before the first step."""
