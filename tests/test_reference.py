@@ -198,3 +198,33 @@ def test_stored_images_spread_over_a_class_ordered_split(tmp_path):
                           for i in range(0, 40, 8)])
   precision, _ = fid.precision_recall(ref.pool_features, feats, 3)
   assert precision > 0.9
+
+
+def test_a_reference_of_the_training_images_says_so(tmp_path, monkeypatch):
+  """A folder without split folders: the reference reads the training
+  images (warned in the log), and its metrics.json said only
+  "split": "validation"; the caveat is there too now."""
+  from configs import base
+  from genvis_jax.convert import inception
+  (tmp_path / "imgs" / "cat").mkdir(parents=True)
+  config = base.get_config()
+  config.data.update(source="image_folder", path=str(tmp_path / "imgs"))
+  config.evaluate.update(kind="reference", inception="/weights/inception")
+  monkeypatch.setattr(inception, "load_inception_params", lambda path: {})
+
+  def compute(data, params, path, **kw):
+    adm_reference.save_reference(path, mu=np.zeros(4), sigma=np.eye(4),
+                                 mu_s=np.zeros(2), sigma_s=np.eye(2),
+                                 num_images=3)
+    return path
+  monkeypatch.setattr(reference, "compute_reference", compute)
+  res = reference.evaluate(config, str(tmp_path / "wd"))
+  assert res["split"] == "validation"
+  assert len(res["caveats"]) == 1 and "reads the same images as training" in (
+      res["caveats"][0])
+  with open(tmp_path / "wd" / "metrics.json") as f:
+    assert json.load(f)["caveats"] == res["caveats"]
+  (tmp_path / "imgs" / "cat").rename(tmp_path / "cat")
+  for split in ("train", "val"):
+    (tmp_path / "imgs" / split / "cat").mkdir(parents=True)
+  assert reference.evaluate(config, str(tmp_path / "wd2"))["caveats"] == []

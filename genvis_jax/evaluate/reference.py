@@ -233,5 +233,10 @@ def evaluate(config, workdir: str) -> dict:
   count, line = json.loads(multihost.string_on_process_0(summary))
   results = {"reference": path, "num_images": count,
              "preprocess": preprocess, "split": config.data.eval_split}
+  if config.data.source == "image_folder":   # warned of when it was read
+    note = sources.held_out_note(config.data.path, config.data.eval_split,
+                                 "config.data",
+                                 train_split=config.data.get("split", "train"))
+    results["caveats"] = [note] if note else []
   return report.write(workdir, results, f"reference: {line}; use "
                       f"--config.evaluate.reference={path}")
