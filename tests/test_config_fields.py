@@ -312,16 +312,12 @@ def test_every_shipped_config_key_is_declared():
   holds every key the shipped configs set, paper and runlocal, each demo
   stage included: a key left out of it would go unchecked."""
   import importlib
-  import os
   from configs import base
   from genvis_jax.core import settings
+  from tests.test_configs import RUNNABLE
   undeclared = set()
-  folder = os.path.dirname(base.__file__)
-  for name in sorted(os.listdir(folder)):
-    if not name.endswith(".py") or name in ("__init__.py", "base.py") or (
-        name.endswith("_common.py")):
-      continue
-    module = importlib.import_module(f"configs.{name[:-3]}")
+  for name in RUNNABLE:
+    module = importlib.import_module(f"configs.{name}")
     for arg in (None, "runlocal", "triple", "stage2", "tokenizer"):
       try:
         config = module.get_config(arg)

@@ -204,8 +204,10 @@ def warn_untrained_classes(config, labels) -> None:
     trained = token_origin.recorded_num_classes(pattern)
   except Exception:  # pylint: disable=broad-except
     return   # storage: a hint must not stop sampling
-  beyond = sorted({int(c) for c in labels} - set(range(trained or 0)))
-  if not trained or not beyond:
+  if not trained:
+    return
+  beyond = sorted({int(c) for c in labels if c >= trained})
+  if not beyond:
     return
   fix = (f"--config.sample.classes='({','.join(map(str, range(trained)))})'"
          if trained <= 16 else "config.sample.classes (the trained ones)")
