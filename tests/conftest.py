@@ -9,7 +9,8 @@ persistent cache keys on the program itself). The session's cache lives in a
 fresh temporary directory shared by the xdist workers and the subprocesses
 the tests start (inherited through the environment), so every program is
 still compiled once per run, and it is deleted at the end. An existing
-``JAX_COMPILATION_CACHE_DIR`` is used as it is.
+``JAX_COMPILATION_CACHE_DIR`` is used as it is. Programs that compile in
+under a second are cached too.
 """
 
 import os
@@ -42,6 +43,11 @@ if _GUARD not in os.environ.get("PYTHONWARNINGS", ""):   # kept with others'
       w for w in (os.environ.get("PYTHONWARNINGS"), _GUARD) if w)
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+# Every program into that cache, not only those that took a second or more to
+# compile (jax's default): the tests compile the same sub-second programs of
+# small models many times over, and reading one back is cheaper (a third of
+# the suite's model and sampler tests: 102 s -> 93 s on 2 cores).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def pytest_configure(config):
