@@ -75,41 +75,56 @@ def check_overrides(config, names) -> None:
   ml_collections' ``get_override_values`` gives them; a demo's
   ``"stages.<stage>.data...."`` for that stage) that nothing would read: a
   ``config.data`` key of image data when ``config.data.source`` is
-  ``tokens`` (the crops and flips were fixed when pre-tokenizing), or one of
-  token files for image data, or either kind in a pre-tokenizing job
-  (which reads ``config.pretokenize.data``). The same keys in a config file
-  are its defaults and pass. Raises ``ConfigError`` naming the flags."""
+  ``tokens`` (the crops and flips were fixed when pre-tokenizing), one of
+  token files for image data, an image folder's file settings for other
+  image sources, or any ``config.data`` key in a pre-tokenizing job (which
+  reads ``config.pretokenize.data``, judged the same way against its own
+  source). The same keys in a config file are its defaults and pass.
+  Raises ``ConfigError`` naming the flags."""
   from genvis_jax.data import sources   # pylint: disable=import-outside-toplevel
-  by_job = {}   # prefix -> the data keys overridden there
+  by_section = {}   # (stage prefix, "" or "pretokenize.") -> keys overridden
   for name in names:
-    prefix, _, key = name.rpartition("data.")
-    if not prefix or (prefix.startswith("stages.") and prefix.endswith(".")
-                      and prefix.count(".") == 2):
-      by_job.setdefault(prefix, []).append(key)
-  for prefix, keys in by_job.items():
-    job = config.stages[prefix.split(".")[1]] if prefix else config
-    source = (job.get("data") or {}).get("source")
-    encodes = job.get("mode") == "pretokenize"
+    head, _, key = name.rpartition("data.")
+    stage = ""
+    if head.startswith("stages."):
+      stage = ".".join(head.split(".")[:2]) + "."
+    if head.removeprefix(stage) in ("", "pretokenize.") and head != "stages.":
+      by_section.setdefault((stage, head.removeprefix(stage)), []).append(key)
+  for (stage, inner), keys in by_section.items():
+    job = config.stages[stage.split(".")[1]] if stage else config
+    section = f"config.{stage}{inner}data"
+    data = job.get("pretokenize", {}).get("data") if inner else job.get("data")
+    source = (data or {}).get("source")
+    encodes = not inner and job.get("mode") == "pretokenize"
+    folder_only = (() if source == "image_folder"
+                   else sources.FOLDER_ONLY_KEYS)
     unread = (sources.IMAGE_ONLY_KEYS + sources.TOKEN_ONLY_KEYS if encodes
               else sources.IMAGE_ONLY_KEYS if source == "tokens"
-              else sources.TOKEN_ONLY_KEYS)
-    flags_ = [f"--config.{prefix}data.{k}" for k in keys if k in unread]
+              else sources.TOKEN_ONLY_KEYS + folder_only)
+    flags_ = [f"--{section}.{k}" for k in keys if k in unread]
     if not flags_:
       continue
     fix = f"Drop {'it' if len(flags_) == 1 else 'them'}."
     if encodes:
-      why = (f"config.{prefix}mode=pretokenize encodes the images of "
-             f"config.{prefix}pretokenize.data and reads no such key of "
-             f"config.{prefix}data")
-      fix = (f"Set them under --config.{prefix}pretokenize.data instead "
+      why = (f"config.{stage}mode=pretokenize encodes the images of "
+             f"config.{stage}pretokenize.data and reads no such key of "
+             f"{section}")
+      fix = (f"Set them under --config.{stage}pretokenize.data instead "
              "(crops and flips excepted: pre-tokenizing makes its own).")
     elif source == "tokens":
-      why = (f"config.{prefix}data.source='tokens' reads pre-tokenized "
-             "codes, whose crops and flips pre-tokenizing fixed "
-             "(config.pretokenize.ten_crop)")
+      why = (f"{section}.source='tokens' reads pre-tokenized codes, whose "
+             "crops and flips pre-tokenizing fixed (config.pretokenize."
+             "ten_crop)")
     else:
-      why = (f"config.{prefix}data.source={source!r} reads images, and these "
-             "settings are read for token files (data.source=tokens) alone")
+      read_by = []
+      for group, what in ((sources.TOKEN_ONLY_KEYS, "token files (source="
+                           "'tokens')"), (folder_only, "image folders "
+                                          "(source='image_folder')")):
+        hit = [k for k in keys if k in group]
+        if hit:
+          read_by.append(f"{', '.join(hit)} {'is' if len(hit) == 1 else 'are'}"
+                         f" read for {what} alone")
+      why = f"{section}.source={source!r} reads images: {'; '.join(read_by)}"
     raise ConfigError(
         f"{', '.join(flags_)} would be read by nothing: {why}. {fix}")
 

@@ -64,8 +64,24 @@ def test_overrides_that_nothing_reads_are_refused():
                                    "data.to_float"])
   with pytest.raises(UserError, match=r"--config.data.verify_checksums would "
                      r"be read by nothing: config.data.source='demo' reads "
-                     r"images"):
+                     r"images: verify_checksums is read for token files"):
     modes.check_overrides(images, ["data.verify_checksums"])
+  # An image folder's file settings on other image sources (a TFDS data set
+  # holds decoded records), in config.pretokenize.data too.
+  folder, encodes_folder = images, rar_b.get_config("runlocal")
+  folder.data.source = encodes_folder.pretokenize.data.source = "image_folder"
+  modes.check_overrides(folder, ["data.exif_transpose", "data.extensions"])
+  modes.check_overrides(encodes_folder, ["pretokenize.data.exif_transpose"])
+  with pytest.raises(UserError, match=r"--config.data.exif_transpose would be "
+                     r"read by nothing: config.data.source='tfds' reads "
+                     r"images: exif_transpose is read for image folders"):
+    modes.check_overrides(maskgit_vqgan.get_config(), ["data.exif_transpose"])
+  with pytest.raises(UserError, match=r"--config.pretokenize.data.extensions, "
+                     r"--config.pretokenize.data.verify_checksums would be "
+                     r"read by nothing: config.pretokenize.data.source='tfds'"):
+    modes.check_overrides(rar_b.get_config(), [
+        "pretokenize.data.extensions", "pretokenize.data.verify_checksums",
+        "pretokenize.data.image_size"])
   stages = demo.get_config()   # the RAR stage trains on tokens
   modes.check_overrides(stages, ["stages.tokenizer.data.random_flip",
                                  "stages.rar.pretokenize.data.random_flip"])

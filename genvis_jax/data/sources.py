@@ -70,6 +70,8 @@ IMAGE_ONLY_KEYS = ("center_crop", "crop_min_frac", "exif_transpose",
                    "extensions", "random_crop", "random_crop_method",
                    "random_flip", "to_float")
 TOKEN_ONLY_KEYS = ("crops_per_epoch", "verify_checksums")
+# ... and those image folders alone read among the image sources.
+FOLDER_ONLY_KEYS = ("exif_transpose", "extensions")
 
 
 def check_source(source: str, setting: str, reader: str,
