@@ -2,6 +2,9 @@
 set not prepared or unknown, ArrayRecord read as TFDS reads it, splits and
 slices, grey / alpha images, unlabelled sets; each bad input names its fix."""
 
+import io
+import re
+
 import ml_collections
 import numpy as np
 import pytest
@@ -81,7 +84,8 @@ def test_tfds_source_reads_a_prepared_array_record_data_set(tmp_path):
 
 def _fake_tfds(images):
   src = object.__new__(tfds_source.TfdsSource)
-  src.name, src.labelled = "fake", True
+  src.name, src.split, src.labelled = "fake", "train", True
+  src._label_limit = None   # pylint: disable=protected-access
   src._source = [{"image": x, "label": i} for i, x in enumerate(images)]  # pylint: disable=protected-access
   return src
 
@@ -177,3 +181,83 @@ def test_prepare_tfds_writes_what_the_tfds_source_reads(tmp_path):
   prepare_tfds.prepare("genvis_unlabelled", str(tmp_path))
   plain = tfds_source.TfdsSource("genvis_unlabelled", "train", str(tmp_path))
   assert plain.num_classes == 1 and int(plain[1]["label"]) == 0
+
+
+def _jpeg(width: int, height: int, value: int) -> io.BytesIO:
+  out = io.BytesIO()
+  Image.new("RGB", (width, height), (value, 0, 0)).save(out, "JPEG")
+  return io.BytesIO(out.getvalue())
+
+
+def test_damaged_records_and_crop_misfits_are_skipped_as_files_are(tmp_path):
+  """A record whose image bytes do not decode, and a training image the 2:1
+  random crop cannot cut, are skipped and counted, named by data set, split
+  and index, as an image folder's files are (both stopped the run: the
+  first in TFDS's decoder, the second in the crop). Labels that are not a ClassLabel are
+  checked against config.data.num_classes as they are read (they reached
+  the model's class embedding past its end), and a data set prepared as
+  TFRecord is sent to another folder, not to the command that cannot
+  change its format."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from genvis_jax.data import prepare_tfds  # pylint: disable=import-outside-toplevel
+
+  class GenvisDamaged(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3),
+                                       encoding_format="jpeg"),
+          "label": tfds.features.Scalar(dtype=np.int64)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      images = [_jpeg(80, 36, 40 * i) for i in range(4)]
+      images[1] = io.BytesIO(b"\xff\xd8\xff\xe0 not a JPEG")   # damaged
+      images[2] = _jpeg(50, 40, 0)     # 20x16 at height 16: narrower than 32
+      for i, image in enumerate(images):
+        yield i, {"image": image, "label": 2 * i}
+
+  GenvisDamaged(data_dir=str(tmp_path), file_format="array_record"
+                ).download_and_prepare()
+  c = dc.data_config(source="tfds", name="genvis_damaged", path=str(tmp_path),
+                     image_size=16, image_width=32, num_classes=8,
+                     random_crop_method="torchvision_bilinear")
+  it, info = data.create_dataset(c, split="train", global_batch_size=2, seed=0,
+                                 train=True, process_index=0, process_count=1)
+  for _ in range(3):
+    assert next(it)["image"].shape == (2, 16, 32, 3)
+  assert info.num_skipped == 2
+  # (TFDS stores the records in an order of its own.)
+  skipped = it.get_state()["skipped_files"]
+  assert len(set(skipped)) == 2 and all(
+      re.fullmatch(r"genvis_damaged/train\[[0-3]\]", f) for f in skipped)
+  it.close()
+  # One pass (evaluation, references): ADM's centre crop fits the 50x40
+  # image; the damaged record is skipped.
+  it, info = data.create_dataset(c, split="train", global_batch_size=1, seed=0,
+                                 train=False, process_index=0, process_count=1)
+  assert len(list(it)) == 3 and info.num_skipped == 1
+  c.num_classes = 5     # label 6 (the last image) is past it
+  it, _ = data.create_dataset(c, split="train", global_batch_size=1, seed=0,
+                              train=True, process_index=0, process_count=1)
+  with pytest.raises(sources.DataConfigError,
+                     match=r"genvis_damaged/train\[[0-3]\] has label 6, "
+                           r"outside 0..4 \(config.data.num_classes=5\).*not "
+                           r"a ClassLabel.*--config.data.num_classes above"):
+    for _ in range(4):
+      next(it)
+  it.close()
+  # TFDS's own default format, TFRecord.
+  other = tmp_path / "tfrecord"
+  GenvisDamaged(data_dir=str(other)).download_and_prepare()
+  with pytest.raises(data.DataNotFoundError,
+                     match=r"stored as .*TFRECORD.*one format per folder: "
+                           r"prepare it into another data_dir.*--data_dir="
+                           r"<another data_dir>"):
+    tfds_source.TfdsSource("genvis_damaged", "train", str(other))
+  with pytest.raises(ValueError, match=r"already prepared in .* as .*TFRECORD"
+                     r".*Give another --data_dir"):
+    prepare_tfds.prepare("genvis_damaged", str(other))

@@ -87,7 +87,8 @@ def make_source(data_config, split: str, setting: str = "config.data"):
     key = ("split" if split == data_config.split else "eval_split"
            if split == data_config.get("eval_split") else "split / eval_split")
     src = tfds_source.TfdsSource(data_config.name, split, path or None, setting,
-                                 split_key=key)
+                                 split_key=key,
+                                 label_limit=data_config.get("num_classes"))
     return src, src.num_classes, None
   if kind == "tokens":
     # A "{split}" in the pattern selects per-split files.

@@ -19,9 +19,19 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None) -> str:
   """Builds ``name`` (a TFDS catalogue name, ``name/config`` or
   ``name:version``) in ArrayRecord format under ``data_dir``; returns the
   folder written (``data_dir/name/version``). A data set already prepared
-  there is left as it is. Raises what TFDS raises (e.g. the manual files
-  missing from ``manual_dir``)."""
+  there is left as it is. Raises ``ValueError`` for one prepared there in
+  another format (TFDS's default, TFRecord: TFDS keeps one format per
+  folder), and what TFDS raises (e.g. the manual files missing from
+  ``manual_dir``)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+  existing = tfds.builder(name, data_dir=data_dir)
+  if existing.is_prepared() and not tfds_source.is_array_record(existing):
+    raise ValueError(
+        f"it is already prepared in {existing.data_dir} as "
+        f"{existing.info.file_format}, and TFDS keeps one format per folder. "
+        f"Give another --data_dir (then set config.data.path to it), or "
+        f"delete {existing.data_dir} first.")
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir))

@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from genvis_jax.core import files
+from genvis_jax.data import transforms
 from genvis_jax.data.sources import DataConfigError, DataNotFoundError
 
 
@@ -26,18 +27,32 @@ def _tfds_howto(name: str, data_dir, setting: str = "config.data") -> str:
           f"{setting}.path to that data_dir.")
 
 
+def is_array_record(builder) -> bool:
+  """Whether a prepared TFDS ``builder`` is stored as ArrayRecord."""
+  return "array_record" in str(builder.info.file_format).lower()
+
+
 class TfdsSource:
   """A prepared TFDS data set read with ``tfds.data_source`` (ArrayRecord).
 
   Never downloads or prepares anything: a missing or non-ArrayRecord data set
   raises ``DataNotFoundError`` naming the data set, ``data_dir`` and the
-  ``tfds build`` command. ``source[i]`` -> ``{"image": uint8, "label": int32}``.
+  ``prepare_tfds`` command. ``source[i]`` -> ``{"image": uint8 (H, W, 3),
+  "label": int32, "path": "<name>/<split>[i]"}``, the path naming the record
+  as an image folder's names its file (the crops drop it). A record TFDS
+  cannot decode (damaged image bytes) becomes a skip marker
+  ``{transforms.SKIPPED: path, "error": ...}``, skipped and counted as an
+  image folder's unreadable file is.
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
-               setting: str = "config.data", split_key: str = "split"):
+               setting: str = "config.data", split_key: str = "split",
+               label_limit: int | None = None):
     """``setting``: the config section naming the data set, ``split_key`` its
-    key holding ``split`` (``split`` or ``eval_split``; both for messages)."""
+    key holding ``split`` (``split`` or ``eval_split``; both for messages).
+    ``label_limit``: ``setting.num_classes``, the bound a label that is not a
+    ``ClassLabel`` (no class count to check up front) is checked against as
+    each record is read (``DataConfigError`` past it)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if not name:
       raise DataConfigError(f"{setting}.name is empty: set the TFDS data set "
@@ -78,12 +93,13 @@ class TfdsSource:
           f"TFDS data set {name!r} is not prepared in data_dir="
           f"{self.data_dir or builder.data_dir_root!r} (looked for "
           f"{builder.data_dir}). {_tfds_howto(name, self.data_dir, setting)}")
-    file_format = str(builder.info.file_format)
-    if "array_record" not in file_format.lower():
+    if not is_array_record(builder):
       raise DataNotFoundError(
           f"TFDS data set {name!r} in {builder.data_dir} is stored as "
-          f"{file_format}, but random access needs ArrayRecord. "
-          f"{_tfds_howto(name, self.data_dir, setting)}")
+          f"{builder.info.file_format}, but random access needs ArrayRecord, "
+          "and TFDS keeps one format per folder: prepare it into another "
+          f"data_dir. {_tfds_howto(name, '<another data_dir>', setting)} (Or "
+          f"delete {builder.data_dir} and prepare it where it was.)")
     try:   # a split, or TFDS's slices and sums of them ("train[:5%]")
       builder.info.splits[split]   # pylint: disable=pointless-statement
     except (KeyError, ValueError, AssertionError) as e:
@@ -102,6 +118,8 @@ class TfdsSource:
                       "read as class 0 (one class).", name)
     self.num_classes = (_num_classes(builder.info.features) if self.labelled
                         else 1)
+    self._label_limit = label_limit if self.num_classes is None else None
+    self._setting = setting
     self._source = tfds.data_source(name, split=split, data_dir=self.data_dir,
                                     download=False)
 
@@ -109,10 +127,21 @@ class TfdsSource:
     return len(self._source)
 
   def __getitem__(self, index):
-    record = self._source[int(index)]
+    path = f"{self.name}/{self.split}[{int(index)}]"
+    try:   # TFDS decodes the image here
+      record = self._source[int(index)]
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      return {transforms.SKIPPED: path, "error": f"{type(e).__name__}: {e}"}
     image = to_rgb(record["image"], f"TFDS data set {self.name!r}")
-    return {"image": image,
-            "label": np.int32(record["label"] if self.labelled else 0)}
+    label = int(record["label"]) if self.labelled else 0
+    if self._label_limit is not None and not 0 <= label < self._label_limit:
+      raise DataConfigError(
+          f"{path} has label {label}, outside 0..{self._label_limit - 1} "
+          f"({self._setting}.num_classes={self._label_limit}); its 'label' "
+          "feature is not a ClassLabel, so its class count is unknown. Set "
+          f"--{self._setting}.num_classes above its largest label (and "
+          "--config.model.num_classes with it).")
+    return {"image": image, "label": np.int32(label), "path": path}
 
   def __repr__(self):
     return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
