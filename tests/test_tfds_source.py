@@ -240,6 +240,16 @@ def test_damaged_records_and_crop_misfits_are_skipped_as_files_are(tmp_path):
   it, info = data.create_dataset(c, split="train", global_batch_size=1, seed=0,
                                  train=False, process_index=0, process_count=1)
   assert len(list(it)) == 3 and info.num_skipped == 1
+  # Saved with each input position: a split prepared again with more
+  # records redraws the order on a resume (its position went on silently).
+  from genvis_jax.train import resume  # pylint: disable=import-outside-toplevel
+  listing = info.listing()
+  assert listing == {"count": 4, "tfds": "genvis_damaged:1.0.0 train"}
+  assert resume.listing_changed(listing, dict(listing), 3, "") == ""
+  assert resume.listing_changed(listing, {**listing, "count": 6}, 3, "") == (
+      "counts examples of another TFDS data set (genvis_damaged:1.0.0 train, "
+      "4 examples then; genvis_damaged:1.0.0 train, 6 now: prepared again or "
+      "another split)")
   c.num_classes = 5     # label 6 (the last image) is past it
   it, _ = data.create_dataset(c, split="train", global_batch_size=1, seed=0,
                               train=True, process_index=0, process_count=1)

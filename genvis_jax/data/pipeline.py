@@ -181,11 +181,15 @@ class PipelineInfo:
     return self._memo["fingerprint"]
 
   def listing(self) -> dict | None:
-    """An image folder's listing, saved with each input position so that a
-    resume can compare (``train.resume.listing_changed``): its
-    ``fingerprint`` and ``classes`` (the class names in label order). None
-    for other sources (token files are compared by ``data.run_origin``)."""
+    """What the data is, saved with each input position so that a resume
+    can compare (``train.resume.listing_changed``): an image folder's
+    ``fingerprint`` and ``classes`` (the class names in label order), a TFDS
+    split's size and the data set's ``tfds`` name and version (prepared
+    again, it may hold other records). None for other sources (token files
+    are compared by ``data.run_origin``)."""
     found = self.fingerprint()
+    if self.source == "tfds":
+      return {**found, "tfds": self.data_source.release}
     if self.class_names is None or "files_sha256" not in found:
       return None
     return {**found, "classes": list(self.class_names)}

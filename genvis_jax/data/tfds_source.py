@@ -119,6 +119,8 @@ class TfdsSource:
     self.num_classes = (_num_classes(builder.info.features) if self.labelled
                         else 1)
     self._label_limit = label_limit if self.num_classes is None else None
+    # What a resume compares (``PipelineInfo.listing``).
+    self.release = f"{builder.name}:{builder.version} {split}"
     self._setting = setting
     self._source = tfds.data_source(name, split=split, data_dir=self.data_dir,
                                     download=False)

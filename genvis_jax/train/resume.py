@@ -101,11 +101,12 @@ def order_setting_changed(saved_config: dict | None, config) -> str:
 
 def listing_changed(saved: dict, now: dict | None, step: int,
                     path: str) -> str:
-  """Why an input position saved with ``step`` over the image folder listing
-  ``saved`` cannot be used on the folder's listing ``now``
-  (``PipelineInfo.listing``): "" if the same; the reason if images or class
-  folders were added, removed or renamed since without moving a label (the
-  saved position would repeat some of the epoch's images and skip others).
+  """Why an input position saved with ``step`` over the data listing
+  ``saved`` cannot be used on the listing ``now`` (``PipelineInfo.listing``):
+  "" if the same; the reason if an image folder's images or class folders
+  were added, removed or renamed since without moving a label, or a TFDS
+  split has another size or release (the saved position would repeat some
+  of the epoch's images and skip others).
 
   Raises:
     ConfigError: a class kept its name but not its label (a class folder
@@ -114,6 +115,10 @@ def listing_changed(saved: dict, now: dict | None, step: int,
   """
   if now is None or saved == now:
     return ""
+  if "tfds" in saved or "tfds" in now:
+    return (f"counts examples of another TFDS data set ({saved.get('tfds')}, "
+            f"{saved.get('count')} examples then; {now.get('tfds')}, "
+            f"{now.get('count')} now: prepared again or another split)")
   before, after = list(saved.get("classes") or ()), list(now.get("classes") or ())
   added = sorted(set(after) - set(before))
   removed = sorted(set(before) - set(after))
