@@ -45,12 +45,16 @@ class _LibraryInfo(py_logging.Filter):
 def quiet_library_logs():
   """Drops Orbax/Grain INFO chatter that would drown the training log, and
   jax's INFO line about each backend it could not start (on every GPU or
-  CPU machine: "Unable to initialize backend 'tpu'"): from absl's handler
-  and, in a notebook (where absl's may not be the one printing), from the
-  root logger's. Calling it again adds nothing."""
-  for handler in {logging.get_absl_handler(), *py_logging.getLogger().handlers}:
-    if not any(isinstance(f, _LibraryInfo) for f in handler.filters):
-      handler.addFilter(_LibraryInfo())
+  CPU machine: "Unable to initialize backend 'tpu'"): from the loggers they
+  write to (absl's, jax's backend module), so also where the handler that
+  prints is made later (absl's first record sets up the root logger's in a
+  notebook or script that has logged nothing yet), and from the handlers
+  already there. Calling it again adds nothing."""
+  for where in {logging.get_absl_logger(),
+                py_logging.getLogger("jax._src.xla_bridge"),
+                logging.get_absl_handler(), *py_logging.getLogger().handlers}:
+    if not any(isinstance(f, _LibraryInfo) for f in where.filters):
+      where.addFilter(_LibraryInfo())
 
 
 def verbose(argv=()) -> bool:
