@@ -265,6 +265,13 @@ def test_the_resume_note_names_the_last_finalized_step(tmp_path):
   (tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1").mkdir()  # in flight
   assert ckpt.resume_note() == ("training resumes from step 6, its last "
                                 "saved checkpoint")
+  # A save in flight may still complete (a notebook's Ctrl-C said step 0
+  # and the rerun resumed from the step being saved).
+  assert ckpt_lib.resume_note(str(tmp_path / "checkpoints"), pending=9) == (
+      "training resumes from step 6, its last saved checkpoint (from step 9 "
+      "if its save, still being written, completes)")
+  assert ckpt_lib.resume_note(str(tmp_path / "none"), pending=2).endswith(
+      "from step 0 (from step 2 if its save, still being written, completes)")
 
 
 def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):

@@ -98,15 +98,20 @@ def unfinished_saves(directory) -> list[str]:
     return []
 
 
-def resume_note(directory) -> str:
+def resume_note(directory, pending: int | None = None) -> str:
   """What running a training command again resumes from, by the finalized
   steps under ``directory`` (a run's ``checkpoints/``) now: a save in
-  flight is not one yet."""
+  flight (``pending``, its step) is not one yet, and is named as what the
+  run resumes from should it complete."""
   directory = epath.Path(directory)
   saved = ckpt_files.saved_steps(directory) if directory.exists() else set()
-  if not saved:
-    return "no checkpoint is saved yet: training starts again from step 0"
-  return f"training resumes from step {max(saved)}, its last saved checkpoint"
+  note = (f"training resumes from step {max(saved)}, its last saved "
+          "checkpoint" if saved else
+          "no checkpoint is saved yet: training starts again from step 0")
+  if pending is not None and pending > max(saved, default=0):
+    note += (f" (from step {pending} if its save, still being written, "
+             "completes)")
+  return note
 
 
 class Checkpointer:
@@ -126,8 +131,8 @@ class Checkpointer:
     self._pending = None  # step of a save whose outcome is not checked yet
 
   def resume_note(self) -> str:
-    """:func:`resume_note` of this run's checkpoints."""
-    return resume_note(self.directory)
+    """:func:`resume_note` of this run's checkpoints and save in flight."""
+    return resume_note(self.directory, self._pending)
 
   def _new_manager(self) -> ocp.CheckpointManager:
     # grain lazily: sampling / evaluation / benchmarks import this module on
