@@ -23,9 +23,16 @@ of those it does. The configs in configs/ (the README walks each chain):
 
 from __future__ import annotations
 
-import os
+from genvis_jax.core import interrupts
 
-from absl import app, flags, logging
+if __name__ == "__main__":   # the command line, before jax is imported: a
+  # Ctrl-C during the imports ends it at once (an import of this module
+  # leaves the importer's handlers alone).
+  interrupts.note()
+
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags
 
 from genvis_jax import cli
@@ -53,6 +60,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"Unexpected arguments {argv[1:]}; flags are written "
              f"--name=value.\n{USAGE}", 2)
+  interrupts.started()   # Ctrl-C raises from here on (see interrupts.py)
   config = FLAGS.config
   modes.check_names(config)
   modes.check_overrides(

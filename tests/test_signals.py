@@ -289,3 +289,52 @@ def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):
   assert "config.sample.batch_size" in err and len(err.splitlines()) == 1
   with pytest.raises(ZeroDivisionError):    # other runtime errors pass through
     cli.user_errors_exit(lambda argv: 1 / 0)([])
+
+
+def test_a_ctrl_c_while_the_command_imports_is_not_lost(tmp_path):
+  """Ctrl-C during ``python -m genvis_jax.main``'s imports (here: as jax is
+  imported) ends it at once with one line and nothing written; raised in
+  jax's garbage-collection hook, its KeyboardInterrupt was only printed and
+  the run trained to the end. After ``main`` starts, an interrupt whose
+  exception is lost that way is raised where the start-up ends."""
+  import subprocess   # pylint: disable=import-outside-toplevel
+  import textwrap   # pylint: disable=import-outside-toplevel
+  wd = tmp_path / "wd"
+  code = textwrap.dedent(f"""
+      import importlib.abc, os, runpy, signal, sys
+      class CtrlC(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+          if name == "jax":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+          return None
+      sys.meta_path.insert(0, CtrlC())
+      sys.argv = ["main", "--config=configs/demo.py:smoke", "--workdir={wd}"]
+      runpy.run_module("genvis_jax.main", run_name="__main__")
+  """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=300, cwd=os.path.dirname(
+                           os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 130, out.stderr[-3000:]
+  assert out.stderr.endswith("Error: Stopped by Ctrl-C while starting up; "
+                             "nothing was written.\n"), out.stderr[-3000:]
+  assert not wd.exists()
+  lost = textwrap.dedent("""
+      import signal
+      from genvis_jax.core import interrupts, preemption
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      interrupts.note()
+      interrupts.started()
+      class Collected:
+        def __del__(self):
+          signal.raise_signal(signal.SIGINT)
+      Collected()   # the KeyboardInterrupt is printed and lost here
+      try:
+        with preemption.NotedSignals() as noted:
+          noted.raise_noted()
+      except KeyboardInterrupt:
+        print("raised")
+  """)
+  out = subprocess.run([sys.executable, "-c", lost], capture_output=True,
+                       text=True, timeout=300)
+  assert "Exception ignored" in out.stderr and out.stdout == "raised\n", out

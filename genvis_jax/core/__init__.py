@@ -16,6 +16,7 @@ Checkpoints and weights:
   run_weights       one step's (EMA) weights out of a training run
 Runs:
   multihost         decisions process 0 makes for every process
+  interrupts        Ctrl-C noted from the entry point's first line
   preemption        stopping cleanly on a signal or a request
   workdir_lock      one run per workdir
   profiling         a window of steps traced with ``jax.profiler``

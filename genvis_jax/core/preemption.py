@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from genvis_jax import errors
+from genvis_jax.core import interrupts
 
 
 # Set by the command-line entry point (genvis_jax.main): a second Ctrl-C
@@ -79,7 +80,9 @@ class NotedSignals:
   def raise_noted(self) -> None:
     """Raises the stop a signal asked for since ``__enter__`` (its own
     exception was lost, or the caller would not be here); else nothing."""
-    if self.signum == signal.SIGINT:
+    # A Ctrl-C noted since the process started (interrupts.note): this
+    # process is still here, so its KeyboardInterrupt was lost too.
+    if interrupts.take_noted() or self.signum == signal.SIGINT:
       raise KeyboardInterrupt
     if self.signum is not None:
       raise errors.StoppedBySignal(self.signum)
