@@ -195,3 +195,28 @@ def test_steps_per_sec_leaves_the_saves_out(tmp_path, monkeypatch):
   c.train.profile_steps = 0
   trainer_lib.train_loop(c, str(tmp_path / "wd"), on_log=logs.__setitem__)
   assert logs[4]["steps_per_sec"] > 2 / 3.0, logs[4]   # save of step 3 inside
+
+
+def test_a_save_into_a_read_only_folder_keeps_its_one_message(
+    tmp_path, monkeypatch, caplog):
+  """A checkpoint folder that became read-only (a remount, a full quota):
+  removing the half-written step failed too, and that error ("delete it by
+  hand", wrong: the next run removes it) replaced the save's one message
+  after ten seconds of retries."""
+  import errno   # pylint: disable=import-outside-toplevel
+  import logging   # pylint: disable=import-outside-toplevel
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  tries = []
+
+  def read_only(self, missing_ok=False):   # pylint: disable=unused-argument
+    tries.append(self)
+    raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+  monkeypatch.setattr(type(ckpt.directory), "rmtree", read_only)
+  with caplog.at_level(logging.WARNING):
+    e = ckpt._save_failed(4, OSError(errno.EROFS, "Read-only file system"))   # pylint: disable=protected-access
+  assert isinstance(e, ckpt_lib.CheckpointSaveError)
+  assert "Saving checkpoint step 4" in str(e) and "read-only" in str(e).lower()
+  assert len(tries) == 1
+  assert "the next run in this workdir removes it" in caplog.text

@@ -46,17 +46,18 @@ def _remove_tree(path: epath.Path, settle_s: float = 0.2,
   """Removes a half-written step folder, outlasting writers that are still
   finishing in it (a save that fails in its synchronous part may have started
   the background writes of its other items): retries until the folder is gone
-  and stays gone for ``settle_s``."""
+  and stays gone for ``settle_s``. Raises ``OSError`` where it cannot (at
+  once for a read-only or forbidden folder)."""
   for _ in range(attempts):
     try:
       path.rmtree(missing_ok=True)
-    except OSError:   # a writer added a file while the tree was being removed
-      pass
+    except OSError as e:  # a writer added a file while it was being removed
+      if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        raise
     time.sleep(settle_s)
     if not path.exists():
       return
-  raise OSError(f"Could not remove the half-written checkpoint {path}; "
-                "delete it by hand before restarting.")
+  raise OSError(f"{path} is still being written to")
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
@@ -264,7 +265,12 @@ class Checkpointer:
     """Removes the half-written step and builds the one error message."""
     if jax.process_index() == 0:
       for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-        _remove_tree(tmp)
+        try:
+          _remove_tree(tmp)
+        except OSError as e:   # e.g. the folder became read-only: the cause
+          logging.warning(     # below; a run's start removes leftovers
+              "Could not remove the half-written checkpoint %s (%s); the "
+              "next run in this workdir removes it.", tmp, e)
     previous = [s for s in self.manager.all_steps() if s < step]
     kept = (f"the newest complete checkpoint is step {max(previous)}, which a "
             "restart resumes from" if previous else "no earlier checkpoint exists")
