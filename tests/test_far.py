@@ -423,3 +423,21 @@ def test_configs():
   shapes = jax.eval_shape(lambda: models.init_params(demo.model, jax.random.key(0)))
   assert shapes["tok_embeddings_2"]["embedding"].shape == (64, 64)
   assert demo.model.grid == 8 and demo.data.source == "tokens"
+
+
+def test_each_sub_token_draws_with_its_own_key():
+  """Sub-token i of position t draws with ``fold_in(fold_in(rng, t), i)``:
+  one key per position made the factorized sub-tokens share their draw."""
+  key, flat = jax.random.key(0), jnp.zeros((4, 32))
+  pairs = []
+  for t in range(8):
+    for i in range(2):
+      got = far_sample.pick(flat, key, t, i, 1.0, 1.0, False, 0, 1.0)
+      want = ar.draw(flat, jax.random.fold_in(jax.random.fold_in(key, t), i),
+                     1.0, 1.0, False, 0, 1.0)
+      np.testing.assert_array_equal(got, want)
+    pairs.append((np.asarray(far_sample.pick(flat, key, t, 0, 1.0, 1.0, False,
+                                             0, 1.0)),
+                  np.asarray(far_sample.pick(flat, key, t, 1, 1.0, 1.0, False,
+                                             0, 1.0))))
+  assert any((a != b).any() for a, b in pairs)

@@ -407,3 +407,16 @@ def test_the_single_codebook_vq_takes_llamagens_own_launch():
     assert mod.get_config("fp32,llamagen").model.dtype == "float32"
   with pytest.raises(ValueError, match="llamagen is LlamaGen's recipe"):
     fqgan_dual_ds16.get_config("llamagen")
+
+
+def test_the_total_loss_weights_the_disentanglement_term(tmp_path):
+  """The loss adds ``disentangle_weight`` x eq. 7 (official: 0.1 of it);
+  the tests checked the unweighted term and its gradients, so a total
+  with the term at any weight, or none, passed."""
+  c = _task_config(tmp_path)
+  c.loss.disentangle_weight = 0.1
+  c.teachers = ()
+  task = fqt.FQTokenizerTask(c)
+  got = task.extra_terms(jnp.float32(1.0), {}, None,
+                         {"disentangle_loss": jnp.float32(0.5)}, {})
+  np.testing.assert_allclose(float(got), 1.05, rtol=1e-6)

@@ -260,3 +260,31 @@ def test_loss_hyperparameters_come_from_the_config_only():
     del tok.loss["adaptive_gan_weight"]
   with pytest.raises(ConfigError, match=r"config\.loss\.adaptive_gan_weight"):
     get_task(tok)
+
+
+def test_each_step_draws_fold_in_of_its_step():
+  """Step s's task draws from ``fold_in(rng, s)``: with one key for every
+  step, dropout, label dropout and RAR's orders repeated each step, and the
+  resume tests (both runs drawing alike) could not see it."""
+
+  class RngTask(Task):
+    def grads(self, params, frozen, batch, rng, step):
+      return ({"model": jax.tree_util.tree_map(jnp.zeros_like,
+                                               params["model"])},
+              {"loss": jnp.float32(0.0), "u": jax.random.uniform(rng)})
+
+  cfg = ml_collections.ConfigDict(dict(micro_batches=1, ema_decay=0.0))
+  opt = {"model": optax.sgd(1.0)}
+  params = {"model": {"w": jnp.float32(1.0)}}
+  state = TrainState(step=jnp.int32(0), params=params,
+                     opt_state={"model": opt["model"].init(params["model"])},
+                     ema=None)
+  fn = jax.jit(step_lib.make_train_step(RngTask(None), opt, cfg, 1))
+  key, got = jax.random.key(0), []
+  for _ in range(3):
+    state, metrics = fn(state, {"x": jnp.zeros(2)}, key, {})
+    got.append(float(metrics["u"]))
+  want = [float(jax.random.uniform(jax.random.fold_in(key, s)))
+          for s in range(3)]
+  assert len(set(got)) == 3
+  np.testing.assert_allclose(got, want)
