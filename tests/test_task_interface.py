@@ -30,14 +30,21 @@ class _ScaleTask(Task):
     return {"model": g}, {"loss": loss}
 
 
+def _start(opt, w: float, ema: bool = False):
+  """(params, step-0 TrainState) of a one-weight model ``{"model": {"w"}}``
+  under ``opt``, its EMA starting at the weights when ``ema``."""
+  params = {"model": {"w": jnp.float32(w)}}
+  return params, TrainState(
+      step=jnp.int32(0), params=params,
+      opt_state={"model": opt["model"].init(params["model"])},
+      ema=params["model"] if ema else None)
+
+
 def test_train_step_passes_frozen_separately():
   cfg = ml_collections.ConfigDict(dict(micro_batches=2, ema_decay=0.0))
   opt = {"model": optax.sgd(1.0)}
   task = _ScaleTask(None)
-  params = {"model": {"w": jnp.float32(1.0)}}
-  state = TrainState(step=jnp.int32(0), params=params,
-                     opt_state={"model": opt["model"].init(params["model"])},
-                     ema=None)
+  params, state = _start(opt, 1.0)
   x = jnp.arange(4, dtype=jnp.float32)
   frozen = {"model": jnp.float32(3.0)}
   new, m = jax.jit(step_lib.make_train_step(task, opt, cfg, 1))(
@@ -66,10 +73,7 @@ def test_micro_batches_match_the_full_batch_in_expectation_only():
   its draws (README: not the same update bit for bit); with nothing random
   drawn, the same update up to float rounding."""
   task, opt = _DropTask(None), {"model": optax.sgd(1.0)}
-  params = {"model": {"w": jnp.float32(0.0)}}
-  state = TrainState(step=jnp.int32(0), params=params,
-                     opt_state={"model": opt["model"].init(params["model"])},
-                     ema=None)
+  params, state = _start(opt, 0.0)
   x = {"x": jnp.arange(16, dtype=jnp.float32)}
 
   def w_after(k, keys, p=0.5):   # w after one step from each key, (n,)
@@ -95,10 +99,7 @@ def test_skipped_nonfinite_step_keeps_schedule_in_step():
   sched = lambda count: 1.0 + count.astype(jnp.float32)
   opt = {"model": optax.adamw(sched)}
   task = _ScaleTask(None)
-  params = {"model": {"w": jnp.float32(1.0)}}
-  state = TrainState(step=jnp.int32(0), params=params,
-                     opt_state={"model": opt["model"].init(params["model"])},
-                     ema=None)
+  params, state = _start(opt, 1.0)
   step = jax.jit(step_lib.make_train_step(task, opt, cfg, 1))
   frozen = {"model": jnp.float32(3.0)}
   good, bad = {"x": jnp.arange(4.0)}, {"x": jnp.full((4,), jnp.nan)}
@@ -130,10 +131,7 @@ def test_a_skipped_steps_metrics_leave_its_intervals_means():
 
   cfg = ml_collections.ConfigDict(dict(micro_batches=1, ema_decay=0.0))
   opt = {"model": optax.sgd(0.1)}
-  params = {"model": {"w": jnp.float32(1.0)}}
-  state = TrainState(step=jnp.int32(0), params=params,
-                     opt_state={"model": opt["model"].init(params["model"])},
-                     ema=None)
+  params, state = _start(opt, 1.0)
   step = jax.jit(step_lib.make_train_step(Codes(None), opt, cfg, 1))
   sums = None
   for x in (1.0, np.nan, 1.0, 1.0):
@@ -160,10 +158,7 @@ def test_ema_warmup_is_litema():
                                        ema_warmup=True))
   opt = {"model": optax.sgd(1.0)}
   task = _ScaleTask(None)
-  params = {"model": {"w": jnp.float32(1.0)}}
-  state = TrainState(step=jnp.int32(0), params=params,
-                     opt_state={"model": opt["model"].init(params["model"])},
-                     ema=params["model"])
+  params, state = _start(opt, 1.0, ema=True)
   new, _ = jax.jit(step_lib.make_train_step(task, opt, cfg, 1))(
       state, {"x": jnp.arange(4.0)}, jax.random.key(0), {"model": jnp.float32(3.0)})
   w1, d = float(new.params["model"]["w"]), litema(1)
@@ -275,10 +270,7 @@ def test_each_step_draws_fold_in_of_its_step():
 
   cfg = ml_collections.ConfigDict(dict(micro_batches=1, ema_decay=0.0))
   opt = {"model": optax.sgd(1.0)}
-  params = {"model": {"w": jnp.float32(1.0)}}
-  state = TrainState(step=jnp.int32(0), params=params,
-                     opt_state={"model": opt["model"].init(params["model"])},
-                     ema=None)
+  params, state = _start(opt, 1.0)
   fn = jax.jit(step_lib.make_train_step(RngTask(None), opt, cfg, 1))
   key, got = jax.random.key(0), []
   for _ in range(3):
