@@ -71,3 +71,42 @@ def test_a_resumed_run_replaces_the_steps_it_redoes_in_tensorboard(tmp_path):
   acc.Reload()
   steps = [e.step for e in acc.Tensors("loss")]
   assert steps == list(range(5, 105, 5)), steps
+
+
+def test_a_full_disk_under_the_metrics_is_one_named_error(tmp_path,
+                                                          monkeypatch):
+  """TensorBoard's writer failing (here: no space left) surfaced as clu's
+  ``AsyncError`` with a traceback through its threads; it is an
+  ``OutputWriteError`` naming the folder and the system's error."""
+  import errno  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  from genvis_jax import errors  # pylint: disable=import-outside-toplevel
+
+  def full(self, step, scalars):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(metric_writers.SummaryWriter, "write_scalars", full)
+  writer = metrics_lib.create_writer(tmp_path)
+  with pytest.raises(errors.OutputWriteError,
+                     match=rf"TensorBoard event files\) under {tmp_path} "
+                           r"failed: .*No space left on device\. Free space"):
+    writer.write_scalars(3, {"loss": 1.5})
+    writer.flush()
+
+
+def test_event_files_of_a_later_clock_are_warned_of(tmp_path, caplog):
+  """A resume on a machine whose clock is behind the one that wrote the
+  event files: its files sort first, and TensorBoard hid its points."""
+  import time  # pylint: disable=import-outside-toplevel
+  later = int(time.time()) + 3600
+  (tmp_path / f"events.out.tfevents.{later}.host.1.0").write_bytes(b"")
+  with caplog.at_level(logging.WARNING):
+    metrics_lib.mark_start(tmp_path, 10)
+  assert "named by a later time" in caplog.text and "Set the clock" in (
+      caplog.text)
+  caplog.clear()
+  (tmp_path / f"events.out.tfevents.{later}.host.1.0").unlink()
+  with caplog.at_level(logging.WARNING):
+    metrics_lib.mark_start(tmp_path, 20)
+  assert "later time" not in caplog.text

@@ -8,10 +8,12 @@ import os
 import time
 
 import jax
+from absl import logging
 from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 
+from genvis_jax import errors
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 
@@ -27,6 +29,7 @@ def mark_start(workdir, step: int) -> None:
   (named by whole seconds) are read in this order."""
   if jax.process_index() != 0:
     return
+  _warn_of_later_event_files(workdir)
   # pylint: disable=import-outside-toplevel
   from tensorboard.compat.proto import event_pb2
   from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -39,11 +42,69 @@ def mark_start(workdir, step: int) -> None:
     time.sleep(max(0.0, math.floor(time.time()) + 1.001 - time.time()))
 
 
+def _warn_of_later_event_files(workdir) -> None:
+  """Warns when ``workdir`` holds event files named after now: this clock
+  is behind the one that wrote them, and TensorBoard, which reads a run's
+  files in name order (whole seconds), would take this run's points first
+  and drop them at the older run's restart marks."""
+  newest = 0
+  try:
+    for name in os.listdir(os.fspath(workdir)):
+      parts = name.split(".")
+      if name.startswith("events.out.tfevents.") and parts[3].isdigit():
+        newest = max(newest, int(parts[3]))
+  except OSError:   # not there yet (a new run), or remote: nothing to compare
+    return
+  now = time.time()
+  if newest > now:
+    logging.warning(
+        "TensorBoard event files in %s are named by a later time (%s) than "
+        "this machine's clock (%s): TensorBoard would show this run's points "
+        "before theirs and hide them. Set the clock right (NTP), or log this "
+        "run to a new --workdir (--config.init_from=<this run> keeps the "
+        "weights).", workdir, time.strftime("%Y-%m-%d %H:%M:%S",
+                                            time.gmtime(newest)),
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)))
+
+
+class _WriteErrors:
+  """A clu metric writer whose failures to write (a full disk, a read-only
+  folder: clu's asynchronous writer raises them at a later call as an
+  ``AsyncError``) raise ``errors.OutputWriteError`` naming the folder and
+  the system's error, not a traceback through clu's threads."""
+
+  def __init__(self, writer, workdir):
+    self._writer, self._workdir = writer, workdir
+
+  def __getattr__(self, name):
+    attr = getattr(self._writer, name)
+    if not callable(attr):
+      return attr
+
+    def call(*args, **kwargs):
+      try:
+        return attr(*args, **kwargs)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # TensorFlow's summary writer raises its own errors (an OpError
+        # saying "No space left on device") for what is an OSError here.
+        system = next((c for c in errors.causes(e) if isinstance(c, OSError)
+                       or type(c).__module__.startswith("tensorflow")), None)
+        if system is None:
+          raise
+        raise errors.OutputWriteError(
+            f"Writing the training metrics (TensorBoard event files) under "
+            f"{self._workdir} failed: {errors.first_line(system)}. Free "
+            "space there (or make it writable) and run the same command "
+            "again, or use another --workdir.") from system
+    return call
+
+
 def create_writer(workdir: str):
   """TensorBoard + console on process 0; console-only elsewhere (clu's
   default writer, asynchronous). Hyperparameters go to TensorBoard only: in
   the log they were the whole config on one line of several KB, which
-  ``--verbose`` logs readably."""
+  ``--verbose`` logs readably. A failed write raises
+  ``errors.OutputWriteError`` (``_WriteErrors``)."""
   # clu (and the TensorFlow it imports) only where a writer is made, so the
   # grid / uint8 helpers import on machines without TensorFlow.
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
@@ -56,7 +117,7 @@ def create_writer(workdir: str):
   writers = [ConsoleWriter()]
   if jax.process_index() == 0:
     writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
-  return metric_writers.AsyncMultiWriter(writers)
+  return _WriteErrors(metric_writers.AsyncMultiWriter(writers), workdir)
 
 
 class Progress:

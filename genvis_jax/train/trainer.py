@@ -428,4 +428,7 @@ def _finish_saves(ckpt, writer) -> None:
   except Exception as e:  # pylint: disable=broad-except
     logging.error("The checkpoint save in flight failed too: %s",
                   errors.first_line(e))
-  writer.flush()
+  try:
+    writer.flush()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("Writing the metrics failed too: %s", errors.first_line(e))
