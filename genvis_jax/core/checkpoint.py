@@ -194,7 +194,9 @@ class Checkpointer:
     for this save's synchronous part or an earlier save that failed.
     ``data_seed``: the seed ``data_iter``'s order was drawn with,
     ``data_group``: this process's ``(group, count)`` of the data, and
-    ``data_listing``: an image folder's listing, kept beside its position
+    ``data_listing``: the data's listing (``PipelineInfo.listing``: an
+    image folder's files and classes, a TFDS split's size and release), kept
+    beside its position
     (see :meth:`saved_position`)."""
     # Orbax waits for the previous save anyway; a failed one stops here
     # (on every process: all save at the same steps).

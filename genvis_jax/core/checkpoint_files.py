@@ -238,7 +238,8 @@ class IteratorSnapshot:
   data seed the order was drawn with (``{"data_seed", "iterator"}``), with
   ``group`` the process's data group ``[group, count]``
   (``sharding.data_groups``: which shard of the data it read), and with
-  ``listing`` an image folder's listing (``PipelineInfo.listing``)."""
+  ``listing`` the data's listing (``PipelineInfo.listing``: an image
+  folder's, a TFDS split's)."""
 
   def __init__(self, it, seed=None, group=None, listing=None):
     state = it.get_state()
@@ -259,8 +260,9 @@ class SavedPosition:
   """An input position saved with a step: this process's Grain iterator
   ``state``, the data ``seed`` its order was drawn with (None: not recorded,
   i.e. ``config.seed``), or ``why`` it cannot be used here (state None);
-  ``listing``: the image folder's listing it counts in, where recorded
-  (also when ``why`` is set, from process 0's file)."""
+  ``listing``: the data's listing it counts in (an image folder's, a TFDS
+  split's), where recorded (also when ``why`` is set, from process 0's
+  file)."""
   state: Any = None
   seed: int | None = None
   why: str | None = None
