@@ -132,8 +132,12 @@ class Checkpointer:
     self._pending = None  # step of a save whose outcome is not checked yet
 
   def resume_note(self) -> str:
-    """:func:`resume_note` of this run's checkpoints and save in flight."""
-    return resume_note(self.directory, self._pending)
+    """:func:`resume_note` of this run's checkpoints and save in flight;
+    not the save where a stop ends the process at once (the command line's
+    second Ctrl-C), which ends the save with it."""
+    from genvis_jax.core import preemption  # pylint: disable=import-outside-toplevel
+    pending = None if preemption.exit_on_second_interrupt else self._pending
+    return resume_note(self.directory, pending)
 
   def _new_manager(self) -> ocp.CheckpointManager:
     # grain lazily: sampling / evaluation / benchmarks import this module on
