@@ -74,7 +74,7 @@ def test_a_resumed_run_replaces_the_steps_it_redoes_in_tensorboard(tmp_path):
 
 
 def test_a_full_disk_under_the_metrics_is_one_named_error(tmp_path,
-                                                          monkeypatch):
+                                                          monkeypatch, caplog):
   """TensorBoard's writer failing (here: no space left) surfaced as clu's
   ``AsyncError`` with a traceback through its threads; it is an
   ``OutputWriteError`` naming the folder and the system's error."""
@@ -88,11 +88,13 @@ def test_a_full_disk_under_the_metrics_is_one_named_error(tmp_path,
 
   monkeypatch.setattr(metric_writers.SummaryWriter, "write_scalars", full)
   writer = metrics_lib.create_writer(tmp_path)
-  with pytest.raises(errors.OutputWriteError,
-                     match=rf"TensorBoard event files\) under {tmp_path} "
-                           r"failed: .*No space left on device\. Free space"):
+  with caplog.at_level(logging.ERROR), pytest.raises(
+      errors.OutputWriteError, match=rf"TensorBoard event files\) under "
+      rf"{tmp_path} failed: .*No space left on device\. Free space"):
     writer.write_scalars(3, {"loss": 1.5})
     writer.flush()
+  # Nor does clu's thread log its traceback first.
+  assert "producer thread" not in caplog.text, caplog.text
 
 
 def test_event_files_of_a_later_clock_are_warned_of(tmp_path, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging as py_logging
 import math
 import os
 import time
@@ -99,6 +100,14 @@ class _WriteErrors:
     return call
 
 
+class _ProducerTraceback(py_logging.Filter):
+  """Drops clu's "Error in producer thread" record of a failed write."""
+
+  def filter(self, record):
+    return not (record.pathname.endswith(os.path.join("clu", "asynclib.py"))
+                and str(record.msg).startswith("Error in producer thread"))
+
+
 def create_writer(workdir: str):
   """TensorBoard + console on process 0; console-only elsewhere (clu's
   default writer, asynchronous). Hyperparameters go to TensorBoard only: in
@@ -114,6 +123,11 @@ def create_writer(workdir: str):
     def write_hparams(self, hparams):
       del hparams
 
+  # The asynchronous writer logs a failed write's traceback from its
+  # thread before the next call raises it (as _WriteErrors' one error).
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _ProducerTraceback) for f in absl_logger.filters):
+    absl_logger.addFilter(_ProducerTraceback())
   writers = [ConsoleWriter()]
   if jax.process_index() == 0:
     writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
