@@ -253,6 +253,12 @@ def test_damaged_records_and_crop_misfits_are_skipped_as_files_are(tmp_path):
   c.num_classes = 5     # label 6 (the last image) is past it
   it, _ = data.create_dataset(c, split="train", global_batch_size=1, seed=0,
                               train=True, process_index=0, process_count=1)
+  for _ in range(4):   # read, not checked: no model's classes (a tokenizer)
+    next(it)
+  it.close()
+  it, _ = data.create_dataset(c, split="train", global_batch_size=1, seed=0,
+                              train=True, process_index=0, process_count=1,
+                              check_labels=True)
   with pytest.raises(sources.DataConfigError,
                      match=r"genvis_damaged/train\[[0-3]\] has label 6, "
                            r"outside 0..4 \(config.data.num_classes=5\).*not "

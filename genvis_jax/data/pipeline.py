@@ -61,9 +61,11 @@ def _worker_processes(it_ds, num_workers: int, prefetch: int):
 
 # --- sources ---------------------------------------------------------------------
 
-def make_source(data_config, split: str, setting: str = "config.data"):
+def make_source(data_config, split: str, setting: str = "config.data",
+                check_labels: bool = False):
   """The random-access source for ``split``; raises now if its data is missing
   (naming ``setting``, the config section ``data_config`` is).
+  ``check_labels``: see ``create_dataset``.
 
   Returns ``(source, num_classes or None, class_names or None)``.
   """
@@ -88,7 +90,8 @@ def make_source(data_config, split: str, setting: str = "config.data"):
            if split == data_config.get("eval_split") else "split / eval_split")
     src = tfds_source.TfdsSource(data_config.name, split, path or None, setting,
                                  split_key=key,
-                                 label_limit=data_config.get("num_classes"))
+                                 label_limit=data_config.get("num_classes")
+                                 if check_labels else None)
     return src, src.num_classes, None
   if kind == "tokens":
     # A "{split}" in the pattern selects per-split files.
@@ -243,7 +246,8 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
                    seed: int, train: bool = True, process_index=None,
                    process_count=None, value_range=(0.0, 1.0),
                    drop_remainder: bool = True, setting: str = "config.data",
-                   batch_setting: str = "config.train.global_batch_size"):
+                   batch_setting: str = "config.train.global_batch_size",
+                   check_labels: bool = False):
   """Builds the input pipeline of ``split`` for this process.
 
   Args:
@@ -262,6 +266,10 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
       ``config.pretokenize.data``).
     batch_setting: the config key ``global_batch_size`` comes from, named
       when it does not split across the processes.
+    check_labels: the labels index a model's classes (a class-conditional
+      model's training): a TFDS label without a class count (not a
+      ``ClassLabel``) at or past ``data_config.num_classes`` raises
+      ``DataConfigError`` as it is read.
 
   Returns:
     ``(iterator, info)``: a grain ``DatasetIterator`` yielding process-local
@@ -278,7 +286,8 @@ def create_dataset(data_config, *, split: str, global_batch_size: int,
     raise ValueError(f"value_range must be (lo, hi), got {value_range!r}.")
   local_batch = global_batch_size // pc
   seed = int(seed) & 0xFFFFFFFF          # grain seeds are uint32
-  source, num_classes, class_names = make_source(data_config, split, setting)
+  source, num_classes, class_names = make_source(data_config, split, setting,
+                                                 check_labels)
   classes_from_data = num_classes is not None
   num_classes = _check_classes(num_classes, data_config, setting)
 

@@ -7,7 +7,9 @@ before any compile, with a message that says how to fix it. Records:
 * ``ImageFolderSource``: ``{"path": str, "label": int32}`` (decoded lazily by
   ``transforms.DecodeImage``; the pipeline skips unreadable files and counts
   them);
-* ``tfds_source.TfdsSource``: ``{"image": uint8 (H, W, 3), "label": int32}``.
+* ``tfds_source.TfdsSource``: ``{"image": uint8 (H, W, 3), "label": int32,
+  "path": "<name>/<split>[<index>]"}`` (a record that does not decode: a skip
+  marker, as an unreadable file's).
 
 The demo source lives in ``demo.py``, the token files source in ``tokens.py``;
 this module also holds the errors and checks every source shares.

@@ -79,7 +79,9 @@ def create_train_iterator(config, task, *, group=None, seed=None):
       config.data, split=config.data.split,
       global_batch_size=config.train.global_batch_size,
       seed=config.seed if seed is None else seed, train=True,
-      value_range=task.value_range, process_index=index, process_count=count)
+      value_range=task.value_range, process_index=index, process_count=count,
+      # A class-conditional model reads labels as class-table indexes.
+      check_labels=bool(config.get("model", {}).get("num_classes")))
   checks.check_model_classes(config, info.num_classes,
                              from_data=info.classes_from_data)
   return data_iter, info
