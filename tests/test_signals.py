@@ -255,8 +255,9 @@ def test_a_second_ctrl_c_in_training_ends_the_command_at_once(monkeypatch,
       "run the same command again (training resumes from step 4).\n")
 
 
-def test_the_resume_note_names_the_last_finalized_step(tmp_path):
+def test_the_resume_note_names_the_last_finalized_step(tmp_path, monkeypatch):
   from genvis_jax.core import checkpoint as ckpt_lib   # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import preemption   # pylint: disable=import-outside-toplevel
   ckpt = ckpt_lib.Checkpointer(str(tmp_path))
   assert ckpt.resume_note() == ("no checkpoint is saved yet: training starts "
                                 "again from step 0")
@@ -272,6 +273,13 @@ def test_the_resume_note_names_the_last_finalized_step(tmp_path):
       "if its save, still being written, completes)")
   assert ckpt_lib.resume_note(str(tmp_path / "none"), pending=2).endswith(
       "from step 0 (from step 2 if its save, still being written, completes)")
+  # Where a second Ctrl-C ends the process (the command line), the save in
+  # flight ends with it.
+  ckpt._pending = 9   # pylint: disable=protected-access
+  assert "step 9" in ckpt.resume_note()
+  monkeypatch.setattr(preemption, "exit_on_second_interrupt", True)
+  assert ckpt.resume_note() == ("training resumes from step 6, its last "
+                                "saved checkpoint")
 
 
 def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):
@@ -291,7 +299,8 @@ def test_out_of_device_memory_is_one_line_naming_the_batch_settings(capsys):
     cli.user_errors_exit(lambda argv: 1 / 0)([])
 
 
-def test_a_ctrl_c_while_the_command_imports_is_not_lost(tmp_path):
+def test_a_ctrl_c_while_the_command_imports_is_not_lost(tmp_path,
+                                                        sigint_default):
   """Ctrl-C during ``python -m genvis_jax.main``'s imports (here: as jax is
   imported) ends it at once with one line and nothing written; raised in
   jax's garbage-collection hook, its KeyboardInterrupt was only printed and
@@ -299,6 +308,7 @@ def test_a_ctrl_c_while_the_command_imports_is_not_lost(tmp_path):
   exception is lost that way is raised where the start-up ends."""
   import subprocess   # pylint: disable=import-outside-toplevel
   import textwrap   # pylint: disable=import-outside-toplevel
+  del sigint_default   # the child's SIGINT as a terminal's (not ignored)
   wd = tmp_path / "wd"
   code = textwrap.dedent(f"""
       import importlib.abc, os, runpy, signal, sys
