@@ -198,6 +198,12 @@ class PipelineInfo:
     return {**found, "classes": list(self.class_names)}
 
   @property
+  def may_skip(self) -> bool:
+    """Whether records of this data may turn out unreadable and be skipped
+    (an image folder's files, TFDS records that do not decode)."""
+    return self.source in ("image_folder", "tfds")
+
+  @property
   def num_skipped(self) -> int:
     """Distinct unreadable files skipped by this process (all workers) in the
     batches consumed so far; a file skipped again in a later epoch counts once.

@@ -44,7 +44,7 @@ def dataset_images(data_config, split: str, batch_size: int,
       drop_remainder=False, batch_setting="config.evaluate.batch_size")
   what = f"split {split!r} of the {data_config.source!r} data"
   total = batching.check_count(num_images, info.num_examples, what, setting,
-                               may_skip=data_config.source in ("image_folder", "tfds"))
+                               may_skip=info.may_skip)
 
   def gen():
     for images, _, n in batching.exact_batches(it, total, batch_size, what,

@@ -227,7 +227,7 @@ def evaluate(config, workdir: str) -> dict:
   what = f"split {split!r} of the {config.data.source!r} data"
   setting = "config.evaluate.num_images"
   n = batching.check_count(ev.get("num_images", 0), info.num_examples, what,
-                           setting, may_skip=data.source in ("image_folder", "tfds"))
+                           setting, may_skip=info.may_skip)
   seen = 0   # n, or fewer with "all" (0) where unreadable files are skipped
 
   rows_sharding = sharding.batch_sharding(mesh)
