@@ -35,6 +35,7 @@ from genvis_jax import errors
 from genvis_jax.core import checkpoint_files as ckpt_files
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import multihost
+from genvis_jax.core import preemption
 from genvis_jax.core import pytree_io
 from genvis_jax.core.checkpoint_fit import CheckpointMismatchError  # re-exported
 from genvis_jax.core.step_walk import first_readable
@@ -135,7 +136,6 @@ class Checkpointer:
     """:func:`resume_note` of this run's checkpoints and save in flight;
     not the save where a stop ends the process at once (the command line's
     second Ctrl-C), which ends the save with it."""
-    from genvis_jax.core import preemption  # pylint: disable=import-outside-toplevel
     pending = None if preemption.exit_on_second_interrupt else self._pending
     return resume_note(self.directory, pending)
 
