@@ -76,8 +76,8 @@ def check_overrides(config, names) -> None:
   ``"stages.<stage>.data...."`` for that stage) that nothing would read: a
   ``config.data`` key of image data when ``config.data.source`` is
   ``tokens`` (the crops and flips were fixed when pre-tokenizing), one of
-  token files for image data, an image folder's file settings for other
-  image sources, or any ``config.data`` key in a pre-tokenizing job (which
+  token files for image data, a key one image source alone reads (an image
+  folder's file settings, a TFDS data set's name) for the others, or any ``config.data`` key in a pre-tokenizing job (which
   reads ``config.pretokenize.data``, judged the same way against its own
   source). The same keys in a config file are its defaults and pass.
   Raises ``ConfigError`` naming the flags."""
@@ -96,11 +96,11 @@ def check_overrides(config, names) -> None:
     data = job.get("pretokenize", {}).get("data") if inner else job.get("data")
     source = (data or {}).get("source")
     encodes = not inner and job.get("mode") == "pretokenize"
-    folder_only = (() if source == "image_folder"
-                   else sources.FOLDER_ONLY_KEYS)
-    unread = (sources.IMAGE_ONLY_KEYS + sources.TOKEN_ONLY_KEYS if encodes
-              else sources.IMAGE_ONLY_KEYS if source == "tokens"
-              else sources.TOKEN_ONLY_KEYS + folder_only)
+    others = {s: k for s, k in sources.ONE_SOURCE_KEYS.items()
+              if s != source or encodes}   # read by other sources alone
+    tokens = source == "tokens" and not encodes
+    unread = sum(others.values(), () if tokens else sources.TOKEN_ONLY_KEYS) + (
+        sources.IMAGE_ONLY_KEYS if encodes or tokens else ())
     flags_ = [f"--{section}.{k}" for k in keys if k in unread]
     if not flags_:
       continue
@@ -111,20 +111,25 @@ def check_overrides(config, names) -> None:
              f"{section}")
       fix = (f"Set them under --config.{stage}pretokenize.data instead "
              "(crops and flips excepted: pre-tokenizing makes its own).")
-    elif source == "tokens":
-      why = (f"{section}.source='tokens' reads pre-tokenized codes, whose "
-             "crops and flips pre-tokenizing fixed (config.pretokenize."
-             "ten_crop)")
     else:
-      read_by = []
-      for group, what in ((sources.TOKEN_ONLY_KEYS, "token files (source="
-                           "'tokens')"), (folder_only, "image folders "
-                                          "(source='image_folder')")):
-        hit = [k for k in keys if k in group]
+      kinds = {"image_folder": "image folders", "tfds": "TFDS data sets"}
+      fixed = [k for k in keys if tokens and k in sources.IMAGE_ONLY_KEYS]
+      why = (f"{section}.source='tokens' reads pre-tokenized codes" + (
+          ", whose crops and flips pre-tokenizing fixed (config.pretokenize."
+          "ten_crop)" if fixed else "") if tokens
+             else f"{section}.source={source!r} reads images")
+      groups = [(k, f"{kinds[s]} (source={s!r})") for s, k in others.items()]
+      if not tokens:
+        groups.insert(0, (sources.TOKEN_ONLY_KEYS, "token files (source="
+                          "'tokens')"))
+      said = []
+      for group, what in groups:
+        hit = [k for k in keys if k in group and k not in fixed]
         if hit:
-          read_by.append(f"{', '.join(hit)} {'is' if len(hit) == 1 else 'are'}"
-                         f" read for {what} alone")
-      why = f"{section}.source={source!r} reads images: {'; '.join(read_by)}"
+          said.append(f"{', '.join(hit)} {'is' if len(hit) == 1 else 'are'} "
+                      f"read for {what} alone")
+      if said:
+        why += ("; " if tokens else ": ") + "; ".join(said)
     raise ConfigError(
         f"{', '.join(flags_)} would be read by nothing: {why}. {fix}")
 

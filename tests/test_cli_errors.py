@@ -83,6 +83,19 @@ def test_overrides_that_nothing_reads_are_refused():
     modes.check_overrides(rar_b.get_config(), [
         "pretokenize.data.extensions", "pretokenize.data.verify_checksums",
         "pretokenize.data.image_size"])
+  # A TFDS data set's name, on a TFDS source alone.
+  modes.check_overrides(maskgit_vqgan.get_config(), ["data.name"])
+  modes.check_overrides(rar_b.get_config(), ["pretokenize.data.name"])
+  with pytest.raises(UserError, match=r"--config.data.name would be read by "
+                     r"nothing: config.data.source='image_folder' reads images: "
+                     r"name is read for TFDS data sets \(source='tfds'\) alone"):
+    modes.check_overrides(folder, ["data.name", "data.extensions"])
+  with pytest.raises(UserError, match=r"--config.data.name, --config.data."
+                     r"random_flip would be read by nothing: config.data.source="
+                     r"'tokens' reads pre-tokenized codes, whose crops .*; name "
+                     r"is read for TFDS data sets"):
+    modes.check_overrides(tokens, ["data.name", "data.random_flip",
+                                   "data.verify_checksums"])
   stages = demo.get_config()   # the RAR stage trains on tokens
   modes.check_overrides(stages, ["stages.tokenizer.data.random_flip",
                                  "stages.rar.pretokenize.data.random_flip"])

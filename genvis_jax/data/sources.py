@@ -72,8 +72,10 @@ IMAGE_ONLY_KEYS = ("center_crop", "crop_min_frac", "exif_transpose",
                    "extensions", "random_crop", "random_crop_method",
                    "random_flip", "to_float")
 TOKEN_ONLY_KEYS = ("crops_per_epoch", "verify_checksums")
-# ... and those image folders alone read among the image sources.
-FOLDER_ONLY_KEYS = ("exif_transpose", "extensions")
+# ... and those one image source alone reads: an image folder's file
+# settings (a TFDS data set holds decoded records) and TFDS's data set name.
+ONE_SOURCE_KEYS = {"image_folder": ("exif_transpose", "extensions"),
+                   "tfds": ("name",)}
 
 
 def check_source(source: str, setting: str, reader: str,
