@@ -110,10 +110,10 @@ def _config_paths(argv):
   return [spec.split(":", 1)[0] for spec in _config_specs(argv)]
 
 
-def _demo_stages(argv):
-  """The ``stages`` of the (last) config file named in ``argv``, loaded
-  afresh without its overrides; None where it does not load or has none
-  (a message's hint must not fail)."""
+def _file_config(argv):
+  """The config of the (last) config file named in ``argv``, loaded afresh
+  without its overrides; None where it does not load (a message's hint
+  must not fail)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
   specs = _config_specs(argv)
   if not specs:
@@ -123,9 +123,14 @@ def _demo_stages(argv):
     spec = importlib.util.spec_from_file_location("_genvis_hint_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg or None).get("stages")
+    return module.get_config(arg or None)
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+def _demo_stages(config):
+  """A demo config's ``stages``; None for another config (or none)."""
+  return config.get("stages") if config is not None else None
 
 
 def _stage_hint(stages, override: str) -> str:
@@ -140,10 +145,15 @@ def _stage_hint(stages, override: str) -> str:
 
 
 def _has_path(node, parts) -> bool:
+  """Whether ``node`` holds the dotted path ``parts`` (``"teachers[0]"``
+  indexes a list)."""
   for part in parts:
+    name, *index = re.findall(r"[^\[\]]+", part)
     try:
-      node = node[part]
-    except (KeyError, TypeError, AttributeError):
+      node = node[name]
+      for i in index:
+        node = node[int(i)]
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError):
       return False
   return True
 
@@ -155,11 +165,16 @@ def unknown_key_message(error: Exception, argv) -> str:
   m = re.search(r"([A-Za-z_][\w]*)", text)
   key = m.group(1) if m else "?"
   # The override naming it, wherever in its path the unknown part is.
-  bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-         and key in a.split("=")[0].split(".")[1:]] or [key]
+  named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+           and key in a.split("=")[0].split(".")[1:]] or [key]
+  # Of those, one whose path the config lacks (--config.train.num_steps
+  # holds the key of a wrong --config.sample.num_steps too).
+  config = _file_config(argv)
+  bad = [o for o in named if config is not None and o.startswith("--config.")
+         and not _has_path(config, o[len("--config."):].split("."))] or named
   hint = re.search(r'Did you mean "([\w.]+)"', text)
   hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
-  stages = _demo_stages(argv)
+  stages = _demo_stages(config)
   staged = ""
   if stages and not bad[0].startswith("--config.stages."):
     staged = (" A demo config runs stages: their settings are under "

@@ -23,6 +23,17 @@ def test_unknown_keys_are_named_by_their_override():
   argv = ["main", "--config=configs/rar_b.py", "--config.trian.num_steps=5"]
   assert cli.unknown_key_message(KeyError("'trian'"), argv).startswith(
       "Unknown config key --config.trian.num_steps: an override must name")
+  # The override whose path the config lacks, not an earlier one ending in
+  # the same key (RAR's config has train.num_steps, no sample.num_steps).
+  argv = ["main", "--config=configs/rar_b.py:runlocal",
+          "--config.train.num_steps=30", "--config.sample.num_steps=4"]
+  assert cli.unknown_key_message(KeyError("'num_steps'"), argv).startswith(
+      "Unknown config key --config.sample.num_steps: ")
+  argv = ["main", "--config=configs/fqgan_dual_ds16.py",
+          "--config.teachers[0].path=x", "--config.data.path=y",
+          "--config.teachers[0].kwargs.path=z"]
+  assert cli.unknown_key_message(KeyError("'path'"), argv).startswith(
+      "Unknown config key --config.teachers[0].kwargs.path: ")
   argv = ["main", "--config=configs/demo_fqgan.py", "--config.mode=evaluate",
           "--config.evaluate.samples=x"]
   message = cli.unknown_key_message(KeyError("'evaluate'"), argv)
