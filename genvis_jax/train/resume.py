@@ -25,6 +25,11 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
   info, data seed)``. ``make_iterator(seed)``: the training input of
   another data seed, ``(iterator, info)``."""
   task = trainer.task
+  needs = "" if config.init_from else task.needs_init_from()
+  if needs and ckpt.latest_step() is None:   # a fresh run, before any write
+    raise errors.ConfigError(
+        f"config.init_from is empty, but {needs}. Set --config.init_from="
+        f"<the run to start from, or its checkpoints/<step>>.")
   # A workdir of another model config is named first: the token check
   # below would otherwise blame the token files for it.
   multihost.on_process_0(lambda: _check_newest_config(ckpt, config))

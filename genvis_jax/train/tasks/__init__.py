@@ -64,6 +64,14 @@ class Task:
   def __init__(self, config):
     self.config = config
 
+  def needs_init_from(self) -> str:
+    """Why a fresh run of this config needs ``config.init_from`` (the
+    weights it continues), or "" where it does not: a run with
+    ``config.init_groups`` (groups init_from gives) does."""
+    groups = tuple(self.config.get("init_groups", ()))
+    return (f"config.init_groups={groups} names groups to start from the "
+            f"init_from run's" if groups else "")
+
   def hparam(self, name: str):
     """``config.<name>`` (dotted, e.g. ``"loss.rep_weight"``), required.
 

@@ -93,6 +93,12 @@ class EqTokenizerTask(GANTokenizerTask):
       out["logvar"] = (c.optimizer, "config.optimizer")
     return out
 
+  def needs_init_from(self) -> str:
+    if self.config.loss.stage2:
+      return ("stage 2 (config.loss.stage2) trains the decoder side alone "
+              "and keeps the encoder and quant layer init_from gives")
+    return super().needs_init_from()
+
   def optimizers(self):
     opts = dict(super().optimizers())
     if self.config.loss.stage2:
