@@ -101,6 +101,10 @@ def check_overrides(config, names) -> None:
     tokens = source == "tokens" and not encodes
     unread = sum(others.values(), () if tokens else sources.TOKEN_ONLY_KEYS) + (
         sources.IMAGE_ONLY_KEYS if encodes or tokens else ())
+    if encodes and source == "tokens":   # a generator's config: config.data
+      # is the token files this job writes (a --config.data.source of
+      # images is named by pretokenize.check_images_in_data)
+      unread = tuple(k for k in keys if k != "source")
     flags_ = [f"--{section}.{k}" for k in keys if k in unread]
     if not flags_:
       continue

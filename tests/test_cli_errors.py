@@ -114,6 +114,18 @@ def test_overrides_that_nothing_reads_are_refused():
                      r"would be read by nothing: config.stages.rar.data.source"
                      r"='tokens'"):
     modes.check_overrides(stages, ["stages.rar.data.random_flip"])
+  # Pre-tokenizing reads config.pretokenize.data: a generator's config.data
+  # (its token files) is read for none of its keys (--config.data.path
+  # encoded the demo images instead of the folder it named).
+  encodes = rar_b.get_config("runlocal")
+  encodes.mode = "pretokenize"
+  with pytest.raises(UserError, match=r"^--config.data.path, --config.data."
+                     r"image_size would be read by nothing: config.mode="
+                     r"pretokenize encodes the images of config.pretokenize."
+                     r"data .* Set them under --config.pretokenize.data"):
+    modes.check_overrides(encodes, ["data.path", "data.image_size",
+                                    "pretokenize.data.path"])
+  modes.check_overrides(encodes, ["data.source", "pretokenize.data.path"])
   # Pre-tokenizing reads config.pretokenize.data.
   with pytest.raises(UserError, match=r"--config.stages.pretokenize.data."
                      r"center_crop would be read by nothing: config.stages."
