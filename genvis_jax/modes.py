@@ -84,7 +84,9 @@ def check_overrides(config, names) -> None:
   from genvis_jax.data import sources   # pylint: disable=import-outside-toplevel
   by_section = {}   # (stage prefix, "" or "pretokenize.") -> keys overridden
   for name in names:
-    head, _, key = name.rpartition("data.")
+    head, sep, key = name.rpartition("data.")
+    if not sep or (head and not head.endswith(".")):
+      continue   # not a data section's key (mode, train.num_steps, ...)
     stage = ""
     if head.startswith("stages."):
       stage = ".".join(head.split(".")[:2]) + "."

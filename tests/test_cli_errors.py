@@ -123,9 +123,12 @@ def test_overrides_that_nothing_reads_are_refused():
                      r"image_size would be read by nothing: config.mode="
                      r"pretokenize encodes the images of config.pretokenize."
                      r"data .* Set them under --config.pretokenize.data"):
-    modes.check_overrides(encodes, ["data.path", "data.image_size",
+    modes.check_overrides(encodes, ["mode", "data.path", "data.image_size",
                                     "pretokenize.data.path"])
-  modes.check_overrides(encodes, ["data.source", "pretokenize.data.path"])
+  modes.check_overrides(encodes, ["data.source", "pretokenize.data.path",
+                                  "mode", "tokenizer.checkpoint",
+                                  "tokenizer.model.image_size",
+                                  "model.metadata.x"])
   # Pre-tokenizing reads config.pretokenize.data.
   with pytest.raises(UserError, match=r"--config.stages.pretokenize.data."
                      r"center_crop would be read by nothing: config.stages."

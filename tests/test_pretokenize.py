@@ -192,7 +192,21 @@ def test_pretokenize_refuses_images_of_another_token_count():
   encode = pretokenize.abstract_encoder(config.tokenizer)
   pretokenize.check_tokens_fit(config.model, encode, 256)
   with pytest.raises(errors_lib.ConfigError, match=r"image_size=128 gives 64 tokens"):
-    pretokenize.check_tokens_fit(config.model, encode, 128)
+    pretokenize.check_tokens_fit(config.model, encode, 128,
+                                 pretokenize.tokenizer_size(config.tokenizer))
+  # FQGAN's tokenizer takes one size (its adapters' tables): named as the
+  # pre-tokenizing setting (was the model's error: "set model.image_size",
+  # a key FAR's config.model lacks).
+  from configs import far_b
+  config = far_b.get_config("dual")
+  size = pretokenize.tokenizer_size(config.tokenizer)
+  assert size == 256
+  with pytest.raises(errors_lib.ConfigError, match=r"^config.pretokenize.data."
+                     r"image_size=192, but the tokenizer \(config.tokenizer."
+                     r"model\) takes 256x256 images: pass --config.pretokenize."
+                     r"data.image_size=256\.$"):
+    pretokenize.check_tokens_fit(config.model, pretokenize.abstract_encoder(
+        config.tokenizer), 192, size)
 
 
 def test_a_split_slice_names_files_a_glob_can_find():

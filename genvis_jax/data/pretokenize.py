@@ -106,16 +106,31 @@ def abstract_encoder(tok):
   return encode
 
 
-def check_tokens_fit(generator, encode, size: int) -> None:
+def tokenizer_size(tok) -> int | None:
+  """The one image size the tokenizer ``config.tokenizer`` takes, or None
+  where it encodes any (a multiple of its downsampling factor)."""
+  model = models.build(inference.data_model_config(tok))
+  return getattr(model, "image_size", None)
+
+
+def check_tokens_fit(generator, encode, size: int,
+                     tokenizer_size: int | None = None) -> None:
   """Refuses, before encoding anything, images of ``size`` px whose codes
   (``encode``'s shape, traced only) are not as many per image as the
   generator that trains on them reads (``generator.seq_len``, or a FAR
-  ``grid`` squared): training would stop at its first batch instead.
+  ``grid`` squared): training would stop at its first batch instead; and
+  images of another size than a tokenizer of one size takes
+  (``tokenizer_size``: FQGAN's, whose adapters' tables are sized).
 
   Raises:
     ConfigError: naming ``config.pretokenize.data.image_size`` and the size
       that fits, where there is one.
   """
+  if tokenizer_size and size != tokenizer_size:
+    raise errors.ConfigError(
+        f"config.pretokenize.data.image_size={size}, but the tokenizer "
+        f"(config.tokenizer.model) takes {tokenizer_size}x{tokenizer_size} "
+        f"images: pass --config.pretokenize.data.image_size={tokenizer_size}.")
   want = int(generator.get("seq_len", 0) or generator.get("grid", 0) ** 2)
   if not want:
     return
@@ -268,7 +283,7 @@ def pretokenize(config, workdir: str) -> dict:
       p.data.get("image_width", 0), "config.pretokenize.data.center_crop")
   # Before an existing output is reused or any weights load (shapes only).
   check_tokens_fit(config.get("model") or {}, abstract_encoder(tok),
-                   p.data.image_size)
+                   p.data.image_size, tokenizer_size(tok))
   output = output_prefix(config, workdir)
   if files.is_remote(output):   # refused now, not after the whole split is encoded
     raise errors.ConfigError(
