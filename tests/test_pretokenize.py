@@ -194,6 +194,10 @@ def test_pretokenize_refuses_images_of_another_token_count():
   with pytest.raises(errors_lib.ConfigError, match=r"image_size=128 gives 64 tokens"):
     pretokenize.check_tokens_fit(config.model, encode, 128,
                                  pretokenize.tokenizer_size(config.tokenizer))
+  with pytest.raises(errors_lib.ConfigError, match=r"^config.pretokenize.data."
+                     r"image_size=120 does not fit the tokenizer \(config."
+                     r"tokenizer.model\): Average-pool downsampling needs even"):
+    pretokenize.check_tokens_fit(config.model, encode, 120)
   # FQGAN's tokenizer takes one size (its adapters' tables): named as the
   # pre-tokenizing setting (was the model's error: "set model.image_size",
   # a key FAR's config.model lacks).

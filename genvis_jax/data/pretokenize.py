@@ -134,8 +134,13 @@ def check_tokens_fit(generator, encode, size: int,
   want = int(generator.get("seq_len", 0) or generator.get("grid", 0) ** 2)
   if not want:
     return
-  got = jax.eval_shape(
-      encode, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1]
+  try:
+    got = jax.eval_shape(
+        encode, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1]
+  except errors.ConfigError as e:   # a size the tokenizer cannot encode
+    raise errors.ConfigError(
+        f"config.pretokenize.data.image_size={size} does not fit the "
+        f"tokenizer (config.tokenizer.model): {e}") from None
   if got == want:
     return
   fits = round(size * math.sqrt(want / got))   # tokens grow with the area
