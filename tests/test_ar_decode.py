@@ -249,3 +249,40 @@ def test_rar_sampling_of_nan_weights_draws_no_code(rar):
   nan = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), params)
   out = rar_sample.sample(model, nan, labels, jax.random.key(7), **RAR_KW)
   assert (np.asarray(out) == -1).all()
+
+
+def test_each_rar_step_is_guided_by_its_own_power_cosine_scale():
+  """``pick`` at step t guides with cfg_scale(t, L, g, pow), the official
+  ``(1 - cos(pi (t / 256) ** pow)) / 2`` ramp (1d-tokenizer
+  ``modeling/rar.py``): logits placed so the draw flips between the scales
+  of steps t and t + 1. (The tiny models' conditional and null logits are
+  too alike for a wrong scale to change their draws.)"""
+  g, pw, length = 16.0, 2.75, 256
+  for t in (100, 200):
+    now, nxt = (float(rar_sample.cfg_scale(u, length, g, pw)) for u in (t, t + 1))
+    assert 1.0 < now < nxt < g
+    a = (now + nxt) / 2
+    # cond [1, a], null [0, a]: guided = null + s (cond - null) = [s, a].
+    logits = jnp.array([[1.0, a], [0.0, a]])
+    draw = lambda step: int(rar_sample.pick(   # pylint: disable=cell-var-from-loop
+        logits, step, jax.random.key(0), length, g, pw, 1e-4, True)[0])
+    assert (draw(t), draw(t + 1)) == (1, 0), t
+
+
+def test_a_shorter_rar_run_keeps_the_models_guidance_schedule(rar, monkeypatch):
+  """Fewer tokens than the model's length: every step still takes its scale
+  over the model's seq_len (a prefix of the full run, as the official t /
+  256), in the cached sampler and the reference alike (traced only)."""
+  model, params, labels, _ = rar
+  lengths = []
+  real = rar_sample.pick
+  monkeypatch.setattr(rar_sample, "pick", lambda logits, step, rng, seq_len,
+                      *rest, **kw: lengths.append(seq_len) or real(
+                          logits, step, rng, seq_len, *rest, **kw))
+  for cached, impl in ((True, rar_sample._cached_impl),      # pylint: disable=protected-access
+                       (False, rar_sample._uncached_impl)):  # pylint: disable=protected-access
+    opts = ar.options(rar_sample.Options, cached=cached, use_cfg=True,
+                      seq_len=model.seq_len // 2)
+    jax.eval_shape(lambda: impl(model, opts, params, labels,  # pylint: disable=cell-var-from-loop
+                                jax.random.key(0), 3.0, 1.0, 1.0))
+  assert lengths and set(lengths) == {model.seq_len}, lengths

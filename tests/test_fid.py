@@ -82,6 +82,21 @@ def test_inception_score_matches_numpy():
     fid.inception_score(logits, split_size=-1)   # looped forever
 
 
+def test_the_inception_score_splits_are_adms_5000_by_default():
+  """ADM's evaluator scores consecutive 5,000-sample splits (10 for 50k);
+  the suite's sets are smaller, where any split of 5,000 or more is one."""
+  import inspect   # pylint: disable=import-outside-toplevel
+  logits = np.random.default_rng(3).normal(size=(10_000, 8)) * 3
+  got = fid.inception_score(logits)
+  assert got == pytest.approx(metric_refs.inception_score(logits, 5000),
+                              rel=1e-10)
+  assert got != pytest.approx(metric_refs.inception_score(logits, 10_000),
+                              rel=1e-6)
+  assert fid.StreamingInceptionScore().split_size == 5000
+  assert inspect.signature(generation.evaluate_samples).parameters[
+      "is_split_size"].default == 5000
+
+
 def test_streaming_inception_score_matches_both_protocols():
   """Batch by batch, across split boundaries: ADM's splits (the generation
   evaluation's formula) and 1d-tokenizer's one split with eps 1e-16."""

@@ -154,7 +154,12 @@ class StreamingStats:
 
 # --- Inception Score -------------------------------------------------------------
 
-def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+# ADM's evaluator: compute_inception_score(activations, split_size=5000).
+ADM_IS_SPLIT_SIZE = 5000
+
+
+def inception_score(logits: np.ndarray,
+                    split_size: int = ADM_IS_SPLIT_SIZE) -> float:
   """ADM's IS from (N, C) logits: mean over consecutive ``split_size`` chunks of
   exp(mean_i KL(p_i || mean_j p_j)), computed in float64; a Python float in
   [1, C]. Raises ``ValueError`` unless logits are (N > 0, C)."""
@@ -200,7 +205,7 @@ class StreamingInceptionScore:
   the probabilities inside both logs (1d-tokenizer: 1e-16; 0 takes the
   exact log-softmax, as ADM's)."""
 
-  def __init__(self, split_size: int = 5000, eps: float = 0.0):
+  def __init__(self, split_size: int = ADM_IS_SPLIT_SIZE, eps: float = 0.0):
     if int(split_size) < 0:   # no split would ever fill: update looped forever
       raise ValueError(f"split_size must be >= 0 (0: one split of all the "
                        f"images), got {split_size}.")

@@ -110,6 +110,9 @@ def kv_chunks(num_steps: int, pos_offset: int, bucket: int):
     if need - kv < bucket // 2:                # no extra body for a short tail
       kv = need
     stop = min(num_steps, kv + 1 - pos_offset)
+    if stop <= start:   # a chunk that covers no step would loop forever
+      raise AssertionError(f"kv_chunks({num_steps}, {pos_offset}, {bucket}) "
+                           f"stalled at step {start} (kv_len {kv})")
     out.append((start, stop, min(kv, need)))
     start, kv = stop, kv + bucket
   return out
