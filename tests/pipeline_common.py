@@ -167,22 +167,23 @@ def check_samples(out: dict, shape: tuple[int, ...]) -> np.ndarray:
 def evaluate_generation(spec: str, workdir: str, samples_npz: str,
                         data_spec: str) -> dict:
   """``mode=evaluate`` (ADM metrics) of ``samples_npz`` against the
-  reference ``kind=reference`` makes of ``data_spec``'s eval split (32
-  images), through a random-weight Inception."""
+  reference ``kind=reference`` makes of ``data_spec``'s eval split (16
+  images, in batches of 8 as ``spec``'s runlocal evaluates: one Inception
+  program for both), through a random-weight Inception."""
   workdir = str(workdir)
   os.makedirs(workdir, exist_ok=True)
   inception = write_random_inception(os.path.join(workdir, "inception.npz"))
   made = run_mode(data_spec, os.path.join(workdir, "reference"), **{
       "mode": "evaluate", "evaluate.kind": "reference",
-      "evaluate.inception": inception, "evaluate.num_images": 32,
-      "evaluate.batch_size": 16})
+      "evaluate.inception": inception, "evaluate.num_images": 16,
+      "evaluate.batch_size": 8})
   reference = made["reference"]
   ref = adm_reference.load_reference(reference)
-  assert (ref.num_images, len(ref.images), ref.preprocess) == (32, 32, "adm_tf")
+  assert (ref.num_images, len(ref.images), ref.preprocess) == (16, 16, "adm_tf")
   m = run_mode(spec, os.path.join(workdir, "eval"), **{
       "mode": "evaluate", "evaluate.kind": "generation",
       "evaluate.samples": samples_npz, "evaluate.reference": reference,
-      "evaluate.inception": inception})
+      "evaluate.inception": inception, "evaluate.batch_size": 8})
   for key in ("fid", "sfid", "inception_score", "precision", "recall"):
     assert np.isfinite(m[key]), (key, m[key])
   assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1

@@ -275,13 +275,6 @@ CASES = {
     "checkpoint_every_zero": (CLASSIFIER + [
         "--config.stages.classifier.train.checkpoint_every=0"],
                               r"checkpoint_every=0 must be at least 1"),
-    "negative_lr": (["--config=configs/rar_b.py:runlocal",
-                     "--config.optimizer.lr=-1"],
-                    r"config.optimizer.lr=-1.0 must be finite and >= 0"),
-    "float16_training": (["--config=configs/rar_b.py:runlocal",
-                          "--config.model.dtype=float16"],
-                         r"config.model.dtype='float16': training has no "
-                         r"loss scaling"),
     "workdir_is_a_file": (CLASSIFIER + ["--workdir={file}"],
                           r"--workdir=.*afile cannot be used as a directory"),
     "demo_config_other_mode": (DEMO + ["--config.mode=sample"],

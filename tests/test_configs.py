@@ -189,7 +189,8 @@ def test_runlocal_shrinks_only_sizes(spec):
     assert local.tokenizer.model.image_size == images.image_size
   assert local.train.num_steps <= 100 and local.train.global_batch_size <= 16
   assert local.train.num_steps < paper.train.num_steps
-  assert _param_count(local.model) < 2_000_000 < _param_count(paper.model)
+  # (Each paper model's own count is checked in its test file.)
+  assert _param_count(local.model) < 2_000_000
 
 
 def _schedule_points(c) -> dict:

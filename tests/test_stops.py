@@ -221,6 +221,8 @@ def test_a_blown_up_group_is_named_with_its_own_learning_rate(tmp_path):
                  code_dim=32, num_codes=64)
   c.disc.n_layers = 1
   c.loss.disc_start = 0
+  # The mesh of test_tokenizer_task's runs: their initialiser, compiled once.
+  c.mesh.shape.update(dict(data=-1, fsdp=2, tensor=1))
   c.train.update(global_batch_size=8, num_steps=6, log_every=3,
                  checkpoint_every=3, image_every=0)
   c.disc.optimizer.lr = 1e30
