@@ -17,6 +17,25 @@ from tests import data_common as dc
 
 # --- pipeline ----------------------------------------------------------------
 
+def test_training_crops_take_config_data_crop_min_frac():
+  """The pipeline's random crop covers ``config.data.crop_min_frac`` of the
+  short side (FQGAN's tokenizers: 0.8); 1.0 crops the demo's 32 px images
+  whole."""
+  c = dc.data_config()
+  c.random_crop, c.random_flip = True, False
+  first = {}
+  for frac in (1.0, 0.8):
+    c.crop_min_frac = frac
+    it, _ = data.create_dataset(c, split="train", global_batch_size=8, seed=0,
+                                process_index=0, process_count=1)
+    first[frac] = next(it)["image"]
+  c.random_crop = False
+  it, _ = data.create_dataset(c, split="train", global_batch_size=8, seed=0,
+                              process_index=0, process_count=1)
+  np.testing.assert_array_equal(first[1.0], next(it)["image"])
+  assert not np.array_equal(first[0.8], first[1.0])
+
+
 def test_batches_shapes_dtypes_and_ranges():
   c = dc.data_config()
   it, info = data.create_dataset(c, split="train", global_batch_size=16, seed=0,

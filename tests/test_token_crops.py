@@ -13,13 +13,22 @@ from genvis_jax.data import ten_crop, tokens
 from tests.data_common import data_config
 
 
-def test_centre_crop_records_add_mirror_images():
+def test_records_of_a_batch_and_their_labels():
   """Without ten crops: the batch, then its mirror images (RAR's
-  pretokenization.py: torch.cat([samples, torch.flip(samples, dims=[-1])]))."""
+  pretokenization.py: torch.cat([samples, torch.flip(samples, dims=[-1])]));
+  with them, each image's ten crops in a row under its label (tiled labels
+  passed every test that uses one class)."""
   x = np.arange(2 * 3 * 4 * 3, dtype=np.float32).reshape(2, 3, 4, 3)
   images, labels = ten_crop.model_inputs(x, np.array([5, 7]), 3, False)
   np.testing.assert_array_equal(images, np.concatenate([x, x[:, :, ::-1]]))
   np.testing.assert_array_equal(labels, [5, 7, 5, 7])
+  # Ten crops: an image's 10 crops are consecutive records, with its label
+  # (the ten-crop geometry itself: test_fidelity).
+  x = np.random.default_rng(0).random((2, 8, 8, 3), np.float32)
+  images, labels = ten_crop.model_inputs(x, np.array([5, 7]), 6, True)
+  np.testing.assert_array_equal(labels, [5] * 10 + [7] * 10)
+  np.testing.assert_array_equal(images.reshape(2, 10, 6, 6, 3),
+                                ten_crop.ten_crop(x, 6))
 
 
 def _ten_crop_files(folder, images: int, files: int, settings=None):
