@@ -169,6 +169,22 @@ def test_compute_reference_from_demo_split(tmp_path):
   assert ref.mu_s.shape == (6,) and ref.sigma_s.shape == (6, 6)
 
 
+def test_the_stored_subset_keeps_every_row_alike():
+  """Algorithm R: each of 6 rows streamed in batches of 2 and 4 is kept
+  with probability n / 6 = 1/2 (a row replacing slot U{0..i-1} kept the
+  last ones 2/3 of the time)."""
+  kept = np.zeros(6)
+  trials = 3000
+  for seed in range(trials):
+    subset = reference.StoredSubset(3, seed)
+    subset.offer(row=np.arange(2))
+    subset.offer(row=np.arange(2, 6))
+    rows, index = subset.result()
+    np.testing.assert_array_equal(rows["row"], index)
+    kept[index] += 1
+  np.testing.assert_allclose(kept / trials, 0.5, atol=0.04)
+
+
 def test_stored_images_spread_over_a_class_ordered_split(tmp_path):
   """An image folder lists its images class by class: the first 16 of 5
   classes x 8 were 2 classes, and samples drawn as the data scored
