@@ -11,6 +11,7 @@ import pytest
 from genvis_jax import data
 from genvis_jax import errors as errors_lib
 from genvis_jax.data import pretokenize, token_output
+from genvis_jax.models.layers import images as images_lib
 from tests.data_common import data_config
 
 
@@ -180,11 +181,20 @@ def test_pretokenize_refuses_images_of_another_token_count():
   pretokenize.check_tokens_fit({}, encode, 64)   # no generator: nothing to fit
   with pytest.raises(errors_lib.ConfigError,
                      match=r"image_size=64 gives 256 tokens per image .* reads "
-                           r"64: pass --config.pretokenize.data.image_size=32"):
+                           r"64: pass --config.pretokenize.data.image_size=32, "
+                           r"or --config.model.seq_len=256\.$"):
     pretokenize.check_tokens_fit({"seq_len": 64}, encode, 64)
-  with pytest.raises(errors_lib.ConfigError, match=r"reads 50: pass the image "
-                     r"size this tokenizer encodes"):
+  with pytest.raises(errors_lib.ConfigError, match=r"reads 50: pass "
+                     r"--config.model.seq_len=64\.$"):   # no size gives 50
     pretokenize.check_tokens_fit({"seq_len": 50}, encode, 32)
+  # A size the tokenizer cannot encode, whatever the generator (a demo's
+  # pre-tokenizing stage has no generator in its config.model).
+  with pytest.raises(errors_lib.ConfigError, match=r"image_size=30 does not "
+                     r"fit the tokenizer .* is not divisible by the "
+                     r"downsampling factor 4; .*\(config.pretokenize.data."
+                     r"image_size\)\.$"):
+    pretokenize.check_tokens_fit({}, lambda x: images_lib.check_images(
+        x, factor=4), 30)
   # The paper config's own tokenizer on its abstract weights (nothing read):
   # 256 px MaskGIT codes fit RAR's 256 tokens, 128 px ones do not.
   from configs import rar_b
@@ -211,6 +221,13 @@ def test_pretokenize_refuses_images_of_another_token_count():
                      r"data.image_size=256\.$"):
     pretokenize.check_tokens_fit(config.model, pretokenize.abstract_encoder(
         config.tokenizer), 192, size)
+  # ... and at its one size, codes of another grid than FAR reads: the fix
+  # is the generator's grid (another image size would be refused above).
+  config.tokenizer.model.image_size = 128
+  with pytest.raises(errors_lib.ConfigError, match=r"image_size=128 gives 64 "
+                     r"tokens .* reads 256: pass --config.model.grid=8\.$"):
+    pretokenize.check_tokens_fit(config.model, pretokenize.abstract_encoder(
+        config.tokenizer), 128, pretokenize.tokenizer_size(config.tokenizer))
 
 
 def test_a_split_slice_names_files_a_glob_can_find():

@@ -131,26 +131,31 @@ def check_tokens_fit(generator, encode, size: int,
         f"config.pretokenize.data.image_size={size}, but the tokenizer "
         f"(config.tokenizer.model) takes {tokenizer_size}x{tokenizer_size} "
         f"images: pass --config.pretokenize.data.image_size={tokenizer_size}.")
-  want = int(generator.get("seq_len", 0) or generator.get("grid", 0) ** 2)
-  if not want:
-    return
   try:
     got = jax.eval_shape(
         encode, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1]
   except errors.ConfigError as e:   # a size the tokenizer cannot encode
+    said = str(e).replace("config.data.image_size",   # the training setting
+                          "config.pretokenize.data.image_size")
     raise errors.ConfigError(
         f"config.pretokenize.data.image_size={size} does not fit the "
-        f"tokenizer (config.tokenizer.model): {e}") from None
-  if got == want:
+        f"tokenizer (config.tokenizer.model): {said}") from None
+  want = int(generator.get("seq_len", 0) or generator.get("grid", 0) ** 2)
+  if not want or got == want:
     return
   fits = round(size * math.sqrt(want / got))   # tokens grow with the area
-  hint = (f"--config.pretokenize.data.image_size={fits}"
-          if fits * fits * got == want * size * size else
-          "the image size this tokenizer encodes for this generator")
+  side = math.isqrt(got)
+  model = (f"--config.model.grid={side}" if generator.get("grid")
+           and side * side == got else f"--config.model.seq_len={got}"
+           if generator.get("seq_len") else f"a generator of {got} tokens")
+  if tokenizer_size or fits * fits * got != want * size * size:
+    hint = model   # the tokenizer takes this size alone, or none fits
+  else:
+    hint = f"--config.pretokenize.data.image_size={fits}, or {model}"
   raise errors.ConfigError(
       f"config.pretokenize.data.image_size={size} gives {got} tokens per "
       f"image with this tokenizer, but the generator (config.model) reads "
-      f"{want}: pass {hint}, or a generator config of {got} tokens.")
+      f"{want}: pass {hint}.")
 
 
 def encode_in_chunks(encode, images: np.ndarray, chunk: int) -> np.ndarray:
