@@ -246,27 +246,23 @@ def test_stage2_config_is_the_official_stage2_yaml():
 def test_a_fresh_stage_2_without_init_from_is_refused(tmp_path):
   """Stage 2 freezes the encoder and quant layer: started without stage 1's
   weights it trained a random encoder to the end without a word. Refused
-  before anything is built or written, as a run whose init_groups name
-  groups of an empty init_from is; a resume (its own step) passes."""
-  from types import SimpleNamespace   # pylint: disable=import-outside-toplevel
+  before the data are opened or anything is built or written, as a run
+  whose init_groups name groups of an empty init_from is; a resume (a step
+  of its own) passes."""
   from genvis_jax.errors import ConfigError   # pylint: disable=import-outside-toplevel
-  from genvis_jax.train import resume   # pylint: disable=import-outside-toplevel
-
-  def start(config, latest=None):
-    resume.restore_or_init(
-        config, str(tmp_path), SimpleNamespace(task=get_task(config)),
-        SimpleNamespace(latest_step=lambda: latest), None, None, None)
-
+  from genvis_jax.train import trainer   # pylint: disable=import-outside-toplevel
   stage2 = eq_tok_config.get_config("stage2,runlocal")
   stage2.init_groups = ()
+  wd = tmp_path / "wd"
   with pytest.raises(ConfigError, match=r"^config.init_from is empty, but "
                      r"stage 2 \(config.loss.stage2\) trains the decoder side "
                      r"alone .* Set --config.init_from=<the run"):
-    start(stage2)
+    trainer.train_loop(stage2, wd)
+  assert not wd.exists()
   stage1 = eq_tok_config.get_config("runlocal")
   stage1.init_groups = ("disc",)
   with pytest.raises(ConfigError, match=r"init_groups=\('disc',\) names "):
-    start(stage1)
-  with pytest.raises(AttributeError):   # past the check, into the restore
-    start(stage2, latest=4)
-  assert not list(tmp_path.iterdir())
+    trainer.train_loop(stage1, wd)
+  from genvis_jax.train import resume   # pylint: disable=import-outside-toplevel
+  (wd / "checkpoints" / "4").mkdir(parents=True)
+  resume.check_fresh_start(stage2, get_task(stage2), wd)

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from genvis_jax import errors
 from genvis_jax.core import checkpoint_files as ckpt_files
@@ -18,6 +19,24 @@ from genvis_jax.core import settings as settings_lib
 from genvis_jax.train import state as state_lib
 
 
+def check_fresh_start(config, task, workdir) -> None:
+  """Refuses a fresh run (no step saved in ``workdir``) without
+  ``config.init_from`` where the task needs the weights it continues
+  (``task.needs_init_from``: an Equivariant tokenizer's stage 2, a run with
+  ``init_groups``); a resume reads its own step and passes. Called before
+  the data are opened or anything is built.
+
+  Raises:
+    ConfigError: naming why and ``--config.init_from``.
+  """
+  needs = "" if config.init_from else task.needs_init_from()
+  folder = epath.Path(workdir) / "checkpoints"
+  if needs and not (folder.exists() and ckpt_files.saved_steps(folder)):
+    raise errors.ConfigError(
+        f"config.init_from is empty, but {needs}. Set --config.init_from="
+        f"<the run to start from, or its checkpoints/<step>>.")
+
+
 def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
                     make_iterator):
   """The newest restorable step of ``workdir`` with its input position, or a
@@ -25,11 +44,6 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
   info, data seed)``. ``make_iterator(seed)``: the training input of
   another data seed, ``(iterator, info)``."""
   task = trainer.task
-  needs = "" if config.init_from else task.needs_init_from()
-  if needs and ckpt.latest_step() is None:   # a fresh run, before any write
-    raise errors.ConfigError(
-        f"config.init_from is empty, but {needs}. Set --config.init_from="
-        f"<the run to start from, or its checkpoints/<step>>.")
   # A workdir of another model config is named first: the token check
   # below would otherwise blame the token files for it.
   multihost.on_process_0(lambda: _check_newest_config(ckpt, config))

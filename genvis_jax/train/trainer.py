@@ -228,6 +228,7 @@ def train_loop(config, workdir: str | os.PathLike, on_log=None):
     # Everything that can fail on bad input (mesh, batch split, data, task)
     # runs before anything is compiled.
     mesh, task = setup(config)
+    resume_lib.check_fresh_start(config, task, workdir)
     group = data_group(config, mesh)
     # Token files: where they came from and the same listing on every
     # process (agreed through its own collectives, so not inside the next).
