@@ -35,7 +35,9 @@ def _tiny(mesh, **kw):
 def test_fsdp_divides_parameter_and_optimizer_bytes():
   devices = jax.devices()[:4]
   rep = pm.plan(_tiny("data=4"), devices=devices, compile_step=False)
-  fsdp = pm.plan(_tiny("fsdp=4"), devices=devices, compile_step=False)
+  fsdp = pm.plan(_tiny("fsdp=4", micro=2), devices=devices, compile_step=False)
+  assert (rep.micro_batches, fsdp.micro_batches) == (1, 2)   # --micro_batches
+  assert "8 / 2" in pm.format_table([fsdp])
   assert rep.params == fsdp.params > 1_000_000
   # Replicated: every device holds all fp32 parameters and both Adam moments.
   assert rep.param_bytes == 4 * rep.params
