@@ -77,6 +77,26 @@ def test_a_tokenizer_config_encodes_at_its_own_image_size():
       "vq_ds16.py:runlocal", **flags, **{"pretokenize.data.image_size": 64}))
 
 
+def test_a_tokenizer_config_names_both_data_sections_that_differ():
+  """The README's "the tokenizer config pre-tokenizes with itself too" with
+  FAR's flags (--config.pretokenize.data.path) alone: the message said
+  config.data was "the generator's training input" and to pass the (empty)
+  config.data path as config.pretokenize.data's."""
+  from tests import pipeline_common as pc  # pylint: disable=import-outside-toplevel
+  flags = {"mode": "pretokenize", "pretokenize.data.source": "image_folder",
+           "pretokenize.data.path": "/data/imgs"}
+  with pytest.raises(errors_lib.ConfigError, match=r"^config.data \(the "
+                     r"tokenizer's training images: source 'tfds', path ''\) "
+                     r"and config.pretokenize.data \(the images pre-tokenizing "
+                     r"encodes: source 'image_folder', path '/data/imgs'\) "
+                     r"differ: pass the same --config.data.source"):
+    pretokenize.check_images_in_data(pc.load_config("fqgan_dual_ds16.py",
+                                                    **flags))
+  pretokenize.check_images_in_data(pc.load_config(
+      "fqgan_dual_ds16.py", **flags, **{"data.source": "image_folder",
+                                        "data.path": "/data/imgs"}))
+
+
 def test_pretokenize_stops_when_another_process_refuses_its_shard(tmp_path,
                                                                   monkeypatch):
   """Processes agree on reuse before the (collective) tokenizer load: one

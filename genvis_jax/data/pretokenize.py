@@ -240,6 +240,17 @@ def check_images_in_data(config) -> None:
           f"{d.get('image_size')} to encode at the size the tokenizer trains "
           "at (or set both to the one you mean).")
     return
+  tokenizer = (config.get("tokenizer") or {}).get("model") or {}
+  if config.get("model", {}).get("name") == tokenizer.get("name"):
+    # A tokenizer's own config: config.data is what it trains on, and a
+    # --config.data flag did not reach the copy in config.pretokenize.data.
+    raise errors.ConfigError(
+        f"config.data (the tokenizer's training images: source "
+        f"{d.source!r}, path {d.get('path', '')!r}) and config."
+        f"pretokenize.data (the images pre-tokenizing encodes: source "
+        f"{p.source!r}, path {p.get('path', '')!r}) differ: pass the same "
+        "--config.data.source / .path and --config.pretokenize.data.source "
+        "/ .path.")
   raise errors.ConfigError(
       f"config.data names images (source {d.source!r}, path "
       f"{d.get('path', '')!r}), but pre-tokenizing reads "
