@@ -118,13 +118,13 @@ def check_overrides(config, names) -> None:
       fix = (f"Set them under --config.{stage}pretokenize.data instead "
              "(crops and flips excepted: pre-tokenizing makes its own).")
     else:
-      kinds = {"image_folder": "image folders", "tfds": "TFDS data sets"}
       fixed = [k for k in keys if tokens and k in sources.IMAGE_ONLY_KEYS]
       why = (f"{section}.source='tokens' reads pre-tokenized codes" + (
           ", whose crops and flips pre-tokenizing fixed (config.pretokenize."
           "ten_crop)" if fixed else "") if tokens
              else f"{section}.source={source!r} reads images")
-      groups = [(k, f"{kinds[s]} (source={s!r})") for s, k in others.items()]
+      groups = [(k, f"{sources.SOURCE_WORDS[s]} (source={s!r})")
+                for s, k in others.items()]
       if not tokens:
         groups.insert(0, (sources.TOKEN_ONLY_KEYS, "token files (source="
                           "'tokens')"))

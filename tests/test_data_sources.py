@@ -367,3 +367,10 @@ def test_an_image_folder_lists_what_it_leaves_out(tmp_path, caplog,
                      r"\(PermissionError: Permission denied\); its images "
                      r"would be left out"):
     sources.ImageFolderSource(str(root))
+
+
+def test_every_source_has_its_words():
+  """Messages name sources in words (``modes.check_overrides``)."""
+  from genvis_jax.data import sources   # pylint: disable=import-outside-toplevel
+  assert set(sources.SOURCE_WORDS) == set(sources.SOURCES)
+  assert set(sources.ONE_SOURCE_KEYS) <= set(sources.IMAGE_SOURCES)

@@ -76,6 +76,10 @@ TOKEN_ONLY_KEYS = ("crops_per_epoch", "verify_checksums")
 # settings (a TFDS data set holds decoded records) and TFDS's data set name.
 ONE_SOURCE_KEYS = {"image_folder": ("exif_transpose", "extensions"),
                    "tfds": ("name",)}
+# What each source reads, in words (messages).
+SOURCE_WORDS = {"demo": "the demo images", "demo_landscapes": "the demo "
+                "landscapes", "image_folder": "image folders", "tfds": "TFDS "
+                "data sets", "tokens": "token files"}
 
 
 def check_source(source: str, setting: str, reader: str,
