@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genvis_jax.models.quantizers import VectorQuantizer, entropy_loss
+from genvis_jax.models.quantizers import (VectorQuantizer, entropy_loss,
+                                         usage_from_counts)
 
 K, D = 16, 8
 
@@ -76,6 +77,16 @@ def test_loss_values_and_gradients():
   g_z = jax.grad(loss, argnums=1)(params, jnp.asarray(z), "commitment_loss")
   want = 2 * (z - book[np.asarray(codes)]) / z.size
   np.testing.assert_allclose(np.asarray(g_z), want, rtol=1e-4, atol=1e-8)
+  # The total pulls the latents with beta and the codes with 1 (LlamaGen
+  # vq_model.py: codebook_loss + beta * commitment_loss; beta on the other
+  # term gives the same value).
+  g_p, g_z = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(z),
+                                            "quantizer_loss")
+  np.testing.assert_allclose(np.asarray(g_z), 0.25 * want, rtol=1e-4, atol=1e-8)
+  want_book = np.zeros_like(book)
+  np.add.at(want_book, np.asarray(codes).reshape(-1), -want.reshape(-1, D))
+  np.testing.assert_allclose(np.asarray(g_p["params"]["embedding"]), want_book,
+                             rtol=1e-4, atol=1e-8)
 
   # Straight-through: d sum(w * z_q) / dz = w.
   w = np.random.default_rng(1).normal(size=z.shape).astype(np.float32)
@@ -149,6 +160,8 @@ def test_usage_and_perplexity():
   np.testing.assert_array_equal(np.asarray(codes).reshape(-1), picks)
   np.testing.assert_allclose(aux["usage"], 4 / K)
   np.testing.assert_allclose(aux["perplexity"], 4.0, rtol=1e-5)
+  # A code seen once counts as used.
+  assert float(usage_from_counts(jnp.array([0.0, 1.0, 2.0, 0.0]))["usage"]) == 0.5
 
 
 def test_bad_inputs_raise():
