@@ -60,6 +60,16 @@ def test_adaptive_weight_matches_taming_formula():
   np.testing.assert_allclose(float(w), np.linalg.norm(np.full(108, 2.0)) /
                              (np.linalg.norm(np.full(108, 0.5)) + 1e-4), rtol=1e-6)
   assert float(gan_tokenizer.adaptive_weight(g_rec, jnp.zeros_like(g_gan))) == 1e4
+  # The task's wiring: the reconstruction term's gradient at the last layer
+  # over the GAN term's (swapped, or the two summed, passed the above).
+  rec_dir, gan_dir = jnp.array([[3.0, 4.0]]), jnp.array([[0.0, 2.0]])
+  gen = {"model": {"decoder": {"conv_out": {"kernel": jnp.ones((1, 2))}}}}
+  terms = lambda g: ((jnp.sum(g["model"]["decoder"]["conv_out"]["kernel"] *
+                              rec_dir), jnp.sum(
+                                  g["model"]["decoder"]["conv_out"]["kernel"] *
+                                  gan_dir)), None)
+  w = gan_tokenizer.GANTokenizerTask._adaptive_weight(None, terms, gen)   # pylint: disable=protected-access
+  np.testing.assert_allclose(float(w), 5.0 / (2.0 + 1e-4), rtol=1e-6)
 
 
 def test_reconstruction_loss_kinds():
