@@ -126,6 +126,17 @@ def test_cfg_ramp_values():
   assert float(eq_sample.cfg_scale(3, 4, 1.0)) == 1.0
 
 
+def test_the_flow_target_is_noise_minus_data():
+  """Rectified flow's velocity target is noise - data (official
+  diffusion/flows.py ``target = z1 - z0`` with z1 the noise, z0 the data:
+  generator/diffloss.py), the direction the sampler integrates; its
+  opposite trained the sampler backwards with every test passing."""
+  latents = jnp.ones((1, 2, 3))
+  noise = jnp.zeros((1, 1, 2, 3))
+  assert float(eq_tasks.flow_loss(-jnp.ones((1, 1, 2, 3)), noise, latents)) == 0.0
+  assert float(eq_tasks.flow_loss(jnp.ones((1, 1, 2, 3)), noise, latents)) == 4.0
+
+
 def test_timestep_embedding_is_cos_then_sin():
   e = np.asarray(eq_flow_head.timestep_embedding(jnp.array([0.0, 0.5]), 8))
   np.testing.assert_allclose(e[0], [1, 1, 1, 1, 0, 0, 0, 0])

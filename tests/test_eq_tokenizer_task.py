@@ -18,6 +18,7 @@ from genvis_jax.train import optimizers as opt_lib
 from genvis_jax.train import step as step_lib
 from genvis_jax.train.state import TrainState
 from genvis_jax.train.tasks import eq as eq_task
+from genvis_jax.train.tasks import eq_tokenizer as eqt_task
 from genvis_jax.train.tasks import get_task
 from tests.test_eq_tokenizer import abstract_params, mini_model, np_init
 
@@ -160,6 +161,24 @@ def test_gan_never_on_compiles_no_discriminator():
   assert count(low_off) < count(low_on)
 
 
+def test_diffaug_colour_is_the_officials():
+  """DiffAugment's colour ops (official tokenizer/modules/discriminator/
+  diffaug.py): brightness + (r - 0.5), saturation around the channel mean
+  x 2r, contrast around the image mean x (r + 0.5), each r one draw per
+  image (the saturation range changed unnoticed)."""
+  x = jax.random.uniform(jax.random.key(0), (4, 4, 4, 3), minval=-1, maxval=1)
+  key = jax.random.key(5)
+  got = dino_disc.diff_augment(x, key, translation=0, color=True, cutout=0)
+  r = np.asarray(jax.random.uniform(key, (7, 4), jnp.float32))  # its draws
+  per = lambda v: v[:, None, None, None]
+  want = np.asarray(x) + per(r[2] - 0.5)
+  mean = want.mean(3, keepdims=True)
+  want = (want - mean) * per(2 * r[3]) + mean
+  mean = want.mean((1, 2, 3), keepdims=True)
+  want = (want - mean) * per(r[4] + 0.5) + mean
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
 def test_dino_disc_and_diffaug():
   cfg = eq_tok_config.dino_disc(img_size=32, patch_size=8, dim=32, depth=3,
                                  num_heads=2, key_depths=(1, 2), image_size=48)
@@ -266,3 +285,47 @@ def test_a_fresh_stage_2_without_init_from_is_refused(tmp_path):
   from genvis_jax.train import resume   # pylint: disable=import-outside-toplevel
   (wd / "checkpoints" / "4").mkdir(parents=True)
   resume.check_fresh_start(stage2, get_task(stage2), wd)
+
+
+def _terms_of(**attrs):
+  """``EqTokenizerTask.generator_terms`` on a stand-in task whose forward
+  gives zeros, a 1x1 semantic map and KL 2.0, its other parts as given."""
+  from types import SimpleNamespace   # pylint: disable=import-outside-toplevel
+  task = SimpleNamespace(**{
+      "_forward": lambda p, x, k: (x, jnp.ones((1, 1, 1, 1)), jnp.float32(2.0)),
+      "use_lpips": False, "perceptual_weight": 1.0, "logvar_init": 0.0,
+      "kl_weight": 0.0, "use_semantic": True, "semantic_weight": 5.0,
+      "semantic_start": 10, "_semantic_loss": lambda fr, x, s: jnp.float32(1.0),
+      "adversarial": lambda *a: jnp.float32(0.0), **attrs})
+  return lambda step: eqt_task.EqTokenizerTask.generator_terms(
+      task, {"model": {}}, None, {}, jnp.zeros((1, 2, 2, 3)),
+      jax.random.key(0), jnp.int32(step))
+
+
+def test_tokenizer_loss_terms_are_contperceptuals():
+  """The official LPIPSWithDiscriminator (tokenizer/modules/losses/
+  contperceptual.py): nll = rec / exp(logvar) + logvar summed per image over
+  the batch; KL x kl_weight; the semantic term summed per image over the
+  batch, x semantic_weight from semantic_iter_start on. Each was changed
+  (logvar subtracted, KL unweighted, a mean for the sum, the start flipped)
+  without a test failing."""
+  x, r = jnp.zeros((2, 2, 2, 3)), jnp.ones((2, 2, 2, 3))
+  nll, _ = eq_task.nll_loss(x, r, jnp.float32(1.0))
+  np.testing.assert_allclose(float(nll), 12 * (np.exp(-1.0) + 1.0), rtol=1e-6)
+  (total, _), (_, m) = _terms_of(kl_weight=0.5, use_semantic=False)(0)
+  np.testing.assert_allclose(float(total - m["nll_loss"]), 0.5 * 2.0, rtol=1e-6)
+  for step, factor in ((9, 0.0), (10, 5.0), (11, 5.0)):
+    (total, _), (_, m) = _terms_of()(step)
+    assert float(m["semantic_factor"]) == factor, step
+    np.testing.assert_allclose(float(total - m["nll_loss"]), factor, rtol=1e-6)
+  # The semantic loss itself: squared error summed over an image's patch
+  # tokens and channels, over the batch (teacher tokens zero here).
+  from types import SimpleNamespace   # pylint: disable=import-outside-toplevel
+  b, h, w, c = 2, 2, 2, 3
+  stand_in = SimpleNamespace(
+      config=SimpleNamespace(loss=SimpleNamespace(
+          teacher=SimpleNamespace(img_size=28))),
+      teacher=SimpleNamespace(apply=lambda p, x: jnp.zeros((b, h * w, c))))
+  sem = eqt_task.EqTokenizerTask._semantic_loss(   # pylint: disable=protected-access
+      stand_in, {"teacher": {}}, jnp.zeros((b, 32, 32, 3)), jnp.ones((b, h, w, c)))
+  np.testing.assert_allclose(float(sem), h * w * c, rtol=1e-6)

@@ -101,10 +101,16 @@ def test_forward_round_trip_and_sub_codebook_metrics(tiny_params):
   def run(params, x):
     recon, aux = model.apply({"params": params}, x)
     codes = model.apply({"params": params}, x, method="encode")
+    quantized = model.apply({"params": params}, codes, method=lambda m, cs: [
+        m.quantizers[b].lookup(c) for b, c in zip(m.branches, cs)])
     return recon, aux, codes, model.apply({"params": params}, codes,
-                                          method="decode")
+                                          method="decode"), quantized
 
-  recon, aux, codes, decoded = run(tiny_params, images)
+  recon, aux, codes, decoded, quantized = run(tiny_params, images)
+  # Eq. 7 on the sub-codebooks' code vectors (official vq_model_dual.py:
+  # quant_vis, quant_sem), not on the encoder's latents.
+  np.testing.assert_allclose(float(aux["disentangle_loss"]),
+                             float(fqgan.disentangle_loss(quantized)), rtol=1e-5)
   assert recon.shape == images.shape and recon.dtype == jnp.float32
   assert isinstance(codes, tuple) and len(codes) == 2
   for c, c_aux in zip(codes, aux["codes"]):
