@@ -129,3 +129,22 @@ def test_codebook_usage_is_the_whole_batch_s_at_any_micro_batch_count():
   assert 0 < one["usage"] <= 1
   np.testing.assert_allclose(two["usage"], one["usage"], rtol=1e-6)
   np.testing.assert_allclose(two["perplexity"], one["perplexity"], rtol=1e-5)
+
+
+def test_generator_terms_take_the_configured_reconstruction_loss():
+  """``config.loss.reconstruction`` (FQGAN / LlamaGen: l2; MaskGIT's and the
+  demo's: l1) chooses the pixel loss and weights it with the quantizer's
+  (a hard-coded kind passed every test)."""
+  from types import SimpleNamespace   # pylint: disable=import-outside-toplevel
+  recon, images = jnp.full((1, 2, 2, 3), 0.5), jnp.zeros((1, 2, 2, 3))
+  model = SimpleNamespace(apply=lambda *a, **k: (
+      recon, {"quantizer_loss": jnp.float32(1.0)}))
+  for kind, rec in (("l1", 0.5), ("l2", 0.25)):
+    task = SimpleNamespace(
+        model=model, forward_kwargs=dict, reconstruction=kind,
+        reconstruction_weight=2.0, quantizer_weight=3.0, use_lpips=False,
+        extra_terms=lambda total, *a: total, adversarial=lambda *a: 0.0)
+    (total, _), (_, m) = tok.TokenizerTask.generator_terms(
+        task, {"model": {}}, None, {}, images, jax.random.key(0), 0)
+    assert float(m["rec_loss"]) == rec, kind
+    np.testing.assert_allclose(float(total), 2.0 * rec + 3.0, rtol=1e-6)
