@@ -118,6 +118,9 @@ def test_codebook_usage_is_the_whole_batch_s_at_any_micro_batch_count():
   runs = []
   for k in (1, 2):
     cfg = _config(disc_start=10**9)
+    # One level, no down-sampling (the micro-batch scan's compile is the
+    # cost), with codes enough that a micro-batch uses fewer of them.
+    cfg.model.update(channel_mult=(1,), num_codes=4096)
     cfg.train.micro_batches = k
     cfg.mesh.shape = ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=1))
     tr = trainer_lib.Trainer(cfg, mesh=shd.create_mesh(cfg.mesh,
