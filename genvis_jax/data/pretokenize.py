@@ -226,12 +226,14 @@ def check_images_in_data(config) -> None:
         "tokens and set --config.pretokenize.data.source.")
   if d.get("source", "tokens") == "tokens":
     return
+  # A tokenizer's own config (config.data: what it trains on), or a
+  # generator's whose config.data names images.
+  tokenizer = (config.get("tokenizer") or {}).get("model") or {}
+  own = config.get("model", {}).get("name") == tokenizer.get("name")
   if (d.source, d.get("path", "")) == (p.source, p.get("path", "")):
-    # A tokenizer's config encoding its own images: pretokenize.data is a
-    # copy made when the config was built, so a --config.data.image_size
-    # flag (a tokenizer trained at another size) did not reach it.
-    tokenizer = (config.get("tokenizer") or {}).get("model") or {}
-    own = config.get("model", {}).get("name") == tokenizer.get("name")
+    # Its own images: pretokenize.data is a copy made when the config was
+    # built, so a --config.data.image_size flag (a tokenizer trained at
+    # another size) did not reach it.
     if own and d.get("image_size") != p.get("image_size"):
       raise errors.ConfigError(
           f"config.data.image_size={d.get('image_size')} but pre-tokenizing "
@@ -240,10 +242,7 @@ def check_images_in_data(config) -> None:
           f"{d.get('image_size')} to encode at the size the tokenizer trains "
           "at (or set both to the one you mean).")
     return
-  tokenizer = (config.get("tokenizer") or {}).get("model") or {}
-  if config.get("model", {}).get("name") == tokenizer.get("name"):
-    # A tokenizer's own config: config.data is what it trains on, and a
-    # --config.data flag did not reach the copy in config.pretokenize.data.
+  if own:   # a --config.data flag did not reach config.pretokenize.data
     raise errors.ConfigError(
         f"config.data (the tokenizer's training images: source "
         f"{d.source!r}, path {d.get('path', '')!r}) and config."
