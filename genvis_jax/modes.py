@@ -77,9 +77,10 @@ def check_overrides(config, names) -> None:
   ``config.data`` key of image data when ``config.data.source`` is
   ``tokens`` (the crops and flips were fixed when pre-tokenizing), one of
   token files for image data, a key one image source alone reads (an image
-  folder's file settings, a TFDS data set's name) for the others, or any ``config.data`` key in a pre-tokenizing job (which
-  reads ``config.pretokenize.data``, judged the same way against its own
-  source). The same keys in a config file are its defaults and pass.
+  folder's file settings, a TFDS data set's name) for the others, or any
+  ``config.data`` key in a pre-tokenizing job (which reads
+  ``config.pretokenize.data``, judged the same way against its own source;
+  a generator's token files keep only ``source``). The same keys in a config file are its defaults and pass.
   Raises ``ConfigError`` naming the flags."""
   from genvis_jax.data import sources   # pylint: disable=import-outside-toplevel
   by_section = {}   # (stage prefix, "" or "pretokenize.") -> keys overridden
@@ -100,13 +101,19 @@ def check_overrides(config, names) -> None:
     encodes = not inner and job.get("mode") == "pretokenize"
     others = {s: k for s, k in sources.ONE_SOURCE_KEYS.items()
               if s != source or encodes}   # read by other sources alone
+    one_source = sum(others.values(), ())
     tokens = source == "tokens" and not encodes
-    unread = sum(others.values(), () if tokens else sources.TOKEN_ONLY_KEYS) + (
-        sources.IMAGE_ONLY_KEYS if encodes or tokens else ())
-    if encodes and source == "tokens":   # a generator's config: config.data
-      # is the token files this job writes (a --config.data.source of
-      # images is named by pretokenize.check_images_in_data)
+    if encodes and source == "tokens":
+      # A generator's config: config.data is the token files this job
+      # writes (a --config.data.source of images is named by
+      # pretokenize.check_images_in_data).
       unread = tuple(k for k in keys if k != "source")
+    elif encodes:   # a tokenizer's own config, encoding pretokenize.data
+      unread = sources.IMAGE_ONLY_KEYS + sources.TOKEN_ONLY_KEYS + one_source
+    elif tokens:
+      unread = sources.IMAGE_ONLY_KEYS + one_source
+    else:
+      unread = sources.TOKEN_ONLY_KEYS + one_source
     flags_ = [f"--{section}.{k}" for k in keys if k in unread]
     if not flags_:
       continue
@@ -119,10 +126,11 @@ def check_overrides(config, names) -> None:
              "(crops and flips excepted: pre-tokenizing makes its own).")
     else:
       fixed = [k for k in keys if tokens and k in sources.IMAGE_ONLY_KEYS]
-      why = (f"{section}.source='tokens' reads pre-tokenized codes" + (
-          ", whose crops and flips pre-tokenizing fixed (config.pretokenize."
-          "ten_crop)" if fixed else "") if tokens
+      why = (f"{section}.source='tokens' reads pre-tokenized codes" if tokens
              else f"{section}.source={source!r} reads images")
+      if fixed:
+        why += (", whose crops and flips pre-tokenizing fixed (config."
+                "pretokenize.ten_crop)")
       groups = [(k, f"{sources.SOURCE_WORDS[s]} (source={s!r})")
                 for s, k in others.items()]
       if not tokens:
