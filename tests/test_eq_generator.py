@@ -278,15 +278,57 @@ def test_rope_shift_per_example_and_groups(tiny):
   assert len(set(one)) == 16                             # one per image
 
 
-def test_dropout_training_path_runs(tiny):
+def test_layer_norm_epsilons_are_the_officials(tiny):
+  """generator/equ_modeling.py: the blocks, z_proj_ln and encoder_norm use
+  eps 1e-6 (partial(nn.LayerNorm, eps=1e-6)), the cross-attention norms
+  PyTorch's default 1e-5; diffloss.py's head 1e-6. The parity tests' unit-scale
+  activations cannot tell them apart, so the epsilons are read off the
+  modules (abstract evaluation: no compile)."""
+  cfg, model, params = tiny
+  eps = {}
+
+  def grab(f, args, kwargs, ctx):
+    if isinstance(ctx.module, nn.LayerNorm):
+      eps[ctx.module.scope.path] = ctx.module.epsilon
+    return f(*args, **kwargs)
+
+  x = jnp.zeros((1, L, C))
+  with nn.intercept_methods(grab):
+    jax.eval_shape(lambda p: model.apply({"params": p}, x, jnp.array([0]),
+                                         jnp.zeros((1, 1, L, C)),
+                                         jnp.zeros((1, 1, L))), params)
+  cross = {p for p in eps if p[-1] in ("cross_norm", "cross_cond_norm")}
+  assert len(cross) == 2 * cfg.model.depth and len(eps) > len(cross) + 4
+  assert all(eps[p] == 1e-5 for p in cross)
+  assert all(eps[p] == 1e-6 for p in set(eps) - cross), eps
+
+
+def test_training_forward_interpolates_data_to_noise_with_dropout_on(tiny):
+  """The head sees x_t = t * noise + (1 - t) * data (official
+  diffusion/flows.py: z_t = t z1 + (1 - t) z0, z1 the noise), the path the
+  target noise - data and the sampler's t = 1 -> 0 integration assume;
+  t = 0.5 everywhere could not tell the two directions apart."""
   cfg, model, params = tiny
   x = jax.random.normal(jax.random.key(0), (2, L, C))
   noise = jax.random.normal(jax.random.key(1), (2, 2, L, C))
-  t = jnp.full((2, 2, L), 0.5)
-  f = jax.jit(lambda p, k: model.apply({"params": p}, x, jnp.array([0, K]),
-                                       noise, t, train=True, shift=3,
-                                       rngs={"dropout": k})[0])
-  v1, v2 = f(params, jax.random.key(2)), f(params, jax.random.key(3))
+  t = jax.random.uniform(jax.random.key(4), (2, 2, L))
+
+  def grab(f, args, kwargs, ctx):
+    if ctx.method_name == "velocity":
+      seen.append(args[0])
+    return f(*args, **kwargs)
+
+  @jax.jit
+  def f(p, k):
+    with nn.intercept_methods(grab):
+      v = model.apply({"params": p}, x, jnp.array([0, K]), noise, t, train=True,
+                      shift=3, rngs={"dropout": k})[0]
+    return v, seen.pop()
+
+  seen = []
+  (v1, x_t), (v2, _) = f(params, jax.random.key(2)), f(params, jax.random.key(3))
+  np.testing.assert_allclose(x_t, t[..., None] * noise + (1 - t[..., None]) * x[:, None],
+                             rtol=1e-6, atol=1e-6)
   assert v1.shape == (2, 2, L, C) and np.all(np.isfinite(v1))
   assert float(jnp.abs(v1 - v2).max()) > 0            # dropout is on
 

@@ -87,10 +87,15 @@ def test_tokenizer_task_grads(disc, stage2):
   assert (gn(grads["model"]["encoder"]) == 0) == stage2
   if disc == "dino":
     assert "vit" not in grads["disc"] and "dino_vit" in frozen
+    # Stage 2 steps the decoder, semantic decoder and post-quant layer only
+    # (official configure_optimizers): the frozen groups do not move even
+    # under a gradient (theirs is zero already; the freeze must not rely on it).
+    assert set(eq_task.FROZEN_IN_STAGE2) == {"encoder", "quant_layer"}
     opt = task.optimizers()["model"]
     upd, _ = jax.jit(lambda g, p: opt.update(g, opt.init(p), p))(
-        grads["model"], params["model"])
-    assert gn(upd["encoder"]) == 0 and gn(upd["decoder"]) > 0
+        jax.tree_util.tree_map(jnp.ones_like, grads["model"]), params["model"])
+    assert gn(upd["encoder"]) == 0 and gn(upd["quant_layer"]) == 0
+    assert gn(upd["decoder"]) > 0 and gn(upd["post_quant_layer"]) > 0
 
 
 def test_discriminator_steps_on_the_updated_generator():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import (fqgan_demo, fqgan_dual_ds8, fqgan_dual_ds16,
@@ -294,6 +295,20 @@ def test_disentangle_and_representation_gradients(tmp_path, tiny_params):
   assert not _nonzero(g_rep["encoder"]["visual_head_0"])
   assert not _nonzero(g_rep["quantize_sem"])
   assert not _nonzero(g_rep["decoder"])
+
+  # The discriminator's gradients are scaled by loss.disc_loss_weight before
+  # clipping and Adam (official: the D loss is multiplied by the GAN weight),
+  # so Adam's first moment holds (1 - b1) w g; a scale after Adam would leave
+  # the moments unscaled and halve the learning rate instead.
+  w, b1 = float(config.loss.disc_loss_weight), float(config.disc.optimizer.b1)
+  assert w != 1.0
+  tx = task.optimizers()["disc"]
+  p, g = {"kernel": jnp.ones(3)}, {"kernel": jnp.array([0.1, -0.2, 0.3])}
+  state = tx.update(g, tx.init(p), p)[1]
+  adam = next(s for s in jax.tree_util.tree_leaves(
+      state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+              if isinstance(s, optax.ScaleByAdamState))
+  np.testing.assert_allclose(adam.mu["kernel"], (1 - b1) * w * g["kernel"], rtol=1e-6)
 
 
 def test_sharded_train_step_with_teacher(tmp_path):
