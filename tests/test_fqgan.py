@@ -31,6 +31,7 @@ def _tiny_model(kind="dual", channel_mult=(1, 1), image_size=HW):
       name="fqgan", image_size=image_size, hidden_channels=32,
       channel_mult=channel_mult, num_res_blocks=1, decoder_res_blocks=1,
       z_channels=32, num_codes=32, code_dim=8, entropy_weight=0.03,
+      commitment_cost=0.5,
       adapter_layers=1, adapter_heads=2, feat_layers=1, feat_num_heads=2,
       dtype="float32", param_dtype="float32"))
   if kind == "dual":
@@ -125,6 +126,11 @@ def test_forward_round_trip_and_sub_codebook_metrics(tiny_params):
               "entropy_loss", "quantizer_loss"):
       v = float(aux[f"{k}/{b}"])
       assert np.isfinite(v), (k, b)
+    # Each sub-codebook's total weighs its terms by the config's commitment
+    # cost (0.5, not the default) and entropy weight.
+    np.testing.assert_allclose(
+        aux[f"quantizer_loss/{b}"], aux[f"codebook_loss/{b}"]
+        + 0.5 * aux[f"commitment_loss/{b}"] + 0.03 * aux[f"entropy_loss/{b}"], rtol=1e-5)
     assert 0.0 < float(aux[f"usage/{b}"]) <= 1.0
     assert 1.0 <= float(aux[f"perplexity/{b}"]) <= 32.0
   np.testing.assert_allclose(

@@ -22,7 +22,8 @@ def _tiny(channel_mult):
   return ml_collections.ConfigDict(dict(
       name="llamagen_vq", image_size=HW, hidden_channels=32,
       channel_mult=channel_mult, num_res_blocks=1, decoder_res_blocks=1,
-      z_channels=32, num_codes=64, code_dim=8, l2_norm=True, dtype="float32",
+      z_channels=32, num_codes=64, code_dim=8, l2_norm=True, commitment_cost=0.5,
+      dtype="float32",
       param_dtype="float32"))
 
 
@@ -69,6 +70,10 @@ def test_round_trip_equals_quantized_reconstruction():
   for k in ("quantizer_loss", "codebook_loss", "commitment_loss", "usage",
             "perplexity"):
     assert aux[k].shape == () and np.isfinite(float(aux[k])), k
+  # The config's commitment cost (0.5, not the default 0.25) weighs the
+  # commitment term; no entropy term by default.
+  np.testing.assert_allclose(aux["quantizer_loss"],
+                             aux["codebook_loss"] + 0.5 * aux["commitment_loss"], rtol=1e-6)
   # decode(encode(x)) is the clipped quantized reconstruction of __call__ (up
   # to the rounding of the straight-through sum zn + (z_q - zn)).
   assert float(decoded.min()) >= -1.0 and float(decoded.max()) <= 1.0

@@ -22,7 +22,7 @@ def _tiny_config(**overrides):
   cfg = ml_collections.ConfigDict(dict(
       name="maskgit_vqgan", image_size=HW, hidden_channels=32,
       channel_mult=(1, 2), num_res_blocks=1, z_channels=32, num_codes=64,
-      code_dim=32, commitment_cost=0.25, dropout=0.0, dtype="float32",
+      code_dim=32, commitment_cost=0.5, dropout=0.0, dtype="float32",
       param_dtype="float32", remat="none"))
   cfg.update(overrides)
   return cfg
@@ -46,6 +46,10 @@ def test_forward_encode_decode_shapes(tiny):
   for k in ("quantizer_loss", "codebook_loss", "commitment_loss", "usage",
             "perplexity"):
     assert aux[k].shape == () and np.isfinite(float(aux[k])), k
+  # The config's commitment cost (0.5 here, not the default) weighs the
+  # commitment term; codebook and commitment terms are equal in value.
+  np.testing.assert_allclose(aux["quantizer_loss"], 1.5 * aux["commitment_loss"], rtol=1e-6)
+  np.testing.assert_allclose(aux["codebook_loss"], aux["commitment_loss"], rtol=1e-6)
   codes = jax.jit(functools.partial(model.apply, method="encode"))(
       {"params": params}, images)
   assert codes.shape == (2, HW // 2, HW // 2) and codes.dtype == jnp.int32
