@@ -14,6 +14,7 @@ from configs import demo
 from genvis_jax import cli
 from genvis_jax import modes
 from genvis_jax.errors import UserError
+from tests import cli_runner
 from tests import xla_flags
 
 
@@ -39,15 +40,22 @@ DEMO = ["--config=configs/demo.py"]
 CLASSIFIER = DEMO + ["--config.only=classifier"]
 
 
-def _cli(args, verbose_env=False, timeout=120):
+@pytest.fixture(scope="module")
+def run_cli(tmp_path_factory):
+  """``run_cli(args, verbose_env=False)``: ``python -m genvis_jax.main ARGS`` in a
+  fresh process state (forked by ``cli_runner`` after the imports), 8 CPU
+  devices, ``GENVIS_VERBOSE`` unset unless asked for."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
          "XLA_FLAGS": xla_flags(8)}
   env.pop("GENVIS_VERBOSE", None)
-  if verbose_env:
-    env["GENVIS_VERBOSE"] = "1"
-  return subprocess.run([sys.executable, "-m", "genvis_jax.main", *args],
-                        capture_output=True, text=True, timeout=timeout,
-                        cwd=REPO, env=env)
+  runner, outs = cli_runner.Runner(env), tmp_path_factory.mktemp("cli")
+  calls = iter(range(10**6))
+
+  def run(args, verbose_env=False):
+    return runner.run(args, outs / str(next(calls)),
+                      env={"GENVIS_VERBOSE": "1"} if verbose_env else None)
+  yield run
+  runner.close()
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +203,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir):
+def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir, run_cli):
   args, pattern = CASES[name]
   (tmp_path / "afile").write_text("not a directory")
   (tmp_path / "flags").write_text("--config=configs/nope.py\n")
@@ -204,7 +212,7 @@ def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir):
           "{flagfile}", str(tmp_path / "flags")) for a in args]
   if name != "no_workdir" and not any(a.startswith("--workdir=") for a in args):
     args.append(f"--workdir={tmp_path / 'wd'}")
-  out = _cli(args)
+  out = run_cli(args)
   assert out.returncode not in (0, None), out.stderr
   assert "Traceback" not in out.stdout + out.stderr, out.stderr
   err = out.stderr
@@ -215,17 +223,17 @@ def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir):
   assert "global_batch_size:" not in err     # the config is not dumped
 
 
-def test_cli_verbose_keeps_the_traceback(tmp_path):
+def test_cli_verbose_keeps_the_traceback(tmp_path, run_cli):
   args, pattern = CASES["no_data"]
-  out = _cli(args + [f"--workdir={tmp_path}", "--verbose"])
+  out = run_cli(args + [f"--workdir={tmp_path}", "--verbose"])
   assert out.returncode != 0
   assert "Traceback" in out.stderr and "DataNotFoundError" in out.stderr
-  out = _cli(["--config=configs/rar_xl.py"], verbose_env=True)
+  out = run_cli(["--config=configs/rar_xl.py"], verbose_env=True)
   assert out.returncode != 0 and "Traceback" in out.stderr
 
 
-def test_help_lists_the_runnable_configs_and_their_arguments():
-  out = _cli(["--help"])   # absl's --help exits 1
+def test_help_lists_the_runnable_configs_and_their_arguments(run_cli):
+  out = run_cli(["--help"])   # absl's --help exits 1
   assert "Error" not in out.stderr, out.stderr
   listed = re.findall(r"^  (\w+\.py) ", out.stdout, re.M)
   runnable = sorted(n for n in os.listdir(os.path.join(REPO, "configs"))
@@ -240,8 +248,8 @@ def test_help_lists_the_runnable_configs_and_their_arguments():
   assert "Kinds here: clip_vision, dinov2, eq_generator," in out.stdout
 
 
-def test_a_config_argument_error_gives_an_example_for_that_file(tmp_path):
-  out = _cli(["--config=configs/demo.py:runlocal", f"--workdir={tmp_path}/w"])
+def test_a_config_argument_error_gives_an_example_for_that_file(tmp_path, run_cli):
+  out = run_cli(["--config=configs/demo.py:runlocal", f"--workdir={tmp_path}/w"])
   assert out.returncode == 2
   assert ("Unknown config argument 'runlocal'; this config takes smoke (a "
           "flag), comma-separated (e.g. --config=configs/demo.py:smoke)"
