@@ -16,6 +16,7 @@ from configs import eq_demo
 from genvis_jax import models
 from genvis_jax.errors import ConfigError
 from genvis_jax.models import eq_flow_head
+from genvis_jax.models import eq_generator as eq_model
 from genvis_jax.models.layers import attention as attn_lib
 from genvis_jax.sample import common
 from genvis_jax.sample import eq_generator as eq_sample
@@ -289,6 +290,23 @@ def test_rope_shift_per_example_and_groups(tiny):
   assert len({int(g[0]) for g in groups}) > 1
   one = np.asarray(eq_tasks.rope_shifts(jax.random.key(1), 200, 16, 1))
   assert len(set(one)) == 16                             # one per image
+
+
+def test_a_rope_shift_moves_the_training_positions_forward(tiny, monkeypatch):
+  """Training rotates column i at position i + shift (official
+  generator/equ_modeling.py: t = arange(seq_len) + bias, bias = randint(0,
+  shift_num)); synthesis starts at 0, so the positions a wide image reaches
+  are ones training saw. A negated shift passed the per-example test above
+  (both sides negate together)."""
+  _, model, params = tiny
+  seen, tables = [], eq_model.rope_tables
+  monkeypatch.setattr(eq_model, "rope_tables",
+                      lambda pos, *a, **k: seen.append(pos) or tables(pos, *a, **k))
+  x = jnp.zeros((2, L, C))
+  positions = jax.jit(lambda p: seen.clear() or (model.apply(
+      {"params": p}, x, jnp.array([1, 3]), shift=jnp.array([3, 7]),
+      method="condition"), seen[-1])[1])(params)
+  np.testing.assert_array_equal(positions, np.arange(L)[None] + np.array([[3], [7]]))
 
 
 def test_layer_norm_epsilons_are_the_officials(tiny):
