@@ -334,6 +334,29 @@ def test_an_image_folder_is_one_layout_split_or_class_folders(tmp_path,
     resolve(only_val, "train")
 
 
+def test_an_eval_split_reads_its_own_folder_with_the_training_labels(tmp_path):
+  """val/ lacks class 'a': its images are read from val/ (not train/: the
+  reference statistics and rFID would score training images) and keep the
+  training split's labels 1 and 2, so a model's classes mean the same in
+  every split; and the listing's fingerprint follows the labels, so a class
+  folder added to train/ (which shifts val's labels, not its files) counts
+  as a change."""
+  from genvis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  for split, classes in (("train", "abc"), ("val", "bc")):
+    for c in classes:
+      _image(tmp_path / split / c / f"{split}_{c}.png")
+  c = dc.data_config(source="image_folder", path=str(tmp_path), image_size=4)
+  src, n, names = pipeline.make_source(c, "validation")
+  assert names == ("a", "b", "c") and n == 3
+  assert [os.path.relpath(p, tmp_path) for p in src.paths] == [
+      "val/b/val_b.png", "val/c/val_c.png"]
+  assert src.labels.tolist() == [1, 2]
+  val = str(tmp_path / "val")
+  one = sources.fingerprint(sources.ImageFolderSource(val, ("b", "c")))
+  two = sources.fingerprint(sources.ImageFolderSource(val, ("a", "b", "c")))
+  assert one["count"] == two["count"] == 2 and one != two
+
+
 def test_an_image_folder_lists_what_it_leaves_out(tmp_path, caplog,
                                                   monkeypatch):
   """macOS zips leave ``__MACOSX/`` (a class before) and ``._*`` files; a

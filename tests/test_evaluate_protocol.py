@@ -138,6 +138,24 @@ def test_generation_metrics_cover_exact_count(gen_files, batch):
                                  extractor=ex, num_samples=14)
 
 
+def test_precision_and_recall_are_not_swapped(tmp_path):
+  """Samples that all copy 3 of the 12 reference images: precision 1, recall
+  below 1 (ADM evaluator.py: compute_prec_recall(activations_ref,
+  activations_sample)). The fixture above gives p = r = 0, which cannot tell
+  the two apart."""
+  ref = metric_refs.images(np.random.default_rng(0), 12)
+  samples = np.concatenate([ref[:3]] * 4 + [ref[:1]])          # 13 samples
+  np.savez(tmp_path / "s.npz", samples)
+  np.savez(tmp_path / "r.npz", ref)
+  res = generation.evaluate_samples(str(tmp_path / "s.npz"), str(tmp_path / "r.npz"),
+                                     extractor=metric_refs.FakeExtractor(13),
+                                     distance_dtype="float32")
+  assert res["precision"] == 1.0 and res["recall"] < 1.0
+  p, r, _ = metric_refs.precision_recall(metric_refs.FakeExtractor(13)(ref)["pool"],
+                                         metric_refs.FakeExtractor(13)(samples)["pool"])
+  assert (res["precision"], res["recall"]) == pytest.approx((p, r))
+
+
 @pytest.mark.parametrize("batch", [4, 13])
 def test_compute_reference_exact_count_and_record(tmp_path, batch):
   from configs import base

@@ -266,14 +266,15 @@ def test_labels_beyond_num_classes_stop_pretokenizing(tmp_path, monkeypatch):
   p = ml_collections.ConfigDict(dict(
       data=data_config(source="demo", num_classes=10, image_size=8),
       split="train", batch_size=2, ten_crop=False, device_batch=2))
-  batch = {"image": np.zeros((2, 8, 8, 3), np.float32), "label": np.array([3, 12])}
+  # 10, just past the classes (a label equal to the count overflows too).
+  batch = {"image": np.zeros((2, 8, 8, 3), np.float32), "label": np.array([3, 10])}
   info = types.SimpleNamespace(num_examples_per_process=2, num_skipped=0)
   monkeypatch.setattr(pretokenize, "image_batches", lambda *_: (iter([batch]), info))
   encode = lambda x: jnp.zeros((x.shape[0], 4), jnp.int32)
   path = str(tmp_path / "train-00000-of-00001.array_record")
   with pytest.raises(data.sources.DataConfigError,
-                     match=r"holds label 12, not below its num_classes=10.*at "
-                           r"least 13; nothing was written"):
+                     match=r"holds label 10, not below its num_classes=10.*at "
+                           r"least 11; nothing was written"):
     pretokenize._write_shard(ml_collections.ConfigDict({"pretokenize": p}),   # pylint: disable=protected-access
                              path, "x", {}, encode, (0.0, 1.0))
   assert not list(tmp_path.iterdir())

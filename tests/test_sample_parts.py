@@ -279,6 +279,11 @@ def test_assemble_joins_the_parts_or_writes_nothing(tmp_path):
   os.remove(out["png"])
   with pytest.raises(RuntimeError, match="20 of 21 samples present"):
     parts.assemble(str(wd), 21)
+  # Which parts a run of 21 draws again: the short last one (4 of the 5 it
+  # now needs), so that the set can grow; a smaller set keeps every part.
+  d = str(wd / "sample_parts")
+  assert parts.complete_parts(d, 21, 8) == {0, 8}
+  assert parts.complete_parts(d, 20, 8) == parts.complete_parts(d, 18, 8) == {0, 8, 16}
   np.savez(parts.path(str(wd / "sample_parts"), 16),
            images=np.zeros((4, 5, 6, 3), np.uint8), labels=np.arange(4))
   with pytest.raises(ValueError, match=r"images of shape \(5, 6, 3\), the "

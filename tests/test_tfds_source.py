@@ -250,7 +250,7 @@ def test_damaged_records_and_crop_misfits_are_skipped_as_files_are(tmp_path):
       "counts examples of another TFDS data set (genvis_damaged:1.0.0 train, "
       "4 examples then; genvis_damaged:1.0.0 train, 6 now: prepared again or "
       "another split)")
-  c.num_classes = 5     # label 6 (the last image) is past it
+  c.num_classes = 6     # label 6 (the last image) is just past it
   it, _ = data.create_dataset(c, split="train", global_batch_size=1, seed=0,
                               train=True, process_index=0, process_count=1)
   for _ in range(4):   # read, not checked: no model's classes (a tokenizer)
@@ -261,7 +261,7 @@ def test_damaged_records_and_crop_misfits_are_skipped_as_files_are(tmp_path):
                               check_labels=True)
   with pytest.raises(sources.DataConfigError,
                      match=r"genvis_damaged/train\[[0-3]\] has label 6, "
-                           r"outside 0..4 \(config.data.num_classes=5\).*not "
+                           r"outside 0..5 \(config.data.num_classes=6\).*not "
                            r"a ClassLabel.*--config.data.num_classes above"):
     for _ in range(4):
       next(it)

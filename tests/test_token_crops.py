@@ -109,6 +109,13 @@ def test_one_crop_per_image_needs_the_crop_records(tmp_path):
           {"ten_crop": False, "mirrored": True}, 10)
   refused(_ten_crop_files(tmp_path / "c", 2, 2), r"holds 10 records and its "
           r"record .* says 20", {"ten_crop": True}, 20)
+  # 15 records a file, as its record says: not whole groups of ten.
+  for p in data.write_token_records(str(tmp_path / "e" / "train"), np.zeros(30, np.int32),
+                                    np.zeros((30, 2), np.int32), num_shards=2):
+    with open(p + ".json", "w") as f:
+      json.dump({"settings": {"ten_crop": True}, "records": 15}, f)
+  refused(str(tmp_path / "e" / "{split}-*.array_record"), r"holds 15 records and "
+          r"its record .* says 15: not whole groups of ten", {"ten_crop": True}, 15)
   pattern = _ten_crop_files(tmp_path / "d", 2, 2)
   with pytest.raises(errors_lib.UserError, match="crops_per_epoch='some'"):
     data.create_dataset(data_config(source="tokens", path=pattern,
