@@ -147,7 +147,7 @@ def test_flow_draws_are_uniform_on_t_eps_to_1_per_token():
   assert noise.shape == (16, 4, 32, 4) and t.shape == (16, 4, 32)
   t, noise = np.asarray(t), np.asarray(noise)
   assert 0.2 <= t.min() < 0.21 and 0.99 < t.max() < 1.0
-  assert abs(t.mean() - 0.6) < 0.02 and len(np.unique(t)) == t.size
+  assert abs(t.mean() - 0.6) < 0.02 and len(np.unique(t)) > 0.99 * t.size
   assert abs(noise.mean()) < 0.04 and abs(noise.std() - 1) < 0.03
 
 
