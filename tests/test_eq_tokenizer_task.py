@@ -292,6 +292,27 @@ def test_a_fresh_stage_2_without_init_from_is_refused(tmp_path):
   resume.check_fresh_start(stage2, get_task(stage2), wd)
 
 
+def test_stage_2_goes_on_with_stage_1s_discriminator(monkeypatch):
+  """state.from_weights loads each config.init_groups group of init_from
+  (the official init_from_ckpt loads the whole state dict: stage 2 keeps
+  stage 1's discriminator), and the EMA starts at the loaded model. Orbax
+  stubbed: what is read where (tests/test_reliability.py reads real runs)."""
+  from genvis_jax.core import weights as weights_lib   # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import state as state_lib   # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(weights_lib, "resolve_all", list)
+  monkeypatch.setattr(weights_lib, "restore_params", lambda pinned, abstract, group=None,
+                      **kw: {"w": jnp.full(2, 7.0 if group == "disc" else 3.0)})
+  zeros = {"w": jnp.zeros(2)}
+  state = TrainState(step=jnp.int32(0), params={"model": zeros, "disc": zeros},
+                     opt_state={}, ema=zeros)
+  two = eq_tok_config.get_config("stage2,runlocal")
+  two.init_from = "/run"
+  assert tuple(two.init_groups) == ("disc",)
+  got = state_lib.from_weights(state, two, state.params, "model")
+  assert float(got.params["disc"]["w"][0]) == 7.0
+  assert float(got.params["model"]["w"][0]) == float(got.ema["w"][0]) == 3.0
+
+
 def _terms_of(**attrs):
   """``EqTokenizerTask.generator_terms`` on a stand-in task whose forward
   gives zeros, a 1x1 semantic map and KL 2.0, its other parts as given."""

@@ -201,6 +201,8 @@ def test_the_edge_values_that_train_are_kept():
   c.train.ema_decay, c.optimizer.lr, c.optimizer.end_lr = 0.0, 0.0, 0.0
   c.optimizer.schedule = "cosine"
   trainer_lib.setup(c)
+  with pytest.raises(errors.ConfigError, match=r"ema_decay=1 must be in \[0, 1\)"):
+    checks.check_ema(ml_collections.ConfigDict(dict(ema_decay=1.0)))   # never follows
   rar = rar_b.get_config("runlocal")
   rar.tokenizer.dtype = "float16"
   checks.check_precision(rar)

@@ -194,6 +194,7 @@ def test_guard_loss_bound_uses_running_median():
   assert g.runaway(19.0, {"model": 5.0}) is None        # 9.5x the median 2.0
   assert "loss 21 is 10.5x" in g.runaway(21.0, {"model": 5.0})
   assert "parameter norm of group 'model'" in g.runaway(2.0, {"model": 51.0})
+  assert g.runaway(2.0, {"model": 49.0}) is None    # 9.8x the median 5: within
   assert g.nonfinite_params({"model": float("inf")})
   assert guard_lib.DivergenceGuard(0.0).runaway(1e30, {"model": 1e30}) is None
   # A NaN/Inf parameter norm is far past any bound: a divergence with
@@ -209,6 +210,53 @@ def test_guard_loss_bound_uses_running_median():
   fresh = guard_lib.DivergenceGuard(10.0)
   fresh.record(1.0, {})
   assert fresh.runaway(1e6, {}) is None
+
+
+def test_each_log_step_feeds_the_guard(monkeypatch):
+  """The guard's medians are of the logged intervals (log_step.Logger records
+  each interval's mean loss and the norms): without them the loss bound
+  never applies and the norm bound stays at the start's."""
+  from genvis_jax.core import multihost   # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import log_step   # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(multihost, "gather_ints", lambda v: np.array([v]))
+
+  class Stub:   # writer, progress, pipeline info and task at once
+    num_skipped = 0
+    write_scalars = staticmethod(lambda step, scalars: None)
+    learning_rates = staticmethod(lambda step: {"model": 0.1})
+    __call__ = lambda self, done: {}
+
+  stub, guard = Stub(), guard_lib.DivergenceGuard(10.0)
+  guard.record(None, {"model": 5.0})      # the start, as the loop does
+  log = log_step.Logger(stub, guard, stub, stub, 100, None, stub, 8)
+  for i in range(guard_lib.MIN_HISTORY):
+    log(2 * (i + 1), {"loss": 2.0, "nonfinite": 0.0}, {"model": 5.0 + i}, 2)
+  assert "loss 30 is 15x" in guard.runaway(30.0, {"model": 6.0})
+  # The norms' median is of the start and the logged ones: 5, 5, 6, 7, 8, 9.
+  assert "running median 6.5" in guard.runaway(2.0, {"model": 70.0})
+
+
+def test_grids_are_due_every_n_steps_and_at_the_last_and_show_the_ema():
+  """Schedule: every ``every`` steps and at the last (0: never);
+  write_visuals draws with the EMA of the task's ema_group where kept."""
+  import contextlib   # pylint: disable=import-outside-toplevel
+  import types   # pylint: disable=import-outside-toplevel
+  import jax   # pylint: disable=import-outside-toplevel
+  assert [d for d in range(1, 11) if grids.Schedule(None, None, None, 4, 10).due(d)] == [4, 8, 10]
+  assert not any(grids.Schedule(None, None, None, 0, 10).due(d) for d in range(1, 11))
+  seen = {}
+
+  class Task:
+    ema_group = "model"
+    def visualize(self, params, frozen, batch, rng):
+      seen.update(params)
+      return {}
+
+  trainer = types.SimpleNamespace(task=Task(), frozen={}, visual_rng=jax.random.key(0),
+                                  context=contextlib.nullcontext)
+  state = types.SimpleNamespace(params={"model": np.zeros(2), "disc": 1}, ema=np.ones(2))
+  grids.write_visuals(trainer, state, {}, None, None, 5)
+  assert seen["model"].sum() == 2.0 and seen["disc"] == 1
 
 
 def test_a_blown_up_group_is_named_with_its_own_learning_rate(tmp_path):

@@ -118,6 +118,51 @@ def test_skipped_nonfinite_step_keeps_schedule_in_step():
   assert float(nan_m["nonfinite"]) == 1.0
 
 
+class _NonfiniteTask(Task):
+  """A finite loss with an Inf gradient (``batch["what"] == 1``) or a NaN
+  loss with a finite gradient (2): NaN images make both NaN, which cannot
+  tell whether each is checked."""
+
+  def grads(self, params, frozen, batch, rng, step):
+    w = params["model"]["w"]
+    g = jnp.where(batch["what"][0] == 1, jnp.inf, jnp.ones_like(w))
+    loss = jnp.where(batch["what"][0] == 2, jnp.nan, jnp.mean(batch["x"]) * w)
+    return {"model": {"w": g}}, {"loss": loss}
+
+
+@pytest.mark.parametrize("what", ["gradient", "loss"])
+def test_a_nonfinite_gradient_or_loss_alone_skips_the_update(what):
+  """make_train_step: a non-finite loss or gradient leaves the float state."""
+  cfg = ml_collections.ConfigDict(dict(micro_batches=1, ema_decay=0.0))
+  opt = {"model": optax.sgd(0.1)}
+  _, state = _start(opt, 1.0)
+  step = jax.jit(step_lib.make_train_step(_NonfiniteTask(None), opt, cfg, 1))
+  code = {"gradient": 1, "loss": 2}[what]
+  new, m = step(state, {"x": jnp.ones(2), "what": jnp.full(2, code)},
+                jax.random.key(0), {})
+  assert float(m["nonfinite"]) == 1.0
+  assert float(new.params["model"]["w"]) == 1.0 and int(new.step) == 1
+
+
+def test_micro_batch_i_draws_with_fold_in_of_i():
+  """accumulate_grads: micro-batch i's key is fold_in(rng, i) (one key for
+  all would draw the same dropout / noise k times)."""
+  def grads_fn(params, batch, rng, step):
+    u = jax.random.uniform(rng)
+    return {"model": {"w": u}}, {"loss": u}
+  rng, k = jax.random.key(3), 4
+  g, m = step_lib.accumulate_grads(grads_fn, {}, {"x": jnp.zeros(8)}, rng, 0, k, 1)
+  want = np.mean([float(jax.random.uniform(jax.random.fold_in(rng, i)))
+                  for i in range(k)])
+  assert float(g["model"]["w"]) == pytest.approx(want, rel=1e-6)
+  assert float(m["loss"]) == pytest.approx(want, rel=1e-6)
+  # Micro-batch i takes the i-th slice of each of the 4 data shards, so no
+  # example moves between devices.
+  micro = np.asarray(step_lib.split_micro_batches({"r": jnp.arange(16)}, 2, 4)["r"])
+  np.testing.assert_array_equal(micro, [[0, 1, 4, 5, 8, 9, 12, 13],
+                                        [2, 3, 6, 7, 10, 11, 14, 15]])
+
+
 def test_a_skipped_steps_metrics_leave_its_intervals_means():
   """A NaN step's metrics count as nothing in its log interval's means (its
   NaN loss made the whole interval's NaN), its code histogram included (an
