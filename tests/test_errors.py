@@ -332,3 +332,22 @@ def test_remote_paths_that_must_be_local_say_so(tmp_path, monkeypatch):
   rar = pc.load_config("rar_b.py:runlocal", mode="pretokenize")
   assert modes.lock_dir(rar, "gs://b/run") == ("gs://b/run/tokens", None)
   assert not os.listdir(tmp_path)
+
+
+def test_a_multi_process_environment_is_checked_before_jax_reads_it():
+  """JAX_COORDINATOR_ADDRESS without JAX_NUM_PROCESSES (a KeyError), a
+  process id that is not a number or past the count (jax's ValueError):
+  tracebacks where one message names the three variables."""
+  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import distributed  # pylint: disable=import-outside-toplevel
+  env = {"JAX_COORDINATOR_ADDRESS": "host:1234"}
+  for extra in ({}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "x"},
+                {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+                {"JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"}):
+    with pytest.raises(ConfigError, match=r"JAX_COORDINATOR_ADDRESS=host:1234 "
+                       r"starts a multi-process run, which also needs "
+                       r"JAX_NUM_PROCESSES .*got JAX_NUM_PROCESSES="):
+      distributed.process_settings({**env, **extra})
+  assert distributed.process_settings(
+      {**env, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {
+          "num_processes": 2, "process_id": 1}

@@ -7,6 +7,8 @@ import os
 import jax
 from absl import logging
 
+from genvis_jax import errors
+
 
 def maybe_initialize() -> None:
   """Initialises the distributed runtime on TPU pods / multi-process runs.
@@ -14,12 +16,15 @@ def maybe_initialize() -> None:
   On a TPU VM slice jax discovers the peers itself. For multi-process CPU/GPU
   runs set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
   ``JAX_PROCESS_ID``. Single-host runs do nothing.
+
+  Raises:
+    ConfigError: ``JAX_COORDINATOR_ADDRESS`` is set and the process count or
+      id is missing, not an integer, or not 0 <= id < count.
   """
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
+        **process_settings(os.environ))
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()
   else:
@@ -27,3 +32,24 @@ def maybe_initialize() -> None:
   logging.info("process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def process_settings(env) -> dict:
+  """``num_processes`` / ``process_id`` from ``JAX_NUM_PROCESSES`` /
+  ``JAX_PROCESS_ID`` in ``env``, checked (see ``maybe_initialize``)."""
+  values = {}
+  for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    try:
+      values[key] = int(env.get(key, ""))
+    except ValueError:
+      values[key] = None
+  count, index = values["JAX_NUM_PROCESSES"], values["JAX_PROCESS_ID"]
+  if count is None or index is None or count < 1 or not 0 <= index < count:
+    raise errors.ConfigError(
+        f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']} starts a "
+        f"multi-process run, which also needs JAX_NUM_PROCESSES (the number "
+        f"of processes, >= 1) and JAX_PROCESS_ID (this one's, 0 .. count - "
+        f"1); got JAX_NUM_PROCESSES={env.get('JAX_NUM_PROCESSES')!r}, "
+        f"JAX_PROCESS_ID={env.get('JAX_PROCESS_ID')!r}. Set both on every "
+        f"process, or unset JAX_COORDINATOR_ADDRESS for one process.")
+  return {"num_processes": count, "process_id": index}
