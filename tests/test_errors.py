@@ -351,3 +351,34 @@ def test_a_multi_process_environment_is_checked_before_jax_reads_it():
   assert distributed.process_settings(
       {**env, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {
           "num_processes": 2, "process_id": 1}
+
+
+def test_a_start_from_weights_that_cannot_load_is_refused_before_the_data(
+    tmp_path, monkeypatch):
+  """--config.init_from naming nothing loadable (a typo; a stage 1 run that
+  has saved no step yet) or init_groups the task lacks were refused only
+  after the data were opened and the state built: 33-38 s on the tiny
+  configs, minutes on a pod, past the launcher's start-up check."""
+  from genvis_jax.core import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+
+  def read_data(*args, **kwargs):   # the step after the checks
+    raise AssertionError("the data were opened")
+
+  monkeypatch.setattr(trainer_lib, "create_train_iterator", read_data)
+  c, wd = demo.classifier_config(), tmp_path / "wd"
+  c.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"No checkpoint at .*nowhere \(--config.init_from\)"):
+    trainer_lib.train_and_evaluate(c, str(wd))
+  (tmp_path / "stage1" / "checkpoints").mkdir(parents=True)
+  c.init_from = str(tmp_path / "stage1")
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"No checkpoint under .*stage1/checkpoints "
+                           r"\(--config.init_from\): the run has not saved"):
+    trainer_lib.train_and_evaluate(c, str(wd))
+  c.init_groups = ("disc",)
+  with pytest.raises(ConfigError, match=r"init_groups=\('disc',\) names "
+                     r"\['disc'\].*other parameter groups are none"):
+    trainer_lib.train_and_evaluate(c, str(wd))
+  assert not wd.exists()

@@ -46,17 +46,7 @@ def load(run: epath.Path, abstract_params, where: str = "",
     multihost.OtherProcessError: another process failed.
   """
   folder = run / "checkpoints"
-  # Process 0's listing of the finalized steps, newest first.
-  saved = multihost.ints_on_process_0(lambda: candidate_steps(run))
-  if step is not None and step not in saved:
-    raise ckpt_lib.CheckpointNotFoundError(
-        f"No checkpoint step {step} under {folder}{where}; saved "
-        f"steps: {sorted(saved) or 'none'}. Name one of them, or the run's "
-        f"workdir {run} for its newest.")
-  if not saved:
-    raise ckpt_lib.CheckpointNotFoundError(
-        f"No checkpoint under {folder}{where}: the run has not "
-        "saved one yet.")
+  saved = saved_steps(run, where, step)
   # Every process loads the same step or all stop (one that failed alone
   # would leave the others waiting in their next collective); checked on
   # all before any reads the weights.
@@ -83,6 +73,27 @@ def load(run: epath.Path, abstract_params, where: str = "",
   raise ckpt_lib.CheckpointRestoreError(
       f"No checkpoint step under {folder}{where} can be read; "
       "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))
+
+
+def saved_steps(run: epath.Path, where: str = "", step: int | None = None) -> list[int]:
+  """Process 0's listing of ``run``'s finalized steps, newest first, on every
+  process. Every process must call it.
+
+  Raises:
+    CheckpointNotFoundError: the run has saved none, or not ``step``.
+  """
+  folder = run / "checkpoints"
+  saved = multihost.ints_on_process_0(lambda: candidate_steps(run))
+  if step is not None and step not in saved:
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"No checkpoint step {step} under {folder}{where}; saved "
+        f"steps: {sorted(saved) or 'none'}. Name one of them, or the run's "
+        f"workdir {run} for its newest.")
+  if not saved:
+    raise ckpt_lib.CheckpointNotFoundError(
+        f"No checkpoint under {folder}{where}: the run has not "
+        "saved one yet.")
+  return saved
 
 
 def candidate_steps(run: epath.Path) -> list[int]:

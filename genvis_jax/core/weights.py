@@ -98,11 +98,7 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
   # same path through the agreements below.
   kind = multihost.decided_on_process_0(lambda: _folder_kind(path))
   if kind == _PARAMS and group is not None:
-    raise ckpt_lib.CheckpointNotFoundError(
-        f"{path}{where} is a parameter checkpoint: it holds a model's weights, "
-        f"not the {group!r} parameters of a training run. Point the setting "
-        "at the training run (its workdir or checkpoints/<step>), or leave "
-        f"{group!r} out of config.init_groups to start it afresh.")
+    raise _no_group_error(path, where, group)
   if kind == _PARAMS:
     return param_checkpoint.load(path, abstract_params, where, model_config,
                                  model_name)
@@ -110,7 +106,42 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
     run, step = (path, None) if kind == _RUN else _split_names(path)
     return run_weights.load(run, abstract_params, where, model_name, step,
                             group, model_config)
-  raise ckpt_lib.CheckpointNotFoundError(
+  raise _not_found_error(path, where)
+
+
+def check_source(directory: str, setting: str, groups=()) -> None:
+  """Raises now what :func:`restore_params` of ``directory`` (and of each of
+  ``groups``) would raise before reading a file's contents: nothing
+  loadable there, a training run with no saved step (or without the named
+  one), groups asked of a parameter checkpoint. A run's start calls it
+  before the data are opened and the state is built, which take minutes on
+  a pod. Every process must call it (process 0 looks; all raise).
+
+  Raises:
+    CheckpointNotFoundError: as ``restore_params``.
+  """
+  path = ckpt_files.absolute(directory)
+  where = f" ({setting})" if setting else ""
+  kind = multihost.decided_on_process_0(lambda: _folder_kind(path))
+  if kind == _PARAMS and groups:
+    raise _no_group_error(path, where, groups[0])
+  if kind in (_RUN, _IN_RUN):
+    run, step = (path, None) if kind == _RUN else _split_names(path)
+    run_weights.saved_steps(run, where, step)
+  elif kind != _PARAMS:
+    raise _not_found_error(path, where)
+
+
+def _no_group_error(path, where: str, group: str):
+  return ckpt_lib.CheckpointNotFoundError(
+      f"{path}{where} is a parameter checkpoint: it holds a model's weights, "
+      f"not the {group!r} parameters of a training run. Point the setting "
+      "at the training run (its workdir or checkpoints/<step>), or leave "
+      f"{group!r} out of config.init_groups to start it afresh.")
+
+
+def _not_found_error(path, where: str):
+  return ckpt_lib.CheckpointNotFoundError(
       f"No checkpoint at {path}{where}: expected {path}/params (written by "
       "`python -m genvis_jax.convert` or save_params), a training workdir "
       f"with {path}/checkpoints, or one of its checkpoints/<step> folders. "

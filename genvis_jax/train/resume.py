@@ -20,21 +20,33 @@ from genvis_jax.train import state as state_lib
 
 
 def check_fresh_start(config, task, workdir) -> None:
-  """Refuses a fresh run (no step saved in ``workdir``) without
-  ``config.init_from`` where the task needs the weights it continues
-  (``task.needs_init_from``: an Equivariant tokenizer's stage 2, a run with
-  ``init_groups``); a resume reads its own step and passes. Called before
-  the data are opened or anything is built.
+  """Refuses a fresh run (no step saved in ``workdir``) whose start from
+  ``config.init_from`` cannot be made: without it where the task needs the
+  weights it continues (``task.needs_init_from``: an Equivariant tokenizer's
+  stage 2, a run with ``init_groups``); with ``init_groups`` the task lacks;
+  or with nothing loadable there (``weights.check_source``). A resume reads
+  its own step and passes. Called on every process before the data are
+  opened or anything is built (minutes on a pod, past a launcher's check
+  that the workers started).
 
   Raises:
-    ConfigError: naming why and ``--config.init_from``.
+    ConfigError: naming why and ``--config.init_from``, or the groups.
+    CheckpointNotFoundError: as ``weights.check_source``.
   """
-  needs = "" if config.init_from else task.needs_init_from()
   folder = epath.Path(workdir) / "checkpoints"
-  if needs and not (folder.exists() and ckpt_files.saved_steps(folder)):
-    raise errors.ConfigError(
-        f"config.init_from is empty, but {needs}. Set --config.init_from="
-        f"<the run to start from, or its checkpoints/<step>>.")
+  if multihost.decided_on_process_0(
+      lambda: folder.exists() and bool(ckpt_files.saved_steps(folder))):
+    return
+  if not config.init_from:
+    needs = task.needs_init_from()
+    if needs:
+      raise errors.ConfigError(
+          f"config.init_from is empty, but {needs}. Set --config.init_from="
+          f"<the run to start from, or its checkpoints/<step>>.")
+    return
+  from genvis_jax.core import weights as weights_lib  # pylint: disable=import-outside-toplevel
+  groups = state_lib.check_init_groups(config, task.param_groups)
+  weights_lib.check_source(config.init_from, "--config.init_from", groups)
 
 
 def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,

@@ -39,6 +39,24 @@ def init_state(task, optimizers, rng) -> TrainState:
                     opt_state=opt_state, ema=ema)
 
 
+def check_init_groups(config, param_groups) -> tuple[str, ...]:
+  """``config.init_groups``, each one of the task's ``param_groups`` but the
+  model's (which init_from loads anyway).
+
+  Raises:
+    ConfigError: naming the groups that are not.
+  """
+  groups = tuple(config.get("init_groups", ()))
+  others = sorted(set(param_groups) - {"model"})
+  wrong = [g for g in groups if g not in others]
+  if wrong:
+    raise errors.ConfigError(
+        f"config.init_groups={groups} names {wrong}: init_from loads the "
+        f"model's weights, and this task's other parameter groups are "
+        f"{others or 'none'}.")
+  return groups
+
+
 def from_weights(state: TrainState, config, abstract_params: dict,
                  ema_group: str | None) -> TrainState:
   """A fresh run's ``state`` with the weights of ``config.init_from``: the
@@ -59,14 +77,7 @@ def from_weights(state: TrainState, config, abstract_params: dict,
   """
   # Local: the step (train/step.py) imports this module without Orbax.
   from genvis_jax.core import weights as weights_lib  # pylint: disable=import-outside-toplevel
-  groups = tuple(config.get("init_groups", ()))
-  others = sorted(set(abstract_params) - {"model"})
-  wrong = [g for g in groups if g not in others]
-  if wrong:
-    raise errors.ConfigError(
-        f"config.init_groups={groups} names {wrong}: init_from loads the "
-        f"model's weights, and this task's other parameter groups are "
-        f"{others or 'none'}.")
+  groups = check_init_groups(config, abstract_params)
   # The step process 0 pins: every process, and every group, reads it.
   pinned = weights_lib.resolve_all([config.init_from])[0]
   params = dict(state.params)
