@@ -301,6 +301,18 @@ def test_init_from_trains_from_the_loaded_weights(base_run, tmp_path):
                      small_run.leaves(state.ema)):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(e, a, rtol=1e-6)   # 0.9 a + 0.1 a, rounded
+  # A run of another model is refused before the data are opened (it was
+  # after the state was built: minutes on a pod).
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  other = demo.tokenizer_config()
+  other.init_from = base_run
+  with mock.patch.object(trainer_lib, "create_train_iterator",
+                         side_effect=AssertionError("the data were opened")):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"\(--config.init_from\) is a training run of model "
+                             r"'classifier'; a checkpoint of model "):
+      trainer_lib.train_and_evaluate(other, str(tmp_path / "other"))
+  assert not os.path.exists(tmp_path / "other")
 
 
 def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):

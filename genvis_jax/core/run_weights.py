@@ -114,13 +114,23 @@ def _check_step(folder: epath.Path, step: int, where: str,
   # Each process reads its share of the arrays; the walk agrees.
   ckpt_files.validate_step(folder / str(step), with_data=False,
                            share=multihost.share(), weights_only=True)
+  other_model = other_model_message(folder, step, where, model_name)
+  if other_model:
+    raise fit.CheckpointMismatchError(other_model)
+
+
+def other_model_message(folder: epath.Path, step: int, where: str,
+                        model_name: str) -> str:
+  """Why step ``step`` under ``folder`` is not of model ``model_name`` (its
+  saved config names another), or "" (it is, it names none, or any is
+  expected)."""
   saved = ckpt_files.saved_config(folder / str(step))
   saved_name = ((saved or {}).get("model") or {}).get("name")
   if model_name and saved_name and saved_name != model_name:
-    raise fit.CheckpointMismatchError(
-        f"{folder.parent}{where} is a training run of model {saved_name!r}; "
-        f"a checkpoint of model {model_name!r} is expected here. Point the "
-        f"setting at a run or converted checkpoint of model {model_name!r}.")
+    return (f"{folder.parent}{where} is a training run of model {saved_name!r}; "
+            f"a checkpoint of model {model_name!r} is expected here. Point the "
+            f"setting at a run or converted checkpoint of model {model_name!r}.")
+  return ""
 
 
 def _read_step(folder: epath.Path, step: int, abstract_params, where: str,

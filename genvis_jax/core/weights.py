@@ -109,16 +109,18 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
   raise _not_found_error(path, where)
 
 
-def check_source(directory: str, setting: str, groups=()) -> None:
+def check_source(directory: str, setting: str, groups=(),
+                 model_name: str = "") -> None:
   """Raises now what :func:`restore_params` of ``directory`` (and of each of
-  ``groups``) would raise before reading a file's contents: nothing
-  loadable there, a training run with no saved step (or without the named
-  one), groups asked of a parameter checkpoint. A run's start calls it
-  before the data are opened and the state is built, which take minutes on
-  a pod. Every process must call it (process 0 looks; all raise).
+  ``groups``) would raise before reading any array: nothing loadable there,
+  a training run with no saved step (or without the named one) or of
+  another model than ``model_name`` (its newest step's saved config),
+  groups asked of a parameter checkpoint. A run's start calls it before the
+  data are opened and the state is built, which take minutes on a pod.
+  Every process must call it (process 0 looks; all raise).
 
   Raises:
-    CheckpointNotFoundError: as ``restore_params``.
+    CheckpointNotFoundError, CheckpointMismatchError: as ``restore_params``.
   """
   path = ckpt_files.absolute(directory)
   where = f" ({setting})" if setting else ""
@@ -127,7 +129,13 @@ def check_source(directory: str, setting: str, groups=()) -> None:
     raise _no_group_error(path, where, groups[0])
   if kind in (_RUN, _IN_RUN):
     run, step = (path, None) if kind == _RUN else _split_names(path)
-    run_weights.saved_steps(run, where, step)
+    saved = run_weights.saved_steps(run, where, step)
+    newest = saved[0] if step is None else step
+    other_model = multihost.string_on_process_0(
+        lambda: run_weights.other_model_message(run / "checkpoints", newest,
+                                                where, model_name))
+    if other_model:
+      raise ckpt_lib.CheckpointMismatchError(other_model)
   elif kind != _PARAMS:
     raise _not_found_error(path, where)
 

@@ -24,14 +24,15 @@ def check_fresh_start(config, task, workdir) -> None:
   ``config.init_from`` cannot be made: without it where the task needs the
   weights it continues (``task.needs_init_from``: an Equivariant tokenizer's
   stage 2, a run with ``init_groups``); with ``init_groups`` the task lacks;
-  or with nothing loadable there (``weights.check_source``). A resume reads
-  its own step and passes. Called on every process before the data are
-  opened or anything is built (minutes on a pod, past a launcher's check
-  that the workers started).
+  or with nothing loadable there, or a run of another model
+  (``weights.check_source``). A resume reads its own step and passes.
+  Called on every process before the data are opened or anything is built
+  (minutes on a pod, past a launcher's check that the workers started).
 
   Raises:
     ConfigError: naming why and ``--config.init_from``, or the groups.
-    CheckpointNotFoundError: as ``weights.check_source``.
+    CheckpointNotFoundError, CheckpointMismatchError: as
+      ``weights.check_source``.
   """
   folder = epath.Path(workdir) / "checkpoints"
   if multihost.decided_on_process_0(
@@ -46,7 +47,8 @@ def check_fresh_start(config, task, workdir) -> None:
     return
   from genvis_jax.core import weights as weights_lib  # pylint: disable=import-outside-toplevel
   groups = state_lib.check_init_groups(config, task.param_groups)
-  weights_lib.check_source(config.init_from, "--config.init_from", groups)
+  weights_lib.check_source(config.init_from, "--config.init_from", groups,
+                           model_name=config.model.name)
 
 
 def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
