@@ -313,6 +313,15 @@ def test_init_from_trains_from_the_loaded_weights(base_run, tmp_path):
                              r"'classifier'; a checkpoint of model "):
       trainer_lib.train_and_evaluate(other, str(tmp_path / "other"))
   assert not os.path.exists(tmp_path / "other")
+  # The check reads the step the load would: with step 6's saved config cut
+  # (the load falls back to step 3), step 3's, not a JSON error.
+  cut = str(tmp_path / "cut")
+  shutil.copytree(base_run, cut)
+  with open(os.path.join(cut, "checkpoints", "6", "config", "metadata"), "w") as f:
+    f.write('{"model": {"na')
+  weights_lib.check_source(cut, "--config.init_from", model_name="classifier")
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"model 'classifier'"):
+    weights_lib.check_source(cut, "--config.init_from", model_name="rar")
 
 
 def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):

@@ -129,11 +129,21 @@ def check_source(directory: str, setting: str, groups=(),
     raise _no_group_error(path, where, groups[0])
   if kind in (_RUN, _IN_RUN):
     run, step = (path, None) if kind == _RUN else _split_names(path)
-    saved = run_weights.saved_steps(run, where, step)
-    newest = saved[0] if step is None else step
-    other_model = multihost.string_on_process_0(
-        lambda: run_weights.other_model_message(run / "checkpoints", newest,
-                                                where, model_name))
+    run_weights.saved_steps(run, where, step)
+
+    def look() -> str:
+      # The step the load would read: the named one, or the newest whose
+      # files validate. A damaged one is left for the load to name.
+      pinned = step if step is not None else _newest_valid(run, quiet=True)
+      if pinned is None:
+        return ""
+      try:
+        return run_weights.other_model_message(run / "checkpoints", pinned,
+                                               where, model_name)
+      except (OSError, ValueError):   # includes a cut config's JSON error
+        return ""
+
+    other_model = multihost.string_on_process_0(look) if model_name else ""
     if other_model:
       raise ckpt_lib.CheckpointMismatchError(other_model)
   elif kind != _PARAMS:
