@@ -113,15 +113,20 @@ def test_far_trains_with_class_dropout():
   b = 4096
   batch = {"tokens": jnp.zeros((b, 2 * far_t.N), jnp.int32),
            "label": jnp.full((b,), 3, jnp.int32)}
+  # Logits that pick the target of the first sub-token and miss the second's.
   (codes, _), seen, m = model_inputs(
       task, zero_params(task), batch, 0, FAR,
-      lambda c, *_: jnp.zeros((*c.shape, far_t.V)),
+      lambda c, *_: jax.nn.one_hot(c.at[:, 1].add(1), far_t.V),
       inside=lambda module, c, labels: module.class_labels(labels, True))
   assert task.model.class_dropout == 0.1 and task.model.null_label == far_t.C
   used = np.asarray(seen["inside"])
   dropped_to_null(used, np.full(b, 3), far_t.C, 0.1, 0.02)
   assert codes.shape == (b, 2, far_t.N)
-  assert float(m["loss"]) == pytest.approx(np.log(far_t.V), rel=1e-5)
+  # The logged loss and accuracy are the sub-tokens' means, each also alone.
+  first, second = task.names
+  assert float(m[f"accuracy_{first}"]) == 1 and float(m[f"accuracy_{second}"]) == 0
+  assert float(m["accuracy"]) == 0.5
+  assert float(m["loss"]) == pytest.approx(np.log(far_t.V - 1 + np.e) - 0.5, rel=1e-5)
 
 
 # --- Equivariant generator ------------------------------------------------------

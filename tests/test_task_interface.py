@@ -163,6 +163,19 @@ def test_micro_batch_i_draws_with_fold_in_of_i():
                                         [2, 3, 6, 7, 10, 11, 14, 15]])
 
 
+def test_the_batch_usage_of_sub_codebooks_and_their_mean():
+  """usage_of_batch: each sub-codebook's usage and perplexity from its
+  histogram, and the unsuffixed ones their mean (FQGAN logs both)."""
+  from genvis_jax.models import quantizers  # pylint: disable=import-outside-toplevel
+  c = quantizers.COUNTS
+  m = step_lib.usage_of_batch({f"{c}/vis": jnp.array([2.0, 2, 0, 0]),
+                               f"{c}/sem": jnp.array([4.0, 0, 0, 0]), "loss": 1.0})
+  want = {"usage/vis": 0.5, "usage/sem": 0.25, "usage": 0.375,
+          "perplexity/vis": 2.0, "perplexity/sem": 1.0, "perplexity": 1.5}
+  assert {k: pytest.approx(float(v), rel=1e-6) for k, v in m.items() if k != "loss"} == want
+  assert m["loss"] == 1.0
+
+
 def test_a_skipped_steps_metrics_leave_its_intervals_means():
   """A NaN step's metrics count as nothing in its log interval's means (its
   NaN loss made the whole interval's NaN), its code histogram included (an
