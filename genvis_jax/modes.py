@@ -80,8 +80,9 @@ def check_overrides(config, names) -> None:
   folder's file settings, a TFDS data set's name) for the others, or any
   ``config.data`` key in a pre-tokenizing job (which reads
   ``config.pretokenize.data``, judged the same way against its own source;
-  a generator's token files keep only ``source``). The same keys in a config file are its defaults and pass.
-  Raises ``ConfigError`` naming the flags."""
+  a generator's token files keep only ``source``). The same keys in a
+  config file are its defaults and pass. Raises ``ConfigError`` naming the
+  flags."""
   from genvis_jax.data import sources   # pylint: disable=import-outside-toplevel
   by_section = {}   # (stage prefix, "" or "pretokenize.") -> keys overridden
   for name in names:

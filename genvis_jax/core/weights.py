@@ -114,8 +114,8 @@ def check_source(directory: str, setting: str, groups=(),
   """Raises now what :func:`restore_params` of ``directory`` (and of each of
   ``groups``) would raise before reading any array: nothing loadable there,
   a training run with no saved step (or without the named one) or of
-  another model than ``model_name`` (its newest step's saved config),
-  groups asked of a parameter checkpoint. A run's start calls it before the
+  another model than ``model_name`` (the saved config of the step the load
+  would read), groups asked of a parameter checkpoint. A run's start calls it before the
   data are opened and the state is built, which take minutes on a pod.
   Every process must call it (process 0 looks; all raise).
 
