@@ -1,7 +1,7 @@
 """What each generator task's ``grads`` feeds its model, against the official
 training code: RAR's order randomness r(step) and its label dropout, FAR's
-class dropout, the Equivariant generator's latents, flow draws, label dropout
-and RoPE shifts, each in training mode. The models' own tests cover what
+class dropout, the Equivariant generator's latents, flow draws (and the
+flow target they set), label dropout and RoPE shifts, each in training mode. The models' own tests cover what
 the models do with these; a task that dropped no labels (CFG without an
 unconditional row), the wrong null class or train=False (no dropout)
 passed them. The model's ``__call__`` is intercepted (zero parameters from
@@ -16,6 +16,7 @@ import pytest
 from genvis_jax.models.eq_generator import EqGenerator
 from genvis_jax.models.far import FAR
 from genvis_jax.models.rar import RAR
+from genvis_jax.train.tasks import eq as eq_task_lib
 from genvis_jax.train.tasks import get_task
 from tests import test_eq_generator as eq_t
 from tests import test_far as far_t
@@ -177,3 +178,27 @@ def test_eq_flow_draws_labels_and_shifts(eq):
   groups = shift.reshape(B // 64, 64)
   assert (groups == groups[:, :1]).all()          # one draw per 64 images
   assert len(set(groups[:, 0].tolist())) > 3      # and a new one per group
+
+
+def test_the_flow_target_is_noise_minus_data():
+  """Rectified flow's velocity target is noise - data (official
+  diffusion/flows.py ``target = z1 - z0`` with z1 the noise, z0 the data:
+  generator/diffloss.py), the direction the sampler integrates; its
+  opposite trained the sampler backwards with every test passing."""
+  latents = jnp.ones((1, 2, 3))
+  noise = jnp.zeros((1, 1, 2, 3))
+  assert float(eq_task_lib.flow_loss(-jnp.ones((1, 1, 2, 3)), noise, latents)) == 0.0
+  assert float(eq_task_lib.flow_loss(jnp.ones((1, 1, 2, 3)), noise, latents)) == 4.0
+
+
+def test_flow_draws_are_uniform_on_t_eps_to_1_per_token():
+  """One t per token draw, t = U(0, 1) * (1 - eps) + eps (official
+  diffusion/flows.py RectifiedFlow.get_train_tuple: the head sees each
+  token separately, so each gets its own t), and standard-normal noise."""
+  latents = jnp.zeros((16, 32, 4))
+  noise, t = eq_task_lib.flow_targets(latents, jax.random.key(0), 4, t_eps=0.2)
+  assert noise.shape == (16, 4, 32, 4) and t.shape == (16, 4, 32)
+  t, noise = np.asarray(t), np.asarray(noise)
+  assert 0.2 <= t.min() < 0.21 and 0.99 < t.max() < 1.0
+  assert abs(t.mean() - 0.6) < 0.02 and len(np.unique(t)) > 0.99 * t.size
+  assert abs(noise.mean()) < 0.04 and abs(noise.std() - 1) < 0.03
