@@ -14,6 +14,7 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax import models
+from genvis_jax import modes
 from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import files
 from genvis_jax.core import hints
@@ -157,11 +158,49 @@ def _demo_flags_in_logs(stage: str, config):
     logger.removeFilter(rewrite)
 
 
+@contextlib.contextmanager
+def _log_errors_only():
+  """absl's warnings and info held back (said again when the stage runs)."""
+  logger = logging.get_absl_logger()
+  level = logger.level
+  logger.setLevel(std_logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _demo_errors(name: str, config, order):
+  """A ``UserError`` raised in stage ``name`` names the demo's flags
+  (``as_demo_fields``), and the stages ``config.only`` left out where it is
+  a missing file one of them writes."""
+  try:
+    yield
+  except errors.UserError as e:
+    # The stage's advice names its own config's flags; say the demo's.
+    if e.args and isinstance(e.args[0], str):
+      msg = as_demo_fields(e.args[0], name, config)
+      skipped = [s for s in config.stage_order[:config.stage_order.index(name)]
+                 if s not in order]
+      if skipped and isinstance(e, FileNotFoundError):
+        # Most likely what an earlier stage, left out by config.only, writes.
+        msg += (f"\nThe demo's earlier stages {', '.join(skipped)} were left "
+                "out by --config.only, and they write what this stage "
+                "reads: run them first (--config.only="
+                f"{','.join(skipped + [name])}) in the same --workdir, or "
+                "leave --config.only out.")
+      e.args = (msg, *e.args[1:])
+    raise
+
+
 def run(config, workdir: str) -> dict:
   """Runs every stage (or those named in ``config.only``, comma-separated, in
-  the config's order); returns {stage: its result}. Raises ``ConfigError``
-  for a remote (``gs://``) workdir: the stages pre-tokenize into it, which
-  writes local files only."""
+  the config's order); returns {stage: its result}. Every stage's names and
+  start-up checks (``modes.check_config``) run before the first stage, so a
+  later stage's bad setting costs no training. Raises ``ConfigError`` for a
+  remote (``gs://``) workdir: the stages pre-tokenize into it, which writes
+  local files only."""
   if files.is_remote(workdir):   # before any stage, not at the 4th
     raise errors.ConfigError(
         f"The demo runs on one machine and pre-tokenizes into its workdir, "
@@ -177,31 +216,22 @@ def run(config, workdir: str) -> dict:
                        f"stages: {order}.")
     order = [s for s in order if s in only]
   check_stage_models(config, order)
+  for name in order:   # each stage's own start-up checks, before any runs
+    # Their warnings are said when the stage runs, in the demo's flags.
+    with _demo_errors(name, config, order), _log_errors_only():
+      stage = stage_config(config, name, workdir)
+      modes.check_names(stage)
+      modes.check_config(stage, os.path.join(workdir, name))
   results, start = {}, time.perf_counter()
   for name in order:
     stage = stage_config(config, name, workdir)
     t0 = time.perf_counter()
     logging.info("=== demo stage %s (mode=%s) ===", name, stage.mode)
-    try:
+    with _demo_errors(name, config, order):
       # A stage's last line names no next command: the demo runs it (and
       # its flags are the demo's, --config.stages.<stage>.*).
       with hints.quiet(), _demo_flags_in_logs(name, config):
         results[name] = resolve(stage.mode)(stage, os.path.join(workdir, name))
-    except errors.UserError as e:
-      # The stage's advice names its own config's flags; say the demo's.
-      if e.args and isinstance(e.args[0], str):
-        msg = as_demo_fields(e.args[0], name, config)
-        skipped = [s for s in config.stage_order[:config.stage_order.index(name)]
-                   if s not in order]
-        if skipped and isinstance(e, FileNotFoundError):
-          # Most likely what an earlier stage, left out by config.only, writes.
-          msg += (f"\nThe demo's earlier stages {', '.join(skipped)} were left "
-                  "out by --config.only, and they write what this stage "
-                  "reads: run them first (--config.only="
-                  f"{','.join(skipped + [name])}) in the same --workdir, or "
-                  "leave --config.only out.")
-        e.args = (msg, *e.args[1:])
-      raise
     logging.info("=== demo stage %s done in %.1f s ===", name,
                  time.perf_counter() - t0)
     print(f"[demo] stage {name} done in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -36,6 +36,27 @@ def resolve(mode: str):
   return registry.function(MODES[mode])
 
 
+# mode -> "module:function(config, workdir)" raising what the mode refuses
+# before it reads or writes any file (each mode calls its own first); the
+# demo calls every stage's before the first stage starts, so a later stage's
+# bad setting is not found after the earlier ones trained.
+CONFIG_CHECKS = {
+    "train": "genvis_jax.train.trainer:check_config",
+    "sample": "genvis_jax.sample.driver:check_config",
+    "pretokenize": "genvis_jax.data.pretokenize:check_config",
+    "evaluate": "genvis_jax.evaluate.driver:check_config",
+}
+
+
+def check_config(config, workdir: str) -> None:
+  """``config.mode``'s ``CONFIG_CHECKS`` on ``config``, run in ``workdir``
+  (nothing is read or written there). Raises ``ConfigError`` (or the
+  ``UserError`` the mode raises for that setting)."""
+  check = CONFIG_CHECKS.get(config.mode)
+  if check:
+    registry.function(check)(config, workdir)
+
+
 # (config key, package, names the module must define) per mode.
 _NAMED = {
     "train": [("model.name", "genvis_jax.models", ("build", "example_inputs")),

@@ -117,6 +117,12 @@ def test_a_stages_warnings_name_the_demos_flags(trained_demo, caplog):
               if "Training already finished" in r.getMessage()]
   assert len(finished) == 1, caplog.text
   assert "Raise --config.stages.rar.train.num_steps to train" in finished[0]
+  # Said once, when the stage runs: not also by the start-up checks of every
+  # stage before the first runs (in the stage's own flags).
+  warmup = [r.getMessage() for r in caplog.records
+            if "warmup_steps=100 is not below" in r.getMessage()]
+  assert len(warmup) == 1, caplog.text
+  assert "--config.stages.rar.optimizer.warmup_steps=1" in warmup[0]
 
 
 def test_stage_errors_name_the_demos_flags():
@@ -235,6 +241,41 @@ def test_a_stage_model_override_not_repeated_is_refused_before_training(tmp_path
   cfg.stages.tokenizer.model.num_codes = 256
   cfg.stages.samples.model.adaln_table = False
   demo_run.check_stage_models(cfg, ["samples"])
+
+
+@pytest.mark.parametrize("config_name,key,value,expected", [
+    # Each found by its stage's own start-up checks, after the stages
+    # before it had trained (49 s into the FQGAN smoke demo; minutes at
+    # full size).
+    ("demo_fqgan", "pretokenize.pretokenize.data.image_size", 48,
+     r"config.stages.pretokenize.pretokenize.data.image_size=48, but the "
+     r"tokenizer .* takes 32x32 images"),
+    ("demo", "samples.sample.num_samples", 0,
+     r"config.stages.samples.sample.num_samples=0"),
+    ("demo", "rar.train.micro_batches", 3, r"micro"),
+    ("demo", "reconstructions.evaluate.batch_size", 0,
+     r"config.stages.reconstructions.evaluate.batch_size=0 must be positive"),
+    ("demo_eq", "samples_wide.sample.num_steps", 0,
+     r"config.stages.samples_wide.sample.num_steps=0 must be at least 1"),
+    ("demo", "fid.evaluate.kind", "generation",
+     r"config.evaluate.reference and config.evaluate.inception are not set"),
+])
+def test_a_later_stages_bad_setting_is_refused_before_any_stage_runs(
+    tmp_path, config_name, key, value, expected):
+  """Every stage's own config checks run before the first stage starts:
+  nothing is trained or written for a demo a later stage would refuse."""
+  import importlib
+  from genvis_jax import demo as demo_run
+  from genvis_jax.errors import ConfigError
+  cfg = importlib.import_module(f"configs.{config_name}").get_config("smoke")
+  stage, *path = key.split(".")
+  node = cfg.stages[stage]
+  for part in path[:-1]:
+    node = node[part]
+  node[path[-1]] = value
+  with pytest.raises(ConfigError, match=expected):
+    demo_run.run(cfg, str(tmp_path))
+  assert not os.listdir(tmp_path)
 
 
 def test_demo_stages_name_no_next_command(tmp_path, monkeypatch):

@@ -285,9 +285,13 @@ def warn_other_trained_size(checkpoint: str, data) -> None:
       "you mean.", checkpoint, *size(trained), *size(data), " ".join(flags))
 
 
-@dtypes.at_matmul_precision(inference=True)
-def pretokenize(config, workdir: str) -> dict:
-  """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
+def check_config(config, workdir: str) -> str:
+  """What ``pretokenize`` refuses before reading any file: a config with
+  no pre-tokenizing stage, a source of no images, a crop the images cannot
+  take, a generator whose positions the tokenizer's codes do not fit
+  (shapes only), a remote output. A runner of several jobs (the demo)
+  calls it for each before the first starts. Returns the output prefix
+  (``output_prefix``). Raises ``ConfigError``."""
   if "pretokenize" not in config:
     raise errors.ConfigError(
         "This config has no pretokenize stage (config.pretokenize): its "
@@ -312,6 +316,14 @@ def pretokenize(config, workdir: str) -> dict:
         "). Set --config.pretokenize.output to a local path (e.g. "
         "/tmp/tokens/train on each worker), then copy the files with their "
         ".json records to the bucket (README).")
+  return output
+
+
+@dtypes.at_matmul_precision(inference=True)
+def pretokenize(config, workdir: str) -> dict:
+  """Encodes ``config.pretokenize.split``; returns {"files", "records", "pattern"}."""
+  output = check_config(config, workdir)
+  p, tok = config.pretokenize, config.tokenizer
   path = tokens_lib.shard_path(output, jax.process_index(), jax.process_count())
   pattern = f"{output}-*-of-{jax.process_count():05d}.array_record"
   if jax.process_index() == 0:

@@ -53,13 +53,12 @@ def _check_tokenizer_kind(config) -> None:
       "--config.evaluate.kind=generation.")
 
 
-@dtypes.at_matmul_precision(inference=True)
-def run(config, workdir: str):
-  """Runs ``genvis_jax.evaluate.<config.evaluate.kind>.evaluate(config,
-  workdir)`` and returns its results dict. Raises ``ConfigError`` for an
-  unknown kind, a classifier kind whose ``config.model`` is not the demo
-  classifier (or no ``classifier_checkpoint``), or kind "tokenizer" on a
-  model that is not an image tokenizer."""
+def check_config(config, workdir: str | None = None):
+  """What ``run`` refuses before reading any file: the kind's name and model
+  (below), and what the kind's module refuses so (its ``check_config``,
+  where it has one). A runner of several jobs (the demo) calls it for each
+  before the first starts. Returns the kind's module. Raises
+  ``ConfigError``."""
   kind = config.evaluate.kind
   name = config.get("model", {}).get("name", "")
   if kind in CLASSIFIER_KINDS and (
@@ -75,6 +74,19 @@ def run(config, workdir: str):
     _check_tokenizer_kind(config)
   mod = registry.module("genvis_jax.evaluate", config.evaluate.kind,
                         ("evaluate",), setting="config.evaluate.kind")
+  if hasattr(mod, "check_config"):
+    mod.check_config(config, workdir)
+  return mod
+
+
+@dtypes.at_matmul_precision(inference=True)
+def run(config, workdir: str):
+  """Runs ``genvis_jax.evaluate.<config.evaluate.kind>.evaluate(config,
+  workdir)`` and returns its results dict. Raises ``ConfigError`` for an
+  unknown kind, a classifier kind whose ``config.model`` is not the demo
+  classifier (or no ``classifier_checkpoint``), or kind "tokenizer" on a
+  model that is not an image tokenizer (``check_config``)."""
+  mod = check_config(config, workdir)
   multihost.on_process_0(lambda: files.remove_stale_temporaries(workdir))
   files.remove_stale_transfers()   # each host's own TMPDIR
   return mod.evaluate(config, workdir)

@@ -341,16 +341,10 @@ _UNSET_HOWTO = {
 }
 
 
-def evaluate(config, workdir: str) -> dict:
-  """``config.evaluate.kind == "generation"``.
-
-  Reads ``config.evaluate``: samples (npz), reference (npz), inception (params
-  dir or npz), batch_size, and optionally num_samples, preprocess ("auto":
-  follow the reference), distance_dtype. Writes ``workdir/metrics.json`` and
-  TensorBoard scalars; returns ``evaluate_samples``' dict. Raises
-  ``ConfigError`` when samples, reference or inception is unset, and what
-  ``evaluate_samples`` raises.
-  """
+def check_config(config, workdir: str | None = None) -> None:
+  """Raises ``ConfigError`` when samples, reference or inception is unset
+  (before any file is read; a runner of several jobs checks each first)."""
+  del workdir
   ev = config.evaluate
   missing = [f"config.evaluate.{key}" for key in
              ("samples", "reference", "inception") if not ev.get(key)]
@@ -361,6 +355,20 @@ def evaluate(config, workdir: str) -> dict:
         "set: generation metrics need samples (npz), reference (ADM npz) and "
         "inception (converted weights) paths: "
         + "; ".join(_UNSET_HOWTO[m.rsplit(".", 1)[1]] for m in missing) + ".")
+
+
+def evaluate(config, workdir: str) -> dict:
+  """``config.evaluate.kind == "generation"``.
+
+  Reads ``config.evaluate``: samples (npz), reference (npz), inception (params
+  dir or npz), batch_size, and optionally num_samples, preprocess ("auto":
+  follow the reference), distance_dtype. Writes ``workdir/metrics.json`` and
+  TensorBoard scalars; returns ``evaluate_samples``' dict. Raises
+  ``ConfigError`` when samples, reference or inception is unset, and what
+  ``evaluate_samples`` raises.
+  """
+  check_config(config)
+  ev = config.evaluate
   params = convert_inception.load_inception_params(ev.inception)
   results = evaluate_samples(
       ev.samples, ev.reference, params, batch_size=ev.get("batch_size", 200),

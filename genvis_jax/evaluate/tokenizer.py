@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +166,45 @@ class _Scores:
                 lpips=0.0 if lpips[0] is None else total(lpips))
 
 
+class _Plan(NamedTuple):
+  """What ``evaluate`` runs with, from the config alone."""
+  protocol_name: str
+  protocol: protocols.Protocol
+  value_range: tuple[float, float]
+  model_config: Any       # config.model in config.evaluate.dtype
+  batch_size: int
+  preprocess: str         # the rFID resize
+  data: Any               # config.data with the protocol's centre crop
+
+
+def _plan(config) -> _Plan:
+  """Raises ``ConfigError`` / ``DataConfigError`` as ``evaluate`` says."""
+  ev = config.evaluate
+  data_sources.check_source(
+      config.data.source, "config.data",
+      "config.evaluate.kind=tokenizer reconstructs images")
+  proto_name, proto = protocols.protocol(config)
+  value_range = models.value_range(config.model, config, ("data",))
+  model_config = inference.with_compute_dtype(
+      config.model, ev.get("dtype", "float32"), "config.evaluate.dtype")
+  batch_size = int(ev.batch_size)
+  if batch_size <= 0:
+    raise errors.ConfigError(f"config.evaluate.batch_size={ev.batch_size} "
+                             f"must be positive.")
+  return _Plan(proto_name, proto, value_range, model_config, batch_size,
+               protocols.rfid_preprocess(ev, proto),
+               protocols.eval_data(config, proto_name, proto))
+
+
+def check_config(config, workdir: str | None = None) -> None:
+  """What ``evaluate`` refuses before reading any file (a source of no
+  images, no protocol, a dtype, batch size, preprocess or crop it does not
+  take), for a runner of several jobs (the demo) checking each before the
+  first starts."""
+  del workdir
+  _plan(config)
+
+
 def evaluate(config, workdir: str) -> dict:
   """Encodes/decodes exactly ``config.evaluate.num_images`` eval images (0 =
   the whole split) in batches of ``config.evaluate.batch_size`` (any size:
@@ -198,20 +238,9 @@ def evaluate(config, workdir: str) -> dict:
   no images.
   """
   ev = config.evaluate
-  data_sources.check_source(
-      config.data.source, "config.data",
-      "config.evaluate.kind=tokenizer reconstructs images")
-  proto_name, proto = protocols.protocol(config)
-  value_range = models.value_range(config.model, config, ("data",))
-  model_config = inference.with_compute_dtype(
-      config.model, ev.get("dtype", "float32"), "config.evaluate.dtype")
+  (proto_name, proto, value_range, model_config, batch_size, preprocess,
+   data) = _plan(config)
   model = models.build(model_config)
-  batch_size = int(ev.batch_size)
-  if batch_size <= 0:
-    raise errors.ConfigError(f"config.evaluate.batch_size={ev.batch_size} "
-                             f"must be positive.")
-  preprocess = protocols.rfid_preprocess(ev, proto)
-  data = protocols.eval_data(config, proto_name, proto)
   mesh = sharding.data_mesh(jax.local_devices())
   # The step a run resolves to, pinned: metrics.json names what was scored.
   checkpoint = weights_lib.resolve_all([ev.checkpoint])[0]

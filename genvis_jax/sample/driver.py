@@ -287,9 +287,14 @@ def sample_and_save(config, workdir: str) -> dict:
     return _sample_and_save(config, workdir, noted)
 
 
-def _sample_and_save(config, workdir: str, noted) -> dict:
+def check_config(config, workdir: str | None = None) -> np.ndarray:
+  """What ``sample_and_save`` refuses before reading any file: counts,
+  seed, dtype, the sampler's settings, image size, a batch the devices do
+  not divide, the classes drawn. A runner of several jobs (the demo) calls
+  it for each before the first starts. Returns the labels to draw
+  (``class_labels``: (num_samples,) int32). Raises ``ConfigError``."""
+  del workdir   # nothing of it is read here
   s = config.sample
-  mesh = sharding.data_mesh(jax.devices())
   if s.num_samples < 1:
     raise errors.ConfigError(f"config.sample.num_samples={s.num_samples}: "
                              "set how many images to draw (at least 1).")
@@ -309,9 +314,14 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
         f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
-  labels_all = class_labels(s.num_samples, config.model.num_classes,
-                            s.get("classes", ()), s.get("labels", "balanced"),
-                            s.seed)
+  return class_labels(s.num_samples, config.model.num_classes,
+                      s.get("classes", ()), s.get("labels", "balanced"), s.seed)
+
+
+def _sample_and_save(config, workdir: str, noted) -> dict:
+  s = config.sample
+  mesh = sharding.data_mesh(jax.devices())
+  labels_all = check_config(config)
   multihost.on_process_0(
       lambda: trained_with.warn_untrained_classes(config, labels_all))
   # Load exactly the steps recorded: a run's newest step is pinned to its

@@ -57,6 +57,15 @@ def setup(config, *, mesh=None, devices=None, task=None):
   return mesh, task
 
 
+def check_config(config, workdir: str | None = None) -> None:
+  """What ``train_and_evaluate`` refuses before opening anything (``setup``:
+  the task, its config checks, the mesh and batch split), for a runner of
+  several jobs (the demo) checking each before the first starts. Raises
+  ``ConfigError``."""
+  del workdir   # a fresh run's init_from is checked once there is a workdir
+  setup(config)
+
+
 def data_group(config, mesh) -> tuple[int, int]:
   """This process's ``(group, count)`` of the training data on ``mesh``
   (``sharding.data_groups``); logged where processes share groups."""
