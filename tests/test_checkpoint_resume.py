@@ -11,6 +11,7 @@ import shutil
 import signal
 from unittest import mock
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -23,6 +24,7 @@ from genvis_jax.core import weights as weights_lib
 from genvis_jax.core import preemption
 from genvis_jax.core import run_weights
 from genvis_jax.train import resume as resume_lib
+from genvis_jax.train import tasks
 from genvis_jax.train import trainer as trainer_lib
 from tests import small_run
 
@@ -272,8 +274,11 @@ def test_init_from_lists_missing_unexpected_and_misshaped_keys(tmp_path):
   weights_lib.save_params(str(tmp_path / "bad"), params)
   c = small_run.config(1)
   c.init_from = str(tmp_path / "bad")
-  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
-    trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
+  # Refused before the data are opened (it was once the state was built).
+  with mock.patch.object(trainer_lib, "create_train_iterator",
+                         side_effect=AssertionError("the data were opened")):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+      trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
   msg = str(e.value)
   # The sizes lead (another model size shows there at once).
   sizes = [f"{sum(x.size for x in jax.tree_util.tree_leaves(p)):,} parameters "
@@ -313,6 +318,32 @@ def test_init_from_trains_from_the_loaded_weights(base_run, tmp_path):
                              r"'classifier'; a checkpoint of model "):
       trainer_lib.train_and_evaluate(other, str(tmp_path / "other"))
   assert not os.path.exists(tmp_path / "other")
+  # So is a run of this model at another size, as the load would word it.
+  wider = small_run.config(1)
+  wider.model.widths = (8, 24)
+  wider.init_from = base_run
+  with mock.patch.object(trainer_lib, "create_train_iterator",
+                         side_effect=AssertionError("the data were opened")):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"step 6 \(--config.init_from\) does not match the "
+                             r"configured model(.|\n)*expected \(3, 3, 8, 24\) "
+                             r"found \(3, 3, 8, 16\)(.|\n)*model\.widths") as e:
+      trainer_lib.train_and_evaluate(wider, str(tmp_path / "wider"))
+  assert not os.path.exists(tmp_path / "wider")
+  abstract = nn.unbox(jax.eval_shape(
+      tasks.get_task(wider).init_params, jax.random.key(0)))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as loaded:
+    weights_lib.restore_params(base_run, abstract["model"],
+                               setting="--config.init_from",
+                               model_config=wider.model)
+  assert str(loaded.value) == str(e.value)
+  # And each of init_groups, as its load would.
+  fits = nn.unbox(jax.eval_shape(tasks.get_task(small_run.config(1)).init_params,
+                                 jax.random.key(0)))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r"^Step 6 of .* has no 'disc' parameters"):
+    weights_lib.check_source(base_run, "--config.init_from", ("disc",),
+                             abstract_params={**fits, "disc": {}})
   # The check reads the step the load would: with step 6's saved config cut
   # (the load falls back to step 3), step 3's, not a JSON error.
   cut = str(tmp_path / "cut")

@@ -156,6 +156,48 @@ def saved_config(directory: epath.Path) -> dict | None:
     return None
 
 
+def _damaged(path: epath.Path, where: str, why: str):
+  return ckpt_lib.CheckpointRestoreError(
+      f"Parameter checkpoint {path}{where} is damaged: {why}. Convert (or "
+      "copy) the weights again.")
+
+
+def fitting_tree(path: epath.Path, abstract_params, where: str = "",
+                 model_config=None, model_name: str = ""):
+  """The metadata tree of ``path/params``, checked to fit
+  ``abstract_params``; reads no array.
+
+  Raises:
+    CheckpointMismatchError: as ``load``.
+    CheckpointRestoreError: an unfinished save or unreadable metadata.
+    ValueError, OSError: from the file checks (``load`` names them).
+  """
+  saved_name = ((saved_config(path) or {}).get("model") or {}).get("name")
+  if model_name and saved_name and saved_name != model_name:
+    raise fit.CheckpointMismatchError(
+        f"{path}{where} holds weights converted for model {saved_name!r}; "
+        f"model {model_name!r} is expected here. Point the setting at "
+        f"weights of model {model_name!r} (a tokenizer's and a generator's "
+        "folders swapped?).")
+  if not ocp.step.is_path_finalized(path / "params"):
+    raise _damaged(path, where,
+                   "its save did not finish (Orbax never finalized it)")
+  ckpt_files.check_ocdbt(path / "params", multihost.share())
+  meta = ocp.StandardCheckpointer().metadata(path / "params")
+  meta_tree = getattr(meta, "item_metadata", meta)
+  if meta_tree is None:   # Orbax logged why
+    raise _damaged(path, where, "params/_METADATA is missing or unreadable")
+  found = meta_tree["params"] if "params" in meta_tree else meta_tree
+  try:
+    fit.compare_trees(abstract_params, found,
+                      f"Parameter checkpoint {path}{where}",
+                      fit.weights_fix(where))
+  except fit.CheckpointMismatchError as e:
+    raise fit.CheckpointMismatchError(str(e) + fit.model_settings_note(
+        saved_config(path), model_config, "converted")) from None
+  return found
+
+
 def load(path: epath.Path, abstract_params, where: str = "",
          model_config=None, model_name: str = ""):
   """``path/params`` on ``abstract_params``' shardings, its files checked
@@ -176,36 +218,6 @@ def load(path: epath.Path, abstract_params, where: str = "",
   failed = (f"could not read the parameter checkpoint {path}{where} (their "
             "logs say why).")
 
-  def damaged(why):
-    return ckpt_lib.CheckpointRestoreError(
-        f"Parameter checkpoint {path}{where} is damaged: {why}. Convert (or "
-        "copy) the weights again.")
-
-  def check():
-    saved_name = ((saved_config(path) or {}).get("model") or {}).get("name")
-    if model_name and saved_name and saved_name != model_name:
-      raise fit.CheckpointMismatchError(
-          f"{path}{where} holds weights converted for model {saved_name!r}; "
-          f"model {model_name!r} is expected here. Point the setting at "
-          f"weights of model {model_name!r} (a tokenizer's and a generator's "
-          "folders swapped?).")
-    if not ocp.step.is_path_finalized(path / "params"):
-      raise damaged("its save did not finish (Orbax never finalized it)")
-    ckpt_files.check_ocdbt(path / "params", multihost.share())
-    meta = ocp.StandardCheckpointer().metadata(path / "params")
-    meta_tree = getattr(meta, "item_metadata", meta)
-    if meta_tree is None:   # Orbax logged why
-      raise damaged("params/_METADATA is missing or unreadable")
-    found = meta_tree["params"] if "params" in meta_tree else meta_tree
-    try:
-      fit.compare_trees(abstract_params, found,
-                        f"Parameter checkpoint {path}{where}",
-                        fit.weights_fix(where))
-    except fit.CheckpointMismatchError as e:
-      raise fit.CheckpointMismatchError(str(e) + fit.model_settings_note(
-          saved_config(path), model_config, "converted")) from None
-    return found
-
   def read(found):
     # Through the handler: Orbax's Checkpointer.restore ends in a wait for
     # every process, which one whose read failed would skip.
@@ -223,7 +235,8 @@ def load(path: epath.Path, abstract_params, where: str = "",
     except UserError:
       raise
     except ValueError as e:   # the file checks', TensorStore's: damage
-      raise damaged(errors.first_line(e).split(": ", 1)[1]) from e
+      raise _damaged(path, where,
+                     errors.first_line(e).split(": ", 1)[1]) from e
     except OSError as e:      # maybe storage that is away for now
       raise ckpt_lib.CheckpointRestoreError(
           f"Parameter checkpoint {path}{where} cannot be read "
@@ -231,7 +244,8 @@ def load(path: epath.Path, abstract_params, where: str = "",
           "from this host; if it was copied or converted only in part, "
           "convert (or copy) the weights again.") from e
 
-  found = multihost.run_everywhere(lambda: as_damage(check), failed)
+  found = multihost.run_everywhere(lambda: as_damage(lambda: fitting_tree(
+      path, abstract_params, where, model_config, model_name)), failed)
   logging.info("Loading parameters from %s%s.", path / "params", where)
   return multihost.run_everywhere(lambda: as_damage(lambda: read(found)),
                                   failed)

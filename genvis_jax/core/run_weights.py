@@ -133,13 +133,17 @@ def other_model_message(folder: epath.Path, step: int, where: str,
   return ""
 
 
-def _read_step(folder: epath.Path, step: int, abstract_params, where: str,
-               group: str | None = None, model_config=None):
-  """Step ``step``'s EMA or model parameters (or ``group``'s), read onto
-  ``abstract_params``' shardings (host arrays where they name none), and
-  which. Raises CheckpointMismatchError, before reading, if they do not fit
-  ``abstract_params`` (naming how the run's ``config.model`` differs from
-  ``model_config``)."""
+def fitting_tree(folder: epath.Path, step: int, abstract_params, where: str,
+                 group: str | None = None, model_config=None):
+  """The metadata tree of the weights a load of step ``step`` reads (its
+  EMA parameters, else the model's, or ``group``'s), the path to it in the
+  saved state, and which: ``(tree, path, kind)``. Reads no array.
+
+  Raises:
+    CheckpointMismatchError: the step has no ``group``, or the weights do
+      not fit ``abstract_params`` (naming how the run's ``config.model``
+      differs from ``model_config``).
+  """
   meta = pytree_io.state_metadata(folder / str(step))
   # Only the weights asked for: the optimizer moments, discriminator and
   # other half of (params, EMA) would triple or quadruple the bytes read
@@ -167,6 +171,17 @@ def _read_step(folder: epath.Path, step: int, abstract_params, where: str,
       raise
     raise fit.CheckpointMismatchError(str(e) + fit.model_settings_note(
         ckpt_files.saved_config(folder / str(step)), model_config)) from None
+  return found, path, kind
+
+
+def _read_step(folder: epath.Path, step: int, abstract_params, where: str,
+               group: str | None = None, model_config=None):
+  """Step ``step``'s EMA or model parameters (or ``group``'s), read onto
+  ``abstract_params``' shardings (host arrays where they name none), and
+  which. Raises CheckpointMismatchError, before reading, if they do not fit
+  (``fitting_tree``)."""
+  found, path, kind = fitting_tree(folder, step, abstract_params, where,
+                                   group, model_config)
   # Each leaf straight onto its sharding: a host reads only its shards
   # (reading whole arrays on every host of a pod multiplies the bytes read
   # by the host count).

@@ -110,13 +110,18 @@ def restore_params(directory: str, abstract_params, *, setting: str = "",
 
 
 def check_source(directory: str, setting: str, groups=(),
-                 model_name: str = "") -> None:
+                 model_name: str = "", abstract_params=None,
+                 model_config=None) -> None:
   """Raises now what :func:`restore_params` of ``directory`` (and of each of
   ``groups``) would raise before reading any array: nothing loadable there,
   a training run with no saved step (or without the named one) or of
   another model than ``model_name`` (the saved config of the step the load
-  would read), groups asked of a parameter checkpoint. A run's start calls it before the
-  data are opened and the state is built, which take minutes on a pod.
+  would read), groups asked of a parameter checkpoint, and, given
+  ``abstract_params`` ({group: its tree of shapes}, "model" and each of
+  ``groups``), weights that do not fit them (the arrays' metadata only;
+  ``model_config`` as ``restore_params``'). A run's start calls it before
+  the data are opened and the state is built, which take minutes on a pod.
+  Damaged files are left to the load, which may fall back to an older step.
   Every process must call it (process 0 looks; all raise).
 
   Raises:
@@ -127,27 +132,45 @@ def check_source(directory: str, setting: str, groups=(),
   kind = multihost.decided_on_process_0(lambda: _folder_kind(path))
   if kind == _PARAMS and groups:
     raise _no_group_error(path, where, groups[0])
-  if kind in (_RUN, _IN_RUN):
+  if kind not in (_PARAMS, _RUN, _IN_RUN):
+    raise _not_found_error(path, where)
+  if kind != _PARAMS:
     run, step = (path, None) if kind == _RUN else _split_names(path)
     run_weights.saved_steps(run, where, step)
 
-    def look() -> str:
+  def look() -> str:
+    """Why the load would refuse, read on process 0, or ""."""
+    try:
+      if kind == _PARAMS:
+        if abstract_params is not None:
+          param_checkpoint.fitting_tree(path, abstract_params["model"], where,
+                                        model_config, model_name)
+        return ""
       # The step the load would read: the named one, or the newest whose
-      # files validate. A damaged one is left for the load to name.
+      # files validate.
       pinned = step if step is not None else _newest_valid(run, quiet=True)
       if pinned is None:
         return ""
-      try:
-        return run_weights.other_model_message(run / "checkpoints", pinned,
-                                               where, model_name)
-      except (OSError, ValueError):   # includes a cut config's JSON error
-        return ""
+      folder = run / "checkpoints"
+      message = run_weights.other_model_message(folder, pinned, where,
+                                                model_name)
+      if message or abstract_params is None:
+        return message
+      run_weights.fitting_tree(folder, pinned, abstract_params["model"], where,
+                               model_config=model_config)
+      for group in groups:
+        run_weights.fitting_tree(
+            folder, pinned, abstract_params[group],
+            f" ({setting} with config.init_groups {group!r})", group=group)
+    except ckpt_lib.CheckpointMismatchError as e:
+      return str(e)
+    except (errors.UserError, OSError, ValueError, KeyError):
+      return ""   # damage (a cut config's JSON too): the load names it
+    return ""
 
-    other_model = multihost.string_on_process_0(look) if model_name else ""
-    if other_model:
-      raise ckpt_lib.CheckpointMismatchError(other_model)
-  elif kind != _PARAMS:
-    raise _not_found_error(path, where)
+  message = multihost.string_on_process_0(look)
+  if message:
+    raise ckpt_lib.CheckpointMismatchError(message)
 
 
 def _no_group_error(path, where: str, group: str):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
+import jax
 import numpy as np
 from absl import logging
 from etils import epath
@@ -24,8 +26,8 @@ def check_fresh_start(config, task, workdir) -> None:
   ``config.init_from`` cannot be made: without it where the task needs the
   weights it continues (``task.needs_init_from``: an Equivariant tokenizer's
   stage 2, a run with ``init_groups``); with ``init_groups`` the task lacks;
-  or with nothing loadable there, or a run of another model
-  (``weights.check_source``). A resume reads its own step and passes.
+  or with nothing loadable there, a run of another model, or weights of
+  another size (``weights.check_source``). A resume reads its own step and passes.
   Called on every process before the data are opened or anything is built
   (minutes on a pod, past a launcher's check that the workers started).
 
@@ -47,8 +49,12 @@ def check_fresh_start(config, task, workdir) -> None:
     return
   from genvis_jax.core import weights as weights_lib  # pylint: disable=import-outside-toplevel
   groups = state_lib.check_init_groups(config, task.param_groups)
+  # The shapes the state will have (traced only: about a second at paper
+  # size), so weights of another size are refused here too.
+  shapes = nn.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
   weights_lib.check_source(config.init_from, "--config.init_from", groups,
-                           model_name=config.model.name)
+                           model_name=config.model.name,
+                           abstract_params=shapes, model_config=config.model)
 
 
 def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
