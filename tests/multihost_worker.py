@@ -65,13 +65,13 @@ for name, m in (("nomesh", None), ("mesh", mesh)):
               for k, v in jax.tree_util.tree_leaves_with_path(single)})
 # Sampling labels land on their rows of the global batch whatever the mesh's
 # device order; this mesh interleaves the processes' devices.
-from genvis_jax.sample import driver  # pylint: disable=g-import-not-at-top
+from genvis_jax.sample import labels as sample_labels  # pylint: disable=g-import-not-at-top
 by_process = [[d for d in jax.devices() if d.process_index == p]
               for p in range(jax.process_count())]
 mesh = jax.sharding.Mesh(np.array([d for ds in zip(*by_process) for d in ds]),
                          ("data",))
 labels = np.arange(16, dtype=np.int32)[::-1] * 3
-g_labels = driver.global_labels(labels, jax.sharding.NamedSharding(
+g_labels = sample_labels.global_labels(labels, jax.sharding.NamedSharding(
     mesh, jax.sharding.PartitionSpec("data")))
 np.save(f"{out}.labels{jax.process_index()}.npy",
         np.asarray(multihost_utils.process_allgather(g_labels, tiled=True)))

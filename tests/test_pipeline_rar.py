@@ -19,6 +19,7 @@ from genvis_jax import models
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import tokens as tokens_lib
 from genvis_jax.sample import driver
+from genvis_jax.sample import labels as sample_labels
 from tests import pipeline_common as pc
 
 pytestmark = pytest.mark.slow
@@ -108,10 +109,10 @@ def test_rar_paper_pipeline(tmp_path):
   assert mesh.axis_types[0] == jax.sharding.AxisType.Explicit
   sample_fn, rows = driver.make_sample_fn(config, mesh)
   s = config.sample
-  labels = driver.class_labels(s.num_samples, config.model.num_classes,
+  labels = sample_labels.class_labels(s.num_samples, config.model.num_classes,
                                s.get("classes", ()), s.get("labels", "balanced"),
                                s.seed)
-  first = sample_fn(driver.global_labels(labels[:s.batch_size], rows),
+  first = sample_fn(sample_labels.global_labels(labels[:s.batch_size], rows),
                     jax.random.fold_in(jax.random.key(s.seed), 0))
   np.testing.assert_array_equal(np.asarray(first), images[:s.batch_size])
   # On 2 processes x 4 devices (the batch split over both, process 0

@@ -13,6 +13,7 @@ import pytest
 
 from genvis_jax.core import sharding
 from genvis_jax.sample import driver
+from genvis_jax.sample import labels as sample_labels
 from genvis_jax.sample import parts
 from genvis_jax.sample import trained_with
 from tests import sample_common as sc
@@ -157,21 +158,21 @@ def test_a_start_up_stop_whose_exception_was_lost_draws_nothing(
 
 
 def test_class_labels_are_balanced_and_refuse_classes_the_model_lacks():
-  np.testing.assert_array_equal(driver.class_labels(7, 3), [0, 1, 2, 0, 1, 2, 0])
-  np.testing.assert_array_equal(driver.class_labels(5, 10, (9, 4)),
+  np.testing.assert_array_equal(sample_labels.class_labels(7, 3), [0, 1, 2, 0, 1, 2, 0])
+  np.testing.assert_array_equal(sample_labels.class_labels(5, 10, (9, 4)),
                                 [9, 4, 9, 4, 9])
   from genvis_jax import errors
   # A typo in config.sample.classes would draw the whole set as garbage.
   with pytest.raises(errors.ConfigError,
                      match=r"config.sample.classes holds \[-1, 10\], not "
                            r"classes of this model: use 0..9"):
-    driver.class_labels(4, 10, (3, 10, -1))
+    sample_labels.class_labels(4, 10, (3, 10, -1))
   # --config.sample.classes= / =cat / =1.5: not class numbers, said so.
   for given in (("",), ("cat",), (1.5,), (True,)):
     with pytest.raises(errors.ConfigError,
                        match=r"config.sample.classes holds .*, not class numbers"):
-      driver.class_labels(4, 10, given)
-  np.testing.assert_array_equal(driver.class_labels(2, 10, (np.int64(3),)), [3, 3])
+      sample_labels.class_labels(4, 10, given)
+  np.testing.assert_array_equal(sample_labels.class_labels(2, 10, (np.int64(3),)), [3, 3])
   # The samplers' own check (a notebook passes labels directly): 1.7 was
   # cast to class 1 without a word.
   from genvis_jax.sample import common
@@ -184,23 +185,23 @@ def test_uniform_labels_are_iid_seeded_and_keep_their_prefix():
   """FAR's protocol (torch.randint labels): i.i.d. over the classes, fixed by
   the seed, the first k the same whatever num_samples (a resume may ask for
   more images)."""
-  labels = driver.class_labels(50_000, 1000, draw="uniform", seed=0)
+  labels = sample_labels.class_labels(50_000, 1000, draw="uniform", seed=0)
   assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 1000
   counts = np.bincount(labels, minlength=1000)
   assert counts.min() < 40 and counts.max() > 60    # not 50 each
   assert abs(counts.std() - np.sqrt(50 * 0.999)) < 1.0
   for k in (1, 7, 999, 12_345):
     np.testing.assert_array_equal(
-        driver.class_labels(k, 1000, draw="uniform", seed=0), labels[:k])
+        sample_labels.class_labels(k, 1000, draw="uniform", seed=0), labels[:k])
   assert not np.array_equal(
-      driver.class_labels(100, 1000, draw="uniform", seed=1), labels[:100])
-  some = driver.class_labels(1000, 10, (9, 4), draw="uniform")
+      sample_labels.class_labels(100, 1000, draw="uniform", seed=1), labels[:100])
+  some = sample_labels.class_labels(1000, 10, (9, 4), draw="uniform")
   assert set(some.tolist()) == {4, 9}
   from genvis_jax import errors
   with pytest.raises(errors.ConfigError,
                      match=r"config.sample.labels='random'; use one of "
                            r"\('balanced', 'uniform'\)"):
-    driver.class_labels(4, 10, draw="random")
+    sample_labels.class_labels(4, 10, draw="random")
 
 
 def test_paper_configs_sample_as_the_official_samplers():

@@ -41,6 +41,7 @@ from genvis_jax.core import weights as weights_lib
 from genvis_jax.models import inference
 from genvis_jax.sample import common
 from genvis_jax.sample import images as images_lib
+from genvis_jax.sample import labels as labels_lib
 from genvis_jax.sample import parts
 from genvis_jax.sample import trained_with
 
@@ -59,56 +60,6 @@ def _sampler_module(name: str):
 
 def _generator(name: str):
   return _sampler_module(name).generate
-
-
-LABEL_DRAWS = ("balanced", "uniform")
-
-
-def class_labels(num_samples: int, num_classes: int, classes=(),
-                 draw: str = "balanced", seed: int = 0) -> np.ndarray:
-  """The class label of each of ``num_samples`` images, (num_samples,) int32.
-
-  ``draw`` (``config.sample.labels``): "balanced" cycles ``classes``
-  (default all), e.g. 50 per class for 50k: RAR's ``list(range(1000)) * 50``.
-  The Equivariant sampler's ``arange(1000).repeat(50)`` holds the same
-  labels in another order (0, 0, ..., 1, 1, ...): the same set, so the same
-  FID; cycled, each of the 5,000-image splits of ADM's Inception Score holds
-  every class, not 100 of them; "uniform" draws
-  each i.i.d. from them with NumPy's generator seeded by ``seed`` (the
-  official FAR sampler's ``torch.randint(0, 1000, (n,))``: per-class counts
-  about 50 +- 7). Either way the first k labels do not depend on
-  ``num_samples``, so a resumed run that asks for more images keeps them.
-
-  Raises:
-    ConfigError: an entry that is not a whole number or a class outside
-      0..num_classes - 1 (naming ``config.sample.classes``), or another
-      ``draw``.
-  """
-  # --config.sample.classes= gives ('',), =cat ('cat',), =1.5 (1.5,).
-  odd = [c for c in classes if isinstance(c, (bool, np.bool_))
-         or not isinstance(c, (int, np.integer))]
-  if odd:
-    raise errors.ConfigError(
-        f"config.sample.classes holds {odd[:5]}, not class numbers: give a "
-        "tuple of whole numbers, e.g. --config.sample.classes='(207,360)', or "
-        "--config.sample.classes='()' for all classes.")
-  classes = np.asarray(list(classes) or range(num_classes), np.int64)
-  bad = classes[(classes < 0) | (classes >= num_classes)]
-  if bad.size:
-    raise errors.ConfigError(
-        f"config.sample.classes holds {sorted(set(bad.tolist()))[:5]}, not "
-        f"classes of this model: use 0..{num_classes - 1} "
-        f"(config.model.num_classes={num_classes}), or leave it empty for "
-        "all classes.")
-  if draw == "balanced":
-    return np.resize(classes.astype(np.int32), num_samples)
-  if draw == "uniform":
-    picks = np.random.default_rng(seed).integers(0, len(classes), num_samples,
-                                                 dtype=np.int64)
-    return classes[picks].astype(np.int32)
-  raise errors.ConfigError(
-      f"config.sample.labels={draw!r}; use one of {LABEL_DRAWS} ('balanced': "
-      "the same number of images per class; 'uniform': i.i.d. labels).")
 
 
 def host_uint8(images: jax.Array, value_range, method: str) -> jax.Array:
@@ -292,7 +243,7 @@ def check_config(config, workdir: str | None = None) -> np.ndarray:
   seed, dtype, the sampler's settings, image size, a batch the devices do
   not divide, the classes drawn. A runner of several jobs (the demo) calls
   it for each before the first starts. Returns the labels to draw
-  (``class_labels``: (num_samples,) int32). Raises ``ConfigError``."""
+  (``labels.class_labels``: (num_samples,) int32). Raises ``ConfigError``."""
   del workdir   # nothing of it is read here
   s = config.sample
   if s.num_samples < 1:
@@ -314,8 +265,9 @@ def check_config(config, workdir: str | None = None) -> np.ndarray:
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
         f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
-  return class_labels(s.num_samples, config.model.num_classes,
-                      s.get("classes", ()), s.get("labels", "balanced"), s.seed)
+  return labels_lib.class_labels(
+      s.num_samples, config.model.num_classes, s.get("classes", ()),
+      s.get("labels", "balanced"), s.seed)
 
 
 def _sample_and_save(config, workdir: str, noted) -> dict:
@@ -436,8 +388,9 @@ def _sample_and_save(config, workdir: str, noted) -> dict:
         images = pending[0]()
         pending = (lambda images=images: images, *pending[1:])
       # The key depends only on the batch's first index: resumes draw the same.
-      finish = sample_fn.dispatch(global_labels(padded, batch_sharding),
-                                  jax.random.fold_in(key, start))
+      finish = sample_fn.dispatch(
+          labels_lib.global_labels(padded, batch_sharding),
+          jax.random.fold_in(key, start))
       if pending is not None:
         write(pending[0](), *pending[1:])
       pending = (functools.partial(gather, finish, start, len(labels)), start,
@@ -451,17 +404,3 @@ def gathers_on_devices() -> bool:
   """Whether gathering a batch's images onto the host (and agreeing on its
   write) runs programs on the devices: with more than one process."""
   return jax.process_count() > 1
-
-
-def global_labels(labels: np.ndarray, sharding) -> jax.Array:
-  """Host labels (B,), the same on every process -> a (B,) array sharded by
-  ``sharding`` whose row i is ``labels[i]`` whatever the mesh's device order.
-
-  Each device takes its rows by global index. (Feeding each process a
-  contiguous slice would misplace rows where a process's devices are not one
-  contiguous block of the mesh, e.g. a 1-D mesh that follows a TPU pod's
-  physical rings: images would be saved under other rows' labels.)"""
-  return jax.make_array_from_callback(labels.shape, sharding,
-                                      lambda index: labels[index])
-
-
