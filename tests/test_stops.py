@@ -2,6 +2,7 @@
 diverged state is saved (the newest good checkpoint is named), an error
 mid-run waits for the save in flight, and a stop's skipped grid is drawn."""
 
+import math
 import os
 import re
 import signal
@@ -210,6 +211,31 @@ def test_guard_loss_bound_uses_running_median():
   fresh = guard_lib.DivergenceGuard(10.0)
   fresh.record(1.0, {})
   assert fresh.runaway(1e6, {}) is None
+
+
+def test_an_interval_of_skipped_updates_still_names_its_group():
+  """Every update of an interval skipped (the disc's gradients NaN): the
+  means keep the skipped fractions (1.0, not 0 / 0), the other metrics are
+  NaN, the disc is blamed, and that NaN loss is not taken into the loss
+  history (a NaN median would turn the loss bound off for good)."""
+  from genvis_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  sums = {"loss": 0.0, "nonfinite": 3.0, "nonfinite/model": 0.0,
+          "nonfinite/disc": 3.0, "grad_norm/model": 0.0}
+  means = step_lib.interval_means(sums, 3)
+  assert means["nonfinite"] == means["nonfinite/disc"] == 1.0
+  assert means["nonfinite/model"] == 0.0
+  assert math.isnan(means["loss"]) and math.isnan(means["grad_norm/model"])
+  g = guard_lib.DivergenceGuard(10.0)
+  norms = {"model": 5.0, "disc": 2.0}
+  for _ in range(guard_lib.MIN_HISTORY):
+    g.record(1.0, norms)
+  assert guard_lib.blamed_groups(g, means, norms) == (["disc"],
+                                                      "NaN/Inf gradients")
+  g.record(means["loss"], norms)
+  assert "loss 11 is 11x" in g.runaway(11.0, norms)
+  # Half the interval skipped: the rest's means, over its finite steps.
+  half = step_lib.interval_means({"loss": 4.0, "nonfinite": 1.0}, 2)
+  assert half == {"loss": 4.0, "nonfinite": 0.5}
 
 
 def test_each_log_step_feeds_the_guard(monkeypatch):
