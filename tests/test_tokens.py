@@ -32,6 +32,11 @@ def test_token_records_round_trip_and_pipeline(tmp_path):
   # Codes beyond uint16 and 1D codes use the int32 path.
   big = tokens.decode_record(tokens.encode_record(3, np.array([70000, 1])))
   assert big["tokens"].tolist() == [70000, 1] and big["label"] == 3
+  # uint16 (2 bytes a code) up to 65,535 exactly; 65,536 does not wrap to 0.
+  for codes, nbytes in (([65535, 0], 2), ([65536, 0], 4), ([-1, 0], 4)):
+    record = tokens.encode_record(0, np.array(codes))
+    assert len(record) == 20 + 2 * nbytes
+    assert tokens.decode_record(record)["tokens"].tolist() == codes
 
   c = data_config(source="tokens", path=str(tmp_path / "tok" / "{split}-*"))
   it, info = data.create_dataset(c, split="train", global_batch_size=4, seed=0,
