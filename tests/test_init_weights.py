@@ -186,6 +186,16 @@ def test_init_from_trains_from_the_loaded_weights(base_run, tmp_path):
                      match=r"^Step 6 of .* has no 'disc' parameters"):
     weights_lib.check_source(base_run, "--config.init_from", ("disc",),
                              abstract_params={**fits, "disc": {}})
+  # A named step that is damaged is the load's to name, not a misfit.
+  named = str(tmp_path / "named")
+  shutil.copytree(base_run, named)
+  small_run.truncate_data_files(os.path.join(named, "checkpoints", "6"), keep=0)
+  weights_lib.check_source(os.path.join(named, "checkpoints", "6"),
+                           "--config.init_from", abstract_params=abstract)
+  with pytest.raises(ckpt_lib.CheckpointRestoreError, match=r"step 6 .* cannot "
+                     r"be read"):
+    weights_lib.restore_params(os.path.join(named, "checkpoints", "6"),
+                               abstract["model"])
   # The check reads the step the load would: with step 6's saved config cut
   # (the load falls back to step 3), step 3's, not a JSON error.
   cut = str(tmp_path / "cut")

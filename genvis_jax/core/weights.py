@@ -152,6 +152,9 @@ def check_source(directory: str, setting: str, groups=(),
       if pinned is None:
         return ""
       folder = run / "checkpoints"
+      if step is not None:   # a damaged named step is the load's to name
+        ckpt_files.validate_step(folder / str(step), with_data=False,
+                                 weights_only=True)
       message = run_weights.other_model_message(folder, pinned, where,
                                                 model_name)
       if message or abstract_params is None:
@@ -164,8 +167,8 @@ def check_source(directory: str, setting: str, groups=(),
             f" ({setting} with config.init_groups {group!r})", group=group)
     except ckpt_lib.CheckpointMismatchError as e:
       return str(e)
-    except (errors.UserError, OSError, ValueError, KeyError):
-      return ""   # damage (a cut config's JSON too): the load names it
+    except Exception:  # pylint: disable=broad-except
+      return ""   # damage (files, a cut config's JSON): the load names it
     return ""
 
   message = multihost.string_on_process_0(look)
