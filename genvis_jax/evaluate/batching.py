@@ -13,6 +13,7 @@ do not decode; the evaluators log how many were skipped. (``pad_batch`` and
 
 from __future__ import annotations
 
+import operator
 import time
 from typing import Iterable, Iterator
 
@@ -20,11 +21,24 @@ import numpy as np
 from absl import logging
 
 from genvis_jax.core.padded import pad_batch
-from genvis_jax.errors import UserError
+from genvis_jax.errors import ConfigError, UserError
 
 
 class NotEnoughImages(UserError, ValueError):
   """The data holds fewer images than the evaluation asks for."""
+
+
+def check_batch_size(value, setting: str = "config.evaluate.batch_size") -> int:
+  """``value`` as a batch size (a whole number >= 1). Raises ``ConfigError``
+  naming ``setting``."""
+  try:
+    size = operator.index(value)   # ints and numpy ints, not 2.5 -> 2
+  except TypeError:
+    size = 0
+  if size < 1:
+    raise ConfigError(f"{setting}={value!r} must be a whole number of images, "
+                      "at least 1.")
+  return size
 
 
 def check_count(requested: int | None, available: int, what: str,

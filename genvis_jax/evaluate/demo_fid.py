@@ -15,6 +15,7 @@ import functools
 import jax
 import numpy as np
 
+from genvis_jax import errors
 from genvis_jax import models
 from genvis_jax.core import padded
 from genvis_jax.core import pixels
@@ -73,6 +74,16 @@ def demo_fid(samples_uint8, reference_images, classifier_params,
                           batch_size)
   return fid_lib.frechet_distance(*fid_lib.feature_stats(a),
                                   *fid_lib.feature_stats(b))
+
+
+def check_config(config, workdir: str | None = None) -> None:
+  """Refuses a negative ``config.evaluate.num_reference`` before any file
+  is read (a runner of several jobs checks each first)."""
+  del workdir
+  if config.evaluate.get("num_reference", 0) < 0:
+    raise errors.ConfigError(
+        f"config.evaluate.num_reference={config.evaluate.num_reference} must "
+        "be >= 0 (0 = as many as the samples).")
 
 
 def evaluate(config, workdir: str) -> dict:

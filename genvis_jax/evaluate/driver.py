@@ -18,6 +18,7 @@ from genvis_jax.core import dtypes
 from genvis_jax.core import files
 from genvis_jax.core import multihost
 from genvis_jax.core import registry
+from genvis_jax.evaluate import batching
 
 # Kinds that score samples with the demo's small classifier (``configs/demo.py``
 # stages ``score`` and ``fid``): config.model is that classifier.
@@ -55,8 +56,8 @@ def _check_tokenizer_kind(config) -> None:
 
 def check_config(config, workdir: str | None = None):
   """What ``run`` refuses before reading any file: the kind's name and model
-  (below), and what the kind's module refuses so (its ``check_config``,
-  where it has one). A runner of several jobs (the demo) calls it for each
+  (below), a batch size below 1, and what the kind's module refuses so (its
+  ``check_config``, where it has one). A runner of several jobs (the demo) calls it for each
   before the first starts. Returns the kind's module. Raises
   ``ConfigError``."""
   kind = config.evaluate.kind
@@ -72,6 +73,7 @@ def check_config(config, workdir: str | None = None):
         "--config.evaluate.kind=generation (see the README's Evaluation).")
   if kind == "tokenizer":
     _check_tokenizer_kind(config)
+  batching.check_batch_size(config.evaluate.get("batch_size", 200))
   mod = registry.module("genvis_jax.evaluate", config.evaluate.kind,
                         ("evaluate",), setting="config.evaluate.kind")
   if hasattr(mod, "check_config"):

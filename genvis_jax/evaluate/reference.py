@@ -171,29 +171,14 @@ def compute_reference(data_config, inception_params, out_path: str, *,
       num_images=pool.count)
 
 
-def evaluate(config, workdir: str) -> dict:
-  """``config.evaluate.kind == "reference"``: the ADM-format reference of
-  ``config.data``'s eval split, for ``--config.evaluate.reference`` of a later
-  ``kind=generation`` run on samples of a model trained on that data.
-
-  Reads ``config.evaluate``: inception (weights, as for generation),
-  num_images (0 = every readable image of the split), batch_size, preprocess
-  ("auto" = ``adm_tf``, the resize of ADM's evaluator and its reference
-  batches) and num_stored_images (images kept as ``arr_0`` for precision /
-  recall; default 10,000 as ADM's ImageNet batch; a seeded subset spread
-  over the split, ``StoredSubset``). Images go through the
-  pipeline's eval transforms (``config.data.center_crop``, ADM's by default).
-  Writes ``workdir/reference.npz`` (replacing one there: it is derived data)
-  and ``workdir/metrics.json`` (its path, image count, preprocess). Raises
-  ``ConfigError`` without Inception weights, for token data, or a
-  preprocess outside "auto" / ``ref_lib.PREPROCESS``; ``DataConfigError`` for an
-  unknown ``config.data.source``; ``batching.NotEnoughImages`` when the
-  split has fewer images than requested.
-  """
+def check_config(config, workdir: str | None = None) -> str:
+  """What ``evaluate`` refuses before reading any file (image data, Inception
+  weights set, a known preprocess); returns the preprocess it computes with.
+  A runner of several jobs (the demo) checks each first."""
+  del workdir
   # Imports what generation evaluation avoids (Grain; the converter).
   from genvis_jax import errors  # pylint: disable=import-outside-toplevel
   from genvis_jax.convert import inception  # pylint: disable=import-outside-toplevel
-  from genvis_jax.evaluate import report  # pylint: disable=import-outside-toplevel
   from genvis_jax.data import sources  # pylint: disable=import-outside-toplevel
   ev = config.evaluate
   if config.data.get("source") not in sources.SOURCES:
@@ -218,6 +203,33 @@ def evaluate(config, workdir: str) -> dict:
     raise errors.ConfigError(
         f"config.evaluate.preprocess={preprocess!r}; use one of "
         f"{(ref_lib.AUTO,) + ref_lib.PREPROCESS}.")
+  return preprocess
+
+
+def evaluate(config, workdir: str) -> dict:
+  """``config.evaluate.kind == "reference"``: the ADM-format reference of
+  ``config.data``'s eval split, for ``--config.evaluate.reference`` of a later
+  ``kind=generation`` run on samples of a model trained on that data.
+
+  Reads ``config.evaluate``: inception (weights, as for generation),
+  num_images (0 = every readable image of the split), batch_size, preprocess
+  ("auto" = ``adm_tf``, the resize of ADM's evaluator and its reference
+  batches) and num_stored_images (images kept as ``arr_0`` for precision /
+  recall; default 10,000 as ADM's ImageNet batch; a seeded subset spread
+  over the split, ``StoredSubset``). Images go through the
+  pipeline's eval transforms (``config.data.center_crop``, ADM's by default).
+  Writes ``workdir/reference.npz`` (replacing one there: it is derived data)
+  and ``workdir/metrics.json`` (its path, image count, preprocess). Raises
+  ``ConfigError`` without Inception weights, for token data, or a
+  preprocess outside "auto" / ``ref_lib.PREPROCESS``; ``DataConfigError`` for an
+  unknown ``config.data.source``; ``batching.NotEnoughImages`` when the
+  split has fewer images than requested.
+  """
+  from genvis_jax.convert import inception  # pylint: disable=import-outside-toplevel
+  from genvis_jax.evaluate import report  # pylint: disable=import-outside-toplevel
+  from genvis_jax.data import sources  # pylint: disable=import-outside-toplevel
+  preprocess = check_config(config)
+  ev = config.evaluate
   params = inception.load_inception_params(ev.inception)
   files.makedirs(workdir)
   path = compute_reference(

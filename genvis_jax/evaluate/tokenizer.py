@@ -187,10 +187,7 @@ def _plan(config) -> _Plan:
   value_range = models.value_range(config.model, config, ("data",))
   model_config = inference.with_compute_dtype(
       config.model, ev.get("dtype", "float32"), "config.evaluate.dtype")
-  batch_size = int(ev.batch_size)
-  if batch_size <= 0:
-    raise errors.ConfigError(f"config.evaluate.batch_size={ev.batch_size} "
-                             f"must be positive.")
+  batch_size = batching.check_batch_size(ev.batch_size)
   return _Plan(proto_name, proto, value_range, model_config, batch_size,
                protocols.rfid_preprocess(ev, proto),
                protocols.eval_data(config, proto_name, proto))

@@ -240,7 +240,8 @@ def sample_and_save(config, workdir: str) -> dict:
 
 def check_config(config, workdir: str | None = None) -> np.ndarray:
   """What ``sample_and_save`` refuses before reading any file: counts,
-  seed, dtype, the sampler's settings, image size, a batch the devices do
+  seed, dtypes, the sampler's settings, image size, a generator drawing
+  codes its tokenizer lacks, the uint8 conversion, a batch the devices do
   not divide, the classes drawn. A runner of several jobs (the demo) calls
   it for each before the first starts. Returns the labels to draw
   (``labels.class_labels``: (num_samples,) int32). Raises ``ConfigError``."""
@@ -261,6 +262,9 @@ def check_config(config, workdir: str | None = None) -> np.ndarray:
   common.check_dtype(common.config_dtype(s))   # before the weights load
   common.check_configured(_sampler_module(config.model.name), s)
   common.check_image_size(config)
+  inference.check_codes_fit(config)
+  inference.data_model_config(config.tokenizer)   # its decode dtype
+  images_lib.uint8_method(config.tokenizer)
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
