@@ -132,3 +132,11 @@ def test_overrides_that_nothing_reads_are_refused():
                      r"pretokenize.mode=pretokenize encodes the images of "
                      r"config.stages.pretokenize.pretokenize.data"):
     modes.check_overrides(stages, ["stages.pretokenize.data.center_crop"])
+  # Also a key its config.data's own source would read (an image folder's,
+  # a TFDS data set's): the job encodes config.pretokenize.data's images.
+  for source, key in (("image_folder", "extensions"), ("tfds", "name")):
+    stages.stages.pretokenize.data.source = source
+    with pytest.raises(UserError, match=rf"--config.stages.pretokenize.data."
+                       rf"{key} would be read by nothing: config.stages."
+                       r"pretokenize.mode=pretokenize encodes"):
+      modes.check_overrides(stages, [f"stages.pretokenize.data.{key}"])

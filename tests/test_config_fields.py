@@ -217,6 +217,9 @@ def test_edge_values_with_a_meaning_build(spec, key, value):
     ("vq_ds16.py:runlocal", "model.image_size", 64, r"image_size=64"),
     ("eq_tokenizer.py:runlocal", "model.image_width", 128,
      r"config.model.image_width=128 but the images are 64 px"),
+    # An unset data width is the height (32 px), not the model's 64.
+    ("eq_tokenizer.py:runlocal", "data.image_width", 0,
+     r"config.model.image_width=64 but the images are 32 px"),
 ])
 def test_a_model_image_size_other_than_the_data_is_refused(spec, key, value,
                                                            message):

@@ -241,6 +241,12 @@ def test_a_stage_model_override_not_repeated_is_refused_before_training(tmp_path
   cfg.stages.tokenizer.model.num_codes = 256
   cfg.stages.samples.model.adaln_table = False
   demo_run.check_stage_models(cfg, ["samples"])
+  # So do dropout rates (training only), and what sampling is allowed to
+  # change (config.sample.allow_model_changes).
+  cfg.stages.rar.model.dropout = 0.3
+  cfg.stages.samples.model.num_timesteps = 70
+  cfg.stages.samples.sample.allow_model_changes = "model.num_timesteps"
+  demo_run.check_stage_models(cfg, ["rar", "samples"])
 
 
 @pytest.mark.parametrize("config_name,key,value,expected", [

@@ -7,6 +7,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import demo
@@ -151,6 +152,15 @@ IMPOSSIBLE = {
                       r"scaling.*--config.model.dtype=bfloat16"),
     "disc_float16": ("tokenizer", "disc.dtype", "float16",
                      r"config.disc.dtype='float16'.*bfloat16"),
+    "disc_params_float16": ("tokenizer", "disc.param_dtype", "float16",
+                            r"config.disc.param_dtype='float16': training has "
+                            r"no loss"),
+    # jax keys keep the low 32 bits: seed 2**32 trained as seed 0.
+    "seed_past_32_bits": ("classifier", "seed", 2**32,
+                          r"config.seed=4294967296 must be an integer in "
+                          r"\[0, 2\*\*32\)"),
+    "seed_negative": ("classifier", "seed", -1,
+                      r"config.seed=-1 must be an integer in \[0, 2\*\*32\)"),
     # Read by another optimizer / schedule only: ignored without a word.
     "weight_decay_under_adam": ("rar", "optimizer.name", "adam",
                                 r"config.optimizer.weight_decay=0.03 is read "
@@ -381,4 +391,39 @@ def test_a_start_from_weights_that_cannot_load_is_refused_before_the_data(
   with pytest.raises(ConfigError, match=r"init_groups=\('disc',\) names "
                      r"\['disc'\].*other parameter groups are none"):
     trainer_lib.train_and_evaluate(c, str(wd))
+  # A group asked of a parameter checkpoint (a model's weights alone).
+  from genvis_jax.core import weights as weights_lib  # pylint: disable=import-outside-toplevel
+  weights_lib.save_params(str(tmp_path / "converted"),
+                          {"dense": {"kernel": np.zeros((2, 3), np.float32)}})
+  t = demo.tokenizer_config()
+  t.init_from, t.init_groups = str(tmp_path / "converted"), ("disc",)
+  with pytest.raises(ckpt_lib.CheckpointNotFoundError,
+                     match=r"is a parameter checkpoint: .* not the 'disc' "
+                           r"parameters"):
+    trainer_lib.train_and_evaluate(t, str(wd))
   assert not wd.exists()
+
+
+@pytest.mark.parametrize("key", ["model.name", "task"])
+def test_a_misspelt_registered_name_is_refused_by_the_first_check(key):
+  """By ``modes.check_names``, before any device starts: the first and only
+  message (a later check would name it too, after the start-up's logs)."""
+  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  config = pc.load_config("rar_b.py:runlocal", **{key: "rar_b"})
+  with pytest.raises(ConfigError, match=rf"Unknown config.{key}='rar_b'"):
+    modes.check_names(config)
+
+
+def test_a_classifier_kind_needs_the_classifier_and_its_weights():
+  """kind=class_score / demo_fid score with the demo's classifier: a config
+  of another model, or without its weights, is refused naming the kind."""
+  from genvis_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from genvis_jax.evaluate import driver  # pylint: disable=import-outside-toplevel
+  driver.check_config(demo.score_config())
+  other, unweighted = demo.score_config(), demo.score_config()
+  other.model.name = "rar"
+  del unweighted.evaluate["classifier_checkpoint"]
+  for config in (other, unweighted):
+    with pytest.raises(ConfigError, match=r"kind='class_score' scores samples "
+                       r"with the demo's classifier"):
+      driver.check_config(config)

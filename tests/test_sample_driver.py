@@ -220,6 +220,8 @@ def test_paper_configs_sample_as_the_official_samplers():
     ("sample.num_columns", 0, r"config.sample.num_columns=0 must be at least 1"),
     ("sample.num_steps", 0, r"config.sample.num_steps=0 must be at least 1"),
     ("sample.batch_size", 0, r"config.sample.batch_size=0 must be at least 1"),
+    ("sample.batch_size", 3, r"config.sample.batch_size=3 must be a multiple "
+     r"of the 8 devices"),
     ("sample.dtype", "float16",
      r"config.sample.dtype='float16' is not a supported dtype"),
     # Sampling reads no data.* size: 64 drew the tokenizer's 32 px silently.

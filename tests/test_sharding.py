@@ -95,6 +95,9 @@ def test_batch_not_divisible_is_rejected_before_compiling():
   cfg.train.global_batch_size = 12
   with pytest.raises(ValueError, match="does not divide across 8"):
     trainer_lib.Trainer(cfg, mesh=shd.create_mesh(cfg.mesh, jax.devices()))
+  # Nor into micro-batches: 16 rows over 8 devices, 2 each, not 3 slices.
+  with pytest.raises(ConfigError, match=r"x 3 micro-batches"):
+    trainer_lib.setup(_config(dict(data=8), micro_batches=3))
 
 
 def test_batch_split_follows_the_rules_table():
@@ -217,6 +220,8 @@ def test_a_mesh_axis_the_rules_do_not_use_is_refused():
   with pytest.raises(ConfigError, match=r"config.mesh.shape names axis "
                      r"'model' \(size 4\), which no rule .*'tensor'"):
     trainer_lib.setup(_config(dict(data=2, model=4)))
+  with pytest.raises(ConfigError, match=r"names axis 'model' \(size 2\)"):
+    trainer_lib.setup(_config(dict(data=4, model=2)))    # the smallest split
   cfg = _config(dict(data=2, fsdp=4, tensor=1))
   cfg.sharding.rules = [(n, "model" if n == "embed" else a)
                         for n, a in shd.DEFAULT_RULES]
