@@ -241,6 +241,26 @@ def test_bad_settings_are_refused_before_loading(key, value, message, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_a_codebook_the_run_did_not_train_is_named_by_its_record(tmp_path):
+  """Sampling a run with another --config.model.codebook_size: the run's
+  record names every setting it trained otherwise, with the values, before
+  the codebook is judged against the tokenizer (which is right here)."""
+  from genvis_jax.sample.trained_with import TrainedWithError
+  from tests import pipeline_common as pc
+  trained = pc.load_config("rar_b.py:runlocal", mode="sample")
+  step = tmp_path / "run" / "checkpoints" / "20"
+  (step / "config").mkdir(parents=True)
+  (step / "config" / "metadata").write_text(trained.to_json_best_effort())
+  n, width = trained.model.codebook_size, trained.model.hidden_size
+  config = pc.load_config("rar_b.py:runlocal", **{
+      "mode": "sample", "init_from": str(step),
+      "tokenizer.checkpoint": "/nowhere/tok", "model.codebook_size": 4 * n,
+      "model.hidden_size": 2 * width})
+  with pytest.raises(TrainedWithError, match=rf"model.codebook_size: run {n} "
+                     rf"vs config {4 * n}\n  model.hidden_size: run {width}"):
+    driver.sample_and_save(config, str(tmp_path / "wd"))
+
+
 FAR, RAR, EQ = "far_b.py:dual,runlocal", "rar_b.py:runlocal", "eq_s.py:runlocal"
 
 

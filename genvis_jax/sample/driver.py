@@ -238,13 +238,17 @@ def sample_and_save(config, workdir: str) -> dict:
     return _sample_and_save(config, workdir, noted)
 
 
-def check_config(config, workdir: str | None = None) -> np.ndarray:
+def check_config(config, workdir: str | None = None, *,
+                 codes: bool = True) -> np.ndarray:
   """What ``sample_and_save`` refuses before reading any file: counts,
-  seed, dtypes, the sampler's settings, image size, a generator drawing
-  codes its tokenizer lacks, the uint8 conversion, a batch the devices do
-  not divide, the classes drawn. A runner of several jobs (the demo) calls
-  it for each before the first starts. Returns the labels to draw
-  (``labels.class_labels``: (num_samples,) int32). Raises ``ConfigError``."""
+  seed, dtypes, the sampler's settings, image size, the uint8 conversion, a
+  batch the devices do not divide, the classes drawn and, with ``codes``, a
+  generator drawing codes its tokenizer lacks (``sample_and_save`` checks
+  that once the run's record has named a generator trained otherwise: the
+  more useful message). A runner of several jobs (the demo) calls it for
+  each before the first starts. Returns the labels to draw
+  (``labels.class_labels``: (num_samples,) int32). Raises ``ConfigError``,
+  ``inference.CodebookSizeError``, ``pixels.Uint8MethodError``."""
   del workdir   # nothing of it is read here
   s = config.sample
   if s.num_samples < 1:
@@ -262,7 +266,8 @@ def check_config(config, workdir: str | None = None) -> np.ndarray:
   common.check_dtype(common.config_dtype(s))   # before the weights load
   common.check_configured(_sampler_module(config.model.name), s)
   common.check_image_size(config)
-  inference.check_codes_fit(config)
+  if codes:
+    inference.check_codes_fit(config)
   inference.data_model_config(config.tokenizer)   # its decode dtype
   images_lib.uint8_method(config.tokenizer)
   if s.batch_size % jax.device_count():
@@ -277,7 +282,7 @@ def check_config(config, workdir: str | None = None) -> np.ndarray:
 def _sample_and_save(config, workdir: str, noted) -> dict:
   s = config.sample
   mesh = sharding.data_mesh(jax.devices())
-  labels_all = check_config(config)
+  labels_all = check_config(config, codes=False)   # make_sample_fn's
   multihost.on_process_0(
       lambda: trained_with.warn_untrained_classes(config, labels_all))
   # Load exactly the steps recorded: a run's newest step is pinned to its
