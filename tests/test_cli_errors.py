@@ -72,6 +72,9 @@ CASES = {
     "no_config": ([], "Missing required flag --config"),
     "config_key": (DEMO + ["--config.stages.rar.train.num_step=3"],
                    "Unknown config key.*num_steps"),
+    "positional": (["--config=configs/rar_b.py:runlocal", "extra"],
+                   r"Unexpected arguments \['extra'\]; flags are written "
+                   r"--name=value"),
     "config_value": (DEMO + ["--config.stages.rar.train.num_steps=abc"],
                      "num_steps=abc: invalid literal for int"),
     "config_arg": (["--config=configs/rar_b.py:bogus"],
@@ -202,6 +205,12 @@ CASES = {
 }
 
 
+FLAG_ERRORS = ("no_workdir", "no_config", "no_config_file",
+               "flagfile_missing_config", "config_key", "config_value",
+               "config_index", "config_arg", "config_arg_precision",
+               "positional")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir, run_cli):
   args, pattern = CASES[name]
@@ -213,7 +222,9 @@ def test_cli_user_errors_print_one_message(name, tmp_path, bad_params_dir, run_c
   if name != "no_workdir" and not any(a.startswith("--workdir=") for a in args):
     args.append(f"--workdir={tmp_path / 'wd'}")
   out = run_cli(args)
-  assert out.returncode not in (0, None), out.stderr
+  # main.py's exit statuses: 2 for a flag the command line gave wrong, 1 for
+  # what the run refused.
+  assert out.returncode == (2 if name in FLAG_ERRORS else 1), out.stderr
   assert "Traceback" not in out.stdout + out.stderr, out.stderr
   err = out.stderr
   assert "Error: " in err and re.search(pattern, err, re.S), err

@@ -336,3 +336,18 @@ def test_a_resume_on_a_changed_image_folder(tmp_path, caplog):
     why = resume.listing_changed(listing, {**listing, "classes": classes}, 3,
                                  "img")
     assert why.endswith(f"since; class folders {said})"), why
+
+
+@pytest.mark.parametrize("exc", [OSError, RuntimeError, KeyError])
+def test_run_everywhere_tells_the_others_of_any_error(monkeypatch, exc):
+  """Whatever ``fn`` raises, this process joins the gather first (as -1),
+  so the other processes raise instead of waiting ~100 s for a heartbeat."""
+  sent = []
+  monkeypatch.setattr(multihost, "gather_ints",
+                      lambda v: sent.append(v) or np.array([v, 0]))
+
+  def fn():
+    raise exc("cannot read")
+  with pytest.raises(exc):
+    multihost.run_everywhere(fn, "could not read")
+  assert sent == [-1]

@@ -348,3 +348,50 @@ def test_a_ctrl_c_while_the_command_imports_is_not_lost(tmp_path,
   out = subprocess.run([sys.executable, "-c", lost], capture_output=True,
                        text=True, timeout=300)
   assert "Exception ignored" in out.stderr and out.stdout == "raised\n", out
+
+
+def test_stop_request_puts_the_handlers_back():
+  """After a training call in a notebook, Ctrl-C raises again (the mode's
+  runner restores SIGTERM only)."""
+  from genvis_jax.core import preemption
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  with preemption.StopRequest():
+    assert signal.getsignal(signal.SIGINT) != before[signal.SIGINT]
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_second_sigterm_still_waits_for_the_save(monkeypatch):
+  """Only a second Ctrl-C stops at once; a repeated SIGTERM (kill sent
+  twice, a supervisor's retry) does not drop the checkpoint in flight."""
+  from genvis_jax.core import preemption
+  monkeypatch.setattr(preemption, "exit_on_second_interrupt", False)
+  with preemption.StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)   # no KeyboardInterrupt
+    assert stop.should_stop(0) and stop.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_ignored_sigint_stays_ignored():
+  """A `cmd &` job from a script ignores SIGINT; a Ctrl-C meant for the
+  foreground job does not stop it."""
+  from genvis_jax.core import preemption
+  old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with preemption.StopRequest():
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, old)
+
+
+def test_a_failing_resume_note_does_not_stop_the_stop():
+  """``resumes()`` reads the checkpoint folder: its error (any) does not
+  escape the signal handler mid-step and end the run unsaved."""
+  from genvis_jax.core import preemption
+
+  def resumes():
+    raise OSError("checkpoint folder unreadable")
+  with preemption.StopRequest(resumes=resumes) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.should_stop(3)

@@ -248,3 +248,13 @@ def test_a_lease_is_renewed_and_a_lost_one_is_left_alone(tmp_path, monkeypatch,
   with pytest.raises(lease_lib.LeaseBusyError,
                      match=r"taken by another run at the same moment"):
     racing.take()
+
+
+def test_the_lock_file_names_only_its_holder(tmp_path):
+  """A longer earlier holder's text does not trail the new one (the "in
+  use by" message reads the file)."""
+  lock = tmp_path / workdir_lock.LOCK_NAME
+  lock.write_text("x" * 300 + "\nold holder line\n")
+  with workdir_lock.hold(str(tmp_path), "sampling run"):
+    text = lock.read_text()
+  assert text.count("\n") == 1 and text.startswith("sampling run: process ")
