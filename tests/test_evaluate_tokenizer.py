@@ -332,7 +332,8 @@ def test_bad_evaluation_settings_are_refused_up_front(tok_config, tmp_path,
   cases = [
       (dict(protocol="FQGAN"), "config.evaluate.protocol='FQGAN' is not one of"),
       (dict(preprocess="pytorch-fid"), "config.evaluate.preprocess='pytorch-fid'"),
-      (dict(batch_size=0), "config.evaluate.batch_size=0 must be a whole number of images, at least 1"),
+      (dict(batch_size=0), "config.evaluate.batch_size=0 must be a whole "
+       "number of images, at least 1"),
   ]
   for update, message in cases:
     ev = config.evaluate.copy_and_resolve_references()

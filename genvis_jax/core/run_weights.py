@@ -75,7 +75,8 @@ def load(run: epath.Path, abstract_params, where: str = "",
       "tried:\n  " + "\n  ".join(f"step {s}: {r}" for s, r in failed))
 
 
-def saved_steps(run: epath.Path, where: str = "", step: int | None = None) -> list[int]:
+def saved_steps(run: epath.Path, where: str = "",
+                step: int | None = None) -> list[int]:
   """Process 0's listing of ``run``'s finalized steps, newest first, on every
   process. Every process must call it.
 
@@ -127,9 +128,10 @@ def other_model_message(folder: epath.Path, step: int, where: str,
   saved = ckpt_files.saved_config(folder / str(step))
   saved_name = ((saved or {}).get("model") or {}).get("name")
   if model_name and saved_name and saved_name != model_name:
-    return (f"{folder.parent}{where} is a training run of model {saved_name!r}; "
-            f"a checkpoint of model {model_name!r} is expected here. Point the "
-            f"setting at a run or converted checkpoint of model {model_name!r}.")
+    return (f"{folder.parent}{where} is a training run of model "
+            f"{saved_name!r}; a checkpoint of model {model_name!r} is expected "
+            "here. Point the setting at a run or converted checkpoint of "
+            f"model {model_name!r}.")
   return ""
 
 

@@ -57,9 +57,9 @@ def _check_tokenizer_kind(config) -> None:
 def check_config(config, workdir: str | None = None):
   """What ``run`` refuses before reading any file: the kind's name and model
   (below), a batch size below 1, and what the kind's module refuses so (its
-  ``check_config``, where it has one). A runner of several jobs (the demo) calls it for each
-  before the first starts. Returns the kind's module. Raises
-  ``ConfigError``."""
+  ``check_config``, where it has one). A runner of several jobs (the demo)
+  calls it for each before the first starts. Returns the kind's module.
+  Raises ``ConfigError``."""
   kind = config.evaluate.kind
   name = config.get("model", {}).get("name", "")
   if kind in CLASSIFIER_KINDS and (

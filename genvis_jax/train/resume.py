@@ -27,9 +27,10 @@ def check_fresh_start(config, task, workdir) -> None:
   weights it continues (``task.needs_init_from``: an Equivariant tokenizer's
   stage 2, a run with ``init_groups``); with ``init_groups`` the task lacks;
   or with nothing loadable there, a run of another model, or weights of
-  another size (``weights.check_source``). A resume reads its own step and passes.
-  Called on every process before the data are opened or anything is built
-  (minutes on a pod, past a launcher's check that the workers started).
+  another size (``weights.check_source``). A resume reads its own step and
+  passes. Called on every process before the data are opened or anything is
+  built (minutes on a pod, past a launcher's check that the workers
+  started).
 
   Raises:
     ConfigError: naming why and ``--config.init_from``, or the groups.
