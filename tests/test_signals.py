@@ -255,6 +255,27 @@ def test_a_second_ctrl_c_in_training_ends_the_command_at_once(monkeypatch,
       "run the same command again (training resumes from step 4).\n")
 
 
+def test_the_command_line_sets_a_second_ctrl_c_to_end_the_process(
+    tmp_path, monkeypatch):
+  """``genvis_jax.main`` turns the exit above on before its mode runs (the
+  tests above set it themselves); an import of the module leaves it off, as
+  a notebook's second Ctrl-C raises."""
+  from genvis_jax import main as main_lib   # pylint: disable=import-outside-toplevel
+  from genvis_jax.core import preemption   # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(preemption, "exit_on_second_interrupt", False)
+  assert not preemption.exit_on_second_interrupt
+  seen = []
+  monkeypatch.setattr(modes, "run", lambda config, workdir: seen.append(
+      (config.mode, workdir, preemption.exit_on_second_interrupt)))
+  main_lib.FLAGS(["main", "--config=configs/demo.py:smoke",
+                  f"--workdir={tmp_path}"])
+  try:
+    main_lib.main(["main"])
+  finally:
+    main_lib.FLAGS.unparse_flags()
+  assert seen == [("demo", str(tmp_path), True)]
+
+
 def test_the_resume_note_names_the_last_finalized_step(tmp_path, monkeypatch):
   from genvis_jax.core import checkpoint as ckpt_lib   # pylint: disable=import-outside-toplevel
   from genvis_jax.core import preemption   # pylint: disable=import-outside-toplevel
