@@ -83,6 +83,17 @@ def as_demo_fields(message: str, stage: str, config) -> str:
   return _FIELD.sub(field, message)
 
 
+def unheld_fields(message: str, stage: str, config) -> list[str]:
+  """The settings ``message`` names (``config.x.y``) that demo stage
+  ``stage`` lacks though it has section ``x``: an evaluation kind's own
+  settings after ``--config.stages.fid.evaluate.kind=generation``. A demo
+  stage's config is locked, so no flag can add them."""
+  keys = {m.group(2) for m in _FIELD.finditer(message)}
+  held = config.stages[stage]
+  return sorted(k for k in keys if "." in k and not _has(held, k)
+                and _has(held, k.split(".", 1)[0]))
+
+
 # A stage's settings that name another stage's output ("{workdir}/<stage>"),
 # and the section of its config that describes that output's model.
 READS = (("tokenizer.checkpoint", "tokenizer.model"), ("init_from", "model"),
@@ -181,6 +192,13 @@ def _demo_errors(name: str, config, order):
     # The stage's advice names its own config's flags; say the demo's.
     if e.args and isinstance(e.args[0], str):
       msg = as_demo_fields(e.args[0], name, config)
+      unheld = unheld_fields(e.args[0], name, config)
+      if unheld:
+        msg += (f"\nThe demo's {name} stage has no "
+                f"{' or '.join(unheld)} setting (a demo stage takes only the "
+                "settings its config lists): run this step as its own python "
+                "-m genvis_jax.main --config.mode=... job, as the README "
+                "gives each mode's command.")
       skipped = [s for s in config.stage_order[:config.stage_order.index(name)]
                  if s not in order]
       if skipped and isinstance(e, FileNotFoundError):

@@ -145,9 +145,14 @@ def test_stage_errors_name_the_demos_flags():
   assert demo_run.as_demo_fields("lower config.evaluate.num_reference", "fid",
                                  cfg) == (
       "lower config.stages.fid.evaluate.num_reference")
-  # Not another stage's field of that name (the fid stage has no num_images).
+  # Not another stage's field of that name (the fid stage has no num_images),
+  # which the stage's errors say it lacks (fields of sections it has only).
   assert demo_run.as_demo_fields("config.evaluate.num_images", "fid", cfg) == (
       "config.evaluate.num_images")
+  assert demo_run.unheld_fields(
+      "config.evaluate.num_images, --config.evaluate.batch_size=0, "
+      "--config.evaluate.a=1, config.nope, config.sample.x, config.json",
+      "fid", cfg) == ["evaluate.a", "evaluate.num_images"]
   # A stage's config, as a notebook edits it, is locked as the config files'
   # (a misspelt key was added silently).
   stage = demo_run.stage_config(cfg, "samples", "/tmp/demo_wd")
@@ -272,6 +277,12 @@ def test_a_stage_model_override_not_repeated_is_refused_before_training(tmp_path
      r"tokenizer's config.stages.samples.tokenizer.model.num_codes=64"),
     ("demo_eq", "samples_wide.sample.num_steps", 0,
      r"config.stages.samples_wide.sample.num_steps=0 must be at least 1"),
+    # Another evaluation kind needs settings the stage's locked config has
+    # no key for: the advice to set them cannot be followed in the demo.
+    ("demo", "fid.evaluate.kind", "generation",
+     r"(?s)config.evaluate.reference and config.evaluate.inception are not "
+     r"set.*\nThe demo's fid stage has no evaluate.inception or "
+     r"evaluate.reference setting .*its own python -m genvis_jax.main"),
 ])
 def test_a_later_stages_bad_setting_is_refused_before_any_stage_runs(
     tmp_path, config_name, key, value, expected):
