@@ -338,3 +338,25 @@ def test_each_step_draws_fold_in_of_its_step():
           for s in range(3)]
   assert len(set(got)) == 3
   np.testing.assert_allclose(got, want)
+
+
+def test_the_classifier_loss_is_the_batch_mean_cross_entropy():
+  """The demo classifier (the score / fid stages' feature net) trains on the
+  mean cross-entropy, stated here as log-sum-exp minus the label's logit, and
+  its accuracy metric is the batch's share of argmax hits (a summed loss
+  scaled its gradients and clip by the batch size)."""
+  from tests import small_run   # pylint: disable=import-outside-toplevel
+  task = get_task(small_run.config(1))
+  params = task.init_params(jax.random.key(0))["model"]
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((6, 32, 32, 3), np.float32),
+           "label": np.array([0, 3, 3, 9, 1, 5], np.int32)}
+  _, metrics = task.grads({"model": params}, {}, batch, None, 0)
+  logits = np.asarray(task.model.apply({"params": params}, batch["image"]),
+                      np.float64)
+  logsumexp = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)
+                     ) + logits.max(-1)
+  ce = logsumexp - logits[np.arange(6), batch["label"]]
+  np.testing.assert_allclose(metrics["loss"], ce.mean(), rtol=1e-5)
+  assert float(metrics["accuracy"]) == np.mean(
+      logits.argmax(-1) == batch["label"])
