@@ -13,6 +13,7 @@ resize and numpy), independently of the code under test.
 """
 
 import json
+import logging
 import os
 
 import jax
@@ -408,7 +409,7 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys,
   assert not list(tmp_path.glob("cut.array_record*"))
 
 
-def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):
+def test_sample_decode_runs_fp32_with_official_bytes(tmp_path, caplog):
   """The Equivariant sampler's decode (driver): a bf16 tokenizer config decodes
   in fp32, then the official round((x + 1) / 2 * 255)."""
   m = eq_tokenizer.tokenizer_model(
@@ -437,6 +438,14 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path):
   # would make black: refused instead.
   with pytest.raises(driver.NonFiniteSamplesError, match="NaN or Inf"):
     decode(sharded.at[3].set(jnp.nan))
+  # A decoder built again (a notebook's re-run cell, a draw() per call)
+  # runs the same program: nothing compiles again.
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING, "jax"):
+    again = driver.make_decode_fn(c.tokenizer, mesh)
+    np.testing.assert_array_equal(np.asarray(again(sharded)), got)
+  compiled = [r.getMessage()[:40] for r in caplog.records
+              if r.getMessage().startswith("Compiling")]
+  assert not compiled, compiled
   settings = parts.sample_settings(_sample_config(c))
   assert settings["tokenizer.uint8"] == "round"
   assert settings["tokenizer.dtype"] == "float32"

@@ -129,20 +129,24 @@ def make_decode_fn(tok, mesh) -> Decoder:
       model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
   value_range = models.value_range(tok.model, {"tokenizer": tok},
                                    ("tokenizer",))
+  return Decoder(functools.partial(_decode_float, tok_model), tok_params,
+                 value_range, method)
 
-  # The weights are an argument, not a closed-over constant: a constant is
-  # copied into the lowered program (seconds of lowering per 100 MB).
-  @jax.jit
-  def decode_float(params, codes):
-    images = tok_model.apply({"params": params}, codes, method="decode")
-    finite = jnp.all(jnp.isfinite(images))
-    # -1: drawn from NaN logits (codes: an array, or FQGAN's one per branch).
-    for c in jax.tree_util.tree_leaves(codes):
-      if jnp.issubdtype(c.dtype, jnp.integer):
-        finite &= jnp.all(c >= 0)
-    return images.astype(jnp.float32), finite
 
-  return Decoder(decode_float, tok_params, value_range, method)
+# One program per tokenizer module (static: equal modules share it), so a
+# notebook that builds its sampler again (a re-run cell, a draw() per call)
+# does not compile the decoder again. The weights are an argument, not a
+# closed-over constant: a constant is copied into the lowered program
+# (seconds of lowering per 100 MB).
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_float(tok_model, params, codes):
+  images = tok_model.apply({"params": params}, codes, method="decode")
+  finite = jnp.all(jnp.isfinite(images))
+  # -1: drawn from NaN logits (codes: an array, or FQGAN's one per branch).
+  for c in jax.tree_util.tree_leaves(codes):
+    if jnp.issubdtype(c.dtype, jnp.integer):
+      finite &= jnp.all(c >= 0)
+  return images.astype(jnp.float32), finite
 
 
 class Sampler:
