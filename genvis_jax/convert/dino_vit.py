@@ -16,7 +16,6 @@ back as float32 numpy.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from genvis_jax import convert as convert_lib
@@ -70,5 +69,5 @@ def load_dino_vit(path: str, expected=None, *, zero_k_bias: bool = False) -> dic
       fetch="Download the timm / DINO ViT state dict, e.g. "
       "dino_deitsmall16_pretrain.pth (read as is, no conversion)")
   if zero_k_bias:
-    params = jax.tree_util.tree_map(jnp.asarray, zero_key_bias(params))
+    params = jax.device_put(zero_key_bias(params))
   return params
