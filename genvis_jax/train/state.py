@@ -92,10 +92,17 @@ def from_weights(state: TrainState, config, abstract_params: dict,
   if state.ema is not None and ema_group == "model":
     # A copy: the step donates the state, and one buffer in two leaves would
     # be donated twice (XLA refuses it, and the process crashed).
-    state = state.replace(ema=jax.tree_util.tree_map(lambda x: x.copy(),
-                                                     params["model"]))
+    state = state.replace(ema=_fresh_buffers(params["model"]))
   logging.info("Initialised %s from %s", ["model", *groups], pinned)
   return state
+
+
+@jax.jit
+def _fresh_buffers(tree):
+  """A copy of ``tree`` in new buffers with the same shardings, on one or
+  many processes: one program for the tree, where ``x.copy()`` per leaf
+  compiled one per distinct shape (36 for the Equivariant tokenizer)."""
+  return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 def _use_ema(task) -> bool:
