@@ -220,3 +220,39 @@ def test_a_save_into_a_read_only_folder_keeps_its_one_message(
   assert "Saving checkpoint step 4" in str(e) and "read-only" in str(e).lower()
   assert len(tries) == 1
   assert "the next run in this workdir removes it" in caplog.text
+
+
+def test_a_ctrl_c_that_raises_waits_for_the_save_in_flight(tmp_path,
+                                                           monkeypatch, caplog):
+  """A KeyboardInterrupt in the loop (a notebook's second Ctrl-C) waits for
+  the save in flight before the run lets go of its workdir: a rerun at once
+  removed the half-written step as an unfinished save's leftovers and began
+  again from step 0."""
+  class StillWriting:
+    def result(self, timeout=None):
+      del timeout
+      time.sleep(2)
+
+  orig = ocp.PyTreeCheckpointHandler.async_save
+
+  async def slow_save(self, *args, **kwargs):
+    return list(await orig(self, *args, **kwargs) or []) + [StillWriting()]
+
+  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", slow_save)
+  step, calls = trainer_lib.Trainer.step, []
+
+  def interrupted(self, state, batch):
+    calls.append(len(calls) + 1)
+    if calls[-1] == 5:   # step 3's write has not ended
+      raise KeyboardInterrupt
+    return step(self, state, batch)
+
+  monkeypatch.setattr(trainer_lib.Trainer, "step", interrupted)
+  wd = str(tmp_path / "wd")
+  c = config(6)
+  c.train.profile_steps = 0   # a profile window waits for the write by design
+  with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+    trainer_lib.train_loop(c, wd)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3"]
+  assert ("waiting for the checkpoint of step 3, still being written "
+          "(Ctrl-C again stops without it)") in caplog.text

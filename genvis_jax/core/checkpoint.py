@@ -132,6 +132,11 @@ class Checkpointer:
     self.manager = self._new_manager()
     self._pending = None  # step of a save whose outcome is not checked yet
 
+  def in_flight(self) -> int | None:
+    """The step of the save whose outcome is not checked yet (its write may
+    still run), or None."""
+    return self._pending
+
   def resume_note(self) -> str:
     """:func:`resume_note` of this run's checkpoints and save in flight;
     not the save where a stop ends the process at once (the command line's

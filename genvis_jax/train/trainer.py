@@ -414,9 +414,17 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
               f"{num_steps}; the checkpoint of step {done} is saved in "
               f"{ckpt.directory}. Run the same command to resume from it.",
               stop.signum)
-  except Exception:
+  except BaseException as e:
     # A save started before the error still completes (and is checked):
-    # a multi-host process exits at once after an error (cli.exit_now).
+    # a multi-host process exits at once after an error (cli.exit_now). So
+    # after a KeyboardInterrupt (a notebook's second Ctrl-C; the command
+    # line's ends the process in the handler): the workdir lock is let go
+    # next, and a rerun would remove the half-written step as an unfinished
+    # save's leftovers and resume from the step before it.
+    if not isinstance(e, Exception) and ckpt.in_flight() is not None:
+      logging.warning("Stopping: waiting for the checkpoint of step %d, "
+                      "still being written (Ctrl-C again stops without it).",
+                      ckpt.in_flight())
     _finish_saves(ckpt, writer)
     raise
   ckpt.close()
