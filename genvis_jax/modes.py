@@ -7,6 +7,7 @@ import os
 import signal
 import tempfile
 import threading
+import traceback
 
 import jax
 import ml_collections
@@ -375,6 +376,13 @@ def run(config, workdir: str | os.PathLike):
         remove_empty_dirs(top)
       if isinstance(e, (errors.StoppedBySignal, KeyboardInterrupt)):
         e.mode = config.mode   # the CLI's line says what a rerun does
+      if isinstance(e, (errors.StoppedBySignal, KeyboardInterrupt,
+                        errors.CleanStop)):
+        # A notebook keeps a stopped cell's traceback (IPython's, sys.last_*)
+        # until another error: its frames' locals held the run's arrays
+        # (training's whole state), a second copy on the devices through
+        # the rerun. A stop has nothing to debug.
+        traceback.clear_frames(e.__traceback__)
       raise
   finally:
     if installed:   # None: a handler not set from Python

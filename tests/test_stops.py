@@ -414,3 +414,29 @@ def test_skipped_records_count_every_process_files(monkeypatch):
       [2, 2, 5, 5] if value == 2 else [0, 0, 1, 1]))
   assert log_step.skipped_records(stub, (0, 2)) == 7
   assert log_step.skipped_records(stub, None) == 14
+
+
+def test_a_stopped_runs_arrays_are_freed_with_its_frames(tmp_path,
+                                                         monkeypatch):
+  """A notebook keeps a stopped cell's exception, traceback and frames: the
+  training state in them stayed on the devices through the rerun (twice
+  the state's memory). A stop (Ctrl-C here) lets them go."""
+  import gc   # pylint: disable=import-outside-toplevel
+  import jax   # pylint: disable=import-outside-toplevel
+  from genvis_jax import modes   # pylint: disable=import-outside-toplevel
+  step, calls = trainer_lib.Trainer.step, []
+
+  def interrupted(self, state, batch):
+    calls.append(len(calls) + 1)
+    if calls[-1] == 3:
+      raise KeyboardInterrupt
+    return step(self, state, batch)
+
+  monkeypatch.setattr(trainer_lib.Trainer, "step", interrupted)
+  gc.collect()
+  before = {id(a) for a in jax.live_arrays()}
+  with pytest.raises(KeyboardInterrupt) as kept:   # as IPython keeps it
+    modes.run(config(6), str(tmp_path / "wd"))
+  gc.collect()
+  new = [a.shape for a in jax.live_arrays() if id(a) not in before]
+  assert kept.value.__traceback__ is not None and not new, new
