@@ -256,3 +256,30 @@ def test_a_ctrl_c_that_raises_waits_for_the_save_in_flight(tmp_path,
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3"]
   assert ("waiting for the checkpoint of step 3, still being written "
           "(Ctrl-C again stops without it)") in caplog.text
+
+
+def test_a_ctrl_c_in_the_wait_for_a_save_leaves_it_in_flight(tmp_path):
+  """A notebook's second Ctrl-C often lands while the loop waits for a save
+  (a stop's own, or the previous one before the next): the save stays in
+  flight, so the way out waits for it (it was marked checked before the
+  wait, and nothing waited)."""
+  class Manager:   # Orbax's, step 3 still being written
+    waits = 0
+
+    def is_saving_in_progress(self):
+      return True
+
+    def wait_until_finished(self):
+      Manager.waits += 1
+      if Manager.waits == 1:
+        raise KeyboardInterrupt
+
+  (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  ckpt.manager.close()
+  ckpt.manager, ckpt._pending = Manager(), 3   # pylint: disable=protected-access
+  with pytest.raises(KeyboardInterrupt):
+    ckpt.wait()
+  assert ckpt.in_flight() == 3
+  ckpt.wait()
+  assert ckpt.in_flight() is None and Manager.waits == 2

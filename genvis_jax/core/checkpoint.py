@@ -262,11 +262,15 @@ class Checkpointer:
       return
     if not block and self.manager.is_saving_in_progress():
       return
-    step, self._pending = self._pending, None
+    step = self._pending
     try:
       self.manager.wait_until_finished()  # re-raises the background error
     except Exception as e:  # pylint: disable=broad-except
+      self._pending = None
       raise self._save_failed(step, e, at_step) from e
+    # Only now: a Ctrl-C that ends the wait (a notebook's, while a stop's
+    # save is written) leaves the save in flight, waited for on the way out.
+    self._pending = None
     if not (self.directory / str(step)).exists():
       raise self._save_failed(step, RuntimeError(
           "the checkpoint was not finalized (Orbax logged why above)"), at_step)
