@@ -308,6 +308,17 @@ def _makedirs(path: str) -> str | None:
   return top
 
 
+def _clear_frames(e: BaseException) -> None:
+  """Clears the locals of the frames ``e``'s traceback and the exceptions
+  it chains to (``__context__``: a Ctrl-C during the wait for the save
+  after a first) hold; the frames still running are left."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    traceback.clear_frames(e.__traceback__)
+    e = e.__cause__ or e.__context__
+
+
 def _inside(path: str, top: str) -> bool:
   path, top = os.path.abspath(path), os.path.abspath(top)
   return path == top or path.startswith(os.path.join(top, ""))
@@ -382,7 +393,7 @@ def run(config, workdir: str | os.PathLike):
         # until another error: its frames' locals held the run's arrays
         # (training's whole state), a second copy on the devices through
         # the rerun. A stop has nothing to debug.
-        traceback.clear_frames(e.__traceback__)
+        _clear_frames(e)
       raise
   finally:
     if installed:   # None: a handler not set from Python

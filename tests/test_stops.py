@@ -416,11 +416,14 @@ def test_skipped_records_count_every_process_files(monkeypatch):
   assert log_step.skipped_records(stub, None) == 14
 
 
+@pytest.mark.parametrize("again", [False, True])
 def test_a_stopped_runs_arrays_are_freed_with_its_frames(tmp_path,
-                                                         monkeypatch):
+                                                         monkeypatch, again):
   """A notebook keeps a stopped cell's exception, traceback and frames: the
   training state in them stayed on the devices through the rerun (twice
-  the state's memory). A stop (Ctrl-C here) lets them go."""
+  the state's memory). A stop (Ctrl-C here) lets them go, also where a
+  Ctrl-C again ends the wait for the save in flight (the first is its
+  ``__context__``)."""
   import gc   # pylint: disable=import-outside-toplevel
   import jax   # pylint: disable=import-outside-toplevel
   from genvis_jax import modes   # pylint: disable=import-outside-toplevel
@@ -433,6 +436,10 @@ def test_a_stopped_runs_arrays_are_freed_with_its_frames(tmp_path,
     return step(self, state, batch)
 
   monkeypatch.setattr(trainer_lib.Trainer, "step", interrupted)
+  if again:
+    def ctrl_c_again(*args):
+      raise KeyboardInterrupt
+    monkeypatch.setattr(trainer_lib, "_finish_saves", ctrl_c_again)
   gc.collect()
   before = {id(a) for a in jax.live_arrays()}
   with pytest.raises(KeyboardInterrupt) as kept:   # as IPython keeps it
@@ -440,3 +447,4 @@ def test_a_stopped_runs_arrays_are_freed_with_its_frames(tmp_path,
   gc.collect()
   new = [a.shape for a in jax.live_arrays() if id(a) not in before]
   assert kept.value.__traceback__ is not None and not new, new
+  assert (kept.value.__context__ is not None) == again
