@@ -352,7 +352,7 @@ def load_weights(path: str, expected=None, *,
           f"{path} ({setting}) is a directory; these {what} are read from one "
           "file (.npz / .pth / .bin / .safetensors).")
     # restore_params gives host arrays (expected names no sharding).
-    return _to_device(weights_lib.restore_params(
+    return jax.device_put(weights_lib.restore_params(
         path, expected, setting=setting, model_name=model_name))
   if not epath.Path(path).exists():
     raise errors.CheckpointFileNotFoundError(
@@ -378,12 +378,6 @@ def load_weights(path: str, expected=None, *,
   if expected is not None:
     params = _fit(expected, params, f"{what[:1].upper()}{what[1:]} {path} "
                   f"({setting})")
-  return _to_device(params)
-
-
-def _to_device(params):
-  """Host arrays -> jax arrays on the default device, in jax's dtypes (as
-  ``jnp.asarray``): one ``device_put`` of the tree, where an eager
-  ``jnp.asarray`` per leaf compiled a program per distinct shape (55 for
-  Inception's 472 arrays)."""
+  # One transfer of the tree, in jax's dtypes: an eager jnp.asarray per leaf
+  # compiled a program per distinct shape (55 for Inception's 472 arrays).
   return jax.device_put(params)
