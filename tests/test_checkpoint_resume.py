@@ -24,6 +24,7 @@ from genvis_jax.core import preemption
 from genvis_jax.core import run_weights
 from genvis_jax.train import resume as resume_lib
 from genvis_jax.train import trainer as trainer_lib
+from tests import compiles
 from tests import small_run
 
 
@@ -180,16 +181,15 @@ def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):
   """Replica-parallel saving is kept for big arrays only: a state of small
   replicated arrays on 8 devices is written without compiling per-device
   slices (one compile per shape and device otherwise), and restores."""
-  import logging  # pylint: disable=import-outside-toplevel
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = {f"w{i}": jax.device_put(np.full((8, 40 + i), i, np.float32), rep)
            for i in range(4)}
   ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
-  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+  with compiles.compiled(caplog) as programs:
     ck.save(1, state)
   ck.wait()
-  assert not [r for r in caplog.records if "jit(slice)" in r.getMessage()]
+  assert "jit(slice)" not in programs, programs
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
   restored = ck.restore(1, abstract)

@@ -20,6 +20,7 @@ import pytest
 
 from genvis_jax import convert, errors
 from genvis_jax.convert import io as cio
+from tests import compiles
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -224,16 +225,13 @@ def test_load_weights_compiles_nothing(tmp_path, caplog):
   array shape: an eager ``jnp.asarray`` per leaf compiled 55 for Inception's
   472 arrays at every evaluation's start. float64 arrays arrive as jax's
   float32, as before."""
-  import logging   # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   flat = {f"layer{i}/kernel": rng.standard_normal((i + 1, 7 - i))
           for i in range(5)}
   np.savez(tmp_path / "w.npz", **flat)
-  with jax.log_compiles(True), caplog.at_level(logging.WARNING, "jax"):
+  with compiles.compiled(caplog) as programs:
     got = convert.load_weights(str(tmp_path / "w.npz"))
-  compiled = [r.getMessage()[:40] for r in caplog.records
-              if r.getMessage().startswith("Compiling")]
-  assert not compiled, compiled
+  assert not programs, programs
   for i in range(5):
     leaf = got[f"layer{i}"]["kernel"]
     assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32

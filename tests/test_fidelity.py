@@ -13,7 +13,6 @@ resize and numpy), independently of the code under test.
 """
 
 import json
-import logging
 import os
 
 import jax
@@ -34,6 +33,7 @@ from genvis_jax.sample import parts
 from genvis_jax.sample import images as images_lib
 from genvis_jax.core import pixels
 from genvis_jax.core import weights as weights_lib
+from tests import compiles
 
 
 # --- official formulas, re-stated ---------------------------------------------
@@ -440,12 +440,10 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path, caplog):
     decode(sharded.at[3].set(jnp.nan))
   # A decoder built again (a notebook's re-run cell, a draw() per call)
   # runs the same program: nothing compiles again.
-  with jax.log_compiles(True), caplog.at_level(logging.WARNING, "jax"):
+  with compiles.compiled(caplog) as programs:
     again = driver.make_decode_fn(c.tokenizer, mesh)
     np.testing.assert_array_equal(np.asarray(again(sharded)), got)
-  compiled = [r.getMessage()[:40] for r in caplog.records
-              if r.getMessage().startswith("Compiling")]
-  assert not compiled, compiled
+  assert not programs, programs
   settings = parts.sample_settings(_sample_config(c))
   assert settings["tokenizer.uint8"] == "round"
   assert settings["tokenizer.dtype"] == "float32"

@@ -3,7 +3,6 @@ their content, damage refused before Orbax reads them) and a fresh run's
 ``--config.init_from`` (what does not fit is refused before the data are
 opened, as the load words it; what fits trains on)."""
 
-import logging
 import os
 import shutil
 from unittest import mock
@@ -18,6 +17,7 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.train import tasks
 from genvis_jax.train import trainer as trainer_lib
+from tests import compiles
 from tests import small_run
 
 
@@ -143,11 +143,9 @@ def test_init_from_trains_from_the_loaded_weights(base_run, tmp_path, caplog):
   distinct shape: 36 for the Equivariant tokenizer's stage 2)."""
   c = small_run.config(1, lr=0.0)   # the step leaves the weights as loaded
   c.init_from = base_run
-  with jax.log_compiles(True), caplog.at_level(logging.WARNING, "jax"):
+  with compiles.compiled(caplog) as programs:
     state = trainer_lib.train_and_evaluate(c, str(tmp_path / "wd"))
-  copies = [r.getMessage()[:40] for r in caplog.records
-            if r.getMessage().startswith("Compiling jit(copy")]
-  assert not copies, copies
+  assert "jit(copy)" not in programs, programs
   want = weights_lib.restore_params(base_run, state.ema)   # its step 6's EMA
   assert int(state.step) == 1
   for a, b, e in zip(small_run.leaves(want),
