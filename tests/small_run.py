@@ -48,6 +48,21 @@ def train(num_steps, workdir):
   return trainer_lib.train_and_evaluate(config(num_steps), str(workdir))
 
 
+def interrupt_step(monkeypatch, call: int) -> None:
+  """The trainer's ``call``-th step (1-based) raises KeyboardInterrupt, as a
+  notebook's second Ctrl-C (the first asks for a clean stop) does there."""
+  from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  step, calls = trainer_lib.Trainer.step, []
+
+  def interrupted(self, state, batch):
+    calls.append(len(calls) + 1)
+    if calls[-1] == call:
+      raise KeyboardInterrupt
+    return step(self, state, batch)
+
+  monkeypatch.setattr(trainer_lib.Trainer, "step", interrupted)
+
+
 def copy_run(base, tmp_path):
   wd = str(tmp_path / "wd")
   shutil.copytree(base, wd)

@@ -24,6 +24,7 @@ from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import step_walk
 from genvis_jax.errors import UserError
 from genvis_jax.train import trainer as trainer_lib
+from tests import small_run
 from tests.small_run import config
 
 
@@ -239,15 +240,7 @@ def test_a_ctrl_c_that_raises_waits_for_the_save_in_flight(tmp_path,
     return list(await orig(self, *args, **kwargs) or []) + [StillWriting()]
 
   monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", slow_save)
-  step, calls = trainer_lib.Trainer.step, []
-
-  def interrupted(self, state, batch):
-    calls.append(len(calls) + 1)
-    if calls[-1] == 5:   # step 3's write has not ended
-      raise KeyboardInterrupt
-    return step(self, state, batch)
-
-  monkeypatch.setattr(trainer_lib.Trainer, "step", interrupted)
+  small_run.interrupt_step(monkeypatch, 5)   # step 3's write has not ended
   wd = str(tmp_path / "wd")
   c = config(6)
   c.train.profile_steps = 0   # a profile window waits for the write by design

@@ -427,15 +427,7 @@ def test_a_stopped_runs_arrays_are_freed_with_its_frames(tmp_path,
   import gc   # pylint: disable=import-outside-toplevel
   import jax   # pylint: disable=import-outside-toplevel
   from genvis_jax import modes   # pylint: disable=import-outside-toplevel
-  step, calls = trainer_lib.Trainer.step, []
-
-  def interrupted(self, state, batch):
-    calls.append(len(calls) + 1)
-    if calls[-1] == 3:
-      raise KeyboardInterrupt
-    return step(self, state, batch)
-
-  monkeypatch.setattr(trainer_lib.Trainer, "step", interrupted)
+  small_run.interrupt_step(monkeypatch, 3)
   if again:
     def ctrl_c_again(*args):
       raise KeyboardInterrupt
