@@ -12,8 +12,10 @@ import pytest
 
 from configs import eq_common
 from genvis_jax import models
-from genvis_jax.errors import UserError
+from genvis_jax.core import sharding
+from genvis_jax.errors import ConfigError, UserError
 from genvis_jax.sample import common
+from genvis_jax.sample import driver
 from genvis_jax.sample import eq_generator as eq_sample
 from tests.sharding_checks import run_batch_sharded
 from tests.test_eq_generator import C, K, np_init, tiny_config
@@ -225,7 +227,7 @@ def test_a_guidance_scale_below_one_is_warned_about(caplog):
   assert "1.0 means no guidance" in caplog.text
 
 
-def test_each_column_starts_from_its_own_noise(monkeypatch):
+def test_each_column_starts_from_its_own_noise(monkeypatch, request):
   """Column c's flow starts from noise drawn with ``fold_in(rng, c)`` (the
   official draws fresh noise per token): with one key every column started
   from the same noise. The flow is replaced by its starting noise here."""
@@ -235,6 +237,10 @@ def test_each_column_starts_from_its_own_noise(monkeypatch):
   model, params = models.build(cfg.model), np_init(abstract, std=0.2)
   monkeypatch.setattr(eq_sample, "euler_flow_hoisted",
                       lambda model, params, z, noise, *a, **k: noise)
+  # The stand-in flow is traced into the cached program of these options:
+  # no test before or after may share it.
+  common.compiled.cache_clear()
+  request.addfinalizer(common.compiled.cache_clear)
   out = np.asarray(eq_sample.sample(model, params, jnp.array([1, 3]),
                                     jax.random.key(5), num_columns=6,
                                     guidance_scale=3.0, num_steps=3))
@@ -242,3 +248,36 @@ def test_each_column_starts_from_its_own_noise(monkeypatch):
   for a in range(6):
     for b in range(a):
       assert not np.allclose(cols[:, a], cols[:, b]), (a, b)
+
+
+def test_a_sampler_takes_other_settings_on_the_weights_it_loaded(
+    tiny, fp32_latents, monkeypatch):
+  """colabs/equivariant_wide.ipynb built a sampler per width it drew: each
+  call read the generator's and the tokenizer's weights again (seconds at
+  paper size, and about 5k objects tensorstore 0.1.86 never frees per
+  load). ``with_options`` draws with other ``config.sample`` settings on
+  the weights already loaded, checked as the config's own."""
+  model, params = tiny
+  cfg = tiny_config(attn_dropout=0.0, proj_dropout=0.0)
+  cfg.tokenizer.model.embed_dim = C
+  loads = []
+  monkeypatch.setattr(models, "load_params",
+                      lambda mc, *a, **k: loads.append(mc.name) or params)
+  decoder = type("Decoder", (), {"dispatch": staticmethod(lambda x: x),
+                                 "to_uint8": staticmethod(lambda x: x)})
+  monkeypatch.setattr(driver, "make_decode_fn", lambda tok, mesh: decoder)
+  sampler, _ = driver.make_sample_fn(cfg,
+                                     sharding.data_mesh(jax.devices()[:1]))
+  columns = cfg.sample.num_columns
+  wide = sampler.with_options(**KW)
+  np.testing.assert_array_equal(
+      wide(LABELS, jax.random.key(5)),
+      fp32_latents / cfg.sample.latent_scale)
+  assert loads == [cfg.model.name]            # the generator's, once
+  assert sampler.options.num_columns == cfg.sample.num_columns == columns
+  with pytest.raises(KeyError, match="num_colums"):
+    sampler.with_options(num_colums=8)
+  with pytest.raises(TypeError, match="num_columns"):
+    sampler.with_options(num_columns="wide")
+  with pytest.raises(ConfigError, match="num_columns=0"):
+    sampler.with_options(num_columns=0)

@@ -19,6 +19,7 @@ with other settings (weights, model, sampler) is refused instead of mixing
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import time
 
@@ -56,10 +57,6 @@ def _sampler_module(name: str):
   ``genvis_jax.core.registry``."""
   return registry.module("genvis_jax.sample", name, ("generate",),
                          setting="config.model.name (the generator)")
-
-
-def _generator(name: str):
-  return _sampler_module(name).generate
 
 
 def host_uint8(images: jax.Array, value_range, method: str) -> jax.Array:
@@ -155,21 +152,47 @@ class Sampler:
   batch (generate, then decode) and returns at once a ``finish()`` that
   waits for it and gives those images: the driver dispatches the next batch
   before it finishes and writes this one, so the host's uint8 conversion and
-  file writes overlap the devices' work."""
+  file writes overlap the devices' work. ``sampler.with_options(...)``: the
+  same weights with other ``config.sample`` settings."""
 
-  def __init__(self, generate, decode: Decoder, precision=None):
-    """``precision()``: the context both run in (jit traces under it),
+  def __init__(self, generate, decode: Decoder, precision=None, options=None,
+               check=None):
+    """``generate(labels, rng, options)`` -> codes for ``decode``;
+    ``options``: the ``config.sample`` it is called with; ``check(options)``
+    refuses settings ``generate`` cannot take (``with_options`` calls it);
+    ``precision()``: the context both run in (jit traces under it),
     ``dtypes.matmul_precision(config, inference=True)``; default XLA's."""
     self._generate, self._decode = generate, decode
     self._precision = precision or contextlib.nullcontext
+    self.options, self._check = options, check or (lambda _: None)
 
   def dispatch(self, labels, rng):
     with self._precision():
-      decoded = self._decode.dispatch(self._generate(labels, rng))
+      decoded = self._decode.dispatch(
+          self._generate(labels, rng, self.options))
     return functools.partial(self._decode.to_uint8, decoded)
 
   def __call__(self, labels, rng) -> jax.Array:
     return self.dispatch(labels, rng)()
+
+  def with_options(self, **changes) -> Sampler:
+    """This sampler with ``config.sample`` settings changed, on the weights
+    and decoder it holds (nothing is read again): e.g.
+    ``num_columns=8 * 16`` for Equivariant images 8x the training width,
+    ``guidance_scale``, ``temperature``, ``num_steps``. Each new setting of
+    a program's static options compiles the generator once.
+
+    Raises:
+      KeyError: ``config.sample`` has no such setting (it lists those it has).
+      TypeError: a value of another type than the setting's.
+      ConfigError: a value the generator refuses (its ``check_settings``).
+    """
+    options = copy.deepcopy(self.options)
+    options.lock()   # a misspelt setting raises, as in a config file
+    options.update(changes)
+    self._check(options)
+    return Sampler(self._generate, self._decode, self._precision, options,
+                   self._check)
 
 
 def make_sample_fn(config, mesh):
@@ -183,13 +206,15 @@ def make_sample_fn(config, mesh):
   gen_params = models.load_params(
       config.model, config.init_from, mesh, setting="--config.init_from")
   decode = make_decode_fn(config.tokenizer, mesh)
-  generate = _generator(config.model.name)
-  s = config.sample
+  module = _sampler_module(config.model.name)
 
   # At config.matmul_precision also where a notebook calls it directly.
   sample_fn = Sampler(
-      lambda labels, rng: generate(gen_model, gen_params, labels, rng, s),
-      decode, precision=lambda: dtypes.matmul_precision(config, True))
+      lambda labels, rng, s: module.generate(gen_model, gen_params, labels,
+                                             rng, s),
+      decode, precision=lambda: dtypes.matmul_precision(config, True),
+      options=config.sample,
+      check=lambda s: common.check_configured(module, s))
   return sample_fn, sharding.batch_sharding(mesh)
 
 
