@@ -41,18 +41,25 @@ PAPER_CONFIGS = (
 )
 
 
+DEFAULT_DEVICES = 8
+
+
 def _force_host_devices(argv) -> None:
-  """``--devices=N`` (N > 0): N fake CPU devices; must run before jax is imported."""
+  """``--devices=N`` (N > 0, default 8): N fake CPU devices; must run before
+  jax is imported."""
+  value = str(DEFAULT_DEVICES)
   for i, a in enumerate(argv):
-    value = a.split("=", 1)[1] if a.startswith("--devices=") else (
-        argv[i + 1] if a == "--devices" and i + 1 < len(argv) else None)
-    if value is not None and value.isdigit() and int(value) > 0:
-      flags = os.environ.get("XLA_FLAGS", "")
-      flags = " ".join(f for f in flags.split()
-                       if not f.startswith("--xla_force_host_platform_device_count"))
-      os.environ["XLA_FLAGS"] = (
-          f"{flags} --xla_force_host_platform_device_count={int(value)}").strip()
-      os.environ["JAX_PLATFORMS"] = "cpu"
+    if a.startswith("--devices="):
+      value = a.split("=", 1)[1]
+    elif a == "--devices" and i + 1 < len(argv):
+      value = argv[i + 1]
+  if value.isdigit() and int(value) > 0:
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(f for f in flags.split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={int(value)}").strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 if __name__ == "__main__":
@@ -177,6 +184,7 @@ class Plan:
   ema_bytes: int
   state_bytes_total: int       # unsharded params + opt + ema, all devices together
   compiled: dict | None = None  # argument / output / alias / temp / code bytes
+  grid: dict | None = None      # the training sample grid's program, the same
   error: str = ""
 
   @property
@@ -193,8 +201,10 @@ class Plan:
             + c["generated_code"])
 
 
-def plan(config, *, name: str = "", devices=None, compile_step: bool = True) -> Plan:
-  """Plans ``config`` (mesh / batch / knobs already set) on ``devices``."""
+def plan(config, *, name: str = "", devices=None, compile_step: bool = True,
+         grid: bool = False) -> Plan:
+  """Plans ``config`` (mesh / batch / knobs already set) on ``devices``;
+  with ``grid``, a generator's training sample grid too."""
   from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
@@ -217,6 +227,8 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True) -> 
       state_bytes_total=total_bytes(st))
   if compile_step:
     p.compiled = compiled_memory(tr, config, frozen)
+  if grid:
+    p.grid = grid_memory(tr, config)
   return p
 
 
@@ -259,6 +271,37 @@ def compiled_memory(tr, config, frozen=None) -> dict:
           "generated_code": int(m.generated_code_size_in_bytes)}
 
 
+def grid_memory(tr, config) -> dict | None:
+  """The memory of a generator's training sample grid (``config.sample``,
+  ``grid_size`` classes; not the tokenizer's decode, a program of its own),
+  compiled on the trainer's mesh as ``GeneratorTask.draw`` traces it, with
+  its inputs placed as ``generator.placed_as_sampling`` places them: the
+  weights whole on every device, the classes split over the batch axes. None for tasks without
+  grids. Traced with the classes unknown, the sampler sizes its modulation
+  tables for all of them on each device (an upper bound)."""
+  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train.tasks import generator  # pylint: disable=import-outside-toplevel
+  task = tr.task
+  if not isinstance(task, generator.GeneratorTask):
+    return None
+  split = shd.num_batch_shards(tr.mesh, tr.rules)
+  labels = jax.ShapeDtypeStruct((-(-task.grid_size // split) * split,),
+                                jnp.int32,
+                                sharding=shd.batch_sharding(tr.mesh, tr.rules))
+  weights = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                     sharding=shd.replicated(tr.mesh)),
+      tr.abstract.params["model"])
+  rng = jax.ShapeDtypeStruct(tr.visual_rng.shape, tr.visual_rng.dtype,
+                             sharding=shd.replicated(tr.mesh))
+  draw = jax.jit(lambda w, l, r: task.draw(w, l, r, config.sample))
+  with tr.context():
+    m = draw.lower(weights, labels, rng).compile().memory_analysis()
+  return {"samples": task.grid_size, "argument": int(m.argument_size_in_bytes),
+          "output": int(m.output_size_in_bytes),
+          "temp": int(m.temp_size_in_bytes)}
+
+
 def _gib(n) -> str:
   return "-" if n is None else f"{n / 2**30:.3f}"
 
@@ -286,6 +329,22 @@ def format_table(plans) -> str:
   return "\n".join(rows)
 
 
+def format_grid_table(plans) -> str:
+  """Markdown table of the plans' grid programs; GiB per device. ``with
+  state``: the train state plus the grid's arguments and temporaries, what
+  the devices hold while a grid is drawn."""
+  rows = ["| config | mesh | samples | args GiB | temp GiB | with state GiB |",
+          "|---|---|---|---|---|---|"]
+  for p in plans:
+    if p.grid:
+      g = p.grid
+      mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1)
+      rows.append(f"| {p.config} | {mesh or '1 device'} | {g['samples']} | "
+                  f"{_gib(g['argument'])} | {_gib(g['temp'])} | "
+                  f"{_gib(p.state_bytes + g['argument'] + g['temp'])} |")
+  return "\n".join(rows)
+
+
 def _error_plan(name, config, err) -> Plan:
   return Plan(config=name, mesh=dict(config.mesh.shape),
               batch=config.train.global_batch_size,
@@ -301,7 +360,7 @@ def main(argv=None) -> list[Plan]:
   ap.add_argument("--config", action="append", default=None,
                   help="configs/X.py[:arg]; repeat for several; 'paper' = "
                   + ", ".join(PAPER_CONFIGS))
-  ap.add_argument("--devices", type=int, default=8,
+  ap.add_argument("--devices", type=int, default=DEFAULT_DEVICES,
                   help="N > 0: N fake CPU devices; 0: this machine's devices")
   ap.add_argument("--mesh", default="data=-1",
                   help="e.g. data=2,fsdp=4 (data left out: the devices the "
@@ -313,6 +372,9 @@ def main(argv=None) -> list[Plan]:
   ap.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16")
   ap.add_argument("--no_compile", action="store_true",
                   help="state bytes only (no step compile)")
+  ap.add_argument("--grid", action="store_true",
+                  help="also compile a generator's training sample grid "
+                  "(config.train.image_every) and print its memory")
   args = ap.parse_args(argv)
   specs = args.config or ["configs/rar_b.py"]
   specs = [s for spec in specs
@@ -335,13 +397,18 @@ def main(argv=None) -> list[Plan]:
                              dtype=args.dtype)
     name = spec.replace("configs/", "")
     try:
-      plans.append(plan(config, name=name, compile_step=not args.no_compile))
+      plans.append(plan(config, name=name, compile_step=not args.no_compile,
+                        grid=args.grid))
     except Exception as e:  # pylint: disable=broad-except
       plans.append(_error_plan(name, config, e))
     print(f"[plan_memory] {name}: done", file=sys.stderr, flush=True)
   print(f"backend={jax.default_backend()} devices={jax.device_count()} "
         f"({jax.devices()[0].device_kind}); GiB per device\n")
   print(format_table(plans))
+  if args.grid:
+    print("\nTraining sample grids (config.sample, drawn every "
+          "config.train.image_every steps beside the train state):\n")
+    print(format_grid_table(plans))
   for p in plans:
     if p.error:
       print(f"\n{p.config}: {p.error}")

@@ -1,6 +1,7 @@
 """bench/plan_memory.py: per-device state bytes follow the mesh; compiled step memory."""
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -109,3 +110,23 @@ def test_a_config_that_cannot_run_is_reported_whole(capsys):
     with pytest.raises(SystemExit):
       pm.main(bad)
   assert "give a positive number" in capsys.readouterr().err
+
+
+def test_a_generators_training_grid_is_planned_with_the_weights_whole(
+    monkeypatch):
+  """``--grid``: the sample grid drawn every ``image_every`` steps holds the
+  whole weights on every device beside the sharded train state (under fsdp
+  it once held a gathered copy per decode loop); the planner prints it.
+  Without ``--devices`` the planner takes its default 8 fake devices (it
+  took the machine's one, and refused every 8-device mesh)."""
+  p = pm.plan(_tiny("data=2,fsdp=4"), name="demo_rar", compile_step=False,
+              grid=True)
+  assert p.grid["samples"] == 16 and p.grid["temp"] > 0
+  # fp32 weights whole (the train state holds about a quarter of them).
+  assert p.grid["argument"] >= 4 * p.params > 2 * p.param_bytes
+  assert "| demo_rar | data=2,fsdp=4 | 16 |" in pm.format_grid_table([p])
+  monkeypatch.setenv("XLA_FLAGS",
+                     "--xla_cpu_foo --xla_force_host_platform_device_count=2")
+  pm._force_host_devices(["--config=configs/rar_b.py"])   # pylint: disable=protected-access
+  assert os.environ["XLA_FLAGS"] == (
+      "--xla_cpu_foo --xla_force_host_platform_device_count=8")
