@@ -147,7 +147,8 @@ class Task:
     a mean over the batch, so averaging over equal micro-batches equals the
     full-batch value except for terms the official code also computes per
     GPU batch (grouped: InfoNCE negatives, the entropy loss, BatchNorm
-    statistics); ``rng`` differs per micro-batch, so what it draws matches
+    statistics; the adaptive GAN weight, from the micro-batch's gradients);
+    ``rng`` differs per micro-batch, so what it draws matches
     the full batch's in expectation only. ``metrics`` must contain
     ``"loss"`` (checked for NaN/Inf by the trainer).
 

@@ -14,7 +14,8 @@ averaged:
   (``loss.stage2``) freezes the encoder and quant layer.
 
 Two differences from the official training are kept: the adaptive weight
-d_w is computed from the whole batch's gradients, where the official
+d_w is computed from the whole batch's gradients (each micro-batch's with
+``train.micro_batches`` > 1, so that setting changes it), where the official
 ``torch.autograd.grad`` (outside DDP's all-reduce) computes it from each GPU's
 12 images and DDP averages grad nll_i + d_w_i grad g_loss_i; and LPIPS runs
 without the Dropout(0.5) of its linear layers, which the official loss
