@@ -48,18 +48,24 @@ def visual_batch(local: dict, workdir=None, size: int = 16) -> dict:
 
 
 def _layout(batch: dict) -> dict:
-  return {k: (tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items())}
+  """Each array's shape past the batch size, and dtype."""
+  return {k: (tuple(v.shape[1:]), str(v.dtype)) for k, v in sorted(batch.items())}
 
 
 def _kept(first: dict, path: str) -> dict:
-  """The batch kept at ``path`` if it matches ``first``'s layout; else
-  ``first``, written there (whole: ``files.write_whole``)."""
+  """The batch kept at ``path``, its first ``len(first)`` examples, if it
+  matches ``first``'s layout and has as many (a resume on more hosts may
+  read fewer per host; every process's batch keeps ``first``'s size, which
+  ``broadcast_one_to_all`` needs); else ``first``, written there (whole:
+  ``files.write_whole``)."""
   try:
     if epath.Path(path).exists():
       with files.open_read(path) as f, np.load(f, allow_pickle=False) as z:
         kept = {k: z[k] for k in z.files}
-      if _layout(kept) == _layout(first):
-        return kept
+      n = len(next(iter(first.values())))
+      if _layout(kept) == _layout(first) and all(
+          len(v) >= n for v in kept.values()):
+        return {k: v[:n] for k, v in kept.items()}
       logging.warning("%s holds other arrays than this run's batches (%s; "
                       "now %s): the grids show this run's first batch from "
                       "here on.", path, _layout(kept), _layout(first))
