@@ -258,6 +258,20 @@ def test_another_device_count_resumes_with_a_warning(tmp_path, caplog):
   assert "devices" not in caplog.text
 
 
+def test_a_batch_the_devices_do_not_divide_says_how_parts_resume():
+  """Parts drawn at batch 8, resumed on 16 devices: the message asked for
+  another batch size, which the parts then refused."""
+  from configs import rar_b   # pylint: disable=import-outside-toplevel
+  from genvis_jax.errors import ConfigError   # pylint: disable=import-outside-toplevel
+  config = rar_b.get_config("runlocal")
+  config.sample.batch_size = 4
+  with pytest.raises(ConfigError, match=(
+      r"batch_size=4 must be a multiple of the 8 devices; .* resume those of "
+      r"batch 4 on a device count that divides it, or draw into a new "
+      r"workdir")):
+    driver.check_config(config)
+
+
 def test_assemble_joins_the_parts_or_writes_nothing(tmp_path):
   """``samples.npz`` holds the first ``num_samples`` images of the parts in
   order, written part by part; a gap, too few images or a part that cannot

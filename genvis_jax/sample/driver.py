@@ -302,7 +302,10 @@ def check_config(config, workdir: str | None = None, *,
   if s.batch_size % jax.device_count():
     raise errors.ConfigError(
         f"config.sample.batch_size={s.batch_size} must be a multiple of the "
-        f"{jax.device_count()} devices; set --config.sample.batch_size to one.")
+        f"{jax.device_count()} devices; set --config.sample.batch_size to one "
+        "(a workdir's parts resume only at the batch size they were drawn "
+        f"with: resume those of batch {s.batch_size} on a device count that "
+        "divides it, or draw into a new workdir).")
   return labels_lib.class_labels(
       s.num_samples, config.model.num_classes, s.get("classes", ()),
       s.get("labels", "balanced"), s.seed)
