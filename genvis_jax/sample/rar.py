@@ -86,12 +86,12 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
   draw = functools.partial(pick, rng=rng, seq_len=model.seq_len, g=g, pw=pw,
                            temperature=temp, use_cfg=use_cfg)
 
-  def tables(start, n):
+  def tables(start, n, classes=labels):
     """Modulation of cache positions start..start+n-1: the B classes' rows
     and, under CFG, the null class's once (None without)."""
     mod = lambda l: model.apply({"params": params}, l, start, n,
                                 method="decode_modulation")
-    return mod(labels), (mod(null) if use_cfg else None)
+    return mod(classes), (mod(null) if use_cfg else None)
 
   def per_row(own, nul):
     """The modulation of each sequence of the (CFG-doubled) batch."""
@@ -106,11 +106,13 @@ def _cached_impl(model, opts, params, labels, rng, g, pw, temp):
     codes = jnp.zeros((b, 1, seq_len), jnp.int32)
     return state["cache"], codes.at[:, 0, 0].set(draw(logits, 0))
 
-  def chunk_setup(start, stop):
+  def chunk_setup(start, stop, codes):
     rows = -(-b // opts.batch_shards)    # this device's classes
     if table_bytes(model, rows + use_cfg, stop - start) > TABLE_BYTES:
       return None
-    return start, tables(start - 1 + PREFIX, stop - start)
+    # Beside the chunk before (ar.decode), not all chunks' at the start.
+    return start, tables(start - 1 + PREFIX, stop - start,
+                         ar.after(labels, codes))
 
   def step(cache, ctx, prev, t):
     if ctx is None:                       # modulation of this position only
