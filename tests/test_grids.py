@@ -45,6 +45,12 @@ def test_grids_draw_as_sampling_does_on_an_fsdp_mesh(monkeypatch):
   weights, labels = seen.pop()
   assert all(x.sharding.is_fully_replicated
              for x in jax.tree_util.tree_leaves(weights))
+  # Weights already whole (norms, biases; every weight of a data-only mesh)
+  # are passed as they are, not copied.
+  whole = [(a, b) for a, b in zip(jax.tree_util.tree_leaves(weights),
+                                  jax.tree_util.tree_leaves(params["model"]))
+           if b.sharding.is_fully_replicated]
+  assert whole and all(a is b for a, b in whole)
   assert labels.shape == (-(-grid_size // 8) * 8,)
   assert labels.sharding.shard_shape(labels.shape)[0] == labels.shape[0] // 8
   np.testing.assert_array_equal(

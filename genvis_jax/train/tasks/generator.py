@@ -166,8 +166,8 @@ def _gather(mesh):
 def placed_as_sampling(weights, labels):
   """A grid's inputs placed as ``mode=sample`` places them, on the mesh and
   rules of the trainer's context (``grids.write_visuals`` draws under it):
-  the weights gathered once (a whole copy on every device) and the classes
-  split over the batch axes, repeated to a multiple of the split
+  the split weights gathered once (a whole copy on every device) and the
+  classes split over the batch axes, repeated to a multiple of the split
   (``visualize`` keeps the first ``grid_size`` images). Trained with
   ``fsdp``, the sampler's decode loops otherwise each gathered the sharded
   weights for themselves, every copy live at once, and every device drew
@@ -179,5 +179,18 @@ def placed_as_sampling(weights, labels):
   rules = nn.get_logical_axis_rules() or None
   split = shd.num_batch_shards(mesh, rules)
   labels = np.resize(np.asarray(labels), -(-len(labels) // split) * split)
-  return _gather(mesh)(weights), labels_lib.global_labels(
+  return _whole(weights, mesh), labels_lib.global_labels(
       labels, shd.batch_sharding(mesh, rules))
+
+
+def _whole(weights, mesh):
+  """``weights`` with a whole copy of each on every device of ``mesh``: the
+  split ones gathered (one program), the others as they are (a data-only
+  mesh's: no second copy of the state's weights)."""
+  leaves, tree = jax.tree_util.tree_flatten(weights)
+  split = [i for i, x in enumerate(leaves)
+           if not x.sharding.is_fully_replicated]
+  if split:
+    for i, x in zip(split, _gather(mesh)([leaves[i] for i in split])):
+      leaves[i] = x
+  return jax.tree_util.tree_unflatten(tree, leaves)
