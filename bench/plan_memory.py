@@ -184,7 +184,7 @@ class Plan:
   ema_bytes: int
   state_bytes_total: int       # unsharded params + opt + ema, all devices together
   compiled: dict | None = None  # argument / output / alias / temp / code bytes
-  grid: dict | None = None      # the training sample grid's program, the same
+  grid: list | None = None      # each training sample grid's program, the same
   error: str = ""
 
   @property
@@ -271,12 +271,14 @@ def compiled_memory(tr, config, frozen=None) -> dict:
           "generated_code": int(m.generated_code_size_in_bytes)}
 
 
-def grid_memory(tr, config) -> dict | None:
-  """The memory of a generator's training sample grid (``config.sample``,
-  ``grid_size`` classes; not the tokenizer's decode, a program of its own),
-  compiled on the trainer's mesh as ``GeneratorTask.draw`` traces it, with
-  its inputs placed as ``generator.placed_as_sampling`` places them: the
-  weights whole on every device, the classes split over the batch axes. None for tasks without
+def grid_memory(tr, config) -> list[dict] | None:
+  """The memory of each of a generator's training sample grids
+  (``grid_configs``: ``config.sample``, and the Equivariant generator's
+  wide grid at ``sample.wide_columns``), ``grid_size`` classes each (not
+  the tokenizer's decode, a program of its own), compiled on the trainer's
+  mesh as ``GeneratorTask.draw`` traces it, with its inputs placed as
+  ``generator.placed_as_sampling`` places them: the weights whole on every
+  device, the classes split over the batch axes. None for tasks without
   grids. Traced with the classes unknown, the sampler sizes its modulation
   tables for all of them on each device (an upper bound)."""
   from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
@@ -294,12 +296,18 @@ def grid_memory(tr, config) -> dict | None:
       tr.abstract.params["model"])
   rng = jax.ShapeDtypeStruct(tr.visual_rng.shape, tr.visual_rng.dtype,
                              sharding=shd.replicated(tr.mesh))
-  draw = jax.jit(lambda w, l, r: task.draw(w, l, r, config.sample))
-  with tr.context():
-    m = draw.lower(weights, labels, rng).compile().memory_analysis()
-  return {"samples": task.grid_size, "argument": int(m.argument_size_in_bytes),
-          "output": int(m.output_size_in_bytes),
-          "temp": int(m.temp_size_in_bytes)}
+  batch = batch_spec(config, task, config.train.global_batch_size,
+                     shd.batch_sharding(tr.mesh, tr.rules))
+  out = []
+  for name, sample_config in task.grid_configs(batch):
+    draw = jax.jit(lambda w, l, r, s=sample_config: task.draw(w, l, r, s))
+    with tr.context():
+      m = draw.lower(weights, labels, rng).compile().memory_analysis()
+    out.append({"name": name, "samples": task.grid_size,
+                "argument": int(m.argument_size_in_bytes),
+                "output": int(m.output_size_in_bytes),
+                "temp": int(m.temp_size_in_bytes)})
+  return out
 
 
 def _gib(n) -> str:
@@ -333,14 +341,14 @@ def format_grid_table(plans) -> str:
   """Markdown table of the plans' grid programs; GiB per device. ``with
   state``: the train state plus the grid's arguments and temporaries, what
   the devices hold while a grid is drawn."""
-  rows = ["| config | mesh | samples | args GiB | temp GiB | with state GiB |",
-          "|---|---|---|---|---|---|"]
+  rows = ["| config | grid | mesh | samples | args GiB | temp GiB | "
+          "with state GiB |", "|---|---|---|---|---|---|---|"]
   for p in plans:
-    if p.grid:
-      g = p.grid
+    for g in p.grid or ():
       mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1)
-      rows.append(f"| {p.config} | {mesh or '1 device'} | {g['samples']} | "
-                  f"{_gib(g['argument'])} | {_gib(g['temp'])} | "
+      rows.append(f"| {p.config} | {g['name']} | {mesh or '1 device'} | "
+                  f"{g['samples']} | {_gib(g['argument'])} | "
+                  f"{_gib(g['temp'])} | "
                   f"{_gib(p.state_bytes + g['argument'] + g['temp'])} |")
   return "\n".join(rows)
 

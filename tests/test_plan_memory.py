@@ -121,10 +121,12 @@ def test_a_generators_training_grid_is_planned_with_the_weights_whole(
   took the machine's one, and refused every 8-device mesh)."""
   p = pm.plan(_tiny("data=2,fsdp=4"), name="demo_rar", compile_step=False,
               grid=True)
-  assert p.grid["samples"] == 16 and p.grid["temp"] > 0
+  [grid] = p.grid
+  assert grid["samples"] == 16 and grid["temp"] > 0
   # fp32 weights whole (the train state holds about a quarter of them).
-  assert p.grid["argument"] >= 4 * p.params > 2 * p.param_bytes
-  assert "| demo_rar | data=2,fsdp=4 | 16 |" in pm.format_grid_table([p])
+  assert grid["argument"] >= 4 * p.params > 2 * p.param_bytes
+  assert ("| demo_rar | samples | data=2,fsdp=4 | 16 |"
+          in pm.format_grid_table([p]))
   monkeypatch.setenv("XLA_FLAGS",
                      "--xla_cpu_foo --xla_force_host_platform_device_count=2")
   pm._force_host_devices(["--config=configs/rar_b.py"])   # pylint: disable=protected-access
