@@ -2,6 +2,7 @@
 diverged state is saved (the newest good checkpoint is named), an error
 mid-run waits for the save in flight, and a stop's skipped grid is drawn."""
 
+import logging
 import math
 import os
 import re
@@ -353,7 +354,7 @@ def test_a_stops_grid_is_drawn_later_from_the_runs_first_batch(
 
 
 def test_a_kept_grid_batch_of_another_layout_or_unreadable_is_replaced(
-    tmp_path):
+    tmp_path, caplog):
   """A resume with another image size (or a damaged file) keeps this run's
   first batch instead, with a warning, not an error."""
   local = {"image": np.ones((20, 4, 4, 3), np.float32),
@@ -379,6 +380,12 @@ def test_a_kept_grid_batch_of_another_layout_or_unreadable_is_replaced(
   assert got["image"].shape == (4, 4, 4, 3) and got["image"].max() == 1
   with np.load(path) as z:
     assert z["image"].shape == (16, 4, 4, 3)
+  # Fewer kept than this run shows: replaced, saying so.
+  np.savez(path, **{k: v[:2] for k, v in local.items()})
+  with caplog.at_level(logging.WARNING):
+    got = grids.visual_batch(local, tmp_path)
+  assert got["image"].shape == (16, 4, 4, 3)
+  assert "holds 2 examples, fewer than the 16 this run shows" in caplog.text
 
 
 def test_stop_saves_do_not_push_out_the_checkpoints_of_the_cadence(tmp_path):

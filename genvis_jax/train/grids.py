@@ -49,7 +49,8 @@ def visual_batch(local: dict, workdir=None, size: int = 16) -> dict:
 
 def _layout(batch: dict) -> dict:
   """Each array's shape past the batch size, and dtype."""
-  return {k: (tuple(v.shape[1:]), str(v.dtype)) for k, v in sorted(batch.items())}
+  return {k: (tuple(v.shape[1:]), str(v.dtype))
+          for k, v in sorted(batch.items())}
 
 
 def _kept(first: dict, path: str) -> dict:
@@ -63,12 +64,17 @@ def _kept(first: dict, path: str) -> dict:
       with files.open_read(path) as f, np.load(f, allow_pickle=False) as z:
         kept = {k: z[k] for k in z.files}
       n = len(next(iter(first.values())))
-      if _layout(kept) == _layout(first) and all(
-          len(v) >= n for v in kept.values()):
+      have = min(len(v) for v in kept.values())
+      if _layout(kept) != _layout(first):
+        logging.warning("%s holds other arrays than this run's batches (%s; "
+                        "now %s): the grids show this run's first batch "
+                        "from here on.", path, _layout(kept), _layout(first))
+      elif have < n:
+        logging.warning("%s holds %d examples, fewer than the %d this run "
+                        "shows: the grids show this run's first batch from "
+                        "here on.", path, have, n)
+      else:
         return {k: v[:n] for k, v in kept.items()}
-      logging.warning("%s holds other arrays than this run's batches (%s; "
-                      "now %s): the grids show this run's first batch from "
-                      "here on.", path, _layout(kept), _layout(first))
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     logging.warning("%s could not be read (%s): the grids show this run's "
                     "first batch from here on.", path, errors.first_line(e))
