@@ -281,3 +281,5 @@ def test_a_sampler_takes_other_settings_on_the_weights_it_loaded(
     sampler.with_options(num_columns="wide")
   with pytest.raises(ConfigError, match="num_columns=0"):
     sampler.with_options(num_columns=0)
+  with pytest.raises(ConfigError, match="seed: settings of a mode=sample run"):
+    sampler.with_options(seed=3)   # the key is the call's

@@ -134,7 +134,7 @@ def after(labels, codes):
 def decode(prefill: Callable[[], tuple[Any, jax.Array]],
            step: Callable[..., tuple[Any, jax.Array]], *, num_steps: int,
            pos_offset: int, bucket: int = 0,
-           chunk_setup: Callable[[int, int], Any] | None = None,
+           chunk_setup: Callable[[int, int, jax.Array], Any] | None = None,
            resize: Callable[[Any, int], Any] = resize_kv_cache):
   """Runs the cached decode loop (call inside ``jit``).
 

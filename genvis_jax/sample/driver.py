@@ -146,6 +146,11 @@ def _decode_float(tok_model, params, codes):
   return images.astype(jnp.float32), finite
 
 
+# config.sample's settings of a mode=sample run, not of the sampler itself.
+RUN_SETTINGS = ("num_samples", "batch_size", "seed", "labels", "classes",
+                "allow_model_changes")
+
+
 class Sampler:
   """``sampler(labels (B,), rng)`` -> uint8 (B, H, W, 3), a jax array
   sharded over the batch. ``sampler.dispatch(labels, rng)`` starts the same
@@ -185,8 +190,16 @@ class Sampler:
     Raises:
       KeyError: ``config.sample`` has no such setting (it lists those it has).
       TypeError: a value of another type than the setting's.
-      ConfigError: a value the generator refuses (its ``check_settings``).
+      ConfigError: a setting of the sampling run the sampler does not read
+        (``RUN_SETTINGS``), or a value the generator refuses (its
+        ``check_settings``).
     """
+    unread = sorted(set(changes) & set(RUN_SETTINGS))
+    if unread:
+      raise errors.ConfigError(
+          f"{', '.join(unread)}: settings of a mode=sample run (which images "
+          "to draw, how many at a time), which a sampler does not read: pass "
+          "the labels and the key to its call instead.")
     options = copy.deepcopy(self.options)
     options.lock()   # a misspelt setting raises, as in a config file
     options.update(changes)
