@@ -286,10 +286,8 @@ def grid_memory(tr, config) -> list[dict] | None:
   task = tr.task
   if not isinstance(task, generator.GeneratorTask):
     return None
-  split = shd.num_batch_shards(tr.mesh, tr.rules)
-  labels = jax.ShapeDtypeStruct((-(-task.grid_size // split) * split,),
-                                jnp.int32,
-                                sharding=shd.batch_sharding(tr.mesh, tr.rules))
+  rows, sharding = generator.grid_placement(task.grid_size, tr.mesh, tr.rules)
+  labels = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding)
   weights = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                      sharding=shd.replicated(tr.mesh)),

@@ -142,9 +142,9 @@ class GeneratorTask(Task):
     weights, labels = placed_as_sampling(params["model"], labels)
     out = {}
     for name, sample_config in self.grid_configs(batch):
-      with nn.logical_axis_rules(()):   # see draw
-        images = self._decode(frozen["tokenizer"],
-                              self.draw(weights, labels, rng, sample_config))
+      codes = self.draw(weights, labels, rng, sample_config)
+      with nn.logical_axis_rules(()):   # decoded as mode=sample, too
+        images = self._decode(frozen["tokenizer"], codes)
       out[name] = self.grid_uint8(images)[:self.grid_size]
     return out
 
@@ -176,11 +176,19 @@ def placed_as_sampling(weights, labels):
   mesh = jax.sharding.get_mesh()
   if mesh.empty:
     return weights, labels
-  rules = nn.get_logical_axis_rules() or None
-  split = shd.num_batch_shards(mesh, rules)
-  labels = np.resize(np.asarray(labels), -(-len(labels) // split) * split)
+  rows, sharding = grid_placement(len(labels), mesh,
+                                  nn.get_logical_axis_rules() or None)
   return _whole(weights, mesh), labels_lib.global_labels(
-      labels, shd.batch_sharding(mesh, rules))
+      np.resize(np.asarray(labels), rows), sharding)
+
+
+def grid_placement(num_labels: int, mesh, rules):
+  """``(rows, sharding)``: a grid's ``num_labels`` classes repeated to a
+  multiple of the batch split of ``mesh`` under ``rules``, and the sharding
+  that splits them (``placed_as_sampling``; ``bench/plan_memory.py``
+  plans the same)."""
+  split = shd.num_batch_shards(mesh, rules)
+  return -(-num_labels // split) * split, shd.batch_sharding(mesh, rules)
 
 
 def _whole(weights, mesh):
