@@ -7,6 +7,12 @@ from genvis_jax.sample import driver
 from genvis_jax.sample import trained_with
 
 
+class PassThroughDecoder:
+  """A ``driver.Decoder`` stand-in: what the generator drew, unchanged."""
+  dispatch = staticmethod(lambda codes: codes)
+  to_uint8 = staticmethod(lambda decoded: decoded)
+
+
 def stand_in_sampler(monkeypatch, num_samples):
   """RAR-B's runlocal config drawing ``num_samples`` in batches of 8 with a
   stand-in sampler (images (4, 6) whose pixels are their labels); the list

@@ -15,6 +15,7 @@ from genvis_jax import cli
 from genvis_jax import modes
 from genvis_jax.errors import UserError
 from tests import cli_runner
+from tests import sample_common as sc
 from tests import xla_flags
 
 
@@ -357,10 +358,9 @@ def test_a_job_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch):
     setting, hlo = e.value.args[0]
     assert (setting == "float32") == highest and ("HIGHEST" in hlo) == highest
     assert "HIGH, HIGH" not in hlo      # training keeps XLA's default
-    decoder = type("Decoder", (), {"dispatch": staticmethod(lambda x: x),
-                                   "to_uint8": staticmethod(lambda x: x)})
-    sampler = driver.Sampler(traced, decoder, precision=lambda: (
-        modes.dtypes.matmul_precision(config, inference=True)))
+    sampler = driver.Sampler(
+        traced, sc.PassThroughDecoder, precision=lambda: (
+            modes.dtypes.matmul_precision(config, inference=True)))
     want = "HIGHEST, HIGHEST" if highest else "HIGH, HIGH"
     assert f"precision = [{want}]" in sampler(None, None)[1]
   config.matmul_precision = "fp32"

@@ -17,6 +17,7 @@ from genvis_jax.errors import ConfigError, UserError
 from genvis_jax.sample import common
 from genvis_jax.sample import driver
 from genvis_jax.sample import eq_generator as eq_sample
+from tests import sample_common as sc
 from tests.sharding_checks import run_batch_sharded
 from tests.test_eq_generator import C, K, np_init, tiny_config
 
@@ -263,9 +264,8 @@ def test_a_sampler_takes_other_settings_on_the_weights_it_loaded(
   loads = []
   monkeypatch.setattr(models, "load_params",
                       lambda mc, *a, **k: loads.append(mc.name) or params)
-  decoder = type("Decoder", (), {"dispatch": staticmethod(lambda x: x),
-                                 "to_uint8": staticmethod(lambda x: x)})
-  monkeypatch.setattr(driver, "make_decode_fn", lambda tok, mesh: decoder)
+  monkeypatch.setattr(driver, "make_decode_fn",
+                      lambda tok, mesh: sc.PassThroughDecoder)
   sampler, _ = driver.make_sample_fn(cfg,
                                      sharding.data_mesh(jax.devices()[:1]))
   columns = cfg.sample.num_columns

@@ -374,7 +374,7 @@ def test_a_kept_grid_batch_of_another_layout_or_unreadable_is_replaced(
   local["image"] = local["image"] * 0   # the kept one is used from now on
   assert grids.visual_batch(local, tmp_path)["image"].max() == 1
   # Also by a resume whose hosts read fewer examples each (2 processes
-  # after 1): its first 4 (the kept batch was replaced by 4 other ones).
+  # after 1): the kept batch's first 4, not this run's (zeros).
   small = {k: v[:4] for k, v in local.items()}
   got = grids.visual_batch(small, tmp_path)
   assert got["image"].shape == (4, 4, 4, 3) and got["image"].max() == 1
