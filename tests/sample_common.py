@@ -3,12 +3,12 @@
 import numpy as np
 
 from genvis_jax.core import sharding
-from genvis_jax.sample import driver
+from genvis_jax.sample import sampler as sampler_lib
 from genvis_jax.sample import trained_with
 
 
 class PassThroughDecoder:
-  """A ``driver.Decoder`` stand-in: what the generator drew, unchanged."""
+  """A ``sampler_lib.Decoder`` stand-in: what the generator drew, unchanged."""
   dispatch = staticmethod(lambda codes: codes)
   to_uint8 = staticmethod(lambda decoded: decoded)
 
@@ -32,9 +32,9 @@ def stand_in_sampler(monkeypatch, num_samples):
     return lambda: images
 
   mesh = sharding.data_mesh(jax.devices())
-  sampler = driver.Sampler(None, None)
+  sampler = sampler_lib.Sampler(None, None)
   sampler.dispatch = dispatch
-  monkeypatch.setattr(driver, "make_sample_fn", lambda *_: (
+  monkeypatch.setattr(sampler_lib, "make_sample_fn", lambda *_: (
       sampler, jax.sharding.NamedSharding(mesh,
                                           jax.sharding.PartitionSpec("data"))))
   monkeypatch.setattr(trained_with, "pin_weights", lambda c: c)

@@ -326,7 +326,7 @@ def test_a_job_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch):
   apply it); a value jax does not take is refused before any work."""
   from configs import eq_s   # pylint: disable=import-outside-toplevel
   import jax   # pylint: disable=import-outside-toplevel
-  from genvis_jax.sample import driver   # pylint: disable=import-outside-toplevel
+  from genvis_jax.sample import sampler as sampler_lib   # pylint: disable=import-outside-toplevel
   from genvis_jax.train import trainer   # pylint: disable=import-outside-toplevel
   from configs import eq_tokenizer   # pylint: disable=import-outside-toplevel
   config = eq_s.get_config("runlocal")
@@ -358,7 +358,7 @@ def test_a_job_runs_at_the_configs_matmul_precision(tmp_path, monkeypatch):
     setting, hlo = e.value.args[0]
     assert (setting == "float32") == highest and ("HIGHEST" in hlo) == highest
     assert "HIGH, HIGH" not in hlo      # training keeps XLA's default
-    sampler = driver.Sampler(
+    sampler = sampler_lib.Sampler(
         traced, sc.PassThroughDecoder, precision=lambda: (
             modes.dtypes.matmul_precision(config, inference=True)))
     want = "HIGHEST, HIGHEST" if highest else "HIGH, HIGH"

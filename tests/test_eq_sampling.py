@@ -15,8 +15,8 @@ from genvis_jax import models
 from genvis_jax.core import sharding
 from genvis_jax.errors import ConfigError, UserError
 from genvis_jax.sample import common
-from genvis_jax.sample import driver
 from genvis_jax.sample import eq_generator as eq_sample
+from genvis_jax.sample import sampler as sampler_lib
 from tests import sample_common as sc
 from tests.sharding_checks import run_batch_sharded
 from tests.test_eq_generator import C, K, np_init, tiny_config
@@ -264,9 +264,9 @@ def test_a_sampler_takes_other_settings_on_the_weights_it_loaded(
   loads = []
   monkeypatch.setattr(models, "load_params",
                       lambda mc, *a, **k: loads.append(mc.name) or params)
-  monkeypatch.setattr(driver, "make_decode_fn",
+  monkeypatch.setattr(sampler_lib, "make_decode_fn",
                       lambda tok, mesh: sc.PassThroughDecoder)
-  sampler, _ = driver.make_sample_fn(cfg,
+  sampler, _ = sampler_lib.make_sample_fn(cfg,
                                      sharding.data_mesh(jax.devices()[:1]))
   columns = cfg.sample.num_columns
   wide = sampler.with_options(**KW)

@@ -28,9 +28,9 @@ from genvis_jax import models
 from genvis_jax.data import pretokenize, ten_crop, tokens
 from genvis_jax.errors import UserError
 from genvis_jax.models import inference
-from genvis_jax.sample import driver
-from genvis_jax.sample import parts
 from genvis_jax.sample import images as images_lib
+from genvis_jax.sample import parts
+from genvis_jax.sample import sampler as sampler_lib
 from genvis_jax.core import pixels
 from genvis_jax.core import weights as weights_lib
 from tests import compiles
@@ -410,7 +410,7 @@ def test_bf16_fqgan_config_pretokenizes_with_fp32_codes(tmp_path, capsys,
 
 
 def test_sample_decode_runs_fp32_with_official_bytes(tmp_path, caplog):
-  """The Equivariant sampler's decode (driver): a bf16 tokenizer config decodes
+  """The Equivariant sampler's decode (sampler): a bf16 tokenizer config decodes
   in fp32, then the official round((x + 1) / 2 * 255)."""
   m = eq_tokenizer.tokenizer_model(
       ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
@@ -421,7 +421,7 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path, caplog):
   c = base.add_tokenizer(base.get_config(), m, checkpoint=str(tmp_path / "tok"))
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
-  decode = driver.make_decode_fn(c.tokenizer, mesh)
+  decode = sampler_lib.make_decode_fn(c.tokenizer, mesh)
   latents = jax.random.normal(jax.random.key(2), (8, 1, 8))
   sharded = jax.device_put(latents, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("data")))
@@ -436,12 +436,12 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path, caplog):
   np.testing.assert_array_equal(got, want)
   # A NaN latent (a diverged generator) decodes to NaN pixels, which uint8
   # would make black: refused instead.
-  with pytest.raises(driver.NonFiniteSamplesError, match="NaN or Inf"):
+  with pytest.raises(sampler_lib.NonFiniteSamplesError, match="NaN or Inf"):
     decode(sharded.at[3].set(jnp.nan))
   # A decoder built again (a notebook's re-run cell, a draw() per call)
   # runs the same program: nothing compiles again.
   with compiles.compiled(caplog) as programs:
-    again = driver.make_decode_fn(c.tokenizer, mesh)
+    again = sampler_lib.make_decode_fn(c.tokenizer, mesh)
     np.testing.assert_array_equal(np.asarray(again(sharded)), got)
   assert not programs, programs
   settings = parts.sample_settings(_sample_config(c))

@@ -18,8 +18,8 @@ import pytest
 from genvis_jax import models
 from genvis_jax.core import weights as weights_lib
 from genvis_jax.data import tokens as tokens_lib
-from genvis_jax.sample import driver
 from genvis_jax.sample import labels as sample_labels
+from genvis_jax.sample import sampler as sampler_lib
 from tests import pipeline_common as pc
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,7 @@ def test_rar_paper_pipeline(tmp_path):
       "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   assert mesh.axis_types[0] == jax.sharding.AxisType.Explicit
-  sample_fn, rows = driver.make_sample_fn(config, mesh)
+  sample_fn, rows = sampler_lib.make_sample_fn(config, mesh)
   s = config.sample
   labels = sample_labels.class_labels(s.num_samples, config.model.num_classes,
                                s.get("classes", ()), s.get("labels", "balanced"),
@@ -141,7 +141,7 @@ def test_rar_paper_pipeline(tmp_path):
   nan = os.path.join(w, "rar_nan")
   weights_lib.save_params(nan, jax.tree_util.tree_map(
       lambda x: np.full_like(x, np.nan), params))
-  with pytest.raises(driver.NonFiniteSamplesError,
+  with pytest.raises(sampler_lib.NonFiniteSamplesError,
                      match=r"NaN or Inf .*config.init_from.* Nothing of the "
                            r"batch of images 0\.\.\d+ was written"):
     pc.run_mode("rar_b.py:runlocal", os.path.join(w, "samples_nan"), **{

@@ -15,6 +15,7 @@ from genvis_jax.core import sharding
 from genvis_jax.sample import driver
 from genvis_jax.sample import labels as sample_labels
 from genvis_jax.sample import parts
+from genvis_jax.sample import sampler as sampler_lib
 from genvis_jax.sample import trained_with
 from tests import sample_common as sc
 
@@ -48,9 +49,9 @@ def test_sigterm_stops_sampling_after_the_batch_in_flight(tmp_path, monkeypatch,
 
   batch_sharding = jax.sharding.NamedSharding(
       sharding.data_mesh(jax.devices()), jax.sharding.PartitionSpec("data"))
-  sampler = driver.Sampler(None, None)
+  sampler = sampler_lib.Sampler(None, None)
   sampler.dispatch = fake_sample_fn
-  monkeypatch.setattr(driver, "make_sample_fn",
+  monkeypatch.setattr(sampler_lib, "make_sample_fn",
                       lambda *_: (sampler, batch_sharding))
   monkeypatch.setattr(trained_with, "pin_weights", lambda c: c)
   monkeypatch.setattr(trained_with, "pinned_sources", lambda _: {
@@ -139,7 +140,7 @@ def test_a_start_up_stop_whose_exception_was_lost_draws_nothing(
   signum = getattr(signal, signum)
   config, drawn = sc.stand_in_sampler(monkeypatch, 32)
   config.mode = "sample"
-  made = driver.make_sample_fn
+  made = sampler_lib.make_sample_fn
 
   def swallowed(*args):
     try:   # as a callback whose errors Python only prints
@@ -149,7 +150,7 @@ def test_a_start_up_stop_whose_exception_was_lost_draws_nothing(
       pass
     return made(*args)
 
-  monkeypatch.setattr(driver, "make_sample_fn", swallowed)
+  monkeypatch.setattr(sampler_lib, "make_sample_fn", swallowed)
   with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT
                      else errors.StoppedBySignal):
     modes.run(config, str(tmp_path / "wd"))
@@ -384,7 +385,7 @@ def test_parts_are_written_while_the_next_batch_is_drawn(tmp_path, monkeypatch,
   monkeypatch.setattr(driver.multihost, "write_on_process_0",
                       lambda path, w: events.append("write") or
                       real_write(path, w))
-  sampler = driver.make_sample_fn(config, None)[0]
+  sampler = sampler_lib.make_sample_fn(config, None)[0]
   dispatch = sampler.dispatch
   sampler.dispatch = lambda *a: events.append("dispatch") or dispatch(*a)
   out = driver.sample_and_save(config, str(tmp_path))

@@ -14,6 +14,7 @@ import pytest
 from genvis_jax import models
 from genvis_jax.sample import driver
 from genvis_jax.sample import parts
+from genvis_jax.sample import sampler as sampler_lib
 from genvis_jax.sample import trained_with
 
 
@@ -375,7 +376,7 @@ def test_a_run_is_sampled_with_the_model_settings_it_trained_with(tmp_path):
         section, name = key.split("__")
         c[section][name] = value
       c.init_from = str(init_from)
-    trained_with.check_trained_with(c, c, driver._sampler_module("eq_generator")
+    trained_with.check_trained_with(c, c, sampler_lib.sampler_module("eq_generator")
                              .RUN_KEYS)
 
   (step / "config" / "metadata").write_text(json.dumps(run))

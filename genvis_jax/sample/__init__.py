@@ -4,7 +4,9 @@
 compiled program per static option set, label checks), ``ar`` (the KV-cache
 decode loop and the categorical draw of the token samplers RAR and FAR),
 ``rar``, ``far``, ``eq_generator`` (column-by-column flow sampling),
-``driver`` (``mode=sample``: resumable sample parts, the ADM ``.npz``),
+``sampler`` (a generator's and its tokenizer's weights loaded once, as a
+callable: what ``mode=sample`` and notebooks draw with), ``driver``
+(``mode=sample``: resumable sample parts, the ADM ``.npz``),
 ``parts`` (the part files and their ``settings.json``), ``trained_with``
 (the weights pinned to their step folders, checked against the settings they
 trained with and the tokenizer their tokens came from) and ``images`` (grids

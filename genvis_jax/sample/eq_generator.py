@@ -441,7 +441,7 @@ def _chunks(state, advance, num_columns, chunk):
 
 
 def generate(model, params, labels, rng, s):
-  """Sampling-driver adapter (``genvis_jax.sample.driver``): ``config.sample``
+  """Sampler adapter (``genvis_jax.sample.sampler``): ``config.sample``
   fields (guidance_scale, num_steps, num_columns, latent_scale, dtype) ->
   float32 tokenizer latents (B, num_columns, token_dim) for ``decode``
   (generator latents / latent_scale). Raises what ``sample`` raises."""

@@ -217,9 +217,9 @@ def to_code_maps(codes, grid: int) -> tuple:
 
 
 def generate(model, params, labels, rng, s):
-  """Sampling-driver adapter: ``config.sample`` fields -> tokenizer code maps,
-  a tuple of k int32 (B, grid, grid) (``to_code_maps``). Raises what
-  ``sample`` raises."""
+  """Sampler adapter (``genvis_jax.sample.sampler``): ``config.sample``
+  fields -> tokenizer code maps, a tuple of k int32 (B, grid, grid)
+  (``to_code_maps``). Raises what ``sample`` raises."""
   codes = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,
                  temperature=s.temperature, top_k=s.get("top_k", 0),
                  top_p=s.get("top_p", 1.0), dtype=common.config_dtype(s))

@@ -262,7 +262,7 @@ def sample_uncached(model, params, labels, rng, *, guidance_scale: float,
 
 
 def generate(model, params, labels, rng, s):
-  """Sampling-driver adapter (``genvis_jax.sample.driver``): ``config.sample``
+  """Sampler adapter (``genvis_jax.sample.sampler``): ``config.sample``
   fields -> int32 (B, side, side) token maps (side = sqrt(model.seq_len))
   for the tokenizer's ``decode``. Raises what ``sample`` raises."""
   tokens = sample(model, params, labels, rng, guidance_scale=s.guidance_scale,

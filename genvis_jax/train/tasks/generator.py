@@ -66,8 +66,8 @@ class GeneratorTask(Task):
 
   @functools.cached_property
   def sampler(self) -> ModuleType:
-    """The sampling driver's adapter for ``config.model.name`` (chosen as
-    ``genvis_jax.sample.driver`` chooses it)."""
+    """The sampler adapter for ``config.model.name`` (chosen as
+    ``genvis_jax.sample.sampler`` chooses it)."""
     return registry.module("genvis_jax.sample", self.config.model.name,
                            ("generate",),
                            setting="config.model.name (the generator)")
