@@ -198,6 +198,38 @@ def test_small_replicated_arrays_saved_without_slice_compiles(tmp_path, caplog):
   ck.close()
 
 
+def test_a_step_restored_on_another_mesh_says_so(tmp_path, caplog):
+  """A step saved on 8 devices restored onto 4 (``mesh.shape.data=-1`` on a
+  smaller slice: the saved config holds -1, not the mesh) is resharded and
+  logs both meshes; restored on its own mesh it logs nothing of the kind."""
+  P = jax.sharding.PartitionSpec
+  eight = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  four = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2),
+                           ("data", "fsdp"))
+  state = {"w": jax.device_put(np.arange(32.0, dtype=np.float32).reshape(8, 4),
+                               jax.sharding.NamedSharding(eight, P("data")))}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ck.save(1, state)
+  ck.wait()
+  for mesh, spec, said in ((four, P("fsdp"), True), (eight, P("data"), False)):
+    abstract = {"w": jax.ShapeDtypeStruct(
+        (8, 4), np.float32, sharding=jax.sharding.NamedSharding(mesh, spec))}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      restored = ck.restore(1, abstract)
+    np.testing.assert_array_equal(np.asarray(restored["w"]),
+                                  np.asarray(state["w"]))
+    assert restored["w"].sharding.mesh.shape == mesh.shape
+    notes = [r.getMessage() for r in caplog.records
+             if "saved on mesh" in r.getMessage()]
+    assert notes == ([
+        "Step 1 was saved on mesh {'data': 8} (8 devices); this run's is "
+        "{'data': 2, 'fsdp': 2} (4 devices): the state is resharded onto it, "
+        "and the losses continue up to the rounding of sums split another "
+        "way."] if said else []), notes
+  ck.close()
+
+
 def test_sigterm_saves_the_step_in_flight_and_the_run_resumes(tmp_path, caplog):
   c = small_run.config(6)
   c.train.checkpoint_every = 100          # only the stop saves before the end

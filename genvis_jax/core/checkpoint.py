@@ -27,6 +27,7 @@ import time
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -300,9 +301,10 @@ class Checkpointer:
     """Restores the train state into ``abstract_state`` (ShapeDtypeStructs
     with shardings; Orbax reshards onto them, whatever mesh and process
     count wrote the step)."""
-    fit.compare_trees(abstract_state,
-                      pytree_io.state_metadata(self.directory / str(step)),
+    metadata = pytree_io.state_metadata(self.directory / str(step))
+    fit.compare_trees(abstract_state, metadata,
                       f"Checkpoint {self.directory / str(step)}")
+    _note_other_mesh(step, pytree_io.saved_mesh(metadata), abstract_state)
     # Through the handler: the manager's restore ends in a wait for every
     # process, which one whose read failed would skip (see first_readable).
     return pytree_io.restore_item(self.directory / str(step) / "state",
@@ -411,6 +413,23 @@ class Checkpointer:
     """Waits for the save in flight and closes; every process calls it."""
     self.check(block=True, agree=True)
     self.manager.close()
+
+
+def _note_other_mesh(step: int, saved: dict | None, abstract_state) -> None:
+  """Logs that ``step`` was saved on another mesh than ``abstract_state``'s
+  (another slice, or ``mesh.shape.data=-1`` resolved to another device
+  count: the saved config shows neither)."""
+  meshes = [getattr(getattr(a, "sharding", None), "mesh", None)
+            for a in jax.tree_util.tree_leaves(abstract_state)]
+  mesh = next((m for m in meshes if m is not None), None)
+  if saved is None or mesh is None or saved == dict(mesh.shape):
+    return
+  count = lambda shape: int(np.prod(list(shape.values())))
+  logging.info(
+      "Step %d was saved on mesh %s (%d devices); this run's is %s (%d "
+      "devices): the state is resharded onto it, and the losses continue up "
+      "to the rounding of sums split another way.", step, saved, count(saved),
+      dict(mesh.shape), count(mesh.shape))
 
 
 def save_error_cause(error: BaseException) -> str:

@@ -58,6 +58,19 @@ def state_metadata(step_dir: epath.Path):
     handler.close()
 
 
+def saved_mesh(metadata) -> dict[str, int] | None:
+  """The mesh (axis name -> size) ``metadata`` (``state_metadata``'s tree)
+  records its arrays were saved on: the first one sharded over a mesh
+  (None: none recorded, e.g. host arrays)."""
+  for leaf in jax.tree_util.tree_leaves(
+      getattr(metadata, "tree", metadata),
+      is_leaf=lambda x: hasattr(x, "sharding")):
+    names = getattr(getattr(leaf, "sharding", None), "axis_names", None)
+    if names:
+      return dict(zip(names, (int(n) for n in leaf.sharding.shape)))
+  return None
+
+
 def placed_restore_args(abstract_params):
   """Orbax restore arguments that read each leaf of ``abstract_params``
   (ShapeDtypeStructs, shardings optional) straight onto its sharding (each
