@@ -18,7 +18,9 @@ fusion and layout differ from TPU / GPU, so run the script on the target to
 plan its memory (with ``--devices=0``). Frozen loss weights (LPIPS, teachers)
 are only counted when their paths are set in the config; the Equivariant
 generator's frozen tokenizer is counted by its shapes when no checkpoint is
-set (no weights are read).
+set (no weights are read). ``frozen GiB``: those weights on one device, placed
+as the trainer places them (teachers and tokenizers split by the rules, as
+trained weights are; LPIPS whole).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ if __name__ == "__main__":
   sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -183,6 +186,7 @@ class Plan:
   opt_bytes: int
   ema_bytes: int
   state_bytes_total: int       # unsharded params + opt + ema, all devices together
+  frozen_bytes: int = 0         # frozen weights (teachers, a tokenizer) as placed
   compiled: dict | None = None  # argument / output / alias / temp / code bytes
   grid: list | None = None      # each training sample grid's program, the same
   error: str = ""
@@ -224,7 +228,9 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True,
       params=params, param_bytes=sharded_bytes(st.params, sh.params),
       opt_bytes=sharded_bytes(st.opt_state, sh.opt_state),
       ema_bytes=sharded_bytes(st.ema, sh.ema) if st.ema is not None else 0,
-      state_bytes_total=total_bytes(st))
+      state_bytes_total=total_bytes(st),
+      frozen_bytes=sharded_bytes(*_abstract_and_shardings(
+          placed_frozen(tr, frozen)[0])))
   if compile_step:
     p.compiled = compiled_memory(tr, config, frozen)
   if grid:
@@ -241,28 +247,50 @@ def _tokenizer_shapes(config, task):
     return None
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
   from genvis_jax.models import inference  # pylint: disable=import-outside-toplevel
-  shapes = jax.eval_shape(lambda k: models.init_params(
-      inference.data_model_config(config.tokenizer), k), jax.random.key(0))
+  boxed = jax.eval_shape(lambda k: models.init_params(
+      inference.data_model_config(config.tokenizer), k, boxed=True),
+                         jax.random.key(0))
   task.encodes_with_tokenizer = False   # this instance: no checkpoint needed
   task.frozen_params = lambda: {}
-  return {"tokenizer": shapes}
+  return {"tokenizer": boxed}
+
+
+def placed_frozen(tr, frozen=None):
+  """``(frozen weights, train step)``: the trainer's, or ``frozen`` (boxed
+  abstract weights) placed as the trainer places loaded ones
+  (``state.frozen_shardings``) and the step compiled for them."""
+  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  if frozen is None:
+    return tr.frozen, tr._step  # pylint: disable=protected-access
+  shapes = nn.unbox(frozen)
+  shardings = state_lib.frozen_shardings(shapes, frozen, tr.mesh, tr.rules)
+  step = step_lib.jit_train_step(
+      tr._step_fn, tr.shardings,  # pylint: disable=protected-access
+      shd.batch_sharding(tr.mesh, tr.rules), shd.replicated(tr.mesh),
+      shardings)
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      shapes, shardings), step
+
+
+def _abstract_and_shardings(tree):
+  leaves = jax.tree_util.tree_leaves(tree)
+  return leaves, [a.sharding for a in leaves]
 
 
 def compiled_memory(tr, config, frozen=None) -> dict:
   """Lowers and compiles the donated train step with abstract arguments
-  (``frozen``: abstract frozen weights in place of ``tr.frozen``)."""
+  (``frozen``: boxed abstract frozen weights in place of ``tr.frozen``)."""
   from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   batch = batch_spec(config, tr.task, config.train.global_batch_size,
                      shd.batch_sharding(tr.mesh, tr.rules))
   rng = jax.ShapeDtypeStruct(tr.train_rng.shape, tr.train_rng.dtype,
                              sharding=shd.replicated(tr.mesh))
-  if frozen is not None:
-    frozen = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, a.dtype, sharding=shd.replicated(tr.mesh)), frozen)
+  frozen, step = placed_frozen(tr, frozen)
   with tr.context():
-    compiled = tr._step.lower(  # pylint: disable=protected-access
-        tr.abstract_state(), batch, rng,
-        tr.frozen if frozen is None else frozen).compile()
+    compiled = step.lower(tr.abstract_state(), batch, rng, frozen).compile()
   m = compiled.memory_analysis()
   return {"argument": int(m.argument_size_in_bytes),
           "output": int(m.output_size_in_bytes),
@@ -315,13 +343,14 @@ def _gib(n) -> str:
 def format_table(plans) -> str:
   """Markdown table; sizes in GiB per device."""
   head = ("| config | params (M) | mesh | batch / micro | remat | dtype | param GiB | "
-          "opt GiB | ema GiB | state GiB | args GiB | out GiB | temp GiB | "
+          "opt GiB | ema GiB | state GiB | frozen GiB | args GiB | out GiB | "
+          "temp GiB | "
           "code GiB | peak GiB |")
   rows = [head, "|" + "---|" * (head.count("|") - 1)]
   for p in plans:
     mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
     if p.error:   # the whole message (its fix) is printed below the table
-      rows.append(f"| {p.config} | error (below) |" + " |" * 13)
+      rows.append(f"| {p.config} | error (below) |" + " |" * 14)
       continue
     c = p.compiled or {}
     remat = p.remat if p.remat_honored else f"{p.remat} (ignored)"
@@ -329,7 +358,8 @@ def format_table(plans) -> str:
         f"| {p.config} | {p.params / 1e6:.1f} | {mesh} | {p.batch} / "
         f"{p.micro_batches} | {remat} | {p.dtype} | {_gib(p.param_bytes)} | "
         f"{_gib(p.opt_bytes)} | {_gib(p.ema_bytes)} | {_gib(p.state_bytes)} | "
-        f"{_gib(c.get('argument'))} | {_gib(c.get('output'))} | "
+        f"{_gib(p.frozen_bytes)} | {_gib(c.get('argument'))} | "
+        f"{_gib(c.get('output'))} | "
         f"{_gib(c.get('temp'))} | {_gib(c.get('generated_code'))} | "
         f"{_gib(p.peak_bytes)} |")
   return "\n".join(rows)

@@ -321,6 +321,10 @@ def test_sharded_train_step_with_teacher(tmp_path):
   config = _task_config(tmp_path)
   tr = trainer_lib.Trainer(config, mesh=shd.create_mesh(config.mesh))
   assert set(tr.frozen) == {"teachers"}
+  # The teacher is split over fsdp as trained weights are, not replicated.
+  block = tr.frozen["teachers"]["sem"]["encoder"]["block_0"]
+  for kernel in (block["attn"]["qkv"]["kernel"], block["mlp"]["fc1"]["kernel"]):
+    assert kernel.addressable_shards[0].data.size == kernel.size // 2
   # Drawn on the host and placed on the mesh: the sharded initialiser's
   # compile (12 s) was most of this test (the FQGAN pipeline runs it).
   params = {g: _random_params(p, i) for i, (g, p)

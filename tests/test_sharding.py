@@ -395,3 +395,28 @@ def test_embedding_lookups_do_not_gather_the_global_batch(spec):
   # ... never an activation of the global batch.
   assert not [g for g in gathers if g.startswith("16,")], gathers
 
+
+def test_frozen_weights_split_where_the_task_names_their_axes():
+  """``state.frozen_shardings``: a frozen group's leaves the task names
+  (``Task.frozen_axes``) split by the rules as trained weights are, matched
+  by path; a key the module lacks (a weights file's extra leaf) and a group
+  it does not name stay whole on every device."""
+  import flax.linen as nn   # pylint: disable=import-outside-toplevel
+  from genvis_jax.train import state as state_lib   # pylint: disable=import-outside-toplevel
+  mesh = shd.create_mesh(ml_collections.ConfigDict(
+      {"shape": dict(data=2, fsdp=4, tensor=1)}))
+  frozen = {"teachers": {"sem": {"fc": {"kernel": np.ones((8, 6), np.float32)},
+                                 "extra": np.ones((8, 6), np.float32)}},
+            "lpips": {"lin": np.ones((8, 6), np.float32)}}
+  axes = {"teachers": {"sem": {"fc": {"kernel": nn.LogicallyPartitioned(
+      jax.ShapeDtypeStruct((8, 6), np.float32), ("embed", "mlp"))}}}}
+  shardings = state_lib.frozen_shardings(frozen, axes, mesh,
+                                         shd.DEFAULT_RULES)
+  placed = shd.put_host(frozen, shardings)
+  kernel = placed["teachers"]["sem"]["fc"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  assert kernel.addressable_shards[0].data.shape == (2, 6)
+  np.testing.assert_array_equal(np.asarray(kernel),
+                                frozen["teachers"]["sem"]["fc"]["kernel"])
+  for whole in (placed["teachers"]["sem"]["extra"], placed["lpips"]["lin"]):
+    assert whole.sharding.is_fully_replicated

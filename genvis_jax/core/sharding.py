@@ -363,22 +363,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def put_replicated(tree, mesh: Mesh):
   """Host arrays, equal on every process (weights read from files) -> a
-  whole copy of each on every device of ``mesh`` (``replicated``).
+  whole copy of each on every device of ``mesh`` (``replicated``); see
+  ``put_host``."""
+  return put_host(tree, replicated(mesh))
 
-  Each process puts the copies of its own devices
+
+def put_host(tree, shardings):
+  """Host arrays, equal on every process (weights read from files) -> jax
+  arrays on ``shardings`` (one sharding for every leaf, or a tree of them).
+
+  Each process puts the shards of its own devices
   (``jax.make_array_from_callback``): ``jax.device_put`` of host data onto a
   mesh spanning several processes first checks that they agree by gathering
   every process's copy onto every device, P times the largest leaf of
   device memory at once (a CLIP ViT-L teacher on 64 hosts: ~77 GB gathered
   per host at start-up).
   """
-  sharding = replicated(mesh)
-
-  def put(x):
+  def put(x, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding,
                                         lambda index: x[index])
-  return jax.tree_util.tree_map(put, tree)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
+  return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, micro_batches: int = 1,

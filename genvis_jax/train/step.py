@@ -161,13 +161,15 @@ def usage_of_batch(metrics: dict) -> dict:
   return out
 
 
-def jit_train_step(step_fn, state_shardings, batch_sharding, replicated):
+def jit_train_step(step_fn, state_shardings, batch_sharding, replicated,
+                   frozen_shardings=None):
   """``step_fn(state, batch, rng, frozen) -> (state, metrics)`` compiled
   with the state donated (updated in place: one copy of the weights and
   optimizer state in device memory, not two) and placed on
-  ``state_shardings``, the batch on ``batch_sharding``, the key, the frozen
-  parameters and the metrics replicated."""
+  ``state_shardings``, the batch on ``batch_sharding``, the frozen
+  parameters on ``frozen_shardings`` (``state.frozen_shardings``; default
+  replicated), the key and the metrics replicated."""
   return jax.jit(step_fn, donate_argnums=(0,),
                  in_shardings=(state_shardings, batch_sharding, replicated,
-                               replicated),
+                               frozen_shardings or replicated),
                  out_shardings=(state_shardings, replicated))

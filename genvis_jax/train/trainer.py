@@ -129,18 +129,23 @@ class Trainer:
     step_fn = step_lib.make_train_step(
         self.task, self.optimizers, config.train,
         shd.num_batch_shards(self.mesh, self.rules))
-    # Non-trainable weights the losses use (LPIPS, teachers), replicated:
-    # read on every process with the outcome agreed (a host missing a file
-    # stops all), and each places its own copy, so the copies are compared.
+    # Non-trainable weights the losses use (LPIPS, teachers): read on every
+    # process with the outcome agreed (a host missing a file stops all), and
+    # each places its own shards, so the copies are compared. Split by the
+    # rules where the task names their axes (a teacher, a tokenizer), else
+    # replicated.
     frozen = multihost.run_everywhere(
         self.task.frozen_params,
         "could not read the frozen weights (LPIPS, teachers, the tokenizer; "
         "their logs say why).")
     checks.check_same_weights(frozen)
-    self.frozen = shd.put_replicated(frozen, self.mesh)
+    frozen_shardings = state_lib.frozen_shardings(
+        frozen, self.task.frozen_axes(), self.mesh, self.rules)
+    self.frozen = shd.put_host(frozen, frozen_shardings)
+    self._step_fn = step_fn   # bench/plan_memory.py compiles it for shapes
     self._step = step_lib.jit_train_step(
         step_fn, self.shardings, shd.batch_sharding(self.mesh, self.rules),
-        shd.replicated(self.mesh))
+        shd.replicated(self.mesh), frozen_shardings)
 
   def context(self):
     return _Context(self.mesh, self.rules)

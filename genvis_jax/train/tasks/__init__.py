@@ -136,6 +136,16 @@ class Task:
     """
     return {}
 
+  def frozen_axes(self) -> Mapping[str, PyTree]:
+    """The logical axis names of the frozen groups the rules split as they
+    split trained weights (a teacher, a tokenizer: ``fsdp`` then holds a
+    share of them on each device, not a whole copy): ``{group: boxed
+    abstract tree}`` (``nn.LogicallyPartitioned`` leaves, ``jax.eval_shape``
+    of the module's init) with the structure of ``frozen_params()[group]``.
+    Groups left out are replicated (LPIPS's 15M parameters). Called after
+    ``frozen_params``; allocates nothing."""
+    return {}
+
   # --- training -----------------------------------------------------------
   def grads(self, params: Mapping[str, PyTree], frozen: Mapping[str, PyTree],
             batch: Mapping[str, jax.Array], rng: jax.Array, step: jax.Array):

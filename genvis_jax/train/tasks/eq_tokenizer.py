@@ -126,6 +126,21 @@ class EqTokenizerTask(GANTokenizerTask):
     self._frozen = out
     return out
 
+  def frozen_axes(self):
+    """The DINO discriminator's ViT and the semantic teacher (DINOv2
+    ViT-B/14s, 86M parameters each) split as trained weights are."""
+    c, axes = self.config, dict(super().frozen_axes())
+    key = jax.random.key(0)
+    if self.is_dino:
+      axes["dino_vit"] = jax.eval_shape(
+          lambda k: models.init_params(c.disc, k, boxed=True)["vit"], key)
+    if self.use_semantic:
+      x = dinov2_lib.example_inputs(self.teacher, 1,
+                                    c.loss.teacher.img_size)
+      axes["teacher"] = jax.eval_shape(
+          lambda k: self.teacher.init(k, *x)["params"], key)
+    return axes
+
   # --- pieces ---------------------------------------------------------------
   def split_rng(self, rng):
     return tuple(jax.random.split(rng, 3))

@@ -98,6 +98,15 @@ class GeneratorTask(Task):
           tok.model, tok.checkpoint, setting="--config.tokenizer.checkpoint")
     return {"tokenizer": self._tokenizer_params}
 
+  def frozen_axes(self):
+    """The tokenizer's (the Equivariant tokenizer's 0.24B parameters) split
+    as trained weights are, where it is loaded."""
+    if self._tokenizer_params is None:
+      return {}
+    model = self.config.tokenizer.model
+    return {"tokenizer": jax.eval_shape(
+        lambda k: models.init_params(model, k, boxed=True), jax.random.key(0))}
+
   @functools.cached_property
   def _decode(self):
     """Jitted ``decode(tokenizer_params, codes)`` -> images (B, H, W, 3) in
