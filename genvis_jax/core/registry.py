@@ -6,8 +6,14 @@ A config string names a module (as big_vision's ``config.model_name``):
 ``genvis_jax.convert.rar``, ``config.evaluate.kind = "generation"`` is
 ``genvis_jax.evaluate.generation``. The module exposes the names its registry
 agrees on (models: ``build`` and ``example_inputs``; tasks: ``TASK``;
-converters: ``convert`` ...). Adding a family is adding its files; no table
-elsewhere names it.
+converters: ``convert`` ...). Adding a family is adding its files; the only
+tables that name families hold facts about the official pipelines each
+follows, where a new family without an entry gets a message naming the
+setting to give instead: the tokenizers' uint8 conversion
+(``sample.images.DEFAULT_UINT8``, else ``config.tokenizer.uint8``) and
+evaluation protocol (``evaluate.protocols.PROTOCOLS``), the converters'
+download commands (``convert.SOURCES``), and the paper config a demo's
+generator shrinks (``modes.PAPER_RUNLOCAL``).
 """
 
 from __future__ import annotations
