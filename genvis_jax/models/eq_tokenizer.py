@@ -89,7 +89,7 @@ class Encoder1D(nn.Module):
                 factors=_factors(i, self.len_down_scale), dropout=self.dropout,
                 remat=self.remat, name=f"down_{i}", **kw)(h, train)[0]
     h = resample.Mid(self.dropout, self.remat, name="mid", **kw)(h, train)
-    h = nn.swish(layers.group_norm(uniform_guard=True, name="norm_out",
+    h = nn.silu(layers.group_norm(uniform_guard=True, name="norm_out",
                                    **kw)(h))
     h = resample.conv2d(h, self.z_channels, "conv_out", **kw)
     t = columnize(h)
@@ -133,7 +133,7 @@ class Decoder1D(nn.Module):
                      **kw)(h, train)
       if i == n - 1 and self.semantic_map == "res":
         sem = pre
-    h = nn.swish(layers.group_norm(uniform_guard=True, name="norm_out",
+    h = nn.silu(layers.group_norm(uniform_guard=True, name="norm_out",
                                    **kw)(h))
     return resample.conv2d(h, self.out_ch, "conv_out", **kw), sem
 
@@ -165,7 +165,7 @@ class SemanticDecoder(nn.Module):
                 resample="down" if i < self.downsample_scale else None,
                 dropout=self.dropout, remat=self.remat, name=f"down_{i}",
                 **kw)(h, train)[0]
-    h = nn.swish(layers.group_norm(uniform_guard=True, name="norm_out",
+    h = nn.silu(layers.group_norm(uniform_guard=True, name="norm_out",
                                    **kw)(h))
     return resample.conv2d(h, self.out_ch, "conv_out", **kw)
 

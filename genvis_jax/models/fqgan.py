@@ -186,7 +186,7 @@ class FQEncoder(lg.CNNBase):
                             self.adapter_heads, self.adapter_mlp_ratio,
                             remat=self.remat, name=f"{adapter_name(b)}_0",
                             **self._kw)(h)
-      y = nn.swish(layers.group_norm(name=f"norm_out_{b}", **self._kw)(y))
+      y = nn.silu(layers.group_norm(name=f"norm_out_{b}", **self._kw)(y))
       out[b] = lg._conv3(self.z_channels, f"conv_out_{b}", self._kw)(y)
     return out
 

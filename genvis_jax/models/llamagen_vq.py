@@ -117,7 +117,7 @@ class Encoder(CNNBase):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = self._trunk(x, train)
-    x = nn.swish(layers.group_norm(name="norm_out", **self._kw)(x))
+    x = nn.silu(layers.group_norm(name="norm_out", **self._kw)(x))
     return _conv3(self.z_channels, "conv_out", self._kw)(x)
 
 
@@ -142,7 +142,7 @@ class Decoder(CNNBase):
                        resample=_UPSAMPLE if level else None,
                        dropout=self.dropout, remat=self.remat,
                        name=f"conv_blocks_{idx}", **self._kw)(x, train)[0]
-    x = nn.swish(layers.group_norm(name="norm_out", **self._kw)(x))
+    x = nn.silu(layers.group_norm(name="norm_out", **self._kw)(x))
     return _conv3(self.out_channels, "conv_out", self._kw)(x)
 
 

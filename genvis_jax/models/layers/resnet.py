@@ -117,9 +117,9 @@ class ResnetBlock(nn.Module):
         use_bias=self.use_bias, conv_init=self.conv_init, **kw)
     norm = functools.partial(layers.group_norm,
                              uniform_guard=self.uniform_guard, **kw)
-    h = nn.swish(norm(name="norm1")(x))
+    h = nn.silu(norm(name="norm1")(x))
     h = conv(h, "conv1")
-    h = nn.swish(norm(name="norm2")(h))
+    h = nn.silu(norm(name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(h, "conv2")
     if x.shape[-1] == self.out_channels:
