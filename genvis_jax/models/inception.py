@@ -36,6 +36,7 @@ import numpy as np
 from genvis_jax import models
 from genvis_jax.core import pixels
 from genvis_jax.models import layers
+from genvis_jax.models.layers import images as images_lib
 
 PREPROCESS = ("pytorch_fid", "adm_tf")
 NUM_CLASSES = 1008
@@ -75,11 +76,8 @@ def resize_bilinear(x: jax.Array, size: int, half_pixel: bool) -> jax.Array:
   _, h, w, _ = x.shape
   if (h, w) == (size, size):
     return x
-  mh = jnp.asarray(resize_matrix(h, size, half_pixel))
-  mw = jnp.asarray(resize_matrix(w, size, half_pixel))
-  hp = jax.lax.Precision.HIGHEST
-  x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=hp)
-  return jnp.einsum("pw,bowc->bopc", mw, x, precision=hp)
+  return images_lib.resize_separable(x, resize_matrix(h, size, half_pixel),
+                                     resize_matrix(w, size, half_pixel))
 
 
 def preprocess_images(images: jax.Array, size: int = 299,
