@@ -43,14 +43,7 @@ def far_leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   path = tree.module_path(module, LISTS)
   if len(path) >= 2 and f"{path[-2]}.{path[-1]}" in RENAMES:
     path[-2:] = RENAMES[f"{path[-2]}.{path[-1]}"].split(".")
-  flax_path = "/".join(path)
-  if kind == "bias":
-    return f"{flax_path}/bias", value
-  if kind == "weight" and value.ndim == 2:
-    return f"{flax_path}/kernel", tree.linear(value)
-  if kind == "weight" and value.ndim == 1:
-    return f"{flax_path}/scale", value
-  return key, value
+  return tree.param_leaf("/".join(path), kind, value) or (key, value)
 
 
 def convert(state_dict: dict[str, np.ndarray], model_config=None) -> dict:

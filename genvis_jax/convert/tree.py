@@ -75,12 +75,20 @@ def convnet_leaf(key: str, value: np.ndarray, lists: tuple[str, ...],
   unexpected)."""
   module, _, kind = key.rpartition(".")
   path = "/".join(rename_modules(module_path(module, lists), renames or {}))
+  return param_leaf(path, kind, value) or (key, value)
+
+
+def param_leaf(path: str, kind: str, value: np.ndarray):
+  """(Flax path, leaf) of torch parameter ``kind`` of the module at Flax
+  ``path`` ("a/b"), by its rank: ``bias`` -> ``bias``; a 4-D weight -> conv
+  ``kernel`` (HWIO), 2-D -> Dense ``kernel`` (in, out), 1-D -> norm
+  ``scale``. None for anything else (the caller keeps the official name)."""
   if kind == "bias":
     return f"{path}/bias", value
   if kind == "weight" and value.ndim == 4:
     return f"{path}/kernel", conv(value)
-  if kind == "weight" and value.ndim == 1:
-    return f"{path}/scale", value
   if kind == "weight" and value.ndim == 2:
     return f"{path}/kernel", linear(value)
-  return key, value
+  if kind == "weight" and value.ndim == 1:
+    return f"{path}/scale", value
+  return None

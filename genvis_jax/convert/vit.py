@@ -66,16 +66,7 @@ def leaf(key: str, value: np.ndarray, names: Names):
   module, _, kind = rest.rpartition(".")
   if module not in modules:
     return key, value
-  path = prefix + modules[module]
-  if kind == "bias":
-    return f"{path}/bias", value
-  if kind == "weight" and value.ndim == 4:
-    return f"{path}/kernel", tree.conv(value)
-  if kind == "weight" and value.ndim == 2:
-    return f"{path}/kernel", tree.linear(value)
-  if kind == "weight" and value.ndim == 1:
-    return f"{path}/scale", value
-  return key, value
+  return tree.param_leaf(prefix + modules[module], kind, value) or (key, value)
 
 
 def convert_names(state_dict: dict[str, np.ndarray], names: Names) -> dict:
