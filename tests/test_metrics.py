@@ -112,3 +112,19 @@ def test_event_files_of_a_later_clock_are_warned_of(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     metrics_lib.mark_start(tmp_path, 20)
   assert "later time" not in caplog.text
+
+
+def test_a_devices_peak_flops_by_its_kind():
+  """``flops.peak_tflops``: the dense bf16 peak of the device kinds jax
+  reports (the most specific entry first), the configured value over it,
+  None for a device it does not know."""
+  from genvis_jax.core import flops   # pylint: disable=import-outside-toplevel
+  for kind, peak in (("TPU v4", 275.0), ("TPU v5 lite", 197.0),
+                     ("TPU v5", 459.0), ("TPU v5p", 459.0),
+                     ("TPU v6 lite", 918.0), ("TPU v3", 61.5),
+                     ("NVIDIA H100 80GB HBM3", 989.0),
+                     ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+                     ("NVIDIA A100-SXM4-80GB", 312.0), ("cpu", None)):
+    assert flops.peak_tflops(kind) == peak, kind
+  assert flops.peak_tflops("cpu", 2.5) == 2.5
+  assert flops.peak_tflops("TPU v4", 100.0) == 100.0

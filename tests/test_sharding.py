@@ -58,12 +58,15 @@ def _assert_trees_close(a, b, tol):
 
 def test_data_fsdp_mesh_matches_single_device():
   one = _config(dict(data=1, fsdp=1, tensor=1))
-  _, s1, l1 = _run(one, jax.devices()[:1])
+  tr1, s1, l1 = _run(one, jax.devices()[:1])
   eight = _config(dict(data=2, fsdp=4, tensor=1))
   tr8, s8, l8 = _run(eight, jax.devices())
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   _assert_trees_close(s1.params, s8.params, 1e-5)
   _assert_trees_close(s1.ema, s8.ema, 1e-5)
+  # The step's FLOPs (the log's TFLOP/s) are per device: an eighth on 8.
+  assert tr1.step_flops > 0
+  assert tr8.step_flops == pytest.approx(tr1.step_flops / 8, rel=1e-3)
 
 
 def test_fsdp_splits_large_parameters():
@@ -83,11 +86,14 @@ def test_fsdp_splits_large_parameters():
 
 def test_micro_batches_match_full_batch():
   full = _config(dict(data=2, fsdp=4, tensor=1), micro_batches=1, opt="sgd")
-  _, s_full, l_full = _run(full, jax.devices(), steps=2)
+  tr_full, s_full, l_full = _run(full, jax.devices(), steps=2)
   micro = _config(dict(data=2, fsdp=4, tensor=1), micro_batches=2, opt="sgd")
-  _, s_micro, l_micro = _run(micro, jax.devices(), steps=2)
+  tr_micro, s_micro, l_micro = _run(micro, jax.devices(), steps=2)
   np.testing.assert_allclose(l_full, l_micro, rtol=1e-5)
   _assert_trees_close(s_full.params, s_micro.params, 1e-5)
+  # XLA counts the micro-batch loop's body once: the step's FLOPs take it
+  # twice, as many as the whole batch's (the update counted twice beside).
+  assert tr_micro.step_flops == pytest.approx(tr_full.step_flops, rel=0.02)
 
 
 def test_batch_not_divisible_is_rejected_before_compiling():

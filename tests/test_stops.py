@@ -121,6 +121,7 @@ def test_nan_loss_honours_check_finite(tmp_path, nan_at_step_4, check_finite):
     assert ckpt_lib.Checkpointer(wd).latest_step() == 3
   else:
     c.optimizer.warmup_steps = 4
+    c.train.peak_tflops = 1e-3
     state = trainer_lib.train_loop(c, wd, on_log=logs.__setitem__)
     assert int(state.step) == 6
     assert logs[4]["nonfinite_steps"] == 1.0 and logs[6]["nonfinite_steps"] == 0.0
@@ -139,6 +140,13 @@ def test_nan_loss_honours_check_finite(tmp_path, nan_at_step_4, check_finite):
       assert scalars["lr/model"] == pytest.approx(float(schedule(step - 1)))
       assert scalars["examples_per_sec"] == pytest.approx(
           scalars["steps_per_sec"] * c.train.global_batch_size)
+      # TFLOP/s per device: the step's FLOPs (the same each interval) times
+      # steps/s; its share of the configured peak.
+      assert scalars["flops_utilization"] == pytest.approx(
+          scalars["tflops_per_device"] / 1e-3)
+    flops = {s["tflops_per_device"] / s["steps_per_sec"] for s in logs.values()}
+    assert len(flops) == 1 or max(flops) / min(flops) < 1 + 1e-9, flops
+    assert 0 < flops.pop() < 1e-3
     assert len({s["lr/model"] for s in logs.values()}) > 1   # it moves
 
 

@@ -29,11 +29,15 @@ class Logger:
   """Writes a log step's scalars (TensorBoard, ``on_log``, one log line)."""
 
   def __init__(self, writer, guard, progress, info, num_steps, on_log, task,
-               batch_size, data_group=None):
+               batch_size, data_group=None, flops=lambda: None,
+               peak_tflops=None):
+    """``flops()``: FLOPs per device per step (``flops.step_flops``; None or
+    False: unknown); ``peak_tflops``: a device's peak (None: unknown)."""
     self.writer, self.guard, self.progress = writer, guard, progress
     self.info, self.num_steps, self.on_log = info, num_steps, on_log
     self.task, self.batch_size = task, batch_size
     self.data_group = data_group
+    self.flops, self.peak_tflops = flops, peak_tflops
 
   def __call__(self, done: int, means: dict, norms: dict, count: int) -> None:
     """``means`` of the ``count`` steps up to ``done``; ``norms``: the
@@ -51,6 +55,12 @@ class Logger:
     scalars.update(self.progress(done))
     if "steps_per_sec" in scalars:
       scalars["examples_per_sec"] = scalars["steps_per_sec"] * self.batch_size
+      flops = self.flops()
+      if flops:
+        scalars["tflops_per_device"] = scalars["steps_per_sec"] * flops / 1e12
+        if self.peak_tflops:
+          scalars["flops_utilization"] = (scalars["tflops_per_device"]
+                                          / self.peak_tflops)
     # The last update's rate (update done - 1; a warm-up starts at 0).
     scalars.update({f"lr/{g}": v for g, v in
                     self.task.learning_rates(done - 1).items()})
@@ -60,7 +70,17 @@ class Logger:
     if self.on_log is not None:
       self.on_log(done, scalars)
     rate = scalars.get("steps_per_sec")
-    logging.info("step %d/%d loss %.4f  %s steps/s  ETA %s", done,
+    logging.info("step %d/%d loss %.4f  %s steps/s%s  ETA %s", done,
                  self.num_steps, scalars["loss"],
-                 "-" if rate is None else f"{rate:.2f}",
+                 "-" if rate is None else f"{rate:.2f}", _flops_text(scalars),
                  metrics_lib.format_eta(scalars.get("eta_sec", float("inf"))))
+
+
+def _flops_text(scalars: dict) -> str:
+  """"  41.2 TFLOP/s per device (21% of peak)", or "" when not counted."""
+  tflops = scalars.get("tflops_per_device")
+  if tflops is None:
+    return ""
+  share = scalars.get("flops_utilization")
+  return f"  {tflops:.3g} TFLOP/s per device" + (
+      "" if share is None else f" ({share:.0%} of peak)")

@@ -20,6 +20,7 @@ from genvis_jax import errors, models
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.core import dtypes
 from genvis_jax.core import files
+from genvis_jax.core import flops as flops_lib
 from genvis_jax.core import hints
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import multihost
@@ -146,6 +147,9 @@ class Trainer:
     self._step = step_lib.jit_train_step(
         step_fn, self.shardings, shd.batch_sharding(self.mesh, self.rules),
         shd.replicated(self.mesh), frozen_shardings)
+    # FLOPs per device per step (``flops.step_flops``), counted at the first
+    # step; False until then, None where XLA gives no count.
+    self.step_flops: float | None | bool = False
 
   def context(self):
     return _Context(self.mesh, self.rules)
@@ -177,7 +181,21 @@ class Trainer:
     batch = shd.host_to_global(local_batch, self.mesh,
                                self.config.train.global_batch_size, self.rules)
     with self.context():
+      if self.step_flops is False:   # once, before the state is donated
+        self.step_flops = self._count_flops(state, batch)
       return self._step(state, batch, self.train_rng, self.frozen)
+
+  def _count_flops(self, state, batch) -> float | None:
+    """``flops.step_flops`` of the step for these arguments (None where XLA
+    gives no count): the step lowered once more, from jit's trace cache."""
+    try:
+      lowered = self._step.lower(state, batch, self.train_rng, self.frozen)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.info("The train step's FLOPs are not counted: %s",
+                   errors.first_line(e))
+      return None
+    return flops_lib.step_flops(lowered, self.config.train.micro_batches,
+                                self.mesh.size)
 
 
 class _Context:
@@ -340,7 +358,10 @@ def _run_steps(config, workdir, trainer, ckpt, state, data_iter, info,
   guard.record(None, trainer.param_norms(state))
   log = log_step.Logger(writer, guard, progress, info, num_steps, on_log,
                         trainer.task, int(config.train.global_batch_size),
-                        trainer.data_group)
+                        trainer.data_group, flops=lambda: trainer.step_flops,
+                        peak_tflops=flops_lib.peak_tflops(
+                            jax.devices()[0].device_kind,
+                            config.train.get("peak_tflops")))
   group_check = replicas.GroupCheck(trainer.data_group)
   checked = start   # last step whose state passed the health checks
   acc, acc_n = None, 0
