@@ -23,24 +23,13 @@ from genvis_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Dense bf16 peak FLOP/s per chip by ``device_kind`` substring (lower case),
-# first match wins. Vendor data sheets (dense, no sparsity).
-PEAK_BF16 = (
-    ("h100 pcie", 756e12),
-    ("h200", 990e12), ("h100", 990e12),    # also GH200
-    ("a100", 312e12),
-    ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12),
-    ("tpu v5e", 197e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
-)
-
-
 def peak_flops(device_kind: str) -> float | None:
-  """Dense bf16 FLOP/s of ``device_kind`` or None (MFU is then omitted)."""
-  kind = device_kind.lower()
-  for key, value in PEAK_BF16:
-    if key in kind:
-      return value
-  return None
+  """Dense bf16 FLOP/s of ``device_kind`` (``genvis_jax.core.flops``'s
+  table, which the training log's utilization reads too) or None (MFU is
+  then omitted)."""
+  from genvis_jax.core import flops  # pylint: disable=import-outside-toplevel
+  peak = flops.peak_tflops(device_kind)
+  return None if peak is None else peak * 1e12
 
 
 # --------------------------------------------------------------------------
@@ -271,15 +260,9 @@ def aot(fn, *args):
 
 def cost_flops(compiled) -> float | None:
   """FLOPs XLA counts for one call of a compiled (or lowered) function
-  (``cost_analysis`` is a dict on new jax, a one-element list on older)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
+  (``genvis_jax.core.flops.xla_flops``)."""
+  from genvis_jax.core import flops  # pylint: disable=import-outside-toplevel
+  return flops.xla_flops(compiled)
 
 
 def memory_bytes(compiled) -> dict:

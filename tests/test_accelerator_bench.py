@@ -155,8 +155,8 @@ def test_fit_batch_is_largest_power_of_two_under_the_limit():
 
 
 def test_peak_table():
-  assert harness.peak_flops("NVIDIA H200") == 990e12
-  assert harness.peak_flops("NVIDIA H100 80GB HBM3") == 990e12
+  """The suite's MFU reads the training log's table (tests/test_metrics.py)."""
+  assert harness.peak_flops("NVIDIA H200") == 989e12
   assert harness.peak_flops("NVIDIA H100 PCIe") == 756e12
   assert harness.peak_flops("cpu") is None
 

@@ -42,10 +42,21 @@ def step_flops(lowered, micro_batches: int, num_devices: int) -> float | None:
   micro-batch loop's count is taken ``micro_batches`` times (the optimizer
   update after it, a few operations per parameter, is counted that many
   times too). None when XLA gives no count."""
-  costs = lowered.cost_analysis()
-  if isinstance(costs, (list, tuple)):   # older jax: one dict per program
-    costs = costs[0] if costs else None
-  flops = float((costs or {}).get("flops", 0.0))
-  if flops <= 0:
+  flops = xla_flops(lowered)
+  if flops is None:
     return None
   return flops * max(int(micro_batches), 1) / max(int(num_devices), 1)
+
+
+def xla_flops(program) -> float | None:
+  """The FLOPs XLA counts for one call of a lowered or compiled program
+  (``cost_analysis``: a dict on new jax, a one-element list on older); None
+  where it gives no count."""
+  try:
+    costs = program.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(costs, (list, tuple)):
+    costs = costs[0] if costs else None
+  flops = float((costs or {}).get("flops", 0.0) or 0.0)
+  return flops if flops > 0 else None
