@@ -422,6 +422,10 @@ def test_sample_decode_runs_fp32_with_official_bytes(tmp_path, caplog):
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   decode = sampler_lib.make_decode_fn(c.tokenizer, mesh)
+  # It holds the weights decode reads, not the encoder's.
+  held = decode._params   # pylint: disable=protected-access
+  assert "encoder" in params and "encoder" not in held, sorted(held)
+  assert set(held) == {"decoder", "post_quant_layer"}, sorted(held)
   latents = jax.random.normal(jax.random.key(2), (8, 1, 8))
   sharded = jax.device_put(latents, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("data")))

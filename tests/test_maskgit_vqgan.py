@@ -205,3 +205,22 @@ def test_bad_config_and_inputs_raise(tiny):
   with pytest.raises(ValueError, match=r"\(B, h, w\)"):
     model.apply({"params": params}, jnp.zeros((1, 64), jnp.int32),
                 method="decode")
+
+
+def test_sampling_holds_the_weights_decode_reads(tiny):
+  """``inference.decoder_params``: the codebook and the decoder, not the
+  encoder, and decode from them alone gives the same images;
+  ``params_read`` keeps exactly the leaves a function consumes."""
+  from genvis_jax.models import inference   # pylint: disable=import-outside-toplevel
+  cfg, model, params, images = tiny
+  held = inference.decoder_params(model, cfg, params)
+  assert set(held) == {"quantize", "decoder"}, sorted(held)
+  codes = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))(
+      params, images)
+  dec = jax.jit(lambda p, c: model.apply({"params": p}, c, method="decode"))
+  np.testing.assert_array_equal(np.asarray(dec(held, codes)),
+                                np.asarray(dec(params, codes)))
+  tree = {"a": {"x": np.ones(2), "y": np.ones(3)}, "b": np.ones(4)}
+  assert jax.tree_util.tree_map(np.shape, inference.params_read(
+      lambda p: p["a"]["x"] * 2 + p["b"][:2], tree)) == {"a": {"x": (2,)},
+                                                          "b": (4,)}

@@ -101,13 +101,17 @@ def make_decode_fn(tok, mesh) -> Decoder:
   """``config.tokenizer`` -> a ``Decoder`` (``f(codes) -> uint8 (B, H, W,
   3)``, a jax array sharded like the decoded images): decode in
   ``inference.data_model_config`` (fp32 by default), then the official uint8
-  conversion (``uint8_method``)."""
+  conversion (``uint8_method``). It holds the weights decode reads
+  (``inference.decoder_params``), replicated over ``mesh``."""
   mesh = sharding.auto_axes(mesh)
   model_cfg = inference.data_model_config(tok)
   method = images_lib.uint8_method(tok)
   tok_model = models.build(model_cfg)
-  tok_params = models.load_params(
-      model_cfg, tok.checkpoint, mesh, setting="--config.tokenizer.checkpoint")
+  # Read on the host; only what decode reads goes to the devices.
+  tok_params = inference.decoder_params(tok_model, model_cfg, models.load_params(
+      model_cfg, tok.checkpoint, setting="--config.tokenizer.checkpoint"))
+  if mesh is not None:
+    tok_params = sharding.put_replicated(tok_params, mesh)
   value_range = models.value_range(tok.model, {"tokenizer": tok},
                                    ("tokenizer",))
   return Decoder(functools.partial(_decode_float, tok_model), tok_params,
