@@ -237,3 +237,20 @@ def test_official_tokenizer_parity():
   shapes = lambda t: jax.tree_util.tree_map(lambda a: tuple(a.shape), t)
   assert shapes(params) == shapes(abstract)            # names 1:1, layouts
   assert_tokenizer_parity(params, f)
+
+
+def test_the_generators_tokenizer_holds_what_encode_and_decode_read():
+  """``inference.decoder_params(encode=True)``, the Equivariant generator's
+  frozen tokenizer: the encoder and decoder sides, not the semantic decoder
+  (read by the tokenizer's own loss alone); without ``encode`` the decoder
+  side only."""
+  from genvis_jax.models import inference   # pylint: disable=import-outside-toplevel
+  cfg = mini_model()
+  cfg.semantic = True
+  shapes = abstract_params(cfg)
+  model = models.build(cfg)
+  assert "semantic_decoder" in shapes
+  both = inference.decoder_params(model, cfg, shapes, encode=True)
+  assert set(both) == set(shapes) - {"semantic_decoder"}, sorted(both)
+  assert set(inference.decoder_params(model, cfg, shapes)) == {
+      "decoder", "post_quant_layer"}

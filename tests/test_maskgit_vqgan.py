@@ -209,12 +209,17 @@ def test_bad_config_and_inputs_raise(tiny):
 
 def test_sampling_holds_the_weights_decode_reads(tiny):
   """``inference.decoder_params``: the codebook and the decoder, not the
-  encoder, and decode from them alone gives the same images;
+  encoder (with ``encode``, every weight of this model), and decode from
+  them alone gives the same images;
   ``params_read`` keeps exactly the leaves a function consumes."""
   from genvis_jax.models import inference   # pylint: disable=import-outside-toplevel
   cfg, model, params, images = tiny
   held = inference.decoder_params(model, cfg, params)
   assert set(held) == {"quantize", "decoder"}, sorted(held)
+  # With encode (the Equivariant generator encodes in its step): all here.
+  both = inference.decoder_params(model, cfg, params, encode=True)
+  assert jax.tree_util.tree_structure(both) == jax.tree_util.tree_structure(
+      params)
   codes = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))(
       params, images)
   dec = jax.jit(lambda p, c: model.apply({"params": p}, c, method="decode"))

@@ -70,21 +70,32 @@ def params_read(fn, params, *args):
   return out
 
 
-def decoder_params(tok_model, tok_config, params):
+def decoder_params(tok_model, tok_config, params, *, encode: bool = False):
   """The tokenizer weights ``decode`` reads (``params_read`` on the codes
-  ``encode`` gives): sampling and a generator's sample grids hold these,
-  not the encoder (FQGAN dual: 0.16 of 0.56 GiB; the Equivariant
-  tokenizer 0.47 of 0.97; the MaskGIT VQGAN 0.12 of 0.20)."""
+  ``encode`` gives), with ``encode`` those ``encode`` reads too: sampling
+  and a generator's sample grids hold these, not the encoder (FQGAN dual:
+  0.16 of 0.56 GiB; the Equivariant tokenizer 0.47 of 0.97; the MaskGIT
+  VQGAN 0.12 of 0.20), and the Equivariant generator, which encodes its
+  images in the step, not the semantic decoder (0.80 of 0.97 GiB)."""
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
   shapes = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  codes = jax.eval_shape(
-      lambda p, *x: tok_model.apply({"params": p}, *x, method="encode"),
-      shapes, *models.example_inputs(tok_config, 1))
-  read = params_read(lambda p, c: tok_model.apply({"params": p}, c,
-                                                  method="decode"),
-                     shapes, codes)
+  images = models.example_inputs(tok_config, 1)
+  run = lambda method: lambda p, *x: tok_model.apply({"params": p}, *x,
+                                                     method=method)
+  codes = jax.eval_shape(run("encode"), shapes, *images)
+  read = params_read(run("decode"), shapes, codes)
+  if encode:
+    read = _merged(read, params_read(run("encode"), shapes, *images))
   return _subtree_like(params, read)
+
+
+def _merged(a: dict, b: dict) -> dict:
+  """Nested dicts ``a`` and ``b`` in one (their leaves at the same paths)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merged(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
 
 
 def _subtree_like(params, like):

@@ -96,10 +96,10 @@ class GeneratorTask(Task):
     if self._tokenizer_params is None:
       params = models.load_params(
           tok.model, tok.checkpoint, setting="--config.tokenizer.checkpoint")
-      # The grids alone decode: the encoder stays on the host's disk.
-      self._tokenizer_params = params if self.encodes_with_tokenizer else (
-          inference.decoder_params(self.tokenizer,
-                                   inference.data_model_config(tok), params))
+      # What the grids' decode (and a step's encode) read, no more.
+      self._tokenizer_params = inference.decoder_params(
+          self.tokenizer, inference.data_model_config(tok), params,
+          encode=self.encodes_with_tokenizer)
     return {"tokenizer": self._tokenizer_params}
 
   def frozen_axes(self):
