@@ -37,11 +37,26 @@ def test_grids_draw_as_sampling_does_on_an_fsdp_mesh(monkeypatch):
     return generate(model, weights, labels, rng, s)
   monkeypatch.setattr(task.sampler, "generate", spy)
   # Codes as images: what was drawn, row by row.
-  monkeypatch.setattr(task, "_decode", lambda _, codes: jax.numpy.repeat(
-      codes[:, :, None, None] / c.model.codebook_size, 3, -1))
+  decoded_with = []
+
+  def decode(tokenizer, codes):
+    decoded_with.append(tokenizer)
+    return jax.numpy.repeat(codes[:, :, None, None] / c.model.codebook_size,
+                            3, -1)
+  monkeypatch.setattr(task, "_decode", decode)
   rng = jax.random.key(3)
+  # A tokenizer split for a step's encode (the Equivariant generator's) is
+  # decoded whole, as mode=sample decodes.
+  split_tokenizer = {"kernel": jax.device_put(
+      np.arange(32.0).reshape(8, 4), jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec("fsdp")))}
   with tr.context():
-    grid = task.visualize(params, {"tokenizer": {}}, {}, rng)["samples"]
+    grid = task.visualize(params, {"tokenizer": split_tokenizer}, {},
+                          rng)["samples"]
+  (tokenizer,) = decoded_with
+  assert tokenizer["kernel"].sharding.is_fully_replicated
+  np.testing.assert_array_equal(tokenizer["kernel"],
+                                np.arange(32.0).reshape(8, 4))
   weights, labels = seen.pop()
   assert all(x.sharding.is_fully_replicated
              for x in jax.tree_util.tree_leaves(weights))
