@@ -247,12 +247,15 @@ def _tokenizer_shapes(config, task):
     return None
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
   from genvis_jax.models import inference  # pylint: disable=import-outside-toplevel
-  boxed = jax.eval_shape(lambda k: models.init_params(
-      inference.data_model_config(config.tokenizer), k, boxed=True),
+  tok_config = inference.data_model_config(config.tokenizer)
+  boxed = jax.eval_shape(lambda k: models.init_params(tok_config, k, boxed=True),
                          jax.random.key(0))
   task.encodes_with_tokenizer = False   # this instance: no checkpoint needed
   task.frozen_params = lambda: {}
-  return {"tokenizer": boxed}
+  # What the trainer holds of it: what the step's encode and the grids'
+  # decode read.
+  return {"tokenizer": inference.decoder_params(
+      models.build(tok_config), tok_config, boxed, encode=True)}
 
 
 def placed_frozen(tr, frozen=None):

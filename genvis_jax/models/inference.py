@@ -9,6 +9,7 @@ is ``config.tokenizer.dtype`` (default "float32").
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import ml_collections
 
@@ -76,10 +77,12 @@ def decoder_params(tok_model, tok_config, params, *, encode: bool = False):
   and a generator's sample grids hold these, not the encoder (FQGAN dual:
   0.16 of 0.56 GiB; the Equivariant tokenizer 0.47 of 0.97; the MaskGIT
   VQGAN 0.12 of 0.20), and the Equivariant generator, which encodes its
-  images in the step, not the semantic decoder (0.80 of 0.97 GiB)."""
+  images in the step, not the semantic decoder (0.80 of 0.97 GiB).
+  ``params``: arrays, shapes or boxed (``nn.LogicallyPartitioned``)
+  leaves; the same kind is returned."""
   from genvis_jax import models  # pylint: disable=import-outside-toplevel
   shapes = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(params))
   images = models.example_inputs(tok_config, 1)
   run = lambda method: lambda p, *x: tok_model.apply({"params": p}, *x,
                                                      method=method)
