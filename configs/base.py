@@ -232,11 +232,11 @@ def get_config(arg=None):
   c.train.grad_clip = 1.0        # 0 = off
   c.train.check_finite = True    # stop with a clear error on NaN/Inf loss
   c.train.divergence_factor = 100.0  # stop when loss / param norm > this x running median; 0 = off
-  # jax.profiler trace of this many steps into workdir/plugins/profile (0 = off),
-  # after the run's first profile_skip_steps (compile, warm-up); process 0.
   # A device's dense bf16 peak TFLOP/s for the log's flops_utilization;
   # None: genvis_jax/core/flops.py's table by device kind (TPUs, A100/H100/H200).
   c.train.peak_tflops = ml_collections.config_dict.placeholder(float)
+  # jax.profiler trace of this many steps into workdir/plugins/profile (0 = off),
+  # after the run's first profile_skip_steps (compile, warm-up); process 0.
   c.train.profile_steps = 0
   c.train.profile_skip_steps = 5
 

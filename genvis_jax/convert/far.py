@@ -35,8 +35,10 @@ def _is_embedding(module: str) -> bool:
 
 
 def far_leaf(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-  """One official key -> (Flax path, leaf in Flax layout); unknown layouts
-  keep their official name (reported as unexpected by ``from_torch``)."""
+  """One official key -> (Flax path, leaf in Flax layout); layouts
+  ``tree.param_leaf`` does not know keep their official name, and all are
+  checked against the model by ``from_torch`` (which reports the others as
+  unexpected)."""
   module, _, kind = key.rpartition(".")
   if kind == "weight" and value.ndim == 2 and _is_embedding(module):
     return f"{module.replace('.', '/')}/embedding", value

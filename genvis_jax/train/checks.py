@@ -218,7 +218,7 @@ def weight_digests(tree) -> dict[str, str]:
 def check_same_weights(frozen) -> None:
   """Every process of a multi-process job read the same frozen weights
   (LPIPS, teachers, the tokenizer): each reads its own host's files, and
-  ``sharding.put_replicated`` places each process's copy on its own devices
+  ``sharding.put_host`` places each process's copy on its own devices
   without comparing them, so a stale copy on one host would train with other
   losses there without a word. Costs one pass over the bytes (about a
   second for a 1.2 GB teacher) and one small collective; nothing when there
