@@ -135,6 +135,16 @@ assert placed["w"].sharding.is_fully_replicated
 for shard in placed["w"].addressable_shards:
   np.testing.assert_array_equal(np.asarray(shard.data), weights["w"])
 checks.check_same_weights({"lpips": weights})       # the same: passes
+# ... and split over it (a teacher under fsdp): each process places the
+# shards of its own devices.
+rows = np.arange(jax.device_count() * 3, dtype=np.float32).reshape(-1, 3)
+split = shd.put_host({"w": rows}, jax.sharding.NamedSharding(
+    jax.make_mesh((jax.device_count(),), ("fsdp",),
+                  axis_types=(jax.sharding.AxisType.Auto,)),
+    jax.sharding.PartitionSpec("fsdp")))["w"]
+assert not split.sharding.is_fully_replicated
+for shard in split.addressable_shards:
+  np.testing.assert_array_equal(np.asarray(shard.data), rows[shard.index])
 blocked = os.path.join(workdir, "blocked")   # a folder where the kept batch goes
 os.makedirs(os.path.join(blocked, "images", "visual_batch.npz", "x"),
             exist_ok=True)
