@@ -10,6 +10,8 @@ windowed attention on TPU / GPU).
 
 from __future__ import annotations
 
+from absl import logging
+
 # Dense bf16 matmul peak per jax device, TFLOP/s, by a lower-case substring
 # of ``device.device_kind`` (the first that matches): Google Cloud TPU
 # system architecture pages (per chip: v2 45, v3 123, two devices each; v4
@@ -35,14 +37,22 @@ def peak_tflops(device_kind: str, configured: float | None = None
   return next((peak for key, peak in PEAK_TFLOPS if key in kind), None)
 
 
-def step_flops(lowered, micro_batches: int, num_devices: int) -> float | None:
-  """FLOPs one device computes per train step, from the step lowered for
-  its arguments: XLA's count of the whole program over ``num_devices``
+def step_flops(step, args, micro_batches: int, num_devices: int
+               ) -> float | None:
+  """FLOPs one device computes per call of the jitted train ``step`` on
+  ``args``: XLA's count of the whole program (``step.lower(*args)``, from
+  jit's trace cache: no second trace or compile) over ``num_devices``
   (SPMD: each computes its share). XLA counts a loop's body once, so the
   micro-batch loop's count is taken ``micro_batches`` times (the optimizer
   update after it, a few operations per parameter, is counted that many
-  times too). None when XLA gives no count."""
-  flops = xla_flops(lowered)
+  times too). None when the step does not lower here or XLA gives no
+  count (logged)."""
+  try:
+    flops = xla_flops(step.lower(*args))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("The train step's FLOPs are not counted: %s",
+                 str(e).split("\n")[0][:200])
+    return None
   if flops is None:
     return None
   return flops * max(int(micro_batches), 1) / max(int(num_devices), 1)

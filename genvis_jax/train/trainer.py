@@ -182,20 +182,10 @@ class Trainer:
                                self.config.train.global_batch_size, self.rules)
     with self.context():
       if self.step_flops is False:   # once, before the state is donated
-        self.step_flops = self._count_flops(state, batch)
+        self.step_flops = flops_lib.step_flops(
+            self._step, (state, batch, self.train_rng, self.frozen),
+            self.config.train.micro_batches, self.mesh.size)
       return self._step(state, batch, self.train_rng, self.frozen)
-
-  def _count_flops(self, state, batch) -> float | None:
-    """``flops.step_flops`` of the step for these arguments (None where XLA
-    gives no count): the step lowered once more, from jit's trace cache."""
-    try:
-      lowered = self._step.lower(state, batch, self.train_rng, self.frozen)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.info("The train step's FLOPs are not counted: %s",
-                   errors.first_line(e))
-      return None
-    return flops_lib.step_flops(lowered, self.config.train.micro_batches,
-                                self.mesh.size)
 
 
 class _Context:
