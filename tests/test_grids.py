@@ -55,6 +55,10 @@ def test_grids_draw_as_sampling_does_on_an_fsdp_mesh(monkeypatch):
                           rng)["samples"]
   (tokenizer,) = decoded_with
   assert tokenizer["kernel"].sharding.is_fully_replicated
+  # Host weights (a notebook's task.frozen_params()) are placed whole too.
+  with tr.context():
+    host = generator_lib.whole_on_mesh({"w": np.ones(3, np.float32)})["w"]
+  assert isinstance(host, jax.Array) and host.sharding.is_fully_replicated
   np.testing.assert_array_equal(tokenizer["kernel"],
                                 np.arange(32.0).reshape(8, 4))
   weights, labels = seen.pop()

@@ -222,8 +222,8 @@ def _whole(weights, mesh):
   split ones gathered (one program), the others as they are (a data-only
   mesh's: no second copy of the state's weights)."""
   leaves, tree = jax.tree_util.tree_flatten(weights)
-  split = [i for i, x in enumerate(leaves)
-           if not x.sharding.is_fully_replicated]
+  split = [i for i, x in enumerate(leaves)   # host arrays: placed whole
+           if not (isinstance(x, jax.Array) and x.sharding.is_fully_replicated)]
   if split:
     for i, x in zip(split, _gather(mesh)([leaves[i] for i in split])):
       leaves[i] = x
