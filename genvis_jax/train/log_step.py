@@ -4,6 +4,8 @@ that take every process (``skipped_records``)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from absl import logging
 
@@ -53,6 +55,9 @@ class Logger:
     scalars["nonfinite_steps"] = float(nonfinite_steps)
     scalars.update({f"param_norm/{g}": v for g, v in norms.items()})
     scalars.update(self.progress(done))
+    # The log's own work (its first call compiles the schedules' ops and
+    # opens the writer) is not the next interval's training time.
+    started = time.perf_counter()
     if "steps_per_sec" in scalars:
       scalars["examples_per_sec"] = scalars["steps_per_sec"] * self.batch_size
       flops = self.flops()
@@ -74,6 +79,7 @@ class Logger:
                  self.num_steps, scalars["loss"],
                  "-" if rate is None else f"{rate:.2f}", _flops_text(scalars),
                  metrics_lib.format_eta(scalars.get("eta_sec", float("inf"))))
+    self.progress.exclude(time.perf_counter() - started)
 
 
 def _flops_text(scalars: dict) -> str:
