@@ -260,6 +260,7 @@ def test_each_log_step_feeds_the_guard(monkeypatch):
     write_scalars = staticmethod(lambda step, scalars: None)
     learning_rates = staticmethod(lambda step: {"model": 0.1})
     __call__ = lambda self, done: {}
+    exclude = staticmethod(lambda seconds: None)
 
   stub, guard = Stub(), guard_lib.DivergenceGuard(10.0)
   guard.record(None, {"model": 5.0})      # the start, as the loop does
@@ -424,6 +425,7 @@ def test_skipped_records_count_every_process_files(monkeypatch):
     record = staticmethod(lambda loss, norms: None)
     learning_rates = staticmethod(lambda step: {"model": 0.1})
     __call__ = lambda self, done: {}
+    exclude = staticmethod(lambda seconds: None)
 
   monkeypatch.setattr(multihost, "gather_ints",
                       lambda value: np.array([value, 5]))
