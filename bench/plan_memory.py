@@ -15,11 +15,11 @@ generated code) for a given global batch, micro-batch count, remat and dtype.
 State bytes follow from the shardings alone and hold on any backend. Compiled
 numbers come from XLA for the backend that compiled the step: CPU temporaries,
 fusion and layout differ from TPU / GPU, so run the script on the target to
-plan its memory (with ``--devices=0``). Frozen loss weights (LPIPS, teachers)
-are only counted when their paths are set in the config; the Equivariant
-generator's frozen tokenizer is counted by its shapes when no checkpoint is
-set (no weights are read). ``frozen GiB``: those weights on one device, placed
-as the trainer places them (teachers and tokenizers split by the rules, as
+plan its memory (with ``--devices=0``). Frozen weights without a file set
+are counted by their shapes (none is read): the teachers (LPIPS, 59 MB, is
+then left out), the Equivariant generator's tokenizer; others only when
+their paths are set. ``frozen GiB``: those weights on one device, placed as
+the trainer places them (teachers and tokenizers split by the rules, as
 trained weights are; LPIPS whole).
 """
 
@@ -135,7 +135,17 @@ def apply_overrides(config, *, mesh: dict, batch: int | None,
     # Sample grids are not part of the planned step (and would load the
     # tokenizer they decode with).
     config.train.image_every = 0
+    # Teachers without a file are planned by their shapes (none is read).
+    for teacher in config.get("teachers", ()):
+      teacher.path = teacher.path or PLANNED
+    loss = config.get("loss") or {}
+    if "teacher_path" in loss and loss.get("semantic_weight"):
+      loss.teacher_path = loss.teacher_path or PLANNED
   return config
+
+
+# The weights-file path of a teacher planned by its shapes.
+PLANNED = "(planned by its shapes)"
 
 
 def sharded_bytes(abstract, shardings) -> int:
@@ -213,7 +223,7 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True,
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   task = tasks_lib.get_task(config)
-  frozen = _tokenizer_shapes(config, task)
+  frozen = _tokenizer_shapes(config, task) or _planned_frozen(config, task)
   mesh, task = trainer_lib.setup(config, mesh=shd.create_mesh(config.mesh,
                                                               devices),
                                  task=task)
@@ -256,6 +266,20 @@ def _tokenizer_shapes(config, task):
   # decode read.
   return {"tokenizer": inference.decoder_params(
       models.build(tok_config), tok_config, boxed, encode=True)}
+
+
+def _planned_frozen(config, task):
+  """A task whose teachers ``apply_overrides`` left to their shapes: the
+  frozen groups it names the axes of (``Task.frozen_axes``: the teachers,
+  the Equivariant tokenizer's DINO ViT), boxed and abstract, with ``task``
+  set to read no file (LPIPS, 59 MB, is then not counted); None for the
+  others."""
+  paths = [t.path for t in config.get("teachers", ())]
+  paths.append((config.get("loss") or {}).get("teacher_path", ""))
+  if PLANNED not in paths:
+    return None
+  task.frozen_params = lambda: {}
+  return task.frozen_axes() or None
 
 
 def placed_frozen(tr, frozen=None):

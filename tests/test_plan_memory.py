@@ -82,6 +82,21 @@ def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes():
           < p.state_bytes + size(shapes) + 100_000)
 
 
+def test_a_teacher_without_a_file_is_planned_by_its_shapes():
+  """FQGAN's teacher counted only when its weights file was set: a plan
+  without it left out its 1.13 GiB. It is planned by its shapes (no file
+  read), split over fsdp as the trainer splits it."""
+  config = pm.apply_overrides(
+      pm.load_config("configs/fqgan_dual_ds16.py:runlocal"),
+      mesh=pm.parse_mesh("data=2,fsdp=4"), batch=8, micro_batches=1,
+      remat=None, dtype=None)
+  assert config.teachers[0].path == pm.PLANNED
+  p = pm.plan(config, devices=jax.devices(), compile_step=False)
+  # CLIP ViT-L/14: 303M fp32 parameters, a quarter each (norms, biases whole).
+  assert 303e6 <= p.frozen_bytes < 303e6 * 1.01, p.frozen_bytes
+  assert "| 0.283 |" in pm.format_table([p])
+
+
 def test_bad_mesh_flag():
   with pytest.raises(ValueError, match="AXIS=SIZE"):
     pm.parse_mesh("data:2")
