@@ -119,8 +119,10 @@ def get_config(arg=None):
   lo.semantic_weight = 5.0
   lo.semantic_start = 20001
   lo.teacher_path = ""             # DINOv2 ViT-B/14 .npz; "" = no semantic loss
-  # genvis_jax.models.dinov2 tower; input 224 * resolution // 256 px (16 x 16
-  # patch tokens of width 768 = the semantic decoder output).
+  # genvis_jax.models.dinov2 tower ("vit_b14", or a teacher registry name as
+  # FQGAN's config.teachers[i].name: "dinov2:vit_b14"); input 224 *
+  # resolution // 256 px (16 x 16 patch tokens of width 768 = the semantic
+  # decoder output).
   lo.teacher = ml_collections.ConfigDict(dict(name="vit_b14", img_size=224))
   lo.stage2 = False                # fine-tune decoder + post-quant only
 

@@ -12,6 +12,7 @@ import pytest
 from configs import eq_demo
 from configs import eq_tokenizer as eq_tok_config
 from genvis_jax import models
+from genvis_jax.errors import ConfigError
 from genvis_jax.convert import dino_vit
 from genvis_jax.models import dino_disc
 from genvis_jax.train import optimizers as opt_lib
@@ -355,3 +356,20 @@ def test_tokenizer_loss_terms_are_contperceptuals():
   sem = eqt_task.EqTokenizerTask._semantic_loss(   # pylint: disable=protected-access
       stand_in, {"teacher": {}}, jnp.zeros((b, 32, 32, 3)), jnp.ones((b, h, w, c)))
   np.testing.assert_allclose(float(sem), h * w * c, rtol=1e-6)
+
+
+def test_the_semantic_teacher_takes_a_teacher_registry_name():
+  """``config.loss.teacher.name``: the official's DINOv2 variant
+  ("vit_b14") or the teacher registry's name, as FQGAN's
+  ``config.teachers[i].name`` ("dinov2:vit_b14"): the same tower."""
+  towers = []
+  for name in ("vit_b14", "dinov2:vit_b14"):
+    c = eq_tok_config.get_config("runlocal")
+    c.model.semantic = True
+    c.loss.teacher_path = "teacher.npz"   # not read: the tower is built only
+    c.loss.teacher.name = name
+    towers.append(eqt_task.EqTokenizerTask(c).teacher)
+  assert towers[0] == towers[1]
+  c.loss.teacher.name = "vit_q99"
+  with pytest.raises(ConfigError, match="vit_q99"):
+    eqt_task.EqTokenizerTask(c)

@@ -13,6 +13,7 @@ from genvis_jax.convert import clip_vision as convert_clip
 from genvis_jax.convert import dino_vit
 from genvis_jax.models import dino_disc as dino_lib
 from genvis_jax.models import dinov2 as dinov2_lib
+from genvis_jax.models import teachers as teachers_lib
 from genvis_jax.models.eq_tokenizer import kl_loss, sample_posterior
 from genvis_jax.train.tasks import join_groups
 from genvis_jax.train.tasks.eq import (FROZEN_IN_STAGE2, freeze_top_level,
@@ -67,9 +68,12 @@ class EqTokenizerTask(GANTokenizerTask):
                       "tests, not for real training).")
     self.teacher = None
     if self.use_semantic:
+      # A teacher registry name, as FQGAN's config.teachers[i].name
+      # ("dinov2:vit_b14"), or a DINOv2 variant alone ("vit_b14"): the
       # HF-layout DINOv2 with the timm (antialiased) position-table resize.
-      self.teacher, _ = dinov2_lib.teacher(lo.teacher.name,
-                                           output="patch_tokens")
+      name = str(lo.teacher.name)
+      self.teacher, _ = teachers_lib.get_teacher(
+          name if ":" in name else f"dinov2:{name}", output="patch_tokens")
     self._frozen = None
 
   # --- construction -------------------------------------------------------
