@@ -135,13 +135,30 @@ def apply_overrides(config, *, mesh: dict, batch: int | None,
     # Sample grids are not part of the planned step (and would load the
     # tokenizer they decode with).
     config.train.image_every = 0
-    # Teachers without a file are planned by their shapes (none is read).
+    # Teachers without a file are planned by their shapes (none is read),
+    # where the model takes them (a runlocal's heads are narrower).
     for teacher in config.get("teachers", ()):
-      teacher.path = teacher.path or PLANNED
+      if not teacher.path and _teacher_fits(config, teacher):
+        teacher.path = PLANNED
     loss = config.get("loss") or {}
-    if "teacher_path" in loss and loss.get("semantic_weight"):
+    if ("teacher_path" in loss and loss.get("semantic_weight")
+        and config.model.get("semantic")):
       loss.teacher_path = loss.teacher_path or PLANNED
   return config
+
+
+def _teacher_fits(config, teacher) -> bool:
+  """Whether FQGAN's feature head ``teacher.head`` is as wide as the CLS
+  features of the tower ``teacher.name`` (traced, nothing read)."""
+  from genvis_jax.models import teachers  # pylint: disable=import-outside-toplevel
+  kwargs = dict(teacher.get("kwargs") or {})
+  module, preprocess = teachers.get_teacher(teacher.name, **kwargs)
+  size = config.data.image_size
+  x = preprocess(jnp.zeros((1, size, size, 3)))
+  width = jax.eval_shape(lambda k: module.apply(module.init(k, x), x),
+                         jax.random.key(0)).shape[-1]
+  heads = {str(b): int(w) for b, w in config.model.get("feat_heads", ())}
+  return heads.get(str(teacher.head)) == width
 
 
 # The weights-file path of a teacher planned by its shapes.
@@ -223,7 +240,7 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True,
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   task = tasks_lib.get_task(config)
-  frozen = _tokenizer_shapes(config, task) or _planned_frozen(config, task)
+  frozen = frozen_shapes(config, task)
   mesh, task = trainer_lib.setup(config, mesh=shd.create_mesh(config.mesh,
                                                               devices),
                                  task=task)
@@ -266,6 +283,15 @@ def _tokenizer_shapes(config, task):
   # decode read.
   return {"tokenizer": inference.decoder_params(
       models.build(tok_config), tok_config, boxed, encode=True)}
+
+
+def frozen_shapes(config, task):
+  """The frozen weights ``plan`` compiles ``task``'s step with, boxed and
+  abstract, where the config sets no file for them (``task`` is then set
+  to read none): the Equivariant generator's tokenizer, or the teachers
+  ``apply_overrides`` left to their shapes; None where the trainer reads
+  them from their files."""
+  return _tokenizer_shapes(config, task) or _planned_frozen(config, task)
 
 
 def _planned_frozen(config, task):

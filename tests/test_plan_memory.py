@@ -85,9 +85,15 @@ def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes():
 def test_a_teacher_without_a_file_is_planned_by_its_shapes():
   """FQGAN's teacher counted only when its weights file was set: a plan
   without it left out its 1.13 GiB. It is planned by its shapes (no file
-  read), split over fsdp as the trainer splits it."""
-  config = pm.apply_overrides(
+  read), split over fsdp as the trainer splits it; not where the model's
+  head is narrower than the tower (a runlocal's), which could not run."""
+  small = pm.apply_overrides(
       pm.load_config("configs/fqgan_dual_ds16.py:runlocal"),
+      mesh=pm.parse_mesh("data=2,fsdp=4"), batch=8, micro_batches=1,
+      remat=None, dtype=None)
+  assert small.teachers[0].path == ""
+  config = pm.apply_overrides(
+      pm.load_config("configs/fqgan_dual_ds16.py"),
       mesh=pm.parse_mesh("data=2,fsdp=4"), batch=8, micro_batches=1,
       remat=None, dtype=None)
   assert config.teachers[0].path == pm.PLANNED
