@@ -23,11 +23,11 @@ import numpy as np
 from absl import logging
 
 from genvis_jax import models
-from genvis_jax.core import registry
 from genvis_jax.core import sharding as shd
 from genvis_jax.models import inference
 from genvis_jax.sample import common as sample_common
 from genvis_jax.sample import labels as labels_lib
+from genvis_jax.sample import sampler as sampler_lib
 from genvis_jax.train.tasks import Task
 
 GRID = 16   # samples per grid
@@ -68,9 +68,7 @@ class GeneratorTask(Task):
   def sampler(self) -> ModuleType:
     """The sampler adapter for ``config.model.name`` (chosen as
     ``genvis_jax.sample.sampler`` chooses it)."""
-    return registry.module("genvis_jax.sample", self.config.model.name,
-                           ("generate",),
-                           setting="config.model.name (the generator)")
+    return sampler_lib.sampler_module(self.config.model.name)
 
   @functools.cached_property
   def tokenizer(self):
