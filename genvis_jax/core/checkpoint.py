@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import time
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -424,12 +424,11 @@ def _note_other_mesh(step: int, saved: dict | None, abstract_state) -> None:
   mesh = next((m for m in meshes if m is not None), None)
   if saved is None or mesh is None or saved == dict(mesh.shape):
     return
-  count = lambda shape: int(np.prod(list(shape.values())))
   logging.info(
       "Step %d was saved on mesh %s (%d devices); this run's is %s (%d "
       "devices): the state is resharded onto it, and the losses continue up "
-      "to the rounding of sums split another way.", step, saved, count(saved),
-      dict(mesh.shape), count(mesh.shape))
+      "to the rounding of sums split another way.", step, saved,
+      math.prod(saved.values()), dict(mesh.shape), mesh.size)
 
 
 def save_error_cause(error: BaseException) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from absl import logging
 
+from genvis_jax import errors
+
 # Dense bf16 matmul peak per jax device, TFLOP/s, by a lower-case substring
 # of ``device.device_kind`` (the first that matches): Google Cloud TPU
 # system architecture pages (per chip: v2 45, v3 123, two devices each; v4
@@ -54,7 +56,7 @@ def step_flops(step, args, micro_batches: int, num_devices: int
     flops = xla_flops(step.lower(*args))
   except Exception as e:  # pylint: disable=broad-except
     logging.info("The train step's FLOPs are not counted: %s",
-                 str(e).split("\n")[0][:200])
+                 errors.first_line(e))
     return None
   if flops is None:
     return None
