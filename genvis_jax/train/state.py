@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from genvis_jax import errors
+from genvis_jax.core import checkpoint_fit as fit
 from genvis_jax.core import sharding as shd
 
 PyTree = Any
@@ -154,22 +155,17 @@ def _map_param_like(tree, p_struct, p_shardings, mesh):
 
 def frozen_shardings(frozen, axes, mesh, rules):
   """Shardings of ``frozen`` (``Task.frozen_params``): the leaves ``axes``
-  names (``Task.frozen_axes``, matched by path; each leaf's names fitted to
-  its own shape) split by the logical rules as parameters are, the others
-  (other groups, keys a weights file holds beyond the module's) replicated."""
+  names (``Task.frozen_axes``, matched by path: ``checkpoint_fit.key_path``;
+  each leaf's names fitted to its own shape) split by the logical rules as
+  parameters are, the others (other groups, keys a weights file holds
+  beyond the module's) replicated."""
   names = {}
   for group, tree in axes.items():
     for path, box in jax.tree_util.tree_leaves_with_path(
         tree, is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned)):
       if isinstance(box, nn.LogicallyPartitioned):
-        names[(group,) + _keys(path)] = box.names
+        names[group, fit.key_path(path)] = box.names
   return {group: jax.tree_util.tree_map_with_path(
       lambda path, x, g=group: shd.logical_sharding(
-          names.get((g,) + _keys(path)), np.shape(x), mesh, rules), tree)
+          names.get((g, fit.key_path(path))), np.shape(x), mesh, rules), tree)
           for group, tree in frozen.items()}
-
-
-def _keys(path) -> tuple:
-  """A tree path's dict keys (a loaded file's tree and a module's abstract
-  one name the same leaf with the same keys)."""
-  return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
