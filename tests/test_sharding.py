@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from genvis_jax.core import mesh_checks
 from genvis_jax.core import sharding as shd
 from genvis_jax.errors import ConfigError
 from genvis_jax.train import trainer as trainer_lib
@@ -247,10 +248,10 @@ def test_a_mesh_axis_the_rules_do_not_use_is_refused():
   with pytest.raises(ConfigError, match=r"config.mesh.shape.tensor=4 splits "
                      r"0.3% of this model's parameter bytes and not the "
                      r"batch.*--config.mesh.shape.tensor=1"):
-    shd.check_axes_split(cnn, mesh, rules)
+    mesh_checks.check_axes_split(cnn, mesh, rules)
   cnn["mlp"] = boxed((512, 2048), ("embed", "mlp"))
-  shd.check_axes_split(cnn, mesh, rules)      # a transformer's share: fine
-  shd.check_axes_split({"conv": cnn["conv"]}, jax.sharding.AbstractMesh(
+  mesh_checks.check_axes_split(cnn, mesh, rules)      # a transformer's share: fine
+  mesh_checks.check_axes_split({"conv": cnn["conv"]}, jax.sharding.AbstractMesh(
       (2, 4, 1), ("data", "fsdp", "tensor")), rules)   # fsdp splits the batch
   # A default axis the mesh leaves out only turns its split off; size 1 too.
   trainer_lib.setup(_config(dict(data=-1)))
@@ -325,7 +326,7 @@ def test_an_axis_that_divides_too_few_widths_is_told():
         enumerate(shapes)}}
   rules = shd.DEFAULT_RULES
   tree = boxed(((1408, 4224), ("embed", "mlp")), ((1408,), ("norm",)))
-  note = shd.unsplit_note(tree, mesh, rules)
+  note = mesh_checks.unsplit_note(tree, mesh, rules)
   assert re.fullmatch(
       r"config.mesh.shape.fsdp=12 divides too few parameter dimensions: 0.02 "
       r"of the 0.02 GiB .*'fsdp' stay whole on every device.*\(e.g. "
@@ -337,12 +338,12 @@ def test_an_axis_that_divides_too_few_widths_is_told():
   # that [2] where 4, 5, 8 and 10 split 99.6%.
   mesh_t = jax.sharding.AbstractMesh((4, 1, 3), ("data", "fsdp", "tensor"))
   small = [((128, 320), ("embed", "mlp"))] * 10     # each under the table
-  note = shd.unsplit_note(boxed(((1280, 5120), ("embed", "mlp")),
+  note = mesh_checks.unsplit_note(boxed(((1280, 5120), ("embed", "mlp")),
                                 ((2026, 64), ("vocab", "embed")), *small),
                           mesh_t, rules)
   assert note.endswith("that divide most of them: [2, 4, 5, 8, 10]."), note
   # Split: 1536 = 12 x 128; the output conv's 3 channels stay whole, quietly.
-  assert shd.unsplit_note(boxed(((1536, 4224), ("embed", "mlp")),
+  assert mesh_checks.unsplit_note(boxed(((1536, 4224), ("embed", "mlp")),
                                 ((3, 3, 1536, 3), (None, None, "conv_in",
                                                     "conv_out"))),
                           mesh, rules) == ""

@@ -13,6 +13,7 @@ from absl import logging
 
 from genvis_jax import errors
 from genvis_jax.core import checkpoint_fit as fit
+from genvis_jax.core import mesh_checks
 from genvis_jax.core import sharding as shd
 
 PyTree = Any
@@ -118,9 +119,9 @@ def state_shardings(task, optimizers, mesh, rules, rng):
   parameter's sharding; scalars (counts) are replicated.
   """
   boxed = jax.eval_shape(task.init_params, rng)
-  shd.check_axes_split(boxed, mesh, rules)
+  mesh_checks.check_axes_split(boxed, mesh, rules)
   param_sh = shd.tree_shardings(boxed, mesh, rules)
-  note = shd.unsplit_note(boxed, mesh, rules)
+  note = mesh_checks.unsplit_note(boxed, mesh, rules)
   if note:
     logging.warning("%s", note)
   abstract = jax.eval_shape(lambda r: init_state(task, optimizers, r), rng)

@@ -22,6 +22,7 @@ from genvis_jax.core import dtypes
 from genvis_jax.core import files
 from genvis_jax.core import flops as flops_lib
 from genvis_jax.core import hints
+from genvis_jax.core import mesh_checks
 from genvis_jax.core import metrics as metrics_lib
 from genvis_jax.core import multihost
 from genvis_jax.core import preemption
@@ -54,7 +55,7 @@ def setup(config, *, mesh=None, devices=None, task=None):
   mesh = shd.auto_axes(mesh) or shd.create_mesh(config.mesh, devices)
   shd.check_batch_divisible(config.train.global_batch_size, mesh,
                             config.train.micro_batches, config.sharding.rules)
-  shd.check_mesh_axes(mesh, config.sharding.rules)
+  mesh_checks.check_mesh_axes(mesh, config.sharding.rules)
   return mesh, task
 
 
