@@ -129,7 +129,7 @@ def check_overrides(config, names) -> None:
     if encodes and source == "tokens":
       # A generator's config: config.data is the token files this job
       # writes (a --config.data.source of images is named by
-      # pretokenize.check_images_in_data).
+      # pretokenize_checks.check_images_in_data).
       unread = tuple(k for k in keys if k != "source")
     elif encodes:   # a tokenizer's own config, encoding pretokenize.data
       unread = sources.IMAGE_ONLY_KEYS + sources.TOKEN_ONLY_KEYS + one_source

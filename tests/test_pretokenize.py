@@ -10,7 +10,7 @@ import pytest
 
 from genvis_jax import data
 from genvis_jax import errors as errors_lib
-from genvis_jax.data import pretokenize, token_output
+from genvis_jax.data import pretokenize, pretokenize_checks, token_output
 from genvis_jax.models.layers import images as images_lib
 from tests.data_common import data_config
 
@@ -48,7 +48,7 @@ def test_pretokenize_names_its_own_data_settings(tmp_path, caplog):
   with pytest.raises(data.DataNotFoundError,
                      match=r"^config.pretokenize.data.path is empty"):
     pretokenize.pretokenize(config, str(tmp_path / "wd"))
-  pretokenize.check_images_in_data(config)
+  pretokenize_checks.check_images_in_data(config)
   config.pretokenize.data.source = "demo"
   config.data.source, config.data.path = "image_folder", "/my/images"
   with pytest.raises(errors_lib.ConfigError,
@@ -72,8 +72,8 @@ def test_a_tokenizer_config_encodes_at_its_own_image_size():
                      match=r"^config.data.image_size=64 but pre-tokenizing "
                            r"encodes config.pretokenize.data at image_size="
                            r"32: pass --config.pretokenize.data.image_size=64"):
-    pretokenize.check_images_in_data(config)
-  pretokenize.check_images_in_data(pc.load_config(
+    pretokenize_checks.check_images_in_data(config)
+  pretokenize_checks.check_images_in_data(pc.load_config(
       "vq_ds16.py:runlocal", **flags, **{"pretokenize.data.image_size": 64}))
 
 
@@ -90,9 +90,9 @@ def test_a_tokenizer_config_names_both_data_sections_that_differ():
                      r"and config.pretokenize.data \(the images pre-tokenizing "
                      r"encodes: source 'image_folder', path '/data/imgs'\) "
                      r"differ: pass the same --config.data.source"):
-    pretokenize.check_images_in_data(pc.load_config("fqgan_dual_ds16.py",
+    pretokenize_checks.check_images_in_data(pc.load_config("fqgan_dual_ds16.py",
                                                     **flags))
-  pretokenize.check_images_in_data(pc.load_config(
+  pretokenize_checks.check_images_in_data(pc.load_config(
       "fqgan_dual_ds16.py", **flags, **{"data.source": "image_folder",
                                         "data.path": "/data/imgs"}))
 
@@ -196,38 +196,38 @@ def test_pretokenize_refuses_images_of_another_token_count():
   before encoding (training stopped at its first batch), naming the size
   that fits."""
   encode = lambda x: jnp.zeros((x.shape[0], (x.shape[1] // 4) ** 2), jnp.int32)
-  pretokenize.check_tokens_fit({"seq_len": 64}, encode, 32)
-  pretokenize.check_tokens_fit({"grid": 8}, encode, 32)          # FAR
-  pretokenize.check_tokens_fit({}, encode, 64)   # no generator: nothing to fit
+  pretokenize_checks.check_tokens_fit({"seq_len": 64}, encode, 32)
+  pretokenize_checks.check_tokens_fit({"grid": 8}, encode, 32)          # FAR
+  pretokenize_checks.check_tokens_fit({}, encode, 64)   # no generator: nothing to fit
   with pytest.raises(errors_lib.ConfigError,
                      match=r"image_size=64 gives 256 tokens per image .* reads "
                            r"64: pass --config.pretokenize.data.image_size=32, "
                            r"or --config.model.seq_len=256\.$"):
-    pretokenize.check_tokens_fit({"seq_len": 64}, encode, 64)
+    pretokenize_checks.check_tokens_fit({"seq_len": 64}, encode, 64)
   with pytest.raises(errors_lib.ConfigError, match=r"reads 50: pass "
                      r"--config.model.seq_len=64\.$"):   # no size gives 50
-    pretokenize.check_tokens_fit({"seq_len": 50}, encode, 32)
+    pretokenize_checks.check_tokens_fit({"seq_len": 50}, encode, 32)
   # A size the tokenizer cannot encode, whatever the generator (a demo's
   # pre-tokenizing stage has no generator in its config.model).
   with pytest.raises(errors_lib.ConfigError, match=r"image_size=30 does not "
                      r"fit the tokenizer .* is not divisible by the "
                      r"downsampling factor 4; .*\(config.pretokenize.data."
                      r"image_size\)\.$"):
-    pretokenize.check_tokens_fit({}, lambda x: images_lib.check_images(
+    pretokenize_checks.check_tokens_fit({}, lambda x: images_lib.check_images(
         x, factor=4), 30)
   # The paper config's own tokenizer on its abstract weights (nothing read):
   # 256 px MaskGIT codes fit RAR's 256 tokens, 128 px ones do not.
   from configs import rar_b
   config = rar_b.get_config()
   encode = pretokenize.abstract_encoder(config.tokenizer)
-  pretokenize.check_tokens_fit(config.model, encode, 256)
+  pretokenize_checks.check_tokens_fit(config.model, encode, 256)
   with pytest.raises(errors_lib.ConfigError, match=r"image_size=128 gives 64 tokens"):
-    pretokenize.check_tokens_fit(config.model, encode, 128,
+    pretokenize_checks.check_tokens_fit(config.model, encode, 128,
                                  pretokenize.tokenizer_size(config.tokenizer))
   with pytest.raises(errors_lib.ConfigError, match=r"^config.pretokenize.data."
                      r"image_size=120 does not fit the tokenizer \(config."
                      r"tokenizer.model\): Average-pool downsampling needs even"):
-    pretokenize.check_tokens_fit(config.model, encode, 120)
+    pretokenize_checks.check_tokens_fit(config.model, encode, 120)
   # FQGAN's tokenizer takes one size (its adapters' tables): named as the
   # pre-tokenizing setting (was the model's error: "set model.image_size",
   # a key FAR's config.model lacks).
@@ -239,14 +239,14 @@ def test_pretokenize_refuses_images_of_another_token_count():
                      r"image_size=192, but the tokenizer \(config.tokenizer."
                      r"model\) takes 256x256 images: pass --config.pretokenize."
                      r"data.image_size=256\.$"):
-    pretokenize.check_tokens_fit(config.model, pretokenize.abstract_encoder(
+    pretokenize_checks.check_tokens_fit(config.model, pretokenize.abstract_encoder(
         config.tokenizer), 192, size)
   # ... and at its one size, codes of another grid than FAR reads: the fix
   # is the generator's grid (another image size would be refused above).
   config.tokenizer.model.image_size = 128
   with pytest.raises(errors_lib.ConfigError, match=r"image_size=128 gives 64 "
                      r"tokens .* reads 256: pass --config.model.grid=8\.$"):
-    pretokenize.check_tokens_fit(config.model, pretokenize.abstract_encoder(
+    pretokenize_checks.check_tokens_fit(config.model, pretokenize.abstract_encoder(
         config.tokenizer), 128, pretokenize.tokenizer_size(config.tokenizer))
 
 
@@ -290,7 +290,7 @@ def test_data_settings_pretokenizing_does_not_apply_are_refused_or_unrecorded(
   import json
   from configs import rar_b  # pylint: disable=import-outside-toplevel
   config = rar_b.get_config("runlocal")
-  pretokenize.check_images_in_data(config)
+  pretokenize_checks.check_images_in_data(config)
   for key, value, pattern in (
       ("split", "validation", r"^config.pretokenize.data.split='validation' "
        r"is not the split encoded: .*--config.pretokenize.split=validation"),
@@ -300,10 +300,10 @@ def test_data_settings_pretokenizing_does_not_apply_are_refused_or_unrecorded(
     bad = rar_b.get_config("runlocal")
     bad.pretokenize.data[key] = value
     with pytest.raises(errors_lib.ConfigError, match=pattern):
-      pretokenize.check_images_in_data(bad)
+      pretokenize_checks.check_images_in_data(bad)
   # Another split encoded, labels numbered by the training split's folders.
   config.pretokenize.split = "validation"
-  pretokenize.check_images_in_data(config)
+  pretokenize_checks.check_images_in_data(config)
   # An older record holding the unread keys, at other values, still matches.
   config.tokenizer.checkpoint = "/ckpt/tok"
   settings = token_output.output_settings(config, "/ckpt/tok")
@@ -332,16 +332,16 @@ def test_encoding_at_another_size_than_the_tokenizer_trained_at_is_warned(
   monkeypatch.setattr(weights, "recorded_config", recorded.__getitem__)
   data_32 = ml_collections.ConfigDict(dict(image_size=32, image_width=0))
   with caplog.at_level(logging.WARNING):
-    pretokenize.warn_other_trained_size("converted", data_32)
+    pretokenize_checks.warn_other_trained_size("converted", data_32)
     assert not caplog.records
-    pretokenize.warn_other_trained_size(
+    pretokenize_checks.warn_other_trained_size(
         "run", ml_collections.ConfigDict(dict(image_size=64, image_width=64)))
     assert not caplog.records
-    pretokenize.warn_other_trained_size("run", data_32)
+    pretokenize_checks.warn_other_trained_size("run", data_32)
   # A width alone that differs is named as such.
   recorded["wide"] = ({"data": {"image_size": 32, "image_width": 64}},
                       "trained")
-  pretokenize.warn_other_trained_size("wide", data_32)
+  pretokenize_checks.warn_other_trained_size("wide", data_32)
   assert "set --config.pretokenize.data.image_width=64 to encode" in (
       caplog.records[-1].getMessage())
   assert caplog.records[0].getMessage() == (
