@@ -69,10 +69,11 @@ if __name__ == "__main__":
   sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from bench import plan_frozen as frozen_lib  # noqa: E402
 
 
 def load_config(spec: str):
@@ -135,34 +136,9 @@ def apply_overrides(config, *, mesh: dict, batch: int | None,
     # Sample grids are not part of the planned step (and would load the
     # tokenizer they decode with).
     config.train.image_every = 0
-    # Teachers without a file are planned by their shapes (none is read),
-    # where the model takes them (a runlocal's heads are narrower).
-    for teacher in config.get("teachers", ()):
-      if not teacher.path and _teacher_fits(config, teacher):
-        teacher.path = PLANNED
-    loss = config.get("loss") or {}
-    if ("teacher_path" in loss and loss.get("semantic_weight")
-        and config.model.get("semantic")):
-      loss.teacher_path = loss.teacher_path or PLANNED
+    # Teachers without a file: by their shapes, where the model takes them.
+    frozen_lib.plan_teachers_by_shapes(config)
   return config
-
-
-def _teacher_fits(config, teacher) -> bool:
-  """Whether FQGAN's feature head ``teacher.head`` is as wide as the CLS
-  features of the tower ``teacher.name`` (traced, nothing read)."""
-  from genvis_jax.models import teachers  # pylint: disable=import-outside-toplevel
-  kwargs = dict(teacher.get("kwargs") or {})
-  module, preprocess = teachers.get_teacher(teacher.name, **kwargs)
-  size = config.data.image_size
-  x = preprocess(jnp.zeros((1, size, size, 3)))
-  width = jax.eval_shape(lambda k: module.apply(module.init(k, x), x),
-                         jax.random.key(0)).shape[-1]
-  heads = {str(b): int(w) for b, w in config.model.get("feat_heads", ())}
-  return heads.get(str(teacher.head)) == width
-
-
-# The weights-file path of a teacher planned by its shapes.
-PLANNED = "(planned by its shapes)"
 
 
 def sharded_bytes(abstract, shardings) -> int:
@@ -240,7 +216,7 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True,
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   task = tasks_lib.get_task(config)
-  frozen = frozen_shapes(config, task)
+  frozen = frozen_lib.frozen_shapes(config, task)
   mesh, task = trainer_lib.setup(config, mesh=shd.create_mesh(config.mesh,
                                                               devices),
                                  task=task)
@@ -257,75 +233,12 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True,
       ema_bytes=sharded_bytes(st.ema, sh.ema) if st.ema is not None else 0,
       state_bytes_total=total_bytes(st),
       frozen_bytes=sharded_bytes(*_abstract_and_shardings(
-          placed_frozen(tr, frozen)[0])))
+          frozen_lib.placed_frozen(tr, frozen)[0])))
   if compile_step:
     p.compiled = compiled_memory(tr, config, frozen)
   if grid:
     p.grid = grid_memory(tr, config)
   return p
-
-
-def _tokenizer_shapes(config, task):
-  """A task encoding its images with a frozen tokenizer in the step (the
-  Equivariant generator) whose config names no checkpoint: the tokenizer's
-  parameter shapes, which the step is compiled with (no weights are read:
-  ``task`` is set to need none); None for every other config."""
-  if not task.encodes_with_tokenizer or config.tokenizer.get("checkpoint"):
-    return None
-  from genvis_jax import models  # pylint: disable=import-outside-toplevel
-  from genvis_jax.models import inference  # pylint: disable=import-outside-toplevel
-  tok_config = inference.data_model_config(config.tokenizer)
-  boxed = jax.eval_shape(lambda k: models.init_params(tok_config, k, boxed=True),
-                         jax.random.key(0))
-  task.encodes_with_tokenizer = False   # this instance: no checkpoint needed
-  task.frozen_params = lambda: {}
-  # What the trainer holds of it: what the step's encode and the grids'
-  # decode read.
-  return {"tokenizer": inference.decoder_params(
-      models.build(tok_config), tok_config, boxed, encode=True)}
-
-
-def frozen_shapes(config, task):
-  """The frozen weights ``plan`` compiles ``task``'s step with, boxed and
-  abstract, where the config sets no file for them (``task`` is then set
-  to read none): the Equivariant generator's tokenizer, or the teachers
-  ``apply_overrides`` left to their shapes; None where the trainer reads
-  them from their files."""
-  return _tokenizer_shapes(config, task) or _planned_frozen(config, task)
-
-
-def _planned_frozen(config, task):
-  """A task whose teachers ``apply_overrides`` left to their shapes: the
-  frozen groups it names the axes of (``Task.frozen_axes``: the teachers,
-  the Equivariant tokenizer's DINO ViT), boxed and abstract, with ``task``
-  set to read no file (LPIPS, 59 MB, is then not counted); None for the
-  others."""
-  paths = [t.path for t in config.get("teachers", ())]
-  paths.append((config.get("loss") or {}).get("teacher_path", ""))
-  if PLANNED not in paths:
-    return None
-  task.frozen_params = lambda: {}
-  return task.frozen_axes() or None
-
-
-def placed_frozen(tr, frozen=None):
-  """``(frozen weights, train step)``: the trainer's, or ``frozen`` (boxed
-  abstract weights) placed as the trainer places loaded ones
-  (``state.frozen_shardings``) and the step compiled for them."""
-  from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
-  from genvis_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  from genvis_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
-  if frozen is None:
-    return tr.frozen, tr._step  # pylint: disable=protected-access
-  shapes = nn.unbox(frozen)
-  shardings = state_lib.frozen_shardings(shapes, frozen, tr.mesh, tr.rules)
-  step = step_lib.jit_train_step(
-      tr._step_fn, tr.shardings,  # pylint: disable=protected-access
-      shd.batch_sharding(tr.mesh, tr.rules), shd.replicated(tr.mesh),
-      shardings)
-  return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      shapes, shardings), step
 
 
 def _abstract_and_shardings(tree):
@@ -341,7 +254,7 @@ def compiled_memory(tr, config, frozen=None) -> dict:
                      shd.batch_sharding(tr.mesh, tr.rules))
   rng = jax.ShapeDtypeStruct(tr.train_rng.shape, tr.train_rng.dtype,
                              sharding=shd.replicated(tr.mesh))
-  frozen, step = placed_frozen(tr, frozen)
+  frozen, step = frozen_lib.placed_frozen(tr, frozen)
   with tr.context():
     compiled = step.lower(tr.abstract_state(), batch, rng, frozen).compile()
   m = compiled.memory_analysis()

@@ -51,7 +51,7 @@ def test_the_bf16_train_step_sums_the_batch_in_float32(spec):
                               batch=4, micro_batches=1, remat=None,
                               dtype="bfloat16")
   task = tasks_lib.get_task(config)
-  frozen = pm.frozen_shapes(config, task)   # teachers by their shapes too
+  frozen = pm.frozen_lib.frozen_shapes(config, task)   # teachers by their shapes too
   mesh, task = trainer_lib.setup(config, mesh=shd.create_mesh(
       config.mesh, jax.devices()[:1]), task=task)
   tr = trainer_lib.Trainer(config, mesh=mesh, task=task)

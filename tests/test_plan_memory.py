@@ -72,7 +72,7 @@ def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes():
                               micro_batches=1, remat=None, dtype=None)
   assert not config.tokenizer.get("checkpoint")
   p = pm.plan(config, devices=jax.devices()[:2])
-  shapes = pm._tokenizer_shapes(config, get_task(config))["tokenizer"]
+  shapes = pm.frozen_lib.tokenizer_shapes(config, get_task(config))["tokenizer"]
   size = lambda tree: sum(a.size * a.dtype.itemsize
                           for a in jax.tree_util.tree_leaves(tree))
   # The step reads the encoder's weights (the decoder's are pruned).
@@ -96,7 +96,7 @@ def test_a_teacher_without_a_file_is_planned_by_its_shapes():
       pm.load_config("configs/fqgan_dual_ds16.py"),
       mesh=pm.parse_mesh("data=2,fsdp=4"), batch=8, micro_batches=1,
       remat=None, dtype=None)
-  assert config.teachers[0].path == pm.PLANNED
+  assert config.teachers[0].path == pm.frozen_lib.PLANNED
   p = pm.plan(config, devices=jax.devices(), compile_step=False)
   # CLIP ViT-L/14: 303M fp32 parameters, a quarter each (norms, biases whole).
   assert 303e6 <= p.frozen_bytes < 303e6 * 1.01, p.frozen_bytes
