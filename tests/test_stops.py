@@ -14,6 +14,7 @@ import pytest
 from genvis_jax.core import checkpoint as ckpt_lib
 from genvis_jax.errors import UserError
 from genvis_jax.train import guard as guard_lib
+from genvis_jax.train import loop
 from genvis_jax.core import preemption
 from genvis_jax.train import grids
 from genvis_jax.train import trainer as trainer_lib
@@ -455,7 +456,7 @@ def test_a_stopped_runs_arrays_are_freed_with_its_frames(tmp_path,
   if again:
     def ctrl_c_again(*args):
       raise KeyboardInterrupt
-    monkeypatch.setattr(trainer_lib, "_finish_saves", ctrl_c_again)
+    monkeypatch.setattr(loop, "_finish_saves", ctrl_c_again)
   gc.collect()
   before = {id(a) for a in jax.live_arrays()}
   with pytest.raises(KeyboardInterrupt) as kept:   # as IPython keeps it
