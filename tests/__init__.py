@@ -20,3 +20,26 @@ def xla_flags(num_devices: int) -> str:
   """``XLA_FLAGS`` for a test process with ``num_devices`` fake CPU devices."""
   return (f"--xla_force_host_platform_device_count={num_devices} "
           f"{CPU_COMPILE_FLAGS}")
+
+
+def with_test_flags(flags: str | None, num_devices: int = 8) -> str:
+  """``flags`` (the environment's ``XLA_FLAGS``, which a machine image or a
+  user may set) with ``num_devices`` fake CPU devices in place of any count
+  it sets (the tests are written for 8) and ``CPU_COMPILE_FLAGS`` where it
+  sets no optimization level of its own."""
+  kept = [f for f in (flags or "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  level = any(f.startswith("--xla_backend_optimization_level") for f in kept)
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={num_devices}"]
+                  + ([] if level else [CPU_COMPILE_FLAGS]))
+
+
+def process_running(pid) -> bool:
+  """Whether process ``pid`` runs: a zombie (ended, not yet reaped: an
+  orphan waits for its reaper, which a container's PID 1 may never be) has
+  ended."""
+  try:
+    with open(f"/proc/{int(pid)}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (FileNotFoundError, ProcessLookupError):
+    return False

@@ -13,6 +13,7 @@ still compiled once per run, and it is deleted at the end. An existing
 under a second are cached too.
 """
 
+import logging
 import os
 import signal
 import shutil
@@ -21,11 +22,21 @@ import tempfile
 
 import pytest
 
-from tests import xla_flags
+from tests import with_test_flags
 
-os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+# Added to a machine's own XLA_FLAGS: set alone, the flags it had would
+# leave the tests one device.
+os.environ["XLA_FLAGS"] = with_test_flags(os.environ.get("XLA_FLAGS"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is written for the CPU's 8 fake devices and its numerics, also
+# on a machine whose image sets JAX_PLATFORMS.
+os.environ["JAX_PLATFORMS"] = "cpu"
+# Settings of the user's shell that change what the code under test prints
+# or does: the traceback a CLI error keeps (tests that want it set it), and
+# a TPU pod worker's hosts, which would make every run join the pod.
+for _name in ("GENVIS_VERBOSE", "TPU_WORKER_HOSTNAMES",
+              "JAX_COORDINATOR_ADDRESS"):
+  os.environ.pop(_name, None)
 # One BLAS thread per test process: the xdist workers already fill the cores.
 # Two processes each taking the 2048-d sqrtm of an FID evaluation ran 38 s
 # each with OpenBLAS's default threads, 21 s with one thread (2 cores).
@@ -75,6 +86,24 @@ def pytest_unconfigure(config):
   path = getattr(config, "genvis_compile_cache", None)
   if path:
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def logging_levels_kept():
+  """A test that leaves the root or absl logger at another level fails (the
+  level is put back first): the tests after it in the same process would
+  not see the log lines they read with ``caplog``, and fail or pass by the
+  order xdist hands out the files. (Resetting absl's flags sets its logger
+  to WARNING.)"""
+  loggers = [logging.getLogger(), logging.getLogger("absl")]
+  before = [logger.level for logger in loggers]
+  yield
+  after = [logger.level for logger in loggers]
+  for logger, level in zip(loggers, before):
+    logger.setLevel(level)
+  assert after == before, (
+      f"the test changed the (root, absl) loggers' levels {before} -> "
+      f"{after}: restore them where it changes them")
 
 
 @pytest.fixture(scope="session")

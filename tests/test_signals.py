@@ -2,6 +2,7 @@
 one line and lose no data: SIGTERM / Ctrl-C at any point, an error on
 several processes, out-of-device-memory, a failed run's workdir."""
 
+import logging
 import os
 import signal
 import sys
@@ -267,12 +268,17 @@ def test_the_command_line_sets_a_second_ctrl_c_to_end_the_process(
   seen = []
   monkeypatch.setattr(modes, "run", lambda config, workdir: seen.append(
       (config.mode, workdir, preemption.exit_on_second_interrupt)))
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
   main_lib.FLAGS(["main", "--config=configs/demo.py:smoke",
                   f"--workdir={tmp_path}"])
   try:
     main_lib.main(["main"])
   finally:
     main_lib.FLAGS.unparse_flags()
+    # Resetting --verbosity sets absl's logger to WARNING, which hid the
+    # INFO lines that later tests in this process read with caplog.
+    absl_logger.setLevel(level)
   assert seen == [("demo", str(tmp_path), True)]
 
 
