@@ -38,7 +38,15 @@ if [[ -n "$GENVIS_GIT_URL" ]]; then
   fetch="if [ -d $dir/.git ]; then git -C $dir fetch --quiet origin; elif [ -e $dir ]; then echo \"\$(hostname): $dir holds a copied checkout, not a git one: remove it (rm -rf $dir) or set it up without --git-url\" >&2; exit 3; else git clone --quiet $(quote "$GENVIS_GIT_URL") $dir; fi && git -C $dir checkout --quiet $(quote "$GENVIS_GIT_REF") && (git -C $dir pull --quiet --ff-only 2>/dev/null || true)"
   tpu_ssh "$TPU_WORKER" "$live; $fetch"
 else
-  tarball="${TMPDIR:-/tmp}/genvis_jax_src.tar.gz"
+  # A folder of its own: a fixed name in a shared TMPDIR could be another
+  # user's file, or a second setup's half-written one.
+  if [[ "$DRY_RUN" == 1 ]]; then
+    tarball="${TMPDIR:-/tmp}/tmp.XXXXXXXXXX/genvis_jax_src.tar.gz"
+  else
+    staging="$(mktemp -d)"
+    trap 'rm -rf "$staging"' EXIT
+    tarball="$staging/genvis_jax_src.tar.gz"
+  fi
   [[ "${dir%/}" =~ ^/[^/]*$ ]] && die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
   case "${dir%/}" in   # re-running setup replaces this folder
     '$HOME'|'$HOME/.'|'~'|''|*/..|*/.)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests import process_running
 from tests.test_launch import ENV, LAUNCH, commands, sh
 
 
@@ -43,7 +44,7 @@ def test_worker_start_runs_in_background_and_stops(tmp_path):
     assert again.returncode != 0 and "already running" in again.stderr
     assert sh("worker_start.sh", *args, "--stop", env=env).returncode == 0
     for _ in range(100):
-      if subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode:
+      if not process_running(pid):
         break
       time.sleep(0.05)
     else:
@@ -142,6 +143,12 @@ def test_tpu_setup_copy_replaces_the_old_code(tmp_path):
   (repo / "b.py").unlink()
   (repo / "c.py").write_text("c")
   env = fake_tpu(tmp_path, "")
+  # The tarball is staged in a folder of its own, removed after: a fixed
+  # name in a shared TMPDIR may be another user's (here one tar cannot
+  # write) or a second setup's.
+  tmpdir = tmp_path / "tmp"
+  (tmpdir / "genvis_jax_src.tar.gz").mkdir(parents=True)
+  env["TMPDIR"] = str(tmpdir)
   old = pathlib.Path(env["HOME"]) / "genvis_jax"
   old.unlink()
   old.mkdir()
@@ -153,6 +160,7 @@ def test_tpu_setup_copy_replaces_the_old_code(tmp_path):
   assert r.returncode == 0, r.stderr
   assert sorted(p.name for p in old.iterdir() if p.is_file()) == ["a.py", "c.py"]
   assert not (pathlib.Path(env["HOME"]) / "genvis_jax.old").exists()
+  assert os.listdir(tmpdir) == ["genvis_jax_src.tar.gz"]   # the staging gone
   # A run going from the checkout (its pid file names a live process): the
   # copy would pull its working directory away; nothing is replaced.
   logs = pathlib.Path(env["HOME"]) / "genvis_logs"
