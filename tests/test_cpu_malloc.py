@@ -39,8 +39,11 @@ print(*faults)
 
 def _faults(tuned: bool) -> list[int]:
   """Minor page faults of each of the probe's last 10 steps, sorted."""
-  env = dict(os.environ, GENVIS_CPU_MALLOC="1", XLA_FLAGS="",
-             JAX_PLATFORMS="cpu")
+  # Without the shell's own malloc settings (GLIBC_TUNABLES with huge pages,
+  # as cpu_malloc's docstring suggests, faults once per 2 MB).
+  env = {k: v for k, v in os.environ.items()
+         if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+  env.update(GENVIS_CPU_MALLOC="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _PROBE, "1" if tuned else "0"],
                        env=env, capture_output=True, text=True, check=True)
   return sorted(map(int, out.stdout.strip().splitlines()[-1].split()))
@@ -48,7 +51,11 @@ def _faults(tuned: bool) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_tuning_stops_per_step_page_faults():
-  plain, tuned = _faults(False), _faults(True)
+  plain = _faults(False)
+  if plain[0] < 4_000:   # e.g. transparent huge pages set to "always"
+    pytest.skip(f"the untuned heap hardly faults here ({plain}): nothing "
+                "for the tuning to stop")
+  tuned = _faults(True)
   # Untuned: every run maps and touches the temp buffer afresh (~48k faults).
   assert plain[0] > 40_000, plain
   # Tuned: most runs reuse the heap's pages (the median run faults none here;

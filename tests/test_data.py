@@ -13,6 +13,7 @@ import pytest
 
 from genvis_jax import data
 from tests import data_common as dc
+from tests import process_running
 
 
 # --- pipeline ----------------------------------------------------------------
@@ -244,10 +245,9 @@ def test_grain_workers_end_with_a_killed_run():
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   deadline = time.time() + 20
-  while time.time() < deadline and any(os.path.exists(f"/proc/{k}")
-                                       for k in kids):
+  while time.time() < deadline and any(map(process_running, kids)):
     time.sleep(0.2)
-  alive = [k for k in kids if os.path.exists(f"/proc/{k}")]
+  alive = [k for k in kids if process_running(k)]
   for k in alive:   # leave no orphan behind a failure
     os.kill(int(k), signal.SIGKILL)
   assert not alive, f"workers {alive} outlived their run"

@@ -113,7 +113,7 @@ def test_create_dry_run():
   assert cmd.startswith("gcloud compute tpus tpu-vm create rar-xl ")
   for part in ("--zone=us-central2-b", "--accelerator-type=v4-256",
                "--version=tpu-ubuntu2204-base", "--spot", "--project=proj"):
-    assert part in cmd.split(), part
+    assert part in shlex.split(cmd), part
   # Env-var defaults and the version chosen from the generation.
   r = sh("tpu_create.sh", env={"TPU_NAME": "p", "TPU_ZONE": "europe-west4-b",
                                "TPU_ACCELERATOR_TYPE": "v5litepod-256", "DRY_RUN": "1"})
@@ -345,9 +345,9 @@ def test_gpu_sample_eval_dry_run(tmp_path):
   for part in (f"--workdir={wd}/samples", f"--config.init_from={wd}/weights/rar",
                f"--config.tokenizer.checkpoint={wd}/weights/maskgit_vqgan",
                "--config.sample.num_samples=1000", "--config.sample.batch_size=64"):
-    assert part in sample.split(), part
+    assert part in shlex.split(sample), part
   [ev] = [c for c in cmds if "--config.mode=evaluate" in c]
   for part in ("--config.evaluate.kind=generation", f"--config.evaluate.reference={w}/ref.npz",
                f"--config.evaluate.samples={wd}/samples/samples.npz"):
-    assert part in ev.split(), part
+    assert part in shlex.split(ev), part
   assert f"metrics: {wd}/eval/metrics.json" in r.stdout

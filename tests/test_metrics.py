@@ -3,6 +3,7 @@ TensorBoard only."""
 
 import glob
 import logging
+import re
 
 from genvis_jax.core import metrics as metrics_lib
 
@@ -90,7 +91,7 @@ def test_a_full_disk_under_the_metrics_is_one_named_error(tmp_path,
   writer = metrics_lib.create_writer(tmp_path)
   with caplog.at_level(logging.ERROR), pytest.raises(
       errors.OutputWriteError, match=rf"TensorBoard event files\) under "
-      rf"{tmp_path} failed: .*No space left on device\. Free space"):
+      rf"{re.escape(str(tmp_path))} failed: .*No space left on device\. Free space"):
     writer.write_scalars(3, {"loss": 1.5})
     writer.flush()
   # Nor does clu's thread log its traceback first.

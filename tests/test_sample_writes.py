@@ -121,10 +121,11 @@ def test_a_writer_killed_mid_write_leaves_nothing_for_long(tmp_path,
       "files.write_whole(sys.argv[1], write)",
       "files.write_whole('gs://bucket/samples.npz', write)")])
   assert r.returncode == -9 and len(os.listdir(tmp)) == 1
-  (tmp / f"genvis_jax_upload_{os.getpid()}_x").mkdir()    # this process's
-  killed = [n for n in os.listdir(tmp) if str(os.getpid()) not in n]
+  killed = os.listdir(tmp)   # before this process's own (its pid's digits
+  mine = f"genvis_jax_upload_{os.getpid()}_x"   # may be in the killed one's)
+  (tmp / mine).mkdir()
   assert files.remove_stale_transfers() == killed
-  assert os.listdir(tmp) == [f"genvis_jax_upload_{os.getpid()}_x"]
+  assert os.listdir(tmp) == [mine]
 
 
 def test_a_full_disk_stops_with_the_fix_and_keeps_what_was_made(

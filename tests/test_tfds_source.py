@@ -159,8 +159,9 @@ def test_prepare_tfds_writes_what_the_tfds_source_reads(tmp_path):
   # the fix is the folder above, not a rebuild.
   for inner in (tmp_path / "genvis_tiny_images", tmp_path / "genvis_tiny_images" / "1.0.0"):
     with pytest.raises(data.DataNotFoundError,
-                       match=rf"path='{inner}' is the folder of the data set "
-                             rf"'genvis_tiny_images' itself.*set it to '{tmp_path}'"):
+                       match=rf"path='{re.escape(str(inner))}' is the folder of the data "
+                             rf"set 'genvis_tiny_images' itself.*set it to "
+                             rf"'{re.escape(str(tmp_path))}'"):
       tfds_source.TfdsSource("genvis_tiny_images", "train", str(inner))
   # TFDS slices of a split read as TFDS reads them.
   assert len(tfds_source.TfdsSource("genvis_tiny_images", "train[:3]", str(tmp_path))) == 3

@@ -3,6 +3,7 @@ training, sampling, evaluation, pre-tokenizing or demo run is refused before
 it reads or writes anything, naming the first; what it leaves behind."""
 
 import os
+import re
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
   os.makedirs(wd)
   with workdir_lock.hold(wd):
     with pytest.raises(workdir_lock.WorkdirBusyError,
-                       match=rf"{wd} is in use by another run \(training "
+                       match=rf"{re.escape(wd)} is in use by another run \(training "
                              rf"run: process {os.getpid()} on .*, since 20.*\)\. "
                              "Wait for it to end"):
       trainer_lib.train_loop(small_run.config(2), wd)
