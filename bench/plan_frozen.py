@@ -47,7 +47,6 @@ def _teacher_fits(config, teacher) -> bool:
   return heads.get(str(teacher.head)) == width
 
 
-
 def tokenizer_shapes(config, task):
   """A task encoding its images with a frozen tokenizer in the step (the
   Equivariant generator) whose config names no checkpoint: the tokenizer's
