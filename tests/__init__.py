@@ -18,8 +18,7 @@ CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 def xla_flags(num_devices: int) -> str:
   """``XLA_FLAGS`` for a test process with ``num_devices`` fake CPU devices."""
-  return (f"--xla_force_host_platform_device_count={num_devices} "
-          f"{CPU_COMPILE_FLAGS}")
+  return with_test_flags("", num_devices)
 
 
 def with_test_flags(flags: str | None, num_devices: int = 8) -> str:
@@ -34,12 +33,19 @@ def with_test_flags(flags: str | None, num_devices: int = 8) -> str:
                   + ([] if level else [CPU_COMPILE_FLAGS]))
 
 
+def proc_stat(pid) -> list[str]:
+  """``/proc/<pid>/stat``'s fields after the command name (``[0]`` is field
+  3, the state; ``[19]`` field 22, the start time). Raises
+  ``FileNotFoundError`` for a process that is gone."""
+  with open(f"/proc/{int(pid)}/stat") as f:
+    return f.read().rsplit(")", 1)[1].split()
+
+
 def process_running(pid) -> bool:
   """Whether process ``pid`` runs: a zombie (ended, not yet reaped: an
   orphan waits for its reaper, which a container's PID 1 may never be) has
   ended."""
   try:
-    with open(f"/proc/{int(pid)}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return proc_stat(pid)[0] != "Z"
   except (FileNotFoundError, ProcessLookupError):
     return False

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests import process_running
+from tests import proc_stat, process_running
 from tests.test_launch import ENV, LAUNCH, commands, sh
 
 
@@ -199,8 +199,7 @@ def test_tpu_setup_from_git_checks_for_a_live_run_and_a_copied_checkout(
 
 def _start_time(pid: int) -> str:
   """/proc/PID/stat's field 22 (start time), as worker_start.sh reads it."""
-  with open(f"/proc/{pid}/stat") as f:
-    return f.read().rsplit(") ", 1)[1].split()[19]
+  return proc_stat(pid)[19]
 
 
 def test_a_stale_pid_file_names_no_run_and_stop_kills_nothing(tmp_path):
