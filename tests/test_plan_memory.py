@@ -26,11 +26,16 @@ def _planner():
 pm = _planner()
 
 
+def _knobs(config, mesh: str, batch: int = 8, micro: int = 1):
+  """``config`` with the planner's ``--mesh``, ``--batch`` and
+  ``--micro_batches`` set (remat and dtype the config's)."""
+  return pm.apply_overrides(config, mesh=pm.parse_mesh(mesh), batch=batch,
+                            micro_batches=micro, remat=None, dtype=None)
+
+
 def _tiny(mesh, **kw):
   """The demo RAR (4 blocks of width 128) with the planning knobs set."""
-  return pm.apply_overrides(demo.rar_config(), mesh=pm.parse_mesh(mesh),
-                            batch=kw.get("batch", 8), micro_batches=kw.get("micro", 1),
-                            remat=None, dtype=None)
+  return _knobs(demo.rar_config(), mesh, **kw)
 
 
 def test_fsdp_divides_parameter_and_optimizer_bytes():
@@ -67,9 +72,8 @@ def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes():
   without a checkpoint the planner failed at the trainer's check (the
   state-bytes table's Equivariant rows could not be reproduced). It plans
   with the tokenizer's shapes, counted in the step's arguments."""
-  config = pm.apply_overrides(pm.load_config("configs/eq_s.py:runlocal"),
-                              mesh=pm.parse_mesh("data=2"), batch=4,
-                              micro_batches=1, remat=None, dtype=None)
+  config = _knobs(pm.load_config("configs/eq_s.py:runlocal"), "data=2",
+                  batch=4)
   assert not config.tokenizer.get("checkpoint")
   p = pm.plan(config, devices=jax.devices()[:2])
   shapes = pm.frozen_lib.tokenizer_shapes(config, get_task(config))["tokenizer"]
@@ -87,15 +91,11 @@ def test_a_teacher_without_a_file_is_planned_by_its_shapes():
   without it left out its 1.13 GiB. It is planned by its shapes (no file
   read), split over fsdp as the trainer splits it; not where the model's
   head is narrower than the tower (a runlocal's), which could not run."""
-  small = pm.apply_overrides(
-      pm.load_config("configs/fqgan_dual_ds16.py:runlocal"),
-      mesh=pm.parse_mesh("data=2,fsdp=4"), batch=8, micro_batches=1,
-      remat=None, dtype=None)
+  small = _knobs(pm.load_config("configs/fqgan_dual_ds16.py:runlocal"),
+                 "data=2,fsdp=4")
   assert small.teachers[0].path == ""
-  config = pm.apply_overrides(
-      pm.load_config("configs/fqgan_dual_ds16.py"),
-      mesh=pm.parse_mesh("data=2,fsdp=4"), batch=8, micro_batches=1,
-      remat=None, dtype=None)
+  config = _knobs(pm.load_config("configs/fqgan_dual_ds16.py"),
+                  "data=2,fsdp=4")
   assert config.teachers[0].path == pm.frozen_lib.PLANNED
   p = pm.plan(config, devices=jax.devices(), compile_step=False)
   # CLIP ViT-L/14: 303M fp32 parameters, a quarter each (norms, biases whole).
