@@ -219,11 +219,14 @@ run_workdir() {
   echo "gs://${bucket%/}/runs/$2"
 }
 
-# remote_path P: P for the worker's shell; relative paths are under $HOME there.
+# remote_path P: P for the worker's shell, quoted (a space in a home folder or
+# a name is one word there); relative paths are under $HOME there. '~...' and
+# '$...' are the user's own words for that shell, passed as they are.
 remote_path() {
   case "$1" in
-    /*|'~'*|'$'*) echo "$1" ;;
-    *) echo "\$HOME/$1" ;;
+    '~'*|'$'*) echo "$1" ;;
+    /*) quote "$1" ;;
+    *) echo "\"\$HOME\"/$(quote "$1")" ;;
   esac
 }
 

@@ -47,9 +47,9 @@ else
     trap 'rm -rf "$staging"' EXIT
     tarball="$staging/genvis_jax_src.tar.gz"
   fi
-  [[ "${dir%/}" =~ ^/[^/]*$ ]] && die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
-  case "${dir%/}" in   # re-running setup replaces this folder
-    '$HOME'|'$HOME/.'|'~'|''|*/..|*/.)
+  [[ "${GENVIS_REMOTE_DIR%/}" =~ ^/[^/]*$ ]] && die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
+  case "${GENVIS_REMOTE_DIR%/}" in   # re-running setup replaces this folder
+    '$HOME'|'$HOME/.'|'~'|'~/.'|''|.|..|*/..|*/.)
       die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it" ;;
   esac
   # Tracked + untracked-not-ignored files (no venvs, caches or build outputs),
@@ -63,7 +63,7 @@ else
   fi
   gcloud_tpu scp "$tarball" "$TPU_NAME:genvis_jax_src.tar.gz" --worker="$TPU_WORKER"
   # Unpacked beside the old copy, then swapped in: no stale files survive.
-  tpu_ssh "$TPU_WORKER" "$live; rm -rf $dir.new $dir.old && mkdir -p $dir.new && tar xzf \$HOME/genvis_jax_src.tar.gz -C $dir.new && rm \$HOME/genvis_jax_src.tar.gz && (test ! -e $dir || mv $dir $dir.old) && mv $dir.new $dir && rm -rf $dir.old"
+  tpu_ssh "$TPU_WORKER" "$live; rm -rf $dir.new $dir.old && mkdir -p $dir.new && tar xzf \"\$HOME\"/genvis_jax_src.tar.gz -C $dir.new && rm \"\$HOME\"/genvis_jax_src.tar.gz && (test ! -e $dir || mv $dir $dir.old) && mv $dir.new $dir && rm -rf $dir.old"
 fi
 
 py="$GENVIS_PYTHON"

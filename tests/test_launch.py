@@ -135,6 +135,20 @@ def test_setup_dry_run_copies_installs_checks():
   assert all("--worker=all" in c for c in ssh)
 
 
+def test_setup_refuses_a_folder_that_is_not_the_checkouts_own():
+  """Setup replaces --remote-dir: the home folder, the root or a top-level
+  folder would be replaced whole. A folder with a space is one word on the
+  workers."""
+  for folder in ("", ".", "./", "/", "/opt", "~", "~/.", "$HOME", "a/.."):
+    r = sh("tpu_setup.sh", "--name=n", "--zone=z", "--dry-run",
+           f"--remote-dir={folder}")
+    assert r.returncode != 0 and "the checkout's own folder" in r.stderr, folder
+  r = sh("tpu_setup.sh", "--name=n", "--zone=z", "--dry-run",
+         "--remote-dir=my code")
+  assert r.returncode == 0, r.stderr
+  assert "mkdir -p \"$HOME\"/'\\''my code'\\''.new" in r.stdout, r.stdout
+
+
 def test_run_dry_run_has_config_workdir_and_overrides():
   r = sh("tpu_run.sh", "--name=pod", "--zone=us-east5-a", "--config=configs/rar_xl.py",
          "--bucket=my-bucket", "--dry-run", "--",

@@ -80,7 +80,7 @@ esac
 def fake_tpu(tmp_path, python_body):
   """A fake $HOME with the checkout, a venv whose python runs python_body, and
   gcloud on PATH; returns the environment for the launch scripts."""
-  home = tmp_path / "home"
+  home = tmp_path / "home dir"   # a space: the remote paths are quoted
   (home / "genvis_venv" / "bin").mkdir(parents=True)
   (home / "genvis_jax").symlink_to(LAUNCH.parent)
   py = home / "genvis_venv" / "bin" / "python"
