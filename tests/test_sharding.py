@@ -2,6 +2,7 @@
 splits parameters; k micro-batches == one full batch."""
 
 import re
+import types
 
 import jax
 import ml_collections
@@ -427,3 +428,63 @@ def test_frozen_weights_split_where_the_task_names_their_axes():
                                 frozen["teachers"]["sem"]["fc"]["kernel"])
   for whole in (placed["teachers"]["sem"]["extra"], placed["lpips"]["lin"]):
     assert whole.sharding.is_fully_replicated
+
+
+def _slices(n_slices, per_slice, kind="cpu"):
+  """Stand-ins for the devices of ``n_slices`` TPU slices (``slice_index``)."""
+  return [types.SimpleNamespace(id=i, slice_index=i // per_slice,
+                                process_index=i // per_slice, platform="cpu",
+                                device_kind=kind)
+          for i in range(n_slices * per_slice)]
+
+
+def _slice_of(grid):
+  return np.vectorize(lambda d: d.slice_index)(grid)
+
+
+def test_a_multislice_mesh_keeps_axes_inside_a_slice_unless_told():
+  """jax.make_mesh refuses devices of several slices; the mesh spans the
+  slices with data (the default) or the axes config.mesh.dcn_shape names,
+  and every other axis stays inside one slice (its interconnect)."""
+  devices = _slices(2, 4)
+  shape = {"data": 2, "fsdp": 4, "tensor": 1}
+  with pytest.raises(ValueError, match="multi-slice"):
+    jax.make_mesh((2, 4, 1), tuple(shape), devices=devices)
+  grid = shd.device_grid(shape, devices)
+  assert grid.shape == (2, 4, 1)
+  # Each fsdp group (a row) lies in one slice; data crosses them.
+  assert [set(row) for row in _slice_of(grid)[..., 0].tolist()] == [{0}, {1}]
+  grid = shd.device_grid(shape, devices, {"data": 1, "fsdp": 2, "tensor": 1})
+  assert [set(row) for row in _slice_of(grid)[..., 0].tolist()] == [{0, 1}] * 2
+  # One data axis across 4 slices of 2 (the inference mesh's shape).
+  grid = shd.device_grid({"data": 8}, _slices(4, 2))
+  assert _slice_of(grid).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+  # The default (data across the slices) on a mesh whose data axis they do
+  # not divide names the way out.
+  with pytest.raises(ConfigError, match="dcn_shape.<axis>"):
+    shd.device_grid({"data": 1, "fsdp": 8}, devices)
+
+
+@pytest.mark.parametrize("dcn, match", [
+    ({"data": 3}, "multiply to 3, not the 2 slice"),
+    ({"data": -1, "fsdp": -1}, "-1 \\(one axis\\)"),
+    ({"data": 1, "model": 2}, "\\['model'\\] are not mesh axes"),
+    ({"data": 1, "fsdp": 2, "tensor": 1}, None),
+])
+def test_a_multislice_dcn_shape_is_checked(dcn, match):
+  shape = {"data": 2, "fsdp": 4, "tensor": 1}
+  if match is None:
+    shd.device_grid(shape, _slices(2, 4), dcn)
+    return
+  with pytest.raises(ConfigError, match="config.mesh.dcn_shape .*" + match):
+    shd.device_grid(shape, _slices(2, 4), dcn)
+
+
+def test_one_slice_keeps_jax_make_mesh_and_refuses_a_dcn_split():
+  cfg = _config(dict(data=2, fsdp=4, tensor=1))
+  mesh = shd.create_mesh(cfg.mesh, jax.devices())
+  assert (mesh.devices == jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+          .devices).all()
+  cfg.mesh.dcn_shape = ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=1))
+  with pytest.raises(ConfigError, match="not the 1 slice"):
+    shd.create_mesh(cfg.mesh, jax.devices())

@@ -16,6 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from genvis_jax import errors
@@ -84,13 +85,85 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mes
 
   Auto is chosen on purpose: parameters get explicit shardings from the rules
   table and activations get ``nn.with_logical_constraint`` hints; newer jax's
-  Explicit default would make every op's sharding part of its type.
+  Explicit default would make every op's sharding part of its type. Devices
+  of several TPU slices (multislice) are laid out by ``device_grid``.
   """
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_config, len(devices))
   names = tuple(shape)
-  return jax.make_mesh(tuple(shape.values()), names,
-                       axis_types=(AxisType.Auto,) * len(names), devices=devices)
+  return Mesh(device_grid(shape, devices, mesh_config.get("dcn_shape")), names,
+              axis_types=(AxisType.Auto,) * len(names))
+
+
+# jax.make_mesh's rule: TPU v5e slices may split a physical axis over two
+# mesh axes.
+_SPLIT_PHYSICAL_AXES = ("TPU v5 lite", "TPU v5e")
+
+
+def device_grid(shape: dict[str, int], devices: Sequence, dcn_shape=None
+                ) -> np.ndarray:
+  """The devices as an array of ``shape`` (axis name -> size, in order),
+  adjacent in the interconnect along each axis.
+
+  On one slice (devices without ``slice_index``, or all of one) this is
+  ``jax.make_mesh``'s layout. Across N TPU slices, which talk over the
+  slower data-centre network (DCN), ``dcn_shape`` (``config.mesh.dcn_shape``,
+  axis name -> how many slices the axis spans; default: all N on ``data``)
+  says which axes cross it; each axis keeps ``shape[a] / dcn_shape[a]``
+  inside a slice (``mesh_utils.create_hybrid_device_mesh``, as MaxText's
+  ``dcn_*_parallelism``). Data parallelism over DCN leaves one gradient
+  all-reduce per step on it; ``fsdp`` over DCN would gather weights across
+  it in every layer.
+
+  Raises:
+    ConfigError: naming ``config.mesh.dcn_shape``: an axis the mesh lacks,
+      sizes not positive, a product other than the slice count, or an axis
+      whose size the slice count does not divide.
+  """
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  dcn = _dcn_shape(dict(dcn_shape or {"data": -1}), shape, slices)
+  if slices == 1:
+    return jax.make_mesh(tuple(shape.values()), tuple(shape),
+                         devices=devices).devices
+  return mesh_utils.create_hybrid_device_mesh(
+      [shape[a] // dcn.get(a, 1) for a in shape],
+      [dcn.get(a, 1) for a in shape], devices,
+      allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES)
+
+
+def _dcn_shape(dcn: dict, shape: dict[str, int], slices: int) -> dict[str, int]:
+  """``config.mesh.dcn_shape`` resolved (one ``-1`` takes the remaining
+  slices; axes the mesh lacks may only be 1) and checked against ``shape``
+  and the ``slices`` count; ConfigError naming it otherwise."""
+  where = (f"config.mesh.dcn_shape {dcn} (how many TPU slices each mesh axis "
+           f"spans; {slices} slice(s) here, mesh {shape})")
+  bad = {k: v for k, v in dcn.items()
+         if not isinstance(v, (int, np.integer)) or isinstance(v, bool)
+         or v < -1 or v == 0}
+  free = [k for k, v in dcn.items() if v == -1]
+  if bad or len(free) > 1:
+    raise errors.ConfigError(
+        f"{where}: give each axis a count >= 1, or -1 (one axis) for the "
+        "remaining slices.")
+  fixed = math.prod(v for v in dcn.values() if v != -1)
+  if free and slices % fixed == 0:
+    dcn[free[0]] = slices // fixed
+  unknown = sorted(k for k, v in dcn.items() if k not in shape and v != 1)
+  if unknown:
+    raise errors.ConfigError(f"{where}: {unknown} are not mesh axes; use "
+                             f"{sorted(shape)}.")
+  if math.prod(dcn.values()) != slices:
+    raise errors.ConfigError(
+        f"{where}: the counts multiply to {math.prod(dcn.values())}, not the "
+        f"{slices} slice(s); e.g. --config.mesh.dcn_shape.data=-1 (data "
+        "parallel across slices, the default).")
+  uneven = {a: n for a, n in dcn.items() if n > 1 and shape[a] % n}
+  if uneven:
+    raise errors.ConfigError(
+        f"{where}: the slice counts {uneven} do not divide those axes' sizes; "
+        "give each such axis a size that is a multiple of its count, or let "
+        "another axis span the slices (--config.mesh.dcn_shape.<axis>).")
+  return dcn
 
 
 def auto_axes(mesh: Mesh | None) -> Mesh | None:
@@ -115,8 +188,8 @@ def data_mesh(devices: Sequence[jax.Device]) -> Mesh:
   each process on its own rows over ``jax.local_devices()``.
   """
   devices = list(devices)
-  return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,),
-                       devices=devices)
+  return Mesh(device_grid({"data": len(devices)}, devices), ("data",),
+              axis_types=(AxisType.Auto,))
 
 
 def rules_tuple(rules) -> tuple:
