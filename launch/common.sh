@@ -220,14 +220,25 @@ run_workdir() {
 }
 
 # remote_path P: P for the worker's shell, quoted (a space in a home folder or
-# a name is one word there); relative paths are under $HOME there. '~...' and
-# '$...' are the user's own words for that shell, passed as they are.
+# a name is one word there); relative paths and ~/... are under $HOME there.
+# A path holding '$' (or ~user/...) is the user's own words for that shell,
+# expanded there, and passed as it is.
 remote_path() {
   case "$1" in
-    '~'*|'$'*) echo "$1" ;;
+    *'$'*) echo "$1" ;;
+    '~') echo '"$HOME"' ;;
+    '~/'*) echo "\"\$HOME\"/$(quote "${1#\~/}")" ;;
+    '~'*) echo "$1" ;;
     /*) quote "$1" ;;
     *) echo "\"\$HOME\"/$(quote "$1")" ;;
   esac
+}
+
+# strip_slashes P: P without its trailing slashes ('/' stays '/').
+strip_slashes() {
+  local p="$1"
+  while [[ "$p" == */ && "$p" != / ]]; do p="${p%/}"; done
+  echo "$p"
 }
 
 # abs_path P: P made absolute against the caller's directory (gs:// and empty kept).

@@ -81,7 +81,9 @@ case "$GENVIS_COMPILATION_CACHE" in
   '') GENVIS_COMPILATION_CACHE="$GENVIS_WORKDIR/jax_cache" ;;
   off) GENVIS_COMPILATION_CACHE="" ;;
 esac
-start+=(--compilation-cache="$GENVIS_COMPILATION_CACHE" --tmpdir="$GENVIS_TMPDIR"
+# Quoted for the workers' shell (${start[*]} joins the words there).
+start+=(--compilation-cache="${GENVIS_COMPILATION_CACHE:+$(quote "$GENVIS_COMPILATION_CACHE")}"
+        --tmpdir="${GENVIS_TMPDIR:+$(quote "$GENVIS_TMPDIR")}"
         --coordinator-port="$JAX_COORDINATOR_PORT" --start-check="$GENVIS_START_CHECK")
 # The token writer writes local files only (its default, <workdir>/tokens, is
 # the bucket here): refused now rather than after the whole data set encoded.

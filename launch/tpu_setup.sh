@@ -24,8 +24,10 @@ bool_flag skip-check GENVIS_SKIP_CHECK "do not run the jax device check"
 parse_flags "$@"
 require name zone
 
-dir="$(remote_path "$GENVIS_REMOTE_DIR")"
-dir="${dir%/}"
+# The folder as given, without trailing slashes (quoted, a slash left in
+# the quotes would put $dir.new inside the checkout).
+given_dir="$(strip_slashes "$GENVIS_REMOTE_DIR")"
+dir="$(remote_path "$given_dir")"
 venv="$(remote_path "$GENVIS_VENV")"
 
 # A run started from the checkout works in it: replacing or updating it under
@@ -47,8 +49,8 @@ else
     trap 'rm -rf "$staging"' EXIT
     tarball="$staging/genvis_jax_src.tar.gz"
   fi
-  [[ "${GENVIS_REMOTE_DIR%/}" =~ ^/[^/]*$ ]] && die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
-  case "${GENVIS_REMOTE_DIR%/}" in   # re-running setup replaces this folder
+  [[ "$given_dir" =~ ^/[^/]*$ ]] && die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
+  case "$given_dir" in   # re-running setup replaces this folder
     '$HOME'|'$HOME/.'|'~'|'~/.'|''|.|..|*/..|*/.)
       die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it" ;;
   esac

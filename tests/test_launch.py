@@ -139,12 +139,15 @@ def test_setup_refuses_a_folder_that_is_not_the_checkouts_own():
   """Setup replaces --remote-dir: the home folder, the root or a top-level
   folder would be replaced whole. A folder with a space is one word on the
   workers."""
-  for folder in ("", ".", "./", "/", "/opt", "~", "~/.", "$HOME", "a/.."):
+  for folder in ("", ".", "./", ".//", "/", "/opt", "~", "~/.", "~//", "$HOME",
+                 "$HOME//", "a/.."):
     r = sh("tpu_setup.sh", "--name=n", "--zone=z", "--dry-run",
            f"--remote-dir={folder}")
     assert r.returncode != 0 and "the checkout's own folder" in r.stderr, folder
+  # Trailing slashes go before the quotes (inside them, $dir.new was a
+  # folder inside the checkout).
   r = sh("tpu_setup.sh", "--name=n", "--zone=z", "--dry-run",
-         "--remote-dir=my code")
+         "--remote-dir=my code//")
   assert r.returncode == 0, r.stderr
   assert "mkdir -p \"$HOME\"/'\\''my code'\\''.new" in r.stdout, r.stdout
 
