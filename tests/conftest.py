@@ -35,7 +35,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 # or does: the traceback a CLI error keeps (tests that want it set it), and
 # a TPU pod worker's hosts, which would make every run join the pod.
 for _name in ("GENVIS_VERBOSE", "TPU_WORKER_HOSTNAMES",
-              "JAX_COORDINATOR_ADDRESS"):
+              "JAX_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES"):
   os.environ.pop(_name, None)
 # One BLAS thread per test process: the xdist workers already fill the cores.
 # Two processes each taking the 2048-d sqrtm of an FID evaluation ran 38 s

@@ -363,6 +363,32 @@ def test_a_multi_process_environment_is_checked_before_jax_reads_it():
           "num_processes": 2, "process_id": 1}
 
 
+def test_which_hosts_join_a_distributed_run(monkeypatch):
+  """A pod slice's workers and the hosts of a multislice job join one run
+  (the latter with one worker per slice had each run alone, on its own
+  slice's chips); one host does not."""
+  from genvis_jax.train import distributed  # pylint: disable=import-outside-toplevel
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for env, joins in (({}, False), ({"TPU_WORKER_HOSTNAMES": "w0"}, False),
+                     ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, True),
+                     ({"TPU_WORKER_HOSTNAMES": "w0", "MEGASCALE_NUM_SLICES": "2"},
+                      True),
+                     ({"MEGASCALE_NUM_SLICES": " 2"}, True),
+                     ({"MEGASCALE_NUM_SLICES": "1"}, False),
+                     ({"MEGASCALE_NUM_SLICES": "\u00b2"}, False),
+                     ({"MEGASCALE_NUM_SLICES": "x"}, False)):
+    for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES"):
+      monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+      monkeypatch.setenv(k, v)
+    calls.clear()
+    distributed.maybe_initialize()
+    assert calls == ([{}] if joins else []), env
+
+
 def test_a_start_from_weights_that_cannot_load_is_refused_before_the_data(
     tmp_path, monkeypatch):
   """--config.init_from naming nothing loadable (a typo; a stage 1 run that

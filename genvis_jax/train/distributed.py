@@ -13,9 +13,10 @@ from genvis_jax import errors
 def maybe_initialize() -> None:
   """Initialises the distributed runtime on TPU pods / multi-process runs.
 
-  On a TPU VM slice jax discovers the peers itself. For multi-process CPU/GPU
-  runs set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID``. Single-host runs do nothing.
+  On a TPU VM slice, and across the slices of a multislice job
+  (``MEGASCALE_NUM_SLICES`` > 1), jax discovers the peers itself. For
+  multi-process CPU/GPU runs set ``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Single-host runs do nothing.
 
   Raises:
     ConfigError: ``JAX_COORDINATOR_ADDRESS`` is set and the process count or
@@ -25,13 +26,25 @@ def maybe_initialize() -> None:
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         **process_settings(os.environ))
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+  elif (os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+        or _num_slices(os.environ) > 1):
+    # A pod slice's workers, or several slices (multislice: one host each
+    # has a single worker name); jax reads the MEGASCALE_* settings itself.
     jax.distributed.initialize()
   else:
     return
   logging.info("process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def _num_slices(env) -> int:
+  """``MEGASCALE_NUM_SLICES`` (set on the hosts of a multislice TPU job), 1
+  when unset or not a number."""
+  try:
+    return int(env.get("MEGASCALE_NUM_SLICES", ""))
+  except ValueError:
+    return 1
 
 
 def process_settings(env) -> dict:
