@@ -97,21 +97,22 @@ def load_config(spec: str):
   return config
 
 
-def parse_mesh(text: str) -> dict[str, int]:
+def parse_mesh(text: str, flag: str = "--mesh") -> dict[str, int]:
   """``"data=2,fsdp=4"`` -> {"data": 2, "fsdp": 4, "tensor": 1} (-1 = the
-  rest). An axis left out is 1, except ``data``: the devices the others
-  leave (-1), as in ``configs/base.py``, unless another axis is -1."""
+  rest). An axis left out is 1, except ``data``: the devices (``--dcn``:
+  slices) the others leave (-1), as in ``configs/base.py``, unless another
+  axis is -1."""
   shape = {"data": None, "fsdp": 1, "tensor": 1}
   for part in filter(None, text.split(",")):
     key, sep, value = part.partition("=")
     if not sep or key.strip() not in shape:
-      raise ValueError(f"--mesh={text!r}: expected comma-separated AXIS=SIZE with "
+      raise ValueError(f"{flag}={text!r}: expected comma-separated AXIS=SIZE with "
                        f"AXIS in {sorted(shape)}, e.g. data=2,fsdp=4.")
     try:
       shape[key.strip()] = int(value)
     except ValueError:
-      raise ValueError(f"--mesh={text!r}: {key.strip()}={value!r} is not a "
-                       "whole number (-1: the devices left).") from None
+      raise ValueError(f"{flag}={text!r}: {key.strip()}={value!r} is not a "
+                       "whole number (-1: the rest).") from None
   if shape["data"] is None:
     shape["data"] = 1 if -1 in shape.values() else -1
   return shape
@@ -119,12 +120,14 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def apply_overrides(config, *, mesh: dict, batch: int | None,
                     micro_batches: int | None, remat: str | None,
-                    dtype: str | None):
+                    dtype: str | None, dcn: dict | None = None):
   """Returns a copy of ``config`` with the planning knobs set."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     for k, v in mesh.items():
       config.mesh.shape[k] = v
+    for k, v in (dcn or {}).items():
+      config.mesh.dcn_shape[k] = v
     if batch:
       config.train.global_batch_size = batch
     if micro_batches:
@@ -367,6 +370,10 @@ def main(argv=None) -> list[Plan]:
   ap.add_argument("--mesh", default="data=-1",
                   help="e.g. data=2,fsdp=4 (data left out: the devices the "
                        "others leave)")
+  ap.add_argument("--dcn", default="",
+                  help="multislice (--devices=0 on TPU slices): how many "
+                  "slices each axis spans, e.g. data=2 (config.mesh.dcn_shape; "
+                  "default: every slice on data)")
   ap.add_argument("--batch", type=int, default=None,
                   help="global batch per step (default: the config's)")
   ap.add_argument("--micro_batches", type=int, default=None)
@@ -389,12 +396,13 @@ def main(argv=None) -> list[Plan]:
                   " (leave it out for the config's)"))
   try:
     mesh = parse_mesh(args.mesh)
+    dcn = parse_mesh(args.dcn, "--dcn") if args.dcn else None
     configs = [(spec, load_config(spec)) for spec in specs]
   except (ValueError, FileNotFoundError) as e:
     ap.error(str(e))
   plans = []
   for spec, loaded in configs:
-    config = apply_overrides(loaded, mesh=mesh, batch=args.batch,
+    config = apply_overrides(loaded, mesh=mesh, dcn=dcn, batch=args.batch,
                              micro_batches=args.micro_batches, remat=args.remat,
                              dtype=args.dtype)
     name = spec.replace("configs/", "")

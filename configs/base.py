@@ -216,7 +216,7 @@ def get_config(arg=None):
   # -1 takes the remaining devices. Product must equal the device count.
   c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # TPU multislice: how many slices each axis spans (over the data-centre
-  # network); -1 takes the remaining ones. Ignored on one slice.
+  # network); -1 takes the remaining ones (on one slice: 1).
   c.mesh.dcn_shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = DEFAULT_RULES

@@ -380,12 +380,28 @@ def test_records_without_the_listed_settings_match_their_defaults():
   for spec in ("rar_b.py:runlocal", "vq_ds16.py:runlocal", "demo.py"):
     now = json.loads(pc.load_config(spec).to_json_best_effort())
     assert resume.resumed_differences(_unlisted(now), now) == [], spec
+    # Nor a record from before config.mesh.dcn_shape (every mesh section,
+    # a demo's stages' too), which ran with every slice on data.
+    assert resume.resumed_differences(_without_dcn(now), now) == [], spec
+  now = json.loads(pc.load_config(
+      "rar_b.py:runlocal", **{"mesh.dcn_shape.fsdp": 2}).to_json_best_effort())
+  assert resume.resumed_differences(_without_dcn(now), now) == [
+      "mesh.dcn_shape.fsdp: checkpoint 1 vs this run 2"]
   before = pc.load_config("vq_ds16.py:runlocal")
   now = json.loads(pc.load_config(
       "vq_ds16.py:runlocal", **{"disc.ndf": 8}).to_json_best_effort())
   assert resume.resumed_differences(
       _unlisted(json.loads(before.to_json_best_effort())), now) == [
           f"disc.ndf: checkpoint {before.disc.ndf} vs this run 8"]
+
+
+def _without_dcn(tree):
+  """A config record as written before config.mesh.dcn_shape existed."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: ({m: _without_dcn(w) for m, w in v.items() if m != "dcn_shape"}
+              if k == "mesh" and isinstance(v, dict) else _without_dcn(v))
+          for k, v in tree.items()}
 
 
 def _unlisted(tree):

@@ -126,8 +126,12 @@ def test_a_config_that_cannot_run_is_reported_whole(capsys):
   out = capsys.readouterr().out
   assert plans[0].error and "| rar_b.py:runlocal | error (below) |" in out
   assert out.rstrip().endswith(plans[0].error) and len(plans[0].error) > 120
+  # --dcn sets config.mesh.dcn_shape: 2 slices asked of one.
+  [p] = pm.main(["--config=configs/rar_b.py:runlocal", "--dcn=data=2",
+                 "--no_compile"])
+  assert "config.mesh.dcn_shape" in p.error and "not the 1 slice" in p.error
   for bad in (["--batch=0"], ["--devices=-4"], ["--mesh=dp=8"],
-              ["--config=configs/nope.py"]):
+              ["--dcn=data:2"], ["--config=configs/nope.py"]):
     with pytest.raises(SystemExit):
       pm.main(bad)
   assert "give a positive number" in capsys.readouterr().err

@@ -469,6 +469,7 @@ def test_a_multislice_mesh_keeps_axes_inside_a_slice_unless_told():
     ({"data": 3}, "multiply to 3, not the 2 slice"),
     ({"data": -1, "fsdp": -1}, "-1 \\(one axis\\)"),
     ({"data": 1, "model": 2}, "\\['model'\\] are not mesh axes"),
+    ({"data": -1, "tensor": 4}, "fixed counts \\(4\\) do not divide the 2"),
     ({"data": 1, "fsdp": 2, "tensor": 1}, None),
 ])
 def test_a_multislice_dcn_shape_is_checked(dcn, match):

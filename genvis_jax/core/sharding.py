@@ -113,7 +113,9 @@ def device_grid(shape: dict[str, int], devices: Sequence, dcn_shape=None
   inside a slice (``mesh_utils.create_hybrid_device_mesh``, as MaxText's
   ``dcn_*_parallelism``). Data parallelism over DCN leaves one gradient
   all-reduce per step on it; ``fsdp`` over DCN would gather weights across
-  it in every layer.
+  it in every layer. On one slice only counts of 1 fit: a count above 1
+  there is refused (hosts that each see only their own slice, not the job's
+  others, are named rather than run apart).
 
   Raises:
     ConfigError: naming ``config.mesh.dcn_shape``: an axis the mesh lacks,
@@ -146,7 +148,11 @@ def _dcn_shape(dcn: dict, shape: dict[str, int], slices: int) -> dict[str, int]:
         f"{where}: give each axis a count >= 1, or -1 (one axis) for the "
         "remaining slices.")
   fixed = math.prod(v for v in dcn.values() if v != -1)
-  if free and slices % fixed == 0:
+  if free and slices % fixed:
+    raise errors.ConfigError(
+        f"{where}: the fixed counts ({fixed}) do not divide the {slices} "
+        "slice(s); on one slice leave every axis at 1 (data at -1).")
+  if free:
     dcn[free[0]] = slices // fixed
   unknown = sorted(k for k, v in dcn.items() if k not in shape and v != 1)
   if unknown:

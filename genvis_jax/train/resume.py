@@ -104,6 +104,23 @@ def restore_or_init(config, workdir, trainer, ckpt, data_iter, info,
   return state, data_iter, info, data_seed
 
 
+# The multislice layout (``config.mesh.dcn_shape``) of a run saved before the
+# setting existed: every slice on ``data``, as it ran.
+OLD_DCN_SHAPE = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def _with_dcn_shape(tree):
+  """``tree`` (a config record) with ``OLD_DCN_SHAPE`` in each ``mesh``
+  section that has none (a demo's stages have one each)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: _with_dcn_shape(v) for k, v in tree.items()}
+  mesh = out.get("mesh")
+  if isinstance(mesh, dict) and "shape" in mesh and "dcn_shape" not in mesh:
+    out["mesh"] = {**mesh, "dcn_shape": dict(OLD_DCN_SHAPE)}
+  return out
+
+
 def resumed_differences(saved: dict, now: dict) -> list[str]:
   """The settings a resume continues with other values of (one line each):
   all but ``config.model``'s, whose differences were refused already, except
@@ -111,8 +128,10 @@ def resumed_differences(saved: dict, now: dict) -> list[str]:
   compute = lambda c: {k: settings_lib.get(c, k) for k in fit.COMPUTE_ONLY}
   names = ("checkpoint", "this run")
   # Model settings a record (or this config) leaves out, at their defaults:
-  # a record written before the configs listed every one matches.
+  # a record written before the configs listed every one matches; so does
+  # one written before config.mesh.dcn_shape.
   saved, now = fit.completed_config(saved), fit.completed_config(now)
+  saved = _with_dcn_shape(saved)
   return sorted(
       settings_lib.differences(saved, now, ignore=("model",), names=names) +
       settings_lib.differences(compute(saved), compute(now), names=names))
