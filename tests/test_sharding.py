@@ -1,6 +1,8 @@
 """Sharded training on 8 fake CPU devices: data x fsdp == 1 device; fsdp really
 splits parameters; k micro-batches == one full batch."""
 
+import itertools
+import logging
 import re
 import types
 
@@ -8,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from jax.experimental import mesh_utils
 
 from configs import base
 from genvis_jax.core import mesh_checks
@@ -479,6 +482,36 @@ def test_a_multislice_dcn_shape_is_checked(dcn, match):
     return
   with pytest.raises(ConfigError, match="config.mesh.dcn_shape .*" + match):
     shd.device_grid(shape, _slices(2, 4), dcn)
+
+
+def _torus(dims, kind="TPU v4"):
+  """Stand-ins for one TPU slice's chips on a ``dims`` (x, y, z) torus."""
+  coords = itertools.product(*(range(n) for n in dims[::-1]))
+  return [types.SimpleNamespace(id=i, coords=(x, y, z), core_on_chip=0,
+                                platform="tpu", device_kind=kind,
+                                process_index=i // 4, slice_index=0)
+          for i, (z, y, x) in enumerate(coords)]
+
+
+def test_a_mesh_the_torus_cannot_hold_whole_is_laid_out_and_said(caplog):
+  """data=8,fsdp=8 on a 4x4x4 TPU v4 slice (the README's 64-chip example):
+  8 is no product of whole torus dimensions, and jax.make_mesh raised
+  NotImplementedError at start. It is laid out with a physical axis split,
+  and logged; a shape that maps whole is laid out as before, unlogged."""
+  chips = _torus((4, 4, 4))
+  shape = {"data": 8, "fsdp": 8, "tensor": 1}
+  with pytest.raises(NotImplementedError):
+    mesh_utils.create_device_mesh((8, 8, 1), chips)
+  with caplog.at_level(logging.WARNING):
+    grid = shd.device_grid(shape, chips)
+  assert grid.shape == (8, 8, 1)
+  assert sorted(d.id for d in grid.flat) == list(range(64))
+  assert "does not map onto whole physical axes of these TPU v4" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    grid = shd.device_grid({"data": 4, "fsdp": 16, "tensor": 1}, chips)
+  assert caplog.text == ""
+  assert (grid == mesh_utils.create_device_mesh((4, 16, 1), chips)).all()
 
 
 def test_one_slice_keeps_jax_make_mesh_and_refuses_a_dcn_split():

@@ -10,12 +10,14 @@ matrices are split.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -106,7 +108,9 @@ def device_grid(shape: dict[str, int], devices: Sequence, dcn_shape=None
   adjacent in the interconnect along each axis.
 
   On one slice (devices without ``slice_index``, or all of one) this is
-  ``jax.make_mesh``'s layout. Across N TPU slices, which talk over the
+  ``jax.make_mesh``'s layout, except that a shape the slice's torus cannot
+  hold on whole physical axes (``jax.make_mesh`` raises) is laid out with
+  one split, and said (logged). Across N TPU slices, which talk over the
   slower data-centre network (DCN), ``dcn_shape`` (``config.mesh.dcn_shape``,
   axis name -> how many slices the axis spans; default: all N on ``data``)
   says which axes cross it; each axis keeps ``shape[a] / dcn_shape[a]``
@@ -124,13 +128,29 @@ def device_grid(shape: dict[str, int], devices: Sequence, dcn_shape=None
   """
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   dcn = _dcn_shape(dict(dcn_shape or {"data": -1}), shape, slices)
+  sizes = tuple(shape.values())
   if slices == 1:
-    return jax.make_mesh(tuple(shape.values()), tuple(shape),
-                         devices=devices).devices
-  return mesh_utils.create_hybrid_device_mesh(
-      [shape[a] // dcn.get(a, 1) for a in shape],
-      [dcn.get(a, 1) for a in shape], devices,
-      allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES)
+    grid = functools.partial(mesh_utils.create_device_mesh, sizes, devices)
+  else:
+    grid = functools.partial(
+        mesh_utils.create_hybrid_device_mesh,
+        [shape[a] // dcn.get(a, 1) for a in shape],
+        [dcn.get(a, 1) for a in shape], devices)
+  split = devices[0].device_kind in _SPLIT_PHYSICAL_AXES
+  try:
+    return grid(allow_split_physical_axes=split)
+  except NotImplementedError as e:
+    if split:
+      raise
+    # e.g. data=8,fsdp=8 on a 4x4x4 TPU v4 slice: 8 is no product of whole
+    # torus dimensions. jax.make_mesh stops there; the run can go on.
+    logging.warning(
+        "config.mesh.shape %s does not map onto whole physical axes of "
+        "these %s chips (%s); laid out with a physical axis split between "
+        "two mesh axes, whose collectives then run over part of a ring. "
+        "Sizes that are products of the slice's torus dimensions map whole.",
+        shape, devices[0].device_kind, errors.first_line(e))
+    return grid(allow_split_physical_axes=True)
 
 
 def _dcn_shape(dcn: dict, shape: dict[str, int], slices: int) -> dict[str, int]:
