@@ -234,6 +234,16 @@ remote_path() {
   esac
 }
 
+# remote_word V: a flag's value for the worker's shell: a path starting with
+# ~ or holding $ as remote_path gives it (expanded there), anything else
+# (an absolute path, gs://...) quoted.
+remote_word() {
+  case "$1" in
+    *'$'*|'~'*) remote_path "$1" ;;
+    *) quote "$1" ;;
+  esac
+}
+
 # strip_slashes P: P without its trailing slashes ('/' stays '/').
 strip_slashes() {
   local p="$1"

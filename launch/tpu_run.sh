@@ -82,8 +82,8 @@ case "$GENVIS_COMPILATION_CACHE" in
   off) GENVIS_COMPILATION_CACHE="" ;;
 esac
 # Quoted for the workers' shell (${start[*]} joins the words there).
-start+=(--compilation-cache="${GENVIS_COMPILATION_CACHE:+$(quote "$GENVIS_COMPILATION_CACHE")}"
-        --tmpdir="${GENVIS_TMPDIR:+$(quote "$GENVIS_TMPDIR")}"
+start+=(--compilation-cache="${GENVIS_COMPILATION_CACHE:+$(remote_word "$GENVIS_COMPILATION_CACHE")}"
+        --tmpdir="${GENVIS_TMPDIR:+$(remote_word "$GENVIS_TMPDIR")}"
         --coordinator-port="$JAX_COORDINATOR_PORT" --start-check="$GENVIS_START_CHECK")
 # The token writer writes local files only (its default, <workdir>/tokens, is
 # the bucket here): refused now rather than after the whole data set encoded.

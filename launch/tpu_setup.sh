@@ -49,9 +49,14 @@ else
     trap 'rm -rf "$staging"' EXIT
     tarball="$staging/genvis_jax_src.tar.gz"
   fi
-  [[ "$given_dir" =~ ^/[^/]*$ ]] && die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
-  case "$given_dir" in   # re-running setup replaces this folder
-    '$HOME'|'$HOME/.'|'~'|'~/.'|''|.|..|*/..|*/.)
+  # Re-running setup replaces this folder: not /, a top-level folder, a home
+  # folder (~, ~user, $HOME in any spelling) or a parent.
+  home_re='^(~[^/]*|\$HOME|\$\{HOME\}|"\$HOME"|"\$\{HOME\}")(/\.)?$'
+  if [[ "$given_dir" =~ ^/[^/]*$ || "$given_dir" =~ $home_re ]]; then
+    die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
+  fi
+  case "$given_dir" in
+    ''|.|..|*/..|*/.)
       die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it" ;;
   esac
   # Tracked + untracked-not-ignored files (no venvs, caches or build outputs),

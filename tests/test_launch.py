@@ -140,7 +140,7 @@ def test_setup_refuses_a_folder_that_is_not_the_checkouts_own():
   folder would be replaced whole. A folder with a space is one word on the
   workers."""
   for folder in ("", ".", "./", ".//", "/", "/opt", "~", "~/.", "~//", "$HOME",
-                 "$HOME//", "a/.."):
+                 "$HOME//", "${HOME}/", '"$HOME"', "~root", "a/.."):
     r = sh("tpu_setup.sh", "--name=n", "--zone=z", "--dry-run",
            f"--remote-dir={folder}")
     assert r.returncode != 0 and "the checkout's own folder" in r.stderr, folder

@@ -105,7 +105,7 @@ def test_tpu_run_reports_a_failed_start_keeps_its_log_and_refuses_a_second_run(t
   # A worker's paths with spaces and ~ reach worker_start.sh as one word
   # each, ~ expanded.
   run = ["--config=configs/rar_b.py", "--workdir=gs://bk/r/", "--start-check=2",
-         "--tmpdir=/mnt/big disk", "--venv=~/genvis_venv"]
+         "--tmpdir=~/big disk", "--venv=~/genvis_venv"]
   log = pathlib.Path(env["HOME"]) / "genvis_logs" / "rar_b.log"
   mode.write_text("fail")
   r = sh("tpu_run.sh", *run, env=env)
@@ -116,7 +116,7 @@ def test_tpu_run_reports_a_failed_start_keeps_its_log_and_refuses_a_second_run(t
   assert r.returncode == 0, r.stderr
   text = log.read_text()
   assert text.count("==== start") == 2 and "Error: boom" in text
-  assert "CACHE gs://bk/r/jax_cache TMP /mnt/big disk\n" in text
+  assert f"CACHE gs://bk/r/jax_cache TMP {env['HOME']}/big disk\n" in text
   pid = int(log.with_suffix(".pid").read_text().split()[0])
   try:
     r = sh("tpu_run.sh", *run, env=env)
