@@ -506,7 +506,9 @@ def test_a_mesh_the_torus_cannot_hold_whole_is_laid_out_and_said(caplog):
     grid = shd.device_grid(shape, chips)
   assert grid.shape == (8, 8, 1)
   assert sorted(d.id for d in grid.flat) == list(range(64))
-  assert "does not map onto whole physical axes of these TPU v4" in caplog.text
+  assert ("no layout of the mesh {'data': 8, 'fsdp': 8, 'tensor': 1} (per "
+          "slice) on whole physical axes of these TPU v4 chips" in caplog.text)
+  assert "If you want to split physical axes" in caplog.text   # jax's, whole
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     grid = shd.device_grid({"data": 4, "fsdp": 16, "tensor": 1}, chips)

@@ -108,9 +108,10 @@ def device_grid(shape: dict[str, int], devices: Sequence, dcn_shape=None
   adjacent in the interconnect along each axis.
 
   On one slice (devices without ``slice_index``, or all of one) this is
-  ``jax.make_mesh``'s layout, except that a shape the slice's torus cannot
-  hold on whole physical axes (``jax.make_mesh`` raises) is laid out with
-  one split, and said (logged). Across N TPU slices, which talk over the
+  ``jax.make_mesh``'s layout, except that a shape for which jax finds no
+  layout on whole physical axes of the slice's torus (``jax.make_mesh``
+  raises) is laid out with physical axes split, and said (logged). Across N
+  TPU slices, which talk over the
   slower data-centre network (DCN), ``dcn_shape`` (``config.mesh.dcn_shape``,
   axis name -> how many slices the axis spans; default: all N on ``data``)
   says which axes cross it; each axis keeps ``shape[a] / dcn_shape[a]``
@@ -128,13 +129,13 @@ def device_grid(shape: dict[str, int], devices: Sequence, dcn_shape=None
   """
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   dcn = _dcn_shape(dict(dcn_shape or {"data": -1}), shape, slices)
-  sizes = tuple(shape.values())
+  per_slice = {a: n // dcn.get(a, 1) for a, n in shape.items()}
   if slices == 1:
-    grid = functools.partial(mesh_utils.create_device_mesh, sizes, devices)
+    grid = functools.partial(mesh_utils.create_device_mesh,
+                             tuple(shape.values()), devices)
   else:
     grid = functools.partial(
-        mesh_utils.create_hybrid_device_mesh,
-        [shape[a] // dcn.get(a, 1) for a in shape],
+        mesh_utils.create_hybrid_device_mesh, list(per_slice.values()),
         [dcn.get(a, 1) for a in shape], devices)
   split = devices[0].device_kind in _SPLIT_PHYSICAL_AXES
   try:
@@ -142,14 +143,13 @@ def device_grid(shape: dict[str, int], devices: Sequence, dcn_shape=None
   except NotImplementedError as e:
     if split:
       raise
-    # e.g. data=8,fsdp=8 on a 4x4x4 TPU v4 slice: 8 is no product of whole
-    # torus dimensions. jax.make_mesh stops there; the run can go on.
+    # e.g. data=8,fsdp=8 on a 4x4x4 TPU v4 slice: jax.make_mesh stops
+    # there, the run can go on.
     logging.warning(
-        "config.mesh.shape %s does not map onto whole physical axes of "
-        "these %s chips (%s); laid out with a physical axis split between "
-        "two mesh axes, whose collectives then run over part of a ring. "
-        "Sizes that are products of the slice's torus dimensions map whole.",
-        shape, devices[0].device_kind, errors.first_line(e))
+        "jax finds no layout of the mesh %s (per slice) on whole physical "
+        "axes of these %s chips: %s It is laid out with physical axes split "
+        "between mesh axes, whose collectives then run over part of a ring.",
+        per_slice, devices[0].device_kind, errors.first_line(e, limit=1000))
     return grid(allow_split_physical_axes=True)
 
 
