@@ -54,10 +54,12 @@ def test_a_multislice_mesh_keeps_axes_inside_a_slice_unless_told():
 
 
 @pytest.mark.parametrize("dcn, match", [
-    ({"data": 3}, "multiply to 3, not the 2 slice"),
-    ({"data": -1, "fsdp": -1}, "-1 \\(one axis\\)"),
+    ({"data": 3}, "needs 3 slices but 2 are available"),
+    ({"data": -1, "fsdp": -1},
+     "at most one axis may be -1 \\(the remaining slices\\)"),
     ({"data": 1, "model": 2}, "\\['model'\\] are not mesh axes"),
-    ({"data": -1, "tensor": 4}, "fixed counts \\(4\\) do not divide the 2"),
+    ({"data": -1, "tensor": 4},
+     "the fixed axes \\(4\\) do not divide the 2 slices"),
     ({"data": 1, "fsdp": 2, "tensor": 1}, None),
 ])
 def test_a_multislice_dcn_shape_is_checked(dcn, match):
@@ -108,5 +110,5 @@ def test_one_slice_keeps_jax_make_mesh_and_refuses_a_dcn_split():
   assert (mesh.devices == jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
           .devices).all()
   cfg.mesh.dcn_shape = ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=1))
-  with pytest.raises(ConfigError, match="not the 1 slice"):
+  with pytest.raises(ConfigError, match="needs 2 slices but 1 are available"):
     shd.create_mesh(cfg.mesh, jax.devices())

@@ -129,7 +129,7 @@ def test_a_config_that_cannot_run_is_reported_whole(capsys):
   # --dcn sets config.mesh.dcn_shape: 2 slices asked of one.
   [p] = pm.main(["--config=configs/rar_b.py:runlocal", "--dcn=data=2",
                  "--no_compile"])
-  assert "config.mesh.dcn_shape" in p.error and "not the 1 slice" in p.error
+  assert "config.mesh.dcn_shape" in p.error and "needs 2 slices but 1 are available" in p.error
   for bad in (["--batch=0"], ["--devices=-4"], ["--mesh=dp=8"],
               ["--dcn=data:2"], ["--config=configs/nope.py"]):
     with pytest.raises(SystemExit):

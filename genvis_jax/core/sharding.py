@@ -56,30 +56,40 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   a positive int nor -1, more than one -1, or a product that does not fit.
   """
   shape = dict(mesh_config.shape)
-  bad = {k: v for k, v in shape.items()
+  return _resolve_sizes(shape, num_devices, f"config.mesh.shape {shape}",
+                        "devices")
+
+
+def _resolve_sizes(sizes: dict, total: int, where: str, unit: str
+                   ) -> dict[str, int]:
+  """``sizes`` (name -> size) with its one ``-1`` resolved so that they
+  multiply to ``total`` (``unit``: what they count, "devices" / "slices");
+  ``ConfigError``s begin with ``where``, the setting and its value."""
+  sizes = dict(sizes)
+  bad = {k: v for k, v in sizes.items()
          if not isinstance(v, (int, np.integer)) or isinstance(v, bool)
          or v < -1 or v == 0}
   if bad:
     raise errors.ConfigError(
-        f"config.mesh.shape {shape}: sizes {bad} are not positive ints; give "
-        "each axis a size >= 1, or -1 (one axis) for the remaining devices.")
-  free = [k for k, v in shape.items() if v == -1]
+        f"{where}: sizes {bad} are not positive ints; give each axis a size "
+        f">= 1, or -1 (one axis) for the remaining {unit}.")
+  free = [k for k, v in sizes.items() if v == -1]
   if len(free) > 1:
     raise errors.ConfigError(
-        f"config.mesh.shape {shape}: at most one axis may be -1 (the "
-        f"remaining devices); give the others of {free} fixed sizes.")
-  fixed = math.prod(v for v in shape.values() if v != -1)
+        f"{where}: at most one axis may be -1 (the remaining {unit}); give "
+        f"the others of {free} fixed sizes.")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
   if free:
-    if num_devices % fixed:
+    if total % fixed:
       raise errors.ConfigError(
-          f"config.mesh.shape {shape}: the fixed axes ({fixed}) do not divide the "
-          f"{num_devices} devices. Choose sizes whose product divides {num_devices}.")
-    shape[free[0]] = num_devices // fixed
-  if math.prod(shape.values()) != num_devices:
+          f"{where}: the fixed axes ({fixed}) do not divide the {total} "
+          f"{unit}. Choose sizes whose product divides {total}.")
+    sizes[free[0]] = total // fixed
+  if math.prod(sizes.values()) != total:
     raise errors.ConfigError(
-        f"config.mesh.shape {shape} needs {math.prod(shape.values())} devices "
-        f"but {num_devices} are available. Set one axis to -1 or fix the sizes.")
-  return shape
+        f"{where} needs {math.prod(sizes.values())} {unit} but {total} are "
+        "available. Set one axis to -1 or fix the sizes.")
+  return sizes
 
 
 def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -154,35 +164,17 @@ def device_grid(shape: dict[str, int], devices: Sequence, dcn_shape=None
 
 
 def _dcn_shape(dcn: dict, shape: dict[str, int], slices: int) -> dict[str, int]:
-  """``config.mesh.dcn_shape`` resolved (one ``-1`` takes the remaining
-  slices; axes the mesh lacks may only be 1) and checked against ``shape``
-  and the ``slices`` count; ConfigError naming it otherwise."""
+  """``config.mesh.dcn_shape`` resolved as ``mesh_shape`` resolves the
+  mesh's (one ``-1`` takes the remaining slices) and checked against
+  ``shape``: axes the mesh lacks may only be 1, and each count must divide
+  its axis's size; ConfigError naming it otherwise."""
   where = (f"config.mesh.dcn_shape {dcn} (how many TPU slices each mesh axis "
            f"spans; {slices} slice(s) here, mesh {shape})")
-  bad = {k: v for k, v in dcn.items()
-         if not isinstance(v, (int, np.integer)) or isinstance(v, bool)
-         or v < -1 or v == 0}
-  free = [k for k, v in dcn.items() if v == -1]
-  if bad or len(free) > 1:
-    raise errors.ConfigError(
-        f"{where}: give each axis a count >= 1, or -1 (one axis) for the "
-        "remaining slices.")
-  fixed = math.prod(v for v in dcn.values() if v != -1)
-  if free and slices % fixed:
-    raise errors.ConfigError(
-        f"{where}: the fixed counts ({fixed}) do not divide the {slices} "
-        "slice(s); on one slice leave every axis at 1 (data at -1).")
-  if free:
-    dcn[free[0]] = slices // fixed
+  dcn = _resolve_sizes(dcn, slices, where, "slices")
   unknown = sorted(k for k, v in dcn.items() if k not in shape and v != 1)
   if unknown:
     raise errors.ConfigError(f"{where}: {unknown} are not mesh axes; use "
                              f"{sorted(shape)}.")
-  if math.prod(dcn.values()) != slices:
-    raise errors.ConfigError(
-        f"{where}: the counts multiply to {math.prod(dcn.values())}, not the "
-        f"{slices} slice(s); e.g. --config.mesh.dcn_shape.data=-1 (data "
-        "parallel across slices, the default).")
   uneven = {a: n for a, n in dcn.items() if n > 1 and shape[a] % n}
   if uneven:
     raise errors.ConfigError(
