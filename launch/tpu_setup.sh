@@ -50,15 +50,12 @@ else
     tarball="$staging/genvis_jax_src.tar.gz"
   fi
   # Re-running setup replaces this folder: not /, a top-level folder, a home
-  # folder (~, ~user, $HOME in any spelling) or a parent.
+  # folder (~, ~user, $HOME in any spelling), the current one or a parent.
   home_re='^(~[^/]*|\$HOME|\$\{HOME\}|"\$HOME"|"\$\{HOME\}")(/\.)?$'
-  if [[ "$given_dir" =~ ^/[^/]*$ || "$given_dir" =~ $home_re ]]; then
+  if [[ "$given_dir" =~ ^/[^/]*$ || "$given_dir" =~ $home_re
+        || "$given_dir" =~ ^(\.\.?)?$ || "$given_dir" =~ /\.\.?$ ]]; then
     die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it"
   fi
-  case "$given_dir" in
-    ''|.|..|*/..|*/.)
-      die "--remote-dir=$GENVIS_REMOTE_DIR: give the checkout's own folder (e.g. genvis_jax): re-running setup replaces it" ;;
-  esac
   # Tracked + untracked-not-ignored files (no venvs, caches or build outputs),
   # less those deleted here but not yet committed.
   if [[ "$DRY_RUN" == 1 ]]; then
