@@ -365,8 +365,8 @@ def test_a_multi_process_environment_is_checked_before_jax_reads_it():
 
 def test_which_hosts_join_a_distributed_run(monkeypatch):
   """A pod slice's workers and the hosts of a multislice job join one run
-  (the latter with one worker per slice had each run alone, on its own
-  slice's chips); one host does not."""
+  (the latter, with one worker per slice, went without jax's distributed
+  runtime: no preemption sync, no coordination service); one host does not."""
   from genvis_jax.train import distributed  # pylint: disable=import-outside-toplevel
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize",
