@@ -82,20 +82,26 @@ def test_rar_paper_pipeline(tmp_path):
   rar = os.path.join(w, "rar")
   train = {"data.path": pre["pattern"], "tokenizer.checkpoint": tok,
            **pc.steps(8), "train.checkpoint_every": 4}
-  killed_at = pc.train_killed_after_checkpoint("rar_b.py:runlocal", rar, **train)
+  # A sample grid at step 4, drawn before that step's save: the killed run
+  # leaves it. The resumed run draws none (each of its 2 processes would
+  # compile the sampler again: 11 s); the sampler on 2 processes runs in
+  # mode=sample below, a grid's inputs on 2 processes in test_multihost.py.
+  killed_at = pc.train_killed_after_checkpoint(
+      "rar_b.py:runlocal", rar, **dict(train, **{"train.image_every": 4}))
   assert killed_at == 4
+  assert os.listdir(os.path.join(rar, "images")) == ["samples_0000004.png"]
   # Resumed as on a pod of another shape: 2 processes x 4 devices training on
   # the files the 2 processes wrote. The state is resharded; the 1-process
   # input position does not fit 2 shards, so the data order is drawn afresh.
   logs = pc.run_mode_on_processes("rar_b.py:runlocal", rar, **dict(
       train, **{"data.path": os.path.join(pre2, "tokens",
-                                          "train-*-of-00002.array_record")}))
+                                          "train-*-of-00002.array_record"),
+                "train.image_every": 0}))
   assert "Resumed from" in logs[0] and "step 4" in logs[0], logs[0][-3000:]
   assert "written by 1 process(es) and this job has 2" in logs[0]
   assert pc.latest_step(os.path.join(rar, "checkpoints")) == 8
   assert os.path.exists(os.path.join(rar, "checkpoints", "8", "data",
                                      "process_1-of-2.json"))
-  assert os.listdir(os.path.join(rar, "images"))      # sample grids while training
 
   out = pc.run_mode("rar_b.py:runlocal", tmp_path / "samples", **{
       "mode": "sample", "init_from": rar, "tokenizer.checkpoint": tok})
