@@ -1,0 +1,86 @@
+"""bench/suite_time.py: the suite's time per test file beside the XLA work
+its tests and their subprocesses caused."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bench import suite_time as st
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_nested_spans_count_once():
+  assert st.outermost_seconds([]) == 0
+  # (0, 10) holds (2, 3) and (4, 12) reaches past it; (20, 21) stands apart.
+  assert st.outermost_seconds([(4, 12), (0, 10), (2, 3), (20, 21)]) == 13
+
+
+def test_summary_splits_each_files_time():
+  a, b = "tests/test_a.py::t1", "tests/test_b.py::t[x]"
+  tests = [{"test": a, "when": "setup", "secs": 1.0},
+           {"test": a, "when": "call", "secs": 10.0},
+           {"test": b, "when": "call", "secs": 4.0}]
+  span = lambda test, kind, start, end, pid=1, fun="f": dict(
+      test=test, kind=kind, start=start, end=end, pid=pid, fun=fun)
+  xla = [span(a, "trace", 0, 2), span(a, "trace", 0.5, 1),      # nested
+         span(a, "lower", 2, 3), span(a, "compile", 3, 6, fun="jit(step)"),
+         span(a, "compile", 0, 2, pid=2, fun="jit(step)"),       # subprocess
+         span(b, "compile", 0, 1, fun="jit(g)"),
+         {"test": b, "kind": "cache_hit", "pid": 1}]
+  s = st.summarize(tests, xla)
+  ra, rb = s["files"]["tests/test_a.py"], s["files"]["tests/test_b.py"]
+  assert (ra["test"], ra["trace"], ra["lower"], ra["compile"]) == (11, 2, 1, 5)
+  assert ra["rest"] == 3 and ra["programs"] == 2 and ra["cache_reads"] == 0
+  assert (rb["compile"], rb["rest"], rb["cache_reads"]) == (1, 3, 1)
+  assert s["programs"]["jit(step)"] == {"compile": 5, "count": 2}
+  assert s["totals"]["test"] == 15 and s["totals"]["programs"] == 3
+  table = st.tables(s, wall=9.0)
+  assert table.startswith("wall 9 s; test time 15 s")
+  assert "| tests/test_a.py | 11.0 | 5.0 | 2.0 | 1.0 | 3.0 | 2 | 0 |" in table
+  assert "| jit(step) | 5.0 | 2 |" in table
+
+
+def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
+  (tmp_path / "test_tiny.py").write_text(textwrap.dedent("""
+      import subprocess, sys
+      import jax
+
+      def test_in_process():
+        assert int(jax.jit(lambda x: x * 3)(2)) == 6
+
+      def test_in_a_subprocess():
+        subprocess.run([sys.executable, "-c",
+                        "import jax; jax.jit(lambda x: x + 41)(1)"], check=True)
+  """))
+  # A cache of its own (none: every program compiles); xdist as make test.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", "PYTEST_XDIST_WORKER")}
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "bench", "suite_time.py"),
+       str(tmp_path / "test_tiny.py"), "-q", "-n", "2",
+       "-p", "no:cacheprovider"], cwd=tmp_path, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  row = [l for l in out.stdout.splitlines() if l.startswith("| test_tiny.py")]
+  assert len(row) == 1, out.stdout
+  cells = [c.strip() for c in row[0].strip("|").split("|")]
+  assert float(cells[1]) > 0 and cells[6] == "2", row   # both programs
+  assert "| jit(<lambda>) |" in out.stdout
+  assert "2 passed" in out.stdout
+
+
+@pytest.mark.parametrize("rc", [0, 3])
+def test_the_exit_code_is_pytests(tmp_path, rc):
+  (tmp_path / "test_x.py").write_text(
+      f"def test_x():\n  assert {rc} == 0\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "bench", "suite_time.py"),
+       str(tmp_path / "test_x.py"), "-q", "-p", "no:cacheprovider"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == (0 if rc == 0 else 1), out.stdout[-2000:]
+  assert "| test_x.py |" in out.stdout
