@@ -11,8 +11,9 @@ test starts: CLI runs, multi-process jobs, notebook kernels) listens to
 ``jax.monitoring``'s time spans of tracing a jaxpr, lowering it to MLIR and
 compiling it (a persistent-cache read included: those are counted apart),
 each tagged with the test that caused it (``PYTEST_CURRENT_TEST``, which
-subprocesses inherit). A process started with its own ``PYTHONPATH`` (the
-accelerator suite's smoke run) is not seen: its time counts as "rest".
+subprocesses inherit); a ``sitecustomize`` it shadows still runs. A process
+started with its own ``PYTHONPATH`` (the accelerator suite's smoke run) is
+not seen: its time counts as "rest".
 
 Spans nested in a span of the same kind and process (a jit traced while an
 outer one is traced) are counted once, in the outer one. "rest" is a file's
@@ -43,7 +44,7 @@ CACHE_HIT = "/jax/compilation_cache/cache_hits"
 # Written as sitecustomize.py: runs at the start of every Python process
 # that inherits PYTHONPATH, and listens once jax is imported.
 SITECUSTOMIZE = '''
-import importlib.abc, importlib.util, json, os, sys
+import importlib.abc, importlib.machinery, importlib.util, json, os, sys
 
 _OUT = os.path.join(os.environ["%(env)s"], "xla-%%d.jsonl" %% os.getpid())
 _KINDS = %(kinds)r
@@ -85,6 +86,14 @@ class _AfterJax(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _AfterJax())
+
+# The sitecustomize this one shadows (a user's or the environment's), run as
+# Python would have run it.
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.machinery.PathFinder.find_spec("sitecustomize", [
+    p for p in sys.path if os.path.abspath(p or ".") != _here])
+if _spec is not None:
+  _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 ''' % {"env": _DIR_ENV, "kinds": KINDS, "hit": CACHE_HIT}
 
 

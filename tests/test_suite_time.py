@@ -56,9 +56,16 @@ def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
         subprocess.run([sys.executable, "-c",
                         "import jax; jax.jit(lambda x: x + 41)(1)"], check=True)
   """))
-  # A cache of its own (none: every program compiles); xdist as make test.
+  # A cache of its own (none: every program compiles); xdist as make test;
+  # a sitecustomize of the user's, which the recorder's must not hide.
   env = {k: v for k, v in os.environ.items()
          if k not in ("JAX_COMPILATION_CACHE_DIR", "PYTEST_XDIST_WORKER")}
+  users = tmp_path / "users_site"
+  users.mkdir()
+  (users / "sitecustomize.py").write_text(
+      "import os\nopen(os.path.join(%r, 'ran_%%d' %% os.getpid()), 'w')\n"
+      % str(users))
+  env["PYTHONPATH"] = str(users)
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "bench", "suite_time.py"),
        str(tmp_path / "test_tiny.py"), "-q", "-n", "2",
@@ -74,6 +81,8 @@ def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
   assert float(cells[1]) > 0 and cells[6] == "2", row   # both programs
   assert "| jit(<lambda>) |" in out.stdout
   assert "2 passed" in out.stdout
+  # In pytest's processes (the controller, 2 workers) and the test's child.
+  assert len(list(users.glob("ran_*"))) >= 4
 
 
 @pytest.mark.parametrize("rc", [0, 3])
