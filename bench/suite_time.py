@@ -9,17 +9,21 @@ test phase's duration on the controller; a ``sitecustomize`` put first on
 ``PYTHONPATH`` (so it reaches the xdist workers and every Python process a
 test starts: CLI runs, multi-process jobs, notebook kernels) listens to
 ``jax.monitoring``'s time spans of tracing a jaxpr, lowering it to MLIR and
-compiling it (a persistent-cache read included: those are counted apart),
-each tagged with the test that caused it (``PYTEST_CURRENT_TEST``, which
-subprocesses inherit); a ``sitecustomize`` it shadows still runs. A process
-started with its own ``PYTHONPATH`` (the accelerator suite's smoke run) is
-not seen: its time counts as "rest".
+compiling it, each tagged with the test that caused it
+(``PYTEST_CURRENT_TEST``, which subprocesses inherit: a process a fixture
+starts keeps the tag of the test it started in). A ``sitecustomize`` it
+shadows still runs. A process started with its own ``PYTHONPATH`` (the
+accelerator suite's smoke run) is not seen: its time counts as "rest".
 
-Spans nested in a span of the same kind and process (a jit traced while an
-outer one is traced) are counted once, in the outer one. "rest" is a file's
-test time less its XLA work: running the programs, Python, process starts,
-I/O, waits. Work in a test's subprocesses runs beside the test process, so
-a file's XLA seconds can exceed its test time on a machine with free cores.
+"compile" includes reading a program back from the persistent cache (how
+many were is counted apart). jax records a trace span for a top-level trace
+only, and lowers and compiles outside traces, so the kinds do not overlap
+in the suite; spans of one kind in one process that overlap (threads) are
+merged, and the per-program table sums them as they came. "rest" is a
+file's test time less its XLA work: running the programs, Python, process
+starts, I/O, waits. Work in a test's subprocesses runs beside the test
+process, so a file's XLA seconds can exceed its test time on a machine with
+free cores. XLA work outside any test (collection) has its own row.
 """
 
 from __future__ import annotations
@@ -34,26 +38,30 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAKE_TEST = ["tests", "-n", "2", "--dist=loadfile", "--no-loadscope-reorder"]
-_DIR_ENV = "GENVIS_SUITE_TIME_DIR"
+OUTSIDE = "(outside a test)"
+# Not GENVIS_*: tests that clear the project's variables for a child keep it.
+_DIR_ENV = "SUITE_TIME_RECORDS"
 # jax.monitoring's event names (jax/_src/dispatch.py, compiler.py).
 KINDS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
          "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
          "/jax/core/compile/backend_compile_duration": "compile"}
 CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_MARK = "# bench/suite_time.py's recorder"
 
 # Written as sitecustomize.py: runs at the start of every Python process
-# that inherits PYTHONPATH, and listens once jax is imported.
-SITECUSTOMIZE = '''
+# that inherits PYTHONPATH and listens once jax is imported, then runs the
+# sitecustomize it shadows.
+SITECUSTOMIZE = _MARK + '''
 import importlib.abc, importlib.machinery, importlib.util, json, os, sys
 
-_OUT = os.path.join(os.environ["%(env)s"], "xla-%%d.jsonl" %% os.getpid())
+_DIR = os.environ.get(%(env)r)
 _KINDS = %(kinds)r
 
 
 def _write(rec):
   rec["test"] = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
   rec["pid"] = os.getpid()
-  with open(_OUT, "a") as f:
+  with open(os.path.join(_DIR, "xla-%%d.jsonl" %% os.getpid()), "a") as f:
     f.write(json.dumps(rec) + "\\n")
 
 
@@ -69,32 +77,62 @@ def _event(event, **kw):
 
 
 class _AfterJax(importlib.abc.MetaPathFinder):
+  """Registers the listeners once jax's package has run (a find_spec that
+  imports nothing leaves it waiting; jax not installed: its ImportError)."""
+
   def find_spec(self, name, path, target=None):
     if name != "jax":
       return None
-    sys.meta_path.remove(self)
-    spec = importlib.util.find_spec(name)
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or not hasattr(spec.loader, "exec_module"):
+      return spec
     run = spec.loader.exec_module
 
     def exec_module(module):
       run(module)
-      import jax.monitoring as m
-      m.register_event_time_span_listener(_span)
-      m.register_event_listener(_event)
+      if self in sys.meta_path:
+        sys.meta_path.remove(self)
+        import jax.monitoring as m
+        m.register_event_time_span_listener(_span)
+        m.register_event_listener(_event)
     spec.loader.exec_module = exec_module
     return spec
 
 
-sys.meta_path.insert(0, _AfterJax())
+if _DIR:
+  sys.meta_path.insert(0, _AfterJax())
 
-# The sitecustomize this one shadows (a user's or the environment's), run as
-# Python would have run it.
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.machinery.PathFinder.find_spec("sitecustomize", [
-    p for p in sys.path if os.path.abspath(p or ".") != _here])
+
+def _shadowed():
+  """The first sitecustomize on sys.path that is not a recorder (a run
+  inside a run has two on the path: the first records)."""
+  for entry in sys.path:
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize",
+                                                    [entry or "."])
+    if spec is None or not spec.origin:
+      continue
+    try:
+      with open(spec.origin) as f:
+        if f.readline().rstrip("\\n") == %(mark)r:
+          continue
+    except (OSError, UnicodeDecodeError):
+      pass
+    return spec
+
+
+_spec = _shadowed()
 if _spec is not None:
   _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
-''' % {"env": _DIR_ENV, "kinds": KINDS, "hit": CACHE_HIT}
+''' % {"env": _DIR_ENV, "kinds": KINDS, "hit": CACHE_HIT, "mark": _MARK}
+
+
+def write_recorder(directory: str) -> str:
+  """Writes the ``sitecustomize`` into ``directory``; returns it (the entry
+  to put first on ``PYTHONPATH``, with ``SUITE_TIME_RECORDS`` naming the
+  folder the records go to)."""
+  with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
+    f.write(SITECUSTOMIZE)
+  return directory
 
 
 # -- the pytest plugin (``-p bench.suite_time``) ------------------------------
@@ -133,12 +171,13 @@ def outermost_seconds(spans: list[tuple[float, float]]) -> float:
 
 
 def file_of(nodeid: str) -> str:
-  return nodeid.split("::", 1)[0] or "(outside a test)"
+  return nodeid.split("::", 1)[0] or OUTSIDE
 
 
 def summarize(tests: list[dict], xla: list[dict]) -> dict:
   """Per test file: test seconds (phases summed), XLA seconds by kind
-  (outermost spans per process), programs compiled and cache reads; per
+  (overlapping spans of one process merged), compiles and cache reads
+  among them, and the rest (none for the XLA work outside tests); per
   program name: compile seconds and count. Returns {"files": {file: row},
   "programs": {fun: row}, "totals": row}."""
   files = collections.defaultdict(lambda: collections.Counter())
@@ -159,8 +198,9 @@ def summarize(tests: list[dict], xla: list[dict]) -> dict:
   for (f, _, kind), s in spans.items():
     files[f][kind] += outermost_seconds(s)
   totals = collections.Counter()
-  for row in files.values():
-    row["rest"] = row["test"] - row["trace"] - row["lower"] - row["compile"]
+  for name, row in files.items():
+    if name != OUTSIDE:     # no test time there to take the XLA work from
+      row["rest"] = row["test"] - row["trace"] - row["lower"] - row["compile"]
     totals.update(row)
   return {"files": dict(files), "programs": dict(programs), "totals": totals}
 
@@ -181,13 +221,15 @@ def tables(summary: dict, wall: float, top: int = 25) -> str:
   t = summary["totals"]
   out = [f"wall {wall:.0f} s; test time {t['test']:.0f} s summed over the "
          f"workers: XLA compile {t['compile']:.0f} s ({t['programs']:.0f} "
-         f"programs; {t['cache_reads']:.0f} read back from the persistent "
-         f"cache), trace {t['trace']:.0f} s, lower {t['lower']:.0f} s, "
+         f"compiles, {t['cache_reads']:.0f} of them read back from the "
+         f"persistent cache), trace {t['trace']:.0f} s, lower {t['lower']:.0f} s, "
          f"rest {t['rest']:.0f} s", "",
          "| test file | test s | compile s | trace s | lower s | rest s "
-         "| programs | cache reads |", "|---|---|---|---|---|---|---|---|"]
+         "| compiles | cache reads |", "|---|---|---|---|---|---|---|---|"]
   files = sorted(summary["files"].items(), key=lambda kv: -kv[1]["test"])
-  for name, r in files[:top]:
+  shown = [kv for kv in files if kv[0] != OUTSIDE][:top]
+  shown += [kv for kv in files if kv[0] == OUTSIDE]     # always, last
+  for name, r in shown:
     out.append(f"| {name} | {r['test']:.1f} | {r['compile']:.1f} | "
                f"{r['trace']:.1f} | {r['lower']:.1f} | {r['rest']:.1f} | "
                f"{r['programs']:.0f} | {r['cache_reads']:.0f} |")
@@ -198,18 +240,24 @@ def tables(summary: dict, wall: float, top: int = 25) -> str:
   return "\n".join(out)
 
 
+def _from_here(arg: str) -> str:
+  """A test path given relative to the caller's folder, made absolute (pytest
+  runs from the repository root, as ``make test`` does)."""
+  path = arg.split("::", 1)[0]
+  if arg.startswith("-") or os.path.isabs(path) or not os.path.exists(path):
+    return arg
+  return os.path.abspath(path) + arg[len(path):]
+
+
 def main(argv: list[str]) -> int:
-  args = argv or MAKE_TEST
+  args = [_from_here(a) for a in argv] or MAKE_TEST
   with tempfile.TemporaryDirectory(prefix="suite-time-") as directory:
-    site = os.path.join(directory, "site")
     records = os.path.join(directory, "records")
-    os.makedirs(site)
     os.makedirs(records)
-    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
-      f.write(SITECUSTOMIZE)
+    site = write_recorder(directory)
     env = dict(os.environ, **{_DIR_ENV: records})
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (site, ROOT, os.environ.get("PYTHONPATH")) if p)
+        p for p in (site, os.environ.get("PYTHONPATH")) if p)
     start = time.monotonic()
     rc = subprocess.call([sys.executable, "-m", "pytest", "-p",
                           "bench.suite_time", *args], cwd=ROOT, env=env)

@@ -1,6 +1,7 @@
 """bench/suite_time.py: the suite's time per test file beside the XLA work
 its tests and their subprocesses caused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,12 @@ def test_summary_splits_each_files_time():
   assert (rb["compile"], rb["rest"], rb["cache_reads"]) == (1, 3, 1)
   assert s["programs"]["jit(step)"] == {"compile": 5, "count": 2}
   assert s["totals"]["test"] == 15 and s["totals"]["programs"] == 3
+  # Collection's XLA work: its own row, last, with no rest.
+  outside = st.summarize(tests, xla + [span("", "compile", 0, 7)])
+  assert outside["files"][st.OUTSIDE]["rest"] == 0
+  assert outside["totals"]["rest"] == s["totals"]["rest"]
+  assert st.tables(outside, 9.0, top=1).splitlines()[-5].startswith(
+      f"| {st.OUTSIDE} | 0.0 | 7.0 |")
   table = st.tables(s, wall=9.0)
   assert table.startswith("wall 9 s; test time 15 s")
   assert "| tests/test_a.py | 11.0 | 5.0 | 2.0 | 1.0 | 3.0 | 2 | 0 |" in table
@@ -53,7 +60,9 @@ def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
         assert int(jax.jit(lambda x: x * 3)(2)) == 6
 
       def test_in_a_subprocess():
+        # A look for jax before importing it (as libraries do) loses nothing.
         subprocess.run([sys.executable, "-c",
+                        "import importlib.util; importlib.util.find_spec('jax');"
                         "import jax; jax.jit(lambda x: x + 41)(1)"], check=True)
   """))
   # A cache of its own (none: every program compiles); xdist as make test;
@@ -81,8 +90,42 @@ def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
   assert float(cells[1]) > 0 and cells[6] == "2", row   # both programs
   assert "| jit(<lambda>) |" in out.stdout
   assert "2 passed" in out.stdout
-  # In pytest's processes (the controller, 2 workers) and the test's child.
-  assert len(list(users.glob("ran_*"))) >= 4
+  # In the tool's, pytest's (the controller, 2 workers) and the test's child.
+  assert len(list(users.glob("ran_*"))) == 5
+
+
+def _python(code, tmp_path, pythonpath, records=None):
+  env = {k: v for k, v in os.environ.items() if k != "SUITE_TIME_RECORDS"}
+  env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+  if records:
+    env["SUITE_TIME_RECORDS"] = str(records)
+  return subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_the_recorder_in_odd_processes(tmp_path):
+  """Two recorders on the path (a run inside a run) record once and do not
+  run each other; without its records folder a recorder does nothing; where
+  jax is not installed, importing it raises ImportError as before."""
+  sites = []
+  for name in ("s1", "s2"):
+    (tmp_path / name).mkdir()
+    sites.append(st.write_recorder(str(tmp_path / name)))
+  records = tmp_path / "records"
+  records.mkdir()
+  jit = "import jax; jax.jit(lambda x: x * 7)(1)"
+  out = _python(jit, tmp_path, sites, records)
+  assert out.returncode == 0 and "sitecustomize" not in out.stderr, out.stderr
+  kinds = sorted(json.loads(l)["kind"] for f in records.iterdir()
+                 for l in f.read_text().splitlines())
+  assert kinds == ["compile", "lower", "trace"], kinds
+  out = _python(jit, tmp_path, sites[:1])           # no SUITE_TIME_RECORDS
+  assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+  no_jax = ("import sys\nsys.path = [p for p in sys.path if 'site-packages' "
+            "not in p]\ntry:\n  import jax\nexcept ImportError:\n"
+            "  print('no jax')")
+  out = _python(no_jax, tmp_path, sites[:1], records)
+  assert out.stdout.strip() == "no jax" and not out.stderr.strip(), out.stderr
 
 
 @pytest.mark.parametrize("rc", [0, 3])
@@ -90,6 +133,7 @@ def test_the_exit_code_is_pytests(tmp_path, rc):
   (tmp_path / "test_x.py").write_text(
       f"def test_x():\n  assert {rc} == 0\n")
   env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
+  env.pop("PYTHONPATH", None)     # a recorder of a run around this one
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "bench", "suite_time.py"),
        str(tmp_path / "test_x.py"), "-q", "-p", "no:cacheprovider"],
