@@ -159,7 +159,7 @@ def pytest_runtest_logreport(report):
 
 # -- reading the records --------------------------------------------------------
 
-def outermost_seconds(spans: list[tuple[float, float]]) -> float:
+def covered_seconds(spans: list[tuple[float, float]]) -> float:
   """Seconds covered by ``spans`` ((start, end) pairs of one process and
   kind), each moment counted once: a span inside another adds nothing."""
   total, reach = 0.0, float("-inf")
@@ -180,11 +180,11 @@ def summarize(tests: list[dict], xla: list[dict]) -> dict:
   among them, and the rest (none for the XLA work outside tests); per
   program name: compile seconds and count. Returns {"files": {file: row},
   "programs": {fun: row}, "totals": row}."""
-  files = collections.defaultdict(lambda: collections.Counter())
+  files = collections.defaultdict(collections.Counter)
   for t in tests:
     files[file_of(t["test"])]["test"] += t["secs"]
   spans = collections.defaultdict(list)
-  programs = collections.defaultdict(lambda: collections.Counter())
+  programs = collections.defaultdict(collections.Counter)
   for r in xla:
     f = file_of(r["test"])
     if r["kind"] == "cache_hit":
@@ -192,11 +192,11 @@ def summarize(tests: list[dict], xla: list[dict]) -> dict:
       continue
     spans[(f, r["pid"], r["kind"])].append((r["start"], r["end"]))
     if r["kind"] == "compile":
-      files[f]["programs"] += 1
+      files[f]["compiles"] += 1
       programs[r["fun"]]["compile"] += r["end"] - r["start"]
       programs[r["fun"]]["count"] += 1
   for (f, _, kind), s in spans.items():
-    files[f][kind] += outermost_seconds(s)
+    files[f][kind] += covered_seconds(s)
   totals = collections.Counter()
   for name, row in files.items():
     if name != OUTSIDE:     # no test time there to take the XLA work from
@@ -220,7 +220,7 @@ def read_records(directory: str) -> tuple[list[dict], list[dict]]:
 def tables(summary: dict, wall: float, top: int = 25) -> str:
   t = summary["totals"]
   out = [f"wall {wall:.0f} s; test time {t['test']:.0f} s summed over the "
-         f"workers: XLA compile {t['compile']:.0f} s ({t['programs']:.0f} "
+         f"workers: XLA compile {t['compile']:.0f} s ({t['compiles']:.0f} "
          f"compiles, {t['cache_reads']:.0f} of them read back from the "
          f"persistent cache), trace {t['trace']:.0f} s, lower {t['lower']:.0f} s, "
          f"rest {t['rest']:.0f} s", "",
@@ -232,7 +232,7 @@ def tables(summary: dict, wall: float, top: int = 25) -> str:
   for name, r in shown:
     out.append(f"| {name} | {r['test']:.1f} | {r['compile']:.1f} | "
                f"{r['trace']:.1f} | {r['lower']:.1f} | {r['rest']:.1f} | "
-               f"{r['programs']:.0f} | {r['cache_reads']:.0f} |")
+               f"{r['compiles']:.0f} | {r['cache_reads']:.0f} |")
   out += ["", "| program | compile s | compiles |", "|---|---|---|"]
   progs = sorted(summary["programs"].items(), key=lambda kv: -kv[1]["compile"])
   for name, r in progs[:top]:

@@ -11,13 +11,18 @@ import pytest
 
 from bench import suite_time as st
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _run_tool(args, tmp_path, env, timeout):
+  """``python bench/suite_time.py ARGS`` from ``tmp_path``."""
+  return subprocess.run([sys.executable, st.__file__, *args], cwd=tmp_path,
+                        env=env, capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def test_nested_spans_count_once():
-  assert st.outermost_seconds([]) == 0
+  assert st.covered_seconds([]) == 0
   # (0, 10) holds (2, 3) and (4, 12) reaches past it; (20, 21) stands apart.
-  assert st.outermost_seconds([(4, 12), (0, 10), (2, 3), (20, 21)]) == 13
+  assert st.covered_seconds([(4, 12), (0, 10), (2, 3), (20, 21)]) == 13
 
 
 def test_summary_splits_each_files_time():
@@ -35,10 +40,10 @@ def test_summary_splits_each_files_time():
   s = st.summarize(tests, xla)
   ra, rb = s["files"]["tests/test_a.py"], s["files"]["tests/test_b.py"]
   assert (ra["test"], ra["trace"], ra["lower"], ra["compile"]) == (11, 2, 1, 5)
-  assert ra["rest"] == 3 and ra["programs"] == 2 and ra["cache_reads"] == 0
+  assert ra["rest"] == 3 and ra["compiles"] == 2 and ra["cache_reads"] == 0
   assert (rb["compile"], rb["rest"], rb["cache_reads"]) == (1, 3, 1)
   assert s["programs"]["jit(step)"] == {"compile": 5, "count": 2}
-  assert s["totals"]["test"] == 15 and s["totals"]["programs"] == 3
+  assert s["totals"]["test"] == 15 and s["totals"]["compiles"] == 3
   # Collection's XLA work: its own row, last, with no rest.
   outside = st.summarize(tests, xla + [span("", "compile", 0, 7)])
   assert outside["files"][st.OUTSIDE]["rest"] == 0
@@ -75,11 +80,8 @@ def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
       "import os\nopen(os.path.join(%r, 'ran_%%d' %% os.getpid()), 'w')\n"
       % str(users))
   env["PYTHONPATH"] = str(users)
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "bench", "suite_time.py"),
-       str(tmp_path / "test_tiny.py"), "-q", "-n", "2",
-       "-p", "no:cacheprovider"], cwd=tmp_path, env=env,
-      capture_output=True, text=True, timeout=300)
+  out = _run_tool([str(tmp_path / "test_tiny.py"), "-q", "-n", "2",
+                  "-p", "no:cacheprovider"], tmp_path, env, timeout=300)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   # The file's row (named from pytest's rootdir, which depends on the
   # folders above tmp_path).
@@ -134,9 +136,7 @@ def test_the_exit_code_is_pytests(tmp_path, rc):
       f"def test_x():\n  assert {rc} == 0\n")
   env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
   env.pop("PYTHONPATH", None)     # a recorder of a run around this one
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "bench", "suite_time.py"),
-       str(tmp_path / "test_x.py"), "-q", "-p", "no:cacheprovider"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  out = _run_tool([str(tmp_path / "test_x.py"), "-q", "-p", "no:cacheprovider"],
+                  tmp_path, env, timeout=120)
   assert out.returncode == (0 if rc == 0 else 1), out.stdout[-2000:]
   assert "test_x.py | " in out.stdout, out.stdout
