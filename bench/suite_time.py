@@ -3,6 +3,7 @@ it caused (tracing, lowering, compiling), printed as tables.
 
     python bench/suite_time.py                     # the suite as `make test` runs it
     python bench/suite_time.py tests/test_rar.py   # any pytest arguments
+    python bench/suite_time.py --keep-records=DIR  # and keep the raw records
 
 pytest runs with two recorders. A plugin (this module, ``-p``) records each
 test phase's duration on the controller; a ``sitecustomize`` put first on
@@ -174,12 +175,19 @@ def file_of(nodeid: str) -> str:
   return nodeid.split("::", 1)[0] or OUTSIDE
 
 
+def program_name(fun: str) -> str:
+  """jax names a span's function bare when tracing it and as ``jit(name)``
+  when lowering and compiling it: one name for the three."""
+  return fun if fun.startswith("jit(") else f"jit({fun})"
+
+
 def summarize(tests: list[dict], xla: list[dict]) -> dict:
   """Per test file: test seconds (phases summed), XLA seconds by kind
   (overlapping spans of one process merged), compiles and cache reads
   among them, and the rest (none for the XLA work outside tests); per
-  program name: compile seconds and count. Returns {"files": {file: row},
-  "programs": {fun: row}, "totals": row}."""
+  program (``jit(name)``): seconds of each kind, spans summed as they came,
+  and compiles. Returns {"files": {file: row}, "programs": {program: row},
+  "totals": row}."""
   files = collections.defaultdict(collections.Counter)
   for t in tests:
     files[file_of(t["test"])]["test"] += t["secs"]
@@ -191,10 +199,11 @@ def summarize(tests: list[dict], xla: list[dict]) -> dict:
       files[f]["cache_reads"] += 1
       continue
     spans[(f, r["pid"], r["kind"])].append((r["start"], r["end"]))
+    program = programs[program_name(r["fun"])]
+    program[r["kind"]] += r["end"] - r["start"]
     if r["kind"] == "compile":
       files[f]["compiles"] += 1
-      programs[r["fun"]]["compile"] += r["end"] - r["start"]
-      programs[r["fun"]]["count"] += 1
+      program["count"] += 1
   for (f, _, kind), s in spans.items():
     files[f][kind] += covered_seconds(s)
   totals = collections.Counter()
@@ -233,10 +242,13 @@ def tables(summary: dict, wall: float, top: int = 25) -> str:
     out.append(f"| {name} | {r['test']:.1f} | {r['compile']:.1f} | "
                f"{r['trace']:.1f} | {r['lower']:.1f} | {r['rest']:.1f} | "
                f"{r['compiles']:.0f} | {r['cache_reads']:.0f} |")
-  out += ["", "| program | compile s | compiles |", "|---|---|---|"]
-  progs = sorted(summary["programs"].items(), key=lambda kv: -kv[1]["compile"])
+  out += ["", "| program | compile s | trace s | lower s | compiles |",
+          "|---|---|---|---|---|"]
+  progs = sorted(summary["programs"].items(),
+                 key=lambda kv: -sum(kv[1][k] for k in KINDS.values()))
   for name, r in progs[:top]:
-    out.append(f"| {name} | {r['compile']:.1f} | {r['count']:.0f} |")
+    out.append(f"| {name} | {r['compile']:.1f} | {r['trace']:.1f} | "
+               f"{r['lower']:.1f} | {r['count']:.0f} |")
   return "\n".join(out)
 
 
@@ -250,10 +262,24 @@ def _from_here(arg: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+  """Runs pytest with ``argv`` (``make test``'s arguments if none) and
+  prints the tables. ``--keep-records=DIR`` (the tool's own, not passed to
+  pytest) writes the raw records into ``DIR`` (new or empty) and keeps them:
+  ``tests.jsonl`` (one line per test phase) and ``xla-<pid>.jsonl`` (one line
+  per span or cache read, with its function and test)."""
+  keep = [a.split("=", 1)[1] for a in argv if a.startswith("--keep-records=")]
+  argv = [a for a in argv if not a.startswith("--keep-records=")]
   args = [_from_here(a) for a in argv] or MAKE_TEST
+  if keep:
+    keep = os.path.abspath(keep[-1])
+    if os.path.isdir(keep) and os.listdir(keep):
+      print(f"--keep-records={keep} holds files already (an earlier run's "
+            "records would be counted with this run's): give a new or empty "
+            "folder.", file=sys.stderr)
+      return 2
   with tempfile.TemporaryDirectory(prefix="suite-time-") as directory:
-    records = os.path.join(directory, "records")
-    os.makedirs(records)
+    records = keep or os.path.join(directory, "records")
+    os.makedirs(records, exist_ok=True)
     site = write_recorder(directory)
     env = dict(os.environ, **{_DIR_ENV: records})
     env["PYTHONPATH"] = os.pathsep.join(
@@ -263,6 +289,8 @@ def main(argv: list[str]) -> int:
                           "bench.suite_time", *args], cwd=ROOT, env=env)
     wall = time.monotonic() - start
     print(tables(summarize(*read_records(records)), wall))
+  if keep:
+    print(f"records kept in {keep}")
   return rc
 
 

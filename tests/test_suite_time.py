@@ -32,8 +32,12 @@ def test_summary_splits_each_files_time():
            {"test": b, "when": "call", "secs": 4.0}]
   span = lambda test, kind, start, end, pid=1, fun="f": dict(
       test=test, kind=kind, start=start, end=end, pid=pid, fun=fun)
-  xla = [span(a, "trace", 0, 2), span(a, "trace", 0.5, 1),      # nested
-         span(a, "lower", 2, 3), span(a, "compile", 3, 6, fun="jit(step)"),
+  # A program's trace span names its function bare, its lower and compile
+  # spans jit(name): one row for the three.
+  xla = [span(a, "trace", 0, 2, fun="step"),
+         span(a, "trace", 0.5, 1, fun="step"),                    # nested
+         span(a, "lower", 2, 3, fun="jit(step)"),
+         span(a, "compile", 3, 6, fun="jit(step)"),
          span(a, "compile", 0, 2, pid=2, fun="jit(step)"),       # subprocess
          span(b, "compile", 0, 1, fun="jit(g)"),
          {"test": b, "kind": "cache_hit", "pid": 1}]
@@ -42,7 +46,10 @@ def test_summary_splits_each_files_time():
   assert (ra["test"], ra["trace"], ra["lower"], ra["compile"]) == (11, 2, 1, 5)
   assert ra["rest"] == 3 and ra["compiles"] == 2 and ra["cache_reads"] == 0
   assert (rb["compile"], rb["rest"], rb["cache_reads"]) == (1, 3, 1)
-  assert s["programs"]["jit(step)"] == {"compile": 5, "count": 2}
+  # Per program the spans add up as they came (the nested trace too).
+  assert s["programs"]["jit(step)"] == {"trace": 2.5, "lower": 1,
+                                        "compile": 5, "count": 2}
+  assert set(s["programs"]) == {"jit(step)", "jit(g)"}
   assert s["totals"]["test"] == 15 and s["totals"]["compiles"] == 3
   # Collection's XLA work: its own row, last, with no rest.
   outside = st.summarize(tests, xla + [span("", "compile", 0, 7)])
@@ -53,7 +60,9 @@ def test_summary_splits_each_files_time():
   table = st.tables(s, wall=9.0)
   assert table.startswith("wall 9 s; test time 15 s")
   assert "| tests/test_a.py | 11.0 | 5.0 | 2.0 | 1.0 | 3.0 | 2 | 0 |" in table
-  assert "| jit(step) | 5.0 | 2 |" in table
+  assert "| jit(step) | 5.0 | 2.5 | 1.0 | 2 |" in table
+  # Ordered by all their XLA seconds.
+  assert table.index("| jit(step) |") < table.index("| jit(g) |")
 
 
 def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
@@ -80,8 +89,10 @@ def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
       "import os\nopen(os.path.join(%r, 'ran_%%d' %% os.getpid()), 'w')\n"
       % str(users))
   env["PYTHONPATH"] = str(users)
+  kept = tmp_path / "kept"
   out = _run_tool([str(tmp_path / "test_tiny.py"), "-q", "-n", "2",
-                  "-p", "no:cacheprovider"], tmp_path, env, timeout=300)
+                  f"--keep-records={kept}", "-p", "no:cacheprovider"],
+                  tmp_path, env, timeout=300)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   # The file's row (named from pytest's rootdir, which depends on the
   # folders above tmp_path).
@@ -94,6 +105,19 @@ def test_a_run_sees_the_programs_of_tests_and_their_subprocesses(tmp_path):
   assert "2 passed" in out.stdout
   # In the tool's, pytest's (the controller, 2 workers) and the test's child.
   assert len(list(users.glob("ran_*"))) == 5
+  # The raw records, kept as asked: each test's phases (the option not
+  # passed on to pytest), and the two programs' spans tagged with their
+  # tests; a second run into the same folder is refused before it starts.
+  tests, xla = st.read_records(str(kept))
+  assert {t["test"].split("::")[1] for t in tests} == {
+      "test_in_process", "test_in_a_subprocess"}
+  assert {r["test"].split("::")[1] for r in xla
+          if r["kind"] == "compile"} == {"test_in_process",
+                                         "test_in_a_subprocess"}
+  assert f"records kept in {kept}" in out.stdout
+  again = _run_tool([f"--keep-records={kept}", "-q"], tmp_path, env, 60)
+  assert again.returncode == 2 and "holds files already" in again.stderr
+  assert "passed" not in again.stdout
 
 
 def _python(code, tmp_path, pythonpath, records=None):
