@@ -10,6 +10,7 @@ import pytest
 
 from configs import demo
 from genvis_jax.train.tasks import get_task
+from tests import pipeline_common as pc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,15 +68,30 @@ def test_compiled_step_memory_and_table():
   assert "| demo_rar |" in table and "data=2,fsdp=2" in table and "8 / 1" in table
 
 
-def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes():
+def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes(
+    monkeypatch):
   """The Equivariant generator encodes its images with a frozen tokenizer:
   without a checkpoint the planner failed at the trainer's check (the
   state-bytes table's Equivariant rows could not be reproduced). It plans
-  with the tokenizer's shapes, counted in the step's arguments."""
-  config = _knobs(pm.load_config("configs/eq_s.py:runlocal"), "data=2",
-                  batch=4)
+  with the tokenizer's shapes, counted in the step's arguments, and compiles
+  the step at the config's matmul precision (float32), as the run does (it
+  compiled XLA's default, another program). The settings are those of the
+  Equivariant pipeline's generator run (tests/test_pipeline_eq.py): the
+  same program, which the persistent cache gives back when that test ran
+  first."""
+  config = pc.load_config("eq_s.py:runlocal", **pc.steps(4))
   assert not config.tokenizer.get("checkpoint")
-  p = pm.plan(config, devices=jax.devices()[:2])
+  assert config.matmul_precision == "float32"
+  precisions = []
+
+  def compiled_memory(*args):
+    precisions.append(jax.config.jax_default_matmul_precision)
+    return compile_step(*args)
+  compile_step = pm.compiled_memory
+  monkeypatch.setattr(pm, "compiled_memory", compiled_memory)
+  p = pm.plan(config, devices=jax.devices())
+  assert precisions == ["float32"]
+  assert jax.config.jax_default_matmul_precision is None   # put back
   shapes = pm.frozen_lib.tokenizer_shapes(config, get_task(config))["tokenizer"]
   size = lambda tree: sum(a.size * a.dtype.itemsize
                           for a in jax.tree_util.tree_leaves(tree))
