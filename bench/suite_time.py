@@ -267,11 +267,11 @@ def main(argv: list[str]) -> int:
   pytest) writes the raw records into ``DIR`` (new or empty) and keeps them:
   ``tests.jsonl`` (one line per test phase) and ``xla-<pid>.jsonl`` (one line
   per span or cache read, with its function and test)."""
-  keep = [a.split("=", 1)[1] for a in argv if a.startswith("--keep-records=")]
-  argv = [a for a in argv if not a.startswith("--keep-records=")]
-  args = [_from_here(a) for a in argv] or MAKE_TEST
+  option = "--keep-records="
+  keep = next((os.path.abspath(a[len(option):]) for a in reversed(argv)
+               if a.startswith(option)), None)
+  args = [_from_here(a) for a in argv if not a.startswith(option)] or MAKE_TEST
   if keep:
-    keep = os.path.abspath(keep[-1])
     if os.path.isdir(keep) and os.listdir(keep):
       print(f"--keep-records={keep} holds files already (an earlier run's "
             "records would be counted with this run's): give a new or empty "
