@@ -1,7 +1,7 @@
 """Memory planner: parameters, sharded state bytes per device, compiled step memory.
 
 For each config: parameter count, parameter / optimizer-state / EMA bytes per
-device under the mesh (from ``genvis_jax.train.state.state_shardings``), and the
+device under the mesh (from ``genvis_jax.train.state.trace_init``), and the
 compiled train step's ``memory_analysis()`` (arguments, outputs, temporaries,
 generated code) for a given global batch, micro-batch count, remat and dtype.
 

@@ -1,7 +1,7 @@
 """The shared training loop: ``train_and_evaluate(config, workdir)``.
 
-Mesh from ``config.mesh`` -> sharded state (``eval_shape`` -> shardings ->
-``jit(init, out_shardings)``) -> Grain iterator -> donated jitted step ->
+Mesh from ``config.mesh`` -> sharded state (one trace of the initialiser ->
+shardings -> its program jitted with them) -> Grain iterator -> donated step ->
 clu metrics, image grids and async Orbax checkpoints; resumes from ``workdir``.
 """
 
@@ -120,8 +120,9 @@ class Trainer:
     self.visual_rng = jax.random.split(seed, 3)[2]
     # Which shard of the data this process reads (sharding.data_groups).
     self.data_group = group or data_group(config, mesh)
-    self.abstract, self.shardings = state_lib.state_shardings(
-        self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
+    with self.context():
+      self.abstract, self.shardings, self._init = state_lib.trace_init(
+          self.task, self.optimizers, self.mesh, self.rules, self.init_rng)
     step_fn = step_lib.make_train_step(
         self.task, self.optimizers, config.train,
         shd.num_batch_shards(self.mesh, self.rules))
@@ -151,10 +152,7 @@ class Trainer:
 
   def init_state(self):
     with self.context():
-      state = jax.jit(
-          lambda r: state_lib.init_state(self.task, self.optimizers, r),
-          out_shardings=self.shardings)(self.init_rng)
-    return state
+      return self._init(self.init_rng)
 
   def abstract_state(self):
     return jax.tree_util.tree_map(
