@@ -215,7 +215,6 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True,
          grid: bool = False) -> Plan:
   """Plans ``config`` (mesh / batch / knobs already set) on ``devices``;
   with ``grid``, a generator's training sample grid too."""
-  from genvis_jax.core import dtypes  # pylint: disable=import-outside-toplevel
   from genvis_jax.core import sharding as shd  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from genvis_jax.train import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
@@ -238,14 +237,13 @@ def plan(config, *, name: str = "", devices=None, compile_step: bool = True,
       state_bytes_total=total_bytes(st),
       frozen_bytes=sharded_bytes(*_abstract_and_shardings(
           frozen_lib.placed_frozen(tr, frozen)[0])))
-  # At the config's matmul precision, as the run's train loop compiles them
-  # (the Equivariant configs' float32: HIGHEST fp32 dots and convolutions,
-  # 6 bf16 passes on a TPU, where XLA's default is one).
-  with dtypes.matmul_precision(config):
-    if compile_step:
-      p.compiled = compiled_memory(tr, config, frozen)
-    if grid:
-      p.grid = grid_memory(tr, config)
+  # Both compile under tr.context(): at the config's matmul precision, as
+  # the run's train loop does (the Equivariant configs' float32: HIGHEST
+  # fp32 dots and convolutions, 6 bf16 passes on a TPU against one).
+  if compile_step:
+    p.compiled = compiled_memory(tr, config, frozen)
+  if grid:
+    p.grid = grid_memory(tr, config)
   return p
 
 

@@ -82,13 +82,20 @@ def test_an_equivariant_generator_is_planned_with_its_tokenizer_shapes(
   config = pc.load_config("eq_s.py:runlocal", **pc.steps(4))
   assert not config.tokenizer.get("checkpoint")
   assert config.matmul_precision == "float32"
-  precisions = []
+  precisions, placed_frozen = [], pm.frozen_lib.placed_frozen
 
-  def compiled_memory(*args):
-    precisions.append(jax.config.jax_default_matmul_precision)
-    return compile_step(*args)
-  compile_step = pm.compiled_memory
-  monkeypatch.setattr(pm, "compiled_memory", compiled_memory)
+  class Step:   # the step the planner lowers, seen lowering
+    def __init__(self, step):
+      self.step = step
+
+    def lower(self, *args):
+      precisions.append(jax.config.jax_default_matmul_precision)
+      return self.step.lower(*args)
+
+  def spied(*args):
+    frozen, step = placed_frozen(*args)
+    return frozen, Step(step)
+  monkeypatch.setattr(pm.frozen_lib, "placed_frozen", spied)
   p = pm.plan(config, devices=jax.devices())
   assert precisions == ["float32"]
   assert jax.config.jax_default_matmul_precision is None   # put back

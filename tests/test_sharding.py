@@ -112,6 +112,26 @@ def test_the_initialiser_is_traced_once(monkeypatch):
   assert shapes(tr.abstract) == shapes(state)
 
 
+def test_a_trainer_traces_at_the_configs_matmul_precision():
+  """``Trainer.context()`` (its step, grids and initialiser) applies
+  ``config.matmul_precision`` as ``train_and_evaluate`` does, so a step
+  stepped or planned from a notebook is the run's program (it compiled
+  XLA's default, one bf16 pass per fp32 dot on a TPU)."""
+  from bench import plan_memory as pm
+  cfg = _config(dict(data=2, fsdp=4, tensor=1))
+  cfg.matmul_precision = "float32"
+  tr = trainer_lib.Trainer(cfg, mesh=shd.create_mesh(cfg.mesh, jax.devices()))
+  batch = pm.batch_spec(cfg, tr.task, 16, shd.batch_sharding(tr.mesh,
+                                                             tr.rules))
+  with tr.context():
+    assert jax.config.jax_default_matmul_precision == "float32"
+    hlo = tr._step.lower(  # pylint: disable=protected-access
+        tr.abstract_state(), batch, tr.train_rng, tr.frozen).as_text()
+  assert jax.config.jax_default_matmul_precision is None   # put back
+  assert "precision = [HIGHEST, HIGHEST]" in hlo
+  assert "DEFAULT" not in hlo
+
+
 def test_micro_batches_match_full_batch():
   full = _config(dict(data=2, fsdp=4, tensor=1), micro_batches=1, opt="sgd")
   tr_full, s_full, l_full = _run(full, jax.devices(), steps=2)

@@ -7,6 +7,7 @@ clu metrics, image grids and async Orbax checkpoints; resumes from ``workdir``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -147,8 +148,15 @@ class Trainer:
     # step; False until then, None where XLA gives no count.
     self.step_flops: float | None | bool = False
 
+  @contextlib.contextmanager
   def context(self):
-    return _Context(self.mesh, self.rules)
+    """What the run's programs trace under: its mesh, its logical axis rules
+    (the modules' constraints resolve there) and ``config.matmul_precision``
+    (what its fp32 dots compute in, as under ``train_and_evaluate``), so a
+    step, a grid or a plan from a notebook compiles the run's program."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), \
+        dtypes.matmul_precision(self.config):
+      yield
 
   def init_state(self):
     with self.context():
@@ -179,23 +187,6 @@ class Trainer:
             self._step, (state, batch, self.train_rng, self.frozen),
             self.config.train.micro_batches, self.mesh.size)
       return self._step(state, batch, self.train_rng, self.frozen)
-
-
-class _Context:
-  """Mesh + logical rules, needed while tracing modules with constraints."""
-
-  def __init__(self, mesh, rules):
-    self.mesh, self.rules = mesh, rules
-
-  def __enter__(self):
-    self._m = jax.set_mesh(self.mesh)
-    self._m.__enter__()
-    self._r = nn.logical_axis_rules(self.rules)
-    self._r.__enter__()
-
-  def __exit__(self, *exc):
-    self._r.__exit__(*exc)
-    self._m.__exit__(*exc)
 
 
 @dtypes.at_matmul_precision
