@@ -199,7 +199,7 @@ class BatchNormLocal(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, n, c = x.shape
+    b, c = x.shape[0], x.shape[-1]
     r = b if self.replica_batch <= 0 else min(self.replica_batch, b)
     if b % r:
       raise errors.ConfigError(
@@ -213,10 +213,7 @@ class BatchNormLocal(nn.Module):
           f"split into {g} equal virtual batches of <= "
           f"{self.virtual_bs} (the official view() would fail); "
           f"use a disc.replica_batch divisible by {g}.")
-    x = x.astype(jnp.float32).reshape(b // r * g, r // g, n, c)
-    mean = x.mean(axis=(1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
-    x = ((x - mean) / jnp.sqrt(var + self.eps)).reshape(b, n, c)
+    x = layers.batch_norm_groups(x, b // r * g, self.eps)
     scale = self.param("scale", layers.named(layers.ones, ("norm",)), (c,))
     bias = self.param("bias", layers.named(layers.zeros, ("norm",)), (c,))
     return x * scale + bias

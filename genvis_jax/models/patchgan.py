@@ -76,7 +76,7 @@ class GroupBatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
+    b, c = x.shape[0], x.shape[-1]
     g = b if self.group_size <= 0 else min(self.group_size, b)
     if b % g:
       raise errors.ConfigError(
@@ -84,10 +84,7 @@ class GroupBatchNorm(nn.Module):
           f"groups of disc.group_size={self.group_size} (the per-GPU batch of "
           f"the official BatchNorm); use a batch divisible by it or set "
           f"disc.group_size to a divisor of {b} (0 = the whole batch).")
-    y = x.astype(jnp.float32).reshape(b // g, g, h, w, c)
-    mean = jnp.mean(y, axis=(1, 2, 3), keepdims=True)
-    var = jnp.mean(jnp.square(y - mean), axis=(1, 2, 3), keepdims=True)
-    y = ((y - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, h, w, c)
+    y = layers.batch_norm_groups(x, b // g, self.epsilon)
     scale = self.param("scale", layers.named(_torch_bn_weight_init, ("norm",)),
                        (c,), self.param_dtype)
     bias = self.param("bias", layers.named(layers.zeros, ("norm",)), (c,),

@@ -294,6 +294,21 @@ def layer_norm(epsilon=1e-6, *, use_scale=True, use_bias=True,
                       bias_init=named(zeros, ("norm",)), name=name)
 
 
+def batch_norm_groups(x: jax.Array, groups: int, epsilon: float) -> jax.Array:
+  """Train-mode batch normalisation, before the affine, of ``groups``
+  batches in one: ``x`` (B, ..., C) is cut into ``groups`` runs of B //
+  groups consecutive samples, each normalised per channel by the mean and
+  biased variance over its samples and their other axes, as torch's
+  ``BatchNorm{1,2}d`` in training mode normalises one GPU's (or one
+  virtual) batch. Computes in float32 and returns it, ``x``'s shape. The
+  caller checks that ``groups`` divides B (its own message)."""
+  b, c = x.shape[0], x.shape[-1]
+  y = x.astype(jnp.float32).reshape(groups, b // groups, -1, c)
+  mean = jnp.mean(y, axis=(1, 2), keepdims=True)
+  var = jnp.mean(jnp.square(y - mean), axis=(1, 2), keepdims=True)
+  return ((y - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape)
+
+
 def whole(table):
   """``table`` (rows, ...) unsplit on every device, for a lookup of its rows
   by a batch of ids (an embedding, a position table): each device gathers its
