@@ -138,8 +138,8 @@ def trace_init(task, optimizers, mesh, rules, rng) -> Initialiser:
   parameter's sharding; scalars (counts) are replicated. ``init`` jits the
   traced program (its jaxpr, which is not traced again) with those output
   shardings: the values and shardings of jitting :func:`init_state`. Trace
-  under the run's mesh and rules (``Trainer.context()``), where the modules'
-  logical constraints resolve.
+  under ``Trainer.context()`` (the run's mesh, rules and matmul precision),
+  where the modules' logical constraints resolve.
 
   Raises:
     ConfigError: as ``mesh_checks.check_axes_split`` (a parameter axis the
