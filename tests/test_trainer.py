@@ -1,6 +1,7 @@
 """The trainer's own pieces: the initial state built from one trace of the
 initialiser, and the context its programs trace under."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -14,7 +15,7 @@ from tests import small_run
 def test_the_initialiser_is_traced_once(monkeypatch):
   """The state's shapes, its shardings and the state itself come from one
   trace of the model's init (seconds for a paper-size model); the state is
-  the one jitting ``init_state`` builds, on the same shardings."""
+  the one jitting ``init_state`` (unboxed) builds, on the same shardings."""
   cfg = small_run.config(2)
   mesh, task = trainer_lib.setup(cfg)
   traces, init_params = [], task.init_params
@@ -24,8 +25,8 @@ def test_the_initialiser_is_traced_once(monkeypatch):
   state = tr.init_state()
   assert len(traces) == 1
   with tr.context():
-    again = jax.jit(lambda r: state_lib.init_state(task, tr.optimizers, r),
-                    out_shardings=tr.shardings)(tr.init_rng)
+    again = jax.jit(lambda r: nn.unbox(state_lib.init_state(
+        task, tr.optimizers, r)), out_shardings=tr.shardings)(tr.init_rng)
   leaves = jax.tree_util.tree_leaves_with_path
   assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(
       again)

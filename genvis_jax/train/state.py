@@ -35,13 +35,9 @@ class TrainState:
 
 
 def init_state(task, optimizers, rng) -> TrainState:
-  """Pure initialiser (unboxed params), for eval_shape and jit."""
-  return nn.unbox(_boxed_state(task, optimizers, rng))
-
-
-def _boxed_state(task, optimizers, rng) -> TrainState:
-  """The initial state with its parameters still boxed (their logical axis
-  names: the shardings are read from them)."""
+  """The pure initialiser, traced by :func:`trace_init`: the initial state
+  with its parameters still boxed (their logical axis names, which the
+  shardings are read from); the optimizer states and EMA unboxed."""
   boxed = task.init_params(rng)
   params = nn.unbox(boxed)
   opt_state = {g: optimizers[g].init(params[g]) for g in task.param_groups}
@@ -137,16 +133,15 @@ def trace_init(task, optimizers, mesh, rules, rng) -> Initialiser:
   optimizer-state leaves that mirror parameters (Adam moments) take the
   parameter's sharding; scalars (counts) are replicated. ``init`` jits the
   traced program (its jaxpr, which is not traced again) with those output
-  shardings: the values and shardings of jitting :func:`init_state`. Trace
-  under ``Trainer.context()`` (the run's mesh, rules and matmul precision),
-  where the modules' logical constraints resolve.
+  shardings: the values and shardings of jitting :func:`init_state`
+  unboxed. Trace under ``Trainer.context()`` (the run's mesh, rules and
+  matmul precision), where the modules' logical constraints resolve.
 
   Raises:
-    ConfigError: as ``mesh_checks.check_axes_split`` (a parameter axis the
-      mesh does not divide).
+    ConfigError: as ``mesh_checks.check_axes_split`` (a mesh axis that
+      splits neither the batch nor enough of the parameters).
   """
-  traced = jax.jit(functools.partial(_boxed_state, task, optimizers)).trace(
-      rng)
+  traced = jax.jit(functools.partial(init_state, task, optimizers)).trace(rng)
   boxed_state = traced.out_info
   boxed = boxed_state.params
   mesh_checks.check_axes_split(boxed, mesh, rules)
